@@ -1,0 +1,211 @@
+"""`ScriptedChatModel`: a deterministic chat model for tests, demos and benchmarks.
+
+It answers from a script, one entry per agent turn. The turn is the number of `AIMessage`s
+already in the conversation, so the model keeps no per-run state: one instance serves many
+concurrent runs and resumed threads, and it answers the same way after a replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCall
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field, PrivateAttr
+
+from keel.errors import KeelError
+
+__all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "say"]
+
+Responder = Callable[[Sequence[BaseMessage]], "AIMessage | str"]
+ScriptEntry = AIMessage | str | Responder
+"""One turn: a message, a final text, or a function of the conversation returning either."""
+
+
+class ScriptExhausted(KeelError, RuntimeError):
+    """The conversation asked for more turns than the script has."""
+
+
+def say(text: str) -> AIMessage:
+    """A scripted turn that answers with `text` (no tool calls)."""
+    return AIMessage(content=text)
+
+
+def call(name: str, args: Mapping[str, Any] | None = None, /, **more: Any) -> AIMessage:
+    """A scripted turn that calls tool `name` with `args` (ids are assigned per turn)."""
+    return AIMessage(
+        content="", tool_calls=[ToolCall(name=name, args={**(args or {}), **more}, id=None)]
+    )
+
+
+class ScriptedChatModel(BaseChatModel):
+    """A chat model that plays a script. Supports `bind_tools`, structured output and streaming.
+
+    Example:
+        ```python
+        model = ScriptedChatModel(script=[call("lookup_order", order_id="A1"), "It shipped."])
+        ```
+    """
+
+    script: list[Any] = Field(default_factory=list)
+    """The turns, in order: `AIMessage`, `str`, or `f(messages) -> AIMessage | str`."""
+    structured: dict[str, Any] = Field(default_factory=dict)
+    """Answers for structured output, by schema name: a dict of fields or `f(messages) -> dict`."""
+    latency: float = 0.0
+    """Seconds each call takes (`asyncio.sleep` in async calls)."""
+    model_name: str = "scripted"
+    """The name the price table prices this model by."""
+    keel_test_double: bool = True
+    """Marks this model as allowed while real model requests are forbidden."""
+
+    _calls: list[list[BaseMessage]] = PrivateAttr(default_factory=list)
+
+    @property
+    def calls(self) -> list[list[BaseMessage]]:
+        """The messages of every call so far, in order."""
+        return self._calls
+
+    @property
+    def _llm_type(self) -> str:
+        return "keel-scripted"
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools the way provider integrations do (OpenAI tool format)."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # -- the one decision both drivers share ----------------------------------------------
+
+    def _respond(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
+        self._calls.append(list(messages))
+        structured = self._structured_answer(messages, kwargs)
+        if structured is not None:
+            return self._with_usage(structured, messages)
+        turn = sum(isinstance(m, AIMessage) for m in messages)
+        if turn >= len(self.script):
+            raise ScriptExhausted(
+                f"ScriptedChatModel has {len(self.script)} turns but the conversation asks for "
+                f"turn {turn + 1}. Add turns to `script` (or end it with a final text answer)."
+            )
+        entry = self.script[turn]
+        if callable(entry) and not isinstance(entry, AIMessage):
+            entry = entry(messages)
+        message = AIMessage(content=entry) if isinstance(entry, str) else entry.model_copy()
+        if message.tool_calls:
+            message.tool_calls = [
+                {**tc, "id": tc.get("id") or f"call_{turn}_{i}"}
+                for i, tc in enumerate(message.tool_calls)
+            ]
+        return self._with_usage(message, messages)
+
+    def _structured_answer(
+        self, messages: list[BaseMessage], kwargs: Mapping[str, Any]
+    ) -> AIMessage | None:
+        tools = kwargs.get("tools") or []
+        if not kwargs.get("tool_choice") or len(tools) != 1:
+            return None
+        name = tools[0]["function"]["name"]
+        if name not in self.structured:
+            raise ScriptExhausted(
+                f"ScriptedChatModel was asked for structured output {name!r} but `structured` "
+                f"has only {sorted(self.structured)}. Add structured={{{name!r}: {{...}}}}."
+            )
+        answer = self.structured[name]
+        args = answer(messages) if callable(answer) else answer
+        turn = len(self._calls)
+        return AIMessage(
+            content="", tool_calls=[ToolCall(name=name, args=dict(args), id=f"structured_{turn}")]
+        )
+
+    def _with_usage(self, message: AIMessage, messages: list[BaseMessage]) -> AIMessage:
+        if message.usage_metadata is None:
+            tokens_in = sum(len(str(m.content)) for m in messages) // 4 + 3 * len(messages)
+            tokens_out = len(str(message.content)) // 4 + 20 * len(message.tool_calls) + 1
+            message.usage_metadata = UsageMetadata(
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                total_tokens=tokens_in + tokens_out,
+            )
+        message.response_metadata = {**message.response_metadata, "model_name": self.model_name}
+        return message
+
+    # -- drivers ---------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.latency:
+            time.sleep(self.latency)
+        return ChatResult(generations=[ChatGeneration(message=self._respond(messages, **kwargs))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return ChatResult(generations=[ChatGeneration(message=self._respond(messages, **kwargs))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        if self.latency:
+            time.sleep(self.latency)
+        message = self._respond(messages, **kwargs)
+        words = str(message.content).split(" ") if message.content else []
+        for i, word in enumerate(words):
+            text = word if i == 0 else " " + word
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=text, id=message.id))
+            if run_manager:
+                run_manager.on_llm_new_token(text, chunk=chunk)
+            yield chunk
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                id=message.id,
+                tool_call_chunks=[
+                    {
+                        "name": tc["name"],
+                        "args": _json(tc["args"]),
+                        "id": tc["id"],
+                        "index": i,
+                        "type": "tool_call_chunk",
+                    }
+                    for i, tc in enumerate(message.tool_calls)
+                ],
+                usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata,
+                chunk_position="last",
+            )
+        )
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

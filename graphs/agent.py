@@ -1,0 +1,249 @@
+"""`build_agent`: keel's ready agent graph.
+
+```
+START → [plan] → call_model ─┬─ tool calls, allowed → execute_tools → call_model (or plan)
+                             ├─ tool calls, need a human → human_review → execute_tools
+                             ├─ final answer → [verify] → END (or back to call_model)
+                             └─ stopped (limit, check, error) → respond → END
+```
+
+A tool step costs two supersteps (call_model, execute_tools), as in a hand-built ReAct loop:
+checks run inside the nodes they guard, and routing is by conditional edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.tools import BaseTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
+from langgraph.types import RetryPolicy
+
+from keel.errors import UserError
+from keel.guards.gate import Gate, approval_gate
+from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
+from keel.nodes.execute_tools import execute_tools
+from keel.nodes.human_review import human_review
+from keel.nodes.plan import needs_replan
+from keel.nodes.plan import plan as plan_node
+from keel.nodes.respond import respond
+from keel.nodes.verify import Check
+from keel.nodes.verify import verify as verify_node
+from keel.pricing import PriceTable
+from keel.state import AgentState, RunContext
+from keel.tools.registry import ToolRegistry
+
+__all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
+
+Agent = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
+
+# LangGraph raises GraphRecursionError when a node would run with 0 steps remaining. A route
+# back to the model needs room for call_model (or plan) and then respond; with fewer steps left
+# it goes to respond, which ends the run as budget_exceeded (step limit).
+_STEPS_TO_GO_ON = 3
+
+
+def _out_of_steps(state: AgentState) -> bool:
+    remaining = state.get("remaining_steps")
+    return remaining is not None and remaining <= _STEPS_TO_GO_ON
+
+
+def route_after_model(state: AgentState, *, verify: bool = False) -> str:
+    """After `call_model`: to the tools, a human, verification, `respond`, or the end."""
+    result = state.get("outcome")
+    if result is not None:
+        if result["status"] == "interrupted":
+            return "human_review"
+        if result["status"] in ("stopped", "error"):
+            return "respond"
+        return "verify" if verify else END
+    return "execute_tools"
+
+
+def route_after_tools(state: AgentState, *, replan: bool = False) -> str:
+    """After `execute_tools`: back to the model, or to `plan` when a plan step failed."""
+    if _out_of_steps(state):
+        return "respond"
+    if replan and needs_replan(state.get("plan") or []):
+        return "plan"
+    return "call_model"
+
+
+def route_after_plan(state: AgentState) -> str:
+    """After `plan`: to the model, or to `respond` when the step limit leaves no room."""
+    remaining = state.get("remaining_steps")
+    return "respond" if remaining is not None and remaining <= 2 else "call_model"
+
+
+def route_after_review(state: AgentState) -> str:
+    """After `human_review`: run the approved calls, or end when a call was rejected."""
+    result = state.get("outcome")
+    if (result is not None and result["status"] == "stopped") or _out_of_steps(state):
+        return "respond"
+    return "execute_tools"
+
+
+def route_after_verify(state: AgentState) -> str:
+    """After `verify`: done, revise, or end with the failed verification."""
+    result = state.get("outcome")
+    if result is None:
+        return "respond" if _out_of_steps(state) else "call_model"
+    return END if result["status"] == "success" else "respond"
+
+
+def build_agent(
+    model: str | BaseChatModel,
+    tools: Sequence[BaseTool | Callable[..., Any]] | ToolRegistry = (),
+    *,
+    system_prompt: str | None = None,
+    plan: bool = False,
+    verify: bool = False,
+    checks: Sequence[Check] = (),
+    judge: str | BaseChatModel | None = None,
+    max_revisions: int = 1,
+    escalate: bool = False,
+    gate: Gate = approval_gate,
+    before_model: Sequence[BeforeModel] = (),
+    prices: PriceTable | None = None,
+    model_retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+    policy_version: str = "1",
+    checkpointer: BaseCheckpointSaver[Any] | bool | None = None,
+    store: BaseStore | None = None,
+    name: str = "keel_agent",
+) -> Agent:
+    """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
+
+    Every run ends with `outcome = {status, terminated_reason, detail}` in its final state; a
+    run that needs a human pauses with `outcome.status == "interrupted"` and resumes with
+    `Command(resume=...)` (see `keel.nodes.human_review`).
+
+    Args:
+        model: A chat model or a `provider:name` string (`"openai:gpt-4o-mini"`).
+        tools: keel tools, LangChain tools or plain functions, or a `ToolRegistry`.
+        system_prompt: The system prompt of every model call.
+        plan: Plan first (structured output) and replan when a step fails.
+        verify: Verify the final answer with `checks` and/or `judge`.
+        checks: Rule checks for `verify` (each returns a failure reason or None).
+        judge: A model that judges the final answer (implies `verify`).
+        max_revisions: How often a failed answer goes back to the model.
+        escalate: When the revisions are used up, ask a human (approve / reject / respond)
+            instead of ending the run as `verification_failed`.
+        gate: Decides allow / ask / deny per tool call (default: ask for tools that require
+            approval).
+        before_model: Checks run inside `call_model` before each model call.
+        prices: The price table for USD accounting.
+        model_retry: LangGraph `RetryPolicy` for transient model errors.
+        policy_version: Bound into approval digests.
+        checkpointer: A LangGraph checkpointer (see `keel.Persistence`); needed for approvals.
+        store: A LangGraph store for long-term memory.
+        name: The graph's name (shown in traces and the server).
+
+    Example:
+        ```python
+        from keel import RunContext
+        from keel.evals import ScriptedChatModel
+        from keel.graphs import build_agent
+
+        agent = build_agent(ScriptedChatModel(script=["Hello!"]))
+        result = agent.invoke({"messages": [("user", "hi")]}, context=RunContext(user_id="u1"))
+        assert result["outcome"]["terminated_reason"] == "completed"
+        ```
+    """
+    _validate(
+        system_prompt=system_prompt,
+        gate=gate,
+        before_model=before_model,
+        checks=checks,
+        max_revisions=max_revisions,
+        checkpointer=checkpointer,
+        tools=tools,
+    )
+    registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    verify = verify or judge is not None or bool(checks)
+
+    graph = StateGraph(AgentState, context_schema=RunContext)
+    graph.add_node(
+        "call_model",
+        call_model(
+            model,
+            registry,
+            system_prompt=system_prompt,
+            prices=prices,
+            before_model=before_model,
+            gate=gate,
+            retry=model_retry,
+        ),
+    )
+    graph.add_node(
+        "execute_tools", execute_tools(registry, gate=gate, policy_version=policy_version)
+    )
+    graph.add_node("human_review", human_review(registry, gate=gate, policy_version=policy_version))
+    graph.add_node("respond", respond())
+    after_model = ["execute_tools", "human_review", "respond", END]
+    after_tools = ["call_model", "respond"]
+    if plan:
+        graph.add_node("plan", plan_node(model, prices=prices))
+        graph.add_edge(START, "plan")
+        graph.add_conditional_edges("plan", route_after_plan, ["call_model", "respond"])
+        after_tools.append("plan")
+    else:
+        graph.add_edge(START, "call_model")
+    if verify:
+        graph.add_node(
+            "verify",
+            verify_node(checks=checks, judge=judge, max_revisions=max_revisions, escalate=escalate),
+        )
+        graph.add_conditional_edges("verify", route_after_verify, ["call_model", "respond", END])
+        after_model.append("verify")
+
+    graph.add_conditional_edges(
+        "call_model", lambda s: route_after_model(s, verify=verify), after_model
+    )
+    graph.add_conditional_edges(
+        "execute_tools", lambda s: route_after_tools(s, replan=plan), after_tools
+    )
+    graph.add_conditional_edges("human_review", route_after_review, ["execute_tools", "respond"])
+    graph.add_edge("respond", END)
+    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+
+
+def _validate(
+    *,
+    system_prompt: object,
+    gate: object,
+    before_model: Sequence[object],
+    checks: Sequence[object],
+    max_revisions: object,
+    checkpointer: object,
+    tools: object,
+) -> None:
+    """Reject bad arguments with a message that names the argument and the fix."""
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise UserError(
+            f"build_agent(system_prompt=...) must be a string or None, got "
+            f"{type(system_prompt).__name__}."
+        )
+    if not callable(gate):
+        raise UserError(
+            f"build_agent(gate=...) must be a Gate: a function (tool, args, context) -> "
+            f"GateDecision, got {gate!r}."
+        )
+    for name, items in (("before_model", before_model), ("checks", checks)):
+        if isinstance(items, str | bytes) or not all(callable(i) for i in items):
+            raise UserError(f"build_agent({name}=...) must be a list of functions, got {items!r}.")
+    if not isinstance(max_revisions, int) or max_revisions < 0:
+        raise UserError(f"build_agent(max_revisions=...) must be 0 or more, got {max_revisions!r}.")
+    if checkpointer is not None and not isinstance(checkpointer, bool | BaseCheckpointSaver):
+        raise UserError(
+            f"build_agent(checkpointer=...) must be a LangGraph checkpointer (e.g. from "
+            f"keel.Persistence(url).checkpointer()), got {type(checkpointer).__name__}."
+        )
+    if isinstance(tools, str | bytes) or not isinstance(tools, ToolRegistry | Sequence):
+        raise UserError(
+            f"build_agent(tools=...) must be a list of tools or a ToolRegistry, got {tools!r}."
+        )

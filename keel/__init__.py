@@ -1,0 +1,32 @@
+"""keel: take LangGraph agents from prototype to production.
+
+The spine re-exports what most programs need; each capability lives in its subpackage
+(`keel.graphs`, `keel.nodes`, `keel.tools`, `keel.memory`, `keel.guards`, `keel.evals`).
+"""
+
+from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
+from keel.graphs import build_agent
+from keel.persistence import Persistence
+from keel.pricing import Price, PriceTable
+from keel.state import AgentState, Outcome, RunContext, Usage
+from keel.tools import ToolSpec, tool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentState",
+    "KeelError",
+    "ModelRequestsForbidden",
+    "Outcome",
+    "Persistence",
+    "Price",
+    "PriceTable",
+    "RunContext",
+    "SetupError",
+    "ToolSpec",
+    "Usage",
+    "UserError",
+    "__version__",
+    "build_agent",
+    "tool",
+]

@@ -1,0 +1,21 @@
+"""Approval digests: a human's decision is bound to one exact call (tool + args + policy)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["approval_digest", "canonical_args"]
+
+
+def canonical_args(args: Mapping[str, Any]) -> str:
+    """The arguments as canonical JSON: sorted keys, no spaces, so equal calls hash equally."""
+    return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def approval_digest(tool: str, args: Mapping[str, Any], policy: str) -> str:
+    """The digest an approval is stored under: sha256 of tool, canonical args and policy."""
+    payload = f"{tool}\n{canonical_args(args)}\n{policy}".encode()
+    return hashlib.sha256(payload).hexdigest()

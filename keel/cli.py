@@ -1,0 +1,265 @@
+"""`keel`: run agents, resume threads, list threads, set up the database.
+
+    keel demo [--approve | --reject] [--db URL]
+    keel run "task" [--model M] [--thread ID] [--user U] [--db URL] [--approve | --reject]
+    keel run --thread ID            resume a thread waiting for approval
+    keel threads [--db URL] [--limit N]
+    keel db setup [--db URL]
+
+With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
+(CI, a pipe) the request is shown and answered by `--approve` or `--reject`; with neither, the
+demo approves (its scenario's answer) and `keel run` leaves the thread waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, TextIO, cast
+
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command
+
+from keel.demo import DEMO_TASK, SYSTEM_PROMPT, demo_model, demo_tools
+from keel.errors import KeelError
+from keel.graphs.agent import Agent, build_agent
+from keel.models import resolve_model
+from keel.persistence import Persistence, default_db_url
+from keel.state import RunContext
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `keel` command. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "threads":
+            return _threads(args)
+        if args.command == "db":
+            persistence = Persistence(args.db)
+            persistence.setup()
+            print(f"keel: database ready at {persistence.safe_url}")
+            return 0
+        return asyncio.run(_run(args))
+    except KeelError as exc:
+        print(f"keel: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkeel: interrupted; the thread is saved and can be resumed.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    db_help = f"database URL (default: $KEEL_DB_URL or {default_db_url()})"
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", default=None, help=db_help)
+        p.add_argument("--thread", default=None, help="thread id (new one if omitted)")
+        p.add_argument("--user", default="cli-user", help="user id for the run context")
+        p.add_argument("--tenant", default="default", help="tenant id for the run context")
+        decide = p.add_mutually_exclusive_group()
+        decide.add_argument("--approve", action="store_true", help="approve calls without asking")
+        decide.add_argument("--reject", action="store_true", help="reject calls without asking")
+
+    demo = sub.add_parser("demo", help="run the bundled refund scenario")
+    run_options(demo)
+    run = sub.add_parser("run", help="run the agent on a task, or resume a thread")
+    run.add_argument("task", nargs="?", help="the task; omit it with --thread to resume")
+    run.add_argument("--model", default=None, help="LangChain model string (default: $KEEL_MODEL)")
+    run_options(run)
+    threads = sub.add_parser("threads", help="list stored threads with their outcome")
+    threads.add_argument("--db", default=None, help=db_help)
+    threads.add_argument("--limit", type=int, default=20)
+    db = sub.add_parser("db", help="database maintenance")
+    db.add_argument("action", choices=["setup"])
+    db.add_argument("--db", default=None, help=db_help)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL")
+    if args.command == "demo":
+        task: str | None = DEMO_TASK
+        if model_name:
+            print(f"keel: demo on {model_name} (KEEL_MODEL)")
+            model = resolve_model(model_name)
+        else:
+            print(
+                "keel: no KEEL_MODEL set, so the demo plays a bundled scenario on keel's "
+                "scripted model (offline, no API key)."
+            )
+            model = demo_model()
+    else:
+        task = args.task
+        if not task and not args.thread:
+            raise KeelError('Give a task (keel run "…") or a thread to resume (--thread ID).')
+        if not model_name:
+            raise KeelError(
+                "keel run needs a model: pass --model openai:gpt-4o-mini (or set KEEL_MODEL). "
+                "To try keel offline, run `keel demo`."
+            )
+        model = resolve_model(model_name)
+    persistence = Persistence(args.db)
+    thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
+    context = RunContext(user_id=args.user, tenant_id=args.tenant)
+    async with persistence.acheckpointer() as saver:
+        agent = build_agent(
+            model, demo_tools(), system_prompt=SYSTEM_PROMPT, plan=True, checkpointer=saver
+        )
+        print(f"keel: thread {thread} on {persistence.safe_url}")
+        result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
+    status = (result.get("outcome") or {}).get("status")
+    return 0 if status in ("success", "interrupted") else 1
+
+
+async def drive(
+    agent: Agent,
+    task: str | None,
+    thread: str,
+    context: RunContext,
+    decide: Any,
+    out: TextIO,
+) -> dict[str, Any]:
+    """Run (or resume) a thread to its end, printing each step and asking `decide` on approvals.
+
+    `decide(requests)` returns the resume value, or None to leave the thread waiting.
+    """
+    config: RunnableConfig = {"configurable": {"thread_id": thread}}
+    payload: Any = {"messages": [("user", task)]} if task else None
+    if task is None:
+        snapshot = await agent.aget_state(config)
+        if not snapshot.interrupts:
+            raise KeelError(
+                f"Thread {thread} is not waiting for anything; give a task to continue it."
+            )
+        payload = None
+    while True:
+        if payload is not None:
+            async for update in agent.astream(
+                payload, config, context=context, stream_mode="updates"
+            ):
+                _print_update(cast(dict[str, Any], update), out)
+        snapshot = await agent.aget_state(config)
+        if not snapshot.interrupts:
+            break
+        requests = snapshot.interrupts[0].value
+        _print_requests(requests, out)
+        answer = await decide(requests)
+        if answer is None:
+            print(f"keel: left waiting; resume with `keel run --thread {thread}`", file=out)
+            break
+        payload = Command(resume=answer)
+    values = dict(snapshot.values)
+    _print_outcome(values, out)
+    return values
+
+
+def _print_update(update: dict[str, Any], out: TextIO) -> None:
+    for node, delta in update.items():
+        if node == "__interrupt__" or not isinstance(delta, dict):
+            continue
+        if delta.get("plan") and node == "plan":
+            print("[plan]", file=out)
+            for step in delta["plan"]:
+                print(f"   {step['id']}. {step['description']}", file=out)
+        for message in delta.get("messages") or []:
+            if isinstance(message, AIMessage):
+                for tc in message.tool_calls:
+                    print(f"[{node}] → {tc['name']}({json.dumps(tc['args'])})", file=out)
+                if message.text:
+                    print(f"[{node}] {message.text}", file=out)
+            elif isinstance(message, ToolMessage):
+                status = message.response_metadata.get("keel_status", message.status)
+                print(f"[{node}] ← {message.name} [{status}]: {message.text}", file=out)
+
+
+def _print_requests(requests: list[dict[str, Any]], out: TextIO) -> None:
+    for r in requests:
+        action = r["action_request"]
+        print(f"[approval needed] {action['action']}({json.dumps(action['args'])})", file=out)
+        print(f"   why: {r['description']}", file=out)
+
+
+def _print_outcome(values: dict[str, Any], out: TextIO) -> None:
+    result = values.get("outcome") or {}
+    usage = values.get("usage") or {}
+    print(
+        f"[outcome] {result.get('status')} / {result.get('terminated_reason')}: "
+        f"{result.get('detail')}",
+        file=out,
+    )
+    print(
+        f"[usage] model calls {usage.get('model_calls', 0)}, tool calls "
+        f"{usage.get('tool_calls', 0)}, tokens {usage.get('input_tokens', 0)} in / "
+        f"{usage.get('output_tokens', 0)} out, ${usage.get('usd', 0.0):.6f}",
+        file=out,
+    )
+
+
+def _decider(args: argparse.Namespace) -> Any:
+    async def decide(requests: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        if args.approve:
+            print("keel: approved (--approve)")
+            return [{"type": "approve", "reviewer": "cli"} for _ in requests]
+        if args.reject:
+            print("keel: rejected (--reject)")
+            return [{"type": "reject", "reviewer": "cli"} for _ in requests]
+        if sys.stdin.isatty():
+            return [await _ask(r) for r in requests]
+        if args.command == "demo":
+            print(
+                "keel: no terminal, so the scenario's answer is used: approve "
+                "(pass --reject to see a rejection)"
+            )
+            return [{"type": "approve", "reviewer": "demo-scenario"} for _ in requests]
+        return None
+
+    return decide
+
+
+async def _ask(request: dict[str, Any]) -> dict[str, Any]:
+    prompt = f"{request['action_request']['action']}: [a]pprove / [e]dit / [r]eject / re[s]pond? "
+    while True:
+        choice = (await asyncio.to_thread(input, prompt)).strip().lower()[:1]
+        if choice == "a":
+            return {"type": "approve", "reviewer": "cli"}
+        if choice == "r":
+            reason = await asyncio.to_thread(input, "reason (optional): ")
+            return {"type": "reject", "message": reason, "reviewer": "cli"}
+        if choice == "s":
+            text = await asyncio.to_thread(input, "your answer to the agent: ")
+            return {"type": "respond", "message": text, "reviewer": "cli"}
+        if choice == "e":
+            raw = await asyncio.to_thread(input, "new arguments as JSON: ")
+            try:
+                return {"type": "edit", "args": json.loads(raw), "reviewer": "cli"}
+            except json.JSONDecodeError as exc:
+                print(f"not JSON ({exc}); try again")
+
+
+def _threads(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise KeelError("--limit must be 1 or more.")
+    rows = Persistence(args.db).list_threads(limit=args.limit)
+    if not rows:
+        print("keel: no threads yet. Run `keel demo` to make one.")
+        return 0
+    for row in rows:
+        result = row.values.get("outcome") or {}
+        status = "waiting" if row.next else result.get("status", "-")
+        reason = result.get("terminated_reason", "-")
+        print(f"{row.thread_id:<24} {row.updated_at or '-':<32} {status:<12} {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

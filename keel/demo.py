@@ -1,0 +1,95 @@
+"""The bundled demo scenario: a support agent refunds a damaged order, with one approval.
+
+It exercises a plan, read-only tool calls, a destructive call that needs a human's approval, and
+a final answer. Offline it runs on keel's scripted model; with `KEEL_MODEL` set it runs the same
+tools on that model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from langchain_core.language_models import BaseChatModel
+
+from keel.evals.scripted import ScriptedChatModel, call
+from keel.tools.registry import KeelTool, tool
+
+__all__ = ["DEMO_TASK", "SYSTEM_PROMPT", "DemoShop", "demo_model", "demo_tools"]
+
+DEMO_TASK = "Order A1001 arrived damaged. Please refund it."
+SYSTEM_PROMPT = (
+    "You are a support agent for an online shop. Look orders up before acting, follow the "
+    "refund policy, and tell the customer exactly what you did."
+)
+
+
+@dataclass
+class DemoShop:
+    """The demo's tiny in-memory shop: orders and the refunds issued."""
+
+    orders: dict[str, dict[str, object]] = field(
+        default_factory=lambda: {
+            "A1001": {"item": "ceramic teapot", "total": 42.50, "status": "delivered"},
+            "A1002": {"item": "tea sampler", "total": 18.00, "status": "shipped"},
+        }
+    )
+    refunds: list[tuple[str, float]] = field(default_factory=list)
+
+
+def demo_tools(shop: DemoShop | None = None) -> list[KeelTool]:
+    """The scenario's tools, bound to `shop` (a fresh one by default)."""
+    shop = shop or DemoShop()
+
+    @tool(name="lookup_order", resource=lambda a: f"orders/{a['order_id']}")
+    def lookup_order(order_id: str) -> str:
+        """Look up an order by id: item, total and delivery status."""
+        order = shop.orders.get(order_id)
+        if order is None:
+            return f"No order {order_id}."
+        return f"Order {order_id}: {order['item']}, total ${order['total']:.2f}, {order['status']}."
+
+    @tool(name="search_policy")
+    def search_policy(topic: str) -> str:
+        """Search the shop's policies for a topic (e.g. 'refunds')."""
+        return (
+            "Refund policy: items that arrive damaged are refunded in full on request, "
+            "within 30 days of delivery. Refunds need a human's approval."
+        )
+
+    @tool(
+        name="issue_refund",
+        risk="destructive",
+        resource=lambda a: f"orders/{a['order_id']}",
+    )
+    def issue_refund(order_id: str, amount: float, reason: str) -> str:
+        """Refund `amount` dollars on an order. Cannot be undone."""
+        if order_id not in shop.orders:
+            return f"No order {order_id}; nothing refunded."
+        shop.refunds.append((order_id, amount))
+        return f"Refunded ${amount:.2f} on order {order_id} ({reason})."
+
+    return [lookup_order, search_policy, issue_refund]
+
+
+def demo_model(latency: float = 0.0) -> BaseChatModel:
+    """Keel's scripted model playing the scenario (plan, three tool calls, final answer)."""
+    return ScriptedChatModel(
+        script=[
+            call("lookup_order", order_id="A1001"),
+            call("search_policy", topic="refunds for damaged items"),
+            call("issue_refund", order_id="A1001", amount=42.50, reason="arrived damaged"),
+            "I'm sorry your teapot arrived damaged. I've refunded the full $42.50 for order "
+            "A1001; you'll see it on your statement within a few days.",
+        ],
+        structured={
+            "Plan": {
+                "steps": [
+                    "Look up order A1001",
+                    "Check the refund policy for damaged items",
+                    "Issue the refund (needs approval)",
+                    "Confirm the refund to the customer",
+                ]
+            }
+        },
+        latency=latency,
+    )

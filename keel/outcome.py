@@ -1,0 +1,36 @@
+"""Constructors for `Outcome`, the record every run ends with."""
+
+from __future__ import annotations
+
+from keel.state import Outcome, TerminatedReason
+
+__all__ = ["completed", "failed", "interrupted", "step_limit", "stopped"]
+
+
+def completed(detail: str = "final answer given") -> Outcome:
+    """The run reached a final answer."""
+    return {"status": "success", "terminated_reason": "completed", "detail": detail}
+
+
+def stopped(reason: TerminatedReason, detail: str) -> Outcome:
+    """A guard or a human ended the run early; `respond` gives a partial answer."""
+    return {"status": "stopped", "terminated_reason": reason, "detail": detail}
+
+
+def failed(detail: str) -> Outcome:
+    """Something failed that keel could not recover from."""
+    return {"status": "error", "terminated_reason": "error", "detail": detail}
+
+
+def interrupted(detail: str) -> Outcome:
+    """The run is paused for a human and can be resumed."""
+    return {"status": "interrupted", "terminated_reason": "awaiting_approval", "detail": detail}
+
+
+def step_limit() -> Outcome:
+    """The run used up LangGraph's `recursion_limit` and was stopped before it could raise."""
+    return stopped(
+        "budget_exceeded",
+        "step limit: the run reached LangGraph's recursion_limit; raise `recursion_limit` in "
+        "the run config to allow longer runs",
+    )

@@ -1,0 +1,556 @@
+"""Persistence from one URL: a LangGraph checkpointer on SQLite (embedded) or PostgreSQL.
+
+`sqlite:///.keel/keel.db` is the default; `postgresql://user@host/db` is for production. For
+PostgreSQL keel keeps a `psycopg_pool` pool with health checks, runs `setup()` once per process
+per URL (retrying when several processes race to create the tables), and turns an unreachable
+server or a schema that was never set up into a `SetupError` that says what to do.
+
+Example:
+    ```python
+    from keel.persistence import Persistence
+
+    with Persistence("sqlite:///.keel/keel.db").checkpointer() as saver:
+        graph = builder.compile(checkpointer=saver)
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiosqlite
+import psycopg
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
+from langgraph.checkpoint.postgres import PostgresSaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from keel.errors import SetupError, UserError
+
+__all__ = ["Persistence", "ThreadSummary", "default_db_url"]
+
+DEFAULT_DB_URL = "sqlite:///.keel/keel.db"
+"""The URL used when neither an argument nor `KEEL_DB_URL` names one."""
+
+_ACCEPTED = (
+    "Accepted forms: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:, "
+    "postgresql://user:password@host:5432/dbname (or postgres://…)."
+)
+_CONNECT_TIMEOUT = 5  # seconds, unless the URL sets connect_timeout
+_SETUP_ATTEMPTS = 8  # concurrent first setups (several replicas starting) race; retry
+_SETUP_RACES = (
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.DuplicateTable,
+    psycopg.errors.DuplicateObject,
+    psycopg.errors.DeadlockDetected,
+)
+_THREADS_SQL = (
+    "SELECT thread_id FROM checkpoints WHERE checkpoint_ns = '' "
+    "GROUP BY thread_id ORDER BY max(checkpoint_id) DESC LIMIT {limit}"
+)
+_SCHEMA = {  # tables, SQL: does table {} exist?, SQL: schema version, the version needed
+    "postgres": (
+        ("checkpoints", "checkpoint_migrations"),
+        "SELECT to_regclass('{}') IS NOT NULL",
+        "SELECT max(v) FROM checkpoint_migrations",
+        len(PostgresSaver.MIGRATIONS) - 1,
+    ),
+    "sqlite": (  # no migrations table; its one migration so far added writes.task_path
+        ("checkpoints", "writes"),
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{}'",
+        "SELECT count(*) FROM pragma_table_info('writes') WHERE name = 'task_path'",
+        1,
+    ),
+}
+_SET_UP: set[str] = set()  # PostgreSQL URLs this process has set up
+_SET_UP_LOCK = threading.Lock()
+
+Plan: TypeAlias = Literal["setup", "check"] | None
+_Row: TypeAlias = tuple[Any, ...] | Mapping[str, Any] | None
+_Flow: TypeAlias = Generator[str, tuple[Any, ...], None]
+"""Database logic written once for both drivers: it yields SQL and is sent the first row."""
+_Pool: TypeAlias = ConnectionPool[psycopg.Connection[DictRow]]
+_APool: TypeAlias = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ThreadSummary:
+    """The latest checkpoint of one thread, as `keel threads` shows it."""
+
+    thread_id: str
+    """The thread's id (`config["configurable"]["thread_id"]`)."""
+    checkpoint_id: str
+    """The id of the thread's latest checkpoint."""
+    updated_at: str | None
+    """When that checkpoint was written (its ISO-8601 `ts`)."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """The state's channel values (e.g. `"messages"`, `"outcome"`), internal channels left out."""
+    next: tuple[str, ...] = ()
+    """Nodes that run on resume (e.g. one waiting on `interrupt()`); empty when the run ended."""
+
+
+def default_db_url() -> str:
+    """The database URL to use when none is given: env `KEEL_DB_URL`, else the SQLite default."""
+    return os.environ.get("KEEL_DB_URL") or DEFAULT_DB_URL
+
+
+class Persistence:
+    """LangGraph checkpointers (sync and async) on the database one URL names.
+
+    Args:
+        url: `sqlite:///path.db` or `postgresql://…`; default `default_db_url()`.
+        setup: Create or migrate the tables on first use (once per process per URL). With
+            `False`, check the schema instead and raise `SetupError` when it is not current.
+            SQLite tables are always created: that is cheap and LangGraph does it anyway.
+        prepare_threshold: psycopg's `prepare_threshold`; `None` disables prepared statements
+            (needed behind PgBouncer in transaction mode).
+        pool_min_size: Connections the PostgreSQL pool keeps open.
+        pool_max_size: The most connections the pool opens.
+        pool_timeout: Seconds to wait for a pool connection (or for the pool to open).
+        max_idle: Seconds an idle connection above `pool_min_size` is kept.
+        max_lifetime: Seconds after which a connection is replaced.
+    """
+
+    url: str
+    """The URL, normalized (`postgres://` becomes `postgresql://`). It may hold a password."""
+    backend: Literal["sqlite", "postgres"]
+    """Which database the URL names."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        setup: bool = True,
+        prepare_threshold: int | None = 0,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        pool_timeout: float = 30.0,
+        max_idle: float = 300.0,
+        max_lifetime: float = 1800.0,
+    ) -> None:
+        _validate(setup=setup, prepare_threshold=prepare_threshold, pool_min_size=pool_min_size)
+        _validate(pool_max_size=pool_max_size, pool_timeout=pool_timeout, max_idle=max_idle)
+        _validate(max_lifetime=max_lifetime)
+        if pool_min_size > pool_max_size:
+            raise UserError(
+                f"Persistence(pool_min_size={pool_min_size}) exceeds pool_max_size="
+                f"{pool_max_size}; raise pool_max_size or lower pool_min_size."
+            )
+        self.url, self.backend, self._path = _parse_url(default_db_url() if url is None else url)
+        self._setup = setup
+        self._prepare_threshold = prepare_threshold
+        self._pool_args: dict[str, Any] = dict(
+            min_size=pool_min_size, max_size=pool_max_size, timeout=pool_timeout,
+            max_idle=max_idle, max_lifetime=max_lifetime,
+        )  # fmt: skip
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password replaced by `***`, for logs and messages."""
+        return _redact(self.url)
+
+    def __repr__(self) -> str:
+        return f"Persistence({_redact(self.url)!r}, setup={self._setup})"
+
+    @contextmanager
+    def checkpointer(self) -> Iterator[BaseCheckpointSaver[str]]:
+        """A sync checkpointer, ready to use; its connection or pool closes on exit.
+
+        Raises:
+            SetupError: The database is unreachable, or (with `setup=False`) not set up.
+        """
+        if self._path is not None:
+            with self._sqlite() as conn:
+                saver = SqliteSaver(conn)
+                saver.setup()
+                yield saver
+            return
+        self._ready(self._plan())
+        with self._pg_pool() as pool:
+            yield PostgresSaver(pool)
+
+    @asynccontextmanager
+    async def acheckpointer(self) -> AsyncIterator[BaseCheckpointSaver[str]]:
+        """An async checkpointer, ready to use; its connection or pool closes on exit.
+
+        Raises:
+            SetupError: The database is unreachable, or (with `setup=False`) not set up.
+        """
+        if self._path is not None:
+            async with self._asqlite() as conn:
+                saver = AsyncSqliteSaver(conn)
+                await saver.setup()
+                yield saver
+            return
+        await self._aready(self._plan())
+        async with self._apg_pool() as pool:
+            yield AsyncPostgresSaver(pool)
+
+    def setup(self) -> None:
+        """Create the checkpoint tables, or migrate them to this LangGraph version (idempotent).
+
+        Raises:
+            SetupError: The database is unreachable or refuses the change.
+        """
+        self._ready("setup")
+
+    async def asetup(self) -> None:
+        """Async `setup()`."""
+        await self._aready("setup")
+
+    def check(self) -> None:
+        """Readiness: connect and verify the checkpoint schema is current.
+
+        Raises:
+            SetupError: What is wrong (unreachable, no tables, old migrations) and the fix.
+        """
+        self._ready("check")
+
+    async def acheck(self) -> None:
+        """Async `check()`."""
+        await self._aready("check")
+
+    def list_threads(self, limit: int = 50) -> list[ThreadSummary]:
+        """The threads with checkpoints, newest first, each with its latest state.
+
+        Args:
+            limit: The most threads to return (at least 1).
+
+        Raises:
+            UserError: `limit` is not a positive integer.
+        """
+        _validate(limit=limit)
+        with self.checkpointer() as saver:
+            ids = _thread_ids(saver, _THREADS_SQL.format(limit=limit))
+            tuples = [(tid, saver.get_tuple({"configurable": {"thread_id": tid}})) for tid in ids]
+        return [_summarize(tid, tup) for tid, tup in tuples if tup is not None]
+
+    # -- decisions shared by the sync and async drivers ------------------------------------
+
+    def _plan(self) -> Plan:
+        """What opening a PostgreSQL checkpointer must do after connecting."""
+        if not self._setup:
+            return "check"
+        with _SET_UP_LOCK:
+            return None if self.url in _SET_UP else "setup"
+
+    def _check_flow(self) -> _Flow:
+        """Verify the schema is current, or raise `SetupError` with the fix."""
+        where = f"{'PostgreSQL' if self.backend == 'postgres' else 'SQLite'} at {_redact(self.url)}"
+        fix = (
+            f"Run `keel db setup --db {_redact(self.url)}` once, "
+            "or create Persistence(url, setup=True)."
+        )
+        tables, exists_sql, version_sql, need = _SCHEMA[self.backend]
+        for table in tables:
+            if not (yield exists_sql.format(table))[0]:
+                raise SetupError(
+                    f'{where} has no LangGraph checkpoint tables (relation "{table}" does not '
+                    f"exist). {fix}"
+                )
+        (have,) = yield version_sql
+        if have is None or have < need:
+            raise SetupError(
+                f"{where} has LangGraph checkpoint tables at migration {have}, but this "
+                f"langgraph-checkpoint version needs migration {need}. {fix}"
+            )
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            autocommit=True, row_factory=dict_row, prepare_threshold=self._prepare_threshold
+        )
+        if "connect_timeout" not in conninfo_to_dict(self.url):
+            kwargs["connect_timeout"] = _CONNECT_TIMEOUT
+        return kwargs
+
+    def _pool_kwargs(self) -> dict[str, Any]:
+        return {**self._pool_args, "kwargs": self._connect_kwargs(), "open": False, "name": "keel"}
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn a database error raised while doing `action` into a `SetupError` with a fix."""
+        try:
+            yield
+        except (psycopg.Error, PoolTimeout, sqlite3.OperationalError) as exc:
+            raise SetupError(_failure(self, action, exc)) from exc
+
+    # -- sync driver ---------------------------------------------------------------------------
+
+    def _ready(self, plan: Plan) -> None:
+        """Connect (which proves the server is up), then set up or check as planned."""
+        if self._path is not None:
+            with self._sqlite(readonly=plan == "check") as lite, self._errors(plan or "connect"):
+                if plan == "setup" or self._path == ":memory:":  # a new :memory: db is empty
+                    SqliteSaver(lite).setup()
+                if plan == "check":
+                    _drive(self._check_flow(), lite.execute)
+            return
+        with self._errors("connect"):
+            conn = psycopg.Connection.connect(self.url, **self._connect_kwargs())
+        with conn, self._errors(plan or "connect"):
+            if plan == "check":
+                _drive(self._check_flow(), conn.execute)
+            elif plan == "setup":
+                for attempt in range(_SETUP_ATTEMPTS):
+                    try:
+                        PostgresSaver(conn).setup()
+                        break
+                    except _SETUP_RACES:
+                        if attempt == _SETUP_ATTEMPTS - 1:
+                            raise
+                        time.sleep(_backoff(attempt))
+                _mark_set_up(self.url)
+
+    @contextmanager
+    def _sqlite(self, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+        target, uri = _sqlite_target(self._path, readonly)
+        with self._errors("open"):
+            conn = sqlite3.connect(target, uri=uri, check_same_thread=False)
+        with closing(conn):
+            yield conn
+
+    @contextmanager
+    def _pg_pool(self) -> Iterator[_Pool]:
+        pool = _Pool(self.url, check=ConnectionPool.check_connection, **self._pool_kwargs())
+        try:
+            with self._errors("open a connection pool"):
+                pool.open(wait=True, timeout=self._pool_args["timeout"])
+            yield pool
+        finally:
+            pool.close()
+
+    # -- async driver: the same steps, awaited -------------------------------------------------
+
+    async def _aready(self, plan: Plan) -> None:
+        """Async `_ready`."""
+        if self._path is not None:
+            async with self._asqlite(readonly=plan == "check") as lite:
+                with self._errors(plan or "connect"):
+                    if plan == "setup" or self._path == ":memory:":
+                        await AsyncSqliteSaver(lite).setup()
+                    if plan == "check":
+                        await _adrive(self._check_flow(), lite.execute)
+            return
+        with self._errors("connect"):
+            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
+        async with conn:
+            with self._errors(plan or "connect"):
+                if plan == "check":
+                    await _adrive(self._check_flow(), conn.execute)
+                elif plan == "setup":
+                    for attempt in range(_SETUP_ATTEMPTS):
+                        try:
+                            await AsyncPostgresSaver(conn).setup()
+                            break
+                        except _SETUP_RACES:
+                            if attempt == _SETUP_ATTEMPTS - 1:
+                                raise
+                            await asyncio.sleep(_backoff(attempt))
+                    _mark_set_up(self.url)
+
+    @asynccontextmanager
+    async def _asqlite(self, *, readonly: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        target, uri = _sqlite_target(self._path, readonly)
+        conn = aiosqlite.connect(target, uri=uri)
+        with self._errors("open"):
+            await conn  # starts aiosqlite's thread and opens the file
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    @asynccontextmanager
+    async def _apg_pool(self) -> AsyncIterator[_APool]:
+        pool = _APool(self.url, check=AsyncConnectionPool.check_connection, **self._pool_kwargs())
+        try:
+            with self._errors("open a connection pool"):
+                await pool.open(wait=True, timeout=self._pool_args["timeout"])
+            yield pool
+        finally:
+            await pool.close()
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def _drive(flow: _Flow, execute: Callable[[str], Any]) -> None:
+    """Run a flow on a sync connection (`sqlite3` or psycopg)."""
+    with suppress(StopIteration):
+        sql = next(flow)
+        while True:
+            sql = flow.send(_as_tuple(execute(sql).fetchone()))
+
+
+async def _adrive(flow: _Flow, execute: Callable[[str], Awaitable[Any]]) -> None:
+    """Run a flow on an async connection (aiosqlite or psycopg)."""
+    with suppress(StopIteration):
+        sql = next(flow)
+        while True:
+            sql = flow.send(_as_tuple(await (await execute(sql)).fetchone()))
+
+
+def _as_tuple(row: _Row) -> tuple[Any, ...]:
+    if row is None:
+        return (None,)
+    return tuple(row.values()) if isinstance(row, Mapping) else tuple(row)
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retrying a setup that raced another process's."""
+    return random.uniform(0.05, 0.2) * (attempt + 1)
+
+
+def _mark_set_up(url: str) -> None:
+    with _SET_UP_LOCK:
+        _SET_UP.add(url)
+
+
+def _thread_ids(saver: BaseCheckpointSaver[str], sql: str) -> list[str]:
+    """Run `sql` (selecting thread ids) on the saver's own connection or pool."""
+    if isinstance(saver, SqliteSaver):
+        with saver.cursor(transaction=False) as cur:
+            return [row[0] for row in cur.execute(sql).fetchall()]
+    if isinstance(saver, PostgresSaver) and isinstance(saver.conn, ConnectionPool):
+        with saver.conn.connection() as conn:
+            return [row["thread_id"] for row in conn.execute(sql).fetchall()]
+    raise TypeError(f"unexpected saver {type(saver).__name__}")
+
+
+def _summarize(thread_id: str, tup: CheckpointTuple) -> ThreadSummary:
+    """A `ThreadSummary` from a thread's latest checkpoint (no graph needed)."""
+    checkpoint = tup.checkpoint
+    channels = checkpoint["channel_values"]
+    # A node is pending while its trigger channel holds a value: LangGraph clears
+    # `branch:to:<node>` once the node ran; `Send` packets wait in `__pregel_tasks`.
+    pending = [c.removeprefix("branch:to:") for c in channels if c.startswith("branch:to:")]
+    pending += [send.node for send in channels.get("__pregel_tasks") or ()]
+    return ThreadSummary(
+        thread_id=thread_id,
+        checkpoint_id=checkpoint["id"],
+        updated_at=checkpoint.get("ts"),
+        values={k: v for k, v in channels.items() if not k.startswith(("branch:", "join:", "__"))},
+        next=tuple(dict.fromkeys(pending)),
+    )
+
+
+def _sqlite_target(path: str | None, readonly: bool) -> tuple[str, bool]:
+    """What `connect` takes: the path (its folder created), or a read-only `file:` URI."""
+    if path is None or path == ":memory:":
+        return ":memory:", False
+    if readonly:
+        return f"{Path(path).as_uri()}?mode=ro", True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path, False
+
+
+def _failure(persistence: Persistence, action: str, exc: BaseException) -> str:
+    """The `SetupError` message for a database error: what failed, why, and the fix."""
+    reason, url = _one_line(exc), _redact(persistence.url)
+    if persistence.backend == "sqlite":
+        return (
+            f"cannot {action} the SQLite database at {url}: {reason}. Check the path and its "
+            "permissions / KEEL_DB_URL, or run `keel db setup` to create it."
+        )
+    if action in ("setup", "check"):
+        return f"{action} on PostgreSQL at {url} failed: {reason}. Check the URL's privileges."
+    if "database" in reason and "does not exist" in reason:
+        hint = "Create the database (e.g. `createdb`) or fix its name in the URL."
+    elif "authentication" in reason or "password" in reason:
+        hint = "Check the user and password in the URL / KEEL_DB_URL."
+    else:
+        hint = "Is the server running? Check the URL / KEEL_DB_URL."
+    return f"cannot reach PostgreSQL at {url}: {reason}. {hint}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line, without libpq's own "Is the server running…" hint."""
+    lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith("Is the server")]
+    return " ".join(" ".join(lines).split()).rstrip(".") or type(exc).__name__
+
+
+def _parse_url(url: object) -> tuple[str, Literal["sqlite", "postgres"], str | None]:
+    """Validate a URL: (normalized URL, backend, absolute SQLite path or None)."""
+    if not isinstance(url, str) or not url.strip():
+        raise UserError(f"The database URL must be a non-empty string, got {url!r}. {_ACCEPTED}")
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2 or "?" in rest:
+            raise UserError(
+                f"Invalid SQLite URL {url!r}: use three slashes and a path, with no host or "
+                f"?options. {_ACCEPTED}"
+            )
+        path = rest[1:]
+        return url, "sqlite", path if path == ":memory:" else str(Path(path).absolute())
+    if sep and scheme in ("postgresql", "postgres"):
+        url = f"postgresql://{rest}"
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise UserError(f"Invalid PostgreSQL URL {_redact(url)}: {exc}. {_ACCEPTED}") from exc
+        return url, "postgres", None
+    hint = " Drop the `+driver` part." if "+" in scheme else ""
+    raise UserError(f"Unsupported database URL {_redact(url)}.{hint} {_ACCEPTED}")
+
+
+def _redact(url: str) -> str:
+    """The URL with any password (in the user part or `?password=`) replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    user, at, host = parts.netloc.rpartition("@")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not (at and ":" in user) and all(key != "password" for key, _ in query):
+        return url
+    user = user.split(":", 1)[0] + (":***" if ":" in user else "")
+    query = [(key, "***" if key == "password" else value) for key, value in query]
+    netloc = f"{user}{at}{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
+
+
+def _is_int(minimum: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "setup": (lambda v: isinstance(v, bool), "True or False"),
+    "prepare_threshold": (
+        lambda v: v is None or _is_int(0)(v),
+        "None (no prepared statements, for PgBouncer) or an integer >= 0",
+    ),
+    "pool_min_size": (_is_int(0), "an integer >= 0"),
+    "pool_max_size": (_is_int(1), "an integer >= 1"),
+    "pool_timeout": (_is_seconds, "a positive number of seconds"),
+    "max_idle": (_is_seconds, "a positive number of seconds"),
+    "max_lifetime": (_is_seconds, "a positive number of seconds"),
+    "limit": (_is_int(1), "an integer >= 1"),
+}
+
+
+def _validate(**arguments: object) -> None:
+    """Raise `UserError` naming the first argument that breaks its rule in `_RULES`."""
+    for name, value in arguments.items():
+        ok, wanted = _RULES[name]
+        if not ok(value):
+            where = "list_threads" if name == "limit" else "Persistence"
+            raise UserError(f"{where}({name}=...) must be {wanted}, got {value!r}.")

@@ -1,0 +1,176 @@
+"""The agent's state and the run's context: the contract every keel node reads and writes.
+
+`AgentState` is a `TypedDict` because LangGraph state is dict-shaped; the nested records are
+`TypedDict`s too, so a checkpoint holds only plain JSON-able values and round-trips through every
+saver (SQLite, Postgres, the LangGraph server) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NotRequired
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
+from langgraph.managed import RemainingSteps
+from typing_extensions import TypedDict
+
+__all__ = [
+    "AgentState",
+    "Approval",
+    "Outcome",
+    "OutcomeStatus",
+    "PlanStep",
+    "RunContext",
+    "TerminatedReason",
+    "Usage",
+    "Verdict",
+    "add_usage",
+    "merge_approvals",
+]
+
+TerminatedReason = Literal[
+    "completed",
+    "budget_exceeded",
+    "denied",
+    "loop_detected",
+    "timeout",
+    "rejected",
+    "error",
+    "verification_failed",
+    "awaiting_approval",
+]
+"""Why a run ended (or, for `awaiting_approval`, why it is paused)."""
+
+OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
+"""`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial
+answer; `error`: something failed that keel could not recover from; `interrupted`: paused for a
+human, resumable."""
+
+
+class Outcome(TypedDict):
+    """How a run ended. Every keel run's final state carries one."""
+
+    status: OutcomeStatus
+    terminated_reason: TerminatedReason
+    detail: str
+
+
+class Usage(TypedDict, total=False):
+    """Resources a run consumed. Summed across nodes by `add_usage`."""
+
+    input_tokens: int
+    output_tokens: int
+    usd: float
+    model_calls: int
+    tool_calls: int
+
+
+class PlanStep(TypedDict):
+    """One step of the agent's plan."""
+
+    id: int
+    description: str
+    status: Literal["pending", "in_progress", "done", "failed"]
+
+
+class Approval(TypedDict):
+    """A human decision bound to one exact tool call (tool + canonical args + policy version)."""
+
+    digest: str
+    tool: str
+    tool_call_id: str
+    decision: Literal["approved", "rejected"]
+    reviewer: NotRequired[str]
+
+
+class Verdict(TypedDict):
+    """The result of one verification of a final answer."""
+
+    passed: bool
+    reason: str
+    source: str
+
+
+def add_usage(left: Usage | None, right: Usage | None) -> Usage:
+    """Reducer: add two usage records field by field."""
+    if not left:
+        return dict(right) if right else {}  # type: ignore[return-value]
+    if not right:
+        return left
+    out: dict[str, Any] = dict(left)
+    for key, value in right.items():
+        out[key] = out.get(key, 0) + value
+    return out  # type: ignore[return-value]
+
+
+def merge_approvals(
+    left: dict[str, Approval] | None, right: dict[str, Approval] | None
+) -> dict[str, Approval]:
+    """Reducer: approvals accumulate by digest. A rejection is final: it is never overwritten."""
+    merged = dict(left or {})
+    for digest, approval in (right or {}).items():
+        previous = merged.get(digest)
+        if previous is not None and previous["decision"] == "rejected":
+            continue
+        merged[digest] = approval
+    return merged
+
+
+class AgentState(TypedDict, total=False):
+    """The state of a keel agent run.
+
+    Attributes:
+        messages: The conversation, merged by id with LangGraph's `add_messages`.
+        plan: The current plan, when planning is on.
+        usage: Tokens, dollars, model and tool calls so far (summed).
+        approvals: Human decisions keyed by call digest.
+        verdicts: Verification results, in order.
+        revisions: How many times a failed verification sent the answer back.
+        outcome: How the run ended; `None` while it is running.
+        remaining_steps: LangGraph's managed step counter (not stored).
+    """
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    plan: list[PlanStep]
+    usage: Annotated[Usage, add_usage]
+    approvals: Annotated[dict[str, Approval], merge_approvals]
+    verdicts: list[Verdict]
+    revisions: int
+    outcome: Outcome | None
+    remaining_steps: RemainingSteps
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunContext:
+    """Who a run is for. Passed as LangGraph runtime context (`context=RunContext(...)`).
+
+    Identity comes from here (or from the server's auth), never from the model or tool arguments.
+
+    Attributes:
+        user_id: The end user the run acts for.
+        tenant_id: The tenant (organisation) the user belongs to.
+        roles: The user's roles, matched by the permission rules.
+        policy: The name of the policy the run is held to.
+    """
+
+    user_id: str = "anonymous"
+    tenant_id: str = "default"
+    roles: tuple[str, ...] = field(default=("user",))
+    policy: str = "default"
+
+    def __post_init__(self) -> None:
+        for name in ("user_id", "tenant_id", "policy"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"RunContext.{name} must be a non-empty string, got {value!r}. "
+                    f"Pass it explicitly, e.g. RunContext({name}='acme')."
+                )
+        roles: object = self.roles
+        if isinstance(roles, str) or not all(isinstance(r, str) for r in self.roles):
+            raise ValueError(
+                f"RunContext.roles must be a tuple of role names, got {self.roles!r}. "
+                "For example: RunContext(roles=('support',))."
+            )
+        object.__setattr__(self, "roles", tuple(self.roles))

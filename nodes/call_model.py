@@ -1,0 +1,222 @@
+"""`call_model`: one model turn, with usage and cost accounting, checks and retries inside.
+
+Checks that only allow or stop (budgets, rate limits, breakers, the step limit) run inside this
+node, so protection adds no superstep. A model failure, after retries, ends the run with an
+outcome instead of an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph._internal._retry import default_retry_on
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
+from langgraph.types import RetryPolicy
+
+from keel import outcome
+from keel.errors import KeelError
+from keel.guards.gate import Gate, approval_gate
+from keel.models import model_name_of, resolve_model
+from keel.nodes._node import context_of, make_node
+from keel.nodes.history import valid_history
+from keel.nodes.plan import advance_plan, render_plan
+from keel.pricing import PriceTable
+from keel.state import AgentState, Outcome, RunContext, Usage
+from keel.tools.registry import ToolRegistry
+
+__all__ = ["BeforeModel", "call_model"]
+
+log = logging.getLogger("keel.nodes.call_model")
+
+BeforeModel = Callable[[AgentState, RunContext], Outcome | None]
+"""A check run before every model call: `None` lets the call happen, an `Outcome` stops the run."""
+
+DEFAULT_MODEL_RETRY = RetryPolicy(initial_interval=0.5, max_interval=8.0, max_attempts=3)
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """What to send, or why not to."""
+
+    messages: list[BaseMessage] | None
+    stop: Outcome | None
+
+
+def call_model(
+    model: str | BaseChatModel,
+    tools: ToolRegistry | None = None,
+    *,
+    system_prompt: str | None = None,
+    prices: PriceTable | None = None,
+    before_model: Sequence[BeforeModel] = (),
+    gate: Gate = approval_gate,
+    retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+    reserve_steps: int = 2,
+    name: str = "call_model",
+) -> RunnableCallable:
+    """A node that calls the model once and records the answer, tokens and dollars.
+
+    Args:
+        model: A chat model or a `provider:name` string.
+        tools: The tools to bind; their calls are checked against `gate` to flag approvals.
+        system_prompt: Sent first on every call (with the plan, when there is one).
+        prices: Turns `usage_metadata` into USD; the default table when omitted.
+        before_model: Checks run before each call; one returning an `Outcome` stops the run.
+        gate: Decides which tool calls need a human; a call needing one sets the outcome to
+            `interrupted` so the graph routes to `human_review`.
+        retry: LangGraph's `RetryPolicy` for transient model errors (network, 5xx, 429).
+        reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
+            raising `GraphRecursionError`.
+        name: The node's name.
+    """
+    chat = resolve_model(model)
+    registry = tools or ToolRegistry()
+    bound: Runnable[LanguageModelInput, BaseMessage] = (
+        chat.bind_tools(registry.tools) if len(registry) else chat
+    )
+    table = prices or PriceTable()
+    default_name = model_name_of(chat)
+    checks = tuple(before_model)
+
+    def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
+        remaining = state.get("remaining_steps")
+        if remaining is not None and remaining <= reserve_steps:
+            return _Turn(None, outcome.step_limit())
+        context = context_of(runtime)
+        for check in checks:
+            stop = check(state, context)
+            if stop is not None:
+                return _Turn(None, stop)
+        history = state.get("messages") or []
+        system = _system_text(system_prompt, state)
+        if system:  # valid_history merges it with any system message already in the history
+            history = [SystemMessage(content=system), *history]
+        return _Turn(valid_history(history), None)
+
+    def finish(
+        response: BaseMessage, state: AgentState, runtime: Runtime[RunContext] | None
+    ) -> dict[str, Any]:
+        if not isinstance(response, AIMessage):
+            raise KeelError(f"The model returned {type(response).__name__}, not an AIMessage.")
+        usage = _usage_of(response, table, default_name)
+        update: dict[str, Any] = {"messages": [response], "usage": usage}
+        if response.tool_calls:
+            ask = _approval_needed(response, registry, gate, context_of(runtime))
+            if ask:
+                update["outcome"] = outcome.interrupted(ask)
+            elif state.get("outcome") is not None:
+                update["outcome"] = None  # a checkpoint write only when it changes
+        else:
+            update["outcome"] = outcome.completed()
+            steps = state.get("plan")
+            if steps and any(s["status"] == "in_progress" for s in steps):
+                update["plan"] = advance_plan(steps, succeeded=True)
+        return update
+
+    def stopped(stop: Outcome) -> dict[str, Any]:
+        return {"outcome": stop}
+
+    def failed(exc: BaseException, attempts: int) -> dict[str, Any]:
+        log.warning("model call failed after %d attempt(s): %r", attempts, exc)
+        return {
+            "outcome": outcome.failed(
+                f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+            )
+        }
+
+    def invoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return stopped(turn.stop or outcome.failed("no messages to send"))
+        for attempt in range(1, retry.max_attempts + 1):
+            try:
+                return finish(bound.invoke(turn.messages, config), state, runtime)
+            except GraphBubbleUp:
+                raise
+            except Exception as exc:
+                if attempt == retry.max_attempts or not _should_retry(retry, exc):
+                    return failed(exc, attempt)
+                time.sleep(_backoff(retry, attempt))
+        raise AssertionError("unreachable")
+
+    async def ainvoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return stopped(turn.stop or outcome.failed("no messages to send"))
+        for attempt in range(1, retry.max_attempts + 1):
+            try:
+                return finish(await bound.ainvoke(turn.messages, config), state, runtime)
+            except GraphBubbleUp:
+                raise
+            except Exception as exc:
+                if attempt == retry.max_attempts or not _should_retry(retry, exc):
+                    return failed(exc, attempt)
+                await asyncio.sleep(_backoff(retry, attempt))
+        raise AssertionError("unreachable")
+
+    return make_node(name, invoke, ainvoke)
+
+
+def _system_text(system_prompt: str | None, state: AgentState) -> str:
+    plan = state.get("plan")
+    parts = [system_prompt] if system_prompt else []
+    if plan:
+        parts.append(render_plan(plan))
+    return "\n\n".join(parts)
+
+
+def _usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage:
+    meta: Mapping[str, Any] = response.usage_metadata or {}
+    name = str(response.response_metadata.get("model_name") or default_name)
+    return {
+        "input_tokens": int(meta.get("input_tokens", 0)),
+        "output_tokens": int(meta.get("output_tokens", 0)),
+        "usd": table.cost(name, meta),
+        "model_calls": 1,
+    }
+
+
+def _approval_needed(
+    response: AIMessage, registry: ToolRegistry, gate: Gate, context: RunContext
+) -> str | None:
+    reasons = []
+    for tc in response.tool_calls:
+        entry = registry.get(tc["name"])
+        if entry is not None and gate(entry, tc["args"], context).action == "ask":
+            reasons.append(tc["name"])
+    return f"awaiting approval for {', '.join(reasons)}" if reasons else None
+
+
+def _should_retry(policy: RetryPolicy, exc: Exception) -> bool:
+    if isinstance(exc, KeelError):
+        return False
+    retry_on = policy.retry_on
+    if retry_on is default_retry_on:
+        return default_retry_on(exc)
+    if isinstance(retry_on, Sequence):
+        return isinstance(exc, tuple(retry_on))
+    if isinstance(retry_on, type):
+        return isinstance(exc, retry_on)
+    return bool(retry_on(exc))
+
+
+def _backoff(policy: RetryPolicy, attempt: int) -> float:
+    wait = min(
+        policy.max_interval, policy.initial_interval * policy.backoff_factor ** (attempt - 1)
+    )
+    return wait + (random.uniform(0, 1) if policy.jitter else 0.0)

@@ -1,0 +1,307 @@
+"""`execute_tools`: run the last AI message's tool calls under keel's tool-execution contract.
+
+Every tool call gets exactly one `ToolMessage`, whatever happens: success, invalid arguments
+(checked against the tool's schema and never executed), unknown tool (with the valid names),
+denied, needs approval, rejected, timeout or error. Tools without side effects are retried with
+backoff; tools with side effects run at most once per call here.
+
+Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
+`invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
+cancel a thread); use `ainvoke` for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import ToolException
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
+from pydantic import BaseModel, ValidationError
+
+from keel.approvals import approval_digest
+from keel.guards.gate import Gate, approval_gate
+from keel.nodes._node import context_of, make_node
+from keel.nodes.history import pending_tool_calls
+from keel.nodes.plan import advance_plan
+from keel.state import AgentState, Approval, RunContext
+from keel.tools.registry import RegisteredTool, ToolRegistry
+
+__all__ = ["ToolStatus", "execute_tools", "policy_id"]
+
+ToolStatus = Literal[
+    "success",
+    "invalid_args",
+    "unknown_tool",
+    "denied",
+    "needs_approval",
+    "rejected",
+    "respond",
+    "timeout",
+    "error",
+    "not_run",
+]
+"""How a tool call ended; in each `ToolMessage`'s `response_metadata["keel_status"]`.
+`respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
+stopped first) from `respond`."""
+
+
+class _Deadline(Exception):
+    """keel's own per-call timeout fired (not a `TimeoutError` raised by the tool)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A call cleared to run."""
+
+    call: ToolCall
+    entry: RegisteredTool
+
+
+def policy_id(context: RunContext, policy_version: str) -> str:
+    """The policy identity bound into approval digests."""
+    return f"{context.policy}@{policy_version}"
+
+
+def execute_tools(
+    tools: ToolRegistry,
+    *,
+    gate: Gate = approval_gate,
+    policy_version: str = "1",
+    name: str = "execute_tools",
+) -> RunnableCallable:
+    """A node that answers every pending tool call of the last AI message with one ToolMessage.
+
+    Args:
+        tools: The tools the agent may call.
+        gate: Decides allow / ask / deny per call; an `ask` call runs only when an approval in
+            state matches its exact arguments.
+        policy_version: Bound into approval digests; a new version invalidates old approvals.
+        name: The node's name.
+    """
+
+    def plan_calls(
+        state: AgentState, runtime: Runtime[RunContext] | None
+    ) -> list[ToolMessage | _Job]:
+        _, calls = pending_tool_calls(state.get("messages") or [])
+        context = context_of(runtime)
+        approvals = state.get("approvals") or {}
+        policy = policy_id(context, policy_version)
+        return [_classify(c, tools, gate, context, approvals, policy) for c in calls]
+
+    def finish(state: AgentState, results: list[ToolMessage], ran: int) -> dict[str, Any]:
+        update: dict[str, Any] = {"messages": results}
+        if ran:
+            update["usage"] = {"tool_calls": ran}
+        steps = state.get("plan")
+        if steps and results:
+            ok = all(m.status == "success" for m in results)
+            update["plan"] = advance_plan(steps, succeeded=ok)
+        return update
+
+    def invoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        planned = plan_calls(state, runtime)
+        results = [p if isinstance(p, ToolMessage) else _run_sync(p, config) for p in planned]
+        return finish(state, results, sum(isinstance(p, _Job) for p in planned))
+
+    async def ainvoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        planned = plan_calls(state, runtime)
+        results = await asyncio.gather(
+            *(
+                _answered(p) if isinstance(p, ToolMessage) else _run_async(p, config)
+                for p in planned
+            )
+        )
+        return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
+
+    return make_node(name, invoke, ainvoke)
+
+
+# -- deciding what each call gets -----------------------------------------------------------
+
+
+def _classify(
+    call: ToolCall,
+    tools: ToolRegistry,
+    gate: Gate,
+    context: RunContext,
+    approvals: Mapping[str, Approval],
+    policy: str,
+) -> ToolMessage | _Job:
+    entry = tools.get(call["name"])
+    if entry is None:
+        names = ", ".join(repr(n) for n in tools.names) or "none: this agent has no tools"
+        return _message(
+            call,
+            f"Error: {call['name']!r} is not a valid tool, try one of [{names}].",
+            "unknown_tool",
+        )
+    problem = _invalid_args(entry, call.get("args"))
+    if problem is not None:
+        return _message(
+            call,
+            f"Error: invalid arguments for {entry.name}: {problem}. "
+            "Fix the arguments and call the tool again.",
+            "invalid_args",
+        )
+    decision = gate(entry, call["args"], context)
+    if decision.action == "deny":
+        rule = f" (rule: {decision.rule})" if decision.rule else ""
+        return _message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
+    if decision.action == "ask":
+        approval = approvals.get(approval_digest(entry.name, call["args"], policy))
+        if approval is None:
+            return _message(
+                call,
+                f"{entry.name} needs a human's approval for these exact arguments and has "
+                "none; it was not run.",
+                "needs_approval",
+            )
+        if approval["decision"] == "rejected":
+            return _message(
+                call, f"Rejected by a human reviewer; {entry.name} was not run.", "rejected"
+            )
+    return _Job(call, entry)
+
+
+def _invalid_args(entry: RegisteredTool, args: Any) -> str | None:
+    if not isinstance(args, dict):
+        return f"arguments must be a JSON object, got {type(args).__name__}"
+    schema = entry.tool.tool_call_schema
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            schema.model_validate(args)
+        except ValidationError as exc:
+            return "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in exc.errors()
+            )
+    return None
+
+
+# -- running the cleared calls: one decision, two drivers ----------------------------------
+
+
+def _on_failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage | float:
+    """After a failed attempt: the final ToolMessage, or seconds to wait before retrying."""
+    if isinstance(exc, _Deadline):
+        return _message(job.call, str(exc), "timeout")
+    if isinstance(exc, ValidationError):
+        return _message(
+            job.call, f"Error: invalid arguments for {job.entry.name}: {exc}", "invalid_args"
+        )
+    if isinstance(exc, ToolException) or attempt >= job.entry.spec.attempts:
+        tries = f" after {attempt} attempts" if attempt > 1 else ""
+        return _message(
+            job.call,
+            f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}",
+            "error",
+        )
+    return float(min(5.0, job.entry.spec.retry_wait * 2 ** (attempt - 1)))
+
+
+def _run_sync(job: _Job, config: RunnableConfig) -> ToolMessage:
+    timeout = job.entry.spec.timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if timeout is None:
+                return _succeeded(job, job.entry.tool.invoke(job.call, config))
+            return _succeeded(job, _call_in_thread(job, config, timeout))
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            step = _on_failure(job, exc, attempt)
+            if isinstance(step, ToolMessage):
+                return step
+            time.sleep(step)
+
+
+async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
+    timeout = job.entry.spec.timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                result = await job.entry.tool.ainvoke(job.call, config)
+            return _succeeded(job, result)
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                exc = _Deadline(
+                    f"Error: {job.entry.name} did not finish within {timeout:g} s and was "
+                    "cancelled."
+                )
+            step = _on_failure(job, exc, attempt)
+            if isinstance(step, ToolMessage):
+                return step
+            await asyncio.sleep(step)
+
+
+def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
+    """Run a sync call on its own daemon thread and wait at most `timeout` seconds.
+
+    A thread per call (not a bounded pool): a hung call never delays or starves other calls,
+    and a call reported as timed out was already running, never started later from a queue.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    ctx = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            box["value"] = ctx.run(job.entry.tool.invoke, job.call, config)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    if not done.wait(timeout):
+        raise _Deadline(
+            f"Error: {job.entry.name} did not finish within {timeout:g} s; its result will be "
+            "ignored (under a sync invoke it may still finish in the background)."
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _answered(message: ToolMessage) -> ToolMessage:
+    return message
+
+
+def _succeeded(job: _Job, result: Any) -> ToolMessage:
+    if isinstance(result, ToolMessage):
+        status = "success" if result.status == "success" else "error"
+        result.response_metadata = {**result.response_metadata, "keel_status": status}
+        result.name = result.name or job.entry.name
+        return result
+    return _message(job.call, str(result), "success")
+
+
+def _message(call: ToolCall, content: str, status: ToolStatus) -> ToolMessage:
+    return ToolMessage(
+        content=content,
+        tool_call_id=call.get("id") or "",
+        name=call["name"],
+        status="success" if status == "success" else "error",
+        response_metadata={"keel_status": status},
+    )

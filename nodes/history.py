@@ -1,0 +1,97 @@
+"""Keep the message history valid for every provider before each model call.
+
+OpenAI and Anthropic reject a history where a tool call has no result, a result has no call,
+a result is not right after its call, or system messages sit mid-conversation. `valid_history`
+returns a repaired copy; the checkpointed state is never rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    SystemMessage,
+    ToolCall,
+    ToolMessage,
+)
+
+__all__ = ["MISSING_RESULT", "pending_tool_calls", "valid_history"]
+
+MISSING_RESULT = "Error: this tool call has no result (the run stopped before it ran)."
+
+
+def valid_history(messages: Sequence[AnyMessage]) -> list[BaseMessage]:
+    """A copy of `messages` that every provider accepts.
+
+    - system messages are merged into one, first;
+    - every tool call is followed by exactly one result, in call order (a missing result is
+      filled in with `MISSING_RESULT`, a duplicate dropped);
+    - results without a matching call are dropped;
+    - an AI message with neither text nor tool calls gets placeholder text.
+    """
+    if _is_valid(messages):
+        return list(messages)
+    systems = [m for m in messages if isinstance(m, SystemMessage)]
+    results: dict[str, ToolMessage] = {}
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            results.setdefault(m.tool_call_id, m)
+    out: list[BaseMessage] = []
+    if systems:
+        out.append(SystemMessage(content="\n\n".join(s.text for s in systems)))
+    for m in messages:
+        if isinstance(m, SystemMessage | ToolMessage):
+            continue
+        if isinstance(m, AIMessage):
+            if not m.tool_calls and not m.content:
+                m = m.model_copy(update={"content": "(no answer)"})
+            out.append(m)
+            for tc in m.tool_calls:
+                call_id = tc.get("id") or ""
+                found = results.pop(call_id, None)
+                out.append(
+                    found
+                    or ToolMessage(
+                        content=MISSING_RESULT,
+                        tool_call_id=call_id,
+                        name=tc["name"],
+                        status="error",
+                    )
+                )
+            continue
+        out.append(m)
+    return out
+
+
+def _is_valid(messages: Sequence[AnyMessage]) -> bool:
+    """Fast path: one pass, no copies, for the common already-valid history."""
+    expected: list[str] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, ToolMessage):
+            if not expected or m.tool_call_id != expected[0]:
+                return False
+            expected.pop(0)
+            continue
+        if expected:
+            return False
+        if isinstance(m, SystemMessage):
+            if i != 0:
+                return False
+        elif isinstance(m, AIMessage):
+            if not m.tool_calls and not m.content:
+                return False
+            expected = [tc.get("id") or "" for tc in m.tool_calls]
+    return not expected
+
+
+def pending_tool_calls(messages: Sequence[AnyMessage]) -> tuple[int, list[ToolCall]]:
+    """The last AI message's index and its tool calls that have no result yet."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, AIMessage):
+            answered = {t.tool_call_id for t in messages[i + 1 :] if isinstance(t, ToolMessage)}
+            return i, [tc for tc in m.tool_calls if tc.get("id") not in answered]
+    return -1, []

@@ -1,0 +1,261 @@
+"""`human_review`: ask a human about tool calls that need approval, with a typed resume.
+
+The interrupt payload is a list of Agent-Inbox-style requests, one per call awaiting approval.
+Resume with one response per request (a list), a dict keyed by `tool_call_id`, or, when there is
+a single request, one response. A response is `{"type": "approve" | "edit" | "reject" |
+"respond", ...}`; Agent Inbox's `accept` / `ignore` / `response` are accepted too.
+
+- `approve` binds the approval to the call's exact arguments (tool + canonical args + policy).
+- `edit` (`{"type": "edit", "args": {...}}`) replaces the arguments and approves the new call.
+- `reject` (optional `"message"`) answers the call as rejected and ends the run as `rejected`.
+- `respond` (`{"type": "respond", "message": "..."}`) answers the call with the human's text
+  instead of running it; the model goes on from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NotRequired
+
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+from typing_extensions import TypedDict
+
+from keel import outcome
+from keel.approvals import approval_digest
+from keel.errors import UserError
+from keel.guards.gate import Gate, approval_gate
+from keel.nodes._node import context_of, make_node
+from keel.nodes.execute_tools import policy_id
+from keel.nodes.history import pending_tool_calls
+from keel.state import AgentState, Approval, RunContext
+from keel.tools.registry import ToolRegistry
+
+__all__ = ["ReviewRequest", "ReviewResponse", "human_review"]
+
+_ALIASES = {"accept": "approve", "ignore": "reject", "response": "respond"}
+
+
+class ReviewRequest(TypedDict):
+    """One call awaiting a human (Agent Inbox `HumanInterrupt` shape, plus keel's fields)."""
+
+    action_request: dict[str, Any]
+    config: dict[str, bool]
+    description: str
+    tool_call_id: str
+    digest: str
+
+
+class ReviewResponse(TypedDict):
+    """A human's answer to one `ReviewRequest`."""
+
+    type: Literal["approve", "edit", "reject", "respond"]
+    args: NotRequired[dict[str, Any]]
+    message: NotRequired[str]
+    reviewer: NotRequired[str]
+
+
+def human_review(
+    tools: ToolRegistry,
+    *,
+    gate: Gate = approval_gate,
+    policy_version: str = "1",
+    name: str = "human_review",
+) -> RunnableCallable:
+    """A node that interrupts for the calls that need approval and records the decisions."""
+
+    def requests(state: AgentState, runtime: Runtime[RunContext] | None) -> list[ReviewRequest]:
+        messages = state.get("messages") or []
+        _, calls = pending_tool_calls(messages)
+        context = context_of(runtime)
+        policy = policy_id(context, policy_version)
+        approvals = state.get("approvals") or {}
+        out: list[ReviewRequest] = []
+        for call in calls:
+            entry = tools.get(call["name"])
+            if entry is None or not isinstance(call.get("args"), dict):
+                continue
+            decision = gate(entry, call["args"], context)
+            digest = approval_digest(entry.name, call["args"], policy)
+            if decision.action != "ask" or digest in approvals:
+                continue
+            out.append(
+                {
+                    "action_request": {"action": entry.name, "args": call["args"]},
+                    "config": {
+                        "allow_accept": True,
+                        "allow_edit": True,
+                        "allow_respond": True,
+                        "allow_ignore": True,
+                    },
+                    "description": decision.reason
+                    + (f" (rule: {decision.rule})" if decision.rule else ""),
+                    "tool_call_id": call.get("id") or "",
+                    "digest": digest,
+                }
+            )
+        return out
+
+    def review(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        pending = requests(state, runtime)
+        if not pending:
+            return {"outcome": None}
+        waiting = _peek_resume(config)
+        if waiting is not _NOTHING:
+            # Check the answer before interrupt() consumes it: LangGraph stores a consumed
+            # resume value even when the node then raises, so a bad answer would stick.
+            _normalize(waiting, pending)
+        answers = _normalize(interrupt(pending), pending)
+        policy = policy_id(context_of(runtime), policy_version)
+        return _apply(state, pending, answers, policy)
+
+    async def areview(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        return review(state, config, runtime)
+
+    return make_node(name, review, areview)
+
+
+_NOTHING = object()
+
+
+def _peek_resume(config: RunnableConfig) -> Any:
+    """The resume value `interrupt()` would return, without consuming it (or `_NOTHING`)."""
+    scratchpad = config.get("configurable", {}).get(CONFIG_KEY_SCRATCHPAD)
+    if scratchpad is None:
+        return _NOTHING
+    if scratchpad.resume:
+        return scratchpad.resume[0]
+    value = scratchpad.get_null_resume(False)
+    return _NOTHING if value is None else value
+
+
+def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResponse]:
+    if isinstance(resume, Mapping) and all(r["tool_call_id"] in resume for r in pending):
+        resume = [resume[r["tool_call_id"]] for r in pending]
+    elif isinstance(resume, Mapping | str):
+        resume = [resume]
+    if not isinstance(resume, Sequence) or len(resume) != len(pending):
+        raise UserError(
+            f"human_review is waiting on {len(pending)} call(s) "
+            f"({', '.join(r['action_request']['action'] for r in pending)}) and got "
+            f"{resume!r}. Resume with Command(resume=[{{'type': 'approve'}}, ...]) — one "
+            "response per call, a dict keyed by tool_call_id, or one response for one call."
+        )
+    return [_response(r) for r in resume]
+
+
+def _response(raw: Any) -> ReviewResponse:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    kind = _ALIASES.get(str(raw.get("type")), raw.get("type")) if isinstance(raw, Mapping) else None
+    if kind not in ("approve", "edit", "reject", "respond"):
+        raise UserError(
+            f"Unknown review response {raw!r}: use {{'type': 'approve'}}, "
+            "{'type': 'edit', 'args': {...}}, {'type': 'reject', 'message': '...'} or "
+            "{'type': 'respond', 'message': '...'}."
+        )
+    assert isinstance(raw, Mapping)
+    response: dict[str, Any] = {**raw, "type": kind}
+    args = response.get("args")
+    if kind == "approve":
+        # an approval approves the call as it stands; changing arguments is an `edit`
+        # (Agent Inbox's `accept` sends its ActionRequest, or null, in `args`)
+        response.pop("args", None)
+    if kind == "edit" and isinstance(args, Mapping) and isinstance(args.get("args"), dict):
+        response["args"] = args["args"]  # Agent Inbox: {"args": {"action": ..., "args": {...}}}
+    if kind == "respond" and "message" not in response and isinstance(args, str):
+        response["message"] = args  # Agent Inbox: {"type": "response", "args": "text"}
+    if kind == "edit" and not isinstance(response.get("args"), dict):
+        raise UserError(
+            "An 'edit' response needs the new arguments: {'type': 'edit', 'args': {...}}."
+        )
+    if kind == "respond" and not isinstance(response.get("message"), str):
+        raise UserError("A 'respond' response needs text: {'type': 'respond', 'message': '...'}.")
+    return response  # type: ignore[return-value]
+
+
+def _apply(
+    state: AgentState,
+    pending: Sequence[ReviewRequest],
+    answers: Sequence[ReviewResponse],
+    policy: str,
+) -> dict[str, Any]:
+    messages = state.get("messages") or []
+    index, _ = pending_tool_calls(messages)
+    ai = messages[index]
+    assert isinstance(ai, AIMessage)
+    approvals: dict[str, Approval] = {}
+    results: list[ToolMessage] = []
+    edits: dict[str, dict[str, Any]] = {}
+    rejected: list[str] = []
+    for request, answer in zip(pending, answers, strict=True):
+        tool = request["action_request"]["action"]
+        call_id = request["tool_call_id"]
+        if answer["type"] in ("approve", "edit"):
+            args = answer.get("args", request["action_request"]["args"])
+            if answer["type"] == "edit":
+                edits[call_id] = dict(args)
+            digest = approval_digest(tool, args, policy)
+            approvals[digest] = _approval(digest, tool, call_id, "approved", answer)
+        elif answer["type"] == "reject":
+            digest = request["digest"]
+            approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)
+            note = f": {answer['message']}" if answer.get("message") else ""
+            results.append(
+                _reply(call_id, tool, f"Rejected by a human reviewer{note}.", "rejected")
+            )
+            rejected.append(tool)
+        else:
+            text = f"A human answered instead of running {tool}: {answer['message']}"
+            results.append(_reply(call_id, tool, text, "respond"))
+    update: dict[str, Any] = {"approvals": approvals, "outcome": None}
+    new_messages: list[Any] = []
+    if edits:
+        calls: list[ToolCall] = [
+            {**tc, "args": edits.get(tc.get("id") or "", tc["args"])} for tc in ai.tool_calls
+        ]
+        new_messages.append(ai.model_copy(update={"tool_calls": calls}))
+    new_messages.extend(results)
+    if new_messages:
+        update["messages"] = new_messages
+    if rejected:
+        update["outcome"] = outcome.stopped(
+            "rejected", f"a human rejected the call to {', '.join(rejected)}"
+        )
+    return update
+
+
+def _approval(
+    digest: str,
+    tool: str,
+    call_id: str,
+    decision: Literal["approved", "rejected"],
+    answer: ReviewResponse,
+) -> Approval:
+    approval: Approval = {
+        "digest": digest,
+        "tool": tool,
+        "tool_call_id": call_id,
+        "decision": decision,
+    }
+    if "reviewer" in answer:
+        approval["reviewer"] = answer["reviewer"]
+    return approval
+
+
+def _reply(call_id: str, tool: str, content: str, status: str) -> ToolMessage:
+    return ToolMessage(
+        content=content,
+        tool_call_id=call_id,
+        name=tool,
+        status="error" if status == "rejected" else "success",
+        response_metadata={"keel_status": status},
+    )

@@ -1,0 +1,83 @@
+"""Shared fixtures: real databases, never mocks.
+
+- `postgres_url`: the server named by `KEEL_TEST_POSTGRES_URL` (skipped without it, failed in CI).
+- `fresh_postgres_url`: a new, empty database on that server, dropped after the test.
+- `db_url`: each test runs on SQLite (in `tmp_path`) and on PostgreSQL (ids "sqlite", "postgres").
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+POSTGRES_ENV = "KEEL_TEST_POSTGRES_URL"
+NEED_POSTGRES = (
+    f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+)
+
+
+def _no_postgres(reason: str) -> NoReturn:
+    """Skip, except in CI (`CI=true` or `CI=1`), where a missing PostgreSQL is a failure."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The base PostgreSQL URL, checked to be reachable once per session."""
+    url = os.environ.get(POSTGRES_ENV, "").strip()
+    if not url:
+        _no_postgres(NEED_POSTGRES)
+    try:
+        _admin(url).close()
+    except psycopg.OperationalError as exc:
+        _no_postgres(f"{NEED_POSTGRES}; cannot connect to {POSTGRES_ENV}: {exc}")
+    return url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A new empty database `keel_test_<hex>` on the test server; dropped afterwards."""
+    name = f"keel_test_{uuid.uuid4().hex[:12]}"
+    with _admin(postgres_url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+    finally:
+        with _admin(postgres_url) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(name)))
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+    ids=["sqlite", "postgres"],
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for each backend: a file in `tmp_path`, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/keel.db"
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _no_real_model_calls() -> Iterator[None]:
+    """No test may call a real model: only keel's test doubles run (see keel.evals)."""
+    from keel.evals import forbid_model_requests
+
+    with forbid_model_requests():
+        yield

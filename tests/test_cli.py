@@ -1,0 +1,84 @@
+"""The `keel` command: the demo without a terminal, threads, resume, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.cli import main
+
+
+def _keel(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("keel")
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("KEEL_MODEL", None)
+    return subprocess.run(
+        [str(exe), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=full_env,
+        timeout=120,
+    )
+
+
+def test_demo_without_a_terminal_approves_from_the_scenario(tmp_path: Path) -> None:
+    done = _keel("demo", "--thread", "d1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "scripted model" in out  # says, in one line, that it runs offline
+    assert "[plan]" in out
+    assert "[approval needed] issue_refund" in out
+    assert "scenario's answer is used: approve" in out
+    assert "← issue_refund [success]: Refunded $42.50 on order A1001" in out
+    assert "[outcome] success / completed" in out
+    assert (tmp_path / ".keel" / "keel.db").exists()  # the embedded default
+
+    listed = _keel("threads", cwd=tmp_path)
+    assert listed.returncode == 0
+    assert "d1" in listed.stdout and "completed" in listed.stdout
+
+
+def test_demo_reject_flag_stops_with_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["demo", "--reject", "--db", db, "--thread", "d2"]) == 1
+    out = capsys.readouterr().out
+    assert "rejected (--reject)" in out
+    assert "[outcome] stopped / rejected" in out
+    assert "Refunded" not in out
+
+
+def test_run_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.environ.pop("KEEL_MODEL", None)
+    assert main(["run", "hello", "--db", f"sqlite:///{tmp_path}/k.db"]) == 2
+    err = capsys.readouterr().err
+    assert "keel run needs a model" in err and "keel demo" in err
+
+
+def test_bad_db_url_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["threads", "--db", "mysql://nope"]) == 2
+    assert "mysql://nope" in capsys.readouterr().err
+
+
+def test_resume_of_a_thread_that_waits_for_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["demo", "--approve", "--db", db, "--thread", "d3"]) == 0
+    capsys.readouterr()
+    os.environ["KEEL_MODEL"] = "not-a-provider-string"
+    try:
+        code = main(["run", "--thread", "d3", "--db", db])
+    finally:
+        os.environ.pop("KEEL_MODEL", None)
+    assert code == 2
+    assert "not-a-provider-string" in capsys.readouterr().err

@@ -1,0 +1,220 @@
+"""`valid_history` repairs a history so every provider accepts it; `pending_tool_calls`."""
+
+from __future__ import annotations
+
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolCall,
+    ToolMessage,
+)
+
+from keel.nodes import valid_history
+from keel.nodes.history import MISSING_RESULT, pending_tool_calls
+
+
+def tc(call_id: str, name: str = "lookup", **args: object) -> ToolCall:
+    return ToolCall(name=name, args=dict(args), id=call_id)
+
+
+def result(call_id: str, content: str = "ok", name: str = "lookup") -> ToolMessage:
+    return ToolMessage(content=content, tool_call_id=call_id, name=name)
+
+
+def test_a_valid_history_is_returned_unchanged() -> None:
+    messages: list[AnyMessage] = [
+        SystemMessage(content="be brief"),
+        HumanMessage(content="where is A1?"),
+        AIMessage(content="", tool_calls=[tc("c1", order_id="A1"), tc("c2", order_id="A2")]),
+        result("c1", "shipped"),
+        result("c2", "pending"),
+        AIMessage(content="A1 shipped, A2 is pending."),
+        HumanMessage(content="thanks"),
+    ]
+    repaired = valid_history(messages)
+    assert repaired == messages
+    assert repaired is not messages, "a copy, so the caller's list is never mutated"
+
+
+def test_an_empty_history_is_valid() -> None:
+    assert valid_history([]) == []
+
+
+def test_orphan_tool_result_is_dropped() -> None:
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        result("ghost", "from nowhere"),
+        AIMessage(content="hello"),
+    ]
+    assert valid_history(messages) == [HumanMessage(content="hi"), AIMessage(content="hello")]
+
+
+def test_missing_result_is_filled_in() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1"), tc("c2", name="other")])
+    messages: list[AnyMessage] = [HumanMessage(content="hi"), ai, result("c1")]
+    repaired = valid_history(messages)
+    assert repaired[:3] == [HumanMessage(content="hi"), ai, result("c1")]
+    filler = repaired[3]
+    assert isinstance(filler, ToolMessage)
+    assert filler.content == MISSING_RESULT
+    assert filler.tool_call_id == "c2"
+    assert filler.name == "other"
+    assert filler.status == "error"
+    assert len(repaired) == 4
+
+
+def test_missing_result_text_tells_the_model_why() -> None:
+    assert MISSING_RESULT == "Error: this tool call has no result (the run stopped before it ran)."
+
+
+def test_result_is_moved_right_after_its_call() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1")])
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        ai,
+        HumanMessage(content="hurry up"),
+        result("c1"),
+    ]
+    assert valid_history(messages) == [
+        HumanMessage(content="hi"),
+        ai,
+        result("c1"),
+        HumanMessage(content="hurry up"),
+    ]
+
+
+def test_results_are_put_in_call_order() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1"), tc("c2")])
+    messages: list[AnyMessage] = [HumanMessage(content="hi"), ai, result("c2"), result("c1")]
+    assert valid_history(messages) == [HumanMessage(content="hi"), ai, result("c1"), result("c2")]
+
+
+def test_a_duplicate_result_is_dropped_keeping_the_first() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1")])
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        ai,
+        result("c1", "first"),
+        result("c1", "second"),
+    ]
+    assert valid_history(messages) == [HumanMessage(content="hi"), ai, result("c1", "first")]
+
+
+def test_mid_conversation_system_messages_are_merged_first() -> None:
+    messages: list[AnyMessage] = [
+        SystemMessage(content="be brief"),
+        HumanMessage(content="hi"),
+        AIMessage(content="hello"),
+        SystemMessage(content="answer in French"),
+        HumanMessage(content="again"),
+    ]
+    repaired = valid_history(messages)
+    assert repaired == [
+        SystemMessage(content="be brief\n\nanswer in French"),
+        HumanMessage(content="hi"),
+        AIMessage(content="hello"),
+        HumanMessage(content="again"),
+    ]
+
+
+def test_a_single_late_system_message_moves_first() -> None:
+    messages: list[AnyMessage] = [HumanMessage(content="hi"), SystemMessage(content="be brief")]
+    assert valid_history(messages) == [
+        SystemMessage(content="be brief"),
+        HumanMessage(content="hi"),
+    ]
+
+
+def test_empty_ai_message_gets_placeholder_text() -> None:
+    empty = AIMessage(content="", id="ai-1")
+    messages: list[AnyMessage] = [HumanMessage(content="hi"), empty, HumanMessage(content="?")]
+    repaired = valid_history(messages)
+    assert [m.content for m in repaired] == ["hi", "(no answer)", "?"]
+    assert repaired[1].id == "ai-1"
+    assert empty.content == "", "the caller's message is not mutated"
+
+
+def test_repairs_do_not_mutate_the_input() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1")])
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        SystemMessage(content="late"),
+        ai,
+        result("orphan"),
+    ]
+    snapshot = [m.model_copy(deep=True) for m in messages]
+    valid_history(messages)
+    assert messages == snapshot
+
+
+def test_every_repair_is_itself_valid() -> None:
+    messages: list[AnyMessage] = [
+        result("orphan"),
+        HumanMessage(content="hi"),
+        SystemMessage(content="late system"),
+        AIMessage(content="", tool_calls=[tc("c1"), tc("c2")]),
+        HumanMessage(content="interjection"),
+        result("c2"),
+        AIMessage(content=""),
+        AIMessage(content="", tool_calls=[tc("c3")]),
+    ]
+    repaired = valid_history(messages)
+    assert valid_history(repaired) == repaired
+    assert [type(m).__name__ for m in repaired] == [
+        "SystemMessage",
+        "HumanMessage",
+        "AIMessage",
+        "ToolMessage",
+        "ToolMessage",
+        "HumanMessage",
+        "AIMessage",
+        "AIMessage",
+        "ToolMessage",
+    ]
+    assert [m.content for m in repaired if isinstance(m, ToolMessage)] == [
+        MISSING_RESULT,
+        "ok",
+        MISSING_RESULT,
+    ]
+
+
+# -- pending_tool_calls ----------------------------------------------------------------------
+
+
+def test_pending_tool_calls_lists_unanswered_calls_of_the_last_ai_message() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1"), tc("c2"), tc("c3")])
+    messages: list[AnyMessage] = [HumanMessage(content="hi"), ai, result("c2")]
+    index, calls = pending_tool_calls(messages)
+    assert index == 1
+    assert [c["id"] for c in calls] == ["c1", "c3"]
+
+
+def test_pending_tool_calls_looks_only_at_the_last_ai_message() -> None:
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        AIMessage(content="", tool_calls=[tc("old")]),
+        AIMessage(content="done"),
+    ]
+    assert pending_tool_calls(messages) == (2, [])
+
+
+def test_pending_tool_calls_all_answered() -> None:
+    ai = AIMessage(content="", tool_calls=[tc("c1")])
+    assert pending_tool_calls([HumanMessage(content="hi"), ai, result("c1")]) == (1, [])
+
+
+def test_pending_tool_calls_without_ai_message() -> None:
+    assert pending_tool_calls([HumanMessage(content="hi")]) == (-1, [])
+    assert pending_tool_calls([]) == (-1, [])
+
+
+def test_system_messages_with_content_blocks_are_merged_as_text() -> None:
+    messages: list[AnyMessage] = [
+        HumanMessage(content="hi"),
+        SystemMessage(content=[{"type": "text", "text": "be brief"}]),
+    ]
+    merged = valid_history(messages)[0]
+    assert isinstance(merged, SystemMessage)
+    assert merged.text == "be brief"

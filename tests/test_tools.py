@@ -1,0 +1,330 @@
+"""The tool contract: `@tool`, `ToolSpec` defaults and validation, and `ToolRegistry`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from langchain_core.tools import StructuredTool
+
+from keel.errors import UserError
+from keel.tools import KeelTool, ToolRegistry, ToolSpec, spec_of, tool
+
+
+def order_resource(args: dict[str, object]) -> str:
+    return f"orders/{args['order_id']}"
+
+
+# -- @tool ----------------------------------------------------------------------------------
+
+
+def test_tool_with_options_builds_a_keel_tool_carrying_the_spec() -> None:
+    @tool(
+        name="refund",
+        version="3",
+        risk="destructive",
+        timeout=5,
+        retries=0,
+        retry_wait=0.5,
+        resource=order_resource,
+    )
+    def issue_refund(order_id: str, amount: float) -> str:
+        """Refund an order."""
+        return f"refunded {amount} on {order_id}"
+
+    assert isinstance(issue_refund, KeelTool)
+    assert issue_refund.name == "refund"
+    assert issue_refund.description == "Refund an order."
+    assert issue_refund.spec == ToolSpec(
+        version="3",
+        risk="destructive",
+        side_effects=True,
+        timeout=5,
+        retries=0,
+        retry_wait=0.5,
+        requires_approval=True,
+        resource=order_resource,
+    )
+    assert issue_refund.metadata == {"keel_version": "3", "keel_risk": "destructive"}
+    assert issue_refund.spec.resource_of({"order_id": "A1", "amount": 2}) == "orders/A1"
+    assert spec_of(issue_refund) is issue_refund.spec
+    # It is still an ordinary LangChain tool.
+    assert issue_refund.invoke({"order_id": "A1", "amount": 2.5}) == "refunded 2.5 on A1"
+    assert set(issue_refund.tool_call_schema.model_json_schema()["properties"]) == {
+        "order_id",
+        "amount",
+    }
+
+
+def test_bare_tool_decorator_gives_a_read_only_tool_with_defaults() -> None:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    assert isinstance(lookup, KeelTool)
+    assert lookup.name == "lookup"
+    assert lookup.spec == ToolSpec()
+    assert lookup.spec.risk == "read"
+    assert lookup.spec.side_effects is False
+    assert lookup.spec.requires_approval is False
+    assert lookup.spec.timeout == 30.0
+    assert lookup.spec.resource_of({"order_id": "A1"}) == "*"
+
+
+async def test_async_function_becomes_an_async_tool() -> None:
+    @tool
+    async def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return f"order {order_id}"
+
+    assert lookup.coroutine is not None
+    assert lookup.func is None
+    assert await lookup.ainvoke({"order_id": "A1"}) == "order A1"
+
+
+@pytest.mark.parametrize("doc", [None, "", "   \n  "])
+def test_tool_without_a_docstring_is_a_user_error(doc: str | None) -> None:
+    def lookup(order_id: str) -> str:
+        return order_id
+
+    lookup.__doc__ = doc
+    with pytest.raises(UserError) as excinfo:
+        tool(lookup)
+    assert str(excinfo.value) == (
+        "Tool 'lookup' has no docstring; the model needs a description. "
+        "Add a docstring saying what the tool does."
+    )
+
+
+def test_missing_docstring_message_uses_the_given_name() -> None:
+    def lookup(order_id: str) -> str:
+        return order_id
+
+    with pytest.raises(UserError, match=r"^Tool 'find_order' has no docstring"):
+        tool(name="find_order")(lookup)
+
+
+def test_tool_options_are_validated_when_decorating() -> None:
+    with pytest.raises(UserError, match=r"ToolSpec\.timeout"):
+
+        @tool(timeout=0)
+        def lookup(order_id: str) -> str:
+            """Look up an order."""
+            return order_id
+
+
+# -- ToolSpec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"risk": "dangerous"},
+            "ToolSpec.risk must be one of ['read', 'write', 'destructive'], got 'dangerous'.",
+        ),
+        (
+            {"timeout": 0},
+            "ToolSpec.timeout must be greater than 0 (seconds) or None, got 0.",
+        ),
+        (
+            {"timeout": -1.5},
+            "ToolSpec.timeout must be greater than 0 (seconds) or None, got -1.5.",
+        ),
+        (
+            {"timeout": float("nan")},
+            "ToolSpec.timeout must be greater than 0 (seconds) or None, got nan.",
+        ),
+        ({"retries": -1}, "ToolSpec.retries must be 0 or more, got -1."),
+        ({"retry_wait": -0.1}, "ToolSpec.retry_wait must be 0 or more, got -0.1."),
+        ({"version": ""}, "ToolSpec.version must be a non-empty string, got ''."),
+    ],
+)
+def test_toolspec_rejects_bad_values_naming_the_field(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        ToolSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_toolspec_errors_are_value_errors_too() -> None:
+    # UserError subclasses ValueError, so code catching ValueError keeps working.
+    with pytest.raises(ValueError, match=r"^ToolSpec\.retries"):
+        ToolSpec(retries=-1)
+
+
+def test_toolspec_accepts_no_timeout_and_no_retries() -> None:
+    spec = ToolSpec(timeout=None, retries=0, retry_wait=0)
+    assert spec.timeout is None
+    assert spec.attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("risk", "side_effects", "requires_approval"),
+    [
+        ("read", False, False),
+        ("write", True, False),
+        ("destructive", True, True),
+    ],
+)
+def test_defaults_follow_from_risk(risk: str, side_effects: bool, requires_approval: bool) -> None:
+    spec = ToolSpec(risk=risk)  # type: ignore[arg-type]
+    assert spec.side_effects is side_effects
+    assert spec.requires_approval is requires_approval
+
+
+def test_explicit_side_effects_and_approval_override_the_defaults() -> None:
+    assert ToolSpec(risk="read", side_effects=True).side_effects is True
+    assert ToolSpec(risk="write", side_effects=False).side_effects is False
+    assert ToolSpec(risk="read", requires_approval=True).requires_approval is True
+    assert ToolSpec(risk="destructive", requires_approval=False).requires_approval is False
+
+
+@pytest.mark.parametrize(
+    ("spec", "attempts"),
+    [
+        (ToolSpec(risk="read", retries=2), 3),
+        (ToolSpec(risk="read", retries=0), 1),
+        (ToolSpec(risk="read", retries=5), 6),
+        (ToolSpec(risk="write", retries=5), 1),
+        (ToolSpec(risk="destructive", retries=5), 1),
+        (ToolSpec(risk="read", side_effects=True, retries=5), 1),
+        (ToolSpec(risk="write", side_effects=False, retries=2), 3),
+    ],
+)
+def test_side_effecting_tools_get_exactly_one_attempt(spec: ToolSpec, attempts: int) -> None:
+    assert spec.attempts == attempts
+
+
+def test_toolspec_is_immutable() -> None:
+    spec = ToolSpec()
+    with pytest.raises(AttributeError):
+        spec.risk = "destructive"  # type: ignore[misc]
+
+
+# -- ToolRegistry ---------------------------------------------------------------------------
+
+
+def test_registry_rejects_two_tools_with_the_same_name() -> None:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    @tool(name="lookup")
+    def other(order_id: str) -> str:
+        """Look up something else."""
+        return order_id
+
+    with pytest.raises(UserError) as excinfo:
+        ToolRegistry([lookup, other])
+    assert str(excinfo.value) == (
+        "Two tools are named 'lookup'; tool names must be unique. Rename one "
+        "(e.g. @tool(name='...'))."
+    )
+
+
+def test_registry_rejects_non_callables() -> None:
+    with pytest.raises(UserError) as excinfo:
+        ToolRegistry([42])  # type: ignore[list-item]
+    assert str(excinfo.value) == "Tools must be LangChain tools or functions, got int: 42."
+
+
+def test_registry_wraps_plain_functions_as_read_only_keel_tools() -> None:
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return f"order {order_id}"
+
+    registry = ToolRegistry([lookup])
+    entry = registry.get("lookup")
+    assert entry is not None
+    assert isinstance(entry.tool, KeelTool)
+    assert entry.spec == ToolSpec()
+    assert entry.tool.invoke({"order_id": "A1"}) == "order A1"
+
+
+def test_registry_plain_function_without_docstring_is_a_user_error() -> None:
+    def lookup(order_id: str) -> str:
+        return order_id
+
+    with pytest.raises(UserError, match=r"^Tool 'lookup' has no docstring"):
+        ToolRegistry([lookup])
+
+
+def test_registry_langchain_tools_get_the_read_only_default_spec() -> None:
+    def search(query: str) -> str:
+        return query
+
+    plain = StructuredTool.from_function(search, name="search", description="Search.")
+    registry = ToolRegistry([plain])
+    entry = registry.get("search")
+    assert entry is not None
+    assert entry.tool is plain
+    assert entry.spec == ToolSpec()
+
+
+def test_registry_spec_argument_overrides_the_tools_own() -> None:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    registry = ToolRegistry()
+    registry.add(lookup, ToolSpec(risk="destructive"))
+    entry = registry.get("lookup")
+    assert entry is not None
+    assert entry.spec.requires_approval is True
+    assert lookup.spec.risk == "read", "the tool itself is unchanged"
+
+
+def test_registry_lookup_names_order_and_len() -> None:
+    @tool
+    def b_tool(x: str) -> str:
+        """B."""
+        return x
+
+    @tool
+    def a_tool(x: str) -> str:
+        """A."""
+        return x
+
+    registry = ToolRegistry([b_tool, a_tool])
+    assert registry.names == ["b_tool", "a_tool"]
+    assert len(registry) == 2
+    assert registry.tools == [b_tool, a_tool]
+    assert [entry.name for entry in registry] == ["b_tool", "a_tool"]
+    assert registry.get("missing") is None
+
+
+def test_registry_describe_has_one_row_per_tool() -> None:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    @tool(risk="destructive", version="2", timeout=None)
+    def delete_order(order_id: str) -> str:
+        """Delete an order."""
+        return order_id
+
+    assert ToolRegistry([lookup, delete_order]).describe() == [
+        {
+            "name": "lookup",
+            "version": "1",
+            "risk": "read",
+            "side_effects": False,
+            "requires_approval": False,
+            "timeout": 30.0,
+            "description": "Look up an order.",
+        },
+        {
+            "name": "delete_order",
+            "version": "2",
+            "risk": "destructive",
+            "side_effects": True,
+            "requires_approval": True,
+            "timeout": None,
+            "description": "Delete an order.",
+        },
+    ]

@@ -1,0 +1,15 @@
+"""keel.tools: the tool contract (`ToolSpec`), `KeelTool`, the `tool` decorator and the registry."""
+
+from keel.tools.registry import KeelTool, RegisteredTool, ToolRegistry, spec_of, tool
+from keel.tools.spec import ResourceExtractor, Risk, ToolSpec
+
+__all__ = [
+    "KeelTool",
+    "RegisteredTool",
+    "ResourceExtractor",
+    "Risk",
+    "ToolRegistry",
+    "ToolSpec",
+    "spec_of",
+    "tool",
+]

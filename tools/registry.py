@@ -1,0 +1,184 @@
+"""`KeelTool`, the `tool` decorator and `ToolRegistry`: LangChain tools with a `ToolSpec`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, overload
+
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import ConfigDict, SkipValidation
+
+from keel.errors import UserError
+from keel.tools.spec import ResourceExtractor, Risk, ToolSpec
+
+__all__ = ["KeelTool", "RegisteredTool", "ToolRegistry", "spec_of", "tool"]
+
+
+class KeelTool(StructuredTool):
+    """A LangChain `StructuredTool` that carries a keel `ToolSpec`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: SkipValidation[ToolSpec] = ToolSpec()
+    """What keel must know to run this tool safely."""
+
+
+def spec_of(tool: BaseTool) -> ToolSpec:
+    """The `ToolSpec` of a tool: its own for a `KeelTool`, the read-only default otherwise."""
+    if isinstance(tool, KeelTool):
+        return tool.spec
+    return ToolSpec()
+
+
+@overload
+def tool(func: Callable[..., Any], /) -> KeelTool: ...
+
+
+@overload
+def tool(
+    *,
+    name: str | None = None,
+    version: str = "1",
+    risk: Risk = "read",
+    side_effects: bool | None = None,
+    timeout: float | None = 30.0,
+    retries: int = 2,
+    retry_wait: float = 0.2,
+    requires_approval: bool | None = None,
+    resource: ResourceExtractor | None = None,
+) -> Callable[[Callable[..., Any]], KeelTool]: ...
+
+
+def tool(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    version: str = "1",
+    risk: Risk = "read",
+    side_effects: bool | None = None,
+    timeout: float | None = 30.0,
+    retries: int = 2,
+    retry_wait: float = 0.2,
+    requires_approval: bool | None = None,
+    resource: ResourceExtractor | None = None,
+) -> KeelTool | Callable[[Callable[..., Any]], KeelTool]:
+    """Turn a function (sync or async) into a `KeelTool`; the docstring is the description.
+
+    Example:
+        ```python
+        @tool(risk="destructive", resource=lambda a: f"orders/{a['order_id']}")
+        def issue_refund(order_id: str, amount: float) -> str:
+            \"\"\"Refund an order.\"\"\"
+            ...
+        ```
+    """
+    spec = ToolSpec(
+        version=version,
+        risk=risk,
+        side_effects=side_effects,
+        timeout=timeout,
+        retries=retries,
+        retry_wait=retry_wait,
+        requires_approval=requires_approval,
+        resource=resource,
+    )
+
+    def build(fn: Callable[..., Any]) -> KeelTool:
+        if not callable(fn):
+            raise UserError(f"@tool decorates a function, got {fn!r}.")
+        if not (fn.__doc__ or "").strip():
+            raise UserError(
+                f"Tool {name or fn.__name__!r} has no docstring; the model needs a description. "
+                "Add a docstring saying what the tool does."
+            )
+        import inspect
+
+        is_async = inspect.iscoroutinefunction(fn)
+        built = KeelTool.from_function(
+            func=None if is_async else fn,
+            coroutine=fn if is_async else None,
+            name=name or fn.__name__,
+            spec=spec,
+            metadata={"keel_version": spec.version, "keel_risk": spec.risk},
+        )
+        assert isinstance(built, KeelTool)
+        return built
+
+    return build(func) if func is not None else build
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredTool:
+    """A tool and its spec, as the registry lists them."""
+
+    tool: BaseTool
+    spec: ToolSpec
+
+    @property
+    def name(self) -> str:
+        """The tool's name, as the model calls it."""
+        return self.tool.name
+
+
+class ToolRegistry:
+    """The tools an agent may call, by name, with their specs.
+
+    Accepts keel tools, LangChain tools and plain functions (turned into read-only tools).
+    """
+
+    def __init__(self, tools: Iterable[BaseTool | Callable[..., Any]] = ()) -> None:
+        self._tools: dict[str, RegisteredTool] = {}
+        for item in tools:
+            self.add(item)
+
+    def add(self, item: BaseTool | Callable[..., Any], spec: ToolSpec | None = None) -> None:
+        """Register a tool; `spec` overrides the tool's own."""
+        if not isinstance(item, BaseTool):
+            if not callable(item):
+                raise UserError(
+                    f"Tools must be LangChain tools or functions, got {type(item).__name__}: "
+                    f"{item!r}."
+                )
+            item = tool(item)
+        if item.name in self._tools:
+            raise UserError(
+                f"Two tools are named {item.name!r}; tool names must be unique. Rename one "
+                "(e.g. @tool(name='...'))."
+            )
+        self._tools[item.name] = RegisteredTool(item, spec or spec_of(item))
+
+    def get(self, name: str) -> RegisteredTool | None:
+        """The tool called `name`, or None."""
+        return self._tools.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        """The registered tool names, in registration order."""
+        return list(self._tools)
+
+    @property
+    def tools(self) -> list[BaseTool]:
+        """The LangChain tools, to bind to a model."""
+        return [entry.tool for entry in self._tools.values()]
+
+    def __iter__(self) -> Iterator[RegisteredTool]:
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per tool with its metadata (for CLIs, audit and docs)."""
+        return [
+            {
+                "name": entry.name,
+                "version": entry.spec.version,
+                "risk": entry.spec.risk,
+                "side_effects": entry.spec.side_effects,
+                "requires_approval": entry.spec.requires_approval,
+                "timeout": entry.spec.timeout,
+                "description": entry.tool.description,
+            }
+            for entry in self
+        ]

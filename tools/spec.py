@@ -1,0 +1,82 @@
+"""The tool contract: what keel must know about a tool beyond its name and schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keel.errors import UserError
+
+__all__ = ["ResourceExtractor", "Risk", "ToolSpec"]
+
+Risk = Literal["read", "write", "destructive"]
+ResourceExtractor = Callable[[Mapping[str, Any]], str]
+_RISKS: tuple[Risk, ...] = ("read", "write", "destructive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolSpec:
+    """What a tool does to the world, and how keel must run it.
+
+    Example:
+        ```python
+        ToolSpec(risk="destructive", side_effects=True, timeout=10,
+                 resource=lambda args: f"orders/{args['order_id']}")
+        ```
+    """
+
+    version: str = "1"
+    """The tool's version; it is part of every audit record and approval digest."""
+
+    risk: Risk = "read"
+    """`read` only looks, `write` changes something reversible, `destructive` cannot be undone."""
+
+    side_effects: bool | None = None
+    """Whether a call changes the outside world. `None` means: `True` unless `risk` is `read`.
+    Tools with side effects are never retried."""
+
+    timeout: float | None = 30.0
+    """Seconds one call may take before it is answered with a timeout. `None` disables it."""
+
+    retries: int = 2
+    """Extra attempts, with exponential backoff, for a call that raised. Only for tools without
+    side effects; a `ToolException` (the tool's own message for the model) is never retried."""
+
+    retry_wait: float = 0.2
+    """Seconds before the first retry; doubled for each further retry (at most 5 s)."""
+
+    requires_approval: bool | None = None
+    """Whether a human must approve each call. `None` means: only `destructive` tools."""
+
+    resource: ResourceExtractor | None = None
+    """What the call touches, from its arguments (e.g. `orders/42`); `*` when not given."""
+
+    def __post_init__(self) -> None:
+        if self.risk not in _RISKS:
+            raise UserError(f"ToolSpec.risk must be one of {list(_RISKS)}, got {self.risk!r}.")
+        if self.timeout is not None and not self.timeout > 0:
+            raise UserError(
+                f"ToolSpec.timeout must be greater than 0 (seconds) or None, got {self.timeout!r}."
+            )
+        if self.retries < 0:
+            raise UserError(f"ToolSpec.retries must be 0 or more, got {self.retries!r}.")
+        if self.retry_wait < 0:
+            raise UserError(f"ToolSpec.retry_wait must be 0 or more, got {self.retry_wait!r}.")
+        if not isinstance(self.version, str) or not self.version:
+            raise UserError(f"ToolSpec.version must be a non-empty string, got {self.version!r}.")
+        if self.side_effects is None:
+            object.__setattr__(self, "side_effects", self.risk != "read")
+        if self.requires_approval is None:
+            object.__setattr__(self, "requires_approval", self.risk == "destructive")
+
+    @property
+    def attempts(self) -> int:
+        """How many times a failing call may run in all."""
+        return 1 if self.side_effects else 1 + self.retries
+
+    def resource_of(self, args: Mapping[str, Any]) -> str:
+        """The resource a call with `args` touches; `*` when the tool has no extractor."""
+        if self.resource is None:
+            return "*"
+        return str(self.resource(args))
