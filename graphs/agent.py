@@ -26,6 +26,8 @@ from langgraph.types import RetryPolicy
 
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.permissions import PermissionMatrix
+from keel.guards.policy import Policy
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.execute_tools import execute_tools
 from keel.nodes.human_review import human_review
@@ -66,8 +68,9 @@ def route_after_model(state: AgentState, *, verify: bool = False) -> str:
 
 
 def route_after_tools(state: AgentState, *, replan: bool = False) -> str:
-    """After `execute_tools`: back to the model, or to `plan` when a plan step failed."""
-    if _out_of_steps(state):
+    """After `execute_tools`: back to the model, `plan` to replan, or `respond` to stop."""
+    result = state.get("outcome")
+    if _out_of_steps(state) or (result is not None and result["status"] == "stopped"):
         return "respond"
     if replan and needs_replan(state.get("plan") or []):
         return "plan"
@@ -107,7 +110,8 @@ def build_agent(
     judge: str | BaseChatModel | None = None,
     max_revisions: int = 1,
     escalate: bool = False,
-    gate: Gate = approval_gate,
+    policy: Policy | None = None,
+    gate: Gate | None = None,
     before_model: Sequence[BeforeModel] = (),
     prices: PriceTable | None = None,
     model_retry: RetryPolicy = DEFAULT_MODEL_RETRY,
@@ -133,8 +137,11 @@ def build_agent(
         max_revisions: How often a failed answer goes back to the model.
         escalate: When the revisions are used up, ask a human (approve / reject / respond)
             instead of ending the run as `verification_failed`.
-        gate: Decides allow / ask / deny per tool call (default: ask for tools that require
-            approval).
+        policy: The `Policy` the agent is held to: its rules become the permission gate
+            (default deny), its budget and loop guard apply, and its name and version are bound
+            into approval digests.
+        gate: Decides allow / ask / deny per tool call. Default: the policy's permission
+            matrix with a policy, else ask for tools that require approval and allow the rest.
         before_model: Checks run inside `call_model` before each model call.
         prices: The price table for USD accounting.
         model_retry: LangGraph `RetryPolicy` for transient model errors.
@@ -163,6 +170,17 @@ def build_agent(
         checkpointer=checkpointer,
         tools=tools,
     )
+    if policy is not None and not isinstance(policy, Policy):
+        raise UserError(
+            f"build_agent(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
+            f"'policy.toml')), got {type(policy).__name__}."
+        )
+    if gate is None:
+        gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
+    budget = policy.budget if policy is not None else None
+    if policy is not None:
+        policy_version = policy.version
+    policy_name = policy.name if policy is not None else None
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
@@ -177,12 +195,24 @@ def build_agent(
             before_model=before_model,
             gate=gate,
             retry=model_retry,
+            budget=budget,
+            loop=policy.loop if policy is not None else None,
         ),
     )
     graph.add_node(
-        "execute_tools", execute_tools(registry, gate=gate, policy_version=policy_version)
+        "execute_tools",
+        execute_tools(
+            registry,
+            gate=gate,
+            policy_version=policy_version,
+            policy_name=policy_name,
+            budget=budget,
+        ),
     )
-    graph.add_node("human_review", human_review(registry, gate=gate, policy_version=policy_version))
+    graph.add_node(
+        "human_review",
+        human_review(registry, gate=gate, policy_version=policy_version, policy_name=policy_name),
+    )
     graph.add_node("respond", respond())
     after_model = ["execute_tools", "human_review", "respond", END]
     after_tools = ["call_model", "respond"]
@@ -228,7 +258,7 @@ def _validate(
             f"build_agent(system_prompt=...) must be a string or None, got "
             f"{type(system_prompt).__name__}."
         )
-    if not callable(gate):
+    if gate is not None and not callable(gate):
         raise UserError(
             f"build_agent(gate=...) must be a Gate: a function (tool, args, context) -> "
             f"GateDecision, got {gate!r}."

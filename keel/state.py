@@ -64,6 +64,7 @@ class Usage(TypedDict, total=False):
     usd: float
     model_calls: int
     tool_calls: int
+    steps: int
 
 
 class PlanStep(TypedDict):
@@ -128,6 +129,8 @@ class AgentState(TypedDict, total=False):
         verdicts: Verification results, in order.
         revisions: How many times a failed verification sent the answer back.
         outcome: How the run ended; `None` while it is running.
+        clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets.
+        budget_warnings: Budget limits past their soft threshold.
         remaining_steps: LangGraph's managed step counter (not stored).
     """
 
@@ -138,6 +141,8 @@ class AgentState(TypedDict, total=False):
     verdicts: list[Verdict]
     revisions: int
     outcome: Outcome | None
+    clock: dict[str, float]
+    budget_warnings: list[str]
     remaining_steps: RemainingSteps
 
 

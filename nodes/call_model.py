@@ -12,11 +12,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
@@ -26,13 +26,16 @@ from langgraph.types import RetryPolicy
 
 from keel import outcome
 from keel.errors import KeelError
+from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.loop import call_sequence, detect_loop
+from keel.guards.policy import Budget, LoopPolicy
 from keel.models import model_name_of, resolve_model
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable
-from keel.state import AgentState, Outcome, RunContext, Usage
+from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["BeforeModel", "call_model"]
@@ -47,10 +50,11 @@ DEFAULT_MODEL_RETRY = RetryPolicy(initial_interval=0.5, max_interval=8.0, max_at
 
 @dataclass(frozen=True, slots=True)
 class _Turn:
-    """What to send, or why not to."""
+    """What to send, or why not to; `extra` is state to write along with the answer."""
 
     messages: list[BaseMessage] | None
     stop: Outcome | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def call_model(
@@ -62,6 +66,8 @@ def call_model(
     before_model: Sequence[BeforeModel] = (),
     gate: Gate = approval_gate,
     retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+    budget: Budget | None = None,
+    loop: LoopPolicy | None = None,
     reserve_steps: int = 2,
     name: str = "call_model",
 ) -> RunnableCallable:
@@ -76,6 +82,8 @@ def call_model(
         gate: Decides which tool calls need a human; a call needing one sets the outcome to
             `interrupted` so the graph routes to `human_review`.
         retry: LangGraph's `RetryPolicy` for transient model errors (network, 5xx, 429).
+        budget: Run budget checked before each call (stop, or a soft-threshold warning).
+        loop: The loop guard applied to each answer's tool calls.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
         name: The node's name.
@@ -93,27 +101,48 @@ def call_model(
         remaining = state.get("remaining_steps")
         if remaining is not None and remaining <= reserve_steps:
             return _Turn(None, outcome.step_limit())
+        extra: dict[str, Any] = {}
+        history = state.get("messages") or []
+        clock = state.get("clock") or {}
+        if "started_at" not in clock or (history and isinstance(history[-1], HumanMessage)):
+            clock = {"started_at": time.time()}  # a new task starts the wall clock
+            extra["clock"] = clock
+        if budget is not None:
+            verdict = check_budget(budget, state.get("usage") or {}, started_at=clock["started_at"])
+            if verdict.exceeded:
+                return _Turn(None, outcome.stopped("budget_exceeded", verdict.exceeded))
+            if list(verdict.warnings) != (state.get("budget_warnings") or []):
+                extra["budget_warnings"] = list(verdict.warnings)
         context = context_of(runtime)
         for check in checks:
             stop = check(state, context)
             if stop is not None:
                 return _Turn(None, stop)
-        history = state.get("messages") or []
         system = _system_text(system_prompt, state)
         if system:  # valid_history merges it with any system message already in the history
             history = [SystemMessage(content=system), *history]
-        return _Turn(valid_history(history), None)
+        return _Turn(valid_history(history), None, extra)
 
     def finish(
-        response: BaseMessage, state: AgentState, runtime: Runtime[RunContext] | None
-    ) -> dict[str, Any]:
+        response: BaseMessage, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
+    ) -> dict[str, Any] | str:
+        """The state update for `response`, or the loop's reason when a wrap-up turn is due."""
         if not isinstance(response, AIMessage):
             raise KeelError(f"The model returned {type(response).__name__}, not an AIMessage.")
         usage = _usage_of(response, table, default_name)
-        update: dict[str, Any] = {"messages": [response], "usage": usage}
+        update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         if response.tool_calls:
+            looping = (
+                detect_loop(call_sequence(state.get("messages") or [], response), loop)
+                if loop is not None
+                else None
+            )
             ask = _approval_needed(response, registry, gate, context_of(runtime))
-            if ask:
+            if looping is not None and loop is not None:
+                if loop.on_loop == "wrap_up":
+                    return looping
+                update["outcome"] = outcome.stopped("loop_detected", looping)
+            elif ask:
                 update["outcome"] = outcome.interrupted(ask)
             elif state.get("outcome") is not None:
                 update["outcome"] = None  # a checkpoint write only when it changes
@@ -124,8 +153,22 @@ def call_model(
                 update["plan"] = advance_plan(steps, succeeded=True)
         return update
 
-    def stopped(stop: Outcome) -> dict[str, Any]:
-        return {"outcome": stop}
+    def wrapped_up(
+        first: BaseMessage, final: BaseMessage, reason: str, turn: _Turn
+    ) -> dict[str, Any]:
+        """The update after a loop's wrap-up turn: only the tool-free answer is kept."""
+        assert isinstance(first, AIMessage)
+        if not isinstance(final, AIMessage):
+            raise KeelError(f"The model returned {type(final).__name__}, not an AIMessage.")
+        usage = add_usage(
+            _usage_of(first, table, default_name), _usage_of(final, table, default_name)
+        )
+        return {
+            **turn.extra,
+            "messages": [final],
+            "usage": usage,
+            "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
+        }
 
     def failed(exc: BaseException, attempts: int) -> dict[str, Any]:
         log.warning("model call failed after %d attempt(s): %r", attempts, exc)
@@ -135,15 +178,12 @@ def call_model(
             )
         }
 
-    def invoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return stopped(turn.stop or outcome.failed("no messages to send"))
+    def call_sync(
+        runnable: Runnable[Any, BaseMessage], messages: list[BaseMessage], config: RunnableConfig
+    ) -> BaseMessage | dict[str, Any]:
         for attempt in range(1, retry.max_attempts + 1):
             try:
-                return finish(bound.invoke(turn.messages, config), state, runtime)
+                return runnable.invoke(messages, config)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
@@ -152,15 +192,12 @@ def call_model(
                 time.sleep(_backoff(retry, attempt))
         raise AssertionError("unreachable")
 
-    async def ainvoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return stopped(turn.stop or outcome.failed("no messages to send"))
+    async def call_async(
+        runnable: Runnable[Any, BaseMessage], messages: list[BaseMessage], config: RunnableConfig
+    ) -> BaseMessage | dict[str, Any]:
         for attempt in range(1, retry.max_attempts + 1):
             try:
-                return finish(await bound.ainvoke(turn.messages, config), state, runtime)
+                return await runnable.ainvoke(messages, config)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
@@ -169,7 +206,44 @@ def call_model(
                 await asyncio.sleep(_backoff(retry, attempt))
         raise AssertionError("unreachable")
 
+    def invoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        response = call_sync(bound, turn.messages, config)
+        if isinstance(response, dict):
+            return response
+        update = finish(response, state, runtime, turn)
+        if isinstance(update, dict):
+            return update
+        final = call_sync(chat, [*turn.messages, _wrap_up_note(update)], config)
+        return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
+
+    async def ainvoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        response = await call_async(bound, turn.messages, config)
+        if isinstance(response, dict):
+            return response
+        update = finish(response, state, runtime, turn)
+        if isinstance(update, dict):
+            return update
+        final = await call_async(chat, [*turn.messages, _wrap_up_note(update)], config)
+        return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
+
     return make_node(name, invoke, ainvoke)
+
+
+def _wrap_up_note(reason: str) -> HumanMessage:
+    return HumanMessage(
+        content=f"(keel loop guard) You are repeating tool calls: {reason}. Do not call any "
+        "more tools. Give your final answer now with what you have."
+    )
 
 
 def _system_text(system_prompt: str | None, state: AgentState) -> str:
@@ -188,6 +262,7 @@ def _usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usag
         "output_tokens": int(meta.get("output_tokens", 0)),
         "usd": table.cost(name, meta),
         "model_calls": 1,
+        "steps": 1,
     }
 
 

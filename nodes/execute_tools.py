@@ -28,8 +28,11 @@ from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from pydantic import BaseModel, ValidationError
 
+from keel import outcome
 from keel.approvals import approval_digest
+from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.policy import Budget
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
@@ -46,6 +49,7 @@ ToolStatus = Literal[
     "needs_approval",
     "rejected",
     "respond",
+    "budget_stopped",
     "timeout",
     "error",
     "not_run",
@@ -67,9 +71,12 @@ class _Job:
     entry: RegisteredTool
 
 
-def policy_id(context: RunContext, policy_version: str) -> str:
-    """The policy identity bound into approval digests."""
-    return f"{context.policy}@{policy_version}"
+def policy_id(context: RunContext, policy_version: str, policy_name: str | None = None) -> str:
+    """The policy identity bound into approval digests: `name@version`.
+
+    The name is the agent's `Policy.name` when it has one, else `RunContext.policy`.
+    """
+    return f"{policy_name or context.policy}@{policy_version}"
 
 
 def execute_tools(
@@ -77,6 +84,8 @@ def execute_tools(
     *,
     gate: Gate = approval_gate,
     policy_version: str = "1",
+    policy_name: str | None = None,
+    budget: Budget | None = None,
     name: str = "execute_tools",
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
@@ -86,6 +95,9 @@ def execute_tools(
         gate: Decides allow / ask / deny per call; an `ask` call runs only when an approval in
             state matches its exact arguments.
         policy_version: Bound into approval digests; a new version invalidates old approvals.
+        policy_name: The policy's name for the digest (default: `RunContext.policy`).
+        budget: Run budget: calls that would pass its tool-call limit are answered
+            `budget_stopped` and the run ends as `budget_exceeded`.
         name: The node's name.
     """
 
@@ -95,13 +107,36 @@ def execute_tools(
         _, calls = pending_tool_calls(state.get("messages") or [])
         context = context_of(runtime)
         approvals = state.get("approvals") or {}
-        policy = policy_id(context, policy_version)
-        return [_classify(c, tools, gate, context, approvals, policy) for c in calls]
+        policy = policy_id(context, policy_version, policy_name)
+        planned = [_classify(c, tools, gate, context, approvals, policy) for c in calls]
+        return _within_budget(state, planned)
 
-    def finish(state: AgentState, results: list[ToolMessage], ran: int) -> dict[str, Any]:
-        update: dict[str, Any] = {"messages": results}
-        if ran:
-            update["usage"] = {"tool_calls": ran}
+    def _within_budget(state: AgentState, planned: list[ToolMessage | _Job]) -> list[Any]:
+        jobs = sum(isinstance(p, _Job) for p in planned)
+        if budget is None or not jobs:
+            return planned
+        verdict = check_budget(
+            budget,
+            state.get("usage") or {},
+            planned_tool_calls=jobs,
+            started_at=(state.get("clock") or {}).get("started_at"),
+        )
+        if verdict.exceeded is None:
+            return planned
+        stop = outcome.stopped("budget_exceeded", verdict.exceeded)
+        return [
+            _message(p.call, f"Not run: {verdict.exceeded}.", "budget_stopped")
+            if isinstance(p, _Job)
+            else p
+            for p in planned
+        ] + [stop]
+
+    def finish(state: AgentState, results: list[Any], ran: int) -> dict[str, Any]:
+        stops = [r for r in results if not isinstance(r, ToolMessage)]
+        results = [r for r in results if isinstance(r, ToolMessage)]
+        update: dict[str, Any] = {"messages": results, "usage": {"tool_calls": ran, "steps": 1}}
+        if stops:
+            update["outcome"] = stops[0]
         steps = state.get("plan")
         if steps and results:
             ok = all(m.status == "success" for m in results)
@@ -112,7 +147,7 @@ def execute_tools(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        results = [p if isinstance(p, ToolMessage) else _run_sync(p, config) for p in planned]
+        results = [p if not isinstance(p, _Job) else _run_sync(p, config) for p in planned]
         return finish(state, results, sum(isinstance(p, _Job) for p in planned))
 
     async def ainvoke(
@@ -120,10 +155,7 @@ def execute_tools(
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
         results = await asyncio.gather(
-            *(
-                _answered(p) if isinstance(p, ToolMessage) else _run_async(p, config)
-                for p in planned
-            )
+            *(_run_async(p, config) if isinstance(p, _Job) else _answered(p) for p in planned)
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 
@@ -284,7 +316,7 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
     return box["value"]
 
 
-async def _answered(message: ToolMessage) -> ToolMessage:
+async def _answered(message: Any) -> Any:
     return message
 
 

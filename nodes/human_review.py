@@ -64,6 +64,7 @@ def human_review(
     *,
     gate: Gate = approval_gate,
     policy_version: str = "1",
+    policy_name: str | None = None,
     name: str = "human_review",
 ) -> RunnableCallable:
     """A node that interrupts for the calls that need approval and records the decisions."""
@@ -72,7 +73,7 @@ def human_review(
         messages = state.get("messages") or []
         _, calls = pending_tool_calls(messages)
         context = context_of(runtime)
-        policy = policy_id(context, policy_version)
+        policy = policy_id(context, policy_version, policy_name)
         approvals = state.get("approvals") or {}
         out: list[ReviewRequest] = []
         for call in calls:
@@ -112,7 +113,7 @@ def human_review(
             # resume value even when the node then raises, so a bad answer would stick.
             _normalize(waiting, pending)
         answers = _normalize(interrupt(pending), pending)
-        policy = policy_id(context_of(runtime), policy_version)
+        policy = policy_id(context_of(runtime), policy_version, policy_name)
         return _apply(state, pending, answers, policy)
 
     async def areview(

@@ -120,6 +120,7 @@ async def test_call_model_accounts_tokens_and_dollars(mode: str) -> None:
         "output_tokens": tokens_out,
         "model_calls": 2,
         "tool_calls": 1,
+        "steps": 3,
     }
     assert final["outcome"] == {
         "status": "success",
@@ -347,7 +348,7 @@ async def test_unknown_tool_is_answered_with_the_valid_names(mode: str) -> None:
     assert status(result) == "unknown_tool"
     assert result.status == "error"
     assert result.name == "lokup"
-    assert not final.get("usage"), "nothing ran"
+    assert final["usage"].get("tool_calls") == 0, "nothing ran"
 
 
 async def test_unknown_tool_when_the_agent_has_no_tools(mode: str) -> None:
@@ -382,7 +383,7 @@ async def test_invalid_arguments_never_execute_the_tool(mode: str) -> None:
     ]
     assert [status(m) for m in results] == ["invalid_args", "invalid_args", "success"]
     assert ran == [(1, 2)]
-    assert final["usage"] == {"tool_calls": 1}
+    assert final["usage"] == {"tool_calls": 1, "steps": 1}
 
 
 async def test_timed_out_call_is_cancelled_under_ainvoke() -> None:
@@ -464,7 +465,7 @@ async def test_read_only_tool_is_retried_until_it_succeeds(mode: str) -> None:
     assert attempts == ["x", "x", "x"]
     assert result.content == "finally"
     assert status(result) == "success"
-    assert final["usage"] == {"tool_calls": 1}
+    assert final["usage"] == {"tool_calls": 1, "steps": 1}
 
 
 async def test_read_only_tool_gives_up_after_its_attempts(mode: str) -> None:

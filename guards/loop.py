@@ -1,0 +1,56 @@
+"""The loop guard: the same call repeated, or an A-B-A-B cycle, is a loop.
+
+`detect_loop(calls, policy)` is a pure decision over the sequence of tool calls of the current
+task (name + canonical arguments), the proposed ones last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+
+from keel.approvals import canonical_args
+from keel.guards.policy import LoopPolicy
+
+__all__ = ["call_sequence", "detect_loop"]
+
+Call = tuple[str, str]
+
+
+def call_sequence(messages: Sequence[AnyMessage], proposed: AIMessage | None = None) -> list[Call]:
+    """The tool calls since the last human message, as `(name, canonical args)`, in order."""
+    start = 0
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            start = i
+            break
+    calls: list[Call] = []
+    for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
+        if isinstance(m, AIMessage):
+            calls.extend((tc["name"], canonical_args(tc["args"])) for tc in m.tool_calls)
+    return calls
+
+
+def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:
+    """Why the sequence ends in a loop, or None.
+
+    - repeats: the last `max_repeats` calls are the same tool with the same arguments;
+    - cycles: the last calls are a block of 2 or 3 different calls repeated `max_cycles` times.
+    """
+    n = policy.max_repeats
+    if len(calls) >= n and len(set(calls[-n:])) == 1:
+        name, args = calls[-1]
+        return f"{name} was called {n} times in a row with the same arguments {args}"
+    if policy.max_cycles >= 2:
+        for period in (2, 3):
+            span = period * policy.max_cycles
+            if len(calls) < span:
+                continue
+            block = list(calls[-period:])
+            if len(set(block)) < period:
+                continue
+            if list(calls[-span:]) == block * policy.max_cycles:
+                names = " → ".join(name for name, _ in block)
+                return f"the calls {names} repeated {policy.max_cycles} times in a cycle"
+    return None

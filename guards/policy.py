@@ -1,0 +1,261 @@
+"""`Policy`: every limit and rule a run is held to, in one frozen, validated object.
+
+Load it from Python, a dict, or a TOML / YAML file. Every field that is `None` disables its
+limit. A policy's `name` and `version` go into every approval digest (and, later, audit record),
+so changing the rules invalidates old approvals.
+
+Example (TOML):
+    ```toml
+    name = "support"
+    version = "3"
+
+    [budget]
+    usd = 0.50
+    model_calls = 20
+
+    [[rules]]
+    role = "support"
+    tool = "lookup_*"
+    action = "allow"
+
+    [[rules]]
+    role = "support"
+    tool = "issue_refund"
+    resource = "orders/*"
+    action = "ask"
+    ```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from keel.errors import UserError
+
+__all__ = ["Action", "Budget", "LoopPolicy", "Policy", "Rule"]
+
+Action = Literal["allow", "deny", "ask"]
+_ACTIONS: tuple[str, ...] = get_args(Action)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Budget:
+    """Per-run limits. `None` disables a limit; a run that reaches one stops cleanly.
+
+    The run ends with `outcome.terminated_reason == "budget_exceeded"` and a partial answer;
+    the detail names the limit and the numbers.
+    """
+
+    steps: int | None = None
+    """Agent steps (model turns plus tool rounds)."""
+    model_calls: int | None = None
+    """Model calls."""
+    tool_calls: int | None = None
+    """Tool calls executed."""
+    input_tokens: int | None = None
+    """Input (prompt) tokens, summed over model calls."""
+    output_tokens: int | None = None
+    """Output (completion) tokens, summed over model calls."""
+    usd: float | None = None
+    """US dollars, from the price table."""
+    wall_seconds: float | None = None
+    """Seconds since the task's first model call (time waiting for a human counts)."""
+    soft_ratio: float = 0.8
+    """Share of a limit at which a warning is recorded (`state["warnings"]`)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "soft_ratio":
+                if not isinstance(value, int | float) or not 0 < value <= 1:
+                    raise UserError(f"Budget.soft_ratio must be in (0, 1], got {value!r}.")
+            elif value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise UserError(
+                    f"Budget.{f.name} must be greater than 0, or None to disable it; got {value!r}."
+                )
+
+    def limits(self) -> dict[str, float]:
+        """The limits that are set, by name."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "soft_ratio" and getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rule:
+    """One permission rule: `(role, tool glob, resource glob) → allow | deny | ask`.
+
+    Rules are checked in order and the first match wins; a call no rule matches is denied.
+    """
+
+    action: Action
+    """What happens to a matching call."""
+    role: str = "*"
+    """A role from `RunContext.roles`, or `*` for any role."""
+    tool: str = "*"
+    """A tool name glob (`lookup_*`)."""
+    resource: str = "*"
+    """A resource glob (`orders/*`), matched against the tool's resource extractor."""
+    reason: str = ""
+    """Why, shown to the reviewer (ask) or the model (deny)."""
+
+    def __post_init__(self) -> None:
+        if self.action not in _ACTIONS:
+            raise UserError(
+                f"Rule.action must be one of {list(_ACTIONS)}, got {self.action!r} "
+                f"(rule for tool {self.tool!r})."
+            )
+        for name in ("role", "tool", "resource"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise UserError(
+                    f"Rule.{name} must be a non-empty string (use '*' for any), got {value!r}."
+                )
+
+    def describe(self) -> str:
+        """The rule as one line: `support | issue_refund | orders/* → ask`."""
+        return f"{self.role} | {self.tool} | {self.resource} → {self.action}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopPolicy:
+    """When repeated tool calls count as a loop, and what then."""
+
+    max_repeats: int = 3
+    """The same tool with the same arguments this many times in a row is a loop."""
+    max_cycles: int = 2
+    """An A-B-A-B… cycle repeated this many times is a loop (0 disables cycle detection)."""
+    on_loop: Literal["stop", "wrap_up"] = "stop"
+    """`stop` ends the run as `loop_detected`; `wrap_up` forces one final turn without tools."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_repeats, int) or self.max_repeats < 2:
+            raise UserError(f"LoopPolicy.max_repeats must be 2 or more, got {self.max_repeats!r}.")
+        if not isinstance(self.max_cycles, int) or self.max_cycles < 0:
+            raise UserError(f"LoopPolicy.max_cycles must be 0 or more, got {self.max_cycles!r}.")
+        if self.on_loop not in ("stop", "wrap_up"):
+            raise UserError(
+                f"LoopPolicy.on_loop must be 'stop' or 'wrap_up', got {self.on_loop!r}."
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Policy:
+    """Everything a run is held to: budgets, permission rules, the loop guard.
+
+    Attributes are documented on each field. Build one in Python, or load it with
+    `Policy.from_dict(...)` / `Policy.from_file("policy.toml")` (TOML or YAML).
+    """
+
+    name: str = "default"
+    """The policy's name; it appears in approval digests and audit records."""
+    version: str = "1"
+    """The policy's version; a new version invalidates approvals given under the old one."""
+    budget: Budget | None = None
+    """Per-run limits."""
+    rules: tuple[Rule, ...] = field(default=())
+    """Permission rules, first match wins, default deny. Empty: every tool call is denied."""
+    loop: LoopPolicy | None = field(default_factory=LoopPolicy)
+    """The loop guard; `None` disables it."""
+
+    def __post_init__(self) -> None:
+        for name in ("name", "version"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"Policy.{name} must be a non-empty string, got {value!r}.")
+        rules = tuple(self.rules)
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                raise UserError(
+                    f"Policy.rules[{i}] must be a Rule(action=..., role=..., tool=..., "
+                    f"resource=...), got {rule!r}."
+                )
+        object.__setattr__(self, "rules", rules)
+
+    @property
+    def identity(self) -> str:
+        """`name@version`, as bound into approval digests."""
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Build a policy from plain data (as parsed from TOML, YAML or JSON)."""
+        if not isinstance(data, Mapping):
+            raise UserError(f"A policy must be a mapping of fields, got {type(data).__name__}.")
+        known = {"name", "version", "budget", "rules", "loop"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"Unknown policy field(s) {unknown}; the fields are {sorted(known)}.")
+        kwargs: dict[str, Any] = {k: str(data[k]) for k in ("name", "version") if k in data}
+        if "budget" in data:
+            kwargs["budget"] = _build(Budget, data["budget"], "budget")
+        if "loop" in data:
+            kwargs["loop"] = (
+                None if data["loop"] is None else _build(LoopPolicy, data["loop"], "loop")
+            )
+        if "rules" in data:
+            raw_rules = data["rules"]
+            if not isinstance(raw_rules, Sequence) or isinstance(raw_rules, str):
+                raise UserError("Policy 'rules' must be a list of tables/mappings.")
+            kwargs["rules"] = tuple(_build(Rule, r, f"rules[{i}]") for i, r in enumerate(raw_rules))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Load a policy from a `.toml`, `.yaml` or `.yml` file."""
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"Policy file {str(p)!r} does not exist.")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            try:
+                data: Any = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise UserError(f"Policy file {str(p)!r} is not valid TOML: {exc}.") from exc
+        elif p.suffix in (".yaml", ".yml"):
+            data = _load_yaml(p, text)
+        else:
+            raise UserError(
+                f"Policy file {str(p)!r}: use a .toml, .yaml or .yml file, not {p.suffix!r}."
+            )
+        try:
+            return cls.from_dict(data)
+        except UserError as exc:
+            raise UserError(f"Policy file {str(p)!r}: {exc}") from exc
+
+
+def _build(kind: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise UserError(f"Policy '{where}' must be a table/mapping, got {raw!r}.")
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(
+            f"Unknown field(s) {unknown} in policy '{where}'; allowed: {sorted(names)}."
+        )
+    try:
+        return kind(**raw)
+    except UserError as exc:
+        raise UserError(f"In policy '{where}': {exc}") from exc
+    except TypeError as exc:
+        raise UserError(f"In policy '{where}': {exc}") from exc
+
+
+def _load_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UserError(
+            f"Policy file {str(path)!r} is YAML, which needs PyYAML: `pip install pyyaml`, "
+            "or use a .toml file."
+        ) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"Policy file {str(path)!r} is not valid YAML: {exc}.") from exc
