@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -28,6 +29,8 @@ from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
+from keel.guards.spend import SpendMeter
+from keel.ledger import Ledger
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.execute_tools import execute_tools
 from keel.nodes.human_review import human_review
@@ -62,6 +65,11 @@ def route_after_model(state: AgentState, *, verify: bool = False) -> str:
         if result["status"] == "interrupted":
             return "human_review"
         if result["status"] in ("stopped", "error"):
+            messages = state.get("messages") or []
+            wrapped_up = bool(messages) and isinstance(messages[-1], AIMessage)
+            wrapped_up = wrapped_up and not getattr(messages[-1], "tool_calls", None)
+            if result["terminated_reason"] == "loop_detected" and wrapped_up:
+                return END  # the loop guard's wrap-up turn already answered
             return "respond"
         return "verify" if verify else END
     return "execute_tools"
@@ -111,6 +119,7 @@ def build_agent(
     max_revisions: int = 1,
     escalate: bool = False,
     policy: Policy | None = None,
+    ledger: Ledger | None = None,
     gate: Gate | None = None,
     before_model: Sequence[BeforeModel] = (),
     prices: PriceTable | None = None,
@@ -140,6 +149,7 @@ def build_agent(
         policy: The `Policy` the agent is held to: its rules become the permission gate
             (default deny), its budget and loop guard apply, and its name and version are bound
             into approval digests.
+        ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets.
         gate: Decides allow / ask / deny per tool call. Default: the policy's permission
             matrix with a policy, else ask for tools that require approval and allow the rest.
         before_model: Checks run inside `call_model` before each model call.
@@ -178,6 +188,14 @@ def build_agent(
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     budget = policy.budget if policy is not None else None
+    meter = None
+    if policy is not None and policy.period_budgets:
+        if not isinstance(ledger, Ledger):
+            raise UserError(
+                f"Policy {policy.identity!r} has period budgets, which are kept in the ledger: "
+                "pass build_agent(..., ledger=keel.Ledger(url)) with the URL of your database."
+            )
+        meter = SpendMeter(ledger, policy.period_budgets, prices)
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
@@ -197,6 +215,7 @@ def build_agent(
             retry=model_retry,
             budget=budget,
             loop=policy.loop if policy is not None else None,
+            meter=meter,
         ),
     )
     graph.add_node(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from keel.errors import UserError
+from keel.guards.spend import PeriodBudget
 
 __all__ = ["Action", "Budget", "LoopPolicy", "Policy", "Rule"]
 
@@ -73,7 +74,9 @@ class Budget:
             if f.name == "soft_ratio":
                 if not isinstance(value, int | float) or not 0 < value <= 1:
                     raise UserError(f"Budget.soft_ratio must be in (0, 1], got {value!r}.")
-            elif value is not None and (not isinstance(value, int | float) or value <= 0):
+            elif value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
                 raise UserError(
                     f"Budget.{f.name} must be greater than 0, or None to disable it; got {value!r}."
                 )
@@ -137,8 +140,11 @@ class LoopPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_repeats, int) or self.max_repeats < 2:
             raise UserError(f"LoopPolicy.max_repeats must be 2 or more, got {self.max_repeats!r}.")
-        if not isinstance(self.max_cycles, int) or self.max_cycles < 0:
-            raise UserError(f"LoopPolicy.max_cycles must be 0 or more, got {self.max_cycles!r}.")
+        if not isinstance(self.max_cycles, int) or self.max_cycles < 0 or self.max_cycles == 1:
+            raise UserError(
+                f"LoopPolicy.max_cycles must be 2 or more, or 0 to disable cycle detection; "
+                f"got {self.max_cycles!r}."
+            )
         if self.on_loop not in ("stop", "wrap_up"):
             raise UserError(
                 f"LoopPolicy.on_loop must be 'stop' or 'wrap_up', got {self.on_loop!r}."
@@ -163,6 +169,9 @@ class Policy:
     """Permission rules, first match wins, default deny. Empty: every tool call is denied."""
     loop: LoopPolicy | None = field(default_factory=LoopPolicy)
     """The loop guard; `None` disables it."""
+    period_budgets: tuple[PeriodBudget, ...] = field(default=())
+    """Per-user / per-tenant budgets per day or month, kept in the ledger
+    (`build_agent(..., ledger=Ledger(url))`)."""
 
     def __post_init__(self) -> None:
         for name in ("name", "version"):
@@ -177,6 +186,14 @@ class Policy:
                     f"resource=...), got {rule!r}."
                 )
         object.__setattr__(self, "rules", rules)
+        periods = tuple(self.period_budgets)
+        for i, budget in enumerate(periods):
+            if not isinstance(budget, PeriodBudget):
+                raise UserError(
+                    f"Policy.period_budgets[{i}] must be a PeriodBudget(scope=..., period=..., "
+                    f"usd=...), got {budget!r}."
+                )
+        object.__setattr__(self, "period_budgets", periods)
 
     @property
     def identity(self) -> str:
@@ -188,16 +205,34 @@ class Policy:
         """Build a policy from plain data (as parsed from TOML, YAML or JSON)."""
         if not isinstance(data, Mapping):
             raise UserError(f"A policy must be a mapping of fields, got {type(data).__name__}.")
-        known = {"name", "version", "budget", "rules", "loop"}
+        known = {"name", "version", "budget", "rules", "loop", "period_budgets"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"Unknown policy field(s) {unknown}; the fields are {sorted(known)}.")
-        kwargs: dict[str, Any] = {k: str(data[k]) for k in ("name", "version") if k in data}
+        kwargs: dict[str, Any] = {}
+        for key in ("name", "version"):
+            if key in data:
+                if isinstance(data[key], int) and not isinstance(data[key], bool):
+                    kwargs[key] = str(data[key])  # version = 3 is unambiguous
+                    continue
+                if not isinstance(data[key], str):
+                    raise UserError(
+                        f"Policy {key} must be a string, got {data[key]!r}: quote it in the file "
+                        f'({key} = "{data[key]}"), so that e.g. 1.10 is not read as the number 1.1.'
+                    )
+                kwargs[key] = data[key]
         if "budget" in data:
             kwargs["budget"] = _build(Budget, data["budget"], "budget")
         if "loop" in data:
             kwargs["loop"] = (
                 None if data["loop"] is None else _build(LoopPolicy, data["loop"], "loop")
+            )
+        if "period_budgets" in data:
+            raw = data["period_budgets"]
+            if not isinstance(raw, Sequence) or isinstance(raw, str):
+                raise UserError("Policy 'period_budgets' must be a list of tables/mappings.")
+            kwargs["period_budgets"] = tuple(
+                _build(PeriodBudget, b, f"period_budgets[{i}]") for i, b in enumerate(raw)
             )
         if "rules" in data:
             raw_rules = data["rules"]

@@ -6,6 +6,7 @@ The spine re-exports what most programs need; each capability lives in its subpa
 
 from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
 from keel.graphs import build_agent
+from keel.ledger import Ledger
 from keel.persistence import Persistence
 from keel.pricing import Price, PriceTable
 from keel.state import AgentState, Outcome, RunContext, Usage
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentState",
     "KeelError",
+    "Ledger",
     "ModelRequestsForbidden",
     "Outcome",
     "Persistence",

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["approval_digest", "canonical_args"]
+__all__ = ["approval_digest", "approval_key", "canonical_args"]
 
 
 def canonical_args(args: Mapping[str, Any]) -> str:
@@ -19,3 +19,13 @@ def approval_digest(tool: str, args: Mapping[str, Any], policy: str) -> str:
     """The digest an approval is stored under: sha256 of tool, canonical args and policy."""
     payload = f"{tool}\n{canonical_args(args)}\n{policy}".encode()
     return hashlib.sha256(payload).hexdigest()
+
+
+def approval_key(digest: str, tool_call_id: str, decision: str) -> str:
+    """Where a decision is stored in `state["approvals"]`.
+
+    A rejection is stored under the digest alone: that exact call can never run, whatever its
+    id. An approval is stored per call (`digest/tool_call_id`): it covers the call a human
+    saw, not later identical calls.
+    """
+    return digest if decision == "rejected" else f"{digest}/{tool_call_id}"

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
@@ -30,6 +36,7 @@ from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop
 from keel.guards.policy import Budget, LoopPolicy
+from keel.guards.spend import SpendMeter
 from keel.models import model_name_of, resolve_model
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import valid_history
@@ -68,6 +75,7 @@ def call_model(
     retry: RetryPolicy = DEFAULT_MODEL_RETRY,
     budget: Budget | None = None,
     loop: LoopPolicy | None = None,
+    meter: SpendMeter | None = None,
     reserve_steps: int = 2,
     name: str = "call_model",
 ) -> RunnableCallable:
@@ -84,6 +92,8 @@ def call_model(
         retry: LangGraph's `RetryPolicy` for transient model errors (network, 5xx, 429).
         budget: Run budget checked before each call (stop, or a soft-threshold warning).
         loop: The loop guard applied to each answer's tool calls.
+        meter: Reserves each call's estimate against per-user / per-tenant period budgets
+            before the call and settles the real cost after it.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
         name: The node's name.
@@ -131,6 +141,13 @@ def call_model(
             raise KeelError(f"The model returned {type(response).__name__}, not an AIMessage.")
         usage = _usage_of(response, table, default_name)
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
+        if response.invalid_tool_calls:
+            # Providers count these as tool calls: answer each, and let the model try again.
+            update["messages"].extend(_invalid_call_results(response))
+            if not response.tool_calls and state.get("outcome") is not None:
+                update["outcome"] = None
+            if not response.tool_calls:
+                return update
         if response.tool_calls:
             looping = (
                 detect_loop(call_sequence(state.get("messages") or [], response), loop)
@@ -139,7 +156,7 @@ def call_model(
             )
             ask = _approval_needed(response, registry, gate, context_of(runtime))
             if looping is not None and loop is not None:
-                if loop.on_loop == "wrap_up":
+                if loop.on_loop == "wrap_up" and not _over(budget, state, usage):
                     return looping
                 update["outcome"] = outcome.stopped("loop_detected", looping)
             elif ask:
@@ -172,11 +189,10 @@ def call_model(
 
     def failed(exc: BaseException, attempts: int) -> dict[str, Any]:
         log.warning("model call failed after %d attempt(s): %r", attempts, exc)
-        return {
-            "outcome": outcome.failed(
-                f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
-            )
-        }
+        detail = f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):
+            return {"outcome": outcome.stopped("timeout", detail)}
+        return {"outcome": outcome.failed(detail)}
 
     def call_sync(
         runnable: Runnable[Any, BaseMessage], messages: list[BaseMessage], config: RunnableConfig
@@ -189,7 +205,7 @@ def call_model(
             except Exception as exc:
                 if attempt == retry.max_attempts or not _should_retry(retry, exc):
                     return failed(exc, attempt)
-                time.sleep(_backoff(retry, attempt))
+                time.sleep(_backoff(retry, attempt, exc))
         raise AssertionError("unreachable")
 
     async def call_async(
@@ -203,15 +219,13 @@ def call_model(
             except Exception as exc:
                 if attempt == retry.max_attempts or not _should_retry(retry, exc):
                     return failed(exc, attempt)
-                await asyncio.sleep(_backoff(retry, attempt))
+                await asyncio.sleep(_backoff(retry, attempt, exc))
         raise AssertionError("unreachable")
 
-    def invoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    def answer(
+        turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        assert turn.messages is not None
         response = call_sync(bound, turn.messages, config)
         if isinstance(response, dict):
             return response
@@ -221,12 +235,10 @@ def call_model(
         final = call_sync(chat, [*turn.messages, _wrap_up_note(update)], config)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
-    async def ainvoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    async def aanswer(
+        turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        assert turn.messages is not None
         response = await call_async(bound, turn.messages, config)
         if isinstance(response, dict):
             return response
@@ -236,7 +248,76 @@ def call_model(
         final = await call_async(chat, [*turn.messages, _wrap_up_note(update)], config)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
+    def invoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        if meter is None:
+            return answer(turn, state, config, runtime)
+        held = meter.reserve(turn.messages, context_of(runtime), default_name)
+        if isinstance(held, str):
+            return {**turn.extra, "outcome": outcome.stopped("budget_exceeded", held)}
+        update: dict[str, Any] | None = None
+        try:
+            update = answer(turn, state, config, runtime)
+            return update
+        finally:
+            meter.settle(held, *_cost(update))
+
+    async def ainvoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        turn = prepare(state, runtime)
+        if turn.messages is None:
+            return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        if meter is None:
+            return await aanswer(turn, state, config, runtime)
+        held = await meter.areserve(turn.messages, context_of(runtime), default_name)
+        if isinstance(held, str):
+            return {**turn.extra, "outcome": outcome.stopped("budget_exceeded", held)}
+        update: dict[str, Any] | None = None
+        try:
+            update = await aanswer(turn, state, config, runtime)
+            return update
+        finally:
+            await meter.asettle(held, *_cost(update))
+
     return make_node(name, invoke, ainvoke)
+
+
+def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
+    """Whether the run's budget is spent once `usage` is added (no wrap-up turn then)."""
+    if budget is None:
+        return False
+    total = add_usage(state.get("usage") or {}, usage)
+    return check_budget(budget, total).exceeded is not None
+
+
+def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:
+    return [
+        ToolMessage(
+            content=f"Error: the arguments for {call.get('name') or 'this tool'} were not valid "
+            f"JSON ({call.get('error') or 'could not parse'}). Call the tool again with a JSON "
+            "object of arguments.",
+            tool_call_id=call.get("id") or "",
+            name=call.get("name") or "",
+            status="error",
+            response_metadata={"keel_status": "invalid_args"},
+        )
+        for call in response.invalid_tool_calls
+    ]
+
+
+def _cost(update: dict[str, Any] | None) -> tuple[float | None, int | None]:
+    """What a model turn cost, for the spend ledger; `(None, None)` when no call completed."""
+    usage = (update or {}).get("usage")
+    if not usage or not usage.get("model_calls"):
+        return None, None
+    return float(usage.get("usd", 0.0)), int(
+        usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+    )
 
 
 def _wrap_up_note(reason: str) -> HumanMessage:
@@ -280,6 +361,8 @@ def _approval_needed(
 def _should_retry(policy: RetryPolicy, exc: Exception) -> bool:
     if isinstance(exc, KeelError):
         return False
+    if isinstance(exc, TimeoutError) or _retry_after(exc) is not None:
+        return True  # LangGraph's default treats TimeoutError (an OSError) as permanent
     retry_on = policy.retry_on
     if retry_on is default_retry_on:
         return default_retry_on(exc)
@@ -290,7 +373,23 @@ def _should_retry(policy: RetryPolicy, exc: Exception) -> bool:
     return bool(retry_on(exc))
 
 
-def _backoff(policy: RetryPolicy, attempt: int) -> float:
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds a rate-limited provider asked to wait (`Retry-After`), if it said."""
+    value = getattr(exc, "retry_after", None)
+    if value is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if headers is not None and hasattr(headers, "get"):
+            value = headers.get("retry-after") or headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _backoff(policy: RetryPolicy, attempt: int, exc: BaseException | None = None) -> float:
+    asked = _retry_after(exc) if exc is not None else None
+    if asked is not None:
+        return min(policy.max_interval, asked)
     wait = min(
         policy.max_interval, policy.initial_interval * policy.backoff_factor ** (attempt - 1)
     )

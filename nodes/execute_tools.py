@@ -29,7 +29,7 @@ from langgraph.runtime import Runtime
 from pydantic import BaseModel, ValidationError
 
 from keel import outcome
-from keel.approvals import approval_digest
+from keel.approvals import approval_digest, approval_key
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
@@ -112,24 +112,37 @@ def execute_tools(
         return _within_budget(state, planned)
 
     def _within_budget(state: AgentState, planned: list[ToolMessage | _Job]) -> list[Any]:
+        """Stop the calls the budget does not allow.
+
+        When a limit is already spent (dollars, tokens, model calls: no model could read the
+        results) no call runs; past the tool-call limit, the calls that fit run.
+        """
         jobs = sum(isinstance(p, _Job) for p in planned)
         if budget is None or not jobs:
             return planned
-        verdict = check_budget(
-            budget,
-            state.get("usage") or {},
-            planned_tool_calls=jobs,
-            started_at=(state.get("clock") or {}).get("started_at"),
-        )
+        usage = state.get("usage") or {}
+        started = (state.get("clock") or {}).get("started_at")
+        verdict = check_budget(budget, usage, started_at=started)
+        allowed = 0
         if verdict.exceeded is None:
-            return planned
-        stop = outcome.stopped("budget_exceeded", verdict.exceeded)
-        return [
-            _message(p.call, f"Not run: {verdict.exceeded}.", "budget_stopped")
-            if isinstance(p, _Job)
-            else p
-            for p in planned
-        ] + [stop]
+            allowed = jobs
+            if budget.tool_calls is not None:
+                allowed = min(jobs, int(budget.tool_calls - usage.get("tool_calls", 0)))
+            if allowed >= jobs:
+                return planned
+            verdict = check_budget(
+                budget, usage, started_at=started, planned_tool_calls=allowed + 1
+            )
+        reason = verdict.exceeded or "tool-call budget exhausted"
+        out: list[Any] = []
+        for p in planned:
+            if isinstance(p, _Job):
+                if allowed > 0:
+                    allowed -= 1
+                else:
+                    p = _message(p.call, f"Not run: {reason}.", "budget_stopped")
+            out.append(p)
+        return [*out, outcome.stopped("budget_exceeded", reason)]
 
     def finish(state: AgentState, results: list[Any], ran: int) -> dict[str, Any]:
         stops = [r for r in results if not isinstance(r, ToolMessage)]
@@ -194,7 +207,10 @@ def _classify(
         rule = f" (rule: {decision.rule})" if decision.rule else ""
         return _message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
     if decision.action == "ask":
-        approval = approvals.get(approval_digest(entry.name, call["args"], policy))
+        digest = approval_digest(entry.name, call["args"], policy)
+        approval = approvals.get(digest) or approvals.get(
+            approval_key(digest, call.get("id") or "", "approved")
+        )
         if approval is None:
             return _message(
                 call,

@@ -27,8 +27,9 @@ def valid_history(messages: Sequence[AnyMessage]) -> list[BaseMessage]:
     """A copy of `messages` that every provider accepts.
 
     - system messages are merged into one, first;
-    - every tool call is followed by exactly one result, in call order (a missing result is
-      filled in with `MISSING_RESULT`, a duplicate dropped);
+    - every tool call (including one whose arguments did not parse) is followed by exactly one
+      result, in call order (a missing result is filled in with `MISSING_RESULT`, a duplicate
+      dropped);
     - results without a matching call are dropped;
     - an AI message with neither text nor tool calls gets placeholder text.
     """
@@ -46,19 +47,15 @@ def valid_history(messages: Sequence[AnyMessage]) -> list[BaseMessage]:
         if isinstance(m, SystemMessage | ToolMessage):
             continue
         if isinstance(m, AIMessage):
-            if not m.tool_calls and not m.content:
+            if not m.tool_calls and not m.invalid_tool_calls and not m.content:
                 m = m.model_copy(update={"content": "(no answer)"})
             out.append(m)
-            for tc in m.tool_calls:
-                call_id = tc.get("id") or ""
+            for call_id, name in _calls(m):
                 found = results.pop(call_id, None)
                 out.append(
                     found
                     or ToolMessage(
-                        content=MISSING_RESULT,
-                        tool_call_id=call_id,
-                        name=tc["name"],
-                        status="error",
+                        content=MISSING_RESULT, tool_call_id=call_id, name=name, status="error"
                     )
                 )
             continue
@@ -81,10 +78,16 @@ def _is_valid(messages: Sequence[AnyMessage]) -> bool:
             if i != 0:
                 return False
         elif isinstance(m, AIMessage):
-            if not m.tool_calls and not m.content:
+            if not m.tool_calls and not m.invalid_tool_calls and not m.content:
                 return False
-            expected = [tc.get("id") or "" for tc in m.tool_calls]
+            expected = [call_id for call_id, _ in _calls(m)]
     return not expected
+
+
+def _calls(message: AIMessage) -> list[tuple[str, str]]:
+    """`(id, name)` of every call a provider sees: unparsable ones first, then valid ones."""
+    invalid = [(c.get("id") or "", c.get("name") or "") for c in message.invalid_tool_calls]
+    return [*invalid, *((c.get("id") or "", c["name"]) for c in message.tool_calls)]
 
 
 def pending_tool_calls(messages: Sequence[AnyMessage]) -> tuple[int, list[ToolCall]]:

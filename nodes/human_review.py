@@ -26,7 +26,7 @@ from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
-from keel.approvals import approval_digest
+from keel.approvals import approval_digest, approval_key
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.nodes._node import context_of, make_node
@@ -82,7 +82,8 @@ def human_review(
                 continue
             decision = gate(entry, call["args"], context)
             digest = approval_digest(entry.name, call["args"], policy)
-            if decision.action != "ask" or digest in approvals:
+            approved = approval_key(digest, call.get("id") or "", "approved")
+            if decision.action != "ask" or digest in approvals or approved in approvals:
                 continue
             out.append(
                 {
@@ -205,7 +206,9 @@ def _apply(
             if answer["type"] == "edit":
                 edits[call_id] = dict(args)
             digest = approval_digest(tool, args, policy)
-            approvals[digest] = _approval(digest, tool, call_id, "approved", answer)
+            approvals[approval_key(digest, call_id, "approved")] = _approval(
+                digest, tool, call_id, "approved", answer
+            )
         elif answer["type"] == "reject":
             digest = request["digest"]
             approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)

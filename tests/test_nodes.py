@@ -689,7 +689,7 @@ async def test_approve_runs_the_tool_exactly_once(mode: str) -> None:
     assert shop.deleted == ["A1"]
     assert final["outcome"]["terminated_reason"] == "completed"
     assert final["approvals"] == {
-        DIGEST_A1: {
+        f"{DIGEST_A1}/call_0_0": {  # an approval is kept per call
             "digest": DIGEST_A1,
             "tool": "delete_order",
             "tool_call_id": "call_0_0",
@@ -719,7 +719,7 @@ async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> 
         "replaced, not added"
     )
     digest_b2 = approval_digest("delete_order", {"order_id": "B2"}, "default@1")
-    assert list(final["approvals"]) == [digest_b2]
+    assert list(final["approvals"]) == [f"{digest_b2}/call_0_0"]
     assert_valid(final["messages"])
 
 

@@ -1,0 +1,416 @@
+"""PII and secret detection and redaction: the one sanitizer for answers, logs and audit.
+
+`find_pii` finds emails, phone numbers, payment cards (Luhn), IBANs (mod-97), SSN-like numbers,
+IPv4/IPv6 addresses and API keys / secrets; `redact` replaces them; `sanitize` does the same over
+nested data (tool arguments, message content blocks, LangChain messages).
+
+Precision comes first: a number is a card only if it passes Luhn and has a card-network prefix,
+an IBAN only if its country length and mod-97 checksum match, a phone only with a leading `+` or
+the separators of a North American number. What it deliberately leaves alone is listed in
+`find_pii`'s docstring.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from langchain_core.messages import BaseMessage
+
+from keel.errors import UserError
+
+__all__ = [
+    "PII_KINDS",
+    "PiiKind",
+    "PiiMatch",
+    "find_pii",
+    "iban_valid",
+    "luhn_valid",
+    "redact",
+    "sanitize",
+]
+
+PiiKind = Literal["secret", "email", "iban", "card", "ssn", "ip", "phone"]
+"""What a match is. `secret` covers API keys, tokens, passwords and private keys."""
+
+PII_KINDS: tuple[PiiKind, ...] = ("secret", "email", "iban", "card", "ssn", "ip", "phone")
+"""Every kind, in priority order: when two matches overlap, the earlier kind wins."""
+
+Replacement = Callable[[PiiKind], str]
+T = TypeVar("T")
+
+
+def _default_replacement(kind: PiiKind) -> str:
+    return f"[{kind.upper()}]"
+
+
+@dataclass(frozen=True, slots=True)
+class PiiMatch:
+    """One piece of PII found in a text: `text[start:end] == value`."""
+
+    kind: PiiKind
+    """What was found."""
+    start: int
+    """Index of the first character."""
+    end: int
+    """Index after the last character."""
+    value: str
+    """The matched text."""
+
+
+# -- validators ------------------------------------------------------------------------------
+
+
+def luhn_valid(digits: str) -> bool:
+    """Whether a string of digits passes the Luhn checksum (payment cards)."""
+    if not digits.isdigit():
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+# ISO 13616 registry: country -> IBAN length.
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20,
+    "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18,
+    "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24,
+    "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
+    "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}  # fmt: skip
+
+
+def iban_valid(iban: str) -> bool:
+    """Whether `iban` (spaces allowed) has its country's length and a valid mod-97 checksum."""
+    compact = iban.replace(" ", "").upper()
+    if _IBAN_LENGTHS.get(compact[:2]) != len(compact) or not compact.isalnum():
+        return False
+    if not compact[2:4].isdigit():
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+def _card_network(digits: str) -> bool:
+    """Whether the number has a real card network's prefix and length (IIN ranges)."""
+    n, first2, first4 = len(digits), int(digits[:2]), int(digits[:4])
+    if digits[0] == "4":
+        return n in (13, 16, 19)  # Visa
+    if 51 <= first2 <= 55 or 2221 <= first4 <= 2720:
+        return n == 16  # Mastercard
+    if first2 in (34, 37):
+        return n == 15  # American Express
+    if digits.startswith("6011") or first2 == 65 or 644 <= int(digits[:3]) <= 649:
+        return 16 <= n <= 19  # Discover
+    if first2 == 35:
+        return 16 <= n <= 19  # JCB
+    if first2 in (36, 38, 39) or 300 <= int(digits[:3]) <= 305:
+        return 14 <= n <= 19  # Diners Club
+    if first2 == 62:
+        return 16 <= n <= 19  # UnionPay
+    if first2 == 50 or 56 <= first2 <= 69:
+        return 12 <= n <= 19  # Maestro
+    return False
+
+
+# -- patterns --------------------------------------------------------------------------------
+
+_SECRET_PATTERNS = [
+    # PEM private key blocks, also when truncated (no END line)
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?"
+    r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)",
+    r"(?<![\w-])sk-[A-Za-z0-9_-]{20,}",  # OpenAI / Anthropic (sk-proj-…, sk-ant-…)
+    r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])",  # AWS access key id
+    r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
+    r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}",
+    r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}",  # Slack
+    r"(?<![A-Za-z0-9_])[sr]k_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
+    r"(?<![\w-])AIza[0-9A-Za-z_-]{35}",  # Google API key
+    r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
+    # the token after "Bearer", the value after api_key= / password: / "secret": …
+    r"(?i:\bbearer)\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)",
+    r"(?i:\b(?:[a-z0-9]+[_-])*(?:api[_-]?key|apikey|secret(?:[_-]?(?:access[_-]?)?key)?|"
+    r"access[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|"
+    r"private[_-]?key|password|passwd|pwd|token)\b)"
+    r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"'`,;()\[\]{}<>]{6,}(?<![.]))",
+]
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    """Compile with a redaction marker (`[EMAIL]`) counting as a word at either side.
+
+    Without it, redacting one match could turn its neighbour's context from a word character
+    into `]` and expose a new match, so redacting twice would differ from redacting once.
+    """
+    return re.compile(pattern.replace("(?<![", "(?<![\\]").replace("(?![", "(?![\\["))
+
+
+_SECRETS = [_compile(p) for p in _SECRET_PATTERNS]
+
+_EMAIL = _compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-]|\.[A-Za-z0-9])"
+)
+_IBAN_START = _compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?=[ ]?[A-Z0-9])")
+_CARD = _compile(r"(?<![\w.,-])\d(?:[ -]?\d){11,18}(?![\w-]|[.,]\d)")
+_SSN = _compile(r"(?<![\w.-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|[.,]\d)")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = _compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV6 = _compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}|:)?(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.\d{1,3}){0,3}(?![\w:])"
+)
+_PHONE = _compile(
+    # international: +CC then 2-6 groups (E.164 digit count checked in code)
+    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?![\w-]|[.,]\d)"
+    # North American: (NXX) NXX-XXXX, NXX-NXX-XXXX, NXX.NXX.XXXX, 1-NXX-NXX-XXXX
+    r"|(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\)[ ]?[2-9]\d{2}[ .-]\d{4}"
+    r"|[2-9]\d{2}(?P<sep>[ .-])[2-9]\d{2}(?P=sep)\d{4})(?![\w-]|[.,]\d)"
+)
+
+
+def _secret_spans(text: str) -> Iterator[tuple[int, int]]:
+    for pattern in _SECRETS:
+        for m in pattern.finditer(text):
+            yield m.span("secret") if "secret" in pattern.groupindex else m.span()
+
+
+def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _IBAN_START.finditer(text):
+        length = _IBAN_LENGTHS.get(m.group()[:2])
+        if length is None:
+            continue
+        i, count = m.end(), 4
+        while count < length and i < len(text):
+            if text[i] == " " and i + 1 < len(text) and text[i + 1] != " ":
+                i += 1
+            if not (text[i].isascii() and (text[i].isdigit() or text[i].isupper())):
+                break
+            i, count = i + 1, count + 1
+        at_end = not (i < len(text) and (text[i].isalnum() or text[i] == "["))
+        if count == length and at_end and iban_valid(text[m.start() : i]):
+            yield m.start(), i
+
+
+def _card_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _CARD.finditer(text):
+        value = m.group()
+        separators = {ch for ch in value if not ch.isdigit()}
+        groups = re.split(r"[ -]", value)
+        if len(separators) > 1 or (separators and min(len(g) for g in groups) < 3):
+            continue
+        digits = "".join(groups)
+        if len(set(digits)) > 1 and _card_network(digits) and luhn_valid(digits):
+            yield m.span()
+
+
+def _ip_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _IPV4.finditer(text):
+        yield m.span()
+    for m in _IPV6.finditer(text):
+        value = m.group()
+        if not any(ch.isdigit() for ch in value) or value.count(":") < 2:
+            continue
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            continue
+        yield m.span()
+
+
+def _phone_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _PHONE.finditer(text):
+        if not m.group().startswith("+"):
+            yield m.span()
+            continue
+        # E.164 has at most 15 digits (11 for +1): drop trailing groups that belong to
+        # something else, e.g. a year after the number
+        limit = 11 if re.match(r"\+1(?!\d)", m.group()) else 15
+        digits, end = 0, m.start()
+        for group in re.finditer(r"\d+\)?", m.group()):
+            if digits + sum(ch.isdigit() for ch in group.group()) > limit:
+                break
+            digits += sum(ch.isdigit() for ch in group.group())
+            end = m.start() + group.end()
+        if digits >= 8:
+            yield m.start(), end
+
+
+def _simple(pattern: re.Pattern[str]) -> Callable[[str], Iterator[tuple[int, int]]]:
+    def spans(text: str) -> Iterator[tuple[int, int]]:
+        for m in pattern.finditer(text):
+            yield m.span()
+
+    return spans
+
+
+_FINDERS: dict[PiiKind, Callable[[str], Iterator[tuple[int, int]]]] = {
+    "secret": _secret_spans,
+    "email": _simple(_EMAIL),
+    "iban": _iban_spans,
+    "card": _card_spans,
+    "ssn": _simple(_SSN),
+    "ip": _ip_spans,
+    "phone": _phone_spans,
+}
+
+
+# -- the public API ----------------------------------------------------------------------------
+
+
+def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[PiiMatch]:
+    """Every piece of PII in `text`, in order, without overlaps.
+
+    When two candidates overlap, the kind earlier in `PII_KINDS` wins (a secret over an email,
+    an IBAN over a phone), then the longer one.
+
+    Deliberately not caught (precision over recall):
+
+    - phone numbers without a leading `+` unless written as a North American number with
+      separators (`(415) 555-0199`, `415-555-0199`, `415.555.0199`); bare digit runs, national
+      formats such as `030 1234567`, and NANP numbers whose area code or exchange starts with
+      0 or 1 (`123-456-7890`);
+    - card numbers that fail Luhn, have no card-network prefix, mix separators, or are split
+      into groups shorter than 3 digits;
+    - IBANs in lower case, with a wrong checksum, or from countries not in the registry;
+    - SSNs written without dashes, or with area 000, 666 or 9xx;
+    - secrets without a known prefix or a `key=value` / `Bearer` context (e.g. a bare 40-char
+      AWS secret key), and values shorter than 6 characters;
+    - names, postal addresses and dates of birth.
+
+    Args:
+        text: The text to scan.
+        kinds: Only these kinds (all when None).
+    """
+    wanted = _check_kinds(kinds)
+    candidates: list[tuple[int, int, int, PiiKind]] = []
+    for rank, kind in enumerate(PII_KINDS):
+        if kind in wanted:
+            candidates.extend((rank, start, end, kind) for start, end in _FINDERS[kind](text))
+    candidates.sort(key=lambda c: (c[0], c[1] - c[2], c[1]))
+    taken: list[PiiMatch] = []
+    for _, start, end, kind in candidates:
+        if start < end and all(end <= t.start or start >= t.end for t in taken):
+            taken.append(PiiMatch(kind, start, end, text[start:end]))
+    return sorted(taken, key=lambda m: m.start)
+
+
+def redact(
+    text: str,
+    *,
+    kinds: Collection[PiiKind] | None = None,
+    replacement: Replacement = _default_replacement,
+) -> str:
+    """`text` with every piece of PII replaced by `replacement(kind)` (default `[EMAIL]`, …).
+
+    Example:
+        ```python
+        redact("Mail jane@example.com or call +44 20 7946 0958")
+        #> 'Mail [EMAIL] or call [PHONE]'
+        ```
+    """
+    matches = find_pii(text, kinds=kinds)
+    if not matches:
+        return text
+    parts: list[str] = []
+    last = 0
+    for m in matches:
+        parts.append(text[last : m.start])
+        parts.append(replacement(m.kind))
+        last = m.end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+def sanitize(
+    value: T,
+    *,
+    kinds: Collection[PiiKind] | None = None,
+    replacement: Replacement = _default_replacement,
+) -> T:
+    """A copy of `value` with PII redacted in every string inside it.
+
+    Walks dicts (values, not keys), lists, tuples (named tuples too), sets and LangChain
+    messages (content, tool-call and invalid-tool-call arguments). Binary payloads of content
+    blocks (`data`/`base64` of image, audio and file blocks, `data:` URLs) are left intact. An
+    int whose digits are a card number becomes the replacement string. Other values are
+    returned as they are.
+
+    Example:
+        ```python
+        sanitize({"to": "jane@example.com", "cc": ["+1 415 555 0199"], "n": 3})
+        #> {'to': '[EMAIL]', 'cc': ['[PHONE]'], 'n': 3}
+        ```
+    """
+    _check_kinds(kinds)
+    return _Sanitizer(kinds, replacement).walk(value)  # type: ignore[no-any-return]
+
+
+_BINARY_KEYS = frozenset({"data", "base64"})
+_BINARY_BLOCKS = frozenset(
+    {"image", "image_url", "audio", "input_audio", "video", "file", "document", "input_file"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sanitizer:
+    kinds: Collection[PiiKind] | None
+    replacement: Replacement
+
+    def walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.startswith("data:") and ";base64," in value[:100]:
+                return value
+            return redact(value, kinds=self.kinds, replacement=self.replacement)
+        if isinstance(value, bool | float) or value is None:
+            return value
+        if isinstance(value, int):
+            text = str(value)
+            found = find_pii(text, kinds=self.kinds)
+            if found and found[0].start == 0 and found[0].end == len(text):
+                return self.replacement(found[0].kind)
+            return value
+        if isinstance(value, dict):
+            binary = value.get("type") in _BINARY_BLOCKS
+            return {
+                k: v if binary and k in _BINARY_KEYS else self.walk(v) for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [self.walk(v) for v in value]
+        if isinstance(value, tuple):
+            items = [self.walk(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        if isinstance(value, set | frozenset):
+            return type(value)(self.walk(v) for v in value)
+        if isinstance(value, BaseMessage):
+            return self._message(value)
+        return value
+
+    def _message(self, message: BaseMessage) -> BaseMessage:
+        update: dict[str, Any] = {"content": self.walk(message.content)}
+        for field in ("tool_calls", "invalid_tool_calls"):
+            calls = getattr(message, field, None)
+            if calls:
+                update[field] = [{**c, "args": self.walk(c.get("args"))} for c in calls]
+        return message.model_copy(update=update)
+
+
+def _check_kinds(kinds: Collection[PiiKind] | None) -> Collection[PiiKind]:
+    if kinds is None:
+        return PII_KINDS
+    if isinstance(kinds, str):
+        raise UserError(f"kinds must be a collection of kinds, e.g. [{kinds!r}], not a string.")
+    unknown = sorted(set(kinds) - set(PII_KINDS))
+    if unknown:
+        raise UserError(f"kinds has unknown PII kinds {unknown}; use some of {list(PII_KINDS)}.")
+    return frozenset(kinds)

@@ -1,0 +1,220 @@
+"""Per-user and per-tenant budgets per period (day / calendar month), kept in the ledger.
+
+Before each model call keel *reserves* an estimate (the messages' tokens plus a reserve for the
+answer, priced by the price table) against every period budget of the run's user and tenant, in
+one transaction that locks the budget rows; after the call it *settles*: the reservation is
+replaced by what the call really cost (`usage_metadata`). So concurrent runs of one user can
+never spend more than the budget plus the estimates in flight, whatever the interleaving. A
+process that dies between the two leaves a reservation that expires after `reservation_ttl`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from langchain_core.messages import BaseMessage
+
+from keel.errors import UserError
+from keel.ledger import Flow, Ledger
+from keel.pricing import PriceTable
+from keel.state import RunContext
+
+__all__ = ["PeriodBudget", "Reservation", "SpendMeter", "estimate_tokens"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeriodBudget:
+    """A budget per user or per tenant per period, shared by all their runs."""
+
+    scope: Literal["user", "tenant"] = "user"
+    """Whose spend: the run's user (within its tenant), or the whole tenant."""
+    period: Literal["day", "month"] = "month"
+    """The period the budget renews: UTC calendar day or calendar month."""
+    usd: float | None = None
+    """US dollars per period; `None` disables it."""
+    tokens: int | None = None
+    """Tokens (input + output) per period; `None` disables it."""
+    reserve_output_tokens: int = 1024
+    """Output tokens reserved for each call's answer until its real usage is known."""
+    reservation_ttl: float = 900.0
+    """Seconds a reservation holds if its run never settles it (the process died)."""
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("user", "tenant"):
+            raise UserError(f"PeriodBudget.scope must be 'user' or 'tenant', got {self.scope!r}.")
+        if self.period not in ("day", "month"):
+            raise UserError(f"PeriodBudget.period must be 'day' or 'month', got {self.period!r}.")
+        if self.usd is None and self.tokens is None:
+            raise UserError("PeriodBudget needs a limit: set usd=… and/or tokens=….")
+        for name in ("usd", "tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise UserError(f"PeriodBudget.{name} must be greater than 0, got {value!r}.")
+        if self.reserve_output_tokens < 0 or self.reservation_ttl <= 0:
+            raise UserError(
+                "PeriodBudget.reserve_output_tokens must be ≥ 0 and reservation_ttl > 0."
+            )
+
+    def key(self, context: RunContext, now: float) -> tuple[str, str]:
+        """The ledger row of this budget for `context` at `now`: `(scope key, period)`."""
+        when = datetime.fromtimestamp(now, UTC)
+        period = when.strftime("%Y-%m-%d" if self.period == "day" else "%Y-%m")
+        who = (
+            f"user:{context.tenant_id}/{context.user_id}"
+            if self.scope == "user"
+            else f"tenant:{context.tenant_id}"
+        )
+        return who, period
+
+    def label(self) -> str:
+        """`user monthly` / `tenant daily`."""
+        return f"{self.scope} {'daily' if self.period == 'day' else 'monthly'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a model call holds against its period budgets until it settles."""
+
+    rows: tuple[tuple[str, str, str], ...]
+    """`(reservation id, scope key, period)` per budget."""
+    usd: float
+    tokens: int
+
+
+def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
+    """A generous estimate of a request's input tokens: about 4 characters a token."""
+    chars = 0
+    for m in messages:
+        chars += len(str(m.content)) + 16
+        chars += sum(
+            len(str(tc.get("args"))) + len(tc["name"]) for tc in getattr(m, "tool_calls", [])
+        )
+    return chars // 4 + 4 * len(messages) + 16
+
+
+def reserve_flow(
+    budgets: Sequence[PeriodBudget],
+    context: RunContext,
+    usd: float,
+    tokens: int,
+    now: float,
+) -> Flow[Reservation | str]:
+    """Check every budget and, if all allow it, reserve `usd` / `tokens` against each.
+
+    Returns the `Reservation`, or why the call may not run. Rows are locked in key order, so
+    concurrent reservations cannot deadlock.
+    """
+    keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
+    for (scope_key, period), budget in keyed:
+        yield (
+            "INSERT INTO keel_spend (scope_key, period) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (scope_key, period),
+        )
+        ((spent_usd, spent_tokens),) = yield (
+            "SELECT spent_usd, spent_tokens FROM keel_spend "
+            "WHERE scope_key = ? AND period = ? {for_update}",
+            (scope_key, period),
+        )
+        ((held_usd, held_tokens),) = yield (
+            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
+            "WHERE scope_key = ? AND period = ? AND expires_at > ?",
+            (scope_key, period, now),
+        )
+        if budget.usd is not None and spent_usd + held_usd + usd > budget.usd:
+            return (
+                f"Exceeded the {budget.label()} usd budget of {budget.usd:g} "
+                f"(spent={spent_usd:.6g}, reserved={held_usd:.6g}, this call≈{usd:.6g})"
+            )
+        if budget.tokens is not None and spent_tokens + held_tokens + tokens > budget.tokens:
+            return (
+                f"Exceeded the {budget.label()} tokens budget of {budget.tokens} "
+                f"(spent={spent_tokens}, reserved={held_tokens}, this call≈{tokens})"
+            )
+    rows = []
+    for (scope_key, period), budget in keyed:
+        rid = uuid.uuid4().hex
+        yield (
+            "INSERT INTO keel_reservations (id, scope_key, period, usd, tokens, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (rid, scope_key, period, usd, tokens, now + budget.reservation_ttl),
+        )
+        rows.append((rid, scope_key, period))
+    return Reservation(tuple(rows), usd, tokens)
+
+
+def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None) -> Flow[None]:
+    """Replace a reservation by what the call cost; `None` releases it (the call failed)."""
+    for rid, scope_key, period in sorted(reservation.rows, key=lambda r: (r[1], r[2])):
+        deleted = yield ("DELETE FROM keel_reservations WHERE id = ? RETURNING id", (rid,))
+        if usd is None:
+            continue
+        # Settle even when the reservation expired meanwhile (deleted == []): the call happened.
+        del deleted
+        yield (
+            "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
+            "WHERE scope_key = ? AND period = ?",
+            (usd, tokens or 0, scope_key, period),
+        )
+
+
+def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tuple[float, int]]:
+    """What the budget's row has spent so far: `(usd, tokens)`."""
+    scope_key, period = budget.key(context, now)
+    rows = yield (
+        "SELECT spent_usd, spent_tokens FROM keel_spend WHERE scope_key = ? AND period = ?",
+        (scope_key, period),
+    )
+    return (float(rows[0][0]), int(rows[0][1])) if rows else (0.0, 0)
+
+
+class SpendMeter:
+    """Reserves and settles model calls against period budgets (used inside `call_model`)."""
+
+    def __init__(
+        self, ledger: Ledger, budgets: Sequence[PeriodBudget], prices: PriceTable | None = None
+    ) -> None:
+        if not isinstance(ledger, Ledger):
+            raise UserError(f"SpendMeter needs a keel.Ledger, got {type(ledger).__name__}.")
+        self.ledger = ledger
+        self.budgets = tuple(budgets)
+        self.prices = prices or PriceTable()
+        self._reserve_out = max(b.reserve_output_tokens for b in self.budgets)
+
+    def _estimate(self, messages: Sequence[BaseMessage], model_name: str) -> tuple[float, int]:
+        tokens_in = estimate_tokens(messages)
+        usage = {"input_tokens": tokens_in, "output_tokens": self._reserve_out}
+        return self.prices.cost(model_name, usage), tokens_in + self._reserve_out
+
+    def reserve(
+        self, messages: Sequence[BaseMessage], context: RunContext, model_name: str
+    ) -> Reservation | str:
+        """Reserve the call's estimate, or say why it may not run."""
+        usd, tokens = self._estimate(messages, model_name)
+        return self.ledger.run(reserve_flow(self.budgets, context, usd, tokens, time.time()))
+
+    async def areserve(
+        self, messages: Sequence[BaseMessage], context: RunContext, model_name: str
+    ) -> Reservation | str:
+        """Reserve the call's estimate, or say why it may not run (async)."""
+        usd, tokens = self._estimate(messages, model_name)
+        flow = reserve_flow(self.budgets, context, usd, tokens, time.time())
+        return await self.ledger.arun(flow)
+
+    def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
+        """Record the call's real cost (or release the reservation with `usd=None`)."""
+        self.ledger.run(settle_flow(reservation, usd, tokens))
+
+    async def asettle(
+        self, reservation: Reservation, usd: float | None, tokens: int | None
+    ) -> None:
+        """Record the call's real cost (or release the reservation with `usd=None`), async."""
+        await self.ledger.arun(settle_flow(reservation, usd, tokens))
+
+    def spent(self, budget: PeriodBudget, context: RunContext) -> tuple[float, int]:
+        """`(usd, tokens)` spent in the current period of `budget` for `context`."""
+        return self.ledger.run(spent_flow(budget, context, time.time()))
