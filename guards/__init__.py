@@ -11,10 +11,15 @@
   the content guards; `find_pii`, `redact`, `sanitize`: the one PII sanitizer for answers,
   logs and audit.
 - `Gate`, `GateDecision`, `approval_gate`: the seam where allow / ask / deny is decided per call.
+- `RateLimit`, `RateLimiter` → `RateLimited`: RPM / TPM token buckets per model and per tenant,
+  shared across processes through the ledger.
+- `BreakerPolicy`, `CircuitBreaker` → `CircuitOpen`, `BreakerTransition`: circuit breakers per
+  model and per tool, shared through the ledger.
 
 Checks that only allow or stop run inside the node they guard, so they add no superstep.
 """
 
+from keel.guards.breaker import BreakerPolicy, BreakerTransition, CircuitBreaker, CircuitOpen
 from keel.guards.budget import BudgetVerdict, check_budget
 from keel.guards.content import (
     ContentFinding,
@@ -29,11 +34,16 @@ from keel.guards.loop import detect_loop
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.pii import PiiMatch, find_pii, redact, sanitize
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
+from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.spend import PeriodBudget, SpendMeter
 
 __all__ = [
+    "BreakerPolicy",
+    "BreakerTransition",
     "Budget",
     "BudgetVerdict",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ContentFinding",
     "ContentVerdict",
     "Gate",
@@ -45,6 +55,9 @@ __all__ = [
     "PermissionMatrix",
     "PiiMatch",
     "Policy",
+    "RateLimit",
+    "RateLimited",
+    "RateLimiter",
     "Rule",
     "SpendMeter",
     "approval_gate",

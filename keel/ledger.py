@@ -50,6 +50,19 @@ SCHEMA = (
         expires_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS keel_reservations_scope ON keel_reservations (scope_key, period)",
+    """CREATE TABLE IF NOT EXISTS keel_rate_buckets (
+        key TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS keel_breakers (
+        key TEXT PRIMARY KEY,
+        state TEXT NOT NULL DEFAULT 'closed',
+        failures INTEGER NOT NULL DEFAULT 0,
+        successes INTEGER NOT NULL DEFAULT 0,
+        opened_at DOUBLE PRECISION,
+        window_start DOUBLE PRECISION
+    )""",
 )
 
 

@@ -1,0 +1,353 @@
+"""Circuit breakers per model and per tool, their state shared by every process via the ledger.
+
+closed → open after `failure_threshold` failures within `window_seconds` (a window opened by
+the first failure) → half-open once `cooldown_seconds` have passed (the next `before` lets
+calls through again) → closed after `success_threshold` successes; a failure while half-open
+opens it again. While open, `before` raises `CircuitOpen` at once: the caller fails fast and
+moves to its fallback.
+
+The pieces, from pure to I/O:
+
+- `next_state(state, event, now, policy)`: every transition, a pure function;
+- `breaker_flow`: the ledger transaction around it (`keel_breakers`, the row locked only when
+  the state changes, so the common path — a closed breaker — writes nothing);
+- `CircuitBreaker.before` / `record` (and `abefore` / `arecord`): thin drivers. Both return
+  the `BreakerTransition` they caused, or `None`, for the audit log.
+
+!!! note
+    Half-open lets every call through (no single trial call): the first failure reopens it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from keel.errors import KeelError, UserError
+from keel.ledger import Flow, Ledger
+
+__all__ = [
+    "BreakerEvent",
+    "BreakerPolicy",
+    "BreakerState",
+    "BreakerTransition",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "State",
+    "breaker_flow",
+    "is_outage",
+    "next_state",
+]
+
+State = Literal["closed", "open", "half_open"]
+"""A breaker's state."""
+BreakerEvent = Literal["before", "success", "failure"]
+"""What happened: a call is about to start, or one finished well or badly."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerPolicy:
+    """When a circuit breaker opens, how long it stays open, and what closes it again.
+
+    Example:
+        ```python
+        BreakerPolicy(failure_threshold=5, window_seconds=60, cooldown_seconds=30)
+        ```
+    """
+
+    failure_threshold: int = 5
+    """Failures within `window_seconds` that open the breaker."""
+    window_seconds: float = 60.0
+    """The window failures are counted in, starting at the first failure."""
+    cooldown_seconds: float = 30.0
+    """Seconds an open breaker fails fast before it lets calls through again (half-open)."""
+    success_threshold: int = 2
+    """Successes in a row, while half-open, that close the breaker."""
+
+    def __post_init__(self) -> None:
+        for name in ("failure_threshold", "success_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"BreakerPolicy.{name} must be 1 or more, got {value!r}.")
+        for name in ("window_seconds", "cooldown_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise UserError(
+                    f"BreakerPolicy.{name} must be greater than 0 (seconds), got {value!r}."
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """One breaker's row."""
+
+    state: State = "closed"
+    """closed (calls run), open (calls fail fast) or half_open (calls run on trial)."""
+    failures: int = 0
+    """Failures counted in the current window (closed), or that opened it (open)."""
+    successes: int = 0
+    """Successes while half-open."""
+    opened_at: float | None = None
+    """Unix time the breaker last opened."""
+    window_start: float | None = None
+    """Unix time of the first failure of the current window (closed)."""
+
+    def retry_at(self, policy: BreakerPolicy) -> float | None:
+        """When an open breaker half-opens; `None` unless open."""
+        if self.state != "open" or self.opened_at is None:
+            return None
+        return self.opened_at + policy.cooldown_seconds
+
+
+_CLOSED = BreakerState()
+
+
+def next_state(
+    state: BreakerState, event: BreakerEvent, now: float, policy: BreakerPolicy
+) -> BreakerState:
+    """The breaker's state after `event` at `now` (the same object when nothing changes).
+
+    After `before`, the call may run unless the result is open.
+    """
+    if state.state == "closed":
+        if event != "failure":
+            return state
+        fresh = state.window_start is None or now - state.window_start >= policy.window_seconds
+        failures = 1 if fresh else state.failures + 1
+        start = now if fresh else state.window_start
+        if failures >= policy.failure_threshold:
+            return BreakerState("open", failures, 0, opened_at=now, window_start=start)
+        return replace(state, failures=failures, window_start=start)
+    if state.state == "open":
+        retry_at = state.retry_at(policy)
+        if event == "before" and (retry_at is None or now >= retry_at):
+            return BreakerState("half_open", 0, 0, opened_at=state.opened_at)
+        return state  # still cooling down; results of calls started before it opened are stale
+    if event == "failure":
+        return BreakerState("open", state.failures + 1, 0, opened_at=now)
+    if event == "success":
+        if state.successes + 1 >= policy.success_threshold:
+            return _CLOSED
+        return replace(state, successes=state.successes + 1)
+    return state
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    """A breaker changed state: a record for the audit log."""
+
+    key: str
+    """The breaker, e.g. `model:gpt-4o` or `tool:lookup_order`."""
+    before: State
+    """The state it left."""
+    after: State
+    """The state it entered."""
+    at: float
+    """Unix time of the change."""
+    reason: str
+    """Why, in words: `5 failures within 60 s`."""
+
+
+def _reason(old: BreakerState, new: BreakerState, policy: BreakerPolicy) -> str:
+    if new.state == "open" and old.state == "half_open":
+        return "a call failed while half-open"
+    if new.state == "open":
+        return f"{new.failures} failures within {policy.window_seconds:g} s"
+    if new.state == "half_open":
+        return f"cool-down of {policy.cooldown_seconds:g} s over"
+    return f"{policy.success_threshold} successes while half-open"
+
+
+class CircuitOpen(KeelError):
+    """A call was refused because its circuit breaker is open: fail fast, use the fallback."""
+
+    def __init__(self, key: str, retry_at: float, *, retry_after: float) -> None:
+        self.key = key
+        """The breaker, e.g. `model:gpt-4o`."""
+        self.retry_at = retry_at
+        """Unix time the breaker half-opens and lets calls through again."""
+        self.retry_after = retry_after
+        """Seconds until then, when the call was refused."""
+        super().__init__(
+            f"Circuit breaker {key!r} is open: calls fail fast until it half-opens in "
+            f"{retry_after:.2f} s. Fall back to another model or tool, or retry after that."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable across processes
+        return (_circuit_open, (self.key, self.retry_at, self.retry_after))
+
+
+def _circuit_open(key: str, retry_at: float, retry_after: float) -> CircuitOpen:
+    return CircuitOpen(key, retry_at, retry_after=retry_after)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed call counts against its breaker: timeouts, connection errors, 5xx.
+
+    Client errors (HTTP 4xx, including 429: the provider is up and asks to slow down) and
+    keel's own errors do not; other exceptions (an SDK's connection error) do.
+    """
+    if isinstance(exc, KeelError):
+        return False
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 408
+    return True
+
+
+# -- the ledger flow ---------------------------------------------------------------------------
+
+_COLUMNS = "state, failures, successes, opened_at, window_start"
+
+
+def _row(rows: list[tuple[Any, ...]]) -> BreakerState:
+    if not rows:
+        return _CLOSED
+    ((state, failures, successes, opened_at, window_start),) = rows
+    return BreakerState(
+        state,
+        int(failures),
+        int(successes),
+        None if opened_at is None else float(opened_at),
+        None if window_start is None else float(window_start),
+    )
+
+
+def breaker_flow(
+    key: str, event: BreakerEvent, now: float, policy: BreakerPolicy
+) -> Flow[tuple[BreakerState, BreakerState]]:
+    """Apply `event` to the breaker `key`: `(state before, state after)`.
+
+    The row is read without a lock; only when the state would change is it locked (created if
+    new), the transition recomputed on the locked row, and written.
+    """
+    select = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?"
+    old = _row((yield select, (key,)))
+    if next_state(old, event, now, policy) == old:
+        return old, old
+    rows = yield select + " {for_update}", (key,)
+    if not rows:
+        yield "INSERT INTO keel_breakers (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
+        rows = yield select + " {for_update}", (key,)
+    old = _row(rows)
+    new = next_state(old, event, now, policy)
+    if new != old:
+        yield (
+            "UPDATE keel_breakers SET state = ?, failures = ?, successes = ?, opened_at = ?, "
+            "window_start = ? WHERE key = ?",
+            (new.state, new.failures, new.successes, new.opened_at, new.window_start, key),
+        )
+    return old, new
+
+
+# -- the breaker: one decision, two thin drivers -----------------------------------------------
+
+
+class CircuitBreaker:
+    """Circuit breakers by key (`model:<name>`, `tool:<name>`), shared through the ledger.
+
+    Call `before(key)` right before a call (it raises `CircuitOpen` while the breaker is open)
+    and `record(key, ok)` after it. Both return the `BreakerTransition` they caused, or `None`.
+
+    Example:
+        ```python
+        breaker = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=3))
+        breaker.before("model:gpt-4o")  # raises CircuitOpen while open
+        try:
+            answer = model.invoke(messages)
+        except Exception as exc:
+            breaker.record("model:gpt-4o", ok=not is_outage(exc))
+            raise
+        breaker.record("model:gpt-4o", ok=True)
+        ```
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        policy: BreakerPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(ledger, Ledger):
+            raise UserError(f"CircuitBreaker needs a keel.Ledger, got {type(ledger).__name__}.")
+        if policy is not None and not isinstance(policy, BreakerPolicy):
+            raise UserError(f"CircuitBreaker policy must be a BreakerPolicy(...), got {policy!r}.")
+        self.ledger = ledger
+        self.policy = policy or BreakerPolicy()
+        self._clock = clock
+
+    def _start(self, key: str) -> float:
+        if not isinstance(key, str) or not key:
+            raise UserError(f"A circuit breaker key must be a non-empty string, got {key!r}.")
+        return self._clock()
+
+    def _transition(
+        self, key: str, now: float, change: tuple[BreakerState, BreakerState]
+    ) -> BreakerTransition | None:
+        old, new = change
+        if new.state == old.state:
+            return None
+        return BreakerTransition(key, old.state, new.state, now, _reason(old, new, self.policy))
+
+    def _allowed(
+        self, key: str, now: float, change: tuple[BreakerState, BreakerState]
+    ) -> BreakerTransition | None:
+        retry_at = change[1].retry_at(self.policy)
+        if retry_at is not None:  # still open after `before`: refused
+            raise CircuitOpen(key, retry_at, retry_after=max(0.0, retry_at - now))
+        return self._transition(key, now, change)
+
+    def before(self, key: str) -> BreakerTransition | None:
+        """Let a call through, or raise `CircuitOpen` while the breaker is open.
+
+        Raises:
+            CircuitOpen: the breaker is open and still cooling down.
+        """
+        now = self._start(key)
+        change = self.ledger.run(breaker_flow(key, "before", now, self.policy))
+        return self._allowed(key, now, change)
+
+    async def abefore(self, key: str) -> BreakerTransition | None:
+        """Let a call through, or raise `CircuitOpen` while the breaker is open (async).
+
+        Raises:
+            CircuitOpen: the breaker is open and still cooling down.
+        """
+        now = self._start(key)
+        change = await self.ledger.arun(breaker_flow(key, "before", now, self.policy))
+        return self._allowed(key, now, change)
+
+    def record(self, key: str, ok: bool) -> BreakerTransition | None:
+        """Record a call's result; returns the transition it caused, if any."""
+        now = self._start(key)
+        change = self.ledger.run(breaker_flow(key, _event(ok), now, self.policy))
+        return self._transition(key, now, change)
+
+    async def arecord(self, key: str, ok: bool) -> BreakerTransition | None:
+        """Record a call's result; returns the transition it caused, if any (async)."""
+        now = self._start(key)
+        change = await self.ledger.arun(breaker_flow(key, _event(ok), now, self.policy))
+        return self._transition(key, now, change)
+
+    def state(self, key: str) -> BreakerState:
+        """The breaker's current row (closed when it has none)."""
+        return self.ledger.run(_read_flow(key))
+
+    async def astate(self, key: str) -> BreakerState:
+        """The breaker's current row (closed when it has none), async."""
+        return await self.ledger.arun(_read_flow(key))
+
+
+def _event(ok: bool) -> BreakerEvent:
+    if not isinstance(ok, bool):
+        raise UserError(f"CircuitBreaker.record(ok=...) must be True or False, got {ok!r}.")
+    return "success" if ok else "failure"
+
+
+def _read_flow(key: str) -> Flow[BreakerState]:
+    return _row((yield f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)))
