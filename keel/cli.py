@@ -4,6 +4,7 @@
     keel run "task" [--model M] [--thread ID] [--user U] [--db URL] [--approve | --reject]
     keel run --thread ID            resume a thread waiting for approval
     keel threads [--db URL] [--limit N]
+    keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
@@ -20,6 +21,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, TextIO, cast
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -40,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `keel` command. Returns the exit code."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "threads" and args.threads_command == "prune":
+            return _threads_prune(args)
         if args.command == "threads":
             return _threads(args)
         if args.command == "db":
@@ -79,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     threads = sub.add_parser("threads", help="list stored threads with their outcome")
     threads.add_argument("--db", default=None, help=db_help)
     threads.add_argument("--limit", type=int, default=20)
+    threads_sub = threads.add_subparsers(dest="threads_command")
+    prune = threads_sub.add_parser("prune", help="delete old checkpoints and idle threads")
+    prune.add_argument("--keep", type=int, default=None, help="checkpoints kept per thread")
+    prune.add_argument("--idle-days", type=float, default=None, help="delete threads idle longer")
+    prune.add_argument("--dry-run", action="store_true", help="report what would go; delete none")
+    prune.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["setup"])
     db.add_argument("--db", default=None, help=db_help)
@@ -258,6 +268,19 @@ def _threads(args: argparse.Namespace) -> int:
         status = "waiting" if row.next else result.get("status", "-")
         reason = result.get("terminated_reason", "-")
         print(f"{row.thread_id:<24} {row.updated_at or '-':<32} {status:<12} {reason}")
+    return 0
+
+
+def _threads_prune(args: argparse.Namespace) -> int:
+    if args.keep is None and args.idle_days is None:
+        raise KeelError("threads prune needs --keep N and/or --idle-days D (see --help).")
+    idle = None if args.idle_days is None else timedelta(days=args.idle_days)
+    report = Persistence(args.db).prune(keep_last=args.keep, idle_ttl=idle, dry_run=args.dry_run)
+    print(f"keel: {'dry run: ' if report.dry_run else ''}{report.summary()}")
+    for thread_id in report.threads_deleted:
+        print(f"  {'would delete' if report.dry_run else 'deleted'} {thread_id}")
+    for thread_id, reason in report.threads_skipped:
+        print(f"  skipped {thread_id}: {reason}")
     return 0
 
 

@@ -1,9 +1,12 @@
 """Persistence from one URL: a LangGraph checkpointer on SQLite (embedded) or PostgreSQL.
 
 `sqlite:///.keel/keel.db` is the default; `postgresql://user@host/db` is for production. For
-PostgreSQL keel keeps a `psycopg_pool` pool with health checks, runs `setup()` once per process
-per URL (retrying when several processes race to create the tables), and turns an unreachable
-server or a schema that was never set up into a `SetupError` that says what to do.
+PostgreSQL keel keeps a `psycopg_pool` pool with health checks that replace dead connections
+at once, runs `setup()` once per process per URL (retrying when several processes race to
+create the tables), and turns an unreachable server or a schema that was never set up into a
+`SetupError` that says what to do. The async checkpointer is
+`keel.checkpoint.AsyncPooledPostgresSaver`: a pool connection per call (no global lock) and
+group commits.
 
 Example:
     ```python
@@ -25,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -40,9 +44,11 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from keel.checkpoint import AsyncPooledPostgresSaver
+from keel.checkpoint.retention import Flow, PruneReport, Result, arun_prune, prune_flow, run_prune
 from keel.errors import SetupError, UserError
 
-__all__ = ["Persistence", "ThreadSummary", "default_db_url"]
+__all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
 
 DEFAULT_DB_URL = "sqlite:///.keel/keel.db"
 """The URL used when neither an argument nor `KEEL_DB_URL` names one."""
@@ -199,7 +205,7 @@ class Persistence:
             return
         await self._aready(self._plan())
         async with self._apg_pool() as pool:
-            yield AsyncPostgresSaver(pool)
+            yield AsyncPooledPostgresSaver(pool)
 
     def setup(self) -> None:
         """Create the checkpoint tables, or migrate them to this LangGraph version (idempotent).
@@ -240,7 +246,74 @@ class Persistence:
             tuples = [(tid, saver.get_tuple({"configurable": {"thread_id": tid}})) for tid in ids]
         return [_summarize(tid, tup) for tid, tup in tuples if tup is not None]
 
+    def prune(
+        self,
+        *,
+        keep_last: int | None = None,
+        idle_ttl: timedelta | float | None = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Delete old checkpoints: keep the latest `keep_last` per thread, drop idle threads.
+
+        Each thread is pruned in its own transaction. A pending `interrupt()` survives (it
+        lives in the latest checkpoint's writes, and idle threads waiting on one are kept), so
+        the thread resumes with identical state. See `keel.checkpoint.retention`.
+
+        Args:
+            keep_last: Checkpoints to keep per thread and namespace (at least 1); `None`
+                trims nothing.
+            idle_ttl: Delete threads whose newest checkpoint is older than this (seconds or a
+                `timedelta`); `None` deletes no thread.
+            dry_run: Delete nothing; report what would go.
+
+        Raises:
+            UserError: Neither `keep_last` nor `idle_ttl` given, or a bad value.
+            SetupError: The database is unreachable.
+        """
+        flow = self._prune_flow(keep_last, idle_ttl, dry_run)
+        self._ready(self._plan() if self._path is None else "setup")
+        if self._path is not None:
+            with self._sqlite() as lite:
+                return run_prune(flow, lambda sql, args: _fetch(lite.execute(sql, args)))
+        with self._errors("connect"):
+            conn = psycopg.Connection.connect(self.url, **self._connect_kwargs())
+        with conn:
+            return run_prune(flow, lambda sql, args: _fetch(conn.execute(sql, args, prepare=False)))
+
+    async def aprune(
+        self,
+        *,
+        keep_last: int | None = None,
+        idle_ttl: timedelta | float | None = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Async `prune()`."""
+        flow = self._prune_flow(keep_last, idle_ttl, dry_run)
+        await self._aready(self._plan() if self._path is None else "setup")
+        if self._path is not None:
+            async with self._asqlite() as lite:
+                return await arun_prune(flow, lambda sql, args: _afetch(lite.execute(sql, args)))
+        with self._errors("connect"):
+            aconn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
+        async with aconn:
+            return await arun_prune(
+                flow, lambda sql, args: _afetch(aconn.execute(sql, args, prepare=False))
+            )
+
     # -- decisions shared by the sync and async drivers ------------------------------------
+
+    def _prune_flow(
+        self, keep_last: int | None, idle_ttl: timedelta | float | None, dry_run: bool
+    ) -> Flow:
+        if keep_last is None and idle_ttl is None:
+            raise UserError(
+                "prune() needs keep_last=N (checkpoints kept per thread) and/or idle_ttl "
+                "(seconds or a timedelta after which an idle thread is deleted)."
+            )
+        if isinstance(idle_ttl, timedelta):
+            idle_ttl = idle_ttl.total_seconds()
+        _validate(keep_last=keep_last, idle_ttl=idle_ttl, dry_run=dry_run)
+        return prune_flow(self.backend, keep_last=keep_last, idle_ttl=idle_ttl, dry_run=dry_run)
 
     def _plan(self) -> Plan:
         """What opening a PostgreSQL checkpointer must do after connecting."""
@@ -326,7 +399,8 @@ class Persistence:
 
     @contextmanager
     def _pg_pool(self) -> Iterator[_Pool]:
-        pool = _Pool(self.url, check=ConnectionPool.check_connection, **self._pool_kwargs())
+        check = _PoolCheck()
+        pool = check.pool = _Pool(self.url, check=check, **self._pool_kwargs())
         try:
             with self._errors("open a connection pool"):
                 pool.open(wait=True, timeout=self._pool_args["timeout"])
@@ -376,13 +450,50 @@ class Persistence:
 
     @asynccontextmanager
     async def _apg_pool(self) -> AsyncIterator[_APool]:
-        pool = _APool(self.url, check=AsyncConnectionPool.check_connection, **self._pool_kwargs())
+        check = _APoolCheck()
+        pool = check.pool = _APool(self.url, check=check, **self._pool_kwargs())
         try:
             with self._errors("open a connection pool"):
                 await pool.open(wait=True, timeout=self._pool_args["timeout"])
             yield pool
         finally:
             await pool.close()
+
+
+# -- pool health checks ---------------------------------------------------------------------------
+# psycopg_pool checks a connection when it is taken and, when the check fails, sleeps with
+# exponential backoff (1 s, 2 s, 4 s…) before taking the next one: after a server restart or
+# `pg_terminate_backend`, a pool of 20 dead connections would stall a run far past any timeout.
+# One dead connection means its siblings are likely dead too, so keel's check drains the pool:
+# every idle connection is replaced at once and the next one taken is fresh.
+
+
+class _PoolCheck:
+    """The sync pool's `check`: `check_connection`, draining the pool when it fails."""
+
+    pool: _Pool | None = None
+
+    def __call__(self, conn: psycopg.Connection[DictRow]) -> None:
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if self.pool is not None:
+                self.pool.drain()
+            raise
+
+
+class _APoolCheck:
+    """The async pool's `check`: `check_connection`, draining the pool when it fails."""
+
+    pool: _APool | None = None
+
+    async def __call__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if self.pool is not None:
+                await self.pool.drain()
+            raise
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -402,6 +513,19 @@ async def _adrive(flow: _Flow, execute: Callable[[str], Awaitable[Any]]) -> None
         sql = next(flow)
         while True:
             sql = flow.send(_as_tuple(await (await execute(sql)).fetchone()))
+
+
+def _fetch(cursor: Any) -> Result:
+    """(rows as tuples, row count) of an executed sqlite3 or psycopg cursor."""
+    rows = cursor.fetchall() if cursor.description is not None else []
+    return [_as_tuple(row) for row in rows], cursor.rowcount
+
+
+async def _afetch(executing: Awaitable[Any]) -> Result:
+    """(rows as tuples, row count) of an aiosqlite or psycopg async cursor being executed."""
+    cursor = await executing
+    rows = await cursor.fetchall() if cursor.description is not None else []
+    return [_as_tuple(row) for row in rows], cursor.rowcount
 
 
 def _as_tuple(row: _Row) -> tuple[Any, ...]:
@@ -544,7 +668,13 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_idle": (_is_seconds, "a positive number of seconds"),
     "max_lifetime": (_is_seconds, "a positive number of seconds"),
     "limit": (_is_int(1), "an integer >= 1"),
+    "keep_last": (lambda v: v is None or _is_int(1)(v), "None or an integer >= 1"),
+    "idle_ttl": (lambda v: v is None or _is_seconds(v), "None, positive seconds or a timedelta"),
+    "dry_run": (lambda v: isinstance(v, bool), "True or False"),
 }
+
+
+_WHERE = {"limit": "list_threads", "keep_last": "prune", "idle_ttl": "prune", "dry_run": "prune"}
 
 
 def _validate(**arguments: object) -> None:
@@ -552,5 +682,5 @@ def _validate(**arguments: object) -> None:
     for name, value in arguments.items():
         ok, wanted = _RULES[name]
         if not ok(value):
-            where = "list_threads" if name == "limit" else "Persistence"
+            where = _WHERE.get(name, "Persistence")
             raise UserError(f"{where}({name}=...) must be {wanted}, got {value!r}.")
