@@ -1,0 +1,107 @@
+"""Opening a `ChromaStore`: the Chroma client, the index and TTL configs, recorded models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import chromadb
+from chromadb.api import ClientAPI
+from chromadb.config import Settings
+from langchain_core.embeddings import Embeddings
+from langgraph.store.base import IndexConfig, TTLConfig, ensure_embeddings
+
+from keel.errors import SetupError, UserError
+from keel.memory.embeddings import ChromaEmbeddings, is_chroma_function, model_name_of
+
+__all__ = ["check_recorded", "check_ttl", "client_of", "index_of"]
+
+
+def check_recorded(
+    name: str, found: dict[str, Any], *, depth: int, model: str | None, dims: int | None
+) -> None:
+    """Fail when a store is opened with another layout or embedding model than it was built with."""
+    if found.get("keel:depth", depth) != depth:
+        raise UserError(
+            f"Chroma store {name!r} was created with partition_depth="
+            f"{found['keel:depth']}; open it with the same partition_depth."
+        )
+    recorded = found.get("keel:model")
+    if recorded is None:
+        return
+    was = found.get("keel:dims")
+    if model is None or dims is None:
+        raise UserError(
+            f"Chroma store {name!r} holds embeddings of {recorded!r} ({was} dims); "
+            f"open it with index={{'dims': {was}, 'embed': <that model>}} so new items "
+            "are embedded the same way."
+        )
+    if (model, dims) != (recorded, was):
+        raise UserError(
+            f"Chroma store {name!r} was built with embedding model {recorded!r} "
+            f"({was} dims), but this ChromaStore embeds with {model!r} ({dims} dims). "
+            "Vectors of different models cannot be compared: open it with the same model, "
+            "or use another store name and re-index."
+        )
+
+
+def client_of(
+    *, path: str | Path | None, url: str | None, client: ClientAPI | None
+) -> tuple[ClientAPI, str | None]:
+    given = [n for n, v in (("path", path), ("url", url), ("client", client)) if v is not None]
+    if len(given) != 1:
+        raise UserError(
+            "ChromaStore needs exactly one of path= (embedded, one process), url= (a Chroma "
+            f"server, e.g. url='http://127.0.0.1:8000'), or client=; got {given or 'none'}."
+        )
+    settings = Settings(anonymized_telemetry=False)
+    if client is not None:
+        return client, None
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=str(path), settings=settings), str(path)
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")
+    port = parts.port or (443 if parts.scheme == "https" else 8000)
+    try:
+        http = chromadb.HttpClient(
+            host=parts.hostname, port=port, ssl=parts.scheme == "https", settings=settings
+        )
+        http.heartbeat()
+    except Exception as exc:
+        raise SetupError(
+            f"Cannot reach a Chroma server at {url} ({type(exc).__name__}: {exc}). Start one "
+            f"with `chroma run --path <dir> --host {parts.hostname} --port {port}`, or use "
+            "ChromaStore(path=...) for an embedded store."
+        ) from exc
+    return http, None
+
+
+def check_ttl(ttl: TTLConfig | None) -> TTLConfig | None:
+    if ttl is None:
+        return None
+    default = ttl.get("default_ttl")
+    if default is not None and not default > 0:
+        raise UserError(f"ChromaStore(ttl={{'default_ttl': {default!r}}}) must be minutes > 0.")
+    return dict(ttl)  # type: ignore[return-value]
+
+
+def index_of(
+    index: IndexConfig | None,
+) -> tuple[IndexConfig | None, Embeddings | None, list[str], str | None]:
+    if index is None:
+        return None, None, [], None
+    dims = index.get("dims")
+    if not isinstance(dims, int) or dims < 1 or "embed" not in index:
+        raise UserError(
+            "ChromaStore(index=...) needs 'dims' (a positive int) and 'embed', e.g. "
+            "keel.memory.default_index() or {'dims': 384, 'embed': MiniLMEmbeddings()}."
+        )
+    embed: Any = index["embed"]
+    if is_chroma_function(embed):
+        embed = ChromaEmbeddings(embed)
+    fields = list(index.get("fields") or ["$"])
+    config: IndexConfig = {"dims": dims, "embed": embed, "fields": fields}
+    return config, ensure_embeddings(embed), fields, model_name_of(embed)

@@ -1,0 +1,343 @@
+"""Pure logic of `ChromaStore`: record layout, filters, namespaces. No I/O here.
+
+Layout (see `ChromaStore` for the why): items live in *partitions*, one pair of Chroma collections
+per namespace prefix of length `partition_depth` (`…-i` holds one record per item, `…-v` one
+record per embedded text). A namespace shorter than the depth is its own partition. A catalog
+collection lists every namespace ever written and records the store's embedding model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from langgraph.store.base import (
+    Item,
+    MatchCondition,
+    Op,
+    PutOp,
+    SearchItem,
+    get_text_at_path,
+    tokenize_path,
+)
+
+from keel.errors import UserError
+
+__all__ = [
+    "NEVER",
+    "Hit",
+    "Pending",
+    "Row",
+    "alive",
+    "by_partition",
+    "and_where",
+    "collection_name",
+    "does_match",
+    "index_texts",
+    "item_id",
+    "item_metadata",
+    "last_puts",
+    "matches",
+    "namespace_where",
+    "pushdown",
+    "rank",
+    "row_of",
+    "vector_id",
+]
+
+NEVER = 1e18
+"""`exp` (epoch seconds) of an item without a TTL: Chroma compares floats, so no NULLs."""
+
+_BIG = 1.7e308
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$|^[a-z0-9]$")
+_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+_RANGE = {"$gt", "$gte", "$lt", "$lte"}
+
+
+def check_store_name(name: object) -> str:
+    """A store name is a short lowercase slug, because it is part of Chroma collection names."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UserError(
+            f"ChromaStore(name={name!r}) must be 1-40 characters of a-z, 0-9 and '-', starting "
+            "and ending with a letter or digit, e.g. name='keel'."
+        )
+    return name
+
+
+def ns_json(namespace: Sequence[str]) -> str:
+    """The namespace as compact JSON (a stable, exact, unambiguous text form)."""
+    return json.dumps(list(namespace), separators=(",", ":"), ensure_ascii=False)
+
+
+def collection_name(store: str, partition: Sequence[str], kind: str) -> str:
+    """Chroma collection name of one partition: `keel-<store>-<sha256 prefix>-<kind>`."""
+    digest = hashlib.sha256(ns_json(partition).encode()).hexdigest()[:32]
+    return f"keel-{store}-{digest}-{kind}"
+
+
+def item_id(namespace: Sequence[str], key: str) -> str:
+    """Chroma id of an item record: exact (namespace, key), never confusable with another."""
+    return json.dumps([list(namespace), key], separators=(",", ":"), ensure_ascii=False)
+
+
+def vector_id(iid: str, index: int) -> str:
+    """Chroma id of the `index`-th embedded text of an item."""
+    return f"{iid}\x00{index}"
+
+
+def item_metadata(
+    namespace: Sequence[str],
+    key: str,
+    value: Mapping[str, Any],
+    *,
+    created: float,
+    updated: float,
+    exp: float,
+    ttl: float | None,
+    nv: int,
+    depth: int,
+) -> dict[str, Any]:
+    """The Chroma metadata of an item record; `vector_metadata` keeps what vector records need.
+
+    Labels below the partition depth (`p{depth}`…) are copied for `where`; the partition
+    itself is implied by the collection.
+    """
+    record = [key, value, created, updated, -1.0 if ttl is None else float(ttl), nv]
+    md: dict[str, Any] = {  # few keys: Chroma reads metadata key by key
+        "ns": ns_json(namespace),
+        "r": json.dumps(record, separators=(",", ":"), ensure_ascii=False),
+        "exp": exp,
+        "nv": nv,
+    }
+    for i in range(depth, len(namespace)):
+        md[f"p{i}"] = namespace[i]
+    for name, v in value.items():  # copies that Chroma's `where` can pre-filter on
+        if isinstance(v, str):
+            md[f"s:{name}"] = v
+        elif isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v):
+            md[f"n:{name}"] = max(-_BIG, min(_BIG, float(v)))  # ±inf as the largest floats
+    return md
+
+
+def vector_metadata(md: Mapping[str, Any]) -> dict[str, Any]:
+    """The item metadata without the filter copies: fewer keys make every vector query cheaper.
+
+    Filters on a vector search are checked in Python on the hits (see `ChromaStore._scored`).
+    """
+    return {k: v for k, v in md.items() if k in ("ns", "r", "exp") or k.startswith("p")}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One decoded Chroma record."""
+
+    iid: str
+    namespace: tuple[str, ...]
+    key: str
+    value: dict[str, Any]
+    created: float
+    updated: float
+    exp: float
+    ttl: float | None
+    nv: int
+
+    def item(self) -> Item:
+        """As a LangGraph `Item`."""
+        return Item(
+            value=self.value,
+            key=self.key,
+            namespace=self.namespace,
+            created_at=_dt(self.created),
+            updated_at=_dt(self.updated),
+        )
+
+    def search_item(self, score: float | None) -> SearchItem:
+        """As a LangGraph `SearchItem`."""
+        return SearchItem(
+            self.namespace, self.key, self.value, _dt(self.created), _dt(self.updated), score
+        )
+
+
+def row_of(md: Mapping[str, Any]) -> Row:
+    """Decode the metadata of an item or vector record."""
+    namespace = tuple(json.loads(md["ns"]))
+    key, value, created, updated, ttl, nv = json.loads(md["r"])
+    return Row(
+        iid=item_id(namespace, key),
+        namespace=namespace,
+        key=key,
+        value=value,
+        created=created,
+        updated=updated,
+        exp=float(md["exp"]),
+        ttl=None if ttl < 0 else float(ttl),
+        nv=int(nv),
+    )
+
+
+def alive(row: Row, now: float) -> bool:
+    """Whether an item is visible: expired items are invisible at once, before any sweep."""
+    return row.exp > now
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def index_texts(value: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
+    """The texts of `value` to embed for `fields` (LangGraph's path syntax, `$` = whole value)."""
+    texts: list[str] = []
+    for path in fields:
+        if path == "$":
+            texts.append(json.dumps(value, ensure_ascii=False))
+            continue
+        texts.extend(get_text_at_path(value, tokenize_path(path)))
+    return texts
+
+
+# Filters ---------------------------------------------------------------------------------------
+
+
+def check_filter(flt: object) -> dict[str, Any] | None:
+    """Reject filters LangGraph's stores do not understand, naming the bad part."""
+    if flt is None:
+        return None
+    if not isinstance(flt, Mapping):
+        raise UserError(f"search(filter=...) must be a dict of field -> value, got {flt!r}.")
+    for name, cond in flt.items():
+        if isinstance(cond, Mapping) and any(str(k).startswith("$") for k in cond):
+            bad = [k for k in cond if k not in _OPS]
+            if bad:
+                raise UserError(
+                    f"search(filter={{{name!r}: ...}}) uses unsupported operator(s) {bad}; "
+                    f"use one of {list(_OPS)} or a plain value."
+                )
+    return dict(flt)
+
+
+def matches(value: Mapping[str, Any], flt: Mapping[str, Any] | None) -> bool:
+    """LangGraph's filter semantics (as `InMemoryStore`), evaluated exactly on the value.
+
+    One deliberate difference: a range operator (`$gt` …) on a missing or non-numeric field
+    does not match, where `InMemoryStore` raises `TypeError` or compares numeric strings.
+    """
+    return not flt or all(_compare(value.get(k), f) for k, f in flt.items())
+
+
+def _compare(item_value: Any, flt: Any) -> bool:
+    if isinstance(flt, Mapping):
+        if any(str(k).startswith("$") for k in flt):
+            return all(_apply(item_value, op, v) for op, v in flt.items())
+        if not isinstance(item_value, Mapping):
+            return False
+        return all(_compare(item_value.get(k), v) for k, v in flt.items())
+    if isinstance(flt, list | tuple):
+        return (
+            isinstance(item_value, list | tuple)
+            and len(item_value) == len(flt)
+            and all(_compare(i, f) for i, f in zip(item_value, flt, strict=True))
+        )
+    return bool(item_value == flt)
+
+
+def _apply(value: Any, op: str, target: Any) -> bool:
+    if op == "$eq":
+        return bool(value == target)
+    if op == "$ne":
+        return bool(value != target)
+    if not _numeric(value) or not _numeric(target):
+        return False
+    a, b = float(value), float(target)
+    return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[op]
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def pushdown(flt: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Chroma `where` clauses implied by the filter: a superset pre-filter, checked exactly later.
+
+    String equality and numeric ranges go to Chroma; everything else (bool/number equality,
+    `$ne`, nested values) is left to `matches`, so the clauses never drop a matching item.
+    """
+    clauses: list[dict[str, Any]] = []
+    for name, cond in (flt or {}).items():
+        if isinstance(cond, str):
+            clauses.append({f"s:{name}": cond})
+        elif isinstance(cond, Mapping) and any(str(k).startswith("$") for k in cond):
+            for op, target in cond.items():
+                if op == "$eq" and isinstance(target, str):
+                    clauses.append({f"s:{name}": target})
+                elif op in _RANGE and _numeric(target):
+                    clauses.append({f"n:{name}": {op: float(target)}})
+    return clauses
+
+
+def namespace_where(prefix: Sequence[str], depth: int) -> list[dict[str, Any]]:
+    """Clauses selecting `prefix` inside its partition (none when the partition is the prefix)."""
+    return [{f"p{i}": prefix[i]} for i in range(depth, len(prefix))]
+
+
+def and_where(clauses: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Chroma needs `$and` for two or more clauses and rejects an empty one."""
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": list(clauses)}
+
+
+def does_match(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
+    """LangGraph's namespace match: whole segments, `*` matches any one segment."""
+    path = tuple(condition.path)
+    if len(namespace) < len(path):
+        return False
+    pairs = (
+        zip(namespace, path, strict=False)
+        if condition.match_type == "prefix"
+        else zip(reversed(namespace), reversed(path), strict=False)
+    )
+    return all(p == "*" or n == p for n, p in pairs)
+
+
+# Batches -----------------------------------------------------------------------------------------
+
+Hit = tuple[float | None, Row]
+"""A search hit: its score (`None` for an item without vectors) and the row."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """Writes a batch's reads schedule: TTL refreshes and deletions of expired rows."""
+
+    refresh: dict[str, Row] = field(default_factory=dict)
+    expired: dict[str, Row] = field(default_factory=dict)
+
+
+def rank(hit: Hit) -> tuple[int, float, float, tuple[str, ...], str]:
+    """Sort key: scored hits by score, then unscored; ties newest first, then by name."""
+    score, row = hit
+    return (score is None, -(score or 0.0), -row.updated, row.namespace, row.key)
+
+
+def last_puts(ops: Iterable[Op]) -> dict[tuple[tuple[str, ...], str], PutOp]:
+    """The batch's puts, the last one per item winning (as in `InMemoryStore`)."""
+    puts: dict[tuple[tuple[str, ...], str], PutOp] = {}
+    for op in ops:
+        if isinstance(op, PutOp):
+            puts.pop((op.namespace, op.key), None)
+            puts[(op.namespace, op.key)] = op
+    return puts
+
+
+def by_partition(rows: Iterable[Row], depth: int) -> dict[tuple[str, ...], list[Row]]:
+    """Rows grouped by the partition (first `depth` labels) they live in."""
+    out: dict[tuple[str, ...], list[Row]] = {}
+    for row in rows:
+        out.setdefault(row.namespace[:depth], []).append(row)
+    return out

@@ -1,0 +1,87 @@
+"""Keeping a `ChromaStore` clean: TTL sweeps, purging a user's memories, vacuuming the file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chromadb.errors import NotFoundError
+from langgraph.store.base import GetOp, validate_op_namespace
+
+from keel.errors import UserError
+from keel.memory import base as b
+
+if TYPE_CHECKING:
+    from keel.memory.chroma import ChromaStore
+
+__all__ = ["purge", "sweep", "vacuum"]
+
+
+def sweep(store: ChromaStore) -> int:
+    """Delete every expired item of `store`; returns how many."""
+    now = time.time()
+    swept = 0
+    for part in store._partitions(()):
+        items = store._col(part, "i", create=False)
+        if items is None:
+            continue
+        got = items.get(where={"exp": {"$lte": now}}, include=["metadatas"])
+        rows = [b.row_of(md) for md in got["metadatas"] or []]
+        if rows:
+            store._delete_rows(part, rows)
+            swept += len(rows)
+    return swept
+
+
+def purge(store: ChromaStore, namespace_prefix: tuple[str, ...]) -> int:
+    """Delete everything under `namespace_prefix` and vacuum (see `ChromaStore.purge`)."""
+    prefix = tuple(namespace_prefix)
+    if not prefix:
+        raise UserError(
+            "purge(namespace_prefix) needs a non-empty prefix, e.g. ('memories', 'acme', 'u1')."
+        )
+    validate_op_namespace(GetOp(prefix, ""))
+    clauses = [{f"p{i}": label} for i, label in enumerate(prefix)]
+    got = store._catalog.get(where=b.and_where(clauses), include=["metadatas"])
+    namespaces = [tuple(json.loads(md["ns"])) for md in got["metadatas"] or []]
+    if len(prefix) > store.depth:
+        _purge_inside(store, prefix)
+    else:
+        for part in {ns[: store.depth] for ns in namespaces} | {prefix}:
+            for kind in ("i", "v"):
+                with contextlib.suppress(NotFoundError, ValueError):
+                    store.client.delete_collection(b.collection_name(store.name, part, kind))
+    if got["ids"]:
+        store._catalog.delete(ids=got["ids"])
+    store._forget_cols()
+    vacuum(store.path)
+    return len(namespaces)
+
+
+def _purge_inside(store: ChromaStore, prefix: tuple[str, ...]) -> None:
+    part = prefix[: store.depth]
+    items = store._col(part, "i", create=False)
+    if items is not None:
+        where = b.and_where(b.namespace_where(prefix, store.depth))
+        rows = [b.row_of(md) for md in items.get(where=where)["metadatas"] or []]
+        store._delete_rows(part, rows)
+
+
+def vacuum(path: str | None) -> None:
+    """Rewrite an embedded Chroma's SQLite file so freed pages (deleted text) leave the disk.
+
+    A no-op for a Chroma server (`path is None`): run `chroma vacuum` on its data directory.
+    """
+    if path is None:
+        return
+    db = Path(path) / "chroma.sqlite3"
+    if db.exists():
+        con = sqlite3.connect(db, isolation_level=None, timeout=30)
+        try:
+            con.execute("VACUUM")
+        finally:
+            con.close()

@@ -1,0 +1,178 @@
+"""`recall` and `reflect`: the nodes that make an agent remember and learn.
+
+- `recall` (before planning): the user's relevant memories and lessons, semantic + most recent,
+  within a token budget, as one `SystemMessage(id="keel-recall")`. `call_model` sends every
+  system message first, merged into one (`valid_history`), so the memories join the system
+  prompt; the fixed id makes the next turn's recall replace this one instead of piling up.
+- `reflect` (after the run): stores a `Lesson` of the finished run in the user's lessons.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain_core.messages import HumanMessage, RemoveMessage, SystemMessage
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore, SearchItem
+
+from keel.errors import UserError
+from keel.memory.lessons import extract_lesson
+from keel.memory.scope import identity_of, store_of, user_namespace
+from keel.nodes._node import make_node
+from keel.state import AgentState, RunContext
+
+__all__ = ["RECALL_ID", "recall", "reflect"]
+
+RECALL_ID = "keel-recall"
+"""The id of the system message `recall` writes (and replaces on the next turn)."""
+
+HEADER = "What you remember about this user (use it when relevant; it may be outdated):"
+
+
+def _approx_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def recall(
+    store: BaseStore | None = None,
+    *,
+    kinds: Sequence[str] = ("memories", "lessons"),
+    limit: int = 5,
+    recent: int = 2,
+    token_budget: int = 800,
+    count_tokens: Callable[[str], int] = _approx_tokens,
+    name: str = "recall",
+) -> RunnableCallable:
+    """A node that puts the user's relevant memories into the model's context.
+
+    Args:
+        store: The store; the graph's own (`compile(store=...)`) when omitted.
+        kinds: Namespaces to read, each `(kind, tenant, user)` from the run's `RunContext`.
+        limit: Semantic matches per kind for the latest user message.
+        recent: Most recently updated memories per kind, added when not already matched.
+        token_budget: The most tokens the recalled text may take; lower-ranked memories are
+            left out first.
+        count_tokens: Counts tokens of a text (default: characters / 4).
+        name: The node's name.
+    """
+    _check_recall(kinds, limit, recent, token_budget)
+
+    def plan(
+        state: AgentState, runtime: Runtime[RunContext] | None
+    ) -> tuple[BaseStore, list[tuple[tuple[str, ...], str | None, int]]]:
+        ctx = identity_of(runtime.context if runtime is not None else None)
+        query = _last_user_text(state)
+        searches: list[tuple[tuple[str, ...], str | None, int]] = []
+        for kind in kinds:
+            ns = user_namespace(ctx, kind)
+            if query:
+                searches.append((ns, query, limit))
+            if recent:
+                searches.append((ns, None, recent))
+        return store_of(runtime, store), searches
+
+    def finish(state: AgentState, found: list[list[SearchItem]]) -> dict[str, Any]:
+        text = _render([i for batch in found for i in batch], token_budget, count_tokens)
+        if text:
+            return {"messages": [SystemMessage(content=text, id=RECALL_ID)]}
+        if any(m.id == RECALL_ID for m in state.get("messages") or []):
+            return {"messages": [RemoveMessage(id=RECALL_ID)]}
+        return {}
+
+    def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        st, searches = plan(state, runtime)
+        found = [st.search(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
+        return finish(state, found)
+
+    async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        st, searches = plan(state, runtime)
+        found = [await st.asearch(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
+        return finish(state, found)
+
+    return make_node(name, invoke, ainvoke)
+
+
+def reflect(
+    store: BaseStore | None = None,
+    *,
+    kind: str = "lessons",
+    ttl: float | None = None,
+    name: str = "reflect",
+) -> RunnableCallable:
+    """A node that stores the finished run's `Lesson` (asked, outcome, why, tools, errors).
+
+    Args:
+        store: The store; the graph's own when omitted.
+        kind: The namespace kind lessons go to: `(kind, tenant, user)`.
+        ttl: Minutes a lesson lives (`None`: kept); needs a store with TTL support.
+        name: The node's name.
+    """
+    if ttl is not None and not ttl > 0:
+        raise UserError(f"reflect(ttl=...) must be minutes > 0 or None, got {ttl!r}.")
+
+    def plan(
+        state: AgentState, runtime: Runtime[RunContext] | None
+    ) -> tuple[BaseStore, tuple[str, ...], dict[str, Any]] | None:
+        lesson = extract_lesson(state)
+        if lesson is None:
+            return None
+        ns = user_namespace(runtime.context if runtime is not None else None, kind)
+        return store_of(runtime, store), ns, lesson.value()
+
+    def _ttl(st: BaseStore) -> dict[str, Any]:
+        return {"ttl": ttl} if ttl is not None and st.supports_ttl else {}
+
+    def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        todo = plan(state, runtime)
+        if todo is not None:
+            st, ns, value = todo
+            st.put(ns, uuid.uuid4().hex, value, **_ttl(st))
+        return {}
+
+    async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        todo = plan(state, runtime)
+        if todo is not None:
+            st, ns, value = todo
+            await st.aput(ns, uuid.uuid4().hex, value, **_ttl(st))
+        return {}
+
+    return make_node(name, invoke, ainvoke)
+
+
+def _check_recall(kinds: Sequence[str], limit: int, recent: int, budget: int) -> None:
+    if isinstance(kinds, str) or not kinds:
+        raise UserError(f"recall(kinds=...) must be a list of namespace kinds, got {kinds!r}.")
+    for arg, value in (("limit", limit), ("recent", recent)):
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"recall({arg}=...) must be 0 or more, got {value!r}.")
+    if not isinstance(budget, int) or budget < 1:
+        raise UserError(f"recall(token_budget=...) must be 1 or more, got {budget!r}.")
+
+
+def _last_user_text(state: AgentState) -> str:
+    for m in reversed(state.get("messages") or []):
+        if isinstance(m, HumanMessage):
+            return m.text
+    return ""
+
+
+def _render(items: list[SearchItem], budget: int, count: Callable[[str], int]) -> str:
+    """Best first (semantic matches by score, then recent ones), deduplicated, within budget."""
+    seen: set[tuple[tuple[str, ...], str]] = set()
+    lines: list[str] = []
+    used = count(HEADER)
+    ranked = sorted(items, key=lambda i: (i.score is None, -(i.score or 0.0)))
+    for item in ranked:
+        ident = (item.namespace, item.key)
+        text = str(item.value.get("text") or item.value)
+        line = f"- [{item.namespace[0]}] {text}"
+        cost = count(line)
+        if ident in seen or used + cost > budget:
+            continue
+        seen.add(ident)
+        lines.append(line)
+        used += cost
+    return "\n".join([HEADER, *lines]) if lines else ""

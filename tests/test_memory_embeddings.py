@@ -1,0 +1,132 @@
+"""Offline embeddings: the real default model (no download), and pluggable alternatives."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+
+from keel.errors import UserError
+from keel.memory import ChromaEmbeddings, ChromaStore, MiniLMEmbeddings, default_index
+
+FACTS = {
+    "tz": "The user lives in Berlin and works in Central European Time.",
+    "diet": "She is vegetarian and allergic to peanuts.",
+    "pet": "Her dog is a border collie named Pixel.",
+    "lang": "She prefers answers in German, short and direct.",
+    "job": "She is a backend engineer who writes Rust and Python.",
+}
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+        sum(x * x for x in a) * sum(y * y for y in b)
+    )
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbeddings:
+    return MiniLMEmbeddings()
+
+
+def test_minilm_is_a_real_sentence_model(minilm: MiniLMEmbeddings) -> None:
+    a, b, c = minilm.embed_documents(
+        ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly tax filing deadline."]
+    )
+    assert len(a) == 384 and sum(x * x for x in a) == pytest.approx(1.0, abs=1e-4)
+    assert _cos(a, b) > 0.9
+    assert _cos(a, c) < 0.2
+    assert minilm.embed_query("The cat sits on the mat.") == pytest.approx(a, abs=1e-5)
+
+
+def test_semantic_search_with_the_default_model(tmp_path: Path) -> None:
+    store = ChromaStore(path=tmp_path, index=default_index())
+    ns = ("memories", "acme", "u1")
+    store.batch([])  # an empty batch is fine
+    for key, text in FACTS.items():
+        store.put(ns, key, {"text": text})
+    for i in range(150):  # padding, so the right answer has competition
+        store.put(
+            ("memories", "acme", "u2"),
+            f"n{i}",
+            {"text": f"Meeting note {i} about budget item {i % 7}."},
+        )
+    asks = {
+        "what timezone is she in?": "tz",
+        "food restrictions": "diet",
+        "what is the name of her pet?": "pet",
+        "which language should I reply in": "lang",
+        "programming languages she uses": "job",
+    }
+    for query, key in asks.items():
+        found = store.search(ns, query=query, limit=2)
+        assert found[0].key == key, (query, [(i.key, i.score) for i in found])
+    assert store.client.get_collection("keel-keel-catalog").metadata["keel:model"] == (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    )
+
+
+def test_the_model_loads_with_no_network(tmp_path: Path) -> None:
+    # A fresh interpreter with every proxy pointed at a dead port: a download attempt would fail.
+    code = (
+        "from keel.memory import MiniLMEmbeddings;"
+        "print(len(MiniLMEmbeddings().embed_query('hello')))"
+    )
+    dead = "http://127.0.0.1:9"
+    env = dict(os.environ, HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead)
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "384"
+
+
+class Vowels(EmbeddingFunction[Documents]):
+    """A Chroma embedding function (deterministic, for tests)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __call__(self, input: Documents) -> Embeddings:
+        import numpy as np
+
+        return [np.array([t.count(v) + 0.1 for v in "aeiou"], dtype=np.float32) for t in input]
+
+    @staticmethod
+    def name() -> str:
+        return "vowels-v1"
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> Vowels:
+        return Vowels()
+
+
+def test_a_chroma_embedding_function_plugs_in(tmp_path: Path) -> None:
+    store = ChromaStore(path=tmp_path, index={"dims": 5, "embed": Vowels()})  # type: ignore[typeddict-item]
+    store.put(("d",), "a", {"text": "aaaa"})
+    store.put(("d",), "u", {"text": "uuuu"})
+    assert next(i.key for i in store.search(("d",), query="aaa")) == "a"
+    assert store.model == "vowels-v1"
+    assert ChromaEmbeddings(Vowels()).embed_query("ou") == pytest.approx([0.1, 0.1, 0.1, 1.1, 1.1])
+
+
+def test_bad_embedding_arguments_say_what_to_do() -> None:
+    with pytest.raises(UserError, match="batch_size"):
+        MiniLMEmbeddings(batch_size=0)
+    with pytest.raises(UserError, match="Chroma embedding function"):
+        ChromaEmbeddings("not a function")  # type: ignore[arg-type]
