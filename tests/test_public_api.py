@@ -28,6 +28,7 @@ PUBLIC = {
         "build_agent",
         "tool",
     ],
+    "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
     "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
     "keel.nodes": [
         "BeforeModel",
@@ -56,8 +57,12 @@ PUBLIC = {
         "tool",
     ],
     "keel.guards": [
+        "BreakerPolicy",
+        "BreakerTransition",
         "Budget",
         "BudgetVerdict",
+        "CircuitBreaker",
+        "CircuitOpen",
         "ContentFinding",
         "ContentVerdict",
         "Gate",
@@ -69,6 +74,9 @@ PUBLIC = {
         "PermissionMatrix",
         "PiiMatch",
         "Policy",
+        "RateLimit",
+        "RateLimited",
+        "RateLimiter",
         "Rule",
         "SpendMeter",
         "approval_gate",
@@ -93,7 +101,19 @@ PUBLIC = {
         "model_requests_forbidden",
         "say",
     ],
-    "keel.memory": [],
+    "keel.memory": [
+        "ChromaEmbeddings",
+        "ChromaStore",
+        "Lesson",
+        "MiniLMEmbeddings",
+        "WorkingMemory",
+        "default_index",
+        "extract_lesson",
+        "memory_tools",
+        "recall",
+        "reflect",
+        "user_namespace",
+    ],
 }
 
 
