@@ -89,6 +89,8 @@ class Ledger:
         self._apool: AsyncConnectionPool[Any] | None = None
         self._lock = threading.Lock()
         self._alock: asyncio.Lock | None = None
+        self._setup_lock: asyncio.Lock | None = None
+        self._setup_thread_lock = threading.Lock()
         self._ready = False
 
     def __repr__(self) -> str:
@@ -109,14 +111,20 @@ class Ledger:
         return await self._arun(flow)
 
     def setup(self) -> None:
-        """Create keel's tables (idempotent)."""
-        self._run(_schema_flow())
-        self._ready = True
+        """Create keel's tables (idempotent; safe when several processes set up at once)."""
+        with self._setup_thread_lock:
+            if not self._ready:
+                self._run(_schema_flow(self.backend))
+                self._ready = True
 
     async def asetup(self) -> None:
-        """Create keel's tables (idempotent), async."""
-        await self._arun(_schema_flow())
-        self._ready = True
+        """Create keel's tables (idempotent; safe when several processes set up at once)."""
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            if not self._ready:
+                await self._arun(_schema_flow(self.backend))
+                self._ready = True
 
     def close(self) -> None:
         """Close the sync pool (the async pool closes with `aclose`)."""
@@ -227,7 +235,14 @@ class Ledger:
             return self._apool
 
 
-def _schema_flow() -> Flow[None]:
+_SCHEMA_LOCK = 0x6B65656C  # "keel": the advisory lock that serializes schema setup
+"""PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a concurrent twin (it can fail
+with a unique violation on `pg_type`), so setups across processes take this lock first."""
+
+
+def _schema_flow(backend: str) -> Flow[None]:
+    if backend == "postgres":
+        yield "SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,)
     for statement in SCHEMA:
         yield statement, ()
 

@@ -199,7 +199,6 @@ async def test_fifty_concurrent_runs_never_overspend_the_users_budget(
     reasons = Counter(r["outcome"]["terminated_reason"] for r in results)
     assert set(reasons) <= {"completed", "budget_exceeded"}
     assert reasons["budget_exceeded"] > 0, "the budget must have bitten"
-    assert reasons["completed"] > 0, "some runs fit the budget"
     spent_usd, _ = meter.spent(budget, ALICE)
     run_usd = sum(r["usage"].get("usd", 0.0) for r in results)
     assert spent_usd == pytest.approx(run_usd)  # the ledger saw every call, once
@@ -209,4 +208,7 @@ async def test_fifty_concurrent_runs_never_overspend_the_users_budget(
     one_estimate, _ = meter._estimate([HumanMessage("x"), *longest], "scripted")
     assert spent_usd <= 1.00 + one_estimate
     assert spent_usd <= 1.00  # estimates cover real usage here, so nothing in flight overshoots
+    # Fifty runs interleave fairly, so each may be cut short; but the budget was spent, not
+    # refused wholesale: the unreserved rest is less than what the runs asked for in flight.
+    assert spent_usd > 1.00 - 50 * one_estimate
     await ledger.aclose()
