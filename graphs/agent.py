@@ -29,6 +29,7 @@ from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
+from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import SpendMeter
 from keel.ledger import Ledger
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
@@ -120,6 +121,7 @@ def build_agent(
     escalate: bool = False,
     policy: Policy | None = None,
     ledger: Ledger | None = None,
+    fallback_models: Sequence[str | BaseChatModel] = (),
     gate: Gate | None = None,
     before_model: Sequence[BeforeModel] = (),
     prices: PriceTable | None = None,
@@ -149,7 +151,11 @@ def build_agent(
         policy: The `Policy` the agent is held to: its rules become the permission gate
             (default deny), its budget and loop guard apply, and its name and version are bound
             into approval digests.
-        ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets.
+        ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets,
+            rate limits or circuit breakers (their state is shared through it).
+        fallback_models: Models to try, in order, when `model` is down (5xx, connection
+            errors, still rate limited after retries, open breaker); see
+            `keel.guards.fallback`.
         gate: Decides allow / ask / deny per tool call. Default: the policy's permission
             matrix with a policy, else ask for tools that require approval and allow the rest.
         before_model: Checks run inside `call_model` before each model call.
@@ -180,6 +186,13 @@ def build_agent(
         checkpointer=checkpointer,
         tools=tools,
     )
+    if isinstance(fallback_models, str | BaseChatModel) or not all(
+        isinstance(m, str | BaseChatModel) for m in fallback_models
+    ):
+        raise UserError(
+            "build_agent(fallback_models=...) must be a list of chat models or 'provider:name' "
+            f"strings, got {fallback_models!r}."
+        )
     if policy is not None and not isinstance(policy, Policy):
         raise UserError(
             f"build_agent(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
@@ -188,14 +201,18 @@ def build_agent(
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     budget = policy.budget if policy is not None else None
-    meter = None
-    if policy is not None and policy.period_budgets:
+    meter = model_guard = tool_guard = None
+    if policy is not None and policy.ledger_features:
         if not isinstance(ledger, Ledger):
             raise UserError(
-                f"Policy {policy.identity!r} has period budgets, which are kept in the ledger: "
-                "pass build_agent(..., ledger=keel.Ledger(url)) with the URL of your database."
+                f"Policy {policy.identity!r} has {', '.join(policy.ledger_features)}, which are "
+                "kept in the ledger: pass build_agent(..., ledger=keel.Ledger(url)) with the URL "
+                "of your database."
             )
-        meter = SpendMeter(ledger, policy.period_budgets, prices)
+        if policy.period_budgets:
+            meter = SpendMeter(ledger, policy.period_budgets, prices)
+        model_guard = ModelGuard.from_policy(policy, ledger)
+        tool_guard = ToolGuard.from_policy(policy, ledger)
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
@@ -216,6 +233,8 @@ def build_agent(
             budget=budget,
             loop=policy.loop if policy is not None else None,
             meter=meter,
+            guard=model_guard,
+            fallbacks=fallback_models,
         ),
     )
     graph.add_node(
@@ -226,6 +245,7 @@ def build_agent(
             policy_version=policy_version,
             policy_name=policy_name,
             budget=budget,
+            tool_guard=tool_guard,
         ),
     )
     graph.add_node(

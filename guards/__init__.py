@@ -15,12 +15,18 @@
   shared across processes through the ledger.
 - `BreakerPolicy`, `CircuitBreaker` → `CircuitOpen`, `BreakerTransition`: circuit breakers per
   model and per tool, shared through the ledger.
+- `ModelGuard`, `ToolGuard`: a policy's rate limits and breakers around one model or tool call
+  (what `build_agent(policy=..., ledger=..., fallback_models=[...])` runs inside its nodes);
+  `after_failure`: the fallback decision by error type.
+- `BudgetMiddleware`, `PermissionMiddleware`, `RateLimitMiddleware`, `CircuitBreakerMiddleware`,
+  `LoopGuardMiddleware` (+ `outcome_of`): the same guards as LangChain `AgentMiddleware` for
+  `langchain.agents.create_agent`.
 
 Checks that only allow or stop run inside the node they guard, so they add no superstep.
 """
 
 from keel.guards.breaker import BreakerPolicy, BreakerTransition, CircuitBreaker, CircuitOpen
-from keel.guards.budget import BudgetVerdict, check_budget
+from keel.guards.budget import BudgetVerdict, check_budget, usage_from_messages
 from keel.guards.content import (
     ContentFinding,
     ContentVerdict,
@@ -29,43 +35,63 @@ from keel.guards.content import (
     check_input,
     check_output,
 )
+from keel.guards.fallback import after_failure
 from keel.guards.gate import Gate, GateDecision, approval_gate
 from keel.guards.loop import detect_loop
+from keel.guards.middleware import (
+    BudgetMiddleware,
+    CircuitBreakerMiddleware,
+    LoopGuardMiddleware,
+    PermissionMiddleware,
+    RateLimitMiddleware,
+    outcome_of,
+)
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.pii import PiiMatch, find_pii, redact, sanitize
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
+from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import PeriodBudget, SpendMeter
 
 __all__ = [
     "BreakerPolicy",
     "BreakerTransition",
     "Budget",
+    "BudgetMiddleware",
     "BudgetVerdict",
     "CircuitBreaker",
+    "CircuitBreakerMiddleware",
     "CircuitOpen",
     "ContentFinding",
     "ContentVerdict",
     "Gate",
     "GateDecision",
     "InputGuardPolicy",
+    "LoopGuardMiddleware",
     "LoopPolicy",
+    "ModelGuard",
     "OutputGuardPolicy",
     "PeriodBudget",
     "PermissionMatrix",
+    "PermissionMiddleware",
     "PiiMatch",
     "Policy",
     "RateLimit",
+    "RateLimitMiddleware",
     "RateLimited",
     "RateLimiter",
     "Rule",
     "SpendMeter",
+    "ToolGuard",
+    "after_failure",
     "approval_gate",
     "check_budget",
     "check_input",
     "check_output",
     "detect_loop",
     "find_pii",
+    "outcome_of",
     "redact",
     "sanitize",
+    "usage_from_messages",
 ]

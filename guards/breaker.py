@@ -183,13 +183,18 @@ def _circuit_open(key: str, retry_at: float, retry_after: float) -> CircuitOpen:
     return CircuitOpen(key, retry_at, retry_after=retry_after)
 
 
+_NOT_OUTAGES = (ValueError, TypeError, LookupError, AttributeError, AssertionError)
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether a failed call counts against its breaker: timeouts, connection errors, 5xx.
 
-    Client errors (HTTP 4xx, including 429: the provider is up and asks to slow down) and
-    keel's own errors do not; other exceptions (an SDK's connection error) do.
+    Client errors (HTTP 4xx, including 429: the provider is up and asks to slow down), keel's
+    own errors and programming errors (`ValueError`, `TypeError`, `LookupError`, …: a bad
+    request or a bad answer, not a provider down) do not; other exceptions (an SDK's
+    connection error) do.
     """
-    if isinstance(exc, KeelError):
+    if isinstance(exc, (KeelError, *_NOT_OUTAGES)):
         return False
     status = getattr(exc, "status_code", None)
     if status is None:

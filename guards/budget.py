@@ -8,13 +8,32 @@ numbers). The node-side adapters (`budget_check`, `tool_budget_check`) are thin.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel.guards.policy import Budget
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
-__all__ = ["BudgetVerdict", "check_budget"]
+from keel.guards.policy import Budget
+from keel.pricing import PriceTable
+from keel.state import Usage, add_usage
+
+__all__ = ["BudgetVerdict", "check_budget", "usage_from_messages", "usage_of"]
+
+NOT_RUN = frozenset(
+    {
+        "invalid_args",
+        "unknown_tool",
+        "denied",
+        "needs_approval",
+        "rejected",
+        "respond",
+        "budget_stopped",
+        "unavailable",
+        "not_run",
+    }
+)
+"""keel tool statuses of calls that never ran (they do not count as tool calls)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +85,34 @@ def check_budget(
 
 def _fmt(value: float) -> str:
     return f"{value:g}" if float(value).is_integer() else f"{value:.6g}"
+
+
+def usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage:
+    """One model call's usage: tokens and dollars from its `usage_metadata`."""
+    meta: Mapping[str, Any] = response.usage_metadata or {}
+    name = str(response.response_metadata.get("model_name") or default_name)
+    return {
+        "input_tokens": int(meta.get("input_tokens", 0)),
+        "output_tokens": int(meta.get("output_tokens", 0)),
+        "usd": table.cost(name, meta),
+        "model_calls": 1,
+        "steps": 1,
+    }
+
+
+def usage_from_messages(messages: Sequence[BaseMessage], table: PriceTable) -> Usage:
+    """A conversation's usage, read back from its messages (for agents without keel's state).
+
+    Each AI message counts as a model call with its `usage_metadata`; each tool message of a
+    call that ran counts as a tool call, and each round of tool results as a step.
+    """
+    total: Usage = {}
+    after_ai = False
+    for m in messages:
+        if isinstance(m, AIMessage):
+            total = add_usage(total, usage_of(m, table, "unknown"))
+            after_ai = True
+        elif isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") not in NOT_RUN:
+            total = add_usage(total, {"tool_calls": 1, "steps": 1 if after_ai else 0})
+            after_ai = False
+    return total

@@ -13,7 +13,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from keel.approvals import canonical_args
 from keel.guards.policy import LoopPolicy
 
-__all__ = ["call_sequence", "detect_loop"]
+__all__ = ["call_sequence", "detect_loop", "wrap_up_note"]
 
 Call = tuple[str, str]
 
@@ -54,3 +54,11 @@ def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:
                 names = " → ".join(name for name, _ in block)
                 return f"the calls {names} repeated {policy.max_cycles} times in a cycle"
     return None
+
+
+def wrap_up_note(reason: str) -> HumanMessage:
+    """The note that asks the model for a final answer without tools after a loop."""
+    return HumanMessage(
+        content=f"(keel loop guard) You are repeating tool calls: {reason}. Do not call any "
+        "more tools. Give your final answer now with what you have."
+    )

@@ -23,6 +23,14 @@ Example (TOML):
     tool = "issue_refund"
     resource = "orders/*"
     action = "ask"
+
+    [[rate_limits]]
+    rpm = 500
+    tpm = 200000
+
+    [model_breaker]
+    failure_threshold = 5
+    cooldown_seconds = 30
     ```
 """
 
@@ -35,6 +43,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from keel.errors import UserError
+from keel.guards.breaker import BreakerPolicy
+from keel.guards.ratelimit import RateLimit
 from keel.guards.spend import PeriodBudget
 
 __all__ = ["Action", "Budget", "LoopPolicy", "Policy", "Rule"]
@@ -153,7 +163,7 @@ class LoopPolicy:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Policy:
-    """Everything a run is held to: budgets, permission rules, the loop guard.
+    """Everything a run is held to: budgets, rules, rate limits, breakers, the loop guard.
 
     Attributes are documented on each field. Build one in Python, or load it with
     `Policy.from_dict(...)` / `Policy.from_file("policy.toml")` (TOML or YAML).
@@ -172,6 +182,15 @@ class Policy:
     period_budgets: tuple[PeriodBudget, ...] = field(default=())
     """Per-user / per-tenant budgets per day or month, kept in the ledger
     (`build_agent(..., ledger=Ledger(url))`)."""
+    rate_limits: tuple[RateLimit, ...] = field(default=())
+    """RPM / TPM limits per model and per tenant, shared through the ledger; a model call
+    waits for room up to each limit's `max_wait`, then falls back or stops."""
+    model_breaker: BreakerPolicy | None = None
+    """A circuit breaker per model (key `model:<name>`), shared through the ledger; an open one
+    fails fast to the next fallback model. `None` disables it."""
+    tool_breaker: BreakerPolicy | None = None
+    """A circuit breaker per tool (key `tool:<name>`), shared through the ledger; while open,
+    the tool is not run and the model is told it is unavailable. `None` disables it."""
 
     def __post_init__(self) -> None:
         for name in ("name", "version"):
@@ -194,6 +213,37 @@ class Policy:
                     f"usd=...), got {budget!r}."
                 )
         object.__setattr__(self, "period_budgets", periods)
+        limits = tuple(self.rate_limits)
+        for i, limit in enumerate(limits):
+            if not isinstance(limit, RateLimit):
+                raise UserError(
+                    f"Policy.rate_limits[{i}] must be a RateLimit(rpm=..., tpm=...), got {limit!r}."
+                )
+        scopes = [(limit.scope, limit.model) for limit in limits]
+        if len(set(scopes)) != len(scopes):
+            raise UserError(
+                "Policy.rate_limits has two limits with the same scope and model glob; they would "
+                "share buckets. Merge them into one RateLimit(rpm=..., tpm=...)."
+            )
+        object.__setattr__(self, "rate_limits", limits)
+        for name in ("model_breaker", "tool_breaker"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, BreakerPolicy):
+                raise UserError(
+                    f"Policy.{name} must be a BreakerPolicy(failure_threshold=...) or None, "
+                    f"got {value!r}."
+                )
+
+    @property
+    def ledger_features(self) -> list[str]:
+        """The parts of this policy whose state lives in the ledger (they need one)."""
+        wanted = {
+            "period_budgets": bool(self.period_budgets),
+            "rate_limits": bool(self.rate_limits),
+            "model_breaker": self.model_breaker is not None,
+            "tool_breaker": self.tool_breaker is not None,
+        }
+        return [name for name, on in wanted.items() if on]
 
     @property
     def identity(self) -> str:
@@ -205,7 +255,17 @@ class Policy:
         """Build a policy from plain data (as parsed from TOML, YAML or JSON)."""
         if not isinstance(data, Mapping):
             raise UserError(f"A policy must be a mapping of fields, got {type(data).__name__}.")
-        known = {"name", "version", "budget", "rules", "loop", "period_budgets"}
+        known = {
+            "name",
+            "version",
+            "budget",
+            "rules",
+            "loop",
+            "period_budgets",
+            "rate_limits",
+            "model_breaker",
+            "tool_breaker",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"Unknown policy field(s) {unknown}; the fields are {sorted(known)}.")
@@ -227,18 +287,17 @@ class Policy:
             kwargs["loop"] = (
                 None if data["loop"] is None else _build(LoopPolicy, data["loop"], "loop")
             )
-        if "period_budgets" in data:
-            raw = data["period_budgets"]
-            if not isinstance(raw, Sequence) or isinstance(raw, str):
-                raise UserError("Policy 'period_budgets' must be a list of tables/mappings.")
-            kwargs["period_budgets"] = tuple(
-                _build(PeriodBudget, b, f"period_budgets[{i}]") for i, b in enumerate(raw)
-            )
-        if "rules" in data:
-            raw_rules = data["rules"]
-            if not isinstance(raw_rules, Sequence) or isinstance(raw_rules, str):
-                raise UserError("Policy 'rules' must be a list of tables/mappings.")
-            kwargs["rules"] = tuple(_build(Rule, r, f"rules[{i}]") for i, r in enumerate(raw_rules))
+        for key in ("model_breaker", "tool_breaker"):
+            if key in data:
+                raw = data[key]
+                kwargs[key] = None if raw is None else _build(BreakerPolicy, raw, key)
+        for key, kind in (
+            ("period_budgets", PeriodBudget),
+            ("rate_limits", RateLimit),
+            ("rules", Rule),
+        ):
+            if key in data:
+                kwargs[key] = _build_list(kind, data[key], key)
         return cls(**kwargs)
 
     @classmethod
@@ -263,6 +322,12 @@ class Policy:
             return cls.from_dict(data)
         except UserError as exc:
             raise UserError(f"Policy file {str(p)!r}: {exc}") from exc
+
+
+def _build_list(kind: type[Any], raw: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise UserError(f"Policy '{where}' must be a list of tables/mappings.")
+    return tuple(_build(kind, item, f"{where}[{i}]") for i, item in enumerate(raw))
 
 
 def _build(kind: type[Any], raw: Any, where: str) -> Any:

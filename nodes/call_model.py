@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.runnables import Runnable, RunnableConfig
-from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
@@ -32,11 +30,13 @@ from langgraph.types import RetryPolicy
 
 from keel import outcome
 from keel.errors import KeelError
-from keel.guards.budget import check_budget
+from keel.guards.budget import check_budget, usage_of
+from keel.guards.fallback import Retry, after_failure
 from keel.guards.gate import Gate, approval_gate
-from keel.guards.loop import call_sequence, detect_loop
+from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.policy import Budget, LoopPolicy
-from keel.guards.spend import SpendMeter
+from keel.guards.resilience import ModelGuard
+from keel.guards.spend import SpendMeter, estimate_tokens
 from keel.models import model_name_of, resolve_model
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import valid_history
@@ -64,6 +64,52 @@ class _Turn:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """One model of the fallback chain: its name, with tools bound, and without."""
+
+    name: str
+    bound: Runnable[LanguageModelInput, BaseMessage]
+    plain: BaseChatModel
+
+
+def _chain(models: Sequence[str | BaseChatModel], registry: ToolRegistry) -> tuple[_Model, ...]:
+    out = []
+    for model in models:
+        chat = resolve_model(model)
+        bound = chat.bind_tools(registry.tools) if len(registry) else chat
+        out.append(_Model(model_name_of(chat), bound, chat))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """One model turn's attempts along the fallback chain: the decisions both drivers share."""
+
+    chain: tuple[_Model, ...]
+    retry: RetryPolicy
+    index: int = 0
+    attempt: int = 1
+
+    @property
+    def model(self) -> _Model:
+        return self.chain[self.index]
+
+    def failed(self, exc: BaseException) -> float | dict[str, Any]:
+        """Seconds to wait before the next attempt (on `self.model`), or the final update."""
+        more = self.index + 1 < len(self.chain)
+        step = after_failure(exc, self.attempt, self.retry, has_fallback=more)
+        if isinstance(step, Retry):
+            self.attempt += 1
+            return step.seconds
+        if step == "fallback":
+            log.warning("model %s failed (%r); falling back", self.model.name, exc)
+            self.index, self.attempt = self.index + 1, 1
+            return 0.0
+        tried = self.chain[: self.index + 1]
+        return _failed(exc, self.attempt, [m.name for m in tried] if len(tried) > 1 else [])
+
+
 def call_model(
     model: str | BaseChatModel,
     tools: ToolRegistry | None = None,
@@ -76,6 +122,8 @@ def call_model(
     budget: Budget | None = None,
     loop: LoopPolicy | None = None,
     meter: SpendMeter | None = None,
+    guard: ModelGuard | None = None,
+    fallbacks: Sequence[str | BaseChatModel] = (),
     reserve_steps: int = 2,
     name: str = "call_model",
 ) -> RunnableCallable:
@@ -94,17 +142,18 @@ def call_model(
         loop: The loop guard applied to each answer's tool calls.
         meter: Reserves each call's estimate against per-user / per-tenant period budgets
             before the call and settles the real cost after it.
+        guard: The rate limits and per-model breaker checked around each call, inside this
+            node (`ModelGuard.from_policy(policy, ledger)`).
+        fallbacks: Models to try in order when the model is down (5xx, connection errors,
+            still rate limited after retries, open breaker); see `keel.guards.fallback`.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
         name: The node's name.
     """
-    chat = resolve_model(model)
     registry = tools or ToolRegistry()
-    bound: Runnable[LanguageModelInput, BaseMessage] = (
-        chat.bind_tools(registry.tools) if len(registry) else chat
-    )
+    chain = _chain([model, *fallbacks], registry)
     table = prices or PriceTable()
-    default_name = model_name_of(chat)
+    default_name = chain[0].name
     checks = tuple(before_model)
 
     def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
@@ -139,7 +188,7 @@ def call_model(
         """The state update for `response`, or the loop's reason when a wrap-up turn is due."""
         if not isinstance(response, AIMessage):
             raise KeelError(f"The model returned {type(response).__name__}, not an AIMessage.")
-        usage = _usage_of(response, table, default_name)
+        usage = usage_of(response, table, default_name)
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
@@ -178,7 +227,7 @@ def call_model(
         if not isinstance(final, AIMessage):
             raise KeelError(f"The model returned {type(final).__name__}, not an AIMessage.")
         usage = add_usage(
-            _usage_of(first, table, default_name), _usage_of(final, table, default_name)
+            usage_of(first, table, default_name), usage_of(final, table, default_name)
         )
         return {
             **turn.extra,
@@ -187,65 +236,92 @@ def call_model(
             "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
         }
 
-    def failed(exc: BaseException, attempts: int) -> dict[str, Any]:
-        log.warning("model call failed after %d attempt(s): %r", attempts, exc)
-        detail = f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
-        if isinstance(exc, TimeoutError):
-            return {"outcome": outcome.stopped("timeout", detail)}
-        return {"outcome": outcome.failed(detail)}
+    def guarded_sync(
+        m: _Model, tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+    ) -> BaseMessage:
+        runnable = m.bound if tools else m.plain
+        if guard is None:
+            return runnable.invoke(messages, config)
+        permit = guard.before(m.name, ctx.tenant_id, estimate_tokens(messages))
+        try:
+            response = runnable.invoke(messages, config)
+        except Exception as exc:
+            guard.after(m.name, permit, exc, 0)
+            raise
+        guard.after(m.name, permit, None, _tokens_of(response))
+        return response
+
+    async def guarded_async(
+        m: _Model, tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+    ) -> BaseMessage:
+        runnable = m.bound if tools else m.plain
+        if guard is None:
+            return await runnable.ainvoke(messages, config)
+        permit = await guard.abefore(m.name, ctx.tenant_id, estimate_tokens(messages))
+        try:
+            response = await runnable.ainvoke(messages, config)
+        except Exception as exc:
+            await guard.aafter(m.name, permit, exc, 0)
+            raise
+        await guard.aafter(m.name, permit, None, _tokens_of(response))
+        return response
 
     def call_sync(
-        runnable: Runnable[Any, BaseMessage], messages: list[BaseMessage], config: RunnableConfig
+        tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
     ) -> BaseMessage | dict[str, Any]:
-        for attempt in range(1, retry.max_attempts + 1):
+        attempts = _Attempts(chain, retry)
+        while True:
             try:
-                return runnable.invoke(messages, config)
+                return guarded_sync(attempts.model, tools, messages, config, ctx)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
-                if attempt == retry.max_attempts or not _should_retry(retry, exc):
-                    return failed(exc, attempt)
-                time.sleep(_backoff(retry, attempt, exc))
-        raise AssertionError("unreachable")
+                step = attempts.failed(exc)
+                if isinstance(step, dict):
+                    return step
+                time.sleep(step)
 
     async def call_async(
-        runnable: Runnable[Any, BaseMessage], messages: list[BaseMessage], config: RunnableConfig
+        tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
     ) -> BaseMessage | dict[str, Any]:
-        for attempt in range(1, retry.max_attempts + 1):
+        attempts = _Attempts(chain, retry)
+        while True:
             try:
-                return await runnable.ainvoke(messages, config)
+                return await guarded_async(attempts.model, tools, messages, config, ctx)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
-                if attempt == retry.max_attempts or not _should_retry(retry, exc):
-                    return failed(exc, attempt)
-                await asyncio.sleep(_backoff(retry, attempt, exc))
-        raise AssertionError("unreachable")
+                step = attempts.failed(exc)
+                if isinstance(step, dict):
+                    return step
+                await asyncio.sleep(step)
 
     def answer(
         turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         assert turn.messages is not None
-        response = call_sync(bound, turn.messages, config)
+        ctx = context_of(runtime)
+        response = call_sync(True, turn.messages, config, ctx)
         if isinstance(response, dict):
             return response
         update = finish(response, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = call_sync(chat, [*turn.messages, _wrap_up_note(update)], config)
+        final = call_sync(False, [*turn.messages, wrap_up_note(update)], config, ctx)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
     async def aanswer(
         turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         assert turn.messages is not None
-        response = await call_async(bound, turn.messages, config)
+        ctx = context_of(runtime)
+        response = await call_async(True, turn.messages, config, ctx)
         if isinstance(response, dict):
             return response
         update = finish(response, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = await call_async(chat, [*turn.messages, _wrap_up_note(update)], config)
+        final = await call_async(False, [*turn.messages, wrap_up_note(update)], config, ctx)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
     def invoke(
@@ -320,31 +396,12 @@ def _cost(update: dict[str, Any] | None) -> tuple[float | None, int | None]:
     )
 
 
-def _wrap_up_note(reason: str) -> HumanMessage:
-    return HumanMessage(
-        content=f"(keel loop guard) You are repeating tool calls: {reason}. Do not call any "
-        "more tools. Give your final answer now with what you have."
-    )
-
-
 def _system_text(system_prompt: str | None, state: AgentState) -> str:
     plan = state.get("plan")
     parts = [system_prompt] if system_prompt else []
     if plan:
         parts.append(render_plan(plan))
     return "\n\n".join(parts)
-
-
-def _usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage:
-    meta: Mapping[str, Any] = response.usage_metadata or {}
-    name = str(response.response_metadata.get("model_name") or default_name)
-    return {
-        "input_tokens": int(meta.get("input_tokens", 0)),
-        "output_tokens": int(meta.get("output_tokens", 0)),
-        "usd": table.cost(name, meta),
-        "model_calls": 1,
-        "steps": 1,
-    }
 
 
 def _approval_needed(
@@ -358,39 +415,18 @@ def _approval_needed(
     return f"awaiting approval for {', '.join(reasons)}" if reasons else None
 
 
-def _should_retry(policy: RetryPolicy, exc: Exception) -> bool:
-    if isinstance(exc, KeelError):
-        return False
-    if isinstance(exc, TimeoutError) or _retry_after(exc) is not None:
-        return True  # LangGraph's default treats TimeoutError (an OSError) as permanent
-    retry_on = policy.retry_on
-    if retry_on is default_retry_on:
-        return default_retry_on(exc)
-    if isinstance(retry_on, Sequence):
-        return isinstance(exc, tuple(retry_on))
-    if isinstance(retry_on, type):
-        return isinstance(exc, retry_on)
-    return bool(retry_on(exc))
+def _failed(exc: BaseException, attempts: int, tried: list[str]) -> dict[str, Any]:
+    """The update that ends a run whose model call failed for good."""
+    log.warning("model call failed after %d attempt(s): %r", attempts, exc)
+    detail = f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+    if tried:
+        detail += f" (fallback models tried, in order: {', '.join(tried)})"
+    if isinstance(exc, TimeoutError):
+        return {"outcome": outcome.stopped("timeout", detail)}
+    return {"outcome": outcome.failed(detail)}
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    """Seconds a rate-limited provider asked to wait (`Retry-After`), if it said."""
-    value = getattr(exc, "retry_after", None)
-    if value is None:
-        headers = getattr(getattr(exc, "response", None), "headers", None)
-        if headers is not None and hasattr(headers, "get"):
-            value = headers.get("retry-after") or headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _backoff(policy: RetryPolicy, attempt: int, exc: BaseException | None = None) -> float:
-    asked = _retry_after(exc) if exc is not None else None
-    if asked is not None:
-        return min(policy.max_interval, asked)
-    wait = min(
-        policy.max_interval, policy.initial_interval * policy.backoff_factor ** (attempt - 1)
-    )
-    return wait + (random.uniform(0, 1) if policy.jitter else 0.0)
+def _tokens_of(response: BaseMessage) -> int:
+    """Input + output tokens a response reports (0 when it reports none)."""
+    meta: Mapping[str, Any] = getattr(response, "usage_metadata", None) or {}
+    return int(meta.get("input_tokens", 0)) + int(meta.get("output_tokens", 0))

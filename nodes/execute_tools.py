@@ -33,6 +33,7 @@ from keel.approvals import approval_digest, approval_key
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
+from keel.guards.resilience import ToolGuard
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
@@ -52,11 +53,12 @@ ToolStatus = Literal[
     "budget_stopped",
     "timeout",
     "error",
+    "unavailable",
     "not_run",
 ]
 """How a tool call ended; in each `ToolMessage`'s `response_metadata["keel_status"]`.
 `respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
-stopped first) from `respond`."""
+stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open."""
 
 
 class _Deadline(Exception):
@@ -86,6 +88,7 @@ def execute_tools(
     policy_version: str = "1",
     policy_name: str | None = None,
     budget: Budget | None = None,
+    tool_guard: ToolGuard | None = None,
     name: str = "execute_tools",
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
@@ -98,6 +101,8 @@ def execute_tools(
         policy_name: The policy's name for the digest (default: `RunContext.policy`).
         budget: Run budget: calls that would pass its tool-call limit are answered
             `budget_stopped` and the run ends as `budget_exceeded`.
+        tool_guard: The per-tool circuit breaker: while a tool's is open the call is answered
+            `unavailable` (the model is told what is missing) and the run goes on.
         name: The node's name.
     """
 
@@ -160,7 +165,9 @@ def execute_tools(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        results = [p if not isinstance(p, _Job) else _run_sync(p, config) for p in planned]
+        results = [
+            p if not isinstance(p, _Job) else _guarded_sync(p, config, tool_guard) for p in planned
+        ]
         return finish(state, results, sum(isinstance(p, _Job) for p in planned))
 
     async def ainvoke(
@@ -168,7 +175,10 @@ def execute_tools(
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
         results = await asyncio.gather(
-            *(_run_async(p, config) if isinstance(p, _Job) else _answered(p) for p in planned)
+            *(
+                _guarded_async(p, config, tool_guard) if isinstance(p, _Job) else _answered(p)
+                for p in planned
+            )
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 
@@ -301,6 +311,31 @@ async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
             if isinstance(step, ToolMessage):
                 return step
             await asyncio.sleep(step)
+
+
+# -- the tool's circuit breaker around a run (keel.guards.resilience) ------------------------
+
+
+def _guarded_sync(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> ToolMessage:
+    if guard is None:
+        return _run_sync(job, config)
+    refused = guard.check(job.entry.name)
+    if refused is not None:
+        return _message(job.call, refused, "unavailable")
+    result = _run_sync(job, config)
+    guard.record(job.entry.name, str(result.response_metadata.get("keel_status")))
+    return result
+
+
+async def _guarded_async(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> ToolMessage:
+    if guard is None:
+        return await _run_async(job, config)
+    refused = await guard.acheck(job.entry.name)
+    if refused is not None:
+        return _message(job.call, refused, "unavailable")
+    result = await _run_async(job, config)
+    await guard.arecord(job.entry.name, str(result.response_metadata.get("keel_status")))
+    return result
 
 
 def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:

@@ -72,6 +72,7 @@ def test_is_outage_counts_server_faults_not_client_errors() -> None:
     assert not is_outage(ChaosRateLimitError(1.0))  # the provider is up, it asks to slow down
     assert not is_outage(CircuitOpen("k", 0.0, retry_after=0.0))
     assert not is_outage(UserError("bad call"))
+    assert not is_outage(ValueError("the model's answer did not parse"))  # a bug, not an outage
 
 
 # -- every transition, over fabricated times ---------------------------------------------------

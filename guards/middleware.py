@@ -1,0 +1,498 @@
+"""keel's guards as LangChain `AgentMiddleware`, for `langchain.agents.create_agent`.
+
+Each middleware calls the same decisions as keel's nodes (`check_budget`, `PermissionMatrix`,
+`detect_loop`, `ModelGuard` / `ToolGuard` over `RateLimiter` and `CircuitBreaker`), and each
+hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph node.
+
+- `BudgetMiddleware`: run budgets in tokens, dollars, model and tool calls (usage read back
+  from the messages' `usage_metadata` and priced by the price table);
+- `PermissionMiddleware`: the policy's rules, default deny; `ask` pauses the call with
+  LangChain's per-call human-in-the-loop interrupt (`{"type": "tool_approval", ...}`),
+  answered with a LangChain `Decision` (`approve`, `edit`, `reject`, `respond`);
+- `RateLimitMiddleware`: RPM / TPM buckets shared through the ledger;
+- `CircuitBreakerMiddleware`: per-model and per-tool breakers shared through the ledger;
+- `LoopGuardMiddleware`: repeated calls and A-B-A-B cycles stop the run or force a wrap-up.
+
+A guard that stops the run answers in the model's place with an AI message without tool calls
+(so the agent ends) whose `response_metadata["keel_outcome"]` is keel's `Outcome`;
+`outcome_of(result)` reads it back (or `completed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
+from langchain.agents.middleware.types import ToolCallRequest
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langgraph.types import Command, interrupt
+
+from keel import outcome
+from keel.errors import UserError
+from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
+from keel.guards.budget import check_budget, usage_from_messages
+from keel.guards.gate import GateDecision
+from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
+from keel.guards.permissions import PermissionMatrix
+from keel.guards.policy import Budget, LoopPolicy, Policy
+from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
+from keel.guards.resilience import ModelGuard, ToolGuard
+from keel.guards.spend import estimate_tokens
+from keel.ledger import Ledger
+from keel.models import model_name_of
+from keel.pricing import PriceTable
+from keel.state import Outcome, RunContext
+from keel.tools.registry import RegisteredTool, spec_of
+
+__all__ = [
+    "BudgetMiddleware",
+    "CircuitBreakerMiddleware",
+    "LoopGuardMiddleware",
+    "PermissionMiddleware",
+    "RateLimitMiddleware",
+    "outcome_of",
+]
+
+ModelHandler = Callable[[ModelRequest[Any]], ModelResponse[Any]]
+AsyncModelHandler = Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]]
+ToolHandler = Callable[[ToolCallRequest], ToolMessage | Command[Any]]
+AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]]
+ExitBehavior = Literal["end", "error"]
+_DEFAULT_CONTEXT = RunContext()
+
+
+# -- helpers every middleware shares ------------------------------------------------------
+
+
+def stop_message(result: Outcome) -> AIMessage:
+    """The answer a guard gives in the model's place: it ends the agent with `result`."""
+    return AIMessage(
+        content=f"Stopped ({result['terminated_reason']}): {result['detail']}.",
+        response_metadata={"keel_outcome": result},
+    )
+
+
+def outcome_of(result: Mapping[str, Any]) -> Outcome:
+    """The keel `Outcome` of a `create_agent` run guarded by keel's middleware.
+
+    A guard's stop is read from the last AI message; an agent that answered is `completed`.
+    """
+    messages: Sequence[BaseMessage] = result.get("messages") or []
+    last = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    if last is None:
+        return outcome.failed("the agent produced no answer")
+    stopped = last.response_metadata.get("keel_outcome")
+    return stopped if isinstance(stopped, dict) else outcome.completed()  # type: ignore[return-value]
+
+
+def _context(runtime: object) -> RunContext:
+    ctx = getattr(runtime, "context", None)
+    if isinstance(ctx, RunContext):
+        return ctx
+    if isinstance(ctx, Mapping):
+        return RunContext(**ctx)
+    return _DEFAULT_CONTEXT
+
+
+def _tool_message(request: ToolCallRequest, content: str, status: str) -> ToolMessage:
+    call = request.tool_call
+    return ToolMessage(
+        content=content,
+        tool_call_id=call.get("id") or "",
+        name=call["name"],
+        status="error",
+        response_metadata={"keel_status": status},
+    )
+
+
+def _exit(behavior: object) -> ExitBehavior:
+    if behavior not in ("end", "error"):
+        raise UserError(f"exit_behavior must be 'end' or 'error', got {behavior!r}.")
+    return behavior
+
+
+# -- budget -------------------------------------------------------------------------------
+
+
+class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
+    """Stops a `create_agent` run at a keel `Budget`: tokens, dollars, model and tool calls.
+
+    Before each model call the run's usage (from the messages) is checked with `check_budget`;
+    a spent budget ends the run as `budget_exceeded`. A tool call past the `tool_calls` limit
+    is answered `budget_stopped`, and the next model turn ends the run. `wall_seconds` is not
+    enforced here (`create_agent` has no run clock); use LangGraph's `TimeoutPolicy`.
+
+    Example:
+        ```python
+        agent = create_agent(model, tools, middleware=[BudgetMiddleware(Budget(usd=0.50))])
+        ```
+    """
+
+    def __init__(self, budget: Budget, *, prices: PriceTable | None = None) -> None:
+        """Hold runs to `budget`, pricing calls with `prices` (the default table if omitted)."""
+        super().__init__()
+        if not isinstance(budget, Budget):
+            raise UserError(f"BudgetMiddleware needs a keel Budget(...), got {budget!r}.")
+        self.budget = budget
+        self.prices = prices or PriceTable()
+
+    def _stop(self, messages: Sequence[BaseMessage]) -> AIMessage | None:
+        stopped = next(
+            (
+                m
+                for m in reversed(messages)
+                if isinstance(m, ToolMessage)
+                and m.response_metadata.get("keel_status") == "budget_stopped"
+            ),
+            None,
+        )
+        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+        if (
+            stopped is not None
+            and last_ai is not None
+            and messages.index(stopped) > messages.index(last_ai)
+        ):
+            reason = str(stopped.response_metadata.get("keel_reason"))
+            return stop_message(outcome.stopped("budget_exceeded", reason))
+        usage = usage_from_messages(messages, self.prices)
+        exceeded = check_budget(self.budget, usage).exceeded
+        return stop_message(outcome.stopped("budget_exceeded", exceeded)) if exceeded else None
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model unless the budget is spent."""
+        return self._stop(request.state["messages"]) or handler(request)
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model unless the budget is spent (async)."""
+        return self._stop(request.state["messages"]) or await handler(request)
+
+    def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
+        usage = usage_from_messages(request.state["messages"], self.prices)
+        exceeded = check_budget(self.budget, usage, planned_tool_calls=1).exceeded
+        if exceeded is None:
+            return None
+        message = _tool_message(request, f"Not run: {exceeded}.", "budget_stopped")
+        message.response_metadata["keel_reason"] = exceeded
+        return message
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
+        """Run the tool unless the tool-call budget is spent."""
+        return self._refuse_tool(request) or handler(request)
+
+    async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
+        """Run the tool unless the tool-call budget is spent (async)."""
+        return self._refuse_tool(request) or await handler(request)
+
+
+# -- permissions --------------------------------------------------------------------------
+
+
+class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
+    """A policy's permission rules for `create_agent`: allow, ask a human, or deny (default).
+
+    Roles come from the run's `RunContext` (`create_agent(..., context_schema=RunContext)` and
+    `invoke(..., context=RunContext(roles=(...)))`). A denied call is never run: the model gets
+    `Not permitted: … (rule: …)`. An `ask` call pauses with LangChain's per-call interrupt
+    (`{"type": "tool_approval", "tool_call_id", "name", "args", "description"}`); resume with
+    `Command(resume={"type": "approve"})`, `{"type": "edit", "edited_action": {"name": ...,
+    "args": {...}}}`, `{"type": "reject", "message": ...}` or `{"type": "respond", "message":
+    ...}`. Edited arguments are checked against the rules again.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        """Decide every tool call by `policy.rules` (first match wins, default deny)."""
+        super().__init__()
+        if not isinstance(policy, Policy):
+            raise UserError(f"PermissionMiddleware needs a keel Policy(...), got {policy!r}.")
+        self.matrix = PermissionMatrix.from_policy(policy)
+
+    def _decide(self, request: ToolCallRequest, args: Mapping[str, Any]) -> GateDecision:
+        tool = request.tool
+        if tool is None:  # an unknown tool: let the ToolNode answer with the valid names
+            return GateDecision.allow()
+        return self.matrix(RegisteredTool(tool, spec_of(tool)), args, _context(request.runtime))
+
+    def _resolve(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
+        call = request.tool_call
+        decision = self._decide(request, call["args"])
+        if decision.action == "ask":
+            answer = interrupt(
+                {
+                    "type": "tool_approval",
+                    "tool_call_id": call.get("id") or "",
+                    "name": call["name"],
+                    "args": call["args"],
+                    "description": decision.reason
+                    + (f" (rule: {decision.rule})" if decision.rule else ""),
+                }
+            )
+            resolved = _apply_decision(request, answer)
+            if isinstance(resolved, ToolMessage) or resolved is request:
+                return resolved
+            request, decision = resolved, self._decide(resolved, resolved.tool_call["args"])
+        if decision.action == "deny":
+            rule = f" (rule: {decision.rule})" if decision.rule else ""
+            return _tool_message(request, f"Not permitted: {decision.reason}{rule}.", "denied")
+        return request
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
+        """Run the call if the rules allow it (or a human approves it); else answer why not."""
+        resolved = self._resolve(request)
+        return resolved if isinstance(resolved, ToolMessage) else handler(resolved)
+
+    async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
+        """Run the call if the rules allow it (or a human approves it), async."""
+        resolved = self._resolve(request)
+        return resolved if isinstance(resolved, ToolMessage) else await handler(resolved)
+
+
+def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:
+    """The approved (or edited) request, or the ToolMessage that answers it instead."""
+    if isinstance(answer, Mapping) and isinstance(answer.get("decisions"), list):
+        answer = answer["decisions"][0] if len(answer["decisions"]) == 1 else None
+    kind = answer.get("type") if isinstance(answer, Mapping) else None
+    name = request.tool_call["name"]
+    if kind == "approve":
+        return request
+    if kind == "edit" and isinstance(answer, Mapping):
+        edited = answer.get("edited_action") or {}
+        args = edited.get("args") if isinstance(edited, Mapping) else None
+        if isinstance(args, dict):
+            return request.override(tool_call={**request.tool_call, "args": args})
+    if kind == "reject" and isinstance(answer, Mapping):
+        note = f": {answer['message']}" if answer.get("message") else ""
+        return _tool_message(request, f"Rejected by a human reviewer{note}.", "rejected")
+    if kind == "respond" and isinstance(answer, Mapping) and isinstance(answer.get("message"), str):
+        text = f"A human answered instead of running {name}: {answer['message']}"
+        return ToolMessage(
+            content=text,
+            tool_call_id=request.tool_call.get("id") or "",
+            name=name,
+            response_metadata={"keel_status": "respond"},
+        )
+    raise UserError(
+        f"Unknown review decision {answer!r} for {name}: resume with {{'type': 'approve'}}, "
+        "{'type': 'edit', 'edited_action': {'name': ..., 'args': {...}}}, "
+        "{'type': 'reject', 'message': '...'} or {'type': 'respond', 'message': '...'}."
+    )
+
+
+# -- rate limits and breakers: ModelGuard / ToolGuard, as in call_model / execute_tools -----
+
+
+class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
+    """Runs each model call through a `ModelGuard`; a refused call ends the run or raises."""
+
+    def __init__(self, guard: ModelGuard, exit_behavior: ExitBehavior) -> None:
+        super().__init__()
+        self.guard = guard
+        self.exit_behavior = _exit(exit_behavior)
+
+    def _refused(self, exc: CircuitOpen | RateLimited) -> AIMessage:
+        if self.exit_behavior == "error":
+            raise exc
+        return stop_message(outcome.failed(f"model call refused: {exc}"))
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model within its rate limits and breaker."""
+        name, tenant = model_name_of(request.model), _context(request.runtime).tenant_id
+        try:
+            permit = self.guard.before(name, tenant, estimate_tokens(request.messages))
+        except (CircuitOpen, RateLimited) as exc:
+            return self._refused(exc)
+        try:
+            response = handler(request)
+        except Exception as exc:
+            self.guard.after(name, permit, exc, 0)
+            raise
+        self.guard.after(name, permit, None, _tokens(response))
+        return response
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model within its rate limits and breaker (async)."""
+        name, tenant = model_name_of(request.model), _context(request.runtime).tenant_id
+        try:
+            permit = await self.guard.abefore(name, tenant, estimate_tokens(request.messages))
+        except (CircuitOpen, RateLimited) as exc:
+            return self._refused(exc)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            await self.guard.aafter(name, permit, exc, 0)
+            raise
+        await self.guard.aafter(name, permit, None, _tokens(response))
+        return response
+
+
+def _tokens(response: ModelResponse[Any]) -> int:
+    meta: Mapping[str, Any] = {}
+    for m in response.result:
+        if isinstance(m, AIMessage) and m.usage_metadata:
+            meta = m.usage_metadata
+    return int(meta.get("input_tokens", 0)) + int(meta.get("output_tokens", 0))
+
+
+class RateLimitMiddleware(_ModelGuarded):
+    """RPM / TPM limits per model and per tenant for `create_agent`, shared via the ledger.
+
+    A call waits for room up to each limit's `max_wait`; then, with `exit_behavior="end"`, the
+    run ends with an `error` outcome naming the limit, or (`"error"`) `RateLimited` is raised,
+    e.g. for LangChain's `ModelFallbackMiddleware` (placed before this one) to catch.
+    """
+
+    def __init__(
+        self, ledger: Ledger, limits: Sequence[RateLimit], *, exit_behavior: ExitBehavior = "end"
+    ) -> None:
+        """Hold model calls to `limits`, kept in `ledger`."""
+        super().__init__(ModelGuard(RateLimiter(ledger, limits), None), exit_behavior)
+
+
+class CircuitBreakerMiddleware(_ModelGuarded):
+    """Circuit breakers per model and per tool for `create_agent`, shared via the ledger.
+
+    An open model breaker fails fast: the run ends with an `error` outcome, or (`exit_behavior=
+    "error"`) `CircuitOpen` is raised for LangChain's `ModelFallbackMiddleware` (placed before
+    this one) to move to the next model. An open tool breaker answers the call `unavailable`
+    and tells the model what is missing; the run goes on.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        model: BreakerPolicy | None = None,
+        tool: BreakerPolicy | None = None,
+        exit_behavior: ExitBehavior = "end",
+    ) -> None:
+        """Breakers for models (`model=`) and/or tools (`tool=`); at least one."""
+        if model is None and tool is None:
+            raise UserError(
+                "CircuitBreakerMiddleware needs model=BreakerPolicy(...) and/or "
+                "tool=BreakerPolicy(...)."
+            )
+        breaker = CircuitBreaker(ledger, model) if model is not None else None
+        super().__init__(ModelGuard(None, breaker), exit_behavior)
+        self.tool_guard = ToolGuard(CircuitBreaker(ledger, tool)) if tool is not None else None
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model unless its breaker is open."""
+        if self.guard.breaker is None:
+            return handler(request)
+        return super().wrap_model_call(request, handler)
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model unless its breaker is open (async)."""
+        if self.guard.breaker is None:
+            return await handler(request)
+        return await super().awrap_model_call(request, handler)
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
+        """Run the tool unless its breaker is open; record the result."""
+        guard, name = self.tool_guard, request.tool_call["name"]
+        if guard is None:
+            return handler(request)
+        refused = guard.check(name)
+        if refused is not None:
+            return _tool_message(request, refused, "unavailable")
+        try:
+            result = handler(request)
+        except Exception:
+            guard.record(name, "error")
+            raise
+        guard.record(name, _status(result))
+        return result
+
+    async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
+        """Run the tool unless its breaker is open; record the result (async)."""
+        guard, name = self.tool_guard, request.tool_call["name"]
+        if guard is None:
+            return await handler(request)
+        refused = await guard.acheck(name)
+        if refused is not None:
+            return _tool_message(request, refused, "unavailable")
+        try:
+            result = await handler(request)
+        except Exception:
+            await guard.arecord(name, "error")
+            raise
+        await guard.arecord(name, _status(result))
+        return result
+
+
+def _status(result: ToolMessage | Command[Any]) -> str:
+    return "error" if isinstance(result, ToolMessage) and result.status == "error" else "success"
+
+
+# -- the loop guard -----------------------------------------------------------------------
+
+
+class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
+    """keel's loop guard for `create_agent`: repeated calls or A-B-A-B cycles.
+
+    With `on_loop="stop"` the looping turn is replaced by a stop (`loop_detected`); with
+    `"wrap_up"` the model is asked once more, without tools, for its final answer.
+    """
+
+    def __init__(self, loop: LoopPolicy | None = None) -> None:
+        """Detect loops by `loop` (the default `LoopPolicy()` when omitted)."""
+        super().__init__()
+        if loop is not None and not isinstance(loop, LoopPolicy):
+            raise UserError(f"LoopGuardMiddleware needs a keel LoopPolicy(...), got {loop!r}.")
+        self.loop = loop or LoopPolicy()
+
+    def _looping(self, request: ModelRequest[Any], response: ModelResponse[Any]) -> str | None:
+        answer = next((m for m in response.result if isinstance(m, AIMessage)), None)
+        if answer is None or not answer.tool_calls:
+            return None
+        return detect_loop(call_sequence(request.state["messages"], answer), self.loop)
+
+    def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:
+        return request.override(tools=[], messages=[*request.messages, wrap_up_note(reason)])
+
+    def _final(self, reason: str, final: ModelResponse[Any] | None) -> AIMessage:
+        detail = f"{reason}; answered without tools" if final is not None else reason
+        result = outcome.stopped("loop_detected", detail)
+        answer = next(
+            (m for m in (final.result if final else []) if isinstance(m, AIMessage)), None
+        )
+        if answer is None or answer.tool_calls:
+            return stop_message(result)
+        meta = {**answer.response_metadata, "keel_outcome": result}
+        return answer.model_copy(update={"response_metadata": meta})
+
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model; a looping answer stops the run or gets one tool-free wrap-up turn."""
+        response = handler(request)
+        reason = self._looping(request, response)
+        if reason is None:
+            return response
+        if self.loop.on_loop == "stop":
+            return self._final(reason, None)
+        return self._final(reason, handler(self._wrap_up(request, reason)))
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """Call the model; a looping answer stops the run or gets a wrap-up turn (async)."""
+        response = await handler(request)
+        reason = self._looping(request, response)
+        if reason is None:
+            return response
+        if self.loop.on_loop == "stop":
+            return self._final(reason, None)
+        return self._final(reason, await handler(self._wrap_up(request, reason)))

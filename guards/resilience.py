@@ -1,0 +1,142 @@
+"""The rate limits and circuit breakers of a `Policy`, around one model or tool call.
+
+- `ModelGuard`: before a model call, the model's breaker (`model:<name>`, fails fast with
+  `CircuitOpen`) and then the RPM / TPM buckets (wait, or `RateLimited`); after it, the breaker
+  records the result and the TPM estimate is settled with the real usage.
+- `ToolGuard`: the tool's breaker (`tool:<name>`): while open, the tool is not run and the model
+  is told what is missing (`refusal`); each run's result is recorded.
+
+Both are thin drivers over `CircuitBreaker` and `RateLimiter` (whose decisions are pure), built
+from a policy with `from_policy(policy, ledger)`, which returns `None` when nothing applies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from keel.guards.breaker import BreakerTransition, CircuitBreaker, CircuitOpen, is_outage
+from keel.guards.policy import Policy
+from keel.guards.ratelimit import Permit, RateLimiter
+from keel.ledger import Ledger
+
+__all__ = ["ModelGuard", "ToolGuard"]
+
+log = logging.getLogger("keel.guards")
+
+
+def _logged(transition: BreakerTransition | None) -> None:
+    if transition is not None:
+        log.warning(
+            "circuit breaker %s: %s → %s (%s)",
+            transition.key,
+            transition.before,
+            transition.after,
+            transition.reason,
+        )
+
+
+class ModelGuard:
+    """A model call's breaker and rate limits: `before` it (may raise), `after` it."""
+
+    def __init__(self, limiter: RateLimiter | None, breaker: CircuitBreaker | None) -> None:
+        self.limiter = limiter
+        """The RPM / TPM limits, or `None`."""
+        self.breaker = breaker
+        """The per-model breaker, or `None`."""
+
+    @classmethod
+    def from_policy(cls, policy: Policy, ledger: Ledger) -> ModelGuard | None:
+        """The guard for `policy`'s rate limits and model breaker; `None` when it has neither."""
+        limiter = RateLimiter(ledger, policy.rate_limits) if policy.rate_limits else None
+        breaker = CircuitBreaker(ledger, policy.model_breaker) if policy.model_breaker else None
+        return None if limiter is None and breaker is None else cls(limiter, breaker)
+
+    def before(self, model: str, tenant: str, tokens: int) -> Permit | None:
+        """Let a call to `model` through, or raise.
+
+        Raises:
+            CircuitOpen: the model's breaker is open.
+            RateLimited: a bucket has no room within its limit's `max_wait`.
+        """
+        if self.breaker is not None:
+            _logged(self.breaker.before(f"model:{model}"))
+        return self.limiter.acquire(model, tenant, tokens) if self.limiter else None
+
+    async def abefore(self, model: str, tenant: str, tokens: int) -> Permit | None:
+        """Let a call to `model` through, or raise (async); see `before`."""
+        if self.breaker is not None:
+            _logged(await self.breaker.abefore(f"model:{model}"))
+        return await self.limiter.aacquire(model, tenant, tokens) if self.limiter else None
+
+    def after(
+        self, model: str, permit: Permit | None, error: BaseException | None, used: int
+    ) -> None:
+        """Record the call's result (`error` is `None` on success) and its `used` tokens."""
+        if self.breaker is not None:
+            ok = error is None or not is_outage(error)
+            _logged(self.breaker.record(f"model:{model}", ok))
+        if self.limiter is not None and permit is not None:
+            self.limiter.settle(permit, used)
+
+    async def aafter(
+        self, model: str, permit: Permit | None, error: BaseException | None, used: int
+    ) -> None:
+        """Record the call's result and its `used` tokens (async); see `after`."""
+        if self.breaker is not None:
+            ok = error is None or not is_outage(error)
+            _logged(await self.breaker.arecord(f"model:{model}", ok))
+        if self.limiter is not None and permit is not None:
+            await self.limiter.asettle(permit, used)
+
+
+class ToolGuard:
+    """A tool's circuit breaker: `check` before running it, `record` its result."""
+
+    FAILED = frozenset({"error", "timeout"})
+    """Tool statuses that count as a failure (invalid arguments do not count either way)."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        """The per-tool breaker."""
+
+    @classmethod
+    def from_policy(cls, policy: Policy, ledger: Ledger) -> ToolGuard | None:
+        """The guard for `policy.tool_breaker`; `None` when the policy has none."""
+        if policy.tool_breaker is None:
+            return None
+        return cls(CircuitBreaker(ledger, policy.tool_breaker))
+
+    def check(self, tool: str) -> str | None:
+        """`None` when `tool` may run, else what the model is told instead of its result."""
+        try:
+            _logged(self.breaker.before(f"tool:{tool}"))
+        except CircuitOpen as exc:
+            return refusal(tool, exc)
+        return None
+
+    async def acheck(self, tool: str) -> str | None:
+        """`None` when `tool` may run, else what the model is told (async); see `check`."""
+        try:
+            _logged(await self.breaker.abefore(f"tool:{tool}"))
+        except CircuitOpen as exc:
+            return refusal(tool, exc)
+        return None
+
+    def record(self, tool: str, status: str) -> None:
+        """Record a run of `tool` that ended with keel tool status `status`."""
+        if status == "success" or status in self.FAILED:
+            _logged(self.breaker.record(f"tool:{tool}", status == "success"))
+
+    async def arecord(self, tool: str, status: str) -> None:
+        """Record a run of `tool` that ended with `status` (async); see `record`."""
+        if status == "success" or status in self.FAILED:
+            _logged(await self.breaker.arecord(f"tool:{tool}", status == "success"))
+
+
+def refusal(tool: str, exc: CircuitOpen) -> str:
+    """What the model reads when `tool`'s breaker is open: what is missing and what to do."""
+    return (
+        f"Error: {tool} is unavailable (it failed repeatedly; circuit breaker {exc.key!r} is "
+        f"open for another {exc.retry_after:.0f} s) and was not run. Continue without its "
+        "result, and tell the user what you could not look up or do."
+    )

@@ -1,0 +1,336 @@
+"""keel's guards as LangChain middleware: each one end to end in `create_agent`.
+
+The agents are LangChain's own (`langchain.agents.create_agent`), the model is keel's
+`ScriptedChatModel` (or `ChaosChatModel` around it), the ledger is real SQLite / PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import ToolException
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from keel import Ledger, RunContext, UserError
+from keel.evals import ChaosChatModel, ChaosPolicy, ChaosServerError, ScriptedChatModel, call
+from keel.guards import (
+    BreakerPolicy,
+    Budget,
+    BudgetMiddleware,
+    CircuitBreakerMiddleware,
+    LoopGuardMiddleware,
+    LoopPolicy,
+    PermissionMiddleware,
+    Policy,
+    RateLimit,
+    RateLimitMiddleware,
+    Rule,
+    outcome_of,
+)
+from keel.tools import tool
+
+SUPPORT = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
+RUNS: list[str] = []
+
+
+@tool
+def lookup_order(order_id: str) -> str:
+    """Look up an order."""
+    RUNS.append(f"lookup_order {order_id}")
+    return f"order {order_id}: shipped"
+
+
+@tool
+def issue_refund(order_id: str, amount: float) -> str:
+    """Refund an order."""
+    RUNS.append(f"issue_refund {order_id} {amount:g}")
+    return f"refunded {amount:g} on {order_id}"
+
+
+@tool
+def delete_account(user: str) -> str:
+    """Delete a user's account."""
+    RUNS.append(f"delete_account {user}")
+    return "deleted"
+
+
+TOOLS = [lookup_order, issue_refund, delete_account]
+POLICY = Policy(
+    rules=(
+        Rule(role="support", tool="lookup_*", action="allow"),
+        Rule(role="support", tool="issue_refund", action="ask", reason="refunds need a manager"),
+    )
+)
+
+
+@pytest.fixture(autouse=True)
+def _clear_runs() -> None:
+    RUNS.clear()
+
+
+def agent(
+    script: list[Any], middleware: list[AgentMiddleware[Any, Any, Any]], **kwargs: Any
+) -> Any:
+    model = kwargs.pop("model", None) or ScriptedChatModel(model_name="m", script=script)
+    return create_agent(model, TOOLS, middleware=middleware, context_schema=RunContext, **kwargs)
+
+
+def run(graph: Any, thread: str = "t", resume: Any = None) -> dict[str, Any]:
+    payload: Any = (
+        Command(resume=resume) if resume is not None else {"messages": [("user", "help with A1")]}
+    )
+    result: dict[str, Any] = graph.invoke(
+        payload, {"configurable": {"thread_id": thread}}, context=SUPPORT
+    )
+    return result
+
+
+def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in result["messages"] if isinstance(m, ToolMessage)]
+
+
+# -- budget ------------------------------------------------------------------------------------
+
+
+def test_budget_middleware_stops_at_the_model_call_limit() -> None:
+    script = [call("lookup_order", order_id="A1"), call("lookup_order", order_id="A2"), "done"]
+    result = run(agent(script, [BudgetMiddleware(Budget(model_calls=2))]))
+    assert outcome_of(result) == {
+        "status": "stopped",
+        "terminated_reason": "budget_exceeded",
+        "detail": "Exceeded the model_calls limit of 2 (model_calls=2)",
+    }
+    # as in keel's execute_tools: with the model calls spent, no model could read a result
+    assert RUNS == ["lookup_order A1"]
+    assert tool_messages(result)[-1].response_metadata["keel_status"] == "budget_stopped"
+    assert result["messages"][-1].content == (
+        "Stopped (budget_exceeded): Exceeded the model_calls limit of 2 (model_calls=2)."
+    )
+
+
+async def test_budget_middleware_stops_tool_calls_past_the_limit() -> None:
+    script = [call("lookup_order", order_id="A1"), call("lookup_order", order_id="A2"), "done"]
+    graph = agent(script, [BudgetMiddleware(Budget(tool_calls=1))])
+    result = await graph.ainvoke({"messages": [("user", "hi")]}, context=SUPPORT)
+    assert RUNS == ["lookup_order A1"]
+    assert tool_messages(result)[-1].content == (
+        "Not run: Exceeded the tool_calls limit of 1 (tool_calls=2)."
+    )
+    assert outcome_of(result)["terminated_reason"] == "budget_exceeded"
+
+
+def test_budget_middleware_counts_dollars_from_usage_metadata() -> None:
+    pricey = AIMessage(
+        content="",
+        tool_calls=[{"name": "lookup_order", "args": {"order_id": "A1"}, "id": "c1"}],
+        usage_metadata={"input_tokens": 1_000_000, "output_tokens": 0, "total_tokens": 1_000_000},
+    )
+    model = ScriptedChatModel(model_name="gpt-4o", script=[pricey, "done"])
+    result = run(agent([], [BudgetMiddleware(Budget(usd=2.0))], model=model))
+    assert outcome_of(result)["detail"] == "Exceeded the usd limit of 2 (usd=2.5)"
+
+
+# -- permissions -------------------------------------------------------------------------------
+
+
+def test_permission_middleware_denies_by_default_and_allows_by_rule() -> None:
+    script = [
+        call("delete_account", user="bob"),
+        call("lookup_order", order_id="A1"),
+        "A1 shipped",
+    ]
+    result = run(agent(script, [PermissionMiddleware(POLICY)]))
+    denied, allowed = tool_messages(result)
+    assert denied.content == (
+        "Not permitted: no rule allows delete_account on * for roles support; keel denies by "
+        "default (rule: default deny)."
+    )
+    assert denied.response_metadata["keel_status"] == "denied"
+    assert allowed.content == "order A1: shipped"
+    assert RUNS == ["lookup_order A1"]
+    assert outcome_of(result)["terminated_reason"] == "completed"
+
+
+def test_permission_middleware_asks_in_langchains_per_call_format() -> None:
+    script = [call("issue_refund", order_id="A1", amount=20), "refunded"]
+    graph = agent(script, [PermissionMiddleware(POLICY)], checkpointer=InMemorySaver())
+    paused = run(graph)
+    (pending,) = paused["__interrupt__"]
+    assert pending.value == {
+        "type": "tool_approval",
+        "tool_call_id": "call_0_0",
+        "name": "issue_refund",
+        "args": {"order_id": "A1", "amount": 20},
+        "description": "refunds need a manager; a human must approve "
+        "(rule: support | issue_refund | * → ask)",
+    }
+    assert RUNS == []
+    result = run(graph, resume={"type": "approve"})
+    assert RUNS == ["issue_refund A1 20"]
+    assert outcome_of(result)["terminated_reason"] == "completed"
+
+
+def test_permission_middleware_reject_and_edit() -> None:
+    graph = agent(
+        [call("issue_refund", order_id="A1", amount=20), "ok"],
+        [PermissionMiddleware(POLICY)],
+        checkpointer=InMemorySaver(),
+    )
+    run(graph, "rejected")
+    result = run(graph, "rejected", resume={"type": "reject", "message": "too much"})
+    assert tool_messages(result)[-1].content == "Rejected by a human reviewer: too much."
+    run(graph, "edited")
+    edited = {"name": "issue_refund", "args": {"order_id": "A1", "amount": 5}}
+    run(graph, "edited", resume={"decisions": [{"type": "edit", "edited_action": edited}]})
+    assert RUNS == ["issue_refund A1 5"]
+    run(graph, "bad")
+    with pytest.raises(UserError, match=r"^Unknown review decision \{'type': 'maybe'\}"):
+        run(graph, "bad", resume={"type": "maybe"})
+
+
+def test_an_edited_call_is_checked_against_the_rules_again() -> None:
+    policy = Policy(
+        rules=(
+            Rule(role="support", tool="issue_refund", resource="small", action="ask"),
+            Rule(role="support", tool="issue_refund", action="deny", reason="large refund"),
+        )
+    )
+
+    @tool(resource=lambda args: "small" if args["amount"] <= 50 else "large")
+    def issue_refund(order_id: str, amount: float) -> str:
+        """Refund an order."""
+        RUNS.append(f"issue_refund {order_id} {amount:g}")
+        return "refunded"
+
+    graph = create_agent(
+        ScriptedChatModel(script=[call("issue_refund", order_id="A1", amount=20), "ok"]),
+        [issue_refund],
+        middleware=[PermissionMiddleware(policy)],
+        context_schema=RunContext,
+        checkpointer=InMemorySaver(),
+    )
+    run(graph)
+    edited = {"name": "issue_refund", "args": {"order_id": "A1", "amount": 500}}
+    result = run(graph, resume={"type": "edit", "edited_action": edited})
+    assert RUNS == []
+    assert tool_messages(result)[-1].content == (
+        "Not permitted: large refund (rule: support | issue_refund | * → deny)."
+    )
+
+
+# -- rate limits and breakers ------------------------------------------------------------------
+
+
+def test_rate_limit_middleware_ends_the_run_when_the_wait_runs_out(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    limits = [RateLimit(rpm=1, scope="tenant", max_wait=0)]
+    graph = agent(["hello"], [RateLimitMiddleware(ledger, limits)])
+    assert outcome_of(run(graph, "a"))["terminated_reason"] == "completed"
+    result = outcome_of(run(graph, "b"))
+    assert result["terminated_reason"] == "error"
+    assert result["detail"].startswith(
+        "model call refused: Rate limit of 1 requests per minute reached for tenant:acme "
+        "(rpm:tenant:acme): room in "
+    )
+    ledger.close()
+
+
+def test_breaker_middleware_fails_fast_then_falls_back(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    primary = ChaosChatModel(
+        model=ScriptedChatModel(model_name="primary", script=["never"]),
+        policy=ChaosPolicy(server_error=1.0),
+    )
+    breaker = BreakerPolicy(failure_threshold=1, cooldown_seconds=60)
+    graph = agent([], [CircuitBreakerMiddleware(ledger, model=breaker)], model=primary)
+    with pytest.raises(ChaosServerError):  # the provider's own error: LangChain's to handle
+        run(graph, "a")
+    result = outcome_of(run(graph, "b"))
+    assert result["terminated_reason"] == "error"
+    assert result["detail"].startswith(
+        "model call refused: Circuit breaker 'model:primary' is open: calls fail fast"
+    )
+    assert primary.calls == 1
+    backup = ScriptedChatModel(model_name="backup", script=["backup answer"])
+    chained = agent(
+        [],
+        [
+            ModelFallbackMiddleware(backup),
+            CircuitBreakerMiddleware(ledger, model=breaker, exit_behavior="error"),
+        ],
+        model=primary,
+    )
+    answered = run(chained, "c")
+    assert answered["messages"][-1].content == "backup answer"
+    assert primary.calls == 1
+    ledger.close()
+
+
+def test_breaker_middleware_degrades_a_failing_tool(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    attempts: list[str] = []
+
+    @tool
+    def inventory(sku: str) -> str:
+        """Check stock."""
+        attempts.append(sku)
+        raise ToolException("inventory service returned 503")
+
+    inventory.handle_tool_error = True  # LangChain's ToolNode re-raises a ToolException otherwise
+
+    breaker = CircuitBreakerMiddleware(ledger, tool=BreakerPolicy(failure_threshold=1))
+    graph = create_agent(
+        ScriptedChatModel(script=[call("inventory", sku="X"), call("inventory", sku="Y"), "ok"]),
+        [inventory],
+        middleware=[breaker],
+        context_schema=RunContext,
+    )
+    result = run(graph)
+    assert attempts == ["X"]
+    refused = tool_messages(result)[-1]
+    assert refused.response_metadata["keel_status"] == "unavailable"
+    assert str(refused.content).startswith("Error: inventory is unavailable")
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    ledger.close()
+
+
+def test_breaker_middleware_needs_a_breaker(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    with pytest.raises(UserError, match=r"^CircuitBreakerMiddleware needs model="):
+        CircuitBreakerMiddleware(ledger)
+    ledger.close()
+
+
+# -- the loop guard ----------------------------------------------------------------------------
+
+
+def test_loop_guard_middleware_stops_a_repeated_call() -> None:
+    script = [call("lookup_order", order_id="A1")] * 3 + ["done"]
+    result = run(agent(script, [LoopGuardMiddleware(LoopPolicy(max_repeats=3))]))
+    assert RUNS == ["lookup_order A1", "lookup_order A1"]
+    assert outcome_of(result) == {
+        "status": "stopped",
+        "terminated_reason": "loop_detected",
+        "detail": "lookup_order was called 3 times in a row with the same arguments "
+        '{"order_id":"A1"}',
+    }
+
+
+async def test_loop_guard_middleware_wraps_up_without_tools() -> None:
+    def turn(messages: list[Any]) -> AIMessage | str:
+        if "(keel loop guard)" in str(messages[-1].content):
+            return "A1 shipped (wrapped up)"
+        return call("lookup_order", order_id="A1")
+
+    model = ScriptedChatModel(script=[turn] * 5)
+    graph = agent([], [LoopGuardMiddleware(LoopPolicy(on_loop="wrap_up"))], model=model)
+    result = await graph.ainvoke({"messages": [("user", "hi")]}, context=SUPPORT)
+    assert result["messages"][-1].content == "A1 shipped (wrapped up)"
+    assert outcome_of(result)["terminated_reason"] == "loop_detected"
+    assert RUNS == ["lookup_order A1", "lookup_order A1"]
