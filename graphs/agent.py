@@ -235,6 +235,8 @@ def build_agent(
             meter=meter,
             guard=model_guard,
             fallbacks=fallback_models,
+            policy_version=policy_version,
+            policy_name=policy_name,
         ),
     )
     graph.add_node(

@@ -83,6 +83,8 @@ class Approval(TypedDict):
     tool_call_id: str
     decision: Literal["approved", "rejected"]
     reviewer: NotRequired[str]
+    expires_at: NotRequired[float]
+    """Set on standing approvals (`keel.guards.standing`): epoch seconds it holds until."""
 
 
 class Verdict(TypedDict):

@@ -37,8 +37,10 @@ from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.resilience import ModelGuard
 from keel.guards.spend import SpendMeter, estimate_tokens
+from keel.guards.standing import allowing
 from keel.models import model_name_of, resolve_model
 from keel.nodes._node import context_of, make_node
+from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable
@@ -125,6 +127,8 @@ def call_model(
     guard: ModelGuard | None = None,
     fallbacks: Sequence[str | BaseChatModel] = (),
     reserve_steps: int = 2,
+    policy_version: str = "1",
+    policy_name: str | None = None,
     name: str = "call_model",
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
@@ -148,6 +152,8 @@ def call_model(
             still rate limited after retries, open breaker); see `keel.guards.fallback`.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
+        policy_version: The policy version standing approvals are bound to.
+        policy_name: The policy name standing approvals are bound to.
         name: The node's name.
     """
     registry = tools or ToolRegistry()
@@ -203,7 +209,10 @@ def call_model(
                 if loop is not None
                 else None
             )
-            ask = _approval_needed(response, registry, gate, context_of(runtime))
+            ctx = context_of(runtime)
+            policy = policy_id(ctx, policy_version, policy_name)
+            decide = allowing(gate, state.get("approvals") or {}, policy)
+            ask = _approval_needed(response, registry, decide, ctx)
             if looping is not None and loop is not None:
                 if loop.on_loop == "wrap_up" and not _over(budget, state, usage):
                     return looping

@@ -34,6 +34,7 @@ from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
+from keel.guards.standing import allowing
 from keel.nodes._node import context_of, make_node
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
@@ -113,7 +114,8 @@ def execute_tools(
         context = context_of(runtime)
         approvals = state.get("approvals") or {}
         policy = policy_id(context, policy_version, policy_name)
-        planned = [_classify(c, tools, gate, context, approvals, policy) for c in calls]
+        decide = allowing(gate, approvals, policy)  # standing approvals turn ask into allow
+        planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
         return _within_budget(state, planned)
 
     def _within_budget(state: AgentState, planned: list[ToolMessage | _Job]) -> list[Any]:

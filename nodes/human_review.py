@@ -6,6 +6,8 @@ a single request, one response. A response is `{"type": "approve" | "edit" | "re
 "respond", ...}`; Agent Inbox's `accept` / `ignore` / `response` are accepted too.
 
 - `approve` binds the approval to the call's exact arguments (tool + canonical args + policy).
+  With `"always": {"ttl_seconds": 3600}` (and optionally `"same_args": True`) it also stands
+  for later calls of the tool in this thread until it expires (`keel.guards.standing`).
 - `edit` (`{"type": "edit", "args": {...}}`) replaces the arguments and approves the new call.
 - `reject` (optional `"message"`) answers the call as rejected and ends the run as `rejected`.
 - `respond` (`{"type": "respond", "message": "..."}`) answers the call with the human's text
@@ -29,6 +31,7 @@ from keel import outcome
 from keel.approvals import approval_digest, approval_key
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.standing import Always, allowing, standing_approval
 from keel.nodes._node import context_of, make_node
 from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
@@ -57,6 +60,8 @@ class ReviewResponse(TypedDict):
     args: NotRequired[dict[str, Any]]
     message: NotRequired[str]
     reviewer: NotRequired[str]
+    always: NotRequired[bool | dict[str, Any]]
+    """On approve / edit: a standing approval (`keel.guards.standing.Always`)."""
 
 
 def human_review(
@@ -75,12 +80,13 @@ def human_review(
         context = context_of(runtime)
         policy = policy_id(context, policy_version, policy_name)
         approvals = state.get("approvals") or {}
+        decide = allowing(gate, approvals, policy)
         out: list[ReviewRequest] = []
         for call in calls:
             entry = tools.get(call["name"])
             if entry is None or not isinstance(call.get("args"), dict):
                 continue
-            decision = gate(entry, call["args"], context)
+            decision = decide(entry, call["args"], context)
             digest = approval_digest(entry.name, call["args"], policy)
             approved = approval_key(digest, call.get("id") or "", "approved")
             if decision.action != "ask" or digest in approvals or approved in approvals:
@@ -167,6 +173,10 @@ def _response(raw: Any) -> ReviewResponse:
     assert isinstance(raw, Mapping)
     response: dict[str, Any] = {**raw, "type": kind}
     args = response.get("args")
+    if "always" in response and kind not in ("approve", "edit"):
+        raise UserError(f"'always' goes with an 'approve' or 'edit' response, not {kind!r}.")
+    if "always" in response:
+        Always.parse(response["always"])  # checked before interrupt() consumes the answer
     if kind == "approve":
         # an approval approves the call as it stands; changing arguments is an `edit`
         # (Agent Inbox's `accept` sends its ActionRequest, or null, in `args`)
@@ -209,6 +219,11 @@ def _apply(
             approvals[approval_key(digest, call_id, "approved")] = _approval(
                 digest, tool, call_id, "approved", answer
             )
+            if "always" in answer:
+                key, standing = standing_approval(
+                    Always.parse(answer["always"]), tool, args, policy, call_id
+                )
+                approvals[key] = standing
         elif answer["type"] == "reject":
             digest = request["digest"]
             approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)

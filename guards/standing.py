@@ -1,0 +1,137 @@
+"""Standing approvals: "always allow this tool (optionally with these arguments) here", expiring.
+
+A reviewer answers an `ask` with `{"type": "approve", "always": {"ttl_seconds": 3600}}` (add
+`"same_args": True` to cover only these exact arguments). The decision is stored in the
+thread's `approvals` under `always/<digest>` with an expiry; until then, calls it covers are
+allowed without asking. It is bound to the policy (`name@version`) like every approval, so a new
+policy version asks again. It never overrides a `deny` rule, and a call a human rejected can
+still never run: the rejection of its exact arguments wins.
+
+The pieces: `Always` (the parsed `always` field), `standing_approval` (the record and its key),
+`covering` (the pure check) and `allowing(gate, approvals, policy)`, the `Gate` every node uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keel.approvals import approval_digest
+from keel.errors import UserError
+from keel.guards.gate import Gate, GateDecision
+from keel.state import Approval, RunContext
+from keel.tools.registry import RegisteredTool
+
+__all__ = ["Always", "allowing", "covering", "standing_approval"]
+
+PREFIX = "always/"
+"""Where standing approvals live among a thread's `approvals`."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Always:
+    """The `always` part of an approval: how far and how long it stands."""
+
+    scope: Literal["thread"] = "thread"
+    """Where it stands: the thread it was given in."""
+    ttl_seconds: float = 3600.0
+    """Seconds it stands for."""
+    same_args: bool = False
+    """Cover only calls with the approved call's exact arguments (else: any arguments)."""
+
+    @classmethod
+    def parse(cls, raw: Any) -> Always:
+        """Read an approval's `always` field (`True`, or a mapping of these fields)."""
+        if raw is True:
+            return cls()
+        if not isinstance(raw, Mapping) or set(raw) - {"scope", "ttl_seconds", "same_args"}:
+            raise UserError(
+                f"'always' must be true or {{'scope': 'thread', 'ttl_seconds': 3600, "
+                f"'same_args': False}}, got {raw!r}."
+            )
+        scope, ttl = raw.get("scope", "thread"), raw.get("ttl_seconds", 3600.0)
+        if scope != "thread":
+            raise UserError(
+                f"'always.scope' must be 'thread' (a standing approval holds for the thread it "
+                f"was given in), got {scope!r}."
+            )
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+            raise UserError(f"'always.ttl_seconds' must be a number > 0, got {ttl!r}.")
+        same = raw.get("same_args", False)
+        if not isinstance(same, bool):
+            raise UserError(f"'always.same_args' must be true or false, got {same!r}.")
+        return cls(ttl_seconds=float(ttl), same_args=same)
+
+
+def _key(tool: str, args: Mapping[str, Any] | None, policy: str) -> str:
+    if args is not None:
+        return PREFIX + approval_digest(tool, args, policy)
+    return PREFIX + hashlib.sha256(f"{tool}\n*\n{policy}".encode()).hexdigest()
+
+
+def standing_approval(
+    always: Always,
+    tool: str,
+    args: Mapping[str, Any],
+    policy: str,
+    tool_call_id: str,
+    *,
+    now: float | None = None,
+) -> tuple[str, Approval]:
+    """The key and record of a standing approval given on the call `tool_call_id`."""
+    key = _key(tool, args if always.same_args else None, policy)
+    expires = (time.time() if now is None else now) + always.ttl_seconds
+    record: Approval = {
+        "digest": key.removeprefix(PREFIX),
+        "tool": tool,
+        "tool_call_id": tool_call_id,
+        "decision": "approved",
+        "expires_at": expires,
+    }
+    return key, record
+
+
+def covering(
+    approvals: Mapping[str, Approval],
+    tool: str,
+    args: Mapping[str, Any],
+    policy: str,
+    now: float,
+) -> Approval | None:
+    """The unexpired standing approval covering this call, or `None`.
+
+    A call whose exact arguments a human rejected is never covered.
+    """
+    rejected = approvals.get(approval_digest(tool, args, policy))
+    if rejected is not None and rejected["decision"] == "rejected":
+        return None
+    for key in (_key(tool, args, policy), _key(tool, None, policy)):
+        found = approvals.get(key)
+        if found is not None and found.get("expires_at", 0.0) > now:
+            return found
+    return None
+
+
+def allowing(
+    gate: Gate, approvals: Mapping[str, Approval], policy: str, now: float | None = None
+) -> Gate:
+    """`gate`, except that an `ask` a standing approval covers becomes `allow`."""
+    if not any(key.startswith(PREFIX) for key in approvals):
+        return gate
+    at = time.time() if now is None else now
+
+    def decide(tool: RegisteredTool, args: Mapping[str, Any], context: RunContext) -> GateDecision:
+        decision = gate(tool, args, context)
+        if decision.action != "ask":
+            return decision
+        found = covering(approvals, tool.name, args, policy, at)
+        if found is None:
+            return decision
+        return GateDecision.allow(
+            f"standing approval from call {found['tool_call_id']} (until {found['expires_at']:.0f})"
+        )
+
+    return decide

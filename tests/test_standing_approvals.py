@@ -1,0 +1,198 @@
+"""Standing approvals: "always allow this tool (optionally with these args) in this thread".
+
+The pure check first (expiry, exact arguments, policy binding, a rejection wins), then the
+agent on SQLite and PostgreSQL checkpoints: a standing approval skips later reviews, a
+`same_args` one asks again for other arguments, an expired one asks again, and a call a human
+rejected never runs, standing approval or not.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from langchain_core.messages import ToolMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.types import Command
+
+from keel import Persistence, RunContext, UserError, build_agent, tool
+from keel.approvals import approval_digest
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Policy, Rule
+from keel.guards.standing import Always, covering, standing_approval
+from keel.state import Approval
+
+SUPPORT = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
+POLICY = Policy(
+    name="support",
+    rules=(Rule(role="support", tool="issue_refund", action="ask", reason="refunds"),),
+)
+P = "support@1"
+
+# -- the pure check ----------------------------------------------------------------------------
+
+
+def test_a_tool_wide_standing_approval_covers_any_arguments_until_it_expires() -> None:
+    key, record = standing_approval(Always(ttl_seconds=60), "refund", {"a": 1}, P, "c1", now=100)
+    approvals = {key: record}
+    assert record["expires_at"] == 160
+    assert covering(approvals, "refund", {"a": 2}, P, now=159) == record
+    assert covering(approvals, "refund", {"a": 2}, P, now=160) is None  # expired
+    assert covering(approvals, "refund", {"a": 2}, "support@2", now=120) is None  # new policy
+    assert covering(approvals, "other", {"a": 1}, P, now=120) is None
+
+
+def test_a_same_args_standing_approval_covers_only_those_arguments() -> None:
+    always = Always(ttl_seconds=60, same_args=True)
+    key, record = standing_approval(always, "refund", {"a": 1, "b": 2}, P, "c1", now=100)
+    assert covering({key: record}, "refund", {"b": 2, "a": 1}, P, now=120) == record
+    assert covering({key: record}, "refund", {"a": 1, "b": 3}, P, now=120) is None
+
+
+def test_a_rejection_of_the_exact_call_wins_over_a_standing_approval() -> None:
+    key, record = standing_approval(Always(), "refund", {"a": 1}, P, "c1", now=100)
+    digest = approval_digest("refund", {"a": 9}, P)
+    rejected: Approval = {
+        "digest": digest,
+        "tool": "refund",
+        "tool_call_id": "c0",
+        "decision": "rejected",
+    }
+    approvals = {key: record, digest: rejected}
+    assert covering(approvals, "refund", {"a": 9}, P, now=120) is None
+    assert covering(approvals, "refund", {"a": 1}, P, now=120) == record
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"scope": "user"},
+            "'always.scope' must be 'thread' (a standing approval holds for the thread it was "
+            "given in), got 'user'.",
+        ),
+        ({"ttl_seconds": 0}, "'always.ttl_seconds' must be a number > 0, got 0."),
+        ({"same_args": "yes"}, "'always.same_args' must be true or false, got 'yes'."),
+        (
+            {"ttl": 5},
+            "'always' must be true or {'scope': 'thread', 'ttl_seconds': 3600, "
+            "'same_args': False}, got {'ttl': 5}.",
+        ),
+    ],
+)
+def test_always_is_validated(raw: Any, message: str) -> None:
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        Always.parse(raw)
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+class Refunds:
+    def __init__(self) -> None:
+        self.done: list[tuple[str, float]] = []
+
+    def tools(self) -> list[Any]:
+        @tool(risk="write")
+        def issue_refund(order_id: str, amount: float) -> str:
+            """Refund an order."""
+            self.done.append((order_id, amount))
+            return f"refunded {amount:g} on {order_id}"
+
+        return [issue_refund]
+
+
+@contextmanager
+def agent_for(db_url: str, script: list[Any], shop: Refunds) -> Iterator[Any]:
+    saver: BaseCheckpointSaver[Any]
+    with Persistence(db_url).checkpointer() as saver:
+        yield build_agent(
+            ScriptedChatModel(script=script), shop.tools(), policy=POLICY, checkpointer=saver
+        )
+
+
+def ask(agent: Any, text: str, thread: str = "t") -> dict[str, Any]:
+    result: dict[str, Any] = agent.invoke(
+        {"messages": [("user", text)]}, {"configurable": {"thread_id": thread}}, context=SUPPORT
+    )
+    return result
+
+
+def answer(agent: Any, resume: Any, thread: str = "t") -> dict[str, Any]:
+    result: dict[str, Any] = agent.invoke(
+        Command(resume=resume), {"configurable": {"thread_id": thread}}, context=SUPPORT
+    )
+    return result
+
+
+def refund(order: str, amount: float) -> Any:
+    return call("issue_refund", order_id=order, amount=amount)
+
+
+def test_always_allow_skips_later_reviews_in_the_thread(db_url: str) -> None:
+    shop = Refunds()
+    script = [refund("A1", 10), refund("A2", 20), "done", refund("A3", 30), "done again"]
+    with agent_for(db_url, script, shop) as agent:
+        assert ask(agent, "refund A1 and A2")["outcome"]["status"] == "interrupted"
+        done = answer(agent, {"type": "approve", "always": {"ttl_seconds": 600}})
+        assert done["outcome"]["terminated_reason"] == "completed"
+        assert shop.done == [("A1", 10), ("A2", 20)]  # A2 was not asked about
+        later = ask(agent, "and A3")
+        assert later["outcome"]["terminated_reason"] == "completed"
+        assert shop.done == [("A1", 10), ("A2", 20), ("A3", 30)]
+        # another thread asks again
+        assert ask(agent, "refund A1", thread="other")["outcome"]["status"] == "interrupted"
+
+
+def test_same_args_asks_again_for_other_arguments(db_url: str) -> None:
+    shop = Refunds()
+    script = [refund("A1", 10), refund("A1", 10), refund("A1", 99), "done"]
+    with agent_for(db_url, script, shop) as agent:
+        ask(agent, "refund A1")
+        always = {"ttl_seconds": 600, "same_args": True}
+        paused = answer(agent, {"type": "approve", "always": always})
+        assert shop.done == [("A1", 10), ("A1", 10)]
+        assert paused["outcome"]["status"] == "interrupted"
+        (request,) = paused["__interrupt__"][0].value
+        assert request["action_request"]["args"] == {"order_id": "A1", "amount": 99}
+
+
+def test_an_expired_standing_approval_asks_again(tmp_path: Any) -> None:
+    shop = Refunds()
+    with agent_for(
+        f"sqlite:///{tmp_path}/keel.db", [refund("A1", 1), "ok", refund("A2", 2)], shop
+    ) as agent:
+        ask(agent, "refund A1")
+        answer(agent, {"type": "approve", "always": {"ttl_seconds": 0.2}})
+        time.sleep(0.25)
+        assert ask(agent, "refund A2")["outcome"]["status"] == "interrupted"
+        assert shop.done == [("A1", 1)]
+
+
+def test_a_rejected_call_never_runs_even_under_a_standing_approval(db_url: str) -> None:
+    shop = Refunds()
+    script = [refund("BIG", 5000), "ok", refund("A1", 10), refund("BIG", 5000), "done"]
+    with agent_for(db_url, script, shop) as agent:
+        ask(agent, "refund BIG")
+        rejected = answer(agent, {"type": "reject", "message": "too large"})
+        assert rejected["outcome"]["terminated_reason"] == "rejected"
+        ask(agent, "then refund A1")
+        final = answer(agent, {"type": "approve", "always": True})
+        assert shop.done == [("A1", 10)]
+        last = [m for m in final["messages"] if isinstance(m, ToolMessage)][-1]
+        assert last.response_metadata["keel_status"] == "rejected"
+        assert final["outcome"]["terminated_reason"] == "completed"
+
+
+def test_always_goes_only_with_approve_or_edit(tmp_path: Any) -> None:
+    shop = Refunds()
+    with agent_for(f"sqlite:///{tmp_path}/keel.db", [refund("A1", 1), "ok"], shop) as agent:
+        ask(agent, "refund A1")
+        with pytest.raises(UserError, match=r"^'always' goes with an 'approve' or 'edit' response"):
+            answer(agent, {"type": "reject", "always": True})
+        done = answer(agent, {"type": "approve"})  # the bad answer did not stick
+        assert done["outcome"]["terminated_reason"] == "completed"
