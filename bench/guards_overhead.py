@@ -23,6 +23,12 @@ cost of checking.
 - `keel_period`: `keel_guarded` plus a per-user monthly USD budget (`PeriodBudget`) kept in
   the ledger (`Ledger` on the saver's database): two more database transactions per model
   call (reserve, settle). Reported separately; it is not part of the goal.
+- `keel_resilient`: `keel_guarded` plus an RPM / TPM rate limit and circuit breakers per model
+  and per tool, all kept in the ledger: per model call a breaker read, a bucket transaction
+  and a settle; per tool call a breaker read. Reported separately; not part of the goal.
+- `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of
+  LangChain's (`BudgetMiddleware`, `PermissionMiddleware`, `LoopGuardMiddleware`: the same
+  budget, rules and loop guard as `keel_guarded`). Reported separately.
 
 Each agent runs on two savers under sync `invoke`, a fresh thread per run: SQLite
 (`keel.Persistence("sqlite:///…").checkpointer()`, i.e. LangGraph's `SqliteSaver`, one file
@@ -92,15 +98,35 @@ from psycopg import sql
 
 from keel import Ledger, Persistence, RunContext, build_agent
 from keel.evals import ScriptedChatModel, call
-from keel.guards import Budget, LoopPolicy, PeriodBudget, Policy, Rule
+from keel.guards import (
+    BreakerPolicy,
+    Budget,
+    BudgetMiddleware,
+    LoopGuardMiddleware,
+    LoopPolicy,
+    PeriodBudget,
+    PermissionMiddleware,
+    Policy,
+    RateLimit,
+    Rule,
+)
 
 K = 10
 """Tool steps per run."""
 FINAL = "done"
 LIMIT = 100
 """Every count limit, far above what a run uses (K + 1 model calls, K tool calls)."""
-VARIANTS = ("create_agent", "create_agent_mw", "keel", "keel_guarded", "keel_period")
-KEEL = ("keel", "keel_guarded", "keel_period")
+VARIANTS = (
+    "create_agent",
+    "create_agent_mw",
+    "create_agent_keel_mw",
+    "keel",
+    "keel_guarded",
+    "keel_period",
+    "keel_resilient",
+)
+KEEL = ("keel", "keel_guarded", "keel_period", "keel_resilient")
+WITH_CONTEXT = (*KEEL, "create_agent_keel_mw")
 MIN_RUNS = 3
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 THREAD_IDS = itertools.count()
@@ -113,6 +139,8 @@ RATIOS = (  # (numerator, denominator, what it shows, goal)
     ("create_agent_mw", "create_agent", "cost of LangChain's middleware", None),
     ("keel_period", "keel_guarded", "cost of the ledger's period budget", None),
     ("keel_period", "create_agent_mw", "period-budgeted keel vs middleware", None),
+    ("keel_resilient", "keel_guarded", "cost of rate limits + breakers (ledger)", None),
+    ("create_agent_keel_mw", "create_agent_mw", "keel's middleware vs LangChain's", None),
 )
 
 POLICY = Policy(
@@ -127,6 +155,15 @@ PERIOD_POLICY = Policy(
     rules=POLICY.rules,
     loop=POLICY.loop,
     period_budgets=(PeriodBudget(scope="user", period="month", usd=1_000_000),),
+)
+RESILIENT_POLICY = Policy(
+    name="bench-resilient",
+    budget=POLICY.budget,
+    rules=POLICY.rules,
+    loop=POLICY.loop,
+    rate_limits=(RateLimit(rpm=1_000_000, tpm=1_000_000_000),),
+    model_breaker=BreakerPolicy(),
+    tool_breaker=BreakerPolicy(),
 )
 
 
@@ -169,11 +206,23 @@ def build(variant: str, model: ScriptedChatModel, saver: BaseCheckpointSaver[Any
         return create_agent(model, TOOLS, middleware=middleware(), checkpointer=saver), None
     if variant == "keel":
         return build_agent(model, TOOLS, checkpointer=saver), None
+    if variant == "create_agent_keel_mw":
+        assert POLICY.budget is not None and POLICY.loop is not None
+        guards = [
+            BudgetMiddleware(POLICY.budget),
+            PermissionMiddleware(POLICY),
+            LoopGuardMiddleware(POLICY.loop),
+        ]
+        agent = create_agent(
+            model, TOOLS, middleware=guards, context_schema=RunContext, checkpointer=saver
+        )
+        return agent, None
     if variant == "keel_guarded":
         return build_agent(model, TOOLS, policy=POLICY, checkpointer=saver), None
-    assert variant == "keel_period"
+    assert variant in ("keel_period", "keel_resilient")
     ledger = Ledger(url)
-    agent = build_agent(model, TOOLS, policy=PERIOD_POLICY, ledger=ledger, checkpointer=saver)
+    policy = PERIOD_POLICY if variant == "keel_period" else RESILIENT_POLICY
+    agent = build_agent(model, TOOLS, policy=policy, ledger=ledger, checkpointer=saver)
     return agent, ledger
 
 
@@ -274,7 +323,7 @@ class Case:
         self.last_thread = f"{self.variant}-{self.steps}-{next(THREAD_IDS)}"
         config = {"configurable": {"thread_id": self.last_thread}}
         inputs = {"messages": [("user", message)]}
-        if self.variant in KEEL:
+        if self.variant in WITH_CONTEXT:
             result: dict[str, Any] = self.graph.invoke(inputs, config, context=CONTEXT)
         else:
             result = self.graph.invoke(inputs, config)
@@ -292,7 +341,7 @@ class Case:
 
     def spent_usd(self) -> float:
         """What the ledger holds as spent this month (keel_period; 0 for the others)."""
-        if self.ledger is None:
+        if self.ledger is None or self.variant != "keel_period":
             return 0.0
         return float(self.ledger.run(_spent_flow()))
 
@@ -301,7 +350,7 @@ class Case:
         before = self.spent_usd()
         result = self.run()
         validate(self, result)
-        if self.ledger is not None:
+        if self.variant == "keel_period":
             recorded = self.spent_usd() - before
             assert abs(recorded - result["usage"]["usd"]) < 1e-9, f"{self.name}: {recorded}"
         self.model.calls.clear()
@@ -449,19 +498,19 @@ def report(
         f"\n{K} tool steps + final answer per run; {rounds} round(s) x >= {min_seconds:g} s "
         f"per case; Python {sys.version.split()[0]}\n"
     )
-    header = f"{'agent':<16} {'saver':<9} {'us/step':>8} {'ckpt/run':>9} {'ckpt/step':>10}"
+    header = f"{'agent':<21} {'saver':<9} {'us/step':>8} {'ckpt/run':>9} {'ckpt/step':>10}"
     print(header)
     print("-" * len(header))
     for saver in savers:
         for variant in VARIANTS:
             us = statistics.median(per_round[f"{variant}/{saver}"]) / K * 1e6
             writes, per_step = counts[saver][variant]
-            print(f"{variant:<16} {saver:<9} {us:>8.0f} {writes:>9d} {per_step:>10.1f}")
+            print(f"{variant:<21} {saver:<9} {us:>8.0f} {writes:>9d} {per_step:>10.1f}")
 
-    print((f"\n{'time ratio':<33}" + "".join(f"{s + ' (range)':<19}" for s in savers)).rstrip())
+    print((f"\n{'time ratio':<40}" + "".join(f"{s + ' (range)':<19}" for s in savers)).rstrip())
     ratios: dict[tuple[str, str, str], float] = {}
     for a, b, what, goal in RATIOS:
-        row = f"{a + ' / ' + b:<33}"
+        row = f"{a + ' / ' + b:<40}"
         for saver in savers:
             each = paired_ratios(per_round, f"{a}/{saver}", f"{b}/{saver}")
             ratio = ratios[(a, b, saver)] = statistics.median(each)
