@@ -31,6 +31,7 @@ from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import SpendMeter
+from keel.guards.standing import StandingStore
 from keel.ledger import Ledger
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.execute_tools import execute_tools
@@ -152,7 +153,8 @@ def build_agent(
             (default deny), its budget and loop guard apply, and its name and version are bound
             into approval digests.
         ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets,
-            rate limits or circuit breakers (their state is shared through it).
+            rate limits or circuit breakers (their state is shared through it), and by
+            user-scoped standing approvals.
         fallback_models: Models to try, in order, when `model` is down (5xx, connection
             errors, still rate limited after retries, open breaker); see
             `keel.guards.fallback`.
@@ -216,6 +218,7 @@ def build_agent(
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
+    standing = StandingStore(ledger) if isinstance(ledger, Ledger) else None
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
@@ -237,6 +240,7 @@ def build_agent(
             fallbacks=fallback_models,
             policy_version=policy_version,
             policy_name=policy_name,
+            standing=standing,
         ),
     )
     graph.add_node(
@@ -252,7 +256,13 @@ def build_agent(
     )
     graph.add_node(
         "human_review",
-        human_review(registry, gate=gate, policy_version=policy_version, policy_name=policy_name),
+        human_review(
+            registry,
+            gate=gate,
+            policy_version=policy_version,
+            policy_name=policy_name,
+            standing=standing,
+        ),
     )
     graph.add_node("respond", respond())
     after_model = ["execute_tools", "human_review", "respond", END]

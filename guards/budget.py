@@ -20,20 +20,8 @@ from keel.state import Usage, add_usage
 
 __all__ = ["BudgetVerdict", "check_budget", "usage_from_messages", "usage_of"]
 
-NOT_RUN = frozenset(
-    {
-        "invalid_args",
-        "unknown_tool",
-        "denied",
-        "needs_approval",
-        "rejected",
-        "respond",
-        "budget_stopped",
-        "unavailable",
-        "not_run",
-    }
-)
-"""keel tool statuses of calls that never ran (they do not count as tool calls)."""
+RAN = frozenset({"success", "timeout", "error"})
+"""keel tool statuses of calls that ran (the others never did: denied, rejected, …)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +100,9 @@ def usage_from_messages(messages: Sequence[BaseMessage], table: PriceTable) -> U
         if isinstance(m, AIMessage):
             total = add_usage(total, usage_of(m, table, "unknown"))
             after_ai = True
-        elif isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") not in NOT_RUN:
+        elif (
+            isinstance(m, ToolMessage) and m.response_metadata.get("keel_status", "success") in RAN
+        ):
             total = add_usage(total, {"tool_calls": 1, "steps": 1 if after_ai else 0})
             after_ai = False
     return total

@@ -3,8 +3,11 @@
 A reviewer answers an `ask` with `{"type": "approve", "always": {"ttl_seconds": 3600}}` (add
 `"same_args": True` to cover only these exact arguments). The decision is stored in the
 thread's `approvals` under `always/<digest>` with an expiry; until then, calls it covers are
-allowed without asking. It is bound to the policy (`name@version`) like every approval, so a new
-policy version asks again. It never overrides a `deny` rule, and a call a human rejected can
+allowed without asking. With `"scope": "user"` it is also kept in the ledger
+(`StandingStore`), and `call_model` loads the user's standing approvals into the thread at the
+start of each task (each new user message), so it holds in the user's other threads too.
+It is bound to the policy (`name@version`) like every approval, so a new policy version asks
+again. It never overrides a `deny` rule, and a call a human rejected can
 still never run: the rejection of its exact arguments wins.
 
 The pieces: `Always` (the parsed `always` field), `standing_approval` (the record and its key),
@@ -14,6 +17,7 @@ The pieces: `Always` (the parsed `always` field), `standing_approval` (the recor
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,10 +26,11 @@ from typing import Any, Literal
 from keel.approvals import approval_digest
 from keel.errors import UserError
 from keel.guards.gate import Gate, GateDecision
+from keel.ledger import Flow, Ledger
 from keel.state import Approval, RunContext
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["Always", "allowing", "covering", "standing_approval"]
+__all__ = ["Always", "StandingStore", "allowing", "covering", "standing_approval"]
 
 PREFIX = "always/"
 """Where standing approvals live among a thread's `approvals`."""
@@ -35,8 +40,8 @@ PREFIX = "always/"
 class Always:
     """The `always` part of an approval: how far and how long it stands."""
 
-    scope: Literal["thread"] = "thread"
-    """Where it stands: the thread it was given in."""
+    scope: Literal["thread", "user"] = "thread"
+    """Where it stands: the thread it was given in, or all the user's threads (the ledger)."""
     ttl_seconds: float = 3600.0
     """Seconds it stands for."""
     same_args: bool = False
@@ -53,17 +58,14 @@ class Always:
                 f"'same_args': False}}, got {raw!r}."
             )
         scope, ttl = raw.get("scope", "thread"), raw.get("ttl_seconds", 3600.0)
-        if scope != "thread":
-            raise UserError(
-                f"'always.scope' must be 'thread' (a standing approval holds for the thread it "
-                f"was given in), got {scope!r}."
-            )
+        if scope not in ("thread", "user"):
+            raise UserError(f"'always.scope' must be 'thread' or 'user', got {scope!r}.")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise UserError(f"'always.ttl_seconds' must be a number > 0, got {ttl!r}.")
         same = raw.get("same_args", False)
         if not isinstance(same, bool):
             raise UserError(f"'always.same_args' must be true or false, got {same!r}.")
-        return cls(ttl_seconds=float(ttl), same_args=same)
+        return cls(scope=scope, ttl_seconds=float(ttl), same_args=same)
 
 
 def _key(tool: str, args: Mapping[str, Any] | None, policy: str) -> str:
@@ -135,3 +137,56 @@ def allowing(
         )
 
     return decide
+
+
+# -- user scope: the ledger -------------------------------------------------------------------
+
+
+class StandingStore:
+    """A user's standing approvals (`"scope": "user"`), kept in the ledger.
+
+    `human_review` saves them; `call_model` loads the unexpired ones at the start of each task.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        if not isinstance(ledger, Ledger):
+            raise UserError(f"StandingStore needs a keel.Ledger, got {type(ledger).__name__}.")
+        self.ledger = ledger
+
+    def load(self, context: RunContext) -> dict[str, Approval]:
+        """The user's unexpired standing approvals, by key."""
+        return self.ledger.run(_load_flow(_who(context), time.time()))
+
+    async def aload(self, context: RunContext) -> dict[str, Approval]:
+        """The user's unexpired standing approvals, by key (async)."""
+        return await self.ledger.arun(_load_flow(_who(context), time.time()))
+
+    def save(self, context: RunContext, approvals: Mapping[str, Approval]) -> None:
+        """Keep `approvals` for the user (replacing any under the same keys)."""
+        self.ledger.run(_save_flow(_who(context), approvals))
+
+    async def asave(self, context: RunContext, approvals: Mapping[str, Approval]) -> None:
+        """Keep `approvals` for the user (async)."""
+        await self.ledger.arun(_save_flow(_who(context), approvals))
+
+
+def _who(context: RunContext) -> str:
+    return f"user:{context.tenant_id}/{context.user_id}"
+
+
+def _load_flow(who: str, now: float) -> Flow[dict[str, Approval]]:
+    rows = yield (
+        "SELECT key, record FROM keel_standing_approvals WHERE scope_key = ? AND expires_at > ?",
+        (who, now),
+    )
+    return {str(key): json.loads(record) for key, record in rows}
+
+
+def _save_flow(who: str, approvals: Mapping[str, Approval]) -> Flow[None]:
+    for key, record in sorted(approvals.items()):
+        yield (
+            "INSERT INTO keel_standing_approvals (scope_key, key, record, expires_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (scope_key, key) DO UPDATE SET "
+            "record = excluded.record, expires_at = excluded.expires_at",
+            (who, key, json.dumps(record, sort_keys=True), record.get("expires_at", 0.0)),
+        )

@@ -63,6 +63,13 @@ SCHEMA = (
         opened_at DOUBLE PRECISION,
         window_start DOUBLE PRECISION
     )""",
+    """CREATE TABLE IF NOT EXISTS keel_standing_approvals (
+        scope_key TEXT NOT NULL,
+        key TEXT NOT NULL,
+        record TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (scope_key, key)
+    )""",
 )
 
 

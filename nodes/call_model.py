@@ -37,7 +37,7 @@ from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.resilience import ModelGuard
 from keel.guards.spend import SpendMeter, estimate_tokens
-from keel.guards.standing import allowing
+from keel.guards.standing import StandingStore, allowing
 from keel.models import model_name_of, resolve_model
 from keel.nodes._node import context_of, make_node
 from keel.nodes.execute_tools import policy_id
@@ -129,6 +129,7 @@ def call_model(
     reserve_steps: int = 2,
     policy_version: str = "1",
     policy_name: str | None = None,
+    standing: StandingStore | None = None,
     name: str = "call_model",
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
@@ -154,6 +155,8 @@ def call_model(
             raising `GraphRecursionError`.
         policy_version: The policy version standing approvals are bound to.
         policy_name: The policy name standing approvals are bound to.
+        standing: Where user-scoped standing approvals are kept; loaded into the thread at
+            the start of each task.
         name: The node's name.
     """
     registry = tools or ToolRegistry()
@@ -211,7 +214,8 @@ def call_model(
             )
             ctx = context_of(runtime)
             policy = policy_id(ctx, policy_version, policy_name)
-            decide = allowing(gate, state.get("approvals") or {}, policy)
+            approvals = {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
+            decide = allowing(gate, approvals, policy)
             ask = _approval_needed(response, registry, decide, ctx)
             if looping is not None and loop is not None:
                 if loop.on_loop == "wrap_up" and not _over(budget, state, usage):
@@ -339,6 +343,8 @@ def call_model(
         turn = prepare(state, runtime)
         if turn.messages is None:
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
+            turn.extra["approvals"] = standing.load(context_of(runtime))
         if meter is None:
             return answer(turn, state, config, runtime)
         held = meter.reserve(turn.messages, context_of(runtime), default_name)
@@ -357,6 +363,8 @@ def call_model(
         turn = prepare(state, runtime)
         if turn.messages is None:
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
+        if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
+            turn.extra["approvals"] = await standing.aload(context_of(runtime))
         if meter is None:
             return await aanswer(turn, state, config, runtime)
         held = await meter.areserve(turn.messages, context_of(runtime), default_name)

@@ -31,7 +31,7 @@ from keel import outcome
 from keel.approvals import approval_digest, approval_key
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
-from keel.guards.standing import Always, allowing, standing_approval
+from keel.guards.standing import Always, StandingStore, allowing, standing_approval
 from keel.nodes._node import context_of, make_node
 from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
@@ -70,9 +70,14 @@ def human_review(
     gate: Gate = approval_gate,
     policy_version: str = "1",
     policy_name: str | None = None,
+    standing: StandingStore | None = None,
     name: str = "human_review",
 ) -> RunnableCallable:
-    """A node that interrupts for the calls that need approval and records the decisions."""
+    """A node that interrupts for the calls that need approval and records the decisions.
+
+    `standing` keeps user-scoped standing approvals (`"always": {"scope": "user"}`) in the
+    ledger; without it, such an answer is refused with a `UserError`.
+    """
 
     def requests(state: AgentState, runtime: Runtime[RunContext] | None) -> list[ReviewRequest]:
         messages = state.get("messages") or []
@@ -108,30 +113,52 @@ def human_review(
             )
         return out
 
-    def review(
+    def decide(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, Approval]]:
+        """The state update, and the standing approvals to keep for the user."""
         pending = requests(state, runtime)
         if not pending:
-            return {"outcome": None}
+            return {"outcome": None}, {}
         waiting = _peek_resume(config)
         if waiting is not _NOTHING:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
-            _normalize(waiting, pending)
+            _check_scope(_normalize(waiting, pending), standing)
         answers = _normalize(interrupt(pending), pending)
         policy = policy_id(context_of(runtime), policy_version, policy_name)
         return _apply(state, pending, answers, policy)
 
+    def review(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        update, for_user = decide(state, config, runtime)
+        if for_user and standing is not None:
+            standing.save(context_of(runtime), for_user)
+        return update
+
     async def areview(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        return review(state, config, runtime)
+        update, for_user = decide(state, config, runtime)
+        if for_user and standing is not None:
+            await standing.asave(context_of(runtime), for_user)
+        return update
 
     return make_node(name, review, areview)
 
 
 _NOTHING = object()
+
+
+def _check_scope(answers: Sequence[ReviewResponse], standing: StandingStore | None) -> None:
+    for answer in answers:
+        always = Always.parse(answer["always"]) if "always" in answer else None
+        if always is not None and always.scope == "user" and standing is None:
+            raise UserError(
+                "A standing approval with scope 'user' is kept in the ledger: pass "
+                "build_agent(..., ledger=keel.Ledger(url)), or use scope 'thread'."
+            )
 
 
 def _peek_resume(config: RunnableConfig) -> Any:
@@ -199,12 +226,13 @@ def _apply(
     pending: Sequence[ReviewRequest],
     answers: Sequence[ReviewResponse],
     policy: str,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Approval]]:
     messages = state.get("messages") or []
     index, _ = pending_tool_calls(messages)
     ai = messages[index]
     assert isinstance(ai, AIMessage)
     approvals: dict[str, Approval] = {}
+    for_user: dict[str, Approval] = {}
     results: list[ToolMessage] = []
     edits: dict[str, dict[str, Any]] = {}
     rejected: list[str] = []
@@ -220,10 +248,11 @@ def _apply(
                 digest, tool, call_id, "approved", answer
             )
             if "always" in answer:
-                key, standing = standing_approval(
-                    Always.parse(answer["always"]), tool, args, policy, call_id
-                )
+                always = Always.parse(answer["always"])
+                key, standing = standing_approval(always, tool, args, policy, call_id)
                 approvals[key] = standing
+                if always.scope == "user":
+                    for_user[key] = standing
         elif answer["type"] == "reject":
             digest = request["digest"]
             approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)
@@ -249,7 +278,7 @@ def _apply(
         update["outcome"] = outcome.stopped(
             "rejected", f"a human rejected the call to {', '.join(rejected)}"
         )
-    return update
+    return update, for_user
 
 
 def _approval(

@@ -19,7 +19,7 @@ from langchain_core.messages import ToolMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
 
-from keel import Persistence, RunContext, UserError, build_agent, tool
+from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
 from keel.approvals import approval_digest
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
@@ -70,11 +70,7 @@ def test_a_rejection_of_the_exact_call_wins_over_a_standing_approval() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (
-            {"scope": "user"},
-            "'always.scope' must be 'thread' (a standing approval holds for the thread it was "
-            "given in), got 'user'.",
-        ),
+        ({"scope": "tenant"}, "'always.scope' must be 'thread' or 'user', got 'tenant'."),
         ({"ttl_seconds": 0}, "'always.ttl_seconds' must be a number > 0, got 0."),
         ({"same_args": "yes"}, "'always.same_args' must be true or false, got 'yes'."),
         (
@@ -107,17 +103,18 @@ class Refunds:
 
 
 @contextmanager
-def agent_for(db_url: str, script: list[Any], shop: Refunds) -> Iterator[Any]:
+def agent_for(
+    db_url: str, script: list[Any], shop: Refunds, ledger: Ledger | None = None
+) -> Iterator[Any]:
     saver: BaseCheckpointSaver[Any]
     with Persistence(db_url).checkpointer() as saver:
-        yield build_agent(
-            ScriptedChatModel(script=script), shop.tools(), policy=POLICY, checkpointer=saver
-        )
+        model = ScriptedChatModel(script=script)
+        yield build_agent(model, shop.tools(), policy=POLICY, checkpointer=saver, ledger=ledger)
 
 
-def ask(agent: Any, text: str, thread: str = "t") -> dict[str, Any]:
+def ask(agent: Any, text: str, thread: str = "t", who: RunContext = SUPPORT) -> dict[str, Any]:
     result: dict[str, Any] = agent.invoke(
-        {"messages": [("user", text)]}, {"configurable": {"thread_id": thread}}, context=SUPPORT
+        {"messages": [("user", text)]}, {"configurable": {"thread_id": thread}}, context=who
     )
     return result
 
@@ -196,3 +193,65 @@ def test_always_goes_only_with_approve_or_edit(tmp_path: Any) -> None:
             answer(agent, {"type": "reject", "always": True})
         done = answer(agent, {"type": "approve"})  # the bad answer did not stick
         assert done["outcome"]["terminated_reason"] == "completed"
+
+
+# -- user scope: kept in the ledger ------------------------------------------------------------
+
+
+def test_a_user_scoped_approval_holds_in_the_users_other_threads(db_url: str) -> None:
+    shop = Refunds()
+    ledger = Ledger(db_url)
+    always = {"scope": "user", "ttl_seconds": 600}
+    with agent_for(db_url, [refund("A1", 10), "ok"], shop, ledger) as agent:
+        ask(agent, "refund A1", thread="first")
+        answer(agent, {"type": "approve", "always": always}, thread="first")
+        assert shop.done == [("A1", 10)]
+        other = ask(agent, "refund A1 again", thread="second")  # a new thread, the same user
+        assert other["outcome"]["terminated_reason"] == "completed"
+        assert shop.done == [("A1", 10), ("A1", 10)]
+        colleague = RunContext(user_id="u2", tenant_id="acme", roles=("support",))
+        theirs = ask(agent, "refund A1", thread="third", who=colleague)
+        assert theirs["outcome"]["status"] == "interrupted"  # not another user's approval
+    ledger.close()
+
+
+async def test_a_user_scoped_approval_async(db_url: str) -> None:
+    shop = Refunds()
+    ledger = Ledger(db_url)
+    always = {"scope": "user", "ttl_seconds": 600}
+    script = [refund("A1", 10), "ok"]
+    async with Persistence(db_url).acheckpointer() as saver:
+        agent = build_agent(
+            ScriptedChatModel(script=script),
+            shop.tools(),
+            policy=POLICY,
+            checkpointer=saver,
+            ledger=ledger,
+        )
+
+        async def go(payload: Any, thread: str) -> dict[str, Any]:
+            config = {"configurable": {"thread_id": thread}}
+            out: dict[str, Any] = await agent.ainvoke(payload, config, context=SUPPORT)
+            return out
+
+        await go({"messages": [("user", "refund A1")]}, "first")
+        await go(Command(resume={"type": "approve", "always": always}), "first")
+        other = await go({"messages": [("user", "refund A1 again")]}, "second")
+    assert other["outcome"]["terminated_reason"] == "completed"
+    assert shop.done == [("A1", 10), ("A1", 10)]
+    await ledger.aclose()
+
+
+def test_a_user_scoped_approval_needs_the_ledger(tmp_path: Any) -> None:
+    shop = Refunds()
+    with agent_for(f"sqlite:///{tmp_path}/keel.db", [refund("A1", 1), "ok"], shop) as agent:
+        ask(agent, "refund A1")
+        with pytest.raises(UserError) as info:
+            answer(agent, {"type": "approve", "always": {"scope": "user"}})
+        assert str(info.value) == (
+            "A standing approval with scope 'user' is kept in the ledger: pass "
+            "build_agent(..., ledger=keel.Ledger(url)), or use scope 'thread'."
+        )
+        assert shop.done == []
+        answer(agent, {"type": "approve"})  # the refused answer did not stick
+        assert shop.done == [("A1", 1)]
