@@ -6,13 +6,16 @@ The agents are LangChain's own (`langchain.agents.create_agent`), the model is k
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import ToolException
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
@@ -32,7 +35,9 @@ from keel.guards import (
     RateLimitMiddleware,
     Rule,
     outcome_of,
+    usage_from_messages,
 )
+from keel.pricing import PriceTable
 from keel.tools import tool
 
 SUPPORT = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
@@ -134,6 +139,31 @@ def test_budget_middleware_counts_dollars_from_usage_metadata() -> None:
     model = ScriptedChatModel(model_name="gpt-4o", script=[pricey, "done"])
     result = run(agent([], [BudgetMiddleware(Budget(usd=2.0))], model=model))
     assert outcome_of(result)["detail"] == "Exceeded the usd limit of 2 (usd=2.5)"
+
+
+def test_usage_from_messages_counts_only_calls_that_ran() -> None:
+    ai = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": "a", "args": {}, "id": "1"},
+            {"name": "b", "args": {}, "id": "2"},
+        ],
+        usage_metadata={"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500},
+        response_metadata={"model_name": "gpt-4o"},
+    )
+    ran = ToolMessage(content="ok", tool_call_id="1")
+    denied = ToolMessage(
+        content="no", tool_call_id="2", response_metadata={"keel_status": "denied"}
+    )
+    usage = usage_from_messages([HumanMessage(content="hi"), ai, ran, denied], PriceTable())
+    assert usage == {
+        "input_tokens": 1000,
+        "output_tokens": 500,
+        "usd": pytest.approx(0.0075),
+        "model_calls": 1,
+        "steps": 2,
+        "tool_calls": 1,
+    }
 
 
 # -- permissions -------------------------------------------------------------------------------
@@ -334,3 +364,80 @@ async def test_loop_guard_middleware_wraps_up_without_tools() -> None:
     assert result["messages"][-1].content == "A1 shipped (wrapped up)"
     assert outcome_of(result)["terminated_reason"] == "loop_detected"
     assert RUNS == ["lookup_order A1", "lookup_order A1"]
+
+
+# -- property: through the middleware too, no denied call ever executes ------------------------
+
+PROP_RUNS: list[tuple[str, str]] = []
+
+
+def _prop_tool(name: str) -> Any:
+    def act(id: str) -> str:
+        """Act on a record."""
+        PROP_RUNS.append((name, id))
+        return "ok"
+
+    return tool(name=name, resource=lambda a: f"{name}/{a['id']}")(act)
+
+
+PROP_TOOLS = [_prop_tool("read_order"), _prop_tool("delete_user")]
+
+
+@settings(
+    deadline=None, max_examples=30, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    rules=st.lists(
+        st.builds(
+            Rule,
+            action=st.sampled_from(["allow", "deny", "ask"]),
+            role=st.sampled_from(["*", "support", "admin"]),
+            tool=st.sampled_from(["*", "read_*", "delete_user", "nope"]),
+            resource=st.sampled_from(["*", "read_order/1", "*/2", "delete_user/*"]),
+        ),
+        max_size=5,
+    ),
+    calls=st.lists(
+        st.tuples(st.sampled_from(["read_order", "delete_user"]), st.sampled_from(["1", "2"])),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_no_denied_call_ever_executes_through_the_middleware(
+    rules: list[Rule], calls: list[tuple[str, str]]
+) -> None:
+    PROP_RUNS.clear()
+    turn = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": n, "args": {"id": r}, "id": f"c{i}"} for i, (n, r) in enumerate(calls)
+        ],
+    )
+    graph = create_agent(
+        ScriptedChatModel(script=[turn, "done"]),
+        PROP_TOOLS,
+        middleware=[PermissionMiddleware(Policy(rules=tuple(rules)))],
+        context_schema=RunContext,
+        checkpointer=InMemorySaver(),
+    )
+
+    def first_match(name: str, record: str) -> str:  # written out apart from PermissionMatrix
+        for rule in rules:
+            if (
+                rule.role in ("*", "support")
+                and fnmatchcase(name, rule.tool)
+                and fnmatchcase(f"{name}/{record}", rule.resource)
+            ):
+                return rule.action
+        return "deny"
+
+    result = run(graph, "prop")
+    for _ in range(len(calls)):  # a human approves whatever is asked, one call at a time
+        if "__interrupt__" not in result:
+            break
+        answers = {i.id: {"type": "approve"} for i in result["__interrupt__"]}
+        result = run(graph, "prop", resume=answers)
+    allowed = sorted(c for c in calls if first_match(*c) != "deny")
+    assert sorted(PROP_RUNS) == allowed
+    statuses = [m.response_metadata.get("keel_status") for m in tool_messages(result)]
+    assert statuses.count("denied") == len(calls) - len(allowed)

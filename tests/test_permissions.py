@@ -24,6 +24,7 @@ from keel import Persistence, RunContext, build_agent, tool
 from keel.approvals import approval_digest
 from keel.evals import ScriptedChatModel, call
 from keel.guards import GateDecision, PermissionMatrix, Policy, Rule
+from keel.guards.standing import Always, standing_approval
 from keel.nodes import valid_history
 from keel.tools import RegisteredTool, ToolRegistry
 
@@ -602,6 +603,9 @@ def test_no_denied_call_ever_executes(
                 "tool_call_id": f"c{i}",
                 "decision": "approved",
             }
+            # and a standing "always allow this tool" approval: it must not open a deny either
+            key, standing = standing_approval(Always(), name, {"id": record}, policy.identity, "s")
+            seeded[key] = standing
         else:
             allowed.append((name, record))
 
