@@ -123,6 +123,7 @@ def build_agent(
     policy: Policy | None = None,
     ledger: Ledger | None = None,
     fallback_models: Sequence[str | BaseChatModel] = (),
+    downgrade_model: str | BaseChatModel | None = None,
     gate: Gate | None = None,
     before_model: Sequence[BeforeModel] = (),
     prices: PriceTable | None = None,
@@ -158,6 +159,8 @@ def build_agent(
         fallback_models: Models to try, in order, when `model` is down (5xx, connection
             errors, still rate limited after retries, open breaker); see
             `keel.guards.fallback`.
+        downgrade_model: A cheaper model used instead of `model` once the policy's run budget
+            is past its soft threshold (model tiering); off by default. Needs a budget.
         gate: Decides allow / ask / deny per tool call. Default: the policy's permission
             matrix with a policy, else ask for tools that require approval and allow the rest.
         before_model: Checks run inside `call_model` before each model call.
@@ -194,6 +197,14 @@ def build_agent(
         raise UserError(
             "build_agent(fallback_models=...) must be a list of chat models or 'provider:name' "
             f"strings, got {fallback_models!r}."
+        )
+    if downgrade_model is not None and (
+        not isinstance(downgrade_model, str | BaseChatModel) or policy is None or not policy.budget
+    ):
+        raise UserError(
+            "build_agent(downgrade_model=...) switches to a cheaper model near the run budget's "
+            "limit: pass a chat model or 'provider:name' string, and a policy with a budget "
+            "(Policy(budget=Budget(usd=..., soft_ratio=0.8)))."
         )
     if policy is not None and not isinstance(policy, Policy):
         raise UserError(
@@ -238,6 +249,7 @@ def build_agent(
             meter=meter,
             guard=model_guard,
             fallbacks=fallback_models,
+            downgrade=downgrade_model,
             policy_version=policy_version,
             policy_name=policy_name,
             standing=standing,

@@ -64,6 +64,8 @@ class _Turn:
     messages: list[BaseMessage] | None
     stop: Outcome | None
     extra: dict[str, Any] = field(default_factory=dict)
+    chain: tuple[_Model, ...] = ()
+    """The models to try, in order (the cheaper chain near the budget limit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,7 @@ def call_model(
     meter: SpendMeter | None = None,
     guard: ModelGuard | None = None,
     fallbacks: Sequence[str | BaseChatModel] = (),
+    downgrade: str | BaseChatModel | None = None,
     reserve_steps: int = 2,
     policy_version: str = "1",
     policy_name: str | None = None,
@@ -151,6 +154,8 @@ def call_model(
             node (`ModelGuard.from_policy(policy, ledger)`).
         fallbacks: Models to try in order when the model is down (5xx, connection errors,
             still rate limited after retries, open breaker); see `keel.guards.fallback`.
+        downgrade: A cheaper model used instead of `model` once the run budget is past its
+            soft threshold (model tiering; off when `None`). Its fallbacks are `fallbacks`.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
         policy_version: The policy version standing approvals are bound to.
@@ -161,6 +166,7 @@ def call_model(
     """
     registry = tools or ToolRegistry()
     chain = _chain([model, *fallbacks], registry)
+    cheaper = _chain([downgrade, *fallbacks], registry) if downgrade is not None else None
     table = prices or PriceTable()
     default_name = chain[0].name
     checks = tuple(before_model)
@@ -175,12 +181,17 @@ def call_model(
         if "started_at" not in clock or (history and isinstance(history[-1], HumanMessage)):
             clock = {"started_at": time.time()}  # a new task starts the wall clock
             extra["clock"] = clock
+        models = chain
         if budget is not None:
             verdict = check_budget(budget, state.get("usage") or {}, started_at=clock["started_at"])
             if verdict.exceeded:
                 return _Turn(None, outcome.stopped("budget_exceeded", verdict.exceeded))
-            if list(verdict.warnings) != (state.get("budget_warnings") or []):
-                extra["budget_warnings"] = list(verdict.warnings)
+            warnings = list(verdict.warnings)
+            if cheaper is not None and warnings:
+                models = cheaper
+                warnings.append(f"model downgraded to {cheaper[0].name} near the budget limit")
+            if warnings != (state.get("budget_warnings") or []):
+                extra["budget_warnings"] = warnings
         context = context_of(runtime)
         for check in checks:
             stop = check(state, context)
@@ -189,7 +200,7 @@ def call_model(
         system = _system_text(system_prompt, state)
         if system:  # valid_history merges it with any system message already in the history
             history = [SystemMessage(content=system), *history]
-        return _Turn(valid_history(history), None, extra)
+        return _Turn(valid_history(history), None, extra, models)
 
     def finish(
         response: BaseMessage, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
@@ -280,9 +291,13 @@ def call_model(
         return response
 
     def call_sync(
-        tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+        turn: _Turn,
+        tools: bool,
+        messages: list[BaseMessage],
+        config: RunnableConfig,
+        ctx: RunContext,
     ) -> BaseMessage | dict[str, Any]:
-        attempts = _Attempts(chain, retry)
+        attempts = _Attempts(turn.chain, retry)
         while True:
             try:
                 return guarded_sync(attempts.model, tools, messages, config, ctx)
@@ -295,9 +310,13 @@ def call_model(
                 time.sleep(step)
 
     async def call_async(
-        tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+        turn: _Turn,
+        tools: bool,
+        messages: list[BaseMessage],
+        config: RunnableConfig,
+        ctx: RunContext,
     ) -> BaseMessage | dict[str, Any]:
-        attempts = _Attempts(chain, retry)
+        attempts = _Attempts(turn.chain, retry)
         while True:
             try:
                 return await guarded_async(attempts.model, tools, messages, config, ctx)
@@ -314,13 +333,13 @@ def call_model(
     ) -> dict[str, Any]:
         assert turn.messages is not None
         ctx = context_of(runtime)
-        response = call_sync(True, turn.messages, config, ctx)
+        response = call_sync(turn, True, turn.messages, config, ctx)
         if isinstance(response, dict):
             return response
         update = finish(response, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = call_sync(False, [*turn.messages, wrap_up_note(update)], config, ctx)
+        final = call_sync(turn, False, [*turn.messages, wrap_up_note(update)], config, ctx)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
     async def aanswer(
@@ -328,13 +347,13 @@ def call_model(
     ) -> dict[str, Any]:
         assert turn.messages is not None
         ctx = context_of(runtime)
-        response = await call_async(True, turn.messages, config, ctx)
+        response = await call_async(turn, True, turn.messages, config, ctx)
         if isinstance(response, dict):
             return response
         update = finish(response, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = await call_async(False, [*turn.messages, wrap_up_note(update)], config, ctx)
+        final = await call_async(turn, False, [*turn.messages, wrap_up_note(update)], config, ctx)
         return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
 
     def invoke(

@@ -29,7 +29,7 @@ from keel.evals import (
     ScriptedChatModel,
     call,
 )
-from keel.guards import BreakerPolicy, CircuitBreaker, CircuitOpen, Policy, RateLimit, Rule
+from keel.guards import BreakerPolicy, Budget, CircuitBreaker, CircuitOpen, Policy, RateLimit, Rule
 from keel.guards.fallback import Retry, after_failure
 from keel.guards.ratelimit import RateLimited
 from keel.tools import tool
@@ -342,3 +342,33 @@ def test_open_tool_breaker_tells_the_model_and_the_run_goes_on(db_url: str) -> N
         str(refused.content),
     )
     ledger.close()
+
+
+# -- model tiering: a cheaper model near the budget limit --------------------------------------
+
+
+def test_downgrade_model_takes_over_past_the_soft_threshold() -> None:
+    @tool
+    def lookup(q: str) -> str:
+        """Look an order up."""
+        return f"{q}: shipped"
+
+    primary = ScriptedChatModel(
+        model_name="primary", script=[call("lookup", q="A1"), call("lookup", q="A2"), "never"]
+    )
+    cheap = ScriptedChatModel(model_name="cheap", script=["never", "never", "cheap answer"])
+    policy = Policy(rules=ALLOW_ALL, budget=Budget(model_calls=4, soft_ratio=0.5))
+    agent = build_agent(primary, [lookup], policy=policy, downgrade_model=cheap)
+    result = _invoke(agent)
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert result["messages"][-1].content == "cheap answer"
+    assert (len(primary.calls), len(cheap.calls)) == (2, 1)
+    assert result["budget_warnings"] == [
+        "model_calls at 50% of 4",
+        "model downgraded to cheap near the budget limit",
+    ]
+
+
+def test_no_downgrade_by_default_and_it_needs_a_budget() -> None:
+    with pytest.raises(UserError, match=r"^build_agent\(downgrade_model=\.\.\.\) switches"):
+        build_agent(ScriptedChatModel(script=["hi"]), downgrade_model="openai:gpt-4o-mini")
