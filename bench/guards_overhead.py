@@ -460,7 +460,10 @@ def main() -> None:
     parser.add_argument("--sqlite-only", action="store_true", help="skip PostgreSQL")
     args = parser.parse_args()
     rounds, min_seconds = (1, 0.1) if args.quick else (args.rounds, args.min_seconds)
-    if os.environ.get("LANGSMITH_TRACING") or os.environ.get("LANGCHAIN_TRACING_V2"):
+    tracing = (
+        os.environ.get(v, "").strip().lower() for v in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2")
+    )
+    if any(value in ("1", "true", "yes") for value in tracing):
         print("warning: LangSmith tracing is on; timings include it", file=sys.stderr)
     base = os.environ.get("KEEL_BENCH_POSTGRES_URL") or os.environ.get(
         "KEEL_TEST_POSTGRES_URL", DEFAULT_URL

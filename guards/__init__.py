@@ -17,7 +17,11 @@
   model and per tool, shared through the ledger.
 - `ModelGuard`, `ToolGuard`: a policy's rate limits and breakers around one model or tool call
   (what `build_agent(policy=..., ledger=..., fallback_models=[...])` runs inside its nodes);
-  `after_failure`: the fallback decision by error type.
+  `after_failure`: the fallback decision by error type. `build_agent(downgrade_model=...)`
+  switches to a cheaper model past the run budget's soft threshold (off by default).
+- Standing approvals (`keel.guards.standing`): a resume `{"type": "approve", "always": {...}}`
+  allows later calls of the tool in the thread (or, `"scope": "user"`, the user's threads, kept
+  in the ledger) until it expires.
 - `BudgetMiddleware`, `PermissionMiddleware`, `RateLimitMiddleware`, `CircuitBreakerMiddleware`,
   `LoopGuardMiddleware` (+ `outcome_of`): the same guards as LangChain `AgentMiddleware` for
   `langchain.agents.create_agent`.

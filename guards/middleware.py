@@ -138,23 +138,14 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
         self.prices = prices or PriceTable()
 
     def _stop(self, messages: Sequence[BaseMessage]) -> AIMessage | None:
-        stopped = next(
-            (
-                m
-                for m in reversed(messages)
-                if isinstance(m, ToolMessage)
-                and m.response_metadata.get("keel_status") == "budget_stopped"
-            ),
-            None,
-        )
-        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-        if (
-            stopped is not None
-            and last_ai is not None
-            and messages.index(stopped) > messages.index(last_ai)
-        ):
-            reason = str(stopped.response_metadata.get("keel_reason"))
-            return stop_message(outcome.stopped("budget_exceeded", reason))
+        for m in reversed(messages):  # the last turn's tools: one stopped by the budget?
+            if isinstance(m, AIMessage):
+                break
+            if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == (
+                "budget_stopped"
+            ):
+                reason = str(m.response_metadata.get("keel_reason"))
+                return stop_message(outcome.stopped("budget_exceeded", reason))
         usage = usage_from_messages(messages, self.prices)
         exceeded = check_budget(self.budget, usage).exceeded
         return stop_message(outcome.stopped("budget_exceeded", exceeded)) if exceeded else None
