@@ -29,6 +29,15 @@ PUBLIC = {
         "tool",
     ],
     "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
+    "keel.idempotency": [
+        "CallRecord",
+        "CallState",
+        "Claim",
+        "claim_flow",
+        "finish_flow",
+        "records_flow",
+        "resolve_flow",
+    ],
     "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
     "keel.nodes": [
         "BeforeModel",
@@ -48,6 +57,7 @@ PUBLIC = {
     ],
     "keel.tools": [
         "KeelTool",
+        "Reconciler",
         "RegisteredTool",
         "ResourceExtractor",
         "Risk",
