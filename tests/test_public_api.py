@@ -28,7 +28,14 @@ PUBLIC = {
         "build_agent",
         "tool",
     ],
-    "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
+    "keel.checkpoint": [
+        "AsyncPooledPostgresSaver",
+        "CheckpointPolicy",
+        "CheckpointSizeWarning",
+        "CheckpointTooLarge",
+        "PruneReport",
+        "UnserializableState",
+    ],
     "keel.idempotency": [
         "CallRecord",
         "CallState",
