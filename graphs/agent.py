@@ -78,8 +78,13 @@ def route_after_model(state: AgentState, *, verify: bool = False) -> str:
 
 
 def route_after_tools(state: AgentState, *, replan: bool = False) -> str:
-    """After `execute_tools`: back to the model, `plan` to replan, or `respond` to stop."""
+    """After `execute_tools`: to the model, `plan`, `respond`, or `human_review`.
+
+    `human_review` when a side-effecting call's outcome is unknown ("did this happen?").
+    """
     result = state.get("outcome")
+    if result is not None and result["status"] == "interrupted":
+        return "human_review"
     if _out_of_steps(state) or (result is not None and result["status"] == "stopped"):
         return "respond"
     if replan and needs_replan(state.get("plan") or []):
@@ -156,7 +161,13 @@ def build_agent(
             into approval digests.
         ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets,
             rate limits or circuit breakers (their state is shared through it), and by
-            user-scoped standing approvals.
+            user-scoped standing approvals. It also makes side effects happen at most once:
+            a side-effecting tool call is recorded before it runs and its result after, so a
+            resume, retry or replay gets the recorded result, and a call cut off by a crash
+            goes to `human_review` ("did this happen?") unless the tool is `idempotent` or
+            has `reconcile`. Without a ledger a crash between a tool's effect and the next
+            checkpoint repeats the effect on resume. keel does not derive a ledger from the
+            checkpointer: pass the same URL to both (`Ledger(url)`, `Persistence(url)`).
         fallback_models: Models to try, in order, when `model` is down (5xx, connection
             errors, still rate limited after retries, open breaker); see
             `keel.guards.fallback`.
@@ -219,6 +230,11 @@ def build_agent(
             f"build_agent(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
             f"'policy.toml')), got {type(policy).__name__}."
         )
+    if ledger is not None and not isinstance(ledger, Ledger):
+        raise UserError(
+            f"build_agent(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
+            f"{type(ledger).__name__}."
+        )
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     budget = policy.budget if policy is not None else None
@@ -272,6 +288,7 @@ def build_agent(
             policy_name=policy_name,
             budget=budget,
             tool_guard=tool_guard,
+            ledger=ledger,
         ),
     )
     graph.add_node(
@@ -282,6 +299,7 @@ def build_agent(
             policy_version=policy_version,
             policy_name=policy_name,
             standing=standing,
+            ledger=ledger,
         ),
     )
     graph.add_node("respond", respond())
@@ -292,7 +310,7 @@ def build_agent(
     if memory:
         graph.add_edge("recall", first)
     after_model = ["execute_tools", "human_review", "respond", end]
-    after_tools = ["call_model", "respond"]
+    after_tools = ["call_model", "respond", "human_review"]
     if plan:
         graph.add_node("plan", plan_node(model, prices=prices))
         graph.add_conditional_edges("plan", route_after_plan, ["call_model", "respond"])

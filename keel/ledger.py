@@ -1,7 +1,8 @@
 """keel's ledger: its own tables beside the checkpoints, in the same database (one URL).
 
 The ledger holds what must be shared across runs and processes: per-user and per-tenant spend
-(budgets), and later idempotency records, rate buckets, breaker state and the audit log.
+(budgets), idempotency records of side-effecting tool calls, rate buckets, breaker state and
+(later) the audit log.
 
 Logic that talks to the database is written once, as a *flow*: a generator that yields
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
@@ -69,6 +70,19 @@ SCHEMA = (
         record TEXT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (scope_key, key)
+    )""",
+    # side-effecting tool calls, at most once (keel.idempotency)
+    """CREATE TABLE IF NOT EXISTS keel_tool_calls (
+        thread_id TEXT NOT NULL,
+        tool_call_id TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        args_digest TEXT NOT NULL,
+        state TEXT NOT NULL,
+        result TEXT,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        started_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION,
+        PRIMARY KEY (thread_id, tool_call_id)
     )""",
 )
 

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosqlite
@@ -44,8 +44,15 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from keel.checkpoint import AsyncPooledPostgresSaver
 from keel.checkpoint.retention import Flow, PruneReport, Result, arun_prune, prune_flow, run_prune
+from keel.checkpoint.strict import (
+    CheckpointPolicy,
+    StrictAsyncPooledPostgresSaver,
+    StrictAsyncSqliteSaver,
+    StrictPostgresSaver,
+    StrictSerializer,
+    StrictSqliteSaver,
+)
 from keel.errors import SetupError, UserError
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
@@ -87,6 +94,13 @@ _SET_UP: set[str] = set()  # PostgreSQL URLs this process has set up
 _SET_UP_LOCK = threading.Lock()
 
 Plan: TypeAlias = Literal["setup", "check"] | None
+_S = TypeVar(
+    "_S",
+    StrictSqliteSaver,
+    StrictAsyncSqliteSaver,
+    StrictPostgresSaver,
+    StrictAsyncPooledPostgresSaver,
+)
 _Row: TypeAlias = tuple[Any, ...] | Mapping[str, Any] | None
 _Flow: TypeAlias = Generator[str, tuple[Any, ...], None]
 """Database logic written once for both drivers: it yields SQL and is sent the first row."""
@@ -130,6 +144,9 @@ class Persistence:
         pool_timeout: Seconds to wait for a pool connection (or for the pool to open).
         max_idle: Seconds an idle connection above `pool_min_size` is kept.
         max_lifetime: Seconds after which a connection is replaced.
+        checkpoints: What the checkpointers accept: a size limit per checkpoint (warn or
+            refuse) and strict serialization (a value that would not load back fails, naming
+            its path in state). Default `CheckpointPolicy()`: warn over 1 MB, strict.
     """
 
     url: str
@@ -148,6 +165,7 @@ class Persistence:
         pool_timeout: float = 30.0,
         max_idle: float = 300.0,
         max_lifetime: float = 1800.0,
+        checkpoints: CheckpointPolicy | None = None,
     ) -> None:
         _validate(setup=setup, prepare_threshold=prepare_threshold, pool_min_size=pool_min_size)
         _validate(pool_max_size=pool_max_size, pool_timeout=pool_timeout, max_idle=max_idle)
@@ -158,6 +176,13 @@ class Persistence:
                 f"{pool_max_size}; raise pool_max_size or lower pool_min_size."
             )
         self.url, self.backend, self._path = _parse_url(default_db_url() if url is None else url)
+        if checkpoints is not None and not isinstance(checkpoints, CheckpointPolicy):
+            raise UserError(
+                f"Persistence(checkpoints=...) must be a keel.checkpoint.CheckpointPolicy, got "
+                f"{type(checkpoints).__name__}."
+            )
+        self.checkpoints = checkpoints or CheckpointPolicy()
+        """What the checkpointers accept (size limit, strict serialization)."""
         self._setup = setup
         self._prepare_threshold = prepare_threshold
         self._pool_args: dict[str, Any] = dict(
@@ -187,13 +212,13 @@ class Persistence:
         """
         if self._path is not None:
             with self._sqlite() as conn:
-                saver = SqliteSaver(conn)
+                saver = self._strict(StrictSqliteSaver(conn, serde=self._serde()))
                 saver.setup()
                 yield saver
             return
         self._ready(self._plan())
         with self._pg_pool() as pool:
-            yield PostgresSaver(pool)
+            yield self._strict(StrictPostgresSaver(pool, serde=self._serde()))
 
     @asynccontextmanager
     async def acheckpointer(self) -> AsyncIterator[BaseCheckpointSaver[str]]:
@@ -204,13 +229,20 @@ class Persistence:
         """
         if self._path is not None:
             async with self._asqlite() as conn:
-                saver = AsyncSqliteSaver(conn)
-                await saver.setup()
-                yield saver
+                asaver = self._strict(StrictAsyncSqliteSaver(conn, serde=self._serde()))
+                await asaver.setup()
+                yield asaver
             return
         await self._aready(self._plan())
         async with self._apg_pool() as pool:
-            yield AsyncPooledPostgresSaver(pool)
+            yield self._strict(StrictAsyncPooledPostgresSaver(pool, serde=self._serde()))
+
+    def _serde(self) -> StrictSerializer:
+        return StrictSerializer(self.checkpoints)
+
+    def _strict(self, saver: _S) -> _S:
+        saver._keel_configure(self.checkpoints)
+        return saver
 
     def setup(self) -> None:
         """Create the checkpoint tables, or migrate them to this LangGraph version (idempotent).

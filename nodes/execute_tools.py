@@ -3,7 +3,8 @@
 Every tool call gets exactly one `ToolMessage`, whatever happens: success, invalid arguments
 (checked against the tool's schema and never executed), unknown tool (with the valid names),
 denied, needs approval, rejected, timeout or error. Tools without side effects are retried with
-backoff; tools with side effects run at most once per call here.
+backoff; tools with side effects run at most once per call here, and, with a ledger, at most
+once per thread across resumes, retries, replays and crashes (see `keel.idempotency`).
 
 Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
 `invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
@@ -35,7 +36,9 @@ from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.standing import allowing
+from keel.ledger import Ledger
 from keel.nodes._node import context_of, make_node
+from keel.nodes._once import Unknown, adrive_once, drive_once, ledger_key, succeeded, tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
@@ -90,6 +93,7 @@ def execute_tools(
     policy_name: str | None = None,
     budget: Budget | None = None,
     tool_guard: ToolGuard | None = None,
+    ledger: Ledger | None = None,
     name: str = "execute_tools",
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
@@ -104,6 +108,12 @@ def execute_tools(
             `budget_stopped` and the run ends as `budget_exceeded`.
         tool_guard: The per-tool circuit breaker: while a tool's is open the call is answered
             `unavailable` (the model is told what is missing) and the run goes on.
+        ledger: The idempotency ledger. With one, a side-effecting call in a thread runs at
+            most once: a resume, retry or replay gets the recorded result, and a call that
+            started but never finished (the process died) is not repeated: the run pauses for
+            `human_review` ("did this happen?") unless the tool is `idempotent` or its
+            `reconcile` settles it. Without one, nothing protects against a repeat. A call the
+            ledger answers from its record does not touch the breaker.
         name: The node's name.
     """
 
@@ -152,10 +162,17 @@ def execute_tools(
         return [*out, outcome.stopped("budget_exceeded", reason)]
 
     def finish(state: AgentState, results: list[Any], ran: int) -> dict[str, Any]:
-        stops = [r for r in results if not isinstance(r, ToolMessage)]
+        unknown = [r for r in results if isinstance(r, Unknown)]
+        stops = [r for r in results if not isinstance(r, ToolMessage | Unknown)]
         results = [r for r in results if isinstance(r, ToolMessage)]
         update: dict[str, Any] = {"messages": results, "usage": {"tool_calls": ran, "steps": 1}}
-        if stops:
+        if unknown:
+            names = ", ".join(sorted({u.call["name"] for u in unknown}))
+            update["outcome"] = outcome.interrupted(
+                f"outcome unknown: a call to {names} started but never finished; "
+                "a human must say whether it happened"
+            )
+        elif stops:
             update["outcome"] = stops[0]
         steps = state.get("plan")
         if steps and results:
@@ -163,13 +180,27 @@ def execute_tools(
             update["plan"] = advance_plan(steps, succeeded=ok)
         return update
 
+    def run_sync(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+        key = ledger_key(job.entry, job.call, config, ledger)
+        if key is None or ledger is None:
+            return _guarded_sync(job, config, tool_guard)
+        return drive_once(
+            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard)
+        )
+
+    async def run_async(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+        key = ledger_key(job.entry, job.call, config, ledger)
+        if key is None or ledger is None:
+            return await _guarded_async(job, config, tool_guard)
+        return await adrive_once(
+            job.entry, job.call, key, ledger, lambda: _guarded_async(job, config, tool_guard)
+        )
+
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        results = [
-            p if not isinstance(p, _Job) else _guarded_sync(p, config, tool_guard) for p in planned
-        ]
+        results = [p if not isinstance(p, _Job) else run_sync(p, config) for p in planned]
         return finish(state, results, sum(isinstance(p, _Job) for p in planned))
 
     async def ainvoke(
@@ -177,10 +208,7 @@ def execute_tools(
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
         results = await asyncio.gather(
-            *(
-                _guarded_async(p, config, tool_guard) if isinstance(p, _Job) else _answered(p)
-                for p in planned
-            )
+            *(run_async(p, config) if isinstance(p, _Job) else _answered(p) for p in planned)
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 
@@ -374,19 +402,8 @@ async def _answered(message: Any) -> Any:
 
 
 def _succeeded(job: _Job, result: Any) -> ToolMessage:
-    if isinstance(result, ToolMessage):
-        status = "success" if result.status == "success" else "error"
-        result.response_metadata = {**result.response_metadata, "keel_status": status}
-        result.name = result.name or job.entry.name
-        return result
-    return _message(job.call, str(result), "success")
+    return succeeded(job.entry, job.call, result)
 
 
 def _message(call: ToolCall, content: str, status: ToolStatus) -> ToolMessage:
-    return ToolMessage(
-        content=content,
-        tool_call_id=call.get("id") or "",
-        name=call["name"],
-        status="success" if status == "success" else "error",
-        response_metadata={"keel_status": status},
-    )
+    return tool_message(call, content, status)

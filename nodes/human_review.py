@@ -12,11 +12,20 @@ a single request, one response. A response is `{"type": "approve" | "edit" | "re
 - `reject` (optional `"message"`) answers the call as rejected and ends the run as `rejected`.
 - `respond` (`{"type": "respond", "message": "..."}`) answers the call with the human's text
   instead of running it; the model goes on from there.
+
+With a ledger, a side-effecting call that started but never finished (the process died) is
+asked about too, as a request with `kind == "outcome_unknown"` ("did this happen?"):
+
+- `approve` (optional `"message"`: the result) — it happened; recorded as done, not run again.
+- `run_again` — it did not happen; it runs again.
+- `reject` (optional `"message"`) — do not run it; the run ends as `rejected`.
+- `respond` — it happened, and the human's text is its result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal, NotRequired
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
@@ -32,7 +41,10 @@ from keel.approvals import approval_digest, approval_key
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
+from keel.idempotency import CallRecord, records_flow, resolve_flow
+from keel.ledger import Flow, Ledger
 from keel.nodes._node import context_of, make_node
+from keel.nodes._once import ledger_key
 from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, Approval, RunContext
@@ -51,12 +63,14 @@ class ReviewRequest(TypedDict):
     description: str
     tool_call_id: str
     digest: str
+    kind: NotRequired[Literal["outcome_unknown"]]
+    """Set on a "did this happen?" request about a call whose outcome is unknown."""
 
 
 class ReviewResponse(TypedDict):
     """A human's answer to one `ReviewRequest`."""
 
-    type: Literal["approve", "edit", "reject", "respond"]
+    type: Literal["approve", "edit", "reject", "respond", "run_again"]
     args: NotRequired[dict[str, Any]]
     message: NotRequired[str]
     reviewer: NotRequired[str]
@@ -71,15 +85,26 @@ def human_review(
     policy_version: str = "1",
     policy_name: str | None = None,
     standing: StandingStore | None = None,
+    ledger: Ledger | None = None,
     name: str = "human_review",
 ) -> RunnableCallable:
-    """A node that interrupts for the calls that need approval and records the decisions.
+    """A node that interrupts for the calls that need a human and records the decisions.
 
-    `standing` keeps user-scoped standing approvals (`"always": {"scope": "user"}`) in the
-    ledger; without it, such an answer is refused with a `UserError`.
+    Args:
+        tools: The agent's tools.
+        gate: Decides which calls need approval (`ask`).
+        policy_version: Bound into approval digests.
+        policy_name: The policy's name for the digest (default: `RunContext.policy`).
+        standing: Keeps user-scoped standing approvals (`"always": {"scope": "user"}`) in the
+            ledger; without it, such an answer is refused with a `UserError`.
+        ledger: The idempotency ledger `execute_tools` uses; with it, calls whose outcome is
+            unknown (started, never finished) are asked about ("did this happen?").
+        name: The node's name.
     """
 
-    def requests(state: AgentState, runtime: Runtime[RunContext] | None) -> list[ReviewRequest]:
+    def requests(
+        state: AgentState, runtime: Runtime[RunContext] | None, records: Mapping[str, CallRecord]
+    ) -> list[ReviewRequest]:
         messages = state.get("messages") or []
         _, calls = pending_tool_calls(messages)
         context = context_of(runtime)
@@ -93,6 +118,10 @@ def human_review(
                 continue
             decision = decide(entry, call["args"], context)
             digest = approval_digest(entry.name, call["args"], policy)
+            record = records.get(call.get("id") or "")
+            if record is not None and record.state == "started":
+                out.append(_unknown_request(call, record, digest))
+                continue
             approved = approval_key(digest, call.get("id") or "", "approved")
             if decision.action != "ask" or digest in approvals or approved in approvals:
                 continue
@@ -113,13 +142,27 @@ def human_review(
             )
         return out
 
+    def in_ledger(state: AgentState, config: RunnableConfig) -> tuple[str, list[str]]:
+        """The thread and the pending calls whose outcome the ledger may know."""
+        _, calls = pending_tool_calls(state.get("messages") or [])
+        keys = []
+        for call in calls:
+            entry = tools.get(call["name"])
+            if entry is not None and isinstance(call.get("args"), dict):
+                keys.append(ledger_key(entry, call, config, ledger))
+        found = [k for k in keys if k is not None]
+        return (found[0][0] if found else ""), [k[1] for k in found]
+
     def decide(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> tuple[dict[str, Any], dict[str, Approval]]:
-        """The state update, and the standing approvals to keep for the user."""
-        pending = requests(state, runtime)
+        state: AgentState,
+        config: RunnableConfig,
+        runtime: Runtime[RunContext],
+        records: Mapping[str, CallRecord],
+    ) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
+        """The state update, the ledger updates to make, and the standing approvals to keep."""
+        pending = requests(state, runtime, records)
         if not pending:
-            return {"outcome": None}, {}
+            return {"outcome": None}, [], {}
         waiting = _peek_resume(config)
         if waiting is not _NOTHING:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
@@ -127,12 +170,18 @@ def human_review(
             _check_scope(_normalize(waiting, pending), standing)
         answers = _normalize(interrupt(pending), pending)
         policy = policy_id(context_of(runtime), policy_version, policy_name)
-        return _apply(state, pending, answers, policy)
+        thread, _ = in_ledger(state, config)
+        return _apply(state, pending, answers, policy, thread)
 
     def review(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        update, for_user = decide(state, config, runtime)
+        thread, ids = in_ledger(state, config)
+        records = ledger.run(records_flow(thread, ids)) if ledger is not None and ids else {}
+        update, settle, for_user = decide(state, config, runtime, records)
+        for flow in settle:
+            assert ledger is not None
+            ledger.run(flow)
         if for_user and standing is not None:
             standing.save(context_of(runtime), for_user)
         return update
@@ -140,12 +189,38 @@ def human_review(
     async def areview(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        update, for_user = decide(state, config, runtime)
+        thread, ids = in_ledger(state, config)
+        records = await ledger.arun(records_flow(thread, ids)) if ledger and ids else {}
+        update, settle, for_user = decide(state, config, runtime, records)
+        for flow in settle:
+            assert ledger is not None
+            await ledger.arun(flow)
         if for_user and standing is not None:
             await standing.asave(context_of(runtime), for_user)
         return update
 
     return make_node(name, review, areview)
+
+
+def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:
+    started = datetime.fromtimestamp(record.started_at, UTC).isoformat(timespec="seconds")
+    return {
+        "action_request": {"action": call["name"], "args": call["args"]},
+        "config": {
+            "allow_accept": True,
+            "allow_edit": False,
+            "allow_respond": True,
+            "allow_ignore": True,
+        },
+        "description": (
+            f"Did this happen? {call['name']} started at {started} but never finished (the "
+            "process stopped), so whether it took effect is unknown. Answer 'approve' if it "
+            "did (it is recorded as done), 'run_again' if it did not, or 'reject' to not run it."
+        ),
+        "tool_call_id": call.get("id") or "",
+        "digest": digest,
+        "kind": "outcome_unknown",
+    }
 
 
 _NOTHING = object()
@@ -184,14 +259,29 @@ def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResp
             f"{resume!r}. Resume with Command(resume=[{{'type': 'approve'}}, ...]) — one "
             "response per call, a dict keyed by tool_call_id, or one response for one call."
         )
-    return [_response(r) for r in resume]
+    answers = [_response(r) for r in resume]
+    for request, answer in zip(pending, answers, strict=True):
+        unknown = request.get("kind") == "outcome_unknown"
+        if unknown and answer["type"] == "edit":
+            raise UserError(
+                f"{request['action_request']['action']} (call {request['tool_call_id']!r}) "
+                "started and never finished, so it cannot be edited: answer 'approve' (it "
+                "happened), 'run_again' (it did not) or 'reject' (do not run it)."
+            )
+        if not unknown and answer["type"] == "run_again":
+            raise UserError(
+                f"'run_again' answers a \"did this happen?\" request; "
+                f"{request['action_request']['action']} (call {request['tool_call_id']!r}) "
+                "awaits approval: answer 'approve', 'edit', 'reject' or 'respond'."
+            )
+    return answers
 
 
 def _response(raw: Any) -> ReviewResponse:
     if isinstance(raw, str):
         raw = {"type": raw}
     kind = _ALIASES.get(str(raw.get("type")), raw.get("type")) if isinstance(raw, Mapping) else None
-    if kind not in ("approve", "edit", "reject", "respond"):
+    if kind not in ("approve", "edit", "reject", "respond", "run_again"):
         raise UserError(
             f"Unknown review response {raw!r}: use {{'type': 'approve'}}, "
             "{'type': 'edit', 'args': {...}}, {'type': 'reject', 'message': '...'} or "
@@ -226,7 +316,8 @@ def _apply(
     pending: Sequence[ReviewRequest],
     answers: Sequence[ReviewResponse],
     policy: str,
-) -> tuple[dict[str, Any], dict[str, Approval]]:
+    thread: str,
+) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
     messages = state.get("messages") or []
     index, _ = pending_tool_calls(messages)
     ai = messages[index]
@@ -236,10 +327,17 @@ def _apply(
     results: list[ToolMessage] = []
     edits: dict[str, dict[str, Any]] = {}
     rejected: list[str] = []
+    settle: list[Flow[bool]] = []
     for request, answer in zip(pending, answers, strict=True):
         tool = request["action_request"]["action"]
         call_id = request["tool_call_id"]
-        if answer["type"] in ("approve", "edit"):
+        if request.get("kind") == "outcome_unknown":
+            flow, reply = _settle(thread, request, answer)
+            settle.append(flow)
+            if reply is not None:
+                results.append(reply)
+                rejected.append(tool)
+        elif answer["type"] in ("approve", "edit"):
             args = answer.get("args", request["action_request"]["args"])
             if answer["type"] == "edit":
                 edits[call_id] = dict(args)
@@ -278,7 +376,32 @@ def _apply(
         update["outcome"] = outcome.stopped(
             "rejected", f"a human rejected the call to {', '.join(rejected)}"
         )
-    return update, for_user
+    return update, settle, for_user
+
+
+def _settle(
+    thread: str, request: ReviewRequest, answer: ReviewResponse
+) -> tuple[Flow[bool], ToolMessage | None]:
+    """The ledger update for an answer to "did this happen?", and the reply for a rejection.
+
+    An answer that it happened (or a rerun) leaves the reply to `execute_tools`, which reads
+    the recorded result (or runs the call) from the ledger.
+    """
+    tool, call_id = request["action_request"]["action"], request["tool_call_id"]
+    kind = answer["type"]
+    if kind == "run_again":
+        return resolve_flow(thread, call_id, "cleared"), None
+    if kind == "reject":
+        note = f": {answer['message']}" if answer.get("message") else ""
+        text = f"Rejected by a human reviewer{note}; {tool} was not run again."
+        result = {"content": text, "keel_status": "rejected"}
+        return resolve_flow(thread, call_id, "failed", result), _reply(
+            call_id, tool, text, "rejected"
+        )
+    text = answer.get("message") or f"A human reviewer confirmed that {tool} took effect."
+    status = "respond" if kind == "respond" else "success"
+    result = {"content": text, "keel_status": status}
+    return resolve_flow(thread, call_id, "completed", result), None
 
 
 def _approval(

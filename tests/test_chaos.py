@@ -18,7 +18,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import RetryPolicy
 
-from keel import build_agent
+from keel import Persistence, build_agent
 from keel.errors import ModelRequestsForbidden, UserError
 from keel.evals import (
     ChaosChatModel,
@@ -383,3 +383,38 @@ def test_agent_sync_invoke_under_chaos() -> None:
         _assert_every_run_ends_well([(result, model)])
         injected += len(model.faults)
     assert injected >= 3
+
+
+@pytest.mark.postgres
+async def test_200_runs_on_postgres_under_30_percent_faults_none_lost(
+    fresh_postgres_url: str,
+) -> None:
+    """200 concurrent runs, keel's Postgres saver: each ends with an outcome and a valid
+    history, and each thread reads back from a new pool exactly as the run returned it."""
+    runs = 200
+
+    def agent_on(saver: Any, model: Any) -> Any:
+        return build_agent(
+            model, [lookup_order, track_parcel], checkpointer=saver, model_retry=FAST_RETRY
+        )
+
+    def config(seed: int) -> Any:
+        return {"configurable": {"thread_id": f"chaos-{seed}"}, "recursion_limit": 40}
+
+    async with Persistence(fresh_postgres_url).acheckpointer() as saver:
+
+        async def one(seed: int) -> tuple[dict[str, Any], ChaosChatModel]:
+            model = chaos(ChaosPolicy.uniform(0.3, seed=seed))
+            question = {"messages": [("user", "Where is order A1?")]}
+            return await agent_on(saver, model).ainvoke(question, config(seed)), model
+
+        results = await asyncio.gather(*(one(seed) for seed in range(runs)))
+    _assert_every_run_ends_well(results)
+    assert sum(len(model.faults) for _, model in results) > runs  # faults were injected
+    async with Persistence(fresh_postgres_url).acheckpointer() as saver:
+        reader = agent_on(saver, chaos(ChaosPolicy()))
+        for seed, (result, _) in enumerate(results):
+            state = await reader.aget_state(config(seed))
+            assert state.next == (), seed
+            assert state.values["outcome"] == result["outcome"], seed
+            assert state.values["messages"] == result["messages"], seed

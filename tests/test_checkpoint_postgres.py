@@ -116,7 +116,7 @@ def test_needs_a_pool() -> None:
 
 async def test_persistence_gives_keel_saver(fresh_postgres_url: str) -> None:
     async with Persistence(fresh_postgres_url).acheckpointer() as saver:
-        assert type(saver) is AsyncPooledPostgresSaver
+        assert isinstance(saver, AsyncPooledPostgresSaver)
 
 
 # -- concurrency ----------------------------------------------------------------------------------

@@ -28,7 +28,23 @@ PUBLIC = {
         "build_agent",
         "tool",
     ],
-    "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
+    "keel.checkpoint": [
+        "AsyncPooledPostgresSaver",
+        "CheckpointPolicy",
+        "CheckpointSizeWarning",
+        "CheckpointTooLarge",
+        "PruneReport",
+        "UnserializableState",
+    ],
+    "keel.idempotency": [
+        "CallRecord",
+        "CallState",
+        "Claim",
+        "claim_flow",
+        "finish_flow",
+        "records_flow",
+        "resolve_flow",
+    ],
     "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
     "keel.nodes": [
         "BeforeModel",
@@ -48,6 +64,7 @@ PUBLIC = {
     ],
     "keel.tools": [
         "KeelTool",
+        "Reconciler",
         "RegisteredTool",
         "ResourceExtractor",
         "Risk",

@@ -10,7 +10,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import ConfigDict, SkipValidation
 
 from keel.errors import UserError
-from keel.tools.spec import ResourceExtractor, Risk, ToolSpec
+from keel.tools.spec import Reconciler, ResourceExtractor, Risk, ToolSpec
 
 __all__ = ["KeelTool", "RegisteredTool", "ToolRegistry", "spec_of", "tool"]
 
@@ -46,6 +46,8 @@ def tool(
     retry_wait: float = 0.2,
     requires_approval: bool | None = None,
     resource: ResourceExtractor | None = None,
+    idempotent: bool = False,
+    reconcile: Reconciler | None = None,
 ) -> Callable[[Callable[..., Any]], KeelTool]: ...
 
 
@@ -62,6 +64,8 @@ def tool(
     retry_wait: float = 0.2,
     requires_approval: bool | None = None,
     resource: ResourceExtractor | None = None,
+    idempotent: bool = False,
+    reconcile: Reconciler | None = None,
 ) -> KeelTool | Callable[[Callable[..., Any]], KeelTool]:
     """Turn a function (sync or async) into a `KeelTool`; the docstring is the description.
 
@@ -82,6 +86,8 @@ def tool(
         retry_wait=retry_wait,
         requires_approval=requires_approval,
         resource=resource,
+        idempotent=idempotent,
+        reconcile=reconcile,
     )
 
     def build(fn: Callable[..., Any]) -> KeelTool:

@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 from keel.errors import UserError
 
-__all__ = ["ResourceExtractor", "Risk", "ToolSpec"]
+__all__ = ["Reconciler", "ResourceExtractor", "Risk", "ToolSpec"]
 
 Risk = Literal["read", "write", "destructive"]
 ResourceExtractor = Callable[[Mapping[str, Any]], str]
+Reconciler = Callable[[Mapping[str, Any]], Any]
+"""`reconcile(args) -> result | None` (or a coroutine): did an interrupted call take effect?"""
 _RISKS: tuple[Risk, ...] = ("read", "write", "destructive")
 
 
@@ -52,6 +54,16 @@ class ToolSpec:
     resource: ResourceExtractor | None = None
     """What the call touches, from its arguments (e.g. `orders/42`); `*` when not given."""
 
+    idempotent: bool = False
+    """Whether repeating a call is harmless (e.g. "set status to shipped"). A side-effecting
+    call that started but never finished (the process died) is then run again on resume;
+    otherwise its outcome is unknown and a human is asked "did this happen?"."""
+
+    reconcile: Reconciler | None = None
+    """Checks the outside world for a call that started but never finished: returns the call's
+    result when it took effect (recorded as if the call had completed), or `None` when it did
+    not (the call runs again). Sync or async; an exception leaves the outcome unknown."""
+
     def __post_init__(self) -> None:
         if self.risk not in _RISKS:
             raise UserError(f"ToolSpec.risk must be one of {list(_RISKS)}, got {self.risk!r}.")
@@ -65,6 +77,11 @@ class ToolSpec:
             raise UserError(f"ToolSpec.retry_wait must be 0 or more, got {self.retry_wait!r}.")
         if not isinstance(self.version, str) or not self.version:
             raise UserError(f"ToolSpec.version must be a non-empty string, got {self.version!r}.")
+        if self.reconcile is not None and not callable(self.reconcile):
+            raise UserError(
+                f"ToolSpec.reconcile must be a function (args) -> result | None, got "
+                f"{self.reconcile!r}."
+            )
         if self.side_effects is None:
             object.__setattr__(self, "side_effects", self.risk != "read")
         if self.requires_approval is None:

@@ -1,0 +1,332 @@
+"""Strict checkpoints: every value in state must round-trip, and a checkpoint has a size limit.
+
+LangGraph's serializer stores an object of any class (by module and name) and, on load, only
+warns that "unregistered" classes will be blocked in a future version (or blocks them with
+`LANGGRAPH_STRICT_MSGPACK`); an object it cannot encode fails with `Object of type X is not
+serializable`, naming no place. keel's savers check state *before* writing: a value of a type
+that would not load back fails with `UnserializableState` naming its path in state
+(`messages[3].additional_kwargs['order']`). They also count the bytes of each checkpoint and
+warn (`CheckpointSizeWarning`) or refuse (`CheckpointTooLarge`) past `CheckpointPolicy.max_bytes`.
+
+The savers are LangGraph's (SQLite, PostgreSQL) and keel's `AsyncPooledPostgresSaver` with the
+`_Strict` mixin; `keel.Persistence` builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata
+from langgraph.checkpoint.postgres import PostgresSaver
+from langgraph.checkpoint.serde._msgpack import SAFE_MSGPACK_TYPES
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from pydantic import BaseModel
+
+from keel.checkpoint.postgres import AsyncPooledPostgresSaver
+from keel.errors import KeelError, UserError
+
+__all__ = [
+    "CheckpointPolicy",
+    "CheckpointSizeWarning",
+    "CheckpointTooLarge",
+    "UnserializableState",
+    "find_unserializable",
+]
+
+_NATIVE = (str, int, float, bool, bytes, bytearray, type(None))
+_INTERNAL = frozenset({("langgraph.checkpoint.serde.types", "_DeltaSnapshot")})
+_LEAVES: frozenset[tuple[str, str]] = frozenset(
+    k
+    for k in SAFE_MSGPACK_TYPES
+    if len(k) == 2 and not k[0].startswith(("langchain_core.", "langgraph."))
+)
+"""Classes that survive inside a pydantic model's `model_dump()` (datetime, UUID, …)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointPolicy:
+    """What keel's checkpointers accept.
+
+    Example:
+        ```python
+        Persistence(url, checkpoints=CheckpointPolicy(max_bytes=512_000, on_oversize="refuse"))
+        ```
+    """
+
+    max_bytes: int | None = 1_000_000
+    """The serialized size one checkpoint may reach (its state blobs, before compression);
+    `None` disables the check."""
+    on_oversize: Literal["warn", "refuse"] = "warn"
+    """`warn`: save it and emit `CheckpointSizeWarning`; `refuse`: raise `CheckpointTooLarge`
+    and save nothing."""
+    strict: bool = True
+    """Refuse values whose type would not load back (see `find_unserializable`)."""
+    allow: tuple[type, ...] = field(default=())
+    """Your own classes that may be stored in state (and are loaded back without warnings)."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and (
+            isinstance(self.max_bytes, bool)
+            or not isinstance(self.max_bytes, int)
+            or self.max_bytes < 1
+        ):
+            raise UserError(
+                f"CheckpointPolicy.max_bytes must be 1 or more (bytes) or None, got "
+                f"{self.max_bytes!r}."
+            )
+        if self.on_oversize not in ("warn", "refuse"):
+            raise UserError(
+                f"CheckpointPolicy.on_oversize must be 'warn' or 'refuse', got "
+                f"{self.on_oversize!r}."
+            )
+        if not all(isinstance(t, type) for t in self.allow):
+            raise UserError(
+                f"CheckpointPolicy.allow must be a tuple of classes, got {self.allow!r}."
+            )
+
+    def allowed(self) -> frozenset[tuple[str, str]]:
+        """`(module, name)` of every class that may be stored."""
+        own = {(t.__module__, t.__qualname__) for t in self.allow}
+        return frozenset({*(k for k in SAFE_MSGPACK_TYPES if len(k) == 2), *_INTERNAL, *own})
+
+
+class UnserializableState(KeelError, TypeError):
+    """A value in state cannot be stored so that it loads back."""
+
+    def __init__(self, path: str, type_name: str) -> None:
+        self.path = path
+        """Where in state, e.g. `messages[3].additional_kwargs['order']`."""
+        self.type_name = type_name
+        """The offending value's class, `module.Name`."""
+        name = type_name.rsplit(".", 1)[-1]
+        super().__init__(
+            f"Cannot checkpoint state: {path} is a {type_name}, which would not load back "
+            "from the database. Store plain data there (dicts, lists, strings, numbers), or "
+            f"allow the class: Persistence(url, checkpoints=CheckpointPolicy(allow=({name},)))."
+        )
+
+
+class CheckpointTooLarge(KeelError):
+    """A checkpoint is over `CheckpointPolicy.max_bytes` and the policy refuses it."""
+
+    def __init__(self, thread_id: str, size: int, limit: int) -> None:
+        self.thread_id = thread_id
+        """The thread whose checkpoint was refused."""
+        self.size = size
+        """Its serialized bytes so far (at least this many)."""
+        self.limit = limit
+        """`CheckpointPolicy.max_bytes`."""
+        super().__init__(_size_message(thread_id, size, limit, "was refused"))
+
+
+class CheckpointSizeWarning(UserWarning):
+    """A checkpoint is over `CheckpointPolicy.max_bytes` (saved anyway)."""
+
+
+def _size_message(thread_id: str, size: int, limit: int, what: str) -> str:
+    return (
+        f"A checkpoint of thread {thread_id!r} is {size:,} bytes, over the limit of "
+        f"{limit:,} (CheckpointPolicy.max_bytes), and {what}. Keep large data out of state "
+        "(store it elsewhere and keep a reference), compress the history, or raise the limit."
+    )
+
+
+def find_unserializable(
+    value: Any, allowed: frozenset[tuple[str, str]], path: str = ""
+) -> tuple[str, str] | None:
+    """The first value under `value` whose class would not load back: `(path, module.Name)`."""
+    if isinstance(value, _NATIVE):
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = find_unserializable(item, allowed, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list | tuple | set | frozenset) and type(value) in (
+        list,
+        tuple,
+        set,
+        frozenset,
+    ):
+        for i, item in enumerate(value):
+            found = find_unserializable(item, allowed, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, BaseException):
+        return None  # stored as its repr (LangGraph's error writes)
+    cls = type(value)
+    if (cls.__module__, cls.__qualname__) not in allowed:
+        return path or "the value", f"{cls.__module__}.{cls.__qualname__}"
+    return _find_in_fields(value, allowed, path)
+
+
+def _find_in_fields(
+    value: Any, allowed: frozenset[tuple[str, str]], path: str
+) -> tuple[str, str] | None:
+    if isinstance(value, BaseModel):
+        # LangGraph stores a pydantic model as its `model_dump()`: a class inside one (a
+        # dataclass in `additional_kwargs`) comes back as a dict, so only safe leaves pass
+        fields: Mapping[str, Any] = value.__dict__
+        allowed = _LEAVES
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    else:
+        return None
+    for name, item in fields.items():
+        found = find_unserializable(item, allowed, f"{path}.{name}")
+        if found is not None:
+            return found
+    return None
+
+
+# -- counting the bytes of one checkpoint -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Tally:
+    thread_id: str
+    limit: int
+    refuse: bool
+    size: int = 0
+
+    def add(self, n: int) -> None:
+        self.size += n
+        if self.refuse and self.size > self.limit:
+            raise CheckpointTooLarge(self.thread_id, self.size, self.limit)
+
+
+_TALLY: ContextVar[_Tally | None] = ContextVar("keel_checkpoint_tally", default=None)
+
+
+class StrictSerializer(JsonPlusSerializer):
+    """LangGraph's serializer that loads keel's allowed classes and counts checkpoint bytes."""
+
+    def __init__(self, policy: CheckpointPolicy) -> None:
+        # strict loading: LangGraph's safe types and the policy's classes, nothing else
+        super().__init__(allowed_msgpack_modules=policy.allow or None)
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        """Serialize as LangGraph does, adding the bytes to the checkpoint being written."""
+        kind, data = super().dumps_typed(obj)
+        tally = _TALLY.get()
+        if tally is not None:
+            tally.add(len(data))
+        return kind, data
+
+
+class _Strict:
+    """Mixin for a saver: check state before a checkpoint or a write is stored."""
+
+    keel_policy: CheckpointPolicy = CheckpointPolicy()
+    _keel_allowed: frozenset[tuple[str, str]] = CheckpointPolicy().allowed()
+
+    def _keel_configure(self, policy: CheckpointPolicy) -> None:
+        self.keel_policy = policy
+        self._keel_allowed = policy.allowed()
+
+    def _keel_check(self, values: Mapping[str, Any], channels: Sequence[str]) -> None:
+        if not self.keel_policy.strict:
+            return
+        for channel in channels:
+            if channel in values:
+                found = find_unserializable(values[channel], self._keel_allowed, channel)
+                if found is not None:
+                    raise UnserializableState(*found)
+
+    @contextmanager
+    def _keel_checkpoint(
+        self, config: RunnableConfig, checkpoint: Checkpoint, new_versions: ChannelVersions
+    ) -> Iterator[None]:
+        self._keel_check(checkpoint["channel_values"], list(new_versions))
+        limit = self.keel_policy.max_bytes
+        if limit is None:
+            yield
+            return
+        thread_id = str((config.get("configurable") or {}).get("thread_id", ""))
+        tally = _Tally(thread_id, limit, self.keel_policy.on_oversize == "refuse")
+        token = _TALLY.set(tally)
+        try:
+            yield
+        finally:
+            _TALLY.reset(token)
+        if tally.size > limit:
+            warnings.warn(
+                _size_message(thread_id, tally.size, limit, "was saved"),
+                CheckpointSizeWarning,
+                stacklevel=4,
+            )
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Check, count, then save a checkpoint."""
+        with self._keel_checkpoint(config, checkpoint, new_versions):
+            return super().put(config, checkpoint, metadata, new_versions)  # type: ignore[misc, no-any-return]
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Check, count, then save a checkpoint."""
+        with self._keel_checkpoint(config, checkpoint, new_versions):
+            return await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc, no-any-return]
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Check, then save a task's writes."""
+        self._keel_check_writes(writes)
+        super().put_writes(config, writes, task_id, task_path)  # type: ignore[misc]
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Check, then save a task's writes."""
+        self._keel_check_writes(writes)
+        await super().aput_writes(config, writes, task_id, task_path)  # type: ignore[misc]
+
+    def _keel_check_writes(self, writes: Sequence[tuple[str, Any]]) -> None:
+        for channel, value in writes:
+            self._keel_check({channel: value}, [channel])
+
+
+class StrictSqliteSaver(_Strict, SqliteSaver):
+    """LangGraph's `SqliteSaver`, strict (see `keel.checkpoint.strict`)."""
+
+
+class StrictAsyncSqliteSaver(_Strict, AsyncSqliteSaver):
+    """LangGraph's `AsyncSqliteSaver`, strict."""
+
+
+class StrictPostgresSaver(_Strict, PostgresSaver):
+    """LangGraph's `PostgresSaver`, strict."""
+
+
+class StrictAsyncPooledPostgresSaver(_Strict, AsyncPooledPostgresSaver):
+    """keel's `AsyncPooledPostgresSaver`, strict."""

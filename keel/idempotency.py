@@ -1,0 +1,178 @@
+"""The idempotency ledger: side-effecting tool calls run at most once per thread.
+
+A call is keyed by `(thread_id, tool_call_id)`; both are stable across resume, retry and
+replay. Its row moves `started` → `completed` (the recorded `ToolMessage`) or `failed` (the
+recorded error). The row is written, and committed, *before* the tool runs, so a process that
+dies mid-call leaves it `started`: the call's outcome is unknown and keel never repeats it on
+its own (see `keel.nodes.execute_tools`). A human settles it: it happened (`completed`), run it
+again (`cleared`, free to be claimed again), or it must not happen (`failed`).
+
+The transactions are ledger flows (`keel.ledger.Flow`), driven sync or async on SQLite or
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keel.ledger import Flow
+
+__all__ = [
+    "CallRecord",
+    "CallState",
+    "Claim",
+    "claim_flow",
+    "finish_flow",
+    "records_flow",
+    "resolve_flow",
+]
+
+CallState = Literal["started", "completed", "failed", "cleared"]
+"""Where a side-effecting call is: running (or died running), done, failed, or free to rerun."""
+
+_COLUMNS = "tool, args_digest, state, result, attempts, started_at, finished_at"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One side-effecting call as the ledger knows it."""
+
+    thread_id: str
+    """The thread the call belongs to."""
+    tool_call_id: str
+    """The model's id for the call."""
+    tool: str
+    """The tool's name."""
+    args_digest: str
+    """sha256 of the tool, its canonical arguments and the policy (as approvals use)."""
+    state: CallState
+    """`started`, `completed`, `failed` or `cleared`."""
+    result: dict[str, Any] | None
+    """The recorded `ToolMessage` fields (`content`, `status`, `keel_status`) once finished."""
+    attempts: int
+    """How often the call was started."""
+    started_at: float
+    """Unix time it was (last) started."""
+    finished_at: float | None
+    """Unix time it finished, when it did."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim found: `run` (the caller now owns the call) or the existing record."""
+
+    action: Literal["run", "recorded", "unknown", "conflict"]
+    """`run`: run the tool; `recorded`: return `record.result`; `unknown`: it started and never
+    finished; `conflict`: the id was used in this thread for different arguments."""
+    record: CallRecord | None = None
+    """The row as found (`None` for a first claim)."""
+
+
+def _record(thread_id: str, call_id: str, row: Sequence[Any]) -> CallRecord:
+    tool, digest, state, result, attempts, started, finished = row
+    return CallRecord(
+        thread_id=thread_id,
+        tool_call_id=call_id,
+        tool=tool,
+        args_digest=digest,
+        state=state,
+        result=json.loads(result) if result is not None else None,
+        attempts=int(attempts),
+        started_at=float(started),
+        finished_at=None if finished is None else float(finished),
+    )
+
+
+def _select(thread_id: str, call_id: str) -> tuple[str, tuple[Any, ...]]:
+    return (
+        f"SELECT {_COLUMNS} FROM keel_tool_calls WHERE thread_id = ? AND tool_call_id = ? "
+        "{for_update}",
+        (thread_id, call_id),
+    )
+
+
+def claim_flow(
+    thread_id: str, call_id: str, tool: str, digest: str, *, rerun_unknown: bool = False
+) -> Flow[Claim]:
+    """Claim a call before running it; commits `started` when the caller may run it.
+
+    Args:
+        thread_id: The thread.
+        call_id: The call's `tool_call_id`.
+        tool: The tool's name.
+        digest: The call's argument digest; a different digest under the same id conflicts.
+        rerun_unknown: Claim a `started` call again (the tool is safe to repeat, or a
+            reconciliation found the effect did not happen).
+    """
+    now = time.time()
+    inserted = yield (
+        "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, "
+        "started_at) VALUES (?, ?, ?, ?, 'started', ?) "
+        "ON CONFLICT (thread_id, tool_call_id) DO NOTHING RETURNING 1",
+        (thread_id, call_id, tool, digest, now),
+    )
+    if inserted:
+        return Claim("run")
+    rows = yield _select(thread_id, call_id)
+    record = _record(thread_id, call_id, rows[0])
+    if record.args_digest != digest:
+        return Claim("conflict", record)
+    if record.state in ("completed", "failed"):
+        return Claim("recorded", record)
+    if record.state == "started" and not rerun_unknown:
+        return Claim("unknown", record)
+    yield (
+        "UPDATE keel_tool_calls SET state = 'started', attempts = attempts + 1, started_at = ?, "
+        "result = NULL, finished_at = NULL WHERE thread_id = ? AND tool_call_id = ?",
+        (now, thread_id, call_id),
+    )
+    return Claim("run", record)
+
+
+def finish_flow(
+    thread_id: str, call_id: str, state: Literal["completed", "failed"], result: dict[str, Any]
+) -> Flow[None]:
+    """Record how a claimed call ended: `completed` or `failed`, with its `ToolMessage` fields."""
+    yield (
+        "UPDATE keel_tool_calls SET state = ?, result = ?, finished_at = ? "
+        "WHERE thread_id = ? AND tool_call_id = ?",
+        (state, json.dumps(result), time.time(), thread_id, call_id),
+    )
+
+
+def resolve_flow(
+    thread_id: str,
+    call_id: str,
+    state: Literal["completed", "failed", "cleared"],
+    result: dict[str, Any] | None = None,
+) -> Flow[bool]:
+    """A human settles a `started` call: it happened, it must not, or run it again.
+
+    Returns whether a `started` row was settled (`False`: already settled, e.g. on a re-run).
+    """
+    rows = yield (
+        "UPDATE keel_tool_calls SET state = ?, result = ?, finished_at = ? "
+        "WHERE thread_id = ? AND tool_call_id = ? AND state = 'started' RETURNING 1",
+        (
+            state,
+            None if result is None else json.dumps(result),
+            None if state == "cleared" else time.time(),
+            thread_id,
+            call_id,
+        ),
+    )
+    return bool(rows)
+
+
+def records_flow(thread_id: str, call_ids: Sequence[str]) -> Flow[dict[str, CallRecord]]:
+    """The records of some calls of a thread, by `tool_call_id` (calls without one left out)."""
+    out: dict[str, CallRecord] = {}
+    for call_id in call_ids:
+        rows = yield _select(thread_id, call_id)
+        if rows:
+            out[call_id] = _record(thread_id, call_id, rows[0])
+    return out

@@ -1,0 +1,288 @@
+"""Side effects at most once: the idempotency ledger, on SQLite and PostgreSQL.
+
+A "crash" here is a tool that raises `Crash` (a `BaseException` keel never catches)
+after its effect: the run dies, the ledger row stays `started`, exactly as after a SIGKILL
+(`tests/test_crash.py` kills real processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import pytest
+from langchain_core.messages import ToolMessage
+from langgraph.types import Command
+
+from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel.errors import UserError
+from keel.evals.scripted import ScriptedChatModel, call
+from keel.idempotency import claim_flow, finish_flow, records_flow, resolve_flow
+
+CTX = RunContext(user_id="u1")
+
+
+class Crash(BaseException):
+    """The process "dies": nothing after this point runs."""
+
+
+class World:
+    """The outside world a side-effecting tool changes: a list of effects."""
+
+    def __init__(self) -> None:
+        self.effects: list[str] = []
+        self.crash_next = False
+
+    def charge(self, amount: int) -> str:
+        self.effects.append(f"charged {amount}")
+        if self.crash_next:
+            self.crash_next = False
+            raise Crash  # the process "dies" after the effect, before the record
+        return f"charged {amount} (#{len(self.effects)})"
+
+
+def charge_tool(world: World, **spec: Any) -> Any:
+    @tool(risk="write", **spec)
+    def charge(amount: int) -> str:
+        """Charge the customer."""
+        return world.charge(amount)
+
+    return charge
+
+
+def agent_for(world: World, saver: Any, ledger: Ledger | None, **spec: Any) -> Any:
+    model = ScriptedChatModel(script=[call("charge", amount=5), "Done."])
+    return build_agent(model, [charge_tool(world, **spec)], checkpointer=saver, ledger=ledger)
+
+
+@contextmanager
+def stack(db_url: str) -> Iterator[tuple[Any, Ledger]]:
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            yield saver, ledger
+    finally:
+        ledger.close()
+
+
+@asynccontextmanager
+async def astack(db_url: str) -> AsyncIterator[tuple[Any, Ledger]]:
+    ledger = Ledger(db_url)
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            yield saver, ledger
+    finally:
+        await ledger.aclose()
+
+
+def thread(name: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": name}}
+
+
+def tool_messages(state: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in state["messages"] if isinstance(m, ToolMessage)]
+
+
+# -- the flows ------------------------------------------------------------------------------
+
+
+def test_claim_states(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    try:
+        key = ("t", "c1", "charge", "d1")
+        assert ledger.run(claim_flow(*key)).action == "run"
+        again = ledger.run(claim_flow(*key))
+        assert again.action == "unknown" and again.record is not None
+        assert again.record.state == "started" and again.record.attempts == 1
+        assert ledger.run(claim_flow("t", "c1", "charge", "other")).action == "conflict"
+        rerun = ledger.run(claim_flow(*key, rerun_unknown=True))
+        assert rerun.action == "run"
+        ledger.run(finish_flow("t", "c1", "completed", {"content": "ok", "keel_status": "success"}))
+        done = ledger.run(claim_flow(*key))
+        assert done.action == "recorded" and done.record is not None
+        assert done.record.result == {"content": "ok", "keel_status": "success"}
+        assert done.record.attempts == 2 and done.record.finished_at is not None
+        # a settled call is not settled twice (a re-run of human_review after a crash)
+        assert ledger.run(resolve_flow("t", "c1", "cleared")) is False
+        assert set(ledger.run(records_flow("t", ["c1", "nope"]))) == {"c1"}
+    finally:
+        ledger.close()
+
+
+async def test_concurrent_claims_run_once(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    try:
+        claims = await asyncio.gather(
+            *(ledger.arun(claim_flow("t", "c1", "charge", "d")) for _ in range(8))
+        )
+        assert sorted(c.action for c in claims) == ["run"] + ["unknown"] * 7
+    finally:
+        await ledger.aclose()
+
+
+# -- the agent ------------------------------------------------------------------------------
+
+
+def test_crash_after_the_effect_asks_did_this_happen(db_url: str) -> None:
+    world = World()
+    world.crash_next = True
+    with stack(db_url) as (saver, ledger):
+        agent = agent_for(world, saver, ledger)
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        state = agent.invoke(None, thread("t1"), context=CTX)  # resume after the "crash"
+        assert world.effects == ["charged 5"]  # not repeated
+        assert state["outcome"]["status"] == "interrupted"
+        [request] = state["__interrupt__"][0].value
+        assert request["kind"] == "outcome_unknown"
+        assert request["action_request"] == {"action": "charge", "args": {"amount": 5}}
+        assert request["description"].startswith("Did this happen? charge started at ")
+        state = agent.invoke(Command(resume={"type": "approve"}), thread("t1"), context=CTX)
+    assert world.effects == ["charged 5"]
+    assert state["outcome"]["terminated_reason"] == "completed"
+    [reply] = tool_messages(state)
+    assert reply.content == "A human reviewer confirmed that charge took effect."
+    assert reply.response_metadata == {"keel_status": "success", "keel_ledger": "recorded"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "effects", "reason", "reply"),
+    [
+        ({"type": "run_again"}, 2, "completed", "charged 5 (#2)"),
+        (
+            {"type": "reject", "message": "refunded by hand"},
+            1,
+            "rejected",
+            "Rejected by a human reviewer: refunded by hand; charge was not run again.",
+        ),
+        ({"type": "respond", "message": "charge id ch_9"}, 1, "completed", "charge id ch_9"),
+    ],
+    ids=["run_again", "reject", "respond"],
+)
+async def test_resolving_an_unknown_outcome(
+    db_url: str, answer: dict[str, Any], effects: int, reason: str, reply: str
+) -> None:
+    world = World()
+    world.crash_next = True
+    async with astack(db_url) as (saver, ledger):
+        agent = agent_for(world, saver, ledger)
+        with pytest.raises(Crash):
+            await agent.ainvoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        state = await agent.ainvoke(None, thread("t1"), context=CTX)
+        assert state["__interrupt__"][0].value[0]["kind"] == "outcome_unknown"
+        state = await agent.ainvoke(Command(resume=answer), thread("t1"), context=CTX)
+        assert len(world.effects) == effects
+        assert state["outcome"]["terminated_reason"] == reason
+        assert [m.content for m in tool_messages(state)] == [reply]
+        # replaying the thread from its start runs nothing again
+        history = [s async for s in agent.aget_state_history(thread("t1"))]
+        first = history[-1].config
+        await agent.ainvoke(None, first, context=CTX)
+    assert len(world.effects) == effects
+
+
+def test_edit_is_refused_for_an_unknown_outcome(tmp_path: Any) -> None:
+    world = World()
+    world.crash_next = True
+    with stack(f"sqlite:///{tmp_path}/k.db") as (saver, ledger):
+        agent = agent_for(world, saver, ledger)
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        agent.invoke(None, thread("t1"), context=CTX)
+        with pytest.raises(UserError, match="cannot be edited: answer 'approve'"):
+            agent.invoke(
+                Command(resume={"type": "edit", "args": {"amount": 1}}), thread("t1"), context=CTX
+            )
+
+
+def test_replay_returns_the_recorded_result(db_url: str) -> None:
+    world = World()
+    with stack(db_url) as (saver, ledger):
+        agent = agent_for(world, saver, ledger)
+        state = agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        assert [m.content for m in tool_messages(state)] == ["charged 5 (#1)"]
+        # time travel: re-execute from the checkpoint just before execute_tools ran
+        before = next(
+            s for s in agent.get_state_history(thread("t1")) if s.next == ("execute_tools",)
+        )
+        replayed = agent.invoke(None, before.config, context=CTX)
+    assert world.effects == ["charged 5"]
+    [reply] = tool_messages(replayed)
+    assert reply.content == "charged 5 (#1)"
+    assert reply.response_metadata["keel_ledger"] == "recorded"
+
+
+def test_a_failed_call_is_recorded_and_not_retried(tmp_path: Any) -> None:
+    attempts: list[int] = []
+
+    @tool(risk="write")
+    def charge(amount: int) -> str:
+        """Charge the customer."""
+        attempts.append(amount)
+        raise RuntimeError("card declined")
+
+    model = ScriptedChatModel(script=[call("charge", amount=5), "Sorry."])
+    with stack(f"sqlite:///{tmp_path}/k.db") as (saver, ledger):
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        before = next(
+            s for s in agent.get_state_history(thread("t1")) if s.next == ("execute_tools",)
+        )
+        state = agent.invoke(None, before.config, context=CTX)
+    assert attempts == [5]
+    [reply] = tool_messages(state)
+    assert reply.content == "Error: charge failed: RuntimeError: card declined"
+    assert reply.status == "error"
+
+
+def test_idempotent_tool_runs_again_after_a_crash(tmp_path: Any) -> None:
+    world = World()
+    world.crash_next = True
+    with stack(f"sqlite:///{tmp_path}/k.db") as (saver, ledger):
+        agent = agent_for(world, saver, ledger, idempotent=True)
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        state = agent.invoke(None, thread("t1"), context=CTX)
+    assert world.effects == ["charged 5", "charged 5"]
+    assert state["outcome"]["terminated_reason"] == "completed"
+
+
+@pytest.mark.parametrize("happened", [True, False])
+async def test_reconcile_settles_an_unknown_outcome(tmp_path: Any, happened: bool) -> None:
+    world = World()
+    world.crash_next = True
+    seen: list[dict[str, Any]] = []
+
+    async def reconcile(args: dict[str, Any]) -> str | None:
+        seen.append(args)
+        return "found charge of 5" if happened else None
+
+    async with astack(f"sqlite:///{tmp_path}/k.db") as (saver, ledger):
+        agent = agent_for(world, saver, ledger, reconcile=reconcile)
+        with pytest.raises(Crash):
+            await agent.ainvoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        state = await agent.ainvoke(None, thread("t1"), context=CTX)
+    assert seen == [{"amount": 5}]
+    assert state["outcome"]["terminated_reason"] == "completed"
+    [reply] = tool_messages(state)
+    assert reply.content == ("found charge of 5" if happened else "charged 5 (#2)")
+    assert len(world.effects) == (1 if happened else 2)
+
+
+def test_without_a_ledger_a_crash_repeats_the_effect(tmp_path: Any) -> None:
+    """Pins LangGraph's own behaviour: a resumed node runs from its top, effects and all."""
+    world = World()
+    world.crash_next = True
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = agent_for(world, saver, None)
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        agent.invoke(None, thread("t1"), context=CTX)
+    assert world.effects == ["charged 5", "charged 5"]
+
+
+def test_build_agent_rejects_a_bad_ledger() -> None:
+    with pytest.raises(UserError, match=r"build_agent\(ledger=...\) must be a keel.Ledger"):
+        build_agent(ScriptedChatModel(script=["hi"]), ledger="sqlite:///x.db")  # type: ignore[arg-type]
