@@ -39,6 +39,7 @@ from keel.nodes.plan import plan as plan_node
 from keel.nodes.respond import respond
 from keel.nodes.verify import Check
 from keel.nodes.verify import verify as verify_node
+from keel.observe import Observer, audited, budget_records, recorded, review_records, tool_records
 from keel.pricing import PriceTable
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
@@ -107,6 +108,10 @@ def route_after_verify(state: AgentState) -> str:
     return END if result["status"] == "success" else "respond"
 
 
+def _end(state: AgentState) -> str:
+    return END
+
+
 def build_agent(
     model: str | BaseChatModel,
     tools: Sequence[BaseTool | Callable[..., Any]] | ToolRegistry = (),
@@ -150,6 +155,7 @@ def build_agent(
             (default deny), its budget and loop guard apply, and its name and version are bound
             into approval digests.
         ledger: keel's ledger (`keel.Ledger(url)`), needed by a policy with period budgets.
+            With a ledger, the agent writes the audit log and a run record per run to it.
         gate: Decides allow / ask / deny per tool call. Default: the policy's permission
             matrix with a policy, else ask for tools that require approval and allow the rest.
         before_model: Checks run inside `call_model` before each model call.
@@ -202,35 +208,55 @@ def build_agent(
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
+    observer = (
+        Observer(ledger, graph=name, policy_name=policy_name, policy_version=policy_version)
+        if isinstance(ledger, Ledger)
+        else None
+    )
+
+    def observed(node: Any, derive: Any) -> Any:
+        return node if observer is None else audited(node, observer, derive)
+
     graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node(
         "call_model",
-        call_model(
-            model,
-            registry,
-            system_prompt=system_prompt,
-            prices=prices,
-            before_model=before_model,
-            gate=gate,
-            retry=model_retry,
-            budget=budget,
-            loop=policy.loop if policy is not None else None,
-            meter=meter,
+        observed(
+            call_model(
+                model,
+                registry,
+                system_prompt=system_prompt,
+                prices=prices,
+                before_model=before_model,
+                gate=gate,
+                retry=model_retry,
+                budget=budget,
+                loop=policy.loop if policy is not None else None,
+                meter=meter,
+            ),
+            budget_records,
         ),
     )
     graph.add_node(
         "execute_tools",
-        execute_tools(
-            registry,
-            gate=gate,
-            policy_version=policy_version,
-            policy_name=policy_name,
-            budget=budget,
+        observed(
+            execute_tools(
+                registry,
+                gate=gate,
+                policy_version=policy_version,
+                policy_name=policy_name,
+                budget=budget,
+            ),
+            tool_records(registry, gate),
         ),
     )
     graph.add_node(
         "human_review",
-        human_review(registry, gate=gate, policy_version=policy_version, policy_name=policy_name),
+        observed(
+            human_review(
+                registry, gate=gate, policy_version=policy_version, policy_name=policy_name
+            ),
+            review_records,
+        ),
     )
     graph.add_node("respond", respond())
     after_model = ["execute_tools", "human_review", "respond", END]
@@ -238,7 +264,9 @@ def build_agent(
     if plan:
         graph.add_node("plan", plan_node(model, prices=prices))
         graph.add_edge(START, "plan")
-        graph.add_conditional_edges("plan", route_after_plan, ["call_model", "respond"])
+        graph.add_conditional_edges(
+            "plan", recorded(route_after_plan, observer, "plan"), ["call_model", "respond"]
+        )
         after_tools.append("plan")
     else:
         graph.add_edge(START, "call_model")
@@ -247,17 +275,29 @@ def build_agent(
             "verify",
             verify_node(checks=checks, judge=judge, max_revisions=max_revisions, escalate=escalate),
         )
-        graph.add_conditional_edges("verify", route_after_verify, ["call_model", "respond", END])
+        graph.add_conditional_edges(
+            "verify",
+            recorded(route_after_verify, observer, "verify"),
+            ["call_model", "respond", END],
+        )
         after_model.append("verify")
 
     graph.add_conditional_edges(
-        "call_model", lambda s: route_after_model(s, verify=verify), after_model
+        "call_model",
+        recorded(lambda s: route_after_model(s, verify=verify), observer, "call_model"),
+        after_model,
     )
     graph.add_conditional_edges(
-        "execute_tools", lambda s: route_after_tools(s, replan=plan), after_tools
+        "execute_tools",
+        recorded(lambda s: route_after_tools(s, replan=plan), observer, "execute_tools"),
+        after_tools,
     )
-    graph.add_conditional_edges("human_review", route_after_review, ["execute_tools", "respond"])
-    graph.add_edge("respond", END)
+    graph.add_conditional_edges(
+        "human_review",
+        recorded(route_after_review, observer, "human_review"),
+        ["execute_tools", "respond"],
+    )
+    graph.add_conditional_edges("respond", recorded(_end, observer, "respond"), [END])
     return graph.compile(checkpointer=checkpointer, store=store, name=name)
 
 
