@@ -43,6 +43,7 @@ from keel.observe import Observer, audited, budget_records, recorded, review_rec
 from keel.pricing import PriceTable
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
+from keel.tracing import graph_config
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 
@@ -298,7 +299,9 @@ def build_agent(
         ["execute_tools", "respond"],
     )
     graph.add_conditional_edges("respond", recorded(_end, observer, "respond"), [END])
-    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+    agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
+    return agent if traced is None else agent.with_config(traced)
 
 
 def _validate(
