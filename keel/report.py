@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import math
-import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -164,21 +163,10 @@ def load_objectives(path: str | Path) -> list[Objective]:
         latency_p95 = { max = 2.0 }
         ```
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"SLO file {str(p)!r} does not exist.")
-    text = p.read_text()
-    if p.suffix == ".toml":
-        try:
-            data: Any = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"SLO file {str(p)!r} is not valid TOML: {exc}.") from exc
-    elif p.suffix in (".yaml", ".yml"):
-        from keel.guards.policy import _load_yaml
+    from keel.guards.policy import load_data_file
 
-        data = _load_yaml(p, text)
-    else:
-        raise UserError(f"SLO file {str(p)!r}: use a .toml, .yaml or .yml file.")
+    p = Path(path)
+    data = load_data_file(p, "SLO file")
     slo = data.get("slo") if isinstance(data, Mapping) else None
     if not isinstance(slo, Mapping) or not slo:
         raise UserError(
