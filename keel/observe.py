@@ -7,7 +7,7 @@
   sync under `invoke`, awaited under `ainvoke`;
 - `recorded(route, observer, source)`: each routing decision is logged as one JSON line on the
   `keel.decisions` logger, and when the route ends the run (or pauses it for a human) the run
-  record is written.
+  record is written (and a finished run reported to OpenTelemetry, see `keel.otel`).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on.
@@ -33,7 +33,7 @@ from keel.ledger import Ledger
 from keel.nodes._node import context_of
 from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
-from keel.runs import RunLog, run_record
+from keel.runs import RunLog, RunRecord, run_record
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -155,7 +155,7 @@ def recorded(
         choice, ends = decide(state)
         if ends and observer is not None:
             try:
-                observer.runs.write(_record(observer, state, config, runtime))
+                _telemetry(observer.runs.write(_record(observer, state, config, runtime)))
             except Exception as exc:
                 log.error("keel could not write the run record: %r", exc)
         return choice
@@ -164,7 +164,7 @@ def recorded(
         choice, ends = decide(state)
         if ends and observer is not None:
             try:
-                await observer.runs.awrite(_record(observer, state, config, runtime))
+                _telemetry(await observer.runs.awrite(_record(observer, state, config, runtime)))
             except Exception as exc:
                 log.error("keel could not write the run record: %r", exc)
         return choice
@@ -175,6 +175,18 @@ def recorded(
 def _record(observer: Observer, state: AgentState, config: RunnableConfig, runtime: Any) -> Any:
     who = observer.who(config, context_of(runtime))
     return run_record(state, graph=observer.graph, **who.fields())
+
+
+def _telemetry(stored: RunRecord) -> None:
+    """Report the stored run to OpenTelemetry, when it is installed (see `keel.otel`)."""
+    from keel import otel
+
+    telemetry = otel.active()
+    if telemetry is not None:
+        try:
+            telemetry.record_run(stored)
+        except Exception as exc:
+            log.error("keel could not report the run to OpenTelemetry: %r", exc)
 
 
 def _log_decision(node: str, choice: str, state: AgentState) -> None:

@@ -207,3 +207,27 @@ def test_error_categories() -> None:
         "model:ConnectionError"
     )
     assert error_category({"terminated_reason": "error", "detail": "boom"}) == "error"
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["invoke", "ainvoke"])
+def test_a_broken_ledger_is_logged_and_never_fails_the_run(
+    tmp_path: Any, caplog: Any, use_async: bool
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    agent = build_agent(
+        _model(),
+        _tools(),
+        policy=Policy.from_dict(POLICY),
+        ledger=Ledger(f"sqlite:///{blocker}/k.db"),
+    )
+    payload = {"messages": [("user", "hi")]}
+    with caplog.at_level(logging.ERROR, logger="keel.observe"):
+        if use_async:
+            result = asyncio.run(agent.ainvoke(payload, context=CTX))
+        else:
+            result = agent.invoke(payload, context=CTX)
+    assert result["outcome"]["status"] == "interrupted"  # the run went on to the approval
+    errors = [r.getMessage() for r in caplog.records if r.name == "keel.observe"]
+    assert errors and errors[0].startswith("keel could not write the audit log: ")
+    assert any(e.startswith("keel could not write the run record: ") for e in errors)

@@ -54,6 +54,7 @@ PUBLIC = {
         "review_records",
         "tool_records",
     ],
+    "keel.otel": ["Telemetry", "active", "use"],
     "keel.tracing": ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"],
     "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
     "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
