@@ -127,6 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
+    # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
+    ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
     async with persistence.acheckpointer() as saver:
         agent = build_agent(
             model,
@@ -134,10 +136,14 @@ async def _run(args: argparse.Namespace) -> int:
             system_prompt=SYSTEM_PROMPT,
             plan=True,
             checkpointer=saver,
-            ledger=Ledger(args.db),  # audit log and run records for `keel audit` / `keel report`
+            ledger=ledger,
         )
         print(f"keel: thread {thread} on {persistence.safe_url}")
-        result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
+        try:
+            result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
+        finally:
+            if ledger is not None:
+                await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
     return 0 if status in ("success", "interrupted") else 1
 

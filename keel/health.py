@@ -13,6 +13,7 @@ reason, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +26,15 @@ from langchain_core.messages import HumanMessage, ToolMessage
 
 from keel.errors import UserError
 
-__all__ = ["Check", "Health", "check_health", "liveness", "readiness", "semantic_check"]
+__all__ = [
+    "Check",
+    "Health",
+    "acheck_health",
+    "check_health",
+    "liveness",
+    "readiness",
+    "semantic_check",
+]
 
 SEMANTIC_TASK = "What is 17 + 25? Use the add tool, then answer with the number."
 """The known task of the semantic check."""
@@ -187,3 +196,16 @@ def check_health(
     if semantic:
         checks.append(semantic_check(model))
     return Health(tuple(checks))
+
+
+async def acheck_health(
+    *,
+    db: str | None = None,
+    chroma: str | Path | None = None,
+    model: str | BaseChatModel | None = None,
+    semantic: bool = False,
+) -> Health:
+    """`check_health` off the event loop (a worker thread), for async servers."""
+    return await asyncio.to_thread(
+        check_health, db=db, chroma=chroma, model=model, semantic=semantic
+    )

@@ -42,7 +42,15 @@ PUBLIC = {
         "load_objectives",
         "render_html",
     ],
-    "keel.health": ["Check", "Health", "check_health", "liveness", "readiness", "semantic_check"],
+    "keel.health": [
+        "Check",
+        "Health",
+        "acheck_health",
+        "check_health",
+        "liveness",
+        "readiness",
+        "semantic_check",
+    ],
     "keel.observe": [
         "Derive",
         "Observer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from keel.errors import KeelError, UserError
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
 from keel.guards import Policy
-from keel.health import check_health, semantic_check
+from keel.health import acheck_health, check_health, semantic_check
 from keel.report import Objective, build_report, load_objectives, percentile
 from keel.runs import RunLog
 from keel.tools import tool
@@ -156,6 +157,30 @@ def test_health_checks_database_chroma_model_and_a_known_task(tmp_path: Path) ->
     )
     no_tool = semantic_check(ScriptedChatModel(script=[AIMessage(content="42")]))
     assert no_tool.detail == "AssertionError: the agent answered without calling the add tool"
+
+
+def test_async_health_runs_the_same_checks(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    Persistence(url).setup()
+    health = asyncio.run(acheck_health(db=url, model=_answers("42"), semantic=True))
+    assert health.ok and [c.name for c in health.checks][-1] == "semantic"
+
+
+def test_keel_demo_records_what_keel_report_and_audit_show(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    assert main(["demo", "--db", url, "--approve"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--db", url, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["runs"], report["success_rate"], report["intervention_rate"]) == (1, 1.0, 1.0)
+    assert main(["audit", "--db", url, "--json"]) == 0
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    approval = next(r for r in records if r["kind"] == "approval")
+    assert (approval["tool"], approval["decision"], approval["approver"]) == (
+        "issue_refund",
+        "approved",
+        "cli",
+    )
 
 
 def test_keel_health_fails_without_a_model(
