@@ -231,3 +231,47 @@ def test_a_broken_ledger_is_logged_and_never_fails_the_run(
     errors = [r.getMessage() for r in caplog.records if r.name == "keel.observe"]
     assert errors and errors[0].startswith("keel could not write the audit log: ")
     assert any(e.startswith("keel could not write the run record: ") for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("answer", "decision", "args", "reason"),
+    [
+        (
+            {"type": "reject", "reviewer": "bob"},
+            "rejected",
+            {"order_id": "A1", "amount": 10.0},
+            "rejected",
+        ),
+        (
+            {"type": "edit", "args": {"order_id": "A1", "amount": 5.0}, "reviewer": "bob"},
+            "edited",
+            {"order_id": "A1", "amount": 5.0},
+            "completed",
+        ),
+        (
+            {"type": "respond", "message": "mail jo@example.org"},
+            "responded",
+            {"order_id": "A1", "amount": 10.0},
+            "completed",
+        ),
+    ],
+    ids=["reject", "edit", "respond"],
+)
+def test_every_kind_of_human_decision_is_audited(
+    tmp_path: Any, answer: dict[str, Any], decision: str, args: dict[str, Any], reason: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-h"}}
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(ledger, saver)
+        agent.invoke(FIRST, config, context=CTX)
+        done = agent.invoke(Command(resume=answer), config, context=CTX)
+    assert done["outcome"]["terminated_reason"] == reason
+    (human,) = [r for r in AuditLog(ledger).query() if r.kind == "approval"]
+    assert (human.tool, human.decision, human.args) == ("issue_refund", decision, args)
+    assert human.approver == answer.get("reviewer")
+    if decision == "responded":
+        assert human.result == "A human answered instead of running issue_refund: mail [EMAIL]"
+    (run,) = RunLog(ledger).query()
+    assert (run.terminated_reason, run.interrupts) == (reason, 1)
