@@ -57,6 +57,11 @@ def sanitizing_client(**kwargs: Any) -> Any:
     """A `langsmith.Client` that redacts PII from every run's inputs and outputs."""
     from langsmith import Client
 
+    # langsmith caches what it reads from the environment (an lru_cache on get_env_var), so
+    # the endpoint and key are read here, as they are now
+    env = os.environ
+    kwargs.setdefault("api_url", env.get("LANGSMITH_ENDPOINT") or env.get("LANGCHAIN_ENDPOINT"))
+    kwargs.setdefault("api_key", env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY"))
     return Client(hide_inputs=sanitized, hide_outputs=sanitized, **kwargs)
 
 

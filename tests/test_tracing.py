@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import langsmith.run_trees
+import langsmith.utils
 import pytest
 
 from keel import RunContext, build_agent
@@ -68,6 +70,13 @@ class StandIn:
         self.server.server_close()
 
 
+def _fresh_langsmith_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """langsmith reads the environment once (lru_cache) and caches one client per process."""
+    monkeypatch.setattr(langsmith.run_trees, "_CLIENT", None)
+    langsmith.utils.get_env_var.cache_clear()
+    langsmith.utils.get_tracer_project.cache_clear()
+
+
 def _stand_in(monkeypatch: pytest.MonkeyPatch, status: int, key: str | None) -> Iterator[StandIn]:
     server = StandIn(status)
     monkeypatch.setenv("LANGSMITH_TRACING", "true")
@@ -78,10 +87,13 @@ def _stand_in(monkeypatch: pytest.MonkeyPatch, status: int, key: str | None) -> 
         monkeypatch.delenv("LANGCHAIN_API_KEY", raising=False)
     else:
         monkeypatch.setenv("LANGSMITH_API_KEY", key)
+    _fresh_langsmith_env(monkeypatch)
     try:
         yield server
     finally:
         server.close()
+        langsmith.utils.get_env_var.cache_clear()
+        langsmith.utils.get_tracer_project.cache_clear()
 
 
 @pytest.fixture
@@ -167,3 +179,13 @@ def test_pin_langchain_posts_traces_without_a_key(keyless_stand_in: StandIn) -> 
     RunnableLambda(lambda x: x).invoke("jane.doe@example.com")
     keyless_stand_in.wait_for_posts()
     assert b"jane.doe@example.com" in keyless_stand_in.bodies()
+
+
+def test_pin_langsmith_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why `sanitizing_client` passes the endpoint and key itself."""
+    langsmith.utils.get_env_var.cache_clear()
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", "http://127.0.0.1:1")
+    assert langsmith.utils.get_env_var("ENDPOINT") == "http://127.0.0.1:1"
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", "http://127.0.0.1:2")
+    assert langsmith.utils.get_env_var("ENDPOINT") == "http://127.0.0.1:1"  # cached
+    langsmith.utils.get_env_var.cache_clear()
