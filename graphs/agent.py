@@ -41,9 +41,11 @@ from keel.nodes.plan import plan as plan_node
 from keel.nodes.respond import respond
 from keel.nodes.verify import Check
 from keel.nodes.verify import verify as verify_node
+from keel.observe import Observer, audited, budget_records, recorded, review_records, tool_records
 from keel.pricing import PriceTable
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
+from keel.tracing import graph_config
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 
@@ -114,6 +116,10 @@ def route_after_verify(state: AgentState) -> str:
     return END if result["status"] == "success" else "respond"
 
 
+def _end(state: AgentState) -> str:
+    return END
+
+
 def build_agent(
     model: str | BaseChatModel,
     tools: Sequence[BaseTool | Callable[..., Any]] | ToolRegistry = (),
@@ -167,7 +173,8 @@ def build_agent(
             goes to `human_review` ("did this happen?") unless the tool is `idempotent` or
             has `reconcile`. Without a ledger a crash between a tool's effect and the next
             checkpoint repeats the effect on resume. keel does not derive a ledger from the
-            checkpointer: pass the same URL to both (`Ledger(url)`, `Persistence(url)`).
+            checkpointer: pass the same URL to both (`Ledger(url)`, `Persistence(url)`). With
+            a ledger, the agent also writes the audit log and a run record per run to it.
         fallback_models: Models to try, in order, when `model` is down (5xx, connection
             errors, still rate limited after retries, open breaker); see
             `keel.guards.fallback`.
@@ -257,49 +264,67 @@ def build_agent(
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
+    observer = (
+        Observer(ledger, graph=name, policy_name=policy_name, policy_version=policy_version)
+        if isinstance(ledger, Ledger)
+        else None
+    )
+
+    def observed(node: Any, derive: Any) -> Any:
+        return node if observer is None else audited(node, observer, derive)
+
     graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node(
         "call_model",
-        call_model(
-            model,
-            registry,
-            system_prompt=system_prompt,
-            prices=prices,
-            before_model=before_model,
-            gate=gate,
-            retry=model_retry,
-            budget=budget,
-            loop=policy.loop if policy is not None else None,
-            meter=meter,
-            guard=model_guard,
-            fallbacks=fallback_models,
-            downgrade=downgrade_model,
-            policy_version=policy_version,
-            policy_name=policy_name,
-            standing=standing,
+        observed(
+            call_model(
+                model,
+                registry,
+                system_prompt=system_prompt,
+                prices=prices,
+                before_model=before_model,
+                gate=gate,
+                retry=model_retry,
+                budget=budget,
+                loop=policy.loop if policy is not None else None,
+                meter=meter,
+                guard=model_guard,
+                fallbacks=fallback_models,
+                downgrade=downgrade_model,
+                policy_version=policy_version,
+                policy_name=policy_name,
+                standing=standing,
+            ),
+            budget_records,
         ),
     )
     graph.add_node(
         "execute_tools",
-        execute_tools(
-            registry,
-            gate=gate,
-            policy_version=policy_version,
-            policy_name=policy_name,
-            budget=budget,
-            tool_guard=tool_guard,
-            ledger=ledger,
+        observed(
+            execute_tools(
+                registry,
+                gate=gate,
+                policy_version=policy_version,
+                policy_name=policy_name,
+                budget=budget,
+                tool_guard=tool_guard,
+                ledger=ledger,
+            ),
+            tool_records(registry, gate),
         ),
     )
     graph.add_node(
         "human_review",
-        human_review(
-            registry,
-            gate=gate,
-            policy_version=policy_version,
-            policy_name=policy_name,
-            standing=standing,
-            ledger=ledger,
+        observed(
+            human_review(
+                registry,
+                gate=gate,
+                policy_version=policy_version,
+                policy_name=policy_name,
+                standing=standing,
+                ledger=ledger,
+            ),
+            review_records,
         ),
     )
     graph.add_node("respond", respond())
@@ -313,7 +338,9 @@ def build_agent(
     after_tools = ["call_model", "respond", "human_review"]
     if plan:
         graph.add_node("plan", plan_node(model, prices=prices))
-        graph.add_conditional_edges("plan", route_after_plan, ["call_model", "respond"])
+        graph.add_conditional_edges(
+            "plan", recorded(route_after_plan, observer, "plan"), ["call_model", "respond"]
+        )
         after_tools.append("plan")
     if verify:
         graph.add_node(
@@ -321,19 +348,31 @@ def build_agent(
             verify_node(checks=checks, judge=judge, max_revisions=max_revisions, escalate=escalate),
         )
         graph.add_conditional_edges(
-            "verify", _ending_at(route_after_verify, end), ["call_model", "respond", end]
+            "verify",
+            recorded(route_after_verify, observer, "verify", end=end),
+            ["call_model", "respond", end],
         )
         after_model.append("verify")
 
     graph.add_conditional_edges(
-        "call_model", _ending_at(lambda s: route_after_model(s, verify=verify), end), after_model
+        "call_model",
+        recorded(lambda s: route_after_model(s, verify=verify), observer, "call_model", end=end),
+        after_model,
     )
     graph.add_conditional_edges(
-        "execute_tools", lambda s: route_after_tools(s, replan=plan), after_tools
+        "execute_tools",
+        recorded(lambda s: route_after_tools(s, replan=plan), observer, "execute_tools"),
+        after_tools,
     )
-    graph.add_conditional_edges("human_review", route_after_review, ["execute_tools", "respond"])
-    graph.add_edge("respond", end)
-    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+    graph.add_conditional_edges(
+        "human_review",
+        recorded(route_after_review, observer, "human_review"),
+        ["execute_tools", "respond"],
+    )
+    graph.add_conditional_edges("respond", recorded(_end, observer, "respond", end=end), [end])
+    agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
+    return agent if traced is None else agent.with_config(traced)
 
 
 def _add_memory(
@@ -346,13 +385,6 @@ def _add_memory(
     graph.add_node("reflect", reflect(store))
     graph.add_edge("reflect", END)
     return "reflect"
-
-
-def _ending_at(route: Callable[[AgentState], str], end: str) -> Callable[[AgentState], str]:
-    """`route`, with its way to END sent to `end` instead (`reflect` when memory is on)."""
-    if end == END:
-        return route
-    return lambda state: end if (goes := route(state)) == END else goes
 
 
 def _validate(

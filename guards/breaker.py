@@ -276,6 +276,7 @@ class CircuitBreaker:
         ledger: Ledger,
         policy: BreakerPolicy | None = None,
         *,
+        audit: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(ledger, Ledger):
@@ -284,7 +285,20 @@ class CircuitBreaker:
             raise UserError(f"CircuitBreaker policy must be a BreakerPolicy(...), got {policy!r}.")
         self.ledger = ledger
         self.policy = policy or BreakerPolicy()
+        self.audit = audit
+        """Write each transition to the ledger's audit log, in the same transaction."""
         self._clock = clock
+
+    def _flow(
+        self, key: str, event: BreakerEvent, now: float
+    ) -> Flow[tuple[BreakerState, BreakerState]]:
+        change = yield from breaker_flow(key, event, now, self.policy)
+        transition = self._transition(key, now, change)
+        if self.audit and transition is not None:
+            from keel.audit import breaker_record, insert_flow  # keel.audit imports keel.guards
+
+            yield from insert_flow([breaker_record(transition)])
+        return change
 
     def _start(self, key: str) -> float:
         if not isinstance(key, str) or not key:
@@ -314,7 +328,7 @@ class CircuitBreaker:
             CircuitOpen: the breaker is open and still cooling down.
         """
         now = self._start(key)
-        change = self.ledger.run(breaker_flow(key, "before", now, self.policy))
+        change = self.ledger.run(self._flow(key, "before", now))
         return self._allowed(key, now, change)
 
     async def abefore(self, key: str) -> BreakerTransition | None:
@@ -324,19 +338,19 @@ class CircuitBreaker:
             CircuitOpen: the breaker is open and still cooling down.
         """
         now = self._start(key)
-        change = await self.ledger.arun(breaker_flow(key, "before", now, self.policy))
+        change = await self.ledger.arun(self._flow(key, "before", now))
         return self._allowed(key, now, change)
 
     def record(self, key: str, ok: bool) -> BreakerTransition | None:
         """Record a call's result; returns the transition it caused, if any."""
         now = self._start(key)
-        change = self.ledger.run(breaker_flow(key, _event(ok), now, self.policy))
+        change = self.ledger.run(self._flow(key, _event(ok), now))
         return self._transition(key, now, change)
 
     async def arecord(self, key: str, ok: bool) -> BreakerTransition | None:
         """Record a call's result; returns the transition it caused, if any (async)."""
         now = self._start(key)
-        change = await self.ledger.arun(breaker_flow(key, _event(ok), now, self.policy))
+        change = await self.ledger.arun(self._flow(key, _event(ok), now))
         return self._transition(key, now, change)
 
     def state(self, key: str) -> BreakerState:

@@ -304,20 +304,7 @@ class Policy:
     def from_file(cls, path: str | Path) -> Policy:
         """Load a policy from a `.toml`, `.yaml` or `.yml` file."""
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"Policy file {str(p)!r} does not exist.")
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".toml":
-            try:
-                data: Any = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise UserError(f"Policy file {str(p)!r} is not valid TOML: {exc}.") from exc
-        elif p.suffix in (".yaml", ".yml"):
-            data = _load_yaml(p, text)
-        else:
-            raise UserError(
-                f"Policy file {str(p)!r}: use a .toml, .yaml or .yml file, not {p.suffix!r}."
-            )
+        data = load_data_file(p, "Policy file")
         try:
             return cls.from_dict(data)
         except UserError as exc:
@@ -328,6 +315,21 @@ def _build_list(kind: type[Any], raw: Any, where: str) -> tuple[Any, ...]:
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise UserError(f"Policy '{where}' must be a list of tables/mappings.")
     return tuple(_build(kind, item, f"{where}[{i}]") for i, item in enumerate(raw))
+
+
+def load_data_file(path: Path, what: str) -> Any:
+    """Parse a `.toml`, `.yaml` or `.yml` file; errors name it as `what` (`"Policy file"`)."""
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{what} {str(path)!r} is not valid TOML: {exc}.") from exc
+    if path.suffix in (".yaml", ".yml"):
+        return _load_yaml(path, text, what)
+    raise UserError(f"{what} {str(path)!r}: use a .toml, .yaml or .yml file, not {path.suffix!r}.")
 
 
 def _build(kind: type[Any], raw: Any, where: str) -> Any:
@@ -347,15 +349,15 @@ def _build(kind: type[Any], raw: Any, where: str) -> Any:
         raise UserError(f"In policy '{where}': {exc}") from exc
 
 
-def _load_yaml(path: Path, text: str) -> Any:
+def _load_yaml(path: Path, text: str, what: str) -> Any:
     try:
         import yaml
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UserError(
-            f"Policy file {str(path)!r} is YAML, which needs PyYAML: `pip install pyyaml`, "
+            f"{what} {str(path)!r} is YAML, which needs PyYAML: `pip install pyyaml`, "
             "or use a .toml file."
         ) from exc
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"Policy file {str(path)!r} is not valid YAML: {exc}.") from exc
+        raise UserError(f"{what} {str(path)!r} is not valid YAML: {exc}.") from exc

@@ -4,11 +4,13 @@ The spine re-exports what most programs need; each capability lives in its subpa
 (`keel.graphs`, `keel.nodes`, `keel.tools`, `keel.memory`, `keel.guards`, `keel.evals`).
 """
 
+from keel.audit import AuditLog, AuditRecord
 from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
 from keel.graphs import build_agent
 from keel.ledger import Ledger
 from keel.persistence import Persistence
 from keel.pricing import Price, PriceTable
+from keel.runs import RunLog, RunRecord
 from keel.state import AgentState, Outcome, RunContext, Usage
 from keel.tools import ToolSpec, tool
 
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentState",
+    "AuditLog",
+    "AuditRecord",
     "KeelError",
     "Ledger",
     "ModelRequestsForbidden",
@@ -24,6 +28,8 @@ __all__ = [
     "Price",
     "PriceTable",
     "RunContext",
+    "RunLog",
+    "RunRecord",
     "SetupError",
     "ToolSpec",
     "Usage",

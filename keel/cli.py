@@ -6,6 +6,7 @@
     keel threads [--db URL] [--limit N]
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
+    keel audit | report | health    (see `keel.cli_observe`)
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
 (CI, a pipe) the request is shown and answered by `--approve` or `--reject`; with neither, the
@@ -28,9 +29,11 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
+from keel import cli_observe
 from keel.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_model, demo_policy, demo_tools
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
+from keel.ledger import Ledger
 from keel.models import resolve_model
 from keel.persistence import Persistence, default_db_url
 from keel.state import RunContext
@@ -46,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _threads_prune(args)
         if args.command == "threads":
             return _threads(args)
+        if args.command in cli_observe.COMMANDS:
+            return cli_observe.run(args)
         if args.command == "db":
             persistence = Persistence(args.db)
             persistence.setup()
@@ -92,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["setup"])
     db.add_argument("--db", default=None, help=db_help)
+    cli_observe.add_parsers(sub, db_help)
     return parser
 
 
@@ -122,6 +128,8 @@ async def _run(args: argparse.Namespace) -> int:
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
     store = demo_memory(persistence.sqlite_path)
+    # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
+    ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
     async with persistence.acheckpointer() as saver:
         agent = build_agent(
             model,
@@ -130,11 +138,16 @@ async def _run(args: argparse.Namespace) -> int:
             plan=True,
             policy=demo_policy(),
             checkpointer=saver,
+            ledger=ledger,
             store=store,
             memory=True,
         )
         print(f"keel: thread {thread} on {persistence.safe_url}; memory in {store}")
-        result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
+        try:
+            result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
+        finally:
+            if ledger is not None:
+                await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
     return 0 if status in ("success", "interrupted") else 1
 

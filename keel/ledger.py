@@ -1,8 +1,8 @@
 """keel's ledger: its own tables beside the checkpoints, in the same database (one URL).
 
 The ledger holds what must be shared across runs and processes: per-user and per-tenant spend
-(budgets), idempotency records of side-effecting tool calls, rate buckets, breaker state and
-(later) the audit log.
+(budgets), idempotency records of side-effecting tool calls, rate buckets, breaker state,
+standing approvals, the audit log and run records.
 
 Logic that talks to the database is written once, as a *flow*: a generator that yields
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
@@ -84,6 +84,58 @@ SCHEMA = (
         finished_at DOUBLE PRECISION,
         PRIMARY KEY (thread_id, tool_call_id)
     )""",
+    # the audit log (keel.audit): append-only from keel's side
+    """CREATE TABLE IF NOT EXISTS keel_audit (
+        id TEXT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        kind TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT '',
+        user_id TEXT,
+        tenant_id TEXT,
+        tool TEXT,
+        args TEXT,
+        rule TEXT,
+        approver TEXT,
+        result TEXT NOT NULL DEFAULT '',
+        thread_id TEXT,
+        run_id TEXT,
+        tool_call_id TEXT,
+        policy TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS keel_audit_at ON keel_audit (at)",
+    "CREATE INDEX IF NOT EXISTS keel_audit_thread ON keel_audit (thread_id, at)",
+    "CREATE INDEX IF NOT EXISTS keel_audit_user ON keel_audit (user_id, at)",
+    # run records (keel.runs): one row per run, written when it ends or pauses
+    """CREATE TABLE IF NOT EXISTS keel_runs (
+        run_key TEXT PRIMARY KEY,
+        thread_id TEXT,
+        run_id TEXT,
+        graph TEXT,
+        policy TEXT,
+        user_id TEXT,
+        tenant_id TEXT,
+        status TEXT NOT NULL,
+        terminated_reason TEXT NOT NULL,
+        error_category TEXT,
+        detail TEXT NOT NULL DEFAULT '',
+        steps INTEGER NOT NULL DEFAULT 0,
+        model_calls INTEGER NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+        latency_s DOUBLE PRECISION NOT NULL DEFAULT 0,
+        tool_calls INTEGER NOT NULL DEFAULT 0,
+        tool_failures INTEGER NOT NULL DEFAULT 0,
+        tools TEXT NOT NULL DEFAULT '{}',
+        interrupts INTEGER NOT NULL DEFAULT 0,
+        thread_usage TEXT NOT NULL DEFAULT '{}',
+        started_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION NOT NULL,
+        keel_version TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS keel_runs_ended ON keel_runs (ended_at)",
+    "CREATE INDEX IF NOT EXISTS keel_runs_thread ON keel_runs (thread_id, started_at)",
 )
 
 

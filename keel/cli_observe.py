@@ -1,0 +1,142 @@
+"""The observability subcommands of `keel`: `audit`, `report` and `health`.
+
+    keel audit [--thread ID] [--user U] [--since WHEN] [--limit N] [--json] [--db URL]
+    keel report [--since WHEN] [--tenant T] [--json] [--slo FILE] [--html FILE] [--db URL]
+    keel health [--semantic] [--chroma PATH] [--json] [--db URL]
+
+`WHEN` is an ISO date or time (`2026-12-01`, `2026-12-01T09:00:00+00:00`) or an age: `30m`,
+`12h`, `7d`. `keel report` exits 1 when an SLO objective is breached (it says which), so cron
+or CI can alert on it; `keel health` exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from keel.audit import AuditLog
+from keel.errors import KeelError
+from keel.ledger import Ledger
+from keel.report import breaches, build_report, load_objectives, render_html, render_text
+from keel.runs import RunLog
+
+__all__ = ["COMMANDS", "add_parsers", "parse_since", "run"]
+
+COMMANDS = ("audit", "report", "health")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_parsers(sub: Any, db_help: str) -> None:
+    """Add `audit`, `report` and `health` to the `keel` parser's subcommands."""
+    audit = sub.add_parser("audit", help="show the audit log")
+    audit.add_argument("--thread", default=None, help="only this thread")
+    audit.add_argument("--user", default=None, help="only this user")
+    audit.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
+    audit.add_argument("--limit", type=int, default=1000)
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.add_argument("--db", default=None, help=db_help)
+    report = sub.add_parser("report", help="success, latency, cost and SLOs from run records")
+    report.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
+    report.add_argument("--tenant", default=None, help="only this tenant")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--slo", default=None, help="TOML/YAML file of SLO objectives")
+    report.add_argument("--html", default=None, help="also write an HTML report to this file")
+    report.add_argument("--db", default=None, help=db_help)
+    health = sub.add_parser("health", help="liveness, readiness and a semantic check")
+    health.add_argument("--semantic", action="store_true", help="run the known task too")
+    health.add_argument("--chroma", default=None, help="Chroma path or http:// URL to check")
+    health.add_argument("--json", action="store_true", help="print the checks as JSON")
+    health.add_argument("--db", default=None, help=db_help)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one of `COMMANDS`; returns the exit code."""
+    if args.command == "audit":
+        return _audit(args)
+    if args.command == "report":
+        return _report(args)
+    return _health(args)
+
+
+def parse_since(text: str | None, *, now: float | None = None) -> float | None:
+    """Unix time from an ISO date/time (UTC when no zone is given) or an age like `12h`."""
+    if text is None:
+        return None
+    found = _AGE.match(text.strip())
+    if found:
+        return (now or time.time()) - float(found.group(1)) * _SECONDS[found.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise KeelError(
+            f"--since {text!r} is neither an ISO time (2026-12-01, 2026-12-01T09:00) nor an "
+            "age (30m, 12h, 7d)."
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _audit(args: argparse.Namespace) -> int:
+    ledger = Ledger(args.db)
+    try:
+        records = AuditLog(ledger).query(
+            thread=args.thread, user=args.user, since=parse_since(args.since), limit=args.limit
+        )
+    finally:
+        ledger.close()
+    for r in records:
+        if args.json:
+            print(json.dumps(r.to_dict(), default=str))
+            continue
+        when = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        decision = f"{r.decision}:{r.status}" if r.status else r.decision
+        extra = "".join(
+            f" {k}={v}" for k, v in (("rule", r.rule), ("by", r.approver)) if v is not None
+        )
+        print(
+            f"{when} {r.kind:<8} {decision:<18} {r.tool or '-':<20} user={r.user_id or '-'} "
+            f"tenant={r.tenant_id or '-'} thread={r.thread_id or '-'}{extra} "
+            f"args={json.dumps(r.args)} {r.result}"
+        )
+    if not records and not args.json:
+        print("keel: no audit records match.")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    objectives = load_objectives(args.slo) if args.slo else []
+    ledger = Ledger(args.db)
+    try:
+        records = RunLog(ledger).query(since=parse_since(args.since), tenant=args.tenant)
+    finally:
+        ledger.close()
+    report = build_report(records)
+    breached = breaches(report, objectives)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "slo_breaches": breached}, indent=2))
+    else:
+        print(render_text(report))
+    if args.html:
+        Path(args.html).write_text(render_html(report, breached))
+        print(f"keel: wrote {args.html}", file=sys.stderr)
+    for b in breached:
+        print(f"keel: SLO breached: {b}", file=sys.stderr)
+    return 1 if breached else 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from keel.health import check_health
+
+    result = check_health(db=args.db, chroma=args.chroma, semantic=args.semantic)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for check in result.checks:
+            print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    return 0 if result.ok else 1

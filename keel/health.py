@@ -1,0 +1,211 @@
+"""Health checks: liveness, readiness (database, Chroma, model) and a semantic check.
+
+- `liveness()`: the process can run Python and import keel (no I/O).
+- `readiness(db=..., chroma=..., model=...)`: the checkpoint schema and keel's ledger are
+  reachable and current, Chroma answers a heartbeat, a model is configured.
+- `semantic_check(model)`: a known task (`17 + 25` with a calculator tool) runs through
+  `build_agent`; it passes when the run completes, the tool was called and the answer says 42.
+
+`check_health(...)` runs them and returns a `Health`; `keel health` prints it (exit 1 on a
+failure). Each check catches its own error: a broken dependency is a failed check with the
+reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import HumanMessage, ToolMessage
+
+from keel.errors import UserError
+
+__all__ = [
+    "Check",
+    "Health",
+    "acheck_health",
+    "check_health",
+    "liveness",
+    "readiness",
+    "semantic_check",
+]
+
+SEMANTIC_TASK = "What is 17 + 25? Use the add tool, then answer with the number."
+"""The known task of the semantic check."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One health check's result."""
+
+    name: str
+    """`live`, `database`, `chroma`, `model` or `semantic`."""
+    ok: bool
+    """Whether it passed."""
+    detail: str
+    """What was checked, or why it failed and how to fix it."""
+    seconds: float = 0.0
+    """How long it took."""
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The results of a set of checks."""
+
+    checks: tuple[Check, ...]
+    """Each check, in the order run."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"ok": ..., "checks": [...]}`, JSON-able."""
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+
+def _timed(name: str, probe: Callable[[], str]) -> Check:
+    start = time.perf_counter()
+    try:
+        detail, ok = probe(), True
+    except Exception as exc:
+        detail, ok = f"{type(exc).__name__}: {exc}", False
+    return Check(name, ok, detail, time.perf_counter() - start)
+
+
+def liveness() -> Health:
+    """The process is alive (no I/O)."""
+    from keel import __version__
+
+    return Health((Check("live", True, f"keel {__version__}"),))
+
+
+def readiness(
+    *,
+    db: str | None = None,
+    chroma: str | Path | None = None,
+    model: str | BaseChatModel | None = None,
+) -> Health:
+    """Database (checkpoints and ledger), Chroma (when given) and the model (or `KEEL_MODEL`)."""
+    checks = [_timed("database", lambda: _database(db))]
+    if chroma is not None:
+        checks.append(_timed("chroma", lambda: _chroma(chroma)))
+    checks.append(_timed("model", lambda: _model(model)))
+    return Health(tuple(checks))
+
+
+def _database(db: str | None) -> str:
+    from keel.ledger import Ledger
+    from keel.persistence import Persistence
+
+    persistence = Persistence(db)
+    persistence.check()
+    ledger = Ledger(db)
+    try:
+        ledger.setup()
+        ledger.run(_ping())
+    finally:
+        ledger.close()
+    return f"checkpoints and ledger ready at {persistence.safe_url}"
+
+
+def _ping() -> Any:
+    rows = yield "SELECT 1", ()
+    return rows
+
+
+def _chroma(where: str | Path) -> str:
+    import chromadb
+    from chromadb.config import Settings
+
+    settings = Settings(anonymized_telemetry=False)
+    text = str(where)
+    if text.startswith(("http://", "https://")):
+        from keel.memory._open import client_of
+
+        client, _ = client_of(path=None, url=text, client=None)
+    else:
+        if not Path(text).is_dir():
+            raise UserError(f"no Chroma directory at {text!r}")
+        client = chromadb.PersistentClient(path=text, settings=settings)
+    client.heartbeat()
+    return f"Chroma at {text} answers ({len(client.list_collections())} collections)"
+
+
+def _model(model: str | BaseChatModel | None) -> str:
+    from keel.models import model_name_of, resolve_model
+
+    given = model if model is not None else os.environ.get("KEEL_MODEL")
+    if not given:
+        raise UserError("no model configured: set KEEL_MODEL (e.g. openai:gpt-4o-mini)")
+    return f"model {model_name_of(resolve_model(given))} configured"
+
+
+def semantic_check(model: str | BaseChatModel | None = None) -> Check:
+    """Run the known task through `build_agent` and check the answer (`42`, via the tool)."""
+    return _timed("semantic", lambda: _semantic(model))
+
+
+def _semantic(model: str | BaseChatModel | None) -> str:
+    from keel.graphs import build_agent
+    from keel.state import AgentState, RunContext
+    from keel.tools import tool
+
+    given = model if model is not None else os.environ.get("KEEL_MODEL")
+    if not given:
+        raise UserError("no model configured for the semantic check: set KEEL_MODEL")
+
+    @tool(name="add")
+    def add(a: float, b: float) -> str:
+        """Add two numbers."""
+        return f"{a + b:g}"
+
+    agent = build_agent(given, [add], name="keel_health")
+    result = agent.invoke(
+        AgentState(messages=[HumanMessage(content=SEMANTIC_TASK)]),
+        context=RunContext(user_id="keel-health", tenant_id="keel-health"),
+    )
+    outcome = result.get("outcome") or {}
+    if outcome.get("terminated_reason") != "completed":
+        raise AssertionError(f"the run ended {outcome.get('terminated_reason')}: {outcome}")
+    messages = result["messages"]
+    if not any(isinstance(m, ToolMessage) and m.name == "add" for m in messages):
+        raise AssertionError("the agent answered without calling the add tool")
+    answer = messages[-1].text
+    if "42" not in answer:
+        raise AssertionError(f"expected 42 in the answer, got {answer!r}")
+    return "17 + 25 answered 42 through the add tool"
+
+
+def check_health(
+    *,
+    db: str | None = None,
+    chroma: str | Path | None = None,
+    model: str | BaseChatModel | None = None,
+    semantic: bool = False,
+) -> Health:
+    """Liveness, readiness and (with `semantic=True`) the semantic check."""
+    checks = [*liveness().checks, *readiness(db=db, chroma=chroma, model=model).checks]
+    if semantic:
+        checks.append(semantic_check(model))
+    return Health(tuple(checks))
+
+
+async def acheck_health(
+    *,
+    db: str | None = None,
+    chroma: str | Path | None = None,
+    model: str | BaseChatModel | None = None,
+    semantic: bool = False,
+) -> Health:
+    """`check_health` off the event loop (a worker thread), for async servers."""
+    return await asyncio.to_thread(
+        check_health, db=db, chroma=chroma, model=model, semantic=semantic
+    )

@@ -1,0 +1,326 @@
+"""How a keel graph records itself: audit records from its nodes, a run record when it ends.
+
+`build_agent(..., ledger=Ledger(url))` wraps three nodes and the routes that end a run:
+
+- `audited(node, observer, derive)`: after the node, the audit records `derive` finds in its
+  update (tool calls and their gate decisions, human decisions, budget events) are written —
+  sync under `invoke`, awaited under `ainvoke`;
+- `recorded(route, observer, source)`: each routing decision is logged as one JSON line on the
+  `keel.decisions` logger, and when the route ends the run (or pauses it for a human) the run
+  record is written (and a finished run reported to OpenTelemetry, see `keel.otel`).
+
+The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
+never fails a run: a database error is logged (`keel.observe`) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.graph import END
+from langgraph.runtime import Runtime
+
+from keel.audit import AuditLog, AuditRecord
+from keel.guards.gate import Gate
+from keel.ledger import Ledger
+from keel.nodes._node import context_of
+from keel.nodes.execute_tools import policy_id
+from keel.nodes.history import pending_tool_calls
+from keel.runs import RunLog, RunRecord, run_record
+from keel.state import AgentState, RunContext
+from keel.tools.registry import ToolRegistry
+
+__all__ = [
+    "Derive",
+    "Observer",
+    "Who",
+    "audited",
+    "budget_records",
+    "decision_log",
+    "recorded",
+    "review_records",
+    "tool_records",
+]
+
+log = logging.getLogger("keel.observe")
+decision_log = logging.getLogger("keel.decisions")
+"""One JSON line per decision: `{"node", "choice", "reason", "confidence", ...}`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Who and where a node call belongs to, for its records."""
+
+    user_id: str
+    tenant_id: str
+    thread_id: str | None
+    run_id: str | None
+    policy: str
+
+    def fields(self) -> dict[str, Any]:
+        """The identity fields shared by audit and run records."""
+        return {
+            "user_id": self.user_id,
+            "tenant_id": self.tenant_id,
+            "thread_id": self.thread_id,
+            "run_id": self.run_id,
+            "policy": self.policy,
+        }
+
+
+Derive = Callable[[AgentState, Mapping[str, Any], RunContext, Who], list[AuditRecord]]
+"""Finds the audit records in a node's update."""
+
+
+class Observer:
+    """Where a graph records itself: the audit log and run records in one ledger."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        graph: str,
+        policy_name: str | None = None,
+        policy_version: str = "1",
+    ) -> None:
+        self.audit = AuditLog(ledger)
+        self.runs = RunLog(ledger)
+        self.graph = graph
+        self.policy_name = policy_name
+        self.policy_version = policy_version
+
+    def who(self, config: RunnableConfig, context: RunContext) -> Who:
+        """The identity of a node call from its config and context."""
+        configurable = config.get("configurable") or {}
+        metadata = config.get("metadata") or {}
+        run_id = configurable.get("run_id") or metadata.get("run_id")
+        thread = configurable.get("thread_id")
+        return Who(
+            context.user_id,
+            context.tenant_id,
+            None if thread is None else str(thread),
+            None if run_id is None else str(run_id),
+            policy_id(context, self.policy_version, self.policy_name),
+        )
+
+
+def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> RunnableCallable:
+    """`node`, followed by writing the audit records `derive` finds in its update."""
+
+    def records(state: AgentState, update: Any, config: RunnableConfig, runtime: Any) -> list[Any]:
+        if not isinstance(update, Mapping):
+            return []
+        context = context_of(runtime)
+        return derive(state, update, context, observer.who(config, context))
+
+    def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        update = node.invoke(state, config)
+        try:
+            observer.audit.write(records(state, update, config, runtime))
+        except Exception as exc:
+            log.error("keel could not write the audit log: %r", exc)
+        return update
+
+    async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        update = await node.ainvoke(state, config)
+        try:
+            await observer.audit.awrite(records(state, update, config, runtime))
+        except Exception as exc:
+            log.error("keel could not write the audit log: %r", exc)
+        return update
+
+    return RunnableCallable(run, arun, name=node.name, trace=False)
+
+
+def recorded(
+    route: Callable[[AgentState], str],
+    observer: Observer | None,
+    source: str,
+    *,
+    end: str = END,
+) -> RunnableCallable:
+    """`route`, logging its decision; the run record is written when it ends or pauses the run.
+
+    `end` is where a route to END goes instead (e.g. `reflect`, which then ends the graph):
+    the run has ended all the same.
+    """
+
+    def decide(state: AgentState) -> tuple[str, bool]:
+        choice = route(state)
+        result: Mapping[str, Any] = state.get("outcome") or {}
+        _log_decision(source, choice, state)
+        ends = choice == END or (choice == "human_review" and result.get("status") == "interrupted")
+        if choice == END:
+            choice = end
+        return choice, ends and observer is not None
+
+    def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
+        choice, ends = decide(state)
+        if ends and observer is not None:
+            try:
+                _telemetry(observer.runs.write(_record(observer, state, config, runtime)))
+            except Exception as exc:
+                log.error("keel could not write the run record: %r", exc)
+        return choice
+
+    async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
+        choice, ends = decide(state)
+        if ends and observer is not None:
+            try:
+                _telemetry(await observer.runs.awrite(_record(observer, state, config, runtime)))
+            except Exception as exc:
+                log.error("keel could not write the run record: %r", exc)
+        return choice
+
+    return RunnableCallable(run, arun, name=f"route_{source}", trace=False)
+
+
+def _record(observer: Observer, state: AgentState, config: RunnableConfig, runtime: Any) -> Any:
+    who = observer.who(config, context_of(runtime))
+    return run_record(state, graph=observer.graph, **who.fields())
+
+
+def _telemetry(stored: RunRecord) -> None:
+    """Report the stored run to OpenTelemetry, when it is installed (see `keel.otel`)."""
+    from keel import otel
+
+    telemetry = otel.active()
+    if telemetry is not None:
+        try:
+            telemetry.record_run(stored)
+        except Exception as exc:
+            log.error("keel could not report the run to OpenTelemetry: %r", exc)
+
+
+def _log_decision(node: str, choice: str, state: AgentState) -> None:
+    if not decision_log.isEnabledFor(logging.INFO):
+        return
+    result: Mapping[str, Any] = state.get("outcome") or {}
+    messages = state.get("messages") or []
+    last = messages[-1] if messages else None
+    reason = result.get("detail")
+    if reason is None and isinstance(last, AIMessage) and last.tool_calls:
+        reason = "tool calls: " + ", ".join(c["name"] for c in last.tool_calls)
+    verdicts = state.get("verdicts") or []
+    confidence = verdicts[-1].get("confidence") if verdicts else None
+    decision(node, choice, reason or "", confidence=confidence)
+
+
+def decision(node: str, choice: str, reason: str, **extra: Any) -> None:
+    """Log one decision as a JSON line on `keel.decisions` (at INFO)."""
+    line = {"node": node, "choice": choice, "reason": reason, **extra}
+    decision_log.info(json.dumps(line, default=str, sort_keys=False))
+
+
+# -- what a node's update means for the audit log (pure) --------------------------------------
+
+
+def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
+    """Audit records for `execute_tools`: one per answered call, with its gate decision."""
+
+    def derive(
+        state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
+    ) -> list[AuditRecord]:
+        _, calls = pending_tool_calls(state.get("messages") or [])
+        by_id = {c.get("id") or "": c for c in calls}
+        out = []
+        for m in update.get("messages") or []:
+            call = by_id.get(m.tool_call_id) if isinstance(m, ToolMessage) else None
+            if call is None:
+                continue
+            entry = tools.get(call["name"])
+            args = call.get("args")
+            verdict = gate(entry, args, context) if entry and isinstance(args, dict) else None
+            status = str(m.response_metadata.get("keel_status", m.status))
+            action = verdict.action if verdict is not None else "deny"
+            reason = verdict.reason if verdict is not None else ""
+            decision("execute_tools", action, reason, tool=call["name"], status=status)
+            out.append(
+                AuditRecord(
+                    kind="tool",
+                    decision=action,
+                    status=status,
+                    tool=call["name"],
+                    args=args,
+                    rule=verdict.rule if verdict is not None else None,
+                    result=m.text,
+                    tool_call_id=m.tool_call_id,
+                    **who.fields(),
+                )
+            )
+        return [*out, *budget_records(state, update, context, who)]
+
+    return derive
+
+
+def review_records(
+    state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
+) -> list[AuditRecord]:
+    """Audit records for `human_review`: one per human decision."""
+    _, calls = pending_tool_calls(state.get("messages") or [])
+    args = {c.get("id") or "": c.get("args") for c in calls}
+    edited = set()
+    for m in update.get("messages") or []:
+        if isinstance(m, AIMessage):  # an edit: the calls with their new arguments
+            for c in m.tool_calls:
+                call_id = c.get("id") or ""
+                if c.get("args") != args.get(call_id):
+                    edited.add(call_id)
+                    args[call_id] = c.get("args")
+    out = []
+    for approval in (update.get("approvals") or {}).values():
+        call_id = approval["tool_call_id"]
+        kind = "edited" if call_id in edited else approval["decision"]
+        out.append(_review(kind, approval["tool"], call_id, args, approval.get("reviewer"), who))
+    for m in update.get("messages") or []:
+        if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
+            out.append(_review("responded", m.name, m.tool_call_id, args, None, who, m.text))
+    return out
+
+
+def _review(
+    kind: str,
+    tool: str | None,
+    call_id: str,
+    args: Mapping[str, Any],
+    approver: str | None,
+    who: Who,
+    result: str = "",
+) -> AuditRecord:
+    decision("human_review", kind, result, tool=tool, approver=approver)
+    return AuditRecord(
+        kind="approval",
+        decision=kind,
+        tool=tool,
+        args=args.get(call_id),
+        approver=approver,
+        result=result,
+        tool_call_id=call_id,
+        **who.fields(),
+    )
+
+
+def budget_records(
+    state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
+) -> list[AuditRecord]:
+    """Audit records for budget events: a limit reached, a soft threshold newly passed."""
+    out = []
+    result = update.get("outcome")
+    if result is not None and result.get("terminated_reason") == "budget_exceeded":
+        out.append(
+            AuditRecord(kind="budget", decision="exceeded", result=result["detail"], **who.fields())
+        )
+    before = set(state.get("budget_warnings") or [])
+    for warning in update.get("budget_warnings") or []:
+        if warning not in before:
+            out.append(
+                AuditRecord(kind="budget", decision="warning", result=warning, **who.fields())
+            )
+    return out

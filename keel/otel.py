@@ -1,0 +1,96 @@
+"""OpenTelemetry metrics and traces for keel runs (the `otel` extra: `langgraph-keel[otel]`).
+
+When a run record is written (see `keel.observe`), the finished run is also reported to
+OpenTelemetry, through the global providers (a no-op until your application configures the
+SDK) or the ones passed to `use(...)`:
+
+- `keel.run.duration` (histogram, s), `keel.runs` (counter), with `graph`, `tenant`,
+  `status`, `terminated_reason`;
+- `keel.run.tokens` (counter, attribute `direction`: `input` / `output`), `keel.run.cost`
+  (counter, USD);
+- `keel.tool.calls` (counter, attributes `tool`, `outcome`: `success` / `failure`);
+- one span `keel.run <graph>` per run, from its start to its end, with the same attributes.
+
+Without `opentelemetry-api` installed nothing happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keel.runs import RunRecord
+
+__all__ = ["Telemetry", "active", "use"]
+
+_active: Telemetry | None = None
+
+
+class Telemetry:
+    """keel's OpenTelemetry instruments on a meter and a tracer provider (global by default)."""
+
+    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+        from opentelemetry import metrics, trace
+
+        from keel import __version__
+
+        meter = metrics.get_meter("keel", __version__, meter_provider=meter_provider)
+        self._tracer = trace.get_tracer("keel", __version__, tracer_provider=tracer_provider)
+        self._duration = meter.create_histogram("keel.run.duration", unit="s")
+        self._runs = meter.create_counter("keel.runs", unit="{run}")
+        self._tokens = meter.create_counter("keel.run.tokens", unit="{token}")
+        self._cost = meter.create_counter("keel.run.cost", unit="USD")
+        self._tools = meter.create_counter("keel.tool.calls", unit="{call}")
+
+    def record_run(self, record: RunRecord) -> None:
+        """Report a finished run (paused runs are reported when they finish)."""
+        if record.status == "interrupted":
+            return
+        attrs = {
+            "graph": record.graph or "",
+            "tenant": record.tenant_id or "",
+            "status": record.status,
+            "terminated_reason": record.terminated_reason,
+        }
+        self._duration.record(record.latency_s, attrs)
+        self._runs.add(1, attrs)
+        self._tokens.add(record.input_tokens, {**attrs, "direction": "input"})
+        self._tokens.add(record.output_tokens, {**attrs, "direction": "output"})
+        self._cost.add(record.usd, attrs)
+        for tool, counts in record.tools.items():
+            ok = counts.get("calls", 0) - counts.get("failures", 0)
+            base = {"graph": attrs["graph"], "tool": tool}
+            self._tools.add(ok, {**base, "outcome": "success"})
+            self._tools.add(counts.get("failures", 0), {**base, "outcome": "failure"})
+        span = self._tracer.start_span(
+            f"keel.run {record.graph or ''}".strip(),
+            start_time=int(record.started_at * 1e9),
+            attributes={
+                **attrs,
+                "thread_id": record.thread_id or "",
+                "model_calls": record.model_calls,
+                "tool_calls": record.tool_calls,
+                "usd": record.usd,
+            },
+        )
+        span.end(end_time=int(record.ended_at * 1e9))
+
+
+def use(meter_provider: Any = None, tracer_provider: Any = None) -> Telemetry:
+    """Report keel runs to these providers (the global ones when omitted)."""
+    global _active
+    _active = Telemetry(meter_provider, tracer_provider)
+    return _active
+
+
+def active() -> Telemetry | None:
+    """The instruments in use: those of `use(...)`, else the global providers'.
+
+    None when `opentelemetry-api` is not installed.
+    """
+    global _active
+    if _active is None:
+        try:
+            _active = Telemetry()
+        except ImportError:
+            return None
+    return _active

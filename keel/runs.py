@@ -1,0 +1,246 @@
+"""Run records: one row per run in the ledger database (`keel_runs`), feeding `keel report`.
+
+A *run* is one task on a thread: from a user message to its final answer (or stop). Its record
+is written when the run ends, and also when it pauses for a human (`status="interrupted"`);
+the same row is updated when the resumed run ends. Tokens, dollars, steps and model calls are
+the run's own: the state's totals for the thread minus those of the thread's previous run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
+
+from keel.audit import where_clause
+from keel.errors import UserError
+from keel.ledger import Flow, Ledger
+from keel.state import AgentState
+
+__all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
+
+_USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
+_FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
+_MODEL_ERROR = re.compile(r"model call failed after \d+ attempt\(s\): (\w+)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunRecord:
+    """What one run did and cost."""
+
+    run_key: str
+    """`<thread>:<id of the user message that started the run>`: stable across a pause."""
+    status: str
+    """The outcome's status: `success`, `stopped`, `error` or `interrupted`."""
+    terminated_reason: str
+    """The outcome's `terminated_reason`."""
+    detail: str = ""
+    """The outcome's detail."""
+    error_category: str | None = None
+    """`None` for a completed run; else the reason, or `model:<ExceptionType>` for a failure."""
+    thread_id: str | None = None
+    """The LangGraph thread."""
+    run_id: str | None = None
+    """The run id the caller or the server gave, when there was one."""
+    graph: str | None = None
+    """The graph's name."""
+    policy: str | None = None
+    """`name@version` of the policy."""
+    user_id: str | None = None
+    """The user (`RunContext.user_id`)."""
+    tenant_id: str | None = None
+    """The tenant."""
+    steps: int = 0
+    """Node steps the run took."""
+    model_calls: int = 0
+    """Model calls."""
+    input_tokens: int = 0
+    """Input tokens."""
+    output_tokens: int = 0
+    """Output tokens."""
+    usd: float = 0.0
+    """Cost in US dollars."""
+    latency_s: float = 0.0
+    """Seconds from the run's start to its end (including any wait for a human)."""
+    tool_calls: int = 0
+    """Tool calls answered in the run."""
+    tool_failures: int = 0
+    """Of those, how many failed (error, timeout, invalid arguments, unknown tool)."""
+    tools: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per tool: `{"calls": n, "failures": m}`."""
+    interrupts: int = 0
+    """Times the run paused for a human."""
+    started_at: float = 0.0
+    """Unix time the run started."""
+    ended_at: float = field(default_factory=time.time)
+    """Unix time of the record (the end, or the pause)."""
+    keel_version: str | None = None
+    """keel's version."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-able dict."""
+        return asdict(self)
+
+
+def error_category(outcome: Mapping[str, Any]) -> str | None:
+    """The category a report groups a run under: `None` when it completed."""
+    reason = str(outcome.get("terminated_reason", "error"))
+    if reason == "completed":
+        return None
+    if reason == "error":
+        found = _MODEL_ERROR.search(str(outcome.get("detail", "")))
+        return f"model:{found.group(1)}" if found else "error"
+    return reason
+
+
+def run_record(state: AgentState, **identity: Any) -> RunRecord:
+    """The record of the run `state` is at (thread totals; `RunLog` subtracts the previous run).
+
+    `identity` gives `thread_id`, `run_id`, `graph`, `policy`, `user_id`, `tenant_id`.
+    """
+    messages = state.get("messages") or []
+    start = _task_start(messages)
+    result = state.get("outcome") or {"status": "error", "terminated_reason": "error"}
+    usage: Mapping[str, Any] = state.get("usage") or {}
+    tools: dict[str, dict[str, int]] = {}
+    for m in messages[start + 1 :]:
+        if isinstance(m, ToolMessage):
+            entry = tools.setdefault(m.name or "?", {"calls": 0, "failures": 0})
+            entry["calls"] += 1
+            entry["failures"] += m.response_metadata.get("keel_status") in _FAILED
+    started = float((state.get("clock") or {}).get("started_at") or time.time())
+    human_id = messages[start].id if start >= 0 else None
+    from keel import __version__
+
+    return RunRecord(
+        run_key=f"{identity.get('thread_id') or '-'}:{human_id or started}",
+        status=str(result["status"]),
+        terminated_reason=str(result["terminated_reason"]),
+        detail=str(result.get("detail", "")),
+        error_category=error_category(result),
+        **identity,
+        steps=int(usage.get("steps", 0)),
+        model_calls=int(usage.get("model_calls", 0)),
+        input_tokens=int(usage.get("input_tokens", 0)),
+        output_tokens=int(usage.get("output_tokens", 0)),
+        usd=float(usage.get("usd", 0.0)),
+        latency_s=max(0.0, time.time() - started),
+        tool_calls=sum(t["calls"] for t in tools.values()),
+        tool_failures=sum(t["failures"] for t in tools.values()),
+        tools=tools,
+        interrupts=int(result["status"] == "interrupted"),
+        started_at=started,
+        keel_version=__version__,
+    )
+
+
+def _task_start(messages: Sequence[AnyMessage]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            return i
+    return -1
+
+
+class RunLog:
+    """Run records in `ledger`'s database: `write` / `awrite` one, `query` them.
+
+    Example:
+        ```python
+        runs = RunLog(Ledger("sqlite:///.keel/keel.db")).query(tenant="acme")
+        ```
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        if not isinstance(ledger, Ledger):
+            raise UserError(
+                f"RunLog needs a keel.Ledger (RunLog(Ledger(url))), got {type(ledger).__name__}."
+            )
+        self.ledger = ledger
+
+    def write(self, record: RunRecord) -> RunRecord:
+        """Insert or update the run's row; returns what was stored (the run's own usage)."""
+        return self.ledger.run(upsert_flow(record))
+
+    async def awrite(self, record: RunRecord) -> RunRecord:
+        """Insert or update the run's row (async)."""
+        return await self.ledger.arun(upsert_flow(record))
+
+    def query(
+        self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
+    ) -> list[RunRecord]:
+        """Records ended at or after `since` (Unix time), oldest first."""
+        return self.ledger.run(_query_flow(since, tenant, user))
+
+    async def aquery(
+        self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
+    ) -> list[RunRecord]:
+        """Records ended at or after `since` (Unix time), oldest first (async)."""
+        return await self.ledger.arun(_query_flow(since, tenant, user))
+
+
+_COLUMNS = (
+    "run_key",
+    "thread_id",
+    "run_id",
+    "graph",
+    "policy",
+    "user_id",
+    "tenant_id",
+    "status",
+    "terminated_reason",
+    "error_category",
+    "detail",
+    *_USAGE,
+    "latency_s",
+    "tool_calls",
+    "tool_failures",
+    "tools",
+    "interrupts",
+    "thread_usage",
+    "started_at",
+    "ended_at",
+    "keel_version",
+)
+_UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
+
+
+def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
+    """Store `record`, whose usage holds the thread's totals, as the run's own usage."""
+    totals = {k: getattr(record, k) for k in _USAGE}
+    previous: dict[str, Any] = {}
+    if record.thread_id is not None:
+        rows = yield (
+            "SELECT thread_usage FROM keel_runs WHERE thread_id = ? AND run_key <> ? "
+            "ORDER BY started_at DESC LIMIT 1",
+            (record.thread_id, record.run_key),
+        )
+        previous = json.loads(rows[0][0]) if rows else {}
+    own = replace(record, **{k: type(v)(v - previous.get(k, 0)) for k, v in totals.items()})
+    values = {**own.to_dict(), "tools": json.dumps(own.tools), "thread_usage": json.dumps(totals)}
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
+    yield (
+        f"INSERT INTO keel_runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+        f"ON CONFLICT (run_key) DO UPDATE SET {updates}, "
+        "interrupts = keel_runs.interrupts + excluded.interrupts",
+        tuple(values[c] for c in _COLUMNS),
+    )
+    return own
+
+
+def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
+    where, params = where_clause("ended_at", since, tenant_id=tenant, user_id=user)
+    rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs{where} ORDER BY ended_at", params
+    out = []
+    for row in rows:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        values["tools"] = json.loads(values["tools"])
+        del values["thread_usage"]
+        for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
+            values[k] = int(values[k])
+        out.append(RunRecord(**values))
+    return out

@@ -1,0 +1,138 @@
+"""LangSmith tracing with keel's PII sanitizer on every input and output.
+
+When `LANGSMITH_API_KEY` and `LANGSMITH_TRACING=true` are set (or the `LANGCHAIN_*` twins),
+`build_agent` attaches a LangChain tracer whose LangSmith `Client` passes every run's inputs
+and outputs through `keel.guards.sanitize` (`Client(hide_inputs=..., hide_outputs=...)`), and
+names and tags the runs (`keel`, `graph:<name>`) with metadata: graph, policy, keel version.
+LangChain adds its own (unsanitized) tracer only when none is present, so this one replaces it.
+
+`trace_config(context)` adds the per-run metadata (user, tenant) to a run's config:
+
+    agent.invoke(state, trace_config(ctx), context=ctx)
+
+With no key nothing is sent and nothing fails (with tracing switched on but no key,
+LangChain's own tracer would post unsanitized runs anyway; keel puts a silent tracer in its
+place). The client sends from a background thread; a LangSmith outage (errors, timeouts) is
+logged by `langsmith` and never fails a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tracers.langchain import LangChainTracer
+
+from keel.state import RunContext
+
+__all__ = ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"]
+
+_TRUE = ("true", "1", "yes")
+log = logging.getLogger("keel.tracing")
+
+
+def _switched_on(env: Mapping[str, str]) -> bool:
+    switch = env.get("LANGSMITH_TRACING") or env.get("LANGCHAIN_TRACING_V2") or ""
+    return switch.strip().lower() in _TRUE
+
+
+def tracing_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether LangSmith tracing is configured: an API key and tracing switched on."""
+    env = os.environ if env is None else env
+    key = env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY")
+    return bool(key) and _switched_on(env)
+
+
+def sanitized(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's inputs or outputs with PII redacted (the `hide_inputs` / `hide_outputs` hook)."""
+    from keel.guards.pii import sanitize
+
+    return sanitize(values)
+
+
+def sanitizing_client(**kwargs: Any) -> Any:
+    """A `langsmith.Client` that redacts PII from every run's inputs and outputs."""
+    from langsmith import Client
+
+    # langsmith caches what it reads from the environment (an lru_cache on get_env_var), so
+    # the endpoint and key are read here, as they are now
+    env = os.environ
+    kwargs.setdefault("api_url", env.get("LANGSMITH_ENDPOINT") or env.get("LANGCHAIN_ENDPOINT"))
+    kwargs.setdefault("api_key", env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY"))
+    return Client(hide_inputs=sanitized, hide_outputs=sanitized, **kwargs)
+
+
+def _metadata(graph: str, policy: str | None) -> dict[str, str]:
+    from keel import __version__
+
+    meta = {"graph": graph, "keel_version": __version__}
+    if policy is not None:
+        meta["policy"] = policy
+    return meta
+
+
+class _SanitizingTracer(LangChainTracer):
+    """Also redacts each run's `serialized` description (a model's repr can hold user data)."""
+
+    def _start_trace(self, run: Any) -> None:
+        if getattr(run, "serialized", None):
+            run.serialized = sanitized(run.serialized)
+        super()._start_trace(run)
+
+
+class _SilentTracer(LangChainTracer):
+    """A tracer that sends nothing, in place of LangChain's default when there is no key.
+
+    With tracing switched on but no key, LangChain's default tracer still posts every run,
+    unsanitized, to the endpoint; this one's presence keeps that one out.
+    """
+
+    def _start_trace(self, run: Any) -> None:
+        super()._start_trace(run)
+        run.extra["__disabled"] = True  # LangChainTracer skips posting such runs
+
+
+def tracer(*, graph: str, policy: str | None = None, client: Any = None) -> LangChainTracer:
+    """A LangSmith tracer for `graph` with sanitized inputs and outputs, tags and metadata."""
+    return _SanitizingTracer(
+        client=client if client is not None else sanitizing_client(),
+        tags=["keel", f"graph:{graph}"],
+        metadata=_metadata(graph, policy),
+    )
+
+
+def graph_config(*, graph: str, policy: str | None) -> RunnableConfig | None:
+    """The config `build_agent` binds for tracing, or None.
+
+    Enabled: run name, tags, metadata and the sanitizing tracer. Switched on without a key: a
+    silent tracer. Off: None (nothing bound, nothing sent).
+    """
+    if not tracing_enabled():
+        if not _switched_on(os.environ):
+            return None
+        log.warning(
+            "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
+            "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
+        )
+        return {"callbacks": [_SilentTracer(client=sanitizing_client())]}
+    return {
+        "run_name": graph,
+        "tags": ["keel", f"graph:{graph}"],
+        "metadata": _metadata(graph, policy),
+        "callbacks": [tracer(graph=graph, policy=policy)],
+    }
+
+
+def trace_config(context: RunContext, config: RunnableConfig | None = None) -> RunnableConfig:
+    """`config` plus the run's identity as trace metadata (`user_id`, `tenant_id`, `roles`)."""
+    out: RunnableConfig = dict(config or {})  # type: ignore[assignment]
+    out["metadata"] = {
+        **(out.get("metadata") or {}),
+        "user_id": context.user_id,
+        "tenant_id": context.tenant_id,
+        "roles": list(context.roles),
+    }
+    return out

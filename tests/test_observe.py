@@ -1,0 +1,277 @@
+"""The audit log and run records, written by real agent runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any
+
+import pytest
+from langgraph.types import Command
+
+from keel import Ledger, Persistence, RunContext, build_agent
+from keel.audit import AuditLog, AuditRecord
+from keel.errors import UserError
+from keel.evals import ScriptedChatModel
+from keel.evals.scripted import call
+from keel.guards import BreakerPolicy, CircuitBreaker, Policy
+from keel.runs import RunLog, error_category
+from keel.tools import tool
+
+CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
+POLICY = {
+    "name": "support",
+    "version": "3",
+    "rules": [
+        {"role": "support", "tool": "lookup_*", "action": "allow"},
+        {"tool": "delete_*", "action": "deny"},
+        {"tool": "issue_refund", "action": "ask"},
+    ],
+}
+
+
+def _tools() -> list[Any]:
+    @tool(name="lookup_customer")
+    def lookup_customer(email: str) -> str:
+        """Find a customer by email."""
+        return f"Customer {email}: 2 orders, phone +1 415 555 0199."
+
+    @tool(name="delete_account")
+    def delete_account(customer: str) -> str:
+        """Delete an account."""
+        raise AssertionError("a denied call must never run")
+
+    @tool(name="issue_refund")
+    def issue_refund(order_id: str, amount: float) -> str:
+        """Refund an order."""
+        return f"Refunded ${amount:.2f} on {order_id}."
+
+    return [lookup_customer, delete_account, issue_refund]
+
+
+def _model(*extra: Any) -> ScriptedChatModel:
+    return ScriptedChatModel(
+        script=[
+            call("lookup_customer", email="jane.doe@example.com"),
+            call("delete_account", customer="jane.doe@example.com"),
+            call("issue_refund", order_id="A1", amount=10.0),
+            "Refunded order A1.",
+            *extra,
+        ]
+    )
+
+
+def _agent(ledger: Ledger, saver: Any) -> Any:
+    return build_agent(
+        _model("Second answer."),
+        _tools(),
+        policy=Policy.from_dict(POLICY),
+        ledger=ledger,
+        checkpointer=saver,
+    )
+
+
+APPROVE = Command(resume={"type": "approve", "reviewer": "alice"})
+FIRST = {"messages": [("user", "refund jane")]}
+SECOND = {"messages": [("user", "anything else?")]}
+
+
+def _three_runs_sync(db_url: str, ledger: Ledger, config: Any) -> list[dict[str, Any]]:
+    with Persistence(db_url).checkpointer() as saver:
+        agent = _agent(ledger, saver)
+        return [agent.invoke(p, config, context=CTX) for p in (FIRST, APPROVE, SECOND)]
+
+
+async def _three_runs_async(db_url: str, ledger: Ledger, config: Any) -> list[dict[str, Any]]:
+    async with Persistence(db_url).acheckpointer() as saver:
+        agent = _agent(ledger, saver)
+        return [await agent.ainvoke(p, config, context=CTX) for p in (FIRST, APPROVE, SECOND)]
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["invoke", "ainvoke"])
+def test_a_run_writes_its_audit_trail_and_run_record(db_url: str, use_async: bool) -> None:
+    ledger = Ledger(db_url)
+    config = {"configurable": {"thread_id": "t-1"}}
+    if use_async:
+        paused, done, _ = asyncio.run(_three_runs_async(db_url, ledger, config))
+    else:
+        paused, done, _ = _three_runs_sync(db_url, ledger, config)
+    assert paused["outcome"]["status"] == "interrupted"
+    assert done["outcome"]["terminated_reason"] == "completed"
+
+    records = AuditLog(ledger).query(thread="t-1")
+    seen = [(r.kind, r.tool, r.decision, r.status) for r in records]
+    assert seen == [
+        ("tool", "lookup_customer", "allow", "success"),
+        ("tool", "delete_account", "deny", "denied"),
+        ("approval", "issue_refund", "approved", ""),
+        ("tool", "issue_refund", "ask", "success"),
+    ]
+    lookup, delete, approval, refund = records
+    assert lookup.args == {"email": "[EMAIL]"}, "arguments are stored sanitized"
+    assert lookup.result == "Customer [EMAIL]: 2 orders, phone [PHONE]."
+    assert delete.rule is not None and "delete_*" in delete.rule
+    assert approval.approver == "alice" and approval.args == {"order_id": "A1", "amount": 10.0}
+    assert refund.result == "Refunded $10.00 on A1."
+    for r in records:
+        assert (r.user_id, r.tenant_id, r.thread_id, r.policy) == ("u1", "acme", "t-1", "support@3")
+
+    first, second = RunLog(ledger).query()
+    assert (first.status, first.terminated_reason, first.interrupts) == ("success", "completed", 1)
+    assert (first.model_calls, first.tool_calls, first.tool_failures) == (4, 3, 0)
+    assert first.tools == {
+        "lookup_customer": {"calls": 1, "failures": 0},
+        "delete_account": {"calls": 1, "failures": 0},
+        "issue_refund": {"calls": 1, "failures": 0},
+    }
+    assert (first.user_id, first.tenant_id, first.graph, first.policy) == (
+        "u1",
+        "acme",
+        "keel_agent",
+        "support@3",
+    )
+    assert first.input_tokens > 0 and first.latency_s > 0
+    # the second task on the thread: its own usage, not the thread's totals
+    assert (second.model_calls, second.tool_calls, second.interrupts) == (1, 0, 0)
+    assert second.input_tokens > 0 and second.run_key != first.run_key
+
+
+def test_budget_events_and_failures_are_recorded(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    policy = Policy.from_dict({**POLICY, "budget": {"model_calls": 1}})
+    model = ScriptedChatModel(script=[call("lookup_customer", email="a@b.example")])
+    agent = build_agent(model, _tools(), policy=policy, ledger=ledger)
+    result = agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded"
+
+    budget = [r for r in AuditLog(ledger).query() if r.kind == "budget"]
+    assert [(r.decision, r.result) for r in budget] == [("exceeded", result["outcome"]["detail"])]
+    (run,) = RunLog(ledger).query()
+    assert (run.status, run.error_category, run.thread_id) == ("stopped", "budget_exceeded", None)
+
+
+def test_breaker_transitions_are_audited_in_the_same_transaction(tmp_path: Any) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    now = [1000.0]
+    breaker = CircuitBreaker(
+        ledger, BreakerPolicy(failure_threshold=1, cooldown_seconds=5), clock=lambda: now[0]
+    )
+    assert breaker.record("tool:lookup", ok=False) is not None
+    now[0] += 10
+    breaker.before("tool:lookup")
+    records = AuditLog(ledger).query()
+    assert [(r.kind, r.tool, r.decision, r.result) for r in records] == [
+        ("breaker", "tool:lookup", "open", "closed -> open: 1 failures within 60 s"),
+        ("breaker", "tool:lookup", "half_open", "open -> half_open: cool-down of 5 s over"),
+    ]
+    assert records[0].at == 1000.0
+    quiet = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=1), audit=False)
+    quiet.record("tool:other", ok=False)
+    assert len(AuditLog(ledger).query()) == 2
+
+
+def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
+    agent = build_agent(_model(), _tools(), policy=Policy.from_dict(POLICY))
+    with caplog.at_level(logging.INFO, logger="keel.decisions"):
+        agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "keel.decisions"]
+    assert lines[0] == {
+        "node": "call_model",
+        "choice": "execute_tools",
+        "reason": "tool calls: lookup_customer",
+        "confidence": None,
+    }
+    assert lines[-1]["node"] == "call_model" and lines[-1]["choice"] == "human_review"
+    assert lines[-1]["reason"] == "awaiting approval for issue_refund"
+
+
+def test_audit_writes_are_append_only_and_query_checks_its_input(tmp_path: Any) -> None:
+    log = AuditLog(Ledger(f"sqlite:///{tmp_path}/keel.db"))
+    log.write([AuditRecord(kind="tool", decision="allow", tool="x", at=5.0, user_id="a")])
+    log.write([AuditRecord(kind="tool", decision="deny", tool="x", at=9.0, user_id="b")])
+    assert [r.decision for r in log.query(since=6)] == ["deny"]
+    assert [r.decision for r in log.query(user="a")] == ["allow"]
+    with pytest.raises(UserError, match=re.escape("AuditLog.query(limit=...) must be 1 or more")):
+        log.query(limit=0)
+    with pytest.raises(UserError, match=re.escape("AuditLog needs a keel.Ledger")):
+        AuditLog("sqlite:///x.db")  # type: ignore[arg-type]
+
+
+def test_error_categories() -> None:
+    assert error_category({"terminated_reason": "completed"}) is None
+    assert error_category({"terminated_reason": "denied"}) == "denied"
+    detail = "model call failed after 3 attempt(s): ConnectionError: refused"
+    assert error_category({"terminated_reason": "error", "detail": detail}) == (
+        "model:ConnectionError"
+    )
+    assert error_category({"terminated_reason": "error", "detail": "boom"}) == "error"
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["invoke", "ainvoke"])
+def test_a_broken_ledger_is_logged_and_never_fails_the_run(
+    tmp_path: Any, caplog: Any, use_async: bool
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    agent = build_agent(
+        _model(),
+        _tools(),
+        policy=Policy.from_dict(POLICY),
+        ledger=Ledger(f"sqlite:///{blocker}/k.db"),
+    )
+    payload = {"messages": [("user", "hi")]}
+    with caplog.at_level(logging.ERROR, logger="keel.observe"):
+        if use_async:
+            result = asyncio.run(agent.ainvoke(payload, context=CTX))
+        else:
+            result = agent.invoke(payload, context=CTX)
+    assert result["outcome"]["status"] == "interrupted"  # the run went on to the approval
+    errors = [r.getMessage() for r in caplog.records if r.name == "keel.observe"]
+    assert errors and errors[0].startswith("keel could not write the audit log: ")
+    assert any(e.startswith("keel could not write the run record: ") for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("answer", "decision", "args", "reason"),
+    [
+        (
+            {"type": "reject", "reviewer": "bob"},
+            "rejected",
+            {"order_id": "A1", "amount": 10.0},
+            "rejected",
+        ),
+        (
+            {"type": "edit", "args": {"order_id": "A1", "amount": 5.0}, "reviewer": "bob"},
+            "edited",
+            {"order_id": "A1", "amount": 5.0},
+            "completed",
+        ),
+        (
+            {"type": "respond", "message": "mail jo@example.org"},
+            "responded",
+            {"order_id": "A1", "amount": 10.0},
+            "completed",
+        ),
+    ],
+    ids=["reject", "edit", "respond"],
+)
+def test_every_kind_of_human_decision_is_audited(
+    tmp_path: Any, answer: dict[str, Any], decision: str, args: dict[str, Any], reason: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-h"}}
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(ledger, saver)
+        agent.invoke(FIRST, config, context=CTX)
+        done = agent.invoke(Command(resume=answer), config, context=CTX)
+    assert done["outcome"]["terminated_reason"] == reason
+    (human,) = [r for r in AuditLog(ledger).query() if r.kind == "approval"]
+    assert (human.tool, human.decision, human.args) == ("issue_refund", decision, args)
+    assert human.approver == answer.get("reviewer")
+    if decision == "responded":
+        assert human.result == "A human answered instead of running issue_refund: mail [EMAIL]"
+    (run,) = RunLog(ledger).query()
+    assert (run.terminated_reason, run.interrupts) == (reason, 1)

@@ -1,0 +1,72 @@
+"""keel runs reported to OpenTelemetry (the SDK's in-memory reader and exporter, real SDK)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from keel import Ledger, RunContext, build_agent, otel
+from keel.evals import ScriptedChatModel
+from keel.evals.scripted import call
+from keel.tools import tool
+
+
+@tool(name="lookup")
+def lookup(key: str) -> str:
+    """Look a key up."""
+    if key == "bad":
+        raise ValueError("no such key")
+    return f"value of {key}"
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        m.name: list(m.data.data_points)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+
+
+def test_finished_runs_become_metrics_and_spans(tmp_path: Path) -> None:
+    reader = InMemoryMetricReader()
+    spans = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(spans))
+    otel.use(MeterProvider(metric_readers=[reader]), tracing)
+    try:
+        model = ScriptedChatModel(
+            script=[call("lookup", key="a"), call("lookup", key="bad"), "done"]
+        )
+        agent = build_agent(model, [lookup], ledger=Ledger(f"sqlite:///{tmp_path}/k.db"))
+        agent.invoke({"messages": [("user", "go")]}, context=RunContext(tenant_id="acme"))
+    finally:
+        otel.use()  # back to the global (no-op) providers
+
+    points = _points(reader)
+    (runs,) = points["keel.runs"]
+    assert runs.value == 1 and runs.attributes == {
+        "graph": "keel_agent",
+        "tenant": "acme",
+        "status": "success",
+        "terminated_reason": "completed",
+    }
+    (duration,) = points["keel.run.duration"]
+    assert duration.count == 1 and duration.sum > 0
+    tools = {p.attributes["outcome"]: p.value for p in points["keel.tool.calls"]}
+    assert tools == {"success": 1, "failure": 1}
+    tokens = {p.attributes["direction"]: p.value for p in points["keel.run.tokens"]}
+    assert tokens["input"] > 0 and tokens["output"] > 0
+    (span,) = spans.get_finished_spans()
+    assert span.name == "keel.run keel_agent"
+    assert span.attributes is not None and span.attributes["tool_calls"] == 2
+    assert span.end_time is not None and span.start_time is not None
+    assert span.end_time > span.start_time

@@ -1,0 +1,212 @@
+"""`keel report`, `keel audit` and `keel health`, on the records of real agent runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import pytest
+from chromadb.config import Settings
+from langchain_core.messages import AIMessage
+
+from keel import Ledger, Persistence, RunContext, build_agent
+from keel.cli import main
+from keel.cli_observe import parse_since
+from keel.errors import KeelError, UserError
+from keel.evals import ScriptedChatModel
+from keel.evals.scripted import call
+from keel.guards import Policy
+from keel.health import acheck_health, check_health, semantic_check
+from keel.report import Objective, build_report, load_objectives, percentile
+from keel.runs import RunLog
+from keel.tools import tool
+
+RULES = [{"tool": "*", "action": "allow"}]
+# model, tools, model | model, tools, model | model | model, tools (then stopped by the budget)
+STEPS = (3 + 3 + 1 + 2) / 4
+
+
+@tool(name="lookup")
+def lookup(key: str) -> str:
+    """Look a key up."""
+    if key == "bad":
+        raise ValueError("no such key")
+    return f"value of {key}"
+
+
+def _runs(url: str) -> None:
+    """Four real runs: two completed (one with a failing tool call), one over budget."""
+    ledger = Ledger(url)
+    scripts: list[tuple[str, list[Any], dict[str, Any]]] = [
+        ("u1", [call("lookup", key="a"), "done a"], {}),
+        ("u1", [call("lookup", key="bad"), "done bad"], {}),
+        ("u2", ["plain answer"], {}),
+        ("u2", [call("lookup", key="b"), "never"], {"budget": {"model_calls": 1}}),
+    ]
+    for user, script, extra in scripts:
+        policy = Policy.from_dict({"name": "p", "rules": RULES, **extra})
+        agent = build_agent(
+            ScriptedChatModel(script=script), [lookup], policy=policy, ledger=ledger
+        )
+        agent.invoke(
+            {"messages": [("user", "go")]},
+            context=RunContext(user_id=user, tenant_id="acme" if user == "u1" else "beta"),
+        )
+    ledger.close()
+
+
+def test_report_figures_from_real_runs(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    assert main(["report", "--db", url, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"] == 4 and report["waiting"] == 0
+    assert report["success_rate"] == 0.75
+    assert report["error_categories"] == {"budget_exceeded": 1}
+    assert report["tools"]["lookup"] == {"calls": 3, "failures": 1, "success_rate": 1 - 1 / 3}
+    assert report["steps_per_task"] == STEPS
+    assert set(report["cost_per_user"]) == {"u1", "u2"}
+    assert 0 < report["latency_p50"] <= report["latency_p95"] <= report["latency_p99"]
+    assert report["slo_breaches"] == []
+
+    assert main(["report", "--db", url, "--json", "--tenant", "acme"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == 2
+
+
+def test_slo_breach_exits_non_zero_and_says_which(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    slo = tmp_path / "slo.toml"
+    slo.write_text("[slo]\nsuccess_rate = { min = 0.9 }\nlatency_p95 = { max = 60 }\n")
+    html = tmp_path / "report.html"
+    assert main(["report", "--db", url, "--slo", str(slo), "--html", str(html)]) == 1
+    err = capsys.readouterr().err
+    assert "keel: SLO breached: success_rate is 0.75, objective >= 0.9" in err
+    assert "latency_p95" not in err
+    page = html.read_text()
+    assert page.count("<svg") == 4 and "success_rate is 0.75" in page
+    assert "<script" not in page and not re.search(r"(src|href)=", page)
+
+
+def test_objectives_reject_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "slo.toml"
+    bad.write_text("[slo]\nsucess_rate = { min = 0.9 }\n")
+    with pytest.raises(UserError, match=re.escape("Unknown SLO metric 'sucess_rate'; use one")):
+        load_objectives(bad)
+    bad.write_text("[slo]\nsuccess_rate = 0.9\n")
+    with pytest.raises(UserError, match=re.escape("must be { min = x } or { max = x }, got 0.9")):
+        load_objectives(bad)
+    yaml = tmp_path / "slo.yaml"
+    yaml.write_text("slo:\n  latency_p99: {max: 2.5}\n")
+    assert load_objectives(yaml) == [Objective(metric="latency_p99", bound="max", target=2.5)]
+
+
+def test_percentiles_and_empty_report() -> None:
+    assert percentile([], 95) == 0.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    empty = build_report([])
+    assert (empty.runs, empty.success_rate, empty.tool_success_rate) == (0, 0.0, 1.0)
+
+
+def test_keel_audit_lists_records_as_text_and_json(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    assert main(["audit", "--db", url, "--user", "u1", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["tool"], r["status"]) for r in lines] == [("lookup", "success"), ("lookup", "error")]
+    assert main(["audit", "--db", url, "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert "budget   exceeded" in out and "user=u2" in out
+    assert main(["audit", "--db", url, "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out == "keel: no audit records match.\n"
+
+
+def test_since_accepts_iso_times_and_ages() -> None:
+    assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
+    assert parse_since("2026-12-01") == 1796083200.0
+    with pytest.raises(KeelError, match=re.escape("--since 'yesterday' is neither an ISO time")):
+        parse_since("yesterday")
+
+
+def _answers(text: str) -> ScriptedChatModel:
+    return ScriptedChatModel(script=[call("add", a=17, b=25), text])
+
+
+def test_health_checks_database_chroma_model_and_a_known_task(tmp_path: Path) -> None:
+    chroma = tmp_path / "chroma"
+    chromadb.PersistentClient(path=str(chroma), settings=Settings(anonymized_telemetry=False))
+    url = f"sqlite:///{tmp_path}/keel.db"
+    Persistence(url).setup()
+    health = check_health(db=url, chroma=chroma, model=_answers("It is 42."), semantic=True)
+    assert [(c.name, c.ok) for c in health.checks] == [
+        ("live", True),
+        ("database", True),
+        ("chroma", True),
+        ("model", True),
+        ("semantic", True),
+    ], health.to_dict()
+    wrong = semantic_check(_answers("It is 41."))
+    assert (
+        not wrong.ok
+        and wrong.detail == "AssertionError: expected 42 in the answer, got 'It is 41.'"
+    )
+    no_tool = semantic_check(ScriptedChatModel(script=[AIMessage(content="42")]))
+    assert no_tool.detail == "AssertionError: the agent answered without calling the add tool"
+
+
+def test_async_health_runs_the_same_checks(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    Persistence(url).setup()
+    health = asyncio.run(acheck_health(db=url, model=_answers("42"), semantic=True))
+    assert health.ok and [c.name for c in health.checks][-1] == "semantic"
+
+
+def test_keel_demo_records_what_keel_report_and_audit_show(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    assert main(["demo", "--db", url, "--approve"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--db", url, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["runs"], report["success_rate"], report["intervention_rate"]) == (1, 1.0, 1.0)
+    assert main(["audit", "--db", url, "--json"]) == 0
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    approval = next(r for r in records if r["kind"] == "approval")
+    assert (approval["tool"], approval["decision"], approval["approver"]) == (
+        "issue_refund",
+        "approved",
+        "cli",
+    )
+
+
+def test_keel_health_fails_without_a_model(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KEEL_MODEL", raising=False)
+    url = f"sqlite:///{tmp_path}/keel.db"
+    assert main(["health", "--db", url]) == 1
+    assert "FAIL database: SetupError: cannot open the SQLite database" in capsys.readouterr().out
+    Persistence(url).setup()
+    assert main(["health", "--db", url]) == 1
+    out = capsys.readouterr().out
+    assert "ok   database: checkpoints and ledger ready at sqlite:///" in out
+    assert "FAIL model: UserError: no model configured: set KEEL_MODEL" in out
+    assert main(["health", "--db", "postgresql://nobody@127.0.0.1:1/none", "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    assert checks[1]["name"] == "database" and not checks[1]["ok"]
+
+
+def test_run_records_of_the_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    records = RunLog(Ledger(url)).query()
+    assert [(r.user_id, r.status, r.tool_failures) for r in records] == [
+        ("u1", "success", 0),
+        ("u1", "success", 1),
+        ("u2", "success", 0),
+        ("u2", "stopped", 0),
+    ]
