@@ -29,7 +29,15 @@ PUBLIC = {
         "tool",
     ],
     "keel.checkpoint": ["AsyncPooledPostgresSaver", "PruneReport"],
-    "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
+    "keel.graphs": [
+        "FINISH",
+        "Route",
+        "build_agent",
+        "build_supervisor",
+        "route_after_model",
+        "route_after_review",
+        "route_after_tools",
+    ],
     "keel.nodes": [
         "BeforeModel",
         "Check",
