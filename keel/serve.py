@@ -81,6 +81,6 @@ def _langgraph_json(config: str | Path | None) -> Path:
         return Path("langgraph.json")
     path = Path(".keel/langgraph.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = {**LANGGRAPH_JSON, "dependencies": []}
+    spec = {**LANGGRAPH_JSON, "dependencies": ["langgraph-keel"]}  # keel, installed
     path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     return path
