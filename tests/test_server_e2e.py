@@ -42,14 +42,16 @@ def _free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`keel serve` on a free port; the URL once `/ok` answers; the log shown on failure."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    # langgraph dev persists its in-memory state to ./.langgraph_api: a fresh cwd, a fresh server
+    workdir = tmp_path_factory.mktemp("server")
+    log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
     keel = str(Path(sys.executable).with_name("keel"))
     cmd = [keel, "serve", "--server-config", str(SERVER_CONFIG), "--port", str(port)]
     cmd += ["--config", str(ROOT / "langgraph.json")]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -60,6 +62,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if os.environ.get("KEEL_SHOW_SERVER_LOG"):
             print(log_path.read_text())
     _fail_on_blocking(log_path)
+    # pinned: langgraph dev keeps its "in-memory" threads in the working directory across runs
+    assert (workdir / ".langgraph_api").is_dir()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -160,7 +164,10 @@ async def test_agent_approval_is_served_and_isolated(
     # bob (tenant globex) can neither see, find, read nor resume alice's thread
     await assert_not_found(bob.threads.get(thread_id))
     await assert_not_found(bob.threads.get_state(thread_id))
-    assert [t["thread_id"] for t in await bob.threads.search(limit=100)] == []
+    bobs = await bob.threads.search(limit=100)
+    assert thread_id not in [t["thread_id"] for t in bobs]
+    assert {t["metadata"]["keel_tenant"] for t in bobs} <= {"globex"}
+    assert await bob.threads.search(metadata={"keel_tenant": "acme"}) == []
     await assert_not_found(
         bob.runs.wait(thread_id, "agent", command={"resume": [{"type": "approve"}]})
     )
@@ -182,15 +189,31 @@ async def test_agent_approval_is_served_and_isolated(
 async def test_agent_rejection_ends_the_run_as_rejected(
     clients: tuple[LangGraphClient, LangGraphClient],
 ) -> None:
-    _, bob = clients
-    thread_id, _ = await run_to_interrupt(bob, "agent")
-    final = await bob.runs.wait(
+    alice, _ = clients
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    final = await alice.runs.wait(
         thread_id, "agent", command={"resume": [{"type": "reject", "message": "no refunds"}]}
     )
     assert isinstance(final, dict)
     assert final["outcome"]["status"] == "stopped"
     assert final["outcome"]["terminated_reason"] == "rejected"
     assert final["outcome"]["detail"] == "a human rejected the call to issue_refund"
+
+
+async def test_each_tenant_runs_under_its_own_policy(
+    clients: tuple[LangGraphClient, LangGraphClient],
+) -> None:
+    """Same role, other tenant: globex's policy denies the refund that acme's asks about."""
+    _, bob = clients
+    thread_id, updates = await run_to_interrupt(bob, "agent")
+    assert not any("__interrupt__" in u for u in updates)
+    state = await bob.threads.get_state(thread_id)
+    refund = [m for m in state["values"]["messages"] if m.get("name") == "issue_refund"]
+    assert refund[0]["content"] == (
+        "Not permitted: globex refunds go through its finance team (rule: support | "
+        "issue_refund | orders/* → deny)."
+    )
+    assert state["values"]["outcome"]["terminated_reason"] == "completed"
 
 
 async def test_supervisor_surfaces_the_sub_agents_approval(
