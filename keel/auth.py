@@ -3,10 +3,11 @@
 - **Who:** `Authorization: Bearer <token>` is looked up in the server config file
   (`KEEL_SERVER_CONFIG`); the user record carries user, tenant, roles and the policy name. keel's
   nodes take the run's identity from it (`keel.identity`), never from the client's `context`.
-- **Whose:** threads, runs and crons are stamped with `keel_tenant` / `keel_owner` metadata on
-  create and filtered by them on every read, search, update, delete and run, so another tenant
-  (or user) gets 404s and empty searches. Store namespaces must be the caller's own memory
-  namespace `(kind, tenant, user, ...)`; anything else is refused with 403.
+- **Whose:** threads, runs, crons and assistants are stamped with `keel_tenant` / `keel_owner`
+  metadata on create and filtered by them on every read, search, update, delete and run, so
+  another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
+  readable by all). Store namespaces must be the caller's own memory namespace
+  `(kind, tenant, user, ...)`; anything else is refused with 403.
 """
 
 from __future__ import annotations
@@ -77,15 +78,15 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
 
 
 @auth.on.assistants.read
-async def read_assistants(ctx: Auth.types.AuthContext, value: Any) -> bool:
-    """The graphs' own assistants (one per graph in langgraph.json) are readable by every user."""
-    return True
+async def read_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
+    """Your own assistants, and the graphs' own ones (one per graph in langgraph.json)."""
+    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
 
 
 @auth.on.assistants.search
-async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> bool:
-    """Listing assistants shows the graphs' own assistants."""
-    return True
+async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
+    """Listing assistants shows your own and the graphs' own ones."""
+    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
 
 
 @auth.on.store

@@ -21,6 +21,7 @@ __all__ = [
     "DEMO_TASK",
     "SYSTEM_PROMPT",
     "DemoShop",
+    "demo_memory_model",
     "demo_model",
     "demo_router_model",
     "demo_support_model",
@@ -132,15 +133,24 @@ def demo_router_model(latency: float = 0.0) -> BaseChatModel:
     return ScriptedChatModel(script=[], structured={"Route": route}, latency=latency)
 
 
+def demo_memory_model(latency: float = 0.0) -> BaseChatModel:
+    """An assistant that remembers what the user said about themselves."""
+    return ScriptedChatModel(
+        script=[call("remember", text="Prefers email over phone."), "Noted: email it is."],
+        latency=latency,
+    )
+
+
 _SCRIPTED = {
     "keel:demo": demo_model,
+    "keel:demo-memory": demo_memory_model,
     "keel:demo-support": demo_support_model,
     "keel:demo-router": demo_router_model,
 }
 
 
 def scripted_model(name: str) -> BaseChatModel:
-    """A bundled scripted model by name (`keel:demo`, `keel:demo-support`, `keel:demo-router`)."""
+    """A bundled scripted model by name (`keel:demo`, `keel:demo-support`, ...)."""
     if name not in _SCRIPTED:
         raise UserError(
             f"Unknown scripted model {name!r}; the bundled ones are {sorted(_SCRIPTED)}."

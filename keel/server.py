@@ -21,6 +21,7 @@ import importlib
 from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import RunnableConfig
 from langgraph_sdk.runtime import ServerRuntime
 
 from keel.demo import DemoShop, demo_tools, scripted_model
@@ -36,16 +37,26 @@ from keel.tools.registry import KeelTool
 __all__ = ["agent", "build_tenant_agent", "build_tenant_supervisor", "supervisor"]
 
 
-def agent(runtime: ServerRuntime[RunContext]) -> Agent:
-    """The `agent` graph: the authenticated tenant's main agent."""
-    config, tenant = _tenant_of(runtime)
-    return cast(Agent, _cached(config, ("agent", tenant.name), lambda: build_tenant_agent(tenant)))
+def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
+    """The `agent` graph: the authenticated tenant's main agent, or another of its agents.
+
+    An assistant (or run) configured with `{"configurable": {"agent": "assistant"}}` runs the
+    tenant's agent of that name.
+    """
+    server, tenant = _tenant_of(runtime)
+    name = (config.get("configurable") or {}).get("agent") or tenant.agent
+    if name not in tenant.agents:
+        raise UserError(
+            f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
+        )
+    key = ("agent", tenant.name, name)
+    return cast(Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name)))
 
 
 def supervisor(runtime: ServerRuntime[RunContext]) -> Any:
     """The `supervisor` graph: the authenticated tenant's supervisor of focused agents."""
-    config, tenant = _tenant_of(runtime)
-    return _cached(config, ("supervisor", tenant.name), lambda: build_tenant_supervisor(tenant))
+    server, tenant = _tenant_of(runtime)
+    return _cached(server, ("supervisor", tenant.name), lambda: build_tenant_supervisor(tenant))
 
 
 def build_tenant_agent(tenant: TenantConfig, name: str | None = None) -> Agent:
@@ -97,7 +108,7 @@ def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, Tenant
     return config, config.tenant(tenant)
 
 
-def _cached(config: ServerConfig, key: tuple[str, str], build: Any) -> Any:
+def _cached(config: ServerConfig, key: tuple[str, ...], build: Any) -> Any:
     if key not in config.cache:
         config.cache[key] = build()
     return config.cache[key]

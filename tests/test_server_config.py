@@ -120,17 +120,24 @@ def test_factories_build_each_tenants_graphs(monkeypatch: pytest.MonkeyPatch) ->
     from keel import server
 
     for tenant in ("acme", "globex"):
-        user = User(user_record(user_id="u", tenant_id=tenant, roles=["support"], policy="p"))
-        runtime: Any = _ExecutionRuntime(
-            access_context="threads.create_run", user=user, store=InMemoryStore()
-        )
-        agent = server.agent(runtime)
-        assert agent is server.agent(runtime)  # built once per tenant
+        runtime = runtime_for(tenant)
+        agent = server.agent({}, runtime)
+        assert agent is server.agent({}, runtime)  # built once per tenant
+        assert agent.name == "billing"
         assert agent.checkpointer is None  # the server supplies its own
         assert set(server.supervisor(runtime).nodes) >= {"route", "support", "billing"}
+    chosen = server.agent({"configurable": {"agent": "assistant"}}, runtime_for("acme"))
+    assert chosen.name == "assistant"
+    with pytest.raises(UserError, match=r"Tenant 'globex' has no agent 'assistant'; its agents"):
+        server.agent({"configurable": {"agent": "assistant"}}, runtime_for("globex"))
     no_user: Any = _ExecutionRuntime(access_context="assistants.read", store=InMemoryStore())
     with pytest.raises(SetupError, match=r"need the authenticated user: set \"auth\""):
-        server.agent(no_user)
+        server.agent({}, no_user)
+
+
+def runtime_for(tenant: str) -> Any:
+    user = User(user_record(user_id="u", tenant_id=tenant, roles=["support"], policy="p"))
+    return _ExecutionRuntime(access_context="threads.create_run", user=user, store=InMemoryStore())
 
 
 def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> None:

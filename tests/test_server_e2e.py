@@ -254,6 +254,32 @@ async def test_store_items_are_scoped_to_the_callers_namespace(
         await bob.store.put_item(mine, "k2", {"text": "planted"})
 
 
+async def test_memories_written_by_a_run_are_the_authenticated_users(
+    clients: tuple[LangGraphClient, LangGraphClient],
+) -> None:
+    """The `remember` tool writes to (memories, tenant, user) of the token, not of `context`."""
+    alice, bob = clients
+    assistant = await alice.assistants.create(
+        graph_id="agent", config={"configurable": {"agent": "assistant"}}, name="memory"
+    )
+    thread = await alice.threads.create()
+    final = await alice.runs.wait(
+        thread["thread_id"],
+        assistant["assistant_id"],
+        input={"messages": [{"role": "user", "content": "I prefer email."}]},
+        context=FORGED,
+    )
+    assert isinstance(final, dict)
+    assert final["messages"][-1]["content"] == "Noted: email it is."
+    found = await alice.store.search_items(("memories", "acme", "alice"))
+    assert {"text": "Prefers email over phone."} in [item["value"] for item in found["items"]]
+    # bob can neither list nor read alice's assistant
+    listed = [a["assistant_id"] for a in await bob.assistants.search()]
+    assert assistant["assistant_id"] not in listed
+    assert len(listed) == 2  # the graphs' own: agent, supervisor
+    await assert_not_found(bob.assistants.get(assistant["assistant_id"]))
+
+
 def test_unknown_token_is_refused(server: str) -> None:
     response = httpx.post(
         f"{server}/threads", json={}, headers={"Authorization": "Bearer nope"}, timeout=10
