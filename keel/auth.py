@@ -31,8 +31,17 @@ OWNER_KEY = "keel_owner"
 
 
 def owner_filter(user: Any) -> dict[str, str]:
-    """The metadata every resource of this user carries (and is filtered by)."""
-    return {TENANT_KEY: str(user["tenant_id"]), OWNER_KEY: str(user.identity)}
+    """The metadata every resource of this user carries (and is filtered by).
+
+    A user keel did not authenticate (e.g. `langgraph dev`'s Studio user) has no tenant and is
+    refused with 403.
+    """
+    try:
+        return {TENANT_KEY: str(user["tenant_id"]), OWNER_KEY: str(user.identity)}
+    except (KeyError, TypeError):
+        raise Auth.exceptions.HTTPException(
+            status_code=403, detail="Not a keel user: authenticate with a keel bearer token."
+        ) from None
 
 
 def store_namespace_allowed(user: Any, namespace: tuple[str, ...] | None) -> bool:
@@ -92,6 +101,7 @@ async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str
 @auth.on.store
 async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
     """Store items: only inside the caller's `(kind, tenant, user)` namespace."""
+    owner_filter(ctx.user)  # refuses users without a tenant
     namespace = value.get("namespace")
     namespace = tuple(namespace) if namespace is not None else None
     if not store_namespace_allowed(ctx.user, namespace):

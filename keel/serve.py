@@ -21,7 +21,9 @@ __all__ = ["LANGGRAPH_JSON", "serve_command", "serve_env"]
 LANGGRAPH_JSON = {
     "dependencies": ["."],
     "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
-    "auth": {"path": "keel.auth:auth"},
+    # without disable_studio_auth, `langgraph dev` lets any request with the header
+    # `x-auth-scheme: langsmith` in as a Studio user, no token checked
+    "auth": {"path": "keel.auth:auth", "disable_studio_auth": True},
 }
 """What `keel serve` writes to `.keel/langgraph.json` when the directory has no langgraph.json."""
 

@@ -10,7 +10,7 @@ compiled *without* a checkpointer or store: the server supplies its own (in memo
 {
   "dependencies": ["."],
   "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
-  "auth": {"path": "keel.auth:auth"}
+  "auth": {"path": "keel.auth:auth", "disable_studio_auth": true}
 }
 ```
 """

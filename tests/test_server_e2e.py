@@ -286,3 +286,12 @@ def test_unknown_token_is_refused(server: str) -> None:
     )
     assert response.status_code == 401
     assert "Unknown token." in response.text
+
+
+def test_studio_header_does_not_bypass_auth(server: str) -> None:
+    """Pinned: langgraph dev lets `x-auth-scheme: langsmith` in without a token (as a Studio
+    user) unless langgraph.json sets disable_studio_auth, as keel's does."""
+    response = httpx.post(
+        f"{server}/threads/search", json={}, headers={"x-auth-scheme": "langsmith"}, timeout=10
+    )
+    assert response.status_code == 401
