@@ -28,6 +28,7 @@ from keel.demo import DemoShop, demo_tools, scripted_model
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import build_supervisor
+from keel.ledger import Ledger
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
 from keel.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
@@ -50,29 +51,42 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
     key = ("agent", tenant.name, name)
-    return cast(Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name)))
+    ledger = _ledger(server)
+    return cast(
+        Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger))
+    )
 
 
 def supervisor(runtime: ServerRuntime[RunContext]) -> Any:
     """The `supervisor` graph: the authenticated tenant's supervisor of focused agents."""
     server, tenant = _tenant_of(runtime)
-    return _cached(server, ("supervisor", tenant.name), lambda: build_tenant_supervisor(tenant))
+    ledger = _ledger(server)
+    key = ("supervisor", tenant.name)
+    return _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger))
 
 
-def build_tenant_agent(tenant: TenantConfig, name: str | None = None) -> Agent:
+def build_tenant_agent(
+    tenant: TenantConfig, name: str | None = None, *, ledger: Ledger | None = None
+) -> Agent:
     """Build one of a tenant's agents (default: its main one) without a checkpointer."""
     spec = tenant.agents[name or tenant.agent]
+    if spec.policy is not None and spec.policy.period_budgets and ledger is None:
+        raise SetupError(
+            f"Agent {spec.name!r} of tenant {tenant.name!r} has period budgets, which live in "
+            'the ledger: add ledger = "postgresql://..." at the top of the server config.'
+        )
     return build_agent(
         _model(spec.model),
         _tools(spec),
         system_prompt=spec.system_prompt,
         plan=spec.plan,
         policy=spec.policy,
+        ledger=ledger,
         name=spec.name,
     )
 
 
-def build_tenant_supervisor(tenant: TenantConfig) -> Any:
+def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = None) -> Any:
     """Build a tenant's supervisor over its focused agents, without a checkpointer."""
     if tenant.supervisor is None:
         raise UserError(
@@ -81,7 +95,7 @@ def build_tenant_supervisor(tenant: TenantConfig) -> Any:
         )
     names = tenant.supervisor.agents
     return build_supervisor(
-        {n: build_tenant_agent(tenant, n) for n in names},
+        {n: build_tenant_agent(tenant, n, ledger=ledger) for n in names},
         _model(tenant.supervisor.model),
         descriptions={n: tenant.agents[n].description for n in names},
         system_prompt=tenant.supervisor.system_prompt,
@@ -112,6 +126,13 @@ def _cached(config: ServerConfig, key: tuple[str, ...], build: Any) -> Any:
     if key not in config.cache:
         config.cache[key] = build()
     return config.cache[key]
+
+
+def _ledger(config: ServerConfig) -> Ledger | None:
+    """One ledger (one connection pool) per config, opened on first use."""
+    if config.ledger_url is None:
+        return None
+    return cast(Ledger, _cached(config, ("ledger",), lambda: Ledger(config.ledger_url)))
 
 
 def _model(name: str) -> BaseChatModel:

@@ -4,6 +4,8 @@
 `KEEL_SERVER_CONFIG`. Example:
 
 ```toml
+ledger = "${KEEL_LEDGER_URL}"                         # only for policies with period budgets
+
 [[users]]
 token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 user = "alice"
@@ -120,6 +122,8 @@ class ServerConfig:
     """Tenants by id."""
     users: tuple[UserEntry, ...]
     """Token entries."""
+    ledger_url: str | None = None
+    """The ledger database for period budgets (PostgreSQL: the served path must not block)."""
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     """Graphs built from this config (by the factories in `keel.server`)."""
 
@@ -176,7 +180,7 @@ _LOADED: dict[str, ServerConfig] = {}
 
 
 def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
-    _only(data, {"users", "tenants"}, "the file")
+    _only(data, {"users", "tenants", "ledger"}, "the file")
     tenants_raw = data.get("tenants")
     if not isinstance(tenants_raw, Mapping) or not tenants_raw:
         raise UserError("it needs at least one [tenants.<id>] table.")
@@ -185,7 +189,19 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
     if not isinstance(users_raw, list) or not users_raw:
         raise UserError("it needs [[users]] entries (token_sha256, user, tenant, roles).")
     users = tuple(_user(i, raw, tenants) for i, raw in enumerate(users_raw))
-    return ServerConfig(path=path, tenants=tenants, users=users)
+    return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=_ledger_url(data))
+
+
+def _ledger_url(data: Mapping[str, Any]) -> str | None:
+    if "ledger" not in data:
+        return None
+    url = os.path.expandvars(_text(data, "ledger", "the file"))
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise UserError(
+            f"ledger = {url!r}: a served ledger must be PostgreSQL (postgresql://...); the SQLite "
+            "ledger creates its file with blocking calls, which `langgraph dev` refuses."
+        )
+    return url
 
 
 def _user(i: int, raw: Any, tenants: Mapping[str, TenantConfig]) -> UserEntry:

@@ -117,6 +117,7 @@ def test_a_server_user_without_keel_fields_fails_closed() -> None:
 
 def test_factories_build_each_tenants_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CONFIG_ENV, str(E2E_CONFIG))
+    monkeypatch.setenv("KEEL_LEDGER_URL", "postgresql://nobody@127.0.0.1:1/unused")  # lazy
     from keel import server
 
     for tenant in ("acme", "globex"):
@@ -138,6 +139,12 @@ def test_factories_build_each_tenants_graphs(monkeypatch: pytest.MonkeyPatch) ->
 def runtime_for(tenant: str) -> Any:
     user = User(user_record(user_id="u", tenant_id=tenant, roles=["support"], policy="p"))
     return _ExecutionRuntime(access_context="threads.create_run", user=user, store=InMemoryStore())
+
+
+def test_a_served_ledger_must_be_postgres(tmp_path: Path) -> None:
+    text = 'ledger = "sqlite:///x.db"\n' + MINIMAL.format(digest="x")
+    with pytest.raises(SetupError, match="a served ledger must be PostgreSQL"):
+        ServerConfig.from_file(_write(tmp_path, text))
 
 
 def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> None:

@@ -14,15 +14,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 from langgraph_sdk.errors import NotFoundError, PermissionDeniedError
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CONFIG = ROOT / "tests" / "serve" / "keel-server.toml"
@@ -39,13 +43,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ledger_url(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for the served agents' ledger (period budgets)."""
+    name = f"keel_serve_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterator[str]:
     """`keel serve` on a free port; the URL once `/ok` answers; the log shown on failure."""
     port = _free_port()
     # langgraph dev persists its in-memory state to ./.langgraph_api: a fresh cwd, a fresh server
     workdir = tmp_path_factory.mktemp("server")
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
+    env["KEEL_LEDGER_URL"] = ledger_url
     keel = str(Path(sys.executable).with_name("keel"))
     cmd = [keel, "serve", "--server-config", str(SERVER_CONFIG), "--port", str(port)]
     cmd += ["--config", str(ROOT / "langgraph.json")]
@@ -278,6 +296,24 @@ async def test_memories_written_by_a_run_are_the_authenticated_users(
     assert assistant["assistant_id"] not in listed
     assert len(listed) == 2  # the graphs' own: agent, supervisor
     await assert_not_found(bob.assistants.get(assistant["assistant_id"]))
+
+
+async def test_tenant_period_budget_is_kept_in_the_postgres_ledger(
+    clients: tuple[LangGraphClient, LangGraphClient], ledger_url: str
+) -> None:
+    alice, _ = clients
+    capped = await alice.assistants.create(
+        graph_id="agent", config={"configurable": {"agent": "capped"}}
+    )
+    thread = await alice.threads.create()
+    final = await alice.runs.wait(thread["thread_id"], capped["assistant_id"], input=TASK)
+    assert isinstance(final, dict)
+    assert final["outcome"]["status"] == "stopped"
+    assert final["outcome"]["terminated_reason"] == "budget_exceeded"
+    assert "tenant monthly" in final["outcome"]["detail"]
+    with psycopg.connect(ledger_url) as conn:
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'keel%'")
+        assert tables.fetchall(), "the served agent set up keel's ledger tables"
 
 
 def test_unknown_token_is_refused(server: str) -> None:
