@@ -12,6 +12,10 @@ task the router gave it, so its guards, budget and approvals apply unchanged. It
 `interrupt()` surfaces to the supervisor's caller, and `Command(resume=...)` on the supervisor's
 thread resumes it. Its answer comes back as an `AIMessage` named after the agent; its usage and
 approvals are added to the supervisor's.
+
+While a sub-agent waits for a human, the supervisor's thread shows the agent's review requests
+as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on the server) and
+`next == (agent name,)`; the supervisor's own `outcome` is set when the run ends.
 """
 
 from __future__ import annotations

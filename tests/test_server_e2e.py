@@ -242,6 +242,7 @@ async def test_supervisor_surfaces_the_sub_agents_approval(
     assert [next(iter(u)) for u in updates if "route" in u] == ["route", "route"]
     assert await pending_actions(alice, thread_id) == ["issue_refund"]
 
+    await assert_not_found(bob.threads.get_state(thread_id))
     await assert_not_found(
         bob.runs.wait(thread_id, "supervisor", command={"resume": [{"type": "approve"}]})
     )
