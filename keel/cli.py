@@ -7,6 +7,7 @@
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
     keel audit | report | health    (see `keel.cli_observe`)
+    keel serve --server-config FILE [--port N] [--host H] [--config langgraph.json] [--reload]
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
 (CI, a pipe) the request is shown and answered by `--approve` or `--reject`; with neither, the
@@ -36,6 +37,7 @@ from keel.graphs.agent import Agent, build_agent
 from keel.ledger import Ledger
 from keel.models import resolve_model
 from keel.persistence import Persistence, default_db_url
+from keel.serve import serve_command, serve_env
 from keel.state import RunContext
 
 __all__ = ["main"]
@@ -51,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _threads(args)
         if args.command in cli_observe.COMMANDS:
             return cli_observe.run(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "db":
             persistence = Persistence(args.db)
             persistence.setup()
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--idle-days", type=float, default=None, help="delete threads idle longer")
     prune.add_argument("--dry-run", action="store_true", help="report what would go; delete none")
     prune.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+    _serve_parser(sub)
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["setup"])
     db.add_argument("--db", default=None, help=db_help)
@@ -282,6 +287,28 @@ async def _ask(request: dict[str, Any]) -> dict[str, Any]:
                 return {"type": "edit", "args": json.loads(raw), "reviewer": "cli"}
             except json.JSONDecodeError as exc:
                 print(f"not JSON ({exc}); try again")
+
+
+def _serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve keel's graphs with `langgraph dev` (offline)")
+    serve.add_argument(
+        "--server-config",
+        default=os.environ.get("KEEL_SERVER_CONFIG"),
+        help="tokens, tenants and agents (TOML; default: $KEEL_SERVER_CONFIG)",
+    )
+    serve.add_argument("--port", type=int, default=8123, help="TCP port (default 8123)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    serve.add_argument("--config", default=None, help="langgraph.json (default: ./langgraph.json)")
+    serve.add_argument("--reload", action="store_true", help="reload when code changes")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not args.server_config:
+        raise KeelError("keel serve needs --server-config FILE (or KEEL_SERVER_CONFIG).")
+    env = serve_env(args.server_config)
+    cmd = serve_command(port=args.port, host=args.host, config=args.config, reload=args.reload)
+    print(f"keel: serving on http://{args.host}:{args.port} ({' '.join(cmd[1:])})", flush=True)
+    os.execve(cmd[0], cmd, env)  # the server replaces this process: signals reach it directly
 
 
 def _threads(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from langgraph.store.base import BaseStore, SearchItem
 from keel.errors import UserError
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
-from keel.nodes._node import make_node
+from keel.nodes._node import context_of, make_node
 from keel.state import AgentState, RunContext
 
 __all__ = ["RECALL_ID", "recall", "reflect"]
@@ -63,7 +63,7 @@ def recall(
     def plan(
         state: AgentState, runtime: Runtime[RunContext] | None
     ) -> tuple[BaseStore, list[tuple[tuple[str, ...], str | None, int]]]:
-        ctx = identity_of(runtime.context if runtime is not None else None)
+        ctx = identity_of(context_of(runtime))
         query = _last_user_text(state)
         searches: list[tuple[tuple[str, ...], str | None, int]] = []
         for kind in kinds:
@@ -119,7 +119,7 @@ def reflect(
         lesson = extract_lesson(state)
         if lesson is None:
             return None
-        ns = user_namespace(runtime.context if runtime is not None else None, kind)
+        ns = user_namespace(context_of(runtime), kind)
         return store_of(runtime, store), ns, lesson.value()
 
     def _ttl(st: BaseStore) -> dict[str, Any]:

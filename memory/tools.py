@@ -13,6 +13,8 @@ from langgraph.runtime import get_runtime
 from langgraph.store.base import BaseStore
 
 from keel.memory.scope import store_of, user_namespace
+from keel.nodes._node import context_of
+from keel.state import RunContext
 from keel.tools.registry import KeelTool, tool
 
 __all__ = ["memory_tools"]
@@ -27,8 +29,8 @@ def memory_tools(store: BaseStore | None = None, *, kind: str = "memories") -> l
     """
 
     def scope() -> tuple[BaseStore, tuple[str, ...]]:
-        runtime = get_runtime()
-        return store_of(runtime, store), user_namespace(runtime.context, kind)
+        runtime = get_runtime(RunContext)
+        return store_of(runtime, store), user_namespace(context_of(runtime), kind)
 
     @tool(name="remember", risk="write", side_effects=False)
     def remember(text: str) -> str:

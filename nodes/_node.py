@@ -8,6 +8,7 @@ from typing import Any
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.runtime import Runtime
 
+from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
 
 __all__ = ["context_of", "make_node"]
@@ -29,7 +30,14 @@ def make_node(
 
 
 def context_of(runtime: Runtime[RunContext] | None) -> RunContext:
-    """The run's `RunContext`; the anonymous default when the caller passed none."""
+    """The run's `RunContext`; the anonymous default when the caller passed none.
+
+    Under LangGraph server with auth, the identity is the authenticated user's (see
+    `keel.identity`): whatever `context` the client sent is ignored.
+    """
+    user = server_user(runtime)
+    if user is not None:
+        return context_from_user(user)
     ctx = runtime.context if runtime is not None else None
     if ctx is None:
         return _DEFAULT_CONTEXT

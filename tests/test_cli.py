@@ -88,3 +88,16 @@ def test_resume_of_a_thread_that_waits_for_nothing(
         os.environ.pop("KEEL_MODEL", None)
     assert code == 2
     assert "not-a-provider-string" in capsys.readouterr().err
+
+
+def test_serve_without_a_server_config_says_what_to_pass(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("KEEL_SERVER_CONFIG", raising=False)
+    assert main(["serve", "--port", "8765"]) == 2
+    assert (
+        "keel serve needs --server-config FILE (or KEEL_SERVER_CONFIG)." in capsys.readouterr().err
+    )
+    missing = str(tmp_path / "nope.toml")
+    assert main(["serve", "--server-config", missing]) == 2
+    assert f"Server config {missing!r} does not exist" in capsys.readouterr().err

@@ -81,7 +81,15 @@ PUBLIC = {
     ],
     "keel.otel": ["Telemetry", "active", "use"],
     "keel.tracing": ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"],
-    "keel.graphs": ["build_agent", "route_after_model", "route_after_review", "route_after_tools"],
+    "keel.graphs": [
+        "FINISH",
+        "Route",
+        "build_agent",
+        "build_supervisor",
+        "route_after_model",
+        "route_after_review",
+        "route_after_tools",
+    ],
     "keel.nodes": [
         "BeforeModel",
         "Check",

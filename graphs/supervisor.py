@@ -1,0 +1,260 @@
+"""`build_supervisor`: route a task to focused keel agents and pass their results back.
+
+```
+START → route ─┬─ agent "support" ─┐
+       ▲       ├─ agent "billing" ─┤  (each a whole keel agent: its own tools, policy, budget)
+       │       └─ FINISH → END     │
+       └────── result ◄────────────┘   a stopped / failed agent ends the run with its outcome
+```
+
+Each agent runs as a subgraph called inside its node, on a fresh conversation holding only the
+task the router gave it, so its guards, budget and approvals apply unchanged. Its approval
+`interrupt()` surfaces to the supervisor's caller, and `Command(resume=...)` on the supervisor's
+thread resumes it. Its answer comes back as an `AIMessage` named after the agent; its usage and
+approvals are added to the supervisor's.
+
+While a sub-agent waits for a human, the supervisor's thread shows the agent's review requests
+as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on the server) and
+`next == (agent name,)`; the supervisor's own `outcome` is set when the run ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.store.base import BaseStore
+from pydantic import BaseModel, Field
+
+from keel import outcome
+from keel.errors import UserError
+from keel.graphs.agent import Agent
+from keel.models import resolve_model
+from keel.nodes._node import make_node
+from keel.state import AgentState, RunContext, Usage
+
+__all__ = ["FINISH", "Route", "build_supervisor"]
+
+FINISH = "FINISH"
+"""The router's answer when the task is done."""
+
+
+class Route(BaseModel):
+    """The router's decision: which agent gets which task next, or `FINISH`."""
+
+    agent: str = Field(description="The agent to hand the task to, or FINISH when it is done.")
+    task: str = Field(default="", description="The task for that agent, in your own words.")
+
+
+class SupervisorState(AgentState, total=False):
+    """`AgentState` plus the router's pending decision and the number of hand-offs so far."""
+
+    route: dict[str, str] | None
+    handoffs: int
+
+
+Router = Callable[[Sequence[BaseMessage]], Route]
+ARouter = Callable[[Sequence[BaseMessage]], Awaitable[Route]]
+
+
+def build_supervisor(
+    agents: Mapping[str, Agent],
+    router: str | BaseChatModel | Router,
+    *,
+    descriptions: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    max_handoffs: int = 4,
+    checkpointer: BaseCheckpointSaver[Any] | None = None,
+    store: BaseStore | None = None,
+    name: str = "keel_supervisor",
+) -> Any:
+    """Build a supervisor that routes a task to focused agents (each built with `build_agent`).
+
+    Args:
+        agents: The agents by name; compile them without a checkpointer (they use the
+            supervisor's).
+        router: A chat model (asked for a structured `Route`), a `provider:name` string, or a
+            function `messages -> Route`.
+        descriptions: One line per agent name, shown to the routing model.
+        system_prompt: Extra routing instructions.
+        max_handoffs: Hand-offs allowed per task; then the run stops as `budget_exceeded`.
+        checkpointer: A LangGraph checkpointer; needed for the agents' approvals.
+        store: A LangGraph store, passed on to the agents.
+        name: The graph's name.
+
+    Example:
+        ```python
+        from keel.evals import ScriptedChatModel
+        from keel.graphs import Route, build_agent, build_supervisor
+
+        support = build_agent(ScriptedChatModel(script=["It shipped yesterday."]))
+        sup = build_supervisor(
+            {"support": support},
+            lambda messages: Route(agent="FINISH" if len(messages) > 1 else "support"),
+        )
+        result = sup.invoke({"messages": [("user", "Where is my order?")]})
+        assert result["messages"][-1].text == "It shipped yesterday."
+        ```
+    """
+    _validate(agents, router, max_handoffs)
+    decide, adecide = _router(router, agents, descriptions or {}, system_prompt)
+    graph = StateGraph(SupervisorState, context_schema=RunContext)
+    graph.add_node("route", _route_node(decide, adecide, max_handoffs))
+    for agent_name, agent in agents.items():
+        graph.add_node(agent_name, _agent_node(agent_name, agent))
+        graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
+    graph.add_edge(START, "route")
+    graph.add_conditional_edges("route", route_after_router, [*agents, END])
+    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+
+
+def route_after_router(state: SupervisorState) -> str:
+    """After `route`: the chosen agent, or the end."""
+    decision = state.get("route")
+    return END if decision is None else decision["agent"]
+
+
+def route_after_agent(state: SupervisorState) -> str:
+    """After an agent: back to the router, or the end when the agent was stopped or failed."""
+    result = state.get("outcome")
+    return "route" if result is not None and result["status"] == "success" else END
+
+
+def _route_node(decide: Router, adecide: ARouter, max_handoffs: int) -> Any:
+    def route(state: SupervisorState) -> dict[str, Any]:
+        return _after_decision(decide(state.get("messages") or []), state, max_handoffs)
+
+    async def aroute(state: SupervisorState) -> dict[str, Any]:
+        decision = await adecide(state.get("messages") or [])
+        return _after_decision(decision, state, max_handoffs)
+
+    return make_node("route", route, aroute)
+
+
+def _after_decision(decision: Route, state: SupervisorState, max_handoffs: int) -> dict[str, Any]:
+    """The state update for the router's decision (pure: shared by both drivers)."""
+    messages = state.get("messages") or []
+    handoffs = state.get("handoffs") or 0
+    last = messages[-1] if messages else None
+    if handoffs and not (isinstance(last, AIMessage) and last.name):
+        handoffs = 0  # a new user turn on the thread: a new task
+    if decision.agent == FINISH:
+        return {"route": None, "handoffs": handoffs, "outcome": _finished(decision, state)}
+    if handoffs >= max_handoffs:
+        detail = f"the supervisor handed off {handoffs} times (max_handoffs={max_handoffs})"
+        return {"route": None, "outcome": outcome.stopped("budget_exceeded", detail)}
+    return {
+        "route": {"agent": decision.agent, "task": decision.task or _last_user_text(messages)},
+        "handoffs": handoffs + 1,
+        "outcome": None,
+    }
+
+
+def _agent_node(agent_name: str, agent: Agent) -> Any:
+    def task_input(state: SupervisorState) -> AgentState:
+        decision = state.get("route") or {}
+        return {"messages": [HumanMessage(decision.get("task", ""))]}
+
+    def invoke(state: SupervisorState, config: RunnableConfig) -> dict[str, Any]:
+        return _result(agent_name, agent.invoke(task_input(state), config))
+
+    async def ainvoke(state: SupervisorState, config: RunnableConfig) -> dict[str, Any]:
+        return _result(agent_name, await agent.ainvoke(task_input(state), config))
+
+    return make_node(agent_name, invoke, ainvoke)
+
+
+def _result(agent_name: str, final: Mapping[str, Any]) -> dict[str, Any]:
+    """The supervisor's update from an agent's final state: its answer, usage and outcome."""
+    messages = final.get("messages") or []
+    answer = next((m for m in reversed(messages) if isinstance(m, AIMessage) and m.text), None)
+    text = answer.text if answer is not None else ""
+    usage = cast(Usage, final.get("usage") or {})
+    update: dict[str, Any] = {
+        "messages": [AIMessage(content=text, name=agent_name)],
+        "usage": usage,
+        "approvals": final.get("approvals") or {},
+        "outcome": final.get("outcome"),
+        "route": None,
+    }
+    return update
+
+
+def _finished(decision: Route, state: SupervisorState) -> Any:
+    result = state.get("outcome")
+    if result is not None and result["status"] == "success":
+        return result
+    return outcome.completed(decision.task or "the supervisor finished without handing off")
+
+
+def _last_user_text(messages: Sequence[BaseMessage]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, HumanMessage):
+            return message.text
+    return ""
+
+
+def _router(
+    router: str | BaseChatModel | Router,
+    agents: Mapping[str, Agent],
+    descriptions: Mapping[str, str],
+    system_prompt: str | None,
+) -> tuple[Router, ARouter]:
+    """The routing decision as a sync and an async function, both checked against `agents`."""
+    if callable(router) and not isinstance(router, BaseChatModel):
+        decide = router
+
+        def ask(messages: Sequence[BaseMessage]) -> Route:
+            return _check(decide(messages), agents)
+
+        async def aask(messages: Sequence[BaseMessage]) -> Route:
+            return _check(decide(messages), agents)
+
+        return ask, aask
+    chat = resolve_model(router).with_structured_output(Route)
+    lines = [f"- {n}: {descriptions[n]}" if descriptions.get(n) else f"- {n}" for n in agents]
+    prompt = (
+        "You are a supervisor. Hand the user's task, or its next part, to one of these agents, "
+        f"and answer {FINISH} when their answers cover it:\n" + "\n".join(lines)
+    )
+    if system_prompt:
+        prompt += "\n\n" + system_prompt
+
+    def model_ask(messages: Sequence[BaseMessage]) -> Route:
+        answer = chat.invoke([SystemMessage(prompt), *messages])
+        return _check(Route.model_validate(answer), agents)
+
+    async def model_aask(messages: Sequence[BaseMessage]) -> Route:
+        answer = await chat.ainvoke([SystemMessage(prompt), *messages])
+        return _check(Route.model_validate(answer), agents)
+
+    return model_ask, model_aask
+
+
+def _check(decision: Route, agents: Mapping[str, Agent]) -> Route:
+    if decision.agent != FINISH and decision.agent not in agents:
+        raise UserError(
+            f"The supervisor's router chose {decision.agent!r}; the agents are "
+            f"{sorted(agents)} (or {FINISH})."
+        )
+    return decision
+
+
+def _validate(agents: Mapping[str, Agent], router: object, max_handoffs: object) -> None:
+    if not isinstance(agents, Mapping) or not agents:
+        raise UserError("build_supervisor(agents=...) must map agent names to keel agents.")
+    reserved = {FINISH, "route", START, END}
+    for agent_name in agents:
+        if agent_name in reserved:
+            raise UserError(f"Agent name {agent_name!r} is reserved; rename it.")
+    if router is None:
+        raise UserError("build_supervisor(router=...) needs a chat model or a function.")
+    if not isinstance(max_handoffs, int) or max_handoffs < 1:
+        raise UserError(
+            f"build_supervisor(max_handoffs=...) must be 1 or more, got {max_handoffs!r}."
+        )

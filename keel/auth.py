@@ -1,0 +1,115 @@
+"""keel's custom auth for LangGraph server (`langgraph.json`: `"auth": {"path": "keel.auth:auth"}`).
+
+- **Who:** `Authorization: Bearer <token>` is looked up in the server config file
+  (`KEEL_SERVER_CONFIG`); the user record carries user, tenant, roles and the policy name. keel's
+  nodes take the run's identity from it (`keel.identity`), never from the client's `context`.
+- **Whose:** threads, runs, crons and assistants are stamped with `keel_tenant` / `keel_owner`
+  metadata on create and filtered by them on every read, search, update, delete and run, so
+  another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
+  readable by all). Store namespaces must be the caller's own memory namespace
+  `(kind, tenant, user, ...)`; anything else is refused with 403.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph_sdk import Auth
+
+from keel.errors import KeelError
+from keel.identity import user_record
+from keel.memory.scope import label
+from keel.server_config import server_config
+
+__all__ = ["auth", "owner_filter", "store_namespace_allowed"]
+
+auth = Auth()
+server_config()  # read the file at startup (a missing or bad one stops the server with why)
+
+TENANT_KEY = "keel_tenant"
+OWNER_KEY = "keel_owner"
+
+
+def owner_filter(user: Any) -> dict[str, str]:
+    """The metadata every resource of this user carries (and is filtered by).
+
+    A user keel did not authenticate (e.g. `langgraph dev`'s Studio user) has no tenant and is
+    refused with 403.
+    """
+    try:
+        return {TENANT_KEY: str(user["tenant_id"]), OWNER_KEY: str(user.identity)}
+    except (KeyError, TypeError):
+        raise Auth.exceptions.HTTPException(
+            status_code=403, detail="Not a keel user: authenticate with a keel bearer token."
+        ) from None
+
+
+def store_namespace_allowed(user: Any, namespace: tuple[str, ...] | None) -> bool:
+    """Whether `namespace` is inside the user's own `(kind, tenant, user)` memory namespace."""
+    if namespace is None or len(namespace) < 3:
+        return False
+    return namespace[1] == label(str(user["tenant_id"])) and namespace[2] == label(user.identity)
+
+
+@auth.authenticate
+async def authenticate(authorization: str | None) -> dict[str, Any]:
+    """Map a bearer token to its user record (401 without a known token)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Auth.exceptions.HTTPException(
+            status_code=401, detail="Send 'Authorization: Bearer <token>'."
+        )
+    try:
+        config = server_config()
+    except KeelError as exc:
+        raise Auth.exceptions.HTTPException(status_code=500, detail=str(exc)) from exc
+    entry = config.authenticate(token.strip())
+    if entry is None:
+        raise Auth.exceptions.HTTPException(status_code=401, detail="Unknown token.")
+    tenant = config.tenant(entry.tenant)
+    spec = tenant.agents[tenant.agent]
+    policy = spec.policy.name if spec.policy is not None else "default"
+    return user_record(
+        user_id=entry.user_id, tenant_id=entry.tenant, roles=entry.roles, policy=policy
+    )
+
+
+@auth.on
+async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
+    """Threads, runs, crons, assistants: stamp the owner on create, filter by it everywhere."""
+    owner = owner_filter(ctx.user)
+    if ctx.action in ("create", "create_run") and isinstance(value, dict):
+        metadata = value.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = value["metadata"] = {}
+        metadata.update(owner)
+    return owner
+
+
+@auth.on.assistants.read
+async def read_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
+    """Your own assistants, and the graphs' own ones (one per graph in langgraph.json)."""
+    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
+
+
+@auth.on.assistants.search
+async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
+    """Listing assistants shows your own and the graphs' own ones."""
+    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
+
+
+@auth.on.store
+async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
+    """Store items: only inside the caller's `(kind, tenant, user)` namespace."""
+    owner_filter(ctx.user)  # refuses users without a tenant
+    namespace = value.get("namespace")
+    namespace = tuple(namespace) if namespace is not None else None
+    if not store_namespace_allowed(ctx.user, namespace):
+        tenant, user = label(str(ctx.user["tenant_id"])), label(ctx.user.identity)
+        raise Auth.exceptions.HTTPException(
+            status_code=403,
+            detail=(
+                f"Store namespace {namespace!r} is not yours: use ('memories', {tenant!r}, "
+                f"{user!r}, ...)."
+            ),
+        )

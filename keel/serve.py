@@ -1,0 +1,88 @@
+"""`keel serve`: run keel's graphs under `langgraph dev` (in-memory LangGraph server), offline.
+
+The command it runs is built by `serve_command` so that tests and notebooks start the server the
+same way users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from keel.errors import SetupError, UserError
+from keel.server_config import CONFIG_ENV
+
+__all__ = ["LANGGRAPH_JSON", "serve_command", "serve_env"]
+
+LANGGRAPH_JSON = {
+    "dependencies": ["."],
+    "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
+    # without disable_studio_auth, `langgraph dev` lets any request with the header
+    # `x-auth-scheme: langsmith` in as a Studio user, no token checked
+    "auth": {"path": "keel.auth:auth", "disable_studio_auth": True},
+}
+"""What `keel serve` writes to `.keel/langgraph.json` when the directory has no langgraph.json."""
+
+_OFFLINE = {
+    "LANGGRAPH_CLI_NO_ANALYTICS": "1",
+    "LANGGRAPH_NO_VERSION_CHECK": "true",
+    "LANGSMITH_TRACING": "false",
+}
+
+
+def serve_env(server_config: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: `KEEL_SERVER_CONFIG`, no analytics, no version check.
+
+    LangSmith tracing is off unless `base` (default: this process's environment) has
+    `LANGSMITH_API_KEY` and `LANGSMITH_TRACING=true`.
+    """
+    env = dict(os.environ if base is None else base)
+    tracing = env.get("LANGSMITH_TRACING", "").lower() == "true" and env.get("LANGSMITH_API_KEY")
+    env.update(_OFFLINE)
+    if tracing:
+        env["LANGSMITH_TRACING"] = "true"
+    path = Path(server_config)
+    if not path.is_file():
+        raise UserError(
+            f"Server config {str(path)!r} does not exist: pass --server-config FILE (tokens, "
+            "tenants and their agents; see the README's Serving section)."
+        )
+    env[CONFIG_ENV] = str(path.resolve())
+    return env
+
+
+def serve_command(
+    *, port: int, host: str = "127.0.0.1", config: str | Path | None = None, reload: bool = False
+) -> list[str]:
+    """The `langgraph dev` command line for keel's graphs (never `--allow-blocking`)."""
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise UserError(f"--port must be a TCP port (1-65535), got {port!r}.")
+    cli = shutil.which("langgraph") or str(Path(sys.executable).with_name("langgraph"))
+    if not Path(cli).exists():
+        raise SetupError(
+            "`langgraph` (the LangGraph CLI) is not installed: pip install 'langgraph-cli[inmem]'."
+        )
+    cmd = [cli, "dev", "--port", str(port), "--host", host, "--no-browser"]
+    cmd += ["--config", str(_langgraph_json(config))]
+    if not reload:
+        cmd.append("--no-reload")
+    return cmd
+
+
+def _langgraph_json(config: str | Path | None) -> Path:
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"langgraph config {str(path)!r} does not exist.")
+        return path
+    if Path("langgraph.json").is_file():
+        return Path("langgraph.json")
+    path = Path(".keel/langgraph.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {**LANGGRAPH_JSON, "dependencies": ["langgraph-keel"]}  # keel, installed
+    path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    return path

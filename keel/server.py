@@ -1,0 +1,164 @@
+"""Graph factories for LangGraph server (`langgraph.json`): `agent` and `supervisor`.
+
+The server calls a factory for every run and state read with a `ServerRuntime` carrying the
+authenticated user (from `keel.auth`). The factory picks that user's tenant from the server
+config file (`KEEL_SERVER_CONFIG`, see `keel.server_config`) and returns the tenant's graph,
+compiled *without* a checkpointer or store: the server supplies its own (in memory under
+`langgraph dev`, Postgres when self-hosted). Graphs are built once per tenant and config file.
+
+```json
+{
+  "dependencies": ["."],
+  "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
+  "auth": {"path": "keel.auth:auth", "disable_studio_auth": true}
+}
+```
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, cast
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import RunnableConfig
+from langgraph_sdk.runtime import ServerRuntime
+
+from keel.demo import DemoShop, demo_tools, scripted_model
+from keel.errors import SetupError, UserError
+from keel.graphs.agent import Agent, build_agent
+from keel.graphs.supervisor import build_supervisor
+from keel.ledger import Ledger
+from keel.memory.tools import memory_tools
+from keel.models import resolve_model
+from keel.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
+from keel.state import RunContext
+from keel.tools.registry import KeelTool
+
+__all__ = ["agent", "build_tenant_agent", "build_tenant_supervisor", "supervisor"]
+
+
+def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
+    """The `agent` graph: the authenticated tenant's main agent, or another of its agents.
+
+    An assistant (or run) configured with `{"configurable": {"agent": "assistant"}}` runs the
+    tenant's agent of that name.
+    """
+    server, tenant = _tenant_of(runtime)
+    name = (config.get("configurable") or {}).get("agent") or tenant.agent
+    if name not in tenant.agents:
+        raise UserError(
+            f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
+        )
+    key = ("agent", tenant.name, name)
+    ledger = _ledger(server)
+    return cast(
+        Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger))
+    )
+
+
+def supervisor(runtime: ServerRuntime[RunContext]) -> Any:
+    """The `supervisor` graph: the authenticated tenant's supervisor of focused agents."""
+    server, tenant = _tenant_of(runtime)
+    ledger = _ledger(server)
+    key = ("supervisor", tenant.name)
+    return _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger))
+
+
+def build_tenant_agent(
+    tenant: TenantConfig, name: str | None = None, *, ledger: Ledger | None = None
+) -> Agent:
+    """Build one of a tenant's agents (default: its main one) without a checkpointer."""
+    spec = tenant.agents[name or tenant.agent]
+    if spec.policy is not None and spec.policy.period_budgets and ledger is None:
+        raise SetupError(
+            f"Agent {spec.name!r} of tenant {tenant.name!r} has period budgets, which live in "
+            'the ledger: add ledger = "postgresql://..." at the top of the server config.'
+        )
+    return build_agent(
+        _model(spec.model),
+        _tools(spec),
+        system_prompt=spec.system_prompt,
+        plan=spec.plan,
+        policy=spec.policy,
+        ledger=ledger,
+        name=spec.name,
+    )
+
+
+def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = None) -> Any:
+    """Build a tenant's supervisor over its focused agents, without a checkpointer."""
+    if tenant.supervisor is None:
+        raise UserError(
+            f"Tenant {tenant.name!r} has no supervisor: add supervisor = {{ model = ..., agents = "
+            f"[...] }} to [tenants.{tenant.name}] in the server config."
+        )
+    names = tenant.supervisor.agents
+    return build_supervisor(
+        {n: build_tenant_agent(tenant, n, ledger=ledger) for n in names},
+        _model(tenant.supervisor.model),
+        descriptions={n: tenant.agents[n].description for n in names},
+        system_prompt=tenant.supervisor.system_prompt,
+        name="supervisor",
+    )
+
+
+def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:
+    config = server_config()
+    user = runtime.user
+    if user is None:
+        raise SetupError(
+            "keel's served graphs need the authenticated user: set "
+            '"auth": {"path": "keel.auth:auth"} in langgraph.json.'
+        )
+    try:
+        tenant = str(user["tenant_id"])
+    except (KeyError, TypeError) as exc:
+        raise SetupError(
+            f"The server user {user.identity!r} has no tenant_id; use keel.auth:auth."
+        ) from exc
+    if tenant not in config.tenants:
+        raise SetupError(f"Tenant {tenant!r} is not in the server config {str(config.path)!r}.")
+    return config, config.tenant(tenant)
+
+
+def _cached(config: ServerConfig, key: tuple[str, ...], build: Any) -> Any:
+    if key not in config.cache:
+        config.cache[key] = build()
+    return config.cache[key]
+
+
+def _ledger(config: ServerConfig) -> Ledger | None:
+    """One ledger (one connection pool) per config, opened on first use."""
+    if config.ledger_url is None:
+        return None
+    return cast(Ledger, _cached(config, ("ledger",), lambda: Ledger(config.ledger_url)))
+
+
+def _model(name: str) -> BaseChatModel:
+    return scripted_model(name) if name.startswith("keel:") else resolve_model(name)
+
+
+def _tools(spec: AgentSpec) -> list[Any]:
+    bundled: dict[str, KeelTool] = {t.name: t for t in [*demo_tools(DemoShop()), *memory_tools()]}
+    out: list[Any] = []
+    for ref in spec.tools:
+        if ref in bundled:
+            out.append(bundled[ref])
+        elif ":" in ref:
+            out.extend(_import_tools(ref, spec.name))
+        else:
+            raise UserError(
+                f"Agent {spec.name!r}: unknown tool {ref!r}. Use a bundled tool "
+                f"({', '.join(sorted(bundled))}) or 'package.module:attribute'."
+            )
+    return out
+
+
+def _import_tools(ref: str, agent_name: str) -> list[Any]:
+    module_name, _, attr = ref.partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"Agent {agent_name!r}: cannot import tool {ref!r}: {exc}.") from exc
+    return list(value) if isinstance(value, list | tuple) else [value]

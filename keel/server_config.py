@@ -1,0 +1,295 @@
+"""The server config file: bearer tokens → user, tenant, roles; per-tenant agents.
+
+`keel.auth` and the graph factories in `keel.server` read it from the TOML file named by
+`KEEL_SERVER_CONFIG`. Example:
+
+```toml
+ledger = "${KEEL_LEDGER_URL}"                         # only for policies with period budgets
+
+[[users]]
+token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+user = "alice"
+tenant = "acme"
+roles = ["support"]
+
+[tenants.acme]
+agent = "billing"                                     # served as the `agent` graph
+supervisor = { model = "keel:demo-router", agents = ["support", "billing"] }
+
+[tenants.acme.agents.billing]
+description = "Refunds and charges."
+model = "keel:demo"                                   # or "openai:gpt-4o-mini"
+system_prompt = "You handle refunds."
+tools = ["lookup_order", "search_policy", "issue_refund"]
+policy = "policies/acme.toml"                         # a path (relative to this file) or a table
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel.errors import SetupError, UserError
+from keel.guards.policy import Policy
+
+__all__ = [
+    "CONFIG_ENV",
+    "AgentSpec",
+    "ServerConfig",
+    "SupervisorSpec",
+    "TenantConfig",
+    "UserEntry",
+    "server_config",
+]
+
+CONFIG_ENV = "KEEL_SERVER_CONFIG"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentSpec:
+    """One focused agent of a tenant."""
+
+    name: str
+    """The agent's name (the supervisor routes by it)."""
+    model: str
+    """`provider:name` (`openai:gpt-4o-mini`) or a bundled scripted model (`keel:demo`)."""
+    description: str = ""
+    """What the agent does, shown to the supervisor."""
+    system_prompt: str | None = None
+    """The agent's system prompt."""
+    tools: tuple[str, ...] = ()
+    """Enabled tools: bundled names (`lookup_order`, `remember`, ...) or `module:attribute`."""
+    policy: Policy | None = None
+    """The policy the agent is held to (its rules use the authenticated user's roles)."""
+    plan: bool = False
+    """Plan first."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SupervisorSpec:
+    """A tenant's supervisor: which agents it routes to, with what model."""
+
+    model: str
+    """The routing model (structured output `Route`)."""
+    agents: tuple[str, ...]
+    """The tenant's agents it may route to."""
+    system_prompt: str | None = None
+    """Extra instructions for routing."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TenantConfig:
+    """Everything one tenant's runs use."""
+
+    name: str
+    """The tenant id (becomes `RunContext.tenant_id`, and so its memory namespace)."""
+    agents: Mapping[str, AgentSpec]
+    """The tenant's agents, by name."""
+    agent: str
+    """The agent the `agent` graph serves."""
+    supervisor: SupervisorSpec | None = None
+    """The `supervisor` graph's setup; None: the tenant has no supervisor."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UserEntry:
+    """One bearer token and whom it authenticates."""
+
+    token_sha256: str
+    """SHA-256 (hex) of the token."""
+    user_id: str
+    """The user."""
+    tenant: str
+    """The user's tenant."""
+    roles: tuple[str, ...] = ("user",)
+    """The roles the permission rules match."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The parsed config file."""
+
+    path: Path
+    """Where it was read from."""
+    tenants: Mapping[str, TenantConfig]
+    """Tenants by id."""
+    users: tuple[UserEntry, ...]
+    """Token entries."""
+    ledger_url: str | None = None
+    """The ledger database for period budgets (PostgreSQL: the served path must not block)."""
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Graphs built from this config (by the factories in `keel.server`)."""
+
+    def authenticate(self, token: str) -> UserEntry | None:
+        """The entry whose token this is (constant-time comparison), or None."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        found = None
+        for entry in self.users:
+            if hmac.compare_digest(entry.token_sha256, digest):
+                found = entry
+        return found
+
+    def tenant(self, name: str) -> TenantConfig:
+        """The tenant's config; an authenticated user's tenant always exists (checked at load)."""
+        return self.tenants[name]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServerConfig:
+        """Read and check a server config file (TOML)."""
+        p = Path(path)
+        if not p.is_file():
+            raise SetupError(
+                f"keel server config {str(p)!r} does not exist. Set {CONFIG_ENV} to the path "
+                "of a TOML file with [[users]] and [tenants.<id>] (see keel.server_config)."
+            )
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SetupError(f"keel server config {str(p)!r} is not valid TOML: {exc}.") from exc
+        try:
+            return _parse(p, data)
+        except (UserError, TypeError) as exc:
+            raise SetupError(f"keel server config {str(p)!r}: {exc}") from exc
+
+
+def server_config() -> ServerConfig:
+    """The config named by `KEEL_SERVER_CONFIG`, read once per process and path.
+
+    No file I/O after the first call: the server calls this on the request path, where
+    `langgraph dev` refuses blocking calls (keel.auth and keel.server read it at import).
+    """
+    raw = os.environ.get(CONFIG_ENV, "").strip()
+    if not raw:
+        raise SetupError(
+            f"{CONFIG_ENV} is not set. Point it at the server config file, e.g. "
+            f"`export {CONFIG_ENV}=keel-server.toml` (see keel.server_config for the format)."
+        )
+    if raw not in _LOADED:
+        _LOADED[raw] = ServerConfig.from_file(raw)
+    return _LOADED[raw]
+
+
+_LOADED: dict[str, ServerConfig] = {}
+
+
+def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
+    _only(data, {"users", "tenants", "ledger"}, "the file")
+    tenants_raw = data.get("tenants")
+    if not isinstance(tenants_raw, Mapping) or not tenants_raw:
+        raise UserError("it needs at least one [tenants.<id>] table.")
+    tenants = {name: _tenant(path, name, raw) for name, raw in tenants_raw.items()}
+    users_raw = data.get("users", [])
+    if not isinstance(users_raw, list) or not users_raw:
+        raise UserError("it needs [[users]] entries (token_sha256, user, tenant, roles).")
+    users = tuple(_user(i, raw, tenants) for i, raw in enumerate(users_raw))
+    return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=_ledger_url(data))
+
+
+def _ledger_url(data: Mapping[str, Any]) -> str | None:
+    if "ledger" not in data:
+        return None
+    url = os.path.expandvars(_text(data, "ledger", "the file"))
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise UserError(
+            f"ledger = {url!r}: a served ledger must be PostgreSQL (postgresql://...); the SQLite "
+            "ledger creates its file with blocking calls, which `langgraph dev` refuses."
+        )
+    return url
+
+
+def _user(i: int, raw: Any, tenants: Mapping[str, TenantConfig]) -> UserEntry:
+    where = f"users[{i}]"
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{where} must be a table.")
+    _only(raw, {"token", "token_sha256", "user", "tenant", "roles"}, where)
+    if ("token" in raw) == ("token_sha256" in raw):
+        raise UserError(f"{where} needs exactly one of token_sha256 (preferred) or token.")
+    digest = raw.get("token_sha256") or hashlib.sha256(str(raw["token"]).encode()).hexdigest()
+    tenant = _text(raw, "tenant", where)
+    if tenant not in tenants:
+        raise UserError(f"{where}: tenant {tenant!r} has no [tenants.{tenant}] table.")
+    roles = raw.get("roles", ["user"])
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+        raise UserError(f"{where}: roles must be a list of role names, got {roles!r}.")
+    return UserEntry(
+        token_sha256=str(digest).lower(),
+        user_id=_text(raw, "user", where),
+        tenant=tenant,
+        roles=tuple(roles),
+    )
+
+
+def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
+    where = f"tenants.{name}"
+    if not isinstance(raw, Mapping):
+        raise UserError(f"[{where}] must be a table.")
+    _only(raw, {"agent", "agents", "supervisor"}, f"[{where}]")
+    agents_raw = raw.get("agents")
+    if not isinstance(agents_raw, Mapping) or not agents_raw:
+        raise UserError(f"[{where}] needs at least one [{where}.agents.<name>] table.")
+    agents = {n: _agent(path, f"{where}.agents.{n}", n, a) for n, a in agents_raw.items()}
+    agent = raw.get("agent", next(iter(agents)))
+    if agent not in agents:
+        raise UserError(f"[{where}] agent = {agent!r} is not one of its agents {sorted(agents)}.")
+    supervisor = None
+    if "supervisor" in raw:
+        sup = raw["supervisor"]
+        if not isinstance(sup, Mapping):
+            raise UserError(f"[{where}] supervisor must be a table.")
+        _only(sup, {"model", "agents", "system_prompt"}, f"{where}.supervisor")
+        names = sup.get("agents", list(agents))
+        unknown = sorted(set(names) - set(agents)) if isinstance(names, list) else names
+        if unknown:
+            raise UserError(f"{where}.supervisor agents {unknown!r} are not in {sorted(agents)}.")
+        supervisor = SupervisorSpec(
+            model=_text(sup, "model", f"{where}.supervisor"),
+            agents=tuple(names),
+            system_prompt=sup.get("system_prompt"),
+        )
+    return TenantConfig(name=name, agents=agents, agent=agent, supervisor=supervisor)
+
+
+def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
+    if not isinstance(raw, Mapping):
+        raise UserError(f"[{where}] must be a table.")
+    _only(raw, {"model", "description", "system_prompt", "tools", "policy", "plan"}, f"[{where}]")
+    tools = raw.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+        raise UserError(f"[{where}] tools must be a list of tool names, got {tools!r}.")
+    policy_raw = raw.get("policy")
+    policy = None
+    if isinstance(policy_raw, str):
+        policy = Policy.from_file(path.parent / policy_raw)
+    elif isinstance(policy_raw, Mapping):
+        policy = Policy.from_dict(policy_raw)
+    elif policy_raw is not None:
+        raise UserError(f"[{where}] policy must be a file path or a table, got {policy_raw!r}.")
+    return AgentSpec(
+        name=name,
+        model=_text(raw, "model", f"[{where}]"),
+        description=str(raw.get("description", "")),
+        system_prompt=raw.get("system_prompt"),
+        tools=tuple(tools),
+        policy=policy,
+        plan=bool(raw.get("plan", False)),
+    )
+
+
+def _text(raw: Mapping[str, Any], key: str, where: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f'{where} needs {key} = "..." (a non-empty string), got {value!r}.')
+    return value
+
+
+def _only(raw: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(known)}.")

@@ -1,0 +1,163 @@
+"""The server config file, identity from the server's user, the graph factories and `keel serve`'s
+command line, without a server (the served behaviour is in test_server_e2e.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from langgraph.store.memory import InMemoryStore
+from langgraph_sdk.runtime import _ExecutionRuntime
+
+from keel import RunContext, SetupError, UserError
+from keel.identity import context_from_user, user_record
+from keel.nodes._node import context_of
+from keel.serve import serve_command, serve_env
+from keel.server_config import CONFIG_ENV, ServerConfig, server_config
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E_CONFIG = ROOT / "tests" / "serve" / "keel-server.toml"
+MINIMAL = """
+[[users]]
+token_sha256 = "{digest}"
+user = "alice"
+tenant = "acme"
+roles = ["support"]
+
+[tenants.acme.agents.main]
+model = "keel:demo"
+tools = ["lookup_order"]
+"""
+
+
+class User(dict[str, Any]):
+    """A server user as LangGraph hands it over: dict access plus `.identity`."""
+
+    @property
+    def identity(self) -> str:
+        return str(self["identity"])
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_tokens_map_to_user_tenant_and_roles(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    config = ServerConfig.from_file(_write(tmp_path, MINIMAL.format(digest=digest)))
+    entry = config.authenticate("s3cret")
+    assert entry is not None
+    assert (entry.user_id, entry.tenant, entry.roles) == ("alice", "acme", ("support",))
+    assert config.authenticate("S3CRET") is None
+    assert config.tenant("acme").agent == "main"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tenants", "is not valid TOML"),
+        ("[[users]]\nuser='a'\n", "it needs at least one [tenants.<id>] table."),
+        (
+            MINIMAL.format(digest="x").replace('tenant = "acme"', 'tenant = "nope"'),
+            "users[0]: tenant 'nope' has no [tenants.nope] table.",
+        ),
+        (
+            MINIMAL.format(digest="x").replace('user = "alice"', 'user = "alice"\ntoken = "t"'),
+            "users[0] needs exactly one of token_sha256 (preferred) or token.",
+        ),
+        (
+            MINIMAL.format(digest="x") + 'plan = "yes"\nmodle = "x"\n',
+            "unknown key(s) ['modle'] in [tenants.acme.agents.main]",
+        ),
+        (
+            MINIMAL.format(digest="x").replace(
+                "[tenants.acme.agents.main]",
+                '[tenants.acme]\nagent = "other"\n[tenants.acme.agents.main]',
+            ),
+            "[tenants.acme] agent = 'other' is not one of its agents ['main'].",
+        ),
+    ],
+)
+def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SetupError) as caught:
+        ServerConfig.from_file(_write(tmp_path, text))
+    assert message in str(caught.value)
+
+
+def test_missing_config_says_how_to_set_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    with pytest.raises(SetupError, match=re.escape("KEEL_SERVER_CONFIG is not set. Point it at")):
+        server_config()
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "none.toml"))
+    with pytest.raises(SetupError, match=r"none.toml' does not exist. Set KEEL_SERVER_CONFIG"):
+        server_config()
+
+
+def test_the_server_user_wins_over_the_clients_context() -> None:
+    user = User(user_record(user_id="alice", tenant_id="acme", roles=["support"], policy="p"))
+    forged = {"user_id": "mallory", "tenant_id": "globex", "roles": ["admin"]}
+    runtime = SimpleNamespace(context=forged, server_info=SimpleNamespace(user=user))
+    assert context_of(runtime) == RunContext(  # type: ignore[arg-type]
+        user_id="alice", tenant_id="acme", roles=("support",), policy="p"
+    )
+    outside = SimpleNamespace(context=forged, server_info=None)
+    assert context_of(outside).user_id == "mallory"  # type: ignore[arg-type]
+
+
+def test_a_server_user_without_keel_fields_fails_closed() -> None:
+    with pytest.raises(UserError, match="has no 'tenant_id' field, so keel cannot tell"):
+        context_from_user(User(identity="x", roles=[], policy="p"))
+
+
+def test_factories_build_each_tenants_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(E2E_CONFIG))
+    monkeypatch.setenv("KEEL_LEDGER_URL", "postgresql://nobody@127.0.0.1:1/unused")  # lazy
+    from keel import server
+
+    for tenant in ("acme", "globex"):
+        runtime = runtime_for(tenant)
+        agent = server.agent({}, runtime)
+        assert agent is server.agent({}, runtime)  # built once per tenant
+        assert agent.name == "billing"
+        assert agent.checkpointer is None  # the server supplies its own
+        assert set(server.supervisor(runtime).nodes) >= {"route", "support", "billing"}
+    chosen = server.agent({"configurable": {"agent": "assistant"}}, runtime_for("acme"))
+    assert chosen.name == "assistant"
+    with pytest.raises(UserError, match=r"Tenant 'globex' has no agent 'assistant'; its agents"):
+        server.agent({"configurable": {"agent": "assistant"}}, runtime_for("globex"))
+    no_user: Any = _ExecutionRuntime(access_context="assistants.read", store=InMemoryStore())
+    with pytest.raises(SetupError, match=r"need the authenticated user: set \"auth\""):
+        server.agent({}, no_user)
+
+
+def runtime_for(tenant: str) -> Any:
+    user = User(user_record(user_id="u", tenant_id=tenant, roles=["support"], policy="p"))
+    return _ExecutionRuntime(access_context="threads.create_run", user=user, store=InMemoryStore())
+
+
+def test_a_served_ledger_must_be_postgres(tmp_path: Path) -> None:
+    text = 'ledger = "sqlite:///x.db"\n' + MINIMAL.format(digest="x")
+    with pytest.raises(SetupError, match="a served ledger must be PostgreSQL"):
+        ServerConfig.from_file(_write(tmp_path, text))
+
+
+def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> None:
+    cmd = serve_command(port=8765, config=ROOT / "langgraph.json")
+    assert cmd[1:] == [
+        "dev", "--port", "8765", "--host", "127.0.0.1", "--no-browser",
+        "--config", str(ROOT / "langgraph.json"), "--no-reload",
+    ]  # fmt: skip
+    env = serve_env(E2E_CONFIG, base={"LANGSMITH_TRACING": "true"})  # no key: tracing stays off
+    assert env[CONFIG_ENV] == str(E2E_CONFIG)
+    assert env["LANGSMITH_TRACING"] == "false"
+    assert env["LANGGRAPH_CLI_NO_ANALYTICS"] == "1"
+    with pytest.raises(UserError, match="--port must be a TCP port"):
+        serve_command(port=0)
+    with pytest.raises(UserError, match="pass --server-config FILE"):
+        serve_env("missing.toml")

@@ -1,0 +1,191 @@
+"""The supervisor of focused agents, in process on SQLite: routing, results passed back, and the
+sub-agents' guards (policy, approvals, budget) kept in force."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.types import Command
+
+from keel import Persistence, RunContext, UserError, build_agent
+from keel.demo import (
+    DEMO_TASK,
+    DemoShop,
+    demo_model,
+    demo_router_model,
+    demo_support_model,
+    demo_tools,
+)
+from keel.evals import ScriptedChatModel, call
+from keel.graphs import FINISH, Route, build_supervisor
+from keel.guards import Budget, Policy, Rule
+
+CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
+POLICY = Policy(
+    name="support",
+    rules=(
+        Rule(role="support", tool="lookup_order", action="allow"),
+        Rule(role="support", tool="search_policy", action="allow"),
+        Rule(role="support", tool="issue_refund", resource="orders/*", action="ask"),
+    ),
+)
+
+
+def _supervisor(shop: DemoShop, saver: Any, **billing: Any) -> Any:
+    support = build_agent(demo_support_model(), demo_tools(shop), policy=POLICY, name="support")
+    billing_agent = build_agent(
+        billing.pop("model", demo_model()), demo_tools(shop), name="billing", **billing
+    )
+    return build_supervisor(
+        {"support": support, "billing": billing_agent},
+        demo_router_model(),
+        descriptions={"support": "order lookups", "billing": "refunds"},
+        checkpointer=saver,
+    )
+
+
+def _config(thread: str) -> Any:
+    return {"configurable": {"thread_id": thread}}
+
+
+def _answers(messages: Sequence[BaseMessage]) -> list[tuple[str | None, str]]:
+    return [(m.name, m.text) for m in messages if isinstance(m, AIMessage)]
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+async def test_sub_agent_approval_surfaces_and_resumes(tmp_path: Path, decision: str) -> None:
+    shop = DemoShop()
+    async with Persistence(f"sqlite:///{tmp_path}/keel.db").acheckpointer() as saver:
+        sup = _supervisor(shop, saver, policy=POLICY)
+        first = await sup.ainvoke({"messages": [("user", DEMO_TASK)]}, _config("t"), context=CTX)
+        (request,) = first["__interrupt__"][0].value
+        assert request["action_request"] == {
+            "action": "issue_refund",
+            "args": {"order_id": "A1001", "amount": 42.5, "reason": "arrived damaged"},
+        }
+        assert request["description"] == (
+            "issue_refund on orders/A1001; a human must approve "
+            "(rule: support | issue_refund | orders/* → ask)"
+        )
+        assert shop.refunds == []
+        assert (await sup.aget_state(_config("t"))).next == ("billing",)
+
+    # resume from a new saver, as a new process would
+    async with Persistence(f"sqlite:///{tmp_path}/keel.db").acheckpointer() as saver:
+        sup = _supervisor(shop, saver, policy=POLICY)
+        final = await sup.ainvoke(Command(resume=[{"type": decision}]), _config("t"), context=CTX)
+
+    if decision == "approve":
+        assert final["outcome"]["terminated_reason"] == "completed"
+        assert shop.refunds == [("A1001", 42.5)]
+        assert [name for name, _ in _answers(final["messages"])] == ["support", "billing"]
+        assert final["usage"]["tool_calls"] == 4
+        assert final["usage"]["model_calls"] == 6
+    else:
+        assert final["outcome"] == {
+            "status": "stopped",
+            "terminated_reason": "rejected",
+            "detail": "a human rejected the call to issue_refund",
+        }
+        assert shop.refunds == []
+        assert final["messages"][-1].name == "billing"
+
+
+def test_sync_invoke_and_sub_agent_policy_deny(tmp_path: Path) -> None:
+    """A tool the sub-agent's policy does not allow is denied inside the supervisor too."""
+    shop = DemoShop()
+    billing = demo_model()
+    strict = Policy(name="strict", rules=(Rule(role="support", tool="lookup_*", action="allow"),))
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        sup = _supervisor(shop, saver, policy=strict, model=billing)
+        final = sup.invoke({"messages": [("user", DEMO_TASK)]}, _config("t"), context=CTX)
+    assert "__interrupt__" not in final
+    assert shop.refunds == []
+    told = [m.text for m in billing.calls[-1] if m.type == "tool"]
+    assert told[1:] == [
+        "Not permitted: no rule allows search_policy on * for roles support; keel denies by "
+        "default (rule: default deny).",
+        "Not permitted: no rule allows issue_refund on orders/A1001 for roles support; keel "
+        "denies by default (rule: default deny).",
+    ]
+
+
+def test_sub_agent_budget_stops_the_supervisor(tmp_path: Path) -> None:
+    shop = DemoShop()
+    tight = Policy(name="tight", rules=POLICY.rules, budget=Budget(model_calls=1))
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        sup = _supervisor(shop, saver, policy=tight)
+        final = sup.invoke({"messages": [("user", DEMO_TASK)]}, _config("t"), context=CTX)
+    assert final["outcome"]["status"] == "stopped"
+    assert final["outcome"]["terminated_reason"] == "budget_exceeded"
+    assert shop.refunds == []
+    assert final["messages"][-1].name == "billing"
+
+
+def test_max_handoffs_ends_the_run() -> None:
+    again = build_agent(ScriptedChatModel(script=["done"] * 10))
+    sup = build_supervisor({"a": again}, lambda messages: Route(agent="a"), max_handoffs=2)
+    final = sup.invoke({"messages": [("user", "go")]})
+    assert final["outcome"] == {
+        "status": "stopped",
+        "terminated_reason": "budget_exceeded",
+        "detail": "the supervisor handed off 2 times (max_handoffs=2)",
+    }
+
+
+def test_router_choosing_an_unknown_agent_is_an_error() -> None:
+    sup = build_supervisor(
+        {"a": build_agent(ScriptedChatModel(script=["x"]))}, lambda m: Route(agent="zed")
+    )
+    with pytest.raises(
+        UserError, match=r"router chose 'zed'; the agents are \['a'\] \(or FINISH\)"
+    ):
+        sup.invoke({"messages": [("user", "go")]})
+
+
+def test_finish_without_handoff_answers_with_the_routers_text() -> None:
+    sup = build_supervisor(
+        {"a": build_agent(ScriptedChatModel(script=["x"]))},
+        lambda m: Route(agent=FINISH, task="Nothing to do."),
+    )
+    final = sup.invoke({"messages": [("user", "hi")]})
+    assert final["outcome"]["terminated_reason"] == "completed"
+    assert final["outcome"]["detail"] == "Nothing to do."
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"agents": {}}, "build_supervisor(agents=...) must map agent names to keel agents."),
+        ({"agents": {"FINISH": None}}, "Agent name 'FINISH' is reserved; rename it."),
+        ({"max_handoffs": 0}, "build_supervisor(max_handoffs=...) must be 1 or more, got 0."),
+    ],
+)
+def test_bad_arguments_say_what_to_fix(kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"agents": {"a": build_agent(ScriptedChatModel(script=["x"]))}}
+    args.update(kwargs)
+    with pytest.raises(UserError) as caught:
+        build_supervisor(args.pop("agents"), lambda m: Route(agent=FINISH), **args)
+    assert str(caught.value) == message
+
+
+def test_model_router_uses_structured_route_output() -> None:
+    def route(messages: Sequence[BaseMessage]) -> dict[str, str]:
+        done = any(isinstance(m, AIMessage) and m.name == "a" for m in messages)
+        return {"agent": FINISH if done else "a", "task": "look it up"}
+
+    router = ScriptedChatModel(structured={"Route": route})
+    agent = build_agent(ScriptedChatModel(script=[call("lookup", q="x"), "found it"]), [_lookup])
+    final = build_supervisor({"a": agent}, router).invoke({"messages": [("user", "find x")]})
+    assert _answers(final["messages"]) == [("a", "found it")]
+    system = router.calls[0][0].text
+    assert system.startswith("You are a supervisor.") and "- a" in system
+
+
+def _lookup(q: str) -> str:
+    """Look something up."""
+    return f"{q}: here"
