@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langchain_core.language_models import BaseChatModel
-from langgraph.store.base import BaseStore
 from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.store.base import BaseStore
 
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel, call
