@@ -109,10 +109,6 @@ def route_after_verify(state: AgentState) -> str:
     return END if result["status"] == "success" else "respond"
 
 
-def _end(state: AgentState) -> str:
-    return END
-
-
 def build_agent(
     model: str | BaseChatModel,
     tools: Sequence[BaseTool | Callable[..., Any]] | ToolRegistry = (),
@@ -133,6 +129,7 @@ def build_agent(
     policy_version: str = "1",
     checkpointer: BaseCheckpointSaver[Any] | bool | None = None,
     store: BaseStore | None = None,
+    memory: bool = False,
     name: str = "keel_agent",
 ) -> Agent:
     """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
@@ -164,7 +161,13 @@ def build_agent(
         model_retry: LangGraph `RetryPolicy` for transient model errors.
         policy_version: Bound into approval digests.
         checkpointer: A LangGraph checkpointer (see `keel.Persistence`); needed for approvals.
-        store: A LangGraph store for long-term memory.
+        store: A LangGraph store for long-term memory (e.g. `keel.memory.ChromaStore`); under
+            LangGraph server, leave it out and the server's store is used.
+        memory: Wire long-term memory in: `recall` puts the user's relevant memories and
+            lessons into the context before the run, `reflect` stores a lesson of the run when
+            it ends (not while it waits for a human). Needs a store (`store=` or the graph's)
+            and the run's identity (`RunContext`). Add `keel.memory.memory_tools()` to `tools`
+            to let the model remember and forget on its own.
         name: The graph's name (shown in traces and the server).
 
     Example:
@@ -186,6 +189,7 @@ def build_agent(
         max_revisions=max_revisions,
         checkpointer=checkpointer,
         tools=tools,
+        memory=memory,
     )
     if policy is not None and not isinstance(policy, Policy):
         raise UserError(
@@ -260,17 +264,20 @@ def build_agent(
         ),
     )
     graph.add_node("respond", respond())
-    after_model = ["execute_tools", "human_review", "respond", END]
+    # With memory, every run that ends goes through `reflect` on its way out.
+    end = _add_memory(graph, store) if memory else END
+    first = "plan" if plan else "call_model"
+    graph.add_edge(START, "recall" if memory else first)
+    if memory:
+        graph.add_edge("recall", first)
+    after_model = ["execute_tools", "human_review", "respond", end]
     after_tools = ["call_model", "respond"]
     if plan:
         graph.add_node("plan", plan_node(model, prices=prices))
-        graph.add_edge(START, "plan")
         graph.add_conditional_edges(
             "plan", recorded(route_after_plan, observer, "plan"), ["call_model", "respond"]
         )
         after_tools.append("plan")
-    else:
-        graph.add_edge(START, "call_model")
     if verify:
         graph.add_node(
             "verify",
@@ -278,14 +285,19 @@ def build_agent(
         )
         graph.add_conditional_edges(
             "verify",
-            recorded(route_after_verify, observer, "verify"),
-            ["call_model", "respond", END],
+            recorded(_ending_at(route_after_verify, end), observer, "verify", end=end),
+            ["call_model", "respond", end],
         )
         after_model.append("verify")
 
     graph.add_conditional_edges(
         "call_model",
-        recorded(lambda s: route_after_model(s, verify=verify), observer, "call_model"),
+        recorded(
+            _ending_at(lambda s: route_after_model(s, verify=verify), end),
+            observer,
+            "call_model",
+            end=end,
+        ),
         after_model,
     )
     graph.add_conditional_edges(
@@ -298,10 +310,31 @@ def build_agent(
         recorded(route_after_review, observer, "human_review"),
         ["execute_tools", "respond"],
     )
-    graph.add_conditional_edges("respond", recorded(_end, observer, "respond"), [END])
+    graph.add_conditional_edges(
+        "respond", recorded(lambda s: end, observer, "respond", end=end), [end]
+    )
     agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
+
+
+def _add_memory(
+    graph: StateGraph[AgentState, RunContext, AgentState, AgentState], store: BaseStore | None
+) -> str:
+    """Add `recall` (the caller adds its edge from START) and `reflect` → END; return `reflect`."""
+    from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on
+
+    graph.add_node("recall", recall(store))
+    graph.add_node("reflect", reflect(store))
+    graph.add_edge("reflect", END)
+    return "reflect"
+
+
+def _ending_at(route: Callable[[AgentState], str], end: str) -> Callable[[AgentState], str]:
+    """`route`, with its way to END sent to `end` instead (`reflect` when memory is on)."""
+    if end == END:
+        return route
+    return lambda state: end if (goes := route(state)) == END else goes
 
 
 def _validate(
@@ -313,6 +346,7 @@ def _validate(
     max_revisions: object,
     checkpointer: object,
     tools: object,
+    memory: object,
 ) -> None:
     """Reject bad arguments with a message that names the argument and the fix."""
     if system_prompt is not None and not isinstance(system_prompt, str):
@@ -328,6 +362,11 @@ def _validate(
     for name, items in (("before_model", before_model), ("checks", checks)):
         if isinstance(items, str | bytes) or not all(callable(i) for i in items):
             raise UserError(f"build_agent({name}=...) must be a list of functions, got {items!r}.")
+    if not isinstance(memory, bool):
+        raise UserError(
+            f"build_agent(memory=...) must be True or False (pass the store as store=...), "
+            f"got {memory!r}."
+        )
     if not isinstance(max_revisions, int) or max_revisions < 0:
         raise UserError(f"build_agent(max_revisions=...) must be 0 or more, got {max_revisions!r}.")
     if checkpointer is not None and not isinstance(checkpointer, bool | BaseCheckpointSaver):

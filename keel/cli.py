@@ -30,7 +30,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
 from keel import cli_observe
-from keel.demo import DEMO_TASK, SYSTEM_PROMPT, demo_model, demo_tools
+from keel.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_model, demo_policy, demo_tools
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
 from keel.ledger import Ledger
@@ -127,6 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
+    store = demo_memory(persistence.sqlite_path)
     # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
     ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
     async with persistence.acheckpointer() as saver:
@@ -135,10 +136,13 @@ async def _run(args: argparse.Namespace) -> int:
             demo_tools(),
             system_prompt=SYSTEM_PROMPT,
             plan=True,
+            policy=demo_policy(),
             checkpointer=saver,
+            store=store,
+            memory=True,
             ledger=ledger,
         )
-        print(f"keel: thread {thread} on {persistence.safe_url}")
+        print(f"keel: thread {thread} on {persistence.safe_url}; memory in {store}")
         try:
             result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
         finally:
@@ -192,8 +196,15 @@ async def drive(
 
 def _print_update(update: dict[str, Any], out: TextIO) -> None:
     for node, delta in update.items():
+        if node == "reflect":
+            print("[reflect] stored a lesson of this run in long-term memory", file=out)
         if node == "__interrupt__" or not isinstance(delta, dict):
             continue
+        if node == "recall":
+            found = [m for m in delta.get("messages") or [] if m.type == "system"]
+            lines = found[0].text.count("\n- [") if found else 0
+            what = "memory" if lines == 1 else "memories"
+            print(f"[recall] {lines} {what} of this user put into the context", file=out)
         if delta.get("plan") and node == "plan":
             print("[plan]", file=out)
             for step in delta["plan"]:

@@ -8,13 +8,24 @@ tools on that model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from langchain_core.language_models import BaseChatModel
+from langgraph.store.base import BaseStore
 
 from keel.evals.scripted import ScriptedChatModel, call
+from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.tools.registry import KeelTool, tool
 
-__all__ = ["DEMO_TASK", "SYSTEM_PROMPT", "DemoShop", "demo_model", "demo_tools"]
+__all__ = [
+    "DEMO_TASK",
+    "SYSTEM_PROMPT",
+    "DemoShop",
+    "demo_memory",
+    "demo_model",
+    "demo_policy",
+    "demo_tools",
+]
 
 DEMO_TASK = "Order A1001 arrived damaged. Please refund it."
 SYSTEM_PROMPT = (
@@ -69,6 +80,33 @@ def demo_tools(shop: DemoShop | None = None) -> list[KeelTool]:
         return f"Refunded ${amount:.2f} on order {order_id} ({reason})."
 
     return [lookup_order, search_policy, issue_refund]
+
+
+def demo_policy() -> Policy:
+    """The demo's guard rails: a run budget, default-deny rules, refunds ask a human, loop guard."""
+    return Policy(
+        name="demo",
+        version="1",
+        budget=Budget(model_calls=12, tool_calls=8, usd=0.50, wall_seconds=300),
+        rules=(
+            Rule(action="allow", tool="lookup_order"),
+            Rule(action="allow", tool="search_policy"),
+            Rule(action="ask", tool="issue_refund", reason="refunds move money"),
+        ),
+        loop=LoopPolicy(),
+    )
+
+
+def demo_memory(db_path: Path | None) -> BaseStore:
+    """Long-term memory for the demo: an embedded Chroma beside the SQLite file (`chroma/`).
+
+    Uses keel's offline embedding model (loaded from an installed package, never downloaded).
+    With no database file (PostgreSQL or `:memory:`), Chroma lives in `.keel/chroma`.
+    """
+    from keel.memory import ChromaStore, default_index  # imports chromadb and torch lazily
+
+    root = db_path.parent if db_path is not None else Path(".keel")
+    return ChromaStore(path=root / "chroma", index=default_index())
 
 
 def demo_model(latency: float = 0.0) -> BaseChatModel:

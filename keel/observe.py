@@ -140,15 +140,23 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
 
 
 def recorded(
-    route: Callable[[AgentState], str], observer: Observer | None, source: str
+    route: Callable[[AgentState], str],
+    observer: Observer | None,
+    source: str,
+    *,
+    end: str = END,
 ) -> RunnableCallable:
-    """`route`, logging its decision; the run record is written when it ends or pauses the run."""
+    """`route`, logging its decision; the run record is written when it ends or pauses the run.
+
+    `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`).
+    """
 
     def decide(state: AgentState) -> tuple[str, bool]:
         choice = route(state)
         result: Mapping[str, Any] = state.get("outcome") or {}
         _log_decision(source, choice, state)
-        ends = choice == END or (choice == "human_review" and result.get("status") == "interrupted")
+        paused = choice == "human_review" and result.get("status") == "interrupted"
+        ends = choice == end or paused
         return choice, ends and observer is not None
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:

@@ -166,6 +166,11 @@ class Persistence:
         )  # fmt: skip
 
     @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, or `sqlite:///:memory:`)."""
+        return None if self._path in (None, ":memory:") else Path(self._path)
+
+    @property
     def safe_url(self) -> str:
         """The URL with any password replaced by `***`, for logs and messages."""
         return _redact(self.url)

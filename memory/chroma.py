@@ -113,6 +113,10 @@ class ChromaStore(BaseStore):
         self._lock = threading.Lock()
         self._catalog = self._open_catalog()
 
+    def __repr__(self) -> str:
+        where = f"path={self.path!r}" if self.path is not None else "client"
+        return f"ChromaStore({where}, name={self.name!r}, model={self.model!r})"
+
     # Opening ----------------------------------------------------------------------------------
 
     def _open_catalog(self) -> Collection:

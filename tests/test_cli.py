@@ -40,10 +40,16 @@ def test_demo_without_a_terminal_approves_from_the_scenario(tmp_path: Path) -> N
     assert "← issue_refund [success]: Refunded $42.50 on order A1001" in out
     assert "[outcome] success / completed" in out
     assert (tmp_path / ".keel" / "keel.db").exists()  # the embedded default
+    assert "[reflect] stored a lesson of this run in long-term memory" in out
+    assert (tmp_path / ".keel" / "chroma").is_dir()  # embedded Chroma beside it
 
     listed = _keel("threads", cwd=tmp_path)
     assert listed.returncode == 0
     assert "d1" in listed.stdout and "completed" in listed.stdout
+
+    again = _keel("demo", "--thread", "d1-again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "[recall] 1 memory of this user put into the context" in again.stdout  # the lesson
 
 
 def test_demo_reject_flag_stops_with_rejected(

@@ -286,3 +286,68 @@ def test_a_lesson_says_what_failed_and_why() -> None:
         },
     }
     assert extract_lesson(paused) is None
+
+
+# -- build_agent(memory=True) ------------------------------------------------------------------
+
+
+def test_build_agent_memory_recalls_before_and_reflects_after_the_run(store: ChromaStore) -> None:
+    from langgraph.types import Command
+
+    from keel.graphs import build_agent
+
+    @tool(risk="destructive")
+    def refund(order: str) -> str:
+        """Refund an order."""
+        return f"refunded {order}"
+
+    store.put(user_namespace(ALICE), "pref", {"text": "Alice wants refunds as store credit"})
+    model = ScriptedChatModel(script=[call("refund", order="A1"), "Refunded as store credit."])
+    agent = build_agent(
+        model,
+        [refund],
+        store=store,
+        memory=True,
+        checkpointer=InMemorySaver(),
+        system_prompt="You are a support agent.",
+    )
+    config = {"configurable": {"thread_id": "mem-1"}}
+    paused = agent.invoke({"messages": [HumanMessage("refund A1")]}, config, context=ALICE)
+    assert paused["outcome"]["status"] == "interrupted"
+    assert "store credit" in model.calls[0][0].text  # recalled into the system prompt
+    # waiting for a human is not the end of the run: no lesson yet
+    assert store.search(user_namespace(ALICE, "lessons")) == []
+    done = agent.invoke(Command(resume={"type": "approve"}), config, context=ALICE)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    lessons = store.search(user_namespace(ALICE, "lessons"))
+    assert [lesson.value["tools_used"] for lesson in lessons] == [["refund"]]
+    assert store.search(user_namespace(BOB, "lessons")) == []
+
+
+def test_build_agent_memory_reflects_on_a_run_that_was_stopped(store: ChromaStore) -> None:
+    from keel.graphs import build_agent
+    from keel.guards import Budget, Policy, Rule
+
+    @tool
+    def echo(x: int) -> str:
+        """Echo."""
+        return str(x)
+
+    policy = Policy(budget=Budget(tool_calls=1), rules=(Rule(action="allow"),), loop=None)
+    model = ScriptedChatModel(script=[call("echo", x=1), call("echo", x=2), "never"])
+    agent = build_agent(model, [echo], store=store, memory=True, policy=policy)
+    result = agent.invoke({"messages": [HumanMessage("echo twice")]}, context=ALICE)
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded"
+    [lesson] = store.search(user_namespace(ALICE, "lessons"))
+    assert lesson.value["status"] == "stopped"
+    assert "budget_exceeded" in lesson.value["reason"]
+
+
+def test_build_agent_memory_needs_a_bool_and_a_store() -> None:
+    from keel.graphs import build_agent
+
+    with pytest.raises(UserError, match=r"memory=\.\.\.\) must be True or False"):
+        build_agent(ScriptedChatModel(script=["hi"]), memory="chroma")  # type: ignore[arg-type]
+    agent = build_agent(ScriptedChatModel(script=["hi"]), memory=True)
+    with pytest.raises(UserError, match="compile the graph with store="):
+        agent.invoke({"messages": [HumanMessage("hi")]}, context=ALICE)
