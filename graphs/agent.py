@@ -116,10 +116,6 @@ def route_after_verify(state: AgentState) -> str:
     return END if result["status"] == "success" else "respond"
 
 
-def _end(state: AgentState) -> str:
-    return END
-
-
 def build_agent(
     model: str | BaseChatModel,
     tools: Sequence[BaseTool | Callable[..., Any]] | ToolRegistry = (),
@@ -349,14 +345,19 @@ def build_agent(
         )
         graph.add_conditional_edges(
             "verify",
-            recorded(route_after_verify, observer, "verify", end=end),
+            recorded(_ending_at(route_after_verify, end), observer, "verify", end=end),
             ["call_model", "respond", end],
         )
         after_model.append("verify")
 
     graph.add_conditional_edges(
         "call_model",
-        recorded(lambda s: route_after_model(s, verify=verify), observer, "call_model", end=end),
+        recorded(
+            _ending_at(lambda s: route_after_model(s, verify=verify), end),
+            observer,
+            "call_model",
+            end=end,
+        ),
         after_model,
     )
     graph.add_conditional_edges(
@@ -369,7 +370,9 @@ def build_agent(
         recorded(route_after_review, observer, "human_review"),
         ["execute_tools", "respond"],
     )
-    graph.add_conditional_edges("respond", recorded(_end, observer, "respond", end=end), [end])
+    graph.add_conditional_edges(
+        "respond", recorded(lambda s: end, observer, "respond", end=end), [end]
+    )
     agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
@@ -385,6 +388,13 @@ def _add_memory(
     graph.add_node("reflect", reflect(store))
     graph.add_edge("reflect", END)
     return "reflect"
+
+
+def _ending_at(route: Callable[[AgentState], str], end: str) -> Callable[[AgentState], str]:
+    """`route`, with its way to END sent to `end` instead (`reflect` when memory is on)."""
+    if end == END:
+        return route
+    return lambda state: end if (goes := route(state)) == END else goes
 
 
 def _validate(

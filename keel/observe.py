@@ -148,17 +148,15 @@ def recorded(
 ) -> RunnableCallable:
     """`route`, logging its decision; the run record is written when it ends or pauses the run.
 
-    `end` is where a route to END goes instead (e.g. `reflect`, which then ends the graph):
-    the run has ended all the same.
+    `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`).
     """
 
     def decide(state: AgentState) -> tuple[str, bool]:
         choice = route(state)
         result: Mapping[str, Any] = state.get("outcome") or {}
         _log_decision(source, choice, state)
-        ends = choice == END or (choice == "human_review" and result.get("status") == "interrupted")
-        if choice == END:
-            choice = end
+        paused = choice == "human_review" and result.get("status") == "interrupted"
+        ends = choice == end or paused
         return choice, ends and observer is not None
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
