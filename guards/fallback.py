@@ -7,7 +7,7 @@ async drivers in `keel.nodes.call_model` (and the LangChain middleware):
 |---|---|
 | a provider's 429 | wait its `Retry-After` (capped by the `RetryPolicy`); then the next model |
 | a provider outage (5xx, connection error) | retry with backoff; then the next model |
-| `CircuitOpen` (the model's breaker is open) | the next model at once |
+| `CircuitOpen`, or a failure that opened the breaker | the next model at once |
 | `RateLimited` (keel's own RPM / TPM wait ran out) | the next model at once |
 | `TimeoutError` | retry; then stop, and the run ends as `timeout` |
 | anything else (a 4xx, a bug) | stop, and the run ends as `error` |
@@ -42,10 +42,18 @@ Step = Retry | Literal["fallback", "stop"]
 
 
 def after_failure(
-    exc: BaseException, attempt: int, retry: RetryPolicy, *, has_fallback: bool
+    exc: BaseException,
+    attempt: int,
+    retry: RetryPolicy,
+    *,
+    has_fallback: bool,
+    tripped: bool = False,
 ) -> Step:
-    """The next step after attempt number `attempt` (from 1) of one model failed with `exc`."""
-    if isinstance(exc, CircuitOpen | RateLimited):
+    """The next step after attempt number `attempt` (from 1) of one model failed with `exc`.
+
+    `tripped`: this failure opened the model's breaker, so a retry would be refused.
+    """
+    if tripped or isinstance(exc, CircuitOpen | RateLimited):
         return "fallback" if has_fallback else "stop"
     if attempt < retry.max_attempts and should_retry(retry, exc):
         return Retry(backoff(retry, attempt, exc))

@@ -24,7 +24,7 @@ __all__ = ["ModelGuard", "ToolGuard"]
 log = logging.getLogger("keel.guards")
 
 
-def _logged(transition: BreakerTransition | None) -> None:
+def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:
     if transition is not None:
         log.warning(
             "circuit breaker %s: %s → %s (%s)",
@@ -33,6 +33,7 @@ def _logged(transition: BreakerTransition | None) -> None:
             transition.after,
             transition.reason,
         )
+    return transition
 
 
 class ModelGuard:
@@ -70,23 +71,30 @@ class ModelGuard:
 
     def after(
         self, model: str, permit: Permit | None, error: BaseException | None, used: int
-    ) -> None:
-        """Record the call's result (`error` is `None` on success) and its `used` tokens."""
+    ) -> BreakerTransition | None:
+        """Record the call's result (`error` is `None` on success) and its `used` tokens.
+
+        Returns the breaker transition the result caused (e.g. closed → open), if any.
+        """
+        transition = None
         if self.breaker is not None:
             ok = error is None or not is_outage(error)
-            _logged(self.breaker.record(f"model:{model}", ok))
+            transition = _logged(self.breaker.record(f"model:{model}", ok))
         if self.limiter is not None and permit is not None:
             self.limiter.settle(permit, used)
+        return transition
 
     async def aafter(
         self, model: str, permit: Permit | None, error: BaseException | None, used: int
-    ) -> None:
+    ) -> BreakerTransition | None:
         """Record the call's result and its `used` tokens (async); see `after`."""
+        transition = None
         if self.breaker is not None:
             ok = error is None or not is_outage(error)
-            _logged(await self.breaker.arecord(f"model:{model}", ok))
+            transition = _logged(await self.breaker.arecord(f"model:{model}", ok))
         if self.limiter is not None and permit is not None:
             await self.limiter.asettle(permit, used)
+        return transition
 
 
 class ToolGuard:

@@ -30,6 +30,7 @@ from langgraph.types import RetryPolicy
 
 from keel import outcome
 from keel.errors import KeelError
+from keel.guards.breaker import BreakerTransition
 from keel.guards.budget import check_budget, usage_of
 from keel.guards.fallback import Retry, after_failure
 from keel.guards.gate import Gate, approval_gate
@@ -94,6 +95,8 @@ class _Attempts:
     retry: RetryPolicy
     index: int = 0
     attempt: int = 1
+    tripped: bool = False
+    """The last failure opened the model's circuit breaker (retrying it would be refused)."""
 
     @property
     def model(self) -> _Model:
@@ -102,7 +105,8 @@ class _Attempts:
     def failed(self, exc: BaseException) -> float | dict[str, Any]:
         """Seconds to wait before the next attempt (on `self.model`), or the final update."""
         more = self.index + 1 < len(self.chain)
-        step = after_failure(exc, self.attempt, self.retry, has_fallback=more)
+        step = after_failure(exc, self.attempt, self.retry, has_fallback=more, tripped=self.tripped)
+        self.tripped = False
         if isinstance(step, Retry):
             self.attempt += 1
             return step.seconds
@@ -261,8 +265,13 @@ def call_model(
         }
 
     def guarded_sync(
-        m: _Model, tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+        at: _Attempts,
+        tools: bool,
+        messages: list[BaseMessage],
+        config: RunnableConfig,
+        ctx: RunContext,
     ) -> BaseMessage:
+        m = at.model
         runnable = m.bound if tools else m.plain
         if guard is None:
             return runnable.invoke(messages, config)
@@ -270,14 +279,19 @@ def call_model(
         try:
             response = runnable.invoke(messages, config)
         except Exception as exc:
-            guard.after(m.name, permit, exc, 0)
+            at.tripped = _opened(guard.after(m.name, permit, exc, 0))
             raise
         guard.after(m.name, permit, None, _tokens_of(response))
         return response
 
     async def guarded_async(
-        m: _Model, tools: bool, messages: list[BaseMessage], config: RunnableConfig, ctx: RunContext
+        at: _Attempts,
+        tools: bool,
+        messages: list[BaseMessage],
+        config: RunnableConfig,
+        ctx: RunContext,
     ) -> BaseMessage:
+        m = at.model
         runnable = m.bound if tools else m.plain
         if guard is None:
             return await runnable.ainvoke(messages, config)
@@ -285,7 +299,7 @@ def call_model(
         try:
             response = await runnable.ainvoke(messages, config)
         except Exception as exc:
-            await guard.aafter(m.name, permit, exc, 0)
+            at.tripped = _opened(await guard.aafter(m.name, permit, exc, 0))
             raise
         await guard.aafter(m.name, permit, None, _tokens_of(response))
         return response
@@ -300,7 +314,7 @@ def call_model(
         attempts = _Attempts(turn.chain, retry)
         while True:
             try:
-                return guarded_sync(attempts.model, tools, messages, config, ctx)
+                return guarded_sync(attempts, tools, messages, config, ctx)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
@@ -319,7 +333,7 @@ def call_model(
         attempts = _Attempts(turn.chain, retry)
         while True:
             try:
-                return await guarded_async(attempts.model, tools, messages, config, ctx)
+                return await guarded_async(attempts, tools, messages, config, ctx)
             except GraphBubbleUp:
                 raise
             except Exception as exc:
@@ -460,6 +474,10 @@ def _failed(exc: BaseException, attempts: int, tried: list[str]) -> dict[str, An
     if isinstance(exc, TimeoutError):
         return {"outcome": outcome.stopped("timeout", detail)}
     return {"outcome": outcome.failed(detail)}
+
+
+def _opened(transition: BreakerTransition | None) -> bool:
+    return transition is not None and transition.after == "open"
 
 
 def _tokens_of(response: BaseMessage) -> int:

@@ -441,3 +441,21 @@ def test_no_denied_call_ever_executes_through_the_middleware(
     assert sorted(PROP_RUNS) == allowed
     statuses = [m.response_metadata.get("keel_status") for m in tool_messages(result)]
     assert statuses.count("denied") == len(calls) - len(allowed)
+
+
+def test_pin_create_agent_reraises_a_tool_exception_by_default() -> None:
+    """LangChain's ToolNode in `create_agent` re-raises a tool's `ToolException` unless the
+    tool sets `handle_tool_error` (keel's `execute_tools` answers it with an error
+    ToolMessage instead); LangGraph adds a "During task with name 'tools'" note to it.
+    """
+
+    @tool
+    def flaky(sku: str) -> str:
+        """Check stock."""
+        raise ToolException("down")
+
+    graph = create_agent(
+        ScriptedChatModel(script=[call("flaky", sku="X"), "ok"]), [flaky], context_schema=RunContext
+    )
+    with pytest.raises(ToolException, match=r"^down\n"):
+        run(graph)

@@ -71,6 +71,34 @@ def test_after_failure_by_error_type(
     assert after_failure(exc, attempt, TWO_TRIES, has_fallback=has_fallback) == expected
 
 
+def test_a_failure_that_opens_the_breaker_is_not_retried() -> None:
+    outage = ChaosServerError(503)
+    assert after_failure(outage, 1, TWO_TRIES, has_fallback=True, tripped=True) == "fallback"
+    assert after_failure(outage, 1, TWO_TRIES, has_fallback=False, tripped=True) == "stop"
+
+
+def test_the_failure_that_opens_the_breaker_moves_to_the_fallback_at_once(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    primary = ChaosChatModel(
+        model=ScriptedChatModel(model_name="primary", script=["never"]),
+        policy=ChaosPolicy(server_error=1.0),
+    )
+    backup = ScriptedChatModel(model_name="backup", script=["backup answer"])
+    agent = build_agent(
+        primary,
+        policy=Policy(model_breaker=BreakerPolicy(failure_threshold=1, cooldown_seconds=60)),
+        ledger=ledger,
+        fallback_models=[backup],
+        model_retry=RetryPolicy(max_attempts=3, initial_interval=5.0, jitter=False),
+    )
+    started = time.monotonic()
+    result = _invoke(agent)
+    assert result["messages"][-1].content == "backup answer"
+    assert primary.calls == 1  # not retried: the retry would be refused by the open breaker
+    assert time.monotonic() - started < 4.0  # and no 5 s backoff was waited
+    ledger.close()
+
+
 # -- policy fields -----------------------------------------------------------------------------
 
 
