@@ -77,7 +77,7 @@ def build_tenant_agent(
         )
     return build_agent(
         _model(spec.model),
-        _tools(spec),
+        _tools(spec, tenant.memory_namespace),
         system_prompt=spec.system_prompt,
         plan=spec.plan,
         policy=spec.policy,
@@ -139,8 +139,10 @@ def _model(name: str) -> BaseChatModel:
     return scripted_model(name) if name.startswith("keel:") else resolve_model(name)
 
 
-def _tools(spec: AgentSpec) -> list[Any]:
-    bundled: dict[str, KeelTool] = {t.name: t for t in [*demo_tools(DemoShop()), *memory_tools()]}
+def _tools(spec: AgentSpec, memory_namespace: str) -> list[Any]:
+    bundled: dict[str, KeelTool] = {
+        t.name: t for t in [*demo_tools(DemoShop()), *memory_tools(kind=memory_namespace)]
+    }
     out: list[Any] = []
     for ref in spec.tools:
         if ref in bundled:
