@@ -138,14 +138,25 @@ def test_max_handoffs_ends_the_run() -> None:
     }
 
 
-def test_router_choosing_an_unknown_agent_is_an_error() -> None:
+def test_a_failing_router_ends_the_run_with_an_error_outcome() -> None:
     sup = build_supervisor(
         {"a": build_agent(ScriptedChatModel(script=["x"]))}, lambda m: Route(agent="zed")
     )
-    with pytest.raises(
-        UserError, match=r"router chose 'zed'; the agents are \['a'\] \(or FINISH\)"
-    ):
-        sup.invoke({"messages": [("user", "go")]})
+    final = sup.invoke({"messages": [("user", "go")]})
+    assert final["outcome"] == {
+        "status": "error",
+        "terminated_reason": "error",
+        "detail": "the supervisor's router failed: The supervisor's router chose 'zed'; the "
+        "agents are ['a'] (or FINISH).",
+    }
+    broken = build_supervisor({"a": build_agent(ScriptedChatModel(script=["x"]))}, _raise)
+    assert broken.invoke({"messages": [("user", "go")]})["outcome"]["detail"] == (
+        "the supervisor's router failed: RuntimeError: model down"
+    )
+
+
+def _raise(messages: Sequence[BaseMessage]) -> Route:
+    raise RuntimeError("model down")
 
 
 def test_finish_without_handoff_answers_with_the_routers_text() -> None:
