@@ -27,7 +27,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from pydantic import BaseModel, Field
 
@@ -58,6 +60,8 @@ class SupervisorState(AgentState, total=False):
     handoffs: int
 
 
+Supervisor = CompiledStateGraph[SupervisorState, RunContext, SupervisorState, SupervisorState]
+
 Router = Callable[[Sequence[BaseMessage]], Route]
 ARouter = Callable[[Sequence[BaseMessage]], Awaitable[Route]]
 
@@ -72,7 +76,7 @@ def build_supervisor(
     checkpointer: BaseCheckpointSaver[Any] | None = None,
     store: BaseStore | None = None,
     name: str = "keel_supervisor",
-) -> Any:
+) -> Supervisor:
     """Build a supervisor that routes a task to focused agents (each built with `build_agent`).
 
     Args:
@@ -83,6 +87,7 @@ def build_supervisor(
         descriptions: One line per agent name, shown to the routing model.
         system_prompt: Extra routing instructions.
         max_handoffs: Hand-offs allowed per task; then the run stops as `budget_exceeded`.
+            A router that fails (or picks an unknown agent) ends the run as `error`.
         checkpointer: A LangGraph checkpointer; needed for the agents' approvals.
         store: A LangGraph store, passed on to the agents.
         name: The graph's name.
@@ -127,13 +132,30 @@ def route_after_agent(state: SupervisorState) -> str:
 
 def _route_node(decide: Router, adecide: ARouter, max_handoffs: int) -> Any:
     def route(state: SupervisorState) -> dict[str, Any]:
-        return _after_decision(decide(state.get("messages") or []), state, max_handoffs)
+        try:
+            decision = decide(state.get("messages") or [])
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            return _router_failed(exc)
+        return _after_decision(decision, state, max_handoffs)
 
     async def aroute(state: SupervisorState) -> dict[str, Any]:
-        decision = await adecide(state.get("messages") or [])
+        try:
+            decision = await adecide(state.get("messages") or [])
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            return _router_failed(exc)
         return _after_decision(decision, state, max_handoffs)
 
     return make_node("route", route, aroute)
+
+
+def _router_failed(exc: Exception) -> dict[str, Any]:
+    """A router that fails ends the run with an outcome, not an exception."""
+    detail = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    return {"route": None, "outcome": outcome.failed(f"the supervisor's router failed: {detail}")}
 
 
 def _after_decision(decision: Route, state: SupervisorState, max_handoffs: int) -> dict[str, Any]:

@@ -109,7 +109,7 @@ async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
         raise Auth.exceptions.HTTPException(
             status_code=403,
             detail=(
-                f"Store namespace {namespace!r} is not yours: use ('memories', {tenant!r}, "
-                f"{user!r}, ...)."
+                f"Store namespace {namespace!r} is not yours: use (kind, {tenant!r}, {user!r}, "
+                "...), e.g. ('memories', ...)."
             ),
         )

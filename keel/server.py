@@ -27,7 +27,7 @@ from langgraph_sdk.runtime import ServerRuntime
 from keel.demo import DemoShop, demo_tools, scripted_model
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
-from keel.graphs.supervisor import build_supervisor
+from keel.graphs.supervisor import Supervisor, build_supervisor
 from keel.ledger import Ledger
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
@@ -57,12 +57,14 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     )
 
 
-def supervisor(runtime: ServerRuntime[RunContext]) -> Any:
+def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
     """The `supervisor` graph: the authenticated tenant's supervisor of focused agents."""
     server, tenant = _tenant_of(runtime)
     ledger = _ledger(server)
     key = ("supervisor", tenant.name)
-    return _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger))
+    return cast(
+        Supervisor, _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger))
+    )
 
 
 def build_tenant_agent(
@@ -77,7 +79,7 @@ def build_tenant_agent(
         )
     return build_agent(
         _model(spec.model),
-        _tools(spec),
+        _tools(spec, tenant.memory_namespace),
         system_prompt=spec.system_prompt,
         plan=spec.plan,
         policy=spec.policy,
@@ -86,7 +88,7 @@ def build_tenant_agent(
     )
 
 
-def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = None) -> Any:
+def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = None) -> Supervisor:
     """Build a tenant's supervisor over its focused agents, without a checkpointer."""
     if tenant.supervisor is None:
         raise UserError(
@@ -139,8 +141,10 @@ def _model(name: str) -> BaseChatModel:
     return scripted_model(name) if name.startswith("keel:") else resolve_model(name)
 
 
-def _tools(spec: AgentSpec) -> list[Any]:
-    bundled: dict[str, KeelTool] = {t.name: t for t in [*demo_tools(DemoShop()), *memory_tools()]}
+def _tools(spec: AgentSpec, memory_namespace: str) -> list[Any]:
+    bundled: dict[str, KeelTool] = {
+        t.name: t for t in [*demo_tools(DemoShop()), *memory_tools(kind=memory_namespace)]
+    }
     out: list[Any] = []
     for ref in spec.tools:
         if ref in bundled:

@@ -14,6 +14,7 @@ roles = ["support"]
 
 [tenants.acme]
 agent = "billing"                                     # served as the `agent` graph
+memory_namespace = "memories"                         # memories: (this, tenant, user)
 supervisor = { model = "keel:demo-router", agents = ["support", "billing"] }
 
 [tenants.acme.agents.billing]
@@ -96,6 +97,8 @@ class TenantConfig:
     """The agent the `agent` graph serves."""
     supervisor: SupervisorSpec | None = None
     """The `supervisor` graph's setup; None: the tenant has no supervisor."""
+    memory_namespace: str = "memories"
+    """The first label of its memory namespaces: `(memory_namespace, tenant, user)`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -230,7 +233,13 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     where = f"tenants.{name}"
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(raw, {"agent", "agents", "supervisor"}, f"[{where}]")
+    _only(raw, {"agent", "agents", "supervisor", "memory_namespace"}, f"[{where}]")
+    memory_namespace = raw.get("memory_namespace", "memories")
+    if not isinstance(memory_namespace, str) or not memory_namespace or "." in memory_namespace:
+        raise UserError(
+            f"[{where}] memory_namespace must be a non-empty label without '.', "
+            f"got {memory_namespace!r}."
+        )
     agents_raw = raw.get("agents")
     if not isinstance(agents_raw, Mapping) or not agents_raw:
         raise UserError(f"[{where}] needs at least one [{where}.agents.<name>] table.")
@@ -253,7 +262,13 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
             agents=tuple(names),
             system_prompt=sup.get("system_prompt"),
         )
-    return TenantConfig(name=name, agents=agents, agent=agent, supervisor=supervisor)
+    return TenantConfig(
+        name=name,
+        agents=agents,
+        agent=agent,
+        supervisor=supervisor,
+        memory_namespace=memory_namespace,
+    )
 
 
 def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:

@@ -56,6 +56,7 @@ def test_tokens_map_to_user_tenant_and_roles(tmp_path: Path) -> None:
     assert (entry.user_id, entry.tenant, entry.roles) == ("alice", "acme", ("support",))
     assert config.authenticate("S3CRET") is None
     assert config.tenant("acme").agent == "main"
+    assert config.tenant("acme").memory_namespace == "memories"
 
 
 @pytest.mark.parametrize(
@@ -161,3 +162,22 @@ def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> No
         serve_command(port=0)
     with pytest.raises(UserError, match="pass --server-config FILE"):
         serve_env("missing.toml")
+
+
+def test_a_tenants_memory_namespace_is_where_its_agents_remember(tmp_path: Path) -> None:
+    from keel.server import build_tenant_agent
+
+    text = MINIMAL.format(digest="x").replace('tools = ["lookup_order"]', 'tools = ["remember"]')
+    text = text.replace(
+        "[tenants.acme.agents.main]",
+        '[tenants.acme]\nmemory_namespace = "crm"\n'
+        "[tenants.acme.agents.main]\n"
+        'policy = { rules = [{ role = "support", tool = "remember", action = "allow" }] }',
+    ).replace('model = "keel:demo"', 'model = "keel:demo-memory"')
+    tenant = ServerConfig.from_file(_write(tmp_path, text)).tenant("acme")
+    store = InMemoryStore()
+    agent = build_tenant_agent(tenant).copy(update={"store": store})
+    ctx = RunContext(user_id="alice", tenant_id="acme", roles=("support",))
+    agent.invoke({"messages": [("user", "I prefer email.")]}, context=ctx)
+    (item,) = store.search(("crm", "acme", "alice"))
+    assert item.value == {"text": "Prefers email over phone."}

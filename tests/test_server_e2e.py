@@ -182,6 +182,8 @@ async def test_agent_approval_is_served_and_isolated(
     # bob (tenant globex) can neither see, find, read nor resume alice's thread
     await assert_not_found(bob.threads.get(thread_id))
     await assert_not_found(bob.threads.get_state(thread_id))
+    await assert_not_found(bob.threads.get_history(thread_id))
+    await assert_not_found(bob.runs.list(thread_id))
     bobs = await bob.threads.search(limit=100)
     assert thread_id not in [t["thread_id"] for t in bobs]
     assert {t["metadata"]["keel_tenant"] for t in bobs} <= {"globex"}

@@ -1,5 +1,6 @@
-"""The supervisor of focused agents, in process on SQLite: routing, results passed back, and the
-sub-agents' guards (policy, approvals, budget) kept in force."""
+"""The supervisor of focused agents, in process on SQLite (and PostgreSQL for the approval round
+trip): routing, results passed back, and the sub-agents' guards (policy, approvals, budget) kept
+in force."""
 
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def _answers(messages: Sequence[BaseMessage]) -> list[tuple[str | None, str]]:
 
 
 @pytest.mark.parametrize("decision", ["approve", "reject"])
-async def test_sub_agent_approval_surfaces_and_resumes(tmp_path: Path, decision: str) -> None:
+async def test_sub_agent_approval_surfaces_and_resumes(db_url: str, decision: str) -> None:
     shop = DemoShop()
-    async with Persistence(f"sqlite:///{tmp_path}/keel.db").acheckpointer() as saver:
+    async with Persistence(db_url).acheckpointer() as saver:
         sup = _supervisor(shop, saver, policy=POLICY)
         first = await sup.ainvoke({"messages": [("user", DEMO_TASK)]}, _config("t"), context=CTX)
         (request,) = first["__interrupt__"][0].value
@@ -75,7 +76,7 @@ async def test_sub_agent_approval_surfaces_and_resumes(tmp_path: Path, decision:
         assert (await sup.aget_state(_config("t"))).next == ("billing",)
 
     # resume from a new saver, as a new process would
-    async with Persistence(f"sqlite:///{tmp_path}/keel.db").acheckpointer() as saver:
+    async with Persistence(db_url).acheckpointer() as saver:
         sup = _supervisor(shop, saver, policy=POLICY)
         final = await sup.ainvoke(Command(resume=[{"type": decision}]), _config("t"), context=CTX)
 
@@ -137,14 +138,25 @@ def test_max_handoffs_ends_the_run() -> None:
     }
 
 
-def test_router_choosing_an_unknown_agent_is_an_error() -> None:
+def test_a_failing_router_ends_the_run_with_an_error_outcome() -> None:
     sup = build_supervisor(
         {"a": build_agent(ScriptedChatModel(script=["x"]))}, lambda m: Route(agent="zed")
     )
-    with pytest.raises(
-        UserError, match=r"router chose 'zed'; the agents are \['a'\] \(or FINISH\)"
-    ):
-        sup.invoke({"messages": [("user", "go")]})
+    final = sup.invoke({"messages": [("user", "go")]})
+    assert final["outcome"] == {
+        "status": "error",
+        "terminated_reason": "error",
+        "detail": "the supervisor's router failed: The supervisor's router chose 'zed'; the "
+        "agents are ['a'] (or FINISH).",
+    }
+    broken = build_supervisor({"a": build_agent(ScriptedChatModel(script=["x"]))}, _raise)
+    assert broken.invoke({"messages": [("user", "go")]})["outcome"]["detail"] == (
+        "the supervisor's router failed: RuntimeError: model down"
+    )
+
+
+def _raise(messages: Sequence[BaseMessage]) -> Route:
+    raise RuntimeError("model down")
 
 
 def test_finish_without_handoff_answers_with_the_routers_text() -> None:
