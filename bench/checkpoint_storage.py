@@ -12,7 +12,7 @@ PostgreSQL (keel's sync saver, `durability="sync"`: every checkpoint is written)
   store only the new messages (the task writes), plus a full snapshot every
   `snapshot_frequency` updates;
 - `keelN`: what keel uses: the default channel, and keel's retention
-  (`Persistence.prune(keep_last=N)`, or `keel threads prune --keep-last N`) once the run is
+  (`Persistence.prune(keep_last=N)`, or `keel threads prune --keep N`) once the run is
   over (N = 10 and 2 by default). The thread then reads back identical (checked), and its
   bytes are counted at rest; during the run it grows as `peer` does.
 
