@@ -8,9 +8,13 @@ PostgreSQL (keel's sync saver, `durability="sync"`: every checkpoint is written)
 
 - `peer`: `AgentState.messages` on LangGraph's default channel (`add_messages`, a
   `BinaryOperatorAggregate`): the whole message list is stored again at every checkpoint;
-- `keel`: the same state with `messages` on LangGraph's beta `DeltaChannel`: checkpoints
+- `delta`: the same state with `messages` on LangGraph's beta `DeltaChannel`: checkpoints
   store only the new messages (the task writes), plus a full snapshot every
-  `snapshot_frequency` updates.
+  `snapshot_frequency` updates;
+- `keelN`: what keel uses: the default channel, and keel's retention
+  (`Persistence.prune(keep_last=N)`, or `keel threads prune --keep N`) once the run is
+  over (N = 10 and 2 by default). The thread then reads back identical (checked), and its
+  bytes are counted at rest; during the run it grows as `peer` does.
 
 For each thread, as in `/work/shared/research/perf-baselines.md` §3:
 
@@ -20,7 +24,8 @@ For each thread, as in `/work/shared/research/perf-baselines.md` §3:
 The baseline is the messages themselves: the final message list serialized once with
 LangGraph's serializer. Each ratio is thread bytes / message bytes. Goal: keel <= 3x (the
 peer measured 48x in the research notes). The last line is machine-readable:
-`keel_bytes_vs_messages=<x.x> peer_bytes_vs_messages=<x.x>` (logical bytes).
+`keel_bytes_vs_messages=<x.x> peer_bytes_vs_messages=<x.x>` (logical bytes; keel with the last
+`--keep-last` value).
 
 Run it by path: `.venv/bin/python bench/checkpoint_storage.py` (about 10 s). The server comes
 from KEEL_BENCH_POSTGRES_URL or KEEL_TEST_POSTGRES_URL; a fresh database is made and dropped.
@@ -98,16 +103,21 @@ SELECT
 """
 
 
-def measure(url: str, name: str, schema: type[Any], steps: int) -> dict[str, int]:
-    """Run one thread and count its bytes."""
+def measure(
+    url: str, name: str, schema: type[Any], steps: int, keep_last: int | None = None
+) -> dict[str, int]:
+    """Run one thread (then keep its latest `keep_last` checkpoints) and count its bytes."""
     config: Any = {"configurable": {"thread_id": name}, "recursion_limit": 4 * steps + 10}
     with Persistence(url).checkpointer() as saver:
         graph = agent(schema, steps, saver)
         final = graph.invoke({"messages": [("user", "check all")]}, config, durability="sync")
         assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
         assert len(final["messages"]) == 2 * steps + 2
-        again = graph.get_state(config).values["messages"]  # reads back (DeltaChannel replays)
-        assert [m.id for m in again] == [m.id for m in final["messages"]]
+        if keep_last is not None:
+            report = Persistence(url).prune(keep_last=keep_last)
+            assert name in report.threads_trimmed, report
+        again = graph.get_state(config).values  # reads back (DeltaChannel replays writes)
+        assert again["messages"] == final["messages"] and again["outcome"] == final["outcome"]
     _, messages = JsonPlusSerializer().dumps_typed(final["messages"])
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(_BYTES_SQL, {"t": name}).fetchone()
@@ -140,18 +150,33 @@ def fresh_database(base: str) -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=50, help="tool steps per thread")
+    parser.add_argument(
+        "--keep-last",
+        type=int,
+        nargs="+",
+        default=[10, 2],
+        help="checkpoints keel's retention keeps (the last value is the headline figure)",
+    )
     args = parser.parse_args()
     base = os.environ.get("KEEL_BENCH_POSTGRES_URL") or os.environ.get("KEEL_TEST_POSTGRES_URL")
     if not base:
         raise SystemExit("Set KEEL_BENCH_POSTGRES_URL or KEEL_TEST_POSTGRES_URL.")
     results: dict[str, dict[str, int]] = {}
     with fresh_database(base) as url:
+        # keel first: its prune runs over every thread in the database (each keel thread is
+        # counted right after its own prune)
+        keel = {
+            f"keel{n}": measure(url, f"keel{n}", AgentState, args.steps, keep_last=n)
+            for n in args.keep_last
+        }
         results["peer"] = measure(url, "peer", AgentState, args.steps)
-        results["keel"] = measure(url, "keel", DeltaAgentState, args.steps)
+        results["delta"] = measure(url, "delta", DeltaAgentState, args.steps)
+        results.update(keel)
     print(f"{args.steps}-step thread on PostgreSQL, durability=sync")
     print(f"{'case':<6} {'channel':<24} {'ckpts':>5} {'logical B':>11} {'stored B':>10} "
           f"{'messages B':>10} {'logical x':>9} {'stored x':>8}")  # fmt: skip
-    channels = {"peer": "default (add_messages)", "keel": "DeltaChannel (beta)"}
+    channels = {"peer": "default (add_messages)", "delta": "DeltaChannel (beta)"}
+    channels.update({f"keel{n}": f"default + keep_last={n}" for n in args.keep_last})
     for case, r in results.items():
         print(
             f"{case:<6} {channels[case]:<24} {r['checkpoints']:>5} {r['logical']:>11,} "
@@ -163,7 +188,7 @@ def main() -> None:
             f"{case}: logical bytes in checkpoint rows {r['checkpoint_rows']:,}, blobs "
             f"{r['blobs']:,}, writes {r['writes']:,}"
         )
-    keel, peer = results["keel"], results["peer"]
+    keel, peer = results[f"keel{args.keep_last[-1]}"], results["peer"]
     print(
         f"keel_bytes_vs_messages={keel['logical'] / keel['messages']:.1f} "
         f"peer_bytes_vs_messages={peer['logical'] / peer['messages']:.1f}"

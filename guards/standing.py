@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from keel.guards.gate import Gate, GateDecision
 from keel.ledger import Flow, Ledger
 from keel.state import Approval, RunContext
 from keel.tools.registry import RegisteredTool
+
+log = logging.getLogger("keel.guards")
 
 __all__ = ["Always", "StandingStore", "allowing", "covering", "standing_approval"]
 
@@ -154,12 +157,24 @@ class StandingStore:
         self.ledger = ledger
 
     def load(self, context: RunContext) -> dict[str, Approval]:
-        """The user's unexpired standing approvals, by key."""
-        return self.ledger.run(_load_flow(_who(context), time.time()))
+        """The user's unexpired standing approvals, by key.
+
+        A ledger that cannot be read gives none (logged): the calls they would have allowed
+        ask a human again, which is the safe side.
+        """
+        try:
+            return self.ledger.run(_load_flow(_who(context), time.time()))
+        except Exception as exc:
+            log.error("keel could not read standing approvals, so none apply: %r", exc)
+            return {}
 
     async def aload(self, context: RunContext) -> dict[str, Approval]:
-        """The user's unexpired standing approvals, by key (async)."""
-        return await self.ledger.arun(_load_flow(_who(context), time.time()))
+        """The user's unexpired standing approvals, by key (async; see `load`)."""
+        try:
+            return await self.ledger.arun(_load_flow(_who(context), time.time()))
+        except Exception as exc:
+            log.error("keel could not read standing approvals, so none apply: %r", exc)
+            return {}
 
     def save(self, context: RunContext, approvals: Mapping[str, Approval]) -> None:
         """Keep `approvals` for the user (replacing any under the same keys)."""

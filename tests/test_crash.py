@@ -22,6 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from langchain_core.messages import AIMessage
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph import END, START, MessagesState, StateGraph
 
 CHILD = Path(__file__).with_name("crash_agent.py")
 ROUNDS, PER_ROUND = int(os.environ.get("KEEL_CRASH_ROUNDS", "10")), 10
@@ -103,3 +106,40 @@ def test_sigkill_at_random_points_never_repeats_a_side_effect(fresh_postgres_url
         assert result["outcome"] == "completed" and result["counter"] == 1, result
         print(result)
     assert result["valid"], result
+
+
+class Crash(BaseException):
+    """The process "dies"."""
+
+
+class DiesBeforeCheckpoint(SqliteSaver):
+    """Saves a task's writes, then "dies" before the checkpoint that follows them."""
+
+    die = True
+
+    def put(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        if self.die and metadata.get("step") == 0:
+            self.die = False
+            raise Crash
+        return super().put(config, checkpoint, metadata, new_versions)
+
+
+def test_killed_between_writes_and_checkpoint_next_is_empty_but_run_goes_on() -> None:
+    """Pins LangGraph: when a task's writes were saved but not the next checkpoint,
+    `get_state().next` is `()` although the run is not over; `invoke(None)` continues it.
+    (A resume loop that trusts `next` would leave such threads unfinished.)"""
+    builder = StateGraph(MessagesState)
+    builder.add_node("answer", lambda state: {"messages": [AIMessage(content="hello")]})
+    builder.add_edge(START, "answer")
+    builder.add_edge("answer", END)
+    with SqliteSaver.from_conn_string(":memory:") as base:
+        saver = DiesBeforeCheckpoint(base.conn)
+        graph = builder.compile(checkpointer=saver)
+        config: Any = {"configurable": {"thread_id": "t"}}
+        with pytest.raises(Crash):
+            graph.invoke({"messages": [("user", "hi")]}, config, durability="sync")
+        state = graph.get_state(config)
+        assert state.next == ()
+        assert [m.content for m in state.values["messages"]] == ["hi"]
+        final = graph.invoke(None, config, durability="sync")
+    assert [m.content for m in final["messages"]] == ["hi", "hello"]

@@ -286,3 +286,25 @@ def test_without_a_ledger_a_crash_repeats_the_effect(tmp_path: Any) -> None:
 def test_build_agent_rejects_a_bad_ledger() -> None:
     with pytest.raises(UserError, match=r"build_agent\(ledger=...\) must be a keel.Ledger"):
         build_agent(ScriptedChatModel(script=["hi"]), ledger="sqlite:///x.db")  # type: ignore[arg-type]
+
+
+def test_sync_reconcile_under_invoke_and_async_reconcile_refused(tmp_path: Any) -> None:
+    world = World()
+    world.crash_next = True
+
+    async def areconcile(args: dict[str, Any]) -> str | None:
+        return None
+
+    with stack(f"sqlite:///{tmp_path}/k.db") as (saver, ledger):
+        agent = agent_for(world, saver, ledger, reconcile=lambda args: f"found {args['amount']}")
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t1"), context=CTX)
+        state = agent.invoke(None, thread("t1"), context=CTX)
+        assert [m.content for m in tool_messages(state)] == ["found 5"]
+        world.crash_next = True
+        agent = agent_for(world, saver, ledger, reconcile=areconcile)
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "pay")]}, thread("t2"), context=CTX)
+        with pytest.raises(UserError, match=r"charge's reconcile is async; run the agent with"):
+            agent.invoke(None, thread("t2"), context=CTX)
+    assert world.effects == ["charged 5", "charged 5"]
