@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -51,15 +52,41 @@ def purge(store: ChromaStore, namespace_prefix: tuple[str, ...]) -> int:
     if len(prefix) > store.depth:
         _purge_inside(store, prefix)
     else:
-        for part in {ns[: store.depth] for ns in namespaces} | {prefix}:
-            for kind in ("i", "v"):
-                with contextlib.suppress(NotFoundError, ValueError):
-                    store.client.delete_collection(b.collection_name(store.name, part, kind))
+        names = [
+            b.collection_name(store.name, part, kind)
+            for part in {ns[: store.depth] for ns in namespaces} | {prefix}
+            for kind in ("i", "v")
+        ]
+        segments = _segment_dirs(store.path, names)
+        for name in names:
+            with contextlib.suppress(NotFoundError, ValueError):
+                store.client.delete_collection(name)
+        for directory in segments:  # chromadb leaves a deleted collection's HNSW files behind
+            shutil.rmtree(directory, ignore_errors=True)
     if got["ids"]:
         store._catalog.delete(ids=got["ids"])
     store._forget_cols()
     vacuum(store.path)
     return len(namespaces)
+
+
+def _segment_dirs(path: str | None, collections: list[str]) -> list[Path]:
+    """The on-disk segment directories (HNSW index files) of an embedded store's collections."""
+    if path is None or not collections or not (Path(path) / "chroma.sqlite3").exists():
+        return []
+    marks = ",".join("?" * len(collections))
+    con = sqlite3.connect(Path(path) / "chroma.sqlite3", timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT s.id FROM segments s JOIN collections c ON c.id = s.collection "
+            f"WHERE c.name IN ({marks})",
+            collections,
+        ).fetchall()
+    finally:
+        con.close()
+    return [
+        Path(path) / str(segment) for (segment,) in rows if (Path(path) / str(segment)).is_dir()
+    ]
 
 
 def _purge_inside(store: ChromaStore, prefix: tuple[str, ...]) -> None:

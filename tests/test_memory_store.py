@@ -173,10 +173,13 @@ def test_purging_a_user_removes_their_text_from_disk(tmp_path: Path) -> None:
         store.put(("memories", "acme", "u1", "notes"), f"k{i}", {"text": f"ZEBRANOTE{i}"})
         store.put(("memories", "acme", "u2"), f"k{i}", {"text": f"KEEPTHISTEXT{i}"})
     assert _on_disk(root, b"ZEBRAPASSWORD7")
+    segments = {p.name for p in root.iterdir() if p.is_dir()}  # one HNSW directory per index
     assert store.purge(("memories", "acme", "u1")) == 2
     assert _on_disk(root, b"ZEBRAPASSWORD") == []
     assert _on_disk(root, b"ZEBRANOTE") == []
     assert _on_disk(root, b"KEEPTHISTEXT7")
+    # the user's two collections (items, vectors) took their index directories with them
+    assert len(segments - {p.name for p in root.iterdir() if p.is_dir()}) == 2
     assert store.search(("memories", "acme", "u1"), query="alpha") == []
     assert store.list_namespaces() == [("memories", "acme", "u2")]
     assert len(store.search(("memories", "acme", "u2"), limit=100)) == 30
@@ -347,3 +350,20 @@ def test_an_unreachable_server_says_how_to_start_one() -> None:
 
     with pytest.raises(SetupError, match=r"chroma run --path <dir> --host 127\.0\.0\.1 --port 9"):
         ChromaStore(url="http://127.0.0.1:9")
+
+
+def test_pin_chromadb_delete_collection_leaves_its_index_files_on_disk(tmp_path: Path) -> None:
+    """chromadb 1.5: `delete_collection` keeps the HNSW directory, which holds copies of the
+    records' bytes; that is why `purge` removes the segment directories itself."""
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(
+        path=str(tmp_path), settings=Settings(anonymized_telemetry=False)
+    )
+    col = client.create_collection("pin", embedding_function=None)
+    col.add(ids=["a"], embeddings=[[1.0, 0.0]], documents=["SECRET"])
+    before = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert before
+    client.delete_collection("pin")
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == before
