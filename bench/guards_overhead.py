@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import itertools
 import os
 import statistics
@@ -85,6 +84,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from agent_overhead import measure, paired_ratios  # the same interleaved rounds, run by path
 from langchain.agents import create_agent
 from langchain.agents.middleware import (
     HumanInTheLoopMiddleware,
@@ -127,7 +127,6 @@ VARIANTS = (
 )
 KEEL = ("keel", "keel_guarded", "keel_period", "keel_resilient")
 WITH_CONTEXT = (*KEEL, "create_agent_keel_mw")
-MIN_RUNS = 3
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 THREAD_IDS = itertools.count()
 """Thread ids are unique across cases: several cases share a database."""
@@ -417,34 +416,6 @@ def count_writes(saver: Saver) -> dict[str, tuple[int, float]]:
                 case.close()
         out[variant] = (writes[K], (writes[K] - writes[0]) / K)
     return out
-
-
-def measure(cases: list[Case], rounds: int, min_seconds: float) -> dict[str, list[float]]:
-    """Seconds per run for every case, one mean per round (see `agent_overhead.measure`)."""
-    per_round: dict[str, list[float]] = {c.name: [] for c in cases}
-    for r in range(rounds):
-        shift = r % len(cases)
-        order = cases[shift:] + cases[:shift]
-        times: dict[str, list[float]] = {c.name: [] for c in order}
-        gc.collect()
-        pending = order
-        while pending:
-            for case in pending:
-                times[case.name].append(case.timed_run())
-            pending = [
-                c
-                for c in pending
-                if len(times[c.name]) < MIN_RUNS or sum(times[c.name]) < min_seconds
-            ]
-        for name, seconds in times.items():
-            per_round[name].append(statistics.fmean(seconds))
-        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return per_round
-
-
-def paired_ratios(per_round: dict[str, list[float]], a: str, b: str) -> list[float]:
-    """Case a's time over case b's, round by round."""
-    return [x / y for x, y in zip(per_round[a], per_round[b], strict=True)]
 
 
 # -- main ------------------------------------------------------------------------------------
