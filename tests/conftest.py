@@ -3,15 +3,16 @@
 - `postgres_url`: the server named by `KEEL_TEST_POSTGRES_URL` (skipped without it, failed in CI).
 - `fresh_postgres_url`: a new, empty database on that server, dropped after the test.
 - `db_url`: each test runs on SQLite (in `tmp_path`) and on PostgreSQL (ids "sqlite", "postgres").
+- `ledger`: keel's ledger, set up, on `db_url`; `clock`: a fabricated clock moved by hand.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import psycopg
@@ -72,6 +73,33 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/keel.db"
     url: str = request.getfixturevalue("fresh_postgres_url")
     return url
+
+
+@pytest.fixture
+async def ledger(db_url: str) -> AsyncIterator[Any]:
+    """keel's ledger on `db_url`, its tables created, closed after the test."""
+    from keel import Ledger
+
+    ledger = Ledger(db_url)
+    await ledger.asetup()
+    yield ledger
+    await ledger.aclose()
+
+
+class Clock:
+    """A fabricated clock (`time.time` stand-in) the test moves by setting `now`."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A `Clock` at t = 1000 s."""
+    return Clock()
 
 
 @pytest.fixture(autouse=True)

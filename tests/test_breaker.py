@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -144,22 +143,6 @@ def test_unchanged_states_are_the_same_object() -> None:
 # -- the breaker on SQLite and PostgreSQL, sync and async --------------------------------------
 
 
-class Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def ledger(db_url: str) -> AsyncIterator[Ledger]:
-    ledger = Ledger(db_url)
-    await ledger.asetup()
-    yield ledger
-    await ledger.aclose()
-
-
 @pytest.fixture(params=["sync", "async"])
 def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -177,8 +160,9 @@ async def record(breaker: CircuitBreaker, mode: str, key: str, ok: bool) -> Any:
     return await breaker.arecord(key, ok)
 
 
-async def test_a_breaker_opens_fails_fast_half_opens_and_closes(ledger: Ledger, mode: str) -> None:
-    clock = Clock()
+async def test_a_breaker_opens_fails_fast_half_opens_and_closes(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
     breaker = CircuitBreaker(ledger, P, clock=clock)
     key = "model:m"
     assert await before(breaker, mode, key) is None
@@ -207,8 +191,7 @@ async def test_a_breaker_opens_fails_fast_half_opens_and_closes(ledger: Ledger, 
     assert breaker.state(key) == BreakerState()
 
 
-async def test_a_failure_while_half_open_reopens(ledger: Ledger, mode: str) -> None:
-    clock = Clock()
+async def test_a_failure_while_half_open_reopens(ledger: Ledger, mode: str, clock: Any) -> None:
     breaker = CircuitBreaker(
         ledger, BreakerPolicy(failure_threshold=1, cooldown_seconds=5), clock=clock
     )

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -138,24 +137,6 @@ def test_take_without_buckets_admits() -> None:
 # -- the limiter on SQLite and PostgreSQL, sync and async --------------------------------------
 
 
-class Clock:
-    """A fabricated clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def ledger(db_url: str) -> AsyncIterator[Ledger]:
-    ledger = Ledger(db_url)
-    await ledger.asetup()
-    yield ledger
-    await ledger.aclose()
-
-
 @pytest.fixture(params=["sync", "async"])
 def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -174,8 +155,9 @@ async def settle(limiter: RateLimiter, mode: str, permit: Permit, used: int) -> 
         await limiter.asettle(permit, used)
 
 
-async def test_rpm_admits_up_to_the_limit_then_raises(ledger: Ledger, mode: str) -> None:
-    clock = Clock()
+async def test_rpm_admits_up_to_the_limit_then_raises(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
     limiter = RateLimiter(ledger, [RateLimit(rpm=3, max_wait=0)], clock=clock)
     for _ in range(3):
         assert (await acquire(limiter, mode, "m")).waited == 0.0
@@ -193,8 +175,10 @@ async def test_rpm_admits_up_to_the_limit_then_raises(ledger: Ledger, mode: str)
         await acquire(limiter, mode, "m")
 
 
-async def test_tenant_limits_are_per_tenant_across_models(ledger: Ledger, mode: str) -> None:
-    limiter = RateLimiter(ledger, [RateLimit(rpm=2, scope="tenant", max_wait=0)], clock=Clock())
+async def test_tenant_limits_are_per_tenant_across_models(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
+    limiter = RateLimiter(ledger, [RateLimit(rpm=2, scope="tenant", max_wait=0)], clock=clock)
     await acquire(limiter, mode, "a", "acme")
     await acquire(limiter, mode, "b", "acme")
     with pytest.raises(RateLimited, match=r"reached for tenant:acme \(rpm:tenant:acme\)"):
@@ -202,8 +186,10 @@ async def test_tenant_limits_are_per_tenant_across_models(ledger: Ledger, mode: 
     await acquire(limiter, mode, "a", "globex")
 
 
-async def test_a_limit_for_other_models_takes_nothing(ledger: Ledger, mode: str) -> None:
-    limiter = RateLimiter(ledger, [RateLimit(rpm=1, model="gpt-*", max_wait=0)], clock=Clock())
+async def test_a_limit_for_other_models_takes_nothing(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
+    limiter = RateLimiter(ledger, [RateLimit(rpm=1, model="gpt-*", max_wait=0)], clock=clock)
     for _ in range(3):
         assert await acquire(limiter, mode, "claude") == Permit((), 0, 0.0)
     await acquire(limiter, mode, "gpt-4o")
@@ -211,8 +197,7 @@ async def test_a_limit_for_other_models_takes_nothing(ledger: Ledger, mode: str)
         await acquire(limiter, mode, "gpt-4o")
 
 
-async def test_settle_corrects_the_tpm_estimate(ledger: Ledger, mode: str) -> None:
-    clock = Clock()
+async def test_settle_corrects_the_tpm_estimate(ledger: Ledger, mode: str, clock: Any) -> None:
     limiter = RateLimiter(ledger, [RateLimit(tpm=1000, max_wait=0)], clock=clock)
     permit = await acquire(limiter, mode, "m", tokens=800)
     assert permit == Permit((("tpm:model:m", 1000, 800.0),), 800, 0.0)
@@ -240,8 +225,8 @@ async def test_a_short_bucket_waits_then_admits(ledger: Ledger, mode: str) -> No
     assert err.value.retry_after > 2 and time.perf_counter() - started < 0.5
 
 
-async def test_concurrent_acquisitions_never_exceed_the_bucket(ledger: Ledger) -> None:
-    limiter = RateLimiter(ledger, [RateLimit(rpm=5, max_wait=0)], clock=Clock())
+async def test_concurrent_acquisitions_never_exceed_the_bucket(ledger: Ledger, clock: Any) -> None:
+    limiter = RateLimiter(ledger, [RateLimit(rpm=5, max_wait=0)], clock=clock)
 
     async def one(i: int) -> bool:
         try:
