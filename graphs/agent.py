@@ -345,7 +345,7 @@ def build_agent(
         )
         graph.add_conditional_edges(
             "verify",
-            recorded(_ending_at(route_after_verify, end), observer, "verify", end=end),
+            recorded(route_after_verify, observer, "verify", end=end),
             ["call_model", "respond", end],
         )
         after_model.append("verify")
@@ -353,7 +353,7 @@ def build_agent(
     graph.add_conditional_edges(
         "call_model",
         recorded(
-            _ending_at(lambda s: route_after_model(s, verify=verify), end),
+            lambda s: route_after_model(s, verify=verify),
             observer,
             "call_model",
             end=end,
@@ -371,7 +371,7 @@ def build_agent(
         ["execute_tools", "respond"],
     )
     graph.add_conditional_edges(
-        "respond", recorded(lambda s: end, observer, "respond", end=end), [end]
+        "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
     )
     agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
@@ -388,13 +388,6 @@ def _add_memory(
     graph.add_node("reflect", reflect(store))
     graph.add_edge("reflect", END)
     return "reflect"
-
-
-def _ending_at(route: Callable[[AgentState], str], end: str) -> Callable[[AgentState], str]:
-    """`route`, with its way to END sent to `end` instead (`reflect` when memory is on)."""
-    if end == END:
-        return route
-    return lambda state: end if (goes := route(state)) == END else goes
 
 
 def _validate(

@@ -148,11 +148,14 @@ def recorded(
 ) -> RunnableCallable:
     """`route`, logging its decision; the run record is written when it ends or pauses the run.
 
-    `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`).
+    `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`);
+    a route to END is sent there.
     """
 
     def decide(state: AgentState) -> tuple[str, bool]:
         choice = route(state)
+        if choice == END:
+            choice = end
         result: Mapping[str, Any] = state.get("outcome") or {}
         _log_decision(source, choice, state)
         paused = choice == "human_review" and result.get("status") == "interrupted"
