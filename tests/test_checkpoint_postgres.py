@@ -266,12 +266,17 @@ async def test_psycopg_pool_check_alone_stalls_on_dead_connections(fresh_postgre
         assert time.monotonic() - started < 1
 
 
-def _terminate_all(url: str) -> int:
-    """Terminate every other connection to the database `url` names (a test database)."""
+def _terminate_all(url: str, *, wait_for_one: float = 5.0) -> int:
+    """Terminate every other connection to the database `url` names (a test database).
+
+    Waits up to `wait_for_one` seconds for there to be one: right after a kill the pool may not
+    have reconnected yet, and a kill that finds nothing would test nothing.
+    """
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     with psycopg.connect(url, autocommit=True) as admin:
-        return len(
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchall()
-        )
+        deadline = time.monotonic() + wait_for_one
+        while not admin.execute(f"SELECT count(*) {others}").fetchone()[0]:  # type: ignore[index]
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return len(admin.execute(f"SELECT pg_terminate_backend(pid) {others}").fetchall())
