@@ -8,7 +8,7 @@ latency-bound ideal for a batch is (K + 1) x 50 ms = 0.55 s. The same graph runs
 
 - `none`: no checkpointer (the floor for this graph on this machine);
 - `peer`: LangGraph's `AsyncPostgresSaver` on a `psycopg_pool.AsyncConnectionPool`;
-- `keel`: `keel.checkpoint.AsyncPooledPostgresSaver` on the same pool;
+- `keel`: `keel.db.checkpoint.AsyncPooledPostgresSaver` on the same pool;
 - `memory` (with `--memory`): LangGraph's `InMemorySaver`, what checkpointing costs in
   LangGraph itself before any I/O.
 
@@ -57,7 +57,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from keel.checkpoint import AsyncPooledPostgresSaver
+from keel.db.checkpoint import AsyncPooledPostgresSaver
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import build_agent
 

@@ -25,6 +25,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
+from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.permissions import PermissionMatrix
@@ -32,7 +33,6 @@ from keel.guards.policy import Policy
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import SpendMeter
 from keel.guards.standing import StandingStore
-from keel.ledger import Ledger
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.execute_tools import execute_tools
 from keel.nodes.human_review import human_review
@@ -41,11 +41,18 @@ from keel.nodes.plan import plan as plan_node
 from keel.nodes.respond import respond
 from keel.nodes.verify import Check
 from keel.nodes.verify import verify as verify_node
-from keel.observe import Observer, audited, budget_records, recorded, review_records, tool_records
+from keel.observe.observer import (
+    Observer,
+    audited,
+    budget_records,
+    recorded,
+    review_records,
+    tool_records,
+)
+from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
-from keel.tracing import graph_config
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 

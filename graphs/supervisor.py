@@ -34,10 +34,10 @@ from langgraph.store.base import BaseStore
 from pydantic import BaseModel, Field
 
 from keel import outcome
+from keel._node import make_node
 from keel.errors import UserError
 from keel.graphs.agent import Agent
 from keel.models import resolve_model
-from keel.nodes._node import make_node
 from keel.state import AgentState, RunContext, Usage
 
 __all__ = ["FINISH", "Route", "build_supervisor"]

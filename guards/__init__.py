@@ -51,11 +51,11 @@ from keel.guards.middleware import (
     outcome_of,
 )
 from keel.guards.permissions import PermissionMatrix
-from keel.guards.pii import PiiMatch, find_pii, redact, sanitize
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import PeriodBudget, SpendMeter
+from keel.redact import PiiMatch, find_pii, redact, sanitize
 
 __all__ = [
     "BreakerPolicy",

@@ -25,13 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from keel.db.audit import AuditRecord, insert_flow
+from keel.db.ledger import Flow, Ledger
 from keel.errors import KeelError, UserError
-from keel.ledger import Flow, Ledger
 
 __all__ = [
     "BreakerEvent",
     "BreakerPolicy",
     "BreakerState",
+    "breaker_record",
     "BreakerTransition",
     "CircuitBreaker",
     "CircuitOpen",
@@ -295,8 +297,6 @@ class CircuitBreaker:
         change = yield from breaker_flow(key, event, now, self.policy)
         transition = self._transition(key, now, change)
         if self.audit and transition is not None:
-            from keel.audit import breaker_record, insert_flow  # keel.audit imports keel.guards
-
             yield from insert_flow([breaker_record(transition)])
         return change
 
@@ -370,3 +370,14 @@ def _event(ok: bool) -> BreakerEvent:
 
 def _read_flow(key: str) -> Flow[BreakerState]:
     return _row((yield f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)))
+
+
+def breaker_record(transition: BreakerTransition) -> AuditRecord:
+    """The audit record of a circuit breaker's transition (`tool` holds the breaker key)."""
+    return AuditRecord(
+        kind="breaker",
+        decision=transition.after,
+        tool=transition.key,
+        result=f"{transition.before} -> {transition.after}: {transition.reason}",
+        at=transition.at,
+    )

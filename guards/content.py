@@ -5,7 +5,7 @@ LangChain middleware share them:
 
 - `check_input(text, policy, source="user" | "tool")`: a size limit and prompt-injection
   heuristics (instruction override, role spoofing, hidden instructions, tool-result injection);
-- `check_output(text, policy)`: PII and secrets in the final answer (see `keel.guards.pii`).
+- `check_output(text, policy)`: PII and secrets in the final answer (see `keel.redact`).
 
 Each returns a `ContentVerdict`: the action taken (`allow`, `flag`, `redact`, `block`), the
 findings with their rule names and spans, the text to use, and for a block the message to show.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from keel.errors import UserError
-from keel.guards.pii import PII_KINDS, PiiKind, PiiMatch, find_pii
+from keel.redact import PII_KINDS, PiiKind, PiiMatch, find_pii
 
 __all__ = [
     "INJECTION_RULES",
@@ -134,7 +134,7 @@ class OutputGuardPolicy:
     …; `flag` only records it; `block` withholds the whole answer."""
 
     pii_kinds: frozenset[PiiKind] = frozenset(PII_KINDS)
-    """Which kinds of PII to look for (see `keel.guards.pii.PII_KINDS`)."""
+    """Which kinds of PII to look for (see `keel.redact.PII_KINDS`)."""
 
     max_chars: int | None = None
     """The longest answer passed on, in characters; longer ones are cut. `None`: no limit."""

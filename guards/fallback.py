@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from langgraph._internal._retry import default_retry_on
 from langgraph.types import RetryPolicy
 
+from keel._node import default_retry_on
 from keel.errors import KeelError
 from keel.guards.breaker import CircuitOpen, is_outage
 from keel.guards.ratelimit import RateLimited

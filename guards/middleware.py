@@ -29,6 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langgraph.types import Command, interrupt
 
 from keel import outcome
+from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
 from keel.guards.budget import check_budget, usage_from_messages
@@ -39,7 +40,6 @@ from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
-from keel.ledger import Ledger
 from keel.models import model_name_of
 from keel.pricing import PriceTable
 from keel.state import Outcome, RunContext

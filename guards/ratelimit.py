@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from keel.db.ledger import Flow, Ledger
 from keel.errors import KeelError, UserError
-from keel.ledger import Flow, Ledger
 
 __all__ = [
     "Admit",

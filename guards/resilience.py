@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 
+from keel.db.ledger import Ledger
 from keel.guards.breaker import BreakerTransition, CircuitBreaker, CircuitOpen, is_outage
 from keel.guards.policy import Policy
 from keel.guards.ratelimit import Permit, RateLimiter
-from keel.ledger import Ledger
 
 __all__ = ["ModelGuard", "ToolGuard"]
 

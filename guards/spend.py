@@ -19,8 +19,8 @@ from typing import Literal
 
 from langchain_core.messages import BaseMessage
 
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.ledger import Flow, Ledger
 from keel.pricing import PriceTable
 from keel.state import RunContext
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from keel.approvals import approval_digest
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, GateDecision
-from keel.ledger import Flow, Ledger
 from keel.state import Approval, RunContext
 from keel.tools.registry import RegisteredTool
 

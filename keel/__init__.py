@@ -4,17 +4,16 @@ The spine re-exports what most programs need; each capability lives in its subpa
 (`keel.graphs`, `keel.nodes`, `keel.tools`, `keel.memory`, `keel.guards`, `keel.evals`).
 """
 
-from keel.audit import AuditLog, AuditRecord
+from keel._version import __version__
+from keel.db.audit import AuditLog, AuditRecord
+from keel.db.ledger import Ledger
+from keel.db.persistence import Persistence
+from keel.db.runs import RunLog, RunRecord
 from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
 from keel.graphs import build_agent
-from keel.ledger import Ledger
-from keel.persistence import Persistence
 from keel.pricing import Price, PriceTable
-from keel.runs import RunLog, RunRecord
 from keel.state import AgentState, Outcome, RunContext, Usage
 from keel.tools import ToolSpec, tool
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AgentState",

@@ -1,7 +1,7 @@
 """Who a served run is for: the server's authenticated user, turned into a `RunContext`.
 
 Under LangGraph server, a run's `context` comes from the client's request, so it can say
-anything. keel's auth (`keel.auth`) returns a user record with the identity it authenticated;
+anything. keel's auth (`keel.app.auth`) returns a user record with the identity it authenticated;
 LangGraph puts it on the run as `runtime.server_info.user`, after (and over) anything the client
 sent. `context_of` (used by every keel node) prefers that record to the client's context for
 `user_id`, `tenant_id`, `roles` and `policy`.
@@ -45,7 +45,7 @@ def context_from_user(user: Any) -> RunContext:
         raise UserError(
             f"The server's authenticated user {_identity(user)!r} has no {exc} field, so keel "
             "cannot tell its tenant and roles. Serve keel graphs with keel's auth "
-            '(langgraph.json: "auth": {"path": "keel.auth:auth"}), or return '
+            '(langgraph.json: "auth": {"path": "keel.app.auth:auth"}), or return '
             "keel.identity.user_record(...) from your own @auth.authenticate."
         ) from exc
     roles = fields["roles"]

@@ -1,19 +1,35 @@
-"""Model resolution: any LangChain chat model, or an `init_chat_model` string."""
+"""Model resolution: any LangChain chat model, an `init_chat_model` string, or an import path.
+
+Strings name a model three ways:
+- `provider:name` (`openai:gpt-4o-mini`), through LangChain's `init_chat_model`;
+- `package.module:attribute`, a chat model or a function that returns one (no arguments);
+- `keel:demo` and its siblings: the demo scenario's scripted models (`keel.evals.demo`).
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from langchain_core.language_models import BaseChatModel
 
 from keel.errors import SetupError, UserError
 
-__all__ = ["model_name_of", "resolve_model"]
+__all__ = ["BUNDLED_MODELS", "model_name_of", "resolve_model"]
+
+BUNDLED_MODELS = {
+    "keel:demo": "keel.evals.demo:demo_model",
+    "keel:demo-memory": "keel.evals.demo:demo_memory_model",
+    "keel:demo-router": "keel.evals.demo:demo_router_model",
+    "keel:demo-support": "keel.evals.demo:demo_support_model",
+}
+"""keel's scripted demo models by name, each an import path (loaded only when named)."""
 
 
 def resolve_model(model: str | BaseChatModel) -> BaseChatModel:
-    """Return a chat model for `model`: a model instance as is, or a `provider:name` string.
+    """Return a chat model for `model`: a model instance as is, or a string (see the module).
 
     Raises:
-        UserError: `model` is neither a chat model nor a `provider:name` string.
+        UserError: `model` is neither a chat model nor a string that names one.
         SetupError: the provider's integration package is not installed.
     """
     if isinstance(model, BaseChatModel):
@@ -23,6 +39,14 @@ def resolve_model(model: str | BaseChatModel) -> BaseChatModel:
             f"model must be a LangChain chat model or a string like 'openai:gpt-4o-mini', "
             f"got {model!r}."
         )
+    if model.startswith("keel:"):
+        if model not in BUNDLED_MODELS:
+            raise UserError(
+                f"Unknown bundled model {model!r}; keel bundles {sorted(BUNDLED_MODELS)}."
+            )
+        return _import_model(BUNDLED_MODELS[model])
+    if "." in model.partition(":")[0]:
+        return _import_model(model)
     from langchain.chat_models import init_chat_model
 
     try:
@@ -47,3 +71,21 @@ def model_name_of(model: BaseChatModel) -> str:
         if isinstance(value, str) and value:
             return value
     return model._llm_type
+
+
+def _import_model(path: str) -> BaseChatModel:
+    module_name, _, attr = path.partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(
+            f"Cannot import model {path!r}: {exc}. Name it 'package.module:attribute'."
+        ) from exc
+    if not isinstance(value, BaseChatModel) and callable(value):
+        value = value()
+    if not isinstance(value, BaseChatModel):
+        raise UserError(
+            f"{path!r} is {type(value).__name__}, not a LangChain chat model (or a function "
+            "that returns one)."
+        )
+    return value

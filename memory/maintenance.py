@@ -7,19 +7,36 @@ import json
 import shutil
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, TypeAlias
 
+from chromadb.api import ClientAPI
 from chromadb.errors import NotFoundError
 from langgraph.store.base import GetOp, validate_op_namespace
 
 from keel.errors import UserError
 from keel.memory import base as b
 
-if TYPE_CHECKING:
-    from keel.memory.chroma import ChromaStore
-
 __all__ = ["purge", "sweep", "vacuum"]
+
+Collection: TypeAlias = Any
+"""A chromadb `Collection`, untyped as in `keel.memory.chroma` (JSON-built `where` clauses)."""
+
+
+class ChromaStore(Protocol):
+    """What maintenance needs of `keel.memory.ChromaStore` (which calls it, so no import)."""
+
+    client: ClientAPI
+    path: str | None
+    name: str
+    depth: int
+    _catalog: Collection
+
+    def _partitions(self, prefix: tuple[str, ...]) -> list[tuple[str, ...]]: ...
+    def _col(self, partition: Sequence[str], kind: str, *, create: bool) -> Collection | None: ...
+    def _delete_rows(self, part: tuple[str, ...], rows: list[b.Row]) -> None: ...
+    def _forget_cols(self) -> None: ...
 
 
 def sweep(store: ChromaStore) -> int:

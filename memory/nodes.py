@@ -14,14 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.messages import HumanMessage, RemoveMessage, SystemMessage
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, SearchItem
 
+from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
-from keel.nodes._node import context_of, make_node
 from keel.state import AgentState, RunContext
 
 __all__ = ["RECALL_ID", "recall", "reflect"]

@@ -12,8 +12,8 @@ import json
 from langgraph.runtime import get_runtime
 from langgraph.store.base import BaseStore
 
+from keel._node import context_of
 from keel.memory.scope import store_of, user_namespace
-from keel.nodes._node import context_of
 from keel.state import RunContext
 from keel.tools.registry import KeelTool, tool
 

@@ -16,9 +16,9 @@ from langchain_core.messages import ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
 from keel.approvals import approval_digest
+from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
-from keel.ledger import Flow, Ledger
 from keel.tools.registry import RegisteredTool
 
 __all__ = ["Unknown", "adrive_once", "drive_once", "ledger_key", "recorded", "tool_message"]

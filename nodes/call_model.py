@@ -23,12 +23,12 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.runnables import Runnable, RunnableConfig
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from langgraph.types import RetryPolicy
 
 from keel import outcome
+from keel._node import RunnableCallable, context_of, make_node, policy_id
 from keel.errors import KeelError
 from keel.guards.breaker import BreakerTransition
 from keel.guards.budget import check_budget, usage_of
@@ -40,8 +40,6 @@ from keel.guards.resilience import ModelGuard
 from keel.guards.spend import SpendMeter, estimate_tokens
 from keel.guards.standing import StandingStore, allowing
 from keel.models import model_name_of, resolve_model
-from keel.nodes._node import context_of, make_node
-from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable

@@ -4,7 +4,7 @@ Every tool call gets exactly one `ToolMessage`, whatever happens: success, inval
 (checked against the tool's schema and never executed), unknown tool (with the valid names),
 denied, needs approval, rejected, timeout or error. Tools without side effects are retried with
 backoff; tools with side effects run at most once per call here, and, with a ledger, at most
-once per thread across resumes, retries, replays and crashes (see `keel.idempotency`).
+once per thread across resumes, retries, replays and crashes (see `keel.db.idempotency`).
 
 Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
 `invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
@@ -24,27 +24,26 @@ from typing import Any, Literal
 from langchain_core.messages import ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from pydantic import BaseModel, ValidationError
 
 from keel import outcome
+from keel._node import RunnableCallable, context_of, make_node, policy_id
 from keel.approvals import approval_digest, approval_key
+from keel.db.ledger import Ledger
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.standing import allowing
-from keel.ledger import Ledger
-from keel.nodes._node import context_of, make_node
 from keel.nodes._once import Unknown, adrive_once, drive_once, ledger_key, succeeded, tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import RegisteredTool, ToolRegistry
 
-__all__ = ["ToolStatus", "execute_tools", "policy_id"]
+__all__ = ["ToolStatus", "execute_tools"]
 
 ToolStatus = Literal[
     "success",
@@ -75,14 +74,6 @@ class _Job:
 
     call: ToolCall
     entry: RegisteredTool
-
-
-def policy_id(context: RunContext, policy_version: str, policy_name: str | None = None) -> str:
-    """The policy identity bound into approval digests: `name@version`.
-
-    The name is the agent's `Policy.name` when it has one, else `RunContext.policy`.
-    """
-    return f"{policy_name or context.policy}@{policy_version}"
 
 
 def execute_tools(

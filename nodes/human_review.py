@@ -30,22 +30,19 @@ from typing import Any, Literal, NotRequired
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
+from keel._node import NO_RESUME, RunnableCallable, context_of, make_node, peek_resume, policy_id
 from keel.approvals import approval_digest, approval_key
+from keel.db.idempotency import CallRecord, records_flow, resolve_flow
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
-from keel.idempotency import CallRecord, records_flow, resolve_flow
-from keel.ledger import Flow, Ledger
-from keel.nodes._node import context_of, make_node
 from keel.nodes._once import ledger_key
-from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
@@ -163,8 +160,8 @@ def human_review(
         pending = requests(state, runtime, records)
         if not pending:
             return {"outcome": None}, [], {}
-        waiting = _peek_resume(config)
-        if waiting is not _NOTHING:
+        waiting = peek_resume(config)
+        if waiting is not NO_RESUME:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
             _check_scope(_normalize(waiting, pending), standing)
@@ -223,9 +220,6 @@ def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewR
     }
 
 
-_NOTHING = object()
-
-
 def _check_scope(answers: Sequence[ReviewResponse], standing: StandingStore | None) -> None:
     for answer in answers:
         always = Always.parse(answer["always"]) if "always" in answer else None
@@ -234,17 +228,6 @@ def _check_scope(answers: Sequence[ReviewResponse], standing: StandingStore | No
                 "A standing approval with scope 'user' is kept in the ledger: pass "
                 "build_agent(..., ledger=keel.Ledger(url)), or use scope 'thread'."
             )
-
-
-def _peek_resume(config: RunnableConfig) -> Any:
-    """The resume value `interrupt()` would return, without consuming it (or `_NOTHING`)."""
-    scratchpad = config.get("configurable", {}).get(CONFIG_KEY_SCRATCHPAD)
-    if scratchpad is None:
-        return _NOTHING
-    if scratchpad.resume:
-        return scratchpad.resume[0]
-    value = scratchpad.get_null_resume(False)
-    return _NOTHING if value is None else value
 
 
 def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResponse]:

@@ -8,12 +8,11 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel, Field
 
+from keel._node import RunnableCallable, make_node
 from keel.models import model_name_of, resolve_model
-from keel.nodes._node import make_node
 from keel.pricing import PriceTable
 from keel.state import AgentState, PlanStep, Usage
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
-from langgraph._internal._runnable import RunnableCallable
 
 from keel import outcome
-from keel.nodes._node import make_node
+from keel._node import RunnableCallable, make_node
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, Outcome
 

@@ -14,15 +14,14 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import interrupt
 from pydantic import BaseModel, Field
 
 from keel import outcome
+from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.models import resolve_model
-from keel.nodes._node import make_node
 from keel.state import AgentState, Verdict
 
 __all__ = ["Check", "JudgeVerdict", "verify"]

@@ -12,7 +12,8 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.types import Command
 
 from keel import Persistence, RunContext, build_agent
-from keel.demo import DEMO_TASK, SYSTEM_PROMPT, DemoShop, demo_model, demo_tools
+from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, DemoShop, demo_tools
+from keel.evals.demo import demo_model
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
 

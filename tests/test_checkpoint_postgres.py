@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from keel import Persistence, RunContext, SetupError, UserError, build_agent
-from keel.checkpoint import AsyncPooledPostgresSaver
+from keel.db.checkpoint import AsyncPooledPostgresSaver
 from keel.evals import ScriptedChatModel, call
 
 pytestmark = pytest.mark.postgres

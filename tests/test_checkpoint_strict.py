@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langgraph.graph import END, START, StateGraph
 
 from keel import AgentState, Persistence
-from keel.checkpoint import (
+from keel.db.checkpoint import (
     CheckpointPolicy,
     CheckpointSizeWarning,
     CheckpointTooLarge,
@@ -197,5 +197,5 @@ def test_policy_validation(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_persistence_rejects_a_bad_policy() -> None:
-    with pytest.raises(UserError, match=r"must be a keel\.checkpoint\.CheckpointPolicy, got dict"):
+    with pytest.raises(UserError, match=r"must be a keel\.db\.checkpoint\.CheckpointPolicy, got"):
         Persistence("sqlite:///:memory:", checkpoints={"max_bytes": 1})  # type: ignore[arg-type]

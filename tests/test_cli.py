@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.cli import main
+from keel.app.cli import main
 
 
 def _keel(

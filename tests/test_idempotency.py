@@ -17,9 +17,9 @@ from langchain_core.messages import ToolMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel.db.idempotency import claim_flow, finish_flow, records_flow, resolve_flow
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel, call
-from keel.idempotency import claim_flow, finish_flow, records_flow, resolve_flow
 
 CTX = RunContext(user_id="u1")
 

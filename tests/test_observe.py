@@ -12,12 +12,12 @@ import pytest
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent
-from keel.audit import AuditLog, AuditRecord
+from keel.db.audit import AuditLog, AuditRecord
+from keel.db.runs import RunLog, error_category
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
 from keel.guards import BreakerPolicy, CircuitBreaker, Policy
-from keel.runs import RunLog, error_category
 from keel.tools import tool
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))

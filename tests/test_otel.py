@@ -11,9 +11,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from keel import Ledger, RunContext, build_agent, otel
+from keel import Ledger, RunContext, build_agent
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
+from keel.observe import otel
 from keel.tools import tool
 
 
@@ -52,7 +53,7 @@ def test_finished_runs_become_metrics_and_spans(tmp_path: Path) -> None:
         otel.use()  # back to the global (no-op) providers
 
     points = _points(reader)
-    (runs,) = points["keel.runs"]
+    (runs,) = points["keel.db.runs"]
     assert runs.value == 1 and runs.attributes == {
         "graph": "keel_agent",
         "tenant": "acme",

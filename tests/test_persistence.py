@@ -1,4 +1,4 @@
-"""`keel.persistence` against real SQLite and real PostgreSQL (the `db_url` fixture runs both)."""
+"""`keel.db.persistence` on real SQLite and real PostgreSQL (the `db_url` fixture runs both)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
+from keel.db.persistence import Persistence, ThreadSummary, default_db_url
 from keel.errors import SetupError, UserError
-from keel.persistence import Persistence, ThreadSummary, default_db_url
 
 Mode = Literal["sync", "async"]
 MODES: list[Mode] = ["sync", "async"]

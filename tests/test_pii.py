@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from keel.errors import UserError
 from keel.guards import PiiMatch, find_pii, redact, sanitize
-from keel.guards.pii import PII_KINDS, iban_valid, luhn_valid
+from keel.redact import PII_KINDS, iban_valid, luhn_valid
 
 
 def kinds_of(text: str) -> list[tuple[str, str]]:
@@ -307,9 +307,7 @@ def _examples(module_name: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize(
-    "module_name", ["keel.guards.pii", "keel.guards.content", "keel.evals.chaos"]
-)
+@pytest.mark.parametrize("module_name", ["keel.redact", "keel.guards.content", "keel.evals.chaos"])
 def test_docstring_examples_run(module_name: str) -> None:
     examples = _examples(module_name)
     assert examples, f"{module_name} has no examples"

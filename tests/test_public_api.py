@@ -32,7 +32,7 @@ PUBLIC = {
         "build_agent",
         "tool",
     ],
-    "keel.checkpoint": [
+    "keel.db.checkpoint": [
         "AsyncPooledPostgresSaver",
         "CheckpointPolicy",
         "CheckpointSizeWarning",
@@ -40,7 +40,7 @@ PUBLIC = {
         "PruneReport",
         "UnserializableState",
     ],
-    "keel.idempotency": [
+    "keel.db.idempotency": [
         "CallRecord",
         "CallState",
         "Claim",
@@ -49,9 +49,21 @@ PUBLIC = {
         "records_flow",
         "resolve_flow",
     ],
-    "keel.audit": ["AuditKind", "AuditLog", "AuditRecord", "breaker_record"],
-    "keel.runs": ["RunLog", "RunRecord", "error_category", "run_record"],
-    "keel.report": [
+    "keel.db": [
+        "AuditLog",
+        "AuditRecord",
+        "Flow",
+        "Ledger",
+        "Persistence",
+        "PruneReport",
+        "RunLog",
+        "RunRecord",
+        "ThreadSummary",
+        "default_db_url",
+    ],
+    "keel.db.audit": ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"],
+    "keel.db.runs": ["RunLog", "RunRecord", "error_category", "run_record"],
+    "keel.app.report": [
         "Objective",
         "Report",
         "breaches",
@@ -59,7 +71,7 @@ PUBLIC = {
         "load_objectives",
         "render_html",
     ],
-    "keel.health": [
+    "keel.app.health": [
         "Check",
         "Health",
         "acheck_health",
@@ -68,7 +80,8 @@ PUBLIC = {
         "readiness",
         "semantic_check",
     ],
-    "keel.observe": [
+    "keel.observe": ["Observer", "decision_log", "trace_config", "tracing_enabled"],
+    "keel.observe.observer": [
         "Derive",
         "Observer",
         "Who",
@@ -79,8 +92,15 @@ PUBLIC = {
         "review_records",
         "tool_records",
     ],
-    "keel.otel": ["Telemetry", "active", "use"],
-    "keel.tracing": ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"],
+    "keel.observe.otel": ["Telemetry", "active", "use"],
+    "keel.observe.tracing": [
+        "sanitized",
+        "sanitizing_client",
+        "trace_config",
+        "tracer",
+        "tracing_enabled",
+    ],
+    "keel.models": ["BUNDLED_MODELS", "model_name_of", "resolve_model"],
     "keel.graphs": [
         "FINISH",
         "Route",

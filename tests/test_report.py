@@ -14,15 +14,15 @@ from chromadb.config import Settings
 from langchain_core.messages import AIMessage
 
 from keel import Ledger, Persistence, RunContext, build_agent
-from keel.cli import main
-from keel.cli_observe import parse_since
+from keel.app.cli import main
+from keel.app.cli_observe import parse_since
+from keel.app.health import acheck_health, check_health, semantic_check
+from keel.app.report import Objective, build_report, load_objectives, percentile
+from keel.db.runs import RunLog
 from keel.errors import KeelError, UserError
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
 from keel.guards import Policy
-from keel.health import acheck_health, check_health, semantic_check
-from keel.report import Objective, build_report, load_objectives, percentile
-from keel.runs import RunLog
 from keel.tools import tool
 
 RULES = [{"tool": "*", "action": "allow"}]

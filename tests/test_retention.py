@@ -11,10 +11,10 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from keel.checkpoint.retention import PruneReport, _id_time
-from keel.cli import main as keel_main
+from keel.app.cli import main as keel_main
+from keel.db.checkpoint.retention import PruneReport, _id_time
+from keel.db.persistence import Persistence
 from keel.errors import UserError
-from keel.persistence import Persistence
 
 Mode = Literal["sync", "async"]
 STEPS = 6

@@ -14,10 +14,10 @@ from langgraph.store.memory import InMemoryStore
 from langgraph_sdk.runtime import _ExecutionRuntime
 
 from keel import RunContext, SetupError, UserError
+from keel._node import context_of
+from keel.app.serve import serve_command, serve_env
+from keel.app.server_config import CONFIG_ENV, ServerConfig, server_config
 from keel.identity import context_from_user, user_record
-from keel.nodes._node import context_of
-from keel.serve import serve_command, serve_env
-from keel.server_config import CONFIG_ENV, ServerConfig, server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_CONFIG = ROOT / "tests" / "serve" / "keel-server.toml"
@@ -119,7 +119,7 @@ def test_a_server_user_without_keel_fields_fails_closed() -> None:
 def test_factories_build_each_tenants_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CONFIG_ENV, str(E2E_CONFIG))
     monkeypatch.setenv("KEEL_LEDGER_URL", "postgresql://nobody@127.0.0.1:1/unused")  # lazy
-    from keel import server
+    from keel.app import server
 
     for tenant in ("acme", "globex"):
         runtime = runtime_for(tenant)
@@ -165,7 +165,7 @@ def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> No
 
 
 def test_a_tenants_memory_namespace_is_where_its_agents_remember(tmp_path: Path) -> None:
-    from keel.server import build_tenant_agent
+    from keel.app.server import build_tenant_agent
 
     text = MINIMAL.format(digest="x").replace('tools = ["lookup_order"]', 'tools = ["remember"]')
     text = text.replace(

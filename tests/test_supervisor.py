@@ -13,15 +13,9 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.types import Command
 
 from keel import Persistence, RunContext, UserError, build_agent
-from keel.demo import (
-    DEMO_TASK,
-    DemoShop,
-    demo_model,
-    demo_router_model,
-    demo_support_model,
-    demo_tools,
-)
+from keel.app.demo import DEMO_TASK, DemoShop, demo_tools
 from keel.evals import ScriptedChatModel, call
+from keel.evals.demo import demo_model, demo_router_model, demo_support_model
 from keel.graphs import FINISH, Route, build_supervisor
 from keel.guards import Budget, Policy, Rule
 

@@ -19,8 +19,8 @@ import pytest
 from keel import RunContext, build_agent
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
+from keel.observe.tracing import trace_config, tracing_enabled
 from keel.tools import tool
-from keel.tracing import trace_config, tracing_enabled
 
 CTX = RunContext(user_id="u-trace", tenant_id="acme-tenant")
 PII = ("jane.doe@example.com", "4111 1111 1111 1111", "415 555 0199")

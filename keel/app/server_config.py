@@ -1,6 +1,6 @@
 """The server config file: bearer tokens → user, tenant, roles; per-tenant agents.
 
-`keel.auth` and the graph factories in `keel.server` read it from the TOML file named by
+`keel.app.auth` and the graph factories in `keel.app.server` read it from the TOML file named by
 `KEEL_SERVER_CONFIG`. Example:
 
 ```toml
@@ -128,7 +128,7 @@ class ServerConfig:
     ledger_url: str | None = None
     """The ledger database for period budgets (PostgreSQL: the served path must not block)."""
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-    """Graphs built from this config (by the factories in `keel.server`)."""
+    """Graphs built from this config (by the factories in `keel.app.server`)."""
 
     def authenticate(self, token: str) -> UserEntry | None:
         """The entry whose token this is (constant-time comparison), or None."""
@@ -150,7 +150,7 @@ class ServerConfig:
         if not p.is_file():
             raise SetupError(
                 f"keel server config {str(p)!r} does not exist. Set {CONFIG_ENV} to the path "
-                "of a TOML file with [[users]] and [tenants.<id>] (see keel.server_config)."
+                "of a TOML file with [[users]] and [tenants.<id>] (see keel.app.server_config)."
             )
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -166,13 +166,13 @@ def server_config() -> ServerConfig:
     """The config named by `KEEL_SERVER_CONFIG`, read once per process and path.
 
     No file I/O after the first call: the server calls this on the request path, where
-    `langgraph dev` refuses blocking calls (keel.auth and keel.server read it at import).
+    `langgraph dev` refuses blocking calls (keel.app.auth and keel.app.server read it at import).
     """
     raw = os.environ.get(CONFIG_ENV, "").strip()
     if not raw:
         raise SetupError(
             f"{CONFIG_ENV} is not set. Point it at the server config file, e.g. "
-            f"`export {CONFIG_ENV}=keel-server.toml` (see keel.server_config for the format)."
+            f"`export {CONFIG_ENV}=keel-server.toml` (see keel.app.server_config for the format)."
         )
     if raw not in _LOADED:
         _LOADED[raw] = ServerConfig.from_file(raw)

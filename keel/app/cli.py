@@ -6,7 +6,7 @@
     keel threads [--db URL] [--limit N]
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
-    keel audit | report | health    (see `keel.cli_observe`)
+    keel audit | report | health    (see `keel.app.cli_observe`)
     keel serve --server-config FILE [--port N] [--host H] [--config langgraph.json] [--reload]
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
@@ -30,14 +30,14 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
-from keel import cli_observe
-from keel.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_model, demo_policy, demo_tools
+from keel.app import cli_observe
+from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
+from keel.app.serve import serve_command, serve_env
+from keel.db.ledger import Ledger
+from keel.db.persistence import Persistence, default_db_url
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
-from keel.ledger import Ledger
 from keel.models import resolve_model
-from keel.persistence import Persistence, default_db_url
-from keel.serve import serve_command, serve_env
 from keel.state import RunContext
 
 __all__ = ["main"]
@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
                 "keel: no KEEL_MODEL set, so the demo plays a bundled scenario on keel's "
                 "scripted model (offline, no API key)."
             )
-            model = demo_model()
+            model = resolve_model("keel:demo")
     else:
         task = args.task
         if not task and not args.thread:

@@ -4,7 +4,7 @@ When a run record is written (see `keel.observe`), the finished run is also repo
 OpenTelemetry, through the global providers (a no-op until your application configures the
 SDK) or the ones passed to `use(...)`:
 
-- `keel.run.duration` (histogram, s), `keel.runs` (counter), with `graph`, `tenant`,
+- `keel.run.duration` (histogram, s), `keel.db.runs` (counter), with `graph`, `tenant`,
   `status`, `terminated_reason`;
 - `keel.run.tokens` (counter, attribute `direction`: `input` / `output`), `keel.run.cost`
   (counter, USD);
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from keel.runs import RunRecord
+from keel._version import __version__
+from keel.db.runs import RunRecord
 
 __all__ = ["Telemetry", "active", "use"]
 
@@ -31,12 +32,10 @@ class Telemetry:
     def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
         from opentelemetry import metrics, trace
 
-        from keel import __version__
-
         meter = metrics.get_meter("keel", __version__, meter_provider=meter_provider)
         self._tracer = trace.get_tracer("keel", __version__, tracer_provider=tracer_provider)
         self._duration = meter.create_histogram("keel.run.duration", unit="s")
-        self._runs = meter.create_counter("keel.runs", unit="{run}")
+        self._runs = meter.create_counter("keel.db.runs", unit="{run}")
         self._tokens = meter.create_counter("keel.run.tokens", unit="{token}")
         self._cost = meter.create_counter("keel.run.cost", unit="USD")
         self._tools = meter.create_counter("keel.tool.calls", unit="{call}")

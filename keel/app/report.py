@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from keel.db.runs import RunRecord
 from keel.errors import UserError
-from keel.runs import RunRecord
 
 __all__ = ["Objective", "Report", "breaches", "build_report", "load_objectives", "render_html"]
 
@@ -84,7 +84,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def build_report(records: Sequence[RunRecord]) -> Report:
-    """The report over `records` (see `keel.runs.RunLog.query`)."""
+    """The report over `records` (see `keel.db.runs.RunLog.query`)."""
     done = [r for r in records if r.status != "interrupted"]
     n = len(done)
     latency = [r.latency_s for r in done]
@@ -131,7 +131,7 @@ class Objective:
     """One SLO: a report metric held to a bound, e.g. `latency_p95 <= 2.0`."""
 
     metric: str
-    """One of `keel.report.METRICS`."""
+    """One of `keel.app.report.METRICS`."""
     bound: Literal["min", "max"]
     """`min`: the metric must be at least `target`; `max`: at most."""
     target: float

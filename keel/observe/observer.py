@@ -7,7 +7,7 @@
   sync under `invoke`, awaited under `ainvoke`;
 - `recorded(route, observer, source)`: each routing decision is logged as one JSON line on the
   `keel.decisions` logger, and when the route ends the run (or pauses it for a human) the run
-  record is written (and a finished run reported to OpenTelemetry, see `keel.otel`).
+  record is written (and a finished run reported to OpenTelemetry, see `keel.observe.otel`).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on.
@@ -23,17 +23,15 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.graph import END
 from langgraph.runtime import Runtime
 
-from keel.audit import AuditLog, AuditRecord
+from keel._node import RunnableCallable, context_of, policy_id
+from keel.db.audit import AuditLog, AuditRecord
+from keel.db.ledger import Ledger
+from keel.db.runs import RunLog, RunRecord, run_record
 from keel.guards.gate import Gate
-from keel.ledger import Ledger
-from keel.nodes._node import context_of
-from keel.nodes.execute_tools import policy_id
 from keel.nodes.history import pending_tool_calls
-from keel.runs import RunLog, RunRecord, run_record
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -189,8 +187,8 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, runti
 
 
 def _telemetry(stored: RunRecord) -> None:
-    """Report the stored run to OpenTelemetry, when it is installed (see `keel.otel`)."""
-    from keel import otel
+    """Report the stored run to OpenTelemetry, when it is installed (see `keel.observe.otel`)."""
+    from keel.observe import otel
 
     telemetry = otel.active()
     if telemetry is not None:

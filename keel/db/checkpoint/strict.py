@@ -31,7 +31,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
-from keel.checkpoint.postgres import AsyncPooledPostgresSaver
+from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver
 from keel.errors import KeelError, UserError
 
 __all__ = [
@@ -317,7 +317,7 @@ class _Strict:
 
 
 class StrictSqliteSaver(_Strict, SqliteSaver):
-    """LangGraph's `SqliteSaver`, strict (see `keel.checkpoint.strict`)."""
+    """LangGraph's `SqliteSaver`, strict (see `keel.db.checkpoint.strict`)."""
 
 
 class StrictAsyncSqliteSaver(_Strict, AsyncSqliteSaver):

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keel.audit import AuditLog
+from keel.app.report import breaches, build_report, load_objectives, render_html, render_text
+from keel.db.audit import AuditLog
+from keel.db.ledger import Ledger
+from keel.db.runs import RunLog
 from keel.errors import KeelError
-from keel.ledger import Ledger
-from keel.report import breaches, build_report, load_objectives, render_html, render_text
-from keel.runs import RunLog
 
 __all__ = ["COMMANDS", "add_parsers", "parse_since", "run"]
 
@@ -131,7 +131,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from keel.health import check_health
+    from keel.app.health import check_health
 
     result = check_health(db=args.db, chroma=args.chroma, semantic=args.semantic)
     if args.json:

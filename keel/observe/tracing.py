@@ -26,12 +26,13 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tracers.langchain import LangChainTracer
 
+from keel._version import __version__
 from keel.state import RunContext
 
 __all__ = ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"]
 
 _TRUE = ("true", "1", "yes")
-log = logging.getLogger("keel.tracing")
+log = logging.getLogger("keel.observe.tracing")
 
 
 def _switched_on(env: Mapping[str, str]) -> bool:
@@ -48,7 +49,7 @@ def tracing_enabled(env: Mapping[str, str] | None = None) -> bool:
 
 def sanitized(values: dict[str, Any]) -> dict[str, Any]:
     """A run's inputs or outputs with PII redacted (the `hide_inputs` / `hide_outputs` hook)."""
-    from keel.guards.pii import sanitize
+    from keel.redact import sanitize
 
     return sanitize(values)
 
@@ -66,7 +67,6 @@ def sanitizing_client(**kwargs: Any) -> Any:
 
 
 def _metadata(graph: str, policy: str | None) -> dict[str, str]:
-    from keel import __version__
 
     meta = {"graph": graph, "keel_version": __version__}
     if policy is not None:

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import aiosqlite
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from keel.db.persistence import Persistence
 from keel.errors import SetupError, UserError
-from keel.persistence import Persistence
 
 __all__ = ["Flow", "Ledger"]
 
@@ -71,7 +71,7 @@ SCHEMA = (
         expires_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (scope_key, key)
     )""",
-    # side-effecting tool calls, at most once (keel.idempotency)
+    # side-effecting tool calls, at most once (keel.db.idempotency)
     """CREATE TABLE IF NOT EXISTS keel_tool_calls (
         thread_id TEXT NOT NULL,
         tool_call_id TEXT NOT NULL,
@@ -84,7 +84,7 @@ SCHEMA = (
         finished_at DOUBLE PRECISION,
         PRIMARY KEY (thread_id, tool_call_id)
     )""",
-    # the audit log (keel.audit): append-only from keel's side
+    # the audit log (keel.db.audit): append-only from keel's side
     """CREATE TABLE IF NOT EXISTS keel_audit (
         id TEXT PRIMARY KEY,
         at DOUBLE PRECISION NOT NULL,
@@ -106,7 +106,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS keel_audit_at ON keel_audit (at)",
     "CREATE INDEX IF NOT EXISTS keel_audit_thread ON keel_audit (thread_id, at)",
     "CREATE INDEX IF NOT EXISTS keel_audit_user ON keel_audit (user_id, at)",
-    # run records (keel.runs): one row per run, written when it ends or pauses
+    # run records (keel.db.runs): one row per run, written when it ends or pauses
     """CREATE TABLE IF NOT EXISTS keel_runs (
         run_key TEXT PRIMARY KEY,
         thread_id TEXT,

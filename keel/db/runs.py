@@ -17,9 +17,10 @@ from typing import Any
 
 from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
-from keel.audit import where_clause
+from keel._version import __version__
+from keel.db.audit import where_clause
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.ledger import Flow, Ledger
 from keel.state import AgentState
 
 __all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
@@ -115,7 +116,6 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
             entry["failures"] += m.response_metadata.get("keel_status") in _FAILED
     started = float((state.get("clock") or {}).get("started_at") or time.time())
     human_id = messages[start].id if start >= 0 else None
-    from keel import __version__
 
     return RunRecord(
         run_key=f"{identity.get('thread_id') or '-'}:{human_id or started}",

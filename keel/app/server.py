@@ -1,16 +1,16 @@
 """Graph factories for LangGraph server (`langgraph.json`): `agent` and `supervisor`.
 
 The server calls a factory for every run and state read with a `ServerRuntime` carrying the
-authenticated user (from `keel.auth`). The factory picks that user's tenant from the server
-config file (`KEEL_SERVER_CONFIG`, see `keel.server_config`) and returns the tenant's graph,
+authenticated user (from `keel.app.auth`). The factory picks that user's tenant from the server
+config file (`KEEL_SERVER_CONFIG`, see `keel.app.server_config`) and returns the tenant's graph,
 compiled *without* a checkpointer or store: the server supplies its own (in memory under
 `langgraph dev`, Postgres when self-hosted). Graphs are built once per tenant and config file.
 
 ```json
 {
   "dependencies": ["."],
-  "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
-  "auth": {"path": "keel.auth:auth", "disable_studio_auth": true}
+  "graphs": {"agent": "keel.app.server:agent", "supervisor": "keel.app.server:supervisor"},
+  "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": true}
 }
 ```
 """
@@ -18,20 +18,20 @@ compiled *without* a checkpointer or store: the server supplies its own (in memo
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig
 from langgraph_sdk.runtime import ServerRuntime
 
-from keel.demo import DemoShop, demo_tools, scripted_model
+from keel.app.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
+from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
-from keel.ledger import Ledger
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
-from keel.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
 from keel.state import RunContext
 from keel.tools.registry import KeelTool
 
@@ -111,13 +111,13 @@ def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, Tenant
     if user is None:
         raise SetupError(
             "keel's served graphs need the authenticated user: set "
-            '"auth": {"path": "keel.auth:auth"} in langgraph.json.'
+            '"auth": {"path": "keel.app.auth:auth"} in langgraph.json.'
         )
     try:
         tenant = str(user["tenant_id"])
     except (KeyError, TypeError) as exc:
         raise SetupError(
-            f"The server user {user.identity!r} has no tenant_id; use keel.auth:auth."
+            f"The server user {user.identity!r} has no tenant_id; use keel.app.auth:auth."
         ) from exc
     if tenant not in config.tenants:
         raise SetupError(f"Tenant {tenant!r} is not in the server config {str(config.path)!r}.")
@@ -138,13 +138,23 @@ def _ledger(config: ServerConfig) -> Ledger | None:
 
 
 def _model(name: str) -> BaseChatModel:
-    return scripted_model(name) if name.startswith("keel:") else resolve_model(name)
+    return resolve_model(name)
+
+
+DEMO_TOOLS = ("issue_refund", "lookup_order", "search_policy")
+"""The demo scenario's tools (`keel.app.demo`), loaded only when a server config names one."""
+
+
+def _demo_tools() -> list[KeelTool]:
+    demo = importlib.import_module("keel.app.demo")  # by name: not on the production path
+    factory: Callable[[], list[KeelTool]] = demo.demo_tools
+    return factory()
 
 
 def _tools(spec: AgentSpec, memory_namespace: str) -> list[Any]:
-    bundled: dict[str, KeelTool] = {
-        t.name: t for t in [*demo_tools(DemoShop()), *memory_tools(kind=memory_namespace)]
-    }
+    bundled: dict[str, KeelTool] = {t.name: t for t in memory_tools(kind=memory_namespace)}
+    if any(ref in DEMO_TOOLS for ref in spec.tools):
+        bundled.update({t.name: t for t in _demo_tools()})
     out: list[Any] = []
     for ref in spec.tools:
         if ref in bundled:
@@ -154,7 +164,7 @@ def _tools(spec: AgentSpec, memory_namespace: str) -> list[Any]:
         else:
             raise UserError(
                 f"Agent {spec.name!r}: unknown tool {ref!r}. Use a bundled tool "
-                f"({', '.join(sorted(bundled))}) or 'package.module:attribute'."
+                f"({', '.join(sorted({*bundled, *DEMO_TOOLS}))}) or 'package.module:attribute'."
             )
     return out
 

@@ -1,22 +1,17 @@
 """The bundled demo scenario: a support agent refunds a damaged order, with one approval.
 
 It exercises a plan, read-only tool calls, a destructive call that needs a human's approval, and
-a final answer. Offline it runs on keel's scripted model; with `KEEL_MODEL` set it runs the same
-tools on that model.
+a final answer. Offline it runs on keel's scripted model (`keel:demo`, which `keel.evals.demo`
+plays); with `KEEL_MODEL` set it runs the same tools on that model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.store.base import BaseStore
 
-from keel.errors import UserError
-from keel.evals.scripted import ScriptedChatModel, call
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.tools.registry import KeelTool, tool
 
@@ -25,13 +20,8 @@ __all__ = [
     "SYSTEM_PROMPT",
     "DemoShop",
     "demo_memory",
-    "demo_memory_model",
-    "demo_model",
     "demo_policy",
-    "demo_router_model",
-    "demo_support_model",
     "demo_tools",
-    "scripted_model",
 ]
 
 DEMO_TASK = "Order A1001 arrived damaged. Please refund it."
@@ -114,77 +104,3 @@ def demo_memory(db_path: Path | None) -> BaseStore:
 
     root = db_path.parent if db_path is not None else Path(".keel")
     return ChromaStore(path=root / "chroma", index=default_index())
-
-
-def demo_model(latency: float = 0.0) -> BaseChatModel:
-    """Keel's scripted model playing the scenario (plan, three tool calls, final answer)."""
-    return ScriptedChatModel(
-        script=[
-            call("lookup_order", order_id="A1001"),
-            call("search_policy", topic="refunds for damaged items"),
-            call("issue_refund", order_id="A1001", amount=42.50, reason="arrived damaged"),
-            "I'm sorry your teapot arrived damaged. I've refunded the full $42.50 for order "
-            "A1001; you'll see it on your statement within a few days.",
-        ],
-        structured={
-            "Plan": {
-                "steps": [
-                    "Look up order A1001",
-                    "Check the refund policy for damaged items",
-                    "Issue the refund (needs approval)",
-                    "Confirm the refund to the customer",
-                ]
-            }
-        },
-        latency=latency,
-    )
-
-
-def demo_support_model(latency: float = 0.0) -> BaseChatModel:
-    """The scenario's support agent: looks the order up and answers (no side effects)."""
-    return ScriptedChatModel(
-        script=[
-            call("lookup_order", order_id="A1001"),
-            "Order A1001 (ceramic teapot, $42.50) was delivered; billing handles the refund.",
-        ],
-        latency=latency,
-    )
-
-
-def demo_router_model(latency: float = 0.0) -> BaseChatModel:
-    """The scenario's supervisor: support first, then billing, then finish."""
-
-    def route(messages: Sequence[BaseMessage]) -> dict[str, str]:
-        answered = [m.name for m in messages if isinstance(m, AIMessage) and m.name]
-        if "support" not in answered:
-            return {"agent": "support", "task": "Look up order A1001 and its delivery status."}
-        if "billing" not in answered:
-            return {"agent": "billing", "task": DEMO_TASK}
-        return {"agent": "FINISH", "task": ""}
-
-    return ScriptedChatModel(script=[], structured={"Route": route}, latency=latency)
-
-
-def demo_memory_model(latency: float = 0.0) -> BaseChatModel:
-    """An assistant that remembers what the user said about themselves."""
-    return ScriptedChatModel(
-        script=[call("remember", text="Prefers email over phone."), "Noted: email it is."],
-        latency=latency,
-    )
-
-
-_SCRIPTED = {
-    "keel:demo": demo_model,
-    "keel:demo-memory": demo_memory_model,
-    "keel:demo-support": demo_support_model,
-    "keel:demo-router": demo_router_model,
-}
-
-
-def scripted_model(name: str) -> BaseChatModel:
-    """A bundled scripted model by name (`keel:demo`, `keel:demo-support`, ...)."""
-    if name not in _SCRIPTED:
-        raise UserError(
-            f"Unknown scripted model {name!r}; the bundled ones are {sorted(_SCRIPTED)}."
-        )
-    return _SCRIPTED[name]()

@@ -5,12 +5,12 @@ PostgreSQL keel keeps a `psycopg_pool` pool with health checks that replace dead
 at once, runs `setup()` once per process per URL (retrying when several processes race to
 create the tables), and turns an unreachable server or a schema that was never set up into a
 `SetupError` that says what to do. The async checkpointer is
-`keel.checkpoint.AsyncPooledPostgresSaver`: a pool connection per call (no global lock) and
+`keel.db.checkpoint.AsyncPooledPostgresSaver`: a pool connection per call (no global lock) and
 group commits.
 
 Example:
     ```python
-    from keel.persistence import Persistence
+    from keel.db.persistence import Persistence
 
     with Persistence("sqlite:///.keel/keel.db").checkpointer() as saver:
         graph = builder.compile(checkpointer=saver)
@@ -44,8 +44,15 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from keel.checkpoint.retention import Flow, PruneReport, Result, arun_prune, prune_flow, run_prune
-from keel.checkpoint.strict import (
+from keel.db.checkpoint.retention import (
+    Flow,
+    PruneReport,
+    Result,
+    arun_prune,
+    prune_flow,
+    run_prune,
+)
+from keel.db.checkpoint.strict import (
     CheckpointPolicy,
     StrictAsyncPooledPostgresSaver,
     StrictAsyncSqliteSaver,
@@ -178,7 +185,7 @@ class Persistence:
         self.url, self.backend, self._path = _parse_url(default_db_url() if url is None else url)
         if checkpoints is not None and not isinstance(checkpoints, CheckpointPolicy):
             raise UserError(
-                f"Persistence(checkpoints=...) must be a keel.checkpoint.CheckpointPolicy, got "
+                f"Persistence(checkpoints=...) must be a keel.db.checkpoint.CheckpointPolicy, got "
                 f"{type(checkpoints).__name__}."
             )
         self.checkpoints = checkpoints or CheckpointPolicy()
@@ -294,7 +301,7 @@ class Persistence:
 
         Each thread is pruned in its own transaction. A pending `interrupt()` survives (it
         lives in the latest checkpoint's writes, and idle threads waiting on one are kept), so
-        the thread resumes with identical state. See `keel.checkpoint.retention`.
+        the thread resumes with identical state. See `keel.db.checkpoint.retention`.
 
         Args:
             keep_last: Checkpoints to keep per thread and namespace (at least 1); `None`

@@ -24,6 +24,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, ToolMessage
 
+from keel._version import __version__
 from keel.errors import UserError
 
 __all__ = [
@@ -82,8 +83,6 @@ def _timed(name: str, probe: Callable[[], str]) -> Check:
 
 def liveness() -> Health:
     """The process is alive (no I/O)."""
-    from keel import __version__
-
     return Health((Check("live", True, f"keel {__version__}"),))
 
 
@@ -102,8 +101,8 @@ def readiness(
 
 
 def _database(db: str | None) -> str:
-    from keel.ledger import Ledger
-    from keel.persistence import Persistence
+    from keel.db.ledger import Ledger
+    from keel.db.persistence import Persistence
 
     persistence = Persistence(db)
     persistence.check()

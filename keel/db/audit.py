@@ -16,15 +16,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.ledger import Flow, Ledger
+from keel.redact import sanitize
 
-if TYPE_CHECKING:
-    from keel.guards.breaker import BreakerTransition
-
-__all__ = ["AuditKind", "AuditLog", "AuditRecord", "breaker_record"]
+__all__ = ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"]
 
 AuditKind = Literal["tool", "approval", "budget", "breaker"]
 """What an audit record is about."""
@@ -138,21 +136,8 @@ class AuditLog:
         return await self.ledger.arun(_query_flow(thread, user, since, limit))
 
 
-def breaker_record(transition: BreakerTransition) -> AuditRecord:
-    """The audit record of a circuit breaker's transition (`tool` holds the breaker key)."""
-    return AuditRecord(
-        kind="breaker",
-        decision=transition.after,
-        tool=transition.key,
-        result=f"{transition.before} -> {transition.after}: {transition.reason}",
-        at=transition.at,
-    )
-
-
 def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
     """Insert `records` with arguments and results sanitized; usable inside another flow."""
-    from keel.guards.pii import sanitize  # keel.guards imports this module (breaker audit)
-
     for r in records:
         args = None if r.args is None else json.dumps(sanitize(r.args), default=str)
         result = sanitize(_truncate(r.result))

@@ -39,7 +39,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from keel.checkpoint._batch import Rows, WriteBehind
+from keel.db.checkpoint._batch import Rows, WriteBehind
 from keel.errors import SetupError, UserError
 
 __all__ = ["AsyncPooledPostgresSaver"]

@@ -1,4 +1,4 @@
-"""keel.checkpoint: LangGraph checkpointers and checkpoint maintenance.
+"""keel.db.checkpoint: LangGraph checkpointers and checkpoint maintenance.
 
 - `AsyncPooledPostgresSaver`: LangGraph's async Postgres saver, one pool connection per call
   instead of one lock per saver, and group commits (same tables, same format).
@@ -7,9 +7,9 @@
   (`UnserializableState` names the path of a value that would not load back).
 """
 
-from keel.checkpoint.postgres import AsyncPooledPostgresSaver
-from keel.checkpoint.retention import PruneReport
-from keel.checkpoint.strict import (
+from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver
+from keel.db.checkpoint.retention import PruneReport
+from keel.db.checkpoint.strict import (
     CheckpointPolicy,
     CheckpointSizeWarning,
     CheckpointTooLarge,

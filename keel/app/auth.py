@@ -1,4 +1,4 @@
-"""keel's custom auth for LangGraph server (`langgraph.json`: `"auth": {"path": "keel.auth:auth"}`).
+"""keel's custom auth for LangGraph server (`"auth": {"path": "keel.app.auth:auth"}`).
 
 - **Who:** `Authorization: Bearer <token>` is looked up in the server config file
   (`KEEL_SERVER_CONFIG`); the user record carries user, tenant, roles and the policy name. keel's
@@ -16,10 +16,10 @@ from typing import Any
 
 from langgraph_sdk import Auth
 
+from keel.app.server_config import server_config
 from keel.errors import KeelError
 from keel.identity import user_record
 from keel.memory.scope import label
-from keel.server_config import server_config
 
 __all__ = ["auth", "owner_filter", "store_namespace_allowed"]
 

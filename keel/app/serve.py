@@ -13,17 +13,17 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from keel.app.server_config import CONFIG_ENV
 from keel.errors import SetupError, UserError
-from keel.server_config import CONFIG_ENV
 
 __all__ = ["LANGGRAPH_JSON", "serve_command", "serve_env"]
 
 LANGGRAPH_JSON = {
     "dependencies": ["."],
-    "graphs": {"agent": "keel.server:agent", "supervisor": "keel.server:supervisor"},
+    "graphs": {"agent": "keel.app.server:agent", "supervisor": "keel.app.server:supervisor"},
     # without disable_studio_auth, `langgraph dev` lets any request with the header
     # `x-auth-scheme: langsmith` in as a Studio user, no token checked
-    "auth": {"path": "keel.auth:auth", "disable_studio_auth": True},
+    "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
 }
 """What `keel serve` writes to `.keel/langgraph.json` when the directory has no langgraph.json."""
 

@@ -7,7 +7,7 @@ dies mid-call leaves it `started`: the call's outcome is unknown and keel never 
 its own (see `keel.nodes.execute_tools`). A human settles it: it happened (`completed`), run it
 again (`cleared`, free to be claimed again), or it must not happen (`failed`).
 
-The transactions are ledger flows (`keel.ledger.Flow`), driven sync or async on SQLite or
+The transactions are ledger flows (`keel.db.ledger.Flow`), driven sync or async on SQLite or
 PostgreSQL.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keel.ledger import Flow
+from keel.db.ledger import Flow
 
 __all__ = [
     "CallRecord",

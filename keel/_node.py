@@ -1,17 +1,33 @@
-"""Helpers shared by the node factories: one node from a sync and an async function."""
+"""Helpers every node uses: node factory, the run's identity, the policy identity.
+
+A node from a sync and an async function (`make_node`), the run's `RunContext` (`context_of`),
+the policy identity bound into approvals (`policy_id`), a peek at a resume value.
+This is the one module of keel that touches LangGraph's private modules.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
+from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD
+from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.runtime import Runtime
 
 from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
 
-__all__ = ["context_of", "make_node"]
+__all__ = [
+    "NO_RESUME",
+    "RunnableCallable",
+    "context_of",
+    "default_retry_on",
+    "make_node",
+    "peek_resume",
+    "policy_id",
+]
 
 _DEFAULT_CONTEXT = RunContext()
 
@@ -58,3 +74,26 @@ def last_ai_index(state: AgentState) -> int:
         if messages[i].type == "ai":
             return i
     return -1
+
+
+def policy_id(context: RunContext, policy_version: str, policy_name: str | None = None) -> str:
+    """The policy identity bound into approval digests: `name@version`.
+
+    The name is the agent's `Policy.name` when it has one, else `RunContext.policy`.
+    """
+    return f"{policy_name or context.policy}@{policy_version}"
+
+
+NO_RESUME = object()
+"""What `peek_resume` returns when the run is not being resumed."""
+
+
+def peek_resume(config: RunnableConfig) -> Any:
+    """The resume value `interrupt()` would return, without consuming it (or `NO_RESUME`)."""
+    scratchpad = config.get("configurable", {}).get(CONFIG_KEY_SCRATCHPAD)
+    if scratchpad is None:
+        return NO_RESUME
+    if scratchpad.resume:
+        return scratchpad.resume[0]
+    value = scratchpad.get_null_resume(False)
+    return NO_RESUME if value is None else value

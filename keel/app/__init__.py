@@ -1,0 +1,13 @@
+"""keel.app: what a person or a server runs. Nothing below imports it.
+
+- `keel.app.cli`: the `keel` command (`demo`, `run`, `threads`, `serve`, `audit`, `report`,
+  `health`, `db`).
+- `keel.app.server`: graph factories for LangGraph server (`langgraph.json`), one per tenant.
+- `keel.app.auth`: bearer-token auth for LangGraph server; `keel.app.server_config` its config file.
+- `keel.app.serve`: `keel serve` (a `langgraph dev` with keel's config).
+- `keel.app.health`: liveness, readiness and the semantic check.
+- `keel.app.report`: `keel report` (success rate, latency, cost, SLOs).
+- `keel.app.demo`: the demo scenario's shop, tools and policy.
+
+This package's `__init__` imports nothing: `keel.app.auth` reads the server config on import.
+"""

@@ -1,0 +1,29 @@
+"""keel.db: storage. One URL picks the backend (SQLite embedded, PostgreSQL in production).
+
+- `Persistence`: the URL factory, LangGraph checkpointers and pools, retention.
+- `Ledger`: keel's own tables (budgets, rate limits, breakers, standing approvals, idempotency,
+  audit, run records), one transaction per `Flow`.
+- `AuditLog` / `RunLog`: the audit log and the run records, in the ledger.
+- `keel.db.checkpoint`: strict and pooled checkpointers, checkpoint retention.
+- `keel.db.idempotency`: the at-most-once bookkeeping of side-effecting tool calls.
+
+Storage imports only keel's core (`keel.errors`, `keel.state`, ...), never a feature above it.
+"""
+
+from keel.db.audit import AuditLog, AuditRecord
+from keel.db.ledger import Flow, Ledger
+from keel.db.persistence import Persistence, PruneReport, ThreadSummary, default_db_url
+from keel.db.runs import RunLog, RunRecord
+
+__all__ = [
+    "AuditLog",
+    "AuditRecord",
+    "Flow",
+    "Ledger",
+    "Persistence",
+    "PruneReport",
+    "RunLog",
+    "RunRecord",
+    "ThreadSummary",
+    "default_db_url",
+]
