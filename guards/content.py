@@ -3,8 +3,9 @@
 Both are pure decision functions over text, with no LangGraph imports, so the graph's nodes and
 LangChain middleware share them:
 
-- `check_input(text, policy, source="user" | "tool")`: a size limit and prompt-injection
-  heuristics (instruction override, role spoofing, hidden instructions, tool-result injection);
+- `check_input(text, policy, source="user" | "tool")` (and `acheck_input`): a size limit and a
+  prompt-injection detector (`policy.detector`: keel's `HeuristicDetector` by default, a
+  `ModelDetector`, or your own callable; see `keel.guards.injection`);
 - `check_output(text, policy)`: PII and secrets in the final answer (see `keel.redact`).
 
 Each returns a `ContentVerdict`: the action taken (`allow`, `flag`, `redact`, `block`), the

@@ -149,7 +149,7 @@ class HeuristicDetector:
             for sig in SIGNALS
             if sig.rule not in self.disabled_rules
             for view in views
-            for s, e in sig.find(view.text)
+            for s, e in sig.spans(view.text)
         ]
         hits.extend(self._raw_hits(text, base, source, depth))
         return [h for h in hits if h.rule not in self.disabled_rules]
@@ -157,14 +157,16 @@ class HeuristicDetector:
     def _raw_hits(self, text: str, base: View, source: InputSource, depth: int) -> Iterator[_Hit]:
         for s, e in _spans(_HIDDEN_CHARS, text):
             yield _Hit("hidden_characters", "hidden_characters", 1.0, s, e)
-        for s, e in _hidden_html(text):
-            yield _Hit("hidden_html", "hidden_html", 1.0, s, e)
-        for s, e in mixed_script_words(text):
-            yield _Hit("mixed_script", "obfuscation", 0.4, s, e)
-        backwards = base.text[::-1]
-        for s, e in _spans(_REVERSED_CUE, backwards):
+        if "<" in text or "[//]" in text:
+            for s, e in _hidden_html(text):
+                yield _Hit("hidden_html", "hidden_html", 1.0, s, e)
+        if not text.isascii():
+            for s, e in mixed_script_words(text):
+                yield _Hit("mixed_script", "obfuscation", 0.4, s, e)
+        if any(word in base.text for word in ("erongi", "dragersid", "tegrof")):
             n = len(base.text)
-            yield _Hit("reversed", "obfuscation", 1.0, *base.span(n - e, n - s))
+            for s, e in _spans(_REVERSED_CUE, base.text[::-1]):
+                yield _Hit("reversed", "obfuscation", 1.0, *base.span(n - e, n - s))
         for s, e in _spans(_DECODE_HINT, base.text):
             yield _Hit("decode_hint", "encoded_instructions", 0.5, *base.span(s, e))
         if depth == 0:

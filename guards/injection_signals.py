@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["SIGNALS", "Signal"]
 
@@ -30,6 +30,13 @@ class Signal:
     find: Callable[[str], Iterator[Span]]
     user: float
     tool: float
+    needles: tuple[str, ...] = ()
+    """Substrings one of which every match contains: without any, the pattern is not run."""
+
+    def spans(self, text: str) -> Iterator[Span]:
+        """The matches in `text` (a view's text)."""
+        if not self.needles or any(n in text for n in self.needles):
+            yield from self.find(text)
 
 
 def _re(pattern: str) -> Callable[[str], Iterator[Span]]:
@@ -317,7 +324,7 @@ SIGNALS: tuple[Signal, ...] = (
             r"|^\s*#{1,6}\s*(?:system|instructions?|developer)\s*(?::|#{2,6}|$)"
             r"|^[ \t]*#{1,6}[ \t]*assistant[ \t]*:?[ \t]*$"
             r"|#{2,6}\s*(?:system|instructions?)\s*:"
-            r"|(?:-{3,}|={3,}|\*{3,})?\s*(?:begin|start)\s+(?:of\s+)?(?:the\s+)?system\s+"
+            r"|\b(?:begin|start)\s+(?:of\s+)?(?:the\s+)?system\s+"
             r"(?:prompt|instructions?|message)"
         ),
         1.0,
@@ -338,13 +345,15 @@ SIGNALS: tuple[Signal, ...] = (
             r"instructions?|prompt))?\s*\]\]?"
             r"|\b(?:system|admin(?:istrator)?|developer)\s+(?:override|message|notice|"
             r"instructions?|directive|command|alert)\s*:"
-            r"|^\s*(?:system|developer)\s*:"
+            r"|^[ \t]*(?:system|developer)[ \t]*:"
             r"|[\"']role[\"']\s*:\s*[\"'](?:system|developer)[\"']"
         ),
         0.8,
         0.8,
     ),
-    Signal("role_label", "role_spoofing", _re(r"^\s*(?:assistant|human|user|ai)\s*:"), 0.4, 0.4),
+    Signal(
+        "role_label", "role_spoofing", _re(r"^[ \t]*(?:assistant|human|user|ai)[ \t]*:"), 0.4, 0.4
+    ),
     Signal(
         "prefill",
         "role_spoofing",
@@ -440,7 +449,8 @@ SIGNALS: tuple[Signal, ...] = (
         "vocative_imperative",
         "tool_result_injection",
         _re(
-            r"(?:^|[.!?:;\n(\[]\s*|\b(?:dear|hey|hello|attention|attn)\s+)"
+            r"(?:(?<![^\n.!?:;(\[])|(?<=[\n.!?:;(\[]\s)|(?<=[.!?]\s\s)|(?<=\bdear\s)|(?<=\bhey\s)"
+            r"|(?<=\bhello\s)|(?<=\battention\s)|(?<=\battn\s))"
             rf"(?:the\s+)?(?:ai\s+)?{_AI}(?:\s+[a-z-]+){{0,2}}?\s*[,:]\s*"
             rf"(?:[^\n]{{0,70}}?(?:[,:;.]\s+|\bplease\s+))?{_IMPERATIVE}"
         ),
@@ -493,3 +503,112 @@ SIGNALS: tuple[Signal, ...] = (
         0.5,
     ),
 )
+
+_AI_NEEDLES = ("ai", "a.i.", "assistant", "agent", "bot", "llm", "model", "gpt", "claude")
+_AI_NEEDLES += ("gemini", "copilot", "asistente")
+_NEEDLES: dict[str, tuple[str, ...]] = {
+    "override_phrase": (
+        "ignore",
+        "disregard",
+        "forget",
+        "override",
+        "bypass",
+        "overlook",
+        "discard",
+        "abandon",
+        "drop",
+        "skip",
+        "stop",
+        "follow",
+    ),
+    "override_everything": ("ignore", "disregard", "forget"),
+    "ignore_the_user": ("ignore", "disregard", "forget", "pidi"),
+    "foreign_override": (
+        "instruc",
+        "consignes",
+        "gles",
+        "istruzioni",
+        "anweisungen",
+        "regeln",
+        "instructies",
+        "regels",
+        "инструкци",
+        "правила",
+        "指令",
+        "指示",
+        "提示",
+        "规则",
+        "prompt",
+        "directrices",
+        "indicaciones",
+        "ルール",
+        "命令",
+        "instruções",
+        "instrucoes",
+    ),
+    "persona_switch": ("you", "pretend", "imagine", "anything now", " mode", "free", "ignores"),
+    "no_limits": (
+        "no ",
+        "without",
+        "unfiltered",
+        "uncensored",
+        "unrestricted",
+        "jailbroken",
+        "anything",
+    ),
+    "disable_safety": ("safety", "content", "restrictions", "filter", "guardrail", "checks"),
+    "approval_bypass": (
+        "skip",
+        "without",
+        "no need",
+        "review",
+        "check with",
+        "approved",
+        "authori",
+        "need",
+        "approve",
+    ),
+    "secrecy": ("not", "don", "never", "without"),
+    "from_now_on": ("from now", "from this point", "henceforth"),
+    "template_token": ("<|", "inst]", "<<sys", "sys>>"),
+    "system_tag": ("<", "#", "begin", "start"),
+    "role_tag": ("<",),
+    "system_header": ("[", "system", "admin", "developer", "role"),
+    "role_label": ("assistant", "human", "user", "ai"),
+    "prefill": ("assistant",),
+    "fake_boundary": ("end", "begin", "start"),
+    "repeat_above": (
+        "above",
+        "before",
+        "you are",
+        "written",
+        "said",
+        "says",
+        "stated",
+        "environment",
+        "/etc/",
+    ),
+    "verbatim": ("verbatim", "word for word"),
+    "exfiltration": ("http", "@"),
+    "reveal_sensitive": ("reply", "respond", "answer"),
+    "url_payload": ("http", "render", "appended"),
+    "addressed_note": _AI_NEEDLES,
+    "vocative_imperative": _AI_NEEDLES,
+    "directive_to_ai": _AI_NEEDLES,
+    "if_you_are_ai": ("if ",),
+    "deceive_user": (
+        "tell",
+        "state",
+        "say",
+        "answer",
+        "respond",
+        "reply",
+        "your",
+        "recommend",
+        "buy",
+        "recomienda",
+        "instead",
+    ),
+    "tool_call_syntax": ("_", "tool"),
+}
+SIGNALS = tuple(replace(s, needles=_NEEDLES.get(s.name, ())) for s in SIGNALS)
