@@ -504,8 +504,9 @@ SIGNALS: tuple[Signal, ...] = (
     ),
 )
 
-_AI_NEEDLES = ("ai", "a.i.", "assistant", "agent", "bot", "llm", "model", "gpt", "claude")
-_AI_NEEDLES += ("gemini", "copilot", "asistente")
+_AI_NEEDLES: tuple[str, ...] = tuple(
+    "ai a.i. assistant agent bot llm model gpt claude gemini copilot asistente".split()
+)
 _NEEDLES: dict[str, tuple[str, ...]] = {
     "override_phrase": (
         "ignore",
