@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from keel.evals.injection import DetectionRates, detection_rates, injection_corpus
+from keel.evals import DetectionRates, detection_rates, injection_corpus
 from keel.guards import HeuristicDetector
 
 

@@ -9,7 +9,7 @@ prints keel's heuristic figures; measure your own detector the same way:
 
 Example:
     ```python
-    from keel.evals.injection import detection_rates, injection_corpus
+    from keel.evals import detection_rates, injection_corpus
     from keel.guards import HeuristicDetector
 
     rates = detection_rates(HeuristicDetector(), injection_corpus("holdout"))

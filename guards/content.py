@@ -334,7 +334,10 @@ def _after_scan(
     if not findings:
         return ContentVerdict.allow(text)
     if action == "block":
-        found_text = ", ".join(f"{f.rule} at {f.start}-{f.end} ({f.excerpt!r})" for f in injections)
+        found_text = ", ".join(
+            f"{f.rule} at {f.start}-{f.end} ({f.excerpt!r}{f': {f.detail}' if f.detail else ''})"
+            for f in injections
+        )
         return ContentVerdict.block(
             f"{scan.what} was blocked by the input guard: it looks like a prompt injection: "
             f"{found_text}.",

@@ -504,8 +504,19 @@ SIGNALS: tuple[Signal, ...] = (
     ),
 )
 
-_AI_NEEDLES: tuple[str, ...] = tuple(
-    "ai a.i. assistant agent bot llm model gpt claude gemini copilot asistente".split()
+_AI_NEEDLES: tuple[str, ...] = (
+    "ai",
+    "a.i.",
+    "assistant",
+    "agent",
+    "bot",
+    "llm",
+    "model",
+    "gpt",
+    "claude",
+    "gemini",
+    "copilot",
+    "asistente",
 )
 _NEEDLES: dict[str, tuple[str, ...]] = {
     "override_phrase": (
