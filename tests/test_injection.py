@@ -376,3 +376,15 @@ def test_no_detector_configured_keeps_the_heuristic_default() -> None:
     default = check_input(text, InputGuardPolicy(), source="user")
     explicit = check_input(text, InputGuardPolicy(detector=HeuristicDetector()), source="user")
     assert default == explicit and default.rules == ("instruction_override",)
+
+
+def test_needles_only_skip_signals_that_could_not_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each signal's needles are a fast path: without them, every case gets the same findings
+    import dataclasses
+
+    import keel.guards.injection as injection
+
+    fast = [(c, DETECT(c.text, c.channel)) for c in injection_corpus()]
+    slow_signals = tuple(dataclasses.replace(s, needles=()) for s in injection.SIGNALS)
+    monkeypatch.setattr(injection, "SIGNALS", slow_signals)
+    assert [(c.id, DETECT(c.text, c.channel)) for c, _ in fast] == [(c.id, f) for c, f in fast]
