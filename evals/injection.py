@@ -1,7 +1,8 @@
 """The labelled prompt-injection corpus, and detection rates of any `InjectionDetector` on it.
 
 `injection_corpus.jsonl` (shipped with keel) holds hand-written cases, one JSON object a line:
-`id`, `split` (`dev`: tune on it; `holdout`: written first, never tuned on), `channel`
+`id`, `split` (`dev`: tune on it; `holdout`: written first, never tuned on; `fresh`: written
+after the detector was built, never tuned on), `channel`
 (`user` message or `tool` result), `label` (`injection` or `benign`), `kind` (the attack or
 look-alike family) and `text`. About half are benign look-alikes ("skip the second paragraph
 of my email", security articles that quote attacks, sysadmin text). `bench/injection.py`
@@ -36,7 +37,7 @@ __all__ = [
     "injection_corpus",
 ]
 
-Split = Literal["dev", "holdout"]
+Split = Literal["dev", "holdout", "fresh"]
 Label = Literal["injection", "benign"]
 _FIELDS = ("id", "split", "channel", "label", "kind", "text")
 
@@ -48,7 +49,8 @@ class InjectionCase:
     id: str
     """Unique, e.g. `holdout-tool-007`."""
     split: Split
-    """`dev` (tuned on) or `holdout` (never tuned on)."""
+    """`dev` (tuned on), `holdout` (written first) or `fresh` (written last); the latter two
+    were never tuned on."""
     channel: InputSource
     """`user` message or `tool` result."""
     label: Label

@@ -67,8 +67,8 @@ def test_a_malformed_corpus_line_is_named() -> None:
         _case(7, '{"id": "x", "split": "train", "channel": "user", "label": "benign", "kind": "k"}')
     assert str(err.value) == (
         "injection_corpus.jsonl line 7: fields must be exactly ['id', 'split', 'channel', "
-        "'label', 'kind', 'text'] with split in ('dev', 'holdout'), channel in ('user', 'tool') "
-        "and label in ('injection', 'benign'); wrong or missing: ['split', 'text']."
+        "'label', 'kind', 'text'] with split in ('dev', 'holdout', 'fresh'), channel in ('user', "
+        "'tool') and label in ('injection', 'benign'); wrong or missing: ['split', 'text']."
     )
 
 
