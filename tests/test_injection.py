@@ -72,15 +72,18 @@ def test_a_malformed_corpus_line_is_named() -> None:
     )
 
 
-# Floors for the default detector, at or below what it achieves (holdout: 0.92 / 0.96 / 0.02;
-# dev: 0.97 / 1.00 / 0.00). keel's previous regexes scored 0.12 / 0.27 / 0.04 on the holdout.
+# Floors for the default detector, at or below what it achieves (dev: 0.97 / 1.00 / 0.00;
+# holdout: 0.92 / 0.96 / 0.02; fresh, written after the detector: 0.20 / 0.47 / 0.07). keel's
+# previous regexes scored 0.12 / 0.27 / 0.04 on the holdout. The fresh floor only pins today's
+# weakness against regressions: it is far from the goal (0.8 / 0.8 / 0.05).
 FLOORS = {
-    "holdout": {"detect_user": 0.88, "detect_tool": 0.92, "false_positive": 0.04},
     "dev": {"detect_user": 0.95, "detect_tool": 0.95, "false_positive": 0.02},
+    "holdout": {"detect_user": 0.88, "detect_tool": 0.92, "false_positive": 0.04},
+    "fresh": {"detect_user": 0.2, "detect_tool": 0.45, "false_positive": 0.07},
 }
 
 
-@pytest.mark.parametrize("split", ["holdout", "dev"])
+@pytest.mark.parametrize("split", ["dev", "holdout", "fresh"])
 def test_default_detector_meets_its_floor(split: str) -> None:
     rates = detection_rates(HeuristicDetector(), injection_corpus(split))  # type: ignore[arg-type]
     floor = FLOORS[split]
