@@ -43,17 +43,15 @@ def test_corpus_is_well_formed_balanced_and_split() -> None:
     assert len(cases) >= 200
     assert len({c.id for c in cases}) == len(cases), "ids are unique"
     assert len({c.text for c in cases}) == len(cases), "no text twice"
-    holdout = injection_corpus("holdout")
-    assert len(holdout) / len(cases) >= 0.4
-    assert len(injection_corpus("dev")) + len(holdout) == len(cases)
+    holdout, fresh = injection_corpus("holdout"), injection_corpus("fresh")
+    assert (len(holdout) + len(fresh)) / len(cases) >= 0.4, "never tuned on: holdout + fresh"
+    assert len(injection_corpus("dev")) + len(holdout) + len(fresh) == len(cases)
     cells = Counter((c.split, c.channel, c.label) for c in cases)
-    for split in ("dev", "holdout"):
+    for split, least in (("dev", 25), ("holdout", 25), ("fresh", 15)):
         for channel in ("user", "tool"):
-            attacks, benign = (
-                cells[(split, channel, "injection")],
-                cells[(split, channel, "benign")],
-            )
-            assert attacks >= 25 and benign >= 25, (split, channel)
+            attacks = cells[(split, channel, "injection")]
+            benign = cells[(split, channel, "benign")]
+            assert attacks >= least and benign >= least, (split, channel)
             assert 0.4 <= benign / (attacks + benign) <= 0.6, (split, channel)
     kinds = Counter(c.kind for c in cases if c.label == "injection")
     assert len(kinds) >= 10, "the attacks cover many families"
