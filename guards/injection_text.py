@@ -49,13 +49,34 @@ _LOOKALIKES = {
 _HOMOGLYPHS = str.maketrans({c: latin for latin, cs in _LOOKALIKES.items() for c in cs})
 _HOMOGLYPH_CHARS = frozenset("".join(_LOOKALIKES.values()))
 _LEET = str.maketrans("013457", "oieast")
-_WORD = re.compile(r"\w+")
+_NON_ASCII_WORD = re.compile(r"\w*[^\x00-\x7f]\w*")
+_ASCII_RUN_OR_CHAR = re.compile(r"[\x00-\x7f]+|[^\x00-\x7f]")
 _LEET_WORD = re.compile(r"(?<![\w@.])(?=[a-z0-9]*[a-z])(?=[a-z0-9]*[013457])[a-z0-9]+")
 # three or more single letters, each followed by one separator: "i g n o r e", "r.u.l.e.s"
 _SPACED = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][ .\-_*·|/]){2,}[^\W\d_](?![^\W\d_])")
 _SPACED_SEP = re.compile(r"[ .\-_*·|/]")
-# punctuation inside a word: "ig.nore", "prev-ious"
-_INNER_PUNCT = re.compile(r"(?<=[a-z])[.\-_*·'](?=[a-z])")
+# a word with punctuation inside: "ig.nore", "prev-ious"; squeezed only when that hides a
+# word detection looks for (domains, file names and snake_case stay as they are)
+_PUNCTUATED_WORD = re.compile(r"[a-z]+(?:[.\-_*·'][a-z]+)+")
+_INNER_PUNCT = re.compile(r"[.\-_*·']")
+_HIDDEN_STEMS = (
+    "ignor",
+    "disregard",
+    "forget",
+    "overrid",
+    "bypass",
+    "instruct",
+    "previous",
+    "prior",
+    "prompt",
+    "system",
+    "rules",
+    "guideline",
+    "assistant",
+    "reveal",
+    "password",
+    "secret",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +103,18 @@ def view_of(text: str) -> View:
     if text.isascii() and not _INVISIBLE.search(text):
         folded, origin = text.lower(), tuple(range(len(text)))
     else:
-        chars: list[str] = []
+        pieces: list[str] = []
         where: list[int] = []
-        for i, ch in enumerate(text):
-            if _INVISIBLE.match(ch):
-                continue
-            for c in unicodedata.normalize("NFKC", ch).casefold():
-                chars.append(c)
-                where.append(i)
-        folded, origin = _fold_homoglyphs("".join(chars)), tuple(where)
+        for m in _ASCII_RUN_OR_CHAR.finditer(text):
+            start, chunk = m.start(), m.group()
+            if chunk.isascii():
+                pieces.append(chunk.lower())
+                where.extend(range(start, m.end()))
+            elif not _INVISIBLE.match(chunk):
+                folded_char = unicodedata.normalize("NFKC", chunk).casefold()
+                pieces.append(folded_char)
+                where.extend([start] * len(folded_char))
+        folded, origin = _fold_homoglyphs("".join(pieces)), tuple(where)
     folded = _LEET_WORD.sub(lambda m: m.group().translate(_LEET), folded)
     drop = {
         m.start() + i
@@ -102,17 +126,24 @@ def view_of(text: str) -> View:
 
 
 def squeezed(view: View) -> View:
-    """`view` with punctuation inside words removed (`ig.nore` → `ignore`)."""
-    return view.without({m.start() for m in _INNER_PUNCT.finditer(view.text)})
+    """`view` with punctuation inside words removed where it hides a word (`ig.nore`)."""
+    drop: set[int] = set()
+    for m in _PUNCTUATED_WORD.finditer(view.text):
+        word = m.group()
+        joined = _INNER_PUNCT.sub("", word)
+        if any(stem in joined and stem not in word for stem in _HIDDEN_STEMS):
+            drop.update(m.start() + p.start() for p in _INNER_PUNCT.finditer(word))
+    return view.without(drop)
 
 
 def mixed_script_words(text: str) -> list[tuple[int, int]]:
     """Spans of words that mix Latin letters with Cyrillic / Greek look-alikes."""
-    return [
-        m.span()
-        for m in _WORD.finditer(text.casefold())
-        if any("a" <= c <= "z" for c in m.group()) and _HOMOGLYPH_CHARS.intersection(m.group())
-    ]
+    spans = []
+    for m in _NON_ASCII_WORD.finditer(text):
+        word = m.group().lower()
+        if any("a" <= c <= "z" for c in word) and _HOMOGLYPH_CHARS.intersection(word):
+            spans.append(m.span())
+    return spans
 
 
 def _fold_homoglyphs(text: str) -> str:
