@@ -7,8 +7,10 @@
 - `PeriodBudget`, `SpendMeter`: per-user / per-tenant budgets per day or month, reserved
   atomically in the ledger before each model call and settled after it.
 - `check_budget` and `detect_loop`: the pure decisions behind the run budget and the loop guard.
-- `check_input` / `check_output` (`InputGuardPolicy`, `OutputGuardPolicy` → `ContentVerdict`):
-  the content guards; `find_pii`, `redact`, `sanitize`: the one PII sanitizer for answers,
+- `check_input` / `acheck_input` / `check_output` (`InputGuardPolicy`, `OutputGuardPolicy` →
+  `ContentVerdict`): the content guards; `InjectionDetector`: what decides an injection —
+  `HeuristicDetector` (default), `ModelDetector` (a chat model's `InjectionVerdict`) or your
+  own callable; `find_pii`, `redact`, `sanitize`: the one PII sanitizer for answers,
   logs and audit.
 - `Gate`, `GateDecision`, `approval_gate`: the seam where allow / ask / deny is decided per call.
 - `RateLimit`, `RateLimiter` → `RateLimited`: RPM / TPM token buckets per model and per tenant,
@@ -36,11 +38,14 @@ from keel.guards.content import (
     ContentVerdict,
     InputGuardPolicy,
     OutputGuardPolicy,
+    acheck_input,
     check_input,
     check_output,
 )
 from keel.guards.fallback import after_failure
 from keel.guards.gate import Gate, GateDecision, approval_gate
+from keel.guards.injection import HeuristicDetector, InjectionDetector
+from keel.guards.injection_model import InjectionVerdict, ModelDetector
 from keel.guards.loop import detect_loop
 from keel.guards.middleware import (
     BudgetMiddleware,
@@ -70,9 +75,13 @@ __all__ = [
     "ContentVerdict",
     "Gate",
     "GateDecision",
+    "HeuristicDetector",
+    "InjectionDetector",
+    "InjectionVerdict",
     "InputGuardPolicy",
     "LoopGuardMiddleware",
     "LoopPolicy",
+    "ModelDetector",
     "ModelGuard",
     "OutputGuardPolicy",
     "PeriodBudget",
@@ -87,6 +96,7 @@ __all__ = [
     "Rule",
     "SpendMeter",
     "ToolGuard",
+    "acheck_input",
     "after_failure",
     "approval_gate",
     "check_budget",
