@@ -13,6 +13,7 @@ the separators of a North American number. What it deliberately leaves alone is 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ __all__ = [
     "iban_valid",
     "luhn_valid",
     "redact",
+    "SanitizingFilter",
     "sanitize",
+    "sanitized_logger",
     "secret_key",
 ]
 
@@ -456,3 +459,28 @@ def _check_kinds(kinds: Collection[PiiKind] | None) -> Collection[PiiKind]:
     if unknown:
         raise UserError(f"kinds has unknown PII kinds {unknown}; use some of {list(PII_KINDS)}.")
     return frozenset(kinds)
+
+
+class SanitizingFilter(logging.Filter):
+    """A `logging.Filter` that redacts PII and secrets from each record's message.
+
+    keel's loggers carry one (`sanitized_logger`), so a model error or a tool result quoted in
+    a log line does not leak what the audit log and traces redact. Tracebacks (`exc_info`) are
+    left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record's message in place; never drops a record."""
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def sanitized_logger(name: str) -> logging.Logger:
+    """`logging.getLogger(name)` with a `SanitizingFilter` (added once)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, SanitizingFilter) for f in logger.filters):
+        logger.addFilter(SanitizingFilter())
+    return logger

@@ -8,7 +8,6 @@ outcome instead of an exception.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,12 +42,13 @@ from keel.models import model_name_of, resolve_model
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable
+from keel.redact import sanitized_logger
 from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["BeforeModel", "call_model"]
 
-log = logging.getLogger("keel.nodes.call_model")
+log = sanitized_logger("keel.nodes.call_model")
 
 BeforeModel = Callable[[AgentState, RunContext], Outcome | None]
 """A check run before every model call: `None` lets the call happen, an `Outcome` stops the run."""

@@ -356,6 +356,22 @@ def test_a_run_record_detail_is_sanitized(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_keel_logs_do_not_leak_what_a_model_error_quotes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing(messages: Sequence[BaseMessage]) -> str:
+        raise ValueError(f"bad request for {EMAIL}: api_key=sk-live-0123456789abcdefghij")
+
+    agent = build_agent(
+        ScriptedChatModel(script=[failing]), [], policy=Policy(rules=RULES), model_retry=_NO_RETRY
+    )
+    with caplog.at_level(logging.INFO, logger="keel"):
+        agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("keel"))
+    assert "model call failed" in logged
+    assert EMAIL not in logged and "sk-live-0123456789abcdefghij" not in logged
+
+
 def test_sanitize_hides_values_by_key_name_but_not_counts() -> None:
     value = {
         "password": "hunter2",

@@ -33,7 +33,7 @@ from keel.db.runs import RunLog, RunRecord, run_record
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
 from keel.nodes.history import pending_tool_calls
-from keel.redact import sanitize
+from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -50,8 +50,8 @@ __all__ = [
     "tool_records",
 ]
 
-log = logging.getLogger("keel.observe")
-decision_log = logging.getLogger("keel.decisions")
+log = sanitized_logger("keel.observe")
+decision_log = sanitized_logger("keel.decisions")
 """One JSON line per decision: `{"node", "choice", "reason", "confidence", ...}`."""
 
 
