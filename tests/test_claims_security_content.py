@@ -289,7 +289,7 @@ def test_policy_files_set_the_content_guards(tmp_path: Path) -> None:
     assert policy.output_guard == OutputGuardPolicy(
         pii_action="flag", pii_kinds=frozenset({"card"})
     )
-    off = Policy.from_dict({"input_guard": None, "output_guard": None})
+    off = Policy.from_dict({"input_guard": False, "output_guard": None})
     assert off.input_guard is None and off.output_guard is None
     with pytest.raises(Exception, match=r"In policy 'output_guard'.*pii_action must be one of"):
         Policy.from_dict({"output_guard": {"pii_action": "shout"}})
