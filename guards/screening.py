@@ -87,7 +87,8 @@ def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> S
             screened, message = _screen_user(m, policy)
             blocked = blocked or message
         elif isinstance(m, ToolMessage):
-            screened = screen_tool_result(m, policy)
+            # checked when it came in (execute_tools, the middleware's wrap_tool_call)
+            screened = None if GUARD_KEY in m.response_metadata else screen_tool_result(m, policy)
         else:
             continue
         if screened is not None:
@@ -97,8 +98,6 @@ def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> S
 
 def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMessage | None:
     """A tool result as the model may read it, or `None` when the guard leaves it as it is."""
-    if GUARD_KEY in message.response_metadata:
-        return None  # screened when it came in (e.g. by execute_tools)
     verdict = _verdict(message.content, lambda text: check_input(text, policy, source="tool"))
     if verdict is None:
         return None
