@@ -52,8 +52,9 @@ How to read the output
 - `us/step`: wall time of one run divided by K, in microseconds (median over rounds).
 - `ckpt/run`: checkpoint writes (rows in `checkpoints`) of one K-step run on that saver.
 - `ckpt/step`: checkpoint writes per tool step: (writes of a K-step run - writes of a 0-step
-  run) / K. A ReAct loop needs 2 (model, tools); every middleware hook that is a node of its
-  own adds a superstep, and one more checkpoint write, per step.
+  run) / K. A ReAct loop needs 2 (model, tools); keel's `tool_gate` node makes 3; every
+  middleware hook that is a node of its own adds a superstep, and one more checkpoint write,
+  per step.
 - ratios: the median over rounds of the per-round ratio of two cases' times on one saver,
   with the lowest and highest per-round ratio (a wide range means a noisy machine).
 

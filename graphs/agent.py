@@ -14,6 +14,7 @@ checks run inside the nodes they guard, and routing is by conditional edges.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -34,17 +35,20 @@ from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import SpendMeter
 from keel.guards.standing import StandingStore
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
+from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
 from keel.nodes.execute_tools import execute_tools
 from keel.nodes.human_review import human_review
 from keel.nodes.plan import needs_replan
 from keel.nodes.plan import plan as plan_node
 from keel.nodes.respond import respond
+from keel.nodes.tool_gate import route_after_gate, tool_gate
 from keel.nodes.verify import Check
 from keel.nodes.verify import verify as verify_node
 from keel.observe.observer import (
     Observer,
     audited,
     budget_records,
+    content_records,
     recorded,
     review_records,
     tool_records,
@@ -59,18 +63,22 @@ __all__ = ["build_agent", "route_after_model", "route_after_review", "route_afte
 Agent = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
 
 # LangGraph raises GraphRecursionError when a node would run with 0 steps remaining. A route
-# back to the model needs room for call_model (or plan) and then respond; with fewer steps left
-# it goes to respond, which ends the run as budget_exceeded (step limit).
+# back to the model needs room for call_model, tool_gate, execute_tools, respond (and
+# output_guard); with fewer steps left it goes to respond, which ends the run as
+# budget_exceeded (step limit). `build_agent` passes the margin its graph needs.
 _STEPS_TO_GO_ON = 3
 
 
-def _out_of_steps(state: AgentState) -> bool:
+def _out_of_steps(state: AgentState, steps: int = _STEPS_TO_GO_ON) -> bool:
     remaining = state.get("remaining_steps")
-    return remaining is not None and remaining <= _STEPS_TO_GO_ON
+    return remaining is not None and remaining <= steps
 
 
-def route_after_model(state: AgentState, *, verify: bool = False) -> str:
-    """After `call_model`: to the tools, a human, verification, `respond`, or the end."""
+def route_after_model(state: AgentState, *, verify: bool = False, gated: bool = False) -> str:
+    """After `call_model`: to the tools, a human, verification, `respond`, or the end.
+
+    With `gated`, tool calls go to `tool_gate` (which routes them) instead of `execute_tools`.
+    """
     result = state.get("outcome")
     if result is not None:
         if result["status"] == "interrupted":
@@ -83,10 +91,12 @@ def route_after_model(state: AgentState, *, verify: bool = False) -> str:
                 return END  # the loop guard's wrap-up turn already answered
             return "respond"
         return "verify" if verify else END
-    return "execute_tools"
+    return "tool_gate" if gated else "execute_tools"
 
 
-def route_after_tools(state: AgentState, *, replan: bool = False) -> str:
+def route_after_tools(
+    state: AgentState, *, replan: bool = False, steps: int = _STEPS_TO_GO_ON
+) -> str:
     """After `execute_tools`: to the model, `plan`, `respond`, or `human_review`.
 
     `human_review` when a side-effecting call's outcome is unknown ("did this happen?").
@@ -94,32 +104,32 @@ def route_after_tools(state: AgentState, *, replan: bool = False) -> str:
     result = state.get("outcome")
     if result is not None and result["status"] == "interrupted":
         return "human_review"
-    if _out_of_steps(state) or (result is not None and result["status"] == "stopped"):
+    if _out_of_steps(state, steps) or (result is not None and result["status"] == "stopped"):
         return "respond"
     if replan and needs_replan(state.get("plan") or []):
         return "plan"
     return "call_model"
 
 
-def route_after_plan(state: AgentState) -> str:
+def route_after_plan(state: AgentState, *, steps: int = 2) -> str:
     """After `plan`: to the model, or to `respond` when the step limit leaves no room."""
     remaining = state.get("remaining_steps")
-    return "respond" if remaining is not None and remaining <= 2 else "call_model"
+    return "respond" if remaining is not None and remaining <= steps else "call_model"
 
 
-def route_after_review(state: AgentState) -> str:
+def route_after_review(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> str:
     """After `human_review`: run the approved calls, or end when a call was rejected."""
     result = state.get("outcome")
-    if (result is not None and result["status"] == "stopped") or _out_of_steps(state):
+    if (result is not None and result["status"] == "stopped") or _out_of_steps(state, steps):
         return "respond"
     return "execute_tools"
 
 
-def route_after_verify(state: AgentState) -> str:
+def route_after_verify(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> str:
     """After `verify`: done, revise, or end with the failed verification."""
     result = state.get("outcome")
     if result is None:
-        return "respond" if _out_of_steps(state) else "call_model"
+        return "respond" if _out_of_steps(state, steps) else "call_model"
     return END if result["status"] == "success" else "respond"
 
 
@@ -276,6 +286,13 @@ def build_agent(
     def observed(node: Any, derive: Any) -> Any:
         return node if observer is None else audited(node, observer, derive)
 
+    inputs = policy.input_guard if policy is not None else None
+    outputs = policy.output_guard if policy is not None else None
+    loop = policy.loop if policy is not None else None
+    # steps a route back to the model needs (see _STEPS_TO_GO_ON): one more with output_guard
+    reserve = 3 + (outputs is not None)
+    steps = reserve + 1
+
     graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node(
         "call_model",
@@ -286,19 +303,34 @@ def build_agent(
                 system_prompt=system_prompt,
                 prices=prices,
                 before_model=before_model,
-                gate=gate,
+                gate=None,  # tool_gate decides
                 retry=model_retry,
                 budget=budget,
-                loop=policy.loop if policy is not None else None,
+                loop=loop if loop is not None and loop.on_loop == "wrap_up" else None,
                 meter=meter,
                 guard=model_guard,
                 fallbacks=fallback_models,
                 downgrade=downgrade_model,
+                reserve_steps=reserve,
                 policy_version=policy_version,
                 policy_name=policy_name,
                 standing=standing,
             ),
             budget_records,
+        ),
+    )
+    graph.add_node(
+        "tool_gate",
+        observed(
+            tool_gate(
+                registry,
+                gate=gate,
+                budget=budget,
+                loop=loop,
+                policy_version=policy_version,
+                policy_name=policy_name,
+            ),
+            tool_records(registry, gate),
         ),
     )
     graph.add_node(
@@ -312,6 +344,7 @@ def build_agent(
                 budget=budget,
                 tool_guard=tool_guard,
                 ledger=ledger,
+                input_guard=inputs,
             ),
             tool_records(registry, gate),
         ),
@@ -333,16 +366,35 @@ def build_agent(
     graph.add_node("respond", respond())
     # With memory, every run that ends goes through `reflect` on its way out.
     end = _add_memory(graph, store) if memory else END
+    # A finished run goes through `output_guard` (when there is one) and then to `end`.
+    finish = "output_guard" if outputs is not None else end
     first = "plan" if plan else "call_model"
-    graph.add_edge(START, "recall" if memory else first)
     if memory:
         graph.add_edge("recall", first)
-    after_model = ["execute_tools", "human_review", "respond", end]
+        first = "recall"
+    if inputs is not None:
+        after_input = partial(route_after_input_guard, next=first)
+        graph.add_node("input_guard", observed(input_guard(inputs), content_records))
+        graph.add_conditional_edges(
+            "input_guard",
+            recorded(after_input, observer, "input_guard"),
+            [first, "respond"],
+        )
+        first = "input_guard"
+    graph.add_edge(START, first)
+    if outputs is not None:
+        graph.add_node("output_guard", observed(output_guard(outputs), content_records))
+        graph.add_conditional_edges(
+            "output_guard", recorded(lambda s: END, observer, "output_guard", end=end), [end]
+        )
+    after_model = ["tool_gate", "human_review", "respond", finish]
     after_tools = ["call_model", "respond", "human_review"]
     if plan:
         graph.add_node("plan", plan_node(model, prices=prices))
         graph.add_conditional_edges(
-            "plan", recorded(route_after_plan, observer, "plan"), ["call_model", "respond"]
+            "plan",
+            recorded(lambda s: route_after_plan(s, steps=reserve - 1), observer, "plan"),
+            ["call_model", "respond"],
         )
         after_tools.append("plan")
     if verify:
@@ -352,37 +404,67 @@ def build_agent(
         )
         graph.add_conditional_edges(
             "verify",
-            recorded(route_after_verify, observer, "verify", end=end),
-            ["call_model", "respond", end],
+            _to(lambda s: route_after_verify(s, steps=steps), observer, "verify", finish, end),
+            ["call_model", "respond", finish],
         )
         after_model.append("verify")
 
     graph.add_conditional_edges(
         "call_model",
-        recorded(
-            lambda s: route_after_model(s, verify=verify),
+        _to(
+            lambda s: route_after_model(s, verify=verify, gated=True),
             observer,
             "call_model",
-            end=end,
+            finish,
+            end,
         ),
         after_model,
     )
     graph.add_conditional_edges(
+        "tool_gate",
+        recorded(route_after_gate, observer, "tool_gate"),
+        ["execute_tools", "human_review", "respond", "call_model"],
+    )
+    graph.add_conditional_edges(
         "execute_tools",
-        recorded(lambda s: route_after_tools(s, replan=plan), observer, "execute_tools"),
+        recorded(
+            lambda s: route_after_tools(s, replan=plan, steps=steps), observer, "execute_tools"
+        ),
         after_tools,
     )
     graph.add_conditional_edges(
         "human_review",
-        recorded(route_after_review, observer, "human_review"),
+        recorded(lambda s: route_after_review(s, steps=steps), observer, "human_review"),
         ["execute_tools", "respond"],
     )
     graph.add_conditional_edges(
-        "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
+        "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
     agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
+
+
+def _to(
+    route: Callable[[AgentState], str],
+    observer: Observer | None,
+    source: str,
+    finish: str,
+    end: str,
+) -> Any:
+    """`route` recorded; a route to END goes to `finish`: `output_guard`, or `end` without one.
+
+    The run record is written where the run really ends (after `output_guard`), so it holds
+    what the output guard found.
+    """
+    if finish == end:
+        return recorded(route, observer, source, end=end)
+
+    def to_finish(state: AgentState) -> str:
+        choice = route(state)
+        return finish if choice == END else choice
+
+    return recorded(to_finish, observer, source)
 
 
 def _add_memory(

@@ -7,11 +7,14 @@
 - `PeriodBudget`, `SpendMeter`: per-user / per-tenant budgets per day or month, reserved
   atomically in the ledger before each model call and settled after it.
 - `check_budget` and `detect_loop`: the pure decisions behind the run budget and the loop guard.
-- `check_input` / `acheck_input` / `check_output` (`InputGuardPolicy`, `OutputGuardPolicy` →
-  `ContentVerdict`): the content guards; `InjectionDetector`: what decides an injection —
-  `HeuristicDetector` (default), `ModelDetector` (a chat model's `InjectionVerdict`) or your
-  own callable; `find_pii`, `redact`, `sanitize`: the one PII sanitizer for answers,
-  logs and audit.
+- `check_input` / `check_output` (`InputGuardPolicy`, `OutputGuardPolicy` → `ContentVerdict`):
+  the content guards, set on `Policy.input_guard` / `Policy.output_guard`; `screen_inputs`,
+  `screen_tool_result`, `screen_answer` apply them to messages (the guard nodes in
+  `keel.nodes` and the middleware share them); `find_pii`, `redact`, `sanitize`: the one PII
+  sanitizer for answers, logs and audit.
+- `InjectionDetector`: what decides an injection — `HeuristicDetector` (default),
+  `ModelDetector` (a chat model's `InjectionVerdict`) or your own callable; `acheck_input`
+  runs an async detector.
 - `Gate`, `GateDecision`, `approval_gate`: the seam where allow / ask / deny is decided per call.
 - `RateLimit`, `RateLimiter` → `RateLimited`: RPM / TPM token buckets per model and per tenant,
   shared across processes through the ledger.
@@ -25,7 +28,8 @@
   allows later calls of the tool in the thread (or, `"scope": "user"`, the user's threads, kept
   in the ledger) until it expires.
 - `BudgetMiddleware`, `PermissionMiddleware`, `RateLimitMiddleware`, `CircuitBreakerMiddleware`,
-  `LoopGuardMiddleware` (+ `outcome_of`): the same guards as LangChain `AgentMiddleware` for
+  `LoopGuardMiddleware`, `InputGuardMiddleware`, `OutputGuardMiddleware` (+ `outcome_of`): the
+  same guards as LangChain `AgentMiddleware` for
   `langchain.agents.create_agent`.
 
 Checks that only allow or stop run inside the node they guard, so they add no superstep.
@@ -42,6 +46,7 @@ from keel.guards.content import (
     check_input,
     check_output,
 )
+from keel.guards.content_middleware import InputGuardMiddleware, OutputGuardMiddleware
 from keel.guards.fallback import after_failure
 from keel.guards.gate import Gate, GateDecision, approval_gate
 from keel.guards.injection import HeuristicDetector, InjectionDetector
@@ -59,6 +64,7 @@ from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
+from keel.guards.screening import screen_answer, screen_inputs, screen_tool_result
 from keel.guards.spend import PeriodBudget, SpendMeter
 from keel.redact import PiiMatch, find_pii, redact, sanitize
 
@@ -78,11 +84,13 @@ __all__ = [
     "HeuristicDetector",
     "InjectionDetector",
     "InjectionVerdict",
+    "InputGuardMiddleware",
     "InputGuardPolicy",
     "LoopGuardMiddleware",
     "LoopPolicy",
     "ModelDetector",
     "ModelGuard",
+    "OutputGuardMiddleware",
     "OutputGuardPolicy",
     "PeriodBudget",
     "PermissionMatrix",
@@ -107,5 +115,8 @@ __all__ = [
     "outcome_of",
     "redact",
     "sanitize",
+    "screen_answer",
+    "screen_inputs",
+    "screen_tool_result",
     "usage_from_messages",
 ]

@@ -44,6 +44,7 @@ from typing import Any, Literal, get_args
 
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy
+from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
 from keel.guards.ratelimit import RateLimit
 from keel.guards.spend import PeriodBudget
 
@@ -191,6 +192,15 @@ class Policy:
     tool_breaker: BreakerPolicy | None = None
     """A circuit breaker per tool (key `tool:<name>`), shared through the ledger; while open,
     the tool is not run and the model is told it is unavailable. `None` disables it."""
+    input_guard: InputGuardPolicy | None = field(default_factory=InputGuardPolicy)
+    """What the model may read: user messages and tool results are checked for size and
+    prompt injection before the model sees them (`flag`, `redact` or `block`; by default
+    injections are flagged and inputs over 50,000 characters blocked). `None` disables it.
+    Findings go to the audit log and the run record. Detection is a signal, not the defence:
+    the permission matrix and approvals hold whatever the model does."""
+    output_guard: OutputGuardPolicy | None = field(default_factory=OutputGuardPolicy)
+    """What the user may get: PII and secrets in final and partial answers are redacted by
+    default (`flag`, `redact` or `block`). `None` disables it."""
 
     def __post_init__(self) -> None:
         for name in ("name", "version"):
@@ -226,12 +236,16 @@ class Policy:
                 "share buckets. Merge them into one RateLimit(rpm=..., tpm=...)."
             )
         object.__setattr__(self, "rate_limits", limits)
-        for name in ("model_breaker", "tool_breaker"):
+        for name, kind in (
+            ("model_breaker", BreakerPolicy),
+            ("tool_breaker", BreakerPolicy),
+            ("input_guard", InputGuardPolicy),
+            ("output_guard", OutputGuardPolicy),
+        ):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, BreakerPolicy):
+            if value is not None and not isinstance(value, kind):
                 raise UserError(
-                    f"Policy.{name} must be a BreakerPolicy(failure_threshold=...) or None, "
-                    f"got {value!r}."
+                    f"Policy.{name} must be a {kind.__name__}(...) or None, got {value!r}."
                 )
 
     @property
@@ -265,6 +279,8 @@ class Policy:
             "rate_limits",
             "model_breaker",
             "tool_breaker",
+            "input_guard",
+            "output_guard",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -287,10 +303,16 @@ class Policy:
             kwargs["loop"] = (
                 None if data["loop"] is None else _build(LoopPolicy, data["loop"], "loop")
             )
-        for key in ("model_breaker", "tool_breaker"):
+        guards: tuple[tuple[str, type[Any]], ...] = (
+            ("model_breaker", BreakerPolicy),
+            ("tool_breaker", BreakerPolicy),
+            ("input_guard", InputGuardPolicy),
+            ("output_guard", OutputGuardPolicy),
+        )
+        for key, kind in guards:
             if key in data:
                 raw = data[key]
-                kwargs[key] = None if raw is None else _build(BreakerPolicy, raw, key)
+                kwargs[key] = None if raw is None or raw is False else _build(kind, raw, key)
         for key, kind in (
             ("period_budgets", PeriodBudget),
             ("rate_limits", RateLimit),

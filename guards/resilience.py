@@ -12,16 +12,15 @@ from a policy with `from_policy(policy, ledger)`, which returns `None` when noth
 
 from __future__ import annotations
 
-import logging
-
 from keel.db.ledger import Ledger
 from keel.guards.breaker import BreakerTransition, CircuitBreaker, CircuitOpen, is_outage
 from keel.guards.policy import Policy
 from keel.guards.ratelimit import Permit, RateLimiter
+from keel.redact import sanitized_logger
 
 __all__ = ["ModelGuard", "ToolGuard"]
 
-log = logging.getLogger("keel.guards")
+log = sanitized_logger("keel.guards")
 
 
 def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:

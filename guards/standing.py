@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from keel.approvals import approval_digest
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, GateDecision
+from keel.redact import sanitized_logger
 from keel.state import Approval, RunContext
 from keel.tools.registry import RegisteredTool
 
-log = logging.getLogger("keel.guards")
+log = sanitized_logger("keel.guards")
 
 __all__ = ["Always", "StandingStore", "allowing", "covering", "standing_approval"]
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from keel.errors import UserError
+from keel.redact import sanitized_logger
 
 __all__ = ["DEFAULT_PRICES", "Price", "PriceTable"]
 
-log = logging.getLogger("keel.pricing")
+log = sanitized_logger("keel.pricing")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,6 +13,7 @@ the separators of a North American number. What it deliberately leaves alone is 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ __all__ = [
     "iban_valid",
     "luhn_valid",
     "redact",
+    "SanitizingFilter",
     "sanitize",
+    "sanitized_logger",
+    "secret_key",
 ]
 
 PiiKind = Literal["secret", "email", "iban", "card", "ssn", "ip", "phone"]
@@ -140,6 +144,9 @@ _SECRET_PATTERNS = [
     r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
     # the token after "Bearer", the value after api_key= / password: / "secret": …
     r"(?i:\bbearer)\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)",
+    # an Authorization header's credentials: `Authorization: Basic Zm9v...`
+    r"(?i:\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|digest|token)\s+)"
+    r"(?P<secret>[A-Za-z0-9._~+/-]{4,}=*)",
     r"(?i:\b(?:[a-z0-9]+[_-])*(?:api[_-]?key|apikey|secret(?:[_-]?(?:access[_-]?)?key)?|"
     r"access[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|"
     r"private[_-]?key|password|passwd|pwd|token)\b)"
@@ -340,8 +347,10 @@ def sanitize(
 ) -> T:
     """A copy of `value` with PII redacted in every string inside it.
 
-    Walks dicts (values, not keys), lists, tuples (named tuples too), sets and LangChain
-    messages (content, tool-call and invalid-tool-call arguments). Binary payloads of content
+    Walks dicts (values, not keys; the whole value of a key naming a secret, such as
+    `password`, `token`, `api_key`, `secret` or `authorization`, see `secret_key`), lists,
+    tuples (named tuples too), sets and LangChain messages (content, tool-call and
+    invalid-tool-call arguments). Binary payloads of content
     blocks (`data`/`base64` of image, audio and file blocks, `data:` URLs) are left intact. An
     int whose digits are a card number becomes the replacement string. Other values are
     returned as they are.
@@ -354,6 +363,25 @@ def sanitize(
     """
     _check_kinds(kinds)
     return _Sanitizer(kinds, replacement).walk(value)  # type: ignore[no-any-return]
+
+
+_SECRET_KEY = re.compile(
+    r"(?:^|_)(?:password|passwd|passphrase|pwd|secret|api_?key|apikey|token|access_?key|"
+    r"private_?key|authorization|auth|cookie|set_cookie|credentials?|"
+    r"x_api_key|client_secret)$"
+)
+
+
+def secret_key(key: object) -> bool:
+    """Whether a mapping key names a secret (`password`, `api_key`, `Authorization`, ...).
+
+    The key's value is hidden whatever it looks like. Counts such as `input_tokens` or
+    `max_tokens` are not secrets; `access_token`, `X-Api-Key` and `db_password` are.
+    """
+    if not isinstance(key, str) or len(key) > 64:
+        return False
+    name = re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+    return bool(_SECRET_KEY.search(name))
 
 
 _BINARY_KEYS = frozenset({"data", "base64"})
@@ -383,7 +411,12 @@ class _Sanitizer:
         if isinstance(value, dict):
             binary = value.get("type") in _BINARY_BLOCKS
             return {
-                k: v if binary and k in _BINARY_KEYS else self.walk(v) for k, v in value.items()
+                k: v
+                if binary and k in _BINARY_KEYS
+                else self._secret(v)
+                if secret_key(k)
+                else self.walk(v)
+                for k, v in value.items()
             }
         if isinstance(value, list):
             return [self.walk(v) for v in value]
@@ -395,6 +428,18 @@ class _Sanitizer:
         if isinstance(value, BaseMessage):
             return self._message(value)
         return value
+
+    def _secret(self, value: Any) -> Any:
+        """The value of a secret's key (`password`, `api_key`, ...): every scalar is hidden."""
+        if "secret" not in (self.kinds or PII_KINDS) or value is None or isinstance(value, bool):
+            return self.walk(value)
+        if isinstance(value, str | bytes | int | float):
+            return self.replacement("secret") if value != "" else value
+        if isinstance(value, dict):
+            return {k: self._secret(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return type(value)(self._secret(v) for v in value)
+        return self.walk(value)
 
     def _message(self, message: BaseMessage) -> BaseMessage:
         update: dict[str, Any] = {"content": self.walk(message.content)}
@@ -414,3 +459,28 @@ def _check_kinds(kinds: Collection[PiiKind] | None) -> Collection[PiiKind]:
     if unknown:
         raise UserError(f"kinds has unknown PII kinds {unknown}; use some of {list(PII_KINDS)}.")
     return frozenset(kinds)
+
+
+class SanitizingFilter(logging.Filter):
+    """A `logging.Filter` that redacts PII and secrets from each record's message.
+
+    keel's loggers carry one (`sanitized_logger`), so a model error or a tool result quoted in
+    a log line does not leak what the audit log and traces redact. Tracebacks (`exc_info`) are
+    left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record's message in place; never drops a record."""
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def sanitized_logger(name: str) -> logging.Logger:
+    """`logging.getLogger(name)` with a `SanitizingFilter` (added once)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, SanitizingFilter) for f in logger.filters):
+        logger.addFilter(SanitizingFilter())
+    return logger

@@ -39,8 +39,10 @@ TerminatedReason = Literal[
     "error",
     "verification_failed",
     "awaiting_approval",
+    "blocked",
 ]
-"""Why a run ended (or, for `awaiting_approval`, why it is paused)."""
+"""Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
+guard refused the user's input or withheld the answer."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial

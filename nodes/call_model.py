@@ -8,7 +8,6 @@ outcome instead of an exception.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,12 +42,13 @@ from keel.models import model_name_of, resolve_model
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable
+from keel.redact import sanitized_logger
 from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["BeforeModel", "call_model"]
 
-log = logging.getLogger("keel.nodes.call_model")
+log = sanitized_logger("keel.nodes.call_model")
 
 BeforeModel = Callable[[AgentState, RunContext], Outcome | None]
 """A check run before every model call: `None` lets the call happen, an `Outcome` stops the run."""
@@ -123,7 +123,7 @@ def call_model(
     system_prompt: str | None = None,
     prices: PriceTable | None = None,
     before_model: Sequence[BeforeModel] = (),
-    gate: Gate = approval_gate,
+    gate: Gate | None = approval_gate,
     retry: RetryPolicy = DEFAULT_MODEL_RETRY,
     budget: Budget | None = None,
     loop: LoopPolicy | None = None,
@@ -146,7 +146,8 @@ def call_model(
         prices: Turns `usage_metadata` into USD; the default table when omitted.
         before_model: Checks run before each call; one returning an `Outcome` stops the run.
         gate: Decides which tool calls need a human; a call needing one sets the outcome to
-            `interrupted` so the graph routes to `human_review`.
+            `interrupted` so the graph routes to `human_review`. `None` when a `tool_gate`
+            node after this one decides (as in `build_agent` with a policy).
         retry: LangGraph's `RetryPolicy` for transient model errors (network, 5xx, 429).
         budget: Run budget checked before each call (stop, or a soft-threshold warning).
         loop: The loop guard applied to each answer's tool calls.
@@ -228,8 +229,10 @@ def call_model(
             ctx = context_of(runtime)
             policy = policy_id(ctx, policy_version, policy_name)
             approvals = {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
-            decide = allowing(gate, approvals, policy)
-            ask = _approval_needed(response, registry, decide, ctx)
+            ask = None
+            if gate is not None:
+                decide = allowing(gate, approvals, policy)
+                ask = _approval_needed(response, registry, decide, ctx)
             if looping is not None and loop is not None:
                 if loop.on_loop == "wrap_up" and not _over(budget, state, usage):
                     return looping

@@ -33,9 +33,11 @@ from keel._node import RunnableCallable, context_of, make_node, policy_id
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
 from keel.guards.budget import check_budget
+from keel.guards.content import InputGuardPolicy
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
+from keel.guards.screening import screen_tool_result
 from keel.guards.standing import allowing
 from keel.nodes._once import Unknown, adrive_once, drive_once, ledger_key, succeeded, tool_message
 from keel.nodes.history import pending_tool_calls
@@ -58,10 +60,12 @@ ToolStatus = Literal[
     "error",
     "unavailable",
     "not_run",
+    "blocked",
 ]
 """How a tool call ended; in each `ToolMessage`'s `response_metadata["keel_status"]`.
 `respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
-stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open."""
+stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open; `blocked`: the
+input guard withheld the result."""
 
 
 class _Deadline(Exception):
@@ -85,6 +89,7 @@ def execute_tools(
     budget: Budget | None = None,
     tool_guard: ToolGuard | None = None,
     ledger: Ledger | None = None,
+    input_guard: InputGuardPolicy | None = None,
     name: str = "execute_tools",
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
@@ -105,6 +110,10 @@ def execute_tools(
             `human_review` ("did this happen?") unless the tool is `idempotent` or its
             `reconcile` settles it. Without one, nothing protects against a repeat. A call the
             ledger answers from its record does not touch the breaker.
+        input_guard: The input guard applied to every result before the model reads it
+            (`keel.guards.check_input(..., source="tool")`): an injection is flagged, redacted
+            or the result withheld (`keel_status == "blocked"`); `None`: results pass as they
+            are.
         name: The node's name.
     """
 
@@ -156,6 +165,8 @@ def execute_tools(
         unknown = [r for r in results if isinstance(r, Unknown)]
         stops = [r for r in results if not isinstance(r, ToolMessage | Unknown)]
         results = [r for r in results if isinstance(r, ToolMessage)]
+        if input_guard is not None:
+            results = [screen_tool_result(r, input_guard) or r for r in results]
         update: dict[str, Any] = {"messages": results, "usage": {"tool_calls": ran, "steps": 1}}
         if unknown:
             names = ", ".join(sorted({u.call["name"] for u in unknown}))

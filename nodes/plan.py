@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -14,11 +13,12 @@ from pydantic import BaseModel, Field
 from keel._node import RunnableCallable, make_node
 from keel.models import model_name_of, resolve_model
 from keel.pricing import PriceTable
+from keel.redact import sanitized_logger
 from keel.state import AgentState, PlanStep, Usage
 
 __all__ = ["Plan", "advance_plan", "needs_replan", "plan", "render_plan"]
 
-log = logging.getLogger("keel.nodes.plan")
+log = sanitized_logger("keel.nodes.plan")
 
 PLAN_PROMPT = (
     "Before acting, write a short plan for the task below: at most {max_steps} concrete steps, "

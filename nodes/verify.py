@@ -7,7 +7,6 @@ decides (approve the answer, reject it, or respond with guidance for another try
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,11 +21,12 @@ from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.models import resolve_model
+from keel.redact import sanitized_logger
 from keel.state import AgentState, Verdict
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
-log = logging.getLogger("keel.nodes.verify")
+log = sanitized_logger("keel.nodes.verify")
 
 Check = Callable[[str, AgentState], str | None]
 """A rule: given the answer and the state, return why it fails, or `None` when it passes."""

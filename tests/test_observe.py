@@ -178,12 +178,18 @@ def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
         agent.invoke({"messages": [("user", "hi")]}, context=CTX)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "keel.decisions"]
     assert lines[0] == {
+        "node": "input_guard",
+        "choice": "call_model",
+        "reason": "",
+        "confidence": None,
+    }
+    assert lines[1] == {
         "node": "call_model",
-        "choice": "execute_tools",
+        "choice": "tool_gate",
         "reason": "tool calls: lookup_customer",
         "confidence": None,
     }
-    assert lines[-1]["node"] == "call_model" and lines[-1]["choice"] == "human_review"
+    assert lines[-1]["node"] == "tool_gate" and lines[-1]["choice"] == "human_review"
     assert lines[-1]["reason"] == "awaiting approval for issue_refund"
 
 

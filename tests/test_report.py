@@ -26,8 +26,9 @@ from keel.guards import Policy
 from keel.tools import tool
 
 RULES = [{"tool": "*", "action": "allow"}]
-# model, tools, model | model, tools, model | model | model, tools (then stopped by the budget)
-STEPS = (3 + 3 + 1 + 2) / 4
+# model, tools, model | model, tools, model | model | model (its tool call stopped by the
+# budget in tool_gate: no tool round)
+STEPS = (3 + 3 + 1 + 1) / 4
 
 
 @tool(name="lookup")

@@ -24,7 +24,7 @@ from keel.redact import sanitize
 
 __all__ = ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"]
 
-AuditKind = Literal["tool", "approval", "budget", "breaker"]
+AuditKind = Literal["tool", "approval", "budget", "breaker", "content"]
 """What an audit record is about."""
 
 _RESULT_CHARS = 500
@@ -46,10 +46,13 @@ class AuditRecord:
 
     kind: AuditKind
     """`tool` (a call was decided on and run or refused), `approval` (a human decided),
-    `budget` (a limit was hit or passed its warning threshold) or `breaker` (a transition)."""
+    `budget` (a limit was hit or passed its warning threshold), `breaker` (a transition) or
+    `content` (a content guard flagged, redacted or blocked an input or an answer)."""
     decision: str
     """`allow` / `ask` / `deny` for tools, `approved` / `edited` / `rejected` / `responded` for
-    approvals, `exceeded` / `warning` for budgets, the new state for breakers."""
+    approvals, `exceeded` / `warning` for budgets, the new state for breakers, `flag` /
+    `redact` / `block` for content (with `status` the source: `user`, `tool` or `answer`, and
+    `rule` the rules that matched)."""
     status: str = ""
     """How a tool call ended (`keel_status`: `success`, `denied`, `timeout`, ...)."""
     tool: str | None = None

@@ -129,6 +129,7 @@ SCHEMA = (
         tool_failures INTEGER NOT NULL DEFAULT 0,
         tools TEXT NOT NULL DEFAULT '{}',
         interrupts INTEGER NOT NULL DEFAULT 0,
+        guard_findings TEXT NOT NULL DEFAULT '{}',
         thread_usage TEXT NOT NULL DEFAULT '{}',
         started_at DOUBLE PRECISION NOT NULL,
         ended_at DOUBLE PRECISION NOT NULL,

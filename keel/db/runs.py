@@ -21,6 +21,7 @@ from keel._version import __version__
 from keel.db.audit import where_clause
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
+from keel.redact import sanitize
 from keel.state import AgentState
 
 __all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
@@ -76,6 +77,9 @@ class RunRecord:
     """Per tool: `{"calls": n, "failures": m}`."""
     interrupts: int = 0
     """Times the run paused for a human."""
+    guard_findings: dict[str, int] = field(default_factory=dict)
+    """What the content guards found in the run, per `<guard>:<rule>`
+    (`{"input:instruction_override": 1, "output:pii:card": 1}`)."""
     started_at: float = 0.0
     """Unix time the run started."""
     ended_at: float = field(default_factory=time.time)
@@ -114,6 +118,13 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
             entry = tools.setdefault(m.name or "?", {"calls": 0, "failures": 0})
             entry["calls"] += 1
             entry["failures"] += m.response_metadata.get("keel_status") in _FAILED
+    findings: dict[str, int] = {}
+    for m in messages[max(start, 0) :]:
+        note = m.response_metadata.get("keel_guard")
+        if isinstance(note, dict):
+            for rule in note.get("rules") or []:
+                key = f"{note.get('guard')}:{rule}"
+                findings[key] = findings.get(key, 0) + 1
     started = float((state.get("clock") or {}).get("started_at") or time.time())
     human_id = messages[start].id if start >= 0 else None
 
@@ -121,7 +132,7 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
         run_key=f"{identity.get('thread_id') or '-'}:{human_id or started}",
         status=str(result["status"]),
         terminated_reason=str(result["terminated_reason"]),
-        detail=str(result.get("detail", "")),
+        detail=sanitize(str(result.get("detail", ""))),
         error_category=error_category(result),
         **identity,
         steps=int(usage.get("steps", 0)),
@@ -134,6 +145,7 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
         tool_failures=sum(t["failures"] for t in tools.values()),
         tools=tools,
         interrupts=int(result["status"] == "interrupted"),
+        guard_findings=findings,
         started_at=started,
         keel_version=__version__,
     )
@@ -201,6 +213,7 @@ _COLUMNS = (
     "tool_failures",
     "tools",
     "interrupts",
+    "guard_findings",
     "thread_usage",
     "started_at",
     "ended_at",
@@ -221,7 +234,12 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
         )
         previous = json.loads(rows[0][0]) if rows else {}
     own = replace(record, **{k: type(v)(v - previous.get(k, 0)) for k, v in totals.items()})
-    values = {**own.to_dict(), "tools": json.dumps(own.tools), "thread_usage": json.dumps(totals)}
+    values = {
+        **own.to_dict(),
+        "tools": json.dumps(own.tools),
+        "guard_findings": json.dumps(own.guard_findings),
+        "thread_usage": json.dumps(totals),
+    }
     updates = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
     yield (
         f"INSERT INTO keel_runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -239,6 +257,7 @@ def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Fl
     for row in rows:
         values = dict(zip(_COLUMNS, row, strict=True))
         values["tools"] = json.loads(values["tools"])
+        values["guard_findings"] = json.loads(values["guard_findings"] or "{}")
         del values["thread_usage"]
         for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
             values[k] = int(values[k])

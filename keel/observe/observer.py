@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END
 from langgraph.runtime import Runtime
@@ -31,7 +31,9 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.db.runs import RunLog, RunRecord, run_record
 from keel.guards.gate import Gate
+from keel.guards.screening import GUARD_KEY
 from keel.nodes.history import pending_tool_calls
+from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -41,14 +43,15 @@ __all__ = [
     "Who",
     "audited",
     "budget_records",
+    "content_records",
     "decision_log",
     "recorded",
     "review_records",
     "tool_records",
 ]
 
-log = logging.getLogger("keel.observe")
-decision_log = logging.getLogger("keel.decisions")
+log = sanitized_logger("keel.observe")
+decision_log = sanitized_logger("keel.decisions")
 """One JSON line per decision: `{"node", "choice", "reason", "confidence", ...}`."""
 
 
@@ -213,8 +216,8 @@ def _log_decision(node: str, choice: str, state: AgentState) -> None:
 
 
 def decision(node: str, choice: str, reason: str, **extra: Any) -> None:
-    """Log one decision as a JSON line on `keel.decisions` (at INFO)."""
-    line = {"node": node, "choice": choice, "reason": reason, **extra}
+    """Log one decision as a JSON line on `keel.decisions` (at INFO), PII and secrets redacted."""
+    line = sanitize({"node": node, "choice": choice, "reason": reason, **extra})
     decision_log.info(json.dumps(line, default=str, sort_keys=False))
 
 
@@ -254,7 +257,11 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
                     **who.fields(),
                 )
             )
-        return [*out, *budget_records(state, update, context, who)]
+        return [
+            *out,
+            *content_records(state, update, context, who),
+            *budget_records(state, update, context, who),
+        ]
 
     return derive
 
@@ -304,6 +311,38 @@ def _review(
         tool_call_id=call_id,
         **who.fields(),
     )
+
+
+def content_records(
+    state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
+) -> list[AuditRecord]:
+    """Audit records for the content guards: one per message a guard acted on.
+
+    That is each message carrying the note `keel.guards.screening` leaves in its
+    `response_metadata` (flagged, redacted or blocked).
+    """
+    out = []
+    for m in update.get("messages") or []:
+        note = m.response_metadata.get(GUARD_KEY) if isinstance(m, BaseMessage) else None
+        if not isinstance(note, dict):
+            continue
+        rules = ", ".join(note.get("rules") or [])
+        decision(
+            f"{note.get('guard')}_guard", str(note.get("action")), rules, source=note.get("source")
+        )
+        out.append(
+            AuditRecord(
+                kind="content",
+                decision=str(note.get("action")),
+                status=str(note.get("source")),
+                tool=m.name if isinstance(m, ToolMessage) else None,
+                rule=rules,
+                result="; ".join(note.get("excerpts") or []),
+                tool_call_id=m.tool_call_id if isinstance(m, ToolMessage) else None,
+                **who.fields(),
+            )
+        )
+    return out
 
 
 def budget_records(

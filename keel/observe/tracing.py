@@ -18,7 +18,6 @@ logged by `langsmith` and never fails a run.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,12 +26,13 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tracers.langchain import LangChainTracer
 
 from keel._version import __version__
+from keel.redact import sanitized_logger
 from keel.state import RunContext
 
 __all__ = ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"]
 
 _TRUE = ("true", "1", "yes")
-log = logging.getLogger("keel.observe.tracing")
+log = sanitized_logger("keel.observe.tracing")
 
 
 def _switched_on(env: Mapping[str, str]) -> bool:

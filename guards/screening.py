@@ -1,0 +1,234 @@
+"""The content guards applied to messages: what the model reads, and what the user gets.
+
+`check_input` / `check_output` (`keel.guards.content`) decide about one text; these functions
+apply them to LangChain messages, for the graph's guard nodes (`keel.nodes.input_guard`,
+`keel.nodes.output_guard`), `execute_tools` and the `create_agent` middleware alike:
+
+- `screen_inputs(messages, policy)`: the user's messages of the new task (those after the last
+  AI message) and the results of the last round of tool calls;
+- `screen_answer(message, policy)`: a final or partial answer.
+
+A message a guard acted on (flag, redact or block) is returned as a copy with the same id, so
+LangGraph's `add_messages` replaces it in state, and carries what was found in
+`response_metadata["keel_guard"]` (`GuardNote`), which the audit log and the run record read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from typing_extensions import TypedDict
+
+from keel.guards.content import (
+    ContentFinding,
+    ContentVerdict,
+    InputGuardPolicy,
+    OutputGuardPolicy,
+    check_input,
+    check_output,
+)
+
+__all__ = [
+    "GUARD_KEY",
+    "GuardNote",
+    "Screened",
+    "guard_notes",
+    "screen_answer",
+    "screen_inputs",
+    "screen_tool_result",
+]
+
+GUARD_KEY = "keel_guard"
+"""The `response_metadata` key of a message a content guard acted on."""
+
+_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
+
+
+class GuardNote(TypedDict):
+    """What a content guard did to one message (in `response_metadata["keel_guard"]`)."""
+
+    guard: Literal["input", "output"]
+    source: Literal["user", "tool", "answer"]
+    action: str
+    """`flag`, `redact` or `block`."""
+    rules: list[str]
+    excerpts: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """The outcome of screening messages: replacements to write and a block, if any."""
+
+    messages: list[BaseMessage] = field(default_factory=list)
+    """Copies (same ids) of the messages a guard acted on, to replace the originals."""
+    blocked: str | None = None
+    """Why a user message was refused (the run ends); `None` when none was."""
+
+
+def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> Screened:
+    """Screen what the model is about to read for the first time.
+
+    That is every user message after the last AI message (the new task) and the tool results
+    after it (the last round of calls). A blocked user message is replaced by a notice and
+    ends the run (`blocked`); a blocked tool result is replaced by an error result the model
+    can act on.
+    """
+    start = next(
+        (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
+        0,
+    )
+    out: list[BaseMessage] = []
+    blocked: str | None = None
+    for m in messages[start:]:
+        if isinstance(m, HumanMessage):
+            screened, message = _screen_user(m, policy)
+            blocked = blocked or message
+        elif isinstance(m, ToolMessage):
+            # checked when it came in (execute_tools, the middleware's wrap_tool_call)
+            screened = None if GUARD_KEY in m.response_metadata else screen_tool_result(m, policy)
+        else:
+            continue
+        if screened is not None:
+            out.append(screened)
+    return Screened(out, blocked)
+
+
+def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMessage | None:
+    """A tool result as the model may read it, or `None` when the guard leaves it as it is."""
+    verdict = _verdict(message.content, lambda text: check_input(text, policy, source="tool"))
+    if verdict is None:
+        return None
+    action, content, findings, _ = verdict
+    note = _note("input", "tool", action, findings)
+    meta = {**message.response_metadata, GUARD_KEY: note}
+    if action == "block":
+        meta["keel_status"] = "blocked"
+        return message.model_copy(
+            update={
+                "content": f"Error: the result of {message.name or 'this tool'} was withheld by "
+                f"the input guard ({_refusal(findings)}). Go on without it, or tell the user.",
+                "status": "error",
+                "response_metadata": meta,
+            }
+        )
+    return message.model_copy(update={"content": content, "response_metadata": meta})
+
+
+def _screen_user(
+    message: HumanMessage, policy: InputGuardPolicy
+) -> tuple[BaseMessage | None, str | None]:
+    verdict = _verdict(message.content, lambda text: check_input(text, policy, source="user"))
+    if verdict is None:
+        if GUARD_KEY in message.response_metadata:  # only keel writes this note
+            meta = {k: v for k, v in message.response_metadata.items() if k != GUARD_KEY}
+            return message.model_copy(update={"response_metadata": meta}), None
+        return None, None
+    action, content, findings, _ = verdict
+    meta = {**message.response_metadata, GUARD_KEY: _note("input", "user", action, findings)}
+    if action == "block":
+        notice = f"[withheld by the input guard: {', '.join(_rules(findings))}]"
+        why = f"the input guard blocked the user's message ({_refusal(findings)})"
+        return message.model_copy(update={"content": notice, "response_metadata": meta}), why
+    return message.model_copy(update={"content": content, "response_metadata": meta}), None
+
+
+def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | None:
+    """An answer as the user may see it, or `None` when the guard leaves it as it is."""
+    verdict = _verdict(message.content, lambda text: check_output(text, policy))
+    if verdict is None:
+        return None
+    action, content, findings, why = verdict
+    meta = {**message.response_metadata, GUARD_KEY: _note("output", "answer", action, findings)}
+    if action == "block":
+        content = why
+    return message.model_copy(update={"content": content, "response_metadata": meta})
+
+
+def guard_notes(messages: Sequence[BaseMessage]) -> list[GuardNote]:
+    """The notes content guards left on `messages`, in order."""
+    out = []
+    for m in messages:
+        note = m.response_metadata.get(GUARD_KEY)
+        if isinstance(note, dict) and note.get("action") in _SEVERITY:
+            out.append(note)
+    return out  # type: ignore[return-value]
+
+
+# -- one text or a list of content blocks ----------------------------------------------------
+
+_Verdict = tuple[str, Any, list[ContentFinding], str]
+
+
+def _verdict(content: Any, check: Callable[[str], ContentVerdict]) -> _Verdict | None:
+    """`(action, new content, findings, block message)`, or `None` when nothing was found.
+
+    For a list of content blocks every text block is checked; the most severe action wins.
+    """
+    if isinstance(content, str):
+        v = check(content)
+        if v.action == "allow":
+            return None
+        return v.action, v.text, list(v.findings), v.message or ""
+    if not isinstance(content, list):
+        return None
+    action, why = "allow", ""
+    findings: list[ContentFinding] = []
+    blocks: list[Any] = []
+    for block in content:
+        text = _block_text(block)
+        if text is None:
+            blocks.append(block)
+            continue
+        v = check(text)
+        findings.extend(v.findings)
+        if _SEVERITY[v.action] > _SEVERITY[action]:
+            action, why = v.action, v.message or why
+        blocks.append(v.text if isinstance(block, str) else {**block, "text": v.text})
+    if action == "allow":
+        return None
+    return action, blocks, findings, why
+
+
+def _block_text(block: Any) -> str | None:
+    if isinstance(block, str):
+        return block
+    if (
+        isinstance(block, dict)
+        and block.get("type") == "text"
+        and isinstance(block.get("text"), str)
+    ):
+        return str(block["text"])
+    return None
+
+
+def _refusal(findings: Sequence[ContentFinding]) -> str:
+    """Why an input was refused, in rule names only: the refused text is never repeated."""
+    rules = _rules(findings)
+    size = next((f for f in findings if f.rule == "max_chars"), None)
+    parts = [f"{size.end} characters, more than max_chars={size.start}"] if size else []
+    injections = [r for r in rules if r != "max_chars"]
+    if injections:
+        parts.append(f"it looks like a prompt injection: {', '.join(injections)}")
+    return "; ".join(parts)
+
+
+def _rules(findings: Sequence[ContentFinding]) -> list[str]:
+    return list(dict.fromkeys(f.rule for f in findings))
+
+
+def _note(
+    guard: Literal["input", "output"],
+    source: Literal["user", "tool", "answer"],
+    action: str,
+    findings: Sequence[ContentFinding],
+) -> GuardNote:
+    return {
+        "guard": guard,
+        "source": source,
+        "action": action,
+        "rules": _rules(findings),
+        "excerpts": list(dict.fromkeys(f.excerpt for f in findings))[:5],
+    }

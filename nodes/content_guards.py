@@ -1,0 +1,106 @@
+"""`input_guard` and `output_guard`: the content guards as nodes of the graph.
+
+- `input_guard` sits before the model at the start of a run: the user's new messages are
+  checked for size and prompt injection (`keel.guards.check_input`); a flagged or redacted
+  message is replaced in state with a note of what was found, and a blocked one ends the run
+  (`outcome.terminated_reason == "blocked"`, routed to `respond`). Tool results are checked
+  as they come in, by `execute_tools(input_guard=...)`, with the same decision.
+- `output_guard` sits before the end: the final answer, or the partial answer `respond`
+  wrote, is checked for PII and secrets (`keel.guards.check_output`) and replaced in state
+  by its redacted copy (or withheld, for `block`).
+
+What a guard found is kept in the message's `response_metadata["keel_guard"]`, which the audit
+log and the run record read. Both nodes work on their own in a hand-built `StateGraph`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage
+
+from keel import outcome
+from keel._node import RunnableCallable, make_node
+from keel.errors import UserError
+from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
+from keel.guards.screening import screen_answer, screen_inputs
+from keel.state import AgentState
+
+__all__ = ["input_guard", "output_guard", "route_after_input_guard"]
+
+
+def input_guard(
+    policy: InputGuardPolicy | None = None, *, name: str = "input_guard"
+) -> RunnableCallable:
+    """A node that checks the new user messages (and any unread tool results) before the model.
+
+    Route after it with `route_after_input_guard` (a block goes to `respond`).
+
+    Args:
+        policy: What to check and what to do (default `InputGuardPolicy()`: injections are
+            flagged, inputs over 50,000 characters blocked).
+        name: The node's name.
+    """
+    policy = _checked(policy, InputGuardPolicy, "input_guard")
+
+    def run(state: AgentState) -> dict[str, Any]:
+        screened = screen_inputs(state.get("messages") or [], policy)
+        update: dict[str, Any] = {}
+        if screened.messages:
+            update["messages"] = screened.messages
+        if screened.blocked is not None:
+            update["outcome"] = outcome.stopped("blocked", screened.blocked)
+        elif state.get("outcome") is not None:
+            update["outcome"] = None  # a new task: the last one's outcome no longer holds
+        return update
+
+    async def arun(state: AgentState) -> dict[str, Any]:
+        return run(state)
+
+    return make_node(name, run, arun)
+
+
+def route_after_input_guard(state: AgentState, *, next: str = "call_model") -> str:
+    """After `input_guard`: `respond` when it blocked the input, else `next`."""
+    result = state.get("outcome")
+    if result is not None and result["terminated_reason"] == "blocked":
+        return "respond"
+    return next
+
+
+def output_guard(
+    policy: OutputGuardPolicy | None = None, *, name: str = "output_guard"
+) -> RunnableCallable:
+    """A node that checks the last answer (final or partial) for PII and secrets.
+
+    Args:
+        policy: What to look for and what to do (default `OutputGuardPolicy()`: redact).
+        name: The node's name.
+    """
+    policy = _checked(policy, OutputGuardPolicy, "output_guard")
+
+    def run(state: AgentState) -> dict[str, Any]:
+        messages = state.get("messages") or []
+        last = messages[-1] if messages else None
+        if not isinstance(last, AIMessage) or last.tool_calls:
+            return {}
+        screened = screen_answer(last, policy)
+        if screened is None:
+            return {}
+        update: dict[str, Any] = {"messages": [screened]}
+        if screened.response_metadata["keel_guard"]["action"] == "block":
+            update["outcome"] = outcome.stopped("blocked", screened.text)
+        return update
+
+    async def arun(state: AgentState) -> dict[str, Any]:
+        return run(state)
+
+    return make_node(name, run, arun)
+
+
+def _checked(policy: Any, kind: type[Any], name: str) -> Any:
+    if policy is None:
+        return kind()
+    if not isinstance(policy, kind):
+        raise UserError(f"{name}(policy=...) must be a {kind.__name__}, got {policy!r}.")
+    return policy

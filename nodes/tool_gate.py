@@ -1,0 +1,127 @@
+"""`tool_gate`: the node that decides, before any tool runs, where the model's tool calls go.
+
+One decision per guard, in order: the loop guard (`detect_loop`: a loop ends the run as
+`loop_detected`), the run budget (`check_budget`: a spent budget ends it as `budget_exceeded`),
+and the permission gate (the policy's `PermissionMatrix`, with standing approvals) per call:
+
+- `allow` → `execute_tools`;
+- `ask` → `human_review` (the run pauses with `outcome.status == "interrupted"`);
+- `deny` → answered with a `ToolMessage` (`keel_status == "denied"`): here when every call is
+  denied (the model reads the answers and goes on), else by `execute_tools` with the same
+  gate, so results stay in call order.
+
+Route after it with `route_after_gate`. `execute_tools` applies the same gate again, so a call
+that reaches it some other way is still refused; checks that only admit or refuse inside a call
+(the tool-call limit per call, the breaker, the idempotency ledger) stay in `execute_tools`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.runtime import Runtime
+
+from keel import outcome
+from keel._node import RunnableCallable, context_of, make_node, policy_id
+from keel.guards.budget import check_budget
+from keel.guards.gate import Gate, approval_gate
+from keel.guards.loop import call_sequence, detect_loop
+from keel.guards.policy import Budget, LoopPolicy
+from keel.guards.standing import allowing
+from keel.nodes._once import tool_message
+from keel.nodes.history import pending_tool_calls
+from keel.state import AgentState, RunContext
+from keel.tools.registry import ToolRegistry
+
+__all__ = ["route_after_gate", "tool_gate"]
+
+
+def tool_gate(
+    tools: ToolRegistry,
+    *,
+    gate: Gate = approval_gate,
+    budget: Budget | None = None,
+    loop: LoopPolicy | None = None,
+    policy_version: str = "1",
+    policy_name: str | None = None,
+    name: str = "tool_gate",
+) -> RunnableCallable:
+    """A node that routes the last AI message's tool calls: run, ask a human, or refuse.
+
+    Args:
+        tools: The tools the agent may call (unknown tools and invalid arguments are left to
+            `execute_tools`, which answers them).
+        gate: Decides allow / ask / deny per call (e.g. `PermissionMatrix.from_policy(p)`).
+        budget: The run budget; when it is spent no call runs and the run ends.
+        loop: The loop guard; a loop ends the run as `loop_detected` (a `wrap_up` loop policy
+            is applied by `call_model`, which makes the wrap-up call).
+        policy_version: The policy version standing approvals are bound to.
+        policy_name: The policy name standing approvals are bound to.
+        name: The node's name.
+    """
+
+    def run(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        messages = state.get("messages") or []
+        index, calls = pending_tool_calls(messages)
+        if not calls:
+            return {}
+        last = messages[index]
+        assert isinstance(last, AIMessage)
+        if loop is not None and loop.on_loop == "stop":
+            looping = detect_loop(call_sequence(messages[:index], last), loop)
+            if looping is not None:
+                return {"outcome": outcome.stopped("loop_detected", looping)}
+        if budget is not None:
+            started = (state.get("clock") or {}).get("started_at")
+            usage = state.get("usage") or {}
+            verdict = check_budget(budget, usage, started_at=started, planned_tool_calls=1)
+            if verdict.exceeded is not None:
+                reason = verdict.exceeded
+                return {
+                    "messages": [
+                        tool_message(c, f"Not run: {reason}.", "budget_stopped") for c in calls
+                    ],
+                    "outcome": outcome.stopped("budget_exceeded", reason),
+                }
+        context = context_of(runtime)
+        policy = policy_id(context, policy_version, policy_name)
+        decide = allowing(gate, state.get("approvals") or {}, policy)
+        denied: list[ToolMessage] = []
+        asks: list[str] = []
+        for call in calls:
+            entry = tools.get(call["name"])
+            if entry is None or not isinstance(call.get("args"), dict):
+                continue  # execute_tools answers it (unknown tool, invalid arguments)
+            decision = decide(entry, call["args"], context)
+            if decision.action == "deny":
+                rule = f" (rule: {decision.rule})" if decision.rule else ""
+                denied.append(
+                    tool_message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
+                )
+            elif decision.action == "ask":
+                asks.append(entry.name)
+        # Answer here only when no call goes on: else execute_tools answers the denied calls
+        # too (the same gate), so every result stays in call order.
+        update: dict[str, Any] = {"messages": denied} if len(denied) == len(calls) else {}
+        if asks:
+            update["outcome"] = outcome.interrupted(f"awaiting approval for {', '.join(asks)}")
+        elif state.get("outcome") is not None:
+            update["outcome"] = None
+        return update
+
+    async def arun(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        return run(state, runtime)
+
+    return make_node(name, run, arun)
+
+
+def route_after_gate(state: AgentState) -> str:
+    """After `tool_gate`: `execute_tools`, `human_review`, `respond`, or back to `call_model`."""
+    result = state.get("outcome")
+    if result is not None and result["status"] == "interrupted":
+        return "human_review"
+    if result is not None and result["status"] in ("stopped", "error"):
+        return "respond"
+    _, calls = pending_tool_calls(state.get("messages") or [])
+    return "execute_tools" if calls else "call_model"
