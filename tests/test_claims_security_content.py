@@ -143,7 +143,7 @@ def test_an_injection_in_the_user_message_never_reaches_the_model(tmp_path: Path
     assert "[REMOVED: instruction_override]" in stored.text  # and not in the thread either
     content = [r for r in AuditLog(ledger).query() if r.kind == "content"]
     assert [(r.decision, r.status) for r in content] == [("redact", "user"), ("redact", "tool")]
-    assert content[0].rule == "instruction_override"
+    assert "instruction_override" in (content[0].rule or "").split(", ")
     (run,) = RunLog(ledger).query()
     assert run.guard_findings["input:instruction_override"] == 1  # the page's count as well
     ledger.close()
