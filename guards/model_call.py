@@ -41,6 +41,7 @@ from langgraph.types import RetryPolicy
 
 from keel import outcome
 from keel.db.ledger import Ledger
+from keel.db.runs import STORAGE_FAILED
 from keel.errors import KeelError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
 from keel.guards.budget import check_budget, usage_of
@@ -636,6 +637,6 @@ def _failed(exc: BaseException, attempts: int, tried: list[str]) -> Outcome:
 def _storage_failed(failed: _StorageFailed, when: str) -> Outcome:
     """How a run ends whose ledger failed around a model call (error category `storage`)."""
     return outcome.failed(
-        f"storage failed: the ledger raised {failed} {when}; no budget, breaker or rate "
+        f"{STORAGE_FAILED}: the ledger raised {failed} {when}; no budget, breaker or rate "
         "limit could be checked or recorded. Resume the thread once the database is back."
     )
