@@ -142,8 +142,19 @@ class ModelCallGuards:
         """The guards of `policy` (budgets, rate limits, breaker), kept in `ledger`.
 
         Raises:
-            UserError: the policy keeps state in the ledger and `ledger` is not a `Ledger`.
+            UserError: `policy` or `ledger` is of the wrong type, or the policy keeps state in
+                the ledger and there is no ledger.
         """
+        if policy is not None and not isinstance(policy, Policy):
+            raise UserError(
+                f"{caller}(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
+                f"'policy.toml')), got {type(policy).__name__}."
+            )
+        if ledger is not None and not isinstance(ledger, Ledger):
+            raise UserError(
+                f"{caller}(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
+                f"{type(ledger).__name__}."
+            )
         meter = guard = None
         if policy is not None and policy.ledger_features:
             if not isinstance(ledger, Ledger):

@@ -285,3 +285,33 @@ async def test_fifty_concurrent_runs_with_long_answers_never_overspend(
     assert spent_usd == pytest.approx(run_usd)  # the ledger saw every call, once
     assert spent_usd <= 1.00
     await ledger.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"policy": "strict"},
+            "build_supervisor(policy=...) must be a keel.guards.Policy (e.g. "
+            "Policy.from_file('policy.toml')), got str.",
+        ),
+        (
+            {"policy": Policy(rules=ALLOW), "ledger": "sqlite:///k.db"},
+            "build_supervisor(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got str.",
+        ),
+        (
+            {"policy": Policy(name="p", rules=ALLOW, period_budgets=(MONTHLY,))},
+            "Policy 'p@1' has period_budgets, which are kept in the ledger: pass "
+            "build_supervisor(..., ledger=keel.Ledger(url)) with the URL of your database.",
+        ),
+    ],
+)
+def test_a_supervisors_bad_policy_or_ledger_says_what_to_fix(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    from keel import UserError
+
+    agents = {"a": build_agent(ScriptedChatModel(script=["hi"]))}
+    with pytest.raises(UserError) as caught:
+        build_supervisor(agents, ScriptedChatModel(), **kwargs)
+    assert str(caught.value) == message
