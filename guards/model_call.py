@@ -262,6 +262,8 @@ class _Tried:
 
 Steps = Generator[_Op, Any, T]
 Messages = Sequence[BaseMessage | tuple[str, str]]
+Config = RunnableConfig | None
+Spent = Mapping[str, Any] | None
 
 
 class GuardedModel:
@@ -345,18 +347,16 @@ class GuardedModel:
         return self.chain[0].name
 
     def invoke(
-        self, messages: Messages, config: RunnableConfig | None, context: RunContext, **spent: Any
+        self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
-        """Call the model; `usage=` is what the run has spent so far (for the run budget)."""
-        asked = convert_to_messages(messages)
-        return _drive(self._call(asked, config, context, spent.get("usage")))
+        """Call the model; `usage` is what the run has spent so far (for the run budget)."""
+        return _drive(self._call(convert_to_messages(messages), config, context, usage))
 
     async def ainvoke(
-        self, messages: Messages, config: RunnableConfig | None, context: RunContext, **spent: Any
+        self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
         """Call the model (async); see `invoke`."""
-        asked = convert_to_messages(messages)
-        return await _adrive(self._call(asked, config, context, spent.get("usage")))
+        return await _adrive(self._call(convert_to_messages(messages), config, context, usage))
 
     def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
         if self.budget is None:
