@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,22 @@ def _broken_sqlite_ledger(tmp_path: Path) -> Ledger:
 async def _run(agent: Any, mode: str) -> Any:
     state = {"messages": [("user", "hi")]}
     if mode == "ainvoke":
-        return await agent.ainvoke(state, context=ALICE)
+        final = await agent.ainvoke(state, context=ALICE)
+        await _aiosqlite_stopped()
+        return final
     return agent.invoke(state, context=ALICE)
+
+
+async def _aiosqlite_stopped() -> None:
+    """Let aiosqlite's worker threads end while the event loop is open.
+
+    After a failed connect, aiosqlite stops its worker thread without awaiting it; a thread
+    that ends after the test's loop closed raises "Event loop is closed" in a later test.
+    """
+    for _ in range(500):
+        if not any("_connection_worker_thread" in t.name for t in threading.enumerate()):
+            return
+        await asyncio.sleep(0.01)
 
 
 def _assert_storage_failure(final: Any, model: ScriptedChatModel) -> None:
