@@ -83,24 +83,57 @@ async def test_a_failing_ledger_ends_the_run_as_a_storage_error(
     assert final["usage"].get("model_calls", 0) == 0
 
 
+def _breaking(tmp_path: Path) -> tuple[Ledger, Any]:
+    """A working ledger, and a function that breaks its database when called."""
+    path = tmp_path / "keel.db"
+
+    def break_it() -> None:
+        shutil.move(path, tmp_path / "moved.db")
+        path.mkdir()
+
+    return Ledger(f"sqlite:///{path}"), break_it
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_ledger_that_fails_while_the_model_answers_ends_the_run_as_storage(
+    tmp_path: Path, mode: str
+) -> None:
+    """The answer's cost cannot be settled: the run stops, and the call is still counted."""
+    ledger, break_it = _breaking(tmp_path)
+
+    def answer(messages: Any) -> str:
+        break_it()
+        return "Paris."
+
+    agent = build_agent(ScriptedChatModel(script=[answer]), policy=MONTHLY, ledger=ledger)
+    final = await _run(agent, mode)
+    assert final["outcome"]["detail"].startswith(
+        "storage failed: the ledger raised OperationalError: unable to open database file after "
+        "the model answered"
+    )
+    assert error_category(final["outcome"]) == "storage"
+    assert final["usage"]["model_calls"] == 1  # the provider was paid: the run counts it
+
+
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 async def test_a_failing_ledger_stops_the_judge_as_a_storage_error(
     tmp_path: Path, mode: str
 ) -> None:
-    """The ledger dies between the agent's answer and the judge's call."""
-    path = tmp_path / "keel.db"
-    ledger = Ledger(f"sqlite:///{path}")
+    """The ledger dies after the agent's answer, before the judge's call is reserved."""
+    ledger, break_it = _breaking(tmp_path)
 
-    def answer_then_break(messages: Any) -> str:
-        shutil.move(path, tmp_path / "moved.db")
-        path.mkdir()
-        return "Paris."
+    def rule(answer: str, state: Any) -> None:
+        break_it()  # the rules pass; the judge is asked next
 
     judge = ScriptedChatModel(
         model_name="judge", structured={"JudgeVerdict": {"passed": True, "reason": "ok"}}
     )
     agent = build_agent(
-        ScriptedChatModel(script=[answer_then_break]), judge=judge, policy=MONTHLY, ledger=ledger
+        ScriptedChatModel(script=["Paris."]),
+        checks=[rule],
+        judge=judge,
+        policy=MONTHLY,
+        ledger=ledger,
     )
     final = await _run(agent, mode)
     _assert_storage_failure(final, judge)
