@@ -63,15 +63,27 @@ class ScriptedChatModel(BaseChatModel):
     """Seconds each call takes (`asyncio.sleep` in async calls)."""
     model_name: str = "scripted"
     """The name the price table prices this model by."""
+    bill_tool_schemas: bool = False
+    """Count the bound tools' JSON schemas as input tokens, as providers bill them."""
+    max_tokens: int | None = None
+    """The most output tokens an answer may have, honoured as a provider does: a longer answer
+    is cut to fit, reports at most this many output tokens and `finish_reason="length"`. A
+    `max_tokens=` call argument (`model.bind(max_tokens=...)`) does the same."""
     keel_test_double: bool = True
     """Marks this model as allowed while real model requests are forbidden."""
 
     _calls: list[list[BaseMessage]] = PrivateAttr(default_factory=list)
+    _answers: list[AIMessage] = PrivateAttr(default_factory=list)
 
     @property
     def calls(self) -> list[list[BaseMessage]]:
         """The messages of every call so far, in order."""
         return self._calls
+
+    @property
+    def answers(self) -> list[AIMessage]:
+        """The answer of every call so far, in order (with the usage it reported)."""
+        return self._answers
 
     @property
     def _llm_type(self) -> str:
@@ -91,10 +103,16 @@ class ScriptedChatModel(BaseChatModel):
     # -- the one decision both drivers share ----------------------------------------------
 
     def _respond(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
+        limits = [n for n in (self.max_tokens, kwargs.get("max_tokens")) if n is not None]
+        answer = _capped(self._answer(messages, **kwargs), min(limits) if limits else None)
+        self._answers.append(answer)
+        return answer
+
+    def _answer(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
         self._calls.append(list(messages))
         structured = self._structured_answer(messages, kwargs)
         if structured is not None:
-            return self._with_usage(structured, messages)
+            return self._with_usage(structured, messages, kwargs)
         turn = sum(isinstance(m, AIMessage) for m in messages)
         if turn >= len(self.script):
             raise ScriptExhausted(
@@ -110,7 +128,7 @@ class ScriptedChatModel(BaseChatModel):
                 {**tc, "id": tc.get("id") or f"call_{turn}_{i}"}
                 for i, tc in enumerate(message.tool_calls)
             ]
-        return self._with_usage(message, messages)
+        return self._with_usage(message, messages, kwargs)
 
     def _structured_answer(
         self, messages: list[BaseMessage], kwargs: Mapping[str, Any]
@@ -131,9 +149,13 @@ class ScriptedChatModel(BaseChatModel):
             content="", tool_calls=[ToolCall(name=name, args=dict(args), id=f"structured_{turn}")]
         )
 
-    def _with_usage(self, message: AIMessage, messages: list[BaseMessage]) -> AIMessage:
+    def _with_usage(
+        self, message: AIMessage, messages: list[BaseMessage], kwargs: Mapping[str, Any]
+    ) -> AIMessage:
         if message.usage_metadata is None:
             tokens_in = sum(len(str(m.content)) for m in messages) // 4 + 3 * len(messages)
+            if self.bill_tool_schemas and kwargs.get("tools"):
+                tokens_in += len(_json(kwargs["tools"])) // 4
             tokens_out = len(str(message.content)) // 4 + 20 * len(message.tool_calls) + 1
             message.usage_metadata = UsageMetadata(
                 input_tokens=tokens_in,
@@ -203,6 +225,22 @@ class ScriptedChatModel(BaseChatModel):
                 chunk_position="last",
             )
         )
+
+
+def _capped(message: AIMessage, limit: int | None) -> AIMessage:
+    """`message` cut to `limit` output tokens (about 4 characters a token), as a provider does."""
+    meta = message.usage_metadata
+    if limit is None or meta is None or meta["output_tokens"] <= limit:
+        return message
+    if isinstance(message.content, str):
+        message.content = message.content[: max(0, limit - 1) * 4]
+    message.usage_metadata = UsageMetadata(
+        input_tokens=meta["input_tokens"],
+        output_tokens=limit,
+        total_tokens=meta["input_tokens"] + limit,
+    )
+    message.response_metadata = {**message.response_metadata, "finish_reason": "length"}
+    return message
 
 
 def _json(value: Any) -> str:

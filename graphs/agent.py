@@ -14,6 +14,7 @@ checks run inside the nodes they guard, and routing is by conditional edges.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -29,10 +30,10 @@ from langgraph.types import RetryPolicy
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.model_call import ModelCallGuards, ModelTimeoutPolicy
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
-from keel.guards.resilience import ModelGuard, ToolGuard
-from keel.guards.spend import SpendMeter
+from keel.guards.resilience import ToolGuard
 from keel.guards.standing import StandingStore
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
@@ -112,9 +113,14 @@ def route_after_tools(
 
 
 def route_after_plan(state: AgentState, *, steps: int = 2) -> str:
-    """After `plan`: to the model, or to `respond` when the step limit leaves no room."""
+    """After `plan`: to the model, or to `respond` (no room left, or the planner stopped).
+
+    The planner stops the run when a budget refuses its call or the ledger fails.
+    """
     remaining = state.get("remaining_steps")
-    return "respond" if remaining is not None and remaining <= steps else "call_model"
+    result = state.get("outcome")
+    stopped = result is not None and result["status"] in ("stopped", "error")
+    return "respond" if stopped or (remaining is not None and remaining <= steps) else "call_model"
 
 
 def route_after_review(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> str:
@@ -152,6 +158,7 @@ def build_agent(
     before_model: Sequence[BeforeModel] = (),
     prices: PriceTable | None = None,
     model_retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+    model_timeout: float | timedelta | ModelTimeoutPolicy | None = None,
     policy_version: str = "1",
     checkpointer: BaseCheckpointSaver[Any] | bool | None = None,
     store: BaseStore | None = None,
@@ -198,6 +205,9 @@ def build_agent(
         before_model: Checks run inside `call_model` before each model call.
         prices: The price table for USD accounting.
         model_retry: LangGraph `RetryPolicy` for transient model errors.
+        model_timeout: A deadline for each attempt of every model call, in seconds or a
+            `ModelTimeoutPolicy` (`fallback=True` moves to the next of `fallback_models` on
+            a timeout). Without it keel waits as long as the provider's client does.
         policy_version: Bound into approval digests.
         checkpointer: A LangGraph checkpointer (see `keel.Persistence`); needed for approvals.
         store: A LangGraph store for long-term memory (e.g. `keel.memory.ChromaStore`); under
@@ -257,19 +267,15 @@ def build_agent(
         )
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
-    budget = policy.budget if policy is not None else None
-    meter = model_guard = tool_guard = None
-    if policy is not None and policy.ledger_features:
-        if not isinstance(ledger, Ledger):
-            raise UserError(
-                f"Policy {policy.identity!r} has {', '.join(policy.ledger_features)}, which are "
-                "kept in the ledger: pass build_agent(..., ledger=keel.Ledger(url)) with the URL "
-                "of your database."
-            )
-        if policy.period_budgets:
-            meter = SpendMeter(ledger, policy.period_budgets, prices)
-        model_guard = ModelGuard.from_policy(policy, ledger)
-        tool_guard = ToolGuard.from_policy(policy, ledger)
+    # every model call (agent, planner, judge) is reserved, limited, counted and falls back
+    guards = ModelCallGuards.from_policy(
+        policy, ledger, prices=prices, retry=model_retry, timeout=model_timeout
+    )
+    tool_guard = (
+        ToolGuard.from_policy(policy, ledger)
+        if policy is not None and isinstance(ledger, Ledger)
+        else None
+    )
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
@@ -305,16 +311,17 @@ def build_agent(
                 before_model=before_model,
                 gate=None,  # tool_gate decides
                 retry=model_retry,
-                budget=budget,
+                budget=guards.budget,
                 loop=loop if loop is not None and loop.on_loop == "wrap_up" else None,
-                meter=meter,
-                guard=model_guard,
+                meter=guards.meter,
+                guard=guards.guard,
                 fallbacks=fallback_models,
                 downgrade=downgrade_model,
                 reserve_steps=reserve,
                 policy_version=policy_version,
                 policy_name=policy_name,
                 standing=standing,
+                timeout=guards.timeout,
             ),
             budget_records,
         ),
@@ -325,7 +332,7 @@ def build_agent(
             tool_gate(
                 registry,
                 gate=gate,
-                budget=budget,
+                budget=guards.budget,
                 loop=loop,
                 policy_version=policy_version,
                 policy_name=policy_name,
@@ -341,7 +348,7 @@ def build_agent(
                 gate=gate,
                 policy_version=policy_version,
                 policy_name=policy_name,
-                budget=budget,
+                budget=guards.budget,
                 tool_guard=tool_guard,
                 ledger=ledger,
                 input_guard=inputs,
@@ -390,7 +397,7 @@ def build_agent(
     after_model = ["tool_gate", "human_review", "respond", finish]
     after_tools = ["call_model", "respond", "human_review"]
     if plan:
-        graph.add_node("plan", plan_node(model, prices=prices))
+        graph.add_node("plan", plan_node(model, fallbacks=fallback_models, guards=guards))
         graph.add_conditional_edges(
             "plan",
             recorded(lambda s: route_after_plan(s, steps=reserve - 1), observer, "plan"),
@@ -400,7 +407,13 @@ def build_agent(
     if verify:
         graph.add_node(
             "verify",
-            verify_node(checks=checks, judge=judge, max_revisions=max_revisions, escalate=escalate),
+            verify_node(
+                checks=checks,
+                judge=judge,
+                max_revisions=max_revisions,
+                escalate=escalate,
+                guards=guards,
+            ),
         )
         graph.add_conditional_edges(
             "verify",

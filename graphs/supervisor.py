@@ -20,7 +20,8 @@ as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
@@ -30,14 +31,25 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
+from langgraph.types import RetryPolicy
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import make_node
+from keel._node import context_of, make_node
+from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.agent import Agent
-from keel.models import resolve_model
+from keel.guards.model_call import (
+    DEFAULT_MODEL_RETRY,
+    GuardedModel,
+    ModelAnswer,
+    ModelCallGuards,
+    ModelTimeoutPolicy,
+)
+from keel.guards.policy import Policy
+from keel.pricing import PriceTable
 from keel.state import AgentState, RunContext, Usage
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
@@ -63,7 +75,6 @@ class SupervisorState(AgentState, total=False):
 Supervisor = CompiledStateGraph[SupervisorState, RunContext, SupervisorState, SupervisorState]
 
 Router = Callable[[Sequence[BaseMessage]], Route]
-ARouter = Callable[[Sequence[BaseMessage]], Awaitable[Route]]
 
 
 def build_supervisor(
@@ -73,6 +84,11 @@ def build_supervisor(
     descriptions: Mapping[str, str] | None = None,
     system_prompt: str | None = None,
     max_handoffs: int = 4,
+    policy: Policy | None = None,
+    ledger: Ledger | None = None,
+    prices: PriceTable | None = None,
+    model_retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+    model_timeout: float | timedelta | ModelTimeoutPolicy | None = None,
     checkpointer: BaseCheckpointSaver[Any] | None = None,
     store: BaseStore | None = None,
     name: str = "keel_supervisor",
@@ -88,6 +104,13 @@ def build_supervisor(
         system_prompt: Extra routing instructions.
         max_handoffs: Hand-offs allowed per task; then the run stops as `budget_exceeded`.
             A router that fails (or picks an unknown agent) ends the run as `error`.
+        policy: Holds the routing model's calls to the policy's run budget (over the
+            supervisor's usage, which includes its agents'), period budgets, rate limits and
+            model breaker; the agents keep their own policies.
+        ledger: keel's ledger, needed by a policy with period budgets, rate limits or breakers.
+        prices: The price table for the router's USD accounting.
+        model_retry: Retries of a failed routing call.
+        model_timeout: A deadline for each attempt of a routing call.
         checkpointer: A LangGraph checkpointer; needed for the agents' approvals.
         store: A LangGraph store, passed on to the agents.
         name: The graph's name.
@@ -107,9 +130,21 @@ def build_supervisor(
         ```
     """
     _validate(agents, router, max_handoffs)
-    decide, adecide = _router(router, agents, descriptions or {}, system_prompt)
+    if callable(router) and not isinstance(router, BaseChatModel):
+        ask: Router | GuardedModel = router
+    else:
+        guards = ModelCallGuards.from_policy(
+            policy,
+            ledger,
+            prices=prices,
+            retry=model_retry,
+            timeout=model_timeout,
+            caller="build_supervisor",
+        )
+        ask = GuardedModel([router], schema=Route, guards=guards)
+    prompt = _prompt(agents, descriptions or {}, system_prompt)
     graph = StateGraph(SupervisorState, context_schema=RunContext)
-    graph.add_node("route", _route_node(decide, adecide, max_handoffs))
+    graph.add_node("route", _route_node(ask, prompt, agents, max_handoffs))
     for agent_name, agent in agents.items():
         graph.add_node(agent_name, _agent_node(agent_name, agent))
         graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
@@ -130,29 +165,58 @@ def route_after_agent(state: SupervisorState) -> str:
     return "route" if result is not None and result["status"] == "success" else END
 
 
-def _route_node(decide: Router, adecide: ARouter, max_handoffs: int) -> Any:
-    def route(state: SupervisorState) -> dict[str, Any]:
-        try:
-            decision = decide(state.get("messages") or [])
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            return _router_failed(exc)
-        return _after_decision(decision, state, max_handoffs)
+def _route_node(
+    ask: Router | GuardedModel, prompt: str, agents: Mapping[str, Agent], max_handoffs: int
+) -> Any:
+    def decided(state: SupervisorState, got: ModelAnswer | Route) -> dict[str, Any]:
+        if isinstance(got, Route):
+            return _after_decision(_check(got, agents), state, max_handoffs)
+        update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
+        if got.stop is not None:
+            if got.error is not None:
+                return {**update, **_router_failed(got.error)}
+            return {**update, "route": None, "outcome": got.stop}
+        parsed = got.output.get("parsed")
+        if not isinstance(parsed, Route):
+            error = got.output.get("parsing_error") or ValueError("the router gave no route")
+            return {**update, **_router_failed(error)}
+        return {**update, **_after_decision(_check(parsed, agents), state, max_handoffs)}
 
-    async def aroute(state: SupervisorState) -> dict[str, Any]:
+    def route(
+        state: SupervisorState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        messages = state.get("messages") or []
         try:
-            decision = await adecide(state.get("messages") or [])
+            if isinstance(ask, GuardedModel):
+                asked = [SystemMessage(prompt), *messages]
+                usage = state.get("usage")
+                got = ask.invoke(asked, config, context_of(runtime), usage=usage)
+                return decided(state, got)
+            return decided(state, ask(messages))
         except GraphBubbleUp:
             raise
         except Exception as exc:
             return _router_failed(exc)
-        return _after_decision(decision, state, max_handoffs)
+
+    async def aroute(
+        state: SupervisorState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        if not isinstance(ask, GuardedModel):
+            return route(state, config, runtime)
+        asked = [SystemMessage(prompt), *(state.get("messages") or [])]
+        usage = state.get("usage")
+        try:
+            got = await ask.ainvoke(asked, config, context_of(runtime), usage=usage)
+            return decided(state, got)
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            return _router_failed(exc)
 
     return make_node("route", route, aroute)
 
 
-def _router_failed(exc: Exception) -> dict[str, Any]:
+def _router_failed(exc: BaseException) -> dict[str, Any]:
     """A router that fails ends the run with an outcome, not an exception."""
     detail = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     return {"route": None, "outcome": outcome.failed(f"the supervisor's router failed: {detail}")}
@@ -221,41 +285,15 @@ def _last_user_text(messages: Sequence[BaseMessage]) -> str:
     return ""
 
 
-def _router(
-    router: str | BaseChatModel | Router,
-    agents: Mapping[str, Agent],
-    descriptions: Mapping[str, str],
-    system_prompt: str | None,
-) -> tuple[Router, ARouter]:
-    """The routing decision as a sync and an async function, both checked against `agents`."""
-    if callable(router) and not isinstance(router, BaseChatModel):
-        decide = router
-
-        def ask(messages: Sequence[BaseMessage]) -> Route:
-            return _check(decide(messages), agents)
-
-        async def aask(messages: Sequence[BaseMessage]) -> Route:
-            return _check(decide(messages), agents)
-
-        return ask, aask
-    chat = resolve_model(router).with_structured_output(Route)
+def _prompt(
+    agents: Mapping[str, Agent], descriptions: Mapping[str, str], system_prompt: str | None
+) -> str:
     lines = [f"- {n}: {descriptions[n]}" if descriptions.get(n) else f"- {n}" for n in agents]
     prompt = (
         "You are a supervisor. Hand the user's task, or its next part, to one of these agents, "
         f"and answer {FINISH} when their answers cover it:\n" + "\n".join(lines)
     )
-    if system_prompt:
-        prompt += "\n\n" + system_prompt
-
-    def model_ask(messages: Sequence[BaseMessage]) -> Route:
-        answer = chat.invoke([SystemMessage(prompt), *messages])
-        return _check(Route.model_validate(answer), agents)
-
-    async def model_aask(messages: Sequence[BaseMessage]) -> Route:
-        answer = await chat.ainvoke([SystemMessage(prompt), *messages])
-        return _check(Route.model_validate(answer), agents)
-
-    return model_ask, model_aask
+    return prompt + "\n\n" + system_prompt if system_prompt else prompt
 
 
 def _check(decision: Route, agents: Mapping[str, Agent]) -> Route:

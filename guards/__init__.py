@@ -20,6 +20,10 @@
   shared across processes through the ledger.
 - `BreakerPolicy`, `CircuitBreaker` → `CircuitOpen`, `BreakerTransition`: circuit breakers per
   model and per tool, shared through the ledger.
+- `GuardedModel` (with `ModelCallGuards`, `ModelTimeoutPolicy` → `ModelAnswer`): the one path
+  every model call keel makes goes through (agent turns, plans, the judge, the router): run
+  budget, period budget reservation with the answer capped at its reserve, breaker and rate
+  limits, a per-attempt deadline, usage accounting, retries and fallbacks.
 - `ModelGuard`, `ToolGuard`: a policy's rate limits and breakers around one model or tool call
   (what `build_agent(policy=..., ledger=..., fallback_models=[...])` runs inside its nodes);
   `after_failure`: the fallback decision by error type. `build_agent(downgrade_model=...)`
@@ -60,6 +64,7 @@ from keel.guards.middleware import (
     RateLimitMiddleware,
     outcome_of,
 )
+from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards, ModelTimeoutPolicy
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
@@ -91,6 +96,10 @@ __all__ = [
     "ModelDetector",
     "ModelGuard",
     "OutputGuardMiddleware",
+    "GuardedModel",
+    "ModelAnswer",
+    "ModelCallGuards",
+    "ModelTimeoutPolicy",
     "OutputGuardPolicy",
     "PeriodBudget",
     "PermissionMatrix",

@@ -9,8 +9,11 @@ async drivers in `keel.nodes.call_model` (and the LangChain middleware):
 | a provider outage (5xx, connection error) | retry with backoff; then the next model |
 | `CircuitOpen`, or a failure that opened the breaker | the next model at once |
 | `RateLimited` (keel's own RPM / TPM wait ran out) | the next model at once |
-| `TimeoutError` | retry; then stop, and the run ends as `timeout` |
+| `TimeoutError` | retry; then stop, and the run ends as `timeout` (or the next model at once) |
 | anything else (a 4xx, a bug) | stop, and the run ends as `error` |
+
+A timeout moves to the next model at once only with `fallback_on_timeout`
+(`ModelTimeoutPolicy(fallback=True)`).
 """
 
 from __future__ import annotations
@@ -48,13 +51,18 @@ def after_failure(
     *,
     has_fallback: bool,
     tripped: bool = False,
+    fallback_on_timeout: bool = False,
 ) -> Step:
     """The next step after attempt number `attempt` (from 1) of one model failed with `exc`.
 
     `tripped`: this failure opened the model's breaker, so a retry would be refused.
+    `fallback_on_timeout`: a timed-out model is left for the next one at once (a slow model is
+    usually slow again), instead of being retried.
     """
     if tripped or isinstance(exc, CircuitOpen | RateLimited):
         return "fallback" if has_fallback else "stop"
+    if fallback_on_timeout and has_fallback and isinstance(exc, TimeoutError):
+        return "fallback"
     if attempt < retry.max_attempts and should_retry(retry, exc):
         return Retry(backoff(retry, attempt, exc))
     if isinstance(exc, TimeoutError) or not has_fallback:

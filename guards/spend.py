@@ -1,30 +1,34 @@
 """Per-user and per-tenant budgets per period (day / calendar month), kept in the ledger.
 
-Before each model call keel *reserves* an estimate (the messages' tokens plus a reserve for the
-answer, priced by the price table) against every period budget of the run's user and tenant, in
-one transaction that locks the budget rows; after the call it *settles*: the reservation is
-replaced by what the call really cost (`usage_metadata`). So concurrent runs of one user can
-never spend more than the budget plus the estimates in flight, whatever the interleaving. A
-process that dies between the two leaves a reservation that expires after `reservation_ttl`.
+Before each model call keel *reserves* an estimate (the messages' tokens and the bound tools'
+schemas, plus a reserve for the answer, priced by the price table) against every period budget
+of the run's user and tenant, in one transaction that locks the budget rows; after the call it
+*settles*: the reservation is replaced by what the call really cost (`usage_metadata`). The
+answer is capped at the reserve (`keel.guards.model_call.capped`), so a call cannot cost more
+than it reserved, and concurrent runs of one user never spend more than the budget, whatever
+the interleaving. A process that dies between the two leaves a reservation that expires after
+`reservation_ttl`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.pricing import PriceTable
 from keel.state import RunContext
 
-__all__ = ["PeriodBudget", "Reservation", "SpendMeter", "estimate_tokens"]
+__all__ = ["PeriodBudget", "Reservation", "SpendMeter", "estimate_schema_tokens", "estimate_tokens"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,7 +44,8 @@ class PeriodBudget:
     tokens: int | None = None
     """Tokens (input + output) per period; `None` disables it."""
     reserve_output_tokens: int = 1024
-    """Output tokens reserved for each call's answer until its real usage is known."""
+    """Output tokens reserved for each call's answer until its real usage is known. It is also
+    the most each answer may be long: keel caps the model's output at it (`max_tokens`)."""
     reservation_ttl: float = 900.0
     """Seconds a reservation holds if its run never settles it (the process died)."""
 
@@ -95,6 +100,17 @@ def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
             len(str(tc.get("args"))) + len(tc["name"]) for tc in getattr(m, "tool_calls", [])
         )
     return chars // 4 + 4 * len(messages) + 16
+
+
+def estimate_schema_tokens(schemas: Sequence[Any]) -> int:
+    """A generous estimate of the tokens bound tools or a structured-output schema add.
+
+    Providers send each tool's JSON schema with every request and bill it as input.
+    """
+    if not schemas:
+        return 0
+    text = json.dumps([convert_to_openai_tool(s) for s in schemas], default=str)
+    return len(text) // 4 + 8 * len(schemas)
 
 
 def reserve_flow(
@@ -183,25 +199,41 @@ class SpendMeter:
         self.ledger = ledger
         self.budgets = tuple(budgets)
         self.prices = prices or PriceTable()
-        self._reserve_out = max(b.reserve_output_tokens for b in self.budgets)
+        self.output_reserve = max(b.reserve_output_tokens for b in self.budgets)
+        """Output tokens reserved per call, and the cap on each answer (`max_tokens`)."""
 
-    def _estimate(self, messages: Sequence[BaseMessage], model_name: str) -> tuple[float, int]:
-        tokens_in = estimate_tokens(messages)
-        usage = {"input_tokens": tokens_in, "output_tokens": self._reserve_out}
-        return self.prices.cost(model_name, usage), tokens_in + self._reserve_out
+    def _estimate(
+        self, messages: Sequence[BaseMessage], model_name: str, schema_tokens: int = 0
+    ) -> tuple[float, int]:
+        tokens_in = estimate_tokens(messages) + schema_tokens
+        usage = {"input_tokens": tokens_in, "output_tokens": self.output_reserve}
+        return self.prices.cost(model_name, usage), tokens_in + self.output_reserve
 
     def reserve(
-        self, messages: Sequence[BaseMessage], context: RunContext, model_name: str
+        self,
+        messages: Sequence[BaseMessage],
+        context: RunContext,
+        model_name: str,
+        *,
+        schema_tokens: int = 0,
     ) -> Reservation | str:
-        """Reserve the call's estimate, or say why it may not run."""
-        usd, tokens = self._estimate(messages, model_name)
+        """Reserve the call's estimate, or say why it may not run.
+
+        `schema_tokens`: what the bound tools' schemas add (`estimate_schema_tokens`).
+        """
+        usd, tokens = self._estimate(messages, model_name, schema_tokens)
         return self.ledger.run(reserve_flow(self.budgets, context, usd, tokens, time.time()))
 
     async def areserve(
-        self, messages: Sequence[BaseMessage], context: RunContext, model_name: str
+        self,
+        messages: Sequence[BaseMessage],
+        context: RunContext,
+        model_name: str,
+        *,
+        schema_tokens: int = 0,
     ) -> Reservation | str:
-        """Reserve the call's estimate, or say why it may not run (async)."""
-        usd, tokens = self._estimate(messages, model_name)
+        """Reserve the call's estimate, or say why it may not run (async); see `reserve`."""
+        usd, tokens = self._estimate(messages, model_name, schema_tokens)
         flow = reserve_flow(self.budgets, context, usd, tokens, time.time())
         return await self.ledger.arun(flow)
 

@@ -7,13 +7,13 @@ outcome instead of an exception.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -21,24 +21,26 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
-from langchain_core.runnables import Runnable, RunnableConfig
-from langgraph.errors import GraphBubbleUp
+from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.types import RetryPolicy
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, policy_id
-from keel.errors import KeelError
-from keel.guards.breaker import BreakerTransition
-from keel.guards.budget import check_budget, usage_of
-from keel.guards.fallback import Retry, after_failure
+from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
+from keel.guards.model_call import (
+    DEFAULT_MODEL_RETRY,
+    GuardedModel,
+    ModelAnswer,
+    ModelCallGuards,
+    ModelTimeoutPolicy,
+)
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.resilience import ModelGuard
-from keel.guards.spend import SpendMeter, estimate_tokens
+from keel.guards.spend import SpendMeter
 from keel.guards.standing import StandingStore, allowing
-from keel.models import model_name_of, resolve_model
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.pricing import PriceTable
@@ -46,14 +48,20 @@ from keel.redact import sanitized_logger
 from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
 from keel.tools.registry import ToolRegistry
 
-__all__ = ["BeforeModel", "call_model"]
+__all__ = ["DEFAULT_MODEL_RETRY", "BeforeModel", "call_model"]
 
 log = sanitized_logger("keel.nodes.call_model")
 
 BeforeModel = Callable[[AgentState, RunContext], Outcome | None]
 """A check run before every model call: `None` lets the call happen, an `Outcome` stops the run."""
 
-DEFAULT_MODEL_RETRY = RetryPolicy(initial_interval=0.5, max_interval=8.0, max_attempts=3)
+
+@dataclass(frozen=True, slots=True)
+class _Models:
+    """The guarded model chain of a turn: with the tools bound, and without (a wrap-up turn)."""
+
+    bound: GuardedModel
+    plain: GuardedModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,57 +71,8 @@ class _Turn:
     messages: list[BaseMessage] | None
     stop: Outcome | None
     extra: dict[str, Any] = field(default_factory=dict)
-    chain: tuple[_Model, ...] = ()
-    """The models to try, in order (the cheaper chain near the budget limit)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Model:
-    """One model of the fallback chain: its name, with tools bound, and without."""
-
-    name: str
-    bound: Runnable[LanguageModelInput, BaseMessage]
-    plain: BaseChatModel
-
-
-def _chain(models: Sequence[str | BaseChatModel], registry: ToolRegistry) -> tuple[_Model, ...]:
-    out = []
-    for model in models:
-        chat = resolve_model(model)
-        bound = chat.bind_tools(registry.tools) if len(registry) else chat
-        out.append(_Model(model_name_of(chat), bound, chat))
-    return tuple(out)
-
-
-@dataclass(slots=True)
-class _Attempts:
-    """One model turn's attempts along the fallback chain: the decisions both drivers share."""
-
-    chain: tuple[_Model, ...]
-    retry: RetryPolicy
-    index: int = 0
-    attempt: int = 1
-    tripped: bool = False
-    """The last failure opened the model's circuit breaker (retrying it would be refused)."""
-
-    @property
-    def model(self) -> _Model:
-        return self.chain[self.index]
-
-    def failed(self, exc: BaseException) -> float | dict[str, Any]:
-        """Seconds to wait before the next attempt (on `self.model`), or the final update."""
-        more = self.index + 1 < len(self.chain)
-        step = after_failure(exc, self.attempt, self.retry, has_fallback=more, tripped=self.tripped)
-        self.tripped = False
-        if isinstance(step, Retry):
-            self.attempt += 1
-            return step.seconds
-        if step == "fallback":
-            log.warning("model %s failed (%r); falling back", self.model.name, exc)
-            self.index, self.attempt = self.index + 1, 1
-            return 0.0
-        tried = self.chain[: self.index + 1]
-        return _failed(exc, self.attempt, [m.name for m in tried] if len(tried) > 1 else [])
+    models: _Models | None = None
+    """The models to ask (the cheaper chain near the budget limit)."""
 
 
 def call_model(
@@ -135,6 +94,7 @@ def call_model(
     policy_version: str = "1",
     policy_name: str | None = None,
     standing: StandingStore | None = None,
+    timeout: float | timedelta | ModelTimeoutPolicy | None = None,
     name: str = "call_model",
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
@@ -152,7 +112,8 @@ def call_model(
         budget: Run budget checked before each call (stop, or a soft-threshold warning).
         loop: The loop guard applied to each answer's tool calls.
         meter: Reserves each call's estimate against per-user / per-tenant period budgets
-            before the call and settles the real cost after it.
+            before the call and settles the real cost after it; each answer is capped at
+            the reserve.
         guard: The rate limits and per-model breaker checked around each call, inside this
             node (`ModelGuard.from_policy(policy, ledger)`).
         fallbacks: Models to try in order when the model is down (5xx, connection errors,
@@ -165,13 +126,30 @@ def call_model(
         policy_name: The policy name standing approvals are bound to.
         standing: Where user-scoped standing approvals are kept; loaded into the thread at
             the start of each task.
+        timeout: A deadline for each attempt of a model call (`ModelTimeoutPolicy`).
         name: The node's name.
+
+    Every call goes through a `keel.guards.GuardedModel`: period budget reservation, breaker
+    and rate limits, deadline, usage accounting and fallbacks.
     """
     registry = tools or ToolRegistry()
-    chain = _chain([model, *fallbacks], registry)
-    cheaper = _chain([downgrade, *fallbacks], registry) if downgrade is not None else None
     table = prices or PriceTable()
-    default_name = chain[0].name
+
+    guards = ModelCallGuards(
+        prices=table,
+        meter=meter,
+        guard=guard,
+        retry=retry,
+        timeout=ModelTimeoutPolicy.coerce(timeout),
+    )
+
+    def models(first: str | BaseChatModel) -> _Models:
+        chain = [first, *fallbacks]
+        bound = GuardedModel(chain, tools=registry.tools, guards=guards, steps=True)
+        return _Models(bound, GuardedModel(chain, guards=guards, steps=True))
+
+    chain = models(model)
+    cheaper = models(downgrade) if downgrade is not None else None
     checks = tuple(before_model)
 
     def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
@@ -192,7 +170,7 @@ def call_model(
             warnings = list(verdict.warnings)
             if cheaper is not None and warnings:
                 models = cheaper
-                warnings.append(f"model downgraded to {cheaper[0].name} near the budget limit")
+                warnings.append(f"model downgraded to {cheaper.bound.name} near the budget limit")
             if warnings != (state.get("budget_warnings") or []):
                 extra["budget_warnings"] = warnings
         context = context_of(runtime)
@@ -206,12 +184,11 @@ def call_model(
         return _Turn(valid_history(history), None, extra, models)
 
     def finish(
-        response: BaseMessage, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
+        got: ModelAnswer, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
     ) -> dict[str, Any] | str:
-        """The state update for `response`, or the loop's reason when a wrap-up turn is due."""
-        if not isinstance(response, AIMessage):
-            raise KeelError(f"The model returned {type(response).__name__}, not an AIMessage.")
-        usage = usage_of(response, table, default_name)
+        """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
+        response, usage = got.message, got.usage
+        assert response is not None
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
@@ -249,127 +226,48 @@ def call_model(
         return update
 
     def wrapped_up(
-        first: BaseMessage, final: BaseMessage, reason: str, turn: _Turn
+        first: ModelAnswer, final: ModelAnswer, reason: str, turn: _Turn
     ) -> dict[str, Any]:
         """The update after a loop's wrap-up turn: only the tool-free answer is kept."""
-        assert isinstance(first, AIMessage)
-        if not isinstance(final, AIMessage):
-            raise KeelError(f"The model returned {type(final).__name__}, not an AIMessage.")
-        usage = add_usage(
-            usage_of(first, table, default_name), usage_of(final, table, default_name)
-        )
+        usage = add_usage(first.usage, final.usage)
+        if final.stop is not None:
+            return {**turn.extra, "usage": usage, "outcome": final.stop}
         return {
             **turn.extra,
-            "messages": [final],
+            "messages": [final.message],
             "usage": usage,
             "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
         }
 
-    def guarded_sync(
-        at: _Attempts,
-        tools: bool,
-        messages: list[BaseMessage],
-        config: RunnableConfig,
-        ctx: RunContext,
-    ) -> BaseMessage:
-        m = at.model
-        runnable = m.bound if tools else m.plain
-        if guard is None:
-            return runnable.invoke(messages, config)
-        permit = guard.before(m.name, ctx.tenant_id, estimate_tokens(messages))
-        try:
-            response = runnable.invoke(messages, config)
-        except Exception as exc:
-            at.tripped = _opened(guard.after(m.name, permit, exc, 0))
-            raise
-        guard.after(m.name, permit, None, _tokens_of(response))
-        return response
-
-    async def guarded_async(
-        at: _Attempts,
-        tools: bool,
-        messages: list[BaseMessage],
-        config: RunnableConfig,
-        ctx: RunContext,
-    ) -> BaseMessage:
-        m = at.model
-        runnable = m.bound if tools else m.plain
-        if guard is None:
-            return await runnable.ainvoke(messages, config)
-        permit = await guard.abefore(m.name, ctx.tenant_id, estimate_tokens(messages))
-        try:
-            response = await runnable.ainvoke(messages, config)
-        except Exception as exc:
-            at.tripped = _opened(await guard.aafter(m.name, permit, exc, 0))
-            raise
-        await guard.aafter(m.name, permit, None, _tokens_of(response))
-        return response
-
-    def call_sync(
-        turn: _Turn,
-        tools: bool,
-        messages: list[BaseMessage],
-        config: RunnableConfig,
-        ctx: RunContext,
-    ) -> BaseMessage | dict[str, Any]:
-        attempts = _Attempts(turn.chain, retry)
-        while True:
-            try:
-                return guarded_sync(attempts, tools, messages, config, ctx)
-            except GraphBubbleUp:
-                raise
-            except Exception as exc:
-                step = attempts.failed(exc)
-                if isinstance(step, dict):
-                    return step
-                time.sleep(step)
-
-    async def call_async(
-        turn: _Turn,
-        tools: bool,
-        messages: list[BaseMessage],
-        config: RunnableConfig,
-        ctx: RunContext,
-    ) -> BaseMessage | dict[str, Any]:
-        attempts = _Attempts(turn.chain, retry)
-        while True:
-            try:
-                return await guarded_async(attempts, tools, messages, config, ctx)
-            except GraphBubbleUp:
-                raise
-            except Exception as exc:
-                step = attempts.failed(exc)
-                if isinstance(step, dict):
-                    return step
-                await asyncio.sleep(step)
-
     def answer(
         turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        assert turn.messages is not None
+        assert turn.messages is not None and turn.models is not None
         ctx = context_of(runtime)
-        response = call_sync(turn, True, turn.messages, config, ctx)
-        if isinstance(response, dict):
-            return response
-        update = finish(response, state, runtime, turn)
+        got = turn.models.bound.invoke(turn.messages, config, ctx)
+        if got.stop is not None:
+            return _stopped(got, turn)
+        update = finish(got, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = call_sync(turn, False, [*turn.messages, wrap_up_note(update)], config, ctx)
-        return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
+        note = wrap_up_note(update)
+        final = turn.models.plain.invoke([*turn.messages, note], config, ctx)
+        return wrapped_up(got, final, update, turn)
 
     async def aanswer(
         turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        assert turn.messages is not None
+        assert turn.messages is not None and turn.models is not None
         ctx = context_of(runtime)
-        response = await call_async(turn, True, turn.messages, config, ctx)
-        if isinstance(response, dict):
-            return response
-        update = finish(response, state, runtime, turn)
+        got = await turn.models.bound.ainvoke(turn.messages, config, ctx)
+        if got.stop is not None:
+            return _stopped(got, turn)
+        update = finish(got, state, runtime, turn)
         if isinstance(update, dict):
             return update
-        final = await call_async(turn, False, [*turn.messages, wrap_up_note(update)], config, ctx)
-        return final if isinstance(final, dict) else wrapped_up(response, final, update, turn)
+        note = wrap_up_note(update)
+        final = await turn.models.plain.ainvoke([*turn.messages, note], config, ctx)
+        return wrapped_up(got, final, update, turn)
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -379,17 +277,7 @@ def call_model(
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
         if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
             turn.extra["approvals"] = standing.load(context_of(runtime))
-        if meter is None:
-            return answer(turn, state, config, runtime)
-        held = meter.reserve(turn.messages, context_of(runtime), default_name)
-        if isinstance(held, str):
-            return {**turn.extra, "outcome": outcome.stopped("budget_exceeded", held)}
-        update: dict[str, Any] | None = None
-        try:
-            update = answer(turn, state, config, runtime)
-            return update
-        finally:
-            meter.settle(held, *_cost(update))
+        return answer(turn, state, config, runtime)
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -399,17 +287,7 @@ def call_model(
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
         if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
             turn.extra["approvals"] = await standing.aload(context_of(runtime))
-        if meter is None:
-            return await aanswer(turn, state, config, runtime)
-        held = await meter.areserve(turn.messages, context_of(runtime), default_name)
-        if isinstance(held, str):
-            return {**turn.extra, "outcome": outcome.stopped("budget_exceeded", held)}
-        update: dict[str, Any] | None = None
-        try:
-            update = await aanswer(turn, state, config, runtime)
-            return update
-        finally:
-            await meter.asettle(held, *_cost(update))
+        return await aanswer(turn, state, config, runtime)
 
     return make_node(name, invoke, ainvoke)
 
@@ -437,14 +315,13 @@ def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:
     ]
 
 
-def _cost(update: dict[str, Any] | None) -> tuple[float | None, int | None]:
-    """What a model turn cost, for the spend ledger; `(None, None)` when no call completed."""
-    usage = (update or {}).get("usage")
-    if not usage or not usage.get("model_calls"):
-        return None, None
-    return float(usage.get("usd", 0.0)), int(
-        usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
-    )
+def _stopped(got: ModelAnswer, turn: _Turn) -> dict[str, Any]:
+    """The update of a turn whose model call was refused or failed (its usage still counts)."""
+    assert got.stop is not None
+    update: dict[str, Any] = {**turn.extra, "outcome": got.stop}
+    if got.usage:
+        update["usage"] = got.usage
+    return update
 
 
 def _system_text(system_prompt: str | None, state: AgentState) -> str:
@@ -464,24 +341,3 @@ def _approval_needed(
         if entry is not None and gate(entry, tc["args"], context).action == "ask":
             reasons.append(tc["name"])
     return f"awaiting approval for {', '.join(reasons)}" if reasons else None
-
-
-def _failed(exc: BaseException, attempts: int, tried: list[str]) -> dict[str, Any]:
-    """The update that ends a run whose model call failed for good."""
-    log.warning("model call failed after %d attempt(s): %r", attempts, exc)
-    detail = f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
-    if tried:
-        detail += f" (fallback models tried, in order: {', '.join(tried)})"
-    if isinstance(exc, TimeoutError):
-        return {"outcome": outcome.stopped("timeout", detail)}
-    return {"outcome": outcome.failed(detail)}
-
-
-def _opened(transition: BreakerTransition | None) -> bool:
-    return transition is not None and transition.after == "open"
-
-
-def _tokens_of(response: BaseMessage) -> int:
-    """Input + output tokens a response reports (0 when it reports none)."""
-    meta: Mapping[str, Any] = getattr(response, "usage_metadata", None) or {}
-    return int(meta.get("input_tokens", 0)) + int(meta.get("output_tokens", 0))

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
 from pydantic import BaseModel, Field
 
-from keel._node import RunnableCallable, make_node
-from keel.models import model_name_of, resolve_model
+from keel._node import RunnableCallable, context_of, make_node
+from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
-from keel.state import AgentState, PlanStep, Usage
+from keel.state import AgentState, PlanStep, RunContext
 
 __all__ = ["Plan", "advance_plan", "needs_replan", "plan", "render_plan"]
 
@@ -41,18 +42,21 @@ def plan(
     *,
     max_steps: int = 7,
     prices: PriceTable | None = None,
+    fallbacks: Sequence[str | BaseChatModel] = (),
+    guards: ModelCallGuards | None = None,
     name: str = "plan",
 ) -> RunnableCallable:
     """A node that asks the model for a `Plan` and stores it as steps with a status.
 
     It plans once at the start; when `execute_tools` marks a step `failed`, it plans again for
     what remains. Planning is advisory: if the model cannot produce a plan, the run goes on
-    without one.
+    without one. The planner's call is guarded and counted as every model call is
+    (`keel.guards.GuardedModel` with `guards`, falling back along `fallbacks`); a budget that
+    refuses it, or a ledger that fails, ends the run with that outcome. `prices` is used when
+    `guards` is not given.
     """
-    chat = resolve_model(model)
-    planner = chat.with_structured_output(Plan, include_raw=True)
-    table = prices or PriceTable()
-    default_name = model_name_of(chat)
+    guards = guards or ModelCallGuards(prices=prices)
+    planner = GuardedModel([model, *fallbacks], schema=Plan, guards=guards)
 
     def prompt(state: AgentState) -> list[BaseMessage] | None:
         steps = state.get("plan") or []
@@ -70,19 +74,17 @@ def plan(
         task = [m for m in messages if isinstance(m, HumanMessage)]
         return [SystemMessage(content=instruction), *(task[:1] if not steps else messages)]
 
-    def finish(raw: dict[str, Any], state: AgentState) -> dict[str, Any]:
+    def finish(got: ModelAnswer, state: AgentState) -> dict[str, Any]:
+        update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
+        if got.stop is not None and got.error is None:  # refused by a budget, or no ledger
+            return {**update, "outcome": got.stop}
+        if state.get("outcome") is not None:
+            update["outcome"] = None  # a new task: the last one's outcome no longer holds
+        if got.error is not None:
+            log.warning("planning failed, going on without a plan: %r", got.error)
+            return {**update, "plan": _without_failed(state)}
+        raw: dict[str, Any] = got.output
         parsed = raw.get("parsed")
-        message = raw.get("raw")
-        update: dict[str, Any] = {}
-        meta = getattr(message, "usage_metadata", None)
-        if meta:
-            usage: Usage = {
-                "input_tokens": int(meta.get("input_tokens", 0)),
-                "output_tokens": int(meta.get("output_tokens", 0)),
-                "usd": table.cost(default_name, meta),
-                "model_calls": 1,
-            }
-            update["usage"] = usage
         if isinstance(parsed, Plan) and parsed.steps:
             done = [s for s in state.get("plan") or [] if s["status"] == "done"]
             steps = [s.strip() for s in parsed.steps[:max_steps] if s.strip()]
@@ -91,29 +93,23 @@ def plan(
             log.warning("the model's plan did not parse: %s", raw["parsing_error"])
         return update
 
-    def invoke(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    def invoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
         messages = prompt(state)
         if messages is None:
             return {}
-        try:
-            return finish(planner.invoke(messages, config), state)  # type: ignore[arg-type]
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            log.warning("planning failed, going on without a plan: %r", exc)
-            return {"plan": _without_failed(state)}
+        usage = state.get("usage")
+        return finish(planner.invoke(messages, config, context_of(runtime), usage=usage), state)
 
-    async def ainvoke(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    async def ainvoke(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
         messages = prompt(state)
         if messages is None:
             return {}
-        try:
-            return finish(await planner.ainvoke(messages, config), state)  # type: ignore[arg-type]
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            log.warning("planning failed, going on without a plan: %r", exc)
-            return {"plan": _without_failed(state)}
+        ctx, usage = context_of(runtime), state.get("usage")
+        return finish(await planner.ainvoke(messages, config, ctx, usage=usage), state)
 
     return make_node(name, invoke, ainvoke)
 

@@ -13,16 +13,16 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import RunnableCallable, make_node
+from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
-from keel.models import resolve_model
+from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
-from keel.state import AgentState, Verdict
+from keel.state import AgentState, RunContext, Verdict
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
@@ -51,22 +51,31 @@ def verify(
     judge: str | BaseChatModel | None = None,
     max_revisions: int = 1,
     escalate: bool = False,
+    guards: ModelCallGuards | None = None,
     name: str = "verify",
 ) -> RunnableCallable:
     """A node that verifies the last AI answer.
+
+    The judge's call is guarded and counted as every model call is (`keel.guards.GuardedModel`):
+    its tokens and dollars join the run's `usage` and the period budgets; a run budget or a
+    period budget that refuses it stops the run as `budget_exceeded`, a ledger that fails ends
+    it as `error`; a judge that fails (after retries, or with its breaker open) fails the
+    answer with the reason.
 
     Args:
         checks: Rules run in order; the first failure is the reason.
         judge: A model asked for a `JudgeVerdict` when the rules pass.
         max_revisions: How many times a failed answer goes back to the model.
         escalate: Ask a human when the revisions are used up, instead of ending the run.
+        guards: What the judge's calls are held to (budgets, rate limits, breaker, retries,
+            deadline) and priced by.
         name: The node's name.
     """
     if max_revisions < 0:
         raise UserError(f"verify(max_revisions=...) must be 0 or more, got {max_revisions}.")
     rules = tuple(checks)
     judge_model = (
-        resolve_model(judge).with_structured_output(JudgeVerdict) if judge is not None else None
+        GuardedModel([judge], schema=JudgeVerdict, guards=guards) if judge is not None else None
     )
 
     def by_rules(state: AgentState) -> tuple[str, Verdict | None]:
@@ -112,29 +121,32 @@ def verify(
             "outcome": outcome.stopped("verification_failed", verdict["reason"]),
         }
 
-    def run(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        answer, verdict = by_rules(state)
-        if verdict is None and judge_model is not None:
-            try:
-                judged = judge_model.invoke(judge_prompt(state, answer), config)
-                verdict = _judged(judged)
-            except GraphBubbleUp:
-                raise
-            except Exception as exc:
-                verdict = _judge_failed(exc)
-        return decide(state, answer, verdict)
+    def judged(state: AgentState, answer: str, got: ModelAnswer) -> dict[str, Any]:
+        update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
+        if got.stop is not None and got.error is None:  # refused by a budget, or no ledger
+            return {**update, "outcome": got.stop}
+        verdict = _judge_failed(got.error) if got.error is not None else _judged(got.output)
+        return {**update, **decide(state, answer, verdict)}
 
-    async def arun(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    def run(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
         answer, verdict = by_rules(state)
-        if verdict is None and judge_model is not None:
-            try:
-                judged = await judge_model.ainvoke(judge_prompt(state, answer), config)
-                verdict = _judged(judged)
-            except GraphBubbleUp:
-                raise
-            except Exception as exc:
-                verdict = _judge_failed(exc)
-        return decide(state, answer, verdict)
+        if verdict is not None or judge_model is None:
+            return decide(state, answer, verdict)
+        ctx, usage = context_of(runtime), state.get("usage")
+        got = judge_model.invoke(judge_prompt(state, answer), config, ctx, usage=usage)
+        return judged(state, answer, got)
+
+    async def arun(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        answer, verdict = by_rules(state)
+        if verdict is not None or judge_model is None:
+            return decide(state, answer, verdict)
+        ctx, usage = context_of(runtime), state.get("usage")
+        got = await judge_model.ainvoke(judge_prompt(state, answer), config, ctx, usage=usage)
+        return judged(state, answer, got)
 
     return make_node(name, run, arun)
 
@@ -181,12 +193,15 @@ def _answer(state: AgentState) -> str:
     return ""
 
 
-def _judged(result: Any) -> Verdict:
-    judged = result if isinstance(result, JudgeVerdict) else JudgeVerdict.model_validate(result)
-    return {"passed": judged.passed, "reason": judged.reason, "source": "judge"}
+def _judged(output: Any) -> Verdict:
+    parsed = output.get("parsed") if isinstance(output, dict) else output
+    if not isinstance(parsed, JudgeVerdict):
+        error = output.get("parsing_error") if isinstance(output, dict) else None
+        return _judge_failed(error or ValueError("the judge gave no verdict"))
+    return {"passed": parsed.passed, "reason": parsed.reason, "source": "judge"}
 
 
-def _judge_failed(exc: Exception) -> Verdict:
+def _judge_failed(exc: BaseException) -> Verdict:
     log.warning("the judge failed: %r", exc)
     return {
         "passed": False,

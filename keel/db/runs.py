@@ -28,6 +28,8 @@ __all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
+STORAGE_FAILED = "storage failed"
+"""How the detail of a run that ended because keel's storage failed starts (category `storage`)."""
 _MODEL_ERROR = re.compile(r"model call failed after \d+ attempt\(s\): (\w+)")
 
 
@@ -98,7 +100,10 @@ def error_category(outcome: Mapping[str, Any]) -> str | None:
     if reason == "completed":
         return None
     if reason == "error":
-        found = _MODEL_ERROR.search(str(outcome.get("detail", "")))
+        detail = str(outcome.get("detail", ""))
+        if detail.startswith(STORAGE_FAILED):
+            return "storage"
+        found = _MODEL_ERROR.search(detail)
         return f"model:{found.group(1)}" if found else "error"
     return reason
 

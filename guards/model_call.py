@@ -1,0 +1,653 @@
+"""`GuardedModel`: the one path every model call keel makes goes through.
+
+Agent turns (`call_model`), plans (`plan`), the judge (`verify`) and the supervisor's router all
+call their model through a `GuardedModel`, so each call, whatever asks for it:
+
+1. is checked against the run budget (`Budget`: model calls, tokens, dollars, wall clock);
+2. *reserves* its estimate against the period budgets (`SpendMeter`: the messages, the bound
+   tools' schemas and the answer's reserve) — the answer is capped at that reserve;
+3. passes the model's circuit breaker and rate limits (`ModelGuard`);
+4. runs within a per-attempt deadline (`ModelTimeoutPolicy`), if one is set;
+5. is *counted*: tokens and dollars from `usage_metadata` (structured output is asked for with
+   `include_raw=True`, so its usage is read too), recorded by the breaker and the rate limiter
+   and settled in the period budgets;
+6. on failure is retried, moved to the next model, or stopped (`keel.guards.fallback`).
+
+A failure of the ledger itself (its database is down) is not a model failure: the call ends
+with an `error` outcome whose detail starts with `storage failed` (the run record's error
+category `storage`), and the model is not retried.
+
+The steps are written once, as a generator of operations that a sync and an async driver run
+(as tenacity's `iter()` is), so `invoke` and `ainvoke` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.errors import GraphBubbleUp
+from langgraph.types import RetryPolicy
+
+from keel import outcome
+from keel.db.ledger import Ledger
+from keel.db.runs import STORAGE_FAILED
+from keel.errors import KeelError, UserError
+from keel.guards.breaker import BreakerTransition, CircuitOpen
+from keel.guards.budget import check_budget, usage_of
+from keel.guards.fallback import Retry, after_failure
+from keel.guards.policy import Budget, Policy
+from keel.guards.ratelimit import RateLimited
+from keel.guards.resilience import ModelGuard
+from keel.guards.spend import Reservation, SpendMeter, estimate_schema_tokens, estimate_tokens
+from keel.models import model_name_of, resolve_model
+from keel.pricing import PriceTable
+from keel.redact import sanitized_logger
+from keel.state import Outcome, RunContext, Usage
+
+__all__ = [
+    "DEFAULT_MODEL_RETRY",
+    "GuardedModel",
+    "ModelAnswer",
+    "ModelCallGuards",
+    "ModelTimeoutPolicy",
+    "capped",
+]
+
+log = sanitized_logger("keel.guards.model_call")
+
+T = TypeVar("T")
+
+DEFAULT_MODEL_RETRY = RetryPolicy(initial_interval=0.5, max_interval=8.0, max_attempts=3)
+"""Retries of a failed model call: 3 attempts, backoff from 0.5 s to at most 8 s."""
+
+OUTPUT_CAP_FIELDS = ("max_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+"""Chat model fields that cap an answer's length, as LangChain's integrations name them:
+`max_tokens` (OpenAI, Anthropic, Mistral, Groq, Bedrock, llama.cpp and keel's scripted model),
+`max_output_tokens` (Google), `num_predict` (Ollama), `max_new_tokens` (Hugging Face)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelTimeoutPolicy:
+    """A deadline for each attempt of a model call (keel stops waiting, and retries or falls back).
+
+    Without it keel waits as long as the provider's client does. Under `invoke` the timed-out
+    call is abandoned in a daemon thread (it cannot be interrupted); under `ainvoke` it is
+    cancelled. A timed-out call is counted in the period budgets at its reservation, since the
+    provider may bill it.
+    """
+
+    attempt_timeout: float
+    """Seconds one attempt may take."""
+    fallback: bool = False
+    """On a timeout, move to the next model at once (`fallback_models`) instead of retrying
+    the slow one; without a next model the call is retried, then the run ends as `timeout`."""
+
+    def __post_init__(self) -> None:
+        seconds = self.attempt_timeout
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            raise UserError(
+                f"ModelTimeoutPolicy.attempt_timeout must be greater than 0, got {seconds!r}."
+            )
+
+    @classmethod
+    def coerce(
+        cls, value: float | timedelta | ModelTimeoutPolicy | None
+    ) -> ModelTimeoutPolicy | None:
+        """A policy from seconds, a `timedelta` or a policy; `None` stays `None`."""
+        if value is None or isinstance(value, ModelTimeoutPolicy):
+            return value
+        if isinstance(value, timedelta):
+            return cls(attempt_timeout=value.total_seconds())
+        return cls(attempt_timeout=value)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelCallGuards:
+    """What every model call of a graph is held to; one object shared by all its nodes."""
+
+    prices: PriceTable | None = None
+    """Turns `usage_metadata` into USD (the default table when `None`)."""
+    budget: Budget | None = None
+    """The run budget checked before each call."""
+    meter: SpendMeter | None = None
+    """Reserves and settles each call against period budgets (answers capped at the reserve)."""
+    guard: ModelGuard | None = None
+    """The rate limits and per-model breaker."""
+    retry: RetryPolicy = DEFAULT_MODEL_RETRY
+    """Retries of a failed attempt."""
+    timeout: ModelTimeoutPolicy | None = None
+    """A deadline per attempt."""
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: Policy | None,
+        ledger: Ledger | None,
+        *,
+        prices: PriceTable | None = None,
+        retry: RetryPolicy = DEFAULT_MODEL_RETRY,
+        timeout: float | timedelta | ModelTimeoutPolicy | None = None,
+        caller: str = "build_agent",
+    ) -> ModelCallGuards:
+        """The guards of `policy` (budgets, rate limits, breaker), kept in `ledger`.
+
+        Raises:
+            UserError: `policy` or `ledger` is of the wrong type, or the policy keeps state in
+                the ledger and there is no ledger.
+        """
+        if policy is not None and not isinstance(policy, Policy):
+            raise UserError(
+                f"{caller}(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
+                f"'policy.toml')), got {type(policy).__name__}."
+            )
+        if ledger is not None and not isinstance(ledger, Ledger):
+            raise UserError(
+                f"{caller}(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
+                f"{type(ledger).__name__}."
+            )
+        meter = guard = None
+        if policy is not None and policy.ledger_features:
+            if not isinstance(ledger, Ledger):
+                raise UserError(
+                    f"Policy {policy.identity!r} has {', '.join(policy.ledger_features)}, which "
+                    f"are kept in the ledger: pass {caller}(..., ledger=keel.Ledger(url)) with "
+                    "the URL of your database."
+                )
+            if policy.period_budgets:
+                meter = SpendMeter(ledger, policy.period_budgets, prices)
+            guard = ModelGuard.from_policy(policy, ledger)
+        return cls(
+            prices=prices,
+            budget=policy.budget if policy is not None else None,
+            meter=meter,
+            guard=guard,
+            retry=retry,
+            timeout=ModelTimeoutPolicy.coerce(timeout),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAnswer:
+    """What a guarded model call gave: its output and usage, or why there is none."""
+
+    output: Any = None
+    """What the model returned: an `AIMessage`, or for structured output the dict
+    `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`; `None` when stopped."""
+    usage: Usage = field(default_factory=lambda: Usage())
+    """The tokens, dollars and model calls of the calls that were answered."""
+    stop: Outcome | None = None
+    """How the run ends when there is no output: a budget, the ledger, or the model's failure."""
+    error: BaseException | None = None
+    """The model's last error, when the model itself failed for good."""
+
+    @property
+    def message(self) -> AIMessage | None:
+        """The model's `AIMessage` (the raw message of a structured answer)."""
+        return None if self.output is None else _raw(self.output)
+
+
+def capped(model: BaseChatModel, tokens: int) -> BaseChatModel | None:
+    """A copy of `model` whose answers are at most `tokens` long; `None` when it has no cap.
+
+    keel sets the field the integration itself sends to the provider (`OUTPUT_CAP_FIELDS`),
+    keeping a lower cap the model already has.
+    """
+    fields = type(model).model_fields
+    for name in OUTPUT_CAP_FIELDS:
+        if name in fields:
+            current = getattr(model, name, None)
+            if isinstance(current, int) and not isinstance(current, bool) and current <= tokens:
+                return model
+            return model.model_copy(update={name: tokens})
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """One model of the chain: its name and the runnable that asks it."""
+
+    name: str
+    runnable: Runnable[LanguageModelInput, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """One step of a model call for a driver to run, sync or async.
+
+    `ledger`: the step is I/O on the ledger, whose failures are storage failures, not model
+    failures.
+    """
+
+    run: Callable[[], Any]
+    arun: Callable[[], Awaitable[Any]]
+    ledger: bool = False
+
+
+class _StorageFailed(Exception):
+    """The ledger failed during a model call (wraps the database's error)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+class _Stopped(Exception):
+    """The call may not happen, or its bookkeeping failed: end with `outcome`."""
+
+    def __init__(self, result: Outcome, usage: Usage | None = None) -> None:
+        super().__init__(result["detail"])
+        self.outcome = result
+        self.usage: Usage = usage or {}
+
+
+@dataclass(slots=True)
+class _Tried:
+    """One attempt's result: the output and its usage, or the model's error."""
+
+    output: Any = None
+    usage: Usage = field(default_factory=lambda: Usage())
+    error: Exception | None = None
+    tripped: bool = False
+
+
+Steps = Generator[_Op, Any, T]
+Messages = Sequence[BaseMessage | tuple[str, str]]
+Config = RunnableConfig | None
+Spent = Mapping[str, Any] | None
+
+
+class GuardedModel:
+    """A chat model (and its fallbacks) called through keel's guards; see the module.
+
+    Args:
+        models: The model, then its fallbacks in order: chat models or `provider:name` strings.
+        tools: Tools to bind (`bind_tools`); their schemas count in the estimate.
+        schema: Ask for structured output of this schema (`include_raw=True`: the output is
+            `{"raw", "parsed", "parsing_error"}`).
+        guards: The run budget, period budgets (the answer is capped at its reserve where the
+            model supports it, see `capped`), rate limits and breaker, retries and deadline.
+        steps: Count each answered call as a step of the run (agent turns do; a plan, a judge
+            or a router does not).
+
+    Example:
+        ```python
+        from keel import RunContext
+        from keel.evals import ScriptedChatModel
+        from keel.guards import Budget, GuardedModel, ModelCallGuards
+
+        model = GuardedModel(
+            [ScriptedChatModel(script=["hi"])], guards=ModelCallGuards(budget=Budget(usd=1.0))
+        )
+        answer = model.invoke([("user", "hello")], None, RunContext())
+        assert answer.message.text == "hi" and answer.usage["model_calls"] == 1
+        ```
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | BaseChatModel],
+        *,
+        tools: Sequence[Any] = (),
+        schema: type[Any] | None = None,
+        guards: ModelCallGuards | None = None,
+        steps: bool = False,
+    ) -> None:
+        if not models:
+            raise UserError("GuardedModel needs at least one model.")
+        guards = guards or ModelCallGuards()
+        self.prices = guards.prices or PriceTable()
+        self.budget = guards.budget
+        self.meter = guards.meter
+        self.guard = guards.guard
+        self.retry = guards.retry
+        self.timeout = guards.timeout
+        self.steps = steps
+        schemas = [*tools, *([schema] if schema is not None else [])]
+        self.schema_tokens = estimate_schema_tokens(schemas)
+        """Input tokens the bound tools' or the schema's JSON adds to every request."""
+        self.chain = tuple(self._model(m, tools, schema) for m in models)
+
+    def _model(
+        self, model: str | BaseChatModel, tools: Sequence[Any], schema: type[Any] | None
+    ) -> _Model:
+        chat = resolve_model(model)
+        name = model_name_of(chat)
+        if self.meter is not None:
+            limited = capped(chat, self.meter.output_reserve)
+            if limited is None:
+                log.warning(
+                    "%s has no output cap keel knows (%s): its answers are not capped at the "
+                    "period budget's reserve_output_tokens=%d, so a long answer can spend more "
+                    "than was reserved",
+                    name,
+                    "/".join(OUTPUT_CAP_FIELDS),
+                    self.meter.output_reserve,
+                )
+            chat = limited or chat
+        runnable: Runnable[LanguageModelInput, Any] = chat
+        if schema is not None:
+            runnable = chat.with_structured_output(schema, include_raw=True)
+        elif tools:
+            runnable = chat.bind_tools(list(tools))
+        return _Model(name, runnable)
+
+    @property
+    def name(self) -> str:
+        """The first model's name."""
+        return self.chain[0].name
+
+    def invoke(
+        self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
+    ) -> ModelAnswer:
+        """Call the model; `usage` is what the run has spent so far (for the run budget)."""
+        return _drive(self._call(convert_to_messages(messages), config, context, usage))
+
+    async def ainvoke(
+        self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
+    ) -> ModelAnswer:
+        """Call the model (async); see `invoke`."""
+        return await _adrive(self._call(convert_to_messages(messages), config, context, usage))
+
+    def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
+        if self.budget is None:
+            return None
+        verdict = check_budget(self.budget, usage or {})
+        return outcome.stopped("budget_exceeded", verdict.exceeded) if verdict.exceeded else None
+
+    # -- the steps, written once ------------------------------------------------------------
+
+    def _call(
+        self,
+        messages: list[BaseMessage],
+        config: RunnableConfig | None,
+        ctx: RunContext,
+        usage: Mapping[str, Any] | None,
+    ) -> Steps[ModelAnswer]:
+        """Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`)."""
+        stop = self._over_budget(usage)
+        if stop is not None:
+            return ModelAnswer(stop=stop)
+        index, attempt = 0, 1
+        fallback_on_timeout = self.timeout is not None and self.timeout.fallback
+        while True:
+            try:
+                tried = yield from self._attempt(self.chain[index], messages, config, ctx)
+            except _Stopped as stopped:
+                return ModelAnswer(usage=stopped.usage, stop=stopped.outcome)
+            if tried.error is None:
+                return ModelAnswer(tried.output, tried.usage)
+            exc = tried.error
+            more = index + 1 < len(self.chain)
+            step = after_failure(
+                exc,
+                attempt,
+                self.retry,
+                has_fallback=more,
+                tripped=tried.tripped,
+                fallback_on_timeout=fallback_on_timeout,
+            )
+            if isinstance(step, Retry):
+                attempt += 1
+                yield _sleep(step.seconds)
+            elif step == "fallback":
+                log.warning("model %s failed (%r); falling back", self.chain[index].name, exc)
+                index, attempt = index + 1, 1
+            else:
+                tried_names = [m.name for m in self.chain[: index + 1]] if index else []
+                return ModelAnswer(stop=_failed(exc, attempt, tried_names), error=exc)
+
+    def _attempt(
+        self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
+    ) -> Steps[_Tried]:
+        """Reserve → breaker and rate limits → call → record → settle, on one model."""
+        held = yield from self._reserve(m, messages, ctx)
+        guard = self.guard
+        permit = None
+        if guard is not None:
+            tokens = estimate_tokens(messages) + self.schema_tokens
+            try:
+                permit = yield _Op(
+                    lambda: guard.before(m.name, ctx.tenant_id, tokens),
+                    lambda: guard.abefore(m.name, ctx.tenant_id, tokens),
+                    ledger=True,
+                )
+            except (CircuitOpen, RateLimited) as refused:
+                yield from self._settle(held, None, "after the breaker or rate limit refused")
+                return _Tried(error=refused)
+            except _StorageFailed as failed:
+                yield from self._settle(held, None, "")
+                raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        try:
+            output = yield self._ask(m, messages, config)
+            message = _raw(output)
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            transition = yield from self._record(m, permit, exc, 0, {})
+            charged = held if isinstance(exc, TimeoutError) else None
+            yield from self._settle(held, charged, "after the model failed")
+            return _Tried(error=exc, tripped=_opened(transition))
+        usage = usage_of(message, self.prices, m.name)
+        if not self.steps:
+            usage.pop("steps", None)
+        yield from self._record(m, permit, None, _tokens(usage), usage)
+        yield from self._settle(held, usage, "after the model answered", usage)
+        return _Tried(output, usage)
+
+    def _reserve(
+        self, m: _Model, messages: list[BaseMessage], ctx: RunContext
+    ) -> Steps[Reservation | None]:
+        meter = self.meter
+        if meter is None:
+            return None
+        extra = self.schema_tokens
+        try:
+            held = yield _Op(
+                lambda: meter.reserve(messages, ctx, m.name, schema_tokens=extra),
+                lambda: meter.areserve(messages, ctx, m.name, schema_tokens=extra),
+                ledger=True,
+            )
+        except _StorageFailed as failed:
+            raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        if isinstance(held, str):
+            raise _Stopped(outcome.stopped("budget_exceeded", held))
+        assert isinstance(held, Reservation)
+        return held
+
+    def _record(
+        self,
+        m: _Model,
+        permit: Any,
+        error: Exception | None,
+        tokens: int,
+        usage: Usage,
+    ) -> Steps[BreakerTransition | None]:
+        guard = self.guard
+        if guard is None:
+            return None
+        try:
+            transition = yield _Op(
+                lambda: guard.after(m.name, permit, error, tokens),
+                lambda: guard.aafter(m.name, permit, error, tokens),
+                ledger=True,
+            )
+        except _StorageFailed as failed:
+            when = "after the model failed" if error is not None else "after the model answered"
+            raise _Stopped(_storage_failed(failed, when), usage) from None
+        return transition if isinstance(transition, BreakerTransition) else None
+
+    def _settle(
+        self,
+        held: Reservation | None,
+        cost: Usage | Reservation | None,
+        when: str,
+        usage: Usage | None = None,
+    ) -> Steps[None]:
+        """Replace the reservation by the cost (a `Reservation`: charge it as estimated)."""
+        meter = self.meter
+        if meter is None or held is None:
+            return
+        if isinstance(cost, Reservation):
+            usd, tokens = cost.usd, cost.tokens
+        elif cost is not None:
+            usd, tokens = float(cost.get("usd", 0.0)), _tokens(cost)
+        else:
+            usd, tokens = None, None
+        try:
+            yield _Op(
+                lambda: meter.settle(held, usd, tokens),
+                lambda: meter.asettle(held, usd, tokens),
+                ledger=True,
+            )
+        except _StorageFailed as failed:
+            if not when:  # already stopping for a storage failure: the reservation expires
+                return
+            raise _Stopped(_storage_failed(failed, when), usage) from None
+
+    def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> _Op:
+        seconds = self.timeout.attempt_timeout if self.timeout is not None else None
+        runnable = m.runnable
+        if seconds is None:
+            return _Op(
+                lambda: runnable.invoke(messages, config),
+                lambda: runnable.ainvoke(messages, config),
+            )
+        return _Op(
+            lambda: _within(seconds, m.name, lambda: runnable.invoke(messages, config)),
+            lambda: _awithin(seconds, m.name, runnable.ainvoke(messages, config)),
+        )
+
+
+# -- the drivers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    value: Any
+
+
+def _next(steps: Steps[Any], sent: Any, error: Exception | None) -> _Op | _Done:
+    """Advance `steps` with the last operation's result (or error)."""
+    try:
+        return steps.send(sent) if error is None else steps.throw(error)
+    except StopIteration as done:
+        return _Done(done.value)
+
+
+def _drive(steps: Steps[T]) -> T:
+    """Run `steps` synchronously."""
+    op = _next(steps, None, None)
+    while isinstance(op, _Op):
+        try:
+            sent, error = op.run(), None
+        except Exception as exc:
+            sent, error = None, _classified(op, exc)
+        op = _next(steps, sent, error)
+    return op.value  # type: ignore[no-any-return]
+
+
+async def _adrive(steps: Steps[T]) -> T:
+    """Run `steps` on the event loop."""
+    op = _next(steps, None, None)
+    while isinstance(op, _Op):
+        try:
+            sent, error = await op.arun(), None
+        except Exception as exc:
+            sent, error = None, _classified(op, exc)
+        op = _next(steps, sent, error)
+    return op.value  # type: ignore[no-any-return]
+
+
+def _classified(op: _Op, exc: Exception) -> Exception:
+    """A ledger operation's own failure is a storage failure; its refusals are not."""
+    if op.ledger and not isinstance(exc, CircuitOpen | RateLimited | GraphBubbleUp):
+        log.error("the ledger failed during a model call: %r", exc)
+        return _StorageFailed(exc)
+    return exc
+
+
+def _sleep(seconds: float) -> _Op:
+    return _Op(lambda: time.sleep(seconds), lambda: asyncio.sleep(seconds))
+
+
+def _within(seconds: float, name: str, call: Callable[[], Any]) -> Any:
+    """`call()` in a daemon thread, given up after `seconds` (a sync call cannot be cancelled)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        try:
+            box["output"] = context.run(call)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"keel-model-call-{name}", daemon=True).start()
+    if not done.wait(seconds):
+        raise _timed_out(name, seconds)
+    if "error" in box:
+        raise box["error"]
+    return box["output"]
+
+
+async def _awithin(seconds: float, name: str, call: Awaitable[Any]) -> Any:
+    try:
+        return await asyncio.wait_for(call, seconds)
+    except TimeoutError:
+        raise _timed_out(name, seconds) from None
+
+
+def _timed_out(name: str, seconds: float) -> TimeoutError:
+    return TimeoutError(
+        f"{name} did not answer within {seconds:g} s (ModelTimeoutPolicy.attempt_timeout)"
+    )
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _raw(output: Any) -> AIMessage:
+    """The `AIMessage` of a model's output (plain, or the `raw` of a structured answer)."""
+    message = output.get("raw") if isinstance(output, Mapping) else output
+    if not isinstance(message, AIMessage):
+        raise KeelError(f"The model returned {type(message).__name__}, not an AIMessage.")
+    return message
+
+
+def _tokens(usage: Mapping[str, Any]) -> int:
+    return int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
+
+
+def _opened(transition: BreakerTransition | None) -> bool:
+    return transition is not None and transition.after == "open"
+
+
+def _failed(exc: BaseException, attempts: int, tried: list[str]) -> Outcome:
+    """How a run ends whose model call failed for good."""
+    log.warning("model call failed after %d attempt(s): %r", attempts, exc)
+    detail = f"model call failed after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+    if tried:
+        detail += f" (fallback models tried, in order: {', '.join(tried)})"
+    if isinstance(exc, TimeoutError):
+        return outcome.stopped("timeout", detail)
+    return outcome.failed(detail)
+
+
+def _storage_failed(failed: _StorageFailed, when: str) -> Outcome:
+    """How a run ends whose ledger failed around a model call (error category `storage`)."""
+    return outcome.failed(
+        f"{STORAGE_FAILED}: the ledger raised {failed} {when}; no budget, breaker or rate "
+        "limit could be checked or recorded. Resume the thread once the database is back."
+    )

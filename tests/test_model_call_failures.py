@@ -1,0 +1,200 @@
+"""A model call whose ledger fails, or whose model is slow, still ends the run with an outcome.
+
+- The ledger's database fails (its SQLite file replaced by a directory): the run ends as
+  `error` with the error category `storage`, the model is not called and nothing is reported
+  as a model failure. No mocks: real ledgers, really broken.
+- A model slower than `ModelTimeoutPolicy.attempt_timeout`: keel stops waiting, and moves to
+  the next model (`fallback=True`) or ends the run as `timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.types import RetryPolicy
+
+from keel import Ledger, RunContext, build_agent
+from keel.db.runs import error_category
+from keel.evals import ScriptedChatModel
+from keel.guards import BreakerPolicy, ModelTimeoutPolicy, PeriodBudget, Policy, Rule
+
+ALICE = RunContext(user_id="alice", tenant_id="acme")
+ALLOW = (Rule(action="allow"),)
+MONTHLY = Policy(rules=ALLOW, period_budgets=(PeriodBudget(usd=10.0),))
+BREAKER = Policy(rules=ALLOW, model_breaker=BreakerPolicy(failure_threshold=3))
+
+
+def _broken_sqlite_ledger(tmp_path: Path) -> Ledger:
+    """A ledger that was set up, whose database file is then replaced by a directory."""
+    path = tmp_path / "keel.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    ledger.setup()
+    path.unlink()
+    path.mkdir()
+    return ledger
+
+
+async def _run(agent: Any, mode: str) -> Any:
+    state = {"messages": [("user", "hi")]}
+    if mode == "ainvoke":
+        final = await agent.ainvoke(state, context=ALICE)
+        await _aiosqlite_stopped()
+        return final
+    return agent.invoke(state, context=ALICE)
+
+
+async def _aiosqlite_stopped() -> None:
+    """Let aiosqlite's worker threads end while the event loop is open.
+
+    After a failed connect, aiosqlite stops its worker thread without awaiting it; a thread
+    that ends after the test's loop closed raises "Event loop is closed" in a later test.
+    """
+    for _ in range(500):
+        if not any("_connection_worker_thread" in t.name for t in threading.enumerate()):
+            return
+        await asyncio.sleep(0.01)
+
+
+def _assert_storage_failure(final: Any, model: ScriptedChatModel) -> None:
+    result = final["outcome"]
+    assert result["status"] == "error"
+    assert result["detail"].startswith("storage failed: the ledger raised OperationalError")
+    assert "model call failed" not in result["detail"]
+    assert error_category(result) == "storage"
+    assert model.calls == [], "the model is never called without its budget and breaker"
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("policy", [MONTHLY, BREAKER], ids=["spend", "breaker"])
+async def test_a_failing_ledger_ends_the_run_as_a_storage_error(
+    tmp_path: Path, mode: str, policy: Policy
+) -> None:
+    model = ScriptedChatModel(script=["hello"])
+    ledger = _broken_sqlite_ledger(tmp_path)
+    agent = build_agent(model, policy=policy, ledger=ledger, model_retry=RetryPolicy())
+    final = await _run(agent, mode)
+    _assert_storage_failure(final, model)
+    assert final["usage"].get("model_calls", 0) == 0
+
+
+def _breaking(tmp_path: Path) -> tuple[Ledger, Any]:
+    """A working ledger, and a function that breaks its database when called."""
+    path = tmp_path / "keel.db"
+
+    def break_it() -> None:
+        shutil.move(path, tmp_path / "moved.db")
+        path.mkdir()
+
+    return Ledger(f"sqlite:///{path}"), break_it
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_ledger_that_fails_while_the_model_answers_ends_the_run_as_storage(
+    tmp_path: Path, mode: str
+) -> None:
+    """The answer's cost cannot be settled: the run stops, and the call is still counted."""
+    ledger, break_it = _breaking(tmp_path)
+
+    def answer(messages: Any) -> str:
+        break_it()
+        return "Paris."
+
+    agent = build_agent(ScriptedChatModel(script=[answer]), policy=MONTHLY, ledger=ledger)
+    final = await _run(agent, mode)
+    assert final["outcome"]["detail"].startswith(
+        "storage failed: the ledger raised OperationalError: unable to open database file after "
+        "the model answered"
+    )
+    assert error_category(final["outcome"]) == "storage"
+    assert final["usage"]["model_calls"] == 1  # the provider was paid: the run counts it
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_failing_ledger_stops_the_judge_as_a_storage_error(
+    tmp_path: Path, mode: str
+) -> None:
+    """The ledger dies after the agent's answer, before the judge's call is reserved."""
+    ledger, break_it = _breaking(tmp_path)
+
+    def rule(answer: str, state: Any) -> None:
+        break_it()  # the rules pass; the judge is asked next
+
+    judge = ScriptedChatModel(
+        model_name="judge", structured={"JudgeVerdict": {"passed": True, "reason": "ok"}}
+    )
+    agent = build_agent(
+        ScriptedChatModel(script=["Paris."]),
+        checks=[rule],
+        judge=judge,
+        policy=MONTHLY,
+        ledger=ledger,
+    )
+    final = await _run(agent, mode)
+    _assert_storage_failure(final, judge)
+    assert final["usage"]["model_calls"] == 1  # the agent's answer was counted
+    assert final["messages"][-1].response_metadata.get("keel_partial") is True
+
+
+# -- a deadline per attempt ---------------------------------------------------------------------
+
+
+def _slow_agent(fallback: bool) -> Any:
+    slow = ScriptedChatModel(model_name="slow", script=["too late"], latency=3.0)
+    fast = ScriptedChatModel(model_name="fast", script=["on time"])
+    if fallback:
+        deadline = ModelTimeoutPolicy(attempt_timeout=0.3, fallback=True)
+        return build_agent(slow, fallback_models=[fast], model_timeout=deadline)
+    retry = RetryPolicy(max_attempts=2, initial_interval=0.01, jitter=False)
+    return build_agent(slow, model_timeout=0.3, model_retry=retry)
+
+
+def _assert_on_time(final: Any) -> None:
+    assert final["outcome"]["terminated_reason"] == "completed"
+    assert final["messages"][-1].text == "on time"
+
+
+def _assert_timed_out(final: Any) -> None:
+    assert final["outcome"]["terminated_reason"] == "timeout"
+    assert final["outcome"]["detail"] == (
+        "model call failed after 2 attempt(s): TimeoutError: slow did not answer within 0.3 s "
+        "(ModelTimeoutPolicy.attempt_timeout)"
+    )
+
+
+@pytest.mark.parametrize("fallback", [True, False], ids=["next_model", "timeout"])
+def test_a_slow_model_is_given_up_under_invoke(fallback: bool) -> None:
+    started = time.monotonic()
+    final = _slow_agent(fallback).invoke({"messages": [("user", "hi")]}, context=ALICE)
+    # with fallback=True the slow model is not retried: one deadline, then the next model
+    assert time.monotonic() - started < (1.0 if fallback else 2.0), "keel stopped waiting"
+    (_assert_on_time if fallback else _assert_timed_out)(final)
+
+
+@pytest.mark.parametrize("fallback", [True, False], ids=["next_model", "timeout"])
+async def test_a_slow_model_is_cancelled_under_ainvoke(fallback: bool) -> None:
+    started = time.monotonic()
+    final = await _slow_agent(fallback).ainvoke({"messages": [("user", "hi")]}, context=ALICE)
+    assert time.monotonic() - started < (1.0 if fallback else 2.0), "keel stopped waiting"
+    (_assert_on_time if fallback else _assert_timed_out)(final)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "ModelTimeoutPolicy.attempt_timeout must be greater than 0, got 0."),
+        (-1.5, "ModelTimeoutPolicy.attempt_timeout must be greater than 0, got -1.5."),
+        ("10", "ModelTimeoutPolicy.attempt_timeout must be greater than 0, got '10'."),
+    ],
+)
+def test_a_bad_deadline_says_what_to_fix(value: Any, message: str) -> None:
+    from keel import UserError
+
+    with pytest.raises(UserError) as caught:
+        build_agent(ScriptedChatModel(script=["hi"]), model_timeout=value)
+    assert str(caught.value) == message
