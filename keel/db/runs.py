@@ -20,6 +20,7 @@ from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 from keel._version import __version__
 from keel.db.audit import where_clause
 from keel.db.ledger import Flow, Ledger
+from keel.db.tables import RUNS
 from keel.errors import UserError
 from keel.state import AgentState
 
@@ -183,29 +184,7 @@ class RunLog:
         return await self.ledger.arun(_query_flow(since, tenant, user))
 
 
-_COLUMNS = (
-    "run_key",
-    "thread_id",
-    "run_id",
-    "graph",
-    "policy",
-    "user_id",
-    "tenant_id",
-    "status",
-    "terminated_reason",
-    "error_category",
-    "detail",
-    *_USAGE,
-    "latency_s",
-    "tool_calls",
-    "tool_failures",
-    "tools",
-    "interrupts",
-    "thread_usage",
-    "started_at",
-    "ended_at",
-    "keel_version",
-)
+_COLUMNS = RUNS.names
 _UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
 
 
