@@ -1,11 +1,13 @@
 """The public surface is small and deliberate: this test pins it (as httpx does)."""
 
 from __future__ import annotations
+import __future__
 
 import importlib
 import importlib.util
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -84,6 +86,7 @@ PUBLIC = {
         "TABLES",
         "TOOL_CALLS",
         "Table",
+        "where_clause",
     ],
     "keel.errors": [
         "KeelError",
@@ -93,14 +96,16 @@ PUBLIC = {
         "UserError",
     ],
     "keel.db.audit": ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"],
-    "keel.db.runs": ["RunLog", "RunRecord", "error_category", "run_record"],
+    "keel.db.runs": ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"],
     "keel.app.report": [
         "Objective",
         "Report",
         "breaches",
         "build_report",
         "load_objectives",
+        "percentile",
         "render_html",
+        "render_text",
     ],
     "keel.app.health": [
         "Check",
@@ -125,6 +130,7 @@ PUBLIC = {
     ],
     "keel.observe.otel": ["Telemetry", "active", "use"],
     "keel.observe.tracing": [
+        "graph_config",
         "sanitized",
         "sanitizing_client",
         "trace_config",
@@ -245,6 +251,37 @@ def test_exported_members(module: str) -> None:
     assert sorted(mod.__all__) == sorted(PUBLIC[module])
     for name in mod.__all__:
         assert hasattr(mod, name), f"{module}.{name} is in __all__ but missing"
+
+
+def leaks(mod: types.ModuleType) -> list[str]:
+    """Public names `mod` offers outside its `__all__` (as httpx's test_exported_members).
+
+    A package offers every public name in its namespace; a module, the public functions,
+    classes and objects it defines (its imports are its own business).
+    """
+    package = hasattr(mod, "__path__")
+    offered = {
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType | __future__._Feature)
+        and (package or getattr(value, "__module__", None) == mod.__name__)
+    }
+    return sorted(offered - set(mod.__all__))
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_all_is_what_the_module_really_exports(module: str) -> None:
+    leaked = leaks(importlib.import_module(module))
+    assert not leaked, f"{module} offers {leaked} outside __all__: add them, or make them _private"
+
+
+def test_the_leak_check_catches_a_leak() -> None:
+    leaky = types.ModuleType("leaky")
+    exec("import json\n__all__ = ['kept']\ndef kept(): ...\ndef helper(): ...", vars(leaky))
+    assert leaks(leaky) == ["helper"]
+    leaky.__path__ = []  # as a package, everything public in its namespace counts
+    assert leaks(leaky) == ["helper"]
 
 
 def test_folders_are_subpackages_of_keel_only() -> None:

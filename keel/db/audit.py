@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import AUDIT
+from keel.db.tables import AUDIT, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 
@@ -161,18 +161,6 @@ def _query_flow(
         (*params, limit),
     )
     return [_record(row) for row in rows]
-
-
-def where_clause(
-    time_column: str, since: float | None, **equal: str | None
-) -> tuple[str, tuple[Any, ...]]:
-    """A `WHERE` clause for the given column values and `time_column >= since`."""
-    clauses = [f"{column} = ?" for column, value in equal.items() if value is not None]
-    params: list[Any] = [value for value in equal.values() if value is not None]
-    if since is not None:
-        clauses.append(f"{time_column} >= ?")
-        params.append(float(since))
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
 def _record(row: tuple[Any, ...]) -> AuditRecord:

@@ -18,13 +18,12 @@ from typing import Any
 from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
 from keel._version import __version__
-from keel.db.audit import where_clause
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import RUNS
+from keel.db.tables import RUNS, where_clause
 from keel.errors import UserError
 from keel.state import AgentState
 
-__all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
+__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})

@@ -13,6 +13,7 @@ rate limits, breakers, standing approvals) sit above storage and may not be impo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "AUDIT",
@@ -28,6 +29,7 @@ __all__ = [
     "TABLES",
     "TOOL_CALLS",
     "Table",
+    "where_clause",
 ]
 
 
@@ -103,6 +105,18 @@ class Table:
         return (
             f"CREATE INDEX IF NOT EXISTS {index.name} ON {self.name} ({', '.join(index.columns)})"
         )
+
+
+def where_clause(
+    time_column: str, since: float | None, **equal: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    """A `WHERE` clause for the given column values and `time_column >= since`."""
+    clauses = [f"{column} = ?" for column, value in equal.items() if value is not None]
+    params: list[Any] = [value for value in equal.values() if value is not None]
+    if since is not None:
+        clauses.append(f"{time_column} >= ?")
+        params.append(float(since))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
 _DOUBLE = "DOUBLE PRECISION"

@@ -29,7 +29,14 @@ from langchain_core.tracers.langchain import LangChainTracer
 from keel._version import __version__
 from keel.state import RunContext
 
-__all__ = ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"]
+__all__ = [
+    "graph_config",
+    "sanitized",
+    "sanitizing_client",
+    "trace_config",
+    "tracer",
+    "tracing_enabled",
+]
 
 _TRUE = ("true", "1", "yes")
 log = logging.getLogger("keel.observe.tracing")
