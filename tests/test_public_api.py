@@ -3,11 +3,14 @@
 from __future__ import annotations
 import __future__
 
+import ast
 import importlib
 import importlib.util
+import pickle
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -89,10 +92,16 @@ PUBLIC = {
         "where_clause",
     ],
     "keel.errors": [
+        "CheckpointSizeWarning",
+        "CheckpointTooLarge",
+        "CircuitOpen",
         "KeelError",
         "ModelRequestsForbidden",
+        "RateLimited",
         "SchemaVersionError",
+        "ScriptExhausted",
         "SetupError",
+        "UnserializableState",
         "UserError",
     ],
     "keel.db.audit": ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"],
@@ -282,6 +291,67 @@ def test_the_leak_check_catches_a_leak() -> None:
     assert leaks(leaky) == ["helper"]
     leaky.__path__ = []  # as a package, everything public in its namespace counts
     assert leaks(leaky) == ["helper"]
+
+
+# Stand-ins for a provider's errors (the chaos model raises them as a provider would): not keel's.
+NOT_KEEL_ERRORS = {"keel.evals.chaos.ChaosRateLimitError", "keel.evals.chaos.ChaosServerError"}
+
+
+def _error_classes() -> set[str]:
+    """`module.Class` of every public exception or warning class keel's source defines."""
+    import keel.errors
+
+    root = Path(__file__).resolve().parents[1]
+    folders = {"keel": "keel", **{f"keel.{f}": f for f in ("graphs", "nodes", "tools")}}
+    folders |= {f"keel.{f}": f for f in ("memory", "guards", "evals")}
+    errorish = {"Exception", "BaseException", "Warning", *keel.errors.__all__}
+    found = set()
+    for package, folder in folders.items():
+        for path in (root / folder).rglob("*.py"):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            module = ".".join([package, *(p for p in parts if p != "__init__")])
+            for node in ast.parse(path.read_text()).body:
+                if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                    continue
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if bases & errorish or any(b.endswith(("Error", "Warning")) for b in bases):
+                    found.add(f"{module}.{node.name}")
+    return found
+
+
+def test_every_public_error_is_in_the_one_tree() -> None:
+    import keel.errors
+
+    found = _error_classes() - NOT_KEEL_ERRORS
+    assert found == {f"keel.errors.{n}" for n in keel.errors.__all__}
+    tree = keel.errors.__doc__ or ""
+    assert [n for n in keel.errors.__all__ if n not in tree] == []  # each is drawn in the tree
+
+
+def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
+    from keel import RunContext
+    from keel.errors import (
+        CheckpointTooLarge,
+        CircuitOpen,
+        RateLimited,
+        SchemaVersionError,
+        UnserializableState,
+        UserError,
+    )
+
+    with pytest.raises(UserError, match=r"RunContext\.user_id must be a non-empty string"):
+        RunContext(user_id="")
+    assert issubclass(UnserializableState, UserError) and issubclass(UnserializableState, TypeError)
+    samples = [
+        UnserializableState("messages[0]", "x.Y"),
+        CheckpointTooLarge("t1", 2_000, 1_000),
+        RateLimited("rpm:model:m", 10, 1.5, waited=0.5),
+        CircuitOpen("model:m", 100.0, retry_after=2.0),
+        SchemaVersionError(found=3, known=2),
+    ]
+    for error in samples:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
 
 
 def test_folders_are_subpackages_of_keel_only() -> None:
