@@ -21,17 +21,13 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr
 
-from keel.errors import KeelError
+from keel.errors import ScriptExhausted
 
 __all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "say"]
 
 Responder = Callable[[Sequence[BaseMessage]], "AIMessage | str"]
 ScriptEntry = AIMessage | str | Responder
 """One turn: a message, a final text, or a function of the conversation returning either."""
-
-
-class ScriptExhausted(KeelError, RuntimeError):
-    """The conversation asked for more turns than the script has."""
 
 
 def say(text: str) -> AIMessage:

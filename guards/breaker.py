@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from keel.db.audit import AuditRecord, insert_flow
 from keel.db.ledger import Flow, Ledger
-from keel.errors import KeelError, UserError
+from keel.errors import CircuitOpen, KeelError, UserError
 
 __all__ = [
     "BreakerEvent",
@@ -160,29 +160,6 @@ def _reason(old: BreakerState, new: BreakerState, policy: BreakerPolicy) -> str:
     if new.state == "half_open":
         return f"cool-down of {policy.cooldown_seconds:g} s over"
     return f"{policy.success_threshold} successes while half-open"
-
-
-class CircuitOpen(KeelError):
-    """A call was refused because its circuit breaker is open: fail fast, use the fallback."""
-
-    def __init__(self, key: str, retry_at: float, *, retry_after: float) -> None:
-        self.key = key
-        """The breaker, e.g. `model:gpt-4o`."""
-        self.retry_at = retry_at
-        """Unix time the breaker half-opens and lets calls through again."""
-        self.retry_after = retry_after
-        """Seconds until then, when the call was refused."""
-        super().__init__(
-            f"Circuit breaker {key!r} is open: calls fail fast until it half-opens in "
-            f"{retry_after:.2f} s. Fall back to another model or tool, or retry after that."
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:  # picklable across processes
-        return (_circuit_open, (self.key, self.retry_at, self.retry_after))
-
-
-def _circuit_open(key: str, retry_at: float, retry_after: float) -> CircuitOpen:
-    return CircuitOpen(key, retry_at, retry_after=retry_after)
 
 
 _NOT_OUTAGES = (ValueError, TypeError, LookupError, AttributeError, AssertionError)

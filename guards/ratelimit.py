@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 from typing import Literal
 
 from keel.db.ledger import Flow, Ledger
-from keel.errors import KeelError, UserError
+from keel.errors import RateLimited, UserError
 
 __all__ = [
     "Admit",
@@ -109,34 +109,6 @@ class RateLimit:
             who = f"{who}|{self.model}"
         pairs = (("rpm", self.rpm), ("tpm", self.tpm))
         return [(f"{kind}:{who}", limit, kind) for kind, limit in pairs if limit is not None]
-
-
-class RateLimited(KeelError):
-    """A call would exceed a rate limit for longer than its `max_wait`."""
-
-    def __init__(self, key: str, limit: int, retry_after: float, *, waited: float = 0.0) -> None:
-        self.key = key
-        """The bucket that is out of room, e.g. `rpm:model:gpt-4o`."""
-        self.limit = limit
-        """Its limit per minute."""
-        self.retry_after = retry_after
-        """Seconds until the bucket has room for this call (if nobody else takes it first)."""
-        self.waited = waited
-        """Seconds this call already waited."""
-        kind, _, who = key.partition(":")
-        unit = "requests" if kind == "rpm" else "tokens"
-        super().__init__(
-            f"Rate limit of {limit} {unit} per minute reached for {who} ({key}): room in "
-            f"{retry_after:.2f} s, after waiting {waited:.2f} s; that is beyond the limit's "
-            "max_wait. Raise RateLimit.max_wait or the limit, or fall back to another model."
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:  # picklable across processes
-        return (_rate_limited, (self.key, self.limit, self.retry_after, self.waited))
-
-
-def _rate_limited(key: str, limit: int, retry_after: float, waited: float) -> RateLimited:
-    return RateLimited(key, limit, retry_after, waited=waited)
 
 
 # -- the bucket math (pure) --------------------------------------------------------------------

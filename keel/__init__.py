@@ -9,7 +9,13 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.db.persistence import Persistence
 from keel.db.runs import RunLog, RunRecord
-from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
+from keel.errors import (
+    KeelError,
+    ModelRequestsForbidden,
+    SchemaVersionError,
+    SetupError,
+    UserError,
+)
 from keel.graphs import build_agent
 from keel.pricing import Price, PriceTable
 from keel.state import AgentState, Outcome, RunContext, Usage
@@ -29,6 +35,7 @@ __all__ = [
     "RunContext",
     "RunLog",
     "RunRecord",
+    "SchemaVersionError",
     "SetupError",
     "ToolSpec",
     "Usage",

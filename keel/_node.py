@@ -16,6 +16,7 @@ from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.runtime import Runtime
 
+from keel.errors import UserError
 from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
 
@@ -61,7 +62,7 @@ def context_of(runtime: Runtime[RunContext] | None) -> RunContext:
         return ctx
     if isinstance(ctx, dict):  # type: ignore[unreachable]  # e.g. from the LangGraph server
         return RunContext(**ctx)
-    raise TypeError(
+    raise UserError(
         f"keel nodes need context=RunContext(...), got {type(ctx).__name__}. "
         "Pass context=RunContext(user_id=..., tenant_id=..., roles=(...)) to invoke."
     )

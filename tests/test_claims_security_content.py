@@ -367,7 +367,7 @@ def test_secrets_named_by_their_key_are_redacted_in_audit_and_decision_log(
 
 
 def test_the_decision_log_is_sanitized(caplog: pytest.LogCaptureFixture) -> None:
-    from keel.observe.observer import decision
+    from keel.observe.observer import _decision as decision
 
     with caplog.at_level(logging.INFO, logger="keel.decisions"):
         decision("execute_tools", "deny", f"mail {EMAIL}", args={"token": "abc"})

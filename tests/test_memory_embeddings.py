@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -22,6 +23,24 @@ FACTS = {
     "lang": "She prefers answers in German, short and direct.",
     "job": "She is a backend engineer who writes Rust and Python.",
 }
+
+
+# Texts whose torch-path vectors are recorded in tests/data/minilm_torch.json: plain, short,
+# non-Latin, empty, and one past the 256-token truncation.
+REFERENCE_TEXTS = [
+    "The cat sits on the mat.",
+    "Refunds for damaged items are issued in full within 30 days of delivery.",
+    "a",
+    "Ünïcödé テキスト 中文 🚀 résumé",
+    "",
+    " ".join(f"word{i}" for i in range(400)),
+    "Order A1001: ceramic teapot, total $42.50, delivered.",
+]
+REFERENCE = Path(__file__).parent / "data" / "minilm_torch.json"
+NO_TORCH = (
+    "the torch path is not installed (pip install 'langgraph-keel[embeddings-torch]'): the onnx "
+    "vectors are checked against the recorded torch vectors only"
+)
 
 
 def _cos(a: list[float], b: list[float]) -> float:
@@ -130,3 +149,50 @@ def test_bad_embedding_arguments_say_what_to_do() -> None:
         MiniLMEmbeddings(batch_size=0)
     with pytest.raises(UserError, match="Chroma embedding function"):
         ChromaEmbeddings("not a function")  # type: ignore[arg-type]
+
+
+def test_the_onnx_path_gives_the_vectors_torch_gave(minilm: MiniLMEmbeddings) -> None:
+    recorded = json.loads(REFERENCE.read_text())
+    assert recorded["texts"] == REFERENCE_TEXTS
+    got = minilm.embed_documents(REFERENCE_TEXTS)
+    for text, mine, theirs in zip(REFERENCE_TEXTS, got, recorded["vectors"], strict=True):
+        assert _cos(mine, theirs) >= 0.9999, text[:40]
+
+
+def test_the_onnx_path_equals_the_torch_path_live(minilm: MiniLMEmbeddings) -> None:
+    pytest.importorskip("sentence_transformers", reason=NO_TORCH)
+    torch = MiniLMEmbeddings(backend="torch")
+    texts = [*REFERENCE_TEXTS, *FACTS.values()]
+    for text, a, b in zip(
+        texts, minilm.embed_documents(texts), torch.embed_documents(texts), strict=True
+    ):
+        assert _cos(a, b) >= 0.9999, text[:40]
+
+
+def test_padding_does_not_change_a_vector(minilm: MiniLMEmbeddings) -> None:
+    # dynamic padding: a short text batched with a long one gets the vector it gets alone
+    texts = ["short", " ".join(["padding"] * 200), "a bit longer text than the first"]
+    batched = MiniLMEmbeddings(batch_size=3).embed_documents(texts)
+    for text, vector in zip(texts, batched, strict=True):
+        assert _cos(vector, minilm.embed_query(text)) >= 0.99999
+
+
+def test_the_default_path_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; from keel.memory import MiniLMEmbeddings;"
+        "MiniLMEmbeddings().embed_query('hello');"
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_backend_arguments_say_what_to_do() -> None:
+    with pytest.raises(UserError, match="must be 'onnx' or 'torch', got 'tf'"):
+        MiniLMEmbeddings(backend="tf")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="needs backend='torch'"):
+        MiniLMEmbeddings(device="cuda")

@@ -1,11 +1,16 @@
 """The public surface is small and deliberate: this test pins it (as httpx does)."""
 
 from __future__ import annotations
+import __future__
 
+import ast
 import importlib
 import importlib.util
+import pickle
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +29,7 @@ PUBLIC = {
         "RunContext",
         "RunLog",
         "RunRecord",
+        "SchemaVersionError",
         "SetupError",
         "ToolSpec",
         "Usage",
@@ -61,15 +67,54 @@ PUBLIC = {
         "ThreadSummary",
         "default_db_url",
     ],
+    "keel.db.migrations": [
+        "LATEST",
+        "MIGRATIONS",
+        "Migration",
+        "migrate_flow",
+        "statements",
+        "version_flow",
+    ],
+    "keel.db.tables": [
+        "AUDIT",
+        "BREAKERS",
+        "Column",
+        "Index",
+        "MIGRATIONS_TABLE",
+        "RATE_BUCKETS",
+        "RESERVATIONS",
+        "RUNS",
+        "SPEND",
+        "STANDING_APPROVALS",
+        "TABLES",
+        "TOOL_CALLS",
+        "Table",
+        "where_clause",
+    ],
+    "keel.errors": [
+        "CheckpointSizeWarning",
+        "CheckpointTooLarge",
+        "CircuitOpen",
+        "KeelError",
+        "ModelRequestsForbidden",
+        "RateLimited",
+        "SchemaVersionError",
+        "ScriptExhausted",
+        "SetupError",
+        "UnserializableState",
+        "UserError",
+    ],
     "keel.db.audit": ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"],
-    "keel.db.runs": ["RunLog", "RunRecord", "error_category", "run_record"],
+    "keel.db.runs": ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"],
     "keel.app.report": [
         "Objective",
         "Report",
         "breaches",
         "build_report",
         "load_objectives",
+        "percentile",
         "render_html",
+        "render_text",
     ],
     "keel.app.health": [
         "Check",
@@ -95,6 +140,7 @@ PUBLIC = {
     ],
     "keel.observe.otel": ["Telemetry", "active", "use"],
     "keel.observe.tracing": [
+        "graph_config",
         "sanitized",
         "sanitizing_client",
         "trace_config",
@@ -239,6 +285,98 @@ def test_exported_members(module: str) -> None:
     assert sorted(mod.__all__) == sorted(PUBLIC[module])
     for name in mod.__all__:
         assert hasattr(mod, name), f"{module}.{name} is in __all__ but missing"
+
+
+def leaks(mod: types.ModuleType) -> list[str]:
+    """Public names `mod` offers outside its `__all__` (as httpx's test_exported_members).
+
+    A package offers every public name in its namespace; a module, the public functions,
+    classes and objects it defines (its imports are its own business).
+    """
+    package = hasattr(mod, "__path__")
+    offered = {
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType | __future__._Feature)
+        and (package or getattr(value, "__module__", None) == mod.__name__)
+    }
+    return sorted(offered - set(mod.__all__))
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_all_is_what_the_module_really_exports(module: str) -> None:
+    leaked = leaks(importlib.import_module(module))
+    assert not leaked, f"{module} offers {leaked} outside __all__: add them, or make them _private"
+
+
+def test_the_leak_check_catches_a_leak() -> None:
+    leaky = types.ModuleType("leaky")
+    exec("import json\n__all__ = ['kept']\ndef kept(): ...\ndef helper(): ...", vars(leaky))
+    assert leaks(leaky) == ["helper"]
+    leaky.__path__ = []  # as a package, everything public in its namespace counts
+    assert leaks(leaky) == ["helper"]
+
+
+# Stand-ins for a provider's errors (the chaos model raises them as a provider would): not keel's.
+NOT_KEEL_ERRORS = {"keel.evals.chaos.ChaosRateLimitError", "keel.evals.chaos.ChaosServerError"}
+
+
+def _error_classes() -> set[str]:
+    """`module.Class` of every public exception or warning class keel's source defines."""
+    import keel.errors
+
+    root = Path(__file__).resolve().parents[1]
+    folders = {"keel": "keel", **{f"keel.{f}": f for f in ("graphs", "nodes", "tools")}}
+    folders |= {f"keel.{f}": f for f in ("memory", "guards", "evals")}
+    errorish = {"Exception", "BaseException", "Warning", *keel.errors.__all__}
+    found = set()
+    for package, folder in folders.items():
+        for path in (root / folder).rglob("*.py"):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            module = ".".join([package, *(p for p in parts if p != "__init__")])
+            for node in ast.parse(path.read_text()).body:
+                if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                    continue
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if bases & errorish or any(b.endswith(("Error", "Warning")) for b in bases):
+                    found.add(f"{module}.{node.name}")
+    return found
+
+
+def test_every_public_error_is_in_the_one_tree() -> None:
+    import keel.errors
+
+    found = _error_classes() - NOT_KEEL_ERRORS
+    assert found == {f"keel.errors.{n}" for n in keel.errors.__all__}
+    tree = keel.errors.__doc__ or ""
+    assert [n for n in keel.errors.__all__ if n not in tree] == []  # each is drawn in the tree
+
+
+def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
+    from keel import RunContext
+    from keel.errors import (
+        CheckpointTooLarge,
+        CircuitOpen,
+        RateLimited,
+        SchemaVersionError,
+        UnserializableState,
+        UserError,
+    )
+
+    with pytest.raises(UserError, match=r"RunContext\.user_id must be a non-empty string"):
+        RunContext(user_id="")
+    assert issubclass(UnserializableState, UserError) and issubclass(UnserializableState, TypeError)
+    samples = [
+        UnserializableState("messages[0]", "x.Y"),
+        CheckpointTooLarge("t1", 2_000, 1_000),
+        RateLimited("rpm:model:m", 10, 1.5, waited=0.5),
+        CircuitOpen("model:m", 100.0, retry_after=2.0),
+        SchemaVersionError(found=3, known=2),
+    ]
+    for error in samples:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
 
 
 def test_folders_are_subpackages_of_keel_only() -> None:

@@ -34,6 +34,7 @@ from keel.app import cli_observe
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
 from keel.app.serve import serve_command, serve_env
 from keel.db.ledger import Ledger
+from keel.db.migrations import version_flow
 from keel.db.persistence import Persistence, default_db_url
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
@@ -56,10 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "db":
-            persistence = Persistence(args.db)
-            persistence.setup()
-            print(f"keel: database ready at {persistence.safe_url}")
-            return 0
+            return _db_setup(args.db)
         return asyncio.run(_run(args))
     except KeelError as exc:
         print(f"keel: {exc}", file=sys.stderr)
@@ -67,6 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nkeel: interrupted; the thread is saved and can be resumed.", file=sys.stderr)
         return 130
+
+
+def _db_setup(url: str | None) -> int:
+    persistence = Persistence(url)
+    persistence.setup()
+    ledger = Ledger(url)
+    try:
+        version = ledger.run(version_flow())  # sets the ledger up (migrates) first
+    finally:
+        ledger.close()
+    print(f"keel: database ready at {persistence.safe_url} (ledger schema version {version})")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,7 +19,16 @@ from typing import Any, Literal
 from keel.db.runs import RunRecord
 from keel.errors import UserError
 
-__all__ = ["Objective", "Report", "breaches", "build_report", "load_objectives", "render_html"]
+__all__ = [
+    "Objective",
+    "Report",
+    "breaches",
+    "build_report",
+    "load_objectives",
+    "percentile",
+    "render_html",
+    "render_text",
+]
 
 METRICS = (
     "runs",

@@ -4,6 +4,8 @@
 - `Ledger`: keel's own tables (budgets, rate limits, breakers, standing approvals, idempotency,
   audit, run records), one transaction per `Flow`.
 - `AuditLog` / `RunLog`: the audit log and the run records, in the ledger.
+- `keel.db.tables` / `keel.db.migrations`: the ledger's tables, defined once, and its versioned
+  schema (`MIGRATIONS`, applied by `Ledger.setup()`).
 - `keel.db.checkpoint`: strict and pooled checkpointers, checkpoint retention.
 - `keel.db.idempotency`: the at-most-once bookkeeping of side-effecting tool calls.
 

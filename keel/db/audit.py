@@ -15,10 +15,11 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from keel.db.ledger import Flow, Ledger
+from keel.db.tables import AUDIT, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 
@@ -28,10 +29,6 @@ AuditKind = Literal["tool", "approval", "budget", "breaker", "content"]
 """What an audit record is about."""
 
 _RESULT_CHARS = 500
-_COLUMNS = (
-    "id, at, kind, decision, status, user_id, tenant_id, tool, args, rule, approver, result, "
-    "thread_id, run_id, tool_call_id, policy"
-)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -142,28 +139,12 @@ class AuditLog:
 def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
     """Insert `records` with arguments and results sanitized; usable inside another flow."""
     for r in records:
-        args = None if r.args is None else json.dumps(sanitize(r.args), default=str)
-        result = sanitize(_truncate(r.result))
+        values = {f.name: getattr(r, f.name) for f in fields(r)}
+        values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
+        values["result"] = sanitize(_truncate(r.result))
         yield (
-            f"INSERT INTO keel_audit ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
-            (
-                r.id,
-                r.at,
-                r.kind,
-                r.decision,
-                r.status,
-                r.user_id,
-                r.tenant_id,
-                r.tool,
-                args,
-                r.rule,
-                r.approver,
-                result,
-                r.thread_id,
-                r.run_id,
-                r.tool_call_id,
-                r.policy,
-            ),
+            f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()})",
+            tuple(values[column] for column in AUDIT.names),
         )
 
 
@@ -179,42 +160,13 @@ def _query_flow(
         raise UserError(f"AuditLog.query(limit=...) must be 1 or more, got {limit!r}.")
     where, params = where_clause("at", since, thread_id=thread, user_id=user)
     rows = yield (
-        f"SELECT {_COLUMNS} FROM keel_audit{where} ORDER BY at, id LIMIT ?",
+        f"SELECT {AUDIT.select} FROM {AUDIT.name}{where} ORDER BY at, id LIMIT ?",
         (*params, limit),
     )
     return [_record(row) for row in rows]
 
 
-def where_clause(
-    time_column: str, since: float | None, **equal: str | None
-) -> tuple[str, tuple[Any, ...]]:
-    """A `WHERE` clause for the given column values and `time_column >= since`."""
-    clauses = [f"{column} = ?" for column, value in equal.items() if value is not None]
-    params: list[Any] = [value for value in equal.values() if value is not None]
-    if since is not None:
-        clauses.append(f"{time_column} >= ?")
-        params.append(float(since))
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
-
-
 def _record(row: tuple[Any, ...]) -> AuditRecord:
-    (id_, at, kind, decision, status, user, tenant, tool, args, rule, approver, *rest) = row
-    result, thread, run, call, policy = rest
-    return AuditRecord(
-        id=id_,
-        at=float(at),
-        kind=kind,
-        decision=decision,
-        status=status,
-        user_id=user,
-        tenant_id=tenant,
-        tool=tool,
-        args=None if args is None else json.loads(args),
-        rule=rule,
-        approver=approver,
-        result=result,
-        thread_id=thread,
-        run_id=run,
-        tool_call_id=call,
-        policy=policy,
-    )
+    values = dict(zip(AUDIT.names, row, strict=True))
+    args = None if values["args"] is None else json.loads(values["args"])
+    return AuditRecord(**{**values, "at": float(values["at"]), "args": args})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from keel.db.ledger import Flow
+from keel.db.tables import TOOL_CALLS
 
 __all__ = [
     "CallRecord",
@@ -33,8 +34,6 @@ __all__ = [
 
 CallState = Literal["started", "completed", "failed", "cleared"]
 """Where a side-effecting call is: running (or died running), done, failed, or free to rerun."""
-
-_COLUMNS = "tool, args_digest, state, result, attempts, started_at, finished_at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,24 +71,25 @@ class Claim:
     """The row as found (`None` for a first claim)."""
 
 
-def _record(thread_id: str, call_id: str, row: Sequence[Any]) -> CallRecord:
-    tool, digest, state, result, attempts, started, finished = row
+def _record(row: Sequence[Any]) -> CallRecord:
+    values = dict(zip(TOOL_CALLS.names, row, strict=True))
+    result, finished = values["result"], values["finished_at"]
     return CallRecord(
-        thread_id=thread_id,
-        tool_call_id=call_id,
-        tool=tool,
-        args_digest=digest,
-        state=state,
+        thread_id=values["thread_id"],
+        tool_call_id=values["tool_call_id"],
+        tool=values["tool"],
+        args_digest=values["args_digest"],
+        state=values["state"],
         result=json.loads(result) if result is not None else None,
-        attempts=int(attempts),
-        started_at=float(started),
+        attempts=int(values["attempts"]),
+        started_at=float(values["started_at"]),
         finished_at=None if finished is None else float(finished),
     )
 
 
 def _select(thread_id: str, call_id: str) -> tuple[str, tuple[Any, ...]]:
     return (
-        f"SELECT {_COLUMNS} FROM keel_tool_calls WHERE thread_id = ? AND tool_call_id = ? "
+        f"SELECT {TOOL_CALLS.select} FROM keel_tool_calls WHERE thread_id = ? AND tool_call_id = ? "
         "{for_update}",
         (thread_id, call_id),
     )
@@ -118,7 +118,7 @@ def claim_flow(
     if inserted:
         return Claim("run")
     rows = yield _select(thread_id, call_id)
-    record = _record(thread_id, call_id, rows[0])
+    record = _record(rows[0])
     if record.args_digest != digest:
         return Claim("conflict", record)
     if record.state in ("completed", "failed"):
@@ -174,5 +174,5 @@ def records_flow(thread_id: str, call_ids: Sequence[str]) -> Flow[dict[str, Call
     for call_id in call_ids:
         rows = yield _select(thread_id, call_id)
         if rows:
-            out[call_id] = _record(thread_id, call_id, rows[0])
+            out[call_id] = _record(rows[0])
     return out

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import aiosqlite
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence
 from keel.errors import SetupError, UserError
 
@@ -33,111 +34,6 @@ T = TypeVar("T")
 Row = tuple[Any, ...]
 Flow = Generator[tuple[str, tuple[Any, ...]], list[Row], T]
 """A transaction written once: yields `(sql, params)`, receives the rows, returns a result."""
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS keel_spend (
-        scope_key TEXT NOT NULL,
-        period TEXT NOT NULL,
-        spent_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
-        spent_tokens BIGINT NOT NULL DEFAULT 0,
-        PRIMARY KEY (scope_key, period)
-    )""",
-    """CREATE TABLE IF NOT EXISTS keel_reservations (
-        id TEXT PRIMARY KEY,
-        scope_key TEXT NOT NULL,
-        period TEXT NOT NULL,
-        usd DOUBLE PRECISION NOT NULL,
-        tokens BIGINT NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS keel_reservations_scope ON keel_reservations (scope_key, period)",
-    """CREATE TABLE IF NOT EXISTS keel_rate_buckets (
-        key TEXT PRIMARY KEY,
-        tokens DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS keel_breakers (
-        key TEXT PRIMARY KEY,
-        state TEXT NOT NULL DEFAULT 'closed',
-        failures INTEGER NOT NULL DEFAULT 0,
-        successes INTEGER NOT NULL DEFAULT 0,
-        opened_at DOUBLE PRECISION,
-        window_start DOUBLE PRECISION
-    )""",
-    """CREATE TABLE IF NOT EXISTS keel_standing_approvals (
-        scope_key TEXT NOT NULL,
-        key TEXT NOT NULL,
-        record TEXT NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (scope_key, key)
-    )""",
-    # side-effecting tool calls, at most once (keel.db.idempotency)
-    """CREATE TABLE IF NOT EXISTS keel_tool_calls (
-        thread_id TEXT NOT NULL,
-        tool_call_id TEXT NOT NULL,
-        tool TEXT NOT NULL,
-        args_digest TEXT NOT NULL,
-        state TEXT NOT NULL,
-        result TEXT,
-        attempts INTEGER NOT NULL DEFAULT 1,
-        started_at DOUBLE PRECISION NOT NULL,
-        finished_at DOUBLE PRECISION,
-        PRIMARY KEY (thread_id, tool_call_id)
-    )""",
-    # the audit log (keel.db.audit): append-only from keel's side
-    """CREATE TABLE IF NOT EXISTS keel_audit (
-        id TEXT PRIMARY KEY,
-        at DOUBLE PRECISION NOT NULL,
-        kind TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        status TEXT NOT NULL DEFAULT '',
-        user_id TEXT,
-        tenant_id TEXT,
-        tool TEXT,
-        args TEXT,
-        rule TEXT,
-        approver TEXT,
-        result TEXT NOT NULL DEFAULT '',
-        thread_id TEXT,
-        run_id TEXT,
-        tool_call_id TEXT,
-        policy TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS keel_audit_at ON keel_audit (at)",
-    "CREATE INDEX IF NOT EXISTS keel_audit_thread ON keel_audit (thread_id, at)",
-    "CREATE INDEX IF NOT EXISTS keel_audit_user ON keel_audit (user_id, at)",
-    # run records (keel.db.runs): one row per run, written when it ends or pauses
-    """CREATE TABLE IF NOT EXISTS keel_runs (
-        run_key TEXT PRIMARY KEY,
-        thread_id TEXT,
-        run_id TEXT,
-        graph TEXT,
-        policy TEXT,
-        user_id TEXT,
-        tenant_id TEXT,
-        status TEXT NOT NULL,
-        terminated_reason TEXT NOT NULL,
-        error_category TEXT,
-        detail TEXT NOT NULL DEFAULT '',
-        steps INTEGER NOT NULL DEFAULT 0,
-        model_calls INTEGER NOT NULL DEFAULT 0,
-        input_tokens BIGINT NOT NULL DEFAULT 0,
-        output_tokens BIGINT NOT NULL DEFAULT 0,
-        usd DOUBLE PRECISION NOT NULL DEFAULT 0,
-        latency_s DOUBLE PRECISION NOT NULL DEFAULT 0,
-        tool_calls INTEGER NOT NULL DEFAULT 0,
-        tool_failures INTEGER NOT NULL DEFAULT 0,
-        tools TEXT NOT NULL DEFAULT '{}',
-        interrupts INTEGER NOT NULL DEFAULT 0,
-        guard_findings TEXT NOT NULL DEFAULT '{}',
-        thread_usage TEXT NOT NULL DEFAULT '{}',
-        started_at DOUBLE PRECISION NOT NULL,
-        ended_at DOUBLE PRECISION NOT NULL,
-        keel_version TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS keel_runs_ended ON keel_runs (ended_at)",
-    "CREATE INDEX IF NOT EXISTS keel_runs_thread ON keel_runs (thread_id, started_at)",
-)
 
 
 class Ledger:
@@ -185,19 +81,27 @@ class Ledger:
         return await self._arun(flow)
 
     def setup(self) -> None:
-        """Create keel's tables (idempotent; safe when several processes set up at once)."""
+        """Create or upgrade keel's tables (`keel.db.migrations`; idempotent, concurrency-safe).
+
+        Raises:
+            SchemaVersionError: A newer keel set the database up.
+        """
         with self._setup_thread_lock:
             if not self._ready:
-                self._run(_schema_flow(self.backend))
+                self._run(migrate_flow(self.backend))
                 self._ready = True
 
     async def asetup(self) -> None:
-        """Create keel's tables (idempotent; safe when several processes set up at once)."""
+        """Create or upgrade keel's tables (`keel.db.migrations`; idempotent, concurrency-safe).
+
+        Raises:
+            SchemaVersionError: A newer keel set the database up.
+        """
         if self._setup_lock is None:
             self._setup_lock = asyncio.Lock()
         async with self._setup_lock:
             if not self._ready:
-                await self._arun(_schema_flow(self.backend))
+                await self._arun(migrate_flow(self.backend))
                 self._ready = True
 
     def close(self) -> None:
@@ -307,18 +211,6 @@ class Ledger:
                     ) from exc
                 self._apool = pool
             return self._apool
-
-
-_SCHEMA_LOCK = 0x6B65656C  # "keel": the advisory lock that serializes schema setup
-"""PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a concurrent twin (it can fail
-with a unique violation on `pg_type`), so setups across processes take this lock first."""
-
-
-def _schema_flow(backend: str) -> Flow[None]:
-    if backend == "postgres":
-        yield "SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,)
-    for statement in SCHEMA:
-        yield statement, ()
 
 
 def _drive(flow: Flow[T], execute: Any) -> T:

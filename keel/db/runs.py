@@ -18,13 +18,13 @@ from typing import Any
 from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
 from keel._version import __version__
-from keel.db.audit import where_clause
 from keel.db.ledger import Flow, Ledger
+from keel.db.tables import RUNS, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 from keel.state import AgentState
 
-__all__ = ["RunLog", "RunRecord", "error_category", "run_record"]
+__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
@@ -200,30 +200,7 @@ class RunLog:
         return await self.ledger.arun(_query_flow(since, tenant, user))
 
 
-_COLUMNS = (
-    "run_key",
-    "thread_id",
-    "run_id",
-    "graph",
-    "policy",
-    "user_id",
-    "tenant_id",
-    "status",
-    "terminated_reason",
-    "error_category",
-    "detail",
-    *_USAGE,
-    "latency_s",
-    "tool_calls",
-    "tool_failures",
-    "tools",
-    "interrupts",
-    "guard_findings",
-    "thread_usage",
-    "started_at",
-    "ended_at",
-    "keel_version",
-)
+_COLUMNS = RUNS.names
 _UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
 
 

@@ -212,10 +212,10 @@ def _log_decision(node: str, choice: str, state: AgentState) -> None:
         reason = "tool calls: " + ", ".join(c["name"] for c in last.tool_calls)
     verdicts = state.get("verdicts") or []
     confidence = verdicts[-1].get("confidence") if verdicts else None
-    decision(node, choice, reason or "", confidence=confidence)
+    _decision(node, choice, reason or "", confidence=confidence)
 
 
-def decision(node: str, choice: str, reason: str, **extra: Any) -> None:
+def _decision(node: str, choice: str, reason: str, **extra: Any) -> None:
     """Log one decision as a JSON line on `keel.decisions` (at INFO), PII and secrets redacted."""
     line = sanitize({"node": node, "choice": choice, "reason": reason, **extra})
     decision_log.info(json.dumps(line, default=str, sort_keys=False))
@@ -243,7 +243,7 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
             status = str(m.response_metadata.get("keel_status", m.status))
             action = verdict.action if verdict is not None else "deny"
             reason = verdict.reason if verdict is not None else ""
-            decision("execute_tools", action, reason, tool=call["name"], status=status)
+            _decision("execute_tools", action, reason, tool=call["name"], status=status)
             out.append(
                 AuditRecord(
                     kind="tool",
@@ -300,7 +300,7 @@ def _review(
     who: Who,
     result: str = "",
 ) -> AuditRecord:
-    decision("human_review", kind, result, tool=tool, approver=approver)
+    _decision("human_review", kind, result, tool=tool, approver=approver)
     return AuditRecord(
         kind="approval",
         decision=kind,
@@ -327,7 +327,7 @@ def content_records(
         if not isinstance(note, dict):
             continue
         rules = ", ".join(note.get("rules") or [])
-        decision(
+        _decision(
             f"{note.get('guard')}_guard", str(note.get("action")), rules, source=note.get("source")
         )
         out.append(

@@ -29,7 +29,14 @@ from keel._version import __version__
 from keel.redact import sanitized_logger
 from keel.state import RunContext
 
-__all__ = ["sanitized", "sanitizing_client", "trace_config", "tracer", "tracing_enabled"]
+__all__ = [
+    "graph_config",
+    "sanitized",
+    "sanitizing_client",
+    "trace_config",
+    "tracer",
+    "tracing_enabled",
+]
 
 _TRUE = ("true", "1", "yes")
 log = sanitized_logger("keel.observe.tracing")

@@ -32,7 +32,12 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver
-from keel.errors import KeelError, UserError
+from keel.errors import (
+    CheckpointSizeWarning,
+    CheckpointTooLarge,
+    UnserializableState,
+    UserError,
+)
 
 __all__ = [
     "CheckpointPolicy",
@@ -97,47 +102,6 @@ class CheckpointPolicy:
         """`(module, name)` of every class that may be stored."""
         own = {(t.__module__, t.__qualname__) for t in self.allow}
         return frozenset({*(k for k in SAFE_MSGPACK_TYPES if len(k) == 2), *_INTERNAL, *own})
-
-
-class UnserializableState(KeelError, TypeError):
-    """A value in state cannot be stored so that it loads back."""
-
-    def __init__(self, path: str, type_name: str) -> None:
-        self.path = path
-        """Where in state, e.g. `messages[3].additional_kwargs['order']`."""
-        self.type_name = type_name
-        """The offending value's class, `module.Name`."""
-        name = type_name.rsplit(".", 1)[-1]
-        super().__init__(
-            f"Cannot checkpoint state: {path} is a {type_name}, which would not load back "
-            "from the database. Store plain data there (dicts, lists, strings, numbers), or "
-            f"allow the class: Persistence(url, checkpoints=CheckpointPolicy(allow=({name},)))."
-        )
-
-
-class CheckpointTooLarge(KeelError):
-    """A checkpoint is over `CheckpointPolicy.max_bytes` and the policy refuses it."""
-
-    def __init__(self, thread_id: str, size: int, limit: int) -> None:
-        self.thread_id = thread_id
-        """The thread whose checkpoint was refused."""
-        self.size = size
-        """Its serialized bytes so far (at least this many)."""
-        self.limit = limit
-        """`CheckpointPolicy.max_bytes`."""
-        super().__init__(_size_message(thread_id, size, limit, "was refused"))
-
-
-class CheckpointSizeWarning(UserWarning):
-    """A checkpoint is over `CheckpointPolicy.max_bytes` (saved anyway)."""
-
-
-def _size_message(thread_id: str, size: int, limit: int, what: str) -> str:
-    return (
-        f"A checkpoint of thread {thread_id!r} is {size:,} bytes, over the limit of "
-        f"{limit:,} (CheckpointPolicy.max_bytes), and {what}. Keep large data out of state "
-        "(store it elsewhere and keep a reference), compress the history, or raise the limit."
-    )
 
 
 def find_unserializable(
@@ -262,7 +226,7 @@ class _Strict:
             _TALLY.reset(token)
         if tally.size > limit:
             warnings.warn(
-                _size_message(thread_id, tally.size, limit, "was saved"),
+                CheckpointTooLarge.describe(thread_id, tally.size, limit, "was saved"),
                 CheckpointSizeWarning,
                 stacklevel=4,
             )

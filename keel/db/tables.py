@@ -1,0 +1,280 @@
+"""The ledger's tables: one definition each, used by the migrations (DDL) and by the queries.
+
+A `Table` lists its columns in order; `Table.select` is the column list the flows read and
+write, and `keel.db.migrations` creates the table and adds its later columns from the same
+definition. A column, index or table added in a later keel release carries `since=`, the
+schema version (a position in `keel.db.migrations.MIGRATIONS`) that brings it to existing
+databases. Never edit or remove an existing column: add one with the next version.
+
+The tables are defined here, in storage, because the guards that use some of them (spend,
+rate limits, breakers, standing approvals) sit above storage and may not be imported by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AUDIT",
+    "BREAKERS",
+    "Column",
+    "Index",
+    "MIGRATIONS_TABLE",
+    "RATE_BUCKETS",
+    "RESERVATIONS",
+    "RUNS",
+    "SPEND",
+    "STANDING_APPROVALS",
+    "TABLES",
+    "TOOL_CALLS",
+    "Table",
+    "where_clause",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column: its name, SQL type and constraints (the same text on SQLite and PostgreSQL)."""
+
+    name: str
+    """The column's name."""
+    type: str
+    """`TEXT`, `INTEGER`, `BIGINT` or `DOUBLE PRECISION`."""
+    constraints: str = ""
+    """`NOT NULL`, `DEFAULT …`; a column added later needs a default if it is `NOT NULL`."""
+    since: int = 1
+    """The schema version that added it."""
+
+    def sql(self) -> str:
+        """The column's definition, as in `CREATE TABLE` and `ALTER TABLE … ADD COLUMN`."""
+        return " ".join(part for part in (self.name, self.type, self.constraints) if part)
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """A secondary index on some columns of a table."""
+
+    name: str
+    """The index's name (unique in the database)."""
+    columns: tuple[str, ...]
+    """The indexed columns, in order."""
+    since: int = 1
+    """The schema version that added it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A ledger table: columns in order, the primary key, secondary indexes."""
+
+    name: str
+    """The table's name."""
+    columns: tuple[Column, ...]
+    """Every column, oldest first."""
+    primary_key: tuple[str, ...]
+    """The primary key's columns."""
+    indexes: tuple[Index, ...] = ()
+    """Secondary indexes."""
+    since: int = 1
+    """The schema version that created it."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The column names, in order."""
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def select(self) -> str:
+        """The column names as an SQL list: `a, b, c`."""
+        return ", ".join(self.names)
+
+    def placeholders(self) -> str:
+        """One `?` per column: `?, ?, ?`."""
+        return ", ".join("?" * len(self.columns))
+
+    def create_sql(self, version: int) -> str:
+        """`CREATE TABLE IF NOT EXISTS` with the columns that exist at schema `version`."""
+        columns = [c.sql() for c in self.columns if c.since <= version]
+        if self.primary_key:
+            columns.append(f"PRIMARY KEY ({', '.join(self.primary_key)})")
+        body = ",\n    ".join(columns)
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n)"
+
+    def index_sql(self, index: Index) -> str:
+        """`CREATE INDEX IF NOT EXISTS` for one of this table's indexes."""
+        return (
+            f"CREATE INDEX IF NOT EXISTS {index.name} ON {self.name} ({', '.join(index.columns)})"
+        )
+
+
+def where_clause(
+    time_column: str, since: float | None, **equal: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    """A `WHERE` clause for the given column values and `time_column >= since`."""
+    clauses = [f"{column} = ?" for column, value in equal.items() if value is not None]
+    params: list[Any] = [value for value in equal.values() if value is not None]
+    if since is not None:
+        clauses.append(f"{time_column} >= ?")
+        params.append(float(since))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+_DOUBLE = "DOUBLE PRECISION"
+
+SPEND = Table(  # keel.guards.spend: what each scope spent per period
+    "keel_spend",
+    (
+        Column("scope_key", "TEXT", "NOT NULL"),
+        Column("period", "TEXT", "NOT NULL"),
+        Column("spent_usd", _DOUBLE, "NOT NULL DEFAULT 0"),
+        Column("spent_tokens", "BIGINT", "NOT NULL DEFAULT 0"),
+    ),
+    primary_key=("scope_key", "period"),
+)
+RESERVATIONS = Table(  # keel.guards.spend: estimates held while a model call runs
+    "keel_reservations",
+    (
+        Column("id", "TEXT", "PRIMARY KEY"),
+        Column("scope_key", "TEXT", "NOT NULL"),
+        Column("period", "TEXT", "NOT NULL"),
+        Column("usd", _DOUBLE, "NOT NULL"),
+        Column("tokens", "BIGINT", "NOT NULL"),
+        Column("expires_at", _DOUBLE, "NOT NULL"),
+    ),
+    primary_key=(),
+    indexes=(Index("keel_reservations_scope", ("scope_key", "period")),),
+)
+RATE_BUCKETS = Table(  # keel.guards.ratelimit: shared token buckets
+    "keel_rate_buckets",
+    (
+        Column("key", "TEXT", "PRIMARY KEY"),
+        Column("tokens", _DOUBLE, "NOT NULL"),
+        Column("updated_at", _DOUBLE, "NOT NULL"),
+    ),
+    primary_key=(),
+)
+BREAKERS = Table(  # keel.guards.breaker: shared circuit-breaker state
+    "keel_breakers",
+    (
+        Column("key", "TEXT", "PRIMARY KEY"),
+        Column("state", "TEXT", "NOT NULL DEFAULT 'closed'"),
+        Column("failures", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("successes", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("opened_at", _DOUBLE),
+        Column("window_start", _DOUBLE),
+    ),
+    primary_key=(),
+)
+STANDING_APPROVALS = Table(  # keel.guards.standing: approvals that outlive one call
+    "keel_standing_approvals",
+    (
+        Column("scope_key", "TEXT", "NOT NULL"),
+        Column("key", "TEXT", "NOT NULL"),
+        Column("record", "TEXT", "NOT NULL"),
+        Column("expires_at", _DOUBLE, "NOT NULL"),
+    ),
+    primary_key=("scope_key", "key"),
+)
+TOOL_CALLS = Table(  # keel.db.idempotency: side-effecting tool calls, at most once
+    "keel_tool_calls",
+    (
+        Column("thread_id", "TEXT", "NOT NULL"),
+        Column("tool_call_id", "TEXT", "NOT NULL"),
+        Column("tool", "TEXT", "NOT NULL"),
+        Column("args_digest", "TEXT", "NOT NULL"),
+        Column("state", "TEXT", "NOT NULL"),
+        Column("result", "TEXT"),
+        Column("attempts", "INTEGER", "NOT NULL DEFAULT 1"),
+        Column("started_at", _DOUBLE, "NOT NULL"),
+        Column("finished_at", _DOUBLE),
+    ),
+    primary_key=("thread_id", "tool_call_id"),
+)
+AUDIT = Table(  # keel.db.audit: the audit log, append-only from keel's side
+    "keel_audit",
+    (
+        Column("id", "TEXT", "PRIMARY KEY"),
+        Column("at", _DOUBLE, "NOT NULL"),
+        Column("kind", "TEXT", "NOT NULL"),
+        Column("decision", "TEXT", "NOT NULL"),
+        Column("status", "TEXT", "NOT NULL DEFAULT ''"),
+        Column("user_id", "TEXT"),
+        Column("tenant_id", "TEXT"),
+        Column("tool", "TEXT"),
+        Column("args", "TEXT"),
+        Column("rule", "TEXT"),
+        Column("approver", "TEXT"),
+        Column("result", "TEXT", "NOT NULL DEFAULT ''"),
+        Column("thread_id", "TEXT"),
+        Column("run_id", "TEXT"),
+        Column("tool_call_id", "TEXT"),
+        Column("policy", "TEXT"),
+    ),
+    primary_key=(),
+    indexes=(
+        Index("keel_audit_at", ("at",)),
+        Index("keel_audit_thread", ("thread_id", "at")),
+        Index("keel_audit_user", ("user_id", "at")),
+    ),
+)
+RUNS = Table(  # keel.db.runs: one row per run, written when it ends or pauses
+    "keel_runs",
+    (
+        Column("run_key", "TEXT", "PRIMARY KEY"),
+        Column("thread_id", "TEXT"),
+        Column("run_id", "TEXT"),
+        Column("graph", "TEXT"),
+        Column("policy", "TEXT"),
+        Column("user_id", "TEXT"),
+        Column("tenant_id", "TEXT"),
+        Column("status", "TEXT", "NOT NULL"),
+        Column("terminated_reason", "TEXT", "NOT NULL"),
+        Column("error_category", "TEXT"),
+        Column("detail", "TEXT", "NOT NULL DEFAULT ''"),
+        Column("steps", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("model_calls", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("input_tokens", "BIGINT", "NOT NULL DEFAULT 0"),
+        Column("output_tokens", "BIGINT", "NOT NULL DEFAULT 0"),
+        Column("usd", _DOUBLE, "NOT NULL DEFAULT 0"),
+        Column("latency_s", _DOUBLE, "NOT NULL DEFAULT 0"),
+        Column("tool_calls", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("tool_failures", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("tools", "TEXT", "NOT NULL DEFAULT '{}'"),
+        Column("interrupts", "INTEGER", "NOT NULL DEFAULT 0"),
+        Column("thread_usage", "TEXT", "NOT NULL DEFAULT '{}'"),
+        Column("started_at", _DOUBLE, "NOT NULL"),
+        Column("ended_at", _DOUBLE, "NOT NULL"),
+        Column("keel_version", "TEXT"),
+        Column("guard_findings", "TEXT", "NOT NULL DEFAULT '{}'", since=3),
+    ),
+    primary_key=(),
+    indexes=(
+        Index("keel_runs_ended", ("ended_at",)),
+        Index("keel_runs_thread", ("thread_id", "started_at")),
+        # `keel report --tenant/--user` and `RunLog.query(tenant=, user=)`
+        Index("keel_runs_tenant", ("tenant_id", "ended_at"), since=2),
+        Index("keel_runs_user", ("user_id", "ended_at"), since=2),
+    ),
+)
+MIGRATIONS_TABLE = Table(  # keel.db.migrations: which schema versions a database has had
+    "keel_migrations",
+    (
+        Column("v", "INTEGER", "PRIMARY KEY"),
+        Column("summary", "TEXT", "NOT NULL"),
+        Column("applied_at", _DOUBLE, "NOT NULL"),
+        Column("keel_version", "TEXT"),
+    ),
+    primary_key=(),
+)
+
+TABLES: tuple[Table, ...] = (
+    SPEND,
+    RESERVATIONS,
+    RATE_BUCKETS,
+    BREAKERS,
+    STANDING_APPROVALS,
+    TOOL_CALLS,
+    AUDIT,
+    RUNS,
+)
+"""Every ledger table that `MIGRATIONS` manages, in creation order."""
