@@ -25,6 +25,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
+from keel._node import durable
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
@@ -380,7 +381,7 @@ def build_agent(
     graph.add_conditional_edges(
         "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
     )
-    agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    agent = durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

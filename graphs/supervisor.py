@@ -34,7 +34,7 @@ from langgraph.store.base import BaseStore
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import make_node
+from keel._node import durable, make_node
 from keel.errors import UserError
 from keel.graphs.agent import Agent
 from keel.models import resolve_model
@@ -115,7 +115,7 @@ def build_supervisor(
         graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
-    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+    return durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
 
 
 def route_after_router(state: SupervisorState) -> str:

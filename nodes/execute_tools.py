@@ -37,7 +37,17 @@ from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.standing import allowing
-from keel.nodes._once import Unknown, adrive_once, drive_once, ledger_key, succeeded, tool_message
+from keel.nodes._once import (
+    Unknown,
+    adrive_once,
+    await_saved,
+    drive_once,
+    known_call_ids,
+    ledger_key,
+    succeeded,
+    tool_message,
+    wait_saved,
+)
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
@@ -62,6 +72,10 @@ ToolStatus = Literal[
 """How a tool call ended; in each `ToolMessage`'s `response_metadata["keel_status"]`.
 `respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
 stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open."""
+
+
+Known = frozenset[str]
+"""The tool-call ids in the thread's history."""
 
 
 class _Deadline(Exception):
@@ -171,39 +185,67 @@ def execute_tools(
             update["plan"] = advance_plan(steps, succeeded=ok)
         return update
 
-    def run_sync(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+    def run_sync(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
         key = ledger_key(job.entry, job.call, config, ledger)
         if key is None or ledger is None:
             return _guarded_sync(job, config, tool_guard)
         return drive_once(
-            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard)
+            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard), known
         )
 
-    async def run_async(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+    async def run_async(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
         key = ledger_key(job.entry, job.call, config, ledger)
         if key is None or ledger is None:
             return await _guarded_async(job, config, tool_guard)
-        return await adrive_once(
-            job.entry, job.call, key, ledger, lambda: _guarded_async(job, config, tool_guard)
-        )
+        run = lambda: _guarded_async(job, config, tool_guard)  # noqa: E731
+        return await adrive_once(job.entry, job.call, key, ledger, run, known)
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        results = [p if not isinstance(p, _Job) else run_sync(p, config) for p in planned]
+        if _durable_jobs(planned, config, ledger) and not wait_saved(config):
+            planned = _not_saved(planned, config, ledger)
+        known = known_call_ids(state.get("messages") or [])
+        results = [p if not isinstance(p, _Job) else run_sync(p, config, known) for p in planned]
         return finish(state, results, sum(isinstance(p, _Job) for p in planned))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
+        if _durable_jobs(planned, config, ledger) and not await await_saved(config):
+            planned = _not_saved(planned, config, ledger)
+        known = known_call_ids(state.get("messages") or [])
         results = await asyncio.gather(
-            *(run_async(p, config) if isinstance(p, _Job) else _answered(p) for p in planned)
+            *(run_async(p, config, known) if isinstance(p, _Job) else _answered(p) for p in planned)
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 
     return make_node(name, invoke, ainvoke)
+
+
+def _durable_jobs(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> bool:
+    """Whether a cleared call runs through the ledger (and so must wait for the checkpoint)."""
+    return any(
+        isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
+        for p in planned
+    )
+
+
+def _not_saved(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> list[Any]:
+    """Answer the ledger calls `error`: the checkpoint holding their request was never saved."""
+    return [
+        _message(
+            p.call,
+            f"Error: {p.entry.name} was not run: the checkpoint holding this request was not "
+            "saved, so a crash could repeat it. Check the checkpointer's database.",
+            "error",
+        )
+        if isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
+        else p
+        for p in planned
+    ]
 
 
 # -- deciding what each call gets -----------------------------------------------------------
