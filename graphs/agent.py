@@ -28,6 +28,7 @@ from langgraph.types import RetryPolicy
 from keel._node import durable
 from keel.db.ledger import Ledger
 from keel.errors import UserError
+from keel.graphs.threads import guarded
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
@@ -381,7 +382,9 @@ def build_agent(
     graph.add_conditional_edges(
         "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
     )
-    agent = durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
+    agent = guarded(
+        durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
+    )
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

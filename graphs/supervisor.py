@@ -37,6 +37,7 @@ from keel import outcome
 from keel._node import durable, make_node
 from keel.errors import UserError
 from keel.graphs.agent import Agent
+from keel.graphs.threads import guarded
 from keel.models import resolve_model
 from keel.state import AgentState, RunContext, Usage
 
@@ -115,7 +116,8 @@ def build_supervisor(
         graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
-    return durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
+    compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    return guarded(durable(compiled, checkpointer))
 
 
 def route_after_router(state: SupervisorState) -> str:

@@ -14,6 +14,7 @@ cancel a thread); use `ainvoke` for cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -26,7 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, policy_id
@@ -37,6 +38,7 @@ from keel.guards.gate import Gate, approval_gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.standing import allowing
+from keel.nodes._args import invalid_args
 from keel.nodes._once import (
     Unknown,
     adrive_once,
@@ -267,7 +269,7 @@ def _classify(
             f"Error: {call['name']!r} is not a valid tool, try one of [{names}].",
             "unknown_tool",
         )
-    problem = _invalid_args(entry, call.get("args"))
+    problem = invalid_args(entry, call.get("args"))
     if problem is not None:
         return _message(
             call,
@@ -296,21 +298,6 @@ def _classify(
                 call, f"Rejected by a human reviewer; {entry.name} was not run.", "rejected"
             )
     return _Job(call, entry)
-
-
-def _invalid_args(entry: RegisteredTool, args: Any) -> str | None:
-    if not isinstance(args, dict):
-        return f"arguments must be a JSON object, got {type(args).__name__}"
-    schema = entry.tool.tool_call_schema
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        try:
-            schema.model_validate(args)
-        except ValidationError as exc:
-            return "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
-                for err in exc.errors()
-            )
-    return None
 
 
 # -- running the cleared calls: one decision, two drivers ----------------------------------
@@ -360,7 +347,10 @@ async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                result = await job.entry.tool.ainvoke(job.call, config)
+                if _is_sync(job.entry):
+                    result = await _in_daemon_thread(job, config)
+                else:
+                    result = await job.entry.tool.ainvoke(job.call, config)
             return _succeeded(job, result)
         except GraphBubbleUp:
             raise
@@ -428,6 +418,47 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _is_sync(entry: RegisteredTool) -> bool:
+    """A tool with a sync function and no coroutine (LangChain would run it on its executor)."""
+    tool = entry.tool
+    return getattr(tool, "coroutine", None) is None and getattr(tool, "func", None) is not None
+
+
+async def _in_daemon_thread(job: _Job, config: RunnableConfig) -> Any:
+    """Run a sync tool on its own daemon thread under `ainvoke`.
+
+    LangChain runs a sync tool on the event loop's default executor, whose threads the
+    interpreter joins at exit: a hung tool kept the process alive after its timeout. A daemon
+    thread is abandoned at exit; the timeout still cancels the wait for it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            settled: tuple[Any, BaseException | None] = (
+                ctx.run(job.entry.tool.invoke, job.call, config),
+                None,
+            )
+        except BaseException as exc:  # handed to the awaiting task
+            settled = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(_settle, future, *settled)
+
+    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 async def _answered(message: Any) -> Any:

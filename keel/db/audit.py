@@ -143,25 +143,39 @@ def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
         result = sanitize(_truncate(r.result))
         yield (
             f"INSERT INTO keel_audit ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
-            (
-                r.id,
-                r.at,
-                r.kind,
-                r.decision,
-                r.status,
-                r.user_id,
-                r.tenant_id,
-                r.tool,
-                args,
-                r.rule,
-                r.approver,
-                result,
-                r.thread_id,
-                r.run_id,
-                r.tool_call_id,
-                r.policy,
+            tuple(
+                _storable(v)
+                for v in (
+                    r.id,
+                    r.at,
+                    r.kind,
+                    r.decision,
+                    r.status,
+                    r.user_id,
+                    r.tenant_id,
+                    r.tool,
+                    args,
+                    r.rule,
+                    r.approver,
+                    result,
+                    r.thread_id,
+                    r.run_id,
+                    r.tool_call_id,
+                    r.policy,
+                )
             ),
         )
+
+
+def _storable(value: Any) -> Any:
+    r"""`value` as every database stores it; text that holds NUL or lone surrogates is escaped.
+
+    PostgreSQL refuses NUL in text and no database takes a lone surrogate (it is not UTF-8):
+    each is written as its escape (`\x00`, `\ud800`). Other values are unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _truncate(text: str) -> str:
