@@ -26,6 +26,7 @@ from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
 from keel._node import durable
+from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.threads import guarded
@@ -382,9 +383,8 @@ def build_agent(
     graph.add_conditional_edges(
         "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
     )
-    agent = guarded(
-        durable(graph.compile(checkpointer=checkpointer, store=store, name=name), checkpointer)
-    )
+    compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    agent = guarded(durable(compiled, checkpointer), AuditLog(ledger) if ledger else None)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

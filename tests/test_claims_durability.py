@@ -17,9 +17,11 @@ import pytest
 from langchain_core.messages import AIMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
+from keel.db.audit import AuditLog
 from keel.db.idempotency import claim_flow
 from keel.evals import ScriptedChatModel, call
 
@@ -191,6 +193,31 @@ async def test_a_new_message_on_a_waiting_thread_is_refused_under_ainvoke(tmp_pa
         assert (await agent.aget_state(config)).interrupts
 
 
+def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    with Persistence(url).checkpointer() as saver:
+        model = ScriptedChatModel(
+            script=[call("refund", order_id="A1", amount=5.0), "Nothing was refunded."],
+            fresh_ids=True,
+        )
+        agent = build_agent(model, [refund], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        dropping: Any = {"configurable": {"thread_id": "t1", "keel_pending": "not_run"}}
+        done = agent.invoke({"messages": [("user", "never mind")]}, dropping, context=CTX)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    call_msg, answer, user = done["messages"][1:4]
+    assert answer.tool_call_id == call_msg.tool_calls[0]["id"]
+    assert answer.response_metadata["keel_status"] == "not_run"
+    assert user.content == "never mind"
+    records = [r for r in AuditLog(ledger).query(thread="t1") if r.status == "not_run"]
+    ledger.close()
+    assert [(r.tool, r.decision) for r in records] == [("refund", "not_run")]
+
+
 def test_resuming_a_thread_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     """Before: it started a run with no user message and executed the model's tool calls."""
     runs: list[str] = []
@@ -242,7 +269,6 @@ ODD = "a\ud800b\x00c"
 
 def test_surrogates_and_nuls_in_arguments_and_results_never_crash_a_run(db_url: str) -> None:
     """Before: the approval digest raised UnicodeEncodeError and the thread was stuck."""
-    from keel.db.audit import AuditLog
 
     @tool(risk="write")
     def note(text: str) -> str:
@@ -292,3 +318,18 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive_after_its_timeout(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "timeout"
     assert time.monotonic() - started < 30
+
+
+def test_langgraph_fails_a_sync_run_without_a_checkpointer() -> None:
+    """Pins LangGraph 1.2: why keel sets `durability="sync"` only on graphs with a checkpointer
+    (`keel._node.durable`). When this starts passing, the restriction can go."""
+    builder = StateGraph(MessagesState)
+    builder.add_node("answer", lambda state: {"messages": []})
+    builder.add_edge(START, "answer")
+    builder.add_edge("answer", END)
+    graph = builder.compile()
+    with pytest.raises(AttributeError, match="_put_checkpoint_fut"):
+        graph.with_config(configurable={"__pregel_durability": "sync"}).invoke({"messages": []})
+    agent = build_agent(ScriptedChatModel(script=["Hello!"]))  # no checkpointer: runs
+    result = agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "completed"
