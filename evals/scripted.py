@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,9 @@ class ScriptedChatModel(BaseChatModel):
     """Answers for structured output, by schema name: a dict of fields or `f(messages) -> dict`."""
     latency: float = 0.0
     """Seconds each call takes (`asyncio.sleep` in async calls)."""
+    fresh_ids: bool = False
+    """Name every tool call with a new random id on every call, as real models do (a turn
+    asked again after a crash gets different ids); by default ids are `call_<turn>_<i>`."""
     model_name: str = "scripted"
     """The name the price table prices this model by."""
     bill_tool_schemas: bool = False
@@ -121,10 +125,15 @@ class ScriptedChatModel(BaseChatModel):
         message = AIMessage(content=entry) if isinstance(entry, str) else entry.model_copy()
         if message.tool_calls:
             message.tool_calls = [
-                {**tc, "id": tc.get("id") or f"call_{turn}_{i}"}
+                {**tc, "id": self._call_id(tc.get("id"), turn, i)}
                 for i, tc in enumerate(message.tool_calls)
             ]
         return self._with_usage(message, messages, kwargs)
+
+    def _call_id(self, given: str | None, turn: int, index: int) -> str:
+        if self.fresh_ids:
+            return f"call_{uuid.uuid4().hex[:24]}"
+        return given or f"call_{turn}_{index}"
 
     def _structured_answer(
         self, messages: list[BaseMessage], kwargs: Mapping[str, Any]

@@ -27,8 +27,11 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
+from keel._node import durable
+from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
+from keel.graphs.threads import guarded
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.model_call import ModelCallGuards, ModelTimeoutPolicy
 from keel.guards.permissions import PermissionMatrix
@@ -453,7 +456,8 @@ def build_agent(
     graph.add_conditional_edges(
         "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
-    agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    agent = guarded(durable(compiled, checkpointer), AuditLog(ledger) if ledger else None)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

@@ -37,10 +37,11 @@ from langgraph.types import RetryPolicy
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import context_of, make_node
+from keel._node import context_of, durable, make_node
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.agent import Agent
+from keel.graphs.threads import guarded
 from keel.guards.model_call import (
     DEFAULT_MODEL_RETRY,
     GuardedModel,
@@ -150,7 +151,8 @@ def build_supervisor(
         graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
-    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+    compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    return guarded(durable(compiled, checkpointer))
 
 
 def route_after_router(state: SupervisorState) -> str:

@@ -8,12 +8,21 @@ This is the one module of keel that touches LangGraph's private modules.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from langchain_core.runnables import RunnableConfig
-from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph._internal._constants import (
+    CONFIG_KEY_CHECKPOINT_MAP,
+    CONFIG_KEY_CHECKPOINT_NS,
+    CONFIG_KEY_CHECKPOINTER,
+    CONFIG_KEY_DURABILITY,
+    CONFIG_KEY_SCRATCHPAD,
+    CONFIG_KEY_TASK_ID,
+    NS_SEP,
+)
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.runtime import Runtime
 
 from keel.errors import UserError
@@ -25,8 +34,11 @@ __all__ = [
     "RunnableCallable",
     "context_of",
     "default_retry_on",
+    "durable",
+    "inside_task",
     "make_node",
     "peek_resume",
+    "unsaved_checkpoint",
     "policy_id",
 ]
 
@@ -98,3 +110,51 @@ def peek_resume(config: RunnableConfig) -> Any:
         return scratchpad.resume[0]
     value = scratchpad.get_null_resume(False)
     return NO_RESUME if value is None else value
+
+
+G = TypeVar("G", bound=Runnable[Any, Any])
+
+
+def durable(graph: G, checkpointer: object) -> G:
+    """`graph` with LangGraph's `durability="sync"` as its default, when it has a checkpointer.
+
+    LangGraph's default, `"async"`, saves each step's checkpoint while the next step already
+    runs: a side-effecting tool could run (and the process die) before the checkpoint holding
+    the model message that asked for it is saved. After a restart the model is asked again and
+    names the call with a new id the idempotency ledger has never seen, so the effect would
+    happen twice. `"sync"` saves each checkpoint before the next step starts. A run may still
+    pass `durability=` to `invoke`/`stream` (LangGraph server always does);
+    `keel.nodes.execute_tools` then waits for the checkpoint itself before a side effect.
+
+    Without a checkpointer of its own the graph keeps LangGraph's default: LangGraph 1.2 fails
+    a `"sync"` run that has no checkpointer (`'SyncPregelLoop' object has no attribute
+    '_put_checkpoint_fut'`), and as a subgraph it inherits its parent's durability.
+    """
+    if not isinstance(checkpointer, BaseCheckpointSaver):
+        return graph
+    return graph.with_config(configurable={CONFIG_KEY_DURABILITY: "sync"})  # type: ignore[return-value]
+
+
+def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | None:
+    """The saver and address of the checkpoint a task runs from, if it may not be saved yet.
+
+    Under `durability="async"` LangGraph saves a step's checkpoint while the next step runs;
+    `None` when the run saves synchronously (`"sync"`: already saved), only at exit (`"exit"`:
+    never saved mid-run), or has no checkpointer or thread.
+    """
+    conf = config.get("configurable") or {}
+    saver, thread = conf.get(CONFIG_KEY_CHECKPOINTER), conf.get("thread_id")
+    if conf.get(CONFIG_KEY_DURABILITY, "async") != "async" or saver is None or not thread:
+        return None
+    ns = str(conf.get(CONFIG_KEY_CHECKPOINT_NS) or "")
+    parent = ns.rpartition(NS_SEP)[0]
+    checkpoint = (conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {}).get(parent)
+    if not checkpoint:
+        return None
+    where = {"thread_id": thread, "checkpoint_ns": parent, "checkpoint_id": checkpoint}
+    return saver, {"configurable": where}
+
+
+def inside_task(config: RunnableConfig | None) -> bool:
+    """Whether a graph runs as a node of another graph (a subgraph), not as the caller's run."""
+    return CONFIG_KEY_TASK_ID in ((config or {}).get("configurable") or {})

@@ -17,8 +17,17 @@ def canonical_args(args: Mapping[str, Any]) -> str:
 
 def approval_digest(tool: str, args: Mapping[str, Any], policy: str) -> str:
     """The digest an approval is stored under: sha256 of tool, canonical args and policy."""
-    payload = f"{tool}\n{canonical_args(args)}\n{policy}".encode()
+    payload = _digest_bytes(f"{tool}\n{canonical_args(args)}\n{policy}")
     return hashlib.sha256(payload).hexdigest()
+
+
+def _digest_bytes(text: str) -> bytes:
+    r"""`text` as the bytes a digest hashes: UTF-8, with lone surrogates kept (`surrogatepass`).
+
+    A model's arguments can hold a lone surrogate (`"\ud800"`), which strict UTF-8 refuses;
+    hashing must never fail on them. Valid text encodes exactly as plain UTF-8.
+    """
+    return text.encode("utf-8", "surrogatepass")
 
 
 def approval_key(digest: str, tool_call_id: str, decision: str) -> str:

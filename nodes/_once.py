@@ -7,21 +7,37 @@ result; `drive_once` and `adrive_once` are its sync and async drivers.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
+from keel._node import unsaved_checkpoint
 from keel.approvals import approval_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["Unknown", "adrive_once", "drive_once", "ledger_key", "recorded", "tool_message"]
+__all__ = [
+    "Unknown",
+    "adrive_once",
+    "drive_once",
+    "known_call_ids",
+    "ledger_key",
+    "recorded",
+    "tool_message",
+    "await_saved",
+    "wait_saved",
+]
+
+SAVE_WAIT = 30.0
+"""Seconds a side-effecting call waits for the checkpoint holding its request to be saved."""
 
 Step = tuple[Literal["ledger", "run", "reconcile"], Flow[Any] | None]
 _FAILED = object()  # a reconcile function raised: the outcome stays unknown
@@ -33,6 +49,43 @@ class Unknown:
 
     call: ToolCall
     record: CallRecord
+
+
+def _pauses() -> Iterator[float]:
+    waited, pause = 0.0, 0.001
+    while waited < SAVE_WAIT:
+        yield pause
+        waited, pause = waited + pause, min(pause * 2, 0.05)
+
+
+def wait_saved(config: RunnableConfig) -> bool:
+    """Wait until the checkpoint this task runs from is saved (`False`: it never was).
+
+    A side-effecting call may run only once the model message that requested it is durable:
+    otherwise a crash loses the request, the model asks again under a new tool-call id, and the
+    ledger cannot tell it is the same call. keel's graphs save synchronously by default; this
+    covers runs started with `durability="async"` (LangGraph server's default).
+    """
+    found = unsaved_checkpoint(config)
+    if found is None:
+        return True
+    for pause in _pauses():
+        if found[0].get_tuple(found[1]) is not None:
+            return True
+        time.sleep(pause)
+    return False
+
+
+async def await_saved(config: RunnableConfig) -> bool:
+    """`wait_saved` under `ainvoke`."""
+    found = unsaved_checkpoint(config)
+    if found is None:
+        return True
+    for pause in _pauses():
+        if await found[0].aget_tuple(found[1]) is not None:
+            return True
+        await asyncio.sleep(pause)
+    return False
 
 
 def ledger_key(
@@ -49,6 +102,13 @@ def ledger_key(
         return None
     digest = approval_digest(entry.name, call["args"], f"tool@{entry.spec.version}")
     return str(thread), call_id, entry.name, digest
+
+
+def known_call_ids(messages: Sequence[BaseMessage]) -> frozenset[str]:
+    """The ids of every tool call the thread's history holds (orphan detection)."""
+    return frozenset(
+        tc["id"] for m in messages if isinstance(m, AIMessage) for tc in m.tool_calls if tc["id"]
+    )
 
 
 def tool_message(call: ToolCall, content: Any, status: str, **metadata: Any) -> ToolMessage:
@@ -73,11 +133,18 @@ def _fields(message: ToolMessage) -> dict[str, Any]:
 
 
 def once_steps(
-    entry: RegisteredTool, call: ToolCall, key: tuple[str, str, str, str]
+    entry: RegisteredTool,
+    call: ToolCall,
+    key: tuple[str, str, str, str],
+    known: Collection[str] | None = None,
 ) -> Generator[Step, Any, ToolMessage | Unknown]:
-    """Claim, run and record one call; or return its recorded result, or `Unknown`."""
+    """Claim, run and record one call; or return its recorded result, or `Unknown`.
+
+    `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
+    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`).
+    """
     thread, call_id, _, _ = key
-    claim = yield "ledger", claim_flow(*key)
+    claim = yield "ledger", claim_flow(*key, known=known)
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:
@@ -124,9 +191,10 @@ def drive_once(
     key: tuple[str, str, str, str],
     ledger: Ledger,
     run: Callable[[], ToolMessage],
+    known: Collection[str] | None = None,
 ) -> ToolMessage | Unknown:
     """Run `once_steps` with the sync ledger and the sync tool runner."""
-    steps = once_steps(entry, call, key)
+    steps = once_steps(entry, call, key, known)
     value: Any = None
     try:
         while True:
@@ -148,9 +216,10 @@ async def adrive_once(
     key: tuple[str, str, str, str],
     ledger: Ledger,
     run: Callable[[], Any],
+    known: Collection[str] | None = None,
 ) -> ToolMessage | Unknown:
     """Run `once_steps` with the async ledger and the async tool runner."""
-    steps = once_steps(entry, call, key)
+    steps = once_steps(entry, call, key, known)
     value: Any = None
     try:
         while True:

@@ -14,6 +14,7 @@ cancel a thread); use `ainvoke` for cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -26,7 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, policy_id
@@ -39,7 +40,18 @@ from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import screen_tool_result
 from keel.guards.standing import allowing
-from keel.nodes._once import Unknown, adrive_once, drive_once, ledger_key, succeeded, tool_message
+from keel.nodes._args import invalid_args
+from keel.nodes._once import (
+    Unknown,
+    adrive_once,
+    await_saved,
+    drive_once,
+    known_call_ids,
+    ledger_key,
+    succeeded,
+    tool_message,
+    wait_saved,
+)
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
@@ -66,6 +78,10 @@ ToolStatus = Literal[
 `respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
 stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open; `blocked`: the
 input guard withheld the result."""
+
+
+Known = frozenset[str]
+"""The tool-call ids in the thread's history."""
 
 
 class _Deadline(Exception):
@@ -182,39 +198,67 @@ def execute_tools(
             update["plan"] = advance_plan(steps, succeeded=ok)
         return update
 
-    def run_sync(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+    def run_sync(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
         key = ledger_key(job.entry, job.call, config, ledger)
         if key is None or ledger is None:
             return _guarded_sync(job, config, tool_guard)
         return drive_once(
-            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard)
+            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard), known
         )
 
-    async def run_async(job: _Job, config: RunnableConfig) -> ToolMessage | Unknown:
+    async def run_async(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
         key = ledger_key(job.entry, job.call, config, ledger)
         if key is None or ledger is None:
             return await _guarded_async(job, config, tool_guard)
-        return await adrive_once(
-            job.entry, job.call, key, ledger, lambda: _guarded_async(job, config, tool_guard)
-        )
+        run = lambda: _guarded_async(job, config, tool_guard)  # noqa: E731
+        return await adrive_once(job.entry, job.call, key, ledger, run, known)
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        results = [p if not isinstance(p, _Job) else run_sync(p, config) for p in planned]
+        if _durable_jobs(planned, config, ledger) and not wait_saved(config):
+            planned = _not_saved(planned, config, ledger)
+        known = known_call_ids(state.get("messages") or [])
+        results = [p if not isinstance(p, _Job) else run_sync(p, config, known) for p in planned]
         return finish(state, results, sum(isinstance(p, _Job) for p in planned))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
+        if _durable_jobs(planned, config, ledger) and not await await_saved(config):
+            planned = _not_saved(planned, config, ledger)
+        known = known_call_ids(state.get("messages") or [])
         results = await asyncio.gather(
-            *(run_async(p, config) if isinstance(p, _Job) else _answered(p) for p in planned)
+            *(run_async(p, config, known) if isinstance(p, _Job) else _answered(p) for p in planned)
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 
     return make_node(name, invoke, ainvoke)
+
+
+def _durable_jobs(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> bool:
+    """Whether a cleared call runs through the ledger (and so must wait for the checkpoint)."""
+    return any(
+        isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
+        for p in planned
+    )
+
+
+def _not_saved(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> list[Any]:
+    """Answer the ledger calls `error`: the checkpoint holding their request was never saved."""
+    return [
+        _message(
+            p.call,
+            f"Error: {p.entry.name} was not run: the checkpoint holding this request was not "
+            "saved, so a crash could repeat it. Check the checkpointer's database.",
+            "error",
+        )
+        if isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
+        else p
+        for p in planned
+    ]
 
 
 # -- deciding what each call gets -----------------------------------------------------------
@@ -236,7 +280,7 @@ def _classify(
             f"Error: {call['name']!r} is not a valid tool, try one of [{names}].",
             "unknown_tool",
         )
-    problem = _invalid_args(entry, call.get("args"))
+    problem = invalid_args(entry, call.get("args"))
     if problem is not None:
         return _message(
             call,
@@ -265,21 +309,6 @@ def _classify(
                 call, f"Rejected by a human reviewer; {entry.name} was not run.", "rejected"
             )
     return _Job(call, entry)
-
-
-def _invalid_args(entry: RegisteredTool, args: Any) -> str | None:
-    if not isinstance(args, dict):
-        return f"arguments must be a JSON object, got {type(args).__name__}"
-    schema = entry.tool.tool_call_schema
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        try:
-            schema.model_validate(args)
-        except ValidationError as exc:
-            return "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
-                for err in exc.errors()
-            )
-    return None
 
 
 # -- running the cleared calls: one decision, two drivers ----------------------------------
@@ -329,7 +358,10 @@ async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                result = await job.entry.tool.ainvoke(job.call, config)
+                if _is_sync(job.entry):
+                    result = await _in_daemon_thread(job, config)
+                else:
+                    result = await job.entry.tool.ainvoke(job.call, config)
             return _succeeded(job, result)
         except GraphBubbleUp:
             raise
@@ -397,6 +429,47 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _is_sync(entry: RegisteredTool) -> bool:
+    """A tool with a sync function and no coroutine (LangChain would run it on its executor)."""
+    tool = entry.tool
+    return getattr(tool, "coroutine", None) is None and getattr(tool, "func", None) is not None
+
+
+async def _in_daemon_thread(job: _Job, config: RunnableConfig) -> Any:
+    """Run a sync tool on its own daemon thread under `ainvoke`.
+
+    LangChain runs a sync tool on the event loop's default executor, whose threads the
+    interpreter joins at exit: a hung tool kept the process alive after its timeout. A daemon
+    thread is abandoned at exit; the timeout still cancels the wait for it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            settled: tuple[Any, BaseException | None] = (
+                ctx.run(job.entry.tool.invoke, job.call, config),
+                None,
+            )
+        except BaseException as exc:  # handed to the awaiting task
+            settled = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(_settle, future, *settled)
+
+    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 async def _answered(message: Any) -> Any:

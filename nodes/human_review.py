@@ -42,6 +42,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
+from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, Approval, RunContext
@@ -165,6 +166,7 @@ def human_review(
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
             _check_scope(_normalize(waiting, pending), standing)
+            _check_edits(_normalize(waiting, pending), pending, tools)
         answers = _normalize(interrupt(pending), pending)
         policy = policy_id(context_of(runtime), policy_version, policy_name)
         thread, _ = in_ledger(state, config)
@@ -227,6 +229,23 @@ def _check_scope(answers: Sequence[ReviewResponse], standing: StandingStore | No
             raise UserError(
                 "A standing approval with scope 'user' is kept in the ledger: pass "
                 "build_agent(..., ledger=keel.Ledger(url)), or use scope 'thread'."
+            )
+
+
+def _check_edits(
+    answers: Sequence[ReviewResponse], pending: Sequence[ReviewRequest], tools: ToolRegistry
+) -> None:
+    """Refuse edited arguments that do not fit the tool's schema, while the human is there."""
+    for request, answer in zip(pending, answers, strict=True):
+        entry = tools.get(request["action_request"]["action"])
+        if answer["type"] != "edit" or entry is None:
+            continue
+        problem = invalid_args(entry, answer.get("args"))
+        if problem is not None:
+            raise UserError(
+                f"The edited arguments for {request['action_request']['action']} (call "
+                f"{request['tool_call_id']!r}) do not fit its schema: {problem}. Resume again "
+                "with arguments that do: {'type': 'edit', 'args': {...}}."
             )
 
 

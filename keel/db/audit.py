@@ -144,8 +144,19 @@ def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
         values["result"] = sanitize(_truncate(r.result))
         yield (
             f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()})",
-            tuple(values[column] for column in AUDIT.names),
+            tuple(_storable(values[column]) for column in AUDIT.names),
         )
+
+
+def _storable(value: Any) -> Any:
+    r"""`value` as every database stores it; text that holds NUL or lone surrogates is escaped.
+
+    PostgreSQL refuses NUL in text and no database takes a lone surrogate (it is not UTF-8):
+    each is written as its escape (`\x00`, `\ud800`). Other values are unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _truncate(text: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,7 +96,13 @@ def _select(thread_id: str, call_id: str) -> tuple[str, tuple[Any, ...]]:
 
 
 def claim_flow(
-    thread_id: str, call_id: str, tool: str, digest: str, *, rerun_unknown: bool = False
+    thread_id: str,
+    call_id: str,
+    tool: str,
+    digest: str,
+    *,
+    rerun_unknown: bool = False,
+    known: Collection[str] | None = None,
 ) -> Flow[Claim]:
     """Claim a call before running it; commits `started` when the caller may run it.
 
@@ -107,8 +113,17 @@ def claim_flow(
         digest: The call's argument digest; a different digest under the same id conflicts.
         rerun_unknown: Claim a `started` call again (the tool is safe to repeat, or a
             reconciliation found the effect did not happen).
+        known: The tool-call ids in the thread's history. A `started` call of the same tool
+            whose id is not among them is an orphan: its request was lost (the process died
+            before the checkpoint holding it was saved) and the model asked again under a new
+            id. The new call adopts the orphan's row, so it is `unknown` ("did this happen?")
+            instead of running a second time.
     """
     now = time.time()
+    if known is not None:
+        orphan = yield from _adopt_orphan(thread_id, call_id, tool, digest, known)
+        if orphan is not None:
+            return Claim("unknown", orphan)
     inserted = yield (
         "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, "
         "started_at) VALUES (?, ?, ?, ?, 'started', ?) "
@@ -131,6 +146,28 @@ def claim_flow(
         (now, thread_id, call_id),
     )
     return Claim("run", record)
+
+
+def _adopt_orphan(
+    thread_id: str, call_id: str, tool: str, digest: str, known: Collection[str]
+) -> Flow[CallRecord | None]:
+    """Move an orphaned `started` row of `tool` in the thread to `call_id`; return it."""
+    rows = yield (
+        "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? "
+        "AND (tool_call_id = ? OR (tool = ? AND state = 'started')) {for_update}",
+        (thread_id, call_id, tool),
+    )
+    ids = {r[0] for r in rows}
+    orphans = sorted(ids - set(known))
+    if call_id in ids or not orphans:
+        return None  # the call has its own row (claimed as usual), or nothing was lost
+    yield (
+        "UPDATE keel_tool_calls SET tool_call_id = ?, args_digest = ? "
+        "WHERE thread_id = ? AND tool_call_id = ?",
+        (call_id, digest, thread_id, orphans[0]),
+    )
+    found = yield _select(thread_id, call_id)
+    return _record(found[0])
 
 
 def finish_flow(

@@ -1,0 +1,196 @@
+"""Thread semantics: what a caller may send to a thread, checked before LangGraph writes it.
+
+- A new message on a thread that waits for a human (an approval, "did this happen?") would
+  make LangGraph start a new run and silently drop the pending tool calls: it is refused. With
+  `config={"configurable": {"keel_pending": "not_run"}}` the caller asks for the other way:
+  each pending call is answered `not_run` (and audited, with a ledger), then the message runs.
+- `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
+  run with no user message: it is refused.
+- A run needs at least one message: empty input and an empty message list are refused.
+
+Each refusal is a `keel.errors.UserError` raised by `invoke`/`stream` (and their async twins)
+before anything is written, so the thread stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, TypeVar
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command, StateSnapshot
+
+from keel._node import inside_task
+from keel.db.audit import AuditLog, AuditRecord
+from keel.errors import UserError
+from keel.nodes._once import tool_message
+from keel.nodes.history import pending_tool_calls
+
+__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "guarded", "refusal"]
+
+PENDING_KEY = "keel_pending"
+"""`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
+
+
+def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> str | None:
+    """Why `input` may not be sent to the thread whose current state is `state` (or `None`).
+
+    `state` is `None` when there is no thread (no checkpointer or no `thread_id`); a thread
+    without a checkpoint has a state whose `config` carries no `checkpoint_id`.
+    """
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    saved = (state.config.get("configurable") or {}) if state is not None else {}
+    exists = bool(saved.get("checkpoint_id"))
+    if input is None or isinstance(input, Command):
+        if exists:
+            return None
+        if thread is None or state is None:
+            return (
+                "invoke(None) or Command(...) continues a thread, and this run has none: pass "
+                "config={'configurable': {'thread_id': ...}} with a checkpointer, or start a "
+                "run with {'messages': [('user', '...')]}."
+            )
+        return (
+            f"Thread {thread!r} does not exist (it has no checkpoint), so there is nothing to "
+            "resume. Start it with {'messages': [('user', '...')]}, or check the thread_id."
+        )
+    if not isinstance(input, Mapping) or not input.get("messages"):
+        return (
+            f"A run needs at least one message, got {input!r}: invoke the agent with "
+            "{'messages': [('user', '...')]}."
+        )
+    if exists and state is not None and state.interrupts:
+        return _waiting(thread, state)
+    return None
+
+
+def _waiting(thread: Any, state: StateSnapshot) -> str:
+    calls = [
+        f"{r['action_request']['action']}({r.get('tool_call_id', '')})"
+        for i in state.interrupts
+        for r in (i.value if isinstance(i.value, list) else [])
+        if isinstance(r, Mapping) and isinstance(r.get("action_request"), Mapping)
+    ]
+    what = ", ".join(calls) or "a human's answer"
+    return (
+        f"Thread {thread!r} waits for a human's answer about {what}; a new message would drop "
+        "the pending call. Answer it first with Command(resume={'type': 'approve'}) (or "
+        "'reject', 'edit', 'respond'), then send the message (or pass "
+        "config={'configurable': {'keel_pending': 'not_run'}} to drop the pending calls)."
+    )
+
+
+def _drops_pending(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> bool:
+    """Whether the caller asked to answer a waiting thread's pending calls `not_run`."""
+    asked = ((config or {}).get("configurable") or {}).get(PENDING_KEY) == "not_run"
+    waiting = state is not None and bool(state.interrupts)
+    return asked and waiting and isinstance(input, Mapping) and bool(input.get("messages"))
+
+
+def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
+    """`input` with a `not_run` answer for each pending call before its messages."""
+    _, calls = pending_tool_calls(state.values.get("messages") or [])
+    text = "Not run: a new message arrived while this call waited for a human, and the caller "
+    text += "asked to drop the pending call (keel_pending='not_run')."
+    closing = [tool_message(c, text, "not_run") for c in calls]
+    sent = input["messages"]
+    sent = list(sent) if isinstance(sent, list | tuple) else [sent]
+    return {**input, "messages": [*closing, *sent]}, closing
+
+
+def _records(closing: list[Any], config: RunnableConfig | None, context: Any) -> list[AuditRecord]:
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    return [
+        AuditRecord(
+            kind="tool",
+            decision="not_run",
+            status="not_run",
+            tool=m.name,
+            result=str(m.content),
+            user_id=getattr(context, "user_id", None),
+            tenant_id=getattr(context, "tenant_id", None),
+            thread_id=str(thread),
+            tool_call_id=m.tool_call_id,
+        )
+        for m in closing
+    ]
+
+
+class ThreadGuardedGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A compiled graph that refuses input which would lose work or start a run from nothing."""
+
+    keel_audit: AuditLog | None = None
+    """Where `not_run` answers to pending calls are audited (the agent's ledger)."""
+
+    def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
+        """A copy (as `with_config` makes), keeping the audit log."""
+        attrs = {k: v for k, v in self.__dict__.items() if k not in _NOT_INIT}
+        out = ThreadGuardedGraph(**{**attrs, **(update or {})})
+        out.keel_audit = self.keel_audit
+        return out
+
+    def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
+        if not ((config or {}).get("configurable") or {}).get("thread_id"):
+            return None
+        try:
+            return self.get_state(config or {})
+        except ValueError:  # no checkpointer
+            return None
+
+    async def _astate(self, config: RunnableConfig | None) -> StateSnapshot | None:
+        if not ((config or {}).get("configurable") or {}).get("thread_id"):
+            return None
+        try:
+            return await self.aget_state(config or {})
+        except ValueError:
+            return None
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
+        if not inside_task(config):
+            state = self._state(config)
+            if _drops_pending(input, config, state):
+                assert state is not None
+                input, closing = _closed(input, state)
+                if self.keel_audit is not None:
+                    self.keel_audit.write(_records(closing, config, kwargs.get("context")))
+                state = None  # nothing waits any more
+            problem = refusal(input, config, state)
+            if problem is not None:
+                raise UserError(problem)
+        return super().stream(input, config, **kwargs)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
+        if not inside_task(config):
+            state = await self._astate(config)
+            if _drops_pending(input, config, state):
+                assert state is not None
+                input, closing = _closed(input, state)
+                if self.keel_audit is not None:
+                    await self.keel_audit.awrite(_records(closing, config, kwargs.get("context")))
+                state = None
+            problem = refusal(input, config, state)
+            if problem is not None:
+                raise UserError(problem)
+        async for chunk in super().astream(input, config, **kwargs):
+            yield chunk
+
+
+G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
+
+
+_NOT_INIT = ("__orig_class__", "keel_audit")
+
+
+def guarded(graph: G, audit: AuditLog | None = None) -> G:
+    """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config)."""
+    attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
+    out = ThreadGuardedGraph(**attrs)
+    out.keel_audit = audit
+    return out  # type: ignore[return-value]

@@ -1,0 +1,27 @@
+"""Tool-call arguments checked against the tool's schema, before a call runs or an edit is taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from keel.tools.registry import RegisteredTool
+
+__all__ = ["invalid_args"]
+
+
+def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
+    """Why `args` do not fit the tool's schema (`None`: they do); checked before a call runs."""
+    if not isinstance(args, dict):
+        return f"arguments must be a JSON object, got {type(args).__name__}"
+    schema = entry.tool.tool_call_schema
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            schema.model_validate(args)
+        except ValidationError as exc:
+            return "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in exc.errors()
+            )
+    return None

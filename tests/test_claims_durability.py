@@ -1,0 +1,335 @@
+"""README's "What every run guarantees" and "Durable side effects", each tried the way it breaks.
+
+The model here names every tool call with a fresh random id (`fresh_ids=True`), as real models
+do; `tests/test_crash.py` adds real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.types import Command
+
+from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
+from keel.db.audit import AuditLog
+from keel.db.idempotency import claim_flow
+from keel.evals import ScriptedChatModel, call
+
+CTX = RunContext(user_id="u1")
+
+
+def test_a_scripted_model_with_fresh_ids_names_each_call_anew() -> None:
+    model = ScriptedChatModel(script=[call("charge", order_id="A1")], fresh_ids=True)
+    first = model.invoke([("user", "charge A1")])
+    again = model.invoke([("user", "charge A1")])
+    assert isinstance(first, AIMessage) and isinstance(again, AIMessage)
+    assert first.tool_calls[0]["args"] == again.tool_calls[0]["args"]
+    assert first.tool_calls[0]["id"] != again.tool_calls[0]["id"]
+
+
+# -- "a side-effecting call may run only once the message that requested it is durable" ------
+
+
+class SlowSaver(SqliteSaver):
+    """Saves each checkpoint 0.3 s late, as a busy database does."""
+
+    def put(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return super().put(*args, **kwargs)
+
+
+class SlowAsyncSaver(AsyncSqliteSaver):
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await super().aput(*args, **kwargs)
+
+
+def _request_saved(saver: Any, thread: str) -> bool:
+    """Whether the thread's saved checkpoint holds the model message with the tool call."""
+    saved = saver.get_tuple({"configurable": {"thread_id": thread}})
+    messages = saved.checkpoint["channel_values"].get("messages", []) if saved else []
+    return any(getattr(m, "tool_calls", None) for m in messages)
+
+
+def test_a_side_effect_runs_only_after_its_request_is_saved(tmp_path: Path) -> None:
+    """keel's graphs save each checkpoint before the next step (LangGraph's default does not)."""
+    seen: list[bool] = []
+    with SqliteSaver.from_conn_string(str(tmp_path / "ckpt.db")) as base:
+        saver = SlowSaver(base.conn)
+
+        @tool(risk="write")
+        def charge(order_id: str) -> str:
+            """Charge an order."""
+            seen.append(_request_saved(saver, "t1"))
+            return "charged"
+
+        model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)
+        ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "charge A1")]}, config, context=CTX)
+        ledger.close()
+    assert seen == [True]
+
+
+async def test_under_async_durability_a_side_effect_waits_for_its_request(tmp_path: Path) -> None:
+    """LangGraph server runs graphs with `durability="async"`: execute_tools waits itself."""
+    seen: list[bool] = []
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "ckpt.db")) as base:
+        saver = SlowAsyncSaver(base.conn)
+
+        @tool(risk="write")
+        async def charge(order_id: str) -> str:
+            """Charge an order."""
+            saved = await saver.aget_tuple({"configurable": {"thread_id": "t1"}})
+            messages = saved.checkpoint["channel_values"].get("messages", []) if saved else []
+            seen.append(any(getattr(m, "tool_calls", None) for m in messages))
+            return "charged"
+
+        model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)
+        ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        await agent.ainvoke(
+            {"messages": [("user", "charge A1")]}, config, context=CTX, durability="async"
+        )
+        await ledger.aclose()
+    assert seen == [True]
+
+
+# -- "a call found started but never finished ... is never silently repeated" ---------------
+
+
+def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_url: str) -> None:
+    """The process died mid-call before the checkpoint holding the call was saved: the thread
+    has no trace of it, the model asks again under a new id, and the ledger's `started` row
+    of that call (under the old id) must stop the tool and ask "did this happen?"."""
+    runs: list[str] = []
+
+    @tool(risk="write")
+    def charge(order_id: str) -> str:
+        """Charge an order."""
+        runs.append(order_id)
+        return f"charged {order_id}"
+
+    ledger = Ledger(db_url)
+    ledger.setup()
+    # what the killed process left: a claim under an id the thread never saved
+    assert ledger.run(claim_flow("t1", "call_lost", "charge", "d")).action == "run"
+    model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        paused = agent.invoke({"messages": [("user", "charge A1")]}, config, context=CTX)
+        assert runs == []
+        assert paused["outcome"]["status"] == "interrupted"
+        (request,) = paused["__interrupt__"][0].value
+        assert request["kind"] == "outcome_unknown"
+        assert request["tool_call_id"] != "call_lost"  # adopted by the call that repeats it
+        done = agent.invoke(Command(resume={"type": "run_again"}), config, context=CTX)
+    assert runs == ["A1"]
+    assert done["outcome"]["terminated_reason"] == "completed"
+    rows = ledger.run(_states("t1"))
+    ledger.close()
+    assert rows == ["completed"]
+
+
+def _states(thread: str) -> Any:
+    rows = yield ("SELECT state FROM keel_tool_calls WHERE thread_id = ?", (thread,))
+    return [r[0] for r in rows]
+
+
+# -- thread semantics: what a caller can send to a thread -----------------------------------
+
+
+@tool(risk="destructive")
+def refund(order_id: str, amount: float) -> str:
+    """Refund an order (needs a human's approval)."""
+    return f"refunded {amount} on {order_id}"
+
+
+def _waiting_agent(saver: Any, runs: list[str] | None = None) -> Any:
+    model = ScriptedChatModel(
+        script=[call("refund", order_id="A1", amount=5.0), "Refunded.", "Hi again."],
+        fresh_ids=True,
+    )
+    return build_agent(model, [refund], checkpointer=saver)
+
+
+def test_a_new_message_on_a_thread_waiting_for_approval_is_refused(tmp_path: Path) -> None:
+    """Before: the pending refund was dropped silently and the run ended success/completed."""
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        agent = _waiting_agent(saver)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        paused = agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        assert paused["outcome"]["terminated_reason"] == "awaiting_approval"
+        with pytest.raises(UserError, match=r"waits for .*refund.*Command\(resume="):
+            agent.invoke({"messages": [("user", "any news?")]}, config, context=CTX)
+        # the thread still waits, unchanged, and the approval still works
+        state = agent.get_state(config)
+        assert state.interrupts and state.values["messages"][-1].tool_calls
+        done = agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert done["messages"][-2].content == "refunded 5.0 on A1"
+
+
+async def test_a_new_message_on_a_waiting_thread_is_refused_under_ainvoke(tmp_path: Path) -> None:
+    async with Persistence(f"sqlite:///{tmp_path}/keel.db").acheckpointer() as saver:
+        agent = _waiting_agent(saver)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        await agent.ainvoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        with pytest.raises(UserError, match="waits for"):
+            await agent.ainvoke({"messages": [("user", "any news?")]}, config, context=CTX)
+        assert (await agent.aget_state(config)).interrupts
+
+
+def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    with Persistence(url).checkpointer() as saver:
+        model = ScriptedChatModel(
+            script=[call("refund", order_id="A1", amount=5.0), "Nothing was refunded."],
+            fresh_ids=True,
+        )
+        agent = build_agent(model, [refund], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        dropping: Any = {"configurable": {"thread_id": "t1", "keel_pending": "not_run"}}
+        done = agent.invoke({"messages": [("user", "never mind")]}, dropping, context=CTX)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    call_msg, answer, user = done["messages"][1:4]
+    assert answer.tool_call_id == call_msg.tool_calls[0]["id"]
+    assert answer.response_metadata["keel_status"] == "not_run"
+    assert user.content == "never mind"
+    records = [r for r in AuditLog(ledger).query(thread="t1") if r.status == "not_run"]
+    ledger.close()
+    assert [(r.tool, r.decision) for r in records] == [("refund", "not_run")]
+
+
+def test_resuming_a_thread_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    """Before: it started a run with no user message and executed the model's tool calls."""
+    runs: list[str] = []
+
+    @tool(risk="write")
+    def charge(order_id: str) -> str:
+        """Charge an order."""
+        runs.append(order_id)
+        return "charged"
+
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."])
+        agent = build_agent(model, [charge], checkpointer=saver)
+        config: Any = {"configurable": {"thread_id": "no-such-thread"}}
+        with pytest.raises(UserError, match=r"no-such-thread.*does not exist"):
+            agent.invoke(None, config, context=CTX)
+        with pytest.raises(UserError, match="does not exist"):
+            agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+        assert agent.get_state(config).values == {}
+    assert runs == []
+
+
+@pytest.mark.parametrize("bad", [{}, {"messages": []}, {"messages": None}, {"messages": ""}])
+def test_empty_input_is_an_error(bad: Any) -> None:
+    agent = build_agent(ScriptedChatModel(script=["Hello!"]))
+    with pytest.raises(UserError, match="messages"):
+        agent.invoke(bad, context=CTX)
+
+
+def test_edited_arguments_are_checked_against_the_schema_when_submitted(tmp_path: Path) -> None:
+    """Before: the edit was accepted and the run went on to an `invalid_args` answer."""
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        agent = _waiting_agent(saver)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        bad = {"type": "edit", "args": {"order_id": "A1", "amount": "lots"}}
+        with pytest.raises(UserError, match="amount"):
+            agent.invoke(Command(resume=bad), config, context=CTX)
+        assert agent.get_state(config).interrupts  # still waiting: answer again
+        good = {"type": "edit", "args": {"order_id": "A1", "amount": 3.0}}
+        done = agent.invoke(Command(resume=good), config, context=CTX)
+    assert done["messages"][-2].content == "refunded 3.0 on A1"
+
+
+# -- lone surrogates and NUL characters -------------------------------------------------------
+
+ODD = "a\ud800b\x00c"
+
+
+def test_surrogates_and_nuls_in_arguments_and_results_never_crash_a_run(db_url: str) -> None:
+    """Before: the approval digest raised UnicodeEncodeError and the thread was stuck."""
+
+    @tool(risk="write")
+    def note(text: str) -> str:
+        """Write a note."""
+        return f"noted {text}"
+
+    model = ScriptedChatModel(script=[call("note", text=ODD), "Done."], fresh_ids=True)
+    ledger = Ledger(db_url)
+    ledger.setup()
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(model, [note], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        result = agent.invoke({"messages": [("user", ODD)]}, config, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "completed"
+    records = [r for r in AuditLog(ledger).query(thread="t1") if r.kind == "tool"]
+    ledger.close()
+    assert len(records) == 1 and records[0].status == "success"
+
+
+# -- "timeout (per tool; cancelled under ainvoke)" -------------------------------------------
+
+HUNG = """
+import asyncio, time
+from keel import RunContext, build_agent, tool
+from keel.evals import ScriptedChatModel, call
+
+@tool(timeout=0.5)
+def hang(x: str) -> str:
+    \"\"\"Never returns.\"\"\"
+    time.sleep(120)
+    return x
+
+agent = build_agent(ScriptedChatModel(script=[call("hang", x="1"), "Gave up."]), [hang])
+result = asyncio.run(agent.ainvoke({"messages": [("user", "go")]}, context=RunContext()))
+print(result["messages"][2].response_metadata["keel_status"], flush=True)
+"""
+
+
+def test_a_hung_sync_tool_does_not_keep_the_process_alive_after_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """Before: the tool ran on the loop's executor, whose thread the interpreter joins at exit."""
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "timeout"
+    assert time.monotonic() - started < 30
+
+
+def test_langgraph_fails_a_sync_run_without_a_checkpointer() -> None:
+    """Pins LangGraph 1.2: why keel sets `durability="sync"` only on graphs with a checkpointer
+    (`keel._node.durable`). When this starts passing, the restriction can go."""
+    builder = StateGraph(MessagesState)
+    builder.add_node("answer", lambda state: {"messages": []})
+    builder.add_edge(START, "answer")
+    builder.add_edge("answer", END)
+    graph = builder.compile()
+    with pytest.raises(AttributeError, match="_put_checkpoint_fut"):
+        graph.with_config(configurable={"__pregel_durability": "sync"}).invoke({"messages": []})
+    agent = build_agent(ScriptedChatModel(script=["Hello!"]))  # no checkpointer: runs
+    result = agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "completed"
