@@ -25,8 +25,10 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
+from keel.approvals import Grants
 from keel.db.ledger import Ledger
 from keel.errors import UserError
+from keel.graphs._protected import protected
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
@@ -51,7 +53,7 @@ from keel.observe.observer import (
 )
 from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
-from keel.state import AgentState, RunContext
+from keel.state import AgentInput, AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
@@ -146,6 +148,7 @@ def build_agent(
     checkpointer: BaseCheckpointSaver[Any] | bool | None = None,
     store: BaseStore | None = None,
     memory: bool = False,
+    approval_secret: str | bytes | None = None,
     name: str = "keel_agent",
 ) -> Agent:
     """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
@@ -197,6 +200,11 @@ def build_agent(
             it ends (not while it waits for a human). Needs a store (`store=` or the graph's)
             and the run's identity (`RunContext`). Add `keel.memory.memory_tools()` to `tools`
             to let the model remember and forget on its own.
+        approval_secret: The server-side secret approval grants are sealed with (HMAC), so a
+            client cannot forge or replay one (`keel.approvals.Grants`). Default: the
+            `KEEL_APPROVAL_SECRET` environment variable, else a random secret of this process
+            (grants then do not outlive it: after a restart keel asks again). Set it to keep
+            grants across restarts and processes; never send it to a client.
         name: The graph's name (shown in traces and the server).
 
     Example:
@@ -263,7 +271,8 @@ def build_agent(
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
-    standing = StandingStore(ledger) if isinstance(ledger, Ledger) else None
+    grants = Grants.from_secret(approval_secret)
+    standing = StandingStore(ledger, grants) if isinstance(ledger, Ledger) else None
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
@@ -276,7 +285,7 @@ def build_agent(
     def observed(node: Any, derive: Any) -> Any:
         return node if observer is None else audited(node, observer, derive)
 
-    graph = StateGraph(AgentState, context_schema=RunContext)
+    graph = StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node(
         "call_model",
         observed(
@@ -297,6 +306,7 @@ def build_agent(
                 policy_version=policy_version,
                 policy_name=policy_name,
                 standing=standing,
+                grants=grants,
             ),
             budget_records,
         ),
@@ -312,6 +322,7 @@ def build_agent(
                 budget=budget,
                 tool_guard=tool_guard,
                 ledger=ledger,
+                grants=grants,
             ),
             tool_records(registry, gate),
         ),
@@ -326,6 +337,7 @@ def build_agent(
                 policy_name=policy_name,
                 standing=standing,
                 ledger=ledger,
+                grants=grants,
             ),
             review_records,
         ),
@@ -380,13 +392,13 @@ def build_agent(
     graph.add_conditional_edges(
         "respond", recorded(lambda s: END, observer, "respond", end=end), [end]
     )
-    agent = graph.compile(checkpointer=checkpointer, store=store, name=name)
+    agent: Agent = protected(graph.compile(checkpointer=checkpointer, store=store, name=name))
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 
 
 def _add_memory(
-    graph: StateGraph[AgentState, RunContext, AgentState, AgentState], store: BaseStore | None
+    graph: StateGraph[AgentState, RunContext, AgentInput, AgentState], store: BaseStore | None
 ) -> str:
     """Add `recall` (the caller adds its edge from START) and `reflect` → END; return `reflect`."""
     from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on

@@ -36,9 +36,10 @@ from pydantic import BaseModel, Field
 from keel import outcome
 from keel._node import make_node
 from keel.errors import UserError
+from keel.graphs._protected import protected
 from keel.graphs.agent import Agent
 from keel.models import resolve_model
-from keel.state import AgentState, RunContext, Usage
+from keel.state import AgentInput, AgentState, RunContext, Usage
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
 
@@ -108,14 +109,14 @@ def build_supervisor(
     """
     _validate(agents, router, max_handoffs)
     decide, adecide = _router(router, agents, descriptions or {}, system_prompt)
-    graph = StateGraph(SupervisorState, context_schema=RunContext)
+    graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node("route", _route_node(decide, adecide, max_handoffs))
     for agent_name, agent in agents.items():
         graph.add_node(agent_name, _agent_node(agent_name, agent))
         graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
-    return graph.compile(checkpointer=checkpointer, store=store, name=name)
+    return protected(graph.compile(checkpointer=checkpointer, store=store, name=name))  # type: ignore[no-any-return]
 
 
 def route_after_router(state: SupervisorState) -> str:

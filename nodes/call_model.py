@@ -28,7 +28,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import RetryPolicy
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id
+from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
+from keel.approvals import Grants
 from keel.errors import KeelError
 from keel.guards.breaker import BreakerTransition
 from keel.guards.budget import check_budget, usage_of
@@ -135,6 +136,7 @@ def call_model(
     policy_version: str = "1",
     policy_name: str | None = None,
     standing: StandingStore | None = None,
+    grants: Grants | None = None,
     name: str = "call_model",
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
@@ -164,6 +166,8 @@ def call_model(
         policy_name: The policy name standing approvals are bound to.
         standing: Where user-scoped standing approvals are kept; loaded into the thread at
             the start of each task.
+        grants: Verifies the approvals in state (`keel.approvals.Grants`); an unverified one
+            does not spare a call its review.
         name: The node's name.
     """
     registry = tools or ToolRegistry()
@@ -172,6 +176,8 @@ def call_model(
     table = prices or PriceTable()
     default_name = chain[0].name
     checks = tuple(before_model)
+
+    sealer = grants if grants is not None else Grants.from_secret()
 
     def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
         remaining = state.get("remaining_steps")
@@ -227,7 +233,9 @@ def call_model(
             )
             ctx = context_of(runtime)
             policy = policy_id(ctx, policy_version, policy_name)
-            approvals = {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
+            approvals = sealer.for_run(thread_of(runtime), ctx).trusted(
+                {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
+            )
             decide = allowing(gate, approvals, policy)
             ask = _approval_needed(response, registry, decide, ctx)
             if looping is not None and loop is not None:
