@@ -309,6 +309,12 @@ def sealed(approvals: dict[str, Any]) -> dict[str, Any]:
     return {key: run.seal(key, approval) for key, approval in approvals.items()}
 
 
+def approved_a1() -> dict[str, Any]:
+    """A sealed approval of deleting order A1 (call c0)."""
+    record = {"digest": DIGEST_A1, "tool": "delete_order", "tool_call_id": "c0"}
+    return sealed({DIGEST_A1: {**record, "decision": "approved"}})
+
+
 def tools_graph(*tools: Any, gate: Any = None, policy_version: str = "1") -> Any:
     """A graph of just `execute_tools`, to feed it a fabricated state."""
     kwargs: dict[str, Any] = {"policy_version": policy_version, "grants": GRANTS}
@@ -898,16 +904,7 @@ def test_langgraph_replays_a_consumed_resume_after_the_node_raised() -> None:
 async def test_an_approval_binds_to_the_exact_arguments(mode: str) -> None:
     shop = Shop()
     graph = tools_graph(*shop.tools())
-    approved = sealed(
-        {
-            DIGEST_A1: {
-                "digest": DIGEST_A1,
-                "tool": "delete_order",
-                "tool_call_id": "c0",
-                "decision": "approved",
-            }
-        }
-    )
+    approved = approved_a1()
     (result,), _ = await run_tools(
         graph, mode, ("delete_order", {"order_id": "B2"}), approvals=approved
     )
@@ -926,16 +923,7 @@ async def test_an_approval_binds_to_the_exact_arguments(mode: str) -> None:
 
 async def test_an_approval_binds_to_the_policy(mode: str) -> None:
     shop = Shop()
-    approved = sealed(
-        {
-            DIGEST_A1: {
-                "digest": DIGEST_A1,
-                "tool": "delete_order",
-                "tool_call_id": "c0",
-                "decision": "approved",
-            }
-        }
-    )
+    approved = approved_a1()
     newer_policy = tools_graph(*shop.tools(), policy_version="2")
     (result,), _ = await run_tools(
         newer_policy, mode, ("delete_order", {"order_id": "A1"}), approvals=approved

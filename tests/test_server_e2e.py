@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,18 +56,16 @@ def ledger_url(postgres_url: str) -> Iterator[str]:
         )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterator[str]:
-    """`keel serve` on a free port; the URL once `/ok` answers; the log shown on failure."""
+@contextmanager
+def serving(workdir: Path, config: Path, ledger_url: str) -> Iterator[str]:
+    """`keel serve --config config` on a free port from `workdir`; the URL once `/ok` answers."""
     port = _free_port()
-    # langgraph dev persists its in-memory state to ./.langgraph_api: a fresh cwd, a fresh server
-    workdir = tmp_path_factory.mktemp("server")
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
     env["KEEL_LEDGER_URL"] = ledger_url
     keel = str(Path(sys.executable).with_name("keel"))
     cmd = [keel, "serve", "--server-config", str(SERVER_CONFIG), "--port", str(port)]
-    cmd += ["--config", str(ROOT / "langgraph.json")]
+    cmd += ["--config", str(config)]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -80,6 +79,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterato
         if os.environ.get("KEEL_SHOW_SERVER_LOG"):
             print(log_path.read_text())
     _fail_on_blocking(log_path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterator[str]:
+    """`keel serve` on a free port; the URL once `/ok` answers; the log shown on failure."""
+    # langgraph dev persists its in-memory state to ./.langgraph_api: a fresh cwd, a fresh server
+    workdir = tmp_path_factory.mktemp("server")
+    with serving(workdir, ROOT / "langgraph.json", ledger_url) as url:
+        yield url
     # pinned: langgraph dev keeps its "in-memory" threads in the working directory across runs
     assert (workdir / ".langgraph_api").is_dir()
 
