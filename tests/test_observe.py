@@ -181,8 +181,7 @@ def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
         "node": "call_model",
         "choice": "execute_tools",
         "reason": "tool calls: lookup_customer",
-        "confidence": None,
-    }
+    }  # no "confidence": keel has none to give (it was always null)
     assert lines[-1]["node"] == "call_model" and lines[-1]["choice"] == "human_review"
     assert lines[-1]["reason"] == "awaiting approval for issue_refund"
 
