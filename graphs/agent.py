@@ -253,6 +253,11 @@ def build_agent(
             f"build_agent(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
             f"{type(ledger).__name__}."
         )
+    registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    if policy is not None:
+        PermissionMatrix.from_policy(policy).check_tools(
+            registry.names, policy=f"Policy {policy.identity!r}"
+        )
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     budget = policy.budget if policy is not None else None
@@ -273,7 +278,6 @@ def build_agent(
     policy_name = policy.name if policy is not None else None
     grants = Grants.from_secret(approval_secret)
     standing = StandingStore(ledger, grants) if isinstance(ledger, Ledger) else None
-    registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     verify = verify or judge is not None or bool(checks)
 
     observer = (

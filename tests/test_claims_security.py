@@ -308,3 +308,24 @@ def test_approval_secret_is_validated() -> None:
     message = "build_agent(approval_secret=...) must be a non-empty string or bytes, got 5."
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         build_agent(ScriptedChatModel(script=["hi"]), approval_secret=5)  # type: ignore[arg-type]
+
+
+# -- mistakes caught when the agent is built ---------------------------------------------------
+
+
+def test_a_rule_for_a_tool_the_agent_does_not_have_fails_the_build() -> None:
+    typo = Policy(name="ops", rules=(Rule(role="*", tool="delete_acount", action="deny"),))
+    message = (
+        "Policy 'ops@1' has a rule for tool 'delete_acount', which the agent does not have "
+        "(its tools: issue_refund, lookup). Fix the name, add the tool, or give this agent a "
+        "policy of its own."
+    )
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        build_agent(ScriptedChatModel(script=["hi"]), Shop().tools(), policy=typo)
+
+
+def test_a_glob_that_matches_no_tool_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    glob = Policy(name="ops", rules=(Rule(role="*", tool="delete_*", action="deny"),))
+    with caplog.at_level("WARNING", logger="keel.guards"):
+        build_agent(ScriptedChatModel(script=["hi"]), Shop().tools(), policy=glob)
+    assert "matches none of the agent's tools (issue_refund, lookup)" in caplog.text

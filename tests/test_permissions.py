@@ -538,7 +538,8 @@ rules_st = st.lists(
         Rule,
         action=st.sampled_from(["allow", "allow", "deny", "ask"]),
         role=st.sampled_from(["*", "*", *ROLES]),
-        tool=st.sampled_from(["*", "*", "read_*", "refund_order", "*_user", "*order*", "nope"]),
+        # "no*pe": a glob that matches no tool (a rule naming a missing tool fails the build)
+        tool=st.sampled_from(["*", "*", "read_*", "refund_order", "*_user", "*order*", "no*pe"]),
         resource=st.sampled_from(
             ["*", "*", "orders/*", "orders/1", "users/*", "*/2", "users/[12]"]
         ),
