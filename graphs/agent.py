@@ -28,6 +28,7 @@ from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
 from keel._node import durable
+from keel.approvals import Grants
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -59,12 +60,12 @@ from keel.observe.observer import (
 )
 from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
-from keel.state import AgentState, RunContext
+from keel.state import AgentInput, AgentState, RunContext
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 
-Agent = CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]
+Agent = CompiledStateGraph[AgentState, RunContext, AgentInput, AgentState]
 
 # LangGraph raises GraphRecursionError when a node would run with 0 steps remaining. A route
 # back to the model needs room for call_model, tool_gate, execute_tools, respond (and
@@ -166,6 +167,7 @@ def build_agent(
     checkpointer: BaseCheckpointSaver[Any] | bool | None = None,
     store: BaseStore | None = None,
     memory: bool = False,
+    approval_secret: str | bytes | None = None,
     name: str = "keel_agent",
 ) -> Agent:
     """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
@@ -220,6 +222,11 @@ def build_agent(
             it ends (not while it waits for a human). Needs a store (`store=` or the graph's)
             and the run's identity (`RunContext`). Add `keel.memory.memory_tools()` to `tools`
             to let the model remember and forget on its own.
+        approval_secret: The server-side secret approval grants are sealed with (HMAC), so a
+            client cannot forge or replay one (`keel.approvals.Grants`). Default: the
+            `KEEL_APPROVAL_SECRET` environment variable, else a random secret of this process
+            (grants then do not outlive it: after a restart keel asks again). Set it to keep
+            grants across restarts and processes; never send it to a client.
         name: The graph's name (shown in traces and the server).
 
     Example:
@@ -268,6 +275,11 @@ def build_agent(
             f"build_agent(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
             f"{type(ledger).__name__}."
         )
+    registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    if policy is not None:
+        PermissionMatrix.from_policy(policy).check_tools(
+            registry.names, policy=f"Policy {policy.identity!r}"
+        )
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     # every model call (agent, planner, judge) is reserved, limited, counted and falls back
@@ -282,8 +294,8 @@ def build_agent(
     if policy is not None:
         policy_version = policy.version
     policy_name = policy.name if policy is not None else None
-    standing = StandingStore(ledger) if isinstance(ledger, Ledger) else None
-    registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    grants = Grants.from_secret(approval_secret)
+    standing = StandingStore(ledger, grants) if isinstance(ledger, Ledger) else None
     verify = verify or judge is not None or bool(checks)
 
     observer = (
@@ -302,7 +314,7 @@ def build_agent(
     reserve = 3 + (outputs is not None)
     steps = reserve + 1
 
-    graph = StateGraph(AgentState, context_schema=RunContext)
+    graph = StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node(
         "call_model",
         observed(
@@ -325,6 +337,7 @@ def build_agent(
                 policy_name=policy_name,
                 standing=standing,
                 timeout=guards.timeout,
+                grants=grants,
             ),
             budget_records,
         ),
@@ -339,6 +352,7 @@ def build_agent(
                 loop=loop,
                 policy_version=policy_version,
                 policy_name=policy_name,
+                grants=grants,
             ),
             tool_records(registry, gate),
         ),
@@ -355,6 +369,7 @@ def build_agent(
                 tool_guard=tool_guard,
                 ledger=ledger,
                 input_guard=inputs,
+                grants=grants,
             ),
             tool_records(registry, gate),
         ),
@@ -369,6 +384,7 @@ def build_agent(
                 policy_name=policy_name,
                 standing=standing,
                 ledger=ledger,
+                grants=grants,
             ),
             review_records,
         ),
@@ -457,7 +473,7 @@ def build_agent(
         "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    agent = guarded(durable(compiled, checkpointer), AuditLog(ledger) if ledger else None)
+    agent: Agent = guarded(durable(compiled, checkpointer), AuditLog(ledger) if ledger else None)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 
@@ -485,7 +501,7 @@ def _to(
 
 
 def _add_memory(
-    graph: StateGraph[AgentState, RunContext, AgentState, AgentState], store: BaseStore | None
+    graph: StateGraph[AgentState, RunContext, AgentInput, AgentState], store: BaseStore | None
 ) -> str:
     """Add `recall` (the caller adds its edge from START) and `reflect` → END; return `reflect`."""
     from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on

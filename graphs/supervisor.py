@@ -51,7 +51,7 @@ from keel.guards.model_call import (
 )
 from keel.guards.policy import Policy
 from keel.pricing import PriceTable
-from keel.state import AgentState, RunContext, Usage
+from keel.state import AgentInput, AgentState, RunContext, Usage
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
 
@@ -73,7 +73,7 @@ class SupervisorState(AgentState, total=False):
     handoffs: int
 
 
-Supervisor = CompiledStateGraph[SupervisorState, RunContext, SupervisorState, SupervisorState]
+Supervisor = CompiledStateGraph[SupervisorState, RunContext, AgentInput, SupervisorState]
 
 Router = Callable[[Sequence[BaseMessage]], Route]
 
@@ -144,7 +144,7 @@ def build_supervisor(
         )
         ask = GuardedModel([router], schema=Route, guards=guards)
     prompt = _prompt(agents, descriptions or {}, system_prompt)
-    graph = StateGraph(SupervisorState, context_schema=RunContext)
+    graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node("route", _route_node(ask, prompt, agents, max_handoffs))
     for agent_name, agent in agents.items():
         graph.add_node(agent_name, _agent_node(agent_name, agent))

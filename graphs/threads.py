@@ -24,6 +24,7 @@ from langgraph.types import Command, StateSnapshot
 from keel._node import inside_task
 from keel.db.audit import AuditLog, AuditRecord
 from keel.errors import UserError
+from keel.graphs._protected import ProtectedGraph
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 
@@ -117,8 +118,11 @@ def _records(closing: list[Any], config: RunnableConfig | None, context: Any) ->
     ]
 
 
-class ThreadGuardedGraph(CompiledStateGraph[Any, Any, Any, Any]):
-    """A compiled graph that refuses input which would lose work or start a run from nothing."""
+class ThreadGuardedGraph(ProtectedGraph):
+    """A compiled graph that refuses input which would lose work or start a run from nothing.
+
+    It is a `ProtectedGraph` too: what only keel may write is refused at every entry point.
+    """
 
     keel_audit: AuditLog | None = None
     """Where `not_run` answers to pending calls are audited (the agent's ledger)."""

@@ -29,6 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langgraph.types import Command, interrupt
 
 from keel import outcome
+from keel._node import context_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -40,6 +41,7 @@ from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
+from keel.identity import server_user
 from keel.models import model_name_of
 from keel.pricing import PriceTable
 from keel.state import Outcome, RunContext
@@ -87,6 +89,13 @@ def outcome_of(result: Mapping[str, Any]) -> Outcome:
 
 
 def _context(runtime: object) -> RunContext:
+    """The run's identity, as keel's nodes take it (`keel._node.context_of`).
+
+    Under LangGraph server with keel's auth it is the authenticated user's; whatever `context`
+    the client sent is ignored.
+    """
+    if server_user(runtime) is not None:
+        return context_of(runtime)  # type: ignore[arg-type]
     ctx = getattr(runtime, "context", None)
     if isinstance(ctx, RunContext):
         return ctx

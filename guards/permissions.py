@@ -8,17 +8,21 @@ the stricter of the two wins.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from keel.errors import UserError
 from keel.guards.gate import GateDecision
 from keel.guards.policy import Policy, Rule
 from keel.state import RunContext
 from keel.tools.registry import RegisteredTool
 
 __all__ = ["PermissionMatrix"]
+
+log = logging.getLogger("keel.guards")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,29 @@ class PermissionMatrix:
     def from_policy(cls, policy: Policy) -> PermissionMatrix:
         """The matrix of a policy's rules."""
         return cls(policy.rules)
+
+    def check_tools(self, names: Sequence[str], *, policy: str = "the policy") -> None:
+        """Fail on a rule naming a tool that is not in `names`; log a glob that matches none.
+
+        A misspelt name in a `deny` rule would let a later, broader `allow` through, so it is an
+        error when the agent is built, not a silent no-op at the first request.
+        """
+        for rule in self.rules:
+            if rule.tool == "*" or any(fnmatchcase(n, rule.tool) for n in names):
+                continue
+            if any(c in rule.tool for c in "*?["):
+                log.warning(
+                    "%s: the rule %s matches none of the agent's tools (%s).",
+                    policy,
+                    rule.describe(),
+                    ", ".join(names) or "none",
+                )
+                continue
+            raise UserError(
+                f"{policy} has a rule for tool {rule.tool!r}, which the agent does not have "
+                f"(its tools: {', '.join(names) or 'none'}). Fix the name, add the tool, or give "
+                "this agent a policy of its own."
+            )
 
     def match(self, roles: Sequence[str], tool: str, resource: str) -> Rule | None:
         """The first rule matching any of `roles`, `tool` and `resource`, or None."""

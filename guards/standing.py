@@ -6,9 +6,11 @@ thread's `approvals` under `always/<digest>` with an expiry; until then, calls i
 allowed without asking. With `"scope": "user"` it is also kept in the ledger
 (`StandingStore`), and `call_model` loads the user's standing approvals into the thread at the
 start of each task (each new user message), so it holds in the user's other threads too.
-It is bound to the policy (`name@version`) like every approval, so a new policy version asks
-again. It never overrides a `deny` rule, and a call a human rejected can
-still never run: the rejection of its exact arguments wins.
+It is bound to the policy (`name@version`) and the tool's version like every approval, so a
+new policy or tool version asks again. keel seals it (`keel.approvals.Grants`): a record the
+client wrote, or copied from another thread or user, is not trusted. It never overrides a
+`deny` rule, and a call a human rejected can still never run: the rejection of its exact
+arguments wins.
 
 The pieces: `Always` (the parsed `always` field), `standing_approval` (the record and its key),
 `covering` (the pure check) and `allowing(gate, approvals, policy)`, the `Gate` every node uses.
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keel.approvals import approval_digest
+from keel.approvals import Grants, approval_digest
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, GateDecision
@@ -71,10 +73,10 @@ class Always:
         return cls(scope=scope, ttl_seconds=float(ttl), same_args=same)
 
 
-def _key(tool: str, args: Mapping[str, Any] | None, policy: str) -> str:
+def _key(tool: str, args: Mapping[str, Any] | None, policy: str, version: str) -> str:
     if args is not None:
-        return PREFIX + approval_digest(tool, args, policy)
-    return PREFIX + hashlib.sha256(f"{tool}\n*\n{policy}".encode()).hexdigest()
+        return PREFIX + approval_digest(tool, args, policy, version=version)
+    return PREFIX + hashlib.sha256(f"{tool}\n{version}\n*\n{policy}".encode()).hexdigest()
 
 
 def standing_approval(
@@ -84,10 +86,11 @@ def standing_approval(
     policy: str,
     tool_call_id: str,
     *,
+    version: str,
     now: float | None = None,
 ) -> tuple[str, Approval]:
-    """The key and record of a standing approval given on the call `tool_call_id`."""
-    key = _key(tool, args if always.same_args else None, policy)
+    """The key and record (unsealed) of a standing approval given on the call `tool_call_id`."""
+    key = _key(tool, args if always.same_args else None, policy, version)
     expires = (time.time() if now is None else now) + always.ttl_seconds
     record: Approval = {
         "digest": key.removeprefix(PREFIX),
@@ -95,6 +98,7 @@ def standing_approval(
         "tool_call_id": tool_call_id,
         "decision": "approved",
         "expires_at": expires,
+        "scope": always.scope,
     }
     return key, record
 
@@ -105,15 +109,18 @@ def covering(
     args: Mapping[str, Any],
     policy: str,
     now: float,
+    *,
+    version: str,
 ) -> Approval | None:
-    """The unexpired standing approval covering this call, or `None`.
+    """The unexpired standing approval among `approvals` covering this call, or `None`.
 
-    A call whose exact arguments a human rejected is never covered.
+    Pass only trusted approvals (`keel.approvals.RunGrants.trusted`). A call whose exact
+    arguments a human rejected is never covered.
     """
-    rejected = approvals.get(approval_digest(tool, args, policy))
+    rejected = approvals.get(approval_digest(tool, args, policy, version=version))
     if rejected is not None and rejected["decision"] == "rejected":
         return None
-    for key in (_key(tool, args, policy), _key(tool, None, policy)):
+    for key in (_key(tool, args, policy, version), _key(tool, None, policy, version)):
         found = approvals.get(key)
         if found is not None and found.get("expires_at", 0.0) > now:
             return found
@@ -123,7 +130,10 @@ def covering(
 def allowing(
     gate: Gate, approvals: Mapping[str, Approval], policy: str, now: float | None = None
 ) -> Gate:
-    """`gate`, except that an `ask` a standing approval covers becomes `allow`."""
+    """`gate`, except that an `ask` a standing approval covers becomes `allow`.
+
+    Pass only trusted approvals (`keel.approvals.RunGrants.trusted`).
+    """
     if not any(key.startswith(PREFIX) for key in approvals):
         return gate
     at = time.time() if now is None else now
@@ -132,7 +142,7 @@ def allowing(
         decision = gate(tool, args, context)
         if decision.action != "ask":
             return decision
-        found = covering(approvals, tool.name, args, policy, at)
+        found = covering(approvals, tool.name, args, policy, at, version=tool.spec.version)
         if found is None:
             return decision
         return GateDecision.allow(
@@ -148,13 +158,15 @@ def allowing(
 class StandingStore:
     """A user's standing approvals (`"scope": "user"`), kept in the ledger.
 
-    `human_review` saves them; `call_model` loads the unexpired ones at the start of each task.
+    `human_review` saves them; `call_model` loads the unexpired ones at the start of each task,
+    sealed with `grants` (the ledger is keel's own: what it holds is trusted).
     """
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, grants: Grants | None = None) -> None:
         if not isinstance(ledger, Ledger):
             raise UserError(f"StandingStore needs a keel.Ledger, got {type(ledger).__name__}.")
         self.ledger = ledger
+        self.grants = grants if grants is not None else Grants.from_secret()
 
     def load(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key.
@@ -163,18 +175,24 @@ class StandingStore:
         ask a human again, which is the safe side.
         """
         try:
-            return self.ledger.run(_load_flow(_who(context), time.time()))
+            found = self.ledger.run(_load_flow(_who(context), time.time()))
         except Exception as exc:
             log.error("keel could not read standing approvals, so none apply: %r", exc)
             return {}
+        return self._sealed(context, found)
 
     async def aload(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key (async; see `load`)."""
         try:
-            return await self.ledger.arun(_load_flow(_who(context), time.time()))
+            found = await self.ledger.arun(_load_flow(_who(context), time.time()))
         except Exception as exc:
             log.error("keel could not read standing approvals, so none apply: %r", exc)
             return {}
+        return self._sealed(context, found)
+
+    def _sealed(self, context: RunContext, found: Mapping[str, Approval]) -> dict[str, Approval]:
+        grants = self.grants.for_run("", context)
+        return {key: grants.seal(key, {**record, "scope": "user"}) for key, record in found.items()}
 
     def save(self, context: RunContext, approvals: Mapping[str, Approval]) -> None:
         """Keep `approvals` for the user (replacing any under the same keys)."""

@@ -40,6 +40,7 @@ __all__ = [
     "peek_resume",
     "unsaved_checkpoint",
     "policy_id",
+    "thread_of",
 ]
 
 _DEFAULT_CONTEXT = RunContext()
@@ -78,6 +79,12 @@ def context_of(runtime: Runtime[RunContext] | None) -> RunContext:
         f"keel nodes need context=RunContext(...), got {type(ctx).__name__}. "
         "Pass context=RunContext(user_id=..., tenant_id=..., roles=(...)) to invoke."
     )
+
+
+def thread_of(runtime: Runtime[Any] | None) -> str:
+    """The run's `thread_id`, or `""` outside a thread (no checkpointer)."""
+    info = getattr(runtime, "execution_info", None)
+    return str(getattr(info, "thread_id", None) or "")
 
 
 def last_ai_index(state: AgentState) -> int:

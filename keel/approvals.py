@@ -1,13 +1,47 @@
-"""Approval digests: a human's decision is bound to one exact call (tool + args + policy)."""
+"""Approval digests and grants: a human's decision is bound to one exact call, and sealed.
+
+The digest names a call: tool, tool version, canonical arguments and policy (`name@version`).
+It is shown to the reviewer in the interrupt, so it is no secret. What makes a decision a
+*grant* is its seal: an HMAC-SHA256 under a server-side secret the client never sees, over the
+record, the thread it was given in (for a user-scoped standing approval: none) and the user.
+`execute_tools` runs an `ask` call only on a grant whose seal verifies; a record a client
+copied, built from a digest, or moved to another thread or user, is ignored. A rejection needs
+no seal: it can only stop a call.
+
+The secret is `build_agent(approval_secret=...)`, else the `KEEL_APPROVAL_SECRET` environment
+variable, else a random one made when keel is imported. That default is secure but lasts one
+process: a grant sealed before a restart is not trusted after it (the call is asked about again,
+the safe side). Set a secret to keep grants across restarts and processes.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["approval_digest", "approval_key", "canonical_args"]
+from keel.errors import UserError
+from keel.state import Approval, RunContext
+
+__all__ = [
+    "SECRET_ENV",
+    "Grants",
+    "RunGrants",
+    "approval_digest",
+    "approval_key",
+    "call_digest",
+    "canonical_args",
+]
+
+SECRET_ENV = "KEEL_APPROVAL_SECRET"
+"""The environment variable keel reads the approval secret from."""
+
+_PROCESS_SECRET = secrets.token_bytes(32)
 
 
 def canonical_args(args: Mapping[str, Any]) -> str:
@@ -15,9 +49,18 @@ def canonical_args(args: Mapping[str, Any]) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def approval_digest(tool: str, args: Mapping[str, Any], policy: str) -> str:
-    """The digest an approval is stored under: sha256 of tool, canonical args and policy."""
-    payload = _digest_bytes(f"{tool}\n{canonical_args(args)}\n{policy}")
+def approval_digest(tool: str, args: Mapping[str, Any], policy: str, *, version: str) -> str:
+    """The digest an approval is stored under: sha256 of tool, version, canonical args, policy."""
+    payload = _digest_bytes(f"{tool}\n{version}\n{canonical_args(args)}\n{policy}")
+    return hashlib.sha256(payload).hexdigest()
+
+
+def call_digest(tool: str, args: Mapping[str, Any], version: str) -> str:
+    """The idempotency ledger's digest of a call: sha256 of tool, canonical args, `tool@version`.
+
+    A call id recorded with another digest (other arguments, or another tool version) conflicts.
+    """
+    payload = _digest_bytes(f"{tool}\n{canonical_args(args)}\ntool@{version}")
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -38,3 +81,77 @@ def approval_key(digest: str, tool_call_id: str, decision: str) -> str:
     saw, not later identical calls.
     """
     return digest if decision == "rejected" else f"{digest}/{tool_call_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """Seals approvals with a server-side secret and keeps only verified ones."""
+
+    secret: bytes = field(repr=False)
+
+    @classmethod
+    def from_secret(cls, secret: str | bytes | None = None) -> Grants:
+        """From `secret`, else `KEEL_APPROVAL_SECRET`, else this process's random secret."""
+        if secret is None:
+            secret = os.environ.get(SECRET_ENV) or None
+        if secret is None:
+            return cls(_PROCESS_SECRET)
+        if not isinstance(secret, str | bytes) or not secret:
+            raise UserError(
+                f"build_agent(approval_secret=...) must be a non-empty string or bytes, "
+                f"got {secret!r}."
+            )
+        return cls(secret.encode() if isinstance(secret, str) else secret)
+
+    def for_run(self, thread: str, context: RunContext) -> RunGrants:
+        """The grants of one run: bound to its thread (`""` without one) and its user."""
+        return RunGrants(self, thread, f"{context.tenant_id}/{context.user_id}")
+
+    def sign(self, key: str, approval: Mapping[str, Any], thread: str, user: str) -> str:
+        """The seal of `approval` stored under `key`, given in `thread` to `user`."""
+        where = "*" if approval.get("scope") == "user" else thread
+        fields = (
+            key,
+            approval.get("digest"),
+            approval.get("tool"),
+            approval.get("tool_call_id"),
+            approval.get("decision"),
+            approval.get("expires_at"),
+            approval.get("scope", "thread"),
+            where,
+            user,
+        )
+        message = json.dumps(fields, separators=(",", ":")).encode()
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RunGrants:
+    """`Grants` bound to one run's thread and user."""
+
+    grants: Grants
+    thread: str
+    user: str
+
+    def seal(self, key: str, approval: Approval) -> Approval:
+        """`approval` with its seal."""
+        unsealed = {k: v for k, v in approval.items() if k != "seal"}
+        sealed: Approval = {**approval}
+        sealed["seal"] = self.grants.sign(key, unsealed, self.thread, self.user)
+        return sealed
+
+    def trusted(self, approvals: Mapping[str, Approval] | None) -> dict[str, Approval]:
+        """The rejections, and the approvals whose seal verifies for this thread and user."""
+        out: dict[str, Approval] = {}
+        for key, approval in (approvals or {}).items():
+            if approval.get("decision") == "rejected" or self.verifies(key, approval):
+                out[key] = approval
+        return out
+
+    def verifies(self, key: str, approval: Mapping[str, Any]) -> bool:
+        """Whether `approval`'s seal is keel's, for this key, thread and user."""
+        seal = approval.get("seal")
+        if not isinstance(seal, str):
+            return False
+        unsealed = {k: v for k, v in approval.items() if k != "seal"}
+        return hmac.compare_digest(seal, self.grants.sign(key, unsealed, self.thread, self.user))

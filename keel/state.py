@@ -18,6 +18,7 @@ from typing_extensions import TypedDict
 from keel.errors import UserError
 
 __all__ = [
+    "AgentInput",
     "AgentState",
     "Approval",
     "Outcome",
@@ -80,7 +81,7 @@ class PlanStep(TypedDict):
 
 
 class Approval(TypedDict):
-    """A human decision bound to one exact tool call (tool + canonical args + policy version)."""
+    """A human decision bound to one exact call (tool, tool version, canonical args, policy)."""
 
     digest: str
     tool: str
@@ -89,6 +90,10 @@ class Approval(TypedDict):
     reviewer: NotRequired[str]
     expires_at: NotRequired[float]
     """Set on standing approvals (`keel.guards.standing`): epoch seconds it holds until."""
+    scope: NotRequired[Literal["thread", "user"]]
+    """Set on standing approvals: the thread it was given in, or all the user's threads."""
+    seal: NotRequired[str]
+    """keel's HMAC over the grant, its thread and user (`keel.approvals.Grants`)."""
 
 
 class Verdict(TypedDict):
@@ -150,6 +155,20 @@ class AgentState(TypedDict, total=False):
     clock: dict[str, float]
     budget_warnings: list[str]
     remaining_steps: RemainingSteps
+
+
+class AgentInput(TypedDict, total=False):
+    """What a caller may send a keel graph: the graphs' `input_schema`.
+
+    Everything else in `AgentState` (approvals, usage, outcome, plan, verdicts, revisions, the
+    run clock, budget warnings) is keel's record of the run: only keel's nodes write it, and
+    keel's graphs refuse it from `invoke` input, `update_state` and `Command(update=...)`.
+
+    Attributes:
+        messages: The conversation to add to (a user message, usually).
+    """
+
+    messages: Annotated[list[AnyMessage], add_messages]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

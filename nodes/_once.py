@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessag
 from langchain_core.runnables import RunnableConfig
 
 from keel._node import unsaved_checkpoint
-from keel.approvals import approval_digest
+from keel.approvals import call_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
@@ -100,7 +100,7 @@ def ledger_key(
     call_id = call.get("id")
     if ledger is None or not entry.spec.side_effects or not thread or not call_id:
         return None
-    digest = approval_digest(entry.name, call["args"], f"tool@{entry.spec.version}")
+    digest = call_digest(entry.name, call["args"], entry.spec.version)
     return str(thread), call_id, entry.name, digest
 
 

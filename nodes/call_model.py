@@ -26,7 +26,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import RetryPolicy
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id
+from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
+from keel.approvals import Grants
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
@@ -95,6 +96,7 @@ def call_model(
     policy_name: str | None = None,
     standing: StandingStore | None = None,
     timeout: float | timedelta | ModelTimeoutPolicy | None = None,
+    grants: Grants | None = None,
     name: str = "call_model",
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
@@ -127,6 +129,8 @@ def call_model(
         standing: Where user-scoped standing approvals are kept; loaded into the thread at
             the start of each task.
         timeout: A deadline for each attempt of a model call (`ModelTimeoutPolicy`).
+        grants: Verifies the approvals in state (`keel.approvals.Grants`); an unverified one
+            does not spare a call its review.
         name: The node's name.
 
     Every call goes through a `keel.guards.GuardedModel`: period budget reservation, breaker
@@ -151,6 +155,8 @@ def call_model(
     chain = models(model)
     cheaper = models(downgrade) if downgrade is not None else None
     checks = tuple(before_model)
+
+    sealer = grants if grants is not None else Grants.from_secret()
 
     def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
         remaining = state.get("remaining_steps")
@@ -205,7 +211,9 @@ def call_model(
             )
             ctx = context_of(runtime)
             policy = policy_id(ctx, policy_version, policy_name)
-            approvals = {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
+            approvals = sealer.for_run(thread_of(runtime), ctx).trusted(
+                {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
+            )
             ask = None
             if gate is not None:
                 decide = allowing(gate, approvals, policy)

@@ -30,8 +30,8 @@ from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id
-from keel.approvals import approval_digest, approval_key
+from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
+from keel.approvals import Grants, approval_digest, approval_key
 from keel.db.ledger import Ledger
 from keel.guards.budget import check_budget
 from keel.guards.content import InputGuardPolicy
@@ -106,14 +106,15 @@ def execute_tools(
     tool_guard: ToolGuard | None = None,
     ledger: Ledger | None = None,
     input_guard: InputGuardPolicy | None = None,
+    grants: Grants | None = None,
     name: str = "execute_tools",
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
 
     Args:
         tools: The tools the agent may call.
-        gate: Decides allow / ask / deny per call; an `ask` call runs only when an approval in
-            state matches its exact arguments.
+        gate: Decides allow / ask / deny per call; an `ask` call runs only when a grant in
+            state sealed by `grants` for this thread and user matches its exact arguments.
         policy_version: Bound into approval digests; a new version invalidates old approvals.
         policy_name: The policy's name for the digest (default: `RunContext.policy`).
         budget: Run budget: calls that would pass its tool-call limit are answered
@@ -130,15 +131,18 @@ def execute_tools(
             (`keel.guards.check_input(..., source="tool")`): an injection is flagged, redacted
             or the result withheld (`keel_status == "blocked"`); `None`: results pass as they
             are.
+        grants: Verifies approval grants (`keel.approvals.Grants`); default: the secret in
+            `KEEL_APPROVAL_SECRET`, else this process's own.
         name: The node's name.
     """
+    sealer = grants if grants is not None else Grants.from_secret()
 
     def plan_calls(
         state: AgentState, runtime: Runtime[RunContext] | None
     ) -> list[ToolMessage | _Job]:
         _, calls = pending_tool_calls(state.get("messages") or [])
         context = context_of(runtime)
-        approvals = state.get("approvals") or {}
+        approvals = sealer.for_run(thread_of(runtime), context).trusted(state.get("approvals"))
         policy = policy_id(context, policy_version, policy_name)
         decide = allowing(gate, approvals, policy)  # standing approvals turn ask into allow
         planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
@@ -293,7 +297,7 @@ def _classify(
         rule = f" (rule: {decision.rule})" if decision.rule else ""
         return _message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
     if decision.action == "ask":
-        digest = approval_digest(entry.name, call["args"], policy)
+        digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
         approval = approvals.get(digest) or approvals.get(
             approval_key(digest, call.get("id") or "", "approved")
         )

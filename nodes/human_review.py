@@ -35,8 +35,16 @@ from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
-from keel._node import NO_RESUME, RunnableCallable, context_of, make_node, peek_resume, policy_id
-from keel.approvals import approval_digest, approval_key
+from keel._node import (
+    NO_RESUME,
+    RunnableCallable,
+    context_of,
+    make_node,
+    peek_resume,
+    policy_id,
+    thread_of,
+)
+from keel.approvals import Grants, RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
@@ -84,6 +92,7 @@ def human_review(
     policy_name: str | None = None,
     standing: StandingStore | None = None,
     ledger: Ledger | None = None,
+    grants: Grants | None = None,
     name: str = "human_review",
 ) -> RunnableCallable:
     """A node that interrupts for the calls that need a human and records the decisions.
@@ -97,17 +106,19 @@ def human_review(
             ledger; without it, such an answer is refused with a `UserError`.
         ledger: The idempotency ledger `execute_tools` uses; with it, calls whose outcome is
             unknown (started, never finished) are asked about ("did this happen?").
+        grants: Seals the decisions (`keel.approvals.Grants`) so `execute_tools` can trust
+            them; default: the secret in `KEEL_APPROVAL_SECRET`, else this process's own.
         name: The node's name.
     """
+    sealer = grants if grants is not None else Grants.from_secret()
 
     def requests(
-        state: AgentState, runtime: Runtime[RunContext] | None, records: Mapping[str, CallRecord]
+        state: AgentState, run: RunGrants, context: RunContext, records: Mapping[str, CallRecord]
     ) -> list[ReviewRequest]:
         messages = state.get("messages") or []
         _, calls = pending_tool_calls(messages)
-        context = context_of(runtime)
         policy = policy_id(context, policy_version, policy_name)
-        approvals = state.get("approvals") or {}
+        approvals = run.trusted(state.get("approvals"))
         decide = allowing(gate, approvals, policy)
         out: list[ReviewRequest] = []
         for call in calls:
@@ -115,7 +126,7 @@ def human_review(
             if entry is None or not isinstance(call.get("args"), dict):
                 continue
             decision = decide(entry, call["args"], context)
-            digest = approval_digest(entry.name, call["args"], policy)
+            digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
             record = records.get(call.get("id") or "")
             if record is not None and record.state == "started":
                 out.append(_unknown_request(call, record, digest))
@@ -158,7 +169,9 @@ def human_review(
         records: Mapping[str, CallRecord],
     ) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
         """The state update, the ledger updates to make, and the standing approvals to keep."""
-        pending = requests(state, runtime, records)
+        context = context_of(runtime)
+        run = sealer.for_run(thread_of(runtime), context)
+        pending = requests(state, run, context, records)
         if not pending:
             return {"outcome": None}, [], {}
         waiting = peek_resume(config)
@@ -168,9 +181,11 @@ def human_review(
             _check_scope(_normalize(waiting, pending), standing)
             _check_edits(_normalize(waiting, pending), pending, tools)
         answers = _normalize(interrupt(pending), pending)
-        policy = policy_id(context_of(runtime), policy_version, policy_name)
+        policy = policy_id(context, policy_version, policy_name)
         thread, _ = in_ledger(state, config)
-        return _apply(state, pending, answers, policy, thread)
+        update, settle, for_user = _apply(state, pending, answers, policy, thread, tools)
+        update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
+        return update, settle, {k: update["approvals"][k] for k in for_user}
 
     def review(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -319,6 +334,7 @@ def _apply(
     answers: Sequence[ReviewResponse],
     policy: str,
     thread: str,
+    tools: ToolRegistry,
 ) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
     messages = state.get("messages") or []
     index, _ = pending_tool_calls(messages)
@@ -343,13 +359,17 @@ def _apply(
             args = answer.get("args", request["action_request"]["args"])
             if answer["type"] == "edit":
                 edits[call_id] = dict(args)
-            digest = approval_digest(tool, args, policy)
+            entry = tools.get(tool)
+            version = entry.spec.version if entry is not None else ""
+            digest = approval_digest(tool, args, policy, version=version)
             approvals[approval_key(digest, call_id, "approved")] = _approval(
                 digest, tool, call_id, "approved", answer
             )
             if "always" in answer:
                 always = Always.parse(answer["always"])
-                key, standing = standing_approval(always, tool, args, policy, call_id)
+                key, standing = standing_approval(
+                    always, tool, args, policy, call_id, version=version
+                )
                 approvals[key] = standing
                 if always.scope == "user":
                     for_user[key] = standing

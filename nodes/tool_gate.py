@@ -23,7 +23,8 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.runtime import Runtime
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id
+from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
+from keel.approvals import Grants
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop
@@ -45,6 +46,7 @@ def tool_gate(
     loop: LoopPolicy | None = None,
     policy_version: str = "1",
     policy_name: str | None = None,
+    grants: Grants | None = None,
     name: str = "tool_gate",
 ) -> RunnableCallable:
     """A node that routes the last AI message's tool calls: run, ask a human, or refuse.
@@ -58,8 +60,12 @@ def tool_gate(
             is applied by `call_model`, which makes the wrap-up call).
         policy_version: The policy version standing approvals are bound to.
         policy_name: The policy name standing approvals are bound to.
+        grants: Verifies the approvals in state (`keel.approvals.Grants`); an unverified one
+            does not spare a call its review. Default: the secret in `KEEL_APPROVAL_SECRET`,
+            else this process's own.
         name: The node's name.
     """
+    sealer = grants if grants is not None else Grants.from_secret()
 
     def run(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         messages = state.get("messages") or []
@@ -86,7 +92,8 @@ def tool_gate(
                 }
         context = context_of(runtime)
         policy = policy_id(context, policy_version, policy_name)
-        decide = allowing(gate, state.get("approvals") or {}, policy)
+        approvals = sealer.for_run(thread_of(runtime), context).trusted(state.get("approvals"))
+        decide = allowing(gate, approvals, policy)
         denied: list[ToolMessage] = []
         asks: list[str] = []
         for call in calls:

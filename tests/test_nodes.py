@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args
+from unittest.mock import ANY
 
 import pytest
 from langchain_core.messages import (
@@ -31,7 +32,7 @@ from langgraph.types import Command, RetryPolicy, interrupt
 from typing_extensions import TypedDict
 
 from keel import Price, PriceTable, RunContext, UserError, build_agent, outcome, tool
-from keel.approvals import approval_digest
+from keel.approvals import Grants, approval_digest
 from keel.evals import ScriptedChatModel, call
 from keel.graphs.agent import route_after_verify
 from keel.guards.gate import GateDecision
@@ -299,9 +300,24 @@ def test_call_model_sends_at_most_one_system_message() -> None:
 # ===========================================================================================
 
 
+GRANTS = Grants.from_secret("test")
+
+
+def sealed(approvals: dict[str, Any]) -> dict[str, Any]:
+    """Approvals as keel's own nodes would have sealed them (thread-less run of `CTX`)."""
+    run = GRANTS.for_run("", CTX)
+    return {key: run.seal(key, approval) for key, approval in approvals.items()}
+
+
+def approved_a1() -> dict[str, Any]:
+    """A sealed approval of deleting order A1 (call c0)."""
+    record = {"digest": DIGEST_A1, "tool": "delete_order", "tool_call_id": "c0"}
+    return sealed({DIGEST_A1: {**record, "decision": "approved"}})
+
+
 def tools_graph(*tools: Any, gate: Any = None, policy_version: str = "1") -> Any:
     """A graph of just `execute_tools`, to feed it a fabricated state."""
-    kwargs: dict[str, Any] = {"policy_version": policy_version}
+    kwargs: dict[str, Any] = {"policy_version": policy_version, "grants": GRANTS}
     if gate is not None:
         kwargs["gate"] = gate
     graph = StateGraph(AgentState, context_schema=RunContext)
@@ -639,7 +655,7 @@ class Shop:
         return [delete_order, lookup]
 
 
-DIGEST_A1 = approval_digest("delete_order", {"order_id": "A1"}, "default@1")
+DIGEST_A1 = approval_digest("delete_order", {"order_id": "A1"}, "default@1", version="1")
 
 
 def review_agent(shop: Shop, *script: Any) -> Any:
@@ -695,6 +711,7 @@ async def test_approve_runs_the_tool_exactly_once(mode: str) -> None:
             "tool_call_id": "call_0_0",
             "decision": "approved",
             "reviewer": "alice",
+            "seal": ANY,  # keel's HMAC (keel.approvals.Grants)
         }
     }
     (result,) = tool_messages(final)
@@ -718,7 +735,7 @@ async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> 
     assert len([m for m in final["messages"] if isinstance(m, AIMessage)]) == 2, (
         "replaced, not added"
     )
-    digest_b2 = approval_digest("delete_order", {"order_id": "B2"}, "default@1")
+    digest_b2 = approval_digest("delete_order", {"order_id": "B2"}, "default@1", version="1")
     assert list(final["approvals"]) == [f"{digest_b2}/call_0_0"]
     assert_valid(final["messages"])
 
@@ -887,14 +904,7 @@ def test_langgraph_replays_a_consumed_resume_after_the_node_raised() -> None:
 async def test_an_approval_binds_to_the_exact_arguments(mode: str) -> None:
     shop = Shop()
     graph = tools_graph(*shop.tools())
-    approved = {
-        DIGEST_A1: {
-            "digest": DIGEST_A1,
-            "tool": "delete_order",
-            "tool_call_id": "c0",
-            "decision": "approved",
-        }
-    }
+    approved = approved_a1()
     (result,), _ = await run_tools(
         graph, mode, ("delete_order", {"order_id": "B2"}), approvals=approved
     )
@@ -913,14 +923,7 @@ async def test_an_approval_binds_to_the_exact_arguments(mode: str) -> None:
 
 async def test_an_approval_binds_to_the_policy(mode: str) -> None:
     shop = Shop()
-    approved = {
-        DIGEST_A1: {
-            "digest": DIGEST_A1,
-            "tool": "delete_order",
-            "tool_call_id": "c0",
-            "decision": "approved",
-        }
-    }
+    approved = approved_a1()
     newer_policy = tools_graph(*shop.tools(), policy_version="2")
     (result,), _ = await run_tools(
         newer_policy, mode, ("delete_order", {"order_id": "A1"}), approvals=approved

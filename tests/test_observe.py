@@ -181,14 +181,12 @@ def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
         "node": "input_guard",
         "choice": "call_model",
         "reason": "",
-        "confidence": None,
     }
     assert lines[1] == {
         "node": "call_model",
         "choice": "tool_gate",
         "reason": "tool calls: lookup_customer",
-        "confidence": None,
-    }
+    }  # no "confidence": keel has none to give (it was always null)
     assert lines[-1]["node"] == "tool_gate" and lines[-1]["choice"] == "human_review"
     assert lines[-1]["reason"] == "awaiting approval for issue_refund"
 

@@ -83,6 +83,32 @@ def test_tokens_map_to_user_tenant_and_roles(tmp_path: Path) -> None:
             ),
             "[tenants.acme] agent = 'other' is not one of its agents ['main'].",
         ),
+        (
+            MINIMAL.format(digest="x") + MINIMAL.format(digest="x").split("[tenants")[0],
+            "users[1] ('alice') has the same token as users[0] ('alice'): a token must name one "
+            "user. Give each user its own token.",
+        ),
+        (
+            MINIMAL.format(digest="x").replace('"lookup_order"', '"lookup_ordr"'),
+            "[tenants.acme.agents.main] unknown tool 'lookup_ordr'. Use a bundled tool (forget, "
+            "issue_refund, lookup_order, recall_memories, remember, search_policy) or "
+            "'package.module:attribute'.",
+        ),
+        (
+            MINIMAL.format(digest="x").replace('"keel:demo"', '"keel:dmo"'),
+            "[tenants.acme.agents.main] model 'keel:dmo' is not a bundled model; keel bundles "
+            "['keel:demo', 'keel:demo-memory', 'keel:demo-router', 'keel:demo-support'].",
+        ),
+        (
+            MINIMAL.format(digest="x").replace('"keel:demo"', '"gpt-4o"'),
+            "[tenants.acme.agents.main] model 'gpt-4o' must read 'provider:name'",
+        ),
+        (
+            'ledger = "${KEEL_TEST_UNSET_VAR}"\n' + MINIMAL.format(digest="x"),
+            "ledger = '${KEEL_TEST_UNSET_VAR}' uses the environment variable "
+            "KEEL_TEST_UNSET_VAR, which is not set. Set it (export KEEL_TEST_UNSET_VAR=...) "
+            "before starting the server.",
+        ),
     ],
 )
 def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:

@@ -37,25 +37,31 @@ P = "support@1"
 
 
 def test_a_tool_wide_standing_approval_covers_any_arguments_until_it_expires() -> None:
-    key, record = standing_approval(Always(ttl_seconds=60), "refund", {"a": 1}, P, "c1", now=100)
+    key, record = standing_approval(
+        Always(ttl_seconds=60), "refund", {"a": 1}, P, "c1", version="1", now=100
+    )
     approvals = {key: record}
     assert record["expires_at"] == 160
-    assert covering(approvals, "refund", {"a": 2}, P, now=159) == record
-    assert covering(approvals, "refund", {"a": 2}, P, now=160) is None  # expired
-    assert covering(approvals, "refund", {"a": 2}, "support@2", now=120) is None  # new policy
-    assert covering(approvals, "other", {"a": 1}, P, now=120) is None
+    assert covering(approvals, "refund", {"a": 2}, P, version="1", now=159) == record
+    assert covering(approvals, "refund", {"a": 2}, P, version="1", now=160) is None  # expired
+    assert (
+        covering(approvals, "refund", {"a": 2}, "support@2", version="1", now=120) is None
+    )  # new policy
+    assert covering(approvals, "other", {"a": 1}, P, version="1", now=120) is None
 
 
 def test_a_same_args_standing_approval_covers_only_those_arguments() -> None:
     always = Always(ttl_seconds=60, same_args=True)
-    key, record = standing_approval(always, "refund", {"a": 1, "b": 2}, P, "c1", now=100)
-    assert covering({key: record}, "refund", {"b": 2, "a": 1}, P, now=120) == record
-    assert covering({key: record}, "refund", {"a": 1, "b": 3}, P, now=120) is None
+    key, record = standing_approval(
+        always, "refund", {"a": 1, "b": 2}, P, "c1", version="1", now=100
+    )
+    assert covering({key: record}, "refund", {"b": 2, "a": 1}, P, version="1", now=120) == record
+    assert covering({key: record}, "refund", {"a": 1, "b": 3}, P, version="1", now=120) is None
 
 
 def test_a_rejection_of_the_exact_call_wins_over_a_standing_approval() -> None:
-    key, record = standing_approval(Always(), "refund", {"a": 1}, P, "c1", now=100)
-    digest = approval_digest("refund", {"a": 9}, P)
+    key, record = standing_approval(Always(), "refund", {"a": 1}, P, "c1", version="1", now=100)
+    digest = approval_digest("refund", {"a": 9}, P, version="1")
     rejected: Approval = {
         "digest": digest,
         "tool": "refund",
@@ -63,8 +69,8 @@ def test_a_rejection_of_the_exact_call_wins_over_a_standing_approval() -> None:
         "decision": "rejected",
     }
     approvals = {key: record, digest: rejected}
-    assert covering(approvals, "refund", {"a": 9}, P, now=120) is None
-    assert covering(approvals, "refund", {"a": 1}, P, now=120) == record
+    assert covering(approvals, "refund", {"a": 9}, P, version="1", now=120) is None
+    assert covering(approvals, "refund", {"a": 1}, P, version="1", now=120) == record
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,11 @@
   another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
   readable by all). Store namespaces must be the caller's own memory namespace
   `(kind, tenant, user, ...)`; anything else is refused with 403.
+- **What:** a run's `input` and `command.update` may set only what a caller may send
+  (`keel.state.AgentInput`: messages); a key only keel writes (approvals, usage, outcome, plan,
+  ...) is refused with 422 before the run is created. A thread's `update_state` reaches auth
+  without its values (LangGraph passes only the thread id), so keel's graph refuses it itself
+  (`keel.graphs._protected`): the server answers 400 with the same message.
 """
 
 from __future__ import annotations
@@ -18,13 +23,19 @@ from langgraph_sdk import Auth
 
 from keel.app.server_config import server_config
 from keel.errors import KeelError
+from keel.graphs.supervisor import SupervisorState
 from keel.identity import user_record
 from keel.memory.scope import label
 
-__all__ = ["auth", "owner_filter", "store_namespace_allowed"]
+__all__ = ["PROTECTED_KEYS", "auth", "owner_filter", "protected_keys_in", "store_namespace_allowed"]
 
 auth = Auth()
 server_config()  # read the file at startup (a missing or bad one stops the server with why)
+
+PROTECTED_KEYS = frozenset(
+    SupervisorState.__required_keys__ | SupervisorState.__optional_keys__
+) - {"messages", "remaining_steps"}
+"""State keys only keel writes (in an agent's or a supervisor's state)."""
 
 TENANT_KEY = "keel_tenant"
 OWNER_KEY = "keel_owner"
@@ -74,10 +85,38 @@ async def authenticate(authorization: str | None) -> dict[str, Any]:
     )
 
 
+def protected_keys_in(run: Any) -> list[str]:
+    """The protected keys a run's `input` or `command.update` would set (sorted)."""
+    kwargs = run.get("kwargs") if isinstance(run, dict) else None
+    if not isinstance(kwargs, dict):
+        return []
+    keys: list[Any] = []
+    if isinstance(kwargs.get("input"), dict):
+        keys.extend(kwargs["input"])
+    command = kwargs.get("command")
+    update = command.get("update") if isinstance(command, dict) else None
+    if isinstance(update, dict):
+        keys.extend(update)
+    elif isinstance(update, list | tuple):
+        keys.extend(item[0] for item in update if isinstance(item, list | tuple) and item)
+    return sorted({str(k) for k in keys} & PROTECTED_KEYS)
+
+
 @auth.on
 async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
-    """Threads, runs, crons, assistants: stamp the owner on create, filter by it everywhere."""
+    """Threads, runs, crons, assistants: stamp the owner on create, filter by it everywhere.
+
+    A run whose input or `command.update` sets a key only keel writes is refused with 422.
+    """
     owner = owner_filter(ctx.user)
+    if ctx.action == "create_run" and (bad := protected_keys_in(value)):
+        raise Auth.exceptions.HTTPException(
+            status_code=422,
+            detail=(
+                f"The run's input sets {', '.join(repr(k) for k in bad)}: only keel writes "
+                "these (keel's record of the run). Send 'messages'."
+            ),
+        )
     if ctx.action in ("create", "create_run") and isinstance(value, dict):
         metadata = value.get("metadata")
         if not isinstance(metadata, dict):

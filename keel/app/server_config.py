@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from typing import Any
 
 from keel.errors import SetupError, UserError
 from keel.guards.policy import Policy
+from keel.models import BUNDLED_MODELS
 
 __all__ = [
     "CONFIG_ENV",
@@ -192,19 +194,45 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
     if not isinstance(users_raw, list) or not users_raw:
         raise UserError("it needs [[users]] entries (token_sha256, user, tenant, roles).")
     users = tuple(_user(i, raw, tenants) for i, raw in enumerate(users_raw))
+    seen: dict[str, int] = {}
+    for i, user in enumerate(users):
+        first = seen.get(user.token_sha256)
+        if first is not None:
+            raise UserError(
+                f"users[{i}] ({user.user_id!r}) has the same token as users[{first}] "
+                f"({users[first].user_id!r}): a token must name one user. Give each user its "
+                "own token."
+            )
+        seen[user.token_sha256] = i
     return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=_ledger_url(data))
 
 
 def _ledger_url(data: Mapping[str, Any]) -> str | None:
     if "ledger" not in data:
         return None
-    url = os.path.expandvars(_text(data, "ledger", "the file"))
+    url = _expand(_text(data, "ledger", "the file"), "ledger")
     if not url.startswith(("postgresql://", "postgres://")):
         raise UserError(
             f"ledger = {url!r}: a served ledger must be PostgreSQL (postgresql://...); the SQLite "
             "ledger creates its file with blocking calls, which `langgraph dev` refuses."
         )
     return url
+
+
+def _expand(value: str, key: str) -> str:
+    """`value` with `$VAR` / `${VAR}` replaced from the environment; an unset one is named."""
+    unset = [
+        name
+        for name in re.findall(r"\$\{(\w+)\}|\$(\w+)", value)
+        for name in name
+        if name and name not in os.environ
+    ]
+    if unset:
+        raise UserError(
+            f"{key} = {value!r} uses the environment variable {unset[0]}, which is not set. "
+            f"Set it (export {unset[0]}=...) before starting the server."
+        )
+    return os.path.expandvars(value)
 
 
 def _user(i: int, raw: Any, tenants: Mapping[str, TenantConfig]) -> UserEntry:
@@ -257,6 +285,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         unknown = sorted(set(names) - set(agents)) if isinstance(names, list) else names
         if unknown:
             raise UserError(f"{where}.supervisor agents {unknown!r} are not in {sorted(agents)}.")
+        _check_model(_text(sup, "model", f"{where}.supervisor"), f"{where}.supervisor model")
         supervisor = SupervisorSpec(
             model=_text(sup, "model", f"{where}.supervisor"),
             agents=tuple(names),
@@ -271,6 +300,26 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     )
 
 
+BUNDLED_TOOLS = frozenset(
+    {"remember", "recall_memories", "forget", "issue_refund", "lookup_order", "search_policy"}
+)
+"""Tools a server config may name without an import path (memory tools, the demo's tools)."""
+
+
+def _check_model(model: str, where: str) -> None:
+    """A bundled `keel:` model must exist; any other must read `provider:name`."""
+    if model.startswith("keel:") and model not in BUNDLED_MODELS:
+        raise UserError(
+            f"{where} {model!r} is not a bundled model; keel bundles {sorted(BUNDLED_MODELS)}."
+        )
+    provider, _, name = model.partition(":")
+    if not provider or not name:
+        raise UserError(
+            f"{where} {model!r} must read 'provider:name' (e.g. 'openai:gpt-4o-mini') or name "
+            f"a bundled model ({', '.join(sorted(BUNDLED_MODELS))})."
+        )
+
+
 def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
@@ -278,6 +327,13 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
     tools = raw.get("tools", [])
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise UserError(f"[{where}] tools must be a list of tool names, got {tools!r}.")
+    for ref in tools:
+        if ref not in BUNDLED_TOOLS and ":" not in ref:
+            raise UserError(
+                f"[{where}] unknown tool {ref!r}. Use a bundled tool "
+                f"({', '.join(sorted(BUNDLED_TOOLS))}) or 'package.module:attribute'."
+            )
+    _check_model(_text(raw, "model", f"[{where}]"), f"[{where}] model")
     policy_raw = raw.get("policy")
     policy = None
     if isinstance(policy_raw, str):

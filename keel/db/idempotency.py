@@ -110,7 +110,8 @@ def claim_flow(
         thread_id: The thread.
         call_id: The call's `tool_call_id`.
         tool: The tool's name.
-        digest: The call's argument digest; a different digest under the same id conflicts.
+        digest: The call's digest (`keel.approvals.call_digest`: tool, canonical arguments
+            and tool version); a different digest under the same id conflicts.
         rerun_unknown: Claim a `started` call again (the tool is safe to repeat, or a
             reconciliation found the effect did not happen).
         known: The tool-call ids in the thread's history. A `started` call of the same tool

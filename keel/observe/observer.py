@@ -52,7 +52,7 @@ __all__ = [
 
 log = sanitized_logger("keel.observe")
 decision_log = sanitized_logger("keel.decisions")
-"""One JSON line per decision: `{"node", "choice", "reason", "confidence", ...}`."""
+"""One JSON line per decision: `{"node", "choice", "reason", ...}`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +210,7 @@ def _log_decision(node: str, choice: str, state: AgentState) -> None:
     reason = result.get("detail")
     if reason is None and isinstance(last, AIMessage) and last.tool_calls:
         reason = "tool calls: " + ", ".join(c["name"] for c in last.tool_calls)
-    verdicts = state.get("verdicts") or []
-    confidence = verdicts[-1].get("confidence") if verdicts else None
-    _decision(node, choice, reason or "", confidence=confidence)
+    _decision(node, choice, reason or "")
 
 
 def _decision(node: str, choice: str, reason: str, **extra: Any) -> None:

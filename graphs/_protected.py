@@ -1,0 +1,109 @@
+"""Keel's graphs refuse, at every entry point, what only keel may write.
+
+LangGraph drops input keys outside a graph's `input_schema` without a word, and writes
+`update_state` and `Command(update=...)` values to any channel. A keel graph instead refuses
+them with a `UserError` that names the keys: `invoke`/`stream` input, `Command(update=...)`,
+`update_state` and `bulk_update_state` (sync and async) may set only the input schema's keys
+(`keel.state.AgentInput`: messages). A `Command(resume=...)` on a thread where nothing waits
+for a human is refused too: LangGraph would keep it and hand it to the next `interrupt()`, so
+a grant sent ahead would approve a call no human saw.
+
+What it cannot stop: a Python caller with the checkpointer in hand can write any checkpoint.
+Approval grants hold even then (they are sealed, see `keel.approvals.Grants`); usage, outcome
+and the rest are only as trustworthy as the code that can write the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command, StateUpdate
+
+from keel.errors import UserError
+
+__all__ = ["ProtectedGraph", "protected"]
+
+
+class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
+    """A compiled keel graph whose entry points refuse keys outside its input schema."""
+
+    def _protected(self, keys: Sequence[str]) -> list[str]:
+        allowed = self.builder.schemas[self.builder.input_schema]
+        return sorted({k for k in keys if k in self.builder.channels and k not in allowed})
+
+    def _refuse(self, keys: Sequence[str], where: str) -> None:
+        bad = self._protected(keys)
+        if bad:
+            allowed = ", ".join(repr(k) for k in self.builder.schemas[self.builder.input_schema])
+            names = ", ".join(repr(k) for k in bad)
+            raise UserError(
+                f"{where} sets {names}: only keel writes {'it' if len(bad) == 1 else 'them'} "
+                f"(keel's record of the run). A caller may send {allowed}."
+            )
+
+    def _check_input(self, input: Any) -> bool:
+        """Refuse protected keys; whether the input resumes (and needs a waiting thread)."""
+        if isinstance(input, dict):
+            self._refuse(list(input), "The graph's input")
+        if isinstance(input, Command):
+            self._refuse([k for k, _ in input._update_as_tuples()], "Command(update=...)")
+            return input.resume is not None and self.checkpointer not in (None, False)
+        return False
+
+    def _check_waiting(self, snapshot_interrupts: Sequence[Any], config: Any) -> None:
+        if not snapshot_interrupts:
+            thread = ((config or {}).get("configurable") or {}).get("thread_id")
+            raise UserError(
+                f"Command(resume=...) answers a pending interrupt, and nothing on thread "
+                f"{thread!r} is waiting for a human. Send the task as input instead; keel asks "
+                "for the approvals it needs."
+            )
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
+        if self._check_input(input) and config is not None:
+            self._check_waiting(self.get_state(config).interrupts, config)
+        return super().stream(input, config, **kwargs)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
+        if self._check_input(input) and config is not None:
+            self._check_waiting((await self.aget_state(config)).interrupts, config)
+        async for chunk in super().astream(input, config, **kwargs):
+            yield chunk
+
+    def _check_updates(self, supersteps: Sequence[Sequence[StateUpdate]]) -> None:
+        for step in supersteps:
+            for update in step:
+                values: Any = update[0]
+                if isinstance(values, dict):
+                    self._refuse(list(values), "update_state")
+                elif isinstance(values, Command):
+                    self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
+
+    def bulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> RunnableConfig:
+        """LangGraph's `bulk_update_state` (and `update_state`), refusing protected keys."""
+        self._check_updates(supersteps)
+        return super().bulk_update_state(config, supersteps)
+
+    async def abulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> RunnableConfig:
+        """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
+        self._check_updates(supersteps)
+        return await super().abulk_update_state(config, supersteps)
+
+
+def protected(graph: CompiledStateGraph[Any, Any, Any, Any]) -> Any:
+    """`graph` as a `ProtectedGraph` (the same object; its copies stay protected)."""
+    graph.__class__ = ProtectedGraph
+    return graph

@@ -1,0 +1,52 @@
+"""keel's middleware in a served `create_agent` takes identity from keel's auth, not the client.
+
+A `langgraph dev` server (started by `keel serve`) serves `tests/serve/middleware_agent.py`
+under keel's auth; alice (role `support`) sends `context={"roles": ["admin"]}` and the call only
+an admin may make is still denied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from langgraph_sdk import get_client
+from test_server_e2e import ledger_url, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["ledger_url"]  # the fixture, shared with the e2e test
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("mw-server")
+    config = workdir / "langgraph.json"
+    config.write_text(
+        json.dumps(
+            {
+                "dependencies": [str(ROOT)],
+                "graphs": {"mw": str(ROOT / "tests" / "serve" / "middleware_agent.py") + ":graph"},
+                "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
+            }
+        )
+    )
+    with serving(workdir, config, ledger_url) as url:
+        yield url
+
+
+async def test_served_middleware_ignores_roles_the_client_sends(server: str) -> None:
+    alice = get_client(url=server, headers={"Authorization": "Bearer token-alice"})
+    async with alice:
+        thread = await alice.threads.create()
+        final = await alice.runs.wait(
+            thread["thread_id"],
+            "mw",
+            input={"messages": [{"role": "user", "content": "delete bob's account"}]},
+            context={"user_id": "alice", "tenant_id": "acme", "roles": ["admin"]},
+        )
+    assert isinstance(final, dict)
+    (answer,) = [m for m in final["messages"] if m["type"] == "tool"]
+    assert answer["response_metadata"]["keel_status"] == "denied"
+    assert "for roles support" in answer["content"]
