@@ -9,7 +9,7 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.db.persistence import Persistence
 from keel.db.runs import RunLog, RunRecord
-from keel.errors import KeelError, ModelRequestsForbidden, SetupError, UserError
+from keel.errors import KeelError, ModelRequestsForbidden, SetupError, StorageError, UserError
 from keel.graphs import build_agent
 from keel.pricing import Price, PriceTable
 from keel.state import AgentState, Outcome, RunContext, Usage
@@ -30,6 +30,7 @@ __all__ = [
     "RunLog",
     "RunRecord",
     "SetupError",
+    "StorageError",
     "ToolSpec",
     "Usage",
     "UserError",

@@ -25,6 +25,7 @@ PUBLIC = {
         "RunLog",
         "RunRecord",
         "SetupError",
+        "StorageError",
         "ToolSpec",
         "Usage",
         "UserError",

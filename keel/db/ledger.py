@@ -14,18 +14,23 @@ at a time, across processes) or PostgreSQL (a pooled connection; flows lock rows
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiosqlite
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from keel.db.persistence import Persistence
-from keel.errors import SetupError, UserError
+from keel.db.checkpoint.postgres import connection_lost
+from keel.db.persistence import Persistence, adraining_pool, draining_pool
+from keel.errors import SetupError, StorageError, UserError
 
 __all__ = ["Flow", "Ledger"]
 
@@ -215,24 +220,47 @@ class Ledger:
     # -- internals ---------------------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        with self._transaction() as execute:
-            return _drive(flow, execute)
+        if self.backend == "sqlite":
+            with _sqlite_errors(self), self._transaction() as execute:
+                return _drive(flow, execute)
+        replay = _Replay(flow)
+        for attempt in itertools.count():
+            try:
+                with self._transaction() as execute:
+                    return _drive(replay.steps(), execute)
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not replay.failed(exc, attempt, self):
+                    return replay.result  # a read whose commit was cut off: its rows stand
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
     async def _arun(self, flow: Flow[T]) -> T:
         if self.backend == "sqlite":
-            path = self._sqlite_path()
-            async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = await _adrive(flow, lambda q, p: _afetch_sqlite(db, q, p))
-                except BaseException:
-                    await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
-                return result
-        pool = await self._async_pool()
-        async with pool.connection() as conn, conn.transaction():
-            return await _adrive(flow, lambda q, p: _afetch_pg(conn, q, p))
+            with _sqlite_errors(self):
+                return await self._arun_sqlite(flow)
+        replay = _Replay(flow)
+        for attempt in itertools.count():
+            try:
+                pool = await self._async_pool()
+                async with pool.connection() as conn, conn.transaction():
+                    return await _adrive(replay.steps(), lambda q, p: _afetch_pg(conn, q, p))
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not replay.failed(exc, attempt, self):
+                    return replay.result
+            await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def _arun_sqlite(self, flow: Flow[T]) -> T:
+        path = self._sqlite_path()
+        async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await _adrive(flow, lambda q, p: _afetch_sqlite(db, q, p))
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+            return result
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
@@ -263,17 +291,18 @@ class Ledger:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _pool_kwargs(self) -> dict[str, Any]:
+        # keel's draining health check: after connections die, every idle one is replaced at
+        # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection
+        return dict(
+            min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
+            kwargs={"autocommit": True}, name="keel-ledger",
+        )  # fmt: skip
+
     def _sync_pool(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._pool is None:
-                self._pool = ConnectionPool(
-                    self.url,
-                    min_size=1,
-                    max_size=self._pool_max_size,
-                    open=False,
-                    kwargs={"autocommit": True},
-                    check=ConnectionPool.check_connection,
-                )
+                self._pool = draining_pool(self.url, **self._pool_kwargs())
                 try:
                     self._pool.open(wait=True, timeout=10)
                 except Exception as exc:
@@ -289,14 +318,7 @@ class Ledger:
             self._alock = asyncio.Lock()
         async with self._alock:
             if self._apool is None:
-                pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                    self.url,
-                    min_size=1,
-                    max_size=self._pool_max_size,
-                    open=False,
-                    kwargs={"autocommit": True},
-                    check=AsyncConnectionPool.check_connection,
-                )
+                pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
                     await pool.open(wait=True, timeout=10)
                 except Exception as exc:
@@ -306,6 +328,111 @@ class Ledger:
                     ) from exc
                 self._apool = pool
             return self._apool
+
+
+_ATTEMPTS = 3
+"""Attempts of one transaction whose connection died before it committed."""
+_POOL_TIMEOUT = 10.0
+"""Seconds a transaction waits for a pool connection before `StorageError`."""
+
+
+class _Replay(Generic[T]):
+    """One flow across attempts: the steps it took and the rows they returned.
+
+    A flow is a generator and cannot be restarted, but it has only seen rows. After the
+    connection died before `COMMIT` (the server rolled the transaction back), `steps()` runs the
+    steps taken so far again on a fresh connection; when every one returns the rows the flow
+    saw, the flow's state is what it would be in this transaction, and it goes on from there.
+    Rows that differ (another process wrote meanwhile) end it with `StorageError`.
+    """
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self.flow = flow
+        self.done: list[tuple[tuple[str, tuple[Any, ...]], list[Row]]] = []
+        self.finished = False
+        self.result: T
+        try:
+            self.pending = next(flow)
+        except StopIteration as stop:
+            self.finished, self.result = True, stop.value
+
+    def steps(self) -> Flow[T]:
+        """The flow for one attempt: the steps taken so far (checked), then the rest."""
+        for step, rows in self.done:
+            if (yield step) != rows:
+                raise _Diverged(step[0])
+        while not self.finished:
+            step = self.pending
+            rows = yield step
+            self.done.append((step, rows))
+            try:
+                self.pending = self.flow.send(rows)
+            except StopIteration as stop:
+                self.finished, self.result = True, stop.value
+        return self.result
+
+    def failed(self, exc: Exception, attempt: int, ledger: Ledger) -> bool:
+        """After attempt `attempt` raised `exc`: whether to try again.
+
+        `False` when the result stands (a read-only flow whose `COMMIT` was cut off); raises
+        `StorageError` when no retry is safe or the attempts are used up.
+        """
+        where = f"the ledger at {ledger._persistence.safe_url}"
+        if isinstance(exc, PoolTimeout):
+            raise StorageError(
+                f"no connection to {where} within {_POOL_TIMEOUT:g} s ({exc}); nothing was "
+                "written. Is PostgreSQL up? Resume the run once it is."
+            ) from exc
+        if isinstance(exc, _Diverged):
+            raise StorageError(
+                f"a transaction on {where} lost its connection and, replayed, read other rows "
+                f"({exc}); nothing was written. Resume the run."
+            ) from exc
+        if not connection_lost(exc):
+            raise exc
+        if self.finished:  # the connection died while committing
+            if not self._writes():
+                return False
+            raise StorageError(
+                f"the connection to {where} died while committing ({_one_line(exc)}): the "
+                "transaction may or may not have been applied. keel's records are keyed, so "
+                "resuming the run finds whichever happened.",
+                in_doubt=True,
+            ) from exc
+        if attempt + 1 >= _ATTEMPTS:
+            raise StorageError(
+                f"{where} lost the connection {_ATTEMPTS} times in a row ({_one_line(exc)}); "
+                "nothing was written. Resume the run once the database is reachable."
+            ) from exc
+        return True
+
+    def _writes(self) -> bool:
+        return any(not sql.lstrip().upper().startswith("SELECT") for (sql, _), _ in self.done)
+
+
+class _Diverged(psycopg.Error):
+    """A replayed step returned rows other than the first attempt's."""
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before attempt `attempt + 1` (the pool reconnects meanwhile)."""
+    return float(random.uniform(0.01, 0.05) * 2**attempt)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextmanager
+def _sqlite_errors(ledger: Ledger) -> Iterator[None]:
+    """A SQLite failure (locked past the timeout, I/O error, a broken file) as `StorageError`."""
+    try:
+        yield
+    except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        raise StorageError(
+            f"the ledger at {ledger._persistence.safe_url} failed: {_one_line(exc)}; the "
+            "transaction was rolled back. Check the file and its disk, then resume the run."
+        ) from exc
 
 
 _SCHEMA_LOCK = 0x6B65656C  # "keel": the advisory lock that serializes schema setup
