@@ -10,6 +10,7 @@ happened).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,20 @@ import pytest
 from langchain_core.messages import ToolMessage
 from test_checkpoint_postgres import _terminate_all
 
-from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel import (
+    AuditLog,
+    Ledger,
+    Persistence,
+    RunContext,
+    RunLog,
+    StorageError,
+    build_agent,
+    tool,
+)
 from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule
+from keel.guards.standing import StandingStore
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 POLICY = Policy(
@@ -307,3 +318,67 @@ async def test_a_sqlite_failure_is_a_storage_error(tmp_path: Path, mode: str) ->
     with pytest.raises(StorageError, match="rolled back") as caught:
         ledger.run(bump()) if mode == "sync" else await ledger.arun(bump())
     assert caught.value.category == "storage"
+
+
+# -- the ledger's pools recover at once after their connections die ----------------------------
+
+
+def _burst(ledger: Ledger, n: int) -> None:
+    """`n` transactions at once, so the pool grows to `n` connections."""
+    threads = [threading.Thread(target=ledger.run, args=(_sleepy(),)) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _steps(ledger: Ledger) -> dict[str, Any]:
+    """Every kind of ledger step a guarded run takes, each a callable."""
+    standing = StandingStore(ledger)
+    return {
+        "standing approvals": lambda: standing.load(CTX),
+        "spend": lambda: ledger.run(bump()),
+        "audit": lambda: AuditLog(ledger).query(user="u1"),
+        "runs": lambda: RunLog(ledger).query(),
+    }
+
+
+@pytest.mark.postgres
+def test_ledger_steps_take_under_2_s_after_every_connection_died(fresh_postgres_url: str) -> None:
+    ledger = Ledger(fresh_postgres_url, pool_max_size=8)
+    ledger.setup()
+    timings: dict[str, float] = {}
+    for round_ in range(3):
+        _burst(ledger, 8)  # a burst of runs grew the pool to 8 connections
+        assert _terminate_all(fresh_postgres_url) >= 8
+        for name, step in _steps(ledger).items():
+            started = time.monotonic()
+            step()
+            timings[f"{round_}:{name}"] = time.monotonic() - started
+    ledger.close()
+    print("ledger steps after kills (s):", {k: round(v, 3) for k, v in timings.items()})
+    assert max(timings.values()) < 2.0, timings
+
+
+@pytest.mark.postgres
+async def test_async_ledger_steps_take_under_2_s_after_every_connection_died(
+    fresh_postgres_url: str,
+) -> None:
+    ledger = Ledger(fresh_postgres_url, pool_max_size=8)
+    await ledger.asetup()
+    standing = StandingStore(ledger)
+    timings: list[float] = []
+    for _ in range(3):
+        await asyncio.gather(*(ledger.arun(_sleepy()) for _ in range(8)))
+        assert _terminate_all(fresh_postgres_url) >= 8
+        for step in (standing.aload(CTX), ledger.arun(bump()), RunLog(ledger).aquery()):
+            started = time.monotonic()
+            await step
+            timings.append(time.monotonic() - started)
+    await ledger.aclose()
+    print("async ledger steps after kills (s):", [round(t, 3) for t in timings])
+    assert max(timings) < 2.0, timings
+
+
+def _sleepy() -> Flow[None]:
+    yield "SELECT pg_sleep(0.2)", ()
