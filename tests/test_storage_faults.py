@@ -36,6 +36,7 @@ from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule
 from keel.guards.standing import StandingStore
+from keel.memory import ChromaStore, user_namespace
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 POLICY = Policy(
@@ -382,3 +383,48 @@ async def test_async_ledger_steps_take_under_2_s_after_every_connection_died(
 
 def _sleepy() -> Flow[None]:
     yield "SELECT pg_sleep(0.2)", ()
+
+
+# -- a memory store that fails: the run goes on, warned -----------------------------------------
+
+
+def _broken_store(path: Path) -> ChromaStore:
+    """A real ChromaStore with a memory in it, whose database file is then emptied under it."""
+    store = ChromaStore(path=path, index={"dims": 2, "embed": _embed, "fields": ["text"]})
+    store.put(user_namespace(CTX), "pref", {"text": "likes tea"})
+    with (path / "chroma.sqlite3").open("r+b") as file:
+        file.truncate(0)
+    with pytest.raises(Exception, match="no such table"):  # the store itself is broken
+        store.search(user_namespace(CTX), query="tea")
+    return store
+
+
+def _embed(texts: list[str]) -> list[list[float]]:
+    return [[t.count("tea") + 0.05, t.count("dog") + 0.05] for t in texts]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_failing_memory_store_degrades_with_a_warning(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _broken_store(tmp_path / "chroma")
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    model = ScriptedChatModel(script=["Tea, I guess."])
+    agent = build_agent(model, [], store=store, memory=True, ledger=ledger)
+    config: Any = {"configurable": {"thread_id": "m"}}
+    task: Any = {"messages": [("user", "what do I like? tea?")]}
+    with caplog.at_level("WARNING", logger="keel.memory"):
+        if mode == "sync":
+            result = agent.invoke(task, config, context=CTX)
+        else:
+            result = await agent.ainvoke(task, config, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert [w.split(" (")[0] for w in result["warnings"]] == [
+        "memory: recall failed, no memories used",
+        "memory: reflect failed, the lesson was not stored",
+    ]
+    assert "no such table" in result["warnings"][0]
+    assert "the store failed" in caplog.text
+    (record,) = RunLog(ledger).query()
+    assert record.status == "success" and "degraded: memory: recall failed" in record.detail
+    ledger.close()
