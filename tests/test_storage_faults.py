@@ -313,12 +313,14 @@ async def test_a_connection_killed_while_committing_is_in_doubt(
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_a_sqlite_failure_is_a_storage_error(tmp_path: Path, mode: str) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
-    ledger.setup()
     (tmp_path / "keel.db").write_bytes(b"not a database" * 100)  # the file is broken
-    with pytest.raises(StorageError, match="rolled back") as caught:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    with pytest.raises(StorageError, match="not a database") as caught:
         ledger.run(bump()) if mode == "sync" else await ledger.arun(bump())
     assert caught.value.category == "storage"
+    (tmp_path / "keel.db").unlink()  # repaired: the same ledger works again
+    assert ledger.run(bump()) == 1.0
+    ledger.close()
 
 
 # -- the ledger's pools recover at once after their connections die ----------------------------

@@ -7,14 +7,16 @@ standing approvals, the audit log and run records.
 Logic that talks to the database is written once, as a *flow*: a generator that yields
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
 `await Ledger.arun(flow)` drive it in one transaction, on SQLite (`BEGIN IMMEDIATE`: one writer
-at a time, across processes) or PostgreSQL (a pooled connection; flows lock rows with
-`FOR UPDATE`). SQL is written with `?` placeholders and `{for_update}` where a row lock belongs.
+at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
+(a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
+and `{for_update}` where a row lock belongs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import sqlite3
 import threading
@@ -24,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import aiosqlite
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -170,6 +171,8 @@ class Ledger:
         self._setup_lock: asyncio.Lock | None = None
         self._setup_thread_lock = threading.Lock()
         self._ready = False
+        self._local = threading.local()
+        self._sqlite_dbs: list[sqlite3.Connection] = []
 
     def __repr__(self) -> str:
         return f"Ledger({self._persistence.safe_url!r})"
@@ -205,7 +208,12 @@ class Ledger:
                 self._ready = True
 
     def close(self) -> None:
-        """Close the sync pool (the async pool closes with `aclose`)."""
+        """Close the sync pool and SQLite connections (the async pool closes with `aclose`)."""
+        with self._lock:
+            dbs, self._sqlite_dbs = self._sqlite_dbs, []
+        for db in dbs:
+            db.close()
+        self._local = threading.local()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -221,8 +229,7 @@ class Ledger:
 
     def _run(self, flow: Flow[T]) -> T:
         if self.backend == "sqlite":
-            with _sqlite_errors(self), self._transaction() as execute:
-                return _drive(flow, execute)
+            return self._run_sqlite(flow)
         replay = _Replay(flow)
         for attempt in itertools.count():
             try:
@@ -235,9 +242,8 @@ class Ledger:
         raise AssertionError("unreachable")
 
     async def _arun(self, flow: Flow[T]) -> T:
-        if self.backend == "sqlite":
-            with _sqlite_errors(self):
-                return await self._arun_sqlite(flow)
+        if self.backend == "sqlite":  # a short transaction on the thread's own connection
+            return await asyncio.to_thread(self._run_sqlite, flow)
         replay = _Replay(flow)
         for attempt in itertools.count():
             try:
@@ -250,33 +256,58 @@ class Ledger:
             await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
-    async def _arun_sqlite(self, flow: Flow[T]) -> T:
-        path = self._sqlite_path()
-        async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
-            await db.execute("BEGIN IMMEDIATE")
+    def _run_sqlite(self, flow: Flow[T]) -> T:
+        db = self._sqlite_connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                result = await _adrive(flow, lambda q, p: _afetch_sqlite(db, q, p))
+                result = _drive(flow, lambda q, p: db.execute(_sqlite_sql(q), p).fetchall())
             except BaseException:
-                await db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            await db.execute("COMMIT")
+            db.execute("COMMIT")
             return result
+        except sqlite3.DatabaseError as exc:
+            self._forget_sqlite()
+            raise StorageError(
+                f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}; the "
+                "transaction was rolled back. Check the file and its disk, then resume the run."
+            ) from exc
+
+    def _sqlite_connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened once (WAL: readers never wait for the writer)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None and self._local.pid == os.getpid():
+            return db
+        try:
+            db = sqlite3.connect(
+                self._sqlite_path(), isolation_level=None, timeout=30, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")  # stored in the file: every process uses it
+            # commits survive a crash of any process (WAL); a power loss may lose the last ones
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(
+                f"cannot open the ledger at {self._persistence.safe_url}: {_one_line(exc)}. "
+                "Check the path and its permissions."
+            ) from exc
+        self._local.db, self._local.pid = db, os.getpid()
+        with self._lock:
+            self._sqlite_dbs.append(db)
+        return db
+
+    def _forget_sqlite(self) -> None:
+        """Close this thread's connection after a failure; the next transaction reopens."""
+        db = getattr(self._local, "db", None)
+        self._local.db = None
+        if db is not None:
+            with self._lock:
+                self._sqlite_dbs.remove(db)
+            db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        if self.backend == "sqlite":
-            db = sqlite3.connect(self._sqlite_path(), isolation_level=None, timeout=30)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield lambda q, p: db.execute(_sqlite_sql(q), p).fetchall()
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            finally:
-                db.close()
-            return
         pool = self._sync_pool()
         with pool.connection() as conn, conn.transaction():
             yield lambda q, p: _fetch_pg(conn, q, p)
@@ -423,18 +454,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-@contextmanager
-def _sqlite_errors(ledger: Ledger) -> Iterator[None]:
-    """A SQLite failure (locked past the timeout, I/O error, a broken file) as `StorageError`."""
-    try:
-        yield
-    except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-        raise StorageError(
-            f"the ledger at {ledger._persistence.safe_url} failed: {_one_line(exc)}; the "
-            "transaction was rolled back. Check the file and its disk, then resume the run."
-        ) from exc
-
-
 _SCHEMA_LOCK = 0x6B65656C  # "keel": the advisory lock that serializes schema setup
 """PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a concurrent twin (it can fail
 with a unique violation on `pg_type`), so setups across processes take this lock first."""
@@ -483,8 +502,3 @@ def _fetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
 async def _afetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
     cur = await conn.execute(_pg_sql(sql), params)
     return list(await cur.fetchall()) if cur.description else []
-
-
-async def _afetch_sqlite(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    async with db.execute(_sqlite_sql(sql), params) as cur:
-        return [tuple(row) for row in await cur.fetchall()]
