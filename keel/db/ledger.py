@@ -324,10 +324,12 @@ class Ledger:
 
     def _pool_kwargs(self) -> dict[str, Any]:
         # keel's draining health check: after connections die, every idle one is replaced at
-        # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection
+        # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
+        # asynchronous except for the durable tables (`_DURABLE_TABLES`)
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
-            kwargs={"autocommit": True}, name="keel-ledger",
+            kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+            name="keel-ledger",
         )  # fmt: skip
 
     def _sync_pool(self) -> ConnectionPool[Any]:
@@ -389,11 +391,14 @@ class _Replay(Generic[T]):
 
     def steps(self) -> Flow[T]:
         """The flow for one attempt: the steps taken so far (checked), then the rest."""
+        durable = False
         for step, rows in self.done:
+            durable = yield from _durable_before(step, durable)
             if (yield step) != rows:
                 raise _Diverged(step[0])
         while not self.finished:
             step = self.pending
+            durable = yield from _durable_before(step, durable)
             rows = yield step
             self.done.append((step, rows))
             try:
@@ -439,6 +444,25 @@ class _Replay(Generic[T]):
 
     def _writes(self) -> bool:
         return any(not sql.lstrip().upper().startswith("SELECT") for (sql, _), _ in self.done)
+
+
+_DURABLE_TABLES = ("keel_tool_calls", "keel_standing_approvals")
+"""Tables whose writes commit synchronously on PostgreSQL: the at-most-once records of side
+effects (a claim is on disk before the tool runs) and standing human decisions. The rest (spend,
+rate buckets, breakers, audit, run records) commit with `synchronous_commit` off: a crash of the
+database *server* may lose its last fraction of a second of them (never corrupt them; the next
+synchronous commit flushes every earlier one), and they do not wait for a disk flush each."""
+
+
+def _durable_before(step: tuple[str, tuple[Any, ...]], durable: bool) -> Generator[Any, Any, bool]:
+    """Yield `SET LOCAL synchronous_commit = on` before the first write to a durable table."""
+    sql = step[0]
+    if durable or sql.lstrip().upper().startswith("SELECT"):
+        return durable
+    if any(table in sql for table in _DURABLE_TABLES):
+        yield "SET LOCAL synchronous_commit = on", ()
+        return True
+    return False
 
 
 class _Diverged(psycopg.Error):
