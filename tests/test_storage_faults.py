@@ -32,7 +32,8 @@ from keel import (
     build_agent,
     tool,
 )
-from keel.db.ledger import Flow
+from keel.db.idempotency import claim_flow, finish_flow
+from keel.db.ledger import Flow, durable
 from keel.evals import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule
 from keel.guards.standing import StandingStore
@@ -430,3 +431,42 @@ async def test_a_failing_memory_store_degrades_with_a_warning(
     (record,) = RunLog(ledger).query()
     assert record.status == "success" and "degraded: memory: recall failed" in record.detail
     ledger.close()
+
+
+# -- which ledger writes wait for the disk (PostgreSQL) -----------------------------------------
+
+
+def _recording(flow: Flow[Any], seen: list[str]) -> Flow[Any]:
+    try:
+        step = next(flow)
+        while True:
+            seen.append(step[0])
+            step = flow.send((yield step))
+    except StopIteration as done:
+        return done.value
+
+
+@pytest.mark.postgres
+def test_only_claims_and_standing_approvals_commit_synchronously(pg_ledger: Ledger) -> None:
+    """A claim is on disk before its tool runs; a result, spend or audit row need not be (a
+    lost result leaves the call `started`: "did this happen?", never a second run)."""
+    claims: list[str] = []
+    others: list[str] = []
+    key = ("t", "c1", "charge", "digest")
+    pg_ledger.run(_recording(claim_flow(*key), claims))
+    pg_ledger.run(_recording(claim_flow(*key, rerun_unknown=True), claims))
+    pg_ledger.run(_recording(finish_flow("t", "c1", "completed", {"content": "ok"}), others))
+    pg_ledger.run(_recording(bump(), others))
+    # insert; then insert (conflict), select, re-claim
+    assert [durable(sql) for sql in claims] == [True, True, False, True]
+    assert not any(durable(sql) for sql in others)
+    assert pg_ledger.run(_show_after(None)) == "off"  # the ledger's sessions
+    claim = claim_flow("t", "c2", "charge", "digest")
+    assert pg_ledger.run(_show_after(claim)) == "on"  # inside a claim's transaction
+
+
+def _show_after(flow: Flow[Any] | None) -> Flow[str]:
+    if flow is not None:
+        yield from flow
+    rows = yield "SHOW synchronous_commit", ()
+    return str(rows[0][0])

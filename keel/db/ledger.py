@@ -325,7 +325,7 @@ class Ledger:
     def _pool_kwargs(self) -> dict[str, Any]:
         # keel's draining health check: after connections die, every idle one is replaced at
         # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
-        # asynchronous except for the durable tables (`_DURABLE_TABLES`)
+        # asynchronous except for claims and standing approvals (`durable`)
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
             kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
@@ -446,23 +446,30 @@ class _Replay(Generic[T]):
         return any(not sql.lstrip().upper().startswith("SELECT") for (sql, _), _ in self.done)
 
 
-_DURABLE_TABLES = ("keel_tool_calls", "keel_standing_approvals")
-"""Tables whose writes commit synchronously on PostgreSQL: the at-most-once records of side
-effects (a claim is on disk before the tool runs) and standing human decisions. The rest (spend,
-rate buckets, breakers, audit, run records) commit with `synchronous_commit` off: a crash of the
-database *server* may lose its last fraction of a second of them (never corrupt them; the next
-synchronous commit flushes every earlier one), and they do not wait for a disk flush each."""
+def durable(sql: str) -> bool:
+    """Whether a ledger statement commits synchronously on PostgreSQL (flushed to disk first).
 
-
-def _durable_before(step: tuple[str, tuple[Any, ...]], durable: bool) -> Generator[Any, Any, bool]:
-    """Yield `SET LOCAL synchronous_commit = on` before the first write to a durable table."""
-    sql = step[0]
-    if durable or sql.lstrip().upper().startswith("SELECT"):
-        return durable
-    if any(table in sql for table in _DURABLE_TABLES):
-        yield "SET LOCAL synchronous_commit = on", ()
+    Claims of side-effecting tool calls (a `keel_tool_calls` row set to `'started'`: on disk
+    before the tool runs) and standing human decisions. Every other write (a call's result,
+    spend, rate buckets, breakers, audit, run records) commits with `synchronous_commit` off: a
+    crash of the database *server* may lose its last fraction of a second of them, never
+    corrupt them, and the next synchronous commit flushes every earlier one. A lost result
+    leaves its call `started`, which asks "did this happen?" and never runs it again.
+    """
+    head = sql.lstrip()
+    if head[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+        return False
+    if "keel_standing_approvals" in head:
         return True
-    return False
+    return "keel_tool_calls" in head and "'started'" in head.upper().split("WHERE")[0].lower()
+
+
+def _durable_before(step: tuple[str, tuple[Any, ...]], done: bool) -> Generator[Any, Any, bool]:
+    """Yield `SET LOCAL synchronous_commit = on` before the transaction's first durable write."""
+    if done or not durable(step[0]):
+        return done
+    yield "SET LOCAL synchronous_commit = on", ()
+    return True
 
 
 class _Diverged(psycopg.Error):
