@@ -26,6 +26,11 @@ cost of checking.
 - `keel_resilient`: `keel_guarded` plus an RPM / TPM rate limit and circuit breakers per model
   and per tool, all kept in the ledger: per model call a breaker read, a bucket transaction
   and a settle; per tool call a breaker read. Reported separately; not part of the goal.
+- `keel_all_on`: everything production turns on, all in the ledger: `keel_guarded` plus the
+  period budget, rate limits and breakers of `keel_period` and `keel_resilient`, the audit log
+  and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
+  `risk="write"`, so every call is claimed before and recorded after it runs). Goal: no slower
+  than `create_agent_mw` and at most 1.3x unguarded `keel`.
 - `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of
   LangChain's (`BudgetMiddleware`, `PermissionMiddleware`, `LoopGuardMiddleware`: the same
   budget, rules and loop guard as `keel_guarded`). Reported separately.
@@ -58,10 +63,12 @@ How to read the output
 - ratios: the median over rounds of the per-round ratio of two cases' times on one saver,
   with the lowest and highest per-round ratio (a wide range means a noisy machine).
 
-Goal: keel_guarded <= 1.0x create_agent_mw, on both savers, while enforcing more.
+Goal: keel_guarded <= 1.0x create_agent_mw, on both savers, while enforcing more; and with
+everything on, keel_all_on <= 1.0x create_agent_mw and <= 1.3x keel.
 
-The last line is machine-readable, with the PostgreSQL ratios:
-`guarded_vs_create_agent_mw=<x.xx> guarded_vs_unguarded=<x.xx>`.
+The last two lines are machine-readable, with the PostgreSQL ratios:
+`guarded_vs_create_agent_mw=<x.xx> guarded_vs_unguarded=<x.xx>` and
+`all_on_vs_create_agent_mw=<x.xx> all_on_vs_unguarded=<x.xx>`.
 
 Run it by path (`.venv/bin/python bench/guards_overhead.py [--quick]`); not with `python -m`
 or `-c` from the repository root, whose `keel/` folder shadows the package.
@@ -98,6 +105,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from psycopg import sql
 
 from keel import Ledger, Persistence, RunContext, build_agent
+from keel import tool as keel_tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
     BreakerPolicy,
@@ -125,8 +133,9 @@ VARIANTS = (
     "keel_guarded",
     "keel_period",
     "keel_resilient",
+    "keel_all_on",
 )
-KEEL = ("keel", "keel_guarded", "keel_period", "keel_resilient")
+KEEL = ("keel", "keel_guarded", "keel_period", "keel_resilient", "keel_all_on")
 WITH_CONTEXT = (*KEEL, "create_agent_keel_mw")
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 THREAD_IDS = itertools.count()
@@ -140,6 +149,8 @@ RATIOS = (  # (numerator, denominator, what it shows, goal)
     ("keel_period", "keel_guarded", "cost of the ledger's period budget", None),
     ("keel_period", "create_agent_mw", "period-budgeted keel vs middleware", None),
     ("keel_resilient", "keel_guarded", "cost of rate limits + breakers (ledger)", None),
+    ("keel_all_on", "create_agent_mw", "everything on vs LangChain's middleware", 1.0),
+    ("keel_all_on", "keel", "cost of everything on (ledger)", 1.3),
     ("create_agent_keel_mw", "create_agent_mw", "keel's middleware vs LangChain's", None),
 )
 
@@ -165,6 +176,27 @@ RESILIENT_POLICY = Policy(
     model_breaker=BreakerPolicy(),
     tool_breaker=BreakerPolicy(),
 )
+ALL_ON_POLICY = Policy(
+    name="bench-all-on",
+    budget=POLICY.budget,
+    rules=POLICY.rules,
+    loop=POLICY.loop,
+    period_budgets=PERIOD_POLICY.period_budgets,
+    rate_limits=RESILIENT_POLICY.rate_limits,
+    model_breaker=BreakerPolicy(),
+    tool_breaker=BreakerPolicy(),
+)
+LEDGER_POLICIES = {
+    "keel_period": PERIOD_POLICY,
+    "keel_resilient": RESILIENT_POLICY,
+    "keel_all_on": ALL_ON_POLICY,
+}
+
+
+@keel_tool(name="echo", risk="write")
+def echo_once(x: int) -> str:
+    """Return x, as text (a side effect to keel: claimed and recorded in the ledger)."""
+    return f"echo {x}"
 
 
 @tool
@@ -219,10 +251,10 @@ def build(variant: str, model: ScriptedChatModel, saver: BaseCheckpointSaver[Any
         return agent, None
     if variant == "keel_guarded":
         return build_agent(model, TOOLS, policy=POLICY, checkpointer=saver), None
-    assert variant in ("keel_period", "keel_resilient")
     ledger = Ledger(url)
-    policy = PERIOD_POLICY if variant == "keel_period" else RESILIENT_POLICY
-    agent = build_agent(model, TOOLS, policy=policy, ledger=ledger, checkpointer=saver)
+    tools = [echo_once, refund] if variant == "keel_all_on" else TOOLS
+    policy = LEDGER_POLICIES[variant]
+    agent = build_agent(model, tools, policy=policy, ledger=ledger, checkpointer=saver)
     return agent, ledger
 
 
@@ -341,7 +373,7 @@ class Case:
 
     def spent_usd(self) -> float:
         """What the ledger holds as spent this month (keel_period; 0 for the others)."""
-        if self.ledger is None or self.variant != "keel_period":
+        if self.ledger is None or self.variant not in ("keel_period", "keel_all_on"):
             return 0.0
         return float(self.ledger.run(_spent_flow()))
 
@@ -350,7 +382,7 @@ class Case:
         before = self.spent_usd()
         result = self.run()
         validate(self, result)
-        if self.variant == "keel_period":
+        if self.variant in ("keel_period", "keel_all_on"):
             recorded = self.spent_usd() - before
             assert abs(recorded - result["usage"]["usd"]) < 1e-9, f"{self.name}: {recorded}"
         self.model.calls.clear()
@@ -508,12 +540,22 @@ def report(
             f"{ratios[('keel_guarded', 'create_agent_mw', saver)]:.2f} "
             f"guarded_vs_unguarded={ratios[('keel_guarded', 'keel', saver)]:.2f}"
         )
+        print(
+            f"{saver}: all_on_vs_create_agent_mw="
+            f"{ratios[('keel_all_on', 'create_agent_mw', saver)]:.2f} "
+            f"all_on_vs_unguarded={ratios[('keel_all_on', 'keel', saver)]:.2f}"
+        )
     last = savers[-1]
     prefix = "" if last == "postgres" else f"{last}: "
     print(
         f"{prefix}guarded_vs_create_agent_mw="
         f"{ratios[('keel_guarded', 'create_agent_mw', last)]:.2f} "
-        f"guarded_vs_unguarded={ratios[('keel_guarded', 'keel', last)]:.2f}",
+        f"guarded_vs_unguarded={ratios[('keel_guarded', 'keel', last)]:.2f}"
+    )
+    print(
+        f"{prefix}all_on_vs_create_agent_mw="
+        f"{ratios[('keel_all_on', 'create_agent_mw', last)]:.2f} "
+        f"all_on_vs_unguarded={ratios[('keel_all_on', 'keel', last)]:.2f}",
         flush=True,
     )
 

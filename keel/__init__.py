@@ -14,6 +14,7 @@ from keel.errors import (
     ModelRequestsForbidden,
     SchemaVersionError,
     SetupError,
+    StorageError,
     UserError,
 )
 from keel.graphs import build_agent
@@ -37,6 +38,7 @@ __all__ = [
     "RunRecord",
     "SchemaVersionError",
     "SetupError",
+    "StorageError",
     "ToolSpec",
     "Usage",
     "UserError",

@@ -7,6 +7,7 @@ KeelError                       catch this to catch anything keel raises
 ├── SetupError (RuntimeError)   the environment is not ready: a missing package, an unreachable
 │   │                           database, a schema keel cannot use
 │   └── SchemaVersionError      the ledger database was set up by a newer keel
+├── StorageError (RuntimeError)  keel's database failed mid-run, after the retries that were safe
 ├── CheckpointTooLarge          a checkpoint is over `CheckpointPolicy.max_bytes` and refused
 ├── RateLimited                 a call would wait past its rate limit's `max_wait`
 ├── CircuitOpen                 a call was refused: its circuit breaker is open (fail fast)
@@ -35,6 +36,7 @@ __all__ = [
     "SchemaVersionError",
     "ScriptExhausted",
     "SetupError",
+    "StorageError",
     "UnserializableState",
     "UserError",
 ]
@@ -182,3 +184,30 @@ class ModelRequestsForbidden(KeelError, RuntimeError):
 
 class ScriptExhausted(KeelError, RuntimeError):
     """The conversation asked for more turns than the script has."""
+
+
+class StorageError(KeelError, RuntimeError):
+    """keel's database failed during a run, after the retries that were safe.
+
+    A transaction that surely did not commit (its connection died before `COMMIT` was sent)
+    is replayed on a fresh connection first; this is raised when that is impossible or keeps
+    failing. Nothing is duplicated by resuming the run: a run that ends on it resumes from its
+    last checkpoint. `in_doubt` is true when the connection died while committing, so the
+    transaction may or may not have been applied (keel's writes are keyed, so a resume finds
+    it either way).
+    """
+
+    category = "storage"
+    """The error category a run that ends on this error is reported under."""
+
+    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
+        """Whether the failed transaction may have committed."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_storage_error, (str(self), self.in_doubt))
+
+
+def _storage_error(message: str, in_doubt: bool) -> StorageError:
+    return StorageError(message, in_doubt=in_doubt)

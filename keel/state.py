@@ -142,6 +142,8 @@ class AgentState(TypedDict, total=False):
         outcome: How the run ended; `None` while it is running.
         clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets.
         budget_warnings: Budget limits past their soft threshold.
+        warnings: What degraded in the current task and how (e.g. memory that could not be
+            read); the run went on without it. Shown in the run record's detail.
         remaining_steps: LangGraph's managed step counter (not stored).
     """
 
@@ -154,6 +156,7 @@ class AgentState(TypedDict, total=False):
     outcome: Outcome | None
     clock: dict[str, float]
     budget_warnings: list[str]
+    warnings: list[str]
     remaining_steps: RemainingSteps
 
 

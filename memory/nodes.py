@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from keel.memory.scope import identity_of, store_of, user_namespace
 from keel.state import AgentState, RunContext
 
 __all__ = ["RECALL_ID", "recall", "reflect"]
+
+log = logging.getLogger("keel.memory")
 
 RECALL_ID = "keel-recall"
 """The id of the system message `recall` writes (and replaces on the next turn)."""
@@ -83,13 +86,21 @@ def recall(
 
     def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         st, searches = plan(state, runtime)
-        found = [st.search(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
-        return finish(state, found)
+        try:
+            found = [st.search(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
+        except Exception as exc:
+            return _degraded(state, exc)
+        return {**finish(state, found), **_recovered(state)}
 
     async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         st, searches = plan(state, runtime)
-        found = [await st.asearch(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
-        return finish(state, found)
+        try:
+            found = [
+                await st.asearch(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches
+            ]
+        except Exception as exc:
+            return _degraded(state, exc)
+        return {**finish(state, found), **_recovered(state)}
 
     return make_node(name, invoke, ainvoke)
 
@@ -128,17 +139,45 @@ def reflect(
         todo = plan(state, runtime)
         if todo is not None:
             st, ns, value = todo
-            st.put(ns, uuid.uuid4().hex, value, **_ttl(st))
+            try:
+                st.put(ns, uuid.uuid4().hex, value, **_ttl(st))
+            except Exception as exc:
+                return _degraded(state, exc, "reflect failed, the lesson was not stored")
         return {}
 
     async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         todo = plan(state, runtime)
         if todo is not None:
             st, ns, value = todo
-            await st.aput(ns, uuid.uuid4().hex, value, **_ttl(st))
+            try:
+                await st.aput(ns, uuid.uuid4().hex, value, **_ttl(st))
+            except Exception as exc:
+                return _degraded(state, exc, "reflect failed, the lesson was not stored")
         return {}
 
     return make_node(name, invoke, ainvoke)
+
+
+_WARNING = "memory: "
+
+
+def _degraded(
+    state: AgentState, exc: Exception, what: str = "recall failed, no memories used"
+) -> dict[str, Any]:
+    """The store failed: go on without it, warned (logged and in `state["warnings"]`)."""
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    log.warning("keel memory: the store failed, the run goes on (%s): %s", what, reason)
+    kept = state.get("warnings") or []
+    if what.startswith("recall"):  # recall starts a task: an earlier task's warning is over
+        kept = [w for w in kept if not w.startswith(_WARNING)]
+    return {"warnings": [*kept, f"{_WARNING}{what} ({reason})"]}
+
+
+def _recovered(state: AgentState) -> dict[str, Any]:
+    """A previous task's memory warning no longer holds."""
+    warnings = state.get("warnings") or []
+    kept = [w for w in warnings if not w.startswith(_WARNING)]
+    return {"warnings": kept} if len(kept) != len(warnings) else {}
 
 
 def _check_recall(kinds: Sequence[str], limit: int, recent: int, budget: int) -> None:

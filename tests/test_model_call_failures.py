@@ -31,10 +31,15 @@ BREAKER = Policy(rules=ALLOW, model_breaker=BreakerPolicy(failure_threshold=3))
 
 
 def _broken_sqlite_ledger(tmp_path: Path) -> Ledger:
-    """A ledger that was set up, whose database file is then replaced by a directory."""
+    """A ledger that was set up, whose database file is then replaced by a directory.
+
+    The ledger keeps its SQLite connections open (an open file outlives its unlinking), so
+    they are closed too: the next transaction opens the path again, and fails.
+    """
     path = tmp_path / "keel.db"
     ledger = Ledger(f"sqlite:///{path}")
     ledger.setup()
+    ledger.close()
     path.unlink()
     path.mkdir()
     return ledger
@@ -64,7 +69,8 @@ async def _aiosqlite_stopped() -> None:
 def _assert_storage_failure(final: Any, model: ScriptedChatModel) -> None:
     result = final["outcome"]
     assert result["status"] == "error"
-    assert result["detail"].startswith("storage failed: the ledger raised OperationalError")
+    raised = "storage failed: the ledger raised StorageError: cannot open"
+    assert result["detail"].startswith(raised)
     assert "model call failed" not in result["detail"]
     assert error_category(result) == "storage"
     assert model.calls == [], "the model is never called without its budget and breaker"
@@ -86,12 +92,14 @@ async def test_a_failing_ledger_ends_the_run_as_a_storage_error(
 def _breaking(tmp_path: Path) -> tuple[Ledger, Any]:
     """A working ledger, and a function that breaks its database when called."""
     path = tmp_path / "keel.db"
+    ledger = Ledger(f"sqlite:///{path}")
 
     def break_it() -> None:
         shutil.move(path, tmp_path / "moved.db")
         path.mkdir()
+        ledger.close()  # its open connections would still reach the moved file
 
-    return Ledger(f"sqlite:///{path}"), break_it
+    return ledger, break_it
 
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
@@ -107,10 +115,9 @@ async def test_a_ledger_that_fails_while_the_model_answers_ends_the_run_as_stora
 
     agent = build_agent(ScriptedChatModel(script=[answer]), policy=MONTHLY, ledger=ledger)
     final = await _run(agent, mode)
-    assert final["outcome"]["detail"].startswith(
-        "storage failed: the ledger raised OperationalError: unable to open database file after "
-        "the model answered"
-    )
+    detail = final["outcome"]["detail"]
+    assert detail.startswith("storage failed: the ledger raised StorageError: cannot open")
+    assert "after the model answered" in detail
     assert error_category(final["outcome"]) == "storage"
     assert final["usage"]["model_calls"] == 1  # the provider was paid: the run counts it
 

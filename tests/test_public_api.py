@@ -31,6 +31,7 @@ PUBLIC = {
         "RunRecord",
         "SchemaVersionError",
         "SetupError",
+        "StorageError",
         "ToolSpec",
         "Usage",
         "UserError",

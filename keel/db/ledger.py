@@ -7,26 +7,32 @@ standing approvals, the audit log and run records.
 Logic that talks to the database is written once, as a *flow*: a generator that yields
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
 `await Ledger.arun(flow)` drive it in one transaction, on SQLite (`BEGIN IMMEDIATE`: one writer
-at a time, across processes) or PostgreSQL (a pooled connection; flows lock rows with
-`FOR UPDATE`). SQL is written with `?` placeholders and `{for_update}` where a row lock belongs.
+at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
+(a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
+and `{for_update}` where a row lock belongs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-import aiosqlite
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
-from keel.db.persistence import Persistence
-from keel.errors import SetupError, UserError
+from keel.db.persistence import Persistence, adraining_pool, draining_pool
+from keel.errors import SetupError, StorageError, UserError
 
 __all__ = ["Flow", "Ledger"]
 
@@ -62,6 +68,8 @@ class Ledger:
         self._setup_lock: asyncio.Lock | None = None
         self._setup_thread_lock = threading.Lock()
         self._ready = False
+        self._local = threading.local()
+        self._sqlite_dbs: list[sqlite3.Connection] = []
 
     def __repr__(self) -> str:
         return f"Ledger({self._persistence.safe_url!r})"
@@ -105,7 +113,12 @@ class Ledger:
                 self._ready = True
 
     def close(self) -> None:
-        """Close the sync pool (the async pool closes with `aclose`)."""
+        """Close the sync pool and SQLite connections (the async pool closes with `aclose`)."""
+        with self._lock:
+            dbs, self._sqlite_dbs = self._sqlite_dbs, []
+        for db in dbs:
+            db.close()
+        self._local = threading.local()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -120,40 +133,86 @@ class Ledger:
     # -- internals ---------------------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        with self._transaction() as execute:
-            return _drive(flow, execute)
+        if self.backend == "sqlite":
+            return self._run_sqlite(flow)
+        replay = _Replay(flow)
+        for attempt in itertools.count():
+            try:
+                with self._transaction() as execute:
+                    return _drive(replay.steps(), execute)
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not replay.failed(exc, attempt, self):
+                    return replay.result  # a read whose commit was cut off: its rows stand
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
     async def _arun(self, flow: Flow[T]) -> T:
-        if self.backend == "sqlite":
-            path = self._sqlite_path()
-            async with aiosqlite.connect(path, isolation_level=None, timeout=30) as db:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = await _adrive(flow, lambda q, p: _afetch_sqlite(db, q, p))
-                except BaseException:
-                    await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
-                return result
-        pool = await self._async_pool()
-        async with pool.connection() as conn, conn.transaction():
-            return await _adrive(flow, lambda q, p: _afetch_pg(conn, q, p))
+        if self.backend == "sqlite":  # a short transaction on the thread's own connection
+            return await asyncio.to_thread(self._run_sqlite, flow)
+        replay = _Replay(flow)
+        for attempt in itertools.count():
+            try:
+                pool = await self._async_pool()
+                async with pool.connection() as conn, conn.transaction():
+                    return await _adrive(replay.steps(), lambda q, p: _afetch_pg(conn, q, p))
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not replay.failed(exc, attempt, self):
+                    return replay.result
+            await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _run_sqlite(self, flow: Flow[T]) -> T:
+        db = self._sqlite_connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = _drive(flow, lambda q, p: db.execute(_sqlite_sql(q), p).fetchall())
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        except sqlite3.DatabaseError as exc:
+            self._forget_sqlite()
+            raise StorageError(
+                f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}; the "
+                "transaction was rolled back. Check the file and its disk, then resume the run."
+            ) from exc
+
+    def _sqlite_connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened once (WAL: readers never wait for the writer)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None and self._local.pid == os.getpid():
+            return db
+        try:
+            db = sqlite3.connect(
+                self._sqlite_path(), isolation_level=None, timeout=30, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")  # stored in the file: every process uses it
+            # commits survive a crash of any process (WAL); a power loss may lose the last ones
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(
+                f"cannot open the ledger at {self._persistence.safe_url}: {_one_line(exc)}. "
+                "Check the path and its permissions."
+            ) from exc
+        self._local.db, self._local.pid = db, os.getpid()
+        with self._lock:
+            self._sqlite_dbs.append(db)
+        return db
+
+    def _forget_sqlite(self) -> None:
+        """Close this thread's connection after a failure; the next transaction reopens."""
+        db = getattr(self._local, "db", None)
+        self._local.db = None
+        if db is not None:
+            with self._lock:
+                self._sqlite_dbs.remove(db)
+            db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        if self.backend == "sqlite":
-            db = sqlite3.connect(self._sqlite_path(), isolation_level=None, timeout=30)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield lambda q, p: db.execute(_sqlite_sql(q), p).fetchall()
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            finally:
-                db.close()
-            return
         pool = self._sync_pool()
         with pool.connection() as conn, conn.transaction():
             yield lambda q, p: _fetch_pg(conn, q, p)
@@ -168,17 +227,20 @@ class Ledger:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _pool_kwargs(self) -> dict[str, Any]:
+        # keel's draining health check: after connections die, every idle one is replaced at
+        # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
+        # asynchronous except for claims and standing approvals (`durable`)
+        return dict(
+            min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
+            kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+            name="keel-ledger",
+        )  # fmt: skip
+
     def _sync_pool(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._pool is None:
-                self._pool = ConnectionPool(
-                    self.url,
-                    min_size=1,
-                    max_size=self._pool_max_size,
-                    open=False,
-                    kwargs={"autocommit": True},
-                    check=ConnectionPool.check_connection,
-                )
+                self._pool = draining_pool(self.url, **self._pool_kwargs())
                 try:
                     self._pool.open(wait=True, timeout=10)
                 except Exception as exc:
@@ -194,14 +256,7 @@ class Ledger:
             self._alock = asyncio.Lock()
         async with self._alock:
             if self._apool is None:
-                pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                    self.url,
-                    min_size=1,
-                    max_size=self._pool_max_size,
-                    open=False,
-                    kwargs={"autocommit": True},
-                    check=AsyncConnectionPool.check_connection,
-                )
+                pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
                     await pool.open(wait=True, timeout=10)
                 except Exception as exc:
@@ -211,6 +266,128 @@ class Ledger:
                     ) from exc
                 self._apool = pool
             return self._apool
+
+
+_ATTEMPTS = 3
+"""Attempts of one transaction whose connection died before it committed."""
+_POOL_TIMEOUT = 10.0
+"""Seconds a transaction waits for a pool connection before `StorageError`."""
+
+
+class _Replay(Generic[T]):
+    """One flow across attempts: the steps it took and the rows they returned.
+
+    A flow is a generator and cannot be restarted, but it has only seen rows. After the
+    connection died before `COMMIT` (the server rolled the transaction back), `steps()` runs the
+    steps taken so far again on a fresh connection; when every one returns the rows the flow
+    saw, the flow's state is what it would be in this transaction, and it goes on from there.
+    Rows that differ (another process wrote meanwhile) end it with `StorageError`.
+    """
+
+    def __init__(self, flow: Flow[T]) -> None:
+        self.flow = flow
+        self.done: list[tuple[tuple[str, tuple[Any, ...]], list[Row]]] = []
+        self.finished = False
+        self.result: T
+        try:
+            self.pending = next(flow)
+        except StopIteration as stop:
+            self.finished, self.result = True, stop.value
+
+    def steps(self) -> Flow[T]:
+        """The flow for one attempt: the steps taken so far (checked), then the rest."""
+        durable = False
+        for step, rows in self.done:
+            durable = yield from _durable_before(step, durable)
+            if (yield step) != rows:
+                raise _Diverged(step[0])
+        while not self.finished:
+            step = self.pending
+            durable = yield from _durable_before(step, durable)
+            rows = yield step
+            self.done.append((step, rows))
+            try:
+                self.pending = self.flow.send(rows)
+            except StopIteration as stop:
+                self.finished, self.result = True, stop.value
+        return self.result
+
+    def failed(self, exc: Exception, attempt: int, ledger: Ledger) -> bool:
+        """After attempt `attempt` raised `exc`: whether to try again.
+
+        `False` when the result stands (a read-only flow whose `COMMIT` was cut off); raises
+        `StorageError` when no retry is safe or the attempts are used up.
+        """
+        where = f"the ledger at {ledger._persistence.safe_url}"
+        if isinstance(exc, PoolTimeout):
+            raise StorageError(
+                f"no connection to {where} within {_POOL_TIMEOUT:g} s ({exc}); nothing was "
+                "written. Is PostgreSQL up? Resume the run once it is."
+            ) from exc
+        if isinstance(exc, _Diverged):
+            raise StorageError(
+                f"a transaction on {where} lost its connection and, replayed, read other rows "
+                f"({exc}); nothing was written. Resume the run."
+            ) from exc
+        if not connection_lost(exc):
+            raise exc
+        if self.finished:  # the connection died while committing
+            if not self._writes():
+                return False
+            raise StorageError(
+                f"the connection to {where} died while committing ({_one_line(exc)}): the "
+                "transaction may or may not have been applied. keel's records are keyed, so "
+                "resuming the run finds whichever happened.",
+                in_doubt=True,
+            ) from exc
+        if attempt + 1 >= _ATTEMPTS:
+            raise StorageError(
+                f"{where} lost the connection {_ATTEMPTS} times in a row ({_one_line(exc)}); "
+                "nothing was written. Resume the run once the database is reachable."
+            ) from exc
+        return True
+
+    def _writes(self) -> bool:
+        return any(not sql.lstrip().upper().startswith("SELECT") for (sql, _), _ in self.done)
+
+
+def durable(sql: str) -> bool:
+    """Whether a ledger statement commits synchronously on PostgreSQL (flushed to disk first).
+
+    Claims of side-effecting tool calls (a `keel_tool_calls` row set to `'started'`: on disk
+    before the tool runs) and standing human decisions. Every other write (a call's result,
+    spend, rate buckets, breakers, audit, run records) commits with `synchronous_commit` off: a
+    crash of the database *server* may lose its last fraction of a second of them, never
+    corrupt them, and the next synchronous commit flushes every earlier one. A lost result
+    leaves its call `started`, which asks "did this happen?" and never runs it again.
+    """
+    head = sql.lstrip()
+    if head[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+        return False
+    if "keel_standing_approvals" in head:
+        return True
+    return "keel_tool_calls" in head and "'started'" in head.upper().split("WHERE")[0].lower()
+
+
+def _durable_before(step: tuple[str, tuple[Any, ...]], done: bool) -> Generator[Any, Any, bool]:
+    """Yield `SET LOCAL synchronous_commit = on` before the transaction's first durable write."""
+    if done or not durable(step[0]):
+        return done
+    yield "SET LOCAL synchronous_commit = on", ()
+    return True
+
+
+class _Diverged(psycopg.Error):
+    """A replayed step returned rows other than the first attempt's."""
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before attempt `attempt + 1` (the pool reconnects meanwhile)."""
+    return float(random.uniform(0.01, 0.05) * 2**attempt)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _drive(flow: Flow[T], execute: Any) -> T:
@@ -249,8 +426,3 @@ def _fetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
 async def _afetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
     cur = await conn.execute(_pg_sql(sql), params)
     return list(await cur.fetchall()) if cur.description else []
-
-
-async def _afetch_sqlite(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    async with db.execute(_sqlite_sql(sql), params) as cur:
-        return [tuple(row) for row in await cur.fetchall()]

@@ -443,8 +443,7 @@ class Persistence:
 
     @contextmanager
     def _pg_pool(self) -> Iterator[_Pool]:
-        check = _PoolCheck()
-        pool = check.pool = _Pool(self.url, check=check, **self._pool_kwargs())
+        pool = draining_pool(self.url, **self._pool_kwargs())
         try:
             with self._errors("open a connection pool"):
                 pool.open(wait=True, timeout=self._pool_args["timeout"])
@@ -494,8 +493,7 @@ class Persistence:
 
     @asynccontextmanager
     async def _apg_pool(self) -> AsyncIterator[_APool]:
-        check = _APoolCheck()
-        pool = check.pool = _APool(self.url, check=check, **self._pool_kwargs())
+        pool = adraining_pool(self.url, **self._pool_kwargs())
         try:
             with self._errors("open a connection pool"):
                 await pool.open(wait=True, timeout=self._pool_args["timeout"])
@@ -512,12 +510,28 @@ class Persistence:
 # every idle connection is replaced at once and the next one taken is fresh.
 
 
+def draining_pool(url: str, **kwargs: Any) -> ConnectionPool[Any]:
+    """A psycopg pool (unopened; `kwargs` as `ConnectionPool`'s) whose health check drains it."""
+    check = _PoolCheck()
+    pool: ConnectionPool[Any] = ConnectionPool(url, check=check, **kwargs)
+    check.pool = pool
+    return pool
+
+
+def adraining_pool(url: str, **kwargs: Any) -> AsyncConnectionPool[Any]:
+    """An async psycopg pool (unopened) whose health check drains it, as `draining_pool`."""
+    check = _APoolCheck()
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(url, check=check, **kwargs)
+    check.pool = pool
+    return pool
+
+
 class _PoolCheck:
     """The sync pool's `check`: `check_connection`, draining the pool when it fails."""
 
-    pool: _Pool | None = None
+    pool: ConnectionPool[Any] | None = None
 
-    def __call__(self, conn: psycopg.Connection[DictRow]) -> None:
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
         try:
             ConnectionPool.check_connection(conn)
         except psycopg.Error:
@@ -529,9 +543,9 @@ class _PoolCheck:
 class _APoolCheck:
     """The async pool's `check`: `check_connection`, draining the pool when it fails."""
 
-    pool: _APool | None = None
+    pool: AsyncConnectionPool[Any] | None = None
 
-    async def __call__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         try:
             await AsyncConnectionPool.check_connection(conn)
         except psycopg.Error:

@@ -108,6 +108,12 @@ def error_category(outcome: Mapping[str, Any]) -> str | None:
     return reason
 
 
+def _detail(outcome: Mapping[str, Any], warnings: list[str]) -> str:
+    """The outcome's detail, with what degraded on the way (`AgentState.warnings`)."""
+    detail = str(outcome.get("detail", ""))
+    return f"{detail} (degraded: {'; '.join(warnings)})" if warnings else detail
+
+
 def run_record(state: AgentState, **identity: Any) -> RunRecord:
     """The record of the run `state` is at (thread totals; `RunLog` subtracts the previous run).
 
@@ -137,7 +143,7 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
         run_key=f"{identity.get('thread_id') or '-'}:{human_id or started}",
         status=str(result["status"]),
         terminated_reason=str(result["terminated_reason"]),
-        detail=sanitize(str(result.get("detail", ""))),
+        detail=sanitize(_detail(result, state.get("warnings") or [])),
         error_category=error_category(result),
         **identity,
         steps=int(usage.get("steps", 0)),

@@ -17,8 +17,8 @@ instead of hanging the run.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import psycopg
@@ -40,9 +40,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from keel.db.checkpoint._batch import Rows, WriteBehind
-from keel.errors import SetupError, UserError
+from keel.errors import SetupError, StorageError, UserError
 
-__all__ = ["AsyncPooledPostgresSaver"]
+__all__ = ["AsyncPooledPostgresSaver", "connection_lost", "retry_once"]
 
 # One statement writes a whole flush: one round trip and one implicit transaction. Arrays go
 # binary (`%b`), as columns of rows; an empty array inserts nothing.
@@ -88,15 +88,49 @@ def _retry_once(
         try:
             return await method(*args, **kwargs)
         except psycopg.OperationalError as exc:
-            if not _connection_lost(exc):
+            if not connection_lost(exc):
                 raise
-        return await method(*args, **kwargs)
+        with lost_twice(method.__name__):
+            return await method(*args, **kwargs)
 
     return wrapper
 
 
-def _connection_lost(exc: psycopg.OperationalError) -> bool:
-    """Whether the error means the connection is gone (not e.g. a statement timeout)."""
+def retry_once(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """`_retry_once` for a sync method (an idempotent upsert or a read)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except psycopg.OperationalError as exc:
+            if not connection_lost(exc):
+                raise
+        with lost_twice(method.__name__):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+@contextmanager
+def lost_twice(what: str) -> Iterator[None]:
+    """A connection lost again on the retry of `what`, as `StorageError`."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if not connection_lost(exc):
+            raise
+        raise StorageError(
+            f"the checkpointer lost its PostgreSQL connection twice in {what}: "
+            f"{' '.join(str(exc).split())}. Nothing is half-written (its writes are "
+            "idempotent upserts); resume the run once the database is reachable."
+        ) from exc
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` means the connection is gone (not e.g. a statement timeout)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
     return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
 
 

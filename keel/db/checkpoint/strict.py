@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata
+from langgraph.checkpoint.base import (
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+)
 from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.serde._msgpack import SAFE_MSGPACK_TYPES
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
@@ -31,7 +36,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
-from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver
+from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver, retry_once
 from keel.errors import (
     CheckpointSizeWarning,
     CheckpointTooLarge,
@@ -288,8 +293,51 @@ class StrictAsyncSqliteSaver(_Strict, AsyncSqliteSaver):
     """LangGraph's `AsyncSqliteSaver`, strict."""
 
 
-class StrictPostgresSaver(_Strict, PostgresSaver):
-    """LangGraph's `PostgresSaver`, strict."""
+class _ReconnectingPostgresSaver(PostgresSaver):
+    """LangGraph's `PostgresSaver`, each read and write run once more when its connection died.
+
+    As keel's async saver: its writes are idempotent upserts, so a second run is safe.
+    """
+
+    @retry_once
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """`PostgresSaver.get_tuple`, retried once on a dropped connection."""
+        return super().get_tuple(config)
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """`PostgresSaver.put`, retried once on a dropped connection (bytes counted once)."""
+        tally = _TALLY.get()
+        counted = tally.size if tally is not None else 0
+
+        def attempt() -> RunnableConfig:
+            if tally is not None:
+                tally.size = counted
+            return super(_ReconnectingPostgresSaver, self).put(
+                config, checkpoint, metadata, new_versions
+            )
+
+        return retry_once(attempt)()
+
+    @retry_once
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """`PostgresSaver.put_writes`, retried once on a dropped connection."""
+        super().put_writes(config, writes, task_id, task_path)
+
+
+class StrictPostgresSaver(_Strict, _ReconnectingPostgresSaver):
+    """LangGraph's `PostgresSaver`, strict, retried once on a dropped connection."""
 
 
 class StrictAsyncPooledPostgresSaver(_Strict, AsyncPooledPostgresSaver):
