@@ -1,30 +1,59 @@
-"""keel.evals: test doubles for models, and (later) scenarios, evaluators and replay.
+"""keel.evals: scenario suites, evaluators and reports, and the test doubles they run on.
 
+Suites and runs:
+- `load_suite`, `Suite`, `Case`: scenario suites as YAML files (input, identity, model, expected
+  outcome and tool trajectory, rubric, budgets); `builtin_suite("adversarial" | "chaos" | "demo")`.
+- `arun_suite` / `run_suite`: run a suite on a graph factory (`module:function`), `repeat` times,
+  `concurrency` at once; a `SuiteResult` of `CaseRun`s with their `Score`s.
+- Evaluators: outcome, trajectory (agentevals' modes), tool success, budgets, unauthorized
+  executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
+- `record_execution`: tools of an eval graph record what really ran.
+
+Test doubles:
 - `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
 - `ChaosChatModel`, `ChaosPolicy`: wrap a model and inject timeouts, 429s, 5xx, malformed or
   unknown tool calls and loops at set rates, with a seed.
 - `forbid_model_requests`: make any real chat-model call an error (tests, offline evals).
 """
 
+from keel.evals.builtin import builtin_suite
 from keel.evals.chaos import (
     ChaosChatModel,
     ChaosPolicy,
     ChaosRateLimitError,
     ChaosServerError,
 )
+from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
+from keel.evals.executions import record_execution
 from keel.evals.requests import forbid_model_requests, model_requests_forbidden
+from keel.evals.results import CaseRun, Score, SuiteResult
+from keel.evals.runner import arun_suite, run_suite
 from keel.evals.scripted import ScriptedChatModel, ScriptEntry, ScriptExhausted, call, say
+from keel.evals.suite import Case, Suite, load_suite
 
 __all__ = [
+    "Case",
+    "CaseRun",
     "ChaosChatModel",
     "ChaosPolicy",
     "ChaosRateLimitError",
     "ChaosServerError",
+    "RubricJudge",
+    "Score",
     "ScriptEntry",
     "ScriptExhausted",
     "ScriptedChatModel",
+    "Suite",
+    "SuiteResult",
+    "arun_suite",
+    "builtin_suite",
     "call",
+    "default_evaluators",
     "forbid_model_requests",
+    "load_suite",
+    "match_trajectory",
     "model_requests_forbidden",
+    "record_execution",
+    "run_suite",
     "say",
 ]
