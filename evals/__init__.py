@@ -8,6 +8,8 @@ Suites and runs:
 - Evaluators: outcome, trajectory (agentevals' modes), tool success, budgets, unauthorized
   executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
 - `record_execution`: tools of an eval graph record what really ran.
+- `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
+  the ledger beside the run records (`keel eval feedback RUN`).
 
 Test doubles:
 - `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
@@ -25,6 +27,13 @@ from keel.evals.chaos import (
 )
 from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
 from keel.evals.executions import record_execution
+from keel.evals.feedback import (
+    Feedback,
+    afeedback_for,
+    arecord_feedback,
+    feedback_for,
+    record_feedback,
+)
 from keel.evals.requests import forbid_model_requests, model_requests_forbidden
 from keel.evals.results import CaseRun, Score, SuiteResult
 from keel.evals.runner import arun_suite, run_suite
@@ -38,6 +47,7 @@ __all__ = [
     "ChaosPolicy",
     "ChaosRateLimitError",
     "ChaosServerError",
+    "Feedback",
     "RubricJudge",
     "Score",
     "ScriptEntry",
@@ -45,15 +55,19 @@ __all__ = [
     "ScriptedChatModel",
     "Suite",
     "SuiteResult",
+    "afeedback_for",
+    "arecord_feedback",
     "arun_suite",
     "builtin_suite",
     "call",
     "default_evaluators",
+    "feedback_for",
     "forbid_model_requests",
     "load_suite",
     "match_trajectory",
     "model_requests_forbidden",
     "record_execution",
+    "record_feedback",
     "run_suite",
     "say",
 ]

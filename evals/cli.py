@@ -3,6 +3,8 @@
     keel eval SUITE [--graph module:factory] [--model M] [--judge M] [--repeat N]
                     [--concurrency C] [--min-pass-rate R] [--out DIR]
 
+    keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
+
 SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
@@ -16,8 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
+from keel.evals.feedback import feedback_for, record_feedback
 from keel.evals.report import write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
@@ -44,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `keel eval`; returns the exit code (0 pass, 1 under the pass rate, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["feedback"]:
+        return _feedback(argv[1:])
     args = parser().parse_args(argv)
     try:
         if not 0 <= args.min_pass_rate <= 1:
@@ -99,6 +106,42 @@ def _print_summary(result: SuiteResult, min_pass_rate: float) -> None:
     )
     for name, value in s["totals"].items():
         print(f"keel eval: {name}: {value:g}")
+
+
+def _feedback(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="keel eval feedback",
+        description="Record feedback on a run (with --score/--comment/--correction), or list it.",
+    )
+    p.add_argument("run", help="run key, run id or thread id (as `keel report` shows)")
+    p.add_argument("--score", type=float, default=None, help="a score (0/1, 1-5, ...)")
+    p.add_argument("--comment", default="", help="what the person said")
+    p.add_argument("--correction", default="", help="what the answer should have been")
+    p.add_argument("--user", default=None, help="who gives the feedback")
+    p.add_argument("--db", default=None, help="database URL (default: $KEEL_DB_URL or .keel/)")
+    args = p.parse_args(argv)
+    ledger = Ledger(args.db)
+    try:
+        if args.score is None and not args.comment and not args.correction:
+            for f in feedback_for(ledger, args.run):
+                score = "-" if f.score is None else f"{f.score:g}"
+                print(f"{f.run}  score {score}  by {f.user or '-'}: {f.comment} {f.correction}")
+            return 0
+        record_feedback(
+            ledger,
+            args.run,
+            score=args.score,
+            comment=args.comment,
+            correction=args.correction,
+            user=args.user,
+        )
+        print(f"keel eval: feedback recorded on {args.run}")
+        return 0
+    except KeelError as exc:
+        print(f"keel eval feedback: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
 
 
 if __name__ == "__main__":
