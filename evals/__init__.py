@@ -32,6 +32,7 @@ from keel.evals.feedback import (
     afeedback_for,
     arecord_feedback,
     feedback_for,
+    new_feedback,
     record_feedback,
 )
 from keel.evals.requests import forbid_model_requests, model_requests_forbidden
@@ -66,6 +67,7 @@ __all__ = [
     "load_suite",
     "match_trajectory",
     "model_requests_forbidden",
+    "new_feedback",
     "record_execution",
     "record_feedback",
     "run_suite",

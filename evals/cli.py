@@ -21,7 +21,7 @@ from pathlib import Path
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
-from keel.evals.feedback import feedback_for, record_feedback
+from keel.evals.feedback import feedback_for, new_feedback, record_feedback
 from keel.evals.report import write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
@@ -127,14 +127,14 @@ def _feedback(argv: Sequence[str]) -> int:
                 score = "-" if f.score is None else f"{f.score:g}"
                 print(f"{f.run}  score {score}  by {f.user or '-'}: {f.comment} {f.correction}")
             return 0
-        record_feedback(
-            ledger,
+        feedback = new_feedback(
             args.run,
             score=args.score,
             comment=args.comment,
             correction=args.correction,
             user=args.user,
         )
+        record_feedback(ledger, feedback)
         print(f"keel eval: feedback recorded on {args.run}")
         return 0
     except KeelError as exc:

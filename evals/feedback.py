@@ -8,7 +8,7 @@ transaction as the write (the ledger's own schema does not include it).
 
 Example:
     ```python
-    record_feedback(ledger, "thread-1:msg-1", score=1.0, comment="fixed it", user="alice")
+    record_feedback(ledger, new_feedback("thread-1", score=1.0, comment="fixed it", user="ada"))
     feedback_for(ledger, "thread-1:msg-1")  # [Feedback(...)]
     ```
 """
@@ -24,7 +24,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 
 __all__ = ["FEEDBACK_TABLE", "Feedback", "afeedback_for", "arecord_feedback", "feedback_for"]
-__all__ += ["record_feedback"]
+__all__ += ["new_feedback", "record_feedback"]
 
 FEEDBACK_TABLE = """CREATE TABLE IF NOT EXISTS keel_feedback (
     id TEXT PRIMARY KEY,
@@ -105,9 +105,20 @@ def _query_flow(backend: str, run: str) -> Flow[list[Feedback]]:
     ]
 
 
-def _new(
-    run: str, score: float | None, comment: str, correction: str, user: str | None
+def new_feedback(
+    run: str,
+    *,
+    score: float | None = None,
+    comment: str = "",
+    correction: str = "",
+    user: str | None = None,
 ) -> Feedback:
+    """A person's feedback on `run` (a run key, run id or thread id), to record.
+
+    Raises:
+        UserError: no run named, a score that is not a finite number, or neither a score, a
+            comment nor a correction.
+    """
     if not isinstance(run, str) or not run.strip():
         raise UserError(f"Feedback needs the run it is about (a non-empty string), got {run!r}.")
     if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
@@ -125,40 +136,22 @@ def _new(
     )
 
 
-def record_feedback(
-    ledger: Ledger,
-    run: str,
-    *,
-    score: float | None = None,
-    comment: str = "",
-    correction: str = "",
-    user: str | None = None,
-) -> Feedback:
-    """Record feedback on `run` (a run key, run id or thread id the ledger knows).
+def record_feedback(ledger: Ledger, feedback: Feedback) -> Feedback:
+    """Store `feedback` (from `new_feedback`); returns it with `run` resolved to the run key.
 
     Raises:
-        UserError: no such run, or neither a score, a comment nor a correction.
+        UserError: the ledger knows no such run.
     """
-    feedback = _new(run, score, comment, correction, user)
     return ledger.run(_record_flow(ledger.backend, feedback))
 
 
-async def arecord_feedback(
-    ledger: Ledger,
-    run: str,
-    *,
-    score: float | None = None,
-    comment: str = "",
-    correction: str = "",
-    user: str | None = None,
-) -> Feedback:
+async def arecord_feedback(ledger: Ledger, feedback: Feedback) -> Feedback:
     """Async `record_feedback`."""
-    feedback = _new(run, score, comment, correction, user)
     return await ledger.arun(_record_flow(ledger.backend, feedback))
 
 
 def feedback_for(ledger: Ledger, run: str) -> list[Feedback]:
-    """The feedback on `run` (and, for a thread id, on the thread's runs), oldest first."""
+    """The feedback on `run` (a run key, run id or thread id: all its runs'), oldest first."""
     return ledger.run(_query_flow(ledger.backend, run))
 
 

@@ -15,7 +15,13 @@ from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel
 from keel.evals.cli import main as eval_main
-from keel.evals.feedback import afeedback_for, arecord_feedback, feedback_for, record_feedback
+from keel.evals.feedback import (
+    afeedback_for,
+    arecord_feedback,
+    feedback_for,
+    new_feedback,
+    record_feedback,
+)
 
 
 async def a_run(ledger: Ledger, thread: str = "t-1") -> str:
@@ -30,8 +36,12 @@ async def a_run(ledger: Ledger, thread: str = "t-1") -> str:
 
 async def test_feedback_is_kept_against_a_known_run(ledger: Ledger) -> None:
     run_key = await a_run(ledger)
-    first = await arecord_feedback(ledger, run_key, score=1, comment="solved it", user="ada")
-    by_thread = await arecord_feedback(ledger, "t-1", correction="say goodbye too", user="bob")
+    first = await arecord_feedback(
+        ledger, new_feedback(run_key, score=1, comment="solved it", user="ada")
+    )
+    by_thread = await arecord_feedback(
+        ledger, new_feedback("t-1", correction="say goodbye too", user="bob")
+    )
     assert first.run == by_thread.run == run_key  # a thread id means its latest run
     found = await afeedback_for(ledger, run_key)
     assert [(f.run, f.score, f.comment, f.correction, f.user) for f in found] == [
@@ -46,17 +56,19 @@ async def test_feedback_is_kept_against_a_known_run(ledger: Ledger) -> None:
 async def test_feedback_on_an_unknown_run_or_with_nothing_in_it_is_refused(ledger: Ledger) -> None:
     await a_run(ledger)
     with pytest.raises(UserError, match="No run 'nope' in the ledger"):
-        await arecord_feedback(ledger, "nope", score=1)
+        await arecord_feedback(ledger, new_feedback("nope", score=1))
     with pytest.raises(UserError, match="needs a score, a comment or a correction"):
-        await arecord_feedback(ledger, "t-1")
+        new_feedback("t-1")
     with pytest.raises(UserError, match="finite number"):
-        await arecord_feedback(ledger, "t-1", score=float("nan"))
+        new_feedback("t-1", score=float("nan"))
     assert await afeedback_for(ledger, "t-1") == []
 
 
 async def test_concurrent_first_writes_create_the_table_once(ledger: Ledger) -> None:
     await a_run(ledger)
-    await asyncio.gather(*(arecord_feedback(ledger, "t-1", score=i) for i in range(12)))
+    await asyncio.gather(
+        *(arecord_feedback(ledger, new_feedback("t-1", score=i)) for i in range(12))
+    )
     assert sorted(f.score for f in await afeedback_for(ledger, "t-1")) == [
         float(i) for i in range(12)
     ]
@@ -68,7 +80,7 @@ def test_the_sync_api_and_keel_eval_feedback(
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
     asyncio.run(a_run(ledger, "t-9"))
-    record_feedback(ledger, "t-9", score=0, comment="wrong order")
+    record_feedback(ledger, new_feedback("t-9", score=0, comment="wrong order"))
     assert [f.comment for f in feedback_for(ledger, "t-9")] == ["wrong order"]
     ledger.close()
     assert eval_main(["feedback", "t-9", "--score", "5", "--user", "cy", "--db", url]) == 0

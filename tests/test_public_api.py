@@ -205,6 +205,7 @@ PUBLIC = {
         "load_suite",
         "match_trajectory",
         "model_requests_forbidden",
+        "new_feedback",
         "record_execution",
         "record_feedback",
         "run_suite",
