@@ -12,13 +12,15 @@ import asyncio
 import importlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
+from langsmith.run_helpers import tracing_context
 
 from keel.errors import UserError
 from keel.evals.evaluators import Evaluator, default_evaluators, evaluate
@@ -26,6 +28,7 @@ from keel.evals.executions import recording
 from keel.evals.results import CaseRun, SuiteResult, ToolStep
 from keel.evals.suite import Case, ModelSpec, Suite
 from keel.models import model_name_of
+from keel.observe.tracing import tracing_enabled
 
 __all__ = ["DEFAULT_GRAPH", "GraphFactory", "arun_case", "arun_suite", "load_graph", "run_suite"]
 
@@ -95,8 +98,9 @@ async def arun_suite(
             on_run(run)
         return run
 
-    jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
-    runs = list(await asyncio.gather(*jobs))
+    with _offline_unless_keyed():
+        jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
+        runs = list(await asyncio.gather(*jobs))
     return SuiteResult(suite=suite.name, runs=runs, graph=str(graph_name))
 
 
@@ -110,6 +114,20 @@ def run_suite(suite: Suite, graph: str | GraphFactory | None = None, **options: 
         "run_suite() was called inside a running event loop (Jupyter, async code). "
         "Use `await arun_suite(...)` instead."
     )
+
+
+@contextmanager
+def _offline_unless_keyed() -> Iterator[None]:
+    """Without a LangSmith key, trace nothing: not the graphs, not the judge, not openevals.
+
+    With `LANGSMITH_TRACING` on and no key, LangChain's default tracer and langsmith's
+    `traceable` (which openevals and agentevals wrap every evaluator in) would still post runs.
+    """
+    if tracing_enabled():
+        yield
+        return
+    with tracing_context(enabled=False):
+        yield
 
 
 def _model_for(
