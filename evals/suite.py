@@ -95,7 +95,7 @@ class Budgets:
     total_tokens: int | None = None
     """Input plus output tokens."""
     steps: int | None = None
-    """Graph steps (LangGraph supersteps) the run took."""
+    """Node executions (LangGraph `updates`) the run took, resumes included."""
     model_calls: int | None = None
     """Model calls."""
     tool_calls: int | None = None

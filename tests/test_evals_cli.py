@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -47,6 +48,8 @@ def test_keel_eval_runs_a_builtin_suite_and_writes_the_reports(
     )
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") == 4 and "refund-rejected" in html
+    for svg in re.findall(r"<svg.*?</svg>", html, flags=re.S):
+        assert ElementTree.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"  # well-formed
     for chart in ("success rate per case", "cost (USD)", "steps", "latency (s)"):
         assert chart in html
     # self-contained: no script, no stylesheet or image from anywhere
