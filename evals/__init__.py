@@ -1,5 +1,17 @@
-"""keel.evals: test doubles for models, and (later) scenarios, evaluators and replay.
+"""keel.evals: scenario suites, evaluators and reports, and the test doubles they run on.
 
+Suites and runs:
+- `load_suite`, `Suite`, `Case`: scenario suites as YAML files (input, identity, model, expected
+  outcome and tool trajectory, rubric, budgets); `builtin_suite("adversarial" | "chaos" | "demo")`.
+- `arun_suite` / `run_suite`: run a suite on a graph factory (`module:function`), `repeat` times,
+  `concurrency` at once; a `SuiteResult` of `CaseRun`s with their `Score`s.
+- Evaluators: outcome, trajectory (agentevals' modes), tool success, budgets, unauthorized
+  executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
+- `record_execution`: tools of an eval graph record what really ran.
+- `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
+  the ledger beside the run records (`keel eval feedback RUN`).
+
+Test doubles:
 - `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
 - `ChaosChatModel`, `ChaosPolicy`: wrap a model and inject timeouts, 429s, 5xx, malformed or
   unknown tool calls and loops at set rates, with a seed.
@@ -8,11 +20,22 @@
   prompt-injection corpus shipped with keel, and how any `InjectionDetector` does on it.
 """
 
+from keel.evals.builtin import builtin_suite
 from keel.evals.chaos import (
     ChaosChatModel,
     ChaosPolicy,
     ChaosRateLimitError,
     ChaosServerError,
+)
+from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
+from keel.evals.executions import record_execution
+from keel.evals.feedback import (
+    Feedback,
+    afeedback_for,
+    arecord_feedback,
+    feedback_for,
+    new_feedback,
+    record_feedback,
 )
 from keel.evals.injection import (
     DetectionRates,
@@ -22,9 +45,14 @@ from keel.evals.injection import (
     injection_corpus,
 )
 from keel.evals.requests import forbid_model_requests, model_requests_forbidden
+from keel.evals.results import CaseRun, Score, SuiteResult
+from keel.evals.runner import arun_suite, run_suite
 from keel.evals.scripted import ScriptedChatModel, ScriptEntry, ScriptExhausted, call, say
+from keel.evals.suite import Case, Suite, load_suite
 
 __all__ = [
+    "Case",
+    "CaseRun",
     "ChaosChatModel",
     "ChaosPolicy",
     "ChaosRateLimitError",
@@ -39,6 +67,23 @@ __all__ = [
     "detection_rates",
     "forbid_model_requests",
     "injection_corpus",
+    "Feedback",
+    "RubricJudge",
+    "Score",
+    "Suite",
+    "SuiteResult",
+    "afeedback_for",
+    "arecord_feedback",
+    "arun_suite",
+    "builtin_suite",
+    "default_evaluators",
+    "feedback_for",
+    "load_suite",
+    "match_trajectory",
     "model_requests_forbidden",
+    "new_feedback",
+    "record_execution",
+    "record_feedback",
+    "run_suite",
     "say",
 ]

@@ -7,6 +7,7 @@
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
     keel audit | report | health    (see `keel.app.cli_observe`)
+    keel eval SUITE [--graph module:factory] ...   (see `keel.evals.cli`)
     keel serve --server-config FILE [--port N] [--host H] [--config langgraph.json] [--reload]
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -46,6 +48,9 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `keel` command. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # keel.evals is loaded by name: nothing in keel imports it
+        return int(importlib.import_module("keel.evals.cli").main(argv[1:]))
     args = _parser().parse_args(argv)
     try:
         if args.command == "threads" and args.threads_command == "prune":
@@ -113,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["setup"])
     db.add_argument("--db", default=None, help=db_help)
     cli_observe.add_parsers(sub, db_help)
+    sub.add_parser("eval", help="run an eval suite (keel eval --help)", add_help=False)
     return parser
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "AUDIT",
     "BREAKERS",
     "Column",
+    "FEEDBACK",
     "Index",
     "MIGRATIONS_TABLE",
     "RATE_BUCKETS",
@@ -256,6 +257,21 @@ RUNS = Table(  # keel.db.runs: one row per run, written when it ends or pauses
         Index("keel_runs_user", ("user_id", "ended_at"), since=2),
     ),
 )
+FEEDBACK = Table(  # keel.evals.feedback: a person's score, comment or correction on a run
+    "keel_feedback",
+    (
+        Column("id", "TEXT", "PRIMARY KEY", since=4),
+        Column("run_ref", "TEXT", "NOT NULL", since=4),
+        Column("user_id", "TEXT", since=4),
+        Column("score", _DOUBLE, since=4),
+        Column("comment", "TEXT", "NOT NULL DEFAULT ''", since=4),
+        Column("correction", "TEXT", "NOT NULL DEFAULT ''", since=4),
+        Column("at", _DOUBLE, "NOT NULL", since=4),
+    ),
+    primary_key=(),
+    indexes=(Index("keel_feedback_run", ("run_ref", "at"), since=4),),
+    since=4,
+)
 MIGRATIONS_TABLE = Table(  # keel.db.migrations: which schema versions a database has had
     "keel_migrations",
     (
@@ -276,5 +292,6 @@ TABLES: tuple[Table, ...] = (
     TOOL_CALLS,
     AUDIT,
     RUNS,
+    FEEDBACK,
 )
 """Every ledger table that `MIGRATIONS` manages, in creation order."""

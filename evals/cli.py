@@ -1,0 +1,148 @@
+"""`keel eval`: run a suite, print a line per case, write the results, gate on the pass rate.
+
+    keel eval SUITE [--graph module:factory] [--model M] [--judge M] [--repeat N]
+                    [--concurrency C] [--min-pass-rate R] [--out DIR]
+
+    keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
+
+SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
+`keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
+`keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from keel.db.ledger import Ledger
+from keel.errors import KeelError
+from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
+from keel.evals.feedback import feedback_for, new_feedback, record_feedback
+from keel.evals.report import write_report
+from keel.evals.results import CaseRun, SuiteResult
+from keel.evals.runner import arun_suite
+from keel.evals.suite import Suite, load_suite
+
+__all__ = ["main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `keel eval` argument parser."""
+    p = argparse.ArgumentParser(prog="keel eval", description="Run an eval suite offline.")
+    p.add_argument("suite", help=f"a suite file, or a built-in suite: {', '.join(BUILTIN_SUITES)}")
+    p.add_argument("--graph", default=None, help="graph factory module:function (default: suite's)")
+    p.add_argument("--model", default=None, help="model for every case (overrides the suite's)")
+    p.add_argument("--judge", default=None, help="model that judges rubrics")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case (default 1)")
+    p.add_argument("--concurrency", type=int, default=4, help="runs at once (default 4)")
+    p.add_argument(
+        "--min-pass-rate", type=float, default=1.0, help="exit 1 below this share (default 1.0)"
+    )
+    p.add_argument("--out", default=None, help="results folder (default .keel/evals/SUITE)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `keel eval`; returns the exit code (0 pass, 1 under the pass rate, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["feedback"]:
+        return _feedback(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        if not 0 <= args.min_pass_rate <= 1:
+            raise KeelError(f"--min-pass-rate must be between 0 and 1, got {args.min_pass_rate}.")
+        path = Path(args.suite)
+        if not path.is_file() and args.suite in BUILTIN_SUITES:
+            path = builtin_suite_path(args.suite)
+        suite = load_suite(path)
+        result = asyncio.run(_run(suite, args))
+    except KeelError as exc:
+        print(f"keel eval: {exc}", file=sys.stderr)
+        return 2
+    paths = write_report(result, args.out or Path(".keel") / "evals" / suite.name)
+    _print_summary(result, args.min_pass_rate)
+    print(f"keel eval: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
+    return 0 if result.pass_rate >= args.min_pass_rate else 1
+
+
+async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
+    total = len(suite.cases) * args.repeat
+    done = 0
+
+    def progress(run: CaseRun) -> None:
+        nonlocal done
+        done += 1
+        outcome = f"{run.outcome.get('status', '-')}/{run.outcome.get('terminated_reason', '-')}"
+        failed = ", ".join(s.name for s in run.scores if not s.passed)
+        failed = f"  failed: {failed}" if failed else ""
+        raised = f"  raised: {run.raised}" if run.raised else ""
+        print(
+            f"[{done}/{total}] {'PASS' if run.passed else 'FAIL'} {run.case.id} #{run.repeat} "
+            f"{outcome} {run.latency:.2f}s ${float(run.usage.get('usd', 0.0)):.6f}{failed}{raised}",
+            flush=True,
+        )
+
+    return await arun_suite(
+        suite,
+        args.graph,
+        model=args.model,
+        judge=args.judge,
+        repeat=args.repeat,
+        concurrency=args.concurrency,
+        on_run=progress,
+    )
+
+
+def _print_summary(result: SuiteResult, min_pass_rate: float) -> None:
+    s = result.summary()
+    verdict = "ok" if result.pass_rate >= min_pass_rate else f"UNDER {min_pass_rate:.0%}"
+    print(
+        f"keel eval: {s['suite']}: {s['passed']}/{s['runs']} passed ({s['pass_rate']:.1%}, "
+        f"{verdict}); p50 {s['latency_p50']:.2f}s p95 {s['latency_p95']:.2f}s; ${s['usd']:.6f}"
+    )
+    for name, value in s["totals"].items():
+        print(f"keel eval: {name}: {value:g}")
+
+
+def _feedback(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="keel eval feedback",
+        description="Record feedback on a run (with --score/--comment/--correction), or list it.",
+    )
+    p.add_argument("run", help="run key, run id or thread id (as `keel report` shows)")
+    p.add_argument("--score", type=float, default=None, help="a score (0/1, 1-5, ...)")
+    p.add_argument("--comment", default="", help="what the person said")
+    p.add_argument("--correction", default="", help="what the answer should have been")
+    p.add_argument("--user", default=None, help="who gives the feedback")
+    p.add_argument("--db", default=None, help="database URL (default: $KEEL_DB_URL or .keel/)")
+    args = p.parse_args(argv)
+    ledger = Ledger(args.db)
+    try:
+        if args.score is None and not args.comment and not args.correction:
+            for f in feedback_for(ledger, args.run):
+                score = "-" if f.score is None else f"{f.score:g}"
+                print(f"{f.run}  score {score}  by {f.user or '-'}: {f.comment} {f.correction}")
+            return 0
+        feedback = new_feedback(
+            args.run,
+            score=args.score,
+            comment=args.comment,
+            correction=args.correction,
+            user=args.user,
+        )
+        record_feedback(ledger, feedback)
+        print(f"keel eval: feedback recorded on {args.run}")
+        return 0
+    except KeelError as exc:
+        print(f"keel eval feedback: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Run a suite: build each case's graph, run it to its end, answer approvals, score it.
+
+`arun_suite` is the core (async, `concurrency` runs at once, each case `repeat` times);
+`run_suite` is its thin sync entry point. A graph factory is a function `factory(model)` that
+returns a compiled LangGraph graph (with a checkpointer, so approvals can pause and resume), named
+as `module:function`; the default is keel's demo agent (`keel.evals.builtin:demo_agent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command
+from langsmith.run_helpers import tracing_context
+
+from keel.errors import UserError
+from keel.evals.evaluators import Evaluator, default_evaluators, evaluate
+from keel.evals.executions import recording
+from keel.evals.results import CaseRun, SuiteResult, ToolStep
+from keel.evals.suite import Case, ModelSpec, Suite
+from keel.models import model_name_of
+from keel.observe.tracing import tracing_enabled
+
+__all__ = ["DEFAULT_GRAPH", "GraphFactory", "arun_case", "arun_suite", "load_graph", "run_suite"]
+
+GraphFactory = Callable[[BaseChatModel], Any]
+"""`factory(model)` returns a compiled graph (LangGraph `Pregel`) for one case run."""
+DEFAULT_GRAPH = "keel.evals.builtin:demo_agent"
+"""keel's demo agent (the demo's tools under its policy), the graph of suites that name none."""
+MAX_RESUMES = 20
+
+
+def load_graph(path: str | GraphFactory) -> GraphFactory:
+    """The graph factory named `module:function` (or `factory` itself).
+
+    Raises:
+        UserError: the path does not name an importable function.
+    """
+    if callable(path):
+        return path
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"--graph must be 'module:function', got {path!r}.")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"Cannot load graph factory {path!r}: {exc}.") from exc
+    if not callable(factory):
+        raise UserError(f"{path!r} is not a function that builds a graph from a model.")
+    return factory  # type: ignore[no-any-return]
+
+
+async def arun_suite(
+    suite: Suite,
+    graph: str | GraphFactory | None = None,
+    *,
+    model: str | BaseChatModel | None = None,
+    judge: str | BaseChatModel | None = None,
+    evaluators: Sequence[Evaluator] | None = None,
+    repeat: int = 1,
+    concurrency: int = 4,
+    on_run: Callable[[CaseRun], None] | None = None,
+) -> SuiteResult:
+    """Run every case of `suite` `repeat` times, `concurrency` at once, and score each run.
+
+    Args:
+        suite: The suite (`load_suite(path)`).
+        graph: The graph factory (default: the suite's `graph`, else keel's demo agent).
+        model: A model for every case, overriding the cases' and the suite's.
+        judge: The rubric judge's model (default: the suite's `judge`).
+        evaluators: The evaluators (default: `default_evaluators(judge)`).
+        repeat: How many times each case runs.
+        concurrency: How many runs at once.
+        on_run: Called with each finished run (progress lines).
+    """
+    if repeat < 1 or concurrency < 1:
+        raise UserError(f"repeat and concurrency must be 1 or more, got {repeat}, {concurrency}.")
+    graph_name = graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
+    factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
+    if evaluators is None:
+        evaluators = default_evaluators(judge or suite.judge)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(case: Case, index: int) -> CaseRun:
+        async with gate:
+            run = await arun_case(case, factory, model=_model_for(case, suite, model), repeat=index)
+        run.scores = await evaluate(run, evaluators)
+        if on_run is not None:
+            on_run(run)
+        return run
+
+    with _offline_unless_keyed():
+        jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
+        runs = list(await asyncio.gather(*jobs))
+    return SuiteResult(suite=suite.name, runs=runs, graph=str(graph_name))
+
+
+def run_suite(suite: Suite, graph: str | GraphFactory | None = None, **options: Any) -> SuiteResult:
+    """Sync entry point of `arun_suite` (not from a running event loop: await `arun_suite`)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(arun_suite(suite, graph, **options))
+    raise UserError(
+        "run_suite() was called inside a running event loop (Jupyter, async code). "
+        "Use `await arun_suite(...)` instead."
+    )
+
+
+@contextmanager
+def _offline_unless_keyed() -> Iterator[None]:
+    """Without a LangSmith key, trace nothing: not the graphs, not the judge, not openevals.
+
+    With `LANGSMITH_TRACING` on and no key, LangChain's default tracer and langsmith's
+    `traceable` (which openevals and agentevals wrap every evaluator in) would still post runs.
+    """
+    if tracing_enabled():
+        yield
+        return
+    with tracing_context(enabled=False):
+        yield
+
+
+def _model_for(
+    case: Case, suite: Suite, override: str | BaseChatModel | None
+) -> BaseChatModel | ModelSpec:
+    if isinstance(override, BaseChatModel):
+        return override
+    if override is not None:
+        return ModelSpec(name=override)
+    spec = case.model or suite.model
+    if spec is None:
+        raise UserError(
+            f"Case {case.id!r} has no model: give it `model:`, give the suite one, or pass --model."
+        )
+    return spec
+
+
+async def arun_case(
+    case: Case,
+    factory: GraphFactory,
+    *,
+    model: BaseChatModel | ModelSpec,
+    repeat: int = 0,
+) -> CaseRun:
+    """Run one case to its end on a fresh graph; approvals answered as the case says.
+
+    A run that raises is recorded (`CaseRun.raised`), never re-raised: the evaluators see it.
+    """
+    chat_model = model.build() if isinstance(model, ModelSpec) else model
+    label = model.label if isinstance(model, ModelSpec) else model_name_of(model)
+    run = CaseRun(case=case, repeat=repeat, model=label)
+    start = time.perf_counter()
+    with recording() as executions:
+        try:
+            graph = factory(chat_model)
+            values, run.steps = await _drive(graph, case)
+        except Exception as exc:
+            run.raised = f"{type(exc).__name__}: {exc}"
+            values = {}
+    run.latency = time.perf_counter() - start
+    run.executions = list(executions)
+    run.outcome = dict(values.get("outcome") or {})
+    run.messages = list(values.get("messages") or [])
+    run.usage = dict(values.get("usage") or {})
+    run.trajectory = trajectory_of(run.messages)
+    return run
+
+
+async def _drive(graph: Any, case: Case) -> tuple[dict[str, Any], int]:
+    config: RunnableConfig = {"configurable": {"thread_id": f"eval-{case.id}-{uuid.uuid4().hex}"}}
+    payload: Any = {"messages": list(case.messages)}
+    steps = 0
+    for _ in range(MAX_RESUMES):
+        async for _update in graph.astream(
+            payload, config, context=case.identity, stream_mode="updates"
+        ):
+            steps += 1
+        snapshot = await graph.aget_state(config)
+        if not snapshot.interrupts:
+            return dict(snapshot.values), steps
+        payload = Command(resume=_answer(snapshot.interrupts[0].value, case))
+    raise UserError(f"Case {case.id!r} was still asking for approvals after {MAX_RESUMES} answers.")
+
+
+def _answer(requests: Any, case: Case) -> Any:
+    decision = {"type": case.approvals, "reviewer": "keel-eval"}
+    if isinstance(requests, list):
+        return [dict(decision) for _ in requests]
+    return decision
+
+
+def trajectory_of(messages: Sequence[BaseMessage]) -> list[ToolStep]:
+    """Every tool call in `messages`, in order, with how it ended (`missing` without a result)."""
+    results = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}
+    steps = []
+    for message in messages:
+        if not isinstance(message, AIMessage):
+            continue
+        for call in message.tool_calls:
+            result = results.get(call["id"] or "")
+            status = "missing"
+            if result is not None:
+                status = str(result.response_metadata.get("keel_status") or result.status)
+            steps.append(ToolStep(call["name"], dict(call["args"]), status))
+    return steps

@@ -1,0 +1,103 @@
+"""`keel eval`: progress lines, JSON / Markdown / self-contained HTML results, the pass-rate gate,
+and a suite as parametrized pytest tests."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from keel.app.cli import main as keel_main
+from keel.evals import builtin_suite, load_suite
+from keel.evals.testing import CaseFailed, check_case, suite_cases
+
+MIXED = """
+name: mixed
+model: keel:demo
+cases:
+  - id: right
+    input: Order A1001 arrived damaged. Please refund it.
+    expect: {status: success}
+  - id: wrong
+    input: Order A1001 arrived damaged. Please refund it.
+    approvals: reject
+    expect: {status: success}
+"""
+
+
+def test_keel_eval_runs_a_builtin_suite_and_writes_the_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert keel_main(["eval", "demo", "--out", str(tmp_path), "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[\d/4\] PASS refund-", out, flags=re.M)) == 4
+    assert "demo: 4/4 passed (100.0%, ok)" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["summary"]["pass_rate"] == 1.0 and len(data["runs"]) == 4
+    assert data["runs"][0]["trajectory"][0] == {
+        "name": "lookup_order",
+        "args": {"order_id": "A1001"},
+        "status": "success",
+    }
+    assert (
+        "| refund-approved | 0 | pass | success/completed |"
+        in (tmp_path / "results.md").read_text()
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<svg") == 4 and "refund-rejected" in html
+    for svg in re.findall(r"<svg.*?</svg>", html, flags=re.S):
+        assert ElementTree.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"  # well-formed
+    for chart in ("success rate per case", "cost (USD)", "steps", "latency (s)"):
+        assert chart in html
+    # self-contained: no script, no stylesheet or image from anywhere
+    assert "<script" not in html and "src=" not in html and "href=" not in html
+    assert re.findall(r"https?://[^'\"]+", html) == ["http://www.w3.org/2000/svg"] * 4
+
+
+def test_keel_eval_exits_non_zero_under_the_pass_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = tmp_path / "mixed.yaml"
+    suite.write_text(MIXED)
+    out = str(tmp_path / "out")
+    assert keel_main(["eval", str(suite), "--out", out]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL wrong #0 stopped/rejected" in printed and "failed: outcome" in printed
+    assert "1/2 passed (50.0%, UNDER 100%)" in printed
+    assert keel_main(["eval", str(suite), "--out", out, "--min-pass-rate", "0.5"]) == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'class="FAIL"' in html and "outcome: {&#x27;status&#x27;: &#x27;stopped&#x27;}" in html
+
+
+def test_keel_eval_bad_input_exits_2_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert keel_main(["eval", str(tmp_path / "nope.yaml")]) == 2
+    assert "No suite file at" in capsys.readouterr().err
+    assert keel_main(["eval", "demo", "--graph", "nope"]) == 2
+    assert "--graph must be 'module:function'" in capsys.readouterr().err
+    assert keel_main(["eval", "demo", "--min-pass-rate", "2"]) == 2
+
+
+def test_keel_help_lists_eval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        keel_main(["--help"])
+    assert "run an eval suite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", suite_cases(builtin_suite("demo")))
+async def test_a_suite_as_parametrized_tests(case: object) -> None:
+    run = await check_case(builtin_suite("demo"), case)  # type: ignore[arg-type]
+    assert run.passed
+
+
+async def test_a_failing_case_fails_its_test_with_the_scores(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.yaml"
+    path.write_text(MIXED)
+    suite = load_suite(path)
+    with pytest.raises(CaseFailed, match=r"case 'wrong' failed .*\n  outcome: "):
+        await check_case(suite, suite.cases[1])
+    assert [p.id for p in suite_cases(path)] == ["right", "wrong"]

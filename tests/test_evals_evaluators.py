@@ -1,0 +1,192 @@
+"""Evaluators, each on fabricated runs: outcome, trajectory modes and argument matching, tool
+success, budgets, unauthorized executions, PII, valid endings, and the LLM judge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolCall, ToolMessage
+
+from keel.evals import ScriptedChatModel
+from keel.evals.evaluators import (
+    RubricJudge,
+    default_evaluators,
+    ended_validly,
+    evaluate,
+    match_trajectory,
+    outcome_match,
+    pii_leaks,
+    tool_success,
+    unauthorized_executions,
+    within_budgets,
+)
+from keel.evals.executions import Execution, record_execution, recording
+from keel.evals.results import CaseRun, ToolStep
+from keel.evals.suite import Case, Suite, TrajectoryMatch
+
+
+def case(**fields: Any) -> Case:
+    return Suite.from_dict({"cases": [{"id": "c", "input": "hi", **fields}]}).cases[0]
+
+
+def steps(*calls: tuple[str, dict[str, Any]]) -> list[ToolStep]:
+    return [ToolStep(name, args, "success") for name, args in calls]
+
+
+def expected(mode: str, *calls: tuple[str, dict[str, Any]], **options: Any) -> TrajectoryMatch:
+    tool_calls = tuple(ToolCall(name=n, args=a, id=None) for n, a in calls)
+    return TrajectoryMatch(calls=tool_calls, mode=mode, **options)  # type: ignore[arg-type]
+
+
+A, B, C = ("lookup", {"id": "A1"}), ("refund", {"id": "A1", "usd": 5}), ("email", {"to": "x"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "actual", "ok"),
+    [
+        ("strict", [A, B], True),
+        ("strict", [B, A], False),
+        ("strict", [A, B, C], False),
+        ("unordered", [B, A], True),
+        ("unordered", [A], False),
+        ("subset", [A], True),
+        ("subset", [A, C], False),
+        ("superset", [C, A, B], True),
+        ("superset", [A], False),
+    ],
+)
+async def test_trajectory_modes(mode: str, actual: list[Any], ok: bool) -> None:
+    assert await match_trajectory(steps(*actual), expected(mode, A, B)) is ok
+
+
+async def test_arguments_exact_ignore_subset_and_custom() -> None:
+    actual = steps(("lookup", {"id": "a1", "verbose": True}))
+    reference = ("lookup", {"id": "A1"})
+    assert not await match_trajectory(actual, expected("strict", reference))
+    assert await match_trajectory(actual, expected("strict", reference, args="ignore"))
+    assert not await match_trajectory(actual, expected("strict", reference, args="superset"))
+
+    def same_id(got: dict[str, Any], want: dict[str, Any]) -> bool:
+        return str(got["id"]).upper() == want["id"]
+
+    custom = expected("strict", reference, overrides={"lookup": same_id})
+    assert await match_trajectory(actual, custom)
+
+
+async def test_parallel_calls_match_the_same_calls_made_one_by_one() -> None:
+    run = CaseRun(case=case(expect={"trajectory": ["lookup", "refund"]}))
+    parallel = AIMessage(content="", tool_calls=[ToolCall(name=n, args=a, id=n) for n, a in (A, B)])
+    results = [ToolMessage("ok", tool_call_id=n, name=n) for n, _ in (A, B)]
+    from keel.evals.runner import trajectory_of
+
+    run.trajectory = trajectory_of([HumanMessage("hi"), parallel, *results])
+    assert [t.status for t in run.trajectory] == ["success", "success"]
+    scores = await evaluate(run, default_evaluators())
+    assert [s.name for s in scores] == ["trajectory"]
+    assert scores[0].passed is False  # the expected calls have no args, and args are exact
+    run.case = case(expect={"trajectory": {"args": "ignore", "calls": ["lookup", "refund"]}})
+    assert (await evaluate(run, default_evaluators()))[0].passed
+
+
+def test_outcome_match_compares_only_what_the_case_expects() -> None:
+    run = CaseRun(case=case(expect={"status": "stopped"}))
+    run.outcome = {"status": "stopped", "terminated_reason": "denied", "detail": ""}
+    assert outcome_match(run) == outcome_match(run) and outcome_match(run).passed  # type: ignore[union-attr]
+    run.case = case(expect={"status": "stopped", "terminated_reason": "rejected"})
+    score = outcome_match(run)
+    assert score is not None and not score.passed and "denied" in score.detail
+    assert outcome_match(CaseRun(case=case())) is None
+
+
+def test_tool_success_is_the_share_of_calls_that_succeeded() -> None:
+    run = CaseRun(case=case(expect={"tools_succeed": True}))
+    run.trajectory = [ToolStep("a", {}, "success"), ToolStep("b", {}, "error")]
+    score = tool_success(run)
+    assert score is not None and not score.passed and score.value == 0.5
+    assert score.detail == "b: error"
+
+
+def test_budgets_name_each_limit_crossed() -> None:
+    run = CaseRun(case=case(budgets={"input_tokens": 100, "usd": 0.01, "steps": 3}))
+    run.usage = {"input_tokens": 150, "output_tokens": 10, "usd": 0.001}
+    run.steps = 4
+    score = within_budgets(run)
+    assert score is not None and not score.passed
+    assert score.detail == "input_tokens 150 > 100; steps 4 > 3"
+
+
+def test_unauthorized_executions_count_what_really_ran() -> None:
+    run = CaseRun(case=case(expect={"forbidden_tools": ["delete_order"]}))
+    with recording() as executions:
+        record_execution("lookup_order", {"order_id": "A1"})
+        record_execution("delete_order", {"order_id": "A1"})
+    record_execution("delete_order")  # outside a recording: ignored
+    assert executions == [
+        Execution("lookup_order", {"order_id": "A1"}),
+        Execution("delete_order", {"order_id": "A1"}),
+    ]
+    run.executions = executions
+    score = unauthorized_executions(run)
+    assert score is not None and score.value == 1.0 and not score.passed
+
+
+def test_pii_leaks_count_pii_in_answers_and_partial_answers() -> None:
+    run = CaseRun(case=case(expect={"no_pii": True}))
+    run.messages = [
+        HumanMessage("my email is me@example.com"),
+        AIMessage("card 4111 1111 1111 1111"),
+    ]
+    run.outcome = {"detail": "mail ada@example.com"}
+    score = pii_leaks(run)
+    assert score is not None and score.value == 2.0 and score.detail == "card, email"
+
+
+def test_ended_validly_needs_an_outcome_and_a_provider_valid_history() -> None:
+    run = CaseRun(case=case(expect={"valid_history": True}))
+    run.outcome = {"status": "error", "terminated_reason": "error", "detail": "x"}
+    call = AIMessage(content="", tool_calls=[ToolCall(name="a", args={}, id="1")])
+    run.messages = [
+        HumanMessage("hi"),
+        call,
+        ToolMessage("ok", tool_call_id="1"),
+        AIMessage("done"),
+    ]
+    assert ended_validly(run).passed  # type: ignore[union-attr]
+    run.messages = [HumanMessage("hi"), call, AIMessage("done")]  # the call has no result
+    score = ended_validly(run)
+    assert score is not None and "not valid for every provider" in score.detail
+    run.messages, run.raised = [], "RuntimeError: boom"
+    assert "raised RuntimeError: boom" in ended_validly(run).detail  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+async def test_the_rubric_judge_works_with_any_chat_model(verdict: bool) -> None:
+    reasoning = f"It does. Thus, the score should be: {str(verdict).lower()}."
+    judge = ScriptedChatModel(structured={"score": {"reasoning": reasoning, "score": verdict}})
+    run = CaseRun(case=case(rubric="The answer states the refund amount."))
+    run.messages = [AIMessage("Refunded $42.50.")]
+    score = await RubricJudge(judge)(run)
+    assert score is not None and score.passed is verdict and score.detail == reasoning
+    prompt = " ".join(str(m.content) for m in judge.calls[0])
+    assert "The answer states the refund amount." in prompt and "Refunded $42.50." in prompt
+    assert await RubricJudge(judge)(CaseRun(case=case())) is None
+
+
+async def test_a_rubric_without_a_judge_fails_instead_of_passing_unjudged() -> None:
+    run = CaseRun(case=case(rubric="Polite."))
+    scores = await evaluate(run, default_evaluators(judge=None))
+    assert [(s.name, s.passed) for s in scores] == [("rubric", False)]
+    assert "--judge" in scores[0].detail
+
+
+async def test_evaluate_accepts_sync_and_async_evaluators_and_skips_none() -> None:
+    from keel.evals.results import Score
+
+    async def later(run: CaseRun) -> Score:
+        return Score("later", True)
+
+    scores = await evaluate(
+        CaseRun(case=case()), [lambda run: None, later, lambda r: Score("now", False)]
+    )
+    assert [s.name for s in scores] == ["later", "now"]

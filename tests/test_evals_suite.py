@@ -1,0 +1,133 @@
+"""Suites as files: loading, the model specs, and errors that name the file and the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+
+from keel.errors import UserError
+from keel.evals import ChaosChatModel, ScriptedChatModel
+from keel.evals.suite import Suite, load_suite
+
+SUITE = """
+name: refunds
+graph: keel.evals.builtin:demo_agent
+model: keel:demo
+cases:
+  - id: approved
+    input: Order A1001 arrived damaged.
+    identity: {user: alice, tenant: acme, roles: [support, billing]}
+    expect:
+      status: success
+      terminated_reason: completed
+      trajectory:
+        mode: unordered
+        args: ignore
+        overrides: {issue_refund: exact}
+        calls: [lookup_order, {name: issue_refund, args: {order_id: A1001}}]
+    rubric: Says sorry.
+    budgets: {usd: 0.1, steps: 30}
+  - id: scripted
+    messages:
+      - {role: system, content: be brief}
+      - {role: user, content: hi}
+    approvals: reject
+    model:
+      script:
+        - {call: lookup_order, args: {order_id: A1}}
+        - {calls: [{name: a, args: {x: 1}}, {name: b}]}
+        - done
+      chaos: {rate_limit: 0.5, seed: 3}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_suite_file_loads_every_field(tmp_path: Path) -> None:
+    suite = load_suite(write(tmp_path, SUITE))
+    assert suite.name == "refunds" and suite.graph == "keel.evals.builtin:demo_agent"
+    approved, scripted = suite.cases
+    assert approved.messages == (("user", "Order A1001 arrived damaged."),)
+    assert approved.identity.user_id == "alice" and approved.identity.roles == (
+        "support",
+        "billing",
+    )
+    assert approved.expect.status == "success"
+    trajectory = approved.expect.trajectory
+    assert trajectory is not None and trajectory.mode == "unordered" and trajectory.args == "ignore"
+    assert [c["name"] for c in trajectory.calls] == ["lookup_order", "issue_refund"]
+    assert trajectory.overrides == {"issue_refund": "exact"}
+    assert approved.budgets.limits() == {"usd": 0.1, "steps": 30.0}
+    assert scripted.approvals == "reject" and scripted.messages[0] == ("system", "be brief")
+    assert suite.model is not None and suite.model.name == "keel:demo"
+
+
+def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_path: Path) -> None:
+    spec = load_suite(write(tmp_path, SUITE)).cases[1].model
+    assert spec is not None and spec.label == "chaos(script(3 turns))"
+    first, second = spec.build(), spec.build()
+    assert isinstance(first, ChaosChatModel) and first is not second
+    inner = first.model
+    assert isinstance(inner, ScriptedChatModel)
+    parallel = inner.script[1]
+    assert isinstance(parallel, AIMessage)
+    assert [(c["name"], c["args"]) for c in parallel.tool_calls] == [("a", {"x": 1}), ("b", {})]
+    turn = ScriptedChatModel(script=inner.script).invoke([HumanMessage("hi")])
+    assert turn.tool_calls[0]["name"] == "lookup_order"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cases: []", "`cases` must be a non-empty list"),
+        ("cases: [{input: hi}]", "every case needs an `id`"),
+        ("cases: [{id: a}]", "give either `input`"),
+        (
+            "cases: [{id: a, input: x}, {id: a, input: y}]",
+            "case ids must be unique; repeated: ['a']",
+        ),
+        ("cases: [{id: a, input: x, approvals: maybe}]", "approvals must be 'approve' or 'reject'"),
+        ("cases: [{id: a, input: x, expec: {}}]", "unknown field(s) ['expec']"),
+        ("cases: [{id: a, input: x, identity: {roles: admin}}]", "identity.roles must be a list"),
+        ("cases: [{id: a, input: x, identity: {user: ''}}]", "RunContext.user_id must be"),
+        ("cases: [{id: a, input: x, budgets: {usd: -1}}]", "usd must be a number >= 0"),
+        ("cases: [{id: a, input: x, budgets: {dollars: 1}}]", "unknown field(s) ['dollars']"),
+        (
+            "cases: [{id: a, input: x, expect: {trajectory: {mode: fuzzy}}}]",
+            "mode must be one of ['strict', 'unordered', 'subset', 'superset']",
+        ),
+        ("cases: [{id: a, input: x, model: {chaos: {}}}]", "give a model `name` or a `script`"),
+        (
+            "cases: [{id: a, input: x, model: {name: keel:demo, chaos: {timeout: 2}}}]",
+            "ChaosPolicy.timeout must be between 0 and 1",
+        ),
+        ("cases: [{id: a, input: x}]\nbogus: 1", "unknown field(s) ['bogus']"),
+        ("- just a list", "must be a mapping, got list"),
+    ],
+)
+def test_a_malformed_suite_names_the_file_the_case_and_the_fix(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        load_suite(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_and_broken_files_say_so(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="No suite file at"):
+        load_suite(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_suite(write(tmp_path, "cases: [unclosed"))
+
+
+def test_a_suite_can_be_built_in_python() -> None:
+    suite = Suite.from_dict({"cases": [{"id": "a", "input": "hi", "model": "keel:demo"}]})
+    assert suite.name == "suite" and suite.cases[0].model is not None
