@@ -386,7 +386,7 @@ def build_agent(
                 ledger=ledger,
                 grants=grants,
             ),
-            review_records,
+            review_records(registry),
         ),
     )
     graph.add_node("respond", respond())

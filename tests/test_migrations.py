@@ -200,6 +200,7 @@ def test_an_unversioned_database_is_upgraded_in_place_without_losing_rows(db_url
     # and keel's own queries read the old rows
     (audit,) = AuditLog(ledger).query()
     assert (audit.id, audit.args, audit.policy) == ("a1", {"amount": 5}, "support@1")
+    assert audit.tool_version is None  # added by version 5; old records do not know it
     (run,) = RunLog(ledger).query(tenant="acme")
     assert (run.run_key, run.tools, run.usd, run.guard_findings) == (
         "t1:m1",
@@ -210,6 +211,34 @@ def test_an_unversioned_database_is_upgraded_in_place_without_losing_rows(db_url
     call = ledger.run(records_flow("t1", ["c1"]))["c1"]
     assert (call.state, call.result, call.finished_at) == ("completed", {"content": "ok"}, 2.0)
     ledger.close()
+
+
+def test_a_version_4_database_gains_tool_version_and_keeps_its_audit_rows(db_url: str) -> None:
+    backend = "sqlite" if db_url.startswith("sqlite") else "postgres"
+    with raw(db_url) as execute:  # what keel 4 set up (its definitions are never edited)
+        assert drive(execute, migrate_flow(backend, MIGRATIONS[:4])) == 4
+        row = V0_ROWS["keel_audit"]
+        execute(f"INSERT INTO keel_audit VALUES ({', '.join('?' * len(row))})", row)
+    assert "tool_version" not in column_names(db_url, "keel_audit")
+    ledger = Ledger(db_url)
+    ledger.setup()
+    assert schema_version(db_url) == LATEST
+    assert column_names(db_url, "keel_audit")[-1] == "tool_version"
+    (old,) = AuditLog(ledger).query()
+    assert (old.id, old.tool, old.policy, old.tool_version) == ("a1", "charge", "support@1", None)
+    AuditLog(ledger).write([AuditRecord(kind="tool", decision="allow", tool_version="2")])
+    assert [r.tool_version for r in AuditLog(ledger).query()] == [None, "2"]
+    ledger.close()
+
+
+def drive(execute: Any, flow: Any) -> Any:
+    """Run a ledger flow on a plain connection (no `Ledger`, so no setup first)."""
+    try:
+        statement = next(flow)
+        while True:
+            statement = flow.send(execute(*statement))
+    except StopIteration as done:
+        return done.value
 
 
 def test_setup_is_idempotent(db_url: str) -> None:

@@ -43,7 +43,7 @@ def _tools() -> list[Any]:
         """Delete an account."""
         raise AssertionError("a denied call must never run")
 
-    @tool(name="issue_refund")
+    @tool(name="issue_refund", version="2")
     def issue_refund(order_id: str, amount: float) -> str:
         """Refund an order."""
         return f"Refunded ${amount:.2f} on {order_id}."
@@ -117,6 +117,8 @@ def test_a_run_writes_its_audit_trail_and_run_record(db_url: str, use_async: boo
     assert refund.result == "Refunded $10.00 on A1."
     for r in records:
         assert (r.user_id, r.tenant_id, r.thread_id, r.policy) == ("u1", "acme", "t-1", "support@3")
+    # the tool's version is in every record of its calls and approvals
+    assert [r.tool_version for r in records] == ["1", "1", "2", "2"]
 
     first, second = RunLog(ledger).query()
     assert (first.status, first.terminated_reason, first.interrupts) == ("success", "completed", 1)
@@ -274,6 +276,7 @@ def test_every_kind_of_human_decision_is_audited(
     assert done["outcome"]["terminated_reason"] == reason
     (human,) = [r for r in AuditLog(ledger).query() if r.kind == "approval"]
     assert (human.tool, human.decision, human.args) == ("issue_refund", decision, args)
+    assert human.tool_version == "2"
     assert human.approver == answer.get("reviewer")
     if decision == "responded":
         assert human.result == "A human answered instead of running issue_refund: mail [EMAIL]"

@@ -120,9 +120,10 @@ def test_keel_audit_lists_records_as_text_and_json(tmp_path: Path, capsys: Any) 
     assert main(["audit", "--db", url, "--user", "u1", "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(r["tool"], r["status"]) for r in lines] == [("lookup", "success"), ("lookup", "error")]
+    assert [r["tool_version"] for r in lines] == ["1", "1"]
     assert main(["audit", "--db", url, "--since", "1h"]) == 0
     out = capsys.readouterr().out
-    assert "budget   exceeded" in out and "user=u2" in out
+    assert "budget   exceeded" in out and "user=u2" in out and " version=1 " in out
     assert main(["audit", "--db", url, "--since", "2999-01-01"]) == 0
     assert capsys.readouterr().out == "keel: no audit records match.\n"
 

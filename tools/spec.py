@@ -29,8 +29,9 @@ class ToolSpec:
     """
 
     version: str = "1"
-    """The tool's version; it is part of every approval digest (a new version asks again) and
-    of the idempotency ledger's call digest, and is in the tool's LangChain metadata."""
+    """The tool's version; it is part of every audit record of the tool's calls and approvals
+    (`AuditRecord.tool_version`), of every approval digest (a new version asks again), of the
+    idempotency ledger's call digest, and of the tool's LangChain metadata."""
 
     risk: Risk = "read"
     """`read` only looks, `write` changes something reversible, `destructive` cannot be undone."""

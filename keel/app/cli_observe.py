@@ -97,7 +97,9 @@ def _audit(args: argparse.Namespace) -> int:
         when = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         decision = f"{r.decision}:{r.status}" if r.status else r.decision
         extra = "".join(
-            f" {k}={v}" for k, v in (("rule", r.rule), ("by", r.approver)) if v is not None
+            f" {k}={v}"
+            for k, v in (("version", r.tool_version), ("rule", r.rule), ("by", r.approver))
+            if v is not None
         )
         print(
             f"{when} {r.kind:<8} {decision:<18} {r.tool or '-':<20} user={r.user_id or '-'} "

@@ -1,9 +1,9 @@
 """The audit log: an append-only table of what keel decided and did, in the ledger database.
 
 Every tool execution, approval, rejection, denial, budget event and circuit-breaker transition
-becomes one `AuditRecord`: who (user, tenant), the tool, its arguments (PII redacted by
-`keel.guards.sanitize` before they are stored), the matched rule, the decision, the approver,
-a result summary, when, the thread and run, and the policy (`name@version`).
+becomes one `AuditRecord`: who (user, tenant), the tool and its version, its arguments (PII
+redacted by `keel.guards.sanitize` before they are stored), the matched rule, the decision, the
+approver, a result summary, when, the thread and run, and the policy (`name@version`).
 
 keel only ever inserts rows (`keel_audit`); nothing in keel updates or deletes them. Read them
 with `AuditLog.query` or the `keel audit` command.
@@ -74,6 +74,9 @@ class AuditRecord:
     """The model's id for the tool call."""
     policy: str | None = None
     """The policy the decision was made under, `name@version`."""
+    tool_version: str | None = None
+    """The tool's `ToolSpec.version`, on tool and approval records (`None` on others, and on
+    records written before schema version 5)."""
     at: float = field(default_factory=time.time)
     """Unix time of the event."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

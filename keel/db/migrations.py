@@ -51,6 +51,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("run records indexed by tenant and by user, for keel report"),
     Migration("run records count the content guards' findings (guard_findings)"),
     Migration("feedback on runs (keel_feedback), for keel.evals"),
+    Migration("audit records carry the version of the tool they are about (tool_version)"),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

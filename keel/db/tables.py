@@ -210,6 +210,7 @@ AUDIT = Table(  # keel.db.audit: the audit log, append-only from keel's side
         Column("run_id", "TEXT"),
         Column("tool_call_id", "TEXT"),
         Column("policy", "TEXT"),
+        Column("tool_version", "TEXT", since=5),
     ),
     primary_key=(),
     indexes=(

@@ -252,6 +252,7 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
                     rule=verdict.rule if verdict is not None else None,
                     result=m.text,
                     tool_call_id=m.tool_call_id,
+                    tool_version=entry.spec.version if entry is not None else None,
                     **who.fields(),
                 )
             )
@@ -264,51 +265,61 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
     return derive
 
 
-def review_records(
-    state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
-) -> list[AuditRecord]:
-    """Audit records for `human_review`: one per human decision."""
-    _, calls = pending_tool_calls(state.get("messages") or [])
-    args = {c.get("id") or "": c.get("args") for c in calls}
-    edited = set()
-    for m in update.get("messages") or []:
-        if isinstance(m, AIMessage):  # an edit: the calls with their new arguments
-            for c in m.tool_calls:
-                call_id = c.get("id") or ""
-                if c.get("args") != args.get(call_id):
-                    edited.add(call_id)
-                    args[call_id] = c.get("args")
-    out = []
-    for approval in (update.get("approvals") or {}).values():
-        call_id = approval["tool_call_id"]
-        kind = "edited" if call_id in edited else approval["decision"]
-        out.append(_review(kind, approval["tool"], call_id, args, approval.get("reviewer"), who))
-    for m in update.get("messages") or []:
-        if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
-            out.append(_review("responded", m.name, m.tool_call_id, args, None, who, m.text))
-    return out
+def review_records(tools: ToolRegistry) -> Derive:
+    """Audit records for `human_review`: one per human decision, with the tool's version."""
+
+    def derive(
+        state: AgentState, update: Mapping[str, Any], context: RunContext, who: Who
+    ) -> list[AuditRecord]:
+        _, calls = pending_tool_calls(state.get("messages") or [])
+        args = {c.get("id") or "": c.get("args") for c in calls}
+        edited = set()
+        for m in update.get("messages") or []:
+            if isinstance(m, AIMessage):  # an edit: the calls with their new arguments
+                for c in m.tool_calls:
+                    call_id = c.get("id") or ""
+                    if c.get("args") != args.get(call_id):
+                        edited.add(call_id)
+                        args[call_id] = c.get("args")
+        out = []
+        for approval in (update.get("approvals") or {}).values():
+            call_id = approval["tool_call_id"]
+            kind = "edited" if call_id in edited else approval["decision"]
+            review = _Review(approval["tool"], call_id, args, who, tools)
+            out.append(review.record(kind, approval.get("reviewer")))
+        for m in update.get("messages") or []:
+            if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
+                review = _Review(m.name, m.tool_call_id, args, who, tools)
+                out.append(review.record("responded", None, m.text))
+        return out
+
+    return derive
 
 
-def _review(
-    kind: str,
-    tool: str | None,
-    call_id: str,
-    args: Mapping[str, Any],
-    approver: str | None,
-    who: Who,
-    result: str = "",
-) -> AuditRecord:
-    _decision("human_review", kind, result, tool=tool, approver=approver)
-    return AuditRecord(
-        kind="approval",
-        decision=kind,
-        tool=tool,
-        args=args.get(call_id),
-        approver=approver,
-        result=result,
-        tool_call_id=call_id,
-        **who.fields(),
-    )
+@dataclass(frozen=True, slots=True)
+class _Review:
+    """The call a human decided on: its tool, id and arguments, and who the run acted for."""
+
+    tool: str | None
+    call_id: str
+    args: Mapping[str, Any]
+    who: Who
+    tools: ToolRegistry
+
+    def record(self, kind: str, approver: str | None, result: str = "") -> AuditRecord:
+        _decision("human_review", kind, result, tool=self.tool, approver=approver)
+        entry = self.tools.get(self.tool) if self.tool is not None else None
+        return AuditRecord(
+            kind="approval",
+            decision=kind,
+            tool=self.tool,
+            args=self.args.get(self.call_id),
+            approver=approver,
+            result=result,
+            tool_call_id=self.call_id,
+            tool_version=entry.spec.version if entry is not None else None,
+            **self.who.fields(),
+        )
 
 
 def content_records(
