@@ -27,7 +27,6 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
-from keel._node import durable
 from keel.approvals import Grants
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
@@ -280,6 +279,9 @@ def build_agent(
         PermissionMatrix.from_policy(policy).check_tools(
             registry.names, policy=f"Policy {policy.identity!r}"
         )
+    # A policy or a gate of the caller's gets its own `tool_gate` node (a step per tool turn);
+    # with neither, the only check is `ToolSpec.requires_approval`, which call_model routes.
+    gated = policy is not None or gate is not None
     if gate is None:
         gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
     # every model call (agent, planner, judge) is reserved, limited, counted and falls back
@@ -324,7 +326,7 @@ def build_agent(
                 system_prompt=system_prompt,
                 prices=prices,
                 before_model=before_model,
-                gate=None,  # tool_gate decides
+                gate=None if gated else gate,  # with a tool_gate node, it decides
                 retry=model_retry,
                 budget=guards.budget,
                 loop=loop if loop is not None and loop.on_loop == "wrap_up" else None,
@@ -342,21 +344,22 @@ def build_agent(
             budget_records,
         ),
     )
-    graph.add_node(
-        "tool_gate",
-        observed(
-            tool_gate(
-                registry,
-                gate=gate,
-                budget=guards.budget,
-                loop=loop,
-                policy_version=policy_version,
-                policy_name=policy_name,
-                grants=grants,
+    if gated:
+        graph.add_node(
+            "tool_gate",
+            observed(
+                tool_gate(
+                    registry,
+                    gate=gate,
+                    budget=guards.budget,
+                    loop=loop,
+                    policy_version=policy_version,
+                    policy_name=policy_name,
+                    grants=grants,
+                ),
+                tool_records(registry, gate),
             ),
-            tool_records(registry, gate),
-        ),
-    )
+        )
     graph.add_node(
         "execute_tools",
         observed(
@@ -413,7 +416,7 @@ def build_agent(
         graph.add_conditional_edges(
             "output_guard", recorded(lambda s: END, observer, "output_guard", end=end), [end]
         )
-    after_model = ["tool_gate", "human_review", "respond", finish]
+    after_model = ["tool_gate" if gated else "execute_tools", "human_review", "respond", finish]
     after_tools = ["call_model", "respond", "human_review"]
     if plan:
         graph.add_node("plan", plan_node(model, fallbacks=fallback_models, guards=guards))
@@ -444,7 +447,7 @@ def build_agent(
     graph.add_conditional_edges(
         "call_model",
         _to(
-            lambda s: route_after_model(s, verify=verify, gated=True),
+            lambda s: route_after_model(s, verify=verify, gated=gated),
             observer,
             "call_model",
             finish,
@@ -452,11 +455,12 @@ def build_agent(
         ),
         after_model,
     )
-    graph.add_conditional_edges(
-        "tool_gate",
-        recorded(route_after_gate, observer, "tool_gate"),
-        ["execute_tools", "human_review", "respond", "call_model"],
-    )
+    if gated:
+        graph.add_conditional_edges(
+            "tool_gate",
+            recorded(route_after_gate, observer, "tool_gate"),
+            ["execute_tools", "human_review", "respond", "call_model"],
+        )
     graph.add_conditional_edges(
         "execute_tools",
         recorded(
@@ -473,7 +477,7 @@ def build_agent(
         "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    agent: Agent = guarded(durable(compiled, checkpointer), AuditLog(ledger) if ledger else None)
+    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

@@ -37,7 +37,7 @@ from langgraph.types import RetryPolicy
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import context_of, durable, make_node
+from keel._node import context_of, make_node
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.agent import Agent
@@ -152,7 +152,7 @@ def build_supervisor(
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    return guarded(durable(compiled, checkpointer))
+    return guarded(compiled)
 
 
 def route_after_router(state: SupervisorState) -> str:

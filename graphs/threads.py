@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
-from keel._node import inside_task
+from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
 from keel.errors import UserError
 from keel.graphs._protected import ProtectedGraph
@@ -118,6 +119,24 @@ def _records(closing: list[Any], config: RunnableConfig | None, context: Any) ->
     ]
 
 
+def _latest(config: RunnableConfig | None) -> RunnableConfig:
+    """The address of the thread's latest checkpoint (what `get_state` reads)."""
+    thread = ((config or {}).get("configurable") or {})["thread_id"]
+    return {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+
+
+def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
+    """What `refusal` needs of a thread that does not wait for a human, read cheaply.
+
+    A thread with a pending interrupt (or none saved) gets `None`: read the whole state then, as
+    `refusal` and `_closed` need its interrupts and messages. Building LangGraph's snapshot on
+    every run start would cost each run a full deserialization of the thread.
+    """
+    if saved is None or interrupt_pending(saved):
+        return None
+    return StateSnapshot({}, (), saved.config, saved.metadata, None, saved.parent_config, (), ())
+
+
 class ThreadGuardedGraph(ProtectedGraph):
     """A compiled graph that refuses input which would lose work or start a run from nothing.
 
@@ -137,6 +156,11 @@ class ThreadGuardedGraph(ProtectedGraph):
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
             return None
+        saver = self.checkpointer
+        if isinstance(saver, BaseCheckpointSaver):
+            light = _light(saver.get_tuple(_latest(config)))
+            if light is not None:
+                return light
         try:
             return self.get_state(config or {})
         except ValueError:  # no checkpointer
@@ -145,6 +169,11 @@ class ThreadGuardedGraph(ProtectedGraph):
     async def _astate(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
             return None
+        saver = self.checkpointer
+        if isinstance(saver, BaseCheckpointSaver):
+            light = _light(await saver.aget_tuple(_latest(config)))
+            if light is not None:
+                return light
         try:
             return await self.aget_state(config or {})
         except ValueError:

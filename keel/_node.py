@@ -18,11 +18,12 @@ from langgraph._internal._constants import (
     CONFIG_KEY_DURABILITY,
     CONFIG_KEY_SCRATCHPAD,
     CONFIG_KEY_TASK_ID,
+    INTERRUPT,
     NS_SEP,
 )
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.runtime import Runtime
 
 from keel.errors import UserError
@@ -34,8 +35,8 @@ __all__ = [
     "RunnableCallable",
     "context_of",
     "default_retry_on",
-    "durable",
     "inside_task",
+    "interrupt_pending",
     "make_node",
     "peek_resume",
     "unsaved_checkpoint",
@@ -122,26 +123,6 @@ def peek_resume(config: RunnableConfig) -> Any:
 G = TypeVar("G", bound=Runnable[Any, Any])
 
 
-def durable(graph: G, checkpointer: object) -> G:
-    """`graph` with LangGraph's `durability="sync"` as its default, when it has a checkpointer.
-
-    LangGraph's default, `"async"`, saves each step's checkpoint while the next step already
-    runs: a side-effecting tool could run (and the process die) before the checkpoint holding
-    the model message that asked for it is saved. After a restart the model is asked again and
-    names the call with a new id the idempotency ledger has never seen, so the effect would
-    happen twice. `"sync"` saves each checkpoint before the next step starts. A run may still
-    pass `durability=` to `invoke`/`stream` (LangGraph server always does);
-    `keel.nodes.execute_tools` then waits for the checkpoint itself before a side effect.
-
-    Without a checkpointer of its own the graph keeps LangGraph's default: LangGraph 1.2 fails
-    a `"sync"` run that has no checkpointer (`'SyncPregelLoop' object has no attribute
-    '_put_checkpoint_fut'`), and as a subgraph it inherits its parent's durability.
-    """
-    if not isinstance(checkpointer, BaseCheckpointSaver):
-        return graph
-    return graph.with_config(configurable={CONFIG_KEY_DURABILITY: "sync"})  # type: ignore[return-value]
-
-
 def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | None:
     """The saver and address of the checkpoint a task runs from, if it may not be saved yet.
 
@@ -165,3 +146,11 @@ def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | N
 def inside_task(config: RunnableConfig | None) -> bool:
     """Whether a graph runs as a node of another graph (a subgraph), not as the caller's run."""
     return CONFIG_KEY_TASK_ID in ((config or {}).get("configurable") or {})
+
+
+def interrupt_pending(saved: CheckpointTuple | None) -> bool:
+    """Whether a saved checkpoint has a pending `interrupt()` (a node waits for a human).
+
+    Read from the checkpoint's pending writes, without building LangGraph's whole state snapshot.
+    """
+    return saved is not None and any(w[1] == INTERRUPT for w in saved.pending_writes or ())

@@ -62,7 +62,7 @@ def _request_saved(saver: Any, thread: str) -> bool:
 
 
 def test_a_side_effect_runs_only_after_its_request_is_saved(tmp_path: Path) -> None:
-    """keel's graphs save each checkpoint before the next step (LangGraph's default does not)."""
+    """Under LangGraph's default durability, the side effect still waits for its request."""
     seen: list[bool] = []
     with SqliteSaver.from_conn_string(str(tmp_path / "ckpt.db")) as base:
         saver = SlowSaver(base.conn)
@@ -321,8 +321,8 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive_after_its_timeout(
 
 
 def test_langgraph_fails_a_sync_run_without_a_checkpointer() -> None:
-    """Pins LangGraph 1.2: why keel sets `durability="sync"` only on graphs with a checkpointer
-    (`keel._node.durable`). When this starts passing, the restriction can go."""
+    """Pins LangGraph 1.2: a `durability="sync"` run with no checkpointer crashes, one reason
+    keel keeps LangGraph's default and waits for a side effect's request itself."""
     builder = StateGraph(MessagesState)
     builder.add_node("answer", lambda state: {"messages": []})
     builder.add_edge(START, "answer")

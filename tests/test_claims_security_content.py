@@ -38,6 +38,7 @@ from keel.guards import (
     PermissionMatrix,
     Policy,
     Rule,
+    approval_gate,
     sanitize,
     screen_answer,
     screen_tool_result,
@@ -508,9 +509,12 @@ def test_the_guards_are_nodes_of_the_agent_graph() -> None:
         assert line in mermaid
 
 
-def test_without_a_policy_there_are_no_content_guard_nodes() -> None:
+def test_without_a_policy_there_are_no_guard_nodes() -> None:
+    # nothing to guard but ToolSpec.requires_approval, which call_model routes: no extra step
     nodes = set(build_agent(ScriptedChatModel(script=["hi"])).get_graph().nodes)
-    assert "tool_gate" in nodes and not {"input_guard", "output_guard"} & nodes
+    assert not {"input_guard", "tool_gate", "output_guard"} & nodes
+    gated = build_agent(ScriptedChatModel(script=["hi"]), gate=approval_gate)
+    assert "tool_gate" in set(gated.get_graph().nodes)  # a gate of the caller's gets the node
 
 
 def test_the_guard_nodes_work_in_a_hand_built_graph() -> None:
