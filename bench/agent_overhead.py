@@ -242,6 +242,13 @@ def measure(cases: list[Case], rounds: int, min_seconds: float) -> dict[str, lis
     return per_round
 
 
+def warn_if_tracing() -> None:
+    """Say so when LangSmith tracing is switched on (`true`/`1`/`yes`): timings include it."""
+    switches = ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2")
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in switches):
+        print("warning: LangSmith tracing is on; timings include it", file=sys.stderr)
+
+
 def paired_ratios(per_round: dict[str, list[float]], a: str, b: str) -> list[float]:
     """Case a's time over case b's, round by round."""
     return [x / y for x, y in zip(per_round[a], per_round[b], strict=True)]
@@ -259,8 +266,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 0.1 s")
     args = parser.parse_args()
     rounds, min_seconds = (1, 0.1) if args.quick else (args.rounds, args.min_seconds)
-    if os.environ.get("LANGSMITH_TRACING") or os.environ.get("LANGCHAIN_TRACING_V2"):
-        print("warning: LangSmith tracing is on; timings include it", file=sys.stderr)
+    warn_if_tracing()
 
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         directory = Path(tmp)

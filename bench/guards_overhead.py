@@ -92,7 +92,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
-from agent_overhead import measure, paired_ratios  # the same interleaved rounds, run by path
+from agent_overhead import (  # the same interleaved rounds, run by path
+    measure,
+    paired_ratios,
+    warn_if_tracing,
+)
 from langchain.agents import create_agent
 from langchain.agents.middleware import (
     HumanInTheLoopMiddleware,
@@ -464,11 +468,7 @@ def main() -> None:
     parser.add_argument("--sqlite-only", action="store_true", help="skip PostgreSQL")
     args = parser.parse_args()
     rounds, min_seconds = (1, 0.1) if args.quick else (args.rounds, args.min_seconds)
-    tracing = (
-        os.environ.get(v, "").strip().lower() for v in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2")
-    )
-    if any(value in ("1", "true", "yes") for value in tracing):
-        print("warning: LangSmith tracing is on; timings include it", file=sys.stderr)
+    warn_if_tracing()
     base = os.environ.get("KEEL_BENCH_POSTGRES_URL") or os.environ.get(
         "KEEL_TEST_POSTGRES_URL", DEFAULT_URL
     )
