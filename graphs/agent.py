@@ -264,30 +264,21 @@ def build_agent(
             "limit: pass a chat model or 'provider:name' string, and a policy with a budget "
             "(Policy(budget=Budget(usd=..., soft_ratio=0.8)))."
         )
-    if policy is not None and not isinstance(policy, Policy):
-        raise UserError(
-            f"build_agent(policy=...) must be a keel.guards.Policy (e.g. Policy.from_file("
-            f"'policy.toml')), got {type(policy).__name__}."
-        )
-    if ledger is not None and not isinstance(ledger, Ledger):
-        raise UserError(
-            f"build_agent(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
-            f"{type(ledger).__name__}."
-        )
+    # every model call (agent, planner, judge) is reserved, limited, counted and falls back;
+    # building the guards also checks the types of `policy` and `ledger`
+    guards = ModelCallGuards.from_policy(
+        policy, ledger, prices=prices, retry=model_retry, timeout=model_timeout
+    )
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    matrix: PermissionMatrix | None = None
     if policy is not None:
-        PermissionMatrix.from_policy(policy).check_tools(
-            registry.names, policy=f"Policy {policy.identity!r}"
-        )
+        matrix = PermissionMatrix.from_policy(policy)
+        matrix.check_tools(registry.names, policy=f"Policy {policy.identity!r}")
     # A policy or a gate of the caller's gets its own `tool_gate` node (a step per tool turn);
     # with neither, the only check is `ToolSpec.requires_approval`, which call_model routes.
     gated = policy is not None or gate is not None
     if gate is None:
-        gate = PermissionMatrix.from_policy(policy) if policy is not None else approval_gate
-    # every model call (agent, planner, judge) is reserved, limited, counted and falls back
-    guards = ModelCallGuards.from_policy(
-        policy, ledger, prices=prices, retry=model_retry, timeout=model_timeout
-    )
+        gate = matrix if matrix is not None else approval_gate
     tool_guard = (
         ToolGuard.from_policy(policy, ledger)
         if policy is not None and isinstance(ledger, Ledger)
