@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 
@@ -43,7 +43,7 @@ _RAN = ("success", "error", "timeout")
 """keel statuses of a tool call whose body ran (others were refused before running)."""
 
 
-def is_model_answer(message: BaseMessage) -> bool:
+def is_model_answer(message: BaseMessage) -> TypeGuard[AIMessage]:
     """Whether `message` came from the model (not keel's `respond`, which ends a run early)."""
     return isinstance(message, AIMessage) and not message.response_metadata.get("keel_partial")
 
@@ -88,7 +88,9 @@ class Cassette:
         calls = []
         for answer in answers:
             for tc in answer.tool_calls:
-                recorded = _result(tc, results.get(tc["id"] or ""), (ledger or {}).get(tc["id"]))
+                recorded = _result(
+                    tc, results.get(tc["id"] or ""), (ledger or {}).get(tc["id"] or "")
+                )
                 if recorded is not None:
                     calls.append(recorded)
         names = [str(a.response_metadata.get("model_name") or "") for a in answers]

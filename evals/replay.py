@@ -282,7 +282,9 @@ async def areplay(
             )
     chat_model, compiled, label = _graph(graph, cassette, live=live, model=model)
     seen = {m.id for m in begin}
-    later = [m for m in stored.messages if isinstance(m, HumanMessage) and m.id not in seen]
+    later: list[BaseMessage] = [
+        m for m in stored.messages if isinstance(m, HumanMessage) and m.id not in seen
+    ]
     tools = cassette.tools()
     diff = ReplayDiff(
         thread_id=stored.thread_id,

@@ -173,8 +173,9 @@ async def _ledger_facts(
         calls = await ledger.arun(records_flow(thread_id, [i for i in ids if i]))
     finally:
         await ledger.aclose()
-    user = next((r.user_id for r in [*audit, *runs] if r.user_id), None)
-    tenant = next((r.tenant_id for r in [*audit, *runs] if r.tenant_id), None)
+    people = [(r.user_id, r.tenant_id) for r in audit] + [(r.user_id, r.tenant_id) for r in runs]
+    user = next((u for u, _ in people if u), None)
+    tenant = next((t for _, t in people if t), None)
     identity = RunContext(user_id=user or "replay-user", tenant_id=tenant or "default")
     graph = next((r.graph for r in runs if r.graph), None)
     return identity, graph, calls
