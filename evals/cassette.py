@@ -17,6 +17,7 @@ answered as not run, and listed in `stub.unrecorded`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class Cassette:
     """Every tool call that ran (or was refused), in order, with its result."""
     model_name: str = "cassette"
     """The recorded model's name (prices the replayed answers as the recorded ones)."""
+    plan: tuple[str, ...] = ()
+    """The recorded plan's steps (the answer to a planner's structured `Plan` request)."""
 
     @classmethod
     def from_messages(
@@ -102,12 +105,19 @@ class Cassette:
 
     @classmethod
     def from_thread(cls, thread: StoredThread) -> Cassette:
-        """Record a stored thread (its final history and its ledger's call records)."""
-        return cls.from_messages(thread.messages, thread.calls)
+        """Record a stored thread (its final history, plan and its ledger's call records)."""
+        cassette = cls.from_messages(thread.messages, thread.calls)
+        steps = [
+            s.get("description") for s in thread.values.get("plan") or () if isinstance(s, dict)
+        ]
+        return dataclasses.replace(cassette, plan=tuple(str(s) for s in steps if s))
 
     def model(self) -> CassetteModel:
         """A fresh model that plays the recorded answers (turn k answers with answer k)."""
-        return CassetteModel(script=list(self.answers), model_name=self.model_name)
+        structured = {"Plan": {"steps": list(self.plan)}} if self.plan else {}
+        return CassetteModel(
+            script=list(self.answers), structured=structured, model_name=self.model_name
+        )
 
     def tools(self, *, canned: str | None = None) -> CassetteTools:
         """A fresh tool stub answering calls from the recorded results.
@@ -153,6 +163,8 @@ class CassetteModel(ScriptedChatModel):
         try:  # turn k is the k-th model answer: keel's own partial answers do not count
             return super()._answer([m for m in messages if not _partial(m)], **kwargs)
         except ScriptExhausted as exc:
+            if kwargs.get("tool_choice"):  # a structured-output request the thread never made
+                raise
             self.exhausted = True
             raise ScriptExhausted(
                 f"The cassette ran out: it recorded {len(self.script)} model answers and the "

@@ -55,6 +55,7 @@ async def store_thread(
     approval: str = "approve",
     policy: Policy | None = None,
     shop: DemoShop | None = None,
+    plan: bool = False,
 ) -> dict[str, Any]:
     """Run the demo scenario on a real checkpointer and ledger at `url`; the final state."""
     ledger = Ledger(url)
@@ -65,6 +66,7 @@ async def store_thread(
                 recorded(demo_tools(shop or DemoShop())),
                 system_prompt=SYSTEM_PROMPT,
                 policy=policy or demo_policy(),
+                plan=plan,
                 ledger=ledger,
                 checkpointer=saver,
             )
@@ -182,6 +184,29 @@ async def test_a_cassette_that_runs_out_ends_with_an_outcome_and_says_so(tmp_pat
     assert diff.cassette_exhausted and diff.raised is None, diff.lines()
     assert diff.replayed.outcome.get("status") in ("error", "stopped")
     assert "the cassette ran out of model answers" in "\n".join(diff.lines())
+
+
+def planned_agent(model: BaseChatModel) -> Any:
+    """A version that plans first (a structured `Plan` answer before the first model turn)."""
+    return build_agent(
+        model, recorded(demo_tools(DemoShop())), system_prompt=SYSTEM_PROMPT, plan=True,
+        policy=demo_policy(), checkpointer=InMemorySaver(),
+    )  # fmt: skip
+
+
+async def test_a_planning_version_gets_the_recorded_plan_or_a_clear_outcome(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    await store_thread(url, "t-plan", plan=True)
+    await store_thread(url, "t-noplan")
+    diff = await areplay("t-plan", planned_agent, db=url, identity=ALICE)
+    assert not diff.changed and diff.executions == [], diff.lines()
+    # a thread that never planned has no plan to play back: keel's planner gives up on the
+    # failed structured call and the run goes on unplanned, as recorded
+    diff = await areplay("t-noplan", planned_agent, db=url, identity=ALICE)
+    assert diff.raised is None and not diff.cassette_exhausted and not diff.changed
+    assert diff.executions == []
 
 
 # -- careless callers ------------------------------------------------------------------------
