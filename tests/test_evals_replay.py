@@ -403,3 +403,59 @@ def test_a_cassette_matches_calls_by_name_and_args_not_by_id() -> None:
     # the second recorded call was refused, not run: nothing to play back; stubbed, not run
     second = stub(entry, {"name": "issue_refund", "args": dict(REFUND), "id": "yyy"})
     assert second is not None and second.status == "error" and "Not run" in second.content
+
+
+def test_stubbing_holds_inside_its_block_only_under_invoke_and_ainvoke() -> None:
+    import asyncio
+
+    from keel.evals.shadow import SideEffectStub
+    from keel.tools import stubbing
+
+    def run(agent: Any, thread: str) -> dict[str, Any]:
+        config: Any = {"configurable": {"thread_id": thread}}
+        agent.invoke({"messages": [("user", DEMO_TASK)]}, config, context=ALICE)
+        return dict(agent.invoke(Command(resume={"type": "approve"}), config, context=ALICE))
+
+    shop = DemoShop()
+    agent = build_agent(
+        demo_model(), demo_tools(shop), system_prompt=SYSTEM_PROMPT, policy=demo_policy(),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    stub = SideEffectStub()
+    with stubbing(stub):
+        final = run(agent, "sync")
+    assert shop.refunds == [] and [c.name for c in stub.calls] == ["issue_refund"]
+    assert "was not run; assume it succeeded" in str(final["messages"][-2].content)
+    assert final["messages"][-2].response_metadata["keel_stub"] is True
+
+    async def arun() -> dict[str, Any]:
+        config: Any = {"configurable": {"thread_id": "async"}}
+        with stubbing(stub):
+            await agent.ainvoke({"messages": [("user", DEMO_TASK)]}, config, context=ALICE)
+            answer = Command(resume={"type": "approve"})
+            return dict(await agent.ainvoke(answer, config, context=ALICE))
+
+    asyncio.run(arun())
+    assert shop.refunds == [] and len(stub.calls) == 2
+    run(agent, "outside")  # no stub: the refund really happens
+    assert shop.refunds == [("A1001", 42.5)] and len(stub.calls) == 2
+
+
+def test_a_cassette_takes_a_result_the_history_lacks_from_the_ledger_record() -> None:
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from keel.db.idempotency import CallRecord
+
+    messages = [
+        HumanMessage("hi"),
+        AIMessage("", tool_calls=[{"name": "issue_refund", "args": REFUND, "id": "c1"}]),
+    ]  # the process died after the refund ran, before its ToolMessage was checkpointed
+    record = CallRecord(
+        thread_id="t", tool_call_id="c1", tool="issue_refund", args_digest="d",
+        state="completed", result={"content": "Refunded $42.50.", "keel_status": "success"},
+        attempts=1, started_at=0.0, finished_at=1.0,
+    )  # fmt: skip
+    cassette = Cassette.from_messages(messages, {"c1": record})
+    assert [(c.name, c.content, c.status) for c in cassette.calls] == [
+        ("issue_refund", "Refunded $42.50.", "success")
+    ]
