@@ -11,7 +11,6 @@ left as it was when the result would not load.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from keel.errors import UserError
+from keel.evals._sync import sync
 from keel.evals.cassette import Cassette
 from keel.evals.runner import trajectory_of
 from keel.evals.stored import StoredThread, aload_thread
@@ -185,11 +185,4 @@ def _append(
 
 def capture(thread: str | StoredThread, suite: str | Path, **options: Any) -> dict[str, Any]:
     """Sync entry point of `acapture` (not from a running event loop: await `acapture`)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(acapture(thread, suite, **options))
-    raise UserError(
-        "capture() was called inside a running event loop (Jupyter, async code). "
-        "Use `await acapture(...)` instead."
-    )
+    return sync("capture", lambda: acapture(thread, suite, **options))

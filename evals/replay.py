@@ -14,9 +14,8 @@ tool-call id), outcome (`status`, `terminated_reason`) and cost (tokens, USD).
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
 from keel.errors import UserError
+from keel.evals._sync import sync
 from keel.evals.cassette import Cassette, CassetteModel, RecordedCall, canonical, is_model_answer
 from keel.evals.executions import Execution, recording
 from keel.evals.results import ToolStep
@@ -36,7 +36,7 @@ from keel.pricing import PriceTable
 from keel.state import RunContext
 from keel.tools.stubs import stubbing
 
-__all__ = ["ReplayDiff", "RunView", "areplay", "replay"]
+__all__ = ["ReplayDiff", "RunView", "areplay", "outcomes_differ", "replay", "step_key"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,8 +96,14 @@ def _step(t: ToolStep) -> dict[str, Any]:
     return {"name": t.name, "args": dict(t.args), "status": t.status}
 
 
-def _key(t: ToolStep) -> tuple[str, str, str]:
+def step_key(t: ToolStep) -> tuple[str, str, str]:
+    """A tool call as compared: name, canonical arguments, status (never the call's id)."""
     return t.name, canonical(t.args), t.status
+
+
+def outcomes_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two outcomes differ in `status` or `terminated_reason`."""
+    return any(a.get(k) != b.get(k) for k in ("status", "terminated_reason"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,7 +140,7 @@ class ReplayDiff:
         """The index of the first tool call that differs (name, args or status), or `None`."""
         a, b = self.recorded.trajectory, self.replayed.trajectory
         for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            if _key(x) != _key(y):
+            if step_key(x) != step_key(y):
                 return i
         return None if len(a) == len(b) else min(len(a), len(b))
 
@@ -146,8 +152,7 @@ class ReplayDiff:
     @property
     def outcome_changed(self) -> bool:
         """Whether `status` or `terminated_reason` differ."""
-        keys = ("status", "terminated_reason")
-        return any(self.recorded.outcome.get(k) != self.replayed.outcome.get(k) for k in keys)
+        return outcomes_differ(self.recorded.outcome, self.replayed.outcome)
 
     @property
     def usd_delta(self) -> float:
@@ -314,14 +319,7 @@ def replay(
     thread: str | StoredThread, graph: str | GraphFactory | Any, **options: Any
 ) -> ReplayDiff:
     """Sync entry point of `areplay` (not from a running event loop: await `areplay`)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(areplay(thread, graph, **options))
-    raise UserError(
-        "replay() was called inside a running event loop (Jupyter, async code). "
-        "Use `await areplay(...)` instead."
-    )
+    return sync("replay", lambda: areplay(thread, graph, **options))
 
 
 def _graph(

@@ -15,7 +15,6 @@ recorded (`keel.evals.replay`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +23,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import ToolCall
 
 from keel.errors import UserError
-from keel.evals.cassette import RecordedCall, canonical
-from keel.evals.replay import ReplayDiff, areplay
+from keel.evals._sync import sync
+from keel.evals.cassette import RecordedCall
+from keel.evals.replay import ReplayDiff, areplay, outcomes_differ, step_key
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import GraphFactory, arun_suite
 from keel.evals.suite import Suite
@@ -65,17 +65,13 @@ class ShadowPair:
     @property
     def outcome_changed(self) -> bool:
         """Whether `status` or `terminated_reason` differ."""
-        keys = ("status", "terminated_reason")
-        return any(self.baseline.outcome.get(k) != self.candidate.outcome.get(k) for k in keys)
+        return outcomes_differ(self.baseline.outcome, self.candidate.outcome)
 
     @property
     def trajectory_changed(self) -> bool:
         """Whether the tool calls (names, arguments, statuses, in order) differ."""
-
-        def key(run: CaseRun) -> list[tuple[str, str, str]]:
-            return [(t.name, canonical(t.args), t.status) for t in run.trajectory]
-
-        return key(self.baseline) != key(self.candidate)
+        a, b = self.baseline.trajectory, self.candidate.trajectory
+        return [step_key(t) for t in a] != [step_key(t) for t in b]
 
     @property
     def usd_delta(self) -> float:
@@ -214,14 +210,7 @@ async def ashadow(
 
 def shadow(suite: Suite, graph: str | GraphFactory | None = None, **options: Any) -> ShadowResult:
     """Sync entry point of `ashadow` (not from a running event loop: await `ashadow`)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(ashadow(suite, graph, **options))
-    raise UserError(
-        "shadow() was called inside a running event loop (Jupyter, async code). "
-        "Use `await ashadow(...)` instead."
-    )
+    return sync("shadow", lambda: ashadow(suite, graph, **options))
 
 
 async def ashadow_threads(
