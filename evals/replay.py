@@ -123,7 +123,9 @@ class ReplayDiff:
     graph: str = ""
     """The graph the replay ran on."""
     recorded_graph: str | None = None
-    """The graph that wrote the thread (from its run records), when known."""
+    """The name of the graph that wrote the thread (from its run records), when known."""
+    replayed_graph: str | None = None
+    """The name of the graph the replay ran on."""
     from_cassette: list[RecordedCall] = field(default_factory=list)
     """Tool calls answered from the cassette or canned (their tools did not run)."""
     unrecorded: list[RecordedCall] = field(default_factory=list)
@@ -179,6 +181,15 @@ class ReplayDiff:
     def lines(self) -> list[str]:
         """The diff as short human-readable lines."""
         out = [f"replay of {self.thread_id} from {self.start} ({self.mode}) on {self.graph}"]
+        if (
+            self.recorded_graph
+            and self.replayed_graph
+            and self.recorded_graph != self.replayed_graph
+        ):
+            out.append(
+                f"  note: the thread was written by graph {self.recorded_graph!r}, replayed on "
+                f"{self.replayed_graph!r}"
+            )
         div = self.divergence
         if div is None:
             out.append(f"  trajectory: same ({len(self.recorded.trajectory)} tool calls)")
@@ -213,6 +224,7 @@ class ReplayDiff:
             "mode": self.mode,
             "graph": self.graph,
             "recorded_graph": self.recorded_graph,
+            "replayed_graph": self.replayed_graph,
             "changed": self.changed,
             "divergence": self.divergence,
             "outcome_changed": self.outcome_changed,
@@ -299,6 +311,7 @@ async def areplay(
         replayed=RunView(),
         graph=label,
         recorded_graph=stored.graph,
+        replayed_graph=getattr(compiled, "name", None),
     )
     values: dict[str, Any] = {}
     with recording() as executions, stubbing(tools):

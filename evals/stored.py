@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
@@ -151,7 +152,8 @@ async def aload_thread(thread_id: str, *, db: str | None = None) -> StoredThread
         )
     if not any(isinstance(m, HumanMessage) for m in messages):
         raise UserError(f"Thread {thread_id!r} has no user message to start a replay from.")
-    identity, graph, calls = await _ledger_facts(persistence.url, thread_id, messages)
+    since = _unix(tuples[0].checkpoint.get("ts"))
+    identity, graph, calls = await _ledger_facts(persistence.url, thread_id, messages, since)
     return StoredThread(
         thread_id=thread_id,
         checkpoints=checkpoints,
@@ -162,13 +164,21 @@ async def aload_thread(thread_id: str, *, db: str | None = None) -> StoredThread
     )
 
 
+def _unix(ts: object) -> float | None:
+    try:
+        return datetime.fromisoformat(str(ts)).timestamp() - 1.0
+    except ValueError:
+        return None
+
+
 async def _ledger_facts(
-    url: str, thread_id: str, messages: Sequence[BaseMessage]
+    url: str, thread_id: str, messages: Sequence[BaseMessage], since: float | None
 ) -> tuple[RunContext, str | None, dict[str, CallRecord]]:
     ledger = Ledger(url)
     try:
         audit = await AuditLog(ledger).aquery(thread=thread_id, limit=50)
-        runs = [r for r in await RunLog(ledger).aquery() if r.thread_id == thread_id]
+        # run records ended after the thread began (not the whole table)
+        runs = [r for r in await RunLog(ledger).aquery(since=since) if r.thread_id == thread_id]
         ids = [tc["id"] for m in messages if isinstance(m, AIMessage) for tc in m.tool_calls]
         calls = await ledger.arun(records_flow(thread_id, [i for i in ids if i]))
     finally:

@@ -459,3 +459,24 @@ def test_a_cassette_takes_a_result_the_history_lacks_from_the_ledger_record() ->
     assert [(c.name, c.content, c.status) for c in cassette.calls] == [
         ("issue_refund", "Refunded $42.50.", "success")
     ]
+
+
+async def test_a_thread_of_another_keel_graph_replays_and_says_whose_it_was(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    async with Persistence(url).acheckpointer() as saver:
+        billing = build_agent(
+            ScriptedChatModel(script=[call("open_invoice", number="I-7"), "Invoice I-7 is paid."]),
+            [], ledger=ledger, checkpointer=saver, name="billing_agent",
+        )  # fmt: skip
+        config: Any = {"configurable": {"thread_id": "t-billing"}}
+        await billing.ainvoke({"messages": [("user", "Is I-7 paid?")]}, config, context=ALICE)
+    await ledger.aclose()
+    diff = await areplay("t-billing", DEMO, db=url, identity=ALICE)
+    assert diff.recorded_graph == "billing_agent" and diff.replayed_graph == "keel_agent"
+    assert "written by graph 'billing_agent', replayed on 'keel_agent'" in diff.lines()[1]
+    # neither graph has open_invoice: the call is answered unknown on both, and nothing ran
+    assert [t.status for t in diff.replayed.trajectory] == ["unknown_tool"]
+    assert not diff.trajectory_changed and diff.executions == [] and diff.raised is None
