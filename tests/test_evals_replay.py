@@ -480,3 +480,33 @@ async def test_a_thread_of_another_keel_graph_replays_and_says_whose_it_was(
     # neither graph has open_invoice: the call is answered unknown on both, and nothing ran
     assert [t.status for t in diff.replayed.trajectory] == ["unknown_tool"]
     assert not diff.trajectory_changed and diff.executions == [] and diff.raised is None
+
+
+async def test_a_thread_of_several_user_turns_replays_turn_by_turn(db_url: str) -> None:
+    script = [
+        call("lookup_order", order_id="A1001"),
+        "A1001 was delivered.",
+        call("lookup_order", order_id="A1002"),
+        "A1002 has shipped.",
+    ]
+    ledger = Ledger(db_url)
+    async with Persistence(db_url).acheckpointer() as saver:
+        agent = build_agent(
+            ScriptedChatModel(script=script), recorded(demo_tools()), policy=demo_policy(),
+            ledger=ledger, checkpointer=saver,
+        )  # fmt: skip
+        config: Any = {"configurable": {"thread_id": "t-turns"}}
+        for text in ("Where is A1001?", "And A1002?"):
+            await agent.ainvoke({"messages": [("user", text)]}, config, context=ALICE)
+    await ledger.aclose()
+    stored = await aload_thread("t-turns", db=db_url)
+    assert stored.identity.user_id == "alice" and stored.identity.tenant_id == "acme"
+    diff = await areplay(stored, DEMO, identity=ALICE)
+    assert not diff.changed and diff.executions == [], diff.lines()
+    assert [t.args["order_id"] for t in diff.replayed.trajectory] == ["A1001", "A1002"]
+    assert diff.replayed.answer == "A1002 has shipped."
+    # from a checkpoint inside the second turn: only its call is replayed
+    second = next(c for c in stored.checkpoints if sum(m.type == "human" for m in c.messages) == 2)
+    diff = await areplay(stored, DEMO, start=second.id, identity=ALICE)
+    assert [t.args["order_id"] for t in diff.replayed.trajectory] == ["A1002"]
+    assert not diff.changed, diff.lines()
