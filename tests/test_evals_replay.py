@@ -182,8 +182,14 @@ async def test_a_cassette_that_runs_out_ends_with_an_outcome_and_says_so(tmp_pat
     # the new version has no such budget: it asks the cassette for answers it never recorded
     diff = await areplay("t-short", DEMO, db=url, identity=ALICE)
     assert diff.cassette_exhausted and diff.raised is None, diff.lines()
-    assert diff.replayed.outcome.get("status") in ("error", "stopped")
+    assert (diff.replayed.outcome["status"], diff.replayed.outcome["terminated_reason"]) == (
+        "error",
+        "error",
+    )
+    assert "The cassette ran out: it recorded 2 model answers" in diff.replayed.outcome["detail"]
     assert "the cassette ran out of model answers" in "\n".join(diff.lines())
+    # the read-only call the recorded run never made (its budget stopped it) ran for real
+    assert [e.tool for e in diff.executions] == ["search_policy"]
 
 
 def planned_agent(model: BaseChatModel) -> Any:
