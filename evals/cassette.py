@@ -23,9 +23,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ToolCall,
+    ToolMessage,
+    messages_from_dict,
+    messages_to_dict,
+)
 
-from keel.errors import ScriptExhausted
+from keel.errors import ScriptExhausted, UserError
 from keel.evals.scripted import ScriptedChatModel
 from keel.evals.stored import StoredThread
 from keel.tools.registry import RegisteredTool
@@ -111,6 +118,41 @@ class Cassette:
             s.get("description") for s in thread.values.get("plan") or () if isinstance(s, dict)
         ]
         return dataclasses.replace(cassette, plan=tuple(str(s) for s in steps if s))
+
+    def to_json(self) -> str:
+        """The cassette as JSON (LangChain's message dicts), to keep beside a test."""
+        return json.dumps(
+            {
+                "answers": messages_to_dict(list(self.answers)),
+                "calls": [dataclasses.asdict(c) for c in self.calls],
+                "model_name": self.model_name,
+                "plan": list(self.plan),
+            },
+            indent=2,
+            default=str,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Cassette:
+        """A cassette saved with `to_json`.
+
+        Raises:
+            UserError: the text is not a saved cassette.
+        """
+        try:
+            data = json.loads(text)
+            answers = messages_from_dict(data["answers"])
+            calls = tuple(RecordedCall(**c) for c in data.get("calls", ()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"Not a saved cassette (Cassette.to_json): {exc}") from exc
+        if not all(isinstance(a, AIMessage) for a in answers):
+            raise UserError("Not a saved cassette: its answers must all be AI messages.")
+        return cls(
+            answers=tuple(a for a in answers if isinstance(a, AIMessage)),
+            calls=calls,
+            model_name=str(data.get("model_name") or "cassette"),
+            plan=tuple(str(s) for s in data.get("plan") or ()),
+        )
 
     def model(self) -> CassetteModel:
         """A fresh model that plays the recorded answers (turn k answers with answer k)."""

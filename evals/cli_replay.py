@@ -2,6 +2,7 @@
 
     keel eval replay THREAD --db URL --graph module:factory [--from CHECKPOINT] [--live --model M]
                      [--user U --tenant T --roles R,S] [--json FILE] [--out DIR]
+                     [--save-cassette FILE | --cassette FILE]
     keel eval capture THREAD --db URL --suite FILE [--id ID] [--expect STATUS/REASON]
                       [--roles R,S] [--graph module:factory]
     keel eval shadow SUITE --candidate module:factory [--graph module:factory]
@@ -23,9 +24,11 @@ from pathlib import Path
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
 from keel.evals.capture import acapture
+from keel.evals.cassette import Cassette
 from keel.evals.compare_report import write_replay_report, write_shadow_report
 from keel.evals.replay import areplay
 from keel.evals.shadow import ashadow, ashadow_threads
+from keel.evals.stored import aload_thread
 from keel.evals.suite import Suite, load_suite
 from keel.state import RunContext
 
@@ -51,7 +54,17 @@ def _run(name: str, job: object) -> int:
 
 
 def _write_json(path: str, data: object) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text + "\n")
+
+
+def _read_cassette(path: str) -> Cassette:
+    if not Path(path).is_file():
+        raise KeelError(f"No cassette file at {path}; save one with --save-cassette FILE.")
+    return Cassette.from_json(Path(path).read_text())
 
 
 def replay_main(argv: Sequence[str]) -> int:
@@ -68,12 +81,18 @@ def replay_main(argv: Sequence[str]) -> int:
     p.add_argument("--roles", default=None, help="comma-separated roles (default: user)")
     p.add_argument("--json", default=None, help="write the diff as JSON to this file")
     p.add_argument("--out", default=None, help="write replay.json/.md/.html into this folder")
+    p.add_argument("--cassette", default=None, help="play this saved cassette (JSON)")
+    p.add_argument("--save-cassette", default=None, help="save the thread's cassette (JSON)")
     args = p.parse_args(argv)
 
     async def job() -> None:
+        stored = await aload_thread(args.thread, db=args.db)
+        cassette = _read_cassette(args.cassette) if args.cassette else None
+        if args.save_cassette:
+            _write_text(args.save_cassette, Cassette.from_thread(stored).to_json())
         diff = await areplay(
-            args.thread, args.graph, db=args.db, start=args.start, live=args.live,
-            model=args.model, identity=_identity(args),
+            stored, args.graph, start=args.start, live=args.live, model=args.model,
+            identity=_identity(args), cassette=cassette,
         )  # fmt: skip
         print("\n".join(diff.lines()))
         if args.json:

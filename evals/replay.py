@@ -264,6 +264,7 @@ async def areplay(
     live: bool = False,
     model: str | BaseChatModel | None = None,
     identity: RunContext | None = None,
+    cassette: Cassette | None = None,
 ) -> ReplayDiff:
     """Replay a stored thread on `graph` and diff it with the recorded run.
 
@@ -277,13 +278,15 @@ async def areplay(
         live: Let `model` answer instead of the cassette.
         model: The live model (a chat model or a model string).
         identity: Who the replay runs for (default: the thread's user and tenant, role `user`).
+        cassette: The recorded responses to play (default: recorded from the thread; e.g. a
+            `Cassette.from_json` kept beside a test).
 
     Raises:
         UserError: no such thread or checkpoint, a thread that is not an agent's, or a
             combination of `graph`, `live` and `model` that cannot replay.
     """
     stored = thread if isinstance(thread, StoredThread) else await aload_thread(thread, db=db)
-    cassette = Cassette.from_thread(stored)
+    cassette = cassette or Cassette.from_thread(stored)
     checkpoint = stored.checkpoint(start)
     if checkpoint is None:
         msgs = stored.messages

@@ -269,6 +269,12 @@ def test_keel_eval_replay_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "No thread 'ghost'" in capsys.readouterr().err
     assert keel_main([*argv, "--from", "77"]) == 2
     assert "no checkpoint '77'" in capsys.readouterr().err
+    tape = tmp_path / "t-cli.cassette.json"
+    assert keel_main([*argv, "--save-cassette", str(tape)]) == 0
+    assert keel_main([*argv, "--cassette", str(tape)]) == 0
+    assert "trajectory: same (3 tool calls)" in capsys.readouterr().out
+    assert keel_main([*argv, "--cassette", str(tmp_path / "missing.json")]) == 2
+    assert "No cassette file at" in capsys.readouterr().err
 
 
 # -- capture ---------------------------------------------------------------------------------
@@ -516,3 +522,20 @@ async def test_a_thread_of_several_user_turns_replays_turn_by_turn(db_url: str) 
     diff = await areplay(stored, DEMO, start=second.id, identity=ALICE)
     assert [t.args["order_id"] for t in diff.replayed.trajectory] == ["A1002"]
     assert not diff.changed, diff.lines()
+
+
+async def test_a_saved_cassette_replays_like_the_thread_and_bad_text_is_refused(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    await store_thread(url, "t-save", plan=True)
+    stored = await aload_thread("t-save", db=url)
+    saved = tmp_path / "refund.cassette.json"
+    saved.write_text(Cassette.from_thread(stored).to_json())
+    again = Cassette.from_json(saved.read_text())
+    assert again == Cassette.from_thread(stored)
+    diff = await areplay(stored, DEMO, cassette=again, identity=ALICE)
+    assert not diff.changed and diff.executions == [], diff.lines()
+    for bad in ("{}", "not json", '{"answers": [{"type": "human", "data": {"content": "x"}}]}'):
+        with pytest.raises(UserError, match="Not a saved cassette"):
+            Cassette.from_json(bad)
