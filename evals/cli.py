@@ -37,7 +37,14 @@ __all__ = ["main", "parser"]
 
 def parser() -> argparse.ArgumentParser:
     """The `keel eval` argument parser."""
-    p = argparse.ArgumentParser(prog="keel eval", description="Run an eval suite offline.")
+    p = argparse.ArgumentParser(
+        prog="keel eval",
+        description="Run an eval suite offline.",
+        epilog="Also: keel eval replay THREAD (a stored thread on a new version, diffed), "
+        "keel eval capture THREAD (a failed thread as a suite case), keel eval shadow SUITE "
+        "(a candidate beside the current version, side effects stubbed), keel eval feedback RUN. "
+        "Each has --help.",
+    )
     p.add_argument("suite", help=f"a suite file, or a built-in suite: {', '.join(BUILTIN_SUITES)}")
     p.add_argument("--graph", default=None, help="graph factory module:function (default: suite's)")
     p.add_argument("--model", default=None, help="model for every case (overrides the suite's)")
