@@ -5,6 +5,10 @@
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
 
+    keel eval replay THREAD --db URL --graph module:factory [--from CHECKPOINT] [--live --model M]
+    keel eval capture THREAD --db URL --suite FILE [--expect STATUS/REASON]
+    keel eval shadow SUITE --candidate module:factory [--graph ...] (or --threads T1,T2 --db URL)
+
 SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
@@ -21,6 +25,7 @@ from pathlib import Path
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
+from keel.evals.cli_replay import capture_main, replay_main, shadow_main
 from keel.evals.feedback import feedback_for, new_feedback, record_feedback
 from keel.evals.report import write_report
 from keel.evals.results import CaseRun, SuiteResult
@@ -32,7 +37,14 @@ __all__ = ["main", "parser"]
 
 def parser() -> argparse.ArgumentParser:
     """The `keel eval` argument parser."""
-    p = argparse.ArgumentParser(prog="keel eval", description="Run an eval suite offline.")
+    p = argparse.ArgumentParser(
+        prog="keel eval",
+        description="Run an eval suite offline.",
+        epilog="Also: keel eval replay THREAD (a stored thread on a new version, diffed), "
+        "keel eval capture THREAD (a failed thread as a suite case), keel eval shadow SUITE "
+        "(a candidate beside the current version, side effects stubbed), keel eval feedback RUN. "
+        "Each has --help.",
+    )
     p.add_argument("suite", help=f"a suite file, or a built-in suite: {', '.join(BUILTIN_SUITES)}")
     p.add_argument("--graph", default=None, help="graph factory module:function (default: suite's)")
     p.add_argument("--model", default=None, help="model for every case (overrides the suite's)")
@@ -51,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["feedback"]:
         return _feedback(argv[1:])
+    if argv[:1] == ["replay"]:
+        return replay_main(argv[1:])
+    if argv[:1] == ["capture"]:
+        return capture_main(argv[1:])
+    if argv[:1] == ["shadow"]:
+        return shadow_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         if not 0 <= args.min_pass_rate <= 1:
