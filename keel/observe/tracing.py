@@ -30,12 +30,14 @@ from keel.redact import sanitized_logger
 from keel.state import RunContext
 
 __all__ = [
+    "NO_KEY_WARNING",
     "graph_config",
     "sanitized",
     "sanitizing_client",
     "trace_config",
     "tracer",
     "tracing_enabled",
+    "tracing_without_key",
 ]
 
 _TRUE = ("true", "1", "yes")
@@ -52,6 +54,19 @@ def tracing_enabled(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     key = env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY")
     return bool(key) and _switched_on(env)
+
+
+NO_KEY_WARNING = (
+    "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
+    "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
+)
+"""What keel says, once, when tracing is switched on without a key."""
+
+
+def tracing_without_key(env: Mapping[str, str] | None = None) -> bool:
+    """Whether tracing is switched on (`LANGSMITH_TRACING=true`) but no API key is set."""
+    env = os.environ if env is None else env
+    return _switched_on(env) and not tracing_enabled(env)
 
 
 def sanitized(values: dict[str, Any]) -> dict[str, Any]:
@@ -120,10 +135,7 @@ def graph_config(*, graph: str, policy: str | None) -> RunnableConfig | None:
     if not tracing_enabled():
         if not _switched_on(os.environ):
             return None
-        log.warning(
-            "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
-            "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
-        )
+        log.warning(NO_KEY_WARNING)
         return {"callbacks": [_SilentTracer(client=sanitizing_client())]}
     return {
         "run_name": graph,
