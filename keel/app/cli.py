@@ -272,7 +272,7 @@ async def drive(
             print(f"keel: left waiting; resume with `keel run --thread {thread}`", file=out)
             break
         payload = Command(resume=answer)
-    values = dict(snapshot.values)
+    values = _with_outcome(dict(snapshot.values), bool(snapshot.interrupts))
     _print_outcome(values, out)
     return values
 
@@ -328,24 +328,34 @@ def _print_requests(requests: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def _print_outcome(values: dict[str, Any], out: TextIO) -> None:
-    result = values.get("outcome") or {
-        # a graph of the user's that keeps no keel outcome: it ran to its end
-        "status": "success",
-        "terminated_reason": "completed",
-        "detail": "the graph ended (its state has no keel outcome)",
-    }
-    usage = values.get("usage") or {}
+    result = values["outcome"]
     print(
         f"[outcome] {result.get('status')} / {result.get('terminated_reason')}: "
         f"{result.get('detail')}",
         file=out,
     )
+    usage = values.get("usage")
+    if usage is None:  # a graph of the user's: keel counted nothing
+        return
     print(
         f"[usage] model calls {usage.get('model_calls', 0)}, tool calls "
         f"{usage.get('tool_calls', 0)}, tokens {usage.get('input_tokens', 0)} in / "
         f"{usage.get('output_tokens', 0)} out, ${usage.get('usd', 0.0):.6f}",
         file=out,
     )
+
+
+def _with_outcome(values: dict[str, Any], waiting: bool) -> dict[str, Any]:
+    """`values` with keel's outcome; a graph of the user's keeps none, so it is derived."""
+    if values.get("outcome"):
+        return values
+    if waiting:
+        derived = {"status": "interrupted", "terminated_reason": "awaiting_input"}
+        derived["detail"] = "the graph waits (interrupt)"
+    else:
+        derived = {"status": "success", "terminated_reason": "completed"}
+        derived["detail"] = "the graph ended (its state has no keel outcome)"
+    return {**values, "outcome": derived}
 
 
 def _decider(args: argparse.Namespace) -> Any:
