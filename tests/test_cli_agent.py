@@ -234,22 +234,39 @@ GUARDED = textwrap.dedent(
     socket.socket.connect_ex = lambda self, address: refuse(self, address)
     socket.getaddrinfo = refuse
     socket.create_connection = refuse
+    """
+)
+CLI = "from keel.app.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+LIBRARY = textwrap.dedent(
+    """
+    import time
+    from keel import RunContext
+    from keel.evals import ScriptedChatModel
+    from keel.graphs import build_agent
 
-    from keel.app.cli import main
-    sys.exit(main(sys.argv[1:]))
+    agent = build_agent(ScriptedChatModel(script=["Hello!"]))
+    result = agent.invoke({"messages": [("user", "hi")]}, context=RunContext(user_id="u1"))
+    print("[outcome]", result["outcome"]["status"], "/", result["outcome"]["terminated_reason"])
+    time.sleep(1)  # LangSmith's client works from a background thread: give it time to try
     """
 )
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["demo", "--thread", "t1"], ["run", "--agent", "user_agents:graph", "hi", "--thread", "t2"]],
-    ids=["keel-agent", "users-graph"],
+    ("tail", "args"),
+    [
+        (CLI, ["demo", "--thread", "t1"]),
+        (CLI, ["run", "--agent", "user_agents:graph", "hi", "--thread", "t2"]),
+        (LIBRARY, []),
+    ],
+    ids=["keel-demo", "users-graph", "library"],
 )
 def test_tracing_on_without_a_key_prints_one_line_and_never_connects(
-    project: Path, args: list[str]
+    project: Path, tail: str, args: list[str]
 ) -> None:
-    (project / "guarded.py").write_text(GUARDED, encoding="utf-8")
+    """Pinned: langsmith's `Client()` asks api.smith.langchain.com for its limits from its
+    batching thread at once, key or no key; keel's silent tracer uses one without that thread."""
+    (project / "guarded.py").write_text(GUARDED + tail, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGSMITH_", "LANGCHAIN_"))}
     env.pop("KEEL_MODEL", None)
     env["LANGSMITH_TRACING"] = "true"
@@ -266,5 +283,5 @@ def test_tracing_on_without_a_key_prints_one_line_and_never_connects(
     assert "NETWORK ATTEMPT" not in done.stderr
     line = "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces."
     assert done.stderr.count(line) == 1, done.stderr
-    assert done.stderr.startswith(f"keel: {line}")
+    assert "Warning" not in done.stderr  # e.g. langsmith's LangSmithMissingAPIKeyWarning
     assert "[outcome] success / completed" in done.stdout

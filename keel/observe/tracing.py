@@ -117,6 +117,22 @@ class _SilentTracer(LangChainTracer):
         run.extra["__disabled"] = True  # LangChainTracer skips posting such runs
 
 
+def _offline_client() -> Any:
+    """A LangSmith client that never reaches the network, for the silent tracer.
+
+    `Client()`'s default batching thread asks the API for its limits (`GET /info`) at once,
+    even with no key and no run to send; without it nothing is fetched. Its missing-key warning
+    is keel's own one line already.
+    """
+    import warnings
+
+    from langsmith.utils import LangSmithMissingAPIKeyWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LangSmithMissingAPIKeyWarning)
+        return sanitizing_client(auto_batch_tracing=False)
+
+
 def tracer(*, graph: str, policy: str | None = None, client: Any = None) -> LangChainTracer:
     """A LangSmith tracer for `graph` with sanitized inputs and outputs, tags and metadata."""
     return _SanitizingTracer(
@@ -136,7 +152,7 @@ def graph_config(*, graph: str, policy: str | None) -> RunnableConfig | None:
         if not _switched_on(os.environ):
             return None
         log.warning(NO_KEY_WARNING)
-        return {"callbacks": [_SilentTracer(client=sanitizing_client())]}
+        return {"callbacks": [_SilentTracer(client=_offline_client())]}
     return {
         "run_name": graph,
         "tags": ["keel", f"graph:{graph}"],
