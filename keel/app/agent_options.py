@@ -102,12 +102,7 @@ def _verify(raw: Any, where: str, check_model: Any) -> VerifySpec | None:
         return None
     if not isinstance(raw, Mapping):
         raise UserError(f'[{where}] verify must be a table, e.g. {{ judge = "keel:..." }}.')
-    unknown = sorted(set(raw) - {"judge", "max_revisions", "escalate"})
-    if unknown:
-        raise UserError(
-            f"unknown key(s) {unknown} in {where}.verify; allowed: "
-            "['escalate', 'judge', 'max_revisions']."
-        )
+    _only(raw, {"judge", "max_revisions", "escalate"}, f"{where}.verify")
     judge = raw.get("judge")
     if not isinstance(judge, str) or not judge.strip():
         raise UserError(f'{where}.verify needs judge = "provider:name" (the judging model).')
@@ -125,12 +120,7 @@ def memory_spec(raw: Any, where: str, expand: Any) -> MemorySpec:
     """Read a tenant's `memory` table (`chroma_url` may use `${VAR}`)."""
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] memory must be a table, e.g. {{ chroma_url = ... }}.")
-    unknown = sorted(set(raw) - {"chroma_url", "collection", "index"})
-    if unknown:
-        raise UserError(
-            f"unknown key(s) {unknown} in [{where}.memory]; allowed: "
-            "['chroma_url', 'collection', 'index']."
-        )
+    _only(raw, {"chroma_url", "collection", "index"}, f"[{where}.memory]")
     url = raw.get("chroma_url")
     if url is not None:
         if not isinstance(url, str):
@@ -151,3 +141,9 @@ def memory_spec(raw: Any, where: str, expand: Any) -> MemorySpec:
             f"[{where}.memory] index must read 'package.module:attribute', got {index!r}."
         )
     return MemorySpec(chroma_url=url, collection=collection, index=index)
+
+
+def _only(raw: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(known)}.")

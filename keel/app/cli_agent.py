@@ -109,5 +109,5 @@ async def thread_origin(saver: BaseCheckpointSaver[Any], thread: str) -> dict[st
             f"There is no thread {thread!r} in this database; `keel threads` lists the "
             "threads (pass the same --db the thread was made with)."
         )
-    meta = found.metadata or {}
+    meta: dict[str, Any] = dict(found.metadata or {})
     return {k: str(meta[k]) for k in ("keel_agent", "keel_model") if meta.get(k)}

@@ -137,7 +137,8 @@ def _select_one(url: str) -> str:
     return f"{_safe(url)} answers"
 
 
-def _ledger(url: str) -> str:
+def _ledger(url: str | None) -> str:
+    """The ledger at `url` is reachable and migrated (its tables set up)."""
     from keel.db.ledger import Ledger
 
     ledger = Ledger(url)
@@ -146,7 +147,7 @@ def _ledger(url: str) -> str:
         ledger.run(_ping())
     finally:
         ledger.close()
-    return f"keel's ledger ready at {_safe(url)}"
+    return f"keel's ledger ready at {_safe(url) if url else 'the default database'}"
 
 
 def _safe(url: str) -> str:
@@ -155,17 +156,11 @@ def _safe(url: str) -> str:
 
 
 def _database(db: str | None) -> str:
-    from keel.db.ledger import Ledger
     from keel.db.persistence import Persistence
 
     persistence = Persistence(db)
     persistence.check()
-    ledger = Ledger(db)
-    try:
-        ledger.setup()
-        ledger.run(_ping())
-    finally:
-        ledger.close()
+    _ledger(db)
     return f"checkpoints and ledger ready at {persistence.safe_url}"
 
 
