@@ -32,6 +32,7 @@ pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CONFIG = ROOT / "tests" / "serve" / "parity-server.toml"
+FORGED = {"user_id": "mallory", "tenant_id": "hooli", "roles": ["admin"]}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,7 @@ async def _run(c: LangGraphClient, agent: str, text: str) -> dict[str, Any]:
         thread["thread_id"],
         assistant["assistant_id"],
         input={"messages": [{"role": "user", "content": text}]},
+        context=FORGED,  # ignored: memory namespaces follow the token's user and tenant
     )
     assert isinstance(final, dict), final
     return {**final, "thread_id": thread["thread_id"]}
