@@ -152,6 +152,19 @@ def test_a_demo_thread_left_waiting_is_resumed_from_the_cli(project: Path) -> No
     assert "Thread d1 is not waiting for anything" in again.stderr
 
 
+def test_demo_on_a_waiting_thread_answers_the_approval_instead_of_a_new_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["demo", "--wait", "--db", db, "--thread", "w1"]) == 0
+    assert "[approval needed] issue_refund" in capsys.readouterr().out
+    assert main(["demo", "--reject", "--db", db, "--thread", "w1"]) == 1
+    out = capsys.readouterr().out
+    assert "keel: thread w1 waits for an approval; resuming it" in out
+    assert "[outcome] stopped / rejected" in out
+    assert "[plan]" not in out  # no second task was started
+
+
 def test_resuming_a_thread_that_does_not_exist_says_so(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -172,6 +172,10 @@ async def _run(args: argparse.Namespace) -> int:
             else:
                 agent, metadata = _keel_agent(args, origin, saver, ledger, persistence)
                 print(f"keel: thread {thread} on {persistence.safe_url}")
+            if task and args.thread and await _waiting(agent, thread):
+                # a new task would pile onto the pending approval: answer it instead
+                print(f"keel: thread {thread} waits for an approval; resuming it")
+                task = None
             decide = _decider(args)
             result = await drive(agent, task, thread, context, decide, sys.stdout, metadata)
     finally:
@@ -179,6 +183,11 @@ async def _run(args: argparse.Namespace) -> int:
             await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
     return 0 if status in ("success", "interrupted") else 1
+
+
+async def _waiting(agent: Any, thread: str) -> bool:
+    snapshot = await agent.aget_state({"configurable": {"thread_id": thread}})
+    return bool(snapshot.interrupts)
 
 
 def _keel_agent(
