@@ -10,9 +10,14 @@ compiled *without* a checkpointer or store: the server supplies its own (in memo
 {
   "dependencies": ["."],
   "graphs": {"agent": "keel.app.server:agent", "supervisor": "keel.app.server:supervisor"},
-  "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": true}
+  "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": true},
+  "http": {"app": "keel.app.http:app"}
 }
 ```
+
+A tenant's agents get memory, a judge, fallbacks and timeouts from their config tables
+(`keel.app.agent_options`); a tenant whose memory lives on a Chroma server shares one lazily
+opened `keel.app.server_memory.ChromaServerStore` between its graphs.
 """
 
 from __future__ import annotations
