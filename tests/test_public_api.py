@@ -127,6 +127,7 @@ PUBLIC = {
         "liveness",
         "readiness",
         "semantic_check",
+        "served_readiness",
     ],
     "keel.observe": ["Observer", "decision_log", "trace_config", "tracing_enabled"],
     "keel.observe.observer": [
@@ -143,12 +144,14 @@ PUBLIC = {
     ],
     "keel.observe.otel": ["Telemetry", "active", "use"],
     "keel.observe.tracing": [
+        "NO_KEY_WARNING",
         "graph_config",
         "sanitized",
         "sanitizing_client",
         "trace_config",
         "tracer",
         "tracing_enabled",
+        "tracing_without_key",
     ],
     "keel.models": ["BUNDLED_MODELS", "model_name_of", "resolve_model"],
     "keel.graphs": [

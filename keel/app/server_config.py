@@ -38,6 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keel.app.agent_options import (
+    AGENT_KEYS,
+    AgentOptions,
+    MemorySpec,
+    agent_options,
+    memory_spec,
+)
 from keel.errors import SetupError, UserError
 from keel.guards.policy import Policy
 from keel.models import BUNDLED_MODELS
@@ -73,6 +80,8 @@ class AgentSpec:
     """The policy the agent is held to (its rules use the authenticated user's roles)."""
     plan: bool = False
     """Plan first."""
+    options: AgentOptions = field(default_factory=AgentOptions)
+    """Memory, verification, fallbacks (`keel.app.agent_options`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +110,8 @@ class TenantConfig:
     """The `supervisor` graph's setup; None: the tenant has no supervisor."""
     memory_namespace: str = "memories"
     """The first label of its memory namespaces: `(memory_namespace, tenant, user)`."""
+    memory: MemorySpec | None = None
+    """Where its memories live (a Chroma server); None: the server's store."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -261,7 +272,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     where = f"tenants.{name}"
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(raw, {"agent", "agents", "supervisor", "memory_namespace"}, f"[{where}]")
+    _only(raw, {"agent", "agents", "supervisor", "memory_namespace", "memory"}, f"[{where}]")
     memory_namespace = raw.get("memory_namespace", "memories")
     if not isinstance(memory_namespace, str) or not memory_namespace or "." in memory_namespace:
         raise UserError(
@@ -297,6 +308,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         agent=agent,
         supervisor=supervisor,
         memory_namespace=memory_namespace,
+        memory=memory_spec(raw["memory"], where, _expand) if "memory" in raw else None,
     )
 
 
@@ -323,7 +335,8 @@ def _check_model(model: str, where: str) -> None:
 def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(raw, {"model", "description", "system_prompt", "tools", "policy", "plan"}, f"[{where}]")
+    known = {"model", "description", "system_prompt", "tools", "policy", "plan", *AGENT_KEYS}
+    _only(raw, known, f"[{where}]")
     tools = raw.get("tools", [])
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise UserError(f"[{where}] tools must be a list of tool names, got {tools!r}.")
@@ -350,6 +363,7 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
         tools=tuple(tools),
         policy=policy,
         plan=bool(raw.get("plan", False)),
+        options=agent_options(raw, where, _check_model),
     )
 
 
