@@ -224,3 +224,11 @@ def serving_aegra(
         finally:
             if os.environ.get("KEEL_SHOW_SERVER_LOG"):
                 print(cluster.logs())
+
+
+def slow_tools_schema() -> str:
+    """The tables `tests/serve/slow_tools.py` records attempts and effects in."""
+    return (
+        "CREATE TABLE IF NOT EXISTS attempts (job text NOT NULL, pid int NOT NULL);"
+        "CREATE TABLE IF NOT EXISTS effects (job text NOT NULL, pid int NOT NULL)"
+    )
