@@ -56,7 +56,9 @@ def user_field(user: Any, name: str) -> Any:
 def context_from_user(user: Any) -> RunContext:
     """The `RunContext` of a server user record made by `user_record` (fails closed)."""
     try:
-        fields = {key: user_field(user, key) for key in ("identity", "tenant_id", "roles", "policy")}
+        fields = {
+            key: user_field(user, key) for key in ("identity", "tenant_id", "roles", "policy")
+        }
     except KeyError as exc:
         raise UserError(
             f"The server's authenticated user {_identity(user)!r} has no {exc} field, so keel "

@@ -106,7 +106,12 @@ class Process:
 def start(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log: Path) -> Process:
     with log.open("w") as out:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return Process(proc, log)
 

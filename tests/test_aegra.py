@@ -64,9 +64,10 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
     victim, survivor = cluster.workers
     client = get_client(url=cluster.url, headers={"Authorization": "Bearer token-alice"})
     async with client:
-        threads = [t["thread_id"] for t in await asyncio.gather(
-            *(client.threads.create() for _ in range(RUNS))
-        )]
+        threads = [
+            t["thread_id"]
+            for t in await asyncio.gather(*(client.threads.create() for _ in range(RUNS)))
+        ]
         jobs = {tid: f"job-{i}" for i, tid in enumerate(threads)}
         await asyncio.gather(
             *(
@@ -79,7 +80,9 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
         # kill the victim once both workers are inside slow_work (before any effect is written)
         deadline = time.monotonic() + 30
         while {p for _, p in _rows(effects_url, "attempts")} != {victim.pid, survivor.pid}:
-            assert time.monotonic() < deadline, f"not both workers ran: {_rows(effects_url, 'attempts')}"
+            assert time.monotonic() < deadline, (
+                f"not both workers ran: {_rows(effects_url, 'attempts')}"
+            )
             await asyncio.sleep(0.2)
         victim.kill()
         killed_at = time.monotonic()
@@ -127,4 +130,4 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
     assert in_doubt, "the kill interrupted no slow_work call: the test proved nothing"
     # a call in doubt happened at most once: the victim's effect, if it got that far
     assert all(effect_of.get(j, victim.pid) == victim.pid for j in in_doubt)
-    print(f"killed pid {victim.pid}; {len(in_doubt)} calls in doubt, all runs ended in {recovered_in:.1f} s")
+    print(f"killed {victim.pid}: {len(in_doubt)} calls in doubt, all ended in {recovered_in:.1f} s")

@@ -1,9 +1,10 @@
 """End to end through real servers, two tenants: `langgraph dev` (started by `keel serve`) and
 Aegra (an API-only replica and two worker replicas on PostgreSQL and Redis, `tests/servers.py`).
 
-Every test taking `server` (or `clients`) runs against both. `langgraph dev` runs in its own process group on a free loopback port, offline (no LangSmith, no
-key), WITHOUT `--allow-blocking`: a blocking call on the request path fails the run. The agents'
-models are keel's scripted ones (`tests/serve/keel-server.toml`). alice (tenant acme) and bob
+Every test taking `server` (or `clients`) runs against both. `langgraph dev` runs in its own
+process group on a free loopback port, offline (no LangSmith, no key), WITHOUT
+`--allow-blocking`: a blocking call on the request path fails the run. The agents' models are
+keel's scripted ones (`tests/serve/keel-server.toml`). alice (tenant acme) and bob
 (tenant globex) both have the role `support`: lookups allowed, refunds asked.
 """
 

@@ -53,7 +53,9 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
         return server.agent(config, runtime)
     name = (config.get("configurable") or {}).get("agent")
     config_ = server_config()
-    tenant = _first(config_, lambda t: (name or t.agent) in t.agents, "an agent named " + repr(name))
+    tenant = _first(
+        config_, lambda t: (name or t.agent) in t.agents, "an agent named " + repr(name)
+    )
     return server.build_tenant_agent(tenant, name)
 
 

@@ -154,7 +154,7 @@ async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str
 async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
     """Store items: only inside the caller's `(kind, tenant, user)` namespace."""
     owner_filter(ctx.user)  # refuses users without a tenant
-    # a search names its namespace `namespace` under LangGraph's server, `namespace_prefix` under Aegra
+    # a search names it `namespace` under LangGraph's server, `namespace_prefix` under Aegra
     namespace = value.get("namespace")
     if namespace is None:
         namespace = value.get("namespace_prefix")
