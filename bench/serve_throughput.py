@@ -22,7 +22,7 @@ the same cores, so a second worker cannot add much. The last line is machine-rea
 
 Run it by path from the repository: `.venv/bin/python bench/serve_throughput.py` (needs the
 Aegra venv, `make aegra-venv`; PostgreSQL from KEEL_BENCH_POSTGRES_URL or
-KEEL_TEST_POSTGRES_URL; Redis from KEEL_TEST_REDIS_URL, default db 5).
+KEEL_TEST_POSTGRES_URL; Redis from KEEL_TEST_REDIS_URL, default db 15).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def main() -> None:
     )
     if not postgres_url:
         sys.exit("Set KEEL_BENCH_POSTGRES_URL (or KEEL_TEST_POSTGRES_URL) to a PostgreSQL server.")
-    if not servers.aegra_available():
-        sys.exit(f"This bench needs {servers.AEGRA_PYTHON}: run `make aegra-venv`.")
+    if (missing := servers.aegra_missing()) is not None:
+        sys.exit(f"This bench cannot start Aegra: {missing}.")
     results: dict[str, tuple[float, float, float]] = {}
     print(f"{args.runs} runs per batch, {args.rounds} batches per server (median)")
     print(f"{'server':<10} {'runs/s':>8} {'p50 ms':>8} {'p95 ms':>8}")

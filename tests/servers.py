@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_CONFIG = ROOT / "tests" / "serve" / "keel-server.toml"
 AEGRA_PYTHON = Path(os.environ.get("KEEL_AEGRA_PYTHON", ROOT / ".venv-aegra" / "bin" / "python"))
 """The Python of the Aegra venv (`make aegra-venv`)."""
-REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
-"""The Redis database the Aegra cluster queues runs in (its keys carry a per-cluster prefix)."""
+REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+"""The Redis database the Aegra clusters queue runs in (each cluster's keys carry its own prefix,
+so clusters sharing a database do not see each other's runs)."""
 NEED_AEGRA = f"the Aegra tests need {AEGRA_PYTHON} (make aegra-venv)"
 TEST_LEASES = {
     "LEASE_DURATION_SECONDS": "9",
@@ -55,8 +56,19 @@ def free_port() -> int:
         return port
 
 
-def aegra_available() -> bool:
-    return AEGRA_PYTHON.is_file()
+def aegra_missing() -> str | None:
+    """Why the Aegra cluster cannot start here (no venv, no Redis), or None."""
+    if not AEGRA_PYTHON.is_file():
+        return NEED_AEGRA
+    parts = urlsplit(REDIS_URL)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2) as s:
+            s.sendall(b"PING\r\n")
+            if not s.recv(16).startswith(b"+PONG"):
+                return f"the Aegra tests need Redis at {REDIS_URL} (KEEL_TEST_REDIS_URL)"
+    except OSError as exc:
+        return f"the Aegra tests need Redis at {REDIS_URL} (KEEL_TEST_REDIS_URL): {exc}"
+    return None
 
 
 @contextmanager

@@ -53,10 +53,11 @@ def serving(workdir: Path, config: Path, ledger_url: str) -> Iterator[str]:
 
 def need_aegra() -> None:
     """Skip without the Aegra venv, except in CI (`CI=true`), where it is a failure."""
-    if not servers.aegra_available():
+    missing = servers.aegra_missing()
+    if missing is not None:
         if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-            pytest.fail(servers.NEED_AEGRA, pytrace=False)
-        pytest.skip(servers.NEED_AEGRA)
+            pytest.fail(missing, pytrace=False)
+        pytest.skip(missing)
 
 
 @pytest.fixture(scope="module", params=["langgraph-dev", pytest.param("aegra", marks=AEGRA)])
