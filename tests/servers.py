@@ -196,8 +196,15 @@ def serving_aegra(
     """An Aegra cluster on a fresh database (`keel_aegra_<hex>`); stopped and dropped after."""
     server_config = server_config or SERVER_CONFIG
     base = _base_env(ledger_url)
+    saved = os.environ.get("KEEL_LEDGER_URL")
     os.environ["KEEL_LEDGER_URL"] = ledger_url  # the server config names it
-    aegra_json = write_aegra_config(workdir, server_config)
+    try:
+        aegra_json = write_aegra_config(workdir, server_config)
+    finally:
+        if saved is None:
+            del os.environ["KEEL_LEDGER_URL"]
+        else:
+            os.environ["KEEL_LEDGER_URL"] = saved
     prefix = f"keel-test-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         database_url = stack.enter_context(fresh_database(postgres_url, "keel_aegra"))

@@ -61,7 +61,7 @@ async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
 
 
 async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: str) -> None:
-    victim, survivor = cluster.workers
+    by_pid = {w.pid: w for w in cluster.workers}
     client = get_client(url=cluster.url, headers={"Authorization": "Bearer token-alice"})
     async with client:
         threads = [
@@ -77,13 +77,17 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
                 for tid in threads
             )
         )
-        # kill the victim once both workers are inside slow_work (before any effect is written)
+        # once both workers are inside slow_work, kill the one with more calls in flight
         deadline = time.monotonic() + 30
-        while {p for _, p in _rows(effects_url, "attempts")} != {victim.pid, survivor.pid}:
+        while {p for _, p in _rows(effects_url, "attempts")} != set(by_pid):
             assert time.monotonic() < deadline, (
                 f"not both workers ran: {_rows(effects_url, 'attempts')}"
             )
             await asyncio.sleep(0.2)
+        done = {j for j, _ in _rows(effects_url, "effects")}
+        in_flight = Counter(p for j, p in _rows(effects_url, "attempts") if j not in done)
+        victim = by_pid[max(by_pid, key=lambda pid: in_flight[pid])]
+        (survivor,) = (w for w in cluster.workers if w is not victim)
         victim.kill()
         killed_at = time.monotonic()
 
