@@ -13,6 +13,8 @@ test_server_e2e.py.)
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +25,7 @@ import servers
 from langgraph_sdk import get_client
 from test_server_e2e import need_aegra
 
-pytestmark = [pytest.mark.aegra, pytest.mark.postgres]
+pytestmark = pytest.mark.aegra
 
 RUNS = 20
 SLOW_SECONDS = 3.0
@@ -35,6 +37,7 @@ def _rows(url: str, table: str) -> list[tuple[str, int]]:
         return [(str(j), int(p)) for j, p in conn.execute(f"SELECT job, pid FROM {table}")]
 
 
+@pytest.mark.postgres
 async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
     postgres_url: str, tmp_path: Path
 ) -> None:
@@ -135,3 +138,16 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
     # a call in doubt happened at most once: the victim's effect, if it got that far
     assert all(effect_of.get(j, victim.pid) == victim.pid for j in in_doubt)
     print(f"killed {victim.pid}: {len(in_doubt)} calls in doubt, all ended in {recovered_in:.1f} s")
+
+
+def test_the_aegra_venv_has_the_version_the_makefile_pins() -> None:
+    need_aegra()
+    pin = re.search(
+        r"^AEGRA_API := aegra-api==(\S+)$", (servers.ROOT / "Makefile").read_text(), re.M
+    )
+    assert pin is not None, "the Makefile pins aegra-api (AEGRA_API := aegra-api==X.Y.Z)"
+    code = "import importlib.metadata as m; print(m.version('aegra-api'))"
+    out = subprocess.run([str(servers.AEGRA_PYTHON), "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == pin.group(1), (
+        f"stale {servers.AEGRA_PYTHON}: rm -rf .venv-aegra && make aegra-venv"
+    )
