@@ -5,6 +5,8 @@
 - `keel.app.server`: graph factories for LangGraph server (`langgraph.json`), one per tenant.
 - `keel.app.auth`: bearer-token auth for LangGraph server; `keel.app.server_config` its config file.
 - `keel.app.serve`: `keel serve` (a `langgraph dev` with keel's config).
+- `keel.app.aegra`: keel on Aegra (many replicas on PostgreSQL + Redis): the generated
+  `aegra.json` and its file-path shim, factories that build without a user, replica settings.
 - `keel.app.health`: liveness, readiness and the semantic check.
 - `keel.app.report`: `keel report` (success rate, latency, cost, SLOs).
 - `keel.app.demo`: the demo scenario's shop, tools and policy.
