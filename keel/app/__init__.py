@@ -8,6 +8,8 @@
   `keel.app.server_memory` a tenant's memory on a Chroma server.
 - `keel.app.http`: liveness, readiness and the semantic check as an ASGI app (`http.app`).
 - `keel.app.serve`: `keel serve` (a `langgraph dev` with keel's config).
+- `keel.app.aegra`: keel on Aegra (many replicas on PostgreSQL + Redis): the generated
+  `aegra.json` and its file-path shim, factories that build without a user, replica settings.
 - `keel.app.health`: liveness, readiness and the semantic check.
 - `keel.app.report`: `keel report` (success rate, latency, cost, SLOs).
 - `keel.app.demo`: the demo scenario's shop, tools and policy.

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from langgraph_sdk import Auth
@@ -24,7 +25,7 @@ from langgraph_sdk import Auth
 from keel.app.server_config import server_config
 from keel.errors import KeelError
 from keel.graphs.supervisor import SupervisorState
-from keel.identity import user_record
+from keel.identity import user_field, user_record
 from keel.memory.scope import label
 
 __all__ = ["PROTECTED_KEYS", "auth", "owner_filter", "protected_keys_in", "store_namespace_allowed"]
@@ -48,8 +49,8 @@ def owner_filter(user: Any) -> dict[str, str]:
     refused with 403.
     """
     try:
-        return {TENANT_KEY: str(user["tenant_id"]), OWNER_KEY: str(user.identity)}
-    except (KeyError, TypeError):
+        return {TENANT_KEY: str(user_field(user, "tenant_id")), OWNER_KEY: str(user.identity)}
+    except (KeyError, AttributeError):
         raise Auth.exceptions.HTTPException(
             status_code=403, detail="Not a keel user: authenticate with a keel bearer token."
         ) from None
@@ -59,12 +60,19 @@ def store_namespace_allowed(user: Any, namespace: tuple[str, ...] | None) -> boo
     """Whether `namespace` is inside the user's own `(kind, tenant, user)` memory namespace."""
     if namespace is None or len(namespace) < 3:
         return False
-    return namespace[1] == label(str(user["tenant_id"])) and namespace[2] == label(user.identity)
+    tenant = label(str(user_field(user, "tenant_id")))
+    return namespace[1] == tenant and namespace[2] == label(user.identity)
 
 
 @auth.authenticate
-async def authenticate(authorization: str | None) -> dict[str, Any]:
-    """Map a bearer token to its user record (401 without a known token)."""
+async def authenticate(authorization: str | Mapping[str, str] | None) -> dict[str, Any]:
+    """Map a bearer token to its user record (401 without a known token).
+
+    LangGraph's server passes the `Authorization` header by parameter name; Aegra passes the
+    whole headers dict as the only argument.
+    """
+    if isinstance(authorization, Mapping):
+        authorization = authorization.get("authorization")
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Auth.exceptions.HTTPException(
@@ -86,8 +94,13 @@ async def authenticate(authorization: str | None) -> dict[str, Any]:
 
 
 def protected_keys_in(run: Any) -> list[str]:
-    """The protected keys a run's `input` or `command.update` would set (sorted)."""
-    kwargs = run.get("kwargs") if isinstance(run, dict) else None
+    """The protected keys a run's `input` or `command.update` would set (sorted).
+
+    LangGraph's server nests them under `kwargs`; Aegra passes the request body as is.
+    """
+    if not isinstance(run, dict):
+        return []
+    kwargs = run.get("kwargs", run)
     if not isinstance(kwargs, dict):
         return []
     keys: list[Any] = []
@@ -141,10 +154,13 @@ async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str
 async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
     """Store items: only inside the caller's `(kind, tenant, user)` namespace."""
     owner_filter(ctx.user)  # refuses users without a tenant
+    # a search names it `namespace` under LangGraph's server, `namespace_prefix` under Aegra
     namespace = value.get("namespace")
+    if namespace is None:
+        namespace = value.get("namespace_prefix")
     namespace = tuple(namespace) if namespace is not None else None
     if not store_namespace_allowed(ctx.user, namespace):
-        tenant, user = label(str(ctx.user["tenant_id"])), label(ctx.user.identity)
+        tenant, user = label(str(user_field(ctx.user, "tenant_id"))), label(ctx.user.identity)
         raise Auth.exceptions.HTTPException(
             status_code=403,
             detail=(

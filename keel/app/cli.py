@@ -12,6 +12,7 @@
     keel audit | report | health    (see `keel.app.cli_observe`)
     keel eval SUITE [--graph module:factory] ...   (see `keel.evals.cli`)
     keel serve --server-config FILE [--port N] [--host H] [--config langgraph.json] [--reload]
+    keel serve --server-config FILE --aegra-config DIR [--config langgraph.json]
 
 With a terminal, approvals are asked for on it (approve / edit / reject / respond). Without one
 (CI, a pipe) the request is shown and answered by `--approve` or `--reject`; with neither, the
@@ -37,6 +38,7 @@ from langgraph.pregel import Pregel
 from langgraph.types import Command
 
 from keel.app import cli_observe
+from keel.app.aegra import write_aegra_config
 from keel.app.cli_agent import load_agent, thread_origin
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
 from keel.app.serve import serve_command, serve_env
@@ -421,11 +423,21 @@ def _serve_parser(sub: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     serve.add_argument("--config", default=None, help="langgraph.json (default: ./langgraph.json)")
     serve.add_argument("--reload", action="store_true", help="reload when code changes")
+    serve.add_argument(
+        "--aegra-config",
+        metavar="DIR",
+        default=None,
+        help="write aegra.json and its shim into DIR (for Aegra replicas) instead of serving",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
     if not args.server_config:
         raise KeelError("keel serve needs --server-config FILE (or KEEL_SERVER_CONFIG).")
+    if args.aegra_config:
+        path = write_aegra_config(args.aegra_config, args.server_config, args.config)
+        print(f"keel: wrote {path} (start replicas with AEGRA_CONFIG={path.resolve()})")
+        return 0
     env = serve_env(args.server_config)
     cmd = serve_command(port=args.port, host=args.host, config=args.config, reload=args.reload)
     print(f"keel: serving on http://{args.host}:{args.port} ({' '.join(cmd[1:])})", flush=True)

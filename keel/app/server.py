@@ -37,6 +37,7 @@ from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
+from keel.identity import user_field
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
 from keel.state import RunContext
@@ -146,8 +147,8 @@ def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, Tenant
             '"auth": {"path": "keel.app.auth:auth"} in langgraph.json.'
         )
     try:
-        tenant = str(user["tenant_id"])
-    except (KeyError, TypeError) as exc:
+        tenant = str(user_field(user, "tenant_id"))
+    except KeyError as exc:
         raise SetupError(
             f"The server user {user.identity!r} has no tenant_id; use keel.app.auth:auth."
         ) from exc

@@ -1,0 +1,180 @@
+"""keel on Aegra: the self-hosted LangGraph Agent Server on PostgreSQL and Redis.
+
+Aegra (`aegra-api`, Python >= 3.12) serves the same graphs and auth as `langgraph dev`, with any
+number of replicas sharing one database and one Redis. What differs, and what this module does:
+
+- Aegra loads graphs, auth and the custom app from **file paths**: `write_aegra_config` writes
+  `aegra.json` plus a shim file (`keel_aegra.py`) beside it that re-exports what `langgraph.json`
+  names as `module:attr`.
+- Creating an assistant builds the graph with **no user**: `agent` and `supervisor` here then
+  return a tenant's graph for its structure only (a run always has its user; keel's nodes fail
+  closed without one).
+- HTTP store namespaces are filed under `("users", identity, ...)` unless `store.scopes` says
+  otherwise: the generated config scopes each tenant's memory namespace by
+  `["tenant_id", "identity"]`, so `(memories, tenant, user)` means the same over HTTP as in a run.
+
+The rest (headers dict to the auth handler, the user as a pydantic model, `namespace_prefix` on
+store search) is handled where keel reads them (`keel.app.auth`, `keel.identity.user_field`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph_sdk.runtime import ServerRuntime
+
+from keel.app import server
+from keel.app.serve import LANGGRAPH_JSON
+from keel.app.server_config import ServerConfig, TenantConfig, server_config
+from keel.errors import SetupError, UserError
+from keel.graphs.agent import Agent
+from keel.graphs.supervisor import Supervisor
+from keel.state import RunContext
+
+__all__ = ["SHIM_NAME", "agent", "aegra_config", "replica_env", "supervisor", "write_aegra_config"]
+
+SHIM_NAME = "keel_aegra.py"
+"""The file `write_aegra_config` writes beside `aegra.json`: what Aegra loads by path."""
+
+# keel's own factories are swapped for the ones here (which build without a user).
+_ADAPTED = {
+    "keel.app.server:agent": "keel.app.aegra:agent",
+    "keel.app.server:supervisor": "keel.app.aegra:supervisor",
+}
+
+
+def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
+    """`keel.app.server.agent`, and without a user (assistant creation) a tenant's graph."""
+    if runtime.user is not None:
+        return server.agent(config, runtime)
+    name = (config.get("configurable") or {}).get("agent")
+    config_ = server_config()
+    tenant = _first(
+        config_, lambda t: (name or t.agent) in t.agents, "an agent named " + repr(name)
+    )
+    return server.build_tenant_agent(tenant, name)
+
+
+def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
+    """`keel.app.server.supervisor`, and without a user (assistant creation) a tenant's graph."""
+    if runtime.user is not None:
+        return server.supervisor(runtime)
+    tenant = _first(server_config(), lambda t: t.supervisor is not None, "a supervisor")
+    return server.build_tenant_supervisor(tenant)
+
+
+def _first(config: ServerConfig, fits: Any, what: str) -> TenantConfig:
+    for name in sorted(config.tenants):
+        if fits(config.tenants[name]):
+            return config.tenants[name]
+    raise UserError(f"No tenant in the server config {str(config.path)!r} has {what}.")
+
+
+def aegra_config(
+    server_config_path: str | Path, langgraph_json: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
+    """`aegra.json` for the graphs, auth and app of `langgraph_json`, and the shim's source.
+
+    `langgraph_json` defaults to keel's own (`keel.app.serve.LANGGRAPH_JSON`). Every
+    `module:attr` it names becomes `./keel_aegra.py:<name>`; store scopes come from the server
+    config's memory namespaces.
+    """
+    spec = dict(LANGGRAPH_JSON if langgraph_json is None else langgraph_json)
+    config = ServerConfig.from_file(server_config_path)
+    exports: dict[str, str] = {}
+
+    def path_of(name: str, ref: str) -> str:
+        if ":" not in ref or ref.split(":", 1)[0].endswith(".py") or ref.startswith("."):
+            return ref  # already a file path
+        exports[name] = _ADAPTED.get(ref, ref)
+        return f"./{SHIM_NAME}:{name}"
+
+    graphs = spec.get("graphs")
+    if not isinstance(graphs, Mapping) or not graphs:
+        raise UserError('langgraph.json has no "graphs": nothing for Aegra to serve.')
+    out: dict[str, Any] = {"graphs": {g: path_of(g, str(ref)) for g, ref in graphs.items()}}
+    auth = spec.get("auth")
+    if isinstance(auth, Mapping) and auth.get("path"):
+        out["auth"] = {"path": path_of("auth", str(auth["path"]))}
+    http = spec.get("http")
+    if isinstance(http, Mapping) and http.get("app"):
+        out["http"] = {**http, "app": path_of("http_app", str(http["app"]))}
+    namespaces = sorted({t.memory_namespace for t in config.tenants.values()})
+    out["store"] = {"scopes": {ns: ["tenant_id", "identity"] for ns in namespaces}}
+    lines = [
+        '"""Generated by keel (keel.app.aegra): what aegra.json loads by file path."""',
+        "",
+        *(
+            f"from {ref.split(':')[0]} import {ref.split(':')[1]} as {name}  # noqa: F401"
+            for name, ref in exports.items()
+        ),
+    ]
+    return out, "\n".join(lines) + "\n"
+
+
+def write_aegra_config(
+    directory: str | Path,
+    server_config_path: str | Path,
+    langgraph_json: str | Path | None = None,
+) -> Path:
+    """Write `aegra.json` and its shim into `directory`; the `aegra.json` path.
+
+    `langgraph_json` is a langgraph.json file (default: keel's own graphs and auth).
+    """
+    spec: Mapping[str, Any] | None = None
+    if langgraph_json is not None:
+        path = Path(langgraph_json)
+        if not path.is_file():
+            raise UserError(f"langgraph config {str(path)!r} does not exist.")
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"langgraph config {str(path)!r} is not valid JSON: {exc}.") from exc
+    config, shim = aegra_config(server_config_path, spec)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SHIM_NAME).write_text(shim, encoding="utf-8")
+    target = out / "aegra.json"
+    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def replica_env(
+    *,
+    aegra_json: str | Path,
+    server_config_path: str | Path,
+    database_url: str,
+    redis_url: str,
+    workers: int,
+    migrate: bool,
+    lease_seconds: int | None = None,
+) -> dict[str, str]:
+    """One Aegra replica's environment (add it to `os.environ` and run `uvicorn`).
+
+    `workers=0` is an API-only replica. Exactly one replica should `migrate` (run Aegra's
+    migrations at startup). `lease_seconds` shortens the run lease (heartbeat at ~4/9 of it,
+    reaper at 1/3) so a dead worker's runs come back sooner.
+    """
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        raise SetupError(f"Aegra needs a PostgreSQL DATABASE_URL, got {database_url!r}.")
+    if not redis_url.startswith("redis://"):
+        raise SetupError(f"Aegra's job queue needs a redis:// URL, got {redis_url!r}.")
+    env = {
+        "AEGRA_CONFIG": str(Path(aegra_json).resolve()),
+        "KEEL_SERVER_CONFIG": str(Path(server_config_path).resolve()),
+        "DATABASE_URL": database_url,
+        "REDIS_BROKER_ENABLED": "true",
+        "REDIS_URL": redis_url,
+        "WORKER_COUNT": str(workers),
+        "RUN_MIGRATIONS_ON_STARTUP": "true" if migrate else "false",
+        "LANGSMITH_TRACING": "false",
+    }
+    if lease_seconds is not None:
+        env["LEASE_DURATION_SECONDS"] = str(lease_seconds)
+        env["HEARTBEAT_INTERVAL_SECONDS"] = str(max(1, lease_seconds * 4 // 9))
+        env["REAPER_INTERVAL_SECONDS"] = str(max(1, lease_seconds // 3))
+    return env
