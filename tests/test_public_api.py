@@ -77,6 +77,8 @@ PUBLIC = {
         "version_flow",
     ],
     "keel.db.tables": [
+        "ADMISSION_LEASES",
+        "ADMISSION_SCOPES",
         "AUDIT",
         "BREAKERS",
         "Column",
@@ -193,6 +195,8 @@ PUBLIC = {
         "tool",
     ],
     "keel.guards": [
+        "Admission",
+        "AdmissionPolicy",
         "BreakerPolicy",
         "BreakerTransition",
         "Budget",
@@ -210,6 +214,7 @@ PUBLIC = {
         "InjectionVerdict",
         "InputGuardMiddleware",
         "InputGuardPolicy",
+        "Lease",
         "LoopGuardMiddleware",
         "LoopPolicy",
         "ModelDetector",

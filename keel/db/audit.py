@@ -25,7 +25,7 @@ from keel.redact import sanitize
 
 __all__ = ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"]
 
-AuditKind = Literal["tool", "approval", "budget", "breaker", "content"]
+AuditKind = Literal["tool", "approval", "budget", "breaker", "content", "admission"]
 """What an audit record is about."""
 
 _RESULT_CHARS = 500
@@ -44,7 +44,8 @@ class AuditRecord:
     kind: AuditKind
     """`tool` (a call was decided on and run or refused), `approval` (a human decided),
     `budget` (a limit was hit or passed its warning threshold), `breaker` (a transition) or
-    `content` (a content guard flagged, redacted or blocked an input or an answer)."""
+    `content` (a content guard flagged, redacted or blocked an input or an answer) or
+    `admission` (admission control refused a run: decision `overloaded`)."""
     decision: str
     """`allow` / `ask` / `deny` for tools, `approved` / `edited` / `rejected` / `responded` for
     approvals, `exceeded` / `warning` for budgets, the new state for breakers, `flag` /
