@@ -18,7 +18,6 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -165,7 +164,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         return out
 
     def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
-        """LangGraph's `stream` under a lease (renewed as chunks come, released at the end)."""
+        """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
         assert gate is not None
         context = run_context(config, kwargs.get("context"))
@@ -177,15 +176,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             RunLog(gate.ledger).write(record)
             yield from refused_chunks(result, kwargs, self.stream_mode)
             return
-        renewed = time.monotonic()
-        try:
-            for chunk in super().stream(input, config, **kwargs):
-                if time.monotonic() - renewed > gate.policy.lease_s / 3:
-                    gate.renew(lease)
-                    renewed = time.monotonic()
-                yield chunk
-        finally:
-            gate.release(lease)
+        with gate.holding(lease):
+            yield from super().stream(input, config, **kwargs)
 
     async def _aadmitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any
@@ -203,15 +195,9 @@ class ThreadGuardedGraph(ProtectedGraph):
             for part in refused_chunks(result, kwargs, self.stream_mode):
                 yield part
             return
-        renewed = time.monotonic()
-        try:
+        async with gate.aholding(lease):
             async for chunk in super().astream(input, config, **kwargs):
-                if time.monotonic() - renewed > gate.policy.lease_s / 3:
-                    await gate.arenew(lease)
-                    renewed = time.monotonic()
                 yield chunk
-        finally:
-            await gate.arelease(lease)
 
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):

@@ -21,9 +21,12 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from keel import outcome
@@ -88,10 +91,7 @@ def _is_int(value: object) -> bool:
 
 def overloaded(policy: AdmissionPolicy, why: str) -> Outcome:
     """The outcome of a refused run: `stopped` / `overloaded`, with the retry-after."""
-    return outcome.stopped(
-        "overloaded",
-        f"{why}; retry after {policy.retry_after} s (retry_after={policy.retry_after})",
-    )
+    return outcome.stopped("overloaded", f"{why}; retry after {policy.retry_after} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +180,47 @@ class Admission:
         """Give the slot back (async)."""
         if lease.refused is None:
             await self.ledger.arun(_release_flow(lease.id))
+
+    @contextlib.contextmanager
+    def holding(self, lease: Lease) -> Iterator[None]:
+        """Renew `lease` every `lease_s / 3` from a thread while the block runs; release it after.
+
+        A process that dies stops renewing: its lease expires and its slot comes free.
+        """
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.policy.lease_s / 3):
+                with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+                    self.renew(lease)
+
+        thread = threading.Thread(target=beat, name="keel-admission-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release(lease)
+
+    @contextlib.asynccontextmanager
+    async def aholding(self, lease: Lease) -> AsyncIterator[None]:
+        """Renew `lease` from a task while the block runs; release it after (async)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.policy.lease_s / 3)
+                with contextlib.suppress(Exception):
+                    await self.arenew(lease)
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.arelease(lease)
 
     def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases of a tenant (or one of its users) by state: running, queued."""
