@@ -36,7 +36,7 @@ from keel.guards.admission import Admission, overloaded
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 
-__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "guarded", "refusal"]
+__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
 PENDING_KEY = "keel_pending"
 """`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
@@ -280,3 +280,15 @@ def guarded(graph: G, audit: AuditLog | None = None, admission: Admission | None
     out.keel_audit = audit
     out.keel_admission = admission
     return out  # type: ignore[return-value]
+
+
+def admitted(graph: Any, admission: Admission | None) -> Any:
+    """`graph` (a keel agent or supervisor) with its runs under `admission` (None: no caps)."""
+    if not isinstance(graph, ThreadGuardedGraph):
+        raise UserError(
+            f"Admission control wraps keel's graphs (build_agent, build_supervisor), got "
+            f"{type(graph).__name__}."
+        )
+    out = graph.copy()
+    out.keel_admission = admission
+    return out

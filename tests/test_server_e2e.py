@@ -8,6 +8,7 @@ models are keel's scripted ones (`tests/serve/keel-server.toml`). alice (tenant 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -63,6 +64,10 @@ def serving(workdir: Path, config: Path, ledger_url: str) -> Iterator[str]:
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
     env["KEEL_LEDGER_URL"] = ledger_url
+    # the admission test's slow model (tests/serve/e2e_models)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "tests" / "serve"), env.get("PYTHONPATH", "")) if p
+    )
     keel = str(Path(sys.executable).with_name("keel"))
     cmd = [keel, "serve", "--server-config", str(SERVER_CONFIG), "--port", str(port)]
     cmd += ["--config", str(config)]
@@ -545,3 +550,49 @@ async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
         await alice.threads.update(thread_id, metadata={"keel_owner": "dave"})
     assert caught.value.response.status_code == 422
     assert "only keel's auth writes these" in caught.value.response.text
+
+
+# -- admission control --------------------------------------------------------------------------
+
+
+def _leases(ledger_url: str, tenant: str) -> int:
+    with psycopg.connect(ledger_url) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM keel_admission_leases WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _until_leases(ledger_url: str, tenant: str, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while _leases(ledger_url, tenant) != count:
+        assert time.monotonic() < deadline, f"{tenant} never held {count} lease(s)"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_tenant_at_its_run_cap_gets_429_with_retry_after(
+    server: str, ledger_url: str
+) -> None:
+    """initech may run one run at a time: a second one is refused before it is created."""
+    headers = {"Authorization": "Bearer token-ivan"}
+    async with get_client(url=server, headers=headers) as ivan:
+        busy, other = await ivan.threads.create(), await ivan.threads.create()
+        first = await ivan.runs.create(busy["thread_id"], "agent", input=TASK)
+        await _until_leases(ledger_url, "initech", 1)
+        async with httpx.AsyncClient(base_url=server, headers=headers) as http:
+            refused = await http.post(
+                f"/threads/{other['thread_id']}/runs",
+                json={"assistant_id": "agent", "input": TASK},
+            )
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["Retry-After"] == "3"
+        assert "Overloaded: tenant 'initech' has 1 run(s) running" in refused.text
+        assert await ivan.runs.list(other["thread_id"]) == []  # nothing was created
+
+        await ivan.runs.join(busy["thread_id"], first["run_id"])
+        state = await ivan.threads.get_state(busy["thread_id"])
+        assert state["values"]["outcome"]["terminated_reason"] == "completed"
+        await _until_leases(ledger_url, "initech", 0)  # the slot came back
+        final = await ivan.runs.wait(other["thread_id"], "agent", input=TASK)
+        assert isinstance(final, dict)
+        assert final["outcome"]["terminated_reason"] == "completed"

@@ -14,6 +14,10 @@
   run acts for the thread's owner and the audit names the reviewer (`keel.identity`). Anything
   else a reviewer does on another user's thread (new input, update, delete) gets 404 as before.
   Another tenant's threads stay invisible to them.
+- **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
+  user) whose running and queued runs are at their caps is refused with 429 and `Retry-After`
+  before it is created (`keel.guards.admission`; a run that gets past this check and finds no
+  slot when it starts ends as `stopped` / `overloaded` instead).
 - **What:** a run's `input` and `command.update` may set only what a caller may send
   (`keel.state.AgentInput`: messages); a key only keel writes (approvals, usage, outcome, plan,
   ...) is refused with 422 before the run is created. A thread's `update_state` reaches auth
@@ -27,6 +31,7 @@ from typing import Any
 
 from langgraph_sdk import Auth
 
+from keel.app.server import admission_of
 from keel.app.server_config import server_config
 from keel.errors import KeelError
 from keel.graphs.supervisor import SupervisorState
@@ -175,14 +180,44 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
     if reviewer and ctx.action == "create_run" and is_review_run(value):
+        await _refuse_if_full(owner[TENANT_KEY], None)
         _stamp(value, {TENANT_KEY: owner[TENANT_KEY], REVIEWER_KEY: owner[OWNER_KEY]})
         return {TENANT_KEY: owner[TENANT_KEY]}
+    if ctx.action == "create_run":
+        await _refuse_if_full(owner[TENANT_KEY], owner[OWNER_KEY])
     if ctx.action in ("create", "create_run") and isinstance(value, dict):
         roles = [str(r) for r in user_field(ctx.user, "roles")]
         _stamp(value, {**owner, ROLES_KEY: roles})
     if reviewer and ctx.action in ("read", "search"):
         return {TENANT_KEY: owner[TENANT_KEY]}
     return owner
+
+
+async def _refuse_if_full(tenant: str, user: str | None) -> None:
+    """429 with `Retry-After` when the tenant's (or the user's) runs are at their caps."""
+    admission = admission_of(tenant)
+    if admission is None:
+        return
+    policy = admission.policy
+    scopes = [("tenant", policy.tenant_running, policy.tenant_queued, None)]
+    if user is not None:
+        scopes.append(("user", policy.user_running, policy.user_queued, user))
+    for scope, running, queued, who in scopes:
+        if running is None:
+            continue
+        held = await admission.aheld(tenant, who)
+        if held["running"] + held["queued"] >= running + queued:
+            whose = (
+                f"user {who!r} of tenant {tenant!r}" if scope == "user" else f"tenant {tenant!r}"
+            )
+            raise Auth.exceptions.HTTPException(
+                status_code=429,
+                detail=(
+                    f"Overloaded: {whose} has {running} run(s) running and {queued} queued, its "
+                    f"caps; retry after {policy.retry_after} s."
+                ),
+                headers={"Retry-After": str(policy.retry_after)},
+            )
 
 
 def _refuse_keel_metadata(metadata: Any) -> None:
