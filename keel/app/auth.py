@@ -199,7 +199,9 @@ async def _refuse_if_full(tenant: str, user: str | None) -> None:
     if admission is None:
         return
     policy = admission.policy
-    scopes = [("tenant", policy.tenant_running, policy.tenant_queued, None)]
+    scopes: list[tuple[str, int | None, int, str | None]] = [
+        ("tenant", policy.tenant_running, policy.tenant_queued, None)
+    ]
     if user is not None:
         scopes.append(("user", policy.user_running, policy.user_queued, user))
     for scope, running, queued, who in scopes:

@@ -123,7 +123,7 @@ def _admit(graph: G, tenant: TenantConfig, ledger: Ledger | None) -> G:
     """`graph` under the tenant's admission control (`[tenants.<id>.admission]`), if any."""
     if tenant.admission is None or ledger is None:
         return graph
-    return admitted(graph, Admission(ledger, tenant.admission))
+    return cast(G, admitted(graph, Admission(ledger, tenant.admission)))
 
 
 def admission_of(tenant: str) -> Admission | None:
