@@ -253,3 +253,27 @@ def test_bad_admission_settings_are_named() -> None:
 
 def _held(admission: Admission) -> dict[str, int]:
     return admission.held("acme")
+
+
+async def test_a_refused_run_streams_its_outcome_in_each_stream_mode(ledger: Ledger) -> None:
+    """What the LangGraph server reads (values, updates; with subgraphs) carries the outcome."""
+    caps = AdmissionPolicy(tenant_running=1)
+    agent = build_agent(
+        ScriptedChatModel(script=["done"]), policy=Policy(admission=caps), ledger=ledger
+    )
+    acme = RunContext(user_id="u", tenant_id="acme")
+    busy = await Admission(ledger, caps).aacquire(acme)
+
+    async def streamed(**kwargs: Any) -> list[Any]:
+        return [chunk async for chunk in agent.astream(TASK, context=acme, **kwargs)]
+
+    (values,) = await streamed(stream_mode="values")
+    assert values["outcome"]["terminated_reason"] == "overloaded"
+    update = {"admission": {"outcome": values["outcome"]}}
+    assert await streamed() == await streamed(stream_mode="updates") == [update]
+    both = await streamed(stream_mode=["updates", "values", "messages"], subgraphs=True)
+    assert [(ns, mode) for ns, mode, _ in both] == [((), "updates"), ((), "values")]
+    (part,) = await streamed(stream_mode=["values"], version="v2")
+    assert (part["type"], part["data"]) == ("values", values)
+    await Admission(ledger, caps).arelease(busy)
+    assert (await agent.ainvoke(TASK, context=acme))["outcome"]["terminated_reason"] == "completed"
