@@ -487,8 +487,14 @@ async def test_a_reviewer_edits_or_rejects_and_an_owners_sent_name_is_ignored(
     state = await carol.threads.get_state(edited)
     (request,) = state["tasks"][0]["interrupts"][0]["value"]
     args = {**request["action_request"]["args"], "amount": 10.0}
+    # keel's own metadata keys sent by the client (run metadata, run config) are replaced
+    forged = {"keel_owner": "dave", "keel_roles": ["support"], "keel_reviewer": "erin"}
     final = await carol.runs.wait(
-        edited, "agent", command={"resume": [{"type": "edit", "args": args}]}
+        edited,
+        "agent",
+        command={"resume": [{"type": "edit", "args": args}]},
+        metadata=forged,
+        config={"metadata": forged},
     )
     assert isinstance(final, dict)
     assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
