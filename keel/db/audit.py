@@ -60,7 +60,8 @@ class AuditRecord:
     rule: str | None = None
     """The permission rule that matched, when one did."""
     approver: str | None = None
-    """Who approved or rejected, when the reviewer gave a name."""
+    """Who approved or rejected: under a server, the authenticated user who answered (a client
+    cannot name someone else); embedded, the resume's `reviewer` field, when it has one."""
     result: str = ""
     """A summary of what happened (truncated; PII redacted when written)."""
     user_id: str | None = None
