@@ -190,9 +190,12 @@ class Admission:
         stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.policy.lease_s / 3):
-                with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                    self.renew(lease)
+            try:
+                while not stop.wait(self.policy.lease_s / 3):
+                    with contextlib.suppress(Exception):  # a missed renewal shortens the lease
+                        self.renew(lease)
+            finally:
+                self.ledger.close_thread()
 
         thread = threading.Thread(target=beat, name="keel-admission-lease", daemon=True)
         thread.start()

@@ -277,3 +277,46 @@ async def test_a_refused_run_streams_its_outcome_in_each_stream_mode(ledger: Led
     assert (part["type"], part["data"]) == ("values", values)
     await Admission(ledger, caps).arelease(busy)
     assert (await agent.ainvoke(TASK, context=acme))["outcome"]["terminated_reason"] == "completed"
+
+
+def test_a_sync_run_longer_than_its_lease_keeps_its_slot(db_url: str) -> None:
+    """`invoke` renews from a heartbeat thread, which closes its SQLite connection after."""
+    import threading
+
+    ledger = Ledger(db_url)
+    go = threading.Event()
+
+    @tool
+    def hold() -> str:
+        """Hold the run until the test lets it go."""
+        go.wait(30)
+        return "held"
+
+    caps = AdmissionPolicy(tenant_running=1, lease_s=0.3)
+    agent = build_agent(
+        ScriptedChatModel(script=[call("hold"), "done"]),
+        [hold],
+        policy=Policy(rules=(Rule(action="allow", tool="hold"),), admission=caps),
+        ledger=ledger,
+    )
+    admission = Admission(ledger, caps)
+    acme = RunContext(user_id="u", tenant_id="acme")
+    results: list[dict[str, Any]] = []
+    runner = threading.Thread(target=lambda: results.append(agent.invoke(TASK, context=acme)))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while admission.held("acme")["running"] != 1:
+            assert time.monotonic() < deadline, "the run never took its slot"
+            time.sleep(0.02)
+        connections = len(ledger._sqlite_dbs)
+        time.sleep(1.0)  # three lease lifetimes
+        assert admission.acquire(acme).refused is not None
+        go.set()
+        runner.join(30)
+        assert results[0]["outcome"]["terminated_reason"] == "completed"
+        assert admission.held("acme") == {"running": 0, "queued": 0}
+        assert len(ledger._sqlite_dbs) <= connections  # the heartbeat's connection was closed
+    finally:
+        go.set()
+        ledger.close()
