@@ -514,6 +514,23 @@ async def test_a_reviewer_edits_or_rejects_and_an_owners_sent_name_is_ignored(
     assert _approvals_in_audit(ledger_url, own) == [("approved", "alice", "alice")]
 
 
+async def test_a_reviewer_resumes_a_supervisors_sub_agent_for_its_owner(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+) -> None:
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "supervisor")
+    final = await carol.runs.wait(
+        thread_id, "supervisor", command={"resume": [{"type": "approve"}]}
+    )
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert "refunded the full $42.50" in final["messages"][-1]["content"]
+    assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
+
+
 async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],
