@@ -32,6 +32,7 @@ from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.threads import guarded
+from keel.guards.admission import Admission
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.model_call import ModelCallGuards, ModelTimeoutPolicy
 from keel.guards.permissions import PermissionMatrix
@@ -468,7 +469,12 @@ def build_agent(
         "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None)
+    admission = (
+        Admission(ledger, policy.admission)
+        if ledger is not None and policy is not None and policy.admission is not None
+        else None
+    )
+    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, admission)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

@@ -42,6 +42,7 @@ from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
+from keel.guards.admission import Admission
 from keel.guards.model_call import (
     DEFAULT_MODEL_RETRY,
     GuardedModel,
@@ -108,7 +109,8 @@ def build_supervisor(
         policy: Holds the routing model's calls to the policy's run budget (over the
             supervisor's usage, which includes its agents'), period budgets, rate limits and
             model breaker; the agents keep their own policies.
-        ledger: keel's ledger, needed by a policy with period budgets, rate limits or breakers.
+        ledger: keel's ledger, needed by a policy with period budgets, rate limits, breakers
+            or admission control (`Policy.admission`: caps on the supervisor's runs).
         prices: The price table for the router's USD accounting.
         model_retry: Retries of a failed routing call.
         model_timeout: A deadline for each attempt of a routing call.
@@ -152,7 +154,12 @@ def build_supervisor(
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    return guarded(compiled)
+    admission = (
+        Admission(ledger, policy.admission)
+        if ledger is not None and policy is not None and policy.admission is not None
+        else None
+    )
+    return guarded(compiled, admission=admission)
 
 
 def route_after_router(state: SupervisorState) -> str:

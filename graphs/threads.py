@@ -10,6 +10,10 @@
 
 Each refusal is a `keel.errors.UserError` raised by `invoke`/`stream` (and their async twins)
 before anything is written, so the thread stays as it was.
+
+With admission control (`keel.guards.admission`), each run (a new message or a resume) holds a
+lease in the ledger while it streams; a refused run yields only its `overloaded` outcome
+(`keel.graphs._admitted`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from langgraph.types import Command, StateSnapshot
 
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
+from keel.db.runs import RunLog
 from keel.errors import UserError
+from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._protected import ProtectedGraph
+from keel.guards.admission import Admission, overloaded
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 
-__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "guarded", "refusal"]
+__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
 PENDING_KEY = "keel_pending"
 """`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
@@ -145,13 +152,52 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     keel_audit: AuditLog | None = None
     """Where `not_run` answers to pending calls are audited (the agent's ledger)."""
+    keel_admission: Admission | None = None
+    """Admission control: each run holds a lease while it streams (None: no caps)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
-        """A copy (as `with_config` makes), keeping the audit log."""
+        """A copy (as `with_config` makes), keeping the audit log and admission control."""
         attrs = {k: v for k, v in self.__dict__.items() if k not in _NOT_INIT}
         out = ThreadGuardedGraph(**{**attrs, **(update or {})})
         out.keel_audit = self.keel_audit
+        out.keel_admission = self.keel_admission
         return out
+
+    def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
+        """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
+        gate = self.keel_admission
+        assert gate is not None
+        context = run_context(config, kwargs.get("context"))
+        lease = gate.acquire(context)
+        if lease.refused is not None:
+            result = overloaded(gate.policy, lease.refused)
+            audit, record = refused_records(config, context, lease, result, self.name)
+            AuditLog(gate.ledger).write([audit])
+            RunLog(gate.ledger).write(record)
+            yield from refused_chunks(result, kwargs, self.stream_mode)
+            return
+        with gate.holding(lease):
+            yield from super().stream(input, config, **kwargs)
+
+    async def _aadmitted(
+        self, input: Any, config: RunnableConfig | None, kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """LangGraph's `astream` under a lease (see `_admitted`)."""
+        gate = self.keel_admission
+        assert gate is not None
+        context = run_context(config, kwargs.get("context"))
+        lease = await gate.aacquire(context)
+        if lease.refused is not None:
+            result = overloaded(gate.policy, lease.refused)
+            audit, record = refused_records(config, context, lease, result, self.name)
+            await AuditLog(gate.ledger).awrite([audit])
+            await RunLog(gate.ledger).awrite(record)
+            for part in refused_chunks(result, kwargs, self.stream_mode):
+                yield part
+            return
+        async with gate.aholding(lease):
+            async for chunk in super().astream(input, config, **kwargs):
+                yield chunk
 
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
@@ -194,6 +240,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             problem = refusal(input, config, state)
             if problem is not None:
                 raise UserError(problem)
+            if self.keel_admission is not None:
+                return self._admitted(input, config, kwargs)
         return super().stream(input, config, **kwargs)
 
     async def astream(
@@ -211,6 +259,10 @@ class ThreadGuardedGraph(ProtectedGraph):
             problem = refusal(input, config, state)
             if problem is not None:
                 raise UserError(problem)
+            if self.keel_admission is not None:
+                async for part in self._aadmitted(input, config, kwargs):
+                    yield part
+                return
         async for chunk in super().astream(input, config, **kwargs):
             yield chunk
 
@@ -218,12 +270,25 @@ class ThreadGuardedGraph(ProtectedGraph):
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
-_NOT_INIT = ("__orig_class__", "keel_audit")
+_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission")
 
 
-def guarded(graph: G, audit: AuditLog | None = None) -> G:
+def guarded(graph: G, audit: AuditLog | None = None, admission: Admission | None = None) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config)."""
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
     out.keel_audit = audit
+    out.keel_admission = admission
     return out  # type: ignore[return-value]
+
+
+def admitted(graph: Any, admission: Admission | None) -> Any:
+    """`graph` (a keel agent or supervisor) with its runs under `admission` (None: no caps)."""
+    if not isinstance(graph, ThreadGuardedGraph):
+        raise UserError(
+            f"Admission control wraps keel's graphs (build_agent, build_supervisor), got "
+            f"{type(graph).__name__}."
+        )
+    out = graph.copy()
+    out.keel_admission = admission
+    return out

@@ -20,6 +20,9 @@
   shared across processes through the ledger.
 - `BreakerPolicy`, `CircuitBreaker` → `CircuitOpen`, `BreakerTransition`: circuit breakers per
   model and per tool, shared through the ledger.
+- `AdmissionPolicy` (`Policy.admission`), `Admission` → `Lease`: caps on the runs a tenant and
+  each user have running and queued, kept as leases in the ledger; over them a run ends as
+  `stopped` / `overloaded` with a retry-after.
 - `GuardedModel` (with `ModelCallGuards`, `ModelTimeoutPolicy` → `ModelAnswer`): the one path
   every model call keel makes goes through (agent turns, plans, the judge, the router): run
   budget, period budget reservation with the answer capped at its reserve, breaker and rate
@@ -39,6 +42,7 @@
 Checks that only allow or stop run inside the node they guard, so they add no superstep.
 """
 
+from keel.guards.admission import Admission, AdmissionPolicy, Lease
 from keel.guards.breaker import BreakerPolicy, BreakerTransition, CircuitBreaker, CircuitOpen
 from keel.guards.budget import BudgetVerdict, check_budget, usage_from_messages
 from keel.guards.content import (
@@ -74,6 +78,8 @@ from keel.guards.spend import PeriodBudget, SpendMeter
 from keel.redact import PiiMatch, find_pii, redact, sanitize
 
 __all__ = [
+    "Admission",
+    "AdmissionPolicy",
     "BreakerPolicy",
     "BreakerTransition",
     "Budget",
@@ -91,6 +97,7 @@ __all__ = [
     "InjectionVerdict",
     "InputGuardMiddleware",
     "InputGuardPolicy",
+    "Lease",
     "LoopGuardMiddleware",
     "LoopPolicy",
     "ModelDetector",

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from keel.errors import UserError
+from keel.guards.admission import AdmissionPolicy
 from keel.guards.breaker import BreakerPolicy
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
 from keel.guards.ratelimit import RateLimit
@@ -201,6 +202,10 @@ class Policy:
     output_guard: OutputGuardPolicy | None = field(default_factory=OutputGuardPolicy)
     """What the user may get: PII and secrets in final and partial answers are redacted by
     default (`flag`, `redact` or `block`). `None` disables it."""
+    admission: AdmissionPolicy | None = None
+    """Caps on the runs a tenant and each user have running and queued at once, kept in the
+    ledger (`keel.guards.admission`); over them a run ends as `stopped` / `overloaded` with a
+    retry-after. `None`: no caps."""
 
     def __post_init__(self) -> None:
         for name in ("name", "version"):
@@ -241,6 +246,7 @@ class Policy:
             ("tool_breaker", BreakerPolicy),
             ("input_guard", InputGuardPolicy),
             ("output_guard", OutputGuardPolicy),
+            ("admission", AdmissionPolicy),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -256,6 +262,7 @@ class Policy:
             "rate_limits": bool(self.rate_limits),
             "model_breaker": self.model_breaker is not None,
             "tool_breaker": self.tool_breaker is not None,
+            "admission": self.admission is not None,
         }
         return [name for name, on in wanted.items() if on]
 
@@ -281,6 +288,7 @@ class Policy:
             "tool_breaker",
             "input_guard",
             "output_guard",
+            "admission",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -308,6 +316,7 @@ class Policy:
             ("tool_breaker", BreakerPolicy),
             ("input_guard", InputGuardPolicy),
             ("output_guard", OutputGuardPolicy),
+            ("admission", AdmissionPolicy),
         )
         for key, kind in guards:
             if key in data:

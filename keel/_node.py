@@ -24,6 +24,7 @@ from langgraph._internal._constants import (
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
 from keel.errors import UserError
@@ -68,7 +69,7 @@ def context_of(runtime: Runtime[RunContext] | None) -> RunContext:
     """
     user = server_user(runtime)
     if user is not None:
-        return context_from_user(user)
+        return context_from_user(user, _run_metadata())
     ctx = runtime.context if runtime is not None else None
     if ctx is None:
         return _DEFAULT_CONTEXT
@@ -80,6 +81,15 @@ def context_of(runtime: Runtime[RunContext] | None) -> RunContext:
         f"keel nodes need context=RunContext(...), got {type(ctx).__name__}. "
         "Pass context=RunContext(user_id=..., tenant_id=..., roles=(...)) to invoke."
     )
+
+
+def _run_metadata() -> dict[str, Any] | None:
+    """The running node's config metadata (the server merges the thread's into it), if any."""
+    try:
+        metadata = get_config().get("metadata")
+    except RuntimeError:  # outside a runnable (no config in context)
+        return None
+    return metadata if isinstance(metadata, dict) else None
 
 
 def thread_of(runtime: Runtime[Any] | None) -> str:

@@ -43,9 +43,11 @@ TerminatedReason = Literal[
     "verification_failed",
     "awaiting_approval",
     "blocked",
+    "overloaded",
 ]
 """Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
-guard refused the user's input or withheld the answer."""
+guard refused the user's input or withheld the answer; `overloaded`: admission control
+(`keel.guards.admission`) refused to start it (the detail says when to retry)."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial

@@ -50,6 +50,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
+from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.nodes.history import pending_tool_calls
@@ -183,7 +184,8 @@ def human_review(
         answers = _normalize(interrupt(pending), pending)
         policy = policy_id(context, policy_version, policy_name)
         thread, _ = in_ledger(state, config)
-        update, settle, for_user = _apply(state, pending, answers, policy, thread, tools)
+        reviewer = reviewer_of(server_user(runtime))
+        update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
 
@@ -335,7 +337,13 @@ def _apply(
     policy: str,
     thread: str,
     tools: ToolRegistry,
+    reviewer: str | None = None,
 ) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
+    """The decisions' state update, ledger updates and user-scoped standing approvals.
+
+    `reviewer` (the server's authenticated user) overrides any `reviewer` the answers name: a
+    served client cannot say who approved.
+    """
     messages = state.get("messages") or []
     index, _ = pending_tool_calls(messages)
     ai = messages[index]
@@ -363,7 +371,7 @@ def _apply(
             version = entry.spec.version if entry is not None else ""
             digest = approval_digest(tool, args, policy, version=version)
             approvals[approval_key(digest, call_id, "approved")] = _approval(
-                digest, tool, call_id, "approved", answer
+                digest, tool, call_id, "approved", answer, reviewer
             )
             if "always" in answer:
                 always = Always.parse(answer["always"])
@@ -375,7 +383,7 @@ def _apply(
                     for_user[key] = standing
         elif answer["type"] == "reject":
             digest = request["digest"]
-            approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)
+            approvals[digest] = _approval(digest, tool, call_id, "rejected", answer, reviewer)
             note = f": {answer['message']}" if answer.get("message") else ""
             results.append(
                 _reply(call_id, tool, f"Rejected by a human reviewer{note}.", "rejected")
@@ -432,6 +440,7 @@ def _approval(
     call_id: str,
     decision: Literal["approved", "rejected"],
     answer: ReviewResponse,
+    reviewer: str | None,
 ) -> Approval:
     approval: Approval = {
         "digest": digest,
@@ -439,7 +448,9 @@ def _approval(
         "tool_call_id": call_id,
         "decision": decision,
     }
-    if "reviewer" in answer:
+    if reviewer is not None:
+        approval["reviewer"] = reviewer
+    elif "reviewer" in answer:
         approval["reviewer"] = answer["reviewer"]
     return approval
 

@@ -145,6 +145,10 @@ def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 1
 def _base_env(ledger_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
     env["KEEL_LEDGER_URL"] = ledger_url
+    # the admission test's slow model (tests/serve/e2e_models)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "tests" / "serve"), env.get("PYTHONPATH", "")) if p
+    )
     return env
 
 

@@ -77,6 +77,8 @@ PUBLIC = {
         "version_flow",
     ],
     "keel.db.tables": [
+        "ADMISSION_LEASES",
+        "ADMISSION_SCOPES",
         "AUDIT",
         "BREAKERS",
         "Column",
@@ -199,6 +201,8 @@ PUBLIC = {
         "tool",
     ],
     "keel.guards": [
+        "Admission",
+        "AdmissionPolicy",
         "BreakerPolicy",
         "BreakerTransition",
         "Budget",
@@ -216,6 +220,7 @@ PUBLIC = {
         "InjectionVerdict",
         "InputGuardMiddleware",
         "InputGuardPolicy",
+        "Lease",
         "LoopGuardMiddleware",
         "LoopPolicy",
         "ModelDetector",

@@ -207,3 +207,42 @@ def test_a_tenants_memory_namespace_is_where_its_agents_remember(tmp_path: Path)
     agent.invoke({"messages": [("user", "I prefer email.")]}, context=ctx)
     (item,) = store.search(("crm", "acme", "alice"))
     assert item.value == {"text": "Prefers email over phone."}
+
+
+def test_tenant_admission_is_read_and_needs_the_ledger(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    capped = MINIMAL.format(digest=digest) + "\n[tenants.acme.admission]\ntenant_running = 2\n"
+    with pytest.raises(SetupError, match=r"\[tenants.acme.admission\] keeps its run leases"):
+        ServerConfig.from_file(_write(tmp_path, capped))
+    ledger = 'ledger = "postgresql://nobody@127.0.0.1:1/x"\n'
+    config = ServerConfig.from_file(_write(tmp_path, ledger + capped))
+    admission = config.tenant("acme").admission
+    assert admission is not None and (admission.tenant_running, admission.tenant_queued) == (2, 0)
+    with pytest.raises(SetupError, match=r"unknown key\(s\) \['running'\]"):
+        ServerConfig.from_file(
+            _write(tmp_path, ledger + capped.replace("tenant_running", "running"))
+        )
+    with pytest.raises(SetupError, match="tenant_running must be 1 or more"):
+        ServerConfig.from_file(_write(tmp_path, ledger + capped.replace("= 2", "= 0")))
+
+
+def test_a_reviewer_acts_for_the_threads_owner_only_when_keels_auth_said_so() -> None:
+    """`context_from_user`: the owner's identity and roles only for a marked reviewer run."""
+    carol = User(user_record(user_id="carol", tenant_id="acme", roles=["reviewer"], policy="p"))
+    marked = {"keel_tenant": "acme", "keel_owner": "alice", "keel_roles": ["support"]}
+    marked["keel_reviewer"] = "carol"
+    assert context_from_user(carol, marked) == RunContext(
+        user_id="alice", tenant_id="acme", roles=("support",), policy="p"
+    )
+    # not marked by keel's auth, marked for another reviewer, another tenant, or no role
+    for metadata in (
+        {**marked, "keel_reviewer": None},
+        {**marked, "keel_reviewer": "dave"},
+        {**marked, "keel_tenant": "globex"},
+    ):
+        assert context_from_user(carol, metadata).user_id == "carol"
+    dave = User(user_record(user_id="dave", tenant_id="acme", roles=["support"], policy="p"))
+    assert context_from_user(dave, {**marked, "keel_reviewer": "dave"}).user_id == "dave"
+    # a thread made before owners' roles were stamped: the owner, with no roles (default deny)
+    bare = {k: v for k, v in marked.items() if k != "keel_roles"}
+    assert context_from_user(carol, bare).roles == ()

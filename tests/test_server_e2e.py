@@ -10,7 +10,9 @@ keel's scripted ones (`tests/serve/keel-server.toml`). alice (tenant acme) and b
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -404,3 +406,200 @@ async def test_a_resume_sent_to_a_thread_nothing_waits_on_approves_nothing(
         if m["type"] == "tool" and m["name"] == "issue_refund"
     ]
     assert all(m["response_metadata"]["keel_status"] != "success" for m in ran)
+
+
+# -- the reviewer role -------------------------------------------------------------------------
+
+
+def _approvals_in_audit(ledger_url: str, thread_id: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(ledger_url) as conn:
+        rows = conn.execute(
+            "SELECT decision, user_id, approver FROM keel_audit "
+            "WHERE kind = 'approval' AND thread_id = %s ORDER BY at",
+            (thread_id,),
+        ).fetchall()
+    return [(str(d), str(u), str(a)) for d, u, a in rows]
+
+
+@pytest.fixture
+async def reviewers(server: str) -> AsyncIterator[dict[str, LangGraphClient]]:
+    """carol (acme reviewer), dave (acme support, no reviewer), erin (globex reviewer)."""
+    made = {
+        name: get_client(url=server, headers={"Authorization": f"Bearer token-{name}"})
+        for name in ("carol", "dave", "erin")
+    }
+    async with made["carol"], made["dave"], made["erin"]:
+        yield made
+
+
+async def test_a_reviewer_lists_and_approves_another_users_waiting_thread(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+) -> None:
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+
+    waiting = await carol.threads.search(status="interrupted", limit=100)
+    assert thread_id in [t["thread_id"] for t in waiting]
+    assert {t["metadata"]["keel_tenant"] for t in waiting} == {"acme"}
+    assert await pending_actions(carol, thread_id) == ["issue_refund"]
+
+    # carol's token says role "reviewer" only: had the run acted as carol, the refund (allowed
+    # for "support" after approval) would be denied by default. It acts for alice.
+    final = await carol.runs.wait(
+        thread_id, "agent", command={"resume": [{"type": "approve", "reviewer": "mallory"}]}
+    )
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert "refunded the full $42.50" in final["messages"][-1]["content"]
+    # the audit names the authenticated reviewer, not the name the client sent
+    assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
+    # the thread is still alice's
+    assert (await alice.threads.get(thread_id))["metadata"]["keel_owner"] == "alice"
+
+
+async def test_a_reviewer_edits_or_rejects_and_an_owners_sent_name_is_ignored(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+) -> None:
+    alice, _ = clients
+    carol = reviewers["carol"]
+    edited, _ = await run_to_interrupt(alice, "agent")
+    state = await carol.threads.get_state(edited)
+    (request,) = state["tasks"][0]["interrupts"][0]["value"]
+    args = {**request["action_request"]["args"], "amount": 10.0}
+    # keel's own metadata keys sent by the client (run metadata, run config) are replaced
+    forged = {"keel_owner": "dave", "keel_roles": ["support"], "keel_reviewer": "erin"}
+    final = await carol.runs.wait(
+        edited,
+        "agent",
+        command={"resume": [{"type": "edit", "args": args}]},
+        metadata=forged,
+        config={"metadata": forged},
+    )
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert _approvals_in_audit(ledger_url, edited) == [("edited", "alice", "carol")]
+
+    rejected, _ = await run_to_interrupt(alice, "agent")
+    final = await carol.runs.wait(
+        rejected, "agent", command={"resume": [{"type": "reject", "reviewer": "alice"}]}
+    )
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "rejected"
+    assert _approvals_in_audit(ledger_url, rejected) == [("rejected", "alice", "carol")]
+
+    # the owner resuming their own thread is recorded as themselves, whatever they send
+    own, _ = await run_to_interrupt(alice, "agent")
+    await alice.runs.wait(own, "agent", command={"resume": [{"type": "approve", "reviewer": "x"}]})
+    assert _approvals_in_audit(ledger_url, own) == [("approved", "alice", "alice")]
+
+
+async def test_a_reviewer_resumes_a_supervisors_sub_agent_for_its_owner(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+) -> None:
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "supervisor")
+    final = await carol.runs.wait(
+        thread_id, "supervisor", command={"resume": [{"type": "approve"}]}
+    )
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert "refunded the full $42.50" in final["messages"][-1]["content"]
+    assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
+
+
+async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+) -> None:
+    alice, _ = clients
+    carol, dave, erin = reviewers["carol"], reviewers["dave"], reviewers["erin"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    approve = {"resume": [{"type": "approve"}]}
+
+    # another tenant's reviewer: 404 everywhere, nothing in its search
+    await assert_not_found(erin.threads.get_state(thread_id))
+    await assert_not_found(erin.runs.wait(thread_id, "agent", command=approve))
+    erins = await erin.threads.search(status="interrupted", limit=100)
+    assert thread_id not in [t["thread_id"] for t in erins]
+    assert {t["metadata"]["keel_tenant"] for t in erins} <= {"globex"}
+
+    # a user of the same tenant who is not a reviewer: 404 as before
+    await assert_not_found(dave.threads.get_state(thread_id))
+    await assert_not_found(dave.runs.wait(thread_id, "agent", command=approve))
+    assert thread_id not in [t["thread_id"] for t in await dave.threads.search(limit=100)]
+
+    # the reviewer may answer, not add input, update, goto or delete
+    await assert_not_found(carol.runs.wait(thread_id, "agent", input=TASK))
+    await assert_not_found(
+        carol.runs.wait(
+            thread_id, "agent", command={**approve, "update": {"messages": TASK["messages"]}}
+        )
+    )
+    await assert_not_found(carol.runs.wait(thread_id, "agent", command={"goto": "call_model"}))
+    await assert_not_found(carol.threads.update(thread_id, metadata={"x": 1}))
+    await assert_not_found(carol.threads.delete(thread_id))
+    # a forged keel_reviewer / keel_owner in run metadata is replaced by keel's own stamp
+    await assert_not_found(
+        dave.runs.wait(thread_id, "agent", command=approve, metadata={"keel_owner": "alice"})
+    )
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+    # nobody rewrites whose a thread is
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.threads.update(thread_id, metadata={"keel_owner": "dave"})
+    assert caught.value.response.status_code == 422
+    assert "only keel's auth writes these" in caught.value.response.text
+
+
+# -- admission control --------------------------------------------------------------------------
+
+
+def _leases(ledger_url: str, tenant: str) -> int:
+    with psycopg.connect(ledger_url) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM keel_admission_leases WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _until_leases(ledger_url: str, tenant: str, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while _leases(ledger_url, tenant) != count:
+        assert time.monotonic() < deadline, f"{tenant} never held {count} lease(s)"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_tenant_at_its_run_cap_gets_429_with_retry_after(
+    server: str, ledger_url: str
+) -> None:
+    """initech may run one run at a time: a second one is refused before it is created."""
+    headers = {"Authorization": "Bearer token-ivan"}
+    async with get_client(url=server, headers=headers) as ivan:
+        busy, other = await ivan.threads.create(), await ivan.threads.create()
+        first = await ivan.runs.create(busy["thread_id"], "agent", input=TASK)
+        await _until_leases(ledger_url, "initech", 1)
+        async with httpx.AsyncClient(base_url=server, headers=headers) as http:
+            refused = await http.post(
+                f"/threads/{other['thread_id']}/runs",
+                json={"assistant_id": "agent", "input": TASK},
+            )
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["Retry-After"] == "3"
+        assert "Overloaded: tenant 'initech' has 1 run(s) running" in refused.text
+        assert await ivan.runs.list(other["thread_id"]) == []  # nothing was created
+
+        await ivan.runs.join(busy["thread_id"], first["run_id"])
+        state = await ivan.threads.get_state(busy["thread_id"])
+        assert state["values"]["outcome"]["terminated_reason"] == "completed"
+        await _until_leases(ledger_url, "initech", 0)  # the slot came back
+        final = await ivan.runs.wait(other["thread_id"], "agent", input=TASK)
+        assert isinstance(final, dict)
+        assert final["outcome"]["terminated_reason"] == "completed"

@@ -8,6 +8,16 @@
   another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
   readable by all). Store namespaces must be the caller's own memory namespace
   `(kind, tenant, user, ...)`; anything else is refused with 403.
+- **Reviewers:** a user whose token carries the role `reviewer` also reads and searches the
+  threads of their tenant (`threads.search(status="interrupted")` lists the waiting ones) and may
+  resume any of them with a run that only answers the interrupt (`command={"resume": ...}`); the
+  run acts for the thread's owner and the audit names the reviewer (`keel.identity`). Anything
+  else a reviewer does on another user's thread (new input, update, delete) gets 404 as before.
+  Another tenant's threads stay invisible to them.
+- **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
+  user) whose running and queued runs are at their caps is refused with 429 and `Retry-After`
+  before it is created (`keel.guards.admission`; a run that gets past this check and finds no
+  slot when it starts ends as `stopped` / `overloaded` instead).
 - **What:** a run's `input` and `command.update` may set only what a caller may send
   (`keel.state.AgentInput`: messages); a key only keel writes (approvals, usage, outcome, plan,
   ...) is refused with 422 before the run is created. A thread's `update_state` reaches auth
@@ -22,13 +32,29 @@ from typing import Any
 
 from langgraph_sdk import Auth
 
+from keel.app.server import admission_of
 from keel.app.server_config import server_config
 from keel.errors import KeelError
 from keel.graphs.supervisor import SupervisorState
-from keel.identity import user_field, user_record
+from keel.identity import (
+    OWNER_KEY,
+    REVIEWER_KEY,
+    REVIEWER_ROLE,
+    ROLES_KEY,
+    TENANT_KEY,
+    user_field,
+    user_record,
+)
 from keel.memory.scope import label
 
-__all__ = ["PROTECTED_KEYS", "auth", "owner_filter", "protected_keys_in", "store_namespace_allowed"]
+__all__ = [
+    "PROTECTED_KEYS",
+    "auth",
+    "is_review_run",
+    "owner_filter",
+    "protected_keys_in",
+    "store_namespace_allowed",
+]
 
 auth = Auth()
 server_config()  # read the file at startup (a missing or bad one stops the server with why)
@@ -38,8 +64,8 @@ PROTECTED_KEYS = frozenset(
 ) - {"messages", "remaining_steps"}
 """State keys only keel writes (in an agent's or a supervisor's state)."""
 
-TENANT_KEY = "keel_tenant"
-OWNER_KEY = "keel_owner"
+KEEL_KEYS = frozenset({TENANT_KEY, OWNER_KEY, ROLES_KEY, REVIEWER_KEY})
+"""Metadata keys only keel's auth writes (a client sending one is refused, or overwritten)."""
 
 
 def owner_filter(user: Any) -> dict[str, str]:
@@ -49,8 +75,11 @@ def owner_filter(user: Any) -> dict[str, str]:
     refused with 403.
     """
     try:
-        return {TENANT_KEY: str(user_field(user, "tenant_id")), OWNER_KEY: str(user.identity)}
-    except (KeyError, AttributeError):
+        return {
+            TENANT_KEY: str(user_field(user, "tenant_id")),
+            OWNER_KEY: str(user_field(user, "identity")),
+        }
+    except (KeyError, TypeError, AttributeError):
         raise Auth.exceptions.HTTPException(
             status_code=403, detail="Not a keel user: authenticate with a keel bearer token."
         ) from None
@@ -60,8 +89,35 @@ def store_namespace_allowed(user: Any, namespace: tuple[str, ...] | None) -> boo
     """Whether `namespace` is inside the user's own `(kind, tenant, user)` memory namespace."""
     if namespace is None or len(namespace) < 3:
         return False
-    tenant = label(str(user_field(user, "tenant_id")))
-    return namespace[1] == tenant and namespace[2] == label(user.identity)
+    tenant, identity = str(user_field(user, "tenant_id")), str(user_field(user, "identity"))
+    return namespace[1] == label(tenant) and namespace[2] == label(identity)
+
+
+def is_reviewer(user: Any) -> bool:
+    """Whether the user's token carries the `reviewer` role."""
+    try:
+        roles = user_field(user, "roles")
+    except (KeyError, TypeError):
+        return False
+    return isinstance(roles, list | tuple) and REVIEWER_ROLE in roles
+
+
+def is_review_run(run: Any) -> bool:
+    """Whether a run only answers an interrupt (what a reviewer may start on another's thread).
+
+    That is `command={"resume": ...}` with no input, update or goto, on an existing thread.
+    """
+    kwargs = run.get("kwargs") if isinstance(run, dict) else None
+    if not isinstance(kwargs, dict) or kwargs.get("input") is not None:
+        return False
+    command = kwargs.get("command")
+    if not isinstance(command, dict) or command.get("resume") is None:
+        return False
+    return (
+        not ({k for k, v in command.items() if v is not None} - {"resume"})
+        and run.get("thread_id") is not None
+        and run.get("if_not_exists", "reject") != "create"
+    )
 
 
 @auth.authenticate
@@ -119,9 +175,12 @@ def protected_keys_in(run: Any) -> list[str]:
 async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     """Threads, runs, crons, assistants: stamp the owner on create, filter by it everywhere.
 
-    A run whose input or `command.update` sets a key only keel writes is refused with 422.
+    A run whose input or `command.update` sets a key only keel writes is refused with 422, and
+    so is metadata that sets one of keel's own keys (`keel_owner`, ...) on an update. A reviewer
+    reads the tenant's threads and resumes them (see the module docstring).
     """
     owner = owner_filter(ctx.user)
+    reviewer = is_reviewer(ctx.user) and ctx.resource == "threads"
     if ctx.action == "create_run" and (bad := protected_keys_in(value)):
         raise Auth.exceptions.HTTPException(
             status_code=422,
@@ -130,12 +189,77 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
                 "these (keel's record of the run). Send 'messages'."
             ),
         )
+    if ctx.action == "update" and isinstance(value, dict):
+        _refuse_keel_metadata(value.get("metadata"))
+    if reviewer and ctx.action == "create_run" and is_review_run(value):
+        await _refuse_if_full(owner[TENANT_KEY], None)
+        _stamp(value, {TENANT_KEY: owner[TENANT_KEY], REVIEWER_KEY: owner[OWNER_KEY]})
+        return {TENANT_KEY: owner[TENANT_KEY]}
+    if ctx.action == "create_run":
+        await _refuse_if_full(owner[TENANT_KEY], owner[OWNER_KEY])
     if ctx.action in ("create", "create_run") and isinstance(value, dict):
-        metadata = value.get("metadata")
-        if not isinstance(metadata, dict):
-            metadata = value["metadata"] = {}
-        metadata.update(owner)
+        roles = [str(r) for r in user_field(ctx.user, "roles")]
+        _stamp(value, {**owner, ROLES_KEY: roles})
+    if reviewer and ctx.action in ("read", "search"):
+        return {TENANT_KEY: owner[TENANT_KEY]}
     return owner
+
+
+async def _refuse_if_full(tenant: str, user: str | None) -> None:
+    """429 with `Retry-After` when the tenant's (or the user's) runs are at their caps."""
+    admission = admission_of(tenant)
+    if admission is None:
+        return
+    policy = admission.policy
+    scopes: list[tuple[str, int | None, int, str | None]] = [
+        ("tenant", policy.tenant_running, policy.tenant_queued, None)
+    ]
+    if user is not None:
+        scopes.append(("user", policy.user_running, policy.user_queued, user))
+    for scope, running, queued, who in scopes:
+        if running is None:
+            continue
+        held = await admission.aheld(tenant, who)
+        if held["running"] + held["queued"] >= running + queued:
+            whose = (
+                f"user {who!r} of tenant {tenant!r}" if scope == "user" else f"tenant {tenant!r}"
+            )
+            raise Auth.exceptions.HTTPException(
+                status_code=429,
+                detail=(
+                    f"Overloaded: {whose} has {running} run(s) running and {queued} queued, its "
+                    f"caps; retry after {policy.retry_after} s."
+                ),
+                headers={"Retry-After": str(policy.retry_after)},
+            )
+
+
+def _refuse_keel_metadata(metadata: Any) -> None:
+    bad = sorted(KEEL_KEYS & set(metadata)) if isinstance(metadata, dict) else []
+    if bad:
+        raise Auth.exceptions.HTTPException(
+            status_code=422,
+            detail=(
+                f"The metadata sets {', '.join(repr(k) for k in bad)}: only keel's auth writes "
+                "these (whose the thread is). Leave them out."
+            ),
+        )
+
+
+def _stamp(value: dict[str, Any], stamp: dict[str, Any]) -> None:
+    """Replace the keel keys a client put in the metadata (the run's and its config's) by `stamp`.
+
+    The run's metadata wins over the thread's, so a client's `keel_owner` must not get there.
+    """
+    for holder in (value, (value.get("kwargs") or {}).get("config") or {}):
+        metadata = holder.get("metadata")
+        if isinstance(metadata, dict):
+            for key in KEEL_KEYS & set(metadata):
+                del metadata[key]
+    metadata = value.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = value["metadata"] = {}
+    metadata.update(stamp)
 
 
 @auth.on.assistants.read
@@ -160,7 +284,8 @@ async def own_store(ctx: Auth.types.AuthContext, value: Any) -> None:
         namespace = value.get("namespace_prefix")
     namespace = tuple(namespace) if namespace is not None else None
     if not store_namespace_allowed(ctx.user, namespace):
-        tenant, user = label(str(user_field(ctx.user, "tenant_id"))), label(ctx.user.identity)
+        tenant = label(str(user_field(ctx.user, "tenant_id")))
+        user = label(str(user_field(ctx.user, "identity")))
         raise Auth.exceptions.HTTPException(
             status_code=403,
             detail=(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig
@@ -37,13 +37,17 @@ from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
+from keel.graphs.threads import admitted
+from keel.guards.admission import Admission
 from keel.identity import user_field
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
 from keel.state import RunContext
 from keel.tools.registry import KeelTool
 
-__all__ = ["agent", "build_tenant_agent", "build_tenant_supervisor", "supervisor"]
+__all__ = ["admission_of", "agent", "build_tenant_agent", "build_tenant_supervisor", "supervisor"]
+
+G = TypeVar("G")
 
 
 def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
@@ -63,7 +67,13 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     store = _store(server, tenant)
     return cast(
         Agent,
-        _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger, store=store)),
+        _cached(
+            server,
+            key,
+            lambda: _admit(
+                build_tenant_agent(tenant, name, ledger=ledger, store=store), tenant, ledger
+            ),
+        ),
     )
 
 
@@ -75,7 +85,13 @@ def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
     key = ("supervisor", tenant.name)
     return cast(
         Supervisor,
-        _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger, store=store)),
+        _cached(
+            server,
+            key,
+            lambda: _admit(
+                build_tenant_supervisor(tenant, ledger=ledger, store=store), tenant, ledger
+            ),
+        ),
     )
 
 
@@ -136,6 +152,21 @@ def build_tenant_supervisor(
         system_prompt=tenant.supervisor.system_prompt,
         name="supervisor",
     )
+
+
+def _admit(graph: G, tenant: TenantConfig, ledger: Ledger | None) -> G:
+    """`graph` under the tenant's admission control (`[tenants.<id>.admission]`), if any."""
+    if tenant.admission is None or ledger is None:
+        return graph
+    return cast(G, admitted(graph, Admission(ledger, tenant.admission)))
+
+
+def admission_of(tenant: str) -> Admission | None:
+    """The tenant's admission control (on the config's one ledger), or None without caps."""
+    config = server_config()
+    policy = config.tenant(tenant).admission
+    ledger = _ledger(config)
+    return None if policy is None or ledger is None else Admission(ledger, policy)
 
 
 def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:

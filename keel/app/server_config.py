@@ -23,7 +23,15 @@ model = "keel:demo"                                   # or "openai:gpt-4o-mini"
 system_prompt = "You handle refunds."
 tools = ["lookup_order", "search_policy", "issue_refund"]
 policy = "policies/acme.toml"                         # a path (relative to this file) or a table
+
+[tenants.acme.admission]                              # needs `ledger` (keel.guards.admission)
+tenant_running = 20                                   # runs of the tenant running at once
+tenant_queued = 50                                    # ... waiting for a slot (up to 30 s)
+user_running = 3                                      # runs of one user running at once
 ```
+
+A user whose `roles` include `reviewer` may list and resume the tenant's waiting threads
+(`keel.app.auth`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from keel.app.agent_options import (
     memory_spec,
 )
 from keel.errors import SetupError, UserError
+from keel.guards.admission import AdmissionPolicy
 from keel.guards.policy import Policy
 from keel.models import BUNDLED_MODELS
 
@@ -112,6 +121,9 @@ class TenantConfig:
     """The first label of its memory namespaces: `(memory_namespace, tenant, user)`."""
     memory: MemorySpec | None = None
     """Where its memories live (a Chroma server); None: the server's store."""
+    admission: AdmissionPolicy | None = None
+    """Caps on the tenant's (and each user's) running and queued runs, over all its graphs;
+    kept in the ledger. None: no caps."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,7 +227,14 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
                 "own token."
             )
         seen[user.token_sha256] = i
-    return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=_ledger_url(data))
+    ledger_url = _ledger_url(data)
+    capped = sorted(name for name, tenant in tenants.items() if tenant.admission is not None)
+    if capped and ledger_url is None:
+        raise UserError(
+            f"[tenants.{capped[0]}.admission] keeps its run leases in the ledger: add "
+            'ledger = "postgresql://..." at the top of the file.'
+        )
+    return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=ledger_url)
 
 
 def _ledger_url(data: Mapping[str, Any]) -> str | None:
@@ -272,7 +291,11 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     where = f"tenants.{name}"
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(raw, {"agent", "agents", "supervisor", "memory_namespace", "memory"}, f"[{where}]")
+    _only(
+        raw,
+        {"agent", "agents", "supervisor", "memory_namespace", "memory", "admission"},
+        f"[{where}]",
+    )
     memory_namespace = raw.get("memory_namespace", "memories")
     if not isinstance(memory_namespace, str) or not memory_namespace or "." in memory_namespace:
         raise UserError(
@@ -309,7 +332,20 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         supervisor=supervisor,
         memory_namespace=memory_namespace,
         memory=memory_spec(raw["memory"], where, _expand) if "memory" in raw else None,
+        admission=_admission(raw.get("admission"), f"{where}.admission"),
     )
+
+
+def _admission(raw: Any, where: str) -> AdmissionPolicy | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise UserError(f"[{where}] must be a table (tenant_running = 5, ...).")
+    _only(raw, set(AdmissionPolicy.__dataclass_fields__), f"[{where}]")
+    try:
+        return AdmissionPolicy(**raw)
+    except UserError as exc:
+        raise UserError(f"[{where}]: {exc}") from exc
 
 
 BUNDLED_TOOLS = frozenset(

@@ -25,7 +25,7 @@ from keel.redact import sanitize
 
 __all__ = ["AuditKind", "AuditLog", "AuditRecord", "insert_flow"]
 
-AuditKind = Literal["tool", "approval", "budget", "breaker", "content"]
+AuditKind = Literal["tool", "approval", "budget", "breaker", "content", "admission"]
 """What an audit record is about."""
 
 _RESULT_CHARS = 500
@@ -44,7 +44,8 @@ class AuditRecord:
     kind: AuditKind
     """`tool` (a call was decided on and run or refused), `approval` (a human decided),
     `budget` (a limit was hit or passed its warning threshold), `breaker` (a transition) or
-    `content` (a content guard flagged, redacted or blocked an input or an answer)."""
+    `content` (a content guard flagged, redacted or blocked an input or an answer) or
+    `admission` (admission control refused a run: decision `overloaded`)."""
     decision: str
     """`allow` / `ask` / `deny` for tools, `approved` / `edited` / `rejected` / `responded` for
     approvals, `exceeded` / `warning` for budgets, the new state for breakers, `flag` /
@@ -59,7 +60,8 @@ class AuditRecord:
     rule: str | None = None
     """The permission rule that matched, when one did."""
     approver: str | None = None
-    """Who approved or rejected, when the reviewer gave a name."""
+    """Who approved or rejected: under a server, the authenticated user who answered (a client
+    cannot name someone else); embedded, the resume's `reviewer` field, when it has one."""
     result: str = ""
     """A summary of what happened (truncated; PII redacted when written)."""
     user_id: str | None = None

@@ -123,6 +123,14 @@ class Ledger:
             self._pool.close()
             self._pool = None
 
+    def close_thread(self) -> None:
+        """Close the calling thread's SQLite connection; nothing to do on PostgreSQL.
+
+        A short-lived thread calls this when it is done; a later transaction reopens one.
+        """
+        if getattr(self._local, "db", None) is not None:
+            self._forget_sqlite()
+
     async def aclose(self) -> None:
         """Close both pools."""
         self.close()

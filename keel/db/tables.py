@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ADMISSION_LEASES",
+    "ADMISSION_SCOPES",
     "AUDIT",
     "BREAKERS",
     "Column",
@@ -273,6 +275,29 @@ FEEDBACK = Table(  # keel.evals.feedback: a person's score, comment or correctio
     indexes=(Index("keel_feedback_run", ("run_ref", "at"), since=4),),
     since=4,
 )
+ADMISSION_SCOPES = Table(  # keel.guards.admission: one row per tenant / user, locked to admit
+    "keel_admission_scopes",
+    (Column("scope_key", "TEXT", "PRIMARY KEY", since=7),),
+    primary_key=(),
+    since=7,
+)
+ADMISSION_LEASES = Table(  # keel.guards.admission: a slot held by a running or queued run
+    "keel_admission_leases",
+    (
+        Column("id", "TEXT", "PRIMARY KEY", since=7),
+        Column("tenant_id", "TEXT", "NOT NULL", since=7),
+        Column("user_id", "TEXT", "NOT NULL", since=7),
+        Column("state", "TEXT", "NOT NULL", since=7),
+        Column("acquired_at", _DOUBLE, "NOT NULL", since=7),
+        Column("expires_at", _DOUBLE, "NOT NULL", since=7),
+    ),
+    primary_key=(),
+    indexes=(
+        Index("keel_admission_tenant", ("tenant_id", "state"), since=7),
+        Index("keel_admission_user", ("tenant_id", "user_id", "state"), since=7),
+    ),
+    since=7,
+)
 MIGRATIONS_TABLE = Table(  # keel.db.migrations: which schema versions a database has had
     "keel_migrations",
     (
@@ -294,5 +319,7 @@ TABLES: tuple[Table, ...] = (
     AUDIT,
     RUNS,
     FEEDBACK,
+    ADMISSION_SCOPES,
+    ADMISSION_LEASES,
 )
 """Every ledger table that `MIGRATIONS` manages, in creation order."""

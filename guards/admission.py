@@ -1,0 +1,364 @@
+"""Admission control: caps on the runs a tenant (and each of its users) has running and queued.
+
+Each run takes a *lease* in the ledger before it starts (`keel_admission_leases`), in one
+transaction that locks the tenant's and the user's scope rows, so the caps hold across every
+process and replica sharing the ledger. A run over the running cap waits in the queue (if the
+queue has room) for up to `queue_timeout_s`; a run over both caps is refused at once. A refused
+run ends with the outcome `stopped` / `overloaded` and a retry-after in its detail; nothing of
+it is written to the thread. A lease expires after `lease_s` unless its run renews it (it does
+while it streams), so a run whose process died does not hold a slot forever.
+
+Example:
+    ```python
+    policy = Policy(
+        rules=[Rule(action="allow")],
+        admission=AdmissionPolicy(tenant_running=5, user_running=2, tenant_queued=10),
+    )
+    agent = build_agent(model, tools, policy=policy, ledger=Ledger("sqlite:///.keel/keel.db"))
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from keel import outcome
+from keel.db.ledger import Flow, Ledger
+from keel.db.tables import ADMISSION_LEASES
+from keel.errors import UserError
+from keel.state import Outcome, RunContext
+
+__all__ = ["Admission", "AdmissionPolicy", "Lease", "overloaded"]
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdmissionPolicy:
+    """How many runs a tenant, and each user of it, may have running and waiting at once.
+
+    `None` means no cap on that count. Queued runs wait for a running slot, first come first
+    served, for up to `queue_timeout_s`; over the queue's cap a run is refused at once.
+    """
+
+    tenant_running: int | None = None
+    """Runs of one tenant running at once."""
+    tenant_queued: int = 0
+    """Runs of one tenant waiting for a slot."""
+    user_running: int | None = None
+    """Runs of one user (of a tenant) running at once."""
+    user_queued: int = 0
+    """Runs of one user waiting for a slot."""
+    queue_timeout_s: float = 30.0
+    """How long a queued run waits for a slot before it is refused."""
+    lease_s: float = 300.0
+    """How long a lease holds without renewal (a running run renews it as it streams)."""
+    retry_after_s: float = 5.0
+    """The retry-after a refused run is told (in its outcome's detail, and HTTP's header)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tenant_running", "user_running"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UserError(
+                    f"AdmissionPolicy.{name} must be 1 or more (or None: no cap), got {value!r}."
+                )
+        for name in ("tenant_queued", "user_queued"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise UserError(f"AdmissionPolicy.{name} must be 0 or more, got {value!r}.")
+        for name in ("queue_timeout_s", "lease_s", "retry_after_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"AdmissionPolicy.{name} must be a positive number, got {value!r}.")
+
+    @property
+    def retry_after(self) -> int:
+        """`retry_after_s` in whole seconds (at least 1), as HTTP's `Retry-After` says it."""
+        return max(1, math.ceil(self.retry_after_s))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def overloaded(policy: AdmissionPolicy, why: str) -> Outcome:
+    """The outcome of a refused run: `stopped` / `overloaded`, with the retry-after."""
+    return outcome.stopped("overloaded", f"{why}; retry after {policy.retry_after} s")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A slot a run holds (`id`), or the refusal (`refused`: why)."""
+
+    id: str
+    """The lease's id in `keel_admission_leases`."""
+    refused: str | None = None
+    """Why the run was refused (over which cap), or None when it was admitted."""
+
+
+class Admission:
+    """Takes, renews and releases run leases in `ledger` under `policy`.
+
+    Example:
+        ```python
+        admission = Admission(Ledger("sqlite:///.keel/keel.db"), AdmissionPolicy(tenant_running=5))
+        lease = admission.acquire(RunContext(user_id="u1", tenant_id="acme"))
+        try:
+            ...  # the run, unless lease.refused
+        finally:
+            admission.release(lease)
+        ```
+    """
+
+    def __init__(self, ledger: Ledger, policy: AdmissionPolicy) -> None:
+        if not isinstance(ledger, Ledger):
+            raise UserError(f"Admission needs a keel.Ledger, got {type(ledger).__name__}.")
+        if not isinstance(policy, AdmissionPolicy):
+            raise UserError(f"Admission needs an AdmissionPolicy, got {type(policy).__name__}.")
+        self.ledger = ledger
+        self.policy = policy
+
+    def acquire(self, context: RunContext) -> Lease:
+        """A running lease for a run of `context`'s user, waiting in the queue if there is room."""
+        lease_id = uuid.uuid4().hex
+        state = self.ledger.run(_admit_flow(self.policy, context, lease_id, time.time()))
+        deadline = time.monotonic() + self.policy.queue_timeout_s
+        while state == "queued" and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            state = self.ledger.run(_promote_flow(self.policy, context, lease_id, time.time()))
+        return self._lease(lease_id, state, context)
+
+    async def aacquire(self, context: RunContext) -> Lease:
+        """A running lease (async); see `acquire`."""
+        lease_id = uuid.uuid4().hex
+        state = await self.ledger.arun(_admit_flow(self.policy, context, lease_id, time.time()))
+        deadline = time.monotonic() + self.policy.queue_timeout_s
+        while state == "queued" and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+            flow = _promote_flow(self.policy, context, lease_id, time.time())
+            state = await self.ledger.arun(flow)
+        return await self._alease(lease_id, state, context)
+
+    def _lease(self, lease_id: str, state: str, context: RunContext) -> Lease:
+        if state == "running":
+            return Lease(lease_id)
+        if state == "queued":
+            self.ledger.run(_release_flow(lease_id))
+        return Lease(lease_id, refused=_why(state, context, self.policy))
+
+    async def _alease(self, lease_id: str, state: str, context: RunContext) -> Lease:
+        if state == "running":
+            return Lease(lease_id)
+        if state == "queued":
+            await self.ledger.arun(_release_flow(lease_id))
+        return Lease(lease_id, refused=_why(state, context, self.policy))
+
+    def renew(self, lease: Lease) -> None:
+        """Push the lease's expiry `lease_s` ahead (a running run calls this as it goes)."""
+        if lease.refused is None:
+            self.ledger.run(_renew_flow(lease.id, time.time() + self.policy.lease_s))
+
+    async def arenew(self, lease: Lease) -> None:
+        """Push the lease's expiry ahead (async)."""
+        if lease.refused is None:
+            await self.ledger.arun(_renew_flow(lease.id, time.time() + self.policy.lease_s))
+
+    def release(self, lease: Lease) -> None:
+        """Give the slot back (a refused lease holds none)."""
+        if lease.refused is None:
+            self.ledger.run(_release_flow(lease.id))
+
+    async def arelease(self, lease: Lease) -> None:
+        """Give the slot back (async)."""
+        if lease.refused is None:
+            await self.ledger.arun(_release_flow(lease.id))
+
+    @contextlib.contextmanager
+    def holding(self, lease: Lease) -> Iterator[None]:
+        """Renew `lease` every `lease_s / 3` from a thread while the block runs; release it after.
+
+        A process that dies stops renewing: its lease expires and its slot comes free.
+        """
+        stop = threading.Event()
+
+        def beat() -> None:
+            try:
+                while not stop.wait(self.policy.lease_s / 3):
+                    with contextlib.suppress(Exception):  # a missed renewal shortens the lease
+                        self.renew(lease)
+            finally:
+                self.ledger.close_thread()
+
+        thread = threading.Thread(target=beat, name="keel-admission-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release(lease)
+
+    @contextlib.asynccontextmanager
+    async def aholding(self, lease: Lease) -> AsyncIterator[None]:
+        """Renew `lease` from a task while the block runs; release it after (async)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.policy.lease_s / 3)
+                with contextlib.suppress(Exception):
+                    await self.arenew(lease)
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.arelease(lease)
+
+    def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
+        """Unexpired leases of a tenant (or one of its users) by state: running, queued."""
+        return self.ledger.run(_held_flow(tenant_id, user_id, time.time()))
+
+    async def aheld(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
+        """Unexpired leases by state (async)."""
+        return await self.ledger.arun(_held_flow(tenant_id, user_id, time.time()))
+
+
+def _why(state: str, context: RunContext, policy: AdmissionPolicy) -> str:
+    if state == "queued":
+        return (
+            f"no run slot of tenant {context.tenant_id!r} came free within "
+            f"{policy.queue_timeout_s:g} s in the queue"
+        )
+    whose = (
+        f"user {context.user_id!r} of tenant {context.tenant_id!r}"
+        if state == "user"
+        else f"tenant {context.tenant_id!r}"
+    )
+    running = policy.user_running if state == "user" else policy.tenant_running
+    queued = policy.user_queued if state == "user" else policy.tenant_queued
+    return f"{whose} has {running} run(s) running and {queued} queued, its caps"
+
+
+def _lock_scopes(context: RunContext, now: float) -> Flow[None]:
+    """Lock the tenant's and the user's scope rows (in that order), drop expired leases."""
+    for key in (f"tenant:{context.tenant_id}", f"user:{context.tenant_id}:{context.user_id}"):
+        yield (
+            "INSERT INTO keel_admission_scopes (scope_key) VALUES (?) ON CONFLICT DO NOTHING",
+            (key,),
+        )
+        yield "SELECT scope_key FROM keel_admission_scopes WHERE scope_key = ? {for_update}", (key,)
+    yield (
+        f"DELETE FROM {ADMISSION_LEASES.name} WHERE tenant_id = ? AND expires_at <= ?",
+        (context.tenant_id, now),
+    )
+
+
+def _counts(context: RunContext, lease_id: str | None = None) -> Flow[dict[str, int]]:
+    """Running and queued leases of the tenant and of the user, but `lease_id`'s own.
+
+    `*_ahead`: the queued ones that came before `lease_id` (by arrival); `mine`: 1 while
+    `lease_id` is still in the table.
+    """
+    rows = yield (
+        f"SELECT user_id, state, acquired_at, id FROM {ADMISSION_LEASES.name} WHERE tenant_id = ?",
+        (context.tenant_id,),
+    )
+    mine = next((r for r in rows if r[3] == lease_id), None)
+    out = {"tenant_running": 0, "tenant_queued": 0, "user_running": 0, "user_queued": 0}
+    ahead = {"tenant": 0, "user": 0}
+    for user, state, at, other in rows:
+        if other == lease_id:
+            continue
+        same_user = user == context.user_id
+        out[f"tenant_{state}"] += 1
+        if same_user:
+            out[f"user_{state}"] += 1
+        if mine is not None and state == "queued" and (at, other) < (mine[2], mine[3]):
+            ahead["tenant"] += 1
+            ahead["user"] += int(same_user)
+    out["tenant_ahead"], out["user_ahead"] = ahead["tenant"], ahead["user"]
+    out["mine"] = int(mine is not None)
+    return out
+
+
+def _room(policy: AdmissionPolicy, counts: dict[str, int], ahead: bool) -> bool:
+    """Whether a run may run now (`ahead`: count the queued runs that came first)."""
+    for scope in ("tenant", "user"):
+        cap = policy.tenant_running if scope == "tenant" else policy.user_running
+        waiting = counts[f"{scope}_ahead"] if ahead else counts[f"{scope}_queued"]
+        if cap is not None and counts[f"{scope}_running"] + waiting >= cap:
+            return False
+    return True
+
+
+def _admit_flow(
+    policy: AdmissionPolicy, context: RunContext, lease_id: str, now: float
+) -> Flow[str]:
+    """Take a lease: `running`, `queued`, or the scope (`tenant` / `user`) that is full."""
+    yield from _lock_scopes(context, now)
+    counts = yield from _counts(context)
+    if _room(policy, counts, ahead=False):
+        state = "running"
+    else:
+        for scope, queued in (("tenant", policy.tenant_queued), ("user", policy.user_queued)):
+            cap = policy.tenant_running if scope == "tenant" else policy.user_running
+            full = cap is not None and counts[f"{scope}_running"] + counts[f"{scope}_queued"] >= cap
+            if full and counts[f"{scope}_queued"] >= queued:
+                return scope
+        state = "queued"
+    expires = now + (policy.lease_s if state == "running" else policy.queue_timeout_s + 60)
+    yield (
+        f"INSERT INTO {ADMISSION_LEASES.name} ({ADMISSION_LEASES.select}) VALUES "
+        f"({ADMISSION_LEASES.placeholders()})",
+        (lease_id, context.tenant_id, context.user_id, state, now, expires),
+    )
+    return state
+
+
+def _promote_flow(
+    policy: AdmissionPolicy, context: RunContext, lease_id: str, now: float
+) -> Flow[str]:
+    """Move a queued lease to running when a slot is free and no earlier queued run waits."""
+    yield from _lock_scopes(context, now)
+    counts = yield from _counts(context, lease_id)
+    if not counts["mine"] or not _room(policy, counts, ahead=True):
+        return "queued"
+    yield (
+        f"UPDATE {ADMISSION_LEASES.name} SET state = 'running', expires_at = ? WHERE id = ?",
+        (now + policy.lease_s, lease_id),
+    )
+    return "running"
+
+
+def _renew_flow(lease_id: str, expires_at: float) -> Flow[None]:
+    yield f"UPDATE {ADMISSION_LEASES.name} SET expires_at = ? WHERE id = ?", (expires_at, lease_id)
+
+
+def _release_flow(lease_id: str) -> Flow[None]:
+    yield f"DELETE FROM {ADMISSION_LEASES.name} WHERE id = ?", (lease_id,)
+
+
+def _held_flow(tenant_id: str, user_id: str | None, now: float) -> Flow[dict[str, int]]:
+    params: tuple[str | float, ...] = (tenant_id, now)
+    where = "tenant_id = ? AND expires_at > ?"
+    if user_id is not None:
+        where += " AND user_id = ?"
+        params = (*params, user_id)
+    rows = yield (
+        f"SELECT state, COUNT(*) FROM {ADMISSION_LEASES.name} WHERE {where} GROUP BY state",
+        params,
+    )
+    out = {"running": 0, "queued": 0}
+    out.update({str(state): int(n) for state, n in rows})
+    return out

@@ -1,0 +1,322 @@
+"""Admission control: caps on running and queued runs per tenant and per user, in the ledger.
+
+Each test runs on SQLite and on PostgreSQL (`ledger` fixture). The runs are real agent runs
+(scripted model); an admitted run holds its slot inside a tool that waits for the test's signal,
+so what is running at once is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+
+from keel import Ledger, RunContext, UserError, build_agent, tool
+from keel.app.report import build_report, render_text
+from keel.db.audit import AuditLog
+from keel.db.runs import RunLog
+from keel.evals import ScriptedChatModel, call
+from keel.graphs.agent import Agent
+from keel.guards import Admission, AdmissionPolicy, Policy, Rule
+
+TASK = {"messages": [("user", "go")]}
+
+
+class Gate:
+    """A tool that holds its run until the test opens it; counts the runs inside."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.open = asyncio.Event()
+
+    def tool(self) -> Any:
+        @tool
+        async def hold() -> str:
+            """Hold the run until the test lets it go."""
+            self.inside += 1
+            await self.open.wait()
+            return "held"
+
+        return hold
+
+
+def agent_for(ledger: Ledger, admission: AdmissionPolicy, gate: Gate) -> Agent:
+    return build_agent(
+        ScriptedChatModel(script=[call("hold"), "done"]),
+        [gate.tool()],
+        policy=Policy(rules=(Rule(action="allow", tool="hold"),), admission=admission),
+        ledger=ledger,
+        checkpointer=InMemorySaver(),
+    )
+
+
+def run(agent: Agent, i: int, user: str | None = None) -> Awaitable[dict[str, Any]]:
+    return agent.ainvoke(
+        TASK,
+        {"configurable": {"thread_id": f"t{i}"}},
+        context=RunContext(user_id=user or f"u{i}", tenant_id="acme"),
+    )
+
+
+async def until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def reasons(results: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(r["outcome"]["terminated_reason"] for r in results)
+
+
+async def test_fifty_simultaneous_runs_against_a_cap_of_five(ledger: Ledger) -> None:
+    gate = Gate()
+    agent = agent_for(ledger, AdmissionPolicy(tenant_running=5, retry_after_s=7), gate)
+    tasks = [asyncio.create_task(run(agent, i)) for i in range(50)]
+    await until(lambda: sum(t.done() for t in tasks) == 45 and gate.inside == 5, "45 refusals")
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=5))
+    assert await admission.aheld("acme") == {"running": 5, "queued": 0}
+    gate.open.set()
+    results = list(await asyncio.gather(*tasks))
+
+    assert reasons(results) == {"completed": 5, "overloaded": 45}
+    refused = [r for r in results if r["outcome"]["terminated_reason"] == "overloaded"]
+    assert all(r["outcome"]["status"] == "stopped" for r in refused)
+    assert {r["outcome"]["detail"][-15:] for r in refused} == {"retry after 7 s"}
+    assert "tenant 'acme' has 5 run(s) running and 0 queued" in refused[0]["outcome"]["detail"]
+    # nothing lost: every run has an outcome, every slot came back
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+    # a refused run wrote nothing to its thread
+    done = {i for i, t in enumerate(tasks) if t.result()["outcome"]["status"] == "success"}
+    untouched = next(i for i in range(50) if i not in done)
+    state = await agent.aget_state({"configurable": {"thread_id": f"t{untouched}"}})
+    assert state.values == {}
+    # audited and recorded (keel report counts the run records)
+    records = await RunLog(ledger).aquery(tenant="acme")
+    assert Counter(r.terminated_reason for r in records) == {"completed": 5, "overloaded": 45}
+    report = build_report(records)
+    assert report.error_categories == {"overloaded": 45}
+    assert "overloaded" in render_text(report)
+    audit = [r for r in await AuditLog(ledger).aquery(limit=1000) if r.kind == "admission"]
+    assert len(audit) == 45
+    assert {(r.decision, r.tenant_id) for r in audit} == {("overloaded", "acme")}
+
+
+async def test_the_queue_waits_for_a_slot_and_its_cap_refuses_at_once(ledger: Ledger) -> None:
+    gate = Gate()
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=60)
+    agent = agent_for(ledger, policy, gate)
+    admission = Admission(ledger, policy)
+    first = asyncio.create_task(run(agent, 0))
+    await until(lambda: gate.inside == 1, "the first run to hold its slot")
+    queued = asyncio.create_task(run(agent, 1))
+    await until(lambda: _held(admission) == {"running": 1, "queued": 1}, "the queued run")
+    refused = await run(agent, 2)  # the queue is full: refused at once
+    assert refused["outcome"]["terminated_reason"] == "overloaded"
+    assert not queued.done()
+    gate.open.set()
+    results = [await first, await queued]
+    assert reasons(results) == {"completed": 2}
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+
+
+async def test_a_queued_run_that_waits_too_long_is_refused(ledger: Ledger) -> None:
+    gate = Gate()
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=5, queue_timeout_s=0.3)
+    agent = agent_for(ledger, policy, gate)
+    first = asyncio.create_task(run(agent, 0))
+    await until(lambda: gate.inside == 1, "the first run to hold its slot")
+    late = await run(agent, 1)
+    assert late["outcome"]["terminated_reason"] == "overloaded"
+    assert "came free within 0.3 s in the queue" in late["outcome"]["detail"]
+    gate.open.set()
+    assert (await first)["outcome"]["terminated_reason"] == "completed"
+    assert await Admission(ledger, policy).aheld("acme") == {"running": 0, "queued": 0}
+
+
+async def test_the_user_cap_holds_while_the_tenant_has_room(ledger: Ledger) -> None:
+    gate = Gate()
+    agent = agent_for(ledger, AdmissionPolicy(tenant_running=10, user_running=1), gate)
+    first = asyncio.create_task(run(agent, 0, user="ann"))
+    await until(lambda: gate.inside == 1, "ann's first run")
+    again = await run(agent, 1, user="ann")
+    assert again["outcome"]["terminated_reason"] == "overloaded"
+    assert "user 'ann' of tenant 'acme'" in again["outcome"]["detail"]
+    other = asyncio.create_task(run(agent, 2, user="ben"))
+    await until(lambda: gate.inside == 2, "ben's run")
+    gate.open.set()
+    assert reasons([await first, await other]) == {"completed": 2}
+
+
+async def test_a_run_longer_than_its_lease_keeps_its_slot(ledger: Ledger) -> None:
+    """The lease is renewed while the run goes on, so a slow run is not overtaken."""
+    gate = Gate()
+    policy = AdmissionPolicy(tenant_running=1, lease_s=0.3)
+    agent = agent_for(ledger, policy, gate)
+    first = asyncio.create_task(run(agent, 0))
+    await until(lambda: gate.inside == 1, "the first run")
+    await asyncio.sleep(1.0)  # three lease lifetimes
+    assert (await run(agent, 1))["outcome"]["terminated_reason"] == "overloaded"
+    gate.open.set()
+    assert (await first)["outcome"]["terminated_reason"] == "completed"
+
+
+CRASH = """
+import os, signal, sys
+from keel import Ledger, RunContext
+from keel.guards import Admission, AdmissionPolicy
+admission = Admission(Ledger(sys.argv[1]), AdmissionPolicy(tenant_running=1, lease_s=1.0))
+lease = admission.acquire(RunContext(user_id="crash", tenant_id="acme"))
+assert lease.refused is None, lease.refused
+print("leased", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+async def test_a_crashed_runs_lease_expires(ledger: Ledger, tmp_path: Any) -> None:
+    """A process killed while it holds a slot: refused until its lease expires, then admitted."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-P",
+        "-c",
+        CRASH,
+        ledger.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == -9 and b"leased" in out, err.decode()
+    killed_at = time.time()
+    policy = AdmissionPolicy(tenant_running=1, lease_s=60)
+    admission = Admission(ledger, policy)
+    refused = await admission.aacquire(RunContext(user_id="next", tenant_id="acme"))
+    assert refused.refused is not None and time.time() - killed_at < 1.0
+    while (lease := await admission.aacquire(RunContext(user_id="next", tenant_id="acme"))).refused:
+        assert time.time() - killed_at < 30, "the dead run's lease never expired"
+        await asyncio.sleep(0.1)
+    assert time.time() - killed_at >= 0.9  # not before the lease's 1 s ran out
+    await admission.arelease(lease)
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+
+
+def test_the_sync_api_takes_and_gives_back_slots(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    try:
+        agent = build_agent(
+            ScriptedChatModel(script=["done"]),
+            policy=Policy(admission=AdmissionPolicy(tenant_running=1)),
+            ledger=ledger,
+            checkpointer=InMemorySaver(),
+        )
+        admission = Admission(ledger, AdmissionPolicy(tenant_running=1))
+        lease = admission.acquire(RunContext(user_id="x", tenant_id="acme"))
+        refused = agent.invoke(
+            TASK,
+            {"configurable": {"thread_id": "s1"}},
+            context=RunContext(user_id="y", tenant_id="acme"),
+        )
+        assert refused["outcome"]["terminated_reason"] == "overloaded"
+        admission.release(lease)
+        result = agent.invoke(
+            TASK,
+            {"configurable": {"thread_id": "s2"}},
+            context=RunContext(user_id="y", tenant_id="acme"),
+        )
+        assert result["outcome"]["terminated_reason"] == "completed"
+        assert admission.held("acme") == {"running": 0, "queued": 0}
+    finally:
+        ledger.close()
+
+
+def test_bad_admission_settings_are_named() -> None:
+    with pytest.raises(UserError, match="tenant_running must be 1 or more"):
+        AdmissionPolicy(tenant_running=0)
+    with pytest.raises(UserError, match="user_queued must be 0 or more"):
+        AdmissionPolicy(user_queued=-1)
+    with pytest.raises(UserError, match="lease_s must be a positive number"):
+        AdmissionPolicy(lease_s=0)
+    policy = Policy.from_dict({"admission": {"tenant_running": 5, "user_running": 2}})
+    assert policy.admission == AdmissionPolicy(tenant_running=5, user_running=2)
+    with pytest.raises(UserError, match="Unknown field"):
+        Policy.from_dict({"admission": {"running": 5}})
+    with pytest.raises(UserError, match="admission, which are kept in the ledger"):
+        build_agent(ScriptedChatModel(script=["hi"]), policy=policy)
+
+
+def _held(admission: Admission) -> dict[str, int]:
+    return admission.held("acme")
+
+
+async def test_a_refused_run_streams_its_outcome_in_each_stream_mode(ledger: Ledger) -> None:
+    """What the LangGraph server reads (values, updates; with subgraphs) carries the outcome."""
+    caps = AdmissionPolicy(tenant_running=1)
+    agent = build_agent(
+        ScriptedChatModel(script=["done"]), policy=Policy(admission=caps), ledger=ledger
+    )
+    acme = RunContext(user_id="u", tenant_id="acme")
+    busy = await Admission(ledger, caps).aacquire(acme)
+
+    async def streamed(**kwargs: Any) -> list[Any]:
+        return [chunk async for chunk in agent.astream(TASK, context=acme, **kwargs)]
+
+    (values,) = await streamed(stream_mode="values")
+    assert values["outcome"]["terminated_reason"] == "overloaded"
+    update = {"admission": {"outcome": values["outcome"]}}
+    assert await streamed() == await streamed(stream_mode="updates") == [update]
+    both = await streamed(stream_mode=["updates", "values", "messages"], subgraphs=True)
+    assert [(ns, mode) for ns, mode, _ in both] == [((), "updates"), ((), "values")]
+    (part,) = await streamed(stream_mode=["values"], version="v2")
+    assert (part["type"], part["data"]) == ("values", values)
+    await Admission(ledger, caps).arelease(busy)
+    assert (await agent.ainvoke(TASK, context=acme))["outcome"]["terminated_reason"] == "completed"
+
+
+def test_a_sync_run_longer_than_its_lease_keeps_its_slot(db_url: str) -> None:
+    """`invoke` renews from a heartbeat thread, which closes its SQLite connection after."""
+    import threading
+
+    ledger = Ledger(db_url)
+    go = threading.Event()
+
+    @tool
+    def hold() -> str:
+        """Hold the run until the test lets it go."""
+        go.wait(30)
+        return "held"
+
+    caps = AdmissionPolicy(tenant_running=1, lease_s=0.3)
+    agent = build_agent(
+        ScriptedChatModel(script=[call("hold"), "done"]),
+        [hold],
+        policy=Policy(rules=(Rule(action="allow", tool="hold"),), admission=caps),
+        ledger=ledger,
+    )
+    admission = Admission(ledger, caps)
+    acme = RunContext(user_id="u", tenant_id="acme")
+    results: list[dict[str, Any]] = []
+    runner = threading.Thread(target=lambda: results.append(agent.invoke(TASK, context=acme)))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while admission.held("acme")["running"] != 1:
+            assert time.monotonic() < deadline, "the run never took its slot"
+            time.sleep(0.02)
+        connections = len(ledger._sqlite_dbs)
+        time.sleep(1.0)  # three lease lifetimes
+        assert admission.acquire(acme).refused is not None
+        go.set()
+        runner.join(30)
+        assert results[0]["outcome"]["terminated_reason"] == "completed"
+        assert admission.held("acme") == {"running": 0, "queued": 0}
+        assert len(ledger._sqlite_dbs) <= connections  # the heartbeat's connection was closed
+    finally:
+        go.set()
+        ledger.close()
