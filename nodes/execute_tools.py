@@ -52,7 +52,7 @@ from keel.nodes._once import (
     tool_message,
     wait_saved,
 )
-from keel.nodes.history import pending_tool_calls
+from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import RegisteredTool, ToolRegistry
@@ -187,7 +187,8 @@ def execute_tools(
         results = [r for r in results if isinstance(r, ToolMessage)]
         if input_guard is not None:
             results = [screen_tool_result(r, input_guard) or r for r in results]
-        update: dict[str, Any] = {"messages": results, "usage": {"tool_calls": ran, "steps": 1}}
+        messages = in_call_order(state.get("messages") or [], results)
+        update: dict[str, Any] = {"messages": messages, "usage": {"tool_calls": ran, "steps": 1}}
         if unknown:
             names = ", ".join(sorted({u.call["name"] for u in unknown}))
             update["outcome"] = outcome.interrupted(

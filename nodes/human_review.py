@@ -52,7 +52,7 @@ from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
-from keel.nodes.history import pending_tool_calls
+from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -391,7 +391,7 @@ def _apply(
             {**tc, "args": edits.get(tc.get("id") or "", tc["args"])} for tc in ai.tool_calls
         ]
         new_messages.append(ai.model_copy(update={"tool_calls": calls}))
-    new_messages.extend(results)
+    new_messages.extend(in_call_order(messages, results) if not edits else results)
     if new_messages:
         update["messages"] = new_messages
     if rejected:
