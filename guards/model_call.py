@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, drive, sleep
 from keel.db.ledger import Ledger
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import KeelError, UserError
@@ -220,19 +220,6 @@ class _Model:
     runnable: Runnable[LanguageModelInput, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    """One step of a model call for a driver to run, sync or async.
-
-    `ledger`: the step is I/O on the ledger, whose failures are storage failures, not model
-    failures.
-    """
-
-    run: Callable[[], Any]
-    arun: Callable[[], Awaitable[Any]]
-    ledger: bool = False
-
-
 class _StorageFailed(Exception):
     """The ledger failed during a model call (wraps the database's error)."""
 
@@ -260,7 +247,6 @@ class _Tried:
     tripped: bool = False
 
 
-Steps = Generator[_Op, Any, T]
 Messages = Sequence[BaseMessage | tuple[str, str]]
 Config = RunnableConfig | None
 Spent = Mapping[str, Any] | None
@@ -350,13 +336,13 @@ class GuardedModel:
         self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
         """Call the model; `usage` is what the run has spent so far (for the run budget)."""
-        return _drive(self._call(convert_to_messages(messages), config, context, usage))
+        return drive(self.call(convert_to_messages(messages), config, context, usage))
 
     async def ainvoke(
         self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
         """Call the model (async); see `invoke`."""
-        return await _adrive(self._call(convert_to_messages(messages), config, context, usage))
+        return await adrive(self.call(convert_to_messages(messages), config, context, usage))
 
     def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
         if self.budget is None:
@@ -366,14 +352,17 @@ class GuardedModel:
 
     # -- the steps, written once ------------------------------------------------------------
 
-    def _call(
+    def call(
         self,
         messages: list[BaseMessage],
         config: RunnableConfig | None,
         ctx: RunContext,
         usage: Mapping[str, Any] | None,
     ) -> Steps[ModelAnswer]:
-        """Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`)."""
+        """The call as steps for `keel._drive`; `invoke` and `ainvoke` drive it.
+
+        Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`).
+        """
         stop = self._over_budget(usage)
         if stop is not None:
             return ModelAnswer(stop=stop)
@@ -398,7 +387,7 @@ class GuardedModel:
             )
             if isinstance(step, Retry):
                 attempt += 1
-                yield _sleep(step.seconds)
+                yield sleep(step.seconds)
             elif step == "fallback":
                 log.warning("model %s failed (%r); falling back", self.chain[index].name, exc)
                 index, attempt = index + 1, 1
@@ -416,10 +405,10 @@ class GuardedModel:
         if guard is not None:
             tokens = estimate_tokens(messages) + self.schema_tokens
             try:
-                permit = yield _Op(
+                permit = yield Op(
                     lambda: guard.before(m.name, ctx.tenant_id, tokens),
                     lambda: guard.abefore(m.name, ctx.tenant_id, tokens),
-                    ledger=True,
+                    on_error=_storage,
                 )
             except (CircuitOpen, RateLimited) as refused:
                 yield from self._settle(held, None, "after the breaker or rate limit refused")
@@ -452,10 +441,10 @@ class GuardedModel:
             return None
         extra = self.schema_tokens
         try:
-            held = yield _Op(
+            held = yield Op(
                 lambda: meter.reserve(messages, ctx, m.name, schema_tokens=extra),
                 lambda: meter.areserve(messages, ctx, m.name, schema_tokens=extra),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
@@ -476,10 +465,10 @@ class GuardedModel:
         if guard is None:
             return None
         try:
-            transition = yield _Op(
+            transition = yield Op(
                 lambda: guard.after(m.name, permit, error, tokens),
                 lambda: guard.aafter(m.name, permit, error, tokens),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             when = "after the model failed" if error is not None else "after the model answered"
@@ -504,80 +493,39 @@ class GuardedModel:
         else:
             usd, tokens = None, None
         try:
-            yield _Op(
+            yield Op(
                 lambda: meter.settle(held, usd, tokens),
                 lambda: meter.asettle(held, usd, tokens),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             if not when:  # already stopping for a storage failure: the reservation expires
                 return
             raise _Stopped(_storage_failed(failed, when), usage) from None
 
-    def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> _Op:
+    def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> Op:
         seconds = self.timeout.attempt_timeout if self.timeout is not None else None
         runnable = m.runnable
         if seconds is None:
-            return _Op(
+            return Op(
                 lambda: runnable.invoke(messages, config),
                 lambda: runnable.ainvoke(messages, config),
             )
-        return _Op(
+        return Op(
             lambda: _within(seconds, m.name, lambda: runnable.invoke(messages, config)),
             lambda: _awithin(seconds, m.name, runnable.ainvoke(messages, config)),
         )
 
 
-# -- the drivers -------------------------------------------------------------------------------
+# -- the ledger's failures --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    value: Any
-
-
-def _next(steps: Steps[Any], sent: Any, error: Exception | None) -> _Op | _Done:
-    """Advance `steps` with the last operation's result (or error)."""
-    try:
-        return steps.send(sent) if error is None else steps.throw(error)
-    except StopIteration as done:
-        return _Done(done.value)
-
-
-def _drive(steps: Steps[T]) -> T:
-    """Run `steps` synchronously."""
-    op = _next(steps, None, None)
-    while isinstance(op, _Op):
-        try:
-            sent, error = op.run(), None
-        except Exception as exc:
-            sent, error = None, _classified(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
-
-
-async def _adrive(steps: Steps[T]) -> T:
-    """Run `steps` on the event loop."""
-    op = _next(steps, None, None)
-    while isinstance(op, _Op):
-        try:
-            sent, error = await op.arun(), None
-        except Exception as exc:
-            sent, error = None, _classified(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
-
-
-def _classified(op: _Op, exc: Exception) -> Exception:
+def _storage(exc: Exception) -> Exception:
     """A ledger operation's own failure is a storage failure; its refusals are not."""
-    if op.ledger and not isinstance(exc, CircuitOpen | RateLimited | GraphBubbleUp):
-        log.error("the ledger failed during a model call: %r", exc)
-        return _StorageFailed(exc)
-    return exc
-
-
-def _sleep(seconds: float) -> _Op:
-    return _Op(lambda: time.sleep(seconds), lambda: asyncio.sleep(seconds))
+    if isinstance(exc, CircuitOpen | RateLimited | GraphBubbleUp):
+        return exc
+    log.error("the ledger failed during a model call: %r", exc)
+    return _StorageFailed(exc)
 
 
 def _within(seconds: float, name: str, call: Callable[[], Any]) -> Any:

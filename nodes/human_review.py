@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, NotRequired
+from typing import Any, Literal, NotRequired, Unpack
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -35,21 +35,21 @@ from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, drive
 from keel._node import (
     NO_RESUME,
     RunnableCallable,
     context_of,
     make_node,
     peek_resume,
-    policy_id,
     thread_of,
 )
-from keel.approvals import Grants, RunGrants, approval_digest, approval_key
+from keel.approvals import RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.guards.gate import Gate, approval_gate
-from keel.guards.standing import Always, StandingStore, allowing, standing_approval
+from keel.guards.agent_guards import AgentGuards, GuardOptions
+from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.nodes.history import in_call_order, pending_tool_calls
@@ -87,39 +87,36 @@ class ReviewResponse(TypedDict):
 def human_review(
     tools: ToolRegistry,
     *,
-    gate: Gate = approval_gate,
-    policy_version: str = "1",
-    policy_name: str | None = None,
-    standing: StandingStore | None = None,
-    ledger: Ledger | None = None,
-    grants: Grants | None = None,
+    guards: AgentGuards | None = None,
     name: str = "human_review",
+    **options: Unpack[GuardOptions],
 ) -> RunnableCallable:
     """A node that interrupts for the calls that need a human and records the decisions.
 
     Args:
         tools: The agent's tools.
-        gate: Decides which calls need approval (`ask`).
-        policy_version: Bound into approval digests.
-        policy_name: The policy's name for the digest (default: `RunContext.policy`).
-        standing: Keeps user-scoped standing approvals (`"always": {"scope": "user"}`) in the
-            ledger; without it, such an answer is refused with a `UserError`.
-        ledger: The idempotency ledger `execute_tools` uses; with it, calls whose outcome is
-            unknown (started, never finished) are asked about ("did this happen?").
-        grants: Seals the decisions (`keel.approvals.Grants`) so `execute_tools` can trust
-            them; default: the secret in `KEEL_APPROVAL_SECRET`, else this process's own.
+        guards: What the agent is held to (`AgentGuards.from_policy(policy, ledger)`): the
+            gate decides which calls need approval (`ask`); approvals are bound to the
+            policy's name and version and sealed with its `grants` so `execute_tools` can
+            trust them; `standing` keeps user-scoped standing approvals (`"always": {"scope":
+            "user"}`) in the ledger (without it, such an answer is refused with a
+            `UserError`); with the idempotency `ledger`, calls whose outcome is unknown
+            (started, never finished) are asked about ("did this happen?").
         name: The node's name.
+        **options: Single guards instead of (or over) `guards`: `gate`, `policy_version`,
+            `policy_name`, `standing`, `ledger`, `grants` (see `AgentGuards.of`).
     """
-    sealer = grants if grants is not None else Grants.from_secret()
+    held = AgentGuards.of(guards, **options)
+    sealer, standing, ledger = held.grants, held.standing, held.ledger
 
     def requests(
         state: AgentState, run: RunGrants, context: RunContext, records: Mapping[str, CallRecord]
     ) -> list[ReviewRequest]:
         messages = state.get("messages") or []
         _, calls = pending_tool_calls(messages)
-        policy = policy_id(context, policy_version, policy_name)
+        policy = held.policy_id(context)
         approvals = run.trusted(state.get("approvals"))
-        decide = allowing(gate, approvals, policy)
+        decide = held.deciding(approvals, context)
         out: list[ReviewRequest] = []
         for call in calls:
             entry = tools.get(call["name"])
@@ -181,39 +178,43 @@ def human_review(
             _check_scope(_normalize(waiting, pending), standing)
             _check_edits(_normalize(waiting, pending), pending, tools)
         answers = _normalize(interrupt(pending), pending)
-        policy = policy_id(context, policy_version, policy_name)
+        policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
 
-    def review(
+    def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
         thread, ids = in_ledger(state, config)
-        records = ledger.run(records_flow(thread, ids)) if ledger is not None and ids else {}
+        records: Mapping[str, CallRecord] = {}
+        if ledger is not None and ids:
+            records = yield _flow(ledger, records_flow(thread, ids))
         update, settle, for_user = decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
-            ledger.run(flow)
+            yield _flow(ledger, flow)
         if for_user and standing is not None:
-            standing.save(context_of(runtime), for_user)
+            ctx = context_of(runtime)
+            yield Op(lambda: standing.save(ctx, for_user), lambda: standing.asave(ctx, for_user))
         return update
+
+    def review(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> dict[str, Any]:
+        return drive(steps(state, config, runtime))
 
     async def areview(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        thread, ids = in_ledger(state, config)
-        records = await ledger.arun(records_flow(thread, ids)) if ledger and ids else {}
-        update, settle, for_user = decide(state, config, runtime, records)
-        for flow in settle:
-            assert ledger is not None
-            await ledger.arun(flow)
-        if for_user and standing is not None:
-            await standing.asave(context_of(runtime), for_user)
-        return update
+        return await adrive(steps(state, config, runtime))
 
     return make_node(name, review, areview)
+
+
+def _flow(ledger: Ledger, flow: Flow[Any]) -> Op:
+    return Op(lambda: ledger.run(flow), lambda: ledger.arun(flow))
 
 
 def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:

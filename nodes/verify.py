@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
+from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
 from keel.state import AgentState, RunContext, Verdict
@@ -51,7 +52,7 @@ def verify(
     judge: str | BaseChatModel | None = None,
     max_revisions: int = 1,
     escalate: bool = False,
-    guards: ModelCallGuards | None = None,
+    guards: AgentGuards | ModelCallGuards | None = None,
     name: str = "verify",
 ) -> RunnableCallable:
     """A node that verifies the last AI answer.
@@ -75,7 +76,9 @@ def verify(
         raise UserError(f"verify(max_revisions=...) must be 0 or more, got {max_revisions}.")
     rules = tuple(checks)
     judge_model = (
-        GuardedModel([judge], schema=JudgeVerdict, guards=guards) if judge is not None else None
+        GuardedModel([judge], schema=JudgeVerdict, guards=model_guards(guards))
+        if judge is not None
+        else None
     )
 
     def by_rules(state: AgentState) -> tuple[str, Verdict | None]:

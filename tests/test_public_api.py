@@ -193,6 +193,7 @@ PUBLIC = {
         "tool",
     ],
     "keel.guards": [
+        "AgentGuards",
         "BreakerPolicy",
         "BreakerTransition",
         "Budget",
