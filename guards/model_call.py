@@ -11,7 +11,8 @@ call their model through a `GuardedModel`, so each call, whatever asks for it:
 5. is *counted*: tokens and dollars from `usage_metadata` (structured output is asked for with
    `include_raw=True`, so its usage is read too), recorded by the breaker and the rate limiter
    and settled in the period budgets;
-6. on failure is retried, moved to the next model, or stopped (`keel.guards.fallback`).
+6. on failure is retried (tenacity's `Retrying`, waiting a provider's `Retry-After` or an
+   exponential backoff), moved to the next model, or stopped (`keel.guards.fallback`).
 
 A failure of the ledger itself (its database is down) is not a model failure: the call ends
 with an `error` outcome whose detail starts with `storage failed` (the run record's error
@@ -29,6 +30,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -36,15 +38,16 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
+from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive, sleep
+from keel._drive import Op, Steps, adrive, drive, retrying
 from keel.db.ledger import Ledger
 from keel.db.runs import STORAGE_FAILED
-from keel.errors import KeelError, UserError
+from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
 from keel.guards.budget import check_budget, usage_of
-from keel.guards.fallback import Retry, after_failure
+from keel.guards.fallback import Retry, Step, after_failure, backoff
 from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
@@ -228,6 +231,15 @@ class _StorageFailed(Exception):
         self.cause = cause
 
 
+class _Failed(Exception):
+    """The model failed an attempt (`tripped`: the failure opened its breaker)."""
+
+    def __init__(self, error: Exception, tripped: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.tripped = tripped
+
+
 class _Stopped(Exception):
     """The call may not happen, or its bookkeeping failed: end with `outcome`."""
 
@@ -366,34 +378,68 @@ class GuardedModel:
         stop = self._over_budget(usage)
         if stop is not None:
             return ModelAnswer(stop=stop)
-        index, attempt = 0, 1
-        fallback_on_timeout = self.timeout is not None and self.timeout.fallback
+        index = 0
         while True:
+            m, more = self.chain[index], index + 1 < len(self.chain)
+            policy = self._retrying(more)
             try:
-                tried = yield from self._attempt(self.chain[index], messages, config, ctx)
+                tried = yield from retrying(policy, partial(self._tried, m, messages, config, ctx))
             except _Stopped as stopped:
                 return ModelAnswer(usage=stopped.usage, stop=stopped.outcome)
-            if tried.error is None:
-                return ModelAnswer(tried.output, tried.usage)
-            exc = tried.error
-            more = index + 1 < len(self.chain)
-            step = after_failure(
-                exc,
-                attempt,
-                self.retry,
-                has_fallback=more,
-                tripped=tried.tripped,
-                fallback_on_timeout=fallback_on_timeout,
-            )
-            if isinstance(step, Retry):
-                attempt += 1
-                yield sleep(step.seconds)
-            elif step == "fallback":
-                log.warning("model %s failed (%r); falling back", self.chain[index].name, exc)
-                index, attempt = index + 1, 1
-            else:
+            except _Failed as failed:
+                exc, attempt = failed.error, policy.statistics["attempt_number"]
+                if self._next_step(failed, attempt, more) == "fallback":
+                    log.warning("model %s failed (%r); falling back", m.name, exc)
+                    index += 1
+                    continue
                 tried_names = [m.name for m in self.chain[: index + 1]] if index else []
                 return ModelAnswer(stop=_failed(exc, attempt, tried_names), error=exc)
+            return ModelAnswer(tried.output, tried.usage)
+
+    def _retrying(self, more: bool) -> Retrying:
+        """Tenacity's retry object for one model of the chain (`after_failure`'s table).
+
+        It retries what `keel.guards.fallback.after_failure` says to retry, waiting its
+        `backoff` (a provider's `Retry-After`, else exponential), up to the `RetryPolicy`'s
+        attempts; what it gives up on falls back or stops.
+        """
+
+        def again(state: RetryCallState) -> bool:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            if not isinstance(failed, _Failed):
+                return False
+            return isinstance(self._next_step(failed, state.attempt_number, more), Retry)
+
+        def wait(state: RetryCallState) -> float:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            error = failed.error if isinstance(failed, _Failed) else None
+            return backoff(self.retry, state.attempt_number, error)
+
+        return Retrying(
+            stop=stop_after_attempt(self.retry.max_attempts),
+            wait=wait,
+            retry=again,
+            reraise=True,
+        )
+
+    def _next_step(self, failed: _Failed, attempt: int, more: bool) -> Step:
+        return after_failure(
+            failed.error,
+            attempt,
+            self.retry,
+            has_fallback=more,
+            tripped=failed.tripped,
+            fallback_on_timeout=self.timeout is not None and self.timeout.fallback,
+        )
+
+    def _tried(
+        self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
+    ) -> Steps[_Tried]:
+        """One attempt; a model failure raised as `_Failed` for the retry engine to judge."""
+        tried = yield from self._attempt(m, messages, config, ctx)
+        if tried.error is not None:
+            raise _Failed(tried.error, tried.tripped)
+        return tried
 
     def _attempt(
         self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
@@ -570,7 +616,9 @@ def _raw(output: Any) -> AIMessage:
     """The `AIMessage` of a model's output (plain, or the `raw` of a structured answer)."""
     message = output.get("raw") if isinstance(output, Mapping) else output
     if not isinstance(message, AIMessage):
-        raise KeelError(f"The model returned {type(message).__name__}, not an AIMessage.")
+        raise ModelBehaviorError(
+            "the model", f"returned {type(message).__name__}, not an AIMessage"
+        )
     return message
 
 

@@ -24,6 +24,10 @@ assert drive(double(2)) == 4
 
 An `Op` may name `on_error`, which turns its own failure into the exception thrown back into
 the generator (a ledger write's database error becomes a storage failure, say).
+
+`retrying(retrying, attempt)` runs tenacity's own decision engine (`Retrying.iter`: attempt,
+sleep, stop) over an attempt written as steps, so model and tool retries keep tenacity's
+stop / wait / retry objects and still run under both drivers.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["Op", "Steps", "adrive", "drive", "sleep"]
+from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
+
+__all__ = ["Op", "Steps", "adrive", "drive", "retrying", "sleep"]
 
 T = TypeVar("T")
 
@@ -96,3 +102,29 @@ async def adrive(steps: Steps[T]) -> T:
 def sleep(seconds: float) -> Op:
     """Wait `seconds` (`time.sleep` / `asyncio.sleep`)."""
     return Op(lambda: time.sleep(seconds), lambda: asyncio.sleep(seconds))
+
+
+def retrying(policy: Retrying, attempt: Callable[[], Steps[T]]) -> Steps[T]:
+    """`attempt()` under tenacity's `policy` (its `iter()` engine), as steps.
+
+    Each attempt runs as steps; tenacity decides, from the attempt's result or exception,
+    whether to retry, how long to wait (a `sleep` step), and when to stop. Give a fresh copy
+    of `policy` per call (`policy.copy()`): its `statistics["attempt_number"]` then counts
+    this call's attempts. With `reraise=True` the last exception is raised when it stops.
+    """
+    policy.begin()
+    state = RetryCallState(policy, fn=None, args=(), kwargs={})
+    while True:
+        do = policy.iter(state)
+        if isinstance(do, DoAttempt):
+            try:
+                result = yield from attempt()
+            except Exception as exc:
+                state.set_exception((type(exc), exc, exc.__traceback__))
+            else:
+                state.set_result(result)
+        elif isinstance(do, DoSleep):
+            state.prepare_for_next_attempt()
+            yield sleep(float(do))
+        else:
+            return do  # type: ignore[no-any-return]

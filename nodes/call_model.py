@@ -26,6 +26,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive
 from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
@@ -240,9 +241,10 @@ class _Answerer:
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
             update["messages"].extend(_invalid_call_results(response))
-            if not response.tool_calls and state.get("outcome") is not None:
-                update["outcome"] = None
             if not response.tool_calls:
+                misbehaving = _misbehaving(state, turn)
+                if misbehaving is not None or state.get("outcome") is not None:
+                    update["outcome"] = misbehaving
                 return update
         if not response.tool_calls:
             update["outcome"] = outcome.completed()
@@ -306,6 +308,38 @@ def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
         return False
     total = add_usage(state.get("usage") or {}, usage)
     return check_budget(budget, total).exceeded is not None
+
+
+MALFORMED_TURNS = 3
+"""Turns in a row of only malformed tool calls after which the model is misbehaving."""
+
+
+def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
+    """The run's end when this turn makes `MALFORMED_TURNS` of only malformed tool calls.
+
+    A model that keeps sending arguments that are not JSON would otherwise go round until the
+    step limit; the run ends as `error` with a `ModelBehaviorError` (error category
+    `model:ModelBehaviorError`).
+    """
+    turns = 1
+    for message in reversed(state.get("messages") or []):
+        if isinstance(message, ToolMessage):
+            continue
+        if not isinstance(message, AIMessage) or message.tool_calls:
+            break
+        if not message.invalid_tool_calls:
+            break
+        turns += 1
+    if turns < MALFORMED_TURNS:
+        return None
+    name = turn.models.bound.name if turn.models is not None else "the model"
+    error = ModelBehaviorError(
+        name, f"sent only malformed tool calls (arguments not valid JSON) {turns} turns in a row"
+    )
+    log.warning("%s", error)
+    return outcome.failed(
+        f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
+    )
 
 
 def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,9 +28,10 @@ from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive
+from keel._drive import Op, Steps, adrive, drive, retrying
 from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
@@ -313,85 +313,91 @@ def _classify(
     return _Job(call, entry)
 
 
-# -- running the cleared calls: one decision, two drivers ----------------------------------
+# -- running the cleared calls: tenacity's retries over one attempt, two drivers --------------
+
+_NOT_RETRIED = (ToolException, ValidationError, _Deadline, GraphBubbleUp)
+"""A tool's own error report, bad arguments, keel's deadline, a LangGraph interrupt."""
 
 
-def _on_failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage | float:
-    """After a failed attempt: the final ToolMessage, or seconds to wait before retrying."""
+def _retrying(job: _Job) -> Retrying:
+    """A side-effect-free tool's retries: its `attempts`, backoff from `retry_wait` up to 5 s.
+
+    (`ToolSpec` gives side-effecting tools one attempt; see `keel.tools`.)
+    """
+    spec = job.entry.spec
+    return Retrying(
+        stop=stop_after_attempt(spec.attempts),
+        wait=wait_exponential(multiplier=spec.retry_wait, max=5.0),
+        retry=retry_if_not_exception_type(_NOT_RETRIED),
+        reraise=True,
+    )
+
+
+def _run(job: _Job, config: RunnableConfig) -> Steps[ToolMessage]:
+    """Run the call, retried by tenacity; every failure ends as one ToolMessage."""
+    policy = _retrying(job)
+    attempt = Op(lambda: _attempt_sync(job, config), lambda: _attempt_async(job, config))
+    try:
+        result = yield from retrying(policy, partial(_once, attempt))
+    except GraphBubbleUp:
+        raise
+    except Exception as exc:
+        return _failure(job, exc, policy.statistics["attempt_number"])
+    return _succeeded(job, result)
+
+
+def _once(attempt: Op) -> Steps[Any]:
+    return (yield attempt)
+
+
+def _failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage:
+    """The ToolMessage of a call whose last attempt failed with `exc`."""
     if isinstance(exc, _Deadline):
         return _message(job.call, str(exc), "timeout")
     if isinstance(exc, ValidationError):
         return _message(
             job.call, f"Error: invalid arguments for {job.entry.name}: {exc}", "invalid_args"
         )
-    if isinstance(exc, ToolException) or attempt >= job.entry.spec.attempts:
-        tries = f" after {attempt} attempts" if attempt > 1 else ""
-        return _message(
-            job.call,
-            f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}",
-            "error",
-        )
-    return float(min(5.0, job.entry.spec.retry_wait * 2 ** (attempt - 1)))
+    tries = f" after {attempt} attempts" if attempt > 1 else ""
+    return _message(
+        job.call, f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}", "error"
+    )
 
 
-def _run_sync(job: _Job, config: RunnableConfig) -> ToolMessage:
+def _attempt_sync(job: _Job, config: RunnableConfig) -> Any:
     timeout = job.entry.spec.timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            if timeout is None:
-                return _succeeded(job, job.entry.tool.invoke(job.call, config))
-            return _succeeded(job, _call_in_thread(job, config, timeout))
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            step = _on_failure(job, exc, attempt)
-            if isinstance(step, ToolMessage):
-                return step
-            time.sleep(step)
+    if timeout is None:
+        return job.entry.tool.invoke(job.call, config)
+    return _call_in_thread(job, config, timeout)
 
 
-async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
+async def _attempt_async(job: _Job, config: RunnableConfig) -> Any:
     timeout = job.entry.spec.timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        deadline = asyncio.timeout(timeout)
-        try:
-            async with deadline:
-                if _is_sync(job.entry):
-                    result = await _in_daemon_thread(job, config)
-                else:
-                    result = await job.entry.tool.ainvoke(job.call, config)
-            return _succeeded(job, result)
-        except GraphBubbleUp:
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            if _is_sync(job.entry):
+                return await _in_daemon_thread(job, config)
+            return await job.entry.tool.ainvoke(job.call, config)
+    except TimeoutError:
+        if not deadline.expired():
             raise
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                exc = _Deadline(
-                    f"Error: {job.entry.name} did not finish within {timeout:g} s and was "
-                    "cancelled."
-                )
-            step = _on_failure(job, exc, attempt)
-            if isinstance(step, ToolMessage):
-                return step
-            await asyncio.sleep(step)
+        raise _Deadline(
+            f"Error: {job.entry.name} did not finish within {timeout:g} s and was cancelled."
+        ) from None
 
 
 # -- the tool's circuit breaker around a run (keel.guards.resilience) ------------------------
 
 
 def _guarded(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> Steps[ToolMessage]:
-    run = Op(lambda: _run_sync(job, config), lambda: _run_async(job, config))
     if guard is None:
-        ran: ToolMessage = yield run
-        return ran
+        return (yield from _run(job, config))
     tool = job.entry.name
     refused = yield Op(lambda: guard.check(tool), lambda: guard.acheck(tool))
     if refused is not None:
         return _message(job.call, refused, "unavailable")
-    result: ToolMessage = yield run
+    result = yield from _run(job, config)
     status = str(result.response_metadata.get("keel_status"))
     yield Op(lambda: guard.record(tool, status), lambda: guard.arecord(tool, status))
     return result

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node
-from keel.errors import UserError
+from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
@@ -200,7 +200,8 @@ def _judged(output: Any) -> Verdict:
     parsed = output.get("parsed") if isinstance(output, dict) else output
     if not isinstance(parsed, JudgeVerdict):
         error = output.get("parsing_error") if isinstance(output, dict) else None
-        return _judge_failed(error or ValueError("the judge gave no verdict"))
+        problem = f"gave a verdict that does not parse ({error})" if error else "gave no verdict"
+        return _judge_failed(ModelBehaviorError("the judge", problem))
     return {"passed": parsed.passed, "reason": parsed.reason, "source": "judge"}
 
 

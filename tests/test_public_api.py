@@ -98,6 +98,7 @@ PUBLIC = {
         "CheckpointTooLarge",
         "CircuitOpen",
         "KeelError",
+        "ModelBehaviorError",
         "ModelRequestsForbidden",
         "RateLimited",
         "SchemaVersionError",
@@ -386,6 +387,7 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
     from keel.errors import (
         CheckpointTooLarge,
         CircuitOpen,
+        ModelBehaviorError,
         RateLimited,
         SchemaVersionError,
         UnserializableState,
@@ -401,6 +403,7 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
         RateLimited("rpm:model:m", 10, 1.5, waited=0.5),
         CircuitOpen("model:m", 100.0, retry_after=2.0),
         SchemaVersionError(found=3, known=2),
+        ModelBehaviorError("scripted", "returned str, not an AIMessage"),
     ]
     for error in samples:
         again = pickle.loads(pickle.dumps(error))

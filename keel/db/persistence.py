@@ -610,7 +610,11 @@ def _thread_ids(saver: BaseCheckpointSaver[str], sql: str) -> list[str]:
     if isinstance(saver, PostgresSaver) and isinstance(saver.conn, ConnectionPool):
         with saver.conn.connection() as conn:
             return [row["thread_id"] for row in conn.execute(sql).fetchall()]
-    raise TypeError(f"unexpected saver {type(saver).__name__}")
+    raise UserError(
+        f"Persistence.list_threads reads keel's own checkpointers (SQLite, or PostgreSQL with "
+        f"a pool, from Persistence(url).checkpointer()), got a {type(saver).__name__}: do not "
+        "override Persistence.checkpointer(), or list threads with the saver's own list()."
+    )
 
 
 def _summarize(thread_id: str, tup: CheckpointTuple) -> ThreadSummary:
