@@ -36,11 +36,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
 
-__all__ = ["Op", "Steps", "adrive", "drive", "retrying", "sleep"]
+__all__ = ["Op", "Steps", "adrive", "both", "drive", "retrying", "sleep"]
 
 T = TypeVar("T")
 
@@ -97,6 +98,11 @@ async def adrive(steps: Steps[T]) -> T:
             sent, error = None, _failed(op, exc)
         op = _next(steps, sent, error)
     return op.value  # type: ignore[no-any-return]
+
+
+def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:
+    """`run(*args)` / `arun(*args)` as an `Op` (e.g. `both(ledger.run, ledger.arun, flow)`)."""
+    return Op(partial(run, *args), partial(arun, *args))
 
 
 def sleep(seconds: float) -> Op:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
-from keel._drive import Op, Steps, sleep
+from keel._drive import Op, Steps, both, sleep
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
@@ -132,7 +132,7 @@ def once_steps(
     """
 
     def flow(steps: Flow[Any]) -> Op:
-        return Op(lambda: ledger.run(steps), lambda: ledger.arun(steps))
+        return both(ledger.run, ledger.arun, steps)
 
     thread, call_id, _, _ = key
     claim = yield flow(claim_flow(*key, known=known))

@@ -24,8 +24,8 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive
-from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel._drive import Op, Steps
+from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
@@ -128,17 +128,7 @@ def call_model(
             )
         return (yield from answer.steps(prepared, state, config, runtime))
 
-    def invoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        return drive(steps(state, config, runtime))
-
-    async def ainvoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        return await adrive(steps(state, config, runtime))
-
-    return make_node(name, invoke, ainvoke)
+    return steps_node(name, steps)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,13 +35,13 @@ from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive
+from keel._drive import Op, Steps, both
 from keel._node import (
     NO_RESUME,
     RunnableCallable,
     context_of,
-    make_node,
     peek_resume,
+    steps_node,
     thread_of,
 )
 from keel.approvals import RunGrants, approval_digest, approval_key
@@ -109,45 +109,6 @@ def human_review(
     held = AgentGuards.of(guards, **options)
     sealer, standing, ledger = held.grants, held.standing, held.ledger
 
-    def requests(
-        state: AgentState, run: RunGrants, context: RunContext, records: Mapping[str, CallRecord]
-    ) -> list[ReviewRequest]:
-        messages = state.get("messages") or []
-        _, calls = pending_tool_calls(messages)
-        policy = held.policy_id(context)
-        approvals = run.trusted(state.get("approvals"))
-        decide = held.deciding(approvals, context)
-        out: list[ReviewRequest] = []
-        for call in calls:
-            entry = tools.get(call["name"])
-            if entry is None or not isinstance(call.get("args"), dict):
-                continue
-            decision = decide(entry, call["args"], context)
-            digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
-            record = records.get(call.get("id") or "")
-            if record is not None and record.state == "started":
-                out.append(_unknown_request(call, record, digest))
-                continue
-            approved = approval_key(digest, call.get("id") or "", "approved")
-            if decision.action != "ask" or digest in approvals or approved in approvals:
-                continue
-            out.append(
-                {
-                    "action_request": {"action": entry.name, "args": call["args"]},
-                    "config": {
-                        "allow_accept": True,
-                        "allow_edit": True,
-                        "allow_respond": True,
-                        "allow_ignore": True,
-                    },
-                    "description": decision.reason
-                    + (f" (rule: {decision.rule})" if decision.rule else ""),
-                    "tool_call_id": call.get("id") or "",
-                    "digest": digest,
-                }
-            )
-        return out
-
     def in_ledger(state: AgentState, config: RunnableConfig) -> tuple[str, list[str]]:
         """The thread and the pending calls whose outcome the ledger may know."""
         _, calls = pending_tool_calls(state.get("messages") or [])
@@ -168,7 +129,7 @@ def human_review(
         """The state update, the ledger updates to make, and the standing approvals to keep."""
         context = context_of(runtime)
         run = sealer.for_run(thread_of(runtime), context)
-        pending = requests(state, run, context, records)
+        pending = _requests(held, tools, state, run, context, records)
         if not pending:
             return {"outcome": None}, [], {}
         waiting = peek_resume(config)
@@ -200,21 +161,57 @@ def human_review(
             yield Op(lambda: standing.save(ctx, for_user), lambda: standing.asave(ctx, for_user))
         return update
 
-    def review(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        return drive(steps(state, config, runtime))
+    return steps_node(name, steps)
 
-    async def areview(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        return await adrive(steps(state, config, runtime))
 
-    return make_node(name, review, areview)
+def _requests(
+    held: AgentGuards,
+    tools: ToolRegistry,
+    state: AgentState,
+    run: RunGrants,
+    context: RunContext,
+    records: Mapping[str, CallRecord],
+) -> list[ReviewRequest]:
+    """The calls of the last AI message that wait for a human, as review requests."""
+    messages = state.get("messages") or []
+    _, calls = pending_tool_calls(messages)
+    policy = held.policy_id(context)
+    approvals = run.trusted(state.get("approvals"))
+    decide = held.deciding(approvals, context)
+    out: list[ReviewRequest] = []
+    for call in calls:
+        entry = tools.get(call["name"])
+        if entry is None or not isinstance(call.get("args"), dict):
+            continue
+        decision = decide(entry, call["args"], context)
+        digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
+        record = records.get(call.get("id") or "")
+        if record is not None and record.state == "started":
+            out.append(_unknown_request(call, record, digest))
+            continue
+        approved = approval_key(digest, call.get("id") or "", "approved")
+        if decision.action != "ask" or digest in approvals or approved in approvals:
+            continue
+        out.append(
+            {
+                "action_request": {"action": entry.name, "args": call["args"]},
+                "config": {
+                    "allow_accept": True,
+                    "allow_edit": True,
+                    "allow_respond": True,
+                    "allow_ignore": True,
+                },
+                "description": decision.reason
+                + (f" (rule: {decision.rule})" if decision.rule else ""),
+                "tool_call_id": call.get("id") or "",
+                "digest": digest,
+            }
+        )
+    return out
 
 
 def _flow(ledger: Ledger, flow: Flow[Any]) -> Op:
-    return Op(lambda: ledger.run(flow), lambda: ledger.arun(flow))
+    return both(ledger.run, ledger.arun, flow)
 
 
 def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:

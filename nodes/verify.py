@@ -11,14 +11,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node
+from keel._drive import Steps
+from keel._node import RunnableCallable, context_of, steps_node
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
@@ -131,27 +138,18 @@ def verify(
         verdict = _judge_failed(got.error) if got.error is not None else _judged(got.output)
         return {**update, **decide(state, answer, verdict)}
 
-    def run(
+    def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
         answer, verdict = by_rules(state)
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
         ctx, usage = context_of(runtime), state.get("usage")
-        got = judge_model.invoke(judge_prompt(state, answer), config, ctx, usage=usage)
+        prompt = convert_to_messages(judge_prompt(state, answer))
+        got = yield from judge_model.call(prompt, config, ctx, usage)
         return judged(state, answer, got)
 
-    async def arun(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        answer, verdict = by_rules(state)
-        if verdict is not None or judge_model is None:
-            return decide(state, answer, verdict)
-        ctx, usage = context_of(runtime), state.get("usage")
-        got = await judge_model.ainvoke(judge_prompt(state, answer), config, ctx, usage=usage)
-        return judged(state, answer, got)
-
-    return make_node(name, run, arun)
+    return steps_node(name, steps)
 
 
 def _escalate(
