@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
 
-__all__ = ["Op", "Steps", "adrive", "both", "drive", "retrying", "sleep"]
+__all__ = ["Op", "Steps", "adrive", "both", "call", "drive", "retrying", "sleep"]
 
 T = TypeVar("T")
 
@@ -103,6 +103,14 @@ async def adrive(steps: Steps[T]) -> T:
 def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:
     """`run(*args)` / `arun(*args)` as an `Op` (e.g. `both(ledger.run, ledger.arun, flow)`)."""
     return Op(partial(run, *args), partial(arun, *args))
+
+
+def call(fn: Callable[..., Any], *args: Any) -> Op:
+    """`fn(*args)` as an `Op`, for a `fn` that is sync under `drive`, async under `adrive`.
+
+    A LangChain middleware's `handler` is one: `wrap_*` gets a sync one, `awrap_*` an async one.
+    """
+    return Op(partial(fn, *args), partial(fn, *args))
 
 
 def sleep(seconds: float) -> Op:
