@@ -148,3 +148,14 @@ def peek_entry() -> Any:
 
 def wipe_entry() -> Any:
     return ToolRegistry([wipe]).get("wipe")
+
+
+@pytest.mark.parametrize("messages", [1, [object()], [("robot", "hi")]])
+async def test_unreadable_messages_are_a_user_error_not_langchains_error(messages: Any) -> None:
+    agent = build_agent(ScriptedChatModel(script=["hi"]))
+    for run in (agent.invoke, agent.ainvoke):
+        with pytest.raises(UserError, match="The run's messages could not be read") as raised:
+            result = run({"messages": messages}, context=CTX)
+            if hasattr(result, "__await__"):
+                await result
+        assert "send {'messages': [('user', '...')]}" in str(raised.value)

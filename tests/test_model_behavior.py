@@ -7,6 +7,7 @@ verdict does not parse. Every run ends with an outcome and a final answer, never
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -108,3 +109,38 @@ def test_the_error_names_the_model_and_the_problem() -> None:
     error: Any = ModelBehaviorError("gpt-x", "sent only malformed tool calls")
     assert (error.model, error.problem) == ("gpt-x", "sent only malformed tool calls")
     assert str(error).startswith("gpt-x sent only malformed tool calls. A different model")
+
+
+# -- retries run on tenacity's engine, and honour Retry-After ------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_429_is_retried_after_its_retry_after_not_the_shorter_backoff(mode: str) -> None:
+    from keel.evals.chaos import ChaosRateLimitError
+
+    calls: list[float] = []
+
+    def limited(messages: Any) -> str:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ChaosRateLimitError(retry_after=0.3)
+        return "fine"
+
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.001, max_interval=5.0, jitter=False)
+    agent = build_agent(ScriptedChatModel(script=[limited]), model_retry=retry)
+    payload = {"messages": [("user", "hi")]}
+    final = (
+        agent.invoke(payload, context=CTX)
+        if mode == "invoke"
+        else await agent.ainvoke(payload, context=CTX)
+    )
+    assert final["outcome"]["terminated_reason"] == "completed"
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.3  # waited Retry-After, not 1 ms
+
+
+def test_a_429_longer_than_the_policy_allows_is_capped_at_max_interval() -> None:
+    from keel.evals.chaos import ChaosRateLimitError
+    from keel.guards.fallback import backoff
+
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.001, max_interval=0.05, jitter=False)
+    assert backoff(retry, 1, ChaosRateLimitError(retry_after=30)) == 0.05
