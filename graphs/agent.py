@@ -27,18 +27,15 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
-from keel.approvals import Grants
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
-from keel.guards.gate import Gate, approval_gate
-from keel.guards.model_call import ModelCallGuards, ModelTimeoutPolicy
-from keel.guards.permissions import PermissionMatrix
+from keel.guards.agent_guards import AgentGuards
+from keel.guards.gate import Gate
+from keel.guards.model_call import ModelTimeoutPolicy
 from keel.guards.policy import Policy
-from keel.guards.resilience import ToolGuard
-from keel.guards.standing import StandingStore
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
 from keel.nodes.execute_tools import execute_tools
@@ -242,241 +239,218 @@ def build_agent(
     """
     _validate(
         system_prompt=system_prompt,
-        gate=gate,
         before_model=before_model,
         checks=checks,
         max_revisions=max_revisions,
         checkpointer=checkpointer,
         tools=tools,
         memory=memory,
+        store=store,
+        name=name,
     )
-    if isinstance(fallback_models, str | BaseChatModel) or not all(
-        isinstance(m, str | BaseChatModel) for m in fallback_models
-    ):
-        raise UserError(
-            "build_agent(fallback_models=...) must be a list of chat models or 'provider:name' "
-            f"strings, got {fallback_models!r}."
-        )
-    if downgrade_model is not None and (
-        not isinstance(downgrade_model, str | BaseChatModel) or policy is None or not policy.budget
-    ):
-        raise UserError(
-            "build_agent(downgrade_model=...) switches to a cheaper model near the run budget's "
-            "limit: pass a chat model or 'provider:name' string, and a policy with a budget "
-            "(Policy(budget=Budget(usd=..., soft_ratio=0.8)))."
-        )
-    # every model call (agent, planner, judge) is reserved, limited, counted and falls back;
-    # building the guards also checks the types of `policy` and `ledger`
-    guards = ModelCallGuards.from_policy(
-        policy, ledger, prices=prices, retry=model_retry, timeout=model_timeout
-    )
+    _validate_models(fallback_models, downgrade_model, policy)
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
-    matrix: PermissionMatrix | None = None
-    if policy is not None:
-        matrix = PermissionMatrix.from_policy(policy)
-        matrix.check_tools(registry.names, policy=f"Policy {policy.identity!r}")
-    # A policy or a gate of the caller's gets its own `tool_gate` node (a step per tool turn);
-    # with neither, the only check is `ToolSpec.requires_approval`, which call_model routes.
-    gated = policy is not None or gate is not None
-    if gate is None:
-        gate = matrix if matrix is not None else approval_gate
-    tool_guard = (
-        ToolGuard.from_policy(policy, ledger)
-        if policy is not None and isinstance(ledger, Ledger)
-        else None
+    # every model call (agent, planner, judge) is reserved, limited, counted and falls back;
+    # building the guards also checks the types of `policy`, `ledger`, `gate`, `prices` ...
+    guards = AgentGuards.from_policy(
+        policy,
+        ledger,
+        prices=prices,
+        gate=gate,
+        retry=model_retry,
+        timeout=model_timeout,
+        approval_secret=approval_secret,
+        policy_version=policy_version,
+        tools=registry.names,
     )
-    if policy is not None:
-        policy_version = policy.version
-    policy_name = policy.name if policy is not None else None
-    grants = Grants.from_secret(approval_secret)
-    standing = StandingStore(ledger, grants) if isinstance(ledger, Ledger) else None
-    verify = verify or judge is not None or bool(checks)
-
-    observer = (
-        Observer(ledger, graph=name, policy_name=policy_name, policy_version=policy_version)
-        if isinstance(ledger, Ledger)
-        else None
-    )
-
-    def observed(node: Any, derive: Any) -> Any:
-        return node if observer is None else audited(node, observer, derive)
-
-    inputs = policy.input_guard if policy is not None else None
-    outputs = policy.output_guard if policy is not None else None
-    loop = policy.loop if policy is not None else None
-    # steps a route back to the model needs (see _STEPS_TO_GO_ON): one more with output_guard
-    reserve = 3 + (outputs is not None)
-    steps = reserve + 1
-
-    graph = StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput)
-    graph.add_node(
-        "call_model",
-        observed(
-            call_model(
-                model,
-                registry,
-                system_prompt=system_prompt,
-                prices=prices,
-                before_model=before_model,
-                gate=None if gated else gate,  # with a tool_gate node, it decides
-                retry=model_retry,
-                budget=guards.budget,
-                loop=loop if loop is not None and loop.on_loop == "wrap_up" else None,
-                meter=guards.meter,
-                guard=guards.guard,
-                fallbacks=fallback_models,
-                downgrade=downgrade_model,
-                reserve_steps=reserve,
-                policy_version=policy_version,
-                policy_name=policy_name,
-                standing=standing,
-                timeout=guards.timeout,
-                grants=grants,
-            ),
-            budget_records,
-        ),
-    )
-    if gated:
-        graph.add_node(
-            "tool_gate",
-            observed(
-                tool_gate(
-                    registry,
-                    gate=gate,
-                    budget=guards.budget,
-                    loop=loop,
-                    policy_version=policy_version,
-                    policy_name=policy_name,
-                    grants=grants,
-                ),
-                tool_records(registry, gate),
-            ),
+    wiring = _Wiring(
+        StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput),
+        guards,
+        registry,
+        Observer(
+            guards.ledger,
+            graph=name,
+            policy_name=guards.policy_name,
+            policy_version=guards.policy_version,
         )
-    graph.add_node(
-        "execute_tools",
-        observed(
-            execute_tools(
-                registry,
-                gate=gate,
-                policy_version=policy_version,
-                policy_name=policy_name,
-                budget=guards.budget,
-                tool_guard=tool_guard,
-                ledger=ledger,
-                input_guard=inputs,
-                grants=grants,
-            ),
-            tool_records(registry, gate),
-        ),
+        if guards.ledger is not None
+        else None,
     )
-    graph.add_node(
-        "human_review",
-        observed(
-            human_review(
-                registry,
-                gate=gate,
-                policy_version=policy_version,
-                policy_name=policy_name,
-                standing=standing,
-                ledger=ledger,
-                grants=grants,
-            ),
-            review_records(registry),
-        ),
-    )
-    graph.add_node("respond", respond())
-    # With memory, every run that ends goes through `reflect` on its way out.
-    end = _add_memory(graph, store) if memory else END
-    # A finished run goes through `output_guard` (when there is one) and then to `end`.
-    finish = "output_guard" if outputs is not None else end
-    first = "plan" if plan else "call_model"
-    if memory:
-        graph.add_edge("recall", first)
-        first = "recall"
-    if inputs is not None:
-        after_input = partial(route_after_input_guard, next=first)
-        graph.add_node("input_guard", observed(input_guard(inputs), content_records))
-        graph.add_conditional_edges(
-            "input_guard",
-            recorded(after_input, observer, "input_guard"),
-            [first, "respond"],
-        )
-        first = "input_guard"
-    graph.add_edge(START, first)
-    if outputs is not None:
-        graph.add_node("output_guard", observed(output_guard(outputs), content_records))
-        graph.add_conditional_edges(
-            "output_guard", recorded(lambda s: END, observer, "output_guard", end=end), [end]
-        )
-    after_model = ["tool_gate" if gated else "execute_tools", "human_review", "respond", finish]
-    after_tools = ["call_model", "respond", "human_review"]
+    wiring.agent_loop(model, system_prompt, before_model, fallback_models, downgrade_model)
+    first = wiring.entry(plan=plan, memory=memory, store=store)
     if plan:
-        graph.add_node("plan", plan_node(model, fallbacks=fallback_models, guards=guards))
-        graph.add_conditional_edges(
-            "plan",
-            recorded(lambda s: route_after_plan(s, steps=reserve - 1), observer, "plan"),
-            ["call_model", "respond"],
-        )
-        after_tools.append("plan")
-    if verify:
-        graph.add_node(
-            "verify",
-            verify_node(
-                checks=checks,
-                judge=judge,
-                max_revisions=max_revisions,
-                escalate=escalate,
-                guards=guards,
-            ),
-        )
-        graph.add_conditional_edges(
-            "verify",
-            _to(lambda s: route_after_verify(s, steps=steps), observer, "verify", finish, end),
-            ["call_model", "respond", finish],
-        )
-        after_model.append("verify")
-
-    graph.add_conditional_edges(
-        "call_model",
-        _to(
-            lambda s: route_after_model(s, verify=verify, gated=gated),
-            observer,
-            "call_model",
-            finish,
-            end,
-        ),
-        after_model,
-    )
-    if gated:
-        graph.add_conditional_edges(
-            "tool_gate",
-            recorded(route_after_gate, observer, "tool_gate"),
-            ["execute_tools", "human_review", "respond", "call_model"],
-        )
-    graph.add_conditional_edges(
-        "execute_tools",
-        recorded(
-            lambda s: route_after_tools(s, replan=plan, steps=steps), observer, "execute_tools"
-        ),
-        after_tools,
-    )
-    graph.add_conditional_edges(
-        "human_review",
-        recorded(lambda s: route_after_review(s, steps=steps), observer, "human_review"),
-        ["execute_tools", "respond"],
-    )
-    graph.add_conditional_edges(
-        "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
-    )
-    compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
+        wiring.planner(model, fallback_models)
+    if verify or judge is not None or bool(checks):
+        wiring.verifier(checks, judge, max_revisions, escalate)
+    wiring.routes(first, plan=plan)
+    compiled = wiring.graph.compile(checkpointer=checkpointer, store=store, name=name)
     admission = (
         Admission(ledger, policy.admission)
         if ledger is not None and policy is not None and policy.admission is not None
         else None
     )
     agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, admission)
-    traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
+    traced = graph_config(graph=name, policy=guards.policy_label)
     return agent if traced is None else agent.with_config(traced)
+
+
+class _Wiring:
+    """The nodes and edges of `build_agent`'s graph around one `AgentGuards`."""
+
+    def __init__(
+        self,
+        graph: StateGraph[AgentState, RunContext, AgentInput, AgentState],
+        guards: AgentGuards,
+        registry: ToolRegistry,
+        observer: Observer | None,
+    ) -> None:
+        self.graph, self.guards, self.registry, self.observer = graph, guards, registry, observer
+        self.gated = guards.gated
+        # steps a route back to the model needs (see _STEPS_TO_GO_ON): one more with output_guard
+        self.reserve = 3 + (guards.output_guard is not None)
+        self.steps = self.reserve + 1
+        self.end: str = END
+        self.finish: str = END
+        self.after_model = ["tool_gate" if self.gated else "execute_tools", "human_review"]
+        self.after_tools = ["call_model", "respond", "human_review"]
+        self.verify = False
+
+    def observed(self, node: Any, derive: Any) -> Any:
+        return node if self.observer is None else audited(node, self.observer, derive)
+
+    def agent_loop(
+        self,
+        model: str | BaseChatModel,
+        system_prompt: str | None,
+        before_model: Sequence[BeforeModel],
+        fallbacks: Sequence[str | BaseChatModel],
+        downgrade: str | BaseChatModel | None,
+    ) -> None:
+        """call_model, [tool_gate], execute_tools, human_review and respond."""
+        graph, guards, registry = self.graph, self.guards, self.registry
+        node = call_model(
+            model,
+            registry,
+            system_prompt=system_prompt,
+            before_model=before_model,
+            guards=guards,
+            fallbacks=fallbacks,
+            downgrade=downgrade,
+            reserve_steps=self.reserve,
+        )
+        graph.add_node("call_model", self.observed(node, budget_records))
+        records = tool_records(registry, guards.gate)
+        if self.gated:
+            graph.add_node("tool_gate", self.observed(tool_gate(registry, guards=guards), records))
+        node = execute_tools(registry, guards=guards)
+        graph.add_node("execute_tools", self.observed(node, records))
+        node = human_review(registry, guards=guards)
+        graph.add_node("human_review", self.observed(node, review_records(registry)))
+        graph.add_node("respond", respond())
+
+    def entry(self, *, plan: bool, memory: bool, store: BaseStore | None) -> str:
+        """[input_guard] → [recall] → [plan] on the way in; [output_guard] → [reflect] out."""
+        graph, observer, guards = self.graph, self.observer, self.guards
+        # With memory, every run that ends goes through `reflect` on its way out.
+        self.end = end = _add_memory(graph, store) if memory else END
+        # A finished run goes through `output_guard` (when there is one) and then to `end`.
+        outputs = guards.output_guard
+        self.finish = "output_guard" if outputs is not None else end
+        first = "plan" if plan else "call_model"
+        if memory:
+            graph.add_edge("recall", first)
+            first = "recall"
+        if guards.input_guard is not None:
+            after_input = partial(route_after_input_guard, next=first)
+            node = input_guard(guards.input_guard)
+            graph.add_node("input_guard", self.observed(node, content_records))
+            route = recorded(after_input, observer, "input_guard")
+            graph.add_conditional_edges("input_guard", route, [first, "respond"])
+            first = "input_guard"
+        if outputs is not None:
+            node = output_guard(outputs)
+            graph.add_node("output_guard", self.observed(node, content_records))
+            route = recorded(lambda s: END, observer, "output_guard", end=end)
+            graph.add_conditional_edges("output_guard", route, [end])
+        return first
+
+    def planner(self, model: str | BaseChatModel, fallbacks: Sequence[str | BaseChatModel]) -> None:
+        steps = self.reserve - 1
+        self.graph.add_node("plan", plan_node(model, fallbacks=fallbacks, guards=self.guards))
+        route = recorded(lambda s: route_after_plan(s, steps=steps), self.observer, "plan")
+        self.graph.add_conditional_edges("plan", route, ["call_model", "respond"])
+        self.after_tools.append("plan")
+
+    def verifier(
+        self,
+        checks: Sequence[Check],
+        judge: str | BaseChatModel | None,
+        revisions: int,
+        escalate: bool,
+    ) -> None:
+        node = verify_node(
+            checks=checks,
+            judge=judge,
+            max_revisions=revisions,
+            escalate=escalate,
+            guards=self.guards,
+        )
+        self.graph.add_node("verify", node)
+        steps = self.steps
+        route = self._to(lambda s: route_after_verify(s, steps=steps), "verify")
+        self.graph.add_conditional_edges("verify", route, ["call_model", "respond", self.finish])
+        self.verify = True
+
+    def routes(self, first: str, *, plan: bool) -> None:
+        """The conditional edges of the agent loop."""
+        graph, observer, steps = self.graph, self.observer, self.steps
+        verify, gated = self.verify, self.gated
+        graph.add_edge(START, first)
+        after_model = [*self.after_model, "respond", self.finish] + (["verify"] if verify else [])
+        to_tools = self._to(
+            lambda s: route_after_model(s, verify=verify, gated=gated), "call_model"
+        )
+        graph.add_conditional_edges("call_model", to_tools, after_model)
+        if gated:
+            to = ["execute_tools", "human_review", "respond", "call_model"]
+            graph.add_conditional_edges(
+                "tool_gate", recorded(route_after_gate, observer, "tool_gate"), to
+            )
+        after_tools = recorded(
+            lambda s: route_after_tools(s, replan=plan, steps=steps), observer, "execute_tools"
+        )
+        graph.add_conditional_edges("execute_tools", after_tools, self.after_tools)
+        after_review = recorded(
+            lambda s: route_after_review(s, steps=steps), observer, "human_review"
+        )
+        graph.add_conditional_edges("human_review", after_review, ["execute_tools", "respond"])
+        graph.add_conditional_edges("respond", self._to(lambda s: END, "respond"), [self.finish])
+
+    def _to(self, route: Callable[[AgentState], str], source: str) -> Any:
+        return _to(route, self.observer, source, self.finish, self.end)
+
+
+def _validate_models(
+    fallback_models: object, downgrade_model: object, policy: Policy | None
+) -> None:
+    if isinstance(fallback_models, str | BaseChatModel) or not all(
+        isinstance(m, str | BaseChatModel)
+        for m in (fallback_models if isinstance(fallback_models, Sequence) else [None])
+    ):
+        raise UserError(
+            "build_agent(fallback_models=...) must be a list of chat models or 'provider:name' "
+            f"strings, got {fallback_models!r}."
+        )
+    if downgrade_model is not None and (
+        not isinstance(downgrade_model, str | BaseChatModel)
+        or not isinstance(policy, Policy)
+        or not policy.budget
+    ):
+        raise UserError(
+            "build_agent(downgrade_model=...) switches to a cheaper model near the run budget's "
+            "limit: pass a chat model or 'provider:name' string, and a policy with a budget "
+            "(Policy(budget=Budget(usd=..., soft_ratio=0.8)))."
+        )
 
 
 def _to(
@@ -516,24 +490,27 @@ def _add_memory(
 def _validate(
     *,
     system_prompt: object,
-    gate: object,
     before_model: Sequence[object],
     checks: Sequence[object],
     max_revisions: object,
     checkpointer: object,
     tools: object,
     memory: object,
+    store: object,
+    name: object,
 ) -> None:
     """Reject bad arguments with a message that names the argument and the fix."""
+    if store is not None and not isinstance(store, BaseStore):
+        raise UserError(
+            f"build_agent(store=...) must be a LangGraph store (e.g. keel.memory.ChromaStore"
+            f"(...) or InMemoryStore()), got {type(store).__name__}."
+        )
+    if not isinstance(name, str) or not name:
+        raise UserError(f"build_agent(name=...) must be a non-empty string, got {name!r}.")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise UserError(
             f"build_agent(system_prompt=...) must be a string or None, got "
             f"{type(system_prompt).__name__}."
-        )
-    if gate is not None and not callable(gate):
-        raise UserError(
-            f"build_agent(gate=...) must be a Gate: a function (tool, args, context) -> "
-            f"GateDecision, got {gate!r}."
         )
     for name, items in (("before_model", before_model), ("checks", checks)):
         if isinstance(items, str | bytes) or not all(callable(i) for i in items):

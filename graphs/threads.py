@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar
 
+from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
@@ -69,8 +70,24 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
             f"A run needs at least one message, got {input!r}: invoke the agent with "
             "{'messages': [('user', '...')]}."
         )
+    unreadable = _unreadable(input["messages"])
+    if unreadable is not None:
+        return unreadable
     if exists and state is not None and state.interrupts:
         return _waiting(thread, state)
+    return None
+
+
+def _unreadable(messages: Any) -> str | None:
+    """Why `messages` are not messages LangGraph's `add_messages` can read, if they are not."""
+    try:
+        convert_to_messages(messages if isinstance(messages, list) else [messages])
+    except Exception as exc:  # langchain-core raises NotImplementedError, ValueError, ...
+        return (
+            f"The run's messages could not be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}): send {{'messages': [('user', '...')]}}, a list of "
+            "(role, text) pairs, message dicts or LangChain messages."
+        )
     return None
 
 

@@ -2,6 +2,9 @@
 
 - `Policy` (with `Budget`, `Rule`, `LoopPolicy`): everything a run is held to, from Python or a
   TOML / YAML file; `build_agent(policy=...)` applies it.
+- `AgentGuards`: what a policy fans out into (gate, budgets, loop guard, meter, model and tool
+  guards, standing approvals, grants, policy identity), built once per agent by
+  `AgentGuards.from_policy(policy, ledger, ...)`; the nodes receive it whole.
 - `PermissionMatrix`: ordered `(role, tool glob, resource glob) → allow | deny | ask` rules,
   default deny; a `Gate`.
 - `PeriodBudget`, `SpendMeter`: per-user / per-tenant budgets per day or month, reserved
@@ -43,6 +46,7 @@ Checks that only allow or stop run inside the node they guard, so they add no su
 """
 
 from keel.guards.admission import Admission, AdmissionPolicy, Lease
+from keel.guards.agent_guards import AgentGuards
 from keel.guards.breaker import BreakerPolicy, BreakerTransition, CircuitBreaker, CircuitOpen
 from keel.guards.budget import BudgetVerdict, check_budget, usage_from_messages
 from keel.guards.content import (
@@ -80,6 +84,7 @@ from keel.redact import PiiMatch, find_pii, redact, sanitize
 __all__ = [
     "Admission",
     "AdmissionPolicy",
+    "AgentGuards",
     "BreakerPolicy",
     "BreakerTransition",
     "Budget",

@@ -10,6 +10,7 @@ async drivers in `keel.nodes.call_model` (and the LangChain middleware):
 | `CircuitOpen`, or a failure that opened the breaker | the next model at once |
 | `RateLimited` (keel's own RPM / TPM wait ran out) | the next model at once |
 | `TimeoutError` | retry; then stop, and the run ends as `timeout` (or the next model at once) |
+| `ModelBehaviorError` (an answer keel cannot use) | the next model at once; else stop (`error`) |
 | anything else (a 4xx, a bug) | stop, and the run ends as `error` |
 
 A timeout moves to the next model at once only with `fallback_on_timeout`
@@ -26,7 +27,7 @@ from typing import Literal
 from langgraph.types import RetryPolicy
 
 from keel._node import default_retry_on
-from keel.errors import KeelError
+from keel.errors import KeelError, ModelBehaviorError
 from keel.guards.breaker import CircuitOpen, is_outage
 from keel.guards.ratelimit import RateLimited
 
@@ -59,7 +60,7 @@ def after_failure(
     `fallback_on_timeout`: a timed-out model is left for the next one at once (a slow model is
     usually slow again), instead of being retried.
     """
-    if tripped or isinstance(exc, CircuitOpen | RateLimited):
+    if tripped or isinstance(exc, CircuitOpen | RateLimited | ModelBehaviorError):
         return "fallback" if has_fallback else "stop"
     if fallback_on_timeout and has_fallback and isinstance(exc, TimeoutError):
         return "fallback"

@@ -29,6 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langgraph.types import Command, interrupt
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, both, call, drive
 from keel._node import context_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -302,34 +303,30 @@ class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker."""
-        name, tenant = model_name_of(request.model), _context(request.runtime).tenant_id
-        try:
-            permit = self.guard.before(name, tenant, estimate_tokens(request.messages))
-        except (CircuitOpen, RateLimited) as exc:
-            return self._refused(exc)
-        try:
-            response = handler(request)
-        except Exception as exc:
-            self.guard.after(name, permit, exc, 0)
-            raise
-        self.guard.after(name, permit, None, _tokens(response))
-        return response
+        return drive(self._guarded(request, call(handler, request)))
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker (async)."""
+        return await adrive(self._guarded(request, call(handler, request)))
+
+    def _guarded(
+        self, request: ModelRequest[Any], model_call: Op
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
+        guard = self.guard
         name, tenant = model_name_of(request.model), _context(request.runtime).tenant_id
+        tokens = estimate_tokens(request.messages)
         try:
-            permit = await self.guard.abefore(name, tenant, estimate_tokens(request.messages))
+            permit = yield both(guard.before, guard.abefore, name, tenant, tokens)
         except (CircuitOpen, RateLimited) as exc:
             return self._refused(exc)
         try:
-            response = await handler(request)
+            response: ModelResponse[Any] = yield model_call
         except Exception as exc:
-            await self.guard.aafter(name, permit, exc, 0)
+            yield both(guard.after, guard.aafter, name, permit, exc, 0)
             raise
-        await self.guard.aafter(name, permit, None, _tokens(response))
+        yield both(guard.after, guard.aafter, name, permit, None, _tokens(response))
         return response
 
 
@@ -401,34 +398,25 @@ class CircuitBreakerMiddleware(_ModelGuarded):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool unless its breaker is open; record the result."""
-        guard, name = self.tool_guard, request.tool_call["name"]
-        if guard is None:
-            return handler(request)
-        refused = guard.check(name)
-        if refused is not None:
-            return _tool_message(request, refused, "unavailable")
-        try:
-            result = handler(request)
-        except Exception:
-            guard.record(name, "error")
-            raise
-        guard.record(name, _status(result))
-        return result
+        return drive(self._tool(request, call(handler, request)))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless its breaker is open; record the result (async)."""
+        return await adrive(self._tool(request, call(handler, request)))
+
+    def _tool(self, request: ToolCallRequest, tool_call: Op) -> Steps[Any]:
         guard, name = self.tool_guard, request.tool_call["name"]
         if guard is None:
-            return await handler(request)
-        refused = await guard.acheck(name)
+            return (yield tool_call)
+        refused = yield both(guard.check, guard.acheck, name)
         if refused is not None:
             return _tool_message(request, refused, "unavailable")
         try:
-            result = await handler(request)
+            result = yield tool_call
         except Exception:
-            await guard.arecord(name, "error")
+            yield both(guard.record, guard.arecord, name, "error")
             raise
-        await guard.arecord(name, _status(result))
+        yield both(guard.record, guard.arecord, name, _status(result))
         return result
 
 

@@ -11,7 +11,8 @@ call their model through a `GuardedModel`, so each call, whatever asks for it:
 5. is *counted*: tokens and dollars from `usage_metadata` (structured output is asked for with
    `include_raw=True`, so its usage is read too), recorded by the breaker and the rate limiter
    and settled in the period budgets;
-6. on failure is retried, moved to the next model, or stopped (`keel.guards.fallback`).
+6. on failure is retried (tenacity's `Retrying`, waiting a provider's `Retry-After` or an
+   exponential backoff), moved to the next model, or stopped (`keel.guards.fallback`).
 
 A failure of the ledger itself (its database is down) is not a model failure: the call ends
 with an `error` outcome whose detail starts with `storage failed` (the run record's error
@@ -26,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -37,14 +38,16 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
+from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, drive, retrying
 from keel.db.ledger import Ledger
 from keel.db.runs import STORAGE_FAILED
-from keel.errors import KeelError, UserError
+from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
 from keel.guards.budget import check_budget, usage_of
-from keel.guards.fallback import Retry, after_failure
+from keel.guards.fallback import Retry, Step, after_failure, backoff
 from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
@@ -220,25 +223,21 @@ class _Model:
     runnable: Runnable[LanguageModelInput, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    """One step of a model call for a driver to run, sync or async.
-
-    `ledger`: the step is I/O on the ledger, whose failures are storage failures, not model
-    failures.
-    """
-
-    run: Callable[[], Any]
-    arun: Callable[[], Awaitable[Any]]
-    ledger: bool = False
-
-
 class _StorageFailed(Exception):
     """The ledger failed during a model call (wraps the database's error)."""
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
+
+
+class _Failed(Exception):
+    """The model failed an attempt (`tripped`: the failure opened its breaker)."""
+
+    def __init__(self, error: Exception, tripped: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.tripped = tripped
 
 
 class _Stopped(Exception):
@@ -260,7 +259,6 @@ class _Tried:
     tripped: bool = False
 
 
-Steps = Generator[_Op, Any, T]
 Messages = Sequence[BaseMessage | tuple[str, str]]
 Config = RunnableConfig | None
 Spent = Mapping[str, Any] | None
@@ -350,13 +348,13 @@ class GuardedModel:
         self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
         """Call the model; `usage` is what the run has spent so far (for the run budget)."""
-        return _drive(self._call(convert_to_messages(messages), config, context, usage))
+        return drive(self.call(convert_to_messages(messages), config, context, usage))
 
     async def ainvoke(
         self, messages: Messages, config: Config, context: RunContext, *, usage: Spent = None
     ) -> ModelAnswer:
         """Call the model (async); see `invoke`."""
-        return await _adrive(self._call(convert_to_messages(messages), config, context, usage))
+        return await adrive(self.call(convert_to_messages(messages), config, context, usage))
 
     def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
         if self.budget is None:
@@ -366,45 +364,82 @@ class GuardedModel:
 
     # -- the steps, written once ------------------------------------------------------------
 
-    def _call(
+    def call(
         self,
         messages: list[BaseMessage],
         config: RunnableConfig | None,
         ctx: RunContext,
         usage: Mapping[str, Any] | None,
     ) -> Steps[ModelAnswer]:
-        """Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`)."""
+        """The call as steps for `keel._drive`; `invoke` and `ainvoke` drive it.
+
+        Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`).
+        """
         stop = self._over_budget(usage)
         if stop is not None:
             return ModelAnswer(stop=stop)
-        index, attempt = 0, 1
-        fallback_on_timeout = self.timeout is not None and self.timeout.fallback
+        index = 0
         while True:
+            m, more = self.chain[index], index + 1 < len(self.chain)
+            policy = self._retrying(more)
             try:
-                tried = yield from self._attempt(self.chain[index], messages, config, ctx)
+                tried = yield from retrying(policy, partial(self._tried, m, messages, config, ctx))
             except _Stopped as stopped:
                 return ModelAnswer(usage=stopped.usage, stop=stopped.outcome)
-            if tried.error is None:
-                return ModelAnswer(tried.output, tried.usage)
-            exc = tried.error
-            more = index + 1 < len(self.chain)
-            step = after_failure(
-                exc,
-                attempt,
-                self.retry,
-                has_fallback=more,
-                tripped=tried.tripped,
-                fallback_on_timeout=fallback_on_timeout,
-            )
-            if isinstance(step, Retry):
-                attempt += 1
-                yield _sleep(step.seconds)
-            elif step == "fallback":
-                log.warning("model %s failed (%r); falling back", self.chain[index].name, exc)
-                index, attempt = index + 1, 1
-            else:
+            except _Failed as failed:
+                exc, attempt = failed.error, policy.statistics["attempt_number"]
+                if self._next_step(failed, attempt, more) == "fallback":
+                    log.warning("model %s failed (%r); falling back", m.name, exc)
+                    index += 1
+                    continue
                 tried_names = [m.name for m in self.chain[: index + 1]] if index else []
                 return ModelAnswer(stop=_failed(exc, attempt, tried_names), error=exc)
+            return ModelAnswer(tried.output, tried.usage)
+
+    def _retrying(self, more: bool) -> Retrying:
+        """Tenacity's retry object for one model of the chain (`after_failure`'s table).
+
+        It retries what `keel.guards.fallback.after_failure` says to retry, waiting its
+        `backoff` (a provider's `Retry-After`, else exponential), up to the `RetryPolicy`'s
+        attempts; what it gives up on falls back or stops.
+        """
+
+        def again(state: RetryCallState) -> bool:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            if not isinstance(failed, _Failed):
+                return False
+            return isinstance(self._next_step(failed, state.attempt_number, more), Retry)
+
+        def wait(state: RetryCallState) -> float:
+            failed = state.outcome.exception() if state.outcome is not None else None
+            error = failed.error if isinstance(failed, _Failed) else None
+            return backoff(self.retry, state.attempt_number, error)
+
+        return Retrying(
+            stop=stop_after_attempt(self.retry.max_attempts),
+            wait=wait,
+            retry=again,
+            reraise=True,
+        )
+
+    def _next_step(self, failed: _Failed, attempt: int, more: bool) -> Step:
+        return after_failure(
+            failed.error,
+            attempt,
+            self.retry,
+            has_fallback=more,
+            tripped=failed.tripped,
+            fallback_on_timeout=self.timeout is not None and self.timeout.fallback,
+        )
+
+    def _tried(
+        self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
+    ) -> Steps[_Tried]:
+        """One attempt; a model failure raised as `_Failed` for the retry engine to judge."""
+        tried = yield from self._attempt(m, messages, config, ctx)
+        if tried.error is not None:
+            raise _Failed(tried.error, tried.tripped)
+        return tried
 
     def _attempt(
         self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
@@ -416,10 +451,10 @@ class GuardedModel:
         if guard is not None:
             tokens = estimate_tokens(messages) + self.schema_tokens
             try:
-                permit = yield _Op(
+                permit = yield Op(
                     lambda: guard.before(m.name, ctx.tenant_id, tokens),
                     lambda: guard.abefore(m.name, ctx.tenant_id, tokens),
-                    ledger=True,
+                    on_error=_storage,
                 )
             except (CircuitOpen, RateLimited) as refused:
                 yield from self._settle(held, None, "after the breaker or rate limit refused")
@@ -452,10 +487,10 @@ class GuardedModel:
             return None
         extra = self.schema_tokens
         try:
-            held = yield _Op(
+            held = yield Op(
                 lambda: meter.reserve(messages, ctx, m.name, schema_tokens=extra),
                 lambda: meter.areserve(messages, ctx, m.name, schema_tokens=extra),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
@@ -476,10 +511,10 @@ class GuardedModel:
         if guard is None:
             return None
         try:
-            transition = yield _Op(
+            transition = yield Op(
                 lambda: guard.after(m.name, permit, error, tokens),
                 lambda: guard.aafter(m.name, permit, error, tokens),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             when = "after the model failed" if error is not None else "after the model answered"
@@ -504,80 +539,39 @@ class GuardedModel:
         else:
             usd, tokens = None, None
         try:
-            yield _Op(
+            yield Op(
                 lambda: meter.settle(held, usd, tokens),
                 lambda: meter.asettle(held, usd, tokens),
-                ledger=True,
+                on_error=_storage,
             )
         except _StorageFailed as failed:
             if not when:  # already stopping for a storage failure: the reservation expires
                 return
             raise _Stopped(_storage_failed(failed, when), usage) from None
 
-    def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> _Op:
+    def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> Op:
         seconds = self.timeout.attempt_timeout if self.timeout is not None else None
         runnable = m.runnable
         if seconds is None:
-            return _Op(
+            return Op(
                 lambda: runnable.invoke(messages, config),
                 lambda: runnable.ainvoke(messages, config),
             )
-        return _Op(
+        return Op(
             lambda: _within(seconds, m.name, lambda: runnable.invoke(messages, config)),
             lambda: _awithin(seconds, m.name, runnable.ainvoke(messages, config)),
         )
 
 
-# -- the drivers -------------------------------------------------------------------------------
+# -- the ledger's failures --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    value: Any
-
-
-def _next(steps: Steps[Any], sent: Any, error: Exception | None) -> _Op | _Done:
-    """Advance `steps` with the last operation's result (or error)."""
-    try:
-        return steps.send(sent) if error is None else steps.throw(error)
-    except StopIteration as done:
-        return _Done(done.value)
-
-
-def _drive(steps: Steps[T]) -> T:
-    """Run `steps` synchronously."""
-    op = _next(steps, None, None)
-    while isinstance(op, _Op):
-        try:
-            sent, error = op.run(), None
-        except Exception as exc:
-            sent, error = None, _classified(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
-
-
-async def _adrive(steps: Steps[T]) -> T:
-    """Run `steps` on the event loop."""
-    op = _next(steps, None, None)
-    while isinstance(op, _Op):
-        try:
-            sent, error = await op.arun(), None
-        except Exception as exc:
-            sent, error = None, _classified(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
-
-
-def _classified(op: _Op, exc: Exception) -> Exception:
+def _storage(exc: Exception) -> Exception:
     """A ledger operation's own failure is a storage failure; its refusals are not."""
-    if op.ledger and not isinstance(exc, CircuitOpen | RateLimited | GraphBubbleUp):
-        log.error("the ledger failed during a model call: %r", exc)
-        return _StorageFailed(exc)
-    return exc
-
-
-def _sleep(seconds: float) -> _Op:
-    return _Op(lambda: time.sleep(seconds), lambda: asyncio.sleep(seconds))
+    if isinstance(exc, CircuitOpen | RateLimited | GraphBubbleUp):
+        return exc
+    log.error("the ledger failed during a model call: %r", exc)
+    return _StorageFailed(exc)
 
 
 def _within(seconds: float, name: str, call: Callable[[], Any]) -> Any:
@@ -622,7 +616,9 @@ def _raw(output: Any) -> AIMessage:
     """The `AIMessage` of a model's output (plain, or the `raw` of a structured answer)."""
     message = output.get("raw") if isinstance(output, Mapping) else output
     if not isinstance(message, AIMessage):
-        raise KeelError(f"The model returned {type(message).__name__}, not an AIMessage.")
+        raise ModelBehaviorError(
+            "the model", f"returned {type(message).__name__}, not an AIMessage"
+        )
     return message
 
 

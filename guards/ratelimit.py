@@ -18,13 +18,13 @@ it with the real usage afterwards (a refund, or a debt the next calls wait for).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from keel._drive import Steps, adrive, both, drive, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.errors import RateLimited, UserError
 
@@ -319,29 +319,23 @@ class RateLimiter:
         Raises:
             RateLimited: some bucket has no room within its limit's `max_wait`.
         """
-        attempt = self._start(model, tenant, tokens)
-        if not attempt.wants:
-            return Permit((), tokens, 0.0)
-        while True:
-            step = attempt.next(self.ledger.run(attempt.flow()))
-            if isinstance(step, Permit):
-                return step
-            time.sleep(step)
+        return drive(self.acquiring(model, tenant, tokens))
 
     async def aacquire(self, model: str, tenant: str = "default", tokens: int = 0) -> Permit:
-        """Take room for one request of about `tokens` tokens to `model` for `tenant` (async).
+        """Take room for one request to `model` for `tenant` (async); see `acquire`."""
+        return await adrive(self.acquiring(model, tenant, tokens))
 
-        Raises:
-            RateLimited: some bucket has no room within its limit's `max_wait`.
-        """
+    def acquiring(self, model: str, tenant: str, tokens: int) -> Steps[Permit]:
+        """`acquire` as `keel._drive` steps: take room in the ledger, or wait and try again."""
         attempt = self._start(model, tenant, tokens)
         if not attempt.wants:
             return Permit((), tokens, 0.0)
         while True:
-            step = attempt.next(await self.ledger.arun(attempt.flow()))
+            taken = yield both(self.ledger.run, self.ledger.arun, attempt.flow())
+            step = attempt.next(taken)
             if isinstance(step, Permit):
                 return step
-            await asyncio.sleep(step)
+            yield sleep(step)
 
     def _refunds(self, permit: Permit, used: int) -> list[tuple[str, int, float]]:
         if isinstance(used, bool) or not isinstance(used, int) or used < 0:

@@ -27,6 +27,7 @@ from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
+from keel._drive import Steps, adrive, drive
 from keel.errors import UserError
 from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
@@ -59,6 +60,22 @@ def make_node(
     keel node costs no more than a hand-written function node.
     """
     return RunnableCallable(func, afunc, name=name, trace=False)
+
+
+StepsNode = Callable[[Any, RunnableConfig, Runtime[RunContext]], Steps[dict[str, Any]]]
+"""A node written once as `keel._drive` steps: `(state, config, runtime) -> Steps[update]`."""
+
+
+def steps_node(name: str, steps: StepsNode) -> RunnableCallable:
+    """A LangGraph node that drives `steps` under `invoke` (`drive`) and `ainvoke` (`adrive`)."""
+
+    def invoke(state: Any, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        return drive(steps(state, config, runtime))
+
+    async def ainvoke(state: Any, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        return await adrive(steps(state, config, runtime))
+
+    return make_node(name, invoke, ainvoke)
 
 
 def context_of(runtime: Runtime[RunContext] | None) -> RunContext:

@@ -11,6 +11,9 @@ KeelError                       catch this to catch anything keel raises
 ├── CheckpointTooLarge          a checkpoint is over `CheckpointPolicy.max_bytes` and refused
 ├── RateLimited                 a call would wait past its rate limit's `max_wait`
 ├── CircuitOpen                 a call was refused: its circuit breaker is open (fail fast)
+├── ModelBehaviorError          the model answered with something keel cannot use: not an
+│                               AIMessage, only malformed tool calls turn after turn, a
+│                               structured answer that does not parse
 ├── ModelRequestsForbidden (RuntimeError)   a real model was called where only test doubles run
 └── ScriptExhausted (RuntimeError)          a scripted test model ran out of turns
 
@@ -31,6 +34,7 @@ __all__ = [
     "CheckpointTooLarge",
     "CircuitOpen",
     "KeelError",
+    "ModelBehaviorError",
     "ModelRequestsForbidden",
     "RateLimited",
     "SchemaVersionError",
@@ -176,6 +180,29 @@ class CircuitOpen(KeelError):
 
 def _circuit_open(key: str, retry_at: float, retry_after: float) -> CircuitOpen:
     return CircuitOpen(key, retry_at, retry_after=retry_after)
+
+
+class ModelBehaviorError(KeelError):
+    """The model answered, but with something keel cannot use (the model's fault, not keel's).
+
+    Raised inside a model call when the answer is not an `AIMessage` (the call falls back to
+    the next model, if any), and recorded as the run's outcome (`terminated_reason == "error"`,
+    error category `model:ModelBehaviorError`) when the model sends only malformed tool calls
+    turn after turn. A judge whose verdict does not parse fails the verification with it.
+    """
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        """The model's name (`scripted`, `gpt-4o-mini`, ...)."""
+        self.problem = problem
+        """What was wrong with the answer."""
+        super().__init__(
+            f"{model} {problem}. A different model, a lower temperature or a clearer schema "
+            "or tool description usually helps; keel ends the run rather than act on it."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.model, self.problem))
 
 
 class ModelRequestsForbidden(KeelError, RuntimeError):

@@ -1,22 +1,21 @@
 """At most once: a side-effecting call goes through the idempotency ledger.
 
-`once_steps` is the decision, written once as a generator (as `httpx` writes `auth_flow`): it
-yields `("ledger", flow)`, `("run", None)` or `("reconcile", None)` and is sent each step's
-result; `drive_once` and `adrive_once` are its sync and async drivers.
+`once_steps` is the decision, written once as a generator of `keel._drive` steps (as `httpx`
+writes `auth_flow`): the ledger's flows, the run, the reconcile; `keel._drive.drive` and
+`adrive` run it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
+from keel._drive import Op, Steps, both, sleep
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
@@ -26,20 +25,17 @@ from keel.tools.registry import RegisteredTool
 
 __all__ = [
     "Unknown",
-    "adrive_once",
-    "drive_once",
+    "once_steps",
     "known_call_ids",
     "ledger_key",
     "recorded",
     "tool_message",
-    "await_saved",
-    "wait_saved",
+    "saved_steps",
 ]
 
 SAVE_WAIT = 30.0
 """Seconds a side-effecting call waits for the checkpoint holding its request to be saved."""
 
-Step = tuple[Literal["ledger", "run", "reconcile"], Flow[Any] | None]
 _FAILED = object()  # a reconcile function raised: the outcome stays unknown
 
 
@@ -58,7 +54,7 @@ def _pauses() -> Iterator[float]:
         waited, pause = waited + pause, min(pause * 2, 0.05)
 
 
-def wait_saved(config: RunnableConfig) -> bool:
+def saved_steps(config: RunnableConfig) -> Steps[bool]:
     """Wait until the checkpoint this task runs from is saved (`False`: it never was).
 
     A side-effecting call may run only once the model message that requested it is durable:
@@ -69,22 +65,11 @@ def wait_saved(config: RunnableConfig) -> bool:
     found = unsaved_checkpoint(config)
     if found is None:
         return True
+    saver, where = found
     for pause in _pauses():
-        if found[0].get_tuple(found[1]) is not None:
+        if (yield Op(lambda: saver.get_tuple(where), lambda: saver.aget_tuple(where))) is not None:
             return True
-        time.sleep(pause)
-    return False
-
-
-async def await_saved(config: RunnableConfig) -> bool:
-    """`wait_saved` under `ainvoke`."""
-    found = unsaved_checkpoint(config)
-    if found is None:
-        return True
-    for pause in _pauses():
-        if await found[0].aget_tuple(found[1]) is not None:
-            return True
-        await asyncio.sleep(pause)
+        yield sleep(pause)
     return False
 
 
@@ -136,26 +121,32 @@ def once_steps(
     entry: RegisteredTool,
     call: ToolCall,
     key: tuple[str, str, str, str],
+    ledger: Ledger,
+    run: Callable[[], Steps[ToolMessage]],
     known: Collection[str] | None = None,
-) -> Generator[Step, Any, ToolMessage | Unknown]:
-    """Claim, run and record one call; or return its recorded result, or `Unknown`.
+) -> Steps[ToolMessage | Unknown]:
+    """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
     `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
     same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`).
     """
+
+    def flow(steps: Flow[Any]) -> Op:
+        return both(ledger.run, ledger.arun, steps)
+
     thread, call_id, _, _ = key
-    claim = yield "ledger", claim_flow(*key, known=known)
+    claim = yield flow(claim_flow(*key, known=known))
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:
-            found = yield "reconcile", None
+            found = yield _reconcile(entry, call)
             if found is not _FAILED and found is not None:
                 message = succeeded(entry, call, found)
-                yield "ledger", resolve_flow(thread, call_id, "completed", _fields(message))
+                yield flow(resolve_flow(thread, call_id, "completed", _fields(message)))
                 return message
             rerun = found is None
         if rerun:
-            claim = yield "ledger", claim_flow(*key, rerun_unknown=True)
+            claim = yield flow(claim_flow(*key, rerun_unknown=True))
     if claim.action == "conflict":
         return tool_message(
             call,
@@ -168,10 +159,10 @@ def once_steps(
         return recorded(call, claim.record.result)
     if claim.record is not None and claim.action == "unknown":
         return Unknown(call, claim.record)
-    ran: ToolMessage = yield "run", None
+    ran = yield from run()
     success = ran.response_metadata.get("keel_status") == "success"
     done: Literal["completed", "failed"] = "completed" if success else "failed"
-    yield "ledger", finish_flow(thread, call_id, done, _fields(ran))
+    yield flow(finish_flow(thread, call_id, done, _fields(ran)))
     return ran
 
 
@@ -185,59 +176,12 @@ def succeeded(entry: RegisteredTool, call: ToolCall, result: Any) -> ToolMessage
     return tool_message(call, str(result), "success")
 
 
-def drive_once(
-    entry: RegisteredTool,
-    call: ToolCall,
-    key: tuple[str, str, str, str],
-    ledger: Ledger,
-    run: Callable[[], ToolMessage],
-    known: Collection[str] | None = None,
-) -> ToolMessage | Unknown:
-    """Run `once_steps` with the sync ledger and the sync tool runner."""
-    steps = once_steps(entry, call, key, known)
-    value: Any = None
-    try:
-        while True:
-            kind, flow = steps.send(value)
-            if kind == "ledger":
-                assert flow is not None
-                value = ledger.run(flow)
-            elif kind == "run":
-                value = run()
-            else:
-                value = _reconcile(entry, call, sync=True)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+def _reconcile(entry: RegisteredTool, call: ToolCall) -> Op:
+    """Ask the tool's `reconcile` whether the call happened (`_FAILED` when it raised)."""
+    return Op(lambda: _reconciled(entry, call, sync=True), lambda: _areconciled(entry, call))
 
 
-async def adrive_once(
-    entry: RegisteredTool,
-    call: ToolCall,
-    key: tuple[str, str, str, str],
-    ledger: Ledger,
-    run: Callable[[], Any],
-    known: Collection[str] | None = None,
-) -> ToolMessage | Unknown:
-    """Run `once_steps` with the async ledger and the async tool runner."""
-    steps = once_steps(entry, call, key, known)
-    value: Any = None
-    try:
-        while True:
-            kind, flow = steps.send(value)
-            if kind == "ledger":
-                assert flow is not None
-                value = await ledger.arun(flow)
-            elif kind == "run":
-                value = await run()
-            else:
-                value = _reconcile(entry, call, sync=False)
-                if inspect.isawaitable(value):
-                    value = await _awaited(value)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-
-
-def _reconcile(entry: RegisteredTool, call: ToolCall, *, sync: bool) -> Any:
+def _reconciled(entry: RegisteredTool, call: ToolCall, *, sync: bool) -> Any:
     assert entry.spec.reconcile is not None
     try:
         value = entry.spec.reconcile(call["args"])
@@ -254,7 +198,10 @@ def _reconcile(entry: RegisteredTool, call: ToolCall, *, sync: bool) -> Any:
     return value
 
 
-async def _awaited(value: Any) -> Any:
+async def _areconciled(entry: RegisteredTool, call: ToolCall) -> Any:
+    value = _reconciled(entry, call, sync=False)
+    if not inspect.isawaitable(value):
+        return value
     try:
         return await value
     except Exception:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from typing import Any, Unpack
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
@@ -23,28 +22,18 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
-from langgraph.types import RetryPolicy
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
-from keel.approvals import Grants
+from keel._drive import Op, Steps
+from keel._node import RunnableCallable, context_of, steps_node, thread_of
+from keel.errors import ModelBehaviorError
+from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
-from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
-from keel.guards.model_call import (
-    DEFAULT_MODEL_RETRY,
-    GuardedModel,
-    ModelAnswer,
-    ModelCallGuards,
-    ModelTimeoutPolicy,
-)
+from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
 from keel.guards.policy import Budget, LoopPolicy
-from keel.guards.resilience import ModelGuard
-from keel.guards.spend import SpendMeter
-from keel.guards.standing import StandingStore, allowing
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
-from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
 from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
 from keel.tools.registry import ToolRegistry
@@ -81,86 +70,93 @@ def call_model(
     tools: ToolRegistry | None = None,
     *,
     system_prompt: str | None = None,
-    prices: PriceTable | None = None,
     before_model: Sequence[BeforeModel] = (),
-    gate: Gate | None = approval_gate,
-    retry: RetryPolicy = DEFAULT_MODEL_RETRY,
-    budget: Budget | None = None,
-    loop: LoopPolicy | None = None,
-    meter: SpendMeter | None = None,
-    guard: ModelGuard | None = None,
+    guards: AgentGuards | None = None,
     fallbacks: Sequence[str | BaseChatModel] = (),
     downgrade: str | BaseChatModel | None = None,
     reserve_steps: int = 2,
-    policy_version: str = "1",
-    policy_name: str | None = None,
-    standing: StandingStore | None = None,
-    timeout: float | timedelta | ModelTimeoutPolicy | None = None,
-    grants: Grants | None = None,
     name: str = "call_model",
+    **options: Unpack[GuardOptions],
 ) -> RunnableCallable:
     """A node that calls the model once and records the answer, tokens and dollars.
 
     Args:
         model: A chat model or a `provider:name` string.
-        tools: The tools to bind; their calls are checked against `gate` to flag approvals.
+        tools: The tools to bind; their calls are checked against the gate to flag approvals.
         system_prompt: Sent first on every call (with the plan, when there is one).
-        prices: Turns `usage_metadata` into USD; the default table when omitted.
         before_model: Checks run before each call; one returning an `Outcome` stops the run.
-        gate: Decides which tool calls need a human; a call needing one sets the outcome to
-            `interrupted` so the graph routes to `human_review`. `None` when a `tool_gate`
-            node after this one decides (as in `build_agent` with a policy).
-        retry: LangGraph's `RetryPolicy` for transient model errors (network, 5xx, 429).
-        budget: Run budget checked before each call (stop, or a soft-threshold warning).
-        loop: The loop guard applied to each answer's tool calls.
-        meter: Reserves each call's estimate against per-user / per-tenant period budgets
-            before the call and settles the real cost after it; each answer is capped at
-            the reserve.
-        guard: The rate limits and per-model breaker checked around each call, inside this
-            node (`ModelGuard.from_policy(policy, ledger)`).
+        guards: What the agent is held to (`AgentGuards.from_policy(policy, ledger)`): the
+            run budget (stop, or a soft-threshold warning), the period budgets (each call's
+            estimate reserved, the answer capped at the reserve), rate limits and breaker,
+            retries and deadline, prices, the loop guard, the gate and standing approvals.
+            With `guards.gated` a `tool_gate` node after this one decides about tool calls;
+            else a call the gate says to `ask` about sets the outcome to `interrupted`, so the
+            graph routes to `human_review`.
         fallbacks: Models to try in order when the model is down (5xx, connection errors,
             still rate limited after retries, open breaker); see `keel.guards.fallback`.
         downgrade: A cheaper model used instead of `model` once the run budget is past its
             soft threshold (model tiering; off when `None`). Its fallbacks are `fallbacks`.
         reserve_steps: Stop cleanly when fewer LangGraph steps than this remain, instead of
             raising `GraphRecursionError`.
-        policy_version: The policy version standing approvals are bound to.
-        policy_name: The policy name standing approvals are bound to.
-        standing: Where user-scoped standing approvals are kept; loaded into the thread at
-            the start of each task.
-        timeout: A deadline for each attempt of a model call (`ModelTimeoutPolicy`).
-        grants: Verifies the approvals in state (`keel.approvals.Grants`); an unverified one
-            does not spare a call its review.
         name: The node's name.
+        **options: Single guards instead of (or over) `guards`: `prices`, `gate` (`None`: a
+            `tool_gate` node decides), `retry`, `budget`, `loop`, `meter`, `guard`, `timeout`,
+            `standing`, `grants`, `policy_version`, `policy_name` (see `AgentGuards.of`).
 
     Every call goes through a `keel.guards.GuardedModel`: period budget reservation, breaker
     and rate limits, deadline, usage accounting and fallbacks.
     """
+    held = AgentGuards.of(guards, **options)
     registry = tools or ToolRegistry()
-    table = prices or PriceTable()
+    turn = _TurnMaker(held, registry, tuple(before_model), system_prompt, reserve_steps)
+    chain, cheaper = turn.models(model, fallbacks), None
+    if downgrade is not None:
+        cheaper = turn.models(downgrade, fallbacks)
+    answer = _Answerer(held, registry)
 
-    guards = ModelCallGuards(
-        prices=table,
-        meter=meter,
-        guard=guard,
-        retry=retry,
-        timeout=ModelTimeoutPolicy.coerce(timeout),
-    )
+    def steps(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> Steps[dict[str, Any]]:
+        prepared = turn.prepare(state, runtime, chain, cheaper)
+        if prepared.messages is None:
+            return {"outcome": prepared.stop or outcome.failed("no messages to send")}
+        standing = held.standing
+        if standing is not None and "clock" in prepared.extra:  # a new task: user approvals
+            ctx = context_of(runtime)
+            prepared.extra["approvals"] = yield Op(
+                lambda: standing.load(ctx), lambda: standing.aload(ctx)
+            )
+        return (yield from answer.steps(prepared, state, config, runtime))
 
-    def models(first: str | BaseChatModel) -> _Models:
-        chain = [first, *fallbacks]
-        bound = GuardedModel(chain, tools=registry.tools, guards=guards, steps=True)
+    return steps_node(name, steps)
+
+
+@dataclass(frozen=True, slots=True)
+class _TurnMaker:
+    """Decides what a turn sends, or why it sends nothing (limits, budget, checks)."""
+
+    guards: AgentGuards
+    registry: ToolRegistry
+    checks: tuple[BeforeModel, ...]
+    system_prompt: str | None
+    reserve_steps: int
+
+    def models(
+        self, first: str | BaseChatModel, fallbacks: Sequence[str | BaseChatModel]
+    ) -> _Models:
+        chain, guards = [first, *fallbacks], self.guards.model
+        bound = GuardedModel(chain, tools=self.registry.tools, guards=guards, steps=True)
         return _Models(bound, GuardedModel(chain, guards=guards, steps=True))
 
-    chain = models(model)
-    cheaper = models(downgrade) if downgrade is not None else None
-    checks = tuple(before_model)
-
-    sealer = grants if grants is not None else Grants.from_secret()
-
-    def prepare(state: AgentState, runtime: Runtime[RunContext] | None) -> _Turn:
+    def prepare(
+        self,
+        state: AgentState,
+        runtime: Runtime[RunContext] | None,
+        chain: _Models,
+        cheaper: _Models | None,
+    ) -> _Turn:
         remaining = state.get("remaining_steps")
-        if remaining is not None and remaining <= reserve_steps:
+        if remaining is not None and remaining <= self.reserve_steps:
             return _Turn(None, outcome.step_limit())
         extra: dict[str, Any] = {}
         history = state.get("messages") or []
@@ -169,6 +165,7 @@ def call_model(
             clock = {"started_at": time.time()}  # a new task starts the wall clock
             extra["clock"] = clock
         models = chain
+        budget = self.guards.budget
         if budget is not None:
             verdict = check_budget(budget, state.get("usage") or {}, started_at=clock["started_at"])
             if verdict.exceeded:
@@ -180,17 +177,52 @@ def call_model(
             if warnings != (state.get("budget_warnings") or []):
                 extra["budget_warnings"] = warnings
         context = context_of(runtime)
-        for check in checks:
+        for check in self.checks:
             stop = check(state, context)
             if stop is not None:
                 return _Turn(None, stop)
-        system = _system_text(system_prompt, state)
+        system = _system_text(self.system_prompt, state)
         if system:  # valid_history merges it with any system message already in the history
             history = [SystemMessage(content=system), *history]
         return _Turn(valid_history(history), None, extra, models)
 
+
+@dataclass(frozen=True, slots=True)
+class _Answerer:
+    """Asks the model and turns its answer into the state update (loop guard, approvals)."""
+
+    guards: AgentGuards
+    registry: ToolRegistry
+
+    @property
+    def loop(self) -> LoopPolicy | None:
+        """The loop guard this node applies: `wrap_up` always, `stop` without a tool_gate."""
+        loop = self.guards.loop
+        if loop is None or (self.guards.gated and loop.on_loop != "wrap_up"):
+            return None
+        return loop
+
+    def steps(
+        self,
+        turn: _Turn,
+        state: AgentState,
+        config: RunnableConfig,
+        runtime: Runtime[RunContext],
+    ) -> Steps[dict[str, Any]]:
+        assert turn.messages is not None and turn.models is not None
+        ctx = context_of(runtime)
+        got = yield from turn.models.bound.call(turn.messages, config, ctx, None)
+        if got.stop is not None:
+            return _stopped(got, turn)
+        update = self.finish(got, state, runtime, turn)
+        if isinstance(update, dict):
+            return update
+        note = wrap_up_note(update)
+        final = yield from turn.models.plain.call([*turn.messages, note], config, ctx, None)
+        return _wrapped_up(got, final, update, turn)
+
     def finish(
-        got: ModelAnswer, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
+        self, got: ModelAnswer, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
     ) -> dict[str, Any] | str:
         """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
         response, usage = got.message, got.usage
@@ -199,105 +231,65 @@ def call_model(
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
             update["messages"].extend(_invalid_call_results(response))
-            if not response.tool_calls and state.get("outcome") is not None:
-                update["outcome"] = None
             if not response.tool_calls:
+                misbehaving = _misbehaving(state, turn)
+                if misbehaving is not None or state.get("outcome") is not None:
+                    update["outcome"] = misbehaving
                 return update
-        if response.tool_calls:
-            looping = (
-                detect_loop(call_sequence(state.get("messages") or [], response), loop)
-                if loop is not None
-                else None
-            )
-            ctx = context_of(runtime)
-            policy = policy_id(ctx, policy_version, policy_name)
-            approvals = sealer.for_run(thread_of(runtime), ctx).trusted(
-                {**(state.get("approvals") or {}), **turn.extra.get("approvals", {})}
-            )
-            ask = None
-            if gate is not None:
-                decide = allowing(gate, approvals, policy)
-                ask = _approval_needed(response, registry, decide, ctx)
-            if looping is not None and loop is not None:
-                if loop.on_loop == "wrap_up" and not _over(budget, state, usage):
-                    return looping
-                update["outcome"] = outcome.stopped("loop_detected", looping)
-            elif ask:
-                update["outcome"] = outcome.interrupted(ask)
-            elif state.get("outcome") is not None:
-                update["outcome"] = None  # a checkpoint write only when it changes
-        else:
+        if not response.tool_calls:
             update["outcome"] = outcome.completed()
             steps = state.get("plan")
             if steps and any(s["status"] == "in_progress" for s in steps):
                 update["plan"] = advance_plan(steps, succeeded=True)
+            return update
+        loop = self.loop
+        looping = None
+        if loop is not None:
+            looping = detect_loop(call_sequence(state.get("messages") or [], response), loop)
+        if looping is not None and loop is not None:
+            if loop.on_loop == "wrap_up" and not _over(self.guards.budget, state, usage):
+                return looping
+            update["outcome"] = outcome.stopped("loop_detected", looping)
+        elif ask := self.approval_needed(response, state, runtime, turn):
+            update["outcome"] = outcome.interrupted(ask)
+        elif state.get("outcome") is not None:
+            update["outcome"] = None  # a checkpoint write only when it changes
         return update
 
-    def wrapped_up(
-        first: ModelAnswer, final: ModelAnswer, reason: str, turn: _Turn
-    ) -> dict[str, Any]:
-        """The update after a loop's wrap-up turn: only the tool-free answer is kept."""
-        usage = add_usage(first.usage, final.usage)
-        if final.stop is not None:
-            return {**turn.extra, "usage": usage, "outcome": final.stop}
-        return {
-            **turn.extra,
-            "messages": [final.message],
-            "usage": usage,
-            "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
-        }
-
-    def answer(
-        turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        assert turn.messages is not None and turn.models is not None
+    def approval_needed(
+        self,
+        response: AIMessage,
+        state: AgentState,
+        runtime: Runtime[RunContext] | None,
+        turn: _Turn,
+    ) -> str | None:
+        """Without a tool_gate node: why the turn waits for a human, if it does."""
+        if self.guards.gated:
+            return None
         ctx = context_of(runtime)
-        got = turn.models.bound.invoke(turn.messages, config, ctx)
-        if got.stop is not None:
-            return _stopped(got, turn)
-        update = finish(got, state, runtime, turn)
-        if isinstance(update, dict):
-            return update
-        note = wrap_up_note(update)
-        final = turn.models.plain.invoke([*turn.messages, note], config, ctx)
-        return wrapped_up(got, final, update, turn)
+        approvals = self.guards.trusted(
+            thread_of(runtime), ctx, state.get("approvals"), turn.extra.get("approvals")
+        )
+        decide = self.guards.deciding(approvals, ctx)
+        reasons = []
+        for tc in response.tool_calls:
+            entry = self.registry.get(tc["name"])
+            if entry is not None and decide(entry, tc["args"], ctx).action == "ask":
+                reasons.append(tc["name"])
+        return f"awaiting approval for {', '.join(reasons)}" if reasons else None
 
-    async def aanswer(
-        turn: _Turn, state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        assert turn.messages is not None and turn.models is not None
-        ctx = context_of(runtime)
-        got = await turn.models.bound.ainvoke(turn.messages, config, ctx)
-        if got.stop is not None:
-            return _stopped(got, turn)
-        update = finish(got, state, runtime, turn)
-        if isinstance(update, dict):
-            return update
-        note = wrap_up_note(update)
-        final = await turn.models.plain.ainvoke([*turn.messages, note], config, ctx)
-        return wrapped_up(got, final, update, turn)
 
-    def invoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return {"outcome": turn.stop or outcome.failed("no messages to send")}
-        if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
-            turn.extra["approvals"] = standing.load(context_of(runtime))
-        return answer(turn, state, config, runtime)
-
-    async def ainvoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        turn = prepare(state, runtime)
-        if turn.messages is None:
-            return {"outcome": turn.stop or outcome.failed("no messages to send")}
-        if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
-            turn.extra["approvals"] = await standing.aload(context_of(runtime))
-        return await aanswer(turn, state, config, runtime)
-
-    return make_node(name, invoke, ainvoke)
+def _wrapped_up(first: ModelAnswer, final: ModelAnswer, reason: str, turn: _Turn) -> dict[str, Any]:
+    """The update after a loop's wrap-up turn: only the tool-free answer is kept."""
+    usage = add_usage(first.usage, final.usage)
+    if final.stop is not None:
+        return {**turn.extra, "usage": usage, "outcome": final.stop}
+    return {
+        **turn.extra,
+        "messages": [final.message],
+        "usage": usage,
+        "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
+    }
 
 
 def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
@@ -306,6 +298,38 @@ def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
         return False
     total = add_usage(state.get("usage") or {}, usage)
     return check_budget(budget, total).exceeded is not None
+
+
+MALFORMED_TURNS = 3
+"""Turns in a row of only malformed tool calls after which the model is misbehaving."""
+
+
+def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
+    """The run's end when this turn makes `MALFORMED_TURNS` of only malformed tool calls.
+
+    A model that keeps sending arguments that are not JSON would otherwise go round until the
+    step limit; the run ends as `error` with a `ModelBehaviorError` (error category
+    `model:ModelBehaviorError`).
+    """
+    turns = 1
+    for message in reversed(state.get("messages") or []):
+        if isinstance(message, ToolMessage):
+            continue
+        if not isinstance(message, AIMessage) or message.tool_calls:
+            break
+        if not message.invalid_tool_calls:
+            break
+        turns += 1
+    if turns < MALFORMED_TURNS:
+        return None
+    name = turn.models.bound.name if turn.models is not None else "the model"
+    error = ModelBehaviorError(
+        name, f"sent only malformed tool calls (arguments not valid JSON) {turns} turns in a row"
+    )
+    log.warning("%s", error)
+    return outcome.failed(
+        f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
+    )
 
 
 def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:
@@ -338,14 +362,3 @@ def _system_text(system_prompt: str | None, state: AgentState) -> str:
     if plan:
         parts.append(render_plan(plan))
     return "\n\n".join(parts)
-
-
-def _approval_needed(
-    response: AIMessage, registry: ToolRegistry, gate: Gate, context: RunContext
-) -> str | None:
-    reasons = []
-    for tc in response.tool_calls:
-        entry = registry.get(tc["name"])
-        if entry is not None and gate(entry, tc["args"], context).action == "ask":
-            reasons.append(tc["name"])
-    return f"awaiting approval for {', '.join(reasons)}" if reasons else None

@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, Unpack
 
 from langchain_core.messages import ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -28,31 +28,31 @@ from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
-from keel.approvals import Grants, approval_digest, approval_key
+from keel._drive import Op, Steps, adrive, drive, retrying
+from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
+from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.content import InputGuardPolicy
-from keel.guards.gate import Gate, approval_gate
+from keel.guards.gate import Gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import screen_tool_result
-from keel.guards.standing import allowing
 from keel.nodes._args import invalid_args
 from keel.nodes._once import (
     Unknown,
-    adrive_once,
-    await_saved,
-    drive_once,
     known_call_ids,
     ledger_key,
+    once_steps,
+    saved_steps,
     succeeded,
     tool_message,
-    wait_saved,
 )
-from keel.nodes.history import pending_tool_calls
+from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import RegisteredTool, ToolRegistry
@@ -100,147 +100,145 @@ class _Job:
 def execute_tools(
     tools: ToolRegistry,
     *,
-    gate: Gate = approval_gate,
-    policy_version: str = "1",
-    policy_name: str | None = None,
-    budget: Budget | None = None,
-    tool_guard: ToolGuard | None = None,
-    ledger: Ledger | None = None,
-    input_guard: InputGuardPolicy | None = None,
-    grants: Grants | None = None,
+    guards: AgentGuards | None = None,
     name: str = "execute_tools",
+    **options: Unpack[GuardOptions],
 ) -> RunnableCallable:
     """A node that answers every pending tool call of the last AI message with one ToolMessage.
 
     Args:
         tools: The tools the agent may call.
-        gate: Decides allow / ask / deny per call; an `ask` call runs only when a grant in
-            state sealed by `grants` for this thread and user matches its exact arguments.
-        policy_version: Bound into approval digests; a new version invalidates old approvals.
-        policy_name: The policy's name for the digest (default: `RunContext.policy`).
-        budget: Run budget: calls that would pass its tool-call limit are answered
-            `budget_stopped` and the run ends as `budget_exceeded`.
-        tool_guard: The per-tool circuit breaker: while a tool's is open the call is answered
-            `unavailable` (the model is told what is missing) and the run goes on.
-        ledger: The idempotency ledger. With one, a side-effecting call in a thread runs at
-            most once: a resume, retry or replay gets the recorded result, and a call that
-            started but never finished (the process died) is not repeated: the run pauses for
-            `human_review` ("did this happen?") unless the tool is `idempotent` or its
-            `reconcile` settles it. Without one, nothing protects against a repeat. A call the
-            ledger answers from its record does not touch the breaker.
-        input_guard: The input guard applied to every result before the model reads it
-            (`keel.guards.check_input(..., source="tool")`): an injection is flagged, redacted
-            or the result withheld (`keel_status == "blocked"`); `None`: results pass as they
-            are.
-        grants: Verifies approval grants (`keel.approvals.Grants`); default: the secret in
-            `KEEL_APPROVAL_SECRET`, else this process's own.
+        guards: What the agent is held to (`AgentGuards.from_policy(policy, ledger)`):
+            - the gate decides allow / ask / deny per call; an `ask` call runs only when a
+              grant in state sealed by the guards' `grants` for this thread and user matches
+              its exact arguments (bound to the policy's name and version);
+            - the run budget: calls that would pass its tool-call limit are answered
+              `budget_stopped` and the run ends as `budget_exceeded`;
+            - the per-tool circuit breaker (`tool_guard`): while a tool's is open the call is
+              answered `unavailable` (the model is told what is missing) and the run goes on;
+            - the idempotency `ledger`: with one, a side-effecting call in a thread runs at
+              most once: a resume, retry or replay gets the recorded result, and a call that
+              started but never finished (the process died) is not repeated: the run pauses
+              for `human_review` ("did this happen?") unless the tool is `idempotent` or its
+              `reconcile` settles it. A call the ledger answers from its record does not touch
+              the breaker;
+            - the `input_guard`, applied to every result before the model reads it
+              (`keel.guards.check_input(..., source="tool")`): an injection is flagged,
+              redacted or the result withheld (`keel_status == "blocked"`).
         name: The node's name.
+        **options: Single guards instead of (or over) `guards`: `gate`, `policy_version`,
+            `policy_name`, `budget`, `tool_guard`, `ledger`, `input_guard`, `grants` (see
+            `AgentGuards.of`).
     """
-    sealer = grants if grants is not None else Grants.from_secret()
+    held = AgentGuards.of(guards, **options)
+    ledger = held.ledger
 
     def plan_calls(
-        state: AgentState, runtime: Runtime[RunContext] | None
-    ) -> list[ToolMessage | _Job]:
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext] | None
+    ) -> Steps[list[ToolMessage | _Job]]:
         _, calls = pending_tool_calls(state.get("messages") or [])
         context = context_of(runtime)
-        approvals = sealer.for_run(thread_of(runtime), context).trusted(state.get("approvals"))
-        policy = policy_id(context, policy_version, policy_name)
-        decide = allowing(gate, approvals, policy)  # standing approvals turn ask into allow
+        approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
+        decide = held.deciding(approvals, context)  # standing approvals turn ask into allow
+        policy = held.policy_id(context)
         planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
-        return _within_budget(state, planned)
+        planned = _within_budget(held.budget, state, planned)
+        if _durable_jobs(planned, config, ledger) and not (yield from saved_steps(config)):
+            planned = _not_saved(planned, config, ledger)
+        return planned
 
-    def _within_budget(state: AgentState, planned: list[ToolMessage | _Job]) -> list[Any]:
-        """Stop the calls the budget does not allow.
-
-        When a limit is already spent (dollars, tokens, model calls: no model could read the
-        results) no call runs; past the tool-call limit, the calls that fit run.
-        """
-        jobs = sum(isinstance(p, _Job) for p in planned)
-        if budget is None or not jobs:
-            return planned
-        usage = state.get("usage") or {}
-        started = (state.get("clock") or {}).get("started_at")
-        verdict = check_budget(budget, usage, started_at=started)
-        allowed = 0
-        if verdict.exceeded is None:
-            allowed = jobs
-            if budget.tool_calls is not None:
-                allowed = min(jobs, int(budget.tool_calls - usage.get("tool_calls", 0)))
-            if allowed >= jobs:
-                return planned
-            verdict = check_budget(
-                budget, usage, started_at=started, planned_tool_calls=allowed + 1
-            )
-        reason = verdict.exceeded or "tool-call budget exhausted"
-        out: list[Any] = []
-        for p in planned:
-            if isinstance(p, _Job):
-                if allowed > 0:
-                    allowed -= 1
-                else:
-                    p = _message(p.call, f"Not run: {reason}.", "budget_stopped")
-            out.append(p)
-        return [*out, outcome.stopped("budget_exceeded", reason)]
-
-    def finish(state: AgentState, results: list[Any], ran: int) -> dict[str, Any]:
-        unknown = [r for r in results if isinstance(r, Unknown)]
-        stops = [r for r in results if not isinstance(r, ToolMessage | Unknown)]
-        results = [r for r in results if isinstance(r, ToolMessage)]
-        if input_guard is not None:
-            results = [screen_tool_result(r, input_guard) or r for r in results]
-        update: dict[str, Any] = {"messages": results, "usage": {"tool_calls": ran, "steps": 1}}
-        if unknown:
-            names = ", ".join(sorted({u.call["name"] for u in unknown}))
-            update["outcome"] = outcome.interrupted(
-                f"outcome unknown: a call to {names} started but never finished; "
-                "a human must say whether it happened"
-            )
-        elif stops:
-            update["outcome"] = stops[0]
-        steps = state.get("plan")
-        if steps and results:
-            ok = all(m.status == "success" for m in results)
-            update["plan"] = advance_plan(steps, succeeded=ok)
-        return update
-
-    def run_sync(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
+    def run(job: _Job, config: RunnableConfig, known: Known) -> Steps[ToolMessage | Unknown]:
         key = ledger_key(job.entry, job.call, config, ledger)
+        guarded = partial(_guarded, job, config, held.tool_guard)
         if key is None or ledger is None:
-            return _guarded_sync(job, config, tool_guard)
-        return drive_once(
-            job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard), known
-        )
-
-    async def run_async(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
-        key = ledger_key(job.entry, job.call, config, ledger)
-        if key is None or ledger is None:
-            return await _guarded_async(job, config, tool_guard)
-        run = lambda: _guarded_async(job, config, tool_guard)  # noqa: E731
-        return await adrive_once(job.entry, job.call, key, ledger, run, known)
+            return (yield from guarded())
+        return (yield from once_steps(job.entry, job.call, key, ledger, guarded, known))
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        planned = plan_calls(state, runtime)
-        if _durable_jobs(planned, config, ledger) and not wait_saved(config):
-            planned = _not_saved(planned, config, ledger)
+        planned = drive(plan_calls(state, config, runtime))
         known = known_call_ids(state.get("messages") or [])
-        results = [p if not isinstance(p, _Job) else run_sync(p, config, known) for p in planned]
-        return finish(state, results, sum(isinstance(p, _Job) for p in planned))
+        results = [drive(run(p, config, known)) if isinstance(p, _Job) else p for p in planned]
+        return _finish(held.input_guard, state, results, _jobs(planned))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        planned = plan_calls(state, runtime)
-        if _durable_jobs(planned, config, ledger) and not await await_saved(config):
-            planned = _not_saved(planned, config, ledger)
+        planned = await adrive(plan_calls(state, config, runtime))
         known = known_call_ids(state.get("messages") or [])
         results = await asyncio.gather(
-            *(run_async(p, config, known) if isinstance(p, _Job) else _answered(p) for p in planned)
+            *(
+                adrive(run(p, config, known)) if isinstance(p, _Job) else _answered(p)
+                for p in planned
+            )
         )
-        return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
+        return _finish(held.input_guard, state, list(results), _jobs(planned))
 
     return make_node(name, invoke, ainvoke)
+
+
+def _jobs(planned: list[Any]) -> int:
+    return sum(isinstance(p, _Job) for p in planned)
+
+
+def _within_budget(
+    budget: Budget | None, state: AgentState, planned: list[ToolMessage | _Job]
+) -> list[Any]:
+    """Stop the calls the budget does not allow.
+
+    When a limit is already spent (dollars, tokens, model calls: no model could read the
+    results) no call runs; past the tool-call limit, the calls that fit run.
+    """
+    jobs = _jobs(planned)
+    if budget is None or not jobs:
+        return planned
+    usage = state.get("usage") or {}
+    started = (state.get("clock") or {}).get("started_at")
+    verdict = check_budget(budget, usage, started_at=started)
+    allowed = 0
+    if verdict.exceeded is None:
+        allowed = jobs
+        if budget.tool_calls is not None:
+            allowed = min(jobs, int(budget.tool_calls - usage.get("tool_calls", 0)))
+        if allowed >= jobs:
+            return planned
+        verdict = check_budget(budget, usage, started_at=started, planned_tool_calls=allowed + 1)
+    reason = verdict.exceeded or "tool-call budget exhausted"
+    out: list[Any] = []
+    for p in planned:
+        if isinstance(p, _Job):
+            if allowed > 0:
+                allowed -= 1
+            else:
+                p = _message(p.call, f"Not run: {reason}.", "budget_stopped")
+        out.append(p)
+    return [*out, outcome.stopped("budget_exceeded", reason)]
+
+
+def _finish(
+    input_guard: InputGuardPolicy | None, state: AgentState, results: list[Any], ran: int
+) -> dict[str, Any]:
+    unknown = [r for r in results if isinstance(r, Unknown)]
+    stops = [r for r in results if not isinstance(r, ToolMessage | Unknown)]
+    results = [r for r in results if isinstance(r, ToolMessage)]
+    if input_guard is not None:
+        results = [screen_tool_result(r, input_guard) or r for r in results]
+    messages = in_call_order(state.get("messages") or [], results)
+    update: dict[str, Any] = {"messages": messages, "usage": {"tool_calls": ran, "steps": 1}}
+    if unknown:
+        names = ", ".join(sorted({u.call["name"] for u in unknown}))
+        update["outcome"] = outcome.interrupted(
+            f"outcome unknown: a call to {names} started but never finished; "
+            "a human must say whether it happened"
+        )
+    elif stops:
+        update["outcome"] = stops[0]
+    steps = state.get("plan")
+    if steps and results:
+        ok = all(m.status == "success" for m in results)
+        update["plan"] = advance_plan(steps, succeeded=ok)
+    return update
 
 
 def _durable_jobs(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> bool:
@@ -316,25 +314,39 @@ def _classify(
     return _Job(call, entry)
 
 
-# -- running the cleared calls: one decision, two drivers ----------------------------------
+# -- running the cleared calls: tenacity's retries over one attempt, two drivers --------------
+
+_NOT_RETRIED = (ToolException, ValidationError, _Deadline, GraphBubbleUp)
+"""A tool's own error report, bad arguments, keel's deadline, a LangGraph interrupt."""
 
 
-def _on_failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage | float:
-    """After a failed attempt: the final ToolMessage, or seconds to wait before retrying."""
-    if isinstance(exc, _Deadline):
-        return _message(job.call, str(exc), "timeout")
-    if isinstance(exc, ValidationError):
-        return _message(
-            job.call, f"Error: invalid arguments for {job.entry.name}: {exc}", "invalid_args"
-        )
-    if isinstance(exc, ToolException) or attempt >= job.entry.spec.attempts:
-        tries = f" after {attempt} attempts" if attempt > 1 else ""
-        return _message(
-            job.call,
-            f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}",
-            "error",
-        )
-    return float(min(5.0, job.entry.spec.retry_wait * 2 ** (attempt - 1)))
+def _retrying(job: _Job) -> Retrying:
+    """A side-effect-free tool's retries: its `attempts`, backoff from `retry_wait` up to 5 s.
+
+    (`ToolSpec` gives side-effecting tools one attempt; see `keel.tools`.)
+    """
+    spec = job.entry.spec
+    return Retrying(
+        stop=stop_after_attempt(spec.attempts),
+        wait=wait_exponential(multiplier=spec.retry_wait, max=5.0),
+        retry=retry_if_not_exception_type(_NOT_RETRIED),
+        reraise=True,
+    )
+
+
+def _run(job: _Job, config: RunnableConfig) -> Steps[ToolMessage]:
+    """Run the call, retried by tenacity; every failure ends as one ToolMessage."""
+    if (stubbed := _stubbed(job)) is not None:
+        return stubbed
+    policy = _retrying(job)
+    attempt = Op(lambda: _attempt_sync(job, config), lambda: _attempt_async(job, config))
+    try:
+        result = yield from retrying(policy, partial(_once, attempt))
+    except GraphBubbleUp:
+        raise
+    except Exception as exc:
+        return _failure(job, exc, policy.statistics["attempt_number"])
+    return _succeeded(job, result)
 
 
 def _stubbed(job: _Job) -> ToolMessage | None:
@@ -345,77 +357,60 @@ def _stubbed(job: _Job) -> ToolMessage | None:
     return tool_message(job.call, answer.content, answer.status, keel_stub=True)
 
 
-def _run_sync(job: _Job, config: RunnableConfig) -> ToolMessage:
-    if (stubbed := _stubbed(job)) is not None:
-        return stubbed
-    timeout = job.entry.spec.timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            if timeout is None:
-                return _succeeded(job, job.entry.tool.invoke(job.call, config))
-            return _succeeded(job, _call_in_thread(job, config, timeout))
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            step = _on_failure(job, exc, attempt)
-            if isinstance(step, ToolMessage):
-                return step
-            time.sleep(step)
+def _once(attempt: Op) -> Steps[Any]:
+    return (yield attempt)
 
 
-async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
-    if (stubbed := _stubbed(job)) is not None:
-        return stubbed
+def _failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage:
+    """The ToolMessage of a call whose last attempt failed with `exc`."""
+    if isinstance(exc, _Deadline):
+        return _message(job.call, str(exc), "timeout")
+    if isinstance(exc, ValidationError):
+        return _message(
+            job.call, f"Error: invalid arguments for {job.entry.name}: {exc}", "invalid_args"
+        )
+    tries = f" after {attempt} attempts" if attempt > 1 else ""
+    return _message(
+        job.call, f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}", "error"
+    )
+
+
+def _attempt_sync(job: _Job, config: RunnableConfig) -> Any:
     timeout = job.entry.spec.timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        deadline = asyncio.timeout(timeout)
-        try:
-            async with deadline:
-                if _is_sync(job.entry):
-                    result = await _in_daemon_thread(job, config)
-                else:
-                    result = await job.entry.tool.ainvoke(job.call, config)
-            return _succeeded(job, result)
-        except GraphBubbleUp:
+    if timeout is None:
+        return job.entry.tool.invoke(job.call, config)
+    return _call_in_thread(job, config, timeout)
+
+
+async def _attempt_async(job: _Job, config: RunnableConfig) -> Any:
+    timeout = job.entry.spec.timeout
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            if _is_sync(job.entry):
+                return await _in_daemon_thread(job, config)
+            return await job.entry.tool.ainvoke(job.call, config)
+    except TimeoutError:
+        if not deadline.expired():
             raise
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                exc = _Deadline(
-                    f"Error: {job.entry.name} did not finish within {timeout:g} s and was "
-                    "cancelled."
-                )
-            step = _on_failure(job, exc, attempt)
-            if isinstance(step, ToolMessage):
-                return step
-            await asyncio.sleep(step)
+        raise _Deadline(
+            f"Error: {job.entry.name} did not finish within {timeout:g} s and was cancelled."
+        ) from None
 
 
 # -- the tool's circuit breaker around a run (keel.guards.resilience) ------------------------
 
 
-def _guarded_sync(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> ToolMessage:
+def _guarded(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> Steps[ToolMessage]:
     if guard is None:
-        return _run_sync(job, config)
-    refused = guard.check(job.entry.name)
+        return (yield from _run(job, config))
+    tool = job.entry.name
+    refused = yield Op(lambda: guard.check(tool), lambda: guard.acheck(tool))
     if refused is not None:
         return _message(job.call, refused, "unavailable")
-    result = _run_sync(job, config)
-    guard.record(job.entry.name, str(result.response_metadata.get("keel_status")))
-    return result
-
-
-async def _guarded_async(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> ToolMessage:
-    if guard is None:
-        return await _run_async(job, config)
-    refused = await guard.acheck(job.entry.name)
-    if refused is not None:
-        return _message(job.call, refused, "unavailable")
-    result = await _run_async(job, config)
-    await guard.arecord(job.entry.name, str(result.response_metadata.get("keel_status")))
+    result = yield from _run(job, config)
+    status = str(result.response_metadata.get("keel_status"))
+    yield Op(lambda: guard.record(tool, status), lambda: guard.arecord(tool, status))
     return result
 
 

@@ -8,17 +8,19 @@ returns a repaired copy; the checkpointed state is never rewritten.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
     AnyMessage,
     BaseMessage,
+    RemoveMessage,
     SystemMessage,
     ToolCall,
     ToolMessage,
 )
 
-__all__ = ["MISSING_RESULT", "pending_tool_calls", "valid_history"]
+__all__ = ["MISSING_RESULT", "in_call_order", "pending_tool_calls", "valid_history"]
 
 MISSING_RESULT = "Error: this tool call has no result (the run stopped before it ran)."
 
@@ -98,3 +100,39 @@ def pending_tool_calls(messages: Sequence[AnyMessage]) -> tuple[int, list[ToolCa
             answered = {t.tool_call_id for t in messages[i + 1 :] if isinstance(t, ToolMessage)}
             return i, [tc for tc in m.tool_calls if tc.get("id") not in answered]
     return -1, []
+
+
+def in_call_order(messages: Sequence[AnyMessage], results: Sequence[BaseMessage]) -> list[Any]:
+    """The update that adds `results` to the last AI message's answers, all in call order.
+
+    A node that answers some calls of a batch (`human_review` a rejected one) writes before the
+    node that answers the rest (`execute_tools`, `respond`); appended as they are, the stored
+    results would not follow the AI message's `tool_calls`. When they would not, the stored
+    answers are removed and written again (under new ids, as LangGraph's `add_messages` keeps
+    a re-sent id in its old place) together with `results`, in the model's call order.
+    """
+    index = next(
+        (i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), -1
+    )
+    stored = [m for m in messages[index + 1 :] if isinstance(m, ToolMessage)]
+    if index < 0 or not stored or not results:
+        return list(results)
+    ai = messages[index]
+    assert isinstance(ai, AIMessage)
+    order = {call_id: n for n, (call_id, _) in enumerate(_calls(ai))}
+    answers: list[BaseMessage] = [*stored, *results]
+    ranked = sorted(
+        answers,
+        key=lambda m: (
+            order.get(m.tool_call_id, len(order)) if isinstance(m, ToolMessage) else len(order)
+        ),
+    )
+    in_order = all(a is b for a, b in zip(ranked, answers, strict=True))
+    if in_order or len(stored) + index + 1 != len(messages) or not all(m.id for m in stored):
+        return list(results)  # already in order, or not only stored results after the AI
+    removed = [RemoveMessage(id=m.id) for m in stored if m.id]
+    fresh = {id(m) for m in stored}
+    return [
+        *removed,
+        *(m.model_copy(update={"id": None}) if id(m) in fresh else m for m in ranked),
+    ]

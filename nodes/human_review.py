@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, NotRequired
+from typing import Any, Literal, NotRequired, Unpack
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -35,25 +35,25 @@ from langgraph.types import interrupt
 from typing_extensions import TypedDict
 
 from keel import outcome
+from keel._drive import Op, Steps, both
 from keel._node import (
     NO_RESUME,
     RunnableCallable,
     context_of,
-    make_node,
     peek_resume,
-    policy_id,
+    steps_node,
     thread_of,
 )
-from keel.approvals import Grants, RunGrants, approval_digest, approval_key
+from keel.approvals import RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
-from keel.guards.gate import Gate, approval_gate
-from keel.guards.standing import Always, StandingStore, allowing, standing_approval
+from keel.guards.agent_guards import AgentGuards, GuardOptions
+from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
-from keel.nodes.history import pending_tool_calls
+from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
@@ -88,69 +88,27 @@ class ReviewResponse(TypedDict):
 def human_review(
     tools: ToolRegistry,
     *,
-    gate: Gate = approval_gate,
-    policy_version: str = "1",
-    policy_name: str | None = None,
-    standing: StandingStore | None = None,
-    ledger: Ledger | None = None,
-    grants: Grants | None = None,
+    guards: AgentGuards | None = None,
     name: str = "human_review",
+    **options: Unpack[GuardOptions],
 ) -> RunnableCallable:
     """A node that interrupts for the calls that need a human and records the decisions.
 
     Args:
         tools: The agent's tools.
-        gate: Decides which calls need approval (`ask`).
-        policy_version: Bound into approval digests.
-        policy_name: The policy's name for the digest (default: `RunContext.policy`).
-        standing: Keeps user-scoped standing approvals (`"always": {"scope": "user"}`) in the
-            ledger; without it, such an answer is refused with a `UserError`.
-        ledger: The idempotency ledger `execute_tools` uses; with it, calls whose outcome is
-            unknown (started, never finished) are asked about ("did this happen?").
-        grants: Seals the decisions (`keel.approvals.Grants`) so `execute_tools` can trust
-            them; default: the secret in `KEEL_APPROVAL_SECRET`, else this process's own.
+        guards: What the agent is held to (`AgentGuards.from_policy(policy, ledger)`): the
+            gate decides which calls need approval (`ask`); approvals are bound to the
+            policy's name and version and sealed with its `grants` so `execute_tools` can
+            trust them; `standing` keeps user-scoped standing approvals (`"always": {"scope":
+            "user"}`) in the ledger (without it, such an answer is refused with a
+            `UserError`); with the idempotency `ledger`, calls whose outcome is unknown
+            (started, never finished) are asked about ("did this happen?").
         name: The node's name.
+        **options: Single guards instead of (or over) `guards`: `gate`, `policy_version`,
+            `policy_name`, `standing`, `ledger`, `grants` (see `AgentGuards.of`).
     """
-    sealer = grants if grants is not None else Grants.from_secret()
-
-    def requests(
-        state: AgentState, run: RunGrants, context: RunContext, records: Mapping[str, CallRecord]
-    ) -> list[ReviewRequest]:
-        messages = state.get("messages") or []
-        _, calls = pending_tool_calls(messages)
-        policy = policy_id(context, policy_version, policy_name)
-        approvals = run.trusted(state.get("approvals"))
-        decide = allowing(gate, approvals, policy)
-        out: list[ReviewRequest] = []
-        for call in calls:
-            entry = tools.get(call["name"])
-            if entry is None or not isinstance(call.get("args"), dict):
-                continue
-            decision = decide(entry, call["args"], context)
-            digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
-            record = records.get(call.get("id") or "")
-            if record is not None and record.state == "started":
-                out.append(_unknown_request(call, record, digest))
-                continue
-            approved = approval_key(digest, call.get("id") or "", "approved")
-            if decision.action != "ask" or digest in approvals or approved in approvals:
-                continue
-            out.append(
-                {
-                    "action_request": {"action": entry.name, "args": call["args"]},
-                    "config": {
-                        "allow_accept": True,
-                        "allow_edit": True,
-                        "allow_respond": True,
-                        "allow_ignore": True,
-                    },
-                    "description": decision.reason
-                    + (f" (rule: {decision.rule})" if decision.rule else ""),
-                    "tool_call_id": call.get("id") or "",
-                    "digest": digest,
-                }
-            )
-        return out
+    held = AgentGuards.of(guards, **options)
+    sealer, standing, ledger = held.grants, held.standing, held.ledger
 
     def in_ledger(state: AgentState, config: RunnableConfig) -> tuple[str, list[str]]:
         """The thread and the pending calls whose outcome the ledger may know."""
@@ -172,7 +130,7 @@ def human_review(
         """The state update, the ledger updates to make, and the standing approvals to keep."""
         context = context_of(runtime)
         run = sealer.for_run(thread_of(runtime), context)
-        pending = requests(state, run, context, records)
+        pending = _requests(held, tools, state, run, context, records)
         if not pending:
             return {"outcome": None}, [], {}
         waiting = peek_resume(config)
@@ -182,40 +140,80 @@ def human_review(
             _check_scope(_normalize(waiting, pending), standing)
             _check_edits(_normalize(waiting, pending), pending, tools)
         answers = _normalize(interrupt(pending), pending)
-        policy = policy_id(context, policy_version, policy_name)
+        policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
         reviewer = reviewer_of(server_user(runtime))
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
 
-    def review(
+    def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
         thread, ids = in_ledger(state, config)
-        records = ledger.run(records_flow(thread, ids)) if ledger is not None and ids else {}
+        records: Mapping[str, CallRecord] = {}
+        if ledger is not None and ids:
+            records = yield _flow(ledger, records_flow(thread, ids))
         update, settle, for_user = decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
-            ledger.run(flow)
+            yield _flow(ledger, flow)
         if for_user and standing is not None:
-            standing.save(context_of(runtime), for_user)
+            ctx = context_of(runtime)
+            yield Op(lambda: standing.save(ctx, for_user), lambda: standing.asave(ctx, for_user))
         return update
 
-    async def areview(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        thread, ids = in_ledger(state, config)
-        records = await ledger.arun(records_flow(thread, ids)) if ledger and ids else {}
-        update, settle, for_user = decide(state, config, runtime, records)
-        for flow in settle:
-            assert ledger is not None
-            await ledger.arun(flow)
-        if for_user and standing is not None:
-            await standing.asave(context_of(runtime), for_user)
-        return update
+    return steps_node(name, steps)
 
-    return make_node(name, review, areview)
+
+def _requests(
+    held: AgentGuards,
+    tools: ToolRegistry,
+    state: AgentState,
+    run: RunGrants,
+    context: RunContext,
+    records: Mapping[str, CallRecord],
+) -> list[ReviewRequest]:
+    """The calls of the last AI message that wait for a human, as review requests."""
+    messages = state.get("messages") or []
+    _, calls = pending_tool_calls(messages)
+    policy = held.policy_id(context)
+    approvals = run.trusted(state.get("approvals"))
+    decide = held.deciding(approvals, context)
+    out: list[ReviewRequest] = []
+    for call in calls:
+        entry = tools.get(call["name"])
+        if entry is None or not isinstance(call.get("args"), dict):
+            continue
+        decision = decide(entry, call["args"], context)
+        digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
+        record = records.get(call.get("id") or "")
+        if record is not None and record.state == "started":
+            out.append(_unknown_request(call, record, digest))
+            continue
+        approved = approval_key(digest, call.get("id") or "", "approved")
+        if decision.action != "ask" or digest in approvals or approved in approvals:
+            continue
+        out.append(
+            {
+                "action_request": {"action": entry.name, "args": call["args"]},
+                "config": {
+                    "allow_accept": True,
+                    "allow_edit": True,
+                    "allow_respond": True,
+                    "allow_ignore": True,
+                },
+                "description": decision.reason
+                + (f" (rule: {decision.rule})" if decision.rule else ""),
+                "tool_call_id": call.get("id") or "",
+                "digest": digest,
+            }
+        )
+    return out
+
+
+def _flow(ledger: Ledger, flow: Flow[Any]) -> Op:
+    return both(ledger.run, ledger.arun, flow)
 
 
 def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:
@@ -399,7 +397,7 @@ def _apply(
             {**tc, "args": edits.get(tc.get("id") or "", tc["args"])} for tc in ai.tool_calls
         ]
         new_messages.append(ai.model_copy(update={"tool_calls": calls}))
-    new_messages.extend(results)
+    new_messages.extend(in_call_order(messages, results) if not edits else results)
     if new_messages:
         update["messages"] = new_messages
     if rejected:

@@ -12,6 +12,7 @@ from langgraph.runtime import Runtime
 from pydantic import BaseModel, Field
 
 from keel._node import RunnableCallable, context_of, make_node
+from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
@@ -43,7 +44,7 @@ def plan(
     max_steps: int = 7,
     prices: PriceTable | None = None,
     fallbacks: Sequence[str | BaseChatModel] = (),
-    guards: ModelCallGuards | None = None,
+    guards: AgentGuards | ModelCallGuards | None = None,
     name: str = "plan",
 ) -> RunnableCallable:
     """A node that asks the model for a `Plan` and stores it as steps with a status.
@@ -55,7 +56,7 @@ def plan(
     refuses it, or a ledger that fails, ends the run with that outcome. `prices` is used when
     `guards` is not given.
     """
-    guards = guards or ModelCallGuards(prices=prices)
+    guards = model_guards(guards) or ModelCallGuards(prices=prices)
     planner = GuardedModel([model, *fallbacks], schema=Plan, guards=guards)
 
     def prompt(state: AgentState) -> list[BaseMessage] | None:

@@ -13,7 +13,7 @@ from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
 
 from keel import outcome
 from keel._node import RunnableCallable, make_node
-from keel.nodes.history import pending_tool_calls
+from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.state import AgentState, Outcome
 
 __all__ = ["partial_answer", "respond"]
@@ -31,7 +31,7 @@ def respond(*, name: str = "respond") -> RunnableCallable:
             result = outcome.step_limit()
         messages = state.get("messages") or []
         _, calls = pending_tool_calls(messages)
-        closing: list[AnyMessage] = [
+        answers = [
             ToolMessage(
                 content=f"Not run: the run stopped ({result['terminated_reason']}).",
                 tool_call_id=c.get("id") or "",
@@ -41,6 +41,7 @@ def respond(*, name: str = "respond") -> RunnableCallable:
             )
             for c in calls
         ]
+        closing: list[AnyMessage] = in_call_order(messages, answers)
         closing.append(
             AIMessage(
                 content=partial_answer(messages, result),

@@ -17,19 +17,16 @@ that reaches it some other way is still refused; checks that only admit or refus
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.runtime import Runtime
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node, policy_id, thread_of
-from keel.approvals import Grants
+from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
-from keel.guards.gate import Gate, approval_gate
 from keel.guards.loop import call_sequence, detect_loop
-from keel.guards.policy import Budget, LoopPolicy
-from keel.guards.standing import allowing
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, RunContext
@@ -41,31 +38,27 @@ __all__ = ["route_after_gate", "tool_gate"]
 def tool_gate(
     tools: ToolRegistry,
     *,
-    gate: Gate = approval_gate,
-    budget: Budget | None = None,
-    loop: LoopPolicy | None = None,
-    policy_version: str = "1",
-    policy_name: str | None = None,
-    grants: Grants | None = None,
+    guards: AgentGuards | None = None,
     name: str = "tool_gate",
+    **options: Unpack[GuardOptions],
 ) -> RunnableCallable:
     """A node that routes the last AI message's tool calls: run, ask a human, or refuse.
 
     Args:
         tools: The tools the agent may call (unknown tools and invalid arguments are left to
             `execute_tools`, which answers them).
-        gate: Decides allow / ask / deny per call (e.g. `PermissionMatrix.from_policy(p)`).
-        budget: The run budget; when it is spent no call runs and the run ends.
-        loop: The loop guard; a loop ends the run as `loop_detected` (a `wrap_up` loop policy
-            is applied by `call_model`, which makes the wrap-up call).
-        policy_version: The policy version standing approvals are bound to.
-        policy_name: The policy name standing approvals are bound to.
-        grants: Verifies the approvals in state (`keel.approvals.Grants`); an unverified one
-            does not spare a call its review. Default: the secret in `KEEL_APPROVAL_SECRET`,
-            else this process's own.
+        guards: What the agent is held to (`AgentGuards.from_policy(policy, ledger)`): the
+            gate decides allow / ask / deny per call (standing approvals, bound to the
+            policy's name and version, turn an `ask` into `allow`; an approval whose seal
+            does not verify spares no call its review); when the run budget is spent no call
+            runs and the run ends; a loop ends the run as `loop_detected` (a `wrap_up` loop
+            policy is applied by `call_model`, which makes the wrap-up call).
         name: The node's name.
+        **options: Single guards instead of (or over) `guards`: `gate`, `budget`, `loop`,
+            `policy_version`, `policy_name`, `grants` (see `AgentGuards.of`).
     """
-    sealer = grants if grants is not None else Grants.from_secret()
+    held = AgentGuards.of(guards, **options)
+    loop, budget = held.loop, held.budget
 
     def run(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         messages = state.get("messages") or []
@@ -91,9 +84,8 @@ def tool_gate(
                     "outcome": outcome.stopped("budget_exceeded", reason),
                 }
         context = context_of(runtime)
-        policy = policy_id(context, policy_version, policy_name)
-        approvals = sealer.for_run(thread_of(runtime), context).trusted(state.get("approvals"))
-        decide = allowing(gate, approvals, policy)
+        approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
+        decide = held.deciding(approvals, context)
         denied: list[ToolMessage] = []
         asks: list[str] = []
         for call in calls:

@@ -11,15 +11,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import RunnableCallable, context_of, make_node
-from keel.errors import UserError
+from keel._drive import Steps
+from keel._node import RunnableCallable, context_of, steps_node
+from keel.errors import ModelBehaviorError, UserError
+from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
 from keel.state import AgentState, RunContext, Verdict
@@ -51,7 +59,7 @@ def verify(
     judge: str | BaseChatModel | None = None,
     max_revisions: int = 1,
     escalate: bool = False,
-    guards: ModelCallGuards | None = None,
+    guards: AgentGuards | ModelCallGuards | None = None,
     name: str = "verify",
 ) -> RunnableCallable:
     """A node that verifies the last AI answer.
@@ -75,7 +83,9 @@ def verify(
         raise UserError(f"verify(max_revisions=...) must be 0 or more, got {max_revisions}.")
     rules = tuple(checks)
     judge_model = (
-        GuardedModel([judge], schema=JudgeVerdict, guards=guards) if judge is not None else None
+        GuardedModel([judge], schema=JudgeVerdict, guards=model_guards(guards))
+        if judge is not None
+        else None
     )
 
     def by_rules(state: AgentState) -> tuple[str, Verdict | None]:
@@ -128,27 +138,18 @@ def verify(
         verdict = _judge_failed(got.error) if got.error is not None else _judged(got.output)
         return {**update, **decide(state, answer, verdict)}
 
-    def run(
+    def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
         answer, verdict = by_rules(state)
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
         ctx, usage = context_of(runtime), state.get("usage")
-        got = judge_model.invoke(judge_prompt(state, answer), config, ctx, usage=usage)
+        prompt = convert_to_messages(judge_prompt(state, answer))
+        got = yield from judge_model.call(prompt, config, ctx, usage)
         return judged(state, answer, got)
 
-    async def arun(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        answer, verdict = by_rules(state)
-        if verdict is not None or judge_model is None:
-            return decide(state, answer, verdict)
-        ctx, usage = context_of(runtime), state.get("usage")
-        got = await judge_model.ainvoke(judge_prompt(state, answer), config, ctx, usage=usage)
-        return judged(state, answer, got)
-
-    return make_node(name, run, arun)
+    return steps_node(name, steps)
 
 
 def _escalate(
@@ -197,7 +198,8 @@ def _judged(output: Any) -> Verdict:
     parsed = output.get("parsed") if isinstance(output, dict) else output
     if not isinstance(parsed, JudgeVerdict):
         error = output.get("parsing_error") if isinstance(output, dict) else None
-        return _judge_failed(error or ValueError("the judge gave no verdict"))
+        problem = f"gave a verdict that does not parse ({error})" if error else "gave no verdict"
+        return _judge_failed(ModelBehaviorError("the judge", problem))
     return {"passed": parsed.passed, "reason": parsed.reason, "source": "judge"}
 
 

@@ -178,12 +178,9 @@ async def test_the_forged_state_score_catches_a_graph_that_takes_client_state() 
     assert (accepted, refusal) == (1, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the adversarial suite: when a human rejects one call of a parallel batch, "
-    "the results are stored out of call order (nodes/, not evals/)",
-)
 async def test_a_rejected_parallel_batch_stores_results_in_call_order() -> None:
+    """Found by the adversarial suite: a human rejects calls of a parallel batch whose first
+    call was denied; the stored results follow the AI message's tool_calls."""
     suite = builtin_suite("adversarial")
     (case,) = [c for c in suite.cases if c.id == "injection-in-tool-result"]
     case = dataclasses.replace(case, expect=Expect(valid_history=True))

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 from unittest.mock import ANY
@@ -983,6 +984,41 @@ async def test_respond_answers_pending_calls_so_history_stays_valid(mode: str) -
     assert not_run.response_metadata == {"keel_status": "not_run"}
     assert not_run.status == "error"
     assert last_ai(final).response_metadata == {"keel_partial": True}
+    assert_valid(final["messages"])
+
+
+def _batch(*calls: tuple[str, dict[str, Any]]) -> AIMessage:
+    """A parallel batch with fresh tool-call ids (a sloppy model never reuses them)."""
+    tag = uuid.uuid4().hex[:8]
+    return AIMessage(
+        content="",
+        tool_calls=[ToolCall(name=n, args=a, id=f"{tag}-{i}") for i, (n, a) in enumerate(calls)],
+    )
+
+
+@pytest.mark.parametrize("answer", ["reject", "respond"])
+async def test_a_reviewed_call_before_an_allowed_one_keeps_the_results_in_call_order(
+    mode: str, answer: str
+) -> None:
+    """human_review answers the later call first; the earlier call's result still comes first."""
+    shop = Shop()
+    batch = _batch(
+        ("lookup", {"q": "A1"}), ("delete_order", {"order_id": "A1"}), ("lookup", {"q": "B"})
+    )
+    model = ScriptedChatModel(script=[batch, "done"])
+    agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
+    await run(agent, user("look and delete"), mode, thread="t1")
+    resume = {"type": answer, "message": "no"}
+    final = await run(agent, Command(resume=resume), mode, thread="t1")
+    ids = [m.tool_call_id for m in tool_messages(final)]
+    assert ids == [tc["id"] for tc in batch.tool_calls]
+    statuses = [status(m) for m in tool_messages(final)]
+    if answer == "reject":
+        assert statuses == ["not_run", "rejected", "not_run"]
+    else:
+        assert statuses == ["success", "respond", "success"]
+        assert final["outcome"]["terminated_reason"] == "completed"
+    assert shop.deleted == []
     assert_valid(final["messages"])
 
 

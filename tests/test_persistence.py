@@ -154,6 +154,22 @@ def test_list_threads_rejects_a_bad_limit(limit: Any) -> None:
         Persistence("sqlite:///:memory:").list_threads(limit=limit)
 
 
+def test_list_threads_on_a_foreign_checkpointer_is_a_user_error_not_a_type_error() -> None:
+    """A careless subclass hands list_threads a saver keel cannot read: say what to do."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    class Mine(Persistence):
+        @contextmanager
+        def checkpointer(self) -> Iterator[Any]:
+            yield InMemorySaver()
+
+    with pytest.raises(UserError, match="got a InMemorySaver: do not override"):
+        Mine("sqlite:///:memory:").list_threads()
+
+
 # -- checkpointers on both backends ---------------------------------------------------------
 
 

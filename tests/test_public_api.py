@@ -100,6 +100,7 @@ PUBLIC = {
         "CheckpointTooLarge",
         "CircuitOpen",
         "KeelError",
+        "ModelBehaviorError",
         "ModelRequestsForbidden",
         "RateLimited",
         "SchemaVersionError",
@@ -203,6 +204,7 @@ PUBLIC = {
     "keel.guards": [
         "Admission",
         "AdmissionPolicy",
+        "AgentGuards",
         "BreakerPolicy",
         "BreakerTransition",
         "Budget",
@@ -408,6 +410,7 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
     from keel.errors import (
         CheckpointTooLarge,
         CircuitOpen,
+        ModelBehaviorError,
         RateLimited,
         SchemaVersionError,
         UnserializableState,
@@ -423,6 +426,7 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
         RateLimited("rpm:model:m", 10, 1.5, waited=0.5),
         CircuitOpen("model:m", 100.0, retry_after=2.0),
         SchemaVersionError(found=3, known=2),
+        ModelBehaviorError("scripted", "returned str, not an AIMessage"),
     ]
     for error in samples:
         again = pickle.loads(pickle.dumps(error))

@@ -19,12 +19,10 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -43,6 +41,13 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
 
 from keel.db.checkpoint.retention import (
     Flow,
@@ -79,6 +84,13 @@ _SETUP_RACES = (
     psycopg.errors.DuplicateObject,
     psycopg.errors.DeadlockDetected,
 )
+_SETUP_RETRY: dict[str, Any] = {
+    "stop": stop_after_attempt(_SETUP_ATTEMPTS),
+    "retry": retry_if_exception_type(_SETUP_RACES),
+    "wait": lambda state: _backoff(state),
+    "reraise": True,
+}
+"""tenacity's retries of a first setup that raced another process's."""
 _THREADS_SQL = (
     "SELECT thread_id FROM checkpoints WHERE checkpoint_ns = '' "
     "GROUP BY thread_id ORDER BY max(checkpoint_id) DESC LIMIT {limit}"
@@ -423,14 +435,9 @@ class Persistence:
             if plan == "check":
                 _drive(self._check_flow(), conn.execute)
             elif plan == "setup":
-                for attempt in range(_SETUP_ATTEMPTS):
-                    try:
+                for attempt in Retrying(**_SETUP_RETRY):
+                    with attempt:
                         PostgresSaver(conn).setup()
-                        break
-                    except _SETUP_RACES:
-                        if attempt == _SETUP_ATTEMPTS - 1:
-                            raise
-                        time.sleep(_backoff(attempt))
                 _mark_set_up(self.url)
 
     @contextmanager
@@ -470,14 +477,9 @@ class Persistence:
                 if plan == "check":
                     await _adrive(self._check_flow(), conn.execute)
                 elif plan == "setup":
-                    for attempt in range(_SETUP_ATTEMPTS):
-                        try:
+                    async for attempt in AsyncRetrying(**_SETUP_RETRY):
+                        with attempt:
                             await AsyncPostgresSaver(conn).setup()
-                            break
-                        except _SETUP_RACES:
-                            if attempt == _SETUP_ATTEMPTS - 1:
-                                raise
-                            await asyncio.sleep(_backoff(attempt))
                     _mark_set_up(self.url)
 
     @asynccontextmanager
@@ -592,9 +594,9 @@ def _as_tuple(row: _Row) -> tuple[Any, ...]:
     return tuple(row.values()) if isinstance(row, Mapping) else tuple(row)
 
 
-def _backoff(attempt: int) -> float:
+def _backoff(state: RetryCallState) -> float:
     """Seconds to wait before retrying a setup that raced another process's."""
-    return random.uniform(0.05, 0.2) * (attempt + 1)
+    return random.uniform(0.05, 0.2) * state.attempt_number
 
 
 def _mark_set_up(url: str) -> None:
@@ -610,7 +612,11 @@ def _thread_ids(saver: BaseCheckpointSaver[str], sql: str) -> list[str]:
     if isinstance(saver, PostgresSaver) and isinstance(saver.conn, ConnectionPool):
         with saver.conn.connection() as conn:
             return [row["thread_id"] for row in conn.execute(sql).fetchall()]
-    raise TypeError(f"unexpected saver {type(saver).__name__}")
+    raise UserError(
+        f"Persistence.list_threads reads keel's own checkpointers (SQLite, or PostgreSQL with "
+        f"a pool, from Persistence(url).checkpointer()), got a {type(saver).__name__}: do not "
+        "override Persistence.checkpointer(), or list threads with the saver's own list()."
+    )
 
 
 def _summarize(thread_id: str, tup: CheckpointTuple) -> ThreadSummary:

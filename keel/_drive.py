@@ -1,0 +1,144 @@
+"""One sync/async driver: a decision yields I/O steps; `drive` and `adrive` run them.
+
+keel writes each piece of logic that does I/O (a model call with its ledger bookkeeping, an
+at-most-once tool call, a review's ledger writes) once, as a generator that yields `Op`s and is
+sent each one's result, the pattern of tenacity's `iter()` / `DoAttempt` and httpx's
+`auth_flow`. `drive` runs the steps with the sync half of each `Op`, `adrive` with the async
+half, so `invoke` and `ainvoke` cannot drift apart.
+
+```python
+from keel._drive import Op, Steps, adrive, drive
+
+
+def double(x: int) -> Steps[int]:
+    got = yield Op(lambda: x, lambda: _value(x))  # I/O: a sync and an async way to do it
+    return got * 2
+
+
+async def _value(x: int) -> int:
+    return x
+
+
+assert drive(double(2)) == 4
+```
+
+An `Op` may name `on_error`, which turns its own failure into the exception thrown back into
+the generator (a ledger write's database error becomes a storage failure, say).
+
+`retrying(retrying, attempt)` runs tenacity's own decision engine (`Retrying.iter`: attempt,
+sleep, stop) over an attempt written as steps, so model and tool retries keep tenacity's
+stop / wait / retry objects and still run under both drivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
+
+__all__ = ["Op", "Steps", "adrive", "both", "call", "drive", "retrying", "sleep"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One I/O step: how to do it synchronously (`run`) and on the event loop (`arun`)."""
+
+    run: Callable[[], Any]
+    arun: Callable[[], Awaitable[Any]]
+    on_error: Callable[[Exception], Exception] | None = None
+    """Turns this step's own exception into the one the generator sees (default: as is)."""
+
+
+Steps = Generator[Op, Any, T]
+"""A decision written once: yields `Op`s, is sent their results, returns its value."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    value: Any
+
+
+def _next(steps: Steps[Any], sent: Any, error: Exception | None) -> Op | _Done:
+    try:
+        return steps.send(sent) if error is None else steps.throw(error)
+    except StopIteration as done:
+        return _Done(done.value)
+
+
+def _failed(op: Op, exc: Exception) -> Exception:
+    return op.on_error(exc) if op.on_error is not None else exc
+
+
+def drive(steps: Steps[T]) -> T:
+    """Run `steps` synchronously; an `Op`'s exception is thrown back into the generator."""
+    op = _next(steps, None, None)
+    while isinstance(op, Op):
+        try:
+            sent, error = op.run(), None
+        except Exception as exc:
+            sent, error = None, _failed(op, exc)
+        op = _next(steps, sent, error)
+    return op.value  # type: ignore[no-any-return]
+
+
+async def adrive(steps: Steps[T]) -> T:
+    """Run `steps` on the event loop; see `drive`."""
+    op = _next(steps, None, None)
+    while isinstance(op, Op):
+        try:
+            sent, error = await op.arun(), None
+        except Exception as exc:
+            sent, error = None, _failed(op, exc)
+        op = _next(steps, sent, error)
+    return op.value  # type: ignore[no-any-return]
+
+
+def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:
+    """`run(*args)` / `arun(*args)` as an `Op` (e.g. `both(ledger.run, ledger.arun, flow)`)."""
+    return Op(partial(run, *args), partial(arun, *args))
+
+
+def call(fn: Callable[..., Any], *args: Any) -> Op:
+    """`fn(*args)` as an `Op`, for a `fn` that is sync under `drive`, async under `adrive`.
+
+    A LangChain middleware's `handler` is one: `wrap_*` gets a sync one, `awrap_*` an async one.
+    """
+    return Op(partial(fn, *args), partial(fn, *args))
+
+
+def sleep(seconds: float) -> Op:
+    """Wait `seconds` (`time.sleep` / `asyncio.sleep`)."""
+    return Op(lambda: time.sleep(seconds), lambda: asyncio.sleep(seconds))
+
+
+def retrying(policy: Retrying, attempt: Callable[[], Steps[T]]) -> Steps[T]:
+    """`attempt()` under tenacity's `policy` (its `iter()` engine), as steps.
+
+    Each attempt runs as steps; tenacity decides, from the attempt's result or exception,
+    whether to retry, how long to wait (a `sleep` step), and when to stop. Give a fresh copy
+    of `policy` per call (`policy.copy()`): its `statistics["attempt_number"]` then counts
+    this call's attempts. With `reraise=True` the last exception is raised when it stops.
+    """
+    policy.begin()
+    state = RetryCallState(policy, fn=None, args=(), kwargs={})
+    while True:
+        do = policy.iter(state)
+        if isinstance(do, DoAttempt):
+            try:
+                result = yield from attempt()
+            except Exception as exc:
+                state.set_exception((type(exc), exc, exc.__traceback__))
+            else:
+                state.set_result(result)
+        elif isinstance(do, DoSleep):
+            state.prepare_for_next_attempt()
+            yield sleep(float(do))
+        else:
+            return do  # type: ignore[no-any-return]
