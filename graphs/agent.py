@@ -38,6 +38,7 @@ from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Policy
 from keel.guards.resilience import ToolGuard
 from keel.guards.standing import StandingStore
+from keel.models import model_name_of
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
 from keel.nodes.execute_tools import execute_tools
@@ -61,6 +62,7 @@ from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
 from keel.state import AgentInput, AgentState, RunContext
 from keel.tools.registry import ToolRegistry
+from keel.versions import AgentVersion, prompt_hash
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 
@@ -168,6 +170,7 @@ def build_agent(
     memory: bool = False,
     approval_secret: str | bytes | None = None,
     name: str = "keel_agent",
+    version: str | None = None,
 ) -> Agent:
     """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
 
@@ -227,6 +230,10 @@ def build_agent(
             (grants then do not outlive it: after a restart keel asks again). Set it to keep
             grants across restarts and processes; never send it to a client.
         name: The graph's name (shown in traces and the server).
+        version: Your label for this version of the agent (`"v2"`). Run records, audit
+            records and trace metadata name the version that served each run: this label (or
+            an `auto-<digest>` id), the model, a hash of the system prompt, the tool versions
+            and the policy version (`keel.versions.AgentVersion`; `keel report --by version`).
 
     Example:
         ```python
@@ -291,8 +298,21 @@ def build_agent(
     standing = StandingStore(ledger, grants) if isinstance(ledger, Ledger) else None
     verify = verify or judge is not None or bool(checks)
 
+    served = AgentVersion(
+        model=model if isinstance(model, str) else model_name_of(model),
+        prompt_hash=prompt_hash(system_prompt),
+        tool_versions={t.name: t.spec.version for t in registry},
+        policy=f"{policy_name or 'default'}@{policy_version}",
+        label=version,
+    )
     observer = (
-        Observer(ledger, graph=name, policy_name=policy_name, policy_version=policy_version)
+        Observer(
+            ledger,
+            graph=name,
+            policy_name=policy_name,
+            policy_version=policy_version,
+            version=served,
+        )
         if isinstance(ledger, Ledger)
         else None
     )
@@ -469,7 +489,7 @@ def build_agent(
     )
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
     agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None)
-    traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
+    traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)
 
 

@@ -52,6 +52,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("run records count the content guards' findings (guard_findings)"),
     Migration("feedback on runs (keel_feedback), for keel.evals"),
     Migration("audit records carry the version of the tool they are about (tool_version)"),
+    Migration(
+        "run and audit records name the agent version that served them (version, model, "
+        "prompt_hash; runs also tool_versions)"
+    ),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

@@ -88,6 +88,16 @@ class RunRecord:
     """Unix time of the record (the end, or the pause)."""
     keel_version: str | None = None
     """keel's version."""
+    version: str | None = None
+    """The agent version that served the run (`keel.versions.AgentVersion.id`: the label given
+    to `build_agent(version=...)` or the server config, else `auto-<digest>`); `None` on
+    records written before schema version 6."""
+    model: str | None = None
+    """The chat model's name."""
+    prompt_hash: str | None = None
+    """The hash of the system prompt (`keel.versions.prompt_hash`)."""
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    """Each tool's version, by name."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-able dict."""
@@ -117,7 +127,8 @@ def _detail(outcome: Mapping[str, Any], warnings: list[str]) -> str:
 def run_record(state: AgentState, **identity: Any) -> RunRecord:
     """The record of the run `state` is at (thread totals; `RunLog` subtracts the previous run).
 
-    `identity` gives `thread_id`, `run_id`, `graph`, `policy`, `user_id`, `tenant_id`.
+    `identity` gives `thread_id`, `run_id`, `graph`, `policy`, `user_id`, `tenant_id`, and the
+    agent version (`version`, `model`, `prompt_hash`, `tool_versions`).
     """
     messages = state.get("messages") or []
     start = _task_start(messages)
@@ -226,6 +237,7 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
         **own.to_dict(),
         "tools": json.dumps(own.tools),
         "guard_findings": json.dumps(own.guard_findings),
+        "tool_versions": json.dumps(own.tool_versions, sort_keys=True),
         "thread_usage": json.dumps(totals),
     }
     updates = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
@@ -246,6 +258,7 @@ def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Fl
         values = dict(zip(_COLUMNS, row, strict=True))
         values["tools"] = json.loads(values["tools"])
         values["guard_findings"] = json.loads(values["guard_findings"] or "{}")
+        values["tool_versions"] = json.loads(values["tool_versions"] or "{}")
         del values["thread_usage"]
         for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
             values[k] = int(values[k])
