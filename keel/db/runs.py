@@ -19,12 +19,12 @@ from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
 from keel._version import __version__
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import RUNS, where_clause
+from keel.db.tables import FEEDBACK, RUNS, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 from keel.state import AgentState
 
-__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"]
+__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "scores_flow", "upsert_flow"]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
@@ -216,6 +216,15 @@ class RunLog:
         """Records ended at or after `since` (Unix time), oldest first (async)."""
         return await self.ledger.arun(_query_flow(since, tenant, user))
 
+    def scores(
+        self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
+    ) -> dict[str, list[float]]:
+        """The feedback scores on the runs `query` returns, by run key (runs without: absent).
+
+        Feedback is what people said about runs (`keel.evals.feedback`, table `keel_feedback`).
+        """
+        return self.ledger.run(scores_flow(since, tenant, user))
+
 
 _COLUMNS = RUNS.names
 _UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
@@ -248,6 +257,23 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
         tuple(values[c] for c in _COLUMNS),
     )
     return own
+
+
+def scores_flow(
+    since: float | None, tenant: str | None, user: str | None
+) -> Flow[dict[str, list[float]]]:
+    """The feedback scores on the matching runs, by run key, oldest first."""
+    where, params = where_clause("r.ended_at", since, **{"r.tenant_id": tenant, "r.user_id": user})
+    rows = yield (
+        f"SELECT f.run_ref, f.score FROM {FEEDBACK.name} f JOIN {RUNS.name} r "
+        f"ON r.run_key = f.run_ref{where}{' AND' if where else ' WHERE'} f.score IS NOT NULL "
+        "ORDER BY f.at",
+        params,
+    )
+    out: dict[str, list[float]] = {}
+    for run_key, score in rows:
+        out.setdefault(str(run_key), []).append(float(score))
+    return out
 
 
 def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
