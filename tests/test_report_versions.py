@@ -33,7 +33,8 @@ def _runs(url: str) -> None:
         ("v2", "t5", [call("lookup", key="c"), "never"], {"budget": {"model_calls": 1}}, None),
     ]
     for version, thread, script, extra, score in plans:
-        policy = Policy.from_dict({"name": "p", "rules": [{"tool": "*", "action": "allow"}], **extra})
+        rules = [{"tool": "*", "action": "allow"}]
+        policy = Policy.from_dict({"name": "p", "rules": rules, **extra})
         agent = build_agent(
             ScriptedChatModel(script=script),
             [lookup],

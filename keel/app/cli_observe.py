@@ -7,8 +7,9 @@
 
 `WHEN` is an ISO date or time (`2026-12-01`, `2026-12-01T09:00:00+00:00`) or an age: `30m`,
 `12h`, `7d`. `keel report --by version` adds one row per agent version (runs, success rate,
-outcomes, cost, tokens, steps, satisfaction from feedback). `keel report` exits 1 when an SLO objective is breached (it says which), so cron
-or CI can alert on it; `keel health` exits 1 when a check fails.
+outcomes, cost, tokens, steps, satisfaction from feedback). `keel report` exits 1 when an SLO
+objective is breached (it says which), so cron or CI can alert on it; `keel health` exits 1
+when a check fails.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig
 from langgraph_sdk.runtime import ServerRuntime
 
+from keel.app.canary import serves_candidate
 from keel.app.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
 from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
@@ -42,7 +43,8 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     """The `agent` graph: the authenticated tenant's main agent, or another of its agents.
 
     An assistant (or run) configured with `{"configurable": {"agent": "assistant"}}` runs the
-    tenant's agent of that name.
+    tenant's agent of that name. When the agent has a canary, the users it picks (a stable
+    share, `keel.app.canary`) get the candidate; its runs carry the candidate's version.
     """
     server, tenant = _tenant_of(runtime)
     name = (config.get("configurable") or {}).get("agent") or tenant.agent
@@ -50,8 +52,17 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
         raise UserError(
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
-    key = ("agent", tenant.name, name)
     ledger = _ledger(server)
+    canary = tenant.agents[name].canary
+    if canary is not None and serves_candidate(
+        str(_user(runtime)["identity"]), canary.share, f"{tenant.name}/{name}"
+    ):
+        key = ("agent", tenant.name, name, "candidate")
+        return cast(
+            Agent,
+            _cached(server, key, lambda: _build(canary.candidate, tenant, ledger=ledger)),
+        )
+    key = ("agent", tenant.name, name)
     return cast(
         Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger))
     )
@@ -70,8 +81,14 @@ def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
 def build_tenant_agent(
     tenant: TenantConfig, name: str | None = None, *, ledger: Ledger | None = None
 ) -> Agent:
-    """Build one of a tenant's agents (default: its main one) without a checkpointer."""
-    spec = tenant.agents[name or tenant.agent]
+    """Build one of a tenant's agents (default: its main one) without a checkpointer.
+
+    This is the agent itself, never its canary candidate (the `agent` factory picks that).
+    """
+    return _build(tenant.agents[name or tenant.agent], tenant, ledger=ledger)
+
+
+def _build(spec: AgentSpec, tenant: TenantConfig, *, ledger: Ledger | None) -> Agent:
     if spec.policy is not None and spec.policy.period_budgets and ledger is None:
         raise SetupError(
             f"Agent {spec.name!r} of tenant {tenant.name!r} has period budgets, which live in "
@@ -85,6 +102,7 @@ def build_tenant_agent(
         policy=spec.policy,
         ledger=ledger,
         name=spec.name,
+        version=spec.version,
     )
 
 
@@ -105,14 +123,19 @@ def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = Non
     )
 
 
-def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:
-    config = server_config()
+def _user(runtime: ServerRuntime[RunContext]) -> Any:
     user = runtime.user
     if user is None:
         raise SetupError(
             "keel's served graphs need the authenticated user: set "
             '"auth": {"path": "keel.app.auth:auth"} in langgraph.json.'
         )
+    return user
+
+
+def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:
+    config = server_config()
+    user = _user(runtime)
     try:
         tenant = str(user["tenant_id"])
     except (KeyError, TypeError) as exc:

@@ -86,7 +86,8 @@ Derive = Callable[[AgentState, Mapping[str, Any], RunContext, Who], list[AuditRe
 class Observer:
     """Where a graph records itself: the audit log and run records in one ledger.
 
-    `version` (what the agent was built from) is stamped on every record."""
+    `version` (what the agent was built from) is stamped on every record.
+    """
 
     def __init__(
         self,
