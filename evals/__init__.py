@@ -9,7 +9,8 @@ Suites and runs:
   executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
 - `record_execution`: tools of an eval graph record what really ran.
 - `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
-  the ledger beside the run records (`keel eval feedback RUN`).
+  the ledger beside the run records (`keel eval feedback RUN`), shown by `keel report` and
+  forwarded to LangSmith with a key (`forward_feedback`).
 
 Test doubles:
 - `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
@@ -34,6 +35,7 @@ from keel.evals.feedback import (
     afeedback_for,
     arecord_feedback,
     feedback_for,
+    forward_feedback,
     new_feedback,
     record_feedback,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "builtin_suite",
     "default_evaluators",
     "feedback_for",
+    "forward_feedback",
     "load_suite",
     "match_trajectory",
     "model_requests_forbidden",

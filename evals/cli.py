@@ -5,6 +5,8 @@
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
 
+Feedback is forwarded to LangSmith when `LANGSMITH_API_KEY` is set (see `keel.evals.feedback`).
+
 SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
@@ -21,7 +23,13 @@ from pathlib import Path
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
-from keel.evals.feedback import feedback_for, new_feedback, record_feedback
+from keel.evals.feedback import (
+    feedback_for,
+    forward_feedback,
+    langsmith_key,
+    new_feedback,
+    record_feedback,
+)
 from keel.evals.report import write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
@@ -134,8 +142,14 @@ def _feedback(argv: Sequence[str]) -> int:
             correction=args.correction,
             user=args.user,
         )
-        record_feedback(ledger, feedback)
-        print(f"keel eval: feedback recorded on {args.run}")
+        stored = record_feedback(ledger, feedback, forward=False)
+        print(f"keel eval: feedback recorded on {stored.run}")
+        if langsmith_key():
+            try:
+                forward_feedback(ledger, stored)
+                print("keel eval: feedback forwarded to LangSmith")
+            except Exception as exc:  # stored already: say so, do not fail
+                print(f"keel eval feedback: not forwarded to LangSmith: {exc}", file=sys.stderr)
         return 0
     except KeelError as exc:
         print(f"keel eval feedback: {exc}", file=sys.stderr)

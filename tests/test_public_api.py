@@ -276,6 +276,7 @@ PUBLIC = {
         "builtin_suite",
         "default_evaluators",
         "feedback_for",
+        "forward_feedback",
         "load_suite",
         "match_trajectory",
         "model_requests_forbidden",
