@@ -2,12 +2,15 @@
 
     keel eval SUITE [--graph module:factory] [--model M] [--judge M] [--repeat N]
                     [--concurrency C] [--min-pass-rate R] [--out DIR]
+                    [--langsmith [--dataset NAME]]
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
 
 Feedback is forwarded to LangSmith when `LANGSMITH_API_KEY` is set (see `keel.evals.feedback`).
 
 SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
+`--langsmith` runs the suite as a LangSmith experiment (`keel.evals.experiment`; needs
+`LANGSMITH_API_KEY`, and without it nothing is sent); the local results are written as well. The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
+from keel.evals.experiment import arun_experiment, dataset_name
 from keel.evals.feedback import (
     feedback_for,
     forward_feedback,
@@ -51,6 +55,14 @@ def parser() -> argparse.ArgumentParser:
         "--min-pass-rate", type=float, default=1.0, help="exit 1 below this share (default 1.0)"
     )
     p.add_argument("--out", default=None, help="results folder (default .keel/evals/SUITE)")
+    p.add_argument(
+        "--langsmith",
+        action="store_true",
+        help="run as a LangSmith experiment (needs LANGSMITH_API_KEY)",
+    )
+    p.add_argument(
+        "--dataset", default=None, help="LangSmith dataset name (default keel-SUITE), reused"
+    )
     return p
 
 
@@ -66,8 +78,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.suite)
         if not path.is_file() and args.suite in BUILTIN_SUITES:
             path = builtin_suite_path(args.suite)
+        if args.langsmith and not langsmith_key():
+            raise KeelError(
+                "--langsmith needs LANGSMITH_API_KEY (and LANGSMITH_ENDPOINT for a self-hosted "
+                "LangSmith); nothing was sent. Drop --langsmith to run the suite locally."
+            )
+        if args.dataset is not None and not args.langsmith:
+            raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
         suite = load_suite(path)
-        result = asyncio.run(_run(suite, args))
+        if args.langsmith:
+            result, experiment = asyncio.run(_experiment(suite, args))
+            print(
+                f"keel eval: LangSmith experiment {experiment!r} on dataset "
+                f"{args.dataset or dataset_name(suite)!r}"
+            )
+        else:
+            result = asyncio.run(_run(suite, args))
     except KeelError as exc:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +128,18 @@ async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
         repeat=args.repeat,
         concurrency=args.concurrency,
         on_run=progress,
+    )
+
+
+async def _experiment(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str]:
+    return await arun_experiment(
+        suite,
+        args.graph,
+        model=args.model,
+        judge=args.judge,
+        repeat=args.repeat,
+        concurrency=args.concurrency,
+        dataset=args.dataset,
     )
 
 

@@ -115,7 +115,7 @@ class LangSmithStandIn:
             if record is None:
                 return 404, {"detail": "not found"}
             if method == "PATCH":
-                record.update(data)
+                record.update({k: v for k, v in data.items() if v is not None})
             return 200, record
         if path == "/datasets" and method == "POST":
             if any(d["name"] == data["name"] for d in self.datasets.values()):
@@ -163,7 +163,7 @@ class LangSmithStandIn:
             "id": eid,
             "dataset_id": str(data["dataset_id"]),
             "inputs": data.get("inputs") or {},
-            "outputs": data.get("outputs"),
+            "outputs": data.get("outputs") or data.get("reference_outputs"),
             "metadata": data.get("metadata"),
             "created_at": _now(),
             "modified_at": _now(),

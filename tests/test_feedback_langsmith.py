@@ -34,7 +34,7 @@ def _run(ledger: Ledger, thread: str, run_id: uuid.UUID | None) -> None:
 
 
 def _posted_feedback(server: LangSmithStandIn) -> list[dict[str, Any]]:
-    return [json.loads(body) for method, path, body in server.requests if path == "/feedback"]
+    return [json.loads(body) for _, path, body in server.requests if path == "/feedback"]
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, key: str | None) -> Iterator[LangSmithStandIn]:
