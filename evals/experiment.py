@@ -144,7 +144,8 @@ async def arun_experiment(
                 f"The dataset {name!r} has a case {inputs.get('case')!r} the suite lacks."
             )
         index = repeats[case.id] = repeats.get(case.id, -1) + 1
-        run = await arun_case(case, factory, model=models[case.id], repeat=index)
+        built = load_graph(case.graph) if case.graph is not None else factory
+        run = await arun_case(case, built, model=models[case.id], repeat=index)
         token = uuid.uuid4().hex
         runs[token] = run
         return sanitize({"keel_run": token, **run.to_dict()})

@@ -105,12 +105,15 @@ def route_after_tools(
 ) -> str:
     """After `execute_tools`: to the model, `plan`, `respond`, or `human_review`.
 
-    `human_review` when a side-effecting call's outcome is unknown ("did this happen?").
+    `human_review` when a side-effecting call's outcome is unknown ("did this happen?");
+    `respond` when the run is stopped, out of steps, or failed (the ledger failed around a
+    side-effecting call).
     """
     result = state.get("outcome")
     if result is not None and result["status"] == "interrupted":
         return "human_review"
-    if _out_of_steps(state, steps) or (result is not None and result["status"] == "stopped"):
+    ended = result is not None and result["status"] in ("stopped", "error")
+    if _out_of_steps(state, steps) or ended:
         return "respond"
     if replan and needs_replan(state.get("plan") or []):
         return "plan"

@@ -3,6 +3,12 @@
 `once_steps` is the decision, written once as a generator (as `httpx` writes `auth_flow`): it
 yields `("ledger", flow)`, `("run", None)` or `("reconcile", None)` and is sent each step's
 result; `drive_once` and `adrive_once` are its sync and async drivers.
+
+When the ledger itself fails (`StorageError`: the database is gone, locked, corrupt), the
+drivers answer the call with a `ToolMessage` carrying `STORAGE_KEY` in its metadata: before the
+call ran, an error saying it was not made (so it cannot happen twice); after it ran, its result
+(which the ledger could not record: a resume finds it `started` and asks a human). The node
+then ends the run with an outcome of error category `storage`.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.tools.registry import RegisteredTool
 
 __all__ = [
+    "STORAGE_KEY",
     "Unknown",
     "adrive_once",
     "drive_once",
@@ -41,6 +48,22 @@ SAVE_WAIT = 30.0
 
 Step = tuple[Literal["ledger", "run", "reconcile"], Flow[Any] | None]
 _FAILED = object()  # a reconcile function raised: the outcome stays unknown
+STORAGE_KEY = "keel_storage_failed"
+"""`response_metadata` key of a call's `ToolMessage` when the ledger failed around it."""
+
+
+def _storage_failed(call: ToolCall, exc: StorageError, ran: ToolMessage | None) -> ToolMessage:
+    """The answer to a call whose ledger step raised: not run, or run but not recorded."""
+    if ran is None:
+        return tool_message(
+            call,
+            f"Error: not run: keel's ledger failed ({exc}), so this call was not made (it could "
+            "not be recorded to happen at most once).",
+            "error",
+            **{STORAGE_KEY: f"before the call: {exc}"},
+        )
+    ran.response_metadata = {**ran.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
+    return ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +219,7 @@ def drive_once(
     """Run `once_steps` with the sync ledger and the sync tool runner."""
     steps = once_steps(entry, call, key, known)
     value: Any = None
+    ran: ToolMessage | None = None
     try:
         while True:
             kind, flow = steps.send(value)
@@ -203,11 +227,13 @@ def drive_once(
                 assert flow is not None
                 value = ledger.run(flow)
             elif kind == "run":
-                value = run()
+                value = ran = run()
             else:
                 value = _reconcile(entry, call, sync=True)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+    except StorageError as exc:
+        return _storage_failed(call, exc, ran)
 
 
 async def adrive_once(
@@ -221,6 +247,7 @@ async def adrive_once(
     """Run `once_steps` with the async ledger and the async tool runner."""
     steps = once_steps(entry, call, key, known)
     value: Any = None
+    ran: ToolMessage | None = None
     try:
         while True:
             kind, flow = steps.send(value)
@@ -228,13 +255,15 @@ async def adrive_once(
                 assert flow is not None
                 value = await ledger.arun(flow)
             elif kind == "run":
-                value = await run()
+                value = ran = await run()
             else:
                 value = _reconcile(entry, call, sync=False)
                 if inspect.isawaitable(value):
                     value = await _awaited(value)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+    except StorageError as exc:
+        return _storage_failed(call, exc, ran)
 
 
 def _reconcile(entry: RegisteredTool, call: ToolCall, *, sync: bool) -> Any:

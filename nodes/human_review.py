@@ -47,16 +47,19 @@ from keel._node import (
 from keel.approvals import Grants, RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.guards.gate import Gate, approval_gate
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.nodes.history import pending_tool_calls
+from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["ReviewRequest", "ReviewResponse", "human_review"]
+
+log = sanitized_logger("keel.nodes.human_review")
 
 _ALIASES = {"accept": "approve", "ignore": "reject", "response": "respond"}
 
@@ -191,11 +194,19 @@ def human_review(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         thread, ids = in_ledger(state, config)
-        records = ledger.run(records_flow(thread, ids)) if ledger is not None and ids else {}
+        records: Mapping[str, CallRecord] = {}
+        if ledger is not None and ids:
+            try:
+                records = ledger.run(records_flow(thread, ids))
+            except StorageError as exc:
+                _unread(exc)
         update, settle, for_user = decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
-            ledger.run(flow)
+            try:
+                ledger.run(flow)
+            except StorageError as exc:
+                _unsettled(exc)
         if for_user and standing is not None:
             standing.save(context_of(runtime), for_user)
         return update
@@ -204,16 +215,41 @@ def human_review(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         thread, ids = in_ledger(state, config)
-        records = await ledger.arun(records_flow(thread, ids)) if ledger and ids else {}
+        records: Mapping[str, CallRecord] = {}
+        if ledger is not None and ids:
+            try:
+                records = await ledger.arun(records_flow(thread, ids))
+            except StorageError as exc:
+                _unread(exc)
         update, settle, for_user = decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
-            await ledger.arun(flow)
+            try:
+                await ledger.arun(flow)
+            except StorageError as exc:
+                _unsettled(exc)
         if for_user and standing is not None:
             await standing.asave(context_of(runtime), for_user)
         return update
 
     return make_node(name, review, areview)
+
+
+def _unread(exc: StorageError) -> None:
+    """The ledger could not say which calls started: ask as usual.
+
+    `execute_tools` claims each call in the ledger before running it, so none runs while the
+    ledger is down.
+    """
+    log.warning("keel could not read the idempotency ledger before review: %r", exc)
+
+
+def _unsettled(exc: StorageError) -> None:
+    """A human's answer about a call of unknown outcome could not be recorded.
+
+    The call stays `started`, so the next run asks again (it never runs twice).
+    """
+    log.warning("keel could not record a human's answer in the idempotency ledger: %r", exc)
 
 
 def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:
