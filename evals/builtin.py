@@ -29,6 +29,7 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.store.base import IndexConfig
 
 from keel.app.demo import SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
 from keel.db.ledger import Ledger
@@ -176,7 +177,8 @@ def failing_store_agent(model: BaseChatModel) -> Agent:
     from keel.memory import ChromaStore
 
     folder = tempfile.mkdtemp(prefix="keel-chaos-store-")
-    store = ChromaStore(path=folder, index={"dims": 2, "embed": _embed, "fields": ["text"]})
+    index: IndexConfig = {"dims": 2, "embed": _embed, "fields": ["text"]}
+    store = ChromaStore(path=folder, index=index)
     store.put(("memories", "acme", "alice"), "pref", {"text": "prefers refunds to store credit"})
     with open(f"{folder}/chroma.sqlite3", "r+b") as file:
         file.truncate(0)
@@ -185,7 +187,7 @@ def failing_store_agent(model: BaseChatModel) -> Agent:
     return agent
 
 
-def _embed(texts: list[str]) -> list[list[float]]:
+def _embed(texts: Sequence[str]) -> list[list[float]]:
     return [[float(len(t) % 7) + 0.5, float(t.count("refund")) + 0.5] for t in texts]
 
 

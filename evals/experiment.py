@@ -150,13 +150,12 @@ async def arun_experiment(
         runs[token] = run
         return sanitize({"keel_run": token, **run.to_dict()})
 
+    scorers = evaluators or default_evaluators(judge or suite.judge)
+    wrapped: list[Any] = [langsmith_evaluator(e, runs) for e in scorers]
     results = await aevaluate(
         target,
         data=name,
-        evaluators=[
-            langsmith_evaluator(e, runs)
-            for e in evaluators or default_evaluators(judge or suite.judge)
-        ],
+        evaluators=wrapped,
         experiment_prefix=experiment_prefix or suite.name,
         metadata={"suite": suite.name, "graph": str(graph_name)},
         max_concurrency=concurrency,
