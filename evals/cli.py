@@ -22,6 +22,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
@@ -86,14 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset is not None and not args.langsmith:
             raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
         suite = load_suite(path)
-        if args.langsmith:
-            result, experiment = asyncio.run(_experiment(suite, args))
+        result, experiment = asyncio.run(_run(suite, args))
+        if experiment is not None:
             print(
                 f"keel eval: LangSmith experiment {experiment!r} on dataset "
                 f"{args.dataset or dataset_name(suite)!r}"
             )
-        else:
-            result = asyncio.run(_run(suite, args))
     except KeelError as exc:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
@@ -103,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.pass_rate >= args.min_pass_rate else 1
 
 
-async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
+async def _run(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str | None]:
     total = len(suite.cases) * args.repeat
     done = 0
 
@@ -120,27 +119,15 @@ async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
             flush=True,
         )
 
-    return await arun_suite(
-        suite,
-        args.graph,
-        model=args.model,
-        judge=args.judge,
-        repeat=args.repeat,
-        concurrency=args.concurrency,
-        on_run=progress,
-    )
-
-
-async def _experiment(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str]:
-    return await arun_experiment(
-        suite,
-        args.graph,
-        model=args.model,
-        judge=args.judge,
-        repeat=args.repeat,
-        concurrency=args.concurrency,
-        dataset=args.dataset,
-    )
+    options: dict[str, Any] = {
+        "model": args.model,
+        "judge": args.judge,
+        "repeat": args.repeat,
+        "concurrency": args.concurrency,
+    }
+    if args.langsmith:
+        return await arun_experiment(suite, args.graph, dataset=args.dataset, **options)
+    return await arun_suite(suite, args.graph, on_run=progress, **options), None
 
 
 def _print_summary(result: SuiteResult, min_pass_rate: float) -> None:

@@ -109,3 +109,19 @@ def _no_real_model_calls() -> Iterator[None]:
 
     with forbid_model_requests():
         yield
+
+
+@pytest.fixture
+def ls_keyed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A local LangSmith stand-in (`tests/langsmith_stand_in.py`) and a key pointing at it."""
+    from langsmith_stand_in import serve
+
+    yield from serve(monkeypatch, "ls-test-key")
+
+
+@pytest.fixture
+def ls_keyless(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The same stand-in, with no LangSmith key in the environment."""
+    from langsmith_stand_in import serve
+
+    yield from serve(monkeypatch, None)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+import pytest
+from test_tracing import _fresh_langsmith_env
 
 TENANT = "00000000-0000-0000-0000-000000000001"
 
@@ -190,3 +195,34 @@ class LangSmithStandIn:
                 entry.update({k: v for k, v in value.items() if k not in ("id",)})
         ids = [self._example(e)["id"] for e in parts.values()]
         return {"example_ids": ids, "count": len(ids)}
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, key: str | None) -> Iterator[LangSmithStandIn]:
+    """A stand-in with the tracing project `keel-tests`, and the environment pointing at it."""
+    server = LangSmithStandIn()
+    server.session("keel-tests")
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", server.url)
+    monkeypatch.setenv("LANGSMITH_PROJECT", "keel-tests")
+    monkeypatch.setenv("LANGSMITH_TRACING", "false")
+    for name in ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    if key is not None:
+        monkeypatch.setenv("LANGSMITH_API_KEY", key)
+    _fresh_langsmith_env(monkeypatch)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def watch_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every socket connection the process attempts from now on (the address), recorded."""
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def watched(self: socket.socket, address: Any) -> Any:
+        attempts.append(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", watched)
+    return attempts

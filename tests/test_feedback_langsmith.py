@@ -8,15 +8,12 @@ attempted at all (every socket connect in the process is watched).
 from __future__ import annotations
 
 import json
-import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langsmith_stand_in import LangSmithStandIn
-from test_tracing import _fresh_langsmith_env
+from langsmith_stand_in import LangSmithStandIn, watch_connections
 
 from keel import Ledger, RunContext, build_agent
 from keel.errors import UserError
@@ -37,36 +34,8 @@ def _posted_feedback(server: LangSmithStandIn) -> list[dict[str, Any]]:
     return [json.loads(body) for _, path, body in server.requests if path == "/feedback"]
 
 
-def serve(monkeypatch: pytest.MonkeyPatch, key: str | None) -> Iterator[LangSmithStandIn]:
-    """A stand-in with the tracing project `keel-tests`, and the environment pointing at it."""
-    server = LangSmithStandIn()
-    server.session("keel-tests")
-    monkeypatch.setenv("LANGSMITH_ENDPOINT", server.url)
-    monkeypatch.setenv("LANGSMITH_PROJECT", "keel-tests")
-    monkeypatch.setenv("LANGSMITH_TRACING", "false")
-    for name in ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    if key is not None:
-        monkeypatch.setenv("LANGSMITH_API_KEY", key)
-    _fresh_langsmith_env(monkeypatch)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def keyed(monkeypatch: pytest.MonkeyPatch) -> Iterator[LangSmithStandIn]:
-    yield from serve(monkeypatch, "ls-test-key")
-
-
-@pytest.fixture
-def keyless(monkeypatch: pytest.MonkeyPatch) -> Iterator[LangSmithStandIn]:
-    yield from serve(monkeypatch, None)
-
-
 def test_with_a_key_feedback_reaches_the_runs_trace(
-    keyed: LangSmithStandIn, tmp_path: Path
+    ls_keyed: LangSmithStandIn, tmp_path: Path
 ) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     run_id = uuid.uuid4()
@@ -75,75 +44,68 @@ def test_with_a_key_feedback_reaches_the_runs_trace(
         ledger,
         new_feedback("t-1", score=0, comment="mail me at jane@example.com", correction="A2"),
     )
-    (sent,) = _posted_feedback(keyed)
+    (sent,) = _posted_feedback(ls_keyed)
     assert sent["run_id"] == str(run_id) and sent["id"] == str(uuid.UUID(stored.id))
-    assert sent["session_id"] == keyed.session("keel-tests")["id"]
+    assert sent["session_id"] == ls_keyed.session("keel-tests")["id"]
     assert (sent["key"], sent["score"], sent["correction"]) == ("user_feedback", 0, {"text": "A2"})
     assert "jane@example.com" not in sent["comment"] and "[EMAIL]" in sent["comment"]
     ledger.close()
 
 
-async def test_async_recording_forwards_too(keyed: LangSmithStandIn, tmp_path: Path) -> None:
+async def test_async_recording_forwards_too(ls_keyed: LangSmithStandIn, tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     run_id = uuid.uuid4()
     _run(ledger, "t-1", run_id)
     await arecord_feedback(ledger, new_feedback("t-1", score=5))
-    assert [f["run_id"] for f in _posted_feedback(keyed)] == [str(run_id)]
+    assert [f["run_id"] for f in _posted_feedback(ls_keyed)] == [str(run_id)]
     ledger.close()
 
 
-def test_a_failing_langsmith_loses_no_feedback(keyed: LangSmithStandIn, tmp_path: Path) -> None:
-    keyed.sessions.clear()  # the tracing project is unknown to LangSmith: forwarding fails
+def test_a_failing_langsmith_loses_no_feedback(ls_keyed: LangSmithStandIn, tmp_path: Path) -> None:
+    ls_keyed.sessions.clear()  # the tracing project is unknown to LangSmith: forwarding fails
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     _run(ledger, "t-1", uuid.uuid4())
     record_feedback(ledger, new_feedback("t-1", score=1))  # logs, does not raise
-    assert "/sessions" in keyed.paths("GET"), "it was tried"
-    assert _posted_feedback(keyed) == []
+    assert "/sessions" in ls_keyed.paths("GET"), "it was tried"
+    assert _posted_feedback(ls_keyed) == []
     assert [f.score for f in feedback_for(ledger, "t-1")] == [1.0]
     ledger.close()
 
 
 def test_a_run_without_a_trace_id_is_kept_and_named(
-    keyed: LangSmithStandIn, tmp_path: Path
+    ls_keyed: LangSmithStandIn, tmp_path: Path
 ) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     _run(ledger, "t-1", None)
     stored = record_feedback(ledger, new_feedback("t-1", score=1))
     with pytest.raises(UserError, match="has no run id, so its LangSmith trace is unknown"):
         forward_feedback(ledger, stored)
-    assert _posted_feedback(keyed) == []
+    assert _posted_feedback(ls_keyed) == []
     assert len(feedback_for(ledger, "t-1")) == 1
     ledger.close()
 
 
-def test_the_cli_says_it_forwarded(keyed: LangSmithStandIn, tmp_path: Path, capsys: Any) -> None:
+def test_the_cli_says_it_forwarded(ls_keyed: LangSmithStandIn, tmp_path: Path, capsys: Any) -> None:
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
     _run(ledger, "t-1", uuid.uuid4())
     ledger.close()
     assert eval_main(["feedback", "t-1", "--score", "1", "--db", url]) == 0
     assert "feedback forwarded to LangSmith" in capsys.readouterr().out
-    assert len(_posted_feedback(keyed)) == 1
+    assert len(_posted_feedback(ls_keyed)) == 1
 
 
 def test_without_a_key_no_connection_is_attempted(
-    keyless: LangSmithStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    ls_keyless: LangSmithStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
     _run(ledger, "t-1", uuid.uuid4())
-    attempts: list[Any] = []
-    real_connect = socket.socket.connect
-
-    def watched(self: socket.socket, address: Any) -> Any:
-        attempts.append(address)
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", watched)
+    attempts = watch_connections(monkeypatch)
     record_feedback(ledger, new_feedback("t-1", score=1))
     with pytest.raises(UserError, match="needs LANGSMITH_API_KEY"):
         forward_feedback(ledger, feedback_for(ledger, "t-1")[0])
     ledger.close()
     assert eval_main(["feedback", "t-1", "--score", "0", "--db", url]) == 0
     assert "forwarded" not in capsys.readouterr().out
-    assert attempts == [] and keyless.requests == []
+    assert attempts == [] and ls_keyless.requests == []
