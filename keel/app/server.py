@@ -57,10 +57,10 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     if canary is not None and serves_candidate(
         str(_user(runtime)["identity"]), canary.share, f"{tenant.name}/{name}"
     ):
-        key = ("agent", tenant.name, name, "candidate")
+        candidate = ("agent", tenant.name, name, "candidate")
         return cast(
             Agent,
-            _cached(server, key, lambda: _build(canary.candidate, tenant, ledger=ledger)),
+            _cached(server, candidate, lambda: _build(canary.candidate, tenant, ledger=ledger)),
         )
     key = ("agent", tenant.name, name)
     return cast(
