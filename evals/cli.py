@@ -168,7 +168,7 @@ def _feedback(argv: Sequence[str]) -> int:
             user=args.user,
         )
         stored = record_feedback(ledger, feedback, forward=False)
-        print(f"keel eval: feedback recorded on {stored.run}")
+        print(f"keel eval: feedback recorded on {args.run}")
         if langsmith_key():
             try:
                 forward_feedback(ledger, stored)
