@@ -417,3 +417,23 @@ async def test_a_resume_sent_to_a_thread_nothing_waits_on_approves_nothing(
         if m["type"] == "tool" and m["name"] == "issue_refund"
     ]
     assert all(m["response_metadata"]["keel_status"] != "success" for m in ran)
+
+
+async def test_a_served_canary_run_is_recorded_as_the_candidate(
+    clients: tuple[LangGraphClient, LangGraphClient], ledger_url: str
+) -> None:
+    """The agent factory under `langgraph dev` serves the canary; the run record says so."""
+    alice, _ = clients
+    canaried = await alice.assistants.create(
+        graph_id="agent", config={"configurable": {"agent": "canaried"}}
+    )
+    thread = await alice.threads.create()
+    run = await alice.runs.create(thread["thread_id"], canaried["assistant_id"], input=TASK)
+    await alice.runs.join(thread["thread_id"], run["run_id"])
+    with psycopg.connect(ledger_url) as conn:
+        rows = conn.execute(
+            "SELECT version, run_id, graph FROM keel_runs WHERE thread_id = %s",
+            (thread["thread_id"],),
+        ).fetchall()
+    # the candidate served it, and the record's run id is the server's (the run's trace id)
+    assert rows == [("candidate", run["run_id"], "canaried")]
