@@ -8,6 +8,7 @@ Suites and runs:
 - Evaluators: outcome, trajectory (agentevals' modes), tool success, budgets, unauthorized
   executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
 - `record_execution`: tools of an eval graph record what really ran.
+- `arun_experiment`: a suite as a LangSmith experiment (`keel eval --langsmith`; needs a key).
 - `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
   the ledger beside the run records (`keel eval feedback RUN`), shown by `keel report` and
   forwarded to LangSmith with a key (`forward_feedback`).
@@ -30,6 +31,7 @@ from keel.evals.chaos import (
 )
 from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
 from keel.evals.executions import record_execution
+from keel.evals.experiment import arun_experiment
 from keel.evals.feedback import (
     Feedback,
     afeedback_for,
@@ -76,6 +78,7 @@ __all__ = [
     "SuiteResult",
     "afeedback_for",
     "arecord_feedback",
+    "arun_experiment",
     "arun_suite",
     "builtin_suite",
     "default_evaluators",

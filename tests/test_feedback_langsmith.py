@@ -109,3 +109,15 @@ def test_without_a_key_no_connection_is_attempted(
     assert eval_main(["feedback", "t-1", "--score", "0", "--db", url]) == 0
     assert "forwarded" not in capsys.readouterr().out
     assert attempts == [] and ls_keyless.requests == []
+
+
+def test_pin_langsmith_warns_on_run_feedback_without_its_project(
+    ls_keyed: LangSmithStandIn,
+) -> None:
+    """Why `forward_feedback` looks the tracing project up and passes `session_id`."""
+    import langsmith
+    from langsmith.utils import LangSmithWarning
+
+    client = langsmith.Client(api_url=ls_keyed.url, api_key="ls-test-key")
+    with pytest.warns(LangSmithWarning, match="without session_id is deprecated"):
+        client.create_feedback(uuid.uuid4(), "k", score=1)

@@ -284,6 +284,7 @@ PUBLIC = {
         "SuiteResult",
         "afeedback_for",
         "arecord_feedback",
+        "arun_experiment",
         "arun_suite",
         "builtin_suite",
         "default_evaluators",
