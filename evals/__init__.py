@@ -9,6 +9,12 @@ Suites and runs:
   executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
 - `record_execution`: tools of an eval graph record what really ran.
 - `arun_experiment`: a suite as a LangSmith experiment (`keel eval --langsmith`; needs a key).
+- Replay: `areplay` / `replay` re-run a stored thread (SQLite or PostgreSQL) from any checkpoint
+  on a new graph version, with its recorded responses (`Cassette`) or live, and diff trajectory,
+  outcome and cost (`ReplayDiff`); `aload_thread` reads a stored thread.
+- `acapture` / `capture`: a stored (failed) thread becomes a regression case in a suite file.
+- `ashadow` / `shadow`: a candidate version beside the current one on a suite, side-effecting
+  tools stubbed (`ShadowResult`); `ashadow_threads` does it on stored threads.
 - `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
   the ledger beside the run records (`keel eval feedback RUN`), shown by `keel report` and
   forwarded to LangSmith with a key (`forward_feedback`).
@@ -23,6 +29,8 @@ Test doubles:
 """
 
 from keel.evals.builtin import builtin_suite
+from keel.evals.capture import acapture, capture
+from keel.evals.cassette import Cassette
 from keel.evals.chaos import (
     ChaosChatModel,
     ChaosPolicy,
@@ -48,13 +56,28 @@ from keel.evals.injection import (
     detection_rates,
     injection_corpus,
 )
+from keel.evals.replay import ReplayDiff, areplay, replay
 from keel.evals.requests import forbid_model_requests, model_requests_forbidden
 from keel.evals.results import CaseRun, Score, SuiteResult
 from keel.evals.runner import arun_suite, run_suite
 from keel.evals.scripted import ScriptedChatModel, ScriptEntry, ScriptExhausted, call, say
+from keel.evals.shadow import ShadowResult, ashadow, ashadow_threads, shadow
+from keel.evals.stored import StoredThread, aload_thread
 from keel.evals.suite import Case, Suite, load_suite
 
 __all__ = [
+    "Cassette",
+    "ReplayDiff",
+    "ShadowResult",
+    "StoredThread",
+    "acapture",
+    "aload_thread",
+    "areplay",
+    "ashadow",
+    "ashadow_threads",
+    "capture",
+    "replay",
+    "shadow",
     "Case",
     "CaseRun",
     "ChaosChatModel",

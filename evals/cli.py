@@ -6,9 +6,13 @@
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
 
+    keel eval replay THREAD --db URL --graph module:factory [--from CHECKPOINT] [--live --model M]
+    keel eval capture THREAD --db URL --suite FILE [--expect STATUS/REASON]
+    keel eval shadow SUITE --candidate module:factory [--graph ...] (or --threads T1,T2 --db URL)
+
 Feedback is forwarded to LangSmith when `LANGSMITH_API_KEY` is set (see `keel.evals.feedback`).
 
-SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
+SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`).
 `--langsmith` runs the suite as a LangSmith experiment (`keel.evals.experiment`; needs
 `LANGSMITH_API_KEY`, and without it nothing is sent); the local results are written as well. The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
@@ -27,6 +31,7 @@ from typing import Any
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
+from keel.evals.cli_replay import capture_main, replay_main, shadow_main
 from keel.evals.experiment import arun_experiment, dataset_name
 from keel.evals.feedback import (
     feedback_for,
@@ -45,7 +50,14 @@ __all__ = ["main", "parser"]
 
 def parser() -> argparse.ArgumentParser:
     """The `keel eval` argument parser."""
-    p = argparse.ArgumentParser(prog="keel eval", description="Run an eval suite offline.")
+    p = argparse.ArgumentParser(
+        prog="keel eval",
+        description="Run an eval suite offline.",
+        epilog="Also: keel eval replay THREAD (a stored thread on a new version, diffed), "
+        "keel eval capture THREAD (a failed thread as a suite case), keel eval shadow SUITE "
+        "(a candidate beside the current version, side effects stubbed), keel eval feedback RUN. "
+        "Each has --help.",
+    )
     p.add_argument("suite", help=f"a suite file, or a built-in suite: {', '.join(BUILTIN_SUITES)}")
     p.add_argument("--graph", default=None, help="graph factory module:function (default: suite's)")
     p.add_argument("--model", default=None, help="model for every case (overrides the suite's)")
@@ -72,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["feedback"]:
         return _feedback(argv[1:])
+    if argv[:1] == ["replay"]:
+        return replay_main(argv[1:])
+    if argv[:1] == ["capture"]:
+        return capture_main(argv[1:])
+    if argv[:1] == ["shadow"]:
+        return shadow_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         if not 0 <= args.min_pass_rate <= 1:

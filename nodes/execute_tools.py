@@ -58,6 +58,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import RegisteredTool, ToolRegistry
+from keel.tools.stubs import stub_answer
 
 __all__ = ["ToolStatus", "execute_tools"]
 
@@ -346,7 +347,17 @@ def _on_failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage | fl
     return float(min(5.0, job.entry.spec.retry_wait * 2 ** (attempt - 1)))
 
 
+def _stubbed(job: _Job) -> ToolMessage | None:
+    """The answer of an active tool stub (replay, shadow runs), the tool left unrun."""
+    answer = stub_answer(job.entry, job.call)
+    if answer is None:
+        return None
+    return tool_message(job.call, answer.content, answer.status, keel_stub=True)
+
+
 def _run_sync(job: _Job, config: RunnableConfig) -> ToolMessage:
+    if (stubbed := _stubbed(job)) is not None:
+        return stubbed
     timeout = job.entry.spec.timeout
     attempt = 0
     while True:
@@ -365,6 +376,8 @@ def _run_sync(job: _Job, config: RunnableConfig) -> ToolMessage:
 
 
 async def _run_async(job: _Job, config: RunnableConfig) -> ToolMessage:
+    if (stubbed := _stubbed(job)) is not None:
+        return stubbed
     timeout = job.entry.spec.timeout
     attempt = 0
     while True:

@@ -4,13 +4,21 @@
 - `fresh_postgres_url`: a new, empty database on that server, dropped after the test.
 - `db_url`: each test runs on SQLite (in `tmp_path`) and on PostgreSQL (ids "sqlite", "postgres").
 - `ledger`: keel's ledger, set up, on `db_url`; `clock`: a fabricated clock moved by hand.
+- `chroma_server`: starts a real Chroma server (`chroma run`) on a free port, offline.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -52,6 +60,16 @@ def postgres_url() -> str:
 @pytest.fixture
 def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     """A new empty database `keel_test_<hex>` on the test server; dropped afterwards."""
+    yield from _fresh_database(postgres_url)
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url(postgres_url: str) -> Iterator[str]:
+    """`fresh_postgres_url`, shared by a module's tests (e.g. a served agents' ledger)."""
+    yield from _fresh_database(postgres_url)
+
+
+def _fresh_database(postgres_url: str) -> Iterator[str]:
     name = f"keel_test_{uuid.uuid4().hex[:12]}"
     with _admin(postgres_url) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -109,6 +127,75 @@ def _no_real_model_calls() -> Iterator[None]:
 
     with forbid_model_requests():
         yield
+
+
+CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ChromaServer:
+    """A `chroma run` process: its `url`; `stop()` ends it (the data stays in `path`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server (again) on its port and wait for its heartbeat."""
+        port = self.url.rpartition(":")[2]
+        log = (self.path / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [CHROMA, "run", "--path", str(self.path / "db"), "--port", port, "--host", "127.0.0.1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, ANONYMIZED_TELEMETRY="False"),
+            cwd=self.path,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"chroma run did not start: {(self.path / 'server.log').read_text()}"
+                    ) from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server and wait for it to exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@contextmanager
+def _chroma_server(path: Path) -> Iterator[ChromaServer]:
+    server = ChromaServer(path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def chroma_server() -> Callable[[Path], AbstractContextManager[ChromaServer]]:
+    """`with chroma_server(tmp_dir) as server:` a real Chroma server, telemetry off."""
+    return _chroma_server
 
 
 @pytest.fixture

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,49 +14,11 @@ import pytest
 
 from keel.memory import ChromaStore
 
-CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
-def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("chroma-server")
-    port = _free_port()
-    env = dict(os.environ, ANONYMIZED_TELEMETRY="False")
-    log = (data / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [CHROMA, "run", "--path", str(data / "db"), "--port", str(port), "--host", "127.0.0.1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=data,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"chroma run did not start: {(data / 'server.log').read_text()}"
-                    ) from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def chroma_url(tmp_path_factory: pytest.TempPathFactory, chroma_server: Any) -> Iterator[str]:
+    with chroma_server(tmp_path_factory.mktemp("chroma-server")) as server:
+        yield server.url
 
 
 def words(texts: list[str]) -> list[list[float]]:

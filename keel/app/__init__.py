@@ -1,9 +1,12 @@
 """keel.app: what a person or a server runs. Nothing below imports it.
 
 - `keel.app.cli`: the `keel` command (`demo`, `run`, `threads`, `serve`, `audit`, `report`,
-  `health`, `db`).
+  `health`, `db`); `keel.app.cli_agent` loads `keel run --agent module:attr`.
 - `keel.app.server`: graph factories for LangGraph server (`langgraph.json`), one per tenant.
-- `keel.app.auth`: bearer-token auth for LangGraph server; `keel.app.server_config` its config file.
+- `keel.app.auth`: bearer-token auth for LangGraph server; `keel.app.server_config` its config file,
+  `keel.app.agent_options` a served agent's memory / verify / fallback settings,
+  `keel.app.server_memory` a tenant's memory on a Chroma server.
+- `keel.app.http`: liveness, readiness and the semantic check as an ASGI app (`http.app`).
 - `keel.app.serve`: `keel serve` (a `langgraph dev` with keel's config).
 - `keel.app.health`: liveness, readiness and the semantic check.
 - `keel.app.report`: `keel report` (success rate, latency, cost, SLOs).

@@ -1,8 +1,11 @@
 """`keel`: run agents, resume threads, list threads, set up the database.
 
-    keel demo [--approve | --reject] [--db URL]
-    keel run "task" [--model M] [--thread ID] [--user U] [--db URL] [--approve | --reject]
-    keel run --thread ID            resume a thread waiting for approval
+    keel demo [--approve | --reject | --wait] [--db URL]
+    keel run "task" [--model M | --agent module:attr] [--thread ID] [--user U] [--db URL]
+             [--approve | --reject | --wait]
+    keel run --thread ID [--approve | --reject]
+                                    resume a waiting thread (keel demo's too) with the agent
+                                    and model that made it
     keel threads [--db URL] [--limit N]
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
@@ -24,15 +27,17 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TextIO, cast
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.pregel import Pregel
 from langgraph.types import Command
 
 from keel.app import cli_observe
+from keel.app.cli_agent import load_agent, thread_origin
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
 from keel.app.serve import serve_command, serve_env
 from keel.db.ledger import Ledger
@@ -41,6 +46,7 @@ from keel.db.persistence import Persistence, default_db_url
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
 from keel.models import resolve_model
+from keel.observe.tracing import NO_KEY_WARNING, tracing_without_key
 from keel.state import RunContext
 
 __all__ = ["main"]
@@ -52,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # keel.evals is loaded by name: nothing in keel imports it
         return int(importlib.import_module("keel.evals.cli").main(argv[1:]))
     args = _parser().parse_args(argv)
+    if tracing_without_key():
+        # one line, then tracing off for this process: no tracer (keel's or LangChain's
+        # default, which a graph of the user's would get) tries to reach LangSmith
+        print(f"keel: {NO_KEY_WARNING}", file=sys.stderr)
+        os.environ["LANGSMITH_TRACING"] = os.environ["LANGCHAIN_TRACING_V2"] = "false"
     try:
         if args.command == "threads" and args.threads_command == "prune":
             return _threads_prune(args)
@@ -97,12 +108,23 @@ def _parser() -> argparse.ArgumentParser:
         decide = p.add_mutually_exclusive_group()
         decide.add_argument("--approve", action="store_true", help="approve calls without asking")
         decide.add_argument("--reject", action="store_true", help="reject calls without asking")
+        decide.add_argument(
+            "--wait",
+            action="store_true",
+            help="leave approvals waiting; resume later with keel run --thread ID",
+        )
 
     demo = sub.add_parser("demo", help="run the bundled refund scenario")
     run_options(demo)
     run = sub.add_parser("run", help="run the agent on a task, or resume a thread")
     run.add_argument("task", nargs="?", help="the task; omit it with --thread to resume")
     run.add_argument("--model", default=None, help="LangChain model string (default: $KEEL_MODEL)")
+    run.add_argument(
+        "--agent",
+        default=None,
+        help="your own agent instead of keel's: module:attribute of a compiled graph, a "
+        "StateGraph or a function that returns one",
+    )
     run_options(run)
     threads = sub.add_parser("threads", help="list stored threads with their outcome")
     threads.add_argument("--db", default=None, help=db_help)
@@ -123,69 +145,111 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL")
-    if args.command == "demo":
-        task: str | None = DEMO_TASK
-        if model_name:
-            print(f"keel: demo on {model_name} (KEEL_MODEL)")
-            model = resolve_model(model_name)
-        else:
-            print(
-                "keel: no KEEL_MODEL set, so the demo plays a bundled scenario on keel's "
-                "scripted model (offline, no API key)."
-            )
-            model = resolve_model("keel:demo")
-    else:
-        task = args.task
+    task: str | None = DEMO_TASK if args.command == "demo" else args.task
+    ref = getattr(args, "agent", None)
+    if args.command == "run":
         if not task and not args.thread:
             raise KeelError('Give a task (keel run "…") or a thread to resume (--thread ID).')
-        if not model_name:
+        if ref and args.model:
             raise KeelError(
-                "keel run needs a model: pass --model openai:gpt-4o-mini (or set KEEL_MODEL). "
-                "To try keel offline, run `keel demo`."
+                "--model sets the model of keel's own agent; the agent --agent names has its own."
             )
-        model = resolve_model(model_name)
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
-    store = demo_memory(persistence.sqlite_path)
     # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
     ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
-    async with persistence.acheckpointer() as saver:
-        agent = build_agent(
-            model,
-            demo_tools(),
-            system_prompt=SYSTEM_PROMPT,
-            plan=True,
-            policy=demo_policy(),
-            checkpointer=saver,
-            ledger=ledger,
-            store=store,
-            memory=True,
-        )
-        print(f"keel: thread {thread} on {persistence.safe_url}; memory in {store}")
-        try:
-            result = await drive(agent, task, thread, context, _decider(args), sys.stdout)
-        finally:
-            if ledger is not None:
-                await ledger.aclose()
+    try:
+        async with persistence.acheckpointer() as saver:
+            origin = {}
+            if args.command == "run" and not task:  # a resume: rebuild what made the thread
+                origin = await thread_origin(saver, thread)
+            ref = ref or origin.get("keel_agent")
+            if ref:
+                agent: Any = load_agent(ref, saver)
+                metadata = {"keel_agent": ref}
+                print(f"keel: thread {thread} on {persistence.safe_url}; agent {ref}")
+            else:
+                agent, metadata = _keel_agent(args, origin, saver, ledger, persistence)
+                print(f"keel: thread {thread} on {persistence.safe_url}")
+            if task and args.thread and await _waiting(agent, thread):
+                # a new task would pile onto the pending approval: answer it instead
+                print(f"keel: thread {thread} waits for an approval; resuming it")
+                task = None
+            decide = _decider(args)
+            result = await drive(agent, task, thread, context, decide, sys.stdout, metadata)
+    finally:
+        if ledger is not None:
+            await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
     return 0 if status in ("success", "interrupted") else 1
 
 
+async def _waiting(agent: Any, thread: str) -> bool:
+    snapshot = await agent.aget_state({"configurable": {"thread_id": thread}})
+    return bool(snapshot.interrupts)
+
+
+def _keel_agent(
+    args: argparse.Namespace,
+    origin: dict[str, str],
+    saver: Any,
+    ledger: Ledger | None,
+    persistence: Persistence,
+) -> tuple[Agent, dict[str, str]]:
+    """The support agent of `keel demo` (its tools, policy and memory) on the chosen model."""
+    model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL")
+    if args.command == "demo" and model_name:
+        print(f"keel: demo on {model_name} (KEEL_MODEL)")
+    elif args.command == "demo":
+        print(
+            "keel: no KEEL_MODEL set, so the demo plays a bundled scenario on keel's "
+            "scripted model (offline, no API key)."
+        )
+        model_name = "keel:demo"
+    elif not model_name and origin.get("keel_model"):
+        model_name = origin["keel_model"]  # the thread's own, e.g. keel:demo for a demo thread
+        print(f"keel: resuming on {model_name}, the model this thread was made with")
+    elif not model_name:
+        raise KeelError(
+            "keel run needs a model: pass --model openai:gpt-4o-mini (or set KEEL_MODEL). "
+            "To try keel offline, run `keel demo`."
+        )
+    model = resolve_model(model_name)
+    store = demo_memory(persistence.sqlite_path)
+    print(f"keel: memory in {store}")
+    agent = build_agent(
+        model,
+        demo_tools(),
+        system_prompt=SYSTEM_PROMPT,
+        plan=True,
+        policy=demo_policy(),
+        checkpointer=saver,
+        ledger=ledger,
+        store=store,
+        memory=True,
+    )
+    return agent, {"keel_model": model_name}
+
+
 async def drive(
-    agent: Agent,
+    agent: Pregel[Any, Any, Any, Any],
     task: str | None,
     thread: str,
     context: RunContext,
     decide: Any,
     out: TextIO,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a thread to its end, printing each step and asking `decide` on approvals.
 
     `decide(requests)` returns the resume value, or None to leave the thread waiting.
+    `metadata` is recorded on the thread's checkpoints (what made it, for a later resume).
+    An error the graph raises ends the run as `error`, printed; the thread stays resumable.
     """
     config: RunnableConfig = {"configurable": {"thread_id": thread}}
+    if metadata:
+        config["metadata"] = dict(metadata)
     payload: Any = {"messages": [("user", task)]} if task else None
     if task is None:
         snapshot = await agent.aget_state(config)
@@ -196,22 +260,46 @@ async def drive(
         payload = None
     while True:
         if payload is not None:
-            async for update in agent.astream(
-                payload, config, context=context, stream_mode="updates"
-            ):
-                _print_update(cast(dict[str, Any], update), out)
+            try:
+                async for update in agent.astream(
+                    payload, config, context=context, stream_mode="updates"
+                ):
+                    _print_update(cast(dict[str, Any], update), out)
+            except Exception as exc:  # the user's graph raised: an outcome, not a traceback
+                return _failed(exc, thread, out)
         snapshot = await agent.aget_state(config)
         if not snapshot.interrupts:
             break
         requests = snapshot.interrupts[0].value
+        if not _is_approval_request(requests):
+            print(f"[interrupt] {json.dumps(requests, default=str)}", file=out)
+            print(f"keel: left waiting; resume it from your own code (thread {thread})", file=out)
+            break
         _print_requests(requests, out)
         answer = await decide(requests)
         if answer is None:
             print(f"keel: left waiting; resume with `keel run --thread {thread}`", file=out)
             break
         payload = Command(resume=answer)
-    values = dict(snapshot.values)
+    values = _with_outcome(dict(snapshot.values), bool(snapshot.interrupts))
     _print_outcome(values, out)
+    return values
+
+
+def _is_approval_request(value: object) -> bool:
+    """Whether an interrupt's value is keel's approval request list (human_review)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(r, dict) and "action_request" in r for r in value)
+    )
+
+
+def _failed(exc: Exception, thread: str, out: TextIO) -> dict[str, Any]:
+    detail = f"{type(exc).__name__}: {exc}"
+    values = {"outcome": {"status": "error", "terminated_reason": "error", "detail": detail}}
+    _print_outcome(values, out)
+    print(f"keel: the thread is saved; resume with `keel run --thread {thread}`", file=out)
     return values
 
 
@@ -249,19 +337,34 @@ def _print_requests(requests: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def _print_outcome(values: dict[str, Any], out: TextIO) -> None:
-    result = values.get("outcome") or {}
-    usage = values.get("usage") or {}
+    result = values["outcome"]
     print(
         f"[outcome] {result.get('status')} / {result.get('terminated_reason')}: "
         f"{result.get('detail')}",
         file=out,
     )
+    usage = values.get("usage")
+    if usage is None:  # a graph of the user's: keel counted nothing
+        return
     print(
         f"[usage] model calls {usage.get('model_calls', 0)}, tool calls "
         f"{usage.get('tool_calls', 0)}, tokens {usage.get('input_tokens', 0)} in / "
         f"{usage.get('output_tokens', 0)} out, ${usage.get('usd', 0.0):.6f}",
         file=out,
     )
+
+
+def _with_outcome(values: dict[str, Any], waiting: bool) -> dict[str, Any]:
+    """`values` with keel's outcome; a graph of the user's keeps none, so it is derived."""
+    if values.get("outcome"):
+        return values
+    if waiting:
+        derived = {"status": "interrupted", "terminated_reason": "awaiting_input"}
+        derived["detail"] = "the graph waits (interrupt)"
+    else:
+        derived = {"status": "success", "terminated_reason": "completed"}
+        derived["detail"] = "the graph ended (its state has no keel outcome)"
+    return {**values, "outcome": derived}
 
 
 def _decider(args: argparse.Namespace) -> Any:
@@ -272,6 +375,8 @@ def _decider(args: argparse.Namespace) -> Any:
         if args.reject:
             print("keel: rejected (--reject)")
             return [{"type": "reject", "reviewer": "cli"} for _ in requests]
+        if args.wait:
+            return None
         if sys.stdin.isatty():
             return [await _ask(r) for r in requests]
         if args.command == "demo":

@@ -3,6 +3,9 @@
 - `liveness()`: the process can run Python and import keel (no I/O).
 - `readiness(db=..., chroma=..., model=...)`: the checkpoint schema and keel's ledger are
   reachable and current, Chroma answers a heartbeat, a model is configured.
+- `served_readiness(db=..., ledger=..., chroma=...)`: what a served deployment depends on: the
+  server's database answers, keel's ledger is reachable and migrated, each Chroma server
+  answers (the routes in `keel.app.http` serve it).
 - `semantic_check(model)`: a known task (`17 + 25` with a calculator tool) runs through
   `build_agent`; it passes when the run completes, the tool was called and the answer says 42.
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ __all__ = [
     "liveness",
     "readiness",
     "semantic_check",
+    "served_readiness",
 ]
 
 SEMANTIC_TASK = "What is 17 + 25? Use the add tool, then answer with the number."
@@ -100,18 +106,61 @@ def readiness(
     return Health(tuple(checks))
 
 
-def _database(db: str | None) -> str:
-    from keel.db.ledger import Ledger
-    from keel.db.persistence import Persistence
+def served_readiness(
+    *,
+    db: str | None = None,
+    ledger: str | None = None,
+    chroma: Sequence[str] = (),
+) -> Health:
+    """A served deployment's parts: its database, keel's ledger, its Chroma servers.
 
-    persistence = Persistence(db)
-    persistence.check()
-    ledger = Ledger(db)
+    Each part is checked only when given; a failing one is a failed check naming it.
+    """
+    checks = []
+    if db is not None:
+        checks.append(_timed("database", lambda: _select_one(db)))
+    if ledger is not None:
+        checks.append(_timed("ledger", lambda: _ledger(ledger)))
+    checks += [_timed("chroma", partial(_chroma, url)) for url in dict.fromkeys(chroma)]
+    return Health(tuple(checks))
+
+
+def _select_one(url: str) -> str:
+    import psycopg
+
+    # SQLAlchemy-style URLs (Aegra's postgresql+asyncpg://) name a driver psycopg does not take
+    plain = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", url)
+    if not plain.startswith(("postgresql://", "postgres://")):
+        raise UserError(f"the server database must be PostgreSQL, got {_safe(url)}")
+    with psycopg.connect(plain, connect_timeout=5) as conn:
+        conn.execute("SELECT 1")
+    return f"{_safe(url)} answers"
+
+
+def _ledger(url: str | None) -> str:
+    """The ledger at `url` is reachable and migrated (its tables set up)."""
+    from keel.db.ledger import Ledger
+
+    ledger = Ledger(url)
     try:
         ledger.setup()
         ledger.run(_ping())
     finally:
         ledger.close()
+    return f"keel's ledger ready at {_safe(url) if url else 'the default database'}"
+
+
+def _safe(url: str) -> str:
+    """`url` without its password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _database(db: str | None) -> str:
+    from keel.db.persistence import Persistence
+
+    persistence = Persistence(db)
+    persistence.check()
+    _ledger(db)
     return f"checkpoints and ledger ready at {persistence.safe_url}"
 
 

@@ -24,6 +24,8 @@ LANGGRAPH_JSON = {
     # without disable_studio_auth, `langgraph dev` lets any request with the header
     # `x-auth-scheme: langsmith` in as a Studio user, no token checked
     "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
+    # liveness, readiness and the semantic check under /keel/health/ (keel.app.http)
+    "http": {"app": "keel.app.http:app"},
 }
 """What `keel serve` writes to `.keel/langgraph.json` when the directory has no langgraph.json."""
 

@@ -10,9 +10,14 @@ compiled *without* a checkpointer or store: the server supplies its own (in memo
 {
   "dependencies": ["."],
   "graphs": {"agent": "keel.app.server:agent", "supervisor": "keel.app.server:supervisor"},
-  "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": true}
+  "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": true},
+  "http": {"app": "keel.app.http:app"}
 }
 ```
+
+A tenant's agents get memory, a judge, fallbacks and timeouts from their config tables
+(`keel.app.agent_options`); a tenant whose memory lives on a Chroma server shares one lazily
+opened `keel.app.server_memory.ChromaServerStore` between its graphs.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableConfig
+from langgraph.store.base import BaseStore
 from langgraph_sdk.runtime import ServerRuntime
 
 from keel.app.canary import serves_candidate
 from keel.app.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
+from keel.app.server_memory import ChromaServerStore
 from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
@@ -53,18 +60,21 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
     ledger = _ledger(server)
+    store = _store(server, tenant)
     canary = tenant.agents[name].canary
     if canary is not None and serves_candidate(
         str(_user(runtime)["identity"]), canary.share, f"{tenant.name}/{name}"
     ):
+        spec = canary.candidate
         candidate = ("agent", tenant.name, name, "candidate")
         return cast(
             Agent,
-            _cached(server, candidate, lambda: _build(canary.candidate, tenant, ledger=ledger)),
+            _cached(server, candidate, lambda: _build(spec, tenant, ledger=ledger, store=store)),
         )
     key = ("agent", tenant.name, name)
     return cast(
-        Agent, _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger))
+        Agent,
+        _cached(server, key, lambda: build_tenant_agent(tenant, name, ledger=ledger, store=store)),
     )
 
 
@@ -72,41 +82,64 @@ def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
     """The `supervisor` graph: the authenticated tenant's supervisor of focused agents."""
     server, tenant = _tenant_of(runtime)
     ledger = _ledger(server)
+    store = _store(server, tenant)
     key = ("supervisor", tenant.name)
     return cast(
-        Supervisor, _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger))
+        Supervisor,
+        _cached(server, key, lambda: build_tenant_supervisor(tenant, ledger=ledger, store=store)),
     )
 
 
 def build_tenant_agent(
-    tenant: TenantConfig, name: str | None = None, *, ledger: Ledger | None = None
+    tenant: TenantConfig,
+    name: str | None = None,
+    *,
+    ledger: Ledger | None = None,
+    store: BaseStore | None = None,
 ) -> Agent:
     """Build one of a tenant's agents (default: its main one) without a checkpointer.
 
-    This is the agent itself, never its canary candidate (the `agent` factory picks that).
+    `store` is the tenant's memory (default: a `ChromaServerStore` when the tenant's config
+    names a Chroma server, else the server's own store at run time). This is the agent itself,
+    never its canary candidate (the `agent` factory picks that).
     """
-    return _build(tenant.agents[name or tenant.agent], tenant, ledger=ledger)
+    return _build(tenant.agents[name or tenant.agent], tenant, ledger=ledger, store=store)
 
 
-def _build(spec: AgentSpec, tenant: TenantConfig, *, ledger: Ledger | None) -> Agent:
+def _build(
+    spec: AgentSpec, tenant: TenantConfig, *, ledger: Ledger | None, store: BaseStore | None
+) -> Agent:
+    if store is None and tenant.memory is not None and tenant.memory.chroma_url is not None:
+        store = ChromaServerStore(tenant.memory)
     if spec.policy is not None and spec.policy.period_budgets and ledger is None:
         raise SetupError(
             f"Agent {spec.name!r} of tenant {tenant.name!r} has period budgets, which live in "
             'the ledger: add ledger = "postgresql://..." at the top of the server config.'
         )
+    options = spec.options
+    verify = options.verify
     return build_agent(
         _model(spec.model),
-        _tools(spec, tenant.memory_namespace),
+        _tools(spec, tenant.memory_namespace, store),
         system_prompt=spec.system_prompt,
         plan=spec.plan,
         policy=spec.policy,
         ledger=ledger,
         name=spec.name,
         version=spec.version,
+        store=store,
+        memory=options.memory,
+        fallback_models=[_model(m) for m in options.fallback_models],
+        model_timeout=options.model_timeout,
+        judge=None if verify is None else _model(verify.judge),
+        max_revisions=1 if verify is None else verify.max_revisions,
+        escalate=False if verify is None else verify.escalate,
     )
 
 
-def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = None) -> Supervisor:
+def build_tenant_supervisor(
+    tenant: TenantConfig, *, ledger: Ledger | None = None, store: BaseStore | None = None
+) -> Supervisor:
     """Build a tenant's supervisor over its focused agents, without a checkpointer."""
     if tenant.supervisor is None:
         raise UserError(
@@ -115,7 +148,7 @@ def build_tenant_supervisor(tenant: TenantConfig, *, ledger: Ledger | None = Non
         )
     names = tenant.supervisor.agents
     return build_supervisor(
-        {n: build_tenant_agent(tenant, n, ledger=ledger) for n in names},
+        {n: build_tenant_agent(tenant, n, ledger=ledger, store=store) for n in names},
         _model(tenant.supervisor.model),
         descriptions={n: tenant.agents[n].description for n in names},
         system_prompt=tenant.supervisor.system_prompt,
@@ -160,6 +193,15 @@ def _ledger(config: ServerConfig) -> Ledger | None:
     return cast(Ledger, _cached(config, ("ledger",), lambda: Ledger(config.ledger_url)))
 
 
+def _store(config: ServerConfig, tenant: TenantConfig) -> BaseStore | None:
+    """The tenant's memory on a Chroma server (one per URL and collection), or None."""
+    spec = tenant.memory
+    if spec is None or spec.chroma_url is None:
+        return None
+    key = ("chroma", spec.chroma_url, spec.collection, spec.index or "")
+    return cast(BaseStore, _cached(config, key, lambda: ChromaServerStore(spec)))
+
+
 def _model(name: str) -> BaseChatModel:
     return resolve_model(name)
 
@@ -174,8 +216,8 @@ def _demo_tools() -> list[KeelTool]:
     return factory()
 
 
-def _tools(spec: AgentSpec, memory_namespace: str) -> list[Any]:
-    bundled: dict[str, KeelTool] = {t.name: t for t in memory_tools(kind=memory_namespace)}
+def _tools(spec: AgentSpec, memory_namespace: str, store: BaseStore | None) -> list[Any]:
+    bundled = {t.name: t for t in memory_tools(store, kind=memory_namespace)}
     if any(ref in DEMO_TOOLS for ref in spec.tools):
         bundled.update({t.name: t for t in _demo_tools()})
     out: list[Any] = []

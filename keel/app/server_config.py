@@ -47,6 +47,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from keel.app.agent_options import (
+    AGENT_KEYS,
+    AgentOptions,
+    MemorySpec,
+    agent_options,
+    memory_spec,
+)
 from keel.errors import SetupError, UserError
 from keel.guards.policy import Policy
 from keel.models import BUNDLED_MODELS
@@ -83,6 +90,8 @@ class AgentSpec:
     """The policy the agent is held to (its rules use the authenticated user's roles)."""
     plan: bool = False
     """Plan first."""
+    options: AgentOptions = field(default_factory=AgentOptions)
+    """Memory, verification, fallbacks (`keel.app.agent_options`)."""
     version: str | None = None
     """The version label its run records, audit records and traces carry (`keel.versions`)."""
     canary: CanarySpec | None = None
@@ -125,6 +134,8 @@ class TenantConfig:
     """The `supervisor` graph's setup; None: the tenant has no supervisor."""
     memory_namespace: str = "memories"
     """The first label of its memory namespaces: `(memory_namespace, tenant, user)`."""
+    memory: MemorySpec | None = None
+    """Where its memories live (a Chroma server); None: the server's store."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -285,7 +296,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     where = f"tenants.{name}"
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(raw, {"agent", "agents", "supervisor", "memory_namespace"}, f"[{where}]")
+    _only(raw, {"agent", "agents", "supervisor", "memory_namespace", "memory"}, f"[{where}]")
     memory_namespace = raw.get("memory_namespace", "memories")
     if not isinstance(memory_namespace, str) or not memory_namespace or "." in memory_namespace:
         raise UserError(
@@ -325,6 +336,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         agent=agent,
         supervisor=supervisor,
         memory_namespace=memory_namespace,
+        memory=memory_spec(raw["memory"], where, _expand) if "memory" in raw else None,
     )
 
 
@@ -399,7 +411,7 @@ def _with_canary(
             "plan": spec.plan,
             **{k: raw[k] for k in overrides},
         }
-        parsed = _agent(path, where, spec.name, table)
+        parsed = replace(_agent(path, where, spec.name, table), options=spec.options)
         base = parsed if "policy" in overrides else replace(parsed, policy=spec.policy)
     candidate = replace(base, name=spec.name, version=version, canary=None)
     return replace(spec, canary=CanarySpec(share=float(share), candidate=candidate))
@@ -408,11 +420,8 @@ def _with_canary(
 def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
-    _only(
-        raw,
-        {"model", "description", "system_prompt", "tools", "policy", "plan", "version", "canary"},
-        f"[{where}]",
-    )
+    known = {"model", "description", "system_prompt", "tools", "policy", "plan", *AGENT_KEYS}
+    _only(raw, {*known, "version", "canary"}, f"[{where}]")
     tools = raw.get("tools", [])
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise UserError(f"[{where}] tools must be a list of tool names, got {tools!r}.")
@@ -439,6 +448,7 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
         tools=tuple(tools),
         policy=policy,
         plan=bool(raw.get("plan", False)),
+        options=agent_options(raw, where, _check_model),
         version=_text(raw, "version", f"[{where}]") if "version" in raw else None,
     )
 

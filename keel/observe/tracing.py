@@ -32,12 +32,14 @@ from keel.state import RunContext
 from keel.versions import AgentVersion
 
 __all__ = [
+    "NO_KEY_WARNING",
     "graph_config",
     "sanitized",
     "sanitizing_client",
     "trace_config",
     "tracer",
     "tracing_enabled",
+    "tracing_without_key",
 ]
 
 _TRUE = ("true", "1", "yes")
@@ -54,6 +56,19 @@ def tracing_enabled(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     key = env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY")
     return bool(key) and _switched_on(env)
+
+
+NO_KEY_WARNING = (
+    "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
+    "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
+)
+"""What keel says, once, when tracing is switched on without a key."""
+
+
+def tracing_without_key(env: Mapping[str, str] | None = None) -> bool:
+    """Whether tracing is switched on (`LANGSMITH_TRACING=true`) but no API key is set."""
+    env = os.environ if env is None else env
+    return _switched_on(env) and not tracing_enabled(env)
 
 
 def sanitized(values: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +124,22 @@ class _SilentTracer(LangChainTracer):
         run.extra["__disabled"] = True  # LangChainTracer skips posting such runs
 
 
+def _offline_client() -> Any:
+    """A LangSmith client that never reaches the network, for the silent tracer.
+
+    `Client()`'s default batching thread asks the API for its limits (`GET /info`) at once,
+    even with no key and no run to send; without it nothing is fetched. Its missing-key warning
+    is keel's own one line already.
+    """
+    import warnings
+
+    from langsmith.utils import LangSmithMissingAPIKeyWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LangSmithMissingAPIKeyWarning)
+        return sanitizing_client(auto_batch_tracing=False)
+
+
 def tracer(
     *,
     graph: str,
@@ -136,11 +167,8 @@ def graph_config(
     if not tracing_enabled():
         if not _switched_on(os.environ):
             return None
-        log.warning(
-            "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
-            "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
-        )
-        return {"callbacks": [_SilentTracer(client=sanitizing_client())]}
+        log.warning(NO_KEY_WARNING)
+        return {"callbacks": [_SilentTracer(client=_offline_client())]}
     return {
         "run_name": graph,
         "tags": _tags(graph, version),

@@ -1,0 +1,188 @@
+"""Capture: turn a stored (failed) thread into a regression case appended to a suite file.
+
+`acapture(thread_id, "suite.yaml", db=URL)` writes a case with the thread's first user
+message(s), its user and tenant (roles as given), how its approvals were answered, the recorded
+model answers as an inline script (so the case runs offline, on any graph factory) and its
+observed tool trajectory. The expected outcome is what SHOULD have happened: pass
+`expect="success/completed"`, or edit the case where its `TODO` comment says. The file is
+created if missing; an existing suite is checked before and after the case is appended, and
+left as it was when the result would not load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from keel.errors import UserError
+from keel.evals._sync import sync
+from keel.evals.cassette import Cassette
+from keel.evals.runner import trajectory_of
+from keel.evals.stored import StoredThread, aload_thread
+from keel.evals.suite import load_suite
+
+__all__ = ["acapture", "capture", "case_of"]
+
+
+def case_of(
+    thread: StoredThread,
+    *,
+    case_id: str | None = None,
+    expect: str | None = None,
+    roles: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The suite case (its YAML shape) for a stored thread's first run.
+
+    Args:
+        thread: The stored thread.
+        case_id: The case's id (default `thread-<id>`).
+        expect: The outcome the run should have had, `status/terminated_reason` (either part
+            may be empty: `success/`, `/completed`); default: none, to be filled in.
+        roles: The user's roles (the ledger does not record them; default `[user]`).
+    """
+    messages = thread.messages
+    first_ai = next((i for i, m in enumerate(messages) if isinstance(m, AIMessage)), len(messages))
+    later = [m for m in messages[first_ai:] if isinstance(m, HumanMessage)]
+    turns = messages[first_ai:]
+    if later:  # the first run only: up to the next user message
+        turns = turns[: turns.index(later[0])]
+    cassette = Cassette.from_messages(turns, thread.calls)
+    observed = trajectory_of(turns)
+    rejected = any(c.status == "rejected" for c in cassette.calls)
+    case: dict[str, Any] = {
+        "id": case_id or f"thread-{thread.thread_id}",
+        "messages": [_message(m) for m in messages[:first_ai]],
+        "identity": {
+            "user": thread.identity.user_id,
+            "tenant": thread.identity.tenant_id,
+            "roles": list(roles or thread.identity.roles),
+        },
+        "approvals": "reject" if rejected else "approve",
+        "model": {"script": [_turn(a) for a in cassette.answers]},
+        "expect": {
+            **_expected(expect),
+            "trajectory": {
+                "mode": "strict",
+                "args": "exact",
+                "calls": [{"name": t.name, "args": dict(t.args)} for t in observed],
+            },
+        },
+        "tags": ["captured"],
+    }
+    return case
+
+
+def _message(m: BaseMessage) -> dict[str, str]:
+    role = (
+        "user"
+        if isinstance(m, HumanMessage)
+        else "system"
+        if isinstance(m, SystemMessage)
+        else "assistant"
+    )
+    return {"role": role, "content": str(m.text)}
+
+
+def _turn(answer: AIMessage) -> Any:
+    if not answer.tool_calls:
+        return str(answer.text)
+    turn: dict[str, Any] = {
+        "calls": [{"name": c["name"], "args": dict(c["args"])} for c in answer.tool_calls]
+    }
+    if answer.text:
+        turn["text"] = str(answer.text)
+    return turn
+
+
+def _expected(expect: str | None) -> dict[str, str]:
+    if expect is None:
+        return {}
+    status, sep, reason = expect.partition("/")
+    if not sep or not (status or reason):
+        raise UserError(
+            f"--expect must be 'status/terminated_reason' (e.g. success/completed), got {expect!r}."
+        )
+    out = {"status": status} if status else {}
+    return out | ({"terminated_reason": reason} if reason else {})
+
+
+def render_case(
+    case: dict[str, Any], thread: StoredThread, *, todo: bool, indent: str = "  "
+) -> str:
+    """The case as a YAML list item (indented under `cases:`), with its provenance comments."""
+    seen = thread.outcome
+    observed = f"{seen.get('status', '-')}/{seen.get('terminated_reason', '-')}"
+    lines = [f"{indent}# captured from thread {thread.thread_id} (observed outcome: {observed})"]
+    if todo:
+        lines.append(
+            f"{indent}# TODO: set the outcome this run SHOULD have had under `expect` (status, "
+            "terminated_reason) and fix the trajectory if it was wrong; it is the observed one."
+        )
+    body = yaml.safe_dump([case], sort_keys=False, allow_unicode=True, width=100)
+    lines += [indent + line if line else line for line in body.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+async def acapture(
+    thread: str | StoredThread,
+    suite: str | Path,
+    *,
+    db: str | None = None,
+    case_id: str | None = None,
+    expect: str | None = None,
+    roles: tuple[str, ...] | None = None,
+    graph: str | None = None,
+) -> dict[str, Any]:
+    """Append the case of a stored thread to the suite file `suite`; return the case.
+
+    `graph` names the suite's graph factory when the file is created. See `case_of` for the
+    other arguments.
+
+    Raises:
+        UserError: no such thread, an unreadable suite, or a case id the suite already has.
+    """
+    stored = thread if isinstance(thread, StoredThread) else await aload_thread(thread, db=db)
+    case = case_of(stored, case_id=case_id, expect=expect, roles=roles)
+    _append(Path(suite), case, stored, todo=expect is None, graph=graph)
+    return case
+
+
+def _append(
+    path: Path, case: dict[str, Any], stored: StoredThread, *, todo: bool, graph: str | None
+) -> None:
+    if path.exists():
+        existing = load_suite(path)
+        found = re.search(r"^cases:[ \t]*\n(?:[ \t]*(?:#.*)?\n)*([ \t]*)- ", path.read_text(), re.M)
+        text = render_case(case, stored, todo=todo, indent=found.group(1) if found else "  ")
+        if any(c.id == case["id"] for c in existing.cases):
+            raise UserError(
+                f"{path} already has a case {case['id']!r}; pass another id (--id NAME)."
+            )
+        before = path.read_text()
+        path.write_text(before.rstrip("\n") + "\n" + text)
+        try:
+            after = load_suite(path)
+        except UserError:
+            path.write_text(before)
+            raise
+        if len(after.cases) != len(existing.cases) + 1:
+            path.write_text(before)
+            raise UserError(
+                f"Could not append to {path}: its `cases:` list is not the last thing in the "
+                "file. Move `cases:` to the end, or capture into a new suite file."
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = render_case(case, stored, todo=todo)
+        head = f"name: {path.stem}\n" + (f"graph: {graph}\n" if graph else "") + "cases:\n"
+        path.write_text(head + text)
+        load_suite(path)
+
+
+def capture(thread: str | StoredThread, suite: str | Path, **options: Any) -> dict[str, Any]:
+    """Sync entry point of `acapture` (not from a running event loop: await `acapture`)."""
+    return sync("capture", lambda: acapture(thread, suite, **options))

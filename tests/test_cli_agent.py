@@ -1,0 +1,300 @@
+"""`keel run --agent module:attr`, resuming `keel demo` threads, and tracing with no key.
+
+The `keel` command runs as users run it: a subprocess in a fresh folder holding the user's
+module, SQLite in that folder, no terminal. Bad `--agent` strings are checked in process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from keel.app.cli import main
+
+USER_AGENTS = textwrap.dedent(
+    '''
+    from typing import Any
+
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from keel.evals import ScriptedChatModel, call
+    from keel.graphs import build_agent
+    from keel.tools import tool as keel_tool
+
+    REFUNDS = []
+
+
+    @tool
+    def shout(text: str) -> str:
+        """Shout a text."""
+        return text.upper()
+
+
+    # a LangChain agent: keel adds its checkpointer; its state keeps no keel outcome
+    graph = create_agent(
+        ScriptedChatModel(script=[call("shout", text="hello"), "I shouted HELLO."]), tools=[shout]
+    )
+
+
+    def refund_agent(checkpointer: Any = None) -> Any:
+        """A factory: keel's agent with a refund that needs a human's approval."""
+
+        @keel_tool(name="refund", risk="destructive")
+        def refund(order_id: str) -> str:
+            """Refund an order."""
+            REFUNDS.append(order_id)
+            return f"refunded {order_id}"
+
+        model = ScriptedChatModel(script=[call("refund", order_id="A1"), "Done: A1 refunded."])
+        return build_agent(model, [refund], checkpointer=checkpointer, name="refunds")
+
+
+    def _boom(state: MessagesState) -> dict[str, Any]:
+        raise RuntimeError("the inventory service is down")
+
+
+    def crashing() -> Any:
+        builder = StateGraph(MessagesState)
+        builder.add_node("boom", _boom)
+        builder.add_edge(START, "boom")
+        builder.add_edge("boom", END)
+        return builder
+
+
+    NOT_A_GRAPH = 42
+
+
+    def needs_two(a: int, b: int) -> Any:
+        return graph
+    '''
+)
+
+
+def _keel(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
+    full["LANGSMITH_TRACING"] = "false"
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("keel")), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**full, **(env or {})},
+        timeout=180,
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "user_agents.py").write_text(USER_AGENTS, encoding="utf-8")
+    return tmp_path
+
+
+def test_run_agent_runs_the_users_graph_with_keels_persistence(project: Path) -> None:
+    done = _keel(
+        "run", "--agent", "user_agents:graph", "shout hello", "--thread", "u1", cwd=project
+    )
+    assert done.returncode == 0, done.stderr
+    assert "agent user_agents:graph" in done.stdout
+    assert "← shout [success]: HELLO" in done.stdout
+    assert "[outcome] success / completed: the graph ended" in done.stdout
+    listed = _keel("threads", cwd=project)
+    assert "u1" in listed.stdout  # checkpointed in keel's database (.keel/keel.db)
+
+
+def test_a_users_factory_waits_and_is_resumed_from_the_cli(project: Path) -> None:
+    ref = "user_agents:refund_agent"
+    first = _keel("run", "--agent", ref, "refund A1", "--thread", "r1", "--wait", cwd=project)
+    assert first.returncode == 0, first.stderr
+    assert "[approval needed] refund" in first.stdout
+    assert "[outcome] interrupted / awaiting_approval" in first.stdout
+    assert "resume with `keel run --thread r1`" in first.stdout
+    # no --agent: the thread recorded what made it
+    resumed = _keel("run", "--thread", "r1", "--approve", cwd=project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"agent {ref}" in resumed.stdout
+    assert "← refund [success]: refunded A1" in resumed.stdout
+    assert "[outcome] success / completed" in resumed.stdout
+
+
+def test_a_graph_that_raises_ends_as_an_error_not_a_traceback(project: Path) -> None:
+    done = _keel("run", "--agent", "user_agents:crashing", "go", "--thread", "c1", cwd=project)
+    assert done.returncode == 1
+    assert "[outcome] error / error: RuntimeError: the inventory service is down" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_a_demo_thread_left_waiting_is_resumed_from_the_cli(project: Path) -> None:
+    waiting = _keel("demo", "--wait", "--thread", "d1", cwd=project)
+    assert waiting.returncode == 0, waiting.stderr
+    assert "[approval needed] issue_refund" in waiting.stdout
+    assert "Refunded" not in waiting.stdout
+    listed = _keel("threads", cwd=project)
+    assert "waiting" in [line.split()[2] for line in listed.stdout.splitlines() if "d1" in line]
+    # no --model, no KEEL_MODEL: the demo's model, recorded on the thread
+    resumed = _keel("run", "--thread", "d1", "--approve", cwd=project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming on keel:demo, the model this thread was made with" in resumed.stdout
+    assert "← issue_refund [success]: Refunded $42.50 on order A1001" in resumed.stdout
+    assert "[outcome] success / completed" in resumed.stdout
+    again = _keel("run", "--thread", "d1", "--approve", cwd=project)
+    assert again.returncode == 2
+    assert "Thread d1 is not waiting for anything" in again.stderr
+
+
+def test_demo_on_a_waiting_thread_answers_the_approval_instead_of_a_new_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["demo", "--wait", "--db", db, "--thread", "w1"]) == 0
+    assert "[approval needed] issue_refund" in capsys.readouterr().out
+    assert main(["demo", "--reject", "--db", db, "--thread", "w1"]) == 1
+    out = capsys.readouterr().out
+    assert "keel: thread w1 waits for an approval; resuming it" in out
+    assert "[outcome] stopped / rejected" in out
+    assert "[plan]" not in out  # no second task was started
+
+
+def test_resuming_a_thread_that_does_not_exist_says_so(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--thread", "nope", "--db", f"sqlite:///{project}/k.db"]) == 2
+    assert "There is no thread 'nope' in this database; `keel threads`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("attr", "message"),
+    [
+        ("", "--agent must read 'package.module:attribute' (e.g. 'myapp.agent:graph'), got"),
+        ("graph:extra", "--agent must read 'package.module:attribute'"),
+        ("nope", "has no attribute 'nope'. Name the variable that holds your compiled graph"),
+        ("NOT_A_GRAPH", "is int, not a LangGraph graph: name a compiled graph"),
+        ("needs_two", "is a function keel cannot call"),
+    ],
+)
+def test_bad_agent_strings_are_clear_errors(
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    attr: str,
+    message: str,
+) -> None:
+    module = f"agents_{uuid.uuid4().hex[:8]}"  # a fresh module: nothing cached between cases
+    (project / f"{module}.py").write_text(USER_AGENTS, encoding="utf-8")
+    monkeypatch.chdir(project)
+    ref = f"{module}:{attr}" if attr else module
+    assert main(["run", "--agent", ref, "hi", "--db", f"sqlite:///{project}/k.db"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (None, "': there is no module 'no_such_module_"),
+        ("import no_such_dependency_here\n", "' failed: No module named 'no_such_dependency_here'"),
+        ("raise RuntimeError('bad config')\n", "raised RuntimeError: bad config"),
+    ],
+)
+def test_an_agent_module_that_cannot_be_imported_is_named(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str | None,
+    message: str,
+) -> None:
+    name = f"no_such_module_{uuid.uuid4().hex[:8]}"  # earlier cases' folders stay on sys.path
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    ref = f"{name}:graph"
+    assert main(["run", "--agent", ref, "hi", "--db", f"sqlite:///{tmp_path}/k.db"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_agent_and_model_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--agent", "m:g", "--model", "keel:demo", "hi"]) == 2
+    assert "--model sets the model of keel's own agent" in capsys.readouterr().err
+
+
+# -- LANGSMITH_TRACING=true with no key: one line, no network ---------------------------------
+
+GUARDED = textwrap.dedent(
+    """
+    import socket, sys
+
+    def refuse(*args, **kwargs):
+        sys.stderr.write(f"NETWORK ATTEMPT {args[1:] or args}\\n")
+        raise OSError("network forbidden in this test")
+
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        return refuse(self, address)
+
+    socket.socket.connect = connect
+    socket.socket.connect_ex = lambda self, address: refuse(self, address)
+    socket.getaddrinfo = refuse
+    socket.create_connection = refuse
+    """
+)
+CLI = "from keel.app.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+LIBRARY = textwrap.dedent(
+    """
+    import time
+    from keel import RunContext
+    from keel.evals import ScriptedChatModel
+    from keel.graphs import build_agent
+
+    agent = build_agent(ScriptedChatModel(script=["Hello!"]))
+    result = agent.invoke({"messages": [("user", "hi")]}, context=RunContext(user_id="u1"))
+    print("[outcome]", result["outcome"]["status"], "/", result["outcome"]["terminated_reason"])
+    time.sleep(1)  # LangSmith's client works from a background thread: give it time to try
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("tail", "args"),
+    [
+        (CLI, ["demo", "--thread", "t1"]),
+        (CLI, ["run", "--agent", "user_agents:graph", "hi", "--thread", "t2"]),
+        (LIBRARY, []),
+    ],
+    ids=["keel-demo", "users-graph", "library"],
+)
+def test_tracing_on_without_a_key_prints_one_line_and_never_connects(
+    project: Path, tail: str, args: list[str]
+) -> None:
+    """Pinned: langsmith's `Client()` asks api.smith.langchain.com for its limits from its
+    batching thread at once, key or no key; keel's silent tracer uses one without that thread."""
+    (project / "guarded.py").write_text(GUARDED + tail, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGSMITH_", "LANGCHAIN_"))}
+    env.pop("KEEL_MODEL", None)
+    env["LANGSMITH_TRACING"] = "true"
+    done = subprocess.run(
+        [sys.executable, "guarded.py", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NETWORK ATTEMPT" not in done.stderr
+    line = "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces."
+    assert done.stderr.count(line) == 1, done.stderr
+    assert "Warning" not in done.stderr  # e.g. langsmith's LangSmithMissingAPIKeyWarning
+    assert "[outcome] success / completed" in done.stdout

@@ -1,0 +1,106 @@
+"""keel's health routes (`keel.app.http:app`) in process: each broken part is named, 503.
+
+Against real parts only: a real PostgreSQL for what is up, free ports nobody listens on for what
+is down. The routes on a real `langgraph dev` (and a Chroma server stopped under them) are in
+test_server_parity.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from starlette.testclient import TestClient
+
+from keel.app.http import app
+
+pytestmark = pytest.mark.postgres
+
+CONFIG = """
+ledger = "{ledger}"
+
+[[users]]
+token = "t"
+user = "alice"
+tenant = "acme"
+
+[tenants.acme]
+memory = {{ chroma_url = "{chroma}" }}
+
+[tenants.acme.agents.main]
+model = "keel:demo"
+"""
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    for name in ("KEEL_DB_URL", "DATABASE_URI", "DATABASE_URL", "KEEL_SERVER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    return TestClient(app)
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: str, chroma: str) -> None:
+    path = tmp_path / f"server-{free_port()}.toml"  # a new path: server_config() caches by path
+    path.write_text(CONFIG.format(ledger=ledger, chroma=chroma), encoding="utf-8")
+    monkeypatch.setenv("KEEL_SERVER_CONFIG", str(path))
+
+
+def test_live_answers_and_ready_with_nothing_configured_checks_nothing(client: TestClient) -> None:
+    live = client.get("/keel/health/live")
+    assert (live.status_code, live.json()["ok"], live.json()["failing"]) == (200, True, [])
+    ready = client.get("/keel/health/ready")
+    assert (ready.status_code, ready.json()["checks"]) == (200, [])
+
+
+def test_a_database_that_is_down_is_named(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL", fresh_postgres_url.replace("postgresql", "postgresql+asyncpg")
+    )
+    assert client.get("/keel/health/ready").status_code == 200  # Aegra's SQLAlchemy-style URL
+    down = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/nope"
+    monkeypatch.setenv("KEEL_DB_URL", down)  # wins over DATABASE_URL
+    ready = client.get("/keel/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["failing"] == ["database"]
+    assert "s3cret" not in ready.text  # the password is never shown
+
+
+def test_the_ledger_and_chroma_of_the_server_config_are_checked(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    chroma = f"http://127.0.0.1:{free_port()}"
+    _config(tmp_path, monkeypatch, fresh_postgres_url, chroma)
+    ready = client.get("/keel/health/ready")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert [(c["name"], c["ok"]) for c in body["checks"]] == [("ledger", True), ("chroma", False)]
+    assert body["failing"] == ["chroma"]
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nope"
+    _config(tmp_path, monkeypatch, down, chroma)
+    assert client.get("/keel/health/ready").json()["failing"] == ["ledger", "chroma"]
+
+
+def test_a_server_config_that_cannot_be_read_is_not_ready(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEEL_SERVER_CONFIG", str(tmp_path / "missing.toml"))
+    ready = client.get("/keel/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["failing"] == ["config"]
+    assert "does not exist" in ready.json()["checks"][0]["detail"]
+
+
+def test_the_semantic_check_without_a_model_is_503_with_why(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KEEL_HEALTH_MODEL", raising=False)
+    monkeypatch.delenv("KEEL_MODEL", raising=False)
+    semantic = client.get("/keel/health/semantic")
+    assert semantic.status_code == 503
+    assert "no model configured for the semantic check" in semantic.json()["checks"][0]["detail"]
+    monkeypatch.setenv("KEEL_HEALTH_MODEL", "keel:demo")  # a model that answers something else
+    wrong = client.get("/keel/health/semantic")
+    assert wrong.status_code == 503 and wrong.json()["failing"] == ["semantic"]

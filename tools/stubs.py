@@ -1,0 +1,66 @@
+"""Tool stubs: answer tool calls without running the tools (replay, shadow runs, dry runs).
+
+Inside `with stubbing(stub):` every tool call that keel's `execute_tools` would run is first
+offered to `stub(tool, call)`. A `StubAnswer` stands in for the tool's result and the tool's
+body never runs; `None` lets the call run as usual. The stub is a context variable, so it holds
+for the runs started in the block (LangGraph copies it into tool tasks and threads) and for no
+other run of the process.
+
+Example:
+    ```python
+    from keel.tools.stubs import StubAnswer, stubbing
+
+    def canned(tool, call):
+        return StubAnswer("stubbed") if tool.spec.side_effects else None
+
+    with stubbing(canned):
+        ...  # run the graph: side-effecting tools answer "stubbed", read-only tools run
+    ```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from langchain_core.messages import ToolCall
+
+if TYPE_CHECKING:
+    from keel.tools.registry import RegisteredTool
+
+__all__ = ["StubAnswer", "ToolStub", "stub_answer", "stubbing"]
+
+
+@dataclass(frozen=True, slots=True)
+class StubAnswer:
+    """What a stubbed tool call returns instead of running."""
+
+    content: str
+    """The result the model sees."""
+    status: str = "success"
+    """keel's status for the call (`success`, `error`, `timeout`, ...)."""
+
+
+ToolStub = Callable[["RegisteredTool", ToolCall], StubAnswer | None]
+"""`stub(tool, call)`: a `StubAnswer` instead of running the tool, or `None` to run it."""
+
+_stub: ContextVar[ToolStub | None] = ContextVar("keel_tool_stub", default=None)
+
+
+@contextmanager
+def stubbing(stub: ToolStub) -> Iterator[None]:
+    """Offer every tool call of the runs in this block to `stub` before running it."""
+    token = _stub.set(stub)
+    try:
+        yield
+    finally:
+        _stub.reset(token)
+
+
+def stub_answer(tool: RegisteredTool, call: ToolCall) -> StubAnswer | None:
+    """The active stub's answer to `call`, or `None` (no stub, or the stub lets it run)."""
+    stub = _stub.get()
+    return None if stub is None else stub(tool, call)
