@@ -8,6 +8,7 @@ Suites and runs:
 - Evaluators: outcome, trajectory (agentevals' modes), tool success, budgets, unauthorized
   executions, PII leaks, valid endings, and `RubricJudge` (openevals' LLM-as-judge).
 - `record_execution`: tools of an eval graph record what really ran.
+- `arun_experiment`: a suite as a LangSmith experiment (`keel eval --langsmith`; needs a key).
 - Replay: `areplay` / `replay` re-run a stored thread (SQLite or PostgreSQL) from any checkpoint
   on a new graph version, with its recorded responses (`Cassette`) or live, and diff trajectory,
   outcome and cost (`ReplayDiff`); `aload_thread` reads a stored thread.
@@ -15,7 +16,8 @@ Suites and runs:
 - `ashadow` / `shadow`: a candidate version beside the current one on a suite, side-effecting
   tools stubbed (`ShadowResult`); `ashadow_threads` does it on stored threads.
 - `record_feedback` / `feedback_for`: a person's score, comment or correction on a run, kept in
-  the ledger beside the run records (`keel eval feedback RUN`).
+  the ledger beside the run records (`keel eval feedback RUN`), shown by `keel report` and
+  forwarded to LangSmith with a key (`forward_feedback`).
 
 Test doubles:
 - `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
@@ -37,11 +39,13 @@ from keel.evals.chaos import (
 )
 from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
 from keel.evals.executions import record_execution
+from keel.evals.experiment import arun_experiment
 from keel.evals.feedback import (
     Feedback,
     afeedback_for,
     arecord_feedback,
     feedback_for,
+    forward_feedback,
     new_feedback,
     record_feedback,
 )
@@ -97,10 +101,12 @@ __all__ = [
     "SuiteResult",
     "afeedback_for",
     "arecord_feedback",
+    "arun_experiment",
     "arun_suite",
     "builtin_suite",
     "default_evaluators",
     "feedback_for",
+    "forward_feedback",
     "load_suite",
     "match_trajectory",
     "model_requests_forbidden",

@@ -3,7 +3,11 @@
 - `demo_agent(model)`: keel's demo agent, the demo's tools under the demo's policy;
 - `adversarial_agent(model)`: the demo agent with two tools its policy denies
   (`export_customers`, `delete_order`) and a shop order whose text carries an injection;
-- `chaos_agent(model)`: the demo agent with a tool that always fails and one that hangs.
+- `chaos_agent(model)`: the demo agent with a tool that always fails and one that hangs;
+- `failing_ledger_agent(model)`: the chaos agent on a real SQLite ledger whose tables are dropped
+  under it (every ledger read and write raises);
+- `failing_store_agent(model)`: the chaos agent with long-term memory in a real Chroma store
+  whose database file is emptied under it (every store call raises).
 
 Every tool records its executions (`record_execution`), so a suite scores what really ran.
 `builtin_suite("adversarial")` loads a built-in suite by name.
@@ -14,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import shutil
+import sqlite3
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,8 +29,11 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.store.base import IndexConfig
 
 from keel.app.demo import SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
+from keel.db.ledger import Ledger
+from keel.db.tables import TABLES
 from keel.errors import UserError
 from keel.evals.executions import record_execution
 from keel.evals.suite import Suite, load_suite
@@ -38,6 +49,8 @@ __all__ = [
     "builtin_suite_path",
     "chaos_agent",
     "demo_agent",
+    "failing_ledger_agent",
+    "failing_store_agent",
     "recorded",
 ]
 
@@ -73,13 +86,14 @@ def _recording(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _agent(model: BaseChatModel, tools: Sequence[KeelTool], policy: Policy) -> Agent:
+def _agent(model: BaseChatModel, tools: Sequence[KeelTool], policy: Policy, **extra: Any) -> Agent:
     return build_agent(
         model,
         recorded(tools),
         system_prompt=SYSTEM_PROMPT,
         policy=policy,
         checkpointer=InMemorySaver(),
+        **extra,
     )
 
 
@@ -111,10 +125,11 @@ def adversarial_agent(model: BaseChatModel, policy: Policy | None = None) -> Age
     return _agent(model, tools, policy or demo_policy())
 
 
-def chaos_agent(model: BaseChatModel) -> Agent:
+def chaos_agent(model: BaseChatModel, **extra: Any) -> Agent:
     """The demo agent plus two tools its policy allows: one always fails, one hangs.
 
-    `check_stock` raises a connection error; `track_parcel` sleeps past its timeout.
+    `check_stock` raises a connection error; `track_parcel` sleeps past its timeout. `extra`
+    goes to `build_agent` (a ledger, a store).
     """
 
     @tool(name="check_stock", retries=0)
@@ -132,7 +147,53 @@ def chaos_agent(model: BaseChatModel) -> Agent:
     rules = (*policy.rules, Rule(action="allow", tool="check_stock"))
     rules += (Rule(action="allow", tool="track_parcel"),)
     policy = dataclasses.replace(policy, rules=rules)
-    return _agent(model, [*demo_tools(DemoShop()), check_stock, track_parcel], policy)
+    return _agent(model, [*demo_tools(DemoShop()), check_stock, track_parcel], policy, **extra)
+
+
+def failing_ledger_agent(model: BaseChatModel) -> Agent:
+    """The chaos agent on a real SQLite ledger whose tables are dropped after setup.
+
+    Every ledger operation of the run (the at-most-once record of `issue_refund`, audit
+    records, the run record) raises `no such table`, as with a database dropped or restored
+    from the wrong backup under a running agent.
+    """
+    folder = tempfile.mkdtemp(prefix="keel-chaos-ledger-")
+    ledger = Ledger(f"sqlite:///{folder}/keel.db")
+    ledger.setup()
+    with sqlite3.connect(f"{folder}/keel.db") as db:
+        for table in TABLES:
+            db.execute(f"DROP TABLE {table.name}")
+    agent = chaos_agent(model, ledger=ledger)
+    weakref.finalize(agent, _discard, ledger, folder)
+    return agent
+
+
+def failing_store_agent(model: BaseChatModel) -> Agent:
+    """The chaos agent with long-term memory in a real Chroma store that fails.
+
+    The store (an embedded `PersistentClient`, a tiny offline embedder) holds one memory; then
+    its database file is emptied under it, so recall and reflect raise on every call.
+    """
+    from keel.memory import ChromaStore
+
+    folder = tempfile.mkdtemp(prefix="keel-chaos-store-")
+    index: IndexConfig = {"dims": 2, "embed": _embed, "fields": ["text"]}
+    store = ChromaStore(path=folder, index=index)
+    store.put(("memories", "acme", "alice"), "pref", {"text": "prefers refunds to store credit"})
+    with open(f"{folder}/chroma.sqlite3", "r+b") as file:
+        file.truncate(0)
+    agent = chaos_agent(model, store=store, memory=True)
+    weakref.finalize(agent, shutil.rmtree, folder, True)
+    return agent
+
+
+def _embed(texts: Sequence[str]) -> list[list[float]]:
+    return [[float(len(t) % 7) + 0.5, float(t.count("refund")) + 0.5] for t in texts]
+
+
+def _discard(ledger: Ledger, folder: str) -> None:
+    ledger.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def builtin_suite_path(name: str) -> Path:

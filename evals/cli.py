@@ -2,6 +2,7 @@
 
     keel eval SUITE [--graph module:factory] [--model M] [--judge M] [--repeat N]
                     [--concurrency C] [--min-pass-rate R] [--out DIR]
+                    [--langsmith [--dataset NAME]]
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
 
@@ -9,7 +10,11 @@
     keel eval capture THREAD --db URL --suite FILE [--expect STATUS/REASON]
     keel eval shadow SUITE --candidate module:factory [--graph ...] (or --threads T1,T2 --db URL)
 
-SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`). The
+Feedback is forwarded to LangSmith when `LANGSMITH_API_KEY` is set (see `keel.evals.feedback`).
+
+SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `demo`).
+`--langsmith` runs the suite as a LangSmith experiment (`keel.evals.experiment`; needs
+`LANGSMITH_API_KEY`, and without it nothing is sent); the local results are written as well. The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
 """
@@ -21,12 +26,20 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
 from keel.evals.cli_replay import capture_main, replay_main, shadow_main
-from keel.evals.feedback import feedback_for, new_feedback, record_feedback
+from keel.evals.experiment import arun_experiment, dataset_name
+from keel.evals.feedback import (
+    feedback_for,
+    forward_feedback,
+    langsmith_key,
+    new_feedback,
+    record_feedback,
+)
 from keel.evals.report import write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
@@ -55,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
         "--min-pass-rate", type=float, default=1.0, help="exit 1 below this share (default 1.0)"
     )
     p.add_argument("--out", default=None, help="results folder (default .keel/evals/SUITE)")
+    p.add_argument(
+        "--langsmith",
+        action="store_true",
+        help="run as a LangSmith experiment (needs LANGSMITH_API_KEY)",
+    )
+    p.add_argument(
+        "--dataset", default=None, help="LangSmith dataset name (default keel-SUITE), reused"
+    )
     return p
 
 
@@ -76,8 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.suite)
         if not path.is_file() and args.suite in BUILTIN_SUITES:
             path = builtin_suite_path(args.suite)
+        if args.langsmith and not langsmith_key():
+            raise KeelError(
+                "--langsmith needs LANGSMITH_API_KEY (and LANGSMITH_ENDPOINT for a self-hosted "
+                "LangSmith); nothing was sent. Drop --langsmith to run the suite locally."
+            )
+        if args.dataset is not None and not args.langsmith:
+            raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
         suite = load_suite(path)
-        result = asyncio.run(_run(suite, args))
+        result, experiment = asyncio.run(_run(suite, args))
+        if experiment is not None:
+            print(
+                f"keel eval: LangSmith experiment {experiment!r} on dataset "
+                f"{args.dataset or dataset_name(suite)!r}"
+            )
     except KeelError as exc:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
@@ -87,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.pass_rate >= args.min_pass_rate else 1
 
 
-async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
+async def _run(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str | None]:
     total = len(suite.cases) * args.repeat
     done = 0
 
@@ -104,15 +137,15 @@ async def _run(suite: Suite, args: argparse.Namespace) -> SuiteResult:
             flush=True,
         )
 
-    return await arun_suite(
-        suite,
-        args.graph,
-        model=args.model,
-        judge=args.judge,
-        repeat=args.repeat,
-        concurrency=args.concurrency,
-        on_run=progress,
-    )
+    options: dict[str, Any] = {
+        "model": args.model,
+        "judge": args.judge,
+        "repeat": args.repeat,
+        "concurrency": args.concurrency,
+    }
+    if args.langsmith:
+        return await arun_experiment(suite, args.graph, dataset=args.dataset, **options)
+    return await arun_suite(suite, args.graph, on_run=progress, **options), None
 
 
 def _print_summary(result: SuiteResult, min_pass_rate: float) -> None:
@@ -152,8 +185,14 @@ def _feedback(argv: Sequence[str]) -> int:
             correction=args.correction,
             user=args.user,
         )
-        record_feedback(ledger, feedback)
+        stored = record_feedback(ledger, feedback, forward=False)
         print(f"keel eval: feedback recorded on {args.run}")
+        if langsmith_key():
+            try:
+                forward_feedback(ledger, stored)
+                print("keel eval: feedback forwarded to LangSmith")
+            except Exception as exc:  # stored already: say so, do not fail
+                print(f"keel eval feedback: not forwarded to LangSmith: {exc}", file=sys.stderr)
         return 0
     except KeelError as exc:
         print(f"keel eval feedback: {exc}", file=sys.stderr)

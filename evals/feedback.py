@@ -3,7 +3,14 @@
 A run is named the way `keel report` and the run records name it: its `run_key`, its LangGraph
 `run_id`, or its thread id (meaning the thread's latest run); feedback is stored against the
 run's key. Feedback on a run the ledger does not know is refused. The table (`keel_feedback`,
-`keel.db.tables.FEEDBACK`) is part of the ledger's versioned schema (version 4).
+`keel.db.tables.FEEDBACK`) is part of the ledger's versioned schema (version 4). `keel report`
+shows it as satisfaction (the mean score), overall and by agent version.
+
+With a LangSmith key (`LANGSMITH_API_KEY`), `record_feedback` also forwards the feedback to
+LangSmith (`Client.create_feedback`) against the run's trace: the run record's `run_id`, which
+LangGraph server sets to the run's trace id (locally, pass `config={"run_id": rid,
+"configurable": {"run_id": str(rid)}}`). Without a key nothing touches the network. A LangSmith
+failure never loses the feedback: it is stored first, and the failure is logged.
 
 Example:
     ```python
@@ -15,15 +22,22 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
+from keel.redact import sanitize, sanitized_logger
 
-__all__ = ["Feedback", "afeedback_for", "arecord_feedback", "feedback_for"]
-__all__ += ["new_feedback", "record_feedback"]
+__all__ = ["Feedback", "afeedback_for", "arecord_feedback", "feedback_for", "forward_feedback"]
+__all__ += ["langsmith_key", "new_feedback", "record_feedback"]
+
+FEEDBACK_KEY = "user_feedback"
+"""The LangSmith feedback key keel forwards under."""
+log = sanitized_logger("keel.evals.feedback")
 
 _MATCH = "run_key = ? OR run_id = ? OR thread_id = ?"
 
@@ -118,18 +132,93 @@ def new_feedback(
     )
 
 
-def record_feedback(ledger: Ledger, feedback: Feedback) -> Feedback:
+def langsmith_key() -> str | None:
+    """The LangSmith API key from the environment (`LANGSMITH_API_KEY` or `LANGCHAIN_API_KEY`)."""
+    return os.environ.get("LANGSMITH_API_KEY") or os.environ.get("LANGCHAIN_API_KEY") or None
+
+
+def record_feedback(
+    ledger: Ledger, feedback: Feedback, *, client: Any = None, forward: bool = True
+) -> Feedback:
     """Store `feedback` (from `new_feedback`); returns it with `run` resolved to the run key.
+
+    With a LangSmith key (or a `client`) and `forward`, it is also forwarded
+    (`forward_feedback`); a forwarding failure is logged and the stored feedback kept.
 
     Raises:
         UserError: the ledger knows no such run.
     """
-    return ledger.run(_record_flow(feedback))
+    stored = ledger.run(_record_flow(feedback))
+    if forward and (client is not None or langsmith_key()):
+        try:
+            forward_feedback(ledger, stored, client=client)
+        except Exception as exc:
+            log.warning("keel could not forward feedback %s to LangSmith: %r", stored.id, exc)
+    return stored
 
 
-async def arecord_feedback(ledger: Ledger, feedback: Feedback) -> Feedback:
-    """Async `record_feedback`."""
-    return await ledger.arun(_record_flow(feedback))
+async def arecord_feedback(
+    ledger: Ledger, feedback: Feedback, *, client: Any = None, forward: bool = True
+) -> Feedback:
+    """Async `record_feedback` (forwarding runs in a worker thread)."""
+    import asyncio
+
+    stored = await ledger.arun(_record_flow(feedback))
+    if forward and (client is not None or langsmith_key()):
+        try:
+            run_id = await ledger.arun(_trace_flow(stored.run))
+            await asyncio.to_thread(_send, stored, run_id, client)
+        except Exception as exc:
+            log.warning("keel could not forward feedback %s to LangSmith: %r", stored.id, exc)
+    return stored
+
+
+def _trace_flow(run_key: str) -> Flow[str | None]:
+    rows = yield "SELECT run_id FROM keel_runs WHERE run_key = ?", (run_key,)
+    return str(rows[0][0]) if rows and rows[0][0] else None
+
+
+def forward_feedback(ledger: Ledger, feedback: Feedback, *, client: Any = None) -> str:
+    """Send stored `feedback` to LangSmith against its run's trace; returns the feedback's id.
+
+    `client` defaults to a `langsmith.Client` for `LANGSMITH_ENDPOINT` and the key.
+
+    Raises:
+        UserError: no LangSmith key (and no `client`), or the run has no trace id (no run id).
+    """
+    if client is None and not langsmith_key():
+        raise UserError(
+            "Forwarding feedback to LangSmith needs LANGSMITH_API_KEY; without it keel keeps "
+            "feedback in the ledger only (keel report shows it)."
+        )
+    return _send(feedback, ledger.run(_trace_flow(feedback.run)), client)
+
+
+def _send(feedback: Feedback, run_id: str | None, client: Any) -> str:
+    if run_id is None:
+        raise UserError(
+            f"Run {feedback.run!r} has no run id, so its LangSmith trace is unknown. LangGraph "
+            "server runs have one; locally pass config={'run_id': rid, 'configurable': "
+            "{'run_id': str(rid)}}."
+        )
+    if client is None:
+        from keel.observe.tracing import sanitizing_client
+
+        client = sanitizing_client()
+    # langsmith 0.15 deprecates run feedback without the run's project (session) id
+    project = os.environ.get("LANGSMITH_PROJECT") or os.environ.get("LANGCHAIN_PROJECT")
+    session = client.read_project(project_name=project or "default")
+    client.create_feedback(
+        run_id,
+        FEEDBACK_KEY,
+        session_id=session.id,
+        score=feedback.score,
+        comment=sanitize(feedback.comment) or None,
+        correction={"text": sanitize(feedback.correction)} if feedback.correction else None,
+        feedback_id=uuid.UUID(feedback.id),
+        source_info={"user": feedback.user, "keel_run": feedback.run},
+    )
+    return feedback.id
 
 
 def feedback_for(ledger: Ledger, run: str) -> list[Feedback]:

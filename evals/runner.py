@@ -74,7 +74,8 @@ async def arun_suite(
 
     Args:
         suite: The suite (`load_suite(path)`).
-        graph: The graph factory (default: the suite's `graph`, else keel's demo agent).
+        graph: The graph factory (default: the suite's `graph`, else keel's demo agent); a
+            case that names its own `graph` runs on that one.
         model: A model for every case, overriding the cases' and the suite's.
         judge: The rubric judge's model (default: the suite's `judge`).
         evaluators: The evaluators (default: `default_evaluators(judge)`).
@@ -90,9 +91,12 @@ async def arun_suite(
         evaluators = default_evaluators(judge or suite.judge)
     gate = asyncio.Semaphore(concurrency)
 
+    factories = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
+
     async def one(case: Case, index: int) -> CaseRun:
+        built = factories[case.graph] if case.graph is not None else factory
         async with gate:
-            run = await arun_case(case, factory, model=_model_for(case, suite, model), repeat=index)
+            run = await arun_case(case, built, model=_model_for(case, suite, model), repeat=index)
         run.scores = await evaluate(run, evaluators)
         if on_run is not None:
             on_run(run)

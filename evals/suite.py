@@ -25,7 +25,9 @@ cases:
 
 A case's `model` is a model string (`keel:demo`, `openai:gpt-4o-mini`, `package.module:attr`) or
 an inline script for keel's `ScriptedChatModel` (`script`, `structured`), optionally wrapped in
-faults (`chaos`: the rates of a `ChaosPolicy`).
+faults (`chaos`: the rates of a `ChaosPolicy`). A case may name its own `graph` factory (the
+chaos suite's cases with a failing ledger or memory store do): it runs on that graph whatever
+the suite's graph or `keel eval --graph` say.
 """
 
 from __future__ import annotations
@@ -182,6 +184,9 @@ class Case:
     """Limits the run must stay within."""
     tags: tuple[str, ...] = ()
     """Free labels, for filtering and reports."""
+    graph: str | None = None
+    """The case's own graph factory, `module:function`; it wins over the suite's and `--graph`
+    (for cases about the infrastructure a factory builds, such as a failing ledger)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -269,7 +274,7 @@ _CASE_FIELDS: tuple[str, ...] = (
     "approvals",
     "expect",
 )
-_CASE_FIELDS += ("rubric", "budgets", "tags")
+_CASE_FIELDS += ("rubric", "budgets", "tags", "graph")
 
 
 def _case(raw: Any, where: str) -> Case:
@@ -292,6 +297,7 @@ def _case(raw: Any, where: str) -> Case:
         rubric=_opt_str(data.get("rubric"), f"{where}: rubric"),
         budgets=_budgets(data.get("budgets") or {}, f"{where}: budgets"),
         tags=tuple(str(t) for t in data.get("tags") or ()),
+        graph=_opt_str(data.get("graph"), f"{where}: graph"),
     )
 
 

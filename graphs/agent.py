@@ -36,6 +36,7 @@ from keel.guards.agent_guards import AgentGuards
 from keel.guards.gate import Gate
 from keel.guards.model_call import ModelTimeoutPolicy
 from keel.guards.policy import Policy
+from keel.models import model_name_of
 from keel.nodes.call_model import DEFAULT_MODEL_RETRY, BeforeModel, call_model
 from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
 from keel.nodes.execute_tools import execute_tools
@@ -59,6 +60,7 @@ from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
 from keel.state import AgentInput, AgentState, RunContext
 from keel.tools.registry import ToolRegistry
+from keel.versions import AgentVersion, prompt_hash
 
 __all__ = ["build_agent", "route_after_model", "route_after_review", "route_after_tools"]
 
@@ -101,12 +103,15 @@ def route_after_tools(
 ) -> str:
     """After `execute_tools`: to the model, `plan`, `respond`, or `human_review`.
 
-    `human_review` when a side-effecting call's outcome is unknown ("did this happen?").
+    `human_review` when a side-effecting call's outcome is unknown ("did this happen?");
+    `respond` when the run is stopped, out of steps, or failed (the ledger failed around a
+    side-effecting call).
     """
     result = state.get("outcome")
     if result is not None and result["status"] == "interrupted":
         return "human_review"
-    if _out_of_steps(state, steps) or (result is not None and result["status"] == "stopped"):
+    ended = result is not None and result["status"] in ("stopped", "error")
+    if _out_of_steps(state, steps) or ended:
         return "respond"
     if replan and needs_replan(state.get("plan") or []):
         return "plan"
@@ -166,6 +171,7 @@ def build_agent(
     memory: bool = False,
     approval_secret: str | bytes | None = None,
     name: str = "keel_agent",
+    version: str | None = None,
 ) -> Agent:
     """Build keel's agent: plan → call_model ⇄ execute_tools → verify, with human review.
 
@@ -225,6 +231,10 @@ def build_agent(
             (grants then do not outlive it: after a restart keel asks again). Set it to keep
             grants across restarts and processes; never send it to a client.
         name: The graph's name (shown in traces and the server).
+        version: Your label for this version of the agent (`"v2"`). Run records, audit
+            records and trace metadata name the version that served each run: this label (or
+            an `auto-<digest>` id), the model, a hash of the system prompt, the tool versions
+            and the policy version (`keel.versions.AgentVersion`; `keel report --by version`).
 
     Example:
         ```python
@@ -263,6 +273,13 @@ def build_agent(
         policy_version=policy_version,
         tools=registry.names,
     )
+    served = AgentVersion(
+        model=model if isinstance(model, str) else model_name_of(model),
+        prompt_hash=prompt_hash(system_prompt),
+        tool_versions={t.name: t.spec.version for t in registry},
+        policy=guards.policy_label,
+        label=version,
+    )
     wiring = _Wiring(
         StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput),
         guards,
@@ -272,6 +289,7 @@ def build_agent(
             graph=name,
             policy_name=guards.policy_name,
             policy_version=guards.policy_version,
+            version=served,
         )
         if guards.ledger is not None
         else None,
@@ -290,7 +308,7 @@ def build_agent(
         else None
     )
     agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, admission)
-    traced = graph_config(graph=name, policy=guards.policy_label)
+    traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)
 
 

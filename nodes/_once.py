@@ -3,6 +3,12 @@
 `once_steps` is the decision, written once as a generator of `keel._drive` steps (as `httpx`
 writes `auth_flow`): the ledger's flows, the run, the reconcile; `keel._drive.drive` and
 `adrive` run it.
+
+When the ledger itself fails (`StorageError`: the database is gone, locked, corrupt), the call
+is answered with a `ToolMessage` carrying `STORAGE_KEY` in its metadata: before the call ran,
+an error saying it was not made (so it cannot happen twice); after it ran, its result (which
+the ledger could not record: a resume finds it `started` and asks a human). The node then ends
+the run with an outcome of error category `storage`.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.tools.registry import RegisteredTool
 
 __all__ = [
+    "STORAGE_KEY",
     "Unknown",
     "once_steps",
     "known_call_ids",
@@ -37,6 +44,22 @@ SAVE_WAIT = 30.0
 """Seconds a side-effecting call waits for the checkpoint holding its request to be saved."""
 
 _FAILED = object()  # a reconcile function raised: the outcome stays unknown
+STORAGE_KEY = "keel_storage_failed"
+"""`response_metadata` key of a call's `ToolMessage` when the ledger failed around it."""
+
+
+def _storage_failed(call: ToolCall, exc: StorageError, ran: ToolMessage | None) -> ToolMessage:
+    """The answer to a call whose ledger step raised: not run, or run but not recorded."""
+    if ran is None:
+        return tool_message(
+            call,
+            f"Error: not run: keel's ledger failed ({exc}), so this call was not made (it could "
+            "not be recorded to happen at most once).",
+            "error",
+            **{STORAGE_KEY: f"before the call: {exc}"},
+        )
+    ran.response_metadata = {**ran.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
+    return ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +151,30 @@ def once_steps(
     """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
     `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
-    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`).
+    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`). A
+    ledger failure (`StorageError`) answers the call as `_storage_failed` says.
     """
+    ran: list[ToolMessage] = []
 
+    def tracked() -> Steps[ToolMessage]:
+        message = yield from run()
+        ran.append(message)
+        return message
+
+    try:
+        return (yield from _claimed(entry, call, key, ledger, tracked, known))
+    except StorageError as exc:
+        return _storage_failed(call, exc, ran[0] if ran else None)
+
+
+def _claimed(
+    entry: RegisteredTool,
+    call: ToolCall,
+    key: tuple[str, str, str, str],
+    ledger: Ledger,
+    run: Callable[[], Steps[ToolMessage]],
+    known: Collection[str] | None,
+) -> Steps[ToolMessage | Unknown]:
     def flow(steps: Flow[Any]) -> Op:
         return both(ledger.run, ledger.arun, steps)
 

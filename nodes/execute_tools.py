@@ -35,6 +35,7 @@ from keel._drive import Op, Steps, adrive, drive, retrying
 from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
+from keel.db.runs import STORAGE_FAILED
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.content import InputGuardPolicy
@@ -44,6 +45,7 @@ from keel.guards.resilience import ToolGuard
 from keel.guards.screening import screen_tool_result
 from keel.nodes._args import invalid_args
 from keel.nodes._once import (
+    STORAGE_KEY,
     Unknown,
     known_call_ids,
     ledger_key,
@@ -226,11 +228,19 @@ def _finish(
         results = [screen_tool_result(r, input_guard) or r for r in results]
     messages = in_call_order(state.get("messages") or [], results)
     update: dict[str, Any] = {"messages": messages, "usage": {"tool_calls": ran, "steps": 1}}
+    lost = [r for r in results if r.response_metadata.get(STORAGE_KEY)]
     if unknown:
         names = ", ".join(sorted({u.call["name"] for u in unknown}))
         update["outcome"] = outcome.interrupted(
             f"outcome unknown: a call to {names} started but never finished; "
             "a human must say whether it happened"
+        )
+    elif lost:
+        names = ", ".join(sorted({r.name or "?" for r in lost}))
+        update["outcome"] = outcome.failed(
+            f"{STORAGE_FAILED}: the ledger raised around a call to {names} "
+            f"({lost[0].response_metadata[STORAGE_KEY]}); side effects cannot be kept to at "
+            "most once without it. Resume the thread once the database is back."
         )
     elif stops:
         update["outcome"] = stops[0]

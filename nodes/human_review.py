@@ -47,17 +47,20 @@ from keel._node import (
 from keel.approvals import RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.nodes.history import in_call_order, pending_tool_calls
+from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["ReviewRequest", "ReviewResponse", "human_review"]
+
+log = sanitized_logger("keel.nodes.human_review")
 
 _ALIASES = {"accept": "approve", "ignore": "reject", "response": "respond"}
 
@@ -153,11 +156,17 @@ def human_review(
         thread, ids = in_ledger(state, config)
         records: Mapping[str, CallRecord] = {}
         if ledger is not None and ids:
-            records = yield _flow(ledger, records_flow(thread, ids))
+            try:
+                records = yield _flow(ledger, records_flow(thread, ids))
+            except StorageError as exc:
+                _unread(exc)
         update, settle, for_user = decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
-            yield _flow(ledger, flow)
+            try:
+                yield _flow(ledger, flow)
+            except StorageError as exc:
+                _unsettled(exc)
         if for_user and standing is not None:
             ctx = context_of(runtime)
             yield Op(lambda: standing.save(ctx, for_user), lambda: standing.asave(ctx, for_user))
@@ -214,6 +223,23 @@ def _requests(
 
 def _flow(ledger: Ledger, flow: Flow[Any]) -> Op:
     return both(ledger.run, ledger.arun, flow)
+
+
+def _unread(exc: StorageError) -> None:
+    """The ledger could not say which calls started: ask as usual.
+
+    `execute_tools` claims each call in the ledger before running it, so none runs while the
+    ledger is down.
+    """
+    log.warning("keel could not read the idempotency ledger before review: %r", exc)
+
+
+def _unsettled(exc: StorageError) -> None:
+    """A human's answer about a call of unknown outcome could not be recorded.
+
+    The call stays `started`, so the next run asks again (it never runs twice).
+    """
+    log.warning("keel could not record a human's answer in the idempotency ledger: %r", exc)
 
 
 def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewRequest:

@@ -196,3 +196,19 @@ def _chroma_server(path: Path) -> Iterator[ChromaServer]:
 def chroma_server() -> Callable[[Path], AbstractContextManager[ChromaServer]]:
     """`with chroma_server(tmp_dir) as server:` a real Chroma server, telemetry off."""
     return _chroma_server
+
+
+@pytest.fixture
+def ls_keyed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A local LangSmith stand-in (`tests/langsmith_stand_in.py`) and a key pointing at it."""
+    from langsmith_stand_in import serve
+
+    yield from serve(monkeypatch, "ls-test-key")
+
+
+@pytest.fixture
+def ls_keyless(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The same stand-in, with no LangSmith key in the environment."""
+    from langsmith_stand_in import serve
+
+    yield from serve(monkeypatch, None)

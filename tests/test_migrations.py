@@ -223,11 +223,58 @@ def test_a_version_4_database_gains_tool_version_and_keeps_its_audit_rows(db_url
     ledger = Ledger(db_url)
     ledger.setup()
     assert schema_version(db_url) == LATEST
-    assert column_names(db_url, "keel_audit")[-1] == "tool_version"
+    assert "tool_version" in column_names(db_url, "keel_audit")
     (old,) = AuditLog(ledger).query()
     assert (old.id, old.tool, old.policy, old.tool_version) == ("a1", "charge", "support@1", None)
     AuditLog(ledger).write([AuditRecord(kind="tool", decision="allow", tool_version="2")])
     assert [r.tool_version for r in AuditLog(ledger).query()] == [None, "2"]
+    ledger.close()
+
+
+def test_a_version_5_database_gains_agent_versions_and_keeps_its_rows(db_url: str) -> None:
+    backend = "sqlite" if db_url.startswith("sqlite") else "postgres"
+    with raw(db_url) as execute:  # what keel 5 set up
+        assert drive(execute, migrate_flow(backend, MIGRATIONS[:5])) == 5
+        for table in ("keel_audit", "keel_runs"):
+            row = V0_ROWS[table]
+            names = ", ".join(column_names(db_url, table)[: len(row)])
+            execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", row)
+    assert "version" not in column_names(db_url, "keel_runs")
+    assert "keel_runs_version" not in describe(db_url)["keel_runs"][1]
+    ledger = Ledger(db_url)
+    ledger.setup()
+    assert schema_version(db_url) == LATEST
+    for table in (AUDIT, RUNS):  # every column and index a fresh database has
+        assert column_names(db_url, table.name) == list(table.names)
+        assert describe(db_url)[table.name][1] == sorted(i.name for i in table.indexes)
+
+    # the old rows are read, with no version; new rows carry theirs
+    (old_audit,) = AuditLog(ledger).query()
+    assert (old_audit.id, old_audit.policy, old_audit.version, old_audit.model) == (
+        *("a1", "support@1"),
+        *(None, None),
+    )
+    (old_run,) = RunLog(ledger).query()
+    assert (old_run.run_key, old_run.usd, old_run.version, old_run.tool_versions) == (
+        *("t1:m1", 0.01),
+        *(None, {}),
+    )
+    stamp = {"version": "v2", "model": "gpt-x", "prompt_hash": "abc"}
+    AuditLog(ledger).write([AuditRecord(kind="tool", decision="allow", **stamp)])
+    RunLog(ledger).write(
+        RunRecord(
+            run_key="t2:m1",
+            status="success",
+            terminated_reason="completed",
+            tool_versions={"charge": "3"},
+            **stamp,
+        )
+    )
+    assert [r.version for r in AuditLog(ledger).query()] == [None, "v2"]
+    new = [r for r in RunLog(ledger).query() if r.run_key == "t2:m1"]
+    assert [(r.version, r.model, r.prompt_hash, r.tool_versions) for r in new] == [
+        ("v2", "gpt-x", "abc", {"charge": "3"})
+    ]
     ledger.close()
 
 

@@ -603,3 +603,23 @@ async def test_a_tenant_at_its_run_cap_gets_429_with_retry_after(
         final = await ivan.runs.wait(other["thread_id"], "agent", input=TASK)
         assert isinstance(final, dict)
         assert final["outcome"]["terminated_reason"] == "completed"
+
+
+async def test_a_served_canary_run_is_recorded_as_the_candidate(
+    clients: tuple[LangGraphClient, LangGraphClient], ledger_url: str
+) -> None:
+    """The agent factory under `langgraph dev` serves the canary; the run record says so."""
+    alice, _ = clients
+    canaried = await alice.assistants.create(
+        graph_id="agent", config={"configurable": {"agent": "canaried"}}
+    )
+    thread = await alice.threads.create()
+    run = await alice.runs.create(thread["thread_id"], canaried["assistant_id"], input=TASK)
+    await alice.runs.join(thread["thread_id"], run["run_id"])
+    with psycopg.connect(ledger_url) as conn:
+        rows = conn.execute(
+            "SELECT version, run_id, graph FROM keel_runs WHERE thread_id = %s",
+            (thread["thread_id"],),
+        ).fetchall()
+    # the candidate served it, and the record's run id is the server's (the run's trace id)
+    assert rows == [("candidate", run["run_id"], "canaried")]

@@ -1,12 +1,15 @@
 """The observability subcommands of `keel`: `audit`, `report` and `health`.
 
     keel audit [--thread ID] [--user U] [--since WHEN] [--limit N] [--json] [--db URL]
-    keel report [--since WHEN] [--tenant T] [--json] [--slo FILE] [--html FILE] [--db URL]
+    keel report [--since WHEN] [--tenant T] [--by version] [--json] [--slo FILE] [--html FILE]
+                [--db URL]
     keel health [--semantic] [--chroma PATH] [--json] [--db URL]
 
 `WHEN` is an ISO date or time (`2026-12-01`, `2026-12-01T09:00:00+00:00`) or an age: `30m`,
-`12h`, `7d`. `keel report` exits 1 when an SLO objective is breached (it says which), so cron
-or CI can alert on it; `keel health` exits 1 when a check fails.
+`12h`, `7d`. `keel report --by version` adds one row per agent version (runs, success rate,
+outcomes, cost, tokens, steps, satisfaction from feedback). `keel report` exits 1 when an SLO
+objective is breached (it says which), so cron or CI can alert on it; `keel health` exits 1
+when a check fails.
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ import json
 import re
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keel.app.report import breaches, build_report, load_objectives, render_html, render_text
+from keel.app.report import (
+    breaches,
+    build_report,
+    by_version,
+    load_objectives,
+    render_html,
+    render_text,
+    render_versions,
+)
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.db.runs import RunLog
@@ -45,6 +57,9 @@ def add_parsers(sub: Any, db_help: str) -> None:
     report = sub.add_parser("report", help="success, latency, cost and SLOs from run records")
     report.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
     report.add_argument("--tenant", default=None, help="only this tenant")
+    report.add_argument(
+        "--by", choices=["version"], default=None, help="compare the agent versions that served"
+    )
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--slo", default=None, help="TOML/YAML file of SLO objectives")
     report.add_argument("--html", default=None, help="also write an HTML report to this file")
@@ -114,18 +129,25 @@ def _audit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     objectives = load_objectives(args.slo) if args.slo else []
     ledger = Ledger(args.db)
+    since = parse_since(args.since)
     try:
-        records = RunLog(ledger).query(since=parse_since(args.since), tenant=args.tenant)
+        runs = RunLog(ledger)
+        records = runs.query(since=since, tenant=args.tenant)
+        scores = runs.scores(since=since, tenant=args.tenant)
     finally:
         ledger.close()
-    report = build_report(records)
+    report = build_report(records, scores)
+    versions = by_version(records, scores) if args.by == "version" else []
     breached = breaches(report, objectives)
     if args.json:
-        print(json.dumps({**report.to_dict(), "slo_breaches": breached}, indent=2))
+        extra = {"versions": [asdict(v) for v in versions]} if args.by else {}
+        print(json.dumps({**report.to_dict(), **extra, "slo_breaches": breached}, indent=2))
     else:
         print(render_text(report))
+        if args.by:
+            print("\nby version:\n" + render_versions(versions))
     if args.html:
-        Path(args.html).write_text(render_html(report, breached))
+        Path(args.html).write_text(render_html(report, breached, versions))
         print(f"keel: wrote {args.html}", file=sys.stderr)
     for b in breached:
         print(f"keel: SLO breached: {b}", file=sys.stderr)

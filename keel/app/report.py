@@ -1,7 +1,9 @@
 """`keel report`: what the run records say about an agent, checked against SLO objectives.
 
-`build_report(records)` is pure: success rate, latency percentiles, cost per request and per
-user, tool success rates, error categories, the human-intervention rate and steps per task.
+`build_report(records, scores)` is pure: success rate, latency percentiles, cost per request and
+per user, tool success rates, error categories, the human-intervention rate, steps per task and
+satisfaction (the mean feedback score, `RunLog.scores`). `by_version` compares the agent
+versions that served the runs (`keel report --by version`, see `keel.versions`).
 `Objective`s (from a TOML or YAML file, `load_objectives`) are checked by `breaches`;
 `render_html` writes a self-contained page with inline SVG charts (no scripts, no CDN).
 """
@@ -22,12 +24,15 @@ from keel.errors import UserError
 __all__ = [
     "Objective",
     "Report",
+    "VersionStats",
     "breaches",
     "build_report",
+    "by_version",
     "load_objectives",
     "percentile",
     "render_html",
     "render_text",
+    "render_versions",
 ]
 
 METRICS = (
@@ -76,6 +81,10 @@ class Report:
     """Per tool: calls, failures, success rate."""
     error_categories: dict[str, int] = field(default_factory=dict)
     """Runs per error category (completed runs are not counted)."""
+    satisfaction: float | None = None
+    """The mean feedback score on these runs (`None`: no scored feedback)."""
+    feedback: int = 0
+    """How many feedback scores `satisfaction` is the mean of."""
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-able dict."""
@@ -92,8 +101,10 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def build_report(records: Sequence[RunRecord]) -> Report:
-    """The report over `records` (see `keel.db.runs.RunLog.query`)."""
+def build_report(
+    records: Sequence[RunRecord], scores: Mapping[str, Sequence[float]] | None = None
+) -> Report:
+    """The report over `records` (`RunLog.query`) and their feedback `scores` (`RunLog.scores`)."""
     done = [r for r in records if r.status != "interrupted"]
     n = len(done)
     latency = [r.latency_s for r in done]
@@ -110,6 +121,7 @@ def build_report(records: Sequence[RunRecord]) -> Report:
     calls = sum(e["calls"] for e in tools.values())
     failures = sum(e["failures"] for e in tools.values())
     total = sum(r.usd for r in done)
+    given = _scores(records, scores)
     return Report(
         runs=n,
         waiting=len(records) - n,
@@ -125,7 +137,92 @@ def build_report(records: Sequence[RunRecord]) -> Report:
         cost_per_user=dict(sorted(per_user.items())),
         tools=dict(sorted(tools.items())),
         error_categories=dict(Counter(r.error_category for r in done if r.error_category)),
+        satisfaction=sum(given) / len(given) if given else None,
+        feedback=len(given),
     )
+
+
+def _scores(
+    records: Sequence[RunRecord], scores: Mapping[str, Sequence[float]] | None
+) -> list[float]:
+    scores = scores or {}
+    return [s for r in records for s in scores.get(r.run_key, ())]
+
+
+UNVERSIONED = "unversioned"
+"""The version `by_version` files runs under whose records predate versions (schema < 6)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VersionStats:
+    """How one agent version did: `by_version`'s row."""
+
+    version: str
+    """`AgentVersion.id`: the label, or `auto-<digest>`."""
+    runs: int
+    """Finished runs."""
+    success_rate: float
+    """Share of finished runs that completed."""
+    outcomes: dict[str, int]
+    """Finished runs per `terminated_reason`."""
+    cost_per_request: float
+    """Mean USD per run."""
+    total_usd: float
+    """USD over its runs."""
+    tokens_per_request: float
+    """Mean input + output tokens per run."""
+    steps_per_task: float
+    """Mean node steps per run."""
+    latency_p50: float
+    """Median seconds per run."""
+    satisfaction: float | None
+    """Mean feedback score (`None`: none given)."""
+    feedback: int
+    """Feedback scores given."""
+    models: list[str]
+    """The models it ran on."""
+    prompt_hashes: list[str]
+    """Its system prompts' hashes."""
+    policies: list[str]
+    """Its policies (`name@version`)."""
+    first_seen: float
+    """When its first run ended (Unix time)."""
+
+
+def by_version(
+    records: Sequence[RunRecord], scores: Mapping[str, Sequence[float]] | None = None
+) -> list[VersionStats]:
+    """One `VersionStats` per agent version in `records`, oldest version first."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in sorted(records, key=lambda r: r.ended_at):
+        groups.setdefault(r.version or UNVERSIONED, []).append(r)
+    out = []
+    for version, runs in groups.items():
+        done = [r for r in runs if r.status != "interrupted"]
+        n = len(done)
+        given = _scores(runs, scores)
+        out.append(
+            VersionStats(
+                version=version,
+                runs=n,
+                success_rate=_share(sum(r.status == "success" for r in done), n),
+                outcomes=dict(Counter(r.terminated_reason for r in done)),
+                cost_per_request=sum(r.usd for r in done) / n if n else 0.0,
+                total_usd=sum(r.usd for r in done),
+                tokens_per_request=(
+                    sum(r.input_tokens + r.output_tokens for r in done) / n if n else 0.0
+                ),
+                steps_per_task=sum(r.steps for r in done) / n if n else 0.0,
+                latency_p50=percentile([r.latency_s for r in done], 50),
+                satisfaction=sum(given) / len(given) if given else None,
+                feedback=len(given),
+                models=sorted({r.model for r in runs if r.model}),
+                prompt_hashes=sorted({r.prompt_hash for r in runs if r.prompt_hash}),
+                policies=sorted({r.policy for r in runs if r.policy}),
+                first_seen=runs[0].ended_at,
+            )
+        )
+    return out
 
 
 def _share(count: int, total: int) -> float:
@@ -225,6 +322,32 @@ def render_text(report: Report) -> str:
     if report.cost_per_user:
         lines.append("cost per user:")
         lines += [f"  {k}: ${v:.6f}" for k, v in report.cost_per_user.items()]
+    lines.append(f"satisfaction: {_satisfaction(report.satisfaction, report.feedback)}")
+    return "\n".join(lines)
+
+
+def _satisfaction(mean: float | None, count: int) -> str:
+    return "no feedback" if mean is None else f"{mean:.2f} (mean of {count} scores)"
+
+
+def render_versions(versions: Sequence[VersionStats]) -> str:
+    """`by_version`'s rows as a plain-text table for a terminal."""
+    if not versions:
+        return "no runs"
+    head = (
+        f"{'version':<20} {'runs':>5} {'success':>8} {'$/run':>10} {'tokens':>8} {'steps':>6} "
+        f"{'satisfaction':>13}  model / prompt / policy / outcomes"
+    )
+    lines = [head]
+    for v in versions:
+        sat = "-" if v.satisfaction is None else f"{v.satisfaction:.2f} ({v.feedback})"
+        outcomes = ", ".join(f"{k}={n}" for k, n in sorted(v.outcomes.items()))
+        lines.append(
+            f"{v.version:<20} {v.runs:>5} {v.success_rate:>8.1%} {v.cost_per_request:>10.6f} "
+            f"{v.tokens_per_request:>8.1f} {v.steps_per_task:>6.1f} {sat:>13}  "
+            f"{'/'.join(v.models) or '-'} / {'/'.join(v.prompt_hashes) or '-'} / "
+            f"{'/'.join(v.policies) or '-'} / {outcomes or '-'}"
+        )
     return "\n".join(lines)
 
 
@@ -252,9 +375,13 @@ def _bars(title: str, values: Mapping[str, float], fmt: str = "{:.3g}") -> str:
     )
 
 
-def render_html(report: Report, breached: Sequence[str] = ()) -> str:
+def render_html(
+    report: Report, breached: Sequence[str] = (), versions: Sequence[VersionStats] = ()
+) -> str:
     """A self-contained HTML page: the figures, SLO breaches and inline SVG bar charts."""
     text = html.escape(render_text(report))
+    if versions:
+        text += "\n\n" + html.escape(render_versions(versions))
     slo = "".join(f"<li>{html.escape(b)}</li>" for b in breached)
     charts = [
         _bars(
@@ -265,6 +392,12 @@ def render_html(report: Report, breached: Sequence[str] = ()) -> str:
         _bars("Error categories (runs)", {k: float(v) for k, v in report.error_categories.items()}),
         _bars("Cost per user (USD)", report.cost_per_user, "{:.6f}"),
     ]
+    if versions:
+        charts.append(
+            _bars("Success rate by version", {v.version: v.success_rate for v in versions})
+        )
+        rated = {v.version: v.satisfaction for v in versions if v.satisfaction is not None}
+        charts.append(_bars("Satisfaction by version", rated, "{:.2f}"))
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>keel report</title>'
         "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}"

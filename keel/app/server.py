@@ -31,6 +31,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.store.base import BaseStore
 from langgraph_sdk.runtime import ServerRuntime
 
+from keel.app.canary import serves_candidate
 from keel.app.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
 from keel.app.server_memory import ChromaServerStore
 from keel.db.ledger import Ledger
@@ -54,7 +55,8 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     """The `agent` graph: the authenticated tenant's main agent, or another of its agents.
 
     An assistant (or run) configured with `{"configurable": {"agent": "assistant"}}` runs the
-    tenant's agent of that name.
+    tenant's agent of that name. When the agent has a canary, the users it picks (a stable
+    share, `keel.app.canary`) get the candidate; its runs carry the candidate's version.
     """
     server, tenant = _tenant_of(runtime)
     name = (config.get("configurable") or {}).get("agent") or tenant.agent
@@ -62,9 +64,19 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
         raise UserError(
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
-    key = ("agent", tenant.name, name)
     ledger = _ledger(server)
     store = _store(server, tenant)
+    canary = tenant.agents[name].canary
+    if canary is not None and serves_candidate(
+        str(_user(runtime)["identity"]), canary.share, f"{tenant.name}/{name}"
+    ):
+        spec = canary.candidate
+        candidate = ("agent", tenant.name, name, "candidate")
+        return cast(
+            Agent,
+            _cached(server, candidate, lambda: _build(spec, tenant, ledger=ledger, store=store)),
+        )
+    key = ("agent", tenant.name, name)
     return cast(
         Agent,
         _cached(
@@ -105,9 +117,15 @@ def build_tenant_agent(
     """Build one of a tenant's agents (default: its main one) without a checkpointer.
 
     `store` is the tenant's memory (default: a `ChromaServerStore` when the tenant's config
-    names a Chroma server, else the server's own store at run time).
+    names a Chroma server, else the server's own store at run time). This is the agent itself,
+    never its canary candidate (the `agent` factory picks that).
     """
-    spec = tenant.agents[name or tenant.agent]
+    return _build(tenant.agents[name or tenant.agent], tenant, ledger=ledger, store=store)
+
+
+def _build(
+    spec: AgentSpec, tenant: TenantConfig, *, ledger: Ledger | None, store: BaseStore | None
+) -> Agent:
     if store is None and tenant.memory is not None and tenant.memory.chroma_url is not None:
         store = ChromaServerStore(tenant.memory)
     if spec.policy is not None and spec.policy.period_budgets and ledger is None:
@@ -125,6 +143,7 @@ def build_tenant_agent(
         policy=spec.policy,
         ledger=ledger,
         name=spec.name,
+        version=spec.version,
         store=store,
         memory=options.memory,
         fallback_models=[_model(m) for m in options.fallback_models],
@@ -169,14 +188,19 @@ def admission_of(tenant: str) -> Admission | None:
     return None if policy is None or ledger is None else Admission(ledger, policy)
 
 
-def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:
-    config = server_config()
+def _user(runtime: ServerRuntime[RunContext]) -> Any:
     user = runtime.user
     if user is None:
         raise SetupError(
             "keel's served graphs need the authenticated user: set "
             '"auth": {"path": "keel.app.auth:auth"} in langgraph.json.'
         )
+    return user
+
+
+def _tenant_of(runtime: ServerRuntime[RunContext]) -> tuple[ServerConfig, TenantConfig]:
+    config = server_config()
+    user = _user(runtime)
     try:
         tenant = str(user_field(user, "tenant_id"))
     except KeyError as exc:

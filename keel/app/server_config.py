@@ -23,6 +23,15 @@ model = "keel:demo"                                   # or "openai:gpt-4o-mini"
 system_prompt = "You handle refunds."
 tools = ["lookup_order", "search_policy", "issue_refund"]
 policy = "policies/acme.toml"                         # a path (relative to this file) or a table
+version = "v1"                                        # the label its records and traces carry
+
+# 10% of acme's users (stable by user hash) are served this candidate instead: any of model,
+# system_prompt, policy, tools, plan override the agent's; or `agent = "billing_next"` serves
+# another of the tenant's agents (another graph). Its runs are recorded as version "v2".
+[tenants.acme.agents.billing.canary]
+share = 0.1
+version = "v2"
+system_prompt = "You handle refunds. Confirm the order first."
 
 [tenants.acme.admission]                              # needs `ledger` (keel.guards.admission)
 tenant_running = 20                                   # runs of the tenant running at once
@@ -42,7 +51,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +70,7 @@ from keel.models import BUNDLED_MODELS
 __all__ = [
     "CONFIG_ENV",
     "AgentSpec",
+    "CanarySpec",
     "ServerConfig",
     "SupervisorSpec",
     "TenantConfig",
@@ -91,6 +101,20 @@ class AgentSpec:
     """Plan first."""
     options: AgentOptions = field(default_factory=AgentOptions)
     """Memory, verification, fallbacks (`keel.app.agent_options`)."""
+    version: str | None = None
+    """The version label its run records, audit records and traces carry (`keel.versions`)."""
+    canary: CanarySpec | None = None
+    """A candidate that serves a share of the users instead (`keel.app.canary`)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CanarySpec:
+    """A candidate version of an agent and the share of users it serves."""
+
+    share: float
+    """Share of users (0 to 1), chosen by a stable hash of the user id."""
+    candidate: AgentSpec
+    """The candidate agent (its `version` labels the runs it serves)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -306,6 +330,10 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
     if not isinstance(agents_raw, Mapping) or not agents_raw:
         raise UserError(f"[{where}] needs at least one [{where}.agents.<name>] table.")
     agents = {n: _agent(path, f"{where}.agents.{n}", n, a) for n, a in agents_raw.items()}
+    agents = {
+        n: _with_canary(path, f"{where}.agents.{n}", spec, agents_raw[n].get("canary"), agents)
+        for n, spec in agents.items()
+    }
     agent = raw.get("agent", next(iter(agents)))
     if agent not in agents:
         raise UserError(f"[{where}] agent = {agent!r} is not one of its agents {sorted(agents)}.")
@@ -368,11 +396,68 @@ def _check_model(model: str, where: str) -> None:
         )
 
 
+_OVERRIDES = {"model", "system_prompt", "tools", "policy", "plan"}
+"""What a canary may change on its agent (or `agent = "other"` serves another agent)."""
+
+
+def _with_canary(
+    path: Path, where: str, spec: AgentSpec, raw: Any, agents: Mapping[str, AgentSpec]
+) -> AgentSpec:
+    """`spec` with its canary, when `raw` (the `canary` table) gives one."""
+    if raw is None:
+        return spec
+    where = f"{where}.canary"
+    if not isinstance(raw, Mapping):
+        raise UserError(f'[{where}] must be a table: share = 0.1, version = "v2", ...')
+    _only(raw, {"share", "version", "agent", *_OVERRIDES}, f"[{where}]")
+    share = raw.get("share")
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise UserError(f"[{where}] share must be a number from 0 to 1 (0.1 = 10%), got {share!r}.")
+    version = _text(raw, "version", f"[{where}]")
+    if version == spec.version:
+        raise UserError(
+            f"[{where}] version {version!r} is the agent's own version: give the candidate its "
+            "own label, so the runs it serves can be told apart."
+        )
+    overrides = _OVERRIDES & set(raw)
+    if "agent" in raw:
+        other = raw["agent"]
+        if overrides:
+            raise UserError(
+                f"[{where}] agent = {other!r} serves another agent as it is; drop "
+                f"{sorted(overrides)} or drop agent."
+            )
+        if other not in agents or other == spec.name:
+            raise UserError(
+                f"[{where}] agent = {other!r} must be another of the tenant's agents "
+                f"{sorted(set(agents) - {spec.name})}."
+            )
+        base = replace(agents[other], canary=None)
+    else:
+        if not overrides:
+            raise UserError(
+                f"[{where}] changes nothing: set one of {sorted(_OVERRIDES)}, or agent = "
+                '"<another agent>".'
+            )
+        table = {
+            "model": spec.model,
+            "description": spec.description,
+            "system_prompt": spec.system_prompt,
+            "tools": list(spec.tools),
+            "plan": spec.plan,
+            **{k: raw[k] for k in overrides},
+        }
+        parsed = replace(_agent(path, where, spec.name, table), options=spec.options)
+        base = parsed if "policy" in overrides else replace(parsed, policy=spec.policy)
+    candidate = replace(base, name=spec.name, version=version, canary=None)
+    return replace(spec, canary=CanarySpec(share=float(share), candidate=candidate))
+
+
 def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
     if not isinstance(raw, Mapping):
         raise UserError(f"[{where}] must be a table.")
     known = {"model", "description", "system_prompt", "tools", "policy", "plan", *AGENT_KEYS}
-    _only(raw, known, f"[{where}]")
+    _only(raw, {*known, "version", "canary"}, f"[{where}]")
     tools = raw.get("tools", [])
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise UserError(f"[{where}] tools must be a list of tool names, got {tools!r}.")
@@ -400,6 +485,7 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
         policy=policy,
         plan=bool(raw.get("plan", False)),
         options=agent_options(raw, where, _check_model),
+        version=_text(raw, "version", f"[{where}]") if "version" in raw else None,
     )
 
 

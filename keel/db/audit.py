@@ -3,7 +3,8 @@
 Every tool execution, approval, rejection, denial, budget event and circuit-breaker transition
 becomes one `AuditRecord`: who (user, tenant), the tool and its version, its arguments (PII
 redacted by `keel.guards.sanitize` before they are stored), the matched rule, the decision, the
-approver, a result summary, when, the thread and run, and the policy (`name@version`).
+approver, a result summary, when, the thread and run, the policy (`name@version`) and the agent
+version (label, model, system-prompt hash; see `keel.versions`).
 
 keel only ever inserts rows (`keel_audit`); nothing in keel updates or deletes them. Read them
 with `AuditLog.query` or the `keel audit` command.
@@ -79,6 +80,13 @@ class AuditRecord:
     tool_version: str | None = None
     """The tool's `ToolSpec.version`, on tool and approval records (`None` on others, and on
     records written before schema version 5)."""
+    version: str | None = None
+    """The agent version the record is from (`keel.versions.AgentVersion.id`); `None` on
+    records written before schema version 6."""
+    model: str | None = None
+    """The agent's chat model."""
+    prompt_hash: str | None = None
+    """The hash of the agent's system prompt."""
     at: float = field(default_factory=time.time)
     """Unix time of the event."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

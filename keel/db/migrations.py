@@ -52,8 +52,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("run records count the content guards' findings (guard_findings)"),
     Migration("feedback on runs (keel_feedback), for keel.evals"),
     Migration("audit records carry the version of the tool they are about (tool_version)"),
-    # MERGE: version 6 belongs to another branch of issue 15; replace this placeholder by it.
-    Migration("(placeholder for version 6, another branch's)"),
+    Migration(
+        "run and audit records name the agent version that served them (version, model, "
+        "prompt_hash; runs also tool_versions)"
+    ),
     Migration("admission control: run leases per tenant and user (keel_admission_*)"),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""

@@ -19,12 +19,12 @@ from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
 from keel._version import __version__
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import RUNS, where_clause
+from keel.db.tables import FEEDBACK, RUNS, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 from keel.state import AgentState
 
-__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "upsert_flow"]
+__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "scores_flow", "upsert_flow"]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
@@ -88,6 +88,16 @@ class RunRecord:
     """Unix time of the record (the end, or the pause)."""
     keel_version: str | None = None
     """keel's version."""
+    version: str | None = None
+    """The agent version that served the run (`keel.versions.AgentVersion.id`: the label given
+    to `build_agent(version=...)` or the server config, else `auto-<digest>`); `None` on
+    records written before schema version 6."""
+    model: str | None = None
+    """The chat model's name."""
+    prompt_hash: str | None = None
+    """The hash of the system prompt (`keel.versions.prompt_hash`)."""
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    """Each tool's version, by name."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-able dict."""
@@ -117,7 +127,8 @@ def _detail(outcome: Mapping[str, Any], warnings: list[str]) -> str:
 def run_record(state: AgentState, **identity: Any) -> RunRecord:
     """The record of the run `state` is at (thread totals; `RunLog` subtracts the previous run).
 
-    `identity` gives `thread_id`, `run_id`, `graph`, `policy`, `user_id`, `tenant_id`.
+    `identity` gives `thread_id`, `run_id`, `graph`, `policy`, `user_id`, `tenant_id`, and the
+    agent version (`version`, `model`, `prompt_hash`, `tool_versions`).
     """
     messages = state.get("messages") or []
     start = _task_start(messages)
@@ -205,6 +216,15 @@ class RunLog:
         """Records ended at or after `since` (Unix time), oldest first (async)."""
         return await self.ledger.arun(_query_flow(since, tenant, user))
 
+    def scores(
+        self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
+    ) -> dict[str, list[float]]:
+        """The feedback scores on the runs `query` returns, by run key (runs without: absent).
+
+        Feedback is what people said about runs (`keel.evals.feedback`, table `keel_feedback`).
+        """
+        return self.ledger.run(scores_flow(since, tenant, user))
+
 
 _COLUMNS = RUNS.names
 _UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
@@ -226,6 +246,7 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
         **own.to_dict(),
         "tools": json.dumps(own.tools),
         "guard_findings": json.dumps(own.guard_findings),
+        "tool_versions": json.dumps(own.tool_versions, sort_keys=True),
         "thread_usage": json.dumps(totals),
     }
     updates = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
@@ -238,6 +259,23 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
     return own
 
 
+def scores_flow(
+    since: float | None, tenant: str | None, user: str | None
+) -> Flow[dict[str, list[float]]]:
+    """The feedback scores on the matching runs, by run key, oldest first."""
+    where, params = where_clause("r.ended_at", since, **{"r.tenant_id": tenant, "r.user_id": user})
+    rows = yield (
+        f"SELECT f.run_ref, f.score FROM {FEEDBACK.name} f JOIN {RUNS.name} r "
+        f"ON r.run_key = f.run_ref{where}{' AND' if where else ' WHERE'} f.score IS NOT NULL "
+        "ORDER BY f.at",
+        params,
+    )
+    out: dict[str, list[float]] = {}
+    for run_key, score in rows:
+        out.setdefault(str(run_key), []).append(float(score))
+    return out
+
+
 def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
     where, params = where_clause("ended_at", since, tenant_id=tenant, user_id=user)
     rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs{where} ORDER BY ended_at", params
@@ -246,6 +284,7 @@ def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Fl
         values = dict(zip(_COLUMNS, row, strict=True))
         values["tools"] = json.loads(values["tools"])
         values["guard_findings"] = json.loads(values["guard_findings"] or "{}")
+        values["tool_versions"] = json.loads(values["tool_versions"] or "{}")
         del values["thread_usage"]
         for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
             values[k] = int(values[k])

@@ -213,6 +213,10 @@ AUDIT = Table(  # keel.db.audit: the audit log, append-only from keel's side
         Column("tool_call_id", "TEXT"),
         Column("policy", "TEXT"),
         Column("tool_version", "TEXT", since=5),
+        # the agent version the record is from (keel.versions.AgentVersion)
+        Column("version", "TEXT", since=6),
+        Column("model", "TEXT", since=6),
+        Column("prompt_hash", "TEXT", since=6),
     ),
     primary_key=(),
     indexes=(
@@ -250,6 +254,11 @@ RUNS = Table(  # keel.db.runs: one row per run, written when it ends or pauses
         Column("ended_at", _DOUBLE, "NOT NULL"),
         Column("keel_version", "TEXT"),
         Column("guard_findings", "TEXT", "NOT NULL DEFAULT '{}'", since=3),
+        # the agent version that served the run (keel.versions.AgentVersion)
+        Column("version", "TEXT", since=6),
+        Column("model", "TEXT", since=6),
+        Column("prompt_hash", "TEXT", since=6),
+        Column("tool_versions", "TEXT", "NOT NULL DEFAULT '{}'", since=6),
     ),
     primary_key=(),
     indexes=(
@@ -258,6 +267,8 @@ RUNS = Table(  # keel.db.runs: one row per run, written when it ends or pauses
         # `keel report --tenant/--user` and `RunLog.query(tenant=, user=)`
         Index("keel_runs_tenant", ("tenant_id", "ended_at"), since=2),
         Index("keel_runs_user", ("user_id", "ended_at"), since=2),
+        # `keel report --by version`
+        Index("keel_runs_version", ("version", "ended_at"), since=6),
     ),
 )
 FEEDBACK = Table(  # keel.evals.feedback: a person's score, comment or correction on a run

@@ -36,6 +36,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
+from keel.versions import AgentVersion
 
 __all__ = [
     "Derive",
@@ -64,15 +65,17 @@ class Who:
     thread_id: str | None
     run_id: str | None
     policy: str
+    version: AgentVersion | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The identity fields shared by audit and run records."""
+        """The identity fields shared by audit and run records (with the agent version)."""
         return {
             "user_id": self.user_id,
             "tenant_id": self.tenant_id,
             "thread_id": self.thread_id,
             "run_id": self.run_id,
             "policy": self.policy,
+            **(self.version.fields() if self.version is not None else {}),
         }
 
 
@@ -81,7 +84,10 @@ Derive = Callable[[AgentState, Mapping[str, Any], RunContext, Who], list[AuditRe
 
 
 class Observer:
-    """Where a graph records itself: the audit log and run records in one ledger."""
+    """Where a graph records itself: the audit log and run records in one ledger.
+
+    `version` (what the agent was built from) is stamped on every record.
+    """
 
     def __init__(
         self,
@@ -90,12 +96,14 @@ class Observer:
         graph: str,
         policy_name: str | None = None,
         policy_version: str = "1",
+        version: AgentVersion | None = None,
     ) -> None:
         self.audit = AuditLog(ledger)
         self.runs = RunLog(ledger)
         self.graph = graph
         self.policy_name = policy_name
         self.policy_version = policy_version
+        self.version = version
 
     def who(self, config: RunnableConfig, context: RunContext) -> Who:
         """The identity of a node call from its config and context."""
@@ -109,6 +117,7 @@ class Observer:
             None if thread is None else str(thread),
             None if run_id is None else str(run_id),
             policy_id(context, self.policy_version, self.policy_name),
+            self.version,
         )
 
 
@@ -186,7 +195,8 @@ def recorded(
 
 def _record(observer: Observer, state: AgentState, config: RunnableConfig, runtime: Any) -> Any:
     who = observer.who(config, context_of(runtime))
-    return run_record(state, graph=observer.graph, **who.fields())
+    tools = dict(observer.version.tool_versions) if observer.version is not None else {}
+    return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
 
 
 def _telemetry(stored: RunRecord) -> None:

@@ -3,7 +3,8 @@
 When `LANGSMITH_API_KEY` and `LANGSMITH_TRACING=true` are set (or the `LANGCHAIN_*` twins),
 `build_agent` attaches a LangChain tracer whose LangSmith `Client` passes every run's inputs
 and outputs through `keel.guards.sanitize` (`Client(hide_inputs=..., hide_outputs=...)`), and
-names and tags the runs (`keel`, `graph:<name>`) with metadata: graph, policy, keel version.
+names and tags the runs (`keel`, `graph:<name>`, `version:<id>`) with metadata: graph, policy,
+keel version, and the agent version (`keel.versions`: label, model, system-prompt hash, tools).
 LangChain adds its own (unsanitized) tracer only when none is present, so this one replaces it.
 
 `trace_config(context)` adds the per-run metadata (user, tenant) to a run's config:
@@ -28,6 +29,7 @@ from langchain_core.tracers.langchain import LangChainTracer
 from keel._version import __version__
 from keel.redact import sanitized_logger
 from keel.state import RunContext
+from keel.versions import AgentVersion
 
 __all__ = [
     "NO_KEY_WARNING",
@@ -88,12 +90,17 @@ def sanitizing_client(**kwargs: Any) -> Any:
     return Client(hide_inputs=sanitized, hide_outputs=sanitized, **kwargs)
 
 
-def _metadata(graph: str, policy: str | None) -> dict[str, str]:
-
-    meta = {"graph": graph, "keel_version": __version__}
+def _metadata(graph: str, policy: str | None, version: AgentVersion | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"graph": graph, "keel_version": __version__}
+    if version is not None:
+        meta.update(version.metadata())
     if policy is not None:
         meta["policy"] = policy
     return meta
+
+
+def _tags(graph: str, version: AgentVersion | None) -> list[str]:
+    return ["keel", f"graph:{graph}", *([f"version:{version.id}"] if version else [])]
 
 
 class _SanitizingTracer(LangChainTracer):
@@ -133,19 +140,28 @@ def _offline_client() -> Any:
         return sanitizing_client(auto_batch_tracing=False)
 
 
-def tracer(*, graph: str, policy: str | None = None, client: Any = None) -> LangChainTracer:
+def tracer(
+    *,
+    graph: str,
+    policy: str | None = None,
+    client: Any = None,
+    version: AgentVersion | None = None,
+) -> LangChainTracer:
     """A LangSmith tracer for `graph` with sanitized inputs and outputs, tags and metadata."""
     return _SanitizingTracer(
         client=client if client is not None else sanitizing_client(),
-        tags=["keel", f"graph:{graph}"],
-        metadata=_metadata(graph, policy),
+        tags=_tags(graph, version),
+        metadata=_metadata(graph, policy, version),
     )
 
 
-def graph_config(*, graph: str, policy: str | None) -> RunnableConfig | None:
+def graph_config(
+    *, graph: str, policy: str | None, version: AgentVersion | None = None
+) -> RunnableConfig | None:
     """The config `build_agent` binds for tracing, or None.
 
-    Enabled: run name, tags, metadata and the sanitizing tracer. Switched on without a key: a
+    Enabled: run name, tags, metadata (with the agent `version`: label or id, model, prompt
+    hash, tool versions, policy) and the sanitizing tracer. Switched on without a key: a
     silent tracer. Off: None (nothing bound, nothing sent).
     """
     if not tracing_enabled():
@@ -155,9 +171,9 @@ def graph_config(*, graph: str, policy: str | None) -> RunnableConfig | None:
         return {"callbacks": [_SilentTracer(client=_offline_client())]}
     return {
         "run_name": graph,
-        "tags": ["keel", f"graph:{graph}"],
-        "metadata": _metadata(graph, policy),
-        "callbacks": [tracer(graph=graph, policy=policy)],
+        "tags": _tags(graph, version),
+        "metadata": _metadata(graph, policy, version),
+        "callbacks": [tracer(graph=graph, policy=policy, version=version)],
     }
 
 
