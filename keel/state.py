@@ -43,9 +43,11 @@ TerminatedReason = Literal[
     "verification_failed",
     "awaiting_approval",
     "blocked",
+    "storage",
 ]
 """Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
-guard refused the user's input or withheld the answer."""
+guard refused the user's input or withheld the answer; `storage`: the checkpointer's database
+failed, so the run's last steps may not be saved."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial
