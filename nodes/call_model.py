@@ -284,7 +284,7 @@ def call_model(
         if turn.messages is None:
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
         if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
-            turn.extra["approvals"] = standing.load(context_of(runtime))
+            turn.extra.update(standing.for_task(context_of(runtime), state))
         return answer(turn, state, config, runtime)
 
     async def ainvoke(
@@ -294,7 +294,7 @@ def call_model(
         if turn.messages is None:
             return {"outcome": turn.stop or outcome.failed("no messages to send")}
         if standing is not None and "clock" in turn.extra:  # a new task: the user's approvals
-            turn.extra["approvals"] = await standing.aload(context_of(runtime))
+            turn.extra.update(await standing.afor_task(context_of(runtime), state))
         return await aanswer(turn, state, config, runtime)
 
     return make_node(name, invoke, ainvoke)
