@@ -13,6 +13,7 @@ The only test double is the chat model (`keel.evals`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ from keel.nodes import (
     tool_gate,
 )
 from keel.observe.tracing import trace_config
+from keel.redact import sanitized_logger
 from keel.state import AgentState
 from keel.tools import ToolRegistry
 
@@ -564,3 +566,36 @@ def _next_turn(state: AgentState) -> AIMessage:
 
 def _call(call_id: str, name: str, **args: Any) -> AIMessage:
     return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": call_id}])
+
+
+def test_keel_logs_redact_pii_in_tracebacks() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    raw_seen: list[Any] = []
+
+    class Raw(logging.Handler):  # a handler that formats the exception itself (as Sentry does)
+        def emit(self, record: logging.LogRecord) -> None:
+            raw_seen.append(record.exc_info)
+
+    log = sanitized_logger("keel.tools.test_traceback")
+    log.addHandler(handler)
+    log.addHandler(Raw())
+    try:
+        try:
+            raise KeyError(f"no customer {EMAIL}")
+        except KeyError as inner:
+            raise ValueError(
+                f"refund failed for card {CARD}, api_key=sk-live-0123456789abcdefghij"
+            ) from inner
+    except ValueError:
+        log.exception("tool call failed for %s", EMAIL)
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback (most recent call last)" in text and "ValueError" in text
+    assert "The above exception was the direct cause" in text  # the chain is kept
+    assert EMAIL not in text and CARD not in text
+    assert "sk-live-0123456789abcdefghij" not in text
+    assert "[EMAIL]" in text and "[CARD]" in text
+    assert raw_seen == [None]  # no handler gets the raw exception to format
