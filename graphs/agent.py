@@ -379,6 +379,7 @@ def build_agent(
                 standing=standing,
                 ledger=ledger,
                 grants=grants,
+                input_guard=inputs,
             ),
             review_records(registry),
         ),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, NotRequired
+from typing import Any, Literal, NotRequired, cast
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -48,7 +48,9 @@ from keel.approvals import Grants, RunGrants, approval_digest, approval_key
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
+from keel.guards.content import InputGuardPolicy
 from keel.guards.gate import Gate, approval_gate
+from keel.guards.screening import GUARD_KEY, screen_human_text
 from keel.guards.standing import Always, StandingStore, allowing, standing_approval
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
@@ -93,6 +95,7 @@ def human_review(
     standing: StandingStore | None = None,
     ledger: Ledger | None = None,
     grants: Grants | None = None,
+    input_guard: InputGuardPolicy | None = None,
     name: str = "human_review",
 ) -> RunnableCallable:
     """A node that interrupts for the calls that need a human and records the decisions.
@@ -108,6 +111,8 @@ def human_review(
             unknown (started, never finished) are asked about ("did this happen?").
         grants: Seals the decisions (`keel.approvals.Grants`) so `execute_tools` can trust
             them; default: the secret in `KEEL_APPROVAL_SECRET`, else this process's own.
+        input_guard: The input guard the reviewer's text (`respond`, a rejection's message)
+            passes before the model reads it, as a user's message does.
         name: The node's name.
     """
     sealer = grants if grants is not None else Grants.from_secret()
@@ -183,6 +188,7 @@ def human_review(
         answers = _normalize(interrupt(pending), pending)
         policy = policy_id(context, policy_version, policy_name)
         thread, _ = in_ledger(state, config)
+        answers = [_guarded(a, input_guard) for a in answers]
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
@@ -377,13 +383,12 @@ def _apply(
             digest = request["digest"]
             approvals[digest] = _approval(digest, tool, call_id, "rejected", answer)
             note = f": {answer['message']}" if answer.get("message") else ""
-            results.append(
-                _reply(call_id, tool, f"Rejected by a human reviewer{note}.", "rejected")
-            )
+            text = f"Rejected by a human reviewer{note}."
+            results.append(_reply(call_id, tool, text, "rejected", answer))
             rejected.append(tool)
         else:
             text = f"A human answered instead of running {tool}: {answer['message']}"
-            results.append(_reply(call_id, tool, text, "respond"))
+            results.append(_reply(call_id, tool, text, "respond", answer))
     update: dict[str, Any] = {"approvals": approvals, "outcome": None}
     new_messages: list[Any] = []
     if edits:
@@ -399,6 +404,20 @@ def _apply(
             "rejected", f"a human rejected the call to {', '.join(rejected)}"
         )
     return update, settle, for_user
+
+
+def _guarded(answer: ReviewResponse, guard: InputGuardPolicy | None) -> ReviewResponse:
+    """`answer` with its text (`message`) as the input guard lets the model read it.
+
+    The guard's note rides along under `GUARD_KEY` until `_reply` puts it on the reply.
+    """
+    text = answer.get("message")
+    if guard is None or not isinstance(text, str) or not text:
+        return answer
+    screened, note = screen_human_text(text, guard)
+    if note is None:
+        return answer
+    return cast(ReviewResponse, {**answer, "message": screened, GUARD_KEY: note})
 
 
 def _settle(
@@ -418,7 +437,7 @@ def _settle(
         text = f"Rejected by a human reviewer{note}; {tool} was not run again."
         result = {"content": text, "keel_status": "rejected"}
         return resolve_flow(thread, call_id, "failed", result), _reply(
-            call_id, tool, text, "rejected"
+            call_id, tool, text, "rejected", answer
         )
     text = answer.get("message") or f"A human reviewer confirmed that {tool} took effect."
     status = "respond" if kind == "respond" else "success"
@@ -444,11 +463,16 @@ def _approval(
     return approval
 
 
-def _reply(call_id: str, tool: str, content: str, status: str) -> ToolMessage:
+def _reply(
+    call_id: str, tool: str, content: str, status: str, answer: Mapping[str, Any] | None = None
+) -> ToolMessage:
+    meta: dict[str, Any] = {"keel_status": status}
+    if answer is not None and GUARD_KEY in answer:  # what the input guard found in its text
+        meta[GUARD_KEY] = answer[GUARD_KEY]
     return ToolMessage(
         content=content,
         tool_call_id=call_id,
         name=tool,
         status="error" if status == "rejected" else "success",
-        response_metadata={"keel_status": status},
+        response_metadata=meta,
     )
