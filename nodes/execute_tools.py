@@ -54,7 +54,7 @@ from keel.nodes._once import (
 )
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
-from keel.state import AgentState, Approval, RunContext
+from keel.state import AgentState, Approval, RunContext, run_usage
 from keel.tools.registry import RegisteredTool, ToolRegistry
 from keel.tools.stubs import stub_answer
 
@@ -158,7 +158,7 @@ def execute_tools(
         jobs = sum(isinstance(p, _Job) for p in planned)
         if budget is None or not jobs:
             return planned
-        usage = state.get("usage") or {}
+        usage = run_usage(state.get("usage"), state.get("clock"))
         started = (state.get("clock") or {}).get("started_at")
         verdict = check_budget(budget, usage, started_at=started)
         allowed = 0

@@ -22,7 +22,7 @@ from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
-from keel.state import AgentState, RunContext, Verdict
+from keel.state import AgentState, RunContext, Verdict, run_usage
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
@@ -134,7 +134,7 @@ def verify(
         answer, verdict = by_rules(state)
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
-        ctx, usage = context_of(runtime), state.get("usage")
+        ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
         got = judge_model.invoke(judge_prompt(state, answer), config, ctx, usage=usage)
         return judged(state, answer, got)
 
@@ -144,7 +144,7 @@ def verify(
         answer, verdict = by_rules(state)
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
-        ctx, usage = context_of(runtime), state.get("usage")
+        ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
         got = await judge_model.ainvoke(judge_prompt(state, answer), config, ctx, usage=usage)
         return judged(state, answer, got)
 
