@@ -18,7 +18,7 @@ A graph that runs as a node of another graph (a subgraph) lets the error through
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
@@ -28,6 +28,7 @@ from langchain_core.runnables.config import ensure_config
 from keel import outcome
 from keel._node import inside_task
 from keel.errors import SetupError, StorageError
+from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
 from keel.state import Outcome
 
@@ -72,50 +73,31 @@ def storage_error(exc: BaseException) -> StorageError:
 class StreamEnding:
     """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
 
-    It knows the four chunk shapes of LangGraph's v1 stream (one mode or several, with or
-    without subgraphs) and v2's stream parts, and keeps the latest top-level state.
+    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows).
     """
 
     def __init__(self, graph_mode: Any, kwargs: dict[str, Any]) -> None:
-        modes = kwargs.get("stream_mode") or graph_mode
-        self.single = isinstance(modes, str)
-        self.modes: Sequence[str] = [modes] if isinstance(modes, str) else list(modes)
-        self.subgraphs = bool(kwargs.get("subgraphs"))
-        self.v2 = kwargs.get("version") == "v2"
+        self.shape = ChunkShape(graph_mode, kwargs)
         self.latest: dict[str, Any] = {}
 
     def see(self, chunk: Any) -> None:
         """Keep `chunk`'s state if it is a top-level `values` chunk."""
-        try:
-            ns, mode, payload = self._parts(chunk)
-        except (TypeError, ValueError, KeyError):
-            return
-        if mode == "values" and not ns and isinstance(payload, dict):
-            self.latest = payload
-
-    def _parts(self, chunk: Any) -> tuple[Any, Any, Any]:
-        if self.v2:
-            return chunk["ns"], chunk["type"], chunk["data"]
-        if self.single:
-            ns, payload = chunk if self.subgraphs else ((), chunk)
-            return ns, self.modes[0], payload
-        if self.subgraphs:
-            ns, mode, payload = chunk
-            return ns, mode, payload
-        mode, payload = chunk
-        return (), mode, payload
+        parts = self.shape.parts(chunk)
+        if (
+            parts is not None
+            and parts[1] == "values"
+            and not parts[0]
+            and isinstance(parts[2], dict)
+        ):
+            self.latest = parts[2]
 
     def last_chunk(self, exc: BaseException) -> Any:
         """The `values` chunk that ends the stream, or raise `StorageError` without one."""
         log.warning("a run ended on a storage failure: %s", exc)
-        if "values" not in self.modes:
+        if "values" not in self.shape.modes:
             raise storage_error(exc) from exc
         state = {**self.latest, "outcome": storage_outcome(exc)}
-        if self.v2:
-            return {"type": "values", "ns": (), "data": state, "interrupts": ()}
-        if self.single:
-            return ((), state) if self.subgraphs else state
-        return ((), "values", state) if self.subgraphs else ("values", state)
+        return self.shape.make((), "values", state, {"interrupts": ()})
 
     def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:
         """`chunks`, ended by `last_chunk` when storage fails."""

@@ -653,3 +653,52 @@ def test_a_hostile_respond_answer_goes_through_the_input_guard(tmp_path: Path, a
     (run,) = RunLog(ledger).query()
     assert run.guard_findings["input:instruction_override"] >= 1
     ledger.close()
+
+
+# -- what a streaming client sees ------------------------------------------------------------
+
+LEAKY = f"Your card {CARD} is billed; write to {EMAIL}."
+
+
+def _streaming_agent() -> Any:
+    model = ScriptedChatModel(script=[LEAKY])
+    return build_agent(model, [], policy=Policy(rules=RULES), checkpointer=InMemorySaver())
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_values_and_updates_streams_carry_only_the_redacted_answer(mode: str) -> None:
+    agent = _streaming_agent()
+    config: Any = {"configurable": {"thread_id": f"s-{mode}"}}
+    task: Any = {"messages": [("user", "bill me")]}
+    kwargs: Any = {"context": CTX, "stream_mode": ["values", "updates"]}
+    if mode == "stream":
+        chunks = list(agent.stream(task, config, **kwargs))
+    else:
+        chunks = [c async for c in agent.astream(task, config, **kwargs)]
+    last_values = [payload for kind, payload in chunks if kind == "values"][-1]
+    answer = last_values["messages"][-1]
+    assert answer.text == "Your card [CARD] is billed; write to [EMAIL]."
+    guarded = [p["output_guard"] for kind, p in chunks if kind == "updates" and "output_guard" in p]
+    assert [m.text for m in guarded[0]["messages"]] == [answer.text]
+    assert agent.get_state(config).values["messages"][-1].text == answer.text
+    # the raw answer is in the stream only as call_model's own update, before the guard ran
+    raw = [kind for kind, p in chunks if kind == "updates" and CARD in str(p)]
+    assert raw == ["updates"]
+
+
+def test_a_messages_stream_carries_the_models_raw_tokens() -> None:
+    """Pinned LangGraph behaviour: `stream_mode="messages"` relays the model's tokens as they
+    come, and drops the output guard's redacted copy (it has the id of a message already
+    streamed). README (Guards) tells streaming clients to use "values" / "updates"."""
+    agent = _streaming_agent()
+    config: Any = {"configurable": {"thread_id": "s-messages"}}
+    chunks = list(
+        agent.stream(
+            {"messages": [("user", "bill me")]}, config, context=CTX, stream_mode="messages"
+        )
+    )
+    nodes = {meta["langgraph_node"] for _, meta in chunks}
+    text = "".join(str(m.content) for m, meta in chunks if meta["langgraph_node"] == "call_model")
+    assert text == LEAKY  # the tokens, before the output guard ran
+    assert "output_guard" not in nodes  # the redacted copy is never sent in this mode
+    assert agent.get_state(config).values["messages"][-1].text.startswith("Your card [CARD]")
