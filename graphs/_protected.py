@@ -26,6 +26,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
 
 from keel.errors import StorageError, UserError
+from keel.graphs._answers import AnswerStream
+from keel.graphs._chunks import ChunkShape
 from keel.graphs._storage import (
     STORAGE_FAILURES,
     StreamEnding,
@@ -33,12 +35,22 @@ from keel.graphs._storage import (
     storage_error,
     storage_outcome,
 )
+from keel.guards.content import OutputGuardPolicy
 
 __all__ = ["ProtectedGraph", "protected"]
 
 
 class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     """A compiled keel graph whose entry points refuse keys outside its input schema."""
+
+    keel_output_guard: OutputGuardPolicy | None = None
+    """The output guard the graph's answers pass: a `messages` stream sends them once checked."""
+
+    def _answers(self, kwargs: dict[str, Any]) -> AnswerStream | None:
+        shape = ChunkShape(self.stream_mode, kwargs)
+        if self.keel_output_guard is None or "messages" not in shape.modes:
+            return None
+        return AnswerStream(self.keel_output_guard, shape)
 
     def _protected(self, keys: Sequence[str]) -> list[str]:
         allowed = self.builder.schemas[self.builder.input_schema]
@@ -81,7 +93,9 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
             return chunks
-        return StreamEnding(self.stream_mode, kwargs).guard(chunks)
+        chunks = StreamEnding(self.stream_mode, kwargs).guard(chunks)
+        answers = self._answers(kwargs)
+        return chunks if answers is None else answers.guard(chunks)
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -92,6 +106,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
             chunks = StreamEnding(self.stream_mode, kwargs).aguard(chunks)
+            answers = self._answers(kwargs)
+            chunks = chunks if answers is None else answers.aguard(chunks)
         async for chunk in chunks:
             yield chunk
 

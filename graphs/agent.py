@@ -469,7 +469,7 @@ def build_agent(
         "respond", _to(lambda s: END, observer, "respond", finish, end), [finish]
     )
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None)
+    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, outputs)
     traced = graph_config(graph=name, policy=f"{policy_name or 'default'}@{policy_version}")
     return agent if traced is None else agent.with_config(traced)
 

@@ -26,6 +26,7 @@ from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
 from keel.errors import UserError
 from keel.graphs._protected import ProtectedGraph
+from keel.guards.content import OutputGuardPolicy
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 
@@ -151,6 +152,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         attrs = {k: v for k, v in self.__dict__.items() if k not in _NOT_INIT}
         out = ThreadGuardedGraph(**{**attrs, **(update or {})})
         out.keel_audit = self.keel_audit
+        out.keel_output_guard = self.keel_output_guard
         return out
 
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
@@ -218,12 +220,18 @@ class ThreadGuardedGraph(ProtectedGraph):
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
-_NOT_INIT = ("__orig_class__", "keel_audit")
+_NOT_INIT = ("__orig_class__", "keel_audit", "keel_output_guard")
 
 
-def guarded(graph: G, audit: AuditLog | None = None) -> G:
-    """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config)."""
+def guarded(
+    graph: G, audit: AuditLog | None = None, output_guard: OutputGuardPolicy | None = None
+) -> G:
+    """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
+
+    With `output_guard`, a `messages` stream sends answers once that guard checked them.
+    """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
     out.keel_audit = audit
+    out.keel_output_guard = output_guard
     return out  # type: ignore[return-value]

@@ -686,19 +686,29 @@ async def test_values_and_updates_streams_carry_only_the_redacted_answer(mode: s
     assert raw == ["updates"]
 
 
-def test_a_messages_stream_carries_the_models_raw_tokens() -> None:
-    """Pinned LangGraph behaviour: `stream_mode="messages"` relays the model's tokens as they
-    come, and drops the output guard's redacted copy (it has the id of a message already
-    streamed). README (Guards) tells streaming clients to use "values" / "updates"."""
-    agent = _streaming_agent()
-    config: Any = {"configurable": {"thread_id": "s-messages"}}
-    chunks = list(
-        agent.stream(
-            {"messages": [("user", "bill me")]}, config, context=CTX, stream_mode="messages"
-        )
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_a_messages_stream_sends_answers_only_once_the_output_guard_checked_them(
+    mode: str,
+) -> None:
+    """LangGraph relays the model's tokens as they come and drops the output guard's redacted
+    copy (its id was streamed already), so keel holds each AI message's tokens until it is
+    complete and sends it checked, in one chunk. A tool-call turn passes as it is."""
+    model = ScriptedChatModel(script=[call("lookup_page", url="https://shop.test/A1"), LEAKY])
+    agent = build_agent(
+        model, [lookup_page], policy=Policy(rules=RULES), checkpointer=InMemorySaver()
     )
-    nodes = {meta["langgraph_node"] for _, meta in chunks}
-    text = "".join(str(m.content) for m, meta in chunks if meta["langgraph_node"] == "call_model")
-    assert text == LEAKY  # the tokens, before the output guard ran
-    assert "output_guard" not in nodes  # the redacted copy is never sent in this mode
-    assert agent.get_state(config).values["messages"][-1].text.startswith("Your card [CARD]")
+    config: Any = {"configurable": {"thread_id": f"s-messages-{mode}"}}
+    task: Any = {"messages": [("user", "bill me")]}
+    kwargs: Any = {"context": CTX, "stream_mode": "messages"}
+    if mode == "stream":
+        chunks = list(agent.stream(task, config, **kwargs))
+    else:
+        chunks = [c async for c in agent.astream(task, config, **kwargs)]
+    streamed = "\n".join(str(m.content) for m, _ in chunks)
+    assert CARD not in streamed and EMAIL not in streamed
+    answers = [m for m, meta in chunks if meta["langgraph_node"] == "call_model"]
+    assert [m.tool_calls[0]["name"] for m in answers if m.tool_calls] == ["lookup_page"]
+    (answer,) = [m for m in answers if not m.tool_calls]
+    assert answer.content == "Your card [CARD] is billed; write to [EMAIL]."
+    assert answer.response_metadata["keel_guard"]["action"] == "redact"
+    assert agent.get_state(config).values["messages"][-1].text == answer.content
