@@ -8,6 +8,9 @@ them with a `UserError` that names the keys: `invoke`/`stream` input, `Command(u
 for a human is refused too: LangGraph would keep it and hand it to the next `interrupt()`, so
 a grant sent ahead would approve a call no human saw.
 
+A run whose checkpointer fails ends with `outcome = error / storage` instead of a raw database
+error (see `keel.graphs._storage`).
+
 What it cannot stop: a Python caller with the checkpointer in hand can write any checkpoint.
 Approval grants hold even then (they are sealed, see `keel.approvals.Grants`); usage, outcome
 and the rest are only as trustworthy as the code that can write the database.
@@ -20,15 +23,34 @@ from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command, StateUpdate
+from langgraph.types import Command, GraphOutput, StateUpdate
 
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
+from keel.graphs._answers import AnswerStream
+from keel.graphs._chunks import ChunkShape
+from keel.graphs._storage import (
+    STORAGE_FAILURES,
+    StreamEnding,
+    at_top,
+    storage_error,
+    storage_outcome,
+)
+from keel.guards.content import OutputGuardPolicy
 
 __all__ = ["ProtectedGraph", "protected"]
 
 
 class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     """A compiled keel graph whose entry points refuse keys outside its input schema."""
+
+    keel_output_guard: OutputGuardPolicy | None = None
+    """The output guard the graph's answers pass: a `messages` stream sends them once checked."""
+
+    def _answers(self, kwargs: dict[str, Any]) -> AnswerStream | None:
+        shape = ChunkShape(self.stream_mode, kwargs)
+        if self.keel_output_guard is None or "messages" not in shape.modes:
+            return None
+        return AnswerStream(self.keel_output_guard, shape)
 
     def _protected(self, keys: Sequence[str]) -> list[str]:
         allowed = self.builder.schemas[self.builder.input_schema]
@@ -68,7 +90,12 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting(self.get_state(config).interrupts, config)
-        return super().stream(input, config, **kwargs)
+        chunks = super().stream(input, config, **kwargs)
+        if not at_top(config):
+            return chunks
+        chunks = StreamEnding(self.stream_mode, kwargs).guard(chunks)
+        answers = self._answers(kwargs)
+        return chunks if answers is None else answers.guard(chunks)
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -76,8 +103,27 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting((await self.aget_state(config)).interrupts, config)
-        async for chunk in super().astream(input, config, **kwargs):
+        chunks = super().astream(input, config, **kwargs)
+        if at_top(config):
+            chunks = StreamEnding(self.stream_mode, kwargs).aguard(chunks)
+            answers = self._answers(kwargs)
+            chunks = chunks if answers is None else answers.aguard(chunks)
+        async for chunk in chunks:
             yield chunk
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """LangGraph's `invoke`; a storage failure before the run started ends it too."""
+        try:
+            return super().invoke(input, config, **kwargs)
+        except STORAGE_FAILURES as exc:
+            return _ended(exc, config, kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """LangGraph's `ainvoke`; a storage failure before the run started ends it too."""
+        try:
+            return await super().ainvoke(input, config, **kwargs)
+        except STORAGE_FAILURES as exc:
+            return _ended(exc, config, kwargs)
 
     def _check_updates(self, supersteps: Sequence[Sequence[StateUpdate]]) -> None:
         for step in supersteps:
@@ -101,6 +147,16 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
         self._check_updates(supersteps)
         return await super().abulk_update_state(config, supersteps)
+
+
+def _ended(exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
+    """What `invoke` returns when storage failed before its stream yielded: the outcome."""
+    if not at_top(config) or kwargs.get("stream_mode", "values") != "values":
+        if isinstance(exc, StorageError) and exc.outcome is not None:
+            raise exc
+        raise storage_error(exc) from exc
+    state = {"outcome": storage_outcome(exc)}
+    return GraphOutput(value=state) if kwargs.get("version") == "v2" else state
 
 
 def protected(graph: CompiledStateGraph[Any, Any, Any, Any]) -> Any:

@@ -20,6 +20,7 @@ as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -52,7 +53,7 @@ from keel.guards.model_call import (
 )
 from keel.guards.policy import Policy
 from keel.pricing import PriceTable
-from keel.state import AgentInput, AgentState, RunContext, Usage
+from keel.state import AgentInput, AgentState, RunContext, Usage, run_usage, task_clock
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
 
@@ -198,9 +199,9 @@ def _route_node(
         try:
             if isinstance(ask, GuardedModel):
                 asked = [SystemMessage(prompt), *messages]
-                usage = state.get("usage")
+                clock, usage = _run_clock(state)
                 got = ask.invoke(asked, config, context_of(runtime), usage=usage)
-                return decided(state, got)
+                return {**decided(state, got), **clock}
             return decided(state, ask(messages))
         except GraphBubbleUp:
             raise
@@ -213,10 +214,10 @@ def _route_node(
         if not isinstance(ask, GuardedModel):
             return route(state, config, runtime)
         asked = [SystemMessage(prompt), *(state.get("messages") or [])]
-        usage = state.get("usage")
+        clock, usage = _run_clock(state)
         try:
             got = await ask.ainvoke(asked, config, context_of(runtime), usage=usage)
-            return decided(state, got)
+            return {**decided(state, got), **clock}
         except GraphBubbleUp:
             raise
         except Exception as exc:
@@ -327,3 +328,14 @@ def _validate(agents: Mapping[str, Agent], router: object, max_handoffs: object)
         raise UserError(
             f"build_supervisor(max_handoffs=...) must be 1 or more, got {max_handoffs!r}."
         )
+
+
+def _run_clock(state: SupervisorState) -> tuple[dict[str, Any], Usage]:
+    """(`{"clock": ...}` when the router starts a new task, else `{}`; the run's usage so far).
+
+    The router is a task's first model call: it starts the run clock, so the run budget counts
+    this run's calls only, not the thread's earlier runs (`keel.state.run_usage`).
+    """
+    clock = task_clock(state, time.time())
+    usage = run_usage(state.get("usage"), clock if clock is not None else state.get("clock"))
+    return ({"clock": clock} if clock is not None else {}), usage

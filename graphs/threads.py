@@ -34,6 +34,7 @@ from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._protected import ProtectedGraph
 from keel.guards.admission import Admission, overloaded
+from keel.guards.content import OutputGuardPolicy
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 
@@ -178,6 +179,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out = ThreadGuardedGraph(**{**attrs, **(update or {})})
         out.keel_audit = self.keel_audit
         out.keel_admission = self.keel_admission
+        out.keel_output_guard = self.keel_output_guard
         return out
 
     def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
@@ -287,15 +289,24 @@ class ThreadGuardedGraph(ProtectedGraph):
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
-_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission")
+_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission", "keel_output_guard")
 
 
-def guarded(graph: G, audit: AuditLog | None = None, admission: Admission | None = None) -> G:
-    """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config)."""
+def guarded(
+    graph: G,
+    audit: AuditLog | None = None,
+    admission: Admission | None = None,
+    output_guard: OutputGuardPolicy | None = None,
+) -> G:
+    """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
+
+    With `output_guard`, a `messages` stream sends answers once that guard checked them.
+    """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
     out.keel_audit = audit
     out.keel_admission = admission
+    out.keel_output_guard = output_guard
     return out  # type: ignore[return-value]
 
 

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from keel.guards.policy import Budget
 from keel.pricing import PriceTable
 from keel.state import Usage, add_usage
 
-__all__ = ["BudgetVerdict", "check_budget", "usage_from_messages", "usage_of"]
+__all__ = ["BudgetVerdict", "check_budget", "run_messages", "usage_from_messages", "usage_of"]
 
 RAN = frozenset({"success", "timeout", "error"})
 """keel tool statuses of calls that ran (the others never did: denied, rejected, …)."""
@@ -86,6 +86,17 @@ def usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage
         "model_calls": 1,
         "steps": 1,
     }
+
+
+def run_messages(messages: Sequence[BaseMessage]) -> Sequence[BaseMessage]:
+    """The current run's messages: from the last user message on (all, without one).
+
+    A run budget counts these; earlier runs on the thread have their own.
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            return messages[i:]
+    return messages
 
 
 def usage_from_messages(messages: Sequence[BaseMessage], table: PriceTable) -> Usage:

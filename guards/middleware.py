@@ -34,7 +34,7 @@ from keel._node import context_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
-from keel.guards.budget import check_budget, usage_from_messages
+from keel.guards.budget import check_budget, run_messages, usage_from_messages
 from keel.guards.gate import GateDecision
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.permissions import PermissionMatrix
@@ -156,7 +156,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
             ):
                 reason = str(m.response_metadata.get("keel_reason"))
                 return stop_message(outcome.stopped("budget_exceeded", reason))
-        usage = usage_from_messages(messages, self.prices)
+        usage = usage_from_messages(run_messages(messages), self.prices)
         exceeded = check_budget(self.budget, usage).exceeded
         return stop_message(outcome.stopped("budget_exceeded", exceeded)) if exceeded else None
 
@@ -173,7 +173,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
         return self._stop(request.state["messages"]) or await handler(request)
 
     def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
-        usage = usage_from_messages(request.state["messages"], self.prices)
+        usage = usage_from_messages(run_messages(request.state["messages"]), self.prices)
         exceeded = check_budget(self.budget, usage, planned_tool_calls=1).exceeded
         if exceeded is None:
             return None

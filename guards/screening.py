@@ -37,6 +37,7 @@ __all__ = [
     "Screened",
     "guard_notes",
     "screen_answer",
+    "screen_human_text",
     "screen_inputs",
     "screen_tool_result",
 ]
@@ -133,6 +134,22 @@ def _screen_user(
         why = f"the input guard blocked the user's message ({_refusal(findings)})"
         return message.model_copy(update={"content": notice, "response_metadata": meta}), why
     return message.model_copy(update={"content": content, "response_metadata": meta}), None
+
+
+def screen_human_text(text: str, policy: InputGuardPolicy) -> tuple[str, GuardNote | None]:
+    """A human reviewer's text as the model may read it, and the guard's note (or `None`).
+
+    That is a `respond` answer or a rejection's message. It comes from a client, as a user's
+    message does, so it is checked as one (`source="user"`); a blocked text is replaced by a
+    notice naming the rules.
+    """
+    verdict = _verdict(text, lambda t: check_input(t, policy, source="user"))
+    if verdict is None:
+        return text, None
+    action, content, findings, _ = verdict
+    if action == "block":
+        content = f"[withheld by the input guard: {', '.join(_rules(findings))}]"
+    return str(content), _note("input", "user", action, findings)
 
 
 def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | None:

@@ -171,24 +171,34 @@ class StandingStore:
     def load(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key.
 
-        A ledger that cannot be read gives none (logged): the calls they would have allowed
-        ask a human again, which is the safe side.
+        Raises:
+            StorageError: The ledger could not be read (see `for_task`, which fails closed).
         """
-        try:
-            found = self.ledger.run(_load_flow(_who(context), time.time()))
-        except Exception as exc:
-            log.error("keel could not read standing approvals, so none apply: %r", exc)
-            return {}
-        return self._sealed(context, found)
+        return self._sealed(context, self.ledger.run(_load_flow(_who(context), time.time())))
 
     async def aload(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key (async; see `load`)."""
-        try:
-            found = await self.ledger.arun(_load_flow(_who(context), time.time()))
-        except Exception as exc:
-            log.error("keel could not read standing approvals, so none apply: %r", exc)
-            return {}
+        found = await self.ledger.arun(_load_flow(_who(context), time.time()))
         return self._sealed(context, found)
+
+    def for_task(self, context: RunContext, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The state update that starts a task: the user's standing approvals.
+
+        A ledger that cannot be read fails closed and visibly: no standing approval applies (the
+        calls they would have allowed ask a human again; none is allowed without one), keel
+        logs an error, and `state["warnings"]` says so, which the run record's detail shows.
+        """
+        try:
+            return _loaded(self.load(context), state)
+        except Exception as exc:  # any failure: none apply, and say so
+            return _unreadable(exc, state)
+
+    async def afor_task(self, context: RunContext, state: Mapping[str, Any]) -> dict[str, Any]:
+        """`for_task`, async."""
+        try:
+            return _loaded(await self.aload(context), state)
+        except Exception as exc:
+            return _unreadable(exc, state)
 
     def _sealed(self, context: RunContext, found: Mapping[str, Approval]) -> dict[str, Approval]:
         grants = self.grants.for_run("", context)
@@ -201,6 +211,24 @@ class StandingStore:
     async def asave(self, context: RunContext, approvals: Mapping[str, Approval]) -> None:
         """Keep `approvals` for the user (async)."""
         await self.ledger.arun(_save_flow(_who(context), approvals))
+
+
+WARNING = "standing approvals: "
+"""How `state["warnings"]` entries about the user's standing approvals begin."""
+
+
+def _loaded(approvals: dict[str, Approval], state: Mapping[str, Any]) -> dict[str, Any]:
+    warnings = list(state.get("warnings") or [])
+    kept = [w for w in warnings if not str(w).startswith(WARNING)]
+    return {"approvals": approvals, **({"warnings": kept} if kept != warnings else {})}
+
+
+def _unreadable(exc: Exception, state: Mapping[str, Any]) -> dict[str, Any]:
+    log.error("keel could not read standing approvals, so none apply (calls ask): %r", exc)
+    kept = [w for w in state.get("warnings") or [] if not str(w).startswith(WARNING)]
+    problem = " ".join(str(exc).split())[:200] or type(exc).__name__
+    note = f"{WARNING}could not be read ({type(exc).__name__}: {problem}); none applied"
+    return {"approvals": {}, "warnings": [*kept, note]}
 
 
 def _who(context: RunContext) -> str:

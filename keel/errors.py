@@ -227,14 +227,21 @@ class StorageError(KeelError, RuntimeError):
     category = "storage"
     """The error category a run that ends on this error is reported under."""
 
-    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+    def __init__(
+        self, message: str, *, in_doubt: bool = False, outcome: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.in_doubt = in_doubt
         """Whether the failed transaction may have committed."""
+        self.outcome = outcome
+        """The run's outcome (`error` / `storage`) when a keel graph's run ended on this error
+        and the caller's stream mode had no place for it (see `keel.graphs`)."""
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_storage_error, (str(self), self.in_doubt))
+        return (_storage_error, (str(self), self.in_doubt, self.outcome))
 
 
-def _storage_error(message: str, in_doubt: bool) -> StorageError:
-    return StorageError(message, in_doubt=in_doubt)
+def _storage_error(
+    message: str, in_doubt: bool, outcome: dict[str, str] | None = None
+) -> StorageError:
+    return StorageError(message, in_doubt=in_doubt, outcome=outcome)

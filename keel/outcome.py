@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keel.state import Outcome, TerminatedReason
 
-__all__ = ["completed", "failed", "interrupted", "step_limit", "stopped"]
+__all__ = ["completed", "failed", "interrupted", "step_limit", "stopped", "storage_failed"]
 
 
 def completed(detail: str = "final answer given") -> Outcome:
@@ -34,3 +34,11 @@ def step_limit() -> Outcome:
         "step limit: the run reached LangGraph's recursion_limit; raise `recursion_limit` in "
         "the run config to allow longer runs",
     )
+
+
+def storage_failed(detail: str) -> Outcome:
+    """The checkpointer's database failed mid-run; the run's last steps may not be saved.
+
+    The thread resumes from its last saved checkpoint once the database is back.
+    """
+    return {"status": "error", "terminated_reason": "storage", "detail": detail}

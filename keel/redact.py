@@ -462,20 +462,33 @@ def _check_kinds(kinds: Collection[PiiKind] | None) -> Collection[PiiKind]:
 
 
 class SanitizingFilter(logging.Filter):
-    """A `logging.Filter` that redacts PII and secrets from each record's message.
+    """A `logging.Filter` that redacts PII and secrets from each record's message and traceback.
 
     keel's loggers carry one (`sanitized_logger`), so a model error or a tool result quoted in
-    a log line does not leak what the audit log and traces redact. Tracebacks (`exc_info`) are
-    left as they are.
+    a log line does not leak what the audit log and traces redact. A traceback (`exc_info`,
+    e.g. `log.exception(...)`) is rendered here, redacted, and kept as the record's `exc_text`
+    (which `logging.Formatter` prints); `exc_info` is then cleared, so no handler formats the
+    raw exception (whose message and chained causes may quote tool arguments) itself. The same
+    goes for `stack_info`.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Redact the record's message in place; never drops a record."""
+        """Redact the record's message and traceback in place; never drops a record."""
         message = record.getMessage()
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        record.exc_info = None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+_FORMATTER = logging.Formatter()
 
 
 def sanitized_logger(name: str) -> logging.Logger:

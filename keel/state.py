@@ -7,10 +7,11 @@ saver (SQLite, Postgres, the LangGraph server) unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, NotRequired
 
-from langchain_core.messages import AnyMessage
+from langchain_core.messages import AnyMessage, HumanMessage
 from langgraph.graph.message import add_messages
 from langgraph.managed import RemainingSteps
 from typing_extensions import TypedDict
@@ -30,6 +31,8 @@ __all__ = [
     "Verdict",
     "add_usage",
     "merge_approvals",
+    "run_usage",
+    "task_clock",
 ]
 
 TerminatedReason = Literal[
@@ -44,10 +47,12 @@ TerminatedReason = Literal[
     "awaiting_approval",
     "blocked",
     "overloaded",
+    "storage",
 ]
 """Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
 guard refused the user's input or withheld the answer; `overloaded`: admission control
-(`keel.guards.admission`) refused to start it (the detail says when to retry)."""
+(`keel.guards.admission`) refused to start it (the detail says when to retry); `storage`: the
+checkpointer's database failed, so the run's last steps may not be saved."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial
@@ -118,6 +123,37 @@ def add_usage(left: Usage | None, right: Usage | None) -> Usage:
     return out  # type: ignore[return-value]
 
 
+def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
+    """The run clock for a new task (a user message the clock has not seen yet), else `None`.
+
+    The clock (`AgentState.clock`) holds when the task started (`started_at`, for wall-clock
+    budgets), which user message it is for (`task`: how many user messages the thread had) and
+    the thread's usage at that moment (`usage:<field>`), so that `run_usage` is the run's own.
+    A clock from before `task` existed is renewed when the last message is a user's.
+    """
+    messages = state.get("messages") or []
+    clock = state.get("clock") or {}
+    task = float(sum(isinstance(m, HumanMessage) for m in messages))
+    if "started_at" in clock:
+        if "task" in clock and clock["task"] == task:
+            return None
+        if "task" not in clock and not (messages and isinstance(messages[-1], HumanMessage)):
+            return None
+    usage = state.get("usage") or {}
+    base = {f"usage:{k}": float(v) for k, v in usage.items() if isinstance(v, int | float)}
+    return {"started_at": now, "task": task, **base}
+
+
+def run_usage(usage: Mapping[str, Any] | None, clock: Mapping[str, float] | None) -> Usage:
+    """The current run's usage: the thread's totals (`usage`) less those when it started.
+
+    Run budgets count this, not the thread's totals; period budgets count every run.
+    """
+    base = clock or {}
+    out = {k: v - base.get(f"usage:{k}", 0) for k, v in (usage or {}).items()}
+    return out  # type: ignore[return-value]
+
+
 def merge_approvals(
     left: dict[str, Approval] | None, right: dict[str, Approval] | None
 ) -> dict[str, Approval]:
@@ -142,7 +178,8 @@ class AgentState(TypedDict, total=False):
         verdicts: Verification results, in order.
         revisions: How many times a failed verification sent the answer back.
         outcome: How the run ended; `None` while it is running.
-        clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets.
+        clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets, and
+            the thread's usage when it started (see `task_clock` and `run_usage`).
         budget_warnings: Budget limits past their soft threshold.
         warnings: What degraded in the current task and how (e.g. memory that could not be
             read); the run went on without it. Shown in the run record's detail.

@@ -16,7 +16,6 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
-    HumanMessage,
     SystemMessage,
     ToolMessage,
 )
@@ -35,7 +34,15 @@ from keel.guards.policy import Budget, LoopPolicy
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.redact import sanitized_logger
-from keel.state import AgentState, Outcome, RunContext, Usage, add_usage
+from keel.state import (
+    AgentState,
+    Outcome,
+    RunContext,
+    Usage,
+    add_usage,
+    run_usage,
+    task_clock,
+)
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["DEFAULT_MODEL_RETRY", "BeforeModel", "call_model"]
@@ -123,9 +130,10 @@ def call_model(
         standing = held.standing
         if standing is not None and "clock" in prepared.extra:  # a new task: user approvals
             ctx = context_of(runtime)
-            prepared.extra["approvals"] = yield Op(
-                lambda: standing.load(ctx), lambda: standing.aload(ctx)
+            found = yield Op(
+                lambda: standing.for_task(ctx, state), lambda: standing.afor_task(ctx, state)
             )
+            prepared.extra.update(found)
         return (yield from answer.steps(prepared, state, config, runtime))
 
     return steps_node(name, steps)
@@ -160,14 +168,15 @@ class _TurnMaker:
             return _Turn(None, outcome.step_limit())
         extra: dict[str, Any] = {}
         history = state.get("messages") or []
-        clock = state.get("clock") or {}
-        if "started_at" not in clock or (history and isinstance(history[-1], HumanMessage)):
-            clock = {"started_at": time.time()}  # a new task starts the wall clock
-            extra["clock"] = clock
+        clock = task_clock(state, time.time()) or dict(state.get("clock") or {})
+        if clock.get("answered") != clock.get("task"):  # the model's first turn in a new task
+            clock["answered"] = clock.get("task", 0.0)
+            extra["clock"] = clock  # (the planner may have started the clock already)
         models = chain
         budget = self.guards.budget
         if budget is not None:
-            verdict = check_budget(budget, state.get("usage") or {}, started_at=clock["started_at"])
+            spent = run_usage(state.get("usage"), clock)
+            verdict = check_budget(budget, spent, started_at=clock["started_at"])
             if verdict.exceeded:
                 return _Turn(None, outcome.stopped("budget_exceeded", verdict.exceeded))
             warnings = list(verdict.warnings)
@@ -296,7 +305,7 @@ def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
     """Whether the run's budget is spent once `usage` is added (no wrap-up turn then)."""
     if budget is None:
         return False
-    total = add_usage(state.get("usage") or {}, usage)
+    total = add_usage(run_usage(state.get("usage"), state.get("clock")), usage)
     return check_budget(budget, total).exceeded is not None
 
 

@@ -56,7 +56,7 @@ from keel.nodes._once import (
 )
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
-from keel.state import AgentState, Approval, RunContext
+from keel.state import AgentState, Approval, RunContext, run_usage
 from keel.tools.registry import RegisteredTool, ToolRegistry
 from keel.tools.stubs import stub_answer
 
@@ -195,7 +195,7 @@ def _within_budget(
     jobs = _jobs(planned)
     if budget is None or not jobs:
         return planned
-    usage = state.get("usage") or {}
+    usage = run_usage(state.get("usage"), state.get("clock"))
     started = (state.get("clock") or {}).get("started_at")
     verdict = check_budget(budget, usage, started_at=started)
     allowed = 0

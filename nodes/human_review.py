@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, NotRequired, Unpack
+from typing import Any, Literal, NotRequired, Unpack, cast
 
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -49,6 +49,8 @@ from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
+from keel.guards.content import InputGuardPolicy
+from keel.guards.screening import GUARD_KEY, screen_human_text
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
@@ -105,7 +107,9 @@ def human_review(
             trust them; `standing` keeps user-scoped standing approvals (`"always": {"scope":
             "user"}`) in the ledger (without it, such an answer is refused with a
             `UserError`); with the idempotency `ledger`, calls whose outcome is unknown
-            (started, never finished) are asked about ("did this happen?").
+            (started, never finished) are asked about ("did this happen?"); the reviewer's
+            text (`respond`, a rejection's message) passes its `input_guard` before the model
+            reads it, as a user's message does.
         name: The node's name.
         **options: Single guards instead of (or over) `guards`: `gate`, `policy_version`,
             `policy_name`, `standing`, `ledger`, `grants` (see `AgentGuards.of`).
@@ -145,6 +149,7 @@ def human_review(
         answers = _normalize(interrupt(pending), pending)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
+        answers = [_guarded(a, held.input_guard) for a in answers]
         reviewer = reviewer_of(server_user(runtime))
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
@@ -409,13 +414,12 @@ def _apply(
             digest = request["digest"]
             approvals[digest] = _approval(digest, tool, call_id, "rejected", answer, reviewer)
             note = f": {answer['message']}" if answer.get("message") else ""
-            results.append(
-                _reply(call_id, tool, f"Rejected by a human reviewer{note}.", "rejected")
-            )
+            text = f"Rejected by a human reviewer{note}."
+            results.append(_reply(call_id, tool, text, "rejected", answer))
             rejected.append(tool)
         else:
             text = f"A human answered instead of running {tool}: {answer['message']}"
-            results.append(_reply(call_id, tool, text, "respond"))
+            results.append(_reply(call_id, tool, text, "respond", answer))
     update: dict[str, Any] = {"approvals": approvals, "outcome": None}
     new_messages: list[Any] = []
     if edits:
@@ -431,6 +435,20 @@ def _apply(
             "rejected", f"a human rejected the call to {', '.join(rejected)}"
         )
     return update, settle, for_user
+
+
+def _guarded(answer: ReviewResponse, guard: InputGuardPolicy | None) -> ReviewResponse:
+    """`answer` with its text (`message`) as the input guard lets the model read it.
+
+    The guard's note rides along under `GUARD_KEY` until `_reply` puts it on the reply.
+    """
+    text = answer.get("message")
+    if guard is None or not isinstance(text, str) or not text:
+        return answer
+    screened, note = screen_human_text(text, guard)
+    if note is None:
+        return answer
+    return cast(ReviewResponse, {**answer, "message": screened, GUARD_KEY: note})
 
 
 def _settle(
@@ -450,7 +468,7 @@ def _settle(
         text = f"Rejected by a human reviewer{note}; {tool} was not run again."
         result = {"content": text, "keel_status": "rejected"}
         return resolve_flow(thread, call_id, "failed", result), _reply(
-            call_id, tool, text, "rejected"
+            call_id, tool, text, "rejected", answer
         )
     text = answer.get("message") or f"A human reviewer confirmed that {tool} took effect."
     status = "respond" if kind == "respond" else "success"
@@ -479,11 +497,16 @@ def _approval(
     return approval
 
 
-def _reply(call_id: str, tool: str, content: str, status: str) -> ToolMessage:
+def _reply(
+    call_id: str, tool: str, content: str, status: str, answer: Mapping[str, Any] | None = None
+) -> ToolMessage:
+    meta: dict[str, Any] = {"keel_status": status}
+    if answer is not None and GUARD_KEY in answer:  # what the input guard found in its text
+        meta[GUARD_KEY] = answer[GUARD_KEY]
     return ToolMessage(
         content=content,
         tool_call_id=call_id,
         name=tool,
         status="error" if status == "rejected" else "success",
-        response_metadata={"keel_status": status},
+        response_metadata=meta,
     )

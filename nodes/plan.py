@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
-from keel.state import AgentState, PlanStep, RunContext
+from keel.state import AgentState, PlanStep, RunContext, Usage, run_usage, task_clock
 
 __all__ = ["Plan", "advance_plan", "needs_replan", "plan", "render_plan"]
 
@@ -100,8 +101,9 @@ def plan(
         messages = prompt(state)
         if messages is None:
             return {}
-        usage = state.get("usage")
-        return finish(planner.invoke(messages, config, context_of(runtime), usage=usage), state)
+        clock, usage = _clock(state)
+        got = planner.invoke(messages, config, context_of(runtime), usage=usage)
+        return {**finish(got, state), **clock}
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -109,8 +111,9 @@ def plan(
         messages = prompt(state)
         if messages is None:
             return {}
-        ctx, usage = context_of(runtime), state.get("usage")
-        return finish(await planner.ainvoke(messages, config, ctx, usage=usage), state)
+        clock, usage = _clock(state)
+        got = await planner.ainvoke(messages, config, context_of(runtime), usage=usage)
+        return {**finish(got, state), **clock}
 
     return make_node(name, invoke, ainvoke)
 
@@ -156,3 +159,14 @@ def render_plan(steps: list[PlanStep]) -> str:
     marks = {"pending": "[ ]", "in_progress": "[>]", "done": "[x]", "failed": "[!]"}
     lines = [f"{marks[s['status']]} {s['id']}. {s['description']}" for s in steps]
     return "Your plan ([>] is the current step):\n" + "\n".join(lines)
+
+
+def _clock(state: AgentState) -> tuple[dict[str, Any], Usage]:
+    """(`{"clock": ...}` when planning starts a new task, else `{}`; the run's usage so far).
+
+    The planner is the task's first model call, so it starts the run clock: its usage then
+    counts towards the run budget (`call_model` keeps the clock).
+    """
+    clock = task_clock(state, time.time())
+    usage = run_usage(state.get("usage"), clock if clock is not None else state.get("clock"))
+    return ({"clock": clock} if clock is not None else {}), usage

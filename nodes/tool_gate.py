@@ -29,7 +29,7 @@ from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
-from keel.state import AgentState, RunContext
+from keel.state import AgentState, RunContext, run_usage
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["route_after_gate", "tool_gate"]
@@ -73,7 +73,7 @@ def tool_gate(
                 return {"outcome": outcome.stopped("loop_detected", looping)}
         if budget is not None:
             started = (state.get("clock") or {}).get("started_at")
-            usage = state.get("usage") or {}
+            usage = run_usage(state.get("usage"), state.get("clock"))
             verdict = check_budget(budget, usage, started_at=started, planned_tool_calls=1)
             if verdict.exceeded is not None:
                 reason = verdict.exceeded

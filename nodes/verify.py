@@ -30,7 +30,7 @@ from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
-from keel.state import AgentState, RunContext, Verdict
+from keel.state import AgentState, RunContext, Verdict, run_usage
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
@@ -144,7 +144,7 @@ def verify(
         answer, verdict = by_rules(state)
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
-        ctx, usage = context_of(runtime), state.get("usage")
+        ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
         prompt = convert_to_messages(judge_prompt(state, answer))
         got = yield from judge_model.call(prompt, config, ctx, usage)
         return judged(state, answer, got)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 
-from keel import Persistence, Price, PriceTable, RunContext, build_agent, tool
+from keel import Ledger, Persistence, Price, PriceTable, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
-from keel.guards import Budget, BudgetVerdict, Policy, Rule, check_budget
+from keel.guards import Budget, BudgetVerdict, PeriodBudget, Policy, Rule, check_budget
 from keel.nodes import valid_history
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
@@ -299,16 +300,16 @@ def test_a_parallel_batch_runs_the_calls_that_fit_the_tool_call_budget() -> None
     assert tool_statuses(final["messages"]) == ["success", "success", "budget_stopped"]
 
 
-def test_raising_the_budget_and_resuming_the_thread_continues_where_it_stopped(
+def test_a_new_message_after_a_budget_stop_is_a_new_run_with_its_own_budget(
     db_url: str,
 ) -> None:
     """What works, on a real checkpointer.
 
     A budget stop ends the graph (`next == ()`): nothing is pending, so `invoke(None)` is a
-    no-op. Usage is kept in the thread's state, so the same budget stops a new message at
-    once (the stop cannot be bypassed by asking again). With a bigger budget, a new user
-    message on the same thread continues: the model sees everything so far, including the
-    calls that were not run, and the usage keeps adding up.
+    no-op. A run budget is per run (a task on a thread): a new user message on the same thread
+    starts a new run, which may spend its own budget (per-user and per-tenant period budgets
+    are what bound a thread across runs). The model sees everything so far, including the calls
+    that were not run, and the thread's usage keeps adding up.
     """
     counter = Counter()
 
@@ -331,18 +332,12 @@ def test_raising_the_budget_and_resuming_the_thread_continues_where_it_stopped(
         assert counter.ran == ["1"]
         assert small.get_state(config).next == ()
 
-        # the same budget: a new message stops again before any model call
-        again = small.invoke({"messages": [("user", "continue")]}, config, context=CTX)
-        assert again["outcome"]["detail"] == detail
-        assert len(model.calls) == 2
-
-        bigger = agent_for(model, counter, Budget(model_calls=10), saver)
         # input None: the graph has ended, so nothing runs and nothing changes
-        unchanged = bigger.invoke(None, config, context=CTX)
+        unchanged = small.invoke(None, config, context=CTX)
         assert unchanged["outcome"]["detail"] == detail
         assert len(model.calls) == 2
 
-        final = bigger.invoke({"messages": [("user", "continue")]}, config, context=CTX)
+        final = small.invoke({"messages": [("user", "continue")]}, config, context=CTX)
 
     assert final["outcome"] == {
         "status": "success",
@@ -351,9 +346,9 @@ def test_raising_the_budget_and_resuming_the_thread_continues_where_it_stopped(
     }
     assert counter.ran == ["1", "2"]
     assert final["messages"][-1].text == "1 and 2 found."
-    assert final["usage"]["model_calls"] == 4
+    assert final["usage"]["model_calls"] == 4  # the thread's totals
     assert final["usage"]["tool_calls"] == 2
-    # the resumed model call saw the whole thread, with the cut-off call answered
+    # the new run's first model call saw the whole thread, with the cut-off call answered
     seen = model.calls[2]
     assert [m.response_metadata.get("keel_status") for m in seen if isinstance(m, ToolMessage)] == [
         "success",
@@ -361,6 +356,57 @@ def test_raising_the_budget_and_resuming_the_thread_continues_where_it_stopped(
     ]
     assert isinstance(seen[-1], HumanMessage) and seen[-1].text == "continue"
     assert valid_history(final["messages"]) == final["messages"]
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_run_budget_counts_only_the_current_run(db_url: str, mode: str) -> None:
+    """Two runs on one thread, each under the run budget, their sum over it: the second is not
+    stopped. The per-user period budget, which counts both, stops the third."""
+    counter = Counter()
+    ledger = Ledger(db_url)
+    # each run: a lookup and an answer = 2 model calls, 1 tool call, $0.20
+    script = [*lookups(1, "one"), *lookups(1, "two"), *lookups(1, "three")]
+    model = ScriptedChatModel(script=script)
+    policy = Policy(
+        budget=Budget(model_calls=3, tool_calls=1, usd=0.35),
+        period_budgets=(PeriodBudget(scope="user", period="month", usd=0.5),),
+        rules=ALLOW_ALL,
+    )
+    config: Any = {"configurable": {"thread_id": f"two-runs-{mode}"}}
+    persistence = Persistence(db_url)
+    async with AsyncExitStack() as stack:
+        if mode == "invoke":
+            saver = stack.enter_context(persistence.checkpointer())
+        else:
+            saver = await stack.enter_async_context(persistence.acheckpointer())
+        agent = build_agent(
+            model, counter.tools(), policy=policy, prices=PRICES, checkpointer=saver,
+            ledger=ledger,
+        )  # fmt: skip
+        first = await run(agent, {"messages": [("user", "one")]}, mode, config)
+        second = await run(agent, {"messages": [("user", "two")]}, mode, config)
+        assert counter.ran == ["1", "1"]
+        third = await run(agent, {"messages": [("user", "three")]}, mode, config)
+    assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+    assert second["outcome"]["terminated_reason"] == "completed", second["outcome"]
+    assert second["usage"]["model_calls"] == 4 and second["usage"]["tool_calls"] == 2
+    assert abs(second["usage"]["usd"] - 0.4) < 1e-9  # the thread's totals are past the budget
+    # the month's $0.50 counts every run: its third lookup spends it, the answer is refused
+    assert third["outcome"]["terminated_reason"] == "budget_exceeded", third["outcome"]
+    assert third["outcome"]["detail"].startswith("Exceeded the user monthly usd budget of 0.5")
+    await ledger.aclose()
+
+
+def test_the_planners_calls_count_towards_the_run_budget() -> None:
+    model = ScriptedChatModel(
+        script=lookups(1), structured={"Plan": {"steps": ["look up", "answer"]}}
+    )
+    policy = Policy(budget=Budget(model_calls=2), rules=ALLOW_ALL)
+    agent = build_agent(model, Counter().tools(), policy=policy, plan=True)
+    final = agent.invoke({"messages": [("user", "go")]}, context=CTX)
+    # plan (1) + lookup (2): the answer would be the 3rd model call
+    assert final["outcome"]["terminated_reason"] == "budget_exceeded", final["outcome"]
+    assert final["usage"]["model_calls"] == 2
 
 
 def test_budget_warnings_appear_past_the_soft_ratio() -> None:

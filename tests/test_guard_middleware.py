@@ -130,6 +130,21 @@ async def test_budget_middleware_stops_tool_calls_past_the_limit() -> None:
     assert outcome_of(result)["terminated_reason"] == "budget_exceeded"
 
 
+def test_budget_middleware_counts_only_the_current_run() -> None:
+    script = [
+        call("lookup_order", order_id="A1"),
+        "one",
+        call("lookup_order", order_id="A2"),
+        "two",
+    ]
+    graph = agent(script, [BudgetMiddleware(Budget(model_calls=3))], checkpointer=InMemorySaver())
+    first = run(graph, thread="two-runs")
+    second = run(graph, thread="two-runs")  # 4 model calls on the thread, 2 in this run
+    assert first["messages"][-1].content == "one"
+    assert second["messages"][-1].content == "two"
+    assert RUNS == ["lookup_order A1", "lookup_order A2"]
+
+
 def test_budget_middleware_counts_dollars_from_usage_metadata() -> None:
     pricey = AIMessage(
         content="",

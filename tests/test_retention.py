@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import time
 from datetime import timedelta
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -11,10 +12,13 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
+from keel import Ledger, RunContext
 from keel.app.cli import main as keel_main
 from keel.db.checkpoint.retention import PruneReport, _id_time
 from keel.db.persistence import Persistence
 from keel.errors import UserError
+from keel.guards import PeriodBudget
+from keel.guards.spend import Reservation, reserve_flow, settle_flow, spent_flow
 
 Mode = Literal["sync", "async"]
 STEPS = 6
@@ -215,3 +219,41 @@ def test_cli_threads_prune(db_url: str, capsys: pytest.CaptureFixture[str]) -> N
 
 def _fields(report: PruneReport) -> dict[str, Any]:
     return {name: getattr(report, name) for name in PruneReport.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_prune_releases_expired_budget_reservations(db_url: str, mode: Mode) -> None:
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(scope="user", period="month", usd=10, reservation_ttl=60)
+    ctx = RunContext(user_id="u1", tenant_id="acme")
+    now = time.time()
+    # A process that died mid-call left its reservation behind (reserved 2 minutes ago)...
+    stale = ledger.run(reserve_flow([budget], ctx, 4.0, 400, now - 120))
+    # ...and a call in flight holds a live one.
+    live = ledger.run(reserve_flow([budget], ctx, 3.0, 300, now))
+    assert isinstance(stale, Reservation) and isinstance(live, Reservation)
+
+    def held() -> list[Any]:
+        return ledger.run(_rows_flow("SELECT id FROM keel_reservations ORDER BY id"))
+
+    assert len(held()) == 2
+    dry = await _prune(db_url, mode, keep_last=5, dry_run=True)
+    assert dry.reservations_released == 1 and len(held()) == 2  # a dry run deletes nothing
+    report = await _prune(db_url, mode, keep_last=5)
+    assert report.reservations_released == 1
+    assert "released 1 expired budget reservations" in report.summary()
+    assert [r[0] for r in held()] == [live.rows[0][0]]  # the live one is kept
+    assert ledger.run(spent_flow(budget, ctx, now)) == (0.0, 0)  # released: nothing spent
+    # The stale call finishes after all: its cost still settles, once.
+    ledger.run(settle_flow(stale, 1.5, 150))
+    ledger.run(settle_flow(live, 2.0, 200))
+    assert ledger.run(spent_flow(budget, ctx, now)) == (3.5, 350)
+    assert held() == []
+    again = await _prune(db_url, mode, keep_last=5)
+    assert again.reservations_released == 0
+    ledger.close()
+
+
+def _rows_flow(sql: str) -> Any:
+    rows = yield (sql, ())
+    return rows

@@ -9,17 +9,19 @@ rejected never runs, standing approval or not.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 from langchain_core.messages import ToolMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
 
-from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
+from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
 from keel.approvals import approval_digest
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
@@ -261,3 +263,60 @@ def test_a_user_scoped_approval_needs_the_ledger(tmp_path: Any) -> None:
         assert shop.done == []
         answer(agent, {"type": "approve"})  # the refused answer did not stick
         assert shop.done == [("A1", 1)]
+
+
+def _rename_table(db_url: str, old: str, new: str) -> None:
+    """Break (or mend) the ledger's standing-approvals table from another connection."""
+    statement = f"ALTER TABLE {old} RENAME TO {new}"
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(statement)
+    else:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_unreadable_standing_store_fails_closed_and_says_so(
+    db_url: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    shop = Refunds()
+    ledger = Ledger(db_url)
+    always = {"scope": "user", "ttl_seconds": 600}
+    script = [refund("A1", 10), "ok"]
+    persistence = Persistence(db_url)
+    async with AsyncExitStack() as stack:
+        if mode == "sync":
+            saver = stack.enter_context(persistence.checkpointer())
+        else:
+            saver = await stack.enter_async_context(persistence.acheckpointer())
+        model = ScriptedChatModel(script=script)
+        agent = build_agent(model, shop.tools(), policy=POLICY, checkpointer=saver, ledger=ledger)
+
+        async def run(payload: Any, thread: str) -> dict[str, Any]:
+            config = {"configurable": {"thread_id": thread}}
+            if mode == "sync":
+                out: dict[str, Any] = agent.invoke(payload, config, context=SUPPORT)
+            else:
+                out = await agent.ainvoke(payload, config, context=SUPPORT)
+            return out
+
+        await run({"messages": [("user", "refund A1")]}, "first")
+        await run(Command(resume={"type": "approve", "always": always}), "first")
+        assert shop.done == [("A1", 10)]
+        _rename_table(db_url, "keel_standing_approvals", "keel_standing_gone")
+        with caplog.at_level("ERROR", logger="keel.guards"):
+            blind = await run({"messages": [("user", "refund A1 again")]}, "second")
+        assert blind["outcome"]["status"] == "interrupted"  # asks a human: never allowed blind
+        assert shop.done == [("A1", 10)]
+        (warning,) = blind["warnings"]
+        assert warning.startswith("standing approvals: could not be read (")
+        assert "could not read standing approvals, so none apply" in caplog.text
+        records = {r.thread_id: r for r in RunLog(ledger).query()}
+        assert "degraded: standing approvals: could not be read" in records["second"].detail
+        _rename_table(db_url, "keel_standing_gone", "keel_standing_approvals")
+        control = await run({"messages": [("user", "refund A1 once more")]}, "third")
+        assert control["outcome"]["terminated_reason"] == "completed"  # the store is back
+        assert shop.done == [("A1", 10), ("A1", 10)]
+        assert "warnings" not in control or control["warnings"] == []
+    ledger.close()

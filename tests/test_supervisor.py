@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
 from keel import Persistence, RunContext, UserError, build_agent
@@ -196,3 +197,21 @@ def test_model_router_uses_structured_route_output() -> None:
 def _lookup(q: str) -> str:
     """Look something up."""
     return f"{q}: here"
+
+
+def test_the_routers_run_budget_counts_only_the_current_run() -> None:
+    def route(messages: Sequence[BaseMessage]) -> dict[str, str]:
+        done = isinstance(messages[-1], AIMessage) and messages[-1].name == "a"
+        return {"agent": FINISH if done else "a", "task": "look it up"}
+
+    router = ScriptedChatModel(structured={"Route": route})
+    agent = build_agent(ScriptedChatModel(script=["found it"] * 10), [_lookup])
+    # each run: the router routes to `a`, then finishes (2 calls); two runs make 4
+    rules = (Rule(tool="*", action="allow"),)
+    tight = Policy(name="router", rules=rules, budget=Budget(model_calls=3))
+    supervisor = build_supervisor({"a": agent}, router, policy=tight, checkpointer=InMemorySaver())
+    first = supervisor.invoke({"messages": [("user", "find x")]}, _config("runs"), context=CTX)
+    second = supervisor.invoke({"messages": [("user", "find y")]}, _config("runs"), context=CTX)
+    assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+    assert second["outcome"]["terminated_reason"] == "completed", second["outcome"]
+    assert len(router.calls) == 4

@@ -301,7 +301,7 @@ def review_records(tools: ToolRegistry) -> Derive:
             if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
                 review = _Review(m.name, m.tool_call_id, args, who, tools)
                 out.append(review.record("responded", None, m.text))
-        return out
+        return [*out, *content_records(state, update, context, who)]
 
     return derive
 

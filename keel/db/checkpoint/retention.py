@@ -17,6 +17,12 @@ What is kept:
   deltas across checkpoints) and are reported as skipped.
 
 Idle time comes from the thread's newest checkpoint id, a time-based UUID (version 6).
+
+When keel's ledger lives in the same database, a prune also releases the period-budget
+reservations (`keel_reservations`) that expired: a model call holds one only while it runs, a
+process that died mid-call leaves its row behind, and budgets already ignore expired rows, so
+deleting them frees nothing anyone counts. No spend is recorded for them (that is what
+"released" means); a call that outlived its reservation still settles its cost when it ends.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class PruneReport:
     """Rows of `checkpoint_writes` (`writes` on SQLite)."""
     blobs_deleted: int = 0
     """Rows of `checkpoint_blobs` (PostgreSQL only; SQLite keeps values in the checkpoint)."""
+    reservations_released: int = 0
+    """Expired period-budget reservations deleted (with keel's ledger in the same database)."""
 
     def summary(self) -> str:
         """One line for people: what went (or would go)."""
@@ -71,6 +79,8 @@ class PruneReport:
             f"{len(self.threads_trimmed)} threads; {self.checkpoints_deleted} checkpoints, "
             f"{self.writes_deleted} writes, {self.blobs_deleted} blobs"
         )
+        if self.reservations_released:
+            text += f"; released {self.reservations_released} expired budget reservations"
         return text + (f"; skipped {len(self.threads_skipped)}" if self.threads_skipped else "")
 
 
@@ -80,7 +90,7 @@ class _Tally:
     trimmed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     counts: dict[str, int] = field(
-        default_factory=lambda: {"checkpoints": 0, "writes": 0, "blobs": 0}
+        default_factory=lambda: {"checkpoints": 0, "writes": 0, "blobs": 0, "reservations": 0}
     )
 
     def report(self, dry_run: bool) -> PruneReport:
@@ -92,6 +102,7 @@ class _Tally:
             checkpoints_deleted=self.counts["checkpoints"],
             writes_deleted=self.counts["writes"],
             blobs_deleted=self.counts["blobs"],
+            reservations_released=self.counts["reservations"],
         )
 
 
@@ -128,6 +139,13 @@ _THREAD_TABLES = {
         ("checkpoint_blobs", "blobs"),
     ),
 }
+_HAS_RESERVATIONS = {
+    "sqlite": "SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+    "AND name = 'keel_reservations'",
+    "postgres": "SELECT count(*) FROM pg_catalog.pg_tables WHERE tablename = 'keel_reservations' "
+    "AND schemaname = ANY(current_schemas(false))",
+}
+_EXPIRED_RESERVATIONS_SQL = "DELETE FROM keel_reservations WHERE expires_at <= {p}"
 _VERSIONS_SQL = """
 SELECT checkpoint_id, v.key, v.value FROM checkpoints
 CROSS JOIN LATERAL jsonb_each_text(checkpoint -> 'channel_versions') AS v
@@ -175,7 +193,21 @@ def prune_flow(
         else:
             dry_run_or_busy = dry_run
         yield ("ROLLBACK" if dry_run_or_busy else "COMMIT"), ()
+    yield from _release_expired_reservations(dialect, time.time(), dry_run, tally)
     return tally.report(dry_run)
+
+
+def _release_expired_reservations(
+    dialect: Dialect, now: float, dry_run: bool, tally: _Tally
+) -> Generator[Any, Result, None]:
+    """Delete `keel_reservations` rows that expired by `now`, if keel's ledger is here."""
+    (((present,),), _) = yield _HAS_RESERVATIONS[dialect], ()
+    if not present:
+        return
+    yield "BEGIN", ()  # read committed on PostgreSQL: a row a settle deleted is just skipped
+    _, count = yield _sql(dialect, _EXPIRED_RESERVATIONS_SQL), (now,)
+    tally.counts["reservations"] += count
+    yield ("ROLLBACK" if dry_run else "COMMIT"), ()
 
 
 def _delete_idle(dialect: Dialect, thread_id: str, tally: _Tally) -> Generator[Any, Result, bool]:

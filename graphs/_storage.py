@@ -1,0 +1,118 @@
+"""A run whose checkpointer fails ends with an outcome, not a raw database error.
+
+When the checkpointer's database fails mid-run (a PostgreSQL connection killed twice, a pool
+with no connection, an SQLite file that turned read-only or stays locked), LangGraph raises
+the driver's error out of `invoke` / `stream`. keel's graphs end such a run with
+`outcome = {status: "error", terminated_reason: "storage", detail}` instead:
+
+- `invoke` / `ainvoke` (and `stream` with `"values"` among its modes) return (or yield last)
+  the latest state the run reached, with that outcome. That state is *not* saved past the last
+  checkpoint that was; the detail says so, and the thread resumes from its last saved
+  checkpoint (`invoke(None, config)`) once the database is back.
+- A stream without `"values"` has no place for a state: it raises `keel.StorageError`
+  carrying the outcome (`exc.outcome`), chained to the driver's error.
+
+A graph that runs as a node of another graph (a subgraph) lets the error through to its parent.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
+
+from keel import outcome
+from keel._node import inside_task
+from keel.errors import SetupError, StorageError
+from keel.graphs._chunks import ChunkShape
+from keel.redact import sanitized_logger
+from keel.state import Outcome
+
+__all__ = ["STORAGE_FAILURES", "StreamEnding", "at_top", "storage_error", "storage_outcome"]
+
+log = sanitized_logger("keel.graphs")
+
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (
+    StorageError,
+    SetupError,
+    sqlite3.Error,
+    psycopg.Error,
+)
+"""What a checkpointer raises when its database fails: keel's own errors and the drivers'."""
+
+
+def at_top(config: RunnableConfig | None) -> bool:
+    """Whether a graph runs as the caller's run (not as another graph's node)."""
+    return not inside_task(ensure_config(config))
+
+
+def storage_outcome(exc: BaseException) -> Outcome:
+    """The outcome of a run that ended on `exc`, a failure of its storage."""
+    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    return outcome.storage_failed(
+        f"storage failed: {type(exc).__name__}: {text}. The state of this run is not saved "
+        "past its last saved checkpoint; resume the thread (invoke(None, config)) once the "
+        "database is back"
+    )
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """`exc` as a `keel.StorageError` carrying the run's outcome (chain it with `from exc`)."""
+    ended = storage_outcome(exc)
+    return StorageError(
+        f"the run ended: {ended['detail']}",
+        in_doubt=getattr(exc, "in_doubt", False),
+        outcome={key: str(value) for key, value in ended.items()},
+    )
+
+
+class StreamEnding:
+    """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
+
+    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows).
+    """
+
+    def __init__(self, graph_mode: Any, kwargs: dict[str, Any]) -> None:
+        self.shape = ChunkShape(graph_mode, kwargs)
+        self.latest: dict[str, Any] = {}
+
+    def see(self, chunk: Any) -> None:
+        """Keep `chunk`'s state if it is a top-level `values` chunk."""
+        parts = self.shape.parts(chunk)
+        if (
+            parts is not None
+            and parts[1] == "values"
+            and not parts[0]
+            and isinstance(parts[2], dict)
+        ):
+            self.latest = parts[2]
+
+    def last_chunk(self, exc: BaseException) -> Any:
+        """The `values` chunk that ends the stream, or raise `StorageError` without one."""
+        log.warning("a run ended on a storage failure: %s", exc)
+        if "values" not in self.shape.modes:
+            raise storage_error(exc) from exc
+        state = {**self.latest, "outcome": storage_outcome(exc)}
+        return self.shape.make((), "values", state, {"interrupts": ()})
+
+    def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        """`chunks`, ended by `last_chunk` when storage fails."""
+        try:
+            for chunk in chunks:
+                self.see(chunk)
+                yield chunk
+        except STORAGE_FAILURES as exc:
+            yield self.last_chunk(exc)
+
+    async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """`guard` for an async stream."""
+        try:
+            async for chunk in chunks:
+                self.see(chunk)
+                yield chunk
+        except STORAGE_FAILURES as exc:
+            yield self.last_chunk(exc)

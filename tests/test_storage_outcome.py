@@ -1,0 +1,215 @@
+"""A run whose checkpointer's database fails mid-run ends with `outcome = error / storage`.
+
+The faults are real: a PostgreSQL backend terminated (twice, so the checkpointer's one retry on a
+fresh connection fails too) while it waits on a lock, an SQLite connection switched to read-only,
+an SQLite file locked by another connection, a connection closed under the saver. `invoke` /
+`ainvoke` return the latest state with that outcome; a stream without `"values"` raises
+`keel.StorageError` carrying it. Once the database is back the thread resumes and completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from test_storage_faults import InFlightKiller
+
+from keel import Persistence, RunContext, StorageError, build_agent, tool
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Policy, Rule
+
+CTX = RunContext(user_id="u1", tenant_id="acme")
+ALLOW = Policy(name="storage", rules=(Rule(tool="*", action="allow"),))
+
+
+def _agent(saver: Any, fault: Callable[[], Any]) -> Any:
+    """An agent whose tool breaks the storage once (the fault), then answers."""
+    done: list[bool] = []
+
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order (and, the first time, break the database)."""
+        if not done:
+            done.append(True)
+            fault()
+        return f"order {order_id}: delivered"
+
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "It was delivered."])
+    return build_agent(model, [lookup], policy=ALLOW, checkpointer=saver)
+
+
+def _assert_storage(result: Any) -> None:
+    ended = result["outcome"]
+    assert ended["status"] == "error" and ended["terminated_reason"] == "storage", ended
+    assert "not saved" in ended["detail"] and "resume" in ended["detail"]
+
+
+def test_sqlite_turned_read_only_mid_run_ends_with_a_storage_outcome(tmp_path: Path) -> None:
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = _agent(saver, lambda: saver.conn.execute("PRAGMA query_only = ON"))
+        config: Any = {"configurable": {"thread_id": "ro"}}
+        result = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        _assert_storage(result)
+        assert "readonly" in result["outcome"]["detail"]
+        assert result["messages"][0].content == "where is A1?"  # the latest state it reached
+        saver.conn.execute("PRAGMA query_only = OFF")  # the database is back: resume
+        done = agent.invoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+        assert done["messages"][-1].content == "It was delivered."
+
+
+def test_sqlite_locked_by_another_connection_ends_with_a_storage_outcome(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    def lock() -> None:
+        saver.conn.execute("PRAGMA busy_timeout = 50")
+        other.execute("BEGIN EXCLUSIVE")
+
+    with Persistence(f"sqlite:///{path}").checkpointer() as saver:
+        agent = _agent(saver, lock)
+        config: Any = {"configurable": {"thread_id": "locked"}}
+        result = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        _assert_storage(result)
+        assert "locked" in result["outcome"]["detail"]
+        other.execute("COMMIT")
+        done = agent.invoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    other.close()
+
+
+async def test_async_sqlite_read_only_ends_with_a_storage_outcome(tmp_path: Path) -> None:
+    async with Persistence(f"sqlite:///{tmp_path}/k.db").acheckpointer() as saver:
+        loop = asyncio.get_running_loop()
+
+        def read_only() -> None:  # the tool runs in a worker thread; aiosqlite's loop is ours
+            asyncio.run_coroutine_threadsafe(
+                saver.conn.execute("PRAGMA query_only = ON"), loop
+            ).result(timeout=10)
+
+        agent = _agent(saver, read_only)
+        config: Any = {"configurable": {"thread_id": "aro"}}
+        result = await agent.ainvoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        _assert_storage(result)
+        await saver.conn.execute("PRAGMA query_only = OFF")
+        done = await agent.ainvoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+
+
+def test_a_stream_without_values_raises_storage_error_carrying_the_outcome(
+    tmp_path: Path,
+) -> None:
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = _agent(saver, lambda: saver.conn.execute("PRAGMA query_only = ON"))
+        config: Any = {"configurable": {"thread_id": "updates"}}
+        seen: list[Any] = []
+        with pytest.raises(StorageError) as caught:
+            for chunk in agent.stream(
+                {"messages": [("user", "go")]}, config, context=CTX, stream_mode="updates"
+            ):
+                seen.append(chunk)
+        assert seen, "the run streamed its first steps before the fault"
+        assert caught.value.outcome is not None
+        assert caught.value.outcome["terminated_reason"] == "storage"
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+
+
+def test_a_values_stream_ends_with_a_chunk_carrying_the_outcome(tmp_path: Path) -> None:
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = _agent(saver, lambda: saver.conn.execute("PRAGMA query_only = ON"))
+        config: Any = {"configurable": {"thread_id": "values"}}
+        chunks = list(
+            agent.stream(
+                {"messages": [("user", "go")]}, config, context=CTX,
+                stream_mode=["updates", "values"],
+            )
+        )  # fmt: skip
+        mode, last = chunks[-1]
+        assert mode == "values"
+        _assert_storage(last)
+
+
+def test_storage_gone_before_the_run_starts_still_ends_with_an_outcome(tmp_path: Path) -> None:
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = _agent(saver, lambda: None)
+        saver.conn.close()  # the thread's first read fails
+        result = agent.invoke(
+            {"messages": [("user", "go")]}, {"configurable": {"thread_id": "x"}}, context=CTX
+        )
+        _assert_storage(result)
+        assert set(result) == {"outcome"}  # no state was read, none is made up
+
+
+class KillUntilDone:
+    """Locks LangGraph's `checkpoints` table and terminates every backend that waits on it
+    (the checkpointer's writes, and each of its retries on a fresh connection) until `stop()`:
+    the database is reachable, but no checkpoint write gets through."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.killed = url, 0
+        self._stop, self._locked = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._locked.wait(timeout=10)
+
+    def _run(self) -> None:
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        with psycopg.connect(self.url) as admin, psycopg.connect(self.url, autocommit=True) as k:
+            admin.execute("LOCK TABLE checkpoints IN ACCESS EXCLUSIVE MODE")
+            self._locked.set()
+            deadline = time.monotonic() + 30
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                for (pid,) in k.execute(waiting).fetchall():
+                    k.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    self.killed += 1
+                time.sleep(0.01)
+            admin.rollback()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+@pytest.mark.postgres
+def test_postgres_connections_killed_twice_end_with_a_storage_outcome(
+    fresh_postgres_url: str,
+) -> None:
+    killer = InFlightKiller(fresh_postgres_url)
+    with Persistence(fresh_postgres_url).checkpointer() as saver:
+        agent = _agent(saver, lambda: killer.arm("checkpoints", times=2))
+        config: Any = {"configurable": {"thread_id": "pg"}}
+        result = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        killer.join()
+        _assert_storage(result)
+        assert killer.killed == ["checkpoints", "checkpoints"]  # the write and its one retry
+        assert "lost its PostgreSQL connection twice" in result["outcome"]["detail"]
+        done = agent.invoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+
+
+@pytest.mark.postgres
+async def test_async_postgres_connections_killed_end_with_a_storage_outcome(
+    fresh_postgres_url: str,
+) -> None:
+    killer = KillUntilDone(fresh_postgres_url)
+    async with Persistence(fresh_postgres_url).acheckpointer() as saver:
+        agent = _agent(saver, killer.start)
+        config: Any = {"configurable": {"thread_id": "apg"}}
+        result = await agent.ainvoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        await asyncio.to_thread(killer.stop)
+        _assert_storage(result)
+        assert killer.killed >= 2  # the group commit and its retry on a fresh connection
+        done = await agent.ainvoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
