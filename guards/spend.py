@@ -238,14 +238,17 @@ class SpendMeter:
         return await self.ledger.arun(flow)
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
-        """Record the call's real cost (or release the reservation with `usd=None`)."""
-        self.ledger.run(settle_flow(reservation, usd, tokens))
+        """Record the call's real cost (or release the reservation with `usd=None`).
+
+        Inside a `Ledger.batch()` scope (a keel node) it commits with the scope's next write.
+        """
+        self.ledger.defer(settle_flow(reservation, usd, tokens))
 
     async def asettle(
         self, reservation: Reservation, usd: float | None, tokens: int | None
     ) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`), async."""
-        await self.ledger.arun(settle_flow(reservation, usd, tokens))
+        await self.ledger.adefer(settle_flow(reservation, usd, tokens))
 
     def spent(self, budget: PeriodBudget, context: RunContext) -> tuple[float, int]:
         """`(usd, tokens)` spent in the current period of `budget` for `context`."""

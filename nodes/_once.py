@@ -1,8 +1,9 @@
 """At most once: a side-effecting call goes through the idempotency ledger.
 
 `once_steps` is the decision, written once as a generator (as `httpx` writes `auth_flow`): it
-yields `("ledger", flow)`, `("run", None)` or `("reconcile", None)` and is sent each step's
-result; `drive_once` and `adrive_once` are its sync and async drivers.
+yields `("ledger", flow)`, `("record", flow)` (a result nobody reads: deferred to the node's
+ledger batch), `("run", None)` or `("reconcile", None)` and is sent each step's result;
+`drive_once` and `adrive_once` are its sync and async drivers.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ __all__ = [
 SAVE_WAIT = 30.0
 """Seconds a side-effecting call waits for the checkpoint holding its request to be saved."""
 
-Step = tuple[Literal["ledger", "run", "reconcile"], Flow[Any] | None]
+Step = tuple[Literal["ledger", "record", "run", "reconcile"], Flow[Any] | None]
 _FAILED = object()  # a reconcile function raised: the outcome stays unknown
 
 
@@ -171,7 +172,7 @@ def once_steps(
     ran: ToolMessage = yield "run", None
     success = ran.response_metadata.get("keel_status") == "success"
     done: Literal["completed", "failed"] = "completed" if success else "failed"
-    yield "ledger", finish_flow(thread, call_id, done, _fields(ran))
+    yield "record", finish_flow(thread, call_id, done, _fields(ran))
     return ran
 
 
@@ -202,6 +203,9 @@ def drive_once(
             if kind == "ledger":
                 assert flow is not None
                 value = ledger.run(flow)
+            elif kind == "record":
+                assert flow is not None
+                value = ledger.defer(flow)
             elif kind == "run":
                 value = run()
             else:
@@ -227,6 +231,9 @@ async def adrive_once(
             if kind == "ledger":
                 assert flow is not None
                 value = await ledger.arun(flow)
+            elif kind == "record":
+                assert flow is not None
+                value = await ledger.adefer(flow)
             elif kind == "run":
                 value = await run()
             else:

@@ -10,19 +10,26 @@ Logic that talks to the database is written once, as a *flow*: a generator that 
 at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
 (a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
 and `{for_update}` where a row lock belongs.
+
+Records whose result nobody reads (a settled reservation, a rate bucket's refund, a breaker's
+success, an audit record, a tool call's result) may be *deferred* inside a `batch()` scope: they
+run at the start of the scope's next transaction, or together when the scope ends. keel opens
+one scope per graph node, so what a node writes after its model or tool call commits in one
+transaction before the node returns, instead of one transaction per record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -77,16 +84,99 @@ class Ledger:
     # -- drivers -----------------------------------------------------------------------------
 
     def run(self, flow: Flow[T]) -> T:
-        """Run `flow` in one transaction (sync)."""
+        """Run `flow` in one transaction (sync), after the records deferred in this scope."""
         if not self._ready:
             self.setup()
-        return self._run(flow)
+        return self._run(self._with_deferred(flow))
 
     async def arun(self, flow: Flow[T]) -> T:
-        """Run `flow` in one transaction (async)."""
+        """Run `flow` in one transaction (async), after the records deferred in this scope."""
         if not self._ready:
             await self.asetup()
-        return await self._arun(flow)
+        return await self._arun(self._with_deferred(flow))
+
+    # -- deferred records --------------------------------------------------------------------
+
+    def defer(self, flow: Flow[Any]) -> None:
+        """Run `flow`, a record whose result nobody reads, with the scope's next transaction.
+
+        Outside a `batch()` scope it runs now, in a transaction of its own.
+        """
+        if not self._enqueue(flow):
+            self.run(flow)
+
+    async def adefer(self, flow: Flow[Any]) -> None:
+        """`defer` under `ainvoke`."""
+        if not self._enqueue(flow):
+            await self.arun(flow)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """A scope whose deferred records commit with its next transaction, or on exit.
+
+        The exit commits them even when the scope raises; nested scopes join the outer one.
+        """
+        if self._scope() is not None:
+            yield
+            return
+        token = _BATCH.set(_Batch(self))
+        try:
+            yield
+        finally:
+            pending = self._take()
+            _BATCH.reset(token)
+            if pending:
+                self.run(_chain(pending, _nothing()))
+
+    @asynccontextmanager
+    async def abatch(self) -> AsyncIterator[None]:
+        """`batch` under `ainvoke`."""
+        if self._scope() is not None:
+            yield
+            return
+        token = _BATCH.set(_Batch(self))
+        try:
+            yield
+        finally:
+            pending = self._take()
+            _BATCH.reset(token)
+            if pending:
+                await self.arun(_chain(pending, _nothing()))
+
+    @property
+    def deferred(self) -> int:
+        """How many records wait in this scope's batch for its next transaction."""
+        batch = self._scope()
+        return 0 if batch is None else len(batch.flows)
+
+    @property
+    def batching(self) -> bool:
+        """Whether a `batch()` scope of this ledger is open here (deferred records wait)."""
+        return self._scope() is not None
+
+    def _scope(self) -> _Batch | None:
+        batch = _BATCH.get()
+        return batch if batch is not None and batch.ledger is self else None
+
+    def _enqueue(self, flow: Flow[Any]) -> bool:
+        batch = self._scope()
+        if batch is None:
+            return False
+        with batch.lock:
+            batch.flows.append(flow)
+        return True
+
+    def _take(self) -> list[Flow[Any]]:
+        batch = self._scope()
+        if batch is None:
+            return []
+        with batch.lock:
+            pending, batch.flows = batch.flows, []
+        return pending
+
+    def _with_deferred(self, flow: Flow[T]) -> Flow[T]:
+        pending = self._take()
+        return _chain(pending, flow) if pending else flow
 
     def setup(self) -> None:
         """Create or upgrade keel's tables (`keel.db.migrations`; idempotent, concurrency-safe).
@@ -266,6 +356,32 @@ class Ledger:
                     ) from exc
                 self._apool = pool
             return self._apool
+
+
+class _Batch:
+    """The records deferred in one `Ledger.batch()` scope (shared by the tasks it starts)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.flows: list[Flow[Any]] = []
+        self.lock = threading.Lock()
+
+
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
+    "keel_ledger_batch", default=None
+)
+
+
+def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
+    """The deferred records, then `flow`: one transaction, whose reads see those records."""
+    for record in pending:
+        yield from record
+    return (yield from flow)
+
+
+def _nothing() -> Flow[None]:
+    return
+    yield  # a generator with no steps
 
 
 _ATTEMPTS = 3

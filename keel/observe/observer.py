@@ -91,6 +91,7 @@ class Observer:
         policy_name: str | None = None,
         policy_version: str = "1",
     ) -> None:
+        self.ledger = ledger
         self.audit = AuditLog(ledger)
         self.runs = RunLog(ledger)
         self.graph = graph
@@ -113,7 +114,13 @@ class Observer:
 
 
 def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> RunnableCallable:
-    """`node`, followed by writing the audit records `derive` finds in its update."""
+    """`node`, followed by writing the audit records `derive` finds in its update.
+
+    One ledger batch per node call: what the node records after its model or tool call
+    (settled spend, rate refunds, breaker successes, tool results) and its audit records commit
+    in one transaction before the node returns. A failed audit write is logged, unless it
+    carried such records: then the node fails, as their own write would have.
+    """
 
     def records(state: AgentState, update: Any, config: RunnableConfig, runtime: Any) -> list[Any]:
         if not isinstance(update, Mapping):
@@ -122,19 +129,27 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
         return derive(state, update, context, observer.who(config, context))
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update = node.invoke(state, config)
-        try:
-            observer.audit.write(records(state, update, config, runtime))
-        except Exception as exc:
-            log.error("keel could not write the audit log: %r", exc)
+        with observer.ledger.batch():
+            update = node.invoke(state, config)
+            carried = observer.ledger.deferred
+            try:
+                observer.audit.write(records(state, update, config, runtime))
+            except Exception as exc:
+                if carried:
+                    raise
+                log.error("keel could not write the audit log: %r", exc)
         return update
 
     async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update = await node.ainvoke(state, config)
-        try:
-            await observer.audit.awrite(records(state, update, config, runtime))
-        except Exception as exc:
-            log.error("keel could not write the audit log: %r", exc)
+        async with observer.ledger.abatch():
+            update = await node.ainvoke(state, config)
+            carried = observer.ledger.deferred
+            try:
+                await observer.audit.awrite(records(state, update, config, runtime))
+            except Exception as exc:
+                if carried:
+                    raise
+                log.error("keel could not write the audit log: %r", exc)
         return update
 
     return RunnableCallable(run, arun, name=node.name, trace=False)
