@@ -240,15 +240,16 @@ class SpendMeter:
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`).
 
-        Inside a `Ledger.batch()` scope (a keel node) it commits with the scope's next write.
+        It commits now (a failure ends the run as a storage error, the call counted), with the
+        records deferred before it (the call's rate refund and breaker success).
         """
-        self.ledger.defer(settle_flow(reservation, usd, tokens))
+        self.ledger.run(settle_flow(reservation, usd, tokens))
 
     async def asettle(
         self, reservation: Reservation, usd: float | None, tokens: int | None
     ) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`), async."""
-        await self.ledger.adefer(settle_flow(reservation, usd, tokens))
+        await self.ledger.arun(settle_flow(reservation, usd, tokens))
 
     def spent(self, budget: PeriodBudget, context: RunContext) -> tuple[float, int]:
         """`(usd, tokens)` spent in the current period of `budget` for `context`."""

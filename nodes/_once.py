@@ -20,6 +20,7 @@ from langchain_core.runnables import RunnableConfig
 
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
+from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
@@ -70,7 +71,11 @@ def wait_saved(config: RunnableConfig) -> bool:
     found = unsaved_checkpoint(config)
     if found is None:
         return True
+    watch, key = _watch(found)
     for pause in _pauses():
+        if watch is not None and key is not None:  # keel's saver: told when the save returns
+            if watch.wait(key, _WATCHED):
+                return True
         if found[0].get_tuple(found[1]) is not None:
             return True
         time.sleep(pause)
@@ -82,11 +87,25 @@ async def await_saved(config: RunnableConfig) -> bool:
     found = unsaved_checkpoint(config)
     if found is None:
         return True
+    watch, key = _watch(found)
     for pause in _pauses():
+        if watch is not None and key is not None:
+            if await watch.await_(key, _WATCHED):
+                return True
         if await found[0].aget_tuple(found[1]) is not None:
             return True
         await asyncio.sleep(pause)
     return False
+
+
+_WATCHED = 0.05
+"""Seconds to wait for keel's saver to report the save before asking the database."""
+
+
+def _watch(found: tuple[Any, RunnableConfig]) -> tuple[SaveWatch | None, Key | None]:
+    """The saver's `SaveWatch` (keel's savers have one) and the checkpoint's key in it."""
+    watch = getattr(found[0], "keel_saves", None)
+    return (watch, checkpoint_key(found[1])) if isinstance(watch, SaveWatch) else (None, None)
 
 
 def ledger_key(

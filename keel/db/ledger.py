@@ -11,9 +11,9 @@ at a time, across processes; one connection per thread, kept open, in WAL mode) 
 (a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
 and `{for_update}` where a row lock belongs.
 
-Records whose result nobody reads (a settled reservation, a rate bucket's refund, a breaker's
-success, an audit record, a tool call's result) may be *deferred* inside a `batch()` scope: they
-run at the start of the scope's next transaction, or together when the scope ends. keel opens
+Records whose result nobody reads (a rate bucket's refund, a breaker's success, a tool call's
+result) may be *deferred* inside a `batch()` scope: they run at the start of the scope's next
+transaction (its settled spend, its audit records), or together when the scope ends. keel opens
 one scope per graph node, so what a node writes after its model or tool call commits in one
 transaction before the node returns, instead of one transaction per record.
 """
@@ -231,6 +231,8 @@ class Ledger:
                 with self._transaction() as execute:
                     return _drive(replay.steps(), execute)
             except (psycopg.Error, PoolTimeout) as exc:
+                if _dead(exc) and self._pool is not None:
+                    self._pool.drain()  # its siblings likely died too: replace every idle one
                 if not replay.failed(exc, attempt, self):
                     return replay.result  # a read whose commit was cut off: its rows stand
             time.sleep(_backoff(attempt))
@@ -246,6 +248,8 @@ class Ledger:
                 async with pool.connection() as conn, conn.transaction():
                     return await _adrive(replay.steps(), lambda q, p: _afetch_pg(conn, q, p))
             except (psycopg.Error, PoolTimeout) as exc:
+                if _dead(exc) and self._apool is not None:
+                    await self._apool.drain()
                 if not replay.failed(exc, attempt, self):
                     return replay.result
             await asyncio.sleep(_backoff(attempt))
@@ -324,7 +328,7 @@ class Ledger:
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
             kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
-            name="keel-ledger",
+            name="keel-ledger", fresh_for=_FRESH_FOR,
         )  # fmt: skip
 
     def _sync_pool(self) -> ConnectionPool[Any]:
@@ -384,6 +388,10 @@ def _nothing() -> Flow[None]:
     yield  # a generator with no steps
 
 
+_FRESH_FOR = 2.0
+"""Seconds a pooled connection is taken without the pool's health check (a round trip) after
+one passed; a connection that died meanwhile fails its transaction, which drains the pool and
+is replayed on a fresh connection."""
 _ATTEMPTS = 3
 """Attempts of one transaction whose connection died before it committed."""
 _POOL_TIMEOUT = 10.0
@@ -495,6 +503,11 @@ def _durable_before(step: tuple[str, tuple[Any, ...]], done: bool) -> Generator[
 
 class _Diverged(psycopg.Error):
     """A replayed step returned rows other than the first attempt's."""
+
+
+def _dead(exc: Exception) -> bool:
+    """Whether `exc` says the connection died (not that the pool had none to give)."""
+    return not isinstance(exc, PoolTimeout) and connection_lost(exc)
 
 
 def _backoff(attempt: int) -> float:
