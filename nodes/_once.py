@@ -73,9 +73,9 @@ def wait_saved(config: RunnableConfig) -> bool:
         return True
     watch, key = _watch(found)
     for pause in _pauses():
-        if watch is not None and key is not None:  # keel's saver: told when the save returns
-            if watch.wait(key, _WATCHED):
-                return True
+        # keel's saver is told when the save returns
+        if watch is not None and key is not None and watch.wait(key, _WATCHED):
+            return True
         if found[0].get_tuple(found[1]) is not None:
             return True
         time.sleep(pause)
@@ -89,9 +89,8 @@ async def await_saved(config: RunnableConfig) -> bool:
         return True
     watch, key = _watch(found)
     for pause in _pauses():
-        if watch is not None and key is not None:
-            if await watch.await_(key, _WATCHED):
-                return True
+        if watch is not None and key is not None and await watch.await_(key, _WATCHED):
+            return True
         if await found[0].aget_tuple(found[1]) is not None:
             return True
         await asyncio.sleep(pause)

@@ -58,15 +58,16 @@ class SaveWatch:
         with self._changed:
             return self._changed.wait_for(lambda: key in self._seen, timeout)
 
-    async def await_(self, key: Key, timeout: float) -> bool:
-        """`wait` under `ainvoke`."""
+    async def await_(self, key: Key, within: float) -> bool:
+        """`wait` under `ainvoke` (`within`: the timeout in seconds)."""
         with self._changed:
             if key in self._seen:
                 return True
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(key, []).append(future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(within):
+                await future
             return True
         except TimeoutError:
             return False
