@@ -52,6 +52,7 @@ from keel.nodes._once import (
     tool_message,
     wait_saved,
 )
+from keel.nodes._threads import start_daemon
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext
@@ -409,8 +410,9 @@ async def _guarded_async(job: _Job, config: RunnableConfig, guard: ToolGuard | N
 def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
     """Run a sync call on its own daemon thread and wait at most `timeout` seconds.
 
-    A thread per call (not a bounded pool): a hung call never delays or starves other calls,
-    and a call reported as timed out was already running, never started later from a queue.
+    A thread per call (an idle one or a new one, never a queue: `keel.nodes._threads`): a hung
+    call never delays or starves other calls, and a call reported as timed out was already
+    running, never started later from a queue.
     """
     box: dict[str, Any] = {}
     done = threading.Event()
@@ -424,7 +426,7 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
         finally:
             done.set()
 
-    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    start_daemon(target, f"keel-tool-{job.entry.name}")
     if not done.wait(timeout):
         raise _Deadline(
             f"Error: {job.entry.name} did not finish within {timeout:g} s; its result will be "
@@ -463,7 +465,7 @@ async def _in_daemon_thread(job: _Job, config: RunnableConfig) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
             loop.call_soon_threadsafe(_settle, future, *settled)
 
-    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    start_daemon(target, f"keel-tool-{job.entry.name}")
     return await future
 
 
