@@ -223,7 +223,8 @@ def drive_once(
                 value = ledger.run(flow)
             elif kind == "record":
                 assert flow is not None
-                value = ledger.defer(flow)
+                ledger.defer(flow)
+                value = None
             elif kind == "run":
                 value = run()
             else:
@@ -251,7 +252,8 @@ async def adrive_once(
                 value = await ledger.arun(flow)
             elif kind == "record":
                 assert flow is not None
-                value = await ledger.adefer(flow)
+                await ledger.adefer(flow)
+                value = None
             elif kind == "run":
                 value = await run()
             else:
