@@ -240,8 +240,14 @@ async def adrive_once(
     ledger: Ledger,
     run: Callable[[], Any],
     known: Collection[str] | None = None,
+    *,
+    alone: bool = True,
 ) -> ToolMessage | Unknown:
-    """Run `once_steps` with the async ledger and the async tool runner."""
+    """Run `once_steps` with the async ledger and the async tool runner.
+
+    `alone`: the only call of its step. A call run beside others records its result at once
+    (it must not wait in the node's batch for a slower sibling).
+    """
     steps = once_steps(entry, call, key, known)
     value: Any = None
     try:
@@ -252,8 +258,7 @@ async def adrive_once(
                 value = await ledger.arun(flow)
             elif kind == "record":
                 assert flow is not None
-                await ledger.adefer(flow)
-                value = None
+                value = await (ledger.adefer(flow) if alone else ledger.arun(flow))
             elif kind == "run":
                 value = await run()
             else:

@@ -211,12 +211,14 @@ def execute_tools(
             job.entry, job.call, key, ledger, lambda: _guarded_sync(job, config, tool_guard), known
         )
 
-    async def run_async(job: _Job, config: RunnableConfig, known: Known) -> ToolMessage | Unknown:
+    async def run_async(
+        job: _Job, config: RunnableConfig, known: Known, alone: bool
+    ) -> ToolMessage | Unknown:
         key = ledger_key(job.entry, job.call, config, ledger)
         if key is None or ledger is None:
             return await _guarded_async(job, config, tool_guard)
         run = lambda: _guarded_async(job, config, tool_guard)  # noqa: E731
-        return await adrive_once(job.entry, job.call, key, ledger, run, known)
+        return await adrive_once(job.entry, job.call, key, ledger, run, known, alone=alone)
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -235,8 +237,12 @@ def execute_tools(
         if _durable_jobs(planned, config, ledger) and not await await_saved(config):
             planned = _not_saved(planned, config, ledger)
         known = known_call_ids(state.get("messages") or [])
+        alone = sum(isinstance(p, _Job) for p in planned) == 1
         results = await asyncio.gather(
-            *(run_async(p, config, known) if isinstance(p, _Job) else _answered(p) for p in planned)
+            *(
+                run_async(p, config, known, alone) if isinstance(p, _Job) else _answered(p)
+                for p in planned
+            )
         )
         return finish(state, list(results), sum(isinstance(p, _Job) for p in planned))
 

@@ -180,3 +180,58 @@ def test_a_hung_tool_thread_never_delays_the_next_call() -> None:
     assert done.wait(5)
     assert names[-1] == "keel-tool-c"
     assert threading.active_count() <= before
+
+
+async def test_a_parallel_calls_result_is_recorded_before_its_slow_sibling_ends(
+    tmp_path: Any,
+) -> None:
+    """Under `ainvoke` two calls run together: the quick one's result must not wait in the
+    node's batch for the slow one (a crash meanwhile would leave it `started`)."""
+    from langchain_core.messages import AIMessage
+
+    from keel import Persistence, RunContext, build_agent, tool
+    from keel.db.idempotency import records_flow
+    from keel.evals import ScriptedChatModel
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    watcher = Ledger(url)
+    seen: list[str] = []
+
+    @tool(risk="write")
+    async def quick(x: int) -> str:
+        """Quick write."""
+        return f"quick {x}"
+
+    @tool(risk="write")
+    async def slow(x: int) -> str:
+        """Slow write: waits until the quick call's result is in the ledger."""
+        for _ in range(200):
+            found = await watcher.arun(records_flow("t1", ["q1"]))
+            if "q1" in found and found["q1"].state == "completed":
+                seen.append("completed")
+                break
+            await asyncio.sleep(0.01)
+        return f"slow {x}"
+
+    both = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": "quick", "args": {"x": 1}, "id": "q1", "type": "tool_call"},
+            {"name": "slow", "args": {"x": 2}, "id": "s1", "type": "tool_call"},
+        ],
+    )
+    ledger = Ledger(url)
+    try:
+        async with Persistence(url).acheckpointer() as saver:
+            agent = build_agent(
+                ScriptedChatModel(script=[both, "done"]),
+                [quick, slow],
+                ledger=ledger,
+                checkpointer=saver,
+            )
+            config = {"configurable": {"thread_id": "t1"}}
+            await agent.ainvoke({"messages": [("user", "go")]}, config, context=RunContext())
+    finally:
+        await ledger.aclose()
+        await watcher.aclose()
+    assert seen == ["completed"]

@@ -523,9 +523,7 @@ def draining_pool(url: str, *, fresh_for: float = 0.0, **kwargs: Any) -> Connect
     return pool
 
 
-def adraining_pool(
-    url: str, *, fresh_for: float = 0.0, **kwargs: Any
-) -> AsyncConnectionPool[Any]:
+def adraining_pool(url: str, *, fresh_for: float = 0.0, **kwargs: Any) -> AsyncConnectionPool[Any]:
     """An async psycopg pool (unopened) whose health check drains it, as `draining_pool`."""
     check = _APoolCheck(fresh_for)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(url, check=check, **kwargs)
