@@ -348,15 +348,7 @@ class CircuitBreaker:
 
     def _deferred(self, key: str, now: float) -> Flow[None]:
         change = yield from self._flow(key, "success", now)
-        transition = self._transition(key, now, change)
-        if transition is not None:
-            log.warning(
-                "circuit breaker %s: %s → %s (%s)",
-                transition.key,
-                transition.before,
-                transition.after,
-                transition.reason,
-            )
+        _logged(self._transition(key, now, change))
 
     def state(self, key: str) -> BreakerState:
         """The breaker's current row (closed when it has none)."""
@@ -365,6 +357,19 @@ class CircuitBreaker:
     async def astate(self, key: str) -> BreakerState:
         """The breaker's current row (closed when it has none), async."""
         return await self.ledger.arun(_read_flow(key))
+
+
+def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:
+    """`transition`, logged as a warning when there is one."""
+    if transition is not None:
+        log.warning(
+            "circuit breaker %s: %s → %s (%s)",
+            transition.key,
+            transition.before,
+            transition.after,
+            transition.reason,
+        )
+    return transition
 
 
 def _event(ok: bool) -> BreakerEvent:

@@ -116,32 +116,34 @@ class Ledger:
 
         The exit commits them even when the scope raises; nested scopes join the outer one.
         """
-        if self._scope() is not None:
-            yield
-            return
-        token = _BATCH.set(_Batch(self))
+        token = self._open()
         try:
             yield
         finally:
-            pending = self._take()
-            _BATCH.reset(token)
-            if pending:
-                self.run(_chain(pending, _nothing()))
+            if (pending := self._close(token)) is not None:
+                self.run(pending)
 
     @asynccontextmanager
     async def abatch(self) -> AsyncIterator[None]:
         """`batch` under `ainvoke`."""
-        if self._scope() is not None:
-            yield
-            return
-        token = _BATCH.set(_Batch(self))
+        token = self._open()
         try:
             yield
         finally:
-            pending = self._take()
-            _BATCH.reset(token)
-            if pending:
-                await self.arun(_chain(pending, _nothing()))
+            if (pending := self._close(token)) is not None:
+                await self.arun(pending)
+
+    def _open(self) -> contextvars.Token[_Batch | None] | None:
+        """Open a scope (`None`: one is open already, which this one joins)."""
+        return None if self._scope() is not None else _BATCH.set(_Batch(self))
+
+    def _close(self, token: contextvars.Token[_Batch | None] | None) -> Flow[None] | None:
+        """Close the scope `token` opened: its records still waiting, as one flow."""
+        if token is None:
+            return None
+        pending = self._take()
+        _BATCH.reset(token)
+        return _chain(pending, _nothing()) if pending else None
 
     @property
     def deferred(self) -> int:
