@@ -20,7 +20,7 @@ from langchain_core.runnables import RunnableConfig
 
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
-from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key
+from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key, request_key
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
@@ -60,21 +60,25 @@ def _pauses() -> Iterator[float]:
         waited, pause = waited + pause, min(pause * 2, 0.05)
 
 
-def wait_saved(config: RunnableConfig) -> bool:
+def wait_saved(config: RunnableConfig, request: BaseMessage | None = None) -> bool:
     """Wait until the checkpoint this task runs from is saved (`False`: it never was).
 
     A side-effecting call may run only once the model message that requested it is durable:
     otherwise a crash loses the request, the model asks again under a new tool-call id, and the
     ledger cannot tell it is the same call. keel's graphs save synchronously by default; this
     covers runs started with `durability="async"` (LangGraph server's default).
+
+    `request`: the model message that asked for the calls. With keel's saver the wait also
+    ends when an earlier checkpoint whose newest message is this request was saved (the
+    checkpoint `call_model` made, before `tool_gate`'s).
     """
     found = unsaved_checkpoint(config)
     if found is None:
         return True
-    watch, key = _watch(found)
+    watch, keys = _watch(found, request)
     for pause in _pauses():
         # keel's saver is told when the save returns
-        if watch is not None and key is not None and watch.wait(key, _WATCHED):
+        if watch is not None and keys and watch.wait(keys, _WATCHED):
             return True
         if found[0].get_tuple(found[1]) is not None:
             return True
@@ -82,14 +86,14 @@ def wait_saved(config: RunnableConfig) -> bool:
     return False
 
 
-async def await_saved(config: RunnableConfig) -> bool:
+async def await_saved(config: RunnableConfig, request: BaseMessage | None = None) -> bool:
     """`wait_saved` under `ainvoke`."""
     found = unsaved_checkpoint(config)
     if found is None:
         return True
-    watch, key = _watch(found)
+    watch, keys = _watch(found, request)
     for pause in _pauses():
-        if watch is not None and key is not None and await watch.await_(key, _WATCHED):
+        if watch is not None and keys and await watch.await_(keys, _WATCHED):
             return True
         if await found[0].aget_tuple(found[1]) is not None:
             return True
@@ -101,10 +105,15 @@ _WATCHED = 0.05
 """Seconds to wait for keel's saver to report the save before asking the database."""
 
 
-def _watch(found: tuple[Any, RunnableConfig]) -> tuple[SaveWatch | None, Key | None]:
-    """The saver's `SaveWatch` (keel's savers have one) and the checkpoint's key in it."""
+def _watch(
+    found: tuple[Any, RunnableConfig], request: BaseMessage | None
+) -> tuple[SaveWatch | None, list[Key]]:
+    """The saver's `SaveWatch` (keel's savers have one) and the keys that end the wait."""
     watch = getattr(found[0], "keel_saves", None)
-    return (watch, checkpoint_key(found[1])) if isinstance(watch, SaveWatch) else (None, None)
+    if not isinstance(watch, SaveWatch):
+        return None, []
+    keys = [checkpoint_key(found[1]), request_key(found[1], request)]
+    return watch, [k for k in keys if k is not None]
 
 
 def ledger_key(

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.messages import BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
@@ -224,7 +224,7 @@ def execute_tools(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        if _durable_jobs(planned, config, ledger) and not wait_saved(config):
+        if _durable_jobs(planned, config, ledger) and not wait_saved(config, _request(state)):
             planned = _not_saved(planned, config, ledger)
         known = known_call_ids(state.get("messages") or [])
         results = [p if not isinstance(p, _Job) else run_sync(p, config, known) for p in planned]
@@ -234,7 +234,8 @@ def execute_tools(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
         planned = plan_calls(state, runtime)
-        if _durable_jobs(planned, config, ledger) and not await await_saved(config):
+        request = _request(state)
+        if _durable_jobs(planned, config, ledger) and not await await_saved(config, request):
             planned = _not_saved(planned, config, ledger)
         known = known_call_ids(state.get("messages") or [])
         alone = sum(isinstance(p, _Job) for p in planned) == 1
@@ -411,6 +412,13 @@ async def _guarded_async(job: _Job, config: RunnableConfig, guard: ToolGuard | N
     result = await _run_async(job, config)
     await guard.arecord(job.entry.name, str(result.response_metadata.get("keel_status")))
     return result
+
+
+def _request(state: AgentState) -> BaseMessage | None:
+    """The model message whose tool calls this step runs."""
+    messages = state.get("messages") or []
+    index, calls = pending_tool_calls(messages)
+    return messages[index] if calls else None
 
 
 def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:

@@ -131,10 +131,10 @@ def test_a_save_reported_by_another_thread_ends_the_wait() -> None:
     timer = threading.Timer(0.05, watch.saved, args=(key,))
     start = time.monotonic()
     timer.start()
-    assert watch.wait(key, 5.0)
+    assert watch.wait([key], 5.0)
     assert time.monotonic() - start < 2.0  # woken, not timed out
-    assert not watch.wait(("thread", "", "never-saved"), 0.05)
-    assert watch.wait(key, 0)  # remembered
+    assert not watch.wait([("thread", "", "never-saved")], 0.05)
+    assert watch.wait([("thread", "", "other"), key], 0)  # remembered; any key will do
 
 
 async def test_an_async_wait_ends_when_the_save_is_reported() -> None:
@@ -142,8 +142,8 @@ async def test_an_async_wait_ends_when_the_save_is_reported() -> None:
     key = ("thread", "", "checkpoint-1")
     loop = asyncio.get_running_loop()
     loop.call_later(0.05, watch.saved, key)
-    assert await watch.await_(key, 5.0)
-    assert not await watch.await_(("thread", "", "other"), 0.05)
+    assert await watch.await_([("thread", "", "other"), key], 5.0)
+    assert not await watch.await_([("thread", "", "other")], 0.05)
     assert not watch._waiters  # a timed-out waiter leaves nothing behind
 
 
@@ -159,7 +159,36 @@ def test_keels_saver_reports_what_it_saves_and_loads(tmp_path: Any) -> None:
         assert latest is not None
         conf = latest.config["configurable"]
         watch = saver.keel_saves  # type: ignore[attr-defined]
-        assert watch.wait(("t1", conf.get("checkpoint_ns", ""), conf["checkpoint_id"]), 0)
+        assert watch.wait([("t1", conf.get("checkpoint_ns", ""), conf["checkpoint_id"])], 0)
+
+
+def test_a_saved_request_ends_the_wait_but_an_edited_one_does_not() -> None:
+    """The wait for a side effect may end early only on a saved checkpoint whose newest
+    message is the very request: same message id *and* the same calls and arguments."""
+    from langchain_core.messages import AIMessage
+
+    from keel.db.checkpoint.saved import newest_message, request_key
+
+    config = {"configurable": {"thread_id": "t1", "checkpoint_ns": "", "checkpoint_id": "c2"}}
+    asked = AIMessage(
+        content="",
+        id="m1",
+        tool_calls=[{"name": "charge", "args": {"amount": 5}, "id": "tc1", "type": "tool_call"}],
+    )
+    edited = asked.model_copy(
+        update={
+            "tool_calls": [
+                {"name": "charge", "args": {"amount": 500}, "id": "tc1", "type": "tool_call"}
+            ]
+        }
+    )
+    watch = SaveWatch()
+    watch.saved(request_key(config, newest_message({"messages": ["hi", asked]})))
+    assert watch.wait([request_key(config, asked)], 0)
+    edited_key = request_key(config, edited)
+    assert edited_key is not None and not watch.wait([edited_key], 0)
+    assert request_key(config, AIMessage(content="no calls", id="m2")) is None
+    assert newest_message({}) is None
 
 
 def test_a_hung_tool_thread_never_delays_the_next_call() -> None:

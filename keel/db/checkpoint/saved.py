@@ -10,13 +10,16 @@ wait ends the moment the background save returns, without a query.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import threading
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 
-__all__ = ["Key", "SaveWatch", "checkpoint_key"]
+__all__ = ["Key", "SaveWatch", "checkpoint_key", "request_key"]
 
 Key = tuple[str, str, str]
 _KEEP = 4096
@@ -30,6 +33,33 @@ def checkpoint_key(config: RunnableConfig) -> Key | None:
     if not checkpoint_id:
         return None
     return str(conf.get("thread_id", "")), str(conf.get("checkpoint_ns") or ""), checkpoint_id
+
+
+def request_key(config: RunnableConfig, message: Any) -> Key | None:
+    """The key of a model message that requests tool calls: its id and the calls' digest.
+
+    A saved checkpoint whose newest message is this request holds the request durably; the
+    digest keeps a request edited in place under the same id (a human's edit) from counting.
+    """
+    calls = getattr(message, "tool_calls", None)
+    message_id = getattr(message, "id", None)
+    if not calls or not message_id:
+        return None
+    shape = [(c.get("id"), c.get("name"), c.get("args")) for c in calls]
+    try:
+        text = json.dumps(shape, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return None
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    conf = config.get("configurable") or {}
+    thread, ns = str(conf.get("thread_id", "")), str(conf.get("checkpoint_ns") or "")
+    return thread, ns, f"request:{message_id}:{digest}"
+
+
+def newest_message(values: Mapping[str, Any]) -> Any:
+    """The newest message in a checkpoint's channel values (`None` without messages)."""
+    messages = values.get("messages")
+    return messages[-1] if isinstance(messages, list) and messages else None
 
 
 class SaveWatch:
@@ -53,18 +83,19 @@ class SaveWatch:
         for future in futures:
             future.get_loop().call_soon_threadsafe(_settle, future)
 
-    def wait(self, key: Key, timeout: float) -> bool:
-        """Whether `key` is (or within `timeout` seconds becomes) known as saved."""
+    def wait(self, keys: Collection[Key], timeout: float) -> bool:
+        """Whether one of `keys` is (or within `timeout` seconds becomes) known as saved."""
         with self._changed:
-            return self._changed.wait_for(lambda: key in self._seen, timeout)
+            return self._changed.wait_for(lambda: any(k in self._seen for k in keys), timeout)
 
-    async def await_(self, key: Key, within: float) -> bool:
+    async def await_(self, keys: Collection[Key], within: float) -> bool:
         """`wait` under `ainvoke` (`within`: the timeout in seconds)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._changed:
-            if key in self._seen:
+            if any(k in self._seen for k in keys):
                 return True
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(key, []).append(future)
+            for key in keys:
+                self._waiters.setdefault(key, []).append(future)
         try:
             async with asyncio.timeout(within):
                 await future
@@ -73,11 +104,12 @@ class SaveWatch:
             return False
         finally:
             with self._changed:
-                left = [f for f in self._waiters.get(key, []) if f is not future]
-                if left:
-                    self._waiters[key] = left
-                else:
-                    self._waiters.pop(key, None)
+                for key in keys:
+                    left = [f for f in self._waiters.get(key, []) if f is not future]
+                    if left:
+                        self._waiters[key] = left
+                    else:
+                        self._waiters.pop(key, None)
 
 
 def _settle(future: asyncio.Future[Any]) -> None:

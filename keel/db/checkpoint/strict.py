@@ -37,7 +37,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver, retry_once
-from keel.db.checkpoint.saved import SaveWatch, checkpoint_key
+from keel.db.checkpoint.saved import SaveWatch, checkpoint_key, newest_message, request_key
 from keel.errors import (
     CheckpointSizeWarning,
     CheckpointTooLarge,
@@ -251,7 +251,7 @@ class _Strict:
         """Check, count, then save a checkpoint."""
         with self._keel_checkpoint(config, checkpoint, new_versions):
             saved: RunnableConfig = super().put(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
-        self._keel_saved(saved)
+        self._keel_saved(saved, checkpoint)
         return saved
 
     async def aput(
@@ -264,27 +264,29 @@ class _Strict:
         """Check, count, then save a checkpoint."""
         with self._keel_checkpoint(config, checkpoint, new_versions):
             saved: RunnableConfig = await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
-        self._keel_saved(saved)
+        self._keel_saved(saved, checkpoint)
         return saved
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
         found: CheckpointTuple | None = super().get_tuple(config)  # type: ignore[misc]
         if found is not None:
-            self._keel_saved(found.config)
+            self._keel_saved(found.config, found.checkpoint)
         return found
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
         found: CheckpointTuple | None = await super().aget_tuple(config)  # type: ignore[misc]
         if found is not None:
-            self._keel_saved(found.config)
+            self._keel_saved(found.config, found.checkpoint)
         return found
 
-    def _keel_saved(self, config: RunnableConfig) -> None:
+    def _keel_saved(self, config: RunnableConfig, checkpoint: Checkpoint) -> None:
         watch = getattr(self, "keel_saves", None)
         if watch is not None:
             watch.saved(checkpoint_key(config))
+            # the model's request it holds, if its newest message is one
+            watch.saved(request_key(config, newest_message(checkpoint["channel_values"])))
 
     def put_writes(
         self,
