@@ -29,8 +29,12 @@ cost of checking.
 - `keel_all_on`: everything production turns on, all in the ledger: `keel_guarded` plus the
   period budget, rate limits and breakers of `keel_period` and `keel_resilient`, the audit log
   and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
-  `risk="write"`, so every call is claimed before and recorded after it runs). Goal: no slower
-  than `create_agent_mw` and at most 1.3x unguarded `keel`.
+  `risk="write"`, so every call is claimed before and recorded after it runs). Per tool step
+  7 ledger transactions: reserve, model breaker, rate buckets, settle (with the rate refund and
+  the breaker's success), claim (synchronous commit), tool breaker, and the tool node's end
+  (the call's result, the breaker's success, the audit record); and the side-effecting call
+  waits for the checkpoint holding its request to be saved. Goal: no slower than
+  `create_agent_mw` and at most 1.3x unguarded `keel`.
 - `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of
   LangChain's (`BudgetMiddleware`, `PermissionMiddleware`, `LoopGuardMiddleware`: the same
   budget, rules and loop guard as `keel_guarded`). Reported separately.

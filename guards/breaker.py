@@ -28,6 +28,9 @@ from typing import Any, Literal
 from keel.db.audit import AuditRecord, insert_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import CircuitOpen, KeelError, UserError
+from keel.redact import sanitized_logger
+
+log = sanitized_logger("keel.guards")
 
 __all__ = [
     "BreakerEvent",
@@ -319,16 +322,33 @@ class CircuitBreaker:
         return self._allowed(key, now, change)
 
     def record(self, key: str, ok: bool) -> BreakerTransition | None:
-        """Record a call's result; returns the transition it caused, if any."""
+        """Record a call's result; returns the transition it caused, if any.
+
+        Inside a `Ledger.batch()` scope (a keel node) a success commits with the scope's next
+        write and returns `None` (a success never opens a breaker; a transition it causes, to
+        closed, is audited and logged when it commits).
+        """
         now = self._start(key)
-        change = self.ledger.run(self._flow(key, _event(ok), now))
+        event = _event(ok)
+        if ok and self.ledger.batching:
+            self.ledger.defer(self._deferred(key, now))
+            return None
+        change = self.ledger.run(self._flow(key, event, now))
         return self._transition(key, now, change)
 
     async def arecord(self, key: str, ok: bool) -> BreakerTransition | None:
         """Record a call's result; returns the transition it caused, if any (async)."""
         now = self._start(key)
-        change = await self.ledger.arun(self._flow(key, _event(ok), now))
+        event = _event(ok)
+        if ok and self.ledger.batching:
+            await self.ledger.adefer(self._deferred(key, now))
+            return None
+        change = await self.ledger.arun(self._flow(key, event, now))
         return self._transition(key, now, change)
+
+    def _deferred(self, key: str, now: float) -> Flow[None]:
+        change = yield from self._flow(key, "success", now)
+        _logged(self._transition(key, now, change))
 
     def state(self, key: str) -> BreakerState:
         """The breaker's current row (closed when it has none)."""
@@ -337,6 +357,19 @@ class CircuitBreaker:
     async def astate(self, key: str) -> BreakerState:
         """The breaker's current row (closed when it has none), async."""
         return await self.ledger.arun(_read_flow(key))
+
+
+def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:
+    """`transition`, logged as a warning when there is one."""
+    if transition is not None:
+        log.warning(
+            "circuit breaker %s: %s → %s (%s)",
+            transition.key,
+            transition.before,
+            transition.after,
+            transition.reason,
+        )
+    return transition
 
 
 def _event(ok: bool) -> BreakerEvent:

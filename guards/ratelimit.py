@@ -343,13 +343,16 @@ class RateLimiter:
         return [(key, limit, taken - used) for key, limit, taken in permit.tpm if taken != used]
 
     def settle(self, permit: Permit, used: int) -> None:
-        """Correct the TPM buckets from the estimate to the `used` tokens (0: the call failed)."""
+        """Correct the TPM buckets from the estimate to the `used` tokens (0: the call failed).
+
+        Inside a `Ledger.batch()` scope (a keel node) it commits with the scope's next write.
+        """
         refunds = self._refunds(permit, used)
         if refunds:
-            self.ledger.run(settle_flow(refunds, self._clock()))
+            self.ledger.defer(settle_flow(refunds, self._clock()))
 
     async def asettle(self, permit: Permit, used: int) -> None:
         """Correct the TPM buckets from the estimate to the `used` tokens (async)."""
         refunds = self._refunds(permit, used)
         if refunds:
-            await self.ledger.arun(settle_flow(refunds, self._clock()))
+            await self.ledger.adefer(settle_flow(refunds, self._clock()))

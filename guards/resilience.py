@@ -13,26 +13,17 @@ from a policy with `from_policy(policy, ledger)`, which returns `None` when noth
 from __future__ import annotations
 
 from keel.db.ledger import Ledger
-from keel.guards.breaker import BreakerTransition, CircuitBreaker, CircuitOpen, is_outage
+from keel.guards.breaker import (
+    BreakerTransition,
+    CircuitBreaker,
+    CircuitOpen,
+    _logged,
+    is_outage,
+)
 from keel.guards.policy import Policy
 from keel.guards.ratelimit import Permit, RateLimiter
-from keel.redact import sanitized_logger
 
 __all__ = ["ModelGuard", "ToolGuard"]
-
-log = sanitized_logger("keel.guards")
-
-
-def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:
-    if transition is not None:
-        log.warning(
-            "circuit breaker %s: %s → %s (%s)",
-            transition.key,
-            transition.before,
-            transition.after,
-            transition.reason,
-        )
-    return transition
 
 
 class ModelGuard:

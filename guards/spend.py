@@ -238,7 +238,11 @@ class SpendMeter:
         return await self.ledger.arun(flow)
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
-        """Record the call's real cost (or release the reservation with `usd=None`)."""
+        """Record the call's real cost (or release the reservation with `usd=None`).
+
+        It commits now (a failure ends the run as a storage error, the call counted), with the
+        records deferred before it (the call's rate refund and breaker success).
+        """
         self.ledger.run(settle_flow(reservation, usd, tokens))
 
     async def asettle(

@@ -1,7 +1,8 @@
 """At most once: a side-effecting call goes through the idempotency ledger.
 
 `once_steps` is the decision, written once as a generator of `keel._drive` steps (as `httpx`
-writes `auth_flow`): the ledger's flows, the run, the reconcile; `keel._drive.drive` and
+writes `auth_flow`): the ledger's flows, the run, the reconcile, and the call's result (a write
+nobody reads in this step: deferred to the node's ledger batch); `keel._drive.drive` and
 `adrive` run it.
 
 When the ledger itself fails (`StorageError`: the database is gone, locked, corrupt), the call
@@ -24,6 +25,7 @@ from langchain_core.runnables import RunnableConfig
 from keel._drive import Op, Steps, both, sleep
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
+from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key, request_key
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
@@ -77,23 +79,49 @@ def _pauses() -> Iterator[float]:
         waited, pause = waited + pause, min(pause * 2, 0.05)
 
 
-def saved_steps(config: RunnableConfig) -> Steps[bool]:
+def saved_steps(config: RunnableConfig, request: BaseMessage | None = None) -> Steps[bool]:
     """Wait until the checkpoint this task runs from is saved (`False`: it never was).
 
     A side-effecting call may run only once the model message that requested it is durable:
     otherwise a crash loses the request, the model asks again under a new tool-call id, and the
     ledger cannot tell it is the same call. keel's graphs save synchronously by default; this
     covers runs started with `durability="async"` (LangGraph server's default).
+
+    `request`: the model message that asked for the calls. With keel's saver the wait also
+    ends when an earlier checkpoint whose newest message is this request was saved (the
+    checkpoint `call_model` made, before `tool_gate`'s).
     """
     found = unsaved_checkpoint(config)
     if found is None:
         return True
     saver, where = found
+    watch, keys = _watch(found, request)
     for pause in _pauses():
+        if watch is not None and keys:  # keel's saver is told when the save returns
+            told = yield Op(
+                lambda: watch.wait(keys, _WATCHED), lambda: watch.await_(keys, _WATCHED)
+            )
+            if told:
+                return True
         if (yield Op(lambda: saver.get_tuple(where), lambda: saver.aget_tuple(where))) is not None:
             return True
         yield sleep(pause)
     return False
+
+
+_WATCHED = 0.05
+"""Seconds to wait for keel's saver to report the save before asking the database."""
+
+
+def _watch(
+    found: tuple[Any, RunnableConfig], request: BaseMessage | None
+) -> tuple[SaveWatch | None, list[Key]]:
+    """The saver's `SaveWatch` (keel's savers have one) and the keys that end the wait."""
+    watch = getattr(found[0], "keel_saves", None)
+    if not isinstance(watch, SaveWatch):
+        return None, []
+    keys = [checkpoint_key(found[1]), request_key(found[1], request)]
+    return watch, [k for k in keys if k is not None]
 
 
 def ledger_key(
@@ -147,12 +175,16 @@ def once_steps(
     ledger: Ledger,
     run: Callable[[], Steps[ToolMessage]],
     known: Collection[str] | None = None,
+    *,
+    alone: bool = True,
 ) -> Steps[ToolMessage | Unknown]:
     """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
     `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
     same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`). A
-    ledger failure (`StorageError`) answers the call as `_storage_failed` says.
+    ledger failure (`StorageError`) answers the call as `_storage_failed` says. `alone`: the
+    only call of its step; under `ainvoke` a call run beside others records its result at
+    once (it must not wait in the node's ledger batch for a slower sibling).
     """
     ran: list[ToolMessage] = []
 
@@ -162,7 +194,7 @@ def once_steps(
         return message
 
     try:
-        return (yield from _claimed(entry, call, key, ledger, tracked, known))
+        return (yield from _claimed(entry, call, key, ledger, tracked, known, alone))
     except StorageError as exc:
         return _storage_failed(call, exc, ran[0] if ran else None)
 
@@ -174,6 +206,7 @@ def _claimed(
     ledger: Ledger,
     run: Callable[[], Steps[ToolMessage]],
     known: Collection[str] | None,
+    alone: bool,
 ) -> Steps[ToolMessage | Unknown]:
     def flow(steps: Flow[Any]) -> Op:
         return both(ledger.run, ledger.arun, steps)
@@ -206,8 +239,18 @@ def _claimed(
     ran = yield from run()
     success = ran.response_metadata.get("keel_status") == "success"
     done: Literal["completed", "failed"] = "completed" if success else "failed"
-    yield flow(finish_flow(thread, call_id, done, _fields(ran)))
+    yield _record(ledger, finish_flow(thread, call_id, done, _fields(ran)), alone)
     return ran
+
+
+def _record(ledger: Ledger, flow: Flow[Any], alone: bool) -> Op:
+    """A write nobody reads in this step, deferred to the node's ledger batch.
+
+    See `Ledger.defer`; a call run beside others under `ainvoke` commits it at once.
+    """
+    return Op(
+        lambda: ledger.defer(flow), lambda: ledger.adefer(flow) if alone else ledger.arun(flow)
+    )
 
 
 def succeeded(entry: RegisteredTool, call: ToolCall, result: Any) -> ToolMessage:

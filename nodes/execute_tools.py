@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Unpack
 
-from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.messages import BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
@@ -54,6 +54,7 @@ from keel.nodes._once import (
     succeeded,
     tool_message,
 )
+from keel.nodes._threads import start_daemon
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, run_usage
@@ -145,16 +146,20 @@ def execute_tools(
         policy = held.policy_id(context)
         planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
         planned = _within_budget(held.budget, state, planned)
-        if _durable_jobs(planned, config, ledger) and not (yield from saved_steps(config)):
+        request = _request(state)
+        if _durable_jobs(planned, config, ledger) and not (yield from saved_steps(config, request)):
             planned = _not_saved(planned, config, ledger)
         return planned
 
-    def run(job: _Job, config: RunnableConfig, known: Known) -> Steps[ToolMessage | Unknown]:
+    def run(
+        job: _Job, config: RunnableConfig, known: Known, alone: bool = True
+    ) -> Steps[ToolMessage | Unknown]:
         key = ledger_key(job.entry, job.call, config, ledger)
         guarded = partial(_guarded, job, config, held.tool_guard)
         if key is None or ledger is None:
             return (yield from guarded())
-        return (yield from once_steps(job.entry, job.call, key, ledger, guarded, known))
+        steps = once_steps(job.entry, job.call, key, ledger, guarded, known, alone=alone)
+        return (yield from steps)
 
     def invoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -169,9 +174,10 @@ def execute_tools(
     ) -> dict[str, Any]:
         planned = await adrive(plan_calls(state, config, runtime))
         known = known_call_ids(state.get("messages") or [])
+        alone = _jobs(planned) == 1
         results = await asyncio.gather(
             *(
-                adrive(run(p, config, known)) if isinstance(p, _Job) else _answered(p)
+                adrive(run(p, config, known, alone)) if isinstance(p, _Job) else _answered(p)
                 for p in planned
             )
         )
@@ -424,11 +430,19 @@ def _guarded(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> Step
     return result
 
 
+def _request(state: AgentState) -> BaseMessage | None:
+    """The model message whose tool calls this step runs."""
+    messages = state.get("messages") or []
+    index, calls = pending_tool_calls(messages)
+    return messages[index] if calls else None
+
+
 def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
     """Run a sync call on its own daemon thread and wait at most `timeout` seconds.
 
-    A thread per call (not a bounded pool): a hung call never delays or starves other calls,
-    and a call reported as timed out was already running, never started later from a queue.
+    A thread per call (an idle one or a new one, never a queue: `keel.nodes._threads`): a hung
+    call never delays or starves other calls, and a call reported as timed out was already
+    running, never started later from a queue.
     """
     box: dict[str, Any] = {}
     done = threading.Event()
@@ -442,7 +456,7 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
         finally:
             done.set()
 
-    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    start_daemon(target, f"keel-tool-{job.entry.name}")
     if not done.wait(timeout):
         raise _Deadline(
             f"Error: {job.entry.name} did not finish within {timeout:g} s; its result will be "
@@ -481,7 +495,7 @@ async def _in_daemon_thread(job: _Job, config: RunnableConfig) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
             loop.call_soon_threadsafe(_settle, future, *settled)
 
-    threading.Thread(target=target, name=f"keel-tool-{job.entry.name}", daemon=True).start()
+    start_daemon(target, f"keel-tool-{job.entry.name}")
     return await future
 
 

@@ -133,7 +133,7 @@ async def test_fifty_concurrent_runs_complete_with_their_own_state(fresh_postgre
             )
         )
         for i, result in enumerate(results):
-            assert result["outcome"]["terminated_reason"] == "completed"
+            assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
             stored = (await agent.aget_state(_config(f"th{i}"))).values
             assert stored["messages"] == result["messages"]
             assert _tool_texts(stored["messages"]) == [f"echo run{i}/{s}" for s in range(STEPS)]
@@ -174,7 +174,7 @@ async def test_terminated_connections_reconnect_mid_run(fresh_postgres_url: str)
         model.script.append("done")
         agent = build_agent(model, [kill_connections], checkpointer=saver)
         result = await agent.ainvoke({"messages": [("user", "go")]}, _config("t"), context=CTX)
-        assert result["outcome"]["terminated_reason"] == "completed"
+        assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
         assert len(killed) == 3 and all(n >= 1 for n in killed)  # the pool's connections died
         stored = (await agent.aget_state(_config("t"))).values
         assert _tool_texts(stored["messages"]) == ["killed k0", "killed k1", "killed k2"]
@@ -281,4 +281,15 @@ def _terminate_all(url: str, *, wait_for_one: float = 5.0) -> int:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        return len(admin.execute(f"SELECT pg_terminate_backend(pid) {others}").fetchall())
+        pids = [r[0] for r in admin.execute(f"SELECT pid {others}").fetchall()]
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # pg_terminate_backend only signals: wait until the backends are gone, so no killed
+        # connection still answers a pool's health check
+        while admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone()[0]:  # type: ignore[index]
+            if time.monotonic() > deadline + 5:
+                break
+            time.sleep(0.01)
+        return len(pids)

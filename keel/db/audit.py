@@ -117,12 +117,12 @@ class AuditLog:
         self.ledger = ledger
 
     def write(self, records: Sequence[AuditRecord]) -> None:
-        """Append `records` (sanitized) in one transaction."""
+        """Append `records` (sanitized) in one transaction (with the records deferred so far)."""
         if records:
             self.ledger.run(insert_flow(records))
 
     async def awrite(self, records: Sequence[AuditRecord]) -> None:
-        """Append `records` (sanitized) in one transaction (async)."""
+        """Append `records` (sanitized) in one transaction (async); see `write`."""
         if records:
             await self.ledger.arun(insert_flow(records))
 

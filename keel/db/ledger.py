@@ -10,19 +10,26 @@ Logic that talks to the database is written once, as a *flow*: a generator that 
 at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
 (a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
 and `{for_update}` where a row lock belongs.
+
+Records whose result nobody reads (a rate bucket's refund, a breaker's success, a tool call's
+result) may be *deferred* inside a `batch()` scope: they run at the start of the scope's next
+transaction (its settled spend, its audit records), or together when the scope ends. keel opens
+one scope per graph node, so what a node writes after its model or tool call commits in one
+transaction before the node returns, instead of one transaction per record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -77,16 +84,101 @@ class Ledger:
     # -- drivers -----------------------------------------------------------------------------
 
     def run(self, flow: Flow[T]) -> T:
-        """Run `flow` in one transaction (sync)."""
+        """Run `flow` in one transaction (sync), after the records deferred in this scope."""
         if not self._ready:
             self.setup()
-        return self._run(flow)
+        return self._run(self._with_deferred(flow))
 
     async def arun(self, flow: Flow[T]) -> T:
-        """Run `flow` in one transaction (async)."""
+        """Run `flow` in one transaction (async), after the records deferred in this scope."""
         if not self._ready:
             await self.asetup()
-        return await self._arun(flow)
+        return await self._arun(self._with_deferred(flow))
+
+    # -- deferred records --------------------------------------------------------------------
+
+    def defer(self, flow: Flow[Any]) -> None:
+        """Run `flow`, a record whose result nobody reads, with the scope's next transaction.
+
+        Outside a `batch()` scope it runs now, in a transaction of its own.
+        """
+        if not self._enqueue(flow):
+            self.run(flow)
+
+    async def adefer(self, flow: Flow[Any]) -> None:
+        """`defer` under `ainvoke`."""
+        if not self._enqueue(flow):
+            await self.arun(flow)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """A scope whose deferred records commit with its next transaction, or on exit.
+
+        The exit commits them even when the scope raises; nested scopes join the outer one.
+        """
+        token = self._open()
+        try:
+            yield
+        finally:
+            if (pending := self._close(token)) is not None:
+                self.run(pending)
+
+    @asynccontextmanager
+    async def abatch(self) -> AsyncIterator[None]:
+        """`batch` under `ainvoke`."""
+        token = self._open()
+        try:
+            yield
+        finally:
+            if (pending := self._close(token)) is not None:
+                await self.arun(pending)
+
+    def _open(self) -> contextvars.Token[_Batch | None] | None:
+        """Open a scope (`None`: one is open already, which this one joins)."""
+        return None if self._scope() is not None else _BATCH.set(_Batch(self))
+
+    def _close(self, token: contextvars.Token[_Batch | None] | None) -> Flow[None] | None:
+        """Close the scope `token` opened: its records still waiting, as one flow."""
+        if token is None:
+            return None
+        pending = self._take()
+        _BATCH.reset(token)
+        return _chain(pending, _nothing()) if pending else None
+
+    @property
+    def deferred(self) -> int:
+        """How many records wait in this scope's batch for its next transaction."""
+        batch = self._scope()
+        return 0 if batch is None else len(batch.flows)
+
+    @property
+    def batching(self) -> bool:
+        """Whether a `batch()` scope of this ledger is open here (deferred records wait)."""
+        return self._scope() is not None
+
+    def _scope(self) -> _Batch | None:
+        batch = _BATCH.get()
+        return batch if batch is not None and batch.ledger is self else None
+
+    def _enqueue(self, flow: Flow[Any]) -> bool:
+        batch = self._scope()
+        if batch is None:
+            return False
+        with batch.lock:
+            batch.flows.append(flow)
+        return True
+
+    def _take(self) -> list[Flow[Any]]:
+        batch = self._scope()
+        if batch is None:
+            return []
+        with batch.lock:
+            pending, batch.flows = batch.flows, []
+        return pending
+
+    def _with_deferred(self, flow: Flow[T]) -> Flow[T]:
+        pending = self._take()
+        return _chain(pending, flow) if pending else flow
 
     def setup(self) -> None:
         """Create or upgrade keel's tables (`keel.db.migrations`; idempotent, concurrency-safe).
@@ -149,6 +241,8 @@ class Ledger:
                 with self._transaction() as execute:
                     return _drive(replay.steps(), execute)
             except (psycopg.Error, PoolTimeout) as exc:
+                if _dead(exc) and self._pool is not None:
+                    self._pool.drain()  # its siblings likely died too: replace every idle one
                 if not replay.failed(exc, attempt, self):
                     return replay.result  # a read whose commit was cut off: its rows stand
             time.sleep(_backoff(attempt))
@@ -164,6 +258,8 @@ class Ledger:
                 async with pool.connection() as conn, conn.transaction():
                     return await _adrive(replay.steps(), lambda q, p: _afetch_pg(conn, q, p))
             except (psycopg.Error, PoolTimeout) as exc:
+                if _dead(exc) and self._apool is not None:
+                    await self._apool.drain()
                 if not replay.failed(exc, attempt, self):
                     return replay.result
             await asyncio.sleep(_backoff(attempt))
@@ -242,7 +338,7 @@ class Ledger:
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
             kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
-            name="keel-ledger",
+            name="keel-ledger", fresh_for=_FRESH_FOR,
         )  # fmt: skip
 
     def _sync_pool(self) -> ConnectionPool[Any]:
@@ -276,6 +372,36 @@ class Ledger:
             return self._apool
 
 
+class _Batch:
+    """The records deferred in one `Ledger.batch()` scope (shared by the tasks it starts)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.flows: list[Flow[Any]] = []
+        self.lock = threading.Lock()
+
+
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
+    "keel_ledger_batch", default=None
+)
+
+
+def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
+    """The deferred records, then `flow`: one transaction, whose reads see those records."""
+    for record in pending:
+        yield from record
+    return (yield from flow)
+
+
+def _nothing() -> Flow[None]:
+    return
+    yield  # a generator with no steps
+
+
+_FRESH_FOR = 2.0
+"""Seconds a pooled connection is taken without the pool's health check (a round trip) after
+one passed; a connection that died meanwhile fails its transaction, which drains the pool and
+is replayed on a fresh connection."""
 _ATTEMPTS = 3
 """Attempts of one transaction whose connection died before it committed."""
 _POOL_TIMEOUT = 10.0
@@ -387,6 +513,11 @@ def _durable_before(step: tuple[str, tuple[Any, ...]], done: bool) -> Generator[
 
 class _Diverged(psycopg.Error):
     """A replayed step returned rows other than the first attempt's."""
+
+
+def _dead(exc: Exception) -> bool:
+    """Whether `exc` says the connection died (not that the pool had none to give)."""
+    return not isinstance(exc, PoolTimeout) and connection_lost(exc)
 
 
 def _backoff(attempt: int) -> float:

@@ -26,12 +26,15 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END
 from langgraph.runtime import Runtime
 
+from keel import outcome
 from keel._node import RunnableCallable, context_of, policy_id
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
-from keel.db.runs import RunLog, RunRecord, run_record
+from keel.db.runs import STORAGE_FAILED, RunLog, RunRecord, run_record
+from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
+from keel.nodes._once import STORAGE_KEY
 from keel.nodes.history import pending_tool_calls
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
@@ -98,6 +101,7 @@ class Observer:
         policy_version: str = "1",
         version: AgentVersion | None = None,
     ) -> None:
+        self.ledger = ledger
         self.audit = AuditLog(ledger)
         self.runs = RunLog(ledger)
         self.graph = graph
@@ -122,7 +126,15 @@ class Observer:
 
 
 def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> RunnableCallable:
-    """`node`, followed by writing the audit records `derive` finds in its update."""
+    """`node`, followed by writing the audit records `derive` finds in its update.
+
+    One ledger batch per node call: what the node records after its model or tool call
+    (settled spend, rate refunds, breaker successes, tool results) and its audit records commit
+    in one transaction before the node returns. A failed audit write is logged, unless it
+    carried such records: then the node's update is kept (a tool call that ran keeps its
+    result) and the run ends as `error` of category `storage` (`_unrecorded`); a call whose
+    result was not recorded stays `started`, so a resume asks a human, never runs it again.
+    """
 
     def records(state: AgentState, update: Any, config: RunnableConfig, runtime: Any) -> list[Any]:
         if not isinstance(update, Mapping):
@@ -131,22 +143,67 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
         return derive(state, update, context, observer.who(config, context))
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update = node.invoke(state, config)
+        update: Any = None
         try:
-            observer.audit.write(records(state, update, config, runtime))
-        except Exception as exc:
-            log.error("keel could not write the audit log: %r", exc)
+            with observer.ledger.batch():
+                update = node.invoke(state, config)
+                carried = observer.ledger.deferred
+                try:
+                    observer.audit.write(records(state, update, config, runtime))
+                except Exception as exc:
+                    if carried:
+                        raise
+                    log.error("keel could not write the audit log: %r", exc)
+        except StorageError as exc:
+            return _unrecorded(update, exc)
         return update
 
     async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update = await node.ainvoke(state, config)
+        update: Any = None
         try:
-            await observer.audit.awrite(records(state, update, config, runtime))
-        except Exception as exc:
-            log.error("keel could not write the audit log: %r", exc)
+            async with observer.ledger.abatch():
+                update = await node.ainvoke(state, config)
+                carried = observer.ledger.deferred
+                try:
+                    await observer.audit.awrite(records(state, update, config, runtime))
+                except Exception as exc:
+                    if carried:
+                        raise
+                    log.error("keel could not write the audit log: %r", exc)
+        except StorageError as exc:
+            return _unrecorded(update, exc)
         return update
 
     return RunnableCallable(run, arun, name=node.name, trace=False)
+
+
+def _unrecorded(update: Any, exc: StorageError) -> Any:
+    """The node's update when the ledger failed to record what it did (after its call ran).
+
+    The node itself failing (`update` is None) raises as before. Otherwise its tool results are
+    kept, marked as not recorded, and the run ends as `error` of category `storage`.
+    """
+    if not isinstance(update, Mapping):
+        raise exc
+    messages = [
+        m.model_copy(
+            update={
+                "response_metadata": {**m.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
+            }
+        )
+        if isinstance(m, ToolMessage)
+        else m
+        for m in update.get("messages") or []
+    ]
+    names = ", ".join(sorted({m.name or "?" for m in messages if isinstance(m, ToolMessage)}))
+    around = f" around a call to {names}" if names else ""
+    detail = (
+        f"{STORAGE_FAILED}: the ledger raised{around} (after the call: {exc}); what ran could not "
+        "be recorded. Resume the thread once the database is back: a call not recorded as "
+        "finished asks a human, never runs again on its own."
+    )
+    log.error("keel could not record a node's ledger writes: %r", exc)
+    return {**update, "messages": messages, "outcome": outcome.failed(detail)}
 
 
 def recorded(

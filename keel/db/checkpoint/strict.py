@@ -37,6 +37,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver, retry_once
+from keel.db.checkpoint.saved import SaveWatch, checkpoint_key, newest_message, request_key
 from keel.errors import (
     CheckpointSizeWarning,
     CheckpointTooLarge,
@@ -200,9 +201,13 @@ class _Strict:
     keel_policy: CheckpointPolicy = CheckpointPolicy()
     _keel_allowed: frozenset[tuple[str, str]] = CheckpointPolicy().allowed()
 
+    keel_saves: SaveWatch
+    """The checkpoints this saver saved or loaded (`keel.db.checkpoint.saved`)."""
+
     def _keel_configure(self, policy: CheckpointPolicy) -> None:
         self.keel_policy = policy
         self._keel_allowed = policy.allowed()
+        self.keel_saves = SaveWatch()
 
     def _keel_check(self, values: Mapping[str, Any], channels: Sequence[str]) -> None:
         if not self.keel_policy.strict:
@@ -245,7 +250,9 @@ class _Strict:
     ) -> RunnableConfig:
         """Check, count, then save a checkpoint."""
         with self._keel_checkpoint(config, checkpoint, new_versions):
-            return super().put(config, checkpoint, metadata, new_versions)  # type: ignore[misc, no-any-return]
+            saved: RunnableConfig = super().put(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+        self._keel_saved(saved, checkpoint)
+        return saved
 
     async def aput(
         self,
@@ -256,7 +263,30 @@ class _Strict:
     ) -> RunnableConfig:
         """Check, count, then save a checkpoint."""
         with self._keel_checkpoint(config, checkpoint, new_versions):
-            return await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc, no-any-return]
+            saved: RunnableConfig = await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+        self._keel_saved(saved, checkpoint)
+        return saved
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """Load a checkpoint (noted as saved)."""
+        found: CheckpointTuple | None = super().get_tuple(config)  # type: ignore[misc]
+        if found is not None:
+            self._keel_saved(found.config, found.checkpoint)
+        return found
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """Load a checkpoint (noted as saved)."""
+        found: CheckpointTuple | None = await super().aget_tuple(config)  # type: ignore[misc]
+        if found is not None:
+            self._keel_saved(found.config, found.checkpoint)
+        return found
+
+    def _keel_saved(self, config: RunnableConfig, checkpoint: Checkpoint) -> None:
+        watch = getattr(self, "keel_saves", None)
+        if watch is not None:
+            watch.saved(checkpoint_key(config))
+            # the model's request it holds, if its newest message is one
+            watch.saved(request_key(config, newest_message(checkpoint["channel_values"])))
 
     def put_writes(
         self,
