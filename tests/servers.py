@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psycopg
+import pytest
 from psycopg import sql
 
 from keel.app.aegra import replica_env, write_aegra_config
@@ -69,6 +70,23 @@ def aegra_missing() -> str | None:
     except OSError as exc:
         return f"the Aegra tests need Redis at {REDIS_URL} (KEEL_TEST_REDIS_URL): {exc}"
     return None
+
+
+def need_aegra_venv() -> None:
+    """Skip without the Aegra venv, except in CI, where it is a failure."""
+    _need(None if AEGRA_PYTHON.is_file() else NEED_AEGRA)
+
+
+def need_aegra() -> None:
+    """Skip without the Aegra venv or Redis, except in CI (`CI=true`), where it is a failure."""
+    _need(aegra_missing())
+
+
+def _need(missing: str | None) -> None:
+    if missing is not None:
+        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+            pytest.fail(missing, pytrace=False)
+        pytest.skip(missing)
 
 
 @contextmanager
