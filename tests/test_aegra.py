@@ -53,7 +53,6 @@ async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
         env = {
             "KEEL_TEST_EFFECTS_URL": effects_url,
             "KEEL_TEST_SLOW_SECONDS": str(SLOW_SECONDS),
-            "PYTHONPATH": str(servers.ROOT / "tests"),
         }
         with servers.serving_aegra(
             tmp_path, postgres_url, ledger_url, server_config=SLOW_CONFIG, extra_env=env
