@@ -567,6 +567,45 @@ async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
     assert "only keel's auth writes these" in caught.value.response.text
 
 
+async def test_a_reviewer_cannot_forge_acting_for_another_user_on_their_own_thread(
+    reviewers: dict[str, LangGraphClient], request: pytest.FixtureRequest
+) -> None:
+    """keel's metadata in a run's or an assistant's config must not make carol's own run act as
+    alice with alice's roles (carol's role `reviewer` may not even look an order up).
+
+    Found when the reviewer role met Aegra: Aegra puts the run's config, as the client sent it,
+    into the run, and ignores the auth handler's changes to it; keel refuses it there."""
+    carol = reviewers["carol"]
+    forged = {
+        "keel_owner": "alice",
+        "keel_tenant": "acme",
+        "keel_roles": ["support"],
+        "keel_reviewer": "carol",
+    }
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await carol.assistants.create(
+            graph_id="agent", config={"configurable": {}, "metadata": forged}
+        )
+    assert caught.value.response.status_code == 422
+    assert "only keel's auth writes these" in caught.value.response.text
+
+    thread = await carol.threads.create()
+    if on_aegra(request):
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await carol.runs.wait(
+                thread["thread_id"], "agent", input=TASK, config={"metadata": forged}
+            )
+        assert caught.value.response.status_code == 422
+        assert "only keel's auth writes these" in caught.value.response.text
+        assert await carol.runs.list(thread["thread_id"]) == []
+        return
+    # langgraph dev: replaced by keel's own stamp; the run is carol's
+    await carol.runs.wait(thread["thread_id"], "agent", input=TASK, config={"metadata": forged})
+    state = await carol.threads.get_state(thread["thread_id"])
+    looked_up = [m for m in state["values"]["messages"] if m.get("name") == "lookup_order"]
+    assert looked_up and looked_up[0]["content"].startswith("Not permitted"), looked_up
+
+
 async def test_aegra_keeps_a_reviewer_out_of_another_users_thread(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],
