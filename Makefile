@@ -23,7 +23,8 @@ FILES = find keel graphs nodes tools memory guards evals -name '*.py' -o -name p
 AEGRA_VENV ?= .venv-aegra
 AEGRA_API := aegra-api==0.11.0
 PYTHON312 ?= $(shell pyenv prefix 3.12 2>/dev/null || ls -d /root/.pyenv/versions/3.12* 2>/dev/null | tail -n1)
-AEGRA_READY := $(AEGRA_VENV)/.keel-aegra
+# (the stamp is renamed when what the venv gets changes, so an old venv is brought up to date)
+AEGRA_READY := $(AEGRA_VENV)/.keel-aegra-embeddings
 
 # What `make demo` needs: keel, its embeddings (onnxruntime), the weights. No dev tools, no torch.
 $(RUNTIME): pyproject.toml
