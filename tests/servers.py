@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psycopg
+import pytest
 from psycopg import sql
 
 from keel.app.aegra import replica_env, write_aegra_config
@@ -69,6 +70,23 @@ def aegra_missing() -> str | None:
     except OSError as exc:
         return f"the Aegra tests need Redis at {REDIS_URL} (KEEL_TEST_REDIS_URL): {exc}"
     return None
+
+
+def need_aegra_venv() -> None:
+    """Skip without the Aegra venv, except in CI, where it is a failure."""
+    _need(None if AEGRA_PYTHON.is_file() else NEED_AEGRA)
+
+
+def need_aegra() -> None:
+    """Skip without the Aegra venv or Redis, except in CI (`CI=true`), where it is a failure."""
+    _need(aegra_missing())
+
+
+def _need(missing: str | None) -> None:
+    if missing is not None:
+        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+            pytest.fail(missing, pytrace=False)
+        pytest.skip(missing)
 
 
 @contextmanager
@@ -142,26 +160,34 @@ def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 1
     raise ServerFailed(f"server did not answer {url}{path} within {seconds} s:\n{process.text()}")
 
 
-def _base_env(ledger_url: str) -> dict[str, str]:
+def _base_env(ledger_url: str, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
     env["KEEL_LEDGER_URL"] = ledger_url
-    # the admission test's slow model (tests/serve/e2e_models)
+    # scripted models and tools: tests/serve/e2e_models (admission), serve.parity_models, ...
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "tests" / "serve"), env.get("PYTHONPATH", "")) if p
+        p
+        for p in (str(ROOT / "tests" / "serve"), str(ROOT / "tests"), env.get("PYTHONPATH", ""))
+        if p
     )
-    return env
+    return {**env, **(extra_env or {})}
 
 
 @contextmanager
 def serving_dev(
-    workdir: Path, ledger_url: str, *, config: Path | None = None, server_config: Path | None = None
+    workdir: Path,
+    ledger_url: str,
+    *,
+    config: Path | None = None,
+    server_config: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, Process]]:
     """`keel serve` on a free port from `workdir`; the URL once `/ok` answers."""
     port = free_port()
     keel = str(Path(sys.executable).with_name("keel"))
     cmd = [keel, "serve", "--server-config", str(server_config or SERVER_CONFIG)]
     cmd += ["--port", str(port), "--config", str(config or ROOT / "langgraph.json")]
-    process = start(cmd, cwd=workdir, env=_base_env(ledger_url), log=workdir / "server.log")
+    env = _base_env(ledger_url, extra_env)
+    process = start(cmd, cwd=workdir, env=env, log=workdir / "server.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process)
@@ -199,16 +225,18 @@ def serving_aegra(
 ) -> Iterator[AegraCluster]:
     """An Aegra cluster on a fresh database (`keel_aegra_<hex>`); stopped and dropped after."""
     server_config = server_config or SERVER_CONFIG
-    base = _base_env(ledger_url)
-    saved = os.environ.get("KEEL_LEDGER_URL")
-    os.environ["KEEL_LEDGER_URL"] = ledger_url  # the server config names it
+    base = _base_env(ledger_url, extra_env)
+    # the server config names ${KEEL_LEDGER_URL} (and maybe others of extra_env)
+    saved = {name: os.environ.get(name) for name in base}
+    os.environ.update(base)
     try:
         aegra_json = write_aegra_config(workdir, server_config)
     finally:
-        if saved is None:
-            del os.environ["KEEL_LEDGER_URL"]
-        else:
-            os.environ["KEEL_LEDGER_URL"] = saved
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     prefix = f"keel-test-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         database_url = stack.enter_context(fresh_database(postgres_url, "keel_aegra"))
@@ -228,7 +256,6 @@ def serving_aegra(
                 "WORKER_QUEUE_KEY": f"{prefix}:jobs",
                 "REDIS_CHANNEL_PREFIX": f"{prefix}:run:",
                 "LOG_LEVEL": "WARNING",
-                **(extra_env or {}),
             }
             port = free_port()
             cmd = [str(AEGRA_PYTHON), "-m", "uvicorn", "aegra_api.main:app"]

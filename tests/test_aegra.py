@@ -26,7 +26,6 @@ import pytest
 import servers
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
-from test_server_e2e import need_aegra
 
 pytestmark = pytest.mark.aegra
 
@@ -44,7 +43,7 @@ def _rows(url: str, table: str) -> list[tuple[str, int]]:
 async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    need_aegra()
+    servers.need_aegra()
     with (
         servers.fresh_database(postgres_url, "keel_aegra_ledger") as ledger_url,
         servers.fresh_database(postgres_url, "keel_aegra_effects") as effects_url,
@@ -54,7 +53,6 @@ async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
         env = {
             "KEEL_TEST_EFFECTS_URL": effects_url,
             "KEEL_TEST_SLOW_SECONDS": str(SLOW_SECONDS),
-            "PYTHONPATH": str(servers.ROOT / "tests"),
         }
         with servers.serving_aegra(
             tmp_path, postgres_url, ledger_url, server_config=SLOW_CONFIG, extra_env=env
@@ -161,7 +159,7 @@ async def _ended(client: LangGraphClient, threads: list[str]) -> dict[str, Any]:
 
 
 def test_the_aegra_venv_has_the_version_the_makefile_pins() -> None:
-    need_aegra()
+    servers.need_aegra()
     pin = re.search(
         r"^AEGRA_API := aegra-api==(\S+)$", (servers.ROOT / "Makefile").read_text(), re.M
     )

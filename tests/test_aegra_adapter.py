@@ -5,12 +5,14 @@ in test_server_e2e.py (parametrized over both servers) and test_aegra.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import servers
 from langgraph.store.memory import InMemoryStore
 from langgraph_sdk import Auth
 from langgraph_sdk.runtime import _ExecutionRuntime
@@ -57,14 +59,62 @@ def test_aegra_json_names_files_and_scopes_memory_namespaces(served: None, tmp_p
         "globex-memories": ["tenant_id", "identity"],
         "memories": ["tenant_id", "identity"],
     }
-    # the shim loads by file path, as Aegra loads it, and re-exports the adapted factories
-    spec = importlib.util.spec_from_file_location("shim_under_test", tmp_path / SHIM_NAME)
-    assert spec is not None and spec.loader is not None
-    shim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shim)
-    from keel.app import aegra, auth
+    assert config["http"] == {"app": f"./{SHIM_NAME}:http_app"}
 
-    assert (shim.agent, shim.supervisor, shim.auth) == (aegra.agent, aegra.supervisor, auth.auth)
+
+SHIM_CHECK = """
+import importlib.util, json, sys
+from fastapi import FastAPI, HTTPException
+from fastapi.testclient import TestClient
+spec = importlib.util.spec_from_file_location("shim_under_test", sys.argv[1])
+shim = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shim)
+from keel.app import aegra, auth
+app = shim.http_app
+@app.get("/busy")
+async def busy():
+    raise HTTPException(status_code=429, detail="Overloaded", headers={"Retry-After": "3"})
+client = TestClient(app)
+live, busy = client.get("/keel/health/live"), client.get("/busy")
+print(json.dumps({
+    "fastapi": isinstance(app, FastAPI),
+    "same": [
+        shim.agent is aegra.agent, shim.supervisor is aegra.supervisor, shim.auth is auth.auth
+    ],
+    "live": [live.status_code, live.json()["checks"][0]["name"]],
+    "busy": [busy.status_code, busy.headers.get("retry-after"), busy.json()],
+}))
+"""
+
+
+@pytest.mark.aegra
+def test_the_shim_hands_aegra_a_fastapi_app_that_keeps_error_headers(
+    served: None, tmp_path: Path
+) -> None:
+    """Run in Aegra's Python (it has FastAPI): the shim loads by file path, as Aegra loads it,
+    re-exports the adapted factories, and turns keel's Starlette health app into FastAPI, with
+    an error handler that keeps `Retry-After` (Aegra's own drops an error's headers)."""
+    servers.need_aegra_venv()
+    write_aegra_config(tmp_path, E2E_CONFIG)
+    script = tmp_path / "check.py"
+    script.write_text(SHIM_CHECK, encoding="utf-8")
+    env = {**os.environ, CONFIG_ENV: str(E2E_CONFIG)}
+    done = subprocess.run(
+        [str(servers.AEGRA_PYTHON), str(script), str(tmp_path / SHIM_NAME)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["fastapi"] is True and got["same"] == [True, True, True]
+    assert got["live"] == [200, "live"]
+    assert got["busy"] == [
+        429,
+        "3",
+        {"error": "unknown_error", "message": "Overloaded", "details": None},
+    ]
 
 
 def test_a_langgraph_json_of_ones_own_is_converted_too(served: None) -> None:
@@ -77,7 +127,15 @@ def test_a_langgraph_json_of_ones_own_is_converted_too(served: None) -> None:
     assert config["http"] == {"app": f"./{SHIM_NAME}:http_app"}
     assert "auth" not in config
     assert "from my_pkg.graphs import bot as bot" in shim
-    assert "from my_pkg.web import app as http_app" in shim
+    # Aegra takes only a FastAPI app: the shim converts whatever the http app is
+    assert "from my_pkg.web import app as _http_app" in shim
+    assert "http_app = aegra_http_app(_http_app)" in shim
+    # without an http app of one's own, Aegra still gets keel's (its error handler)
+    config, shim = aegra_config(E2E_CONFIG, {"graphs": {"bot": "my_pkg.graphs:bot"}})
+    assert config["http"] == {"app": f"./{SHIM_NAME}:http_app"}
+    assert "http_app = aegra_http_app()" in shim
+    with pytest.raises(UserError, match="is a file path"):
+        aegra_config(E2E_CONFIG, {"graphs": mine["graphs"], "http": {"app": "./web.py:app"}})
     with pytest.raises(UserError, match='no "graphs"'):
         aegra_config(E2E_CONFIG, {"graphs": {}})
 

@@ -53,6 +53,15 @@ def test_live_answers_and_ready_with_nothing_configured_checks_nothing(client: T
     assert (ready.status_code, ready.json()["checks"]) == (200, [])
 
 
+def test_langgraph_devs_in_memory_database_is_not_checked(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinned: `langgraph dev` sets DATABASE_URI=":memory:" (its threads are in memory)."""
+    monkeypatch.setenv("DATABASE_URI", ":memory:")
+    ready = client.get("/keel/health/ready")
+    assert (ready.status_code, ready.json()["checks"]) == (200, [])
+
+
 def test_a_database_that_is_down_is_named(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
 ) -> None:

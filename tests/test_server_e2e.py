@@ -11,7 +11,6 @@ keel's scripted ones (`tests/serve/keel-server.toml`). alice (tenant acme) and b
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
@@ -53,15 +52,6 @@ def serving(workdir: Path, config: Path, ledger_url: str) -> Iterator[str]:
     _fail_on_blocking(process.log)
 
 
-def need_aegra() -> None:
-    """Skip without the Aegra venv, except in CI (`CI=true`), where it is a failure."""
-    missing = servers.aegra_missing()
-    if missing is not None:
-        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-            pytest.fail(missing, pytrace=False)
-        pytest.skip(missing)
-
-
 @pytest.fixture(scope="module", params=["langgraph-dev", pytest.param("aegra", marks=AEGRA)])
 def server(
     request: pytest.FixtureRequest,
@@ -75,7 +65,7 @@ def server(
     two worker replicas on a fresh database, short leases (`tests/servers.py`).
     """
     if request.param == "aegra":
-        need_aegra()
+        servers.need_aegra()
         workdir = tmp_path_factory.mktemp("aegra")
         try:
             with servers.serving_aegra(workdir, postgres_url, ledger_url) as cluster:
@@ -410,6 +400,18 @@ async def test_a_resume_sent_to_a_thread_nothing_waits_on_approves_nothing(
 
 # -- the reviewer role -------------------------------------------------------------------------
 
+NO_REVIEWERS_ON_AEGRA = (
+    "Aegra 0.11 scopes every thread and run to the user who created it in SQL "
+    "(ThreadORM.user_id == user.identity, whatever keel's auth filter allows) and does not merge "
+    "a thread's metadata into a run's config: a reviewer cannot see or resume another user's "
+    "thread there (pinned by test_aegra_keeps_a_reviewer_out_of_another_users_thread)"
+)
+
+
+def no_reviewers_on_aegra(request: pytest.FixtureRequest) -> None:
+    if on_aegra(request):
+        pytest.skip(NO_REVIEWERS_ON_AEGRA)
+
 
 def _approvals_in_audit(ledger_url: str, thread_id: str) -> list[tuple[str, str, str]]:
     with psycopg.connect(ledger_url) as conn:
@@ -436,7 +438,9 @@ async def test_a_reviewer_lists_and_approves_another_users_waiting_thread(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],
     ledger_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    no_reviewers_on_aegra(request)
     alice, _ = clients
     carol = reviewers["carol"]
     thread_id, _ = await run_to_interrupt(alice, "agent")
@@ -464,7 +468,9 @@ async def test_a_reviewer_edits_or_rejects_and_an_owners_sent_name_is_ignored(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],
     ledger_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    no_reviewers_on_aegra(request)
     alice, _ = clients
     carol = reviewers["carol"]
     edited, _ = await run_to_interrupt(alice, "agent")
@@ -502,7 +508,9 @@ async def test_a_reviewer_resumes_a_supervisors_sub_agent_for_its_owner(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],
     ledger_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    no_reviewers_on_aegra(request)
     alice, _ = clients
     carol = reviewers["carol"]
     thread_id, _ = await run_to_interrupt(alice, "supervisor")
@@ -557,6 +565,82 @@ async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
         await alice.threads.update(thread_id, metadata={"keel_owner": "dave"})
     assert caught.value.response.status_code == 422
     assert "only keel's auth writes these" in caught.value.response.text
+
+
+async def test_a_reviewer_cannot_forge_acting_for_another_user_on_their_own_thread(
+    reviewers: dict[str, LangGraphClient], request: pytest.FixtureRequest
+) -> None:
+    """keel's metadata in a run's or an assistant's config must not make carol's own run act as
+    alice with alice's roles (carol's role `reviewer` may not even look an order up).
+
+    Found when the reviewer role met Aegra: Aegra puts the run's config, as the client sent it,
+    into the run, and ignores the auth handler's changes to it; keel refuses it there."""
+    carol = reviewers["carol"]
+    forged = {
+        "keel_owner": "alice",
+        "keel_tenant": "acme",
+        "keel_roles": ["support"],
+        "keel_reviewer": "carol",
+    }
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await carol.assistants.create(
+            graph_id="agent", config={"configurable": {}, "metadata": forged}
+        )
+    assert caught.value.response.status_code == 422
+    assert "only keel's auth writes these" in caught.value.response.text
+
+    thread = await carol.threads.create()
+    if on_aegra(request):
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await carol.runs.wait(
+                thread["thread_id"], "agent", input=TASK, config={"metadata": forged}
+            )
+        assert caught.value.response.status_code == 422
+        assert "only keel's auth writes these" in caught.value.response.text
+        assert await carol.runs.list(thread["thread_id"]) == []
+        return
+    # langgraph dev: replaced by keel's own stamp; the run is carol's
+    await carol.runs.wait(thread["thread_id"], "agent", input=TASK, config={"metadata": forged})
+    state = await carol.threads.get_state(thread["thread_id"])
+    looked_up = [m for m in state["values"]["messages"] if m.get("name") == "lookup_order"]
+    assert looked_up and looked_up[0]["content"].startswith("Not permitted"), looked_up
+
+
+async def test_aegra_keeps_a_reviewer_out_of_another_users_thread(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Pinned (why the reviewer tests above skip on Aegra): keel's auth lets carol in, Aegra's
+    own per-user SQL filter does not; the thread stays waiting for alice."""
+    if not on_aegra(request):
+        pytest.skip("pins Aegra's behaviour; langgraph dev: the reviewer tests above")
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    waiting = await carol.threads.search(status="interrupted", limit=100)
+    assert thread_id not in [t["thread_id"] for t in waiting]
+    await assert_not_found(carol.threads.get_state(thread_id))
+    await assert_not_found(
+        carol.runs.wait(thread_id, "agent", command={"resume": [{"type": "approve"}]})
+    )
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+
+# -- health over HTTP (langgraph.json's http.app; under Aegra, the shim's FastAPI app) -----------
+
+
+def test_the_health_routes_answer_without_a_token(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    live = httpx.get(f"{server}/keel/health/live", timeout=10)
+    assert (live.status_code, live.json()["failing"]) == (200, [])
+    ready = httpx.get(f"{server}/keel/health/ready", timeout=30)
+    assert ready.status_code == 200, ready.text
+    checks = {c["name"]: c for c in ready.json()["checks"]}
+    # Aegra's DATABASE_URL is checked too; langgraph dev's DATABASE_URI is ":memory:", not checked
+    assert sorted(checks) == (["database", "ledger"] if on_aegra(request) else ["ledger"])
+    assert all(c["ok"] for c in checks.values())
 
 
 # -- admission control --------------------------------------------------------------------------

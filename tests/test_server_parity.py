@@ -1,20 +1,16 @@
-"""Served agents at parity with embedded ones, and health over HTTP, on a real `langgraph dev`.
+"""Served agents at parity with embedded ones, and health over HTTP, on both servers.
 
-One `keel serve` (LangGraph's in-memory server, offline, no `--allow-blocking`) and one real
-Chroma server (`chroma run`, telemetry off; embeddings by keel's offline MiniLM, never Chroma's
-downloader). The server config (`tests/serve/parity-server.toml`) gives tenant initech memory on
-the Chroma server and tenant hooli memory in the server's own store; its models are scripted
-ones named by `package.module:attribute` (`tests/serve/parity_models.py`).
+`keel serve` (LangGraph's in-memory server, offline, no `--allow-blocking`) and an Aegra cluster
+(an API replica and one worker, `tests/servers.py`), each with a real Chroma server (`chroma
+run`, telemetry off; embeddings by keel's offline MiniLM, never Chroma's downloader). The server
+config (`tests/serve/parity-server.toml`) gives tenant initech memory on the Chroma server and
+tenant hooli memory in the server's own store; its models are scripted ones named by
+`package.module:attribute` (`tests/serve/parity_models.py`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,22 +18,36 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from conftest import ChromaServer, free_port  # the test folder is on sys.path (rootdir)
+import servers
+from conftest import ChromaServer  # the test folder is on sys.path (rootdir)
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
+from langgraph_sdk.errors import ConflictError
 
 from keel.memory import ChromaStore, default_index
 
 pytestmark = pytest.mark.postgres
+AEGRA = pytest.mark.aegra
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CONFIG = ROOT / "tests" / "serve" / "parity-server.toml"
 FORGED = {"user_id": "mallory", "tenant_id": "hooli", "roles": ["admin"]}
 
 
+@pytest.fixture(scope="module", params=["langgraph-dev", pytest.param("aegra", marks=AEGRA)])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Which server: `langgraph dev` (`keel serve`), or Aegra (an API replica and a worker)."""
+    if request.param == "aegra":
+        servers.need_aegra()
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def chroma(tmp_path_factory: pytest.TempPathFactory, chroma_server: Any) -> Iterator[ChromaServer]:
-    with chroma_server(tmp_path_factory.mktemp("chroma")) as server:
+def chroma(
+    kind: str, tmp_path_factory: pytest.TempPathFactory, chroma_server: Any
+) -> Iterator[ChromaServer]:
+    """A Chroma server of its own for each server (run 1 of each must find no memory)."""
+    with chroma_server(tmp_path_factory.mktemp(f"chroma-{kind}")) as server:
         yield server
 
 
@@ -48,55 +58,41 @@ def ledger_url(module_postgres_url: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(
-    tmp_path_factory: pytest.TempPathFactory, chroma: ChromaServer, ledger_url: str
+    kind: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    chroma: ChromaServer,
+    ledger_url: str,
+    postgres_url: str,
 ) -> Iterator[str]:
-    """`keel serve` with the parity config and keel's langgraph.json (its `http.app` too)."""
-    workdir = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LANGSMITH_")}
-    env |= {
-        "KEEL_LEDGER_URL": ledger_url,
+    """The parity config served with keel's langgraph.json (its `http.app` too)."""
+    workdir = tmp_path_factory.mktemp(kind)
+    env = {
         "KEEL_CHROMA_URL": chroma.url,
         "KEEL_DB_URL": ledger_url,  # readiness: "the server's database"
-        "PYTHONPATH": str(ROOT / "tests"),  # the scripted models: serve.parity_models:...
         "ANONYMIZED_TELEMETRY": "False",
         "HF_HUB_OFFLINE": "1",
         "KEEL_HEALTH_MODEL": "serve.parity_models:adder",
     }
-    keel = str(Path(sys.executable).with_name("keel"))
-    cmd = [keel, "serve", "--server-config", str(SERVER_CONFIG), "--port", str(port)]
-    cmd += ["--config", str(ROOT / "langgraph.json")]
-    log_path = workdir / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, log_path)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        if os.environ.get("KEEL_SHOW_SERVER_LOG"):
-            print(log_path.read_text())
-    text = log_path.read_text()
+        if kind == "aegra":
+            with servers.serving_aegra(
+                workdir,
+                postgres_url,
+                ledger_url,
+                workers=1,
+                server_config=SERVER_CONFIG,
+                extra_env=env,
+            ) as cluster:
+                yield cluster.url
+            return
+        with servers.serving_dev(
+            workdir, ledger_url, server_config=SERVER_CONFIG, extra_env=env
+        ) as (url, process):
+            yield url
+    except servers.ServerFailed as exc:
+        pytest.fail(str(exc))
+    text = process.text()
     assert "BlockingError" not in text, f"blocking call on the request path:\n{text}"
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"keel serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/ok", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"keel serve did not answer {url}/ok within 120 s:\n{log_path.read_text()}")
 
 
 @pytest.fixture
@@ -105,19 +101,43 @@ async def carol(server: str) -> AsyncIterator[LangGraphClient]:
         yield c
 
 
+_ASSISTANTS: dict[tuple[str, str, str], str] = {}
+"""(server, token, agent) → assistant id: Aegra refuses a second assistant of the same config."""
+
+
+async def _assistant(c: LangGraphClient, agent: str) -> str:
+    key = (str(c.http.client.base_url), str(c.http.client.headers["Authorization"]), agent)
+    if key not in _ASSISTANTS:
+        made = await c.assistants.create(
+            graph_id="agent", config={"configurable": {"agent": agent}}
+        )
+        _ASSISTANTS[key] = made["assistant_id"]
+    return _ASSISTANTS[key]
+
+
 async def _run(c: LangGraphClient, agent: str, text: str) -> dict[str, Any]:
-    assistant = await c.assistants.create(
-        graph_id="agent", config={"configurable": {"agent": agent}}
-    )
+    assistant_id = await _assistant(c, agent)
     thread = await c.threads.create()
     final = await c.runs.wait(
         thread["thread_id"],
-        assistant["assistant_id"],
+        assistant_id,
         input={"messages": [{"role": "user", "content": text}]},
         context=FORGED,  # ignored: memory namespaces follow the token's user and tenant
     )
     assert isinstance(final, dict), final
     return {**final, "thread_id": thread["thread_id"]}
+
+
+async def test_a_second_assistant_of_the_same_config(carol: LangGraphClient, kind: str) -> None:
+    """Pinned: langgraph dev makes a second assistant; Aegra 0.11 refuses it with 409."""
+    config: Any = {"configurable": {"agent": "checked"}, "tags": [kind]}
+    first = await carol.assistants.create(graph_id="agent", config=config)
+    if kind == "aegra":
+        with pytest.raises(ConflictError, match="already exists"):
+            await carol.assistants.create(graph_id="agent", config=config)
+    else:
+        second = await carol.assistants.create(graph_id="agent", config=config)
+        assert second["assistant_id"] != first["assistant_id"]
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -13,12 +13,20 @@ number of replicas sharing one database and one Redis. What differs, and what th
   otherwise: the generated config scopes each tenant's memory namespace by
   `["tenant_id", "identity"]`, so `(memories, tenant, user)` means the same over HTTP as in a run.
 
+- Aegra requires the custom app (`http.app`) to be a **FastAPI** app and serves its own routes
+  from it; keel's health app (`keel.app.http:app`) is plain Starlette. The shim hands Aegra
+  `aegra_http_app(app)`: a FastAPI app with the same routes (they answer without a token, as
+  under `langgraph dev`: Aegra applies auth to custom routes only with
+  `enable_custom_route_auth`), and an error handler that keeps an error's headers, which
+  Aegra's own drops (admission control's `Retry-After`).
+
 The rest (headers dict to the auth handler, the user as a pydantic model, `namespace_prefix` on
 store search) is handled where keel reads them (`keel.app.auth`, `keel.identity.user_field`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +34,8 @@ from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph_sdk.runtime import ServerRuntime
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from keel.app import server
 from keel.app.serve import LANGGRAPH_JSON
@@ -35,7 +45,15 @@ from keel.graphs.agent import Agent
 from keel.graphs.supervisor import Supervisor
 from keel.state import RunContext
 
-__all__ = ["SHIM_NAME", "agent", "aegra_config", "replica_env", "supervisor", "write_aegra_config"]
+__all__ = [
+    "SHIM_NAME",
+    "aegra_config",
+    "agent",
+    "aegra_http_app",
+    "replica_env",
+    "supervisor",
+    "write_aegra_config",
+]
 
 SHIM_NAME = "keel_aegra.py"
 """The file `write_aegra_config` writes beside `aegra.json`: what Aegra loads by path."""
@@ -65,6 +83,46 @@ def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
         return server.supervisor(runtime)
     tenant = _first(server_config(), lambda t: t.supervisor is not None, "a supervisor")
     return server.build_tenant_supervisor(tenant)
+
+
+def aegra_http_app(app: Any | None = None) -> Any:
+    """The FastAPI app Aegra serves as `http.app` (Aegra adds its own routes to it).
+
+    `app` (langgraph.json's `http.app`) keeps its routes: a FastAPI app is used as is, another
+    Starlette app becomes a FastAPI app with its routes, middleware and exception handlers; None
+    gives an app of Aegra's routes only. Aegra's own error handler drops an error's headers, so
+    unless `app` handles `HTTPException` itself, keel's handler answers with the same body and
+    the headers kept (the `Retry-After` of admission control's 429). Needs FastAPI (Aegra's venv
+    has it).
+    """
+    fastapi = importlib.import_module("fastapi")
+    if app is None:
+        app = fastapi.FastAPI()
+    elif not isinstance(app, fastapi.FastAPI):
+        routes = getattr(getattr(app, "router", None), "routes", None)
+        if routes is None:
+            raise UserError(
+                f"The http app {app!r} is not a Starlette or FastAPI app: Aegra can only serve "
+                "a FastAPI app (langgraph.json's http.app)."
+            )
+        app = fastapi.FastAPI(
+            routes=list(routes),
+            middleware=list(getattr(app, "user_middleware", [])),
+            exception_handlers=dict(getattr(app, "exception_handlers", {})),
+        )
+    app.exception_handlers.setdefault(fastapi.HTTPException, _http_error)
+    return app
+
+
+async def _http_error(request: Request, exc: Any) -> JSONResponse:
+    """Aegra's error answer (`AgentProtocolError`) with the exception's headers kept."""
+    errors = importlib.import_module("aegra_api.models.errors")
+    body = errors.AgentProtocolError(
+        error=errors.get_error_type(exc.status_code),
+        message=exc.detail,
+        details=getattr(exc, "details", None),
+    ).model_dump()
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _first(config: ServerConfig, fits: Any, what: str) -> TenantConfig:
@@ -101,8 +159,15 @@ def aegra_config(
     if isinstance(auth, Mapping) and auth.get("path"):
         out["auth"] = {"path": path_of("auth", str(auth["path"]))}
     http = spec.get("http")
-    if isinstance(http, Mapping) and http.get("app"):
-        out["http"] = {**http, "app": path_of("http_app", str(http["app"]))}
+    http = dict(http) if isinstance(http, Mapping) else {}
+    if http.get("app"):  # Aegra takes only a FastAPI app: the shim converts it
+        ref = str(http["app"])
+        if path_of("_http_app", ref) == ref:
+            raise UserError(
+                f"langgraph.json's http.app {ref!r} is a file path: name it as 'module:attr' so "
+                "keel can hand Aegra a FastAPI app of it."
+            )
+    out["http"] = {**http, "app": f"./{SHIM_NAME}:http_app"}
     namespaces = sorted({t.memory_namespace for t in config.tenants.values()})
     out["store"] = {"scopes": {ns: ["tenant_id", "identity"] for ns in namespaces}}
     lines = [
@@ -112,6 +177,11 @@ def aegra_config(
             f"from {ref.split(':')[0]} import {ref.split(':')[1]} as {name}  # noqa: F401"
             for name, ref in exports.items()
         ),
+    ]
+    lines += [
+        "from keel.app.aegra import aegra_http_app",
+        "",
+        f"http_app = aegra_http_app({'_http_app' if '_http_app' in exports else ''})",
     ]
     return out, "\n".join(lines) + "\n"
 

@@ -14,6 +14,8 @@
   run acts for the thread's owner and the audit names the reviewer (`keel.identity`). Anything
   else a reviewer does on another user's thread (new input, update, delete) gets 404 as before.
   Another tenant's threads stay invisible to them.
+  keel's metadata keys (`keel_owner`, ...) in a config the server hands to the run as sent (an
+  assistant's; a run's under Aegra) are refused with 422: they would say whom the run acts for.
 - **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
   user) whose running and queued runs are at their caps is refused with 429 and `Retry-After`
   before it is created (`keel.guards.admission`; a run that gets past this check and finds no
@@ -191,6 +193,8 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
         )
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
+    if ctx.action in ("create", "create_run", "update") and isinstance(value, dict):
+        _refuse_keel_config_metadata(value)
     if reviewer and ctx.action == "create_run" and is_review_run(value):
         await _refuse_if_full(owner[TENANT_KEY], None)
         _stamp(value, {TENANT_KEY: owner[TENANT_KEY], REVIEWER_KEY: owner[OWNER_KEY]})
@@ -232,6 +236,21 @@ async def _refuse_if_full(tenant: str, user: str | None) -> None:
                 ),
                 headers={"Retry-After": str(policy.retry_after)},
             )
+
+
+def _refuse_keel_config_metadata(value: dict[str, Any]) -> None:
+    """422 when a config sent as is (an assistant's, a run's under Aegra) sets keel's metadata.
+
+    A node reads who a run acts for from its config's metadata (`keel.identity`). LangGraph's
+    server nests a run's config under `kwargs`, where `_stamp` replaces those keys; Aegra hands
+    the request body as is and ignores a handler's changes to it (the handler returns a filter),
+    so there a forged key would reach the run: refused instead.
+    """
+    if "kwargs" in value:
+        return
+    config = value.get("config")
+    if isinstance(config, dict):
+        _refuse_keel_metadata(config.get("metadata"))
 
 
 def _refuse_keel_metadata(metadata: Any) -> None:

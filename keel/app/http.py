@@ -1,7 +1,8 @@
 """keel's health checks over HTTP: a plain ASGI app (Starlette) for any server to mount.
 
 LangGraph server mounts it through `langgraph.json` (`"http": {"app": "keel.app.http:app"}`);
-Aegra, or any ASGI server, can mount or serve `keel.app.http:app` the same way.
+Aegra takes only a FastAPI app: the shim `keel.app.aegra` generates hands it these routes as one
+(`aegra_http_app`); any other ASGI server can mount or serve `keel.app.http:app` as is.
 
 - `GET /keel/health/live`: the process answers (no I/O); always 200.
 - `GET /keel/health/ready`: the server database, keel's ledger, each tenant's Chroma server;
@@ -11,11 +12,12 @@ Aegra, or any ASGI server, can mount or serve `keel.app.http:app` the same way.
 
 Every answer is JSON: `{"ok": bool, "checks": [{"name", "ok", "detail", "seconds"}],
 "failing": [names]}`. What `ready` checks comes from the environment and the server config
-(`KEEL_SERVER_CONFIG`): the database named by `KEEL_DB_URL`, `DATABASE_URI` (LangGraph server)
-or `DATABASE_URL` (Aegra), the config's `ledger`, and every tenant's `memory.chroma_url`; a part
-that is not configured is not checked. The semantic check runs on `KEEL_HEALTH_MODEL` (else
-`KEEL_MODEL`); it calls that model, so expose it only where the cost is acceptable. The
-routes need no token (probes carry none) and reveal no tenant data: only the parts' health.
+(`KEEL_SERVER_CONFIG`): the database named by `KEEL_DB_URL`, `DATABASE_URI` (LangGraph server;
+`langgraph dev`'s `:memory:` is no database) or `DATABASE_URL` (Aegra), the config's `ledger`,
+and every tenant's `memory.chroma_url`; a part that is not configured is not checked. The
+semantic check runs on `KEEL_HEALTH_MODEL` (else `KEEL_MODEL`); it calls that model, so expose
+it only where the cost is acceptable. The routes need no token (probes carry none) and reveal
+no tenant data: only the parts' health.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ __all__ = ["DATABASE_ENVS", "app", "readiness_targets"]
 
 DATABASE_ENVS = ("KEEL_DB_URL", "DATABASE_URI", "DATABASE_URL")
 """Where `ready` finds the server's database URL, first set wins."""
+IN_MEMORY = ":memory:"
+"""What `langgraph dev` sets `DATABASE_URI` to: its threads are in memory, no database to check."""
 
 
 def readiness_targets() -> dict[str, Any]:
     """What `/keel/health/ready` checks: `db`, `ledger` and `chroma` URLs (from env and config)."""
     db = next((os.environ[n] for n in DATABASE_ENVS if os.environ.get(n, "").strip()), None)
+    if db is not None and db.strip() == IN_MEMORY:
+        db = None
     ledger, chroma = None, []
     if os.environ.get(CONFIG_ENV, "").strip():
         config = server_config()
