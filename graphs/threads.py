@@ -18,6 +18,7 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -212,8 +213,9 @@ class ThreadGuardedGraph(ProtectedGraph):
             for part in refused_chunks(result, kwargs, self.stream_mode):
                 yield part
             return
-        async with gate.aholding(lease):
-            async for chunk in super().astream(input, config, **kwargs):
+        chunks = super().astream(input, config, **kwargs)
+        async with gate.aholding(lease), contextlib.aclosing(chunks):
+            async for chunk in chunks:
                 yield chunk
 
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
@@ -277,8 +279,10 @@ class ThreadGuardedGraph(ProtectedGraph):
             if problem is not None:
                 raise UserError(problem)
             if self.keel_admission is not None:
-                async for part in self._aadmitted(input, config, kwargs):
-                    yield part
+                # closed with the caller's stream (a client gone): the lease comes back now
+                async with contextlib.aclosing(self._aadmitted(input, config, kwargs)) as parts:
+                    async for part in parts:
+                        yield part
                 return
         async for chunk in super().astream(input, config, **kwargs):
             yield chunk
