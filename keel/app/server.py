@@ -74,7 +74,11 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
         candidate = ("agent", tenant.name, name, "candidate")
         return cast(
             Agent,
-            _cached(server, candidate, lambda: _build(spec, tenant, ledger=ledger, store=store)),
+            _cached(
+                server,
+                candidate,
+                lambda: _admit(_build(spec, tenant, ledger=ledger, store=store), tenant, ledger),
+            ),
         )
     key = ("agent", tenant.name, name)
     return cast(
