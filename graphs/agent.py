@@ -307,7 +307,7 @@ def build_agent(
         if ledger is not None and policy is not None and policy.admission is not None
         else None
     )
-    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, admission)
+    agent: Agent = guarded(compiled, AuditLog(ledger) if ledger else None, admission, served)
     traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)
 

@@ -37,6 +37,7 @@ from keel.graphs._protected import ProtectedGraph
 from keel.guards.admission import Admission, overloaded
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
+from keel.versions import AgentVersion
 
 __all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
@@ -172,6 +173,8 @@ class ThreadGuardedGraph(ProtectedGraph):
     """Where `not_run` answers to pending calls are audited (the agent's ledger)."""
     keel_admission: Admission | None = None
     """Admission control: each run holds a lease while it streams (None: no caps)."""
+    keel_version: AgentVersion | None = None
+    """The agent version a refused run is recorded under (`keel report --by version`)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -179,6 +182,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out = ThreadGuardedGraph(**{**attrs, **(update or {})})
         out.keel_audit = self.keel_audit
         out.keel_admission = self.keel_admission
+        out.keel_version = self.keel_version
         return out
 
     def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
@@ -189,7 +193,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = gate.acquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(config, context, lease, result, self.name)
+            audit, record = refused_records(
+                config, context, lease, result, self.name, self.keel_version
+            )
             AuditLog(gate.ledger).write([audit])
             RunLog(gate.ledger).write(record)
             yield from refused_chunks(result, kwargs, self.stream_mode)
@@ -207,7 +213,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = await gate.aacquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(config, context, lease, result, self.name)
+            audit, record = refused_records(
+                config, context, lease, result, self.name, self.keel_version
+            )
             await AuditLog(gate.ledger).awrite([audit])
             await RunLog(gate.ledger).awrite(record)
             for part in refused_chunks(result, kwargs, self.stream_mode):
@@ -291,15 +299,21 @@ class ThreadGuardedGraph(ProtectedGraph):
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
-_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission")
+_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission", "keel_version")
 
 
-def guarded(graph: G, audit: AuditLog | None = None, admission: Admission | None = None) -> G:
+def guarded(
+    graph: G,
+    audit: AuditLog | None = None,
+    admission: Admission | None = None,
+    version: AgentVersion | None = None,
+) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config)."""
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
     out.keel_audit = audit
     out.keel_admission = admission
+    out.keel_version = version
     return out  # type: ignore[return-value]
 
 
