@@ -19,8 +19,8 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from typing import Any, TypeVar, cast
 
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
@@ -205,7 +205,7 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     async def _aadmitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
         assert gate is not None
@@ -221,7 +221,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             for part in refused_chunks(result, kwargs, self.stream_mode):
                 yield part
             return
-        chunks = super().astream(input, config, **kwargs)
+        # LangGraph's astream is an async generator (typed as an iterator)
+        chunks = cast(AsyncGenerator[Any, None], super().astream(input, config, **kwargs))
         async with gate.aholding(lease), contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
