@@ -109,3 +109,38 @@ def test_odd_user_ids_land_on_a_side_without_raising(user: str) -> None:
     assert serves_candidate(user, 0.5, "acme/billing") == serves_candidate(
         user, 0.5, "acme/billing"
     )
+
+
+def test_a_reviewer_resuming_a_thread_gets_the_owners_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    """A reviewer acts for the thread's owner: the owner's version must resume the thread."""
+    from langgraph.store.memory import InMemoryStore
+    from langgraph_sdk.runtime import _ExecutionRuntime
+    from test_server_config import User
+
+    from keel.identity import OWNER_KEY, REVIEWER_KEY, ROLES_KEY, TENANT_KEY
+
+    _serve(tmp_path, monkeypatch, fresh_postgres_url, "")
+    from keel.app import server
+
+    on = [u for u in USERS if serves_candidate(u, 0.5, "acme/billing")]
+    off = [u for u in USERS if not serves_candidate(u, 0.5, "acme/billing")]
+    for owner, reviewer in ((on[0], off[0]), (off[1], on[1])):
+        mine = server.agent({}, _runtime(owner))
+        record = User(identity=reviewer, tenant_id="acme", roles=["reviewer"], policy="support")
+        runtime = _ExecutionRuntime(
+            access_context="threads.create_run", user=record, store=InMemoryStore()
+        )
+        stamped = {
+            "metadata": {
+                TENANT_KEY: "acme",
+                OWNER_KEY: owner,
+                REVIEWER_KEY: reviewer,
+                ROLES_KEY: ["support"],
+            }
+        }
+        assert server.agent(stamped, runtime) is mine
+        # a stamp that is not this reviewer's (forged, or another tenant's) moves nothing
+        forged = {"metadata": {**stamped["metadata"], REVIEWER_KEY: "someone-else"}}
+        assert server.agent(forged, runtime) is server.agent({}, _runtime(reviewer))
