@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from keel.errors import UserError
 from keel.state import Outcome, RunContext
 
 __all__ = ["Admission", "AdmissionPolicy", "Lease", "overloaded"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 
@@ -215,7 +218,10 @@ class Admission:
         finally:
             stop.set()
             thread.join()
-            self.release(lease)
+            try:
+                self.release(lease)
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
 
     @contextlib.asynccontextmanager
     async def aholding(self, lease: Lease) -> AsyncIterator[None]:
@@ -234,7 +240,10 @@ class Admission:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await self.arelease(lease)
+            try:
+                await self.arelease(lease)
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
 
     def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases of a tenant (or one of its users) by state: running, queued."""
