@@ -144,3 +144,19 @@ def test_a_reviewer_resuming_a_thread_gets_the_owners_side(
         # a stamp that is not this reviewer's (forged, or another tenant's) moves nothing
         forged = {"metadata": {**stamped["metadata"], REVIEWER_KEY: "someone-else"}}
         assert server.agent(forged, runtime) is server.agent({}, _runtime(reviewer))
+
+
+@pytest.mark.parametrize("agent", [["billing"], {"name": "billing"}, 7, "", "billing\x00"])
+def test_a_hostile_agent_name_in_configurable_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str, agent: object
+) -> None:
+    from keel import UserError
+
+    _serve(tmp_path, monkeypatch, fresh_postgres_url, "")
+    from keel.app import server
+
+    if agent == "":  # empty: the tenant's main agent, as with no name
+        assert server.agent({"configurable": {"agent": agent}}, _runtime("u")) is not None
+        return
+    with pytest.raises(UserError, match="has no agent"):
+        server.agent({"configurable": {"agent": agent}}, _runtime("u"))

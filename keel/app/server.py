@@ -60,7 +60,7 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     """
     server, tenant = _tenant_of(runtime)
     name = (config.get("configurable") or {}).get("agent") or tenant.agent
-    if name not in tenant.agents:
+    if not isinstance(name, str) or name not in tenant.agents:
         raise UserError(
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
