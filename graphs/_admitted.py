@@ -19,6 +19,7 @@ from keel.db.runs import RunRecord
 from keel.guards.admission import Lease
 from keel.identity import context_from_user
 from keel.state import Outcome, RunContext
+from keel.versions import AgentVersion
 
 __all__ = ["refused_chunks", "refused_records", "run_context"]
 
@@ -43,12 +44,14 @@ def refused_records(
     lease: Lease,
     result: Outcome,
     graph: str,
+    version: AgentVersion | None = None,
 ) -> tuple[AuditRecord, RunRecord]:
     """The audit record and the run record of a refused run."""
     configurable = (config or {}).get("configurable") or {}
     thread = configurable.get("thread_id")
     run_id = configurable.get("run_id")
     now = time.time()
+    served = version.fields() if version is not None else {}
     audit = AuditRecord(
         kind="admission",
         decision="overloaded",
@@ -60,6 +63,7 @@ def refused_records(
         run_id=None if run_id is None else str(run_id),
         policy=context.policy,
         at=now,
+        **served,
     )
     record = RunRecord(
         run_key=f"{thread or '-'}:overloaded:{lease.id}",
@@ -75,6 +79,8 @@ def refused_records(
         tenant_id=context.tenant_id,
         started_at=now,
         ended_at=now,
+        tool_versions=dict(version.tool_versions) if version is not None else {},
+        **served,
     )
     return audit, record
 

@@ -308,7 +308,9 @@ def build_agent(
         else None
     )
     audit = AuditLog(ledger) if ledger else None
-    agent: Agent = guarded(compiled, audit, admission, output_guard=guards.output_guard)
+    agent: Agent = guarded(
+        compiled, audit, admission, output_guard=guards.output_guard, version=served
+    )
     traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)
 

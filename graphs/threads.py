@@ -18,8 +18,9 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, TypeVar
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from typing import Any, TypeVar, cast
 
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
@@ -37,6 +38,7 @@ from keel.guards.admission import Admission, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
+from keel.versions import AgentVersion
 
 __all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
@@ -172,6 +174,8 @@ class ThreadGuardedGraph(ProtectedGraph):
     """Where `not_run` answers to pending calls are audited (the agent's ledger)."""
     keel_admission: Admission | None = None
     """Admission control: each run holds a lease while it streams (None: no caps)."""
+    keel_version: AgentVersion | None = None
+    """The agent version a refused run is recorded under (`keel report --by version`)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -180,6 +184,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_audit = self.keel_audit
         out.keel_admission = self.keel_admission
         out.keel_output_guard = self.keel_output_guard
+        out.keel_version = self.keel_version
         return out
 
     def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
@@ -190,7 +195,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = gate.acquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(config, context, lease, result, self.name)
+            audit, record = refused_records(
+                config, context, lease, result, self.name, self.keel_version
+            )
             AuditLog(gate.ledger).write([audit])
             RunLog(gate.ledger).write(record)
             yield from refused_chunks(result, kwargs, self.stream_mode)
@@ -200,7 +207,7 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     async def _aadmitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
         assert gate is not None
@@ -208,14 +215,18 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = await gate.aacquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(config, context, lease, result, self.name)
+            audit, record = refused_records(
+                config, context, lease, result, self.name, self.keel_version
+            )
             await AuditLog(gate.ledger).awrite([audit])
             await RunLog(gate.ledger).awrite(record)
             for part in refused_chunks(result, kwargs, self.stream_mode):
                 yield part
             return
-        async with gate.aholding(lease):
-            async for chunk in super().astream(input, config, **kwargs):
+        # LangGraph's astream is an async generator (typed as an iterator)
+        chunks = cast(AsyncGenerator[Any, None], super().astream(input, config, **kwargs))
+        async with gate.aholding(lease), contextlib.aclosing(chunks):
+            async for chunk in chunks:
                 yield chunk
 
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
@@ -279,8 +290,10 @@ class ThreadGuardedGraph(ProtectedGraph):
             if problem is not None:
                 raise UserError(problem)
             if self.keel_admission is not None:
-                async for part in self._aadmitted(input, config, kwargs):
-                    yield part
+                # closed with the caller's stream (a client gone): the lease comes back now
+                async with contextlib.aclosing(self._aadmitted(input, config, kwargs)) as parts:
+                    async for part in parts:
+                        yield part
                 return
         async for chunk in super().astream(input, config, **kwargs):
             yield chunk
@@ -289,7 +302,13 @@ class ThreadGuardedGraph(ProtectedGraph):
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
-_NOT_INIT = ("__orig_class__", "keel_audit", "keel_admission", "keel_output_guard")
+_NOT_INIT = (
+    "__orig_class__",
+    "keel_audit",
+    "keel_admission",
+    "keel_output_guard",
+    "keel_version",
+)
 
 
 def guarded(
@@ -297,16 +316,19 @@ def guarded(
     audit: AuditLog | None = None,
     admission: Admission | None = None,
     output_guard: OutputGuardPolicy | None = None,
+    version: AgentVersion | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
-    With `output_guard`, a `messages` stream sends answers once that guard checked them.
+    With `output_guard`, a `messages` stream sends answers once that guard checked them;
+    `version` is the agent version its refused (overloaded) runs are recorded under.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
     out.keel_audit = audit
     out.keel_admission = admission
     out.keel_output_guard = output_guard
+    out.keel_version = version
     return out  # type: ignore[return-value]
 
 

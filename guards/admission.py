@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from keel.errors import UserError
 from keel.state import Outcome, RunContext
 
 __all__ = ["Admission", "AdmissionPolicy", "Lease", "overloaded"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 
@@ -129,22 +132,33 @@ class Admission:
     def acquire(self, context: RunContext) -> Lease:
         """A running lease for a run of `context`'s user, waiting in the queue if there is room."""
         lease_id = uuid.uuid4().hex
-        state = self.ledger.run(_admit_flow(self.policy, context, lease_id, time.time()))
-        deadline = time.monotonic() + self.policy.queue_timeout_s
-        while state == "queued" and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
-            state = self.ledger.run(_promote_flow(self.policy, context, lease_id, time.time()))
+        try:
+            state = self.ledger.run(_admit_flow(self.policy, context, lease_id, time.time()))
+            deadline = time.monotonic() + self.policy.queue_timeout_s
+            while state == "queued" and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
+                state = self.ledger.run(_promote_flow(self.policy, context, lease_id, time.time()))
+        except BaseException:  # interrupted while queued: the queue slot must not leak
+            with contextlib.suppress(Exception):
+                self.ledger.run(_release_flow(lease_id))
+            raise
         return self._lease(lease_id, state, context)
 
     async def aacquire(self, context: RunContext) -> Lease:
         """A running lease (async); see `acquire`."""
         lease_id = uuid.uuid4().hex
-        state = await self.ledger.arun(_admit_flow(self.policy, context, lease_id, time.time()))
-        deadline = time.monotonic() + self.policy.queue_timeout_s
-        while state == "queued" and time.monotonic() < deadline:
-            await asyncio.sleep(_POLL_S)
-            flow = _promote_flow(self.policy, context, lease_id, time.time())
+        try:
+            flow = _admit_flow(self.policy, context, lease_id, time.time())
             state = await self.ledger.arun(flow)
+            deadline = time.monotonic() + self.policy.queue_timeout_s
+            while state == "queued" and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL_S)
+                flow = _promote_flow(self.policy, context, lease_id, time.time())
+                state = await self.ledger.arun(flow)
+        except BaseException:  # cancelled (a client gone) while queued: give the slot back
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.ledger.arun(_release_flow(lease_id)))
+            raise
         return await self._alease(lease_id, state, context)
 
     def _lease(self, lease_id: str, state: str, context: RunContext) -> Lease:
@@ -204,7 +218,10 @@ class Admission:
         finally:
             stop.set()
             thread.join()
-            self.release(lease)
+            try:
+                self.release(lease)
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
 
     @contextlib.asynccontextmanager
     async def aholding(self, lease: Lease) -> AsyncIterator[None]:
@@ -223,7 +240,10 @@ class Admission:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await self.arelease(lease)
+            try:
+                await self.arelease(lease)
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
 
     def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases of a tenant (or one of its users) by state: running, queued."""

@@ -47,6 +47,7 @@ from keel.models import model_name_of
 from keel.pricing import PriceTable
 from keel.state import Outcome, RunContext
 from keel.tools.registry import RegisteredTool, spec_of
+from keel.tools.stubs import stub_answer
 
 __all__ = [
     "BudgetMiddleware",
@@ -218,7 +219,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             return GateDecision.allow()
         return self.matrix(RegisteredTool(tool, spec_of(tool)), args, _context(request.runtime))
 
-    def _resolve(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
+    def _gate(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
         call = request.tool_call
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
@@ -250,6 +251,25 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         """Run the call if the rules allow it (or a human approves it), async."""
         resolved = self._resolve(request)
         return resolved if isinstance(resolved, ToolMessage) else await handler(resolved)
+
+    def _resolve(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
+        """The allowed request, or what answers it instead: a refusal or an active tool stub."""
+        resolved = self._gate(request)
+        if isinstance(resolved, ToolMessage) or resolved.tool is None:
+            return resolved
+        answer = stub_answer(
+            RegisteredTool(resolved.tool, spec_of(resolved.tool)), resolved.tool_call
+        )
+        if answer is None:
+            return resolved
+        call = resolved.tool_call
+        return ToolMessage(
+            content=answer.content,
+            tool_call_id=call.get("id") or "",
+            name=call["name"],
+            status="success" if answer.status == "success" else "error",
+            response_metadata={"keel_status": answer.status, "keel_stub": True},
+        )
 
 
 def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:

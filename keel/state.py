@@ -239,10 +239,28 @@ class RunContext:
                     f"RunContext.{name} must be a non-empty string, got {value!r}. "
                     f"Pass it explicitly, e.g. RunContext({name}='acme')."
                 )
+            _storable(f"RunContext.{name}", value)
         roles: object = self.roles
         if isinstance(roles, str) or not all(isinstance(r, str) for r in self.roles):
             raise UserError(
                 f"RunContext.roles must be a tuple of role names, got {self.roles!r}. "
                 "For example: RunContext(roles=('support',))."
             )
+        for role in self.roles:
+            _storable("RunContext.roles", role)
         object.__setattr__(self, "roles", tuple(self.roles))
+
+
+def _storable(what: str, value: str) -> None:
+    """Refuse an id the ledger and the checkpointer cannot store (NUL, a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = True
+    else:
+        bad = "\x00" in value
+    if bad:
+        raise UserError(
+            f"{what} must be text that can be stored, got {value!r} (a NUL character or a lone "
+            "surrogate): pass the id as plain UTF-8 text."
+        )

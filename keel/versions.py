@@ -55,6 +55,11 @@ class AgentVersion:
                 f"An agent version label must be a non-empty string (version='v2'), got "
                 f"{self.label!r}."
             )
+        if self.label is not None and self.label.strip().lower() == "unversioned":
+            raise UserError(
+                "The agent version label 'unversioned' is keel report's group for records "
+                "written before versions existed: pick another (version='v2')."
+            )
 
     @property
     def digest(self) -> str:

@@ -1,7 +1,8 @@
 """Tool stubs: answer tool calls without running the tools (replay, shadow runs, dry runs).
 
-Inside `with stubbing(stub):` every tool call that keel's `execute_tools` would run is first
-offered to `stub(tool, call)`. A `StubAnswer` stands in for the tool's result and the tool's
+Inside `with stubbing(stub):` every tool call that keel's `execute_tools` (or, in a
+`create_agent` graph, keel's `PermissionMiddleware`) would run is first offered to
+`stub(tool, call)`. A `StubAnswer` stands in for the tool's result and the tool's
 body never runs; `None` lets the call run as usual. The stub is a context variable, so it holds
 for the runs started in the block (LangGraph copies it into tool tasks and threads) and for no
 other run of the process.

@@ -104,13 +104,25 @@ def is_reviewer(user: Any) -> bool:
     return isinstance(roles, list | tuple) and REVIEWER_ROLE in roles
 
 
+_FORKS = frozenset({"checkpoint_id", "checkpoint_map", "checkpoint"})
+"""Run config keys that aim a run at another checkpoint than the thread's latest."""
+
+
 def is_review_run(run: Any) -> bool:
     """Whether a run only answers an interrupt (what a reviewer may start on another's thread).
 
-    That is `command={"resume": ...}` with no input, update or goto, on an existing thread.
+    That is `command={"resume": ...}` with no input, update or goto, on an existing thread, at
+    its latest checkpoint (a `checkpoint_id` would re-answer an approval the owner already
+    settled) and without cancelling a run in flight (`multitask_strategy` interrupt, rollback).
     """
     kwargs = run.get("kwargs") if isinstance(run, dict) else None
     if not isinstance(kwargs, dict) or kwargs.get("input") is not None:
+        return False
+    config = kwargs.get("config") or {}
+    configurable = config.get("configurable") if isinstance(config, dict) else None
+    if not isinstance(configurable, dict | None) or (configurable or {}).keys() & _FORKS:
+        return False
+    if run.get("multitask_strategy") in ("interrupt", "rollback"):
         return False
     command = kwargs.get("command")
     if not isinstance(command, dict) or command.get("resume") is None:

@@ -18,7 +18,8 @@ __all__ = ["bucket", "serves_candidate"]
 
 def bucket(user_id: str, salt: str) -> float:
     """Where `user_id` falls in [0, 1) for the canary named by `salt` (stable, uniform)."""
-    digest = hashlib.sha256(f"{salt}\x00{user_id}".encode()).digest()
+    # surrogatepass: a lone surrogate in an id hashes instead of raising (other text: UTF-8)
+    digest = hashlib.sha256(f"{salt}\x00{user_id}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -78,13 +78,28 @@ class Health:
         return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
 
 
-def _timed(name: str, probe: Callable[[], str]) -> Check:
+def _timed(name: str, probe: Callable[[], str], url: str | None = None) -> Check:
     start = time.perf_counter()
     try:
         detail, ok = probe(), True
     except Exception as exc:
         detail, ok = f"{type(exc).__name__}: {exc}", False
+    # an error may echo the URL it was given (psycopg quotes a malformed URI whole) or a part
+    # of it (libpq splits `user:pa@ss@host` at the first `@` and names the host `ss@host`)
+    detail = _safe(detail)
+    for secret in _passwords(url):
+        detail = detail.replace(secret, "***")
     return Check(name, ok, detail, time.perf_counter() - start)
+
+
+def _passwords(url: str | None) -> list[str]:
+    """The password in `url` and, when it holds an `@`, each part of it (longest first)."""
+    if not url:
+        return []
+    found = [m.group(1) for m in re.finditer(r"://[^:/@\s]+:(\S*)@", url)]
+    found += [m.group(2).strip("'") for m in _KEY_PASSWORD.finditer(url)]
+    parts = {p for secret in found for p in (secret, *secret.split("@")) if len(p) >= 3}
+    return sorted(parts, key=len, reverse=True)
 
 
 def liveness() -> Health:
@@ -99,7 +114,7 @@ def readiness(
     model: str | BaseChatModel | None = None,
 ) -> Health:
     """Database (checkpoints and ledger), Chroma (when given) and the model (or `KEEL_MODEL`)."""
-    checks = [_timed("database", lambda: _database(db))]
+    checks = [_timed("database", lambda: _database(db), db)]
     if chroma is not None:
         checks.append(_timed("chroma", lambda: _chroma(chroma)))
     checks.append(_timed("model", lambda: _model(model)))
@@ -118,9 +133,9 @@ def served_readiness(
     """
     checks = []
     if db is not None:
-        checks.append(_timed("database", lambda: _select_one(db)))
+        checks.append(_timed("database", lambda: _select_one(db), db))
     if ledger is not None:
-        checks.append(_timed("ledger", lambda: _ledger(ledger)))
+        checks.append(_timed("ledger", lambda: _ledger(ledger), ledger))
     checks += [_timed("chroma", partial(_chroma, url)) for url in dict.fromkeys(chroma)]
     return Health(tuple(checks))
 
@@ -150,9 +165,15 @@ def _ledger(url: str | None) -> str:
     return f"keel's ledger ready at {_safe(url) if url else 'the default database'}"
 
 
-def _safe(url: str) -> str:
-    """`url` without its password."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+_URL_PASSWORD = re.compile(r"://([^:/@\s\"']+):[^\s\"']*@")
+"""A URL's `user:password@` (up to the last `@`: a password may hold one, unencoded)."""
+_KEY_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|[^\s&\"']+)", re.IGNORECASE)
+"""`password=...` in a query string or a libpq key=value string."""
+
+
+def _safe(text: str) -> str:
+    """`text` (a URL, or a message quoting one) without any password."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"://\1:***@", text))
 
 
 def _database(db: str | None) -> str:

@@ -23,7 +23,7 @@ opened `keel.app.server_memory.ChromaServerStore` between its graphs.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from langchain_core.language_models import BaseChatModel
@@ -40,7 +40,7 @@ from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
 from keel.graphs.threads import admitted
 from keel.guards.admission import Admission
-from keel.identity import user_field
+from keel.identity import context_from_user, user_field
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
 from keel.state import RunContext
@@ -60,7 +60,7 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     """
     server, tenant = _tenant_of(runtime)
     name = (config.get("configurable") or {}).get("agent") or tenant.agent
-    if name not in tenant.agents:
+    if not isinstance(name, str) or name not in tenant.agents:
         raise UserError(
             f"Tenant {tenant.name!r} has no agent {name!r}; its agents are {sorted(tenant.agents)}."
         )
@@ -68,13 +68,17 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
     store = _store(server, tenant)
     canary = tenant.agents[name].canary
     if canary is not None and serves_candidate(
-        str(_user(runtime)["identity"]), canary.share, f"{tenant.name}/{name}"
+        _served_user(config, runtime), canary.share, f"{tenant.name}/{name}"
     ):
         spec = canary.candidate
         candidate = ("agent", tenant.name, name, "candidate")
         return cast(
             Agent,
-            _cached(server, candidate, lambda: _build(spec, tenant, ledger=ledger, store=store)),
+            _cached(
+                server,
+                candidate,
+                lambda: _admit(_build(spec, tenant, ledger=ledger, store=store), tenant, ledger),
+            ),
         )
     key = ("agent", tenant.name, name)
     return cast(
@@ -186,6 +190,17 @@ def admission_of(tenant: str) -> Admission | None:
     policy = config.tenant(tenant).admission
     ledger = _ledger(config)
     return None if policy is None or ledger is None else Admission(ledger, policy)
+
+
+def _served_user(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> str:
+    """Whose side of a canary a run is on: the user's, or the thread owner's.
+
+    A reviewer resuming another user's thread (as keel's auth stamped it) acts for the owner,
+    so the thread is resumed by the version that started it.
+    """
+    metadata = config.get("metadata")
+    acting = context_from_user(_user(runtime), metadata if isinstance(metadata, Mapping) else None)
+    return acting.user_id
 
 
 def _user(runtime: ServerRuntime[RunContext]) -> Any:

@@ -1,0 +1,111 @@
+"""Attacks on the reviewer role: a reviewer's run on another user's thread only answers what waits.
+
+`is_review_run` decides what a reviewer may start on another user's thread. A resume aimed at an
+older checkpoint (LangGraph's time travel: `checkpoint_id` / `checkpoint` on the run) would
+re-answer an approval the owner already settled (a rejected refund approved after all), and a
+`multitask_strategy` of `interrupt` / `rollback` would cancel or delete the owner's run in
+flight; neither is "resuming a waiting thread", so neither passes as a review run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel.app.server_config import CONFIG_ENV
+
+E2E_CONFIG = Path(__file__).resolve().parent / "serve" / "keel-server.toml"
+
+
+@pytest.fixture(autouse=True)
+def served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """keel's auth reads the server config when imported."""
+    monkeypatch.setenv(CONFIG_ENV, str(E2E_CONFIG))
+    monkeypatch.setenv("KEEL_LEDGER_URL", "postgresql://nobody@127.0.0.1:1/unused")  # lazy
+
+
+def is_review_run(run: Any) -> bool:
+    from keel.app.auth import is_review_run as decide
+
+    return decide(run)
+
+
+def _run(**extra: Any) -> dict[str, Any]:
+    kwargs = {"input": None, "command": {"resume": {"type": "approve"}}, "config": {}}
+    run: dict[str, Any] = {
+        "thread_id": "t-owner",
+        "assistant_id": "agent",
+        "multitask_strategy": "enqueue",
+        "if_not_exists": "reject",
+        "kwargs": kwargs,
+    }
+    for key, value in extra.items():
+        if key in ("config", "command", "input"):
+            kwargs[key] = value
+        else:
+            run[key] = value
+    return run
+
+
+def test_a_plain_resume_is_a_review_run() -> None:
+    assert is_review_run(_run())
+    assert is_review_run(_run(config={"configurable": {"thread_id": "t-owner"}}))
+    assert is_review_run(_run(multitask_strategy="reject"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"config": {"configurable": {"checkpoint_id": "1f0-old"}}},
+        {"config": {"configurable": {"checkpoint_ns": "", "checkpoint_id": "1f0-old"}}},
+        {"config": {"configurable": {"checkpoint_map": {"": "1f0-old"}}}},
+        {"multitask_strategy": "rollback"},
+        {"multitask_strategy": "interrupt"},
+        {"command": {"resume": {"type": "approve"}, "update": {"messages": []}}},
+        {"command": {"resume": {"type": "approve"}, "goto": "execute_tools"}},
+        {"input": {"messages": [["user", "hi"]]}},
+        {"if_not_exists": "create"},
+        {"thread_id": None},
+        {"command": {"resume": None}},
+    ],
+)
+def test_anything_more_than_answering_what_waits_is_not(extra: dict[str, Any]) -> None:
+    assert not is_review_run(_run(**extra))
+
+
+def test_a_resume_at_the_settled_checkpoint_replays_the_owners_answer() -> None:
+    """LangGraph (pinned): a resume aimed at the checkpoint that waited replays the answer
+    recorded there (its pending writes), so even without the auth check a fork cannot overturn
+    the owner's "no"; auth refuses such runs from reviewers anyway."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from keel import RunContext, build_agent, tool
+    from keel.evals import ScriptedChatModel, call
+    from keel.guards import Policy, Rule
+
+    refunded: list[float] = []
+
+    @tool(side_effects=True, risk="write")
+    def refund(amount: float) -> str:
+        """Refund."""
+        refunded.append(amount)
+        return "refunded"
+
+    agent = build_agent(
+        ScriptedChatModel(script=[call("refund", amount=50.0), "ok", "ok"]),
+        [refund],
+        policy=Policy(rules=(Rule(action="ask", tool="refund"),)),
+        checkpointer=InMemorySaver(),
+    )
+    owner = RunContext(user_id="owner", tenant_id="acme")
+    config: Any = {"configurable": {"thread_id": "t-owner"}}
+    agent.invoke({"messages": [("user", "refund me")]}, config, context=owner)
+    waiting = agent.get_state(config).config
+    agent.invoke(Command(resume={"type": "reject"}), config, context=owner)
+    assert refunded == [] and not agent.get_state(config).interrupts
+    forked = agent.invoke(Command(resume={"type": "approve"}), waiting, context=owner)
+    assert refunded == []
+    assert forked["outcome"]["terminated_reason"] == "rejected"
