@@ -410,7 +410,14 @@ def build_agent(
     after_model = ["tool_gate" if gated else "execute_tools", "human_review", "respond", finish]
     after_tools = ["call_model", "respond", "human_review"]
     if plan:
-        graph.add_node("plan", plan_node(model, fallbacks=fallback_models, guards=guards))
+        planner = plan_node(
+            model,
+            fallbacks=fallback_models,
+            guards=guards,
+            tools=registry.tools,
+            system_prompt=system_prompt,
+        )
+        graph.add_node("plan", planner)
         graph.add_conditional_edges(
             "plan",
             recorded(lambda s: route_after_plan(s, steps=reserve - 1), observer, "plan"),

@@ -65,7 +65,8 @@ Reply with one JSON object and nothing else.
 To call a tool: {{"name": "<tool name>", "arguments": {{...}}}}.
 {answer}"""
 ANSWER_BRANCH = (
-    "To answer the user instead (when you have what you need, or no tool fits): "
+    "To answer the user instead, only once the tools have done what the task needs (or when "
+    "no tool fits): "
     f'{{"name": "{FINAL_ANSWER}", "arguments": {{"answer": "<your reply to the user>"}}}}.'
 )
 FORCED_PROMPT = """\

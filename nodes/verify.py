@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
@@ -32,9 +38,11 @@ Check = Callable[[str, AgentState], str | None]
 """A rule: given the answer and the state, return why it fails, or `None` when it passes."""
 
 JUDGE_PROMPT = (
-    "You check an assistant's final answer. Pass it if it answers the user's task correctly "
-    "and completely, using only what the conversation supports. Otherwise fail it and say what "
-    "is wrong in one sentence."
+    "You check an assistant's final answer to a user's task. Pass it if it answers the task "
+    "truthfully: what it says was done or found must match what the tools returned (saying "
+    "that an action was refused or not done is a truthful answer). Fail it if it claims "
+    "something the tool results do not show, or ignores the task; say what is wrong in one "
+    "sentence."
 )
 
 
@@ -89,9 +97,15 @@ def verify(
     def judge_prompt(state: AgentState, answer: str) -> list[BaseMessage]:
         task = next((m for m in state.get("messages") or [] if isinstance(m, HumanMessage)), None)
         task_text = str(task.content) if task is not None else "(no task)"
+        results = [
+            f"- {m.name or 'tool'}: {' '.join(m.text.split())[:300]}"
+            for m in state.get("messages") or []
+            if isinstance(m, ToolMessage)
+        ]
+        seen = "\n\nWhat the tools returned:\n" + "\n".join(results) if results else ""
         return [
             SystemMessage(content=JUDGE_PROMPT),
-            HumanMessage(content=f"Task:\n{task_text}\n\nAnswer:\n{answer}"),
+            HumanMessage(content=f"Task:\n{task_text}{seen}\n\nAnswer:\n{answer}"),
         ]
 
     def decide(state: AgentState, answer: str, verdict: Verdict | None) -> dict[str, Any]:

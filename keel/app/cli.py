@@ -161,6 +161,7 @@ async def _run(args: argparse.Namespace) -> int:
             demo_tools(),
             system_prompt=SYSTEM_PROMPT,
             plan=True,
+            judge=model,  # the answer is judged (by the same model) before it is final
             policy=demo_policy(),
             checkpointer=saver,
             ledger=ledger,
