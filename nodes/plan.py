@@ -27,7 +27,8 @@ PLAN_PROMPT = (
 )
 TOOLS_PROMPT = (
     "The tools you can use:\n{tools}\nName the tool each step uses (e.g. 'Call lookup_order "
-    "for order A1'); the last step answers the user."
+    "for order A1'); the last step answers the user. Do not guess a value a tool has not "
+    "returned yet: write 'the order's total', not a number."
 )
 REPLAN_PROMPT = (
     "A step of your plan failed: {failure}. Write a new plan for what remains of the task "

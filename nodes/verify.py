@@ -102,10 +102,13 @@ def verify(
             for m in state.get("messages") or []
             if isinstance(m, ToolMessage)
         ]
-        seen = "\n\nWhat the tools returned:\n" + "\n".join(results) if results else ""
+        seen = "\n".join(results) or "(no tool was called in this run)"
         return [
             SystemMessage(content=JUDGE_PROMPT),
-            HumanMessage(content=f"Task:\n{task_text}{seen}\n\nAnswer:\n{answer}"),
+            HumanMessage(
+                content=f"Task:\n{task_text}\n\nWhat the tools returned:\n{seen}\n\n"
+                f"Answer:\n{answer}"
+            ),
         ]
 
     def decide(state: AgentState, answer: str, verdict: Verdict | None) -> dict[str, Any]:

@@ -1093,7 +1093,10 @@ async def test_judge_fails_the_answer(mode: str) -> None:
     }
     (prompt,) = judge.calls
     assert prompt[0] == SystemMessage(content=JUDGE_PROMPT)
-    assert prompt[1].content == "Task:\nWhere is Paris?\n\nAnswer:\nParis is in Italy."
+    assert prompt[1].content == (
+        "Task:\nWhere is Paris?\n\nWhat the tools returned:\n(no tool was called in this run)"
+        "\n\nAnswer:\nParis is in Italy."
+    )
 
 
 async def test_judge_passes_the_answer_and_rules_run_first(mode: str) -> None:

@@ -1,0 +1,73 @@
+"""keel's local model against llama.cpp itself: one tool decision, the same request both ways.
+
+    .venv/bin/python bench/local_model.py [--rounds 5]
+
+Both sides use the one loaded `llama_cpp.Llama` (keel's process-wide instance) and the same
+request: the demo's tools as a JSON-schema response format, the demo's system prompt and task,
+temperature 0. `keel` is `LocalChatModel.bind_tools(tools).invoke(messages)` (message
+conversion, schema, lock, parsing into an `AIMessage` with a tool call); `llama_cpp` is
+`Llama.create_chat_completion(**request)` on the request keel builds. Rounds alternate so that
+load on the machine hits both alike. Printed: median latency and tokens/s of each; the last line
+is `keel_vs_llama_cpp=<keel median / llama.cpp median>` (goal ≤ 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("LANGSMITH_TRACING", "false")
+
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_tools
+from keel.local_model import local_chat_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    model = local_chat_model()
+    start = time.perf_counter()
+    loaded = model._loaded()
+    print(f"model loaded in {time.perf_counter() - start:.2f} s")
+    bound = model.bind_tools(demo_tools())
+    messages = [SystemMessage(SYSTEM_PROMPT), HumanMessage(DEMO_TASK)]
+    request = model.request(messages, **bound.kwargs)  # type: ignore[attr-defined]
+
+    def keel() -> int:
+        answer = bound.invoke(messages)
+        assert answer.tool_calls, answer
+        return int(answer.usage_metadata["output_tokens"])  # type: ignore[index]
+
+    def direct() -> int:
+        with loaded.lock:
+            out = loaded.llama.create_chat_completion(**request)
+        return int(out["usage"]["completion_tokens"])
+
+    keel(), direct()  # warm-up: both prompts are in llama.cpp's cache alike afterwards
+    times: dict[str, list[float]] = {"keel": [], "llama_cpp": []}
+    tokens: dict[str, list[int]] = {"keel": [], "llama_cpp": []}
+    for i in range(args.rounds):
+        order = [("keel", keel), ("llama_cpp", direct)]
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            n = fn()
+            times[name].append(time.perf_counter() - t0)
+            tokens[name].append(n)
+    for name in times:
+        med = statistics.median(times[name])
+        rate = statistics.median(n / t for n, t in zip(tokens[name], times[name], strict=True))
+        print(
+            f"{name:<10} median {med:.3f} s per tool decision, {rate:.1f} output tokens/s "
+            f"({tokens[name][0]} tokens, {args.rounds} rounds)"
+        )
+    ratio = statistics.median(times["keel"]) / statistics.median(times["llama_cpp"])
+    print(f"keel_vs_llama_cpp={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
