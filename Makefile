@@ -77,7 +77,7 @@ bench: setup
 
 # The local model's scorecard (README, "A real model, offline"): the demo and adversarial suites.
 scorecard: setup local-model
-	$(PY) bench/scorecard.py
+	$(PY) bench/local_scorecard.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .keel .mypy_cache .ruff_cache .pytest_cache

@@ -26,7 +26,10 @@ __all__ = [
     "LOCAL_MODELS",
     "LocalModelFile",
     "assemble",
+    "is_assembled",
+    "local_model_file",
     "models_dir",
+    "sha256_of",
 ]
 
 INSTALL_HINT = "keel models install"
