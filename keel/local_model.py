@@ -376,8 +376,13 @@ def _describe(tool: Mapping[str, Any]) -> str:
 
 
 def _with_system(chat: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The tool instructions first, then the caller's system text (its plan ends up last).
+
+    Measured on the demo: with the plan *before* the tool list, the 1.5B model answered "I
+    refunded it" without a tool; with the tool list first it calls the plan's current step.
+    """
     if chat and chat[0]["role"] == "system":
-        return [{"role": "system", "content": f"{chat[0]['content']}\n\n{text}"}, *chat[1:]]
+        return [{"role": "system", "content": f"{text}\n\n{chat[0]['content']}"}, *chat[1:]]
     return [{"role": "system", "content": text}, *chat]
 
 
