@@ -66,6 +66,15 @@ def main() -> None:
             f"{name:<10} median {med:.3f} s per tool decision, {rate:.1f} output tokens/s "
             f"({tokens[name][0]} tokens, {args.rounds} rounds)"
         )
+    # keel's own work per call, without the model: building the request, parsing the answer
+    text = '{"name": "lookup_order", "arguments": {"order_id": "A1001"}}'
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    n, t0 = 2000, time.perf_counter()
+    for _ in range(n):
+        model.request(messages, **bound.kwargs)  # type: ignore[attr-defined]
+        model._answer(text, usage, **bound.kwargs)  # type: ignore[arg-type, attr-defined]
+    wrapper_ms = (time.perf_counter() - t0) / n * 1000
+    print(f"keel's wrapper alone (request + parse, no model): {wrapper_ms:.3f} ms per call")
     # paired: each round's keel time over the same round's llama.cpp time (load moves both)
     ratios = sorted(k / d for k, d in zip(times["keel"], times["llama_cpp"], strict=True))
     print(f"paired ratios per round: {' '.join(f'{r:.3f}' for r in ratios)}")
