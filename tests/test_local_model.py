@@ -224,13 +224,14 @@ def _agent(model: LocalChatModel, **options: Any) -> Any:
     ("ask", "tool", "args"),
     [
         ("What did I order in A1002?", "lookup_order", {"order_id": "A1002"}),
-        ("What is your policy on refunds?", "search_policy", None),
+        ("What is your refund policy for damaged items?", "search_policy", None),
     ],
 )
 def test_the_model_picks_the_right_tool_with_sensible_arguments(
     local: LocalChatModel, ask: str, tool: str, args: dict[str, Any] | None
 ) -> None:
-    answer = local.bind_tools(demo_tools()).invoke([("system", SYSTEM_PROMPT), ("user", ask)])
+    system = "You are a support agent for an online shop."
+    answer = local.bind_tools(demo_tools()).invoke([("system", system), ("user", ask)])
     assert [c["name"] for c in answer.tool_calls] == [tool]
     call = answer.tool_calls[0]
     if args is not None:
@@ -282,9 +283,15 @@ async def test_a_plan_and_a_judge_verdict_through_keels_guarded_calls(
 
     judge = GuardedModel([local], schema=JudgeVerdict)
     verdicts = []
-    for answer in ("Paris is the capital of France.", "The capital of France is Berlin."):
-        task = f"Task:\nWhat is the capital of France?\n\nAnswer:\n{answer}"
-        judged = await judge.ainvoke([("system", JUDGE_PROMPT), ("user", task)], None, CTX)
+    for answer in (
+        "You ordered a tea sampler ($18.00); it has shipped.",
+        "You ordered a ceramic teapot; it was delivered yesterday.",
+    ):  # as keel's verify node asks: the task, what the tools returned, the answer
+        asked = (
+            "Task:\nWhat did I order in A1002?\n\nWhat the tools returned:\n- lookup_order: "
+            f"Order A1002: tea sampler, total $18.00, shipped.\n\nAnswer:\n{answer}"
+        )
+        judged = await judge.ainvoke([("system", JUDGE_PROMPT), ("user", asked)], None, CTX)
         verdicts.append(judged.output["parsed"])
     assert [v.passed for v in verdicts] == [True, False]
 
