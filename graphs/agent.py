@@ -297,7 +297,7 @@ def build_agent(
     wiring.agent_loop(model, system_prompt, before_model, fallback_models, downgrade_model)
     first = wiring.entry(plan=plan, memory=memory, store=store)
     if plan:
-        wiring.planner(model, fallback_models)
+        wiring.planner(model, fallback_models, system_prompt)
     if verify or judge is not None or bool(checks):
         wiring.verifier(checks, judge, max_revisions, escalate)
     wiring.routes(first, plan=plan)
@@ -395,9 +395,21 @@ class _Wiring:
             graph.add_conditional_edges("output_guard", route, [end])
         return first
 
-    def planner(self, model: str | BaseChatModel, fallbacks: Sequence[str | BaseChatModel]) -> None:
+    def planner(
+        self,
+        model: str | BaseChatModel,
+        fallbacks: Sequence[str | BaseChatModel],
+        system_prompt: str | None,
+    ) -> None:
         steps = self.reserve - 1
-        self.graph.add_node("plan", plan_node(model, fallbacks=fallbacks, guards=self.guards))
+        node = plan_node(
+            model,
+            fallbacks=fallbacks,
+            guards=self.guards,
+            tools=self.registry.tools,
+            system_prompt=system_prompt,
+        )
+        self.graph.add_node("plan", node)
         route = recorded(lambda s: route_after_plan(s, steps=steps), self.observer, "plan")
         self.graph.add_conditional_edges("plan", route, ["call_model", "respond"])
         self.after_tools.append("plan")

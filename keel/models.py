@@ -3,7 +3,10 @@
 Strings name a model three ways:
 - `provider:name` (`openai:gpt-4o-mini`), through LangChain's `init_chat_model`;
 - `package.module:attribute`, a chat model or a function that returns one (no arguments);
-- `keel:demo` and its siblings: the demo scenario's scripted models (`keel.evals.demo`).
+- `keel:demo` and its siblings: the demo scenario's scripted models (`keel.evals.demo`);
+- `local:` (or `local`, `local:qwen2.5-coder-1.5b`): keel's local model, llama.cpp over a GGUF
+  file, no key and no network (`keel.local_model`; `pip install 'langgraph-keel[local]'` and
+  `keel models install` first).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def resolve_model(model: str | BaseChatModel) -> BaseChatModel:
 
     Raises:
         UserError: `model` is neither a chat model nor a string that names one.
-        SetupError: the provider's integration package is not installed.
+        SetupError: the provider's integration package is not installed (for `local:`, the
+            `local` extra or the model file).
     """
     if isinstance(model, BaseChatModel):
         return model
@@ -39,6 +43,10 @@ def resolve_model(model: str | BaseChatModel) -> BaseChatModel:
             f"model must be a LangChain chat model or a string like 'openai:gpt-4o-mini', "
             f"got {model!r}."
         )
+    if model == "local" or model.startswith("local:"):
+        from keel.local_model import local_chat_model  # llama_cpp is imported only here
+
+        return local_chat_model(model.partition(":")[2].strip())
     if model.startswith("keel:"):
         if model not in BUNDLED_MODELS:
             raise UserError(

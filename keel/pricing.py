@@ -46,6 +46,8 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "claude-opus-4": Price(input_per_mtok=15.00, output_per_mtok=75.00),
     "gemini-2.5-flash": Price(input_per_mtok=0.30, output_per_mtok=2.50),
     "gemini-2.5-pro": Price(input_per_mtok=1.25, output_per_mtok=10.00),
+    # keel's local model (`local:`, keel.local_model): runs on this machine, costs nothing.
+    "qwen2.5-coder-1.5b": Price(input_per_mtok=0.0, output_per_mtok=0.0),
     # keel's scripted test model: priced so that cost accounting is visible in tests and demos.
     "scripted": Price(input_per_mtok=1.00, output_per_mtok=2.00),
 }
@@ -55,7 +57,7 @@ class PriceTable:
     """Model prices by name, matched exactly or by the longest known prefix.
 
     `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`; a provider prefix (`openai:`) is ignored.
-    Local models (`ollama:…`) cost nothing unless you price them.
+    Local models (`ollama:…`, `local:…`) cost nothing unless you price them.
 
     Example:
         ```python
@@ -95,7 +97,7 @@ class PriceTable:
             return 0.0
         price = self.price_of(model_name)
         if price is None:
-            if model_name.startswith("ollama:") or model_name in self._warned:
+            if model_name.startswith(("ollama:", "local:")) or model_name in self._warned:
                 return 0.0
             self._warned.add(model_name)
             log.warning(

@@ -46,8 +46,8 @@ class Lesson:
         ]
         if self.errors:
             parts.append("Failed along the way: " + "; ".join(self.errors) + ".")
-        verdict = "What worked" if self.worked else "What did not work"
-        parts.append(f"{verdict}: {self.answer or '(no answer)'}")
+        verdict = "worked" if self.worked else "did not work"
+        parts.append(f"Its answer then ({verdict}): {self.answer or '(no answer)'}")
         return " ".join(parts)
 
     def value(self) -> dict[str, Any]:

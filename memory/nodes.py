@@ -31,7 +31,11 @@ log = logging.getLogger("keel.memory")
 RECALL_ID = "keel-recall"
 """The id of the system message `recall` writes (and replaces on the next turn)."""
 
-HEADER = "What you remember about this user (use it when relevant; it may be outdated):"
+HEADER = (
+    "What you remember about this user (use it when relevant; it may be outdated). A lesson "
+    "tells how an earlier run went: nothing in it is done for the current task, which needs "
+    "its own tool calls:"
+)
 
 
 def _approx_tokens(text: str) -> int:

@@ -27,6 +27,11 @@ PLAN_PROMPT = (
     "Before acting, write a short plan for the task below: at most {max_steps} concrete steps, "
     "each one tool call or one answer. Do not carry out the steps."
 )
+TOOLS_PROMPT = (
+    "The tools you can use:\n{tools}\nName the tool each step uses (e.g. 'Call lookup_order "
+    "for order A1'); the last step answers the user. Do not guess a value a tool has not "
+    "returned yet: write 'the order's total', not a number."
+)
 REPLAN_PROMPT = (
     "A step of your plan failed: {failure}. Write a new plan for what remains of the task "
     "(at most {max_steps} steps). Steps already done: {done}."
@@ -46,9 +51,15 @@ def plan(
     prices: PriceTable | None = None,
     fallbacks: Sequence[str | BaseChatModel] = (),
     guards: AgentGuards | ModelCallGuards | None = None,
+    tools: Sequence[Any] = (),
+    system_prompt: str | None = None,
     name: str = "plan",
 ) -> RunnableCallable:
     """A node that asks the model for a `Plan` and stores it as steps with a status.
+
+    The planner sees the agent's `system_prompt` and the `tools` it may use (name and
+    description), so that its steps are calls the agent can make: a small model that is told
+    neither plans in the abstract ("check the damage") and then answers without a tool.
 
     It plans once at the start; when `execute_tools` marks a step `failed`, it plans again for
     what remains. Planning is advisory: if the model cannot produce a plan, the run goes on
@@ -59,6 +70,8 @@ def plan(
     """
     guards = model_guards(guards) or ModelCallGuards(prices=prices)
     planner = GuardedModel([model, *fallbacks], schema=Plan, guards=guards)
+    before = [system_prompt] if system_prompt else []
+    after = [TOOLS_PROMPT.format(tools="\n".join(_describe(t) for t in tools))] if tools else []
 
     def prompt(state: AgentState) -> list[BaseMessage] | None:
         steps = state.get("plan") or []
@@ -74,7 +87,8 @@ def plan(
                 failure=failed["description"], max_steps=max_steps, done=done
             )
         task = [m for m in messages if isinstance(m, HumanMessage)]
-        return [SystemMessage(content=instruction), *(task[:1] if not steps else messages)]
+        system = "\n\n".join([*before, instruction, *after])
+        return [SystemMessage(content=system), *(task[:1] if not steps else messages)]
 
     def finish(got: ModelAnswer, state: AgentState) -> dict[str, Any]:
         update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
@@ -118,6 +132,12 @@ def plan(
     return make_node(name, invoke, ainvoke)
 
 
+def _describe(tool: Any) -> str:
+    name = getattr(tool, "name", None) or getattr(tool, "__name__", str(tool))
+    about = (getattr(tool, "description", None) or getattr(tool, "__doc__", None) or "").strip()
+    return f"- {name}: {about.splitlines()[0]}" if about else f"- {name}"
+
+
 def _steps(done: list[PlanStep], descriptions: list[str]) -> list[PlanStep]:
     steps: list[PlanStep] = [dict(s) for s in done]  # type: ignore[misc]
     for i, text in enumerate(descriptions):
@@ -158,7 +178,7 @@ def render_plan(steps: list[PlanStep]) -> str:
     """The plan as text for the model's system prompt."""
     marks = {"pending": "[ ]", "in_progress": "[>]", "done": "[x]", "failed": "[!]"}
     lines = [f"{marks[s['status']]} {s['id']}. {s['description']}" for s in steps]
-    return "Your plan ([>] is the current step):\n" + "\n".join(lines)
+    return "Your plan ([>] is the current step; do that step now):\n" + "\n".join(lines)
 
 
 def _clock(state: AgentState) -> tuple[dict[str, Any], Usage]:

@@ -16,6 +16,7 @@ from langchain_core.messages import (
     BaseMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
     convert_to_messages,
 )
 from langchain_core.runnables import RunnableConfig
@@ -40,9 +41,11 @@ Check = Callable[[str, AgentState], str | None]
 """A rule: given the answer and the state, return why it fails, or `None` when it passes."""
 
 JUDGE_PROMPT = (
-    "You check an assistant's final answer. Pass it if it answers the user's task correctly "
-    "and completely, using only what the conversation supports. Otherwise fail it and say what "
-    "is wrong in one sentence."
+    "You check an assistant's final answer to a user's task. Pass it if it answers the task "
+    "truthfully: what it says was done or found must match what the tools returned (saying "
+    "that an action was refused or not done is a truthful answer). Fail it if it claims "
+    "something the tool results do not show, or ignores the task; say what is wrong in one "
+    "sentence."
 )
 
 
@@ -99,9 +102,18 @@ def verify(
     def judge_prompt(state: AgentState, answer: str) -> list[BaseMessage]:
         task = next((m for m in state.get("messages") or [] if isinstance(m, HumanMessage)), None)
         task_text = str(task.content) if task is not None else "(no task)"
+        results = [
+            f"- {m.name or 'tool'}: {' '.join(m.text.split())[:300]}"
+            for m in state.get("messages") or []
+            if isinstance(m, ToolMessage)
+        ]
+        seen = "\n".join(results) or "(no tool was called in this run)"
         return [
             SystemMessage(content=JUDGE_PROMPT),
-            HumanMessage(content=f"Task:\n{task_text}\n\nAnswer:\n{answer}"),
+            HumanMessage(
+                content=f"Task:\n{task_text}\n\nWhat the tools returned:\n{seen}\n\n"
+                f"Answer:\n{answer}"
+            ),
         ]
 
     def decide(state: AgentState, answer: str, verdict: Verdict | None) -> dict[str, Any]:

@@ -275,7 +275,7 @@ def test_a_lesson_says_what_failed_and_why() -> None:
     assert lesson.text() == (
         "Asked: refund order 7 Outcome: stopped (error: refund failed) using refund. "
         "Failed along the way: refund: Error: payment API timeout. "
-        "What did not work: I could not refund it."
+        "Its answer then (did not work): I could not refund it."
     )
     paused: AgentState = {
         **state,

@@ -38,7 +38,7 @@ from keel.evals import ScriptedChatModel, call
 from keel.graphs.agent import route_after_verify
 from keel.guards.gate import GateDecision
 from keel.nodes import ToolStatus, call_model, execute_tools, respond, valid_history, verify
-from keel.nodes.plan import PLAN_PROMPT
+from keel.nodes.plan import PLAN_PROMPT, TOOLS_PROMPT
 from keel.nodes.verify import JUDGE_PROMPT
 from keel.state import AgentState
 from keel.tools import RegisteredTool, ToolRegistry
@@ -1129,7 +1129,10 @@ async def test_judge_fails_the_answer(mode: str) -> None:
     }
     (prompt,) = judge.calls
     assert prompt[0] == SystemMessage(content=JUDGE_PROMPT)
-    assert prompt[1].content == "Task:\nWhere is Paris?\n\nAnswer:\nParis is in Italy."
+    assert prompt[1].content == (
+        "Task:\nWhere is Paris?\n\nWhat the tools returned:\n(no tool was called in this run)"
+        "\n\nAnswer:\nParis is in Italy."
+    )
 
 
 async def test_judge_passes_the_answer_and_rules_run_first(mode: str) -> None:
@@ -1226,10 +1229,15 @@ async def test_plan_steps_advance_with_the_run(mode: str) -> None:
     assert final_outcome["terminated_reason"] == "completed"
 
     planner_prompt, first_turn = model.calls[0], model.calls[1]
-    assert planner_prompt[0] == SystemMessage(content=PLAN_PROMPT.format(max_steps=7))
+    # the planner is told the tools it may use, so that its steps are calls the agent can make
+    tools_text = TOOLS_PROMPT.format(tools=f"- lookup: {lookup.description.splitlines()[0]}")
+    assert planner_prompt[0] == SystemMessage(
+        content=PLAN_PROMPT.format(max_steps=7) + "\n\n" + tools_text
+    )
     assert [m.content for m in planner_prompt[1:]] == ["where is A1?"]
     assert first_turn[0] == SystemMessage(
-        content="Your plan ([>] is the current step):\n[>] 1. look up\n[ ] 2. answer"
+        content="Your plan ([>] is the current step; do that step now):\n[>] 1. look up\n"
+        "[ ] 2. answer"
     )
 
 
@@ -1263,7 +1271,8 @@ async def test_failed_step_marks_the_plan_and_triggers_a_replan(mode: str) -> No
     replan_prompt = asked[1][0]
     assert replan_prompt == SystemMessage(
         content="A step of your plan failed: look up. Write a new plan for what remains of the "
-        "task (at most 7 steps). Steps already done: none."
+        "task (at most 7 steps). Steps already done: none.\n\n"
+        + TOOLS_PROMPT.format(tools="- find: Find an order.")
     )
     assert any(isinstance(m, ToolMessage) for m in asked[1]), "the replan sees what happened"
 

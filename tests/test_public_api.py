@@ -169,6 +169,18 @@ PUBLIC = {
         "tracing_without_key",
     ],
     "keel.models": ["BUNDLED_MODELS", "model_name_of", "resolve_model"],
+    "keel.local_model": ["FINAL_ANSWER", "LocalChatModel", "load_llama", "local_chat_model"],
+    "keel.model_files": [
+        "DEFAULT_LOCAL_MODEL",
+        "INSTALL_HINT",
+        "LOCAL_MODELS",
+        "LocalModelFile",
+        "assemble",
+        "is_assembled",
+        "local_model_file",
+        "models_dir",
+        "sha256_of",
+    ],
     "keel.graphs": [
         "FINISH",
         "Route",

@@ -9,6 +9,7 @@
     keel threads [--db URL] [--limit N]
     keel threads prune [--keep N] [--idle-days D] [--dry-run] [--db URL]
     keel db setup [--db URL]
+    keel models install | path      (the local model: see `keel.app.cli_models`)
     keel audit | report | health    (see `keel.app.cli_observe`)
     keel eval SUITE [--graph module:factory] ...   (see `keel.evals.cli`)
     keel serve --server-config FILE [--port N] [--host H] [--config langgraph.json] [--reload]
@@ -37,7 +38,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.pregel import Pregel
 from langgraph.types import Command
 
-from keel.app import cli_observe
+from keel.app import cli_models, cli_observe
 from keel.app.aegra import write_aegra_config
 from keel.app.cli_agent import load_agent, thread_origin
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "db":
             return _db_setup(args.db)
+        if args.command == "models":
+            return cli_models.run(args)
         return asyncio.run(_run(args))
     except KeelError as exc:
         print(f"keel: {exc}", file=sys.stderr)
@@ -142,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["setup"])
     db.add_argument("--db", default=None, help=db_help)
     cli_observe.add_parsers(sub, db_help)
+    cli_models.add_parser(sub)
     sub.add_parser("eval", help="run an eval suite (keel eval --help)", add_help=False)
     return parser
 
@@ -225,6 +229,7 @@ def _keel_agent(
         demo_tools(),
         system_prompt=SYSTEM_PROMPT,
         plan=True,
+        judge=model,  # the answer is judged (by the same model) before it is final
         policy=demo_policy(),
         checkpointer=saver,
         ledger=ledger,
