@@ -107,9 +107,33 @@ def test_the_semantic_check_without_a_model_is_503_with_why(
 ) -> None:
     monkeypatch.delenv("KEEL_HEALTH_MODEL", raising=False)
     monkeypatch.delenv("KEEL_MODEL", raising=False)
-    semantic = client.get("/keel/health/semantic")
+    monkeypatch.setenv("KEEL_HEALTH_TOKEN", "s3cret")
+    token = {"Authorization": "Bearer s3cret"}
+    semantic = client.get("/keel/health/semantic", headers=token)
     assert semantic.status_code == 503
     assert "no model configured for the semantic check" in semantic.json()["checks"][0]["detail"]
     monkeypatch.setenv("KEEL_HEALTH_MODEL", "keel:demo")  # a model that answers something else
-    wrong = client.get("/keel/health/semantic")
+    wrong = client.get("/keel/health/semantic", headers=token)
     assert wrong.status_code == 503 and wrong.json()["failing"] == ["semantic"]
+
+
+def test_the_semantic_check_spends_model_calls_only_for_the_health_token(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who can reach the route could otherwise run up the model's bill."""
+    monkeypatch.setenv("KEEL_HEALTH_MODEL", "keel:demo")
+    monkeypatch.delenv("KEEL_HEALTH_TOKEN", raising=False)
+    closed = client.get("/keel/health/semantic", headers={"Authorization": "Bearer anything"})
+    assert closed.status_code == 403
+    assert "set KEEL_HEALTH_TOKEN" in closed.json()["checks"][0]["detail"]
+    monkeypatch.setenv("KEEL_HEALTH_TOKEN", "s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        refused = client.get("/keel/health/semantic", headers=headers)
+        assert refused.status_code == 401, headers
+        assert "s3cret" not in refused.text
+    # the token opens it (the scripted demo model answers the wrong sum: 503, but it ran)
+    ran = client.get("/keel/health/semantic", headers={"Authorization": "Bearer s3cret"})
+    assert ran.status_code == 503 and "semantic" in ran.json()["failing"]
+    assert "KEEL_HEALTH_TOKEN" not in ran.json()["checks"][0]["detail"]
+    # live and ready stay open to probes
+    assert client.get("/keel/health/live").status_code == 200

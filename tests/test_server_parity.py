@@ -31,6 +31,8 @@ AEGRA = pytest.mark.aegra
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CONFIG = ROOT / "tests" / "serve" / "parity-server.toml"
+HEALTH_TOKEN = "health-probe-token"
+"""The semantic check's token (`KEEL_HEALTH_TOKEN`): it calls a model."""
 FORGED = {"user_id": "mallory", "tenant_id": "hooli", "roles": ["admin"]}
 
 
@@ -72,6 +74,7 @@ def server(
         "ANONYMIZED_TELEMETRY": "False",
         "HF_HUB_OFFLINE": "1",
         "KEEL_HEALTH_MODEL": "serve.parity_models:adder",
+        "KEEL_HEALTH_TOKEN": HEALTH_TOKEN,
     }
     try:
         if kind == "aegra":
@@ -201,11 +204,16 @@ async def test_a_served_agent_falls_back_when_its_model_is_down(
 # -- health over HTTP --------------------------------------------------------------------------
 
 
-def test_liveness_and_the_semantic_check_answer_without_a_token(server: str) -> None:
+def test_liveness_answers_without_a_token_and_the_semantic_check_with_the_health_token(
+    server: str,
+) -> None:
     live = httpx.get(f"{server}/keel/health/live", timeout=10)
     assert live.status_code == 200
     assert live.json()["checks"][0]["name"] == "live"
-    semantic = httpx.get(f"{server}/keel/health/semantic", timeout=60)
+    refused = httpx.get(f"{server}/keel/health/semantic", timeout=60)
+    assert refused.status_code == 401, refused.text  # it calls a model: no token, no call
+    token = {"Authorization": f"Bearer {HEALTH_TOKEN}"}
+    semantic = httpx.get(f"{server}/keel/health/semantic", headers=token, timeout=60)
     assert semantic.status_code == 200, semantic.text
     assert semantic.json()["checks"][0]["detail"] == "17 + 25 answered 42 through the add tool"
 

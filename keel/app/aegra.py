@@ -15,7 +15,7 @@ number of replicas sharing one database and one Redis. What differs, and what th
 
 - Aegra requires the custom app (`http.app`) to be a **FastAPI** app and serves its own routes
   from it; keel's health app (`keel.app.http:app`) is plain Starlette. The shim hands Aegra
-  `aegra_http_app(app)`: a FastAPI app with the same routes (they answer without a token, as
+  `aegra_http_app(app)`: a FastAPI app with the same routes (they need no server token, as
   under `langgraph dev`: Aegra applies auth to custom routes only with
   `enable_custom_route_auth`), and an error handler that keeps an error's headers, which
   Aegra's own drops (admission control's `Retry-After`).

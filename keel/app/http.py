@@ -8,21 +8,24 @@ Aegra takes only a FastAPI app: the shim `keel.app.aegra` generates hands it the
 - `GET /keel/health/ready`: the server database, keel's ledger, each tenant's Chroma server;
   200, or 503 naming what failed.
 - `GET /keel/health/semantic`: a known task (17 + 25 with a tool) through `build_agent`; 200, or
-  503 when the answer is wrong.
+  503 when the answer is wrong. It calls a model, so it answers only a caller that sends
+  `Authorization: Bearer <KEEL_HEALTH_TOKEN>` (403 while the server has no such token set, 401
+  for a wrong one).
 
 Every answer is JSON: `{"ok": bool, "checks": [{"name", "ok", "detail", "seconds"}],
 "failing": [names]}`. What `ready` checks comes from the environment and the server config
 (`KEEL_SERVER_CONFIG`): the database named by `KEEL_DB_URL`, `DATABASE_URI` (LangGraph server;
 `langgraph dev`'s `:memory:` is no database) or `DATABASE_URL` (Aegra), the config's `ledger`,
 and every tenant's `memory.chroma_url`; a part that is not configured is not checked. The
-semantic check runs on `KEEL_HEALTH_MODEL` (else `KEEL_MODEL`); it calls that model, so expose
-it only where the cost is acceptable. The routes need no token (probes carry none) and reveal
-no tenant data: only the parts' health.
+semantic check runs on `KEEL_HEALTH_MODEL` (else `KEEL_MODEL`); it calls that model, so it
+needs the health token. `live` and `ready` need no token (probes carry none) and reveal no
+tenant data: only the parts' health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 from typing import Any
 
@@ -80,8 +83,36 @@ async def ready(request: Request) -> JSONResponse:
     return _answer(await asyncio.to_thread(served_readiness, **targets))
 
 
+TOKEN_ENV = "KEEL_HEALTH_TOKEN"
+"""The environment variable holding the bearer token the semantic check asks for."""
+
+
+def _refused(request: Request) -> JSONResponse | None:
+    """Why the caller may not run the semantic check (it spends model calls), or None."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        why = (
+            f"the semantic check calls a model, so it needs a token: set {TOKEN_ENV} on the "
+            "server and send it as `Authorization: Bearer <token>`"
+        )
+        return _refusal(403, why)
+    sent = request.headers.get("authorization", "")
+    scheme, _, value = sent.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        why = f"send `Authorization: Bearer <{TOKEN_ENV}>` to run the semantic check"
+        return _refusal(401, why)
+    return None
+
+
+def _refusal(status: int, why: str) -> JSONResponse:
+    body = {"ok": False, "checks": [{"name": "semantic", "ok": False, "detail": why}]}
+    return JSONResponse({**body, "failing": ["semantic"]}, status_code=status)
+
+
 async def semantic(request: Request) -> JSONResponse:
     """The semantic check: the known task answered correctly through the agent."""
+    if (refused := _refused(request)) is not None:
+        return refused
     model = os.environ.get("KEEL_HEALTH_MODEL") or None
     check = await asyncio.to_thread(semantic_check, model)
     return _answer(Health((check,)))
