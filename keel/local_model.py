@@ -19,6 +19,8 @@ call in a thread: the event loop is never blocked.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import threading
 import uuid
@@ -317,8 +319,25 @@ def load_llama(path: Path, *, n_ctx: int = 4096, n_threads: int = 2) -> _Loaded:
             n_threads_batch=n_threads,
             verbose=False,
         )
+        if not _loaded:
+            atexit.register(_close_all)
         found = _loaded[key] = _Loaded(llama, threading.Lock())
         return found
+
+
+def _close_all() -> None:
+    """Free the loaded models at exit, while llama.cpp's bindings still exist.
+
+    Left to `Llama.__del__` at interpreter teardown, llama-cpp-python 0.3.36 finds its C
+    functions already gone and prints `Exception ignored ... 'NoneType' object is not
+    callable` after every process that loaded a model.
+    """
+    with _loading:
+        models = list(_loaded.values())
+        _loaded.clear()
+    for model in models:
+        with model.lock, contextlib.suppress(Exception):
+            model.llama.close()
 
 
 def _require_llama_cpp() -> Any:
