@@ -117,7 +117,7 @@ def new_feedback(
     """
     if not isinstance(run, str) or not run.strip():
         raise UserError(f"Feedback needs the run it is about (a non-empty string), got {run!r}.")
-    if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
+    if score is not None and not _finite(score):
         raise UserError(f"A feedback score must be a finite number, got {score!r}.")
     if score is None and not comment.strip() and not correction.strip():
         raise UserError("Feedback needs a score, a comment or a correction.")
@@ -229,3 +229,13 @@ def feedback_for(ledger: Ledger, run: str) -> list[Feedback]:
 async def afeedback_for(ledger: Ledger, run: str) -> list[Feedback]:
     """Async `feedback_for`."""
     return await ledger.arun(_query_flow(run))
+
+
+def _finite(score: object) -> bool:
+    """Whether `score` is a finite number (not a bool, a string or a float-overflowing int)."""
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        return False
+    try:
+        return math.isfinite(float(score))
+    except OverflowError:
+        return False

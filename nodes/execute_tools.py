@@ -36,6 +36,7 @@ from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
 from keel.db.runs import STORAGE_FAILED
+from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.content import InputGuardPolicy
@@ -332,8 +333,9 @@ def _classify(
 
 # -- running the cleared calls: tenacity's retries over one attempt, two drivers --------------
 
-_NOT_RETRIED = (ToolException, ValidationError, _Deadline, GraphBubbleUp)
-"""A tool's own error report, bad arguments, keel's deadline, a LangGraph interrupt."""
+_NOT_RETRIED = (ToolException, ValidationError, _Deadline, GraphBubbleUp, UserError)
+"""A tool's own error report, bad arguments, keel's deadline, a LangGraph interrupt, a mistake
+in how keel is used (raised to the caller)."""
 
 
 def _retrying(job: _Job) -> Retrying:
@@ -358,7 +360,7 @@ def _run(job: _Job, config: RunnableConfig) -> Steps[ToolMessage]:
     attempt = Op(lambda: _attempt_sync(job, config), lambda: _attempt_async(job, config))
     try:
         result = yield from retrying(policy, partial(_once, attempt))
-    except GraphBubbleUp:
+    except (GraphBubbleUp, UserError):
         raise
     except Exception as exc:
         return _failure(job, exc, policy.statistics["attempt_number"])
@@ -392,6 +394,12 @@ def _failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage:
 
 
 def _attempt_sync(job: _Job, config: RunnableConfig) -> Any:
+    tool = job.entry.tool
+    if getattr(tool, "coroutine", None) is not None and getattr(tool, "func", None) is None:
+        raise UserError(
+            f"{job.entry.name} is an async tool: run the agent with `ainvoke` / `astream` (or "
+            "give the tool a sync function too)."
+        )
     timeout = job.entry.spec.timeout
     if timeout is None:
         return job.entry.tool.invoke(job.call, config)

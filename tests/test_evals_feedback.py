@@ -59,8 +59,9 @@ async def test_feedback_on_an_unknown_run_or_with_nothing_in_it_is_refused(ledge
         await arecord_feedback(ledger, new_feedback("nope", score=1))
     with pytest.raises(UserError, match="needs a score, a comment or a correction"):
         new_feedback("t-1")
-    with pytest.raises(UserError, match="finite number"):
-        new_feedback("t-1", score=float("nan"))
+    for bad in (float("nan"), float("inf"), "x", "1", True, 10**400, [1]):
+        with pytest.raises(UserError, match="finite number"):
+            new_feedback("t-1", score=bad)  # type: ignore[arg-type]
     assert await afeedback_for(ledger, "t-1") == []
 
 

@@ -328,3 +328,23 @@ def test_registry_describe_has_one_row_per_tool() -> None:
             "description": "Delete an order.",
         },
     ]
+
+
+def test_an_async_tool_under_sync_invoke_is_a_user_error_not_retried() -> None:
+    """Before: LangChain's NotImplementedError, retried three times, handed to the model."""
+    from keel import build_agent
+    from keel.evals import ScriptedChatModel, call
+
+    calls: list[str] = []
+
+    @tool(retries=2)
+    async def lookup(order_id: str) -> str:
+        """Look up an order."""
+        calls.append(order_id)
+        return f"order {order_id}"
+
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "done"])
+    agent = build_agent(model, [lookup])
+    with pytest.raises(UserError, match="lookup is an async tool: run the agent with `ainvoke`"):
+        agent.invoke({"messages": [("user", "look up A1")]})
+    assert calls == []
