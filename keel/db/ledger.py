@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from keel._drive import adrive, calls, drive
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence, adraining_pool, draining_pool
@@ -530,23 +531,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _drive(flow: Flow[T], execute: Any) -> T:
-    try:
-        step = next(flow)
-        while True:
-            step = flow.send(list(execute(*step)))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    """Run `flow` on a sync connection; `execute(sql, params)` returns the statement's rows."""
+    return drive(calls(flow, lambda step: list(execute(*step))))
 
 
 async def _adrive(flow: Flow[T], fetch: Any) -> T:
-    rows: list[Row] = []
-    try:
-        step = next(flow)
-        while True:
-            rows = list(await fetch(*step))
-            step = flow.send(rows)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    """Run `flow` on an async connection; `fetch(sql, params)` awaits the statement's rows."""
+    return await adrive(calls(flow, lambda step: fetch(*step)))
 
 
 def _sqlite_sql(sql: str) -> str:
