@@ -75,6 +75,23 @@ class _Audited(AgentMiddleware[Any, Any, Any]):
                 )
         return out
 
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """The model call through this guard (see the class)."""
+        return drive(self._model(request, handler))
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """The model call through this guard (see the class), async."""
+        return await adrive(self._model(request, handler))
+
+    def _model(
+        self, request: ModelRequest[Any], handler: Callable[..., Any]
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
+        raise NotImplementedError
+
     def _written(self, messages: Sequence[BaseMessage], runtime: object) -> Steps[None]:
         records = self._records(messages, runtime)
         if records and self.audit is not None:
@@ -111,21 +128,10 @@ class InputGuardMiddleware(_Audited):
         messages = [by_id.get(m.id, m) if m.id else m for m in request.messages]
         return request.override(messages=messages), screened.messages  # type: ignore[arg-type]
 
-    def wrap_model_call(
-        self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Check the user's new messages; call the model with what may pass."""
-        return drive(self._model(request, handler))
-
-    async def awrap_model_call(
-        self, request: ModelRequest[Any], handler: AsyncModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Check the user's new messages; call the model with what may pass (async)."""
-        return await adrive(self._model(request, handler))
-
     def _model(
         self, request: ModelRequest[Any], handler: Callable[..., Any]
     ) -> Steps[ModelResponse[Any] | AIMessage]:
+        """Check the user's new messages; call the model with what may pass."""
         screened, found = self._screen(request)
         yield from self._written(found, request.runtime)
         if isinstance(screened, AIMessage):
@@ -190,21 +196,10 @@ class OutputGuardMiddleware(_Audited):
             ), found
         return out[0], found
 
-    def wrap_model_call(
-        self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Call the model; its final answer is checked before it is returned."""
-        return drive(self._model(request, handler))
-
-    async def awrap_model_call(
-        self, request: ModelRequest[Any], handler: AsyncModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Call the model; its final answer is checked before it is returned (async)."""
-        return await adrive(self._model(request, handler))
-
     def _model(
         self, request: ModelRequest[Any], handler: Callable[..., Any]
     ) -> Steps[ModelResponse[Any] | AIMessage]:
+        """Call the model; its final answer is checked before it is returned."""
         response, found = self._screen((yield call(handler, request)))
         yield from self._written(found, request.runtime)
         return response  # type: ignore[no-any-return]

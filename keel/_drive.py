@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -85,32 +86,28 @@ def _failed(op: Op, exc: Exception) -> Exception:
 
 def drive(steps: Steps[T]) -> T:
     """Run `steps` synchronously; an `Op`'s exception is thrown back into the generator."""
-    op = _next(steps, None, None)
-    while isinstance(op, Op):
-        try:
-            sent, error = op.run(), None
-        except Exception as exc:
-            sent, error = None, _failed(op, exc)
-        except BaseException:  # cancelled or interrupted: the steps' `finally` blocks run now
-            steps.close()
-            raise
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
+    with closing(steps):  # cancelled or interrupted: the steps' `finally` blocks run now
+        op = _next(steps, None, None)
+        while isinstance(op, Op):
+            try:
+                sent, error = op.run(), None
+            except Exception as exc:
+                sent, error = None, _failed(op, exc)
+            op = _next(steps, sent, error)
+        return op.value  # type: ignore[no-any-return]
 
 
 async def adrive(steps: Steps[T]) -> T:
     """Run `steps` on the event loop; see `drive`."""
-    op = _next(steps, None, None)
-    while isinstance(op, Op):
-        try:
-            sent, error = await op.arun(), None
-        except Exception as exc:
-            sent, error = None, _failed(op, exc)
-        except BaseException:  # cancelled or interrupted: the steps' `finally` blocks run now
-            steps.close()
-            raise
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
+    with closing(steps):  # cancelled or interrupted: the steps' `finally` blocks run now
+        op = _next(steps, None, None)
+        while isinstance(op, Op):
+            try:
+                sent, error = await op.arun(), None
+            except Exception as exc:
+                sent, error = None, _failed(op, exc)
+            op = _next(steps, sent, error)
+        return op.value  # type: ignore[no-any-return]
 
 
 def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:
