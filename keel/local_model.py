@@ -194,14 +194,7 @@ class LocalChatModel(BaseChatModel):
         message.response_metadata["finish_reason"] = finish
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+    # `_agenerate` is LangChain's own: `_generate` in the default executor (as `to_thread`).
 
     def _stream(
         self,
