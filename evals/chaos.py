@@ -35,7 +35,6 @@ from langchain_core.messages import (
     BaseMessage,
     InvalidToolCall,
     ToolCall,
-    ToolCallChunk,
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -44,6 +43,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr, SkipValidation
 
 from keel.errors import UserError
+from keel.local_model import last_chunk
 
 __all__ = [
     "ChaosChatModel",
@@ -498,33 +498,8 @@ def _broken_json(args: Mapping[str, Any]) -> str:
 
 def _as_chunk(message: AIMessage) -> ChatGenerationChunk:
     """One streamed chunk carrying `message` (tool calls as chunks, as providers stream them)."""
-    chunks = [
-        ToolCallChunk(
-            type="tool_call_chunk",
-            name=tc["name"],
-            args=json.dumps(tc["args"]),
-            id=tc["id"],
-            index=i,
-        )
-        for i, tc in enumerate(message.tool_calls)
-    ]
-    offset = len(chunks)
-    chunks += [
-        ToolCallChunk(
-            type="tool_call_chunk", name=tc["name"], args=tc["args"], id=tc["id"], index=offset + i
-        )
-        for i, tc in enumerate(message.invalid_tool_calls)
-    ]
-    return ChatGenerationChunk(
-        message=AIMessageChunk(
-            content=message.content,
-            id=message.id,
-            tool_call_chunks=chunks,
-            usage_metadata=message.usage_metadata,
-            response_metadata=message.response_metadata,
-            chunk_position="last",
-        )
-    )
+    chunk = last_chunk(message, message.content, invalid_as_chunks=True, id=message.id)
+    return ChatGenerationChunk(message=chunk)
 
 
 def _chunk_of(message: BaseMessage) -> AIMessageChunk:

@@ -23,6 +23,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr
 
 from keel.errors import ScriptExhausted
+from keel.local_model import last_chunk
 
 __all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "say"]
 
@@ -211,25 +212,7 @@ class ScriptedChatModel(BaseChatModel):
             if run_manager:
                 run_manager.on_llm_new_token(text, chunk=chunk)
             yield chunk
-        yield ChatGenerationChunk(
-            message=AIMessageChunk(
-                content="",
-                id=message.id,
-                tool_call_chunks=[
-                    {
-                        "name": tc["name"],
-                        "args": _json(tc["args"]),
-                        "id": tc["id"],
-                        "index": i,
-                        "type": "tool_call_chunk",
-                    }
-                    for i, tc in enumerate(message.tool_calls)
-                ],
-                usage_metadata=message.usage_metadata,
-                response_metadata=message.response_metadata,
-                chunk_position="last",
-            )
-        )
+        yield ChatGenerationChunk(message=last_chunk(message, "", id=message.id))
 
 
 def _capped(message: AIMessage, limit: int | None) -> AIMessage:

@@ -16,7 +16,7 @@ A result or answer a guard acted on carries `response_metadata["keel_guard"]`; w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
@@ -24,6 +24,7 @@ from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from keel import outcome
+from keel._drive import Steps, adrive, both, call, drive
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -74,15 +75,27 @@ class _Audited(AgentMiddleware[Any, Any, Any]):
                 )
         return out
 
-    def _write(self, messages: Sequence[BaseMessage], runtime: object) -> None:
-        records = self._records(messages, runtime)
-        if records and self.audit is not None:
-            self.audit.write(records)
+    def wrap_model_call(
+        self, request: ModelRequest[Any], handler: ModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """The model call through this guard (see the class)."""
+        return drive(self._model(request, handler))
 
-    async def _awrite(self, messages: Sequence[BaseMessage], runtime: object) -> None:
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: AsyncModelHandler
+    ) -> ModelResponse[Any] | AIMessage:
+        """The model call through this guard (see the class), async."""
+        return await adrive(self._model(request, handler))
+
+    def _model(
+        self, request: ModelRequest[Any], handler: Callable[..., Any]
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
+        raise NotImplementedError
+
+    def _written(self, messages: Sequence[BaseMessage], runtime: object) -> Steps[None]:
         records = self._records(messages, runtime)
         if records and self.audit is not None:
-            await self.audit.awrite(records)
+            yield both(self.audit.write, self.audit.awrite, records)
 
 
 class InputGuardMiddleware(_Audited):
@@ -115,21 +128,15 @@ class InputGuardMiddleware(_Audited):
         messages = [by_id.get(m.id, m) if m.id else m for m in request.messages]
         return request.override(messages=messages), screened.messages  # type: ignore[arg-type]
 
-    def wrap_model_call(
-        self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
+    def _model(
+        self, request: ModelRequest[Any], handler: Callable[..., Any]
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
         """Check the user's new messages; call the model with what may pass."""
         screened, found = self._screen(request)
-        self._write(found, request.runtime)
-        return screened if isinstance(screened, AIMessage) else handler(screened)
-
-    async def awrap_model_call(
-        self, request: ModelRequest[Any], handler: AsyncModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Check the user's new messages; call the model with what may pass (async)."""
-        screened, found = self._screen(request)
-        await self._awrite(found, request.runtime)
-        return screened if isinstance(screened, AIMessage) else await handler(screened)
+        yield from self._written(found, request.runtime)
+        if isinstance(screened, AIMessage):
+            return screened
+        return (yield call(handler, screened))  # type: ignore[no-any-return]
 
     def _result(self, result: Any) -> tuple[Any, list[Any]]:
         screened = (
@@ -139,14 +146,15 @@ class InputGuardMiddleware(_Audited):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool and check its result before the model reads it."""
-        result, found = self._result(handler(request))
-        self._write(found, request.runtime)
-        return result
+        return drive(self._tool(request, handler))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool and check its result before the model reads it (async)."""
-        result, found = self._result(await handler(request))
-        await self._awrite(found, request.runtime)
+        return await adrive(self._tool(request, handler))
+
+    def _tool(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
+        result, found = self._result((yield call(handler, request)))
+        yield from self._written(found, request.runtime)
         return result
 
 
@@ -188,18 +196,10 @@ class OutputGuardMiddleware(_Audited):
             ), found
         return out[0], found
 
-    def wrap_model_call(
-        self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
+    def _model(
+        self, request: ModelRequest[Any], handler: Callable[..., Any]
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
         """Call the model; its final answer is checked before it is returned."""
-        response, found = self._screen(handler(request))
-        self._write(found, request.runtime)
-        return response  # type: ignore[no-any-return]
-
-    async def awrap_model_call(
-        self, request: ModelRequest[Any], handler: AsyncModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Call the model; its final answer is checked before it is returned (async)."""
-        response, found = self._screen(await handler(request))
-        await self._awrite(found, request.runtime)
+        response, found = self._screen((yield call(handler, request)))
+        yield from self._written(found, request.runtime)
         return response  # type: ignore[no-any-return]

@@ -487,11 +487,8 @@ class GuardedModel:
             return None
         extra = self.schema_tokens
         try:
-            held = yield Op(
-                lambda: meter.reserve(messages, ctx, m.name, schema_tokens=extra),
-                lambda: meter.areserve(messages, ctx, m.name, schema_tokens=extra),
-                on_error=_storage,
-            )
+            reserve = meter.reserving(messages, ctx, m.name, schema_tokens=extra)
+            held = yield Op(reserve.run, reserve.arun, on_error=_storage)
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
         if isinstance(held, str):

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from keel._drive import Op
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.pricing import PriceTable
@@ -209,33 +210,25 @@ class SpendMeter:
         usage = {"input_tokens": tokens_in, "output_tokens": self.output_reserve}
         return self.prices.cost(model_name, usage), tokens_in + self.output_reserve
 
-    def reserve(
+    def reserving(
         self,
         messages: Sequence[BaseMessage],
         context: RunContext,
         model_name: str,
         *,
         schema_tokens: int = 0,
-    ) -> Reservation | str:
-        """Reserve the call's estimate, or say why it may not run.
+    ) -> Op:
+        """Reserve the call's estimate, or say why it may not run, as a `keel._drive` step.
 
+        The step's result is a `Reservation`, or the reason (a `str`) the call may not run.
         `schema_tokens`: what the bound tools' schemas add (`estimate_schema_tokens`).
         """
-        usd, tokens = self._estimate(messages, model_name, schema_tokens)
-        return self.ledger.run(reserve_flow(self.budgets, context, usd, tokens, time.time()))
 
-    async def areserve(
-        self,
-        messages: Sequence[BaseMessage],
-        context: RunContext,
-        model_name: str,
-        *,
-        schema_tokens: int = 0,
-    ) -> Reservation | str:
-        """Reserve the call's estimate, or say why it may not run (async); see `reserve`."""
-        usd, tokens = self._estimate(messages, model_name, schema_tokens)
-        flow = reserve_flow(self.budgets, context, usd, tokens, time.time())
-        return await self.ledger.arun(flow)
+        def flow() -> Flow[Reservation | str]:
+            usd, tokens = self._estimate(messages, model_name, schema_tokens)
+            return reserve_flow(self.budgets, context, usd, tokens, time.time())
+
+        return Op(lambda: self.ledger.run(flow()), lambda: self.ledger.arun(flow()))
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`).

@@ -22,8 +22,15 @@ async def _value(x: int) -> int:
 assert drive(double(2)) == 4
 ```
 
+A step ended by a `BaseException` that is not an `Exception` (a cancelled task, Ctrl-C) closes
+the generator before it propagates, so its `finally` blocks and `with` exits run then, in the
+caller's context, not whenever the generator is collected.
+
 An `Op` may name `on_error`, which turns its own failure into the exception thrown back into
 the generator (a ledger write's database error becomes a storage failure, say).
+
+`calls(flow, fn)` runs a generator that yields plain requests (the ledger's, the retention
+pruner's and the schema check's SQL statements) under both drivers, `fn` running each one.
 
 `retrying(retrying, attempt)` runs tenacity's own decision engine (`Retrying.iter`: attempt,
 sleep, stop) over an attempt written as steps, so model and tool retries keep tenacity's
@@ -35,13 +42,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
 
-__all__ = ["Op", "Steps", "adrive", "both", "call", "drive", "retrying", "sleep"]
+__all__ = ["Op", "Steps", "adrive", "both", "call", "calls", "drive", "retrying", "sleep"]
 
 T = TypeVar("T")
 
@@ -78,26 +86,28 @@ def _failed(op: Op, exc: Exception) -> Exception:
 
 def drive(steps: Steps[T]) -> T:
     """Run `steps` synchronously; an `Op`'s exception is thrown back into the generator."""
-    op = _next(steps, None, None)
-    while isinstance(op, Op):
-        try:
-            sent, error = op.run(), None
-        except Exception as exc:
-            sent, error = None, _failed(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
+    with closing(steps):  # cancelled or interrupted: the steps' `finally` blocks run now
+        op = _next(steps, None, None)
+        while isinstance(op, Op):
+            try:
+                sent, error = op.run(), None
+            except Exception as exc:
+                sent, error = None, _failed(op, exc)
+            op = _next(steps, sent, error)
+        return op.value  # type: ignore[no-any-return]
 
 
 async def adrive(steps: Steps[T]) -> T:
     """Run `steps` on the event loop; see `drive`."""
-    op = _next(steps, None, None)
-    while isinstance(op, Op):
-        try:
-            sent, error = await op.arun(), None
-        except Exception as exc:
-            sent, error = None, _failed(op, exc)
-        op = _next(steps, sent, error)
-    return op.value  # type: ignore[no-any-return]
+    with closing(steps):  # cancelled or interrupted: the steps' `finally` blocks run now
+        op = _next(steps, None, None)
+        while isinstance(op, Op):
+            try:
+                sent, error = await op.arun(), None
+            except Exception as exc:
+                sent, error = None, _failed(op, exc)
+            op = _next(steps, sent, error)
+        return op.value  # type: ignore[no-any-return]
 
 
 def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:
@@ -111,6 +121,30 @@ def call(fn: Callable[..., Any], *args: Any) -> Op:
     A LangChain middleware's `handler` is one: `wrap_*` gets a sync one, `awrap_*` an async one.
     """
     return Op(partial(fn, *args), partial(fn, *args))
+
+
+def calls(
+    flow: Generator[Any, Any, T],
+    fn: Callable[[Any], Any],
+    catch: tuple[type[Exception], ...] = (),
+) -> Steps[T]:
+    """`flow`, a generator that yields requests for `fn`, as steps: each one `call(fn, request)`.
+
+    A database flow yields its statements this way, and `fn` runs one on the connection at
+    hand (sync under `drive`, async under `adrive`). An exception of a type in `catch` is thrown
+    into `flow`, which decides; any other ends the steps (`flow` is left where it was).
+    """
+    sent: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            request = flow.send(sent) if error is None else flow.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            sent, error = (yield call(fn, request)), None
+        except catch as exc:
+            sent, error = None, exc
 
 
 def sleep(seconds: float) -> Op:

@@ -45,6 +45,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -53,7 +54,7 @@ from langchain_core.utils.json import parse_partial_json
 from keel.errors import SetupError, UserError
 from keel.model_files import INSTALL_HINT, local_model_file
 
-__all__ = ["FINAL_ANSWER", "LocalChatModel", "load_llama", "local_chat_model"]
+__all__ = ["FINAL_ANSWER", "LocalChatModel", "last_chunk", "load_llama", "local_chat_model"]
 
 FINAL_ANSWER = "final_answer"
 """The name of the branch by which the model answers instead of calling a tool."""
@@ -195,14 +196,7 @@ class LocalChatModel(BaseChatModel):
         message.response_metadata["finish_reason"] = finish
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+    # `_agenerate` is LangChain's own: `_generate` in the default executor (as `to_thread`).
 
     def _stream(
         self,
@@ -499,20 +493,32 @@ def _partial(text: str) -> Any:
 def _last_chunk(final: AIMessage, *, shown: str) -> AIMessageChunk:
     """The stream's closing chunk: the tool calls, the usage, and any text not yet streamed."""
     rest = final.text[len(shown) :] if final.text.startswith(shown) else ""
+    return last_chunk(final, rest, invalid_tool_calls=final.invalid_tool_calls)
+
+
+def last_chunk(
+    message: AIMessage, content: Any = "", *, invalid_as_chunks: bool = False, **fields: Any
+) -> AIMessageChunk:
+    """A stream's closing chunk for `message`: its tool calls as chunks, its usage and metadata.
+
+    The chunk's text is `content` (what was not streamed before it); `invalid_as_chunks` adds
+    the message's invalid tool calls as chunks after the valid ones (as a sloppy provider
+    streams them); `fields` are more `AIMessageChunk` fields (`id=...`). keel's local model
+    and its scripted and chaos models (`keel.evals`) stream through it.
+    """
+    calls: list[tuple[str | None, str | None, str | None]] = [
+        (tc["name"], json.dumps(tc["args"]), tc["id"]) for tc in message.tool_calls
+    ]
+    if invalid_as_chunks:
+        calls += [(tc["name"], tc["args"], tc["id"]) for tc in message.invalid_tool_calls]
     return AIMessageChunk(
-        content=rest,
+        content=content,
         tool_call_chunks=[
-            {
-                "name": tc["name"],
-                "args": json.dumps(tc["args"]),
-                "id": tc["id"],
-                "index": i,
-                "type": "tool_call_chunk",
-            }
-            for i, tc in enumerate(final.tool_calls)
+            tool_call_chunk(name=name, args=args, id=id_, index=i)
+            for i, (name, args, id_) in enumerate(calls)
         ],
-        invalid_tool_calls=final.invalid_tool_calls,
-        usage_metadata=final.usage_metadata,
-        response_metadata=final.response_metadata,
+        usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata,
         chunk_position="last",
+        **fields,
     )

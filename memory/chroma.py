@@ -6,7 +6,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -177,7 +178,8 @@ class ChromaStore(BaseStore):
         emb = self.embeddings
         dvec = emb.embed_documents(docs) if docs and emb else []
         qvec = [emb.embed_query(q) for q in queries] if emb else []
-        return self._run_fresh(todo, docs, dvec, dict(zip(queries, qvec, strict=True)))
+        qmap = dict(zip(queries, qvec, strict=True))
+        return self._fresh(partial(self._run, todo, docs, dvec, qmap))
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         """Async `batch`: embeds with `aembed_*`, talks to Chroma in a worker thread."""
@@ -187,7 +189,7 @@ class ChromaStore(BaseStore):
         dvec = await emb.aembed_documents(docs) if docs and emb else []
         qvec = list(await asyncio.gather(*(emb.aembed_query(q) for q in queries))) if emb else []
         qmap = dict(zip(queries, qvec, strict=True))
-        return await asyncio.to_thread(self._run_fresh, todo, docs, dvec, qmap)
+        return await asyncio.to_thread(self._fresh, partial(self._run, todo, docs, dvec, qmap))
 
     def _check_ops(self, ops: Iterable[Op]) -> list[Op]:
         todo = list(ops)
@@ -220,19 +222,13 @@ class ChromaStore(BaseStore):
             return []
         return b.index_texts(op.value, self.fields if op.index is None else op.index)
 
-    def _run_fresh(
-        self,
-        ops: list[Op],
-        docs: list[str],
-        dvec: list[list[float]],
-        qvec: dict[str, list[float]],
-    ) -> list[Result]:
-        """`_run`, once more with fresh collection handles when another process dropped one."""
+    def _fresh(self, run: Callable[[], list[Result]]) -> list[Result]:
+        """`run()`, once more with fresh collection handles when another process dropped one."""
         try:
-            return self._run(ops, docs, dvec, qvec)
+            return run()
         except NotFoundError:  # e.g. a purge elsewhere; writes are upserts, so a rerun is safe
             self._forget_cols()
-            return self._run(ops, docs, dvec, qvec)
+            return run()
 
     def _run(
         self,

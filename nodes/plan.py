@@ -12,7 +12,8 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from pydantic import BaseModel, Field
 
-from keel._node import RunnableCallable, context_of, make_node
+from keel._drive import Steps
+from keel._node import RunnableCallable, context_of, steps_node
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.pricing import PriceTable
@@ -109,27 +110,17 @@ def plan(
             log.warning("the model's plan did not parse: %s", raw["parsing_error"])
         return update
 
-    def invoke(
+    def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
         messages = prompt(state)
         if messages is None:
             return {}
         clock, usage = _clock(state)
-        got = planner.invoke(messages, config, context_of(runtime), usage=usage)
+        got = yield from planner.call(messages, config, context_of(runtime), usage)
         return {**finish(got, state), **clock}
 
-    async def ainvoke(
-        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        messages = prompt(state)
-        if messages is None:
-            return {}
-        clock, usage = _clock(state)
-        got = await planner.ainvoke(messages, config, context_of(runtime), usage=usage)
-        return {**finish(got, state), **clock}
-
-    return make_node(name, invoke, ainvoke)
+    return steps_node(name, steps)
 
 
 def _describe(tool: Any) -> str:

@@ -169,7 +169,13 @@ PUBLIC = {
         "tracing_without_key",
     ],
     "keel.models": ["BUNDLED_MODELS", "model_name_of", "resolve_model"],
-    "keel.local_model": ["FINAL_ANSWER", "LocalChatModel", "load_llama", "local_chat_model"],
+    "keel.local_model": [
+        "FINAL_ANSWER",
+        "LocalChatModel",
+        "last_chunk",
+        "load_llama",
+        "local_chat_model",
+    ],
     "keel.model_files": [
         "DEFAULT_LOCAL_MODEL",
         "INSTALL_HINT",

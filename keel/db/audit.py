@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import AUDIT, where_clause
@@ -126,27 +126,16 @@ class AuditLog:
         if records:
             await self.ledger.arun(insert_flow(records))
 
-    def query(
-        self,
-        *,
-        thread: str | None = None,
-        user: str | None = None,
-        since: float | None = None,
-        limit: int = 1000,
-    ) -> list[AuditRecord]:
-        """Records, oldest first, filtered by thread, user and time (`since`: Unix time)."""
-        return self.ledger.run(_query_flow(thread, user, since, limit))
+    def query(self, **where: Unpack[_Where]) -> list[AuditRecord]:
+        """Records, oldest first, filtered by thread, user and time (`since`: Unix time).
 
-    async def aquery(
-        self,
-        *,
-        thread: str | None = None,
-        user: str | None = None,
-        since: float | None = None,
-        limit: int = 1000,
-    ) -> list[AuditRecord]:
-        """Records, oldest first, filtered by thread, user and time (async)."""
-        return await self.ledger.arun(_query_flow(thread, user, since, limit))
+        Keywords: `thread`, `user`, `since` (all optional) and `limit` (default 1000).
+        """
+        return self.ledger.run(_query_flow(**where))
+
+    async def aquery(self, **where: Unpack[_Where]) -> list[AuditRecord]:
+        """Records, oldest first, filtered by thread, user and time (async); see `query`."""
+        return await self.ledger.arun(_query_flow(**where))
 
 
 def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
@@ -177,8 +166,21 @@ def _truncate(text: str) -> str:
     return text if len(text) <= _RESULT_CHARS else text[: _RESULT_CHARS - 1] + "…"
 
 
+class _Where(TypedDict, total=False):
+    """`AuditLog.query`'s filters."""
+
+    thread: str | None
+    user: str | None
+    since: float | None
+    limit: int
+
+
 def _query_flow(
-    thread: str | None, user: str | None, since: float | None, limit: int
+    *,
+    thread: str | None = None,
+    user: str | None = None,
+    since: float | None = None,
+    limit: int = 1000,
 ) -> Flow[list[AuditRecord]]:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise UserError(f"AuditLog.query(limit=...) must be 1 or more, got {limit!r}.")

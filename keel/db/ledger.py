@@ -27,15 +27,16 @@ import os
 import random
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from keel._drive import Op, Steps, adrive, calls, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence, adraining_pool, draining_pool
@@ -235,35 +236,45 @@ class Ledger:
     def _run(self, flow: Flow[T]) -> T:
         if self.backend == "sqlite":
             return self._run_sqlite(flow)
-        replay = _Replay(flow)
-        for attempt in itertools.count():
-            try:
-                with self._transaction() as execute:
-                    return _drive(replay.steps(), execute)
-            except (psycopg.Error, PoolTimeout) as exc:
-                if _dead(exc) and self._pool is not None:
-                    self._pool.drain()  # its siblings likely died too: replace every idle one
-                if not replay.failed(exc, attempt, self):
-                    return replay.result  # a read whose commit was cut off: its rows stand
-            time.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
+        return drive(self._attempts(flow))
 
     async def _arun(self, flow: Flow[T]) -> T:
         if self.backend == "sqlite":  # a short transaction on the thread's own connection
             return await asyncio.to_thread(self._run_sqlite, flow)
+        return await adrive(self._attempts(flow))
+
+    def _attempts(self, flow: Flow[T]) -> Steps[T]:
+        """`flow` in a PostgreSQL transaction, again on a fresh connection while `_Replay` may."""
         replay = _Replay(flow)
         for attempt in itertools.count():
+            steps = replay.steps()
             try:
-                pool = await self._async_pool()
-                async with pool.connection() as conn, conn.transaction():
-                    return await _adrive(replay.steps(), lambda q, p: _afetch_pg(conn, q, p))
+                done: T = yield Op(partial(self._transact, steps), partial(self._atransact, steps))
+                return done
             except (psycopg.Error, PoolTimeout) as exc:
-                if _dead(exc) and self._apool is not None:
-                    await self._apool.drain()
+                if _dead(exc):  # its siblings likely died too: replace every idle one
+                    yield Op(self._drain, self._adrain)
                 if not replay.failed(exc, attempt, self):
-                    return replay.result
-            await asyncio.sleep(_backoff(attempt))
+                    return replay.result  # a read whose commit was cut off: its rows stand
+            yield sleep(_backoff(attempt))
         raise AssertionError("unreachable")
+
+    def _transact(self, steps: Flow[T]) -> T:
+        with self._transaction() as execute:
+            return _drive(steps, execute)
+
+    async def _atransact(self, steps: Flow[T]) -> T:
+        pool = await self._async_pool()
+        async with pool.connection() as conn, conn.transaction():
+            return await _adrive(steps, lambda q, p: _afetch_pg(conn, q, p))
+
+    def _drain(self) -> None:
+        if self._pool is not None:
+            self._pool.drain()
+
+    async def _adrain(self) -> None:
+        if self._apool is not None:
+            await self._apool.drain()
 
     def _run_sqlite(self, flow: Flow[T]) -> T:
         db = self._sqlite_connection()
@@ -530,23 +541,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _drive(flow: Flow[T], execute: Any) -> T:
-    try:
-        step = next(flow)
-        while True:
-            step = flow.send(list(execute(*step)))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    """Run `flow` on a sync connection; `execute(sql, params)` returns the statement's rows."""
+    return drive(calls(flow, lambda step: list(execute(*step))))
 
 
 async def _adrive(flow: Flow[T], fetch: Any) -> T:
-    rows: list[Row] = []
-    try:
-        step = next(flow)
-        while True:
-            rows = list(await fetch(*step))
-            step = flow.send(rows)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    """Run `flow` on an async connection; `fetch(sql, params)` awaits the statement's rows."""
+    return await adrive(calls(flow, lambda step: fetch(*step)))
 
 
 def _sqlite_sql(sql: str) -> str:

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
-from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +50,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from keel._drive import adrive, calls, drive
 from keel.db.checkpoint.retention import (
     Flow,
     PruneReport,
@@ -588,18 +589,16 @@ class _APoolCheck(_Freshness):
 
 def _drive(flow: _Flow, execute: Callable[[str], Any]) -> None:
     """Run a flow on a sync connection (`sqlite3` or psycopg)."""
-    with suppress(StopIteration):
-        sql = next(flow)
-        while True:
-            sql = flow.send(_as_tuple(execute(sql).fetchone()))
+    drive(calls(flow, lambda sql: _as_tuple(execute(sql).fetchone())))
 
 
 async def _adrive(flow: _Flow, execute: Callable[[str], Awaitable[Any]]) -> None:
     """Run a flow on an async connection (aiosqlite or psycopg)."""
-    with suppress(StopIteration):
-        sql = next(flow)
-        while True:
-            sql = flow.send(_as_tuple(await (await execute(sql)).fetchone()))
+
+    async def one(sql: str) -> tuple[Any, ...] | None:
+        return _as_tuple(await (await execute(sql)).fetchone())
+
+    await adrive(calls(flow, one))
 
 
 def _fetch(cursor: Any) -> Result:

@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -27,6 +28,7 @@ from langgraph.graph import END
 from langgraph.runtime import Runtime
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
@@ -142,37 +144,39 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
         context = context_of(runtime)
         return derive(state, update, context, observer.who(config, context))
 
+    def steps(
+        got: list[Any], state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> Steps[Any]:
+        """The node, then its audit records; `got` keeps the update for a storage failure."""
+        got.append(
+            (yield Op(partial(node.invoke, state, config), partial(node.ainvoke, state, config)))
+        )
+        carried = observer.ledger.deferred
+        try:
+            yield both(
+                observer.audit.write, observer.audit.awrite, records(state, got[0], config, runtime)
+            )
+        except Exception as exc:
+            if carried:
+                raise
+            log.error("keel could not write the audit log: %r", exc)
+        return got[0]
+
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update: Any = None
+        got: list[Any] = []
         try:
             with observer.ledger.batch():
-                update = node.invoke(state, config)
-                carried = observer.ledger.deferred
-                try:
-                    observer.audit.write(records(state, update, config, runtime))
-                except Exception as exc:
-                    if carried:
-                        raise
-                    log.error("keel could not write the audit log: %r", exc)
+                return drive(steps(got, state, config, runtime))
         except StorageError as exc:
-            return _unrecorded(update, exc)
-        return update
+            return _unrecorded(got[0] if got else None, exc)
 
     async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
-        update: Any = None
+        got: list[Any] = []
         try:
             async with observer.ledger.abatch():
-                update = await node.ainvoke(state, config)
-                carried = observer.ledger.deferred
-                try:
-                    await observer.audit.awrite(records(state, update, config, runtime))
-                except Exception as exc:
-                    if carried:
-                        raise
-                    log.error("keel could not write the audit log: %r", exc)
+                return await adrive(steps(got, state, config, runtime))
         except StorageError as exc:
-            return _unrecorded(update, exc)
-        return update
+            return _unrecorded(got[0] if got else None, exc)
 
     return RunnableCallable(run, arun, name=node.name, trace=False)
 

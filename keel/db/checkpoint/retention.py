@@ -38,6 +38,8 @@ from typing import Any, Literal, TypeAlias
 import psycopg
 from langgraph.checkpoint.postgres.base import PRUNE_DELTA_THREADS_SQL
 
+from keel._drive import adrive, calls, drive
+
 __all__ = ["PruneReport", "arun_prune", "prune_flow", "run_prune"]
 
 Dialect: TypeAlias = Literal["sqlite", "postgres"]
@@ -291,33 +293,15 @@ def _id_time(checkpoint_id: str) -> float | None:
 
 def run_prune(flow: Flow, execute: Callable[[str, Sequence[Any]], Result]) -> PruneReport:
     """Drive a prune flow on a sync connection; `execute` runs one statement."""
-    try:
-        step = next(flow)
-        while True:
-            try:
-                result = execute(*step)
-            except (psycopg.Error, sqlite3.Error) as exc:
-                step = flow.throw(exc)  # the flow decides: skip a busy thread, or re-raise
-            else:
-                step = flow.send(result)
-    except StopIteration as stop:
-        report: PruneReport = stop.value
-        return report
+    return drive(calls(flow, lambda step: execute(*step), _DB_ERRORS))
 
 
 async def arun_prune(
     flow: Flow, execute: Callable[[str, Sequence[Any]], Awaitable[Result]]
 ) -> PruneReport:
     """Drive a prune flow on an async connection; `execute` runs one statement."""
-    try:
-        step = next(flow)
-        while True:
-            try:
-                result = await execute(*step)
-            except (psycopg.Error, sqlite3.Error) as exc:
-                step = flow.throw(exc)
-            else:
-                step = flow.send(result)
-    except StopIteration as stop:
-        report: PruneReport = stop.value
-        return report
+    return await adrive(calls(flow, lambda step: execute(*step), _DB_ERRORS))
+
+
+_DB_ERRORS = (psycopg.Error, sqlite3.Error)
+"""A statement's errors the flow decides on (skip a busy thread, or re-raise)."""

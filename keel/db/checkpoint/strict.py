@@ -36,6 +36,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
+from keel._drive import Op, Steps, adrive, both, drive
 from keel.db.checkpoint.postgres import AsyncPooledPostgresSaver, retry_once
 from keel.db.checkpoint.saved import SaveWatch, checkpoint_key, newest_message, request_key
 from keel.errors import (
@@ -249,10 +250,8 @@ class _Strict:
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Check, count, then save a checkpoint."""
-        with self._keel_checkpoint(config, checkpoint, new_versions):
-            saved: RunnableConfig = super().put(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
-        self._keel_saved(saved, checkpoint)
-        return saved
+        save = both(super().put, super().aput, config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+        return drive(self._keel_put(config, checkpoint, new_versions, save))
 
     async def aput(
         self,
@@ -262,8 +261,19 @@ class _Strict:
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Check, count, then save a checkpoint."""
+        save = both(super().put, super().aput, config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+        return await adrive(self._keel_put(config, checkpoint, new_versions, save))
+
+    def _keel_put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        new_versions: ChannelVersions,
+        save: Op,
+    ) -> Steps[RunnableConfig]:
+        """`put` / `aput` once: check and count around `save` (the saver's own), then note it."""
         with self._keel_checkpoint(config, checkpoint, new_versions):
-            saved: RunnableConfig = await super().aput(config, checkpoint, metadata, new_versions)  # type: ignore[misc]
+            saved: RunnableConfig = yield save
         self._keel_saved(saved, checkpoint)
         return saved
 
