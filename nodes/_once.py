@@ -22,17 +22,22 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
+from keel import outcome
 from keel._drive import Op, Steps, both, sleep
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key, request_key
 from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
+from keel.db.runs import STORAGE_FAILED
 from keel.errors import StorageError, UserError
+from keel.state import Outcome
 from keel.tools.registry import RegisteredTool
 
 __all__ = [
     "STORAGE_KEY",
+    "not_recorded",
+    "storage_outcome",
     "Unknown",
     "once_steps",
     "known_call_ids",
@@ -60,8 +65,26 @@ def _storage_failed(call: ToolCall, exc: StorageError, ran: ToolMessage | None) 
             "error",
             **{STORAGE_KEY: f"before the call: {exc}"},
         )
-    ran.response_metadata = {**ran.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
-    return ran
+    return not_recorded(ran, exc)
+
+
+def not_recorded(message: ToolMessage, exc: StorageError) -> ToolMessage:
+    """`message`, the result of a call that ran, marked as one the ledger could not record."""
+    metadata = {**message.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
+    return message.model_copy(update={"response_metadata": metadata})
+
+
+def storage_outcome(lost: Sequence[ToolMessage], where: str) -> Outcome:
+    """The outcome of a run whose ledger failed around the calls answered by `lost`.
+
+    `where`: when it failed (the `STORAGE_KEY` mark, or what the caller knows of it).
+    """
+    names = ", ".join(sorted({m.name or "?" for m in lost}))
+    around = f" around a call to {names}" if names else ""
+    return outcome.failed(
+        f"{STORAGE_FAILED}: the ledger raised{around} ({where}); side effects cannot be kept "
+        "to at most once without it. Resume the thread once the database is back."
+    )
 
 
 @dataclass(frozen=True, slots=True)

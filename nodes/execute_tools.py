@@ -35,7 +35,6 @@ from keel._drive import Op, Steps, adrive, drive, retrying
 from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
-from keel.db.runs import STORAGE_FAILED
 from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
@@ -52,6 +51,7 @@ from keel.nodes._once import (
     ledger_key,
     once_steps,
     saved_steps,
+    storage_outcome,
     succeeded,
     tool_message,
 )
@@ -243,12 +243,7 @@ def _finish(
             "a human must say whether it happened"
         )
     elif lost:
-        names = ", ".join(sorted({r.name or "?" for r in lost}))
-        update["outcome"] = outcome.failed(
-            f"{STORAGE_FAILED}: the ledger raised around a call to {names} "
-            f"({lost[0].response_metadata[STORAGE_KEY]}); side effects cannot be kept to at "
-            "most once without it. Resume the thread once the database is back."
-        )
+        update["outcome"] = storage_outcome(lost, lost[0].response_metadata[STORAGE_KEY])
     elif stops:
         update["outcome"] = stops[0]
     steps = state.get("plan")

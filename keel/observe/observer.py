@@ -27,16 +27,15 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END
 from langgraph.runtime import Runtime
 
-from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
-from keel.db.runs import STORAGE_FAILED, RunLog, RunRecord, run_record
+from keel.db.runs import RunLog, RunRecord, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
-from keel.nodes._once import STORAGE_KEY
+from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
@@ -190,24 +189,16 @@ def _unrecorded(update: Any, exc: StorageError) -> Any:
     if not isinstance(update, Mapping):
         raise exc
     messages = [
-        m.model_copy(
-            update={
-                "response_metadata": {**m.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
-            }
-        )
-        if isinstance(m, ToolMessage)
-        else m
+        not_recorded(m, exc) if isinstance(m, ToolMessage) else m
         for m in update.get("messages") or []
     ]
-    names = ", ".join(sorted({m.name or "?" for m in messages if isinstance(m, ToolMessage)}))
-    around = f" around a call to {names}" if names else ""
-    detail = (
-        f"{STORAGE_FAILED}: the ledger raised{around} (after the call: {exc}); what ran could not "
-        "be recorded. Resume the thread once the database is back: a call not recorded as "
-        "finished asks a human, never runs again on its own."
-    )
+    lost = [m for m in messages if isinstance(m, ToolMessage)]
     log.error("keel could not record a node's ledger writes: %r", exc)
-    return {**update, "messages": messages, "outcome": outcome.failed(detail)}
+    return {
+        **update,
+        "messages": messages,
+        "outcome": storage_outcome(lost, f"after the call: {exc}"),
+    }
 
 
 def recorded(
