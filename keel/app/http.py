@@ -63,10 +63,11 @@ def readiness_targets() -> dict[str, Any]:
     return {"db": db, "ledger": ledger, "chroma": chroma}
 
 
-def _answer(health: Health) -> JSONResponse:
+def _answer(health: Health, status: int | None = None) -> JSONResponse:
+    """`health` as JSON; 200 when it is ok, else 503 (or `status`)."""
     body = health.to_dict()
     body["failing"] = [c.name for c in health.checks if not c.ok]
-    return JSONResponse(body, status_code=200 if health.ok else 503)
+    return JSONResponse(body, status_code=status or (200 if health.ok else 503))
 
 
 async def live(request: Request) -> JSONResponse:
@@ -105,8 +106,7 @@ def _refused(request: Request) -> JSONResponse | None:
 
 
 def _refusal(status: int, why: str) -> JSONResponse:
-    body = {"ok": False, "checks": [{"name": "semantic", "ok": False, "detail": why}]}
-    return JSONResponse({**body, "failing": ["semantic"]}, status_code=status)
+    return _answer(Health((Check("semantic", False, why),)), status)
 
 
 async def semantic(request: Request) -> JSONResponse:
