@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -109,7 +110,18 @@ async def test_fifty_simultaneous_runs_against_a_cap_of_five(ledger: Ledger) -> 
     assert {(r.decision, r.tenant_id) for r in audit} == {("overloaded", "acme")}
 
 
-async def test_the_queue_waits_for_a_slot_and_its_cap_refuses_at_once(ledger: Ledger) -> None:
+@dataclass
+class OneQueued:
+    """A tenant capped at one running and one queued run, with both slots taken."""
+
+    gate: Gate
+    agent: Any
+    admission: Admission
+    first: asyncio.Task[dict[str, Any]]
+    queued: asyncio.Task[dict[str, Any]]
+
+
+async def one_running_one_queued(ledger: Ledger) -> OneQueued:
     gate = Gate()
     policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=60)
     agent = agent_for(ledger, policy, gate)
@@ -118,6 +130,13 @@ async def test_the_queue_waits_for_a_slot_and_its_cap_refuses_at_once(ledger: Le
     await until(lambda: gate.inside == 1, "the first run to hold its slot")
     queued = asyncio.create_task(run(agent, 1))
     await until(lambda: _held(admission) == {"running": 1, "queued": 1}, "the queued run")
+    return OneQueued(gate, agent, admission, first, queued)
+
+
+async def test_the_queue_waits_for_a_slot_and_its_cap_refuses_at_once(ledger: Ledger) -> None:
+    taken = await one_running_one_queued(ledger)
+    gate, agent, admission = taken.gate, taken.agent, taken.admission
+    first, queued = taken.first, taken.queued
     refused = await run(agent, 2)  # the queue is full: refused at once
     assert refused["outcome"]["terminated_reason"] == "overloaded"
     assert not queued.done()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from test_admission import TASK, Gate, _held, agent_for, run, until
+from test_admission import TASK, Gate, agent_for, one_running_one_queued, run, until
 
 from keel import Ledger, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
@@ -19,14 +19,8 @@ from keel.guards import Admission, AdmissionPolicy, Policy, Rule
 
 
 async def test_a_run_cancelled_while_queued_gives_its_queue_slot_back(ledger: Ledger) -> None:
-    gate = Gate()
-    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=60)
-    agent = agent_for(ledger, policy, gate)
-    admission = Admission(ledger, policy)
-    first = asyncio.create_task(run(agent, 0))
-    await until(lambda: gate.inside == 1, "the first run to hold its slot")
-    queued = asyncio.create_task(run(agent, 1))
-    await until(lambda: _held(admission) == {"running": 1, "queued": 1}, "the queued run")
+    taken = await one_running_one_queued(ledger)
+    gate, admission, first, queued = taken.gate, taken.admission, taken.first, taken.queued
     queued.cancel()  # the client went away while its run waited for a slot
     await asyncio.gather(queued, return_exceptions=True)
     assert await admission.aheld("acme") == {"running": 1, "queued": 0}
