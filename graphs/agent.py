@@ -302,11 +302,7 @@ def build_agent(
         wiring.verifier(checks, judge, max_revisions, escalate)
     wiring.routes(first, plan=plan)
     compiled = wiring.graph.compile(checkpointer=checkpointer, store=store, name=name)
-    admission = (
-        Admission(ledger, policy.admission)
-        if ledger is not None and policy is not None and policy.admission is not None
-        else None
-    )
+    admission = Admission.of(ledger, policy.admission if policy is not None else None)
     audit = AuditLog(ledger) if ledger else None
     agent: Agent = guarded(
         compiled, audit, admission, output_guard=guards.output_guard, version=served

@@ -155,11 +155,7 @@ def build_supervisor(
     graph.add_edge(START, "route")
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
-    admission = (
-        Admission(ledger, policy.admission)
-        if ledger is not None and policy is not None and policy.admission is not None
-        else None
-    )
+    admission = Admission.of(ledger, policy.admission if policy is not None else None)
     return guarded(compiled, admission=admission)
 
 

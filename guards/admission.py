@@ -129,6 +129,11 @@ class Admission:
         self.ledger = ledger
         self.policy = policy
 
+    @classmethod
+    def of(cls, ledger: Ledger | None, policy: AdmissionPolicy | None) -> Admission | None:
+        """Admission control for `policy`, kept in `ledger`; None without either (no caps)."""
+        return None if ledger is None or policy is None else cls(ledger, policy)
+
     def acquire(self, context: RunContext) -> Lease:
         """A running lease for a run of `context`'s user, waiting in the queue if there is room."""
         lease_id = uuid.uuid4().hex

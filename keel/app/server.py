@@ -179,17 +179,14 @@ def build_tenant_supervisor(
 
 def _admit(graph: G, tenant: TenantConfig, ledger: Ledger | None) -> G:
     """`graph` under the tenant's admission control (`[tenants.<id>.admission]`), if any."""
-    if tenant.admission is None or ledger is None:
-        return graph
-    return cast(G, admitted(graph, Admission(ledger, tenant.admission)))
+    admission = Admission.of(ledger, tenant.admission)
+    return graph if admission is None else cast(G, admitted(graph, admission))
 
 
 def admission_of(tenant: str) -> Admission | None:
     """The tenant's admission control (on the config's one ledger), or None without caps."""
     config = server_config()
-    policy = config.tenant(tenant).admission
-    ledger = _ledger(config)
-    return None if policy is None or ledger is None else Admission(ledger, policy)
+    return Admission.of(_ledger(config), config.tenant(tenant).admission)
 
 
 def _served_user(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> str:
