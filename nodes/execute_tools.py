@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Unpack
 
-from langchain_core.messages import BaseMessage, ToolCall, ToolMessage
+from langchain_core.messages import ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
@@ -140,14 +140,15 @@ def execute_tools(
     def plan_calls(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext] | None
     ) -> Steps[list[ToolMessage | _Job]]:
-        _, calls = pending_tool_calls(state.get("messages") or [])
+        messages = state.get("messages") or []
+        index, calls = pending_tool_calls(messages)
+        request = messages[index] if calls else None  # the model message asking for `calls`
         context = context_of(runtime)
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         decide = held.deciding(approvals, context)  # standing approvals turn ask into allow
         policy = held.policy_id(context)
         planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
         planned = _within_budget(held.budget, state, planned)
-        request = _request(state)
         if _durable_jobs(planned, config, ledger) and not (yield from saved_steps(config, request)):
             planned = _not_saved(planned, config, ledger)
         return planned
@@ -431,13 +432,6 @@ def _guarded(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> Step
     status = str(result.response_metadata.get("keel_status"))
     yield Op(lambda: guard.record(tool, status), lambda: guard.arecord(tool, status))
     return result
-
-
-def _request(state: AgentState) -> BaseMessage | None:
-    """The model message whose tool calls this step runs."""
-    messages = state.get("messages") or []
-    index, calls = pending_tool_calls(messages)
-    return messages[index] if calls else None
 
 
 def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
