@@ -24,6 +24,7 @@ from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
 from langgraph.types import RetryPolicy
 
@@ -44,17 +45,19 @@ from keel.nodes.human_review import human_review
 from keel.nodes.plan import needs_replan
 from keel.nodes.plan import plan as plan_node
 from keel.nodes.respond import respond
-from keel.nodes.tool_gate import route_after_gate, tool_gate
+from keel.nodes.tool_gate import gate_passes, route_after_gate, tool_gate
 from keel.nodes.verify import Check
 from keel.nodes.verify import verify as verify_node
 from keel.observe.observer import (
     Observer,
+    Route,
     audited,
     budget_records,
     content_records,
     recorded,
     review_records,
     tool_records,
+    with_runtime,
 )
 from keel.observe.tracing import graph_config
 from keel.pricing import PriceTable
@@ -328,7 +331,7 @@ class _Wiring:
         self.steps = self.reserve + 1
         self.end: str = END
         self.finish: str = END
-        self.after_model = ["tool_gate" if self.gated else "execute_tools", "human_review"]
+        self.after_model = ["execute_tools", "human_review"] + (["tool_gate"] if self.gated else [])
         self.after_tools = ["call_model", "respond", "human_review"]
         self.verify = False
 
@@ -436,9 +439,15 @@ class _Wiring:
         verify, gated = self.verify, self.gated
         graph.add_edge(START, first)
         after_model = [*self.after_model, "respond", self.finish] + (["verify"] if verify else [])
-        to_tools = self._to(
-            lambda s: route_after_model(s, verify=verify, gated=gated), "call_model"
-        )
+        passes = gate_passes(self.registry, self.guards) if gated else None
+
+        def after_call(state: AgentState, runtime: Runtime[RunContext]) -> str:
+            choice = route_after_model(state, verify=verify, gated=gated)
+            # calls the gate lets through untouched skip its node (execute_tools gates again)
+            skip = choice == "tool_gate" and passes is not None and passes(state, runtime)
+            return "execute_tools" if skip else choice
+
+        to_tools = self._to(after_call, "call_model")
         graph.add_conditional_edges("call_model", to_tools, after_model)
         if gated:
             to = ["execute_tools", "human_review", "respond", "call_model"]
@@ -455,7 +464,7 @@ class _Wiring:
         graph.add_conditional_edges("human_review", after_review, ["execute_tools", "respond"])
         graph.add_conditional_edges("respond", self._to(lambda s: END, "respond"), [self.finish])
 
-    def _to(self, route: Callable[[AgentState], str], source: str) -> Any:
+    def _to(self, route: Route, source: str) -> Any:
         return _to(route, self.observer, source, self.finish, self.end)
 
 
@@ -483,7 +492,7 @@ def _validate_models(
 
 
 def _to(
-    route: Callable[[AgentState], str],
+    route: Route,
     observer: Observer | None,
     source: str,
     finish: str,
@@ -497,8 +506,10 @@ def _to(
     if finish == end:
         return recorded(route, observer, source, end=end)
 
-    def to_finish(state: AgentState) -> str:
-        choice = route(state)
+    choose = with_runtime(route)
+
+    def to_finish(state: AgentState, runtime: Runtime[RunContext]) -> str:
+        choice = choose(state, runtime)
         return finish if choice == END else choice
 
     return recorded(to_finish, observer, source)

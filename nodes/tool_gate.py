@@ -17,6 +17,7 @@ that reaches it some other way is still refused; checks that only admit or refus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Unpack
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -32,7 +33,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, RunContext, run_usage
 from keel.tools.registry import ToolRegistry
 
-__all__ = ["route_after_gate", "tool_gate"]
+__all__ = ["gate_decision", "gate_passes", "route_after_gate", "tool_gate"]
 
 
 def tool_gate(
@@ -57,10 +58,44 @@ def tool_gate(
         **options: Single guards instead of (or over) `guards`: `gate`, `budget`, `loop`,
             `policy_version`, `policy_name`, `grants` (see `AgentGuards.of`).
     """
-    held = AgentGuards.of(guards, **options)
-    loop, budget = held.loop, held.budget
+    decide = gate_decision(tools, AgentGuards.of(guards, **options))
 
     def run(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        update = decide(state, runtime)
+        if "outcome" not in update and state.get("outcome") is not None:
+            update["outcome"] = None
+        return update
+
+    async def arun(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        return run(state, runtime)
+
+    return make_node(name, run, arun)
+
+
+def route_after_gate(state: AgentState) -> str:
+    """After `tool_gate`: `execute_tools`, `human_review`, `respond`, or back to `call_model`."""
+    result = state.get("outcome")
+    if result is not None and result["status"] == "interrupted":
+        return "human_review"
+    if result is not None and result["status"] in ("stopped", "error"):
+        return "respond"
+    _, calls = pending_tool_calls(state.get("messages") or [])
+    return "execute_tools" if calls else "call_model"
+
+
+Decide = Callable[[AgentState, Runtime[RunContext]], dict[str, Any]]
+"""What `tool_gate` writes for a state: `{}` when every pending call goes on to the tools."""
+
+
+def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
+    """The gate's decision about the pending tool calls, as the update `tool_gate` writes.
+
+    Pure: it reads the state and the run's identity and writes nothing, so a route may ask it
+    too (see `gate_passes`).
+    """
+    loop, budget = held.loop, held.budget
+
+    def decide(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         messages = state.get("messages") or []
         index, calls = pending_tool_calls(messages)
         if not calls:
@@ -85,14 +120,14 @@ def tool_gate(
                 }
         context = context_of(runtime)
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
-        decide = held.deciding(approvals, context)
+        verdict_of = held.deciding(approvals, context)
         denied: list[ToolMessage] = []
         asks: list[str] = []
         for call in calls:
             entry = tools.get(call["name"])
             if entry is None or not isinstance(call.get("args"), dict):
                 continue  # execute_tools answers it (unknown tool, invalid arguments)
-            decision = decide(entry, call["args"], context)
+            decision = verdict_of(entry, call["args"], context)
             if decision.action == "deny":
                 rule = f" (rule: {decision.rule})" if decision.rule else ""
                 denied.append(
@@ -105,22 +140,29 @@ def tool_gate(
         update: dict[str, Any] = {"messages": denied} if len(denied) == len(calls) else {}
         if asks:
             update["outcome"] = outcome.interrupted(f"awaiting approval for {', '.join(asks)}")
-        elif state.get("outcome") is not None:
-            update["outcome"] = None
         return update
 
-    async def arun(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        return run(state, runtime)
-
-    return make_node(name, run, arun)
+    return decide
 
 
-def route_after_gate(state: AgentState) -> str:
-    """After `tool_gate`: `execute_tools`, `human_review`, `respond`, or back to `call_model`."""
-    result = state.get("outcome")
-    if result is not None and result["status"] == "interrupted":
-        return "human_review"
-    if result is not None and result["status"] in ("stopped", "error"):
-        return "respond"
-    _, calls = pending_tool_calls(state.get("messages") or [])
-    return "execute_tools" if calls else "call_model"
+def gate_passes(
+    tools: ToolRegistry, guards: AgentGuards
+) -> Callable[[AgentState, Runtime[RunContext]], bool]:
+    """Whether `tool_gate` would let every pending call go on and write nothing.
+
+    Asked by the route after `call_model`: then the calls go straight to `execute_tools`,
+    which applies the same gate again, and the run saves a step and a checkpoint per tool
+    turn. Any other decision (a call denied, one that needs a human, a spent budget, a loop),
+    or a failure while deciding, sends the calls through the `tool_gate` node as before.
+    """
+    decide = gate_decision(tools, guards)
+
+    def passes(state: AgentState, runtime: Runtime[RunContext]) -> bool:
+        if not pending_tool_calls(state.get("messages") or [])[1]:
+            return False
+        try:
+            return decide(state, runtime) == {}
+        except Exception:  # the node decides again, and reports it
+            return False
+
+    return passes

@@ -186,7 +186,7 @@ def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
     }
     assert lines[1] == {
         "node": "call_model",
-        "choice": "tool_gate",
+        "choice": "execute_tools",  # the gate allows it untouched: no tool_gate step
         "reason": "tool calls: lookup_customer",
     }  # no "confidence": keel has none to give (it was always null)
     assert lines[-1]["node"] == "tool_gate" and lines[-1]["choice"] == "human_review"

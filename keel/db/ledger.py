@@ -40,6 +40,7 @@ from keel._drive import Op, Steps, adrive, calls, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence, adraining_pool, draining_pool
+from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
 __all__ = ["Flow", "Ledger"]
@@ -95,6 +96,31 @@ class Ledger:
         if not self._ready:
             await self.asetup()
         return await self._arun(self._with_deferred(flow))
+
+    def read(self, flow: Flow[T]) -> T:
+        """Run `flow`, whose statements only `SELECT`, outside a transaction (sync).
+
+        Each statement sees what is committed when it runs, and nothing waits for a writer:
+        no write lock on SQLite, no `BEGIN` / `COMMIT` round trips on PostgreSQL. For a check
+        that is right whatever commits between its statements (a breaker's state). The records
+        deferred in this scope wait for the next `run`.
+
+        Raises:
+            UserError: a statement of `flow` is not a `SELECT`.
+        """
+        if not self._ready:
+            self.setup()
+        if self.backend == "sqlite":
+            return self._run_sqlite(_selects(flow), transaction=False)
+        return drive(self._attempts(_selects(flow), transaction=False))
+
+    async def aread(self, flow: Flow[T]) -> T:
+        """`read` under `ainvoke`."""
+        if not self._ready:
+            await self.asetup()
+        if self.backend == "sqlite":
+            return await asyncio.to_thread(self._run_sqlite, _selects(flow), transaction=False)
+        return await adrive(self._attempts(_selects(flow), transaction=False))
 
     # -- deferred records --------------------------------------------------------------------
 
@@ -243,13 +269,19 @@ class Ledger:
             return await asyncio.to_thread(self._run_sqlite, flow)
         return await adrive(self._attempts(flow))
 
-    def _attempts(self, flow: Flow[T]) -> Steps[T]:
-        """`flow` in a PostgreSQL transaction, again on a fresh connection while `_Replay` may."""
+    def _attempts(self, flow: Flow[T], *, transaction: bool = True) -> Steps[T]:
+        """`flow` in a PostgreSQL transaction, again on a fresh connection while `_Replay` may.
+
+        `transaction=False`: the statements run on an autocommit connection, each on its own.
+        """
         replay = _Replay(flow)
+        run, arun = (
+            (self._transact, self._atransact) if transaction else (self._select, self._aselect)
+        )
         for attempt in itertools.count():
             steps = replay.steps()
             try:
-                done: T = yield Op(partial(self._transact, steps), partial(self._atransact, steps))
+                done: T = yield Op(partial(run, steps), partial(arun, steps))
                 return done
             except (psycopg.Error, PoolTimeout) as exc:
                 if _dead(exc):  # its siblings likely died too: replace every idle one
@@ -268,6 +300,15 @@ class Ledger:
         async with pool.connection() as conn, conn.transaction():
             return await _adrive(steps, lambda q, p: _afetch_pg(conn, q, p))
 
+    def _select(self, steps: Flow[T]) -> T:
+        with self._sync_pool().connection() as conn:
+            return _drive(steps, lambda q, p: _fetch_pg(conn, q, p))
+
+    async def _aselect(self, steps: Flow[T]) -> T:
+        pool = await self._async_pool()
+        async with pool.connection() as conn:
+            return await _adrive(steps, lambda q, p: _afetch_pg(conn, q, p))
+
     def _drain(self) -> None:
         if self._pool is not None:
             self._pool.drain()
@@ -276,12 +317,23 @@ class Ledger:
         if self._apool is not None:
             await self._apool.drain()
 
-    def _run_sqlite(self, flow: Flow[T]) -> T:
+    def _run_sqlite(self, flow: Flow[T], *, transaction: bool = True) -> T:
         db = self._sqlite_connection()
+        if not transaction:  # autocommit: each SELECT reads what is committed, waits for no one
+            try:
+                return _statements(flow, db)
+            except sqlite3.DatabaseError as exc:
+                self._forget_sqlite()
+                raise StorageError(
+                    f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}. "
+                    "Check the file and its disk, then resume the run."
+                ) from exc
+        lock = self._local.lock
+        queued = lock.acquire(timeout=WAIT)  # else SQLite's own locking queues us
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                result = _drive(flow, lambda q, p: db.execute(_sqlite_sql(q), p).fetchall())
+                result = _statements(flow, db)
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -294,6 +346,9 @@ class Ledger:
                 f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}; the "
                 "transaction was rolled back. Check the file and its disk, then resume the run."
             ) from exc
+        finally:
+            if queued:
+                lock.release()
 
     def _sqlite_connection(self) -> sqlite3.Connection:
         """This thread's connection, opened once (WAL: readers never wait for the writer)."""
@@ -313,6 +368,7 @@ class Ledger:
                 "Check the path and its permissions."
             ) from exc
         self._local.db, self._local.pid = db, os.getpid()
+        self._local.lock = writer_lock(self._sqlite_path())
         with self._lock:
             self._sqlite_dbs.append(db)
         return db
@@ -548,6 +604,39 @@ def _drive(flow: Flow[T], execute: Any) -> T:
 async def _adrive(flow: Flow[T], fetch: Any) -> T:
     """Run `flow` on an async connection; `fetch(sql, params)` awaits the statement's rows."""
     return await adrive(calls(flow, lambda step: fetch(*step)))
+
+
+def _selects(flow: Flow[T]) -> Flow[T]:
+    """`flow`, refused at its first statement that is not a `SELECT` (see `Ledger.read`)."""
+    rows: list[Row] | None = None
+    try:
+        while True:
+            sql, params = flow.send(rows)  # type: ignore[arg-type]
+            if not sql.lstrip()[:6].upper() == "SELECT" or "{for_update}" in sql:
+                raise UserError(
+                    f"Ledger.read runs only plain SELECTs, got {sql.split(None, 1)[0]!r}: use "
+                    "Ledger.run for a flow that writes or locks rows."
+                )
+            rows = yield sql, params
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    finally:
+        flow.close()
+
+
+def _statements(flow: Flow[T], db: sqlite3.Connection) -> T:
+    """Run `flow` on a SQLite connection (`_drive` without the `Op` steps: the hot path)."""
+    try:
+        statement = next(flow)
+        while True:
+            sql, params = statement
+            statement = flow.send(db.execute(_sqlite_sql(sql), params).fetchall())
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    finally:
+        flow.close()
 
 
 def _sqlite_sql(sql: str) -> str:

@@ -67,6 +67,7 @@ from keel.db.checkpoint.strict import (
     StrictSerializer,
     StrictSqliteSaver,
 )
+from keel.db.writer_lock import writer_lock
 from keel.errors import SetupError, UserError
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
@@ -234,6 +235,8 @@ class Persistence:
         if self._path is not None:
             with self._sqlite() as conn:
                 saver = self._strict(StrictSqliteSaver(conn, serde=self._serde()))
+                if self.sqlite_path is not None:  # queue with the ledger on this file
+                    saver.lock = writer_lock(self.sqlite_path)  # type: ignore[assignment]
                 saver.setup()
                 yield saver
             return

@@ -15,6 +15,7 @@ never fails a run: a database error is logged (`keel.observe`) and the run goes 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -201,8 +202,26 @@ def _unrecorded(update: Any, exc: StorageError) -> Any:
     }
 
 
+Route = Callable[[AgentState], str] | Callable[[AgentState, Runtime[RunContext]], str]
+"""A route: from the state, or from the state and the run's `Runtime` (two positional
+parameters without defaults)."""
+
+
+def with_runtime(route: Route) -> Callable[[AgentState, Runtime[RunContext]], str]:
+    """`route` called as `(state, runtime)`, whichever of the two forms it takes."""
+    positional = [
+        p
+        for p in inspect.signature(route).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(positional) > 1:
+        return route  # type: ignore[return-value]
+    by_state: Callable[[AgentState], str] = route  # type: ignore[assignment]
+    return lambda state, runtime: by_state(state)
+
+
 def recorded(
-    route: Callable[[AgentState], str],
+    route: Route,
     observer: Observer | None,
     source: str,
     *,
@@ -213,9 +232,10 @@ def recorded(
     `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`);
     a route to END is sent there.
     """
+    choose = with_runtime(route)
 
-    def decide(state: AgentState) -> tuple[str, bool]:
-        choice = route(state)
+    def decide(state: AgentState, runtime: Runtime[RunContext]) -> tuple[str, bool]:
+        choice = choose(state, runtime)
         if choice == END:
             choice = end
         result: Mapping[str, Any] = state.get("outcome") or {}
@@ -225,7 +245,7 @@ def recorded(
         return choice, ends and observer is not None
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
-        choice, ends = decide(state)
+        choice, ends = decide(state, runtime)
         if ends and observer is not None:
             try:
                 _telemetry(observer.runs.write(_record(observer, state, config, runtime)))
@@ -234,7 +254,7 @@ def recorded(
         return choice
 
     async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
-        choice, ends = decide(state)
+        choice, ends = decide(state, runtime)
         if ends and observer is not None:
             try:
                 _telemetry(await observer.runs.awrite(_record(observer, state, config, runtime)))

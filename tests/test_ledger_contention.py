@@ -1,0 +1,250 @@
+"""What a tool step costs the ledger, and that the shortcuts lose nothing.
+
+Three shortcuts keep keel's production config cheap (`bench/guards_overhead.py`): the SQLite
+checkpointer and the ledger queue on one lock per file instead of SQLite's millisecond busy
+sleeps (`keel.db.writer_lock`); a check that only reads (a closed breaker letting a call
+through) runs with `Ledger.read`, outside any transaction; and calls the permission gate lets
+through untouched go straight from `call_model` to `execute_tools`, one superstep and one
+checkpoint fewer per tool turn. These tests try to break each: a writer that holds the file,
+a lock that is never released, a read that tries to write, a breaker that must still open and
+close, a model that mixes allowed, denied and approval-bound calls.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langchain_core.tools import tool
+
+from keel import Ledger, Persistence, RunContext, build_agent
+from keel.db import writer_lock as writer_lock_module
+from keel.db.ledger import Flow
+from keel.db.writer_lock import writer_lock
+from keel.errors import UserError
+from keel.evals import ScriptedChatModel, call
+from keel.guards import BreakerPolicy, CircuitBreaker, CircuitOpen, Policy, Rule
+
+
+def _count(key: str) -> Flow[int]:
+    rows = yield "SELECT COUNT(*) FROM keel_breakers WHERE key = ?", (key,)
+    return int(rows[0][0])
+
+
+def _insert(key: str) -> Flow[None]:
+    yield "INSERT INTO keel_breakers (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
+
+
+def _locked_read(key: str) -> Flow[None]:
+    yield "SELECT failures FROM keel_breakers WHERE key = ? {for_update}", (key,)
+
+
+# -- Ledger.read ----------------------------------------------------------------------------
+
+
+async def test_a_read_sees_what_is_committed_and_refuses_to_write(ledger: Ledger) -> None:
+    ledger.run(_insert("k"))
+    assert ledger.read(_count("k")) == 1
+    assert await ledger.aread(_count("k")) == 1
+    for flow in (_insert("other"), _locked_read("k")):
+        with pytest.raises(UserError, match=r"Ledger\.read runs only plain SELECTs"):
+            ledger.read(flow)
+    assert ledger.read(_count("other")) == 0  # the refused write never ran
+
+
+async def test_a_read_leaves_the_scopes_deferred_records_for_its_next_transaction(
+    ledger: Ledger,
+) -> None:
+    with ledger.batch():
+        ledger.defer(_insert("k"))
+        assert ledger.read(_count("k")) == 0  # not committed yet, and not taken
+        assert ledger.deferred == 1
+    assert ledger.read(_count("k")) == 1  # the scope's end committed it
+
+
+def test_a_closed_breaker_lets_calls_through_while_another_process_writes(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    breaker = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=1, cooldown_seconds=60))
+    ledger.setup()
+    writer = sqlite3.connect(tmp_path / "keel.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the file's write lock
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(breaker.before("tool:x")))
+    thread.start()
+    thread.join(timeout=10)
+    try:
+        assert done == [None], "a closed breaker's check waited for the writer"
+    finally:
+        writer.execute("ROLLBACK")
+        thread.join()
+    # a change still goes through a transaction: the failure opens it, the next call is refused
+    breaker.record("tool:x", ok=False)
+    with pytest.raises(CircuitOpen):
+        breaker.before("tool:x")
+    ledger.close()
+
+
+# -- the writer lock ------------------------------------------------------------------------
+
+
+def test_one_lock_per_file_whatever_its_spelling(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "keel.db"
+    assert writer_lock(path) is writer_lock(str(tmp_path / "sub" / ".." / "keel.db"))
+    assert writer_lock(path) is not writer_lock(tmp_path / "other.db")
+    with Persistence(f"sqlite:///{path}").checkpointer() as saver:
+        assert saver.lock is writer_lock(path)  # type: ignore[attr-defined]
+
+
+def test_the_ledger_waits_for_the_checkpointer_then_commits(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    ledger.setup()
+    events: list[str] = []
+    with Persistence(url).checkpointer() as saver:
+        lock = saver.lock  # type: ignore[attr-defined]
+        with lock:  # the checkpointer is writing
+
+            def commit() -> None:
+                ledger.run(_insert("k"))
+                events.append("ledger committed")
+
+            thread = threading.Thread(target=commit)
+            thread.start()
+            thread.join(timeout=0.2)
+            events.append("checkpointer done")
+        thread.join(timeout=10)
+    assert events == ["checkpointer done", "ledger committed"]
+    assert ledger.read(_count("k")) == 1
+    ledger.close()
+
+
+def test_a_lock_never_released_delays_the_ledger_but_does_not_stop_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keel.db.ledger.WAIT", 0.05)
+    assert writer_lock_module.WAIT == 0.5  # the default the ledger gives a checkpointer write
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    ledger.setup()
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:  # a thread that took the lock and hangs (no database lock held)
+        with writer_lock(tmp_path / "keel.db"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        ledger.run(_insert("k"))  # SQLite's own locking still guards the file
+        assert ledger.read(_count("k")) == 1
+    finally:
+        release.set()
+        holder.join()
+        ledger.close()
+
+
+# -- the gate's pass-through ----------------------------------------------------------------
+
+
+@tool
+def lookup(q: str) -> str:
+    """Look something up."""
+    return f"found {q}"
+
+
+RAN: list[str] = []
+
+
+@tool
+def wipe(target: str) -> str:
+    """Delete everything (denied by the policy)."""
+    RAN.append(target)
+    return "wiped"
+
+
+@tool
+def refund(order: str) -> str:
+    """Refund an order (needs a human)."""
+    RAN.append(order)
+    return "refunded"
+
+
+POLICY = Policy(
+    rules=(
+        Rule(tool="lookup", action="allow"),
+        Rule(tool="refund", action="ask"),
+        Rule(tool="wipe", action="deny"),
+    )
+)
+
+
+def _nodes(agent: Any, thread: str) -> list[str]:
+    config = {"configurable": {"thread_id": thread}}
+    steps = agent.stream(
+        {"messages": [("user", "go")]}, config, context=RunContext(), stream_mode="updates"
+    )
+    return [name for chunk in steps for name in chunk]
+
+
+def test_allowed_calls_skip_the_gate_node_and_its_checkpoint(tmp_path: Path) -> None:
+    def saved(saver: Any, steps: int) -> tuple[list[str], int]:
+        turns = [*(call("lookup", q=str(i)) for i in range(steps)), "done"]
+        agent = build_agent(ScriptedChatModel(script=turns), [lookup, wipe, refund], policy=POLICY,
+                            checkpointer=saver)  # fmt: skip
+        nodes = _nodes(agent, f"t{steps}")
+        assert "tool_gate" in agent.get_graph().nodes  # still there for what it must decide
+        return nodes, len(list(saver.list({"configurable": {"thread_id": f"t{steps}"}})))
+
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        (nodes, two), (_, one) = saved(saver, 2), saved(saver, 1)
+    assert "tool_gate" not in nodes
+    assert nodes.count("execute_tools") == 2
+    assert two - one == 2  # per tool turn: call_model's checkpoint and execute_tools'
+
+
+@pytest.mark.parametrize(
+    ("turn", "expected"),
+    [
+        # a hostile model mixes a denied call into an allowed one, with odd spellings
+        ([("lookup", {"q": "a"}), ("wipe", {"target": "db"})], ["success", "denied"]),
+        ([("WIPE", {"target": "db"}), ("lookup", {"q": "a"})], ["unknown_tool", "success"]),
+        ([("wipe", {"target": "db"})], ["denied"]),
+    ],
+)
+def test_a_call_the_gate_refuses_never_runs(turn: Any, expected: list[str]) -> None:
+    RAN.clear()
+    calls = [ToolCall(name=n, args=a, id=None) for n, a in turn]
+    model = ScriptedChatModel(script=[AIMessage(content="", tool_calls=calls), "ok"])
+    agent = build_agent(model, [lookup, wipe, refund], policy=POLICY)
+    result = agent.invoke({"messages": [("user", "go")]}, {}, context=RunContext())
+    statuses = [
+        m.response_metadata.get("keel_status", m.status)
+        for m in result["messages"]
+        if isinstance(m, ToolMessage)
+    ]
+    assert statuses == expected
+    assert RAN == []
+
+
+def test_a_call_that_needs_a_human_still_stops_at_the_gate(tmp_path: Path) -> None:
+    RAN.clear()
+    calls = [ToolCall(name="lookup", args={"q": "a"}, id=None),
+             ToolCall(name="refund", args={"order": "A1"}, id=None)]  # fmt: skip
+    model = ScriptedChatModel(script=[AIMessage(content="", tool_calls=calls), "ok"])
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        agent = build_agent(model, [lookup, wipe, refund], policy=POLICY, checkpointer=saver)
+        nodes = _nodes(agent, "t1")
+        state = agent.get_state({"configurable": {"thread_id": "t1"}})
+    assert nodes[-2:] == ["tool_gate", "__interrupt__"]  # human_review waits for the human
+    assert state.values["outcome"]["status"] == "interrupted"
+    assert RAN == []  # neither call ran: the turn waits for the human as a whole
