@@ -225,7 +225,7 @@ def test_a_call_the_gate_refuses_never_runs(turn: Any, expected: list[str]) -> N
     RAN.clear()
     calls = [ToolCall(name=n, args=a, id=None) for n, a in turn]
     model = ScriptedChatModel(script=[AIMessage(content="", tool_calls=calls), "ok"])
-    agent = build_agent(model, [lookup, wipe, refund], policy=POLICY)
+    agent: Any = build_agent(model, [lookup, wipe, refund], policy=POLICY)
     result = agent.invoke({"messages": [("user", "go")]}, {}, context=RunContext())
     statuses = [
         m.response_metadata.get("keel_status", m.status)
