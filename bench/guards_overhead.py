@@ -22,17 +22,19 @@ cost of checking.
   version, and the loop guard (repeats and A-B-A-B cycles);
 - `keel_period`: `keel_guarded` plus a per-user monthly USD budget (`PeriodBudget`) kept in
   the ledger (`Ledger` on the saver's database): two more database transactions per model
-  call (reserve, settle). Reported separately; it is not part of the goal.
+  call (reserve, settle), and the audit log and run records that come with a ledger. Reported separately; it is not part of the goal.
 - `keel_resilient`: `keel_guarded` plus an RPM / TPM rate limit and circuit breakers per model
   and per tool, all kept in the ledger: per model call a breaker read, a bucket transaction
-  and a settle; per tool call a breaker read. Reported separately; not part of the goal.
+  and a settle; per tool call a breaker read (and the audit log and run records). Reported separately; not part of the goal.
 - `keel_all_on`: everything production turns on, all in the ledger: `keel_guarded` plus the
   period budget, rate limits and breakers of `keel_period` and `keel_resilient`, the audit log
   and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
   `risk="write"`, so every call is claimed before and recorded after it runs). Per tool step
-  7 ledger transactions: reserve, model breaker, rate buckets, settle (with the rate refund and
-  the breaker's success), claim (synchronous commit), tool breaker, and the tool node's end
-  (the call's result, the breaker's success, the audit record); and the side-effecting call
+  4 ledger transactions: the reservation with the rate buckets' first try, the settle (with
+  the rate refund and the breaker's success), the claim (synchronous commit) and the tool
+  node's end (the call's result, the breaker's success, the audit record), and 2 plain reads,
+  the model's and the tool's breaker (`Ledger.read`: a closed breaker changes nothing); and
+  the side-effecting call
   waits for the checkpoint holding its request to be saved. Goal: no slower than
   `create_agent_mw` and at most 1.3x unguarded `keel`.
 - `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of
@@ -61,7 +63,8 @@ How to read the output
 - `us/step`: wall time of one run divided by K, in microseconds (median over rounds).
 - `ckpt/run`: checkpoint writes (rows in `checkpoints`) of one K-step run on that saver.
 - `ckpt/step`: checkpoint writes per tool step: (writes of a K-step run - writes of a 0-step
-  run) / K. A ReAct loop needs 2 (model, tools); keel's `tool_gate` node makes 3; every
+  run) / K. A ReAct loop needs 2 (model, tools); so does keel when the gate lets the calls
+  through as they are (its `tool_gate` node, a third, runs only to deny, ask or stop); every
   middleware hook that is a node of its own adds a superstep, and one more checkpoint write,
   per step.
 - ratios: the median over rounds of the per-round ratio of two cases' times on one saver,

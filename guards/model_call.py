@@ -42,7 +42,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
-from keel.db.ledger import Ledger
+from keel.db.ledger import Flow, Ledger
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
@@ -445,23 +445,24 @@ class GuardedModel:
         self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
     ) -> Steps[_Tried]:
         """Reserve → breaker and rate limits → call → record → settle, on one model."""
-        held = yield from self._reserve(m, messages, ctx)
-        guard = self.guard
-        permit = None
-        if guard is not None:
-            tokens = estimate_tokens(messages) + self.schema_tokens
-            try:
-                permit = yield Op(
-                    lambda: guard.before(m.name, ctx.tenant_id, tokens),
-                    lambda: guard.abefore(m.name, ctx.tenant_id, tokens),
-                    on_error=_storage,
-                )
-            except (CircuitOpen, RateLimited) as refused:
-                yield from self._settle(held, None, "after the breaker or rate limit refused")
-                return _Tried(error=refused)
-            except _StorageFailed as failed:
-                yield from self._settle(held, None, "")
-                raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        if self.guard is None:
+            held, permit = (yield from self._reserve(m, messages, ctx)), None
+        else:
+            admitted = yield from self._admit(m, messages, ctx)
+            if isinstance(admitted, _Tried):
+                return admitted
+            held, permit = admitted
+        return (yield from self._call(m, messages, config, held, permit))
+
+    def _call(
+        self,
+        m: _Model,
+        messages: list[BaseMessage],
+        config: RunnableConfig | None,
+        held: Reservation | None,
+        permit: Any,
+    ) -> Steps[_Tried]:
+        """Call → record → settle, once the call holds its reservation and permit."""
         try:
             output = yield self._ask(m, messages, config)
             message = _raw(output)
@@ -478,6 +479,42 @@ class GuardedModel:
         yield from self._record(m, permit, None, _tokens(usage), usage)
         yield from self._settle(held, usage, "after the model answered", usage)
         return _Tried(output, usage)
+
+    def _admit(
+        self, m: _Model, messages: list[BaseMessage], ctx: RunContext
+    ) -> Steps[tuple[Reservation | None, Any] | _Tried]:
+        """Breaker, then the reservation and the rate limits' first try in one transaction.
+
+        `_Tried` with the refusal when the breaker is open or a rate limit has no room (the
+        reservation released); a spent period budget or a failed ledger stops the run.
+        """
+        meter, guard = self.meter, self.guard
+        assert guard is not None
+        tokens = estimate_tokens(messages) + self.schema_tokens
+        first = (
+            meter.reserve(messages, ctx, m.name, schema_tokens=self.schema_tokens)
+            if meter is not None
+            else _no_reservation()
+        )
+        try:
+            held, permit = yield from guard.admitting(
+                m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)
+            )
+        except (CircuitOpen, GraphBubbleUp) as refused:
+            if isinstance(refused, GraphBubbleUp):
+                raise
+            return _Tried(error=refused)
+        except Exception as exc:  # the ledger failed: nothing was reserved, or it expires
+            failed = _storage(exc)
+            if not isinstance(failed, _StorageFailed):
+                raise
+            raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        if isinstance(held, str):
+            raise _Stopped(outcome.stopped("budget_exceeded", held))
+        if isinstance(permit, RateLimited):
+            yield from self._settle(held, None, "after the breaker or rate limit refused")
+            return _Tried(error=permit)
+        return held, permit
 
     def _reserve(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext
@@ -561,6 +598,12 @@ class GuardedModel:
 
 
 # -- the ledger's failures --------------------------------------------------------------------
+
+
+def _no_reservation() -> Flow[Reservation | str | None]:
+    """The reservation of a call without a period budget: none, and nothing written."""
+    yield from ()  # a flow with no statements
+    return None
 
 
 def _storage(exc: Exception) -> Exception:

@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Literal, TypeVar
 
 from keel._drive import Steps, adrive, both, drive, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.errors import RateLimited, UserError
+
+T = TypeVar("T")
 
 __all__ = [
     "Admit",
@@ -330,12 +332,45 @@ class RateLimiter:
         attempt = self._start(model, tenant, tokens)
         if not attempt.wants:
             return Permit((), tokens, 0.0)
+        taken = yield both(self.ledger.run, self.ledger.arun, attempt.flow())
+        return (yield from self._admitted(attempt, taken))
+
+    def acquiring_after(
+        self, first: Flow[T], go_on: Callable[[T], bool], model: str, tenant: str, tokens: int
+    ) -> Steps[tuple[T, Permit | RateLimited | None]]:
+        """`first`, then `acquiring`'s first try, in one transaction (one commit, not two).
+
+        `first` is what the caller writes just before (a call's spend reservation). When
+        `go_on(its result)` is false nothing is taken (`None`). A bucket without room waits and
+        tries again alone, as `acquiring` does; past its `max_wait` the `RateLimited` is
+        returned, not raised: `first` committed, and the caller undoes it.
+        """
+        attempt = self._start(model, tenant, tokens)
+
+        def opening() -> Flow[tuple[T, Admit | Wait | None]]:
+            head = yield from first
+            if not go_on(head) or not attempt.wants:
+                return head, None
+            return head, (yield from attempt.flow())
+
+        head, taken = yield both(self.ledger.run, self.ledger.arun, opening())
+        if not go_on(head):
+            return head, None
+        if taken is None:
+            return head, Permit((), tokens, 0.0)
+        try:
+            return head, (yield from self._admitted(attempt, taken))
+        except RateLimited as refused:
+            return head, refused
+
+    def _admitted(self, attempt: _Acquisition, taken: Admit | Wait) -> Steps[Permit]:
+        """After a try that `taken` answered: the permit, or sleep and try again (may raise)."""
         while True:
-            taken = yield both(self.ledger.run, self.ledger.arun, attempt.flow())
             step = attempt.next(taken)
             if isinstance(step, Permit):
                 return step
             yield sleep(step)
+            taken = yield both(self.ledger.run, self.ledger.arun, attempt.flow())
 
     def _refunds(self, permit: Permit, used: int) -> list[tuple[str, int, float]]:
         if isinstance(used, bool) or not isinstance(used, int) or used < 0:

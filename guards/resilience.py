@@ -12,7 +12,12 @@ from a policy with `from_policy(policy, ledger)`, which returns `None` when noth
 
 from __future__ import annotations
 
-from keel.db.ledger import Ledger
+from collections.abc import Callable
+from typing import TypeVar
+
+from keel._drive import Steps, both
+from keel.db.ledger import Flow, Ledger
+from keel.errors import RateLimited
 from keel.guards.breaker import (
     BreakerTransition,
     CircuitBreaker,
@@ -24,6 +29,8 @@ from keel.guards.policy import Policy
 from keel.guards.ratelimit import Permit, RateLimiter
 
 __all__ = ["ModelGuard", "ToolGuard"]
+
+T = TypeVar("T")
 
 
 class ModelGuard:
@@ -52,6 +59,28 @@ class ModelGuard:
         if self.breaker is not None:
             _logged(self.breaker.before(f"model:{model}"))
         return self.limiter.acquire(model, tenant, tokens) if self.limiter else None
+
+    def admitting(
+        self, model: str, tenant: str, tokens: int, first: Flow[T], go_on: Callable[[T], bool]
+    ) -> Steps[tuple[T, Permit | RateLimited | None]]:
+        """`before` as `keel._drive` steps, with `first` in the rate limits' first transaction.
+
+        The breaker is asked first (a plain read while it is closed; `CircuitOpen` is raised
+        before `first` runs). Then `first` (a call's spend reservation) and, when
+        `go_on(its result)`, the first try at the rate buckets commit together; past a limit's
+        `max_wait` the `RateLimited` is returned for the caller to undo `first`.
+
+        Raises:
+            CircuitOpen: the model's breaker is open.
+        """
+        if self.breaker is not None:
+            key = f"model:{model}"
+            _logged((yield both(self.breaker.before, self.breaker.abefore, key)))
+        if self.limiter is not None:
+            return (yield from self.limiter.acquiring_after(first, go_on, model, tenant, tokens))
+        assert self.breaker is not None  # a guard has a limiter, a breaker or both
+        ledger = self.breaker.ledger
+        return (yield both(ledger.run, ledger.arun, first)), None
 
     async def abefore(self, model: str, tenant: str, tokens: int) -> Permit | None:
         """Let a call to `model` through, or raise (async); see `before`."""

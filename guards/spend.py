@@ -225,10 +225,24 @@ class SpendMeter:
         """
 
         def flow() -> Flow[Reservation | str]:
-            usd, tokens = self._estimate(messages, model_name, schema_tokens)
-            return reserve_flow(self.budgets, context, usd, tokens, time.time())
+            return self.reserve(messages, context, model_name, schema_tokens=schema_tokens)
 
         return Op(lambda: self.ledger.run(flow()), lambda: self.ledger.arun(flow()))
+
+    def reserve(
+        self,
+        messages: Sequence[BaseMessage],
+        context: RunContext,
+        model_name: str,
+        *,
+        schema_tokens: int = 0,
+    ) -> Flow[Reservation | str]:
+        """The ledger flow `reserving` runs: a `Reservation`, or why the call may not run.
+
+        For a caller that commits it with more (a `ModelGuard`'s first try at the rate limits).
+        """
+        usd, tokens = self._estimate(messages, model_name, schema_tokens)
+        return reserve_flow(self.budgets, context, usd, tokens, time.time())
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`).

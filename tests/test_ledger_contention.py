@@ -22,12 +22,21 @@ from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.tools import tool
 
 from keel import Ledger, Persistence, RunContext, build_agent
+from keel import tool as keel_tool
 from keel.db import writer_lock as writer_lock_module
 from keel.db.ledger import Flow
 from keel.db.writer_lock import writer_lock
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
-from keel.guards import BreakerPolicy, CircuitBreaker, CircuitOpen, Policy, Rule
+from keel.guards import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpen,
+    PeriodBudget,
+    Policy,
+    RateLimit,
+    Rule,
+)
 
 
 def _count(key: str) -> Flow[int]:
@@ -248,3 +257,82 @@ def test_a_call_that_needs_a_human_still_stops_at_the_gate(tmp_path: Path) -> No
     assert nodes[-2:] == ["tool_gate", "__interrupt__"]  # human_review waits for the human
     assert state.values["outcome"]["status"] == "interrupted"
     assert RAN == []  # neither call ran: the turn waits for the human as a whole
+
+
+# -- what a tool step writes with everything on ---------------------------------------------
+
+
+@keel_tool(name="echo", risk="write")
+def echo(x: int) -> str:
+    """Return x (a side effect to keel: claimed before and recorded after it runs)."""
+    return f"echo {x}"
+
+
+ALL_ON = Policy(
+    rules=(Rule(tool="echo", action="allow"),),
+    period_budgets=(PeriodBudget(scope="user", period="month", usd=1_000),),
+    rate_limits=(RateLimit(rpm=1_000_000, tpm=1_000_000_000),),
+    model_breaker=BreakerPolicy(),
+    tool_breaker=BreakerPolicy(),
+)
+
+
+def _counted(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    counts = {"transactions": 0, "reads": 0}
+    run_sqlite = ledger._run_sqlite
+
+    def counting(flow: Any, *, transaction: bool = True) -> Any:
+        counts["transactions" if transaction else "reads"] += 1
+        return run_sqlite(flow, transaction=transaction)
+
+    monkeypatch.setattr(ledger, "_run_sqlite", counting)
+    return counts
+
+
+def test_a_tool_step_with_everything_on_makes_four_transactions_and_two_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    ledger.setup()
+    counts = _counted(ledger, monkeypatch)
+    seen = []
+    with Persistence(url).checkpointer() as saver:
+        for steps in (1, 3):
+            turns = [*(call("echo", x=i) for i in range(steps)), "done"]
+            agent: Any = build_agent(ScriptedChatModel(script=turns), [echo], policy=ALL_ON,
+                                     ledger=ledger, checkpointer=saver)  # fmt: skip
+            before = dict(counts)
+            config = {"configurable": {"thread_id": f"t{steps}"}}
+            result = agent.invoke({"messages": [("user", "go")]}, config, context=RunContext())
+            assert result["outcome"]["terminated_reason"] == "completed"
+            seen.append({k: counts[k] - before[k] for k in counts})
+    per_step = {k: (seen[1][k] - seen[0][k]) / 2 for k in counts}
+    assert per_step == {"transactions": 4, "reads": 2}  # README: "4 ... and 2 plain reads"
+    ledger.close()
+
+
+def test_a_rate_limit_that_refuses_releases_the_reservation_it_committed_with(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    policy = Policy(
+        rules=(Rule(tool="echo", action="allow"),),
+        period_budgets=(PeriodBudget(scope="user", period="month", usd=1_000),),
+        rate_limits=(RateLimit(rpm=1, max_wait=0),),
+    )
+    agent: Any = build_agent(
+        ScriptedChatModel(script=[call("echo", x=1), "done"]), [echo], policy=policy,
+        ledger=ledger,
+    )  # fmt: skip
+    result = agent.invoke({"messages": [("user", "go")]}, {}, context=RunContext())
+    assert result["outcome"]["status"] == "error"  # the second call found no room
+    assert "Rate limit" in result["outcome"]["detail"]
+    held = ledger.read(_reserved())
+    assert held == 0  # the refused call's reservation went with its refusal
+    ledger.close()
+
+
+def _reserved() -> Flow[int]:
+    rows = yield "SELECT COUNT(*) FROM keel_reservations", ()
+    return int(rows[0][0])
