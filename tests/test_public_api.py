@@ -148,6 +148,7 @@ PUBLIC = {
     "keel.observe.observer": [
         "Derive",
         "Observer",
+        "Route",
         "Who",
         "audited",
         "budget_records",
@@ -156,6 +157,7 @@ PUBLIC = {
         "recorded",
         "review_records",
         "tool_records",
+        "with_runtime",
     ],
     "keel.observe.otel": ["Telemetry", "active", "use"],
     "keel.observe.tracing": [

@@ -46,6 +46,7 @@ from keel.versions import AgentVersion
 __all__ = [
     "Derive",
     "Observer",
+    "Route",
     "Who",
     "audited",
     "budget_records",
@@ -54,6 +55,7 @@ __all__ = [
     "recorded",
     "review_records",
     "tool_records",
+    "with_runtime",
 ]
 
 log = sanitized_logger("keel.observe")
