@@ -22,10 +22,12 @@ cost of checking.
   version, and the loop guard (repeats and A-B-A-B cycles);
 - `keel_period`: `keel_guarded` plus a per-user monthly USD budget (`PeriodBudget`) kept in
   the ledger (`Ledger` on the saver's database): two more database transactions per model
-  call (reserve, settle), and the audit log and run records that come with a ledger. Reported separately; it is not part of the goal.
+  call (reserve, settle), and the audit log and run records that come with a ledger.
+  Reported separately; it is not part of the goal.
 - `keel_resilient`: `keel_guarded` plus an RPM / TPM rate limit and circuit breakers per model
   and per tool, all kept in the ledger: per model call a breaker read, a bucket transaction
-  and a settle; per tool call a breaker read (and the audit log and run records). Reported separately; not part of the goal.
+  and a settle; per tool call a breaker read (and the audit log and run records). Reported
+  separately; not part of the goal.
 - `keel_all_on`: everything production turns on, all in the ledger: `keel_guarded` plus the
   period budget, rate limits and breakers of `keel_period` and `keel_resilient`, the audit log
   and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
