@@ -15,14 +15,17 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.tools import tool
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime, get_runtime
 
 from keel import Ledger, Persistence, RunContext, build_agent
 from keel import tool as keel_tool
+from keel._node import RunnableCallable
 from keel.db import writer_lock as writer_lock_module
 from keel.db.ledger import Flow
 from keel.db.writer_lock import writer_lock
@@ -336,3 +339,41 @@ def test_a_rate_limit_that_refuses_releases_the_reservation_it_committed_with(
 def _reserved() -> Flow[int]:
     rows = yield "SELECT COUNT(*) FROM keel_reservations", ()
     return int(rows[0][0])
+
+
+class _Tiny(TypedDict):
+    x: int
+
+
+def test_langgraph_pin_a_route_without_tracing_gets_the_runtime_only_as_a_parameter() -> None:
+    # keel's routes are RunnableCallable(..., trace=False) (keel.observe.observer.recorded):
+    # inside one, LangGraph's get_runtime() / get_config() raise, so the gate's pass-through
+    # takes `runtime` as a parameter (`with_runtime`). A plain function route may call it.
+    seen: dict[str, Any] = {}
+
+    def calls_get_runtime(state: _Tiny) -> str:
+        try:
+            seen["runtime"] = get_runtime()
+        except RuntimeError as exc:
+            seen["error"] = str(exc)
+        return END
+
+    def takes_runtime(state: _Tiny, runtime: Runtime[Any]) -> str:
+        seen["runtime"] = runtime
+        return END
+
+    def run(route: Any) -> dict[str, Any]:
+        seen.clear()
+        graph = StateGraph(_Tiny)
+        graph.add_node("a", lambda s: {"x": 1})
+        graph.add_edge(START, "a")
+        graph.add_conditional_edges("a", route, [END])
+        graph.compile().invoke({"x": 0})
+        return dict(seen)
+
+    assert isinstance(run(calls_get_runtime).get("runtime"), Runtime)
+    untraced = run(RunnableCallable(calls_get_runtime, name="r", trace=False))
+    assert "outside of a runnable context" in untraced["error"]
+    assert isinstance(
+        run(RunnableCallable(takes_runtime, name="r", trace=False))["runtime"], Runtime
+    )
