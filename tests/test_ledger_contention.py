@@ -377,3 +377,26 @@ def test_langgraph_pin_a_route_without_tracing_gets_the_runtime_only_as_a_parame
     assert isinstance(
         run(RunnableCallable(takes_runtime, name="r", trace=False))["runtime"], Runtime
     )
+
+
+def test_sqlite_pin_switching_to_wal_fails_at_once_while_another_connection_writes(
+    tmp_path: Path,
+) -> None:
+    # no busy handler: `timeout=` does not help, so several workers starting together on a
+    # fresh ledger file failed ("database is locked"); keel's ledger tries again (`_to_wal`)
+    path = tmp_path / "fresh.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(path, isolation_level=None, timeout=30)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        other.execute("PRAGMA journal_mode=WAL")
+    released = threading.Timer(0.2, lambda: writer.execute("ROLLBACK"))
+    released.start()
+    ledger = Ledger(f"sqlite:///{path}")
+    ledger.setup()  # waits for the writer instead of failing
+    released.join()
+    assert ledger.read(_count("k")) == 0
+    ledger.close()
+    other.close()
+    writer.close()

@@ -27,6 +27,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -359,7 +360,7 @@ class Ledger:
             db = sqlite3.connect(
                 self._sqlite_path(), isolation_level=None, timeout=30, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")  # stored in the file: every process uses it
+            _to_wal(db)  # stored in the file: every process uses it
             # commits survive a crash of any process (WAL); a power loss may lose the last ones
             db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.DatabaseError as exc:
@@ -604,6 +605,31 @@ def _drive(flow: Flow[T], execute: Any) -> T:
 async def _adrive(flow: Flow[T], fetch: Any) -> T:
     """Run `flow` on an async connection; `fetch(sql, params)` awaits the statement's rows."""
     return await adrive(calls(flow, lambda step: fetch(*step)))
+
+
+def _to_wal(db: sqlite3.Connection) -> None:
+    """`PRAGMA journal_mode=WAL`, tried again while another process holds the file.
+
+    Switching a new file to WAL needs it to itself, and SQLite answers "database is locked" at
+    once (no busy handler) while another process does the same or writes: several workers
+    that start together on a fresh file would fail. Measured in `tests/test_crash.py` (three
+    processes opening one fresh ledger). Up to `_WAL_WAIT` seconds, then the error stands.
+    """
+    deadline = time.monotonic() + _WAL_WAIT
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause + random.uniform(0, pause))
+        pause = min(pause * 2, 0.2)
+
+
+_WAL_WAIT = 30.0
+"""Seconds a new connection keeps trying to switch the ledger's file to WAL."""
 
 
 def _selects(flow: Flow[T]) -> Flow[T]:
