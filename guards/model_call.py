@@ -500,14 +500,13 @@ class GuardedModel:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)
             )
-        except (CircuitOpen, GraphBubbleUp) as refused:
-            if isinstance(refused, GraphBubbleUp):
-                raise
-            return _Tried(error=refused)
-        except Exception as exc:  # the ledger failed: nothing was reserved, or it expires
+        except Exception as exc:
             failed = _storage(exc)
+            if isinstance(failed, CircuitOpen):
+                return _Tried(error=failed)
             if not isinstance(failed, _StorageFailed):
                 raise
+            # the ledger failed: nothing was reserved, or the reservation expires
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
         if isinstance(held, str):
             raise _Stopped(outcome.stopped("budget_exceeded", held))

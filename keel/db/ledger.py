@@ -320,15 +320,19 @@ class Ledger:
 
     def _run_sqlite(self, flow: Flow[T], *, transaction: bool = True) -> T:
         db = self._sqlite_connection()
-        if not transaction:  # autocommit: each SELECT reads what is committed, waits for no one
-            try:
+        try:
+            if not transaction:  # autocommit: each SELECT reads what is committed
                 return _statements(flow, db)
-            except sqlite3.DatabaseError as exc:
-                self._forget_sqlite()
-                raise StorageError(
-                    f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}. "
-                    "Check the file and its disk, then resume the run."
-                ) from exc
+            return self._transact_sqlite(flow, db)
+        except sqlite3.DatabaseError as exc:
+            self._forget_sqlite()
+            undone = "; the transaction was rolled back" if transaction else ""
+            raise StorageError(
+                f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}{undone}. "
+                "Check the file and its disk, then resume the run."
+            ) from exc
+
+    def _transact_sqlite(self, flow: Flow[T], db: sqlite3.Connection) -> T:
         lock = self._local.lock
         queued = lock.acquire(timeout=WAIT)  # else SQLite's own locking queues us
         try:
@@ -341,12 +345,6 @@ class Ledger:
                 raise
             db.execute("COMMIT")
             return result
-        except sqlite3.DatabaseError as exc:
-            self._forget_sqlite()
-            raise StorageError(
-                f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}; the "
-                "transaction was rolled back. Check the file and its disk, then resume the run."
-            ) from exc
         finally:
             if queued:
                 lock.release()
@@ -638,7 +636,7 @@ def _selects(flow: Flow[T]) -> Flow[T]:
     try:
         while True:
             sql, params = flow.send(rows)  # type: ignore[arg-type]
-            if not sql.lstrip()[:6].upper() == "SELECT" or "{for_update}" in sql:
+            if sql.lstrip()[:6].upper() != "SELECT" or "{for_update}" in sql:
                 raise UserError(
                     f"Ledger.read runs only plain SELECTs, got {sql.split(None, 1)[0]!r}: use "
                     "Ledger.run for a flow that writes or locks rows."
