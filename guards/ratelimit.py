@@ -212,12 +212,21 @@ def acquire_flow(wants: Sequence[tuple[str, int, float]], now: float) -> Flow[Ad
     return decision
 
 
+_REFUND = (
+    "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET tokens = {least}(?, {least}(?, keel_rate_buckets.tokens "
+    "+ {greatest}(0, ? - keel_rate_buckets.updated_at) * ? / 60.0) + ?), "
+    "updated_at = {greatest}(?, keel_rate_buckets.updated_at)"
+)
+"""`Bucket.at(now)` plus `amount`, capped at the limit, in one statement that reads nothing back
+(a row that is gone is created full first): on PostgreSQL it waits for no round trip."""
+
+
 def settle_flow(refunds: Sequence[tuple[str, int, float]], now: float) -> Flow[None]:
     """Give `amount` back to each `(key, limit, amount)` bucket (negative: take more)."""
     for key, limit, amount in sorted(refunds):
-        bucket = (yield from _locked(key, limit, now)).at(now)
-        tokens = min(float(limit), bucket.tokens + amount)
-        yield from _write([replace(bucket, tokens=tokens)])
+        full = float(limit)
+        yield _REFUND, (key, min(full, full + amount), now, full, full, now, full, amount, now)
 
 
 # -- the limiter: one decision engine, two thin drivers ----------------------------------------

@@ -167,11 +167,10 @@ def reserve_flow(
 def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None) -> Flow[None]:
     """Replace a reservation by what the call cost; `None` releases it (the call failed)."""
     for rid, scope_key, period in sorted(reservation.rows, key=lambda r: (r[1], r[2])):
-        deleted = yield ("DELETE FROM keel_reservations WHERE id = ? RETURNING id", (rid,))
+        yield "DELETE FROM keel_reservations WHERE id = ?", (rid,)
         if usd is None:
             continue
-        # Settle even when the reservation expired meanwhile (deleted == []): the call happened.
-        del deleted
+        # Settle even when the reservation expired meanwhile (no row deleted): the call happened.
         yield (
             "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
             "WHERE scope_key = ? AND period = ?",

@@ -19,7 +19,15 @@ import pytest
 
 from keel import Ledger, UserError
 from keel.guards import RateLimit, RateLimited, RateLimiter
-from keel.guards.ratelimit import Admit, Bucket, Permit, Wait, acquire_flow, take_tokens
+from keel.guards.ratelimit import (
+    Admit,
+    Bucket,
+    Permit,
+    Wait,
+    acquire_flow,
+    settle_flow,
+    take_tokens,
+)
 
 # -- config ------------------------------------------------------------------------------------
 
@@ -209,6 +217,46 @@ async def test_settle_corrects_the_tpm_estimate(ledger: Ledger, mode: str, clock
     with pytest.raises(RateLimited, match=r"room in 12.06 s"):  # (1 + 200) tokens at 1000/min
         await acquire(limiter, mode, "m", tokens=1)
     await settle(limiter, mode, Permit((), 5, 0.0), 9)  # no TPM bucket: nothing to correct
+
+
+@pytest.mark.parametrize(
+    ("tokens", "updated_at", "now", "amount"),
+    [
+        (100.0, 10.0, 40.0, 50.0),  # refilled past the limit: capped
+        (-50.0, 10.0, 16.0, 30.0),  # a debt, partly refilled, then a refund
+        (20.0, 10.0, 13.0, -45.5),  # more used than estimated: a deeper debt
+        (20.0, 50.0, 13.0, 7.0),  # a clock behind the row's: no refill, the row's time kept
+        (999.0, 10.0, 10.0, 0.25),  # full already
+    ],
+)
+async def test_the_refund_statement_is_the_bucket_math(
+    ledger: Ledger, tokens: float, updated_at: float, now: float, amount: float
+) -> None:
+    """The refund is one SQL statement (no read back): on both backends it must agree with
+    `Bucket.at(now)` plus `amount`, capped at the limit, which the acquire side uses."""
+    key, limit = "tpm:model:m", 1000
+    await ledger.arun(_put_bucket(key, tokens, updated_at))
+    await ledger.arun(settle_flow([(key, limit, amount)], now))
+    at = Bucket(key, limit, tokens, updated_at).at(now)
+    expected = (min(float(limit), at.tokens + amount), at.updated_at)
+    assert await ledger.arun(_bucket_row(key)) == pytest.approx(expected, abs=1e-9)
+
+
+async def test_a_refund_to_a_bucket_that_is_gone_starts_from_a_full_one(ledger: Ledger) -> None:
+    await ledger.arun(settle_flow([("tpm:model:m", 1000, -300.0)], 5.0))
+    assert await ledger.arun(_bucket_row("tpm:model:m")) == pytest.approx((700.0, 5.0))
+
+
+def _put_bucket(key: str, tokens: float, updated_at: float) -> Any:
+    yield (
+        "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?)",
+        (key, tokens, updated_at),
+    )
+
+
+def _bucket_row(key: str) -> Any:
+    rows = yield "SELECT tokens, updated_at FROM keel_rate_buckets WHERE key = ?", (key,)
+    return tuple(float(v) for v in rows[0])
 
 
 async def test_a_short_bucket_waits_then_admits(ledger: Ledger, mode: str) -> None:

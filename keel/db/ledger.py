@@ -10,7 +10,8 @@ Logic that talks to the database is written once, as a *flow*: a generator that 
 at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
 (a pooled connection in pipeline mode: a write whose rows nobody reads does not wait for the
 server; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders and
-`{for_update}` where a row lock belongs.
+`{for_update}` where a row lock belongs; `{least}` / `{greatest}` are the two-argument minimum
+and maximum (`MIN` / `MAX` on SQLite, `LEAST` / `GREATEST` on PostgreSQL).
 
 Records whose result nobody reads (a rate bucket's refund, a breaker's success, a tool call's
 result) may be *deferred* inside a `batch()` scope: they run at the start of the scope's next
@@ -670,12 +671,19 @@ def _statements(flow: Flow[T], db: sqlite3.Connection) -> T:
         flow.close()
 
 
+@lru_cache(maxsize=512)
 def _sqlite_sql(sql: str) -> str:
-    return sql.replace("{for_update}", "")
+    return sql.replace("{for_update}", "").replace("{least}", "MIN").replace("{greatest}", "MAX")
 
 
+@lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
-    return sql.replace("{for_update}", "FOR UPDATE").replace("?", "%s")
+    return (
+        sql.replace("{for_update}", "FOR UPDATE")
+        .replace("{least}", "LEAST")
+        .replace("{greatest}", "GREATEST")
+        .replace("?", "%s")
+    )
 
 
 def _fetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
