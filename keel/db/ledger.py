@@ -8,10 +8,9 @@ Logic that talks to the database is written once, as a *flow*: a generator that 
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
 `await Ledger.arun(flow)` drive it in one transaction, on SQLite (`BEGIN IMMEDIATE`: one writer
 at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
-(a pooled connection in pipeline mode: a write whose rows nobody reads does not wait for the
-server; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders and
-`{for_update}` where a row lock belongs; `{least}` / `{greatest}` are the two-argument minimum
-and maximum (`MIN` / `MAX` on SQLite, `LEAST` / `GREATEST` on PostgreSQL).
+(a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
+and `{for_update}` where a row lock belongs; `{least}` / `{greatest}` are the two-argument
+minimum and maximum (`MIN` / `MAX` on SQLite, `LEAST` / `GREATEST` on PostgreSQL).
 
 Records whose result nobody reads (a rate bucket's refund, a breaker's success, a tool call's
 result) may be *deferred* inside a `batch()` scope: they run at the start of the scope's next
@@ -295,26 +294,25 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _transact(self, steps: Flow[T]) -> T:
-        with (
-            self._sync_pool().connection() as conn,
-            conn.pipeline() as pipeline,
-            conn.transaction(),
-        ):
-            return _drive(steps, lambda q, p: _pipe_pg(conn, pipeline, q, p))
+        with self._transaction() as execute:
+            return _drive(steps, execute)
 
     async def _atransact(self, steps: Flow[T]) -> T:
         pool = await self._async_pool()
-        async with pool.connection() as conn, conn.pipeline() as pipeline, conn.transaction():
-            return await _adrive(steps, lambda q, p: _apipe_pg(conn, pipeline, q, p))
+        async with pool.connection() as conn, conn.transaction():
+            cur = conn.cursor()
+            return await _adrive(steps, lambda q, p: _afetch_pg(cur, q, p))
 
     def _select(self, steps: Flow[T]) -> T:
         with self._sync_pool().connection() as conn:
-            return _drive(steps, lambda q, p: _fetch_pg(conn, q, p))
+            cur = conn.cursor()
+            return _drive(steps, lambda q, p: _fetch_pg(cur, q, p))
 
     async def _aselect(self, steps: Flow[T]) -> T:
         pool = await self._async_pool()
         async with pool.connection() as conn:
-            return await _adrive(steps, lambda q, p: _afetch_pg(conn, q, p))
+            cur = conn.cursor()
+            return await _adrive(steps, lambda q, p: _afetch_pg(cur, q, p))
 
     def _drain(self) -> None:
         if self._pool is not None:
@@ -386,6 +384,13 @@ class Ledger:
             with self._lock:
                 self._sqlite_dbs.remove(db)
             db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        pool = self._sync_pool()
+        with pool.connection() as conn, conn.transaction():
+            cur = conn.cursor()  # one for the transaction's statements
+            yield lambda q, p: _fetch_pg(cur, q, p)
 
     def _sqlite_path(self) -> str:
         path = self.url.removeprefix("sqlite:///")
@@ -503,21 +508,13 @@ class _Replay(Generic[T]):
                 raise _Diverged(step[0])
         while not self.finished:
             step = self.pending
-            if step is _FLUSH:  # the flow returned: its queued writes reach the server first
-                yield _FLUSH
-                self.finished = True
-                break
             durable = yield from _durable_before(step, durable)
             rows = yield step
             self.done.append((step, rows))
             try:
                 self.pending = self.flow.send(rows)
             except StopIteration as stop:
-                self.result = stop.value
-                if _blind(step[0]):
-                    self.pending = _FLUSH
-                else:
-                    self.finished = True
+                self.finished, self.result = True, stop.value
         return self.result
 
     def failed(self, exc: Exception, attempt: int, ledger: Ledger) -> bool:
@@ -686,58 +683,11 @@ def _pg_sql(sql: str) -> str:
     )
 
 
-def _fetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    cur = conn.execute(_pg_sql(sql), params)
+def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    cur.execute(_pg_sql(sql), params)
     return cur.fetchall() if cur.description else []
 
 
-async def _afetch_pg(conn: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    cur = await conn.execute(_pg_sql(sql), params)
+async def _afetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    await cur.execute(_pg_sql(sql), params)
     return list(await cur.fetchall()) if cur.description else []
-
-
-_FLUSH = ("-- flush", ())
-"""The step `_Replay` yields after a flow whose last statements were queued (see `_blind`):
-they are sent and awaited before `COMMIT` is, so a connection lost meanwhile leaves the
-transaction certainly rolled back (replayed), not in doubt."""
-
-
-def _pipe_pg(conn: Any, pipeline: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    """One statement of a transaction in pipeline mode (see `_blind`)."""
-    if sql is _FLUSH[0]:
-        pipeline.sync()
-        return []
-    cur = conn.execute(_pg_sql(sql), params)
-    if _blind(sql):
-        return []
-    pipeline.sync()
-    return cur.fetchall() if cur.description else []
-
-
-async def _apipe_pg(conn: Any, pipeline: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    """`_pipe_pg` on an async connection."""
-    if sql is _FLUSH[0]:
-        await pipeline.sync()
-        return []
-    cur = await conn.execute(_pg_sql(sql), params)
-    if _blind(sql):
-        return []
-    await pipeline.sync()
-    return list(await cur.fetchall()) if cur.description else []
-
-
-@lru_cache(maxsize=512)
-def _blind(sql: str) -> bool:
-    """Whether `sql` is a write whose rows nobody reads (`INSERT`, `UPDATE`, `DELETE`, `SET`).
-
-    In a PostgreSQL transaction such a statement (without `RETURNING`) is queued, psycopg's
-    pipeline mode, and its flow goes on at once: it travels to the server with the next
-    statement whose rows the flow reads. A flow's last writes are sent and awaited on their own
-    (`_FLUSH`) before `COMMIT` is, so a connection lost meanwhile still leaves the transaction
-    certainly rolled back and replayed. A transaction thus costs one round trip per read, plus
-    one for its last writes, plus the `COMMIT`, instead of one per statement plus two. A queued
-    statement's error surfaces at the next round trip and rolls the transaction back, as before.
-    """
-    words = sql.split(None, 1)
-    head = words[0].upper() if words else ""
-    return head in ("INSERT", "UPDATE", "DELETE", "SET") and "RETURNING" not in sql.upper()
