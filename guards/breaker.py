@@ -270,6 +270,8 @@ class CircuitBreaker:
         self.audit = audit
         """Write each transition to the ledger's audit log, in the same transaction."""
         self._clock = clock
+        self._closed_at: dict[str, float] = {}
+        """When this breaker last let a call through a closed `key` (see `_idle_success`)."""
 
     def _flow(
         self, key: str, event: BreakerEvent, now: float
@@ -310,7 +312,21 @@ class CircuitBreaker:
         retry_at = change[1].retry_at(self.policy)
         if retry_at is not None:  # still open after `before`: refused
             raise CircuitOpen(key, retry_at, retry_after=max(0.0, retry_at - now))
+        if change[1].state == "closed":
+            self._closed_at[key] = now
         return self._transition(key, now, change)
+
+    def _idle_success(self, key: str, now: float) -> bool:
+        """Whether a success of `key` at `now` certainly changes nothing, so is not written.
+
+        A success changes a breaker only while it is half-open (a closed one counts failures
+        in a window, an open one ignores results), and a breaker `before` saw closed at `t`
+        can be half-open again only after it opened (at `t` or later) and cooled down: not
+        before `t + cooldown_seconds`. Within that time no row is read or written; the common
+        case, a healthy model or tool, then costs no statement after the call.
+        """
+        seen = self._closed_at.get(key)
+        return seen is not None and seen <= now < seen + self.policy.cooldown_seconds
 
     def before(self, key: str) -> BreakerTransition | None:
         """Let a call through, or raise `CircuitOpen` while the breaker is open.
@@ -345,6 +361,8 @@ class CircuitBreaker:
         """
         now = self._start(key)
         event = _event(ok)
+        if ok and self._idle_success(key, now):
+            return None
         if ok and self.ledger.batching:
             self.ledger.defer(self._deferred(key, now))
             return None
@@ -355,6 +373,8 @@ class CircuitBreaker:
         """Record a call's result; returns the transition it caused, if any (async)."""
         now = self._start(key)
         event = _event(ok)
+        if ok and self._idle_success(key, now):
+            return None
         if ok and self.ledger.batching:
             await self.ledger.adefer(self._deferred(key, now))
             return None

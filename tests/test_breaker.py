@@ -207,6 +207,55 @@ async def test_a_failure_while_half_open_reopens(ledger: Ledger, mode: str, cloc
     assert await breaker.astate(key) == BreakerState("open", 1, opened_at=1005.0)
 
 
+async def test_a_success_after_a_closed_breaker_touches_no_row(
+    ledger: Ledger, mode: str, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The healthy path: a closed breaker lets the call through, and its success costs nothing
+    (a closed breaker ignores successes, and it cannot be half-open within a cooldown)."""
+    breaker = CircuitBreaker(ledger, P, clock=clock)
+    assert await before(breaker, mode, "model:m") is None
+    used: list[str] = []
+    for name in ("run", "arun", "defer", "adefer"):
+        real = getattr(ledger, name)
+        monkeypatch.setattr(ledger, name, lambda *a, _n=name, _r=real: used.append(_n) or _r(*a))
+    clock.now += 4.9
+    assert await record(breaker, mode, "model:m", True) is None
+    with ledger.batch():
+        assert await record(breaker, mode, "model:m", True) is None
+    assert used == []
+    assert await record(breaker, mode, "model:other", True) is None  # never seen: read
+    assert await record(breaker, mode, "model:m", False) is None  # a failure always counts
+    assert len(used) == 2
+
+
+async def test_a_skipped_success_never_hides_a_half_open_trial(
+    ledger: Ledger, db_url: str, mode: str, clock: Any
+) -> None:
+    """Attack the skip: another process opens the breaker right after ours saw it closed, and
+    half-opens it once the cooldown is over. Before then it cannot be half-open; from then on
+    our success is written and closes it."""
+    other = Ledger(db_url)
+    policy = BreakerPolicy(failure_threshold=1, cooldown_seconds=5, success_threshold=1)
+    mine = CircuitBreaker(ledger, policy, clock=clock)
+    theirs = CircuitBreaker(other, policy, clock=clock)
+    try:
+        key = "tool:lookup"
+        assert await before(mine, mode, key) is None  # closed at 1000
+        assert (await theirs.arecord(key, False)).after == "open"  # type: ignore[union-attr]
+        clock.now = 1004.99
+        with pytest.raises(CircuitOpen):  # not half-open within the cooldown: nothing to count
+            await theirs.abefore(key)
+        assert await record(mine, mode, key, True) is None
+        assert (await mine.astate(key)).state == "open"
+        clock.now = 1005.0
+        assert (await theirs.abefore(key)).after == "half_open"  # type: ignore[union-attr]
+        assert await record(mine, mode, key, True) == BreakerTransition(
+            key, "half_open", "closed", 1005.0, "1 successes while half-open"
+        )
+    finally:
+        await other.aclose()
+
+
 async def test_state_is_shared_between_ledgers(ledger: Ledger, db_url: str) -> None:
     # a second Ledger on the same URL stands for another process: its own pool and connections
     other = Ledger(db_url)
