@@ -215,9 +215,18 @@ async def test_a_success_after_a_closed_breaker_touches_no_row(
     breaker = CircuitBreaker(ledger, P, clock=clock)
     assert await before(breaker, mode, "model:m") is None
     used: list[str] = []
-    for name in ("run", "arun", "defer", "adefer"):
+
+    def spied(name: str) -> Any:
         real = getattr(ledger, name)
-        monkeypatch.setattr(ledger, name, lambda *a, _n=name, _r=real: used.append(_n) or _r(*a))
+
+        def spy(*args: Any) -> Any:
+            used.append(name)
+            return real(*args)
+
+        return spy
+
+    for name in ("run", "arun", "defer", "adefer"):
+        monkeypatch.setattr(ledger, name, spied(name))
     clock.now += 4.9
     assert await record(breaker, mode, "model:m", True) is None
     with ledger.batch():
