@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Literal, TypeVar
 
 from keel._drive import Steps, adrive, both, drive, sleep
@@ -172,43 +173,47 @@ def take_tokens(wants: Sequence[tuple[Bucket, float]], now: float) -> Admit | Wa
 
 # -- the ledger flows --------------------------------------------------------------------------
 
-_SELECT = "SELECT tokens, updated_at FROM keel_rate_buckets WHERE key = ? {for_update}"
+
+def _lock(wants: Sequence[tuple[str, int, float]], now: float) -> tuple[str, tuple[object, ...]]:
+    """One statement that locks every bucket of `wants` (creating a new one full): its rows."""
+    params = tuple(v for key, limit, _ in wants for v in (key, float(limit), now))
+    return _lock_sql(len(wants)), params
 
 
-def _locked(key: str, limit: int, now: float) -> Flow[Bucket]:
-    """Lock the bucket's row, creating it full if it is new."""
-    rows = yield _SELECT, (key,)
-    if not rows:
-        yield (
-            "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            (key, float(limit), now),
-        )
-        rows = yield _SELECT, (key,)
-    ((tokens, updated_at),) = rows
-    return Bucket(key, limit, float(tokens), float(updated_at))
+@lru_cache(maxsize=16)
+def _lock_sql(buckets: int) -> str:
+    return (
+        "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES "
+        + ", ".join(["(?, ?, ?)"] * buckets)
+        + " ON CONFLICT (key) DO UPDATE SET tokens = keel_rate_buckets.tokens "
+        "RETURNING key, tokens, updated_at"
+    )
 
 
-def _write(buckets: Sequence[Bucket]) -> Flow[None]:
-    for b in buckets:
-        yield (
-            "UPDATE keel_rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?",
-            (b.tokens, b.updated_at, b.key),
-        )
+@lru_cache(maxsize=16)
+def _write_sql(buckets: int) -> str:
+    return (
+        "UPDATE keel_rate_buckets SET tokens = v.column2, updated_at = v.column3 FROM (VALUES "
+        + ", ".join(["(?, ?, ?)"] * buckets)
+        + ") AS v WHERE keel_rate_buckets.key = v.column1"
+    )
 
 
 def acquire_flow(wants: Sequence[tuple[str, int, float]], now: float) -> Flow[Admit | Wait]:
     """Take `amount` from each `(key, limit, amount)` bucket, or say how long to wait.
 
-    Rows are locked in key order, so concurrent acquisitions cannot deadlock.
+    Two statements whatever the number of buckets: one locks them all (an upsert, which
+    creates a new bucket full and locks the rows in key order, so concurrent acquisitions
+    cannot deadlock), one writes what an admitted call took.
     """
-    buckets = []
-    for key, limit, amount in sorted(wants):
-        bucket = yield from _locked(key, limit, now)
-        buckets.append((bucket, amount))
+    wants = sorted(wants)
+    rows = (yield _lock(wants, now)) if wants else []
+    found = {key: (float(tokens), float(updated_at)) for key, tokens, updated_at in rows}
+    buckets = [(Bucket(key, limit, *found[key]), amount) for key, limit, amount in wants]
     decision = take_tokens(buckets, now)
-    if isinstance(decision, Admit):
-        yield from _write(decision.buckets)
+    if isinstance(decision, Admit) and decision.buckets:
+        params = tuple(v for b in decision.buckets for v in (b.key, b.tokens, b.updated_at))
+        yield _write_sql(len(decision.buckets)), params
     return decision
 
 

@@ -128,13 +128,10 @@ def reserve_flow(
     """
     keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
     for (scope_key, period), budget in keyed:
-        yield (
-            "INSERT INTO keel_spend (scope_key, period) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (scope_key, period),
-        )
-        ((spent_usd, spent_tokens),) = yield (
-            "SELECT spent_usd, spent_tokens FROM keel_spend "
-            "WHERE scope_key = ? AND period = ? {for_update}",
+        ((spent_usd, spent_tokens),) = yield (  # the row, created if new, locked
+            "INSERT INTO keel_spend (scope_key, period) VALUES (?, ?) "
+            "ON CONFLICT (scope_key, period) DO UPDATE SET spent_usd = keel_spend.spent_usd "
+            "RETURNING spent_usd, spent_tokens",
             (scope_key, period),
         )
         ((held_usd, held_tokens),) = yield (
