@@ -174,29 +174,29 @@ def take_tokens(wants: Sequence[tuple[Bucket, float]], now: float) -> Admit | Wa
 # -- the ledger flows --------------------------------------------------------------------------
 
 
-def _lock(wants: Sequence[tuple[str, int, float]], now: float) -> tuple[str, tuple[object, ...]]:
-    """One statement that locks every bucket of `wants` (creating a new one full): its rows."""
-    params = tuple(v for key, limit, _ in wants for v in (key, float(limit), now))
-    return _lock_sql(len(wants)), params
+_LOCK = (
+    "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES {rows} "
+    "ON CONFLICT (key) DO UPDATE SET tokens = keel_rate_buckets.tokens "
+    "RETURNING key, tokens, updated_at"
+)
+"""Lock every bucket (creating a new one full, at `now`), in key order: their rows."""
+_WRITE = (
+    "UPDATE keel_rate_buckets SET tokens = v.column2, updated_at = v.column3 "
+    "FROM (VALUES {rows}) AS v WHERE keel_rate_buckets.key = v.column1"
+)
+"""Write every bucket's `(key, tokens, updated_at)`."""
 
 
-@lru_cache(maxsize=16)
-def _lock_sql(buckets: int) -> str:
-    return (
-        "INSERT INTO keel_rate_buckets (key, tokens, updated_at) VALUES "
-        + ", ".join(["(?, ?, ?)"] * buckets)
-        + " ON CONFLICT (key) DO UPDATE SET tokens = keel_rate_buckets.tokens "
-        "RETURNING key, tokens, updated_at"
-    )
+def _per_bucket(
+    sql: str, rows: Sequence[tuple[str, float, float]]
+) -> tuple[str, tuple[str | float, ...]]:
+    """`sql` for `rows` (one `(?, ?, ?)` each), with their values as its parameters."""
+    return _for(sql, len(rows)), tuple(v for row in rows for v in row)
 
 
-@lru_cache(maxsize=16)
-def _write_sql(buckets: int) -> str:
-    return (
-        "UPDATE keel_rate_buckets SET tokens = v.column2, updated_at = v.column3 FROM (VALUES "
-        + ", ".join(["(?, ?, ?)"] * buckets)
-        + ") AS v WHERE keel_rate_buckets.key = v.column1"
-    )
+@lru_cache(maxsize=32)
+def _for(sql: str, rows: int) -> str:
+    return sql.replace("{rows}", ", ".join(["(?, ?, ?)"] * rows))
 
 
 def acquire_flow(wants: Sequence[tuple[str, int, float]], now: float) -> Flow[Admit | Wait]:
@@ -207,13 +207,13 @@ def acquire_flow(wants: Sequence[tuple[str, int, float]], now: float) -> Flow[Ad
     cannot deadlock), one writes what an admitted call took.
     """
     wants = sorted(wants)
-    rows = (yield _lock(wants, now)) if wants else []
+    full = [(key, float(limit), now) for key, limit, _ in wants]
+    rows = (yield _per_bucket(_LOCK, full)) if wants else []
     found = {key: (float(tokens), float(updated_at)) for key, tokens, updated_at in rows}
     buckets = [(Bucket(key, limit, *found[key]), amount) for key, limit, amount in wants]
     decision = take_tokens(buckets, now)
     if isinstance(decision, Admit) and decision.buckets:
-        params = tuple(v for b in decision.buckets for v in (b.key, b.tokens, b.updated_at))
-        yield _write_sql(len(decision.buckets)), params
+        yield _per_bucket(_WRITE, [(b.key, b.tokens, b.updated_at) for b in decision.buckets])
     return decision
 
 
