@@ -26,16 +26,19 @@ import contextvars
 import itertools
 import os
 import random
+import select
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import psycopg
+from psycopg import AsyncClientCursor, ClientCursor
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from keel._drive import Op, Steps, adrive, calls, drive, sleep
@@ -294,14 +297,33 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _transact(self, steps: Flow[T]) -> T:
-        with self._transaction() as execute:
-            return _drive(steps, execute)
+        with self._sync_pool().connection() as conn:
+            cur, queue = ClientCursor(conn), _Queue()
+            try:
+                result = _drive(steps, lambda q, p: _send_pg(cur, queue, q, p))
+                if queue.begun and not queue.committed:
+                    cur.execute("COMMIT")
+                return result
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with suppress(psycopg.Error):
+                        cur.execute("ROLLBACK")
+                raise
 
     async def _atransact(self, steps: Flow[T]) -> T:
         pool = await self._async_pool()
-        async with pool.connection() as conn, conn.transaction():
-            cur = conn.cursor()
-            return await _adrive(steps, lambda q, p: _afetch_pg(cur, q, p))
+        async with pool.connection() as conn:
+            cur, queue = AsyncClientCursor(conn), _Queue()
+            try:
+                result = await _adrive(steps, lambda q, p: _asend_pg(cur, queue, q, p))
+                if queue.begun and not queue.committed:
+                    await cur.execute("COMMIT")
+                return result
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with suppress(psycopg.Error):
+                        await cur.execute("ROLLBACK")
+                raise
 
     def _select(self, steps: Flow[T]) -> T:
         with self._sync_pool().connection() as conn:
@@ -384,13 +406,6 @@ class Ledger:
             with self._lock:
                 self._sqlite_dbs.remove(db)
             db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Any]:
-        pool = self._sync_pool()
-        with pool.connection() as conn, conn.transaction():
-            cur = conn.cursor()  # one for the transaction's statements
-            yield lambda q, p: _fetch_pg(cur, q, p)
 
     def _sqlite_path(self) -> str:
         path = self.url.removeprefix("sqlite:///")
@@ -508,13 +523,21 @@ class _Replay(Generic[T]):
                 raise _Diverged(step[0])
         while not self.finished:
             step = self.pending
+            if step is _FLUSH:  # the flow returned: its queued writes go with the `COMMIT`
+                yield _FLUSH
+                self.finished = True
+                break
             durable = yield from _durable_before(step, durable)
             rows = yield step
             self.done.append((step, rows))
             try:
                 self.pending = self.flow.send(rows)
             except StopIteration as stop:
-                self.finished, self.result = True, stop.value
+                self.result = stop.value
+                if _blind(step[0]):
+                    self.pending = _FLUSH
+                else:
+                    self.finished = True
         return self.result
 
     def failed(self, exc: Exception, attempt: int, ledger: Ledger) -> bool:
@@ -536,7 +559,7 @@ class _Replay(Generic[T]):
             ) from exc
         if not connection_lost(exc):
             raise exc
-        if self.finished:  # the connection died while committing
+        if self.finished or isinstance(exc, _InDoubt):  # the connection died while committing
             if not self._writes():
                 return False
             raise StorageError(
@@ -691,3 +714,131 @@ def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
 async def _afetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
     await cur.execute(_pg_sql(sql), params)
     return list(await cur.fetchall()) if cur.description else []
+
+
+class _Queue:
+    """The statements of one PostgreSQL transaction not sent yet (see `_blind`)."""
+
+    def __init__(self) -> None:
+        self.sql: list[str] = ["BEGIN"]
+        self.params: list[Any] = []
+        self.begun = False
+        """Whether `BEGIN` was sent (a flow without statements sends nothing)."""
+        self.committed = False
+        """Whether `COMMIT` was sent, with the flow's last writes (`_FLUSH`)."""
+
+    def add(self, sql: str, params: tuple[Any, ...]) -> None:
+        self.sql.append(_pg_sql(sql))
+        self.params.extend(params)
+
+    def take(self, *, commit: bool = False) -> tuple[str, tuple[Any, ...]] | None:
+        """What waits, as one query (`None`: nothing does); `commit`: with `COMMIT` last."""
+        if commit:
+            self.sql.append("COMMIT")
+            self.committed = True
+        if not self.sql:
+            return None
+        query, params = "; ".join(self.sql), tuple(self.params)
+        self.sql, self.params, self.begun = [], [], True
+        return query, params
+
+
+_FLUSH = ("-- flush", ())
+"""The step `_Replay` yields after a flow whose last statements wait in the `_Queue`: they go
+with the `COMMIT`, in one round trip (see `_in_doubt` for a connection lost meanwhile)."""
+
+
+class _InDoubt(psycopg.OperationalError):
+    """The connection died after `COMMIT` was sent, and nothing says the server did not run it."""
+
+
+def _queued(
+    queue: _Queue, sql: str, params: tuple[Any, ...], conn: Any
+) -> tuple[str, tuple[Any, ...]] | None:
+    """Queue one statement; what to send now, if its rows are needed (or it is `_FLUSH`)."""
+    if sql is _FLUSH[0]:
+        return queue.take(commit=_quiet(conn))
+    queue.add(sql, params)
+    return None if _blind(sql) else queue.take()
+
+
+def _quiet(conn: Any) -> bool:
+    """Whether the server has said nothing since its last reply on `conn` (a pooled one).
+
+    A server that terminated an idle connection (a restart, a failover, an administrator) has
+    said so, or closed the socket: a query sent on it fails before it runs. Such a transaction
+    sends its `COMMIT` apart, so its failure is certainly before `COMMIT` and is replayed on
+    a fresh connection, instead of in doubt (see `_in_doubt`).
+    """
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    return not readable
+
+
+def _in_doubt(exc: psycopg.Error, sent: str) -> bool:
+    """Whether the query `sent`, ending with `COMMIT`, may have committed though it raised `exc`.
+
+    An error the server reports (a `sqlstate`) ends the query at the statement that failed,
+    and a connection killed while a statement runs (waiting on a lock, say) names it: before
+    `COMMIT` the transaction is rolled back, and replaying it is safe. Killed in or after
+    `COMMIT` (no statement named, or the `COMMIT`), or lost without a word from the server,
+    it may have committed.
+    """
+    if not connection_lost(exc):
+        return False  # a statement, or `COMMIT` itself, failed: rolled back
+    position = exc.diag.statement_position if exc.sqlstate else None
+    return not position or sent[int(position) - 1 :].upper().startswith("COMMIT")
+
+
+def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    """One statement of a transaction: its rows (`[]` for a queued write)."""
+    if (query := _queued(queue, sql, params, cur.connection)) is None:
+        return []
+    try:
+        cur.execute(*query)
+    except psycopg.Error as exc:
+        if queue.committed and _in_doubt(exc, cur.mogrify(*query)):
+            raise _InDoubt(_one_line(exc)) from exc
+        raise
+    return _last_rows(cur)
+
+
+async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    """`_send_pg` on an async connection."""
+    if (query := _queued(queue, sql, params, cur.connection)) is None:
+        return []
+    try:
+        await cur.execute(*query)
+    except psycopg.Error as exc:
+        if queue.committed and _in_doubt(exc, cur.mogrify(*query)):
+            raise _InDoubt(_one_line(exc)) from exc
+        raise
+    return list(await cur.fetchall()) if _at_last(cur) else []
+
+
+def _last_rows(cur: Any) -> list[Row]:
+    """The rows of the last statement of the query `cur` ran (the queued writes go first)."""
+    return list(cur.fetchall()) if _at_last(cur) else []
+
+
+def _at_last(cur: Any) -> bool:
+    """Move `cur` to its query's last result: whether that one has rows."""
+    while cur.nextset():
+        pass
+    return cur.description is not None
+
+
+@lru_cache(maxsize=512)
+def _blind(sql: str) -> bool:
+    """Whether `sql` writes and returns nothing (`INSERT`, `UPDATE`, `DELETE`, `SET`).
+
+    (A statement with `RETURNING` returns rows.) In a PostgreSQL transaction such a statement
+    is not sent at once: it waits in the transaction's `_Queue` and goes, in the same query
+    (one round trip, psycopg's `ClientCursor` binding the values), with the next statement
+    whose rows the flow reads; the first one carries the `BEGIN`, and a flow's last writes
+    carry the `COMMIT` (`_FLUSH`). So a transaction costs a round trip per read, plus one for
+    its last writes and `COMMIT`, instead of one per statement plus two; a queued statement's
+    error surfaces at that round trip and rolls the whole transaction back, as before.
+    """
+    words = sql.split(None, 1)
+    head = words[0].upper() if words else ""
+    return head in ("INSERT", "UPDATE", "DELETE", "SET") and "RETURNING" not in sql.upper()
