@@ -491,11 +491,7 @@ class GuardedModel:
         meter, guard = self.meter, self.guard
         assert guard is not None
         tokens = estimate_tokens(messages) + self.schema_tokens
-        first = (
-            meter.reserve(messages, ctx, m.name, schema_tokens=self.schema_tokens)
-            if meter is not None
-            else _no_reservation()
-        )
+        first = meter.reserve_input(tokens, ctx, m.name) if meter is not None else _no_reservation()
         try:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)

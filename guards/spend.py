@@ -202,9 +202,11 @@ class SpendMeter:
     def _estimate(
         self, messages: Sequence[BaseMessage], model_name: str, schema_tokens: int = 0
     ) -> tuple[float, int]:
-        tokens_in = estimate_tokens(messages) + schema_tokens
-        usage = {"input_tokens": tokens_in, "output_tokens": self.output_reserve}
-        return self.prices.cost(model_name, usage), tokens_in + self.output_reserve
+        return self._cost(estimate_tokens(messages) + schema_tokens, model_name)
+
+    def _cost(self, input_tokens: int, model_name: str) -> tuple[float, int]:
+        usage = {"input_tokens": input_tokens, "output_tokens": self.output_reserve}
+        return self.prices.cost(model_name, usage), input_tokens + self.output_reserve
 
     def reserving(
         self,
@@ -237,7 +239,13 @@ class SpendMeter:
 
         For a caller that commits it with more (a `ModelGuard`'s first try at the rate limits).
         """
-        usd, tokens = self._estimate(messages, model_name, schema_tokens)
+        return self.reserve_input(estimate_tokens(messages) + schema_tokens, context, model_name)
+
+    def reserve_input(
+        self, input_tokens: int, context: RunContext, model_name: str
+    ) -> Flow[Reservation | str]:
+        """`reserve` for a caller that has estimated the input tokens (messages and schemas)."""
+        usd, tokens = self._cost(input_tokens, model_name)
         return reserve_flow(self.budgets, context, usd, tokens, time.time())
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:

@@ -171,14 +171,16 @@ class StandingStore:
     def load(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key.
 
+        One plain `SELECT` (`Ledger.read`): no transaction, so it never waits for a writer.
+
         Raises:
             StorageError: The ledger could not be read (see `for_task`, which fails closed).
         """
-        return self._sealed(context, self.ledger.run(_load_flow(_who(context), time.time())))
+        return self._sealed(context, self.ledger.read(_load_flow(_who(context), time.time())))
 
     async def aload(self, context: RunContext) -> dict[str, Approval]:
         """The user's unexpired standing approvals, by key (async; see `load`)."""
-        found = await self.ledger.arun(_load_flow(_who(context), time.time()))
+        found = await self.ledger.aread(_load_flow(_who(context), time.time()))
         return self._sealed(context, found)
 
     def for_task(self, context: RunContext, state: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from keel.db.checkpoint import (
     CheckpointTooLarge,
     UnserializableState,
 )
+from keel.db.checkpoint.strict import find_unserializable
 from keel.errors import UserError
 
 
@@ -115,6 +116,25 @@ def test_an_unknown_type_fails_naming_its_path(db_url: str) -> None:
     ):
         graph(BAD, saver).invoke({"messages": []}, config())
     assert caught.value.path == "messages[0].additional_kwargs['order']"
+
+
+@dataclass
+class Box:
+    """An allowed dataclass that holds a value."""
+
+    inside: Any
+
+
+def test_the_path_names_each_step_down_to_the_unknown_value() -> None:
+    allowed = CheckpointPolicy(allow=(Box,)).allowed()
+    nested = {"a": [1, ("x", Box(inside={"k": Order("A1")}))]}
+    found = find_unserializable(nested, allowed, "state")
+    assert found == ("state['a'][1][1].inside['k']", "test_checkpoint_strict.Order")
+    assert find_unserializable(Order("A1"), allowed) == (
+        "the value",
+        "test_checkpoint_strict.Order",
+    )
+    assert find_unserializable(nested["a"][:1], allowed, "state") is None
 
 
 async def test_an_unknown_type_fails_naming_its_path_async(db_url: str) -> None:

@@ -3,7 +3,8 @@
 Three shortcuts keep keel's production config cheap (`bench/guards_overhead.py`): the SQLite
 checkpointer and the ledger queue on one lock per file instead of SQLite's millisecond busy
 sleeps (`keel.db.writer_lock`); a check that only reads (a closed breaker letting a call
-through) runs with `Ledger.read`, outside any transaction; and calls the permission gate lets
+through, a task loading its user's standing approvals) runs with `Ledger.read`, outside any
+transaction; and calls the permission gate lets
 through untouched go straight from `call_model` to `execute_tools`, one superstep and one
 checkpoint fewer per tool turn. These tests try to break each: a writer that holds the file,
 a lock that is never released, a read that tries to write, a breaker that must still open and
@@ -40,6 +41,7 @@ from keel.guards import (
     RateLimit,
     Rule,
 )
+from keel.guards.standing import StandingStore
 
 
 def _count(key: str) -> Flow[int]:
@@ -100,6 +102,24 @@ def test_a_closed_breaker_lets_calls_through_while_another_process_writes(
     breaker.record("tool:x", ok=False)
     with pytest.raises(CircuitOpen):
         breaker.before("tool:x")
+    ledger.close()
+
+
+def test_standing_approvals_load_while_another_process_writes(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    ledger.setup()
+    writer = sqlite3.connect(tmp_path / "keel.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the file's write lock
+    done: list[Any] = []
+    context = RunContext(user_id="u1", tenant_id="acme")
+    thread = threading.Thread(target=lambda: done.append(StandingStore(ledger).load(context)))
+    thread.start()
+    thread.join(timeout=10)
+    try:
+        assert done == [{}], "loading standing approvals waited for the writer"
+    finally:
+        writer.execute("ROLLBACK")
+        thread.join()
     ledger.close()
 
 

@@ -193,6 +193,17 @@ def test_decisions_are_logged_as_json_lines(tmp_path: Any, caplog: Any) -> None:
     assert lines[-1]["reason"] == "awaiting approval for issue_refund"
 
 
+def test_a_decision_is_not_sanitized_when_nobody_logs_it(monkeypatch: Any) -> None:
+    from keel.observe import observer
+
+    def fail(value: Any) -> Any:
+        raise AssertionError(f"sanitized {value!r} for a logger that drops it")
+
+    monkeypatch.setattr(observer, "sanitize", fail)
+    monkeypatch.setattr(observer.decision_log, "level", logging.WARNING)
+    observer._decision("execute_tools", "allow", "", tool="lookup_customer")
+
+
 def test_audit_writes_are_append_only_and_query_checks_its_input(tmp_path: Any) -> None:
     log = AuditLog(Ledger(f"sqlite:///{tmp_path}/keel.db"))
     log.write([AuditRecord(kind="tool", decision="allow", tool="x", at=5.0, user_id="a")])

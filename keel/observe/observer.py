@@ -298,7 +298,12 @@ def _log_decision(node: str, choice: str, state: AgentState) -> None:
 
 
 def _decision(node: str, choice: str, reason: str, **extra: Any) -> None:
-    """Log one decision as a JSON line on `keel.decisions` (at INFO), PII and secrets redacted."""
+    """Log one decision as a JSON line on `keel.decisions` (at INFO), PII and secrets redacted.
+
+    Nothing is sanitized or encoded unless the logger takes INFO records.
+    """
+    if not decision_log.isEnabledFor(logging.INFO):
+        return
     line = sanitize({"node": node, "choice": choice, "reason": reason, **extra})
     decision_log.info(json.dumps(line, default=str, sort_keys=False))
 

@@ -115,36 +115,42 @@ def find_unserializable(
     value: Any, allowed: frozenset[tuple[str, str]], path: str = ""
 ) -> tuple[str, str] | None:
     """The first value under `value` whose class would not load back: `(path, module.Name)`."""
+    found = _find(value, allowed)
+    if found is None:
+        return None
+    steps, name = found
+    return path + "".join(reversed(steps)) or "the value", name
+
+
+_Found = tuple[list[str], str]
+"""What `_find` found: the path's steps, innermost first (built only on the way out), and
+the class."""
+
+
+def _find(value: Any, allowed: frozenset[tuple[str, str]]) -> _Found | None:
     if isinstance(value, _NATIVE):
         return None
     if isinstance(value, Mapping):
         for key, item in value.items():
-            found = find_unserializable(item, allowed, f"{path}[{key!r}]")
-            if found is not None:
+            if (found := _find(item, allowed)) is not None:
+                found[0].append(f"[{key!r}]")
                 return found
         return None
-    if isinstance(value, list | tuple | set | frozenset) and type(value) in (
-        list,
-        tuple,
-        set,
-        frozenset,
-    ):
+    if type(value) in (list, tuple, set, frozenset):
         for i, item in enumerate(value):
-            found = find_unserializable(item, allowed, f"{path}[{i}]")
-            if found is not None:
+            if (found := _find(item, allowed)) is not None:
+                found[0].append(f"[{i}]")
                 return found
         return None
     if isinstance(value, BaseException):
         return None  # stored as its repr (LangGraph's error writes)
     cls = type(value)
     if (cls.__module__, cls.__qualname__) not in allowed:
-        return path or "the value", f"{cls.__module__}.{cls.__qualname__}"
-    return _find_in_fields(value, allowed, path)
+        return [], f"{cls.__module__}.{cls.__qualname__}"
+    return _find_in_fields(value, allowed)
 
 
-def _find_in_fields(
-    value: Any, allowed: frozenset[tuple[str, str]], path: str
-) -> tuple[str, str] | None:
+def _find_in_fields(value: Any, allowed: frozenset[tuple[str, str]]) -> _Found | None:
     if isinstance(value, BaseModel):
         # LangGraph stores a pydantic model as its `model_dump()`: a class inside one (a
         # dataclass in `additional_kwargs`) comes back as a dict, so only safe leaves pass
@@ -155,8 +161,8 @@ def _find_in_fields(
     else:
         return None
     for name, item in fields.items():
-        found = find_unserializable(item, allowed, f"{path}.{name}")
-        if found is not None:
+        if (found := _find(item, allowed)) is not None:
+            found[0].append(f".{name}")
             return found
     return None
 
