@@ -24,7 +24,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from keel._drive import Op
-from keel.db.ledger import Flow, Ledger
+from keel.db.ledger import Flow, Ledger, together
 from keel.errors import UserError
 from keel.pricing import PriceTable
 from keel.state import RunContext
@@ -128,17 +128,20 @@ def reserve_flow(
     """
     keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
     for (scope_key, period), budget in keyed:
-        ((spent_usd, spent_tokens),) = yield (  # the row, created if new, locked
-            "INSERT INTO keel_spend (scope_key, period) VALUES (?, ?) "
-            "ON CONFLICT (scope_key, period) DO UPDATE SET spent_usd = keel_spend.spent_usd "
-            "RETURNING spent_usd, spent_tokens",
-            (scope_key, period),
+        spend, held = yield from together(
+            (  # the row, created if new, locked; then what is held against it
+                "INSERT INTO keel_spend (scope_key, period) VALUES (?, ?) "
+                "ON CONFLICT (scope_key, period) DO UPDATE SET spent_usd = keel_spend.spent_usd "
+                "RETURNING spent_usd, spent_tokens",
+                (scope_key, period),
+            ),
+            (
+                "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
+                "WHERE scope_key = ? AND period = ? AND expires_at > ?",
+                (scope_key, period, now),
+            ),
         )
-        ((held_usd, held_tokens),) = yield (
-            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
-            "WHERE scope_key = ? AND period = ? AND expires_at > ?",
-            (scope_key, period, now),
-        )
+        ((spent_usd, spent_tokens),), ((held_usd, held_tokens),) = spend, held
         if budget.usd is not None and spent_usd + held_usd + usd > budget.usd:
             return (
                 f"Exceeded the {budget.label()} usd budget of {budget.usd:g} "

@@ -28,7 +28,7 @@ from keel import Ledger, Persistence, RunContext, build_agent
 from keel import tool as keel_tool
 from keel._node import RunnableCallable
 from keel.db import writer_lock as writer_lock_module
-from keel.db.ledger import Flow
+from keel.db.ledger import Flow, together
 from keel.db.writer_lock import writer_lock
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
@@ -68,6 +68,39 @@ async def test_a_read_sees_what_is_committed_and_refuses_to_write(ledger: Ledger
         with pytest.raises(UserError, match=r"Ledger\.read runs only plain SELECTs"):
             ledger.read(flow)
     assert ledger.read(_count("other")) == 0  # the refused write never ran
+
+
+def _both(key: str) -> Flow[tuple[int, int]]:
+    """An upsert that returns the locked row, and a count that must see it: one round trip."""
+    row, count = yield from together(
+        (
+            "INSERT INTO keel_breakers (key, failures) VALUES (?, 5) ON CONFLICT (key) "
+            "DO UPDATE SET failures = keel_breakers.failures + 1 RETURNING failures",
+            (key,),
+        ),
+        ("SELECT COUNT(*) FROM keel_breakers WHERE key = ?", (key,)),
+    )
+    return int(row[0][0]), int(count[0][0])
+
+
+async def test_statements_run_together_each_get_their_rows(ledger: Ledger) -> None:
+    """`together` statements go in one query on PostgreSQL: each still sees the ones before
+    it, and each gets its own rows (sync and async, inside a transaction and in a read)."""
+    assert ledger.run(_both("t")) == (5, 1)
+    assert await ledger.arun(_both("t")) == (6, 1)
+
+    def reads() -> Flow[list[list[Any]]]:
+        return (yield from together(("SELECT 1", ()), ("SELECT 2, 3", ())))
+
+    assert ledger.read(reads()) == [[(1,)], [(2, 3)]]
+    assert await ledger.aread(reads()) == [[(1,)], [(2, 3)]]
+
+    def sneaky() -> Flow[Any]:
+        return (yield from together(("SELECT 1", ()), ("DELETE FROM keel_breakers", ())))
+
+    with pytest.raises(UserError, match=r"Ledger\.read runs only plain SELECTs"):
+        ledger.read(sneaky())
+    assert ledger.read(_count("t")) == 1  # nothing was deleted
 
 
 async def test_a_read_leaves_the_scopes_deferred_records_for_its_next_transaction(

@@ -8,9 +8,11 @@ Logic that talks to the database is written once, as a *flow*: a generator that 
 `(sql, params)` steps and receives each step's rows. `Ledger.run(flow)` and
 `await Ledger.arun(flow)` drive it in one transaction, on SQLite (`BEGIN IMMEDIATE`: one writer
 at a time, across processes; one connection per thread, kept open, in WAL mode) or PostgreSQL
-(a pooled connection; flows lock rows with `FOR UPDATE`). SQL is written with `?` placeholders
+(a pooled connection; flows lock rows with `FOR UPDATE`; a write whose rows nobody reads
+waits and travels with the next statement, see `_blind`). SQL is written with `?` placeholders
 and `{for_update}` where a row lock belongs; `{least}` / `{greatest}` are the two-argument
-minimum and maximum (`MIN` / `MAX` on SQLite, `LEAST` / `GREATEST` on PostgreSQL).
+minimum and maximum (`MIN` / `MAX` on SQLite, `LEAST` / `GREATEST` on PostgreSQL). Statements
+whose rows the flow needs but none of which needs another's go `together` (one round trip).
 
 Records whose result nobody reads (a rate bucket's refund, a breaker's success, a tool call's
 result) may be *deferred* inside a `batch()` scope: they run at the start of the scope's next
@@ -34,7 +36,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, ClientCursor
@@ -48,12 +50,28 @@ from keel.db.persistence import Persistence, adraining_pool, draining_pool
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
-__all__ = ["Flow", "Ledger"]
+__all__ = ["Flow", "Ledger", "together"]
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 Flow = Generator[tuple[str, tuple[Any, ...]], list[Row], T]
 """A transaction written once: yields `(sql, params)`, receives the rows, returns a result."""
+
+
+def together(*statements: tuple[str, tuple[Any, ...]]) -> Flow[list[list[Row]]]:
+    """Run `statements`, none of which needs another's rows, in one round trip: their rows.
+
+    On PostgreSQL they travel as one query (each statement still sees what the ones before it
+    committed or locked: a statement's snapshot is taken when it starts); on SQLite they run
+    one after the other. For example the locked spend row and the reservations held against
+    it: `spend, held = yield from together(upsert, select)`.
+    """
+    rows = yield _TOGETHER, statements
+    return [list(each) for each in rows]
+
+
+_TOGETHER = "-- together"
+"""The `sql` of a step whose `params` are statements run in one round trip (`together`)."""
 
 
 class Ledger:
@@ -576,7 +594,8 @@ class _Replay(Generic[T]):
         return True
 
     def _writes(self) -> bool:
-        return any(not sql.lstrip().upper().startswith("SELECT") for (sql, _), _ in self.done)
+        statements = (each for step, _ in self.done for each, _ in _each(*step))
+        return any(not sql.lstrip().upper().startswith("SELECT") for sql in statements)
 
 
 def durable(sql: str) -> bool:
@@ -599,7 +618,7 @@ def durable(sql: str) -> bool:
 
 def _durable_before(step: tuple[str, tuple[Any, ...]], done: bool) -> Generator[Any, Any, bool]:
     """Yield `SET LOCAL synchronous_commit = on` before the transaction's first durable write."""
-    if done or not durable(step[0]):
+    if done or not any(durable(sql) for sql, _ in _each(*step)):
         return done
     yield "SET LOCAL synchronous_commit = on", ()
     return True
@@ -664,11 +683,12 @@ def _selects(flow: Flow[T]) -> Flow[T]:
     try:
         while True:
             sql, params = flow.send(rows)  # type: ignore[arg-type]
-            if sql.lstrip()[:6].upper() != "SELECT" or "{for_update}" in sql:
-                raise UserError(
-                    f"Ledger.read runs only plain SELECTs, got {sql.split(None, 1)[0]!r}: use "
-                    "Ledger.run for a flow that writes or locks rows."
-                )
+            for each, _ in _each(sql, params):
+                if each.lstrip()[:6].upper() != "SELECT" or "{for_update}" in each:
+                    raise UserError(
+                        f"Ledger.read runs only plain SELECTs, got {each.split(None, 1)[0]!r}: "
+                        "use Ledger.run for a flow that writes or locks rows."
+                    )
             rows = yield sql, params
     except StopIteration as done:
         result: T = done.value
@@ -683,12 +703,25 @@ def _statements(flow: Flow[T], db: sqlite3.Connection) -> T:
         statement = next(flow)
         while True:
             sql, params = statement
-            statement = flow.send(db.execute(_sqlite_sql(sql), params).fetchall())
+            if sql is _TOGETHER:
+                rows: list[Any] = [_sqlite_rows(db, *each) for each in params]
+            else:
+                rows = _sqlite_rows(db, sql, params)
+            statement = flow.send(rows)
     except StopIteration as done:
         result: T = done.value
         return result
     finally:
         flow.close()
+
+
+def _sqlite_rows(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    return db.execute(_sqlite_sql(sql), params).fetchall()
+
+
+def _each(sql: str, params: tuple[Any, ...]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The statements of a step: those of a `together` step, or the step itself."""
+    return params if sql is _TOGETHER else ((sql, params),)
 
 
 @lru_cache(maxsize=512)
@@ -706,12 +739,16 @@ def _pg_sql(sql: str) -> str:
     )
 
 
-def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
+def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    if sql is _TOGETHER:
+        return [_fetch_pg(cur, *each) for each in params]
     cur.execute(_pg_sql(sql), params)
     return cur.fetchall() if cur.description else []
 
 
-async def _afetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Row]:
+async def _afetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    if sql is _TOGETHER:
+        return [await _afetch_pg(cur, *each) for each in params]
     await cur.execute(_pg_sql(sql), params)
     return list(await cur.fetchall()) if cur.description else []
 
@@ -731,16 +768,30 @@ class _Queue:
         self.sql.append(_pg_sql(sql))
         self.params.extend(params)
 
-    def take(self, *, commit: bool = False) -> tuple[str, tuple[Any, ...]] | None:
-        """What waits, as one query (`None`: nothing does); `commit`: with `COMMIT` last."""
+    def take(self, wanted: int, *, commit: bool = False) -> _Send:
+        """What waits, as one query; the flow reads the last `wanted` statements' rows.
+
+        `commit`: with `COMMIT` last.
+        """
         if commit:
             self.sql.append("COMMIT")
             self.committed = True
-        if not self.sql:
-            return None
-        query, params = "; ".join(self.sql), tuple(self.params)
+        send = _Send("; ".join(self.sql), tuple(self.params), len(self.sql), wanted)
         self.sql, self.params, self.begun = [], [], True
-        return query, params
+        return send
+
+
+class _Send(NamedTuple):
+    """One query of a transaction.
+
+    Its text, its values, how many statements it holds and how many of them (the last ones)
+    have rows the flow reads.
+    """
+
+    query: str
+    params: tuple[Any, ...]
+    statements: int
+    wanted: int
 
 
 _FLUSH = ("-- flush", ())
@@ -752,14 +803,15 @@ class _InDoubt(psycopg.OperationalError):
     """The connection died after `COMMIT` was sent, and nothing says the server did not run it."""
 
 
-def _queued(
-    queue: _Queue, sql: str, params: tuple[Any, ...], conn: Any
-) -> tuple[str, tuple[Any, ...]] | None:
-    """Queue one statement; what to send now, if its rows are needed (or it is `_FLUSH`)."""
+def _queued(queue: _Queue, sql: str, params: tuple[Any, ...], conn: Any) -> _Send | None:
+    """Queue one step; what to send now, if its rows are needed (or it is `_FLUSH`)."""
     if sql is _FLUSH[0]:
-        return queue.take(commit=_quiet(conn))
-    queue.add(sql, params)
-    return None if _blind(sql) else queue.take()
+        return queue.take(0, commit=_quiet(conn))
+    for each in _each(sql, params):
+        queue.add(*each)
+    if sql is _TOGETHER:
+        return queue.take(len(params))
+    return None if _blind(sql) else queue.take(1)
 
 
 def _quiet(conn: Any) -> bool:
@@ -789,42 +841,52 @@ def _in_doubt(exc: psycopg.Error, sent: str) -> bool:
     return not position or sent[int(position) - 1 :].upper().startswith("COMMIT")
 
 
-def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Row]:
-    """One statement of a transaction: its rows (`[]` for a queued write)."""
-    if (query := _queued(queue, sql, params, cur.connection)) is None:
+def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """One step of a transaction: its rows.
+
+    `[]` for a queued write; a list of rows per statement for a `together` step.
+    """
+    if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
     try:
-        cur.execute(*query)
+        cur.execute(send.query, send.params)
     except psycopg.Error as exc:
-        if queue.committed and _in_doubt(exc, cur.mogrify(*query)):
+        if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
             raise _InDoubt(_one_line(exc)) from exc
         raise
-    return _last_rows(cur)
+    rows = [list(cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
+    return _step_rows(sql, rows)
 
 
-async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Row]:
+async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Any]:
     """`_send_pg` on an async connection."""
-    if (query := _queued(queue, sql, params, cur.connection)) is None:
+    if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
     try:
-        await cur.execute(*query)
+        await cur.execute(send.query, send.params)
     except psycopg.Error as exc:
-        if queue.committed and _in_doubt(exc, cur.mogrify(*query)):
+        if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
             raise _InDoubt(_one_line(exc)) from exc
         raise
-    return list(await cur.fetchall()) if _at_last(cur) else []
+    rows = [list(await cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
+    return _step_rows(sql, rows)
 
 
-def _last_rows(cur: Any) -> list[Row]:
-    """The rows of the last statement of the query `cur` ran (the queued writes go first)."""
-    return list(cur.fetchall()) if _at_last(cur) else []
+def _results(cur: Any, send: _Send) -> Iterator[None]:
+    """Move `cur` to each result the flow reads: those of the last `send.wanted` statements."""
+    for _ in range(send.statements - send.wanted):
+        cur.nextset()
+    for i in range(send.wanted):
+        if i:
+            cur.nextset()
+        yield
 
 
-def _at_last(cur: Any) -> bool:
-    """Move `cur` to its query's last result: whether that one has rows."""
-    while cur.nextset():
-        pass
-    return cur.description is not None
+def _step_rows(sql: str, rows: list[list[Row]]) -> list[Any]:
+    """What a step receives: its statement's rows, or a `together` step's list of them."""
+    if sql is _TOGETHER:
+        return rows
+    return rows[0] if rows else []
 
 
 @lru_cache(maxsize=512)
