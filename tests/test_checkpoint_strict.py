@@ -219,3 +219,94 @@ def test_policy_validation(kwargs: dict[str, Any], message: str) -> None:
 def test_persistence_rejects_a_bad_policy() -> None:
     with pytest.raises(UserError, match=r"must be a keel\.db\.checkpoint\.CheckpointPolicy, got"):
         Persistence("sqlite:///:memory:", checkpoints={"max_bytes": 1})  # type: ignore[arg-type]
+
+
+# -- a task's writes that fail halfway ---------------------------------------------------------
+
+BOOM = (
+    "CREATE TRIGGER IF NOT EXISTS boom BEFORE INSERT ON writes WHEN NEW.channel = 'boom' "
+    "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+)
+"""The second write of a task fails (as a full disk or a read-only file would), the first not."""
+
+
+def _half() -> list[tuple[str, Any]]:
+    return [("messages", "first"), ("boom", "second")]
+
+
+def _stored(path: Any) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT channel FROM writes ORDER BY idx")]
+
+
+def _task_config() -> Any:
+    return {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": "c1"}}
+
+
+def test_langgraph_pin_sqlite_saver_commits_a_task_s_writes_that_failed_halfway(
+    tmp_path: Any,
+) -> None:
+    """Pinned LangGraph behaviour: `SqliteSaver.cursor` commits in a `finally`, so the first
+    row of a `put_writes` that raised is stored. A resumed run then takes the task as done with
+    half its writes (here: its messages without its route to the next node)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    conn = sqlite3.connect(tmp_path / "lg.db", check_same_thread=False)
+    saver = SqliteSaver(conn)
+    saver.setup()
+    conn.execute(BOOM)
+    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+        saver.put_writes(_task_config(), _half(), "task1")
+    assert _stored(tmp_path / "lg.db") == ["messages"]
+    conn.close()
+
+
+def test_a_task_s_writes_that_fail_halfway_leave_nothing(tmp_path: Any) -> None:
+    import sqlite3
+
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        saver.conn.execute(BOOM)  # type: ignore[attr-defined]
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            saver.put_writes(_task_config(), _half(), "task1")
+        saver.put_writes(_task_config(), [("messages", "later")], "task2")  # commits
+    assert _stored(tmp_path / "k.db") == ["messages"]  # task2's only: task1 left nothing
+    with sqlite3.connect(tmp_path / "k.db") as db:
+        assert db.execute("SELECT task_id FROM writes").fetchall() == [("task2",)]
+
+
+async def test_langgraph_pin_async_sqlite_saver_s_next_commit_keeps_a_failed_write(
+    tmp_path: Any,
+) -> None:
+    """Pinned: `AsyncSqliteSaver.aput_writes` does not commit a failed write, but leaves its
+    first rows in an open transaction that the saver's next commit makes durable."""
+    import sqlite3
+
+    import aiosqlite
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    async with aiosqlite.connect(tmp_path / "lg.db") as conn:
+        saver = AsyncSqliteSaver(conn)
+        await saver.setup()
+        await conn.execute(BOOM)
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            await saver.aput_writes(_task_config(), _half(), "task1")
+        await saver.aput_writes(_task_config(), [("messages", "later")], "task2")
+    with sqlite3.connect(tmp_path / "lg.db") as db:
+        tasks = [row[0] for row in db.execute("SELECT task_id FROM writes ORDER BY task_id")]
+    assert tasks == ["task1", "task2"]
+
+
+async def test_a_task_s_writes_that_fail_halfway_leave_nothing_async(tmp_path: Any) -> None:
+    import sqlite3
+
+    async with Persistence(f"sqlite:///{tmp_path}/k.db").acheckpointer() as saver:
+        await saver.conn.execute(BOOM)  # type: ignore[attr-defined]
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            await saver.aput_writes(_task_config(), _half(), "task1")
+        await saver.aput_writes(_task_config(), [("messages", "later")], "task2")
+    with sqlite3.connect(tmp_path / "k.db") as db:
+        assert db.execute("SELECT task_id FROM writes").fetchall() == [("task2",)]

@@ -14,7 +14,9 @@ The savers are LangGraph's (SQLite, PostgreSQL) and keel's `AsyncPooledPostgresS
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import sqlite3
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import aiosqlite
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -332,11 +335,60 @@ class _Strict:
 
 
 class StrictSqliteSaver(_Strict, SqliteSaver):
-    """LangGraph's `SqliteSaver`, strict (see `keel.db.checkpoint.strict`)."""
+    """LangGraph's `SqliteSaver`, strict (see `keel.db.checkpoint.strict`).
+
+    Its failed writes are rolled back (`cursor`).
+    """
+
+    @contextmanager
+    def cursor(self, transaction: bool = True) -> Iterator[sqlite3.Cursor]:
+        """`SqliteSaver.cursor`, rolling a failed write back instead of committing it.
+
+        LangGraph's commits in a `finally`: a task's writes that failed halfway (the database
+        turned read-only, a full disk) kept their first rows, and a resumed run took the task
+        as done with half its writes, its next step lost (`tests/test_checkpoint_strict.py`).
+        """
+        with self.lock:
+            self.setup()
+            cur = self.conn.cursor()
+            try:
+                yield cur
+            except BaseException:
+                if transaction and self.conn.in_transaction:
+                    self.conn.rollback()
+                raise
+            else:
+                if transaction:
+                    self.conn.commit()
+            finally:
+                cur.close()
 
 
 class StrictAsyncSqliteSaver(_Strict, AsyncSqliteSaver):
-    """LangGraph's `AsyncSqliteSaver`, strict."""
+    """LangGraph's `AsyncSqliteSaver`, strict, whose failed writes are rolled back."""
+
+    def __init__(self, conn: aiosqlite.Connection, *, serde: Any = None) -> None:
+        super().__init__(conn, serde=serde)
+        self.lock = _RollingBack(conn)
+
+
+class _RollingBack(asyncio.Lock):
+    """The async SQLite saver's lock: a write that failed is rolled back before it is released.
+
+    LangGraph's `aput_writes` commits only when every row went in; one that failed halfway left
+    its first rows in an open transaction, which the saver's next commit made durable.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is not None and self._conn.in_transaction:
+                await self._conn.rollback()
+        finally:
+            self.release()
 
 
 class _ReconnectingPostgresSaver(PostgresSaver):
