@@ -293,3 +293,37 @@ def _terminate_all(url: str, *, wait_for_one: float = 5.0) -> int:
                 break
             time.sleep(0.01)
         return len(pids)
+
+
+def test_a_pooled_connection_is_taken_unchecked_only_while_its_server_is_quiet(
+    fresh_postgres_url: str,
+) -> None:
+    """The pools skip their health check (a round trip) for a connection checked in the last
+    2 s, but only while its server has said nothing since: a connection the server dropped
+    while idle is checked, fails, and the pool is drained, before any saver call uses it."""
+    from keel.db.persistence import draining_pool, quiet
+
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as live:
+        assert quiet(live)
+        pid = live.info.backend_pid
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)  # the server's goodbye reaches the idle socket
+        assert not quiet(live)
+
+    pool = draining_pool(fresh_postgres_url, min_size=1, max_size=1, open=False, fresh_for=60)
+    pool.open(wait=True)
+    try:
+        with pool.connection() as conn:  # checked once, then fresh for 60 s
+            first = conn.info.backend_pid
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        time.sleep(0.2)
+        with pool.connection() as conn:  # not the dead one: checked, drained, replaced
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.info.backend_pid != first
+    finally:
+        pool.close()

@@ -28,7 +28,6 @@ import contextvars
 import itertools
 import os
 import random
-import select
 import sqlite3
 import threading
 import time
@@ -46,7 +45,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from keel._drive import Op, Steps, adrive, calls, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
-from keel.db.persistence import Persistence, adraining_pool, draining_pool
+from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining_pool, quiet
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
@@ -442,7 +441,7 @@ class Ledger:
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
             kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
-            name="keel-ledger", fresh_for=_FRESH_FOR,
+            name="keel-ledger", fresh_for=FRESH_FOR,
         )  # fmt: skip
 
     def _sync_pool(self) -> ConnectionPool[Any]:
@@ -502,10 +501,6 @@ def _nothing() -> Flow[None]:
     yield  # a generator with no steps
 
 
-_FRESH_FOR = 2.0
-"""Seconds a pooled connection is taken without the pool's health check (a round trip) after
-one passed; a connection that died meanwhile fails its transaction, which drains the pool and
-is replayed on a fresh connection."""
 _ATTEMPTS = 3
 """Attempts of one transaction whose connection died before it committed."""
 _POOL_TIMEOUT = 10.0
@@ -806,24 +801,14 @@ class _InDoubt(psycopg.OperationalError):
 def _queued(queue: _Queue, sql: str, params: tuple[Any, ...], conn: Any) -> _Send | None:
     """Queue one step; what to send now, if its rows are needed (or it is `_FLUSH`)."""
     if sql is _FLUSH[0]:
-        return queue.take(0, commit=_quiet(conn))
+        # on a connection its server dropped while idle, the query fails before it runs:
+        # `COMMIT` goes apart then, so that failure is replayed, not in doubt (`_in_doubt`)
+        return queue.take(0, commit=quiet(conn))
     for each in _each(sql, params):
         queue.add(*each)
     if sql is _TOGETHER:
         return queue.take(len(params))
     return None if _blind(sql) else queue.take(1)
-
-
-def _quiet(conn: Any) -> bool:
-    """Whether the server has said nothing since its last reply on `conn` (a pooled one).
-
-    A server that terminated an idle connection (a restart, a failover, an administrator) has
-    said so, or closed the socket: a query sent on it fails before it runs. Such a transaction
-    sends its `COMMIT` apart, so its failure is certainly before `COMMIT` and is replayed on
-    a fresh connection, instead of in doubt (see `_in_doubt`).
-    """
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    return not readable
 
 
 def _in_doubt(exc: psycopg.Error, sent: str) -> bool:

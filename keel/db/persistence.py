@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import sqlite3
 import threading
 import time
@@ -413,7 +414,13 @@ class Persistence:
         return kwargs
 
     def _pool_kwargs(self) -> dict[str, Any]:
-        return {**self._pool_args, "kwargs": self._connect_kwargs(), "open": False, "name": "keel"}
+        # a connection checked in the last FRESH_FOR seconds whose server has said nothing
+        # since is taken without the check's round trip (`_Freshness`); one that died anyway
+        # fails its call, which the savers run once more (`retry_once`) on a checked one
+        return {
+            **self._pool_args, "kwargs": self._connect_kwargs(), "open": False, "name": "keel",
+            "fresh_for": FRESH_FOR,
+        }  # fmt: skip
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -545,12 +552,37 @@ class _Freshness:
         self.fresh_for = fresh_for
 
     def fresh(self, conn: Any) -> bool:
+        """Whether `conn` may be taken unchecked.
+
+        It was checked within `fresh_for` seconds, and its server has said nothing since.
+        """
         checked = getattr(conn, "_keel_checked", None)
-        return checked is not None and time.monotonic() - checked < self.fresh_for
+        if checked is None or time.monotonic() - checked >= self.fresh_for:
+            return False
+        return quiet(conn)
 
     def checked(self, conn: Any) -> None:
         if self.fresh_for > 0:
             conn._keel_checked = time.monotonic()
+
+
+FRESH_FOR = 2.0
+"""Seconds a pooled connection is taken without the pool's health check (a round trip) after
+one passed, while its server has said nothing (`quiet`)."""
+
+
+def quiet(conn: Any) -> bool:
+    """Whether the server has said nothing on `conn` since its last reply (no round trip).
+
+    A server that drops an idle connection (a restart, a failover, an administrator's
+    `pg_terminate_backend`) says so or closes the socket: it becomes readable. Silence is what
+    a live idle connection shows.
+    """
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (psycopg.Error, OSError, ValueError):
+        return False  # closed already
+    return not readable
 
 
 class _PoolCheck(_Freshness):
