@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from langchain_core.messages import BaseMessage, ToolMessage
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from psycopg.rows import dict_row
@@ -107,6 +108,45 @@ async def test_reads_and_writes_the_same_tables_as_langgraph(fresh_postgres_url:
 
         theirs_done = await peer.ainvoke({"messages": [("user", "t2")]}, _config("t2"), context=CTX)
         assert (await agent.aget_state(_config("t2"))).values == theirs_done
+
+
+def test_the_sync_saver_writes_what_langgraph_s_reads_and_back(fresh_postgres_url: str) -> None:
+    """keel's sync saver (retries, strict checks, no health check for a fresh quiet connection)
+    and LangGraph's `PostgresSaver` read each other's checkpoints, blobs and pending writes."""
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    with Persistence(fresh_postgres_url).checkpointer() as ours:
+        theirs = PostgresSaver(ours.conn)  # type: ignore[attr-defined]
+        agent = build_agent(_tagged_model(), [echo], checkpointer=ours)
+        done = agent.invoke({"messages": [("user", "t1")]}, _config("t1"), context=CTX)
+        peer = build_agent(_tagged_model(), [echo], checkpointer=theirs)
+        assert peer.get_state(_config("t1")).values["messages"] == done["messages"]
+        assert len(list(agent.get_state_history(_config("t1")))) == len(
+            list(peer.get_state_history(_config("t1")))
+        )
+        theirs_done = peer.invoke({"messages": [("user", "t2")]}, _config("t2"), context=CTX)
+        assert agent.get_state(_config("t2")).values == theirs_done
+
+        base: Any = {"configurable": {"thread_id": "t3", "checkpoint_ns": ""}}
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"messages": ["x"], "count": 3}
+        checkpoint["channel_versions"] = {"messages": "1", "count": "1"}  # a blob, an inline
+        config = ours.put(base, checkpoint, {"step": 1}, {"messages": "1", "count": "1"})
+        ours.put_writes(config, [("messages", "a"), ("messages", "b")], "task1")
+        ours.put_writes(config, [("__interrupt__", {"ask": 1}), ("__error__", "boom")], "task2")
+        ours.put_writes(config, [("__error__", "again")], "task2")  # upserted, as LangGraph's
+        read = theirs.get_tuple(config)
+        assert read is not None and read.checkpoint["channel_values"] == {
+            "messages": ["x"], "count": 3
+        }  # fmt: skip
+        assert sorted(read.pending_writes) == sorted(
+            [
+                ("task1", "messages", "a"),
+                ("task1", "messages", "b"),
+                ("task2", "__interrupt__", {"ask": 1}),
+                ("task2", "__error__", "again"),
+            ]
+        )
 
 
 def test_needs_a_pool() -> None:

@@ -32,6 +32,7 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.postgres.base import BasePostgresSaver
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.checkpoint.serde.types import _DeltaSnapshot
 from psycopg import AsyncConnection, AsyncCursor
@@ -45,33 +46,40 @@ from keel.errors import SetupError, StorageError, UserError
 __all__ = ["AsyncPooledPostgresSaver", "connection_lost", "retry_once"]
 
 # One statement writes a whole flush: one round trip and one implicit transaction. Arrays go
-# binary (`%b`), as columns of rows; an empty array inserts nothing.
-_FLUSH_SQL = """
-WITH blobs AS (
-    INSERT INTO checkpoint_blobs (thread_id, checkpoint_ns, channel, version, type, blob)
+# binary (`%b`), as columns of rows. Only the tables that get rows are named (`flush_statement`).
+_INSERTS = (
+    (  # checkpoint_blobs: inserted, existing ones kept
+        """INSERT INTO checkpoint_blobs (thread_id, checkpoint_ns, channel, version, type, blob)
     SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[])
-    ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO NOTHING
-), checkpoints AS (
-    INSERT INTO checkpoints
+    ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO NOTHING""",
+        6,
+    ),
+    (  # checkpoints: upserted
+        """INSERT INTO checkpoints
         (thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, checkpoint, metadata)
     SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::jsonb[], %b::jsonb[])
     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id)
-    DO UPDATE SET checkpoint = EXCLUDED.checkpoint, metadata = EXCLUDED.metadata
-), plain_writes AS (
-    INSERT INTO checkpoint_writes
+    DO UPDATE SET checkpoint = EXCLUDED.checkpoint, metadata = EXCLUDED.metadata""",
+        6,
+    ),
+    (  # checkpoint_writes of plain channels: inserted, existing ones kept
+        """INSERT INTO checkpoint_writes
         (thread_id, checkpoint_ns, checkpoint_id, task_id, task_path, idx, channel, type, blob)
     SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
                          %b::integer[], %b::text[], %b::text[], %b::bytea[])
-    ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO NOTHING
+    ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO NOTHING""",
+        9,
+    ),
+    (  # checkpoint_writes of special channels (errors, interrupts…): upserted
+        """INSERT INTO checkpoint_writes
+        (thread_id, checkpoint_ns, checkpoint_id, task_id, task_path, idx, channel, type, blob)
+    SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                         %b::integer[], %b::text[], %b::text[], %b::bytea[])
+    ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+    DO UPDATE SET channel = EXCLUDED.channel, type = EXCLUDED.type, blob = EXCLUDED.blob""",
+        9,
+    ),
 )
-INSERT INTO checkpoint_writes
-    (thread_id, checkpoint_ns, checkpoint_id, task_id, task_path, idx, channel, type, blob)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-                     %b::integer[], %b::text[], %b::text[], %b::bytea[])
-ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
-DO UPDATE SET channel = EXCLUDED.channel, type = EXCLUDED.type, blob = EXCLUDED.blob
-"""
-_WIDTHS = (6, 6, 9, 9)  # columns of blobs, checkpoints, plain writes, special writes
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -207,7 +215,7 @@ class AsyncPooledPostgresSaver(AsyncPostgresSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Save a checkpoint (as `AsyncPostgresSaver.aput`), committed with others' writes."""
-        rows, next_config = self._checkpoint_rows(config, checkpoint, metadata, new_versions)
+        rows, next_config = _checkpoint_rows(self, config, checkpoint, metadata, new_versions)
         await self._writer.write(rows)
         return next_config
 
@@ -219,44 +227,56 @@ class AsyncPooledPostgresSaver(AsyncPostgresSaver):
         task_path: str = "",
     ) -> None:
         """Save a task's writes (as `AsyncPostgresSaver.aput_writes`), group-committed."""
-        conf = config["configurable"]
-        dumped = self._dump_writes(
-            conf["thread_id"], conf["checkpoint_ns"], conf["checkpoint_id"], task_id, task_path,
-            writes,
-        )  # fmt: skip
-        special = all(channel in WRITES_IDX_MAP for channel, _ in writes)
-        rows = Rows(writes_upsert=dumped) if special else Rows(writes_insert=dumped)
-        await self._writer.write(rows)
-
-    def _checkpoint_rows(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> tuple[Rows, RunnableConfig]:
-        """The blob and checkpoint rows `AsyncPostgresSaver.aput` writes, and its return value."""
-        conf = config["configurable"]
-        thread_id, ns = conf["thread_id"], conf["checkpoint_ns"]
-        inline, blobs = _split_channel_values(checkpoint["channel_values"])
-        stored = {**checkpoint, "channel_values": inline}
-        row = (
-            thread_id, ns, checkpoint["id"], conf.get("checkpoint_id"), Jsonb(stored),
-            Jsonb(get_serializable_checkpoint_metadata(config, metadata)),
-        )  # fmt: skip
-        versions = {k: v for k, v in new_versions.items() if k in blobs}
-        rows = Rows(blobs=self._dump_blobs(thread_id, ns, blobs, versions), checkpoints=[row])
-        next_config: RunnableConfig = {
-            "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
-                             "checkpoint_id": checkpoint["id"]}
-        }  # fmt: skip
-        return rows, next_config
+        await self._writer.write(_writes_rows(self, config, writes, task_id, task_path))
 
     @_retry_once
     async def _flush(self, rows: Rows) -> None:
         """Write merged rows in one statement (so one transaction and one round trip)."""
-        async with self._cursor() as cur:
-            await cur.execute(_FLUSH_SQL, _flush_params(rows), prepare=False)
+        if (statement := _flush_statement(rows)) is not None:
+            async with self._cursor() as cur:
+                await cur.execute(*statement, prepare=False)
+
+
+def _checkpoint_rows(
+    saver: BasePostgresSaver,
+    config: RunnableConfig,
+    checkpoint: Checkpoint,
+    metadata: CheckpointMetadata,
+    new_versions: ChannelVersions,
+) -> tuple[Rows, RunnableConfig]:
+    """The blob and checkpoint rows LangGraph's `put` / `aput` writes, and its return value."""
+    conf = config["configurable"]
+    thread_id, ns = conf["thread_id"], conf["checkpoint_ns"]
+    inline, blobs = _split_channel_values(checkpoint["channel_values"])
+    stored = {**checkpoint, "channel_values": inline}
+    row = (
+        thread_id, ns, checkpoint["id"], conf.get("checkpoint_id"), Jsonb(stored),
+        Jsonb(get_serializable_checkpoint_metadata(config, metadata)),
+    )  # fmt: skip
+    versions = {k: v for k, v in new_versions.items() if k in blobs}
+    rows = Rows(blobs=saver._dump_blobs(thread_id, ns, blobs, versions), checkpoints=[row])
+    next_config: RunnableConfig = {
+        "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                         "checkpoint_id": checkpoint["id"]}
+    }  # fmt: skip
+    return rows, next_config
+
+
+def _writes_rows(
+    saver: BasePostgresSaver,
+    config: RunnableConfig,
+    writes: Sequence[tuple[str, Any]],
+    task_id: str,
+    task_path: str,
+) -> Rows:
+    """The `checkpoint_writes` rows LangGraph's `put_writes` / `aput_writes` writes."""
+    conf = config["configurable"]
+    dumped = saver._dump_writes(
+        conf["thread_id"], conf["checkpoint_ns"], conf["checkpoint_id"], task_id, task_path,
+        writes,
+    )  # fmt: skip
+    special = all(channel in WRITES_IDX_MAP for channel, _ in writes)
+    return Rows(writes_upsert=dumped) if special else Rows(writes_insert=dumped)
 
 
 def _split_channel_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -273,21 +293,35 @@ def _split_channel_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return inline, blobs
 
 
-def _flush_params(rows: Rows) -> list[list[Any]]:
-    """`_FLUSH_SQL`'s parameters: each table's rows as columns.
+def _flush_statement(rows: Rows) -> tuple[str, list[list[Any]]] | None:
+    """One statement writing `rows`, and its parameters: each table's rows as columns.
 
-    Upserts get one row per key, the last (a statement may not update a row twice), and a
-    special write shadows a plain write with its key, as when LangGraph's saver upserts it.
+    `None` when there is nothing to write. Upserts get one row per key, the last (a statement
+    may not update a row twice), and a special write shadows a plain write with its key, as
+    when LangGraph's saver upserts it. A table without rows is not named, so the statement
+    neither plans nor locks it.
     """
     checkpoints = {row[:3]: row for row in rows.checkpoints}
     upserts = {_write_key(row): row for row in rows.writes_upsert}
     plain = [row for row in rows.writes_insert if _write_key(row) not in upserts]
     tables = (rows.blobs, list(checkpoints.values()), plain, list(upserts.values()))
+    written = tuple(i for i, table in enumerate(tables) if table)
+    if not written:
+        return None
     params: list[list[Any]] = []
-    for table, width in zip(tables, _WIDTHS, strict=True):
-        columns = [list(col) for col in zip(*table, strict=True)] if table else []
-        params += columns or [[] for _ in range(width)]
-    return params
+    for i in written:
+        params += [list(col) for col in zip(*tables[i], strict=True)]
+    return _statement(written), params
+
+
+@functools.lru_cache(maxsize=16)
+def _statement(written: tuple[int, ...]) -> str:
+    """The inserts of the tables `written` (indexes into `_INSERTS`) as one statement."""
+    *first, last = (_INSERTS[i][0] for i in written)
+    if not first:
+        return last
+    ctes = ", ".join(f"w{n} AS (\n    {sql}\n)" for n, sql in enumerate(first))
+    return f"WITH {ctes}\n{last}"
 
 
 def _write_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
