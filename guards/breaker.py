@@ -23,10 +23,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from keel.db.audit import AuditRecord, insert_flow
-from keel.db.ledger import Flow, Ledger
+from keel.db.ledger import Flow, Ledger, read_ahead
 from keel.errors import CircuitOpen, KeelError, UserError
 from keel.redact import sanitized_logger
 
@@ -45,6 +45,8 @@ __all__ = [
     "is_outage",
     "next_state",
 ]
+
+T = TypeVar("T")
 
 State = Literal["closed", "open", "half_open"]
 """A breaker's state."""
@@ -327,6 +329,26 @@ class CircuitBreaker:
         """
         seen = self._closed_at.get(key)
         return seen is not None and seen <= now < seen + self.policy.cooldown_seconds
+
+    def admitting(self, key: str, then: Flow[T]) -> Flow[tuple[BreakerTransition | None, T]]:
+        """`before(key)` and `then` as one flow (one transaction; no round trip of its own).
+
+        The breaker's row is read with `then`'s first statements; while it is closed `then`
+        goes on. Open and still cooling down, `CircuitOpen` is raised, which rolls back what
+        `then` wrote. A change (half-open) is made on the locked row first.
+
+        Raises:
+            CircuitOpen: the breaker is open and still cooling down.
+        """
+        now = self._start(key)
+        read = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)
+        rows, rest = yield from read_ahead(read, then)
+        old = _row(rows)
+        change = (old, old)
+        if next_state(old, "before", now, self.policy) != old:
+            change = yield from self._flow(key, "before", now)
+        transition = self._allowed(key, now, change)
+        return transition, (yield from rest)
 
     def before(self, key: str) -> BreakerTransition | None:
         """Let a call through, or raise `CircuitOpen` while the breaker is open.

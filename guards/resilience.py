@@ -65,22 +65,28 @@ class ModelGuard:
     ) -> Steps[tuple[T, Permit | RateLimited | None]]:
         """`before` as `keel._drive` steps, with `first` in the rate limits' first transaction.
 
-        The breaker is asked first (a plain read while it is closed; `CircuitOpen` is raised
-        before `first` runs). Then `first` (a call's spend reservation) and, when
-        `go_on(its result)`, the first try at the rate buckets commit together; past a limit's
-        `max_wait` the `RateLimited` is returned for the caller to undo `first`.
+        One transaction: the breaker's row is read with `first`'s first statements
+        (`CircuitBreaker.admitting`; open, `CircuitOpen` is raised and `first` rolled back),
+        then `first` (a call's spend reservation) and, when `go_on(its result)`, the first try
+        at the rate buckets; past a limit's `max_wait` the `RateLimited` is returned for the
+        caller to undo `first`.
 
         Raises:
             CircuitOpen: the model's breaker is open.
         """
-        if self.breaker is not None:
-            key = f"model:{model}"
-            _logged((yield both(self.breaker.before, self.breaker.abefore, key)))
-        if self.limiter is not None:
+        if self.breaker is None:
+            assert self.limiter is not None  # a guard has a limiter, a breaker or both
             return (yield from self.limiter.acquiring_after(first, go_on, model, tenant, tokens))
-        assert self.breaker is not None  # a guard has a limiter, a breaker or both
-        ledger = self.breaker.ledger
-        return (yield both(ledger.run, ledger.arun, first)), None
+        checked = self.breaker.admitting(f"model:{model}", first)
+        if self.limiter is not None:
+            (transition, head), permit = yield from self.limiter.acquiring_after(
+                checked, lambda h: go_on(h[1]), model, tenant, tokens
+            )
+        else:
+            ledger = self.breaker.ledger
+            (transition, head), permit = (yield both(ledger.run, ledger.arun, checked)), None
+        _logged(transition)
+        return head, permit
 
     async def abefore(self, model: str, tenant: str, tokens: int) -> Permit | None:
         """Let a call to `model` through, or raise (async); see `before`."""

@@ -14,6 +14,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from keel import KeelError, Ledger, UserError
+from keel.db.ledger import Flow
 from keel.evals import (
     ChaosChatModel,
     ChaosPolicy,
@@ -263,6 +264,54 @@ async def test_a_skipped_success_never_hides_a_half_open_trial(
         )
     finally:
         await other.aclose()
+
+
+def _reserve(key: str) -> Flow[int]:
+    """A write that must not outlive a refusal: one more row `key`, then the count."""
+    yield "INSERT INTO keel_breakers (key, failures) VALUES (?, 0)", (key,)
+    rows = yield "SELECT COUNT(*) FROM keel_breakers WHERE key = ?", (key,)
+    return int(rows[0][0])
+
+
+async def admitting(breaker: CircuitBreaker, mode: str, key: str, then: Flow[Any]) -> Any:
+    flow = breaker.admitting(key, then)
+    if mode == "sync":
+        return await asyncio.to_thread(breaker.ledger.run, flow)
+    return await breaker.ledger.arun(flow)
+
+
+async def test_admitting_checks_the_breaker_in_the_flow_s_own_transaction(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
+    """`admitting` reads the breaker with the flow's first statements: closed, the flow goes
+    on; open, `CircuitOpen` rolls back what the flow wrote; cooled down, the half-open change
+    is made on the locked row (and audited) before the flow goes on."""
+    policy = BreakerPolicy(failure_threshold=1, cooldown_seconds=5)
+    breaker = CircuitBreaker(ledger, policy, clock=clock)
+    key = "model:m"
+    assert await admitting(breaker, mode, key, _reserve("r1")) == (None, 1)
+    await record(breaker, mode, key, False)  # opens at 1000
+    with pytest.raises(CircuitOpen, match=r"half-opens in 5.00 s"):
+        await admitting(breaker, mode, key, _reserve("r2"))
+    assert breaker.ledger.read(_count_of("r2")) == 0  # rolled back with the refusal
+    clock.now += 5
+    transition, count = await admitting(breaker, mode, key, _reserve("r3"))
+    assert transition == BreakerTransition(
+        key, "open", "half_open", 1005.0, "cool-down of 5 s over"
+    )
+    assert count == 1 and (await breaker.astate(key)).state == "half_open"
+    audited = ledger.read(_audit_decisions())
+    assert ("breaker", "half_open") in audited
+
+
+def _count_of(key: str) -> Flow[int]:
+    rows = yield "SELECT COUNT(*) FROM keel_breakers WHERE key = ?", (key,)
+    return int(rows[0][0])
+
+
+def _audit_decisions() -> Flow[list[tuple[str, str]]]:
+    rows = yield "SELECT kind, decision FROM keel_audit", ()
+    return [(str(k), str(v)) for k, v in rows]
 
 
 async def test_state_is_shared_between_ledgers(ledger: Ledger, db_url: str) -> None:

@@ -49,7 +49,7 @@ from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
-__all__ = ["Flow", "Ledger", "together"]
+__all__ = ["Flow", "Ledger", "read_ahead", "together"]
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -71,6 +71,39 @@ def together(*statements: tuple[str, tuple[Any, ...]]) -> Flow[list[list[Row]]]:
 
 _TOGETHER = "-- together"
 """The `sql` of a step whose `params` are statements run in one round trip (`together`)."""
+
+
+def read_ahead(read: tuple[str, tuple[Any, ...]], flow: Flow[T]) -> Flow[tuple[list[Row], Flow[T]]]:
+    """`read` together with `flow`'s first step: `read`'s rows, and the rest of `flow`.
+
+    For a check that decides whether `flow` goes on (a breaker before a reservation): the
+    check costs no round trip of its own. The caller runs the rest (`yield from rest`) or
+    raises, which rolls back what `flow`'s first step wrote.
+    """
+    try:
+        sql, params = next(flow)
+    except StopIteration as stop:
+        rows = yield read
+        return rows, _returning(stop.value)
+    grouped = sql is _TOGETHER
+    got = yield from together(read, *(params if grouped else ((sql, params),)))
+    return got[0], _resumed(flow, got[1:] if grouped else got[1])
+
+
+def _resumed(flow: Flow[T], rows: list[Any]) -> Flow[T]:
+    """`flow`, already at its first step, sent that step's `rows` and run to its end."""
+    try:
+        step = flow.send(rows)
+        while True:
+            step = flow.send((yield step))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+
+
+def _returning(value: T) -> Flow[T]:
+    yield from ()  # a flow with no steps
+    return value
 
 
 class Ledger:
