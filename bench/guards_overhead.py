@@ -25,18 +25,19 @@ cost of checking.
   call (reserve, settle), and the audit log and run records that come with a ledger.
   Reported separately; it is not part of the goal.
 - `keel_resilient`: `keel_guarded` plus an RPM / TPM rate limit and circuit breakers per model
-  and per tool, all kept in the ledger: per model call a breaker read, a bucket transaction
-  and a settle; per tool call a breaker read (and the audit log and run records). Reported
+  and per tool, all kept in the ledger: per model call a bucket transaction (which reads the
+  breaker) and a settle; per tool call a breaker read (and the audit log and run records). Reported
   separately; not part of the goal.
 - `keel_all_on`: everything production turns on, all in the ledger: `keel_guarded` plus the
   period budget, rate limits and breakers of `keel_period` and `keel_resilient`, the audit log
   and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
   `risk="write"`, so every call is claimed before and recorded after it runs). Per tool step
-  4 ledger transactions: the reservation with the rate buckets' first try, the settle (with
-  the rate refund and the breaker's success), the claim (synchronous commit) and the tool
-  node's end (the call's result, the breaker's success, the audit record), and 2 plain reads,
-  the model's and the tool's breaker (`Ledger.read`: a closed breaker changes nothing); and
-  the side-effecting call
+  4 ledger transactions: the reservation with the model's breaker and the rate buckets' first
+  try, the settle (with the rate refund), the claim (synchronous commit) and the tool node's
+  end (the call's result, the audit record), and 1 plain read, the tool's breaker
+  (`Ledger.read`: a closed breaker changes nothing, and its successes are not written); on
+  PostgreSQL about 9 round trips in all (writes nobody reads travel with the next read or the
+  `COMMIT`); and the side-effecting call
   waits for the checkpoint holding its request to be saved. Goal: no slower than
   `create_agent_mw` and at most 1.3x unguarded `keel`.
 - `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of
