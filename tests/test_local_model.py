@@ -336,3 +336,17 @@ async def test_a_run_under_a_budget_stops_as_budget_exceeded(local: LocalChatMod
         assert "model_calls" in final["outcome"]["detail"]
     else:
         assert final["outcome"]["terminated_reason"] == "completed"
+
+
+def test_a_cpu_with_amx_gets_its_instruction_sets_without_llama_cpp_s_amx_kernels() -> None:
+    """llama.cpp built native on a CPU with AMX segfaults at the first inference on virtualized
+    Xeons (measured on this project's CI machines): such a CPU is built without AMX."""
+    from keel.app.cli_models import BUILD_FLAGS, build_flags
+
+    xeon = frozenset({"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile"})
+    flags = build_flags(xeon).split()
+    assert "-DGGML_NATIVE=OFF" in flags and "-DLLAVA_BUILD=OFF" in flags
+    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON"} <= set(flags)
+    assert not [f for f in flags if "AMX" in f]
+    assert build_flags(frozenset({"avx", "avx2", "fma"})) == BUILD_FLAGS  # native, as before
+    assert build_flags(frozenset()) == BUILD_FLAGS  # unknown CPU (not Linux): native
