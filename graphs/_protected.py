@@ -30,6 +30,7 @@ from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
 from keel.graphs._storage import (
     STORAGE_FAILURES,
+    RunEnd,
     StreamEnding,
     at_top,
     storage_error,
@@ -93,7 +94,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
             return chunks
-        chunks = StreamEnding(self.stream_mode, kwargs).guard(chunks)
+        chunks = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs)).guard(chunks)
         answers = self._answers(kwargs)
         return chunks if answers is None else answers.guard(chunks)
 
@@ -105,11 +106,19 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             self._check_waiting((await self.aget_state(config)).interrupts, config)
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
-            chunks = StreamEnding(self.stream_mode, kwargs).aguard(chunks)
+            ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+            chunks = ending.aguard(chunks)
             answers = self._answers(kwargs)
             chunks = chunks if answers is None else answers.aguard(chunks)
         async for chunk in chunks:
             yield chunk
+
+    def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
+        """Where a run that ends on a storage failure is recorded: nowhere here.
+
+        `ThreadGuardedGraph` records it with the agent's observer.
+        """
+        return None
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """LangGraph's `invoke`; a storage failure before the run started ends it too."""

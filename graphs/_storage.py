@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psycopg
 from langchain_core.runnables import RunnableConfig
@@ -32,7 +33,15 @@ from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
 from keel.state import Outcome
 
-__all__ = ["STORAGE_FAILURES", "StreamEnding", "at_top", "storage_error", "storage_outcome"]
+__all__ = [
+    "STORAGE_FAILURES",
+    "Recorder",
+    "RunEnd",
+    "StreamEnding",
+    "at_top",
+    "storage_error",
+    "storage_outcome",
+]
 
 log = sanitized_logger("keel.graphs")
 
@@ -70,15 +79,36 @@ def storage_error(exc: BaseException) -> StorageError:
     )
 
 
+class Recorder(Protocol):
+    """Where a run that ended on a storage failure records itself (`keel.observe.Observer`)."""
+
+    def record_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
+
+    async def arecord_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """A run's recorder, with the config and context its record is written under."""
+
+    recorder: Recorder
+    config: RunnableConfig
+    context: Any
+
+
 class StreamEnding:
     """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
 
-    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows).
+    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows). With
+    a `RunEnd`, a run that ends so is recorded (its run record, `terminated_reason` storage),
+    as far as the ledger still takes writes: its graph never reached the route that records
+    a finished run.
     """
 
-    def __init__(self, graph_mode: Any, kwargs: dict[str, Any]) -> None:
+    def __init__(self, graph_mode: Any, kwargs: dict[str, Any], end: RunEnd | None = None) -> None:
         self.shape = ChunkShape(graph_mode, kwargs)
         self.latest: dict[str, Any] = {}
+        self.end = end
 
     def see(self, chunk: Any) -> None:
         """Keep `chunk`'s state if it is a top-level `values` chunk."""
@@ -91,12 +121,15 @@ class StreamEnding:
         ):
             self.latest = parts[2]
 
-    def last_chunk(self, exc: BaseException) -> Any:
-        """The `values` chunk that ends the stream, or raise `StorageError` without one."""
+    def ended(self, exc: BaseException) -> dict[str, Any]:
+        """The run's last state: the latest one seen, with the storage outcome."""
         log.warning("a run ended on a storage failure: %s", exc)
+        return {**self.latest, "outcome": storage_outcome(exc)}
+
+    def last_chunk(self, exc: BaseException, state: dict[str, Any]) -> Any:
+        """The `values` chunk that ends the stream, or raise `StorageError` without one."""
         if "values" not in self.shape.modes:
             raise storage_error(exc) from exc
-        state = {**self.latest, "outcome": storage_outcome(exc)}
         return self.shape.make((), "values", state, {"interrupts": ()})
 
     def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:
@@ -106,7 +139,10 @@ class StreamEnding:
                 self.see(chunk)
                 yield chunk
         except STORAGE_FAILURES as exc:
-            yield self.last_chunk(exc)
+            state = self.ended(exc)
+            if self.end is not None:
+                self.end.recorder.record_run(state, self.end.config, self.end.context)
+            yield self.last_chunk(exc, state)
 
     async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """`guard` for an async stream."""
@@ -115,4 +151,7 @@ class StreamEnding:
                 self.see(chunk)
                 yield chunk
         except STORAGE_FAILURES as exc:
-            yield self.last_chunk(exc)
+            state = self.ended(exc)
+            if self.end is not None:
+                await self.end.recorder.arecord_run(state, self.end.config, self.end.context)
+            yield self.last_chunk(exc, state)

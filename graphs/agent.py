@@ -283,10 +283,7 @@ def build_agent(
         policy=guards.policy_label,
         label=version,
     )
-    wiring = _Wiring(
-        StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput),
-        guards,
-        registry,
+    observer = (
         Observer(
             guards.ledger,
             graph=name,
@@ -295,7 +292,13 @@ def build_agent(
             version=served,
         )
         if guards.ledger is not None
-        else None,
+        else None
+    )
+    wiring = _Wiring(
+        StateGraph(AgentState, context_schema=RunContext, input_schema=AgentInput),
+        guards,
+        registry,
+        observer,
     )
     wiring.agent_loop(model, system_prompt, before_model, fallback_models, downgrade_model)
     first = wiring.entry(plan=plan, memory=memory, store=store)
@@ -308,8 +311,9 @@ def build_agent(
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
     audit = AuditLog(ledger) if ledger else None
     agent: Agent = guarded(
-        compiled, audit, admission, output_guard=guards.output_guard, version=served
-    )
+        compiled, audit, admission, output_guard=guards.output_guard, version=served,
+        recorder=observer,
+    )  # fmt: skip
     traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)
 

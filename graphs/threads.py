@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
@@ -34,6 +35,7 @@ from keel.db.runs import RunLog
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._protected import ProtectedGraph
+from keel.graphs._storage import Recorder, RunEnd
 from keel.guards.admission import Admission, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.nodes._once import tool_message
@@ -176,6 +178,8 @@ class ThreadGuardedGraph(ProtectedGraph):
     """Admission control: each run holds a lease while it streams (None: no caps)."""
     keel_version: AgentVersion | None = None
     """The agent version a refused run is recorded under (`keel report --by version`)."""
+    keel_recorder: Recorder | None = None
+    """Where a run that ends on a storage failure writes its run record (the agent's observer)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -185,7 +189,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_admission = self.keel_admission
         out.keel_output_guard = self.keel_output_guard
         out.keel_version = self.keel_version
+        out.keel_recorder = self.keel_recorder
         return out
+
+    def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
+        if self.keel_recorder is None:
+            return None
+        context = run_context(config, kwargs.get("context"))
+        return RunEnd(self.keel_recorder, ensure_config(config), context)
 
     def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
@@ -308,6 +319,7 @@ _NOT_INIT = (
     "keel_admission",
     "keel_output_guard",
     "keel_version",
+    "keel_recorder",
 )
 
 
@@ -317,11 +329,13 @@ def guarded(
     admission: Admission | None = None,
     output_guard: OutputGuardPolicy | None = None,
     version: AgentVersion | None = None,
+    recorder: Recorder | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
     With `output_guard`, a `messages` stream sends answers once that guard checked them;
-    `version` is the agent version its refused (overloaded) runs are recorded under.
+    `version` is the agent version its refused (overloaded) runs are recorded under;
+    `recorder` writes the run record of a run that ends on a storage failure.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = ThreadGuardedGraph(**attrs)
@@ -329,6 +343,7 @@ def guarded(
     out.keel_admission = admission
     out.keel_output_guard = output_guard
     out.keel_version = version
+    out.keel_recorder = recorder
     return out  # type: ignore[return-value]
 
 

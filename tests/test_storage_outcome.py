@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from test_storage_faults import InFlightKiller
 
-from keel import Persistence, RunContext, StorageError, build_agent, tool
+from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
 
@@ -29,7 +30,7 @@ CTX = RunContext(user_id="u1", tenant_id="acme")
 ALLOW = Policy(name="storage", rules=(Rule(tool="*", action="allow"),))
 
 
-def _agent(saver: Any, fault: Callable[[], Any]) -> Any:
+def _agent(saver: Any, fault: Callable[[], Any], ledger: Ledger | None = None) -> Any:
     """An agent whose tool breaks the storage once (the fault), then answers."""
     done: list[bool] = []
 
@@ -42,7 +43,7 @@ def _agent(saver: Any, fault: Callable[[], Any]) -> Any:
         return f"order {order_id}: delivered"
 
     model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "It was delivered."])
-    return build_agent(model, [lookup], policy=ALLOW, checkpointer=saver)
+    return build_agent(model, [lookup], policy=ALLOW, checkpointer=saver, ledger=ledger)
 
 
 def _assert_storage(result: Any) -> None:
@@ -63,6 +64,42 @@ def test_sqlite_turned_read_only_mid_run_ends_with_a_storage_outcome(tmp_path: P
         done = agent.invoke(None, config, context=CTX)
         assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
         assert done["messages"][-1].content == "It was delivered."
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_run_that_ends_on_storage_still_writes_its_run_record(
+    tmp_path: Path, mode: str
+) -> None:
+    """The checkpointer's database fails mid-run; the ledger (its own file here) still takes
+    writes: the run has a run record saying `storage`, as every run has one. Its graph never
+    reached the route that records a finished run."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    config: Any = {"configurable": {"thread_id": "recorded"}}
+    if mode == "sync":
+        with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+            flip = lambda: saver.conn.execute("PRAGMA query_only = ON")  # noqa: E731
+            agent = _agent(saver, flip, ledger)
+            _assert_storage(agent.invoke({"messages": [("user", "go")]}, config, context=CTX))
+        records = RunLog(ledger).query()
+    else:
+        async with Persistence(f"sqlite:///{tmp_path}/k.db").acheckpointer() as asaver:
+            loop = asyncio.get_running_loop()
+
+            def read_only() -> None:
+                asyncio.run_coroutine_threadsafe(
+                    asaver.conn.execute("PRAGMA query_only = ON"), loop
+                ).result(timeout=10)
+
+            agent = _agent(asaver, read_only, ledger)
+            _assert_storage(
+                await agent.ainvoke({"messages": [("user", "go")]}, config, context=CTX)
+            )
+        records = await RunLog(ledger).aquery()
+    assert [(r.thread_id, r.terminated_reason, r.user_id) for r in records] == [
+        ("recorded", "storage", "u1")
+    ]
+    assert "readonly" in records[0].detail and records[0].graph == "keel_agent"
+    await ledger.aclose()
 
 
 def test_sqlite_locked_by_another_connection_ends_with_a_storage_outcome(tmp_path: Path) -> None:

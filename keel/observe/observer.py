@@ -113,6 +113,22 @@ class Observer:
         self.policy_version = policy_version
         self.version = version
 
+    def record_run(self, state: AgentState, config: RunnableConfig, context: RunContext) -> None:
+        """Write the record of the run `state` ends (or pauses); a failure is logged."""
+        try:
+            _telemetry(self.runs.write(_record(self, state, config, context)))
+        except Exception as exc:
+            log.error("keel could not write the run record: %r", exc)
+
+    async def arecord_run(
+        self, state: AgentState, config: RunnableConfig, context: RunContext
+    ) -> None:
+        """`record_run` under `ainvoke`."""
+        try:
+            _telemetry(await self.runs.awrite(_record(self, state, config, context)))
+        except Exception as exc:
+            log.error("keel could not write the run record: %r", exc)
+
     def who(self, config: RunnableConfig, context: RunContext) -> Who:
         """The identity of a node call from its config and context."""
         configurable = config.get("configurable") or {}
@@ -249,26 +265,20 @@ def recorded(
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
-            try:
-                _telemetry(observer.runs.write(_record(observer, state, config, runtime)))
-            except Exception as exc:
-                log.error("keel could not write the run record: %r", exc)
+            observer.record_run(state, config, context_of(runtime))
         return choice
 
     async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
-            try:
-                _telemetry(await observer.runs.awrite(_record(observer, state, config, runtime)))
-            except Exception as exc:
-                log.error("keel could not write the run record: %r", exc)
+            await observer.arecord_run(state, config, context_of(runtime))
         return choice
 
     return RunnableCallable(run, arun, name=f"route_{source}", trace=False)
 
 
-def _record(observer: Observer, state: AgentState, config: RunnableConfig, runtime: Any) -> Any:
-    who = observer.who(config, context_of(runtime))
+def _record(observer: Observer, state: AgentState, config: RunnableConfig, context: Any) -> Any:
+    who = observer.who(config, context)
     tools = dict(observer.version.tool_versions) if observer.version is not None else {}
     return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
 
