@@ -125,6 +125,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         try:
             return super().invoke(input, config, **kwargs)
         except STORAGE_FAILURES as exc:
+            if (end := self._run_end_before(exc, config, kwargs)) is not None:
+                end.recorder.record_run({"outcome": storage_outcome(exc)}, end.config, end.context)
             return _ended(exc, config, kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -132,7 +134,22 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         try:
             return await super().ainvoke(input, config, **kwargs)
         except STORAGE_FAILURES as exc:
+            if (end := self._run_end_before(exc, config, kwargs)) is not None:
+                state = {"outcome": storage_outcome(exc)}
+                await end.recorder.arecord_run(state, end.config, end.context)
             return _ended(exc, config, kwargs)
+
+    def _run_end_before(
+        self, exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> RunEnd | None:
+        """Where a run that failed before its stream began is recorded (`_run_end`).
+
+        A stream that began records its own end (`StreamEnding`), and then raises a
+        `StorageError` carrying the outcome: that one is not recorded twice.
+        """
+        if isinstance(exc, StorageError) and exc.outcome is not None:
+            return None
+        return self._run_end(config, kwargs) if at_top(config) else None
 
     def _check_updates(self, supersteps: Sequence[Sequence[StateUpdate]]) -> None:
         for step in supersteps:

@@ -102,6 +102,27 @@ async def test_a_run_that_ends_on_storage_still_writes_its_run_record(
     await ledger.aclose()
 
 
+def test_a_run_whose_thread_cannot_be_read_still_writes_its_run_record(tmp_path: Path) -> None:
+    """The checkpointer's connection is gone before the run can read its thread: the run ends
+    before its stream begins, with the `storage` outcome and a run record saying so."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        agent = _agent(saver, lambda: None, ledger)
+        config: Any = {"configurable": {"thread_id": "gone"}}
+        first = agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+        assert first["outcome"]["terminated_reason"] == "completed"
+        saver.conn.close()  # type: ignore[attr-defined]
+        result = agent.invoke({"messages": [("user", "again")]}, config, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "storage", result["outcome"]
+    assert "closed database" in result["outcome"]["detail"]
+    records = RunLog(ledger).query()
+    assert [(r.thread_id, r.terminated_reason) for r in records] == [
+        ("gone", "completed"),
+        ("gone", "storage"),
+    ]
+    ledger.close()
+
+
 def test_sqlite_locked_by_another_connection_ends_with_a_storage_outcome(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
