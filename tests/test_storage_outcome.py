@@ -123,6 +123,27 @@ def test_a_run_whose_thread_cannot_be_read_still_writes_its_run_record(tmp_path:
     ledger.close()
 
 
+async def test_a_closed_async_sqlite_connection_ends_with_a_storage_outcome(
+    tmp_path: Path,
+) -> None:
+    """aiosqlite raises a bare `ValueError` on a closed connection; keel's async saver raises
+    what the sync one does, so the run ends as `storage` (with its run record), not in a
+    traceback."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    async with Persistence(f"sqlite:///{tmp_path}/k.db").acheckpointer() as saver:
+        agent = _agent(saver, lambda: None, ledger)
+        config: Any = {"configurable": {"thread_id": "agone"}}
+        first = await agent.ainvoke({"messages": [("user", "go")]}, config, context=CTX)
+        assert first["outcome"]["terminated_reason"] == "completed"
+        await saver.conn.close()  # type: ignore[attr-defined]
+        result = await agent.ainvoke({"messages": [("user", "again")]}, config, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "storage", result["outcome"]
+    assert "closed database" in result["outcome"]["detail"]
+    records = await RunLog(ledger).aquery()
+    assert [r.terminated_reason for r in records] == ["completed", "storage"]
+    await ledger.aclose()
+
+
 def test_sqlite_locked_by_another_connection_ends_with_a_storage_outcome(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -376,12 +376,25 @@ class _RollingBack(asyncio.Lock):
     """The async SQLite saver's lock: a write that failed is rolled back before it is released.
 
     LangGraph's `aput_writes` commits only when every row went in; one that failed halfway left
-    its first rows in an open transaction, which the saver's next commit made durable.
+    its first rows in an open transaction, which the saver's next commit made durable. Every
+    call of the saver takes this lock first: on a closed connection it raises the error the
+    sync saver raises (`sqlite3.ProgrammingError`, a storage failure), not aiosqlite's bare
+    `ValueError`, so the run ends with a `storage` outcome.
     """
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         super().__init__()
         self._conn = conn
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+        try:
+            self._conn.in_transaction  # noqa: B018 (aiosqlite raises ValueError once closed)
+        except ValueError as exc:
+            self.release()
+            raise sqlite3.ProgrammingError(
+                f"Cannot operate on a closed database (the checkpointer's connection: {exc})."
+            ) from exc
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
