@@ -38,7 +38,7 @@ from langgraph.checkpoint.serde.types import _DeltaSnapshot
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from keel.db.checkpoint._batch import Rows, WriteBehind
 from keel.errors import SetupError, StorageError, UserError
@@ -89,7 +89,11 @@ _Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 def _retry_once(
     method: Callable[_P, Coroutine[Any, Any, _T]],
 ) -> Callable[_P, Coroutine[Any, Any, _T]]:
-    """Run `method` again on a fresh connection when its connection died under it."""
+    """Run `method` again on a fresh connection when its connection died under it.
+
+    The pool is drained first: its idle connections likely died with this one, and one
+    checked in the last seconds is taken without a new check (`keel.db.persistence`).
+    """
 
     @functools.wraps(method)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -98,6 +102,9 @@ def _retry_once(
         except psycopg.OperationalError as exc:
             if not connection_lost(exc):
                 raise
+        pool = getattr(args[0], "conn", None) if args else None
+        if isinstance(pool, AsyncConnectionPool):
+            await pool.drain()  # its other idle connections likely died too
         with lost_twice(method.__name__):
             return await method(*args, **kwargs)
 
@@ -114,6 +121,9 @@ def retry_once(method: Callable[_P, _T]) -> Callable[_P, _T]:
         except psycopg.OperationalError as exc:
             if not connection_lost(exc):
                 raise
+        pool = getattr(args[0], "conn", None) if args else None
+        if isinstance(pool, ConnectionPool):
+            pool.drain()  # its other idle connections likely died too
         with lost_twice(method.__name__):
             return method(*args, **kwargs)
 

@@ -425,15 +425,21 @@ class _ReconnectingPostgresSaver(PostgresSaver):
         """`PostgresSaver.put`, retried once on a dropped connection (bytes counted once)."""
         tally = _TALLY.get()
         counted = tally.size if tally is not None else 0
+        return self._put_once(config, checkpoint, metadata, new_versions, tally, counted)
 
-        def attempt() -> RunnableConfig:
-            if tally is not None:
-                tally.size = counted
-            return super(_ReconnectingPostgresSaver, self).put(
-                config, checkpoint, metadata, new_versions
-            )
-
-        return retry_once(attempt)()
+    @retry_once
+    def _put_once(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        tally: _Tally | None,
+        counted: int,
+    ) -> RunnableConfig:
+        if tally is not None:
+            tally.size = counted
+        return super().put(config, checkpoint, metadata, new_versions)
 
     @retry_once
     def put_writes(
