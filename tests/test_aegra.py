@@ -39,6 +39,13 @@ def _rows(url: str, table: str) -> list[tuple[str, int]]:
         return [(str(j), int(p)) for j, p in conn.execute(f"SELECT job, pid FROM {table}")]
 
 
+def _claims(url: str, thread_id: str) -> list[str]:
+    """The states of the thread's side-effecting calls in keel's idempotency ledger."""
+    with psycopg.connect(url) as conn:
+        query = "SELECT state FROM keel_tool_calls WHERE thread_id = %s"
+        return [str(s) for (s,) in conn.execute(query, (thread_id,))]
+
+
 @pytest.mark.postgres
 async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
     postgres_url: str, tmp_path: Path
@@ -58,13 +65,15 @@ async def test_a_killed_worker_loses_no_run_and_repeats_no_side_effect(
             tmp_path, postgres_url, ledger_url, server_config=SLOW_CONFIG, extra_env=env
         ) as cluster:
             try:
-                await _kill_a_worker_under_load(cluster, effects_url)
+                await _kill_a_worker_under_load(cluster, effects_url, ledger_url)
             except BaseException:
                 print(cluster.logs()[-20000:])
                 raise
 
 
-async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: str) -> None:
+async def _kill_a_worker_under_load(
+    cluster: servers.AegraCluster, effects_url: str, ledger_url: str
+) -> None:
     by_pid = {w.pid: w for w in cluster.workers}
     client = get_client(url=cluster.url, headers={"Authorization": "Bearer token-alice"})
     async with client:
@@ -102,7 +111,6 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
         attempts, effects = _rows(effects_url, "attempts"), _rows(effects_url, "effects")
         # work done by both workers, and runs the victim held were finished by the survivor
         assert {p for _, p in attempts} == {victim.pid, survivor.pid}
-        victims_jobs = {j for j, p in attempts if p == victim.pid}
         # no side effect twice, and no call the survivor repeated after the victim's attempt
         assert [j for j, n in Counter(j for j, _ in effects).items() if n > 1] == []
         assert [j for j, n in Counter(j for j, _ in attempts).items() if n > 1] == []
@@ -115,8 +123,10 @@ async def _kill_a_worker_under_load(cluster: servers.AegraCluster, effects_url: 
             outcome = values["outcome"]
             tool_replies = [m for m in values["messages"] if m["type"] == "tool"]
             if outcome["terminated_reason"] == "awaiting_approval":
-                # the ledger stopped the re-run of a call the victim started: "did this happen?"
-                assert jobs[tid] in victims_jobs, (jobs[tid], outcome)
+                # the ledger stopped the re-run of a call the victim claimed: "did this happen?"
+                # (killed between its claim and the tool's first line, it left no attempt)
+                assert _claims(ledger_url, tid) == ["started"], (jobs[tid], outcome)
+                assert {p for j, p in attempts if j == jobs[tid]} <= {victim.pid}, jobs[tid]
                 assert "a call to slow_work started but never finished" in outcome["detail"]
                 assert tool_replies == []
                 in_doubt[tid] = jobs[tid]
