@@ -102,7 +102,8 @@ def _resumed(flow: Flow[T], rows: list[Any]) -> Flow[T]:
 
 
 def _returning(value: T) -> Flow[T]:
-    yield from ()  # a flow with no steps
+    """A flow with no steps that returns `value` (nothing sent, nothing written)."""
+    yield from ()
     return value
 
 
@@ -225,7 +226,7 @@ class Ledger:
             return None
         pending = self._take()
         _BATCH.reset(token)
-        return _chain(pending, _nothing()) if pending else None
+        return _chain(pending, _returning(None)) if pending else None
 
     @property
     def deferred(self) -> int:
@@ -527,11 +528,6 @@ def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
     for record in pending:
         yield from record
     return (yield from flow)
-
-
-def _nothing() -> Flow[None]:
-    return
-    yield  # a generator with no steps
 
 
 _ATTEMPTS = 3
