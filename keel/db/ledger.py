@@ -862,12 +862,8 @@ def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list
     """
     if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
-    try:
+    with _in_doubt_raised(cur, queue, send):
         cur.execute(send.query, send.params)
-    except psycopg.Error as exc:
-        if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
-            raise _InDoubt(_one_line(exc)) from exc
-        raise
     rows = [list(cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
     return _step_rows(sql, rows)
 
@@ -876,14 +872,24 @@ async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) 
     """`_send_pg` on an async connection."""
     if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
-    try:
+    with _in_doubt_raised(cur, queue, send):
         await cur.execute(send.query, send.params)
+    rows = [list(await cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
+    return _step_rows(sql, rows)
+
+
+@contextmanager
+def _in_doubt_raised(cur: Any, queue: _Queue, send: _Send) -> Iterator[None]:
+    """Around sending `send`: a failure that may have committed it (`_in_doubt`) as `_InDoubt`.
+
+    Any other failure is raised as it is.
+    """
+    try:
+        yield
     except psycopg.Error as exc:
         if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
             raise _InDoubt(_one_line(exc)) from exc
         raise
-    rows = [list(await cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
-    return _step_rows(sql, rows)
 
 
 def _results(cur: Any, send: _Send) -> Iterator[None]:
