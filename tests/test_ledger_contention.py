@@ -103,6 +103,23 @@ async def test_statements_run_together_each_get_their_rows(ledger: Ledger) -> No
     assert ledger.read(_count("t")) == 1  # nothing was deleted
 
 
+async def test_together_without_statements_is_refused(ledger: Ledger) -> None:
+    """A flow author's mistake: refused at the call, and the transaction it was in rolls back."""
+    refused = r"together\(\.\.\.\) needs one statement or more, got none"
+    with pytest.raises(UserError, match=refused):
+        together()
+
+    def empty() -> Flow[Any]:
+        yield from _insert("e")  # on PostgreSQL it waits to travel with the next statement
+        return (yield from together())
+
+    with pytest.raises(UserError, match=refused):
+        ledger.run(empty())
+    with pytest.raises(UserError, match=refused):
+        await ledger.arun(empty())
+    assert ledger.read(_count("e")) == 0  # neither transaction wrote its insert
+
+
 async def test_read_ahead_sends_a_check_with_a_flow_s_first_step(ledger: Ledger) -> None:
     """`read_ahead`: the check's rows, then the rest of the flow, whatever its first step is
     (a statement, a `together`, or none at all)."""

@@ -64,7 +64,16 @@ def together(*statements: tuple[str, tuple[Any, ...]]) -> Flow[list[list[Row]]]:
     committed or locked: a statement's snapshot is taken when it starts); on SQLite they run
     one after the other. For example the locked spend row and the reservations held against
     it: `spend, held = yield from together(upsert, select)`.
+
+    Raises:
+        UserError: no statement is given.
     """
+    if not statements:
+        raise UserError("together(...) needs one statement or more, got none.")
+    return _together(statements)
+
+
+def _together(statements: tuple[tuple[str, tuple[Any, ...]], ...]) -> Flow[list[list[Row]]]:
     rows = yield _TOGETHER, statements
     return [list(each) for each in rows]
 
