@@ -36,7 +36,7 @@ cost of checking.
   try, the settle (with the rate refund), the claim (synchronous commit) and the tool node's
   end (the call's result, the audit record), and 1 plain read, the tool's breaker
   (`Ledger.read`: a closed breaker changes nothing, and its successes are not written); on
-  PostgreSQL about 9 round trips in all (writes nobody reads travel with the next read or the
+  PostgreSQL 9 round trips in all (writes nobody reads travel with the next read or the
   `COMMIT`); and the side-effecting call
   waits for the checkpoint holding its request to be saved. Goal: no slower than
   `create_agent_mw` and at most 1.3x unguarded `keel`.

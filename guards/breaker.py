@@ -206,6 +206,13 @@ def _row(rows: list[tuple[Any, ...]]) -> BreakerState:
     )
 
 
+def _kept(
+    old: BreakerState, event: BreakerEvent, now: float, policy: BreakerPolicy
+) -> tuple[BreakerState, BreakerState] | None:
+    """`(old, old)` when `event` at `now` leaves a breaker in state `old` as it is, else `None`."""
+    return (old, old) if next_state(old, event, now, policy) == old else None
+
+
 def breaker_flow(
     key: str, event: BreakerEvent, now: float, policy: BreakerPolicy
 ) -> Flow[tuple[BreakerState, BreakerState]]:
@@ -215,9 +222,8 @@ def breaker_flow(
     new), the transition recomputed on the locked row, and written.
     """
     select = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?"
-    old = _row((yield select, (key,)))
-    if next_state(old, event, now, policy) == old:
-        return old, old
+    if (kept := _kept(_row((yield select, (key,))), event, now, policy)) is not None:
+        return kept
     rows = yield select + " {for_update}", (key,)
     if not rows:
         yield "INSERT INTO keel_breakers (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
@@ -292,8 +298,7 @@ class CircuitBreaker:
         The common case, a closed breaker letting a call through, then costs one `SELECT` and
         no transaction; a change is made by `_flow`, on the locked row.
         """
-        old = _row((yield f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)))
-        return (old, old) if next_state(old, event, now, self.policy) == old else None
+        return _kept((yield from _read_flow(key)), event, now, self.policy)
 
     def _start(self, key: str) -> float:
         if not isinstance(key, str) or not key:
@@ -343,9 +348,8 @@ class CircuitBreaker:
         now = self._start(key)
         read = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)
         rows, rest = yield from read_ahead(read, then)
-        old = _row(rows)
-        change = (old, old)
-        if next_state(old, "before", now, self.policy) != old:
+        change = _kept(_row(rows), "before", now, self.policy)
+        if change is None:
             change = yield from self._flow(key, "before", now)
         transition = self._allowed(key, now, change)
         return transition, (yield from rest)

@@ -42,7 +42,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
-from keel.db.ledger import Flow, Ledger
+from keel.db.ledger import Flow, Ledger, _returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
@@ -491,7 +491,10 @@ class GuardedModel:
         meter, guard = self.meter, self.guard
         assert guard is not None
         tokens = estimate_tokens(messages) + self.schema_tokens
-        first = meter.reserve_input(tokens, ctx, m.name) if meter is not None else _no_reservation()
+        # without a period budget: no reservation, and nothing written
+        first: Flow[Reservation | str | None] = (
+            meter.reserve_input(tokens, ctx, m.name) if meter is not None else _returning(None)
+        )
         try:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)
@@ -593,12 +596,6 @@ class GuardedModel:
 
 
 # -- the ledger's failures --------------------------------------------------------------------
-
-
-def _no_reservation() -> Flow[Reservation | str | None]:
-    """The reservation of a call without a period budget: none, and nothing written."""
-    yield from ()  # a flow with no statements
-    return None
 
 
 def _storage(exc: Exception) -> Exception:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
+import psycopg
 import pytest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.tools import tool
@@ -27,6 +29,7 @@ from langgraph.runtime import Runtime, get_runtime
 from keel import Ledger, Persistence, RunContext, build_agent
 from keel import tool as keel_tool
 from keel._node import RunnableCallable
+from keel.db import ledger as ledger_module
 from keel.db import writer_lock as writer_lock_module
 from keel.db.ledger import Flow, read_ahead, together
 from keel.db.writer_lock import writer_lock
@@ -34,8 +37,10 @@ from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
     BreakerPolicy,
+    Budget,
     CircuitBreaker,
     CircuitOpen,
+    LoopPolicy,
     PeriodBudget,
     Policy,
     RateLimit,
@@ -101,6 +106,23 @@ async def test_statements_run_together_each_get_their_rows(ledger: Ledger) -> No
     with pytest.raises(UserError, match=r"Ledger\.read runs only plain SELECTs"):
         ledger.read(sneaky())
     assert ledger.read(_count("t")) == 1  # nothing was deleted
+
+
+async def test_together_without_statements_is_refused(ledger: Ledger) -> None:
+    """A flow author's mistake: refused at the call, and the transaction it was in rolls back."""
+    refused = r"together\(\.\.\.\) needs one statement or more, got none"
+    with pytest.raises(UserError, match=refused):
+        together()
+
+    def empty() -> Flow[Any]:
+        yield from _insert("e")  # on PostgreSQL it waits to travel with the next statement
+        return (yield from together())
+
+    with pytest.raises(UserError, match=refused):
+        ledger.run(empty())
+    with pytest.raises(UserError, match=refused):
+        await ledger.arun(empty())
+    assert ledger.read(_count("e")) == 0  # neither transaction wrote its insert
 
 
 async def test_read_ahead_sends_a_check_with_a_flow_s_first_step(ledger: Ledger) -> None:
@@ -342,13 +364,34 @@ def echo(x: int) -> str:
     return f"echo {x}"
 
 
-ALL_ON = Policy(
-    rules=(Rule(tool="echo", action="allow"),),
-    period_budgets=(PeriodBudget(scope="user", period="month", usd=1_000),),
+ALL_ON = Policy(  # bench/guards_overhead.py's ALL_ON_POLICY
+    name="bench-all-on",
+    budget=Budget(model_calls=100, tool_calls=100, usd=100),
+    rules=(Rule(tool="echo", action="allow"), Rule(tool="refund", action="ask")),
+    loop=LoopPolicy(max_repeats=50),
+    period_budgets=(PeriodBudget(scope="user", period="month", usd=1_000_000),),
     rate_limits=(RateLimit(rpm=1_000_000, tpm=1_000_000_000),),
     model_breaker=BreakerPolicy(),
     tool_breaker=BreakerPolicy(),
 )
+
+
+def _per_tool_step(
+    ledger: Ledger, saver: Any, counts: Callable[[], dict[str, int]], k: int
+) -> dict[str, float]:
+    """What `counts()` counts per everything-on tool step: (a k-step run - a 0-step run) / k."""
+    seen = []
+    for steps in (0, k):
+        turns = [*(call("echo", x=i) for i in range(steps)), "done"]
+        agent: Any = build_agent(ScriptedChatModel(script=turns), [echo, refund], policy=ALL_ON,
+                                 ledger=ledger, checkpointer=saver)  # fmt: skip
+        before = counts()
+        config = {"configurable": {"thread_id": f"t{steps}"}}
+        context = RunContext(user_id="u1", tenant_id="acme")
+        result = agent.invoke({"messages": [("user", "go")]}, config, context=context)
+        assert result["outcome"]["terminated_reason"] == "completed"
+        seen.append({key: n - before[key] for key, n in counts().items()})
+    return {key: (seen[1][key] - seen[0][key]) / k for key in seen[0]}
 
 
 def _counted(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -370,19 +413,50 @@ def test_a_tool_step_with_everything_on_makes_four_transactions_and_one_read(
     ledger = Ledger(url)
     ledger.setup()
     counts = _counted(ledger, monkeypatch)
-    seen = []
     with Persistence(url).checkpointer() as saver:
-        for steps in (1, 3):
-            turns = [*(call("echo", x=i) for i in range(steps)), "done"]
-            agent: Any = build_agent(ScriptedChatModel(script=turns), [echo], policy=ALL_ON,
-                                     ledger=ledger, checkpointer=saver)  # fmt: skip
-            before = dict(counts)
-            config = {"configurable": {"thread_id": f"t{steps}"}}
-            result = agent.invoke({"messages": [("user", "go")]}, config, context=RunContext())
-            assert result["outcome"]["terminated_reason"] == "completed"
-            seen.append({k: counts[k] - before[k] for k in counts})
-    per_step = {k: (seen[1][k] - seen[0][k]) / 2 for k in counts}
+        per_step = _per_tool_step(ledger, saver, lambda: dict(counts), k=2)
     assert per_step == {"transactions": 4, "reads": 1}  # README: "4 ... and 1 plain read"
+    ledger.close()
+
+
+def _round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the queries the ledger sends to PostgreSQL, each one round trip.
+
+    A transaction's go through its `ClientCursor` (`_send_pg`: the queued writes with the next
+    read, `BEGIN` with the first, `COMMIT` with the last writes or apart; only the ledger uses
+    a `ClientCursor`); a plain read's (`Ledger.read`) through `_fetch_pg`, one per statement.
+    """
+    counts = {"in transactions": 0, "plain reads": 0}
+    execute, fetch = psycopg.ClientCursor.execute, ledger_module._fetch_pg
+
+    def executing(self: psycopg.ClientCursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["in transactions"] += 1
+        return execute(self, query, *args, **kwargs)
+
+    def fetching(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        if sql is not ledger_module._TOGETHER:  # each of a `together`'s statements is counted
+            counts["plain reads"] += 1
+        return fetch(cur, sql, params)
+
+    monkeypatch.setattr(psycopg.ClientCursor, "execute", executing)
+    monkeypatch.setattr(ledger_module, "_fetch_pg", fetching)
+    return counts
+
+
+@pytest.mark.postgres
+def test_a_tool_step_with_everything_on_takes_nine_round_trips_on_postgres(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 4 transactions' 8 queries (a write nobody reads travels with the next read, or with
+    `COMMIT`) and the tool breaker's read: README's "an everything-on tool step: 9 round
+    trips"."""
+    ledger = Ledger(fresh_postgres_url)
+    ledger.setup()
+    counts = _round_trips(monkeypatch)
+    with Persistence(fresh_postgres_url).checkpointer() as saver:
+        per_step = _per_tool_step(ledger, saver, lambda: dict(counts), k=3)
+    assert per_step == {"in transactions": 8, "plain reads": 1}
+    assert sum(per_step.values()) == 9
     ledger.close()
 
 

@@ -64,7 +64,16 @@ def together(*statements: tuple[str, tuple[Any, ...]]) -> Flow[list[list[Row]]]:
     committed or locked: a statement's snapshot is taken when it starts); on SQLite they run
     one after the other. For example the locked spend row and the reservations held against
     it: `spend, held = yield from together(upsert, select)`.
+
+    Raises:
+        UserError: no statement is given.
     """
+    if not statements:
+        raise UserError("together(...) needs one statement or more, got none.")
+    return _together(statements)
+
+
+def _together(statements: tuple[tuple[str, tuple[Any, ...]], ...]) -> Flow[list[list[Row]]]:
     rows = yield _TOGETHER, statements
     return [list(each) for each in rows]
 
@@ -102,7 +111,8 @@ def _resumed(flow: Flow[T], rows: list[Any]) -> Flow[T]:
 
 
 def _returning(value: T) -> Flow[T]:
-    yield from ()  # a flow with no steps
+    """A flow with no steps that returns `value` (nothing sent, nothing written)."""
+    yield from ()
     return value
 
 
@@ -225,7 +235,7 @@ class Ledger:
             return None
         pending = self._take()
         _BATCH.reset(token)
-        return _chain(pending, _nothing()) if pending else None
+        return _chain(pending, _returning(None)) if pending else None
 
     @property
     def deferred(self) -> int:
@@ -527,11 +537,6 @@ def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
     for record in pending:
         yield from record
     return (yield from flow)
-
-
-def _nothing() -> Flow[None]:
-    return
-    yield  # a generator with no steps
 
 
 _ATTEMPTS = 3
@@ -866,12 +871,8 @@ def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list
     """
     if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
-    try:
+    with _in_doubt_raised(cur, queue, send):
         cur.execute(send.query, send.params)
-    except psycopg.Error as exc:
-        if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
-            raise _InDoubt(_one_line(exc)) from exc
-        raise
     rows = [list(cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
     return _step_rows(sql, rows)
 
@@ -880,14 +881,24 @@ async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) 
     """`_send_pg` on an async connection."""
     if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
-    try:
+    with _in_doubt_raised(cur, queue, send):
         await cur.execute(send.query, send.params)
+    rows = [list(await cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
+    return _step_rows(sql, rows)
+
+
+@contextmanager
+def _in_doubt_raised(cur: Any, queue: _Queue, send: _Send) -> Iterator[None]:
+    """Around sending `send`: a failure that may have committed it (`_in_doubt`) as `_InDoubt`.
+
+    Any other failure is raised as it is.
+    """
+    try:
+        yield
     except psycopg.Error as exc:
         if queue.committed and _in_doubt(exc, cur.mogrify(send.query, send.params)):
             raise _InDoubt(_one_line(exc)) from exc
         raise
-    rows = [list(await cur.fetchall()) if cur.description else [] for _ in _results(cur, send)]
-    return _step_rows(sql, rows)
 
 
 def _results(cur: Any, send: _Send) -> Iterator[None]:
