@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -161,8 +162,6 @@ async def arecord_feedback(
     ledger: Ledger, feedback: Feedback, *, client: Any = None, forward: bool = True
 ) -> Feedback:
     """Async `record_feedback` (forwarding runs in a worker thread)."""
-    import asyncio
-
     stored = await ledger.arun(_record_flow(feedback))
     if forward and (client is not None or langsmith_key()):
         try:

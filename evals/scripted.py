@@ -8,6 +8,7 @@ concurrent runs and resumed threads, and it answers the same way after a replay.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -232,6 +233,4 @@ def _capped(message: AIMessage, limit: int | None) -> AIMessage:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value)

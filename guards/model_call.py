@@ -42,7 +42,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
-from keel.db.ledger import Flow, Ledger, _returning
+from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
@@ -493,7 +493,7 @@ class GuardedModel:
         tokens = estimate_tokens(messages) + self.schema_tokens
         # without a period budget: no reservation, and nothing written
         first: Flow[Reservation | str | None] = (
-            meter.reserve_input(tokens, ctx, m.name) if meter is not None else _returning(None)
+            meter.reserve_input(tokens, ctx, m.name) if meter is not None else returning(None)
         )
         try:
             held, permit = yield from guard.admitting(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, overload
@@ -98,8 +99,6 @@ def tool(
                 f"Tool {name or fn.__name__!r} has no docstring; the model needs a description. "
                 "Add a docstring saying what the tool does."
             )
-        import inspect
-
         is_async = inspect.iscoroutinefunction(fn)
         built = KeelTool.from_function(
             func=None if is_async else fn,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from keel.db.runs import RunRecord
 from keel.errors import UserError
+from keel.guards.policy import load_data_file
 
 __all__ = [
     "Objective",
@@ -269,8 +270,6 @@ def load_objectives(path: str | Path) -> list[Objective]:
         latency_p95 = { max = 2.0 }
         ```
     """
-    from keel.guards.policy import load_data_file
-
     p = Path(path)
     data = load_data_file(p, "SLO file")
     slo = data.get("slo") if isinstance(data, Mapping) else None

@@ -49,7 +49,7 @@ from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
-__all__ = ["Flow", "Ledger", "read_ahead", "together"]
+__all__ = ["Flow", "Ledger", "read_ahead", "returning", "together"]
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -93,7 +93,7 @@ def read_ahead(read: tuple[str, tuple[Any, ...]], flow: Flow[T]) -> Flow[tuple[l
         sql, params = next(flow)
     except StopIteration as stop:
         rows = yield read
-        return rows, _returning(stop.value)
+        return rows, returning(stop.value)
     grouped = sql is _TOGETHER
     got = yield from together(read, *(params if grouped else ((sql, params),)))
     return got[0], _resumed(flow, got[1:] if grouped else got[1])
@@ -110,7 +110,7 @@ def _resumed(flow: Flow[T], rows: list[Any]) -> Flow[T]:
         return result
 
 
-def _returning(value: T) -> Flow[T]:
+def returning(value: T) -> Flow[T]:
     """A flow with no steps that returns `value` (nothing sent, nothing written)."""
     yield from ()
     return value
@@ -235,7 +235,7 @@ class Ledger:
             return None
         pending = self._take()
         _BATCH.reset(token)
-        return _chain(pending, _returning(None)) if pending else None
+        return _chain(pending, returning(None)) if pending else None
 
     @property
     def deferred(self) -> int:

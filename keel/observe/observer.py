@@ -38,6 +38,7 @@ from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
 from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
+from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
 from keel.tools.registry import ToolRegistry
@@ -285,8 +286,6 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, conte
 
 def _telemetry(stored: RunRecord) -> None:
     """Report the stored run to OpenTelemetry, when it is installed (see `keel.observe.otel`)."""
-    from keel.observe import otel
-
     telemetry = otel.active()
     if telemetry is not None:
         try:

@@ -27,7 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tracers.langchain import LangChainTracer
 
 from keel._version import __version__
-from keel.redact import sanitized_logger
+from keel.redact import sanitize, sanitized_logger
 from keel.state import RunContext
 from keel.versions import AgentVersion
 
@@ -73,8 +73,6 @@ def tracing_without_key(env: Mapping[str, str] | None = None) -> bool:
 
 def sanitized(values: dict[str, Any]) -> dict[str, Any]:
     """A run's inputs or outputs with PII redacted (the `hide_inputs` / `hide_outputs` hook)."""
-    from keel.redact import sanitize
-
     return sanitize(values)
 
 
