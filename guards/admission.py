@@ -128,6 +128,7 @@ class Admission:
             raise UserError(f"Admission needs an AdmissionPolicy, got {type(policy).__name__}.")
         self.ledger = ledger
         self.policy = policy
+        self._renewer = _Renewer(self)
 
     @classmethod
     def of(cls, ledger: Ledger | None, policy: AdmissionPolicy | None) -> Admission | None:
@@ -183,12 +184,12 @@ class Admission:
     def renew(self, lease: Lease) -> None:
         """Push the lease's expiry `lease_s` ahead (a running run calls this as it goes)."""
         if lease.refused is None:
-            self.ledger.run(_renew_flow(lease.id, time.time() + self.policy.lease_s))
+            self.ledger.run(_renew_flow([lease.id], time.time() + self.policy.lease_s))
 
     async def arenew(self, lease: Lease) -> None:
         """Push the lease's expiry ahead (async)."""
         if lease.refused is None:
-            await self.ledger.arun(_renew_flow(lease.id, time.time() + self.policy.lease_s))
+            await self.ledger.arun(_renew_flow([lease.id], time.time() + self.policy.lease_s))
 
     def release(self, lease: Lease) -> None:
         """Give the slot back (a refused lease holds none)."""
@@ -202,27 +203,17 @@ class Admission:
 
     @contextlib.contextmanager
     def holding(self, lease: Lease) -> Iterator[None]:
-        """Renew `lease` every `lease_s / 3` from a thread while the block runs; release it after.
+        """Renew `lease` at least every `lease_s / 3` while the block runs; release it after.
 
-        A process that dies stops renewing: its lease expires and its slot comes free.
+        One thread per `Admission` renews every lease its sync runs hold, in one statement a
+        beat (see `_Renewer`). A process that dies stops renewing: its leases expire and their
+        slots come free.
         """
-        stop = threading.Event()
-
-        def beat() -> None:
-            try:
-                while not stop.wait(self.policy.lease_s / 3):
-                    with contextlib.suppress(Exception):  # a missed renewal shortens the lease
-                        self.renew(lease)
-            finally:
-                self.ledger.close_thread()
-
-        thread = threading.Thread(target=beat, name="keel-admission-lease", daemon=True)
-        thread.start()
+        self._renewer.add(lease)
         try:
             yield
         finally:
-            stop.set()
-            thread.join()
+            self._renewer.discard(lease)
             try:
                 self.release(lease)
             except Exception as exc:  # the run's own result or error wins; the lease expires
@@ -366,8 +357,79 @@ def _promote_flow(
     return "running"
 
 
-def _renew_flow(lease_id: str, expires_at: float) -> Flow[None]:
-    yield f"UPDATE {ADMISSION_LEASES.name} SET expires_at = ? WHERE id = ?", (expires_at, lease_id)
+class _Renewer:
+    """The one thread that renews the leases an `Admission`'s sync runs hold.
+
+    A run adds its lease when it starts and discards it when it ends. Every `lease_s / 3` the
+    thread pushes the expiry of every lease held then `lease_s` ahead, in one statement; it
+    stops when no lease is left, and the next run starts it again. So many sync runs at once
+    cost one thread and one statement a beat, not a thread and a statement each. A beat that
+    fails (the ledger is down) is skipped: the next one tries again, and a lease not renewed
+    in time lapses, as a dead process's does.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._held: set[str] = set()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        if lease.refused is not None:
+            return
+        with self._changed:
+            self._held.add(lease.id)
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                self._thread = threading.Thread(
+                    target=self._beat, name="keel-admission-lease", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        """Stop renewing `lease`.
+
+        The last lease out waits for the thread to end (and close its connection): a ledger
+        closed after the runs finds no renewal under way.
+        """
+        with self._changed:
+            self._held.discard(lease.id)
+            thread = None
+            if not self._held:
+                thread = self._thread
+                self._changed.notify()  # the thread ends now, not at its next beat
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _beat(self) -> None:
+        admission = self._admission
+        try:
+            while True:
+                with self._changed:
+                    if self._held:
+                        self._changed.wait(admission.policy.lease_s / 3)
+                    if not self._held:
+                        self._thread = None
+                        return
+                    held = sorted(self._held)
+                expires_at = time.time() + admission.policy.lease_s
+                try:
+                    admission.ledger.run(_renew_flow(held, expires_at))
+                except Exception as exc:  # a missed renewal shortens the leases
+                    log.warning("keel could not renew %d admission leases: %s", len(held), exc)
+        finally:
+            admission.ledger.close_thread()
+
+
+def _renew_flow(lease_ids: list[str], expires_at: float) -> Flow[None]:
+    for start in range(0, len(lease_ids), _RENEWED_AT_ONCE):
+        ids = lease_ids[start : start + _RENEWED_AT_ONCE]
+        marks = ", ".join("?" * len(ids))
+        sql = f"UPDATE {ADMISSION_LEASES.name} SET expires_at = ? WHERE id IN ({marks})"
+        yield sql, (expires_at, *ids)
+
+
+_RENEWED_AT_ONCE = 500
+"""Leases one statement renews (a statement's values stay far below either database's cap)."""
 
 
 def _release_flow(lease_id: str) -> Flow[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -300,8 +301,6 @@ async def test_a_refused_run_streams_its_outcome_in_each_stream_mode(ledger: Led
 
 def test_a_sync_run_longer_than_its_lease_keeps_its_slot(db_url: str) -> None:
     """`invoke` renews from a heartbeat thread, which closes its SQLite connection after."""
-    import threading
-
     ledger = Ledger(db_url)
     go = threading.Event()
 
@@ -339,3 +338,78 @@ def test_a_sync_run_longer_than_its_lease_keeps_its_slot(db_url: str) -> None:
     finally:
         go.set()
         ledger.close()
+
+
+def _renewers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "keel-admission-lease" and t.is_alive()]
+
+
+def _expiries(ledger: Ledger) -> list[float]:
+    def flow() -> Any:
+        rows = yield "SELECT expires_at FROM keel_admission_leases", ()
+        return sorted(float(r[0]) for r in rows)
+
+    return list(ledger.run(flow()))
+
+
+def _eventually(check: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sync_runs_share_one_renewing_thread(db_url: str) -> None:
+    """Eight sync runs at once: one thread renews all their leases together; it ends with them."""
+    ledger = Ledger(db_url)
+    caps = AdmissionPolicy(tenant_running=8, lease_s=0.3)
+    admission = Admission(ledger, caps)
+    go, inside = threading.Event(), threading.Semaphore(0)
+
+    def one_run(i: int) -> None:
+        lease = admission.acquire(RunContext(user_id=f"u{i}", tenant_id="acme"))
+        assert lease.refused is None, lease.refused
+        with admission.holding(lease):
+            inside.release()
+            go.wait(30)
+
+    runs = [threading.Thread(target=one_run, args=(i,)) for i in range(8)]
+    try:
+        for r in runs:
+            r.start()
+        for _ in runs:
+            assert inside.acquire(timeout=30), "a run never took its slot"
+        time.sleep(1.0)  # three lease lifetimes: only renewals keep the slots
+        assert admission.held("acme") == {"running": 8, "queued": 0}
+        assert len(_renewers()) == 1
+        # renewed in one statement a beat: every lease carries the same expiry
+        _eventually(lambda: len(set(_expiries(ledger))) == 1, "one expiry for all eight")
+    finally:
+        go.set()
+        for r in runs:
+            r.join(30)
+    assert admission.held("acme") == {"running": 0, "queued": 0}
+    assert _renewers() == []  # the last run out waited for it to end
+    ledger.close()
+
+
+def test_a_failed_renewal_beat_is_skipped_and_the_next_renews(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ledger fails for a beat (its table is gone): a warning, then the leases renew again."""
+    ledger = Ledger(db_url)
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=2, lease_s=1.5))
+    lease = admission.acquire(RunContext(user_id="u", tenant_id="acme"))
+
+    def rename(old: str, new: str) -> Any:
+        yield f"ALTER TABLE {old} RENAME TO {new}", ()
+
+    with admission.holding(lease):
+        ledger.run(rename("keel_admission_leases", "keel_admission_leases_away"))
+        _eventually(lambda: "could not renew 1 admission leases" in caplog.text, "a failed beat")
+        ledger.run(rename("keel_admission_leases_away", "keel_admission_leases"))
+        back = time.time()
+        _eventually(lambda: _expiries(ledger)[0] >= back + 1.5, "a renewal after the outage")
+        assert len(_renewers()) == 1
+    assert admission.held("acme") == {"running": 0, "queued": 0}
+    ledger.close()

@@ -464,7 +464,8 @@ class Ledger:
         self._local.db = None
         if db is not None:
             with self._lock:
-                self._sqlite_dbs.remove(db)
+                if db in self._sqlite_dbs:  # else `close()` took it (and closed it) already
+                    self._sqlite_dbs.remove(db)
             db.close()
 
     def _sqlite_path(self) -> str:
