@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from keel._drive import Steps, both
+from keel._drive import Op, Steps, both
 from keel.db.ledger import Flow, Ledger
 from keel.errors import RateLimited
 from keel.guards.breaker import (
@@ -77,13 +77,16 @@ class ModelGuard:
         if self.breaker is None:
             assert self.limiter is not None  # a guard has a limiter, a breaker or both
             return (yield from self.limiter.acquiring_after(first, go_on, model, tenant, tokens))
+        ledger = self.breaker.ledger
+        # an open breaker raises, rolling back its transaction: records deferred earlier in
+        # this node (a failed call's rate refund) commit first, on their own
+        yield Op(ledger.flush, ledger.aflush)
         checked = self.breaker.admitting(f"model:{model}", first)
         if self.limiter is not None:
             (transition, head), permit = yield from self.limiter.acquiring_after(
                 checked, lambda h: go_on(h[1]), model, tenant, tokens
             )
         else:
-            ledger = self.breaker.ledger
             (transition, head), permit = (yield both(ledger.run, ledger.arun, checked)), None
         _logged(transition)
         return head, permit

@@ -40,9 +40,12 @@ TWO_TRIES = RetryPolicy(max_attempts=2, initial_interval=0.01, jitter=False)
 QUESTION = {"messages": [("user", "where is A1?")]}
 
 
+CONTEXT = RunContext(user_id="u1")
+
+
 def _invoke(agent: Any, thread: str = "t") -> dict[str, Any]:
     result: dict[str, Any] = agent.invoke(
-        QUESTION, {"configurable": {"thread_id": thread}}, context=RunContext(user_id="u1")
+        QUESTION, {"configurable": {"thread_id": thread}}, context=CONTEXT
     )
     return result
 
@@ -400,3 +403,45 @@ def test_downgrade_model_takes_over_past_the_soft_threshold() -> None:
 def test_no_downgrade_by_default_and_it_needs_a_budget() -> None:
     with pytest.raises(UserError, match=r"^build_agent\(downgrade_model=\.\.\.\) switches"):
         build_agent(ScriptedChatModel(script=["hi"]), downgrade_model="openai:gpt-4o-mini")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failed_calls_refund_survives_a_fallback_whose_breaker_is_open(
+    db_url: str, mode: str
+) -> None:
+    """The primary fails (its TPM estimate is refunded, deferred to the node's next ledger
+    write); the fallback's breaker is open, which rolls back the transaction that carried the
+    refund: the refund must still land, not vanish with the refusal."""
+    ledger = Ledger(db_url)
+    breaker = BreakerPolicy(failure_threshold=1, cooldown_seconds=600)
+    CircuitBreaker(ledger, breaker).record("model:backup", ok=False)  # the backup is down
+    limit = RateLimit(tpm=1_000_000, model="primary")
+    primary = ChaosChatModel(
+        model=ScriptedChatModel(model_name="primary", script=["hi"]),
+        policy=ChaosPolicy(server_error=1.0),
+    )
+    backup = ScriptedChatModel(model_name="backup", script=["backup answer"])
+    agent = build_agent(
+        primary,
+        policy=Policy(rate_limits=(limit,), model_breaker=breaker),
+        ledger=ledger,
+        fallback_models=[backup],
+        model_retry=ONE_TRY,
+    )
+    if mode == "sync":
+        result = _invoke(agent)
+    else:
+        run = agent.ainvoke(QUESTION, {"configurable": {"thread_id": "t"}}, context=CONTEXT)
+        result = asyncio.run(run)
+    assert result["outcome"]["status"] == "error"
+    assert "CircuitOpen" in result["outcome"]["detail"]
+    assert backup.calls == []
+
+    def tokens() -> Any:
+        rows = yield "SELECT key, tokens FROM keel_rate_buckets", ()
+        return dict(rows)
+
+    ((key, left),) = ledger.run(tokens()).items()
+    assert key.startswith("tpm:model:primary")
+    assert left > 1_000_000 - 1, f"the failed call's estimate was not given back: {left}"
+    ledger.close()

@@ -202,6 +202,21 @@ class Ledger:
         if not self._enqueue(flow):
             await self.arun(flow)
 
+    def flush(self) -> None:
+        """Commit the records deferred in this scope now, in a transaction of their own.
+
+        For a flow that may be refused by raising (a breaker's `admitting`): the exception rolls
+        back its transaction, and the deferred records it carried would go with it. Nothing to
+        do (no transaction) when none waits.
+        """
+        if pending := self._take():
+            self.run(_chain(pending, returning(None)))
+
+    async def aflush(self) -> None:
+        """`flush` under `ainvoke`."""
+        if pending := self._take():
+            await self.arun(_chain(pending, returning(None)))
+
     @contextmanager
     def batch(self) -> Iterator[None]:
         """A scope whose deferred records commit with its next transaction, or on exit.
