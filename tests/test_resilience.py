@@ -43,6 +43,12 @@ QUESTION = {"messages": [("user", "where is A1?")]}
 CONTEXT = RunContext(user_id="u1")
 
 
+def _down(name: str) -> ChaosChatModel:
+    """A model whose every call fails with a server error (an outage)."""
+    scripted = ScriptedChatModel(model_name=name, script=["never"])
+    return ChaosChatModel(model=scripted, policy=ChaosPolicy(server_error=1.0))
+
+
 def _invoke(agent: Any, thread: str = "t") -> dict[str, Any]:
     result: dict[str, Any] = agent.invoke(
         QUESTION, {"configurable": {"thread_id": thread}}, context=CONTEXT
@@ -82,10 +88,7 @@ def test_a_failure_that_opens_the_breaker_is_not_retried() -> None:
 
 def test_the_failure_that_opens_the_breaker_moves_to_the_fallback_at_once(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
-    primary = ChaosChatModel(
-        model=ScriptedChatModel(model_name="primary", script=["never"]),
-        policy=ChaosPolicy(server_error=1.0),
-    )
+    primary = _down("primary")
     backup = ScriptedChatModel(model_name="backup", script=["backup answer"])
     agent = build_agent(
         primary,
@@ -239,10 +242,7 @@ async def test_model_breaker_cycles_and_falls_back(
 def test_open_breaker_without_fallback_ends_the_run_with_an_outcome(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     breaker = BreakerPolicy(failure_threshold=1, cooldown_seconds=60)
-    primary = ChaosChatModel(
-        model=ScriptedChatModel(model_name="primary", script=["hi"]),
-        policy=ChaosPolicy(server_error=1.0),
-    )
+    primary = _down("primary")
     agent = build_agent(
         primary,
         policy=Policy(model_breaker=breaker),
@@ -416,10 +416,7 @@ def test_a_failed_calls_refund_survives_a_fallback_whose_breaker_is_open(
     breaker = BreakerPolicy(failure_threshold=1, cooldown_seconds=600)
     CircuitBreaker(ledger, breaker).record("model:backup", ok=False)  # the backup is down
     limit = RateLimit(tpm=1_000_000, model="primary")
-    primary = ChaosChatModel(
-        model=ScriptedChatModel(model_name="primary", script=["hi"]),
-        policy=ChaosPolicy(server_error=1.0),
-    )
+    primary = _down("primary")
     backup = ScriptedChatModel(model_name="backup", script=["backup answer"])
     agent = build_agent(
         primary,
