@@ -33,11 +33,11 @@ cost of checking.
   and run records (on with a ledger), and the idempotency ledger (`echo` is a keel tool with
   `risk="write"`, so every call is claimed before and recorded after it runs). Per tool step
   4 ledger transactions: the reservation with the model's breaker and the rate buckets' first
-  try, the settle (with the rate refund), the claim (synchronous commit) and the tool node's
-  end (the call's result, the audit record), and 1 plain read, the tool's breaker
-  (`Ledger.read`: a closed breaker changes nothing, and its successes are not written); on
-  PostgreSQL 9 round trips in all (writes nobody reads travel with the next read or the
-  `COMMIT`); and the side-effecting call
+  try, the settle (with the rate refund), the claim with the tool's breaker read alongside
+  (synchronous commit) and the tool node's end (the call's result, the audit record); a
+  closed breaker changes nothing, and its successes are not written; on PostgreSQL 8 round
+  trips in all (writes nobody reads travel with the next read or the `COMMIT`); and the
+  side-effecting call
   waits for the checkpoint holding its request to be saved. Goal: no slower than
   `create_agent_mw` and at most 1.3x unguarded `keel`.
 - `create_agent_keel_mw`: `create_agent` with keel's guards as middleware instead of

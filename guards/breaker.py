@@ -34,6 +34,7 @@ log = sanitized_logger("keel.guards")
 
 __all__ = [
     "BreakerEvent",
+    "BreakerGate",
     "BreakerPolicy",
     "BreakerState",
     "breaker_record",
@@ -346,13 +347,30 @@ class CircuitBreaker:
             CircuitOpen: the breaker is open and still cooling down.
         """
         now = self._start(key)
-        read = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)
-        rows, rest = yield from read_ahead(read, then)
+        rows, rest = yield from read_ahead(_select(key), then)
+        transition = yield from self._admit(key, now, rows)
+        return transition, (yield from rest)
+
+    def _admit(
+        self, key: str, now: float, rows: list[tuple[Any, ...]]
+    ) -> Flow[BreakerTransition | None]:
+        """`before(key)` on the row `rows` read: a change (half-open) made on the locked row.
+
+        Raises:
+            CircuitOpen: the breaker is open and still cooling down (nothing was written).
+        """
         change = _kept(_row(rows), "before", now, self.policy)
         if change is None:
             change = yield from self._flow(key, "before", now)
-        transition = self._allowed(key, now, change)
-        return transition, (yield from rest)
+        return self._allowed(key, now, change)
+
+    def gate(self, key: str, refusal: Callable[[CircuitOpen], str]) -> BreakerGate:
+        """`before(key)` as a claim's gate (`keel.db.idempotency.ClaimGate`).
+
+        The breaker's row is read with the claim's first statement and checked only for a call
+        that would run; open, the claim is refused with `refusal(exc)`.
+        """
+        return BreakerGate(self, key, self._start(key), refusal)
 
     def before(self, key: str) -> BreakerTransition | None:
         """Let a call through, or raise `CircuitOpen` while the breaker is open.
@@ -420,6 +438,34 @@ class CircuitBreaker:
         return await self.ledger.arun(_read_flow(key))
 
 
+def _select(key: str) -> tuple[str, tuple[Any, ...]]:
+    return f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerGate:
+    """A breaker's `before` for a claim (`CircuitBreaker.gate`): read, then decided."""
+
+    breaker: CircuitBreaker
+    key: str
+    now: float
+    refusal: Callable[[CircuitOpen], str]
+
+    @property
+    def read(self) -> tuple[str, tuple[Any, ...]]:
+        """The breaker's row."""
+        return _select(self.key)
+
+    def decide(self, rows: list[tuple[Any, ...]]) -> Flow[str | None]:
+        """`None` to let the call through (logging a transition), else the refusal."""
+        try:
+            transition = yield from self.breaker._admit(self.key, self.now, rows)
+        except CircuitOpen as exc:  # raised before anything was written
+            return self.refusal(exc)
+        _logged(transition)
+        return None
+
+
 def _logged(transition: BreakerTransition | None) -> BreakerTransition | None:
     """`transition`, logged as a warning when there is one."""
     if transition is not None:
@@ -440,7 +486,7 @@ def _event(ok: bool) -> BreakerEvent:
 
 
 def _read_flow(key: str) -> Flow[BreakerState]:
-    return _row((yield f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?", (key,)))
+    return _row((yield _select(key)))
 
 
 def breaker_record(transition: BreakerTransition) -> AuditRecord:

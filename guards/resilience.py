@@ -19,6 +19,7 @@ from keel._drive import Op, Steps, both
 from keel.db.ledger import Flow, Ledger
 from keel.errors import RateLimited
 from keel.guards.breaker import (
+    BreakerGate,
     BreakerTransition,
     CircuitBreaker,
     CircuitOpen,
@@ -157,6 +158,13 @@ class ToolGuard:
         except CircuitOpen as exc:
             return refusal(tool, exc)
         return None
+
+    def gate(self, tool: str) -> BreakerGate:
+        """`check` as the gate of `tool`'s idempotency claim (`keel.db.idempotency.ClaimGate`).
+
+        The breaker's row is read with the claim, and an open breaker refuses the claim.
+        """
+        return self.breaker.gate(f"tool:{tool}", lambda exc: refusal(tool, exc))
 
     def record(self, tool: str, status: str) -> None:
         """Record a run of `tool` that ended with keel tool status `status`."""

@@ -27,7 +27,7 @@ from keel._drive import Op, Steps, both, sleep
 from keel._node import unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key, request_key
-from keel.db.idempotency import CallRecord, claim_flow, finish_flow, resolve_flow
+from keel.db.idempotency import CallRecord, ClaimGate, claim_flow, finish_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import StorageError, UserError
@@ -200,6 +200,7 @@ def once_steps(
     known: Collection[str] | None = None,
     *,
     alone: bool = True,
+    gate: ClaimGate | None = None,
 ) -> Steps[ToolMessage | Unknown]:
     """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
@@ -207,7 +208,9 @@ def once_steps(
     same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`). A
     ledger failure (`StorageError`) answers the call as `_storage_failed` says. `alone`: the
     only call of its step; under `ainvoke` a call run beside others records its result at
-    once (it must not wait in the node's ledger batch for a slower sibling).
+    once (it must not wait in the node's ledger batch for a slower sibling). `gate`: checked
+    in the claim's transaction before a call may run (the tool's breaker); refused, the
+    call is answered `unavailable` and nothing is recorded.
     """
     ran: list[ToolMessage] = []
 
@@ -217,7 +220,7 @@ def once_steps(
         return message
 
     try:
-        return (yield from _claimed(entry, call, key, ledger, tracked, known, alone))
+        return (yield from _claimed(entry, call, key, ledger, tracked, known, alone, gate))
     except StorageError as exc:
         return _storage_failed(call, exc, ran[0] if ran else None)
 
@@ -230,12 +233,13 @@ def _claimed(
     run: Callable[[], Steps[ToolMessage]],
     known: Collection[str] | None,
     alone: bool,
+    gate: ClaimGate | None,
 ) -> Steps[ToolMessage | Unknown]:
     def flow(steps: Flow[Any]) -> Op:
         return both(ledger.run, ledger.arun, steps)
 
     thread, call_id, _, _ = key
-    claim = yield flow(claim_flow(*key, known=known))
+    claim = yield flow(claim_flow(*key, known=known, gate=gate))
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:
@@ -246,7 +250,10 @@ def _claimed(
                 return message
             rerun = found is None
         if rerun:
-            claim = yield flow(claim_flow(*key, rerun_unknown=True))
+            claim = yield flow(claim_flow(*key, rerun_unknown=True, gate=gate))
+    if claim.action == "refused":
+        assert claim.refusal is not None
+        return tool_message(call, claim.refusal, "unavailable")
     if claim.action == "conflict":
         return tool_message(
             call,

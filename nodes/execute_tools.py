@@ -157,10 +157,13 @@ def execute_tools(
         job: _Job, config: RunnableConfig, known: Known, alone: bool = True
     ) -> Steps[ToolMessage | Unknown]:
         key = ledger_key(job.entry, job.call, config, ledger)
-        guarded = partial(_guarded, job, config, held.tool_guard)
+        guard = held.tool_guard
         if key is None or ledger is None:
-            return (yield from guarded())
-        steps = once_steps(job.entry, job.call, key, ledger, guarded, known, alone=alone)
+            return (yield from _guarded(job, config, guard))
+        # the breaker is checked in the claim's transaction (`gate`), then only recorded
+        guarded = partial(_guarded, job, config, guard, checked=True)
+        gate = guard.gate(job.entry.name) if guard is not None else None
+        steps = once_steps(job.entry, job.call, key, ledger, guarded, known, alone=alone, gate=gate)
         return (yield from steps)
 
     def invoke(
@@ -421,13 +424,20 @@ async def _attempt_async(job: _Job, config: RunnableConfig) -> Any:
 # -- the tool's circuit breaker around a run (keel.guards.resilience) ------------------------
 
 
-def _guarded(job: _Job, config: RunnableConfig, guard: ToolGuard | None) -> Steps[ToolMessage]:
+def _guarded(
+    job: _Job, config: RunnableConfig, guard: ToolGuard | None, checked: bool = False
+) -> Steps[ToolMessage]:
+    """Run the call under its breaker, and record its result.
+
+    The breaker is checked first, unless the call's claim `checked` it already.
+    """
     if guard is None:
         return (yield from _run(job, config))
     tool = job.entry.name
-    refused = yield Op(lambda: guard.check(tool), lambda: guard.acheck(tool))
-    if refused is not None:
-        return _message(job.call, refused, "unavailable")
+    if not checked:
+        refused = yield Op(lambda: guard.check(tool), lambda: guard.acheck(tool))
+        if refused is not None:
+            return _message(job.call, refused, "unavailable")
     result = yield from _run(job, config)
     status = str(result.response_metadata.get("keel_status"))
     yield Op(lambda: guard.record(tool, status), lambda: guard.arecord(tool, status))

@@ -20,6 +20,8 @@ from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.db.idempotency import claim_flow, finish_flow, records_flow, resolve_flow
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel, call
+from keel.guards import BreakerPolicy, CircuitBreaker, Policy, Rule
+from keel.guards.resilience import ToolGuard
 
 CTX = RunContext(user_id="u1")
 
@@ -109,6 +111,92 @@ def test_claim_states(db_url: str) -> None:
         assert set(ledger.run(records_flow("t", ["c1", "nope"]))) == {"c1"}
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize(
+    "known", [None, ("c0", "c1", "c2")], ids=["first-statement-insert", "orphan-check"]
+)
+def test_an_open_breaker_refuses_only_a_claim_that_would_run(db_url: str, known: Any) -> None:
+    """The tool breaker is the claim's gate: open, a call that would run is refused and nothing
+    is written (a later claim may run it); a call the ledger answers from its record, or one
+    in doubt, is answered as before; cooled down, the claim half-opens the breaker with it."""
+    ledger = Ledger(db_url)
+    clock = [1000.0]
+    breaker = CircuitBreaker(
+        ledger, BreakerPolicy(failure_threshold=1, cooldown_seconds=30), clock=lambda: clock[0]
+    )
+    guard = ToolGuard(breaker)
+    try:
+        done = ("t", "c0", "charge", "d0")
+        assert ledger.run(claim_flow(*done)).action == "run"
+        ledger.run(finish_flow("t", "c0", "completed", {"content": "ok", "keel_status": "success"}))
+        doubt = ("t", "c2", "charge", "d2")
+        assert ledger.run(claim_flow(*doubt)).action == "run"  # started, never finished
+        breaker.record("tool:charge", ok=False)  # opens at t=1000
+        clock[0] = 1010.0
+
+        fresh = ("t", "c1", "charge", "d1")
+        refused = ledger.run(claim_flow(*fresh, known=known, gate=guard.gate("charge")))
+        assert refused.action == "refused" and refused.refusal is not None
+        assert (
+            "charge is unavailable" in refused.refusal
+            and "open for another 20 s" in refused.refusal
+        )
+        assert set(ledger.run(records_flow("t", ["c1"]))) == set()  # nothing claimed
+        recorded = ledger.run(claim_flow(*done, known=known, gate=guard.gate("charge")))
+        assert recorded.action == "recorded"
+        unknown = ledger.run(claim_flow(*doubt, known=known, gate=guard.gate("charge")))
+        assert unknown.action == "unknown"
+        rerun = ledger.run(claim_flow(*doubt, rerun_unknown=True, gate=guard.gate("charge")))
+        assert rerun.action == "refused"
+        assert ledger.run(records_flow("t", ["c2"]))["c2"].attempts == 1  # not started again
+
+        clock[0] = 1031.0  # cooled down: the claim runs, and half-opens the breaker with it
+        claimed = ledger.run(claim_flow(*fresh, known=known, gate=guard.gate("charge")))
+        assert claimed.action == "run"
+        assert breaker.state("tool:charge").state == "half_open"
+        assert set(ledger.run(records_flow("t", ["c1"]))) == {"c1"}
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_open_tool_breaker_leaves_a_side_effecting_call_unclaimed(
+    db_url: str, mode: str
+) -> None:
+    """In a run: the call is answered `unavailable`, the tool never runs, the ledger holds no
+    row for it (so a resume or replay may run it once the breaker closes), and the run goes on."""
+    world = World()
+    ledger = Ledger(db_url)
+    policy = Policy(rules=(Rule(action="allow"),), tool_breaker=BreakerPolicy(failure_threshold=1))
+    CircuitBreaker(ledger, policy.tool_breaker).record("tool:charge", ok=False)
+    model = ScriptedChatModel(script=[call("charge", amount=5), "Could not charge."])
+    task, config = {"messages": [("user", "charge")]}, {"configurable": {"thread_id": "t"}}
+    if mode == "sync":
+        with Persistence(db_url).checkpointer() as saver:
+            agent = build_agent(
+                model, [charge_tool(world)], policy=policy, ledger=ledger, checkpointer=saver
+            )
+            result = agent.invoke(task, config, context=CTX)
+    else:
+
+        async def arun() -> Any:
+            async with Persistence(db_url).acheckpointer() as saver:
+                agent = build_agent(
+                    model, [charge_tool(world)], policy=policy, ledger=ledger, checkpointer=saver
+                )
+                try:
+                    return await agent.ainvoke(task, config, context=CTX)
+                finally:
+                    await ledger.aclose()  # its async pool belongs to this loop
+
+        result = asyncio.run(arun())
+    (reply,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert reply.response_metadata["keel_status"] == "unavailable"
+    assert world.effects == []
+    assert ledger.run(records_flow("t", [reply.tool_call_id])) == {}
+    assert result["outcome"]["terminated_reason"] == "completed"
+    ledger.close()
 
 
 async def test_concurrent_claims_run_once(db_url: str) -> None:

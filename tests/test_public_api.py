@@ -51,6 +51,7 @@ PUBLIC = {
         "CallRecord",
         "CallState",
         "Claim",
+        "ClaimGate",
         "claim_flow",
         "finish_flow",
         "records_flow",

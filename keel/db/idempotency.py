@@ -17,15 +17,16 @@ import json
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from keel.db.ledger import Flow
+from keel.db.ledger import Flow, Row, together
 from keel.db.tables import TOOL_CALLS
 
 __all__ = [
     "CallRecord",
     "CallState",
     "Claim",
+    "ClaimGate",
     "claim_flow",
     "finish_flow",
     "records_flow",
@@ -64,11 +65,32 @@ class CallRecord:
 class Claim:
     """What a claim found: `run` (the caller now owns the call) or the existing record."""
 
-    action: Literal["run", "recorded", "unknown", "conflict"]
+    action: Literal["run", "recorded", "unknown", "conflict", "refused"]
     """`run`: run the tool; `recorded`: return `record.result`; `unknown`: it started and never
-    finished; `conflict`: the id was used in this thread for different arguments."""
+    finished; `conflict`: the id was used in this thread for different arguments; `refused`:
+    the claim's gate refused to run it (nothing was written: a later claim may run it)."""
     record: CallRecord | None = None
     """The row as found (`None` for a first claim)."""
+    refusal: str | None = None
+    """Why the gate refused (`refused`): what the model is told instead of a result."""
+
+
+class ClaimGate(Protocol):
+    """A check a call must pass before it is claimed to run, in the claim's transaction.
+
+    The tool's circuit breaker is one (`keel.guards.ToolGuard.gate`): its row is read with the
+    claim's first statement, and only a call that would run (new, or claimed again) is
+    checked. A call the ledger answers from its record passes no gate.
+    """
+
+    @property
+    def read(self) -> tuple[str, tuple[Any, ...]]:
+        """The `SELECT` whose rows `decide` needs."""
+        ...
+
+    def decide(self, rows: list[Row]) -> Flow[str | None]:
+        """`None` to run the call, else why not (it may write: a breaker half-opening)."""
+        ...
 
 
 def _record(row: Sequence[Any]) -> CallRecord:
@@ -103,6 +125,7 @@ def claim_flow(
     *,
     rerun_unknown: bool = False,
     known: Collection[str] | None = None,
+    gate: ClaimGate | None = None,
 ) -> Flow[Claim]:
     """Claim a call before running it; commits `started` when the caller may run it.
 
@@ -119,12 +142,20 @@ def claim_flow(
             before the checkpoint holding it was saved) and the model asked again under a new
             id. The new call adopts the orphan's row, so it is `unknown` ("did this happen?")
             instead of running a second time.
+        gate: A check a call that would run must pass first (`ClaimGate`); refused, the
+            claim writes nothing and is `refused`.
     """
     now = time.time()
+    gated: list[Row] = []
     if known is not None:
-        orphan = yield from _adopt_orphan(thread_id, call_id, tool, digest, known)
+        rows = yield from _orphans(thread_id, call_id, tool, gate)
+        if gate is not None:
+            rows, gated = rows
+        orphan = yield from _adopt_orphan(thread_id, call_id, digest, known, rows)
         if orphan is not None:
             return Claim("unknown", orphan)
+    elif gate is not None:
+        gated = yield gate.read
     inserted = yield (
         "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, "
         "started_at) VALUES (?, ?, ?, ?, 'started', ?) "
@@ -132,6 +163,13 @@ def claim_flow(
         (thread_id, call_id, tool, digest, now),
     )
     if inserted:
+        refusal = (yield from gate.decide(gated)) if gate is not None else None
+        if refusal is not None:  # the new row goes again: this transaction wrote nothing
+            yield (
+                "DELETE FROM keel_tool_calls WHERE thread_id = ? AND tool_call_id = ?",
+                (thread_id, call_id),
+            )
+            return Claim("refused", refusal=refusal)
         return Claim("run")
     rows = yield _select(thread_id, call_id)
     record = _record(rows[0])
@@ -141,6 +179,9 @@ def claim_flow(
         return Claim("recorded", record)
     if record.state == "started" and not rerun_unknown:
         return Claim("unknown", record)
+    refusal = (yield from gate.decide(gated)) if gate is not None else None
+    if refusal is not None:
+        return Claim("refused", record, refusal)
     yield (
         "UPDATE keel_tool_calls SET state = 'started', attempts = attempts + 1, started_at = ?, "
         "result = NULL, finished_at = NULL WHERE thread_id = ? AND tool_call_id = ?",
@@ -149,15 +190,26 @@ def claim_flow(
     return Claim("run", record)
 
 
-def _adopt_orphan(
-    thread_id: str, call_id: str, tool: str, digest: str, known: Collection[str]
-) -> Flow[CallRecord | None]:
-    """Move an orphaned `started` row of `tool` in the thread to `call_id`; return it."""
-    rows = yield (
+def _orphans(thread_id: str, call_id: str, tool: str, gate: ClaimGate | None) -> Flow[Any]:
+    """The call's own row and the thread's `started` rows of `tool`, locked.
+
+    With a gate, its rows are read in the same round trip: `(rows, gated)`.
+    """
+    select = (
         "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? "
         "AND (tool_call_id = ? OR (tool = ? AND state = 'started')) {for_update}",
         (thread_id, call_id, tool),
     )
+    if gate is None:
+        return (yield select)
+    rows, gated = yield from together(select, gate.read)
+    return rows, gated
+
+
+def _adopt_orphan(
+    thread_id: str, call_id: str, digest: str, known: Collection[str], rows: list[Row]
+) -> Flow[CallRecord | None]:
+    """Move an orphaned `started` row (in `rows`) to `call_id`; return it."""
     ids = {r[0] for r in rows}
     orphans = sorted(ids - set(known))
     if call_id in ids or not orphans:
