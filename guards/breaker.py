@@ -370,7 +370,8 @@ class CircuitBreaker:
         The breaker's row is read with the claim's first statement and checked only for a call
         that would run; open, the claim is refused with `refusal(exc)`.
         """
-        return BreakerGate(self, key, self._start(key), refusal)
+        self._start(key)  # a bad key is refused now, not inside the claim
+        return BreakerGate(self, key, refusal)
 
     def before(self, key: str) -> BreakerTransition | None:
         """Let a call through, or raise `CircuitOpen` while the breaker is open.
@@ -448,7 +449,6 @@ class BreakerGate:
 
     breaker: CircuitBreaker
     key: str
-    now: float
     refusal: Callable[[CircuitOpen], str]
 
     @property
@@ -457,9 +457,13 @@ class BreakerGate:
         return _select(self.key)
 
     def decide(self, rows: list[tuple[Any, ...]]) -> Flow[str | None]:
-        """`None` to let the call through (logging a transition), else the refusal."""
+        """`None` to let the call through (logging a transition), else the refusal.
+
+        Decided at the time it runs (a claim made again after a slow `reconcile` sees the
+        breaker as it is then).
+        """
         try:
-            transition = yield from self.breaker._admit(self.key, self.now, rows)
+            transition = yield from self.breaker._admit(self.key, self.breaker._clock(), rows)
         except CircuitOpen as exc:  # raised before anything was written
             return self.refusal(exc)
         _logged(transition)
