@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, Unpack
 
@@ -99,6 +99,8 @@ class _Job:
 
     call: ToolCall
     entry: RegisteredTool
+    key: tuple[str, str, str, str] | None = None
+    """Its idempotency key when it runs through the ledger (`ledger_key`), set once planned."""
 
 
 def execute_tools(
@@ -149,15 +151,16 @@ def execute_tools(
         policy = held.policy_id(context)
         planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
         planned = _within_budget(held.budget, state, planned)
-        if _durable_jobs(planned, config, ledger) and not (yield from saved_steps(config, request)):
-            planned = _not_saved(planned, config, ledger)
+        planned = [_keyed(p, config, ledger) for p in planned]
+        durable = any(isinstance(p, _Job) and p.key for p in planned)  # waits for its request
+        if durable and not (yield from saved_steps(config, request)):
+            planned = _not_saved(planned)
         return planned
 
     def run(
         job: _Job, config: RunnableConfig, known: Known, alone: bool = True
     ) -> Steps[ToolMessage | Unknown]:
-        key = ledger_key(job.entry, job.call, config, ledger)
-        guard = held.tool_guard
+        key, guard = job.key, held.tool_guard
         if key is None or ledger is None:
             return (yield from _guarded(job, config, guard))
         # the breaker is checked in the claim's transaction (`gate`), then only recorded
@@ -257,15 +260,14 @@ def _finish(
     return update
 
 
-def _durable_jobs(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> bool:
-    """Whether a cleared call runs through the ledger (and so must wait for the checkpoint)."""
-    return any(
-        isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
-        for p in planned
-    )
+def _keyed(planned: Any, config: RunnableConfig, ledger: Ledger | None) -> Any:
+    """A cleared call with its idempotency key (computed once: canonical JSON and a digest)."""
+    if not isinstance(planned, _Job):
+        return planned
+    return replace(planned, key=ledger_key(planned.entry, planned.call, config, ledger))
 
 
-def _not_saved(planned: list[Any], config: RunnableConfig, ledger: Ledger | None) -> list[Any]:
+def _not_saved(planned: list[Any]) -> list[Any]:
     """Answer the ledger calls `error`: the checkpoint holding their request was never saved."""
     return [
         _message(
@@ -274,7 +276,7 @@ def _not_saved(planned: list[Any], config: RunnableConfig, ledger: Ledger | None
             "saved, so a crash could repeat it. Check the checkpointer's database.",
             "error",
         )
-        if isinstance(p, _Job) and ledger_key(p.entry, p.call, config, ledger) is not None
+        if isinstance(p, _Job) and p.key is not None
         else p
         for p in planned
     ]
