@@ -210,6 +210,36 @@ async def test_concurrent_claims_run_once(db_url: str) -> None:
         await ledger.aclose()
 
 
+@pytest.mark.parametrize("breaker_open", [True, False], ids=["open", "closed"])
+async def test_concurrent_gated_claims_run_once_or_not_at_all(
+    db_url: str, breaker_open: bool
+) -> None:
+    """Eight claims of one new call at once, each with the tool breaker as its gate: open, all
+    are refused and no row is left; closed, one runs and the others find it started."""
+    ledger = Ledger(db_url)
+    breaker = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=1, cooldown_seconds=600))
+    if breaker_open:
+        await breaker.arecord("tool:charge", ok=False)
+    guard = ToolGuard(breaker)
+    try:
+        claims = await asyncio.gather(
+            *(
+                ledger.arun(
+                    claim_flow("t", "c1", "charge", "d", known=(), gate=guard.gate("charge"))
+                )
+                for _ in range(8)
+            )
+        )
+        actions = sorted(c.action for c in claims)
+        rows = await ledger.arun(records_flow("t", ["c1"]))
+        if breaker_open:
+            assert actions == ["refused"] * 8 and rows == {}
+        else:
+            assert actions == ["run"] + ["unknown"] * 7 and rows["c1"].attempts == 1
+    finally:
+        await ledger.aclose()
+
+
 # -- the agent ------------------------------------------------------------------------------
 
 
