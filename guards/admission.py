@@ -361,56 +361,58 @@ class _Renewer:
     """The one thread that renews the leases an `Admission`'s sync runs hold.
 
     A run adds its lease when it starts and discards it when it ends. Every `lease_s / 3` the
-    thread pushes the expiry of every lease held then `lease_s` ahead, in one statement; it
-    stops when no lease is left, and the next run starts it again. So many sync runs at once
-    cost one thread and one statement a beat, not a thread and a statement each. A beat that
-    fails (the ledger is down) is skipped: the next one tries again, and a lease not renewed
-    in time lapses, as a dead process's does.
+    thread pushes the expiry of every lease held then `lease_s` ahead, in one statement; when
+    the last lease is discarded the thread is told to stop (and waited for), and the next run
+    starts a new one. So many sync runs at once cost one thread and one statement a beat, not
+    a thread and a statement each. A beat that fails (the ledger is down) is skipped: the next
+    one tries again, and a lease not renewed in time lapses, as a dead process's does.
     """
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._held: set[str] = set()
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def add(self, lease: Lease) -> None:
-        if lease.refused is not None:
-            return
-        with self._changed:
-            self._held.add(lease.id)
-            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
-                self._thread = threading.Thread(
-                    target=self._beat, name="keel-admission-lease", daemon=True
-                )
-                self._thread.start()
+        if lease.refused is None:
+            with self._lock:
+                self._held.add(lease.id)
+                if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                    self._stop = threading.Event()
+                    self._thread = threading.Thread(
+                        target=self._beat, args=(self._stop,), name="keel-admission-lease",
+                        daemon=True,
+                    )  # fmt: skip
+                    self._thread.start()
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing `lease`.
 
-        The last lease out waits for the thread to end (and close its connection): a ledger
-        closed after the runs finds no renewal under way.
+        The last lease out stops the thread and waits for it to end (and close its
+        connection), so a ledger closed after the runs finds no renewal under way. The thread
+        is detached first: a run that starts meanwhile starts a thread of its own, and this
+        wait never depends on it.
         """
-        with self._changed:
+        with self._lock:
             self._held.discard(lease.id)
-            thread = None
-            if not self._held:
-                thread = self._thread
-                self._changed.notify()  # the thread ends now, not at its next beat
-        if thread is not None and thread is not threading.current_thread():
+            if self._held or self._thread is None:
+                return
+            thread, stop = self._thread, self._stop
+            self._thread = None
+        stop.set()
+        if thread is not threading.current_thread():
             thread.join()
 
-    def _beat(self) -> None:
+    def _beat(self, stop: threading.Event) -> None:
         admission = self._admission
         try:
-            while True:
-                with self._changed:
-                    if self._held:
-                        self._changed.wait(admission.policy.lease_s / 3)
-                    if not self._held:
-                        self._thread = None
-                        return
+            while not stop.wait(admission.policy.lease_s / 3):
+                with self._lock:
                     held = sorted(self._held)
+                if not held:
+                    continue
                 expires_at = time.time() + admission.policy.lease_s
                 try:
                     admission.ledger.run(_renew_flow(held, expires_at))

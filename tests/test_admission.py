@@ -413,3 +413,30 @@ def test_a_failed_renewal_beat_is_skipped_and_the_next_renews(
         assert len(_renewers()) == 1
     assert admission.held("acme") == {"running": 0, "queued": 0}
     ledger.close()
+
+
+def test_a_run_ending_never_waits_for_another_runs_lease(db_url: str) -> None:
+    """Runs start and end around each other: each `holding` exits at once. (The last run out
+    waits for the renewing thread; a run that starts meanwhile must not make it wait too.)"""
+    ledger = Ledger(db_url)
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=100, lease_s=0.6))
+    slowest: list[float] = []
+
+    def runs(user: int) -> None:
+        worst = 0.0
+        for _ in range(25):
+            lease = admission.acquire(RunContext(user_id=f"u{user}", tenant_id="acme"))
+            with admission.holding(lease):
+                time.sleep(0.005 * (user % 3))
+                ended = time.monotonic()
+            worst = max(worst, time.monotonic() - ended)
+        slowest.append(worst)
+
+    threads = [threading.Thread(target=runs, args=(u,)) for u in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(slowest) == 6
+    assert max(slowest) < 0.3, f"a run's end waited {max(slowest):.2f} s for others"
+    ledger.close()
