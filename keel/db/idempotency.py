@@ -148,9 +148,7 @@ def claim_flow(
     now = time.time()
     gated: list[Row] = []
     if known is not None:
-        rows = yield from _orphans(thread_id, call_id, tool, gate)
-        if gate is not None:
-            rows, gated = rows
+        rows, gated = yield from _orphans(thread_id, call_id, tool, gate)
         orphan = yield from _adopt_orphan(thread_id, call_id, digest, known, rows)
         if orphan is not None:
             return Claim("unknown", orphan)
@@ -190,10 +188,12 @@ def claim_flow(
     return Claim("run", record)
 
 
-def _orphans(thread_id: str, call_id: str, tool: str, gate: ClaimGate | None) -> Flow[Any]:
-    """The call's own row and the thread's `started` rows of `tool`, locked.
+def _orphans(
+    thread_id: str, call_id: str, tool: str, gate: ClaimGate | None
+) -> Flow[tuple[list[Row], list[Row]]]:
+    """The call's own row and the thread's `started` rows of `tool` (locked), and the gate's.
 
-    With a gate, its rows are read in the same round trip: `(rows, gated)`.
+    The gate's rows are read in the same round trip; without a gate there are none.
     """
     select = (
         "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? "
@@ -201,7 +201,7 @@ def _orphans(thread_id: str, call_id: str, tool: str, gate: ClaimGate | None) ->
         (thread_id, call_id, tool),
     )
     if gate is None:
-        return (yield select)
+        return (yield select), []
     rows, gated = yield from together(select, gate.read)
     return rows, gated
 
