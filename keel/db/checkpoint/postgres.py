@@ -32,7 +32,6 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from langgraph.checkpoint.postgres.base import BasePostgresSaver
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.checkpoint.serde.types import _DeltaSnapshot
 from psycopg import AsyncConnection, AsyncCursor
@@ -225,7 +224,7 @@ class AsyncPooledPostgresSaver(AsyncPostgresSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Save a checkpoint (as `AsyncPostgresSaver.aput`), committed with others' writes."""
-        rows, next_config = _checkpoint_rows(self, config, checkpoint, metadata, new_versions)
+        rows, next_config = self._checkpoint_rows(config, checkpoint, metadata, new_versions)
         await self._writer.write(rows)
         return next_config
 
@@ -237,7 +236,38 @@ class AsyncPooledPostgresSaver(AsyncPostgresSaver):
         task_path: str = "",
     ) -> None:
         """Save a task's writes (as `AsyncPostgresSaver.aput_writes`), group-committed."""
-        await self._writer.write(_writes_rows(self, config, writes, task_id, task_path))
+        conf = config["configurable"]
+        dumped = self._dump_writes(
+            conf["thread_id"], conf["checkpoint_ns"], conf["checkpoint_id"], task_id, task_path,
+            writes,
+        )  # fmt: skip
+        special = all(channel in WRITES_IDX_MAP for channel, _ in writes)
+        rows = Rows(writes_upsert=dumped) if special else Rows(writes_insert=dumped)
+        await self._writer.write(rows)
+
+    def _checkpoint_rows(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> tuple[Rows, RunnableConfig]:
+        """The blob and checkpoint rows `AsyncPostgresSaver.aput` writes, and its return value."""
+        conf = config["configurable"]
+        thread_id, ns = conf["thread_id"], conf["checkpoint_ns"]
+        inline, blobs = _split_channel_values(checkpoint["channel_values"])
+        stored = {**checkpoint, "channel_values": inline}
+        row = (
+            thread_id, ns, checkpoint["id"], conf.get("checkpoint_id"), Jsonb(stored),
+            Jsonb(get_serializable_checkpoint_metadata(config, metadata)),
+        )  # fmt: skip
+        versions = {k: v for k, v in new_versions.items() if k in blobs}
+        rows = Rows(blobs=self._dump_blobs(thread_id, ns, blobs, versions), checkpoints=[row])
+        next_config: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": checkpoint["id"]}
+        }  # fmt: skip
+        return rows, next_config
 
     @_retry_once
     async def _flush(self, rows: Rows) -> None:
@@ -245,48 +275,6 @@ class AsyncPooledPostgresSaver(AsyncPostgresSaver):
         if (statement := _flush_statement(rows)) is not None:
             async with self._cursor() as cur:
                 await cur.execute(*statement, prepare=False)
-
-
-def _checkpoint_rows(
-    saver: BasePostgresSaver,
-    config: RunnableConfig,
-    checkpoint: Checkpoint,
-    metadata: CheckpointMetadata,
-    new_versions: ChannelVersions,
-) -> tuple[Rows, RunnableConfig]:
-    """The blob and checkpoint rows LangGraph's `put` / `aput` writes, and its return value."""
-    conf = config["configurable"]
-    thread_id, ns = conf["thread_id"], conf["checkpoint_ns"]
-    inline, blobs = _split_channel_values(checkpoint["channel_values"])
-    stored = {**checkpoint, "channel_values": inline}
-    row = (
-        thread_id, ns, checkpoint["id"], conf.get("checkpoint_id"), Jsonb(stored),
-        Jsonb(get_serializable_checkpoint_metadata(config, metadata)),
-    )  # fmt: skip
-    versions = {k: v for k, v in new_versions.items() if k in blobs}
-    rows = Rows(blobs=saver._dump_blobs(thread_id, ns, blobs, versions), checkpoints=[row])
-    next_config: RunnableConfig = {
-        "configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
-                         "checkpoint_id": checkpoint["id"]}
-    }  # fmt: skip
-    return rows, next_config
-
-
-def _writes_rows(
-    saver: BasePostgresSaver,
-    config: RunnableConfig,
-    writes: Sequence[tuple[str, Any]],
-    task_id: str,
-    task_path: str,
-) -> Rows:
-    """The `checkpoint_writes` rows LangGraph's `put_writes` / `aput_writes` writes."""
-    conf = config["configurable"]
-    dumped = saver._dump_writes(
-        conf["thread_id"], conf["checkpoint_ns"], conf["checkpoint_id"], task_id, task_path,
-        writes,
-    )  # fmt: skip
-    special = all(channel in WRITES_IDX_MAP for channel, _ in writes)
-    return Rows(writes_upsert=dumped) if special else Rows(writes_insert=dumped)
 
 
 def _split_channel_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
