@@ -126,7 +126,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             return super().invoke(input, config, **kwargs)
         except STORAGE_FAILURES as exc:
             if (end := self._run_end_before(exc, config, kwargs)) is not None:
-                end.recorder.record_run({"outcome": storage_outcome(exc)}, end.config, end.context)
+                end.record({"outcome": storage_outcome(exc)})
             return _ended(exc, config, kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -135,8 +135,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             return await super().ainvoke(input, config, **kwargs)
         except STORAGE_FAILURES as exc:
             if (end := self._run_end_before(exc, config, kwargs)) is not None:
-                state = {"outcome": storage_outcome(exc)}
-                await end.recorder.arecord_run(state, end.config, end.context)
+                await end.arecord({"outcome": storage_outcome(exc)})
             return _ended(exc, config, kwargs)
 
     def _run_end_before(

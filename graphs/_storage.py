@@ -95,6 +95,14 @@ class RunEnd:
     config: RunnableConfig
     context: Any
 
+    def record(self, state: dict[str, Any]) -> None:
+        """Write the run record of the run `state` ends."""
+        self.recorder.record_run(state, self.config, self.context)
+
+    async def arecord(self, state: dict[str, Any]) -> None:
+        """`record` under `ainvoke`."""
+        await self.recorder.arecord_run(state, self.config, self.context)
+
 
 class StreamEnding:
     """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
@@ -141,7 +149,7 @@ class StreamEnding:
         except STORAGE_FAILURES as exc:
             state = self.ended(exc)
             if self.end is not None:
-                self.end.recorder.record_run(state, self.end.config, self.end.context)
+                self.end.record(state)
             yield self.last_chunk(exc, state)
 
     async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -153,5 +161,5 @@ class StreamEnding:
         except STORAGE_FAILURES as exc:
             state = self.ended(exc)
             if self.end is not None:
-                await self.end.recorder.arecord_run(state, self.end.config, self.end.context)
+                await self.end.arecord(state)
             yield self.last_chunk(exc, state)
