@@ -222,13 +222,13 @@ def breaker_flow(
     The row is read without a lock; only when the state would change is it locked (created if
     new), the transition recomputed on the locked row, and written.
     """
-    select = f"SELECT {_COLUMNS} FROM keel_breakers WHERE key = ?"
-    if (kept := _kept(_row((yield select, (key,))), event, now, policy)) is not None:
+    if (kept := _kept(_row((yield _select(key))), event, now, policy)) is not None:
         return kept
-    rows = yield select + " {for_update}", (key,)
+    select, params = _select(key)
+    rows = yield select + " {for_update}", params
     if not rows:
         yield "INSERT INTO keel_breakers (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
-        rows = yield select + " {for_update}", (key,)
+        rows = yield select + " {for_update}", params
     old = _row(rows)
     new = next_state(old, event, now, policy)
     if new != old:

@@ -209,13 +209,13 @@ class Ledger:
         back its transaction, and the deferred records it carried would go with it. Nothing to
         do (no transaction) when none waits.
         """
-        if pending := self._take():
-            self.run(_chain(pending, returning(None)))
+        if (pending := self._taken()) is not None:
+            self.run(pending)
 
     async def aflush(self) -> None:
         """`flush` under `ainvoke`."""
-        if pending := self._take():
-            await self.arun(_chain(pending, returning(None)))
+        if (pending := self._taken()) is not None:
+            await self.arun(pending)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -248,9 +248,9 @@ class Ledger:
         """Close the scope `token` opened: its records still waiting, as one flow."""
         if token is None:
             return None
-        pending = self._take()
+        pending = self._taken()
         _BATCH.reset(token)
-        return _chain(pending, returning(None)) if pending else None
+        return pending
 
     @property
     def deferred(self) -> int:
@@ -282,6 +282,11 @@ class Ledger:
         with batch.lock:
             pending, batch.flows = batch.flows, []
         return pending
+
+    def _taken(self) -> Flow[None] | None:
+        """The records waiting in this scope, taken out as one flow (`None`: none wait)."""
+        pending = self._take()
+        return _chain(pending, returning(None)) if pending else None
 
     def _with_deferred(self, flow: Flow[T]) -> Flow[T]:
         pending = self._take()
