@@ -25,7 +25,8 @@
   model and per tool, shared through the ledger.
 - `AdmissionPolicy` (`Policy.admission`), `Admission` → `Lease`: caps on the runs a tenant and
   each user have running and queued, kept as leases in the ledger; over them a run ends as
-  `stopped` / `overloaded` with a retry-after.
+  `stopped` / `overloaded` with a retry-after. `WaitingRoom`: a cap on the runs one process
+  has waiting in those queues, over every tenant (the server config's `queued_per_process`).
 - `GuardedModel` (with `ModelCallGuards`, `ModelTimeoutPolicy` → `ModelAnswer`): the one path
   every model call keel makes goes through (agent turns, plans, the judge, the router): run
   budget, period budget reservation with the answer capped at its reserve, breaker and rate
@@ -45,7 +46,7 @@
 Checks that only allow or stop run inside the node they guard, so they add no superstep.
 """
 
-from keel.guards.admission import Admission, AdmissionPolicy, Lease
+from keel.guards.admission import Admission, AdmissionPolicy, Lease, WaitingRoom
 from keel.guards.agent_guards import AgentGuards
 from keel.guards.breaker import BreakerPolicy, BreakerTransition, CircuitBreaker, CircuitOpen
 from keel.guards.budget import BudgetVerdict, check_budget, usage_from_messages
@@ -125,6 +126,7 @@ __all__ = [
     "Rule",
     "SpendMeter",
     "ToolGuard",
+    "WaitingRoom",
     "acheck_input",
     "after_failure",
     "approval_gate",

@@ -36,11 +36,13 @@ from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
 from keel.state import Outcome, RunContext
 
-__all__ = ["Admission", "AdmissionPolicy", "Lease", "overloaded"]
+__all__ = ["Admission", "AdmissionPolicy", "Lease", "WaitingRoom", "overloaded"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_PROCESS_FULL = "process"
+"""The state of a run that would queue while the process's `WaitingRoom` is full."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,6 +99,55 @@ def overloaded(policy: AdmissionPolicy, why: str) -> Outcome:
     return outcome.stopped("overloaded", f"{why}; retry after {policy.retry_after} s")
 
 
+class WaitingRoom:
+    """How many runs of one process may wait in admission queues at once, over every tenant.
+
+    A queued run waits inside the process that runs it: on a server, in one of a worker's
+    `N_JOBS_PER_WORKER` job slots. Each tenant's `tenant_queued` bounds its own queue, not what
+    all queues together take, so one tenant's waiting runs could hold every slot another
+    tenant's runs need. Admissions that share a room let at most `limit` of their runs wait; a
+    run that would wait beyond that is refused at once (`overloaded`, with the retry-after).
+    The served graphs share one room, sized by the server config's `queued_per_process`.
+
+    Example:
+        ```python
+        room = WaitingRoom(4)  # shared by every Admission of this process
+        caps = AdmissionPolicy(tenant_running=5, tenant_queued=10)
+        admission = Admission(ledger, caps, waiting_room=room)
+        ```
+    """
+
+    def __init__(self, limit: int) -> None:
+        if not _is_int(limit) or limit < 0:
+            raise UserError(f"WaitingRoom(limit=...) must be 0 or more, got {limit!r}.")
+        self.limit = limit
+        self._waiting = 0
+        self._lock = threading.Lock()  # held for a few instructions: fine on an event loop too
+
+    def __repr__(self) -> str:
+        return f"WaitingRoom(limit={self.limit}, waiting={self._waiting})"
+
+    @property
+    def waiting(self) -> int:
+        """Runs waiting in a queue now."""
+        return self._waiting
+
+    def enter(self) -> bool:
+        """Take a place (`False`: the room is full; the run must not wait)."""
+        with self._lock:
+            if self._waiting >= self.limit:
+                return False
+            self._waiting += 1
+            return True
+
+    def leave(self) -> None:
+        """Give a place back (the run was admitted, timed out or gave up)."""
+        with self._lock:
+            if self._waiting <= 0:
+                raise RuntimeError("WaitingRoom.leave() without a matching enter()")
+            self._waiting -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A slot a run holds (`id`), or the refusal (`refused`: why)."""
@@ -121,25 +172,44 @@ class Admission:
         ```
     """
 
-    def __init__(self, ledger: Ledger, policy: AdmissionPolicy) -> None:
+    def __init__(
+        self, ledger: Ledger, policy: AdmissionPolicy, *, waiting_room: WaitingRoom | None = None
+    ) -> None:
         if not isinstance(ledger, Ledger):
             raise UserError(f"Admission needs a keel.Ledger, got {type(ledger).__name__}.")
         if not isinstance(policy, AdmissionPolicy):
             raise UserError(f"Admission needs an AdmissionPolicy, got {type(policy).__name__}.")
+        if waiting_room is not None and not isinstance(waiting_room, WaitingRoom):
+            raise UserError(
+                "Admission(waiting_room=...) must be a WaitingRoom, got "
+                f"{type(waiting_room).__name__}."
+            )
         self.ledger = ledger
         self.policy = policy
+        self.waiting_room = waiting_room
+        """Where this process's queued runs wait, shared with other admissions (None: no cap)."""
         self._renewer = _Renewer(self)
 
     @classmethod
-    def of(cls, ledger: Ledger | None, policy: AdmissionPolicy | None) -> Admission | None:
+    def of(
+        cls,
+        ledger: Ledger | None,
+        policy: AdmissionPolicy | None,
+        *,
+        waiting_room: WaitingRoom | None = None,
+    ) -> Admission | None:
         """Admission control for `policy`, kept in `ledger`; None without either (no caps)."""
-        return None if ledger is None or policy is None else cls(ledger, policy)
+        if ledger is None or policy is None:
+            return None
+        return cls(ledger, policy, waiting_room=waiting_room)
 
     def acquire(self, context: RunContext) -> Lease:
         """A running lease for a run of `context`'s user, waiting in the queue if there is room."""
         lease_id = uuid.uuid4().hex
+        seated = False
         try:
             state = self.ledger.run(_admit_flow(self.policy, context, lease_id, time.time()))
+            state, seated = self._seated(state)
             deadline = time.monotonic() + self.policy.queue_timeout_s
             while state == "queued" and time.monotonic() < deadline:
                 time.sleep(_POLL_S)
@@ -148,14 +218,17 @@ class Admission:
             with contextlib.suppress(Exception):
                 self.ledger.run(_release_flow(lease_id))
             raise
+        finally:
+            self._stand(seated)
         return self._lease(lease_id, state, context)
 
     async def aacquire(self, context: RunContext) -> Lease:
         """A running lease (async); see `acquire`."""
         lease_id = uuid.uuid4().hex
+        seated = False
         try:
             flow = _admit_flow(self.policy, context, lease_id, time.time())
-            state = await self.ledger.arun(flow)
+            state, seated = self._seated(await self.ledger.arun(flow))
             deadline = time.monotonic() + self.policy.queue_timeout_s
             while state == "queued" and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL_S)
@@ -165,21 +238,45 @@ class Admission:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.ledger.arun(_release_flow(lease_id)))
             raise
+        finally:
+            self._stand(seated)
         return await self._alease(lease_id, state, context)
+
+    def _seated(self, state: str) -> tuple[str, bool]:
+        """`(state, seated)`: a queued run takes a place in the waiting room, or is refused."""
+        if state != "queued" or self.waiting_room is None:
+            return state, False
+        if self.waiting_room.enter():
+            return state, True
+        return _PROCESS_FULL, False
+
+    def _stand(self, seated: bool) -> None:
+        if seated:
+            assert self.waiting_room is not None
+            self.waiting_room.leave()
 
     def _lease(self, lease_id: str, state: str, context: RunContext) -> Lease:
         if state == "running":
             return Lease(lease_id)
-        if state == "queued":
+        if state in ("queued", _PROCESS_FULL):  # its queued row goes
             self.ledger.run(_release_flow(lease_id))
-        return Lease(lease_id, refused=_why(state, context, self.policy))
+        return Lease(lease_id, refused=self._why(state, context))
 
     async def _alease(self, lease_id: str, state: str, context: RunContext) -> Lease:
         if state == "running":
             return Lease(lease_id)
-        if state == "queued":
+        if state in ("queued", _PROCESS_FULL):
             await self.ledger.arun(_release_flow(lease_id))
-        return Lease(lease_id, refused=_why(state, context, self.policy))
+        return Lease(lease_id, refused=self._why(state, context))
+
+    def _why(self, state: str, context: RunContext) -> str:
+        if state == _PROCESS_FULL:
+            limit = self.waiting_room.limit if self.waiting_room is not None else 0
+            return (
+                f"tenant {context.tenant_id!r} has no free run slot, and this process has "
+                f"{limit} run(s) waiting for one already, its cap (queued_per_process)"
+            )
+        return _why(state, context, self.policy)
 
     def renew(self, lease: Lease) -> None:
         """Push the lease's expiry `lease_s` ahead (a running run calls this as it goes)."""

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from keel.db.audit import AuditLog
 from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.graphs.agent import Agent
-from keel.guards import Admission, AdmissionPolicy, Policy, Rule
+from keel.guards import Admission, AdmissionPolicy, Lease, Policy, Rule, WaitingRoom
 
 TASK = {"messages": [("user", "go")]}
 
@@ -440,3 +440,106 @@ def test_a_run_ending_never_waits_for_another_runs_lease(db_url: str) -> None:
     assert len(slowest) == 6
     assert max(slowest) < 0.3, f"a run's end waited {max(slowest):.2f} s for others"
     ledger.close()
+
+
+# -- the process's waiting room: queued runs of every tenant together ---------------------------
+
+
+def ctx(tenant: str, user: str) -> RunContext:
+    return RunContext(user_id=user, tenant_id=tenant)
+
+
+async def test_queued_runs_of_every_tenant_share_the_processs_waiting_room(ledger: Ledger) -> None:
+    """One tenant's queue may not fill the process: the next tenant's run is refused at once."""
+    room = WaitingRoom(1)
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=5, queue_timeout_s=60)
+    acme, globex = (Admission(ledger, policy, waiting_room=room) for _ in range(2))
+    acme_running = await acme.aacquire(ctx("acme", "a1"))
+    globex_running = await globex.aacquire(ctx("globex", "g1"))
+    assert acme_running.refused is None and globex_running.refused is None
+    acme_waiting = asyncio.create_task(acme.aacquire(ctx("acme", "a2")))
+    await until(lambda: room.waiting == 1, "acme's second run to wait")
+
+    start = time.monotonic()
+    refused = await globex.aacquire(ctx("globex", "g2"))  # globex's own queue has room
+    assert time.monotonic() - start < 10  # at once, not after the queue's timeout
+    assert refused.refused is not None and "queued_per_process" in refused.refused
+    assert "1 run(s) waiting" in refused.refused
+    assert await globex.aheld("globex") == {"running": 1, "queued": 0}  # its row is gone
+
+    await acme.arelease(acme_running)
+    admitted = await acme_waiting
+    assert admitted.refused is None and room.waiting == 0  # a run let in leaves the room
+    globex_waiting = asyncio.create_task(globex.aacquire(ctx("globex", "g2")))
+    await until(lambda: room.waiting == 1, "globex's run to wait, now there is room")
+    await globex.arelease(globex_running)
+    assert (await globex_waiting).refused is None
+    for admission, lease in ((acme, admitted), (globex, await globex_waiting)):
+        await admission.arelease(lease)
+    assert room.waiting == 0
+    assert await acme.aheld("acme") == {"running": 0, "queued": 0}
+
+
+async def test_a_run_that_leaves_the_queue_gives_its_place_back(ledger: Ledger) -> None:
+    """Timed out or cancelled while waiting: the room's place is free for the next run."""
+    room = WaitingRoom(1)
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=5, queue_timeout_s=0.3)
+    admission = Admission(ledger, policy, waiting_room=room)
+    running = await admission.aacquire(ctx("acme", "a1"))
+    timed_out = await admission.aacquire(ctx("acme", "a2"))
+    assert timed_out.refused is not None and "came free within 0.3 s" in timed_out.refused
+    assert room.waiting == 0
+    slow = Admission(ledger, replace(policy, queue_timeout_s=60), waiting_room=room)
+    waiting = asyncio.create_task(slow.aacquire(ctx("acme", "a3")))
+    await until(lambda: room.waiting == 1, "the run to wait")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert room.waiting == 0
+    assert await admission.aheld("acme") == {"running": 1, "queued": 0}
+    await admission.arelease(running)
+
+
+def test_a_sync_run_waits_in_the_same_room(db_url: str) -> None:
+    """Under `invoke`: a room of 0 refuses to queue at once; a waiting thread holds its place."""
+    ledger = Ledger(db_url)
+    try:
+        policy = AdmissionPolicy(tenant_running=1, tenant_queued=5, queue_timeout_s=60)
+        closed = Admission(ledger, policy, waiting_room=WaitingRoom(0))
+        running = closed.acquire(ctx("acme", "a1"))
+        start = time.monotonic()
+        refused = closed.acquire(ctx("acme", "a2"))
+        assert refused.refused is not None and "queued_per_process" in refused.refused
+        assert time.monotonic() - start < 10
+        assert closed.held("acme") == {"running": 1, "queued": 0}
+
+        room = WaitingRoom(1)
+        admission = Admission(ledger, policy, waiting_room=room)
+        got: list[Lease] = []
+        waiter = threading.Thread(target=lambda: got.append(admission.acquire(ctx("acme", "a3"))))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while room.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert room.waiting == 1
+        assert admission.acquire(ctx("acme", "a4")).refused is not None  # the room is full
+        closed.release(running)
+        waiter.join(30)
+        assert got and got[0].refused is None and room.waiting == 0
+        admission.release(got[0])
+    finally:
+        ledger.close()
+
+
+def test_a_waiting_room_is_checked(tmp_path: Any) -> None:
+    with pytest.raises(UserError, match=r"WaitingRoom\(limit=...\) must be 0 or more, got -1"):
+        WaitingRoom(-1)
+    with pytest.raises(UserError, match="must be 0 or more, got True"):
+        WaitingRoom(True)
+    with pytest.raises(UserError, match=r"waiting_room=\.\.\.\) must be a WaitingRoom, got int"):
+        Admission(Ledger(f"sqlite:///{tmp_path}/x.db"), AdmissionPolicy(), waiting_room=3)  # type: ignore[arg-type]
+    room = WaitingRoom(1)
+    assert room.enter() and not room.enter()
+    room.leave()
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        room.leave()

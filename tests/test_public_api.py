@@ -278,6 +278,7 @@ PUBLIC = {
         "Rule",
         "SpendMeter",
         "ToolGuard",
+        "WaitingRoom",
         "acheck_input",
         "after_failure",
         "approval_gate",

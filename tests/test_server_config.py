@@ -3,8 +3,10 @@ command line, without a server (the served behaviour is in test_server_e2e.py)."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +19,7 @@ from keel import RunContext, SetupError, UserError
 from keel._node import context_of
 from keel.app.serve import serve_command, serve_env
 from keel.app.server_config import CONFIG_ENV, ServerConfig, server_config
+from keel.guards import Admission
 from keel.identity import context_from_user, user_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,3 +249,94 @@ def test_a_reviewer_acts_for_the_threads_owner_only_when_keels_auth_said_so() ->
     # a thread made before owners' roles were stamped: the owner, with no roles (default deny)
     bare = {k: v for k, v in marked.items() if k != "keel_roles"}
     assert context_from_user(carol, bare).roles == ()
+
+
+WAITING_ROOM = """
+ledger = "{ledger}"
+queued_per_process = 1
+
+[[users]]
+token = "a"
+user = "ann"
+tenant = "acme"
+
+[[users]]
+token = "g"
+user = "gil"
+tenant = "globex"
+
+[tenants.acme.agents.main]
+model = "keel:demo"
+[tenants.acme.admission]
+tenant_running = 1
+tenant_queued = 5
+queue_timeout_s = 60
+
+[tenants.globex.agents.main]
+model = "keel:demo"
+[tenants.globex.admission]
+tenant_running = 1
+tenant_queued = 5
+queue_timeout_s = 60
+"""
+
+
+async def test_served_tenants_queue_in_one_waiting_room_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    """acme's queued run fills the process's one waiting place: globex's is refused at once."""
+    path = _write(tmp_path, WAITING_ROOM.format(ledger=fresh_postgres_url))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    from keel.app import server
+
+    acme, globex = (server.agent({}, runtime_for(t)) for t in ("acme", "globex"))
+
+    def admission_of(tenant: str) -> Admission:
+        admission = server.admission_of(tenant)
+        assert admission is not None
+        return admission
+
+    gates = [acme.keel_admission, globex.keel_admission, admission_of("acme")]
+    room = admission_of("globex").waiting_room
+    assert room is not None and room.limit == 1
+    assert all(gate is not None and gate.waiting_room is room for gate in gates)
+
+    def user(tenant: str, name: str) -> RunContext:
+        return RunContext(user_id=name, tenant_id=tenant)
+
+    holds = {t: await admission_of(t).aacquire(user(t, "busy")) for t in ("acme", "globex")}
+    task = {"messages": [("user", "Where is my order?")]}
+    waiting = asyncio.create_task(
+        acme.ainvoke(task, {"configurable": {"thread_id": "a"}}, context=user("acme", "ann"))
+    )
+    deadline = time.monotonic() + 60
+    while room.waiting == 0:
+        assert time.monotonic() < deadline, "acme's run never queued"
+        await asyncio.sleep(0.02)
+    refused = await globex.ainvoke(
+        task, {"configurable": {"thread_id": "g"}}, context=user("globex", "gil")
+    )
+    assert refused["outcome"]["terminated_reason"] == "overloaded"
+    assert "queued_per_process" in refused["outcome"]["detail"]
+    await admission_of("acme").arelease(holds["acme"])
+    assert (await waiting)["outcome"]["terminated_reason"] == "completed"
+    await admission_of("globex").arelease(holds["globex"])
+    assert room.waiting == 0
+
+
+def test_queued_per_process_defaults_to_half_the_job_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = MINIMAL.format(digest="x")
+    monkeypatch.delenv("N_JOBS_PER_WORKER", raising=False)
+    assert ServerConfig.from_file(_write(tmp_path, text)).queued_per_process == 5
+    monkeypatch.setenv("N_JOBS_PER_WORKER", "3")
+    assert ServerConfig.from_file(_write(tmp_path, text)).queued_per_process == 1
+    explicit = "queued_per_process = 0\n" + text
+    assert ServerConfig.from_file(_write(tmp_path, explicit)).queued_per_process == 0
+    monkeypatch.setenv("N_JOBS_PER_WORKER", "ten")
+    with pytest.raises(SetupError, match="N_JOBS_PER_WORKER='ten' is not a whole number"):
+        ServerConfig.from_file(_write(tmp_path, text))
+    for bad in ("-1", "2.5", '"4"', "true"):
+        with pytest.raises(SetupError, match="queued_per_process must be a whole number, 0 or"):
+            ServerConfig.from_file(_write(tmp_path, f"queued_per_process = {bad}\n" + text))

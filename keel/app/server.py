@@ -39,7 +39,7 @@ from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
 from keel.graphs.threads import admitted
-from keel.guards.admission import Admission
+from keel.guards.admission import Admission, WaitingRoom
 from keel.identity import context_from_user, user_field
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
@@ -77,7 +77,7 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
             _cached(
                 server,
                 candidate,
-                lambda: _admit(_build(spec, tenant, ledger=ledger, store=store), tenant, ledger),
+                lambda: _admit(_build(spec, tenant, ledger=ledger, store=store), server, tenant),
             ),
         )
     key = ("agent", tenant.name, name)
@@ -87,7 +87,7 @@ def agent(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> Agent:
             server,
             key,
             lambda: _admit(
-                build_tenant_agent(tenant, name, ledger=ledger, store=store), tenant, ledger
+                build_tenant_agent(tenant, name, ledger=ledger, store=store), server, tenant
             ),
         ),
     )
@@ -105,7 +105,7 @@ def supervisor(runtime: ServerRuntime[RunContext]) -> Supervisor:
             server,
             key,
             lambda: _admit(
-                build_tenant_supervisor(tenant, ledger=ledger, store=store), tenant, ledger
+                build_tenant_supervisor(tenant, ledger=ledger, store=store), server, tenant
             ),
         ),
     )
@@ -177,16 +177,22 @@ def build_tenant_supervisor(
     )
 
 
-def _admit(graph: G, tenant: TenantConfig, ledger: Ledger | None) -> G:
+def _admit(graph: G, server: ServerConfig, tenant: TenantConfig) -> G:
     """`graph` under the tenant's admission control (`[tenants.<id>.admission]`), if any."""
-    admission = Admission.of(ledger, tenant.admission)
+    admission = _admission(server, tenant)
     return graph if admission is None else cast(G, admitted(graph, admission))
 
 
 def admission_of(tenant: str) -> Admission | None:
     """The tenant's admission control (on the config's one ledger), or None without caps."""
     config = server_config()
-    return Admission.of(_ledger(config), config.tenant(tenant).admission)
+    return _admission(config, config.tenant(tenant))
+
+
+def _admission(server: ServerConfig, tenant: TenantConfig) -> Admission | None:
+    """The tenant's caps on the config's ledger, queued runs in the process's one waiting room."""
+    room = _cached(server, ("waiting_room",), lambda: WaitingRoom(server.queued_per_process))
+    return Admission.of(_ledger(server), tenant.admission, waiting_room=room)
 
 
 def _served_user(config: RunnableConfig, runtime: ServerRuntime[RunContext]) -> str:

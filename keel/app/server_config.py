@@ -5,6 +5,8 @@
 
 ```toml
 ledger = "${KEEL_LEDGER_URL}"                         # only for policies with period budgets
+queued_per_process = 5                                # runs waiting in admission queues, all
+                                                      # tenants (default: N_JOBS_PER_WORKER / 2)
 
 [[users]]
 token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -176,6 +178,10 @@ class ServerConfig:
     """Token entries."""
     ledger_url: str | None = None
     """The ledger database for period budgets (PostgreSQL: the served path must not block)."""
+    queued_per_process: int = 5
+    """Runs one server process may have waiting in admission queues at once, over every
+    tenant (`keel.guards.WaitingRoom`): a queued run waits in one of a worker's
+    `N_JOBS_PER_WORKER` job slots. Default: half of `N_JOBS_PER_WORKER` (10 when unset)."""
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     """Graphs built from this config (by the factories in `keel.app.server`)."""
 
@@ -232,7 +238,7 @@ _LOADED: dict[str, ServerConfig] = {}
 
 
 def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
-    _only(data, {"users", "tenants", "ledger"}, "the file")
+    _only(data, {"users", "tenants", "ledger", "queued_per_process"}, "the file")
     tenants_raw = data.get("tenants")
     if not isinstance(tenants_raw, Mapping) or not tenants_raw:
         raise UserError("it needs at least one [tenants.<id>] table.")
@@ -258,7 +264,38 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
             f"[tenants.{capped[0]}.admission] keeps its run leases in the ledger: add "
             'ledger = "postgresql://..." at the top of the file.'
         )
-    return ServerConfig(path=path, tenants=tenants, users=users, ledger_url=ledger_url)
+    return ServerConfig(
+        path=path,
+        tenants=tenants,
+        users=users,
+        ledger_url=ledger_url,
+        queued_per_process=_queued_per_process(data),
+    )
+
+
+JOBS_ENV = "N_JOBS_PER_WORKER"
+"""The environment variable both servers (LangGraph's and Aegra) read their job slots from."""
+
+
+def _queued_per_process(data: Mapping[str, Any]) -> int:
+    """`queued_per_process`, or half of the worker's job slots: the other half stay for runs."""
+    if "queued_per_process" in data:
+        value = data["queued_per_process"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(
+                f"queued_per_process must be a whole number, 0 or more, got {value!r} (0: a run "
+                "over its tenant's running cap is refused at once, never queued)."
+            )
+        return value
+    raw = os.environ.get(JOBS_ENV, "").strip()
+    try:
+        jobs = int(raw) if raw else 10
+    except ValueError:
+        raise UserError(
+            f"{JOBS_ENV}={raw!r} is not a whole number; keel sizes queued_per_process from it. "
+            "Fix it, or set queued_per_process in the server config."
+        ) from None
+    return max(jobs, 0) // 2
 
 
 def _ledger_url(data: Mapping[str, Any]) -> str | None:
