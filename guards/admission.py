@@ -6,7 +6,10 @@ process and replica sharing the ledger. A run over the running cap waits in the 
 queue has room) for up to `queue_timeout_s`; a run over both caps is refused at once. A refused
 run ends with the outcome `stopped` / `overloaded` and a retry-after in its detail; nothing of
 it is written to the thread. A lease expires after `lease_s` unless its run renews it (it does
-while it streams), so a run whose process died does not hold a slot forever.
+while it streams), so a run whose process died does not hold a slot forever. A queued run
+asks the ledger with a growing pause (each ask locks the tenant's rows), and at once when a
+lease of the same process leaves; a `WaitingRoom` shared by a process's admissions caps how
+many of its runs wait at once, over every tenant.
 
 Example:
     ```python
@@ -27,10 +30,13 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, both, drive, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
@@ -41,6 +47,12 @@ __all__ = ["Admission", "AdmissionPolicy", "Lease", "WaitingRoom", "overloaded"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+"""Seconds a queued run waits before it first asks the ledger again for a slot."""
+_POLL_MAX_S = 0.5
+"""The longest wait between two asks (the wait doubles from `_POLL_S`): a slot freed by
+another process is taken within this much; one freed in this process, at once."""
+_TICK_S = 0.01
+"""How often a queued run looks, in memory, whether this process freed a slot."""
 _PROCESS_FULL = "process"
 """The state of a run that would queue while the process's `WaitingRoom` is full."""
 
@@ -206,41 +218,58 @@ class Admission:
     def acquire(self, context: RunContext) -> Lease:
         """A running lease for a run of `context`'s user, waiting in the queue if there is room."""
         lease_id = uuid.uuid4().hex
-        seated = False
         try:
-            state = self.ledger.run(_admit_flow(self.policy, context, lease_id, time.time()))
-            state, seated = self._seated(state)
-            deadline = time.monotonic() + self.policy.queue_timeout_s
-            while state == "queued" and time.monotonic() < deadline:
-                time.sleep(_POLL_S)
-                state = self.ledger.run(_promote_flow(self.policy, context, lease_id, time.time()))
+            return drive(self._acquiring(context, lease_id))
         except BaseException:  # interrupted while queued: the queue slot must not leak
             with contextlib.suppress(Exception):
                 self.ledger.run(_release_flow(lease_id))
             raise
-        finally:
-            self._stand(seated)
-        return self._lease(lease_id, state, context)
 
     async def aacquire(self, context: RunContext) -> Lease:
         """A running lease (async); see `acquire`."""
         lease_id = uuid.uuid4().hex
-        seated = False
         try:
-            flow = _admit_flow(self.policy, context, lease_id, time.time())
-            state, seated = self._seated(await self.ledger.arun(flow))
-            deadline = time.monotonic() + self.policy.queue_timeout_s
-            while state == "queued" and time.monotonic() < deadline:
-                await asyncio.sleep(_POLL_S)
-                flow = _promote_flow(self.policy, context, lease_id, time.time())
-                state = await self.ledger.arun(flow)
+            return await adrive(self._acquiring(context, lease_id))
         except BaseException:  # cancelled (a client gone) while queued: give the slot back
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.ledger.arun(_release_flow(lease_id)))
             raise
+
+    def _acquiring(self, context: RunContext, lease_id: str) -> Steps[Lease]:
+        """Take `lease_id`: run now, wait in the queue, or be refused (written once for both).
+
+        A queued run asks the ledger again after 50 ms, then twice as long each time up to
+        `_POLL_MAX_S` (every ask locks the tenant's rows, so many waiting runs must not ask 20
+        times a second each), and at once when a lease of this process's ledger comes free.
+        """
+
+        def run(flow: Flow[Any]) -> Op:
+            return both(self.ledger.run, self.ledger.arun, flow)
+
+        state = yield run(_admit_flow(self.policy, context, lease_id, time.time()))
+        state, seated = self._seated(state)
+        try:
+            now = time.monotonic()
+            deadline, interval = now + self.policy.queue_timeout_s, _POLL_S
+            ask_at, seen = now + interval, _freed(self.ledger)
+            while state == "queued" and now < deadline:
+                yield sleep(min(_TICK_S, deadline - now, max(ask_at - now, 0.0)))
+                now = time.monotonic()
+                if now < ask_at and _freed(self.ledger) == seen:
+                    continue
+                seen = _freed(self.ledger)
+                state = yield run(_promote_flow(self.policy, context, lease_id, time.time()))
+                interval = min(interval * 2, _POLL_MAX_S)
+                now = time.monotonic()
+                ask_at = now + interval
         finally:
             self._stand(seated)
-        return await self._alease(lease_id, state, context)
+        if state == "running":
+            return Lease(lease_id)
+        if state in ("queued", _PROCESS_FULL):  # its queued row goes: those behind move up
+            yield run(_release_flow(lease_id))
+            _free(self.ledger)
+        return Lease(lease_id, refused=self._why(state, context))
 
     def _seated(self, state: str) -> tuple[str, bool]:
         """`(state, seated)`: a queued run takes a place in the waiting room, or is refused."""
@@ -254,20 +283,6 @@ class Admission:
         if seated:
             assert self.waiting_room is not None
             self.waiting_room.leave()
-
-    def _lease(self, lease_id: str, state: str, context: RunContext) -> Lease:
-        if state == "running":
-            return Lease(lease_id)
-        if state in ("queued", _PROCESS_FULL):  # its queued row goes
-            self.ledger.run(_release_flow(lease_id))
-        return Lease(lease_id, refused=self._why(state, context))
-
-    async def _alease(self, lease_id: str, state: str, context: RunContext) -> Lease:
-        if state == "running":
-            return Lease(lease_id)
-        if state in ("queued", _PROCESS_FULL):
-            await self.ledger.arun(_release_flow(lease_id))
-        return Lease(lease_id, refused=self._why(state, context))
 
     def _why(self, state: str, context: RunContext) -> str:
         if state == _PROCESS_FULL:
@@ -289,14 +304,16 @@ class Admission:
             await self.ledger.arun(_renew_flow([lease.id], time.time() + self.policy.lease_s))
 
     def release(self, lease: Lease) -> None:
-        """Give the slot back (a refused lease holds none)."""
+        """Give the slot back (a refused lease holds none); this process's queued runs ask now."""
         if lease.refused is None:
             self.ledger.run(_release_flow(lease.id))
+            _free(self.ledger)
 
     async def arelease(self, lease: Lease) -> None:
         """Give the slot back (async)."""
         if lease.refused is None:
             await self.ledger.arun(_release_flow(lease.id))
+            _free(self.ledger)
 
     @contextlib.contextmanager
     def holding(self, lease: Lease) -> Iterator[None]:
@@ -345,6 +362,21 @@ class Admission:
     async def aheld(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases by state (async)."""
         return await self.ledger.arun(_held_flow(tenant_id, user_id, time.time()))
+
+
+_FREED: weakref.WeakKeyDictionary[Ledger, list[int]] = weakref.WeakKeyDictionary()
+_FREED_LOCK = threading.Lock()
+
+
+def _free(ledger: Ledger) -> None:
+    """Count a lease of `ledger` that left: this process's queued runs ask at once."""
+    with _FREED_LOCK:
+        _FREED.setdefault(ledger, [0])[0] += 1
+
+
+def _freed(ledger: Ledger) -> int:
+    """How many leases of `ledger` this process has seen leave (a change means: ask now)."""
+    return _FREED.get(ledger, [0])[0]
 
 
 def _why(state: str, context: RunContext, policy: AdmissionPolicy) -> str:

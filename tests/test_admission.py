@@ -8,6 +8,7 @@ so what is running at once is decided by the test, not by timing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.graphs.agent import Agent
 from keel.guards import Admission, AdmissionPolicy, Lease, Policy, Rule, WaitingRoom
+from keel.guards import admission as admission_module
 
 TASK = {"messages": [("user", "go")]}
 
@@ -543,3 +545,47 @@ def test_a_waiting_room_is_checked(tmp_path: Any) -> None:
     room.leave()
     with pytest.raises(RuntimeError, match="without a matching enter"):
         room.leave()
+
+
+# -- how a queued run asks for its slot ----------------------------------------------------------
+
+
+async def test_a_queued_run_asks_the_ledger_less_and_less_often(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ask locks the tenant's rows: a run that waits 2 s asks a handful of times, not 40."""
+    asks: list[float] = []
+    promote = admission_module._promote_flow
+
+    def counted(*args: Any) -> Any:
+        asks.append(time.monotonic())
+        return promote(*args)
+
+    monkeypatch.setattr(admission_module, "_promote_flow", counted)
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=2.0)
+    admission = Admission(ledger, policy)
+    running = await admission.aacquire(ctx("acme", "a1"))
+    late = await admission.aacquire(ctx("acme", "a2"))
+    assert late.refused is not None and "within 2 s in the queue" in late.refused
+    assert 3 <= len(asks) <= 10, asks  # at 20 asks a second it was 40
+    gaps = [b - a for a, b in itertools.pairwise(asks)]
+    assert gaps[-1] > 0.3 and gaps[-1] > 4 * gaps[0], gaps  # the wait between asks grows
+    await admission.arelease(running)
+
+
+async def test_a_slot_freed_in_this_process_is_taken_at_once(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long after the asks have slowed down, a release here wakes the queued run at once."""
+    monkeypatch.setattr(admission_module, "_POLL_MAX_S", 30.0)
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=60)
+    running = await Admission(ledger, policy).aacquire(ctx("acme", "a1"))
+    waiting = asyncio.create_task(Admission(ledger, policy).aacquire(ctx("acme", "a2")))
+    await asyncio.sleep(3.3)  # asks at 0.05, 0.15, 0.35, 0.75, 1.55, 3.15 s; next at 6.35 s
+    assert not waiting.done()
+    released = time.monotonic()
+    await Admission(ledger, policy).arelease(running)  # another Admission, the same ledger
+    admitted = await waiting
+    assert admitted.refused is None
+    assert time.monotonic() - released < 1.5  # not at the next scheduled ask, 3 s later
+    await Admission(ledger, policy).arelease(admitted)
