@@ -201,6 +201,7 @@ class Admission:
         self.waiting_room = waiting_room
         """Where this process's queued runs wait, shared with other admissions (None: no cap)."""
         self._renewer = _Renewer(self)
+        self._arenewer = _LoopRenewer(self)
 
     @classmethod
     def of(
@@ -335,21 +336,16 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def aholding(self, lease: Lease) -> AsyncIterator[None]:
-        """Renew `lease` from a task while the block runs; release it after (async)."""
+        """Renew `lease` while the block runs; release it after (async).
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.policy.lease_s / 3)
-                with contextlib.suppress(Exception):
-                    await self.arenew(lease)
-
-        task = asyncio.create_task(beat())
+        One task per event loop renews every lease this `Admission`'s runs on that loop hold,
+        in one statement a beat (see `_LoopRenewer`).
+        """
+        self._arenewer.add(lease)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._arenewer.discard(lease)
             try:
                 await self.arelease(lease)
             except Exception as exc:  # the run's own result or error wins; the lease expires
@@ -549,6 +545,65 @@ class _Renewer:
                     log.warning("keel could not renew %d admission leases: %s", len(held), exc)
         finally:
             admission.ledger.close_thread()
+
+
+class _LoopRenewer:
+    """The tasks that renew the leases an `Admission`'s async runs hold: one per event loop.
+
+    As `_Renewer` for threads: a run adds its lease when it starts and discards it when it
+    ends; every `lease_s / 3` the loop's task pushes every lease held there `lease_s` ahead in
+    one statement; the last lease out of a loop cancels its task (and waits for it), and a run
+    that starts meanwhile starts a task of its own. A failed beat is logged and the next one
+    tries again.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._lock = threading.Lock()  # loops may run in several threads
+        self._held: dict[asyncio.AbstractEventLoop, set[str]] = {}
+        self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+    def add(self, lease: Lease) -> None:
+        """Renew `lease` from this event loop's task (started if there is none)."""
+        if lease.refused is None:
+            loop = asyncio.get_running_loop()
+            with self._lock:
+                self._held.setdefault(loop, set()).add(lease.id)
+                task = self._tasks.get(loop)
+                if task is None or task.done():
+                    self._tasks[loop] = loop.create_task(
+                        self._beat(loop), name="keel-admission-lease"
+                    )
+
+    async def discard(self, lease: Lease) -> None:
+        """Stop renewing `lease`; the loop's last one out stops its task and waits for it."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            held = self._held.get(loop)
+            if held is None:
+                return
+            held.discard(lease.id)
+            if held:
+                return
+            del self._held[loop]
+            task = self._tasks.pop(loop, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait((task,))  # a cancellation of this run still reaches it
+
+    async def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        admission = self._admission
+        while True:
+            await asyncio.sleep(admission.policy.lease_s / 3)
+            with self._lock:
+                held = sorted(self._held.get(loop, ()))
+            if not held:
+                continue
+            expires_at = time.time() + admission.policy.lease_s
+            try:
+                await admission.ledger.arun(_renew_flow(held, expires_at))
+            except Exception as exc:  # a missed renewal shortens the leases
+                log.warning("keel could not renew %d admission leases: %s", len(held), exc)
 
 
 def _renew_flow(lease_ids: list[str], expires_at: float) -> Flow[None]:

@@ -589,3 +589,85 @@ async def test_a_slot_freed_in_this_process_is_taken_at_once(
     assert admitted.refused is None
     assert time.monotonic() - released < 1.5  # not at the next scheduled ask, 3 s later
     await Admission(ledger, policy).arelease(admitted)
+
+
+# -- async runs: one renewing task per event loop ------------------------------------------------
+
+
+def _renewing_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "keel-admission-lease"]
+
+
+async def _aexpiries(ledger: Ledger) -> list[float]:
+    def flow() -> Any:
+        rows = yield "SELECT expires_at FROM keel_admission_leases", ()
+        return sorted(float(r[0]) for r in rows)
+
+    return list(await ledger.arun(flow()))
+
+
+async def test_async_runs_share_one_renewing_task(ledger: Ledger) -> None:
+    """Eight async runs at once: one task renews all their leases together; it ends with them."""
+    gate = Gate()
+    agent = agent_for(ledger, AdmissionPolicy(tenant_running=8, lease_s=0.3), gate)
+    runs = [asyncio.create_task(run(agent, i)) for i in range(8)]
+    await until(lambda: gate.inside == 8, "eight runs to hold their slots")
+    await asyncio.sleep(1.0)  # three lease lifetimes: only renewals keep the slots
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=8))
+    assert await admission.aheld("acme") == {"running": 8, "queued": 0}
+    assert len(_renewing_tasks()) == 1
+    deadline = time.monotonic() + 10  # renewed in one statement a beat: one expiry for all
+    while len(set(await _aexpiries(ledger))) != 1:
+        assert time.monotonic() < deadline, "the leases never shared one expiry"
+        await asyncio.sleep(0.02)
+    gate.open.set()
+    assert reasons(list(await asyncio.gather(*runs))) == {"completed": 8}
+    assert _renewing_tasks() == []  # the last run out stopped it
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+
+
+async def test_a_failed_async_renewal_beat_is_logged_and_the_next_renews(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under `ainvoke` too: the ledger fails for a beat, a warning, then the leases renew."""
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=2, lease_s=1.5))
+    lease = await admission.aacquire(RunContext(user_id="u", tenant_id="acme"))
+
+    def rename(old: str, new: str) -> Any:
+        yield f"ALTER TABLE {old} RENAME TO {new}", ()
+
+    async with admission.aholding(lease):
+        await ledger.arun(rename("keel_admission_leases", "keel_admission_leases_away"))
+        await until(lambda: "could not renew 1 admission leases" in caplog.text, "a failed beat")
+        await ledger.arun(rename("keel_admission_leases_away", "keel_admission_leases"))
+        back = time.time()
+        deadline = time.monotonic() + 10
+        while (await _aexpiries(ledger))[0] < back + 1.5:
+            assert time.monotonic() < deadline, "no renewal after the outage"
+            await asyncio.sleep(0.02)
+        assert len(_renewing_tasks()) == 1
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+    assert _renewing_tasks() == []
+
+
+async def test_a_run_cancelled_while_it_holds_its_lease_still_ends_cancelled(
+    ledger: Ledger,
+) -> None:
+    """The last run out waits for the renewing task; a cancellation of that run is not lost."""
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=2, lease_s=30))
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        lease = await admission.aacquire(RunContext(user_id="u", tenant_id="acme"))
+        async with admission.aholding(lease):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert _renewing_tasks() == []
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
