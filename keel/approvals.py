@@ -59,8 +59,10 @@ def call_digest(tool: str, args: Mapping[str, Any], version: str) -> str:
     """The idempotency ledger's digest of a call: sha256 of tool, canonical args, `tool@version`.
 
     A call id recorded with another digest (other arguments, or another tool version) conflicts.
+    A lone surrogate hashes as `?`, as LangGraph's checkpoint stores it: a call resumed from
+    its checkpoint must hash as it did when it was claimed.
     """
-    payload = _digest_bytes(f"{tool}\n{canonical_args(args)}\ntool@{version}")
+    payload = f"{tool}\n{canonical_args(args)}\ntool@{version}".encode("utf-8", "replace")
     return hashlib.sha256(payload).hexdigest()
 
 

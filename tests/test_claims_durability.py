@@ -149,6 +149,51 @@ def _states(thread: str) -> Any:
     return [r[0] for r in rows]
 
 
+def test_an_orphan_of_another_tool_or_another_thread_is_not_adopted(db_url: str) -> None:
+    """Only a `started` row of the *same tool in the same thread* is the lost request of a call.
+    Adopting another tool's orphan would ask "did this happen?" about the wrong action (an
+    "approve" would then record this charge as done though it never ran); another thread's
+    orphan is none of this thread's business."""
+    runs: list[str] = []
+
+    @tool(risk="write")
+    def charge(order_id: str) -> str:
+        """Charge an order."""
+        runs.append(order_id)
+        return f"charged {order_id}"
+
+    ledger = Ledger(db_url)
+    ledger.setup()
+    # what killed processes left: a refund lost in this thread, a charge lost in another
+    assert ledger.run(claim_flow("t1", "call_lost_refund", "refund", "d")).action == "run"
+    assert ledger.run(claim_flow("t2", "call_lost_charge", "charge", "d")).action == "run"
+    model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        done = agent.invoke({"messages": [("user", "charge A1")]}, config, context=CTX)
+    lost = ledger.run(_rows("call_lost_refund", "call_lost_charge"))
+    ledger.close()
+    assert runs == ["A1"]
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert lost == [
+        ("t1", "call_lost_refund", "refund", "started"),
+        ("t2", "call_lost_charge", "charge", "started"),
+    ]
+
+
+def _rows(*call_ids: str) -> Any:
+    found = []
+    for call_id in call_ids:
+        rows = yield (
+            "SELECT thread_id, tool_call_id, tool, state FROM keel_tool_calls "
+            "WHERE tool_call_id = ?",
+            (call_id,),
+        )
+        found += [tuple(r) for r in rows]
+    return found
+
+
 # -- thread semantics: what a caller can send to a thread -----------------------------------
 
 
@@ -216,6 +261,48 @@ def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it
     records = [r for r in AuditLog(ledger).query(thread="t1") if r.status == "not_run"]
     ledger.close()
     assert [(r.tool, r.decision) for r in records] == [("refund", "not_run")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ThreadGuardedGraph.stream/astream (keel/graphs/threads.py) audit the pending calls "
+    "`not_run` before the input is checked (refusal, ProtectedGraph's protected keys), so a "
+    "refused message leaves a `not_run` record for a call that still waits",
+)
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"messages": [("robot", "never mind")]},  # a role keel cannot read
+        {"messages": [("user", "never mind")], "outcome": {"status": "success"}},  # forged
+    ],
+    ids=["unreadable-message", "protected-key"],
+)
+def test_a_refused_message_leaves_no_not_run_record_for_a_call_that_still_waits(
+    tmp_path: Path, hostile: dict[str, Any]
+) -> None:
+    """`keel_pending='not_run'` with input keel refuses: nothing was answered, so nothing may be
+    audited as answered; the human's later approval runs the call, and the audit log must not
+    say it was never run."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(
+            ScriptedChatModel(script=[call("refund", order_id="A1", amount=5.0), "Refunded."]),
+            [refund],
+            checkpointer=saver,
+            ledger=ledger,
+        )
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        dropping: Any = {"configurable": {"thread_id": "t1", "keel_pending": "not_run"}}
+        with pytest.raises(UserError):
+            agent.invoke(hostile, dropping, context=CTX)
+        assert agent.get_state(config).interrupts, "the call still waits for the human"
+        done = agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+    records = AuditLog(ledger).query(thread="t1")
+    ledger.close()
+    assert done["messages"][-2].content == "refunded 5.0 on A1"
+    assert [r.decision for r in records if r.kind == "tool"] == ["ask"]
 
 
 def test_resuming_a_thread_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
@@ -286,6 +373,55 @@ def test_surrogates_and_nuls_in_arguments_and_results_never_crash_a_run(db_url: 
     records = [r for r in AuditLog(ledger).query(thread="t1") if r.kind == "tool"]
     ledger.close()
     assert len(records) == 1 and records[0].status == "success"
+
+
+class Crash(BaseException):
+    """The process "dies" right after the effect, before its result is recorded."""
+
+
+def test_a_lone_surrogate_in_a_side_effects_arguments_never_runs_it_twice(db_url: str) -> None:
+    """LangGraph's checkpoint stores a lone surrogate as "?", so the call resumed after a crash
+    has other arguments than the one claimed. Before: its digest differed too, the ledger
+    answered it as an id reused for another call ("not run"), the model asked again under a
+    new id, and the charge ran twice."""
+    effects: list[str] = []
+
+    @tool(risk="write")
+    def charge(order_id: str) -> str:
+        """Charge an order."""
+        effects.append(order_id)
+        if len(effects) == 1:
+            raise Crash
+        return f"charged {order_id}"
+
+    def asks_again_unless_done(messages: list[Any]) -> Any:
+        told = messages[-1]  # the answer to the first call
+        return call("charge", order_id=ODD) if told.status == "error" else "Done."
+
+    model = ScriptedChatModel(
+        script=[call("charge", order_id=ODD), asks_again_unless_done, "Done."], fresh_ids=True
+    )
+    ledger = Ledger(db_url)
+    ledger.setup()
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        with pytest.raises(Crash):
+            agent.invoke({"messages": [("user", "charge it")]}, config, context=CTX)
+        paused = agent.invoke(None, config, context=CTX)
+        assert len(effects) == 1, "the charge ran again"
+        assert paused["outcome"]["status"] == "interrupted"
+        (request,) = paused["__interrupt__"][0].value
+        assert request["kind"] == "outcome_unknown"
+        done = agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+        # time travel to before the call: the ledger's record answers, nothing runs
+        before = next(s for s in agent.get_state_history(config) if s.next == ("execute_tools",))
+        replayed = agent.invoke(None, before.config, context=CTX)
+    ledger.close()
+    assert len(effects) == 1
+    assert done["outcome"]["terminated_reason"] == "completed"
+    (answer,) = [m for m in replayed["messages"] if m.type == "tool"]
+    assert answer.response_metadata == {"keel_status": "success", "keel_ledger": "recorded"}
 
 
 # -- "timeout (per tool; cancelled under ainvoke)" -------------------------------------------

@@ -401,6 +401,50 @@ def test_without_a_ledger_a_crash_repeats_the_effect(tmp_path: Any) -> None:
     assert world.effects == ["charged 5", "charged 5"]
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        pytest.param(
+            {"configurable": {"thread_id": "t1"}},
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="keel/nodes/_once.py ledger_key keys a call by the config's thread_id "
+                "alone, with no checkpointer to make it a thread: the second run gets the first "
+                "run's recorded result and its charge is never made",
+            ),
+        ),
+    ],
+    ids=["no-thread-id", "thread-id-without-checkpointer"],
+)
+def test_without_a_thread_every_run_makes_its_own_side_effect(db_url: str, config: Any) -> None:
+    """No checkpointer: each run starts from nothing, and tool-call ids need not be unique (this
+    model names its call `call_0_0` in every run, as some providers do). A ledger keyed without
+    a thread would answer the second user's charge with the first user's recorded result."""
+    world = World()
+    ledger = Ledger(db_url)
+    try:
+        agent = agent_for(world, None, ledger)
+        first = agent.invoke({"messages": [("user", "pay")]}, config, context=CTX)
+        second = agent.invoke(
+            {"messages": [("user", "pay")]}, config, context=RunContext(user_id="u2")
+        )
+        claimed = ledger.run(_claimed_rows())
+    finally:
+        ledger.close()
+    assert world.effects == ["charged 5", "charged 5"]
+    assert [m.content for m in tool_messages(first)] == ["charged 5 (#1)"]
+    [reply] = tool_messages(second)
+    assert reply.content == "charged 5 (#2)"
+    assert reply.response_metadata == {"keel_status": "success"}
+    assert claimed == 0, "without a thread there is nothing to resume: nothing is claimed"
+
+
+def _claimed_rows() -> Any:
+    rows = yield ("SELECT COUNT(*) FROM keel_tool_calls", ())
+    return rows[0][0]
+
+
 def test_build_agent_rejects_a_bad_ledger() -> None:
     with pytest.raises(UserError, match=r"build_agent\(ledger=...\) must be a keel.Ledger"):
         build_agent(ScriptedChatModel(script=["hi"]), ledger="sqlite:///x.db")  # type: ignore[arg-type]
