@@ -150,6 +150,17 @@ def peek_resume(config: RunnableConfig) -> Any:
 G = TypeVar("G", bound=Runnable[Any, Any])
 
 
+def saved_thread(config: RunnableConfig) -> str | None:
+    """The run's thread id when its graph keeps one (a checkpointer is set), else None.
+
+    A `thread_id` in the config of a graph with no checkpointer names nothing: no state is kept
+    under it, nothing can resume, and another run may pass the same one.
+    """
+    conf = config.get("configurable") or {}
+    thread = conf.get("thread_id")
+    return str(thread) if thread and conf.get(CONFIG_KEY_CHECKPOINTER) is not None else None
+
+
 def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | None:
     """The saver and address of the checkpoint a task runs from, if it may not be saved yet.
 

@@ -24,7 +24,7 @@ from langchain_core.runnables import RunnableConfig
 
 from keel import outcome
 from keel._drive import Op, Steps, both, sleep
-from keel._node import unsaved_checkpoint
+from keel._node import saved_thread, unsaved_checkpoint
 from keel.approvals import call_digest
 from keel.db.checkpoint.saved import Key, SaveWatch, checkpoint_key, request_key
 from keel.db.idempotency import CallRecord, ClaimGate, claim_flow, finish_flow, resolve_flow
@@ -155,12 +155,12 @@ def ledger_key(
     Only side-effecting tools do, and only in a thread (a checkpointer and a `thread_id`):
     without a thread there is nothing to resume, and tool-call ids need not be unique.
     """
-    thread = (config.get("configurable") or {}).get("thread_id")
+    thread = saved_thread(config)
     call_id = call.get("id")
-    if ledger is None or not entry.spec.side_effects or not thread or not call_id:
+    if ledger is None or not entry.spec.side_effects or thread is None or not call_id:
         return None
     digest = call_digest(entry.name, call["args"], entry.spec.version)
-    return str(thread), call_id, entry.name, digest
+    return thread, call_id, entry.name, digest
 
 
 def known_call_ids(messages: Sequence[BaseMessage]) -> frozenset[str]:

@@ -405,15 +405,7 @@ def test_without_a_ledger_a_crash_repeats_the_effect(tmp_path: Any) -> None:
     "config",
     [
         None,
-        pytest.param(
-            {"configurable": {"thread_id": "t1"}},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="keel/nodes/_once.py ledger_key keys a call by the config's thread_id "
-                "alone, with no checkpointer to make it a thread: the second run gets the first "
-                "run's recorded result and its charge is never made",
-            ),
-        ),
+        {"configurable": {"thread_id": "t1"}},
     ],
     ids=["no-thread-id", "thread-id-without-checkpointer"],
 )
