@@ -56,8 +56,9 @@ _LEET_WORD = re.compile(r"(?<![\w@.])(?=[a-z0-9]*[a-z])(?=[a-z0-9]*[013457])[a-z
 _SPACED = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][ .\-_*·|/]){2,}[^\W\d_](?![^\W\d_])")
 _SPACED_SEP = re.compile(r"[ .\-_*·|/]")
 # a word with punctuation inside: "ig.nore", "prev-ious"; squeezed only when that hides a
-# word detection looks for (domains, file names and snake_case stay as they are)
-_PUNCTUATED_WORD = re.compile(r"[a-z]+(?:[.\-_*·'][a-z]+)+")
+# word detection looks for (domains, file names and snake_case stay as they are). Matched from
+# a word's start, possessively: else a long run of letters costs time quadratic in its length.
+_PUNCTUATED_WORD = re.compile(r"(?<![a-z])[a-z]++(?:[.\-_*·'][a-z]++)+")
 _INNER_PUNCT = re.compile(r"[.\-_*·']")
 _HIDDEN_STEMS = (
     "ignor",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from keel.guards import (
     check_input,
     check_output,
 )
+from keel.guards.finding import InputSource
 
 FLAG = InputGuardPolicy()
 REDACT = InputGuardPolicy(injection_action="redact")
@@ -210,6 +212,21 @@ def test_size_limit_flag_keeps_the_text() -> None:
     policy = InputGuardPolicy(max_chars=3, size_action="flag")
     verdict = check_input("abcdef", policy, source="user")
     assert (verdict.action, verdict.text, verdict.rules) == ("flag", "abcdef", ("max_chars",))
+
+
+@pytest.mark.parametrize("source", ["user", "tool"])
+def test_an_input_at_the_default_size_limit_is_checked_in_well_under_a_second(
+    source: InputSource,
+) -> None:
+    """An input the size limit lets through must not pin a CPU core: one word of 50,000 letters
+    (what a hostile client or web page can send) took the heuristics about 30 s, a regex that
+    backtracked over the whole word from each of its letters."""
+    limit = InputGuardPolicy().max_chars
+    assert limit == 50_000  # README: inputs over 50,000 characters are blocked by default
+    start = time.perf_counter()
+    verdict = check_input("a" * limit, FLAG, source=source)
+    assert time.perf_counter() - start < 1.0
+    assert verdict.action == "allow"
 
 
 # -- policy ------------------------------------------------------------------------------------
