@@ -325,6 +325,10 @@ def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResp
     return answers
 
 
+_ANSWER_KEYS = frozenset(ReviewResponse.__annotations__)
+"""The keys of a review answer; any other key a client sends is dropped."""
+
+
 def _response(raw: Any) -> ReviewResponse:
     if isinstance(raw, str):
         raw = {"type": raw}
@@ -336,7 +340,9 @@ def _response(raw: Any) -> ReviewResponse:
             "{'type': 'respond', 'message': '...'}."
         )
     assert isinstance(raw, Mapping)
-    response: dict[str, Any] = {**raw, "type": kind}
+    # only what a reviewer may say: a key of keel's own (the input guard's note) is keel's to set
+    response: dict[str, Any] = {k: v for k, v in raw.items() if k in _ANSWER_KEYS}
+    response["type"] = kind
     args = response.get("args")
     if "always" in response and kind not in ("approve", "edit"):
         raise UserError(f"'always' goes with an 'approve' or 'edit' response, not {kind!r}.")
