@@ -4,6 +4,8 @@
   make LangGraph start a new run and silently drop the pending tool calls: it is refused. With
   `config={"configurable": {"keel_pending": "not_run"}}` the caller asks for the other way:
   each pending call is answered `not_run` (and audited, with a ledger), then the message runs.
+  The `not_run` records are written once the input passed every check (and, with admission
+  control, once the run was admitted): a refused run answered nothing, and its calls still wait.
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
@@ -198,7 +200,38 @@ class ThreadGuardedGraph(ProtectedGraph):
         context = run_context(config, kwargs.get("context"))
         return RunEnd(self.keel_recorder, ensure_config(config), context)
 
-    def _admitted(self, input: Any, config: RunnableConfig | None, kwargs: Any) -> Iterator[Any]:
+    def _checked(
+        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None, kwargs: Any
+    ) -> tuple[Any, list[AuditRecord]]:
+        """`input` as it will run and the `not_run` records its run writes first.
+
+        Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
+        for the caller to write once the run starts (`_answer`), so a refused run writes none.
+        """
+        answered: list[AuditRecord] = []
+        if _drops_pending(input, config, state):
+            assert state is not None
+            input, closing = _closed(input, state)
+            answered = _records(closing, config, kwargs.get("context"))
+            state = None  # nothing waits any more
+        problem = refusal(input, config, state)
+        if problem is not None:
+            raise UserError(problem)
+        self._check_input(input)  # protected keys, before any record (ProtectedGraph re-checks)
+        return input, answered
+
+    def _answer(self, answered: list[AuditRecord]) -> None:
+        """Audit the pending calls this run answers `not_run` (see `_checked`)."""
+        if answered and self.keel_audit is not None:
+            self.keel_audit.write(answered)
+
+    async def _aanswer(self, answered: list[AuditRecord]) -> None:
+        if answered and self.keel_audit is not None:
+            await self.keel_audit.awrite(answered)
+
+    def _admitted(
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: list[AuditRecord]
+    ) -> Iterator[Any]:
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
         assert gate is not None
@@ -214,10 +247,11 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield from refused_chunks(result, kwargs, self.stream_mode)
             return
         with gate.holding(lease):
+            self._answer(answered)
             yield from super().stream(input, config, **kwargs)
 
     async def _aadmitted(
-        self, input: Any, config: RunnableConfig | None, kwargs: Any
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: list[AuditRecord]
     ) -> AsyncGenerator[Any, None]:
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
@@ -237,6 +271,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         # LangGraph's astream is an async generator (typed as an iterator)
         chunks = cast(AsyncGenerator[Any, None], super().astream(input, config, **kwargs))
         async with gate.aholding(lease), contextlib.aclosing(chunks):
+            await self._aanswer(answered)
             async for chunk in chunks:
                 yield chunk
 
@@ -271,18 +306,10 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            state = self._state(config)
-            if _drops_pending(input, config, state):
-                assert state is not None
-                input, closing = _closed(input, state)
-                if self.keel_audit is not None:
-                    self.keel_audit.write(_records(closing, config, kwargs.get("context")))
-                state = None  # nothing waits any more
-            problem = refusal(input, config, state)
-            if problem is not None:
-                raise UserError(problem)
+            input, answered = self._checked(input, config, self._state(config), kwargs)
             if self.keel_admission is not None:
-                return self._admitted(input, config, kwargs)
+                return self._admitted(input, config, kwargs, answered)
+            self._answer(answered)
         return super().stream(input, config, **kwargs)
 
     async def astream(
@@ -290,22 +317,15 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            state = await self._astate(config)
-            if _drops_pending(input, config, state):
-                assert state is not None
-                input, closing = _closed(input, state)
-                if self.keel_audit is not None:
-                    await self.keel_audit.awrite(_records(closing, config, kwargs.get("context")))
-                state = None
-            problem = refusal(input, config, state)
-            if problem is not None:
-                raise UserError(problem)
+            input, answered = self._checked(input, config, await self._astate(config), kwargs)
             if self.keel_admission is not None:
                 # closed with the caller's stream (a client gone): the lease comes back now
-                async with contextlib.aclosing(self._aadmitted(input, config, kwargs)) as parts:
+                parts = self._aadmitted(input, config, kwargs, answered)
+                async with contextlib.aclosing(parts):
                     async for part in parts:
                         yield part
                 return
+            await self._aanswer(answered)
         async for chunk in super().astream(input, config, **kwargs):
             yield chunk
 

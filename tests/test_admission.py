@@ -258,6 +258,74 @@ def test_the_sync_api_takes_and_gives_back_slots(db_url: str) -> None:
         ledger.close()
 
 
+# -- a refused run answers no pending call (README: "No silently lost work") -------------------
+
+ACME = RunContext(user_id="y", tenant_id="acme")
+WAITS: Any = {"configurable": {"thread_id": "w1"}}
+DROPPING: Any = {"configurable": {"thread_id": "w1", "keel_pending": "not_run"}}
+NEVER_MIND = {"messages": [("user", "never mind")]}
+
+
+def waiting_agent(ledger: Ledger) -> Agent:
+    """An agent capped at one running run for the tenant, whose first run waits for approval."""
+
+    @tool(risk="destructive")
+    def refund(order_id: str) -> str:
+        """Refund an order (needs a human's approval)."""
+        return f"refunded {order_id}"
+
+    return build_agent(
+        ScriptedChatModel(script=[call("refund", order_id="A1"), "Nothing was refunded."]),
+        [refund],
+        policy=Policy(
+            rules=(Rule(action="ask", tool="refund"),), admission=AdmissionPolicy(tenant_running=1)
+        ),
+        ledger=ledger,
+        checkpointer=InMemorySaver(),
+    )
+
+
+def not_run(records: list[Any]) -> list[tuple[str | None, str]]:
+    return [(r.tool, r.decision) for r in records if r.kind == "tool" and r.status == "not_run"]
+
+
+def test_an_overloaded_run_answers_no_pending_call_not_run(db_url: str) -> None:
+    """`keel_pending='not_run'` on a refused (overloaded) run: the thread still waits, so the
+    audit log may not say its call was answered; admitted later, the answer is audited once."""
+    ledger = Ledger(db_url)
+    try:
+        agent = waiting_agent(ledger)
+        paused = agent.invoke({"messages": [("user", "refund A1")]}, WAITS, context=ACME)
+        assert paused["outcome"]["terminated_reason"] == "awaiting_approval"
+        admission = Admission(ledger, AdmissionPolicy(tenant_running=1))
+        lease = admission.acquire(RunContext(user_id="x", tenant_id="acme"))
+        refused = agent.invoke(NEVER_MIND, DROPPING, context=ACME)
+        assert refused["outcome"]["terminated_reason"] == "overloaded"
+        assert agent.get_state(WAITS).interrupts, "the call still waits for the human"
+        assert not_run(AuditLog(ledger).query(thread="w1")) == []
+        admission.release(lease)
+        done = agent.invoke(NEVER_MIND, DROPPING, context=ACME)
+        assert done["outcome"]["terminated_reason"] == "completed"
+        assert not_run(AuditLog(ledger).query(thread="w1")) == [("refund", "not_run")]
+    finally:
+        ledger.close()
+
+
+async def test_an_overloaded_async_run_answers_no_pending_call_not_run(ledger: Ledger) -> None:
+    agent = waiting_agent(ledger)
+    await agent.ainvoke({"messages": [("user", "refund A1")]}, WAITS, context=ACME)
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=1))
+    lease = await admission.aacquire(RunContext(user_id="x", tenant_id="acme"))
+    refused = await agent.ainvoke(NEVER_MIND, DROPPING, context=ACME)
+    assert refused["outcome"]["terminated_reason"] == "overloaded"
+    assert (await agent.aget_state(WAITS)).interrupts
+    assert not_run(await AuditLog(ledger).aquery(thread="w1")) == []
+    await admission.arelease(lease)
+    done = await agent.ainvoke(NEVER_MIND, DROPPING, context=ACME)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert not_run(await AuditLog(ledger).aquery(thread="w1")) == [("refund", "not_run")]
+
+
 def test_bad_admission_settings_are_named() -> None:
     with pytest.raises(UserError, match="tenant_running must be 1 or more"):
         AdmissionPolicy(tenant_running=0)

@@ -263,13 +263,7 @@ def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it
     assert [(r.tool, r.decision) for r in records] == [("refund", "not_run")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ThreadGuardedGraph.stream/astream (keel/graphs/threads.py) audit the pending calls "
-    "`not_run` before the input is checked (refusal, ProtectedGraph's protected keys), so a "
-    "refused message leaves a `not_run` record for a call that still waits",
-)
-@pytest.mark.parametrize(
+HOSTILE = pytest.mark.parametrize(
     "hostile",
     [
         {"messages": [("robot", "never mind")]},  # a role keel cannot read
@@ -277,6 +271,9 @@ def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it
     ],
     ids=["unreadable-message", "protected-key"],
 )
+
+
+@HOSTILE
 def test_a_refused_message_leaves_no_not_run_record_for_a_call_that_still_waits(
     tmp_path: Path, hostile: dict[str, Any]
 ) -> None:
@@ -303,6 +300,35 @@ def test_a_refused_message_leaves_no_not_run_record_for_a_call_that_still_waits(
     ledger.close()
     assert done["messages"][-2].content == "refunded 5.0 on A1"
     assert [r.decision for r in records if r.kind == "tool"] == ["ask"]
+
+
+@HOSTILE
+async def test_a_refused_message_leaves_no_not_run_record_under_ainvoke(
+    tmp_path: Path, hostile: dict[str, Any]
+) -> None:
+    """The async twin; the caller's next, readable message then answers the call `not_run`,
+    audited once."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    async with Persistence(url).acheckpointer() as saver:
+        model = ScriptedChatModel(
+            script=[call("refund", order_id="A1", amount=5.0), "Nothing was refunded."]
+        )
+        agent = build_agent(model, [refund], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        await agent.ainvoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        dropping: Any = {"configurable": {"thread_id": "t1", "keel_pending": "not_run"}}
+        with pytest.raises(UserError):
+            await agent.ainvoke(hostile, dropping, context=CTX)
+        assert (await agent.aget_state(config)).interrupts, "the call still waits for the human"
+        refused = await AuditLog(ledger).aquery(thread="t1")
+        sent = {"messages": [("user", "never mind")]}
+        done = await agent.ainvoke(sent, dropping, context=CTX)
+    records = await AuditLog(ledger).aquery(thread="t1")
+    await ledger.aclose()
+    assert [r.decision for r in refused if r.kind == "tool"] == []  # "ask" comes with an answer
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert [(r.tool, r.decision) for r in records if r.kind == "tool"] == [("refund", "not_run")]
 
 
 def test_resuming_a_thread_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
