@@ -133,7 +133,9 @@ def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, A
 
 
 def _records(closing: list[Any], config: RunnableConfig | None, context: Any) -> list[AuditRecord]:
+    """The `not_run` audit records of the pending calls `closing` answers, for the run's user."""
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    who = run_context(config, context)  # the server's user, a RunContext or a plain dict
     return [
         AuditRecord(
             kind="tool",
@@ -141,8 +143,8 @@ def _records(closing: list[Any], config: RunnableConfig | None, context: Any) ->
             status="not_run",
             tool=m.name,
             result=str(m.content),
-            user_id=getattr(context, "user_id", None),
-            tenant_id=getattr(context, "tenant_id", None),
+            user_id=who.user_id,
+            tenant_id=who.tenant_id,
             thread_id=str(thread),
             tool_call_id=m.tool_call_id,
         )

@@ -238,8 +238,9 @@ async def test_a_new_message_on_a_waiting_thread_is_refused_under_ainvoke(tmp_pa
         assert (await agent.aget_state(config)).interrupts
 
 
+@pytest.mark.parametrize("as_dict", [False, True], ids=["RunContext", "dict"])
 def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it(
-    tmp_path: Path,
+    tmp_path: Path, as_dict: bool
 ) -> None:
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
@@ -252,7 +253,8 @@ def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it
         config: Any = {"configurable": {"thread_id": "t1"}}
         agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
         dropping: Any = {"configurable": {"thread_id": "t1", "keel_pending": "not_run"}}
-        done = agent.invoke({"messages": [("user", "never mind")]}, dropping, context=CTX)
+        who: Any = {"user_id": CTX.user_id, "tenant_id": CTX.tenant_id} if as_dict else CTX
+        done = agent.invoke({"messages": [("user", "never mind")]}, dropping, context=who)
     assert done["outcome"]["terminated_reason"] == "completed"
     call_msg, answer, user = done["messages"][1:4]
     assert answer.tool_call_id == call_msg.tool_calls[0]["id"]
@@ -261,6 +263,7 @@ def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it
     records = [r for r in AuditLog(ledger).query(thread="t1") if r.status == "not_run"]
     ledger.close()
     assert [(r.tool, r.decision) for r in records] == [("refund", "not_run")]
+    assert [(r.user_id, r.tenant_id) for r in records] == [(CTX.user_id, CTX.tenant_id)]
 
 
 HOSTILE = pytest.mark.parametrize(
