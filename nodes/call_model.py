@@ -234,8 +234,8 @@ class _Answerer:
         self, got: ModelAnswer, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
     ) -> dict[str, Any] | str:
         """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
-        response, usage = got.message, got.usage
-        assert response is not None
+        assert got.message is not None
+        response, usage = _unique_ids(got.message, state.get("messages") or []), got.usage
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
@@ -339,6 +339,93 @@ def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
     return outcome.failed(
         f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
     )
+
+
+_MAX_CALL_ID = 40
+"""The longest tool-call id keel mints when it renames one (OpenAI refuses longer ids)."""
+
+
+def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
+    """`answer` with each tool call under an id no other call of the thread has.
+
+    A sloppy or hostile model can name two calls of a turn alike, reuse an id of an earlier
+    turn, or name a call not at all. Everything downstream tells calls apart by id: an approval
+    is bound to `digest/tool_call_id` and a resume is keyed by `tool_call_id` (one "approve"
+    would cover both calls), the ledger by `(thread, tool_call_id)` (the second call would be
+    answered "conflict", or get the first one's recorded result), and each `ToolMessage`
+    answers one id. So before anything else sees the answer, the first call under an id that
+    is new to the thread keeps it and every other call gets `<id>_<n>` (`call_<n>` when it had
+    none), the smallest `n` that is free. The renamed answer is what the checkpoint stores, so a
+    resume sees the same ids, and the same history and answer give the same names.
+    Unparsable calls (`invalid_tool_calls`) are named too; so are `tool_use` content blocks
+    (Anthropic's), in order, so the message stays consistent for its provider.
+    """
+    calls = [*answer.tool_calls, *answer.invalid_tool_calls]
+    ids = [c.get("id") or "" for c in calls]
+    used = _used_ids(history)
+    if all(ids) and len(set(ids)) == len(ids) and used.isdisjoint(ids):
+        return answer  # the usual answer: no copy
+    taken, kept, fresh = used | set(ids), set(), []
+    for old in ids:
+        if old and old not in used and old not in kept:
+            kept.add(old)
+            fresh.append(old)
+            continue
+        n, base = (2, old) if old else (1, "call")
+        while (new := _numbered(base, n)) in taken:
+            n += 1
+        taken.add(new)
+        fresh.append(new)
+    log.warning(
+        "the model named its tool calls %s (an id twice, an id already used in this thread, "
+        "or none); keel renamed them %s",
+        ids,
+        fresh,
+    )
+    valid = len(answer.tool_calls)
+    update: dict[str, Any] = {
+        "tool_calls": [
+            {**c, "id": i} for c, i in zip(answer.tool_calls, fresh[:valid], strict=True)
+        ],
+        "invalid_tool_calls": [
+            {**c, "id": i} for c, i in zip(answer.invalid_tool_calls, fresh[valid:], strict=True)
+        ],
+    }
+    if isinstance(answer.content, list):
+        update["content"] = _renamed_blocks(answer.content, ids, fresh)
+    return answer.model_copy(update=update)
+
+
+def _used_ids(history: Sequence[BaseMessage]) -> set[str]:
+    """Every tool-call id the thread's history holds: its calls' and its results'."""
+    used: set[str] = set()
+    for m in history:
+        if isinstance(m, AIMessage):
+            used.update(c.get("id") or "" for c in [*m.tool_calls, *m.invalid_tool_calls])
+        elif isinstance(m, ToolMessage):
+            used.add(m.tool_call_id)
+    used.discard("")
+    return used
+
+
+def _numbered(base: str, n: int) -> str:
+    suffix = f"_{n}"
+    return base[: _MAX_CALL_ID - len(suffix)] + suffix
+
+
+def _renamed_blocks(content: list[Any], ids: list[str], fresh: list[str]) -> list[Any]:
+    """`content` with its `tool_use` blocks renamed as the calls they carry, in order."""
+    queues: dict[str, list[str]] = {}
+    for old, new in zip(ids, fresh, strict=True):
+        queues.setdefault(old, []).append(new)
+    out: list[Any] = []
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            queue = queues.get(block.get("id") or "")
+            if queue:
+                block = {**block, "id": queue.pop(0)}
+        out.append(block)
+    return out
 
 
 def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
@@ -430,6 +430,82 @@ def test_without_a_thread_every_run_makes_its_own_side_effect(db_url: str, confi
     assert reply.content == "charged 5 (#2)"
     assert reply.response_metadata == {"keel_status": "success"}
     assert claimed == 0, "without a thread there is nothing to resume: nothing is claimed"
+
+
+def charges(*calls: tuple[int, str]) -> AIMessage:
+    """A turn of `charge` calls under the ids the model chose."""
+    return AIMessage(
+        content="",
+        tool_calls=[ToolCall(name="charge", args={"amount": a}, id=i) for a, i in calls],
+    )
+
+
+@pytest.mark.parametrize("amounts", [(5, 7), (5, 5)], ids=["other-args", "same-args"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_two_calls_of_a_turn_under_one_id_each_run_once(
+    db_url: str, mode: str, amounts: tuple[int, int]
+) -> None:
+    """A model names both charges of a turn `c1`. Keyed by `(thread, c1)`, the second was
+    answered "conflict" (other arguments) or with the first one's result (the same), and both
+    answers named `c1`. Renamed when the turn arrives, each runs once and is answered apart,
+    and a replay runs neither again."""
+    world = World()
+    first, second = amounts
+    model = ScriptedChatModel(script=[charges((first, "c1"), (second, "c1")), "Done."])
+    payload = {"messages": [("user", "pay twice")]}
+    if mode == "invoke":
+        with stack(db_url) as (saver, ledger):
+            agent = build_agent(model, [charge_tool(world)], checkpointer=saver, ledger=ledger)
+            state = agent.invoke(payload, thread("t1"), context=CTX)
+            history = agent.get_state_history(thread("t1"))
+            before = next(s for s in history if s.next == ("execute_tools",))
+            replayed = agent.invoke(None, before.config, context=CTX)
+    else:
+        async with astack(db_url) as (saver, ledger):
+            agent = build_agent(model, [charge_tool(world)], checkpointer=saver, ledger=ledger)
+            state = await agent.ainvoke(payload, thread("t1"), context=CTX)
+            history = [s async for s in agent.aget_state_history(thread("t1"))]
+            before = next(s for s in history if s.next == ("execute_tools",))
+            replayed = await agent.ainvoke(None, before.config, context=CTX)
+    assert sorted(world.effects) == sorted([f"charged {first}", f"charged {second}"])
+    assert state["outcome"]["terminated_reason"] == "completed"
+    request = next(m for m in state["messages"] if isinstance(m, AIMessage) and m.tool_calls)
+    assert [tc["id"] for tc in request.tool_calls] == ["c1", "c1_2"]
+    replies = tool_messages(state)
+    assert [(m.tool_call_id, m.response_metadata["keel_status"]) for m in replies] == [
+        ("c1", "success"),
+        ("c1_2", "success"),
+    ]
+    again = tool_messages(replayed)
+    assert [m.tool_call_id for m in again] == ["c1", "c1_2"]
+    assert all(m.response_metadata.get("keel_ledger") == "recorded" for m in again)
+
+
+@pytest.mark.parametrize("amount", [7, 5], ids=["other-args", "same-args"])
+def test_an_id_reused_in_a_later_task_of_the_thread_makes_its_own_call(
+    db_url: str, amount: int
+) -> None:
+    """The model names its charge in the thread's second task `c1`, as in the first. The ledger
+    answered it "conflict" (other arguments: not run) or with the first task's result (the
+    same: not run, and reported as done). Renamed, it is a call of its own."""
+    world = World()
+    script = [charges((5, "c1")), "Done.", charges((amount, "c1")), "Done again."]
+    with stack(db_url) as (saver, ledger):
+        agent = build_agent(
+            ScriptedChatModel(script=script),
+            [charge_tool(world)],
+            checkpointer=saver,
+            ledger=ledger,
+        )
+        agent.invoke({"messages": [("user", "pay 5")]}, thread("t1"), context=CTX)
+        state = agent.invoke({"messages": [("user", "pay again")]}, thread("t1"), context=CTX)
+    assert world.effects == ["charged 5", f"charged {amount}"]
+    replies = tool_messages(state)
+    assert [(m.tool_call_id, m.content) for m in replies] == [
+        ("c1", "charged 5 (#1)"),
+        ("c1_2", f"charged {amount} (#2)"),
+    ]
+    assert replies[1].response_metadata == {"keel_status": "success"}
 
 
 def _claimed_rows() -> Any:

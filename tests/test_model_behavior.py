@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, InvalidToolCall
+from langchain_core.messages import AIMessage, InvalidToolCall, ToolCall, ToolMessage
 from langgraph.types import RetryPolicy
 
 from keel import RunContext, build_agent, tool
@@ -87,6 +87,45 @@ async def test_malformed_turns_are_counted_per_task_not_per_thread() -> None:
     history = [*first["messages"], ("user", "two")]
     final = await agent.ainvoke({"messages": history}, context=CTX)
     assert final["outcome"]["terminated_reason"] == "completed"
+
+
+async def test_calls_sharing_an_id_with_a_malformed_one_still_run_and_are_answered_apart() -> None:
+    """A turn names two good calls and a malformed one `c1`, and another malformed one not at
+    all. The malformed call's error answered `c1`, so neither good call ran (both looked
+    answered). Each call is renamed apart, in its `tool_calls` and its `tool_use` content
+    block (as Anthropic sends them), so the provider reads back a consistent message."""
+    lookups = [("A1", "c1"), ("B2", "c1")]
+    turn = AIMessage(
+        content=[
+            {"type": "text", "text": "Checking both."},
+            *(
+                {"type": "tool_use", "id": i, "name": "lookup_order", "input": {"order_id": o}}
+                for o, i in lookups
+            ),
+        ],
+        tool_calls=[ToolCall(name="lookup_order", args={"order_id": o}, id=i) for o, i in lookups],
+        invalid_tool_calls=[
+            InvalidToolCall(
+                type="invalid_tool_call", name="lookup_order", args="{", id=i, error="not JSON"
+            )
+            for i in ("c1", None)
+        ],
+    )
+    agent = build_agent(ScriptedChatModel(script=[turn, "Both shipped."]), [lookup_order])
+    final = await agent.ainvoke({"messages": [("user", "where are A1, B2?")]}, context=CTX)
+    assert final["outcome"]["terminated_reason"] == "completed"
+    request = final["messages"][1]
+    assert isinstance(request, AIMessage)
+    assert [c["id"] for c in request.tool_calls] == ["c1", "c1_2"]
+    assert [c["id"] for c in request.invalid_tool_calls] == ["c1_3", "call_1"]
+    blocks = [b for b in request.content if isinstance(b, dict) and b["type"] == "tool_use"]
+    assert [(b["id"], b["input"]) for b in blocks] == [
+        ("c1", {"order_id": "A1"}),
+        ("c1_2", {"order_id": "B2"}),
+    ]
+    answers = {m.tool_call_id: m.content for m in final["messages"] if isinstance(m, ToolMessage)}
+    assert answers.keys() == {"c1", "c1_2", "c1_3", "call_1"}
+    assert (answers["c1"], answers["c1_2"]) == ("order A1: shipped", "order B2: shipped")
 
 
 async def test_a_judge_whose_verdict_does_not_parse_fails_verification_with_the_error() -> None:

@@ -964,6 +964,69 @@ async def test_a_rejection_is_final(mode: str) -> None:
     assert shop.deleted == []
 
 
+def _named(calls: Sequence[tuple[str, dict[str, Any], str]]) -> AIMessage:
+    """A turn whose tool calls carry the ids the model chose, not fresh ones."""
+    return AIMessage(content="", tool_calls=[ToolCall(name=n, args=a, id=i) for n, a, i in calls])
+
+
+async def test_two_calls_under_one_id_are_reviewed_and_approved_apart(mode: str) -> None:
+    """A model names both deletions of a turn `c1`: an approval of `c1` must not cover the other.
+
+    Keyed by the shared id, one "approve" approved both (and B2 ran, its arguments never
+    approved). keel renames the second call before anything sees the turn, so the reviewer is
+    asked about two calls, and a resume that answers only `c1` is refused.
+    """
+    shop = Shop()
+    twice = _named(
+        [("delete_order", {"order_id": "A1"}, "c1"), ("delete_order", {"order_id": "B2"}, "c1")]
+    )
+    model = ScriptedChatModel(script=[twice, "Done."])
+    agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
+    first = await run(agent, user("delete A1 and B2"), mode, thread="t1")
+    requests = first["__interrupt__"][0].value
+    assert [(r["tool_call_id"], r["action_request"]["args"]) for r in requests] == [
+        ("c1", {"order_id": "A1"}),
+        ("c1_2", {"order_id": "B2"}),
+    ]
+    with pytest.raises(UserError, match="waiting on 2 call"):
+        await run(agent, Command(resume={"c1": {"type": "approve"}}), mode, thread="t1")
+    assert shop.deleted == []
+    answers = {"c1": {"type": "approve"}, "c1_2": {"type": "respond", "message": "keep B2"}}
+    final = await run(agent, Command(resume=answers), mode, thread="t1")
+    assert shop.deleted == ["A1"]
+    assert final["outcome"]["terminated_reason"] == "completed"
+    results = tool_messages(final)
+    assert [(m.tool_call_id, status(m)) for m in results] == [
+        ("c1", "success"),
+        ("c1_2", "respond"),
+    ]
+    assert_valid(final["messages"])
+
+
+async def test_an_id_reused_in_a_later_turn_is_reviewed_again(mode: str) -> None:
+    """A model names a later call like one a human approved: the approval stays with the first.
+
+    An approval is kept under `digest/tool_call_id`; the same id and arguments in a later turn
+    found it and ran without a review. The later call is renamed, and asked about again.
+    """
+    shop = Shop()
+    again = _named([("delete_order", {"order_id": "A1"}, "c1")])
+    model = ScriptedChatModel(script=[again, again, "Done."])
+    agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
+    await run(agent, user("delete A1"), mode, thread="t1")
+    second = await run(agent, Command(resume={"type": "approve"}), mode, thread="t1")
+    assert shop.deleted == ["A1"]
+    assert second["outcome"]["terminated_reason"] == "awaiting_approval"
+    (request,) = second["__interrupt__"][0].value
+    assert (request["tool_call_id"], request["action_request"]["args"]) == (
+        "c1_2",
+        {"order_id": "A1"},
+    )
+    final = await run(agent, Command(resume={"type": "reject"}), mode, thread="t1")
+    assert shop.deleted == ["A1"]
+    assert [m.tool_call_id for m in tool_messages(final)] == ["c1", "c1_2"]
+
+
 # ===========================================================================================
 # respond
 # ===========================================================================================
