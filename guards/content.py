@@ -67,7 +67,8 @@ class InputGuardPolicy:
     """
 
     max_chars: int | None = 50_000
-    """The longest input accepted, in characters. `None` disables the size limit."""
+    """The longest input accepted, in characters: a message in several text blocks counts
+    them together. `None` disables the size limit."""
 
     size_action: GuardAction = "block"
     """What to do with a longer input: `block` refuses it, `redact` cuts it to `max_chars`
@@ -144,7 +145,8 @@ class OutputGuardPolicy:
     """Which kinds of PII to look for (see `keel.redact.PII_KINDS`)."""
 
     max_chars: int | None = None
-    """The longest answer passed on, in characters; longer ones are cut. `None`: no limit."""
+    """The longest answer passed on, in characters (its text blocks together); longer ones are
+    cut. `None`: no limit."""
 
     def __post_init__(self) -> None:
         _check_action("OutputGuardPolicy.pii_action", self.pii_action)

@@ -99,7 +99,11 @@ def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> S
 
 def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMessage | None:
     """A tool result as the model may read it, or `None` when the guard leaves it as it is."""
-    verdict = _verdict(message.content, lambda text: check_input(text, policy, source="tool"))
+    verdict = _verdict(
+        message.content,
+        lambda text: check_input(text, policy, source="tool"),
+        policy.max_chars,
+    )
     if verdict is None:
         return None
     action, content, findings, _ = verdict
@@ -121,7 +125,11 @@ def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMe
 def _screen_user(
     message: HumanMessage, policy: InputGuardPolicy
 ) -> tuple[BaseMessage | None, str | None]:
-    verdict = _verdict(message.content, lambda text: check_input(text, policy, source="user"))
+    verdict = _verdict(
+        message.content,
+        lambda text: check_input(text, policy, source="user"),
+        policy.max_chars,
+    )
     if verdict is None:
         if GUARD_KEY in message.response_metadata:  # only keel writes this note
             meta = {k: v for k, v in message.response_metadata.items() if k != GUARD_KEY}
@@ -154,7 +162,7 @@ def screen_human_text(text: str, policy: InputGuardPolicy) -> tuple[str, GuardNo
 
 def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | None:
     """An answer as the user may see it, or `None` when the guard leaves it as it is."""
-    verdict = _verdict(message.content, lambda text: check_output(text, policy))
+    verdict = _verdict(message.content, lambda text: check_output(text, policy), policy.max_chars)
     if verdict is None:
         return None
     action, content, findings, why = verdict
@@ -179,11 +187,26 @@ def guard_notes(messages: Sequence[BaseMessage]) -> list[GuardNote]:
 _Verdict = tuple[str, Any, list[ContentFinding], str]
 
 
-def _verdict(content: Any, check: Callable[[str], ContentVerdict]) -> _Verdict | None:
+def _verdict(
+    content: Any, check: Callable[[str], ContentVerdict], max_chars: int | None = None
+) -> _Verdict | None:
     """`(action, new content, findings, block message)`, or `None` when nothing was found.
 
     For a list of content blocks every text block is checked; the most severe action wins.
+    `max_chars` (the policy's size limit) holds for the message's whole text: blocks that are
+    longer together are checked as one text (redacted, they become one text block).
     """
+    if isinstance(content, list) and max_chars is not None:
+        texts = [t for t in map(_block_text, content) if t is not None]
+        if len(texts) > 1 and sum(map(len, texts)) > max_chars:
+            whole = _verdict("".join(texts), check)
+            if whole is None:
+                return None
+            verdict, text, found, message = whole
+            if verdict != "flag":  # a flag passes the blocks on as they are
+                rest = [b for b in content if _block_text(b) is None]
+                content = [{"type": "text", "text": text}, *rest]
+            return verdict, content, found, message
     if isinstance(content, str):
         v = check(content)
         if v.action == "allow":

@@ -42,6 +42,7 @@ from keel.guards import (
     approval_gate,
     sanitize,
     screen_answer,
+    screen_inputs,
     screen_tool_result,
 )
 from keel.nodes import (
@@ -254,15 +255,7 @@ def test_every_user_message_a_client_sends_passes_the_input_guard(
     "blocks",
     [
         pytest.param(False, id="one-string"),
-        pytest.param(
-            True,
-            id="split-into-text-blocks",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="screening checks each text block of a message against max_chars on "
-                "its own, so a message over the limit in blocks under it is not blocked",
-            ),
-        ),
+        pytest.param(True, id="split-into-text-blocks"),
     ],
 )
 def test_a_user_message_over_the_limit_is_blocked_however_it_is_split(blocks: bool) -> None:
@@ -378,6 +371,59 @@ def test_a_tool_result_over_50000_characters_is_withheld_and_the_run_goes_on(
         ("block", "tool", "lookup_document")
     ]
     ledger.close()
+
+
+@tool(name="lookup_pages")
+def lookup_pages(size: int, tail: str) -> list[dict[str, str]]:
+    """Fetch a document as two pages of `size` characters each (two text blocks)."""
+    return [
+        {"type": "text", "text": _sized(size, "page-one")},
+        {"type": "text", "text": _sized(size, tail)},
+    ]
+
+
+def test_a_tool_result_over_the_limit_in_text_blocks_is_withheld() -> None:
+    """A tool the attacker controls answers in two text blocks, each under the limit."""
+    half = DEFAULT_MAX_CHARS - 10_000
+    model = ScriptedChatModel(
+        script=[call("lookup_pages", size=half, tail="HIDDEN"), "The document was too long."]
+    )
+    policy = Policy(rules=(Rule(tool="lookup_*", action="allow"),))  # the default input guard
+    agent = build_agent(model, [lookup_pages], policy=policy)
+    result = agent.invoke({"messages": [("user", "Read the document.")]}, context=CTX)
+
+    (pages,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert pages.response_metadata["keel_status"] == "blocked"
+    assert f"({2 * half} characters, more than max_chars=50000)" in pages.text
+    assert "HIDDEN" not in _seen(model)
+
+
+@pytest.mark.parametrize("size_action", ["redact", "flag"])
+def test_text_blocks_over_the_limit_together_are_cut_or_flagged_as_one_text(
+    size_action: str,
+) -> None:
+    image = {"type": "image", "url": "https://shop.test/a1.png"}
+    message = HumanMessage(
+        [{"type": "text", "text": "abcdef"}, image, {"type": "text", "text": "ghij"}], id="m1"
+    )
+    policy = InputGuardPolicy(max_chars=8, size_action=size_action)  # type: ignore[arg-type]
+    (screened,) = screen_inputs([message], policy).messages
+
+    assert screened.response_metadata["keel_guard"]["rules"] == ["max_chars"]
+    if size_action == "flag":  # passed on as it was
+        assert screened.content == message.content
+    else:  # cut as one text: what the model reads is at most max_chars (and the marker)
+        assert screened.content == [
+            {"type": "text", "text": "abcdefgh\n[TRUNCATED: 2 more characters]"},
+            image,
+        ]
+
+
+def test_an_answer_over_the_limit_in_text_blocks_is_cut_as_one_text() -> None:
+    answer = AIMessage([{"type": "text", "text": "abcdef"}, {"type": "text", "text": "ghij"}])
+    screened = screen_answer(answer, OutputGuardPolicy(max_chars=8))
+    assert screened is not None
+    assert screened.content == [{"type": "text", "text": "abcdefgh"}]
 
 
 GUARD_NOTE = {"guard": "input", "source": "tool", "action": "flag", "rules": [], "excerpts": []}
