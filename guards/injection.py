@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import inspect
+import itertools
 import re
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
@@ -204,12 +206,17 @@ _HIDDEN_CHARS = re.compile(
     "|[\u200b-\u200f\u2060\ufeff]{2,}"
 )
 _HTML_COMMENT = re.compile(r"<!--[\s\S]*?(?:-->|\Z)|^\[//\]:\s*#\s*\([^\n]*\)", re.MULTILINE)
-_HIDDEN_ELEMENT = re.compile(
-    r"<(?P<tag>[a-zA-Z][\w-]*)\b[^>]*?(?:\bhidden\b|style\s*=\s*[\"'][^\"']*(?:display\s*:\s*"
-    r"none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:px)?(?![.\d]*[1-9])|opacity\s*:\s*0"
-    r"(?![.\d]*[1-9])|color\s*:\s*(?:#fff(?:fff)?|white)\b))[^>]*>[\s\S]*?</(?P=tag)\s*>",
+# An element hidden by an attribute (`hidden`, a `class` naming it) or an inline style, from
+# its opening tag (`<tag`, the attribute, on to the next `>`) to its first closing tag. Found
+# in one pass (`_hidden_elements`): a single regex for it rescans the text from every `<`.
+_TAG_START = re.compile(r"<(?P<tag>[a-zA-Z][\w-]*)\b")
+_HIDING = re.compile(
+    r"\bhidden\b|style\s*=\s*[\"'][^\"']*(?:display\s*:\s*none|visibility\s*:\s*hidden|"
+    r"font-size\s*:\s*[01](?:px)?(?![.\d]*[1-9])|opacity\s*:\s*0(?![.\d]*[1-9])|"
+    r"color\s*:\s*(?:#fff(?:fff)?|white)\b)",
     re.IGNORECASE,
 )
+_CLOSE_TAG = re.compile(r"</(?P<tag>[a-zA-Z][\w-]*)\s*>")
 # words that make hidden text an instruction for the model rather than page furniture
 _INSTRUCTION_CUE = re.compile(
     r"\b(?:ignore|disregard|instructions?|assistant|ai|llm|language\s+model|chatbot|agent|"
@@ -233,10 +240,39 @@ def _spans(pattern: re.Pattern[str], text: str) -> Iterator[tuple[int, int]]:
 
 
 def _hidden_html(text: str) -> Iterator[tuple[int, int]]:
-    for pattern in (_HTML_COMMENT, _HIDDEN_ELEMENT):
-        for m in pattern.finditer(text):
-            if _INSTRUCTION_CUE.search(view_of(m.group()).text):
-                yield m.span()
+    for s, e in itertools.chain(_spans(_HTML_COMMENT, text), _hidden_elements(text)):
+        if _INSTRUCTION_CUE.search(view_of(text[s:e]).text):
+            yield s, e
+
+
+def _hidden_elements(text: str) -> Iterator[tuple[int, int]]:
+    """Spans of hidden elements, left to right, not overlapping.
+
+    Each `<tag` is tried, in linear time overall: the next `>` and the next hiding attribute
+    are searched once and reused by the tags before them, and closing tags are listed once.
+    """
+    closes: dict[str, list[tuple[int, int]]] = {}
+    for m in _CLOSE_TAG.finditer(text):
+        closes.setdefault(m["tag"].lower(), []).append(m.span())
+    done, gt, hiding = 0, -1, _HIDING.search(text)
+    for tag in _TAG_START.finditer(text):
+        at = tag.end()
+        if tag.start() < done:
+            continue
+        if hiding is not None and hiding.start() < at:
+            hiding = _HIDING.search(text, at)
+        if hiding is None:
+            return
+        if gt < at and (gt := text.find(">", at)) == -1:
+            return
+        if hiding.start() > gt:  # the tag ends before its first hiding attribute
+            continue
+        opened = text.find(">", hiding.end()) + 1  # a style's quoted value may hold a `>`
+        ends = closes.get(tag["tag"].lower(), [])
+        i = bisect.bisect_left(ends, (opened, 0)) if opened else len(ends)
+        if i < len(ends):
+            yield tag.start(), ends[i][1]
+            done = ends[i][1]
 
 
 def _base64_blobs(text: str) -> Iterator[tuple[int, int, str]]:
