@@ -75,7 +75,8 @@ def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> S
     That is every user message after the last AI message (the new task) and the tool results
     after it (the last round of calls). A blocked user message is replaced by a notice and
     ends the run (`blocked`); a blocked tool result is replaced by an error result the model
-    can act on.
+    can act on. A `keel_guard` note already on a message is trusted only as far as checking
+    it again gives the same: only keel writes it, but a client can send one.
     """
     start = next(
         (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
@@ -88,11 +89,13 @@ def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> S
             screened, message = _screen_user(m, policy)
             blocked = blocked or message
         elif isinstance(m, ToolMessage):
-            # checked when it came in (execute_tools, the middleware's wrap_tool_call)
-            screened = None if GUARD_KEY in m.response_metadata else screen_tool_result(m, policy)
+            screened = screen_tool_result(m, policy)
         else:
             continue
-        if screened is not None:
+        # A message a guard acted on before (a tool result checked as it came in) comes out as
+        # it went in: nothing to replace, nothing to audit again. A note keel did not write
+        # (a client can send one) does not: the message is replaced by its checked copy.
+        if screened is not None and screened != m:
             out.append(screened)
     return Screened(out, blocked)
 
