@@ -11,6 +11,9 @@ a grant sent ahead would approve a call no human saw.
 A run whose checkpointer fails ends with `outcome = error / storage` instead of a raw database
 error (see `keel.graphs._storage`).
 
+Each run a caller starts names the messages its input sent in the config (`SENT_KEY`), so the
+input guard checks all of them, not only those after the last AI message (`_sent`).
+
 What it cannot stop: a Python caller with the checkpointer in hand can write any checkpoint.
 Approval grants hold even then (they are sealed, see `keel.approvals.Grants`); usage, outcome
 and the rest are only as trustworthy as the code that can write the database.
@@ -18,9 +21,11 @@ and the rest are only as trustworthy as the code that can write the database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
+from uuid import uuid4
 
+from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
@@ -37,6 +42,7 @@ from keel.graphs._storage import (
     storage_outcome,
 )
 from keel.guards.content import OutputGuardPolicy
+from keel.guards.screening import SENT_KEY
 
 __all__ = ["ProtectedGraph", "protected"]
 
@@ -91,6 +97,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting(self.get_state(config).interrupts, config)
+        input, config = _sent(input, config)
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
             return chunks
@@ -104,6 +111,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting((await self.aget_state(config)).interrupts, config)
+        input, config = _sent(input, config)
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
             ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
@@ -172,6 +180,30 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
         self._check_updates(supersteps)
         return await super().abulk_update_state(config, supersteps)
+
+
+def _sent(input: Any, config: RunnableConfig | None) -> tuple[Any, RunnableConfig | None]:
+    """`input` with an id on each message it sends, and `config` naming them (`SENT_KEY`).
+
+    The input guard checks every message a caller sends, wherever it lands: a client may send
+    AI turns of its own, and the guard would otherwise check only what follows the last one.
+    LangGraph's `add_messages` would give the messages ids only later; they are given here.
+    Set on every run a caller starts, so a caller's own `SENT_KEY` never stands.
+    """
+    if not at_top(config):
+        return input, config
+    ids: tuple[str, ...] = ()
+    if isinstance(input, Mapping) and input.get("messages"):
+        sent = input["messages"]
+        try:
+            messages = convert_to_messages(sent if isinstance(sent, list | tuple) else [sent])
+        except Exception:  # not messages: LangGraph's add_messages says what is wrong
+            return input, config
+        messages = [m if m.id else m.model_copy(update={"id": str(uuid4())}) for m in messages]
+        input = {**input, "messages": messages}
+        ids = tuple(str(m.id) for m in messages)
+    configurable = {**((config or {}).get("configurable") or {}), SENT_KEY: ids}
+    return input, {**(config or {}), "configurable": configurable}
 
 
 def _ended(exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:

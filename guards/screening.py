@@ -4,8 +4,9 @@
 apply them to LangChain messages, for the graph's guard nodes (`keel.nodes.input_guard`,
 `keel.nodes.output_guard`), `execute_tools` and the `create_agent` middleware alike:
 
-- `screen_inputs(messages, policy)`: the user's messages of the new task (those after the last
-  AI message) and the results of the last round of tool calls;
+- `screen_inputs(messages, policy, sent=...)`: the user's messages of the new task (those after
+  the last AI message, and every one the run's input sent), and the results of the last round
+  of tool calls (and any the input sent);
 - `screen_answer(message, policy)`: a final or partial answer.
 
 A message a guard acted on (flag, redact or block) is returned as a copy with the same id, so
@@ -15,7 +16,7 @@ LangGraph's `add_messages` replaces it in state, and carries what was found in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from keel.guards.content import (
 
 __all__ = [
     "GUARD_KEY",
+    "SENT_KEY",
     "GuardNote",
     "Screened",
     "guard_notes",
@@ -44,6 +46,9 @@ __all__ = [
 
 GUARD_KEY = "keel_guard"
 """The `response_metadata` key of a message a content guard acted on."""
+
+SENT_KEY = "keel_sent"
+"""`configurable` key: the ids of the messages a run's input sent (keel's graphs set it)."""
 
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
 
@@ -69,22 +74,30 @@ class Screened:
     """Why a user message was refused (the run ends); `None` when none was."""
 
 
-def screen_inputs(messages: Sequence[AnyMessage], policy: InputGuardPolicy) -> Screened:
+def screen_inputs(
+    messages: Sequence[AnyMessage], policy: InputGuardPolicy, *, sent: Collection[str] = ()
+) -> Screened:
     """Screen what the model is about to read for the first time.
 
     That is every user message after the last AI message (the new task) and the tool results
-    after it (the last round of calls). A blocked user message is replaced by a notice and
-    ends the run (`blocked`); a blocked tool result is replaced by an error result the model
-    can act on. A `keel_guard` note already on a message is trusted only as far as checking
-    it again gives the same: only keel writes it, but a client can send one.
+    after it (the last round of calls); and, wherever they are, the user messages and tool
+    results whose ids are in `sent`: what a client sent in this run's input, which may hold AI
+    turns of its own making (keel's graphs pass these ids, `SENT_KEY`). A blocked user message
+    is replaced by a notice and ends the run (`blocked`); a blocked tool result is replaced by
+    an error result the model can act on. A `keel_guard` note already on a message is trusted
+    only as far as checking it again gives the same: only keel writes it, but a client can
+    send one.
     """
     start = next(
         (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
         0,
     )
+    sent = frozenset(sent)
     out: list[BaseMessage] = []
     blocked: str | None = None
-    for m in messages[start:]:
+    for i, m in enumerate(messages):
+        if i < start and m.id not in sent:
+            continue
         if isinstance(m, HumanMessage):
             screened, message = _screen_user(m, policy)
             blocked = blocked or message

@@ -1,6 +1,7 @@
 """`input_guard` and `output_guard`: the content guards as nodes of the graph.
 
-- `input_guard` sits before the model at the start of a run: the user's new messages are
+- `input_guard` sits before the model at the start of a run: the user's new messages (and
+  every message the run's input sent, which keel's graphs name in the config, `SENT_KEY`) are
   checked for size and prompt injection (`keel.guards.check_input`); a flagged or redacted
   message is replaced in state with a note of what was found, and a blocked one ends the run
   (`outcome.terminated_reason == "blocked"`, routed to `respond`). Tool results are checked
@@ -18,12 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
 
 from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
-from keel.guards.screening import screen_answer, screen_inputs
+from keel.guards.screening import SENT_KEY, screen_answer, screen_inputs
 from keel.state import AgentState
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
@@ -43,8 +45,9 @@ def input_guard(
     """
     policy = _checked(policy, InputGuardPolicy, "input_guard")
 
-    def run(state: AgentState) -> dict[str, Any]:
-        screened = screen_inputs(state.get("messages") or [], policy)
+    def run(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+        sent = (config.get("configurable") or {}).get(SENT_KEY) or ()
+        screened = screen_inputs(state.get("messages") or [], policy, sent=sent)
         update: dict[str, Any] = {}
         if screened.messages:
             update["messages"] = screened.messages
@@ -54,8 +57,8 @@ def input_guard(
             update["outcome"] = None  # a new task: the last one's outcome no longer holds
         return update
 
-    async def arun(state: AgentState) -> dict[str, Any]:
-        return run(state)
+    async def arun(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+        return run(state, config)
 
     return make_node(name, run, arun)
 
