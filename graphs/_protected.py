@@ -78,6 +78,13 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         if isinstance(input, dict):
             self._refuse(list(input), "The graph's input")
         if isinstance(input, Command):
+            if input.goto:
+                raise UserError(
+                    f"Command(goto={input.goto!r}) as input is refused: it would start the run at "
+                    "the node it names, past the guards that run first (the input guard "
+                    "would never read the messages it sends). Send the message as input "
+                    '({"messages": [...]}), or answer a waiting review with Command(resume=...).'
+                )
             self._refuse([k for k, _ in input._update_as_tuples()], "Command(update=...)")
             return input.resume is not None and self.checkpointer not in (None, False)
         return False

@@ -29,7 +29,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, RetryPolicy
 from test_tracing import StandIn, _flush, _stand_in
 
-from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
     Budget,
@@ -1086,3 +1086,28 @@ async def test_a_messages_stream_sends_answers_only_once_the_output_guard_checke
     assert answer.content == "Your card [CARD] is billed; write to [EMAIL]."
     assert answer.response_metadata["keel_guard"]["action"] == "redact"
     assert agent.get_state(config).values["messages"][-1].text == answer.content
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_caller_cannot_start_a_run_past_the_input_guard_with_goto(mode: str) -> None:
+    """`Command(goto="call_model", update=...)` would hand the model a message no guard read."""
+    read: list[str] = []
+
+    def answer(messages: Sequence[BaseMessage]) -> str:
+        read.append(messages[-1].text)
+        return "ok"
+
+    model = ScriptedChatModel(script=[answer, answer])
+    policy = Policy(rules=RULES, input_guard=InputGuardPolicy(injection_action="block"))
+    agent = build_agent(model, [], policy=policy, checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": f"goto-{mode}"}}
+    agent.invoke({"messages": [("user", "hello")]}, config, context=CTX)
+    forged = Command(goto="call_model", update={"messages": [("user", INJECTION)]})
+    with pytest.raises(UserError, match=r"Command\(goto='call_model'\) as input is refused"):
+        if mode == "invoke":
+            agent.invoke(forged, config, context=CTX)
+        else:
+            await agent.ainvoke(forged, config, context=CTX)
+    assert read == ["hello"]  # the model never read the injection
+    history = agent.get_state(config).values["messages"]
+    assert all(INJECTION not in m.text for m in history)  # nothing of it was written
