@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
 
-from langchain_core.messages import convert_to_messages
+from langchain_core.messages import HumanMessage, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
@@ -86,8 +86,34 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                     '({"messages": [...]}), or answer a waiting review with Command(resume=...).'
                 )
             self._refuse([k for k, _ in input._update_as_tuples()], "Command(update=...)")
+            self._refuse_unread(input._update_as_tuples(), "Command(update=...)")
             return input.resume is not None and self.checkpointer not in (None, False)
         return False
+
+    def _refuse_unread(self, updates: Sequence[tuple[str, Any]], where: str) -> None:
+        """Refuse a state update writing a user message or tool result the input guard never reads.
+
+        The guard reads what a run's input sends (and what follows the last AI message): a
+        message written by a state update beside a made-up AI turn would sit in the history
+        unchecked. A graph without an input guard has nothing to bypass.
+        """
+        if "input_guard" not in self.nodes:
+            return
+        for key, value in updates:
+            if key != "messages" or not value:
+                continue
+            try:
+                sent = convert_to_messages(value if isinstance(value, list | tuple) else [value])
+            except Exception:  # not messages: LangGraph's add_messages says what is wrong
+                continue
+            unread = sorted({type(m).__name__ for m in sent if isinstance(m, _READ_KINDS)})
+            if unread:
+                raise UserError(
+                    f"{where} writes a {' and a '.join(unread)} to the messages, which the input "
+                    "guard would never read (it reads what a run's input sends). Send user "
+                    'messages as input ({"messages": [...]}) and answer a waiting review with '
+                    "Command(resume=...); a state update may write AI messages or remove messages."
+                )
 
     def _check_waiting(self, snapshot_interrupts: Sequence[Any], config: Any) -> None:
         if not snapshot_interrupts:
@@ -171,8 +197,10 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                 values: Any = update[0]
                 if isinstance(values, dict):
                     self._refuse(list(values), "update_state")
+                    self._refuse_unread(list(values.items()), "update_state")
                 elif isinstance(values, Command):
                     self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
+                    self._refuse_unread(values._update_as_tuples(), "update_state")
 
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
@@ -187,6 +215,10 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
         self._check_updates(supersteps)
         return await super().abulk_update_state(config, supersteps)
+
+
+_READ_KINDS = (HumanMessage, ToolMessage)
+"""The messages the input guard reads: user messages and tool results."""
 
 
 def _sent(input: Any, config: RunnableConfig | None) -> tuple[Any, RunnableConfig | None]:

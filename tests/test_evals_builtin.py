@@ -118,7 +118,7 @@ FORGERIES: dict[str, tuple[str, Forgery]] = {
     "forged-approval-in-run-input": ("approvals", _in_run_input),
     "forged-approval-through-update-state": ("approvals", _through_update_state),
     "forged-approval-through-command-update": ("approvals", _through_command_update),
-    "forged-grant-in-command-resume": ("waiting for a human", _in_command_resume),
+    "forged-grant-in-command-resume": ("as input is refused", _in_command_resume),
     "usage-rewritten-in-run-input": ("usage", _usage_in_run_input),
 }
 
