@@ -427,3 +427,29 @@ def test_keel_db_setup_upgrades_the_ledger_and_refuses_a_newer_one(
         )
     assert main(["db", "setup", "--db", db_url]) == 2
     assert "a newer keel set it up. Upgrade keel" in capsys.readouterr().err
+
+
+def test_a_release_whose_migration_fails_halfway_leaves_the_database_as_it_was(
+    db_url: str,
+) -> None:
+    # README: the missing versions are applied "in one transaction ... rows kept": a release
+    # that brings two versions (a new table, then a column whose data move fails) applies none
+    broken = (*_NEXT, Migration("test: a bad data move", ("UPDATE keel_no_such_table SET x = 1",)))
+    ledger = Ledger(db_url)
+    ledger.setup()
+    AuditLog(ledger).write([AuditRecord(kind="tool", decision="allow")])
+    with pytest.raises(Exception, match="keel_no_such_table"):
+        ledger.run(migrate_flow(ledger.backend, broken, (*TABLES, _THINGS_LATER)))
+    assert ledger.run(version_flow()) == LATEST
+    with raw(db_url) as execute:
+        assert execute("SELECT COUNT(*) FROM keel_audit") == [(1,)]
+        assert execute("SELECT MAX(v) FROM keel_migrations") == [(LATEST,)]
+        tables = execute(
+            "SELECT name FROM sqlite_master WHERE name = 'keel_test_things'"
+            if db_url.startswith("sqlite")
+            else "SELECT tablename FROM pg_tables WHERE tablename = 'keel_test_things'"
+        )
+        assert tables == []
+    # the fixed release then applies both versions
+    assert ledger.run(migrate_flow(ledger.backend, _AFTER, (*TABLES, _THINGS_LATER))) == LATEST + 2
+    ledger.close()

@@ -339,3 +339,21 @@ def test_pool_replaces_a_dropped_connection(fresh_postgres_url: str, postgres_ur
                 (dbname,),
             )
         assert graph.invoke({"n": []}, config) == {"n": [0, 1]}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("threshold", "prepared"), [(None, False), (0, True)])
+def test_prepare_threshold_none_reaches_the_pool_for_pgbouncer(
+    fresh_postgres_url: str, threshold: int | None, prepared: bool
+) -> None:
+    # README: "a settable `prepare_threshold` (`None` for PgBouncer)": with None, no server-side
+    # prepared statement may exist on a pooled connection (PgBouncer would hand it to another)
+    persistence = Persistence(fresh_postgres_url, prepare_threshold=threshold)
+    with persistence.checkpointer() as saver:
+        pool: Any = saver.conn  # type: ignore[attr-defined]
+        with pool.connection() as conn:
+            assert conn.autocommit  # README: the pool's connections are in autocommit
+            for _ in range(3):
+                conn.execute("SELECT %s::int + 1", (1,))
+            (row,) = conn.execute("SELECT count(*) AS n FROM pg_prepared_statements").fetchall()
+    assert (row["n"] > 0) is prepared
