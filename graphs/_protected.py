@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
 
-from langchain_core.messages import HumanMessage, ToolMessage, convert_to_messages
+from langchain_core.messages import BaseMessage, HumanMessage, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
@@ -100,11 +100,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         if "input_guard" not in self.nodes:
             return
         for key, value in updates:
-            if key != "messages" or not value:
-                continue
-            try:
-                sent = convert_to_messages(value if isinstance(value, list | tuple) else [value])
-            except Exception:  # not messages: LangGraph's add_messages says what is wrong
+            sent = _messages_of(value) if key == "messages" and value else None
+            if sent is None:
                 continue
             unread = sorted({type(m).__name__ for m in sent if isinstance(m, _READ_KINDS)})
             if unread:
@@ -221,6 +218,17 @@ _READ_KINDS = (HumanMessage, ToolMessage)
 """The messages the input guard reads: user messages and tool results."""
 
 
+def _messages_of(value: Any) -> list[BaseMessage] | None:
+    """`value` (a message, or a list of them, in any form LangChain reads) as messages.
+
+    `None` when it is not messages: LangGraph's `add_messages` then says what is wrong.
+    """
+    try:
+        return convert_to_messages(value if isinstance(value, list | tuple) else [value])
+    except Exception:
+        return None
+
+
 def _sent(input: Any, config: RunnableConfig | None) -> tuple[Any, RunnableConfig | None]:
     """`input` with an id on each message it sends, and `config` naming them (`SENT_KEY`).
 
@@ -233,10 +241,8 @@ def _sent(input: Any, config: RunnableConfig | None) -> tuple[Any, RunnableConfi
         return input, config
     ids: tuple[str, ...] = ()
     if isinstance(input, Mapping) and input.get("messages"):
-        sent = input["messages"]
-        try:
-            messages = convert_to_messages(sent if isinstance(sent, list | tuple) else [sent])
-        except Exception:  # not messages: LangGraph's add_messages says what is wrong
+        messages = _messages_of(input["messages"])
+        if messages is None:
             return input, config
         messages = [m if m.id else m.model_copy(update={"id": str(uuid4())}) for m in messages]
         input = {**input, "messages": messages}
