@@ -361,6 +361,8 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
     (Anthropic's), in order, so the message stays consistent for its provider.
     """
     calls = [*answer.tool_calls, *answer.invalid_tool_calls]
+    if not calls:
+        return answer  # a final answer: no history to read
     ids = [c.get("id") or "" for c in calls]
     used = _used_ids(history)
     if all(ids) and len(set(ids)) == len(ids) and used.isdisjoint(ids):
