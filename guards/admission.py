@@ -360,19 +360,19 @@ class Admission:
         return await self.ledger.arun(_held_flow(tenant_id, user_id, time.time()))
 
 
-_FREED: weakref.WeakKeyDictionary[Ledger, list[int]] = weakref.WeakKeyDictionary()
+_FREED: weakref.WeakKeyDictionary[Ledger, int] = weakref.WeakKeyDictionary()
 _FREED_LOCK = threading.Lock()
 
 
 def _free(ledger: Ledger) -> None:
     """Count a lease of `ledger` that left: this process's queued runs ask at once."""
     with _FREED_LOCK:
-        _FREED.setdefault(ledger, [0])[0] += 1
+        _FREED[ledger] = _FREED.get(ledger, 0) + 1
 
 
 def _freed(ledger: Ledger) -> int:
     """How many leases of `ledger` this process has seen leave (a change means: ask now)."""
-    return _FREED.get(ledger, [0])[0]
+    return _FREED.get(ledger, 0)
 
 
 def _why(state: str, context: RunContext, policy: AdmissionPolicy) -> str:
