@@ -110,10 +110,8 @@ async def test_under_async_durability_a_side_effect_waits_for_its_request(tmp_pa
 # -- "a call found started but never finished ... is never silently repeated" ---------------
 
 
-def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_url: str) -> None:
-    """The process died mid-call before the checkpoint holding the call was saved: the thread
-    has no trace of it, the model asks again under a new id, and the ledger's `started` row
-    of that call (under the old id) must stop the tool and ask "did this happen?"."""
+def _recorded_charge() -> tuple[list[str], Any]:
+    """A side-effecting `charge` tool and the orders it really charged."""
     runs: list[str] = []
 
     @tool(risk="write")
@@ -122,6 +120,14 @@ def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_u
         runs.append(order_id)
         return f"charged {order_id}"
 
+    return runs, charge
+
+
+def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_url: str) -> None:
+    """The process died mid-call before the checkpoint holding the call was saved: the thread
+    has no trace of it, the model asks again under a new id, and the ledger's `started` row
+    of that call (under the old id) must stop the tool and ask "did this happen?"."""
+    runs, charge = _recorded_charge()
     ledger = Ledger(db_url)
     ledger.setup()
     # what the killed process left: a claim under an id the thread never saved
@@ -154,14 +160,7 @@ def test_an_orphan_of_another_tool_or_another_thread_is_not_adopted(db_url: str)
     Adopting another tool's orphan would ask "did this happen?" about the wrong action (an
     "approve" would then record this charge as done though it never ran); another thread's
     orphan is none of this thread's business."""
-    runs: list[str] = []
-
-    @tool(risk="write")
-    def charge(order_id: str) -> str:
-        """Charge an order."""
-        runs.append(order_id)
-        return f"charged {order_id}"
-
+    runs, charge = _recorded_charge()
     ledger = Ledger(db_url)
     ledger.setup()
     # what killed processes left: a refund lost in this thread, a charge lost in another
