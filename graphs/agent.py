@@ -445,10 +445,16 @@ class _Wiring:
         after_model = [*self.after_model, "respond", self.finish] + (["verify"] if verify else [])
         passes = gate_passes(self.registry, self.guards) if gated else None
 
-        def after_call(state: AgentState, runtime: Runtime[RunContext]) -> str:
+        def after_call(state: AgentState, runtime: Runtime[RunContext] | None) -> str:
             choice = route_after_model(state, verify=verify, gated=gated)
-            # calls the gate lets through untouched skip its node (execute_tools gates again)
-            skip = choice == "tool_gate" and passes is not None and passes(state, runtime)
+            # calls the gate lets through untouched skip its node (execute_tools gates again);
+            # after a state update (no runtime: no user to check) they never do
+            skip = (
+                choice == "tool_gate"
+                and passes is not None
+                and runtime is not None
+                and passes(state, runtime)
+            )
             return "execute_tools" if skip else choice
 
         to_tools = self._to(after_call, "call_model")
@@ -512,7 +518,7 @@ def _to(
 
     choose = with_runtime(route)
 
-    def to_finish(state: AgentState, runtime: Runtime[RunContext]) -> str:
+    def to_finish(state: AgentState, runtime: Runtime[RunContext] | None) -> str:
         choice = choose(state, runtime)
         return finish if choice == END else choice
 

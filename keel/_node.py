@@ -16,6 +16,7 @@ from langgraph._internal._constants import (
     CONFIG_KEY_CHECKPOINT_NS,
     CONFIG_KEY_CHECKPOINTER,
     CONFIG_KEY_DURABILITY,
+    CONFIG_KEY_RUNTIME,
     CONFIG_KEY_SCRATCHPAD,
     CONFIG_KEY_TASK_ID,
     INTERRUPT,
@@ -43,6 +44,7 @@ __all__ = [
     "peek_resume",
     "unsaved_checkpoint",
     "policy_id",
+    "runtime_in",
     "thread_of",
 ]
 
@@ -107,6 +109,17 @@ def _run_metadata() -> dict[str, Any] | None:
     except RuntimeError:  # outside a runnable (no config in context)
         return None
     return metadata if isinstance(metadata, dict) else None
+
+
+def runtime_in(config: RunnableConfig) -> Runtime[RunContext] | None:
+    """The run's `Runtime`, from a runnable's config; None when no run is going on.
+
+    LangGraph hands a node or route its `Runtime` only while a run executes: `update_state` runs
+    the routes of the node it writes as with a config that carries none (a route that asks for
+    `runtime` then fails with "Missing required config key 'N/A'").
+    """
+    runtime: Runtime[RunContext] | None = config.get("configurable", {}).get(CONFIG_KEY_RUNTIME)
+    return runtime
 
 
 def thread_of(runtime: Runtime[Any] | None) -> str:

@@ -29,7 +29,7 @@ from langgraph.graph import END
 from langgraph.runtime import Runtime
 
 from keel._drive import Op, Steps, adrive, both, drive
-from keel._node import RunnableCallable, context_of, policy_id
+from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.db.runs import RunLog, RunRecord, run_record
@@ -221,12 +221,13 @@ def _unrecorded(update: Any, exc: StorageError) -> Any:
     }
 
 
-Route = Callable[[AgentState], str] | Callable[[AgentState, Runtime[RunContext]], str]
+Route = Callable[[AgentState], str] | Callable[[AgentState, Runtime[RunContext] | None], str]
 """A route: from the state, or from the state and the run's `Runtime` (two positional
-parameters without defaults)."""
+parameters without defaults). The runtime is None when no run is going on: a state update
+(`update_state`) asks the routes of the node it writes as where the thread goes next."""
 
 
-def with_runtime(route: Route) -> Callable[[AgentState, Runtime[RunContext]], str]:
+def with_runtime(route: Route) -> Callable[[AgentState, Runtime[RunContext] | None], str]:
     """`route` called as `(state, runtime)`, whichever of the two forms it takes."""
     positional = [
         p
@@ -249,11 +250,16 @@ def recorded(
     """`route`, logging its decision; the run record is written when it ends or pauses the run.
 
     `end` is where a finished run goes: `END`, or the node that closes every run (`reflect`);
-    a route to END is sent there.
+    a route to END is sent there. Under a state update (no run: `runtime_in` finds none) the
+    route only answers where the thread goes next: nothing is logged or recorded.
     """
     choose = with_runtime(route)
 
-    def decide(state: AgentState, runtime: Runtime[RunContext]) -> tuple[str, bool]:
+    def decide(state: AgentState, runtime: Runtime[RunContext] | None) -> tuple[str, bool]:
+        if runtime is None:  # a state update: no run, so no step limit either
+            unlimited: Any = {k: v for k, v in state.items() if k != "remaining_steps"}
+            choice = choose(unlimited, None)
+            return (end if choice == END else choice), False
         choice = choose(state, runtime)
         if choice == END:
             choice = end
@@ -263,13 +269,15 @@ def recorded(
         ends = choice == end or paused
         return choice, ends and observer is not None
 
-    def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
+    def run(state: AgentState, config: RunnableConfig) -> str:
+        runtime = runtime_in(config)
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
             observer.record_run(state, config, context_of(runtime))
         return choice
 
-    async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> str:
+    async def arun(state: AgentState, config: RunnableConfig) -> str:
+        runtime = runtime_in(config)
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
             await observer.arecord_run(state, config, context_of(runtime))
