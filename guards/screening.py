@@ -208,21 +208,12 @@ def _verdict(
 ) -> _Verdict | None:
     """`(action, new content, findings, block message)`, or `None` when nothing was found.
 
-    For a list of content blocks every text block is checked; the most severe action wins.
-    `max_chars` (the policy's size limit) holds for the message's whole text: blocks that are
-    longer together are checked as one text (redacted, they become one text block).
+    For a list of content blocks every text block is checked; the most severe action wins. The
+    model reads the blocks as one text, so their text is checked as one too: when that finds
+    more (an injection or a secret split across blocks), or the blocks are longer together than
+    `max_chars` (the policy's size limit holds for the message's whole text), the verdict is
+    the whole text's, and a redacted or blocked text becomes one text block.
     """
-    if isinstance(content, list) and max_chars is not None:
-        texts = [t for t in map(_block_text, content) if t is not None]
-        if len(texts) > 1 and sum(map(len, texts)) > max_chars:
-            whole = _verdict("".join(texts), check)
-            if whole is None:
-                return None
-            verdict, text, found, message = whole
-            if verdict != "flag":  # a flag passes the blocks on as they are
-                rest = [b for b in content if _block_text(b) is None]
-                content = [{"type": "text", "text": text}, *rest]
-            return verdict, content, found, message
     if isinstance(content, str):
         v = check(content)
         if v.action == "allow":
@@ -230,6 +221,23 @@ def _verdict(
         return v.action, v.text, list(v.findings), v.message or ""
     if not isinstance(content, list):
         return None
+    texts = [t for t in map(_block_text, content) if t is not None]
+    blockwise = _blockwise(content, check)
+    if len(texts) < 2:
+        return blockwise
+    over = max_chars is not None and sum(map(len, texts)) > max_chars
+    whole = _verdict("".join(texts), check)
+    if whole is None or not (over or _finds_more(whole, blockwise)):
+        return None if over else blockwise
+    verdict, text, found, message = whole
+    if verdict != "flag":  # a flag passes the blocks on as they are
+        rest = [b for b in content if _block_text(b) is None]
+        content = [{"type": "text", "text": text}, *rest]
+    return verdict, content, found, message
+
+
+def _blockwise(content: list[Any], check: Callable[[str], ContentVerdict]) -> _Verdict | None:
+    """The verdict of checking each text block of `content` on its own."""
     action, why = "allow", ""
     findings: list[ContentFinding] = []
     blocks: list[Any] = []
@@ -246,6 +254,13 @@ def _verdict(
     if action == "allow":
         return None
     return action, blocks, findings, why
+
+
+def _finds_more(whole: _Verdict, blockwise: _Verdict | None) -> bool:
+    """Whether checking the whole text found what checking block by block missed."""
+    if blockwise is None:
+        return True
+    return _SEVERITY[whole[0]] > _SEVERITY[blockwise[0]] or len(whole[2]) > len(blockwise[2])
 
 
 def _block_text(block: Any) -> str | None:
