@@ -211,7 +211,7 @@ _HTML_COMMENT = re.compile(r"<!--[\s\S]*?(?:-->|\Z)|^\[//\]:\s*#\s*\([^\n]*\)", 
 # in one pass (`_hidden_elements`): a single regex for it rescans the text from every `<`.
 _TAG_START = re.compile(r"<(?P<tag>[a-zA-Z][\w-]*)\b")
 _HIDING = re.compile(
-    r"\bhidden\b|style\s*=\s*[\"'][^\"']*(?:display\s*:\s*none|visibility\s*:\s*hidden|"
+    r"\bhidden\b|style\s*=\s*(?:\"[^\"]*|'[^']*)(?:display\s*:\s*none|visibility\s*:\s*hidden|"
     r"font-size\s*:\s*[01](?:px)?(?![.\d]*[1-9])|opacity\s*:\s*0(?![.\d]*[1-9])|"
     r"color\s*:\s*(?:#fff(?:fff)?|white)\b)",
     re.IGNORECASE,
@@ -248,13 +248,14 @@ def _hidden_html(text: str) -> Iterator[tuple[int, int]]:
 def _hidden_elements(text: str) -> Iterator[tuple[int, int]]:
     """Spans of hidden elements, left to right, not overlapping.
 
-    Each `<tag` is tried, in linear time overall: the next `>` and the next hiding attribute
-    are searched once and reused by the tags before them, and closing tags are listed once.
+    Each `<tag` is tried, in linear time overall: the tag's end (`_tag_end`) and the next
+    hiding attribute are searched once and reused by the tags before them, and closing tags are
+    listed once.
     """
     closes: dict[str, list[tuple[int, int]]] = {}
     for m in _CLOSE_TAG.finditer(text):
         closes.setdefault(m["tag"].lower(), []).append(m.span())
-    done, gt, hiding = 0, -1, _HIDING.search(text)
+    done, gt, hiding, quoted = 0, -1, _HIDING.search(text), _QUOTED_VALUE.search(text)
     for tag in _TAG_START.finditer(text):
         at = tag.end()
         if tag.start() < done:
@@ -263,16 +264,42 @@ def _hidden_elements(text: str) -> Iterator[tuple[int, int]]:
             hiding = _HIDING.search(text, at)
         if hiding is None:
             return
-        if gt < at and (gt := text.find(">", at)) == -1:
-            return
+        if gt < at:
+            gt, quoted = _tag_end(text, at, quoted)
+            if gt == -1:
+                return
         if hiding.start() > gt:  # the tag ends before its first hiding attribute
             continue
-        opened = text.find(">", hiding.end()) + 1  # a style's quoted value may hold a `>`
         ends = closes.get(tag["tag"].lower(), [])
-        i = bisect.bisect_left(ends, (opened, 0)) if opened else len(ends)
+        i = bisect.bisect_left(ends, (gt + 1, 0))
         if i < len(ends):
             yield tag.start(), ends[i][1]
             done = ends[i][1]
+
+
+_QUOTED_VALUE = re.compile(r"=\s*([\"'])")
+
+
+def _tag_end(text: str, at: int, quoted: re.Match[str] | None) -> tuple[int, re.Match[str] | None]:
+    """The `>` that ends a tag whose attributes start at `at`, or -1; and the next quoted value.
+
+    A `>` inside a quoted attribute value (`title="a>b"`) does not end the tag; a value whose
+    quote never closes ends at the first `>`. Each `>` and quoted value is searched for once.
+    """
+    pos = at
+    gt = text.find(">", pos)
+    while gt != -1:
+        if quoted is not None and quoted.start() < pos:
+            quoted = _QUOTED_VALUE.search(text, pos)
+        if quoted is None or quoted.start() > gt:
+            break
+        close = text.find(quoted[1], quoted.end())
+        if close == -1:  # never closed: the first `>` ends the tag
+            break
+        pos = close + 1
+        if gt < pos:
+            gt = text.find(">", pos)
+    return gt, quoted
 
 
 def _base64_blobs(text: str) -> Iterator[tuple[int, int, str]]:
