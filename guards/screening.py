@@ -5,8 +5,8 @@ apply them to LangChain messages, for the graph's guard nodes (`keel.nodes.input
 `keel.nodes.output_guard`), `execute_tools` and the `create_agent` middleware alike:
 
 - `screen_inputs(messages, policy, sent=...)`: the user's messages of the new task (those after
-  the last AI message, and every one the run's input sent), and the results of the last round
-  of tool calls (and any the input sent);
+  the last AI message, and every one the run's input sent, AI and system turns included), and
+  the results of the last round of tool calls (and any the input sent);
 - `screen_answer(message, policy)`: a final or partial answer.
 
 A message a guard acted on (flag, redact or block) is returned as a copy with the same id, so
@@ -20,7 +20,14 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from typing_extensions import TypedDict
 
 from keel.guards.content import (
@@ -51,6 +58,11 @@ SENT_KEY = "keel_sent"
 """`configurable` key: the ids of the messages a run's input sent (keel's graphs set it)."""
 
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
+_WHOSE = {
+    "human": "user's message",
+    "ai": "assistant turn the caller sent",
+    "system": "system message the caller sent",
+}
 
 
 class GuardNote(TypedDict):
@@ -82,7 +94,9 @@ def screen_inputs(
     That is every user message after the last AI message (the new task) and the tool results
     after it (the last round of calls); and, wherever they are, the user messages and tool
     results whose ids are in `sent`: what a client sent in this run's input, which may hold AI
-    turns of its own making (keel's graphs pass these ids, `SENT_KEY`). A blocked user message
+    turns of its own making (keel's graphs pass these ids, `SENT_KEY`). An AI or system message
+    the input sent is the caller's text too (the model would read it as its own turn, or as its
+    instructions), so it is checked as a user message is. A blocked user, AI or system message
     is replaced by a notice and ends the run (`blocked`); a blocked tool result is replaced by
     an error result the model can act on. A `keel_guard` note already on a message is trusted
     only as far as checking it again gives the same: only keel writes it, but a client can
@@ -98,7 +112,9 @@ def screen_inputs(
     for i, m in enumerate(messages):
         if i < start and m.id not in sent:
             continue
-        if isinstance(m, HumanMessage):
+        if isinstance(m, HumanMessage) or (
+            isinstance(m, AIMessage | SystemMessage) and m.id in sent
+        ):
             screened, message = _screen_user(m, policy)
             blocked = blocked or message
         elif isinstance(m, ToolMessage):
@@ -139,7 +155,7 @@ def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMe
 
 
 def _screen_user(
-    message: HumanMessage, policy: InputGuardPolicy
+    message: BaseMessage, policy: InputGuardPolicy
 ) -> tuple[BaseMessage | None, str | None]:
     verdict = _verdict(
         message.content,
@@ -147,7 +163,8 @@ def _screen_user(
         policy.max_chars,
     )
     if verdict is None:
-        if GUARD_KEY in message.response_metadata:  # only keel writes this note
+        if isinstance(message, HumanMessage) and GUARD_KEY in message.response_metadata:
+            # only keel writes this note on a user's message (an answer's is the output guard's)
             meta = {k: v for k, v in message.response_metadata.items() if k != GUARD_KEY}
             return message.model_copy(update={"response_metadata": meta}), None
         return None, None
@@ -155,7 +172,7 @@ def _screen_user(
     meta = {**message.response_metadata, GUARD_KEY: _note("input", "user", action, findings)}
     if action == "block":
         notice = f"[withheld by the input guard: {', '.join(_rules(findings))}]"
-        why = f"the input guard blocked the user's message ({_refusal(findings)})"
+        why = f"the input guard blocked the {_WHOSE[message.type]} ({_refusal(findings)})"
         return message.model_copy(update={"content": notice, "response_metadata": meta}), why
     return message.model_copy(update={"content": content, "response_metadata": meta}), None
 
