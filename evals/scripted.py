@@ -71,6 +71,10 @@ class ScriptedChatModel(BaseChatModel):
     """The most output tokens an answer may have, honoured as a provider does: a longer answer
     is cut to fit, reports at most this many output tokens and `finish_reason="length"`. A
     `max_tokens=` call argument (`model.bind(max_tokens=...)`) does the same."""
+    report_usage: bool = True
+    """Report each answer's `usage_metadata` (an estimate from its length when the script gave
+    none). `False` plays a provider that reports no usage, as some OpenAI-compatible servers do
+    when streaming."""
     keel_test_double: bool = True
     """Marks this model as allowed while real model requests are forbidden."""
 
@@ -159,7 +163,7 @@ class ScriptedChatModel(BaseChatModel):
     def _with_usage(
         self, message: AIMessage, messages: list[BaseMessage], kwargs: Mapping[str, Any]
     ) -> AIMessage:
-        if message.usage_metadata is None:
+        if message.usage_metadata is None and self.report_usage:
             tokens_in = sum(len(str(m.content)) for m in messages) // 4 + 3 * len(messages)
             if self.bill_tool_schemas and kwargs.get("tools"):
                 tokens_in += len(_json(kwargs["tools"])) // 4

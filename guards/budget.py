@@ -16,7 +16,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 
 from keel.guards.policy import Budget
 from keel.pricing import PriceTable
+from keel.redact import sanitized_logger
 from keel.state import Usage, add_usage
+
+log = sanitized_logger("keel.guards")
 
 __all__ = ["BudgetVerdict", "check_budget", "run_messages", "usage_from_messages", "usage_of"]
 
@@ -75,10 +78,18 @@ def _fmt(value: float) -> str:
     return f"{value:g}" if float(value).is_integer() else f"{value:.6g}"
 
 
-def usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage:
-    """One model call's usage: tokens and dollars from its `usage_metadata`."""
-    meta: Mapping[str, Any] = response.usage_metadata or {}
+def usage_of(
+    response: AIMessage, table: PriceTable, default_name: str, input_estimate: int = 0
+) -> Usage:
+    """One model call's usage: tokens and dollars from its `usage_metadata`.
+
+    A response without `usage_metadata` (a provider that does not report it) is counted as
+    estimated, so token and dollar budgets still bite: `input_estimate` input tokens (the
+    caller's estimate of the request) and about one output token per 4 characters of the
+    answer and its tool calls. keel warns once per model.
+    """
     name = str(response.response_metadata.get("model_name") or default_name)
+    meta: Mapping[str, Any] = response.usage_metadata or _estimated(response, name, input_estimate)
     return {
         "input_tokens": int(meta.get("input_tokens", 0)),
         "output_tokens": int(meta.get("output_tokens", 0)),
@@ -86,6 +97,24 @@ def usage_of(response: AIMessage, table: PriceTable, default_name: str) -> Usage
         "model_calls": 1,
         "steps": 1,
     }
+
+
+def _estimated(response: AIMessage, name: str, input_estimate: int) -> dict[str, int]:
+    if name not in _UNREPORTED:
+        _UNREPORTED.add(name)
+        log.warning(
+            "model %r reported no usage_metadata: keel counts an estimate (about 4 characters "
+            "a token) against budgets. Turn usage reporting on in the model's client (e.g. "
+            "stream_usage=True) for exact counts.",
+            name,
+        )
+    calls = sum(len(str(tc.get("args"))) + len(tc["name"]) for tc in response.tool_calls)
+    output = (len(response.text) + calls) // 4 + 1
+    return {"input_tokens": input_estimate, "output_tokens": output}
+
+
+_UNREPORTED: set[str] = set()
+"""Models keel has warned about for reporting no usage (once each per process)."""
 
 
 def run_messages(messages: Sequence[BaseMessage]) -> Sequence[BaseMessage]:

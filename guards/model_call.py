@@ -473,7 +473,8 @@ class GuardedModel:
             charged = held if isinstance(exc, TimeoutError) else None
             yield from self._settle(held, charged, "after the model failed")
             return _Tried(error=exc, tripped=_opened(transition))
-        usage = usage_of(message, self.prices, m.name)
+        unreported = 0 if message.usage_metadata else estimate_tokens(messages) + self.schema_tokens
+        usage = usage_of(message, self.prices, m.name, unreported)
         if not self.steps:
             usage.pop("steps", None)
         yield from self._record(m, permit, None, _tokens(usage), usage)

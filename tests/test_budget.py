@@ -260,6 +260,39 @@ def test_the_usd_budget_holds_with_the_default_price_table() -> None:
     assert final["usage"]["usd"] == pytest.approx(0.20004)
 
 
+@pytest.mark.parametrize(
+    ("budget", "spent"),
+    [
+        (Budget(output_tokens=2_000), "output_tokens"),
+        (Budget(input_tokens=5_000), "input_tokens"),
+        (Budget(usd=0.004), "usd"),
+    ],
+    ids=["output-tokens", "input-tokens", "usd"],
+)
+def test_a_model_that_reports_no_usage_is_counted_by_estimate(
+    budget: Budget, spent: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider that reports no `usage_metadata` (some OpenAI-compatible servers, streaming)
+    must not make token and dollar budgets count nothing: keel counts an estimate."""
+    counter = Counter()
+    long_answer = "x" * 4_000  # about 1,000 tokens a turn
+    script = [
+        AIMessage(long_answer, tool_calls=call("lookup", q=str(i)).tool_calls) for i in range(20)
+    ]
+    model = ScriptedChatModel(script=[*script, "done"], report_usage=False)
+    prices = PriceTable({"scripted": Price(input_per_mtok=1.0, output_per_mtok=1.0)})
+    policy = Policy(budget=budget, rules=ALLOW_ALL)
+    agent = build_agent(model, counter.tools(), policy=policy, prices=prices)
+    final = agent.invoke({"messages": [("user", "go")]}, context=CTX)
+
+    assert all(answer.usage_metadata is None for answer in model.answers)  # nothing reported
+    assert final["outcome"]["terminated_reason"] == "budget_exceeded"
+    assert f"Exceeded the {spent} limit" in final["outcome"]["detail"]
+    assert len(counter.ran) < 10
+    warned = [r for r in caplog.records if "reported no usage_metadata" in r.getMessage()]
+    assert len(warned) <= 1  # once per model and process
+
+
 def test_a_tool_call_budget_answers_the_extra_call_and_keeps_history_valid(db_url: str) -> None:
     counter = Counter()
     model = ScriptedChatModel(script=lookups(5))
