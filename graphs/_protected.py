@@ -11,8 +11,9 @@ a grant sent ahead would approve a call no human saw.
 A run whose checkpointer fails ends with `outcome = error / storage` instead of a raw database
 error (see `keel.graphs._storage`).
 
-Each run a caller starts names the messages its input sent in the config (`SENT_KEY`), so the
-input guard checks all of them, not only those after the last AI message (`_sent`).
+Each message a caller writes (a run's input, an AI or system message a state update writes) is
+marked unread (`SENT_KEY`), so the input guard checks all of them, not only those after the
+last AI message (`ProtectedGraph._marked`).
 
 What it cannot stop: a Python caller with the checkpointer in hand can write any checkpoint.
 Approval grants hold even then (they are sealed, see `keel.approvals.Grants`); usage, outcome
@@ -21,11 +22,17 @@ and the rest are only as trustworthy as the code that can write the database.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
-from uuid import uuid4
 
-from langchain_core.messages import BaseMessage, HumanMessage, ToolMessage, convert_to_messages
+from langchain_core.messages import (
+    BaseMessage,
+    HumanMessage,
+    RemoveMessage,
+    ToolMessage,
+    convert_to_messages,
+)
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
@@ -42,7 +49,7 @@ from keel.graphs._storage import (
     storage_outcome,
 )
 from keel.guards.content import OutputGuardPolicy
-from keel.guards.screening import SENT_KEY
+from keel.guards.screening import mark_sent
 
 __all__ = ["ProtectedGraph", "protected"]
 
@@ -127,7 +134,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting(self.get_state(config).interrupts, config)
-        input, config = _sent(input, config)
+        input = self._marked(input) if at_top(config) else input
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
             return chunks
@@ -141,7 +148,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting((await self.aget_state(config)).interrupts, config)
-        input, config = _sent(input, config)
+        input = self._marked(input) if at_top(config) else input
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
             ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
@@ -199,19 +206,46 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                     self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
                     self._refuse_unread(values._update_as_tuples(), "update_state")
 
+    def _marked(self, values: Any) -> Any:
+        """`values` a caller writes with its messages marked unread (`SENT_KEY`).
+
+        That is a run's input, a state update or a `Command`'s update. The input guard reads
+        every message a caller writes, wherever it lands: a client may send AI turns of its own,
+        and the guard would otherwise read only what follows the last one. The mark is saved
+        with the message, so a run resumed after a crash before `input_guard` read it still has
+        it read; `input_guard` removes it. A graph without an input guard marks nothing.
+        """
+        if "input_guard" not in self.nodes:
+            return values
+        if isinstance(values, Mapping) and values.get("messages"):
+            return {**values, "messages": _unread(values["messages"])}
+        if isinstance(values, Command) and values.update is not None:
+            update = [
+                (k, _unread(v) if k == "messages" else v) for k, v in values._update_as_tuples()
+            ]
+            return dataclasses.replace(values, update=update)
+        return values
+
+    def _checked_updates(
+        self, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> list[list[StateUpdate]]:
+        self._check_updates(supersteps)
+        return [
+            [StateUpdate(self._marked(update[0]), *update[1:]) for update in step]
+            for step in supersteps
+        ]
+
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `bulk_update_state` (and `update_state`), refusing protected keys."""
-        self._check_updates(supersteps)
-        return super().bulk_update_state(config, supersteps)
+        return super().bulk_update_state(config, self._checked_updates(supersteps))
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
-        self._check_updates(supersteps)
-        return await super().abulk_update_state(config, supersteps)
+        return await super().abulk_update_state(config, self._checked_updates(supersteps))
 
 
 _READ_KINDS = (HumanMessage, ToolMessage)
@@ -229,26 +263,12 @@ def _messages_of(value: Any) -> list[BaseMessage] | None:
         return None
 
 
-def _sent(input: Any, config: RunnableConfig | None) -> tuple[Any, RunnableConfig | None]:
-    """`input` with an id on each message it sends, and `config` naming them (`SENT_KEY`).
-
-    The input guard checks every message a caller sends, wherever it lands: a client may send
-    AI turns of its own, and the guard would otherwise check only what follows the last one.
-    LangGraph's `add_messages` would give the messages ids only later; they are given here.
-    Set on every run a caller starts, so a caller's own `SENT_KEY` never stands.
-    """
-    if not at_top(config):
-        return input, config
-    ids: tuple[str, ...] = ()
-    if isinstance(input, Mapping) and input.get("messages"):
-        messages = _messages_of(input["messages"])
-        if messages is None:
-            return input, config
-        messages = [m if m.id else m.model_copy(update={"id": str(uuid4())}) for m in messages]
-        input = {**input, "messages": messages}
-        ids = tuple(str(m.id) for m in messages)
-    configurable = {**((config or {}).get("configurable") or {}), SENT_KEY: ids}
-    return input, {**(config or {}), "configurable": configurable}
+def _unread(value: Any) -> Any:
+    """The messages of `value` marked unread (`SENT_KEY`); `value` when it is not messages."""
+    messages = _messages_of(value)
+    if messages is None:
+        return value
+    return [m if isinstance(m, RemoveMessage) else mark_sent(m) for m in messages]
 
 
 def _ended(exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:

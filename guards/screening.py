@@ -45,6 +45,7 @@ __all__ = [
     "GuardNote",
     "Screened",
     "guard_notes",
+    "mark_sent",
     "screen_answer",
     "screen_human_text",
     "screen_inputs",
@@ -55,7 +56,9 @@ GUARD_KEY = "keel_guard"
 """The `response_metadata` key of a message a content guard acted on."""
 
 SENT_KEY = "keel_sent"
-"""`configurable` key: the ids of the messages a run's input sent (keel's graphs set it)."""
+"""`response_metadata` key marking a message a caller wrote (a run's input, or a state update)
+that the input guard has not read yet; keel's graphs set it, and `input_guard` removes it once
+it read the message. A caller that sets it only has its message checked."""
 
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
 _WHOSE = {
@@ -93,9 +96,10 @@ def screen_inputs(
 
     That is every user message after the last AI message (the new task) and the tool results
     after it (the last round of calls); and, wherever they are, the user messages and tool
-    results whose ids are in `sent`: what a client sent in this run's input, which may hold AI
-    turns of its own making (keel's graphs pass these ids, `SENT_KEY`). An AI or system message
-    the input sent is the caller's text too (the model would read it as its own turn, or as its
+    results a caller wrote: those marked `SENT_KEY` (keel's graphs mark what a run's input or a
+    state update writes, which may hold AI turns of the caller's making) or whose ids are in
+    `sent`. A marked message comes back without its mark. An AI or system message a caller
+    wrote is the caller's text too (the model would read it as its own turn, or as its
     instructions), so it is checked as a user message is. A blocked user, AI or system message
     is replaced by a notice and ends the run (`blocked`); a blocked tool result is replaced by
     an error result the model can act on. A `keel_guard` note already on a message is trusted
@@ -110,23 +114,38 @@ def screen_inputs(
     out: list[BaseMessage] = []
     blocked: str | None = None
     for i, m in enumerate(messages):
-        if i < start and m.id not in sent:
+        marked = SENT_KEY in m.response_metadata
+        caller = marked or m.id in sent
+        if i < start and not caller:
             continue
-        if isinstance(m, HumanMessage) or (
-            isinstance(m, AIMessage | SystemMessage) and m.id in sent
+        read = _unmarked(m) if marked else m
+        screened: BaseMessage | None = None
+        if isinstance(read, HumanMessage) or (
+            isinstance(read, AIMessage | SystemMessage) and caller
         ):
-            screened, message = _screen_user(m, policy)
+            screened, message = _screen_user(read, policy)
             blocked = blocked or message
-        elif isinstance(m, ToolMessage):
-            screened = screen_tool_result(m, policy)
-        else:
-            continue
+        elif isinstance(read, ToolMessage):
+            screened = screen_tool_result(read, policy)
         # A message a guard acted on before (a tool result checked as it came in) comes out as
         # it went in: nothing to replace, nothing to audit again. A note keel did not write
-        # (a client can send one) does not: the message is replaced by its checked copy.
-        if screened is not None and screened != m:
-            out.append(screened)
+        # (a client can send one) does not: the message is replaced by its checked copy. A
+        # marked message is replaced by its copy without the mark: it has been read.
+        result = read if screened is None else screened
+        if result != m:
+            out.append(result)
     return Screened(out, blocked)
+
+
+def mark_sent(message: BaseMessage) -> BaseMessage:
+    """A copy of `message` marked as written by a caller (`SENT_KEY`): the input guard reads it."""
+    meta = {**message.response_metadata, SENT_KEY: True}
+    return message.model_copy(update={"response_metadata": meta})
+
+
+def _unmarked(message: BaseMessage) -> BaseMessage:
+    meta = {k: v for k, v in message.response_metadata.items() if k != SENT_KEY}
+    return message.model_copy(update={"response_metadata": meta})
 
 
 def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMessage | None:

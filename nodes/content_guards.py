@@ -1,7 +1,8 @@
 """`input_guard` and `output_guard`: the content guards as nodes of the graph.
 
 - `input_guard` sits before the model at the start of a run: the user's new messages (and
-  every message the run's input sent, which keel's graphs name in the config, `SENT_KEY`) are
+  every message a caller wrote, which keel's graphs mark unread, `SENT_KEY`; the node removes
+  the mark once it read them, so a run resumed after a crash still reads them) are
   checked for size and prompt injection (`keel.guards.check_input`); a flagged or redacted
   message is replaced in state with a note of what was found, and a blocked one ends the run
   (`outcome.terminated_reason == "blocked"`, routed to `respond`). Tool results are checked
@@ -25,7 +26,7 @@ from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
-from keel.guards.screening import SENT_KEY, screen_answer, screen_inputs
+from keel.guards.screening import screen_answer, screen_inputs
 from keel.state import AgentState
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
@@ -46,8 +47,7 @@ def input_guard(
     policy = _checked(policy, InputGuardPolicy, "input_guard")
 
     def run(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        sent = (config.get("configurable") or {}).get(SENT_KEY) or ()
-        screened = screen_inputs(state.get("messages") or [], policy, sent=sent)
+        screened = screen_inputs(state.get("messages") or [], policy)
         update: dict[str, Any] = {}
         if screened.messages:
             update["messages"] = screened.messages
