@@ -37,7 +37,15 @@ from keel.guards.middleware import (
     _context,
     stop_message,
 )
-from keel.guards.screening import GUARD_KEY, screen_answer, screen_inputs, screen_tool_result
+from keel.guards.screening import (
+    GUARD_KEY,
+    Screened,
+    ascreen_inputs,
+    ascreen_tool_result,
+    screen_answer,
+    screen_inputs,
+    screen_tool_result,
+)
 
 __all__ = ["InputGuardMiddleware", "OutputGuardMiddleware"]
 
@@ -118,8 +126,10 @@ class InputGuardMiddleware(_Audited):
 
     def _screen(
         self, request: ModelRequest[Any]
-    ) -> tuple[ModelRequest[Any] | AIMessage, list[Any]]:
-        screened = screen_inputs(request.messages, self.policy)
+    ) -> Steps[tuple[ModelRequest[Any] | AIMessage, list[Any]]]:
+        screened: Screened = yield both(
+            screen_inputs, ascreen_inputs, request.messages, self.policy
+        )
         if screened.blocked is not None:
             return stop_message(outcome.stopped("blocked", screened.blocked)), screened.messages
         if not screened.messages:
@@ -132,16 +142,16 @@ class InputGuardMiddleware(_Audited):
         self, request: ModelRequest[Any], handler: Callable[..., Any]
     ) -> Steps[ModelResponse[Any] | AIMessage]:
         """Check the user's new messages; call the model with what may pass."""
-        screened, found = self._screen(request)
+        screened, found = yield from self._screen(request)
         yield from self._written(found, request.runtime)
         if isinstance(screened, AIMessage):
             return screened
         return (yield call(handler, screened))  # type: ignore[no-any-return]
 
-    def _result(self, result: Any) -> tuple[Any, list[Any]]:
-        screened = (
-            screen_tool_result(result, self.policy) if isinstance(result, ToolMessage) else None
-        )
+    def _result(self, result: Any) -> Steps[tuple[Any, list[Any]]]:
+        if not isinstance(result, ToolMessage):
+            return result, []
+        screened = yield both(screen_tool_result, ascreen_tool_result, result, self.policy)
         return (result, []) if screened is None else (screened, [screened])
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
@@ -153,7 +163,7 @@ class InputGuardMiddleware(_Audited):
         return await adrive(self._tool(request, handler))
 
     def _tool(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
-        result, found = self._result((yield call(handler, request)))
+        result, found = yield from self._result((yield call(handler, request)))
         yield from self._written(found, request.runtime)
         return result
 

@@ -22,21 +22,28 @@ import bisect
 import inspect
 import itertools
 import re
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from keel.errors import UserError
 from keel.guards.finding import ContentFinding, InputSource, excerpt
 from keel.guards.injection_signals import SIGNALS
 from keel.guards.injection_text import View, mixed_script_words, squeezed, view_of
+from keel.redact import sanitized_logger
+
+T = TypeVar("T")
+log = sanitized_logger("keel.guards")
 
 __all__ = [
     "INJECTION_RULES",
     "HeuristicDetector",
     "InjectionDetector",
     "adetect",
+    "awaits",
     "detect",
+    "off_loop",
 ]
 
 INJECTION_RULES = (
@@ -319,33 +326,83 @@ def _base64_blobs(text: str) -> Iterator[tuple[int, int, str]]:
 def detect(detector: InjectionDetector, text: str, source: InputSource) -> list[ContentFinding]:
     """Run `detector` from sync code; an async detector runs in a fresh event loop.
 
+    A detector that raises reports a finding over the whole text (rule `detector_error`), as
+    `ModelDetector` does when its model fails: a `block` policy fails closed, and the run ends
+    with an outcome, not the detector's exception.
+
     Raises:
         UserError: The detector is async and this thread already runs an event loop (use
             `adetect` / `acheck_input`), or it returned something other than findings.
     """
-    result = detector(text, source)
-    if inspect.isawaitable(result):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return _checked(asyncio.run(_awaited(result)), detector)
-        if inspect.iscoroutine(result):
-            result.close()
-        raise UserError(
-            f"The injection detector {_name(detector)} is async and an event loop is running: "
-            "use `await acheck_input(...)` instead of `check_input(...)`."
-        )
+    try:
+        result = detector(text, source)
+        if inspect.isawaitable(result):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                caller = _CALLER_LOOP.get()
+                if caller is not None and caller.is_running():  # from `off_loop`: await there
+                    result = asyncio.run_coroutine_threadsafe(_awaited(result), caller).result()
+                else:
+                    result = asyncio.run(_awaited(result))
+            else:
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise UserError(
+                    f"The injection detector {_name(detector)} is async and an event loop is "
+                    "running: use `await acheck_input(...)` instead of `check_input(...)`."
+                )
+    except UserError:
+        raise
+    except Exception as exc:
+        return _failed(detector, text, exc)
     return _checked(result, detector)
 
 
 async def adetect(
     detector: InjectionDetector, text: str, source: InputSource
 ) -> list[ContentFinding]:
-    """Run `detector` from async code, awaiting it if it returns an awaitable."""
-    result = detector(text, source)
-    if inspect.isawaitable(result):
-        result = await result
+    """Run `detector` from async code, awaiting it if it returns an awaitable (see `detect`)."""
+    try:
+        result = detector(text, source)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as exc:
+        return _failed(detector, text, exc)
     return _checked(result, detector)
+
+
+_CALLER_LOOP: ContextVar[asyncio.AbstractEventLoop | None] = ContextVar(
+    "keel_caller_loop", default=None
+)
+"""The event loop of async code that runs sync screening on a worker thread (`off_loop`)."""
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on a worker thread, for sync screening called from async code.
+
+    Sync code (`check_input`, `keel.guards.screen_inputs`) runs an async detector with
+    `detect`, which cannot wait on the event loop of the thread it runs on. On a worker thread
+    it can: `detect` awaits the detector on this (the caller's) loop, where the detector's
+    model client lives, and the loop stays free meanwhile.
+    """
+    token = _CALLER_LOOP.set(asyncio.get_running_loop())
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    finally:
+        _CALLER_LOOP.reset(token)
+
+
+def awaits(detector: InjectionDetector | None) -> bool:
+    """Whether screening with `detector` may have to await it (anything but the heuristics)."""
+    return detector is not None and not isinstance(detector, HeuristicDetector)
+
+
+def _failed(detector: InjectionDetector, text: str, exc: Exception) -> list[ContentFinding]:
+    """The finding a detector that raised reports: the whole text, unchecked."""
+    detail = f"the injection detector {_name(detector)} failed: {type(exc).__name__}: {exc}"
+    log.warning("%s", detail)
+    return [ContentFinding.covering(text, rule="detector_error", detail=detail[:300])]
 
 
 async def _awaited(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from langchain_core.messages import (
     AIMessage,
@@ -38,12 +38,16 @@ from keel.guards.content import (
     check_input,
     check_output,
 )
+from keel.guards.injection import awaits, off_loop
 
 __all__ = [
     "GUARD_KEY",
     "SENT_KEY",
     "GuardNote",
     "Screened",
+    "ascreen_human_text",
+    "ascreen_inputs",
+    "ascreen_tool_result",
     "guard_notes",
     "mark_sent",
     "screen_answer",
@@ -51,6 +55,8 @@ __all__ = [
     "screen_inputs",
     "screen_tool_result",
 ]
+
+T = TypeVar("T")
 
 GUARD_KEY = "keel_guard"
 """The `response_metadata` key of a message a content guard acted on."""
@@ -135,6 +141,33 @@ def screen_inputs(
         if result != m:
             out.append(result)
     return Screened(out, blocked)
+
+
+async def ascreen_inputs(
+    messages: Sequence[AnyMessage], policy: InputGuardPolicy, *, sent: Collection[str] = ()
+) -> Screened:
+    """`screen_inputs` for async code: an async detector (`ModelDetector`) is awaited."""
+    return await _off_loop(policy, screen_inputs, messages, policy, sent=sent)
+
+
+async def ascreen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMessage | None:
+    """`screen_tool_result` for async code: an async detector (`ModelDetector`) is awaited."""
+    return await _off_loop(policy, screen_tool_result, message, policy)
+
+
+async def ascreen_human_text(text: str, policy: InputGuardPolicy) -> tuple[str, GuardNote | None]:
+    """`screen_human_text` for async code: an async detector (`ModelDetector`) is awaited."""
+    return await _off_loop(policy, screen_human_text, text, policy)
+
+
+async def _off_loop(policy: InputGuardPolicy, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, here with keel's heuristics, else on a worker thread.
+
+    There `detect` awaits the detector on this loop (`keel.guards.injection.off_loop`).
+    """
+    if not awaits(policy.detector):
+        return fn(*args, **kwargs)
+    return await off_loop(fn, *args, **kwargs)
 
 
 def mark_sent(message: BaseMessage) -> BaseMessage:

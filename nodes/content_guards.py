@@ -20,13 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import AIMessage
-from langchain_core.runnables import RunnableConfig
 
 from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
-from keel.guards.screening import screen_answer, screen_inputs
+from keel.guards.screening import Screened, ascreen_inputs, screen_answer, screen_inputs
 from keel.state import AgentState
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
@@ -46,21 +45,24 @@ def input_guard(
     """
     policy = _checked(policy, InputGuardPolicy, "input_guard")
 
-    def run(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        screened = screen_inputs(state.get("messages") or [], policy)
-        update: dict[str, Any] = {}
-        if screened.messages:
-            update["messages"] = screened.messages
-        if screened.blocked is not None:
-            update["outcome"] = outcome.stopped("blocked", screened.blocked)
-        elif state.get("outcome") is not None:
-            update["outcome"] = None  # a new task: the last one's outcome no longer holds
-        return update
+    def run(state: AgentState) -> dict[str, Any]:
+        return _input_update(state, screen_inputs(state.get("messages") or [], policy))
 
-    async def arun(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        return run(state, config)
+    async def arun(state: AgentState) -> dict[str, Any]:
+        return _input_update(state, await ascreen_inputs(state.get("messages") or [], policy))
 
     return make_node(name, run, arun)
+
+
+def _input_update(state: AgentState, screened: Screened) -> dict[str, Any]:
+    update: dict[str, Any] = {}
+    if screened.messages:
+        update["messages"] = screened.messages
+    if screened.blocked is not None:
+        update["outcome"] = outcome.stopped("blocked", screened.blocked)
+    elif state.get("outcome") is not None:
+        update["outcome"] = None  # a new task: the last one's outcome no longer holds
+    return update
 
 
 def route_after_input_guard(state: AgentState, *, next: str = "call_model") -> str:

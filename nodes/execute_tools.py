@@ -38,11 +38,10 @@ from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
-from keel.guards.content import InputGuardPolicy
 from keel.guards.gate import Gate
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
-from keel.guards.screening import screen_tool_result
+from keel.guards.screening import ascreen_tool_result, screen_tool_result
 from keel.nodes._args import invalid_args
 from keel.nodes._once import (
     STORAGE_KEY,
@@ -175,7 +174,13 @@ def execute_tools(
         planned = drive(plan_calls(state, config, runtime))
         known = known_call_ids(state.get("messages") or [])
         results = [drive(run(p, config, known)) if isinstance(p, _Job) else p for p in planned]
-        return _finish(held.input_guard, state, results, _jobs(planned))
+        guard = held.input_guard
+        if guard is not None:
+            results = [
+                (screen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
+                for r in results
+            ]
+        return _finish(state, results, _jobs(planned))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -189,7 +194,13 @@ def execute_tools(
                 for p in planned
             )
         )
-        return _finish(held.input_guard, state, list(results), _jobs(planned))
+        guard = held.input_guard
+        if guard is not None:
+            results = [
+                (await ascreen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
+                for r in results
+            ]
+        return _finish(state, list(results), _jobs(planned))
 
     return make_node(name, invoke, ainvoke)
 
@@ -232,14 +243,11 @@ def _within_budget(
     return [*out, outcome.stopped("budget_exceeded", reason)]
 
 
-def _finish(
-    input_guard: InputGuardPolicy | None, state: AgentState, results: list[Any], ran: int
-) -> dict[str, Any]:
+def _finish(state: AgentState, results: list[Any], ran: int) -> dict[str, Any]:
+    """The node's update from the calls' results (tool results already read by the guard)."""
     unknown = [r for r in results if isinstance(r, Unknown)]
     stops = [r for r in results if not isinstance(r, ToolMessage | Unknown)]
     results = [r for r in results if isinstance(r, ToolMessage)]
-    if input_guard is not None:
-        results = [screen_tool_result(r, input_guard) or r for r in results]
     messages = in_call_order(state.get("messages") or [], results)
     update: dict[str, Any] = {"messages": messages, "usage": {"tool_calls": ran, "steps": 1}}
     lost = [r for r in results if r.response_metadata.get(STORAGE_KEY)]

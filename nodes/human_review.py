@@ -50,7 +50,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.content import InputGuardPolicy
-from keel.guards.screening import GUARD_KEY, screen_human_text
+from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, screen_human_text
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
@@ -133,7 +133,7 @@ def human_review(
         config: RunnableConfig,
         runtime: Runtime[RunContext],
         records: Mapping[str, CallRecord],
-    ) -> tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]:
+    ) -> Steps[tuple[dict[str, Any], list[Flow[bool]], dict[str, Approval]]]:
         """The state update, the ledger updates to make, and the standing approvals to keep."""
         context = context_of(runtime)
         run = sealer.for_run(thread_of(runtime), context)
@@ -149,7 +149,8 @@ def human_review(
         answers = _normalize(interrupt(pending), pending)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
-        answers = [_guarded(a, held.input_guard) for a in answers]
+        if held.input_guard is not None:
+            answers = yield both(_guarded, _aguarded, answers, held.input_guard)
         reviewer = reviewer_of(server_user(runtime))
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
@@ -165,7 +166,7 @@ def human_review(
                 records = yield _flow(ledger, records_flow(thread, ids))
             except StorageError as exc:
                 _unread(exc)
-        update, settle, for_user = decide(state, config, runtime, records)
+        update, settle, for_user = yield from decide(state, config, runtime, records)
         for flow in settle:
             assert ledger is not None
             try:
@@ -443,15 +444,29 @@ def _apply(
     return update, settle, for_user
 
 
-def _guarded(answer: ReviewResponse, guard: InputGuardPolicy | None) -> ReviewResponse:
-    """`answer` with its text (`message`) as the input guard lets the model read it.
+def _guarded(answers: list[ReviewResponse], guard: InputGuardPolicy) -> list[ReviewResponse]:
+    """`answers` with their text (`message`) as the input guard lets the model read it.
 
     The guard's note rides along under `GUARD_KEY` until `_reply` puts it on the reply.
     """
+    return [_with_text(a, *screen_human_text(t, guard)) if (t := _text(a)) else a for a in answers]
+
+
+async def _aguarded(answers: list[ReviewResponse], guard: InputGuardPolicy) -> list[ReviewResponse]:
+    """`_guarded` for async code: an async detector (`ModelDetector`) is awaited."""
+    return [
+        _with_text(a, *(await ascreen_human_text(t, guard))) if (t := _text(a)) else a
+        for a in answers
+    ]
+
+
+def _text(answer: ReviewResponse) -> str:
+    """The answer's text for the model (a `respond` answer, a rejection's message), or ""."""
     text = answer.get("message")
-    if guard is None or not isinstance(text, str) or not text:
-        return answer
-    screened, note = screen_human_text(text, guard)
+    return text if isinstance(text, str) else ""
+
+
+def _with_text(answer: ReviewResponse, screened: str, note: GuardNote | None) -> ReviewResponse:
     if note is None:
         return answer
     return cast(ReviewResponse, {**answer, "message": screened, GUARD_KEY: note})
