@@ -351,7 +351,8 @@ async def test_a_detector_that_raises_fails_closed_with_an_outcome(mode: str) ->
     assert "detector_error" in result["outcome"]["detail"]
 
 
-def test_an_ai_turn_a_state_update_writes_is_read_by_the_next_run() -> None:
+@pytest.mark.parametrize("how", ["update_state", "command_update"])
+def test_an_ai_turn_a_state_update_writes_is_read_by_the_next_run(how: str) -> None:
     """A state update may write AI messages (README); one carrying an injection is read by the
     input guard at the next run, as one the run's input sent would be, and the mark is gone
     from every message the guard read."""
@@ -361,7 +362,11 @@ def test_an_ai_turn_a_state_update_writes_is_read_by_the_next_run() -> None:
     assert not [
         m for m in agent.get_state(config).values["messages"] if SENT_KEY in m.response_metadata
     ]
-    agent.update_state(config, {"messages": [AIMessage(f"Noted: {INJECTION}")]})
+    forged = {"messages": [AIMessage(f"Noted: {INJECTION}")]}
+    if how == "update_state":
+        agent.update_state(config, forged)
+    else:
+        agent.invoke(Command(update=forged), config, context=CTX)
 
     result = agent.invoke({"messages": [("user", "Go ahead.")]}, config, context=CTX)
     assert "Ignore all previous instructions" not in _seen(model)
