@@ -16,13 +16,13 @@ An evaluator is any callable `f(run) -> Score | None`, sync or async.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, ToolCall
 
-from keel.errors import SetupError
+from keel.errors import SetupError, UserError
 from keel.evals.results import CaseRun, Score, ToolStep
 from keel.evals.suite import TrajectoryMatch
 from keel.models import resolve_model
@@ -219,9 +219,32 @@ class RubricJudge:
             prompt=self.prompt.replace("{rubric}", rubric), judge=self.model, feedback_key="rubric"
         )
         inputs = "\n".join(f"{role}: {text}" for role, text in run.case.messages)
-        result: Any = await judge(inputs=inputs, outputs=run.answer)
-        value = float(result["score"])
-        return Score("rubric", bool(result["score"]), value, str(result.get("comment") or ""))
+        try:
+            result: Any = await judge(inputs=inputs, outputs=run.answer)
+        except (UserError, SetupError):
+            raise
+        except Exception as exc:  # the judge failed or its verdict did not parse: a failed score
+            return _unjudged(f"the judge gave no verdict: {type(exc).__name__}: {exc}")
+        verdict = result.get("score") if isinstance(result, Mapping) else None
+        if not isinstance(verdict, bool):
+            return _unjudged(f"the judge's verdict is not a true/false score: {result!r}")
+        comment = _clipped(str(result.get("comment") or ""))
+        return Score("rubric", verdict, float(verdict), comment)
+
+
+_DETAIL_CHARS = 2000
+"""The longest judge comment a score keeps (reports show every score's detail)."""
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= _DETAIL_CHARS:
+        return text
+    return f"{text[:_DETAIL_CHARS]}... ({len(text) - _DETAIL_CHARS} more characters)"
+
+
+def _unjudged(why: str) -> Score:
+    """A rubric the judge did not answer: failed, never passed unjudged."""
+    return Score("rubric", False, detail=_clipped(f"{why} (the rubric counts as failed)"))
 
 
 def no_judge(run: CaseRun) -> Score | None:

@@ -23,6 +23,7 @@ from keel.evals.evaluators import (
 )
 from keel.evals.executions import Execution, record_execution, recording
 from keel.evals.results import CaseRun, ToolStep
+from keel.evals.runner import arun_suite
 from keel.evals.suite import Case, Suite, TrajectoryMatch
 
 
@@ -171,6 +172,60 @@ async def test_the_rubric_judge_works_with_any_chat_model(verdict: bool) -> None
     prompt = " ".join(str(m.content) for m in judge.calls[0])
     assert "The answer states the refund amount." in prompt and "Refunded $42.50." in prompt
     assert await RubricJudge(judge)(CaseRun(case=case())) is None
+
+
+def _down(messages: Any) -> dict[str, Any]:
+    raise RuntimeError("judge endpoint down")
+
+
+@pytest.mark.parametrize(
+    ("verdict", "detail"),
+    [
+        ({"reasoning": "Hmm.", "score": "maybe"}, "not a true/false score"),
+        ({"reasoning": "Hmm.", "score": 7}, "not a true/false score"),
+        ({"reasoning": "Hmm.", "score": None}, "not a true/false score"),
+        ({"reasoning": "Hmm."}, "the judge gave no verdict"),
+        ({}, "the judge gave no verdict"),
+        (_down, "RuntimeError: judge endpoint down"),
+    ],
+)
+async def test_a_judge_that_answers_garbage_or_fails_is_a_failed_rubric_not_a_crash(
+    verdict: Any, detail: str
+) -> None:
+    judge = ScriptedChatModel(structured={"score": verdict})
+    run = CaseRun(case=case(rubric="Polite."))
+    run.messages = [AIMessage("ok")]
+    score = await RubricJudge(judge)(run)
+    assert score is not None and score.name == "rubric" and score.passed is False
+    assert detail in score.detail and "counts as failed" in score.detail
+
+
+async def test_a_judge_with_no_structured_answer_or_a_huge_comment_is_scored_not_raised() -> None:
+    run = CaseRun(case=case(rubric="Polite."))
+    run.messages = [AIMessage("ok")]
+    score = await RubricJudge(ScriptedChatModel(script=["I think it is fine"]))(run)
+    assert score is not None and not score.passed and "the judge gave no verdict" in score.detail
+    huge = "very " * 100_000
+    judge = ScriptedChatModel(structured={"score": {"reasoning": huge, "score": True}})
+    score = await RubricJudge(judge)(run)
+    assert score is not None and score.passed and score.value == 1.0
+    assert len(score.detail) < 2100 and score.detail.endswith("more characters)")
+
+
+async def test_a_suite_whose_judge_fails_still_scores_every_run() -> None:
+    suite = Suite.from_dict(
+        {
+            "model": {"script": ["Hello."]},
+            "cases": [{"id": "a", "input": "hi", "rubric": "Polite."}, {"id": "b", "input": "hi"}],
+        }
+    )
+    judge = ScriptedChatModel(structured={"score": _down})
+    result = await arun_suite(suite, "keel.evals.builtin:demo_agent", judge=judge)
+    judged, unjudged = result.runs
+    rubric = judged.score("rubric")
+    assert rubric is not None and not rubric.passed and "judge endpoint down" in rubric.detail
+    assert not judged.passed and unjudged.passed
+    assert judged.outcome["terminated_reason"] == "completed"  # the run itself went fine
 
 
 async def test_a_rubric_without_a_judge_fails_instead_of_passing_unjudged() -> None:
