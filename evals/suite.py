@@ -219,7 +219,7 @@ class Suite:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise UserError(f"{where}: case ids must be unique; repeated: {duplicates}.")
-        name = data.get("name") or (path.stem if path else "suite")
+        name = _opt_str(data.get("name"), f"{where}: name") or (path.stem if path else "suite")
         model = data.get("model")
         return cls(
             name=str(name),
@@ -241,7 +241,9 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise UserError(f"No suite file at {path}. Give the path of a YAML suite.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc}); save the suite as UTF-8.") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
     return Suite.from_dict(data, path=path)
@@ -263,6 +265,37 @@ def _opt_str(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise UserError(f"{where} must be a string, got {value!r}.")
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    """A list of names (`[a, b]`); a lone string is refused, not read as its letters."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where} must be a list of names, like [a, b], got {value!r}.")
+    return tuple(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise UserError(f"{where} must be true or false, got {value!r}.")
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UserError(f"{where} must be a mapping, got {value!r}.")
+    return dict(value)
+
+
+def _tool_call(raw: Any, where: str) -> ToolCall:
+    """`{name, args}` (or a bare tool name) as an expected or scripted tool call."""
+    data = {"name": raw} if isinstance(raw, str) else _mapping(raw, where, ("name", "args"))
+    if not isinstance(data.get("name"), str) or not data["name"]:
+        raise UserError(f"{where}: every call needs a `name` (the tool's name), got {raw!r}.")
+    return ToolCall(name=data["name"], args=_dict(data.get("args"), f"{where}: args"), id=None)
 
 
 _CASE_FIELDS: tuple[str, ...] = (
@@ -296,7 +329,7 @@ def _case(raw: Any, where: str) -> Case:
         expect=_expect(data.get("expect") or {}, f"{where}: expect"),
         rubric=_opt_str(data.get("rubric"), f"{where}: rubric"),
         budgets=_budgets(data.get("budgets") or {}, f"{where}: budgets"),
-        tags=tuple(str(t) for t in data.get("tags") or ()),
+        tags=_strings(data.get("tags"), f"{where}: tags"),
         graph=_opt_str(data.get("graph"), f"{where}: graph"),
     )
 
@@ -305,6 +338,8 @@ def _messages(data: Mapping[str, Any], where: str) -> tuple[tuple[str, str], ...
     if ("input" in data) == ("messages" in data):
         raise UserError(f"{where}: give either `input` (the user's text) or `messages`.")
     if "input" in data:
+        if data["input"] is None:
+            raise UserError(f'{where}: `input` is empty; give the user\'s text ("" for none).')
         return (("user", str(data["input"])),)
     raw = data["messages"]
     if not isinstance(raw, list) or not raw:
@@ -355,7 +390,7 @@ def _model(raw: Any, where: str) -> ModelSpec:
     return ModelSpec(
         name=_opt_str(data.get("name"), f"{where}: name"),
         script=tuple(script),
-        structured=dict(data.get("structured") or {}),
+        structured=_dict(data.get("structured"), f"{where}: structured"),
         chaos=None if chaos is None else dict(chaos),
     )
 
@@ -365,14 +400,14 @@ def _turn(raw: Any, where: str = "script turn") -> AIMessage | str:
         return raw
     data = _mapping(raw, where, ("call", "args", "calls", "text"))
     if "calls" in data:
-        calls = [_mapping(c, f"{where}: calls", ("name", "args")) for c in data["calls"]]
+        calls = data["calls"]
+        if not isinstance(calls, list | tuple):
+            raise UserError(f"{where}: calls must be a list of {{name, args}}, got {calls!r}.")
     elif "call" in data:
-        calls = [{"name": data["call"], "args": data.get("args") or {}}]
+        calls = [{"name": data["call"], "args": data.get("args")}]
     else:
         return str(data.get("text", ""))
-    tool_calls = [
-        ToolCall(name=str(c["name"]), args=dict(c.get("args") or {}), id=None) for c in calls
-    ]
+    tool_calls = [_tool_call(c, f"{where}: calls[{i}]") for i, c in enumerate(calls)]
     return AIMessage(content=str(data.get("text", "")), tool_calls=tool_calls)
 
 
@@ -384,10 +419,10 @@ def _expect(raw: Any, where: str) -> Expect:
         status=_opt_str(data.get("status"), f"{where}: status"),
         terminated_reason=_opt_str(data.get("terminated_reason"), f"{where}: terminated_reason"),
         trajectory=None if trajectory is None else _trajectory(trajectory, f"{where}: trajectory"),
-        tools_succeed=bool(data.get("tools_succeed", False)),
-        forbidden_tools=tuple(str(t) for t in data.get("forbidden_tools") or ()),
-        no_pii=bool(data.get("no_pii", False)),
-        valid_history=bool(data.get("valid_history", False)),
+        tools_succeed=_flag(data.get("tools_succeed"), f"{where}: tools_succeed"),
+        forbidden_tools=_strings(data.get("forbidden_tools"), f"{where}: forbidden_tools"),
+        no_pii=_flag(data.get("no_pii"), f"{where}: no_pii"),
+        valid_history=_flag(data.get("valid_history"), f"{where}: valid_history"),
     )
 
 
@@ -401,11 +436,11 @@ def _trajectory(raw: Any, where: str) -> TrajectoryMatch:
         raise UserError(f"{where}: mode must be one of {list(_MODES)}, got {mode!r}.")
     if args not in _ARGS:
         raise UserError(f"{where}: args must be one of {list(_ARGS)}, got {args!r}.")
-    calls = []
-    for c in data.get("calls") or []:
-        c = {"name": c} if isinstance(c, str) else _mapping(c, f"{where}: calls", ("name", "args"))
-        calls.append(ToolCall(name=str(c["name"]), args=dict(c.get("args") or {}), id=None))
-    overrides = dict(data.get("overrides") or {})
+    raw_calls = data.get("calls") or []
+    if not isinstance(raw_calls, list | tuple):
+        raise UserError(f"{where}: calls must be a list of tool names or {{name, args}}.")
+    calls = [_tool_call(c, f"{where}: calls[{i}]") for i, c in enumerate(raw_calls)]
+    overrides = _dict(data.get("overrides"), f"{where}: overrides")
     for tool_name, how in overrides.items():
         if how not in _ARGS:
             raise UserError(
@@ -418,6 +453,6 @@ def _trajectory(raw: Any, where: str) -> TrajectoryMatch:
 def _budgets(raw: Any, where: str) -> Budgets:
     data = _mapping(raw, where, _BUDGETS)
     for name, value in data.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise UserError(f"{where}: {name} must be a number >= 0, got {value!r}.")
     return Budgets(**data)

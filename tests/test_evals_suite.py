@@ -109,6 +109,44 @@ def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_pat
             "ChaosPolicy.timeout must be between 0 and 1",
         ),
         ("cases: [{id: a, input: x}]\nbogus: 1", "unknown field(s) ['bogus']"),
+        # a careless file is refused, never read as something else (or raised as a KeyError)
+        (
+            "cases: [{id: a, input: x, expect: {forbidden_tools: issue_refund}}]",
+            "expect: forbidden_tools must be a list of names, like [a, b], got 'issue_refund'",
+        ),
+        ("cases: [{id: a, input: x, tags: 5}]", "tags must be a list of names"),
+        (
+            "cases: [{id: a, input: x, expect: {trajectory: {calls: lookup_order}}}]",
+            "trajectory: calls must be a list",
+        ),
+        (
+            "cases: [{id: a, input: x, expect: {trajectory: [{args: {order_id: A1}}]}}]",
+            "trajectory: calls[0]: every call needs a `name`",
+        ),
+        (
+            "cases: [{id: a, input: x, expect: {trajectory: [{name: t, args: A1}]}}]",
+            "trajectory: calls[0]: args must be a mapping, got 'A1'",
+        ),
+        (
+            "cases: [{id: a, input: x, model: {script: [{calls: [{args: {}}]}]}}]",
+            "model: script[0]: calls[0]: every call needs a `name`",
+        ),
+        (
+            "cases: [{id: a, input: x, model: {script: [{call: t, args: [1]}]}}]",
+            "script[0]: calls[0]: args must be a mapping",
+        ),
+        ("cases: [{id: a, input: x, model: {script: [hi], structured: [1]}}]", "structured must"),
+        (
+            "cases: [{id: a, input: x, expect: {trajectory: {calls: [t], overrides: [t]}}}]",
+            "overrides must be a mapping",
+        ),
+        ("cases: [{id: a, input: }]", "`input` is empty"),
+        ("cases: [{id: a, input: x, budgets: {usd: .nan}}]", "usd must be a number >= 0, got nan"),
+        (
+            "cases: [{id: a, input: x, expect: {tools_succeed: 'false'}}]",
+            "tools_succeed must be true or false, got 'false'",
+        ),
+        ("name: [a]\ncases: [{id: a, input: x}]", "name must be a string"),
         ("- just a list", "must be a mapping, got list"),
     ],
 )
@@ -126,6 +164,11 @@ def test_missing_and_broken_files_say_so(tmp_path: Path) -> None:
         load_suite(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="is not valid YAML"):
         load_suite(write(tmp_path, "cases: [unclosed"))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: café\ncases: [{id: a, input: x}]".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text") as info:
+        load_suite(latin)
+    assert str(latin) in str(info.value)
 
 
 def test_a_suite_can_be_built_in_python() -> None:
