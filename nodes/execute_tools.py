@@ -159,6 +159,8 @@ def execute_tools(
     def run(
         job: _Job, config: RunnableConfig, known: Known, alone: bool = True
     ) -> Steps[ToolMessage | Unknown]:
+        if (stubbed := _stubbed(job)) is not None:  # a replay or shadow run's stub: the
+            return stubbed  # ledger and the breaker are the real ones, and nothing ran
         key, guard = job.key, held.tool_guard
         if key is None or ledger is None:
             return (yield from _guarded(job, config, guard))
@@ -363,8 +365,6 @@ def _retrying(job: _Job) -> Retrying:
 
 def _run(job: _Job, config: RunnableConfig) -> Steps[ToolMessage]:
     """Run the call, retried by tenacity; every failure ends as one ToolMessage."""
-    if (stubbed := _stubbed(job)) is not None:
-        return stubbed
     policy = _retrying(job)
     attempt = Op(lambda: _attempt_sync(job, config), lambda: _attempt_async(job, config))
     try:

@@ -3,9 +3,10 @@
 Inside `with stubbing(stub):` every tool call that keel's `execute_tools` (or, in a
 `create_agent` graph, keel's `PermissionMiddleware`) would run is first offered to
 `stub(tool, call)`. A `StubAnswer` stands in for the tool's result and the tool's
-body never runs; `None` lets the call run as usual. The stub is a context variable, so it holds
-for the runs started in the block (LangGraph copies it into tool tasks and threads) and for no
-other run of the process.
+body never runs (nor does `execute_tools` claim the call in its idempotency ledger or count it
+in the tool's breaker: both may be production's); `None` lets the call run as usual. The
+stub is a context variable, so it holds for the runs started in the block (LangGraph copies it
+into tool tasks and threads) and for no other run of the process.
 
 Example:
     ```python

@@ -1,0 +1,151 @@
+"""Attacks on replay: a recorded side effect is never run again, whatever the replayed model
+sends, and a replay leaves the production ledger and its shared circuit breakers alone.
+
+Threads are stored by keel's demo agent on a real SQLite database with a real ledger
+(`test_evals_replay.store_thread`); the demo's tools record every body that really runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langgraph.checkpoint.memory import InMemorySaver
+from test_evals_replay import ALICE, DEMO, REFUND, store_thread
+
+from keel.app.demo import SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
+from keel.db.ledger import Ledger
+from keel.db.tables import TOOL_CALLS
+from keel.evals import ScriptedChatModel, areplay, ashadow, builtin_suite, call
+from keel.evals.builtin import recorded
+from keel.graphs import build_agent
+from keel.guards import Policy
+from keel.guards.breaker import BreakerPolicy
+
+
+async def stored(folder: Path, thread: str = "t1", **options: Any) -> str:
+    """The demo scenario stored as `thread` in a SQLite database in `folder`; its URL."""
+    url = f"sqlite:///{folder}/keel.db"
+    await store_thread(url, thread, **options)
+    return url
+
+
+def production(ledger: Ledger, policy: Policy) -> Callable[[BaseChatModel], Any]:
+    """A graph factory on the production ledger (and its breakers), as a careless user writes."""
+
+    def factory(model: BaseChatModel) -> Any:
+        return build_agent(
+            model,
+            recorded(demo_tools(DemoShop())),
+            system_prompt=SYSTEM_PROMPT,
+            policy=policy,
+            ledger=ledger,
+            checkpointer=InMemorySaver(),
+        )
+
+    return factory
+
+
+def refunding(args: dict[str, Any]) -> ScriptedChatModel:
+    """A live model that looks the order up and refunds with `args` (fresh tool-call ids)."""
+    return ScriptedChatModel(
+        script=[call("lookup_order", order_id="A1001"), call("issue_refund", args), "Refunded."],
+        fresh_ids=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {**REFUND, "reason": "arrived damaged "},  # trailing whitespace
+        {**REFUND, "reason": "arrived  damaged"},  # a doubled space
+        {**REFUND, "order_id": "\uff211001"},  # a fullwidth lookalike
+        {**REFUND, "reason": "arrived damaged\u200b"},  # a zero-width space
+        {**REFUND, "amount": "42.5"},  # the amount as text
+        {**REFUND, "amount": 42.51},
+    ],
+    ids=["trailing-space", "double-space", "fullwidth", "zero-width", "text-amount", "cents"],
+)
+async def test_a_refund_whose_args_differ_from_the_recording_in_any_way_is_not_run(
+    tmp_path: Path, args: dict[str, Any]
+) -> None:
+    url = await stored(tmp_path)
+    diff = await areplay("t1", DEMO, db=url, live=True, model=refunding(args), identity=ALICE)
+    assert "issue_refund" not in [e.tool for e in diff.executions]
+    assert [c.name for c in diff.unrecorded] == ["issue_refund"]
+    assert diff.replayed.trajectory[-1].status == "error" and diff.raised is None
+
+
+async def test_the_recorded_refund_asked_for_twice_is_played_once_and_never_run(
+    tmp_path: Path,
+) -> None:
+    url = await stored(tmp_path)
+    twice = ScriptedChatModel(
+        script=[call("issue_refund", REFUND), call("issue_refund", REFUND), "Refunded twice."],
+        fresh_ids=True,
+    )
+    diff = await areplay("t1", DEMO, db=url, live=True, model=twice, identity=ALICE)
+    assert diff.executions == []
+    assert [t.status for t in diff.replayed.trajectory] == ["success", "error"]
+    assert [c.name for c in diff.unrecorded] == ["issue_refund"]
+
+
+async def test_a_refund_a_human_rejected_in_the_recording_is_not_run_on_replay(
+    tmp_path: Path,
+) -> None:
+    url = await stored(tmp_path, "t-rejected", approval="reject")
+    approving = refunding(dict(REFUND))  # the same refund, which the replay's human approves
+    diff = await areplay("t-rejected", DEMO, db=url, live=True, model=approving, identity=ALICE)
+    assert "issue_refund" not in [e.tool for e in diff.executions]
+    assert diff.recorded.outcome["terminated_reason"] == "rejected"
+
+
+async def test_replays_on_the_production_ledger_record_no_call_and_trip_no_breaker(
+    tmp_path: Path,
+) -> None:
+    """A factory built on the production ledger, with a breaker shared through it: the stubbed
+    refunds of replays are neither claimed in the ledger nor counted as failures, so the
+    production agent still refunds afterwards."""
+    policy = dataclasses.replace(demo_policy(), tool_breaker=BreakerPolicy(failure_threshold=2))
+    url = await stored(tmp_path, policy=policy)
+    ledger = Ledger(url)
+    before = _claims(tmp_path)
+    try:
+        for amount in (10.0, 11.0, 12.0):
+            model = refunding({**REFUND, "amount": amount})
+            factory = production(ledger, policy)
+            diff = await areplay("t1", factory, db=url, live=True, model=model, identity=ALICE)
+            assert diff.replayed.trajectory[-1].status == "error"  # answered "not run" each time
+            assert diff.executions == []
+    finally:
+        await ledger.aclose()
+    assert _claims(tmp_path) == before
+    state = await store_thread(url, "t2", policy=policy)  # production, after the replays
+    statuses = [
+        m.response_metadata.get("keel_status") for m in state["messages"] if m.type == "tool"
+    ]
+    assert statuses[-1] == "success" and state["outcome"]["terminated_reason"] == "completed"
+
+
+async def test_a_shadow_run_on_the_production_ledger_claims_nothing_in_it(tmp_path: Path) -> None:
+    ledger = Ledger(await stored(tmp_path))
+    factory = production(ledger, demo_policy())
+    before = _claims(tmp_path)
+    try:
+        compared = await ashadow(builtin_suite("demo"), factory, candidate=factory)
+    finally:
+        await ledger.aclose()
+    assert compared.summary()["stubbed_calls"] == {"baseline": 1, "candidate": 1}
+    assert compared.side_effects_run() == 0 and _claims(tmp_path) == before
+
+
+def _claims(folder: Path) -> int:
+    """The production ledger's claimed side-effecting calls."""
+    with sqlite3.connect(f"{folder}/keel.db") as db:
+        count: int = db.execute(f"SELECT count(*) FROM {TOOL_CALLS.name}").fetchone()[0]
+        return count
