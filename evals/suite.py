@@ -219,7 +219,10 @@ class Suite:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise UserError(f"{where}: case ids must be unique; repeated: {duplicates}.")
-        name = _opt_str(data.get("name"), f"{where}: name") or (path.stem if path else "suite")
+        name = data.get("name")
+        if isinstance(name, Mapping | list):  # a number or `yes` is a name (`1.yaml` is `1`)
+            raise UserError(f"{where}: name must be a string, got {name!r}.")
+        name = str(name or "") or (path.stem if path else "suite")
         model = data.get("model")
         return cls(
             name=str(name),

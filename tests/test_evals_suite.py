@@ -171,6 +171,13 @@ def test_missing_and_broken_files_say_so(tmp_path: Path) -> None:
     assert str(latin) in str(info.value)
 
 
+def test_a_suite_named_by_a_number_or_a_yaml_boolean_loads(tmp_path: Path) -> None:
+    for name in ("2024", "yes"):  # `capture` names a new suite after its file: 2024.yaml
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\ncases: [{{id: a, input: x}}]")
+        assert load_suite(path).name in (name, "True")
+
+
 def test_a_suite_can_be_built_in_python() -> None:
     suite = Suite.from_dict({"cases": [{"id": "a", "input": "hi", "model": "keel:demo"}]})
     assert suite.name == "suite" and suite.cases[0].model is not None
