@@ -114,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeelError as exc:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
-    paths = write_report(result, args.out or Path(".keel") / "evals" / suite.name)
+    try:
+        paths = write_report(result, args.out or Path(".keel") / "evals" / suite.name)
+    except OSError as exc:  # exit 2, never 1: 1 says the suite ran under the pass rate
+        print(f"keel eval: cannot write the results ({exc}); pass --out a folder.", file=sys.stderr)
+        return 2
     _print_summary(result, args.min_pass_rate)
     print(f"keel eval: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
     return 0 if result.pass_rate >= args.min_pass_rate else 1

@@ -50,6 +50,9 @@ def _run(name: str, job: object) -> int:
     except KeelError as exc:
         print(f"keel eval {name}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a report, JSON or cassette path that cannot be written or read
+        print(f"keel eval {name}: {exc}; check the file and folder paths given.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -80,6 +80,10 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
     assert keel_main(["eval", "demo", "--graph", "nope"]) == 2
     assert "--graph must be 'module:function'" in capsys.readouterr().err
     assert keel_main(["eval", "demo", "--min-pass-rate", "2"]) == 2
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert keel_main(["eval", "demo", "--out", str(taken)]) == 2  # 2, never 1 (under the rate)
+    assert "cannot write the results" in capsys.readouterr().err
 
 
 def test_keel_help_lists_eval(capsys: pytest.CaptureFixture[str]) -> None:

@@ -275,6 +275,8 @@ def test_keel_eval_replay_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "trajectory: same (3 tool calls)" in capsys.readouterr().out
     assert keel_main([*argv, "--cassette", str(tmp_path / "missing.json")]) == 2
     assert "No cassette file at" in capsys.readouterr().err
+    assert keel_main([*argv, "--json", str(tmp_path)]) == 2  # a folder where a file is due
+    assert "Is a directory" in capsys.readouterr().err
 
 
 # -- capture ---------------------------------------------------------------------------------
