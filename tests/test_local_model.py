@@ -338,6 +338,16 @@ async def test_a_run_under_a_budget_stops_as_budget_exceeded(local: LocalChatMod
         assert final["outcome"]["terminated_reason"] == "completed"
 
 
+@pytest.mark.local_model
+@pytest.mark.parametrize("spelling", ["local", "local:", "local:qwen2.5-coder-1.5b"])
+def test_every_spelling_of_local_is_the_one_model_sharing_one_load_and_lock(
+    local: LocalChatModel, spelling: str
+) -> None:
+    model = resolve_model(spelling)
+    assert isinstance(model, LocalChatModel) and model.model_name == local.model_name
+    assert model is not local and model._loaded() is local._loaded()  # one per process
+
+
 def test_a_cpu_with_amx_gets_its_instruction_sets_without_llama_cpp_s_amx_kernels() -> None:
     """llama.cpp built native on a CPU with AMX segfaults at the first inference on virtualized
     Xeons (measured on this project's CI machines): such a CPU is built without AMX."""
