@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -336,6 +337,23 @@ async def test_a_run_under_a_budget_stops_as_budget_exceeded(local: LocalChatMod
         assert "model_calls" in final["outcome"]["detail"]
     else:
         assert final["outcome"]["terminated_reason"] == "completed"
+
+
+@pytest.mark.local_model
+def test_a_tool_decision_with_every_socket_refused(
+    local: LocalChatModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[Any] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        tried.append(args)
+        raise OSError("the network is off in this test")
+
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    answer = resolve_model("local:").bind_tools(demo_tools()).invoke("Where is order A1002?")
+    assert [c["name"] for c in answer.tool_calls] == ["lookup_order"] and tried == []
 
 
 @pytest.mark.local_model
