@@ -47,7 +47,7 @@ from keel.models import model_name_of
 from keel.pricing import PriceTable
 from keel.state import Outcome, RunContext
 from keel.tools.registry import RegisteredTool, spec_of
-from keel.tools.stubs import stub_answer
+from keel.tools.stubs import stub_answer, stub_message
 
 __all__ = [
     "BudgetMiddleware",
@@ -263,13 +263,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         if answer is None:
             return resolved
         call = resolved.tool_call
-        return ToolMessage(
-            content=answer.content,
-            tool_call_id=call.get("id") or "",
-            name=call["name"],
-            status="success" if answer.status == "success" else "error",
-            response_metadata={"keel_status": answer.status, "keel_stub": True},
-        )
+        return stub_message(answer, call.get("id") or "", call["name"])
 
 
 def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:

@@ -149,3 +149,18 @@ def _claims(folder: Path) -> int:
     with sqlite3.connect(f"{folder}/keel.db") as db:
         count: int = db.execute(f"SELECT count(*) FROM {TOOL_CALLS.name}").fetchone()[0]
         return count
+
+
+async def test_a_replay_on_a_plain_langchain_agent_runs_no_refund(tmp_path: Path) -> None:
+    """A new version built with LangChain's `create_agent` and no keel middleware at all."""
+    from langchain.agents import create_agent
+
+    url = await stored(tmp_path)
+
+    def plain(model: BaseChatModel) -> Any:
+        return create_agent(model, recorded(demo_tools(DemoShop())), checkpointer=InMemorySaver())
+
+    model = refunding({**REFUND, "amount": 10.0})
+    diff = await areplay("t1", plain, db=url, live=True, model=model, identity=ALICE)
+    assert diff.raised is None and "issue_refund" not in [e.tool for e in diff.executions]
+    assert [c.name for c in diff.unrecorded] == ["issue_refund"]

@@ -155,3 +155,33 @@ async def test_no_stubbed_body_runs_under_create_agent_with_keels_permissions(mo
         middleware=[PermissionMiddleware(ALLOW)],
     ).ainvoke({"messages": [("user", "send")]})
     assert ran == ["send_inline"]
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("keels_middleware", [False, True])
+async def test_no_stubbed_body_runs_in_a_graph_without_keels_tool_node(
+    mode: str, keels_middleware: bool
+) -> None:
+    """LangChain's `create_agent` (LangGraph's `ToolNode`) runs the tools, with or without
+    keel's middleware: the tools themselves ask the stub first."""
+    from langchain.agents import create_agent
+
+    from keel.guards.middleware import PermissionMiddleware
+
+    ran.clear()
+    stub = SideEffectStub()
+    model = ScriptedChatModel(script=[_fresh_calls(1), "done"])
+    middleware = [PermissionMiddleware(ALLOW)] if keels_middleware else []
+    graph = create_agent(model, TOOLS, middleware=middleware)
+    with stubbing(stub):
+        task = {"messages": [("user", "send all")]}
+        result = graph.invoke(task) if mode == "invoke" else await graph.ainvoke(task)
+    assert ran == [] and len(stub.calls) == 4
+    answers = [m for m in result["messages"] if m.type == "tool"]
+    assert [m.response_metadata.get("keel_stub") for m in answers] == [True] * 4
+    assert {m.content for m in answers} == {
+        f"(shadow run) {t.name} was not run; assume it succeeded." for t in TOOLS
+    }
+    with stubbing(stub):  # called directly, outside any graph
+        assert send_inline.invoke({"to": "a"}).startswith("(shadow run) send_inline")
+    assert ran == []

@@ -4,24 +4,48 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, overload
 
+from langchain_core.messages import ToolCall
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import ConfigDict, SkipValidation
 
 from keel.errors import UserError
-from keel.tools.spec import Reconciler, ResourceExtractor, Risk, ToolSpec
+from keel.tools.spec import Reconciler, RegisteredTool, ResourceExtractor, Risk, ToolSpec
+from keel.tools.stubs import stub_answer, stub_message
 
 __all__ = ["KeelTool", "RegisteredTool", "ToolRegistry", "spec_of", "tool"]
 
 
 class KeelTool(StructuredTool):
-    """A LangChain `StructuredTool` that carries a keel `ToolSpec`."""
+    """A LangChain `StructuredTool` that carries a keel `ToolSpec`.
+
+    Whatever runs it (keel's `execute_tools`, LangGraph's `ToolNode`, a `create_agent` graph
+    without keel's middleware, your code), a call made inside `keel.tools.stubbing` is first
+    offered to the stub: a replay or shadow run never runs a side-effecting body.
+    """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     spec: SkipValidation[ToolSpec] = ToolSpec()
     """What keel must know to run this tool safely."""
+
+    def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Run the tool, unless an active tool stub answers the call."""
+        stubbed = self._stubbed(tool_input, kwargs.get("tool_call_id"))
+        return stubbed if stubbed is not None else super().run(tool_input, *args, **kwargs)
+
+    async def arun(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Run the tool, unless an active tool stub answers the call (async)."""
+        stubbed = self._stubbed(tool_input, kwargs.get("tool_call_id"))
+        return stubbed if stubbed is not None else await super().arun(tool_input, *args, **kwargs)
+
+    def _stubbed(self, tool_input: str | dict[str, Any], call_id: str | None) -> Any:
+        args = dict(tool_input) if isinstance(tool_input, dict) else {"input": tool_input}
+        call = ToolCall(name=self.name, args=args, id=call_id)
+        answer = stub_answer(RegisteredTool(self, self.spec), call)
+        if answer is None:
+            return None
+        return answer.content if call_id is None else stub_message(answer, call_id, self.name)
 
 
 def spec_of(tool: BaseTool) -> ToolSpec:
@@ -111,19 +135,6 @@ def tool(
         return built
 
     return build(func) if func is not None else build
-
-
-@dataclass(frozen=True, slots=True)
-class RegisteredTool:
-    """A tool and its spec, as the registry lists them."""
-
-    tool: BaseTool
-    spec: ToolSpec
-
-    @property
-    def name(self) -> str:
-        """The tool's name, as the model calls it."""
-        return self.tool.name
 
 
 class ToolRegistry:

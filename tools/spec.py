@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from keel.errors import UserError
 
-__all__ = ["Reconciler", "ResourceExtractor", "Risk", "ToolSpec"]
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
+
+__all__ = ["Reconciler", "RegisteredTool", "ResourceExtractor", "Risk", "ToolSpec"]
 
 Risk = Literal["read", "write", "destructive"]
 ResourceExtractor = Callable[[Mapping[str, Any]], str]
@@ -99,3 +102,16 @@ class ToolSpec:
         if self.resource is None:
             return "*"
         return str(self.resource(args))
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredTool:
+    """A tool and its spec, as the registry lists them."""
+
+    tool: BaseTool
+    spec: ToolSpec
+
+    @property
+    def name(self) -> str:
+        """The tool's name, as the model calls it."""
+        return self.tool.name

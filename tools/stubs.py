@@ -1,7 +1,8 @@
 """Tool stubs: answer tool calls without running the tools (replay, shadow runs, dry runs).
 
 Inside `with stubbing(stub):` every tool call that keel's `execute_tools` (or, in a
-`create_agent` graph, keel's `PermissionMiddleware`) would run is first offered to
+`create_agent` graph, keel's `PermissionMiddleware`) would run, and every call of a `KeelTool`
+whatever runs it (LangGraph's `ToolNode`, your own code), is first offered to
 `stub(tool, call)`. A `StubAnswer` stands in for the tool's result and the tool's
 body never runs (nor does `execute_tools` claim the call in its idempotency ledger or count it
 in the tool's breaker: both may be production's); `None` lets the call run as usual. The
@@ -28,12 +29,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from langchain_core.messages import ToolCall
+from langchain_core.messages import ToolCall, ToolMessage
 
 if TYPE_CHECKING:
-    from keel.tools.registry import RegisteredTool
+    from keel.tools.spec import RegisteredTool
 
-__all__ = ["StubAnswer", "ToolStub", "stub_answer", "stubbing"]
+__all__ = ["StubAnswer", "ToolStub", "stub_answer", "stub_message", "stubbing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +67,14 @@ def stub_answer(tool: RegisteredTool, call: ToolCall) -> StubAnswer | None:
     """The active stub's answer to `call`, or `None` (no stub, or the stub lets it run)."""
     stub = _stub.get()
     return None if stub is None else stub(tool, call)
+
+
+def stub_message(answer: StubAnswer, call_id: str, name: str) -> ToolMessage:
+    """The `ToolMessage` of a stubbed call (`keel_status` the answer's, `keel_stub` set)."""
+    return ToolMessage(
+        content=answer.content,
+        tool_call_id=call_id,
+        name=name,
+        status="success" if answer.status == "success" else "error",
+        response_metadata={"keel_status": answer.status, "keel_stub": True},
+    )
