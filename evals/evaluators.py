@@ -272,12 +272,22 @@ def default_evaluators(judge: str | BaseChatModel | None = None) -> list[Evaluat
 
 
 async def evaluate(run: CaseRun, evaluators: Sequence[Evaluator]) -> list[Score]:
-    """Run `evaluators` on `run` (sync or async), keeping the scores that apply."""
+    """Run `evaluators` on `run` (sync or async), keeping the scores that apply.
+
+    An evaluator that raises fails its score (named after it, the error as the detail): one
+    broken evaluator costs the run that score, not the suite its results.
+    """
     scores = []
     for evaluator in evaluators:
-        result = evaluator(run)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = evaluator(run)
+            if inspect.isawaitable(result):
+                result = await result
+        except (UserError, SetupError):
+            raise
+        except Exception as exc:
+            name = getattr(evaluator, "__name__", type(evaluator).__name__)
+            result = Score(name, False, detail=_clipped(f"raised {type(exc).__name__}: {exc}"))
         if result is not None:
             scores.append(result)
     return scores

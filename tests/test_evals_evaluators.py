@@ -245,3 +245,18 @@ async def test_evaluate_accepts_sync_and_async_evaluators_and_skips_none() -> No
         CaseRun(case=case()), [lambda run: None, later, lambda r: Score("now", False)]
     )
     assert [s.name for s in scores] == ["later", "now"]
+
+
+async def test_an_evaluator_that_raises_fails_its_score_and_the_suite_still_reports() -> None:
+    def brittle(run: CaseRun) -> Any:
+        raise KeyError("usd")
+
+    suite = Suite.from_dict(
+        {"model": {"script": ["Hello."]}, "cases": [{"id": "a", "input": "hi"}]}
+    )
+    result = await arun_suite(suite, "keel.evals.builtin:demo_agent", evaluators=[brittle])
+    [run] = result.runs
+    assert [(s.name, s.passed, s.detail) for s in run.scores] == [
+        ("brittle", False, "raised KeyError: 'usd'")
+    ]
+    assert not run.passed and result.pass_rate == 0.0
