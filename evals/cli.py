@@ -40,7 +40,7 @@ from keel.evals.feedback import (
     new_feedback,
     record_feedback,
 )
-from keel.evals.report import write_report
+from keel.evals.report import printable_output, write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
 from keel.evals.suite import Suite, load_suite
@@ -82,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `keel eval`; returns the exit code (0 pass, 1 under the pass rate, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    printable_output()
     if argv[:1] == ["feedback"]:
         return _feedback(argv[1:])
     if argv[:1] == ["replay"]:

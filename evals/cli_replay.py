@@ -27,6 +27,7 @@ from keel.evals.capture import acapture
 from keel.evals.cassette import Cassette
 from keel.evals.compare_report import write_replay_report, write_shadow_report
 from keel.evals.replay import areplay
+from keel.evals.report import write_text
 from keel.evals.shadow import ashadow, ashadow_threads
 from keel.evals.stored import aload_thread
 from keel.evals.suite import Suite, load_suite
@@ -61,7 +62,7 @@ def _write_json(path: str, data: object) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text + "\n")
+    write_text(Path(path), text + "\n")
 
 
 def _read_cassette(path: str) -> Cassette:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.evals.replay import ReplayDiff
-from keel.evals.report import _STYLE
+from keel.evals.report import _STYLE, write_text
 from keel.evals.results import CaseRun
 from keel.evals.shadow import ShadowResult
 
@@ -101,9 +101,9 @@ def _write(
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{stem}.{ext}" for k, ext in (("json", "json"), ("markdown", "md"))}
     paths["html"] = out / f"{stem}.html"
-    paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
-    paths["markdown"].write_text(_markdown(title, facts, head, rows))
-    paths["html"].write_text(_html(title, facts, head, rows))
+    write_text(paths["json"], json.dumps(data, indent=2, default=str) + "\n")
+    write_text(paths["markdown"], _markdown(title, facts, head, rows))
+    write_text(paths["html"], _html(title, facts, head, rows))
     return paths
 
 

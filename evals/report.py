@@ -6,7 +6,9 @@ cost, steps and latency distributions drawn as inline SVG.
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from html import escape
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from keel.evals.results import CaseRun, SuiteResult
 
-__all__ = ["render_html", "render_markdown", "write_report"]
+__all__ = ["printable_output", "render_html", "render_markdown", "write_report", "write_text"]
 
 
 def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:
@@ -26,10 +28,22 @@ def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:
         "markdown": out / "results.md",
         "html": out / "report.html",
     }
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    paths["markdown"].write_text(render_markdown(result))
-    paths["html"].write_text(render_html(result))
+    write_text(paths["json"], json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text(paths["markdown"], render_markdown(result))
+    write_text(paths["html"], render_html(result))
     return paths
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 whatever the locale; a lone surrogate (a model's, a case's) is escaped."""
+    path.write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
+def printable_output() -> None:
+    """Let stdout and stderr print any text: a lone surrogate is escaped, not raised."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _failures(run: CaseRun) -> str:

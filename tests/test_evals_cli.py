@@ -105,3 +105,19 @@ async def test_a_failing_case_fails_its_test_with_the_scores(tmp_path: Path) -> 
     with pytest.raises(CaseFailed, match=r"case 'wrong' failed .*\n  outcome: "):
         await check_case(suite, suite.cases[1])
     assert [p.id for p in suite_cases(path)] == ["right", "wrong"]
+
+
+def test_a_lone_surrogate_in_a_case_or_an_answer_is_printed_and_reported_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = tmp_path / "odd.yaml"
+    suite.write_text(
+        'model: {script: ["ok \\ud800 done"]}\n'
+        'cases: [{id: "a\\ud800", input: "hi \\udfff \\x01"}]',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert keel_main(["eval", str(suite), "--out", str(out)]) == 0
+    assert "PASS a\\ud800 #0 success/completed" in capsys.readouterr().out
+    for name in ("results.json", "results.md", "report.html"):
+        assert "ud800" in (out / name).read_text(encoding="utf-8")
