@@ -173,6 +173,7 @@ def shadow_main(argv: Sequence[str]) -> int:
             s = result.summary()
             for pair in result.pairs:
                 mark = "CHANGED" if pair.changed else "same   "
+                mark = mark if pair.compared else "OWN GRAPH (candidate not run)"
                 print(f"{mark} {pair.baseline.case.id} #{pair.baseline.repeat}")
             print(
                 f"keel eval shadow: {s['changed']}/{s['runs']} changed; pass rate "

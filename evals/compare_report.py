@@ -40,7 +40,7 @@ def _shadow_rows(result: ShadowResult) -> list[list[str]]:
         rows.append([
             a.case.id,
             str(a.repeat),
-            "CHANGED" if p.changed else "same",
+            ("CHANGED" if p.changed else "same") if p.compared else "own graph",
             f"{_outcome(a.outcome)} → {_outcome(b.outcome)}",
             f"{_tools(a)} ⇒ {_tools(b)}",
             f"{p.usd_delta:+.6f}",
@@ -119,6 +119,10 @@ def write_shadow_report(result: ShadowResult, out_dir: str | Path) -> dict[str, 
         f"side-effecting calls stubbed: {s['stubbed_calls']}; side effects run: "
         f"{s['side_effects_run']}",
     ]
+    if s["not_compared"]:
+        facts.append(
+            f"cases on their own graph (the candidate did not run them): {s['not_compared']}"
+        )
     title = f"Shadow: {s['suite']}"
     return _write(
         out_dir, "shadow", result.to_dict(), title, facts, _SHADOW_HEAD, _shadow_rows(result)

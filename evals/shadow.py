@@ -63,6 +63,14 @@ class ShadowPair:
     """The candidate's run."""
 
     @property
+    def compared(self) -> bool:
+        """Whether the candidate ran the case (not when the case names its own `graph:`).
+
+        A case's own graph wins over both factories: it ran on that graph on both sides.
+        """
+        return self.baseline.case.graph is None
+
+    @property
     def outcome_changed(self) -> bool:
         """Whether `status` or `terminated_reason` differ."""
         return outcomes_differ(self.baseline.outcome, self.candidate.outcome)
@@ -101,6 +109,7 @@ class ShadowPair:
         return {
             "case": self.baseline.case.id,
             "repeat": self.baseline.repeat,
+            "compared": self.compared,
             "changed": self.changed,
             "outcome_changed": self.outcome_changed,
             "trajectory_changed": self.trajectory_changed,
@@ -139,6 +148,7 @@ class ShadowResult:
             "baseline": self.baseline.graph,
             "candidate": self.candidate.graph,
             "runs": len(self.pairs),
+            "not_compared": sorted({p.baseline.case.id for p in self.pairs if not p.compared}),
             "changed": len(self.changed()),
             "outcome_changed": sum(p.outcome_changed for p in self.pairs),
             "trajectory_changed": sum(p.trajectory_changed for p in self.pairs),

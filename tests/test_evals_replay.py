@@ -382,6 +382,24 @@ def test_keel_eval_shadow_cli_writes_the_reports(
     assert "| refund-approved | 0 | CHANGED |" in (tmp_path / "shadow.md").read_text()
 
 
+def test_a_case_on_its_own_graph_is_not_reported_as_shadowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its `graph:` wins over the candidate too: the report says the candidate never ran it."""
+    text = "model: keel:demo\ncases:\n  - {id: plain, input: hi}\n"
+    text += "  - {id: own, input: hi, graph: 'keel.evals.builtin:chaos_agent'}\n"
+    (tmp_path / "mixed.yaml").write_text(text)
+    argv = ["eval", "shadow", str(tmp_path / "mixed.yaml"), "--candidate"]
+    argv.append("test_evals_replay:strict_agent")
+    assert keel_main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "OWN GRAPH (candidate not run) own #0" in out and "OWN GRAPH" not in out.split("\n")[0]
+    data = json.loads((tmp_path / "shadow.json").read_text())
+    assert data["summary"]["not_compared"] == ["own"]
+    assert [p["compared"] for p in data["pairs"]] == [True, False]
+    assert "| own | 0 | own graph |" in (tmp_path / "shadow.md").read_text()
+
+
 def test_keel_eval_shadow_on_stored_threads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
