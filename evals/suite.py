@@ -1,6 +1,7 @@
 """Scenario suites as files: cases with input, identity, model, expectations, rubric and budgets.
 
-A suite is a YAML file (or the same shape as a Python dict, `Suite.from_dict`):
+A suite is a YAML file (a `.json` file is read as JSON; in Python, the same shape as a dict,
+`Suite.from_dict`):
 
 ```yaml
 name: refunds
@@ -32,6 +33,7 @@ the suite's graph or `keel eval --graph` say.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +237,7 @@ class Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Load a suite from a YAML file, with errors that name the file and the field.
+    """Load a suite from a YAML file (or a `.json` one), with errors naming the file and field.
 
     Raises:
         UserError: the file is missing, is not YAML, or a case is malformed.
@@ -244,9 +246,12 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise UserError(f"No suite file at {path}. Give the path of a YAML suite.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text ({exc}); save the suite as UTF-8.") from exc
+    except json.JSONDecodeError as exc:  # JSON, not YAML: a tab-indented JSON file is valid
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
     return Suite.from_dict(data, path=path)

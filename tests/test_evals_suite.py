@@ -178,6 +178,20 @@ def test_a_suite_named_by_a_number_or_a_yaml_boolean_loads(tmp_path: Path) -> No
         assert load_suite(path).name in (name, "True")
 
 
+def test_a_json_suite_is_read_as_json_and_broken_json_says_where(tmp_path: Path) -> None:
+    tabs = tmp_path / "tabs.json"  # valid JSON that YAML refuses (a tab cannot start a token)
+    tabs.write_text('{\n\t"model": "keel:demo",\n\t"cases": [{"id": "a", "input": "hi"}]\n}\n')
+    assert [c.id for c in load_suite(tabs).cases] == ["a"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"cases": [{"id": "a", "input": "hi"},]}')
+    with pytest.raises(UserError, match=r"broken\.json is not valid JSON: .*line 1 column 39"):
+        load_suite(broken)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"cases": [{"id": "a", "input": "hi", "expected": {}}]}')
+    with pytest.raises(UserError, match=r"unknown\.json: cases\[0\]: unknown field\(s\) \['exp"):
+        load_suite(unknown)
+
+
 def test_a_suite_can_be_built_in_python() -> None:
     suite = Suite.from_dict({"cases": [{"id": "a", "input": "hi", "model": "keel:demo"}]})
     assert suite.name == "suite" and suite.cases[0].model is not None
