@@ -143,8 +143,11 @@ async def acapture(
     other arguments.
 
     Raises:
-        UserError: no such thread, an unreadable suite, or a case id the suite already has.
+        UserError: no such thread, an unreadable or `.json` suite, or a case id the suite
+            already has.
     """
+    if Path(suite).suffix.lower() == ".json":
+        raise UserError(f"capture writes YAML; give a .yaml suite file, not {suite}.")
     stored = thread if isinstance(thread, StoredThread) else await aload_thread(thread, db=db)
     case = case_of(stored, case_id=case_id, expect=expect, roles=roles)
     _append(Path(suite), case, stored, todo=expect is None, graph=graph)

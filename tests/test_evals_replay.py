@@ -316,7 +316,9 @@ def test_capture_turns_a_failed_thread_into_a_case_keel_eval_runs(
     assert "FAIL should-refund #0 stopped/rejected" in out and "failed: outcome" in out
 
 
-def test_capture_appends_to_a_suite_with_its_own_indentation(tmp_path: Path) -> None:
+def test_capture_appends_to_a_suite_with_its_own_indentation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import asyncio
 
     url = f"sqlite:///{tmp_path}/keel.db"
@@ -329,6 +331,11 @@ def test_capture_appends_to_a_suite_with_its_own_indentation(tmp_path: Path) -> 
     before = suite.read_text()
     assert keel_main(["eval", "capture", "t-ind", "--db", url, "--suite", str(suite)]) == 2
     assert suite.read_text() == before
+    as_json = tmp_path / "s.json"  # capture writes YAML: a JSON suite is refused, untouched
+    as_json.write_text('{"cases": [{"id": "one", "input": "hi"}]}')
+    assert keel_main(["eval", "capture", "t-ind", "--db", url, "--suite", str(as_json)]) == 2
+    assert as_json.read_text() == '{"cases": [{"id": "one", "input": "hi"}]}'
+    assert "capture writes YAML; give a .yaml suite file" in capsys.readouterr().err
 
 
 # -- shadow ----------------------------------------------------------------------------------
