@@ -589,6 +589,28 @@ async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
     assert "only keel's auth writes these" in caught.value.response.text
 
 
+async def test_a_reviewer_cannot_copy_a_waiting_thread_to_approve_its_call_twice(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Found by audit: a reviewer reads the tenant's threads, and LangGraph's `threads.copy`
+    asks no more than a read of the source. The copy carried alice's keel metadata and her
+    pending refund: carol approved the copy and the original, and alice was refunded twice."""
+    no_reviewers_on_aegra(request)
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    before = {t["thread_id"] for t in await alice.threads.search(limit=1000)}
+    with pytest.raises(PermissionDeniedError, match="A reviewer's token cannot copy threads"):
+        await carol.threads.copy(thread_id)
+    assert {t["thread_id"] for t in await alice.threads.search(limit=1000)} == before
+    # the owner still copies her own thread
+    copied = await alice.threads.copy(thread_id)
+    assert copied["metadata"]["keel_owner"] == "alice"
+    assert await pending_actions(alice, copied["thread_id"]) == ["issue_refund"]
+
+
 async def test_a_reviewer_cannot_forge_acting_for_another_user_on_their_own_thread(
     reviewers: dict[str, LangGraphClient], request: pytest.FixtureRequest
 ) -> None:

@@ -12,8 +12,9 @@
   threads of their tenant (`threads.search(status="interrupted")` lists the waiting ones) and may
   resume any of them with a run that only answers the interrupt (`command={"resume": ...}`); the
   run acts for the thread's owner and the audit names the reviewer (`keel.identity`). Anything
-  else a reviewer does on another user's thread (new input, update, delete) gets 404 as before.
-  Another tenant's threads stay invisible to them.
+  else a reviewer does on another user's thread (new input, update, delete) gets 404 as before,
+  and a reviewer's token copies no thread (403: a copy would be the owner's, its pending calls
+  answerable a second time). Another tenant's threads stay invisible to them.
   keel's metadata keys (`keel_owner`, ...) in a config the server hands to the run as sent (an
   assistant's; a run's under Aegra) are refused with 422: they would say whom the run acts for.
 - **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
@@ -134,6 +135,16 @@ def is_review_run(run: Any) -> bool:
     )
 
 
+def _is_thread_copy(value: Any) -> bool:
+    """Whether a thread `create` is `threads.copy` (its new thread reported by its id alone).
+
+    LangGraph's server checks a copy as a `read` of the source thread (a reviewer reads every
+    thread of their tenant) and a `create` of the new one, whose metadata is the source's: a
+    plain `threads.create` always reports `metadata` (and `if_exists`).
+    """
+    return isinstance(value, dict) and "metadata" not in value
+
+
 @auth.authenticate
 async def authenticate(authorization: str | Mapping[str, str] | None) -> dict[str, Any]:
     """Map a bearer token to its user record (401 without a known token).
@@ -191,10 +202,19 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
 
     A run whose input or `command.update` sets a key only keel writes is refused with 422, and
     so is metadata that sets one of keel's own keys (`keel_owner`, ...) on an update. A reviewer
-    reads the tenant's threads and resumes them (see the module docstring).
+    reads the tenant's threads and resumes them, and copies none (see the module docstring).
     """
     owner = owner_filter(ctx.user)
     reviewer = is_reviewer(ctx.user) and ctx.resource == "threads"
+    if reviewer and ctx.action == "create" and _is_thread_copy(value):
+        raise Auth.exceptions.HTTPException(
+            status_code=403,
+            detail=(
+                "A reviewer's token cannot copy threads: the copy of another user's waiting "
+                "thread would be theirs, with its pending calls, and approving both would run "
+                "each call twice. Copy your own threads with a token without the reviewer role."
+            ),
+        )
     if ctx.action == "create_run" and (bad := protected_keys_in(value)):
         raise Auth.exceptions.HTTPException(
             status_code=422,
