@@ -420,6 +420,27 @@ async def test_a_resume_sent_to_a_thread_nothing_waits_on_approves_nothing(
     assert all(m["response_metadata"]["keel_status"] != "success" for m in ran)
 
 
+async def test_crons_are_refused_because_their_runs_would_have_no_tenant(
+    clients: tuple[LangGraphClient, LangGraphClient],
+) -> None:
+    """Found by audit: a cron was accepted, and every run langgraph dev's scheduler started for
+    it was refused by keel's auth (a bare user id: no tenant), once a minute, in the log only.
+    Aegra's scheduler too runs a cron as `User(identity=...)` alone."""
+    alice, _ = clients
+    thread = await alice.threads.create()
+    for create in (
+        alice.crons.create("agent", schedule="* * * * *", input=TASK),
+        alice.crons.create_for_thread(
+            thread["thread_id"], "agent", schedule="* * * * *", input=TASK
+        ),
+    ):
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await create
+        assert caught.value.response.status_code == 422
+        assert "keel's served graphs take no crons" in caught.value.response.text
+    assert await alice.crons.search() == []
+
+
 # -- the reviewer role -------------------------------------------------------------------------
 
 NO_REVIEWERS_ON_AEGRA = (

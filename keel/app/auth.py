@@ -3,7 +3,7 @@
 - **Who:** `Authorization: Bearer <token>` is looked up in the server config file
   (`KEEL_SERVER_CONFIG`); the user record carries user, tenant, roles and the policy name. keel's
   nodes take the run's identity from it (`keel.identity`), never from the client's `context`.
-- **Whose:** threads, runs, crons and assistants are stamped with `keel_tenant` / `keel_owner`
+- **Whose:** threads, runs and assistants are stamped with `keel_tenant` / `keel_owner`
   metadata on create and filtered by them on every read, search, update, delete and run, so
   another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
   readable by all). Store namespaces must be the caller's own memory namespace
@@ -17,6 +17,8 @@
   answerable a second time). Another tenant's threads stay invisible to them.
   keel's metadata keys (`keel_owner`, ...) in a config the server hands to the run as sent (an
   assistant's; a run's under Aegra) are refused with 422: they would say whom the run acts for.
+- **Not crons:** creating one is refused with 422. The server's cron scheduler starts a cron's
+  runs as a bare user id, without the tenant and roles keel's auth returned, so each would fail.
 - **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
   user) whose running and queued runs are at their caps is refused with 429 and `Retry-After`
   before it is created (`keel.guards.admission`; a run that gets past this check and finds no
@@ -201,11 +203,22 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     """Threads, runs, crons, assistants: stamp the owner on create, filter by it everywhere.
 
     A run whose input or `command.update` sets a key only keel writes is refused with 422, and
-    so is metadata that sets one of keel's own keys (`keel_owner`, ...) on an update. A reviewer
-    reads the tenant's threads and resumes them, and copies none (see the module docstring).
+    so is metadata that sets one of keel's own keys (`keel_owner`, ...) on an update, and a new
+    cron. A reviewer reads the tenant's threads and resumes them, and copies none (see the
+    module docstring).
     """
     owner = owner_filter(ctx.user)
     reviewer = is_reviewer(ctx.user) and ctx.resource == "threads"
+    if ctx.resource == "crons" and ctx.action == "create":
+        raise Auth.exceptions.HTTPException(
+            status_code=422,
+            detail=(
+                "keel's served graphs take no crons: the server's cron scheduler starts their "
+                "runs as a bare user id, without the tenant and roles keel's auth gave the "
+                "cron's creator, so keel could not tell whom they act for (each would fail). "
+                "Start the runs from your own scheduler with the user's token."
+            ),
+        )
     if reviewer and ctx.action == "create" and _is_thread_copy(value):
         raise Auth.exceptions.HTTPException(
             status_code=403,
