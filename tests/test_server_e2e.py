@@ -311,6 +311,41 @@ def test_unknown_token_is_refused(server: str) -> None:
     assert "Unknown token." in response.text
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic dG9rZW4tYWxpY2U="},  # alice's token, another scheme
+        {"Authorization": "token-alice"},
+        {"Authorization": "Bearer " + "a" * 20_000},
+        {"Authorization": "Bearer t\u00f6k\u00e9n".encode()},
+        {"x-api-key": "token-alice"},
+    ],
+    ids=["none", "empty", "no-token", "basic", "no-scheme", "huge", "utf8", "api-key"],
+)
+def test_a_missing_or_malformed_token_gets_401_on_every_resource(
+    server: str, headers: dict[str, Any]
+) -> None:
+    """Never a 500, never a way in: threads, runs, assistants, store."""
+    calls = [
+        ("POST", "/threads", {}),
+        ("POST", "/threads/search", {}),
+        ("POST", "/assistants/search", {}),
+        (
+            "PUT",
+            "/store/items",
+            {"namespace": ["memories", "acme", "alice"], "key": "k", "value": {}},
+        ),
+        ("POST", "/runs/wait", {"assistant_id": "agent", "input": TASK}),
+    ]
+    with httpx.Client(base_url=server, headers=headers, timeout=30) as http:
+        for method, path, body in calls:
+            response = http.request(method, path, json=body)
+            assert response.status_code == 401, (method, path, response.text)
+
+
 def test_studio_header_does_not_bypass_auth(server: str) -> None:
     """Pinned: langgraph dev lets `x-auth-scheme: langsmith` in without a token (as a Studio
     user) unless langgraph.json sets disable_studio_auth, as keel's does."""
@@ -439,6 +474,70 @@ async def test_crons_are_refused_because_their_runs_would_have_no_tenant(
         assert caught.value.response.status_code == 422
         assert "keel's served graphs take no crons" in caught.value.response.text
     assert await alice.crons.search() == []
+
+
+async def test_another_tenant_reaches_no_thread_run_or_item_by_another_route(
+    clients: tuple[LangGraphClient, LangGraphClient], server: str, request: pytest.FixtureRequest
+) -> None:
+    """The routes beside get/search/resume: a run's own routes, copy, prune, bulk cancel, an id
+    taken over on create, the store's delete and namespace listing."""
+    alice, bob = clients
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    (run,) = await alice.runs.list(thread_id)
+    mine = ("memories", "acme", "alice")
+    await alice.store.put_item(mine, "route", {"text": "kept"})
+
+    for call in (
+        bob.runs.get(thread_id, run["run_id"]),
+        bob.runs.join(thread_id, run["run_id"]),
+        bob.runs.cancel(thread_id, run["run_id"]),
+        bob.runs.delete(thread_id, run["run_id"]),
+        bob.threads.update_state(thread_id, {"messages": []}),
+        bob.threads.update(thread_id, metadata={"x": 1}),
+        bob.threads.delete(thread_id),
+    ):
+        await assert_not_found(call)
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await bob.threads.copy(thread_id)
+    # pinned: langgraph dev answers a copy of a thread the caller cannot read with 409
+    assert caught.value.response.status_code == (404 if on_aegra(request) else 409)
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await bob.threads.create(thread_id=thread_id, if_exists="do_nothing")
+    assert caught.value.response.status_code == 409
+    async with httpx.AsyncClient(
+        base_url=server, headers={"Authorization": "Bearer token-bob"}, timeout=30
+    ) as http:
+        pruned = await http.post("/threads/prune", json={"thread_ids": [thread_id]})
+        if on_aegra(request):  # pinned: Aegra prunes none of them and says so
+            assert (pruned.status_code, pruned.json()["pruned"]) == (200, 0), pruned.text
+        else:
+            assert pruned.status_code == 404, pruned.text
+        # another tenant's run in flight (initech's slow agent) is not bob's to cancel
+        async with get_client(url=server, headers={"Authorization": "Bearer token-ivan"}) as ivan:
+            busy = await ivan.threads.create()
+            slow = await ivan.runs.create(busy["thread_id"], "agent", input=TASK)
+            cancelled = await http.post("/runs/cancel", json={"status": "all"})
+            # pinned: Aegra cancels none of them without a word (204); langgraph dev: 404
+            assert cancelled.status_code == (204 if on_aegra(request) else 404), cancelled.text
+            await ivan.runs.join(busy["thread_id"], slow["run_id"])
+            state = await ivan.threads.get_state(busy["thread_id"])
+            assert state["values"]["outcome"]["terminated_reason"] == "completed"
+    with pytest.raises(PermissionDeniedError, match="is not yours"):
+        await bob.store.delete_item(mine, "route")
+    for prefix in (None, ["memories"], ["memories", "acme"]):
+        with pytest.raises(PermissionDeniedError, match="is not yours"):
+            await bob.store.list_namespaces(prefix=prefix)
+
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+    assert [r["run_id"] for r in await alice.runs.list(thread_id)] == [run["run_id"]]
+    assert (await alice.store.get_item(mine, "route"))["value"] == {"text": "kept"}
+    # keel's own keys sent on create are replaced by the caller's
+    forged = await alice.threads.create(metadata={"keel_owner": "bob", "keel_tenant": "globex"})
+    assert (forged["metadata"]["keel_owner"], forged["metadata"]["keel_tenant"]) == (
+        "alice",
+        "acme",
+    )
+    await assert_not_found(bob.threads.get(forged["thread_id"]))
 
 
 # -- the reviewer role -------------------------------------------------------------------------
