@@ -292,6 +292,34 @@ def test_grants_hold_in_another_process_with_the_same_secret_only() -> None:
     assert shop.refunded == ["A1", "A2"]
 
 
+def test_a_served_agent_seals_grants_with_keel_approval_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README (Serving): the servers' agents get no `approval_secret`; `KEEL_APPROVAL_SECRET`
+    in their environment is what keeps a grant across restarts and replicas."""
+    shop, saver = Shop(), InMemorySaver()
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "replicas-share-this")
+    first = agent(shop, [call("issue_refund", order_id="A1"), "ok"], saver)
+    first.invoke(user("refund A1"), cfg(), context=SUPPORT)
+    first.invoke(Command(resume={"type": "approve", "always": True}), cfg(), context=SUPPORT)
+    played = ["(turn 1)", "(turn 2)"]
+    # another replica (another process: its own random secret unless the variable is set)
+    replica = agent(
+        shop,
+        [*played, call("issue_refund", order_id="A2"), "ok"],
+        saver,
+        approval_secret="replicas-share-this",
+    )
+    done = replica.invoke(user("refund A2"), cfg(), context=SUPPORT)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert shop.refunded == ["A1", "A2"]
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "another-deployment")
+    script = [*played, *played, call("issue_refund", order_id="A3"), "ok"]
+    result = agent(shop, script, saver).invoke(user("refund A3"), cfg(), context=SUPPORT)
+    assert result["outcome"]["status"] == "interrupted"
+    assert shop.refunded == ["A1", "A2"]
+
+
 def test_a_standing_approval_does_not_survive_a_tool_version_bump() -> None:
     shop, saver = Shop(), InMemorySaver()
     script = [call("issue_refund", order_id="A1"), "ok"]
