@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from langgraph.store.memory import InMemoryStore
+from langgraph_sdk import Auth
 from langgraph_sdk.runtime import _ExecutionRuntime
 
 from keel import RunContext, SetupError, UserError
@@ -322,6 +323,44 @@ async def test_served_tenants_queue_in_one_waiting_room_per_process(
     assert (await waiting)["outcome"]["terminated_reason"] == "completed"
     await admission_of("globex").arelease(holds["globex"])
     assert room.waiting == 0
+
+
+USER_CAPPED = WAITING_ROOM.replace(
+    "[tenants.acme.admission]\n", "[tenants.acme.admission]\nuser_running = 1\nretry_after_s = 7\n"
+) + ('\n[[users]]\ntoken = "b"\nuser = "bea"\ntenant = "acme"\n')
+"""WAITING_ROOM, with acme's users held to one run each: ann (token "a") and bea ("b")."""
+
+
+async def test_served_auth_refuses_a_run_over_its_users_cap_with_429(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    """README (Admission control): keel's auth refuses a new run with 429 and `Retry-After`
+    when the user's running and queued runs fill the user's caps, though the tenant has room."""
+    path = _write(tmp_path, USER_CAPPED.format(ledger=fresh_postgres_url))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    from keel.app import auth, server
+
+    admission = server.admission_of("acme")
+    assert admission is not None
+    held = await admission.aacquire(RunContext(user_id="ann", tenant_id="acme"))
+
+    async def create_run(token: str) -> Any:
+        user = await auth.authenticate(f"Bearer {token}")
+        ctx = Auth.types.AuthContext(
+            user=user, permissions=[], resource="threads", action="create_run"
+        )
+        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": {"messages": []}}}
+        return await auth.owned(ctx, run)
+
+    with pytest.raises(Auth.exceptions.HTTPException) as caught:
+        await create_run("a")
+    assert (caught.value.status_code, caught.value.headers) == (429, {"Retry-After": "7"})
+    assert str(caught.value.detail).startswith(
+        "Overloaded: user 'ann' of tenant 'acme' has 1 run(s) running and 0 queued"
+    )
+    assert await create_run("b") == {"keel_tenant": "acme", "keel_owner": "bea"}
+    await admission.arelease(held)
+    assert await create_run("a") == {"keel_tenant": "acme", "keel_owner": "ann"}
 
 
 def test_queued_per_process_defaults_to_half_the_job_slots(
