@@ -18,6 +18,7 @@ from langgraph._internal._constants import (
     CONFIG_KEY_DURABILITY,
     CONFIG_KEY_RUNTIME,
     CONFIG_KEY_SCRATCHPAD,
+    CONFIG_KEY_SEND,
     CONFIG_KEY_TASK_ID,
     INTERRUPT,
     NS_SEP,
@@ -195,8 +196,15 @@ def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | N
 
 
 def inside_task(config: RunnableConfig | None) -> bool:
-    """Whether a graph runs as a node of another graph (a subgraph), not as the caller's run."""
-    return CONFIG_KEY_TASK_ID in ((config or {}).get("configurable") or {})
+    """Whether a graph runs as a node of another graph (a subgraph), not as the caller's run.
+
+    LangGraph gives a task's config its id and the callable that collects the task's writes. A
+    caller can put an id in a run's config (a served client sends any JSON there), never the
+    callable: an id alone would let a caller's run skip what only a subgraph may skip (the
+    thread checks, admission control, the input guard's list of the messages it sent).
+    """
+    conf = (config or {}).get("configurable") or {}
+    return CONFIG_KEY_TASK_ID in conf and callable(conf.get(CONFIG_KEY_SEND))
 
 
 def interrupt_pending(saved: CheckpointTuple | None) -> bool:

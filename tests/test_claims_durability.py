@@ -237,6 +237,19 @@ async def test_a_new_message_on_a_waiting_thread_is_refused_under_ainvoke(tmp_pa
         assert (await agent.aget_state(config)).interrupts
 
 
+def test_a_task_id_the_caller_puts_in_the_config_skips_no_thread_check(tmp_path: Path) -> None:
+    """Found by audit: keel took `__pregel_task_id` in the config for a subgraph's run, and a
+    served client sends any config: its new message on a waiting thread dropped the refund."""
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        agent = _waiting_agent(saver)
+        config: Any = {"configurable": {"thread_id": "t1"}}
+        agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        sneaky: Any = {"configurable": {"thread_id": "t1", "__pregel_task_id": "x"}}
+        with pytest.raises(UserError, match="waits for"):
+            agent.invoke({"messages": [("user", "never mind")]}, sneaky, context=CTX)
+        assert agent.get_state(config).interrupts
+
+
 @pytest.mark.parametrize("as_dict", [False, True], ids=["RunContext", "dict"])
 def test_asked_for_a_new_message_answers_the_pending_calls_not_run_and_audits_it(
     tmp_path: Path, as_dict: bool

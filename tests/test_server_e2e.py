@@ -853,6 +853,34 @@ async def test_a_tenant_at_its_run_cap_gets_429_with_retry_after(
         assert final["outcome"]["terminated_reason"] == "completed"
 
 
+async def test_a_task_id_in_a_runs_config_skips_no_check(
+    clients: tuple[LangGraphClient, LangGraphClient], server: str, ledger_url: str
+) -> None:
+    """Found by audit: keel took `__pregel_task_id` in a run's config (a client's to send) for a
+    subgraph's run and skipped its checks: a new message dropped a waiting refund, and initech
+    (one run at a time) ran two at once, neither holding a lease."""
+    alice, _ = clients
+    sneak: Any = {"configurable": {"__pregel_task_id": "x"}}
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    later = {"messages": [{"role": "user", "content": "Never mind."}]}
+    await alice.runs.wait(thread_id, "agent", input=later, config=sneak, raise_error=False)
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+    headers = {"Authorization": "Bearer token-ivan"}
+    async with get_client(url=server, headers=headers) as ivan:
+        busy, other = await ivan.threads.create(), await ivan.threads.create()
+        first = await ivan.runs.create(busy["thread_id"], "agent", input=TASK, config=sneak)
+        await _until_leases(ledger_url, "initech", 1)
+        async with httpx.AsyncClient(base_url=server, headers=headers) as http:
+            refused = await http.post(
+                f"/threads/{other['thread_id']}/runs",
+                json={"assistant_id": "agent", "input": TASK, "config": sneak},
+            )
+        assert refused.status_code == 429, refused.text
+        await ivan.runs.join(busy["thread_id"], first["run_id"])
+        await _until_leases(ledger_url, "initech", 0)
+
+
 async def test_a_served_canary_run_is_recorded_as_the_candidate(
     clients: tuple[LangGraphClient, LangGraphClient], ledger_url: str
 ) -> None:
