@@ -853,32 +853,34 @@ async def test_a_tenant_at_its_run_cap_gets_429_with_retry_after(
         assert final["outcome"]["terminated_reason"] == "completed"
 
 
-async def test_a_task_id_in_a_runs_config_skips_no_check(
-    clients: tuple[LangGraphClient, LangGraphClient], server: str, ledger_url: str
+async def test_langgraphs_own_config_keys_are_refused_with_422(
+    clients: tuple[LangGraphClient, LangGraphClient],
 ) -> None:
-    """Found by audit: keel took `__pregel_task_id` in a run's config (a client's to send) for a
-    subgraph's run and skipped its checks: a new message dropped a waiting refund, and initech
-    (one run at a time) ran two at once, neither holding a lease."""
+    """Found by audit: LangGraph reads `__pregel_*` keys of a run's config as its own, and the
+    server takes them from the client: `__pregel_checkpointer: null` ran alice's run without
+    the server's checkpointer (nothing saved), and `__pregel_task_id` passed for a subgraph's
+    run, which skipped keel's thread checks and admission control (a new message dropped a
+    waiting refund; a tenant capped at one run ran two, neither holding a lease)."""
     alice, _ = clients
-    sneak: Any = {"configurable": {"__pregel_task_id": "x"}}
     thread_id, _ = await run_to_interrupt(alice, "agent")
     later = {"messages": [{"role": "user", "content": "Never mind."}]}
-    await alice.runs.wait(thread_id, "agent", input=later, config=sneak, raise_error=False)
+    sent: list[dict[str, Any]] = [
+        {"config": {"configurable": {"__pregel_task_id": "x"}}},
+        {"config": {"configurable": {"__pregel_checkpointer": None}}},
+        {"context": {"__pregel_durability": "exit"}},
+    ]
+    for options in sent:
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await alice.runs.wait(thread_id, "agent", input=later, **options)
+        assert caught.value.response.status_code == 422, options
+        assert "only LangGraph sets these" in caught.value.response.text
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.runs.wait(None, "agent", input=later, **sent[1])
+    assert caught.value.response.status_code == 422
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.assistants.create(graph_id="agent", **sent[1])
+    assert caught.value.response.status_code == 422
     assert await pending_actions(alice, thread_id) == ["issue_refund"]
-
-    headers = {"Authorization": "Bearer token-ivan"}
-    async with get_client(url=server, headers=headers) as ivan:
-        busy, other = await ivan.threads.create(), await ivan.threads.create()
-        first = await ivan.runs.create(busy["thread_id"], "agent", input=TASK, config=sneak)
-        await _until_leases(ledger_url, "initech", 1)
-        async with httpx.AsyncClient(base_url=server, headers=headers) as http:
-            refused = await http.post(
-                f"/threads/{other['thread_id']}/runs",
-                json={"assistant_id": "agent", "input": TASK, "config": sneak},
-            )
-        assert refused.status_code == 429, refused.text
-        await ivan.runs.join(busy["thread_id"], first["run_id"])
-        await _until_leases(ledger_url, "initech", 0)
 
 
 async def test_a_served_canary_run_is_recorded_as_the_candidate(

@@ -25,7 +25,9 @@
   slot when it starts ends as `stopped` / `overloaded` instead).
 - **What:** a run's `input` and `command.update` may set only what a caller may send
   (`keel.state.AgentInput`: messages); a key only keel writes (approvals, usage, outcome, plan,
-  ...) is refused with 422 before the run is created. A thread's `update_state` reaches auth
+  ...) is refused with 422 before the run is created, and so is a config or context (a run's,
+  an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...). A
+  thread's `update_state` reaches auth
   without its values (LangGraph passes only the thread id), so keel's graph refuses it itself
   (`keel.graphs._protected`): the server answers 400 with the same message.
 """
@@ -240,6 +242,7 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
         _refuse_keel_metadata(value.get("metadata"))
     if ctx.action in ("create", "create_run", "update") and isinstance(value, dict):
         _refuse_keel_config_metadata(value)
+        _refuse_internal_config(value)
     if reviewer and ctx.action == "create_run" and is_review_run(value):
         await _refuse_if_full(owner[TENANT_KEY], None)
         _stamp(value, {TENANT_KEY: owner[TENANT_KEY], REVIEWER_KEY: owner[OWNER_KEY]})
@@ -296,6 +299,39 @@ def _refuse_keel_config_metadata(value: dict[str, Any]) -> None:
     config = value.get("config")
     if isinstance(config, dict):
         _refuse_keel_metadata(config.get("metadata"))
+
+
+_INTERNAL = "__pregel_"
+"""The prefix of LangGraph's own `configurable` keys (its checkpointer, a task's id, ...)."""
+
+
+def _refuse_internal_config(value: dict[str, Any]) -> None:
+    """422 when a run's (or an assistant's) config or context sets one of LangGraph's own keys.
+
+    LangGraph reads them from the run's config as its own: `__pregel_checkpointer: null` runs
+    without the server's checkpointer (nothing saved, nothing to approve, no at-most-once on a
+    retry), `__pregel_task_id` passes for a subgraph's run. LangGraph's server nests the config
+    under `kwargs` (and has copied `context` into it); Aegra passes the body as is.
+    """
+    bad: set[str] = set()
+    for holder in (value, value.get("kwargs")):
+        if not isinstance(holder, dict):
+            continue
+        config = holder.get("config")
+        for part in (
+            config.get("configurable") if isinstance(config, dict) else None,
+            holder.get("context"),
+        ):
+            if isinstance(part, dict):
+                bad.update(str(k) for k in part if str(k).startswith(_INTERNAL))
+    if bad:
+        raise Auth.exceptions.HTTPException(
+            status_code=422,
+            detail=(
+                f"The config sets {', '.join(repr(k) for k in sorted(bad))}: only LangGraph "
+                "sets these (how it runs and saves the run). Leave them out."
+            ),
+        )
 
 
 def _refuse_keel_metadata(metadata: Any) -> None:
