@@ -188,6 +188,12 @@ def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> No
     assert env[CONFIG_ENV] == str(E2E_CONFIG)
     assert env["LANGSMITH_TRACING"] == "false"
     assert env["LANGGRAPH_CLI_NO_ANALYTICS"] == "1"
+    assert env["LANGGRAPH_NO_VERSION_CHECK"] == "true"
+    traced = serve_env(E2E_CONFIG, base={"LANGSMITH_TRACING": "true", "LANGSMITH_API_KEY": "k"})
+    assert traced["LANGSMITH_TRACING"] == "true"  # README: on only with a key and tracing=true
+    keyed = serve_env(E2E_CONFIG, base={"LANGSMITH_API_KEY": "k"})
+    assert keyed["LANGSMITH_TRACING"] == "false"
+    assert "--no-reload" not in serve_command(port=8765, reload=True)
     with pytest.raises(UserError, match="--port must be a TCP port"):
         serve_command(port=0)
     with pytest.raises(UserError, match="pass --server-config FILE"):
