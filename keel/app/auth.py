@@ -24,7 +24,8 @@
   before it is created (`keel.guards.admission`; a run that gets past this check and finds no
   slot when it starts ends as `stopped` / `overloaded` instead).
 - **What:** a run's `input` and `command.update` may set only what a caller may send
-  (`keel.state.AgentInput`: messages); a key only keel writes (approvals, usage, outcome, plan,
+  (`keel.state.AgentInput`: messages, none of them a `system` or `developer` message: the
+  system prompt is the agent's); a key only keel writes (approvals, usage, outcome, plan,
   ...) is refused with 422 before the run is created, and so is a config or context (a run's,
   an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...). A
   thread's `update_state` reaches auth
@@ -60,6 +61,7 @@ __all__ = [
     "is_review_run",
     "owner_filter",
     "protected_keys_in",
+    "system_messages_in",
     "store_namespace_allowed",
 ]
 
@@ -179,25 +181,54 @@ async def authenticate(authorization: str | Mapping[str, str] | None) -> dict[st
 
 
 def protected_keys_in(run: Any) -> list[str]:
-    """The protected keys a run's `input` or `command.update` would set (sorted).
+    """The protected keys a run's `input` or `command.update` would set (sorted)."""
+    keys = {str(k) for sent in _sent_values(run) for k in sent}
+    return sorted(keys & PROTECTED_KEYS)
+
+
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def system_messages_in(run: Any) -> list[str]:
+    """The system roles (`system`, `developer`) among the messages a run sends, sorted.
+
+    That is its `input` and its `command.update`, in any form LangChain reads (a dict with
+    `role` or `type`, a `(role, content)` pair).
+    """
+    sent: list[Any] = []
+    for values in _sent_values(run):
+        messages = values.get("messages")
+        if isinstance(messages, list | tuple):
+            sent.extend(messages)
+        elif messages is not None:
+            sent.append(messages)
+    return sorted({role for m in sent if (role := _role_of(m)) in _SYSTEM_ROLES})
+
+
+def _sent_values(run: Any) -> list[dict[Any, Any]]:
+    """What a run writes: its `input` and its `command.update` (pairs read as a dict).
 
     LangGraph's server nests them under `kwargs`; Aegra passes the request body as is.
     """
-    if not isinstance(run, dict):
-        return []
-    kwargs = run.get("kwargs", run)
+    kwargs = run.get("kwargs", run) if isinstance(run, dict) else None
     if not isinstance(kwargs, dict):
         return []
-    keys: list[Any] = []
-    if isinstance(kwargs.get("input"), dict):
-        keys.extend(kwargs["input"])
     command = kwargs.get("command")
     update = command.get("update") if isinstance(command, dict) else None
-    if isinstance(update, dict):
-        keys.extend(update)
-    elif isinstance(update, list | tuple):
-        keys.extend(item[0] for item in update if isinstance(item, list | tuple) and item)
-    return sorted({str(k) for k in keys} & PROTECTED_KEYS)
+    if isinstance(update, list | tuple):
+        pairs = [item for item in update if isinstance(item, list | tuple) and item]
+        update = {item[0]: item[1] if len(item) > 1 else None for item in pairs}
+    return [v for v in (kwargs.get("input"), update) if isinstance(v, dict)]
+
+
+def _role_of(message: Any) -> str | None:
+    if isinstance(message, dict):
+        role = message.get("role", message.get("type"))
+    elif isinstance(message, list | tuple) and len(message) == 2:
+        role = message[0]
+    else:
+        return None
+    return str(role).lower() if isinstance(role, str) else None
 
 
 @auth.on
@@ -230,14 +261,8 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
                 "each call twice. Copy your own threads with a token without the reviewer role."
             ),
         )
-    if ctx.action == "create_run" and (bad := protected_keys_in(value)):
-        raise Auth.exceptions.HTTPException(
-            status_code=422,
-            detail=(
-                f"The run's input sets {', '.join(repr(k) for k in bad)}: only keel writes "
-                "these (keel's record of the run). Send 'messages'."
-            ),
-        )
+    if ctx.action == "create_run":
+        _refuse_unsendable(value)
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
     if ctx.action in ("create", "create_run", "update") and isinstance(value, dict):
@@ -255,6 +280,25 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     if reviewer and ctx.action in ("read", "search"):
         return {TENANT_KEY: owner[TENANT_KEY]}
     return owner
+
+
+def _refuse_unsendable(run: Any) -> None:
+    """422 when a run writes what a served client may not: keel's keys, a system message."""
+    if kinds := system_messages_in(run):
+        detail = (
+            f"The run sends a {' and a '.join(kinds)} message: a served client sends user "
+            "messages (and may resend the conversation's AI turns), while the system prompt "
+            "is the agent's (build_agent(system_prompt=...)); a client's system message "
+            "would speak with its authority. Put the instruction in a user message."
+        )
+    elif bad := protected_keys_in(run):
+        detail = (
+            f"The run's input sets {', '.join(repr(k) for k in bad)}: only keel writes "
+            "these (keel's record of the run). Send 'messages'."
+        )
+    else:
+        return
+    raise Auth.exceptions.HTTPException(status_code=422, detail=detail)
 
 
 async def _refuse_if_full(tenant: str, user: str | None) -> None:
