@@ -1,30 +1,49 @@
-"""Constructors for `Outcome`, the record every run ends with."""
+"""Constructors for `Outcome`, the record every run ends with.
+
+A detail is for people and logs: one longer than `MAX_DETAIL` characters (a judge's essay, an
+error quoting a whole page) is cut, saying how much was left out.
+"""
 
 from __future__ import annotations
 
 from keel.state import Outcome, TerminatedReason
 
-__all__ = ["completed", "failed", "interrupted", "step_limit", "stopped", "storage_failed"]
+__all__ = [
+    "MAX_DETAIL",
+    "completed",
+    "failed",
+    "interrupted",
+    "step_limit",
+    "stopped",
+    "storage_failed",
+]
+
+MAX_DETAIL = 2_000
+"""The most characters an outcome's detail keeps."""
 
 
 def completed(detail: str = "final answer given") -> Outcome:
     """The run reached a final answer."""
-    return {"status": "success", "terminated_reason": "completed", "detail": detail}
+    return {"status": "success", "terminated_reason": "completed", "detail": _clipped(detail)}
 
 
 def stopped(reason: TerminatedReason, detail: str) -> Outcome:
     """A guard or a human ended the run early; `respond` gives a partial answer."""
-    return {"status": "stopped", "terminated_reason": reason, "detail": detail}
+    return {"status": "stopped", "terminated_reason": reason, "detail": _clipped(detail)}
 
 
 def failed(detail: str) -> Outcome:
     """Something failed that keel could not recover from."""
-    return {"status": "error", "terminated_reason": "error", "detail": detail}
+    return {"status": "error", "terminated_reason": "error", "detail": _clipped(detail)}
 
 
 def interrupted(detail: str) -> Outcome:
     """The run is paused for a human and can be resumed."""
-    return {"status": "interrupted", "terminated_reason": "awaiting_approval", "detail": detail}
+    return {
+        "status": "interrupted",
+        "terminated_reason": "awaiting_approval",
+        "detail": _clipped(detail),
+    }
 
 
 def step_limit() -> Outcome:
@@ -41,4 +60,10 @@ def storage_failed(detail: str) -> Outcome:
 
     The thread resumes from its last saved checkpoint once the database is back.
     """
-    return {"status": "error", "terminated_reason": "storage", "detail": detail}
+    return {"status": "error", "terminated_reason": "storage", "detail": _clipped(detail)}
+
+
+def _clipped(detail: str) -> str:
+    if len(detail) <= MAX_DETAIL:
+        return detail
+    return f"{detail[:MAX_DETAIL]}… ({len(detail) - MAX_DETAIL} more characters)"

@@ -40,6 +40,7 @@ from keel.guards.gate import GateDecision
 from keel.nodes import ToolStatus, call_model, execute_tools, respond, valid_history, verify
 from keel.nodes.plan import PLAN_PROMPT, TOOLS_PROMPT
 from keel.nodes.verify import JUDGE_PROMPT
+from keel.outcome import MAX_DETAIL
 from keel.state import AgentState
 from keel.tools import RegisteredTool, ToolRegistry
 
@@ -1188,6 +1189,24 @@ async def test_check_failing_every_time_ends_as_verification_failed(mode: str) -
         "I had to stop before finishing (verification_failed): it is still a draft..\n"
         "My last answer so far: draft 3"
     )
+
+
+async def test_a_judges_endless_reason_is_cut_in_the_outcome_and_the_partial_answer(
+    mode: str,
+) -> None:
+    """A judge (a model: sloppy or hostile) writes a 300,000-character reason: the outcome's
+    detail, which the run record, logs and the user's partial answer carry, keeps 2,000."""
+    essay = "the answer is wrong because " * 10_000
+    judge = ScriptedChatModel(structured={"JudgeVerdict": {"passed": False, "reason": essay}})
+    agent = build_agent(
+        ScriptedChatModel(script=["Paris is in Italy."]), judge=judge, max_revisions=0
+    )
+    final = await run(agent, user("Where is Paris?"), mode)
+
+    detail = final["outcome"]["detail"]
+    assert final["outcome"]["terminated_reason"] == "verification_failed"
+    assert detail == f"{essay[:MAX_DETAIL]}… ({len(essay) - MAX_DETAIL} more characters)"
+    assert len(last_ai(final).text) < MAX_DETAIL + 200
 
 
 async def test_judge_fails_the_answer(mode: str) -> None:
