@@ -187,7 +187,14 @@ class _TurnMaker:
                 extra["budget_warnings"] = warnings
         context = context_of(runtime)
         for check in self.checks:
-            stop = check(state, context)
+            try:
+                stop = check(state, context)
+            except Exception as exc:  # your code: the run ends with an outcome that names it
+                name = getattr(check, "__name__", type(check).__name__)
+                log.exception("the before_model check %s raised", name)
+                stop = outcome.failed(
+                    f"the before_model check {name} raised {type(exc).__name__}: {exc}"
+                )
             if stop is not None:
                 return _Turn(None, stop)
         system = _system_text(self.system_prompt, state)

@@ -94,7 +94,11 @@ def verify(
     def by_rules(state: AgentState) -> tuple[str, Verdict | None]:
         answer = _answer(state)
         for rule in rules:
-            reason = rule(answer, state)
+            try:
+                reason = rule(answer, state)
+            except Exception as exc:  # your code: the run ends with an outcome that names it
+                log.exception("the check %s raised", _name(rule))
+                raise _CheckRaised(_name(rule), exc) from exc
             if reason:
                 return answer, {"passed": False, "reason": reason, "source": _name(rule)}
         return answer, None
@@ -153,7 +157,10 @@ def verify(
     def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> Steps[dict[str, Any]]:
-        answer, verdict = by_rules(state)
+        try:
+            answer, verdict = by_rules(state)
+        except _CheckRaised as raised:
+            return {"outcome": outcome.failed(str(raised))}
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
         ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
@@ -162,6 +169,13 @@ def verify(
         return judged(state, answer, got)
 
     return steps_node(name, steps)
+
+
+class _CheckRaised(Exception):
+    """A rule check raised: the run ends as `error`, with the check's name and its error."""
+
+    def __init__(self, name: str, exc: Exception) -> None:
+        super().__init__(f"the check {name} raised {type(exc).__name__}: {exc}")
 
 
 def _escalate(

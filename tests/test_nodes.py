@@ -240,6 +240,42 @@ async def test_before_model_check_can_stop_the_first_turn(mode: str) -> None:
     )
 
 
+def suspended_lookup(state: Any, context: Any) -> Any:
+    """A before_model check with a bug: its lookup fails."""
+    raise KeyError("u1")
+
+
+def no_profanity(answer: str, state: Any) -> str | None:
+    """A verify check with a bug."""
+    raise ValueError("word list missing")
+
+
+@pytest.mark.parametrize(
+    ("options", "detail"),
+    [
+        (
+            {"before_model": [suspended_lookup]},
+            "the before_model check suspended_lookup raised KeyError: 'u1'",
+        ),
+        (
+            {"checks": [no_profanity]},
+            "the check no_profanity raised ValueError: word list missing",
+        ),
+    ],
+    ids=["before_model", "checks"],
+)
+async def test_your_check_that_raises_ends_the_run_with_an_error_outcome(
+    options: dict[str, Any], detail: str, mode: str
+) -> None:
+    """Your own check is code too: when it raises, the run ends as `error`, naming the check,
+    with the partial answer, not as the check's bare exception."""
+    model = ScriptedChatModel(script=["An answer."])
+    agent = build_agent(model, **options)
+    final = await run(agent, user("hi"), mode)
+    assert final["outcome"] == {"status": "error", "terminated_reason": "error", "detail": detail}
+    assert last_ai(final).content.startswith("I had to stop before finishing (error)")
+
+
 @pytest.mark.parametrize("recursion_limit", range(3, 16))
 async def test_call_model_ends_cleanly_at_every_recursion_limit(
     recursion_limit: int, mode: str
