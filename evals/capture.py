@@ -159,21 +159,25 @@ def _append(
 ) -> None:
     if path.exists():
         existing = load_suite(path)
-        found = re.search(r"^cases:[ \t]*\n(?:[ \t]*(?:#.*)?\n)*([ \t]*)- ", path.read_text(), re.M)
+        found = re.search(
+            r"^cases:[ \t]*\n(?:[ \t]*(?:#.*)?\n)*([ \t]*)- ",
+            path.read_text(encoding="utf-8"),
+            re.M,
+        )
         text = render_case(case, stored, todo=todo, indent=found.group(1) if found else "  ")
         if any(c.id == case["id"] for c in existing.cases):
             raise UserError(
                 f"{path} already has a case {case['id']!r}; pass another id (--id NAME)."
             )
-        before = path.read_text()
-        path.write_text(before.rstrip("\n") + "\n" + text)
+        before = path.read_text(encoding="utf-8")
+        path.write_text(before.rstrip("\n") + "\n" + text, encoding="utf-8")
         try:
             after = load_suite(path)
         except UserError:
-            path.write_text(before)
+            path.write_text(before, encoding="utf-8")
             raise
         if len(after.cases) != len(existing.cases) + 1:
-            path.write_text(before)
+            path.write_text(before, encoding="utf-8")
             raise UserError(
                 f"Could not append to {path}: its `cases:` list is not the last thing in the "
                 "file. Move `cases:` to the end, or capture into a new suite file."
@@ -182,7 +186,7 @@ def _append(
         path.parent.mkdir(parents=True, exist_ok=True)
         text = render_case(case, stored, todo=todo)
         head = f"name: {path.stem}\n" + (f"graph: {graph}\n" if graph else "") + "cases:\n"
-        path.write_text(head + text)
+        path.write_text(head + text, encoding="utf-8")
         load_suite(path)
 
 

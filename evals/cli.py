@@ -40,7 +40,7 @@ from keel.evals.feedback import (
     new_feedback,
     record_feedback,
 )
-from keel.evals.report import printable_output, write_report
+from keel.evals.report import default_out, printable_output, write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
 from keel.evals.suite import Suite, load_suite
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
     try:
-        paths = write_report(result, args.out or Path(".keel") / "evals" / suite.name)
+        paths = write_report(result, args.out or default_out(suite.name))
     except OSError as exc:  # exit 2, never 1: 1 says the suite ran under the pass rate
         print(f"keel eval: cannot write the results ({exc}); pass --out a folder.", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from keel.evals.capture import acapture
 from keel.evals.cassette import Cassette
 from keel.evals.compare_report import write_replay_report, write_shadow_report
 from keel.evals.replay import areplay
-from keel.evals.report import write_text
+from keel.evals.report import default_out, write_text
 from keel.evals.shadow import ashadow, ashadow_threads
 from keel.evals.stored import aload_thread
 from keel.evals.suite import Suite, load_suite
@@ -180,9 +180,7 @@ def shadow_main(argv: Sequence[str]) -> int:
                 f"{s['baseline_pass_rate']:.1%} → {s['candidate_pass_rate']:.1%}; stubbed "
                 f"{s['stubbed_calls']}; side effects run: {s['side_effects_run']}"
             )
-            paths = write_shadow_report(
-                result, args.out or Path(f".keel/evals/shadow-{suite.name}")
-            )
+            paths = write_shadow_report(result, args.out or default_out(suite.name, "shadow-"))
         print(f"keel eval shadow: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
 
     return _run("shadow", job())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,7 +17,24 @@ from pathlib import Path
 
 from keel.evals.results import CaseRun, SuiteResult
 
-__all__ = ["printable_output", "render_html", "render_markdown", "write_report", "write_text"]
+__all__ = [
+    "default_out",
+    "printable_output",
+    "render_html",
+    "render_markdown",
+    "write_report",
+    "write_text",
+]
+
+
+def default_out(name: str, prefix: str = "") -> Path:
+    """`.keel/evals/<prefix><name>`, where a suite's results go without `--out`.
+
+    The name comes from a suite file, so it is made one plain folder name: a name like
+    `../../etc` or `/tmp/x` cannot put the reports anywhere else.
+    """
+    folder = re.sub(r"[^\w.-]+", "_", f"{prefix}{name}").strip("._") or "suite"
+    return Path(".keel") / "evals" / folder
 
 
 def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:

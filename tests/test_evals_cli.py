@@ -72,6 +72,25 @@ def test_keel_eval_exits_non_zero_under_the_pass_rate(
     assert 'class="FAIL"' in html and "outcome: {&#x27;status&#x27;: &#x27;stopped&#x27;}" in html
 
 
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/keel-escaped", "a/../../b"])
+def test_a_suites_name_cannot_put_its_reports_outside_keel_evals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Without --out, reports go to .keel/evals/<suite name>; the name comes from a file someone
+    else may have written, so it stays one folder under .keel/evals."""
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(MIXED.replace("name: mixed", f"name: {json.dumps(name)}", 1))
+    keel_main(["eval", str(suite)])
+    (written,) = (work / ".keel" / "evals").iterdir()
+    assert (written / "results.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml", "work"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["here"]
+    assert not Path("/tmp/keel-escaped").exists()
+
+
 def test_keel_eval_bad_input_exits_2_with_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
