@@ -293,3 +293,39 @@ def test_every_kind_of_human_decision_is_audited(
         assert human.result == "A human answered instead of running issue_refund: mail [EMAIL]"
     (run,) = RunLog(ledger).query()
     assert (run.terminated_reason, run.interrupts) == (reason, 1)
+
+
+@pytest.mark.parametrize("filler", [455, 465, 472, 480, 490])
+def test_a_long_tool_result_is_redacted_before_it_is_cut(tmp_path: Any, filler: int) -> None:
+    """The audit keeps 500 characters of a result: a card or email cut in two is not let out."""
+
+    @tool(name="lookup_customer")
+    def lookup_customer(email: str) -> str:
+        """Find a customer by email."""
+        return "x" * filler + " card 4111 1111 1111 1111 of jane.doe@example.com"
+
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    model = ScriptedChatModel(script=[call("lookup_customer", email="a@b.example"), "Done."])
+    agent = build_agent(model, [lookup_customer], ledger=ledger)
+    agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    (record,) = AuditLog(ledger).query()
+    kept = record.result[filler:].removesuffix("…")
+    assert len(record.result) <= 500 and record.result.startswith("x" * filler)
+    assert "4111" not in kept and "jane" not in kept and "example" not in kept, kept
+    assert kept.startswith(" card [CARD]"[: len(kept)]), kept
+
+
+def _provider_error(messages: Any) -> Any:
+    raise ValueError("provider refused 'jane@example.com\x00\ud800'")
+
+
+def test_a_run_whose_error_quotes_nul_and_a_lone_surrogate_is_recorded(db_url: str) -> None:
+    """The run record of a failed run is written on every backend, PII redacted, text escaped."""
+    ledger = Ledger(db_url)
+    agent = build_agent(ScriptedChatModel(script=[_provider_error]), [], ledger=ledger)
+    config = {"configurable": {"thread_id": "t-nul"}}
+    result = agent.invoke({"messages": [("user", "hi")]}, config, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "error"
+    (run,) = RunLog(ledger).query()
+    assert (run.thread_id, run.status, run.error_category) == ("t-nul", "error", "model:ValueError")
+    assert run.detail.endswith("ValueError: provider refused '[EMAIL]\\x00\\ud800'")

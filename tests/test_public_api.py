@@ -94,6 +94,7 @@ PUBLIC = {
         "TABLES",
         "TOOL_CALLS",
         "Table",
+        "storable",
         "where_clause",
     ],
     "keel.errors": [

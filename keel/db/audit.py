@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypedDict, Unpack
 
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import AUDIT, where_clause
+from keel.db.tables import AUDIT, storable, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 
@@ -143,22 +143,11 @@ def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
     for r in records:
         values = {f.name: getattr(r, f.name) for f in fields(r)}
         values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
-        values["result"] = sanitize(_truncate(r.result))
+        values["result"] = _truncate(sanitize(str(r.result)))
         yield (
             f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()})",
-            tuple(_storable(values[column]) for column in AUDIT.names),
+            tuple(storable(values[column]) for column in AUDIT.names),
         )
-
-
-def _storable(value: Any) -> Any:
-    r"""`value` as every database stores it; text that holds NUL or lone surrogates is escaped.
-
-    PostgreSQL refuses NUL in text and no database takes a lone surrogate (it is not UTF-8):
-    each is written as its escape (`\x00`, `\ud800`). Other values are unchanged.
-    """
-    if not isinstance(value, str):
-        return value
-    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _truncate(text: str) -> str:

@@ -19,7 +19,7 @@ from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
 
 from keel._version import __version__
 from keel.db.ledger import Flow, Ledger
-from keel.db.tables import FEEDBACK, RUNS, where_clause
+from keel.db.tables import FEEDBACK, RUNS, storable, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
 from keel.state import AgentState
@@ -254,7 +254,7 @@ def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
         f"INSERT INTO keel_runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
         f"ON CONFLICT (run_key) DO UPDATE SET {updates}, "
         "interrupts = keel_runs.interrupts + excluded.interrupts",
-        tuple(values[c] for c in _COLUMNS),
+        tuple(storable(values[c]) for c in _COLUMNS),
     )
     return own
 

@@ -32,6 +32,7 @@ __all__ = [
     "TABLES",
     "TOOL_CALLS",
     "Table",
+    "storable",
     "where_clause",
 ]
 
@@ -108,6 +109,17 @@ class Table:
         return (
             f"CREATE INDEX IF NOT EXISTS {index.name} ON {self.name} ({', '.join(index.columns)})"
         )
+
+
+def storable(value: Any) -> Any:
+    r"""`value` as every database stores it; text that holds NUL or lone surrogates is escaped.
+
+    PostgreSQL refuses NUL in text and no database takes a lone surrogate (it is not UTF-8):
+    each is written as its escape (`\x00`, `\ud800`). Other values are unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def where_clause(
