@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import threading
 import time
@@ -40,11 +39,12 @@ from keel._drive import Op, Steps, adrive, both, drive, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
+from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext
 
 __all__ = ["Admission", "AdmissionPolicy", "Lease", "WaitingRoom", "overloaded"]
 
-log = logging.getLogger(__name__)
+log = sanitized_logger(__name__)
 
 _POLL_S = 0.05
 """Seconds a queued run waits before it first asks the ledger again for a slot."""

@@ -8,7 +8,6 @@ the stricter of the two wins.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -17,12 +16,13 @@ from typing import Any
 from keel.errors import UserError
 from keel.guards.gate import GateDecision
 from keel.guards.policy import Policy, Rule
+from keel.redact import sanitized_logger
 from keel.state import RunContext
 from keel.tools.registry import RegisteredTool
 
 __all__ = ["PermissionMatrix"]
 
-log = logging.getLogger("keel.guards")
+log = sanitized_logger("keel.guards")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,11 +21,12 @@ from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
+from keel.redact import sanitized_logger
 from keel.state import AgentState, RunContext
 
 __all__ = ["RECALL_ID", "recall", "reflect"]
 
-log = logging.getLogger("keel.memory")
+log = sanitized_logger("keel.memory")
 
 RECALL_ID = "keel-recall"
 """The id of the system message `recall` writes (and replaces on the next turn)."""

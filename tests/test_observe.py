@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
+import pkgutil
 import re
 from typing import Any
 
@@ -329,3 +331,32 @@ def test_a_run_whose_error_quotes_nul_and_a_lone_surrogate_is_recorded(db_url: s
     (run,) = RunLog(ledger).query()
     assert (run.thread_id, run.status, run.error_category) == ("t-nul", "error", "model:ValueError")
     assert run.detail.endswith("ValueError: provider refused '[EMAIL]\\x00\\ud800'")
+
+
+_PACKAGES = ("keel", "keel.graphs", "keel.nodes", "keel.tools", "keel.memory", "keel.guards")
+_SERVED_ONLY = {"keel.app.auth"}  # reads KEEL_SERVER_CONFIG when imported; logs nothing
+
+
+def test_every_keel_logger_redacts_what_it_logs(caplog: Any) -> None:
+    """README: every `keel.*` logger redacts PII and secrets (a filter on a parent logger does
+    not see a child's records, so each logger keel uses must carry its own)."""
+    for package in _PACKAGES:
+        path = importlib.import_module(package).__path__
+        for module in pkgutil.walk_packages(path, f"{package}."):
+            if module.name in _SERVED_ONLY:
+                continue
+            try:
+                importlib.import_module(module.name)
+            except ModuleNotFoundError as exc:  # an optional extra that is not installed
+                assert exc.name is not None and not exc.name.startswith("keel"), exc
+    names = sorted(
+        name
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and (name == "keel" or name.startswith("keel."))
+    )
+    assert {"keel.memory", "keel.guards.admission", "keel.decisions"} <= set(names)
+    for name in names:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=name):
+            logging.getLogger(name).warning("store failed for %s", "jane.doe@example.com")
+        assert [r.getMessage() for r in caplog.records] == ["store failed for [EMAIL]"], name
