@@ -101,3 +101,30 @@ def test_serve_without_a_server_config_says_what_to_pass(
     missing = str(tmp_path / "nope.toml")
     assert main(["serve", "--server-config", missing]) == 2
     assert f"Server config {missing!r} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["audit"], ["report"], ["threads"], ["threads", "prune", "--keep", "1"]],
+    ids=["audit", "report", "threads", "prune"],
+)
+def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A mistyped --db is an error naming the path, not an empty database and "no records"."""
+    missing = tmp_path / "typo" / "keel.db"
+    assert main([*command, "--db", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"No keel database at {missing}: check --db" in err
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("where", ["missing-dir/report.html", "."], ids=["no-dir", "a-dir"])
+def test_an_html_report_that_cannot_be_written_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["db", "setup", "--db", db]) == 0
+    target = tmp_path / where
+    assert main(["report", "--db", db, "--html", str(target)]) == 2
+    assert f"keel: Cannot write --html {target}: " in capsys.readouterr().err

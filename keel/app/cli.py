@@ -452,7 +452,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _threads(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise KeelError("--limit must be 1 or more.")
-    rows = Persistence(args.db).list_threads(limit=args.limit)
+    rows = Persistence(cli_observe.existing_db(args.db)).list_threads(limit=args.limit)
     if not rows:
         print("keel: no threads yet. Run `keel demo` to make one.")
         return 0
@@ -468,7 +468,9 @@ def _threads_prune(args: argparse.Namespace) -> int:
     if args.keep is None and args.idle_days is None:
         raise KeelError("threads prune needs --keep N and/or --idle-days D (see --help).")
     idle = None if args.idle_days is None else timedelta(days=args.idle_days)
-    report = Persistence(args.db).prune(keep_last=args.keep, idle_ttl=idle, dry_run=args.dry_run)
+    report = Persistence(cli_observe.existing_db(args.db)).prune(
+        keep_last=args.keep, idle_ttl=idle, dry_run=args.dry_run
+    )
     print(f"keel: {'dry run: ' if report.dry_run else ''}{report.summary()}")
     for thread_id in report.threads_deleted:
         print(f"  {'would delete' if report.dry_run else 'deleted'} {thread_id}")

@@ -35,10 +35,11 @@ from keel.app.report import (
 )
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
+from keel.db.persistence import Persistence
 from keel.db.runs import RunLog
 from keel.errors import KeelError
 
-__all__ = ["COMMANDS", "add_parsers", "parse_since", "run"]
+__all__ = ["COMMANDS", "add_parsers", "existing_db", "parse_since", "run"]
 
 COMMANDS = ("audit", "report", "health")
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -97,8 +98,22 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def existing_db(url: str | None) -> str | None:
+    """`url` for a command that only reads it; a SQLite file that does not exist is refused.
+
+    Opening it would create an empty database at a mistyped path and report "nothing there".
+    """
+    path = Persistence(url).sqlite_path
+    if path is not None and not path.is_file():
+        raise KeelError(
+            f"No keel database at {path}: check --db (or KEEL_DB_URL). `keel demo`, `keel run` "
+            "or `keel db setup` creates one."
+        )
+    return url
+
+
 def _audit(args: argparse.Namespace) -> int:
-    ledger = Ledger(args.db)
+    ledger = Ledger(existing_db(args.db))
     try:
         records = AuditLog(ledger).query(
             thread=args.thread, user=args.user, since=parse_since(args.since), limit=args.limit
@@ -128,7 +143,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     objectives = load_objectives(args.slo) if args.slo else []
-    ledger = Ledger(args.db)
+    ledger = Ledger(existing_db(args.db))
     since = parse_since(args.since)
     try:
         runs = RunLog(ledger)
@@ -147,7 +162,10 @@ def _report(args: argparse.Namespace) -> int:
         if args.by:
             print("\nby version:\n" + render_versions(versions))
     if args.html:
-        Path(args.html).write_text(render_html(report, breached, versions))
+        try:
+            Path(args.html).write_text(render_html(report, breached, versions))
+        except OSError as exc:
+            raise KeelError(f"Cannot write --html {args.html}: {exc.strerror}.") from None
         print(f"keel: wrote {args.html}", file=sys.stderr)
     for b in breached:
         print(f"keel: SLO breached: {b}", file=sys.stderr)
