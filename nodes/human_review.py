@@ -60,7 +60,10 @@ from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
-__all__ = ["ReviewRequest", "ReviewResponse", "human_review"]
+__all__ = ["REVIEWER_META", "ReviewRequest", "ReviewResponse", "human_review"]
+
+REVIEWER_META = "keel_reviewer"
+"""The `response_metadata` key naming who answered in place of a tool (a `respond`)."""
 
 log = sanitized_logger("keel.nodes.human_review")
 
@@ -426,7 +429,7 @@ def _apply(
             rejected.append(tool)
         else:
             text = f"A human answered instead of running {tool}: {answer['message']}"
-            results.append(_reply(call_id, tool, text, "respond", answer))
+            results.append(_reply(call_id, tool, text, "respond", answer, _who(answer, reviewer)))
     update: dict[str, Any] = {"approvals": approvals, "outcome": None}
     new_messages: list[Any] = []
     if edits:
@@ -511,19 +514,30 @@ def _approval(
         "tool_call_id": call_id,
         "decision": decision,
     }
-    if reviewer is not None:
-        approval["reviewer"] = reviewer
-    elif "reviewer" in answer:
-        approval["reviewer"] = answer["reviewer"]
+    who = _who(answer, reviewer)
+    if who is not None:
+        approval["reviewer"] = who
     return approval
 
 
+def _who(answer: ReviewResponse, reviewer: str | None) -> str | None:
+    """Who answered: the server's authenticated user, else (embedded) the answer's `reviewer`."""
+    return reviewer if reviewer is not None else answer.get("reviewer")
+
+
 def _reply(
-    call_id: str, tool: str, content: str, status: str, answer: Mapping[str, Any] | None = None
+    call_id: str,
+    tool: str,
+    content: str,
+    status: str,
+    answer: Mapping[str, Any] | None = None,
+    reviewer: str | None = None,
 ) -> ToolMessage:
     meta: dict[str, Any] = {"keel_status": status}
     if answer is not None and GUARD_KEY in answer:  # what the input guard found in its text
         meta[GUARD_KEY] = answer[GUARD_KEY]
+    if reviewer is not None:  # who answered instead of the tool, for the audit log
+        meta[REVIEWER_META] = reviewer
     return ToolMessage(
         content=content,
         tool_call_id=call_id,

@@ -268,7 +268,7 @@ def test_a_broken_ledger_is_logged_and_never_fails_the_run(
             "completed",
         ),
         (
-            {"type": "respond", "message": "mail jo@example.org"},
+            {"type": "respond", "message": "mail jo@example.org", "reviewer": "bob"},
             "responded",
             {"order_id": "A1", "amount": 10.0},
             "completed",

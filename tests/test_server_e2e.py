@@ -662,6 +662,11 @@ async def test_a_reviewer_edits_or_rejects_and_an_owners_sent_name_is_ignored(
     assert final["outcome"]["terminated_reason"] == "rejected"
     assert _approvals_in_audit(ledger_url, rejected) == [("rejected", "alice", "carol")]
 
+    answered, _ = await run_to_interrupt(alice, "agent")
+    respond = {"type": "respond", "message": "Refund done by hand.", "reviewer": "mallory"}
+    await carol.runs.wait(answered, "agent", command={"resume": [respond]})
+    assert _approvals_in_audit(ledger_url, answered) == [("responded", "alice", "carol")]
+
     # the owner resuming their own thread is recorded as themselves, whatever they send
     own, _ = await run_to_interrupt(alice, "agent")
     await alice.runs.wait(own, "agent", command={"resume": [{"type": "approve", "reviewer": "x"}]})

@@ -38,6 +38,7 @@ from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
 from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
+from keel.nodes.human_review import REVIEWER_META
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext
@@ -396,7 +397,8 @@ def review_records(tools: ToolRegistry) -> Derive:
         for m in update.get("messages") or []:
             if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
                 review = _Review(m.name, m.tool_call_id, args, who, tools)
-                out.append(review.record("responded", None, m.text))
+                by = m.response_metadata.get(REVIEWER_META)
+                out.append(review.record("responded", by, m.text))
         return [*out, *content_records(state, update, context, who)]
 
     return derive
