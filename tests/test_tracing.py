@@ -154,6 +154,34 @@ def test_traces_carry_metadata_and_no_pii(stand_in: StandIn) -> None:
         assert secret.encode() not in sent, f"PII {secret!r} reached LangSmith"
 
 
+@tool(name="lookup_customer")
+def failing_lookup(email: str) -> str:
+    """Find a customer by email."""
+    raise ValueError(f"no customer {email} with card 4111 1111 1111 1111")
+
+
+def _provider_error(messages: Any) -> Any:
+    raise ValueError("provider refused jane.doe@example.com, phone +1 415 555 0199")
+
+
+@pytest.mark.parametrize("fails", ["tool", "model"])
+def test_the_error_of_a_run_that_raised_reaches_langsmith_redacted(
+    stand_in: StandIn, fails: str
+) -> None:
+    """A tool or model that raises: its run's `error` (message and traceback) is redacted."""
+    if fails == "tool":
+        script: list[Any] = [call("lookup_customer", email="jane.doe@example.com"), "Sorry."]
+        agent = build_agent(ScriptedChatModel(script=script), [failing_lookup], name="traced")
+    else:
+        agent = build_agent(ScriptedChatModel(script=[_provider_error]), [], name="traced")
+    _run(agent)
+    _flush(agent)
+    sent = stand_in.bodies()
+    assert b"ValueError" in sent and b"Traceback" in sent, "the error itself is traced"
+    for secret in PII:
+        assert secret.encode() not in sent, f"PII {secret!r} reached LangSmith"
+
+
 def test_a_failing_langsmith_never_fails_the_run(failing_stand_in: StandIn) -> None:
     agent = _agent()
     result = _run(agent)

@@ -102,12 +102,21 @@ def _tags(graph: str, version: AgentVersion | None) -> list[str]:
 
 
 class _SanitizingTracer(LangChainTracer):
-    """Also redacts each run's `serialized` description (a model's repr can hold user data)."""
+    """Also redacts each run's `serialized` description and `error`.
+
+    A model's repr can hold user data; the error of a tool or model that raised (exception and
+    traceback) quotes its arguments or the provider's echo of the input.
+    """
 
     def _start_trace(self, run: Any) -> None:
         if getattr(run, "serialized", None):
             run.serialized = sanitized(run.serialized)
         super()._start_trace(run)
+
+    def _end_trace(self, run: Any) -> None:
+        if getattr(run, "error", None):
+            run.error = sanitize(run.error)
+        super()._end_trace(run)
 
 
 class _SilentTracer(LangChainTracer):
