@@ -63,7 +63,8 @@ from keel.tools.registry import ToolRegistry
 __all__ = ["REVIEWER_META", "ReviewRequest", "ReviewResponse", "human_review"]
 
 REVIEWER_META = "keel_reviewer"
-"""The `response_metadata` key naming who answered in place of a tool (a `respond`)."""
+"""The `response_metadata` key naming who answered in a tool's place (a `respond`, or a
+rejection of a call whose outcome was unknown)."""
 
 log = sanitized_logger("keel.nodes.human_review")
 
@@ -397,7 +398,7 @@ def _apply(
         tool = request["action_request"]["action"]
         call_id = request["tool_call_id"]
         if request.get("kind") == "outcome_unknown":
-            flow, reply = _settle(thread, request, answer)
+            flow, reply = _settle(thread, request, answer, _who(answer, reviewer))
             settle.append(flow)
             if reply is not None:
                 results.append(reply)
@@ -476,7 +477,7 @@ def _with_text(answer: ReviewResponse, screened: str, note: GuardNote | None) ->
 
 
 def _settle(
-    thread: str, request: ReviewRequest, answer: ReviewResponse
+    thread: str, request: ReviewRequest, answer: ReviewResponse, reviewer: str | None
 ) -> tuple[Flow[bool], ToolMessage | None]:
     """The ledger update for an answer to "did this happen?", and the reply for a rejection.
 
@@ -492,7 +493,7 @@ def _settle(
         text = f"Rejected by a human reviewer{note}; {tool} was not run again."
         result = {"content": text, "keel_status": "rejected"}
         return resolve_flow(thread, call_id, "failed", result), _reply(
-            call_id, tool, text, "rejected", answer
+            call_id, tool, text, "rejected", answer, reviewer
         )
     text = answer.get("message") or f"A human reviewer confirmed that {tool} took effect."
     status = "respond" if kind == "respond" else "success"
@@ -536,7 +537,7 @@ def _reply(
     meta: dict[str, Any] = {"keel_status": status}
     if answer is not None and GUARD_KEY in answer:  # what the input guard found in its text
         meta[GUARD_KEY] = answer[GUARD_KEY]
-    if reviewer is not None:  # who answered instead of the tool, for the audit log
+    if reviewer is not None:  # who answered in the tool's place, for the audit log
         meta[REVIEWER_META] = reviewer
     return ToolMessage(
         content=content,

@@ -16,7 +16,7 @@ import pytest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.types import Command
 
-from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, build_agent, tool
 from keel.db.idempotency import claim_flow, finish_flow, records_flow, resolve_flow
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel, call
@@ -270,7 +270,7 @@ def test_crash_after_the_effect_asks_did_this_happen(db_url: str) -> None:
     [
         ({"type": "run_again"}, 2, "completed", "charged 5 (#2)"),
         (
-            {"type": "reject", "message": "refunded by hand"},
+            {"type": "reject", "message": "refunded by hand", "reviewer": "ops"},
             1,
             "rejected",
             "Rejected by a human reviewer: refunded by hand; charge was not run again.",
@@ -294,6 +294,10 @@ async def test_resolving_an_unknown_outcome(
         assert len(world.effects) == effects
         assert state["outcome"]["terminated_reason"] == reason
         assert [m.content for m in tool_messages(state)] == [reply]
+        if answer["type"] == "reject":  # a human decision: audited, the reviewer named
+            (human,) = [r for r in await AuditLog(ledger).aquery() if r.kind == "approval"]
+            assert (human.tool, human.decision, human.approver) == ("charge", "rejected", "ops")
+            assert human.args == {"amount": 5} and human.result == reply
         # replaying the thread from its start runs nothing again
         history = [s async for s in agent.aget_state_history(thread("t1"))]
         first = history[-1].config

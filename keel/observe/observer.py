@@ -394,14 +394,22 @@ def review_records(tools: ToolRegistry) -> Derive:
             kind = "edited" if call_id in edited else approval["decision"]
             review = _Review(approval["tool"], call_id, args, who, tools)
             out.append(review.record(kind, approval.get("reviewer")))
+        decided = {a["tool_call_id"] for a in (update.get("approvals") or {}).values()}
         for m in update.get("messages") or []:
-            if isinstance(m, ToolMessage) and m.response_metadata.get("keel_status") == "respond":
+            if not isinstance(m, ToolMessage) or m.tool_call_id in decided:
+                continue  # a rejection of a call whose outcome was unknown has no approval
+            kind = _ANSWERED.get(str(m.response_metadata.get("keel_status")))
+            if kind is not None:
                 review = _Review(m.name, m.tool_call_id, args, who, tools)
                 by = m.response_metadata.get(REVIEWER_META)
-                out.append(review.record("responded", by, m.text))
+                out.append(review.record(kind, by, m.text))
         return [*out, *content_records(state, update, context, who)]
 
     return derive
+
+
+_ANSWERED = {"respond": "responded", "rejected": "rejected"}
+"""A human's answer in a tool's place (`keel_status`), as the audit's decision."""
 
 
 @dataclass(frozen=True, slots=True)
