@@ -277,7 +277,12 @@ def test_a_broken_ledger_is_logged_and_never_fails_the_run(
     ids=["reject", "edit", "respond"],
 )
 def test_every_kind_of_human_decision_is_audited(
-    tmp_path: Any, answer: dict[str, Any], decision: str, args: dict[str, Any], reason: str
+    tmp_path: Any,
+    caplog: Any,
+    answer: dict[str, Any],
+    decision: str,
+    args: dict[str, Any],
+    reason: str,
 ) -> None:
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
@@ -285,7 +290,13 @@ def test_every_kind_of_human_decision_is_audited(
     with Persistence(url).checkpointer() as saver:
         agent = _agent(ledger, saver)
         agent.invoke(FIRST, config, context=CTX)
-        done = agent.invoke(Command(resume=answer), config, context=CTX)
+        with caplog.at_level(logging.INFO, logger="keel.decisions"):
+            done = agent.invoke(Command(resume=answer), config, context=CTX)
+    # and one decision line for it, text redacted
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "keel.decisions"]
+    (line,) = [line for line in lines if line["node"] == "human_review" and "tool" in line]
+    assert (line["choice"], line["tool"]) == (decision, "issue_refund")
+    assert line["approver"] == answer.get("reviewer") and "jo@example.org" not in line["reason"]
     assert done["outcome"]["terminated_reason"] == reason
     (human,) = [r for r in AuditLog(ledger).query() if r.kind == "approval"]
     assert (human.tool, human.decision, human.args) == ("issue_refund", decision, args)
@@ -360,3 +371,36 @@ def test_every_keel_logger_redacts_what_it_logs(caplog: Any) -> None:
         with caplog.at_level(logging.WARNING, logger=name):
             logging.getLogger(name).warning("store failed for %s", "jane.doe@example.com")
         assert [r.getMessage() for r in caplog.records] == ["store failed for [EMAIL]"], name
+
+
+def test_a_logged_traceback_is_redacted_and_never_formatted_raw() -> None:
+    """README: `log.exception(...)` on a keel logger keeps a redacted `exc_text` (chained
+    causes included) and clears `exc_info`, so no handler formats the raw exception."""
+    import io
+
+    from keel.redact import sanitized_logger
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    seen: list[logging.LogRecord] = []
+    handler.addFilter(lambda record: seen.append(record) or True)
+    logger = sanitized_logger("keel.observe")
+    logger.addHandler(handler)
+    try:
+        try:
+            try:
+                raise KeyError("card 4111 1111 1111 1111")
+            except KeyError as cause:
+                raise ValueError("no customer jane.doe@example.com") from cause
+        except ValueError:
+            logger.exception("lookup for %s failed", "jo@example.org", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+    (record,) = seen
+    assert record.exc_info is None and record.exc_text is not None
+    text = out.getvalue()
+    assert "lookup for [EMAIL] failed" in text and "Traceback" in text and "Stack (most" in text
+    assert "ValueError: no customer [EMAIL]" in text and "KeyError: 'card [CARD]'" in text
+    for raw in ("jane.doe@example.com", "4111 1111 1111 1111", "jo@example.org"):
+        assert raw not in text
