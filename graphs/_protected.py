@@ -50,6 +50,7 @@ from keel.graphs._storage import (
 )
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import mark_sent
+from keel.state import VERIFICATION_KEY
 
 __all__ = ["ProtectedGraph", "protected"]
 
@@ -134,7 +135,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting(self.get_state(config).interrupts, config)
-        input = self._marked(input) if at_top(config) else input
+        input = self._marked(_as_callers(input)) if at_top(config) else input
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
             return chunks
@@ -148,7 +149,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting((await self.aget_state(config)).interrupts, config)
-        input = self._marked(input) if at_top(config) else input
+        input = self._marked(_as_callers(input)) if at_top(config) else input
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
             ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
@@ -269,6 +270,28 @@ def _unread(value: Any) -> Any:
     if messages is None:
         return value
     return [m if isinstance(m, RemoveMessage) else mark_sent(m) for m in messages]
+
+
+def _as_callers(input: Any) -> Any:
+    """A run's `input` with each message it sends as a caller's (`_as_sent`)."""
+    if not isinstance(input, Mapping) or not input.get("messages"):
+        return input
+    messages = _messages_of(input["messages"])
+    if messages is None:
+        return input
+    return {**input, "messages": [_as_sent(m) for m in messages]}
+
+
+def _as_sent(message: BaseMessage) -> BaseMessage:
+    """A caller's message without keel's mark of its own in-run messages (`VERIFICATION_KEY`).
+
+    A caller's message always starts a task (`keel.state.starts_task`): sent with the mark, it
+    would be folded into the thread's previous run and overwrite that run's record.
+    """
+    if VERIFICATION_KEY not in message.additional_kwargs:
+        return message
+    kept = {k: v for k, v in message.additional_kwargs.items() if k != VERIFICATION_KEY}
+    return message.model_copy(update={"additional_kwargs": kept})
 
 
 def _ended(exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:

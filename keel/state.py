@@ -28,10 +28,12 @@ __all__ = [
     "RunContext",
     "TerminatedReason",
     "Usage",
+    "VERIFICATION_KEY",
     "Verdict",
     "add_usage",
     "merge_approvals",
     "run_usage",
+    "starts_task",
     "task_clock",
 ]
 
@@ -123,6 +125,16 @@ def add_usage(left: Usage | None, right: Usage | None) -> Usage:
     return out  # type: ignore[return-value]
 
 
+VERIFICATION_KEY = "keel_verification"
+"""The `additional_kwargs` key of a user-role message keel writes inside a run (`verify`'s
+feedback to the model, a human's answer to a failed verification): it starts no new task."""
+
+
+def starts_task(message: object) -> bool:
+    """Whether `message` starts a task (a run): a user's message, not one of keel's own."""
+    return isinstance(message, HumanMessage) and not message.additional_kwargs.get(VERIFICATION_KEY)
+
+
 def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
     """The run clock for a new task (a user message the clock has not seen yet), else `None`.
 
@@ -133,11 +145,11 @@ def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
     """
     messages = state.get("messages") or []
     clock = state.get("clock") or {}
-    task = float(sum(isinstance(m, HumanMessage) for m in messages))
+    task = float(sum(starts_task(m) for m in messages))
     if "started_at" in clock:
         if "task" in clock and clock["task"] == task:
             return None
-        if "task" not in clock and not (messages and isinstance(messages[-1], HumanMessage)):
+        if "task" not in clock and not (messages and starts_task(messages[-1])):
             return None
     usage = state.get("usage") or {}
     base = {f"usage:{k}": float(v) for k, v in usage.items() if isinstance(v, int | float)}

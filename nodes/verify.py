@@ -31,7 +31,7 @@ from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
 from keel.redact import sanitized_logger
-from keel.state import AgentState, RunContext, Verdict, run_usage
+from keel.state import VERIFICATION_KEY, AgentState, RunContext, Verdict, run_usage
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
@@ -132,7 +132,7 @@ def verify(
             feedback = HumanMessage(
                 content=f"Your answer did not pass verification: {verdict['reason']} "
                 "Revise your answer.",
-                additional_kwargs={"keel_verification": True},
+                additional_kwargs={VERIFICATION_KEY: True},
             )
             return {
                 "verdicts": verdicts,
@@ -200,7 +200,9 @@ def _escalate(
                 "verdicts": verdicts,
                 "revisions": revisions + 1,
                 "outcome": None,
-                "messages": [HumanMessage(content=text)],
+                "messages": [
+                    HumanMessage(content=text, additional_kwargs={VERIFICATION_KEY: True})
+                ],
             }
     if kind in ("reject", "ignore"):
         return {

@@ -8,9 +8,11 @@ import json
 import logging
 import pkgutil
 import re
+import time
 from typing import Any
 
 import pytest
+from langchain_core.messages import HumanMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent
@@ -404,3 +406,53 @@ def test_a_logged_traceback_is_redacted_and_never_formatted_raw() -> None:
     assert "ValueError: no customer [EMAIL]" in text and "KeyError: 'card [CARD]'" in text
     for raw in ("jane.doe@example.com", "4111 1111 1111 1111", "jo@example.org"):
         assert raw not in text
+
+
+def _no_drafts(answer: str, state: Any) -> str | None:
+    return "it is a draft" if "DRAFT" in answer else None
+
+
+def test_a_run_revised_after_verification_is_one_run_with_all_its_usage(tmp_path: Any) -> None:
+    """The verifier's feedback to the model is keel's, not a new task: the run paused for an
+    approval and revised after a failed check keeps one record (the paused one, updated)."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    model = ScriptedChatModel(
+        script=[call("issue_refund", order_id="A1", amount=10.0), "DRAFT: refunded", "Refunded."]
+    )
+    config = {"configurable": {"thread_id": "t-v"}}
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(
+            model,
+            _tools(),
+            policy=Policy.from_dict(POLICY),
+            checks=[_no_drafts],
+            ledger=ledger,
+            checkpointer=saver,
+        )
+        before = time.time()
+        agent.invoke(FIRST, config, context=CTX)
+        done = agent.invoke(APPROVE, config, context=CTX)
+    assert done["outcome"]["detail"] == "answer verified" and done["revisions"] == 1
+    (run,) = RunLog(ledger).query()
+    assert (run.status, run.interrupts, run.model_calls, run.tool_calls) == ("success", 1, 3, 1)
+    assert run.input_tokens == done["usage"]["input_tokens"] and run.started_at <= before + 1
+
+
+def test_a_callers_message_marked_as_keels_own_still_starts_its_own_run(tmp_path: Any) -> None:
+    """A client cannot fold its next task into the previous run (overwriting its record)."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-m"}}
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(
+            ScriptedChatModel(script=[_provider_error, "Fine."]),
+            [],
+            ledger=ledger,
+            checkpointer=saver,
+        )
+        agent.invoke(FIRST, config, context=CTX)
+        marked = HumanMessage("again", additional_kwargs={"keel_verification": True})
+        agent.invoke({"messages": [marked]}, config, context=CTX)
+    first, second = RunLog(ledger).query()
+    assert (first.status, second.status) == ("error", "success")

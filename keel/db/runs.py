@@ -15,14 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AnyMessage, ToolMessage
 
 from keel._version import __version__
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import FEEDBACK, RUNS, storable, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
-from keel.state import AgentState
+from keel.state import AgentState, starts_task
 
 __all__ = ["RunLog", "RunRecord", "error_category", "run_record", "scores_flow", "upsert_flow"]
 
@@ -174,8 +174,9 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
 
 
 def _task_start(messages: Sequence[AnyMessage]) -> int:
+    """The index of the user message that started the run (keel's own feedback is not one)."""
     for i in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[i], HumanMessage):
+        if starts_task(messages[i]):
             return i
     return -1
 
