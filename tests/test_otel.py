@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from langgraph.types import Command
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from keel import Ledger, RunContext, build_agent
+from keel import Ledger, Persistence, RunContext, build_agent
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
+from keel.guards import Policy
 from keel.observe import otel
 from keel.tools import tool
 
@@ -71,3 +73,43 @@ def test_finished_runs_become_metrics_and_spans(tmp_path: Path) -> None:
     assert span.attributes is not None and span.attributes["tool_calls"] == 2
     assert span.end_time is not None and span.start_time is not None
     assert span.end_time > span.start_time
+
+
+@tool(name="refund", risk="write")
+def refund(order: str) -> str:
+    """Refund an order."""
+    return f"refunded {order}"
+
+
+def test_a_paused_run_is_reported_once_when_it_ends_with_its_own_usage(tmp_path: Path) -> None:
+    """A pause reports nothing; the finished run is one run; a second task counts only its own
+    tokens, not the thread's running total."""
+    reader = InMemoryMetricReader()
+    spans = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(spans))
+    url = f"sqlite:///{tmp_path}/k.db"
+    policy = Policy.from_dict({"rules": [{"tool": "refund", "action": "ask"}]})
+    model = ScriptedChatModel(script=[call("refund", order="A1"), "Refunded.", "Anything else?"])
+    config: Any = {"configurable": {"thread_id": "t"}}
+    otel.use(MeterProvider(metric_readers=[reader]), tracing)
+    try:
+        with Persistence(url).checkpointer() as saver:
+            agent = build_agent(
+                model, [refund], policy=policy, ledger=Ledger(url), checkpointer=saver
+            )
+            paused = agent.invoke({"messages": [("user", "refund A1")]}, config)
+            assert paused["outcome"]["status"] == "interrupted"
+            assert reader.get_metrics_data() is None and not spans.get_finished_spans()
+            first = agent.invoke(Command(resume={"type": "approve"}), config)["usage"]
+            second = agent.invoke({"messages": [("user", "thanks")]}, config)["usage"]
+    finally:
+        otel.use()
+
+    points = _points(reader)
+    (runs,) = points["keel.db.runs"]
+    assert runs.value == 2 and runs.attributes["status"] == "success"
+    tokens = {p.attributes["direction"]: p.value for p in points["keel.run.tokens"]}
+    assert tokens == {"input": second["input_tokens"], "output": second["output_tokens"]}
+    assert first["input_tokens"] < second["input_tokens"]  # the thread's total grew
+    assert [s.attributes["model_calls"] for s in spans.get_finished_spans()] == [2, 1]
