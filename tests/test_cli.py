@@ -128,3 +128,13 @@ def test_an_html_report_that_cannot_be_written_is_a_clear_error(
     target = tmp_path / where
     assert main(["report", "--db", db, "--html", str(target)]) == 2
     assert f"keel: Cannot write --html {target}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["", "   ", "\n\t"], ids=["empty", "spaces", "blank-lines"])
+def test_a_blank_task_is_no_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["run", task, "--model", "keel:demo", "--db", db]) == 2
+    assert 'Give a task (keel run "…") or a thread' in capsys.readouterr().err
+    assert main(["threads", "--db", db]) == 2  # nothing ran: no database was even made

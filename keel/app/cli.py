@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> int:
     task: str | None = DEMO_TASK if args.command == "demo" else args.task
+    if task is not None and not task.strip():
+        task = None  # blank is no task: it would run as one
     ref = getattr(args, "agent", None)
     if args.command == "run":
         if not task and not args.thread:
