@@ -456,3 +456,15 @@ def test_a_callers_message_marked_as_keels_own_still_starts_its_own_run(tmp_path
         agent.invoke({"messages": [marked]}, config, context=CTX)
     first, second = RunLog(ledger).query()
     assert (first.status, second.status) == ("error", "success")
+
+
+def test_a_soft_budget_threshold_passed_is_audited(tmp_path: Any) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    policy = Policy.from_dict({**POLICY, "budget": {"model_calls": 5, "soft_ratio": 0.5}})
+    lookups = [call("lookup_customer", email=f"c{i}@b.example") for i in range(3)]
+    model = ScriptedChatModel(script=[*lookups, "Done."])
+    agent = build_agent(model, _tools(), policy=policy, ledger=ledger)
+    result = agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    assert result["outcome"]["terminated_reason"] == "completed"
+    budget = [(r.decision, r.result) for r in AuditLog(ledger).query() if r.kind == "budget"]
+    assert budget == [("warning", w) for w in result["budget_warnings"]] and budget
