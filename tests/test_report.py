@@ -212,3 +212,16 @@ def test_run_records_of_the_runs(tmp_path: Path) -> None:
         ("u2", "success", 0),
         ("u2", "stopped", 0),
     ]
+
+
+def test_keel_audit_says_when_its_limit_left_later_records_out(
+    tmp_path: Path, capsys: Any
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)  # five audit records: four tool calls and a budget event
+    assert main(["audit", "--db", url, "--limit", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "keel: showing the first 2 records that match; narrow them" in captured.err
+    assert main(["audit", "--db", url, "--limit", "50"]) == 0
+    assert "showing the first" not in capsys.readouterr().err

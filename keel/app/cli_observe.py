@@ -138,6 +138,12 @@ def _audit(args: argparse.Namespace) -> int:
         )
     if not records and not args.json:
         print("keel: no audit records match.")
+    if len(records) == args.limit:  # the oldest first: newer records may be left out
+        print(
+            f"keel: showing the first {args.limit} records that match; narrow them (--since, "
+            "--thread, --user) or raise --limit to see later ones.",
+            file=sys.stderr,
+        )
     return 0
 
 
