@@ -468,3 +468,18 @@ def test_a_soft_budget_threshold_passed_is_audited(tmp_path: Any) -> None:
     assert result["outcome"]["terminated_reason"] == "completed"
     budget = [(r.decision, r.result) for r in AuditLog(ledger).query() if r.kind == "budget"]
     assert budget == [("warning", w) for w in result["budget_warnings"]] and budget
+
+
+def test_a_tool_name_the_model_made_up_is_redacted_in_audit_and_run_record(
+    tmp_path: Any,
+) -> None:
+    """An injected model may call a tool no one has, named after what it was told to leak."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    made_up = "send_to_jane.doe@example.com"
+    model = ScriptedChatModel(script=[call(made_up, body="hi"), "Done."])
+    agent = build_agent(model, _tools(), policy=Policy.from_dict(POLICY), ledger=ledger)
+    agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    (record,) = AuditLog(ledger).query()
+    assert (record.decision, record.status, record.tool) == ("deny", "unknown_tool", "[EMAIL]")
+    (run,) = RunLog(ledger).query()
+    assert run.tools == {"[EMAIL]": {"calls": 1, "failures": 1}}

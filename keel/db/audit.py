@@ -143,6 +143,7 @@ def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
     for r in records:
         values = {f.name: getattr(r, f.name) for f in fields(r)}
         values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
+        values["tool"] = sanitize(r.tool)  # a model may call a tool no one has, by any name
         values["result"] = _truncate(sanitize(str(r.result)))
         yield (
             f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()})",

@@ -137,7 +137,7 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
     tools: dict[str, dict[str, int]] = {}
     for m in messages[start + 1 :]:
         if isinstance(m, ToolMessage):
-            entry = tools.setdefault(m.name or "?", {"calls": 0, "failures": 0})
+            entry = tools.setdefault(sanitize(m.name or "?"), {"calls": 0, "failures": 0})
             entry["calls"] += 1
             entry["failures"] += m.response_metadata.get("keel_status") in _FAILED
     findings: dict[str, int] = {}
