@@ -367,6 +367,11 @@ def _response(raw: Any) -> ReviewResponse:
         )
     if kind == "respond" and not isinstance(response.get("message"), str):
         raise UserError("A 'respond' response needs text: {'type': 'respond', 'message': '...'}.")
+    if not isinstance(response.get("reviewer", ""), str):  # the audit log's approver
+        raise UserError(
+            f"'reviewer' names who answered, as text ({{'reviewer': 'alice'}}), got "
+            f"{response['reviewer']!r}."
+        )
     return response  # type: ignore[return-value]
 
 

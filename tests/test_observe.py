@@ -9,6 +9,8 @@ import logging
 import pkgutil
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -254,6 +256,18 @@ def test_a_broken_ledger_is_logged_and_never_fails_the_run(
     assert any(e.startswith("keel could not write the run record: ") for e in errors)
 
 
+@contextmanager
+def _paused(tmp_path: Any, thread: str) -> Iterator[tuple[Any, Ledger, Any]]:
+    """An agent on SQLite whose thread `thread` waits for the refund's approval."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": thread}}
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(ledger, saver)
+        agent.invoke(FIRST, config, context=CTX)
+        yield agent, ledger, config
+
+
 @pytest.mark.parametrize(
     ("answer", "decision", "args", "reason"),
     [
@@ -286,14 +300,9 @@ def test_every_kind_of_human_decision_is_audited(
     args: dict[str, Any],
     reason: str,
 ) -> None:
-    url = f"sqlite:///{tmp_path}/keel.db"
-    ledger = Ledger(url)
-    config = {"configurable": {"thread_id": "t-h"}}
-    with Persistence(url).checkpointer() as saver:
-        agent = _agent(ledger, saver)
-        agent.invoke(FIRST, config, context=CTX)
-        with caplog.at_level(logging.INFO, logger="keel.decisions"):
-            done = agent.invoke(Command(resume=answer), config, context=CTX)
+    decisions = caplog.at_level(logging.INFO, logger="keel.decisions")
+    with _paused(tmp_path, "t-h") as (agent, ledger, config), decisions:
+        done = agent.invoke(Command(resume=answer), config, context=CTX)
     # and one decision line for it, text redacted
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "keel.decisions"]
     (line,) = [line for line in lines if line["node"] == "human_review" and "tool" in line]
@@ -483,3 +492,19 @@ def test_a_tool_name_the_model_made_up_is_redacted_in_audit_and_run_record(
     assert (record.decision, record.status, record.tool) == ("deny", "unknown_tool", "[EMAIL]")
     (run,) = RunLog(ledger).query()
     assert run.tools == {"[EMAIL]": {"calls": 1, "failures": 1}}
+
+
+@pytest.mark.parametrize("reviewer", [{"name": "bob"}, 42, ["bob"]], ids=["dict", "int", "list"])
+def test_a_reviewer_that_is_not_text_is_refused_not_left_out_of_the_audit(
+    tmp_path: Any, reviewer: Any
+) -> None:
+    """A resume naming its reviewer as anything but text failed the audit write: the approval
+    went unaudited. It is refused; the thread keeps waiting for a proper answer."""
+    with _paused(tmp_path, "t-r") as (agent, ledger, config):
+        bad = Command(resume={"type": "approve", "reviewer": reviewer})
+        with pytest.raises(UserError, match=re.escape("'reviewer' names who answered, as text")):
+            agent.invoke(bad, config, context=CTX)
+        assert agent.get_state(config).interrupts, "the approval still waits"
+        agent.invoke(APPROVE, config, context=CTX)
+    approvals = [(r.decision, r.approver) for r in AuditLog(ledger).query() if r.kind == "approval"]
+    assert approvals == [("approved", "alice")]

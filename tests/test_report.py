@@ -214,9 +214,7 @@ def test_run_records_of_the_runs(tmp_path: Path) -> None:
     ]
 
 
-def test_keel_audit_says_when_its_limit_left_later_records_out(
-    tmp_path: Path, capsys: Any
-) -> None:
+def test_keel_audit_says_when_its_limit_left_later_records_out(tmp_path: Path, capsys: Any) -> None:
     url = f"sqlite:///{tmp_path}/keel.db"
     _runs(url)  # five audit records: four tool calls and a budget event
     assert main(["audit", "--db", url, "--limit", "2", "--json"]) == 0
