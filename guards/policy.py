@@ -352,7 +352,12 @@ def load_data_file(path: Path, what: str) -> Any:
     """Parse a `.toml`, `.yaml` or `.yml` file; errors name it as `what` (`"Policy file"`)."""
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what} {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}."
+        ) from None
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)

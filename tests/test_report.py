@@ -102,8 +102,14 @@ def test_objectives_reject_bad_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=re.escape("must be { min = x } or { max = x }, got 0.9")):
         load_objectives(bad)
     yaml = tmp_path / "slo.yaml"
+    yaml.write_text("slo:\n  latency_p99: {max: .nan}\n")
+    with pytest.raises(UserError, match=re.escape("'latency_p99' in")):
+        load_objectives(yaml)  # a NaN objective would be breached always (or never)
     yaml.write_text("slo:\n  latency_p99: {max: 2.5}\n")
     assert load_objectives(yaml) == [Objective(metric="latency_p99", bound="max", target=2.5)]
+    bad.write_bytes(b"[slo]\nsuccess_rate = { min = 0.9 } # \xff\n")
+    with pytest.raises(UserError, match=re.escape("is not UTF-8 text: invalid start byte")):
+        load_objectives(bad)
 
 
 def test_percentiles_and_empty_report() -> None:

@@ -287,6 +287,8 @@ def load_objectives(path: str | Path) -> list[Objective]:
         ((bound, target),) = spec.items()
         if isinstance(target, bool) or not isinstance(target, int | float):
             raise UserError(f"SLO {metric!r} in {str(p)!r}: {bound} must be a number.")
+        if not math.isfinite(target):  # NaN compares false both ways: always or never breached
+            raise UserError(f"SLO {metric!r} in {str(p)!r}: {bound} must be finite, got {target}.")
         out.append(Objective(metric=metric, bound=bound, target=float(target)))
     return out
 
