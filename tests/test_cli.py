@@ -117,6 +117,9 @@ def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(
     err = capsys.readouterr().err
     assert f"No keel database at {missing}: check --db" in err
     assert not missing.parent.exists()
+    too_long = tmp_path / ("x" * 300) / "keel.db"
+    assert main([*command, "--db", f"sqlite:///{too_long}"]) == 2
+    assert f"No keel database at {too_long}: check --db" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["missing-dir/report.html", "."], ids=["no-dir", "a-dir"])

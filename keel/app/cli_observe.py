@@ -104,7 +104,11 @@ def existing_db(url: str | None) -> str | None:
     Opening it would create an empty database at a mistyped path and report "nothing there".
     """
     path = Persistence(url).sqlite_path
-    if path is not None and not path.is_file():
+    try:
+        missing = path is not None and not path.is_file()
+    except OSError:  # a name too long for the file system, say
+        missing = True
+    if missing:
         raise KeelError(
             f"No keel database at {path}: check --db (or KEEL_DB_URL). `keel demo`, `keel run` "
             "or `keel db setup` creates one."
