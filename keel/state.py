@@ -34,6 +34,7 @@ __all__ = [
     "merge_approvals",
     "run_usage",
     "starts_task",
+    "task_base",
     "task_clock",
 ]
 
@@ -154,6 +155,19 @@ def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
     usage = state.get("usage") or {}
     base = {f"usage:{k}": float(v) for k, v in usage.items() if isinstance(v, int | float)}
     return {"started_at": now, "task": task, **base}
+
+
+def task_base(state: Mapping[str, Any]) -> dict[str, float] | None:
+    """The thread's usage when the run `state` is at started (its run clock), else None.
+
+    None when the clock is an earlier task's (the run ended before its first model call) or
+    older than the clock's usage fields.
+    """
+    clock = state.get("clock") or {}
+    tasks = float(sum(starts_task(m) for m in state.get("messages") or []))
+    if clock.get("task") != tasks or not any(k.startswith("usage:") for k in clock):
+        return None
+    return {k.removeprefix("usage:"): float(v) for k, v in clock.items() if k.startswith("usage:")}
 
 
 def run_usage(usage: Mapping[str, Any] | None, clock: Mapping[str, float] | None) -> Usage:

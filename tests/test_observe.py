@@ -508,3 +508,28 @@ def test_a_reviewer_that_is_not_text_is_refused_not_left_out_of_the_audit(
         agent.invoke(APPROVE, config, context=CTX)
     approvals = [(r.decision, r.approver) for r in AuditLog(ledger).query() if r.kind == "approval"]
     assert approvals == [("approved", "alice")]
+
+
+async def test_a_cancelled_runs_usage_is_not_counted_in_the_next_run(tmp_path: Any) -> None:
+    """A run cancelled mid-way writes no record; the thread's next run still records only its
+    own model calls and tokens (not the cancelled run's too)."""
+
+    @tool(name="lookup_customer")
+    async def slow_lookup(email: str) -> str:
+        """Find a customer by email."""
+        await asyncio.sleep(30)
+        return "never"
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-c"}}
+    model = ScriptedChatModel(script=[call("lookup_customer", email="a@b.example"), "x", "Hi."])
+    async with Persistence(url).acheckpointer() as saver:
+        agent = build_agent(model, [slow_lookup], ledger=ledger, checkpointer=saver)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(agent.ainvoke(FIRST, config, context=CTX), 0.5)
+        cancelled = (await agent.aget_state(config)).values["usage"]
+        done = await agent.ainvoke(SECOND, config, context=CTX)
+    (run,) = await RunLog(ledger).aquery()
+    assert (run.status, run.model_calls) == ("success", 1)
+    assert run.input_tokens == done["usage"]["input_tokens"] - cancelled["input_tokens"]

@@ -3,7 +3,8 @@
 A *run* is one task on a thread: from a user message to its final answer (or stop). Its record
 is written when the run ends, and also when it pauses for a human (`status="interrupted"`);
 the same row is updated when the resumed run ends. Tokens, dollars, steps and model calls are
-the run's own: the state's totals for the thread minus those of the thread's previous run.
+the run's own: the state's totals for the thread minus the totals when the run started (its run
+clock, `keel.state.task_base`), or else minus those of the thread's previous run record.
 """
 
 from __future__ import annotations
@@ -197,13 +198,17 @@ class RunLog:
             )
         self.ledger = ledger
 
-    def write(self, record: RunRecord) -> RunRecord:
-        """Insert or update the run's row; returns what was stored (the run's own usage)."""
-        return self.ledger.run(upsert_flow(record))
+    def write(self, record: RunRecord, base: Mapping[str, float] | None = None) -> RunRecord:
+        """Insert or update the run's row; returns what was stored (the run's own usage).
 
-    async def awrite(self, record: RunRecord) -> RunRecord:
+        `base` is the thread's usage when the run started (`keel.state.task_base`); without it, the
+        thread's previous run record's totals are subtracted.
+        """
+        return self.ledger.run(upsert_flow(record, base))
+
+    async def awrite(self, record: RunRecord, base: Mapping[str, float] | None = None) -> RunRecord:
         """Insert or update the run's row (async)."""
-        return await self.ledger.arun(upsert_flow(record))
+        return await self.ledger.arun(upsert_flow(record, base))
 
     def query(
         self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
@@ -231,11 +236,15 @@ _COLUMNS = RUNS.names
 _UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
 
 
-def upsert_flow(record: RunRecord) -> Flow[RunRecord]:
-    """Store `record`, whose usage holds the thread's totals, as the run's own usage."""
+def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> Flow[RunRecord]:
+    """Store `record`, whose usage holds the thread's totals, as the run's own usage.
+
+    The run's own is the totals less `base` (the thread's usage when the run started), or,
+    without it, less the totals of the thread's previous run record.
+    """
     totals = {k: getattr(record, k) for k in _USAGE}
-    previous: dict[str, Any] = {}
-    if record.thread_id is not None:
+    previous: Mapping[str, Any] = base or {}
+    if base is None and record.thread_id is not None:
         rows = yield (
             "SELECT thread_usage FROM keel_runs WHERE thread_id = ? AND run_key <> ? "
             "ORDER BY started_at DESC LIMIT 1",

@@ -41,7 +41,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.nodes.human_review import REVIEWER_META
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
-from keel.state import AgentState, RunContext
+from keel.state import AgentState, RunContext, task_base
 from keel.tools.registry import ToolRegistry
 from keel.versions import AgentVersion
 
@@ -118,7 +118,7 @@ class Observer:
     def record_run(self, state: AgentState, config: RunnableConfig, context: RunContext) -> None:
         """Write the record of the run `state` ends (or pauses); a failure is logged."""
         try:
-            _telemetry(self.runs.write(_record(self, state, config, context)))
+            _telemetry(self.runs.write(_record(self, state, config, context), task_base(state)))
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
@@ -127,7 +127,8 @@ class Observer:
     ) -> None:
         """`record_run` under `ainvoke`."""
         try:
-            _telemetry(await self.runs.awrite(_record(self, state, config, context)))
+            record = _record(self, state, config, context)
+            _telemetry(await self.runs.awrite(record, task_base(state)))
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
