@@ -84,6 +84,10 @@ class Recorder(Protocol):
 
     def record_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
 
+    def who(self, config: RunnableConfig, context: Any) -> Any:
+        """Who and where the run's records belong to (`keel.observe.Who`)."""
+        ...
+
     async def arecord_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
 
 

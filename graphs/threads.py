@@ -132,10 +132,20 @@ def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, A
     return {**input, "messages": [*closing, *sent]}, closing
 
 
-def _records(closing: list[Any], config: RunnableConfig | None, context: Any) -> list[AuditRecord]:
-    """The `not_run` audit records of the pending calls `closing` answers, for the run's user."""
+def _records(
+    closing: list[Any], config: RunnableConfig | None, context: Any, graph: ThreadGuardedGraph
+) -> list[AuditRecord]:
+    """The `not_run` audit records of the pending calls `closing` answers, for the run's user.
+
+    With the agent's observer (`keel_recorder`), they carry the run, policy and agent version
+    as its other records do; each its tool's version.
+    """
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
     who = run_context(config, context)  # the server's user, a RunContext or a plain dict
+    fields: dict[str, Any] = {"user_id": who.user_id, "tenant_id": who.tenant_id}
+    if graph.keel_recorder is not None:
+        fields = graph.keel_recorder.who(ensure_config(config), who).fields()
+    tools = graph.keel_version.tool_versions if graph.keel_version is not None else {}
     return [
         AuditRecord(
             kind="tool",
@@ -143,10 +153,9 @@ def _records(closing: list[Any], config: RunnableConfig | None, context: Any) ->
             status="not_run",
             tool=m.name,
             result=str(m.content),
-            user_id=who.user_id,
-            tenant_id=who.tenant_id,
-            thread_id=str(thread),
             tool_call_id=m.tool_call_id,
+            tool_version=tools.get(m.name),
+            **{**fields, "thread_id": str(thread)},
         )
         for m in closing
     ]
@@ -214,7 +223,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         if _drops_pending(input, config, state):
             assert state is not None
             input, closing = _closed(input, state)
-            answered = _records(closing, config, kwargs.get("context"))
+            answered = _records(closing, config, kwargs.get("context"), self)
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:

@@ -533,3 +533,16 @@ async def test_a_cancelled_runs_usage_is_not_counted_in_the_next_run(tmp_path: A
     (run,) = await RunLog(ledger).aquery()
     assert (run.status, run.model_calls) == ("success", 1)
     assert run.input_tokens == done["usage"]["input_tokens"] - cancelled["input_tokens"]
+
+
+def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_path: Any) -> None:
+    """README: each record has user, tenant, thread, run, policy and agent version, and a tool
+    call's has the tool's version: the `not_run` answer to a dropped pending call too."""
+    with _paused(tmp_path, "t-n") as (agent, ledger, _):
+        dropped = {"configurable": {"thread_id": "t-n", "run_id": "r-2", "keel_pending": "not_run"}}
+        agent.invoke(SECOND, dropped, context=CTX)
+    (record,) = [r for r in AuditLog(ledger).query() if r.decision == "not_run"]
+    (run,) = RunLog(ledger).query()[-1:]
+    assert (record.tool, record.tool_version, record.policy) == ("issue_refund", "2", "support@3")
+    assert (record.user_id, record.tenant_id, record.thread_id) == ("u1", "acme", "t-n")
+    assert (record.run_id, record.version, record.model) == ("r-2", run.version, "scripted")
