@@ -45,8 +45,13 @@ def refused_records(
     result: Outcome,
     graph: str,
     version: AgentVersion | None = None,
+    policy: str | None = None,
 ) -> tuple[AuditRecord, RunRecord]:
-    """The audit record and the run record of a refused run."""
+    """The audit record and the run record of a refused run.
+
+    `policy` is `name@version` as the run's other records name it; else the context's name.
+    """
+    policy = policy or context.policy
     configurable = (config or {}).get("configurable") or {}
     thread = configurable.get("thread_id")
     run_id = configurable.get("run_id")
@@ -61,7 +66,7 @@ def refused_records(
         tenant_id=context.tenant_id,
         thread_id=None if thread is None else str(thread),
         run_id=None if run_id is None else str(run_id),
-        policy=context.policy,
+        policy=policy,
         at=now,
         **served,
     )
@@ -74,7 +79,7 @@ def refused_records(
         thread_id=None if thread is None else str(thread),
         run_id=None if run_id is None else str(run_id),
         graph=graph,
-        policy=context.policy,
+        policy=policy,
         user_id=context.user_id,
         tenant_id=context.tenant_id,
         started_at=now,

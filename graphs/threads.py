@@ -33,15 +33,16 @@ from langgraph.types import Command, StateSnapshot
 
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
-from keel.db.runs import RunLog
+from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd
-from keel.guards.admission import Admission, overloaded
+from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
+from keel.state import Outcome, RunContext
 from keel.versions import AgentVersion
 
 __all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
@@ -240,6 +241,17 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered and self.keel_audit is not None:
             await self.keel_audit.awrite(answered)
 
+    def _refused(
+        self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome
+    ) -> tuple[AuditRecord, RunRecord]:
+        """The records of a run admission control refused.
+
+        With the agent's observer, they name the policy as the run's other records do.
+        """
+        recorder = self.keel_recorder
+        policy = None if recorder is None else recorder.who(ensure_config(config), context).policy
+        return refused_records(config, context, lease, result, self.name, self.keel_version, policy)
+
     def _admitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: list[AuditRecord]
     ) -> Iterator[Any]:
@@ -250,9 +262,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = gate.acquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(
-                config, context, lease, result, self.name, self.keel_version
-            )
+            audit, record = self._refused(config, context, lease, result)
             AuditLog(gate.ledger).write([audit])
             RunLog(gate.ledger).write(record)
             yield from refused_chunks(result, kwargs, self.stream_mode)
@@ -271,9 +281,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         lease = await gate.aacquire(context)
         if lease.refused is not None:
             result = overloaded(gate.policy, lease.refused)
-            audit, record = refused_records(
-                config, context, lease, result, self.name, self.keel_version
-            )
+            audit, record = self._refused(config, context, lease, result)
             await AuditLog(gate.ledger).awrite([audit])
             await RunLog(gate.ledger).awrite(record)
             for part in refused_chunks(result, kwargs, self.stream_mode):

@@ -546,3 +546,25 @@ def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_pat
     assert (record.tool, record.tool_version, record.policy) == ("issue_refund", "2", "support@3")
     assert (record.user_id, record.tenant_id, record.thread_id) == ("u1", "acme", "t-n")
     assert (record.run_id, record.version, record.model) == ("r-2", run.version, "scripted")
+
+
+def test_a_run_refused_by_admission_names_its_policy_like_the_runs_other_records(
+    tmp_path: Any,
+) -> None:
+    from dataclasses import replace
+
+    from keel.guards import Admission, AdmissionPolicy
+
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    cap = AdmissionPolicy(tenant_running=1, tenant_queued=0)
+    policy = replace(Policy.from_dict(POLICY), admission=cap)
+    agent = build_agent(_model(), _tools(), policy=policy, ledger=ledger)
+    held = Admission(ledger, cap).acquire(CTX)  # the tenant's one slot is taken
+    try:
+        result = agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+    finally:
+        Admission(ledger, cap).release(held)
+    assert result["outcome"]["terminated_reason"] == "overloaded"
+    (audit,) = AuditLog(ledger).query()
+    (run,) = RunLog(ledger).query()
+    assert (audit.kind, audit.policy, run.policy) == ("admission", "support@3", "support@3")
