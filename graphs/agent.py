@@ -54,6 +54,7 @@ from keel.observe.observer import (
     audited,
     budget_records,
     content_records,
+    paused,
     recorded,
     review_records,
     tool_records,
@@ -431,7 +432,9 @@ class _Wiring:
             escalate=escalate,
             guards=self.guards,
         )
-        self.graph.add_node("verify", node)
+        self.graph.add_node(
+            "verify", node if self.observer is None else paused(node, self.observer)
+        )
         steps = self.steps
         route = self._to(lambda s: route_after_verify(s, steps=steps), "verify")
         self.graph.add_conditional_edges("verify", route, ["call_model", "respond", self.finish])

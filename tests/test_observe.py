@@ -568,3 +568,29 @@ def test_a_run_refused_by_admission_names_its_policy_like_the_runs_other_records
     (audit,) = AuditLog(ledger).query()
     (run,) = RunLog(ledger).query()
     assert (audit.kind, audit.policy, run.policy) == ("admission", "support@3", "support@3")
+
+
+def test_a_run_paused_by_verification_asking_a_human_is_recorded_as_interrupted(
+    tmp_path: Any,
+) -> None:
+    """`verify(escalate=True)` pauses the run inside the node: no route sees it, yet the run is
+    recorded as `interrupted` while it waits and counts as a human intervention when it ends."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-e"}}
+    model = ScriptedChatModel(script=["DRAFT: refunded"])
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(
+            model,
+            checks=[_no_drafts],
+            max_revisions=0,
+            escalate=True,
+            ledger=ledger,
+            checkpointer=saver,
+        )
+        assert agent.invoke(FIRST, config, context=CTX)["__interrupt__"]
+        (waiting,) = RunLog(ledger).query()
+        assert (waiting.status, waiting.interrupts) == ("interrupted", 1)
+        agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+    (run,) = RunLog(ledger).query()
+    assert (run.status, run.interrupts, run.run_key) == ("success", 1, waiting.run_key)

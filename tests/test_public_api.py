@@ -156,6 +156,7 @@ PUBLIC = {
         "budget_records",
         "content_records",
         "decision_log",
+        "paused",
         "recorded",
         "review_records",
         "tool_records",

@@ -7,7 +7,9 @@
   sync under `invoke`, awaited under `ainvoke`;
 - `recorded(route, observer, source)`: each routing decision is logged as one JSON line on the
   `keel.decisions` logger, and when the route ends the run (or pauses it for a human) the run
-  record is written (and a finished run reported to OpenTelemetry, see `keel.observe.otel`).
+  record is written (and a finished run reported to OpenTelemetry, see `keel.observe.otel`);
+- `paused(node, observer)`: a node that pauses the run itself (`verify` asking a human) writes
+  the run record as `interrupted` as it pauses.
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on.
@@ -25,9 +27,11 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.errors import GraphInterrupt
 from langgraph.graph import END
 from langgraph.runtime import Runtime
 
+from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
@@ -54,6 +58,7 @@ __all__ = [
     "budget_records",
     "content_records",
     "decision_log",
+    "paused",
     "recorded",
     "review_records",
     "tool_records",
@@ -198,6 +203,34 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
                 return await adrive(steps(got, state, config, runtime))
         except StorageError as exc:
             return _unrecorded(got[0] if got else None, exc)
+
+    return RunnableCallable(run, arun, name=node.name, trace=False)
+
+
+def paused(node: RunnableCallable, observer: Observer) -> RunnableCallable:
+    """`node`, writing the run record as `interrupted` when it pauses the run itself.
+
+    A node that calls `interrupt()` (`verify` asking a human about a failed answer) pauses the
+    run where no route sees it; the record is written as the pause propagates, and the same row
+    is updated when the resumed run ends.
+    """
+
+    def waiting(state: AgentState) -> AgentState:
+        return {**state, "outcome": outcome.interrupted(f"{node.name} asks a human")}
+
+    def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        try:
+            return node.invoke(state, config)
+        except GraphInterrupt:
+            observer.record_run(waiting(state), config, context_of(runtime))
+            raise
+
+    async def arun(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
+        try:
+            return await node.ainvoke(state, config)
+        except GraphInterrupt:
+            await observer.arecord_run(waiting(state), config, context_of(runtime))
+            raise
 
     return RunnableCallable(run, arun, name=node.name, trace=False)
 
