@@ -497,3 +497,6 @@ def sanitized_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, SanitizingFilter) for f in logger.filters):
         logger.addFilter(SanitizingFilter())
     return logger
+
+
+sanitized_logger("keel")  # the package's own logger redacts too, whoever logs through it
