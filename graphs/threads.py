@@ -83,7 +83,36 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
         return unreadable
     if exists and state is not None and state.interrupts:
         return _waiting(thread, state)
+    if exists and state is not None and (replaced := _replaced(input["messages"], state)):
+        return (
+            f"The run's input sends a message with the id {replaced!r} of a different message "
+            f"already in thread {thread!r}: LangGraph would overwrite that message in place "
+            "(and the run it started would lose its record). Send new messages without ids "
+            "(or with new ones); to edit the history, use update_state."
+        )
     return None
+
+
+def _replaced(messages: Any, state: StateSnapshot) -> str | None:
+    """The id of a saved message that `messages` would overwrite with a different one, if any.
+
+    Resending a message as it is saved (a client that sends the whole conversation) changes
+    nothing and is let through.
+    """
+    saved = {m.id: m for m in state.values.get("messages") or [] if m.id}
+    if not saved:
+        return None
+    for m in convert_to_messages(messages if isinstance(messages, list) else [messages]):
+        old = saved.get(m.id) if m.id else None
+        if old is not None and m.type != "remove" and _shape(m) != _shape(old):
+            return str(m.id)
+    return None
+
+
+def _shape(message: Any) -> tuple[Any, ...]:
+    """What a message says: its kind, its content and the calls it makes or answers."""
+    calls = [(c["name"], c["args"], c["id"]) for c in getattr(message, "tool_calls", None) or []]
+    return (message.type, message.content, calls, getattr(message, "tool_call_id", None))
 
 
 def _unreadable(messages: Any) -> str | None:
@@ -177,7 +206,11 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     """
     if saved is None or interrupt_pending(saved):
         return None
-    return StateSnapshot({}, (), saved.config, saved.metadata, None, saved.parent_config, (), ())
+    messages = saved.checkpoint["channel_values"].get("messages") or []
+    values = {"messages": messages}  # already read with the checkpoint: for `_replaced`
+    return StateSnapshot(
+        values, (), saved.config, saved.metadata, None, saved.parent_config, (), ()
+    )
 
 
 class ThreadGuardedGraph(ProtectedGraph):

@@ -399,9 +399,10 @@ def test_a_caller_cannot_name_the_messages_it_sent() -> None:
     assert sent == []
 
 
-def test_a_message_a_client_sends_over_a_saved_one_is_checked(db_url: str) -> None:
-    """`add_messages` replaces a saved message by one the client sends with its id, in place:
-    before the thread's last AI message, where the guard would not look for a new task."""
+def test_a_message_a_client_sends_over_a_saved_one_is_refused(db_url: str) -> None:
+    """`add_messages` would replace a saved message by one the client sends with its id, in
+    place: before the thread's last AI message, where the guard would not look for a new task.
+    keel's graphs refuse such input before anything is written."""
     model = ScriptedChatModel(script=[_obeys_anywhere] * 4)
     policy = Policy(rules=RULES, input_guard=InputGuardPolicy(injection_action="block"))
     config = {"configurable": {"thread_id": "overwritten"}}
@@ -410,11 +411,12 @@ def test_a_message_a_client_sends_over_a_saved_one_is_checked(db_url: str) -> No
         first = agent.invoke({"messages": [("user", "Hello.")]}, config, context=CTX)
         hello = first["messages"][0]
         over = [HumanMessage(INJECTION, id=hello.id), HumanMessage("Go ahead.")]
-        result = agent.invoke({"messages": over}, config, context=CTX)
+        with pytest.raises(UserError, match="of a different message already in thread"):
+            agent.invoke({"messages": over}, config, context=CTX)
+        assert agent.get_state(config).values["messages"][0].text == "Hello."
 
     assert "Ignore all previous instructions" not in _seen(model)
     assert sent == []
-    assert result["outcome"]["terminated_reason"] == "blocked"
 
 
 def test_a_threads_saved_messages_are_not_checked_again(db_url: str) -> None:
