@@ -81,6 +81,11 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     unreadable = _unreadable(input["messages"])
     if unreadable is not None:
         return unreadable
+    if _blank(input["messages"]):
+        return (
+            "The run's messages say nothing (empty or only whitespace): the model would be "
+            "asked about nothing. Send {'messages': [('user', '...')]} with the task's text."
+        )
     if exists and state is not None and state.interrupts:
         return _waiting(thread, state)
     if exists and state is not None and (replaced := _replaced(input["messages"], state)):
@@ -126,6 +131,19 @@ def _unreadable(messages: Any) -> str | None:
             "(role, text) pairs, message dicts or LangChain messages."
         )
     return None
+
+
+def _blank(messages: Any) -> bool:
+    """Whether every message of `messages` is empty: no text but whitespace, nothing else."""
+    for m in convert_to_messages(messages if isinstance(messages, list) else [messages]):
+        if m.text.strip() or getattr(m, "tool_calls", None) or m.type == "remove":
+            return False
+        if isinstance(m.content, list) and any(
+            not isinstance(b, str) and not (isinstance(b, dict) and b.get("type") == "text")
+            for b in m.content
+        ):
+            return False  # an image, a file: something to read
+    return True
 
 
 def _waiting(thread: Any, state: StateSnapshot) -> str:

@@ -404,11 +404,33 @@ def test_a_message_sent_under_a_saved_messages_id_cannot_rewrite_the_thread(db_u
     ledger.close()
 
 
-@pytest.mark.parametrize("bad", [{}, {"messages": []}, {"messages": None}, {"messages": ""}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"messages": []},
+        {"messages": None},
+        {"messages": ""},
+        {"messages": [("user", "   ")]},
+        {"messages": [{"role": "user", "content": "\n\t"}, ("user", "")]},
+        {"messages": [("user", [{"type": "text", "text": " "}])]},
+    ],
+)
 def test_empty_input_is_an_error(bad: Any) -> None:
-    agent = build_agent(ScriptedChatModel(script=["Hello!"]))
+    model = ScriptedChatModel(script=["Hello!"])
+    agent = build_agent(model)
     with pytest.raises(UserError, match="messages"):
         agent.invoke(bad, context=CTX)
+    assert model.calls == []
+
+
+def test_a_message_with_only_an_image_is_not_empty() -> None:
+    model = ScriptedChatModel(script=["A teapot."])
+    agent = build_agent(model)
+    image = [{"type": "image", "url": "https://shop.test/a1.png"}]
+    assert agent.invoke({"messages": [("user", image)]}, context=CTX)["messages"][-1].text == (
+        "A teapot."
+    )
 
 
 def test_edited_arguments_are_checked_against_the_schema_when_submitted(tmp_path: Path) -> None:
