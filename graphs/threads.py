@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
-from langchain_core.messages import convert_to_messages
+from langchain_core.messages import BaseMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
@@ -78,17 +78,17 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
             f"A run needs at least one message, got {input!r}: invoke the agent with "
             "{'messages': [('user', '...')]}."
         )
-    unreadable = _unreadable(input["messages"])
-    if unreadable is not None:
-        return unreadable
-    if _blank(input["messages"]):
+    messages = _readable(input["messages"])
+    if isinstance(messages, str):
+        return messages
+    if _blank(messages):
         return (
             "The run's messages say nothing (empty or only whitespace): the model would be "
             "asked about nothing. Send {'messages': [('user', '...')]} with the task's text."
         )
     if exists and state is not None and state.interrupts:
         return _waiting(thread, state)
-    if exists and state is not None and (replaced := _replaced(input["messages"], state)):
+    if exists and state is not None and (replaced := _replaced(messages, state)):
         return (
             f"The run's input sends a message with the id {replaced!r} of a different message "
             f"already in thread {thread!r}: LangGraph would overwrite that message in place "
@@ -98,7 +98,7 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     return None
 
 
-def _replaced(messages: Any, state: StateSnapshot) -> str | None:
+def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:
     """The id of a saved message that `messages` would overwrite with a different one, if any.
 
     Resending a message as it is saved (a client that sends the whole conversation) changes
@@ -107,7 +107,7 @@ def _replaced(messages: Any, state: StateSnapshot) -> str | None:
     saved = {m.id: m for m in state.values.get("messages") or [] if m.id}
     if not saved:
         return None
-    for m in convert_to_messages(messages if isinstance(messages, list) else [messages]):
+    for m in messages:
         old = saved.get(m.id) if m.id else None
         if old is not None and m.type != "remove" and _shape(m) != _shape(old):
             return str(m.id)
@@ -120,22 +120,21 @@ def _shape(message: Any) -> tuple[Any, ...]:
     return (message.type, message.content, calls, getattr(message, "tool_call_id", None))
 
 
-def _unreadable(messages: Any) -> str | None:
-    """Why `messages` are not messages LangGraph's `add_messages` can read, if they are not."""
+def _readable(messages: Any) -> list[BaseMessage] | str:
+    """`messages` as LangGraph's `add_messages` reads them, or why it cannot read them."""
     try:
-        convert_to_messages(messages if isinstance(messages, list) else [messages])
+        return convert_to_messages(messages if isinstance(messages, list) else [messages])
     except Exception as exc:  # langchain-core raises NotImplementedError, ValueError, ...
         return (
             f"The run's messages could not be read ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0]}): send {{'messages': [('user', '...')]}}, a list of "
             "(role, text) pairs, message dicts or LangChain messages."
         )
-    return None
 
 
-def _blank(messages: Any) -> bool:
+def _blank(messages: list[BaseMessage]) -> bool:
     """Whether every message of `messages` is empty: no text but whitespace, nothing else."""
-    for m in convert_to_messages(messages if isinstance(messages, list) else [messages]):
+    for m in messages:
         if m.text.strip() or getattr(m, "tool_calls", None) or m.type == "remove":
             return False
         if isinstance(m.content, list) and any(
