@@ -124,7 +124,7 @@ def screen_inputs(
         caller = marked or m.id in sent
         if i < start and not caller:
             continue
-        read = _unmarked(m) if marked else m
+        read = _without(m, SENT_KEY) if marked else m
         screened: BaseMessage | None = None
         if isinstance(read, HumanMessage) or (
             isinstance(read, AIMessage | SystemMessage) and caller
@@ -176,8 +176,9 @@ def mark_sent(message: BaseMessage) -> BaseMessage:
     return message.model_copy(update={"response_metadata": meta})
 
 
-def _unmarked(message: BaseMessage) -> BaseMessage:
-    meta = {k: v for k, v in message.response_metadata.items() if k != SENT_KEY}
+def _without(message: BaseMessage, key: str) -> BaseMessage:
+    """A copy of `message` without `key` in its `response_metadata` (keel's mark or note)."""
+    meta = {k: v for k, v in message.response_metadata.items() if k != key}
     return message.model_copy(update={"response_metadata": meta})
 
 
@@ -217,8 +218,7 @@ def _screen_user(
     if verdict is None:
         if isinstance(message, HumanMessage) and GUARD_KEY in message.response_metadata:
             # only keel writes this note on a user's message (an answer's is the output guard's)
-            meta = {k: v for k, v in message.response_metadata.items() if k != GUARD_KEY}
-            return message.model_copy(update={"response_metadata": meta}), None
+            return _without(message, GUARD_KEY), None
         return None, None
     action, content, findings, _ = verdict
     meta = {**message.response_metadata, GUARD_KEY: _note("input", "user", action, findings)}
