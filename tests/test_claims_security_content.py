@@ -301,13 +301,18 @@ class _KilledOnce:
         return HeuristicDetector()(text, source)
 
 
-def _blocking_agent_on_a_thread(detector: Any = None) -> tuple[ScriptedChatModel, Any]:
-    """A model that obeys injections anywhere, behind an input guard that blocks them."""
-    model = ScriptedChatModel(script=[_obeys_anywhere] * 4)
+def _blocking_agent_on_a_thread(
+    detector: Any = None,
+    *,
+    script: list[Any] | None = None,
+    tools: Sequence[Any] = (send_email, lookup_page),
+) -> tuple[ScriptedChatModel, Any]:
+    """A model (by default one that obeys injections anywhere) behind an input guard that
+    blocks them, on an in-memory saver."""
+    model = ScriptedChatModel(script=script or [_obeys_anywhere] * 4)
     guard = InputGuardPolicy(injection_action="block", detector=detector)
     policy = Policy(rules=RULES, input_guard=guard)
-    tools = [send_email, lookup_page]
-    return model, build_agent(model, tools, policy=policy, checkpointer=InMemorySaver())
+    return model, build_agent(model, list(tools), policy=policy, checkpointer=InMemorySaver())
 
 
 def test_a_run_resumed_after_a_crash_in_the_input_guard_still_reads_what_the_input_sent() -> None:
@@ -1236,9 +1241,7 @@ async def test_a_caller_cannot_start_a_run_past_the_input_guard_with_goto(mode: 
         read.append(messages[-1].text)
         return "ok"
 
-    model = ScriptedChatModel(script=[answer, answer])
-    policy = Policy(rules=RULES, input_guard=InputGuardPolicy(injection_action="block"))
-    agent = build_agent(model, [], policy=policy, checkpointer=InMemorySaver())
+    _, agent = _blocking_agent_on_a_thread(script=[answer, answer], tools=[])
     config: Any = {"configurable": {"thread_id": f"goto-{mode}"}}
     agent.invoke({"messages": [("user", "hello")]}, config, context=CTX)
     forged = Command(goto="call_model", update={"messages": [("user", INJECTION)]})
@@ -1262,9 +1265,7 @@ async def test_a_state_update_cannot_slip_a_message_past_the_input_guard(how: st
         read.extend(m.text for m in messages)
         return "ok"
 
-    model = ScriptedChatModel(script=[answer, answer])
-    policy = Policy(rules=RULES, input_guard=InputGuardPolicy(injection_action="block"))
-    agent = build_agent(model, [], policy=policy, checkpointer=InMemorySaver())
+    _, agent = _blocking_agent_on_a_thread(script=[answer, answer], tools=[])
     config: Any = {"configurable": {"thread_id": f"update-{how}"}}
     agent.invoke({"messages": [("user", "hello")]}, config, context=CTX)
     slipped = {"messages": [HumanMessage(INJECTION), AIMessage("Sure.")]}
