@@ -377,7 +377,7 @@ class _Wiring:
         """[input_guard] → [recall] → [plan] on the way in; [output_guard] → [reflect] out."""
         graph, observer, guards = self.graph, self.observer, self.guards
         # With memory, every run that ends goes through `reflect` on its way out.
-        self.end = end = _add_memory(graph, store) if memory else END
+        self.end = end = self.memory(store) if memory else END
         # A finished run goes through `output_guard` (when there is one) and then to `end`.
         outputs = guards.output_guard
         self.finish = "output_guard" if outputs is not None else end
@@ -398,6 +398,19 @@ class _Wiring:
             route = recorded(lambda s: END, observer, "output_guard", end=end)
             graph.add_conditional_edges("output_guard", route, [end])
         return first
+
+    def memory(self, store: BaseStore | None) -> str:
+        """`recall` (the caller adds its edge from START) and `reflect` → END; returns `reflect`.
+
+        `recall` screens memories with the policy's input guard: they join the system prompt.
+        """
+        from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on
+
+        node = recall(store, guard=self.guards.input_guard)
+        self.graph.add_node("recall", self.observed(node, content_records))
+        self.graph.add_node("reflect", reflect(store))
+        self.graph.add_edge("reflect", END)
+        return "reflect"
 
     def planner(
         self,
@@ -526,18 +539,6 @@ def _to(
         return finish if choice == END else choice
 
     return recorded(to_finish, observer, source)
-
-
-def _add_memory(
-    graph: StateGraph[AgentState, RunContext, AgentInput, AgentState], store: BaseStore | None
-) -> str:
-    """Add `recall` (the caller adds its edge from START) and `reflect` → END; return `reflect`."""
-    from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on
-
-    graph.add_node("recall", recall(store))
-    graph.add_node("reflect", reflect(store))
-    graph.add_edge("reflect", END)
-    return "reflect"
 
 
 def _validate(

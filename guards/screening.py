@@ -48,6 +48,7 @@ __all__ = [
     "ascreen_human_text",
     "ascreen_inputs",
     "ascreen_tool_result",
+    "guard_note",
     "guard_notes",
     "mark_sent",
     "screen_answer",
@@ -78,7 +79,7 @@ class GuardNote(TypedDict):
     """What a content guard did to one message (in `response_metadata["keel_guard"]`)."""
 
     guard: Literal["input", "output"]
-    source: Literal["user", "tool", "answer"]
+    source: Literal["user", "tool", "answer", "memory"]
     action: str
     """`flag`, `redact` or `block`."""
     rules: list[str]
@@ -192,7 +193,7 @@ def screen_tool_result(message: ToolMessage, policy: InputGuardPolicy) -> ToolMe
     if verdict is None:
         return None
     action, content, findings, _ = verdict
-    note = _note("input", "tool", action, findings)
+    note = guard_note("input", "tool", action, findings)
     meta = {**message.response_metadata, GUARD_KEY: note}
     if action == "block":
         meta["keel_status"] = "blocked"
@@ -221,7 +222,7 @@ def _screen_user(
             return _without(message, GUARD_KEY), None
         return None, None
     action, content, findings, _ = verdict
-    meta = {**message.response_metadata, GUARD_KEY: _note("input", "user", action, findings)}
+    meta = {**message.response_metadata, GUARD_KEY: guard_note("input", "user", action, findings)}
     if action == "block":
         notice = f"[withheld by the input guard: {', '.join(_rules(findings))}]"
         why = f"the input guard blocked the {_WHOSE[message.type]} ({_refusal(findings)})"
@@ -242,7 +243,7 @@ def screen_human_text(text: str, policy: InputGuardPolicy) -> tuple[str, GuardNo
     action, content, findings, _ = verdict
     if action == "block":
         content = f"[withheld by the input guard: {', '.join(_rules(findings))}]"
-    return str(content), _note("input", "user", action, findings)
+    return str(content), guard_note("input", "user", action, findings)
 
 
 def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | None:
@@ -251,7 +252,10 @@ def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | 
     if verdict is None:
         return None
     action, content, findings, why = verdict
-    meta = {**message.response_metadata, GUARD_KEY: _note("output", "answer", action, findings)}
+    meta = {
+        **message.response_metadata,
+        GUARD_KEY: guard_note("output", "answer", action, findings),
+    }
     if action == "block":
         content = why
     return message.model_copy(update={"content": content, "response_metadata": meta})
@@ -359,12 +363,13 @@ def _rules(findings: Sequence[ContentFinding]) -> list[str]:
     return list(dict.fromkeys(f.rule for f in findings))
 
 
-def _note(
+def guard_note(
     guard: Literal["input", "output"],
-    source: Literal["user", "tool", "answer"],
+    source: Literal["user", "tool", "answer", "memory"],
     action: str,
     findings: Sequence[ContentFinding],
 ) -> GuardNote:
+    """The note a guard leaves on a message it acted on (rules and excerpts, no full text)."""
     return {
         "guard": guard,
         "source": source,

@@ -4,6 +4,8 @@
   within a token budget, as one `SystemMessage(id="keel-recall")`. `call_model` sends every
   system message first, merged into one (`valid_history`), so the memories join the system
   prompt; the fixed id makes the next turn's recall replace this one instead of piling up.
+  Each memory is screened first with the input guard, as a tool result is: one it finds an
+  injection in is left out (it would otherwise speak with the system prompt's authority).
 - `reflect` (after the run): stores a `Lesson` of the finished run in the user's lessons.
 """
 
@@ -11,14 +13,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from langchain_core.messages import HumanMessage, RemoveMessage, SystemMessage
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, SearchItem
 
+from keel._drive import Op, Steps, adrive, drive
 from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
+from keel.guards.content import ContentFinding, InputGuardPolicy, acheck_input, check_input
+from keel.guards.screening import GUARD_KEY, guard_note
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
 from keel.redact import sanitized_logger
@@ -38,6 +44,10 @@ HEADER = (
 )
 
 
+DEFAULT_GUARD = InputGuardPolicy()
+"""What `recall` screens memories with unless told otherwise: keel's heuristics."""
+
+
 def _approx_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
@@ -50,9 +60,16 @@ def recall(
     recent: int = 2,
     token_budget: int = 800,
     count_tokens: Callable[[str], int] = _approx_tokens,
+    guard: InputGuardPolicy | None = DEFAULT_GUARD,
     name: str = "recall",
 ) -> RunnableCallable:
     """A node that puts the user's relevant memories into the model's context.
+
+    The memories join the system prompt, so each one is screened first as untrusted text (a
+    memory may have been written by a model that obeyed an injected page, or by a client
+    through the store API): one the input guard finds an injection in is left out, whatever
+    its `injection_action` (`redact` keeps it with the matched spans replaced). The recalled
+    message says how many were left out, and carries the guard's note for the audit log.
 
     Args:
         store: The store; the graph's own (`compile(store=...)`) when omitted.
@@ -62,49 +79,42 @@ def recall(
         token_budget: The most tokens the recalled text may take; lower-ranked memories are
             left out first.
         count_tokens: Counts tokens of a text (default: characters / 4).
+        guard: The input guard memories are screened with (as tool results are); default:
+            keel's heuristics. `build_agent` passes its policy's. `None` screens nothing.
         name: The node's name.
     """
     _check_recall(kinds, limit, recent, token_budget)
+    if guard is not None and not isinstance(guard, InputGuardPolicy):
+        raise UserError(f"recall(guard=...) must be an InputGuardPolicy or None, got {guard!r}.")
 
-    def plan(
-        state: AgentState, runtime: Runtime[RunContext] | None
-    ) -> tuple[BaseStore, list[tuple[tuple[str, ...], str | None, int]]]:
+    def steps(state: AgentState, runtime: Runtime[RunContext] | None) -> Steps[dict[str, Any]]:
         ctx = identity_of(context_of(runtime))
-        query = _last_user_text(state)
-        searches: list[tuple[tuple[str, ...], str | None, int]] = []
-        for kind in kinds:
-            ns = user_namespace(ctx, kind)
-            if query:
-                searches.append((ns, query, limit))
-            if recent:
-                searches.append((ns, None, recent))
-        return store_of(runtime, store), searches
-
-    def finish(state: AgentState, found: list[list[SearchItem]]) -> dict[str, Any]:
-        text = _render([i for batch in found for i in batch], token_budget, count_tokens)
-        if text:
-            return {"messages": [SystemMessage(content=text, id=RECALL_ID)]}
+        st, query = store_of(runtime, store), _last_user_text(state)
+        found: list[SearchItem] = []
+        try:
+            for kind in kinds:
+                ns = user_namespace(ctx, kind)
+                for q, n in ((query, limit), (None, recent)) if query else ((None, recent),):
+                    if n:
+                        found.extend((yield _search(st, ns, q, n)))
+        except Exception as exc:
+            return _degraded(state, exc)
+        lines = _render(found, token_budget, count_tokens)
+        kept, findings = yield from _screened(lines, guard)
+        if kept or findings:
+            return {
+                "messages": [_recalled(kept, len(lines) - len(kept), findings)],
+                **_recovered(state),
+            }
         if any(m.id == RECALL_ID for m in state.get("messages") or []):
-            return {"messages": [RemoveMessage(id=RECALL_ID)]}
-        return {}
+            return {"messages": [RemoveMessage(id=RECALL_ID)], **_recovered(state)}
+        return _recovered(state)
 
     def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        st, searches = plan(state, runtime)
-        try:
-            found = [st.search(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches]
-        except Exception as exc:
-            return _degraded(state, exc)
-        return {**finish(state, found), **_recovered(state)}
+        return drive(steps(state, runtime))
 
     async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        st, searches = plan(state, runtime)
-        try:
-            found = [
-                await st.asearch(ns, query=q, limit=n, refresh_ttl=False) for ns, q, n in searches
-            ]
-        except Exception as exc:
-            return _degraded(state, exc)
-        return {**finish(state, found), **_recovered(state)}
+        return await adrive(steps(state, runtime))
 
     return make_node(name, invoke, ainvoke)
 
@@ -201,7 +211,7 @@ def _last_user_text(state: AgentState) -> str:
     return ""
 
 
-def _render(items: list[SearchItem], budget: int, count: Callable[[str], int]) -> str:
+def _render(items: list[SearchItem], budget: int, count: Callable[[str], int]) -> list[str]:
     """Best first (semantic matches by score, then recent ones), deduplicated, within budget."""
     seen: set[tuple[tuple[str, ...], str]] = set()
     lines: list[str] = []
@@ -217,4 +227,56 @@ def _render(items: list[SearchItem], budget: int, count: Callable[[str], int]) -
         seen.add(ident)
         lines.append(line)
         used += cost
-    return "\n".join([HEADER, *lines]) if lines else ""
+    return lines
+
+
+def _search(store: BaseStore, ns: tuple[str, ...], query: str | None, limit: int) -> Op:
+    kw: dict[str, Any] = {"query": query, "limit": limit, "refresh_ttl": False}
+    return Op(partial(store.search, ns, **kw), partial(store.asearch, ns, **kw))
+
+
+def _screened(
+    lines: list[str], guard: InputGuardPolicy | None
+) -> Steps[tuple[list[str], list[ContentFinding]]]:
+    """The lines the guard lets into the system prompt, and what it found in the others.
+
+    One check of all the lines (one model call with a `ModelDetector`); only when it finds
+    something is each line checked on its own, to leave out just the ones at fault.
+    """
+    if guard is None or not lines:
+        return lines, []
+    whole = yield _check("\n".join(lines), guard)
+    if whole.action == "allow":
+        return lines, []
+    kept: list[str] = []
+    findings: list[ContentFinding] = []
+    for line in lines:
+        verdict = whole if len(lines) == 1 else (yield _check(line, guard))
+        findings.extend(verdict.findings)
+        if verdict.action == "allow":
+            kept.append(line)
+        elif verdict.action == "redact":  # the spans replaced: the rest of the memory stays
+            kept.append(verdict.text)
+    return kept, findings
+
+
+def _check(text: str, guard: InputGuardPolicy) -> Op:
+    """A memory is untrusted text, as a tool's result is."""
+    return Op(
+        partial(check_input, text, guard, source="tool"),
+        partial(acheck_input, text, guard, source="tool"),
+    )
+
+
+def _recalled(kept: list[str], left_out: int, findings: list[ContentFinding]) -> SystemMessage:
+    """The recall message; the guard's note, when it acted, goes to the audit log."""
+    lines = [HEADER, *kept]
+    if left_out:
+        rules = ", ".join(dict.fromkeys(f.rule for f in findings))
+        lines.append(f"- [{left_out} withheld by the input guard: {rules}]")
+        log.warning("keel memory: %d recalled memories left out (%s)", left_out, rules)
+    message = SystemMessage(content="\n".join(lines), id=RECALL_ID)
+    if findings:
+        action = "block" if left_out else "redact"
+        message.response_metadata[GUARD_KEY] = guard_note("input", "memory", action, findings)
+    return message
