@@ -204,6 +204,29 @@ def index_texts(value: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
 # Filters ---------------------------------------------------------------------------------------
 
 
+def check_utf8(op: object) -> None:
+    """Refuse a lone surrogate in an operation's namespace, key, value or query.
+
+    It is not UTF-8: Chroma's tokenizer, its metadata and SQLite each fail on it with an error
+    that does not say which text was at fault.
+    """
+    parts = {
+        "namespace": getattr(op, "namespace", None) or getattr(op, "namespace_prefix", None),
+        "key": getattr(op, "key", None),
+        "value": getattr(op, "value", None),
+        "query": getattr(op, "query", None),
+    }
+    for what, part in parts.items():
+        try:
+            json.dumps(part, ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(
+                f"ChromaStore: the {what} of a {type(op).__name__} holds a lone surrogate (text "
+                "that is not UTF-8, such as '\\ud800'), which the store cannot keep or embed: "
+                "pass valid text (text.encode('utf-8', 'replace').decode() drops it)."
+            ) from None
+
+
 def check_filter(flt: object) -> dict[str, Any] | None:
     """Reject filters LangGraph's stores do not understand, naming the bad part."""
     if flt is None:

@@ -195,6 +195,7 @@ class ChromaStore(BaseStore):
         todo = list(ops)
         for op in todo:
             validate_op_namespace(op)
+            b.check_utf8(op)
             if isinstance(op, SearchOp):
                 b.check_filter(op.filter)
                 if op.limit < 0 or op.offset < 0:

@@ -68,7 +68,8 @@ def extract_lesson(state: AgentState) -> Lesson | None:
     tools: list[str] = []
     for m in messages:
         if isinstance(m, AIMessage):
-            tools.extend(tc["name"] for tc in m.tool_calls if tc["name"] not in tools)
+            names = (_clip(tc["name"], 80) for tc in m.tool_calls)  # a model's, made up or not
+            tools.extend(n for n in names if n not in tools)
     errors = [
         f"{m.name or 'tool'}: {_clip(m.text, 120)}"
         for m in messages
@@ -89,5 +90,6 @@ def extract_lesson(state: AgentState) -> Lesson | None:
 
 
 def _clip(text: str, n: int) -> str:
-    text = " ".join(text.split())
+    """One line of at most `n` characters, as the store can keep it (a lone surrogate is `?`)."""
+    text = " ".join(text.encode("utf-8", "replace").decode().split())
     return text if len(text) <= n else text[: n - 1] + "…"

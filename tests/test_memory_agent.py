@@ -277,6 +277,21 @@ def test_a_lesson_says_what_failed_and_why() -> None:
         "Failed along the way: refund: Error: payment API timeout. "
         "Its answer then (did not work): I could not refund it."
     )
+    # a lone surrogate from a model or a tool cannot keep the lesson out of the store
+    odd: AgentState = {
+        **state,
+        "messages": [
+            HumanMessage("refund order 7"),
+            AIMessage("", tool_calls=[{"name": "re\ud800fund", "args": {}, "id": "c1"}]),
+            ToolMessage("Error: \udfff", tool_call_id="c1", name="refund", status="error"),
+            AIMessage("Done \ud800."),
+        ],
+    }
+    odd_lesson = extract_lesson(odd)
+    assert odd_lesson is not None
+    assert odd_lesson.tools_used == ("re?fund",)
+    assert odd_lesson.text().encode("utf-8")  # storable
+    assert "Its answer then (did not work): Done ?." in odd_lesson.text()
     paused: AgentState = {
         **state,
         "outcome": {

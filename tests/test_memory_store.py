@@ -234,6 +234,28 @@ def test_bad_operations_are_refused_with_the_fix(store: ChromaStore) -> None:
         store.purge(())
 
 
+@pytest.mark.parametrize(
+    ("what", "op"),
+    [
+        ("value", lambda s: s.put(("m", "a"), "k", {"text": "tea \ud800"})),
+        ("value", lambda s: s.put(("m", "a"), "k", {"text": "ok", "note": "\udfff"}, index=False)),
+        ("key", lambda s: s.put(("m", "a"), "\ud800", {"text": "tea"})),
+        ("key", lambda s: s.get(("m", "a"), "k\ud800")),
+        ("namespace", lambda s: s.put(("m", "\ud800"), "k", {"text": "tea"})),
+        ("query", lambda s: s.search(("m", "a"), query="tea \ud800")),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_what_held_it(
+    store: ChromaStore, what: str, op: Any
+) -> None:
+    # (Chroma's tokenizer, metadata and SQLite fail on one with errors that name nothing)
+    with pytest.raises(UserError, match=f"the {what} of a .* holds a lone surrogate"):
+        op(store)
+    assert store.search(("m", "a")) == []  # nothing half-written
+    store.put(("m", "a"), "k", {"text": "NUL \x00 is text"})  # valid UTF-8 is kept as it is
+    assert store.get(("m", "a"), "k").value == {"text": "NUL \x00 is text"}  # type: ignore[union-attr]
+
+
 def test_a_client_you_built_works_too(tmp_path: Path) -> None:
     client = chromadb.PersistentClient(
         path=str(tmp_path), settings=Settings(anonymized_telemetry=False)
