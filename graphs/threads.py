@@ -114,6 +114,24 @@ def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:
     return None
 
 
+def _without_resent(input: Any, state: StateSnapshot | None) -> Any:
+    """`input` without the messages it resends exactly as the thread has them saved.
+
+    A client that keeps the conversation itself sends it all again with each new message.
+    Those copies change nothing, but the run would mark them as the caller's and the input
+    guard would read them again: a flagged one audited on every run, a detector asked about
+    the whole history each time. Only what is new is sent on (all of it, when nothing is).
+    """
+    if state is None or not isinstance(input, Mapping):
+        return input
+    saved = {m.id: m for m in state.values.get("messages") or [] if m.id}
+    messages = _readable(input.get("messages"))
+    if not saved or isinstance(messages, str):
+        return input
+    new = [m for m in messages if not (m.id in saved and _shape(m) == _shape(saved[m.id]))]
+    return {**input, "messages": new} if new and len(new) < len(messages) else input
+
+
 def _shape(message: Any) -> tuple[Any, ...]:
     """What a message says: its kind, its content and the calls it makes or answers."""
     calls = [(c["name"], c["args"], c["id"]) for c in getattr(message, "tool_calls", None) or []]
@@ -279,6 +297,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         problem = refusal(input, config, state)
         if problem is not None:
             raise UserError(problem)
+        input = _without_resent(input, state)
         self._check_input(input)  # protected keys, before any record (ProtectedGraph re-checks)
         return input, answered
 

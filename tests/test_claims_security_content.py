@@ -442,6 +442,42 @@ def test_a_threads_saved_messages_are_not_checked_again(db_url: str) -> None:
     ledger.close()
 
 
+def test_a_stateless_client_resending_the_history_has_only_its_new_message_checked(
+    db_url: str,
+) -> None:
+    """A client that keeps the conversation itself sends it all again with each new message.
+    What it resends exactly as saved changes nothing, so the guard does not read it again: a
+    flagged message is audited once, and a detector (a model, at a price) sees each message
+    once, not the whole history on every run."""
+    ledger = Ledger(db_url)
+    seen: list[str] = []
+
+    def detector(text: str, source: Any) -> Any:
+        seen.append(text)
+        return HeuristicDetector()(text, source)
+
+    model = ScriptedChatModel(script=["I cannot do that.", "You are welcome.", "Bye."])
+    config = {"configurable": {"thread_id": "stateless"}}
+    policy = Policy(rules=RULES, input_guard=InputGuardPolicy(detector=detector))
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(model, [], policy=policy, ledger=ledger, checkpointer=saver)
+        history = agent.invoke({"messages": [("user", INJECTION)]}, config, context=CTX)
+        for text in ("Thanks.", "Goodbye."):
+            history = agent.invoke(
+                {"messages": [*history["messages"], ("user", text)]}, config, context=CTX
+            )
+        assert history["outcome"]["terminated_reason"] == "completed"
+        assert [m.text for m in history["messages"]] == [
+            INJECTION, "I cannot do that.", "Thanks.", "You are welcome.", "Goodbye.", "Bye."
+        ]  # fmt: skip
+        assert not [m for m in history["messages"] if SENT_KEY in m.response_metadata]
+
+    content = [r for r in AuditLog(ledger).query() if r.kind == "content"]
+    assert [(r.decision, r.status) for r in content] == [("flag", "user")]
+    assert seen == [INJECTION, "Thanks.", "Goodbye."]
+    ledger.close()
+
+
 @pytest.mark.parametrize(
     "blocks",
     [
