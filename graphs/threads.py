@@ -36,6 +36,7 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
+from keel.graphs._one_run import OneRunPerThread
 from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd
 from keel.guards.admission import Admission, Lease, overloaded
@@ -45,7 +46,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.state import Outcome, RunContext
 from keel.versions import AgentVersion
 
-__all__ = ["PENDING_KEY", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
+__all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
 PENDING_KEY = "keel_pending"
 """`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
@@ -266,7 +267,7 @@ class ThreadGuardedGraph(ProtectedGraph):
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
         attrs = {k: v for k, v in self.__dict__.items() if k not in _NOT_INIT}
-        out = ThreadGuardedGraph(**{**attrs, **(update or {})})
+        out = type(self)(**{**attrs, **(update or {})})
         out.keel_audit = self.keel_audit
         out.keel_admission = self.keel_admission
         out.keel_output_guard = self.keel_output_guard
@@ -418,6 +419,13 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield chunk
 
 
+class KeelGraph(OneRunPerThread, ThreadGuardedGraph):
+    """A keel agent's compiled graph: one run at a time per thread, each checked against it.
+
+    `OneRunPerThread` (`graphs._one_run`) takes the thread, then `ThreadGuardedGraph` reads it.
+    """
+
+
 G = TypeVar("G", bound=CompiledStateGraph[Any, Any, Any, Any])
 
 
@@ -446,7 +454,7 @@ def guarded(
     `recorder` writes the run record of a run that ends on a storage failure.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
-    out = ThreadGuardedGraph(**attrs)
+    out = KeelGraph(**attrs)
     out.keel_audit = audit
     out.keel_admission = admission
     out.keel_output_guard = output_guard

@@ -7,7 +7,7 @@ This is the one module of keel that touches LangGraph's private modules.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -36,6 +36,7 @@ from keel.state import AgentState, RunContext
 
 __all__ = [
     "NO_RESUME",
+    "NS_SEP",
     "RunnableCallable",
     "context_of",
     "default_retry_on",
@@ -46,6 +47,7 @@ __all__ = [
     "unsaved_checkpoint",
     "policy_id",
     "runtime_in",
+    "saver_in",
     "thread_of",
 ]
 
@@ -162,6 +164,11 @@ def peek_resume(config: RunnableConfig) -> Any:
 
 
 G = TypeVar("G", bound=Runnable[Any, Any])
+
+
+def saver_in(configurable: Mapping[str, Any]) -> Any:
+    """The checkpointer LangGraph put in a task's configurable (`None` when it has none)."""
+    return configurable.get(CONFIG_KEY_CHECKPOINTER)
 
 
 def saved_thread(config: RunnableConfig) -> str | None:
