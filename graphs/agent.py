@@ -142,10 +142,12 @@ def route_after_review(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> st
 
 
 def route_after_verify(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> str:
-    """After `verify`: done, revise, or end with the failed verification."""
+    """After `verify`: done, revise, ask a human (`verify` again), or end with the failure."""
     result = state.get("outcome")
     if result is None:
         return "respond" if _out_of_steps(state, steps) else "call_model"
+    if result["status"] == "interrupted":
+        return "verify"  # escalated: its next step asks the human (see `keel.nodes.verify`)
     return END if result["status"] == "success" else "respond"
 
 
@@ -450,7 +452,8 @@ class _Wiring:
         )
         steps = self.steps
         route = self._to(lambda s: route_after_verify(s, steps=steps), "verify")
-        self.graph.add_conditional_edges("verify", route, ["call_model", "respond", self.finish])
+        to = ["call_model", "respond", "verify", self.finish]
+        self.graph.add_conditional_edges("verify", route, to)
         self.verify = True
 
     def routes(self, first: str, *, plan: bool) -> None:

@@ -3,6 +3,12 @@
 A failed check sends the answer back to the model with the reason (up to `max_revisions`
 times); after that the run ends as `verification_failed`, or, with `escalate=True`, a human
 decides (approve the answer, reject it, or respond with guidance for another try).
+
+An escalation takes two steps of `verify`: the first records the failed verdict (and the
+judge's usage) with the outcome `interrupted/awaiting_approval`, and `route_after_verify` sends
+the run back to `verify`, which asks the human. So the run's state says it waits for a human
+while it does, and a resume asks the human's answer without checking (or paying the judge)
+again. A graph of your own routes an `interrupted` outcome from `verify` back to `verify`.
 """
 
 from __future__ import annotations
@@ -141,7 +147,8 @@ def verify(
                 "messages": [feedback],
             }
         if escalate:
-            return _escalate(answer, verdict, verdicts, revisions)
+            waiting = f"awaiting a human: the answer failed verification: {verdict['reason']}"
+            return {"verdicts": verdicts, "outcome": outcome.interrupted(waiting)}
         return {
             "verdicts": verdicts,
             "outcome": outcome.stopped("verification_failed", verdict["reason"]),
@@ -157,6 +164,8 @@ def verify(
     def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> Steps[dict[str, Any]]:
+        if escalate and _escalating(state):
+            return _escalate(state)
         try:
             answer, verdict = by_rules(state)
         except _CheckRaised as raised:
@@ -178,9 +187,18 @@ class _CheckRaised(Exception):
         super().__init__(f"the check {name} raised {type(exc).__name__}: {exc}")
 
 
-def _escalate(
-    answer: str, verdict: Verdict, verdicts: list[Verdict], revisions: int
-) -> dict[str, Any]:
+def _escalating(state: AgentState) -> bool:
+    """Whether `verify` asked a human about its last failed verdict (the escalation's 2nd step)."""
+    result = state.get("outcome")
+    verdicts = state.get("verdicts") or []
+    waiting = result is not None and result["status"] == "interrupted"
+    return waiting and bool(verdicts) and not verdicts[-1]["passed"]
+
+
+def _escalate(state: AgentState) -> dict[str, Any]:
+    """Ask a human about the answer whose last verdict failed, and act on the answer."""
+    answer, verdicts = _answer(state), [*(state.get("verdicts") or [])]
+    verdict, revisions = verdicts[-1], state.get("revisions") or 0
     decision = interrupt(
         {
             "type": "verification",

@@ -1286,7 +1286,8 @@ def escalating_graph(model: ScriptedChatModel) -> Any:
     graph.add_node("respond", respond())
     graph.add_edge(START, "call_model")
     graph.add_edge("call_model", "verify")
-    graph.add_conditional_edges("verify", route_after_verify, ["call_model", "respond", END])
+    to = ["call_model", "respond", "verify", END]  # an escalation asks in a step of its own
+    graph.add_conditional_edges("verify", route_after_verify, to)
     graph.add_edge("respond", END)
     return graph.compile(checkpointer=InMemorySaver())
 
@@ -1300,6 +1301,11 @@ async def test_escalation_interrupts_and_a_human_approves(mode: str) -> None:
         "answer": "It depends.",
         "config": {"allow_accept": True, "allow_respond": True, "allow_ignore": True},
     }
+    assert first["outcome"] == {  # the run waits for a human, and says so
+        "status": "interrupted",
+        "terminated_reason": "awaiting_approval",
+        "detail": "awaiting a human: the answer failed verification: too vague.",
+    }
     final = await run(graph, Command(resume={"type": "approve"}), mode, thread="t1")
     assert final["outcome"] == {
         "status": "success",
@@ -1310,6 +1316,23 @@ async def test_escalation_interrupts_and_a_human_approves(mode: str) -> None:
         {"passed": False, "reason": "too vague.", "source": "<lambda>"},
         {"passed": True, "reason": "approved by a human", "source": "human"},
     ]
+
+
+async def test_escalation_asks_the_judge_once_and_counts_its_call(mode: str) -> None:
+    """The judge's verdict is saved before the human is asked: the resume does not ask (and
+    pay) the judge again, and the call it made counts in the run's usage."""
+    judge = ScriptedChatModel(structured={"JudgeVerdict": {"passed": False, "reason": "wrong"}})
+    model = ScriptedChatModel(script=["Paris is in Italy."])
+    agent = build_agent(
+        model, judge=judge, max_revisions=0, escalate=True, checkpointer=InMemorySaver()
+    )
+    first = await run(agent, user("Where is Paris?"), mode, thread="t1")
+    assert first["outcome"]["terminated_reason"] == "awaiting_approval"
+    assert first["usage"]["model_calls"] == 2, "the answer's call and the judge's"
+    final = await run(agent, Command(resume={"type": "approve"}), mode, thread="t1")
+    assert len(judge.calls) == 1
+    assert final["usage"]["model_calls"] == 2
+    assert final["outcome"]["detail"] == "answer approved by a human"
 
 
 async def test_escalation_rejected_ends_as_verification_failed(mode: str) -> None:

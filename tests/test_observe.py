@@ -591,6 +591,7 @@ def test_a_run_paused_by_verification_asking_a_human_is_recorded_as_interrupted(
         assert agent.invoke(FIRST, config, context=CTX)["__interrupt__"]
         (waiting,) = RunLog(ledger).query()
         assert (waiting.status, waiting.interrupts) == ("interrupted", 1)
+        assert waiting.detail == "awaiting a human: the answer failed verification: it is a draft"
         agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
     (run,) = RunLog(ledger).query()
     assert (run.status, run.interrupts, run.run_key) == ("success", 1, waiting.run_key)

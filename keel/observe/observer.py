@@ -216,6 +216,9 @@ def paused(node: RunnableCallable, observer: Observer) -> RunnableCallable:
     """
 
     def waiting(state: AgentState) -> AgentState:
+        result = state.get("outcome")
+        if result is not None and result["status"] == "interrupted":
+            return state  # the node said why it waits (`verify`'s escalation)
         return {**state, "outcome": outcome.interrupted(f"{node.name} asks a human")}
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
