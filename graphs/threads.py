@@ -4,8 +4,9 @@
   make LangGraph start a new run and silently drop the pending tool calls: it is refused. With
   `config={"configurable": {"keel_pending": "not_run"}}` the caller asks for the other way:
   each pending call is answered `not_run` (and audited, with a ledger), then the message runs.
-  The `not_run` records are written once the input passed every check (and, with admission
-  control, once the run was admitted): a refused run answered nothing, and its calls still wait.
+  The run that waited ends there: its run record becomes `stopped/cancelled`. These records are
+  written once the input passed every check (and, with admission control, once the run was
+  admitted): a refused run answered nothing, and its calls still wait.
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from langchain_core.messages import BaseMessage, convert_to_messages
@@ -31,6 +33,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
+from keel import outcome
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog, RunRecord
@@ -187,6 +190,16 @@ def _drops_pending(input: Any, config: RunnableConfig | None, state: StateSnapsh
     return asked and waiting and isinstance(input, Mapping) and bool(input.get("messages"))
 
 
+@dataclass(frozen=True, slots=True)
+class _Dropped:
+    """What a run that drops a waiting thread's pending calls writes once it starts."""
+
+    records: list[AuditRecord] = field(default_factory=list)
+    """The `not_run` audit records of the pending calls."""
+    ended: dict[str, Any] | None = None
+    """The state the run that waited ends with (`stopped/cancelled`), for its run record."""
+
+
 def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
     """`input` with a `not_run` answer for each pending call before its messages."""
     _, calls = pending_tool_calls(state.values.get("messages") or [])
@@ -196,6 +209,19 @@ def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, A
     sent = input["messages"]
     sent = list(sent) if isinstance(sent, list | tuple) else [sent]
     return {**input, "messages": [*closing, *sent]}, closing
+
+
+def _abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
+    """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
+    names = ", ".join(sorted({str(m.name) for m in closing})) or "a human's answer"
+    return {
+        **state.values,
+        "messages": [*(state.values.get("messages") or []), *closing],
+        "outcome": outcome.cancelled(
+            f"cancelled while it waited for a human about {names}: a new message arrived and "
+            "the caller dropped the pending calls (keel_pending='not_run')"
+        ),
+    }
 
 
 def _records(
@@ -283,17 +309,18 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     def _checked(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None, kwargs: Any
-    ) -> tuple[Any, list[AuditRecord]]:
-        """`input` as it will run and the `not_run` records its run writes first.
+    ) -> tuple[Any, _Dropped]:
+        """`input` as it will run and the records its run writes first (`_Dropped`).
 
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
         """
-        answered: list[AuditRecord] = []
+        answered = _Dropped()
         if _drops_pending(input, config, state):
             assert state is not None
             input, closing = _closed(input, state)
-            answered = _records(closing, config, kwargs.get("context"), self)
+            records = _records(closing, config, kwargs.get("context"), self)
+            answered = _Dropped(records, _abandoned(state, closing))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:
@@ -302,14 +329,21 @@ class ThreadGuardedGraph(ProtectedGraph):
         self._check_input(input)  # protected keys, before any record (ProtectedGraph re-checks)
         return input, answered
 
-    def _answer(self, answered: list[AuditRecord]) -> None:
-        """Audit the pending calls this run answers `not_run` (see `_checked`)."""
-        if answered and self.keel_audit is not None:
-            self.keel_audit.write(answered)
+    def _answer(self, answered: _Dropped, end: RunEnd | None) -> None:
+        """Audit the calls this run answers `not_run`; record the end of the run that waited.
 
-    async def _aanswer(self, answered: list[AuditRecord]) -> None:
-        if answered and self.keel_audit is not None:
-            await self.keel_audit.awrite(answered)
+        See `_checked`.
+        """
+        if answered.records and self.keel_audit is not None:
+            self.keel_audit.write(answered.records)
+        if answered.ended is not None and end is not None:
+            end.record(answered.ended)
+
+    async def _aanswer(self, answered: _Dropped, end: RunEnd | None) -> None:
+        if answered.records and self.keel_audit is not None:
+            await self.keel_audit.awrite(answered.records)
+        if answered.ended is not None and end is not None:
+            await end.arecord(answered.ended)
 
     def _refused(
         self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome
@@ -323,7 +357,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         return refused_records(config, context, lease, result, self.name, self.keel_version, policy)
 
     def _admitted(
-        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: list[AuditRecord]
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: _Dropped
     ) -> Iterator[Any]:
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
@@ -338,11 +372,11 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield from refused_chunks(result, kwargs, self.stream_mode)
             return
         with gate.holding(lease):
-            self._answer(answered)
+            self._answer(answered, self._run_end(config, kwargs))
             yield from super().stream(input, config, **kwargs)
 
     async def _aadmitted(
-        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: list[AuditRecord]
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: _Dropped
     ) -> AsyncGenerator[Any, None]:
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
@@ -360,7 +394,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         # LangGraph's astream is an async generator (typed as an iterator)
         chunks = cast(AsyncGenerator[Any, None], super().astream(input, config, **kwargs))
         async with gate.aholding(lease), contextlib.aclosing(chunks):
-            await self._aanswer(answered)
+            await self._aanswer(answered, self._run_end(config, kwargs))
             async for chunk in chunks:
                 yield chunk
 
@@ -398,7 +432,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             input, answered = self._checked(input, config, self._state(config), kwargs)
             if self.keel_admission is not None:
                 return self._admitted(input, config, kwargs, answered)
-            self._answer(answered)
+            self._answer(answered, self._run_end(config, kwargs))
         return super().stream(input, config, **kwargs)
 
     async def astream(
@@ -414,7 +448,7 @@ class ThreadGuardedGraph(ProtectedGraph):
                     async for part in parts:
                         yield part
                 return
-            await self._aanswer(answered)
+            await self._aanswer(answered, self._run_end(config, kwargs))
         async for chunk in super().astream(input, config, **kwargs):
             yield chunk
 

@@ -10,6 +10,7 @@ from keel.state import Outcome, TerminatedReason
 
 __all__ = [
     "MAX_DETAIL",
+    "cancelled",
     "completed",
     "failed",
     "interrupted",
@@ -30,6 +31,11 @@ def completed(detail: str = "final answer given") -> Outcome:
 def stopped(reason: TerminatedReason, detail: str) -> Outcome:
     """A guard or a human ended the run early; `respond` gives a partial answer."""
     return {"status": "stopped", "terminated_reason": reason, "detail": _clipped(detail)}
+
+
+def cancelled(detail: str) -> Outcome:
+    """The caller ended the run before it finished (no partial answer: nobody waits for one)."""
+    return stopped("cancelled", detail)
 
 
 def failed(detail: str) -> Outcome:

@@ -51,11 +51,13 @@ TerminatedReason = Literal[
     "blocked",
     "overloaded",
     "storage",
+    "cancelled",
 ]
 """Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
 guard refused the user's input or withheld the answer; `overloaded`: admission control
 (`keel.guards.admission`) refused to start it (the detail says when to retry); `storage`: the
-checkpointer's database failed, so the run's last steps may not be saved."""
+checkpointer's database failed, so the run's last steps may not be saved; `cancelled`: the
+caller ended it (its task cancelled, or its pending calls dropped for a new message)."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial

@@ -548,6 +548,26 @@ def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_pat
     assert (record.run_id, record.version, record.model) == ("r-2", run.version, "scripted")
 
 
+def test_a_waiting_run_whose_pending_call_is_dropped_ends_cancelled(tmp_path: Any) -> None:
+    """The run that waited for the approval never resumes once its call is answered `not_run`:
+    its record ends `stopped/cancelled` (not `interrupted` forever, a run `keel report` would
+    count as waiting), with its own usage and the dropped call; the new run has its own row."""
+    with _paused(tmp_path, "t-d") as (agent, ledger, config):
+        (waiting,) = RunLog(ledger).query()
+        dropped = {"configurable": {**config["configurable"], "keel_pending": "not_run"}}
+        agent.invoke(SECOND, dropped, context=CTX)
+    ended, new = RunLog(ledger).query()
+    assert (ended.run_key, ended.status, ended.terminated_reason) == (
+        waiting.run_key,
+        "stopped",
+        "cancelled",
+    )
+    assert ended.error_category == "cancelled" and "issue_refund" in ended.detail
+    assert (ended.interrupts, ended.model_calls) == (1, waiting.model_calls)
+    assert ended.tools["issue_refund"] == {"calls": 1, "failures": 0}  # answered not_run
+    assert (new.status, new.model_calls, new.interrupts) == ("success", 1, 0)
+
+
 def test_a_run_refused_by_admission_names_its_policy_like_the_runs_other_records(
     tmp_path: Any,
 ) -> None:
