@@ -20,6 +20,11 @@ asked about too, as a request with `kind == "outcome_unknown"` ("did this happen
 - `run_again` — it did not happen; it runs again.
 - `reject` (optional `"message"`) — do not run it; the run ends as `rejected`.
 - `respond` — it happened, and the human's text is its result.
+
+Each decision reaches the audit log with its approver: an approval, a rejection or a reply
+through the state update; an answer to "did this happen?" that leaves the reply to
+`execute_tools` through the update's `SETTLED_KEY`, which is no state channel (LangGraph drops
+a node's keys that are not, so only keel's audit reads it).
 """
 
 from __future__ import annotations
@@ -60,11 +65,22 @@ from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
 from keel.tools.registry import ToolRegistry
 
-__all__ = ["REVIEWER_META", "ReviewRequest", "ReviewResponse", "human_review"]
+__all__ = [
+    "REVIEWER_META",
+    "SETTLED_KEY",
+    "ReviewRequest",
+    "ReviewResponse",
+    "Settled",
+    "human_review",
+]
 
 REVIEWER_META = "keel_reviewer"
 """The `response_metadata` key naming who answered in a tool's place (a `respond`, or a
 rejection of a call whose outcome was unknown)."""
+
+SETTLED_KEY = "keel_settled"
+"""The update key listing the "did this happen?" answers whose reply `execute_tools` writes
+(`Settled`), for the audit log; not a state channel, so it is never saved."""
 
 log = sanitized_logger("keel.nodes.human_review")
 
@@ -81,6 +97,17 @@ class ReviewRequest(TypedDict):
     digest: str
     kind: NotRequired[Literal["outcome_unknown"]]
     """Set on a "did this happen?" request about a call whose outcome is unknown."""
+
+
+class Settled(TypedDict):
+    """A human's answer about a call of unknown outcome that `execute_tools` replies to."""
+
+    tool: str
+    tool_call_id: str
+    decision: Literal["approved", "responded", "run_again"]
+    result: str
+    """What the ledger records as the call's result ("" for `run_again`: it runs again)."""
+    reviewer: NotRequired[str]
 
 
 class ReviewResponse(TypedDict):
@@ -396,6 +423,7 @@ def _apply(
     approvals: dict[str, Approval] = {}
     for_user: dict[str, Approval] = {}
     results: list[ToolMessage] = []
+    settled: list[Settled] = []
     edits: dict[str, dict[str, Any]] = {}
     rejected: list[str] = []
     settle: list[Flow[bool]] = []
@@ -405,9 +433,11 @@ def _apply(
         if request.get("kind") == "outcome_unknown":
             flow, reply = _settle(thread, request, answer, _who(answer, reviewer))
             settle.append(flow)
-            if reply is not None:
+            if isinstance(reply, ToolMessage):
                 results.append(reply)
                 rejected.append(tool)
+            else:
+                settled.append(reply)
         elif answer["type"] in ("approve", "edit"):
             args = answer.get("args", request["action_request"]["args"])
             if answer["type"] == "edit":
@@ -437,6 +467,8 @@ def _apply(
             text = f"A human answered instead of running {tool}: {answer['message']}"
             results.append(_reply(call_id, tool, text, "respond", answer, _who(answer, reviewer)))
     update: dict[str, Any] = {"approvals": approvals, "outcome": None}
+    if settled:
+        update[SETTLED_KEY] = settled
     new_messages: list[Any] = []
     if edits:
         calls: list[ToolCall] = [
@@ -483,16 +515,25 @@ def _with_text(answer: ReviewResponse, screened: str, note: GuardNote | None) ->
 
 def _settle(
     thread: str, request: ReviewRequest, answer: ReviewResponse, reviewer: str | None
-) -> tuple[Flow[bool], ToolMessage | None]:
+) -> tuple[Flow[bool], ToolMessage | Settled]:
     """The ledger update for an answer to "did this happen?", and the reply for a rejection.
 
     An answer that it happened (or a rerun) leaves the reply to `execute_tools`, which reads
-    the recorded result (or runs the call) from the ledger.
+    the recorded result (or runs the call) from the ledger; it comes back as `Settled`, for
+    the audit log.
     """
     tool, call_id = request["action_request"]["action"], request["tool_call_id"]
     kind = answer["type"]
+    settled: Settled = {
+        "tool": tool,
+        "tool_call_id": call_id,
+        "decision": "run_again",
+        "result": "",
+    }
+    if reviewer is not None:
+        settled["reviewer"] = reviewer
     if kind == "run_again":
-        return resolve_flow(thread, call_id, "cleared"), None
+        return resolve_flow(thread, call_id, "cleared"), settled
     if kind == "reject":
         note = f": {answer['message']}" if answer.get("message") else ""
         text = f"Rejected by a human reviewer{note}; {tool} was not run again."
@@ -503,7 +544,9 @@ def _settle(
     text = answer.get("message") or f"A human reviewer confirmed that {tool} took effect."
     status = "respond" if kind == "respond" else "success"
     result = {"content": text, "keel_status": status}
-    return resolve_flow(thread, call_id, "completed", result), None
+    decision: Literal["approved", "responded"] = "responded" if kind == "respond" else "approved"
+    settled = {**settled, "decision": decision, "result": text}
+    return resolve_flow(thread, call_id, "completed", result), settled
 
 
 def _approval(

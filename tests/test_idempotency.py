@@ -22,6 +22,7 @@ from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, CircuitBreaker, Policy, Rule
 from keel.guards.resilience import ToolGuard
+from keel.nodes.human_review import SETTLED_KEY
 
 CTX = RunContext(user_id="u1")
 
@@ -266,21 +267,35 @@ def test_crash_after_the_effect_asks_did_this_happen(db_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("answer", "effects", "reason", "reply"),
+    ("answer", "effects", "reason", "reply", "decision"),
     [
-        ({"type": "run_again"}, 2, "completed", "charged 5 (#2)"),
+        ({"type": "run_again", "reviewer": "ops"}, 2, "completed", "charged 5 (#2)", "run_again"),
         (
             {"type": "reject", "message": "refunded by hand", "reviewer": "ops"},
             1,
             "rejected",
             "Rejected by a human reviewer: refunded by hand; charge was not run again.",
+            "rejected",
         ),
-        ({"type": "respond", "message": "charge id ch_9"}, 1, "completed", "charge id ch_9"),
+        (
+            {"type": "respond", "message": "charge id ch_9", "reviewer": "ops"},
+            1,
+            "completed",
+            "charge id ch_9",
+            "responded",
+        ),
+        (
+            {"type": "approve", "reviewer": "ops"},
+            1,
+            "completed",
+            "A human reviewer confirmed that charge took effect.",
+            "approved",
+        ),
     ],
-    ids=["run_again", "reject", "respond"],
+    ids=["run_again", "reject", "respond", "approve"],
 )
 async def test_resolving_an_unknown_outcome(
-    db_url: str, answer: dict[str, Any], effects: int, reason: str, reply: str
+    db_url: str, answer: dict[str, Any], effects: int, reason: str, reply: str, decision: str
 ) -> None:
     world = World()
     world.crash_next = True
@@ -294,10 +309,13 @@ async def test_resolving_an_unknown_outcome(
         assert len(world.effects) == effects
         assert state["outcome"]["terminated_reason"] == reason
         assert [m.content for m in tool_messages(state)] == [reply]
-        if answer["type"] == "reject":  # a human decision: audited, the reviewer named
-            (human,) = [r for r in await AuditLog(ledger).aquery() if r.kind == "approval"]
-            assert (human.tool, human.decision, human.approver) == ("charge", "rejected", "ops")
-            assert human.args == {"amount": 5} and human.result == reply
+        # every answer is a human decision: audited once, the reviewer named
+        (human,) = [r for r in await AuditLog(ledger).aquery() if r.kind == "approval"]
+        assert (human.tool, human.decision, human.approver) == ("charge", decision, "ops")
+        assert human.args == {"amount": 5}
+        assert human.result == ("" if decision == "run_again" else reply)
+        # what the audit read is no state channel: LangGraph drops it, nothing saves it
+        assert SETTLED_KEY not in (await agent.aget_state(thread("t1"))).values
         # replaying the thread from its start runs nothing again
         history = [s async for s in agent.aget_state_history(thread("t1"))]
         first = history[-1].config

@@ -42,7 +42,7 @@ from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
 from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
-from keel.nodes.human_review import REVIEWER_META
+from keel.nodes.human_review import REVIEWER_META, SETTLED_KEY
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext, task_base
@@ -440,6 +440,11 @@ def review_records(tools: ToolRegistry) -> Derive:
                 review = _Review(m.name, m.tool_call_id, args, who, tools)
                 by = m.response_metadata.get(REVIEWER_META)
                 out.append(review.record(kind, by, m.text))
+        for settled in update.get(SETTLED_KEY) or []:  # "did this happen?" answered
+            review = _Review(settled["tool"], settled["tool_call_id"], args, who, tools)
+            out.append(
+                review.record(settled["decision"], settled.get("reviewer"), settled["result"])
+            )
         return [*out, *content_records(state, update, context, who)]
 
     return derive
