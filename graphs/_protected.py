@@ -22,8 +22,9 @@ and the rest are only as trustworthy as the code that can write the database.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import (
@@ -52,7 +53,7 @@ from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import mark_sent
 from keel.state import VERIFICATION_KEY
 
-__all__ = ["ProtectedGraph", "protected"]
+__all__ = ["ProtectedGraph", "messages_of", "protected"]
 
 
 class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
@@ -108,7 +109,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         if "input_guard" not in self.nodes:
             return
         for key, value in updates:
-            sent = _messages_of(value) if key == "messages" and value else None
+            sent = messages_of(value) if key == "messages" and value else None
             if sent is None:
                 continue
             unread = sorted({type(m).__name__ for m in sent if isinstance(m, _READ_KINDS)})
@@ -135,6 +136,12 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting(self.get_state(config).interrupts, config)
+        return self._stream_checked(input, config, kwargs)
+
+    def _stream_checked(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Iterator[Any]:
+        """`stream` for input that passed the checks (`ThreadGuardedGraph` checks it itself)."""
         input = self._marked(_as_callers(input)) if at_top(config) else input
         chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
@@ -149,6 +156,14 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
             self._check_waiting((await self.aget_state(config)).interrupts, config)
+        async with contextlib.aclosing(self._astream_checked(input, config, kwargs)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _astream_checked(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        """`astream` for input that passed the checks (see `_stream_checked`)."""
         input = self._marked(_as_callers(input)) if at_top(config) else input
         chunks = super().astream(input, config, **kwargs)
         if at_top(config):
@@ -253,7 +268,7 @@ _READ_KINDS = (HumanMessage, ToolMessage)
 """The messages the input guard reads: user messages and tool results."""
 
 
-def _messages_of(value: Any) -> list[BaseMessage] | None:
+def messages_of(value: Any) -> list[BaseMessage] | None:
     """`value` (a message, or a list of them, in any form LangChain reads) as messages.
 
     `None` when it is not messages: LangGraph's `add_messages` then says what is wrong.
@@ -266,7 +281,7 @@ def _messages_of(value: Any) -> list[BaseMessage] | None:
 
 def _unread(value: Any) -> Any:
     """The messages of `value` marked unread (`SENT_KEY`); `value` when it is not messages."""
-    messages = _messages_of(value)
+    messages = messages_of(value)
     if messages is None:
         return value
     return [m if isinstance(m, RemoveMessage) else mark_sent(m) for m in messages]
@@ -276,7 +291,7 @@ def _as_callers(input: Any) -> Any:
     """A run's `input` with each message it sends as a caller's (`_as_sent`)."""
     if not isinstance(input, Mapping) or not input.get("messages"):
         return input
-    messages = _messages_of(input["messages"])
+    messages = messages_of(input["messages"])
     if messages is None:
         return input
     return {**input, "messages": [_as_sent(m) for m in messages]}

@@ -7,6 +7,9 @@
   The run that waited ends there: its run record becomes `stopped/cancelled`. These records are
   written once the input passed every check (and, with admission control, once the run was
   admitted): a refused run answered nothing, and its calls still wait.
+- A `Command(update=...)` that writes a turn after the AI message whose calls wait for a human
+  (an AI message of the caller's) leaves those calls without an answer: each is answered
+  `not_run` before the update's messages (and audited, with a ledger), as above.
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
@@ -22,14 +25,16 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from langchain_core.messages import BaseMessage, convert_to_messages
+from langchain_core.messages import BaseMessage, ToolCall, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
+from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
@@ -40,7 +45,7 @@ from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread
-from keel.graphs._protected import ProtectedGraph
+from keel.graphs._protected import ProtectedGraph, messages_of
 from keel.graphs._storage import Recorder, RunEnd
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
@@ -211,6 +216,41 @@ def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, A
     return {**input, "messages": [*closing, *sent]}, closing
 
 
+def _turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
+    """The pending calls a `Command(update=...)` leaves behind: it writes a later AI turn.
+
+    The thread's messages are updated as LangGraph will (`add_messages`, on copies): when the
+    AI message whose calls wait is still there but no longer the last AI message, its calls
+    would never be answered.
+    """
+    if not isinstance(input, Command) or state is None or not state.interrupts:
+        return []
+    messages = state.values.get("messages") or []
+    index, calls = pending_tool_calls(messages)
+    after: Any = list(messages)
+    try:
+        for key, value in input._update_as_tuples():
+            sent = messages_of(value) if key == "messages" else None
+            if sent is not None:
+                copies: list[Any] = [m.model_copy() for m in sent]  # add_messages sets ids
+                after = add_messages(after, copies)
+    except Exception:  # LangGraph says what is wrong with the update
+        return []
+    asked = messages[index].id if calls else None
+    last, _ = pending_tool_calls(after)
+    stays = asked is not None and any(m.id == asked for m in after)
+    return calls if stays and after[last].id != asked else []
+
+
+def _closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command[Any], list[Any]]:
+    """`command` with a `not_run` answer for each call it leaves behind, before its update."""
+    text = "Not run: a state update (Command(update=...)) wrote a later turn while this call "
+    text += "waited for a human."
+    closing: list[ToolMessage] = [tool_message(c, text, "not_run") for c in calls]
+    update = [("messages", closing), *command._update_as_tuples()]
+    return dataclasses.replace(command, update=update), closing
+
+
 def _abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
     """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
     names = ", ".join(sorted({str(m.name) for m in closing})) or "a human's answer"
@@ -309,9 +349,10 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     def _checked(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None, kwargs: Any
-    ) -> tuple[Any, _Dropped]:
-        """`input` as it will run and the records its run writes first (`_Dropped`).
+    ) -> tuple[Any, _Dropped, bool]:
+        """`input` as it will run, the records its run writes first, and whether it resumes.
 
+        A resume's caller checks that something waits, at the checkpoint its config names.
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
         """
@@ -326,8 +367,12 @@ class ThreadGuardedGraph(ProtectedGraph):
         if problem is not None:
             raise UserError(problem)
         input = _without_resent(input, state)
-        self._check_input(input)  # protected keys, before any record (ProtectedGraph re-checks)
-        return input, answered
+        # protected keys and unread messages, before any record (the stream does not re-check)
+        resumes = self._check_input(input) and config is not None
+        if left := _turned_past(input, state):
+            input, closing = _closed_update(input, left)
+            answered = _Dropped(_records(closing, config, kwargs.get("context"), self))
+        return input, answered, resumes
 
     def _answer(self, answered: _Dropped, end: RunEnd | None) -> None:
         """Audit the calls this run answers `not_run`; record the end of the run that waited.
@@ -373,7 +418,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             return
         with gate.holding(lease):
             self._answer(answered, self._run_end(config, kwargs))
-            yield from super().stream(input, config, **kwargs)
+            yield from self._stream_checked(input, config, kwargs)
 
     async def _aadmitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: _Dropped
@@ -391,8 +436,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             for part in refused_chunks(result, kwargs, self.stream_mode):
                 yield part
             return
-        # LangGraph's astream is an async generator (typed as an iterator)
-        chunks = cast(AsyncGenerator[Any, None], super().astream(input, config, **kwargs))
+        chunks = self._astream_checked(input, config, kwargs)
         async with gate.aholding(lease), contextlib.aclosing(chunks):
             await self._aanswer(answered, self._run_end(config, kwargs))
             async for chunk in chunks:
@@ -429,10 +473,13 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            input, answered = self._checked(input, config, self._state(config), kwargs)
+            input, answered, resumes = self._checked(input, config, self._state(config), kwargs)
+            if resumes:
+                self._check_waiting(self.get_state(config or {}).interrupts, config)
             if self.keel_admission is not None:
                 return self._admitted(input, config, kwargs, answered)
             self._answer(answered, self._run_end(config, kwargs))
+            return self._stream_checked(input, config, kwargs)
         return super().stream(input, config, **kwargs)
 
     async def astream(
@@ -440,7 +487,10 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            input, answered = self._checked(input, config, await self._astate(config), kwargs)
+            state = await self._astate(config)
+            input, answered, resumes = self._checked(input, config, state, kwargs)
+            if resumes:
+                self._check_waiting((await self.aget_state(config or {})).interrupts, config)
             if self.keel_admission is not None:
                 # closed with the caller's stream (a client gone): the lease comes back now
                 parts = self._aadmitted(input, config, kwargs, answered)
@@ -449,7 +499,10 @@ class ThreadGuardedGraph(ProtectedGraph):
                         yield part
                 return
             await self._aanswer(answered, self._run_end(config, kwargs))
-        async for chunk in super().astream(input, config, **kwargs):
+            chunks: AsyncIterator[Any] = self._astream_checked(input, config, kwargs)
+        else:
+            chunks = super().astream(input, config, **kwargs)
+        async for chunk in chunks:
             yield chunk
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent
@@ -546,6 +546,43 @@ def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_pat
     assert (record.tool, record.tool_version, record.policy) == ("issue_refund", "2", "support@3")
     assert (record.user_id, record.tenant_id, record.thread_id) == ("u1", "acme", "t-n")
     assert (record.run_id, record.version, record.model) == ("r-2", run.version, "scripted")
+
+
+def test_a_state_update_that_writes_a_turn_past_a_waiting_call_answers_it_not_run(
+    tmp_path: Any,
+) -> None:
+    """`Command(update=...)` with an AI turn of the caller's on a thread that waits for the
+    refund's approval leaves the call behind: it still gets its one answer, `not_run`, right
+    after its request, and the audit log says so, as for a call a new message drops."""
+    with _paused(tmp_path, "t-u") as (agent, ledger, config):
+        final = agent.invoke(
+            Command(update={"messages": [AIMessage("No refund after all.")]}), config, context=CTX
+        )
+    asked = next(i for i, m in enumerate(final["messages"]) if "issue_refund" in _called(m))
+    answer, turn = final["messages"][asked + 1 : asked + 3]
+    assert isinstance(answer, ToolMessage) and answer.response_metadata["keel_status"] == "not_run"
+    assert turn.content == "No refund after all."
+    (record,) = [r for r in AuditLog(ledger).query() if r.decision == "not_run"]
+    assert (record.tool, record.tool_call_id, record.tool_version) == (
+        "issue_refund",
+        answer.tool_call_id,
+        "2",
+    )
+    assert (record.user_id, record.thread_id, record.policy) == ("u1", "t-u", "support@3")
+
+
+def test_a_state_update_that_leaves_a_waiting_call_asked_answers_nothing(tmp_path: Any) -> None:
+    """An update that writes no later AI turn (a system note) drops nothing: the thread still
+    waits for the approval, and no call is answered `not_run`."""
+    with _paused(tmp_path, "t-s") as (agent, ledger, config):
+        update = Command(update={"messages": [SystemMessage("Answer briefly.")]})
+        again = agent.invoke(update, config, context=CTX)
+    assert again["__interrupt__"] and again["outcome"]["status"] == "interrupted"
+    assert not [r for r in AuditLog(ledger).query() if r.decision == "not_run"]
+
+
+def _called(message: Any) -> list[str]:
+    return [c["name"] for c in getattr(message, "tool_calls", None) or []]
 
 
 def test_a_waiting_run_whose_pending_call_is_dropped_ends_cancelled(tmp_path: Any) -> None:
