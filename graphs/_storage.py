@@ -17,6 +17,7 @@ A graph that runs as a node of another graph (a subgraph) lets the error through
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -123,20 +124,41 @@ class StreamEnding:
         self.end = end
 
     def see(self, chunk: Any) -> None:
-        """Keep `chunk`'s state if it is a top-level `values` chunk."""
+        """Keep `chunk`'s state if it is a top-level `values` chunk (or a `debug` checkpoint).
+
+        A served run always streams `debug`; its checkpoint of the run's input is skipped, as
+        it holds the state before the input.
+        """
         parts = self.shape.parts(chunk)
-        if (
-            parts is not None
-            and parts[1] == "values"
-            and not parts[0]
-            and isinstance(parts[2], dict)
-        ):
+        if parts is None or parts[0] or not isinstance(parts[2], dict):
+            return
+        if parts[1] == "values":
             self.latest = parts[2]
+        elif parts[1] == "debug" and parts[2].get("type") == "checkpoint":
+            saved = parts[2].get("payload") or {}
+            source = (saved.get("metadata") or {}).get("source")
+            if source != "input" and isinstance(saved.get("values"), dict):
+                self.latest = saved["values"]
 
     def ended(self, exc: BaseException) -> dict[str, Any]:
         """The run's last state: the latest one seen, with the storage outcome."""
         log.warning("a run ended on a storage failure: %s", exc)
         return {**self.latest, "outcome": storage_outcome(exc)}
+
+    def cancelled(self) -> dict[str, Any] | None:
+        """The state a run the caller cancelled ends with, to record (None: none to record).
+
+        A run cancelled before its first state streamed has nothing of it to record.
+        """
+        if not self.latest:
+            return None
+        return {
+            **self.latest,
+            "outcome": outcome.cancelled(
+                "cancelled by the caller before the run ended (its task was cancelled or its "
+                "stream closed); what it did up to its last saved step is kept"
+            ),
+        }
 
     def last_chunk(self, exc: BaseException, state: dict[str, Any]) -> Any:
         """The `values` chunk that ends the stream, or raise `StorageError` without one."""
@@ -155,6 +177,10 @@ class StreamEnding:
             if self.end is not None:
                 self.end.record(state)
             yield self.last_chunk(exc, state)
+        except GeneratorExit:  # the caller stopped reading: LangGraph stops the run
+            if self.end is not None and (ended := self.cancelled()) is not None:
+                self.end.record(ended)
+            raise
 
     async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """`guard` for an async stream."""
@@ -167,3 +193,7 @@ class StreamEnding:
             if self.end is not None:
                 await self.end.arecord(state)
             yield self.last_chunk(exc, state)
+        except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled, or went away
+            if self.end is not None and (ended := self.cancelled()) is not None:
+                await self.end.arecord(ended)
+            raise

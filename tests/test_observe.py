@@ -511,8 +511,8 @@ def test_a_reviewer_that_is_not_text_is_refused_not_left_out_of_the_audit(
 
 
 async def test_a_cancelled_runs_usage_is_not_counted_in_the_next_run(tmp_path: Any) -> None:
-    """A run cancelled mid-way writes no record; the thread's next run still records only its
-    own model calls and tokens (not the cancelled run's too)."""
+    """A run cancelled mid-way is recorded `stopped/cancelled` with what it used; the thread's
+    next run still records only its own model calls and tokens (not the cancelled run's too)."""
 
     @tool(name="lookup_customer")
     async def slow_lookup(email: str) -> str:
@@ -530,9 +530,81 @@ async def test_a_cancelled_runs_usage_is_not_counted_in_the_next_run(tmp_path: A
             await asyncio.wait_for(agent.ainvoke(FIRST, config, context=CTX), 0.5)
         cancelled = (await agent.aget_state(config)).values["usage"]
         done = await agent.ainvoke(SECOND, config, context=CTX)
-    (run,) = await RunLog(ledger).aquery()
+    stopped, run = await RunLog(ledger).aquery()
+    assert (stopped.status, stopped.terminated_reason, stopped.error_category) == (
+        "stopped",
+        "cancelled",
+        "cancelled",
+    )
+    assert (stopped.model_calls, stopped.input_tokens) == (1, cancelled["input_tokens"])
     assert (run.status, run.model_calls) == ("success", 1)
     assert run.input_tokens == done["usage"]["input_tokens"] - cancelled["input_tokens"]
+
+
+async def test_a_served_run_cancelled_while_resumed_ends_cancelled(tmp_path: Any) -> None:
+    """A served run streams `updates` and `debug` (LangGraph server adds it), not `values`:
+    cancelled after the approval, while the refund runs, the run that was recorded as waiting
+    is recorded `cancelled`, not left `interrupted` as if it still waited for a human."""
+
+    @tool(name="issue_refund", version="2")
+    async def slow_refund(order_id: str, amount: float) -> str:
+        """Refund an order."""
+        await asyncio.sleep(30)
+        return "never"
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-srv"}}
+    model = ScriptedChatModel(script=[call("issue_refund", order_id="A1", amount=10.0), "x"])
+    async with Persistence(url).acheckpointer() as saver:
+        policy = Policy.from_dict(POLICY)
+        agent = build_agent(model, [slow_refund], policy=policy, ledger=ledger, checkpointer=saver)
+        await agent.ainvoke(FIRST, config, context=CTX)
+        (waiting,) = await RunLog(ledger).aquery()
+        assert waiting.status == "interrupted"
+
+        async def serve() -> None:
+            approve = Command(resume={"type": "approve"})
+            modes = ["updates", "debug"]
+            async for _ in agent.astream(approve, config, context=CTX, stream_mode=modes):
+                pass
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(serve(), 0.5)
+    (run,) = await RunLog(ledger).aquery()
+    assert (run.run_key, run.status, run.terminated_reason) == (
+        waiting.run_key,
+        "stopped",
+        "cancelled",
+    )
+    assert run.interrupts == 1
+
+
+@pytest.mark.parametrize("where", ["mid-run", "after-its-end"])
+def test_a_reader_that_stops_reading_cancels_the_run_unless_it_ended(
+    tmp_path: Any, where: str
+) -> None:
+    """A caller that stops reading a run's stream ends the run (LangGraph runs no further):
+    mid-run, it is recorded `cancelled`; once its end was recorded (the last step's update
+    streamed), its `success` stands."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-end"}}
+    model = ScriptedChatModel(script=[call("lookup_customer", email="a@b.example"), "Hi."])
+    stop = "execute_tools" if where == "mid-run" else "output_guard"
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(model, _tools(), policy=Policy.from_dict(POLICY), ledger=ledger,
+                            checkpointer=saver)  # fmt: skip
+        for mode, chunk in agent.stream(
+            FIRST, config, context=CTX, stream_mode=["values", "updates"]
+        ):
+            if mode == "updates" and stop in chunk:
+                break  # the stream is closed at once: its reader is gone
+    (run,) = RunLog(ledger).query()
+    if where == "mid-run":
+        assert (run.status, run.terminated_reason, run.model_calls) == ("stopped", "cancelled", 1)
+    else:
+        assert (run.status, run.terminated_reason, run.model_calls) == ("success", "completed", 2)
 
 
 def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_path: Any) -> None:

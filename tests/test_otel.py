@@ -113,3 +113,25 @@ def test_a_paused_run_is_reported_once_when_it_ends_with_its_own_usage(tmp_path:
     assert tokens == {"input": second["input_tokens"], "output": second["output_tokens"]}
     assert first["input_tokens"] < second["input_tokens"]  # the thread's total grew
     assert [s.attributes["model_calls"] for s in spans.get_finished_spans()] == [2, 1]
+
+
+def test_a_run_whose_reader_leaves_after_its_end_is_reported_once(tmp_path: Path) -> None:
+    """The reader stops after the run's end was recorded: the cancellation finds that end and
+    keeps it, and OpenTelemetry hears of the run once, as it ended."""
+    reader = InMemoryMetricReader()
+    otel.use(MeterProvider(metric_readers=[reader]), TracerProvider())
+    url = f"sqlite:///{tmp_path}/k.db"
+    try:
+        with Persistence(url).checkpointer() as saver:
+            agent = build_agent(
+                ScriptedChatModel(script=["done"]), [lookup], ledger=Ledger(url), checkpointer=saver
+            )
+            config: Any = {"configurable": {"thread_id": "t"}}
+            go = {"messages": [("user", "go")]}
+            for mode, chunk in agent.stream(go, config, stream_mode=["values", "updates"]):
+                if mode == "updates" and "call_model" in chunk:
+                    break  # the run's end is recorded as this step ends
+    finally:
+        otel.use()
+    (runs,) = _points(reader)["keel.db.runs"]
+    assert runs.value == 1 and runs.attributes["terminated_reason"] == "completed"

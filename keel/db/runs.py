@@ -2,9 +2,12 @@
 
 A *run* is one task on a thread: from a user message to its final answer (or stop). Its record
 is written when the run ends, and also when it pauses for a human (`status="interrupted"`);
-the same row is updated when the resumed run ends. Tokens, dollars, steps and model calls are
-the run's own: the state's totals for the thread minus the totals when the run started (its run
-clock, `keel.state.task_base`), or else minus those of the thread's previous run record.
+the same row is updated when the resumed run ends. A run the caller cancels is recorded as
+`stopped/cancelled` unless its row already says how it ended (a run cancelled after its end
+was recorded, while its last steps were saved, keeps that end). Tokens, dollars, steps and
+model calls are the run's own: the state's totals for the thread minus the totals when the run
+started (its run clock, `keel.state.task_base`), or else minus those of the thread's previous
+run record.
 """
 
 from __future__ import annotations
@@ -240,7 +243,9 @@ def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> F
     """Store `record`, whose usage holds the thread's totals, as the run's own usage.
 
     The run's own is the totals less `base` (the thread's usage when the run started), or,
-    without it, less the totals of the thread's previous run record.
+    without it, less the totals of the thread's previous run record. A `cancelled` record
+    replaces only a paused (or cancelled) one: a row that says how the run ended is kept, and
+    returned.
     """
     totals = {k: getattr(record, k) for k in _USAGE}
     previous: Mapping[str, Any] = base or {}
@@ -252,6 +257,14 @@ def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> F
         )
         previous = json.loads(rows[0][0]) if rows else {}
     own = replace(record, **{k: type(v)(v - previous.get(k, 0)) for k, v in totals.items()})
+    if own.terminated_reason == "cancelled":
+        rows = yield (
+            f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE run_key = ?",
+            (own.run_key,),
+        )
+        ended = [_stored(row) for row in rows]
+        if ended and ended[0].status != "interrupted" and ended[0].terminated_reason != "cancelled":
+            return ended[0]  # the run ended before it was cancelled: its end stands
     values = {
         **own.to_dict(),
         "tools": json.dumps(own.tools),
@@ -289,14 +302,16 @@ def scores_flow(
 def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
     where, params = where_clause("ended_at", since, tenant_id=tenant, user_id=user)
     rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs{where} ORDER BY ended_at", params
-    out = []
-    for row in rows:
-        values = dict(zip(_COLUMNS, row, strict=True))
-        values["tools"] = json.loads(values["tools"])
-        values["guard_findings"] = json.loads(values["guard_findings"] or "{}")
-        values["tool_versions"] = json.loads(values["tool_versions"] or "{}")
-        del values["thread_usage"]
-        for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
-            values[k] = int(values[k])
-        out.append(RunRecord(**values))
-    return out
+    return [_stored(row) for row in rows]
+
+
+def _stored(row: Sequence[Any]) -> RunRecord:
+    """A `keel_runs` row (its columns in `_COLUMNS` order) as the record it stores."""
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["tools"] = json.loads(values["tools"])
+    values["guard_findings"] = json.loads(values["guard_findings"] or "{}")
+    values["tool_versions"] = json.loads(values["tool_versions"] or "{}")
+    del values["thread_usage"]
+    for k in ("steps", "model_calls", "input_tokens", "output_tokens", "tool_calls"):
+        values[k] = int(values[k])
+    return RunRecord(**values)

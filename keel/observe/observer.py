@@ -123,7 +123,8 @@ class Observer:
     def record_run(self, state: AgentState, config: RunnableConfig, context: RunContext) -> None:
         """Write the record of the run `state` ends (or pauses); a failure is logged."""
         try:
-            _telemetry(self.runs.write(_record(self, state, config, context), task_base(state)))
+            record = _record(self, state, config, context)
+            _telemetry(self.runs.write(record, task_base(state)), record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
@@ -133,7 +134,7 @@ class Observer:
         """`record_run` under `ainvoke`."""
         try:
             record = _record(self, state, config, context)
-            _telemetry(await self.runs.awrite(record, task_base(state)))
+            _telemetry(await self.runs.awrite(record, task_base(state)), record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
@@ -330,10 +331,13 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, conte
     return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
 
 
-def _telemetry(stored: RunRecord) -> None:
-    """Report the stored run to OpenTelemetry, when it is installed (see `keel.observe.otel`)."""
+def _telemetry(stored: RunRecord, written: RunRecord) -> None:
+    """Report the stored run to OpenTelemetry, when it is installed (see `keel.observe.otel`).
+
+    A cancellation that found the run's end already stored (and reported) reports nothing.
+    """
     telemetry = otel.active()
-    if telemetry is not None:
+    if telemetry is not None and stored.terminated_reason == written.terminated_reason:
         try:
             telemetry.record_run(stored)
         except Exception as exc:
