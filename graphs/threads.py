@@ -25,39 +25,40 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from langchain_core.messages import BaseMessage, ToolCall, ToolMessage, convert_to_messages
+from langchain_core.messages import BaseMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
-from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
-from keel import outcome
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread
-from keel.graphs._protected import ProtectedGraph, messages_of
+from keel.graphs._pending import (
+    PENDING_KEY,
+    Dropped,
+    abandoned,
+    closed,
+    closed_update,
+    drops_pending,
+    not_run_records,
+    turned_past,
+)
+from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
-from keel.nodes._once import tool_message
-from keel.nodes.history import pending_tool_calls
 from keel.state import Outcome, RunContext
 from keel.versions import AgentVersion
 
 __all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
-
-PENDING_KEY = "keel_pending"
-"""`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
 
 
 def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> str | None:
@@ -188,111 +189,6 @@ def _waiting(thread: Any, state: StateSnapshot) -> str:
     )
 
 
-def _drops_pending(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> bool:
-    """Whether the caller asked to answer a waiting thread's pending calls `not_run`."""
-    asked = ((config or {}).get("configurable") or {}).get(PENDING_KEY) == "not_run"
-    waiting = state is not None and bool(state.interrupts)
-    return asked and waiting and isinstance(input, Mapping) and bool(input.get("messages"))
-
-
-@dataclass(frozen=True, slots=True)
-class _Dropped:
-    """What a run that drops a waiting thread's pending calls writes once it starts."""
-
-    records: list[AuditRecord] = field(default_factory=list)
-    """The `not_run` audit records of the pending calls."""
-    ended: dict[str, Any] | None = None
-    """The state the run that waited ends with (`stopped/cancelled`), for its run record."""
-
-
-def _closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
-    """`input` with a `not_run` answer for each pending call before its messages."""
-    _, calls = pending_tool_calls(state.values.get("messages") or [])
-    text = "Not run: a new message arrived while this call waited for a human, and the caller "
-    text += "asked to drop the pending call (keel_pending='not_run')."
-    closing = [tool_message(c, text, "not_run") for c in calls]
-    sent = input["messages"]
-    sent = list(sent) if isinstance(sent, list | tuple) else [sent]
-    return {**input, "messages": [*closing, *sent]}, closing
-
-
-def _turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
-    """The pending calls a `Command(update=...)` leaves behind: it writes a later AI turn.
-
-    The thread's messages are updated as LangGraph will (`add_messages`, on copies): when the
-    AI message whose calls wait is still there but no longer the last AI message, its calls
-    would never be answered.
-    """
-    if not isinstance(input, Command) or state is None or not state.interrupts:
-        return []
-    messages = state.values.get("messages") or []
-    index, calls = pending_tool_calls(messages)
-    after: Any = list(messages)
-    try:
-        for key, value in input._update_as_tuples():
-            sent = messages_of(value) if key == "messages" else None
-            if sent is not None:
-                copies: list[Any] = [m.model_copy() for m in sent]  # add_messages sets ids
-                after = add_messages(after, copies)
-    except Exception:  # LangGraph says what is wrong with the update
-        return []
-    asked = messages[index].id if calls else None
-    last, _ = pending_tool_calls(after)
-    stays = asked is not None and any(m.id == asked for m in after)
-    return calls if stays and after[last].id != asked else []
-
-
-def _closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command[Any], list[Any]]:
-    """`command` with a `not_run` answer for each call it leaves behind, before its update."""
-    text = "Not run: a state update (Command(update=...)) wrote a later turn while this call "
-    text += "waited for a human."
-    closing: list[ToolMessage] = [tool_message(c, text, "not_run") for c in calls]
-    update = [("messages", closing), *command._update_as_tuples()]
-    return dataclasses.replace(command, update=update), closing
-
-
-def _abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
-    """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
-    names = ", ".join(sorted({str(m.name) for m in closing})) or "a human's answer"
-    return {
-        **state.values,
-        "messages": [*(state.values.get("messages") or []), *closing],
-        "outcome": outcome.cancelled(
-            f"cancelled while it waited for a human about {names}: a new message arrived and "
-            "the caller dropped the pending calls (keel_pending='not_run')"
-        ),
-    }
-
-
-def _records(
-    closing: list[Any], config: RunnableConfig | None, context: Any, graph: ThreadGuardedGraph
-) -> list[AuditRecord]:
-    """The `not_run` audit records of the pending calls `closing` answers, for the run's user.
-
-    With the agent's observer (`keel_recorder`), they carry the run, policy and agent version
-    as its other records do; each its tool's version.
-    """
-    thread = ((config or {}).get("configurable") or {}).get("thread_id")
-    who = run_context(config, context)  # the server's user, a RunContext or a plain dict
-    fields: dict[str, Any] = {"user_id": who.user_id, "tenant_id": who.tenant_id}
-    if graph.keel_recorder is not None:
-        fields = graph.keel_recorder.who(ensure_config(config), who).fields()
-    tools = graph.keel_version.tool_versions if graph.keel_version is not None else {}
-    return [
-        AuditRecord(
-            kind="tool",
-            decision="not_run",
-            status="not_run",
-            tool=m.name,
-            result=str(m.content),
-            tool_call_id=m.tool_call_id,
-            tool_version=tools.get(m.name),
-            **{**fields, "thread_id": str(thread)},
-        )
-        for m in closing
-    ]
-
-
 def _latest(config: RunnableConfig | None) -> RunnableConfig:
     """The address of the thread's latest checkpoint (what `get_state` reads)."""
     thread = ((config or {}).get("configurable") or {})["thread_id"]
@@ -303,7 +199,7 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     """What `refusal` needs of a thread that does not wait for a human, read cheaply.
 
     A thread with a pending interrupt (or none saved) gets `None`: read the whole state then, as
-    `refusal` and `_closed` need its interrupts and messages. Building LangGraph's snapshot on
+    `refusal` and `closed` need its interrupts and messages. Building LangGraph's snapshot on
     every run start would cost each run a full deserialization of the thread.
     """
     if saved is None or interrupt_pending(saved):
@@ -349,19 +245,19 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     def _checked(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None, kwargs: Any
-    ) -> tuple[Any, _Dropped, bool]:
+    ) -> tuple[Any, Dropped, bool]:
         """`input` as it will run, the records its run writes first, and whether it resumes.
 
         A resume's caller checks that something waits, at the checkpoint its config names.
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
         """
-        answered = _Dropped()
-        if _drops_pending(input, config, state):
+        answered = Dropped()
+        if drops_pending(input, config, state):
             assert state is not None
-            input, closing = _closed(input, state)
-            records = _records(closing, config, kwargs.get("context"), self)
-            answered = _Dropped(records, _abandoned(state, closing))
+            input, closing = closed(input, state)
+            records = self._not_run(closing, config, kwargs)
+            answered = Dropped(records, abandoned(state, closing))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:
@@ -369,12 +265,19 @@ class ThreadGuardedGraph(ProtectedGraph):
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None
-        if left := _turned_past(input, state):
-            input, closing = _closed_update(input, left)
-            answered = _Dropped(_records(closing, config, kwargs.get("context"), self))
+        if left := turned_past(input, state):
+            input, closing = closed_update(input, left)
+            answered = Dropped(self._not_run(closing, config, kwargs))
         return input, answered, resumes
 
-    def _answer(self, answered: _Dropped, end: RunEnd | None) -> None:
+    def _not_run(
+        self, closing: list[Any], config: RunnableConfig | None, kwargs: Any
+    ) -> list[AuditRecord]:
+        """The `not_run` audit records of `closing`, for the run's user, as its other records."""
+        context = kwargs.get("context")
+        return not_run_records(closing, config, context, self.keel_recorder, self.keel_version)
+
+    def _answer(self, answered: Dropped, end: RunEnd | None) -> None:
         """Audit the calls this run answers `not_run`; record the end of the run that waited.
 
         See `_checked`.
@@ -384,7 +287,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.ended is not None and end is not None:
             end.record(answered.ended)
 
-    async def _aanswer(self, answered: _Dropped, end: RunEnd | None) -> None:
+    async def _aanswer(self, answered: Dropped, end: RunEnd | None) -> None:
         if answered.records and self.keel_audit is not None:
             await self.keel_audit.awrite(answered.records)
         if answered.ended is not None and end is not None:
@@ -402,7 +305,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         return refused_records(config, context, lease, result, self.name, self.keel_version, policy)
 
     def _admitted(
-        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: _Dropped
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: Dropped
     ) -> Iterator[Any]:
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
@@ -421,7 +324,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield from self._stream_checked(input, config, kwargs)
 
     async def _aadmitted(
-        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: _Dropped
+        self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: Dropped
     ) -> AsyncGenerator[Any, None]:
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission

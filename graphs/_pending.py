@@ -1,0 +1,154 @@
+"""The calls a run drops while they wait for a human: each answered `not_run`, and audited.
+
+A new message sent with `keel_pending="not_run"` (`drops_pending`, `closed`) and a
+`Command(update=...)` that writes a later AI turn (`turned_past`, `closed_update`) leave the
+calls that wait without an answer; keel answers each `not_run` before the caller's messages.
+`Dropped` is what the run writes once it starts: the `not_run` audit records
+(`not_run_records`) and, for the run the new message ends, its end (`abandoned`,
+`stopped/cancelled`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
+from langgraph.graph.message import add_messages
+from langgraph.types import Command, StateSnapshot
+
+from keel import outcome
+from keel.db.audit import AuditRecord
+from keel.graphs._admitted import run_context
+from keel.graphs._protected import messages_of
+from keel.graphs._storage import Recorder
+from keel.nodes._once import tool_message
+from keel.nodes.history import pending_tool_calls
+from keel.versions import AgentVersion
+
+__all__ = [
+    "PENDING_KEY",
+    "Dropped",
+    "abandoned",
+    "closed",
+    "closed_update",
+    "drops_pending",
+    "not_run_records",
+    "turned_past",
+]
+
+PENDING_KEY = "keel_pending"
+"""`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
+
+
+def drops_pending(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> bool:
+    """Whether the caller asked to answer a waiting thread's pending calls `not_run`."""
+    asked = ((config or {}).get("configurable") or {}).get(PENDING_KEY) == "not_run"
+    waiting = state is not None and bool(state.interrupts)
+    return asked and waiting and isinstance(input, Mapping) and bool(input.get("messages"))
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """What a run that drops a waiting thread's pending calls writes once it starts."""
+
+    records: list[AuditRecord] = field(default_factory=list)
+    """The `not_run` audit records of the pending calls."""
+    ended: dict[str, Any] | None = None
+    """The state the run that waited ends with (`stopped/cancelled`), for its run record."""
+
+
+def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
+    """`input` with a `not_run` answer for each pending call before its messages."""
+    _, calls = pending_tool_calls(state.values.get("messages") or [])
+    text = "Not run: a new message arrived while this call waited for a human, and the caller "
+    text += "asked to drop the pending call (keel_pending='not_run')."
+    closing = [tool_message(c, text, "not_run") for c in calls]
+    sent = input["messages"]
+    sent = list(sent) if isinstance(sent, list | tuple) else [sent]
+    return {**input, "messages": [*closing, *sent]}, closing
+
+
+def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
+    """The pending calls a `Command(update=...)` leaves behind: it writes a later AI turn.
+
+    The thread's messages are updated as LangGraph will (`add_messages`, on copies): when the
+    AI message whose calls wait is still there but no longer the last AI message, its calls
+    would never be answered.
+    """
+    if not isinstance(input, Command) or state is None or not state.interrupts:
+        return []
+    messages = state.values.get("messages") or []
+    index, calls = pending_tool_calls(messages)
+    after: Any = list(messages)
+    try:
+        for key, value in input._update_as_tuples():
+            sent = messages_of(value) if key == "messages" else None
+            if sent is not None:
+                copies: list[Any] = [m.model_copy() for m in sent]  # add_messages sets ids
+                after = add_messages(after, copies)
+    except Exception:  # LangGraph says what is wrong with the update
+        return []
+    asked = messages[index].id if calls else None
+    last, _ = pending_tool_calls(after)
+    stays = asked is not None and any(m.id == asked for m in after)
+    return calls if stays and after[last].id != asked else []
+
+
+def closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command[Any], list[Any]]:
+    """`command` with a `not_run` answer for each call it leaves behind, before its update."""
+    text = "Not run: a state update (Command(update=...)) wrote a later turn while this call "
+    text += "waited for a human."
+    closing: list[ToolMessage] = [tool_message(c, text, "not_run") for c in calls]
+    update = [("messages", closing), *command._update_as_tuples()]
+    return dataclasses.replace(command, update=update), closing
+
+
+def abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
+    """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
+    names = ", ".join(sorted({str(m.name) for m in closing})) or "a human's answer"
+    return {
+        **state.values,
+        "messages": [*(state.values.get("messages") or []), *closing],
+        "outcome": outcome.cancelled(
+            f"cancelled while it waited for a human about {names}: a new message arrived and "
+            "the caller dropped the pending calls (keel_pending='not_run')"
+        ),
+    }
+
+
+def not_run_records(
+    closing: list[Any],
+    config: RunnableConfig | None,
+    context: Any,
+    recorder: Recorder | None,
+    version: AgentVersion | None,
+) -> list[AuditRecord]:
+    """The `not_run` audit records of the pending calls `closing` answers, for the run's user.
+
+    With the agent's observer (`recorder`), they carry the run, policy and agent version as
+    its other records do; each its tool's version.
+    """
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    who = run_context(config, context)  # the server's user, a RunContext or a plain dict
+    fields: dict[str, Any] = {"user_id": who.user_id, "tenant_id": who.tenant_id}
+    if recorder is not None:
+        fields = recorder.who(ensure_config(config), who).fields()
+    tools = version.tool_versions if version is not None else {}
+    return [
+        AuditRecord(
+            kind="tool",
+            decision="not_run",
+            status="not_run",
+            tool=m.name,
+            result=str(m.content),
+            tool_call_id=m.tool_call_id,
+            tool_version=tools.get(m.name),
+            **{**fields, "thread_id": str(thread)},
+        )
+        for m in closing
+    ]
