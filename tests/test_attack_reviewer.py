@@ -52,6 +52,13 @@ def _run(**extra: Any) -> dict[str, Any]:
 def test_a_plain_resume_is_a_review_run() -> None:
     assert is_review_run(_run())
     assert is_review_run(_run(config={"configurable": {"thread_id": "t-owner"}}))
+    # what LangGraph's server adds to every run's config
+    server = {
+        "langgraph_auth_user_id": "carol",
+        "__request_start_time_ms__": 1,
+        "__after_seconds__": 0,
+    }
+    assert is_review_run(_run(config={"configurable": server}))
     assert is_review_run(_run(multitask_strategy="reject"))
 
 
@@ -61,6 +68,9 @@ def test_a_plain_resume_is_a_review_run() -> None:
         {"config": {"configurable": {"checkpoint_id": "1f0-old"}}},
         {"config": {"configurable": {"checkpoint_ns": "", "checkpoint_id": "1f0-old"}}},
         {"config": {"configurable": {"checkpoint_map": {"": "1f0-old"}}}},
+        # another of the tenant's agents would answer the owner's waiting call
+        {"config": {"configurable": {"agent": "support"}}},
+        {"config": {"configurable": {"keel_pending": "not_run"}}},
         {"multitask_strategy": "rollback"},
         {"multitask_strategy": "interrupt"},
         {"command": {"resume": {"type": "approve"}, "update": {"messages": []}}},

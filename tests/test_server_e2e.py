@@ -736,6 +736,37 @@ async def test_a_reviewer_may_only_answer_and_only_in_their_tenant(
     assert "only keel's auth writes these" in caught.value.response.text
 
 
+async def test_a_reviewer_answers_only_in_the_agent_that_asked(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Found by audit: a reviewer's resume picked another of the tenant's agents (the run's
+    `configurable.agent`, or the reviewer's own assistant configured with one, or the other
+    graph), which then continued the owner's thread as the owner, and LangGraph's server kept
+    that config on the thread for the owner's later runs."""
+    no_reviewers_on_aegra(request)
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    approve = {"resume": [{"type": "approve"}]}
+    other = {"configurable": {"agent": "support"}}
+    await assert_not_found(carol.runs.wait(thread_id, "agent", command=approve, config=other))
+    mine = await carol.assistants.create("agent", config=other)
+    await assert_not_found(carol.runs.wait(thread_id, mine["assistant_id"], command=approve))
+    await assert_not_found(carol.runs.wait(thread_id, "supervisor", command=approve))
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+    thread = await alice.threads.get(thread_id)
+    assert "agent" not in (thread["config"] or {}).get("configurable", {})
+    assert thread["metadata"]["assistant_id"] != mine["assistant_id"]
+    # through the thread's own assistant, the agent that asked answers
+    final = await carol.runs.wait(thread_id, "agent", command=approve)
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
+
+
 async def test_a_reviewer_cannot_copy_a_waiting_thread_to_approve_its_call_twice(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],

@@ -10,9 +10,11 @@
   `(kind, tenant, user, ...)`; anything else is refused with 403.
 - **Reviewers:** a user whose token carries the role `reviewer` also reads and searches the
   threads of their tenant (`threads.search(status="interrupted")` lists the waiting ones) and may
-  resume any of them with a run that only answers the interrupt (`command={"resume": ...}`); the
-  run acts for the thread's owner and the audit names the reviewer (`keel.identity`). Anything
-  else a reviewer does on another user's thread (new input, update, delete) gets 404 as before,
+  resume any of them with a run that only answers the interrupt (`command={"resume": ...}`,
+  through the thread's own assistant, no `configurable` but `thread_id`: the agent that asked
+  answers, not another of the tenant's); the run acts for the thread's owner and the audit
+  names the reviewer (`keel.identity`). Anything else a reviewer does on another user's thread
+  (new input, update, delete, another assistant or agent) gets 404 as before,
   and a reviewer's token copies no thread (403: a copy would be the owner's, its pending calls
   answerable a second time). Another tenant's threads stay invisible to them.
   keel's metadata keys (`keel_owner`, ...) in a config the server hands to the run as sent (an
@@ -111,8 +113,17 @@ def is_reviewer(user: Any) -> bool:
     return isinstance(roles, list | tuple) and REVIEWER_ROLE in roles
 
 
-_FORKS = frozenset({"checkpoint_id", "checkpoint_map", "checkpoint"})
-"""Run config keys that aim a run at another checkpoint than the thread's latest."""
+def _steers(key: str) -> bool:
+    """Whether a review run's `configurable` key would steer the owner's run.
+
+    A review run may send the thread's address (`thread_id`); LangGraph's server adds its own
+    (`langgraph_auth_user`, `__request_start_time_ms__`, ...) over anything a client sent.
+    Any other would steer: `agent` picks another of the tenant's agents (and LangGraph's server
+    keeps a run's config on the thread, for the owner's later runs too), `checkpoint_id` /
+    `checkpoint_map` / `checkpoint` aim at an older checkpoint than the latest.
+    """
+    ours = key == "thread_id" or key.startswith("langgraph_")
+    return not (ours or (key.startswith("__") and key.endswith("__")))
 
 
 def is_review_run(run: Any) -> bool:
@@ -120,14 +131,17 @@ def is_review_run(run: Any) -> bool:
 
     That is `command={"resume": ...}` with no input, update or goto, on an existing thread, at
     its latest checkpoint (a `checkpoint_id` would re-answer an approval the owner already
-    settled) and without cancelling a run in flight (`multitask_strategy` interrupt, rollback).
+    settled), in the agent the thread waits in (no `configurable` but `thread_id`: an `agent`
+    would answer with another of the tenant's agents) and without cancelling a run in flight
+    (`multitask_strategy` interrupt, rollback). That it goes through the thread's own
+    assistant is checked against the thread (`owned` returns the filter).
     """
     kwargs = run.get("kwargs") if isinstance(run, dict) else None
     if not isinstance(kwargs, dict) or kwargs.get("input") is not None:
         return False
     config = kwargs.get("config") or {}
     configurable = config.get("configurable") if isinstance(config, dict) else None
-    if not isinstance(configurable, dict | None) or (configurable or {}).keys() & _FORKS:
+    if not isinstance(configurable, dict | None) or any(map(_steers, configurable or {})):
         return False
     if run.get("multitask_strategy") in ("interrupt", "rollback"):
         return False
@@ -271,7 +285,10 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     if reviewer and ctx.action == "create_run" and is_review_run(value):
         await _refuse_if_full(owner[TENANT_KEY], None)
         _stamp(value, {TENANT_KEY: owner[TENANT_KEY], REVIEWER_KEY: owner[OWNER_KEY]})
-        return {TENANT_KEY: owner[TENANT_KEY]}
+        # the thread's own assistant (LangGraph's server keeps the last run's on the thread):
+        # another one (the supervisor, the reviewer's own with an `agent` in its config) would
+        # answer with an agent that did not ask, and be kept on the thread for the owner
+        return {TENANT_KEY: owner[TENANT_KEY], "assistant_id": str(value.get("assistant_id"))}
     if ctx.action == "create_run":
         await _refuse_if_full(owner[TENANT_KEY], owner[OWNER_KEY])
     if ctx.action in ("create", "create_run") and isinstance(value, dict):
