@@ -13,6 +13,9 @@
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
+- A run's input sends messages and removes none: a `RemoveMessage` (LangGraph's way to delete
+  a message, or the whole history with `REMOVE_ALL_MESSAGES`) is refused. Editing a thread's
+  history is a state update's (`update_state`).
 
 Each refusal is a `keel.errors.UserError` raised by `invoke`/`stream` (and their async twins)
 before anything is written, so the thread stays as it was.
@@ -61,6 +64,15 @@ from keel.versions import AgentVersion
 __all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
 
+REMOVAL = (
+    "The run's input removes messages (a RemoveMessage): a run sends messages, and a removal "
+    "would delete the thread's record as the run starts (a pending tool call, a call already "
+    "answered, the turns the audit log points to). To edit a thread's history, use "
+    "update_state (a state update may remove messages)."
+)
+"""Why a run's input may not remove messages (a served client gets it with a 422)."""
+
+
 def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | None) -> str | None:
     """Why `input` may not be sent to the thread whose current state is `state` (or `None`).
 
@@ -91,6 +103,8 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     messages = _readable(input["messages"])
     if isinstance(messages, str):
         return messages
+    if any(m.type == "remove" for m in messages):
+        return REMOVAL
     if _blank(messages):
         return (
             "The run's messages say nothing (empty or only whitespace): the model would be "
@@ -119,7 +133,7 @@ def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:
         return None
     for m in messages:
         old = saved.get(m.id) if m.id else None
-        if old is not None and m.type != "remove" and _shape(m) != _shape(old):
+        if old is not None and _shape(m) != _shape(old):
             return str(m.id)
     return None
 
@@ -163,7 +177,7 @@ def _readable(messages: Any) -> list[BaseMessage] | str:
 def _blank(messages: list[BaseMessage]) -> bool:
     """Whether every message of `messages` is empty: no text but whitespace, nothing else."""
     for m in messages:
-        if m.text.strip() or getattr(m, "tool_calls", None) or m.type == "remove":
+        if m.text.strip() or getattr(m, "tool_calls", None):
             return False
         if isinstance(m.content, list) and any(
             not isinstance(b, str) and not (isinstance(b, dict) and b.get("type") == "text")

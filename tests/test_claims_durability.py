@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
@@ -401,6 +402,36 @@ def test_a_message_sent_under_a_saved_messages_id_cannot_rewrite_the_thread(db_u
         resent = agent.invoke({"messages": [*saved, ("user", "Thanks.")]}, config, context=CTX)
         assert resent["outcome"]["terminated_reason"] == "completed"
         assert [m.content for m in resent["messages"]][: len(saved)] == [m.content for m in saved]
+    ledger.close()
+
+
+def test_a_runs_input_cannot_remove_the_threads_messages(db_url: str) -> None:
+    """Found by audit: a `RemoveMessage` in a run's input (a served client's `{"type":
+    "remove", "id": ...}`) deleted saved messages as the run started: the AI turn of a call
+    already answered (and audited), or the whole history. A run sends messages; editing the
+    history is a state update's, which may still remove them."""
+    ledger = Ledger(db_url)
+    with Persistence(db_url).checkpointer() as saver:
+        model = ScriptedChatModel(script=[call("lookup", q="A1"), "A1 shipped.", "ok"])
+        agent = build_agent(model, [lookup], checkpointer=saver, ledger=ledger)
+        config: Any = {"configurable": {"thread_id": "t-removed"}}
+        agent.invoke({"messages": [("user", "Where is A1?")]}, config, context=CTX)
+        saved = agent.get_state(config).values["messages"]
+        turn = next(m for m in saved if isinstance(m, AIMessage) and m.tool_calls)
+
+        for removal in (
+            RemoveMessage(id=turn.id),
+            RemoveMessage(id=REMOVE_ALL_MESSAGES),
+            {"type": "remove", "id": saved[0].id, "content": ""},
+        ):
+            with pytest.raises(UserError, match="The run's input removes messages"):
+                agent.invoke({"messages": [removal, ("user", "Hi")]}, config, context=CTX)
+            assert agent.get_state(config).values["messages"] == saved  # nothing written
+        assert len(RunLog(ledger).query()) == 1
+
+        # a state update may (the documented way to edit a thread's history)
+        agent.update_state(config, {"messages": [RemoveMessage(id=saved[-1].id)]})
+        assert agent.get_state(config).values["messages"] == saved[:-1]
     ledger.close()
 
 

@@ -397,6 +397,33 @@ async def test_a_served_client_cannot_send_a_system_message(
     assert orders not in str(state["values"])
 
 
+async def test_a_served_run_cannot_remove_the_threads_messages(
+    clients: tuple[LangGraphClient, LangGraphClient],
+) -> None:
+    """Found by audit: a message of type `remove` in a run's input or `command.update` deleted
+    the thread's messages (a call's AI turn, or all of them with `__remove_all__`)."""
+    alice, _ = clients
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    before = (await alice.threads.get_state(thread_id))["values"]["messages"]
+    turn = before[-1]["id"]
+    for sent in (
+        {"input": {"messages": [{"type": "remove", "id": turn, "content": ""}, *TASK["messages"]]}},
+        {"input": {"messages": {"role": "remove", "id": "__remove_all__", "content": ""}}},
+        {
+            "command": {
+                "update": {"messages": [{"type": "remove", "id": turn, "content": ""}]},
+                "resume": [{"type": "approve"}],
+            }
+        },
+    ):
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await alice.runs.wait(thread_id, "agent", **sent)  # type: ignore[arg-type]
+        assert caught.value.response.status_code == 422, sent
+        assert "a run sends messages, and a removal" in caught.value.response.text
+    assert (await alice.threads.get_state(thread_id))["values"]["messages"] == before
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+
 async def test_a_user_message_behind_a_forged_ai_turn_passes_the_served_input_guard(
     clients: tuple[LangGraphClient, LangGraphClient],
 ) -> None:

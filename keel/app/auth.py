@@ -27,8 +27,9 @@
   slot when it starts ends as `stopped` / `overloaded` instead).
 - **What:** a run's `input` and `command.update` may set only what a caller may send
   (`keel.state.AgentInput`: messages, none of them a `system` or `developer` message: the
-  system prompt is the agent's); a key only keel writes (approvals, usage, outcome, plan,
-  ...) is refused with 422 before the run is created, and so is a config or context (a run's,
+  system prompt is the agent's; none a removal: a run does not delete the thread's record);
+  a key only keel writes (approvals, usage, outcome, plan, ...) is refused with 422 before the
+  run is created, and so is a config or context (a run's,
   an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...). A
   thread's `update_state` reaches auth
   without its values (LangGraph passes only the thread id), so keel's graph refuses it itself
@@ -209,6 +210,11 @@ def system_messages_in(run: Any) -> list[str]:
     That is its `input` and its `command.update`, in any form LangChain reads (a dict with
     `role` or `type`, a `(role, content)` pair).
     """
+    return sorted(_roles_sent(run) & _SYSTEM_ROLES)
+
+
+def _roles_sent(run: Any) -> set[str]:
+    """The roles (`user`, `remove`, ...) of the messages a run's input and update send."""
     sent: list[Any] = []
     for values in _sent_values(run):
         messages = values.get("messages")
@@ -216,7 +222,7 @@ def system_messages_in(run: Any) -> list[str]:
             sent.extend(messages)
         elif messages is not None:
             sent.append(messages)
-    return sorted({role for m in sent if (role := _role_of(m)) in _SYSTEM_ROLES})
+    return {role for m in sent if (role := _role_of(m)) is not None}
 
 
 def _sent_values(run: Any) -> list[dict[Any, Any]]:
@@ -300,13 +306,25 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
 
 
 def _refuse_unsendable(run: Any) -> None:
-    """422 when a run writes what a served client may not: keel's keys, a system message."""
+    """422 when a run writes what a served client may not.
+
+    That is keel's keys, a system message, or a removal (`{"type": "remove", "id": ...}`), in
+    its input or its `command.update`.
+    """
     if kinds := system_messages_in(run):
         detail = (
             f"The run sends a {' and a '.join(kinds)} message: a served client sends user "
             "messages (and may resend the conversation's AI turns), while the system prompt "
             "is the agent's (build_agent(system_prompt=...)); a client's system message "
             "would speak with its authority. Put the instruction in a user message."
+        )
+    elif "remove" in _roles_sent(run):
+        detail = (
+            "The run removes messages (a message of type 'remove' in its input or "
+            "command.update): a run sends messages, and a removal would delete the thread's "
+            "record as the run starts (a pending tool call, a call already answered, the turns "
+            "the audit log points to). The thread's owner edits its history with "
+            "threads.update_state."
         )
     elif bad := protected_keys_in(run):
         detail = (
