@@ -7,7 +7,9 @@ allowed without asking. With `"scope": "user"` it is also kept in the ledger
 (`StandingStore`), and `call_model` loads the user's standing approvals into the thread at the
 start of each task (each new user message), so it holds in the user's other threads too.
 It is bound to the policy (`name@version`) and the tool's version like every approval, so a
-new policy or tool version asks again. keel seals it (`keel.approvals.Grants`): a record the
+new policy or tool version asks again. The record names who gave it (`reviewer`); a served
+reviewer answering another user's thread may give one for that thread only (`human_review`
+refuses their `"scope": "user"`). keel seals it (`keel.approvals.Grants`): a record the
 client wrote, or copied from another thread or user, is not trusted. It never overrides a
 `deny` rule, and a call a human rejected can still never run: the rejection of its exact
 arguments wins.

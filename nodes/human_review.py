@@ -7,7 +7,8 @@ a single request, one response. A response is `{"type": "approve" | "edit" | "re
 
 - `approve` binds the approval to the call's exact arguments (tool + canonical args + policy).
   With `"always": {"ttl_seconds": 3600}` (and optionally `"same_args": True`) it also stands
-  for later calls of the tool in this thread until it expires (`keel.guards.standing`).
+  for later calls of the tool in this thread until it expires (`keel.guards.standing`); a
+  served reviewer answering another user's thread may not make it user-wide (`"scope": "user"`).
 - `edit` (`{"type": "edit", "args": {...}}`) replaces the arguments and approves the new call.
 - `reject` (optional `"message"`) answers the call as rejected and ends the run as `rejected`.
 - `respond` (`{"type": "respond", "message": "..."}`) answers the call with the human's text
@@ -172,17 +173,17 @@ def human_review(
         if not pending:
             return {"outcome": None}, [], {}
         waiting = peek_resume(config)
+        reviewer = reviewer_of(server_user(runtime))
         if waiting is not NO_RESUME:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
-            _check_scope(_normalize(waiting, pending), standing)
+            _check_scope(_normalize(waiting, pending), standing, reviewer, context)
             _check_edits(_normalize(waiting, pending), pending, tools)
         answers = _normalize(interrupt(pending), pending)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
         if held.input_guard is not None:
             answers = yield both(_guarded, _aguarded, answers, held.input_guard)
-        reviewer = reviewer_of(server_user(runtime))
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
@@ -300,10 +301,31 @@ def _unknown_request(call: ToolCall, record: CallRecord, digest: str) -> ReviewR
     }
 
 
-def _check_scope(answers: Sequence[ReviewResponse], standing: StandingStore | None) -> None:
+def _check_scope(
+    answers: Sequence[ReviewResponse],
+    standing: StandingStore | None,
+    reviewer: str | None = None,
+    context: RunContext | None = None,
+) -> None:
+    """Refuse a user-scoped standing approval keel cannot keep, or its reviewer may not give.
+
+    A reviewer answering another user's thread (`keel.identity`: the run acts for the owner)
+    decides on this thread: a user-scoped one would allow the tool in all the owner's threads,
+    ones the reviewer never saw, and stand in the owner's name.
+    """
     for answer in answers:
         always = Always.parse(answer["always"]) if "always" in answer else None
-        if always is not None and always.scope == "user" and standing is None:
+        if always is None or always.scope != "user":
+            continue
+        if reviewer is not None and context is not None and reviewer != context.user_id:
+            raise UserError(
+                f"A reviewer's standing approval stands in the thread they answer: with scope "
+                f"'user' it would allow the call in all the threads of {context.user_id!r}, "
+                "ones you have not seen. Answer with 'always': {'scope': 'thread', ...}, or "
+                "without 'always'; a user-wide one is the thread owner's to give (or the "
+                "policy's)."
+            )
+        if standing is None:
             raise UserError(
                 "A standing approval with scope 'user' is kept in the ledger: pass "
                 "build_agent(..., ledger=keel.Ledger(url)), or use scope 'thread'."
@@ -453,6 +475,8 @@ def _apply(
                 key, standing = standing_approval(
                     always, tool, args, policy, call_id, version=version
                 )
+                if (who := _who(answer, reviewer)) is not None:
+                    standing["reviewer"] = who  # who gave it, as on the call's approval
                 approvals[key] = standing
                 if always.scope == "user":
                     for_user[key] = standing

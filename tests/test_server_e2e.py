@@ -794,6 +794,36 @@ async def test_a_reviewer_answers_only_in_the_agent_that_asked(
     assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
 
 
+async def test_a_reviewers_standing_approval_stands_only_in_the_thread_they_answered(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    reviewers: dict[str, LangGraphClient],
+    ledger_url: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Found by audit: carol's `"always": {"scope": "user"}` on alice's thread was kept in the
+    ledger in alice's name, allowing refunds in all alice's threads."""
+    no_reviewers_on_aegra(request)
+    alice, _ = clients
+    carol = reviewers["carol"]
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    user_wide = {"type": "approve", "always": {"scope": "user", "ttl_seconds": 600}}
+    with pytest.raises(Exception, match="A reviewer's standing approval stands in the thread"):
+        await carol.runs.wait(thread_id, "agent", command={"resume": [user_wide]})
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+    here = {"type": "approve", "always": {"ttl_seconds": 600}}
+    final = await carol.runs.wait(thread_id, "agent", command={"resume": [here]})
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    standing = [a for k, a in final["approvals"].items() if k.startswith("always/")]
+    assert [(a["scope"], a["reviewer"]) for a in standing] == [("thread", "carol")]
+    with psycopg.connect(ledger_url) as conn:
+        kept = conn.execute(
+            "SELECT count(*) FROM keel_standing_approvals WHERE scope_key LIKE %s",
+            ("%alice%",),
+        ).fetchone()
+    assert kept == (0,)
+
+
 async def test_a_reviewer_cannot_copy_a_waiting_thread_to_approve_its_call_twice(
     clients: tuple[LangGraphClient, LangGraphClient],
     reviewers: dict[str, LangGraphClient],

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -21,7 +22,7 @@ from langchain_core.messages import ToolMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
 
-from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
 from keel.approvals import approval_digest
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
@@ -263,6 +264,55 @@ def test_a_user_scoped_approval_needs_the_ledger(tmp_path: Any) -> None:
         assert shop.done == []
         answer(agent, {"type": "approve"})  # the refused answer did not stick
         assert shop.done == [("A1", 1)]
+
+
+def _served(thread: str, user: str, roles: list[str], owner: str | None = None) -> Any:
+    """A run's config as LangGraph's server builds it under keel's auth (`keel.identity`).
+
+    The authenticated user rides in `configurable` (LangGraph makes it `runtime.server_info`);
+    the metadata is what keel's auth stamped: the thread's owner, and on a review run the
+    reviewer.
+    """
+    who = SimpleNamespace(
+        identity=user, tenant_id="acme", roles=roles, policy="support", permissions=[]
+    )
+    metadata = {"keel_tenant": "acme", "keel_owner": owner or user, "keel_roles": ["support"]}
+    if owner is not None:
+        metadata["keel_reviewer"] = user
+    return {
+        "configurable": {"thread_id": thread, "langgraph_auth_user": who},
+        "metadata": metadata,
+    }
+
+
+def test_a_reviewers_standing_approval_stands_in_the_thread_they_answered(db_url: str) -> None:
+    """Found by audit: a reviewer answering another user's thread could give a user-scoped
+    standing approval, kept in the ledger in the owner's name (it allowed the tool in all the
+    owner's threads, ones the reviewer never saw), and a standing approval named nobody as who
+    gave it. A reviewer's stands in the thread they answered and names them."""
+    shop = Refunds()
+    ledger = Ledger(db_url)
+    script = [refund("A1", 10), refund("A2", 20), "done", refund("A3", 30), "ok"]
+    with agent_for(db_url, script, shop, ledger) as agent:
+        agent.invoke({"messages": [("user", "refund A1 and A2")]}, _served("t", "u1", ["support"]))
+        carol = _served("t", "carol", ["reviewer"], owner="u1")
+        user_wide = {"type": "approve", "always": {"scope": "user", "ttl_seconds": 600}}
+        with pytest.raises(UserError, match=r"^A reviewer's standing approval stands in the"):
+            agent.invoke(Command(resume=user_wide), carol)
+        assert shop.done == []  # the refused answer did not stick
+        here = {"type": "approve", "always": {"ttl_seconds": 600}}
+        done = agent.invoke(Command(resume=here), carol)
+        assert done["outcome"]["terminated_reason"] == "completed"
+        assert shop.done == [("A1", 10), ("A2", 20)]  # A2: the standing approval, in this thread
+        standing = [a for k, a in done["approvals"].items() if k.startswith("always/")]
+        assert [(a["scope"], a.get("reviewer")) for a in standing] == [("thread", "carol")]
+        approvers = {r.approver for r in AuditLog(ledger).query() if r.kind == "approval"}
+        assert approvers == {"carol"}
+        # nothing stands for the owner elsewhere
+        other = _served("t2", "u1", ["support"])
+        paused = agent.invoke({"messages": [("user", "refund A3")]}, other)
+        assert paused["outcome"]["status"] == "interrupted"
+    ledger.close()
 
 
 def _rename_table(db_url: str, old: str, new: str) -> None:
