@@ -1,12 +1,19 @@
-"""`stream_mode="messages"` under an output guard: answers are sent once checked.
+"""Streams under an output guard: answers are sent once checked, in every mode that carries them.
 
 LangGraph relays a model's tokens as they arrive and drops a later message with an id it has
 already streamed, so the output guard's redacted copy of an answer would never reach a client
 of the `messages` stream: it would read the raw tokens. With an output guard, keel's graphs hold
 each AI message's tokens until the message is complete (LangChain ends every streamed message
 with a `chunk_position="last"` chunk), check it as `output_guard` does (`screen_answer`), and
-send it as one chunk: redacted, flagged or withheld. A turn that calls tools is sent as it is
-(the output guard checks answers, not tool calls). The other modes are not touched.
+send it as one chunk: redacted, flagged or withheld.
+
+The `values` and `updates` modes carry the state between `call_model` and `output_guard` too
+(the state after `call_model`'s step, and `call_model`'s own update), with the raw answer in
+it: an AI answer there that no output guard has checked yet (no output note) is sent checked.
+
+A turn that calls tools is sent as it is, and so are tool results (the output guard checks
+answers, not tool calls). The other modes (`debug`, `tasks`, `checkpoints`, `custom`) are not
+touched.
 """
 
 from __future__ import annotations
@@ -18,22 +25,27 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 
 from keel.graphs._chunks import ChunkShape
 from keel.guards.content import OutputGuardPolicy
-from keel.guards.screening import screen_answer
+from keel.guards.screening import GUARD_KEY, screen_answer
 
 __all__ = ["AnswerStream"]
 
 
 class AnswerStream:
-    """Holds the AI messages of a `messages` stream until the output guard checked them."""
+    """Holds a `messages` stream's AI messages until checked; checks `values` / `updates`."""
 
     def __init__(self, policy: OutputGuardPolicy, shape: ChunkShape) -> None:
         self.policy = policy
         self.shape = shape
         self._held: dict[str, tuple[AIMessageChunk, Any, Any, Any]] = {}
+        self._screened: dict[int, tuple[AIMessage, AIMessage]] = {}
 
     def feed(self, chunk: Any) -> list[Any]:
         """The chunks to send now for `chunk` (none while an answer is being held)."""
         parts = self.shape.parts(chunk)
+        if parts is not None and parts[1] in ("values", "updates"):
+            ns, mode, payload = parts
+            checked = self._state(payload) if mode == "values" else self._updates(payload)
+            return [chunk if checked is payload else self.shape.make(ns, mode, checked, chunk)]
         if parts is None or parts[1] != "messages":
             return [chunk]
         ns, _, payload = parts
@@ -61,6 +73,41 @@ class AnswerStream:
         if not message.tool_calls and not getattr(message, "tool_call_chunks", None):
             message = screen_answer(message, self.policy) or message
         return self.shape.make(ns, "messages", (message, meta), like)
+
+    def _updates(self, payload: Any) -> Any:
+        """An `updates` payload (`{node: update}`) with its unchecked answers checked."""
+        if not isinstance(payload, dict):
+            return payload
+        checked = {node: self._state(update) for node, update in payload.items()}
+        same = all(checked[node] is update for node, update in payload.items())
+        return payload if same else checked
+
+    def _state(self, values: Any) -> Any:
+        """State values (or one node's update) with the answers no output guard checked, checked.
+
+        `values` itself when there is nothing to change.
+        """
+        messages = values.get("messages") if isinstance(values, dict) else None
+        if not isinstance(messages, list):
+            return values
+        checked = [self._answer(m) for m in messages]
+        if all(new is old for new, old in zip(checked, messages, strict=True)):
+            return values
+        return {**values, "messages": checked}
+
+    def _answer(self, message: Any) -> Any:
+        """`message` as the output guard lets a client read it, if it is an unchecked answer."""
+        if not isinstance(message, AIMessage) or message.tool_calls:
+            return message
+        note = message.response_metadata.get(GUARD_KEY)
+        if isinstance(note, dict) and note.get("guard") == "output":
+            return message  # the output guard's own copy
+        seen = self._screened.get(id(message))
+        if seen is not None and seen[0] is message:  # each message is read once a stream
+            return seen[1]
+        screened = screen_answer(message, self.policy) or message
+        self._screened[id(message)] = (message, screened)
+        return screened
 
     def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:
         """`chunks`, with answers held until checked."""

@@ -64,7 +64,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
 
     def _answers(self, kwargs: dict[str, Any]) -> AnswerStream | None:
         shape = ChunkShape(self.stream_mode, kwargs)
-        if self.keel_output_guard is None or "messages" not in shape.modes:
+        if self.keel_output_guard is None or not {"messages", "values", "updates"} & {*shape.modes}:
             return None
         return AnswerStream(self.keel_output_guard, shape)
 

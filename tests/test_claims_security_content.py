@@ -1235,9 +1235,10 @@ async def test_values_and_updates_streams_carry_only_the_redacted_answer(mode: s
     guarded = [p["output_guard"] for kind, p in chunks if kind == "updates" and "output_guard" in p]
     assert [m.text for m in guarded[0]["messages"]] == [answer.text]
     assert agent.get_state(config).values["messages"][-1].text == answer.text
-    # the raw answer is in the stream only as call_model's own update, before the guard ran
-    raw = [kind for kind, p in chunks if kind == "updates" and CARD in str(p)]
-    assert raw == ["updates"]
+    # found by audit: the raw answer was in call_model's own update and in the values sent
+    # after call_model's step (before the guard ran); a served client streams "values" by default
+    assert [kind for kind, p in chunks if CARD in str(p) or EMAIL in str(p)] == []
+    assert len([kind for kind, _ in chunks if kind == "values"]) == 4  # none held back
 
 
 @pytest.mark.parametrize("mode", ["stream", "astream"])
@@ -1266,6 +1267,56 @@ async def test_a_messages_stream_sends_answers_only_once_the_output_guard_checke
     assert answer.content == "Your card [CARD] is billed; write to [EMAIL]."
     assert answer.response_metadata["keel_guard"]["action"] == "redact"
     assert agent.get_state(config).values["messages"][-1].text == answer.content
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_streams_carry_tool_calls_and_results_as_they_are_and_only_answers_redacted(
+    mode: str,
+) -> None:
+    """Pinned (README, the output guard): it checks answers. A turn's tool-call arguments and a
+    tool's result are what the model and the tool said, kept in the thread's state as they
+    are: every stream mode carries them unredacted, while the answer is redacted in each (in
+    `updates`, call_model's own update too)."""
+    model = ScriptedChatModel(script=[call("lookup_customer", email=EMAIL), LEAKY])
+    agent = build_agent(
+        model, [lookup_customer], policy=Policy(rules=RULES), checkpointer=InMemorySaver()
+    )
+    config: Any = {"configurable": {"thread_id": f"s-tools-{mode}"}}
+    task: Any = {"messages": [("user", "who is jane?")]}
+    kwargs: Any = {"context": CTX, "stream_mode": ["messages", "updates", "values"]}
+    if mode == "stream":
+        chunks = list(agent.stream(task, config, **kwargs))
+    else:
+        chunks = [c async for c in agent.astream(task, config, **kwargs)]
+    redacted = "Your card [CARD] is billed; write to [EMAIL]."
+    for kind in ("messages", "updates", "values"):
+        sent = [p for k, p in chunks if k == kind]
+        turns = [m for m in _sent_messages(sent) if getattr(m, "tool_calls", None)]
+        assert turns and turns[0].tool_calls[0]["args"] == {"email": EMAIL}, kind
+        results = [m for m in _sent_messages(sent) if isinstance(m, ToolMessage)]
+        assert results and results[0].text == f"Customer {EMAIL}, card {CARD}.", kind
+        answers = [
+            m.text for m in _sent_messages(sent) if isinstance(m, AIMessage) and not m.tool_calls
+        ]
+        assert answers and set(answers) == {redacted}, kind
+    saved = agent.get_state(config).values["messages"]
+    assert [m.text for m in saved if isinstance(m, ToolMessage)] == [
+        f"Customer {EMAIL}, card {CARD}."
+    ]
+
+
+def _sent_messages(payloads: list[Any]) -> list[BaseMessage]:
+    """The messages in a stream mode's payloads (a message and its metadata, an update by
+    node, the state's values)."""
+    out: list[BaseMessage] = []
+    for payload in payloads:
+        if isinstance(payload, tuple):
+            out.append(payload[0])
+        elif "messages" in payload:
+            out.extend(payload["messages"])
+        else:
+            out.extend(m for u in payload.values() if u for m in u.get("messages") or [])
+    return out
 
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
