@@ -1303,6 +1303,11 @@ async def test_streams_carry_tool_calls_and_results_as_they_are_and_only_answers
     assert [m.text for m in saved if isinstance(m, ToolMessage)] == [
         f"Customer {EMAIL}, card {CARD}."
     ]
+    # pinned (README): the checkpoint of call_model's step, saved before output_guard ran,
+    # holds the raw answer in the thread's history
+    history = [s.values.get("messages") or [] for s in agent.get_state_history(config)]
+    raw = [ms[-1].text for ms in history if ms and ms[-1].text == LEAKY]
+    assert raw == [LEAKY]
 
 
 def _sent_messages(payloads: list[Any]) -> list[BaseMessage]:
