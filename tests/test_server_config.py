@@ -369,6 +369,39 @@ async def test_served_auth_refuses_a_run_over_its_users_cap_with_429(
     assert await create_run("a") == {"keel_tenant": "acme", "keel_owner": "ann"}
 
 
+async def test_served_auth_refuses_a_run_that_could_only_wait_in_a_full_waiting_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    """Found by audit: the 429 pre-check counted the tenant's leases only. acme (one running,
+    five queued) has a queue place in the ledger, but this process's one waiting place is
+    taken: the run would be refused as it starts, so it is refused with 429 before it is made."""
+    path = _write(tmp_path, WAITING_ROOM.format(ledger=fresh_postgres_url))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    from keel.app import auth, server
+
+    admission = server.admission_of("acme")
+    assert admission is not None and admission.waiting_room is not None
+    room = admission.waiting_room
+    user = await auth.authenticate("Bearer a")
+    ctx = Auth.types.AuthContext(user=user, permissions=[], resource="threads", action="create_run")
+
+    async def create_run() -> Any:
+        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": {"messages": []}}}
+        return await auth.owned(ctx, run)
+
+    assert room.enter()  # another tenant's run waits in this process's only place
+    try:
+        assert await create_run() == {"keel_tenant": "acme", "keel_owner": "ann"}  # slot free
+        held = await admission.aacquire(RunContext(user_id="busy", tenant_id="acme"))
+        with pytest.raises(Auth.exceptions.HTTPException) as caught:
+            await create_run()
+        assert caught.value.status_code == 429
+        assert "this process has 1 run(s) waiting for one already" in str(caught.value.detail)
+        await admission.arelease(held)
+    finally:
+        room.leave()
+
+
 def test_queued_per_process_defaults_to_half_the_job_slots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,7 +39,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from langgraph_sdk import Auth
 
@@ -337,7 +337,12 @@ def _refuse_unsendable(run: Any) -> None:
 
 
 async def _refuse_if_full(tenant: str, user: str | None) -> None:
-    """429 with `Retry-After` when the tenant's (or the user's) runs are at their caps."""
+    """429 with `Retry-After` when the tenant's (or the user's) runs are at their caps.
+
+    Also when the run could only wait (a running cap is reached) and this process's waiting
+    room is full (`queued_per_process`): it would be refused as it starts. The room is the
+    process's own: where the runs run in the process that creates them (`langgraph dev`).
+    """
     admission = admission_of(tenant)
     if admission is None:
         return
@@ -347,22 +352,34 @@ async def _refuse_if_full(tenant: str, user: str | None) -> None:
     ]
     if user is not None:
         scopes.append(("user", policy.user_running, policy.user_queued, user))
+    waits: str | None = None  # whose running cap the run would wait behind
     for scope, running, queued, who in scopes:
         if running is None:
             continue
         held = await admission.aheld(tenant, who)
+        whose = f"user {who!r} of tenant {tenant!r}" if scope == "user" else f"tenant {tenant!r}"
         if held["running"] + held["queued"] >= running + queued:
-            whose = (
-                f"user {who!r} of tenant {tenant!r}" if scope == "user" else f"tenant {tenant!r}"
+            _overloaded(
+                f"{whose} has {running} run(s) running and {queued} queued, its caps",
+                policy.retry_after,
             )
-            raise Auth.exceptions.HTTPException(
-                status_code=429,
-                detail=(
-                    f"Overloaded: {whose} has {running} run(s) running and {queued} queued, its "
-                    f"caps; retry after {policy.retry_after} s."
-                ),
-                headers={"Retry-After": str(policy.retry_after)},
-            )
+        if waits is None and held["running"] >= running:
+            waits = whose
+    room = admission.waiting_room
+    if waits is not None and room is not None and room.waiting >= room.limit:
+        _overloaded(
+            f"{waits} has no free run slot, and this process has {room.limit} run(s) waiting "
+            "for one already, its cap (queued_per_process)",
+            policy.retry_after,
+        )
+
+
+def _overloaded(why: str, retry_after: int) -> NoReturn:
+    raise Auth.exceptions.HTTPException(
+        status_code=429,
+        detail=f"Overloaded: {why}; retry after {retry_after} s.",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def _refuse_keel_config_metadata(value: dict[str, Any]) -> None:
