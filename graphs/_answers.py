@@ -10,6 +10,9 @@ send it as one chunk: redacted, flagged or withheld.
 The `values` and `updates` modes carry the state between `call_model` and `output_guard` too
 (the state after `call_model`'s step, and `call_model`'s own update), with the raw answer in
 it: an AI answer there that no output guard has checked yet (no output note) is sent checked.
+The thread's history, as the stream's first `values` of a graph (or subgraph) holds it, is sent
+as it is saved: its answers were checked by their own runs, and reading them again on every run
+would cost each run a check of the whole history.
 
 A turn that calls tools is sent as it is, and so are tool results (the output guard checks
 answers, not tool calls). The other modes (`debug`, `tasks`, `checkpoints`, `custom`) are not
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 
 from keel.graphs._chunks import ChunkShape
 from keel.guards.content import OutputGuardPolicy
@@ -38,12 +41,18 @@ class AnswerStream:
         self.shape = shape
         self._held: dict[str, tuple[AIMessageChunk, Any, Any, Any]] = {}
         self._screened: dict[int, tuple[AIMessage, AIMessage]] = {}
+        self._namespaces: set[str] = set()
+        """The namespaces whose first `values` (their history) went by."""
+        self._known: set[str] = set()
+        """The ids of the history's messages (of every namespace): sent as saved."""
 
     def feed(self, chunk: Any) -> list[Any]:
         """The chunks to send now for `chunk` (none while an answer is being held)."""
         parts = self.shape.parts(chunk)
         if parts is not None and parts[1] in ("values", "updates"):
             ns, mode, payload = parts
+            if mode == "values" and self._first(ns, payload):
+                return [chunk]
             checked = self._state(payload) if mode == "values" else self._updates(payload)
             return [chunk if checked is payload else self.shape.make(ns, mode, checked, chunk)]
         if parts is None or parts[1] != "messages":
@@ -74,6 +83,16 @@ class AnswerStream:
             message = screen_answer(message, self.policy) or message
         return self.shape.make(ns, "messages", (message, meta), like)
 
+    def _first(self, ns: Any, values: Any) -> bool:
+        """Whether `values` is the first of its namespace: the history, kept as saved."""
+        key = "|".join(map(str, ns)) if isinstance(ns, tuple | list) else str(ns)
+        if key in self._namespaces:
+            return False
+        self._namespaces.add(key)
+        messages = values.get("messages") if isinstance(values, dict) else None
+        self._known |= {m.id for m in messages or [] if isinstance(m, BaseMessage) and m.id}
+        return True
+
     def _updates(self, payload: Any) -> Any:
         """An `updates` payload (`{node: update}`) with its unchecked answers checked."""
         if not isinstance(payload, dict):
@@ -97,7 +116,7 @@ class AnswerStream:
 
     def _answer(self, message: Any) -> Any:
         """`message` as the output guard lets a client read it, if it is an unchecked answer."""
-        if not isinstance(message, AIMessage) or message.tool_calls:
+        if not isinstance(message, AIMessage) or message.tool_calls or message.id in self._known:
             return message
         note = message.response_metadata.get(GUARD_KEY)
         if isinstance(note, dict) and note.get("guard") == "output":

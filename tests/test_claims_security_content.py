@@ -1310,6 +1310,24 @@ async def test_streams_carry_tool_calls_and_results_as_they_are_and_only_answers
     assert raw == [LEAKY]
 
 
+def test_a_values_stream_sends_the_history_as_saved_and_checks_the_runs_answers() -> None:
+    """The history (the first values of a run) is what the thread holds, checked by earlier
+    runs: it is not checked again on every run (that cost each run a check of every answer
+    in the thread). Here the history holds a client's own assistant turn, kept as sent."""
+    model = ScriptedChatModel(script=["(the client's turn)", "Noted.", LEAKY])  # by AI turn
+    agent = build_agent(model, [], policy=Policy(rules=RULES), checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "s-history"}}
+    own = f"My card is {CARD}."
+    sent: Any = {"messages": [("user", "remember"), ("ai", own), ("user", "ok?")]}
+    agent.invoke(sent, config, context=CTX)
+    chunks = list(
+        agent.stream({"messages": [("user", "bill me")]}, config, context=CTX, stream_mode="values")
+    )
+    assert all(own in [m.text for m in c["messages"]] for c in chunks)
+    answers = [c["messages"][-1].text for c in chunks if c["messages"][-1].type == "ai"]
+    assert answers and set(answers) == {"Your card [CARD] is billed; write to [EMAIL]."}
+
+
 def _sent_messages(payloads: list[Any]) -> list[BaseMessage]:
     """The messages in a stream mode's payloads (a message and its metadata, an update by
     node, the state's values)."""
