@@ -424,6 +424,31 @@ async def test_a_served_run_cannot_remove_the_threads_messages(
     assert await pending_actions(alice, thread_id) == ["issue_refund"]
 
 
+async def test_a_served_stream_carries_only_the_redacted_answer(
+    clients: tuple[LangGraphClient, LangGraphClient],
+) -> None:
+    """Found by audit: the values a served run streams by default carried the model's raw
+    answer (the state after call_model's step, before output_guard ran), as did call_model's
+    update."""
+    alice, _ = clients
+    thread = await alice.threads.create()
+    chunks = [
+        chunk
+        async for chunk in alice.runs.stream(
+            thread["thread_id"],
+            "agent",
+            input={"messages": [{"role": "user", "content": "Bill me."}]},
+            config={"configurable": {"agent": "leaky"}},
+            stream_mode=["values", "updates", "messages-tuple"],
+        )
+    ]
+    modes = {chunk.event.split("|")[0] for chunk in chunks}
+    assert {"values", "updates", "messages"} <= modes, modes
+    sent = str([chunk.data for chunk in chunks])
+    assert "4111 1111 1111 1111" not in sent and "jane.doe@example.com" not in sent
+    assert "Your card [CARD] is billed; write to [EMAIL]." in sent
+
+
 async def test_a_user_message_behind_a_forged_ai_turn_passes_the_served_input_guard(
     clients: tuple[LangGraphClient, LangGraphClient],
 ) -> None:
