@@ -818,6 +818,19 @@ async def test_a_reviewer_answers_only_in_the_agent_that_asked(
     assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
     assert _approvals_in_audit(ledger_url, thread_id) == [("approved", "alice", "carol")]
 
+    # a thread alice runs through her own assistant is resumed through it (carol reads it)
+    hers = await alice.assistants.create("agent", config={"configurable": {"agent": "billing"}})
+    own = await alice.threads.create()
+    await alice.runs.wait(own["thread_id"], hers["assistant_id"], input=TASK)
+    assert await pending_actions(carol, own["thread_id"]) == ["issue_refund"]
+    await assert_not_found(carol.runs.wait(own["thread_id"], "agent", command=approve))
+    final = await carol.runs.wait(own["thread_id"], hers["assistant_id"], command=approve)
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    # another tenant's reviewer reads none of acme's assistants
+    erins = await reviewers["erin"].assistants.search(limit=100)
+    assert hers["assistant_id"] not in [a["assistant_id"] for a in erins]
+
 
 async def test_a_reviewers_standing_approval_stands_only_in_the_thread_they_answered(
     clients: tuple[LangGraphClient, LangGraphClient],

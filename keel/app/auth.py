@@ -12,7 +12,8 @@
   threads of their tenant (`threads.search(status="interrupted")` lists the waiting ones) and may
   resume any of them with a run that only answers the interrupt (`command={"resume": ...}`,
   through the thread's own assistant, no `configurable` but `thread_id`: the agent that asked
-  answers, not another of the tenant's); the run acts for the thread's owner and the audit
+  answers, not another of the tenant's: a reviewer reads, and changes none of, the tenant's
+  assistants); the run acts for the thread's owner and the audit
   names the reviewer (`keel.identity`). Anything else a reviewer does on another user's thread
   (new input, update, delete, another assistant or agent) gets 404 as before,
   and a reviewer's token copies no thread (403: a copy would be the owner's, its pending calls
@@ -460,14 +461,23 @@ def _stamp(value: dict[str, Any], stamp: dict[str, Any]) -> None:
 
 @auth.on.assistants.read
 async def read_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
-    """Your own assistants, and the graphs' own ones (one per graph in langgraph.json)."""
-    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
+    """Your own assistants, and the graphs' own ones (one per graph in langgraph.json).
+
+    A reviewer reads the tenant's: a waiting thread is resumed through the assistant its last
+    run used, which may be its owner's own.
+    """
+    return {"$or": [{"created_by": "system"}, _assistants_of(ctx.user)]}
 
 
 @auth.on.assistants.search
 async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
-    """Listing assistants shows your own and the graphs' own ones."""
-    return {"$or": [{"created_by": "system"}, owner_filter(ctx.user)]}
+    """Listing assistants shows your own and the graphs' own ones (a reviewer: the tenant's)."""
+    return {"$or": [{"created_by": "system"}, _assistants_of(ctx.user)]}
+
+
+def _assistants_of(user: Any) -> dict[str, str]:
+    owner = owner_filter(user)
+    return {TENANT_KEY: owner[TENANT_KEY]} if is_reviewer(user) else owner
 
 
 @auth.on.store
