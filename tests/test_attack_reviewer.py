@@ -42,7 +42,7 @@ def _run(**extra: Any) -> dict[str, Any]:
         "kwargs": kwargs,
     }
     for key, value in extra.items():
-        if key in ("config", "command", "input"):
+        if key in ("config", "command", "input", "interrupt_before", "interrupt_after"):
             kwargs[key] = value
         else:
             run[key] = value
@@ -71,6 +71,9 @@ def test_a_plain_resume_is_a_review_run() -> None:
         # another of the tenant's agents would answer the owner's waiting call
         {"config": {"configurable": {"agent": "support"}}},
         {"config": {"configurable": {"keel_pending": "not_run"}}},
+        # a breakpoint would stop the owner's approved call before it runs, at no one's request
+        {"interrupt_before": ["execute_tools"]},
+        {"interrupt_after": "*"},
         {"multitask_strategy": "rollback"},
         {"multitask_strategy": "interrupt"},
         {"command": {"resume": {"type": "approve"}, "update": {"messages": []}}},

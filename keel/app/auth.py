@@ -134,7 +134,8 @@ def is_review_run(run: Any) -> bool:
     That is `command={"resume": ...}` with no input, update or goto, on an existing thread, at
     its latest checkpoint (a `checkpoint_id` would re-answer an approval the owner already
     settled), in the agent the thread waits in (no `configurable` but `thread_id`: an `agent`
-    would answer with another of the tenant's agents) and without cancelling a run in flight
+    would answer with another of the tenant's agents), without breakpoints of its own
+    (`interrupt_before` / `interrupt_after`) and without cancelling a run in flight
     (`multitask_strategy` interrupt, rollback). That it goes through the thread's own
     assistant is checked against the thread (`owned` returns the filter).
     """
@@ -147,6 +148,8 @@ def is_review_run(run: Any) -> bool:
         return False
     if run.get("multitask_strategy") in ("interrupt", "rollback"):
         return False
+    if kwargs.get("interrupt_before") or kwargs.get("interrupt_after"):
+        return False  # a breakpoint would stop the owner's run past the answer, at no request
     command = kwargs.get("command")
     if not isinstance(command, dict) or command.get("resume") is None:
         return False
