@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from langchain_core.messages import convert_to_messages
 from langgraph_sdk import Auth
 
 from keel.app.server import admission_of
@@ -246,6 +247,22 @@ def _sent_values(run: Any) -> list[dict[Any, Any]]:
 
 
 def _role_of(message: Any) -> str | None:
+    """The role of a sent message as LangGraph will read it (`convert_to_messages`).
+
+    That reads LangChain's serialized form too (`{"lc": 1, "type": "constructor", "id": [...,
+    "SystemMessage"], ...}`), whose `type` says nothing of the role. A message LangChain cannot
+    read has the role it names (the graph refuses it).
+    """
+    try:
+        (read,) = convert_to_messages([message])
+    except Exception:  # langchain-core raises NotImplementedError, ValueError, ...
+        return _named_role(message)
+    if read.type == "system" and read.additional_kwargs.get("__openai_role__") == "developer":
+        return "developer"
+    return {"human": "user"}.get(read.type, read.type)
+
+
+def _named_role(message: Any) -> str | None:
     if isinstance(message, dict):
         role = message.get("role", message.get("type"))
     elif isinstance(message, list | tuple) and len(message) == 2:
