@@ -11,8 +11,9 @@ the conversation) with recorded answer *k*, so a replay from any checkpoint pick
 thread was. `cassette.tools()` is a tool stub (`keel.tools.stubbing`) that answers a call from
 the first unused recorded result with the same name and arguments (by position, name and
 arguments, never by tool-call id: a real model names its calls anew each time). A call the
-cassette lacks runs for real only if its tool has no side effects; a side-effecting one is
-answered as not run, and listed in `stub.unrecorded`.
+cassette lacks runs for real only if its tool is declared read-only (`RegisteredTool.read_only`:
+keel's `tool(...)` with `risk="read"`; a plain function or a LangChain tool is not, whatever it
+does); any other is answered as not run, and listed in `stub.unrecorded`.
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ class Cassette:
         """A fresh tool stub answering calls from the recorded results.
 
         Args:
-            canned: The answer for a side-effecting call the cassette lacks (default: an error
-                saying it was not run).
+            canned: The answer for a call the cassette lacks to a tool that is not declared
+                read-only (default: an error saying it was not run).
         """
         return CassetteTools(list(self.calls), canned=canned)
 
@@ -226,14 +227,18 @@ class CassetteTools:
     recorded: list[RecordedCall]
     """Recorded results not yet used, in order."""
     canned: str | None = None
-    """The answer for a side-effecting call the cassette lacks (default: a not-run error)."""
+    """The answer for a call the cassette lacks to a tool that is not declared read-only
+    (default: a not-run error)."""
     answered: list[RecordedCall] = field(default_factory=list)
     """Calls answered from the cassette or canned (their tools never ran)."""
     unrecorded: list[RecordedCall] = field(default_factory=list)
-    """Side-effecting calls the cassette lacked (answered canned, never run)."""
+    """Calls the cassette lacked to tools not declared read-only (answered, never run)."""
 
     def __call__(self, tool: RegisteredTool, call: ToolCall) -> StubAnswer | None:
-        """The recorded answer to `call`, a canned one for an unrecorded side effect, or `None`."""
+        """The recorded answer, a canned one for an unrecorded call, or `None` (run it).
+
+        Only a tool declared read-only (`RegisteredTool.read_only`) runs without a recording.
+        """
         key = canonical(call["args"])
         for i, recorded in enumerate(self.recorded):
             if recorded.name == call["name"] and canonical(recorded.args) == key:
@@ -242,17 +247,24 @@ class CassetteTools:
                 del self.recorded[i]
                 self.answered.append(recorded)
                 return StubAnswer(recorded.content, recorded.status)
-        if not tool.spec.side_effects:
+        if tool.read_only:
             return None
         if self.canned is not None:
             answer = StubAnswer(self.canned)
         else:
-            answer = StubAnswer(
-                f"Not run: {call['name']} has side effects and this replay has no recorded "
-                "result for these arguments.",
-                "error",
-            )
+            answer = StubAnswer(f"Not run: {_not_run(tool)} and this replay has no recorded "
+                                "result for these arguments.", "error")  # fmt: skip
         stubbed = RecordedCall(call["name"], dict(call["args"]), answer.content, answer.status)
         self.unrecorded.append(stubbed)
         self.answered.append(stubbed)
         return answer
+
+
+def _not_run(tool: RegisteredTool) -> str:
+    """Why a replay does not run `tool` without a recording."""
+    if tool.declared:
+        return f"{tool.name} is not read-only (risk {tool.spec.risk!r})"
+    return (
+        f"{tool.name} is not declared read-only (declare it with keel's @tool(risk='read') to "
+        "let a replay run it)"
+    )

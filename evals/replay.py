@@ -5,7 +5,8 @@ thread of `graph` from one of its checkpoints (default: the user's first message
 its end, answering approvals as the recorded human did and sending the thread's later user
 messages in turn. With the recorded responses (the default) the model is the thread's cassette
 and every tool call the cassette holds is answered from it; live (`live=True, model=...`) a new
-model answers. Either way a side-effecting call never runs again (see `keel.evals.cassette`).
+model answers. Either way a side-effecting call never runs again, and a call the cassette lacks
+runs only if its tool is declared read-only (see `keel.evals.cassette`).
 
 The result, a `ReplayDiff`, compares the recorded run (from the start checkpoint on) with the
 replayed one: tool-call trajectory (name, arguments, status; matched by position, never by
@@ -129,7 +130,7 @@ class ReplayDiff:
     from_cassette: list[RecordedCall] = field(default_factory=list)
     """Tool calls answered from the cassette or canned (their tools did not run)."""
     unrecorded: list[RecordedCall] = field(default_factory=list)
-    """Side-effecting calls the cassette lacked: answered as not run, never executed."""
+    """Calls the cassette lacked to tools not declared read-only: answered, never executed."""
     executions: list[Execution] = field(default_factory=list)
     """Tool bodies that really ran during the replay (tools that `record_execution`)."""
     cassette_exhausted: bool = False
@@ -209,7 +210,7 @@ class ReplayDiff:
         )
         if self.unrecorded:
             names = ", ".join(c.name for c in self.unrecorded)
-            out.append(f"  side effects not in the cassette (stubbed, not run): {names}")
+            out.append(f"  calls not in the cassette (stubbed, not run): {names}")
         if self.cassette_exhausted:
             out.append("  the cassette ran out of model answers (replay live to go further)")
         if self.raised:

@@ -3,10 +3,11 @@
 `ashadow(suite, graph, candidate)` runs a suite on the current graph factory and on a candidate
 (another factory: a new system prompt, policy or graph; or the same factory with
 `candidate_model`) and pairs their runs case by case: outcome, tool trajectory, cost and judge
-score (the suite's own evaluators, rubric judge included). Every tool that declares side
-effects (`ToolSpec.side_effects`, i.e. `write` and `destructive` tools) is stubbed on both
-sides: it answers a canned result and its body never runs (`ShadowResult.stubbed` lists the
-calls); read-only tools run as usual.
+score (the suite's own evaluators, rubric judge included). Every tool that is not declared
+read-only (`RegisteredTool.read_only`: `write` and `destructive` tools, and plain functions and
+LangChain tools, whose `read` is only a default) is stubbed on both sides: it answers a canned
+result and its body never runs (`ShadowResult.stubbed` lists the calls); tools declared
+read-only with keel's `tool(...)` run as usual.
 
 `ashadow_threads(threads, candidate, db=URL, model=M)` does the same on stored threads: each is
 replayed on the candidate (live with `model`, else from its cassette) and diffed with what was
@@ -37,7 +38,7 @@ __all__ = ["ShadowPair", "ShadowResult", "SideEffectStub", "ashadow", "ashadow_t
 
 @dataclass(slots=True)
 class SideEffectStub:
-    """A tool stub that answers every side-effecting call with `canned` and records it."""
+    """A tool stub that answers every call to a tool not declared read-only with `canned`."""
 
     canned: str = "(shadow run) {tool} was not run; assume it succeeded."
     """The answer; `{tool}` is replaced by the tool's name."""
@@ -45,8 +46,8 @@ class SideEffectStub:
     """The calls it answered (their tools never ran)."""
 
     def __call__(self, tool: RegisteredTool, call: ToolCall) -> StubAnswer | None:
-        """A canned answer for a side-effecting call; `None` (run it) for a read-only one."""
-        if not tool.spec.side_effects:
+        """A canned answer; `None` (run it) for a tool declared read-only (`tool.read_only`)."""
+        if tool.read_only:
             return None
         content = self.canned.replace("{tool}", call["name"])
         self.calls.append(RecordedCall(call["name"], dict(call["args"]), content, "success"))

@@ -46,7 +46,7 @@ from keel.identity import server_user
 from keel.models import model_name_of
 from keel.pricing import PriceTable
 from keel.state import Outcome, RunContext
-from keel.tools.registry import RegisteredTool, spec_of
+from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
 
 __all__ = [
@@ -217,7 +217,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         tool = request.tool
         if tool is None:  # an unknown tool: let the ToolNode answer with the valid names
             return GateDecision.allow()
-        return self.matrix(RegisteredTool(tool, spec_of(tool)), args, _context(request.runtime))
+        return self.matrix(registered(tool), args, _context(request.runtime))
 
     def _gate(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
         call = request.tool_call
@@ -257,9 +257,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         resolved = self._gate(request)
         if isinstance(resolved, ToolMessage) or resolved.tool is None:
             return resolved
-        answer = stub_answer(
-            RegisteredTool(resolved.tool, spec_of(resolved.tool)), resolved.tool_call
-        )
+        answer = stub_answer(registered(resolved.tool), resolved.tool_call)
         if answer is None:
             return resolved
         call = resolved.tool_call

@@ -24,7 +24,7 @@ from keel.db.tables import TOOL_CALLS
 from keel.evals import ScriptedChatModel, areplay, ashadow, builtin_suite, call
 from keel.evals.builtin import recorded
 from keel.graphs import build_agent
-from keel.guards import Policy
+from keel.guards import Policy, Rule
 from keel.guards.breaker import BreakerPolicy
 
 
@@ -164,3 +164,77 @@ async def test_a_replay_on_a_plain_langchain_agent_runs_no_refund(tmp_path: Path
     diff = await areplay("t1", plain, db=url, live=True, model=model, identity=ALICE)
     assert diff.raised is None and "issue_refund" not in [e.tool for e in diff.executions]
     assert [c.name for c in diff.unrecorded] == ["issue_refund"]
+
+
+# -- tools nobody declared read-only -----------------------------------------------------------
+
+
+def _noting(folder: Path) -> tuple[Any, Any]:
+    """Two tools that append to `folder/notes.txt`, neither declared through keel: a plain
+    function (the registry defaults it to `read`) and a LangChain `@tool`."""
+    from langchain_core.tools import tool as langchain_tool
+
+    def write_note(text: str) -> str:
+        """Add a note to the customer's file."""
+        with (folder / "notes.txt").open("a") as f:
+            f.write(f"{text}\n")
+        return "noted"
+
+    @langchain_tool
+    def file_note(text: str) -> str:
+        """File a note on the customer's record."""
+        return write_note(text)
+
+    return write_note, file_note
+
+
+def _with_notes(folder: Path) -> Callable[[BaseChatModel], Any]:
+    """The demo agent plus the note tools, which its policy allows."""
+    notes = _noting(folder)
+    allow = (Rule(action="allow", tool="write_note"), Rule(action="allow", tool="file_note"))
+    policy = dataclasses.replace(demo_policy(), rules=(*allow, *demo_policy().rules))
+
+    def factory(model: BaseChatModel) -> Any:
+        tools = [*recorded(demo_tools(DemoShop())), *notes]
+        return build_agent(
+            model, tools, system_prompt=SYSTEM_PROMPT, policy=policy, checkpointer=InMemorySaver()
+        )
+
+    return factory
+
+
+async def test_a_live_replay_never_runs_an_unrecorded_tool_nobody_declared_read_only(
+    tmp_path: Path,
+) -> None:
+    url = await stored(tmp_path)
+    names = ["write_note", "file_note"]
+    model = ScriptedChatModel(
+        script=[*(call(n, text=f"by {n}") for n in names), "Noted."], fresh_ids=True
+    )
+    factory = _with_notes(tmp_path)
+    diff = await areplay("t1", factory, db=url, live=True, model=model, identity=ALICE)
+    assert not (tmp_path / "notes.txt").exists()
+    assert [c.name for c in diff.unrecorded] == names and diff.raised is None
+    assert [t.status for t in diff.replayed.trajectory] == ["error", "error"]
+    assert "not declared read-only" in diff.unrecorded[0].content
+
+
+async def test_a_live_replay_runs_an_unrecorded_tool_declared_read_only(tmp_path: Path) -> None:
+    url = await stored(tmp_path)
+    other = ScriptedChatModel(script=[call("lookup_order", order_id="A1002"), "Found it."])
+    diff = await areplay("t1", DEMO, db=url, live=True, model=other, identity=ALICE)
+    assert [e.tool for e in diff.executions] == ["lookup_order"] and diff.unrecorded == []
+
+
+async def test_a_shadow_run_stubs_a_tool_nobody_declared_read_only(tmp_path: Path) -> None:
+    suite = builtin_suite("demo")
+    noting = ScriptedChatModel(script=[call("write_note", text="shadow"), "Noted."])
+    factory = _with_notes(tmp_path)
+    compared = await ashadow(
+        dataclasses.replace(suite, cases=suite.cases[:1]), factory, factory, model=noting
+    )
+    assert not (tmp_path / "notes.txt").exists()
+    assert {side: [c.name for c in calls] for side, calls in compared.stubbed.items()} == {
+        "baseline": ["write_note"],
+        "candidate": ["write_note"],
+    }

@@ -8,7 +8,7 @@ from typing import Any, overload
 
 from langchain_core.messages import ToolCall
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import ConfigDict, SkipValidation
+from pydantic import ConfigDict, PrivateAttr, SkipValidation
 
 from keel.errors import UserError
 from keel.tools.spec import Reconciler, RegisteredTool, ResourceExtractor, Risk, ToolSpec
@@ -28,6 +28,8 @@ class KeelTool(StructuredTool):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     spec: SkipValidation[ToolSpec] = ToolSpec()
     """What keel must know to run this tool safely."""
+    _declared: bool = PrivateAttr(default=True)
+    """False for a plain function the registry turned into a tool: its spec is a default."""
 
     def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """Run the tool, unless an active tool stub answers the call."""
@@ -42,7 +44,7 @@ class KeelTool(StructuredTool):
     def _stubbed(self, tool_input: str | dict[str, Any], call_id: str | None) -> Any:
         args = dict(tool_input) if isinstance(tool_input, dict) else {"input": tool_input}
         call = ToolCall(name=self.name, args=args, id=call_id)
-        answer = stub_answer(RegisteredTool(self, self.spec), call)
+        answer = stub_answer(registered(self), call)
         if answer is None:
             return None
         return answer.content if call_id is None else stub_message(answer, call_id, self.name)
@@ -53,6 +55,12 @@ def spec_of(tool: BaseTool) -> ToolSpec:
     if isinstance(tool, KeelTool):
         return tool.spec
     return ToolSpec()
+
+
+def registered(tool: BaseTool) -> RegisteredTool:
+    """`tool` with its spec (`spec_of`), marked declared only when keel's `tool(...)` made it."""
+    declared = isinstance(tool, KeelTool) and tool._declared
+    return RegisteredTool(tool, spec_of(tool), declared=declared)
 
 
 @overload
@@ -140,7 +148,9 @@ def tool(
 class ToolRegistry:
     """The tools an agent may call, by name, with their specs.
 
-    Accepts keel tools, LangChain tools and plain functions (turned into read-only tools).
+    Accepts keel tools, LangChain tools and plain functions (turned into read-only tools; a
+    replay or shadow run still never runs them without a recording, since nobody declared them
+    read-only: see `RegisteredTool.read_only`).
     """
 
     def __init__(self, tools: Iterable[BaseTool | Callable[..., Any]] = ()) -> None:
@@ -157,12 +167,16 @@ class ToolRegistry:
                     f"{item!r}."
                 )
             item = tool(item)
+            item._declared = False
         if item.name in self._tools:
             raise UserError(
                 f"Two tools are named {item.name!r}; tool names must be unique. Rename one "
                 "(e.g. @tool(name='...'))."
             )
-        self._tools[item.name] = RegisteredTool(item, spec or spec_of(item))
+        entry = registered(item)
+        if spec is not None:
+            entry = RegisteredTool(item, spec)
+        self._tools[item.name] = entry
 
     def get(self, name: str) -> RegisteredTool | None:
         """The tool called `name`, or None."""

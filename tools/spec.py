@@ -110,8 +110,21 @@ class RegisteredTool:
 
     tool: BaseTool
     spec: ToolSpec
+    declared: bool = True
+    """Whether `spec` was declared (keel's `tool(...)`, or a spec given to `ToolRegistry.add`)
+    rather than defaulted (a plain function, a LangChain tool): a defaulted spec says `read`
+    without anyone having said so."""
 
     @property
     def name(self) -> str:
         """The tool's name, as the model calls it."""
         return self.tool.name
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the tool is declared to only look: `risk="read"`, no side effects, declared.
+
+        A replay or a shadow run lets only such a tool run for real when it has no recorded
+        result (`keel.evals`); every other call is answered without running the tool.
+        """
+        return self.declared and self.spec.risk == "read" and not self.spec.side_effects

@@ -14,10 +14,10 @@ Example:
     from keel.tools.stubs import StubAnswer, stubbing
 
     def canned(tool, call):
-        return StubAnswer("stubbed") if tool.spec.side_effects else None
+        return None if tool.read_only else StubAnswer("stubbed")
 
     with stubbing(canned):
-        ...  # run the graph: side-effecting tools answer "stubbed", read-only tools run
+        ...  # run the graph: tools declared read-only run, every other answers "stubbed"
     ```
 """
 
