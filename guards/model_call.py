@@ -56,6 +56,7 @@ from keel.models import model_name_of, resolve_model
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext, Usage
+from keel.tools.stubs import isolated
 
 __all__ = [
     "DEFAULT_MODEL_RETRY",
@@ -489,7 +490,7 @@ class GuardedModel:
         `_Tried` with the refusal when the breaker is open or a rate limit has no room (the
         reservation released); a spent period budget or a failed ledger stops the run.
         """
-        meter, guard = self.meter, self.guard
+        meter, guard = self._meter(), self.guard
         assert guard is not None
         tokens = estimate_tokens(messages) + self.schema_tokens
         # without a period budget: no reservation, and nothing written
@@ -518,7 +519,7 @@ class GuardedModel:
     def _reserve(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext
     ) -> Steps[Reservation | None]:
-        meter = self.meter
+        meter = self._meter()
         if meter is None:
             return None
         extra = self.schema_tokens
@@ -531,6 +532,13 @@ class GuardedModel:
             raise _Stopped(outcome.stopped("budget_exceeded", held))
         assert isinstance(held, Reservation)
         return held
+
+    def _meter(self) -> SpendMeter | None:
+        """The period budgets' meter; none in a replay or shadow run (`isolated`).
+
+        Production's period spend counts the user's runs, not a replay of them.
+        """
+        return None if isolated() else self.meter
 
     def _record(
         self,

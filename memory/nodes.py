@@ -29,6 +29,7 @@ from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
 from keel.redact import sanitized_logger
 from keel.state import AgentState, RunContext
+from keel.tools.stubs import isolated
 
 __all__ = ["RECALL_ID", "recall", "reflect"]
 
@@ -128,6 +129,8 @@ def reflect(
 ) -> RunnableCallable:
     """A node that stores the finished run's `Lesson` (asked, outcome, why, tools, errors).
 
+    A replay or shadow run (`keel.tools.stubs.isolated`) stores none.
+
     Args:
         store: The store; the graph's own when omitted.
         kind: The namespace kind lessons go to: `(kind, tenant, user)`.
@@ -141,7 +144,7 @@ def reflect(
         state: AgentState, runtime: Runtime[RunContext] | None
     ) -> tuple[BaseStore, tuple[str, ...], dict[str, Any]] | None:
         lesson = extract_lesson(state)
-        if lesson is None:
+        if lesson is None or isolated():  # a replay's lesson is not the user's
             return None
         ns = user_namespace(context_of(runtime), kind)
         return store_of(runtime, store), ns, lesson.value()

@@ -1,5 +1,6 @@
 """Attacks on replay: a recorded side effect is never run again, whatever the replayed model
-sends, and a replay leaves the production ledger and its shared circuit breakers alone.
+sends, nor a tool nobody declared read-only, and a replay leaves the production ledger (its
+claims, shared circuit breakers, run records, audit log and period spend) and memory alone.
 
 Threads are stored by keel's demo agent on a real SQLite database with a real ledger
 (`test_evals_replay.store_thread`); the demo's tools record every body that really runs.
@@ -7,6 +8,7 @@ Threads are stored by keel's demo agent on a real SQLite database with a real le
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 from collections.abc import Callable
@@ -16,16 +18,21 @@ from typing import Any
 import pytest
 from langchain_core.language_models import BaseChatModel
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
 from test_evals_replay import ALICE, DEMO, REFUND, store_thread
 
-from keel.app.demo import SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
+from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
 from keel.db.ledger import Ledger
-from keel.db.tables import TOOL_CALLS
+from keel.db.tables import AUDIT, RESERVATIONS, RUNS, SPEND, TOOL_CALLS
 from keel.evals import ScriptedChatModel, areplay, ashadow, builtin_suite, call
 from keel.evals.builtin import recorded
+from keel.evals.demo import demo_model
+from keel.evals.shadow import SideEffectStub
 from keel.graphs import build_agent
-from keel.guards import Policy, Rule
+from keel.guards import PeriodBudget, Policy, Rule
 from keel.guards.breaker import BreakerPolicy
+from keel.memory import ChromaStore, user_namespace
+from keel.tools.stubs import stubbing
 
 
 async def stored(folder: Path, thread: str = "t1", **options: Any) -> str:
@@ -35,8 +42,9 @@ async def stored(folder: Path, thread: str = "t1", **options: Any) -> str:
     return url
 
 
-def production(ledger: Ledger, policy: Policy) -> Callable[[BaseChatModel], Any]:
-    """A graph factory on the production ledger (and its breakers), as a careless user writes."""
+def production(ledger: Ledger, policy: Policy, **options: Any) -> Callable[[BaseChatModel], Any]:
+    """A graph factory on the production ledger (and its breakers), as a careless user writes;
+    `options` go to `build_agent` (e.g. the production memory store)."""
 
     def factory(model: BaseChatModel) -> Any:
         return build_agent(
@@ -46,6 +54,7 @@ def production(ledger: Ledger, policy: Policy) -> Callable[[BaseChatModel], Any]
             policy=policy,
             ledger=ledger,
             checkpointer=InMemorySaver(),
+            **options,
         )
 
     return factory
@@ -238,3 +247,63 @@ async def test_a_shadow_run_stubs_a_tool_nobody_declared_read_only(tmp_path: Pat
         "baseline": ["write_note"],
         "candidate": ["write_note"],
     }
+
+
+# -- production's records ----------------------------------------------------------------------
+
+
+def _rows(folder: Path) -> dict[str, Any]:
+    """What a run writes to the production ledger: run records, audit records, period spend
+    (the tokens spent, and reservations still held)."""
+    with sqlite3.connect(f"{folder}/keel.db") as db:
+        counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                  for t in (RUNS.name, AUDIT.name, RESERVATIONS.name)}  # fmt: skip
+        counts["tokens"] = db.execute(f"SELECT sum(spent_tokens) FROM {SPEND.name}").fetchone()[0]
+        return counts
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["cassette", "live"])
+async def test_a_replay_on_production_writes_no_run_audit_spend_or_lesson_there(
+    tmp_path: Path, live: bool
+) -> None:
+    """A factory on the production ledger (with a period budget) and memory store: the replay
+    leaves the user's run records, audit log, monthly spend and lessons as they were."""
+    policy = dataclasses.replace(demo_policy(), period_budgets=(PeriodBudget(usd=5.0),))
+    url = await stored(tmp_path, policy=policy)
+    ledger, store = Ledger(url), ChromaStore(path=tmp_path / "memory")
+    lessons = user_namespace(ALICE, "lessons")
+
+    factory = production(ledger, policy, store=store, memory=True)
+    before = _rows(tmp_path)
+    assert before[RUNS.name] and before[AUDIT.name] and before["tokens"], before
+    model = refunding({**REFUND, "amount": 10.0}) if live else None
+    try:
+        diff = await areplay("t1", factory, db=url, live=live, model=model, identity=ALICE)
+        assert diff.raised is None and diff.replayed.outcome["terminated_reason"] == "completed"
+        assert _rows(tmp_path) == before and store.search(lessons) == []
+        agent = factory(demo_model())  # the same factory, outside a replay, still writes
+        config: Any = {"configurable": {"thread_id": "t2"}}
+        await agent.ainvoke({"messages": [("user", DEMO_TASK)]}, config, context=ALICE)
+        await agent.ainvoke(Command(resume={"type": "approve"}), config, context=ALICE)
+    finally:
+        await ledger.aclose()
+    after = _rows(tmp_path)
+    assert after[RUNS.name] > before[RUNS.name] and after[AUDIT.name] > before[AUDIT.name]
+    assert after["tokens"] > before["tokens"] and len(store.search(lessons)) == 1
+
+
+def test_a_dry_run_under_invoke_writes_nothing_to_production_either(tmp_path: Path) -> None:
+    """`keel.tools.stubbing` by hand around a sync `invoke` (the sync writers' path)."""
+    policy = dataclasses.replace(demo_policy(), period_budgets=(PeriodBudget(usd=5.0),))
+    url = asyncio.run(stored(tmp_path, policy=policy))
+    ledger, store = Ledger(url), ChromaStore(path=tmp_path / "memory")
+    agent = production(ledger, policy, store=store, memory=True)(demo_model())
+    before, config = _rows(tmp_path), {"configurable": {"thread_id": "dry"}}
+    try:
+        with stubbing(SideEffectStub()):
+            agent.invoke({"messages": [("user", DEMO_TASK)]}, config, context=ALICE)
+            done = agent.invoke(Command(resume={"type": "approve"}), config, context=ALICE)
+    finally:
+        ledger.close()
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert _rows(tmp_path) == before and store.search(user_namespace(ALICE, "lessons")) == []

@@ -7,7 +7,9 @@ whatever runs it (LangGraph's `ToolNode`, your own code), is first offered to
 body never runs (nor does `execute_tools` claim the call in its idempotency ledger or count it
 in the tool's breaker: both may be production's); `None` lets the call run as usual. The
 stub is a context variable, so it holds for the runs started in the block (LangGraph copies it
-into tool tasks and threads) and for no other run of the process.
+into tool tasks and threads) and for no other run of the process. Those runs are `isolated()`:
+they write no run record, audit record, period spend or memory lesson to the graph's ledger
+and store (which may be production's).
 
 Example:
     ```python
@@ -34,7 +36,7 @@ from langchain_core.messages import ToolCall, ToolMessage
 if TYPE_CHECKING:
     from keel.tools.spec import RegisteredTool
 
-__all__ = ["StubAnswer", "ToolStub", "stub_answer", "stub_message", "stubbing"]
+__all__ = ["StubAnswer", "ToolStub", "isolated", "stub_answer", "stub_message", "stubbing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,16 @@ def stubbing(stub: ToolStub) -> Iterator[None]:
         yield
     finally:
         _stub.reset(token)
+
+
+def isolated() -> bool:
+    """Whether the runs here are a replay, a shadow or a dry run (a tool stub is active).
+
+    keel keeps such runs out of production's records, whatever ledger and store the graph
+    was built on: they write no run record, no audit record, no period spend and no lesson to
+    long-term memory.
+    """
+    return _stub.get() is not None
 
 
 def stub_answer(tool: RegisteredTool, call: ToolCall) -> StubAnswer | None:

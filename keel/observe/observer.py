@@ -12,7 +12,8 @@
   the run record as `interrupted` as it pauses.
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
-never fails a run: a database error is logged (`keel.observe`) and the run goes on.
+never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
+shadow run (`keel.tools.stubs.isolated`) writes neither audit records nor a run record.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext, task_base
 from keel.tools.registry import ToolRegistry
+from keel.tools.stubs import isolated
 from keel.versions import AgentVersion
 
 __all__ = [
@@ -121,7 +123,12 @@ class Observer:
         self.version = version
 
     def record_run(self, state: AgentState, config: RunnableConfig, context: RunContext) -> None:
-        """Write the record of the run `state` ends (or pauses); a failure is logged."""
+        """Write the record of the run `state` ends (or pauses); a failure is logged.
+
+        A replay or shadow run (`keel.tools.stubs.isolated`) writes none.
+        """
+        if isolated():
+            return
         try:
             record = _record(self, state, config, context)
             _telemetry(self.runs.write(record, task_base(state)), record)
@@ -132,6 +139,8 @@ class Observer:
         self, state: AgentState, config: RunnableConfig, context: RunContext
     ) -> None:
         """`record_run` under `ainvoke`."""
+        if isolated():
+            return
         try:
             record = _record(self, state, config, context)
             _telemetry(await self.runs.awrite(record, task_base(state)), record)
@@ -166,7 +175,7 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
     """
 
     def records(state: AgentState, update: Any, config: RunnableConfig, runtime: Any) -> list[Any]:
-        if not isinstance(update, Mapping):
+        if not isinstance(update, Mapping) or isolated():  # a replay's: not production's audit
             return []
         context = context_of(runtime)
         return derive(state, update, context, observer.who(config, context))
