@@ -74,6 +74,9 @@ class CaseRun:
     """Wall-clock seconds."""
     executions: list[Execution] = field(default_factory=list)
     """Tool bodies that really ran (recorded by the eval graph's tools)."""
+    tools: list[str] | None = None
+    """The names of the graph's tools, when the runner could find them (a `build_agent` graph,
+    a `ToolNode`); `None` when it could not."""
     raised: str | None = None
     """The exception that escaped the graph, if one did (a run should never end so)."""
     scores: list[Score] = field(default_factory=list)

@@ -19,6 +19,7 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 from langsmith.run_helpers import tracing_context
 
@@ -167,6 +168,7 @@ async def arun_case(
     with recording() as executions:
         try:
             graph = factory(chat_model)
+            run.tools = tool_names(graph)
             values, run.steps = await _drive(graph, case)
         except Exception as exc:
             run.raised = f"{type(exc).__name__}: {exc}"
@@ -201,6 +203,33 @@ def _answer(requests: Any, case: Case) -> Any:
     if isinstance(requests, list):
         return [dict(decision) for _ in requests]
     return decision
+
+
+def tool_names(graph: Any) -> list[str] | None:
+    """The names of the tools `graph` can call, or `None` when they cannot be found.
+
+    Found in a keel agent's version (`build_agent`) and in LangGraph `ToolNode`s, in the graph
+    and in the graphs that are its nodes (a supervisor's agents).
+    """
+    names: set[str] = set()
+    found, todo, seen = False, [graph], set()
+    while todo:
+        g = todo.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        version = getattr(g, "keel_version", None)
+        if version is not None:
+            names.update(version.tool_versions)
+            found = True
+        for node in (getattr(g, "nodes", None) or {}).values():
+            bound = getattr(node, "bound", None)
+            if isinstance(bound, ToolNode):
+                names.update(bound.tools_by_name)
+                found = True
+            elif hasattr(bound, "nodes") and hasattr(bound, "astream"):
+                todo.append(bound)
+    return sorted(names) if found else None
 
 
 def trajectory_of(messages: Sequence[BaseMessage]) -> list[ToolStep]:
