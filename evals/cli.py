@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keel.app.cli_observe import existing_db
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
@@ -176,7 +177,11 @@ def _feedback(argv: Sequence[str]) -> int:
     p.add_argument("--user", default=None, help="who gives the feedback")
     p.add_argument("--db", default=None, help="database URL (default: $KEEL_DB_URL or .keel/)")
     args = p.parse_args(argv)
-    ledger = Ledger(args.db)
+    try:  # a mistyped --db (or a bad URL): an error now, not after the pool's 10 s of retries
+        ledger = Ledger(existing_db(args.db))
+    except KeelError as exc:
+        print(f"keel eval feedback: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.score is None and not args.comment and not args.correction:
             for f in feedback_for(ledger, args.run):

@@ -243,6 +243,8 @@ def load_suite(path: str | Path) -> Suite:
         UserError: the file is missing, is not YAML, or a case is malformed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: give the path of a YAML suite file in it.")
     if not path.is_file():
         raise UserError(f"No suite file at {path}. Give the path of a YAML suite.")
     try:

@@ -350,6 +350,8 @@ def _build_list(kind: type[Any], raw: Any, where: str) -> tuple[Any, ...]:
 
 def load_data_file(path: Path, what: str) -> Any:
     """Parse a `.toml`, `.yaml` or `.yml` file; errors name it as `what` (`"Policy file"`)."""
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory: pass the file itself.")
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist.")
     try:
@@ -358,6 +360,8 @@ def load_data_file(path: Path, what: str) -> Any:
         raise UserError(
             f"{what} {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}."
         ) from None
+    except OSError as exc:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {exc.strerror}.") from None
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,33 @@ def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(
     too_long = tmp_path / ("x" * 300) / "keel.db"
     assert main([*command, "--db", f"sqlite:///{too_long}"]) == 2
     assert f"No keel database at {too_long}: check --db" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["audit"], ["report"], ["threads"]], ids=["audit", "report", "threads"]
+)
+def test_a_postgres_database_that_is_not_there_is_an_error_at_once(
+    postgres_url: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Not after the ledger's pool has retried for 10 seconds."""
+    typo = postgres_url.rsplit("/", 1)[0] + "/keel_no_such_db"
+    start = time.monotonic()
+    assert main([*command, "--db", typo]) == 2
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err
+    assert f"keel: cannot reach PostgreSQL at {typo}: " in err
+    assert 'database "keel_no_such_db" does not exist. Create the database' in err
+
+
+def test_an_slo_path_that_is_a_directory_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "keel.db"
+    db.touch()
+    assert main(["report", "--db", f"sqlite:///{db}", "--slo", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"keel: SLO file {str(tmp_path)!r} is a directory: pass the file itself.\n"
+    )
 
 
 @pytest.mark.parametrize("where", ["missing-dir/report.html", "."], ids=["no-dir", "a-dir"])

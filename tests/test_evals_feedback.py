@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,20 @@ def test_the_sync_api_and_keel_eval_feedback(
     assert out.count("t-9:") == 2  # listed by run key
     assert eval_main(["feedback", "nope", "--score", "1", "--db", url]) == 2
     assert "No run 'nope'" in capsys.readouterr().err
+
+
+def test_keel_eval_feedback_on_a_database_that_is_not_there_says_so_at_once(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not an empty SQLite file at a mistyped path, nor the ledger pool's 10 s of retries."""
+    missing = tmp_path / "typo" / "keel.db"
+    assert eval_main(["feedback", "t-1", "--db", f"sqlite:///{missing}"]) == 2
+    assert f"No keel database at {missing}: check --db" in capsys.readouterr().err
+    assert not missing.parent.exists()
+    typo = postgres_url.rsplit("/", 1)[0] + "/keel_no_such_db"
+    start = time.monotonic()
+    assert eval_main(["feedback", "t-1", "--score", "1", "--db", typo]) == 2
+    assert time.monotonic() - start < 5
+    assert 'database "keel_no_such_db" does not exist' in capsys.readouterr().err
+    assert eval_main(["feedback", "t-1", "--db", "mysql://x/y"]) == 2  # not a traceback
+    assert "keel eval feedback: " in capsys.readouterr().err

@@ -162,6 +162,8 @@ def test_a_malformed_suite_names_the_file_the_case_and_the_fix(
 def test_missing_and_broken_files_say_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="No suite file at"):
         load_suite(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))} is a directory: give"):
+        load_suite(tmp_path)
     with pytest.raises(UserError, match="is not valid YAML"):
         load_suite(write(tmp_path, "cases: [unclosed"))
     latin = tmp_path / "latin.yaml"

@@ -102,8 +102,13 @@ def existing_db(url: str | None) -> str | None:
     """`url` for a command that only reads it; a SQLite file that does not exist is refused.
 
     Opening it would create an empty database at a mistyped path and report "nothing there".
+    A PostgreSQL database is connected to once first: one that cannot be reached (no such
+    database, a wrong password, no server) is an error at once, not after the ledger's pool
+    has retried for 10 seconds.
     """
-    path = Persistence(url).sqlite_path
+    persistence = Persistence(url)
+    persistence.reach()
+    path = persistence.sqlite_path
     try:
         missing = path is not None and not path.is_file()
     except OSError:  # a name too long for the file system, say

@@ -293,6 +293,19 @@ class Persistence:
         """Async `check()`."""
         await self._aready("check")
 
+    def reach(self) -> None:
+        """Connect once (PostgreSQL; nothing to do on SQLite), for a command that only reads.
+
+        An unreachable database (no such database, a wrong password, no server) fails at once
+        with the fix, instead of after a pool's retries.
+
+        Raises:
+            SetupError: the database cannot be reached, and why.
+        """
+        if self.backend == "postgres":
+            with self._errors("reach"), psycopg.connect(self.url, **self._connect_kwargs()):
+                pass
+
     def list_threads(self, limit: int = 50) -> list[ThreadSummary]:
         """The threads with checkpoints, newest first, each with its latest state.
 
