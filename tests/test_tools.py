@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
 
 import pytest
 from langchain_core.tools import StructuredTool
 
+from keel import RunContext, build_agent
 from keel.errors import UserError
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Policy, Rule
 from keel.tools import KeelTool, ToolRegistry, ToolSpec, spec_of, tool
 
 
@@ -348,3 +353,51 @@ def test_an_async_tool_under_sync_invoke_is_a_user_error_not_retried() -> None:
     with pytest.raises(UserError, match="lookup is an async tool: run the agent with `ainvoke`"):
         agent.invoke({"messages": [("user", "look up A1")]})
     assert calls == []
+
+
+def _exiting(body: str, timeout: float | None) -> KeelTool:
+    """A tool that calls `sys.exit(3)`: a sync body or an async one."""
+    if body == "async":
+
+        @tool(name="bye", timeout=timeout)
+        async def bye_async(x: int) -> str:
+            """Leave."""
+            sys.exit(3)
+
+        return bye_async
+
+    @tool(name="bye", timeout=timeout)
+    def bye(x: int) -> str:
+        """Leave."""
+        sys.exit(3)
+
+    return bye
+
+
+@pytest.mark.parametrize("deadline", [None, 5.0], ids=["inline", "deadline"])
+@pytest.mark.parametrize("body", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_tool_that_calls_sys_exit_fails_its_call_and_the_run_ends_with_an_outcome(
+    mode: str, body: str, deadline: float | None
+) -> None:
+    """Under `ainvoke` a SystemExit escaping a task stopped the event loop: the caller saw
+    `CancelledError` (or the process its exit), and the run had no outcome."""
+    if mode == "invoke" and body == "async":
+        pytest.skip("an async tool runs under ainvoke only")
+    agent = build_agent(
+        ScriptedChatModel(script=[call("bye", x=1), "It failed."]),
+        [_exiting(body, deadline)],
+        policy=Policy(rules=(Rule(action="allow"),)),
+    )
+    task = {"messages": [("user", "leave")]}
+    context = RunContext(user_id="u1")
+    if mode == "invoke":
+        result = await asyncio.to_thread(agent.invoke, task, context=context)
+    else:
+        result = await agent.ainvoke(task, context=context)
+    [answer] = [m for m in result["messages"] if m.type == "tool"]
+    assert answer.content == (
+        "Error: bye failed: ToolExited: bye raised SystemExit(3): a tool may not end the process"
+    )
+    assert answer.response_metadata["keel_status"] == "error"  # not retried: one attempt
+    assert result["outcome"]["terminated_reason"] == "completed"

@@ -6,8 +6,10 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, overload
 
+from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
 from langchain_core.messages import ToolCall
-from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import ConfigDict, PrivateAttr, SkipValidation
 
 from keel.errors import UserError
@@ -17,12 +19,26 @@ from keel.tools.stubs import stub_answer, stub_message
 __all__ = ["KeelTool", "RegisteredTool", "ToolRegistry", "spec_of", "tool"]
 
 
+class ToolExited(ToolException):
+    """A tool body raised `SystemExit` (`sys.exit()`): the call failed, the process goes on.
+
+    Under `ainvoke` a `SystemExit` escaping a task stops the event loop itself, so every run
+    on it ended with no outcome (the caller saw `CancelledError`); it is the tool's failure.
+    """
+
+    def __init__(self, tool: str, exc: SystemExit) -> None:
+        super().__init__(f"{tool} raised SystemExit({exc.code!r}): a tool may not end the process")
+        self.tool = tool
+        self.code = exc.code
+
+
 class KeelTool(StructuredTool):
     """A LangChain `StructuredTool` that carries a keel `ToolSpec`.
 
     Whatever runs it (keel's `execute_tools`, LangGraph's `ToolNode`, a `create_agent` graph
     without keel's middleware, your code), a call made inside `keel.tools.stubbing` is first
-    offered to the stub: a replay or shadow run never runs a side-effecting body.
+    offered to the stub: a replay or shadow run never runs a side-effecting body. A body that
+    raises `SystemExit` fails the call with `ToolExited` (sync or async alike).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -40,6 +56,30 @@ class KeelTool(StructuredTool):
         """Run the tool, unless an active tool stub answers the call (async)."""
         stubbed = self._stubbed(tool_input, kwargs.get("tool_call_id"))
         return stubbed if stubbed is not None else await super().arun(tool_input, *args, **kwargs)
+
+    def _run(
+        self,
+        *args: Any,
+        config: RunnableConfig,
+        run_manager: CallbackManagerForToolRun | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            return super()._run(*args, config=config, run_manager=run_manager, **kwargs)
+        except SystemExit as exc:
+            raise ToolExited(self.name, exc) from None
+
+    async def _arun(
+        self,
+        *args: Any,
+        config: RunnableConfig,
+        run_manager: AsyncCallbackManagerForToolRun | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        try:  # LangChain runs this in a task of its own: SystemExit must not leave it
+            return await super()._arun(*args, config=config, run_manager=run_manager, **kwargs)
+        except SystemExit as exc:
+            raise ToolExited(self.name, exc) from None
 
     def _stubbed(self, tool_input: str | dict[str, Any], call_id: str | None) -> Any:
         args = dict(tool_input) if isinstance(tool_input, dict) else {"input": tool_input}
