@@ -53,7 +53,10 @@ TerminatedReason = Literal[
     "storage",
     "cancelled",
 ]
-"""Why a run ended (or, for `awaiting_approval`, why it is paused); `blocked`: a content
+"""Why a run ended (or, for `awaiting_approval`, why it is paused); `denied`: never produced
+by keel's own graphs, since a call the permission gate denies does not end the run (it is
+answered with a `denied` tool message and the model goes on); it is there for a graph of yours
+that ends a run on a refusal (`keel.outcome.stopped("denied", ...)`); `blocked`: a content
 guard refused the user's input or withheld the answer; `overloaded`: admission control
 (`keel.guards.admission`) refused to start it (the detail says when to retry); `storage`: the
 checkpointer's database failed, so the run's last steps may not be saved; `cancelled`: the

@@ -109,6 +109,8 @@ def test_sync_invoke_and_sub_agent_policy_deny(tmp_path: Path) -> None:
         "Not permitted: no rule allows issue_refund on orders/A1001 for roles support; keel "
         "denies by default (rule: default deny).",
     ]
+    # the denials are answered, not the end of the run: the sub-agent's model went on
+    assert final["outcome"]["terminated_reason"] == "completed"
 
 
 def test_sub_agent_budget_stops_the_supervisor(tmp_path: Path) -> None:
