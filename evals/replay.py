@@ -30,7 +30,13 @@ from keel.evals._sync import sync
 from keel.evals.cassette import Cassette, CassetteModel, RecordedCall, canonical, is_model_answer
 from keel.evals.executions import Execution, recording
 from keel.evals.results import ToolStep
-from keel.evals.runner import MAX_RESUMES, GraphFactory, load_graph, trajectory_of
+from keel.evals.runner import (
+    MAX_RESUMES,
+    GraphFactory,
+    load_graph,
+    stub_tool_nodes,
+    trajectory_of,
+)
 from keel.evals.stored import StoredThread, aload_thread, start_messages
 from keel.models import resolve_model
 from keel.pricing import PriceTable
@@ -302,6 +308,7 @@ async def areplay(
                 f"{stored.thread_id!r} holds no messages yet; start from a later step."
             )
     chat_model, compiled, label = _graph(graph, cassette, live=live, model=model)
+    stub_tool_nodes(compiled)  # LangChain tools in a ToolNode are offered to the cassette too
     seen = {m.id for m in begin}
     later: list[BaseMessage] = [
         m for m in stored.messages if isinstance(m, HumanMessage) and m.id not in seen

@@ -30,6 +30,8 @@ from keel.evals.results import CaseRun, SuiteResult, ToolStep
 from keel.evals.suite import Case, ModelSpec, Suite
 from keel.models import model_name_of
 from keel.observe.tracing import tracing_enabled
+from keel.tools.registry import registered
+from keel.tools.stubs import isolated, stub_answer, stub_message
 
 __all__ = ["DEFAULT_GRAPH", "GraphFactory", "arun_case", "arun_suite", "load_graph", "run_suite"]
 
@@ -168,6 +170,8 @@ async def arun_case(
     with recording() as executions:
         try:
             graph = factory(chat_model)
+            if isolated():  # a shadow run: every tool call is offered to its stub
+                stub_tool_nodes(graph)
             run.tools = tool_names(graph)
             values, run.steps = await _drive(graph, case)
         except Exception as exc:
@@ -205,31 +209,85 @@ def _answer(requests: Any, case: Case) -> Any:
     return decision
 
 
+def _graphs(graph: Any) -> Iterator[Any]:
+    """`graph` and the graphs that are its nodes (a supervisor's agents), each once."""
+    todo, seen = [graph], set()
+    while todo:
+        g = todo.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        yield g
+        for node in (getattr(g, "nodes", None) or {}).values():
+            bound = getattr(node, "bound", None)
+            if hasattr(bound, "nodes") and hasattr(bound, "astream"):
+                todo.append(bound)
+
+
+def _tool_nodes(graph: Any) -> Iterator[ToolNode]:
+    for g in _graphs(graph):
+        for node in (getattr(g, "nodes", None) or {}).values():
+            if isinstance(getattr(node, "bound", None), ToolNode):
+                yield node.bound
+
+
 def tool_names(graph: Any) -> list[str] | None:
     """The names of the tools `graph` can call, or `None` when they cannot be found.
 
     Found in a keel agent's version (`build_agent`) and in LangGraph `ToolNode`s, in the graph
     and in the graphs that are its nodes (a supervisor's agents).
     """
-    names: set[str] = set()
-    found, todo, seen = False, [graph], set()
-    while todo:
-        g = todo.pop()
-        if id(g) in seen:
+    versions = [v for g in _graphs(graph) if (v := getattr(g, "keel_version", None)) is not None]
+    nodes = list(_tool_nodes(graph))
+    if not versions and not nodes:
+        return None
+    names = {n for v in versions for n in v.tool_versions}
+    return sorted(names.union(*(node.tools_by_name for node in nodes)))
+
+
+def stub_tool_nodes(graph: Any) -> Any:
+    """`graph`, its `ToolNode`s made to offer each call to the active tool stub first.
+
+    A `keel.tool` asks the stub itself, and so does keel's `PermissionMiddleware`; a LangChain
+    tool in a `ToolNode` (a `create_agent` graph without keel's middleware) is asked by nobody,
+    so a replay or shadow run would run it for real. The stub is asked after the node's own
+    wrappers (a middleware's permission gate still answers first), and only inside
+    `keel.tools.stubbing`: elsewhere the node runs as it did.
+    """
+    for node in _tool_nodes(graph):
+        if getattr(node, "_keel_stubbed", False):
             continue
-        seen.add(id(g))
-        version = getattr(g, "keel_version", None)
-        if version is not None:
-            names.update(version.tool_versions)
-            found = True
-        for node in (getattr(g, "nodes", None) or {}).values():
-            bound = getattr(node, "bound", None)
-            if isinstance(bound, ToolNode):
-                names.update(bound.tools_by_name)
-                found = True
-            elif hasattr(bound, "nodes") and hasattr(bound, "astream"):
-                todo.append(bound)
-    return sorted(names) if found else None
+        inner, ainner = node._wrap_tool_call, node._awrap_tool_call
+
+        def wrap(request: Any, execute: Any, inner: Any = inner) -> Any:
+            def run(req: Any) -> Any:
+                answered = _stubbed(req)
+                return answered if answered is not None else execute(req)
+
+            return run(request) if inner is None else inner(request, run)
+
+        async def awrap(request: Any, execute: Any, ainner: Any = ainner) -> Any:
+            async def run(req: Any) -> Any:
+                answered = _stubbed(req)
+                return answered if answered is not None else await execute(req)
+
+            return await (run(request) if ainner is None else ainner(request, run))
+
+        node._wrap_tool_call = wrap
+        if ainner is not None or inner is None:  # a sync wrapper alone serves ainvoke too
+            node._awrap_tool_call = awrap
+        node._keel_stubbed = True  # type: ignore[attr-defined]
+    return graph
+
+
+def _stubbed(request: Any) -> ToolMessage | None:
+    if request.tool is None:
+        return None  # an unknown tool: the node answers it
+    answer = stub_answer(registered(request.tool), request.tool_call)
+    if answer is None:
+        return None
+    call = request.tool_call
+    return stub_message(answer, call.get("id") or "", call["name"])
 
 
 def trajectory_of(messages: Sequence[BaseMessage]) -> list[ToolStep]:

@@ -228,6 +228,59 @@ async def test_a_live_replay_never_runs_an_unrecorded_tool_nobody_declared_read_
     assert "not declared read-only" in diff.unrecorded[0].content
 
 
+async def test_a_replay_on_a_plain_langchain_agent_never_runs_a_langchain_tool(
+    tmp_path: Path,
+) -> None:
+    """`create_agent` with no keel middleware: nothing of keel's runs its `ToolNode`, so the
+    replay offers the node's calls to the cassette itself."""
+    from langchain.agents import create_agent
+
+    url = await stored(tmp_path)
+    _, file_note = _noting(tmp_path)
+
+    def plain(model: BaseChatModel) -> Any:
+        tools = [*recorded(demo_tools(DemoShop())), file_note]
+        return create_agent(model, tools, checkpointer=InMemorySaver())
+
+    model = ScriptedChatModel(
+        script=[call("lookup_order", order_id="A1001"), call("file_note", text="x"), "Noted."],
+        fresh_ids=True,
+    )
+    diff = await areplay("t1", plain, db=url, live=True, model=model, identity=ALICE)
+    assert not (tmp_path / "notes.txt").exists() and diff.raised is None
+    assert [c.name for c in diff.unrecorded] == ["file_note"]
+    assert [t.status for t in diff.replayed.trajectory] == ["success", "error"]
+    assert diff.executions == []  # the lookup was answered from the cassette
+
+
+@pytest.mark.parametrize("gate", ["none", "allow", "deny"])
+async def test_a_shadow_run_on_create_agent_never_runs_a_langchain_tool(
+    tmp_path: Path, gate: str
+) -> None:
+    """Without keel's middleware, or behind it: its permission gate still answers first."""
+    from langchain.agents import create_agent
+
+    from keel.guards.middleware import PermissionMiddleware
+
+    _, file_note = _noting(tmp_path)
+    rules = () if gate == "none" else (Rule(action=gate, tool="file_note"),)
+    middleware = [] if gate == "none" else [PermissionMiddleware(Policy(rules=rules))]
+
+    def factory(model: BaseChatModel) -> Any:
+        return create_agent(model, [file_note], middleware=middleware, checkpointer=InMemorySaver())
+
+    suite = builtin_suite("demo")
+    noting = ScriptedChatModel(script=[call("file_note", text="shadow"), "Noted."])
+    compared = await ashadow(
+        dataclasses.replace(suite, cases=suite.cases[:1]), factory, factory, model=noting
+    )
+    assert not (tmp_path / "notes.txt").exists()
+    statuses = [t.status for p in compared.pairs for t in p.baseline.trajectory]
+    assert statuses == ["denied" if gate == "deny" else "success"]
+    stubbed = [] if gate == "deny" else ["file_note"]
+    assert [c.name for c in compared.stubbed["baseline"]] == stubbed
+
+
 async def test_a_live_replay_runs_an_unrecorded_tool_declared_read_only(tmp_path: Path) -> None:
     url = await stored(tmp_path)
     other = ScriptedChatModel(script=[call("lookup_order", order_id="A1002"), "Found it."])
