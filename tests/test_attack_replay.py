@@ -142,15 +142,17 @@ async def test_replays_on_the_production_ledger_record_no_call_and_trip_no_break
 
 
 async def test_a_shadow_run_on_the_production_ledger_claims_nothing_in_it(tmp_path: Path) -> None:
-    ledger = Ledger(await stored(tmp_path))
-    factory = production(ledger, demo_policy())
-    before = _claims(tmp_path)
+    policy = dataclasses.replace(demo_policy(), period_budgets=(PeriodBudget(usd=5.0),))
+    ledger = Ledger(await stored(tmp_path, policy=policy))
+    factory = production(ledger, policy)
+    before, rows = _claims(tmp_path), _rows(tmp_path)
     try:
         compared = await ashadow(builtin_suite("demo"), factory, candidate=factory)
     finally:
         await ledger.aclose()
     assert compared.summary()["stubbed_calls"] == {"baseline": 1, "candidate": 1}
     assert compared.side_effects_run() == 0 and _claims(tmp_path) == before
+    assert _rows(tmp_path) == rows  # no run record, audit record or period spend either
 
 
 def _claims(folder: Path) -> int:
