@@ -58,7 +58,7 @@ from keel.nodes._threads import start_daemon
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, run_usage
-from keel.tools.registry import RegisteredTool, ToolRegistry
+from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer
 
 __all__ = ["ToolStatus", "execute_tools"]
@@ -411,8 +411,20 @@ def _attempt_sync(job: _Job, config: RunnableConfig) -> Any:
         )
     timeout = job.entry.spec.timeout
     if timeout is None:
-        return job.entry.tool.invoke(job.call, config)
+        return _invoke(job, config)
     return _call_in_thread(job, config, timeout)
+
+
+def _invoke(job: _Job, config: RunnableConfig) -> Any:
+    """The sync call; `SystemExit` from a LangChain tool's body is its failure (`ToolExited`).
+
+    A keel tool converts it itself, under `ainvoke` too; a LangChain tool's async body cannot
+    be reached (LangChain runs it in a task of its own).
+    """
+    try:
+        return job.entry.tool.invoke(job.call, config)
+    except SystemExit as exc:
+        raise ToolExited(job.entry.name, exc) from None
 
 
 async def _attempt_async(job: _Job, config: RunnableConfig) -> Any:
@@ -467,7 +479,7 @@ def _call_in_thread(job: _Job, config: RunnableConfig, timeout: float) -> Any:
 
     def target() -> None:
         try:
-            box["value"] = ctx.run(job.entry.tool.invoke, job.call, config)
+            box["value"] = ctx.run(_invoke, job, config)
         except BaseException as exc:  # handed to the caller's thread
             box["error"] = exc
         finally:
@@ -504,7 +516,7 @@ async def _in_daemon_thread(job: _Job, config: RunnableConfig) -> Any:
     def target() -> None:
         try:
             settled: tuple[Any, BaseException | None] = (
-                ctx.run(job.entry.tool.invoke, job.call, config),
+                ctx.run(_invoke, job, config),
                 None,
             )
         except BaseException as exc:  # handed to the awaiting task

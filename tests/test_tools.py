@@ -401,3 +401,35 @@ async def test_a_tool_that_calls_sys_exit_fails_its_call_and_the_run_ends_with_a
     )
     assert answer.response_metadata["keel_status"] == "error"  # not retried: one attempt
     assert result["outcome"]["terminated_reason"] == "completed"
+
+
+@pytest.mark.parametrize("deadline", [None, 5.0], ids=["inline", "deadline"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_a_langchain_tool_that_calls_sys_exit_fails_its_call_too(
+    mode: str, deadline: float | None
+) -> None:
+    """A sync LangChain tool (no keel spec) in keel's agent, given a deadline or not."""
+    from langchain_core.tools import tool as langchain_tool
+
+    @langchain_tool
+    def bye(x: int) -> str:
+        """Leave."""
+        sys.exit(3)
+
+    registry = ToolRegistry()
+    registry.add(bye, ToolSpec(timeout=deadline))
+    agent = build_agent(
+        ScriptedChatModel(script=[call("bye", x=1), "It failed."]),
+        registry,
+        policy=Policy(rules=(Rule(action="allow"),)),
+    )
+    task, context = {"messages": [("user", "leave")]}, RunContext(user_id="u1")
+    if mode == "invoke":
+        result = await asyncio.to_thread(agent.invoke, task, context=context)
+    else:
+        result = await agent.ainvoke(task, context=context)
+    [answer] = [m.content for m in result["messages"] if m.type == "tool"]
+    assert answer == (
+        "Error: bye failed: ToolExited: bye raised SystemExit(3): a tool may not end the process"
+    )
+    assert result["outcome"]["terminated_reason"] == "completed"
