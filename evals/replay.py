@@ -33,8 +33,8 @@ from keel.evals.results import ToolStep
 from keel.evals.runner import (
     MAX_RESUMES,
     GraphFactory,
+    isolated_graph,
     load_graph,
-    stub_tool_nodes,
     trajectory_of,
 )
 from keel.evals.stored import StoredThread, aload_thread, start_messages
@@ -308,7 +308,7 @@ async def areplay(
                 f"{stored.thread_id!r} holds no messages yet; start from a later step."
             )
     chat_model, compiled, label = _graph(graph, cassette, live=live, model=model)
-    stub_tool_nodes(compiled)  # LangChain tools in a ToolNode are offered to the cassette too
+    compiled = isolated_graph(compiled)  # off production's checkpointer, every call stubbable
     seen = {m.id for m in begin}
     later: list[BaseMessage] = [
         m for m in stored.messages if isinstance(m, HumanMessage) and m.id not in seen

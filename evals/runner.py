@@ -19,6 +19,8 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 from langsmith.run_helpers import tracing_context
@@ -170,8 +172,8 @@ async def arun_case(
     with recording() as executions:
         try:
             graph = factory(chat_model)
-            if isolated():  # a shadow run: every tool call is offered to its stub
-                stub_tool_nodes(graph)
+            if isolated():  # a shadow run: off production's checkpointer, every call stubbable
+                graph = isolated_graph(graph)
             run.tools = tool_names(graph)
             values, run.steps = await _drive(graph, case)
         except Exception as exc:
@@ -278,6 +280,19 @@ def stub_tool_nodes(graph: Any) -> Any:
             node._awrap_tool_call = awrap
         node._keel_stubbed = True  # type: ignore[attr-defined]
     return graph
+
+
+def isolated_graph(graph: Any) -> Any:
+    """`graph` as a replay or shadow run drives it.
+
+    Its `ToolNode`s offer every call to the stub (`stub_tool_nodes`), and its threads live in
+    memory, not in the checkpointer it was built on (production's: `keel threads` would list
+    every replay).
+    """
+    saver = getattr(graph, "checkpointer", None)
+    if (saver is None or isinstance(saver, BaseCheckpointSaver)) and hasattr(graph, "copy"):
+        graph = graph.copy(update={"checkpointer": InMemorySaver()})
+    return stub_tool_nodes(graph)
 
 
 def _stubbed(request: Any) -> ToolMessage | None:

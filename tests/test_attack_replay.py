@@ -23,6 +23,7 @@ from test_evals_replay import ALICE, DEMO, REFUND, store_thread
 
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, DemoShop, demo_policy, demo_tools
 from keel.db.ledger import Ledger
+from keel.db.persistence import Persistence
 from keel.db.tables import AUDIT, RESERVATIONS, RUNS, SPEND, TOOL_CALLS
 from keel.evals import ScriptedChatModel, areplay, ashadow, builtin_suite, call
 from keel.evals.builtin import recorded
@@ -362,3 +363,21 @@ def test_a_dry_run_under_invoke_writes_nothing_to_production_either(tmp_path: Pa
         ledger.close()
     assert done["outcome"]["terminated_reason"] == "completed"
     assert _rows(tmp_path) == before and store.search(user_namespace(ALICE, "lessons")) == []
+
+
+async def test_replays_and_shadow_runs_leave_no_thread_in_production_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """A factory on the production checkpointer: `keel threads` lists what users ran only."""
+    url = await stored(tmp_path)
+    async with Persistence(url).acheckpointer() as saver:
+
+        def factory(model: BaseChatModel) -> Any:
+            tools = recorded(demo_tools(DemoShop()))
+            return build_agent(model, tools, policy=demo_policy(), checkpointer=saver)
+
+        diff = await areplay("t1", factory, db=url, identity=ALICE)
+        compared = await ashadow(builtin_suite("demo"), factory, candidate=factory)
+    assert not diff.changed, diff.lines()
+    assert compared.summary()["runs"] == 2 and not compared.changed()
+    assert [t.thread_id for t in Persistence(url).list_threads()] == ["t1"]
