@@ -30,6 +30,7 @@ from keel.evals.evaluators import Evaluator, default_evaluators, evaluate
 from keel.evals.executions import recording
 from keel.evals.results import CaseRun, SuiteResult, ToolStep
 from keel.evals.suite import Case, ModelSpec, Suite
+from keel.graphs.threads import admitted
 from keel.models import model_name_of
 from keel.observe.tracing import tracing_enabled
 from keel.tools.registry import registered
@@ -285,13 +286,15 @@ def stub_tool_nodes(graph: Any) -> Any:
 def isolated_graph(graph: Any) -> Any:
     """`graph` as a replay or shadow run drives it.
 
-    Its `ToolNode`s offer every call to the stub (`stub_tool_nodes`), and its threads live in
+    Its `ToolNode`s offer every call to the stub (`stub_tool_nodes`), its threads live in
     memory, not in the checkpointer it was built on (production's: `keel threads` would list
-    every replay).
+    every replay), and its runs take no admission slot of the user they replay.
     """
     saver = getattr(graph, "checkpointer", None)
     if (saver is None or isinstance(saver, BaseCheckpointSaver)) and hasattr(graph, "copy"):
         graph = graph.copy(update={"checkpointer": InMemorySaver()})
+    if getattr(graph, "keel_admission", None) is not None:
+        graph = admitted(graph, None)
     return stub_tool_nodes(graph)
 
 

@@ -381,3 +381,23 @@ async def test_replays_and_shadow_runs_leave_no_thread_in_production_checkpoints
     assert not diff.changed, diff.lines()
     assert compared.summary()["runs"] == 2 and not compared.changed()
     assert [t.thread_id for t in Persistence(url).list_threads()] == ["t1"]
+
+
+async def test_a_replay_takes_no_admission_slot_of_the_user_it_replays(tmp_path: Path) -> None:
+    """Alice's only running slot is taken by her own run: her replay neither waits for it nor
+    is refused as overloaded, and takes nothing from her."""
+    from keel.guards.admission import Admission, AdmissionPolicy
+
+    policy = dataclasses.replace(demo_policy(), admission=AdmissionPolicy(user_running=1))
+    url = await stored(tmp_path)
+    ledger = Ledger(url)
+    admission = Admission.of(ledger, policy.admission)
+    assert admission is not None
+    try:
+        lease = await admission.aacquire(ALICE)  # alice's run in production, still running
+        diff = await areplay("t1", production(ledger, policy), db=url, identity=ALICE)
+        assert await admission.aheld(ALICE.tenant_id, ALICE.user_id) == {"running": 1, "queued": 0}
+        await admission.arelease(lease)
+    finally:
+        await ledger.aclose()
+    assert not diff.changed, diff.lines()
