@@ -433,3 +433,41 @@ async def test_a_langchain_tool_that_calls_sys_exit_fails_its_call_too(
         "Error: bye failed: ToolExited: bye raised SystemExit(3): a tool may not end the process"
     )
     assert result["outcome"]["terminated_reason"] == "completed"
+
+
+def test_only_a_tool_someone_declared_read_only_is_read_only() -> None:
+    """What a replay or shadow run may run without a recording (`RegisteredTool.read_only`)."""
+    from langchain_core.tools import tool as langchain_tool
+
+    from keel.tools.registry import registered
+
+    def plain(x: int) -> str:
+        """Plain."""
+        return str(x)
+
+    @langchain_tool
+    def chain(x: int) -> str:
+        """LangChain."""
+        return str(x)
+
+    @tool
+    def looks(x: int) -> str:
+        """keel, read by default."""
+        return str(x)
+
+    @tool(risk="write", side_effects=False)
+    def notes(x: int) -> str:
+        """keel, writes without side effects (like memory)."""
+        return str(x)
+
+    registry = ToolRegistry([plain, chain, looks, notes])
+    assert {t.name: t.read_only for t in registry} == {
+        "plain": False,
+        "chain": False,
+        "looks": True,
+        "notes": False,
+    }
+    declared = ToolRegistry()
+    declared.add(plain, ToolSpec(risk="read"))
+    entry = declared.get("plain")
+    assert entry is not None and entry.read_only and registered(entry.tool).read_only

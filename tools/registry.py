@@ -23,7 +23,8 @@ class ToolExited(ToolException):
     """A tool body raised `SystemExit` (`sys.exit()`): the call failed, the process goes on.
 
     Under `ainvoke` a `SystemExit` escaping a task stops the event loop itself, so every run
-    on it ended with no outcome (the caller saw `CancelledError`); it is the tool's failure.
+    on it ended with no outcome (its caller cancelled, or the process gone); it is the tool's
+    failure.
     """
 
     def __init__(self, tool: str, exc: SystemExit) -> None:
@@ -207,7 +208,7 @@ class ToolRegistry:
                     f"{item!r}."
                 )
             item = tool(item)
-            item._declared = False
+            item._declared = spec is not None  # else its `read` is a default nobody chose
         if item.name in self._tools:
             raise UserError(
                 f"Two tools are named {item.name!r}; tool names must be unique. Rename one "
