@@ -95,8 +95,8 @@ def route_after_model(state: AgentState, *, verify: bool = False, gated: bool = 
             messages = state.get("messages") or []
             wrapped_up = bool(messages) and isinstance(messages[-1], AIMessage)
             wrapped_up = wrapped_up and not getattr(messages[-1], "tool_calls", None)
-            if result["terminated_reason"] == "loop_detected" and wrapped_up:
-                return END  # the loop guard's wrap-up turn already answered
+            if result["terminated_reason"] in ("loop_detected", "blocked") and wrapped_up:
+                return END  # answered: the loop guard's wrap-up turn, or the withheld answer
             return "respond"
         return "verify" if verify else END
     return "tool_gate" if gated else "execute_tools"
@@ -373,7 +373,7 @@ class _Wiring:
         graph.add_node("execute_tools", self.observed(node, records))
         node = human_review(registry, guards=guards)
         graph.add_node("human_review", self.observed(node, review_records(registry)))
-        graph.add_node("respond", respond())
+        graph.add_node("respond", respond(output_guard=guards.output_guard))
 
     def entry(self, *, plan: bool, memory: bool, store: BaseStore | None) -> str:
         """[input_guard] → [recall] → [plan] on the way in; [output_guard] → [reflect] out."""

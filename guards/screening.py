@@ -30,6 +30,7 @@ from langchain_core.messages import (
 )
 from typing_extensions import TypedDict
 
+from keel import outcome
 from keel.guards.content import (
     ContentFinding,
     ContentVerdict,
@@ -39,6 +40,7 @@ from keel.guards.content import (
     check_output,
 )
 from keel.guards.injection import awaits, off_loop
+from keel.state import Outcome
 
 __all__ = [
     "GUARD_KEY",
@@ -48,6 +50,7 @@ __all__ = [
     "ascreen_human_text",
     "ascreen_inputs",
     "ascreen_tool_result",
+    "checked_answer",
     "guard_note",
     "guard_notes",
     "mark_sent",
@@ -259,6 +262,23 @@ def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | 
     if action == "block":
         content = why
     return message.model_copy(update={"content": content, "response_metadata": meta})
+
+
+def checked_answer(
+    message: AIMessage, policy: OutputGuardPolicy | None, result: Outcome
+) -> tuple[AIMessage, Outcome]:
+    """An answer as the user may see it, and the run's outcome with it.
+
+    The node that writes an answer checks it, so the thread never saves the unchecked one (its
+    history would show it). The outcome is `result`, or `stopped/blocked` when the guard
+    withholds the answer.
+    """
+    screened = screen_answer(message, policy) if policy is not None else None
+    if screened is None:
+        return message, result
+    if screened.response_metadata[GUARD_KEY]["action"] == "block":
+        return screened, outcome.stopped("blocked", screened.text)
+    return screened, result
 
 
 def guard_notes(messages: Sequence[BaseMessage]) -> list[GuardNote]:

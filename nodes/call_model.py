@@ -28,9 +28,11 @@ from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
+from keel.guards.content import OutputGuardPolicy
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
 from keel.guards.policy import Budget, LoopPolicy
+from keel.guards.screening import checked_answer
 from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.redact import sanitized_logger
@@ -235,7 +237,7 @@ class _Answerer:
             return update
         note = wrap_up_note(update)
         final = yield from turn.models.plain.call([*turn.messages, note], config, ctx, None)
-        return _wrapped_up(got, final, update, turn)
+        return _wrapped_up(got, final, update, turn, self.guards.output_guard)
 
     def finish(
         self, got: ModelAnswer, state: AgentState, runtime: Runtime[RunContext] | None, turn: _Turn
@@ -253,7 +255,10 @@ class _Answerer:
                     update["outcome"] = misbehaving
                 return update
         if not response.tool_calls:
-            update["outcome"] = outcome.completed()
+            answer, update["outcome"] = checked_answer(
+                response, self.guards.output_guard, outcome.completed()
+            )
+            update["messages"] = [answer]
             steps = state.get("plan")
             if steps and any(s["status"] == "in_progress" for s in steps):
                 update["plan"] = advance_plan(steps, succeeded=True)
@@ -295,17 +300,21 @@ class _Answerer:
         return f"awaiting approval for {', '.join(reasons)}" if reasons else None
 
 
-def _wrapped_up(first: ModelAnswer, final: ModelAnswer, reason: str, turn: _Turn) -> dict[str, Any]:
+def _wrapped_up(
+    first: ModelAnswer,
+    final: ModelAnswer,
+    reason: str,
+    turn: _Turn,
+    policy: OutputGuardPolicy | None,
+) -> dict[str, Any]:
     """The update after a loop's wrap-up turn: only the tool-free answer is kept."""
     usage = add_usage(first.usage, final.usage)
     if final.stop is not None:
         return {**turn.extra, "usage": usage, "outcome": final.stop}
-    return {
-        **turn.extra,
-        "messages": [final.message],
-        "usage": usage,
-        "outcome": outcome.stopped("loop_detected", f"{reason}; answered without tools"),
-    }
+    assert final.message is not None
+    stop = outcome.stopped("loop_detected", f"{reason}; answered without tools")
+    answer, result = checked_answer(final.message, policy, stop)
+    return {**turn.extra, "messages": [answer], "usage": usage, "outcome": result}
 
 
 def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:

@@ -25,7 +25,13 @@ from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
-from keel.guards.screening import Screened, ascreen_inputs, screen_answer, screen_inputs
+from keel.guards.screening import (
+    GUARD_KEY,
+    Screened,
+    ascreen_inputs,
+    screen_answer,
+    screen_inputs,
+)
 from keel.state import AgentState
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
@@ -78,6 +84,10 @@ def output_guard(
 ) -> RunnableCallable:
     """A node that checks the last answer (final or partial) for PII and secrets.
 
+    keel's `call_model` and `respond` check the answers they write already (so the thread
+    never saves an unchecked one); this node then records what they found, as it records what
+    it finds itself in an answer from a node of yours.
+
     Args:
         policy: What to look for and what to do (default `OutputGuardPolicy()`: redact).
         name: The node's name.
@@ -91,7 +101,10 @@ def output_guard(
             return {}
         screened = screen_answer(last, policy)
         if screened is None:
-            return {}
+            if _output_note(last) is None:
+                return {}
+            # checked where it was written (call_model, respond): its finding is recorded here
+            screened = last
         update: dict[str, Any] = {"messages": [screened]}
         if screened.response_metadata["keel_guard"]["action"] == "block":
             update["outcome"] = outcome.stopped("blocked", screened.text)
@@ -101,6 +114,11 @@ def output_guard(
         return run(state)
 
     return make_node(name, run, arun)
+
+
+def _output_note(message: AIMessage) -> dict[str, Any] | None:
+    note = message.response_metadata.get(GUARD_KEY)
+    return note if isinstance(note, dict) and note.get("guard") == "output" else None
 
 
 def _checked(policy: Any, kind: type[Any], name: str) -> Any:

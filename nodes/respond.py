@@ -13,6 +13,8 @@ from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
 
 from keel import outcome
 from keel._node import RunnableCallable, make_node
+from keel.guards.content import OutputGuardPolicy
+from keel.guards.screening import checked_answer
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.state import AgentState, Outcome
 
@@ -21,8 +23,16 @@ __all__ = ["partial_answer", "respond"]
 _EXCERPT = 300
 
 
-def respond(*, name: str = "respond") -> RunnableCallable:
-    """A node that closes a cut-short run: pending calls answered, a partial answer given."""
+def respond(
+    *, output_guard: OutputGuardPolicy | None = None, name: str = "respond"
+) -> RunnableCallable:
+    """A node that closes a cut-short run: pending calls answered, a partial answer given.
+
+    Args:
+        output_guard: Checks the partial answer before it is saved (it quotes the model's
+            last answer and the tools' results).
+        name: The node's name.
+    """
 
     def run(state: AgentState) -> dict[str, Any]:
         result = state.get("outcome")
@@ -42,13 +52,11 @@ def respond(*, name: str = "respond") -> RunnableCallable:
             for c in calls
         ]
         closing: list[AnyMessage] = in_call_order(messages, answers)
-        closing.append(
-            AIMessage(
-                content=partial_answer(messages, result),
-                response_metadata={"keel_partial": True},
-            )
+        partial = AIMessage(
+            content=partial_answer(messages, result), response_metadata={"keel_partial": True}
         )
-        return {"messages": closing, "outcome": result}
+        answer, result = checked_answer(partial, output_guard, result)
+        return {"messages": [*closing, answer], "outcome": result}
 
     async def arun(state: AgentState) -> dict[str, Any]:
         return run(state)

@@ -1303,11 +1303,62 @@ async def test_streams_carry_tool_calls_and_results_as_they_are_and_only_answers
     assert [m.text for m in saved if isinstance(m, ToolMessage)] == [
         f"Customer {EMAIL}, card {CARD}."
     ]
-    # pinned (README): the checkpoint of call_model's step, saved before output_guard ran,
-    # holds the raw answer in the thread's history
+    # the thread's history holds no unchecked answer: call_model checks the answer it writes,
+    # so no checkpoint (get_state_history, a served threads.get_history) has the raw one
     history = [s.values.get("messages") or [] for s in agent.get_state_history(config)]
-    raw = [ms[-1].text for ms in history if ms and ms[-1].text == LEAKY]
-    assert raw == [LEAKY]
+    assert len(history) > 3
+    assert not [m for ms in history for m in ms if isinstance(m, AIMessage) and EMAIL in m.text]
+
+
+def _ai_texts_in_history(agent: Any, config: Any) -> list[str]:
+    return [
+        m.text
+        for snapshot in agent.get_state_history(config)
+        for m in snapshot.values.get("messages") or []
+        if isinstance(m, AIMessage)
+    ]
+
+
+def test_a_partial_answer_is_checked_before_the_thread_saves_it() -> None:
+    """`respond` quotes the tools' results in a cut-short run's answer: it is checked where it
+    is written, so no checkpoint of the thread holds the card it quotes."""
+    again = call("lookup_customer", email="jane")
+    model = ScriptedChatModel(script=[again, again, "never asked"])
+    policy = Policy(rules=RULES, budget=Budget(tool_calls=1))
+    agent = build_agent(model, [lookup_customer], policy=policy, checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "partial"}}
+    result = agent.invoke({"messages": [("user", "who is jane?")]}, config, context=CTX)
+
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded"
+    partial = result["messages"][-1]
+    assert "[CARD]" in partial.text and partial.response_metadata["keel_partial"]
+    assert not [t for t in _ai_texts_in_history(agent, config) if CARD in t]
+
+
+def test_an_answer_the_guard_withholds_ends_blocked_before_the_judge_reads_it(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'keel.db'}")
+    judge = ScriptedChatModel(structured={"JudgeVerdict": {"passed": True, "reason": "fine"}})
+    policy = Policy(rules=RULES, output_guard=OutputGuardPolicy(pii_action="block"))
+    agent = build_agent(
+        ScriptedChatModel(script=[LEAKY]),
+        [],
+        policy=policy,
+        judge=judge,
+        ledger=ledger,
+        checkpointer=InMemorySaver(),
+    )
+    config: Any = {"configurable": {"thread_id": "withheld"}}
+    result = agent.invoke({"messages": [("user", "bill me")]}, config, context=CTX)
+
+    assert result["outcome"]["status"] == "stopped"
+    assert result["outcome"]["terminated_reason"] == "blocked"
+    assert judge.calls == []
+    assert not [t for t in _ai_texts_in_history(agent, config) if CARD in t or EMAIL in t]
+    content = [r for r in AuditLog(ledger).query() if r.kind == "content"]
+    assert [(r.decision, r.status) for r in content] == [("block", "answer")]  # once
+    ledger.close()
 
 
 def test_a_values_stream_sends_the_history_as_saved_and_checks_the_runs_answers() -> None:
