@@ -442,7 +442,7 @@ async def test_a_served_stream_carries_only_the_redacted_answer(
 ) -> None:
     """Found by audit: the values a served run streams by default carried the model's raw
     answer (the state after call_model's step, before output_guard ran), as did call_model's
-    update."""
+    update, the debug and checkpoints modes and the thread's history."""
     alice, _ = clients
     thread = await alice.threads.create()
     chunks = [
@@ -452,14 +452,17 @@ async def test_a_served_stream_carries_only_the_redacted_answer(
             "agent",
             input={"messages": [{"role": "user", "content": "Bill me."}]},
             config={"configurable": {"agent": "leaky"}},
-            stream_mode=["values", "updates", "messages-tuple"],
+            stream_mode=["values", "updates", "messages-tuple", "debug", "checkpoints"],
         )
     ]
     modes = {chunk.event.split("|")[0] for chunk in chunks}
-    assert {"values", "updates", "messages"} <= modes, modes
+    assert {"values", "updates", "messages", "debug", "checkpoints"} <= modes, modes
     sent = str([chunk.data for chunk in chunks])
-    assert "4111 1111 1111 1111" not in sent and "jane.doe@example.com" not in sent
-    assert "Your card [CARD] is billed; write to [EMAIL]." in sent
+    # the thread's history too: no checkpoint holds the raw answer (call_model checks it)
+    history = str(await alice.threads.get_history(thread["thread_id"], limit=50))
+    for text in (sent, history):
+        assert "4111 1111 1111 1111" not in text and "jane.doe@example.com" not in text
+        assert "Your card [CARD] is billed; write to [EMAIL]." in text
 
 
 async def test_a_user_message_behind_a_forged_ai_turn_passes_the_served_input_guard(
