@@ -82,6 +82,7 @@ def _agent(ledger: Ledger, saver: Any) -> Any:
 APPROVE = Command(resume={"type": "approve", "reviewer": "alice"})
 FIRST = {"messages": [("user", "refund jane")]}
 SECOND = {"messages": [("user", "anything else?")]}
+RUN_1, RUN_2 = "0a0a0a0a-0000-4000-8000-000000000001", "0a0a0a0a-0000-4000-8000-000000000002"
 
 
 def _three_runs_sync(db_url: str, ledger: Ledger, config: Any) -> list[dict[str, Any]]:
@@ -618,6 +619,27 @@ def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_pat
     assert (record.tool, record.tool_version, record.policy) == ("issue_refund", "2", "support@3")
     assert (record.user_id, record.tenant_id, record.thread_id) == ("u1", "acme", "t-n")
     assert (record.run_id, record.version, record.model) == ("r-2", run.version, "scripted")
+
+
+@pytest.mark.parametrize("then", ["resumed", "dropped"])
+def test_a_run_record_keeps_the_id_of_the_run_that_started_it(tmp_path: Any, then: str) -> None:
+    """A run that paused is one run record across its pause: a resume, or a new message that
+    drops its pending call, is another server run, whose id the record must not take."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(ledger, saver)
+        agent.invoke(FIRST, {"configurable": {"thread_id": "t-id", "run_id": RUN_1}}, context=CTX)
+        later = {"configurable": {"thread_id": "t-id", "run_id": RUN_2}}
+        if then == "resumed":
+            agent.invoke(APPROVE, later, context=CTX)
+        else:
+            later["configurable"]["keel_pending"] = "not_run"
+            agent.invoke(SECOND, later, context=CTX)
+    runs = sorted(RunLog(ledger).query(), key=lambda r: r.started_at)
+    assert runs[0].run_id == RUN_1
+    assert runs[0].terminated_reason == ("completed" if then == "resumed" else "cancelled")
+    assert [r.run_id for r in runs[1:]] == ([] if then == "resumed" else [RUN_2])
 
 
 def test_a_state_update_that_writes_a_turn_past_a_waiting_call_answers_it_not_run(

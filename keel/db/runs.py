@@ -54,7 +54,7 @@ class RunRecord:
     thread_id: str | None = None
     """The LangGraph thread."""
     run_id: str | None = None
-    """The run id the caller or the server gave, when there was one."""
+    """The id the caller or the server gave the run that started it (a resume keeps it)."""
     graph: str | None = None
     """The graph's name."""
     policy: str | None = None
@@ -236,7 +236,10 @@ class RunLog:
 
 
 _COLUMNS = RUNS.names
-_UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at")]
+_UPDATED = [c for c in _COLUMNS if c not in ("run_key", "interrupts", "started_at", "run_id")]
+"""Columns a later write of a run's record replaces. Not `run_id`: a resume, or a new message
+that drops the run's pending calls, is another server run, and the record keeps the id of the
+run that started it (`COALESCE`, so a record first written without one takes a later one)."""
 
 
 def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> Flow[RunRecord]:
@@ -276,6 +279,7 @@ def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> F
     yield (
         f"INSERT INTO keel_runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
         f"ON CONFLICT (run_key) DO UPDATE SET {updates}, "
+        "run_id = COALESCE(keel_runs.run_id, excluded.run_id), "
         "interrupts = keel_runs.interrupts + excluded.interrupts",
         tuple(storable(values[c]) for c in _COLUMNS),
     )
