@@ -45,3 +45,13 @@ def _work(messages: Sequence[BaseMessage]) -> AIMessage:
 def model() -> ScriptedChatModel:
     """Calls `slow_work` with the user's message, then says it is done."""
     return ScriptedChatModel(script=[_work, "Done."])
+
+
+def _work_on_the_last(messages: Sequence[BaseMessage]) -> AIMessage:
+    job = next(str(m.content) for m in reversed(messages) if isinstance(m, HumanMessage))
+    return call("slow_work", job=job)
+
+
+def model_per_message() -> ScriptedChatModel:
+    """`model` for a thread of several messages: each one's job, then done (8 messages)."""
+    return ScriptedChatModel(script=[_work_on_the_last, "Done."] * 8)
