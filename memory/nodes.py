@@ -89,16 +89,15 @@ def recall(
         raise UserError(f"recall(guard=...) must be an InputGuardPolicy or None, got {guard!r}.")
 
     def steps(state: AgentState, runtime: Runtime[RunContext] | None) -> Steps[dict[str, Any]]:
-        ctx = identity_of(context_of(runtime))
+        ctx = identity_of(context_of(runtime))  # fails closed, as a missing store does
         st, query = store_of(runtime, store), _last_user_text(state)
+        asks = [(query, limit), (None, recent)] if query else [(None, recent)]
+        searches = [(user_namespace(ctx, k), q, n) for k in kinds for q, n in asks if n]
         found: list[SearchItem] = []
         try:
-            for kind in kinds:
-                ns = user_namespace(ctx, kind)
-                for q, n in ((query, limit), (None, recent)) if query else ((None, recent),):
-                    if n:
-                        found.extend((yield _search(st, ns, q, n)))
-        except Exception as exc:
+            for ns, q, n in searches:
+                found.extend((yield _search(st, ns, q, n)))
+        except Exception as exc:  # the store failed: the run goes on without memories
             return _degraded(state, exc)
         lines = _render(found, token_budget, count_tokens)
         kept, findings = yield from _screened(lines, guard)
