@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,8 +201,8 @@ class Admission:
         self.policy = policy
         self.waiting_room = waiting_room
         """Where this process's queued runs wait, shared with other admissions (None: no cap)."""
-        self._renewer = _Renewer(self)
-        self._arenewer = _LoopRenewer(self)
+        self._renewer = _Renewer(ledger, policy.lease_s, _renew_flow, "admission")
+        self._arenewer = _LoopRenewer(ledger, policy.lease_s, _renew_flow, "admission")
 
     @classmethod
     def of(
@@ -324,11 +325,12 @@ class Admission:
         beat (see `_Renewer`). A process that dies stops renewing: its leases expire and their
         slots come free.
         """
-        self._renewer.add(lease)
+        if lease.refused is None:
+            self._renewer.add(lease.id)
         try:
             yield
         finally:
-            self._renewer.discard(lease)
+            self._renewer.discard(lease.id)
             try:
                 self.release(lease)
             except Exception as exc:  # the run's own result or error wins; the lease expires
@@ -341,11 +343,12 @@ class Admission:
         One task per event loop renews every lease this `Admission`'s runs on that loop hold,
         in one statement a beat (see `_LoopRenewer`).
         """
-        self._arenewer.add(lease)
+        if lease.refused is None:
+            self._arenewer.add(lease.id)
         try:
             yield
         finally:
-            await self._arenewer.discard(lease)
+            await self._arenewer.discard(lease.id)
             try:
                 await self.arelease(lease)
             except Exception as exc:  # the run's own result or error wins; the lease expires
@@ -482,8 +485,26 @@ def _promote_flow(
     return "running"
 
 
-class _Renewer:
-    """The one thread that renews the leases an `Admission`'s sync runs hold.
+_Renew = Callable[[list[str], float], Flow[None]]
+"""Pushes the expiry of some leases (by id) to a time, in one transaction."""
+
+
+class _Renewal:
+    """What a renewer renews: leases of one kind (`what`) in `ledger`, `lease_s` at a time."""
+
+    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
+        self._ledger, self._lease_s, self._renew, self._what = ledger, lease_s, renew, what
+        self._lock = threading.Lock()  # held for a few instructions: fine on an event loop too
+
+    def _flow(self, held: list[str]) -> Flow[None]:
+        return self._renew(held, time.time() + self._lease_s)
+
+    def _missed(self, held: list[str], exc: Exception) -> None:
+        log.warning("keel could not renew %d %s leases: %s", len(held), self._what, exc)
+
+
+class _Renewer(_Renewal):
+    """The one thread that renews the leases of one kind a ledger's sync runs hold.
 
     A run adds its lease when it starts and discards it when it ends. Every `lease_s / 3` the
     thread pushes the expiry of every lease held then `lease_s` ahead, in one statement; when
@@ -491,29 +512,28 @@ class _Renewer:
     starts a new one. So many sync runs at once cost one thread and one statement a beat, not
     a thread and a statement each. A beat that fails (the ledger is down) is skipped: the next
     one tries again, and a lease not renewed in time lapses, as a dead process's does.
+    Admission's run leases and the thread leases (`keel.graphs._one_run`) each have their own.
     """
 
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
+    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
+        super().__init__(ledger, lease_s, renew, what)
         self._held: set[str] = set()
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def add(self, lease: Lease) -> None:
-        if lease.refused is None:
-            with self._lock:
-                self._held.add(lease.id)
-                if self._thread is None or not self._thread.is_alive():  # none yet, or forked
-                    self._stop = threading.Event()
-                    self._thread = threading.Thread(
-                        target=self._beat, args=(self._stop,), name="keel-admission-lease",
-                        daemon=True,
-                    )  # fmt: skip
-                    self._thread.start()
+    def add(self, lease_id: str) -> None:
+        with self._lock:
+            self._held.add(lease_id)
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._beat, args=(self._stop,), name=f"keel-{self._what}-lease",
+                    daemon=True,
+                )  # fmt: skip
+                self._thread.start()
 
-    def discard(self, lease: Lease) -> None:
-        """Stop renewing `lease`.
+    def discard(self, lease_id: str) -> None:
+        """Stop renewing `lease_id`.
 
         The last lease out stops the thread and waits for it to end (and close its
         connection), so a ledger closed after the runs finds no renewal under way. The thread
@@ -521,7 +541,7 @@ class _Renewer:
         wait never depends on it.
         """
         with self._lock:
-            self._held.discard(lease.id)
+            self._held.discard(lease_id)
             if self._held or self._thread is None:
                 return
             thread, stop = self._thread, self._stop
@@ -531,24 +551,22 @@ class _Renewer:
             thread.join()
 
     def _beat(self, stop: threading.Event) -> None:
-        admission = self._admission
         try:
-            while not stop.wait(admission.policy.lease_s / 3):
+            while not stop.wait(self._lease_s / 3):
                 with self._lock:
                     held = sorted(self._held)
                 if not held:
                     continue
-                expires_at = time.time() + admission.policy.lease_s
                 try:
-                    admission.ledger.run(_renew_flow(held, expires_at))
+                    self._ledger.run(self._flow(held))
                 except Exception as exc:  # a missed renewal shortens the leases
-                    log.warning("keel could not renew %d admission leases: %s", len(held), exc)
+                    self._missed(held, exc)
         finally:
-            admission.ledger.close_thread()
+            self._ledger.close_thread()
 
 
-class _LoopRenewer:
-    """The tasks that renew the leases an `Admission`'s async runs hold: one per event loop.
+class _LoopRenewer(_Renewal):
+    """The tasks that renew the leases of one kind a ledger's async runs hold: one per loop.
 
     As `_Renewer` for threads: a run adds its lease when it starts and discards it when it
     ends; every `lease_s / 3` the loop's task pushes every lease held there `lease_s` ahead in
@@ -557,32 +575,30 @@ class _LoopRenewer:
     tries again.
     """
 
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-        self._lock = threading.Lock()  # loops may run in several threads
+    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
+        super().__init__(ledger, lease_s, renew, what)  # its lock: loops may run in threads
         self._held: dict[asyncio.AbstractEventLoop, set[str]] = {}
         self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
-    def add(self, lease: Lease) -> None:
-        """Renew `lease` from this event loop's task (started if there is none)."""
-        if lease.refused is None:
-            loop = asyncio.get_running_loop()
-            with self._lock:
-                self._held.setdefault(loop, set()).add(lease.id)
-                task = self._tasks.get(loop)
-                if task is None or task.done():
-                    self._tasks[loop] = loop.create_task(
-                        self._beat(loop), name="keel-admission-lease"
-                    )
+    def add(self, lease_id: str) -> None:
+        """Renew `lease_id` from this event loop's task (started if there is none)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._held.setdefault(loop, set()).add(lease_id)
+            task = self._tasks.get(loop)
+            if task is None or task.done():
+                self._tasks[loop] = loop.create_task(
+                    self._beat(loop), name=f"keel-{self._what}-lease"
+                )
 
-    async def discard(self, lease: Lease) -> None:
-        """Stop renewing `lease`; the loop's last one out stops its task and waits for it."""
+    async def discard(self, lease_id: str) -> None:
+        """Stop renewing `lease_id`; the loop's last one out stops its task and waits for it."""
         loop = asyncio.get_running_loop()
         with self._lock:
             held = self._held.get(loop)
             if held is None:
                 return
-            held.discard(lease.id)
+            held.discard(lease_id)
             if held:
                 return
             del self._held[loop]
@@ -592,30 +608,30 @@ class _LoopRenewer:
             await asyncio.wait((task,))  # a cancellation of this run still reaches it
 
     async def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
-        admission = self._admission
         while True:
-            await asyncio.sleep(admission.policy.lease_s / 3)
+            await asyncio.sleep(self._lease_s / 3)
             with self._lock:
                 held = sorted(self._held.get(loop, ()))
             if not held:
                 continue
-            expires_at = time.time() + admission.policy.lease_s
             try:
-                await admission.ledger.arun(_renew_flow(held, expires_at))
+                await self._ledger.arun(self._flow(held))
             except Exception as exc:  # a missed renewal shortens the leases
-                log.warning("keel could not renew %d admission leases: %s", len(held), exc)
+                self._missed(held, exc)
 
 
-def _renew_flow(lease_ids: list[str], expires_at: float) -> Flow[None]:
-    for start in range(0, len(lease_ids), _RENEWED_AT_ONCE):
-        ids = lease_ids[start : start + _RENEWED_AT_ONCE]
-        marks = ", ".join("?" * len(ids))
-        sql = f"UPDATE {ADMISSION_LEASES.name} SET expires_at = ? WHERE id IN ({marks})"
-        yield sql, (expires_at, *ids)
+def _renew_rows(table: str, column: str, ids: list[str], expires_at: float) -> Flow[None]:
+    """Push the expiry of the leases of `table` whose `column` is one of `ids`."""
+    for start in range(0, len(ids), _RENEWED_AT_ONCE):
+        some = ids[start : start + _RENEWED_AT_ONCE]
+        marks = ", ".join("?" * len(some))
+        sql = f"UPDATE {table} SET expires_at = ? WHERE {column} IN ({marks})"
+        yield sql, (expires_at, *some)
 
 
 _RENEWED_AT_ONCE = 500
 """Leases one statement renews (a statement's values stay far below either database's cap)."""
+_renew_flow = functools.partial(_renew_rows, ADMISSION_LEASES.name, "id")
 
 
 def _release_flow(lease_id: str) -> Flow[None]:
