@@ -1,4 +1,4 @@
-"""One run at a time per thread, within a process: a second run waits for the first to end.
+"""One run at a time per thread: a second run waits for the first (across processes, with a ledger).
 
 LangGraph does not stop two runs on one thread: both start from the same checkpoint, and the
 one that saves last makes the thread's history, so the other run's messages (its question,
@@ -12,33 +12,56 @@ A run that could only wait for itself is a `UserError` instead: one a node or to
 its own run's thread (with a config of its own; with the one it got, it is part of that run),
 or one started in the task or OS thread that is still reading that thread's stream.
 
-The lock lives in this process. LangGraph's server orders runs on a thread itself
-(`multitask_strategy`); several processes of your own that share a thread need their own
-routing (one thread, one process).
+The lock lives in this process. With a ledger (`build_agent(..., ledger=Ledger(url))`), a run
+also takes the thread's lease in it (`keel_thread_leases`, keyed on the thread id and
+checkpoint namespace) once it has the lock, before anything reads the thread, so the rule
+holds across every process sharing that ledger (web workers sharing a PostgreSQL checkpointer,
+say): a run that finds the lease taken asks again after 50 ms, then twice as long each time
+up to 0.5 s. The lease is renewed while the run streams (one thread or loop task per process
+renews all its runs' leases in one statement every `lease_s / 3`, as admission's leases) and
+released when the run ends, is closed or cancelled; the lease of a process that died expires
+after `lease_s` (30 s), and then another process's run takes it. Two runs in one process wait
+for each other on the lock, without asking the ledger. A ledger that fails as a run takes the
+lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
+checkpointer: agents with checkpointers of their own that share a ledger and a thread id
+take turns on it too. LangGraph's server orders runs on a thread itself (`multitask_strategy`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 
+from keel._drive import Steps, adrive, both, drive, sleep
 from keel._node import NS_SEP, inside_task, saver_in
+from keel.db.ledger import Flow, Ledger
+from keel.db.tables import THREAD_LEASES, storable
 from keel.errors import UserError
+from keel.guards.admission import _LoopRenewer, _renew_rows, _Renewer
+from keel.redact import sanitized_logger
 
-__all__ = ["OneRunPerThread"]
+__all__ = ["OneRunPerThread", "ThreadLeases"]
+
+log = sanitized_logger(__name__)
 
 _HELD: dict[tuple[Any, ...], object] = {}
 """The threads with a run in this process, and who runs it (a task, or an OS thread)."""
 _GUARD = threading.Lock()
 _FIRST_WAIT, _MOST_WAIT = 0.002, 0.05
 """Seconds between looks at a busy thread: doubling from the first to the most."""
+_FIRST_ASK, _MOST_ASK = 0.05, 0.5
+"""Seconds between asks for a thread's lease that another process holds (each is a write)."""
+_LEASE_S = 30.0
+"""How long a thread's lease holds without renewal: a dead process's run blocks no longer."""
 
 
 class OneRunPerThread:
@@ -49,6 +72,8 @@ class OneRunPerThread:
     """
 
     checkpointer: Any
+    keel_thread_leases: ThreadLeases | None = None
+    """Where a run takes its thread's lease across processes (the agent's ledger), if any."""
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         key = _key(self.checkpointer, config)
@@ -59,7 +84,7 @@ class OneRunPerThread:
     def _one_stream(
         self, key: tuple[Any, ...], input: Any, config: RunnableConfig | None, kwargs: Any
     ) -> Iterator[Any]:
-        with _taken(key):
+        with _taken(key), _leased(self.keel_thread_leases, key):
             yield from super().stream(input, config, **kwargs)  # type: ignore[misc]
 
     async def astream(
@@ -69,6 +94,7 @@ class OneRunPerThread:
         async with contextlib.AsyncExitStack() as stack:
             if key is not None:
                 await stack.enter_async_context(_ataken(key))
+                await stack.enter_async_context(_aleased(self.keel_thread_leases, key))
             # closed with this stream (a client gone): what the run holds comes back now
             chunks = super().astream(input, config, **kwargs)  # type: ignore[misc]
             async for chunk in await stack.enter_async_context(contextlib.aclosing(chunks)):
@@ -176,3 +202,137 @@ async def _ataken(key: tuple[Any, ...]) -> AsyncIterator[None]:
         yield
     finally:
         _give_back(key, owner)
+
+
+class ThreadLeases:
+    """Takes, renews and releases thread leases in `ledger`: one run per thread, in every process.
+
+    A lease is a row per (thread id, checkpoint namespace) that names the run holding it and
+    when it expires; taking it is one transaction (insert, or take over an expired row), so is
+    releasing it, and a process's leases are renewed together every `lease_s / 3`.
+    """
+
+    def __init__(self, ledger: Ledger, lease_s: float = _LEASE_S) -> None:
+        """Leases of `lease_s` seconds (renewed every third of that) kept in `ledger`."""
+        if not isinstance(lease_s, int | float) or isinstance(lease_s, bool) or lease_s <= 0:
+            raise UserError(
+                f"ThreadLeases(lease_s=...) must be a positive number, got {lease_s!r}."
+            )
+        self.ledger = ledger
+        self.lease_s = float(lease_s)
+        renew = functools.partial(_renew_rows, THREAD_LEASES.name, "holder")
+        self._renewer = _Renewer(ledger, self.lease_s, renew, "thread")
+        self._arenewer = _LoopRenewer(ledger, self.lease_s, renew, "thread")
+
+    @classmethod
+    def of(cls, ledger: Ledger | None) -> ThreadLeases | None:
+        """The leases kept in `ledger`; None without one (one run per thread in this process)."""
+        return None if ledger is None else cls(ledger)
+
+    def _taking(self, thread: str, ns: str, holder: str) -> Steps[None]:
+        """Wait until `holder` has the thread's lease (free, or expired)."""
+        wait = _FIRST_ASK
+        while True:
+            flow = _take_flow(thread, ns, holder, time.time(), self.lease_s)
+            if (yield both(self.ledger.run, self.ledger.arun, flow)):
+                return
+            yield sleep(wait)
+            wait = min(wait * 2, _MOST_ASK)
+
+    @contextlib.contextmanager
+    def held(self, thread: str, ns: str) -> Iterator[None]:
+        """Hold the thread's lease while the block runs (renewed), release it after."""
+        holder, taken = uuid.uuid4().hex, True
+        try:
+            drive(self._taking(thread, ns, holder))
+        except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
+            _unleased(thread, exc)
+            taken = False
+        except BaseException:  # interrupted while it waited: a lease just taken goes back
+            with contextlib.suppress(Exception):
+                self.ledger.run(_release_flow(holder))
+            raise
+        if not taken:
+            yield
+            return
+        self._renewer.add(holder)
+        try:
+            yield
+        finally:
+            self._renewer.discard(holder)
+            try:
+                self.ledger.run(_release_flow(holder))
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release the lease of thread %r: %s", thread, exc)
+
+    @contextlib.asynccontextmanager
+    async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
+        """Hold the thread's lease while the block runs (async); see `held`."""
+        holder, taken = uuid.uuid4().hex, True
+        try:
+            await adrive(self._taking(thread, ns, holder))
+        except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
+            _unleased(thread, exc)
+            taken = False
+        except BaseException:  # cancelled (a client gone) while it waited: give it back
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.ledger.arun(_release_flow(holder)))
+            raise
+        if not taken:
+            yield
+            return
+        self._arenewer.add(holder)
+        try:
+            yield
+        finally:
+            await self._arenewer.discard(holder)
+            try:  # shielded: a cancelled run still gives its thread back now
+                await asyncio.shield(self.ledger.arun(_release_flow(holder)))
+            except Exception as exc:  # the run's own result or error wins; the lease expires
+                log.warning("keel could not release the lease of thread %r: %s", thread, exc)
+
+
+def _unleased(thread: str, exc: Exception) -> None:
+    log.warning(
+        "keel could not take the lease of thread %r in the ledger (%s): the run goes on, one "
+        "at a time on this thread in this process only",
+        thread,
+        exc,
+    )
+
+
+def _leased(
+    leases: ThreadLeases | None, key: tuple[Any, ...]
+) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if leases is None else leases.held(*_named(key))
+
+
+def _aleased(
+    leases: ThreadLeases | None, key: tuple[Any, ...]
+) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext() if leases is None else leases.aheld(*_named(key))
+
+
+def _named(key: tuple[Any, ...]) -> tuple[str, str]:
+    """The thread id and namespace of an in-process key, as the ledger stores text."""
+    return storable(key[1]), storable(key[2])
+
+
+def _take_flow(thread: str, ns: str, holder: str, now: float, lease_s: float) -> Flow[bool]:
+    """Take the thread's lease for `holder` if it is free or expired; whether `holder` has it."""
+    table = THREAD_LEASES.name
+    yield (
+        f"INSERT INTO {table} ({THREAD_LEASES.select}) VALUES ({THREAD_LEASES.placeholders()}) "
+        "ON CONFLICT (thread_id, checkpoint_ns) DO UPDATE SET holder = excluded.holder, "
+        f"expires_at = excluded.expires_at WHERE {table}.expires_at <= ?",
+        (thread, ns, holder, now + lease_s, now),
+    )
+    rows = yield (
+        f"SELECT holder FROM {table} WHERE thread_id = ? AND checkpoint_ns = ?",
+        (thread, ns),
+    )
+    return bool(rows) and rows[0][0] == holder
+
+
+def _release_flow(holder: str) -> Flow[None]:
+    yield f"DELETE FROM {THREAD_LEASES.name} WHERE holder = ?", (holder,)

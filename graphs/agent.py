@@ -31,6 +31,7 @@ from langgraph.types import RetryPolicy
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
+from keel.graphs._one_run import ThreadLeases
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
 from keel.guards.agent_guards import AgentGuards
@@ -315,7 +316,7 @@ def build_agent(
     audit = AuditLog(ledger) if ledger else None
     agent: Agent = guarded(
         compiled, audit, admission, output_guard=guards.output_guard, version=served,
-        recorder=observer,
+        recorder=observer, thread_leases=ThreadLeases.of(ledger),
     )  # fmt: skip
     traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)

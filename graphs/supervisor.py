@@ -41,6 +41,7 @@ from keel import outcome
 from keel._node import context_of, make_node
 from keel.db.ledger import Ledger
 from keel.errors import UserError
+from keel.graphs._one_run import ThreadLeases
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
@@ -156,7 +157,7 @@ def build_supervisor(
     graph.add_conditional_edges("route", route_after_router, [*agents, END])
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
-    return guarded(compiled, admission=admission)
+    return guarded(compiled, admission=admission, thread_leases=ThreadLeases.of(ledger))
 
 
 def route_after_router(state: SupervisorState) -> str:

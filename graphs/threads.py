@@ -43,7 +43,7 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
-from keel.graphs._one_run import OneRunPerThread
+from keel.graphs._one_run import OneRunPerThread, ThreadLeases
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -239,6 +239,8 @@ class ThreadGuardedGraph(ProtectedGraph):
     """The agent version a refused run is recorded under (`keel report --by version`)."""
     keel_recorder: Recorder | None = None
     """Where a run that ends on a storage failure writes its run record (the agent's observer)."""
+    keel_thread_leases: ThreadLeases | None = None
+    """One run per thread across the processes sharing the agent's ledger (`graphs._one_run`)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -249,6 +251,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_output_guard = self.keel_output_guard
         out.keel_version = self.keel_version
         out.keel_recorder = self.keel_recorder
+        out.keel_thread_leases = self.keel_thread_leases
         return out
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
@@ -440,6 +443,7 @@ _NOT_INIT = (
     "keel_output_guard",
     "keel_version",
     "keel_recorder",
+    "keel_thread_leases",
 )
 
 
@@ -450,12 +454,14 @@ def guarded(
     output_guard: OutputGuardPolicy | None = None,
     version: AgentVersion | None = None,
     recorder: Recorder | None = None,
+    thread_leases: ThreadLeases | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
     With `output_guard`, a `messages` stream sends answers once that guard checked them;
     `version` is the agent version its refused (overloaded) runs are recorded under;
-    `recorder` writes the run record of a run that ends on a storage failure.
+    `recorder` writes the run record of a run that ends on a storage failure;
+    `thread_leases` (the agent's ledger) keeps one run per thread across processes.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = KeelGraph(**attrs)
@@ -464,6 +470,7 @@ def guarded(
     out.keel_output_guard = output_guard
     out.keel_version = version
     out.keel_recorder = recorder
+    out.keel_thread_leases = thread_leases
     return out  # type: ignore[return-value]
 
 

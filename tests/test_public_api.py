@@ -92,6 +92,7 @@ PUBLIC = {
         "SPEND",
         "STANDING_APPROVALS",
         "TABLES",
+        "THREAD_LEASES",
         "TOOL_CALLS",
         "Table",
         "storable",

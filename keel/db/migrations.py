@@ -57,6 +57,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "prompt_hash; runs also tool_versions)"
     ),
     Migration("admission control: run leases per tenant and user (keel_admission_*)"),
+    Migration("one run at a time per thread across processes: thread leases (keel_thread_leases)"),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

@@ -30,6 +30,7 @@ __all__ = [
     "SPEND",
     "STANDING_APPROVALS",
     "TABLES",
+    "THREAD_LEASES",
     "TOOL_CALLS",
     "Table",
     "storable",
@@ -332,6 +333,18 @@ MIGRATIONS_TABLE = Table(  # keel.db.migrations: which schema versions a databas
     primary_key=(),
 )
 
+THREAD_LEASES = Table(  # keel.graphs._one_run: the run that has a thread, across processes
+    "keel_thread_leases",
+    (
+        Column("thread_id", "TEXT", "NOT NULL", since=8),
+        Column("checkpoint_ns", "TEXT", "NOT NULL", since=8),
+        Column("holder", "TEXT", "NOT NULL", since=8),
+        Column("expires_at", _DOUBLE, "NOT NULL", since=8),
+    ),
+    primary_key=("thread_id", "checkpoint_ns"),
+    indexes=(Index("keel_thread_leases_holder", ("holder",), since=8),),
+    since=8,
+)
 TABLES: tuple[Table, ...] = (
     SPEND,
     RESERVATIONS,
@@ -344,5 +357,6 @@ TABLES: tuple[Table, ...] = (
     FEEDBACK,
     ADMISSION_SCOPES,
     ADMISSION_LEASES,
+    THREAD_LEASES,
 )
 """Every ledger table that `MIGRATIONS` manages, in creation order."""
