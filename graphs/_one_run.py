@@ -60,6 +60,8 @@ _FIRST_WAIT, _MOST_WAIT = 0.002, 0.05
 """Seconds between looks at a busy thread: doubling from the first to the most."""
 _FIRST_ASK, _MOST_ASK = 0.05, 0.5
 """Seconds between asks for a thread's lease that another process holds (each is a write)."""
+_LEASED: dict[tuple[str, str], int] = {}
+"""The threads (id, namespace) whose ledger lease a run of this process holds, and how many."""
 _LEASE_S = 30.0
 """How long a thread's lease holds without renewal: a dead process's run blocks no longer."""
 
@@ -257,7 +259,8 @@ class ThreadLeases:
             return
         self._renewer.add(holder)
         try:
-            yield
+            with _holding(thread, ns):
+                yield
         finally:
             self._renewer.discard(holder)
             try:
@@ -283,7 +286,8 @@ class ThreadLeases:
             return
         self._arenewer.add(holder)
         try:
-            yield
+            with _holding(thread, ns):
+                yield
         finally:
             await self._arenewer.discard(holder)
             try:  # shielded: a cancelled run still gives its thread back now
@@ -301,16 +305,50 @@ def _unleased(thread: str, exc: Exception) -> None:
     )
 
 
+@contextlib.contextmanager
+def _holding(thread: str, ns: str) -> Iterator[None]:
+    with _GUARD:
+        _LEASED[thread, ns] = _LEASED.get((thread, ns), 0) + 1
+    try:
+        yield
+    finally:
+        with _GUARD:
+            left = _LEASED.pop((thread, ns)) - 1
+            if left:
+                _LEASED[thread, ns] = left
+
+
+def _within_lease(key: tuple[Any, ...]) -> bool:
+    """Whether a node or tool of a run that holds this run's thread's lease starts this run.
+
+    Only a run with another checkpointer gets here (one with the same one is a `UserError`):
+    it shares the thread id, so its lease is the one its own caller holds and waits on. The
+    caller's lease keeps other processes off that thread id meanwhile.
+    """
+    parent = _parent()
+    thread, ns = _named(key)
+    return (
+        parent.get("thread_id") is not None
+        and storable(str(parent["thread_id"])) == thread
+        and storable(_graph_ns(parent)) == ns
+        and (thread, ns) in _LEASED
+    )
+
+
 def _leased(
     leases: ThreadLeases | None, key: tuple[Any, ...]
 ) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if leases is None else leases.held(*_named(key))
+    if leases is None or _within_lease(key):
+        return contextlib.nullcontext()
+    return leases.held(*_named(key))
 
 
 def _aleased(
     leases: ThreadLeases | None, key: tuple[Any, ...]
 ) -> contextlib.AbstractAsyncContextManager[None]:
-    return contextlib.nullcontext() if leases is None else leases.aheld(*_named(key))
+    if leases is None or _within_lease(key):
+        return contextlib.nullcontext()
+    return leases.aheld(*_named(key))
 
 
 def _named(key: tuple[Any, ...]) -> tuple[str, str]:

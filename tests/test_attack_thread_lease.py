@@ -154,6 +154,19 @@ def _thread(name: str) -> dict[str, Any]:
     return {"configurable": {"thread_id": name}}
 
 
+def _within(seconds: float, stuck: str, agent: Any, message: Any, thread: str) -> dict[str, Any]:
+    """`agent.invoke(message)` on `thread`, in an OS thread (a run stuck waiting fails, `stuck`)."""
+    result: dict[str, Any] = {}
+    run = threading.Thread(
+        target=lambda: result.update(agent.invoke(message, _thread(thread), context=CTX)),
+        daemon=True,
+    )
+    run.start()
+    run.join(timeout=seconds)
+    assert not run.is_alive(), stuck
+    return result
+
+
 @pytest.mark.parametrize("first", ["both at once", "sync first", "async first"])
 def test_two_processes_sending_to_one_thread_at_once_both_keep_their_messages(
     db_url: str, script: Path, workers: list[_Worker], first: str
@@ -201,16 +214,8 @@ def test_a_killed_process_lease_expires_and_another_process_run_proceeds(
     agent = build_agent(ScriptedChatModel(script=["Back."]), [], ledger=ledger)
     with Persistence(db_url).checkpointer() as saver:
         agent = agent.copy({"checkpointer": saver})
-        result: dict[str, Any] = {}
-        run = threading.Thread(
-            target=lambda: result.update(
-                agent.invoke({"messages": [("user", "Hello?")]}, _thread("crashed"), context=CTX)
-            ),
-            daemon=True,
-        )
-        run.start()
-        run.join(timeout=30)
-        assert not run.is_alive(), "the dead process's lease never expired"
+        message = {"messages": [("user", "Hello?")]}
+        result = _within(30, "the dead process's lease never expired", agent, message, "crashed")
     assert result["outcome"]["status"] == "success"
     assert _history(db_url, "crashed")[-2:] == ["Hello?", "Back."]
     assert _leases(db_url) == []
@@ -329,3 +334,39 @@ async def test_a_ledger_that_fails_at_the_lease_leaves_the_run_to_the_process_lo
     assert result["outcome"]["status"] == "success"
     assert "could not take the lease of thread 't'" in caplog.text
     await ledger.aclose()
+
+
+def test_a_tool_running_another_agent_under_its_own_thread_id_does_not_wait_for_itself(
+    tmp_path: Path,
+) -> None:
+    """A tool runs a second agent (its own checkpointer, the same ledger) under the thread id
+    of the run that called it: that run holds the thread's lease and waits for the tool, so
+    the inner run must not wait for the lease."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from keel import tool
+    from keel.evals import call
+    from keel.guards import Policy, Rule
+
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    ledger = Ledger(url)
+    inner = build_agent(
+        ScriptedChatModel(script=["inner"]), [], ledger=ledger, checkpointer=InMemorySaver()
+    )
+
+    @tool(name="ask_helper")
+    def ask_helper(question: str) -> str:
+        """Ask the helper agent, under the caller's thread id."""
+        out = inner.invoke({"messages": [("user", question)]}, _thread("shared"), context=CTX)
+        return str(out["messages"][-1].text)
+
+    model = ScriptedChatModel(script=[call("ask_helper", question="hi"), "Done."])
+    policy = Policy(rules=[Rule(tool="ask_helper", action="allow")])
+    with Persistence(url).checkpointer() as saver:
+        outer = build_agent(model, [ask_helper], policy=policy, ledger=ledger, checkpointer=saver)
+        stuck = "the helper's run waited for the lease its caller holds"
+        result = _within(20, stuck, outer, {"messages": [("user", "go")]}, "shared")
+    assert result["outcome"]["status"] == "success"
+    assert [m.text for m in result["messages"]][-2:] == ["inner", "Done."]
+    assert _leases(url) == []
+    ledger.close()
