@@ -19,8 +19,10 @@ holds across every process sharing that ledger (web workers sharing a PostgreSQL
 say): a run that finds the lease taken asks again after 50 ms, then twice as long each time
 up to 0.5 s. The lease is renewed while the run streams (one thread or loop task per process
 renews all its runs' leases in one statement every `lease_s / 3`, as admission's leases) and
-released when the run ends, is closed or cancelled; the lease of a process that died expires
-after `lease_s` (30 s), and then another process's run takes it. Two runs in one process wait
+released when the run ends, is closed or cancelled. The lease of a process that died is taken
+over at once when that process was on this host and PID namespace (its PID is gone: a resume
+after a crash does not wait); elsewhere it expires after `lease_s` (30 s), and then another
+process's run takes it. Two runs in one process wait
 for each other on the lock, without asking the ledger. A ledger that fails as a run takes the
 lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
 checkpointer: agents with checkpointers of their own that share a ledger and a thread id
@@ -32,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import socket
 import threading
 import time
 import uuid
@@ -232,19 +236,24 @@ class ThreadLeases:
         return None if ledger is None else cls(ledger)
 
     def _taking(self, thread: str, ns: str, holder: str) -> Steps[None]:
-        """Wait until `holder` has the thread's lease (free, or expired)."""
+        """Wait until `holder` has the thread's lease (free, expired, or its holder dead)."""
         wait = _FIRST_ASK
         while True:
             flow = _take_flow(thread, ns, holder, time.time(), self.lease_s)
-            if (yield both(self.ledger.run, self.ledger.arun, flow)):
+            held_by = yield both(self.ledger.run, self.ledger.arun, flow)
+            if held_by == holder:
                 return
+            if held_by is not None and _dead(held_by):  # a process of this host that died
+                flow = _take_over_flow(thread, ns, held_by, holder, time.time() + self.lease_s)
+                yield both(self.ledger.run, self.ledger.arun, flow)
+                continue
             yield sleep(wait)
             wait = min(wait * 2, _MOST_ASK)
 
     @contextlib.contextmanager
     def held(self, thread: str, ns: str) -> Iterator[None]:
         """Hold the thread's lease while the block runs (renewed), release it after."""
-        holder, taken = uuid.uuid4().hex, True
+        holder, taken = _holder(), True
         try:
             drive(self._taking(thread, ns, holder))
         except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
@@ -271,7 +280,7 @@ class ThreadLeases:
     @contextlib.asynccontextmanager
     async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
         """Hold the thread's lease while the block runs (async); see `held`."""
-        holder, taken = uuid.uuid4().hex, True
+        holder, taken = _holder(), True
         try:
             await adrive(self._taking(thread, ns, holder))
         except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
@@ -356,8 +365,56 @@ def _named(key: tuple[Any, ...]) -> tuple[str, str]:
     return storable(key[1]), storable(key[2])
 
 
-def _take_flow(thread: str, ns: str, holder: str, now: float, lease_s: float) -> Flow[bool]:
-    """Take the thread's lease for `holder` if it is free or expired; whether `holder` has it."""
+def _holder() -> str:
+    """A run's name in the lease: this process (host, PID namespace, PID) and the run."""
+    return f"{_THIS_PROCESS}/{uuid.uuid4().hex}"
+
+
+def _process() -> str:
+    try:  # two containers can share a host name and a PID, never a PID namespace
+        space = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        space = "?"
+    return f"{socket.gethostname()}/{space}/{os.getpid()}"
+
+
+_THIS_PROCESS = _process()
+
+
+def _dead(holder: str) -> bool:
+    """Whether `holder` is a run of a process of this host (and PID namespace) that is gone.
+
+    Such a lease need not be waited out: its process will never renew or release it (a worker
+    killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
+    holds until its lease expires.
+    """
+    parts = holder.rsplit("/", 3)
+    if len(parts) != 4:
+        return False
+    where, pid = parts[:2], parts[2]
+    here, here_pid = _THIS_PROCESS.rsplit("/", 2)[:2], _THIS_PROCESS.rsplit("/", 1)[1]
+    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's)
+        return False
+    return False
+
+
+def _take_over_flow(thread: str, ns: str, dead: str, holder: str, expires_at: float) -> Flow[None]:
+    """Give the lease a dead process's run holds to `holder` (if it is still that run's)."""
+    yield (
+        f"UPDATE {THREAD_LEASES.name} SET holder = ?, expires_at = ? "
+        "WHERE thread_id = ? AND checkpoint_ns = ? AND holder = ?",
+        (holder, expires_at, thread, ns, dead),
+    )
+
+
+def _take_flow(thread: str, ns: str, holder: str, now: float, lease_s: float) -> Flow[str | None]:
+    """Take the thread's lease for `holder` if it is free or expired; who holds it now."""
     table = THREAD_LEASES.name
     yield (
         f"INSERT INTO {table} ({THREAD_LEASES.select}) VALUES ({THREAD_LEASES.placeholders()}) "
@@ -369,7 +426,7 @@ def _take_flow(thread: str, ns: str, holder: str, now: float, lease_s: float) ->
         f"SELECT holder FROM {table} WHERE thread_id = ? AND checkpoint_ns = ?",
         (thread, ns),
     )
-    return bool(rows) and rows[0][0] == holder
+    return str(rows[0][0]) if rows else None
 
 
 def _release_flow(holder: str) -> Flow[None]:

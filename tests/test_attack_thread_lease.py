@@ -206,11 +206,23 @@ def _holding(script: Path, url: str, thread: str, lease_s: float) -> _Worker:
 def test_a_killed_process_lease_expires_and_another_process_run_proceeds(
     db_url: str, script: Path, workers: list[_Worker]
 ) -> None:
-    """A worker SIGKILLed mid-run never releases its lease: the next run waits for it to expire."""
+    """A worker SIGKILLed mid-run never releases its lease: the next run waits for it to expire
+    (on another host: one of this host is taken over at once, see the next test)."""
     Ledger(db_url).setup()
     workers.append(_holding(script, db_url, "crashed", lease_s=1.5))
     workers[0].kill()
     ledger = Ledger(db_url)
+
+    def elsewhere() -> Any:  # the dead worker ran on another host
+        yield (
+            "UPDATE keel_thread_leases SET holder = ? WHERE thread_id = ?",
+            (
+                "other-host/pid:[1]/4242/run",
+                "crashed",
+            ),
+        )
+
+    ledger.run(elsewhere())
     agent = build_agent(ScriptedChatModel(script=["Back."]), [], ledger=ledger)
     with Persistence(db_url).checkpointer() as saver:
         agent = agent.copy({"checkpointer": saver})
@@ -219,6 +231,28 @@ def test_a_killed_process_lease_expires_and_another_process_run_proceeds(
     assert result["outcome"]["status"] == "success"
     assert _history(db_url, "crashed")[-2:] == ["Hello?", "Back."]
     assert _leases(db_url) == []
+    ledger.close()
+
+
+def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_without_waiting_it_out(
+    db_url: str, script: Path, workers: list[_Worker]
+) -> None:
+    """A worker of this host SIGKILLed mid-run (the crash a resume follows) holds a lease that
+    would block its thread for the whole lease: its process is gone, so the next run takes
+    it over at once."""
+    Ledger(db_url).setup()
+    workers.append(_holding(script, db_url, "killed", lease_s=600))
+    ((_, _, dead),) = _leases(db_url)
+    workers[0].kill()
+    ledger = Ledger(db_url)
+    agent = build_agent(ScriptedChatModel(script=["Back."]), [], ledger=ledger)
+    with Persistence(db_url).checkpointer() as saver:
+        agent = agent.copy({"checkpointer": saver})
+        message = {"messages": [("user", "Hello?")]}
+        result = _within(60, "the run waited out a dead process's lease", agent, message, "killed")
+    assert result["outcome"]["status"] == "success"
+    assert _history(db_url, "killed")[-2:] == ["Hello?", "Back."]
+    assert _leases(db_url) == [] and dead.count("/") == 3  # (host, PID namespace, PID, run)
     ledger.close()
 
 
