@@ -89,7 +89,13 @@ def test_the_ledger_and_chroma_of_the_server_config_are_checked(
     assert body["failing"] == ["chroma"]
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/nope"
     _config(tmp_path, monkeypatch, down, chroma)
-    assert client.get("/keel/health/ready").json()["failing"] == ["ledger", "chroma"]
+    down_body = client.get("/keel/health/ready").json()
+    assert down_body["failing"] == ["ledger", "chroma"]
+    # a probe answers with the reason at once, not after the ledger pool's 10 s of retries
+    # (a kubelet gives a readiness probe 1 s by default)
+    ledger = down_body["checks"][0]
+    assert "Connection refused" in ledger["detail"], ledger
+    assert "pool initialization" not in ledger["detail"], ledger
 
 
 def test_a_server_config_that_cannot_be_read_is_not_ready(

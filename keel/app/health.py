@@ -155,7 +155,11 @@ def _select_one(url: str) -> str:
 def _ledger(url: str | None) -> str:
     """The ledger at `url` is reachable and migrated (its tables set up)."""
     from keel.db.ledger import Ledger
+    from keel.db.persistence import Persistence
 
+    # one connection first: a server that refuses, a wrong password or no such database fails
+    # the check at once, with psycopg's reason, instead of after the ledger pool's 10 s of retries
+    Persistence(url).reach()
     ledger = Ledger(url)
     try:
         ledger.setup()
