@@ -145,7 +145,9 @@ class StreamEnding:
         log.warning("a run ended on a storage failure: %s", exc)
         return {**self.latest, "outcome": storage_outcome(exc)}
 
-    def cancelled(self) -> dict[str, Any] | None:
+    def cancelled(
+        self, how: str = "its task was cancelled or its stream closed"
+    ) -> dict[str, Any] | None:
         """The state a run the caller cancelled ends with, to record (None: none to record).
 
         A run cancelled before its first state streamed has nothing of it to record.
@@ -155,8 +157,8 @@ class StreamEnding:
         return {
             **self.latest,
             "outcome": outcome.cancelled(
-                "cancelled by the caller before the run ended (its task was cancelled or its "
-                "stream closed); what it did up to its last saved step is kept"
+                f"cancelled by the caller before the run ended ({how}); what it did up to its "
+                "last saved step is kept"
             ),
         }
 
@@ -179,6 +181,11 @@ class StreamEnding:
             yield self.last_chunk(exc, state)
         except GeneratorExit:  # the caller stopped reading: LangGraph stops the run
             if self.end is not None and (ended := self.cancelled()) is not None:
+                self.end.record(ended)
+            raise
+        except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, Jupyter's stop, a SIGTERM handler
+            how = f"{type(exc).__name__} in the process running it"
+            if self.end is not None and (ended := self.cancelled(how)) is not None:
                 self.end.record(ended)
             raise
 

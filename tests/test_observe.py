@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import importlib
 import json
@@ -606,6 +607,38 @@ def test_a_reader_that_stops_reading_cancels_the_run_unless_it_ended(
         assert (run.status, run.terminated_reason, run.model_calls) == ("stopped", "cancelled", 1)
     else:
         assert (run.status, run.terminated_reason, run.model_calls) == ("success", "completed", 2)
+
+
+def test_a_sync_run_stopped_with_ctrl_c_is_recorded_cancelled(tmp_path: Any) -> None:
+    """Ctrl-C, or Jupyter's stop button, raises KeyboardInterrupt in a sync run: the run left no
+    record at all (as if it never ran). It is recorded `stopped/cancelled`, saying why, the
+    interrupt still reaches the caller, and the thread takes its next run at once."""
+
+    @tool(name="lookup_customer")
+    def interrupted_lookup(email: str) -> str:
+        """Find a customer by email."""
+        _thread.interrupt_main()  # as SIGINT does: the main thread, waiting for this tool
+        time.sleep(0.2)
+        return "found"
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    config = {"configurable": {"thread_id": "t-int"}}
+    model = ScriptedChatModel(script=[call("lookup_customer", email="a@b.example"), "Hi."])
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(model, [interrupted_lookup], ledger=ledger, checkpointer=saver)
+        with pytest.raises(KeyboardInterrupt):
+            agent.invoke(FIRST, config, context=CTX)
+        done = agent.invoke(SECOND, config, context=CTX)
+    assert done["outcome"]["status"] == "success"
+    stopped, run = RunLog(ledger).query()
+    assert (stopped.status, stopped.terminated_reason, stopped.model_calls) == (
+        "stopped",
+        "cancelled",
+        1,
+    )
+    assert "KeyboardInterrupt" in stopped.detail, stopped.detail
+    assert (run.status, run.model_calls) == ("success", 1)
 
 
 def test_a_pending_call_answered_not_run_is_audited_like_every_tool_call(tmp_path: Any) -> None:
