@@ -7,7 +7,7 @@ saver (SQLite, Postgres, the LangGraph server) unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -35,6 +35,7 @@ __all__ = [
     "run_usage",
     "starts_task",
     "task_base",
+    "task_start",
     "task_clock",
 ]
 
@@ -139,6 +140,18 @@ feedback to the model, a human's answer to a failed verification): it starts no 
 def starts_task(message: object) -> bool:
     """Whether `message` starts a task (a run): a user's message, not one of keel's own."""
     return isinstance(message, HumanMessage) and not message.additional_kwargs.get(VERIFICATION_KEY)
+
+
+def task_start(messages: Sequence[Any]) -> int:
+    """The index of the message that started the current task (run), or -1 without one.
+
+    The last message that `starts_task`: a thread's earlier tasks, and keel's own user-role
+    messages inside a run (`verify`'s feedback), are not the current task.
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        if starts_task(messages[i]):
+            return i
+    return -1
 
 
 def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:

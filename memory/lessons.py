@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
 
-from keel.state import AgentState
+from keel.state import AgentState, task_start
 
 __all__ = ["Lesson", "extract_lesson"]
 
@@ -61,10 +61,12 @@ class Lesson:
 def extract_lesson(state: AgentState) -> Lesson | None:
     """The lesson of a finished run; `None` while it runs, is paused, or asked nothing."""
     outcome = state.get("outcome")
-    messages: Sequence[AnyMessage] = state.get("messages") or []
-    asked = next((m.text for m in reversed(messages) if isinstance(m, HumanMessage)), "")
+    thread: Sequence[AnyMessage] = state.get("messages") or []
+    start = task_start(thread)  # this run's task: earlier tasks have their own lessons
+    asked = thread[start].text if start >= 0 else ""
     if outcome is None or outcome["status"] == "interrupted" or not asked:
         return None
+    messages = thread[start:]
     tools: list[str] = []
     for m in messages:
         if isinstance(m, AIMessage):

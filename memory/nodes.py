@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from langchain_core.messages import HumanMessage, RemoveMessage, SystemMessage
+from langchain_core.messages import RemoveMessage, SystemMessage
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, SearchItem
 
@@ -28,7 +28,7 @@ from keel.guards.screening import GUARD_KEY, guard_note
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
 from keel.redact import sanitized_logger
-from keel.state import AgentState, RunContext
+from keel.state import AgentState, RunContext, task_start
 from keel.tools.stubs import isolated
 
 __all__ = ["RECALL_ID", "recall", "reflect"]
@@ -207,10 +207,10 @@ def _check_recall(kinds: Sequence[str], limit: int, recent: int, budget: int) ->
 
 
 def _last_user_text(state: AgentState) -> str:
-    for m in reversed(state.get("messages") or []):
-        if isinstance(m, HumanMessage):
-            return m.text
-    return ""
+    """The current task's text (not keel's own feedback to the model inside a run)."""
+    messages = state.get("messages") or []
+    start = task_start(messages)
+    return messages[start].text if start >= 0 else ""
 
 
 def _render(items: list[SearchItem], budget: int, count: Callable[[str], int]) -> list[str]:

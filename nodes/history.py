@@ -20,7 +20,15 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-__all__ = ["MISSING_RESULT", "in_call_order", "pending_tool_calls", "valid_history"]
+from keel.state import starts_task
+
+__all__ = [
+    "MISSING_RESULT",
+    "earlier_turns",
+    "in_call_order",
+    "pending_tool_calls",
+    "valid_history",
+]
 
 MISSING_RESULT = "Error: this tool call has no result (the run stopped before it ran)."
 
@@ -90,6 +98,23 @@ def _calls(message: AIMessage) -> list[tuple[str, str]]:
     """`(id, name)` of every call a provider sees: unparsable ones first, then valid ones."""
     invalid = [(c.get("id") or "", c.get("name") or "") for c in message.invalid_tool_calls]
     return [*invalid, *((c.get("id") or "", c["name"]) for c in message.tool_calls)]
+
+
+def earlier_turns(messages: Sequence[BaseMessage], most: int = 6) -> list[BaseMessage]:
+    """The conversation before the current task, as text turns (the last `most`).
+
+    Its users' tasks and the assistant's final answers, without tool turns, starting with a
+    user's task. What a model asked about the current task (the planner, `verify`'s judge)
+    needs to read a follow-up ("and order B2?") without the earlier tasks' tool calls.
+    """
+    turns: list[BaseMessage] = [
+        m
+        for m in messages
+        if starts_task(m) or (isinstance(m, AIMessage) and not m.tool_calls and m.text)
+    ][-most:]
+    while turns and not starts_task(turns[0]):
+        turns.pop(0)
+    return turns
 
 
 def pending_tool_calls(messages: Sequence[AnyMessage]) -> tuple[int, list[ToolCall]]:

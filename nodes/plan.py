@@ -16,9 +16,10 @@ from keel._drive import Steps
 from keel._node import RunnableCallable, context_of, steps_node
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
+from keel.nodes.history import earlier_turns
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
-from keel.state import AgentState, PlanStep, RunContext, Usage, run_usage, task_clock
+from keel.state import AgentState, PlanStep, RunContext, Usage, run_usage, task_clock, task_start
 
 __all__ = ["Plan", "advance_plan", "needs_replan", "plan", "render_plan"]
 
@@ -62,20 +63,21 @@ def plan(
     description), so that its steps are calls the agent can make: a small model that is told
     neither plans in the abstract ("check the damage") and then answers without a tool.
 
-    It plans once at the start; when `execute_tools` marks a step `failed`, it plans again for
-    what remains. Planning is advisory: if the model cannot produce a plan, the run goes on
-    without one. The planner's call is guarded and counted as every model call is
-    (`keel.guards.GuardedModel` with `guards`, falling back along `fallbacks`); a budget that
-    refuses it, or a ledger that fails, ends the run with that outcome. `prices` is used when
-    `guards` is not given.
+    It plans once at the start of each task (a thread's next user message is a new task,
+    planned afresh, with the conversation before it as context); when `execute_tools` marks a
+    step `failed`, it plans again for what remains. Planning is advisory: if the model cannot
+    produce a plan, the run goes on without one. The planner's call is guarded and counted as
+    every model call is (`keel.guards.GuardedModel` with `guards`, falling back along
+    `fallbacks`); a budget that refuses it, or a ledger that fails, ends the run with that
+    outcome. `prices` is used when `guards` is not given.
     """
     guards = model_guards(guards) or ModelCallGuards(prices=prices)
     planner = GuardedModel([model, *fallbacks], schema=Plan, guards=guards)
     before = [system_prompt] if system_prompt else []
     after = [TOOLS_PROMPT.format(tools="\n".join(_describe(t) for t in tools))] if tools else []
 
-    def prompt(state: AgentState) -> list[BaseMessage] | None:
-        steps = state.get("plan") or []
+    def prompt(state: AgentState, new_task: bool) -> list[BaseMessage] | None:
+        steps = [] if new_task else state.get("plan") or []
         if steps and not needs_replan(steps):
             return None
         messages = list(state.get("messages") or [])
@@ -87,11 +89,10 @@ def plan(
             instruction = REPLAN_PROMPT.format(
                 failure=failed["description"], max_steps=max_steps, done=done
             )
-        task = [m for m in messages if isinstance(m, HumanMessage)]
         system = "\n\n".join([*before, instruction, *after])
-        return [SystemMessage(content=system), *(task[:1] if not steps else messages)]
+        return [SystemMessage(content=system), *(messages if steps else _task(messages))]
 
-    def finish(got: ModelAnswer, state: AgentState) -> dict[str, Any]:
+    def finish(got: ModelAnswer, state: AgentState, new_task: bool) -> dict[str, Any]:
         update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
         if got.stop is not None and got.error is None:  # refused by a budget, or no ledger
             return {**update, "outcome": got.stop}
@@ -99,11 +100,12 @@ def plan(
             update["outcome"] = None  # a new task: the last one's outcome no longer holds
         if got.error is not None:
             log.warning("planning failed, going on without a plan: %r", got.error)
-            return {**update, "plan": _without_failed(state)}
+            return {**update, "plan": [] if new_task else _without_failed(state)}
         raw: dict[str, Any] = got.output
         parsed = raw.get("parsed")
         if isinstance(parsed, Plan) and parsed.steps:
-            done = [s for s in state.get("plan") or [] if s["status"] == "done"]
+            earlier = [] if new_task else state.get("plan") or []
+            done = [s for s in earlier if s["status"] == "done"]
             steps = [s.strip() for s in parsed.steps[:max_steps] if s.strip()]
             update["plan"] = _steps(done, steps)
         elif raw.get("parsing_error") is not None:
@@ -113,14 +115,24 @@ def plan(
     def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> Steps[dict[str, Any]]:
-        messages = prompt(state)
+        clock, usage = _clock(state)
+        new_task = bool(clock)  # a task the run clock has not seen: planned afresh
+        messages = prompt(state, new_task)
         if messages is None:
             return {}
-        clock, usage = _clock(state)
         got = yield from planner.call(messages, config, context_of(runtime), usage)
-        return {**finish(got, state), **clock}
+        return {**finish(got, state, new_task), **clock}
 
     return steps_node(name, steps)
+
+
+def _task(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """What a new plan is made for: the current task, after the conversation that led to it."""
+    start = task_start(messages)
+    if start < 0:
+        first: list[BaseMessage] = [m for m in messages if isinstance(m, HumanMessage)]
+        return first[:1]
+    return [*earlier_turns(messages[:start]), messages[start]]
 
 
 def _describe(tool: Any) -> str:

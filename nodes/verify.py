@@ -36,8 +36,9 @@ from keel._node import RunnableCallable, context_of, steps_node
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
+from keel.nodes.history import earlier_turns
 from keel.redact import sanitized_logger
-from keel.state import VERIFICATION_KEY, AgentState, RunContext, Verdict, run_usage
+from keel.state import VERIFICATION_KEY, AgentState, RunContext, Verdict, run_usage, task_start
 
 __all__ = ["Check", "JudgeVerdict", "verify"]
 
@@ -110,19 +111,32 @@ def verify(
         return answer, None
 
     def judge_prompt(state: AgentState, answer: str) -> list[BaseMessage]:
-        task = next((m for m in state.get("messages") or [] if isinstance(m, HumanMessage)), None)
-        task_text = str(task.content) if task is not None else "(no task)"
+        # the current task (a thread's earlier tasks are context) and what its tools returned
+        messages = list(state.get("messages") or [])
+        start = task_start(messages)
+        task_text = messages[start].text if start >= 0 else "(no task)"
         results = [
-            f"- {m.name or 'tool'}: {' '.join(m.text.split())[:300]}"
-            for m in state.get("messages") or []
+            f"- {m.name or 'tool'}: {_line(m.text)}"
+            for m in messages[start + 1 :]
             if isinstance(m, ToolMessage)
         ]
-        seen = "\n".join(results) or "(no tool was called in this run)"
+        seen = "\n".join(results) or "(no tool was called for this task)"
+        earlier = [
+            f"- {'user' if isinstance(m, HumanMessage) else 'assistant'}: {_line(m.text)}"
+            for m in earlier_turns(messages[: max(start, 0)])
+        ]
+        context = (
+            "Earlier in this conversation (context only; its tool results are not shown):\n"
+            + "\n".join(earlier)
+            + "\n\n"
+            if earlier
+            else ""
+        )
         return [
             SystemMessage(content=JUDGE_PROMPT),
             HumanMessage(
-                content=f"Task:\n{task_text}\n\nWhat the tools returned:\n{seen}\n\n"
-                f"Answer:\n{answer}"
+                content=f"{context}Task:\n{task_text}\n\nWhat the tools returned for this "
+                f"task:\n{seen}\n\nAnswer:\n{answer}"
             ),
         ]
 
@@ -178,6 +192,11 @@ def verify(
         return judged(state, answer, got)
 
     return steps_node(name, steps)
+
+
+def _line(text: str, most: int = 300) -> str:
+    """`text` on one line, at most `most` characters."""
+    return " ".join(text.split())[:most]
 
 
 class _CheckRaised(Exception):

@@ -1261,8 +1261,8 @@ async def test_judge_fails_the_answer(mode: str) -> None:
     (prompt,) = judge.calls
     assert prompt[0] == SystemMessage(content=JUDGE_PROMPT)
     assert prompt[1].content == (
-        "Task:\nWhere is Paris?\n\nWhat the tools returned:\n(no tool was called in this run)"
-        "\n\nAnswer:\nParis is in Italy."
+        "Task:\nWhere is Paris?\n\nWhat the tools returned for this task:\n"
+        "(no tool was called for this task)\n\nAnswer:\nParis is in Italy."
     )
 
 

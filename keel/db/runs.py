@@ -19,14 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from langchain_core.messages import AnyMessage, ToolMessage
+from langchain_core.messages import ToolMessage
 
 from keel._version import __version__
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import FEEDBACK, RUNS, storable, where_clause
 from keel.errors import UserError
 from keel.redact import sanitize
-from keel.state import AgentState, starts_task
+from keel.state import AgentState, task_start
 
 __all__ = ["RunLog", "RunRecord", "error_category", "run_record", "scores_flow", "upsert_flow"]
 
@@ -135,7 +135,7 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
     agent version (`version`, `model`, `prompt_hash`, `tool_versions`).
     """
     messages = state.get("messages") or []
-    start = _task_start(messages)
+    start = task_start(messages)
     result = state.get("outcome") or {"status": "error", "terminated_reason": "error"}
     usage: Mapping[str, Any] = state.get("usage") or {}
     tools: dict[str, dict[str, int]] = {}
@@ -175,14 +175,6 @@ def run_record(state: AgentState, **identity: Any) -> RunRecord:
         started_at=started,
         keel_version=__version__,
     )
-
-
-def _task_start(messages: Sequence[AnyMessage]) -> int:
-    """The index of the user message that started the run (keel's own feedback is not one)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if starts_task(messages[i]):
-            return i
-    return -1
 
 
 class RunLog:

@@ -1,0 +1,117 @@
+"""A thread's second task is its own: what the planner, the judge and the lesson read.
+
+Chat agents live on threads: each user message is a new task on the same history. The planner,
+`verify`'s judge and `reflect`'s lesson each read "the task" from the history; they read the
+thread's *first* user message (the planner planned the first task once and never again, the
+judge judged the second answer against the first question and every earlier tool result, the
+lesson listed every earlier task's tools and errors). Each now reads the current task, with
+the conversation before it as context only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+
+from keel import build_agent
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Policy, Rule
+from keel.memory import extract_lesson
+from keel.state import VERIFICATION_KEY, AgentState
+from keel.tools import tool
+
+FIRST = {"messages": [("user", "What did I order in A1?")]}
+SECOND = {"messages": [("user", "And what is in order B2?")]}
+POLICY = Policy(rules=(Rule(tool="lookup_order", action="allow"),))
+
+
+@tool(risk="read")
+def lookup_order(order_id: str) -> str:
+    """Look up an order."""
+    return f"order {order_id}: a blue kettle, shipped"
+
+
+def _script() -> list[Any]:
+    return [
+        call("lookup_order", order_id="A1"),
+        "A blue kettle.",
+        call("lookup_order", order_id="B2"),
+        "Order B2 is a blue kettle too.",
+    ]
+
+
+def _two_tasks(**options: Any) -> dict[str, Any]:
+    agent = build_agent(options.pop("model"), [lookup_order], policy=POLICY,
+                        checkpointer=InMemorySaver(), **options)  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    agent.invoke(FIRST, config)
+    result: dict[str, Any] = agent.invoke(SECOND, config)
+    return result
+
+
+def test_the_judge_judges_the_second_task_with_its_own_tool_results() -> None:
+    asked: list[str] = []
+
+    def verdict(messages: list[BaseMessage]) -> dict[str, Any]:
+        asked.append(messages[-1].text)
+        return {"passed": True, "reason": "ok"}
+
+    judge = ScriptedChatModel(structured={"JudgeVerdict": verdict})
+    _two_tasks(model=ScriptedChatModel(script=_script()), judge=judge)
+    first, second = asked
+    assert first.startswith("Task:\nWhat did I order in A1?\n"), first
+    task, answer = second.split("\n\nTask:\n")[1].split("\n\nAnswer:\n")
+    assert task.startswith("And what is in order B2?\n"), second
+    assert "order B2: a blue kettle" in task and "order A1" not in task, second
+    assert answer == "Order B2 is a blue kettle too."
+    # the earlier conversation is context, without its tool results
+    assert "- user: What did I order in A1?\n- assistant: A blue kettle." in second
+
+
+def test_the_planner_plans_each_task_of_a_thread() -> None:
+    planned: list[list[BaseMessage]] = []
+
+    def plan(messages: list[BaseMessage]) -> dict[str, Any]:
+        planned.append(messages[1:])
+        return {"steps": [f"look up the order ({len(planned)})", "answer"]}
+
+    model = ScriptedChatModel(script=_script(), structured={"Plan": plan})
+    result = _two_tasks(model=model, plan=True)
+    assert len(planned) == 2, "the second task was not planned"
+    assert planned[1][-1].text == "And what is in order B2?"
+    assert [m.text for m in planned[1][:-1]] == ["What did I order in A1?", "A blue kettle."]
+    # the second task's plan is its own: no step of the first plan is carried over
+    assert [s["description"] for s in result["plan"]] == ["look up the order (2)", "answer"]
+
+
+def test_a_lesson_is_the_tasks_own() -> None:
+    def refund_failed(order: str) -> ToolMessage:
+        return ToolMessage("Error: payment API timeout", tool_call_id=order, name="refund",
+                           status="error")  # fmt: skip
+
+    state: AgentState = {
+        "messages": [
+            HumanMessage("refund order 7"),
+            AIMessage("", tool_calls=[{"name": "refund", "args": {}, "id": "c1"}]),
+            refund_failed("c1"),
+            AIMessage("I could not refund it."),
+            HumanMessage("what is in order 8?"),
+            AIMessage("", tool_calls=[{"name": "lookup_order", "args": {}, "id": "c2"}]),
+            ToolMessage("a kettle", tool_call_id="c2", name="lookup_order"),
+            AIMessage("A red kettle."),
+            HumanMessage(
+                "Your answer did not pass verification: the colour is wrong. Revise your answer.",
+                additional_kwargs={VERIFICATION_KEY: True},
+            ),
+            AIMessage("A kettle."),
+        ],
+        "outcome": {"status": "success", "terminated_reason": "completed", "detail": ""},
+    }
+    lesson = extract_lesson(state)
+    assert lesson is not None
+    assert lesson.asked == "what is in order 8?"  # not the first task, nor keel's feedback
+    assert lesson.tools_used == ("lookup_order",)
+    assert lesson.errors == ()
+    assert lesson.answer == "A kettle."
