@@ -16,7 +16,7 @@ from keel._node import RunnableCallable, make_node
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import checked_answer
 from keel.nodes.history import in_call_order, pending_tool_calls
-from keel.state import AgentState, Outcome
+from keel.state import AgentState, Outcome, task_start
 
 __all__ = ["partial_answer", "respond"]
 
@@ -65,8 +65,13 @@ def respond(
 
 
 def partial_answer(messages: list[AnyMessage], result: Outcome) -> str:
-    """The text a cut-short run ends with: why it stopped and what it found so far."""
+    """The text a cut-short run ends with: why it stopped and what it found so far.
+
+    Only the current task's messages count: a thread's earlier tasks found and answered other
+    things.
+    """
     lines = [f"I had to stop before finishing ({result['terminated_reason']}): {result['detail']}."]
+    messages = messages[max(task_start(messages), 0) :]
     last_text = next(
         (m.text for m in reversed(messages) if isinstance(m, AIMessage) and m.text), ""
     )

@@ -17,7 +17,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from keel import build_agent
 from keel.evals import ScriptedChatModel, call
-from keel.guards import Policy, Rule
+from keel.guards import Budget, Policy, Rule
 from keel.memory import extract_lesson
 from keel.state import VERIFICATION_KEY, AgentState
 from keel.tools import tool
@@ -115,3 +115,19 @@ def test_a_lesson_is_the_tasks_own() -> None:
     assert lesson.tools_used == ("lookup_order",)
     assert lesson.errors == ()
     assert lesson.answer == "A kettle."
+
+
+def test_a_partial_answer_tells_what_this_task_found() -> None:
+    """A second task cut short by its run budget said "My last answer so far: A blue kettle."
+    (the first task's answer) and listed the first task's tool results as found."""
+    script = [*_script()[:3], call("lookup_order", order_id="C3")]
+    policy = Policy(budget=Budget(tool_calls=1), rules=POLICY.rules)
+    agent = build_agent(ScriptedChatModel(script=script), [lookup_order], policy=policy,
+                        checkpointer=InMemorySaver())  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    agent.invoke(FIRST, config)
+    result = agent.invoke(SECOND, config)
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded"
+    partial = result["messages"][-1].text
+    assert "order B2: a blue kettle" in partial, partial
+    assert "A1" not in partial and "My last answer so far" not in partial, partial
