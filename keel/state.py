@@ -220,7 +220,7 @@ class AgentState(TypedDict, total=False):
         usage: Tokens, dollars, model and tool calls so far (summed).
         approvals: Human decisions keyed by call digest.
         verdicts: Verification results, in order.
-        revisions: How many times a failed verification sent the answer back.
+        revisions: How many times a failed verification sent the current task's answer back.
         outcome: How the run ended; `None` while it is running.
         clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets, and
             the thread's usage when it started (see `task_clock` and `run_usage`).

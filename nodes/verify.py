@@ -147,7 +147,7 @@ def verify(
         verdicts.append(verdict)
         if verdict["passed"]:
             return {"verdicts": verdicts, "outcome": outcome.completed("answer verified")}
-        revisions = state.get("revisions") or 0
+        revisions = _revisions(state)
         if revisions < max_revisions:
             feedback = HumanMessage(
                 content=f"Your answer did not pass verification: {verdict['reason']} "
@@ -217,7 +217,7 @@ def _escalating(state: AgentState) -> bool:
 def _escalate(state: AgentState) -> dict[str, Any]:
     """Ask a human about the answer whose last verdict failed, and act on the answer."""
     answer, verdicts = _answer(state), [*(state.get("verdicts") or [])]
-    verdict, revisions = verdicts[-1], state.get("revisions") or 0
+    verdict, revisions = verdicts[-1], _revisions(state)
     decision = interrupt(
         {
             "type": "verification",
@@ -249,6 +249,21 @@ def _escalate(state: AgentState) -> dict[str, Any]:
     raise UserError(
         f"Unknown verification decision {decision!r}: resume with {{'type': 'approve'}}, "
         "{'type': 'reject'} or {'type': 'respond', 'message': '...'}."
+    )
+
+
+def _revisions(state: AgentState) -> int:
+    """How often the current task's answer went back to the model.
+
+    Each time with a message of keel's: the verifier's feedback or a human's guidance. A
+    thread's earlier tasks had their own `max_revisions` (counted over the thread, a second
+    task got none).
+    """
+    messages = state.get("messages") or []
+    return sum(
+        1
+        for m in messages[task_start(messages) + 1 :]
+        if isinstance(m, HumanMessage) and m.additional_kwargs.get(VERIFICATION_KEY)
     )
 
 

@@ -1,4 +1,4 @@
-"""A thread's second task is its own: what the planner, the judge and the lesson read.
+"""A thread's second task is its own: what the planner, the judge, the lesson and `respond` read.
 
 Chat agents live on threads: each user message is a new task on the same history. The planner,
 `verify`'s judge and `reflect`'s lesson each read "the task" from the history; they read the
@@ -131,3 +131,24 @@ def test_a_partial_answer_tells_what_this_task_found() -> None:
     partial = result["messages"][-1].text
     assert "order B2: a blue kettle" in partial, partial
     assert "A1" not in partial and "My last answer so far" not in partial, partial
+
+
+def test_each_task_gets_its_own_revisions() -> None:
+    """`max_revisions=1` counted over the thread: a second task whose first answer failed was
+    not sent back once but ended `verification_failed` at once."""
+    judged: list[int] = []
+
+    def verdict(messages: list[BaseMessage]) -> dict[str, Any]:
+        judged.append(1)
+        return {"passed": len(judged) % 2 == 0, "reason": "Say which order."}
+
+    judge = ScriptedChatModel(structured={"JudgeVerdict": verdict})
+    model = ScriptedChatModel(script=["draft 1", "final 1", "draft 2", "final 2"])
+    agent = build_agent(model, judge=judge, max_revisions=1, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    first = agent.invoke(FIRST, config)
+    second = agent.invoke(SECOND, config)
+    assert first["outcome"]["terminated_reason"] == "completed"
+    assert second["outcome"]["terminated_reason"] == "completed", second["outcome"]
+    assert second["messages"][-1].text == "final 2"
+    assert second["revisions"] == 1
