@@ -39,7 +39,7 @@ from keel.evals.runner import (
 )
 from keel.evals.stored import StoredThread, aload_thread, start_messages
 from keel.models import resolve_model
-from keel.pricing import PriceTable
+from keel.pricing import PriceTable, token_count
 from keel.state import RunContext
 from keel.tools.stubs import stubbing
 
@@ -78,9 +78,9 @@ class RunView:
                 continue
             view.model_calls += 1
             usage = m.usage_metadata
-            if usage is not None:
-                view.input_tokens += usage["input_tokens"]
-                view.output_tokens += usage["output_tokens"]
+            if usage is not None:  # a count that is not one (None, negative, text) counts 0
+                view.input_tokens += token_count(usage.get("input_tokens")) or 0
+                view.output_tokens += token_count(usage.get("output_tokens")) or 0
                 name = str(m.response_metadata.get("model_name") or "")
                 view.usd += prices.cost(name, dict(usage))
         view.usd = round(view.usd, 8)

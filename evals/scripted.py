@@ -25,6 +25,7 @@ from pydantic import Field, PrivateAttr
 
 from keel.errors import ScriptExhausted
 from keel.local_model import last_chunk
+from keel.pricing import token_count
 
 __all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "say"]
 
@@ -223,14 +224,15 @@ class ScriptedChatModel(BaseChatModel):
 def _capped(message: AIMessage, limit: int | None) -> AIMessage:
     """`message` cut to `limit` output tokens (about 4 characters a token), as a provider does."""
     meta = message.usage_metadata
-    if limit is None or meta is None or meta["output_tokens"] <= limit:
-        return message
+    output = token_count(meta.get("output_tokens")) if isinstance(meta, Mapping) else None
+    if limit is None or meta is None or output is None or output <= limit:
+        return message  # a count that is not one (a provider's odd usage) is passed on as is
     if isinstance(message.content, str):
         message.content = message.content[: max(0, limit - 1) * 4]
+    tokens_in = meta.get("input_tokens")  # kept as the script gave it, odd or not
+    total = tokens_in + limit if isinstance(tokens_in, int) else limit
     message.usage_metadata = UsageMetadata(
-        input_tokens=meta["input_tokens"],
-        output_tokens=limit,
-        total_tokens=meta["input_tokens"] + limit,
+        input_tokens=tokens_in, output_tokens=limit, total_tokens=total
     )
     message.response_metadata = {**message.response_metadata, "finish_reason": "length"}
     return message

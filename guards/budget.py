@@ -14,8 +14,9 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
+from keel.errors import UserError
 from keel.guards.policy import Budget
-from keel.pricing import PriceTable
+from keel.pricing import PriceTable, token_count, unpriced
 from keel.redact import sanitized_logger
 from keel.state import Usage, add_usage
 
@@ -79,42 +80,84 @@ def _fmt(value: float) -> str:
 
 
 def usage_of(
-    response: AIMessage, table: PriceTable, default_name: str, input_estimate: int = 0
+    response: AIMessage,
+    table: PriceTable,
+    default_name: str,
+    input_estimate: int = 0,
+    *,
+    usd_limit: str | None = None,
 ) -> Usage:
     """One model call's usage: tokens and dollars from its `usage_metadata`.
 
     A response without `usage_metadata` (a provider that does not report it) is counted as
     estimated, so token and dollar budgets still bite: `input_estimate` input tokens (the
     caller's estimate of the request) and about one output token per 4 characters of the
-    answer and its tool calls. keel warns once per model.
+    answer and its tool calls. keel warns once per model. So is a count that is not a count
+    (negative, `None`, missing, text that is not digits): it never lowers the spend.
+
+    The call is priced by the name the provider reported (`response_metadata["model_name"]`),
+    else, when the table does not know that name (a dated or routed name), by `default_name`,
+    the model keel called. With `usd_limit` (what dollar limit is in force, for the message),
+    a call neither name prices raises `UserError`: it cannot count as $0 against that limit.
     """
-    name = str(response.response_metadata.get("model_name") or default_name)
-    meta: Mapping[str, Any] = response.usage_metadata or _estimated(response, name, input_estimate)
+    metadata = response.response_metadata
+    reported = str(metadata.get("model_name") or "") or None
+    name = reported or default_name
+    price_name = next(
+        (
+            n
+            for n in (reported, metadata.get("keel_priced_as"), default_name)
+            if isinstance(n, str) and n and table.price_of(n) is not None
+        ),
+        None,
+    )
+    if price_name is None and usd_limit is not None:
+        raise UserError(unpriced(default_name, usd_limit, reported=reported))
+    given: object = response.usage_metadata
+    meta: Mapping[str, Any] | None = given if isinstance(given, Mapping) else None
+    tokens_in = token_count(meta.get("input_tokens")) if meta else None
+    tokens_out = token_count(meta.get("output_tokens")) if meta else None
+    if tokens_in is None or tokens_out is None:
+        guess = _estimated(response, name, input_estimate, reported=bool(given))
+        tokens_in = guess["input_tokens"] if tokens_in is None else tokens_in
+        tokens_out = guess["output_tokens"] if tokens_out is None else tokens_out
+    counted = {"input_tokens": tokens_in, "output_tokens": tokens_out}
     return {
-        "input_tokens": int(meta.get("input_tokens", 0)),
-        "output_tokens": int(meta.get("output_tokens", 0)),
-        "usd": table.cost(name, meta),
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "usd": table.cost(price_name or name, counted),
         "model_calls": 1,
         "steps": 1,
     }
 
 
-def _estimated(response: AIMessage, name: str, input_estimate: int) -> dict[str, int]:
-    if name not in _UNREPORTED:
-        _UNREPORTED.add(name)
-        log.warning(
-            "model %r reported no usage_metadata: keel counts an estimate (about 4 characters "
-            "a token) against budgets. Turn usage reporting on in the model's client (e.g. "
-            "stream_usage=True) for exact counts.",
-            name,
-        )
+def _estimated(
+    response: AIMessage, name: str, input_estimate: int, *, reported: bool = False
+) -> dict[str, int]:
+    if (name, reported) not in _UNREPORTED:
+        _UNREPORTED.add((name, reported))
+        if reported:
+            log.warning(
+                "model %r reported usage_metadata keel cannot count (a token count that is "
+                "negative, missing, None or not a number): keel counts an estimate (about 4 "
+                "characters a token) against budgets in its place.",
+                name,
+            )
+        else:
+            log.warning(
+                "model %r reported no usage_metadata: keel counts an estimate (about 4 "
+                "characters a token) against budgets. Turn usage reporting on in the model's "
+                "client (e.g. stream_usage=True) for exact counts.",
+                name,
+            )
     calls = sum(len(str(tc.get("args"))) + len(tc["name"]) for tc in response.tool_calls)
     output = (len(response.text) + calls) // 4 + 1
     return {"input_tokens": input_estimate, "output_tokens": output}
 
 
-_UNREPORTED: set[str] = set()
-"""Models keel has warned about for reporting no usage (once each per process)."""
+_UNREPORTED: set[tuple[str, bool]] = set()
+"""Models keel has warned about for reporting no usage, or unusable usage (once each per
+process)."""
 
 
 def run_messages(messages: Sequence[BaseMessage]) -> Sequence[BaseMessage]:
@@ -128,17 +171,27 @@ def run_messages(messages: Sequence[BaseMessage]) -> Sequence[BaseMessage]:
     return messages
 
 
-def usage_from_messages(messages: Sequence[BaseMessage], table: PriceTable) -> Usage:
+def usage_from_messages(
+    messages: Sequence[BaseMessage],
+    table: PriceTable,
+    default_name: str = "unknown",
+    *,
+    usd_limit: str | None = None,
+) -> Usage:
     """A conversation's usage, read back from its messages (for agents without keel's state).
 
-    Each AI message counts as a model call with its `usage_metadata`; each tool message of a
-    call that ran counts as a tool call, and each round of tool results as a step.
+    Each AI message counts as a model call with its `usage_metadata` (priced as `usage_of`
+    does: by its reported model name, else `default_name`; with `usd_limit`, a message neither
+    prices raises `UserError`); each tool message of a call that ran counts as a tool call,
+    and each round of tool results as a step.
     """
     total: Usage = {}
     after_ai = False
     for m in messages:
-        if isinstance(m, AIMessage):
-            total = add_usage(total, usage_of(m, table, "unknown"))
+        if isinstance(m, AIMessage) and not (
+            m.usage_metadata is None and "keel_outcome" in m.response_metadata
+        ):  # a guard's stop, in the model's place, is no model call
+            total = add_usage(total, usage_of(m, table, default_name, usd_limit=usd_limit))
             after_ai = True
         elif (
             isinstance(m, ToolMessage) and m.response_metadata.get("keel_status", "success") in RAN

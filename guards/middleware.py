@@ -43,9 +43,9 @@ from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
 from keel.identity import server_user
-from keel.models import model_name_of
-from keel.pricing import PriceTable
-from keel.state import Outcome, RunContext
+from keel.models import model_name_of, price_name_of
+from keel.pricing import PriceTable, token_count, unpriced
+from keel.state import Outcome, RunContext, Usage
 from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
 
@@ -134,6 +134,11 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     is answered `budget_stopped`, and the next model turn ends the run. `wall_seconds` is not
     enforced here (`create_agent` has no run clock); use LangGraph's `TimeoutPolicy`.
 
+    Under a `usd` limit every call must have a price: a call to a model the price table does
+    not know is not made (the run ends as `budget_exceeded`, the detail says which model to
+    price and how), and an answer whose reported model name the table does not know is priced
+    by the model that was called (`response_metadata["keel_priced_as"]`).
+
     Example:
         ```python
         agent = create_agent(model, tools, middleware=[BudgetMiddleware(Budget(usd=0.50))])
@@ -147,8 +152,22 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
             raise UserError(f"BudgetMiddleware needs a keel Budget(...), got {budget!r}.")
         self.budget = budget
         self.prices = prices or PriceTable()
+        self.usd_limit = f"the run budget's usd limit of {budget.usd:g}" if budget.usd else None
+        """The dollar limit in words; `None` without one."""
 
-    def _stop(self, messages: Sequence[BaseMessage]) -> AIMessage | None:
+    def _usage(
+        self, messages: Sequence[BaseMessage], default_name: str = "unknown"
+    ) -> tuple[Usage, Outcome | None]:
+        """The run's usage, and the stop when a dollar limit meets an answer with no price."""
+        try:
+            usage = usage_from_messages(
+                run_messages(messages), self.prices, default_name, usd_limit=self.usd_limit
+            )
+        except UserError as exc:
+            return {}, outcome.stopped("budget_exceeded", str(exc))
+        return usage, None
+
+    def _stop(self, messages: Sequence[BaseMessage], model: Any = None) -> AIMessage | None:
         for m in reversed(messages):  # the last turn's tools: one stopped by the budget?
             if isinstance(m, AIMessage):
                 break
@@ -157,24 +176,47 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
             ):
                 reason = str(m.response_metadata.get("keel_reason"))
                 return stop_message(outcome.stopped("budget_exceeded", reason))
-        usage = usage_from_messages(run_messages(messages), self.prices)
+        name = price_name_of(model) if model is not None else "unknown"
+        if self.usd_limit is not None and self.prices.price_of(name) is None:
+            return stop_message(outcome.stopped("budget_exceeded", unpriced(name, self.usd_limit)))
+        usage, unpriced_stop = self._usage(messages, name)
+        if unpriced_stop is not None:
+            return stop_message(unpriced_stop)
         exceeded = check_budget(self.budget, usage).exceeded
         return stop_message(outcome.stopped("budget_exceeded", exceeded)) if exceeded else None
+
+    def _priced(self, response: Any, model: Any) -> Any:
+        """`response`, its answers whose reported model has no price marked with the model's."""
+        name = price_name_of(model)
+        if self.prices.price_of(name) is None:
+            return response
+        for m in _answers(response):
+            reported = m.response_metadata.get("model_name")
+            if not reported or self.prices.price_of(str(reported)) is None:
+                m.response_metadata["keel_priced_as"] = name
+        return response
 
     def wrap_model_call(
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
-        """Call the model unless the budget is spent."""
-        return self._stop(request.state["messages"]) or handler(request)
+        """Call the model unless the budget is spent (or the model has no price under `usd`)."""
+        stop = self._stop(request.state["messages"], request.model)
+        return stop or self._priced(handler(request), request.model)
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless the budget is spent (async)."""
-        return self._stop(request.state["messages"]) or await handler(request)
+        stop = self._stop(request.state["messages"], request.model)
+        return stop or self._priced(await handler(request), request.model)
 
     def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
-        usage = usage_from_messages(run_messages(request.state["messages"]), self.prices)
+        usage, unpriced_stop = self._usage(request.state["messages"])
+        if unpriced_stop is not None:
+            reason = unpriced_stop["detail"]
+            message = _tool_message(request, f"Not run: {reason}", "budget_stopped")
+            message.response_metadata["keel_reason"] = reason
+            return message
         exceeded = check_budget(self.budget, usage, planned_tool_calls=1).exceeded
         if exceeded is None:
             return None
@@ -344,10 +386,23 @@ class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
 
 def _tokens(response: ModelResponse[Any]) -> int:
     meta: Mapping[str, Any] = {}
-    for m in response.result:
-        if isinstance(m, AIMessage) and m.usage_metadata:
+    for m in _answers(response):
+        if isinstance(m.usage_metadata, Mapping):
             meta = m.usage_metadata
-    return int(meta.get("input_tokens", 0)) + int(meta.get("output_tokens", 0))
+    counts = (token_count(meta.get(k)) for k in ("input_tokens", "output_tokens"))
+    return sum(n or 0 for n in counts)
+
+
+def _answers(response: object) -> list[AIMessage]:
+    """The AI messages of a model call's result.
+
+    The result is a `ModelResponse`, an `AIMessage`, or an `ExtendedModelResponse` around a
+    `ModelResponse`.
+    """
+    if isinstance(response, AIMessage):
+        return [response]
+    inner = getattr(response, "model_response", response)
+    return [m for m in getattr(inner, "result", None) or [] if isinstance(m, AIMessage)]
 
 
 class RateLimitMiddleware(_ModelGuarded):

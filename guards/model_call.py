@@ -52,8 +52,8 @@ from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
 from keel.guards.spend import Reservation, SpendMeter, estimate_schema_tokens, estimate_tokens
-from keel.models import model_name_of, resolve_model
-from keel.pricing import PriceTable
+from keel.models import model_name_of, price_name_of, resolve_model
+from keel.pricing import PriceTable, token_count, unpriced
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext, Usage
 from keel.tools.stubs import isolated
@@ -218,10 +218,11 @@ def capped(model: BaseChatModel, tokens: int) -> BaseChatModel | None:
 
 @dataclass(frozen=True, slots=True)
 class _Model:
-    """One model of the chain: its name and the runnable that asks it."""
+    """One model of the chain: its name, the runnable that asks it, the name it is priced by."""
 
     name: str
     runnable: Runnable[LanguageModelInput, Any]
+    priced_as: str
 
 
 class _StorageFailed(Exception):
@@ -311,6 +312,12 @@ class GuardedModel:
         self.retry = guards.retry
         self.timeout = guards.timeout
         self.steps = steps
+        run_usd = self.budget.usd if self.budget is not None else None
+        limits = [f"the run budget's usd limit of {run_usd:g}"] if run_usd else []
+        if self.meter is not None and self.meter.usd_limit is not None:
+            limits.append(self.meter.usd_limit)
+        self.usd_limit = " and ".join(limits) or None
+        """The dollar limits every call is held to, in words; `None` without one."""
         schemas = [*tools, *([schema] if schema is not None else [])]
         self.schema_tokens = estimate_schema_tokens(schemas)
         """Input tokens the bound tools' or the schema's JSON adds to every request."""
@@ -320,7 +327,8 @@ class GuardedModel:
         self, model: str | BaseChatModel, tools: Sequence[Any], schema: type[Any] | None
     ) -> _Model:
         chat = resolve_model(model)
-        name = model_name_of(chat)
+        name, priced_as = model_name_of(chat), price_name_of(chat)
+        self._require_price(priced_as)
         if self.meter is not None:
             limited = capped(chat, self.meter.output_reserve)
             if limited is None:
@@ -338,7 +346,20 @@ class GuardedModel:
             runnable = chat.with_structured_output(schema, include_raw=True)
         elif tools:
             runnable = chat.bind_tools(list(tools))
-        return _Model(name, runnable)
+        return _Model(name, runnable, priced_as)
+
+    def _require_price(self, priced_as: str) -> None:
+        """Refuse a model the price table cannot price while a dollar limit is in force.
+
+        Its calls would count as $0, so the limit would never stop a run.
+        """
+        if self.usd_limit is None:
+            return
+        tables = [self.prices] if self.budget is not None and self.budget.usd else []
+        if self.meter is not None and self.meter.usd_limit is not None:
+            tables.append(self.meter.prices)
+        if any(table.price_of(priced_as) is None for table in tables):
+            raise UserError(unpriced(priced_as, self.usd_limit))
 
     @property
     def name(self) -> str:
@@ -474,12 +495,26 @@ class GuardedModel:
             charged = held if isinstance(exc, TimeoutError) else None
             yield from self._settle(held, charged, "after the model failed")
             return _Tried(error=exc, tripped=_opened(transition))
-        unreported = 0 if message.usage_metadata else estimate_tokens(messages) + self.schema_tokens
-        usage = usage_of(message, self.prices, m.name, unreported)
+        unreported = 0 if _counted(message) else estimate_tokens(messages) + self.schema_tokens
+        try:
+            usage = usage_of(
+                message, self.prices, m.priced_as, unreported, usd_limit=self.usd_limit
+            )
+            stop = None
+        except UserError as exc:  # neither the reported nor the configured name has a price
+            usage = usage_of(message, self.prices, m.priced_as, unreported)
+            usage.pop("usd", None)  # not known: the call is charged at its reservation
+            stop = outcome.stopped(
+                "budget_exceeded", f"{exc} The run stopped after this call; nothing further ran."
+            )
         if not self.steps:
             usage.pop("steps", None)
         yield from self._record(m, permit, None, _tokens(usage), usage)
-        yield from self._settle(held, usage, "after the model answered", usage)
+        yield from self._settle(
+            held, usage if stop is None else held, "after the model answered", usage
+        )
+        if stop is not None:
+            raise _Stopped(stop, usage)
         return _Tried(output, usage)
 
     def _admit(
@@ -495,7 +530,7 @@ class GuardedModel:
         tokens = estimate_tokens(messages) + self.schema_tokens
         # without a period budget: no reservation, and nothing written
         first: Flow[Reservation | str | None] = (
-            meter.reserve_input(tokens, ctx, m.name) if meter is not None else returning(None)
+            meter.reserve_input(tokens, ctx, m.priced_as) if meter is not None else returning(None)
         )
         try:
             held, permit = yield from guard.admitting(
@@ -524,7 +559,7 @@ class GuardedModel:
             return None
         extra = self.schema_tokens
         try:
-            reserve = meter.reserving(messages, ctx, m.name, schema_tokens=extra)
+            reserve = meter.reserving(messages, ctx, m.priced_as, schema_tokens=extra)
             held = yield Op(reserve.run, reserve.arun, on_error=_storage)
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
@@ -665,6 +700,14 @@ def _raw(output: Any) -> AIMessage:
 
 def _tokens(usage: Mapping[str, Any]) -> int:
     return int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
+
+
+def _counted(message: AIMessage) -> bool:
+    """Whether the answer reported both its token counts as counts (no estimate needed)."""
+    meta: object = message.usage_metadata
+    return isinstance(meta, Mapping) and all(
+        token_count(meta.get(k)) is not None for k in ("input_tokens", "output_tokens")
+    )
 
 
 def _opened(transition: BreakerTransition | None) -> bool:

@@ -48,6 +48,7 @@ from keel.guards.breaker import BreakerPolicy
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
 from keel.guards.ratelimit import RateLimit
 from keel.guards.spend import PeriodBudget
+from keel.pricing import finite_number
 
 __all__ = ["Action", "Budget", "LoopPolicy", "Policy", "Rule"]
 
@@ -74,7 +75,9 @@ class Budget:
     output_tokens: int | None = None
     """Output (completion) tokens, summed over model calls."""
     usd: float | None = None
-    """US dollars, from the price table."""
+    """US dollars, from the price table. Under it every model keel calls must have a price:
+    `build_agent` (and the other builders) refuse a model the table does not know, and a call
+    priced by neither the reported nor the configured model name ends the run."""
     wall_seconds: float | None = None
     """Seconds since the task's first model call (time waiting for a human counts)."""
     soft_ratio: float = 0.8
@@ -86,9 +89,7 @@ class Budget:
             if f.name == "soft_ratio":
                 if not isinstance(value, int | float) or not 0 < value <= 1:
                     raise UserError(f"Budget.soft_ratio must be in (0, 1], got {value!r}.")
-            elif value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
-            ):
+            elif value is not None and ((number := finite_number(value)) is None or number <= 0):
                 raise UserError(
                     f"Budget.{f.name} must be greater than 0, or None to disable it; got {value!r}."
                 )

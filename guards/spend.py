@@ -24,9 +24,9 @@ from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from keel._drive import Op
-from keel.db.ledger import Flow, Ledger, together
+from keel.db.ledger import Flow, Ledger, returning, together
 from keel.errors import UserError
-from keel.pricing import PriceTable
+from keel.pricing import PriceTable, finite_number, unpriced
 from keel.state import RunContext
 
 __all__ = ["PeriodBudget", "Reservation", "SpendMeter", "estimate_schema_tokens", "estimate_tokens"]
@@ -59,9 +59,13 @@ class PeriodBudget:
             raise UserError("PeriodBudget needs a limit: set usd=… and/or tokens=….")
         for name in ("usd", "tokens"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int | float) or value <= 0):
-                raise UserError(f"PeriodBudget.{name} must be greater than 0, got {value!r}.")
-        if self.reserve_output_tokens < 0 or self.reservation_ttl <= 0:
+            number = finite_number(value)
+            if value is not None and (number is None or number <= 0):
+                raise UserError(
+                    f"PeriodBudget.{name} must be a finite number greater than 0, got {value!r}."
+                )
+        ttl = finite_number(self.reservation_ttl)
+        if self.reserve_output_tokens < 0 or ttl is None or ttl <= 0:
             raise UserError(
                 "PeriodBudget.reserve_output_tokens must be ≥ 0 and reservation_ttl > 0."
             )
@@ -201,6 +205,18 @@ class SpendMeter:
         self.prices = prices or PriceTable()
         self.output_reserve = max(b.reserve_output_tokens for b in self.budgets)
         """Output tokens reserved per call, and the cap on each answer (`max_tokens`)."""
+        usd = [f"the {b.label()} usd budget of {b.usd:g}" for b in self.budgets if b.usd]
+        self.usd_limit = " and ".join(usd) or None
+        """The dollar limits of these budgets, in words (`None` without one)."""
+
+    def unpriced(self, model_name: str) -> str | None:
+        """Why calls of `model_name` may not be reserved: a dollar budget and no price for it.
+
+        A model the price table does not know would reserve, and settle, $0.
+        """
+        if self.usd_limit is None or self.prices.price_of(model_name) is not None:
+            return None
+        return unpriced(model_name, self.usd_limit)
 
     def _estimate(
         self, messages: Sequence[BaseMessage], model_name: str, schema_tokens: int = 0
@@ -247,7 +263,14 @@ class SpendMeter:
     def reserve_input(
         self, input_tokens: int, context: RunContext, model_name: str
     ) -> Flow[Reservation | str]:
-        """`reserve` for a caller that has estimated the input tokens (messages and schemas)."""
+        """`reserve` for a caller that has estimated the input tokens (messages and schemas).
+
+        Under a dollar budget, a model the price table does not know is refused (the reason,
+        not a reservation): its calls cannot be held to the budget.
+        """
+        refused = self.unpriced(model_name)
+        if refused is not None:
+            return returning(refused)
         usd, tokens = self._cost(input_tokens, model_name)
         return reserve_flow(self.budgets, context, usd, tokens, time.time())
 

@@ -17,7 +17,7 @@ from langchain_core.language_models import BaseChatModel
 
 from keel.errors import SetupError, UserError
 
-__all__ = ["BUNDLED_MODELS", "model_name_of", "resolve_model"]
+__all__ = ["BUNDLED_MODELS", "model_name_of", "price_name_of", "resolve_model"]
 
 BUNDLED_MODELS = {
     "keel:demo": "keel.evals.demo:demo_model",
@@ -79,6 +79,18 @@ def model_name_of(model: BaseChatModel) -> str:
         if isinstance(value, str) and value:
             return value
     return model._llm_type
+
+
+def price_name_of(model: BaseChatModel) -> str:
+    """The name the price table prices `model` by: its name, `ollama:`-prefixed for Ollama.
+
+    Ollama's chat model names the model without its provider (`llama3.1:8b`); keel prices the
+    models that run on this machine at $0 (`keel.pricing.FREE_PREFIXES`).
+    """
+    name = model_name_of(model)
+    if model._llm_type == "chat-ollama" and not name.startswith("ollama:"):
+        return f"ollama:{name}"
+    return name
 
 
 def _import_model(path: str) -> BaseChatModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,9 +10,27 @@ from typing import Any
 from keel.errors import UserError
 from keel.redact import sanitized_logger
 
-__all__ = ["DEFAULT_PRICES", "Price", "PriceTable"]
+__all__ = [
+    "DEFAULT_PRICES",
+    "FREE_PREFIXES",
+    "Price",
+    "PriceTable",
+    "finite_number",
+    "token_count",
+    "unpriced",
+]
 
 log = sanitized_logger("keel.pricing")
+
+
+def finite_number(value: object) -> float | None:
+    """`value` as a float when it is a finite int or float (not a bool), else None.
+
+    NaN compares False with every limit and infinity passes them all: neither is an amount.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,10 +45,17 @@ class Price:
     def __post_init__(self) -> None:
         for name in ("input_per_mtok", "output_per_mtok"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
+            number = finite_number(value)
+            if number is None or number < 0:
                 raise UserError(
-                    f"Price.{name} must be a number ≥ 0 (USD per 1M tokens), got {value!r}."
+                    f"Price.{name} must be a finite number ≥ 0 (USD per 1M tokens), got {value!r}."
                 )
+
+
+FREE_PREFIXES = ("ollama:", "local:")
+"""Model names keel prices at $0 unless a table prices them: models that run on this machine."""
+
+_FREE = Price(input_per_mtok=0.0, output_per_mtok=0.0)
 
 
 # List prices as published by the providers (USD per 1M tokens). Override with PriceTable(...).
@@ -82,22 +108,32 @@ class PriceTable:
         self._warned: set[str] = set()
 
     def price_of(self, model_name: str) -> Price | None:
-        """The price of `model_name`, or None when the table does not know it."""
+        """The price of `model_name`, or None when the table does not know it.
+
+        A local model (`ollama:…`, `local:…`, `FREE_PREFIXES`) the table does not price costs
+        nothing: its price is $0, not None.
+        """
         name = _normalize(model_name)
         if name in self._prices:
             return self._prices[name]
         for known in self._by_length:
             if name.startswith(known):
                 return self._prices[known]
-        return None
+        return _FREE if model_name.startswith(FREE_PREFIXES) else None
 
     def cost(self, model_name: str, usage: Mapping[str, Any] | None) -> float:
-        """USD for one call's `usage_metadata`; 0.0 (and one warning) for an unknown model."""
+        """USD for one call's `usage_metadata`; 0.0 (and one warning) for an unknown model.
+
+        Under a dollar limit keel does not count an unknown model as free: `build_agent` and
+        the other builders refuse it, and a call whose model has no price ends the run
+        (`keel.guards.budget.usage_of`). Token counts that are not a count (negative, `None`,
+        text) count as 0 here.
+        """
         if not usage:
             return 0.0
         price = self.price_of(model_name)
         if price is None:
-            if model_name.startswith(("ollama:", "local:")) or model_name in self._warned:
+            if model_name in self._warned:
                 return 0.0
             self._warned.add(model_name)
             log.warning(
@@ -107,9 +143,37 @@ class PriceTable:
                 model_name,
             )
             return 0.0
-        tokens_in = int(usage.get("input_tokens", 0) or 0)
-        tokens_out = int(usage.get("output_tokens", 0) or 0)
+        tokens_in = token_count(usage.get("input_tokens")) or 0
+        tokens_out = token_count(usage.get("output_tokens")) or 0
         return (tokens_in * price.input_per_mtok + tokens_out * price.output_per_mtok) / 1e6
+
+
+def token_count(value: object) -> int | None:
+    """A provider's token count as an int ≥ 0, or None when it is not a usable count.
+
+    An int, a whole float or a string of digits is a count; a negative number is not (it would
+    lower the spend), nor are `None`, NaN, infinity, fractions, booleans and other text.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() and value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def unpriced(model_name: str, limit: str, *, reported: str | None = None) -> str:
+    """Why a dollar limit cannot hold a model keel has no price for, and how to price it."""
+    also = f" (the provider reported {reported!r})" if reported and reported != model_name else ""
+    return (
+        f"keel has no price for model {model_name!r}{also}, so {limit} cannot be enforced: "
+        f"its calls would count as $0. Price it with prices=PriceTable({{{model_name!r}: "
+        "Price(input_per_mtok=…, output_per_mtok=…)}) (the prices= option of build_agent, "
+        "build_supervisor, BudgetMiddleware and ModelCallGuards), or remove the dollar limit."
+    )
 
 
 def _normalize(name: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from langgraph.types import RetryPolicy
 
-from keel import Ledger, RunContext, build_agent
+from keel import Ledger, Price, PriceTable, RunContext, build_agent
 from keel.db.runs import error_category
 from keel.evals import ScriptedChatModel
 from keel.guards import BreakerPolicy, ModelTimeoutPolicy, PeriodBudget, Policy, Rule
@@ -141,6 +141,8 @@ async def test_a_failing_ledger_stops_the_judge_as_a_storage_error(
         judge=judge,
         policy=MONTHLY,
         ledger=ledger,
+        # under a dollar budget every model needs a price (an unpriced judge is refused)
+        prices=PriceTable({"judge": Price(input_per_mtok=1.0, output_per_mtok=2.0)}),
     )
     final = await _run(agent, mode)
     _assert_storage_failure(final, judge)

@@ -174,7 +174,7 @@ PUBLIC = {
         "tracing_enabled",
         "tracing_without_key",
     ],
-    "keel.models": ["BUNDLED_MODELS", "model_name_of", "resolve_model"],
+    "keel.models": ["BUNDLED_MODELS", "model_name_of", "price_name_of", "resolve_model"],
     "keel.local_model": [
         "FINAL_ANSWER",
         "LocalChatModel",
