@@ -188,9 +188,7 @@ def usage_from_messages(
     total: Usage = {}
     after_ai = False
     for m in messages:
-        if isinstance(m, AIMessage) and not (
-            m.usage_metadata is None and "keel_outcome" in m.response_metadata
-        ):  # a guard's stop, in the model's place, is no model call
+        if isinstance(m, AIMessage):
             total = add_usage(total, usage_of(m, table, default_name, usd_limit=usd_limit))
             after_ai = True
         elif (

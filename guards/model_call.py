@@ -14,6 +14,13 @@ call their model through a `GuardedModel`, so each call, whatever asks for it:
 6. on failure is retried (tenacity's `Retrying`, waiting a provider's `Retry-After` or an
    exponential backoff), moved to the next model, or stopped (`keel.guards.fallback`).
 
+Under a dollar limit (the run budget's `usd`, a `PeriodBudget`'s `usd`) every model of the chain
+must have a price: a model the price table does not know is refused when the `GuardedModel` is
+built (`UserError`, naming the model, the limit and the `prices=` fix), since its calls would
+count as $0. An answer is priced by the model name the provider reports, else by the model keel
+called; one neither prices ends the run as `stopped/budget_exceeded`, charged at its
+reservation, and nothing further runs.
+
 A failure of the ledger itself (its database is down) is not a model failure: the call ends
 with an `error` outcome whose detail starts with `storage failed` (the run record's error
 category `storage`), and the model is not retried.
@@ -355,9 +362,9 @@ class GuardedModel:
         """
         if self.usd_limit is None:
             return
-        tables = [self.prices] if self.budget is not None and self.budget.usd else []
+        tables = [self.prices]  # prices every answer, for the run budget and the settle
         if self.meter is not None and self.meter.usd_limit is not None:
-            tables.append(self.meter.prices)
+            tables.append(self.meter.prices)  # prices the period budgets' reservations
         if any(table.price_of(priced_as) is None for table in tables):
             raise UserError(unpriced(priced_as, self.usd_limit))
 

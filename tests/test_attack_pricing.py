@@ -172,6 +172,18 @@ def test_the_spend_meter_refuses_to_reserve_an_unpriced_model(db_url: str) -> No
         ledger.close()
 
 
+def test_the_table_that_prices_the_answers_must_know_the_model_too(db_url: str) -> None:
+    """The meter's table reserves; the guards' table prices the answer that settles."""
+    ledger = Ledger(db_url)
+    try:
+        meter = SpendMeter(ledger, [PeriodBudget(usd=1.0)], GPT5)
+        with pytest.raises(UserError, match="no price for model 'gpt-5'"):
+            GuardedModel([_model("gpt-5")], guards=ModelCallGuards(meter=meter))
+        GuardedModel([_model("gpt-5")], guards=ModelCallGuards(meter=meter, prices=GPT5))
+    finally:
+        ledger.close()
+
+
 def test_without_a_dollar_limit_an_unpriced_model_still_runs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
