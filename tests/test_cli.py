@@ -71,6 +71,21 @@ def test_run_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "keel run needs a model" in err and "keel demo" in err
 
 
+def test_run_on_a_model_keel_cannot_price_needs_a_price(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's policy holds each run to $0.50: an unpriced model would count as $0."""
+    db = f"sqlite:///{tmp_path}/k.db"
+    house = ["run", "hi", "--model", "serve.house_model:model", "--db", db, "--approve"]
+    assert main(house) == 2
+    err = capsys.readouterr().err
+    assert "no price for model 'house-model'" in err and "--price house-model=" in err
+    assert main([*house, "--price", "house-model=1,2"]) == 0
+    assert "[outcome] success / completed" in capsys.readouterr().out
+    assert main([*house, "--price", "house-model=nan,2"]) == 2
+    assert "--price 'house-model=nan,2': give MODEL=INPUT,OUTPUT" in capsys.readouterr().err
+
+
 def test_bad_db_url_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["threads", "--db", "mysql://nope"]) == 2
     assert "mysql://nope" in capsys.readouterr().err

@@ -221,6 +221,53 @@ def test_a_tenants_memory_namespace_is_where_its_agents_remember(tmp_path: Path)
     assert item.value == {"text": "Prefers email over phone."}
 
 
+def test_a_dollar_policy_on_a_model_keel_cannot_price_needs_the_files_prices(
+    tmp_path: Path,
+) -> None:
+    """Served with a usd limit, an unpriced model counted $0: the file's [prices] prices it."""
+    from keel.app.server import build_tenant_agent, build_tenant_supervisor
+
+    text = MINIMAL.format(digest="x").replace(
+        'model = "keel:demo"',
+        'model = "serve.house_model:model"\n'
+        'policy = { budget = { usd = 0.5 }, rules = [{ tool = "*", action = "allow" }] }',
+    )
+    tenant = ServerConfig.from_file(_write(tmp_path, text)).tenant("acme")
+    with pytest.raises(UserError, match="no price for model 'house-model'"):
+        build_tenant_agent(tenant)
+    priced = text.replace(
+        "[[users]]",
+        '[prices]\n"house-model" = { input_per_mtok = 1.0, output_per_mtok = 2.0 }\n\n[[users]]',
+    )
+    text = priced.replace(
+        "[tenants.acme.agents.main]",
+        '[tenants.acme]\nsupervisor = { model = "serve.house_model:model" }\n'
+        "[tenants.acme.agents.main]",
+    )
+    tenant = ServerConfig.from_file(_write(tmp_path, text)).tenant("acme")
+    result = build_tenant_agent(tenant).invoke({"messages": [("user", "hi")]})
+    assert result["outcome"]["terminated_reason"] == "completed" and result["usage"]["usd"] > 0
+    build_tenant_supervisor(tenant)
+
+
+@pytest.mark.parametrize(
+    ("prices", "message"),
+    [
+        ('"m" = 3', "[prices] 'm' must be { input_per_mtok = …, output_per_mtok = … }"),
+        ('"m" = { input_per_mtok = 1 }', "[prices] 'm' needs output_per_mtok"),
+        ('"m" = { input_per_mtok = nan, output_per_mtok = 1 }', "must be a finite number"),
+        ('"m" = { input_per_mtok = 1, output_per_mtok = 1, cached = 0 }', "unknown key(s)"),
+    ],
+)
+def test_bad_prices_in_the_config_file_say_what_is_wrong(
+    tmp_path: Path, prices: str, message: str
+) -> None:
+    text = "[prices]\n" + prices + "\n" + MINIMAL.format(digest="x")
+    with pytest.raises(SetupError) as caught:
+        ServerConfig.from_file(_write(tmp_path, text))
+    assert message in str(caught.value)
+
+
 def test_tenant_admission_is_read_and_needs_the_ledger(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"s3cret").hexdigest()
     capped = MINIMAL.format(digest=digest) + "\n[tenants.acme.admission]\ntenant_running = 2\n"

@@ -1,8 +1,8 @@
 """`keel`: run agents, resume threads, list threads, set up the database.
 
-    keel demo [--approve | --reject | --wait] [--db URL]
+    keel demo [--approve | --reject | --wait] [--db URL] [--price MODEL=IN,OUT]
     keel run "task" [--model M | --agent module:attr] [--thread ID] [--user U] [--db URL]
-             [--approve | --reject | --wait]
+             [--approve | --reject | --wait] [--price MODEL=IN,OUT]
     keel run --thread ID [--approve | --reject]
                                     resume a waiting thread (keel demo's too) with the agent
                                     and model that made it
@@ -48,8 +48,9 @@ from keel.db.migrations import version_flow
 from keel.db.persistence import Persistence, default_db_url
 from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
-from keel.models import resolve_model
+from keel.models import price_name_of, resolve_model
 from keel.observe.tracing import NO_KEY_WARNING, tracing_without_key
+from keel.pricing import Price, PriceTable
 from keel.state import RunContext
 
 __all__ = ["main"]
@@ -110,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--thread", default=None, help="thread id (new one if omitted)")
         p.add_argument("--user", default="cli-user", help="user id for the run context")
         p.add_argument("--tenant", default="default", help="tenant id for the run context")
+        p.add_argument(
+            "--price",
+            action="append",
+            default=[],
+            metavar="MODEL=IN,OUT",
+            help="price a model keel's table does not know, USD per 1M input and output tokens "
+            "(e.g. gpt-5=1.25,10): the demo's policy holds each run to a dollar limit",
+        )
         decide = p.add_mutually_exclusive_group()
         decide.add_argument("--approve", action="store_true", help="approve calls without asking")
         decide.add_argument("--reject", action="store_true", help="reject calls without asking")
@@ -224,6 +233,14 @@ def _keel_agent(
             "To try keel offline, run `keel demo`."
         )
     model = resolve_model(model_name)
+    policy, prices = demo_policy(), _prices(args.price)
+    name = price_name_of(model)
+    if policy.budget is not None and policy.budget.usd and prices.price_of(name) is None:
+        raise KeelError(
+            f"keel has no price for model {name!r}, and the demo's policy holds each run to "
+            f"${policy.budget.usd:g}: its calls would count as $0. Price it: --price "
+            f"{name}=INPUT,OUTPUT (USD per 1M tokens, e.g. --price {name}=1.25,10)."
+        )
     store = demo_memory(persistence.sqlite_path)
     print(f"keel: memory in {store}")
     agent = build_agent(
@@ -232,13 +249,33 @@ def _keel_agent(
         system_prompt=SYSTEM_PROMPT,
         plan=True,
         judge=model,  # the answer is judged (by the same model) before it is final
-        policy=demo_policy(),
+        policy=policy,
+        prices=prices,
         checkpointer=saver,
         ledger=ledger,
         store=store,
         memory=True,
     )
     return agent, {"keel_model": model_name}
+
+
+def _prices(given: Sequence[str]) -> PriceTable:
+    """The price table: keel's, with each `--price MODEL=IN,OUT` over it."""
+    table = {}
+    for item in given:
+        name, _, amounts = item.rpartition("=")
+        parts = amounts.split(",")
+        try:
+            if not name or len(parts) != 2:
+                raise ValueError(item)
+            price = Price(input_per_mtok=float(parts[0]), output_per_mtok=float(parts[1]))
+        except (ValueError, KeelError):
+            raise KeelError(
+                f"--price {item!r}: give MODEL=INPUT,OUTPUT in USD per 1M tokens, finite and "
+                "0 or more (e.g. --price gpt-5=1.25,10)."
+            ) from None
+        table[name] = price
+    return PriceTable(table)
 
 
 async def drive(

@@ -155,6 +155,7 @@ def _build(
         judge=None if verify is None else _model(verify.judge),
         max_revisions=1 if verify is None else verify.max_revisions,
         escalate=False if verify is None else verify.escalate,
+        prices=tenant.prices,
     )
 
 
@@ -173,6 +174,7 @@ def build_tenant_supervisor(
         _model(tenant.supervisor.model),
         descriptions={n: tenant.agents[n].description for n in names},
         system_prompt=tenant.supervisor.system_prompt,
+        prices=tenant.prices,
         name="supervisor",
     )
 

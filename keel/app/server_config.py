@@ -8,6 +8,10 @@ ledger = "${KEEL_LEDGER_URL}"                         # only for policies with p
 queued_per_process = 5                                # runs waiting in admission queues, all
                                                       # tenants (default: N_JOBS_PER_WORKER / 2)
 
+[prices]                                              # USD per 1M tokens, over keel's table; a
+"gpt-5" = { input_per_mtok = 1.25, output_per_mtok = 10.0 }  # policy with a usd limit refuses
+                                                      # a model keel cannot price
+
 [[users]]
 token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 user = "alice"
@@ -68,6 +72,7 @@ from keel.errors import SetupError, UserError
 from keel.guards.admission import AdmissionPolicy
 from keel.guards.policy import Policy
 from keel.models import BUNDLED_MODELS
+from keel.pricing import Price, PriceTable
 
 __all__ = [
     "CONFIG_ENV",
@@ -150,6 +155,8 @@ class TenantConfig:
     admission: AdmissionPolicy | None = None
     """Caps on the tenant's (and each user's) running and queued runs, over all its graphs;
     kept in the ledger. None: no caps."""
+    prices: PriceTable | None = None
+    """The file's `[prices]` over keel's own table (`build_agent(prices=...)`); None: keel's."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -238,11 +245,14 @@ _LOADED: dict[str, ServerConfig] = {}
 
 
 def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
-    _only(data, {"users", "tenants", "ledger", "queued_per_process"}, "the file")
+    _only(data, {"users", "tenants", "ledger", "queued_per_process", "prices"}, "the file")
     tenants_raw = data.get("tenants")
     if not isinstance(tenants_raw, Mapping) or not tenants_raw:
         raise UserError("it needs at least one [tenants.<id>] table.")
-    tenants = {name: _tenant(path, name, raw) for name, raw in tenants_raw.items()}
+    prices = _prices(data.get("prices"))
+    tenants = {
+        name: replace(_tenant(path, name, raw), prices=prices) for name, raw in tenants_raw.items()
+    }
     users_raw = data.get("users", [])
     if not isinstance(users_raw, list) or not users_raw:
         raise UserError("it needs [[users]] entries (token_sha256, user, tenant, roles).")
@@ -271,6 +281,31 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
         ledger_url=ledger_url,
         queued_per_process=_queued_per_process(data),
     )
+
+
+def _prices(raw: Any) -> PriceTable | None:
+    """`[prices]`: `"model" = { input_per_mtok = …, output_per_mtok = … }` per model."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise UserError(
+            '[prices] must be a table of "model" = { input_per_mtok = …, output_per_mtok = … }, '
+            f"got {raw!r}."
+        )
+    table = {}
+    for name, entry in raw.items():
+        where = f"[prices] {name!r}"
+        if not isinstance(entry, Mapping):
+            raise UserError(
+                f"{where} must be {{ input_per_mtok = …, output_per_mtok = … }} (USD per 1M "
+                f"tokens), got {entry!r}."
+            )
+        _only(entry, {"input_per_mtok", "output_per_mtok"}, where)
+        missing = sorted({"input_per_mtok", "output_per_mtok"} - set(entry))
+        if missing:
+            raise UserError(f"{where} needs {' and '.join(missing)} (USD per 1M tokens).")
+        table[name] = Price(**entry)
+    return PriceTable(table)
 
 
 JOBS_ENV = "N_JOBS_PER_WORKER"
