@@ -83,7 +83,10 @@ class PriceTable:
     """Model prices by name, matched exactly or by the longest known prefix.
 
     `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`; a provider prefix (`openai:`) is ignored.
-    Local models (`ollama:…`, `local:…`) cost nothing unless you price them.
+    Local models (`ollama:…`, `local:…`) cost nothing unless you price them. A model the table
+    does not know counts as $0 (one warning), except under a dollar limit (`Budget.usd`,
+    `PeriodBudget.usd`): there keel refuses it when the agent is built, naming the model and
+    the limit; price it with `build_agent(..., prices=PriceTable({...}))`.
 
     Example:
         ```python
