@@ -27,6 +27,7 @@ from keel.evals.results import CaseRun, Score, ToolStep
 from keel.evals.suite import TrajectoryMatch
 from keel.models import resolve_model
 from keel.nodes.history import valid_history
+from keel.pricing import PriceTable
 from keel.redact import find_pii
 
 __all__ = [
@@ -118,7 +119,11 @@ def tool_success(run: CaseRun) -> Score | None:
 
 
 def within_budgets(run: CaseRun) -> Score | None:
-    """USD, tokens, steps, model and tool calls and latency are within the case's budgets."""
+    """USD, tokens, steps, model and tool calls and latency are within the case's budgets.
+
+    A usd budget fails, rather than passes at $0, when the run spent nothing and answered with
+    a model keel's price table does not know: its calls were never priced.
+    """
     limits = run.case.budgets.limits()
     if not limits:
         return None
@@ -135,7 +140,32 @@ def within_budgets(run: CaseRun) -> Score | None:
         "latency_seconds": run.latency,
     }
     over = [f"{k} {spent[k]:g} > {v:g}" for k, v in limits.items() if spent[k] > v]
+    unpriced = _unpriced_models(run) if "usd" in limits and not spent["usd"] else []
+    if unpriced:
+        over.append(
+            f"usd unknown: keel has no price for {', '.join(map(repr, unpriced))} (its calls "
+            "counted $0); price it with PriceTable in the graph factory"
+        )
     return Score("budgets", not over, detail="; ".join(over))
+
+
+def _unpriced_models(run: CaseRun) -> list[str]:
+    """The models the run's answers name that keel's price table does not know.
+
+    None when it knows the model the run called (`run.model`): answers under another name (a
+    dated or routed one, Ollama's bare names) are priced as that model, as `usage_of` does.
+    """
+    table = PriceTable()
+    if run.model and table.price_of(run.model) is not None:
+        return []
+    names = {
+        str(m.response_metadata.get("model_name") or "")
+        for m in run.messages
+        if isinstance(m, AIMessage)
+        and m.usage_metadata
+        and not m.response_metadata.get("keel_partial")
+    }
+    return sorted(n for n in names if n and table.price_of(n) is None)
 
 
 def unauthorized_executions(run: CaseRun) -> Score | None:

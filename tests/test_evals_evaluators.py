@@ -117,6 +117,26 @@ def test_budgets_name_each_limit_crossed() -> None:
     assert score.detail == "input_tokens 150 > 100; steps 4 > 3"
 
 
+def test_a_usd_budget_is_not_passed_by_a_model_keel_cannot_price() -> None:
+    """An unpriced model's calls count $0: the case's usd budget cannot be said to hold."""
+    run = CaseRun(case=case(budgets={"usd": 0.01}))
+    answer = AIMessage(content="done", response_metadata={"model_name": "gpt-5"})
+    answer.usage_metadata = {
+        "input_tokens": 10**6,
+        "output_tokens": 10**6,
+        "total_tokens": 2 * 10**6,
+    }
+    run.messages = [HumanMessage("hi"), answer]
+    run.usage = {"input_tokens": 10**6, "output_tokens": 10**6, "usd": 0.0}
+    score = within_budgets(run)
+    assert score is not None and not score.passed
+    assert score.detail.startswith("usd unknown: keel has no price for 'gpt-5'")
+    run.model = "ollama:llama3.1"  # free on purpose; Ollama reports the bare name
+    answer.response_metadata["model_name"] = "llama3.1"
+    score = within_budgets(run)
+    assert score is not None and score.passed
+
+
 def test_unauthorized_executions_count_what_really_ran() -> None:
     run = CaseRun(case=case(expect={"forbidden_tools": ["delete_order"]}))
     with recording() as executions:
