@@ -380,17 +380,23 @@ class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
         except Exception as exc:
             yield both(guard.after, guard.aafter, name, permit, exc, 0)
             raise
-        yield both(guard.after, guard.aafter, name, permit, None, _tokens(response))
+        yield both(guard.after, guard.aafter, name, permit, None, _tokens(response, tokens))
         return response
 
 
-def _tokens(response: ModelResponse[Any]) -> int:
+def _tokens(response: ModelResponse[Any], estimate: int) -> int:
+    """The tokens the answer reports; the request's `estimate` when it reports no usable count.
+
+    A count that is not one (negative, `None`, text) must not refund the rate limit's tokens.
+    """
     meta: Mapping[str, Any] = {}
     for m in _answers(response):
         if isinstance(m.usage_metadata, Mapping):
             meta = m.usage_metadata
-    counts = (token_count(meta.get(k)) for k in ("input_tokens", "output_tokens"))
-    return sum(n or 0 for n in counts)
+    counts = [token_count(meta.get(k)) for k in ("input_tokens", "output_tokens")]
+    if counts[0] is None or counts[1] is None:
+        return estimate
+    return counts[0] + counts[1]
 
 
 def _answers(response: object) -> list[AIMessage]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelFallbackMiddleware
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage
 
 from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent, tool
 from keel.evals import ChaosChatModel, ChaosPolicy, ScriptedChatModel, call
@@ -27,12 +27,15 @@ from keel.guards import (
     ModelCallGuards,
     PeriodBudget,
     Policy,
+    RateLimit,
+    RateLimitMiddleware,
     Rule,
     SpendMeter,
     outcome_of,
     usage_from_messages,
 )
 from keel.guards.budget import usage_of
+from keel.guards.spend import estimate_tokens
 from keel.models import price_name_of
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
@@ -336,6 +339,27 @@ def test_an_odd_usage_report_is_counted_by_the_middleware(odd: str) -> None:
     result = graph.invoke({"messages": [("user", "hi")]})
     assert outcome_of(result)["terminated_reason"] == "budget_exceeded"
     assert CALLED == ["0", "1"]
+
+
+@pytest.mark.parametrize("odd", ["negative", "none", "text"])
+def test_an_odd_usage_report_never_refunds_a_rate_limit(db_url: str, odd: str) -> None:
+    """TPM buckets are settled with what the answer reports: a negative count refilled the
+    bucket (the next caller went over the limit), `None` or text crashed the run."""
+    ledger = Ledger(db_url)
+    try:
+        estimate = estimate_tokens([HumanMessage("hi")])
+        limit = RateLimit(tpm=estimate + estimate // 2, scope="tenant", max_wait=0)
+        answer = AIMessage(content="hello")
+        answer.usage_metadata = ODD[odd]  # type: ignore[assignment]
+        model = ScriptedChatModel(script=[answer], model_name="gpt-4o")
+        graph = create_agent(model, [lookup], middleware=[RateLimitMiddleware(ledger, [limit])])
+        first = graph.invoke({"messages": [("user", "hi")]}, context=ALICE)
+        assert outcome_of(first)["terminated_reason"] == "completed"
+        second = outcome_of(graph.invoke({"messages": [("user", "hi")]}, context=ALICE))
+        assert second["terminated_reason"] == "error"
+        assert second["detail"].startswith("model call refused: Rate limit of")
+    finally:
+        ledger.close()
 
 
 def test_an_odd_usage_report_never_lowers_a_period_budget(db_url: str) -> None:
