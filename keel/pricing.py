@@ -154,18 +154,25 @@ class PriceTable:
 def token_count(value: object) -> int | None:
     """A provider's token count as an int ≥ 0, or None when it is not a usable count.
 
-    An int, a whole float or a string of digits is a count; a negative number is not (it would
+    An int, a whole float or a string of ASCII digits is a count (at most `MAX_TOKENS`: a larger
+    one is cut to it, so that pricing it cannot overflow); a negative number is not (it would
     lower the spend), nor are `None`, NaN, infinity, fractions, booleans and other text.
     """
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() and value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text.isascii() and text.isdigit()
+        value = (int(text) if len(text) <= 18 else MAX_TOKENS) if digits else None
+    if isinstance(value, int) and value >= 0:
+        return min(value, MAX_TOKENS)
     return None
+
+
+MAX_TOKENS = 10**15
+"""The largest token count keel takes from a provider's report (far past any real call)."""
 
 
 def unpriced(model_name: str, limit: str, *, reported: str | None = None) -> str:

@@ -311,6 +311,7 @@ ODD = {
     "text": {"input_tokens": "lots", "output_tokens": "12abc"},
     "nan": {"input_tokens": math.nan, "output_tokens": math.inf},
     "fraction": {"input_tokens": 1.5, "output_tokens": -0.5},
+    "unicode": {"input_tokens": "\u00b2", "output_tokens": "\uff11\uff12"},  # ², fullwidth 12
 }
 
 
@@ -384,6 +385,16 @@ def test_price_table_cost_ignores_counts_that_are_not_counts() -> None:
     for odd in ODD.values():
         assert table.cost("gpt-4o", odd) == 0.0
     assert table.cost("gpt-4o", {"input_tokens": "1000000", "output_tokens": 0.0}) == 2.5
+
+
+def test_a_huge_count_is_priced_without_overflowing() -> None:
+    """10**400 tokens (or 5000 digits of text) crashed pricing: int too large for a float."""
+    table = PriceTable()
+    huge = {"input_tokens": 10**400, "output_tokens": "9" * 5000}
+    assert table.cost("gpt-4o", huge) == (10**15 * 2.5 + 10**15 * 10.0) / 1e6
+    answer = AIMessage(content="hi", response_metadata={"model_name": "gpt-4o"})
+    answer.usage_metadata = huge  # type: ignore[assignment]
+    assert usage_of(answer, table, "gpt-4o")["input_tokens"] == 10**15
 
 
 # -- 5. NaN and infinity: every comparison with them is False ----------------------------------
