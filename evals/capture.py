@@ -24,6 +24,7 @@ from keel.evals.cassette import Cassette
 from keel.evals.runner import trajectory_of
 from keel.evals.stored import StoredThread, aload_thread
 from keel.evals.suite import load_suite
+from keel.state import starts_task
 
 __all__ = ["acapture", "capture", "case_of"]
 
@@ -46,7 +47,7 @@ def case_of(
     """
     messages = thread.messages
     first_ai = next((i for i, m in enumerate(messages) if isinstance(m, AIMessage)), len(messages))
-    later = [m for m in messages[first_ai:] if isinstance(m, HumanMessage)]
+    later = [m for m in messages[first_ai:] if starts_task(m)]  # not verify's feedback
     turns = messages[first_ai:]
     if later:  # the first run only: up to the next user message
         turns = turns[: turns.index(later[0])]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
@@ -40,7 +40,7 @@ from keel.evals.runner import (
 from keel.evals.stored import StoredThread, aload_thread, start_messages
 from keel.models import resolve_model
 from keel.pricing import PriceTable, token_count
-from keel.state import RunContext
+from keel.state import RunContext, starts_task
 from keel.tools.stubs import stubbing
 
 __all__ = ["ReplayDiff", "RunView", "areplay", "outcomes_differ", "replay", "step_key"]
@@ -310,9 +310,9 @@ async def areplay(
     chat_model, compiled, label = _graph(graph, cassette, live=live, model=model)
     compiled = isolated_graph(compiled)  # off production's checkpointer, every call stubbable
     seen = {m.id for m in begin}
-    later: list[BaseMessage] = [
-        m for m in stored.messages if isinstance(m, HumanMessage) and m.id not in seen
-    ]
+    # the users' later tasks: keel's own user-role messages (verify's feedback) are not sent,
+    # the replayed graph writes its own
+    later: list[BaseMessage] = [m for m in stored.messages if starts_task(m) and m.id not in seen]
     tools = cassette.tools()
     diff = ReplayDiff(
         thread_id=stored.thread_id,

@@ -37,6 +37,7 @@ from keel.evals import (
     load_suite,
 )
 from keel.evals.builtin import demo_agent, recorded
+from keel.evals.capture import case_of
 from keel.evals.demo import demo_model
 from keel.evals.executions import recording
 from keel.graphs import build_agent
@@ -566,3 +567,35 @@ async def test_a_saved_cassette_replays_like_the_thread_and_bad_text_is_refused(
     for bad in ("{}", "not json", '{"answers": [{"type": "human", "data": {"content": "x"}}]}'):
         with pytest.raises(UserError, match="Not a saved cassette"):
             Cassette.from_json(bad)
+
+
+def _judged_agent(model: BaseChatModel, checkpointer: Any = None) -> Any:
+    """An agent whose judge fails the first, short answer: each run has one revision."""
+
+    def verdict(messages: list[Any]) -> dict[str, Any]:
+        short = messages[-1].text.endswith("Answer:\nshort")
+        return {"passed": not short, "reason": "Say more."}
+
+    judge = ScriptedChatModel(structured={"JudgeVerdict": verdict})
+    return build_agent(model, judge=judge, checkpointer=checkpointer)
+
+
+async def test_a_thread_with_a_verification_revision_replays_and_captures_as_one_run(
+    tmp_path: Path,
+) -> None:
+    """verify's feedback is a user-role message of keel's: replay sent it again as a user's
+    next task (a third model call the cassette did not have: the replay ended `error`), and
+    capture cut the run at it (a case with one answer of the two)."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    async with Persistence(url).acheckpointer() as saver:
+        agent = _judged_agent(ScriptedChatModel(script=["short", "a longer answer"]), saver)
+        config: Any = {"configurable": {"thread_id": "t-rev"}}
+        done = await agent.ainvoke({"messages": [("user", "Explain X.")]}, config)
+    assert done["outcome"]["detail"] == "answer verified" and done["revisions"] == 1
+    stored = await aload_thread("t-rev", db=url)
+    diff = await areplay(stored, _judged_agent)
+    assert not diff.changed and not diff.cassette_exhausted, diff.lines()
+    assert (diff.replayed.model_calls, diff.replayed.answer) == (2, "a longer answer")
+    case = case_of(stored)
+    assert case["messages"] == [{"role": "user", "content": "Explain X."}]
+    assert case["model"]["script"] == ["short", "a longer answer"]
