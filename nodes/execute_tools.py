@@ -4,7 +4,9 @@ Every tool call gets exactly one `ToolMessage`, whatever happens: success, inval
 (checked against the tool's schema and never executed), unknown tool (with the valid names),
 denied, needs approval, rejected, timeout or error. Tools without side effects are retried with
 backoff; tools with side effects run at most once per call here, and, with a ledger, at most
-once per thread across resumes, retries, replays and crashes (see `keel.db.idempotency`).
+once per thread across resumes, retries, replays and crashes (see `keel.db.idempotency`). A
+side-effecting call that repeats an earlier call of its turn (same tool, same canonical
+arguments) is not run: it shares that call's answer (`keel.nodes._duplicates`).
 
 Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
 `invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, Unpack
 
-from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import ToolException
 from langgraph.errors import GraphBubbleUp
@@ -43,6 +45,7 @@ from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
 from keel.nodes._args import invalid_args
+from keel.nodes._duplicates import duplicate_answer, duplicates
 from keel.nodes._once import (
     STORAGE_KEY,
     Unknown,
@@ -102,6 +105,18 @@ class _Job:
     """Its idempotency key when it runs through the ledger (`ledger_key`), set once planned."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Duplicate:
+    """A call that repeats an earlier one of its turn (`keel.nodes._duplicates`).
+
+    It never runs: it is answered with its primary's answer once that exists.
+    """
+
+    call: ToolCall
+    primary: str
+    """The primary's tool-call id."""
+
+
 def execute_tools(
     tools: ToolRegistry,
     *,
@@ -140,7 +155,7 @@ def execute_tools(
 
     def plan_calls(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext] | None
-    ) -> Steps[list[ToolMessage | _Job]]:
+    ) -> Steps[list[ToolMessage | _Job | _Duplicate]]:
         messages = state.get("messages") or []
         index, calls = pending_tool_calls(messages)
         request = messages[index] if calls else None  # the model message asking for `calls`
@@ -148,7 +163,14 @@ def execute_tools(
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         decide = held.deciding(approvals, context)  # standing approvals turn ask into allow
         policy = held.policy_id(context)
-        planned = [_classify(c, tools, decide, context, approvals, policy) for c in calls]
+        # a repeat of an earlier side-effecting call of the turn is never gated, claimed or run
+        dupes = duplicates(request.tool_calls, tools) if isinstance(request, AIMessage) else {}
+        planned = [
+            _Duplicate(c, dupes[c.get("id") or ""].get("id") or "")
+            if (c.get("id") or "") in dupes
+            else _classify(c, tools, decide, context, approvals, policy)
+            for c in calls
+        ]
         planned = _within_budget(held.budget, state, planned)
         planned = [_keyed(p, config, ledger) for p in planned]
         durable = any(isinstance(p, _Job) and p.key for p in planned)  # waits for its request
@@ -182,7 +204,7 @@ def execute_tools(
                 (screen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
                 for r in results
             ]
-        return _finish(state, results, _jobs(planned))
+        return _finish(state, _derived(state, results), _jobs(planned))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -202,7 +224,7 @@ def execute_tools(
                 (await ascreen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
                 for r in results
             ]
-        return _finish(state, list(results), _jobs(planned))
+        return _finish(state, _derived(state, list(results)), _jobs(planned))
 
     return make_node(name, invoke, ainvoke)
 
@@ -211,8 +233,31 @@ def _jobs(planned: list[Any]) -> int:
     return sum(isinstance(p, _Job) for p in planned)
 
 
+def _derived(state: AgentState, results: list[Any]) -> list[Any]:
+    """`results` with each duplicate answered by its primary's answer (already screened).
+
+    The primary's answer is this step's or one already in the thread (a human's rejection or
+    reply); a duplicate whose primary has none yet (its outcome is unknown) stays unanswered.
+    """
+    if not any(isinstance(r, _Duplicate) for r in results):
+        return results
+    messages = state.get("messages") or []
+    index, _ = pending_tool_calls(messages)
+    by_id = {m.tool_call_id: m for m in messages[index + 1 :] if isinstance(m, ToolMessage)}
+    by_id.update((r.tool_call_id, r) for r in results if isinstance(r, ToolMessage))
+    out = []
+    for r in results:
+        if isinstance(r, _Duplicate):
+            answer = by_id.get(r.primary)
+            if answer is None:
+                continue
+            r = duplicate_answer(r.call, answer)
+        out.append(r)
+    return out
+
+
 def _within_budget(
-    budget: Budget | None, state: AgentState, planned: list[ToolMessage | _Job]
+    budget: Budget | None, state: AgentState, planned: list[ToolMessage | _Job | _Duplicate]
 ) -> list[Any]:
     """Stop the calls the budget does not allow.
 

@@ -14,6 +14,10 @@ a single request, one response. A response is `{"type": "approve" | "edit" | "re
 - `respond` (`{"type": "respond", "message": "..."}`) answers the call with the human's text
   instead of running it; the model goes on from there.
 
+A side-effecting call that repeats an earlier call of its turn (same tool, same canonical
+arguments: `keel.nodes._duplicates`) is not asked about: it follows the answer to that call
+(a rejection or a reply answers it too, an edit edits it), and it never runs on its own.
+
 With a ledger, a side-effecting call that started but never finished (the process died) is
 asked about too, as a request with `kind == "outcome_unknown"` ("did this happen?"):
 
@@ -60,6 +64,7 @@ from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, scre
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
+from keel.nodes._duplicates import answer_duplicates, duplicates
 from keel.nodes._once import ledger_key
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.redact import sanitized_logger
@@ -227,11 +232,14 @@ def _requests(
     policy = held.policy_id(context)
     approvals = run.trusted(state.get("approvals"))
     decide = held.deciding(approvals, context)
+    dupes = _duplicates_of(messages, tools)
     out: list[ReviewRequest] = []
     for call in calls:
         entry = tools.get(call["name"])
         if entry is None or not isinstance(call.get("args"), dict):
             continue
+        if (call.get("id") or "") in dupes:
+            continue  # a repeat of an earlier call of the turn follows that call's answer
         decision = decide(entry, call["args"], context)
         digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
         record = records.get(call.get("id") or "")
@@ -493,6 +501,13 @@ def _apply(
     update: dict[str, Any] = {"approvals": approvals, "outcome": None}
     if settled:
         update[SETTLED_KEY] = settled
+    # the repeats of a call follow its answer: a reply answers them too, an edit edits them
+    dupes = _duplicates_of(messages, tools)
+    _, waiting = pending_tool_calls(messages)
+    results = _with_duplicates(waiting, dupes, results)
+    for dupe, primary in dupes.items():
+        if primary.get("id") in edits:
+            edits[dupe] = edits[primary.get("id") or ""]
     new_messages: list[Any] = []
     if edits:
         calls: list[ToolCall] = [
@@ -507,6 +522,23 @@ def _apply(
             "rejected", f"a human rejected the call to {', '.join(rejected)}"
         )
     return update, settle, for_user
+
+
+def _duplicates_of(messages: Sequence[Any], tools: ToolRegistry) -> dict[str, ToolCall]:
+    """The repeated side-effecting calls of the last AI message (`keel.nodes._duplicates`)."""
+    index, _ = pending_tool_calls(messages)
+    ai = messages[index] if index >= 0 else None
+    return duplicates(ai.tool_calls, tools) if isinstance(ai, AIMessage) else {}
+
+
+def _with_duplicates(
+    waiting: Sequence[ToolCall], dupes: Mapping[str, ToolCall], results: list[ToolMessage]
+) -> list[ToolMessage]:
+    """`results` and the answers of the duplicates of the calls they answer, in call order."""
+    if not dupes or not results:
+        return results
+    answers = {m.tool_call_id: m for m in [*results, *answer_duplicates(waiting, dupes, results)]}
+    return [answers[c.get("id") or ""] for c in waiting if (c.get("id") or "") in answers]
 
 
 def _guarded(answers: list[ReviewResponse], guard: InputGuardPolicy) -> list[ReviewResponse]:

@@ -28,6 +28,7 @@ from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
+from keel.nodes._duplicates import answer_duplicates, duplicates
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, RunContext, run_usage
@@ -121,9 +122,12 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         context = context_of(runtime)
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         verdict_of = held.deciding(approvals, context)
+        # a repeat of an earlier side-effecting call of the turn follows that call's decision
+        dupes = duplicates(last.tool_calls, tools)
+        own = [c for c in calls if (c.get("id") or "") not in dupes]
         denied: list[ToolMessage] = []
         asks: list[str] = []
-        for call in calls:
+        for call in own:
             entry = tools.get(call["name"])
             if entry is None or not isinstance(call.get("args"), dict):
                 continue  # execute_tools answers it (unknown tool, invalid arguments)
@@ -137,7 +141,16 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
                 asks.append(entry.name)
         # Answer here only when no call goes on: else execute_tools answers the denied calls
         # too (the same gate), so every result stays in call order.
-        update: dict[str, Any] = {"messages": denied} if len(denied) == len(calls) else {}
+        update: dict[str, Any] = {}
+        if denied and len(denied) == len(own):
+            stored = messages[index + 1 :]
+            answers = {
+                m.tool_call_id: m
+                for m in [*denied, *answer_duplicates(calls, dupes, [*stored, *denied])]
+            }
+            update["messages"] = [
+                answers[c.get("id") or ""] for c in calls if (c.get("id") or "") in answers
+            ]
         if asks:
             update["outcome"] = outcome.interrupted(f"awaiting approval for {', '.join(asks)}")
         return update

@@ -2,12 +2,14 @@
 
 Random batches mix calls that succeed, raise, raise `ToolException`, or outlive their timeout,
 with invalid arguments, unknown tools, calls needing an approval nobody gave, and repeats of
-the same arguments. Each batch runs through the node under `ainvoke` (and `invoke` for some).
+the same arguments (a side-effecting one answered with its first call's answer, not run). Each
+batch runs through the node under `ainvoke` (and `invoke` for some).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, Literal, get_args
 
@@ -151,6 +153,20 @@ def test_every_tool_call_gets_exactly_one_tool_message(
     assert len(messages) == 2 + len(batch)
     assert valid_history(messages) == messages
 
+    # A repeat of a side-effecting call (same tool, same arguments) is its first one's answer,
+    # never run (`keel.nodes._duplicates`); a read runs again.
+    first: dict[tuple[str, str], ToolMessage] = {}
+    repeats = []
+    for (name, args), message in zip(batch, results, strict=True):
+        key = (name, json.dumps(args, sort_keys=True))
+        primary = first.setdefault(key, message)
+        repeat = name in ("act_write", "act_destructive") and primary is not message
+        repeats.append(repeat)
+        assert message.response_metadata.get("keel_duplicate_of") == (
+            primary.tool_call_id if repeat else None
+        )
+        if repeat:
+            assert message.content == primary.content
     for (name, args), message in zip(batch, results, strict=True):
         keel_status = message.response_metadata["keel_status"]
         assert keel_status in STATUSES
@@ -162,6 +178,7 @@ def test_every_tool_call_gets_exactly_one_tool_message(
             assert message.content == want_content
 
     ran = sum(
-        expected(name, args, driver)[0] in ("success", "error", "timeout") for name, args in batch
+        expected(name, args, driver)[0] in ("success", "error", "timeout") and not repeat
+        for (name, args), repeat in zip(batch, repeats, strict=True)
     )
     assert (final.get("usage") or {}).get("tool_calls", 0) == ran

@@ -469,8 +469,9 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
 ) -> None:
     """A model names both charges of a turn `c1`. Keyed by `(thread, c1)`, the second was
     answered "conflict" (other arguments) or with the first one's result (the same), and both
-    answers named `c1`. Renamed when the turn arrives, each runs once and is answered apart,
-    and a replay runs neither again."""
+    answers named `c1`. Renamed when the turn arrives, each is answered apart: with other
+    arguments each runs once; with the same it is a repeat of the first (one charge, its answer
+    shared: `keel.nodes._duplicates`). A replay runs neither again."""
     world = World()
     first, second = amounts
     model = ScriptedChatModel(script=[charges((first, "c1"), (second, "c1")), "Done."])
@@ -489,7 +490,8 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
             history = [s async for s in agent.aget_state_history(thread("t1"))]
             before = next(s for s in history if s.next == ("execute_tools",))
             replayed = await agent.ainvoke(None, before.config, context=CTX)
-    assert sorted(world.effects) == sorted([f"charged {first}", f"charged {second}"])
+    charged = {f"charged {first}", f"charged {second}"}  # the same charge twice is one
+    assert sorted(world.effects) == sorted(charged)
     assert state["outcome"]["terminated_reason"] == "completed"
     request = next(m for m in state["messages"] if isinstance(m, AIMessage) and m.tool_calls)
     assert [tc["id"] for tc in request.tool_calls] == ["c1", "c1_2"]
@@ -498,9 +500,18 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
         ("c1", "success"),
         ("c1_2", "success"),
     ]
+    assert [m.response_metadata.get("keel_duplicate_of") for m in replies] == [
+        None,
+        "c1" if first == second else None,
+    ]
     again = tool_messages(replayed)
     assert [m.tool_call_id for m in again] == ["c1", "c1_2"]
-    assert all(m.response_metadata.get("keel_ledger") == "recorded" for m in again)
+    assert again[0].response_metadata.get("keel_ledger") == "recorded"
+    if first == second:  # the repeat: the first one's recorded answer, shared
+        assert again[1].response_metadata.get("keel_duplicate_of") == "c1"
+        assert again[1].content == again[0].content
+    else:
+        assert again[1].response_metadata.get("keel_ledger") == "recorded"
 
 
 @pytest.mark.parametrize("amount", [7, 5], ids=["other-args", "same-args"])

@@ -48,10 +48,11 @@ class AuditRecord:
     `content` (a content guard flagged, redacted or blocked an input or an answer) or
     `admission` (admission control refused a run: decision `overloaded`)."""
     decision: str
-    """`allow` / `ask` / `deny` for tools, `approved` / `edited` / `rejected` / `responded` for
-    approvals, `exceeded` / `warning` for budgets, the new state for breakers, `flag` /
-    `redact` / `block` for content (with `status` the source: `user`, `tool` or `answer`, and
-    `rule` the rules that matched)."""
+    """`allow` / `ask` / `deny` for tools (`duplicate` for a repeat of an earlier side-effecting
+    call of the same model turn: not run, answered with that call's answer), `approved` /
+    `edited` / `rejected` / `responded` for approvals, `exceeded` / `warning` for budgets, the
+    new state for breakers, `flag` / `redact` / `block` for content (with `status` the source:
+    `user`, `tool` or `answer`, and `rule` the rules that matched)."""
     status: str = ""
     """How a tool call ended (`keel_status`: `success`, `denied`, `timeout`, ...)."""
     tool: str | None = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END
@@ -41,6 +41,7 @@ from keel.db.runs import RunLog, RunRecord, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
+from keel.nodes._duplicates import DUPLICATE_KEY
 from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.human_review import REVIEWER_META, SETTLED_KEY
@@ -392,6 +393,9 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
             call = by_id.get(m.tool_call_id) if isinstance(m, ToolMessage) else None
             if call is None:
                 continue
+            if m.response_metadata.get(DUPLICATE_KEY):
+                out.append(_duplicate_record(call, m, tools, who))
+                continue
             entry = tools.get(call["name"])
             args = call.get("args")
             verdict = gate(entry, args, context) if entry and isinstance(args, dict) else None
@@ -445,9 +449,14 @@ def review_records(tools: ToolRegistry) -> Derive:
             review = _Review(approval["tool"], call_id, args, who, tools)
             out.append(review.record(kind, approval.get("reviewer")))
         decided = {a["tool_call_id"] for a in (update.get("approvals") or {}).values()}
+        by_id = {c.get("id") or "": c for c in calls}
         for m in update.get("messages") or []:
             if not isinstance(m, ToolMessage) or m.tool_call_id in decided:
                 continue  # a rejection of a call whose outcome was unknown has no approval
+            if m.response_metadata.get(DUPLICATE_KEY) and m.tool_call_id in by_id:
+                # no human saw it: it follows the answer to the call it repeats
+                out.append(_duplicate_record(by_id[m.tool_call_id], m, tools, who))
+                continue
             kind = _ANSWERED.get(str(m.response_metadata.get("keel_status")))
             if kind is not None:
                 review = _Review(m.name, m.tool_call_id, args, who, tools)
@@ -461,6 +470,31 @@ def review_records(tools: ToolRegistry) -> Derive:
         return [*out, *content_records(state, update, context, who)]
 
     return derive
+
+
+def _duplicate_record(call: ToolCall, m: ToolMessage, tools: ToolRegistry, who: Who) -> AuditRecord:
+    """The audit record of a repeat of an earlier call of its turn (`keel.nodes._duplicates`).
+
+    It was not run: it was answered with the answer of the call it repeats.
+    """
+    primary = str(m.response_metadata[DUPLICATE_KEY])
+    status = str(m.response_metadata.get("keel_status", m.status))
+    _decision(
+        "execute_tools", "duplicate", f"repeats call {primary}", tool=call["name"], status=status
+    )
+    entry = tools.get(call["name"])
+    return AuditRecord(
+        kind="tool",
+        decision="duplicate",
+        status=status,
+        tool=call["name"],
+        args=call.get("args"),
+        result=f"duplicate of call {primary} (same tool and arguments in one turn): not run, "
+        f"answered with its result: {m.text}",
+        tool_call_id=m.tool_call_id,
+        tool_version=entry.spec.version if entry is not None else None,
+        **who.fields(),
+    )
 
 
 _ANSWERED = {"respond": "responded", "rejected": "rejected"}
