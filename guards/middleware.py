@@ -8,7 +8,8 @@ hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph
   from the messages' `usage_metadata` and priced by the price table);
 - `PermissionMiddleware`: the policy's rules, default deny; `ask` pauses the call with
   LangChain's per-call human-in-the-loop interrupt (`{"type": "tool_approval", ...}`),
-  answered with a LangChain `Decision` (`approve`, `edit`, `reject`, `respond`);
+  answered with a LangChain `Decision` (`approve`, `edit`, `reject`, `respond`); a repeat of
+  an earlier side-effecting call of the turn is neither asked about nor run (`not_run`);
 - `RateLimitMiddleware`: RPM / TPM buckets shared through the ledger;
 - `CircuitBreakerMiddleware`: per-model and per-tool breakers shared through the ledger;
 - `LoopGuardMiddleware`: repeated calls and A-B-A-B cycles stop the run or force a wrap-up.
@@ -46,6 +47,7 @@ from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Outcome, RunContext, Usage
+from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
 
@@ -246,6 +248,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     `Command(resume={"type": "approve"})`, `{"type": "edit", "edited_action": {"name": ...,
     "args": {...}}}`, `{"type": "reject", "message": ...}` or `{"type": "respond", "message":
     ...}`. Edited arguments are checked against the rules again.
+
+    A call to a side-effecting tool with the same arguments as an earlier call of its turn is
+    answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run.
     """
 
     def __init__(self, policy: Policy) -> None:
@@ -295,7 +300,10 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         return resolved if isinstance(resolved, ToolMessage) else await handler(resolved)
 
     def _resolve(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
-        """The allowed request, or what answers it instead: a refusal or an active tool stub."""
+        """The allowed request, or what answers it: a repeat's pointer, a refusal, a stub."""
+        repeat = _repeat(request)
+        if repeat is not None:
+            return repeat
         resolved = self._gate(request)
         if isinstance(resolved, ToolMessage) or resolved.tool is None:
             return resolved
@@ -304,6 +312,35 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             return resolved
         call = resolved.tool_call
         return stub_message(answer, call.get("id") or "", call["name"])
+
+
+def _repeat(request: ToolCallRequest) -> ToolMessage | None:
+    """The answer to a call that repeats an earlier side-effecting call of its turn, or None.
+
+    Same tool, same canonical arguments (`keel.tools._duplicates`): it is neither asked about
+    nor run. `create_agent` runs each call of a turn as a task of its own, so a repeat cannot
+    wait for the earlier call's result: its answer points the model to it.
+    """
+    tool, call_id = request.tool, request.tool_call.get("id") or ""
+    state = request.state
+    messages = state.get("messages") if isinstance(state, Mapping) else None
+    if tool is None or not call_id or not isinstance(messages, Sequence):
+        return None
+    entry = registered(tool)
+    turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    calls = turn.tool_calls if turn is not None else []
+    primary = duplicates(calls, lambda name: entry if name == entry.name else None).get(call_id)
+    if primary is None:
+        return None
+    first = primary.get("id") or ""
+    return ToolMessage(
+        content=f"Not run: this call repeats call {first} of the same turn (same tool and "
+        f"arguments); {entry.name} runs once, and that call's result is this call's result.",
+        tool_call_id=call_id,
+        name=entry.name,
+        status="error",
+        response_metadata={"keel_status": "not_run", DUPLICATE_KEY: first},
+    )
 
 
 def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:

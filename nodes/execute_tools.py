@@ -6,7 +6,7 @@ denied, needs approval, rejected, timeout or error. Tools without side effects a
 backoff; tools with side effects run at most once per call here, and, with a ledger, at most
 once per thread across resumes, retries, replays and crashes (see `keel.db.idempotency`). A
 side-effecting call that repeats an earlier call of its turn (same tool, same canonical
-arguments) is not run: it shares that call's answer (`keel.nodes._duplicates`).
+arguments) is not run: it shares that call's answer (`keel.tools._duplicates`).
 
 Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
 `invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
@@ -45,7 +45,6 @@ from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
 from keel.nodes._args import invalid_args
-from keel.nodes._duplicates import duplicate_answer, duplicates
 from keel.nodes._once import (
     STORAGE_KEY,
     Unknown,
@@ -61,6 +60,7 @@ from keel.nodes._threads import start_daemon
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, run_usage
+from keel.tools._duplicates import duplicate_answer, duplicates
 from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer
 
@@ -83,8 +83,9 @@ ToolStatus = Literal[
 ]
 """How a tool call ended; in each `ToolMessage`'s `response_metadata["keel_status"]`.
 `respond` (a human answered instead of the tool) comes from `human_review`, `not_run` (the run
-stopped first) from `respond`; `unavailable`: the tool's circuit breaker is open; `blocked`: the
-input guard withheld the result."""
+stopped first) from `respond` (and from keel's `PermissionMiddleware` for a repeat of an
+earlier side-effecting call of the same turn, with `keel_duplicate_of`); `unavailable`: the
+tool's circuit breaker is open; `blocked`: the input guard withheld the result."""
 
 
 Known = frozenset[str]
@@ -107,7 +108,7 @@ class _Job:
 
 @dataclass(frozen=True, slots=True)
 class _Duplicate:
-    """A call that repeats an earlier one of its turn (`keel.nodes._duplicates`).
+    """A call that repeats an earlier one of its turn (`keel.tools._duplicates`).
 
     It never runs: it is answered with its primary's answer once that exists.
     """
@@ -164,7 +165,7 @@ def execute_tools(
         decide = held.deciding(approvals, context)  # standing approvals turn ask into allow
         policy = held.policy_id(context)
         # a repeat of an earlier side-effecting call of the turn is never gated, claimed or run
-        dupes = duplicates(request.tool_calls, tools) if isinstance(request, AIMessage) else {}
+        dupes = duplicates(request.tool_calls, tools.get) if isinstance(request, AIMessage) else {}
         planned = [
             _Duplicate(c, dupes[c.get("id") or ""].get("id") or "")
             if (c.get("id") or "") in dupes

@@ -15,7 +15,7 @@ a single request, one response. A response is `{"type": "approve" | "edit" | "re
   instead of running it; the model goes on from there.
 
 A side-effecting call that repeats an earlier call of its turn (same tool, same canonical
-arguments: `keel.nodes._duplicates`) is not asked about: it follows the answer to that call
+arguments: `keel.tools._duplicates`) is not asked about: it follows the answer to that call
 (a rejection or a reply answers it too, an edit edits it), and it never runs on its own.
 
 With a ledger, a side-effecting call that started but never finished (the process died) is
@@ -64,11 +64,11 @@ from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, scre
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
-from keel.nodes._duplicates import answer_duplicates, duplicates
 from keel.nodes._once import ledger_key
 from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
+from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
 __all__ = [
@@ -525,10 +525,10 @@ def _apply(
 
 
 def _duplicates_of(messages: Sequence[Any], tools: ToolRegistry) -> dict[str, ToolCall]:
-    """The repeated side-effecting calls of the last AI message (`keel.nodes._duplicates`)."""
+    """The repeated side-effecting calls of the last AI message (`keel.tools._duplicates`)."""
     index, _ = pending_tool_calls(messages)
     ai = messages[index] if index >= 0 else None
-    return duplicates(ai.tool_calls, tools) if isinstance(ai, AIMessage) else {}
+    return duplicates(ai.tool_calls, tools.get) if isinstance(ai, AIMessage) else {}
 
 
 def _with_duplicates(

@@ -28,10 +28,10 @@ from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
-from keel.nodes._duplicates import answer_duplicates, duplicates
 from keel.nodes._once import tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, RunContext, run_usage
+from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["gate_decision", "gate_passes", "route_after_gate", "tool_gate"]
@@ -123,7 +123,7 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         verdict_of = held.deciding(approvals, context)
         # a repeat of an earlier side-effecting call of the turn follows that call's decision
-        dupes = duplicates(last.tool_calls, tools)
+        dupes = duplicates(last.tool_calls, tools.get)
         own = [c for c in calls if (c.get("id") or "") not in dupes]
         denied: list[ToolMessage] = []
         asks: list[str] = []

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Flow, Row
 from keel.evals import ScriptedChatModel
-from keel.guards import Policy, Rule
+from keel.guards import PermissionMiddleware, Policy, Rule
 
 CTX = RunContext(user_id="u1", roles=("support",))
 REFUND = {"order_id": "A1", "amount": 10}
@@ -481,3 +483,54 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
     assert json.dumps(answers(result["messages"], ai)[1].response_metadata) == json.dumps(
         {"keel_status": "success", "keel_duplicate_of": primary}
     )
+
+
+# -- LangChain's create_agent with keel's PermissionMiddleware ------------------------------
+
+
+def middleware_agent(script: AIMessage, action: str, shop: Shop) -> Any:
+    return create_agent(
+        model(script),
+        shop.tools(),
+        middleware=[PermissionMiddleware(policy(action))],
+        context_schema=RunContext,
+        checkpointer=InMemorySaver(),
+    )
+
+
+@pytest.mark.parametrize("action", ["allow", "ask"])
+def test_permission_middleware_runs_a_repeated_call_once_and_asks_once(action: str) -> None:
+    """`create_agent` runs each call as its own task: the repeat cannot share the first call's
+    result, so it is answered `not_run` pointing to it, and never asked about nor run."""
+    shop = Shop()
+    agent = middleware_agent(refunds(3), action, shop)
+    result = agent.invoke({"messages": [("user", "refund A1")]}, THREAD, context=CTX)
+    if action == "ask":
+        assert [i.value["tool_call_id"] for i in result["__interrupt__"]] == [
+            last_turn(result["messages"]).tool_calls[0]["id"]
+        ]  # one approval, not three
+        result = agent.invoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+    assert shop.refunded == [REFUND]
+    first, *rest = answers(result["messages"], last_turn(result["messages"]))
+    assert first.status == "success" and first.text == "refund #1: 10 on A1"
+    for repeat in rest:
+        assert repeat.response_metadata == {
+            "keel_status": "not_run",
+            "keel_duplicate_of": first.tool_call_id,
+        }
+        assert f"repeats call {first.tool_call_id}" in repeat.text
+
+
+async def test_permission_middleware_runs_calls_with_other_arguments_and_reads_async() -> None:
+    shop = Shop()
+    other = {**REFUND, "amount": 11}
+    script = turn(
+        ("issue_refund", REFUND), ("issue_refund", other),
+        ("lookup_order", {"order_id": "A1"}), ("lookup_order", {"order_id": "A1"}),
+    )  # fmt: skip
+    agent = middleware_agent(script, "allow", shop)
+    result = await agent.ainvoke({"messages": [("user", "refund")]}, THREAD, context=CTX)
+    assert shop.refunded == [REFUND, other]
+    replies = answers(result["messages"], last_turn(result["messages"]))
+    assert [m.status for m in replies] == ["success"] * 4
+    assert not any("keel_duplicate_of" in m.response_metadata for m in replies)

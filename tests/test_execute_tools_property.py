@@ -154,7 +154,7 @@ def test_every_tool_call_gets_exactly_one_tool_message(
     assert valid_history(messages) == messages
 
     # A repeat of a side-effecting call (same tool, same arguments) is its first one's answer,
-    # never run (`keel.nodes._duplicates`); a read runs again.
+    # never run (`keel.tools._duplicates`); a read runs again.
     first: dict[tuple[str, str], ToolMessage] = {}
     repeats = []
     for (name, args), message in zip(batch, results, strict=True):

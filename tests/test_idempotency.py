@@ -471,7 +471,7 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
     answered "conflict" (other arguments) or with the first one's result (the same), and both
     answers named `c1`. Renamed when the turn arrives, each is answered apart: with other
     arguments each runs once; with the same it is a repeat of the first (one charge, its answer
-    shared: `keel.nodes._duplicates`). A replay runs neither again."""
+    shared: `keel.tools._duplicates`). A replay runs neither again."""
     world = World()
     first, second = amounts
     model = ScriptedChatModel(script=[charges((first, "c1"), (second, "c1")), "Done."])

@@ -41,13 +41,13 @@ from keel.db.runs import RunLog, RunRecord, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
-from keel.nodes._duplicates import DUPLICATE_KEY
 from keel.nodes._once import not_recorded, storage_outcome
 from keel.nodes.history import pending_tool_calls
 from keel.nodes.human_review import REVIEWER_META, SETTLED_KEY
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
 from keel.state import AgentState, RunContext, task_base
+from keel.tools._duplicates import DUPLICATE_KEY
 from keel.tools.registry import ToolRegistry
 from keel.tools.stubs import isolated
 from keel.versions import AgentVersion
@@ -473,7 +473,7 @@ def review_records(tools: ToolRegistry) -> Derive:
 
 
 def _duplicate_record(call: ToolCall, m: ToolMessage, tools: ToolRegistry, who: Who) -> AuditRecord:
-    """The audit record of a repeat of an earlier call of its turn (`keel.nodes._duplicates`).
+    """The audit record of a repeat of an earlier call of its turn (`keel.tools._duplicates`).
 
     It was not run: it was answered with the answer of the call it repeats.
     """

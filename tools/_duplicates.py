@@ -19,12 +19,12 @@ roll), running it twice is harmless, and the tool-call budget bounds its cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from langchain_core.messages import AnyMessage, ToolCall, ToolMessage
 
 from keel.approvals import call_digest
-from keel.tools.registry import ToolRegistry
+from keel.tools.spec import RegisteredTool
 
 __all__ = ["DUPLICATE_KEY", "answer_duplicates", "duplicate_answer", "duplicates"]
 
@@ -32,16 +32,18 @@ DUPLICATE_KEY = "keel_duplicate_of"
 """`response_metadata` key of a duplicate's `ToolMessage`: the id of the call it repeats."""
 
 
-def duplicates(calls: Sequence[ToolCall], tools: ToolRegistry) -> dict[str, ToolCall]:
+def duplicates(
+    calls: Sequence[ToolCall], tools: Callable[[str], RegisteredTool | None]
+) -> dict[str, ToolCall]:
     """`{duplicate's id: its primary}` among `calls`, the tool calls of one AI message.
 
-    Only registered side-effecting tools with arguments that are an object count; a call
-    without an id, or with its primary's id, is left as it is.
+    `tools`: a tool by name (`ToolRegistry.get`). Only side-effecting tools with arguments that
+    are an object count; a call without an id, or with its primary's id, is left as it is.
     """
     first: dict[tuple[str, str], ToolCall] = {}
     out: dict[str, ToolCall] = {}
     for call in calls:
-        entry = tools.get(call["name"])
+        entry = tools(call["name"])
         args, call_id = call.get("args"), call.get("id")
         if entry is None or not entry.spec.side_effects or not isinstance(args, dict):
             continue
