@@ -413,30 +413,35 @@ CHILD = textwrap.dedent(
 )
 
 
-def resumed(agent: Any, ledger: Ledger) -> tuple[AIMessage, list[Any], list[Row], Any]:
-    """Resume the killed thread, then answer "did this happen?" with yes."""
+def resumed(agent: Any, ledger: Ledger, answer: str) -> tuple[AIMessage, list[Any], list[Row], Any]:
+    """Resume the killed thread, then answer "did this happen?" with `answer`."""
     agent.invoke(None, THREAD, context=CTX)
     ai = last_turn(agent.get_state(THREAD).values["messages"])
     requests = [r for i in agent.get_state(THREAD).interrupts for r in i.value]
     rows = ledger.run(claimed("t1"))
-    result = agent.invoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+    result = agent.invoke(Command(resume={"type": answer}), THREAD, context=CTX)
     return ai, requests, rows, result
 
 
-async def aresumed(agent: Any, ledger: Ledger) -> tuple[AIMessage, list[Any], list[Row], Any]:
+async def aresumed(
+    agent: Any, ledger: Ledger, answer: str
+) -> tuple[AIMessage, list[Any], list[Row], Any]:
     await agent.ainvoke(None, THREAD, context=CTX)
     state = await agent.aget_state(THREAD)
     ai = last_turn(state.values["messages"])
     requests = [r for i in state.interrupts for r in i.value]
     rows = await ledger.arun(claimed("t1"))
-    result = await agent.ainvoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+    result = await agent.ainvoke(Command(resume={"type": answer}), THREAD, context=CTX)
     return ai, requests, rows, result
 
 
+@pytest.mark.parametrize("answer", ["approve", "reject"])
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
-    driver: str, db_url: str, tmp_path: Path
+    driver: str, answer: str, db_url: str, tmp_path: Path
 ) -> None:
+    """Killed right after the first refund, before its record: on resume the human is asked
+    "did this happen?" about that call only, and the repeat follows the answer, unrun."""
     effects = tmp_path / "effects.txt"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -455,7 +460,7 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
                 agent = build_agent(
                     model(refunds(2)), shop.tools(), checkpointer=saver, ledger=ledger
                 )  # turn 1 is the child's
-                ai, requests, rows, result = resumed(agent, ledger)
+                ai, requests, rows, result = resumed(agent, ledger, answer)
         else:
 
             async def main() -> Any:
@@ -463,7 +468,7 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
                     agent = build_agent(
                         model(refunds(2)), shop.tools(), checkpointer=saver, ledger=ledger
                     )
-                    return await aresumed(agent, ledger)
+                    return await aresumed(agent, ledger, answer)
 
             ai, requests, rows, result = asyncio.run(main())
         assert len(ai.tool_calls) == 2
@@ -473,15 +478,19 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
             (primary, "outcome_unknown")
         ]
         assert rows == [(primary, "started")]
-        assert ledger.run(claimed("t1")) == [(primary, "completed")]  # the repeat: no row
+        settled = "completed" if answer == "approve" else "failed"
+        assert ledger.run(claimed("t1")) == [(primary, settled)]  # the repeat: no row
     finally:
         ledger.close()
-    assert result["outcome"]["terminated_reason"] == "completed"
+    status = "success" if answer == "approve" else "rejected"
+    assert result["outcome"]["terminated_reason"] == (
+        "completed" if answer == "approve" else "rejected"
+    )
     assert shop.refunded == []  # nothing ran again on resume: not the primary, not its repeat
     assert effects.read_text().splitlines() == ["refund"]
-    assert_shared(result["messages"], ai, "success")
+    assert_shared(result["messages"], ai, status)
     assert json.dumps(answers(result["messages"], ai)[1].response_metadata) == json.dumps(
-        {"keel_status": "success", "keel_duplicate_of": primary}
+        {"keel_status": status, "keel_duplicate_of": primary}
     )
 
 
