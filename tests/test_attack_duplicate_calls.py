@@ -38,6 +38,7 @@ from keel.guards import PermissionMiddleware, Policy, Rule
 
 CTX = RunContext(user_id="u1", roles=("support",))
 REFUND = {"order_id": "A1", "amount": 10}
+REPEATS = "(This call repeats call {} of the same turn: it did not run again. That call's result:) "
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +118,7 @@ def assert_shared(messages: Sequence[Any], ai: AIMessage, status: str) -> None:
     assert first.response_metadata["keel_status"] == status
     assert "keel_duplicate_of" not in first.response_metadata
     for dupe in rest:
-        assert dupe.content == first.content
+        assert dupe.text == REPEATS.format(first.tool_call_id) + first.text
         assert dupe.response_metadata["keel_status"] == status
         assert dupe.response_metadata["keel_duplicate_of"] == first.tool_call_id
         assert dupe.status == first.status
@@ -213,7 +214,8 @@ def test_calls_that_differ_in_any_argument_all_run(db_url: str, ledger: Ledger) 
     first, second, third = answers(result["messages"], last_turn(result["messages"]))
     assert "keel_duplicate_of" not in second.response_metadata
     assert third.response_metadata["keel_duplicate_of"] == first.tool_call_id
-    assert third.content == first.content != second.content
+    assert third.text == REPEATS.format(first.tool_call_id) + first.text
+    assert first.text != second.text
 
 
 def test_read_only_repeats_still_run() -> None:

@@ -509,7 +509,10 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
     assert again[0].response_metadata.get("keel_ledger") == "recorded"
     if first == second:  # the repeat: the first one's recorded answer, shared
         assert again[1].response_metadata.get("keel_duplicate_of") == "c1"
-        assert again[1].content == again[0].content
+        assert again[1].text == (
+            "(This call repeats call c1 of the same turn: it did not run again. That call's "
+            f"result:) {again[0].text}"
+        )
     else:
         assert again[1].response_metadata.get("keel_ledger") == "recorded"
 

@@ -20,6 +20,7 @@ roll), running it twice is harmless, and the tool-call budget bounds its cost.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from langchain_core.messages import AnyMessage, ToolCall, ToolMessage
 
@@ -56,10 +57,23 @@ def duplicates(
 
 
 def duplicate_answer(call: ToolCall, answer: ToolMessage) -> ToolMessage:
-    """The answer to the duplicate `call`: its primary's `answer`, content and status."""
+    """The answer to the duplicate `call`: its primary's `answer`, status and content.
+
+    The content follows a note that says the call did not run again.
+    """
     status = answer.response_metadata.get("keel_status", answer.status)
+    # said to the model, so that one refund read twice is not reported as two
+    note = (
+        f"(This call repeats call {answer.tool_call_id} of the same turn: it did not run "
+        "again. That call's result:) "
+    )
+    content: Any = (
+        note + answer.content
+        if isinstance(answer.content, str)
+        else [{"type": "text", "text": note}, *answer.content]
+    )
     return ToolMessage(
-        content=answer.content,
+        content=content,
         artifact=answer.artifact,
         tool_call_id=call.get("id") or "",
         name=call["name"],
