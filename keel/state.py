@@ -37,6 +37,7 @@ __all__ = [
     "task_base",
     "task_start",
     "task_clock",
+    "task_reset",
 ]
 
 TerminatedReason = Literal[
@@ -175,6 +176,16 @@ def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
     return {"started_at": now, "task": task, **base}
 
 
+def task_reset(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The update that clears an earlier task's records when a new task starts.
+
+    `verdicts`, `revisions` and `budget_warnings` are the current task's: a thread's third task
+    that was never sent back has no revision, and no earlier task's verdict or budget warning.
+    """
+    empty: dict[str, Any] = {"verdicts": [], "revisions": 0, "budget_warnings": []}
+    return {key: value for key, value in empty.items() if state.get(key)}
+
+
 def task_base(state: Mapping[str, Any]) -> dict[str, float] | None:
     """The thread's usage when the run `state` is at started (its run clock), else None.
 
@@ -219,12 +230,12 @@ class AgentState(TypedDict, total=False):
         plan: The current plan, when planning is on.
         usage: Tokens, dollars, model and tool calls so far (summed).
         approvals: Human decisions keyed by call digest.
-        verdicts: Verification results, in order.
+        verdicts: The current task's verification results, in order.
         revisions: How many times a failed verification sent the current task's answer back.
         outcome: How the run ended; `None` while it is running.
         clock: `started_at` (epoch seconds) of the current task, for wall-clock budgets, and
             the thread's usage when it started (see `task_clock` and `run_usage`).
-        budget_warnings: Budget limits past their soft threshold.
+        budget_warnings: The current task's budget limits past their soft threshold.
         warnings: What degraded in the current task and how (e.g. memory that could not be
             read); the run went on without it. Shown in the run record's detail.
         remaining_steps: LangGraph's managed step counter (not stored).

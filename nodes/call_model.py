@@ -44,6 +44,7 @@ from keel.state import (
     add_usage,
     run_usage,
     task_clock,
+    task_reset,
 )
 from keel.tools.registry import ToolRegistry
 
@@ -174,6 +175,7 @@ class _TurnMaker:
         if clock.get("answered") != clock.get("task"):  # the model's first turn in a new task
             clock["answered"] = clock.get("task", 0.0)
             extra["clock"] = clock  # (the planner may have started the clock already)
+            extra.update(task_reset(state))  # an earlier task's verdicts are not this one's
         models = chain
         budget = self.guards.budget
         if budget is not None:
