@@ -17,6 +17,7 @@ log and the run record read. Both nodes work on their own in a hand-built `State
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from langchain_core.messages import AIMessage
@@ -32,7 +33,7 @@ from keel.guards.screening import (
     screen_answer,
     screen_inputs,
 )
-from keel.state import AgentState
+from keel.state import AgentState, task_clock, task_reset
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
 
@@ -66,6 +67,11 @@ def _input_update(state: AgentState, screened: Screened) -> dict[str, Any]:
         update["messages"] = screened.messages
     if screened.blocked is not None:
         update["outcome"] = outcome.stopped("blocked", screened.blocked)
+        # the run ends before the model: start its clock here, so that its usage, its start
+        # and its records are its own, not the thread's previous task's
+        clock = task_clock(state, time.time())
+        if clock is not None:
+            update.update(clock=clock, **task_reset(state))
     elif state.get("outcome") is not None:
         update["outcome"] = None  # a new task: the last one's outcome no longer holds
     return update
