@@ -17,7 +17,7 @@ that reaches it some other way is still refused; checks that only admit or refus
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Unpack
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -25,6 +25,7 @@ from langgraph.runtime import Runtime
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel.approvals import approval_digest, approval_key
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
@@ -122,6 +123,7 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         context = context_of(runtime)
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         verdict_of = held.deciding(approvals, context)
+        policy = held.policy_id(context)
         # a repeat of an earlier side-effecting call of the turn follows that call's decision
         dupes = duplicates(last.tool_calls, tools.get)
         own = [c for c in calls if (c.get("id") or "") not in dupes]
@@ -137,7 +139,7 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
                 denied.append(
                     tool_message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
                 )
-            elif decision.action == "ask":
+            elif decision.action == "ask" and not _decided(entry, call, approvals, policy):
                 asks.append(entry.name)
         # Answer here only when no call goes on: else execute_tools answers the denied calls
         # too (the same gate), so every result stays in call order.
@@ -156,6 +158,18 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         return update
 
     return decide
+
+
+def _decided(entry: Any, call: Any, approvals: Mapping[str, Any], policy: str) -> bool:
+    """Whether a human's decision on the thread already answers this `ask` call.
+
+    A call a human rejected is not asked about again (`execute_tools` answers it `rejected`), as
+    `human_review` does: the run does not pause for a human, so its record has no interrupt.
+    """
+    digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
+    return (
+        digest in approvals or approval_key(digest, call.get("id") or "", "approved") in approvals
+    )
 
 
 def gate_passes(
