@@ -35,6 +35,7 @@ __all__ = [
     "approval_digest",
     "approval_key",
     "call_digest",
+    "decided",
     "canonical_args",
 ]
 
@@ -83,6 +84,16 @@ def approval_key(digest: str, tool_call_id: str, decision: str) -> str:
     saw, not later identical calls.
     """
     return digest if decision == "rejected" else f"{digest}/{tool_call_id}"
+
+
+def decided(approvals: Mapping[str, Any], digest: str, tool_call_id: str) -> bool:
+    """Whether a human's decision in `approvals` (trusted ones) already answers this call.
+
+    A rejection of the same exact call anywhere on the thread, or an approval of this call: no
+    human is asked (`human_review` asks only about the others; `execute_tools` answers a
+    rejected call `rejected`), so the run does not pause for it.
+    """
+    return digest in approvals or approval_key(digest, tool_call_id, "approved") in approvals
 
 
 @dataclass(frozen=True, slots=True)

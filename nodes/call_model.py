@@ -25,6 +25,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
+from keel.approvals import approval_digest, decided
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
@@ -293,11 +294,15 @@ class _Answerer:
         approvals = self.guards.trusted(
             thread_of(runtime), ctx, state.get("approvals"), turn.extra.get("approvals")
         )
-        decide = self.guards.deciding(approvals, ctx)
+        decide, policy = self.guards.deciding(approvals, ctx), self.guards.policy_id(ctx)
         reasons = []
         for tc in response.tool_calls:
             entry = self.registry.get(tc["name"])
-            if entry is not None and decide(entry, tc["args"], ctx).action == "ask":
+            if entry is None or decide(entry, tc["args"], ctx).action != "ask":
+                continue
+            # a call a human rejected earlier on the thread is not asked about again
+            digest = approval_digest(entry.name, tc["args"], policy, version=entry.spec.version)
+            if not decided(approvals, digest, tc.get("id") or ""):
                 reasons.append(tc["name"])
         return f"awaiting approval for {', '.join(reasons)}" if reasons else None
 

@@ -54,7 +54,7 @@ from keel._node import (
     steps_node,
     thread_of,
 )
-from keel.approvals import RunGrants, approval_digest, approval_key
+from keel.approvals import RunGrants, approval_digest, approval_key, decided
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
@@ -246,8 +246,7 @@ def _requests(
         if record is not None and record.state == "started":
             out.append(_unknown_request(call, record, digest))
             continue
-        approved = approval_key(digest, call.get("id") or "", "approved")
-        if decision.action != "ask" or digest in approvals or approved in approvals:
+        if decision.action != "ask" or decided(approvals, digest, call.get("id") or ""):
             continue
         out.append(
             {

@@ -17,7 +17,7 @@ that reaches it some other way is still refused; checks that only admit or refus
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Unpack
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -25,7 +25,7 @@ from langgraph.runtime import Runtime
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, thread_of
-from keel.approvals import approval_digest, approval_key
+from keel.approvals import approval_digest, decided
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
@@ -139,8 +139,14 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
                 denied.append(
                     tool_message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
                 )
-            elif decision.action == "ask" and not _decided(entry, call, approvals, policy):
-                asks.append(entry.name)
+            elif decision.action == "ask":
+                # a call a human rejected earlier on the thread is not asked about again (as
+                # `human_review` does): the run does not pause, so its record has no interrupt
+                digest = approval_digest(
+                    entry.name, call["args"], policy, version=entry.spec.version
+                )
+                if not decided(approvals, digest, call.get("id") or ""):
+                    asks.append(entry.name)
         # Answer here only when no call goes on: else execute_tools answers the denied calls
         # too (the same gate), so every result stays in call order.
         update: dict[str, Any] = {}
@@ -158,18 +164,6 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         return update
 
     return decide
-
-
-def _decided(entry: Any, call: Any, approvals: Mapping[str, Any], policy: str) -> bool:
-    """Whether a human's decision on the thread already answers this `ask` call.
-
-    A call a human rejected is not asked about again (`execute_tools` answers it `rejected`), as
-    `human_review` does: the run does not pause for a human, so its record has no interrupt.
-    """
-    digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
-    return (
-        digest in approvals or approval_key(digest, call.get("id") or "", "approved") in approvals
-    )
 
 
 def gate_passes(

@@ -27,6 +27,7 @@ from langgraph.types import Command
 from keel import AuditLog, Ledger, Persistence, Price, PriceTable, RunContext, RunLog, build_agent
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Budget, InputGuardPolicy, LoopPolicy, Policy, Rule
+from keel.memory import ChromaStore, user_namespace
 from keel.state import run_usage, task_start
 from keel.tools import tool
 
@@ -37,6 +38,12 @@ PRICES = PriceTable({"scripted": Price(input_per_mtok=1000.0, output_per_mtok=10
 """$0.11 a turn."""
 
 REFUNDS: list[tuple[str, float]] = []
+VOCAB = ["order", "refund", "kettle", "z9", "a1", "b2"]
+
+
+def _vocab(texts: list[str]) -> list[list[float]]:
+    """A deterministic embedding: word counts over a small vocabulary."""
+    return [[t.lower().count(w) + 0.05 for w in VOCAB] for t in texts]
 
 
 @tool(risk="read")
@@ -189,6 +196,8 @@ class Seen:
     plan: list[str] | None
     refunds: list[tuple[str, float]]
     runs: list[Any]
+    lessons: list[dict[str, Any]]
+    """The lessons `reflect` stored for the task."""
     started_in_time: bool
     """The run record's `started_at` is not before the task was sent."""
 
@@ -214,8 +223,15 @@ RECORD_FIELDS = [
 class Thread:
     """A thread on a real SQLite (or PostgreSQL) checkpointer and ledger."""
 
-    def __init__(self, agent: Any, ledger: Ledger, thread_id: str) -> None:
-        self.agent, self.ledger, self.thread_id = agent, ledger, thread_id
+    def __init__(self, agent: Any, ledger: Ledger, thread_id: str, store: Any = None) -> None:
+        self.agent, self.ledger, self.thread_id, self.store = agent, ledger, thread_id, store
+
+    def lessons(self) -> dict[str, dict[str, Any]]:
+        """The user's lessons in the store, by key."""
+        if self.store is None:
+            return {}
+        found = self.store.search(user_namespace(CTX, "lessons"), limit=100)
+        return {item.key: item.value for item in found}
 
     def config(self, **more: str) -> dict[str, Any]:
         return {"configurable": {"thread_id": self.thread_id, **more}}
@@ -237,7 +253,7 @@ class Thread:
 
     def observe(self, text: str, decisions: Sequence[dict[str, Any]], resend: bool) -> Seen:
         audited = len(AuditLog(self.ledger).query(thread=self.thread_id))
-        refunds, sent_at = len(REFUNDS), time.time()
+        refunds, sent_at, lessons = len(REFUNDS), time.time(), self.lessons()
         sent: Any = text
         if resend:  # the saved conversation, as a client that keeps it sends it back
             saved = self.agent.get_state(self.config()).values.get("messages") or []
@@ -280,6 +296,7 @@ class Thread:
             plan=[s["description"] for s in plan] if plan else None,
             refunds=REFUNDS[refunds:],
             runs=runs,
+            lessons=[v for k, v in self.lessons().items() if k not in lessons],
             started_in_time=runs[-1].started_at >= sent_at and runs[-1].latency_s < 60,
         )
 
@@ -324,19 +341,26 @@ class Case:
     """The model names its calls `call_0`, ... in every turn (the same ids in every task)."""
     resend: bool = False
     """The client sends the whole conversation with the new message, as it keeps it."""
+    memory: bool = False
+    """Long-term memory on (`recall`, `reflect`) on a ChromaStore."""
 
 
 def _policy(**more: Any) -> Policy:
     return Policy(rules=RULES, **more)
 
 
-def _run(case: Case, url: str, earlier: bool) -> tuple[Seen, list[str]]:
+def _run(case: Case, url: str, earlier: bool, folder: Path) -> tuple[Seen, list[str]]:
     """The case's task on a fresh thread, or after the earlier tasks; what it did."""
     ledger = Ledger(url)
     fails = {case.text: case.judge_fails or 0, REVISED: 1}
     options: dict[str, Any] = {"plan": case.plan, "max_revisions": case.max_revisions}
     if case.judge_fails is not None:
         options["judge"] = _judge(fails)
+    store = None
+    if case.memory:  # a store of its own for each thread: what the task adds is compared
+        index = {"dims": len(VOCAB), "embed": _vocab, "fields": ["text"]}
+        store = ChromaStore(path=folder / f"chroma-{earlier}", index=index)  # type: ignore[arg-type]
+        options.update(store=store, memory=True)
     try:
         with Persistence(url).checkpointer() as saver:
             agent = build_agent(
@@ -348,7 +372,7 @@ def _run(case: Case, url: str, earlier: bool) -> tuple[Seen, list[str]]:
                 prices=PRICES,
                 **options,
             )
-            thread = Thread(agent, ledger, "earlier" if earlier else "fresh")
+            thread = Thread(agent, ledger, "earlier" if earlier else "fresh", store)
             reasons = _earlier(thread) if earlier else []
             return thread.observe(case.text, case.decisions, case.resend), reasons
     finally:
@@ -377,6 +401,10 @@ def _compare(fresh: Seen, third: Seen, case: Case) -> None:
     assert third.refunds == fresh.refunds
     assert third.usage == fresh.usage
     assert third.record == fresh.record
+    if case.memory:  # recall screens the earlier tasks' lessons (context) as it reads them
+        recalled = [r for r in third.audit if r[:3] == ("content", "block", "memory")]
+        assert recalled, "the first task's injected text was not stored in a lesson"
+        third.audit = [r for r in third.audit if r not in recalled]
     assert third.audit == fresh.audit
     assert third.budget_warnings == fresh.budget_warnings
     assert third.warnings == fresh.warnings
@@ -384,6 +412,7 @@ def _compare(fresh: Seen, third: Seen, case: Case) -> None:
     assert third.verdicts == fresh.verdicts
     assert third.plan == fresh.plan
     assert third.started_in_time and fresh.started_in_time
+    assert third.lessons == fresh.lessons
 
 
 TASK = "Look into order Z9 for me."
@@ -512,6 +541,12 @@ CASES = [
 
 
 CASES += [
+    dataclasses.replace(c, name=f"{c.name}[memory]", memory=True)
+    for c in CASES
+    if c.name in ("tool_call_budget", "verify_and_revise", "an_approved_call_asks_again",
+                  "output_guard", "loop_stop")
+]  # fmt: skip
+CASES += [
     dataclasses.replace(c, name=f"{c.name}[reused_ids]", reused_ids=True)
     for c in CASES
     if c.name in ("an_approved_call_asks_again", "a_rejection_ends_the_run", "loop_cycle",
@@ -538,30 +573,34 @@ def _sqlite(tmp_path: Path, name: str) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_the_third_task_is_held_as_the_first(case: Case, tmp_path: Path) -> None:
-    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), earlier=False)
-    third, reasons = _run(case, _sqlite(tmp_path, "third"), earlier=True)
+    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
+    third, reasons = _run(case, _sqlite(tmp_path, "third"), True, tmp_path)
     _compare(fresh, third, case)
     # one run record per task, each with its own end (the dropped approval's run: cancelled)
     runs = [r.terminated_reason for r in third.runs]
     assert runs == [*reasons[:3], "cancelled", *reasons[4:], fresh.outcome["terminated_reason"]]
 
 
-def test_a_call_a_human_rejected_stays_rejected_on_the_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gate", ["policy", "default"])
+def test_a_call_a_human_rejected_stays_rejected_on_the_thread(gate: str, tmp_path: Path) -> None:
     """The one difference by design (README: "a call a human rejected still never runs").
 
     The first task's human rejected refunding B2 $10. The same call in a later task of the
     thread is not asked about again and never runs; on a fresh thread it is asked and runs.
+    With a policy's rules (a `tool_gate` node) and with keel's default gate (no policy: a
+    destructive tool asks, decided in `call_model`).
     """
     case = Case(
         "rejected_before",
         TASK,
         [call("issue_refund", order_id="B2", amount=10.0), "Refunded B2."],
-        _policy(),
+        _policy() if gate == "policy" else None,  # type: ignore[arg-type]
         decisions=(APPROVE,),
     )
-    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), earlier=False)
-    third, reasons = _run(case, _sqlite(tmp_path, "third"), earlier=True)
+    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
+    third, reasons = _run(case, _sqlite(tmp_path, "third"), True, tmp_path)
     assert reasons[0] == "rejected"  # the first task: B2's refund rejected
+    assert "interrupted" not in [r.status for r in third.runs[:-1]]  # each earlier run ended
     assert fresh.asked == [{"action": "issue_refund", "args": {"order_id": "B2", "amount": 10.0}}]
     assert fresh.refunds == [("B2", 10.0)]
     assert fresh.tools == [("issue_refund", {"order_id": "B2", "amount": 10.0}, "success")]
