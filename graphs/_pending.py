@@ -110,7 +110,7 @@ def closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command
 
 def abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
     """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
-    names = ", ".join(sorted({str(m.name) for m in closing})) or "a human's answer"
+    names = ", ".join(sorted({str(m.name) for m in closing})) or "its answer"
     return {
         **state.values,
         "messages": [*(state.values.get("messages") or []), *closing],

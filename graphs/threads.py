@@ -194,11 +194,17 @@ def _waiting(thread: Any, state: StateSnapshot) -> str:
         for r in (i.value if isinstance(i.value, list) else [])
         if isinstance(r, Mapping) and isinstance(r.get("action_request"), Mapping)
     ]
-    what = ", ".join(calls) or "a human's answer"
+    if not calls:  # `verify` asks about the run's answer, which failed verification
+        return (
+            f"Thread {thread!r} waits for a human's answer about its last answer, which failed "
+            "verification. Answer it first with Command(resume={'type': 'approve'}) (or "
+            "'reject', 'respond'), then send the message (or pass "
+            "config={'configurable': {'keel_pending': 'not_run'}} to end that run as cancelled)."
+        )
     return (
-        f"Thread {thread!r} waits for a human's answer about {what}; a new message would drop "
-        "the pending call. Answer it first with Command(resume={'type': 'approve'}) (or "
-        "'reject', 'edit', 'respond'), then send the message (or pass "
+        f"Thread {thread!r} waits for a human's answer about {', '.join(calls)}; a new message "
+        "would drop the pending call. Answer it first with Command(resume={'type': 'approve'}) "
+        "(or 'reject', 'edit', 'respond'), then send the message (or pass "
         "config={'configurable': {'keel_pending': 'not_run'}} to drop the pending calls)."
     )
 

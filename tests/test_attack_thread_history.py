@@ -25,6 +25,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langgraph.types import Command
 
 from keel import AuditLog, Ledger, Persistence, Price, PriceTable, RunContext, RunLog, build_agent
+from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Budget, InputGuardPolicy, LoopPolicy, Policy, Rule
 from keel.memory import ChromaStore, user_namespace
@@ -117,6 +118,8 @@ EARLIER: list[tuple[str, list[Turn], list[dict[str, Any]]]] = [
         [],
     ),
 ]
+ESCALATED = "Summarise order A1."
+"""An earlier task whose answer the judge always fails: with `escalate`, it asks a human."""
 REVISED = "Check orders A1, B2, C3, D4 and E5."
 """The earlier task whose first answer the judge sends back once."""
 
@@ -136,6 +139,7 @@ def _current(messages: Sequence[BaseMessage]) -> tuple[str, int]:
 def _model(scenario: tuple[str, list[Turn]], reused_ids: bool = False) -> ScriptedChatModel:
     """`reused_ids`: name every turn's calls `call_0`, `call_1`, ... as some models do."""
     scripts = {text: turns for text, turns, _ in EARLIER}
+    scripts[ESCALATED] = ["A1 is a kettle."] * 2
     scripts[scenario[0]] = scenario[1]
 
     def turn(messages: Sequence[BaseMessage]) -> AIMessage:
@@ -220,6 +224,14 @@ RECORD_FIELDS = [
 ]
 
 
+def _asked(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the paused run asks a human: the calls to approve, or `verify`'s question."""
+    value = result["__interrupt__"][0].value
+    if isinstance(value, dict):  # verify's escalation: one question about the answer
+        return [{"verification": value["description"], "answer": value["answer"]}]
+    return [r["action_request"] for r in value]
+
+
 class Thread:
     """A thread on a real SQLite (or PostgreSQL) checkpointer and ledger."""
 
@@ -245,20 +257,22 @@ class Thread:
         asked: list[dict[str, Any]] = []
         answers = list(decisions)
         while result["outcome"]["status"] == "interrupted" and answers:
-            asked.extend(r["action_request"] for r in result["__interrupt__"][0].value)
+            asked.extend(_asked(result))
             result = self.agent.invoke(Command(resume=answers.pop(0)), self.config(), context=CTX)
         if result["outcome"]["status"] == "interrupted":
-            asked.extend(r["action_request"] for r in result["__interrupt__"][0].value)
+            asked.extend(_asked(result))
         return result, asked
 
-    def observe(self, text: str, decisions: Sequence[dict[str, Any]], resend: bool) -> Seen:
+    def observe(
+        self, text: str, decisions: Sequence[dict[str, Any]], resend: bool, **config: str
+    ) -> Seen:
         audited = len(AuditLog(self.ledger).query(thread=self.thread_id))
         refunds, sent_at, lessons = len(REFUNDS), time.time(), self.lessons()
         sent: Any = text
         if resend:  # the saved conversation, as a client that keeps it sends it back
             saved = self.agent.get_state(self.config()).values.get("messages") or []
             sent = [*saved, ("user", text)]
-        result, asked = self.task(sent, decisions)
+        result, asked = self.task(sent, decisions, **config)
         messages = result["messages"]
         start = task_start(messages)
         calls = {
@@ -337,6 +351,7 @@ class Case:
     """With a judge: how many of the scenario's answers it fails."""
     plan: bool = False
     max_revisions: int = 1
+    escalate: bool = False
     reused_ids: bool = False
     """The model names its calls `call_0`, ... in every turn (the same ids in every task)."""
     resend: bool = False
@@ -349,11 +364,25 @@ def _policy(**more: Any) -> Policy:
     return Policy(rules=RULES, **more)
 
 
-def _run(case: Case, url: str, earlier: bool, folder: Path) -> tuple[Seen, list[str]]:
+History = Callable[["Thread"], tuple[list[str], dict[str, str]]]
+"""Runs a thread's earlier tasks: their terminated reasons, and the config the next task needs."""
+
+
+def _history(thread: Thread) -> tuple[list[str], dict[str, str]]:
+    return _earlier(thread), {}
+
+
+def _run(
+    case: Case, url: str, earlier: bool, folder: Path, history: History = _history
+) -> tuple[Seen, list[str]]:
     """The case's task on a fresh thread, or after the earlier tasks; what it did."""
     ledger = Ledger(url)
-    fails = {case.text: case.judge_fails or 0, REVISED: 1}
-    options: dict[str, Any] = {"plan": case.plan, "max_revisions": case.max_revisions}
+    fails = {case.text: case.judge_fails or 0, REVISED: 1, ESCALATED: 99}
+    options: dict[str, Any] = {
+        "plan": case.plan,
+        "max_revisions": case.max_revisions,
+        "escalate": case.escalate,
+    }
     if case.judge_fails is not None:
         options["judge"] = _judge(fails)
     store = None
@@ -373,8 +402,8 @@ def _run(case: Case, url: str, earlier: bool, folder: Path) -> tuple[Seen, list[
                 **options,
             )
             thread = Thread(agent, ledger, "earlier" if earlier else "fresh", store)
-            reasons = _earlier(thread) if earlier else []
-            return thread.observe(case.text, case.decisions, case.resend), reasons
+            reasons, config = history(thread) if earlier else ([], {})
+            return thread.observe(case.text, case.decisions, case.resend, **config), reasons
     finally:
         ledger.close()
 
@@ -506,6 +535,24 @@ CASES = [
         judge_fails=5,
     ),
     Case(
+        "verify_escalates_to_a_human",
+        TASK,
+        [call("lookup_order", order_id="Z9"), "It shipped.", "Shipped, really."],
+        _policy(),
+        decisions=(APPROVE,),
+        judge_fails=5,
+        escalate=True,
+    ),
+    Case(
+        "verify_escalates_and_the_human_guides",
+        TASK,
+        [call("lookup_order", order_id="Z9"), "It shipped.", "Shipped, really.", "Z9: shipped."],
+        _policy(),
+        decisions=({"type": "respond", "message": "Name the order."},),
+        judge_fails=2,
+        escalate=True,
+    ),
+    Case(
         "plan",
         TASK,
         [call("lookup_order", order_id="Z9"), "Order Z9 shipped."],
@@ -540,23 +587,23 @@ CASES = [
 ]
 
 
+def _variants(option: str, names: tuple[str, ...]) -> list[Case]:
+    """The named cases again with `option` on."""
+    return [
+        dataclasses.replace(c, name=f"{c.name}[{option}]", **{option: True})
+        for c in CASES
+        if c.name in names
+    ]
+
+
 CASES += [
-    dataclasses.replace(c, name=f"{c.name}[memory]", memory=True)
-    for c in CASES
-    if c.name in ("tool_call_budget", "verify_and_revise", "an_approved_call_asks_again",
-                  "output_guard", "loop_stop")
-]  # fmt: skip
-CASES += [
-    dataclasses.replace(c, name=f"{c.name}[reused_ids]", reused_ids=True)
-    for c in CASES
-    if c.name in ("an_approved_call_asks_again", "a_rejection_ends_the_run", "loop_cycle",
-                  "tool_call_budget", "verify_and_revise")
-]  # fmt: skip
-CASES += [
-    dataclasses.replace(c, name=f"{c.name}[resent]", resend=True)
-    for c in CASES
-    if c.name in ("input_guard", "output_guard", "an_approved_call_asks_again", "tool_call_budget",
-                  "verify_and_revise", "loop_repeats_below_the_limit")
+    *_variants("memory", ("tool_call_budget", "verify_and_revise", "an_approved_call_asks_again",
+                          "output_guard", "loop_stop")),
+    *_variants("reused_ids", ("an_approved_call_asks_again", "a_rejection_ends_the_run",
+                              "loop_cycle", "tool_call_budget", "verify_and_revise")),
+    *_variants("resend", ("input_guard", "output_guard", "an_approved_call_asks_again",
+                          "tool_call_budget", "verify_and_revise",
+                          "loop_repeats_below_the_limit")),
 ]  # fmt: skip
 
 
@@ -613,3 +660,47 @@ def test_a_call_a_human_rejected_stays_rejected_on_the_thread(gate: str, tmp_pat
     # as the gate routed the call to human_review, which then answered it from the rejection)
     assert (fresh.record["interrupts"], third.record["interrupts"]) == (1, 0)
     assert third.record["status"] == "success" and third.runs[-1].terminated_reason == "completed"
+
+
+ON_EACH_DATABASE = ("an_approved_call_asks_again", "tool_call_budget", "input_guard_blocks")
+
+
+@pytest.mark.parametrize("name", ON_EACH_DATABASE)
+def test_on_each_database(name: str, db_url: str, tmp_path: Path) -> None:
+    """A few of the cases on SQLite and PostgreSQL: one database, two threads."""
+    (case,) = [c for c in CASES if c.name == name]
+    fresh, _ = _run(case, db_url, False, tmp_path)
+    third, _ = _run(case, db_url, True, tmp_path)
+    _compare(fresh, third, case)
+
+
+def _escalated_and_dropped(thread: Thread) -> tuple[list[str], dict[str, str]]:
+    """The earlier tasks, then one whose failed answer waits for a human, left waiting."""
+    reasons = _earlier(thread)
+    waiting, _ = thread.task(ESCALATED)
+    assert waiting["outcome"]["status"] == "interrupted", waiting["outcome"]
+    with pytest.raises(UserError) as refused:  # a new message would leave it waiting unseen
+        thread.task("Something else.")
+    assert "its last answer, which failed verification" in str(refused.value)
+    assert "'edit'" not in str(refused.value)  # there is no call to edit
+    return [*reasons, "cancelled"], {"keel_pending": "not_run"}
+
+
+def test_a_verification_left_waiting_stays_its_own_tasks(tmp_path: Path) -> None:
+    """A task sent while an earlier answer waits for a human (`keel_pending="not_run"`) is
+    verified, revised and recorded as on a fresh thread; the run that waited is `cancelled`."""
+    case = Case(
+        "after_an_escalation",
+        TASK,
+        [call("lookup_order", order_id="Z9"), "It shipped.", "Order Z9 shipped."],
+        _policy(),
+        judge_fails=1,
+        escalate=True,
+    )
+    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
+    third, _ = _run(case, _sqlite(tmp_path, "third"), True, tmp_path, _escalated_and_dropped)
+    _compare(fresh, third, case)
+    assert (third.revisions, [v["passed"] for v in third.verdicts]) == (1, [False, True])
+    waited = third.runs[-2]  # the run whose answer waited for a human
+    assert (waited.status, waited.terminated_reason) == ("stopped", "cancelled")
+    assert "about its answer" in waited.detail
