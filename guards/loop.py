@@ -12,6 +12,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 
 from keel.approvals import canonical_args
 from keel.guards.policy import LoopPolicy
+from keel.state import task_start
 
 __all__ = ["call_sequence", "detect_loop", "wrap_up_note"]
 
@@ -19,12 +20,13 @@ Call = tuple[str, str]
 
 
 def call_sequence(messages: Sequence[AnyMessage], proposed: AIMessage | None = None) -> list[Call]:
-    """The tool calls since the last human message, as `(name, canonical args)`, in order."""
-    start = 0
-    for i in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[i], HumanMessage):
-            start = i
-            break
+    """The current task's tool calls, as `(name, canonical args)`, in order.
+
+    From the user's message that started the task (`keel.state.task_start`): a thread's earlier
+    tasks are not counted, and `verify`'s feedback inside the task does not start the count
+    again (a model sent back to revise that repeats its calls is still repeating them).
+    """
+    start = max(task_start(messages), 0)
     calls: list[Call] = []
     for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
         if isinstance(m, AIMessage):

@@ -553,6 +553,19 @@ CASES = [
         escalate=True,
     ),
     Case(
+        "loop_across_a_revision",
+        TASK,
+        [
+            call("search", query="kettle"),
+            call("search", query="kettle"),
+            "Nothing found.",
+            call("search", query="kettle"),  # sent back: the third search in a row
+            "(never reached)",
+        ],
+        _policy(loop=LoopPolicy(max_repeats=3)),
+        judge_fails=1,
+    ),
+    Case(
         "plan",
         TASK,
         [call("lookup_order", order_id="Z9"), "Order Z9 shipped."],
@@ -704,3 +717,14 @@ def test_a_verification_left_waiting_stays_its_own_tasks(tmp_path: Path) -> None
     waited = third.runs[-2]  # the run whose answer waited for a human
     assert (waited.status, waited.terminated_reason) == ("stopped", "cancelled")
     assert "about its answer" in waited.detail
+
+
+def test_verify_feedback_does_not_restart_the_loop_guard(tmp_path: Path) -> None:
+    """The loop guard counts the task's calls: `verify`'s feedback (a user-role message of
+    keel's) started the count again, so a model sent back to revise could repeat its search
+    `max_repeats - 1` more times, after each revision."""
+    (case,) = [c for c in CASES if c.name == "loop_across_a_revision"]
+    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
+    assert fresh.outcome["terminated_reason"] == "loop_detected", fresh.outcome
+    assert fresh.revisions == 1
+    assert [t[2] for t in fresh.tools] == ["success", "success", "not_run"]  # the third: not run
