@@ -14,6 +14,8 @@ rejected on the thread).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -235,8 +237,29 @@ def _asked(result: dict[str, Any]) -> list[dict[str, Any]]:
 class Thread:
     """A thread on a real SQLite (or PostgreSQL) checkpointer and ledger."""
 
-    def __init__(self, agent: Any, ledger: Ledger, thread_id: str, store: Any = None) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        ledger: Ledger,
+        thread_id: str,
+        store: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.agent, self.ledger, self.thread_id, self.store = agent, ledger, thread_id, store
+        self.loop = loop
+        """With a loop: every run is driven by `ainvoke` on it (an async checkpointer)."""
+
+    def invoke(self, value: Any, config: dict[str, Any]) -> dict[str, Any]:
+        if self.loop is None:
+            result: dict[str, Any] = self.agent.invoke(value, config, context=CTX)
+            return result
+        return self.loop.run_until_complete(self.agent.ainvoke(value, config, context=CTX))
+
+    def saved_messages(self) -> list[Any]:
+        if self.loop is None:
+            return self.agent.get_state(self.config()).values.get("messages") or []
+        state = self.loop.run_until_complete(self.agent.aget_state(self.config()))
+        return state.values.get("messages") or []
 
     def lessons(self) -> dict[str, dict[str, Any]]:
         """The user's lessons in the store, by key."""
@@ -253,12 +276,12 @@ class Thread:
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Send `text`, answer each pause with the next decision; the last state and the asks."""
         messages = [("user", text)] if isinstance(text, str) else text
-        result = self.agent.invoke({"messages": messages}, self.config(**config), context=CTX)
+        result = self.invoke({"messages": messages}, self.config(**config))
         asked: list[dict[str, Any]] = []
         answers = list(decisions)
         while result["outcome"]["status"] == "interrupted" and answers:
             asked.extend(_asked(result))
-            result = self.agent.invoke(Command(resume=answers.pop(0)), self.config(), context=CTX)
+            result = self.invoke(Command(resume=answers.pop(0)), self.config())
         if result["outcome"]["status"] == "interrupted":
             asked.extend(_asked(result))
         return result, asked
@@ -270,7 +293,7 @@ class Thread:
         refunds, sent_at, lessons = len(REFUNDS), time.time(), self.lessons()
         sent: Any = text
         if resend:  # the saved conversation, as a client that keeps it sends it back
-            saved = self.agent.get_state(self.config()).values.get("messages") or []
+            saved = self.saved_messages()
             sent = [*saved, ("user", text)]
         result, asked = self.task(sent, decisions, **config)
         messages = result["messages"]
@@ -332,7 +355,7 @@ def _earlier(thread: Thread) -> list[str]:
 
 
 def _resume(self: Thread, decision: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-    return self.agent.invoke(Command(resume=decision), self.config(), context=CTX), []
+    return self.invoke(Command(resume=decision), self.config()), []
 
 
 Thread.task_resume = _resume  # type: ignore[attr-defined]
@@ -358,6 +381,8 @@ class Case:
     """The client sends the whole conversation with the new message, as it keeps it."""
     memory: bool = False
     """Long-term memory on (`recall`, `reflect`) on a ChromaStore."""
+    aio: bool = False
+    """Every run driven by `ainvoke`, on an async checkpointer."""
 
 
 def _policy(**more: Any) -> Policy:
@@ -390,8 +415,9 @@ def _run(
         index = {"dims": len(VOCAB), "embed": _vocab, "fields": ["text"]}
         store = ChromaStore(path=folder / f"chroma-{earlier}", index=index)  # type: ignore[arg-type]
         options.update(store=store, memory=True)
+    loop = asyncio.new_event_loop() if case.aio else None
     try:
-        with Persistence(url).checkpointer() as saver:
+        with _saver(url, loop) as saver:
             agent = build_agent(
                 _model((case.text, case.turns), case.reused_ids),
                 [lookup_order, search, issue_refund],
@@ -401,11 +427,28 @@ def _run(
                 prices=PRICES,
                 **options,
             )
-            thread = Thread(agent, ledger, "earlier" if earlier else "fresh", store)
+            thread = Thread(agent, ledger, "earlier" if earlier else "fresh", store, loop)
             reasons, config = history(thread) if earlier else ([], {})
             return thread.observe(case.text, case.decisions, case.resend, **config), reasons
     finally:
         ledger.close()
+        if loop is not None:
+            loop.close()
+
+
+@contextlib.contextmanager
+def _saver(url: str, loop: asyncio.AbstractEventLoop | None) -> Iterator[Any]:
+    """The thread's checkpointer: sync, or async on `loop` (for `ainvoke`)."""
+    if loop is None:
+        with Persistence(url).checkpointer() as saver:
+            yield saver
+        return
+    opened = Persistence(url).acheckpointer()
+    saver = loop.run_until_complete(opened.__aenter__())
+    try:
+        yield saver
+    finally:
+        loop.run_until_complete(opened.__aexit__(None, None, None))
 
 
 STRUCTURED = ("input_tokens", "output_tokens", "usd")
@@ -614,6 +657,8 @@ CASES += [
                           "output_guard", "loop_stop")),
     *_variants("reused_ids", ("an_approved_call_asks_again", "a_rejection_ends_the_run",
                               "loop_cycle", "tool_call_budget", "verify_and_revise")),
+    *_variants("aio", ("tool_call_budget", "an_approved_call_asks_again", "verify_and_revise",
+                       "input_guard_blocks", "loop_stop", "output_guard")),
     *_variants("resend", ("input_guard", "output_guard", "an_approved_call_asks_again",
                           "tool_call_budget", "verify_and_revise",
                           "loop_repeats_below_the_limit")),
@@ -641,8 +686,11 @@ def test_the_third_task_is_held_as_the_first(case: Case, tmp_path: Path) -> None
     assert runs == [*reasons[:3], "cancelled", *reasons[4:], fresh.outcome["terminated_reason"]]
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["invoke", "ainvoke"])
 @pytest.mark.parametrize("gate", ["policy", "default"])
-def test_a_call_a_human_rejected_stays_rejected_on_the_thread(gate: str, tmp_path: Path) -> None:
+def test_a_call_a_human_rejected_stays_rejected_on_the_thread(
+    gate: str, aio: bool, tmp_path: Path
+) -> None:
     """The one difference by design (README: "a call a human rejected still never runs").
 
     The first task's human rejected refunding B2 $10. The same call in a later task of the
@@ -656,6 +704,7 @@ def test_a_call_a_human_rejected_stays_rejected_on_the_thread(gate: str, tmp_pat
         [call("issue_refund", order_id="B2", amount=10.0), "Refunded B2."],
         _policy() if gate == "policy" else None,  # type: ignore[arg-type]
         decisions=(APPROVE,),
+        aio=aio,
     )
     fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
     third, reasons = _run(case, _sqlite(tmp_path, "third"), True, tmp_path)
