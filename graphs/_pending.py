@@ -11,7 +11,7 @@ calls that wait without an answer; keel answers each `not_run` before the caller
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,12 +127,15 @@ def not_run_records(
     context: Any,
     recorder: Recorder | None,
     version: AgentVersion | None,
+    calls: Sequence[ToolCall] = (),
 ) -> list[AuditRecord]:
     """The `not_run` audit records of the pending calls `closing` answers, for the run's user.
 
     With the agent's observer (`recorder`), they carry the run, policy and agent version as
-    its other records do; each its tool's version.
+    its other records do; each its tool's version, and the arguments of its call in `calls`
+    (which refund was dropped), as every other tool record does.
     """
+    args = {c.get("id"): c.get("args") for c in calls}
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
     who = run_context(config, context)  # the server's user, a RunContext or a plain dict
     fields: dict[str, Any] = {"user_id": who.user_id, "tenant_id": who.tenant_id}
@@ -145,6 +148,7 @@ def not_run_records(
             decision="not_run",
             status="not_run",
             tool=m.name,
+            args=args.get(m.tool_call_id),
             result=str(m.content),
             tool_call_id=m.tool_call_id,
             tool_version=tools.get(m.name),

@@ -58,6 +58,7 @@ from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
+from keel.nodes.history import pending_tool_calls
 from keel.state import Outcome, RunContext
 from keel.versions import AgentVersion
 
@@ -279,7 +280,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         if drops_pending(input, config, state):
             assert state is not None
             input, closing = closed(input, state)
-            records = self._not_run(closing, config, kwargs)
+            _, calls = pending_tool_calls(state.values.get("messages") or [])
+            records = self._not_run(closing, config, kwargs, calls)
             answered = Dropped(records, abandoned(state, closing))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
@@ -290,15 +292,15 @@ class ThreadGuardedGraph(ProtectedGraph):
         resumes = self._check_input(input) and config is not None
         if left := turned_past(input, state):
             input, closing = closed_update(input, left)
-            answered = Dropped(self._not_run(closing, config, kwargs))
+            answered = Dropped(self._not_run(closing, config, kwargs, left))
         return input, answered, resumes
 
     def _not_run(
-        self, closing: list[Any], config: RunnableConfig | None, kwargs: Any
+        self, closing: list[Any], config: RunnableConfig | None, kwargs: Any, calls: list[Any]
     ) -> list[AuditRecord]:
         """The `not_run` audit records of `closing`, for the run's user, as its other records."""
-        context = kwargs.get("context")
-        return not_run_records(closing, config, context, self.keel_recorder, self.keel_version)
+        context, recorder, version = kwargs.get("context"), self.keel_recorder, self.keel_version
+        return not_run_records(closing, config, context, recorder, version, calls)
 
     def _answer(self, answered: Dropped, end: RunEnd | None) -> None:
         """Audit the calls this run answers `not_run`; record the end of the run that waited.

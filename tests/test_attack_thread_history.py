@@ -777,3 +777,33 @@ def test_verify_feedback_does_not_restart_the_loop_guard(tmp_path: Path) -> None
     assert fresh.outcome["terminated_reason"] == "loop_detected", fresh.outcome
     assert fresh.revisions == 1
     assert [t[2] for t in fresh.tools] == ["success", "success", "not_run"]  # the third: not run
+
+
+def _approval_dropped(thread: Thread) -> tuple[list[str], dict[str, str]]:
+    """The earlier tasks, then a refund left waiting for a human: the task drops it."""
+    reasons = _earlier(thread)
+    waiting, _ = thread.task("Refund D4.")
+    assert waiting["outcome"]["status"] == "interrupted", waiting["outcome"]
+    return [*reasons, "cancelled"], {"keel_pending": "not_run"}
+
+
+@pytest.mark.parametrize("name", ["tool_call_budget", "an_approved_call_asks_again", "plan"])
+def test_a_task_that_drops_a_waiting_approval_is_its_own(name: str, tmp_path: Path) -> None:
+    """The task sent with `keel_pending="not_run"` while a refund waits: the refund's `not_run`
+    answer belongs to the run that waited (cancelled), not to the new task's record."""
+    (case,) = [c for c in CASES if c.name == name]
+    fresh, _ = _run(case, _sqlite(tmp_path, "fresh"), False, tmp_path)
+    third, _ = _run(case, _sqlite(tmp_path, "third"), True, tmp_path, _approval_dropped)
+    # the dropped refund's answer is audited as the task starts, with its arguments (its
+    # record had none: which refund was dropped?); it is the waiting run's, not the task's
+    dropped = third.audit.pop(0)
+    assert dropped == (
+        "tool",
+        "not_run",
+        "not_run",
+        "issue_refund",
+        {"order_id": "D4", "amount": 7.0},
+    )
+    _compare(fresh, third, case)
+    waited = third.runs[-2]
+    assert (waited.status, waited.terminated_reason) == ("stopped", "cancelled")
