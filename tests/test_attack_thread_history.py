@@ -23,13 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
 from keel import AuditLog, Ledger, Persistence, Price, PriceTable, RunContext, RunLog, build_agent
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
-from keel.guards import Budget, InputGuardPolicy, LoopPolicy, Policy, Rule
+from keel.guards import (
+    Budget,
+    BudgetMiddleware,
+    InputGuardPolicy,
+    LoopGuardMiddleware,
+    LoopPolicy,
+    PermissionMiddleware,
+    Policy,
+    Rule,
+    outcome_of,
+)
 from keel.memory import ChromaStore, user_namespace
 from keel.state import run_usage, task_start
 from keel.tools import tool
@@ -807,3 +819,79 @@ def test_a_task_that_drops_a_waiting_approval_is_its_own(name: str, tmp_path: Pa
     _compare(fresh, third, case)
     waited = third.runs[-2]
     assert (waited.status, waited.terminated_reason) == ("stopped", "cancelled")
+
+
+# -- the same guarantees through keel's middleware in LangChain's create_agent -------------------
+
+MIDDLEWARE_EARLIER: list[tuple[str, list[Turn], list[dict[str, Any]]]] = [
+    (
+        "Refund A1 after checking it.",
+        [
+            call("lookup_order", order_id="A1"),
+            call("issue_refund", order_id="A1", amount=42.5),
+            "Refunded A1.",
+        ],
+        [APPROVE],
+    ),
+    ("Search for kettles until you find one.", [call("search", query="kettle")] * 4, []),
+]
+
+
+def _middleware_task(agent: Any, thread: str, text: str, decisions: Sequence[Any]) -> Any:
+    config = {"configurable": {"thread_id": thread}}
+    result = agent.invoke({"messages": [("user", text)]}, config, context=CTX)
+    asked, answers = [], list(decisions)
+    while "__interrupt__" in result:
+        value = result["__interrupt__"][0].value
+        asked.append((value["name"], value["args"]))
+        assert answers, f"the run asked a human unexpectedly: {value}"
+        result = agent.invoke(Command(resume=answers.pop(0)), config, context=CTX)
+    messages = result["messages"]
+    start = task_start(messages)
+    tools = [
+        (m.name, m.response_metadata.get("keel_status")) for m in messages[start:]
+        if isinstance(m, ToolMessage)
+    ]  # fmt: skip
+    return outcome_of(result), messages[-1].text, asked, tools
+
+
+MIDDLEWARE_CASES = {
+    "budget": ([call("lookup_order", order_id=o) for o in ("A1", "B2", "C3")] + ["Done."], ()),
+    "ask_again": ([call("issue_refund", order_id="A1", amount=42.5), "Refunded."], (APPROVE,)),
+    "loop_below": ([call("search", query="kettle")] * 2 + ["Nothing found."], ()),
+    "loop_stop": ([call("search", query="kettle")] * 3 + ["(never reached)"], ()),
+}
+
+
+@pytest.mark.parametrize("name", list(MIDDLEWARE_CASES))
+def test_the_middleware_holds_a_third_task_as_a_first(name: str) -> None:
+    """`BudgetMiddleware`, `PermissionMiddleware` and `LoopGuardMiddleware` on a thread."""
+    turns, decisions = MIDDLEWARE_CASES[name]
+    scripts = {text: script for text, script, _ in MIDDLEWARE_EARLIER}
+    scripts[TASK] = turns
+
+    def turn(messages: Sequence[BaseMessage]) -> AIMessage:
+        task, n = _current(messages)
+        entry = scripts[task][n] if n < len(scripts[task]) else "(out of turns)"
+        return AIMessage(content=entry) if isinstance(entry, str) else entry.model_copy()
+
+    policy = _policy(budget=Budget(tool_calls=2))
+    agent = create_agent(
+        ScriptedChatModel(script=[turn] * 200, fresh_ids=True),
+        [lookup_order, search, issue_refund],
+        middleware=[
+            BudgetMiddleware(Budget(tool_calls=2)),
+            PermissionMiddleware(policy),
+            LoopGuardMiddleware(LoopPolicy(max_repeats=3)),
+        ],
+        context_schema=RunContext,
+        checkpointer=InMemorySaver(),
+    )
+    fresh = _middleware_task(agent, "fresh", TASK, decisions)
+    refunds = list(REFUNDS)
+    for text, _, earlier in MIDDLEWARE_EARLIER:
+        _middleware_task(agent, "earlier", text, earlier)
+    REFUNDS.clear()  # the earlier tasks' refund
+    third = _middleware_task(agent, "earlier", TASK, decisions)
+    assert third == fresh
+    assert refunds == REFUNDS
