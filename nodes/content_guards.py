@@ -68,10 +68,14 @@ def _input_update(state: AgentState, screened: Screened) -> dict[str, Any]:
     if screened.blocked is not None:
         update["outcome"] = outcome.stopped("blocked", screened.blocked)
         # the run ends before the model: start its clock here, so that its usage, its start
-        # and its records are its own, not the thread's previous task's
+        # and its records are its own, not the thread's previous task's; nor did it degrade as
+        # that task did (its `recall` and standing approvals, which clear their own warnings
+        # as a task starts, do not run)
         clock = task_clock(state, time.time())
         if clock is not None:
             update.update(clock=clock, **task_reset(state))
+            if state.get("warnings"):
+                update["warnings"] = []
     elif state.get("outcome") is not None:
         update["outcome"] = None  # a new task: the last one's outcome no longer holds
     return update
