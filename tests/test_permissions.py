@@ -639,7 +639,9 @@ def test_no_denied_call_ever_executes(
     assert "__interrupt__" not in result
     assert result["outcome"]["terminated_reason"] == "completed"
     executed = list(EXECUTED)
-    assert executed == allowed
+    # a repeat of an allowed side-effecting call of the same turn runs once (keel.tools._duplicates)
+    once = [c for i, c in enumerate(allowed) if c[0] == "read_order" or c not in allowed[:i]]
+    assert executed == once
     answers = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert [m.tool_call_id for m in answers] == [f"c{i}" for i in range(len(batch))]
     for (name, record), message in zip(batch, answers, strict=True):
