@@ -20,6 +20,7 @@ from langgraph.types import Command
 from keel import RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
+    Budget,
     ContentFinding,
     InputGuardMiddleware,
     InputGuardPolicy,
@@ -127,3 +128,18 @@ def test_an_async_detector_still_works_under_invoke() -> None:
     result = agent.invoke({"messages": [("user", f"Hi. {MARK}")]}, config, context=CTX)
     assert model.calls == []
     assert result["outcome"]["terminated_reason"] == "blocked"
+
+
+def test_a_model_detectors_calls_are_not_counted_in_the_runs_usage() -> None:
+    """README: a `ModelDetector` calls its model directly, outside the run's budgets. If its
+    calls ever go through `GuardedModel`, this fails: say so in README's Usage and cost."""
+    judge = ScriptedChatModel(
+        structured={"InjectionVerdict": {"injection": False, "reason": "plain data"}}
+    )
+    guard = InputGuardPolicy(detector=ModelDetector(model=judge))
+    model = ScriptedChatModel(script=["It shipped."])
+    agent = build_agent(model, policy=Policy(input_guard=guard, budget=Budget(model_calls=5)))
+    result = agent.invoke({"messages": [("user", "Where is my order?")]})
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert len(judge.calls) == 1  # the detector read the user's message
+    assert result["usage"]["model_calls"] == 1  # the agent's one turn only
