@@ -54,7 +54,15 @@ from keel.guards.model_call import (
 )
 from keel.guards.policy import Policy
 from keel.pricing import PriceTable
-from keel.state import AgentInput, AgentState, RunContext, Usage, run_usage, task_clock
+from keel.state import (
+    AgentInput,
+    AgentState,
+    RunContext,
+    Usage,
+    run_usage,
+    task_clock,
+    task_start,
+)
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
 
@@ -286,10 +294,8 @@ def _finished(decision: Route, state: SupervisorState) -> Any:
 
 
 def _last_user_text(messages: Sequence[BaseMessage]) -> str:
-    for message in reversed(messages):
-        if isinstance(message, HumanMessage):
-            return message.text
-    return ""
+    start = task_start(messages)
+    return messages[start].text if start >= 0 else ""
 
 
 def _prompt(

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from keel.errors import UserError
 from keel.guards.policy import Budget
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.redact import sanitized_logger
-from keel.state import Usage, add_usage
+from keel.state import Usage, add_usage, task_start
 
 log = sanitized_logger("keel.guards")
 
@@ -161,14 +161,11 @@ process)."""
 
 
 def run_messages(messages: Sequence[BaseMessage]) -> Sequence[BaseMessage]:
-    """The current run's messages: from the last user message on (all, without one).
+    """The current run's messages: from the user message that started it (`task_start`) on.
 
-    A run budget counts these; earlier runs on the thread have their own.
+    All of them without one. A run budget counts these; earlier runs on the thread have their own.
     """
-    for i in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[i], HumanMessage):
-            return messages[i:]
-    return messages
+    return messages[max(task_start(messages), 0) :]
 
 
 def usage_from_messages(
