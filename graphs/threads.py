@@ -28,7 +28,7 @@ lease in the ledger while it streams; a refused run yields only its `overloaded`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from langchain_core.messages import BaseMessage, convert_to_messages
@@ -36,7 +36,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Command, StateSnapshot
+from langgraph.types import Command, StateSnapshot, StateUpdate
 
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
@@ -44,6 +44,7 @@ from keel.db.runs import RunLog, RunRecord
 from keel.errors import UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
+from keel.graphs._owner import owned, owner_of, stamped
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -396,12 +397,27 @@ class ThreadGuardedGraph(ProtectedGraph):
         except ValueError:
             return None
 
+    def bulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> RunnableConfig:
+        """LangGraph's `bulk_update_state` (and `update_state`), keeping the thread's owner."""
+        return super().bulk_update_state(stamped(config, owner_of(self._state(config))), supersteps)
+
+    async def abulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> RunnableConfig:
+        """LangGraph's `abulk_update_state` (and `aupdate_state`), keeping the thread's owner."""
+        owner = owner_of(await self._astate(config))
+        return await super().abulk_update_state(stamped(config, owner), supersteps)
+
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            input, answered, resumes = self._checked(input, config, self._state(config), kwargs)
+            state = self._state(config)
+            config = owned(input, config, state, run_context(config, kwargs.get("context")))
+            input, answered, resumes = self._checked(input, config, state, kwargs)
             if resumes:
                 self._check_waiting(self.get_state(config or {}).interrupts, config)
             if self.keel_admission is not None:
@@ -416,6 +432,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
             state = await self._astate(config)
+            config = owned(input, config, state, run_context(config, kwargs.get("context")))
             input, answered, resumes = self._checked(input, config, state, kwargs)
             if resumes:
                 self._check_waiting((await self.aget_state(config or {})).interrupts, config)

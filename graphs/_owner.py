@@ -1,0 +1,92 @@
+"""Whose thread: a thread belongs to the identity its first run was for.
+
+A thread's history, its pending approvals and its tools' effects are one user's. An app that
+takes the `thread_id` from its client (the usual web app) would otherwise let any user who
+learns or guesses another's thread id read that thread's history in the run's result, answer
+its pending approvals, or carry on its task in the owner's name. So every checkpoint a run
+writes carries the thread's owner (`OWNER_METADATA`, in the checkpoint's metadata, where
+LangGraph copies the run's `config["metadata"]`), and a run for anyone else is refused with a
+`UserError` before anything is written. The one exception mirrors the server's: a user with
+the role `reviewer` of the owner's tenant may answer what the thread waits for
+(`None` or `Command(resume=...)`), not send it a new task. The owner stays the owner.
+
+A thread saved before keel stamped owners (no stamp) is adopted by its next run. A state
+update (`update_state`) is the app's own act, not a user's: it keeps the stamp it finds.
+Under LangGraph server the check agrees with keel's auth, which already keeps users to their
+own threads: the run's identity is the server's user (a reviewer's run acts for the owner).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command, StateSnapshot
+
+from keel.errors import UserError
+from keel.identity import REVIEWER_ROLE
+from keel.state import RunContext
+
+__all__ = ["OWNER_METADATA", "owned", "owner_of", "stamped"]
+
+OWNER_METADATA = "keel_thread_owner"
+"""Checkpoint metadata key: the thread's owner, `["<tenant_id>", "<user_id>"]` as JSON."""
+
+
+def _owner(context: RunContext) -> str:
+    return json.dumps([context.tenant_id, context.user_id], ensure_ascii=False)
+
+
+def _reviews(context: RunContext, owner: str, input: Any) -> bool:
+    """Whether `context` is a reviewer of the owner's tenant answering what the thread waits for."""
+    if REVIEWER_ROLE not in context.roles or not (input is None or isinstance(input, Command)):
+        return False
+    try:
+        tenant = json.loads(owner)[0]
+    except (ValueError, TypeError, IndexError, KeyError):
+        return False
+    return bool(tenant == context.tenant_id)
+
+
+def stamped(config: RunnableConfig | None, owner: str | None) -> RunnableConfig:
+    """`config` whose checkpoints carry `owner` (unchanged when there is none to carry)."""
+    out: RunnableConfig = {**(config or {})}
+    if owner is not None:
+        metadata = out.get("metadata")
+        out["metadata"] = {
+            **(metadata if isinstance(metadata, Mapping) else {}),
+            OWNER_METADATA: owner,
+        }
+    return out
+
+
+def owner_of(state: StateSnapshot | None) -> str | None:
+    """The owner stamped on the thread's latest checkpoint, if any."""
+    found = (state.metadata or {}).get(OWNER_METADATA) if state is not None else None
+    return found if isinstance(found, str) else None
+
+
+def owned(
+    input: Any, config: RunnableConfig | None, state: StateSnapshot | None, context: RunContext
+) -> RunnableConfig:
+    """`config` stamped with the thread's owner, once `context` may run on the thread.
+
+    Raises `UserError` for a run on a thread another identity owns (see the module's doc).
+    """
+    if not ((config or {}).get("configurable") or {}).get("thread_id"):
+        return config or {}  # no thread: nothing to own
+    owner = owner_of(state)
+    me = _owner(context)
+    if owner is not None and owner != me and not _reviews(context, owner, input):
+        thread = ((config or {}).get("configurable") or {}).get("thread_id")
+        raise UserError(
+            f"Thread {thread!r} belongs to another user, and this run is for user "
+            f"{context.user_id!r} of tenant {context.tenant_id!r}: a thread's history, pending "
+            "approvals and tools act for the user who started it. Start a new thread for this "
+            "user (a new thread_id), or check that the thread_id came from this user's own "
+            "session. A reviewer (role 'reviewer', same tenant) may answer what a thread waits "
+            "for with Command(resume=...)."
+        )
+    return stamped(config, owner or me)
