@@ -10,6 +10,7 @@
   whose database file is emptied under it (every store call raises).
 
 Every tool records its executions (`record_execution`), so a suite scores what really ran.
+Each factory takes `prices=` (a `PriceTable`, from `keel eval --price`) for `build_agent`.
 `builtin_suite("adversarial")` loads a built-in suite by name.
 """
 
@@ -39,6 +40,7 @@ from keel.evals.executions import record_execution
 from keel.evals.suite import Suite, load_suite
 from keel.graphs.agent import Agent, build_agent
 from keel.guards.policy import Policy, Rule
+from keel.pricing import PriceTable
 from keel.tools.registry import KeelTool, tool
 
 __all__ = [
@@ -106,17 +108,23 @@ def _agent(
     )
 
 
-def demo_agent(model: BaseChatModel, *, judged: bool = False) -> Agent:
+def demo_agent(
+    model: BaseChatModel, *, judged: bool = False, prices: PriceTable | None = None
+) -> Agent:
     """The demo agent of keel on `model`: the demo's tools and policy, in-memory checkpoints.
 
     `judged=True` adds what `keel demo` has on top: a plan first, and `model` as the judge of
     the final answer (the local model's scorecard runs so).
     """
-    return _agent(model, demo_tools(DemoShop()), demo_policy(), judged=judged)
+    return _agent(model, demo_tools(DemoShop()), demo_policy(), judged=judged, prices=prices)
 
 
 def adversarial_agent(
-    model: BaseChatModel, policy: Policy | None = None, *, judged: bool = False
+    model: BaseChatModel,
+    policy: Policy | None = None,
+    *,
+    judged: bool = False,
+    prices: PriceTable | None = None,
 ) -> Agent:
     """The demo agent under the demo's policy, with tools it denies and a poisoned order.
 
@@ -138,14 +146,14 @@ def adversarial_agent(
         return f"Deleted order {order_id}."
 
     tools = [*demo_tools(shop), export_customers, delete_order]
-    return _agent(model, tools, policy or demo_policy(), judged=judged)
+    return _agent(model, tools, policy or demo_policy(), judged=judged, prices=prices)
 
 
 def chaos_agent(model: BaseChatModel, **extra: Any) -> Agent:
     """The demo agent plus two tools its policy allows: one always fails, one hangs.
 
     `check_stock` raises a connection error; `track_parcel` sleeps past its timeout. `extra`
-    goes to `build_agent` (a ledger, a store).
+    goes to `build_agent` (a ledger, a store, prices).
     """
 
     @tool(name="check_stock", retries=0)
@@ -166,7 +174,7 @@ def chaos_agent(model: BaseChatModel, **extra: Any) -> Agent:
     return _agent(model, [*demo_tools(DemoShop()), check_stock, track_parcel], policy, **extra)
 
 
-def failing_ledger_agent(model: BaseChatModel) -> Agent:
+def failing_ledger_agent(model: BaseChatModel, *, prices: PriceTable | None = None) -> Agent:
     """The chaos agent on a real SQLite ledger whose tables are dropped after setup.
 
     Every ledger operation of the run (the at-most-once record of `issue_refund`, audit
@@ -179,12 +187,12 @@ def failing_ledger_agent(model: BaseChatModel) -> Agent:
     with sqlite3.connect(f"{folder}/keel.db") as db:
         for table in TABLES:
             db.execute(f"DROP TABLE {table.name}")
-    agent = chaos_agent(model, ledger=ledger)
+    agent = chaos_agent(model, ledger=ledger, prices=prices)
     weakref.finalize(agent, _discard, ledger, folder)
     return agent
 
 
-def failing_store_agent(model: BaseChatModel) -> Agent:
+def failing_store_agent(model: BaseChatModel, *, prices: PriceTable | None = None) -> Agent:
     """The chaos agent with long-term memory in a real Chroma store that fails.
 
     The store (an embedded `PersistentClient`, a tiny offline embedder) holds one memory; then
@@ -198,7 +206,7 @@ def failing_store_agent(model: BaseChatModel) -> Agent:
     store.put(("memories", "acme", "alice"), "pref", {"text": "prefers refunds to store credit"})
     with open(f"{folder}/chroma.sqlite3", "r+b") as file:
         file.truncate(0)
-    agent = chaos_agent(model, store=store, memory=True)
+    agent = chaos_agent(model, store=store, memory=True, prices=prices)
     weakref.finalize(agent, shutil.rmtree, folder, True)
     return agent
 

@@ -1,7 +1,7 @@
 """`keel eval`: run a suite, print a line per case, write the results, gate on the pass rate.
 
     keel eval SUITE [--graph module:factory] [--model M] [--judge M] [--repeat N]
-                    [--concurrency C] [--min-pass-rate R] [--out DIR]
+                    [--concurrency C] [--min-pass-rate R] [--out DIR] [--price MODEL=IN,OUT]
                     [--langsmith [--dataset NAME]]
 
     keel eval feedback RUN [--score S] [--comment C] [--correction T] [--user U] [--db URL]
@@ -17,6 +17,10 @@ SUITE is a YAML file or the name of a built-in suite (`adversarial`, `chaos`, `d
 `LANGSMITH_API_KEY`, and without it nothing is sent); the local results are written as well. The
 `keel` command dispatches `keel eval ...` here by module name (`keel.app` never imports
 `keel.evals`); `python -m keel.evals.cli SUITE` is the same command.
+
+`--price MODEL=IN,OUT` (repeatable; also on `replay` and `shadow`) prices a model keel's table does
+not know, as `keel run --price` does: the graph factories get the table as `prices=`
+(`keel.evals.runner`), so a case's agent under a dollar limit can run on that model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.app.cli_observe import existing_db
+from keel.app.cli_prices import add_price_option, price_table
 from keel.db.ledger import Ledger
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
@@ -69,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
         "--min-pass-rate", type=float, default=1.0, help="exit 1 below this share (default 1.0)"
     )
     p.add_argument("--out", default=None, help="results folder (default .keel/evals/SUITE)")
+    add_price_option(p, "passed to the graph factories as prices=")
     p.add_argument(
         "--langsmith",
         action="store_true",
@@ -106,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.dataset is not None and not args.langsmith:
             raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
+        args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
         result, experiment = asyncio.run(_run(suite, args))
         if experiment is not None:
@@ -148,6 +155,7 @@ async def _run(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str
         "judge": args.judge,
         "repeat": args.repeat,
         "concurrency": args.concurrency,
+        "prices": args.prices,
     }
     if args.langsmith:
         return await arun_experiment(suite, args.graph, dataset=args.dataset, **options)

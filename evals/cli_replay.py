@@ -2,12 +2,17 @@
 
     keel eval replay THREAD --db URL --graph module:factory [--from CHECKPOINT] [--live --model M]
                      [--user U --tenant T --roles R,S] [--json FILE] [--out DIR]
-                     [--save-cassette FILE | --cassette FILE]
+                     [--save-cassette FILE | --cassette FILE] [--price MODEL=IN,OUT]
     keel eval capture THREAD --db URL --suite FILE [--id ID] [--expect STATUS/REASON]
                       [--roles R,S] [--graph module:factory]
     keel eval shadow SUITE --candidate module:factory [--graph module:factory]
                      [--model M] [--candidate-model M] [--judge M] [--out DIR]
+                     [--price MODEL=IN,OUT]
     keel eval shadow --threads T1,T2 --db URL --candidate module:factory [--model M] [--out DIR]
+                     [--price MODEL=IN,OUT]
+
+`--price` (repeatable) prices a model keel's table does not know for the graph factories
+(`prices=`), as `keel eval SUITE --price` does; a cassette replay plays the recorded model.
 
 Exit codes: 0 done (differences are reported, not failures), 2 bad input.
 """
@@ -21,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel.app.cli_prices import add_price_option, price_table
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
 from keel.evals.capture import acapture
@@ -31,6 +37,7 @@ from keel.evals.report import default_out, write_text
 from keel.evals.shadow import ashadow, ashadow_threads
 from keel.evals.stored import aload_thread
 from keel.evals.suite import Suite, load_suite
+from keel.pricing import PriceTable
 from keel.state import RunContext
 
 __all__ = ["capture_main", "replay_main", "shadow_main"]
@@ -43,6 +50,10 @@ def _identity(args: argparse.Namespace) -> RunContext | None:
     return RunContext(
         user_id=args.user or "replay-user", tenant_id=args.tenant or "default", roles=roles
     )
+
+
+def _prices(args: argparse.Namespace) -> PriceTable | None:
+    return price_table(args.price) if args.price else None
 
 
 def _run(name: str, job: object) -> int:
@@ -87,16 +98,18 @@ def replay_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", default=None, help="write replay.json/.md/.html into this folder")
     p.add_argument("--cassette", default=None, help="play this saved cassette (JSON)")
     p.add_argument("--save-cassette", default=None, help="save the thread's cassette (JSON)")
+    add_price_option(p, "passed to the graph factory as prices=")
     args = p.parse_args(argv)
 
     async def job() -> None:
+        prices = _prices(args)  # a bad --price is reported before the database is read
         stored = await aload_thread(args.thread, db=args.db)
         cassette = _read_cassette(args.cassette) if args.cassette else None
         if args.save_cassette:
             _write_text(args.save_cassette, Cassette.from_thread(stored).to_json())
         diff = await areplay(
             stored, args.graph, start=args.start, live=args.live, model=args.model,
-            identity=_identity(args), cassette=cassette,
+            identity=_identity(args), cassette=cassette, prices=prices,
         )  # fmt: skip
         print("\n".join(diff.lines()))
         if args.json:
@@ -151,14 +164,18 @@ def shadow_main(argv: Sequence[str]) -> int:
     p.add_argument("--threads", default=None, help="comma-separated stored thread ids")
     p.add_argument("--db", default=None, help="database of --threads")
     p.add_argument("--out", default=None, help="report folder (default .keel/evals/shadow-*)")
+    add_price_option(p, "passed to both sides' graph factories as prices=")
     args = p.parse_args(argv)
 
     async def job() -> None:
+        prices = _prices(args)
         if args.threads:
             if args.candidate is None:
                 raise KeelError("--threads needs --candidate module:factory.")
             ids = [t for t in args.threads.split(",") if t]
-            diffs = await ashadow_threads(ids, args.candidate, db=args.db, model=args.model)
+            diffs = await ashadow_threads(
+                ids, args.candidate, db=args.db, model=args.model, prices=prices
+            )
             for diff in diffs:
                 print("\n".join(diff.lines()))
             paths = write_replay_report(diffs, args.out or Path(".keel/evals/shadow-threads"))
@@ -168,7 +185,7 @@ def shadow_main(argv: Sequence[str]) -> int:
             suite = _suite(args.suite)
             result = await ashadow(
                 suite, args.graph, args.candidate, model=args.model,
-                candidate_model=args.candidate_model, judge=args.judge,
+                candidate_model=args.candidate_model, judge=args.judge, prices=prices,
             )  # fmt: skip
             s = result.summary()
             for pair in result.pairs:

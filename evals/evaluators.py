@@ -144,7 +144,8 @@ def within_budgets(run: CaseRun) -> Score | None:
     if unpriced:
         over.append(
             f"usd unknown: keel has no price for {', '.join(map(repr, unpriced))} (its calls "
-            "counted $0); price it with PriceTable in the graph factory"
+            "counted $0); price it with `keel eval --price MODEL=IN,OUT` (or PriceTable in "
+            "the graph factory)"
         )
     return Score("budgets", not over, detail="; ".join(over))
 
@@ -155,7 +156,7 @@ def _unpriced_models(run: CaseRun) -> list[str]:
     None when it knows the model the run called (`run.model`): answers under another name (a
     dated or routed one, Ollama's bare names) are priced as that model, as `usage_of` does.
     """
-    table = PriceTable()
+    table = run.prices or PriceTable()
     if run.model and table.price_of(run.model) is not None:
         return []
     names = {

@@ -23,8 +23,16 @@ from keel.errors import UserError
 from keel.evals.evaluators import Evaluator, default_evaluators
 from keel.evals.feedback import langsmith_key
 from keel.evals.results import CaseRun, SuiteResult
-from keel.evals.runner import DEFAULT_GRAPH, GraphFactory, _model_for, arun_case, load_graph
+from keel.evals.runner import (
+    DEFAULT_GRAPH,
+    GraphFactory,
+    _model_for,
+    arun_case,
+    check_prices,
+    load_graph,
+)
 from keel.evals.suite import Case, Suite
+from keel.pricing import PriceTable
 from keel.redact import sanitize
 
 __all__ = ["arun_experiment", "dataset_name", "langsmith_evaluator"]
@@ -96,6 +104,7 @@ async def arun_experiment(
     dataset: str | None = None,
     experiment_prefix: str | None = None,
     client: Any = None,
+    prices: PriceTable | None = None,
 ) -> tuple[SuiteResult, str]:
     """Run `suite` as a LangSmith experiment; returns keel's result and the experiment's name.
 
@@ -110,6 +119,7 @@ async def arun_experiment(
         dataset: The dataset's name (default `keel-<suite>`), created or reused.
         experiment_prefix: The experiment's name prefix (default: the suite's name).
         client: A `langsmith.Client` (default: one for `LANGSMITH_ENDPOINT` and the key).
+        prices: Prices for the graph factories, as in `arun_suite`.
 
     Raises:
         UserError: no LangSmith key (and no `client`): nothing is sent.
@@ -130,6 +140,8 @@ async def arun_experiment(
         client = sanitizing_client()
     graph_name = graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
     factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
+    own = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
+    check_prices([(str(graph_name), factory), *own.items()], prices)  # before sending
     cases = {c.id: c for c in suite.cases}
     models = {c.id: _model_for(c, suite, model) for c in suite.cases}  # checked before sending
     name = dataset or dataset_name(suite)
@@ -144,8 +156,8 @@ async def arun_experiment(
                 f"The dataset {name!r} has a case {inputs.get('case')!r} the suite lacks."
             )
         index = repeats[case.id] = repeats.get(case.id, -1) + 1
-        built = load_graph(case.graph) if case.graph is not None else factory
-        run = await arun_case(case, built, model=models[case.id], repeat=index)
+        built = own[case.graph] if case.graph is not None else factory
+        run = await arun_case(case, built, model=models[case.id], repeat=index, prices=prices)
         token = uuid.uuid4().hex
         runs[token] = run
         return sanitize({"keel_run": token, **run.to_dict()})

@@ -33,6 +33,8 @@ from keel.evals.results import ToolStep
 from keel.evals.runner import (
     MAX_RESUMES,
     GraphFactory,
+    build_graph,
+    check_prices,
     isolated_graph,
     load_graph,
     trajectory_of,
@@ -59,16 +61,21 @@ class RunView:
     output_tokens: int = 0
     """Output tokens of its model answers."""
     usd: float = 0.0
-    """Their cost, from keel's price table."""
+    """Their cost, from keel's price table (with the replay's `prices` over it)."""
     model_calls: int = 0
     """Model answers."""
     answer: str = ""
     """The last AI text."""
 
     @classmethod
-    def of(cls, messages: Sequence[BaseMessage], outcome: dict[str, Any]) -> RunView:
-        """The view of the messages a run added, and its outcome."""
-        prices = PriceTable()
+    def of(
+        cls,
+        messages: Sequence[BaseMessage],
+        outcome: dict[str, Any],
+        prices: PriceTable | None = None,
+    ) -> RunView:
+        """The view of the messages a run added, and its outcome (priced by `prices`)."""
+        prices = prices or PriceTable()
         view = cls(trajectory=trajectory_of(messages), outcome=dict(outcome))
         for m in messages:
             if not isinstance(m, AIMessage):
@@ -272,6 +279,7 @@ async def areplay(
     model: str | BaseChatModel | None = None,
     identity: RunContext | None = None,
     cassette: Cassette | None = None,
+    prices: PriceTable | None = None,
 ) -> ReplayDiff:
     """Replay a stored thread on `graph` and diff it with the recorded run.
 
@@ -287,6 +295,8 @@ async def areplay(
         identity: Who the replay runs for (default: the thread's user and tenant, role `user`).
         cassette: The recorded responses to play (default: recorded from the thread; e.g. a
             `Cassette.from_json` kept beside a test).
+        prices: Prices for the graph factory (`factory(model, prices=prices)`, as in
+            `arun_suite`): the live model's, or the recorded model's the cassette plays.
 
     Raises:
         UserError: no such thread or checkpoint, a thread that is not an agent's, or a
@@ -307,7 +317,7 @@ async def areplay(
                 f"Checkpoint {checkpoint.id} (step {checkpoint.step}) of thread "
                 f"{stored.thread_id!r} holds no messages yet; start from a later step."
             )
-    chat_model, compiled, label = _graph(graph, cassette, live=live, model=model)
+    chat_model, compiled, label = _graph(graph, cassette, live=live, model=model, prices=prices)
     compiled = isolated_graph(compiled)  # off production's checkpointer, every call stubbable
     seen = {m.id for m in begin}
     # the users' later tasks: keel's own user-role messages (verify's feedback) are not sent,
@@ -318,7 +328,9 @@ async def areplay(
         thread_id=stored.thread_id,
         start=where,
         mode="live" if live or chat_model is None else "cassette",
-        recorded=RunView.of([m for m in stored.messages if m.id not in seen], stored.outcome),
+        recorded=RunView.of(
+            [m for m in stored.messages if m.id not in seen], stored.outcome, prices
+        ),
         replayed=RunView(),
         graph=label,
         recorded_graph=stored.graph,
@@ -331,7 +343,7 @@ async def areplay(
         except Exception as exc:
             diff.raised = f"{type(exc).__name__}: {exc}"
     messages = [m for m in values.get("messages") or [] if m.id not in seen]
-    diff.replayed = RunView.of(messages, dict(values.get("outcome") or {}))
+    diff.replayed = RunView.of(messages, dict(values.get("outcome") or {}), prices)
     diff.from_cassette = list(tools.answered)
     diff.unrecorded = list(tools.unrecorded)
     diff.executions = list(executions)
@@ -352,6 +364,7 @@ def _graph(
     *,
     live: bool,
     model: str | BaseChatModel | None,
+    prices: PriceTable | None,
 ) -> tuple[BaseChatModel | None, Any, str]:
     if hasattr(graph, "astream") and hasattr(graph, "aget_state"):
         if not live or model is not None:
@@ -363,13 +376,14 @@ def _graph(
         return None, graph, str(getattr(graph, "name", "graph"))
     factory = load_graph(graph)
     label = graph if isinstance(graph, str) else getattr(graph, "__name__", "factory")
+    check_prices([(str(label), factory)], prices)
     if live and model is None:
         raise UserError("A live replay needs the new model: pass model=... (--model M).")
     if not live and model is not None:
         raise UserError(f"model={model!r} answers only a live replay: add live=True (--live).")
     chat_model = resolve_model(model) if live and model is not None else cassette.model()
     try:
-        return chat_model, factory(chat_model), str(label)
+        return chat_model, build_graph(factory, chat_model, prices), str(label)
     except UserError:
         raise
     except Exception as exc:

@@ -11,6 +11,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 
 from keel.evals.executions import Execution
 from keel.evals.suite import Case
+from keel.pricing import PriceTable
 
 __all__ = ["CaseRun", "Score", "SuiteResult", "ToolStep"]
 
@@ -81,6 +82,8 @@ class CaseRun:
     """The exception that escaped the graph, if one did (a run should never end so)."""
     scores: list[Score] = field(default_factory=list)
     """The evaluators' verdicts."""
+    prices: PriceTable | None = field(default=None, repr=False, compare=False)
+    """The price table the run's graph was given (`keel eval --price`); None: keel's own."""
 
     @property
     def passed(self) -> bool:

@@ -4,12 +4,19 @@
 `run_suite` is its thin sync entry point. A graph factory is a function `factory(model)` that
 returns a compiled LangGraph graph (with a checkpointer, so approvals can pause and resume), named
 as `module:function`; the default is keel's demo agent (`keel.evals.builtin:demo_agent`).
+
+Prices (`prices=`, `keel eval --price MODEL=IN,OUT`) reach the graph as `factory(model,
+prices=table)`: a factory that builds under a dollar limit takes `prices` and passes it to
+`build_agent` / `build_supervisor` (keel's built-in factories do). Without prices a factory is
+called as `factory(model)`; with prices, a factory that takes no `prices` is refused before
+anything runs (it could not use them, and its runs would fail on the unpriced model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -33,13 +40,24 @@ from keel.evals.suite import Case, ModelSpec, Suite
 from keel.graphs.threads import admitted
 from keel.models import model_name_of
 from keel.observe.tracing import tracing_enabled
+from keel.pricing import PriceTable
 from keel.tools.registry import registered
 from keel.tools.stubs import isolated, stub_answer, stub_message
 
-__all__ = ["DEFAULT_GRAPH", "GraphFactory", "arun_case", "arun_suite", "load_graph", "run_suite"]
+__all__ = [
+    "DEFAULT_GRAPH",
+    "GraphFactory",
+    "arun_case",
+    "arun_suite",
+    "build_graph",
+    "check_prices",
+    "load_graph",
+    "run_suite",
+]
 
-GraphFactory = Callable[[BaseChatModel], Any]
-"""`factory(model)` returns a compiled graph (LangGraph `Pregel`) for one case run."""
+GraphFactory = Callable[..., Any]
+"""`factory(model)` (or `factory(model, prices=table)`, when given prices) returns a compiled
+graph (LangGraph `Pregel`) for one case run."""
 DEFAULT_GRAPH = "keel.evals.builtin:demo_agent"
 """keel's demo agent (the demo's tools under its policy), the graph of suites that name none."""
 MAX_RESUMES = 20
@@ -65,6 +83,36 @@ def load_graph(path: str | GraphFactory) -> GraphFactory:
     return factory  # type: ignore[no-any-return]
 
 
+def _takes_prices(factory: GraphFactory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read, so try it
+        return True
+    return any(p.name == "prices" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_prices(factories: Sequence[tuple[str, GraphFactory]], prices: PriceTable | None) -> None:
+    """Refuse prices for a factory that cannot take them (`factory(model, prices=...)`).
+
+    Raises:
+        UserError: prices were given and a factory has no `prices` parameter (nor `**kwargs`).
+    """
+    if prices is None:
+        return
+    for name, factory in factories:
+        if not _takes_prices(factory):
+            raise UserError(
+                f"Prices were given (--price), but the graph factory {name!r} takes no `prices` "
+                "argument, so its agents could not use them. Add `prices: PriceTable | None = "
+                "None` to it and pass it on to build_agent / build_supervisor."
+            )
+
+
+def build_graph(factory: GraphFactory, model: BaseChatModel, prices: PriceTable | None) -> Any:
+    """`factory(model)`, or `factory(model, prices=prices)` when prices are given."""
+    return factory(model) if prices is None else factory(model, prices=prices)
+
+
 async def arun_suite(
     suite: Suite,
     graph: str | GraphFactory | None = None,
@@ -75,6 +123,7 @@ async def arun_suite(
     repeat: int = 1,
     concurrency: int = 4,
     on_run: Callable[[CaseRun], None] | None = None,
+    prices: PriceTable | None = None,
 ) -> SuiteResult:
     """Run every case of `suite` `repeat` times, `concurrency` at once, and score each run.
 
@@ -88,21 +137,25 @@ async def arun_suite(
         repeat: How many times each case runs.
         concurrency: How many runs at once.
         on_run: Called with each finished run (progress lines).
+        prices: Prices over keel's table, passed to every factory as `prices=` (see the
+            module); a factory that takes no `prices` is then refused before anything runs.
     """
     if repeat < 1 or concurrency < 1:
         raise UserError(f"repeat and concurrency must be 1 or more, got {repeat}, {concurrency}.")
     graph_name = graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
     factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
+    factories = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
+    check_prices(_used(suite, _label(graph, graph_name), factory, factories), prices)
     if evaluators is None:
         evaluators = default_evaluators(judge or suite.judge)
     gate = asyncio.Semaphore(concurrency)
 
-    factories = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
-
     async def one(case: Case, index: int) -> CaseRun:
         built = factories[case.graph] if case.graph is not None else factory
         async with gate:
-            run = await arun_case(case, built, model=_model_for(case, suite, model), repeat=index)
+            run = await arun_case(
+                case, built, model=_model_for(case, suite, model), repeat=index, prices=prices
+            )
         run.scores = await evaluate(run, evaluators)
         if on_run is not None:
             on_run(run)
@@ -112,6 +165,18 @@ async def arun_suite(
         jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
         runs = list(await asyncio.gather(*jobs))
     return SuiteResult(suite=suite.name, runs=runs, graph=str(graph_name))
+
+
+def _label(graph: str | GraphFactory | None, name: str) -> str:
+    return name if graph is None or isinstance(graph, str) else getattr(graph, "__name__", name)
+
+
+def _used(
+    suite: Suite, name: str, factory: GraphFactory, factories: dict[str, GraphFactory]
+) -> list[tuple[str, GraphFactory]]:
+    """The factories the suite's cases run on, with their names."""
+    used = [(name, factory)] if any(c.graph is None for c in suite.cases) else []
+    return used + list(factories.items())
 
 
 def run_suite(suite: Suite, graph: str | GraphFactory | None = None, **options: Any) -> SuiteResult:
@@ -161,18 +226,20 @@ async def arun_case(
     *,
     model: BaseChatModel | ModelSpec,
     repeat: int = 0,
+    prices: PriceTable | None = None,
 ) -> CaseRun:
     """Run one case to its end on a fresh graph; approvals answered as the case says.
 
-    A run that raises is recorded (`CaseRun.raised`), never re-raised: the evaluators see it.
+    `prices` go to the factory (`factory(model, prices=prices)`). A run that raises is
+    recorded (`CaseRun.raised`), never re-raised: the evaluators see it.
     """
     chat_model = model.build() if isinstance(model, ModelSpec) else model
     label = model.label if isinstance(model, ModelSpec) else model_name_of(model)
-    run = CaseRun(case=case, repeat=repeat, model=label)
+    run = CaseRun(case=case, repeat=repeat, model=label, prices=prices)
     start = time.perf_counter()
     with recording() as executions:
         try:
-            graph = factory(chat_model)
+            graph = build_graph(factory, chat_model, prices)
             if isolated():  # a shadow run: off production's checkpointer, every call stubbable
                 graph = isolated_graph(graph)
             run.tools = tool_names(graph)

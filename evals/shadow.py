@@ -30,6 +30,7 @@ from keel.evals.replay import ReplayDiff, areplay, outcomes_differ, step_key
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import GraphFactory, arun_suite
 from keel.evals.suite import Suite
+from keel.pricing import PriceTable
 from keel.tools.registry import RegisteredTool
 from keel.tools.stubs import StubAnswer, stubbing
 
@@ -182,6 +183,7 @@ async def ashadow(
     judge: str | BaseChatModel | None = None,
     repeat: int = 1,
     concurrency: int = 4,
+    prices: PriceTable | None = None,
 ) -> ShadowResult:
     """Run `suite` on `graph` and on `candidate`, side effects stubbed, and pair the runs.
 
@@ -194,6 +196,7 @@ async def ashadow(
         judge: The rubric judge's model (default: the suite's).
         repeat: Runs per case on each side.
         concurrency: Runs at once.
+        prices: Prices for both sides' graph factories, as in `arun_suite`.
 
     Raises:
         UserError: the candidate is the same as the current version.
@@ -201,6 +204,7 @@ async def ashadow(
     if candidate is None and candidate_model is None:
         raise UserError("A shadow run needs a candidate: a graph factory and/or a candidate model.")
     options: dict[str, Any] = {"judge": judge, "repeat": repeat, "concurrency": concurrency}
+    options["prices"] = prices
     stubs = {"baseline": SideEffectStub(), "candidate": SideEffectStub()}
     with stubbing(stubs["baseline"]):
         base = await arun_suite(suite, graph, model=model, **options)
@@ -230,8 +234,10 @@ async def ashadow_threads(
     *,
     db: str | None = None,
     model: str | BaseChatModel | None = None,
+    prices: PriceTable | None = None,
 ) -> list[ReplayDiff]:
     """Replay each stored thread on `candidate` (live with `model`, else from its cassette)."""
+    live = model is not None
     return [
-        await areplay(t, candidate, db=db, live=model is not None, model=model) for t in threads
+        await areplay(t, candidate, db=db, live=live, model=model, prices=prices) for t in threads
     ]

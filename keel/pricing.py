@@ -182,8 +182,9 @@ def unpriced(model_name: str, limit: str, *, reported: str | None = None) -> str
         f"keel has no price for model {model_name!r}{also}, so {limit} cannot be enforced: "
         f"its calls would count as $0. Price it with prices=PriceTable({{{model_name!r}: "
         "Price(input_per_mtok=…, output_per_mtok=…)}) (the prices= option of build_agent, "
-        "build_supervisor, BudgetMiddleware and ModelCallGuards; [prices] in a server config), "
-        "or remove the dollar limit."
+        "build_supervisor, BudgetMiddleware and ModelCallGuards; [prices] in a server config; "
+        f"--price {model_name}=IN,OUT for keel run, keel demo and keel eval), or remove the "
+        "dollar limit."
     )
 
 

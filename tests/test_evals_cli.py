@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
+from langchain_core.language_models import BaseChatModel
 
 from keel.app.cli import main as keel_main
 from keel.evals import builtin_suite, load_suite
+from keel.evals.builtin import demo_agent
 from keel.evals.testing import CaseFailed, check_case, suite_cases
 
 MIXED = """
@@ -140,3 +143,111 @@ def test_a_lone_surrogate_in_a_case_or_an_answer_is_printed_and_reported_escaped
     assert "PASS a\\ud800 #0 success/completed" in capsys.readouterr().out
     for name in ("results.json", "results.md", "report.html"):
         assert "ud800" in (out / name).read_text(encoding="utf-8")
+
+
+# -- --price: a model keel's table does not know, under the agents' dollar limits ----------------
+
+HOUSE = "serve.house_model:demo"
+"""keel's demo scenario under a name keel's price table does not know (`house-model`)."""
+
+
+def _usd(run: dict[str, Any], price_in: float, price_out: float) -> float:
+    usage = run["usage"]
+    return (usage["input_tokens"] * price_in + usage["output_tokens"] * price_out) / 1_000_000
+
+
+def test_keel_eval_on_an_unpriced_model_needs_price_and_spends_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo agent holds each run to $0.50: every case refused the unpriced model; --price
+    prices it for the suite's factory, and the spend is counted at the price given."""
+    argv = ["eval", "demo", "--model", HOUSE, "--out", str(tmp_path / "none")]
+    assert keel_main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.count("raised: UserError: keel has no price for model 'house-model'") == 2
+    assert "--price house-model=IN,OUT for keel run, keel demo and keel eval" in out
+
+    spent = {}
+    for price in ("1,2", "3,6"):
+        argv = ["eval", "demo", "--model", HOUSE, "--out", str(tmp_path / price)]
+        assert keel_main([*argv, "--price", f"house-model={price}"]) == 0
+        assert "demo: 2/2 passed" in capsys.readouterr().out
+        runs = json.loads((tmp_path / price / "results.json").read_text())["runs"]
+        assert [r["raised"] for r in runs] == [None, None]
+        price_in, price_out = map(float, price.split(","))
+        for run in runs:
+            assert run["usage"]["usd"] == pytest.approx(_usd(run, price_in, price_out))
+        spent[price] = sum(r["usage"]["usd"] for r in runs)
+    assert spent["1,2"] > 0 and spent["3,6"] == pytest.approx(3 * spent["1,2"])
+
+
+def test_a_free_price_is_a_price_not_usd_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A house model priced at $0 spends $0: the budgets score knows its price (--price), so
+    the case's usd budget passes instead of failing as `usd unknown`."""
+    argv = ["eval", "demo", "--model", HOUSE, "--out", str(tmp_path), "--price", "house-model=0,0"]
+    assert keel_main(argv) == 0, capsys.readouterr().out
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    budgets = [s for r in runs for s in r["scores"] if s["name"] == "budgets"]
+    assert budgets and all(s["passed"] for s in budgets) and runs[0]["usage"]["usd"] == 0
+
+
+@pytest.mark.parametrize(
+    "price", ["house-model=1", "=1,2", "house-model=nan,2", "house-model=-1,2", "house-model=1,x"]
+)
+@pytest.mark.parametrize(
+    "command", [["demo"], ["shadow", "demo", "--candidate-model", "keel:demo"]]
+)
+def test_a_bad_price_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], price: str, command: list[str]
+) -> None:
+    out = tmp_path / "out"
+    assert keel_main(["eval", *command, "--model", HOUSE, "--price", price, "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert f"--price {price!r}: give MODEL=INPUT,OUTPUT in USD per 1M tokens" in printed.err
+    assert "PASS" not in printed.out and "FAIL" not in printed.out and not out.exists()
+
+
+def plain_agent(model: BaseChatModel) -> Any:
+    """A factory that takes no prices (as every factory did before --price)."""
+    return demo_agent(model)
+
+
+def test_price_for_a_factory_that_cannot_take_it_says_how_to_fix_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "demo", "--graph", "test_evals_cli:plain_agent", "--out", str(tmp_path)]
+    assert keel_main([*argv, "--model", HOUSE, "--price", "house-model=1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "the graph factory 'test_evals_cli:plain_agent' takes no `prices` argument" in err
+    assert "Add `prices: PriceTable | None = None` to it" in err
+    assert keel_main([*argv, "--model", "keel:demo"]) == 0  # without prices it is called as before
+
+
+def test_every_builtin_factory_takes_prices() -> None:
+    """The built-in suites' cases name their own factories (a failing ledger, a failing store):
+    each must take the --price table, or `keel eval chaos --price ...` is refused."""
+    from keel.evals import builtin
+    from keel.evals.runner import check_prices
+    from keel.pricing import PriceTable
+
+    factories = [(n, getattr(builtin, n)) for n in builtin.__all__ if n.endswith("_agent")]
+    assert len(factories) == 5
+    check_prices(factories, PriceTable())
+    graphs = {c.graph for name in builtin.BUILTIN_SUITES for c in builtin_suite(name).cases}
+    assert graphs - {None} <= {f"keel.evals.builtin:{n}" for n, _ in factories}
+
+
+def test_keel_eval_shadow_prices_both_sides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "shadow", "demo", "--model", HOUSE, "--candidate-model", "keel:demo"]
+    argv += ["--out", str(tmp_path)]
+    assert keel_main(argv) == 0  # the report is written; the unpriced side's runs all raised
+    data = json.loads((tmp_path / "shadow.json").read_text())
+    assert data["summary"]["baseline_pass_rate"] == 0.0
+    capsys.readouterr()
+    assert keel_main([*argv, "--price", "house-model=1,2"]) == 0
+    data = json.loads((tmp_path / "shadow.json").read_text())
+    assert data["summary"]["baseline_pass_rate"] == 1.0

@@ -280,6 +280,30 @@ def test_keel_eval_replay_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "Is a directory" in capsys.readouterr().err
 
 
+def test_keel_eval_replay_of_a_house_model_thread_needs_price(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cassette plays the recorded model under its name (`house-model`): the demo agent's
+    $0.50 limit refuses it until `--price` prices it; both sides' spend is then counted."""
+    import asyncio
+
+    from serve.house_model import demo as house_demo
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    unlimited = dataclasses.replace(demo_policy(), budget=None)
+    asyncio.run(store_thread(url, "t-house", house_demo(), policy=unlimited))
+    argv = ["eval", "replay", "t-house", "--db", url, "--graph", DEMO, "--roles", "customer"]
+    assert keel_main(argv) == 2
+    assert "no price for model 'house-model'" in capsys.readouterr().err
+    out = tmp_path / "diff.json"
+    assert keel_main([*argv, "--price", "house-model=1,2", "--json", str(out)]) == 0
+    assert "trajectory: same (3 tool calls)" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["recorded"]["usd"] == data["replayed"]["usd"] > 0
+    assert keel_main([*argv, "--price", "house-model"]) == 2
+    assert "--price 'house-model': give MODEL=INPUT,OUTPUT" in capsys.readouterr().err
+
+
 # -- capture ---------------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from langgraph.types import Command
 from keel.app import cli_models, cli_observe
 from keel.app.aegra import write_aegra_config
 from keel.app.cli_agent import load_agent, thread_origin
+from keel.app.cli_prices import add_price_option, price_table
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
 from keel.app.serve import serve_command, serve_env
 from keel.db.ledger import Ledger
@@ -50,7 +51,6 @@ from keel.errors import KeelError
 from keel.graphs.agent import Agent, build_agent
 from keel.models import price_name_of, resolve_model
 from keel.observe.tracing import NO_KEY_WARNING, tracing_without_key
-from keel.pricing import Price, PriceTable
 from keel.state import RunContext
 
 __all__ = ["main"]
@@ -111,14 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--thread", default=None, help="thread id (new one if omitted)")
         p.add_argument("--user", default="cli-user", help="user id for the run context")
         p.add_argument("--tenant", default="default", help="tenant id for the run context")
-        p.add_argument(
-            "--price",
-            action="append",
-            default=[],
-            metavar="MODEL=IN,OUT",
-            help="price a model keel's table does not know, USD per 1M input and output tokens "
-            "(e.g. gpt-5=1.25,10): the demo's policy holds each run to a dollar limit",
-        )
+        add_price_option(p, "the demo's policy holds each run to a dollar limit")
         decide = p.add_mutually_exclusive_group()
         decide.add_argument("--approve", action="store_true", help="approve calls without asking")
         decide.add_argument("--reject", action="store_true", help="reject calls without asking")
@@ -233,7 +226,7 @@ def _keel_agent(
             "To try keel offline, run `keel demo`."
         )
     model = resolve_model(model_name)
-    policy, prices = demo_policy(), _prices(args.price)
+    policy, prices = demo_policy(), price_table(args.price)
     name = price_name_of(model)
     if policy.budget is not None and policy.budget.usd and prices.price_of(name) is None:
         raise KeelError(
@@ -257,25 +250,6 @@ def _keel_agent(
         memory=True,
     )
     return agent, {"keel_model": model_name}
-
-
-def _prices(given: Sequence[str]) -> PriceTable:
-    """The price table: keel's, with each `--price MODEL=IN,OUT` over it."""
-    table = {}
-    for item in given:
-        name, _, amounts = item.rpartition("=")
-        parts = amounts.split(",")
-        try:
-            if not name or len(parts) != 2:
-                raise ValueError(item)
-            price = Price(input_per_mtok=float(parts[0]), output_per_mtok=float(parts[1]))
-        except (ValueError, KeelError):
-            raise KeelError(
-                f"--price {item!r}: give MODEL=INPUT,OUTPUT in USD per 1M tokens, finite and "
-                "0 or more (e.g. --price gpt-5=1.25,10)."
-            ) from None
-        table[name] = price
-    return PriceTable(table)
 
 
 async def drive(

@@ -7,3 +7,13 @@ model = ScriptedChatModel(
     model_name="house-model",
     structured={"Plan": {"steps": ["answer"]}, "JudgeVerdict": {"passed": True, "reason": "ok"}},
 )
+
+
+def demo() -> ScriptedChatModel:
+    """keel's demo scenario (`keel:demo`) played under the house model's name."""
+    from keel.evals.demo import demo_model
+
+    played = demo_model()
+    assert isinstance(played, ScriptedChatModel)
+    played.model_name = "house-model"
+    return played
