@@ -239,15 +239,17 @@ def test_a_dollar_policy_on_a_model_keel_cannot_price_needs_the_files_prices(
         "[[users]]",
         '[prices]\n"house-model" = { input_per_mtok = 1.0, output_per_mtok = 2.0 }\n\n[[users]]',
     )
-    text = priced.replace(
-        "[tenants.acme.agents.main]",
-        '[tenants.acme]\nsupervisor = { model = "serve.house_model:model" }\n'
-        "[tenants.acme.agents.main]",
-    )
+    supervised = '[tenants.acme]\nsupervisor = { model = "serve.house_model:model", policy = '
+    supervised += "{ budget = { usd = 0.5 } } }\n[tenants.acme.agents.main]"
+    text = priced.replace("[tenants.acme.agents.main]", supervised)
     tenant = ServerConfig.from_file(_write(tmp_path, text)).tenant("acme")
     result = build_tenant_agent(tenant).invoke({"messages": [("user", "hi")]})
     assert result["outcome"]["terminated_reason"] == "completed" and result["usage"]["usd"] > 0
-    build_tenant_supervisor(tenant)
+    build_tenant_supervisor(tenant)  # the router under its policy's usd limit: priced by [prices]
+    unpriced = text.replace('"house-model" = { input_per_mtok = 1.0, output_per_mtok = 2.0 }', "")
+    tenant = ServerConfig.from_file(_write(tmp_path, unpriced)).tenant("acme")
+    with pytest.raises(UserError, match=r"no price for model 'house-model'.*usd limit of 0\.5"):
+        build_tenant_supervisor(tenant)
 
 
 @pytest.mark.parametrize(
@@ -505,3 +507,65 @@ def test_queued_per_process_defaults_to_half_the_job_slots(
     for bad in ("-1", "2.5", '"4"', "true"):
         with pytest.raises(SetupError, match="queued_per_process must be a whole number, 0 or"):
             ServerConfig.from_file(_write(tmp_path, f"queued_per_process = {bad}\n" + text))
+
+
+# -- the supervisor's policy: its router's calls count against budgets ----------------------------
+
+
+def _routed(policy: str) -> str:
+    """MINIMAL with a supervisor (router `policy`, e.g. `, policy = {...}`) over its agent,
+    `support` (the demo router's first pick), held to a budget of 10 model calls."""
+    router = f'{{ model = "keel:demo-router", agents = ["support"]{policy} }}'
+    text = MINIMAL.format(digest="x").replace('"keel:demo"', '"keel:demo-support"')
+    tables = f"[tenants.acme]\nsupervisor = {router}\n\n[tenants.acme.agents.support]"
+    text = text.replace("[tenants.acme.agents.main]", tables)
+    return text + (
+        "\n[tenants.acme.agents.support.policy]\nbudget = { model_calls = 10 }\n"
+        'rules = [{ role = "support", tool = "lookup_order", action = "allow" }]\n'
+    )
+
+
+def test_a_served_supervisors_router_is_held_to_its_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: a served supervisor's router ran outside every budget (the config gave it
+    no policy). Under a $0.000001 limit its first call (priced as keel's scripted model) is over:
+    the run stops as budget_exceeded."""
+    tiny = ', policy = { name = "router", budget = { usd = 0.000001 } }'
+    path = _write(tmp_path, _routed(tiny))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    from keel.app import server
+
+    graph = server.supervisor(runtime_for("acme"))  # the server's own factory and loader
+    result = graph.invoke(
+        {"messages": [("user", "Where is order A1001?")]},
+        context=RunContext(user_id="alice", tenant_id="acme", roles=("support",)),
+    )
+    assert result["outcome"]["status"] == "stopped"
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded"
+    assert "usd limit of 1e-06" in result["outcome"]["detail"]
+    assert result["usage"]["usd"] > 0.000001
+
+
+def test_a_served_supervisor_over_budgeted_agents_needs_a_policy(tmp_path: Path) -> None:
+    """Fail closed: without its own policy the router's calls would count against nothing."""
+    with pytest.raises(SetupError) as caught:
+        ServerConfig.from_file(_write(tmp_path, _routed("")))
+    message = str(caught.value)
+    assert "tenants.acme.supervisor routes to 'support', whose policy has a budget" in message
+    assert 'Add policy = "policy.toml" (a path or a table' in message
+    (tmp_path / "router.toml").write_text('name = "router"\n[budget]\nmodel_calls = 20\n')
+    text = _routed(', policy = "router.toml"')
+    spec = ServerConfig.from_file(_write(tmp_path, text)).tenant("acme").supervisor
+    assert spec is not None and spec.policy is not None and spec.policy.name == "router"
+    free = _routed("").replace("budget = { model_calls = 10 }\n", "")
+    assert ServerConfig.from_file(_write(tmp_path, free)).tenant("acme").supervisor is not None
+
+
+def test_a_supervisor_policy_kept_in_the_ledger_needs_the_ledger(tmp_path: Path) -> None:
+    from keel.app.server import build_tenant_supervisor
+
+    capped = ', policy = { period_budgets = [{ scope = "user", period = "day", tokens = 5000 }] }'
+    tenant = ServerConfig.from_file(_write(tmp_path, _routed(capped))).tenant("acme")
+    with pytest.raises(SetupError, match=r"The supervisor of tenant 'acme' has period_budgets"):
+        build_tenant_supervisor(tenant)

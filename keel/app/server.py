@@ -40,6 +40,7 @@ from keel.graphs.agent import Agent, build_agent
 from keel.graphs.supervisor import Supervisor, build_supervisor
 from keel.graphs.threads import admitted
 from keel.guards.admission import Admission, WaitingRoom
+from keel.guards.policy import Policy
 from keel.identity import context_from_user, user_field
 from keel.memory.tools import memory_tools
 from keel.models import resolve_model
@@ -132,11 +133,7 @@ def _build(
 ) -> Agent:
     if store is None and tenant.memory is not None and tenant.memory.chroma_url is not None:
         store = ChromaServerStore(tenant.memory)
-    if spec.policy is not None and spec.policy.period_budgets and ledger is None:
-        raise SetupError(
-            f"Agent {spec.name!r} of tenant {tenant.name!r} has period budgets, which live in "
-            'the ledger: add ledger = "postgresql://..." at the top of the server config.'
-        )
+    _check_ledger(spec.policy, f"Agent {spec.name!r}", tenant, ledger)
     options = spec.options
     verify = options.verify
     return build_agent(
@@ -168,15 +165,29 @@ def build_tenant_supervisor(
             f"Tenant {tenant.name!r} has no supervisor: add supervisor = {{ model = ..., agents = "
             f"[...] }} to [tenants.{tenant.name}] in the server config."
         )
-    names = tenant.supervisor.agents
+    spec = tenant.supervisor
+    _check_ledger(spec.policy, "The supervisor", tenant, ledger)
     return build_supervisor(
-        {n: build_tenant_agent(tenant, n, ledger=ledger, store=store) for n in names},
-        _model(tenant.supervisor.model),
-        descriptions={n: tenant.agents[n].description for n in names},
-        system_prompt=tenant.supervisor.system_prompt,
+        {n: build_tenant_agent(tenant, n, ledger=ledger, store=store) for n in spec.agents},
+        _model(spec.model),
+        descriptions={n: tenant.agents[n].description for n in spec.agents},
+        system_prompt=spec.system_prompt,
+        policy=spec.policy,  # the router's calls count against its budgets and rate limits
+        ledger=ledger,
         prices=tenant.prices,
         name="supervisor",
     )
+
+
+def _check_ledger(
+    policy: Policy | None, who: str, tenant: TenantConfig, ledger: Ledger | None
+) -> None:
+    """A policy whose state lives in the ledger (period budgets, rate limits, ...) needs one."""
+    if policy is not None and policy.ledger_features and ledger is None:
+        raise SetupError(
+            f"{who} of tenant {tenant.name!r} has {', '.join(policy.ledger_features)}, which "
+            'live in the ledger: add ledger = "postgresql://..." at the top of the server config.'
+        )
 
 
 def _admit(graph: G, server: ServerConfig, tenant: TenantConfig) -> G:

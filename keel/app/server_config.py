@@ -21,7 +21,10 @@ roles = ["support"]
 [tenants.acme]
 agent = "billing"                                     # served as the `agent` graph
 memory_namespace = "memories"                         # memories: (this, tenant, user)
-supervisor = { model = "keel:demo-router", agents = ["support", "billing"] }
+supervisor = { model = "keel:demo-router", agents = ["support", "billing"], policy = "r.toml" }
+                                                      # the router's calls are held to its
+                                                      # policy (a path or a table); needed when
+                                                      # an agent it routes to has limits
 
 [tenants.acme.agents.billing]
 description = "Refunds and charges."
@@ -134,6 +137,11 @@ class SupervisorSpec:
     """The tenant's agents it may route to."""
     system_prompt: str | None = None
     """Extra instructions for routing."""
+    policy: Policy | None = None
+    """The policy the routing model's calls are held to (`build_supervisor(policy=...)`): its
+    run budget counts the whole task, the agents' calls included; its period budgets, rate
+    limits and breaker hold the router's calls. Required when an agent it routes to has a
+    budget, period budgets or rate limits (else the router's calls would count against none)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -414,16 +422,26 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         sup = raw["supervisor"]
         if not isinstance(sup, Mapping):
             raise UserError(f"[{where}] supervisor must be a table.")
-        _only(sup, {"model", "agents", "system_prompt"}, f"{where}.supervisor")
+        _only(sup, {"model", "agents", "system_prompt", "policy"}, f"{where}.supervisor")
         names = sup.get("agents", list(agents))
         unknown = sorted(set(names) - set(agents)) if isinstance(names, list) else names
         if unknown:
             raise UserError(f"{where}.supervisor agents {unknown!r} are not in {sorted(agents)}.")
         _check_model(_text(sup, "model", f"{where}.supervisor"), f"{where}.supervisor model")
+        policy = _policy(path, sup.get("policy"), f"{where}.supervisor")
+        limited = [n for n in names if _limits(agents[n].policy)]
+        if policy is None and limited:
+            raise UserError(
+                f"{where}.supervisor routes to {limited[0]!r}, whose policy has a budget or rate "
+                "limits, but names no policy of its own: its router's model calls would count "
+                'against none. Add policy = "policy.toml" (a path or a table, as an agent\'s) to '
+                "the supervisor; its run budget counts the whole task, its agents' calls included."
+            )
         supervisor = SupervisorSpec(
             model=_text(sup, "model", f"{where}.supervisor"),
             agents=tuple(names),
             system_prompt=sup.get("system_prompt"),
+            policy=policy,
         )
     return TenantConfig(
         name=name,
@@ -540,14 +558,7 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
                 f"({', '.join(sorted(BUNDLED_TOOLS))}) or 'package.module:attribute'."
             )
     _check_model(_text(raw, "model", f"[{where}]"), f"[{where}] model")
-    policy_raw = raw.get("policy")
-    policy = None
-    if isinstance(policy_raw, str):
-        policy = Policy.from_file(path.parent / policy_raw)
-    elif isinstance(policy_raw, Mapping):
-        policy = Policy.from_dict(policy_raw)
-    elif policy_raw is not None:
-        raise UserError(f"[{where}] policy must be a file path or a table, got {policy_raw!r}.")
+    policy = _policy(path, raw.get("policy"), f"[{where}]")
     return AgentSpec(
         name=name,
         model=_text(raw, "model", f"[{where}]"),
@@ -559,6 +570,22 @@ def _agent(path: Path, where: str, name: str, raw: Any) -> AgentSpec:
         options=agent_options(raw, where, _check_model),
         version=_text(raw, "version", f"[{where}]") if "version" in raw else None,
     )
+
+
+def _policy(path: Path, raw: Any, where: str) -> Policy | None:
+    """`policy = "file.toml"` (relative to the config file) or `policy = { ... }`."""
+    if isinstance(raw, str):
+        return Policy.from_file(path.parent / raw)
+    if isinstance(raw, Mapping):
+        return Policy.from_dict(raw)
+    if raw is not None:
+        raise UserError(f"{where} policy must be a file path or a table, got {raw!r}.")
+    return None
+
+
+def _limits(policy: Policy | None) -> bool:
+    """Whether `policy` limits spend or calls (a run budget, period budgets, rate limits)."""
+    return policy is not None and bool(policy.budget or policy.period_budgets or policy.rate_limits)
 
 
 def _text(raw: Mapping[str, Any], key: str, where: str) -> str:
