@@ -45,6 +45,7 @@ from keel.graphs._one_run import ThreadLeases
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
+from keel.guards.budget import check_budget
 from keel.guards.model_call import (
     DEFAULT_MODEL_RETRY,
     GuardedModel,
@@ -57,8 +58,10 @@ from keel.pricing import PriceTable
 from keel.state import (
     AgentInput,
     AgentState,
+    Outcome,
     RunContext,
     Usage,
+    add_usage,
     run_usage,
     task_clock,
     task_start,
@@ -118,7 +121,8 @@ def build_supervisor(
             A router that fails (or picks an unknown agent) ends the run as `error`.
         policy: Holds the routing model's calls to the policy's run budget (over the
             supervisor's usage, which includes its agents'), period budgets, rate limits and
-            model breaker; the agents keep their own policies.
+            model breaker; a route whose own call spent the run budget is not followed (the
+            run stops as `budget_exceeded`). The agents keep their own policies.
         ledger: keel's ledger, needed by a policy with period budgets, rate limits, breakers
             or admission control (`Policy.admission`: caps on the supervisor's runs).
         prices: The price table for the router's USD accounting.
@@ -183,7 +187,12 @@ def route_after_agent(state: SupervisorState) -> str:
 def _route_node(
     ask: Router | GuardedModel, prompt: str, agents: Mapping[str, Agent], max_handoffs: int
 ) -> Any:
-    def decided(state: SupervisorState, got: ModelAnswer | Route) -> dict[str, Any]:
+    def decided(
+        state: SupervisorState,
+        got: ModelAnswer | Route,
+        spent: Usage | None = None,
+        clock: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if isinstance(got, Route):
             return _after_decision(_check(got, agents), state, max_handoffs)
         update: dict[str, Any] = {"usage": got.usage} if got.usage else {}
@@ -195,7 +204,9 @@ def _route_node(
         if not isinstance(parsed, Route):
             error = got.output.get("parsing_error") or ValueError("the router gave no route")
             return {**update, **_router_failed(error)}
-        return {**update, **_after_decision(_check(parsed, agents), state, max_handoffs)}
+        decision = _after_decision(_check(parsed, agents), state, max_handoffs)
+        over = _handoff_over_budget(ask, decision, add_usage(spent, got.usage), clock)
+        return {**update, **(decision if over is None else {"route": None, "outcome": over})}
 
     def route(
         state: SupervisorState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -206,7 +217,7 @@ def _route_node(
                 asked = [SystemMessage(prompt), *messages]
                 clock, usage = _run_clock(state)
                 got = ask.invoke(asked, config, context_of(runtime), usage=usage)
-                return {**decided(state, got), **clock}
+                return {**decided(state, got, usage, _started(state, clock)), **clock}
             return decided(state, ask(messages))
         except GraphBubbleUp:
             raise
@@ -222,13 +233,39 @@ def _route_node(
         clock, usage = _run_clock(state)
         try:
             got = await ask.ainvoke(asked, config, context_of(runtime), usage=usage)
-            return {**decided(state, got), **clock}
+            return {**decided(state, got, usage, _started(state, clock)), **clock}
         except GraphBubbleUp:
             raise
         except Exception as exc:
             return _router_failed(exc)
 
     return make_node("route", route, aroute)
+
+
+def _started(state: SupervisorState, clock: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The run clock in force: the one the router just started, else the state's."""
+    return clock.get("clock") or state.get("clock")
+
+
+def _handoff_over_budget(
+    ask: GuardedModel | Router,
+    decision: Mapping[str, Any],
+    spent: Usage,
+    clock: Mapping[str, Any] | None,
+) -> Outcome | None:
+    """`budget_exceeded` when the router's answer spent the run budget and hands off.
+
+    The budget is checked before each routing call; a route whose own call spent it is not
+    followed (as an agent's tool calls are not run after a turn that spent it), so no agent
+    starts on a spent budget.
+    """
+    budget = ask.budget if isinstance(ask, GuardedModel) else None
+    if budget is None or decision.get("route") is None:
+        return None
+    verdict = check_budget(budget, spent, started_at=(clock or {}).get("started_at"))
+    if verdict.exceeded is None:
+        return None
+    return outcome.stopped("budget_exceeded", f"{verdict.exceeded}; no agent was handed the task")
 
 
 def _router_failed(exc: BaseException) -> dict[str, Any]:

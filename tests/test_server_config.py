@@ -530,7 +530,7 @@ def test_a_served_supervisors_router_is_held_to_its_policy(
 ) -> None:
     """The attack: a served supervisor's router ran outside every budget (the config gave it
     no policy). Under a $0.000001 limit its first call (priced as keel's scripted model) is over:
-    the run stops as budget_exceeded."""
+    the run stops as budget_exceeded, and no agent is handed the task."""
     tiny = ', policy = { name = "router", budget = { usd = 0.000001 } }'
     path = _write(tmp_path, _routed(tiny))
     monkeypatch.setenv(CONFIG_ENV, str(path))
@@ -544,7 +544,8 @@ def test_a_served_supervisors_router_is_held_to_its_policy(
     assert result["outcome"]["status"] == "stopped"
     assert result["outcome"]["terminated_reason"] == "budget_exceeded"
     assert "usd limit of 1e-06" in result["outcome"]["detail"]
-    assert result["usage"]["usd"] > 0.000001
+    assert [m.name for m in result["messages"] if m.type == "ai" and m.name] == []  # no agent ran
+    assert result["usage"]["model_calls"] == 1 and result["usage"]["usd"] > 0.000001
 
 
 def test_a_served_supervisor_over_budgeted_agents_needs_a_policy(tmp_path: Path) -> None:

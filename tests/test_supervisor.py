@@ -217,3 +217,33 @@ def test_the_routers_run_budget_counts_only_the_current_run() -> None:
     assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
     assert second["outcome"]["terminated_reason"] == "completed", second["outcome"]
     assert len(router.calls) == 4
+
+
+def test_a_route_that_spent_the_run_budget_is_not_followed() -> None:
+    """The attack: the router's call spent the supervisor's dollar limit, yet its route was
+    followed and the agent ran (its calls held only to its own policy); the budget stopped the
+    run only at the next routing call. Now the route is checked as an agent's turn is: no agent
+    is handed the task on a spent budget."""
+    router = ScriptedChatModel(structured={"Route": lambda _: {"agent": "a", "task": "look"}})
+    worker = ScriptedChatModel(script=["found it"])
+    agent = build_agent(worker, [_lookup])
+    policy = Policy(name="router", budget=Budget(usd=0.000001))
+    supervisor = build_supervisor({"a": agent}, router, policy=policy)
+    final = supervisor.invoke({"messages": [("user", "find x")]})
+    assert final["outcome"]["terminated_reason"] == "budget_exceeded"
+    detail = final["outcome"]["detail"]
+    assert detail.startswith("Exceeded the usd limit of 1e-06 (usd=")
+    assert detail.endswith("; no agent was handed the task")
+    assert worker.calls == [] and len(router.calls) == 1 and final["usage"]["model_calls"] == 1
+    roomy = Policy(name="router", budget=Budget(usd=1.0))  # within it, the route is followed
+    worker = ScriptedChatModel(script=["found it"])
+    router = ScriptedChatModel(structured={"Route": _once})
+    final = build_supervisor({"a": build_agent(worker, [_lookup])}, router, policy=roomy).invoke(
+        {"messages": [("user", "find x")]}
+    )
+    assert final["outcome"]["terminated_reason"] == "completed" and len(worker.calls) == 1
+
+
+def _once(messages: Sequence[BaseMessage]) -> dict[str, str]:
+    done = isinstance(messages[-1], AIMessage) and messages[-1].name == "a"
+    return {"agent": FINISH if done else "a", "task": "look it up"}
