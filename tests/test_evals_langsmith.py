@@ -85,3 +85,21 @@ async def test_without_a_key_nothing_touches_the_network(
     assert "--langsmith needs LANGSMITH_API_KEY" in capsys.readouterr().err
     assert eval_main(["demo", "--dataset", "x"]) == 2
     assert attempts == [] and ls_keyless.requests == []
+
+
+def test_price_reaches_the_experiments_graphs(
+    ls_keyed: LangSmithStandIn, tmp_path: Path, capsys: Any
+) -> None:
+    """`keel eval --langsmith --price` runs the cases on the priced house model, as without
+    --langsmith; without --price each case raises the `no price for model` error."""
+    out = tmp_path / "out"
+    argv = [str(_first_case_only(tmp_path)), "--langsmith", "--out", str(out)]
+    argv += ["--model", "serve.house_model:demo"]
+    assert eval_main(argv) == 1
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert "no price for model 'house-model'" in runs[0]["raised"]
+    assert eval_main([*argv, "--price", "house-model=1,2"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs[0]["raised"] is None and runs[0]["usage"]["usd"] > 0
+    assert eval_main([*argv, "--price", "house-model=1,2,3"]) == 2
+    assert "--price 'house-model=1,2,3': give MODEL=INPUT,OUTPUT" in capsys.readouterr().err
