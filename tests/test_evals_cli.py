@@ -251,3 +251,14 @@ def test_keel_eval_shadow_prices_both_sides(
     assert keel_main([*argv, "--price", "house-model=1,2"]) == 0
     data = json.loads((tmp_path / "shadow.json").read_text())
     assert data["summary"]["baseline_pass_rate"] == 1.0
+
+
+def test_a_suite_file_holds_no_prices(tmp_path: Path) -> None:
+    """README: a suite file holds no prices; --price is given where the suite runs (a `prices:`
+    key is refused as unknown, not ignored)."""
+    from keel.errors import UserError
+
+    path = tmp_path / "priced.yaml"
+    path.write_text(MIXED + "prices: {house-model: {input_per_mtok: 1, output_per_mtok: 2}}\n")
+    with pytest.raises(UserError, match=r"unknown field\(s\) \['prices'\]"):
+        load_suite(path)

@@ -302,6 +302,12 @@ def test_keel_eval_replay_of_a_house_model_thread_needs_price(
     assert data["recorded"]["usd"] == data["replayed"]["usd"] > 0
     assert keel_main([*argv, "--price", "house-model"]) == 2
     assert "--price 'house-model': give MODEL=INPUT,OUTPUT" in capsys.readouterr().err
+    shadow = ["eval", "shadow", "--threads", "t-house", "--db", url, "--candidate", DEMO]
+    shadow += ["--out", str(tmp_path / "shadow")]
+    assert keel_main(shadow) == 2
+    assert "no price for model 'house-model'" in capsys.readouterr().err
+    assert keel_main([*shadow, "--price", "house-model=1,2"]) == 0
+    assert "trajectory: same (3 tool calls)" in capsys.readouterr().out
 
 
 # -- capture ---------------------------------------------------------------------------------
