@@ -51,8 +51,16 @@ def _reviews(context: RunContext, owner: str, input: Any) -> bool:
 
 
 def stamped(config: RunnableConfig | None, owner: str | None) -> RunnableConfig:
-    """`config` whose checkpoints carry `owner` (unchanged when there is none to carry)."""
+    """`config` whose checkpoints carry `owner`, and no owner a caller wrote in it.
+
+    LangGraph copies string values of `config["metadata"]` and `config["configurable"]` into
+    each checkpoint's metadata: a caller's own `keel_thread_owner` is dropped from both.
+    """
     out: RunnableConfig = {**(config or {})}
+    for part in ("metadata", "configurable"):
+        found = out.get(part)
+        if isinstance(found, Mapping) and OWNER_METADATA in found:
+            out[part] = {k: v for k, v in found.items() if k != OWNER_METADATA}
     if owner is not None:
         metadata = out.get("metadata")
         out["metadata"] = {

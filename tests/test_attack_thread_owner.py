@@ -185,3 +185,16 @@ async def test_async_runs_are_refused_too(db_url: str) -> None:
         await agent.aupdate_state(CONFIG, {"messages": [("ai", "An operator's note.")]})
         with pytest.raises(UserError, match="belongs to another user"):
             await agent.ainvoke({"messages": [("user", "hi")]}, CONFIG, context=BOB)
+
+
+@pytest.mark.parametrize("part", ["metadata", "configurable"])
+def test_a_caller_cannot_write_the_owner_stamp(shop: Any, part: str) -> None:
+    """LangGraph copies a config's strings into checkpoint metadata; keel's stamp wins."""
+    agent, _ = shop
+    forged = {**CONFIG, part: {**CONFIG.get(part, {}), OWNER_METADATA: '["acme", "bob"]'}}
+    agent.update_state(forged, {"messages": [("ai", "A note.")]})
+    assert OWNER_METADATA not in agent.checkpointer.get_tuple(CONFIG).metadata
+    agent.invoke({"messages": [("user", SECRET)]}, forged, context=ALICE)
+    assert agent.checkpointer.get_tuple(CONFIG).metadata[OWNER_METADATA] == '["acme", "alice"]'
+    with pytest.raises(UserError, match="belongs to another user"):
+        agent.invoke({"messages": [("user", "hi")]}, forged, context=BOB)
