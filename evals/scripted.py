@@ -16,7 +16,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCall
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCall, ToolMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
@@ -27,7 +27,7 @@ from keel.errors import ScriptExhausted
 from keel.local_model import last_chunk
 from keel.pricing import token_count
 
-__all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "say"]
+__all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "malformed", "say"]
 
 Responder = Callable[[Sequence[BaseMessage]], "AIMessage | str"]
 ScriptEntry = AIMessage | str | Responder
@@ -76,6 +76,10 @@ class ScriptedChatModel(BaseChatModel):
     """Report each answer's `usage_metadata` (an estimate from its length when the script gave
     none). `False` plays a provider that reports no usage, as some OpenAI-compatible servers do
     when streaming."""
+    strict_history: bool = False
+    """Refuse a malformed history as OpenAI's API does (a 400): raise `ValueError` when an AI
+    message's tool calls are not each answered by one `ToolMessage` before the next other
+    message, or a `ToolMessage` answers no call (see `malformed`)."""
     keel_test_double: bool = True
     """Marks this model as allowed while real model requests are forbidden."""
 
@@ -117,6 +121,8 @@ class ScriptedChatModel(BaseChatModel):
 
     def _answer(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
         self._calls.append(list(messages))
+        if self.strict_history and (problem := malformed(messages)) is not None:
+            raise ValueError(f"Invalid messages (as a provider's 400 says): {problem}")
         structured = self._structured_answer(messages, kwargs)
         if structured is not None:
             return self._with_usage(structured, messages, kwargs)
@@ -219,6 +225,35 @@ class ScriptedChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(text, chunk=chunk)
             yield chunk
         yield ChatGenerationChunk(message=last_chunk(message, "", id=message.id))
+
+
+def malformed(messages: Sequence[BaseMessage]) -> str | None:
+    """Why a chat provider would refuse `messages` as tool-call history, or `None`.
+
+    OpenAI's rule: an assistant message with tool calls is followed by one tool message for
+    each call (in any order) before any other message, and a tool message answers a call of
+    the assistant message just before it.
+    """
+    expected: list[str] = []
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            if m.tool_call_id not in expected:
+                return (
+                    f"a tool message answers tool_call_id {m.tool_call_id!r}, which the "
+                    "assistant message before it does not ask for (or which has its answer)"
+                )
+            expected.remove(m.tool_call_id)
+            continue
+        if expected:
+            break
+        if isinstance(m, AIMessage):
+            expected = [str(c.get("id")) for c in m.tool_calls]
+    if expected:
+        return (
+            "an assistant message with 'tool_calls' must be followed by tool messages responding "
+            f"to each 'tool_call_id'; these have none: {', '.join(expected)}"
+        )
+    return None
 
 
 def _capped(message: AIMessage, limit: int | None) -> AIMessage:

@@ -3,6 +3,11 @@
 A new message sent with `keel_pending="not_run"` (`drops_pending`, `closed`) and a
 `Command(update=...)` that writes a later AI turn (`turned_past`, `closed_update`) leave the
 calls that wait without an answer; keel answers each `not_run` before the caller's messages.
+A new message on a thread whose last run stopped mid-step (cancelled, a `KeyboardInterrupt`,
+a killed process, a storage failure) finds that run's calls without an answer, and nothing
+waits: keel answers each before the caller's messages as the ledger knows it (`left_behind`,
+`closed_left`): its recorded result, `not_run` when it may have started ("outcome unknown"),
+else `not_run`.
 `Dropped` is what the run writes once it starts: the `not_run` audit records
 (`not_run_records`) and, for the run the new message ends, its end (`abandoned`,
 `stopped/cancelled`).
@@ -15,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import ToolCall, ToolMessage
+from langchain_core.messages import ToolCall, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.graph.message import add_messages
@@ -23,10 +28,11 @@ from langgraph.types import Command, StateSnapshot
 
 from keel import outcome
 from keel.db.audit import AuditRecord
+from keel.db.idempotency import CallRecord
 from keel.graphs._admitted import run_context
 from keel.graphs._protected import messages_of
 from keel.graphs._storage import Recorder
-from keel.nodes._once import tool_message
+from keel.nodes._once import recorded, tool_message
 from keel.nodes.history import pending_tool_calls
 from keel.versions import AgentVersion
 
@@ -35,8 +41,11 @@ __all__ = [
     "Dropped",
     "abandoned",
     "closed",
+    "closed_left",
     "closed_update",
     "drops_pending",
+    "left_behind",
+    "left_ended",
     "not_run_records",
     "turned_past",
 ]
@@ -60,6 +69,8 @@ class Dropped:
     """The `not_run` audit records of the pending calls."""
     ended: dict[str, Any] | None = None
     """The state the run that waited ends with (`stopped/cancelled`), for its run record."""
+    first_end: bool = False
+    """Record `ended` only where the run recorded no end of its own (a run found stopped)."""
 
 
 def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
@@ -68,9 +79,67 @@ def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, An
     text = "Not run: a new message arrived while this call waited for a human, and the caller "
     text += "asked to drop the pending call (keel_pending='not_run')."
     closing = [tool_message(c, text, "not_run") for c in calls]
+    return _before(input, closing), closing
+
+
+def _before(input: Mapping[str, Any], closing: list[ToolMessage]) -> dict[str, Any]:
+    """`input` with `closing` before its messages."""
     sent = input["messages"]
     sent = list(sent) if isinstance(sent, list | tuple) else [sent]
-    return {**input, "messages": [*closing, *sent]}, closing
+    return {**input, "messages": [*closing, *sent]}
+
+
+_STOPPED = "the run that asked for it stopped before the call finished (cancelled, interrupted, "
+_STOPPED += "or its process ended), and a new message arrived"
+LEFT_NOT_RUN = f"Not run: {_STOPPED}; keel does not run it now."
+"""The answer to a left-behind call that never started (or, without a ledger, may have)."""
+LEFT_UNKNOWN = (
+    f"Outcome unknown: this call started, but {_STOPPED}, so it may or may not have happened; "
+    "keel does not run it again. Check whether it happened before asking for it again."
+)
+"""The answer to a left-behind call the ledger found `started` and never finished."""
+
+
+def left_behind(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
+    """The calls a new message finds without an answer on a thread where nothing waits.
+
+    The run that asked for them stopped between the model's turn and their results (its task
+    cancelled, a `KeyboardInterrupt`, its process killed, its checkpointer failed). A call
+    the input answers itself (a client's `ToolMessage`) is not left behind.
+    """
+    if state is None or state.interrupts or not isinstance(input, Mapping):
+        return []
+    if not input.get("messages"):
+        return []
+    _, calls = pending_tool_calls(state.values.get("messages") or [])
+    sent = input["messages"]
+    try:
+        sent = convert_to_messages(sent if isinstance(sent, list) else [sent])
+    except Exception:  # `refusal` says what is wrong with them
+        return []
+    answered = {m.tool_call_id for m in sent if isinstance(m, ToolMessage)}
+    return [c for c in calls if c.get("id") not in answered]
+
+
+def closed_left(
+    input: Mapping[str, Any], calls: list[ToolCall], found: Mapping[str, CallRecord] | None
+) -> tuple[dict[str, Any], list[ToolMessage]]:
+    """`input` with an answer for each left-behind call before its messages.
+
+    `found`: the ledger's records of the calls, by id (`None`: the ledger could not be read,
+    so any of them may have started). A call recorded `completed` or `failed` gets its
+    recorded result; one found `started` an "outcome unknown" answer; the rest `not_run`.
+    """
+    closing: list[ToolMessage] = []
+    for c in calls:
+        record = None if found is None else found.get(c.get("id") or "")
+        if record is not None and record.state in ("completed", "failed") and record.result:
+            closing.append(recorded(c, record.result))
+        elif found is None or (record is not None and record.state == "started"):
+            closing.append(tool_message(c, LEFT_UNKNOWN, "not_run"))
+        else:
+            closing.append(tool_message(c, LEFT_NOT_RUN, "not_run"))
+    return _before(input, closing), closing
 
 
 def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
@@ -121,6 +190,24 @@ def abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
     }
 
 
+def left_ended(state: StateSnapshot, closing: list[ToolMessage]) -> dict[str, Any]:
+    """The state a run that left calls behind ends with, for a run record it may not have.
+
+    A run cancelled, or stopped by `KeyboardInterrupt`, recorded its end; a killed process did
+    not, and without this its run would have no record at all.
+    """
+    names = ", ".join(sorted({str(m.name) for m in closing}))
+    return {
+        **state.values,
+        "messages": [*(state.values.get("messages") or []), *closing],
+        "outcome": outcome.cancelled(
+            f"stopped before the run ended (its process ended, or it was cancelled), with its "
+            f"calls to {names} unanswered; the thread's next message answered them, and keel "
+            "ran none of them again"
+        ),
+    }
+
+
 def not_run_records(
     closing: list[Any],
     config: RunnableConfig | None,
@@ -130,6 +217,9 @@ def not_run_records(
     calls: Sequence[ToolCall] = (),
 ) -> list[AuditRecord]:
     """The `not_run` audit records of the pending calls `closing` answers, for the run's user.
+
+    Each record's `status` is its answer's `keel_status`: `not_run`, or, for a left-behind call
+    the ledger had a result for, that result's.
 
     With the agent's observer (`recorder`), they carry the run, policy and agent version as
     its other records do; each its tool's version, and the arguments of its call in `calls`
@@ -146,7 +236,7 @@ def not_run_records(
         AuditRecord(
             kind="tool",
             decision="not_run",
-            status="not_run",
+            status=str(m.response_metadata.get("keel_status") or "not_run"),
             tool=m.name,
             args=args.get(m.tool_call_id),
             result=str(m.content),

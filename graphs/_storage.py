@@ -83,13 +83,17 @@ def storage_error(exc: BaseException) -> StorageError:
 class Recorder(Protocol):
     """Where a run that ended on a storage failure records itself (`keel.observe.Observer`)."""
 
-    def record_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
+    def record_run(
+        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
+    ) -> None: ...
 
     def who(self, config: RunnableConfig, context: Any) -> Any:
         """Who and where the run's records belong to (`keel.observe.Who`)."""
         ...
 
-    async def arecord_run(self, state: Any, config: RunnableConfig, context: Any) -> None: ...
+    async def arecord_run(
+        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +104,13 @@ class RunEnd:
     config: RunnableConfig
     context: Any
 
-    def record(self, state: dict[str, Any]) -> None:
-        """Write the run record of the run `state` ends."""
-        self.recorder.record_run(state, self.config, self.context)
+    def record(self, state: dict[str, Any], *, first_end: bool = False) -> None:
+        """Write the run record of the run `state` ends (`first_end`: unless it has one)."""
+        self.recorder.record_run(state, self.config, self.context, first_end=first_end)
 
-    async def arecord(self, state: dict[str, Any]) -> None:
+    async def arecord(self, state: dict[str, Any], *, first_end: bool = False) -> None:
         """`record` under `ainvoke`."""
-        await self.recorder.arecord_run(state, self.config, self.context)
+        await self.recorder.arecord_run(state, self.config, self.context, first_end=first_end)
 
 
 class StreamEnding:

@@ -10,6 +10,11 @@
 - A `Command(update=...)` that writes a turn after the AI message whose calls wait for a human
   (an AI message of the caller's) leaves those calls without an answer: each is answered
   `not_run` before the update's messages (and audited, with a ledger), as above.
+- A new message on a thread whose last run stopped mid-step (its task cancelled, a
+  `KeyboardInterrupt`, its process killed, its checkpointer failed) finds that run's tool calls
+  without an answer, and nothing waits for a human: each is answered before the message (its
+  result recorded in the ledger, "outcome unknown" when the ledger says it started, else
+  `not_run`; never run now), and audited, so the thread's history stays one a provider takes.
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
@@ -40,8 +45,10 @@ from langgraph.types import Command, StateSnapshot, StateUpdate
 
 from keel._node import inside_task, interrupt_pending
 from keel.db.audit import AuditLog, AuditRecord
+from keel.db.idempotency import CallRecord, records_flow
+from keel.db.ledger import Flow
 from keel.db.runs import RunLog, RunRecord
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
 from keel.graphs._owner import owned, owner_of, stamped
@@ -50,13 +57,16 @@ from keel.graphs._pending import (
     Dropped,
     abandoned,
     closed,
+    closed_left,
     closed_update,
     drops_pending,
+    left_behind,
+    left_ended,
     not_run_records,
     turned_past,
 )
 from keel.graphs._protected import ProtectedGraph
-from keel.graphs._storage import Recorder, RunEnd
+from keel.graphs._storage import Recorder, RunEnd, log
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.nodes.history import pending_tool_calls
@@ -211,6 +221,12 @@ def _waiting(thread: Any, state: StateSnapshot) -> str:
     )
 
 
+def _records(config: RunnableConfig | None, calls: list[Any]) -> Flow[dict[str, CallRecord]]:
+    """The ledger flow reading `calls`' records in the thread `config` names."""
+    thread = str(((config or {}).get("configurable") or {})["thread_id"])
+    return records_flow(thread, [c["id"] for c in calls if c.get("id")])
+
+
 def _latest(config: RunnableConfig | None) -> RunnableConfig:
     """The address of the thread's latest checkpoint (what `get_state` reads)."""
     thread = ((config or {}).get("configurable") or {})["thread_id"]
@@ -221,12 +237,16 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     """What `refusal` needs of a thread that does not wait for a human, read cheaply.
 
     A thread with a pending interrupt (or none saved) gets `None`: read the whole state then, as
-    `refusal` and `closed` need its interrupts and messages. Building LangGraph's snapshot on
-    every run start would cost each run a full deserialization of the thread.
+    `refusal` and `closed` need its interrupts and messages; so does one whose last run left
+    tool calls without an answer (`left_ended` records that run from its state). Building
+    LangGraph's snapshot on every run start would cost each run a full deserialization of the
+    thread.
     """
     if saved is None or interrupt_pending(saved):
         return None
     messages = saved.checkpoint["channel_values"].get("messages") or []
+    if pending_tool_calls(messages)[1]:
+        return None
     values = {"messages": messages}  # already read with the checkpoint: for `_replaced`
     return StateSnapshot(
         values, (), saved.config, saved.metadata, None, saved.parent_config, (), ()
@@ -269,13 +289,19 @@ class ThreadGuardedGraph(ProtectedGraph):
         return RunEnd(self.keel_recorder, ensure_config(config), context)
 
     def _checked(
-        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None, kwargs: Any
+        self,
+        input: Any,
+        config: RunnableConfig | None,
+        state: StateSnapshot | None,
+        kwargs: Any,
+        found: Mapping[str, CallRecord] | None = None,
     ) -> tuple[Any, Dropped, bool]:
         """`input` as it will run, the records its run writes first, and whether it resumes.
 
         A resume's caller checks that something waits, at the checkpoint its config names.
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
+        `found`: the ledger's records of the calls a stopped run left behind (`_found`).
         """
         answered = Dropped()
         if drops_pending(input, config, state):
@@ -288,6 +314,11 @@ class ThreadGuardedGraph(ProtectedGraph):
         problem = refusal(input, config, state)
         if problem is not None:
             raise UserError(problem)
+        if left := left_behind(input, state):
+            assert state is not None
+            input, closing = closed_left(input, left, found)
+            records = self._not_run(closing, config, kwargs, left)
+            answered = Dropped(records, left_ended(state, closing), first_end=True)
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None
@@ -295,6 +326,35 @@ class ThreadGuardedGraph(ProtectedGraph):
             input, closing = closed_update(input, left)
             answered = Dropped(self._not_run(closing, config, kwargs, left))
         return input, answered, resumes
+
+    def _found(
+        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
+    ) -> Mapping[str, CallRecord] | None:
+        """The ledger's records of the calls a stopped run left behind (see `left_behind`).
+
+        Without a ledger there are none; `None` when the ledger could not be read.
+        """
+        calls = left_behind(input, state)
+        if not calls or self.keel_audit is None:
+            return {}
+        try:
+            return self.keel_audit.ledger.run(_records(config, calls))
+        except StorageError as exc:
+            log.warning("keel could not read the ledger about calls a run left: %s", exc)
+            return None
+
+    async def _afound(
+        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
+    ) -> Mapping[str, CallRecord] | None:
+        """`_found` under `astream`."""
+        calls = left_behind(input, state)
+        if not calls or self.keel_audit is None:
+            return {}
+        try:
+            return await self.keel_audit.ledger.arun(_records(config, calls))
+        except StorageError as exc:
+            log.warning("keel could not read the ledger about calls a run left: %s", exc)
+            return None
 
     def _not_run(
         self, closing: list[Any], config: RunnableConfig | None, kwargs: Any, calls: list[Any]
@@ -311,13 +371,13 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.records and self.keel_audit is not None:
             self.keel_audit.write(answered.records)
         if answered.ended is not None and end is not None:
-            end.record(answered.ended)
+            end.record(answered.ended, first_end=answered.first_end)
 
     async def _aanswer(self, answered: Dropped, end: RunEnd | None) -> None:
         if answered.records and self.keel_audit is not None:
             await self.keel_audit.awrite(answered.records)
         if answered.ended is not None and end is not None:
-            await end.arecord(answered.ended)
+            await end.arecord(answered.ended, first_end=answered.first_end)
 
     def _refused(
         self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome
@@ -417,7 +477,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         if not inside_task(config):
             state = self._state(config)
             config = owned(input, config, state, run_context(config, kwargs.get("context")))
-            input, answered, resumes = self._checked(input, config, state, kwargs)
+            found = self._found(input, config, state)
+            input, answered, resumes = self._checked(input, config, state, kwargs, found)
             if resumes:
                 self._check_waiting(self.get_state(config or {}).interrupts, config)
             if self.keel_admission is not None:
@@ -433,7 +494,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         if not inside_task(config):
             state = await self._astate(config)
             config = owned(input, config, state, run_context(config, kwargs.get("context")))
-            input, answered, resumes = self._checked(input, config, state, kwargs)
+            found = await self._afound(input, config, state)
+            input, answered, resumes = self._checked(input, config, state, kwargs, found)
             if resumes:
                 self._check_waiting((await self.aget_state(config or {})).interrupts, config)
             if self.keel_admission is not None:

@@ -62,7 +62,8 @@ that ends a run on a refusal (`keel.outcome.stopped("denied", ...)`); `blocked`:
 guard refused the user's input or withheld the answer; `overloaded`: admission control
 (`keel.guards.admission`) refused to start it (the detail says when to retry); `storage`: the
 checkpointer's database failed, so the run's last steps may not be saved; `cancelled`: the
-caller ended it (its task cancelled, or its pending calls dropped for a new message)."""
+caller ended it (its task cancelled, or its pending calls dropped for a new message), or its
+process died mid-step (recorded by the thread's next message)."""
 
 OutcomeStatus = Literal["success", "stopped", "error", "interrupted"]
 """`success`: a final answer; `stopped`: a guard or a human ended the run early with a partial

@@ -30,7 +30,10 @@ __all__ = [
     "valid_history",
 ]
 
-MISSING_RESULT = "Error: this tool call has no result (the run stopped before it ran)."
+MISSING_RESULT = (
+    "Error: this tool call has no result (the run stopped before the call finished; it may or "
+    "may not have run)."
+)
 
 
 def valid_history(messages: Sequence[AnyMessage]) -> list[BaseMessage]:

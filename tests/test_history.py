@@ -66,7 +66,12 @@ def test_missing_result_is_filled_in() -> None:
 
 
 def test_missing_result_text_tells_the_model_why() -> None:
-    assert MISSING_RESULT == "Error: this tool call has no result (the run stopped before it ran)."
+    """A call left without a result may have started (a run stopped mid-call): the filler says
+    so rather than that it never ran (a model told so may ask for a refund again)."""
+    assert MISSING_RESULT == (
+        "Error: this tool call has no result (the run stopped before the call finished; it may "
+        "or may not have run)."
+    )
 
 
 def test_result_is_moved_right_after_its_call() -> None:

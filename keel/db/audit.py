@@ -49,7 +49,9 @@ class AuditRecord:
     `admission` (admission control refused a run: decision `overloaded`)."""
     decision: str
     """`allow` / `ask` / `deny` for tools (`duplicate` for a repeat of an earlier side-effecting
-    call of the same model turn: not run, answered with that call's answer), `approved` /
+    call of the same model turn: not run, answered with that call's answer; `not_run` for a call
+    keel answered without running it: dropped while it waited for a human, or left without an
+    answer by a run that stopped, with `status` what it was answered), `approved` /
     `edited` / `rejected` / `responded` for approvals, `exceeded` / `warning` for budgets, the
     new state for breakers, `flag` / `redact` / `block` for content (with `status` the source:
     `user`, `tool` or `answer`, and `rule` the rules that matched)."""

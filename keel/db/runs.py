@@ -193,17 +193,21 @@ class RunLog:
             )
         self.ledger = ledger
 
-    def write(self, record: RunRecord, base: Mapping[str, float] | None = None) -> RunRecord:
+    def write(
+        self, record: RunRecord, base: Mapping[str, float] | None = None, *, first_end: bool = False
+    ) -> RunRecord:
         """Insert or update the run's row; returns what was stored (the run's own usage).
 
         `base` is the thread's usage when the run started (`keel.state.task_base`); without it, the
-        thread's previous run record's totals are subtracted.
+        thread's previous run record's totals are subtracted. `first_end`: see `upsert_flow`.
         """
-        return self.ledger.run(upsert_flow(record, base))
+        return self.ledger.run(upsert_flow(record, base, first_end=first_end))
 
-    async def awrite(self, record: RunRecord, base: Mapping[str, float] | None = None) -> RunRecord:
+    async def awrite(
+        self, record: RunRecord, base: Mapping[str, float] | None = None, *, first_end: bool = False
+    ) -> RunRecord:
         """Insert or update the run's row (async)."""
-        return await self.ledger.arun(upsert_flow(record, base))
+        return await self.ledger.arun(upsert_flow(record, base, first_end=first_end))
 
     def query(
         self, *, since: float | None = None, tenant: str | None = None, user: str | None = None
@@ -234,13 +238,16 @@ that drops the run's pending calls, is another server run, and the record keeps 
 run that started it (`COALESCE`, so a record first written without one takes a later one)."""
 
 
-def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> Flow[RunRecord]:
+def upsert_flow(
+    record: RunRecord, base: Mapping[str, float] | None = None, *, first_end: bool = False
+) -> Flow[RunRecord]:
     """Store `record`, whose usage holds the thread's totals, as the run's own usage.
 
     The run's own is the totals less `base` (the thread's usage when the run started), or,
     without it, less the totals of the thread's previous run record. A `cancelled` record
     replaces only a paused (or cancelled) one: a row that says how the run ended is kept, and
-    returned.
+    returned. With `first_end`, a cancelled one is kept too (the record of a run found stopped
+    later, which says less than the end the run recorded itself).
     """
     totals = {k: getattr(record, k) for k in _USAGE}
     previous: Mapping[str, Any] = base or {}
@@ -258,7 +265,8 @@ def upsert_flow(record: RunRecord, base: Mapping[str, float] | None = None) -> F
             (own.run_key,),
         )
         ended = [_stored(row) for row in rows]
-        if ended and ended[0].status != "interrupted" and ended[0].terminated_reason != "cancelled":
+        stands = ended and ended[0].status != "interrupted"
+        if stands and (first_end or ended[0].terminated_reason != "cancelled"):
             return ended[0]  # the run ended before it was cancelled: its end stands
     values = {
         **own.to_dict(),

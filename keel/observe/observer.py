@@ -123,28 +123,43 @@ class Observer:
         self.policy_version = policy_version
         self.version = version
 
-    def record_run(self, state: AgentState, config: RunnableConfig, context: RunContext) -> None:
+    def record_run(
+        self,
+        state: AgentState,
+        config: RunnableConfig,
+        context: RunContext,
+        *,
+        first_end: bool = False,
+    ) -> None:
         """Write the record of the run `state` ends (or pauses); a failure is logged.
 
-        A replay or shadow run (`keel.tools.stubs.isolated`) writes none.
+        A replay or shadow run (`keel.tools.stubs.isolated`) writes none. `first_end`: only
+        where the run recorded no end of its own (`keel.db.runs.upsert_flow`).
         """
         if isolated():
             return
         try:
             record = _record(self, state, config, context)
-            _telemetry(self.runs.write(record, task_base(state)), record)
+            stored = self.runs.write(record, task_base(state), first_end=first_end)
+            _telemetry(stored, record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
     async def arecord_run(
-        self, state: AgentState, config: RunnableConfig, context: RunContext
+        self,
+        state: AgentState,
+        config: RunnableConfig,
+        context: RunContext,
+        *,
+        first_end: bool = False,
     ) -> None:
         """`record_run` under `ainvoke`."""
         if isolated():
             return
         try:
             record = _record(self, state, config, context)
-            _telemetry(await self.runs.awrite(record, task_base(state)), record)
+            stored = await self.runs.awrite(record, task_base(state), first_end=first_end)
+            _telemetry(stored, record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
