@@ -21,7 +21,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import psycopg
 from langchain_core.runnables import RunnableConfig
@@ -103,6 +103,16 @@ class RunEnd:
     recorder: Recorder
     config: RunnableConfig
     context: Any
+
+    def earlier(self) -> RunEnd:
+        """The recorder for the thread's run before this one: without this run's `run_id`.
+
+        The earlier run's own id is not known here; a row it wrote keeps the one it has.
+        """
+        config = dict(self.config)
+        for key in ("configurable", "metadata"):
+            config[key] = {k: v for k, v in (config.get(key) or {}).items() if k != "run_id"}
+        return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
 
     def record(self, state: dict[str, Any], *, first_end: bool = False) -> None:
         """Write the run record of the run `state` ends (`first_end`: unless it has one)."""

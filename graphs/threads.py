@@ -371,12 +371,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.records and self.keel_audit is not None:
             self.keel_audit.write(answered.records)
         if answered.ended is not None and end is not None:
+            end = end.earlier() if answered.first_end else end
             end.record(answered.ended, first_end=answered.first_end)
 
     async def _aanswer(self, answered: Dropped, end: RunEnd | None) -> None:
         if answered.records and self.keel_audit is not None:
             await self.keel_audit.awrite(answered.records)
         if answered.ended is not None and end is not None:
+            end = end.earlier() if answered.first_end else end
             await end.arecord(answered.ended, first_end=answered.first_end)
 
     def _refused(

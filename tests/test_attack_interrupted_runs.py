@@ -238,20 +238,31 @@ def _killed_mid_tool(url: str, effects: Path) -> None:
     assert effects.read_text() == "A1\n"
 
 
-def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
-    db_url: str, tmp_path: Path
+async def _next_message(url: str, ledger: Ledger, model: Any, driver: str) -> Any:
+    """The thread's next message, sent by a fresh agent (`invoke` or `ainvoke`)."""
+    config = {"configurable": {"thread_id": "t1", "run_id": "run-2"}}  # as a server names it
+    if driver == "async":
+        async with Persistence(url).acheckpointer() as asaver:
+            agent = build_agent(model, [], ledger=ledger, checkpointer=asaver)
+            return await agent.ainvoke(SECOND, config, context=CTX)
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(model, [], ledger=ledger, checkpointer=saver)
+        return agent.invoke(SECOND, config, context=CTX)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
+    db_url: str, tmp_path: Path, driver: str
 ) -> None:
     """The killed run wrote no run record (its process could not), and the next message's
     model read "the run stopped before it ran" about a refund that happened. Now: "outcome
     unknown", audited, the refund not repeated, and the killed run recorded `stopped/cancelled`
-    by the next message."""
+    by the next message (under no run id: the next run's is not its own)."""
     effects = tmp_path / "effects"
     _killed_mid_tool(db_url, effects)
     ledger, model = Ledger(db_url), _model()
     try:
-        with Persistence(db_url).checkpointer() as saver:
-            agent = build_agent(model, [], ledger=ledger, checkpointer=saver)
-            done = agent.invoke(SECOND, _cfg(), context=CTX)
+        done = await _next_message(db_url, ledger, model, driver)
         assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
         _assert_next_task(model, done["messages"], UNKNOWN)
         assert effects.read_text() == "A1\n"
@@ -260,10 +271,13 @@ def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
         (stopped, reason, why), (finished, _, _) = _runs(ledger)
         assert (stopped, reason, finished) == ("stopped", "cancelled", "success")
         assert "process ended" in why and "refund" in why, why
-        killed, _ = RunLog(ledger).query()
+        killed, finished_run = RunLog(ledger).query()
         assert (killed.model_calls, killed.tool_calls) == (1, 1)  # its own usage, its call
+        assert (killed.run_id, finished_run.run_id) == (None, "run-2")  # not the next run's id
+        answered_by = {r.run_id for r in AuditLog(ledger).query() if r.tool_call_id == call_id}
+        assert answered_by == {"run-2"}  # the run that answered the call
     finally:
-        ledger.close()
+        await ledger.aclose()
 
 
 def test_sigkill_mid_tool_then_a_resume_asks_did_this_happen(db_url: str, tmp_path: Path) -> None:
