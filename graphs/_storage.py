@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -109,9 +109,10 @@ class RunEnd:
 
         The earlier run's own id is not known here; a row it wrote keeps the one it has.
         """
-        config = dict(self.config)
+        config: dict[str, Any] = dict(self.config)
         for key in ("configurable", "metadata"):
-            config[key] = {k: v for k, v in (config.get(key) or {}).items() if k != "run_id"}
+            given: Mapping[str, Any] = config.get(key) or {}
+            config[key] = {k: v for k, v in given.items() if k != "run_id"}
         return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
 
     def record(self, state: dict[str, Any], *, first_end: bool = False) -> None:
