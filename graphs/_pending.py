@@ -47,6 +47,7 @@ __all__ = [
     "left_behind",
     "left_ended",
     "not_run_records",
+    "step_results",
     "turned_past",
 ]
 
@@ -121,19 +122,37 @@ def left_behind(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
     return [c for c in calls if c.get("id") not in answered]
 
 
+def step_results(state: StateSnapshot) -> dict[str, ToolMessage]:
+    """The results the checkpoint's pending step saved, by call id (see `closed_left`)."""
+    out: dict[str, ToolMessage] = {}
+    for task in state.tasks:
+        written = task.result.get("messages") if isinstance(task.result, Mapping) else None
+        for m in messages_of(written) or []:
+            if isinstance(m, ToolMessage):
+                out.setdefault(m.tool_call_id, m)
+    return out
+
+
 def closed_left(
-    input: Mapping[str, Any], calls: list[ToolCall], found: Mapping[str, CallRecord] | None
+    input: Mapping[str, Any],
+    calls: list[ToolCall],
+    found: Mapping[str, CallRecord] | None,
+    saved: Mapping[str, ToolMessage],
 ) -> tuple[dict[str, Any], list[ToolMessage]]:
     """`input` with an answer for each left-behind call before its messages.
 
-    `found`: the ledger's records of the calls, by id (`None`: the ledger could not be read,
-    so any of them may have started). A call recorded `completed` or `failed` gets its
-    recorded result; one found `started` an "outcome unknown" answer; the rest `not_run`.
+    `saved`: results the stopped run's last step saved although the checkpoint after it was
+    not (LangGraph drops them from a new message's run); a call that has one gets it. `found`:
+    the ledger's records of the calls, by id (`None`: the ledger could not be read, so any of
+    them may have started). A call recorded `completed` or `failed` gets its recorded result;
+    one found `started` an "outcome unknown" answer; the rest `not_run`.
     """
     closing: list[ToolMessage] = []
     for c in calls:
         record = None if found is None else found.get(c.get("id") or "")
-        if record is not None and record.state in ("completed", "failed") and record.result:
+        if (result := saved.get(c.get("id") or "")) is not None:
+            closing.append(result)
+        elif record is not None and record.state in ("completed", "failed") and record.result:
             closing.append(recorded(c, record.result))
         elif found is None or (record is not None and record.state == "started"):
             closing.append(tool_message(c, LEFT_UNKNOWN, "not_run"))

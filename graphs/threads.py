@@ -63,6 +63,7 @@ from keel.graphs._pending import (
     left_behind,
     left_ended,
     not_run_records,
+    step_results,
     turned_past,
 )
 from keel.graphs._protected import ProtectedGraph
@@ -253,6 +254,21 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     )
 
 
+def _as_started(state: StateSnapshot, saved: CheckpointTuple | None) -> StateSnapshot:
+    """`state` with the messages a new message's run starts from: its checkpoint's own.
+
+    `get_state` adds the writes of the checkpoint's pending step: a tool step that finished
+    while the checkpoint after it was never saved (its process killed between the two, a
+    failed save). LangGraph's run for a new message drops that step, its results included;
+    they stay in `state.tasks` (`step_results`). A thread that waits for a human, or that a
+    resume continues (its writes applied), is read as `get_state` reads it.
+    """
+    if saved is None or state.interrupts:
+        return state
+    messages = saved.checkpoint["channel_values"].get("messages") or []
+    return state._replace(values={**state.values, "messages": messages})
+
+
 class ThreadGuardedGraph(ProtectedGraph):
     """A compiled graph that refuses input which would lose work or start a run from nothing.
 
@@ -316,7 +332,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             raise UserError(problem)
         if left := left_behind(input, state):
             assert state is not None
-            input, closing = closed_left(input, left, found)
+            input, closing = closed_left(input, left, found, step_results(state))
             records = self._not_run(closing, config, kwargs, left)
             answered = Dropped(records, left_ended(state, closing), first_end=True)
         input = _without_resent(input, state)
@@ -436,26 +452,28 @@ class ThreadGuardedGraph(ProtectedGraph):
     def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
             return None
-        saver = self.checkpointer
+        saver, saved = self.checkpointer, None
         if isinstance(saver, BaseCheckpointSaver):
-            light = _light(saver.get_tuple(_latest(config)))
+            saved = saver.get_tuple(_latest(config))
+            light = _light(saved)
             if light is not None:
                 return light
         try:
-            return self.get_state(config or {})
+            return _as_started(self.get_state(config or {}), saved)
         except ValueError:  # no checkpointer
             return None
 
     async def _astate(self, config: RunnableConfig | None) -> StateSnapshot | None:
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
             return None
-        saver = self.checkpointer
+        saver, saved = self.checkpointer, None
         if isinstance(saver, BaseCheckpointSaver):
-            light = _light(await saver.aget_tuple(_latest(config)))
+            saved = await saver.aget_tuple(_latest(config))
+            light = _light(saved)
             if light is not None:
                 return light
         try:
-            return await self.aget_state(config or {})
+            return _as_started(await self.aget_state(config or {}), saved)
         except ValueError:
             return None
 

@@ -207,29 +207,46 @@ CHILD = textwrap.dedent(
     from keel import Ledger, Persistence, RunContext, build_agent, tool
     from keel.evals import ScriptedChatModel, call
 
-    url, effects = sys.argv[1], sys.argv[2]
+    url, effects, when, risk = sys.argv[1:5]
 
-    @tool(risk="write", name="refund")
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @tool(risk=risk, name="refund")
     def refund(order_id: str) -> str:
         \"\"\"Refund an order.\"\"\"
         with open(effects, "a") as f:
             f.write(order_id + "\\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-        return "refunded"
+        if when == "in the tool":
+            die()
+        return f"refunded {order_id}"
 
     model = ScriptedChatModel(script=[call("refund", order_id="A1")], fresh_ids=True)
     with Persistence(url).checkpointer() as saver:
+        put_writes = saver.put_writes
+
+        def dies_after_the_tool_step(config, writes, task_id, task_path=""):
+            put_writes(config, writes, task_id, task_path)
+            if any(channel == "messages" and "refunded" in str(value) for channel, value in writes):
+                die()  # the tool step's writes are saved, the checkpoint after it is not
+
+        if when == "before the checkpoint":
+            saver.put_writes = dies_after_the_tool_step
         agent = build_agent(model, [refund], ledger=Ledger(url), checkpointer=saver)
         agent.invoke({"messages": [("user", "refund order A1")]},
-                     {"configurable": {"thread_id": "t1"}}, context=RunContext(user_id="u1"))
+                     {"configurable": {"thread_id": "t1"}}, context=RunContext(user_id="u1"),
+                     durability="sync")  # the model's turn is saved before a read runs too
     """
 )
 
 
-def _killed_mid_tool(url: str, effects: Path) -> None:
-    """A child process runs the first task and is SIGKILLed right after the refund."""
+def _killed_mid_tool(
+    url: str, effects: Path, when: str = "in the tool", risk: str = "write"
+) -> None:
+    """A child process runs the first task and is SIGKILLed right after the refund (`when`:
+    in the tool, or once the tool step's writes are saved, before its checkpoint)."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, url, str(effects)],
+        [sys.executable, "-c", CHILD, url, str(effects), when, risk],
         capture_output=True,
         timeout=120,
         cwd=effects.parent,  # the repository's `keel/` folder would shadow the package
@@ -276,6 +293,29 @@ async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
         assert (killed.run_id, finished_run.run_id) == (None, "run-2")  # not the next run's id
         answered_by = {r.run_id for r in AuditLog(ledger).query() if r.tool_call_id == call_id}
         assert answered_by == {"run-2"}  # the run that answered the call
+    finally:
+        await ledger.aclose()
+
+
+@pytest.mark.parametrize(
+    ("risk", "driver"), [("read", "sync"), ("write", "sync"), ("read", "async")]
+)
+async def test_killed_before_the_checkpoint_after_its_tool_step(
+    db_url: str, tmp_path: Path, risk: str, driver: str
+) -> None:
+    """The tool step finished and its writes were saved, but the process died before the
+    checkpoint after it. `get_state` shows the result (it applies the pending writes), so keel
+    saw nothing left; LangGraph's run for a new message drops that step, result included: the
+    model read a filler and the saved thread kept an unanswered call. Now the call is answered
+    with the result its step saved (a read has no ledger record to fall back on)."""
+    effects = tmp_path / "effects"
+    _killed_mid_tool(db_url, effects, "before the checkpoint", risk)
+    ledger, model = Ledger(db_url), _model()
+    try:
+        done = await _next_message(db_url, ledger, model, driver)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+        _assert_next_task(model, done["messages"], "refunded A1")
+        assert effects.read_text() == "A1\n"
     finally:
         await ledger.aclose()
 
