@@ -12,9 +12,11 @@
   `not_run` before the update's messages (and audited, with a ledger), as above.
 - A new message on a thread whose last run stopped mid-step (its task cancelled, a
   `KeyboardInterrupt`, its process killed, its checkpointer failed) finds that run's tool calls
-  without an answer, and nothing waits for a human: each is answered before the message (its
-  result recorded in the ledger, "outcome unknown" when the ledger says it started, else
-  `not_run`; never run now), and audited, so the thread's history stays one a provider takes.
+  without an answer, and nothing waits for a human: each is answered before the message (the
+  result its step saved or the ledger recorded, "outcome unknown" when the ledger says it
+  started, else `not_run`; never run now), and audited, so the thread's history stays one a
+  provider takes; a run that left no record of its end (a killed process) is recorded
+  `stopped/cancelled`.
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
