@@ -390,7 +390,7 @@ class _Wiring:
             first = "recall"
         if guards.input_guard is not None:
             after_input = partial(route_after_input_guard, next=first)
-            node = input_guard(guards.input_guard)
+            node = input_guard(guards.input_guard, guards=guards.model)
             graph.add_node("input_guard", self.observed(node, content_records))
             route = recorded(after_input, observer, "input_guard")
             graph.add_conditional_edges("input_guard", route, [first, "respond"])
@@ -409,7 +409,7 @@ class _Wiring:
         """
         from keel.memory.nodes import recall, reflect  # imports chromadb: only when memory is on
 
-        node = recall(store, guard=self.guards.input_guard)
+        node = recall(store, guard=self.guards.input_guard, guards=self.guards.model)
         self.graph.add_node("recall", self.observed(node, content_records))
         self.graph.add_node("reflect", reflect(store))
         self.graph.add_edge("reflect", END)

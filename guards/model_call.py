@@ -1,6 +1,7 @@
 """`GuardedModel`: the one path every model call keel makes goes through.
 
-Agent turns (`call_model`), plans (`plan`), the judge (`verify`) and the supervisor's router all
+Agent turns (`call_model`), plans (`plan`), the judge (`verify`), the supervisor's router and,
+inside a run, the input guard's `ModelDetector` (`keel.guards.injection_model.DetectorCalls`) all
 call their model through a `GuardedModel`, so each call, whatever asks for it:
 
 1. is checked against the run budget (`Budget`: model calls, tokens, dollars, wall clock);

@@ -20,10 +20,12 @@ from langchain_core.messages import RemoveMessage, SystemMessage
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, SearchItem
 
-from keel._drive import Op, Steps, adrive, drive
+from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, make_node
 from keel.errors import UserError
 from keel.guards.content import ContentFinding, InputGuardPolicy, acheck_input, check_input
+from keel.guards.injection_model import DetectorCalls
+from keel.guards.model_call import ModelCallGuards
 from keel.guards.screening import GUARD_KEY, guard_note
 from keel.memory.lessons import extract_lesson
 from keel.memory.scope import identity_of, store_of, user_namespace
@@ -62,6 +64,7 @@ def recall(
     token_budget: int = 800,
     count_tokens: Callable[[str], int] = _approx_tokens,
     guard: InputGuardPolicy | None = DEFAULT_GUARD,
+    guards: ModelCallGuards | None = None,
     name: str = "recall",
 ) -> RunnableCallable:
     """A node that puts the user's relevant memories into the model's context.
@@ -82,11 +85,16 @@ def recall(
         count_tokens: Counts tokens of a text (default: characters / 4).
         guard: The input guard memories are screened with (as tool results are); default:
             keel's heuristics. `build_agent` passes its policy's. `None` screens nothing.
+        guards: The run's model-call guards a `ModelDetector`'s calls go through (`build_agent`
+            passes the agent's); its calls are counted in the run's `usage` either way. A call
+            they refuse leaves the memories out (`model_error`), and the run's next model call
+            meets the same budget.
         name: The node's name.
     """
     _check_recall(kinds, limit, recent, token_budget)
     if guard is not None and not isinstance(guard, InputGuardPolicy):
         raise UserError(f"recall(guard=...) must be an InputGuardPolicy or None, got {guard!r}.")
+    calls = DetectorCalls(guards, guard.detector if guard is not None else None)
 
     def steps(state: AgentState, runtime: Runtime[RunContext] | None) -> Steps[dict[str, Any]]:
         ctx = identity_of(context_of(runtime))  # fails closed, as a missing store does
@@ -110,13 +118,7 @@ def recall(
             return {"messages": [RemoveMessage(id=RECALL_ID)], **_recovered(state)}
         return _recovered(state)
 
-    def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        return drive(steps(state, runtime))
-
-    async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        return await adrive(steps(state, runtime))
-
-    return make_node(name, invoke, ainvoke)
+    return calls.node(name, lambda state, _, runtime: steps(state, runtime), stop=False)
 
 
 def reflect(

@@ -21,11 +21,14 @@ import time
 from typing import Any
 
 from langchain_core.messages import AIMessage
+from langgraph.runtime import Runtime
 
 from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.errors import UserError
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
+from keel.guards.injection_model import DetectorCalls, DetectorSpend
+from keel.guards.model_call import ModelCallGuards
 from keel.guards.screening import (
     GUARD_KEY,
     Screened,
@@ -33,40 +36,56 @@ from keel.guards.screening import (
     screen_answer,
     screen_inputs,
 )
-from keel.state import AgentState, task_clock, task_reset
+from keel.state import AgentState, RunContext, task_clock, task_reset
 
 __all__ = ["input_guard", "output_guard", "route_after_input_guard"]
 
 
 def input_guard(
-    policy: InputGuardPolicy | None = None, *, name: str = "input_guard"
+    policy: InputGuardPolicy | None = None,
+    *,
+    guards: ModelCallGuards | None = None,
+    name: str = "input_guard",
 ) -> RunnableCallable:
     """A node that checks the new user messages (and any unread tool results) before the model.
 
-    Route after it with `route_after_input_guard` (a block goes to `respond`).
+    Route after it with `route_after_input_guard` (a block, or a budget that refused the
+    detector's model call, goes to `respond`).
 
     Args:
         policy: What to check and what to do (default `InputGuardPolicy()`: injections are
             flagged, inputs over 50,000 characters blocked).
+        guards: The run's model-call guards a `ModelDetector`'s calls go through (budgets,
+            rate limits, breaker, prices; `build_agent` passes the agent's). Its calls are
+            counted in the run's `usage` either way.
         name: The node's name.
     """
     policy = _checked(policy, InputGuardPolicy, "input_guard")
+    calls = DetectorCalls(guards, policy.detector)
 
-    def run(state: AgentState) -> dict[str, Any]:
-        return _input_update(state, screen_inputs(state.get("messages") or [], policy))
+    def run(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        with calls.counting(state, runtime, sync=True) as spend:
+            screened = screen_inputs(state.get("messages") or [], policy)
+        return _input_update(state, screened, spend)
 
-    async def arun(state: AgentState) -> dict[str, Any]:
-        return _input_update(state, await ascreen_inputs(state.get("messages") or [], policy))
+    async def arun(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        with calls.counting(state, runtime, sync=False) as spend:
+            screened = await ascreen_inputs(state.get("messages") or [], policy)
+        return _input_update(state, screened, spend)
 
     return make_node(name, run, arun)
 
 
-def _input_update(state: AgentState, screened: Screened) -> dict[str, Any]:
+def _input_update(state: AgentState, screened: Screened, spend: DetectorSpend) -> dict[str, Any]:
     update: dict[str, Any] = {}
     if screened.messages:
         update["messages"] = screened.messages
-    if screened.blocked is not None:
-        update["outcome"] = outcome.stopped("blocked", screened.blocked)
+    # a budget that refused the detector ends the run as such (what it left unchecked is blocked)
+    stop = spend.stop
+    if stop is None and screened.blocked is not None:
+        stop = outcome.stopped("blocked", screened.blocked)
+    if stop is not None:
+        update["outcome"] = stop
         # the run ends before the model: start its clock here, so that its usage, its start
         # and its records are its own, not the thread's previous task's; nor did it degrade as
         # that task did (its `recall` and standing approvals, which clear their own warnings
@@ -78,13 +97,17 @@ def _input_update(state: AgentState, screened: Screened) -> dict[str, Any]:
                 update["warnings"] = []
     elif state.get("outcome") is not None:
         update["outcome"] = None  # a new task: the last one's outcome no longer holds
-    return update
+    return spend.into(update)
 
 
 def route_after_input_guard(state: AgentState, *, next: str = "call_model") -> str:
-    """After `input_guard`: `respond` when it blocked the input, else `next`."""
+    """After `input_guard`: `respond` when it blocked the input or ended the run, else `next`.
+
+    It ends the run when a guard refused its detector's model call (a spent budget, the
+    ledger down); it clears an earlier task's outcome otherwise.
+    """
     result = state.get("outcome")
-    if result is not None and result["terminated_reason"] == "blocked":
+    if result is not None and result["status"] in ("stopped", "error"):
         return "respond"
     return next
 

@@ -41,6 +41,7 @@ from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.gate import Gate
+from keel.guards.injection_model import DetectorCalls
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
@@ -153,6 +154,8 @@ def execute_tools(
     """
     held = AgentGuards.of(guards, **options)
     ledger = held.ledger
+    screening = held.input_guard
+    calls = DetectorCalls(held.model, screening.detector if screening is not None else None)
 
     def plan_calls(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext] | None
@@ -199,13 +202,13 @@ def execute_tools(
         planned = drive(plan_calls(state, config, runtime))
         known = known_call_ids(state.get("messages") or [])
         results = [drive(run(p, config, known)) if isinstance(p, _Job) else p for p in planned]
-        guard = held.input_guard
-        if guard is not None:
-            results = [
-                (screen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
-                for r in results
-            ]
-        return _finish(state, _derived(state, results), _jobs(planned))
+        with calls.counting(state, runtime, sync=True) as spend:
+            if screening is not None:
+                results = [
+                    (screen_tool_result(r, screening) or r) if isinstance(r, ToolMessage) else r
+                    for r in results
+                ]
+        return spend.into(_finish(state, _derived(state, results), _jobs(planned)))
 
     async def ainvoke(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -219,13 +222,15 @@ def execute_tools(
                 for p in planned
             )
         )
-        guard = held.input_guard
-        if guard is not None:
-            results = [
-                (await ascreen_tool_result(r, guard) or r) if isinstance(r, ToolMessage) else r
-                for r in results
-            ]
-        return _finish(state, _derived(state, list(results)), _jobs(planned))
+        with calls.counting(state, runtime, sync=False) as spend:
+            if screening is not None:
+                results = [
+                    (await ascreen_tool_result(r, screening) or r)
+                    if isinstance(r, ToolMessage)
+                    else r
+                    for r in results
+                ]
+        return spend.into(_finish(state, _derived(state, list(results)), _jobs(planned)))
 
     return make_node(name, invoke, ainvoke)
 

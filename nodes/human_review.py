@@ -51,7 +51,6 @@ from keel._node import (
     RunnableCallable,
     context_of,
     peek_resume,
-    steps_node,
     thread_of,
 )
 from keel.approvals import RunGrants, approval_digest, approval_key, decided
@@ -60,6 +59,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.content import InputGuardPolicy
+from keel.guards.injection_model import DetectorCalls
 from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, screen_human_text
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.identity import reviewer_of, server_user
@@ -153,6 +153,8 @@ def human_review(
     """
     held = AgentGuards.of(guards, **options)
     sealer, standing, ledger = held.grants, held.standing, held.ledger
+    screening = held.input_guard
+    calls = DetectorCalls(held.model, screening.detector if screening is not None else None)
 
     def in_ledger(state: AgentState, config: RunnableConfig) -> tuple[str, list[str]]:
         """The thread and the pending calls whose outcome the ledger may know."""
@@ -187,8 +189,8 @@ def human_review(
         answers = _normalize(interrupt(pending), pending)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
-        if held.input_guard is not None:
-            answers = yield both(_guarded, _aguarded, answers, held.input_guard)
+        if screening is not None:
+            answers = yield both(_guarded, _aguarded, answers, screening)
         update, settle, for_user = _apply(state, pending, answers, policy, thread, tools, reviewer)
         update["approvals"] = {k: run.seal(k, a) for k, a in update["approvals"].items()}
         return update, settle, {k: update["approvals"][k] for k in for_user}
@@ -215,7 +217,7 @@ def human_review(
             yield Op(lambda: standing.save(ctx, for_user), lambda: standing.asave(ctx, for_user))
         return update
 
-    return steps_node(name, steps)
+    return calls.node(name, steps)
 
 
 def _requests(

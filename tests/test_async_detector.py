@@ -130,9 +130,9 @@ def test_an_async_detector_still_works_under_invoke() -> None:
     assert result["outcome"]["terminated_reason"] == "blocked"
 
 
-def test_a_model_detectors_calls_are_not_counted_in_the_runs_usage() -> None:
-    """README: a `ModelDetector` calls its model directly, outside the run's budgets. If its
-    calls ever go through `GuardedModel`, this fails: say so in README's Usage and cost."""
+def test_a_model_detectors_calls_are_counted_in_the_runs_usage() -> None:
+    """README: every model call keel makes is counted, a `ModelDetector`'s included (it goes
+    through the run's `GuardedModel` guards). tests/test_detector_guards.py has the budgets."""
     judge = ScriptedChatModel(
         structured={"InjectionVerdict": {"injection": False, "reason": "plain data"}}
     )
@@ -142,4 +142,6 @@ def test_a_model_detectors_calls_are_not_counted_in_the_runs_usage() -> None:
     result = agent.invoke({"messages": [("user", "Where is my order?")]})
     assert result["outcome"]["terminated_reason"] == "completed"
     assert len(judge.calls) == 1  # the detector read the user's message
-    assert result["usage"]["model_calls"] == 1  # the agent's one turn only
+    assert result["usage"]["model_calls"] == 2  # the detector's call and the agent's turn
+    (verdict,) = judge.answers
+    assert result["usage"]["input_tokens"] > verdict.usage_metadata["input_tokens"]

@@ -432,11 +432,7 @@ def tool_records(tools: ToolRegistry, gate: Gate) -> Derive:
                     **who.fields(),
                 )
             )
-        return [
-            *out,
-            *content_records(state, update, context, who),
-            *budget_records(state, update, context, who),
-        ]
+        return [*out, *content_records(state, update, context, who)]  # and budget records
 
     return derive
 
@@ -548,7 +544,8 @@ def content_records(
     """Audit records for the content guards: one per message a guard acted on.
 
     That is each message carrying the note `keel.guards.screening` leaves in its
-    `response_metadata` (flagged, redacted or blocked).
+    `response_metadata` (flagged, redacted or blocked); and the budget's record when a budget
+    refused the injection detector's model call (`budget_records`).
     """
     out = []
     for m in update.get("messages") or []:
@@ -571,7 +568,7 @@ def content_records(
                 **who.fields(),
             )
         )
-    return out
+    return [*out, *budget_records(state, update, context, who)]
 
 
 def budget_records(
