@@ -13,12 +13,13 @@ and run records; keel's scripted models in the providers' place.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.types import Command
+from langgraph.types import Command, RetryPolicy
 
 from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent, tool
 from keel.db.audit import AuditLog
@@ -296,6 +297,37 @@ def test_a_period_budget_and_the_run_record_count_the_detector(db_url: str, mode
         ledger.close()
 
 
+def test_concurrent_invokes_judge_through_the_ledgers_sync_pool(db_url: str) -> None:
+    """Under `invoke` the detector runs in a fresh event loop per check (`detect`); its ledger
+    bookkeeping is made synchronously, as the rest of the run's is. Threads that `invoke` at
+    once (a threaded server) then never share the ledger's async pool and locks across event
+    loops (they hung there)."""
+    budget = PeriodBudget(tokens=10_000_000)
+    ledger = Ledger(db_url, pool_max_size=1)
+    try:
+        judge, model = _judge(), _agent_model(*["Sure."] * 8)
+        policy = _policy(judge, period_budgets=(budget,))
+        agent = build_agent(model, [fetch], policy=policy, prices=PRICES, ledger=ledger)
+        results: list[dict[str, Any]] = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.append(_run(agent, f"Order {i}?", "invoke")),
+                daemon=True,  # a hung one must not keep the test process alive
+            )
+            for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [r["outcome"]["terminated_reason"] for r in results] == ["completed"] * 8
+        assert len(judge.calls) == 8
+        spent = SpendMeter(ledger, [budget]).spent(budget, ALICE)[1]
+        assert spent == _tokens(judge) + _tokens(model)
+    finally:
+        ledger.close()
+
+
 # -- prices ------------------------------------------------------------------------------------
 
 
@@ -343,6 +375,27 @@ def test_an_unpriced_model_detector_inside_a_detector_function_ends_the_run(mode
     assert result["outcome"]["terminated_reason"] == "budget_exceeded"
     assert "no price for model 'house-judge'" in result["outcome"]["detail"]
     assert judge.calls == [] and model.calls == []
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_a_failing_detector_model_is_a_finding_and_the_run_goes_on(mode: str) -> None:
+    """Only a guard's refusal ends the run: a model that fails is `model_error` (flagged here)."""
+
+    def broken(messages: Any) -> dict[str, Any]:
+        raise ValueError("the judge is down")
+
+    judge = ScriptedChatModel(structured={"InjectionVerdict": broken}, model_name="judge-model")
+    model = _agent_model("Sure.")
+    guard = InputGuardPolicy(detector=ModelDetector(model=judge), injection_action="flag")
+    policy = Policy(input_guard=guard, budget=Budget(usd=1.0))
+    agent = build_agent(
+        model, policy=policy, prices=PRICES, model_retry=RetryPolicy(max_attempts=1)
+    )
+    result = _run(agent, "Where is my order?", mode)
+    assert result["outcome"]["terminated_reason"] == "completed"
+    (asked,) = [m for m in result["messages"] if m.type == "human"]
+    assert asked.response_metadata["keel_guard"]["rules"] == ["model_error"]
+    assert len(model.calls) == 1
 
 
 def test_outside_a_run_the_detector_calls_its_model_directly() -> None:
