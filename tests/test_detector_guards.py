@@ -31,6 +31,7 @@ from keel.guards import (
     ModelDetector,
     PeriodBudget,
     Policy,
+    RateLimit,
     Rule,
     SpendMeter,
     check_input,
@@ -324,6 +325,28 @@ def test_concurrent_invokes_judge_through_the_ledgers_sync_pool(db_url: str) -> 
         assert len(judge.calls) == 8
         spent = SpendMeter(ledger, [budget]).spent(budget, ALICE)[1]
         assert spent == _tokens(judge) + _tokens(model)
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_the_detectors_calls_take_their_share_of_the_tenants_rate_limit(
+    db_url: str, mode: str
+) -> None:
+    """One request a minute for the tenant, across its models: the detector's look at the
+    message takes it, so the model's call is refused (`max_wait=0`), not made."""
+    ledger = Ledger(db_url)
+    try:
+        judge, model = _judge(), _agent_model("Sure.")
+        limit = RateLimit(rpm=1, scope="tenant", max_wait=0)
+        policy = _policy(judge, rate_limits=(limit,))
+        agent = build_agent(
+            model, [fetch], policy=policy, prices=PRICES, ledger=ledger,
+            model_retry=RetryPolicy(max_attempts=1),
+        )  # fmt: skip
+        result = _run(agent, "Where is my order?", mode)
+        assert "RateLimited" in result["outcome"]["detail"]
+        assert len(judge.calls) == 1 and model.calls == []
     finally:
         ledger.close()
 
