@@ -234,7 +234,8 @@ CHILD = textwrap.dedent(
             saver.put_writes = dies_after_the_tool_step
         agent = build_agent(model, [refund], ledger=Ledger(url), checkpointer=saver)
         agent.invoke({"messages": [("user", "refund order A1")]},
-                     {"configurable": {"thread_id": "t1"}}, context=RunContext(user_id="u1", tenant_id="acme"),
+                     {"configurable": {"thread_id": "t1"}},
+                     context=RunContext(user_id="u1", tenant_id="acme"),
                      durability="sync")  # the model's turn is saved before a read runs too
     """
 )
