@@ -226,6 +226,12 @@ def test_agent_and_model_together_are_refused(capsys: pytest.CaptureFixture[str]
     assert "--model sets the model of keel's own agent" in capsys.readouterr().err
 
 
+def test_agent_and_price_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--price` would be silently ignored: the user's agent builds its own price table."""
+    assert main(["run", "--agent", "m:g", "--price", "house=1,2", "hi"]) == 2
+    assert "--price prices the model of keel's own agent" in capsys.readouterr().err
+
+
 # -- LANGSMITH_TRACING=true with no key: one line, no network ---------------------------------
 
 GUARDED = textwrap.dedent(

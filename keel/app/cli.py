@@ -164,6 +164,11 @@ async def _run(args: argparse.Namespace) -> int:
             raise KeelError(
                 "--model sets the model of keel's own agent; the agent --agent names has its own."
             )
+        if ref and args.price:
+            raise KeelError(
+                "--price prices the model of keel's own agent; the agent --agent names has its "
+                "own price table: build it with build_agent(..., prices=PriceTable({...}))."
+            )
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
