@@ -20,9 +20,10 @@ Suites and runs:
   forwarded to LangSmith with a key (`forward_feedback`).
 
 Test doubles:
-- `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script.
+- `ScriptedChatModel`, `say`, `call`: a deterministic chat model that plays a script and, by
+  default, refuses a tool-call history a provider refuses (`strict_history`).
 - `ChaosChatModel`, `ChaosPolicy`: wrap a model and inject timeouts, 429s, 5xx, malformed or
-  unknown tool calls and loops at set rates, with a seed.
+  unknown tool calls and loops at set rates, with a seed (refusing such a history too).
 - `forbid_model_requests`: make any real chat-model call an error (tests, offline evals).
 - `injection_corpus`, `detection_rates` (`InjectionCase`, `DetectionRates`): the labelled
   prompt-injection corpus shipped with keel, and how any `InjectionDetector` does on it.

@@ -10,6 +10,10 @@ Faults, one at most per call, drawn at the rates of a `ChaosPolicy`:
 - `unknown_tool`: calls a tool that does not exist;
 - `repeated_call`: repeats the previous turn's tool calls, same names and arguments (a loop).
 
+Before any draw, a history a provider refuses is refused with a `ValueError`, as a 400
+(`keel.evals.scripted.check_history`; off with `strict_history=False`): a fault that answers
+without the wrapped model does not hide it.
+
 Faults are drawn from one seeded generator in call order: the same seed and the same sequence
 of calls inject the same faults. One instance is safe to share between threads and concurrent
 runs (draws are locked), but which run gets which fault then depends on scheduling; give each
@@ -43,6 +47,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr, SkipValidation
 
 from keel.errors import UserError
+from keel.evals.scripted import check_history
 from keel.local_model import last_chunk
 
 __all__ = [
@@ -263,6 +268,10 @@ class ChaosChatModel(BaseChatModel):
     """The wrapped model (normally a `keel.evals.ScriptedChatModel`)."""
     policy: SkipValidation[ChaosPolicy] = ChaosPolicy()
     """Fault rates and the seed."""
+    strict_history: bool = True
+    """Refuse a malformed history as a provider does, whatever the wrapped model does and
+    before any fault is drawn (see `ScriptedChatModel.strict_history`); `False` only for a test
+    that gives the model a broken history on purpose."""
     keel_test_double: bool = True
     """Marks this wrapper as allowed while real model requests are forbidden. The wrapped model
     is still checked: wrapping a real model in tests raises."""
@@ -399,6 +408,8 @@ class ChaosChatModel(BaseChatModel):
             k.removeprefix(_PRIVATE): kwargs.pop(k) for k in list(kwargs) if k.startswith(_PRIVATE)
         }
         tools: tuple[str, ...] = own.get("tools", ())
+        if self.strict_history:
+            check_history(messages)  # a 400 comes before any fault: the request is refused
         draw = self._draw()
         error = self._error(draw)
         hang = self.policy.timeout_after if draw.kind == "timeout" else 0.0

@@ -3,6 +3,9 @@
 It answers from a script, one entry per agent turn. The turn is the number of `AIMessage`s
 already in the conversation, so the model keeps no per-run state: one instance serves many
 concurrent runs and resumed threads, and it answers the same way after a replay.
+
+Like a provider, it refuses a malformed tool-call history (`malformed`) with a `ValueError`
+unless `strict_history=False`: a test on it fails where OpenAI would answer 400.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from keel.errors import ScriptExhausted
 from keel.local_model import last_chunk
 from keel.pricing import token_count
 
-__all__ = ["ScriptExhausted", "ScriptedChatModel", "ScriptEntry", "call", "malformed", "say"]
+__all__ = [
+    "ScriptExhausted",
+    "ScriptedChatModel",
+    "ScriptEntry",
+    "call",
+    "check_history",
+    "malformed",
+    "say",
+]
 
 Responder = Callable[[Sequence[BaseMessage]], "AIMessage | str"]
 ScriptEntry = AIMessage | str | Responder
@@ -48,6 +59,8 @@ def call(name: str, args: Mapping[str, Any] | None = None, /, **more: Any) -> AI
 
 class ScriptedChatModel(BaseChatModel):
     """A chat model that plays a script. Supports `bind_tools`, structured output and streaming.
+
+    It refuses a history a provider refuses (see `strict_history`), by default.
 
     Example:
         ```python
@@ -76,10 +89,12 @@ class ScriptedChatModel(BaseChatModel):
     """Report each answer's `usage_metadata` (an estimate from its length when the script gave
     none). `False` plays a provider that reports no usage, as some OpenAI-compatible servers do
     when streaming."""
-    strict_history: bool = False
+    strict_history: bool = True
     """Refuse a malformed history as OpenAI's API does (a 400): raise `ValueError` when an AI
     message's tool calls are not each answered by one `ToolMessage` before the next other
-    message, or a `ToolMessage` answers no call (see `malformed`)."""
+    message, or a `ToolMessage` answers no call (see `malformed`). On by default, so a test
+    fails where a provider would refuse what keel sends; `False` only for a test that gives
+    the model a broken history on purpose."""
     keel_test_double: bool = True
     """Marks this model as allowed while real model requests are forbidden."""
 
@@ -114,15 +129,15 @@ class ScriptedChatModel(BaseChatModel):
     # -- the one decision both drivers share ----------------------------------------------
 
     def _respond(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
+        self._calls.append(list(messages))  # a refused call too: the test can read what was sent
+        if self.strict_history:
+            check_history(messages)
         limits = [n for n in (self.max_tokens, kwargs.get("max_tokens")) if n is not None]
         answer = _capped(self._answer(messages, **kwargs), min(limits) if limits else None)
         self._answers.append(answer)
         return answer
 
     def _answer(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
-        self._calls.append(list(messages))
-        if self.strict_history and (problem := malformed(messages)) is not None:
-            raise ValueError(f"Invalid messages (as a provider's 400 says): {problem}")
         structured = self._structured_answer(messages, kwargs)
         if structured is not None:
             return self._with_usage(structured, messages, kwargs)
@@ -227,12 +242,20 @@ class ScriptedChatModel(BaseChatModel):
         yield ChatGenerationChunk(message=last_chunk(message, "", id=message.id))
 
 
+def check_history(messages: Sequence[BaseMessage]) -> None:
+    """Raise `ValueError` where a provider answers 400: when `malformed(messages)` says why."""
+    problem = malformed(messages)
+    if problem is not None:
+        raise ValueError(f"Invalid messages (as a provider's 400 says): {problem}")
+
+
 def malformed(messages: Sequence[BaseMessage]) -> str | None:
     """Why a chat provider would refuse `messages` as tool-call history, or `None`.
 
     OpenAI's rule: an assistant message with tool calls is followed by one tool message for
     each call (in any order) before any other message, and a tool message answers a call of
-    the assistant message just before it.
+    the assistant message just before it. A call whose arguments did not parse
+    (`invalid_tool_calls`) is a call too: LangChain sends it to OpenAI among `tool_calls`.
     """
     expected: list[str] = []
     for m in messages:
@@ -247,7 +270,7 @@ def malformed(messages: Sequence[BaseMessage]) -> str | None:
         if expected:
             break
         if isinstance(m, AIMessage):
-            expected = [str(c.get("id")) for c in m.tool_calls]
+            expected = [str(c.get("id")) for c in [*m.tool_calls, *m.invalid_tool_calls]]
     if expected:
         return (
             "an assistant message with 'tool_calls' must be followed by tool messages responding "

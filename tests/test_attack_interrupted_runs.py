@@ -9,7 +9,7 @@ knows (its result recorded in the ledger, "outcome unknown" when it started, els
 audited, never run again; and the stopped run has a run record.
 
 The model mints a fresh id for every tool call, as real models do, and refuses a malformed
-history (`strict_history`, as OpenAI's API does).
+history (`strict_history`, on by default, as OpenAI's API does).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def _model() -> ScriptedChatModel:
     return ScriptedChatModel(
         script=[call("refund", order_id="A1"), "B2 ships tomorrow.", "Anything else?"],
         fresh_ids=True,
-        strict_history=True,
     )
 
 
@@ -394,7 +393,7 @@ async def test_a_run_cancelled_before_its_first_state_leaves_nothing_to_answer(
     first, with a clean record."""
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
-    model = ScriptedChatModel(script=["Hello.", "Hi again."], strict_history=True)
+    model = ScriptedChatModel(script=["Hello.", "Hi again."])
     try:
         async with Persistence(url).acheckpointer() as saver:
             agent = build_agent(model, [], ledger=ledger, checkpointer=saver)
@@ -422,8 +421,9 @@ def test_strict_scripted_model_refuses_a_history_a_provider_refuses() -> None:
     assert "c1" in str(malformed([HumanMessage("hi"), asked]))
     assert "c2" in str(malformed([HumanMessage("hi"), ToolMessage("x", tool_call_id="c2")]))
     assert malformed([asked, answer, answer]) is not None  # answered twice
-    model = ScriptedChatModel(script=["fine"], strict_history=True)
+    model = ScriptedChatModel(script=["fine"])  # strict by default
     with pytest.raises(ValueError, match="tool_call_id"):
         model.invoke([HumanMessage("hi"), asked, HumanMessage("and?")])
-    lenient = ScriptedChatModel(script=["-", "fine"])  # off by default
+    assert model.calls == [[HumanMessage("hi"), asked, HumanMessage("and?")]]  # what was sent
+    lenient = ScriptedChatModel(script=["-", "fine"], strict_history=False)
     assert lenient.invoke([asked]).content == "fine"

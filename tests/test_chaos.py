@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    InvalidToolCall,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import RetryPolicy
@@ -29,6 +35,7 @@ from keel.evals import (
     call,
 )
 from keel.evals.chaos import ChaosFault
+from keel.evals.scripted import malformed
 from keel.nodes import valid_history
 from keel.tools import tool
 
@@ -192,6 +199,49 @@ def test_repeated_call_repeats_the_previous_turn() -> None:
     assert [f.kind for f in model.faults] == ["repeated_call"]
 
 
+LEFT_UNANSWERED = [
+    *QUESTION,
+    AIMessage(content="", tool_calls=[{"name": "lookup_order", "args": {}, "id": "c1"}]),
+    HumanMessage(content="and?"),
+]
+
+
+@pytest.mark.parametrize("fault", ["unknown_tool", "repeated_call", "server_error"])
+def test_chaos_refuses_a_malformed_history_before_any_fault(fault: str) -> None:
+    """A fault that answers without the wrapped model (or fails) skipped its check: a history
+    a provider refuses got a made-up answer. The wrapper refuses it itself, by default, before
+    drawing, as a provider's 400 comes before anything else."""
+    lenient = ScriptedChatModel(script=[support_turn] * 3, strict_history=False)
+    model = ChaosChatModel(model=lenient, policy=ChaosPolicy(**{fault: 1.0}))
+    with pytest.raises(ValueError, match=r"Invalid messages.*c1"):
+        model.invoke(LEFT_UNANSWERED)
+    with pytest.raises(ValueError, match=r"Invalid messages.*c1"):
+        list(model.stream(LEFT_UNANSWERED))
+    with pytest.raises(ValueError, match=r"Invalid messages.*c1"):
+        asyncio.run(model.ainvoke(LEFT_UNANSWERED))
+    assert (model.faults, model.calls) == ([], 0)
+    off = ChaosChatModel(model=lenient, policy=ChaosPolicy(unknown_tool=1.0), strict_history=False)
+    assert isinstance(off.invoke(LEFT_UNANSWERED), AIMessage)  # a test that means to send it
+
+
+def test_an_invalid_tool_call_is_a_call_its_result_answers() -> None:
+    """LangChain sends a call whose arguments did not parse (`invalid_tool_calls`) to OpenAI
+    among `tool_calls`: keel's result for it is the answer the provider wants, not a result
+    answering no call (the strict check refused keel's answer), and leaving it unanswered is
+    refused."""
+    bad = InvalidToolCall(type="invalid_tool_call", name="lookup", args="{", id="c1", error=None)
+    asked = AIMessage(content="", invalid_tool_calls=[bad])
+    answer = ToolMessage(content="Error: not valid JSON", tool_call_id="c1", status="error")
+    assert malformed([*QUESTION, asked, answer, HumanMessage(content="and?")]) is None
+    assert "c1" in str(malformed([*QUESTION, asked, HumanMessage(content="and?")]))
+    model = chaos(ChaosPolicy(malformed_tool_call=1.0), script=[support_turn] * 3)
+    agent = build_agent(model, [lookup_order, track_parcel])
+    done = agent.invoke({"messages": [("user", "Where is order A1?")]})
+    assert done["outcome"]["detail"].startswith("model call failed after 3"), done["outcome"]
+    assert "ModelBehaviorError" in done["outcome"]["detail"]  # three broken turns, each answered
+    assert provider_valid(done["messages"])
+
+
 def test_no_fault_passes_through_invoke_ainvoke_and_stream() -> None:
     model = chaos(ChaosPolicy(), script=["It shipped today."])
     assert model.invoke(QUESTION).content == "It shipped today."
@@ -274,20 +324,9 @@ FAST_RETRY = RetryPolicy(initial_interval=0.001, max_interval=0.002, jitter=Fals
 
 
 def provider_valid(messages: list[BaseMessage]) -> bool:
-    """Valid for OpenAI and Anthropic: keel's check, plus every invalid tool call answered.
-
-    LangChain's OpenAI and Anthropic integrations send `invalid_tool_calls` to the provider as
-    tool calls, which then need a result each (LangChain's `create_agent` patches them in).
-    """
-    if valid_history(messages) != messages:
-        return False
-    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
-    return all(
-        tc.get("id") in answered
-        for m in messages
-        if isinstance(m, AIMessage)
-        for tc in m.invalid_tool_calls
-    )
+    """Valid for OpenAI and Anthropic: keel's repair changes nothing, and the scripted model's
+    check (which counts `invalid_tool_calls` as calls, as LangChain sends them) finds nothing."""
+    return valid_history(messages) == messages and malformed(messages) is None
 
 
 async def _chaos_runs(policy_of: Any, runs: int) -> list[tuple[dict[str, Any], ChaosChatModel]]:
@@ -311,6 +350,8 @@ def _assert_every_run_ends_well(results: list[tuple[dict[str, Any], ChaosChatMod
         where = f"seed {model.policy.seed}, faults {model.faults}"
         assert result.get("outcome") is not None, where
         assert result["outcome"]["status"] in ("success", "stopped", "error"), where
+        # an error, but never the provider's 400 for a history keel sent malformed
+        assert "Invalid messages" not in str(result["outcome"]["detail"]), where
         assert provider_valid(result["messages"]), where
         last = result["messages"][-1]
         assert isinstance(last, AIMessage) and last.text, f"no final answer: {where}"
