@@ -108,12 +108,14 @@ def earlier_turns(messages: Sequence[BaseMessage], most: int = 6) -> list[BaseMe
 
     Its users' tasks and the assistant's final answers, without tool turns, starting with a
     user's task. What a model asked about the current task (the planner, `verify`'s judge)
-    needs to read a follow-up ("and order B2?") without the earlier tasks' tool calls.
+    needs to read a follow-up ("and order B2?") without the earlier tasks' tool calls. An
+    answer with a call whose arguments did not parse is a tool turn too: providers see the
+    call, and its result is left out.
     """
     turns: list[BaseMessage] = [
         m
         for m in messages
-        if starts_task(m) or (isinstance(m, AIMessage) and not m.tool_calls and m.text)
+        if starts_task(m) or (isinstance(m, AIMessage) and not _calls(m) and m.text)
     ][-most:]
     while turns and not starts_task(turns[0]):
         turns.pop(0)

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    InvalidToolCall,
+    SystemMessage,
+    ToolMessage,
+)
 from langgraph.checkpoint.memory import InMemorySaver
 
 from keel import build_agent
@@ -84,6 +91,31 @@ def test_the_planner_plans_each_task_of_a_thread() -> None:
     assert [m.text for m in planned[1][:-1]] == ["What did I order in A1?", "A blue kettle."]
     # the second task's plan is its own: no step of the first plan is carried over
     assert [s["description"] for s in result["plan"]] == ["look up the order (2)", "answer"]
+
+
+def test_the_next_task_s_plan_context_keeps_no_unanswered_broken_call() -> None:
+    """The first task's model answered text with a call whose arguments did not parse (keel
+    answered it, and the model answered again). The second task's planner read the earlier
+    conversation as text turns, and kept that message (it has text and no parsed call) without
+    keel's answer to its broken call: OpenAI refuses such a history (400), and keel went on
+    without a plan, silently, for that task."""
+    broken = InvalidToolCall(
+        type="invalid_tool_call", name="lookup_order", args='{"order_id": "A1",}', id="bad"
+    )
+    first = AIMessage(content="Let me look that up.", invalid_tool_calls=[broken])
+    model = ScriptedChatModel(
+        script=[first, "A blue kettle.", "Order B2 is a blue kettle too."],
+        structured={"Plan": {"steps": ["look up the order", "answer"]}},
+    )
+    result = _two_tasks(model=model, plan=True)
+    asked = [c for c in model.calls if isinstance(c[0], SystemMessage) and "plan for" in c[0].text]
+    assert len(asked) == 2, model.calls
+    assert [m.text for m in asked[1][1:]] == [
+        "What did I order in A1?",
+        "A blue kettle.",
+        "And what is in order B2?",
+    ]
+    assert [s["description"] for s in result["plan"]] == ["look up the order", "answer"]
 
 
 def test_a_lesson_is_the_tasks_own() -> None:
