@@ -320,7 +320,10 @@ def _wrapped_up(
         return {**turn.extra, "usage": usage, "outcome": final.stop}
     assert final.message is not None
     stop = outcome.stopped("loop_detected", f"{reason}; answered without tools")
-    answer, result = checked_answer(final.message, policy, stop)
+    message = final.message
+    if message.invalid_tool_calls:  # told to call no tool; kept, nothing would answer these
+        message = message.model_copy(update={"invalid_tool_calls": []})
+    answer, result = checked_answer(message, policy, stop)
     return {**turn.extra, "messages": [answer], "usage": usage, "outcome": result}
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, InvalidToolCall, ToolMessage
 from langchain_core.tools import ToolException
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
@@ -379,6 +379,31 @@ async def test_loop_guard_middleware_wraps_up_without_tools() -> None:
     assert result["messages"][-1].content == "A1 shipped (wrapped up)"
     assert outcome_of(result)["terminated_reason"] == "loop_detected"
     assert RUNS == ["lookup_order A1", "lookup_order A1"]
+
+
+async def test_a_broken_call_in_the_middleware_wrap_up_answer_leaves_a_valid_thread() -> None:
+    """The wrap-up answer comes with a call whose arguments did not parse. The middleware keeps
+    it (and its text); LangChain's agent answers the call on the thread's next message, so the
+    model never reads a call without a result (the strict scripted model would refuse it)."""
+    broken = InvalidToolCall(type="invalid_tool_call", name="lookup_order", args="{", id="b")
+
+    def turn(messages: list[Any]) -> AIMessage | str:
+        if "(keel loop guard)" in str(messages[-1].content):
+            return AIMessage(content="A1 shipped (wrapped up)", invalid_tool_calls=[broken])
+        if messages[-1].content == "thanks":
+            return "You are welcome."
+        return call("lookup_order", order_id="A1")
+
+    model = ScriptedChatModel(script=[turn] * 6)
+    graph = agent(
+        [], [LoopGuardMiddleware(LoopPolicy(on_loop="wrap_up"))], model=model,
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    result = await graph.ainvoke({"messages": [("user", "hi")]}, config, context=SUPPORT)
+    assert result["messages"][-1].content == "A1 shipped (wrapped up)"
+    result = await graph.ainvoke({"messages": [("user", "thanks")]}, config, context=SUPPORT)
+    assert result["messages"][-1].content == "You are welcome."
 
 
 # -- property: through the middleware too, no denied call ever executes ------------------------

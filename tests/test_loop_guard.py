@@ -14,6 +14,7 @@ from langchain_core.messages import (
     AIMessage,
     BaseMessage,
     HumanMessage,
+    InvalidToolCall,
     ToolCall,
     ToolMessage,
 )
@@ -22,6 +23,7 @@ from pydantic import PrivateAttr
 
 from keel import Persistence, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
+from keel.evals.scripted import malformed
 from keel.guards import Budget, LoopPolicy, Policy, Rule, detect_loop
 from keel.guards.loop import call_sequence
 from keel.nodes import valid_history
@@ -324,6 +326,35 @@ async def test_on_loop_wrap_up_forces_one_tool_free_final_turn(mode: str) -> Non
     assert final["usage"]["model_calls"] == 4
     assert final["usage"]["input_tokens"] == 400
     assert final["usage"]["output_tokens"] == 40
+
+
+def test_a_broken_call_in_the_wrap_up_answer_is_not_saved_unanswered() -> None:
+    """The wrap-up answer came with a call whose arguments did not parse: keel saved it as is,
+    a call nothing answers. OpenAI refuses that thread (400): the replanner, which reads the
+    history raw, failed on it, and the next turn read a made-up 'the run stopped' result.
+    The answer is kept without the broken call (the model was told to call no tool)."""
+    counter = Counter()
+    broken = InvalidToolCall(type="invalid_tool_call", name="lookup", args="{", id="b", error=None)
+
+    def turn(messages: Sequence[BaseMessage]) -> AIMessage:
+        last = messages[-1]
+        if isinstance(last, HumanMessage) and last.text.startswith("(keel loop guard)"):
+            return AIMessage(content="x is found.", invalid_tool_calls=[broken])
+        if isinstance(last, HumanMessage) and last.text == "thanks":
+            return AIMessage(content="You are welcome.")
+        return call("lookup", q="x")
+
+    model = ScriptedChatModel(script=[turn] * 10)
+    agent = agent_for(model, counter, LoopPolicy(on_loop="wrap_up"), InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    final = agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+    assert final["outcome"]["terminated_reason"] == "loop_detected"
+    last = final["messages"][-1]
+    assert isinstance(last, AIMessage)
+    assert (last.text, last.invalid_tool_calls) == ("x is found.", [])
+    assert malformed(final["messages"]) is None
+    agent.invoke({"messages": [("user", "thanks")]}, config, context=CTX)
+    assert not any(isinstance(m, ToolMessage) for m in model.calls[-1][-2:])  # no filler result
 
 
 def test_the_wrap_up_turn_respects_the_model_call_budget() -> None:
