@@ -16,7 +16,7 @@ from keel._drive import Steps
 from keel._node import RunnableCallable, context_of, steps_node
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
-from keel.nodes.history import earlier_turns
+from keel.nodes.history import earlier_turns, valid_history
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
 from keel.state import AgentState, PlanStep, RunContext, Usage, run_usage, task_clock, task_start
@@ -90,7 +90,9 @@ def plan(
                 failure=failed["description"], max_steps=max_steps, done=done
             )
         system = "\n\n".join([*before, instruction, *after])
-        return [SystemMessage(content=system), *(messages if steps else _task(messages))]
+        if steps:  # the whole history, repaired as the agent's own turns send it
+            return valid_history([SystemMessage(content=system), *messages])
+        return [SystemMessage(content=system), *_task(messages)]
 
     def finish(got: ModelAnswer, state: AgentState, new_task: bool) -> dict[str, Any]:
         update: dict[str, Any] = {"usage": got.usage} if got.usage else {}

@@ -1431,6 +1431,33 @@ async def test_failed_step_marks_the_plan_and_triggers_a_replan(mode: str) -> No
     assert any(isinstance(m, ToolMessage) for m in asked[1]), "the replan sees what happened"
 
 
+def test_the_replan_reads_a_history_every_provider_accepts() -> None:
+    """The replanner sent the thread's history raw, while the agent's own turns send it repaired
+    (`valid_history`): a history the agent copes with (here a transcript passed in with a call
+    that has no result) made the replan a provider's 400, and the run went on, silently,
+    without a new plan."""
+    asked: list[list[BaseMessage]] = []
+
+    def planner(messages: list[BaseMessage]) -> dict[str, Any]:
+        asked.append(messages)
+        return {"steps": ["look up", "answer"] if len(asked) == 1 else ["ask the user"]}
+
+    @tool(retries=0)
+    def find(q: str) -> str:
+        """Find an order."""
+        raise ToolException(f"no order {q}")
+
+    orphan = AIMessage(content="", tool_calls=[{"name": "find", "args": {"q": "A1"}, "id": "old"}])
+    model = ScriptedChatModel(
+        script=["-", call("find", q="Z9"), "Which order did you mean?"],
+        structured={"Plan": planner},
+    )
+    agent = build_agent(model, [find], plan=True)
+    final = agent.invoke({"messages": [HumanMessage("A1?"), orphan, HumanMessage("where is Z9?")]})
+    assert len(asked) == 2, "the replan was refused"
+    assert [s["description"] for s in final["plan"]] == ["ask the user"]
+
+
 async def test_planning_failure_does_not_stop_the_run(mode: str) -> None:
     model = ScriptedChatModel(script=["an answer without a plan"])  # no structured answer
     agent = build_agent(model, plan=True)
