@@ -54,6 +54,7 @@ from keel.guards.model_call import (
     ModelTimeoutPolicy,
 )
 from keel.guards.policy import Policy
+from keel.nodes.history import valid_history
 from keel.pricing import PriceTable
 from keel.state import (
     AgentInput,
@@ -214,7 +215,7 @@ def _route_node(
         messages = state.get("messages") or []
         try:
             if isinstance(ask, GuardedModel):
-                asked = [SystemMessage(prompt), *messages]
+                asked = valid_history([SystemMessage(prompt), *messages])
                 clock, usage = _run_clock(state)
                 got = ask.invoke(asked, config, context_of(runtime), usage=usage)
                 return {**decided(state, got, usage, _started(state, clock)), **clock}
@@ -229,7 +230,7 @@ def _route_node(
     ) -> dict[str, Any]:
         if not isinstance(ask, GuardedModel):
             return route(state, config, runtime)
-        asked = [SystemMessage(prompt), *(state.get("messages") or [])]
+        asked = valid_history([SystemMessage(prompt), *(state.get("messages") or [])])
         clock, usage = _run_clock(state)
         try:
             got = await ask.ainvoke(asked, config, context_of(runtime), usage=usage)

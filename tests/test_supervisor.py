@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
@@ -194,6 +194,26 @@ def test_model_router_uses_structured_route_output() -> None:
     assert _answers(final["messages"]) == [("a", "found it")]
     system = router.calls[0][0].text
     assert system.startswith("You are a supervisor.") and "- a" in system
+
+
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_the_router_reads_a_history_every_provider_accepts(driver: str) -> None:
+    """The router was sent the supervisor's messages raw: a transcript passed in with a call
+    that has no result (which keel's agents repair before their model calls) made the routing
+    call a provider's 400, and the run ended as `error`."""
+
+    def route(messages: Sequence[BaseMessage]) -> dict[str, str]:
+        done = any(isinstance(m, AIMessage) and m.name == "a" for m in messages)
+        return {"agent": FINISH if done else "a", "task": "look it up"}
+
+    router = ScriptedChatModel(structured={"Route": route})
+    agent = build_agent(ScriptedChatModel(script=["found it"]))
+    orphan = AIMessage(content="", tool_calls=[{"name": "lookup", "args": {}, "id": "old"}])
+    sup = build_supervisor({"a": agent}, router)
+    payload = {"messages": [HumanMessage("x?"), orphan, HumanMessage("find x")]}
+    final = sup.invoke(payload) if driver == "invoke" else await sup.ainvoke(payload)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert _answers(final["messages"])[-1] == ("a", "found it")
 
 
 def _lookup(q: str) -> str:
