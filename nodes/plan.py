@@ -102,7 +102,8 @@ def plan(
             update["outcome"] = None  # a new task: the last one's outcome no longer holds
         if got.error is not None:
             log.warning("planning failed, going on without a plan: %r", got.error)
-            return {**update, "plan": [] if new_task else _without_failed(state)}
+            plan = [] if new_task else _without_failed(state)
+            return {**update, "plan": plan, **_warned(state, new_task, "failed", got.error)}
         raw: dict[str, Any] = got.output
         parsed = raw.get("parsed")
         if isinstance(parsed, Plan) and parsed.steps:
@@ -112,7 +113,8 @@ def plan(
             update["plan"] = _steps(done, steps)
         elif raw.get("parsing_error") is not None:
             log.warning("the model's plan did not parse: %s", raw["parsing_error"])
-        return update
+            return {**update, **_warned(state, new_task, "did not parse", raw["parsing_error"])}
+        return {**update, **_warned(state, new_task)}
 
     def steps(
         state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
@@ -126,6 +128,22 @@ def plan(
         return {**finish(got, state, new_task), **clock}
 
     return steps_node(name, steps)
+
+
+_WARNING = "plan: "
+
+
+def _warned(
+    state: AgentState, new_task: bool, what: str | None = None, exc: object = None
+) -> dict[str, Any]:
+    """`state["warnings"]` with planning's own: a plan that failed degrades the run (its run
+    record says so), and a new task's planning clears an earlier task's plan warning."""
+    warnings = state.get("warnings") or []
+    kept = [w for w in warnings if not (new_task and w.startswith(_WARNING))]
+    if what is not None:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        kept.append(f"{_WARNING}planning {what}, the run went on without a plan ({reason})")
+    return {"warnings": kept} if kept != warnings else {}
 
 
 def _task(messages: Sequence[BaseMessage]) -> list[BaseMessage]:

@@ -184,3 +184,35 @@ def test_each_task_gets_its_own_revisions() -> None:
     assert second["outcome"]["terminated_reason"] == "completed", second["outcome"]
     assert second["messages"][-1].text == "final 2"
     assert second["revisions"] == 1
+
+
+def test_a_plan_that_failed_degrades_its_task_and_only_its_task(tmp_path: Any) -> None:
+    """Planning is advisory, but a task that went on without a plan says so: in
+    `state["warnings"]` and the run record's detail (it was a log line only, which is how a
+    planner refused by the provider for a malformed history went unnoticed). The next task,
+    planned, carries no warning of the one before."""
+    from keel import Ledger, RunContext, RunLog
+
+    planned: list[int] = []
+
+    def plan(messages: list[BaseMessage]) -> dict[str, Any]:
+        planned.append(1)
+        if len(planned) == 1:
+            raise RuntimeError("the provider said 400")
+        return {"steps": ["look up the order", "answer"]}
+
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    model = ScriptedChatModel(script=_script(), structured={"Plan": plan})
+    agent = build_agent(model, [lookup_order], policy=POLICY, checkpointer=InMemorySaver(),
+                        plan=True, ledger=ledger)  # fmt: skip
+    config: Any = {"configurable": {"thread_id": "t"}}
+    first = agent.invoke(FIRST, config, context=RunContext(user_id="u"))
+    assert first["outcome"]["terminated_reason"] == "completed" and first["plan"] == []
+    (warning,) = first["warnings"]
+    assert warning.startswith("plan: planning failed, the run went on without a plan (")
+    assert "the provider said 400" in warning
+    (record,) = RunLog(ledger).query()
+    assert record.status == "success" and "(degraded: plan: planning failed" in record.detail
+    second = agent.invoke(SECOND, config, context=RunContext(user_id="u"))
+    assert second["warnings"] == [] and len(second["plan"]) == 2
+    ledger.close()
