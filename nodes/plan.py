@@ -136,8 +136,11 @@ _WARNING = "plan: "
 def _warned(
     state: AgentState, new_task: bool, what: str | None = None, exc: object = None
 ) -> dict[str, Any]:
-    """`state["warnings"]` with planning's own: a plan that failed degrades the run (its run
-    record says so), and a new task's planning clears an earlier task's plan warning."""
+    """`state["warnings"]` with planning's own (as an update; `{}` when unchanged).
+
+    A plan that failed degrades the run (its run record says so), and a new task's planning
+    clears an earlier task's plan warning.
+    """
     warnings = state.get("warnings") or []
     kept = [w for w in warnings if not (new_task and w.startswith(_WARNING))]
     if what is not None:
