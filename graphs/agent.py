@@ -135,9 +135,14 @@ def route_after_plan(state: AgentState, *, steps: int = 2) -> str:
 
 
 def route_after_review(state: AgentState, *, steps: int = _STEPS_TO_GO_ON) -> str:
-    """After `human_review`: run the approved calls, or end when a call was rejected."""
+    """After `human_review`: run the approved calls, or `respond` when the run ended.
+
+    It ended when a call was rejected (`stopped`), or when the node failed (`error`: the
+    ledger failed while the reviewer's text was screened); the approved calls then do not run.
+    """
     result = state.get("outcome")
-    if (result is not None and result["status"] == "stopped") or _out_of_steps(state, steps):
+    ended = result is not None and result["status"] in ("stopped", "error")
+    if ended or _out_of_steps(state, steps):
         return "respond"
     return "execute_tools"
 
