@@ -42,11 +42,11 @@ from keel.errors import StorageError, UserError
 from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
 from keel.graphs._storage import (
-    STORAGE_FAILURES,
     RunEnd,
     StreamEnding,
     at_top,
     storage_error,
+    storage_failure,
     storage_outcome,
 )
 from keel.guards.content import OutputGuardPolicy
@@ -185,7 +185,9 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `invoke`; a storage failure before the run started ends it too."""
         try:
             return super().invoke(input, config, **kwargs)
-        except STORAGE_FAILURES as exc:
+        except Exception as exc:
+            if not storage_failure(exc):
+                raise
             if (end := self._run_end_before(exc, config, kwargs)) is not None:
                 end.record({"outcome": storage_outcome(exc)})
             return _ended(exc, config, kwargs)
@@ -194,7 +196,9 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """LangGraph's `ainvoke`; a storage failure before the run started ends it too."""
         try:
             return await super().ainvoke(input, config, **kwargs)
-        except STORAGE_FAILURES as exc:
+        except Exception as exc:
+            if not storage_failure(exc):
+                raise
             if (end := self._run_end_before(exc, config, kwargs)) is not None:
                 await end.arecord({"outcome": storage_outcome(exc)})
             return _ended(exc, config, kwargs)

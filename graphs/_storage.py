@@ -12,6 +12,13 @@ the driver's error out of `invoke` / `stream`. keel's graphs end such a run with
 - A stream without `"values"` has no place for a state: it raises `keel.StorageError`
   carrying the outcome (`exc.outcome`), chained to the driver's error.
 
+A checkpointer that raises anything else (a custom saver's bug, a value its serializer cannot
+store: a `RuntimeError`, a `TypeError`) ends the run the same way, its detail naming the
+exception (`saver_failed`): the exception is told apart by where it was raised, a method of a
+checkpoint saver, so a tool's or a node's own exception is not taken for one. keel's own errors
+(`keel.KeelError`: a state the strict saver refuses, a checkpoint over its size limit) raise
+as they are: they say what to fix.
+
 A graph that runs as a node of another graph (a subgraph) lets the error through to its parent.
 """
 
@@ -26,10 +33,11 @@ from typing import Any, Protocol, cast
 import psycopg
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from keel import outcome
 from keel._node import inside_task
-from keel.errors import SetupError, StorageError
+from keel.errors import KeelError, SetupError, StorageError
 from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
 from keel.state import Outcome
@@ -40,7 +48,9 @@ __all__ = [
     "RunEnd",
     "StreamEnding",
     "at_top",
+    "saver_failed",
     "storage_error",
+    "storage_failure",
     "storage_outcome",
 ]
 
@@ -55,6 +65,27 @@ STORAGE_FAILURES: tuple[type[BaseException], ...] = (
 """What a checkpointer raises when its database fails: keel's own errors and the drivers'."""
 
 
+def saver_failed(exc: BaseException) -> bool:
+    """Whether `exc` is a checkpointer's failure other than a database error's.
+
+    That is an exception raised in a method of a checkpoint saver (a frame of its traceback
+    runs with a `BaseCheckpointSaver` as `self`), not keel's own (`KeelError`).
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, KeelError):
+        return False
+    frames = exc.__traceback__
+    while frames is not None:
+        if isinstance(frames.tb_frame.f_locals.get("self"), BaseCheckpointSaver):
+            return True
+        frames = frames.tb_next
+    return False
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether a run that raised `exc` ended on a failure of its checkpointer."""
+    return isinstance(exc, STORAGE_FAILURES) or saver_failed(exc)
+
+
 def at_top(config: RunnableConfig | None) -> bool:
     """Whether a graph runs as the caller's run (not as another graph's node)."""
     return not inside_task(ensure_config(config))
@@ -63,10 +94,13 @@ def at_top(config: RunnableConfig | None) -> bool:
 def storage_outcome(exc: BaseException) -> Outcome:
     """The outcome of a run that ended on `exc`, a failure of its storage."""
     text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    database = isinstance(exc, STORAGE_FAILURES)
+    raised = "" if database else "the checkpointer raised "
+    back = "the database is back" if database else "the checkpointer is fixed"
     return outcome.storage_failed(
-        f"storage failed: {type(exc).__name__}: {text}. The state of this run is not saved "
-        "past its last saved checkpoint; resume the thread (invoke(None, config)) once the "
-        "database is back"
+        f"storage failed: {raised}{type(exc).__name__}: {text}. The state of this run is not "
+        f"saved past its last saved checkpoint; resume the thread (invoke(None, config)) once "
+        f"{back}"
     )
 
 
@@ -157,7 +191,8 @@ class StreamEnding:
 
     def ended(self, exc: BaseException) -> dict[str, Any]:
         """The run's last state: the latest one seen, with the storage outcome."""
-        log.warning("a run ended on a storage failure: %s", exc)
+        # a saver's bug keeps its traceback in the log: the outcome has no room for it
+        log.warning("a run ended on a storage failure: %s", exc, exc_info=saver_failed(exc))
         return {**self.latest, "outcome": storage_outcome(exc)}
 
     def cancelled(
@@ -189,7 +224,9 @@ class StreamEnding:
             for chunk in chunks:
                 self.see(chunk)
                 yield chunk
-        except STORAGE_FAILURES as exc:
+        except Exception as exc:
+            if not storage_failure(exc):
+                raise
             state = self.ended(exc)
             if self.end is not None:
                 self.end.record(state)
@@ -210,7 +247,9 @@ class StreamEnding:
             async for chunk in chunks:
                 self.see(chunk)
                 yield chunk
-        except STORAGE_FAILURES as exc:
+        except Exception as exc:
+            if not storage_failure(exc):
+                raise
             state = self.ended(exc)
             if self.end is not None:
                 await self.end.arecord(state)

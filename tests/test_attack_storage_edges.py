@@ -1,27 +1,36 @@
 """Storage that fails at the edges of a run: the ledger down while `human_review` takes a
-reviewer's answers.
+reviewer's answers, a checkpointer that raises something other than a database error.
 
 Real parts: a PostgreSQL ledger whose statements are killed mid-transaction
-(`pg_terminate_backend`). README: "No run ends in a bare traceback: it ends
+(`pg_terminate_backend`), real SQLite savers. README: "No run ends in a bare traceback: it ends
 with an outcome and a reason."
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import START, StateGraph
 from langgraph.types import Command
 from test_storage_faults import InFlightKiller
 
-from keel import Ledger, RunContext, build_agent, tool
+from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.runs import STORAGE_FAILED, RunLog
+from keel.errors import UnserializableState
 from keel.evals import ScriptedChatModel, call
+from keel.graphs._protected import protected
 from keel.guards import InputGuardPolicy, ModelDetector, PeriodBudget, Policy, Rule
 from keel.pricing import Price, PriceTable
+from keel.state import AgentState
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 PRICES = PriceTable(
@@ -112,3 +121,137 @@ async def test_ledger_down_while_the_reviewers_text_is_screened_runs_no_approved
         assert [r.terminated_reason for r in records] == ["error", "completed"]
     finally:
         await ledger.aclose()
+
+
+# -- a checkpointer that raises something other than a database error -------------------------
+
+FINAL = "It was delivered."
+
+
+def _holds_final(values: Any) -> bool:
+    return any(getattr(m, "content", None) == FINAL for m in (values or {}).get("messages", []))
+
+
+class BuggySaver(SqliteSaver):
+    """A custom saver with a bug: it raises `error` when it stores the model's final answer
+    (`put`, or `put_writes` with `on="put_writes"`): as a saver that cannot serialize a value."""
+
+    def __init__(self, conn: Any, error: Exception, on: str = "put") -> None:
+        super().__init__(conn)
+        self.error, self.on, self.armed = error, on, True
+
+    def put(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        if self.armed and self.on == "put" and _holds_final(checkpoint["channel_values"]):
+            raise self.error
+        return super().put(config, checkpoint, metadata, new_versions)
+
+    def put_writes(self, config: Any, writes: Any, task_id: str, task_path: str = "") -> None:
+        written = [
+            m for c, v in writes if c == "messages" for m in (v if isinstance(v, list) else [v])
+        ]
+        if self.armed and self.on == "put_writes" and _holds_final({"messages": written}):
+            raise self.error
+        super().put_writes(config, writes, task_id, task_path)
+
+
+def _answering_agent(saver: Any, ledger: Ledger) -> Any:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return f"order {order_id}: delivered"
+
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), FINAL, FINAL])
+    return build_agent(model, [lookup], checkpointer=saver, ledger=ledger)
+
+
+@pytest.mark.parametrize("on", ["put", "put_writes"])
+@pytest.mark.parametrize(
+    "error", [RuntimeError("saver bug"), TypeError("Object of type Widget is not serializable")]
+)
+def test_a_checkpointer_raising_a_non_storage_error_ends_the_run_with_an_outcome(
+    tmp_path: Path, error: Exception, on: str
+) -> None:
+    """The model answered; saving that answer raised. The run ends with `error/storage` naming
+    the exception (not a bare traceback), its record says so (not `completed`), and the thread
+    resumes from its last saved checkpoint once the saver works."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    conn = sqlite3.connect(tmp_path / "k.db", check_same_thread=False)
+    saver = BuggySaver(conn, error, on)
+    agent = _answering_agent(saver, ledger)
+    config: Any = {"configurable": {"thread_id": f"buggy-{on}"}}
+    result = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+    ended = result["outcome"]
+    assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
+    named = f"the checkpointer raised {type(error).__name__}: {error}"
+    assert named in ended["detail"] and "not saved" in ended["detail"], ended
+    assert [(r.terminated_reason, r.detail) for r in RunLog(ledger).query()] == [
+        ("storage", ended["detail"])
+    ]
+    saver.armed = False  # fixed: the thread resumes from its last saved checkpoint
+    done = agent.invoke(None, config, context=CTX)
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert _holds_final(agent.get_state(config).values)
+    ledger.close()
+
+
+class BuggyAsyncSaver(AsyncSqliteSaver):
+    """`BuggySaver` under `ainvoke`: `aput` raises when it stores the final answer."""
+
+    async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        if _holds_final(checkpoint["channel_values"]):
+            raise RuntimeError("async saver bug")
+        return await super().aput(config, checkpoint, metadata, new_versions)
+
+
+async def test_an_async_checkpointer_raising_a_non_storage_error_ends_with_an_outcome(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    async with aiosqlite.connect(tmp_path / "k.db") as conn:
+        agent = _answering_agent(BuggyAsyncSaver(conn), ledger)
+        config: Any = {"configurable": {"thread_id": "abuggy"}}
+        result = await agent.ainvoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        ended = result["outcome"]
+        assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
+        assert "the checkpointer raised RuntimeError: async saver bug" in ended["detail"]
+        # a stream without "values" has no place for a state: a StorageError carrying it
+        with pytest.raises(StorageError) as raised:
+            async for _ in agent.astream(
+                {"messages": [("user", "again")]}, config, context=CTX, stream_mode="updates"
+            ):
+                pass
+        assert raised.value.outcome is not None
+        assert raised.value.outcome["terminated_reason"] == "storage"
+        assert isinstance(raised.value.__cause__, RuntimeError)
+    records = await RunLog(ledger).aquery()
+    # each run's end is recorded as `storage` (the stream's record is keyed apart from the one
+    # its graph wrote at its end: it saw no state)
+    assert records[0].terminated_reason == records[-1].terminated_reason == "storage"
+    await ledger.aclose()
+
+
+def test_a_nodes_own_exception_still_raises_as_it_is(tmp_path: Path) -> None:
+    """Only what a saver raised is taken for a storage failure: a node's own exception raises
+    out of a keel graph's `invoke` as before (with a saver at work in the same run), and so does
+    keel's own error from the saver (a state the strict saver refuses says what to fix)."""
+
+    def broken(state: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("node bug")
+
+    graph = StateGraph(AgentState)
+    graph.add_node("broken", broken)
+    graph.add_edge(START, "broken")
+    with Persistence(f"sqlite:///{tmp_path}/k.db").checkpointer() as saver:
+        compiled = protected(graph.compile(checkpointer=saver))
+        config: Any = {"configurable": {"thread_id": "node"}}
+        with pytest.raises(RuntimeError, match="node bug"):
+            compiled.invoke({"messages": [("user", "hi")]}, config)
+
+        model = ScriptedChatModel(script=[AIMessage(FINAL, additional_kwargs={"w": Widget()})])
+        agent = build_agent(model, [], checkpointer=saver)
+        with pytest.raises(UnserializableState):
+            agent.invoke({"messages": [("user", "hi")]}, config | {}, context=CTX)
+
+
+class Widget:
+    """A value no checkpoint can store."""
