@@ -255,3 +255,54 @@ def test_a_nodes_own_exception_still_raises_as_it_is(tmp_path: Path) -> None:
 
 class Widget:
     """A value no checkpoint can store."""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_ledger_down_while_a_standing_approval_is_kept_runs_nothing_until_resumed(
+    fresh_postgres_url: str, mode: str
+) -> None:
+    """The reviewer approves with a user-wide standing approval; keeping it in the ledger fails
+    (each attempt killed). The run ends with an outcome (`storage`) and a record saying so,
+    the approved call has not run, and `invoke(None, config)` once the ledger is back takes up
+    the same answer: the call runs once."""
+    killer, world = InFlightKiller(fresh_postgres_url), []
+    ledger = Ledger(fresh_postgres_url)
+    try:
+
+        @tool(risk="write")
+        def refund(order_id: str) -> str:
+            """Refund an order."""
+            world.append(order_id)
+            return f"refunded {order_id}"
+
+        model = ScriptedChatModel(script=[call("refund", order_id="A1"), "done"])
+        policy = Policy(name="standing", rules=(Rule(tool="refund", action="ask"),))
+        agent = build_agent(
+            model, [refund], policy=policy, ledger=ledger, checkpointer=InMemorySaver()
+        )
+        config: Any = {"configurable": {"thread_id": f"standing-{mode}"}}
+
+        async def run(payload: Any) -> Any:
+            if mode == "ainvoke":
+                return await agent.ainvoke(payload, config, context=CTX)
+            return await asyncio.to_thread(agent.invoke, payload, config, context=CTX)
+
+        paused = await run({"messages": [("user", "refund A1")]})
+        assert paused["__interrupt__"]
+        killer.arm("keel_standing_approvals", times=3)
+        answer = {"type": "approve", "always": {"scope": "user", "ttl_seconds": 600}}
+        result = await run(Command(resume=answer))
+        await asyncio.to_thread(killer.join)
+        assert killer.killed == ["keel_standing_approvals"] * 3
+        ended = result["outcome"]
+        assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
+        assert "the ledger at" in ended["detail"] and "lost the connection" in ended["detail"]
+        assert world == []
+        assert RunLog(ledger).query()[-1].terminated_reason == "storage"
+
+        done = await run(None)  # the ledger is back: the same answer is taken up
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+        assert world == ["A1"]
+    finally:
+        await ledger.aclose()
