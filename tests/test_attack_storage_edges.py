@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,18 @@ def _review_agent(ledger: Ledger, saver: Any, world: list[str]) -> Any:
     )
 
 
+def _runner(agent: Any, config: Any, mode: str) -> Callable[[Any], Awaitable[Any]]:
+    """Runs `agent` on the thread of `config` under `invoke` (in a worker thread: no event
+    loop there, so a detector is called as under a plain `invoke`) or `ainvoke`."""
+
+    async def run(payload: Any) -> Any:
+        if mode == "ainvoke":
+            return await agent.ainvoke(payload, config, context=CTX)
+        return await asyncio.to_thread(agent.invoke, payload, config, context=CTX)
+
+    return run
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 async def test_ledger_down_while_the_reviewers_text_is_screened_runs_no_approved_call(
@@ -86,12 +99,7 @@ async def test_ledger_down_while_the_reviewers_text_is_screened_runs_no_approved
         agent = _review_agent(ledger, InMemorySaver(), world)
         config: Any = {"configurable": {"thread_id": f"review-down-{mode}"}}
 
-        async def run(payload: Any) -> Any:
-            if mode == "ainvoke":
-                return await agent.ainvoke(payload, config, context=CTX)
-            # no event loop in a worker thread: the detector is called as under a plain invoke
-            return await asyncio.to_thread(agent.invoke, payload, config, context=CTX)
-
+        run = _runner(agent, config, mode)
         paused = await run({"messages": [("user", "refund both")]})
         requests = paused["__interrupt__"][0].value
         assert [r["action_request"]["args"]["order_id"] for r in requests] == ["A1", "B2"]
@@ -283,11 +291,7 @@ async def test_ledger_down_while_a_standing_approval_is_kept_runs_nothing_until_
         )
         config: Any = {"configurable": {"thread_id": f"standing-{mode}"}}
 
-        async def run(payload: Any) -> Any:
-            if mode == "ainvoke":
-                return await agent.ainvoke(payload, config, context=CTX)
-            return await asyncio.to_thread(agent.invoke, payload, config, context=CTX)
-
+        run = _runner(agent, config, mode)
         paused = await run({"messages": [("user", "refund A1")]})
         assert paused["__interrupt__"]
         killer.arm("keel_standing_approvals", times=3)
