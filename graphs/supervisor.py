@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from keel import outcome
 from keel._node import context_of, make_node
+from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs._one_run import ThreadLeases
@@ -55,6 +56,7 @@ from keel.guards.model_call import (
 )
 from keel.guards.policy import Policy
 from keel.nodes.history import valid_history
+from keel.observe.observer import Observer, paused, recorded
 from keel.pricing import PriceTable
 from keel.state import (
     AgentInput,
@@ -161,16 +163,32 @@ def build_supervisor(
         )
         ask = GuardedModel([router], schema=Route, guards=guards)
     prompt = _prompt(agents, descriptions or {}, system_prompt)
+    # with a ledger the supervisor's own run is recorded as an agent's is (`keel.observe`)
+    observer = (
+        None
+        if ledger is None
+        else Observer(
+            ledger,
+            graph=name,
+            policy_name=policy.name if policy is not None else None,
+            policy_version=policy.version if policy is not None else "1",
+        )
+    )
     graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node("route", _route_node(ask, prompt, agents, max_handoffs))
     for agent_name, agent in agents.items():
-        graph.add_node(agent_name, _agent_node(agent_name, agent))
-        graph.add_conditional_edges(agent_name, route_after_agent, ["route", END])
+        node = _agent_node(agent_name, agent)
+        graph.add_node(agent_name, node if observer is None else paused(node, observer))
+        after = recorded(route_after_agent, observer, agent_name)
+        graph.add_conditional_edges(agent_name, after, ["route", END])
     graph.add_edge(START, "route")
-    graph.add_conditional_edges("route", route_after_router, [*agents, END])
+    after_route = recorded(route_after_router, observer, "route")
+    graph.add_conditional_edges("route", after_route, [*agents, END])
     compiled = graph.compile(checkpointer=checkpointer, store=store, name=name)
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
-    return guarded(compiled, admission=admission, thread_leases=ThreadLeases.of(ledger))
+    audit = AuditLog(ledger) if ledger is not None else None
+    leases = ThreadLeases.of(ledger)
+    return guarded(compiled, audit, admission, recorder=observer, thread_leases=leases)
 
 
 def route_after_router(state: SupervisorState) -> str:
@@ -219,7 +237,7 @@ def _route_node(
                 clock, usage = _run_clock(state)
                 got = ask.invoke(asked, config, context_of(runtime), usage=usage)
                 return {**decided(state, got, usage, _started(state, clock)), **clock}
-            return decided(state, ask(messages))
+            return {**decided(state, ask(messages)), **_run_clock(state)[0]}
         except GraphBubbleUp:
             raise
         except Exception as exc:
@@ -375,7 +393,9 @@ def _run_clock(state: SupervisorState) -> tuple[dict[str, Any], Usage]:
     """(`{"clock": ...}` when the router starts a new task, else `{}`; the run's usage so far).
 
     The router is a task's first model call: it starts the run clock, so the run budget counts
-    this run's calls only, not the thread's earlier runs (`keel.state.run_usage`).
+    this run's calls only, not the thread's earlier runs (`keel.state.run_usage`). A function
+    router starts it too: the run record counts the run's own usage from it, not the thread's
+    last record (which may be a sub-agent's).
     """
     clock = task_clock(state, time.time())
     usage = run_usage(state.get("usage"), clock if clock is not None else state.get("clock"))

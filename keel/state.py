@@ -173,7 +173,11 @@ def task_clock(state: Mapping[str, Any], now: float) -> dict[str, float] | None:
         if "task" not in clock and not (messages and starts_task(messages[-1])):
             return None
     usage = state.get("usage") or {}
-    base = {f"usage:{k}": float(v) for k, v in usage.items() if isinstance(v, int | float)}
+    # every field, 0 where nothing was used yet: a conversation's first clock is a base too
+    # (`task_base`), so a run record never falls back to the thread's last record, which in a
+    # supervisor's thread is another graph's (a sub-agent's, or the supervisor's)
+    base = {f"usage:{k}": 0.0 for k in Usage.__annotations__}
+    base |= {f"usage:{k}": float(v) for k, v in usage.items() if isinstance(v, int | float)}
     return {"started_at": now, "task": task, **base}
 
 

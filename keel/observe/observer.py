@@ -333,14 +333,16 @@ def recorded(
         ends = choice == end or paused
         return choice, ends and observer is not None
 
-    def run(state: AgentState, config: RunnableConfig) -> str:
+    # `state: Any`: LangGraph reads a route's input with the schema its first parameter names;
+    # the graph's whole state it is (a supervisor's has more keys than `AgentState`)
+    def run(state: Any, config: RunnableConfig) -> str:
         runtime = runtime_in(config)
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
             observer.record_run(state, config, context_of(runtime))
         return choice
 
-    async def arun(state: AgentState, config: RunnableConfig) -> str:
+    async def arun(state: Any, config: RunnableConfig) -> str:
         runtime = runtime_in(config)
         choice, ends = decide(state, runtime)
         if ends and observer is not None:

@@ -1,0 +1,201 @@
+"""A supervisor's own run records itself, as a keel agent's run does (README, Observability).
+
+With a ledger, `build_supervisor` wrote no record of its runs: only its sub-agents wrote theirs
+(under the supervisor's thread). A supervisor run stopped by Ctrl-C in a sub-agent's tool,
+cancelled, or ended by a storage failure left no record at all, and `keel report` never saw
+the router's calls or a supervisor that stopped on its own (max_handoffs, a failing router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import BaseMessage
+from langgraph.types import Command
+
+from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel.db.runs import RunRecord
+from keel.evals import ScriptedChatModel, call
+from keel.graphs import FINISH, Route, build_supervisor
+
+CTX = RunContext(user_id="u1", tenant_id="acme")
+CFG: Any = {"configurable": {"thread_id": "s1"}}
+
+
+def _router(messages: Sequence[BaseMessage]) -> Route:
+    """Hands the user's message to billing, and finishes once billing answered."""
+    last = messages[-1]
+    return Route(agent=FINISH if last.type == "ai" else "billing", task=last.text)
+
+
+def _billing_model() -> ScriptedChatModel:
+    """Refunds the order the task names, then says so."""
+    return ScriptedChatModel(
+        script=[
+            lambda ms: call("refund", order_id=ms[-1].text.split()[-1]),
+            lambda ms: f"done: {ms[0].text}",
+        ],
+        fresh_ids=True,
+    )
+
+
+def _records(ledger: Ledger, graph: str = "keel_supervisor") -> list[RunRecord]:
+    return [r for r in RunLog(ledger).query() if r.graph == graph]
+
+
+def _supervisor(tools: list[Any], ledger: Ledger, saver: Any) -> Any:
+    billing = build_agent(_billing_model(), tools, ledger=ledger)
+    return build_supervisor({"billing": billing}, _router, ledger=ledger, checkpointer=saver)
+
+
+@tool(risk="write", name="refund")
+def refund(order_id: str) -> str:
+    """Refund an order."""
+    return f"refunded {order_id}"
+
+
+def test_a_supervisor_run_records_itself_with_its_own_usage(db_url: str) -> None:
+    """Each supervisor run has its record (graph, status, its own usage), beside its agents'."""
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            sup = _supervisor([refund], ledger, saver)
+            for order in ("A1", "B2"):
+                done = sup.invoke({"messages": [("user", f"refund {order}")]}, CFG, context=CTX)
+                assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+        runs = _records(ledger)
+        agents = _records(ledger, "keel_agent")
+    finally:
+        ledger.close()
+    assert [(r.status, r.terminated_reason) for r in runs] == [("success", "completed")] * 2
+    assert {r.thread_id for r in runs} == {"s1"} and {r.user_id for r in runs} == {"u1"}
+    # each run's own usage (its agent's two model calls), not the thread's total, and not
+    # less the thread's last record (a sub-agent's)
+    assert [(r.model_calls, r.tool_calls) for r in agents] == [(2, 1), (2, 1)]
+    assert [r.model_calls for r in runs] == [2, 2]
+    assert runs[0].input_tokens == agents[0].input_tokens > 0
+
+
+def test_a_supervisor_paused_by_its_agent_is_recorded_interrupted_then_its_end(
+    db_url: str,
+) -> None:
+    """A sub-agent's approval pauses the supervisor: its record says `interrupted`, and the
+    same row says how the run ended once it is resumed."""
+    ledger = Ledger(db_url)
+    ask = tool(risk="write", name="refund", requires_approval=True)(refund.func)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            sup = _supervisor([ask], ledger, saver)
+            paused = sup.invoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+            assert paused["__interrupt__"]
+            (waiting,) = _records(ledger)
+            done = sup.invoke(Command(resume=[{"type": "approve"}]), CFG, context=CTX)
+            assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+        (ended,) = _records(ledger)
+    finally:
+        ledger.close()
+    assert (waiting.status, waiting.interrupts) == ("interrupted", 1)
+    assert (ended.run_key, ended.status, ended.interrupts) == (waiting.run_key, "success", 1)
+
+
+def test_ctrl_c_in_a_sub_agents_tool_records_the_supervisor_run_cancelled(db_url: str) -> None:
+    """KeyboardInterrupt in a tool of the supervisor's agent reaches the caller, and the
+    supervisor's run is recorded `stopped/cancelled` (it had no record at all)."""
+
+    @tool(risk="write", name="refund")
+    def ctrl_c(order_id: str) -> str:
+        """Refund an order (Ctrl-C lands while it runs)."""
+        raise KeyboardInterrupt
+
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            sup = _supervisor([ctrl_c], ledger, saver)
+            with pytest.raises(KeyboardInterrupt):
+                sup.invoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+        (stopped,) = _records(ledger)
+    finally:
+        ledger.close()
+    assert (stopped.status, stopped.terminated_reason) == ("stopped", "cancelled")
+    assert "KeyboardInterrupt" in stopped.detail, stopped.detail
+    assert (stopped.thread_id, stopped.user_id, stopped.tenant_id) == ("s1", "u1", "acme")
+
+
+async def test_a_cancelled_supervisor_run_is_recorded(db_url: str) -> None:
+    """An `ainvoke` task cancelled while a sub-agent's tool runs: recorded cancelled."""
+    started = asyncio.Event()
+
+    @tool(risk="write", name="refund")
+    async def slow(order_id: str) -> str:
+        """Refund an order (slowly)."""
+        started.set()
+        await asyncio.sleep(30)
+        return "refunded"
+
+    ledger = Ledger(db_url)
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            sup = _supervisor([slow], ledger, saver)
+            run = asyncio.create_task(
+                sup.ainvoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+            )
+            await asyncio.wait_for(started.wait(), 30)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        (stopped,) = await asyncio.to_thread(_records, ledger)
+    finally:
+        await ledger.aclose()
+    assert (stopped.status, stopped.terminated_reason) == ("stopped", "cancelled")
+    assert "task was cancelled" in stopped.detail, stopped.detail
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+async def test_a_storage_failure_mid_run_ends_and_records_the_supervisor_run(
+    db_url: str, tmp_path: Path, driver: str
+) -> None:
+    """The checkpointer's disk fails while a sub-agent's tool runs: the supervisor's run ends
+    as `error/storage` (not a raw sqlite3 error) and is recorded so in the ledger."""
+    ledger = Ledger(db_url)
+    ckpt = f"sqlite:///{tmp_path}/checkpoints.db"
+    try:
+        if driver == "sync":
+            with Persistence(ckpt).checkpointer() as saver:
+                sup = _supervisor([_failing(saver)], ledger, saver)
+                out = sup.invoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+        else:
+            async with Persistence(ckpt).acheckpointer() as asaver:
+                failing = _failing(asaver, asyncio.get_running_loop())
+                sup = _supervisor([failing], ledger, asaver)
+                out = await sup.ainvoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+        (failed,) = await asyncio.to_thread(_records, ledger)
+    finally:
+        await ledger.aclose()
+    assert (out["outcome"]["status"], out["outcome"]["terminated_reason"]) == ("error", "storage")
+    assert (failed.status, failed.terminated_reason, failed.error_category) == (
+        "error",
+        "storage",
+        "storage",
+    )
+    assert failed.detail.startswith("storage failed"), failed.detail
+
+
+def _failing(saver: Any, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+    """A refund whose run's checkpointer turns read-only as it runs (its disk fails).
+
+    `loop`: the loop an async saver's connection runs on (the tool runs on a worker thread).
+    """
+
+    @tool(risk="write", name="refund")
+    def refund_then_fail(order_id: str) -> str:
+        """Refund an order."""
+        flip = saver.conn.execute("PRAGMA query_only = ON")
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(flip, loop).result(timeout=10)
+        return f"refunded {order_id}"
+
+    return refund_then_fail
