@@ -7,6 +7,7 @@ This is the one module of keel that touches LangGraph's private modules.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ __all__ = [
     "RunnableCallable",
     "context_of",
     "default_retry_on",
+    "handed_at",
     "inside_task",
     "interrupt_pending",
     "make_node",
@@ -200,6 +202,34 @@ def unsaved_checkpoint(config: RunnableConfig) -> tuple[Any, RunnableConfig] | N
         return None
     where = {"thread_id": thread, "checkpoint_ns": parent, "checkpoint_id": checkpoint}
     return saver, {"configurable": where}
+
+
+def handed_at(config: RunnableConfig) -> float:
+    """When the conversation a node runs in began (0.0 at the top: a thread, one conversation).
+
+    A subgraph (a supervisor's agent) runs a fresh conversation in each task its parent hands
+    it, under the parent's thread: this is the time in the id of the parent's checkpoint the
+    task runs from (LangGraph's ids are UUIDv6), the same on a resume of that task. 0.0 when
+    the id is not one (no bound).
+    """
+    conf = config.get("configurable") or {}
+    # a node's namespace: its graph's (`<agent>:<task>` in a parent, else none), then its own
+    graph_ns = str(conf.get(CONFIG_KEY_CHECKPOINT_NS) or "").rpartition(NS_SEP)[0]
+    if not graph_ns:
+        return 0.0
+    checkpoint = (conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {}).get(graph_ns.rpartition(NS_SEP)[0])
+    try:
+        uid = uuid.UUID(str(checkpoint))
+    except ValueError:
+        return 0.0
+    if uid.version != 6:
+        return 0.0
+    ticks = (uid.int >> 80) << 12 | (uid.int >> 64) & 0x0FFF  # 100 ns since 1582-10-15
+    return (ticks - _UUID_EPOCH) / 1e7
+
+
+_UUID_EPOCH = 0x01B21DD213814000
+"""The 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch."""
 
 
 def inside_task(config: RunnableConfig | None) -> bool:

@@ -201,11 +201,13 @@ def once_steps(
     *,
     alone: bool = True,
     gate: ClaimGate | None = None,
+    since: float = 0.0,
 ) -> Steps[ToolMessage | Unknown]:
     """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
     `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
-    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`). A
+    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`; one
+    started before `since`, when the conversation began, is another conversation's). A
     ledger failure (`StorageError`) answers the call as `_storage_failed` says. `alone`: the
     only call of its step; under `ainvoke` a call run beside others records its result at
     once (it must not wait in the node's ledger batch for a slower sibling). `gate`: checked
@@ -220,7 +222,8 @@ def once_steps(
         return message
 
     try:
-        return (yield from _claimed(entry, call, key, ledger, tracked, known, alone, gate))
+        orphans = (known, since)
+        return (yield from _claimed(entry, call, key, ledger, tracked, orphans, alone, gate))
     except StorageError as exc:
         return _storage_failed(call, exc, ran[0] if ran else None)
 
@@ -231,15 +234,18 @@ def _claimed(
     key: tuple[str, str, str, str],
     ledger: Ledger,
     run: Callable[[], Steps[ToolMessage]],
-    known: Collection[str] | None,
+    orphans: tuple[Collection[str] | None, float],
     alone: bool,
     gate: ClaimGate | None,
 ) -> Steps[ToolMessage | Unknown]:
+    """`once_steps` (`orphans`: its `known` and `since`)."""
+
     def flow(steps: Flow[Any]) -> Op:
         return both(ledger.run, ledger.arun, steps)
 
     thread, call_id, _, _ = key
-    claim = yield flow(claim_flow(*key, known=known, gate=gate))
+    known, since = orphans
+    claim = yield flow(claim_flow(*key, known=known, since=since, gate=gate))
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:

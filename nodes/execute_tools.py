@@ -34,7 +34,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
-from keel._node import RunnableCallable, context_of, make_node, thread_of
+from keel._node import RunnableCallable, context_of, handed_at, make_node, thread_of
 from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -193,7 +193,10 @@ def execute_tools(
         # the breaker is checked in the claim's transaction (`gate`), then only recorded
         guarded = partial(_guarded, job, config, guard, checked=True)
         gate = guard.gate(job.entry.name) if guard is not None else None
-        steps = once_steps(job.entry, job.call, key, ledger, guarded, known, alone=alone, gate=gate)
+        since = handed_at(config)  # a supervisor's earlier task of this agent: not an orphan
+        steps = once_steps(
+            job.entry, job.call, key, ledger, guarded, known, alone=alone, gate=gate, since=since
+        )
         return (yield from steps)
 
     def invoke(

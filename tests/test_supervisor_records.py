@@ -4,6 +4,9 @@ With a ledger, `build_supervisor` wrote no record of its runs: only its sub-agen
 (under the supervisor's thread). A supervisor run stopped by Ctrl-C in a sub-agent's tool,
 cancelled, or ended by a storage failure left no record at all, and `keel report` never saw
 the router's calls or a supervisor that stopped on its own (max_handoffs, a failing router).
+
+And what such a stopped run leaves in the ledger (a call `started`, never finished) is the
+agent's that started it: not taken for the lost request of the agent's next task.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from langchain_core.messages import BaseMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel.approvals import call_digest
 from keel.db.runs import RunRecord
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import FINISH, Route, build_supervisor
@@ -199,3 +203,105 @@ def _failing(saver: Any, loop: asyncio.AbstractEventLoop | None = None) -> Any:
         return f"refunded {order_id}"
 
     return refund_then_fail
+
+
+# -- a stopped agent's call is not the orphan of the agent's next task ------------------------
+
+
+def _ctrl_c_on(order: str, ran: list[str]) -> Any:
+    @tool(risk="write", name="refund")
+    def refund_once(order_id: str) -> str:
+        """Refund an order (Ctrl-C lands while `order` is refunded)."""
+        ran.append(order_id)
+        if order_id == order:
+            raise KeyboardInterrupt
+        return f"refunded {order_id}"
+
+    return refund_once
+
+
+def test_after_ctrl_c_the_agents_next_task_is_not_asked_did_this_happen(db_url: str) -> None:
+    """Ctrl-C stopped a supervisor's agent mid-refund (A1: its ledger row stays `started`).
+    The next message hands the agent a new task, a new conversation with another refund (B2).
+    keel's orphan rule took A1's row for B2's lost request (same tool, same thread, an id the
+    new conversation does not hold), moved it to B2 and asked "did this happen?" about B2 with
+    A1's start time: a false question, and an "approve" would have recorded B2 as done though
+    it never ran. Now B2 runs; A1's row stays A1's."""
+    ran: list[str] = []
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            sup = _supervisor([_ctrl_c_on("A1", ran)], ledger, saver)
+            with pytest.raises(KeyboardInterrupt):
+                sup.invoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+            done = sup.invoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
+        rows = ledger.run(_call_rows())
+    finally:
+        ledger.close()
+    assert "__interrupt__" not in done, done["__interrupt__"]
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert done["messages"][-1].text == "done: refund B2"
+    assert ran == ["A1", "B2"]
+    assert sorted(rows) == [("A1", "started"), ("B2", "completed")]
+
+
+class _LosesTheRequest:
+    """Wraps a saver so the agent's turn holding a tool call is never saved (its checkpoint and
+    its step's writes): the process 'died' before they reached the database."""
+
+    def __init__(self, saver: Any) -> None:
+        self.saver = saver
+        put, put_writes = saver.put, saver.put_writes
+
+        def holds_a_call(config: Any, messages: Any) -> bool:
+            subgraph = bool(config["configurable"].get("checkpoint_ns"))
+            return subgraph and any(getattr(m, "tool_calls", None) for m in messages or [])
+
+        def lossy_put(config: Any, checkpoint: Any, *args: Any) -> Any:
+            if holds_a_call(config, checkpoint["channel_values"].get("messages")):
+                return config
+            return put(config, checkpoint, *args)
+
+        def lossy_put_writes(config: Any, writes: Any, *args: Any) -> Any:
+            sent = [v for c, v in writes if c == "messages"]
+            if holds_a_call(config, [m for v in sent for m in (v if isinstance(v, list) else [v])]):
+                return None
+            return put_writes(config, writes, *args)
+
+        saver.put, saver.put_writes = lossy_put, lossy_put_writes
+
+
+def test_an_agents_own_lost_request_is_still_asked_about_on_resume(db_url: str) -> None:
+    """The orphan rule still holds inside a supervisor's agent: its turn asking for A1 was
+    never saved, the refund started, the run stopped; resumed, the agent asks the model again
+    (a new call id) and keel asks "did this happen?" instead of refunding A1 twice."""
+    ran: list[str] = []
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            _LosesTheRequest(saver)
+            sup = _supervisor([_ctrl_c_on("A1", ran)], ledger, saver)
+            with pytest.raises(KeyboardInterrupt):
+                sup.invoke(
+                    {"messages": [("user", "refund A1")]}, CFG, context=CTX, durability="sync"
+                )
+            resumed = sup.invoke(None, CFG, context=CTX, durability="sync")
+        rows = ledger.run(_call_rows())
+    finally:
+        ledger.close()
+    (request,) = resumed["__interrupt__"][0].value
+    assert (request["kind"], request["action_request"]["args"]) == (
+        "outcome_unknown",
+        {"order_id": "A1"},
+    )
+    assert ran == ["A1"]  # not refunded twice
+    assert rows == [("A1", "started")]  # adopted by the call that repeats it
+
+
+_ORDERS = {call_digest("refund", {"order_id": o}, "1"): o for o in ("A1", "B2")}
+"""The order a ledger row's digest is of (the refund tool is version 1)."""
+
+
+def _call_rows() -> Any:
+    rows = yield ("SELECT args_digest, state, tool_call_id FROM keel_tool_calls", ())
+    return [(_ORDERS.get(r[0], r[0]), r[1]) for r in rows]

@@ -125,6 +125,7 @@ def claim_flow(
     *,
     rerun_unknown: bool = False,
     known: Collection[str] | None = None,
+    since: float = 0.0,
     gate: ClaimGate | None = None,
 ) -> Flow[Claim]:
     """Claim a call before running it; commits `started` when the caller may run it.
@@ -142,13 +143,16 @@ def claim_flow(
             before the checkpoint holding it was saved) and the model asked again under a new
             id. The new call adopts the orphan's row, so it is `unknown` ("did this happen?")
             instead of running a second time.
+        since: When the conversation `known` is of began (`keel._node.handed_at`): a row
+            started before it is another conversation's (an earlier task a supervisor handed
+            an agent, stopped mid-call), never this one's lost request.
         gate: A check a call that would run must pass first (`ClaimGate`); refused, the
             claim writes nothing and is `refused`.
     """
     now = time.time()
     gated: list[Row] = []
     if known is not None:
-        rows, gated = yield from _orphans(thread_id, call_id, tool, gate)
+        rows, gated = yield from _orphans(thread_id, call_id, tool, since, gate)
         orphan = yield from _adopt_orphan(thread_id, call_id, digest, known, rows)
         if orphan is not None:
             return Claim("unknown", orphan)
@@ -189,16 +193,17 @@ def claim_flow(
 
 
 def _orphans(
-    thread_id: str, call_id: str, tool: str, gate: ClaimGate | None
+    thread_id: str, call_id: str, tool: str, since: float, gate: ClaimGate | None
 ) -> Flow[tuple[list[Row], list[Row]]]:
-    """The call's own row and the thread's `started` rows of `tool` (locked), and the gate's.
+    """The call's own row, the thread's `started` rows of `tool` since `since`, the gate's.
 
-    The gate's rows are read in the same round trip; without a gate there are none.
+    The first two are locked. The gate's rows are read in the same round trip; without a gate
+    there are none.
     """
     select = (
-        "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? "
-        "AND (tool_call_id = ? OR (tool = ? AND state = 'started')) {for_update}",
-        (thread_id, call_id, tool),
+        "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? AND (tool_call_id = ? "
+        "OR (tool = ? AND state = 'started' AND started_at >= ?)) {for_update}",
+        (thread_id, call_id, tool, since),
     )
     if gate is None:
         return (yield select), []
