@@ -37,6 +37,7 @@ from keel.nodes.history import pending_tool_calls
 from keel.versions import AgentVersion
 
 __all__ = [
+    "stopped_ended",
     "PENDING_KEY",
     "Dropped",
     "abandoned",
@@ -223,6 +224,26 @@ def left_ended(state: StateSnapshot, closing: list[ToolMessage]) -> dict[str, An
             f"stopped before the run ended (its process ended, or it was cancelled), with its "
             f"calls to {names} unanswered; the thread's next message answered them, and keel "
             "ran none of them again"
+        ),
+    }
+
+
+def stopped_ended(input: Any, state: StateSnapshot | None) -> dict[str, Any] | None:
+    """The state a run a new message finds stopped mid-step ends with (None: none was).
+
+    That run left no tool call unanswered in the thread's messages (`left_behind` handles
+    those): a supervisor stopped while its agent ran, whose calls are the agent's. A run
+    cancelled, or stopped by `KeyboardInterrupt`, recorded its end; a killed process did not.
+    """
+    if state is None or state.interrupts or not state.next or not isinstance(input, Mapping):
+        return None
+    if not input.get("messages"):
+        return None
+    return {
+        **state.values,
+        "outcome": outcome.cancelled(
+            f"stopped before the run ended (its process ended, or it was cancelled) in "
+            f"{', '.join(state.next)}; the thread's next message found it so"
         ),
     }
 

@@ -16,7 +16,8 @@
   result its step saved or the ledger recorded, "outcome unknown" when the ledger says it
   started, else `not_run`; never run now), and audited, so the thread's history stays one a
   provider takes; a run that left no record of its end (a killed process) is recorded
-  `stopped/cancelled`.
+  `stopped/cancelled`. So is one that left no call unanswered in the thread's messages while a
+  node was still to run (a supervisor killed while its agent ran: `stopped_ended`).
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
@@ -66,6 +67,7 @@ from keel.graphs._pending import (
     left_ended,
     not_run_records,
     step_results,
+    stopped_ended,
     turned_past,
 )
 from keel.graphs._protected import ProtectedGraph
@@ -241,12 +243,15 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
 
     A thread with a pending interrupt (or none saved) gets `None`: read the whole state then, as
     `refusal` and `closed` need its interrupts and messages; so does one whose last run left
-    tool calls without an answer (`left_ended` records that run from its state). Building
+    tool calls without an answer (`left_ended` records that run from its state), or a node to
+    run next (`stopped_ended`). Building
     LangGraph's snapshot on every run start would cost each run a full deserialization of the
     thread.
     """
     if saved is None or interrupt_pending(saved):
         return None
+    if any(k.startswith("branch:to:") for k in saved.checkpoint["channel_values"]):
+        return None  # a node was to run next: the last run stopped mid-step (`stopped_ended`)
     messages = saved.checkpoint["channel_values"].get("messages") or []
     if pending_tool_calls(messages)[1]:
         return None
@@ -337,6 +342,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             input, closing = closed_left(input, left, found, step_results(state))
             records = self._not_run(closing, config, kwargs, left)
             answered = Dropped(records, left_ended(state, closing), first_end=True)
+        elif (ended := stopped_ended(input, state)) is not None:
+            answered = Dropped([], ended, first_end=True)
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None

@@ -12,6 +12,10 @@ agent's that started it: not taken for the lost request of the agent's next task
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -305,3 +309,58 @@ _ORDERS = {call_digest("refund", {"order_id": o}, "1"): o for o in ("A1", "B2")}
 def _call_rows() -> Any:
     rows = yield ("SELECT args_digest, state, tool_call_id FROM keel_tool_calls", ())
     return [(_ORDERS.get(r[0], r[0]), r[1]) for r in rows]
+
+
+# -- a supervisor run whose process was killed ------------------------------------------------
+
+KILLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from keel import Ledger, Persistence, RunContext, build_agent, tool
+    from keel.evals import ScriptedChatModel, call
+    from keel.graphs import FINISH, Route, build_supervisor
+
+    url = sys.argv[1]
+
+    @tool(risk="write", name="refund")
+    def refund(order_id: str) -> str:
+        \"\"\"Refund an order.\"\"\"
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    model = ScriptedChatModel(script=[call("refund", order_id="A1")], fresh_ids=True)
+    router = lambda ms: Route(agent=FINISH if ms[-1].type == "ai" else "billing", task="refund A1")
+    with Persistence(url).checkpointer() as saver:
+        ledger = Ledger(url)
+        billing = build_agent(model, [refund], ledger=ledger)
+        sup = build_supervisor({"billing": billing}, router, ledger=ledger, checkpointer=saver)
+        sup.invoke({"messages": [("user", "refund A1")]}, {"configurable": {"thread_id": "s1"}},
+                   context=RunContext(user_id="u1", tenant_id="acme"))
+    """
+)
+
+
+def test_a_killed_supervisor_run_is_recorded_by_the_threads_next_message(
+    db_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL while the supervisor's agent refunds: the process could write no record. The
+    thread's next message records the killed run `stopped/cancelled` (none was written: a
+    supervisor's messages hold no unanswered call for keel's left-behind rule to find)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED, db_url], capture_output=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ran: list[str] = []
+    ledger = Ledger(db_url)
+    try:
+        assert _records(ledger) == []
+        with Persistence(db_url).checkpointer() as saver:
+            sup = _supervisor([_ctrl_c_on("-", ran)], ledger, saver)
+            done = sup.invoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
+        killed, finished = _records(ledger)
+    finally:
+        ledger.close()
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert ran == ["B2"]  # not asked "did this happen?" about A1's row either
+    assert (killed.status, killed.terminated_reason) == ("stopped", "cancelled")
+    assert "process ended" in killed.detail and "billing" in killed.detail, killed.detail
+    assert (finished.status, killed.run_key != finished.run_key) == ("success", True)
