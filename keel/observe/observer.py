@@ -285,8 +285,9 @@ def _unrecorded(update: Any, exc: StorageError) -> Any:
     }
 
 
-Route = Callable[[AgentState], str] | Callable[[AgentState, Runtime[RunContext] | None], str]
-"""A route: from the state, or from the state and the run's `Runtime` (two positional
+Route = Callable[[Any], str] | Callable[[Any, Runtime[RunContext] | None], str]
+"""A route: from the state (the graph's whole state: an agent's `AgentState`, a supervisor's
+`SupervisorState`), or from the state and the run's `Runtime` (two positional
 parameters without defaults). The runtime is None when no run is going on: a state update
 (`update_state`) asks the routes of the node it writes as where the thread goes next."""
 
