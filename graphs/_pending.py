@@ -46,7 +46,9 @@ __all__ = [
     "closed_update",
     "drops_pending",
     "left_behind",
+    "left_answers",
     "left_ended",
+    "left_inside",
     "not_run_records",
     "step_results",
     "turned_past",
@@ -148,6 +150,16 @@ def closed_left(
     them may have started). A call recorded `completed` or `failed` gets its recorded result;
     one found `started` an "outcome unknown" answer; the rest `not_run`.
     """
+    closing = left_answers(calls, found, saved)
+    return _before(input, closing), closing
+
+
+def left_answers(
+    calls: list[ToolCall],
+    found: Mapping[str, CallRecord] | None,
+    saved: Mapping[str, ToolMessage],
+) -> list[ToolMessage]:
+    """An answer for each left-behind call, as the ledger knows it (see `closed_left`)."""
     closing: list[ToolMessage] = []
     for c in calls:
         record = None if found is None else found.get(c.get("id") or "")
@@ -159,7 +171,24 @@ def closed_left(
             closing.append(tool_message(c, LEFT_UNKNOWN, "not_run"))
         else:
             closing.append(tool_message(c, LEFT_NOT_RUN, "not_run"))
-    return _before(input, closing), closing
+    return closing
+
+
+def left_inside(state: StateSnapshot | None) -> list[ToolCall]:
+    """The calls a stopped run's subgraphs left without an answer in their own conversations.
+
+    `state`: the thread's state read with `subgraphs=True`. A supervisor stopped while its agent
+    ran (`stopped_ended`) holds no unanswered call in its own messages; the agent's calls are in
+    the agent's conversation (its checkpoint namespace), which no later run continues: a new
+    message hands the agent a new one. Their results, saved or not, are in that state's values.
+    """
+    calls: list[ToolCall] = []
+    for task in state.tasks if state is not None else ():
+        inner = task.state
+        if isinstance(inner, StateSnapshot) and not inner.interrupts:
+            calls += pending_tool_calls(inner.values.get("messages") or [])[1]
+            calls += left_inside(inner)
+    return calls
 
 
 def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:

@@ -63,8 +63,10 @@ from keel.graphs._pending import (
     closed_left,
     closed_update,
     drops_pending,
+    left_answers,
     left_behind,
     left_ended,
+    left_inside,
     not_run_records,
     step_results,
     stopped_ended,
@@ -318,13 +320,15 @@ class ThreadGuardedGraph(ProtectedGraph):
         state: StateSnapshot | None,
         kwargs: Any,
         found: Mapping[str, CallRecord] | None = None,
+        inside: list[Any] | None = None,
     ) -> tuple[Any, Dropped, bool]:
         """`input` as it will run, the records its run writes first, and whether it resumes.
 
         A resume's caller checks that something waits, at the checkpoint its config names.
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
-        `found`: the ledger's records of the calls a stopped run left behind (`_found`).
+        `found`: the ledger's records of the calls a stopped run left behind (`_found`);
+        `inside`: those its subgraphs left in their own conversations (`_inside`).
         """
         answered = Dropped()
         if drops_pending(input, config, state):
@@ -343,7 +347,9 @@ class ThreadGuardedGraph(ProtectedGraph):
             records = self._not_run(closing, config, kwargs, left)
             answered = Dropped(records, left_ended(state, closing), first_end=True)
         elif (ended := stopped_ended(input, state)) is not None:
-            answered = Dropped([], ended, first_end=True)
+            closing = left_answers(inside or [], found, {})
+            records = self._not_run(closing, config, kwargs, inside or [])
+            answered = Dropped(records, ended, first_end=True)
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None
@@ -352,14 +358,38 @@ class ThreadGuardedGraph(ProtectedGraph):
             answered = Dropped(self._not_run(closing, config, kwargs, left))
         return input, answered, resumes
 
-    def _found(
+    def _inside(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
+    ) -> list[Any]:
+        """The calls a run stopped in a subgraph (a supervisor's agent) left in its conversation.
+
+        Read only for a run found stopped with a node to run (`stopped_ended`): see `left_inside`.
+        """
+        if stopped_ended(input, state) is None:
+            return []
+        return left_inside(self.get_state(config or {}, subgraphs=True))
+
+    async def _ainside(
+        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
+    ) -> list[Any]:
+        """`_inside` under `astream`."""
+        if stopped_ended(input, state) is None:
+            return []
+        return left_inside(await self.aget_state(config or {}, subgraphs=True))
+
+    def _found(
+        self,
+        input: Any,
+        config: RunnableConfig | None,
+        state: StateSnapshot | None,
+        inside: list[Any] | None = None,
     ) -> Mapping[str, CallRecord] | None:
         """The ledger's records of the calls a stopped run left behind (see `left_behind`).
 
-        Without a ledger there are none; `None` when the ledger could not be read.
+        In the thread's messages, else in its subgraphs' conversations (`inside`). Without a
+        ledger there are none; `None` when the ledger could not be read.
         """
-        calls = left_behind(input, state)
+        calls = left_behind(input, state) or inside or []
         if not calls or self.keel_audit is None:
             return {}
         try:
@@ -369,10 +399,14 @@ class ThreadGuardedGraph(ProtectedGraph):
             return None
 
     async def _afound(
-        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
+        self,
+        input: Any,
+        config: RunnableConfig | None,
+        state: StateSnapshot | None,
+        inside: list[Any] | None = None,
     ) -> Mapping[str, CallRecord] | None:
         """`_found` under `astream`."""
-        calls = left_behind(input, state)
+        calls = left_behind(input, state) or inside or []
         if not calls or self.keel_audit is None:
             return {}
         try:
@@ -506,8 +540,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         if not inside_task(config):
             state = self._state(config)
             config = owned(input, config, state, run_context(config, kwargs.get("context")))
-            found = self._found(input, config, state)
-            input, answered, resumes = self._checked(input, config, state, kwargs, found)
+            inside = self._inside(input, config, state)
+            found = self._found(input, config, state, inside)
+            input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
             if resumes:
                 self._check_waiting(self.get_state(config or {}).interrupts, config)
             if self.keel_admission is not None:
@@ -523,8 +558,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         if not inside_task(config):
             state = await self._astate(config)
             config = owned(input, config, state, run_context(config, kwargs.get("context")))
-            found = await self._afound(input, config, state)
-            input, answered, resumes = self._checked(input, config, state, kwargs, found)
+            inside = await self._ainside(input, config, state)
+            found = await self._afound(input, config, state, inside)
+            input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
             if resumes:
                 self._check_waiting((await self.aget_state(config or {})).interrupts, config)
             if self.keel_admission is not None:

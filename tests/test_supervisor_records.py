@@ -6,7 +6,8 @@ cancelled, or ended by a storage failure left no record at all, and `keel report
 the router's calls or a supervisor that stopped on its own (max_handoffs, a failing router).
 
 And what such a stopped run leaves in the ledger (a call `started`, never finished) is the
-agent's that started it: not taken for the lost request of the agent's next task.
+agent's that started it: not taken for the lost request of the agent's next task; the
+supervisor thread's next message audits it (README, Durable side effects).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from langchain_core.messages import BaseMessage
 from langgraph.types import Command
 
-from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
 from keel.approvals import call_digest
 from keel.db.runs import RunRecord
 from keel.evals import ScriptedChatModel, call
@@ -58,6 +59,21 @@ def _records(ledger: Ledger, graph: str = "keel_supervisor") -> list[RunRecord]:
 def _supervisor(tools: list[Any], ledger: Ledger, saver: Any) -> Any:
     billing = build_agent(_billing_model(), tools, ledger=ledger)
     return build_supervisor({"billing": billing}, _router, ledger=ledger, checkpointer=saver)
+
+
+UNKNOWN = "Outcome unknown: this call started"
+
+
+def _left_audit(ledger: Ledger) -> list[tuple[Any, ...]]:
+    """The audit records of calls a stopped run left (decision `not_run`)."""
+    return [
+        (r.tool, r.args, r.status, r.result[: len(UNKNOWN)], r.thread_id, r.user_id, r.tenant_id)
+        for r in AuditLog(ledger).query()
+        if r.decision == "not_run"
+    ]
+
+
+A1_UNKNOWN = ("refund", {"order_id": "A1"}, "not_run", UNKNOWN, "s1", "u1", "acme")
 
 
 @tool(risk="write", name="refund")
@@ -134,15 +150,17 @@ def test_ctrl_c_in_a_sub_agents_tool_records_the_supervisor_run_cancelled(db_url
 
 
 async def test_a_cancelled_supervisor_run_is_recorded(db_url: str) -> None:
-    """An `ainvoke` task cancelled while a sub-agent's tool runs: recorded cancelled."""
+    """An `ainvoke` task cancelled while a sub-agent's tool runs: recorded cancelled; the next
+    message audits the agent's refund "outcome unknown" (see below)."""
     started = asyncio.Event()
 
     @tool(risk="write", name="refund")
     async def slow(order_id: str) -> str:
-        """Refund an order (slowly)."""
-        started.set()
-        await asyncio.sleep(30)
-        return "refunded"
+        """Refund an order (slowly the first time)."""
+        if not started.is_set():
+            started.set()
+            await asyncio.sleep(30)
+        return f"refunded {order_id}"
 
     ledger = Ledger(db_url)
     try:
@@ -155,11 +173,15 @@ async def test_a_cancelled_supervisor_run_is_recorded(db_url: str) -> None:
             run.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await run
-        (stopped,) = await asyncio.to_thread(_records, ledger)
+            (stopped,) = await asyncio.to_thread(_records, ledger)
+            done = await sup.ainvoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
+        audited = await asyncio.to_thread(_left_audit, ledger)
     finally:
         await ledger.aclose()
     assert (stopped.status, stopped.terminated_reason) == ("stopped", "cancelled")
     assert "task was cancelled" in stopped.detail, stopped.detail
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert audited == [A1_UNKNOWN]
 
 
 @pytest.mark.parametrize("driver", ["sync", "async"])
@@ -230,7 +252,12 @@ def test_after_ctrl_c_the_agents_next_task_is_not_asked_did_this_happen(db_url: 
     keel's orphan rule took A1's row for B2's lost request (same tool, same thread, an id the
     new conversation does not hold), moved it to B2 and asked "did this happen?" about B2 with
     A1's start time: a false question, and an "approve" would have recorded B2 as done though
-    it never ran. Now B2 runs; A1's row stays A1's."""
+    it never ran. Now B2 runs; A1's row stays A1's.
+
+    And A1's agent conversation is abandoned (each task starts a new one), so keel's left-behind
+    rule, reading the supervisor's messages only, never saw A1: no audit record said what
+    became of it. Now the next message audits it `not_run`, "outcome unknown" (it may have
+    happened), with its arguments, once."""
     ran: list[str] = []
     ledger = Ledger(db_url)
     try:
@@ -238,15 +265,22 @@ def test_after_ctrl_c_the_agents_next_task_is_not_asked_did_this_happen(db_url: 
             sup = _supervisor([_ctrl_c_on("A1", ran)], ledger, saver)
             with pytest.raises(KeyboardInterrupt):
                 sup.invoke({"messages": [("user", "refund A1")]}, CFG, context=CTX)
+            assert _left_audit(ledger) == []
             done = sup.invoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
+            again = sup.invoke({"messages": [("user", "refund C3")]}, CFG, context=CTX)
         rows = ledger.run(_call_rows())
+        audited = _left_audit(ledger)
     finally:
         ledger.close()
     assert "__interrupt__" not in done, done["__interrupt__"]
     assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
     assert done["messages"][-1].text == "done: refund B2"
-    assert ran == ["A1", "B2"]
-    assert sorted(rows) == [("A1", "started"), ("B2", "completed")]
+    assert again["outcome"]["terminated_reason"] == "completed", again["outcome"]
+    assert ran == ["A1", "B2", "C3"]
+    assert sorted(rows) == [("A1", "started"), ("B2", "completed"), ("C3", "completed")]
+    assert audited == [A1_UNKNOWN]  # once: the next runs found nothing left
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "the supervisor thread's next message audits each of them the same way" in readme
 
 
 class _LosesTheRequest:
@@ -302,7 +336,7 @@ def test_an_agents_own_lost_request_is_still_asked_about_on_resume(db_url: str) 
     assert rows == [("A1", "started")]  # adopted by the call that repeats it
 
 
-_ORDERS = {call_digest("refund", {"order_id": o}, "1"): o for o in ("A1", "B2")}
+_ORDERS = {call_digest("refund", {"order_id": o}, "1"): o for o in ("A1", "B2", "C3")}
 """The order a ledger row's digest is of (the refund tool is version 1)."""
 
 
@@ -357,10 +391,12 @@ def test_a_killed_supervisor_run_is_recorded_by_the_threads_next_message(
             sup = _supervisor([_ctrl_c_on("-", ran)], ledger, saver)
             done = sup.invoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
         killed, finished = _records(ledger)
+        audited = _left_audit(ledger)
     finally:
         ledger.close()
     assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
     assert ran == ["B2"]  # not asked "did this happen?" about A1's row either
+    assert audited == [A1_UNKNOWN]  # what became of A1: it may have happened
     assert (killed.status, killed.terminated_reason) == ("stopped", "cancelled")
     assert "process ended" in killed.detail and "billing" in killed.detail, killed.detail
     assert (finished.status, killed.run_key != finished.run_key) == ("success", True)
