@@ -49,6 +49,8 @@ __all__ = [
     "left_answers",
     "left_ended",
     "left_inside",
+    "calls_inside",
+    "inside_ended",
     "not_run_records",
     "step_results",
     "turned_past",
@@ -75,6 +77,8 @@ class Dropped:
     """The state the run that waited ends with (`stopped/cancelled`), for its run record."""
     first_end: bool = False
     """Record `ended` only where the run recorded no end of its own (a run found stopped)."""
+    inside: list[tuple[Recorder, dict[str, Any]]] = field(default_factory=list)
+    """The ends of its subgraphs' runs (a supervisor's agents), each by its own recorder."""
 
 
 def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
@@ -174,21 +178,45 @@ def left_answers(
     return closing
 
 
-def left_inside(state: StateSnapshot | None) -> list[ToolCall]:
-    """The calls a stopped run's subgraphs left without an answer in their own conversations.
+def left_inside(state: StateSnapshot | None) -> list[tuple[str, StateSnapshot]]:
+    """The conversations a stopped run's subgraphs left mid-step, by the node that ran each.
 
     `state`: the thread's state read with `subgraphs=True`. A supervisor stopped while its agent
     ran (`stopped_ended`) holds no unanswered call in its own messages; the agent's calls are in
     the agent's conversation (its checkpoint namespace), which no later run continues: a new
     message hands the agent a new one. Their results, saved or not, are in that state's values.
     """
-    calls: list[ToolCall] = []
+    out: list[tuple[str, StateSnapshot]] = []
     for task in state.tasks if state is not None else ():
         inner = task.state
-        if isinstance(inner, StateSnapshot) and not inner.interrupts:
-            calls += pending_tool_calls(inner.values.get("messages") or [])[1]
-            calls += left_inside(inner)
-    return calls
+        if isinstance(inner, StateSnapshot) and not inner.interrupts and inner.next:
+            out.append((task.name, inner))
+            out += left_inside(inner)
+    return out
+
+
+def calls_inside(inside: Sequence[tuple[str, StateSnapshot]]) -> list[ToolCall]:
+    """The calls the conversations `inside` (`left_inside`) left without an answer."""
+    return [c for _, s in inside for c in pending_tool_calls(s.values.get("messages") or [])[1]]
+
+
+def inside_ended(state: StateSnapshot, closing: list[ToolMessage]) -> dict[str, Any]:
+    """The state a subgraph's run (a supervisor's agent) stopped mid-step ends with.
+
+    `closing`: the answers to its calls (`left_answers`); without any, it stopped elsewhere.
+    """
+    ids = {c.get("id") for c in pending_tool_calls(state.values.get("messages") or [])[1]}
+    names = ", ".join(sorted({str(m.name) for m in closing if m.tool_call_id in ids}))
+    if not names:
+        return _stopped(state)
+    return {
+        **state.values,
+        "outcome": outcome.cancelled(
+            f"stopped before the run ended (its process ended, or it was cancelled), with its "
+            f"calls to {names} unanswered; the supervisor thread's next message audited them "
+            "(not_run, as the ledger knows them), and keel ran none of them again"
+        ),
+    }
 
 
 def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
@@ -268,6 +296,10 @@ def stopped_ended(input: Any, state: StateSnapshot | None) -> dict[str, Any] | N
         return None
     if not input.get("messages"):
         return None
+    return _stopped(state)
+
+
+def _stopped(state: StateSnapshot) -> dict[str, Any]:
     return {
         **state.values,
         "outcome": outcome.cancelled(

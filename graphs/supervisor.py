@@ -188,7 +188,14 @@ def build_supervisor(
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
     audit = AuditLog(ledger) if ledger is not None else None
     leases = ThreadLeases.of(ledger)
-    return guarded(compiled, audit, admission, recorder=observer, thread_leases=leases)
+    out = guarded(compiled, audit, admission, recorder=observer, thread_leases=leases)
+    # an agent's run a new message finds stopped mid-step is recorded by the agent's recorder
+    out.keel_agents = {n: a.keel_recorder for n, a in agents.items() if _recorder(a)}
+    return out
+
+
+def _recorder(agent: Agent) -> bool:
+    return getattr(agent, "keel_recorder", None) is not None
 
 
 def route_after_router(state: SupervisorState) -> str:

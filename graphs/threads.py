@@ -59,10 +59,12 @@ from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
     abandoned,
+    calls_inside,
     closed,
     closed_left,
     closed_update,
     drops_pending,
+    inside_ended,
     left_answers,
     left_behind,
     left_ended,
@@ -294,6 +296,8 @@ class ThreadGuardedGraph(ProtectedGraph):
     """Where a run that ends on a storage failure writes its run record (the agent's observer)."""
     keel_thread_leases: ThreadLeases | None = None
     """One run per thread across the processes sharing the agent's ledger (`graphs._one_run`)."""
+    keel_agents: Mapping[str, Recorder] | None = None
+    """A supervisor's agents' recorders, by node: their runs found stopped are recorded so."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -305,6 +309,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_version = self.keel_version
         out.keel_recorder = self.keel_recorder
         out.keel_thread_leases = self.keel_thread_leases
+        out.keel_agents = self.keel_agents
         return out
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
@@ -320,7 +325,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         state: StateSnapshot | None,
         kwargs: Any,
         found: Mapping[str, CallRecord] | None = None,
-        inside: list[Any] | None = None,
+        inside: list[tuple[str, StateSnapshot]] | None = None,
     ) -> tuple[Any, Dropped, bool]:
         """`input` as it will run, the records its run writes first, and whether it resumes.
 
@@ -328,7 +333,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         Raises `UserError` for input keel refuses (`refusal`, protected keys); the records are
         for the caller to write once the run starts (`_answer`), so a refused run writes none.
         `found`: the ledger's records of the calls a stopped run left behind (`_found`);
-        `inside`: those its subgraphs left in their own conversations (`_inside`).
+        `inside`: the conversations its subgraphs left mid-step (`_inside`).
         """
         answered = Dropped()
         if drops_pending(input, config, state):
@@ -347,9 +352,12 @@ class ThreadGuardedGraph(ProtectedGraph):
             records = self._not_run(closing, config, kwargs, left)
             answered = Dropped(records, left_ended(state, closing), first_end=True)
         elif (ended := stopped_ended(input, state)) is not None:
-            closing = left_answers(inside or [], found, {})
-            records = self._not_run(closing, config, kwargs, inside or [])
-            answered = Dropped(records, ended, first_end=True)
+            calls = calls_inside(inside or [])
+            closing = left_answers(calls, found, {})
+            records = self._not_run(closing, config, kwargs, calls)
+            agents = self.keel_agents or {}
+            ends = [(agents[n], inside_ended(s, closing)) for n, s in inside or [] if n in agents]
+            answered = Dropped(records, ended, first_end=True, inside=ends)
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None
@@ -360,8 +368,8 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     def _inside(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
-    ) -> list[Any]:
-        """The calls a run stopped in a subgraph (a supervisor's agent) left in its conversation.
+    ) -> list[tuple[str, StateSnapshot]]:
+        """The conversations a run stopped in a subgraph (a supervisor's agent) left mid-step.
 
         Read only for a run found stopped with a node to run (`stopped_ended`): see `left_inside`.
         """
@@ -371,7 +379,7 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     async def _ainside(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
-    ) -> list[Any]:
+    ) -> list[tuple[str, StateSnapshot]]:
         """`_inside` under `astream`."""
         if stopped_ended(input, state) is None:
             return []
@@ -382,14 +390,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         input: Any,
         config: RunnableConfig | None,
         state: StateSnapshot | None,
-        inside: list[Any] | None = None,
+        inside: list[tuple[str, StateSnapshot]] | None = None,
     ) -> Mapping[str, CallRecord] | None:
         """The ledger's records of the calls a stopped run left behind (see `left_behind`).
 
         In the thread's messages, else in its subgraphs' conversations (`inside`). Without a
         ledger there are none; `None` when the ledger could not be read.
         """
-        calls = left_behind(input, state) or inside or []
+        calls = left_behind(input, state) or calls_inside(inside or [])
         if not calls or self.keel_audit is None:
             return {}
         try:
@@ -403,10 +411,10 @@ class ThreadGuardedGraph(ProtectedGraph):
         input: Any,
         config: RunnableConfig | None,
         state: StateSnapshot | None,
-        inside: list[Any] | None = None,
+        inside: list[tuple[str, StateSnapshot]] | None = None,
     ) -> Mapping[str, CallRecord] | None:
         """`_found` under `astream`."""
-        calls = left_behind(input, state) or inside or []
+        calls = left_behind(input, state) or calls_inside(inside or [])
         if not calls or self.keel_audit is None:
             return {}
         try:
@@ -432,6 +440,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.ended is not None and end is not None:
             end = end.earlier() if answered.first_end else end
             end.record(answered.ended, first_end=answered.first_end)
+            for recorder, ended in answered.inside:
+                RunEnd(recorder, end.config, end.context).record(ended, first_end=True)
 
     async def _aanswer(self, answered: Dropped, end: RunEnd | None) -> None:
         if answered.records and self.keel_audit is not None:
@@ -439,6 +449,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.ended is not None and end is not None:
             end = end.earlier() if answered.first_end else end
             await end.arecord(answered.ended, first_end=answered.first_end)
+            for recorder, ended in answered.inside:
+                await RunEnd(recorder, end.config, end.context).arecord(ended, first_end=True)
 
     def _refused(
         self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome
@@ -596,6 +608,7 @@ _NOT_INIT = (
     "keel_version",
     "keel_recorder",
     "keel_thread_leases",
+    "keel_agents",
 )
 
 

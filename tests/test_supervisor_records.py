@@ -176,12 +176,17 @@ async def test_a_cancelled_supervisor_run_is_recorded(db_url: str) -> None:
             (stopped,) = await asyncio.to_thread(_records, ledger)
             done = await sup.ainvoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
         audited = await asyncio.to_thread(_left_audit, ledger)
+        agents = await asyncio.to_thread(_records, ledger, "keel_agent")
     finally:
         await ledger.aclose()
     assert (stopped.status, stopped.terminated_reason) == ("stopped", "cancelled")
     assert "task was cancelled" in stopped.detail, stopped.detail
     assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
     assert audited == [A1_UNKNOWN]
+    assert [(r.status, r.terminated_reason) for r in agents] == [
+        ("stopped", "cancelled"),
+        ("success", "completed"),
+    ]
 
 
 @pytest.mark.parametrize("driver", ["sync", "async"])
@@ -270,6 +275,7 @@ def test_after_ctrl_c_the_agents_next_task_is_not_asked_did_this_happen(db_url: 
             again = sup.invoke({"messages": [("user", "refund C3")]}, CFG, context=CTX)
         rows = ledger.run(_call_rows())
         audited = _left_audit(ledger)
+        agents = _records(ledger, "keel_agent")
     finally:
         ledger.close()
     assert "__interrupt__" not in done, done["__interrupt__"]
@@ -279,8 +285,19 @@ def test_after_ctrl_c_the_agents_next_task_is_not_asked_did_this_happen(db_url: 
     assert ran == ["A1", "B2", "C3"]
     assert sorted(rows) == [("A1", "started"), ("B2", "completed"), ("C3", "completed")]
     assert audited == [A1_UNKNOWN]  # once: the next runs found nothing left
+    # the agent's stopped run has its record too (it had none), once, with its own usage
+    assert [(r.status, r.terminated_reason) for r in agents] == [
+        ("stopped", "cancelled"),
+        ("success", "completed"),
+        ("success", "completed"),
+    ]
+    assert "calls to refund unanswered" in agents[0].detail, agents[0].detail
+    assert "next message audited them" in agents[0].detail and agents[0].model_calls == 1
+    assert (agents[0].thread_id, agents[0].user_id) == ("s1", "u1")
+    assert len({r.run_key for r in agents}) == 3
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "the supervisor thread's next message audits each of them the same way" in readme
+    assert "agent's run it stopped is recorded `stopped/cancelled` then too" in readme
 
 
 class _LosesTheRequest:
@@ -392,11 +409,13 @@ def test_a_killed_supervisor_run_is_recorded_by_the_threads_next_message(
             done = sup.invoke({"messages": [("user", "refund B2")]}, CFG, context=CTX)
         killed, finished = _records(ledger)
         audited = _left_audit(ledger)
+        agents = [(r.status, r.terminated_reason) for r in _records(ledger, "keel_agent")]
     finally:
         ledger.close()
     assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
     assert ran == ["B2"]  # not asked "did this happen?" about A1's row either
     assert audited == [A1_UNKNOWN]  # what became of A1: it may have happened
+    assert agents == [("stopped", "cancelled"), ("success", "completed")]  # A1's agent run too
     assert (killed.status, killed.terminated_reason) == ("stopped", "cancelled")
     assert "process ended" in killed.detail and "billing" in killed.detail, killed.detail
     assert (finished.status, killed.run_key != finished.run_key) == ("success", True)
