@@ -43,6 +43,7 @@ from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs._one_run import ThreadLeases
+from keel.graphs._storage import Recorder
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
@@ -188,14 +189,16 @@ def build_supervisor(
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
     audit = AuditLog(ledger) if ledger is not None else None
     leases = ThreadLeases.of(ledger)
-    out = guarded(compiled, audit, admission, recorder=observer, thread_leases=leases)
     # an agent's run a new message finds stopped mid-step is recorded by the agent's recorder
-    out.keel_agents = {n: a.keel_recorder for n, a in agents.items() if _recorder(a)}
-    return out
+    recorders = {n: r for n, a in agents.items() if (r := _recorder(a)) is not None}
+    return guarded(
+        compiled, audit, admission, recorder=observer, thread_leases=leases, agents=recorders
+    )
 
 
-def _recorder(agent: Agent) -> bool:
-    return getattr(agent, "keel_recorder", None) is not None
+def _recorder(agent: Agent) -> Recorder | None:
+    found: Recorder | None = getattr(agent, "keel_recorder", None)
+    return found
 
 
 def route_after_router(state: SupervisorState) -> str:

@@ -620,13 +620,15 @@ def guarded(
     version: AgentVersion | None = None,
     recorder: Recorder | None = None,
     thread_leases: ThreadLeases | None = None,
+    agents: Mapping[str, Recorder] | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
     With `output_guard`, a `messages` stream sends answers once that guard checked them;
     `version` is the agent version its refused (overloaded) runs are recorded under;
     `recorder` writes the run record of a run that ends on a storage failure;
-    `thread_leases` (the agent's ledger) keeps one run per thread across processes.
+    `thread_leases` (the agent's ledger) keeps one run per thread across processes;
+    `agents` (a supervisor's) records its agents' runs a new message finds stopped, by node.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = KeelGraph(**attrs)
@@ -636,6 +638,7 @@ def guarded(
     out.keel_version = version
     out.keel_recorder = recorder
     out.keel_thread_leases = thread_leases
+    out.keel_agents = agents
     return out  # type: ignore[return-value]
 
 
