@@ -5,7 +5,9 @@ already in the conversation, so the model keeps no per-run state: one instance s
 concurrent runs and resumed threads, and it answers the same way after a replay.
 
 Like a provider, it refuses a malformed tool-call history (`malformed`) with a `ValueError`
-unless `strict_history=False`: a test on it fails where OpenAI would answer 400.
+unless `strict_history=False`: a test on it fails where OpenAI would answer 400. It also refuses,
+as Anthropic does, a call without bound tools whose messages hold tool calls or results
+(`needs_tools`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "call",
     "check_history",
     "malformed",
+    "needs_tools",
     "say",
 ]
 
@@ -92,9 +95,10 @@ class ScriptedChatModel(BaseChatModel):
     strict_history: bool = True
     """Refuse a malformed history as OpenAI's API does (a 400): raise `ValueError` when an AI
     message's tool calls are not each answered by one `ToolMessage` before the next other
-    message, or a `ToolMessage` answers no call (see `malformed`). On by default, so a test
-    fails where a provider would refuse what keel sends; `False` only for a test that gives
-    the model a broken history on purpose."""
+    message, or a `ToolMessage` answers no call (see `malformed`); and, as Anthropic's API
+    does, when a call made without bound tools sends tool calls or results (see
+    `needs_tools`). On by default, so a test fails where a provider would refuse what keel
+    sends; `False` only for a test that gives the model a broken history on purpose."""
     keel_test_double: bool = True
     """Marks this model as allowed while real model requests are forbidden."""
 
@@ -131,7 +135,7 @@ class ScriptedChatModel(BaseChatModel):
     def _respond(self, messages: list[BaseMessage], **kwargs: Any) -> AIMessage:
         self._calls.append(list(messages))  # a refused call too: the test can read what was sent
         if self.strict_history:
-            check_history(messages)
+            check_history(messages, tools=bool(kwargs.get("tools")))
         limits = [n for n in (self.max_tokens, kwargs.get("max_tokens")) if n is not None]
         answer = _capped(self._answer(messages, **kwargs), min(limits) if limits else None)
         self._answers.append(answer)
@@ -242,9 +246,13 @@ class ScriptedChatModel(BaseChatModel):
         yield ChatGenerationChunk(message=last_chunk(message, "", id=message.id))
 
 
-def check_history(messages: Sequence[BaseMessage]) -> None:
-    """Raise `ValueError` where a provider answers 400: when `malformed(messages)` says why."""
-    problem = malformed(messages)
+def check_history(messages: Sequence[BaseMessage], *, tools: bool = True) -> None:
+    """Raise `ValueError` where a provider answers 400.
+
+    That is when `malformed(messages)` says why, or, for a call without bound tools
+    (`tools=False`), `needs_tools(messages)` does.
+    """
+    problem = malformed(messages) or (None if tools else needs_tools(messages))
     if problem is not None:
         raise ValueError(f"Invalid messages (as a provider's 400 says): {problem}")
 
@@ -276,6 +284,25 @@ def malformed(messages: Sequence[BaseMessage]) -> str | None:
             "an assistant message with 'tool_calls' must be followed by tool messages responding "
             f"to each 'tool_call_id'; these have none: {', '.join(expected)}"
         )
+    return None
+
+
+def needs_tools(messages: Sequence[BaseMessage]) -> str | None:
+    """Why Anthropic would refuse `messages` sent without tools, or `None`.
+
+    Anthropic's rule: a request whose messages hold `tool_use` or `tool_result` blocks (an AI
+    message with tool calls, parsed or not, or a tool message) must define tools; a call
+    made without `bind_tools` (a wrap-up answer, a summary) sends such turns as text instead.
+    """
+    for i, m in enumerate(messages):
+        if isinstance(m, ToolMessage) or (
+            isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls)
+        ):
+            kind = "tool_result" if isinstance(m, ToolMessage) else "tool_use"
+            return (
+                f"requests which include `tool_use` or `tool_result` blocks must define tools; "
+                f"message {i} is a {kind} and the call binds no tools"
+            )
     return None
 
 

@@ -45,6 +45,7 @@ from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
 from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
+from keel.nodes.history import tool_turns_as_text
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Outcome, RunContext, Usage
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
@@ -558,7 +559,8 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         return detect_loop(call_sequence(request.state["messages"], answer), self.loop)
 
     def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:
-        return request.override(tools=[], messages=[*request.messages, wrap_up_note(reason)])
+        asked = [*tool_turns_as_text(request.messages), wrap_up_note(reason)]  # no tool blocks
+        return request.override(tools=[], messages=asked)
 
     def _final(self, reason: str, final: ModelResponse[Any] | None) -> AIMessage:
         detail = f"{reason}; answered without tools" if final is not None else reason

@@ -11,8 +11,9 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from keel.evals.scripted import needs_tools
 from keel.nodes import valid_history
-from keel.nodes.history import MISSING_RESULT, pending_tool_calls
+from keel.nodes.history import MISSING_RESULT, pending_tool_calls, tool_turns_as_text
 
 
 def tc(call_id: str, name: str = "lookup", **args: object) -> ToolCall:
@@ -223,3 +224,36 @@ def test_system_messages_with_content_blocks_are_merged_as_text() -> None:
     merged = valid_history(messages)[0]
     assert isinstance(merged, SystemMessage)
     assert merged.text == "be brief"
+
+
+def test_tool_turns_as_text_sends_no_tool_block_and_keeps_every_turn() -> None:
+    # an Anthropic answer: text and a tool_use block in its content, one call that did not parse
+    ai = AIMessage(
+        content=[
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "c1", "name": "lookup", "input": {"q": "A1"}},
+        ],
+        tool_calls=[ToolCall(name="lookup", args={"q": "A1"}, id="c1")],
+        invalid_tool_calls=[{"name": "refund", "args": "{", "id": "c0", "error": None}],
+    )
+    history = [
+        SystemMessage(content="be brief"),
+        HumanMessage(content="where is A1?"),
+        ai,
+        ToolMessage(content="Error: bad arguments", tool_call_id="c0", status="error"),
+        ToolMessage(content="A1 shipped", tool_call_id="c1"),
+        AIMessage(content="It shipped."),
+    ]
+    assert needs_tools(history) is not None
+    sent = tool_turns_as_text(history)
+    assert needs_tools(sent) is None and valid_history(sent) == sent
+    assert [type(m) for m in sent] == [SystemMessage, HumanMessage, AIMessage, AIMessage]
+    assert sent[2].id == ai.id and isinstance(sent[2].content, str)
+    lines = sent[2].text.split("\n")
+    assert lines[0] == "Let me look."
+    assert "'refund'" in lines[1] and "Error: bad arguments" in lines[1]
+    assert "'lookup'" in lines[2] and "'q': 'A1'" in lines[2] and "A1 shipped" in lines[2]
+    assert sent[3] is history[5] and sent[:2] == history[:2]
+    missing = tool_turns_as_text(history[:3])  # a call without a result says so
+    assert MISSING_RESULT in missing[2].text
+    assert history[2].tool_calls  # the stored messages are not changed

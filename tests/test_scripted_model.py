@@ -63,8 +63,9 @@ def test_one_model_serves_interleaved_conversations() -> None:
     a0 = model.invoke([HumanMessage(content="a")])
     b0 = model.invoke([HumanMessage(content="b")])
     assert a0.tool_calls == b0.tool_calls
-    a1 = model.invoke([HumanMessage(content="a"), a0, answer_of(a0, "found x")])
-    b1 = model.invoke([HumanMessage(content="b"), b0, answer_of(b0, "found x")])
+    bound = model.bind_tools([lookup])  # a history with tool turns needs tools bound
+    a1 = bound.invoke([HumanMessage(content="a"), a0, answer_of(a0, "found x")])
+    b1 = bound.invoke([HumanMessage(content="b"), b0, answer_of(b0, "found x")])
     assert (a1.content, b1.content) == ("the answer", "the answer")
     assert [len(c) for c in model.calls] == [1, 1, 3, 3]
 
@@ -373,3 +374,27 @@ def test_blocks_nest_and_restore_on_error() -> None:
     with pytest.raises(KeyError), forbid_model_requests():
         raise KeyError("boom")
     assert not model_requests_forbidden()
+
+
+# -- Anthropic's rule: tool blocks need tools ----------------------------------------------
+
+
+def _tool_turns() -> list[BaseMessage]:
+    asked = AIMessage(content="", tool_calls=[ToolCall(name="lookup", args={"q": "x"}, id="c1")])
+    return [HumanMessage(content="go"), asked, answer_of(asked, "found x")]
+
+
+def test_a_call_without_tools_refuses_tool_calls_and_results_as_anthropic_does() -> None:
+    model = ScriptedChatModel(script=["a", "b"])
+    assert model.bind_tools([lookup]).invoke(_tool_turns()).text == "b"
+    assert model.invoke([HumanMessage(content="go")]).text == "a"  # no tool turns: no tools
+    with pytest.raises(ValueError, match=r"Invalid messages.*must define tools.*message 1"):
+        model.invoke(_tool_turns())  # no bind_tools: Anthropic answers 400
+    broken = AIMessage(content="", invalid_tool_calls=[{"name": "x", "args": "{", "id": "c9"}])
+    with pytest.raises(ValueError, match=r"must define tools"):
+        model.invoke([HumanMessage(content="go"), broken, ToolMessage("e", tool_call_id="c9")])
+    weather = {"Weather": {"city": "Oslo", "celsius": 1}}
+    judged = ScriptedChatModel(structured=weather).with_structured_output(Weather)
+    assert judged.invoke(_tool_turns()) == Weather(city="Oslo", celsius=1)  # a schema is a tool
+    lenient = ScriptedChatModel(script=["a", "b"], strict_history=False)
+    assert lenient.invoke(_tool_turns()).text == "b"
