@@ -226,11 +226,16 @@ def capped(model: BaseChatModel, tokens: int) -> BaseChatModel | None:
 
 @dataclass(frozen=True, slots=True)
 class _Model:
-    """One model of the chain: its name, the runnable that asks it, the name it is priced by."""
+    """One model of the chain: its name, the runnable that asks it, the name it is priced by.
+
+    `toolless`: it defines no tools (no `tools`, no `schema`). Anthropic refuses tool calls and
+    results in such a request (a 400), so it is sent them as text (`tool_turns_as_text`).
+    """
 
     name: str
     runnable: Runnable[LanguageModelInput, Any]
     priced_as: str
+    toolless: bool = False
 
 
 class _StorageFailed(Exception):
@@ -354,7 +359,7 @@ class GuardedModel:
             runnable = chat.with_structured_output(schema, include_raw=True)
         elif tools:
             runnable = chat.bind_tools(list(tools))
-        return _Model(name, runnable, priced_as)
+        return _Model(name, runnable, priced_as, toolless=schema is None and not tools)
 
     def _require_price(self, priced_as: str) -> None:
         """Refuse a model the price table cannot price while a dollar limit is in force.
@@ -636,6 +641,10 @@ class GuardedModel:
     def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> Op:
         seconds = self.timeout.attempt_timeout if self.timeout is not None else None
         runnable = m.runnable
+        if m.toolless:  # no tool blocks in a request without tools
+            from keel.nodes.history import tool_turns_as_text  # keel.nodes imports this module
+
+            messages = tool_turns_as_text(messages)
         if seconds is None:
             return Op(
                 lambda: runnable.invoke(messages, config),

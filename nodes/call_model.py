@@ -34,7 +34,7 @@ from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.screening import checked_answer
-from keel.nodes.history import tool_turns_as_text, valid_history
+from keel.nodes.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.redact import sanitized_logger
 from keel.state import (
@@ -239,8 +239,8 @@ class _Answerer:
         if isinstance(update, dict):
             return update
         note = wrap_up_note(update)
-        asked = [*tool_turns_as_text(turn.messages), note]  # no tools bound: no tool blocks
-        final = yield from turn.models.plain.call(asked, config, ctx, None)
+        # `plain` binds no tools: it sends the tool turns as text (Anthropic's rule)
+        final = yield from turn.models.plain.call([*turn.messages, note], config, ctx, None)
         return _wrapped_up(got, final, update, turn, self.guards.output_guard)
 
     def finish(

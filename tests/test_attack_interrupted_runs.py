@@ -27,7 +27,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 
 from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
 from keel.evals import ScriptedChatModel, call
-from keel.evals.scripted import malformed
+from keel.evals.scripted import malformed, needs_tools
 from keel.nodes.history import valid_history
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
@@ -73,7 +73,12 @@ def _assert_next_task(model: ScriptedChatModel, messages: list[BaseMessage], sta
     assert answer.content.startswith(start), answer.content
     index = messages.index(answer)
     assert isinstance(messages[index + 1], HumanMessage), "answered after the next message"
-    assert _answers(seen, call_id)[0].content == answer.content  # what the model read
+    read = _answers(seen, call_id)  # what the model read: a tool-less agent reads it as text
+    if read:
+        assert read[0].content == answer.content
+    else:  # Anthropic refuses tool blocks in a request without tools (needs_tools)
+        assert needs_tools(seen) is None, seen
+        assert any(str(answer.content) in m.text for m in seen if isinstance(m, AIMessage))
     return str(answer.content)
 
 
