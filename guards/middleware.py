@@ -38,6 +38,7 @@ from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
 from keel.guards.budget import check_budget, run_messages, usage_from_messages
 from keel.guards.gate import GateDecision
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
+from keel.guards.model_call import tool_turns_as_text
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
@@ -45,7 +46,6 @@ from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
 from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
-from keel.nodes.history import tool_turns_as_text
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Outcome, RunContext, Usage
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
