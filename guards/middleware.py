@@ -559,7 +559,7 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         return detect_loop(call_sequence(request.state["messages"], answer), self.loop)
 
     def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:
-        asked = [*tool_turns_as_text(request.messages), wrap_up_note(reason)]  # no tool blocks
+        asked: list[Any] = [*tool_turns_as_text(request.messages), wrap_up_note(reason)]  # as text
         return request.override(tools=[], messages=asked)
 
     def _final(self, reason: str, final: ModelResponse[Any] | None) -> AIMessage:

@@ -97,7 +97,7 @@ def tool_turns_as_text(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
         if isinstance(m, ToolMessage):
             continue
         if isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls):
-            lines = [m.text] if m.text else []
+            lines: list[str] = [str(m.text)] if m.text else []
             for call in [*m.invalid_tool_calls, *m.tool_calls]:
                 found = results.get(call.get("id") or "")
                 result = found.text if found is not None else MISSING_RESULT
