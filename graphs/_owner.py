@@ -29,7 +29,7 @@ from keel.errors import UserError
 from keel.identity import REVIEWER_ROLE
 from keel.state import RunContext
 
-__all__ = ["OWNER_METADATA", "owned", "owner_of", "stamped"]
+__all__ = ["OWNER_METADATA", "owned", "owner_of", "readable", "stamped"]
 
 OWNER_METADATA = "keel_thread_owner"
 """Checkpoint metadata key: the thread's owner, `["<tenant_id>", "<user_id>"]` as JSON."""
@@ -83,14 +83,13 @@ def owned(
 
     Raises `UserError` for a run on a thread another identity owns (see the module's doc).
     """
-    if not ((config or {}).get("configurable") or {}).get("thread_id"):
+    if not _thread(config):
         return config or {}  # no thread: nothing to own
     owner = owner_of(state)
     me = _owner(context)
     if owner is not None and owner != me and not _reviews(context, owner, input):
-        thread = ((config or {}).get("configurable") or {}).get("thread_id")
         raise UserError(
-            f"Thread {thread!r} belongs to another user, and this run is for user "
+            f"Thread {_thread(config)!r} belongs to another user, and this run is for user "
             f"{context.user_id!r} of tenant {context.tenant_id!r}: a thread's history, pending "
             "approvals and tools act for the user who started it. Start a new thread for this "
             "user (a new thread_id), or check that the thread_id came from this user's own "
@@ -98,3 +97,26 @@ def owned(
             "for with Command(resume=...)."
         )
     return stamped(config, owner or me)
+
+
+def readable(
+    config: RunnableConfig | None, state: StateSnapshot | None, context: RunContext
+) -> None:
+    """Raise `UserError` unless `context` may read the thread whose latest state is `state`.
+
+    Its owner may, and a reviewer of the owner's tenant (who reads what waits for review); a
+    thread with no owner yet (new, or saved before keel stamped owners) is anyone's.
+    """
+    owner = owner_of(state)
+    if owner is None or owner == _owner(context) or _reviews(context, owner, None):
+        return
+    raise UserError(
+        f"Thread {_thread(config)!r} belongs to another user, and this read is for user "
+        f"{context.user_id!r} of tenant {context.tenant_id!r}: a thread's state and history are "
+        "its owner's. Check that the thread_id came from this user's own session; a reviewer "
+        "(role 'reviewer', same tenant) may read a thread of the tenant."
+    )
+
+
+def _thread(config: RunnableConfig | None) -> Any:
+    return ((config or {}).get("configurable") or {}).get("thread_id")

@@ -54,7 +54,7 @@ from keel.db.runs import RunLog, RunRecord
 from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
-from keel.graphs._owner import owned, owner_of, stamped
+from keel.graphs._owner import owned, owner_of, readable, stamped
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -544,6 +544,47 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `abulk_update_state` (and `aupdate_state`), keeping the thread's owner."""
         owner = owner_of(await self._astate(config))
         return await super().abulk_update_state(stamped(config, owner), supersteps)
+
+    def get_state(
+        self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
+    ) -> StateSnapshot:
+        """LangGraph's `get_state`; with `context`, only for the thread's owner (or reviewer).
+
+        `context` is the `RunContext` (or its dict) of the user the state is read for, as a
+        run's: a thread another user owns is a `UserError` (see `keel.graphs._owner`).
+        """
+        if context is not None:
+            readable(config, self._state(config), run_context(config, context))
+        return super().get_state(config, subgraphs=subgraphs)
+
+    async def aget_state(
+        self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
+    ) -> StateSnapshot:
+        """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
+        if context is not None:
+            readable(config, await self._astate(config), run_context(config, context))
+        return await super().aget_state(config, subgraphs=subgraphs)
+
+    def get_state_history(
+        self, config: RunnableConfig, *, context: Any = None, **kwargs: Any
+    ) -> Iterator[StateSnapshot]:
+        """LangGraph's `get_state_history`; with `context`, only for the thread's owner.
+
+        The owner is the one stamped on the thread's latest checkpoint (see `get_state`); the
+        check runs when this is called, before any state is read.
+        """
+        if context is not None:
+            readable(config, self._state(config), run_context(config, context))
+        return super().get_state_history(config, **kwargs)
+
+    async def aget_state_history(
+        self, config: RunnableConfig, *, context: Any = None, **kwargs: Any
+    ) -> AsyncIterator[StateSnapshot]:
+        """LangGraph's `aget_state_history`; with `context`, only for the thread's owner."""
+        if context is not None:
+            readable(config, await self._astate(config), run_context(config, context))
+        async for state in super().aget_state_history(config, **kwargs):
+            yield state
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any

@@ -167,6 +167,33 @@ def test_runs_without_an_identity_keep_working(shop: Any) -> None:
     agent.invoke({"messages": [("user", "three")]}, CONFIG, context={"user_id": "anonymous"})
 
 
+def test_reads_with_an_identity_are_the_owners(shop: Any) -> None:
+    """`get_state` / `get_state_history` given the reader's `context` check the owner."""
+    agent, _ = shop
+    waiting(agent)
+    first = list(agent.get_state_history(CONFIG))[-1].config  # an older checkpoint, by id
+    for intruder in (BOB, EVE, FOREIGN_REVIEWER, {"user_id": "bob", "tenant_id": "acme"}):
+        for at in (CONFIG, first):
+            with pytest.raises(UserError, match="belongs to another user") as refused:
+                agent.get_state(at, context=intruder)
+            said, who = (
+                str(refused.value),
+                RunContext(**intruder) if isinstance(intruder, dict) else intruder,
+            )
+            assert SECRET not in said and "'acme'" not in said.replace(f"'{who.tenant_id}'", "")
+            assert "'alice'" not in said.replace(f"'{who.user_id}'", "")
+            with pytest.raises(UserError, match="belongs to another user"):
+                agent.get_state(at, subgraphs=True, context=intruder)
+        with pytest.raises(UserError, match="belongs to another user"):
+            agent.get_state_history(CONFIG, context=intruder)  # refused when called
+    mine = agent.get_state(CONFIG, context=ALICE)
+    assert mine.values["messages"][0].content == SECRET and mine.interrupts
+    assert len(list(agent.get_state_history(CONFIG, limit=2, context=ALICE))) == 2
+    assert agent.get_state(CONFIG, context=REVIEWER).interrupts  # reviews what waits
+    assert agent.get_state({"configurable": {"thread_id": "new"}}, context=BOB).values == {}
+    assert agent.get_state(CONFIG).values == mine.values  # no context: the app's own read
+
+
 async def test_async_runs_are_refused_too(db_url: str) -> None:
     shop = Shop()
     async with Persistence(db_url).acheckpointer() as saver:
@@ -180,6 +207,13 @@ async def test_async_runs_are_refused_too(db_url: str) -> None:
             async for _ in agent.astream({"messages": [("user", "hi")]}, CONFIG, context=BOB):
                 pass
         assert shop.refunds == []
+        with pytest.raises(UserError, match="belongs to another user"):
+            await agent.aget_state(CONFIG, context=BOB)
+        with pytest.raises(UserError, match="belongs to another user"):
+            async for _ in agent.aget_state_history(CONFIG, context=BOB):
+                pass
+        assert (await agent.aget_state(CONFIG, context=ALICE)).interrupts
+        assert [s async for s in agent.aget_state_history(CONFIG, limit=1, context=ALICE)]
         await agent.ainvoke(Command(resume={"type": "approve"}), CONFIG, context=ALICE)
         assert shop.refunds == [{"order_id": "A1", "amount": 30}]
         await agent.aupdate_state(CONFIG, {"messages": [("ai", "An operator's note.")]})
