@@ -26,6 +26,7 @@ from keel.db.audit import AuditLog
 from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
+    BreakerPolicy,
     Budget,
     InputGuardPolicy,
     ModelDetector,
@@ -419,6 +420,40 @@ def test_a_failing_detector_model_is_a_finding_and_the_run_goes_on(mode: str) ->
     (asked,) = [m for m in result["messages"] if m.type == "human"]
     assert asked.response_metadata["keel_guard"]["rules"] == ["model_error"]
     assert len(model.calls) == 1
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_an_open_breaker_spares_a_judge_that_is_down(db_url: str, mode: str) -> None:
+    """The judge's outages count against its model's breaker (`model:judge-model`), shared
+    through the ledger: once it opens, the next run's detector does not call the judge, the
+    text gets a `model_error` finding as for any failed look, and the agent's own model (another
+    breaker) goes on."""
+
+    def down(messages: Any) -> dict[str, Any]:
+        raise ConnectionError("the judge is down")
+
+    ledger = Ledger(db_url)
+    try:
+        judge = ScriptedChatModel(structured={"InjectionVerdict": down}, model_name="judge-model")
+        guard = InputGuardPolicy(detector=ModelDetector(model=judge), injection_action="flag")
+        policy = Policy(input_guard=guard, model_breaker=BreakerPolicy(failure_threshold=2))
+
+        def agent() -> Any:  # each run a new agent object: the breaker lives in the ledger
+            return build_agent(
+                _agent_model("Sure."), policy=policy, prices=PRICES, ledger=ledger,
+                model_retry=RetryPolicy(max_attempts=1),
+            )  # fmt: skip
+
+        for _ in range(2):
+            _run(agent(), "Where is my order?", mode)
+        assert len(judge.calls) == 2  # both failed: the breaker is open now
+        result = _run(agent(), "Where is my order?", mode)
+        assert len(judge.calls) == 2  # not called again
+        assert result["outcome"]["terminated_reason"] == "completed"
+        (asked,) = [m for m in result["messages"] if m.type == "human"]
+        assert asked.response_metadata["keel_guard"]["rules"] == ["model_error"]
+    finally:
+        ledger.close()
 
 
 def test_outside_a_run_the_detector_calls_its_model_directly() -> None:
