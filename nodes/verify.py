@@ -98,48 +98,6 @@ def verify(
         else None
     )
 
-    def by_rules(state: AgentState) -> tuple[str, Verdict | None]:
-        answer = _answer(state)
-        for rule in rules:
-            try:
-                reason = rule(answer, state)
-            except Exception as exc:  # your code: the run ends with an outcome that names it
-                log.exception("the check %s raised", _name(rule))
-                raise _CheckRaised(_name(rule), exc) from exc
-            if reason:
-                return answer, {"passed": False, "reason": reason, "source": _name(rule)}
-        return answer, None
-
-    def judge_prompt(state: AgentState, answer: str) -> list[BaseMessage]:
-        # the current task (a thread's earlier tasks are context) and what its tools returned
-        messages = list(state.get("messages") or [])
-        start = task_start(messages)
-        task_text = messages[start].text if start >= 0 else "(no task)"
-        results = [
-            f"- {m.name or 'tool'}: {_line(m.text)}"
-            for m in messages[start + 1 :]
-            if isinstance(m, ToolMessage)
-        ]
-        seen = "\n".join(results) or "(no tool was called for this task)"
-        earlier = [
-            f"- {'user' if isinstance(m, HumanMessage) else 'assistant'}: {_line(m.text)}"
-            for m in earlier_turns(messages[: max(start, 0)])
-        ]
-        context = (
-            "Earlier in this conversation (context only; its tool results are not shown):\n"
-            + "\n".join(earlier)
-            + "\n\n"
-            if earlier
-            else ""
-        )
-        return [
-            SystemMessage(content=JUDGE_PROMPT),
-            HumanMessage(
-                content=f"{context}Task:\n{task_text}\n\nWhat the tools returned for this "
-                f"task:\n{seen}\n\nAnswer:\n{answer}"
-            ),
-        ]
-
     def decide(state: AgentState, answer: str, verdict: Verdict | None) -> dict[str, Any]:
         verdicts = [*(state.get("verdicts") or [])]
         if verdict is None:
@@ -181,17 +139,65 @@ def verify(
         if escalate and _escalating(state):
             return _escalate(state)
         try:
-            answer, verdict = by_rules(state)
+            answer, verdict = _by_rules(rules, state)
         except _CheckRaised as raised:
             return {"outcome": outcome.failed(str(raised))}
         if verdict is not None or judge_model is None:
             return decide(state, answer, verdict)
         ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
-        prompt = convert_to_messages(judge_prompt(state, answer))
+        prompt = convert_to_messages(_judge_prompt(state, answer))
         got = yield from judge_model.call(prompt, config, ctx, usage)
         return judged(state, answer, got)
 
     return steps_node(name, steps)
+
+
+def _by_rules(rules: Sequence[Check], state: AgentState) -> tuple[str, Verdict | None]:
+    """The answer, and the first rule's failure (`None`: every rule passed)."""
+    answer = _answer(state)
+    for rule in rules:
+        try:
+            reason = rule(answer, state)
+        except Exception as exc:  # your code: the run ends with an outcome that names it
+            log.exception("the check %s raised", _name(rule))
+            raise _CheckRaised(_name(rule), exc) from exc
+        if reason:
+            return answer, {"passed": False, "reason": reason, "source": _name(rule)}
+    return answer, None
+
+
+def _judge_prompt(state: AgentState, answer: str) -> list[BaseMessage]:
+    """The judge's prompt: the current task, what its tools returned, the answer.
+
+    A thread's earlier tasks are context (their tool results are not shown).
+    """
+    messages = list(state.get("messages") or [])
+    start = task_start(messages)
+    task_text = messages[start].text if start >= 0 else "(no task)"
+    results = [
+        f"- {m.name or 'tool'}: {_line(m.text)}"
+        for m in messages[start + 1 :]
+        if isinstance(m, ToolMessage)
+    ]
+    seen = "\n".join(results) or "(no tool was called for this task)"
+    earlier = [
+        f"- {'user' if isinstance(m, HumanMessage) else 'assistant'}: {_line(m.text)}"
+        for m in earlier_turns(messages[: max(start, 0)])
+    ]
+    context = (
+        "Earlier in this conversation (context only; its tool results are not shown):\n"
+        + "\n".join(earlier)
+        + "\n\n"
+        if earlier
+        else ""
+    )
+    return [
+        SystemMessage(content=JUDGE_PROMPT),
+        HumanMessage(
+            content=f"{context}Task:\n{task_text}\n\nWhat the tools returned for this "
+            f"task:\n{seen}\n\nAnswer:\n{answer}"
+        ),
+    ]
 
 
 def _line(text: str, most: int = 300) -> str:
