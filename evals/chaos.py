@@ -49,6 +49,7 @@ from pydantic import PrivateAttr, SkipValidation
 from keel.errors import UserError
 from keel.evals.scripted import check_history
 from keel.local_model import last_chunk
+from keel.models import model_name_of
 
 __all__ = [
     "ChaosChatModel",
@@ -295,8 +296,6 @@ class ChaosChatModel(BaseChatModel):
     @property
     def model_name(self) -> str:
         """The wrapped model's name (what the price table prices calls by)."""
-        from keel.models import model_name_of
-
         return model_name_of(self.model)
 
     @property
