@@ -290,7 +290,8 @@ class ChaosChatModel(BaseChatModel):
 
     @property
     def calls(self) -> int:
-        """How many calls reached this model (with or without a fault)."""
+        """How many calls drew a fault or none (a history refused as malformed, before any
+        draw, is not counted: it does not move the seeded sequence of faults either)."""
         return self._calls
 
     @property
