@@ -290,8 +290,11 @@ class ChaosChatModel(BaseChatModel):
 
     @property
     def calls(self) -> int:
-        """How many calls drew a fault or none (a history refused as malformed, before any
-        draw, is not counted: it does not move the seeded sequence of faults either)."""
+        """How many calls drew a fault or none.
+
+        A history refused as malformed, before any draw, is not counted (nor does it move
+        the seeded sequence of faults).
+        """
         return self._calls
 
     @property

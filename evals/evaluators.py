@@ -25,8 +25,8 @@ from langchain_core.messages import AIMessage, ToolCall
 from keel.errors import SetupError, UserError
 from keel.evals.results import CaseRun, Score, ToolStep
 from keel.evals.suite import TrajectoryMatch
+from keel.history import valid_history
 from keel.models import resolve_model
-from keel.nodes.history import valid_history
 from keel.pricing import PriceTable
 from keel.redact import find_pii
 

@@ -32,8 +32,8 @@ from keel.db.idempotency import CallRecord
 from keel.graphs._admitted import run_context
 from keel.graphs._protected import messages_of
 from keel.graphs._storage import Recorder
+from keel.history import pending_tool_calls
 from keel.nodes._once import recorded, tool_message
-from keel.nodes.history import pending_tool_calls
 from keel.versions import AgentVersion
 
 __all__ = [

@@ -56,7 +56,7 @@ from keel.guards.model_call import (
     ModelTimeoutPolicy,
 )
 from keel.guards.policy import Policy
-from keel.nodes.history import valid_history
+from keel.history import valid_history
 from keel.observe.observer import Observer, paused, recorded
 from keel.pricing import PriceTable
 from keel.state import (

@@ -78,7 +78,7 @@ from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd, log
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
-from keel.nodes.history import pending_tool_calls
+from keel.history import pending_tool_calls
 from keel.state import Outcome, RunContext
 from keel.versions import AgentVersion
 

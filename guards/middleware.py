@@ -22,11 +22,11 @@ A guard that stops the run answers in the model's place with an AI message witho
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ToolCallRequest
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from langgraph.types import Command, interrupt
 
 from keel import outcome
@@ -38,12 +38,12 @@ from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
 from keel.guards.budget import check_budget, run_messages, usage_from_messages
 from keel.guards.gate import GateDecision
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
-from keel.guards.model_call import tool_turns_as_text
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
+from keel.history import tool_turns_as_text, valid_history
 from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
@@ -239,6 +239,11 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 # -- permissions --------------------------------------------------------------------------
 
 
+def _valid(request: ModelRequest[Any]) -> ModelRequest[Any]:
+    """`request` with a history every provider accepts (`keel.history.valid_history`)."""
+    return request.override(messages=cast("list[AnyMessage]", valid_history(request.messages)))
+
+
 class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     """A policy's permission rules for `create_agent`: allow, ask a human, or deny (default).
 
@@ -252,6 +257,12 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run.
+
+    Each model call gets a history every provider accepts (`keel.history.valid_history`): a
+    new message sent while a call waits for approval (or after a run stopped mid-call) leaves
+    that call unanswered in the thread, which OpenAI and Anthropic refuse with a 400; the model
+    reads it answered "no result (... it may or may not have run)" instead. The thread's state
+    is not rewritten.
     """
 
     def __init__(self, policy: Policy) -> None:
@@ -289,6 +300,14 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             rule = f" (rule: {decision.rule})" if decision.rule else ""
             return _tool_message(request, f"Not permitted: {decision.reason}{rule}.", "denied")
         return request
+
+    def wrap_model_call(self, request: ModelRequest[Any], handler: ModelHandler) -> Any:
+        """Call the model with a valid history (see the class's doc)."""
+        return handler(_valid(request))
+
+    async def awrap_model_call(self, request: ModelRequest[Any], handler: AsyncModelHandler) -> Any:
+        """Call the model with a valid history (async)."""
+        return await handler(_valid(request))
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""

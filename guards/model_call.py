@@ -42,7 +42,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, convert_to_messages
+from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
@@ -60,6 +60,7 @@ from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
 from keel.guards.spend import Reservation, SpendMeter, estimate_schema_tokens, estimate_tokens
+from keel.history import tool_turns_as_text
 from keel.models import model_name_of, price_name_of, resolve_model
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.redact import sanitized_logger
@@ -76,37 +77,6 @@ __all__ = [
 ]
 
 log = sanitized_logger("keel.guards.model_call")
-
-MISSING_RESULT = (
-    "Error: this tool call has no result (the run stopped before the call finished; it may or "
-    "may not have run)."
-)
-
-
-def tool_turns_as_text(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
-    """`messages` for a call that binds no tools: tool calls and their results as text.
-
-    Anthropic refuses a request whose messages hold tool calls or results unless it defines
-    tools (a 400), so a tool-less call (the loop guard's wrap-up answer) sends each AI message
-    with calls as its text plus one line per call and its result, and no tool messages. Give
-    it a `valid_history`: a result is read from the tool messages after its call.
-    """
-    results = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}
-    out: list[BaseMessage] = []
-    for m in messages:
-        if isinstance(m, ToolMessage):
-            continue
-        if isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls):
-            lines: list[str] = [str(m.text)] if m.text else []
-            for call in [*m.invalid_tool_calls, *m.tool_calls]:
-                found = results.get(call.get("id") or "")
-                result = found.text if found is not None else MISSING_RESULT
-                args = call.get("args")
-                lines.append(f"(called tool {call.get('name')!r} with {args}; result: {result})")
-            m = AIMessage(content="\n".join(lines), id=m.id, name=m.name)
-        out.append(m)
-    return out
-
 
 T = TypeVar("T")
 

@@ -18,10 +18,10 @@ Checks that only admit or refuse inside a call (budget reservation, rate limit, 
 idempotency ledger) run inside `call_model` and `execute_tools`.
 """
 
+from keel.history import valid_history
 from keel.nodes.call_model import BeforeModel, call_model
 from keel.nodes.content_guards import input_guard, output_guard, route_after_input_guard
 from keel.nodes.execute_tools import ToolStatus, execute_tools
-from keel.nodes.history import valid_history
 from keel.nodes.human_review import ReviewRequest, ReviewResponse, human_review
 from keel.nodes.plan import Plan, plan
 from keel.nodes.respond import respond

@@ -34,7 +34,7 @@ from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.screening import checked_answer
-from keel.nodes.history import valid_history
+from keel.history import valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.redact import sanitized_logger
 from keel.state import (

@@ -45,6 +45,7 @@ from keel.guards.injection_model import DetectorCalls
 from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
+from keel.history import in_call_order, pending_tool_calls
 from keel.nodes._args import invalid_args
 from keel.nodes._once import (
     STORAGE_KEY,
@@ -58,7 +59,6 @@ from keel.nodes._once import (
     tool_message,
 )
 from keel.nodes._threads import start_daemon
-from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, run_usage
 from keel.tools._duplicates import duplicate_answer, duplicates

@@ -62,10 +62,10 @@ from keel.guards.content import InputGuardPolicy
 from keel.guards.injection_model import DetectorCalls
 from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, screen_human_text
 from keel.guards.standing import Always, StandingStore, standing_approval
+from keel.history import in_call_order, pending_tool_calls
 from keel.identity import reviewer_of, server_user
 from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
-from keel.nodes.history import in_call_order, pending_tool_calls
 from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
 from keel.tools._duplicates import answer_duplicates, duplicates

@@ -16,7 +16,7 @@ from keel._drive import Steps
 from keel._node import RunnableCallable, context_of, steps_node
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
-from keel.nodes.history import earlier_turns, valid_history
+from keel.history import earlier_turns, valid_history
 from keel.pricing import PriceTable
 from keel.redact import sanitized_logger
 from keel.state import AgentState, PlanStep, RunContext, Usage, run_usage, task_clock, task_start

@@ -15,7 +15,7 @@ from keel import outcome
 from keel._node import RunnableCallable, make_node
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import checked_answer
-from keel.nodes.history import in_call_order, pending_tool_calls
+from keel.history import in_call_order, pending_tool_calls
 from keel.state import AgentState, Outcome, task_start
 
 __all__ = ["partial_answer", "respond"]

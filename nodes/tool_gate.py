@@ -29,8 +29,8 @@ from keel.approvals import approval_digest, decided
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget
 from keel.guards.loop import call_sequence, detect_loop
+from keel.history import pending_tool_calls
 from keel.nodes._once import tool_message
-from keel.nodes.history import pending_tool_calls
 from keel.state import AgentState, RunContext, run_usage
 from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry

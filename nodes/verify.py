@@ -36,7 +36,7 @@ from keel._node import RunnableCallable, context_of, steps_node
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.agent_guards import AgentGuards, model_guards
 from keel.guards.model_call import GuardedModel, ModelAnswer, ModelCallGuards
-from keel.nodes.history import earlier_turns
+from keel.history import earlier_turns
 from keel.redact import sanitized_logger
 from keel.state import VERIFICATION_KEY, AgentState, RunContext, Verdict, run_usage, task_start
 

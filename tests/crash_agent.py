@@ -35,7 +35,7 @@ from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.evals.scripted import ScriptedChatModel, call
-from keel.nodes.history import valid_history
+from keel.history import valid_history
 
 CTX = RunContext(user_id="crash")
 ASYNC: dict[str, Any] = {"context": CTX, "durability": "async"}

@@ -28,7 +28,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.evals.scripted import malformed, needs_tools
-from keel.nodes.history import valid_history
+from keel.history import valid_history
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 FIRST = {"messages": [("user", "refund order A1")]}

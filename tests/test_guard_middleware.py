@@ -6,6 +6,7 @@ The agents are LangChain's own (`langchain.agents.create_agent`), the model is k
 
 from __future__ import annotations
 
+import asyncio
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,57 @@ def test_permission_middleware_reject_and_edit() -> None:
     run(graph, "bad")
     with pytest.raises(UserError, match=r"^Unknown review decision \{'type': 'maybe'\}"):
         run(graph, "bad", resume={"type": "maybe"})
+
+
+@tool
+def slow_refund(order_id: str) -> str:
+    """Refund an order (a long call the user stops with Ctrl-C)."""
+    RUNS.append(f"slow_refund {order_id}")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("left", ["waiting_for_approval", "stopped_by_ctrl_c"])
+def test_a_new_message_after_an_unanswered_call_gets_a_valid_history(left: str, mode: str) -> None:
+    """A user who sends a new message instead of answering the approval (or after Ctrl-C
+    stopped a tool) leaves the model's call without a result in the thread: OpenAI and
+    Anthropic answer such a history with a 400 (keel's scripted model does the same). The
+    middleware answers the call for the model, without saying it did not run, and runs
+    nothing; the thread's next turn works."""
+    first = call("lookup_order", order_id="A1")
+    first.tool_calls.append(
+        {**call("issue_refund" if left == "waiting_for_approval" else "slow_refund",
+                order_id="A1", amount=20).tool_calls[0], "id": "refund-1"}
+    )  # fmt: skip
+    if left == "stopped_by_ctrl_c":
+        first.tool_calls[1]["args"] = {"order_id": "A1"}
+    model = ScriptedChatModel(model_name="m", script=[first, "Sure: the weather is fine."])
+    policy = Policy(rules=(*POLICY.rules, Rule(tool="slow_refund", action="allow")))
+    graph = create_agent(
+        model, [*TOOLS, slow_refund], middleware=[PermissionMiddleware(policy)],
+        context_schema=RunContext, checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": f"{left}-{mode}"}}
+
+    def send(text: str) -> dict[str, Any]:
+        payload = {"messages": [("user", text)]}
+        if mode == "ainvoke":
+            return dict(asyncio.run(graph.ainvoke(payload, config, context=SUPPORT)))
+        return dict(graph.invoke(payload, config, context=SUPPORT))
+
+    if left == "stopped_by_ctrl_c":
+        with pytest.raises(KeyboardInterrupt):
+            send("refund A1")
+    else:
+        assert send("refund A1")["__interrupt__"]
+    result = send("Never mind. How is the weather?")
+    assert result["messages"][-1].text == "Sure: the weather is fine."
+    refunded = [r for r in RUNS if "refund" in r]
+    assert refunded == ([] if left == "waiting_for_approval" else ["slow_refund A1"])
+    (read,) = [
+        m for m in model.calls[-1] if isinstance(m, ToolMessage) and m.tool_call_id == "refund-1"
+    ]
+    assert "may or may not have run" in read.text and read.status == "error"
 
 
 def test_an_edited_call_is_checked_against_the_rules_again() -> None:

@@ -12,8 +12,8 @@ from langchain_core.messages import (
 )
 
 from keel.evals.scripted import needs_tools
+from keel.history import MISSING_RESULT, pending_tool_calls, tool_turns_as_text
 from keel.nodes import valid_history
-from keel.nodes.history import MISSING_RESULT, pending_tool_calls, tool_turns_as_text
 
 
 def tc(call_id: str, name: str = "lookup", **args: object) -> ToolCall:

@@ -41,8 +41,8 @@ from keel.db.runs import RunLog, RunRecord, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
+from keel.history import pending_tool_calls
 from keel.nodes._once import not_recorded, storage_outcome
-from keel.nodes.history import pending_tool_calls
 from keel.nodes.human_review import REVIEWER_META, SETTLED_KEY
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger

@@ -20,17 +20,46 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from keel.guards.model_call import MISSING_RESULT, tool_turns_as_text
 from keel.state import starts_task
 
 __all__ = [
     "MISSING_RESULT",
     "earlier_turns",
-    "tool_turns_as_text",
     "in_call_order",
     "pending_tool_calls",
+    "tool_turns_as_text",
     "valid_history",
 ]
+
+MISSING_RESULT = (
+    "Error: this tool call has no result (the run stopped before the call finished; it may or "
+    "may not have run)."
+)
+
+
+def tool_turns_as_text(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """`messages` for a call that binds no tools: tool calls and their results as text.
+
+    Anthropic refuses a request whose messages hold tool calls or results unless it defines
+    tools (a 400), so a tool-less call (the loop guard's wrap-up answer) sends each AI message
+    with calls as its text plus one line per call and its result, and no tool messages. Give
+    it a `valid_history`: a result is read from the tool messages after its call.
+    """
+    results = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}
+    out: list[BaseMessage] = []
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            continue
+        if isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls):
+            lines: list[str] = [str(m.text)] if m.text else []
+            for call in [*m.invalid_tool_calls, *m.tool_calls]:
+                found = results.get(call.get("id") or "")
+                result = found.text if found is not None else MISSING_RESULT
+                args = call.get("args")
+                lines.append(f"(called tool {call.get('name')!r} with {args}; result: {result})")
+            m = AIMessage(content="\n".join(lines), id=m.id, name=m.name)
+        out.append(m)
+    return out
 
 
 def valid_history(messages: Sequence[AnyMessage]) -> list[BaseMessage]:
