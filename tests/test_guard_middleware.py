@@ -15,7 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    HumanInTheLoopMiddleware,
+    ModelFallbackMiddleware,
+)
 from langchain_core.messages import AIMessage, HumanMessage, InvalidToolCall, ToolMessage
 from langchain_core.tools import ToolException
 from langgraph.checkpoint.memory import InMemorySaver
@@ -551,3 +555,18 @@ def test_pin_create_agent_reraises_a_tool_exception_by_default() -> None:
     )
     with pytest.raises(ToolException, match=r"^down\n"):
         run(graph)
+
+
+def test_pin_create_agent_sends_a_call_left_waiting_to_the_model() -> None:
+    """LangChain's own `HumanInTheLoopMiddleware` leaves a call that waited for approval
+    unanswered when a new message comes instead, and `create_agent` sends that history to the
+    model as it is (a provider's 400; keel's scripted model raises the same). Why
+    `PermissionMiddleware` repairs the history it hands the model."""
+    graph = agent(
+        [call("issue_refund", order_id="A1", amount=20), "ok"],
+        [HumanInTheLoopMiddleware(interrupt_on={"issue_refund": True})],
+        checkpointer=InMemorySaver(),
+    )
+    assert run(graph, "waiting")["__interrupt__"]
+    with pytest.raises(ValueError, match="must be followed by tool messages"):
+        run(graph, "waiting")  # a new message, not an answer
