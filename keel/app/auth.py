@@ -31,7 +31,10 @@
   system prompt is the agent's; none a removal: a run does not delete the thread's record);
   a key only keel writes (approvals, usage, outcome, plan, ...) is refused with 422 before the
   run is created, and so is a config or context (a run's,
-  an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...). A
+  an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...).
+  A run streamed as LangGraph's events (`stream_mode="events"`, or its event streaming
+  protocol v2, `/threads/{id}/commands`) is refused with 422 too: that stream carries each
+  model call's raw output, before the output guard checks the answer. A
   thread's `update_state` reaches auth
   without its values (LangGraph passes only the thread id), so keel's graph refuses it itself
   (`keel.graphs._protected`): the server answers 400 with the same message.
@@ -304,6 +307,7 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
         )
     if ctx.action == "create_run":
         _refuse_unsendable(value)
+        _refuse_raw_streams(value)
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
     if ctx.action in ("create", "create_run", "update") and isinstance(value, dict):
@@ -420,17 +424,17 @@ def _refuse_keel_config_metadata(value: dict[str, Any]) -> None:
 
 _INTERNAL = "__pregel_"
 """The prefix of LangGraph's own `configurable` keys (its checkpointer, a task's id, ...)."""
+RAW_STREAM_KEY = "__event_streaming_v2"
+"""The `configurable` key that runs a run under LangGraph's event streaming protocol (v2)."""
 
 
-def _refuse_internal_config(value: dict[str, Any]) -> None:
-    """422 when a run's (or an assistant's) config or context sets one of LangGraph's own keys.
+def _config_keys(value: dict[str, Any]) -> set[str]:
+    """The keys of a run's (or an assistant's) `configurable` and `context`.
 
-    LangGraph reads them from the run's config as its own: `__pregel_checkpointer: null` runs
-    without the server's checkpointer (nothing saved, nothing to approve, no at-most-once on a
-    retry), `__pregel_task_id` passes for a subgraph's run. LangGraph's server nests the config
-    under `kwargs` (and has copied `context` into it); Aegra passes the body as is.
+    LangGraph's server nests the config under `kwargs` (and has copied `context` into it);
+    Aegra passes the body as is.
     """
-    bad: set[str] = set()
+    keys: set[str] = set()
     for holder in (value, value.get("kwargs")):
         if not isinstance(holder, dict):
             continue
@@ -440,15 +444,58 @@ def _refuse_internal_config(value: dict[str, Any]) -> None:
             holder.get("context"),
         ):
             if isinstance(part, dict):
-                bad.update(str(k) for k in part if str(k).startswith(_INTERNAL))
-    if bad:
+                keys.update(str(k) for k in part)
+    return keys
+
+
+def _refuse_internal_config(value: dict[str, Any]) -> None:
+    """422 when a run's (or an assistant's) config or context sets one of LangGraph's own keys.
+
+    LangGraph reads them from the run's config as its own: `__pregel_checkpointer: null` runs
+    without the server's checkpointer (nothing saved, nothing to approve, no at-most-once on a
+    retry), `__pregel_task_id` passes for a subgraph's run, and `__event_streaming_v2` streams
+    the run under LangGraph's event streaming protocol, raw (see `_refuse_raw_streams`).
+    """
+    keys = _config_keys(value)
+    if RAW_STREAM_KEY in keys:
+        _refuse_raw_stream(f"The config sets {RAW_STREAM_KEY!r}, which streams the run under")
+    if bad := sorted(k for k in keys if k.startswith(_INTERNAL)):
         raise Auth.exceptions.HTTPException(
             status_code=422,
             detail=(
-                f"The config sets {', '.join(repr(k) for k in sorted(bad))}: only LangGraph "
+                f"The config sets {', '.join(repr(k) for k in bad)}: only LangGraph "
                 "sets these (how it runs and saves the run). Leave them out."
             ),
         )
+
+
+def _refuse_raw_streams(run: Any) -> None:
+    """422 for a run streamed as LangGraph's `events`: each model call's raw output.
+
+    `stream_mode="events"` (and LangGraph's event streaming protocol, v2: `POST
+    /threads/{id}/commands`, whose runs carry `__event_streaming_v2`) streams what each model
+    call says as it says it, before keel's output guard has checked the answer: a card
+    number or an email the guard redacts everywhere else would reach the client as sent.
+    """
+    kwargs = run.get("kwargs") if isinstance(run, dict) else None
+    for holder in (run, kwargs):
+        modes = holder.get("stream_mode") if isinstance(holder, dict) else None
+        modes = [modes] if isinstance(modes, str) else modes
+        if isinstance(modes, list | tuple) and "events" in modes:
+            _refuse_raw_stream("The run asks for stream_mode 'events', which streams it under")
+
+
+def _refuse_raw_stream(what: str) -> NoReturn:
+    raise Auth.exceptions.HTTPException(
+        status_code=422,
+        detail=(
+            f"{what} LangGraph's event stream: each model call's raw output, before keel's "
+            "output guard checks the answer (a card number or an email it redacts would reach "
+            "the client as the model wrote it). Stream the run with runs.stream's other modes "
+            "('values', 'updates', 'messages-tuple', 'messages', 'debug', 'tasks', "
+            "'checkpoints', 'custom'), which carry the checked answer."
+        ),
+    )
 
 
 def _refuse_keel_metadata(metadata: Any) -> None:
