@@ -10,7 +10,12 @@ LangGraph copies the run's `config["metadata"]`), and a run for anyone else is r
 the role `reviewer` of the owner's tenant may answer what the thread waits for
 (`None` or `Command(resume=...)`), not send it a new task. The owner stays the owner.
 
-A thread saved before keel stamped owners (no stamp) is adopted by its next run. A state
+A thread saved before keel stamped owners (no stamp) is adopted by its next run, unless the
+agent's ledger has records of the thread id acting for another identity: a thread deleted (its
+checkpoints and stamp gone) leaves its runs, audited decisions and its side-effecting calls'
+recorded results in the ledger under its id, and a new thread with that id would read them as
+its own (a call with the same id answered with the other user's recorded result, the tool never
+run). Records of the default identity (no `RunContext`) name no one. A state
 update (`update_state`) is the app's own act, not a user's: it keeps the stamp it finds.
 Under LangGraph server the check agrees with keel's auth, which already keeps users to their
 own threads: the run's identity is the server's user (a reviewer's run acts for the owner).
@@ -19,24 +24,33 @@ own threads: the run's identity is the server's user (a reviewer's run acts for 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, StateSnapshot
 
+from keel.db.ledger import Flow
+from keel.db.runs import thread_users_flow
 from keel.errors import UserError
 from keel.identity import REVIEWER_ROLE
+from keel.redact import sanitized_logger
 from keel.state import RunContext
 
-__all__ = ["OWNER_METADATA", "owned", "owner_of", "readable", "stamped"]
+__all__ = ["OWNER_METADATA", "owned", "owner_of", "readable", "stamped", "unseen", "users_seen"]
+
+log = sanitized_logger(__name__)
 
 OWNER_METADATA = "keel_thread_owner"
 """Checkpoint metadata key: the thread's owner, `["<tenant_id>", "<user_id>"]` as JSON."""
 
 
 def _owner(context: RunContext) -> str:
-    return json.dumps([context.tenant_id, context.user_id], ensure_ascii=False)
+    return _pair(context.tenant_id, context.user_id)
+
+
+def _pair(tenant: str, user: str) -> str:
+    return json.dumps([tenant, user], ensure_ascii=False)
 
 
 def _reviews(context: RunContext, owner: str, input: Any) -> bool:
@@ -70,6 +84,38 @@ def stamped(config: RunnableConfig | None, owner: str | None) -> RunnableConfig:
     return out
 
 
+DEFAULT = (RunContext().tenant_id, RunContext().user_id)
+"""The identity of a run without a `RunContext`: records of it name no owner."""
+
+
+def users_seen(config: RunnableConfig | None, state: StateSnapshot | None) -> Flow[Any] | None:
+    """The ledger flow that says whom an unstamped thread was run for, or None to ask nothing.
+
+    A thread id outlives its thread: deleted (a server's `threads.delete`), its checkpoints are
+    gone, and with them the owner stamp, while the ledger keeps its records under the id
+    (among them the recorded results of its side-effecting calls, which answer the same call
+    id in that thread again). A new thread with that id would be adopted by anyone's first
+    run, and read another user's recorded results as its own.
+    """
+    if owner_of(state) is not None or not _thread(config):
+        return None
+    return thread_users_flow(str(_thread(config)))
+
+
+def unseen(config: RunnableConfig | None, exc: Exception) -> list[tuple[str, str]]:
+    """No records to go by: the ledger could not say whom the thread was run for (logged).
+
+    The run goes on and adopts the thread: a ledger that cannot be read answers no call from
+    another user's record either (the run's own ledger work fails as it would have).
+    """
+    log.warning(
+        "keel could not read the ledger's records of thread %r (%s): its run adopts it",
+        _thread(config),
+        exc,
+    )
+    return []
+
+
 def owner_of(state: StateSnapshot | None) -> str | None:
     """The owner stamped on the thread's latest checkpoint, if any."""
     found = (state.metadata or {}).get(OWNER_METADATA) if state is not None else None
@@ -77,16 +123,24 @@ def owner_of(state: StateSnapshot | None) -> str | None:
 
 
 def owned(
-    input: Any, config: RunnableConfig | None, state: StateSnapshot | None, context: RunContext
+    input: Any,
+    config: RunnableConfig | None,
+    state: StateSnapshot | None,
+    context: RunContext,
+    seen: Sequence[tuple[str, str]] = (),
 ) -> RunnableConfig:
     """`config` stamped with the thread's owner, once `context` may run on the thread.
 
-    Raises `UserError` for a run on a thread another identity owns (see the module's doc).
+    `seen` is whom the ledger has seen the thread act for (`users_seen`), asked when the
+    thread has no owner stamp. Raises `UserError` for a run on a thread another identity owns
+    (see the module's doc), or, unstamped, one the ledger knows as another's.
     """
     if not _thread(config):
         return config or {}  # no thread: nothing to own
     owner = owner_of(state)
     me = _owner(context)
+    if owner is None:
+        owner = next((o for t, u in seen if (t, u) != DEFAULT and (o := _pair(t, u)) != me), None)
     if owner is not None and owner != me and not _reviews(context, owner, input):
         raise UserError(
             f"Thread {_thread(config)!r} belongs to another user, and this run is for user "

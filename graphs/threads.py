@@ -46,7 +46,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot, StateUpdate
 
-from keel._node import inside_task, interrupt_pending
+from keel._node import inside_task, interrupt_pending, saver_in
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.idempotency import CallRecord, records_flow
 from keel.db.ledger import Flow
@@ -54,7 +54,7 @@ from keel.db.runs import RunLog, RunRecord
 from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
-from keel.graphs._owner import owned, owner_of, readable, stamped
+from keel.graphs._owner import owned, owner_of, readable, stamped, unseen, users_seen
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -532,6 +532,16 @@ class ThreadGuardedGraph(ProtectedGraph):
         except ValueError:
             return None
 
+    def _users_seen(self, config: RunnableConfig | None, state: StateSnapshot | None) -> Any:
+        """The ledger flow asking whom an unstamped thread was run for (`users_seen`), or None.
+
+        Only with a ledger, and a checkpointer (the graph's, or the one a server runs it with):
+        without one, a `thread_id` names no thread and each run starts from nothing.
+        """
+        conf = (config or {}).get("configurable") or {}
+        kept = self.checkpointer not in (None, False) or saver_in(conf) is not None
+        return users_seen(config, state) if self.keel_audit is not None and kept else None
+
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
@@ -592,7 +602,12 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
             state = self._state(config)
-            config = owned(input, config, state, run_context(config, kwargs.get("context")))
+            audit, flow = self.keel_audit, self._users_seen(config, state)
+            try:
+                seen = audit.ledger.run(flow) if audit and flow else []
+            except StorageError as exc:
+                seen = unseen(config, exc)
+            config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
             inside = self._inside(input, config, state)
             found = self._found(input, config, state, inside)
             input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
@@ -610,7 +625,12 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
             state = await self._astate(config)
-            config = owned(input, config, state, run_context(config, kwargs.get("context")))
+            audit, flow = self.keel_audit, self._users_seen(config, state)
+            try:
+                seen = await audit.ledger.arun(flow) if audit and flow else []
+            except StorageError as exc:
+                seen = unseen(config, exc)
+            config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
             inside = await self._ainside(input, config, state)
             found = await self._afound(input, config, state, inside)
             input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)

@@ -3,11 +3,13 @@
 alice (acme, support) owns the threads attacked; bob is another tenant's user, dave another acme
 user, carol acme's reviewer (`tests/serve/keel-server.toml`). `tests/test_server_e2e.py` covers
 the main routes (get / search / resume / copy / prune / cancel, the store, crons, protected
-keys, `__pregel_*` config keys); this file covers the rest: LangGraph's `events` stream and its
-event streaming protocol (v2) — found open: they streamed the model's raw answer past the output
-guard — and pins what the server already refuses by the routes beside those: assistants, a
-thread's supersteps, a supervisor's sub-agent state, checkpoint addresses, the v2 routes of
-another user's thread, a reviewer's writes. One server for the module.
+keys, `__pregel_*` config keys). This file covers the rest. Found open, fixed: LangGraph's
+`events` stream and its event streaming protocol (v2) streamed the model's raw answer past the
+output guard; a deleted thread's id, taken by another user, read the old thread's ledger
+records as its own. Pinned, already refused: the graphs' own assistants and another's, a
+thread's supersteps, a supervisor's sub-agent state, checkpoint addresses, a run's forged
+owner / user / roles, the v2 routes and A2A on another user's thread, a reviewer's writes, a
+colleague's memories. One server for the module (~25 s).
 """
 
 from __future__ import annotations
@@ -196,6 +198,25 @@ async def test_the_v2_protocol_starts_no_run_and_streams_only_the_checked_answer
     streamed = "\n".join(await subscribed(http, "alice", thread_id, run))
     assert REDACTED in streamed
     assert not any(raw in streamed for raw in RAW)
+
+
+async def test_a_deleted_threads_id_taken_by_another_user_reads_nothing_of_it(
+    users: dict[str, LangGraphClient],
+) -> None:
+    """Found by attack: alice's thread deleted, dave created a thread with its id (a client
+    chooses thread ids). His refund call, with the id hers had (the scripted model's ids are
+    stable, as a client resending an AI turn can make them), was answered from the ledger with
+    alice's recorded result (`keel_ledger: recorded`), and his refund never ran. keel's ledger
+    keeps a deleted thread's records under its id: its first run is now the owner's only."""
+    alice, dave = users["alice"], users["dave"]
+    thread_id = await waiting(alice)
+    await alice.runs.wait(thread_id, "agent", command={"resume": [{"type": "approve"}]})
+    await alice.threads.delete(thread_id)
+    taken = await dave.threads.create(thread_id=thread_id)
+    assert taken["metadata"]["keel_owner"] == "dave"  # the server lets him have the id
+    result = await dave.runs.wait(thread_id, "agent", input=TASK, raise_error=False)
+    assert "belongs to another user" in str(result)
+    assert (await dave.threads.get_state(thread_id))["values"] == {}
 
 
 # -- pinned: what the server already refuses ----------------------------------------------------

@@ -9,6 +9,7 @@ dropped. Real checkpointers (SQLite and PostgreSQL), a scripted model minting fr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from langchain_core.messages import ToolMessage
 from langgraph.types import Command
 
-from keel import Persistence, RunContext, build_agent, tool
+from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
 from keel.graphs._owner import OWNER_METADATA
@@ -232,3 +233,32 @@ def test_a_caller_cannot_write_the_owner_stamp(shop: Any, part: str) -> None:
     assert agent.checkpointer.get_tuple(CONFIG).metadata[OWNER_METADATA] == '["acme", "alice"]'
     with pytest.raises(UserError, match="belongs to another user"):
         agent.invoke({"messages": [("user", "hi")]}, forged, context=BOB)
+
+
+def test_a_deleted_threads_id_is_not_another_users_new_thread(db_url: str) -> None:
+    """Found by attack (served: `tests/test_attack_served_client.py`): a thread deleted, its id
+    reused by another user started a new thread that read the ledger's records of the old one as
+    its own: bob's refund call, with the id alice's had, was answered with alice's recorded
+    result and never ran. A deleted thread's id stays its owner's; the default identity's
+    records name no one."""
+    shop = Shop()
+    refund = [call("issue_refund", order_id="A1", amount=30), "Refunded."]
+    model = ScriptedChatModel(script=[*refund, *refund, "1", "2"])
+    ledger = Ledger(db_url)
+    with Persistence(db_url).checkpointer() as saver, contextlib.closing(ledger):
+        agent = build_agent(model, shop.tools(), policy=POLICY, checkpointer=saver, ledger=ledger)
+        agent.invoke({"messages": [("user", "Refund A1, 30.")]}, CONFIG, context=ALICE)
+        agent.invoke(Command(resume={"type": "approve"}), CONFIG, context=ALICE)
+        saver.delete_thread("t-1")
+        for intruder in (BOB, EVE):
+            with pytest.raises(UserError, match="belongs to another user"):
+                agent.invoke({"messages": [("user", "Refund A1, 30.")]}, CONFIG, context=intruder)
+        assert checkpoints(agent) == 0
+        agent.invoke({"messages": [("user", "Refund A1, 30.")]}, CONFIG, context=ALICE)
+        assert agent.get_state(CONFIG).interrupts  # the owner's new thread, asking again
+        assert shop.refunds == [{"order_id": "A1", "amount": 30}]
+
+        anonymous = {"configurable": {"thread_id": "t-2"}}
+        agent.invoke({"messages": [("user", "one")]}, anonymous)
+        saver.delete_thread("t-2")
+        agent.invoke({"messages": [("user", "two")]}, anonymous, context=ALICE)

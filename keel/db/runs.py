@@ -28,7 +28,15 @@ from keel.errors import UserError
 from keel.redact import sanitize
 from keel.state import AgentState, task_start
 
-__all__ = ["RunLog", "RunRecord", "error_category", "run_record", "scores_flow", "upsert_flow"]
+__all__ = [
+    "RunLog",
+    "RunRecord",
+    "error_category",
+    "run_record",
+    "scores_flow",
+    "thread_users_flow",
+    "upsert_flow",
+]
 
 _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
@@ -301,6 +309,20 @@ def scores_flow(
     for run_key, score in rows:
         out.setdefault(str(run_key), []).append(float(score))
     return out
+
+
+def thread_users_flow(thread_id: str) -> Flow[list[tuple[str, str]]]:
+    """Whom the ledger has seen a thread act for: its runs' and audit records' (tenant, user).
+
+    A thread id outlives its thread here: a deleted thread's records (its runs, its audited
+    decisions, its side-effecting calls' recorded results) stay in the ledger, keyed by the id.
+    """
+    rows = yield (
+        "SELECT tenant_id, user_id FROM keel_runs WHERE thread_id = ? "
+        "UNION SELECT tenant_id, user_id FROM keel_audit WHERE thread_id = ?",
+        (thread_id, thread_id),
+    )
+    return sorted({(str(t), str(u)) for t, u in rows if t is not None and u is not None})
 
 
 def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
