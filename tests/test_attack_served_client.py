@@ -112,6 +112,18 @@ async def a2a(http: httpx.AsyncClient, user: str, thread_id: str, text: str) -> 
     return answer
 
 
+async def mcp(
+    http: httpx.AsyncClient, user: str, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """A JSON-RPC call to the server's MCP endpoint (each assistant is a tool)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    headers = {**_auth(user), "Accept": "application/json, text/event-stream"}
+    response = await http.post("/mcp", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 async def subscribed(
     http: httpx.AsyncClient, user: str, thread_id: str, during: Awaitable[Any]
 ) -> list[str]:
@@ -275,16 +287,16 @@ async def test_a_reviewer_writes_no_state_and_touches_no_run_of_anothers_thread(
 
 
 async def test_no_one_changes_the_graphs_own_assistants_or_reaches_anothers(
-    users: dict[str, LangGraphClient],
+    users: dict[str, LangGraphClient], http: httpx.AsyncClient
 ) -> None:
-    """The graphs' own assistants serve every tenant: a change to one would change all runs."""
+    """The graphs' own assistants serve every tenant: a change to one would change all runs.
+    Another's assistant is out of reach by the assistants API and as an MCP tool."""
     alice, bob = users["alice"], users["bob"]
     found = await alice.assistants.search(metadata={"created_by": "system"}, graph_id="agent")
     (system,) = found
     own, capped = system["assistant_id"], {"configurable": {"agent": "capped"}}
-    bobs = (await bob.assistants.create("agent", config={"configurable": {"agent": "support"}}))[
-        "assistant_id"
-    ]
+    support = {"configurable": {"agent": "support"}}
+    bobs = (await bob.assistants.create("agent", config=support, name="bobs"))["assistant_id"]
     for assistant_id in (own, bobs):
         assert await status(alice.assistants.update(assistant_id, config=capped)) == 404
         assert await status(alice.assistants.set_latest(assistant_id, 1)) == 404
@@ -300,7 +312,11 @@ async def test_no_one_changes_the_graphs_own_assistants_or_reaches_anothers(
     ):
         assert await status(call) == 404
     assert (await bob.assistants.get(own))["config"] == {}
-    assert (await bob.assistants.get(bobs))["config"] == {"configurable": {"agent": "support"}}
+    assert (await bob.assistants.get(bobs))["config"] == support
+    listed = await mcp(http, "alice", "tools/list", {})
+    assert "bobs" not in [t["name"] for t in listed["result"]["tools"]]
+    called = await mcp(http, "alice", "tools/call", {"name": "bobs", "arguments": TASK})
+    assert called["error"]["message"] == "Unknown tool: bobs"
 
 
 FORGED_OUTCOME = {"status": "success", "terminated_reason": "completed", "detail": "forged"}
