@@ -182,6 +182,20 @@ async def test_a_run_streamed_as_raw_events_is_refused(
     assert await alice.runs.list(thread["thread_id"]) == []
 
 
+async def test_the_modes_beside_test_server_e2es_stream_only_the_checked_answer(
+    users: dict[str, LangGraphClient],
+) -> None:
+    """`test_server_e2e.py` streams values, updates, messages-tuple, debug and checkpoints; the
+    README names `messages` and `tasks` too among the modes a client streams instead."""
+    alice = users["alice"]
+    thread = await alice.threads.create()
+    chunks = alice.runs.stream(
+        thread["thread_id"], "agent", input=BILL, config=LEAKY, stream_mode=["messages", "tasks"]
+    )
+    sent = str([chunk.data async for chunk in chunks])
+    assert REDACTED in sent and not any(raw in sent for raw in RAW)
+
+
 async def test_an_assistant_that_streams_its_runs_as_raw_events_is_refused(
     users: dict[str, LangGraphClient],
 ) -> None:
