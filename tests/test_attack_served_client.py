@@ -422,6 +422,20 @@ async def test_a_run_cannot_name_another_owner_or_user_for_its_checkpoints(
         # alice's role `support` looked the order up: role "nobody" would be denied by default
         looked_up = next(m for m in state["values"]["messages"] if m["type"] == "tool")
         assert looked_up["content"].startswith("Order A1001:"), options
+    # nor from an assistant's config or context, merged into each of its runs after auth
+    for assistant in (
+        {"config": {"configurable": {**forged_ids, "langgraph_auth_user": forged_user}}},
+        {"context": {**forged_ids, "tools": ["issue_refund"], "prices": {}}},
+    ):
+        forged = await alice.assistants.create("agent", **assistant)
+        thread = await alice.threads.create()
+        await alice.runs.wait(thread["thread_id"], forged["assistant_id"], input=TASK)
+        state = await alice.threads.get_state(thread["thread_id"])
+        assert state["metadata"]["keel_thread_owner"] == json.dumps(["acme", "alice"])
+        looked_up = next(m for m in state["values"]["messages"] if m["type"] == "tool")
+        assert looked_up["content"].startswith("Order A1001:"), assistant
+        assert await pending_actions(alice, thread["thread_id"]) == ["issue_refund"]  # asks
+
     thread = await alice.threads.create()
     unsaved = alice.runs.wait(
         thread["thread_id"], "agent", input=TASK, checkpoint={"__pregel_checkpointer": None}
