@@ -1241,6 +1241,24 @@ async def test_values_and_updates_streams_carry_only_the_redacted_answer(mode: s
     assert len([kind for kind, _ in chunks if kind == "values"]) == 4  # none held back
 
 
+async def test_pin_astream_events_carries_the_models_raw_answer() -> None:
+    """`astream_events` reports the run's callbacks, not its state: the model's own answer is
+    in `on_chat_model_end` before the output guard checks it (README says never forward it to
+    a client; served, keel refuses event streams). The state events carry the checked one."""
+    agent = _streaming_agent()
+    config: Any = {"configurable": {"thread_id": "s-events"}}
+    raw: list[str] = []
+    async for event in agent.astream_events(
+        {"messages": [("user", "bill me")]}, config, context=CTX, version="v2"
+    ):
+        if CARD in str(event.get("data")):
+            raw.append(event["event"])
+    assert set(raw) == {"on_chat_model_end"}
+    assert agent.get_state(config).values["messages"][-1].text == (
+        "Your card [CARD] is billed; write to [EMAIL]."
+    )
+
+
 @pytest.mark.parametrize("mode", ["stream", "astream"])
 async def test_a_messages_stream_sends_answers_only_once_the_output_guard_checked_them(
     mode: str,
