@@ -28,6 +28,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, cast
 
 import psycopg
@@ -36,6 +37,7 @@ from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from keel import outcome
+from keel._drive import Op, Steps, adrive, drive
 from keel._node import inside_task
 from keel.errors import KeelError, SetupError, StorageError
 from keel.graphs._chunks import ChunkShape
@@ -149,13 +151,24 @@ class RunEnd:
             config[key] = {k: v for k, v in given.items() if k != "run_id"}
         return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
 
+    def recording(self, state: dict[str, Any], *, first_end: bool = False) -> Op:
+        """The step that writes the record of the run `state` ends (`first_end`: unless it has one).
+
+        Its sync half is the recorder's `record_run`, its async half `arecord_run`.
+        """
+        args = (state, self.config, self.context)
+        return Op(
+            partial(self.recorder.record_run, *args, first_end=first_end),
+            partial(self.recorder.arecord_run, *args, first_end=first_end),
+        )
+
     def record(self, state: dict[str, Any], *, first_end: bool = False) -> None:
-        """Write the run record of the run `state` ends (`first_end`: unless it has one)."""
-        self.recorder.record_run(state, self.config, self.context, first_end=first_end)
+        """Write the run record of the run `state` ends (see `recording`)."""
+        self.recording(state, first_end=first_end).run()
 
     async def arecord(self, state: dict[str, Any], *, first_end: bool = False) -> None:
         """`record` under `ainvoke`."""
-        await self.recorder.arecord_run(state, self.config, self.context, first_end=first_end)
+        await self.recording(state, first_end=first_end).arun()
 
 
 class StreamEnding:
@@ -227,18 +240,12 @@ class StreamEnding:
         except Exception as exc:
             if not storage_failure(exc):
                 raise
-            state = self.ended(exc)
-            if self.end is not None:
-                self.end.record(state)
-            yield self.last_chunk(exc, state)
+            yield drive(self._failed(exc))
         except GeneratorExit:  # the caller stopped reading: LangGraph stops the run
-            if self.end is not None and (ended := self.cancelled()) is not None:
-                self.end.record(ended)
+            drive(self._stopped())
             raise
         except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, Jupyter's stop, a SIGTERM handler
-            how = f"{type(exc).__name__} in the process running it"
-            if self.end is not None and (ended := self.cancelled(how)) is not None:
-                self.end.record(ended)
+            drive(self._stopped(f"{type(exc).__name__} in the process running it"))
             raise
 
     async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -250,11 +257,19 @@ class StreamEnding:
         except Exception as exc:
             if not storage_failure(exc):
                 raise
-            state = self.ended(exc)
-            if self.end is not None:
-                await self.end.arecord(state)
-            yield self.last_chunk(exc, state)
+            yield await adrive(self._failed(exc))
         except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled, or went away
-            if self.end is not None and (ended := self.cancelled()) is not None:
-                await self.end.arecord(ended)
+            await adrive(self._stopped())
             raise
+
+    def _failed(self, exc: Exception) -> Steps[Any]:
+        """The run ended on `exc`, a storage failure: record it; its last chunk (`last_chunk`)."""
+        state = self.ended(exc)
+        if self.end is not None:
+            yield self.end.recording(state)
+        return self.last_chunk(exc, state)
+
+    def _stopped(self, *how: str) -> Steps[None]:
+        """The caller stopped the run (`how`: see `cancelled`): record it if it streamed a state."""
+        if self.end is not None and (ended := self.cancelled(*how)) is not None:
+            yield self.end.recording(ended)

@@ -136,14 +136,7 @@ class Observer:
         A replay or shadow run (`keel.tools.stubs.isolated`) writes none. `first_end`: only
         where the run recorded no end of its own (`keel.db.runs.upsert_flow`).
         """
-        if isolated():
-            return
-        try:
-            record = _record(self, state, config, context)
-            stored = self.runs.write(record, task_base(state), first_end=first_end)
-            _telemetry(stored, record)
-        except Exception as exc:
-            log.error("keel could not write the run record: %r", exc)
+        drive(self.recording(state, config, context, first_end=first_end))
 
     async def arecord_run(
         self,
@@ -154,11 +147,24 @@ class Observer:
         first_end: bool = False,
     ) -> None:
         """`record_run` under `ainvoke`."""
+        await adrive(self.recording(state, config, context, first_end=first_end))
+
+    def recording(
+        self,
+        state: AgentState,
+        config: RunnableConfig,
+        context: RunContext,
+        *,
+        first_end: bool = False,
+    ) -> Steps[None]:
+        """`record_run` as `keel._drive` steps (written once for `record_run` and `arecord_run`)."""
         if isolated():
             return
         try:
             record = _record(self, state, config, context)
-            stored = await self.runs.awrite(record, task_base(state), first_end=first_end)
+            base = task_base(state)
+            write = partial(self.runs.write, record, base, first_end=first_end)
+            stored = yield Op(write, partial(self.runs.awrite, record, base, first_end=first_end))
             _telemetry(stored, record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
