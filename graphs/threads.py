@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from langchain_core.messages import BaseMessage, convert_to_messages
@@ -46,6 +47,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot, StateUpdate
 
+from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import inside_task, interrupt_pending, saver_in
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.idempotency import CallRecord, records_flow
@@ -368,22 +370,14 @@ class ThreadGuardedGraph(ProtectedGraph):
 
     def _inside(
         self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
-    ) -> list[tuple[str, StateSnapshot]]:
+    ) -> Steps[list[tuple[str, StateSnapshot]]]:
         """The conversations a run stopped in a subgraph (a supervisor's agent) left mid-step.
 
         Read only for a run found stopped with a node to run (`stopped_ended`): see `left_inside`.
         """
         if stopped_ended(input, state) is None:
             return []
-        return left_inside(self.get_state(config or {}, subgraphs=True))
-
-    async def _ainside(
-        self, input: Any, config: RunnableConfig | None, state: StateSnapshot | None
-    ) -> list[tuple[str, StateSnapshot]]:
-        """`_inside` under `astream`."""
-        if stopped_ended(input, state) is None:
-            return []
-        return left_inside(await self.aget_state(config or {}, subgraphs=True))
+        return left_inside((yield self._read(config or {}, subgraphs=True)))
 
     def _found(
         self,
@@ -391,7 +385,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         config: RunnableConfig | None,
         state: StateSnapshot | None,
         inside: list[tuple[str, StateSnapshot]] | None = None,
-    ) -> Mapping[str, CallRecord] | None:
+    ) -> Steps[Mapping[str, CallRecord] | None]:
         """The ledger's records of the calls a stopped run left behind (see `left_behind`).
 
         In the thread's messages, else in its subgraphs' conversations (`inside`). Without a
@@ -400,28 +394,15 @@ class ThreadGuardedGraph(ProtectedGraph):
         calls = left_behind(input, state) or calls_inside(inside or [])
         if not calls or self.keel_audit is None:
             return {}
+        ledger = self.keel_audit.ledger
         try:
-            return self.keel_audit.ledger.run(_records(config, calls))
+            found: Mapping[str, CallRecord] = yield both(
+                ledger.run, ledger.arun, _records(config, calls)
+            )
         except StorageError as exc:
             log.warning("keel could not read the ledger about calls a run left: %s", exc)
             return None
-
-    async def _afound(
-        self,
-        input: Any,
-        config: RunnableConfig | None,
-        state: StateSnapshot | None,
-        inside: list[tuple[str, StateSnapshot]] | None = None,
-    ) -> Mapping[str, CallRecord] | None:
-        """`_found` under `astream`."""
-        calls = left_behind(input, state) or calls_inside(inside or [])
-        if not calls or self.keel_audit is None:
-            return {}
-        try:
-            return await self.keel_audit.ledger.arun(_records(config, calls))
-        except StorageError as exc:
-            log.warning("keel could not read the ledger about calls a run left: %s", exc)
-            return None
+        return found
 
     def _not_run(
         self, closing: list[Any], config: RunnableConfig | None, kwargs: Any, calls: list[Any]
@@ -430,27 +411,19 @@ class ThreadGuardedGraph(ProtectedGraph):
         context, recorder, version = kwargs.get("context"), self.keel_recorder, self.keel_version
         return not_run_records(closing, config, context, recorder, version, calls)
 
-    def _answer(self, answered: Dropped, end: RunEnd | None) -> None:
+    def _answer(self, answered: Dropped, end: RunEnd | None) -> Steps[None]:
         """Audit the calls this run answers `not_run`; record the end of the run that waited.
 
         See `_checked`.
         """
-        if answered.records and self.keel_audit is not None:
-            self.keel_audit.write(answered.records)
+        audit = self.keel_audit
+        if answered.records and audit is not None:
+            yield both(audit.write, audit.awrite, answered.records)
         if answered.ended is not None and end is not None:
             end = end.earlier() if answered.first_end else end
-            end.record(answered.ended, first_end=answered.first_end)
+            yield end.recording(answered.ended, first_end=answered.first_end)
             for recorder, ended in answered.inside:
-                RunEnd(recorder, end.config, end.context).record(ended, first_end=True)
-
-    async def _aanswer(self, answered: Dropped, end: RunEnd | None) -> None:
-        if answered.records and self.keel_audit is not None:
-            await self.keel_audit.awrite(answered.records)
-        if answered.ended is not None and end is not None:
-            end = end.earlier() if answered.first_end else end
-            await end.arecord(answered.ended, first_end=answered.first_end)
-            for recorder, ended in answered.inside:
-                await RunEnd(recorder, end.config, end.context).arecord(ended, first_end=True)
+                yield RunEnd(recorder, end.config, end.context).recording(ended, first_end=True)
 
     def _refused(
         self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome
@@ -463,23 +436,39 @@ class ThreadGuardedGraph(ProtectedGraph):
         policy = None if recorder is None else recorder.who(ensure_config(config), context).policy
         return refused_records(config, context, lease, result, self.name, self.keel_version, policy)
 
+    def _leased(
+        self, config: RunnableConfig | None, kwargs: Any
+    ) -> Steps[tuple[Lease, Outcome | None]]:
+        """The run's lease from admission control, and its outcome if refused (`overloaded`).
+
+        A refused run's audit and run records are written here (see `_refused`).
+        """
+        gate = self.keel_admission
+        assert gate is not None
+        context = run_context(config, kwargs.get("context"))
+        lease: Lease = yield both(gate.acquire, gate.aacquire, context)
+        if lease.refused is None:
+            return lease, None
+        result = overloaded(gate.policy, lease.refused)
+        audit, record = self._refused(config, context, lease, result)
+        audits = AuditLog(gate.ledger)
+        yield both(audits.write, audits.awrite, [audit])
+        runs = RunLog(gate.ledger)
+        yield both(runs.write, runs.awrite, record)
+        return lease, result
+
     def _admitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: Dropped
     ) -> Iterator[Any]:
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
         assert gate is not None
-        context = run_context(config, kwargs.get("context"))
-        lease = gate.acquire(context)
-        if lease.refused is not None:
-            result = overloaded(gate.policy, lease.refused)
-            audit, record = self._refused(config, context, lease, result)
-            AuditLog(gate.ledger).write([audit])
-            RunLog(gate.ledger).write(record)
-            yield from refused_chunks(result, kwargs, self.stream_mode)
+        lease, refused = drive(self._leased(config, kwargs))
+        if refused is not None:
+            yield from refused_chunks(refused, kwargs, self.stream_mode)
             return
         with gate.holding(lease):
-            self._answer(answered, self._run_end(config, kwargs))
+            drive(self._answer(answered, self._run_end(config, kwargs)))
             yield from self._stream_checked(input, config, kwargs)
 
     async def _aadmitted(
@@ -488,71 +477,72 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
         assert gate is not None
-        context = run_context(config, kwargs.get("context"))
-        lease = await gate.aacquire(context)
-        if lease.refused is not None:
-            result = overloaded(gate.policy, lease.refused)
-            audit, record = self._refused(config, context, lease, result)
-            await AuditLog(gate.ledger).awrite([audit])
-            await RunLog(gate.ledger).awrite(record)
-            for part in refused_chunks(result, kwargs, self.stream_mode):
+        lease, refused = await adrive(self._leased(config, kwargs))
+        if refused is not None:
+            for part in refused_chunks(refused, kwargs, self.stream_mode):
                 yield part
             return
         chunks = self._astream_checked(input, config, kwargs)
         async with gate.aholding(lease), contextlib.aclosing(chunks):
-            await self._aanswer(answered, self._run_end(config, kwargs))
+            await adrive(self._answer(answered, self._run_end(config, kwargs)))
             async for chunk in chunks:
                 yield chunk
 
-    def _state(self, config: RunnableConfig | None) -> StateSnapshot | None:
+    def _read(self, config: RunnableConfig, *, subgraphs: bool = False) -> Op:
+        """The step that reads the thread's state: `get_state` / `aget_state`."""
+        return Op(
+            partial(self.get_state, config, subgraphs=subgraphs),
+            partial(self.aget_state, config, subgraphs=subgraphs),
+        )
+
+    def _state(self, config: RunnableConfig | None) -> Steps[StateSnapshot | None]:
+        """The thread's state as a new run finds it (`_light`, `_as_started`); None: no thread."""
         if not ((config or {}).get("configurable") or {}).get("thread_id"):
             return None
         saver, saved = self.checkpointer, None
         if isinstance(saver, BaseCheckpointSaver):
-            saved = saver.get_tuple(_latest(config))
+            saved = yield both(saver.get_tuple, saver.aget_tuple, _latest(config))
             light = _light(saved)
             if light is not None:
                 return light
         try:
-            return _as_started(self.get_state(config or {}), saved)
+            return _as_started((yield self._read(config or {})), saved)
         except ValueError:  # no checkpointer
             return None
 
-    async def _astate(self, config: RunnableConfig | None) -> StateSnapshot | None:
-        if not ((config or {}).get("configurable") or {}).get("thread_id"):
-            return None
-        saver, saved = self.checkpointer, None
-        if isinstance(saver, BaseCheckpointSaver):
-            saved = await saver.aget_tuple(_latest(config))
-            light = _light(saved)
-            if light is not None:
-                return light
-        try:
-            return _as_started(await self.aget_state(config or {}), saved)
-        except ValueError:
-            return None
+    def _seen(
+        self, config: RunnableConfig | None, state: StateSnapshot | None
+    ) -> Steps[Sequence[tuple[str, str]]]:
+        """Whom the ledger has seen an unstamped thread run for (`users_seen`); [] to go by.
 
-    def _users_seen(self, config: RunnableConfig | None, state: StateSnapshot | None) -> Any:
-        """The ledger flow asking whom an unstamped thread was run for (`users_seen`), or None.
-
-        Only with a ledger, and a checkpointer (the graph's, or the one a server runs it with):
-        without one, a `thread_id` names no thread and each run starts from nothing.
+        Asked only with a ledger and a checkpointer (the graph's, or the one a server runs it
+        with): without one, a `thread_id` names no thread and each run starts from nothing. A
+        ledger that cannot be read says nothing (`unseen`, logged).
         """
         conf = (config or {}).get("configurable") or {}
         kept = self.checkpointer not in (None, False) or saver_in(conf) is not None
-        return users_seen(config, state) if self.keel_audit is not None and kept else None
+        flow = users_seen(config, state) if kept else None
+        if self.keel_audit is None or flow is None:
+            return []
+        ledger = self.keel_audit.ledger
+        try:
+            seen: Sequence[tuple[str, str]] = yield both(ledger.run, ledger.arun, flow)
+        except StorageError as exc:
+            return unseen(config, exc)
+        return seen
 
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `bulk_update_state` (and `update_state`), keeping the thread's owner."""
-        return super().bulk_update_state(stamped(config, owner_of(self._state(config))), supersteps)
+        owner = owner_of(drive(self._state(config)))
+        return super().bulk_update_state(stamped(config, owner), supersteps)
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), keeping the thread's owner."""
-        owner = owner_of(await self._astate(config))
+        owner = owner_of(await adrive(self._state(config)))
         return await super().abulk_update_state(stamped(config, owner), supersteps)
 
     def get_state(
@@ -564,7 +554,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         run's: a thread another user owns is a `UserError` (see `keel.graphs._owner`).
         """
         if context is not None:
-            readable(config, self._state(config), run_context(config, context))
+            readable(config, drive(self._state(config)), run_context(config, context))
         return super().get_state(config, subgraphs=subgraphs)
 
     async def aget_state(
@@ -572,7 +562,7 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> StateSnapshot:
         """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
         if context is not None:
-            readable(config, await self._astate(config), run_context(config, context))
+            readable(config, await adrive(self._state(config)), run_context(config, context))
         return await super().aget_state(config, subgraphs=subgraphs)
 
     def get_state_history(
@@ -584,7 +574,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         check runs when this is called, before any state is read.
         """
         if context is not None:
-            readable(config, self._state(config), run_context(config, context))
+            readable(config, drive(self._state(config)), run_context(config, context))
         return super().get_state_history(config, **kwargs)
 
     async def aget_state_history(
@@ -592,30 +582,39 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[StateSnapshot]:
         """LangGraph's `aget_state_history`; with `context`, only for the thread's owner."""
         if context is not None:
-            readable(config, await self._astate(config), run_context(config, context))
+            readable(config, await adrive(self._state(config)), run_context(config, context))
         async for state in super().aget_state_history(config, **kwargs):
             yield state
+
+    def _starting(
+        self, input: Any, config: RunnableConfig | None, kwargs: Any
+    ) -> Steps[tuple[Any, RunnableConfig | None, Dropped]]:
+        """What `stream` and `astream` do before the run: read the thread, check what is sent.
+
+        Returns the input as it runs, its config (with the thread's owner, `owned`) and what
+        its run answers first (`_checked`). Without admission control those answers are written
+        here (`_answer`); with it, once the run is admitted (`_admitted`).
+        """
+        state = yield from self._state(config)
+        seen = yield from self._seen(config, state)
+        config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
+        inside = yield from self._inside(input, config, state)
+        found = yield from self._found(input, config, state, inside)
+        input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
+        if resumes:
+            self._check_waiting((yield self._read(config or {})).interrupts, config)
+        if self.keel_admission is None:
+            yield from self._answer(answered, self._run_end(config, kwargs))
+        return input, config, answered
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            state = self._state(config)
-            audit, flow = self.keel_audit, self._users_seen(config, state)
-            try:
-                seen = audit.ledger.run(flow) if audit and flow else []
-            except StorageError as exc:
-                seen = unseen(config, exc)
-            config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
-            inside = self._inside(input, config, state)
-            found = self._found(input, config, state, inside)
-            input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
-            if resumes:
-                self._check_waiting(self.get_state(config or {}).interrupts, config)
+            input, config, answered = drive(self._starting(input, config, kwargs))
             if self.keel_admission is not None:
                 return self._admitted(input, config, kwargs, answered)
-            self._answer(answered, self._run_end(config, kwargs))
             return self._stream_checked(input, config, kwargs)
         return super().stream(input, config, **kwargs)
 
@@ -624,18 +623,7 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            state = await self._astate(config)
-            audit, flow = self.keel_audit, self._users_seen(config, state)
-            try:
-                seen = await audit.ledger.arun(flow) if audit and flow else []
-            except StorageError as exc:
-                seen = unseen(config, exc)
-            config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
-            inside = await self._ainside(input, config, state)
-            found = await self._afound(input, config, state, inside)
-            input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)
-            if resumes:
-                self._check_waiting((await self.aget_state(config or {})).interrupts, config)
+            input, config, answered = await adrive(self._starting(input, config, kwargs))
             if self.keel_admission is not None:
                 # closed with the caller's stream (a client gone): the lease comes back now
                 parts = self._aadmitted(input, config, kwargs, answered)
@@ -643,7 +631,6 @@ class ThreadGuardedGraph(ProtectedGraph):
                     async for part in parts:
                         yield part
                 return
-            await self._aanswer(answered, self._run_end(config, kwargs))
             chunks: AsyncIterator[Any] = self._astream_checked(input, config, kwargs)
         else:
             chunks = super().astream(input, config, **kwargs)
