@@ -45,7 +45,7 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 
-from keel._drive import Steps, adrive, both, drive, sleep
+from keel._drive import Op, Steps, adrive, both, drive, sleep
 from keel._node import NS_SEP, inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import THREAD_LEASES, storable
@@ -250,18 +250,43 @@ class ThreadLeases:
             yield sleep(wait)
             wait = min(wait * 2, _MOST_ASK)
 
+    def _took(self, thread: str, ns: str, holder: str) -> Steps[bool]:
+        """`_taking`; False (logged) if the ledger failed: the run goes on, as other guards do."""
+        try:
+            yield from self._taking(thread, ns, holder)
+        except Exception as exc:
+            _unleased(thread, exc)
+            return False
+        return True
+
+    def _release(self, holder: str) -> Op:
+        """The step that releases `holder`'s lease.
+
+        Shielded on the event loop: a cancelled run still gives its thread back now.
+        """
+        return Op(
+            lambda: self.ledger.run(_release_flow(holder)),
+            lambda: asyncio.shield(self.ledger.arun(_release_flow(holder))),
+        )
+
+    def _given_back(self, thread: str, holder: str) -> Steps[None]:
+        """After the run: stop renewing `holder`'s lease, then release it."""
+        discard = functools.partial(self._renewer.discard, holder)
+        yield Op(discard, functools.partial(self._arenewer.discard, holder))
+        try:
+            yield self._release(holder)
+        except Exception as exc:  # the run's own result or error wins; the lease expires
+            log.warning("keel could not release the lease of thread %r: %s", thread, exc)
+
     @contextlib.contextmanager
     def held(self, thread: str, ns: str) -> Iterator[None]:
         """Hold the thread's lease while the block runs (renewed), release it after."""
-        holder, taken = _holder(), True
+        holder = _holder()
         try:
-            drive(self._taking(thread, ns, holder))
-        except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
-            _unleased(thread, exc)
-            taken = False
+            taken = drive(self._took(thread, ns, holder))
         except BaseException:  # interrupted while it waited: a lease just taken goes back
             with contextlib.suppress(Exception):
-                self.ledger.run(_release_flow(holder))
+                self._release(holder).run()
             raise
         if not taken:
             yield
@@ -271,24 +296,17 @@ class ThreadLeases:
             with _holding(thread, ns):
                 yield
         finally:
-            self._renewer.discard(holder)
-            try:
-                self.ledger.run(_release_flow(holder))
-            except Exception as exc:  # the run's own result or error wins; the lease expires
-                log.warning("keel could not release the lease of thread %r: %s", thread, exc)
+            drive(self._given_back(thread, holder))
 
     @contextlib.asynccontextmanager
     async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
         """Hold the thread's lease while the block runs (async); see `held`."""
-        holder, taken = _holder(), True
+        holder = _holder()
         try:
-            await adrive(self._taking(thread, ns, holder))
-        except Exception as exc:  # the ledger failed: the run goes on, as its other guards do
-            _unleased(thread, exc)
-            taken = False
+            taken = await adrive(self._took(thread, ns, holder))
         except BaseException:  # cancelled (a client gone) while it waited: give it back
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.ledger.arun(_release_flow(holder)))
+                await self._release(holder).arun()
             raise
         if not taken:
             yield
@@ -298,11 +316,7 @@ class ThreadLeases:
             with _holding(thread, ns):
                 yield
         finally:
-            await self._arenewer.discard(holder)
-            try:  # shielded: a cancelled run still gives its thread back now
-                await asyncio.shield(self.ledger.arun(_release_flow(holder)))
-            except Exception as exc:  # the run's own result or error wins; the lease expires
-                log.warning("keel could not release the lease of thread %r: %s", thread, exc)
+            await adrive(self._given_back(thread, holder))
 
 
 def _unleased(thread: str, exc: Exception) -> None:
