@@ -288,14 +288,14 @@ class _Strict:
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
-        found: CheckpointTuple | None = super().get_tuple(config)  # type: ignore[misc]
-        if found is not None:
-            self._keel_saved(found.config, found.checkpoint)
-        return found
+        return self._keel_loaded(super().get_tuple(config))  # type: ignore[misc]
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
-        found: CheckpointTuple | None = await super().aget_tuple(config)  # type: ignore[misc]
+        return self._keel_loaded(await super().aget_tuple(config))  # type: ignore[misc]
+
+    def _keel_loaded(self, found: CheckpointTuple | None) -> CheckpointTuple | None:
+        """`found` (a loaded checkpoint, or None), noted as saved."""
         if found is not None:
             self._keel_saved(found.config, found.checkpoint)
         return found
