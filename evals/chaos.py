@@ -22,13 +22,12 @@ run its own instance (and seed) to make every run reproducible.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -46,6 +45,7 @@ from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr, SkipValidation
 
+from keel._drive import Op, Steps, adrive, drive, sleep
 from keel.errors import UserError
 from keel.evals.scripted import check_history
 from keel.local_model import last_chunk
@@ -429,7 +429,24 @@ class ChaosChatModel(BaseChatModel):
             return self._malformed(step.draw, message, step.tools)
         return message
 
-    # -- drivers: the same steps, each a few lines -----------------------------------------
+    def _answer(
+        self, step: _Step, messages: list[BaseMessage], stop: list[str] | None, kwargs: Any
+    ) -> Steps[AIMessage]:
+        """This call's whole answer: its fault (after its hang), or the (broken) model's answer."""
+        if step.error is not None:
+            yield sleep(step.hang)
+            raise step.error
+        invoke = partial(step.inner.invoke, messages, stop=stop, **kwargs)
+        ainvoke = partial(step.inner.ainvoke, messages, stop=stop, **kwargs)
+        return step.answer or self._finish(step, (yield Op(invoke, ainvoke)))
+
+    def _streams(self, step: _Step) -> bool:
+        """Whether the wrapped model's stream is passed on (no fault of this call changes it)."""
+        return (
+            step.error is None and step.answer is None and step.draw.kind != "malformed_tool_call"
+        )
+
+    # -- drivers: the same steps (`_answer`), each a few lines -------------------------------
 
     def _generate(
         self,
@@ -438,11 +455,7 @@ class ChaosChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        step = self._step(messages, kwargs)
-        if step.error is not None:
-            time.sleep(step.hang)
-            raise step.error
-        answer = step.answer or self._finish(step, step.inner.invoke(messages, stop=stop, **kwargs))
+        answer = drive(self._answer(self._step(messages, kwargs), messages, stop, kwargs))
         return ChatResult(generations=[ChatGeneration(message=answer)])
 
     async def _agenerate(
@@ -452,13 +465,7 @@ class ChaosChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        step = self._step(messages, kwargs)
-        if step.error is not None:
-            await asyncio.sleep(step.hang)
-            raise step.error
-        answer = step.answer or self._finish(
-            step, await step.inner.ainvoke(messages, stop=stop, **kwargs)
-        )
+        answer = await adrive(self._answer(self._step(messages, kwargs), messages, stop, kwargs))
         return ChatResult(generations=[ChatGeneration(message=answer)])
 
     def _stream(
@@ -469,15 +476,11 @@ class ChaosChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         step = self._step(messages, kwargs)
-        if step.error is not None:
-            time.sleep(step.hang)
-            raise step.error
-        if step.answer is None and step.draw.kind != "malformed_tool_call":
+        if self._streams(step):
             for chunk in step.inner.stream(messages, stop=stop, **kwargs):
                 yield ChatGenerationChunk(message=_chunk_of(chunk))
             return
-        answer = step.answer or self._finish(step, step.inner.invoke(messages, stop=stop, **kwargs))
-        yield _as_chunk(answer)
+        yield _as_chunk(drive(self._answer(step, messages, stop, kwargs)))
 
     async def _astream(
         self,
@@ -487,17 +490,11 @@ class ChaosChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         step = self._step(messages, kwargs)
-        if step.error is not None:
-            await asyncio.sleep(step.hang)
-            raise step.error
-        if step.answer is None and step.draw.kind != "malformed_tool_call":
+        if self._streams(step):
             async for chunk in step.inner.astream(messages, stop=stop, **kwargs):
                 yield ChatGenerationChunk(message=_chunk_of(chunk))
             return
-        answer = step.answer or self._finish(
-            step, await step.inner.ainvoke(messages, stop=stop, **kwargs)
-        )
-        yield _as_chunk(answer)
+        yield _as_chunk(await adrive(self._answer(step, messages, stop, kwargs)))
 
 
 def _broken_json(args: Mapping[str, Any]) -> str:
