@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from langchain_core.messages import (
@@ -38,6 +39,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
 
+from keel._drive import Op, Steps, adrive, drive
 from keel.errors import StorageError, UserError
 from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
@@ -183,24 +185,24 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """LangGraph's `invoke`; a storage failure before the run started ends it too."""
-        try:
-            return super().invoke(input, config, **kwargs)
-        except Exception as exc:
-            if not storage_failure(exc):
-                raise
-            if (end := self._run_end_before(exc, config, kwargs)) is not None:
-                end.record({"outcome": storage_outcome(exc)})
-            return _ended(exc, config, kwargs)
+        return drive(self._invoked(input, config, kwargs))
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """LangGraph's `ainvoke`; a storage failure before the run started ends it too."""
+        return await adrive(self._invoked(input, config, kwargs))
+
+    def _invoked(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Steps[Any]:
+        """`invoke` / `ainvoke` once: LangGraph's, the outcome of a storage failure (`_ended`)."""
+        run = partial(super().invoke, input, config, **kwargs)
         try:
-            return await super().ainvoke(input, config, **kwargs)
+            return (yield Op(run, partial(super().ainvoke, input, config, **kwargs)))
         except Exception as exc:
             if not storage_failure(exc):
                 raise
             if (end := self._run_end_before(exc, config, kwargs)) is not None:
-                await end.arecord({"outcome": storage_outcome(exc)})
+                yield end.recording({"outcome": storage_outcome(exc)})
             return _ended(exc, config, kwargs)
 
     def _run_end_before(

@@ -162,14 +162,6 @@ class RunEnd:
             partial(self.recorder.arecord_run, *args, first_end=first_end),
         )
 
-    def record(self, state: dict[str, Any], *, first_end: bool = False) -> None:
-        """Write the run record of the run `state` ends (see `recording`)."""
-        self.recording(state, first_end=first_end).run()
-
-    async def arecord(self, state: dict[str, Any], *, first_end: bool = False) -> None:
-        """`record` under `ainvoke`."""
-        await self.recording(state, first_end=first_end).arun()
-
 
 class StreamEnding:
     """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
