@@ -10,8 +10,8 @@ import logging
 import pkgutil
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -754,28 +754,41 @@ def test_a_run_refused_by_admission_names_its_policy_like_the_runs_other_records
     assert (audit.kind, audit.policy, run.policy) == ("admission", "support@3", "support@3")
 
 
-def test_a_run_paused_by_verification_asking_a_human_is_recorded_as_interrupted(
-    tmp_path: Any,
+@asynccontextmanager
+async def _invoking(url: str, driver: str, **options: Any) -> AsyncIterator[Any]:
+    """`build_agent(**options)` on the database at `url`: its `invoke` (on a sync saver) or its
+    `ainvoke` (on an async one), as `await run(payload, config)`."""
+    if driver == "async":
+        async with Persistence(url).acheckpointer() as asaver:
+            agent = build_agent(checkpointer=asaver, **options)
+            yield lambda payload, config: agent.ainvoke(payload, config, context=CTX)
+        return
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(checkpointer=saver, **options)
+
+        async def run(payload: Any, config: Any) -> Any:
+            return agent.invoke(payload, config, context=CTX)
+
+        yield run
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+async def test_a_run_paused_by_verification_asking_a_human_is_recorded_as_interrupted(
+    tmp_path: Any, driver: str
 ) -> None:
     """`verify(escalate=True)` pauses the run inside the node: no route sees it, yet the run is
-    recorded as `interrupted` while it waits and counts as a human intervention when it ends."""
+    recorded as `interrupted` while it waits and counts as a human intervention when it ends
+    (under `invoke` and `ainvoke`)."""
     url = f"sqlite:///{tmp_path}/keel.db"
     ledger = Ledger(url)
     config = {"configurable": {"thread_id": "t-e"}}
     model = ScriptedChatModel(script=["DRAFT: refunded"])
-    with Persistence(url).checkpointer() as saver:
-        agent = build_agent(
-            model,
-            checks=[_no_drafts],
-            max_revisions=0,
-            escalate=True,
-            ledger=ledger,
-            checkpointer=saver,
-        )
-        assert agent.invoke(FIRST, config, context=CTX)["__interrupt__"]
+    options = {"checks": [_no_drafts], "max_revisions": 0, "escalate": True, "ledger": ledger}
+    async with _invoking(url, driver, model=model, **options) as run:
+        assert (await run(FIRST, config))["__interrupt__"]
         (waiting,) = RunLog(ledger).query()
         assert (waiting.status, waiting.interrupts) == ("interrupted", 1)
         assert waiting.detail == "awaiting a human: the answer failed verification: it is a draft"
-        agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
-    (run,) = RunLog(ledger).query()
-    assert (run.status, run.interrupts, run.run_key) == ("success", 1, waiting.run_key)
+        await run(Command(resume={"type": "approve"}), config)
+    (ended,) = RunLog(ledger).query()
+    assert (ended.status, ended.interrupts, ended.run_key) == ("success", 1, waiting.run_key)

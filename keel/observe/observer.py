@@ -342,19 +342,18 @@ def recorded(
 
     # `state: Any`: LangGraph reads a route's input with the schema its first parameter names;
     # the graph's whole state it is (a supervisor's has more keys than `AgentState`)
-    def run(state: Any, config: RunnableConfig) -> str:
+    def steps(state: Any, config: RunnableConfig) -> Steps[str]:
         runtime = runtime_in(config)
         choice, ends = decide(state, runtime)
         if ends and observer is not None:
-            observer.record_run(state, config, context_of(runtime))
+            yield from observer.recording(state, config, context_of(runtime))
         return choice
 
+    def run(state: Any, config: RunnableConfig) -> str:
+        return drive(steps(state, config))
+
     async def arun(state: Any, config: RunnableConfig) -> str:
-        runtime = runtime_in(config)
-        choice, ends = decide(state, runtime)
-        if ends and observer is not None:
-            await observer.arecord_run(state, config, context_of(runtime))
-        return choice
+        return await adrive(steps(state, config))
 
     return RunnableCallable(run, arun, name=f"route_{source}", trace=False)
 
