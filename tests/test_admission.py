@@ -326,6 +326,28 @@ async def test_an_overloaded_async_run_answers_no_pending_call_not_run(ledger: L
     assert not_run(await AuditLog(ledger).aquery(thread="w1")) == [("refund", "not_run")]
 
 
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_a_refused_run_is_audited_and_recorded_under_invoke_and_ainvoke(
+    ledger: Ledger, driver: str
+) -> None:
+    """A run admission control refuses writes its `overloaded` audit record and run record,
+    sent with `invoke` as with `ainvoke`."""
+    agent = agent_for(ledger, AdmissionPolicy(tenant_running=1), Gate())
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=1))
+    lease = await admission.aacquire(RunContext(user_id="x", tenant_id="acme"))
+    config: Any = {"configurable": {"thread_id": "r1"}}
+    if driver == "invoke":
+        refused = await asyncio.to_thread(agent.invoke, TASK, config, context=ACME)
+    else:
+        refused = await agent.ainvoke(TASK, config, context=ACME)
+    await admission.arelease(lease)
+    assert refused["outcome"]["terminated_reason"] == "overloaded"
+    (record,) = await RunLog(ledger).aquery(tenant="acme")
+    assert (record.terminated_reason, record.user_id, record.thread_id) == ("overloaded", "y", "r1")
+    audit = [r for r in await AuditLog(ledger).aquery(limit=100) if r.kind == "admission"]
+    assert [(r.decision, r.user_id, r.thread_id) for r in audit] == [("overloaded", "y", "r1")]
+
+
 def test_bad_admission_settings_are_named() -> None:
     with pytest.raises(UserError, match="tenant_running must be 1 or more"):
         AdmissionPolicy(tenant_running=0)
