@@ -144,11 +144,11 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
     ) -> Iterator[Any]:
         """`stream` for input that passed the checks (`ThreadGuardedGraph` checks it itself)."""
-        input = self._marked(_as_callers(input)) if at_top(config) else input
-        chunks = super().stream(input, config, **kwargs)
         if not at_top(config):
-            return chunks
-        chunks = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs)).guard(chunks)
+            return super().stream(input, config, **kwargs)
+        ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+        chunks = super().stream(self._marked(_as_callers(input)), config, **ending.kwargs)
+        chunks = ending.guard(chunks)
         answers = self._answers(kwargs)
         return chunks if answers is None else answers.guard(chunks)
 
@@ -166,10 +166,11 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         """`astream` for input that passed the checks (see `_stream_checked`)."""
-        input = self._marked(_as_callers(input)) if at_top(config) else input
-        chunks = super().astream(input, config, **kwargs)
-        if at_top(config):
+        if not at_top(config):
+            chunks = super().astream(input, config, **kwargs)
+        else:
             ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+            chunks = super().astream(self._marked(_as_callers(input)), config, **ending.kwargs)
             chunks = ending.aguard(chunks)
             answers = self._answers(kwargs)
             chunks = chunks if answers is None else answers.aguard(chunks)

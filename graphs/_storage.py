@@ -163,36 +163,53 @@ class RunEnd:
         )
 
 
+_KEEL_ONLY = object()
+"""A chunk keel streamed for itself: not sent to the caller."""
+
+
 class StreamEnding:
     """Watches a stream's chunks and makes the chunk that ends it on a storage failure.
 
-    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows). With
-    a `RunEnd`, a run that ends so is recorded (its run record, `terminated_reason` storage),
-    as far as the ledger still takes writes: its graph never reached the route that records
-    a finished run.
+    It keeps the latest top-level state (see `ChunkShape` for the chunk shapes it knows). A
+    stream without `"values"` among its modes streams them too (`kwargs`, for LangGraph), and
+    the caller gets only the modes it asked for: a run that ends on a storage failure or is
+    cancelled is recorded with what it reached (its messages, its usage) in whichever mode it
+    streams, so its record is the same row its graph wrote (one record per run), not a second
+    one keyed on nothing. With a `RunEnd`, a run that ends so is recorded (its run record,
+    `terminated_reason` storage), as far as the ledger still takes writes: its graph never
+    reached the route that records a finished run, or that route recorded an end (`completed`)
+    whose checkpoint then failed to save.
     """
 
     def __init__(self, graph_mode: Any, kwargs: dict[str, Any], end: RunEnd | None = None) -> None:
         self.shape = ChunkShape(graph_mode, kwargs)
+        """The chunks the caller asked for."""
+        self.added = "values" not in self.shape.modes
+        """Whether `values` is streamed for keel only (the caller did not ask for it)."""
+        modes = [*self.shape.modes, "values"] if self.added else self.shape.modes
+        self.kwargs = {**kwargs, "stream_mode": modes} if self.added else kwargs
+        """The stream's arguments for LangGraph."""
+        self.streamed = ChunkShape(graph_mode, self.kwargs)
         self.latest: dict[str, Any] = {}
         self.end = end
 
-    def see(self, chunk: Any) -> None:
-        """Keep `chunk`'s state if it is a top-level `values` chunk (or a `debug` checkpoint).
+    def see(self, chunk: Any) -> Any:
+        """Keep `chunk`'s state if it is a top-level `values` chunk; the chunk for the caller.
 
-        A served run always streams `debug`; its checkpoint of the run's input is skipped, as
-        it holds the state before the input.
+        That is `chunk` in the shape the caller asked for, or `_KEEL_ONLY` for a `values`
+        chunk streamed for keel alone.
         """
-        parts = self.shape.parts(chunk)
-        if parts is None or parts[0] or not isinstance(parts[2], dict):
-            return
-        if parts[1] == "values":
-            self.latest = parts[2]
-        elif parts[1] == "debug" and parts[2].get("type") == "checkpoint":
-            saved = parts[2].get("payload") or {}
-            source = (saved.get("metadata") or {}).get("source")
-            if source != "input" and isinstance(saved.get("values"), dict):
-                self.latest = saved["values"]
+        parts = self.streamed.parts(chunk)
+        if parts is None:
+            return chunk
+        ns, mode, payload = parts
+        if mode == "values" and not ns and isinstance(payload, dict):
+            self.latest = payload
+        if not self.added:
+            return chunk
+        if mode == "values":
+            return _KEEL_ONLY
+        return self.shape.make(ns, mode, payload, chunk)
 
     def ended(self, exc: BaseException) -> dict[str, Any]:
         """The run's last state: the latest one seen, with the storage outcome."""
@@ -227,8 +244,8 @@ class StreamEnding:
         """`chunks`, ended by `last_chunk` when storage fails."""
         try:
             for chunk in chunks:
-                self.see(chunk)
-                yield chunk
+                if (sent := self.see(chunk)) is not _KEEL_ONLY:
+                    yield sent
         except Exception as exc:
             if not storage_failure(exc):
                 raise
@@ -244,8 +261,8 @@ class StreamEnding:
         """`guard` for an async stream."""
         try:
             async for chunk in chunks:
-                self.see(chunk)
-                yield chunk
+                if (sent := self.see(chunk)) is not _KEEL_ONLY:
+                    yield sent
         except Exception as exc:
             if not storage_failure(exc):
                 raise

@@ -232,9 +232,50 @@ async def test_an_async_checkpointer_raising_a_non_storage_error_ends_with_an_ou
         assert raised.value.outcome["terminated_reason"] == "storage"
         assert isinstance(raised.value.__cause__, RuntimeError)
     records = await RunLog(ledger).aquery()
-    # each run's end is recorded as `storage` (the stream's record is keyed apart from the one
-    # its graph wrote at its end: it saw no state)
-    assert records[0].terminated_reason == records[-1].terminated_reason == "storage"
+    # each run's end is recorded as `storage`, once: the stream's record is the row its graph
+    # wrote (`completed`) as it ended, though the caller streamed no state
+    assert [r.terminated_reason for r in records] == ["storage", "storage"]
+    await ledger.aclose()
+
+
+@pytest.mark.parametrize("stream_mode", ["updates", "messages", ["updates", "custom"]])
+@pytest.mark.parametrize("flavour", ["stream", "astream"])
+async def test_a_stream_without_values_that_fails_to_save_the_answer_has_one_run_record(
+    tmp_path: Path, stream_mode: Any, flavour: str
+) -> None:
+    """The model answered and the graph recorded the run `completed` on its way out; then the
+    checkpoint holding that answer failed to save. The run did not durably complete: its one
+    record says `storage`, with the work it did (its tool call, its model calls). It had two:
+    the graph's `completed` and a second one the stream wrote keyed on no message (it streamed
+    no state), with negative usage. The caller still gets only the modes it asked for."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    config: Any = {"configurable": {"thread_id": f"no-values-{flavour}"}}
+    payload = {"messages": [("user", "where is A1?")]}
+    seen: list[Any] = []
+    async with aiosqlite.connect(tmp_path / "ak.db") as aconn:
+        conn = sqlite3.connect(tmp_path / "k.db", check_same_thread=False)
+        agent = _answering_agent(
+            BuggySaver(conn, RuntimeError("saver bug"))
+            if flavour == "stream"
+            else BuggyAsyncSaver(aconn),
+            ledger,
+        )
+        with pytest.raises(StorageError) as raised:
+            if flavour == "stream":
+                seen.extend(agent.stream(payload, config, context=CTX, stream_mode=stream_mode))
+            else:
+                async for chunk in agent.astream(
+                    payload, config, context=CTX, stream_mode=stream_mode
+                ):
+                    seen.append(chunk)
+        conn.close()
+    assert raised.value.outcome is not None
+    assert seen and all(_asked(chunk, stream_mode) for chunk in seen)
+    records = await RunLog(ledger).aquery()
+    assert [(r.status, r.terminated_reason) for r in records] == [("error", "storage")]
+    (record,) = records
+    assert record.detail == raised.value.outcome["detail"]
+    assert record.tools == {"lookup": {"calls": 1, "failures": 0}} and record.model_calls >= 1
     await ledger.aclose()
 
 
@@ -259,6 +300,15 @@ def test_a_nodes_own_exception_still_raises_as_it_is(tmp_path: Path) -> None:
         agent = build_agent(model, [], checkpointer=saver)
         with pytest.raises(UnserializableState):
             agent.invoke({"messages": [("user", "hi")]}, config | {}, context=CTX)
+
+
+def _asked(chunk: Any, stream_mode: Any) -> bool:
+    """Whether `chunk` is one of the modes a stream asked for (no `values`: no state)."""
+    if isinstance(stream_mode, list):
+        return isinstance(chunk, tuple) and chunk[0] in stream_mode
+    if stream_mode == "messages":
+        return isinstance(chunk, tuple) and len(chunk) == 2
+    return isinstance(chunk, dict) and "messages" not in chunk  # {node: update}
 
 
 class Widget:
