@@ -57,6 +57,7 @@ from keel.guards.model_call import (
 )
 from keel.guards.policy import Policy
 from keel.history import valid_history
+from keel.models import model_name_of
 from keel.observe.observer import Observer, paused, recorded
 from keel.pricing import PriceTable
 from keel.state import (
@@ -70,6 +71,7 @@ from keel.state import (
     task_clock,
     task_start,
 )
+from keel.versions import AgentVersion, prompt_hash
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
 
@@ -111,6 +113,7 @@ def build_supervisor(
     checkpointer: BaseCheckpointSaver[Any] | None = None,
     store: BaseStore | None = None,
     name: str = "keel_supervisor",
+    version: str | None = None,
 ) -> Supervisor:
     """Build a supervisor that routes a task to focused agents (each built with `build_agent`).
 
@@ -135,6 +138,11 @@ def build_supervisor(
         checkpointer: A LangGraph checkpointer; needed for the agents' approvals.
         store: A LangGraph store, passed on to the agents.
         name: The graph's name.
+        version: Your label for this version of the supervisor (`"v2"`). Its run records
+            and audit records name the version that served each run, as an agent's do: this
+            label (or an `auto-<digest>` id), the router's model, a hash of the routing
+            prompt (agents, descriptions, `system_prompt`), each agent's version (by agent
+            name) and the policy version (`keel.versions.AgentVersion`).
 
     Example:
         ```python
@@ -164,6 +172,7 @@ def build_supervisor(
         )
         ask = GuardedModel([router], schema=Route, guards=guards)
     prompt = _prompt(agents, descriptions or {}, system_prompt)
+    served = _version(agents, router, prompt, policy, version)
     # with a ledger the supervisor's own run is recorded as an agent's is (`keel.observe`)
     observer = (
         None
@@ -173,6 +182,7 @@ def build_supervisor(
             graph=name,
             policy_name=policy.name if policy is not None else None,
             policy_version=policy.version if policy is not None else "1",
+            version=served,
         )
     )
     graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
@@ -192,8 +202,44 @@ def build_supervisor(
     # an agent's run a new message finds stopped mid-step is recorded by the agent's recorder
     recorders = {n: r for n, a in agents.items() if (r := _recorder(a)) is not None}
     return guarded(
-        compiled, audit, admission, recorder=observer, thread_leases=leases, agents=recorders
+        compiled,
+        audit,
+        admission,
+        version=served,
+        recorder=observer,
+        thread_leases=leases,
+        agents=recorders,
     )
+
+
+def _version(
+    agents: Mapping[str, Agent],
+    router: str | BaseChatModel | Router,
+    prompt: str,
+    policy: Policy | None,
+    label: str | None,
+) -> AgentVersion:
+    """What the supervisor was built from: its router's model, its routing prompt, its agents.
+
+    Its agents stand where an agent's tools do: each by name, with its own version's id (a
+    changed agent makes a new supervisor version). A function router has no model name.
+    """
+    model = router if isinstance(router, str) else None
+    if isinstance(router, BaseChatModel):
+        model = model_name_of(router)
+    return AgentVersion(
+        model=model,
+        prompt_hash=prompt_hash(prompt),
+        tool_versions={n: _version_of(a) for n, a in agents.items()},
+        policy=f"{policy.name if policy is not None else 'default'}@"
+        f"{policy.version if policy is not None else '1'}",
+        label=label,
+    )
+
+
+def _version_of(agent: Agent) -> str:
+    served: AgentVersion | None = getattr(agent, "keel_version", None)
+    return served.id if served is not None else "none"
 
 
 def _recorder(agent: Agent) -> Recorder | None:

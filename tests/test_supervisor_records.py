@@ -26,6 +26,7 @@ from langchain_core.messages import BaseMessage
 from langgraph.types import Command
 
 from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel.app.report import by_version
 from keel.approvals import call_digest
 from keel.db.runs import RunRecord
 from keel.evals import ScriptedChatModel, call
@@ -102,6 +103,36 @@ def test_a_supervisor_run_records_itself_with_its_own_usage(db_url: str) -> None
     assert [(r.model_calls, r.tool_calls) for r in agents] == [(2, 1), (2, 1)]
     assert [r.model_calls for r in runs] == [2, 2]
     assert runs[0].input_tokens == agents[0].input_tokens > 0
+
+
+def test_a_supervisors_records_name_its_version_as_an_agents_do(db_url: str) -> None:
+    """`keel report --by version` grouped every supervisor run as `unversioned`: its records
+    carried no version. They name one now: the label (or `auto-<digest>`), the router's model,
+    the routing prompt's hash and each agent's version by name; a changed agent is a new
+    supervisor version."""
+    ledger = Ledger(db_url)
+    try:
+        billing = build_agent(_billing_model(), [refund], ledger=ledger, version="b1")
+        router = ScriptedChatModel(
+            structured={"Route": lambda ms: {"agent": "billing" if len(ms) < 3 else FINISH}},
+            model_name="router-model",
+        )
+        labelled = build_supervisor({"billing": billing}, router, ledger=ledger, version="s1")
+        labelled.invoke({"messages": [("user", "refund A1")]}, context=CTX)
+        rebuilt = build_agent(_billing_model(), [refund], ledger=ledger, version="b2")
+        for agent in (billing, billing, rebuilt):  # the same build twice, then a changed agent
+            sup = build_supervisor({"billing": agent}, _router, ledger=ledger)
+            sup.invoke({"messages": [("user", "refund A1")]}, context=CTX)
+        runs = _records(ledger)
+    finally:
+        ledger.close()
+    assert runs[0].version == "s1" and runs[0].model == "router-model"
+    assert runs[0].tool_versions == {"billing": "b1"} and runs[0].prompt_hash != "none"
+    auto = [r.version or "" for r in runs[1:]]
+    assert auto[0] == auto[1] != auto[2] and all(v.startswith("auto-") for v in auto)
+    assert runs[3].tool_versions == {"billing": "b2"}
+    grouped = by_version(runs)
+    assert [(v.version, v.runs) for v in grouped] == [("s1", 1), (auto[0], 2), (auto[2], 1)]
 
 
 def test_a_supervisor_paused_by_its_agent_is_recorded_interrupted_then_its_end(
