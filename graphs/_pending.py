@@ -79,6 +79,8 @@ class Dropped:
     """Record `ended` only where the run recorded no end of its own (a run found stopped)."""
     inside: list[tuple[Recorder, dict[str, Any]]] = field(default_factory=list)
     """The ends of its subgraphs' runs (a supervisor's agents), each by its own recorder."""
+    run_id: str | None = None
+    """The id of the run `ended` ends, as the thread's latest checkpoint names it."""
 
 
 def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:

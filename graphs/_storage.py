@@ -140,15 +140,18 @@ class RunEnd:
     config: RunnableConfig
     context: Any
 
-    def earlier(self) -> RunEnd:
-        """The recorder for the thread's run before this one: without this run's `run_id`.
+    def earlier(self, run_id: str | None) -> RunEnd:
+        """The recorder for the thread's run before this one: under its `run_id`, not this one's.
 
-        The earlier run's own id is not known here; a row it wrote keeps the one it has.
+        `run_id` is the earlier run's, as its checkpoints name it (`None`: it had none); a row
+        it wrote keeps the one it has.
         """
         config: dict[str, Any] = dict(self.config)
         for key in ("configurable", "metadata"):
             given: Mapping[str, Any] = config.get(key) or {}
             config[key] = {k: v for k, v in given.items() if k != "run_id"}
+        if run_id is not None:
+            config["configurable"]["run_id"] = run_id
         return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
 
     def recording(self, state: dict[str, Any], *, first_end: bool = False) -> Op:

@@ -244,6 +244,12 @@ def _latest(config: RunnableConfig | None) -> RunnableConfig:
     return {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
 
 
+def _run_of(state: StateSnapshot | None) -> str | None:
+    """The run id the thread's latest checkpoint was written under (the run that wrote it)."""
+    found = ((state.metadata if state is not None else None) or {}).get("run_id")
+    return None if found is None else str(found)
+
+
 def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     """What `refusal` needs of a thread that does not wait for a human, read cheaply.
 
@@ -343,7 +349,7 @@ class ThreadGuardedGraph(ProtectedGraph):
             input, closing = closed(input, state)
             _, calls = pending_tool_calls(state.values.get("messages") or [])
             records = self._not_run(closing, config, kwargs, calls)
-            answered = Dropped(records, abandoned(state, closing))
+            answered = Dropped(records, abandoned(state, closing), run_id=_run_of(state))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:
@@ -352,14 +358,16 @@ class ThreadGuardedGraph(ProtectedGraph):
             assert state is not None
             input, closing = closed_left(input, left, found, step_results(state))
             records = self._not_run(closing, config, kwargs, left)
-            answered = Dropped(records, left_ended(state, closing), first_end=True)
+            stopped = left_ended(state, closing)
+            answered = Dropped(records, stopped, first_end=True, run_id=_run_of(state))
         elif (ended := stopped_ended(input, state)) is not None:
             calls = calls_inside(inside or [])
             closing = left_answers(calls, found, {})
             records = self._not_run(closing, config, kwargs, calls)
             agents = self.keel_agents or {}
             ends = [(agents[n], inside_ended(s, closing)) for n, s in inside or [] if n in agents]
-            answered = Dropped(records, ended, first_end=True, inside=ends)
+            run_id = _run_of(state)
+            answered = Dropped(records, ended, first_end=True, inside=ends, run_id=run_id)
         input = _without_resent(input, state)
         # protected keys and unread messages, before any record (the stream does not re-check)
         resumes = self._check_input(input) and config is not None
@@ -420,7 +428,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         if answered.records and audit is not None:
             yield both(audit.write, audit.awrite, answered.records)
         if answered.ended is not None and end is not None:
-            end = end.earlier() if answered.first_end else end
+            end = end.earlier(answered.run_id)
             yield end.recording(answered.ended, first_end=answered.first_end)
             for recorder, ended in answered.inside:
                 yield RunEnd(recorder, end.config, end.context).recording(ended, first_end=True)

@@ -238,7 +238,7 @@ CHILD = textwrap.dedent(
             saver.put_writes = dies_after_the_tool_step
         agent = build_agent(model, [refund], ledger=Ledger(url), checkpointer=saver)
         agent.invoke({"messages": [("user", "refund order A1")]},
-                     {"configurable": {"thread_id": "t1"}},
+                     {"configurable": {"thread_id": "t1", "run_id": "run-1"}},
                      context=RunContext(user_id="u1", tenant_id="acme"),
                      durability="sync")  # the model's turn is saved before a read runs too
     """
@@ -279,7 +279,7 @@ async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
     """The killed run wrote no run record (its process could not), and the next message's
     model read "the run stopped before it ran" about a refund that happened. Now: "outcome
     unknown", audited, the refund not repeated, and the killed run recorded `stopped/cancelled`
-    by the next message (under no run id: the next run's is not its own)."""
+    by the next message, under its own run id (not the next run's)."""
     effects = tmp_path / "effects"
     _killed_mid_tool(db_url, effects)
     ledger, model = Ledger(db_url), _model()
@@ -295,7 +295,8 @@ async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
         assert "process ended" in why and "refund" in why, why
         killed, finished_run = RunLog(ledger).query()
         assert (killed.model_calls, killed.tool_calls) == (1, 1)  # its own usage, its call
-        assert (killed.run_id, finished_run.run_id) == (None, "run-2")  # not the next run's id
+        # its own run id (its checkpoints name it), not the next run's: it had none
+        assert (killed.run_id, finished_run.run_id) == ("run-1", "run-2")
         answered_by = {r.run_id for r in AuditLog(ledger).query() if r.tool_call_id == call_id}
         assert answered_by == {"run-2"}  # the run that answered the call
     finally:
