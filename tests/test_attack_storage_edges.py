@@ -192,8 +192,8 @@ def test_a_checkpointer_raising_a_non_storage_error_ends_the_run_with_an_outcome
     assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
     named = f"the checkpointer raised {type(error).__name__}: {error}"
     assert named in ended["detail"] and "not saved" in ended["detail"], ended
-    assert [(r.terminated_reason, r.detail) for r in RunLog(ledger).query()] == [
-        ("storage", ended["detail"])
+    assert [(r.terminated_reason, r.detail, r.model_calls) for r in RunLog(ledger).query()] == [
+        ("storage", ended["detail"], 2)  # both its model calls: the answer it lost was paid for
     ]
     saver.armed = False  # fixed: the thread resumes from its last saved checkpoint
     done = agent.invoke(None, config, context=CTX)
@@ -241,14 +241,15 @@ async def test_an_async_checkpointer_raising_a_non_storage_error_ends_with_an_ou
 @pytest.mark.parametrize("stream_mode", ["updates", "messages", ["updates", "custom"]])
 @pytest.mark.parametrize("flavour", ["stream", "astream"])
 async def test_a_stream_without_values_that_fails_to_save_the_answer_has_one_run_record(
-    tmp_path: Path, stream_mode: Any, flavour: str
+    tmp_path: Path, db_url: str, stream_mode: Any, flavour: str
 ) -> None:
     """The model answered and the graph recorded the run `completed` on its way out; then the
     checkpoint holding that answer failed to save. The run did not durably complete: its one
-    record says `storage`, with the work it did (its tool call, its model calls). It had two:
-    the graph's `completed` and a second one the stream wrote keyed on no message (it streamed
-    no state), with negative usage. The caller still gets only the modes it asked for."""
-    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    record says `storage`, with the work it did (its tool call, both its model calls: the
+    answer was paid for, though the state holding it was lost). It had two: the graph's
+    `completed` and a second one the stream wrote keyed on no message (it streamed no state),
+    with negative usage. The caller still gets only the modes it asked for."""
+    ledger = Ledger(db_url)
     config: Any = {"configurable": {"thread_id": f"no-values-{flavour}"}}
     payload = {"messages": [("user", "where is A1?")]}
     seen: list[Any] = []
@@ -275,7 +276,7 @@ async def test_a_stream_without_values_that_fails_to_save_the_answer_has_one_run
     assert [(r.status, r.terminated_reason) for r in records] == [("error", "storage")]
     (record,) = records
     assert record.detail == raised.value.outcome["detail"]
-    assert record.tools == {"lookup": {"calls": 1, "failures": 0}} and record.model_calls >= 1
+    assert record.tools == {"lookup": {"calls": 1, "failures": 0}} and record.model_calls == 2
     await ledger.aclose()
 
 

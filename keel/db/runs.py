@@ -252,7 +252,8 @@ def upsert_flow(
     """Store `record`, whose usage holds the thread's totals, as the run's own usage.
 
     The run's own is the totals less `base` (the thread's usage when the run started), or,
-    without it, less the totals of the thread's previous run record. A `cancelled` record
+    without it, less the totals of the thread's previous run record. A later write of a run's
+    record never lowers its usage (`_kept`). A `cancelled` record
     replaces only a paused (or cancelled) one: a row that says how the run ended is kept, and
     returned. With `first_end`, a cancelled one is kept too (the record of a run found stopped
     later, which says less than the end the run recorded itself).
@@ -283,7 +284,7 @@ def upsert_flow(
         "tool_versions": json.dumps(own.tool_versions, sort_keys=True),
         "thread_usage": json.dumps(totals),
     }
-    updates = ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
+    updates = ", ".join(_kept(c) if c in _USAGE else f"{c} = excluded.{c}" for c in _UPDATED)
     yield (
         f"INSERT INTO keel_runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
         f"ON CONFLICT (run_key) DO UPDATE SET {updates}, "
@@ -292,6 +293,19 @@ def upsert_flow(
         tuple(storable(values[c]) for c in _COLUMNS),
     )
     return own
+
+
+def _kept(column: str) -> str:
+    """The update of a usage column: the larger of the stored and the written value.
+
+    A run only adds to what it used: a later write of its record saying less saw an earlier
+    state (a checkpoint that failed to save the run's last step, whose model call was made and
+    paid, after the run recorded its end with it).
+    """
+    return (
+        f"{column} = CASE WHEN excluded.{column} > keel_runs.{column} "
+        f"THEN excluded.{column} ELSE keel_runs.{column} END"
+    )
 
 
 def scores_flow(
