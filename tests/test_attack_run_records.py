@@ -1,0 +1,363 @@
+"""Every run has exactly one run record, and it says how the run ended (README, Observability).
+
+A matrix: each way a run can end (completed; paused for approval, then resumed; budget stop;
+a denied call; a model error; a tool error; the checkpointer failing mid-run; the ledger
+failing mid-run; cancelled) under each entry point (`invoke`, `stream` with `"values"` and with
+`"updates"`, `ainvoke`, `astream` with `"values"` and with `"updates"`), then a new message on
+the same thread, which completes. For every run: one record per run id, its status and
+`terminated_reason` as the outcome the caller saw (the final state's, or a `StorageError`'s),
+and the run id of the call that started it: no record takes another run's id.
+
+Real parts: SQLite files, and a PostgreSQL database (checkpointer and ledger) whose connections
+are terminated mid-run; models are keel's `ScriptedChatModel` with fresh tool-call ids, as real
+models mint them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.types import Command, RetryPolicy
+from test_storage_faults import InFlightKiller
+from test_storage_outcome import KillUntilDone
+
+from keel import Ledger, Persistence, RunContext, RunLog, StorageError, build_agent, tool
+from keel.db.runs import RunRecord
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Budget, Policy, Rule
+
+CTX = RunContext(user_id="u1", tenant_id="acme")
+ENDINGS = [
+    "completed",
+    "resumed",
+    "budget",
+    "denied",
+    "model_error",
+    "tool_error",
+    "checkpointer",
+    "ledger",
+    "cancelled",
+    "closed",
+    "dropped",
+]
+ENTRIES = [
+    "invoke",
+    "stream-values",
+    "stream-updates",
+    "ainvoke",
+    "astream-values",
+    "astream-updates",
+]
+STOPPED = ("stopped", "cancelled")
+COMPLETED = ("success", "completed")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(backend, URL): a file of this test, or the module's PostgreSQL database (the tests
+    keep apart by thread id)."""
+    if request.param == "sqlite":
+        return "sqlite", f"sqlite:///{tmp_path}/keel.db"
+    return "postgres", request.getfixturevalue("module_postgres_url")
+
+
+@dataclass
+class Faults:
+    """What the tools do to the storage, armed by the scenario; undone after the run."""
+
+    backend: str
+    url: str
+    loop: asyncio.AbstractEventLoop
+    saver: Any = None
+    armed: str | None = None
+    """`checkpointer` or `ledger`: break it when the next tool runs (once)."""
+    release: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def break_storage(self) -> None:
+        what, self.armed = self.armed, None
+        if what == "ledger":  # its writes after this tool, killed in each of its 3 attempts
+            killer = InFlightKiller(self.url)
+            killer.arm("keel_audit", times=3)
+            self.undo.append(killer.join)
+        elif what == "checkpointer" and self.backend == "postgres":
+            pg = KillUntilDone(self.url)
+            pg.start()
+            self.undo.append(pg.stop)
+        elif what == "checkpointer":
+            self._pragma("ON")
+            self.undo.append(lambda: self._pragma("OFF"))
+
+    def _pragma(self, on: str) -> None:
+        statement = self.saver.conn.execute(f"PRAGMA query_only = {on}")
+        if asyncio.iscoroutine(statement):  # aiosqlite: on the loop the saver runs on
+            if threading.current_thread() is threading.main_thread():
+                self.loop.run_until_complete(statement)
+            else:
+                asyncio.run_coroutine_threadsafe(statement, self.loop).result(timeout=10)
+
+    def mend(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
+def _agent(ending: str, faults: Faults, ledger: Ledger, saver: Any) -> Any:
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        faults.break_storage()
+        return f"order {order_id}: delivered"
+
+    @tool(risk="write")
+    def refund(order_id: str) -> str:
+        """Refund an order."""
+        faults.break_storage()
+        return f"refunded {order_id}"
+
+    @tool
+    def broken(order_id: str) -> str:
+        """A tool that fails."""
+        raise ValueError(f"no such order {order_id}")
+
+    @tool
+    def hang(order_id: str) -> str:
+        """A tool the caller stops: Ctrl-C under a sync run, a cancelled task under async."""
+        faults.started.set()
+        if not faults.loop.is_running():  # a sync run
+            raise KeyboardInterrupt
+        faults.release.wait(10)
+        return "too late"
+
+    first = {
+        "completed": "lookup",
+        "resumed": "refund",
+        "budget": "lookup",
+        "denied": "refund",
+        "model_error": None,
+        "tool_error": "broken",
+        "checkpointer": "lookup",
+        "ledger": "refund",
+        "cancelled": "hang",
+        "closed": "lookup",
+        "dropped": "refund",
+    }[ending]
+
+    def failing(messages: Any) -> Any:
+        raise ConnectionError("the provider is down")
+
+    opening = failing if first is None else call(first, order_id="A1")
+    model = ScriptedChatModel(script=[opening, "first answer", "second answer"], fresh_ids=True)
+    action = {"resumed": "ask", "dropped": "ask", "denied": "deny"}.get(ending, "allow")
+    budget = Budget(model_calls=1) if ending == "budget" else None
+    policy = Policy(
+        name="matrix",
+        rules=(Rule(tool="refund", action=action), Rule(tool="*", action="allow")),
+        budget=budget,
+    )
+    return build_agent(
+        model,
+        [lookup, refund, broken, hang],
+        policy=policy,
+        ledger=ledger,
+        checkpointer=saver,
+        model_retry=RetryPolicy(max_attempts=1),
+    )
+
+
+@dataclass
+class Caller:
+    """Runs an agent through one entry point, each call with a fresh run id."""
+
+    entry: str
+    agent: Any
+    loop: asyncio.AbstractEventLoop
+    thread: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex}")
+    run_ids: list[str] = field(default_factory=list)
+    pending: str | None = None
+    """`keel_pending` for the next run (`not_run`: answer a waiting call so)."""
+
+    @property
+    def is_async(self) -> bool:
+        return self.entry.startswith("a")
+
+    def _config(self) -> Any:
+        self.run_ids.append(str(uuid.uuid4()))
+        configurable = {"thread_id": self.thread, "run_id": self.run_ids[-1]}
+        if self.pending is not None:
+            configurable["keel_pending"] = self.pending
+        return {"configurable": configurable}
+
+    def send(self, payload: Any) -> tuple[str, str]:
+        """The (status, terminated_reason) the caller sees for the run `payload` starts."""
+        config, mode = self._config(), self.entry.partition("-")[2]
+        try:
+            if self.entry == "invoke":
+                return _pair(self.agent.invoke(payload, config, context=CTX)["outcome"])
+            if self.entry == "ainvoke":
+                result = self.loop.run_until_complete(
+                    self.agent.ainvoke(payload, config, context=CTX)
+                )
+                return _pair(result["outcome"])
+            chunks = self._chunks(payload, config, mode)
+        except StorageError as exc:  # a stream without "values": the outcome it carries
+            assert mode == "updates" and exc.outcome is not None
+            return _pair(exc.outcome)
+        states = [c for c in chunks if mode == "values" and "outcome" in c]
+        return _pair(states[-1]["outcome"] if states else self._saved()["outcome"])
+
+    def _chunks(self, payload: Any, config: Any, mode: str) -> list[Any]:
+        if not self.is_async:
+            return list(self.agent.stream(payload, config, context=CTX, stream_mode=mode))
+        chunks = self.agent.astream(payload, config, context=CTX, stream_mode=mode)
+        return self.loop.run_until_complete(_collected(chunks))
+
+    def _saved(self) -> Any:
+        config = {"configurable": {"thread_id": self.thread}}
+        if self.is_async:
+            return self.loop.run_until_complete(self.agent.aget_state(config)).values
+        return self.agent.get_state(config).values
+
+    def stop(self, payload: Any, faults: Faults) -> None:
+        """Start a run and stop it in its tool: Ctrl-C (sync), or cancel its task (async)."""
+        config, mode = self._config(), self.entry.partition("-")[2]
+        if not self.is_async:
+            with pytest.raises(KeyboardInterrupt):
+                if self.entry == "invoke":
+                    self.agent.invoke(payload, config, context=CTX)
+                else:
+                    list(self.agent.stream(payload, config, context=CTX, stream_mode=mode))
+            return
+        if self.entry == "ainvoke":
+            running: Any = self.agent.ainvoke(payload, config, context=CTX)
+        else:
+            running = _collected(self.agent.astream(payload, config, context=CTX, stream_mode=mode))
+        self.loop.run_until_complete(_cancelled(running, faults))
+
+    def close(self, payload: Any) -> None:
+        """Start a stream and close it after its first chunk (its reader went away)."""
+        config, mode = self._config(), self.entry.partition("-")[2]
+        if not self.is_async:
+            chunks = self.agent.stream(payload, config, context=CTX, stream_mode=mode)
+            next(chunks)
+            chunks.close()
+            return
+        achunks = self.agent.astream(payload, config, context=CTX, stream_mode=mode)
+        self.loop.run_until_complete(anext(achunks))
+        self.loop.run_until_complete(achunks.aclose())
+
+
+async def _collected(chunks: AsyncIterator[Any]) -> list[Any]:
+    return [chunk async for chunk in chunks]
+
+
+async def _cancelled(running: Any, faults: Faults) -> None:
+    task = asyncio.ensure_future(running)
+    await asyncio.to_thread(faults.started.wait, 10)  # the tool runs
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    faults.release.set()
+
+
+def _pair(outcome: Any) -> tuple[str, str]:
+    return str(outcome["status"]), str(outcome["terminated_reason"])
+
+
+@contextlib.contextmanager
+def _world(backend: str, url: str, entry: str) -> Iterator[tuple[Faults, Ledger]]:
+    """The ledger and checkpointer on `url`, and the faults their tools can cause."""
+    loop = asyncio.new_event_loop()
+    faults = Faults(backend, url, loop)
+    ledger = Ledger(url)
+    with contextlib.ExitStack() as stack:
+        stack.callback(loop.close)
+        stack.callback(faults.mend)
+        stack.callback(lambda: loop.run_until_complete(ledger.aclose()))
+        stack.callback(ledger.close)
+        if entry.startswith("a"):
+            saving = Persistence(url).acheckpointer()
+            faults.saver = loop.run_until_complete(saving.__aenter__())
+            stack.callback(lambda: loop.run_until_complete(saving.__aexit__(None, None, None)))
+        else:
+            faults.saver = stack.enter_context(Persistence(url).checkpointer())
+        yield faults, ledger
+
+
+def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
+    """Run the scenario's first run (and its resume); what the caller saw of each run."""
+    ask = {"messages": [("user", "refund order A1")]}
+    if ending == "cancelled":
+        caller.stop(ask, faults)
+        return [STOPPED]
+    if ending == "closed":
+        caller.close(ask)
+        return [STOPPED]
+    faults.armed = ending if ending in ("checkpointer", "ledger") else None
+    seen = caller.send(ask)
+    faults.mend()
+    if ending == "resumed":
+        assert seen == ("interrupted", "awaiting_approval"), seen
+        seen = caller.send(Command(resume=[{"type": "approve"}]))
+    if ending == "dropped":  # the next message answers the waiting call `not_run`
+        assert seen == ("interrupted", "awaiting_approval"), seen
+        caller.pending = "not_run"
+        return [STOPPED]
+    return [seen]
+
+
+EXPECTED = {
+    "completed": COMPLETED,
+    "resumed": COMPLETED,
+    "budget": ("stopped", "budget_exceeded"),
+    "denied": COMPLETED,  # answered `denied`; the model goes on
+    "model_error": ("error", "error"),
+    "tool_error": COMPLETED,  # answered `error`; the model goes on
+    "checkpointer": ("error", "storage"),
+    "ledger": ("error", "error"),  # of category storage: the refund's result was not recorded
+    "cancelled": STOPPED,
+    "closed": STOPPED,  # a stream its reader closed
+    "dropped": STOPPED,  # paused for a human; a new message dropped what it waited for
+}
+
+
+CASES = [
+    pytest.param(ending, entry, id=f"{ending}-{entry}")
+    for ending in ENDINGS
+    for entry in ENTRIES
+    if ending != "closed" or "stream" in entry  # only a stream has a reader to close it
+]
+
+
+@pytest.mark.parametrize(("ending", "entry"), CASES)
+def test_each_run_has_one_record_that_says_how_it_ended(
+    backend: tuple[str, str], ending: str, entry: str
+) -> None:
+    kind, url = backend
+    if ending == "ledger" and kind == "sqlite":
+        pytest.skip("the ledger's statements are killed in flight on PostgreSQL only")
+    with _world(kind, url, entry) as (faults, ledger):
+        caller = Caller(entry, _agent(ending, faults, ledger, faults.saver), faults.loop)
+        seen = _play(ending, caller, faults)
+        runs = len(caller.run_ids)  # a resume is part of the run it resumes
+        seen.append(caller.send({"messages": [("user", "and order B2?")]}))
+        starts = [caller.run_ids[0], caller.run_ids[runs]]
+        records = [r for r in RunLog(ledger).query() if r.thread_id == caller.thread]
+    assert seen == [EXPECTED[ending], COMPLETED], seen
+    assert [(r.status, r.terminated_reason) for r in records] == seen, _show(records)
+    assert [r.run_id for r in records] == starts, _show(records)
+    if ending in ("checkpointer", "ledger"):
+        assert records[0].error_category == "storage", _show(records)
+    assert len(set(caller.run_ids)) == len(caller.run_ids)
+
+
+def _show(records: list[RunRecord]) -> list[tuple[Any, ...]]:
+    return [(r.run_id, r.run_key, r.status, r.terminated_reason, r.detail[:80]) for r in records]
