@@ -6,7 +6,9 @@ failing mid-run; cancelled) under each entry point (`invoke`, `stream` with `"va
 `"updates"`, `ainvoke`, `astream` with `"values"` and with `"updates"`), then a new message on
 the same thread, which completes. For every run: one record per run id, its status and
 `terminated_reason` as the outcome the caller saw (the final state's, or a `StorageError`'s),
-and the run id of the call that started it: no record takes another run's id.
+and the run id of the call that started it: no record takes another run's id. And every tool
+call answered in the thread is in the audit log (a ledger that refused the call's audit
+record mid-run and came back before the run ended gets it with the run's record).
 
 Real parts: SQLite files, and a PostgreSQL database (checkpointer and ledger) whose connections
 are terminated mid-run; models are keel's `ScriptedChatModel` with fresh tool-call ids, as real
@@ -25,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import ToolMessage
 from langgraph.types import Command, RetryPolicy
 from test_storage_faults import InFlightKiller
 from test_storage_outcome import KillUntilDone
 
-from keel import Ledger, Persistence, RunContext, RunLog, StorageError, build_agent, tool
-from keel.db.runs import RunRecord
+from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel.db.audit import AuditLog
+from keel.db.runs import RunLog, RunRecord
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Budget, Policy, Rule
 
@@ -44,10 +48,14 @@ ENDINGS = [
     "tool_error",
     "checkpointer",
     "ledger",
+    "audit_down",
     "cancelled",
     "closed",
     "dropped",
 ]
+"""`ledger`: the ledger refuses a side-effecting call's records (its result, its audit);
+`audit_down`: a read's audit record only; `closed`: a stream its reader closed; `dropped`:
+paused for a human, then a new message answered the waiting call `not_run`."""
 ENTRIES = [
     "invoke",
     "stream-values",
@@ -146,6 +154,7 @@ def _agent(ending: str, faults: Faults, ledger: Ledger, saver: Any) -> Any:
         "tool_error": "broken",
         "checkpointer": "lookup",
         "ledger": "refund",
+        "audit_down": "lookup",
         "cancelled": "hang",
         "closed": "lookup",
         "dropped": "refund",
@@ -212,7 +221,7 @@ class Caller:
             assert mode == "updates" and exc.outcome is not None
             return _pair(exc.outcome)
         states = [c for c in chunks if mode == "values" and "outcome" in c]
-        return _pair(states[-1]["outcome"] if states else self._saved()["outcome"])
+        return _pair(states[-1]["outcome"] if states else self.saved()["outcome"])
 
     def _chunks(self, payload: Any, config: Any, mode: str) -> list[Any]:
         if not self.is_async:
@@ -220,7 +229,8 @@ class Caller:
         chunks = self.agent.astream(payload, config, context=CTX, stream_mode=mode)
         return self.loop.run_until_complete(_collected(chunks))
 
-    def _saved(self) -> Any:
+    def saved(self) -> Any:
+        """The thread's saved state."""
         config = {"configurable": {"thread_id": self.thread}}
         if self.is_async:
             return self.loop.run_until_complete(self.agent.aget_state(config)).values
@@ -301,7 +311,8 @@ def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
     if ending == "closed":
         caller.close(ask)
         return [STOPPED]
-    faults.armed = ending if ending in ("checkpointer", "ledger") else None
+    armed = {"checkpointer": "checkpointer", "ledger": "ledger", "audit_down": "ledger"}
+    faults.armed = armed.get(ending)
     seen = caller.send(ask)
     faults.mend()
     if ending == "resumed":
@@ -323,6 +334,7 @@ EXPECTED = {
     "tool_error": COMPLETED,  # answered `error`; the model goes on
     "checkpointer": ("error", "storage"),
     "ledger": ("error", "error"),  # of category storage: the refund's result was not recorded
+    "audit_down": COMPLETED,  # a read's audit record refused: the run goes on
     "cancelled": STOPPED,
     "closed": STOPPED,  # a stream its reader closed
     "dropped": STOPPED,  # paused for a human; a new message dropped what it waited for
@@ -342,7 +354,7 @@ def test_each_run_has_one_record_that_says_how_it_ended(
     backend: tuple[str, str], ending: str, entry: str
 ) -> None:
     kind, url = backend
-    if ending == "ledger" and kind == "sqlite":
+    if ending in ("ledger", "audit_down") and kind == "sqlite":
         pytest.skip("the ledger's statements are killed in flight on PostgreSQL only")
     with _world(kind, url, entry) as (faults, ledger):
         caller = Caller(entry, _agent(ending, faults, ledger, faults.saver), faults.loop)
@@ -351,12 +363,18 @@ def test_each_run_has_one_record_that_says_how_it_ended(
         seen.append(caller.send({"messages": [("user", "and order B2?")]}))
         starts = [caller.run_ids[0], caller.run_ids[runs]]
         records = [r for r in RunLog(ledger).query() if r.thread_id == caller.thread]
+        audit = AuditLog(ledger).query(thread=caller.thread)
+        messages = caller.saved()["messages"]
     assert seen == [EXPECTED[ending], COMPLETED], seen
     assert [(r.status, r.terminated_reason) for r in records] == seen, _show(records)
     assert [r.run_id for r in records] == starts, _show(records)
     if ending in ("checkpointer", "ledger"):
         assert records[0].error_category == "storage", _show(records)
     assert len(set(caller.run_ids)) == len(caller.run_ids)
+    # every call answered in the thread is in the audit log, under a run of the thread
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    assert answered <= {a.tool_call_id for a in audit if a.kind == "tool"}, audit
+    assert {a.run_id for a in audit} <= set(caller.run_ids), audit
 
 
 def _show(records: list[RunRecord]) -> list[tuple[Any, ...]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -122,6 +123,25 @@ class Observer:
         self.policy_name = policy_name
         self.policy_version = policy_version
         self.version = version
+        self._unwritten: dict[tuple[str | None, str | None], list[AuditRecord]] = {}
+        """Audit records the ledger refused mid-run, by (thread, run): written with its record."""
+        self._lock = threading.Lock()
+
+    def keep_unwritten(self, who: Who, records: list[AuditRecord]) -> None:
+        """Keep audit records the ledger refused mid-run, to write with the run's record.
+
+        The run goes on (or ends on the failure) without them; when its record is written
+        (its end, or a pause), the ledger may be back: they are written first.
+        """
+        if records:
+            with self._lock:
+                self._unwritten.setdefault((who.thread_id, who.run_id), []).extend(records)
+
+    def _late(self, config: RunnableConfig, context: RunContext) -> list[AuditRecord]:
+        """The run's audit records the ledger refused mid-run (taken: written once)."""
+        who = self.who(config, context)
+        with self._lock:
+            return self._unwritten.pop((who.thread_id, who.run_id), [])
 
     def record_run(
         self,
@@ -160,6 +180,12 @@ class Observer:
         """`record_run` as `keel._drive` steps (written once for `record_run` and `arecord_run`)."""
         if isolated():
             return
+        late = self._late(config, context)
+        try:
+            if late:  # refused mid-run: the ledger may be back
+                yield both(self.audit.write, self.audit.awrite, late)
+        except Exception as exc:
+            log.error("keel could not write the audit records of the run: %r", exc)
         try:
             record = _record(self, state, config, context)
             base = task_base(state)
@@ -205,19 +231,22 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
     def steps(
         got: list[Any], state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> Steps[Any]:
-        """The node, then its audit records; `got` keeps the update for a storage failure."""
+        """The node, then its audit records; `got` keeps the update for a storage failure.
+
+        Records the ledger refuses are kept for the run's record (`Observer.keep_unwritten`).
+        """
         got.append(
             (yield Op(partial(node.invoke, state, config), partial(node.ainvoke, state, config)))
         )
         carried = observer.ledger.deferred
+        found = records(state, got[0], config, runtime)
         try:
-            yield both(
-                observer.audit.write, observer.audit.awrite, records(state, got[0], config, runtime)
-            )
+            yield both(observer.audit.write, observer.audit.awrite, found)
         except Exception as exc:
+            observer.keep_unwritten(observer.who(config, context_of(runtime)), found)
             if carried:
                 raise
-            log.error("keel could not write the audit log: %r", exc)
+            log.error("keel could not write the audit log: %r (kept for the run's record)", exc)
         return got[0]
 
     def run(state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]) -> Any:
