@@ -36,6 +36,7 @@ from keel import Ledger, Persistence, RunContext, StorageError, build_agent, too
 from keel.db.audit import AuditLog
 from keel.db.runs import RunLog, RunRecord
 from keel.evals import ScriptedChatModel, call
+from keel.graphs import FINISH, Route, build_supervisor
 from keel.guards import Budget, Policy, Rule
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
@@ -65,6 +66,8 @@ ENTRIES = [
     "astream-updates",
 ]
 STOPPED = ("stopped", "cancelled")
+PAUSED = ("interrupted", "awaiting_approval")
+NO_OUTCOME = ("", "")
 COMPLETED = ("success", "completed")
 
 
@@ -118,6 +121,20 @@ class Faults:
             self.undo.pop()()
 
 
+def _graph(graph: str, ending: str, faults: Faults, ledger: Ledger) -> Any:
+    """A keel agent, or a supervisor handing every task to such an agent ("billing")."""
+    if graph == "agent":
+        return _agent(ending, faults, ledger, faults.saver)
+    agent = _agent(ending, faults, ledger, None)  # it runs on the supervisor's checkpointer
+    return build_supervisor({"billing": agent}, _router, ledger=ledger, checkpointer=faults.saver)
+
+
+def _router(messages: Any) -> Route:
+    """Hands the user's message to billing, and finishes once billing answered."""
+    last = messages[-1]
+    return Route(agent=FINISH if last.type == "ai" else "billing", task=last.text)
+
+
 def _agent(ending: str, faults: Faults, ledger: Ledger, saver: Any) -> Any:
     @tool
     def lookup(order_id: str) -> str:
@@ -164,7 +181,13 @@ def _agent(ending: str, faults: Faults, ledger: Ledger, saver: Any) -> Any:
         raise ConnectionError("the provider is down")
 
     opening = failing if first is None else call(first, order_id="A1")
-    model = ScriptedChatModel(script=[opening, "first answer", "second answer"], fresh_ids=True)
+
+    def turn(messages: Any) -> Any:  # a supervisor's agent starts each task on a fresh conversation
+        if "A1" not in messages[-1].text:
+            return "second answer"
+        return opening(messages) if callable(opening) else opening
+
+    model = ScriptedChatModel(script=[turn, "first answer", "second answer"], fresh_ids=True)
     action = {"resumed": "ask", "dropped": "ask", "denied": "deny"}.get(ending, "allow")
     budget = Budget(model_calls=1) if ending == "budget" else None
     policy = Policy(
@@ -192,6 +215,8 @@ class Caller:
     thread: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex}")
     run_ids: list[str] = field(default_factory=list)
     pending: str | None = None
+    keeps_outcome_paused: bool = True
+    """Whether the state of a run paused for a human says so (a supervisor's does not)."""
     """`keel_pending` for the next run (`not_run`: answer a waiting call so)."""
 
     @property
@@ -279,6 +304,8 @@ async def _cancelled(running: Any, faults: Faults) -> None:
 
 
 def _pair(outcome: Any) -> tuple[str, str]:
+    if outcome is None:  # no outcome in the state
+        return "", ""
     return str(outcome["status"]), str(outcome["terminated_reason"])
 
 
@@ -315,11 +342,11 @@ def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
     faults.armed = armed.get(ending)
     seen = caller.send(ask)
     faults.mend()
+    if ending in ("resumed", "dropped"):  # a supervisor's state says nothing: see below
+        assert seen == (PAUSED if caller.keeps_outcome_paused else NO_OUTCOME), seen
     if ending == "resumed":
-        assert seen == ("interrupted", "awaiting_approval"), seen
         seen = caller.send(Command(resume=[{"type": "approve"}]))
     if ending == "dropped":  # the next message answers the waiting call `not_run`
-        assert seen == ("interrupted", "awaiting_approval"), seen
         caller.pending = "not_run"
         return [STOPPED]
     return [seen]
@@ -341,33 +368,46 @@ EXPECTED = {
 }
 
 
+SUPERVISED = {"completed", "resumed", "budget", "model_error", "checkpointer", "cancelled"}
+"""The endings a supervisor's run is put through (its agent's, seen through the supervisor)."""
 CASES = [
-    pytest.param(ending, entry, id=f"{ending}-{entry}")
+    pytest.param(
+        graph,
+        ending,
+        entry,
+        id=f"{graph}-{ending}-{entry}",
+    )
+    for graph in ("agent", "supervisor")
     for ending in ENDINGS
     for entry in ENTRIES
     if ending != "closed" or "stream" in entry  # only a stream has a reader to close it
+    if graph == "agent" or (ending in SUPERVISED and entry.endswith(("invoke", "updates")))
 ]
 
 
-@pytest.mark.parametrize(("ending", "entry"), CASES)
+@pytest.mark.parametrize(("graph", "ending", "entry"), CASES)
 def test_each_run_has_one_record_that_says_how_it_ended(
-    backend: tuple[str, str], ending: str, entry: str
+    backend: tuple[str, str], graph: str, ending: str, entry: str
 ) -> None:
     kind, url = backend
     if ending in ("ledger", "audit_down") and kind == "sqlite":
         pytest.skip("the ledger's statements are killed in flight on PostgreSQL only")
     with _world(kind, url, entry) as (faults, ledger):
-        caller = Caller(entry, _agent(ending, faults, ledger, faults.saver), faults.loop)
+        caller = Caller(entry, _graph(graph, ending, faults, ledger), faults.loop)
+        caller.keeps_outcome_paused = graph == "agent"
         seen = _play(ending, caller, faults)
         runs = len(caller.run_ids)  # a resume is part of the run it resumes
         seen.append(caller.send({"messages": [("user", "and order B2?")]}))
         starts = [caller.run_ids[0], caller.run_ids[runs]]
-        records = [r for r in RunLog(ledger).query() if r.thread_id == caller.thread]
+        every = [r for r in RunLog(ledger).query() if r.thread_id == caller.thread]
+        records = [r for r in every if r.graph == f"keel_{graph}"]
+        agents = [r for r in every if r.graph != f"keel_{graph}"]  # a supervisor's agent's
         audit = AuditLog(ledger).query(thread=caller.thread)
         messages = caller.saved()["messages"]
     assert seen == [EXPECTED[ending], COMPLETED], seen
     assert [(r.status, r.terminated_reason) for r in records] == seen, _show(records)
     assert [r.run_id for r in records] == starts, _show(records)
+    assert [r.run_id for r in agents] == (starts if graph == "supervisor" else []), _show(agents)
     if ending in ("checkpointer", "ledger"):
         assert records[0].error_category == "storage", _show(records)
     assert len(set(caller.run_ids)) == len(caller.run_ids)
@@ -375,6 +415,18 @@ def test_each_run_has_one_record_that_says_how_it_ended(
     answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
     assert answered <= {a.tool_call_id for a in audit if a.kind == "tool"}, audit
     assert {a.run_id for a in audit} <= set(caller.run_ids), audit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a supervisor paused by its agent's approval has no outcome in its state (None) "
+    "while its record says interrupted/awaiting_approval: the agent's node pauses by raising "
+    "GraphInterrupt, and a node that raises writes nothing to the supervisor's state",
+)
+def test_a_supervisor_paused_for_approval_says_so_in_its_state(tmp_path: Path) -> None:
+    with _world("sqlite", f"sqlite:///{tmp_path}/keel.db", "invoke") as (faults, ledger):
+        caller = Caller("invoke", _graph("supervisor", "resumed", faults, ledger), faults.loop)
+        assert caller.send({"messages": [("user", "refund order A1")]}) == PAUSED
 
 
 def _show(records: list[RunRecord]) -> list[tuple[Any, ...]]:
