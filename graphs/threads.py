@@ -81,7 +81,7 @@ from keel.graphs._storage import Recorder, RunEnd, log
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.history import pending_tool_calls
-from keel.state import Outcome, RunContext
+from keel.state import Outcome, RunContext, task_start
 from keel.versions import AgentVersion
 
 __all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
@@ -142,7 +142,32 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
             "(and the run it started would lose its record). Send new messages without ids "
             "(or with new ones); to edit the history, use update_state."
         )
+    if exists and state is not None and (run_id := _reentered(messages, config, state)):
+        return (
+            f"This run's run_id {run_id!r} is the id of the run that last wrote thread "
+            f"{thread!r}: LangGraph takes the call for that run's re-entry (a retried or "
+            "reconnected run) and drops the messages it sends, so this message would be lost "
+            "and that run's answer returned. Give each run its own run_id (or none)."
+        )
     return None
+
+
+def _reentered(
+    messages: list[BaseMessage], config: RunnableConfig | None, state: StateSnapshot
+) -> str | None:
+    """The run id of a run that new `messages` would re-enter (their input dropped), if any.
+
+    That is a call under the run id the thread's latest checkpoint was written with, sending
+    messages its task does not hold: a retry of that run (a server's next attempt, the same
+    input) is let through, as LangGraph reads it as one.
+    """
+    given = (config or {}).get("configurable") or {}
+    run_id = given.get("run_id") or ((config or {}).get("metadata") or {}).get("run_id")
+    if run_id is None or str(run_id) != _run_of(state):
+        return None
+    saved = state.values.get("messages") or []
+    held = [_shape(m) for m in saved[max(task_start(saved), 0) :]]
+    return None if all(_shape(m) in held for m in messages) else str(run_id)
 
 
 def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:

@@ -32,7 +32,7 @@ from langgraph.types import Command, RetryPolicy
 from test_storage_faults import InFlightKiller
 from test_storage_outcome import KillUntilDone
 
-from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel import Ledger, Persistence, RunContext, StorageError, UserError, build_agent, tool
 from keel.db.audit import AuditLog
 from keel.db.runs import RunLog, RunRecord
 from keel.evals import ScriptedChatModel, call
@@ -223,16 +223,19 @@ class Caller:
     def is_async(self) -> bool:
         return self.entry.startswith("a")
 
-    def _config(self) -> Any:
-        self.run_ids.append(str(uuid.uuid4()))
+    def _config(self, run_id: str | None = None) -> Any:
+        self.run_ids.append(run_id or str(uuid.uuid4()))
         configurable = {"thread_id": self.thread, "run_id": self.run_ids[-1]}
         if self.pending is not None:
             configurable["keel_pending"] = self.pending
         return {"configurable": configurable}
 
-    def send(self, payload: Any) -> tuple[str, str]:
-        """The (status, terminated_reason) the caller sees for the run `payload` starts."""
-        config, mode = self._config(), self.entry.partition("-")[2]
+    def send(self, payload: Any, run_id: str | None = None) -> tuple[str, str]:
+        """The (status, terminated_reason) the caller sees for the run `payload` starts.
+
+        `run_id`: the run's id (default: a new one).
+        """
+        config, mode = self._config(run_id), self.entry.partition("-")[2]
         try:
             if self.entry == "invoke":
                 return _pair(self.agent.invoke(payload, config, context=CTX)["outcome"])
@@ -415,6 +418,32 @@ def test_each_run_has_one_record_that_says_how_it_ended(
     answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
     assert answered <= {a.tool_call_id for a in audit if a.kind == "tool"}, audit
     assert {a.run_id for a in audit} <= set(caller.run_ids), audit
+
+
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke", "astream-updates"])
+def test_a_new_message_under_the_last_runs_id_is_refused_not_dropped(
+    tmp_path: Path, entry: str
+) -> None:
+    """LangGraph takes a call under the run id that last wrote the thread for that run's
+    re-entry (a retried or reconnected run) and drops its input: the new message was lost,
+    the caller got the old run's answer as the new one's, and no record was written. keel
+    refuses it, before anything is written; a retry of that run (its own input) still goes
+    through as LangGraph reads it, and a new run id starts a new run."""
+    first, second = {"messages": [("user", "refund order A1")]}, {"messages": [("user", "B2?")]}
+    with _world("sqlite", f"sqlite:///{tmp_path}/keel.db", entry) as (faults, ledger):
+        caller = Caller(entry, _graph("agent", "completed", faults, ledger), faults.loop)
+        assert caller.send(first) == COMPLETED
+        reused = caller.run_ids[0]
+        with pytest.raises(UserError, match="its own run_id"):
+            caller.send(second, run_id=reused)
+        assert caller.send(first, run_id=reused) == COMPLETED  # a retry of that run
+        assert len(caller.saved()["messages"]) == 4  # nothing sent twice, nothing lost
+        assert caller.send(second) == COMPLETED
+        records = RunLog(ledger).query()
+    assert [(r.run_id, r.terminated_reason) for r in records] == [
+        (reused, "completed"),
+        (caller.run_ids[-1], "completed"),
+    ]
 
 
 @pytest.mark.xfail(
