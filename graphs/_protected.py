@@ -146,7 +146,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """`stream` for input that passed the checks (`ThreadGuardedGraph` checks it itself)."""
         if not at_top(config):
             return super().stream(input, config, **kwargs)
-        ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+        end = self._run_end(config, kwargs)
+        ending = StreamEnding(self.stream_mode, kwargs, end, continues=input is None)
         chunks = super().stream(self._marked(_as_callers(input)), config, **ending.kwargs)
         chunks = ending.guard(chunks)
         answers = self._answers(kwargs)
@@ -169,7 +170,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         if not at_top(config):
             chunks = super().astream(input, config, **kwargs)
         else:
-            ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+            end = self._run_end(config, kwargs)
+            ending = StreamEnding(self.stream_mode, kwargs, end, continues=input is None)
             chunks = super().astream(self._marked(_as_callers(input)), config, **ending.kwargs)
             chunks = ending.aguard(chunks)
             answers = self._answers(kwargs)

@@ -184,7 +184,16 @@ class StreamEnding:
     whose checkpoint then failed to save.
     """
 
-    def __init__(self, graph_mode: Any, kwargs: dict[str, Any], end: RunEnd | None = None) -> None:
+    def __init__(
+        self,
+        graph_mode: Any,
+        kwargs: dict[str, Any],
+        end: RunEnd | None = None,
+        *,
+        continues: bool = False,
+    ) -> None:
+        self.continues = continues
+        """Whether the stream continues its thread's last run (`invoke(None, config)`)."""
         self.shape = ChunkShape(graph_mode, kwargs)
         """The chunks the caller asked for."""
         self.added = "values" not in self.shape.modes
@@ -220,6 +229,18 @@ class StreamEnding:
         log.warning("a run ended on a storage failure: %s", exc, exc_info=saver_failed(exc))
         return {**self.latest, "outcome": storage_outcome(exc)}
 
+    def finished(self) -> dict[str, Any] | None:
+        """The end to record of a run that continued and finished (None: none to record).
+
+        A run resumed after its checkpointer failed may not run the route that records its end
+        again: it ran before the failure, and the resume goes on from the writes its step
+        saved. Its record said `storage` while it completed.
+        """
+        result = self.latest.get("outcome") or {}
+        if not self.continues or result.get("status") in (None, "interrupted"):
+            return None
+        return self.latest
+
     def cancelled(
         self, how: str = "its task was cancelled or its stream closed"
     ) -> dict[str, Any] | None:
@@ -249,6 +270,8 @@ class StreamEnding:
             for chunk in chunks:
                 if (sent := self.see(chunk)) is not _KEEL_ONLY:
                     yield sent
+            if self.end is not None and (ended := self.finished()) is not None:
+                self.end.record(ended)
         except Exception as exc:
             if not storage_failure(exc):
                 raise
@@ -266,6 +289,8 @@ class StreamEnding:
             async for chunk in chunks:
                 if (sent := self.see(chunk)) is not _KEEL_ONLY:
                     yield sent
+            if self.end is not None and (ended := self.finished()) is not None:
+                await self.end.arecord(ended)
         except Exception as exc:
             if not storage_failure(exc):
                 raise

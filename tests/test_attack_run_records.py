@@ -48,6 +48,7 @@ ENDINGS = [
     "model_error",
     "tool_error",
     "checkpointer",
+    "resumed_after_storage",
     "ledger",
     "audit_down",
     "cancelled",
@@ -55,6 +56,7 @@ ENDINGS = [
     "dropped",
 ]
 """`ledger`: the ledger refuses a side-effecting call's records (its result, its audit);
+`resumed_after_storage`: the checkpointer failed, then `None` resumes the run once it is back;
 `audit_down`: a read's audit record only; `closed`: a stream its reader closed; `dropped`:
 paused for a human, then a new message answered the waiting call `not_run`."""
 ENTRIES = [
@@ -170,6 +172,7 @@ def _agent(ending: str, faults: Faults, ledger: Ledger, saver: Any) -> Any:
         "model_error": None,
         "tool_error": "broken",
         "checkpointer": "lookup",
+        "resumed_after_storage": "lookup",
         "ledger": "refund",
         "audit_down": "lookup",
         "cancelled": "hang",
@@ -341,7 +344,12 @@ def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
     if ending == "closed":
         caller.close(ask)
         return [STOPPED]
-    armed = {"checkpointer": "checkpointer", "ledger": "ledger", "audit_down": "ledger"}
+    armed = {
+        "checkpointer": "checkpointer",
+        "resumed_after_storage": "checkpointer",
+        "ledger": "ledger",
+        "audit_down": "ledger",
+    }
     faults.armed = armed.get(ending)
     seen = caller.send(ask)
     faults.mend()
@@ -349,6 +357,9 @@ def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
         assert seen == (PAUSED if caller.keeps_outcome_paused else NO_OUTCOME), seen
     if ending == "resumed":
         seen = caller.send(Command(resume=[{"type": "approve"}]))
+    if ending == "resumed_after_storage":  # the database is back: the run goes on
+        assert seen == ("error", "storage"), seen
+        seen = caller.send(None)
     if ending == "dropped":  # the next message answers the waiting call `not_run`
         caller.pending = "not_run"
         return [STOPPED]
@@ -363,6 +374,7 @@ EXPECTED = {
     "model_error": ("error", "error"),
     "tool_error": COMPLETED,  # answered `error`; the model goes on
     "checkpointer": ("error", "storage"),
+    "resumed_after_storage": COMPLETED,  # the same run, its record updated
     "ledger": ("error", "error"),  # of category storage: the refund's result was not recorded
     "audit_down": COMPLETED,  # a read's audit record refused: the run goes on
     "cancelled": STOPPED,

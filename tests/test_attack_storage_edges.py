@@ -199,14 +199,19 @@ def test_a_checkpointer_raising_a_non_storage_error_ends_the_run_with_an_outcome
     done = agent.invoke(None, config, context=CTX)
     assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
     assert _holds_final(agent.get_state(config).values)
+    # the same run, now ended: its record says so (the resume did not run the route that
+    # records an end again: that ran before the failure, and its writes were saved)
+    assert [r.terminated_reason for r in RunLog(ledger).query()] == ["completed"]
     ledger.close()
 
 
 class BuggyAsyncSaver(AsyncSqliteSaver):
     """`BuggySaver` under `ainvoke`: `aput` raises when it stores the final answer."""
 
+    armed = True
+
     async def aput(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
-        if _holds_final(checkpoint["channel_values"]):
+        if self.armed and _holds_final(checkpoint["channel_values"]):
             raise RuntimeError("async saver bug")
         return await super().aput(config, checkpoint, metadata, new_versions)
 
@@ -235,6 +240,25 @@ async def test_an_async_checkpointer_raising_a_non_storage_error_ends_with_an_ou
     # each run's end is recorded as `storage`, once: the stream's record is the row its graph
     # wrote (`completed`) as it ended, though the caller streamed no state
     assert [r.terminated_reason for r in records] == ["storage", "storage"]
+    await ledger.aclose()
+
+
+async def test_an_async_run_resumed_after_its_answer_failed_to_save_records_its_end(
+    tmp_path: Path,
+) -> None:
+    """`ainvoke(None)` resumes the run once the saver works: it completes, and its one record
+    says so (it kept saying `storage`)."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    async with aiosqlite.connect(tmp_path / "k.db") as conn:
+        saver = BuggyAsyncSaver(conn)
+        agent = _answering_agent(saver, ledger)
+        config: Any = {"configurable": {"thread_id": "aresumed"}}
+        failed = await agent.ainvoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        assert failed["outcome"]["terminated_reason"] == "storage"
+        saver.armed = False
+        done = await agent.ainvoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert [r.terminated_reason for r in await RunLog(ledger).aquery()] == ["completed"]
     await ledger.aclose()
 
 
