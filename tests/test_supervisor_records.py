@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.types import Command
 
-from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, outcome, tool
 from keel.app.report import by_version
 from keel.approvals import call_digest
-from keel.db.runs import RunRecord
+from keel.db.runs import RunRecord, run_record
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import FINISH, Route, build_supervisor
 
@@ -133,6 +133,32 @@ def test_a_supervisors_records_name_its_version_as_an_agents_do(db_url: str) -> 
     assert runs[3].tool_versions == {"billing": "b2"}
     grouped = by_version(runs)
     assert [(v.version, v.runs) for v in grouped] == [("s1", 1), (auto[0], 2), (auto[2], 1)]
+
+
+def test_an_agent_run_found_stopped_with_no_message_keeps_the_record_it_wrote(
+    db_url: str,
+) -> None:
+    """The supervisor's checkpointer failed while its agent ran: the agent recorded its end
+    (`completed`), but the agent's conversation was saved only as far as its input (no message:
+    LangGraph's state at `__start__`). The thread's next message recorded that conversation as
+    a second run, `cancelled`, under the same run id and keyed on no message (it happened in
+    `tests/test_attack_run_records.py` about once in 15 runs). A run that recorded itself keeps
+    its record; one that never did still gets one."""
+    log = RunLog(Ledger(db_url))
+    try:
+        ran = {"thread_id": "s1", "graph": "keel_agent"}
+        done = {
+            "messages": [HumanMessage("refund A1", id="m1"), AIMessage("refunded")],
+            "outcome": outcome.completed(),
+        }
+        log.write(run_record(done, run_id="R1", **ran))
+        found = {"outcome": outcome.cancelled("stopped in __start__; found so")}
+        for run_id in ("R1", "R2"):  # R1 recorded itself; R2 never did
+            log.write(run_record(found, run_id=run_id, **ran), first_end=True)
+        records = [(r.run_id, r.terminated_reason) for r in log.query()]
+    finally:
+        log.ledger.close()
+    assert records == [("R1", "completed"), ("R2", "cancelled")]
 
 
 def test_a_supervisor_paused_by_its_agent_is_recorded_interrupted_then_its_end(

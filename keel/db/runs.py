@@ -252,12 +252,23 @@ def upsert_flow(
     """Store `record`, whose usage holds the thread's totals, as the run's own usage.
 
     The run's own is the totals less `base` (the thread's usage when the run started), or,
-    without it, less the totals of the thread's previous run record. A later write of a run's
+    without it, less the totals of the thread's previous run record. With `first_end`, a
+    record that names no message (the state of a run found stopped held none: a supervisor's
+    agent stopped before it saved a step) is kept out when its run (thread, graph, run id) has a
+    record already. A later write of a run's
     record never lowers its usage (`_kept`). A `cancelled` record
     replaces only a paused (or cancelled) one: a row that says how the run ended is kept, and
     returned. With `first_end`, a cancelled one is kept too (the record of a run found stopped
     later, which says less than the end the run recorded itself).
     """
+    if first_end and _unkeyed(record) and record.run_id is not None and record.graph is not None:
+        rows = yield (
+            f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE thread_id = ? AND graph = ? "
+            "AND run_id = ? ORDER BY ended_at DESC LIMIT 1",
+            (record.thread_id, record.graph, record.run_id),
+        )
+        if rows:  # the run recorded itself, under the message that started it: that stands
+            return _stored(rows[0])
     totals = {k: getattr(record, k) for k in _USAGE}
     previous: Mapping[str, Any] = base or {}
     if base is None and record.thread_id is not None:
@@ -293,6 +304,11 @@ def upsert_flow(
         tuple(storable(values[c]) for c in _COLUMNS),
     )
     return own
+
+
+def _unkeyed(record: RunRecord) -> bool:
+    """Whether `record`'s run key names no message, only the time its run started."""
+    return record.run_key == f"{record.thread_id or '-'}:{record.started_at}"
 
 
 def _kept(column: str) -> str:
