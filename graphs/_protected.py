@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -307,15 +308,19 @@ def _as_callers(input: Any) -> Any:
 
 
 def _as_sent(message: BaseMessage) -> BaseMessage:
-    """A caller's message without keel's mark of its own in-run messages (`VERIFICATION_KEY`).
+    """A caller's message with an id, without keel's mark of its own in-run messages.
 
-    A caller's message always starts a task (`keel.state.starts_task`): sent with the mark, it
-    would be folded into the thread's previous run and overwrite that run's record.
+    A caller's message always starts a task (`keel.state.starts_task`): sent with the mark
+    (`VERIFICATION_KEY`), it would be folded into the thread's previous run and overwrite that
+    run's record. Its id is given here, not by LangGraph's `add_messages` as the input is
+    applied: a run resumed after its checkpointer failed may apply the saved input again, and
+    the run's record is keyed on that id (it got a second record under the new one).
     """
-    if VERIFICATION_KEY not in message.additional_kwargs:
-        return message
-    kept = {k: v for k, v in message.additional_kwargs.items() if k != VERIFICATION_KEY}
-    return message.model_copy(update={"additional_kwargs": kept})
+    update: dict[str, Any] = {} if message.id else {"id": str(uuid.uuid4())}
+    if VERIFICATION_KEY in message.additional_kwargs:
+        kept = {k: v for k, v in message.additional_kwargs.items() if k != VERIFICATION_KEY}
+        update["additional_kwargs"] = kept
+    return message.model_copy(update=update) if update else message
 
 
 def _ended(exc: BaseException, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:

@@ -205,6 +205,37 @@ def test_a_checkpointer_raising_a_non_storage_error_ends_the_run_with_an_outcome
     ledger.close()
 
 
+class AfterInputSaver(SqliteSaver):
+    """Saves a run's input checkpoint (the input as LangGraph's raw write), then fails every
+    checkpoint after it while armed."""
+
+    armed = True
+
+    def put(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+        if self.armed and metadata.get("source") != "input":
+            raise RuntimeError("saver bug")
+        return super().put(config, checkpoint, metadata, new_versions)
+
+
+def test_a_run_resumed_from_its_input_checkpoint_keeps_its_one_record(tmp_path: Path) -> None:
+    """Only the run's input checkpoint was saved. Resumed, LangGraph applies the saved input
+    again, and `add_messages` gave the user's message a new id: the run's record is keyed on
+    that id, so the run had two records (`storage` under the first id, `completed` under the
+    second). keel gives a caller's message its id before LangGraph sees it."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    saver = AfterInputSaver(sqlite3.connect(tmp_path / "k.db", check_same_thread=False))
+    agent = _answering_agent(saver, ledger)
+    config: Any = {"configurable": {"thread_id": "input-only"}}
+    failed = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+    assert failed["outcome"]["terminated_reason"] == "storage", failed["outcome"]
+    saver.armed = False
+    done = agent.invoke(None, config, context=CTX)
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert done["messages"][0].id == failed["messages"][0].id
+    assert [r.terminated_reason for r in RunLog(ledger).query()] == ["completed"]
+    ledger.close()
+
+
 class BuggyAsyncSaver(AsyncSqliteSaver):
     """`BuggySaver` under `ainvoke`: `aput` raises when it stores the final answer."""
 
