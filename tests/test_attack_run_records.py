@@ -1,14 +1,17 @@
 """Every run has exactly one run record, and it says how the run ended (README, Observability).
 
 A matrix: each way a run can end (completed; paused for approval, then resumed; budget stop;
-a denied call; a model error; a tool error; the checkpointer failing mid-run; the ledger
-failing mid-run; cancelled) under each entry point (`invoke`, `stream` with `"values"` and with
-`"updates"`, `ainvoke`, `astream` with `"values"` and with `"updates"`), then a new message on
-the same thread, which completes. For every run: one record per run id, its status and
+a denied call; a model error; a tool error; the checkpointer failing mid-run, and the run
+resumed once it is back; the ledger failing mid-run; cancelled; a stream its reader closed;
+paused, then dropped by a new message) under each entry point (`invoke`, `stream` with
+`"values"` and with `"updates"`, `ainvoke`, `astream` with `"values"` and with `"updates"`),
+then a new message on the same thread, which completes; an agent, and (for most endings) a
+supervisor handing the task to one. For every run: one record per run id, its status and
 `terminated_reason` as the outcome the caller saw (the final state's, or a `StorageError`'s),
 and the run id of the call that started it: no record takes another run's id. And every tool
 call answered in the thread is in the audit log (a ledger that refused the call's audit
-record mid-run and came back before the run ended gets it with the run's record).
+record mid-run and came back before the run ended gets it with the run's record). A new
+message sent under the run id of the run before it is refused, not silently dropped.
 
 Real parts: SQLite files, and a PostgreSQL database (checkpointer and ledger) whose connections
 are terminated mid-run; models are keel's `ScriptedChatModel` with fresh tool-call ids, as real
@@ -218,9 +221,9 @@ class Caller:
     thread: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex}")
     run_ids: list[str] = field(default_factory=list)
     pending: str | None = None
+    """`keel_pending` for the next run (`not_run`: answer a waiting call so)."""
     keeps_outcome_paused: bool = True
     """Whether the state of a run paused for a human says so (a supervisor's does not)."""
-    """`keel_pending` for the next run (`not_run`: answer a waiting call so)."""
 
     @property
     def is_async(self) -> bool:
