@@ -271,7 +271,7 @@ class StreamEnding:
                 if (sent := self.see(chunk)) is not _KEEL_ONLY:
                     yield sent
             if self.end is not None and (ended := self.finished()) is not None:
-                self.end.record(ended)
+                self.end.recording(ended).run()
         except Exception as exc:
             if not storage_failure(exc):
                 raise
@@ -290,7 +290,7 @@ class StreamEnding:
                 if (sent := self.see(chunk)) is not _KEEL_ONLY:
                     yield sent
             if self.end is not None and (ended := self.finished()) is not None:
-                await self.end.arecord(ended)
+                await self.end.recording(ended).arun()
         except Exception as exc:
             if not storage_failure(exc):
                 raise
