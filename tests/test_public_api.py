@@ -122,6 +122,7 @@ PUBLIC = {
         "error_category",
         "run_record",
         "scores_flow",
+        "thread_users_flow",
         "upsert_flow",
     ],
     "keel.app.report": [
