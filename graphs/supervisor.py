@@ -20,6 +20,7 @@ as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -47,7 +48,7 @@ from keel.graphs._storage import Recorder
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
 from keel.guards.admission import Admission
-from keel.guards.budget import check_budget
+from keel.guards.budget import OuterBudget, check_budget, holding_outer
 from keel.guards.model_call import (
     DEFAULT_MODEL_RETRY,
     GuardedModel,
@@ -55,7 +56,7 @@ from keel.guards.model_call import (
     ModelCallGuards,
     ModelTimeoutPolicy,
 )
-from keel.guards.policy import Policy
+from keel.guards.policy import Budget, Policy
 from keel.history import valid_history
 from keel.models import model_name_of
 from keel.observe.observer import Observer, paused, recorded
@@ -188,7 +189,7 @@ def build_supervisor(
     graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
     graph.add_node("route", _route_node(ask, prompt, agents, max_handoffs))
     for agent_name, agent in agents.items():
-        node = _agent_node(agent_name, agent)
+        node = _agent_node(agent_name, agent, policy.budget if policy is not None else None, name)
         graph.add_node(agent_name, node if observer is None else paused(node, observer))
         after = recorded(route_after_agent, observer, agent_name)
         graph.add_conditional_edges(agent_name, after, ["route", END])
@@ -368,16 +369,30 @@ def _after_decision(decision: Route, state: SupervisorState, max_handoffs: int) 
     }
 
 
-def _agent_node(agent_name: str, agent: Agent) -> Any:
+def _agent_node(agent_name: str, agent: Agent, budget: Budget | None, holder: str) -> Any:
     def task_input(state: SupervisorState) -> AgentState:
         decision = state.get("route") or {}
         return {"messages": [HumanMessage(decision.get("task", ""))]}
 
+    def held(state: SupervisorState) -> contextlib.AbstractContextManager[None]:
+        """The supervisor's run budget, held before each of the agent's model turns and tools.
+
+        What the supervisor's run spent before the hand-off counts with the agent's spend.
+        """
+        if budget is None:
+            return contextlib.nullcontext()
+        clock = state.get("clock")
+        spent = run_usage(state.get("usage"), clock)
+        started = (clock or {}).get("started_at")
+        return holding_outer(OuterBudget(budget, spent, started, f"the supervisor {holder!r}"))
+
     def invoke(state: SupervisorState, config: RunnableConfig) -> dict[str, Any]:
-        return _result(agent_name, agent.invoke(task_input(state), config))
+        with held(state):
+            return _result(agent_name, agent.invoke(task_input(state), config))
 
     async def ainvoke(state: SupervisorState, config: RunnableConfig) -> dict[str, Any]:
-        return _result(agent_name, await agent.ainvoke(task_input(state), config))
+        with held(state):
+            return _result(agent_name, await agent.ainvoke(task_input(state), config))
 
     return make_node(agent_name, invoke, ainvoke)
 
@@ -422,12 +437,22 @@ def _prompt(
 
 
 def _check(decision: Route, agents: Mapping[str, Agent]) -> Route:
-    if decision.agent != FINISH and decision.agent not in agents:
-        raise UserError(
-            f"The supervisor's router chose {decision.agent!r}; the agents are "
-            f"{sorted(agents)} (or {FINISH})."
-        )
-    return decision
+    """The router's decision, its agent read as the one name it means, or `UserError`.
+
+    A model's sloppy spelling of a name (`" Billing"`, `"finish"`) is that name when it matches
+    exactly one choice once stripped and case-folded; anything else ends the run as `error`.
+    """
+    choices = [*agents, FINISH]
+    if decision.agent in choices:
+        return decision
+    wanted = decision.agent.strip().casefold()
+    meant = [c for c in choices if c.casefold() == wanted]
+    if len(meant) == 1:
+        return decision.model_copy(update={"agent": meant[0]})
+    raise UserError(
+        f"The supervisor's router chose {decision.agent!r}; the agents are "
+        f"{sorted(agents)} (or {FINISH})."
+    )
 
 
 def _validate(agents: Mapping[str, Agent], router: object, max_handoffs: object) -> None:

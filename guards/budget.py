@@ -8,7 +8,9 @@ numbers). The node-side adapters (`budget_check`, `tool_budget_check`) are thin.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,17 @@ from keel.state import Usage, add_usage, task_start
 
 log = sanitized_logger("keel.guards")
 
-__all__ = ["BudgetVerdict", "check_budget", "run_messages", "usage_from_messages", "usage_of"]
+__all__ = [
+    "BudgetVerdict",
+    "OuterBudget",
+    "check_budget",
+    "holding_outer",
+    "outer_budgets",
+    "outer_exceeded",
+    "run_messages",
+    "usage_from_messages",
+    "usage_of",
+]
 
 RAN = frozenset({"success", "timeout", "error"})
 """keel tool statuses of calls that ran (the others never did: denied, rejected, …)."""
@@ -73,6 +85,57 @@ def check_budget(
         if value >= budget.soft_ratio * limit:
             warnings.append(f"{name} at {value / limit:.0%} of {_fmt(limit)}")
     return BudgetVerdict(warnings=tuple(warnings))
+
+
+@dataclass(frozen=True, slots=True)
+class OuterBudget:
+    """A run budget held by the run that called this one (a supervisor's, over its agent).
+
+    `spent`: what the outer run had spent when it handed over; `started_at`: its clock.
+    """
+
+    budget: Budget
+    spent: Mapping[str, Any]
+    started_at: float | None
+    holder: str
+
+    def counting(self, usage: Mapping[str, Any]) -> Usage:
+        """What counts against this budget once the inner run has spent `usage`."""
+        return add_usage(dict(self.spent), dict(usage))  # type: ignore[arg-type]
+
+
+_OUTER: ContextVar[tuple[OuterBudget, ...]] = ContextVar("keel_outer_budgets", default=())
+"""The outer runs' budgets in force in this context (set by code, never by a caller)."""
+
+
+@contextmanager
+def holding_outer(outer: OuterBudget) -> Iterator[None]:
+    """Hold the runs started inside (a supervisor's agent) to `outer` as well as their own."""
+    token = _OUTER.set((*_OUTER.get(), outer))
+    try:
+        yield
+    finally:
+        _OUTER.reset(token)
+
+
+def outer_budgets() -> tuple[OuterBudget, ...]:
+    """The outer runs' budgets this run is held to (innermost last); none for a run of its own."""
+    return _OUTER.get()
+
+
+def outer_exceeded(usage: Mapping[str, Any], *, planned_tool_calls: int = 0) -> str | None:
+    """Why an outer run's budget stops this run, which has spent `usage`, or None.
+
+    Each outer budget counts what its run spent before it handed over plus `usage`.
+    """
+    for outer in outer_budgets():
+        total = outer.counting(usage)
+        verdict = check_budget(
+            outer.budget, total, started_at=outer.started_at, planned_tool_calls=planned_tool_calls
+        )
+        if verdict.exceeded is not None:
+            return f"{verdict.exceeded}: the run budget of {outer.holder}"
+    return None
 
 
 def _fmt(value: float) -> str:

@@ -28,7 +28,7 @@ from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.approvals import approval_digest, decided
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
-from keel.guards.budget import check_budget
+from keel.guards.budget import check_budget, outer_exceeded
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
@@ -190,6 +190,9 @@ class _TurnMaker:
                 warnings.append(f"model downgraded to {cheaper.bound.name} near the budget limit")
             if warnings != (state.get("budget_warnings") or []):
                 extra["budget_warnings"] = warnings
+        over = outer_exceeded(run_usage(state.get("usage"), clock))
+        if over is not None:  # a supervisor's run budget, held inside its agent too
+            return _Turn(None, outcome.stopped("budget_exceeded", over))
         context = context_of(runtime)
         for check in self.checks:
             try:

@@ -39,7 +39,7 @@ from keel.approvals import approval_digest, approval_key
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
-from keel.guards.budget import check_budget
+from keel.guards.budget import check_budget, outer_budgets
 from keel.guards.gate import Gate
 from keel.guards.injection_model import DetectorCalls
 from keel.guards.policy import Budget
@@ -60,7 +60,7 @@ from keel.nodes._once import (
 )
 from keel.nodes._threads import start_daemon
 from keel.nodes.plan import advance_plan
-from keel.state import AgentState, Approval, RunContext, run_usage
+from keel.state import AgentState, Approval, RunContext, Usage, run_usage
 from keel.tools._duplicates import duplicate_answer, duplicates
 from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer
@@ -268,16 +268,31 @@ def _derived(state: AgentState, results: list[Any]) -> list[Any]:
 def _within_budget(
     budget: Budget | None, state: AgentState, planned: list[ToolMessage | _Job | _Duplicate]
 ) -> list[Any]:
-    """Stop the calls the budget does not allow.
+    """Stop the calls the run budget, or an outer run's (a supervisor's), does not allow."""
+    usage = run_usage(state.get("usage"), state.get("clock"))
+    started = (state.get("clock") or {}).get("started_at")
+    held = [(budget, usage, started, "")] if budget is not None else []
+    for o in outer_budgets():
+        held.append((o.budget, o.counting(usage), o.started_at, f": the run budget of {o.holder}"))
+    out: list[Any] = list(planned)
+    for limit, spent, since, whose in held:
+        out = _within_one(limit, spent, since, whose, out)
+        if out and isinstance(out[-1], dict):  # stopped: the outcome comes last
+            break
+    return out
+
+
+def _within_one(
+    budget: Budget, usage: Usage, started: float | None, whose: str, planned: list[Any]
+) -> list[Any]:
+    """Stop the calls `budget` does not allow, `usage` spent against it.
 
     When a limit is already spent (dollars, tokens, model calls: no model could read the
     results) no call runs; past the tool-call limit, the calls that fit run.
     """
     jobs = _jobs(planned)
-    if budget is None or not jobs:
+    if not jobs:
         return planned
-    usage = run_usage(state.get("usage"), state.get("clock"))
-    started = (state.get("clock") or {}).get("started_at")
     verdict = check_budget(budget, usage, started_at=started)
     allowed = 0
     if verdict.exceeded is None:
@@ -287,7 +302,7 @@ def _within_budget(
         if allowed >= jobs:
             return planned
         verdict = check_budget(budget, usage, started_at=started, planned_tool_calls=allowed + 1)
-    reason = verdict.exceeded or "tool-call budget exhausted"
+    reason = (verdict.exceeded or "tool-call budget exhausted") + whose
     out: list[Any] = []
     for p in planned:
         if isinstance(p, _Job):

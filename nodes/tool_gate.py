@@ -27,7 +27,7 @@ from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import approval_digest, decided
 from keel.guards.agent_guards import AgentGuards, GuardOptions
-from keel.guards.budget import check_budget
+from keel.guards.budget import check_budget, outer_exceeded
 from keel.guards.loop import call_sequence, detect_loop
 from keel.history import pending_tool_calls
 from keel.nodes._once import tool_message
@@ -108,18 +108,18 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
             looping = detect_loop(call_sequence(messages[:index], last), loop)
             if looping is not None:
                 return {"outcome": outcome.stopped("loop_detected", looping)}
-        if budget is not None:
+        usage = run_usage(state.get("usage"), state.get("clock"))
+        reason = outer_exceeded(usage, planned_tool_calls=1)
+        if budget is not None and reason is None:
             started = (state.get("clock") or {}).get("started_at")
-            usage = run_usage(state.get("usage"), state.get("clock"))
-            verdict = check_budget(budget, usage, started_at=started, planned_tool_calls=1)
-            if verdict.exceeded is not None:
-                reason = verdict.exceeded
-                return {
-                    "messages": [
-                        tool_message(c, f"Not run: {reason}.", "budget_stopped") for c in calls
-                    ],
-                    "outcome": outcome.stopped("budget_exceeded", reason),
-                }
+            reason = check_budget(budget, usage, started_at=started, planned_tool_calls=1).exceeded
+        if reason is not None:
+            return {
+                "messages": [
+                    tool_message(c, f"Not run: {reason}.", "budget_stopped") for c in calls
+                ],
+                "outcome": outcome.stopped("budget_exceeded", reason),
+            }
         context = context_of(runtime)
         approvals = held.trusted(thread_of(runtime), context, state.get("approvals"))
         verdict_of = held.deciding(approvals, context)
