@@ -8,7 +8,8 @@ START → route ─┬─ agent "support" ─┐
 ```
 
 Each agent runs as a subgraph called inside its node, on a fresh conversation holding only the
-task the router gave it, so its guards, budget and approvals apply unchanged. Its approval
+task the router gave it, so its guards, budget and approvals apply unchanged; the supervisor's
+run budget holds it too (`keel.guards.budget.holding_outer`). Its approval
 `interrupt()` surfaces to the supervisor's caller, and `Command(resume=...)` on the supervisor's
 thread resumes it. Its answer comes back as an `AIMessage` named after the agent; its usage and
 approvals are added to the supervisor's.
@@ -130,7 +131,11 @@ def build_supervisor(
         policy: Holds the routing model's calls to the policy's run budget (over the
             supervisor's usage, which includes its agents'), period budgets, rate limits and
             model breaker; a route whose own call spent the run budget is not followed (the
-            run stops as `budget_exceeded`). The agents keep their own policies.
+            run stops as `budget_exceeded`). The run budget holds the agents too, before each
+            of their model turns and tool steps (with what the supervisor spent before the
+            hand-off); its period budgets, rate limits and breaker do not (an agent's calls
+            reach a period budget's ledger row only through a period budget of its own). The
+            agents keep their own policies.
         ledger: keel's ledger, needed by a policy with period budgets, rate limits, breakers
             or admission control (`Policy.admission`: caps on the supervisor's runs).
         prices: The price table for the router's USD accounting.

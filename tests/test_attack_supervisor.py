@@ -23,7 +23,8 @@ from langgraph.types import Command, RetryPolicy
 from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
 from keel.evals import ChaosChatModel, ChaosPolicy, ScriptedChatModel, call
 from keel.graphs import FINISH, build_supervisor
-from keel.guards import Budget, Policy, Rule
+from keel.guards import Budget, PeriodBudget, Policy, Rule, SpendMeter
+from keel.pricing import Price, PriceTable
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
 _NO_RETRY = RetryPolicy(max_attempts=1)
@@ -245,3 +246,43 @@ async def test_the_supervisors_run_budget_holds_inside_its_agent(
     assert len(worker.calls) == calls and len(router.calls) == 1
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "holds its agents to it as well, before each of their model turns and tool" in readme
+
+
+# -- the supervisor's period budgets: what they see of its agents' calls (a stated limit) -------
+
+PRICED = PriceTable({n: Price(input_per_mtok=1000.0, output_per_mtok=2000.0) for n in ("r", "w")})
+
+
+def _usd(model: ScriptedChatModel) -> float:
+    return sum(PRICED.cost(model.model_name, dict(a.usage_metadata or {})) for a in model.answers)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["agent-without", "agent-with-its-own"])
+def test_the_supervisors_period_budget_counts_an_agents_calls_only_in_a_shared_row(
+    tmp_path: Path, shared: bool
+) -> None:
+    """The README's limit, pinned: the supervisor's period budgets hold its router's calls; an
+    agent's calls reach the user's row only through a period budget of the agent's own with the
+    same scope and period (one row per user and period), and are held to the agent's limits."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
+    monthly = PeriodBudget(usd=100.0, reserve_output_tokens=256)
+    own = Policy(name="a", period_budgets=(monthly,)) if shared else None
+    worker = ScriptedChatModel(model_name="w", script=["done"])
+    agent = build_agent(worker, policy=own, ledger=ledger, prices=PRICED)
+    router = _router("a")
+    router.model_name = "r"
+    policy = Policy(name="sup", period_budgets=(monthly,))
+    sup = build_supervisor({"a": agent}, router, policy=policy, ledger=ledger, prices=PRICED)
+    try:
+        final = sup.invoke({"messages": [("user", "go")]}, context=CTX)
+        spent, _ = SpendMeter(ledger, [monthly], PRICED).spent(monthly, CTX)
+    finally:
+        ledger.close()
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert final["usage"]["usd"] == pytest.approx(_usd(router) + _usd(worker))
+    assert spent == pytest.approx(_usd(router) + (_usd(worker) if shared else 0.0))
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert (
+        "an agent's calls count against those period budgets only when the agent's own policy"
+        in readme
+    )
