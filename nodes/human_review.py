@@ -1,9 +1,11 @@
 """`human_review`: ask a human about tool calls that need approval, with a typed resume.
 
 The interrupt payload is a list of Agent-Inbox-style requests, one per call awaiting approval.
-Resume with one response per request (a list), a dict keyed by `tool_call_id`, or, when there is
-a single request, one response. A response is `{"type": "approve" | "edit" | "reject" |
-"respond", ...}`; Agent Inbox's `accept` / `ignore` / `response` are accepted too.
+Resume with one response per request (a list, in the requests' order: an answer naming another
+`tool_call_id` than the request in its place is refused), a dict keyed by `tool_call_id`, or,
+when there is a single request, one response. A response is
+`{"type": "approve" | "edit" | "reject" | "respond", ...}`; Agent Inbox's `accept` / `ignore` /
+`response` are accepted too.
 
 - `approve` binds the approval to the call's exact arguments (tool + canonical args + policy).
   With `"always": {"ttl_seconds": 3600}` (and optionally `"same_args": True`) it also stands
@@ -370,6 +372,15 @@ def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResp
             f"{resume!r}. Resume with Command(resume=[{{'type': 'approve'}}, ...]) — one "
             "response per call, a dict keyed by tool_call_id, or one response for one call."
         )
+    for request, raw in zip(pending, resume, strict=True):
+        named = raw.get("tool_call_id") if isinstance(raw, Mapping) else None
+        if named is not None and named != request["tool_call_id"]:
+            raise UserError(
+                f"The answer {raw!r} names call {named!r}, but the request in its place is "
+                f"{request['action_request']['action']} (call {request['tool_call_id']!r}): a "
+                "list answers the requests in their order. Answer in that order, or with a "
+                "dict keyed by tool_call_id."
+            )
     answers = [_response(r) for r in resume]
     for request, answer in zip(pending, answers, strict=True):
         unknown = request.get("kind") == "outcome_unknown"

@@ -286,3 +286,36 @@ def test_the_supervisors_period_budget_counts_an_agents_calls_only_in_a_shared_r
         "an agent's calls count against those period budgets only when the agent's own policy"
         in readme
     )
+
+
+def test_an_answer_naming_another_call_than_the_one_in_its_place_is_refused(db_url: str) -> None:
+    """The attack: two refunds wait in the supervisor's agent; a client answers
+    `[approve B2, "not this one" for A1]`, each naming its call. keel read the list by position
+    and dropped the names: A1 was refunded and B2 not, the opposite of what was sent. Now an answer
+    naming another call than the request in its place is refused; nothing runs."""
+    ran.clear()
+    cfg: Any = {"configurable": {"thread_id": "two"}}
+    both = AIMessage(
+        content="",
+        tool_calls=[{"name": "refund", "args": {"order_id": o}, "id": None} for o in ("A1", "B2")],
+    )
+    model = ScriptedChatModel(script=[both, "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, name="admin")
+    router = ScriptedChatModel(structured={"Route": _obedient})
+    with Persistence(db_url).checkpointer() as saver:
+        sup = build_supervisor({"admin": admin}, router, checkpointer=saver)
+        paused = sup.invoke({"messages": [("user", "admin: refund both")]}, cfg, context=CTX)
+        a1, b2 = (r["tool_call_id"] for r in paused["__interrupt__"][0].value)
+        swapped = [
+            {"type": "approve", "tool_call_id": b2},
+            {"type": "respond", "message": "not this one", "tool_call_id": a1},
+        ]
+        with pytest.raises(UserError, match="a list answers the requests in their order"):
+            sup.invoke(Command(resume=swapped), cfg, context=CTX)
+        assert ran == []
+        keyed = {b2: swapped[0], a1: swapped[1]}  # keyed by id: each answer finds its call
+        done = sup.invoke(Command(resume=keyed), cfg, context=CTX)
+    assert ran == ["refund B2"]
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "a list answer that names a `tool_call_id` other than the request in its place" in readme
