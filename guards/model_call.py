@@ -54,7 +54,7 @@ from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
-from keel.guards.budget import check_budget, usage_of
+from keel.guards.budget import check_budget, outer_exceeded, usage_of
 from keel.guards.fallback import Retry, Step, after_failure, backoff
 from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
@@ -393,6 +393,9 @@ class GuardedModel:
         return await adrive(self.call(convert_to_messages(messages), config, context, usage))
 
     def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
+        over = outer_exceeded(usage) if usage is not None else None
+        if over is not None:  # a supervisor's run budget over its agent's planner or judge
+            return outcome.stopped("budget_exceeded", over)
         if self.budget is None:
             return None
         verdict = check_budget(self.budget, usage or {})

@@ -250,6 +250,25 @@ async def test_the_supervisors_run_budget_holds_inside_its_agent(
     assert "holds its agents to it as well, before each of their model turns and tool" in readme
 
 
+def test_the_supervisors_run_budget_holds_its_agents_judge() -> None:
+    """The agent's `verify` judge is a model call too: held to the supervisor's run budget
+    before it is asked (the router's call and the agent's answer spent it)."""
+    judge = ScriptedChatModel(structured={"JudgeVerdict": {"passed": True, "reason": "right"}})
+    agent = build_agent(ScriptedChatModel(script=["done"]), verify=True, judge=judge)
+    router = _router("a")
+    policy = Policy(name="run", budget=Budget(model_calls=2))
+    final = build_supervisor({"a": agent}, router, policy=policy).invoke(
+        {"messages": [("user", "go")]}
+    )
+    assert final["outcome"] == {
+        "status": "stopped",
+        "terminated_reason": "budget_exceeded",
+        "detail": "Exceeded the model_calls limit of 2 (model_calls=2): the run budget of the "
+        "supervisor 'keel_supervisor'",
+    }
+    assert judge.calls == [] and len(router.calls) == 1
+
+
 # -- the supervisor's period budgets: what they see of its agents' calls (a stated limit) -------
 
 PRICED = PriceTable({n: Price(input_per_mtok=1000.0, output_per_mtok=2000.0) for n in ("r", "w")})
