@@ -83,13 +83,45 @@ class Dropped:
     """The id of the run `ended` ends, as the thread's latest checkpoint names it."""
 
 
+_DROPPED = "Not run: a new message arrived while this call waited for a human, and the caller "
+_DROPPED += "asked to drop the pending call (keel_pending='not_run')."
+
+
 def closed(input: Mapping[str, Any], state: StateSnapshot) -> tuple[dict[str, Any], list[Any]]:
     """`input` with a `not_run` answer for each pending call before its messages."""
     _, calls = pending_tool_calls(state.values.get("messages") or [])
-    text = "Not run: a new message arrived while this call waited for a human, and the caller "
-    text += "asked to drop the pending call (keel_pending='not_run')."
-    closing = [tool_message(c, text, "not_run") for c in calls]
+    closing = [tool_message(c, _DROPPED, "not_run") for c in calls]
     return _before(input, closing), closing
+
+
+def waiting_inside(state: StateSnapshot | None) -> list[tuple[str, StateSnapshot]]:
+    """The conversations of a waiting thread's subgraphs that wait for a human, by node.
+
+    `state`: the thread's state read with `subgraphs=True`. A supervisor waits while its agent
+    does: the calls that wait are in the agent's conversation, not the supervisor's messages.
+    """
+    out: list[tuple[str, StateSnapshot]] = []
+    for task in state.tasks if state is not None else ():
+        inner = task.state
+        if isinstance(inner, StateSnapshot) and inner.interrupts:
+            out.append((task.name, inner))
+            out += waiting_inside(inner)
+    return out
+
+
+def dropped_inside(
+    inside: Sequence[tuple[str, StateSnapshot]],
+) -> list[tuple[str, StateSnapshot, list[ToolMessage]]]:
+    """Each waiting conversation `inside` (`waiting_inside`) with `not_run` answers to its calls.
+
+    They answer nothing in any history (no later run continues that conversation): they are
+    what the audit log and the agent's run record say became of the calls.
+    """
+    out = []
+    for name, inner in inside:
+        _, calls = pending_tool_calls(inner.values.get("messages") or [])
+        out.append((name, inner, [tool_message(c, _DROPPED, "not_run") for c in calls]))
+    return out
 
 
 def _before(input: Mapping[str, Any], closing: list[ToolMessage]) -> dict[str, Any]:
@@ -256,9 +288,14 @@ def closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command
     return dataclasses.replace(command, update=update), closing
 
 
-def abandoned(state: StateSnapshot, closing: list[Any]) -> dict[str, Any]:
-    """The state the run that waited ends with: its calls answered `not_run`, `cancelled`."""
-    names = ", ".join(sorted({str(m.name) for m in closing})) or "its answer"
+def abandoned(
+    state: StateSnapshot, closing: list[Any], inside: Sequence[ToolMessage] = ()
+) -> dict[str, Any]:
+    """The state the run that waited ends with: its calls answered `not_run`, `cancelled`.
+
+    `inside`: the answers to the calls its subgraphs (a supervisor's agent) waited on.
+    """
+    names = ", ".join(sorted({str(m.name) for m in [*closing, *inside]})) or "its answer"
     return {
         **state.values,
         "messages": [*(state.values.get("messages") or []), *closing],

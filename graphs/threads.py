@@ -65,6 +65,7 @@ from keel.graphs._pending import (
     closed,
     closed_left,
     closed_update,
+    dropped_inside,
     drops_pending,
     inside_ended,
     left_answers,
@@ -75,6 +76,7 @@ from keel.graphs._pending import (
     step_results,
     stopped_ended,
     turned_past,
+    waiting_inside,
 )
 from keel.graphs._protected import ProtectedGraph
 from keel.graphs._storage import Recorder, RunEnd, log
@@ -373,8 +375,14 @@ class ThreadGuardedGraph(ProtectedGraph):
             assert state is not None
             input, closing = closed(input, state)
             _, calls = pending_tool_calls(state.values.get("messages") or [])
-            records = self._not_run(closing, config, kwargs, calls)
-            answered = Dropped(records, abandoned(state, closing), run_id=_run_of(state))
+            # a supervisor's agent waited: its calls are in its own conversation
+            waiting, agents = dropped_inside(inside or []), self.keel_agents or {}
+            within = [m for _, _, answers in waiting for m in answers]
+            dropped = [*calls, *calls_inside(inside or [])]
+            records = self._not_run([*closing, *within], config, kwargs, dropped)
+            ends = [(agents[n], abandoned(s, answers)) for n, s, answers in waiting if n in agents]
+            ended = abandoned(state, closing, within)
+            answered = Dropped(records, ended, inside=ends, run_id=_run_of(state))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:
@@ -406,8 +414,12 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> Steps[list[tuple[str, StateSnapshot]]]:
         """The conversations a run stopped in a subgraph (a supervisor's agent) left mid-step.
 
-        Read only for a run found stopped with a node to run (`stopped_ended`): see `left_inside`.
+        Read only for a run found stopped with a node to run (`stopped_ended`): see `left_inside`;
+        or, for a new message that drops the pending calls, those waiting in a subgraph
+        (`waiting_inside`).
         """
+        if drops_pending(input, config, state):
+            return waiting_inside((yield self._read(config or {}, subgraphs=True)))
         if stopped_ended(input, state) is None:
             return []
         return left_inside((yield self._read(config or {}, subgraphs=True)))

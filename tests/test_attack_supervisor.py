@@ -12,6 +12,7 @@ its agent's, nor drop or forge the agent's pending approval.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.types import Command, RetryPolicy
 from test_storage_faults import InFlightKiller
 
-from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
+from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
 from keel.db.runs import STORAGE_FAILED
 from keel.evals import ChaosChatModel, ChaosPolicy, ScriptedChatModel, call
 from keel.graphs import FINISH, build_supervisor
@@ -405,3 +406,58 @@ def test_the_ledger_failing_mid_route_ends_the_run_with_an_outcome_and_a_record(
         ("keel_agent", "success", "completed"),
         ("keel_supervisor", "error", "error"),
     ]
+
+
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_dropping_an_agents_waiting_call_is_audited_and_ends_its_run(
+    db_url: str, driver: str
+) -> None:
+    """The attack: the supervisor's agent waits on refund A1; the client sends a new message
+    with `keel_pending='not_run'`. keel looked for the pending calls in the supervisor's own
+    messages, found none, and so audited nothing (no record said what became of A1), left
+    the agent's run `interrupted` for good, and recorded the supervisor's as cancelled "about
+    its answer". Now A1 is audited `not_run` and both runs are recorded cancelled about it."""
+    ran.clear()
+    ledger = Ledger(db_url)
+    model = ScriptedChatModel(
+        script=[lambda ms: call("refund", order_id=ms[0].text.split()[-1]), "done"],
+        fresh_ids=True,
+    )
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, ledger=ledger, name="admin")
+    told = {"Route": lambda ms: {"agent": FINISH if _handed(ms) else "admin", "task": ms[-1].text}}
+    router = ScriptedChatModel(structured=told)
+    cfg: Any = {"configurable": {"thread_id": "drop"}}
+    drop: Any = {"configurable": {"thread_id": "drop", "keel_pending": "not_run"}}
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            sup = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=saver)
+
+            async def run(payload: Any, config: Any) -> Any:
+                if driver == "ainvoke":
+                    return await sup.ainvoke(payload, config, context=CTX)
+                return await asyncio.to_thread(sup.invoke, payload, config, context=CTX)
+
+            await run({"messages": [("user", "admin: refund A1")]}, cfg)
+            again = await run({"messages": [("user", "admin: refund B2")]}, drop)
+        audited = [
+            (r.tool, r.decision, r.args, r.thread_id, r.user_id)
+            for r in await asyncio.to_thread(AuditLog(ledger).query)
+            if r.decision == "not_run"
+        ]
+        records = await asyncio.to_thread(RunLog(ledger).query)
+    finally:
+        await ledger.aclose()
+    (request,) = again["__interrupt__"][0].value
+    assert request["action_request"]["args"] == {"order_id": "B2"} and ran == []
+    assert audited == [("refund", "not_run", {"order_id": "A1"}, "drop", "u1")]
+    ended = [(r.graph, r.status, r.terminated_reason, r.detail) for r in records[:2]]
+    about = (
+        "cancelled while it waited for a human about refund: a new message arrived and the "
+        "caller dropped the pending calls (keel_pending='not_run')"
+    )
+    assert sorted(ended) == [
+        ("admin", "stopped", "cancelled", about),
+        ("keel_supervisor", "stopped", "cancelled", about),
+    ]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "on a supervisor's thread, the calls its agent waits on are audited so" in readme
