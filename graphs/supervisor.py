@@ -368,7 +368,10 @@ def _after_decision(decision: Route, state: SupervisorState, max_handoffs: int) 
         detail = f"the supervisor handed off {handoffs} times (max_handoffs={max_handoffs})"
         return {"route": None, "outcome": outcome.stopped("budget_exceeded", detail)}
     return {
-        "route": {"agent": decision.agent, "task": decision.task or _last_user_text(messages)},
+        "route": {
+            "agent": decision.agent,
+            "task": decision.task.strip() or _last_user_text(messages),
+        },
         "handoffs": handoffs + 1,
         "outcome": None,
     }

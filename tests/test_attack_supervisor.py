@@ -461,3 +461,17 @@ async def test_dropping_an_agents_waiting_call_is_audited_and_ends_its_run(
     ]
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "on a supervisor's thread, the calls its agent waits on are audited so" in readme
+
+
+@pytest.mark.parametrize("task", ["", "  \n "])
+def test_a_blank_task_hands_the_agent_the_users_message(task: str) -> None:
+    """A router that names an agent with a blank task handed it a message of only whitespace
+    (a provider refuses an empty user turn; the model is asked about nothing)."""
+    worker = ScriptedChatModel(script=["done"])
+    route = {"Route": lambda ms: {"agent": FINISH if _handed(ms) else "a", "task": task}}
+    sup = build_supervisor({"a": build_agent(worker)}, ScriptedChatModel(structured=route))
+    final = sup.invoke({"messages": [("user", "where is A1?")]})
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    assert [m.text for m in worker.calls[0] if m.type == "human"] == ["where is A1?"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "(a blank task hands the agent the user's message)" in readme
