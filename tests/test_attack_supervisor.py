@@ -1,13 +1,23 @@
 """Attacks on the supervisor, as a hostile or sloppy router model and a hostile client make them.
 
-Fixed here: a router's sloppy spelling of a real name (`" Billing"`, `"finish"`) ended the run
-as `error` (after the agents had done the work); and the supervisor's run budget was checked
-only at routing calls, so one agent without a budget of its own spent past it without bound.
-Pinned here (refused already): an unknown, empty or malformed route ends the run as `error`
-with its record and hands no agent the task; a route injected by the user's message to a
-privileged agent leaves that agent's policy and the user's roles in force; a router that loops
-is bounded by `max_handoffs`; a client cannot write keel's keys on the supervisor's thread or
-its agent's, nor drop or forge the agent's pending approval.
+Fixed here:
+- the supervisor's run budget was checked only at routing calls, so one agent without a budget
+  of its own spent past it without bound (its model turns, tools, judge);
+- a router's sloppy spelling of a real name (`" Billing"`, `"finish"`) ended the run as `error`
+  after the agents had done the work; a blank task handed the agent only whitespace;
+- a list resume whose answers name other calls than the requests in their places answered
+  the wrong calls (position won over the names);
+- `keel_pending='not_run'` on a supervisor left the calls its agent waited on unaudited and the
+  agent's run `interrupted` for good.
+
+Pinned (refused already): an unknown, empty, ambiguous or malformed route, or a failing router,
+ends the run as `error` with its record and hands no agent the task; a route a user's message
+talks the router into leaves the privileged agent's policy and the user's roles in force; a
+looping router stops at `max_handoffs`; a client cannot write keel's keys on the supervisor's
+thread or its agent's, drop its pending approval with a new message, forge a resume, or have a
+call written into the agent's conversation run unasked; the ledger failing at a routing call
+ends the run with an outcome and a record; what the supervisor's period budgets see of its
+agents' calls (a stated limit).
 """
 
 from __future__ import annotations
