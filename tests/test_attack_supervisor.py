@@ -224,6 +224,7 @@ def lookup(q: str) -> str:
     return f"{q}: found"
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "tool_gate"])
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 @pytest.mark.parametrize(
     ("limit", "calls", "why"),
@@ -234,7 +235,7 @@ def lookup(q: str) -> str:
     ids=["model_calls", "tool_calls"],
 )
 async def test_the_supervisors_run_budget_holds_inside_its_agent(
-    mode: str, limit: Budget, calls: int, why: str
+    mode: str, limit: Budget, calls: int, why: str, gated: bool
 ) -> None:
     """The attack: the supervisor's run budget was checked only at routing calls, so an agent
     with no budget of its own, handed the task once, spent past it without bound (10 model
@@ -246,9 +247,10 @@ async def test_the_supervisors_run_budget_holds_inside_its_agent(
     router = ScriptedChatModel(
         structured={"Route": lambda ms: {"agent": FINISH if _handed(ms) else "a", "task": "t"}}
     )
-    sup = build_supervisor(
-        {"a": build_agent(worker, [lookup])}, router, policy=Policy(name="run", budget=limit)
-    )
+    # with a policy of its own (no budget), the agent's calls pass its tool_gate node
+    own = Policy(name="a", rules=(Rule(tool="lookup", action="allow"),)) if gated else None
+    agent = build_agent(worker, [lookup], policy=own)
+    sup = build_supervisor({"a": agent}, router, policy=Policy(name="run", budget=limit))
     given = {"messages": [("user", "go")]}
     final = sup.invoke(given) if mode == "invoke" else await sup.ainvoke(given)
     assert final["outcome"] == {
@@ -257,6 +259,7 @@ async def test_the_supervisors_run_budget_holds_inside_its_agent(
         "detail": f"{why}: the run budget of the supervisor 'keel_supervisor'",
     }
     assert len(worker.calls) == calls and len(router.calls) == 1
+    assert final["usage"]["tool_calls"] == 2  # the third turn's call did not run
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "holds its agents to it as well, before each of their model turns and tool" in readme
 
