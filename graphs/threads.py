@@ -381,8 +381,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             dropped = [*calls, *calls_inside(inside or [])]
             records = self._not_run([*closing, *within], config, kwargs, dropped)
             ends = [(agents[n], abandoned(s, answers)) for n, s, answers in waiting if n in agents]
-            ended = abandoned(state, closing, within)
-            answered = Dropped(records, ended, inside=ends, run_id=_run_of(state))
+            gone = abandoned(state, closing, within)
+            answered = Dropped(records, gone, inside=ends, run_id=_run_of(state))
             state = None  # nothing waits any more
         problem = refusal(input, config, state)
         if problem is not None:
