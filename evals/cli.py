@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keel.app.cli_args import check_text, count
 from keel.app.cli_observe import existing_db
 from keel.app.cli_prices import add_price_option, price_table
 from keel.db.ledger import Ledger
@@ -68,8 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", default=None, help="graph factory module:function (default: suite's)")
     p.add_argument("--model", default=None, help="model for every case (overrides the suite's)")
     p.add_argument("--judge", default=None, help="model that judges rubrics")
-    p.add_argument("--repeat", type=int, default=1, help="runs per case (default 1)")
-    p.add_argument("--concurrency", type=int, default=4, help="runs at once (default 4)")
+    p.add_argument("--repeat", type=count, default=1, help="runs per case (default 1)")
+    p.add_argument("--concurrency", type=count, default=4, help="runs at once (default 4)")
     p.add_argument(
         "--min-pass-rate", type=float, default=1.0, help="exit 1 below this share (default 1.0)"
     )
@@ -112,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.dataset is not None and not args.langsmith:
             raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
+        check_text(args, skip=("suite", "out"))
         args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
+        out = Path(args.out or default_out(suite.name))
+        _writable(out)  # before the suite runs: its results must not be lost at the end
         result, experiment = asyncio.run(_run(suite, args))
         if experiment is not None:
             print(
@@ -124,13 +128,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keel eval: {exc}", file=sys.stderr)
         return 2
     try:
-        paths = write_report(result, args.out or default_out(suite.name))
+        paths = write_report(result, out)
     except OSError as exc:  # exit 2, never 1: 1 says the suite ran under the pass rate
         print(f"keel eval: cannot write the results ({exc}); pass --out a folder.", file=sys.stderr)
         return 2
     _print_summary(result, args.min_pass_rate)
     print(f"keel eval: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
     return 0 if result.pass_rate >= args.min_pass_rate else 1
+
+
+def _writable(out: Path) -> None:
+    """Make the results folder `out`, or say why it cannot be one."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeelError(
+            f"cannot write the results into {str(out)!r} ({exc.strerror or exc}); pass --out a "
+            "folder that can be created."
+        ) from None
 
 
 async def _run(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str | None]:
@@ -186,6 +201,7 @@ def _feedback(argv: Sequence[str]) -> int:
     p.add_argument("--db", default=None, help="database URL (default: $KEEL_DB_URL or .keel/)")
     args = p.parse_args(argv)
     try:  # a mistyped --db (or a bad URL): an error now, not after the pool's 10 s of retries
+        check_text(args, skip=("db",), positional=("run",))
         ledger = Ledger(existing_db(args.db))
     except KeelError as exc:
         print(f"keel eval feedback: {exc}", file=sys.stderr)

@@ -184,3 +184,99 @@ def test_a_blank_task_is_no_task(
     assert main(["run", task, "--model", "keel:demo", "--db", db]) == 2
     assert 'Give a task (keel run "…") or a thread' in capsys.readouterr().err
     assert main(["threads", "--db", db]) == 2  # nothing ran: no database was even made
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["threads", "--limit", "99999999999999999999"], "--limit"),
+        (["threads", "--limit", "0"], "--limit"),
+        (["audit", "--limit", "-1"], "--limit"),
+        (["audit", "--limit", "10000000000"], "--limit"),
+        (["threads", "prune", "--keep", "0"], "--keep"),
+        (["threads", "prune", "--idle-days", "nan"], "--idle-days"),
+        (["threads", "prune", "--idle-days", "inf"], "--idle-days"),
+        (["threads", "prune", "--idle-days", "1e30"], "--idle-days"),
+    ],
+    ids=[
+        "huge-limit",
+        "zero-limit",
+        "negative-limit",
+        "audit-huge",
+        "keep-0",
+        "nan",
+        "inf",
+        "1e30",
+    ],
+)
+def test_a_count_or_days_out_of_range_is_a_usage_error_with_the_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], option: str
+) -> None:
+    """argparse's exit 2 and usage line, naming the range, before any database is read."""
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["db", "setup", "--db", db]) == 0
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--db", db])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err
+    assert "from 1 to 1,000,000,000" in err or "above 0 and at most 36500" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["audit", "--thread", "\udcff"], "--thread '\\udcff'"),
+        (["audit", "--user", "a\udcffb"], "--user 'a\\udcffb'"),
+        (["report", "--tenant", "t\x00"], "--tenant 't\\x00'"),
+        (["run", "--thread", "\udcff"], "--thread '\\udcff'"),
+        (["run", "refund \udce9", "--model", "keel:demo"], "the task 'refund \\udce9'"),
+    ],
+    ids=["audit-thread", "audit-user", "report-nul", "run-thread", "run-task"],
+)
+def test_text_keel_cannot_store_is_refused_naming_the_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], named: str
+) -> None:
+    """A lone surrogate (a non-UTF-8 terminal's bytes) or a NUL: exit 2, nothing run."""
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["db", "setup", "--db", db]) == 0
+    capsys.readouterr()
+    assert main([*command, "--db", db]) == 2
+    out = capsys.readouterr()
+    assert f"keel: {named} holds a lone surrogate" in out.err
+    assert "pass it as UTF-8 text" in out.err
+    assert out.out == ""
+
+
+def test_a_database_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A subprocess: aiosqlite's thread used to report to the closed event loop at exit."""
+    done = _keel("demo", "--db", f"sqlite:///{tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"keel: cannot open the SQLite database at sqlite:///{tmp_path}")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"[[[ nope", "is not valid TOML: "),
+        (b"\xff\xfe garbage", "is not UTF-8 text (invalid start byte at byte 0): save it as UTF-8"),
+        (b"", "it needs at least one [tenants.<id>] table"),
+        (None, "is a directory: pass --server-config the TOML file"),
+    ],
+    ids=["syntax", "not-utf8", "empty", "a-directory"],
+)
+def test_serve_checks_the_server_config_before_starting_the_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, says: str
+) -> None:
+    """Not a server that starts and then dies in tracebacks. (`--port 0` is refused after
+    the config is read: were the config not checked, the test still would not exec a server.)"""
+    config = tmp_path / "server.toml"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+    assert main(["serve", "--server-config", str(config), "--port", "0"]) == 2
+    assert says in capsys.readouterr().err

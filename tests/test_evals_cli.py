@@ -105,7 +105,33 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
     taken = tmp_path / "taken"
     taken.write_text("")
     assert keel_main(["eval", "demo", "--out", str(taken)]) == 2  # 2, never 1 (under the rate)
-    assert "cannot write the results" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "cannot write the results into" in out.err
+    assert "[1/" not in out.out  # said before the suite runs: no run's results are lost
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["eval", "demo", "--repeat", "0"], "argument --repeat: '0' is not a whole number"),
+        (["eval", "demo", "--concurrency", "-3"], "argument --concurrency: '-3' is not a whole"),
+        (["eval", "demo", "--model", "x\udcff"], "--model 'x\\udcff' holds a lone surrogate"),
+        (["eval", "feedback", "\udcff", "--score", "1"], "the run '\\udcff' holds a lone surro"),
+    ],
+    ids=["repeat-0", "concurrency-negative", "surrogate-model", "surrogate-feedback"],
+)
+def test_keel_eval_refuses_bad_counts_and_unstorable_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert keel_main(["db", "setup", "--db", db]) == 0
+    extra = ["--db", db] if argv[1] == "feedback" else ["--out", str(tmp_path / "out")]
+    try:
+        code = keel_main([*argv, *extra])
+    except SystemExit as exited:  # argparse's usage error
+        code = int(str(exited.code))
+    assert code == 2
+    assert says in capsys.readouterr().err
 
 
 def test_keel_help_lists_eval(capsys: pytest.CaptureFixture[str]) -> None:

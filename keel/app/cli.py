@@ -41,9 +41,11 @@ from langgraph.types import Command
 from keel.app import cli_models, cli_observe
 from keel.app.aegra import write_aegra_config
 from keel.app.cli_agent import load_agent, thread_origin
+from keel.app.cli_args import check_text, count, days
 from keel.app.cli_prices import add_price_option, price_table
 from keel.app.demo import DEMO_TASK, SYSTEM_PROMPT, demo_memory, demo_policy, demo_tools
 from keel.app.serve import serve_command, serve_env
+from keel.app.server_config import ServerConfig
 from keel.db.ledger import Ledger
 from keel.db.migrations import version_flow
 from keel.db.persistence import Persistence, default_db_url
@@ -68,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keel: {NO_KEY_WARNING}", file=sys.stderr)
         os.environ["LANGSMITH_TRACING"] = os.environ["LANGCHAIN_TRACING_V2"] = "false"
     try:
+        check_text(args, skip=_PATHS)
         if args.command == "threads" and args.threads_command == "prune":
             return _threads_prune(args)
         if args.command == "threads":
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nkeel: interrupted; the thread is saved and can be resumed.", file=sys.stderr)
         return 130
+
+
+_PATHS = ("db", "slo", "html", "chroma", "server_config", "config", "aegra_config", "dir")
+"""Arguments that name files: a file name may be any bytes, so `check_text` leaves them."""
 
 
 def _db_setup(url: str | None) -> int:
@@ -135,11 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     run_options(run)
     threads = sub.add_parser("threads", help="list stored threads with their outcome")
     threads.add_argument("--db", default=None, help=db_help)
-    threads.add_argument("--limit", type=int, default=20)
+    threads.add_argument("--limit", type=count, default=20, help="the most threads listed")
     threads_sub = threads.add_subparsers(dest="threads_command")
     prune = threads_sub.add_parser("prune", help="delete old checkpoints and idle threads")
-    prune.add_argument("--keep", type=int, default=None, help="checkpoints kept per thread")
-    prune.add_argument("--idle-days", type=float, default=None, help="delete threads idle longer")
+    prune.add_argument("--keep", type=count, default=None, help="checkpoints kept per thread")
+    prune.add_argument("--idle-days", type=days, default=None, help="delete threads idle longer")
     prune.add_argument("--dry-run", action="store_true", help="report what would go; delete none")
     prune.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     _serve_parser(sub)
@@ -462,14 +469,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"keel: wrote {path} (start replicas with AEGRA_CONFIG={path.resolve()})")
         return 0
     env = serve_env(args.server_config)
+    ServerConfig.from_file(args.server_config)  # a config the server cannot load fails here
     cmd = serve_command(port=args.port, host=args.host, config=args.config, reload=args.reload)
     print(f"keel: serving on http://{args.host}:{args.port} ({' '.join(cmd[1:])})", flush=True)
     os.execve(cmd[0], cmd, env)  # the server replaces this process: signals reach it directly
 
 
 def _threads(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise KeelError("--limit must be 1 or more.")
     rows = Persistence(cli_observe.existing_db(args.db)).list_threads(limit=args.limit)
     if not rows:
         print("keel: no threads yet. Run `keel demo` to make one.")

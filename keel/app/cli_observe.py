@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.app.cli_args import count
 from keel.app.report import (
     breaches,
     build_report,
@@ -52,7 +53,7 @@ def add_parsers(sub: Any, db_help: str) -> None:
     audit.add_argument("--thread", default=None, help="only this thread")
     audit.add_argument("--user", default=None, help="only this user")
     audit.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
-    audit.add_argument("--limit", type=int, default=1000)
+    audit.add_argument("--limit", type=count, default=1000, help="the most records shown")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.add_argument("--db", default=None, help=db_help)
     report = sub.add_parser("report", help="success, latency, cost and SLOs from run records")

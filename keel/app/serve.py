@@ -48,6 +48,10 @@ def serve_env(server_config: str | Path, base: Mapping[str, str] | None = None) 
     if tracing:
         env["LANGSMITH_TRACING"] = "true"
     path = Path(server_config)
+    if path.is_dir():
+        raise UserError(
+            f"Server config {str(path)!r} is a directory: pass --server-config the TOML file."
+        )
     if not path.is_file():
         raise UserError(
             f"Server config {str(path)!r} does not exist: pass --server-config FILE (tokens, "

@@ -224,6 +224,11 @@ class ServerConfig:
             )
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SetupError(
+                f"keel server config {str(p)!r} is not UTF-8 text ({exc.reason} at byte "
+                f"{exc.start}): save it as UTF-8 TOML."
+            ) from exc
         except tomllib.TOMLDecodeError as exc:
             raise SetupError(f"keel server config {str(p)!r} is not valid TOML: {exc}.") from exc
         try:

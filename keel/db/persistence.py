@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import select
@@ -508,8 +509,14 @@ class Persistence:
     async def _asqlite(self, *, readonly: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         target, uri = _sqlite_target(self._path, readonly)
         conn = aiosqlite.connect(target, uri=uri)
-        with self._errors("open"):
-            await conn  # starts aiosqlite's thread and opens the file
+        try:
+            with self._errors("open"):
+                await conn  # starts aiosqlite's thread and opens the file
+        except BaseException:
+            # aiosqlite stops its thread on a failed open but does not wait for it: once
+            # asyncio.run has closed the loop, the thread's last reply raises a traceback there
+            await asyncio.to_thread(conn._thread.join, 5)
+            raise
         try:
             yield conn
         finally:
