@@ -7,6 +7,7 @@ module, SQLite in that folder, no terminal. Bad `--agent` strings are checked in
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from keel.app.cli import main
 
 USER_AGENTS = textwrap.dedent(
     '''
+    import asyncio
     from typing import Any
 
     from langchain.agents import create_agent
@@ -66,6 +68,20 @@ USER_AGENTS = textwrap.dedent(
         builder.add_node("boom", _boom)
         builder.add_edge(START, "boom")
         builder.add_edge("boom", END)
+        return builder
+
+
+    async def _work(state: MessagesState) -> dict[str, Any]:
+        print("working", flush=True)  # the test's cue to press Ctrl-C
+        await asyncio.sleep(60)
+        return {}
+
+
+    def slow() -> Any:
+        builder = StateGraph(MessagesState)
+        builder.add_node("work", _work)
+        builder.add_edge(START, "work")
+        builder.add_edge("work", END)
         return builder
 
 
@@ -304,3 +320,66 @@ def test_tracing_on_without_a_key_prints_one_line_and_never_connects(
     assert done.stderr.count(line) == 1, done.stderr
     assert "Warning" not in done.stderr  # e.g. langsmith's LangSmithMissingAPIKeyWarning
     assert "[outcome] success / completed" in done.stdout
+
+
+def test_an_empty_agent_is_refused_not_taken_for_none(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--agent", "", "hi"]) == 2  # it used to ask for a model instead
+    assert "keel: --agent is empty: name your graph as module:attribute" in capsys.readouterr().err
+
+
+def _interrupt(project: Path, *args: str, cue: str, stream: str) -> tuple[int, str, str]:
+    """Run `keel ARGS`, press Ctrl-C (SIGINT) once `cue` shows on `stream`; code, out, err."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
+    env["LANGSMITH_TRACING"] = "false"
+    if stream == "stderr":
+        env["PYTHONPROFILEIMPORTTIME"] = "1"  # a line per module imported: keel is loading
+    with subprocess.Popen(
+        [str(Path(sys.executable).with_name("keel")), *args],
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # SIGINT reaches keel only, not pytest
+    ) as proc:
+        watched = proc.stdout if stream == "stdout" else proc.stderr
+        assert watched is not None
+        seen = ""
+        while cue not in seen:
+            line = watched.readline()
+            assert line, f"keel ended before {cue!r}"
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    return proc.returncode, seen + out if stream == "stdout" else out, seen + err
+
+
+def test_ctrl_c_during_a_run_ends_with_the_thread_to_resume_not_a_traceback(
+    project: Path,
+) -> None:
+    code, _, err = _interrupt(
+        project,
+        "run",
+        "go",
+        "--agent",
+        "user_agents:slow",
+        "--thread",
+        "t-c",
+        cue="working",
+        stream="stdout",
+    )
+    assert code == 130
+    assert "Traceback" not in err
+    assert err.strip().endswith(
+        "keel: interrupted; thread t-c is saved up to its last step (`keel threads` lists it): "
+        "`keel run --thread t-c` resumes it if it waits for an approval, `keel run --thread t-c "
+        '"…"` gives it a new task.'
+    )
+
+
+def test_ctrl_c_while_keel_is_loading_ends_in_one_line(project: Path) -> None:
+    code, _, err = _interrupt(project, "threads", cue="langchain_core", stream="stderr")
+    assert code == 130
+    assert "Traceback" not in err
+    assert err.strip().endswith("keel: interrupted while starting; nothing ran.")

@@ -87,9 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeelError as exc:
         print(f"keel: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nkeel: interrupted; the thread is saved and can be resumed.", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: asyncio.run has cancelled the run and closed its loop
+        print(f"\nkeel: {_interrupted(getattr(args, 'running_thread', None))}", file=sys.stderr)
         return 130
+
+
+def _interrupted(thread: str | None) -> str:
+    if thread is None:
+        return "interrupted."
+    return (
+        f"interrupted; thread {thread} is saved up to its last step (`keel threads` lists it): "
+        f"`keel run --thread {thread}` resumes it if it waits for an approval, `keel run "
+        f'--thread {thread} "…"` gives it a new task.'
+    )
 
 
 _PATHS = ("db", "slo", "html", "chroma", "server_config", "config", "aegra_config", "dir")
@@ -167,6 +177,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         if not task and not args.thread:
             raise KeelError('Give a task (keel run "…") or a thread to resume (--thread ID).')
+        if ref is not None and not ref.strip():
+            raise KeelError(
+                "--agent is empty: name your graph as module:attribute (e.g. "
+                "myapp.agent:graph), or drop --agent to run keel's own agent."
+            )
         if ref and args.model:
             raise KeelError(
                 "--model sets the model of keel's own agent; the agent --agent names has its own."
@@ -178,6 +193,7 @@ async def _run(args: argparse.Namespace) -> int:
             )
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
+    args.running_thread = thread  # for the message on Ctrl-C
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
     # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
     ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
