@@ -59,16 +59,16 @@ USER_AGENTS = textwrap.dedent(
         return build_agent(model, [refund], checkpointer=checkpointer, name="refunds")
 
 
+    def _one_node(node: Any) -> Any:
+        builder = StateGraph(MessagesState)
+        builder.add_node("only", node)
+        builder.add_edge(START, "only")
+        builder.add_edge("only", END)
+        return builder
+
+
     def _boom(state: MessagesState) -> dict[str, Any]:
         raise RuntimeError("the inventory service is down")
-
-
-    def crashing() -> Any:
-        builder = StateGraph(MessagesState)
-        builder.add_node("boom", _boom)
-        builder.add_edge(START, "boom")
-        builder.add_edge("boom", END)
-        return builder
 
 
     async def _work(state: MessagesState) -> dict[str, Any]:
@@ -77,12 +77,12 @@ USER_AGENTS = textwrap.dedent(
         return {}
 
 
+    def crashing() -> Any:
+        return _one_node(_boom)
+
+
     def slow() -> Any:
-        builder = StateGraph(MessagesState)
-        builder.add_node("work", _work)
-        builder.add_edge(START, "work")
-        builder.add_edge("work", END)
-        return builder
+        return _one_node(_work)
 
 
     NOT_A_GRAPH = 42
