@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from keel.app.cli import main
 USER_AGENTS = textwrap.dedent(
     '''
     import asyncio
+    import time
     from typing import Any
 
     from langchain.agents import create_agent
@@ -77,12 +79,22 @@ USER_AGENTS = textwrap.dedent(
         return {}
 
 
+    def _block(state: MessagesState) -> dict[str, Any]:
+        print("working", flush=True)
+        time.sleep(6)  # a sync step: its thread runs on after Ctrl-C
+        return {}
+
+
     def crashing() -> Any:
         return _one_node(_boom)
 
 
     def slow() -> Any:
         return _one_node(_work)
+
+
+    def blocking() -> Any:
+        return _one_node(_block)
 
 
     NOT_A_GRAPH = 42
@@ -327,8 +339,11 @@ def test_an_empty_agent_is_refused_not_taken_for_none(capsys: pytest.CaptureFixt
     assert "keel: --agent is empty: name your graph as module:attribute" in capsys.readouterr().err
 
 
-def _interrupt(project: Path, *args: str, cue: str, stream: str) -> tuple[int, str, str]:
-    """Run `keel ARGS`, press Ctrl-C (SIGINT) once `cue` shows on `stream`; code, out, err."""
+def _interrupt(project: Path, *args: str, cue: str, stream: str) -> tuple[int, str, float]:
+    """Run `keel ARGS`, press Ctrl-C (SIGINT) once `cue` shows on `stream`.
+
+    Returns the exit code, stderr and the seconds until keel said it was interrupted.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
     env["LANGSMITH_TRACING"] = "false"
     if stream == "stderr":
@@ -343,33 +358,30 @@ def _interrupt(project: Path, *args: str, cue: str, stream: str) -> tuple[int, s
         text=True,
         start_new_session=True,  # SIGINT reaches keel only, not pytest
     ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         watched = proc.stdout if stream == "stdout" else proc.stderr
-        assert watched is not None
-        seen = ""
-        while cue not in seen:
-            line = watched.readline()
+        while cue not in (line := watched.readline()):
             assert line, f"keel ended before {cue!r}"
-            seen += line
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    return proc.returncode, seen + out if stream == "stdout" else out, seen + err
+        pressed, said = time.monotonic(), ""
+        while "keel: interrupted" not in said and (line := proc.stderr.readline()):
+            said += line
+        waited = time.monotonic() - pressed
+        _, err = proc.communicate(timeout=60)
+    return proc.returncode, said + err, waited
 
 
+@pytest.mark.parametrize("agent", ["slow", "blocking"])
 def test_ctrl_c_during_a_run_ends_with_the_thread_to_resume_not_a_traceback(
-    project: Path,
+    project: Path, agent: str
 ) -> None:
-    code, _, err = _interrupt(
-        project,
-        "run",
-        "go",
-        "--agent",
-        "user_agents:slow",
-        "--thread",
-        "t-c",
-        cue="working",
-        stream="stdout",
+    """Said at once, even while a blocking step (a sync tool) runs on to its end."""
+    ref = f"user_agents:{agent}"
+    code, err, waited = _interrupt(
+        project, "run", "go", "--agent", ref, "--thread", "t-c", cue="working", stream="stdout"
     )
     assert code == 130
+    assert waited < 3  # the blocking step sleeps 6 s
     assert "Traceback" not in err
     assert err.strip().endswith(
         "keel: interrupted; thread t-c is saved up to its last step (`keel threads` lists it): "
@@ -379,7 +391,7 @@ def test_ctrl_c_during_a_run_ends_with_the_thread_to_resume_not_a_traceback(
 
 
 def test_ctrl_c_while_keel_is_loading_ends_in_one_line(project: Path) -> None:
-    code, _, err = _interrupt(project, "threads", cue="langchain_core", stream="stderr")
+    code, err, _ = _interrupt(project, "threads", cue="langchain_core", stream="stderr")
     assert code == 130
     assert "Traceback" not in err
     assert err.strip().endswith("keel: interrupted while starting; nothing ran.")

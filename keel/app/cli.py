@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keel: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: asyncio.run has cancelled the run and closed its loop
-        print(f"\nkeel: {_interrupted(getattr(args, 'running_thread', None))}", file=sys.stderr)
+        if not getattr(args, "interrupt_said", False):
+            print(f"\nkeel: {_interrupted(getattr(args, 'running_thread', None))}", file=sys.stderr)
         return 130
 
 
@@ -216,6 +217,10 @@ async def _run(args: argparse.Namespace) -> int:
                 task = None
             decide = _decider(args)
             result = await drive(agent, task, thread, context, decide, sys.stdout, metadata)
+    except asyncio.CancelledError:  # Ctrl-C: said at once, though a step that blocks a thread
+        print(f"\nkeel: {_interrupted(thread)}", file=sys.stderr, flush=True)  # is waited for
+        args.interrupt_said = True
+        raise
     finally:
         if ledger is not None:
             await ledger.aclose()
