@@ -246,7 +246,7 @@ def load_suite(path: str | Path) -> Suite:
     if path.is_dir():
         raise UserError(f"{path} is a directory: give the path of a YAML suite file in it.")
     if not path.is_file():
-        raise UserError(f"No suite file at {path}. Give the path of a YAML suite.")
+        raise UserError(f"No suite file at {str(path)!r}. Give the path of a YAML suite.")
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)

@@ -136,6 +136,8 @@ def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(
     too_long = tmp_path / ("x" * 300) / "keel.db"
     assert main([*command, "--db", f"sqlite:///{too_long}"]) == 2
     assert f"No keel database at {too_long}: check --db" in capsys.readouterr().err
+    assert main([*command, "--db", "sqlite:///:memory:"]) == 2  # empty each time: never
+    assert "sqlite:///:memory: is a new, empty database each time" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -113,12 +113,19 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
+        (["eval", "   "], "keel eval: No suite file at '   '. Give the path of a YAML suite."),
         (["eval", "demo", "--repeat", "0"], "argument --repeat: '0' is not a whole number"),
         (["eval", "demo", "--concurrency", "-3"], "argument --concurrency: '-3' is not a whole"),
         (["eval", "demo", "--model", "x\udcff"], "--model 'x\\udcff' holds a lone surrogate"),
         (["eval", "feedback", "\udcff", "--score", "1"], "the run '\\udcff' holds a lone surro"),
     ],
-    ids=["repeat-0", "concurrency-negative", "surrogate-model", "surrogate-feedback"],
+    ids=[
+        "blank-suite",
+        "repeat-0",
+        "concurrency-negative",
+        "surrogate-model",
+        "surrogate-feedback",
+    ],
 )
 def test_keel_eval_refuses_bad_counts_and_unstorable_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str

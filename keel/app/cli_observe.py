@@ -102,12 +102,18 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
 def existing_db(url: str | None) -> str | None:
     """`url` for a command that only reads it; a SQLite file that does not exist is refused.
 
-    Opening it would create an empty database at a mistyped path and report "nothing there".
+    Opening it would create an empty database at a mistyped path and report "nothing there";
+    `sqlite:///:memory:` is refused for the same reason.
     A PostgreSQL database is connected to once first: one that cannot be reached (no such
     database, a wrong password, no server) is an error at once, not after the ledger's pool
     has retried for 10 seconds.
     """
     persistence = Persistence(url)
+    if persistence.url.endswith(":memory:"):
+        raise KeelError(
+            f"{persistence.url} is a new, empty database each time it is opened: there is "
+            "nothing in it to read. Pass the --db (or KEEL_DB_URL) your runs were made with."
+        )
     persistence.reach()
     path = persistence.sqlite_path
     try:
