@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel.app.cli_args import check_text
 from keel.app.cli_prices import add_price_option, price_table
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
@@ -41,6 +42,10 @@ from keel.pricing import PriceTable
 from keel.state import RunContext
 
 __all__ = ["capture_main", "replay_main", "shadow_main"]
+
+
+_FILES = ("db", "json", "out", "cassette", "save_cassette", "suite")
+"""Arguments that name files or folders: a file name may be any bytes (`check_text`)."""
 
 
 def _identity(args: argparse.Namespace) -> RunContext | None:
@@ -102,6 +107,7 @@ def replay_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
 
     async def job() -> None:
+        check_text(args, skip=_FILES, positional=("thread",))
         prices = _prices(args)  # a bad --price is reported before the database is read
         stored = await aload_thread(args.thread, db=args.db)
         cassette = _read_cassette(args.cassette) if args.cassette else None
@@ -135,6 +141,7 @@ def capture_main(argv: Sequence[str]) -> int:
     roles = tuple(r for r in args.roles.split(",") if r) if args.roles else None
 
     async def job() -> None:
+        check_text(args, skip=_FILES, positional=("thread",))
         case = await acapture(
             args.thread, args.suite, db=args.db, case_id=args.id, expect=args.expect,
             roles=roles, graph=args.graph,
@@ -168,6 +175,7 @@ def shadow_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
 
     async def job() -> None:
+        check_text(args, skip=_FILES)
         prices = _prices(args)
         if args.threads:
             if args.candidate is None:

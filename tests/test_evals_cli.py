@@ -118,6 +118,9 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
         (["eval", "demo", "--concurrency", "-3"], "argument --concurrency: '-3' is not a whole"),
         (["eval", "demo", "--model", "x\udcff"], "--model 'x\\udcff' holds a lone surrogate"),
         (["eval", "feedback", "\udcff", "--score", "1"], "the run '\\udcff' holds a lone surro"),
+        (["eval", "replay", "\udcff", "--graph", "m:f"], "the thread '\\udcff' holds a lone"),
+        (["eval", "capture", "\udcff", "--suite", "s.yaml"], "the thread '\\udcff' holds a"),
+        (["eval", "shadow", "--threads", "\udcff", "--candidate", "m:f"], "--threads '\\udcff'"),
     ],
     ids=[
         "blank-suite",
@@ -125,6 +128,9 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
         "concurrency-negative",
         "surrogate-model",
         "surrogate-feedback",
+        "surrogate-replay",
+        "surrogate-capture",
+        "surrogate-shadow",
     ],
 )
 def test_keel_eval_refuses_bad_counts_and_unstorable_text(
@@ -132,7 +138,8 @@ def test_keel_eval_refuses_bad_counts_and_unstorable_text(
 ) -> None:
     db = f"sqlite:///{tmp_path}/k.db"
     assert keel_main(["db", "setup", "--db", db]) == 0
-    extra = ["--db", db] if argv[1] == "feedback" else ["--out", str(tmp_path / "out")]
+    extra = ["--out", str(tmp_path / "out")] if argv[1] not in ("feedback", "capture") else []
+    extra += ["--db", db] if argv[1] in ("feedback", "replay", "capture", "shadow") else []
     try:
         code = keel_main([*argv, *extra])
     except SystemExit as exited:  # argparse's usage error
