@@ -64,6 +64,17 @@ def test_demo_reject_flag_stops_with_rejected(
     assert "Refunded" not in out
 
 
+def test_a_blank_keel_model_is_no_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`KEEL_MODEL= keel demo` plays the scripted scenario; it was `model must be ..., got ' '`."""
+    monkeypatch.setenv("KEEL_MODEL", "  ")
+    assert main(["demo", "--wait", "--db", f"sqlite:///{tmp_path}/k.db"]) == 0
+    assert "no KEEL_MODEL set, so the demo plays a bundled scenario" in capsys.readouterr().out
+    assert main(["run", "hi", "--db", f"sqlite:///{tmp_path}/k.db"]) == 2
+    assert "keel run needs a model: pass --model" in capsys.readouterr().err
+
+
 def test_run_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     os.environ.pop("KEEL_MODEL", None)
     assert main(["run", "hello", "--db", f"sqlite:///{tmp_path}/k.db"]) == 2

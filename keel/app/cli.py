@@ -241,7 +241,8 @@ def _keel_agent(
     persistence: Persistence,
 ) -> tuple[Agent, dict[str, str]]:
     """The support agent of `keel demo` (its tools, policy and memory) on the chosen model."""
-    model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL")
+    # a blank KEEL_MODEL (`KEEL_MODEL= keel demo`) is no model, as a blank --model is
+    model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL", "").strip()
     if args.command == "demo" and model_name:
         print(f"keel: demo on {model_name} (KEEL_MODEL)")
     elif args.command == "demo":
