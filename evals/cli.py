@@ -47,7 +47,7 @@ from keel.evals.feedback import (
     new_feedback,
     record_feedback,
 )
-from keel.evals.report import default_out, printable_output, write_report
+from keel.evals.report import default_out, printable_output, results_folder, write_report
 from keel.evals.results import CaseRun, SuiteResult
 from keel.evals.runner import arun_suite
 from keel.evals.suite import Suite, load_suite
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
         out = Path(args.out or default_out(suite.name))
-        _writable(out)  # before the suite runs: its results must not be lost at the end
+        results_folder(out)  # before the suite runs: its results must not be lost at the end
         result, experiment = asyncio.run(_run(suite, args))
         if experiment is not None:
             print(
@@ -135,17 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_summary(result, args.min_pass_rate)
     print(f"keel eval: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
     return 0 if result.pass_rate >= args.min_pass_rate else 1
-
-
-def _writable(out: Path) -> None:
-    """Make the results folder `out`, or say why it cannot be one."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeelError(
-            f"cannot write the results into {str(out)!r} ({exc.strerror or exc}); pass --out a "
-            "folder that can be created."
-        ) from None
 
 
 async def _run(suite: Suite, args: argparse.Namespace) -> tuple[SuiteResult, str | None]:

@@ -34,7 +34,7 @@ from keel.evals.capture import acapture
 from keel.evals.cassette import Cassette
 from keel.evals.compare_report import write_replay_report, write_shadow_report
 from keel.evals.replay import areplay
-from keel.evals.report import default_out, write_text
+from keel.evals.report import default_out, results_folder, write_text
 from keel.evals.shadow import ashadow, ashadow_threads
 from keel.evals.stored import aload_thread
 from keel.evals.suite import Suite, load_suite
@@ -177,6 +177,8 @@ def shadow_main(argv: Sequence[str]) -> int:
     async def job() -> None:
         check_text(args, skip=_FILES)
         prices = _prices(args)
+        if args.out:  # before anything runs: the runs' results must not be lost at the end
+            results_folder(Path(args.out))
         if args.threads:
             if args.candidate is None:
                 raise KeelError("--threads needs --candidate module:factory.")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
+from keel.errors import UserError
 from keel.evals.results import CaseRun, SuiteResult
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "printable_output",
     "render_html",
     "render_markdown",
+    "results_folder",
     "write_report",
     "write_text",
 ]
@@ -35,6 +37,22 @@ def default_out(name: str, prefix: str = "") -> Path:
     """
     folder = re.sub(r"[^\w.-]+", "_", f"{prefix}{name}").strip("._") or "suite"
     return Path(".keel") / "evals" / folder
+
+
+def results_folder(out: Path) -> Path:
+    """Make the results folder `out` (before a run, so no run's results are lost at the end).
+
+    Raises:
+        UserError: `out` cannot be a folder (a file is there, no permission), and the fix.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the results into {str(out)!r} ({exc.strerror or exc}); pass --out a "
+            "folder that can be created."
+        ) from None
+    return out
 
 
 def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:

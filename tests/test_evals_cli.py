@@ -108,6 +108,11 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
     out = capsys.readouterr()
     assert "cannot write the results into" in out.err
     assert "[1/" not in out.out  # said before the suite runs: no run's results are lost
+    shadow = ["eval", "shadow", "demo", "--candidate-model", "keel:demo", "--out", str(taken)]
+    assert keel_main(shadow) == 2
+    out = capsys.readouterr()
+    assert "cannot write the results into" in out.err
+    assert "CHANGED" not in out.out and "same" not in out.out  # nothing ran
 
 
 @pytest.mark.parametrize(
