@@ -40,7 +40,8 @@ from langgraph.types import RetryPolicy
 from pydantic import BaseModel, Field
 
 from keel import outcome
-from keel._node import context_of, make_node
+from keel._drive import Steps
+from keel._node import context_of, make_node, steps_node
 from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -291,36 +292,22 @@ def _route_node(
 
     def route(
         state: SupervisorState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
+    ) -> Steps[dict[str, Any]]:
+        """The router's decision, under `invoke` and `ainvoke` alike (`steps_node`)."""
         messages = state.get("messages") or []
         try:
-            if isinstance(ask, GuardedModel):
-                asked = valid_history([SystemMessage(prompt), *messages])
-                clock, usage = _run_clock(state)
-                got = ask.invoke(asked, config, context_of(runtime), usage=usage)
-                return {**decided(state, got, usage, _started(state, clock)), **clock}
-            return {**decided(state, ask(messages)), **_run_clock(state)[0]}
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            return _router_failed(exc)
-
-    async def aroute(
-        state: SupervisorState, config: RunnableConfig, runtime: Runtime[RunContext]
-    ) -> dict[str, Any]:
-        if not isinstance(ask, GuardedModel):
-            return route(state, config, runtime)
-        asked = valid_history([SystemMessage(prompt), *(state.get("messages") or [])])
-        clock, usage = _run_clock(state)
-        try:
-            got = await ask.ainvoke(asked, config, context_of(runtime), usage=usage)
+            if not isinstance(ask, GuardedModel):
+                return {**decided(state, ask(messages)), **_run_clock(state)[0]}
+            asked = valid_history([SystemMessage(prompt), *messages])
+            clock, usage = _run_clock(state)
+            got = yield from ask.call(asked, config, context_of(runtime), usage)
             return {**decided(state, got, usage, _started(state, clock)), **clock}
         except GraphBubbleUp:
             raise
         except Exception as exc:
             return _router_failed(exc)
 
-    return make_node("route", route, aroute)
+    return steps_node("route", route)
 
 
 def _started(state: SupervisorState, clock: Mapping[str, Any]) -> Mapping[str, Any] | None:
