@@ -28,6 +28,7 @@ from langgraph.runtime import Runtime, get_runtime
 
 from keel import Ledger, Persistence, RunContext, build_agent
 from keel import tool as keel_tool
+from keel._drive import Steps
 from keel._node import RunnableCallable
 from keel.db import ledger as ledger_module
 from keel.db import writer_lock as writer_lock_module
@@ -423,7 +424,7 @@ def test_a_tool_step_with_everything_on_makes_four_transactions_and_no_other_rea
 def _round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the queries the ledger sends to PostgreSQL, each one round trip.
 
-    A transaction's go through its `ClientCursor` (`_send_pg`: the queued writes with the next
+    A transaction's go through its `ClientCursor` (`_sent`: the queued writes with the next
     read, `BEGIN` with the first, `COMMIT` with the last writes or apart; only the ledger uses
     a `ClientCursor`); a plain read's (`Ledger.read`) through `_fetch_pg`, one per statement.
     """
@@ -434,10 +435,10 @@ def _round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["in transactions"] += 1
         return execute(self, query, *args, **kwargs)
 
-    def fetching(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    def fetching(cur: Any, sql: str, params: tuple[Any, ...]) -> Steps[list[Any]]:
         if sql is not ledger_module._TOGETHER:  # each of a `together`'s statements is counted
             counts["plain reads"] += 1
-        return fetch(cur, sql, params)
+        return (yield from fetch(cur, sql, params))
 
     monkeypatch.setattr(psycopg.ClientCursor, "execute", executing)
     monkeypatch.setattr(ledger_module, "_fetch_pg", fetching)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -42,7 +42,7 @@ from psycopg import AsyncClientCursor, ClientCursor
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from keel._drive import Op, Steps, adrive, calls, drive, sleep
+from keel._drive import Op, Steps, adrive, both, call, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining_pool, quiet
@@ -360,13 +360,10 @@ class Ledger:
         `transaction=False`: the statements run on an autocommit connection, each on its own.
         """
         replay = _Replay(flow)
-        run, arun = (
-            (self._transact, self._atransact) if transaction else (self._select, self._aselect)
-        )
         for attempt in itertools.count():
             steps = replay.steps()
             try:
-                done: T = yield Op(partial(run, steps), partial(arun, steps))
+                done: T = yield both(self._on_pg, self._aon_pg, steps, transaction)
                 return done
             except (psycopg.Error, PoolTimeout) as exc:
                 if _dead(exc):  # its siblings likely died too: replace every idle one
@@ -376,45 +373,30 @@ class Ledger:
             yield sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
-    def _transact(self, steps: Flow[T]) -> T:
+    def _on_pg(self, steps: Flow[T], transaction: bool) -> T:
+        """`steps` on a pooled connection (`_on_cursor`), rolled back if they fail mid-way."""
         with self._sync_pool().connection() as conn:
-            cur, queue = ClientCursor(conn), _Queue()
+            cur = ClientCursor(conn) if transaction else conn.cursor()
             try:
-                result = _drive(steps, lambda q, p: _send_pg(cur, queue, q, p))
-                if queue.begun and not queue.committed:
-                    cur.execute("COMMIT")
-                return result
+                return drive(_on_cursor(cur, steps, transaction))
             except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                if transaction and _rollback_needed(conn):
                     with suppress(psycopg.Error):
                         cur.execute("ROLLBACK")
                 raise
 
-    async def _atransact(self, steps: Flow[T]) -> T:
+    async def _aon_pg(self, steps: Flow[T], transaction: bool) -> T:
+        """`_on_pg` on the async pool (the connection and its rollback awaited)."""
         pool = await self._async_pool()
         async with pool.connection() as conn:
-            cur, queue = AsyncClientCursor(conn), _Queue()
+            cur = AsyncClientCursor(conn) if transaction else conn.cursor()
             try:
-                result = await _adrive(steps, lambda q, p: _asend_pg(cur, queue, q, p))
-                if queue.begun and not queue.committed:
-                    await cur.execute("COMMIT")
-                return result
+                return await adrive(_on_cursor(cur, steps, transaction))
             except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                if transaction and _rollback_needed(conn):
                     with suppress(psycopg.Error):
                         await cur.execute("ROLLBACK")
                 raise
-
-    def _select(self, steps: Flow[T]) -> T:
-        with self._sync_pool().connection() as conn:
-            cur = conn.cursor()
-            return _drive(steps, lambda q, p: _fetch_pg(cur, q, p))
-
-    async def _aselect(self, steps: Flow[T]) -> T:
-        pool = await self._async_pool()
-        async with pool.connection() as conn:
-            cur = conn.cursor()
-            return await _adrive(steps, lambda q, p: _afetch_pg(cur, q, p))
 
     def _drain(self) -> None:
         if self._pool is not None:
@@ -697,14 +679,32 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _drive(flow: Flow[T], execute: Any) -> T:
-    """Run `flow` on a sync connection; `execute(sql, params)` returns the statement's rows."""
-    return drive(calls(flow, lambda step: list(execute(*step))))
+def _on_cursor(cur: Any, flow: Flow[T], transaction: bool) -> Steps[T]:
+    """`flow` on a psycopg cursor, sync or async (each query a `call` of its own method).
+
+    `transaction`: in one transaction (`_sent`: writes queued, `BEGIN` with the first query,
+    `COMMIT` with the last or apart); else each statement on its own (`_fetch_pg`).
+    """
+    queue = _Queue()
+    rows: Any = None
+    while True:
+        try:
+            sql, params = flow.send(rows)
+        except StopIteration as done:
+            result: T = done.value
+            break
+        if transaction:
+            rows = yield from _sent(cur, queue, sql, params)
+        else:
+            rows = yield from _fetch_pg(cur, sql, params)
+    if transaction and queue.begun and not queue.committed:
+        yield call(cur.execute, "COMMIT")
+    return result
 
 
-async def _adrive(flow: Flow[T], fetch: Any) -> T:
-    """Run `flow` on an async connection; `fetch(sql, params)` awaits the statement's rows."""
-    return await adrive(calls(flow, lambda step: fetch(*step)))
+def _rollback_needed(conn: Any) -> bool:
+    """Whether `conn` is open and in a transaction (or a query) a failure left behind."""
+    return not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE
 
 
 def _to_wal(db: sqlite3.Connection) -> None:
@@ -753,7 +753,7 @@ def _selects(flow: Flow[T]) -> Flow[T]:
 
 
 def _statements(flow: Flow[T], db: sqlite3.Connection) -> T:
-    """Run `flow` on a SQLite connection (`_drive` without the `Op` steps: the hot path)."""
+    """Run `flow` on a SQLite connection (`_on_cursor` without the `Op` steps: the hot path)."""
     try:
         statement = next(flow)
         while True:
@@ -794,18 +794,15 @@ def _pg_sql(sql: str) -> str:
     )
 
 
-def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+def _fetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> Steps[list[Any]]:
+    """One step of a plain read (`Ledger.read`): its rows, a list per statement if `together`."""
     if sql is _TOGETHER:
-        return [_fetch_pg(cur, *each) for each in params]
-    cur.execute(_pg_sql(sql), params)
-    return cur.fetchall() if _has_rows(cur) else []
-
-
-async def _afetch_pg(cur: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
-    if sql is _TOGETHER:
-        return [await _afetch_pg(cur, *each) for each in params]
-    await cur.execute(_pg_sql(sql), params)
-    return list(await cur.fetchall()) if _has_rows(cur) else []
+        rows: list[Any] = []
+        for each in params:
+            rows.append((yield from _fetch_pg(cur, *each)))
+        return rows
+    yield call(cur.execute, _pg_sql(sql), params)
+    return list((yield call(cur.fetchall))) if _has_rows(cur) else []
 
 
 class _Queue:
@@ -886,7 +883,7 @@ def _in_doubt(exc: psycopg.Error, sent: str) -> bool:
     return not position or sent[int(position) - 1 :].upper().startswith("COMMIT")
 
 
-def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Any]:
+def _sent(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> Steps[list[Any]]:
     """One step of a transaction: its rows.
 
     `[]` for a queued write; a list of rows per statement for a `together` step.
@@ -894,18 +891,10 @@ def _send_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list
     if (send := _queued(queue, sql, params, cur.connection)) is None:
         return []
     with _in_doubt_raised(cur, queue, send):
-        cur.execute(send.query, send.params)
-    rows = [list(cur.fetchall()) if _has_rows(cur) else [] for _ in _results(cur, send)]
-    return _step_rows(sql, rows)
-
-
-async def _asend_pg(cur: Any, queue: _Queue, sql: str, params: tuple[Any, ...]) -> list[Any]:
-    """`_send_pg` on an async connection."""
-    if (send := _queued(queue, sql, params, cur.connection)) is None:
-        return []
-    with _in_doubt_raised(cur, queue, send):
-        await cur.execute(send.query, send.params)
-    rows = [list(await cur.fetchall()) if _has_rows(cur) else [] for _ in _results(cur, send)]
+        yield call(cur.execute, send.query, send.params)
+    rows: list[list[Row]] = []
+    for _ in _results(cur, send):
+        rows.append(list((yield call(cur.fetchall))) if _has_rows(cur) else [])
     return _step_rows(sql, rows)
 
 
