@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import operator
 import re
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -220,6 +222,23 @@ async def test_check_before_and_after_setup(db_url: str, mode: Mode) -> None:
     for _ in range(2):  # idempotent
         await _raises_nothing(setup())
     await _raises_nothing(check())
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_check_of_a_sqlite_file_without_checkpoint_tables_says_run_setup(
+    tmp_path: Path, mode: Mode
+) -> None:
+    """The file opens, but `check` / `acheck` find no checkpoint tables in it: the fix."""
+    path = tmp_path / "other.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    persistence = Persistence(f"sqlite:///{path}")
+    check = persistence.check if mode == "sync" else persistence.acheck
+    error = await _raises_setup_error(check)
+    assert 'has no LangGraph checkpoint tables (relation "checkpoints" does not exist)' in str(
+        error
+    )
+    assert f"Run `keel db setup --db sqlite:///{path}` once" in str(error)
 
 
 async def _raises_nothing(result: Any) -> None:

@@ -26,10 +26,11 @@ import select
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -45,14 +46,13 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from tenacity import (
-    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
 )
 
-from keel._drive import adrive, calls, drive
+from keel._drive import Op, Steps, adrive, call, drive, retrying
 from keel.db.checkpoint.retention import (
     Flow,
     PruneReport,
@@ -348,13 +348,8 @@ class Persistence:
         """
         flow = self._prune_flow(keep_last, idle_ttl, dry_run)
         self._ready(self._plan() if self._path is None else "setup")
-        if self._path is not None:
-            with self._sqlite() as lite:
-                return run_prune(flow, lambda sql, args: _fetch(lite.execute(sql, args)))
-        with self._errors("connect"):
-            conn = psycopg.Connection.connect(self.url, **self._connect_kwargs())
-        with conn:
-            return run_prune(flow, lambda sql, args: _fetch(conn.execute(sql, args, prepare=False)))
+        with self._connected() as conn:
+            return run_prune(flow, partial(_fetch, conn))
 
     async def aprune(
         self,
@@ -366,15 +361,8 @@ class Persistence:
         """Async `prune()`."""
         flow = self._prune_flow(keep_last, idle_ttl, dry_run)
         await self._aready(self._plan() if self._path is None else "setup")
-        if self._path is not None:
-            async with self._asqlite() as lite:
-                return await arun_prune(flow, lambda sql, args: _afetch(lite.execute(sql, args)))
-        with self._errors("connect"):
-            aconn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
-        async with aconn:
-            return await arun_prune(
-                flow, lambda sql, args: _afetch(aconn.execute(sql, args, prepare=False))
-            )
+        async with self._aconnected() as conn:
+            return await arun_prune(flow, partial(_afetch, conn))
 
     # -- decisions shared by the sync and async drivers ------------------------------------
 
@@ -441,27 +429,37 @@ class Persistence:
         except (psycopg.Error, PoolTimeout, sqlite3.OperationalError) as exc:
             raise SetupError(_failure(self, action, exc)) from exc
 
+    def _prepared(self, plan: Plan, conn: Any, saver: Callable[[Any], Any]) -> Steps[None]:
+        """Set up or check as planned, on `conn`, open (sync or async; `saver` LangGraph's)."""
+        with self._errors(plan or "connect"):
+            if self._path is None and plan == "setup":
+                setup = partial(_step, call(lambda: saver(conn).setup()))
+                yield from retrying(Retrying(**_SETUP_RETRY), setup)
+                _mark_set_up(self.url)
+            elif self._path is not None and (plan == "setup" or self._path == ":memory:"):
+                yield call(saver(conn).setup)  # (a new :memory: db is empty)
+            if plan == "check":
+                yield from _checked(self._check_flow(), conn)
+
     # -- sync driver ---------------------------------------------------------------------------
 
     def _ready(self, plan: Plan) -> None:
         """Connect (which proves the server is up), then set up or check as planned."""
+        with self._connected(readonly=plan == "check") as conn:
+            saver = SqliteSaver if self._path is not None else PostgresSaver
+            drive(self._prepared(plan, conn, saver))
+
+    @contextmanager
+    def _connected(self, *, readonly: bool = False) -> Iterator[Any]:
+        """A connection (sqlite3 or psycopg), closed on exit; `readonly`: SQLite's, read-only."""
         if self._path is not None:
-            with self._sqlite(readonly=plan == "check") as lite, self._errors(plan or "connect"):
-                if plan == "setup" or self._path == ":memory:":  # a new :memory: db is empty
-                    SqliteSaver(lite).setup()
-                if plan == "check":
-                    _drive(self._check_flow(), lite.execute)
+            with self._sqlite(readonly=readonly) as lite:
+                yield lite
             return
         with self._errors("connect"):
             conn = psycopg.Connection.connect(self.url, **self._connect_kwargs())
-        with conn, self._errors(plan or "connect"):
-            if plan == "check":
-                _drive(self._check_flow(), conn.execute)
-            elif plan == "setup":
-                for attempt in Retrying(**_SETUP_RETRY):
-                    with attempt:
-                        PostgresSaver(conn).setup()
-                _mark_set_up(self.url)
+        with conn:
+            yield conn
 
     @contextmanager
     def _sqlite(self, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
@@ -485,25 +483,21 @@ class Persistence:
 
     async def _aready(self, plan: Plan) -> None:
         """Async `_ready`."""
+        async with self._aconnected(readonly=plan == "check") as conn:
+            saver = AsyncSqliteSaver if self._path is not None else AsyncPostgresSaver
+            await adrive(self._prepared(plan, conn, saver))
+
+    @asynccontextmanager
+    async def _aconnected(self, *, readonly: bool = False) -> AsyncIterator[Any]:
+        """Async `_connected` (aiosqlite or psycopg)."""
         if self._path is not None:
-            async with self._asqlite(readonly=plan == "check") as lite:
-                with self._errors(plan or "connect"):
-                    if plan == "setup" or self._path == ":memory:":
-                        await AsyncSqliteSaver(lite).setup()
-                    if plan == "check":
-                        await _adrive(self._check_flow(), lite.execute)
+            async with self._asqlite(readonly=readonly) as lite:
+                yield lite
             return
         with self._errors("connect"):
             conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
         async with conn:
-            with self._errors(plan or "connect"):
-                if plan == "check":
-                    await _adrive(self._check_flow(), conn.execute)
-                elif plan == "setup":
-                    async for attempt in AsyncRetrying(**_SETUP_RETRY):
-                        with attempt:
-                            await AsyncPostgresSaver(conn).setup()
-                    _mark_set_up(self.url)
+            yield conn
 
     @asynccontextmanager
     async def _asqlite(self, *, readonly: bool = False) -> AsyncIterator[aiosqlite.Connection]:
@@ -639,29 +633,40 @@ class _APoolCheck(_Freshness):
 # -- pure helpers ------------------------------------------------------------------------------
 
 
-def _drive(flow: _Flow, execute: Callable[[str], Any]) -> None:
-    """Run a flow on a sync connection (`sqlite3` or psycopg)."""
-    drive(calls(flow, lambda sql: _as_tuple(execute(sql).fetchone())))
+def _checked(flow: _Flow, conn: Any) -> Steps[None]:
+    """Run a check flow on `conn` (sqlite3, aiosqlite or psycopg): each statement's first row."""
+    row: tuple[Any, ...] | None = None
+    while True:
+        try:
+            sql = flow.send(row)  # type: ignore[arg-type]
+        except StopIteration:
+            return
+        cursor = yield call(conn.execute, sql)
+        row = _as_tuple((yield call(cursor.fetchone)))
 
 
-async def _adrive(flow: _Flow, execute: Callable[[str], Awaitable[Any]]) -> None:
-    """Run a flow on an async connection (aiosqlite or psycopg)."""
-
-    async def one(sql: str) -> tuple[Any, ...] | None:
-        return _as_tuple(await (await execute(sql)).fetchone())
-
-    await adrive(calls(flow, one))
+def _step(op: Op) -> Steps[Any]:
+    """One `op` as steps: its result."""
+    return (yield op)
 
 
-def _fetch(cursor: Any) -> Result:
-    """(rows as tuples, row count) of an executed sqlite3 or psycopg cursor."""
+def _executing(conn: Any, sql: str, args: Sequence[Any]) -> Any:
+    """`conn.execute(sql, args)`: sqlite3, aiosqlite or psycopg (unprepared, as before)."""
+    if isinstance(conn, (psycopg.Connection, psycopg.AsyncConnection)):
+        return conn.execute(sql, args, prepare=False)
+    return conn.execute(sql, args)
+
+
+def _fetch(conn: Any, sql: str, args: Sequence[Any]) -> Result:
+    """(rows as tuples, row count) of `sql` run on a sqlite3 or psycopg connection."""
+    cursor = _executing(conn, sql, args)
     rows = cursor.fetchall() if cursor.description is not None else []
     return [_as_tuple(row) for row in rows], cursor.rowcount
 
 
-async def _afetch(executing: Awaitable[Any]) -> Result:
-    """(rows as tuples, row count) of an aiosqlite or psycopg async cursor being executed."""
-    cursor = await executing
+async def _afetch(conn: Any, sql: str, args: Sequence[Any]) -> Result:
+    """(rows as tuples, row count) of `sql` run on an aiosqlite or psycopg async connection."""
+    cursor = await _executing(conn, sql, args)
     rows = await cursor.fetchall() if cursor.description is not None else []
     return [_as_tuple(row) for row in rows], cursor.rowcount
 
