@@ -175,17 +175,13 @@ class Ledger:
         """
         if not self._ready:
             self.setup()
-        if self.backend == "sqlite":
-            return self._run_sqlite(_selects(flow), transaction=False)
-        return drive(self._attempts(_selects(flow), transaction=False))
+        return self._run(_selects(flow), transaction=False)
 
     async def aread(self, flow: Flow[T]) -> T:
         """`read` under `ainvoke`."""
         if not self._ready:
             await self.asetup()
-        if self.backend == "sqlite":
-            return await asyncio.to_thread(self._run_sqlite, _selects(flow), transaction=False)
-        return await adrive(self._attempts(_selects(flow), transaction=False))
+        return await self._arun(_selects(flow), transaction=False)
 
     # -- deferred records --------------------------------------------------------------------
 
@@ -344,15 +340,17 @@ class Ledger:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _run(self, flow: Flow[T]) -> T:
+    def _run(self, flow: Flow[T], *, transaction: bool = True) -> T:
+        """`flow` in one transaction, or (`transaction=False`) each statement on its own."""
         if self.backend == "sqlite":
-            return self._run_sqlite(flow)
-        return drive(self._attempts(flow))
+            return self._run_sqlite(flow, transaction=transaction)
+        return drive(self._attempts(flow, transaction=transaction))
 
-    async def _arun(self, flow: Flow[T]) -> T:
+    async def _arun(self, flow: Flow[T], *, transaction: bool = True) -> T:
+        """`_run` under `ainvoke`."""
         if self.backend == "sqlite":  # a short transaction on the thread's own connection
-            return await asyncio.to_thread(self._run_sqlite, flow)
-        return await adrive(self._attempts(flow))
+            return await asyncio.to_thread(self._run_sqlite, flow, transaction=transaction)
+        return await adrive(self._attempts(flow, transaction=transaction))
 
     def _attempts(self, flow: Flow[T], *, transaction: bool = True) -> Steps[T]:
         """`flow` in a PostgreSQL transaction, again on a fresh connection while `_Replay` may.
@@ -490,6 +488,13 @@ class Ledger:
             name="keel-ledger", fresh_for=FRESH_FOR,
         )  # fmt: skip
 
+    def _unreachable(self, exc: Exception) -> SetupError:
+        """Opening the pool failed with `exc`: the error that says so, with the likely fix."""
+        return SetupError(
+            f"Cannot open the ledger at {self._persistence.safe_url}: {exc}. "
+            "Is PostgreSQL running and the URL right?"
+        )
+
     def _sync_pool(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._pool is None:
@@ -498,10 +503,7 @@ class Ledger:
                     self._pool.open(wait=True, timeout=10)
                 except Exception as exc:
                     self._pool = None
-                    raise SetupError(
-                        f"Cannot open the ledger at {self._persistence.safe_url}: {exc}. "
-                        "Is PostgreSQL running and the URL right?"
-                    ) from exc
+                    raise self._unreachable(exc) from exc
             return self._pool
 
     async def _async_pool(self) -> AsyncConnectionPool[Any]:
@@ -513,10 +515,7 @@ class Ledger:
                 try:
                     await pool.open(wait=True, timeout=10)
                 except Exception as exc:
-                    raise SetupError(
-                        f"Cannot open the ledger at {self._persistence.safe_url}: {exc}. "
-                        "Is PostgreSQL running and the URL right?"
-                    ) from exc
+                    raise self._unreachable(exc) from exc
                 self._apool = pool
             return self._apool
 
