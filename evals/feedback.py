@@ -27,8 +27,10 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
+from keel._drive import Op, Steps, adrive, both, drive
 from keel.db.ledger import Flow, Ledger
 from keel.errors import UserError
 from keel.redact import sanitize, sanitized_logger
@@ -149,24 +151,24 @@ def record_feedback(
     Raises:
         UserError: the ledger knows no such run.
     """
-    stored = ledger.run(_record_flow(feedback))
-    if forward and (client is not None or langsmith_key()):
-        try:
-            forward_feedback(ledger, stored, client=client)
-        except Exception as exc:
-            log.warning("keel could not forward feedback %s to LangSmith: %r", stored.id, exc)
-    return stored
+    return drive(_recorded(ledger, feedback, client, forward))
 
 
 async def arecord_feedback(
     ledger: Ledger, feedback: Feedback, *, client: Any = None, forward: bool = True
 ) -> Feedback:
     """Async `record_feedback` (forwarding runs in a worker thread)."""
-    stored = await ledger.arun(_record_flow(feedback))
+    return await adrive(_recorded(ledger, feedback, client, forward))
+
+
+def _recorded(ledger: Ledger, feedback: Feedback, client: Any, forward: bool) -> Steps[Feedback]:
+    """`record_feedback` as `keel._drive` steps (`forward_feedback`'s, once the key is known)."""
+    stored: Feedback = yield both(ledger.run, ledger.arun, _record_flow(feedback))
     if forward and (client is not None or langsmith_key()):
         try:
-            run_id = await ledger.arun(_trace_flow(stored.run))
-            await asyncio.to_thread(_send, stored, run_id, client)
+            run_id = yield both(ledger.run, ledger.arun, _trace_flow(stored.run))
+            send = partial(_send, stored, run_id, client)
+            yield Op(send, partial(asyncio.to_thread, send))
         except Exception as exc:
             log.warning("keel could not forward feedback %s to LangSmith: %r", stored.id, exc)
     return stored

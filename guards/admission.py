@@ -330,11 +330,7 @@ class Admission:
         try:
             yield
         finally:
-            self._renewer.discard(lease.id)
-            try:
-                self.release(lease)
-            except Exception as exc:  # the run's own result or error wins; the lease expires
-                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
+            drive(self._given_back(lease))
 
     @contextlib.asynccontextmanager
     async def aholding(self, lease: Lease) -> AsyncIterator[None]:
@@ -348,11 +344,16 @@ class Admission:
         try:
             yield
         finally:
-            await self._arenewer.discard(lease.id)
-            try:
-                await self.arelease(lease)
-            except Exception as exc:  # the run's own result or error wins; the lease expires
-                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
+            await adrive(self._given_back(lease))
+
+    def _given_back(self, lease: Lease) -> Steps[None]:
+        """After the run: stop renewing `lease`, then release it."""
+        discard = functools.partial(self._renewer.discard, lease.id)
+        yield Op(discard, functools.partial(self._arenewer.discard, lease.id))
+        try:
+            yield both(self.release, self.arelease, lease)
+        except Exception as exc:  # the run's own result or error wins; the lease expires
+            log.warning("keel could not release admission lease %s: %s", lease.id, exc)
 
     def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases of a tenant (or one of its users) by state: running, queued."""

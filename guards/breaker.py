@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+from keel._drive import Steps, adrive, both, drive
 from keel.db.audit import AuditRecord, insert_flow
 from keel.db.ledger import Flow, Ledger, read_ahead
 from keel.errors import CircuitOpen, KeelError, UserError
@@ -379,11 +380,7 @@ class CircuitBreaker:
         Raises:
             CircuitOpen: the breaker is open and still cooling down.
         """
-        now = self._start(key)
-        change = self.ledger.read(self._unchanged(key, "before", now))
-        if change is None:
-            change = self.ledger.run(self._flow(key, "before", now))
-        return self._allowed(key, now, change)
+        return drive(self._before(key))
 
     async def abefore(self, key: str) -> BreakerTransition | None:
         """Let a call through, or raise `CircuitOpen` while the breaker is open (async).
@@ -391,10 +388,15 @@ class CircuitBreaker:
         Raises:
             CircuitOpen: the breaker is open and still cooling down.
         """
+        return await adrive(self._before(key))
+
+    def _before(self, key: str) -> Steps[BreakerTransition | None]:
+        """`before` as `keel._drive` steps: a plain read, then a transaction only if needed."""
         now = self._start(key)
-        change = await self.ledger.aread(self._unchanged(key, "before", now))
+        ledger = self.ledger
+        change = yield both(ledger.read, ledger.aread, self._unchanged(key, "before", now))
         if change is None:
-            change = await self.ledger.arun(self._flow(key, "before", now))
+            change = yield both(ledger.run, ledger.arun, self._flow(key, "before", now))
         return self._allowed(key, now, change)
 
     def record(self, key: str, ok: bool) -> BreakerTransition | None:
@@ -404,26 +406,23 @@ class CircuitBreaker:
         write and returns `None` (a success never opens a breaker; a transition it causes, to
         closed, is audited and logged when it commits).
         """
-        now = self._start(key)
-        event = _event(ok)
-        if ok and self._idle_success(key, now):
-            return None
-        if ok and self.ledger.batching:
-            self.ledger.defer(self._deferred(key, now))
-            return None
-        change = self.ledger.run(self._flow(key, event, now))
-        return self._transition(key, now, change)
+        return drive(self._record(key, ok))
 
     async def arecord(self, key: str, ok: bool) -> BreakerTransition | None:
         """Record a call's result; returns the transition it caused, if any (async)."""
+        return await adrive(self._record(key, ok))
+
+    def _record(self, key: str, ok: bool) -> Steps[BreakerTransition | None]:
+        """`record` as `keel._drive` steps."""
         now = self._start(key)
         event = _event(ok)
+        ledger = self.ledger
         if ok and self._idle_success(key, now):
             return None
-        if ok and self.ledger.batching:
-            await self.ledger.adefer(self._deferred(key, now))
+        if ok and ledger.batching:
+            yield both(ledger.defer, ledger.adefer, self._deferred(key, now))
             return None
-        change = await self.ledger.arun(self._flow(key, event, now))
+        change = yield both(ledger.run, ledger.arun, self._flow(key, event, now))
         return self._transition(key, now, change)
 
     def _deferred(self, key: str, now: float) -> Flow[None]:

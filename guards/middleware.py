@@ -596,22 +596,22 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model; a looping answer stops the run or gets one tool-free wrap-up turn."""
-        response = handler(request)
-        reason = self._looping(request, response)
-        if reason is None:
-            return response
-        if self.loop.on_loop == "stop":
-            return self._final(reason, None)
-        return self._final(reason, handler(self._wrap_up(request, reason)))
+        return drive(self._called(request, handler))
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model; a looping answer stops the run or gets a wrap-up turn (async)."""
-        response = await handler(request)
+        return await adrive(self._called(request, handler))
+
+    def _called(
+        self, request: ModelRequest[Any], handler: Callable[..., Any]
+    ) -> Steps[ModelResponse[Any] | AIMessage]:
+        """The model call and, on a looping answer, the stop or the wrap-up turn, as steps."""
+        response = yield call(handler, request)
         reason = self._looping(request, response)
         if reason is None:
-            return response
+            return response  # type: ignore[no-any-return]
         if self.loop.on_loop == "stop":
             return self._final(reason, None)
-        return self._final(reason, await handler(self._wrap_up(request, reason)))
+        return self._final(reason, (yield call(handler, self._wrap_up(request, reason))))

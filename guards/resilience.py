@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from keel._drive import Op, Steps, both
+from keel._drive import Op, Steps, adrive, both, drive
 from keel.db.ledger import Flow, Ledger
 from keel.errors import RateLimited
 from keel.guards.breaker import (
@@ -105,24 +105,27 @@ class ModelGuard:
 
         Returns the breaker transition the result caused (e.g. closed → open), if any.
         """
-        transition = None
-        if self.breaker is not None:
-            ok = error is None or not is_outage(error)
-            transition = _logged(self.breaker.record(f"model:{model}", ok))
-        if self.limiter is not None and permit is not None:
-            self.limiter.settle(permit, used)
-        return transition
+        return drive(self._after(model, permit, error, used))
 
     async def aafter(
         self, model: str, permit: Permit | None, error: BaseException | None, used: int
     ) -> BreakerTransition | None:
         """Record the call's result and its `used` tokens (async); see `after`."""
+        return await adrive(self._after(model, permit, error, used))
+
+    def _after(
+        self, model: str, permit: Permit | None, error: BaseException | None, used: int
+    ) -> Steps[BreakerTransition | None]:
+        """`after` as `keel._drive` steps."""
         transition = None
         if self.breaker is not None:
             ok = error is None or not is_outage(error)
-            transition = _logged(await self.breaker.arecord(f"model:{model}", ok))
+            breaker = self.breaker
+            transition = _logged(
+                (yield both(breaker.record, breaker.arecord, f"model:{model}", ok))
+            )
         if self.limiter is not None and permit is not None:
-            await self.limiter.asettle(permit, used)
+            yield both(self.limiter.settle, self.limiter.asettle, permit, used)
         return transition
 
 

@@ -17,11 +17,12 @@ from functools import partial
 from typing import Any
 
 from langchain_core.messages import RemoveMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore, SearchItem
 
 from keel._drive import Op, Steps
-from keel._node import RunnableCallable, context_of, make_node
+from keel._node import RunnableCallable, context_of, steps_node
 from keel.errors import UserError
 from keel.guards.content import ContentFinding, InputGuardPolicy, acheck_input, check_input
 from keel.guards.injection_model import DetectorCalls
@@ -153,27 +154,20 @@ def reflect(
     def _ttl(st: BaseStore) -> dict[str, Any]:
         return {"ttl": ttl} if ttl is not None and st.supports_ttl else {}
 
-    def invoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    def steps(
+        state: AgentState, config: RunnableConfig, runtime: Runtime[RunContext]
+    ) -> Steps[dict[str, Any]]:
         todo = plan(state, runtime)
         if todo is not None:
             st, ns, value = todo
             try:
-                st.put(ns, uuid.uuid4().hex, value, **_ttl(st))
+                put = (ns, uuid.uuid4().hex, value)
+                yield Op(partial(st.put, *put, **_ttl(st)), partial(st.aput, *put, **_ttl(st)))
             except Exception as exc:
                 return _degraded(state, exc, "reflect failed, the lesson was not stored")
         return {}
 
-    async def ainvoke(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        todo = plan(state, runtime)
-        if todo is not None:
-            st, ns, value = todo
-            try:
-                await st.aput(ns, uuid.uuid4().hex, value, **_ttl(st))
-            except Exception as exc:
-                return _degraded(state, exc, "reflect failed, the lesson was not stored")
-        return {}
-
-    return make_node(name, invoke, ainvoke)
+    return steps_node(name, steps)
 
 
 _WARNING = "memory: "
