@@ -187,10 +187,7 @@ def _waits() -> Iterator[float]:
 @contextlib.contextmanager
 def _taken(key: tuple[Any, ...]) -> Iterator[None]:
     owner = _owner()
-    for wait in _waits():
-        if _take(key, owner):
-            break
-        time.sleep(wait)
+    drive(_waited(key, owner))
     try:
         yield
     finally:
@@ -200,14 +197,19 @@ def _taken(key: tuple[Any, ...]) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def _ataken(key: tuple[Any, ...]) -> AsyncIterator[None]:
     owner = _owner()
-    for wait in _waits():
-        if _take(key, owner):
-            break
-        await asyncio.sleep(wait)
+    await adrive(_waited(key, owner))
     try:
         yield
     finally:
         _give_back(key, owner)
+
+
+def _waited(key: tuple[Any, ...], owner: Any) -> Steps[None]:
+    """Wait, backing off, until `owner` takes `key` (`_taken` / `_ataken`)."""
+    for wait in _waits():
+        if _take(key, owner):
+            return
+        yield sleep(wait)
 
 
 class ThreadLeases:

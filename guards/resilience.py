@@ -148,16 +148,16 @@ class ToolGuard:
 
     def check(self, tool: str) -> str | None:
         """`None` when `tool` may run, else what the model is told instead of its result."""
-        try:
-            _logged(self.breaker.before(f"tool:{tool}"))
-        except CircuitOpen as exc:
-            return refusal(tool, exc)
-        return None
+        return drive(self._check(tool))
 
     async def acheck(self, tool: str) -> str | None:
         """`None` when `tool` may run, else what the model is told (async); see `check`."""
+        return await adrive(self._check(tool))
+
+    def _check(self, tool: str) -> Steps[str | None]:
+        """`check` as `keel._drive` steps."""
         try:
-            _logged(await self.breaker.abefore(f"tool:{tool}"))
+            _logged((yield both(self.breaker.before, self.breaker.abefore, f"tool:{tool}")))
         except CircuitOpen as exc:
             return refusal(tool, exc)
         return None

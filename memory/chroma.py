@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 import numpy as np
 from chromadb.api import ClientAPI
 from chromadb.errors import NotFoundError
+from langchain_core.embeddings import Embeddings
 from langgraph.store.base import (
     BaseStore,
     GetOp,
@@ -29,6 +30,8 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
+from keel._drive import Op as Step
+from keel._drive import Steps, adrive, both, drive
 from keel.errors import UserError
 from keel.memory import base as b
 from keel.memory import maintenance
@@ -38,6 +41,14 @@ __all__ = ["ChromaStore"]
 
 Collection: TypeAlias = Any
 """A chromadb `Collection`; its annotations reject JSON-built `where` clauses, so untyped."""
+
+
+def _embed_queries(emb: Embeddings, queries: list[str]) -> list[list[float]]:
+    return [emb.embed_query(q) for q in queries]
+
+
+async def _aembed_queries(emb: Embeddings, queries: list[str]) -> list[list[float]]:
+    return list(await asyncio.gather(*(emb.aembed_query(q) for q in queries)))
 
 
 class ChromaStore(BaseStore):
@@ -173,23 +184,23 @@ class ChromaStore(BaseStore):
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run LangGraph store operations (reads see the state before the batch's writes)."""
-        todo = self._check_ops(ops)
-        docs, queries = self._texts(todo)
-        emb = self.embeddings
-        dvec = emb.embed_documents(docs) if docs and emb else []
-        qvec = [emb.embed_query(q) for q in queries] if emb else []
-        qmap = dict(zip(queries, qvec, strict=True))
-        return self._fresh(partial(self._run, todo, docs, dvec, qmap))
+        return drive(self._batch(ops))
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         """Async `batch`: embeds with `aembed_*`, talks to Chroma in a worker thread."""
+        return await adrive(self._batch(ops))
+
+    def _batch(self, ops: Iterable[Op]) -> Steps[list[Result]]:
+        """`batch` as `keel._drive` steps: embed the texts, then run the operations on Chroma."""
         todo = self._check_ops(ops)
         docs, queries = self._texts(todo)
         emb = self.embeddings
-        dvec = await emb.aembed_documents(docs) if docs and emb else []
-        qvec = list(await asyncio.gather(*(emb.aembed_query(q) for q in queries))) if emb else []
+        dvec = (yield both(emb.embed_documents, emb.aembed_documents, docs)) if docs and emb else []
+        embedded = both(_embed_queries, _aembed_queries, emb, queries)
+        qvec = (yield embedded) if emb else []
         qmap = dict(zip(queries, qvec, strict=True))
-        return await asyncio.to_thread(self._fresh, partial(self._run, todo, docs, dvec, qmap))
+        run = partial(self._fresh, partial(self._run, todo, docs, dvec, qmap))
+        return (yield Step(run, partial(asyncio.to_thread, run)))  # type: ignore[no-any-return]
 
     def _check_ops(self, ops: Iterable[Op]) -> list[Op]:
         todo = list(ops)

@@ -343,7 +343,10 @@ def test_fallback_chain_all_down_names_the_models_tried() -> None:
 # -- the tool breaker: graceful degradation ----------------------------------------------------
 
 
-def test_open_tool_breaker_tells_the_model_and_the_run_goes_on(db_url: str) -> None:
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_open_tool_breaker_tells_the_model_and_the_run_goes_on(
+    db_url: str, driver: str
+) -> None:
     ledger = Ledger(db_url)
     runs: list[str] = []
 
@@ -360,7 +363,12 @@ def test_open_tool_breaker_tells_the_model_and_the_run_goes_on(db_url: str) -> N
         rules=ALLOW_ALL, tool_breaker=BreakerPolicy(failure_threshold=1, cooldown_seconds=60)
     )
     agent = build_agent(model, [inventory], policy=policy, ledger=ledger)
-    result = _invoke(agent)
+    config = {"configurable": {"thread_id": "t"}}
+    result = (
+        _invoke(agent)
+        if driver == "invoke"
+        else await agent.ainvoke(QUESTION, config, context=CONTEXT)
+    )
     assert result["outcome"]["terminated_reason"] == "completed"
     assert runs == ["X"]  # the second call was never run
     failed, refused = (m for m in result["messages"] if m.type == "tool")
