@@ -29,8 +29,11 @@ caller's context, not whenever the generator is collected.
 An `Op` may name `on_error`, which turns its own failure into the exception thrown back into
 the generator (a ledger write's database error becomes a storage failure, say).
 
-`calls(flow, fn)` runs a generator that yields plain requests (the ledger's, the retention
-pruner's and the schema check's SQL statements) under both drivers, `fn` running each one.
+`calls(flow, fn)` runs a generator that yields plain requests (the retention pruner's SQL
+statements) under both drivers, `fn` running each one. `call(fn, ...)` is also the step for a
+method of an object that is sync in one driver and async in the other: a psycopg cursor's
+`execute` / `fetchall` (the ledger's transactions, the checkpoint schema check), a LangChain
+middleware's `handler`.
 
 `retrying(retrying, attempt)` runs tenacity's own decision engine (`Retrying.iter`: attempt,
 sleep, stop) over an attempt written as steps, so model and tool retries keep tenacity's
