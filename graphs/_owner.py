@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.types import Command, StateSnapshot
 
 from keel.db.ledger import Flow
@@ -116,8 +117,8 @@ def unseen(config: RunnableConfig | None, exc: Exception) -> list[tuple[str, str
     return []
 
 
-def owner_of(state: StateSnapshot | None) -> str | None:
-    """The owner stamped on the thread's latest checkpoint, if any."""
+def owner_of(state: StateSnapshot | CheckpointTuple | None) -> str | None:
+    """The owner stamped on a thread's checkpoint (its snapshot or its saved tuple), if any."""
     found = (state.metadata or {}).get(OWNER_METADATA) if state is not None else None
     return found if isinstance(found, str) else None
 
@@ -153,15 +154,12 @@ def owned(
     return stamped(config, owner or me)
 
 
-def readable(
-    config: RunnableConfig | None, state: StateSnapshot | None, context: RunContext
-) -> None:
-    """Raise `UserError` unless `context` may read the thread whose latest state is `state`.
+def readable(config: RunnableConfig | None, owner: str | None, context: RunContext) -> None:
+    """Raise `UserError` unless `context` may read the thread `owner` owns (`owner_of`).
 
     Its owner may, and a reviewer of the owner's tenant (who reads what waits for review); a
     thread with no owner yet (new, or saved before keel stamped owners) is anyone's.
     """
-    owner = owner_of(state)
     if owner is None or owner == _owner(context) or _reviews(context, owner, None):
         return
     raise UserError(

@@ -576,18 +576,36 @@ class ThreadGuardedGraph(ProtectedGraph):
             return unseen(config, exc)
         return seen
 
+    def _owner(self, config: RunnableConfig | None) -> Steps[str | None]:
+        """The owner stamped on the thread's latest checkpoint (`owner_of`), read for itself.
+
+        Only the checkpoint's metadata is needed: a saver's tuple, not LangGraph's snapshot
+        (which `_state` builds for a thread that waits for a human).
+        """
+        saver, thread = (
+            self.checkpointer,
+            ((config or {}).get("configurable") or {}).get("thread_id"),
+        )
+        if not isinstance(saver, BaseCheckpointSaver) or not thread:
+            return owner_of((yield from self._state(config)))
+        return owner_of((yield both(saver.get_tuple, saver.aget_tuple, _latest(config))))
+
+    def _read_by(self, config: RunnableConfig, context: Any) -> Steps[None]:
+        """Refuse a read for `context` (if given) of a thread another user owns (`readable`)."""
+        if context is not None:
+            readable(config, (yield from self._owner(config)), run_context(config, context))
+
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `bulk_update_state` (and `update_state`), keeping the thread's owner."""
-        owner = owner_of(drive(self._state(config)))
-        return super().bulk_update_state(stamped(config, owner), supersteps)
+        return super().bulk_update_state(stamped(config, drive(self._owner(config))), supersteps)
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), keeping the thread's owner."""
-        owner = owner_of(await adrive(self._state(config)))
+        owner = await adrive(self._owner(config))
         return await super().abulk_update_state(stamped(config, owner), supersteps)
 
     def get_state(
@@ -598,16 +616,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         `context` is the `RunContext` (or its dict) of the user the state is read for, as a
         run's: a thread another user owns is a `UserError` (see `keel.graphs._owner`).
         """
-        if context is not None:
-            readable(config, drive(self._state(config)), run_context(config, context))
+        drive(self._read_by(config, context))
         return super().get_state(config, subgraphs=subgraphs)
 
     async def aget_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
     ) -> StateSnapshot:
         """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
-        if context is not None:
-            readable(config, await adrive(self._state(config)), run_context(config, context))
+        await adrive(self._read_by(config, context))
         return await super().aget_state(config, subgraphs=subgraphs)
 
     def get_state_history(
@@ -618,16 +634,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         The owner is the one stamped on the thread's latest checkpoint (see `get_state`); the
         check runs when this is called, before any state is read.
         """
-        if context is not None:
-            readable(config, drive(self._state(config)), run_context(config, context))
+        drive(self._read_by(config, context))
         return super().get_state_history(config, **kwargs)
 
     async def aget_state_history(
         self, config: RunnableConfig, *, context: Any = None, **kwargs: Any
     ) -> AsyncIterator[StateSnapshot]:
         """LangGraph's `aget_state_history`; with `context`, only for the thread's owner."""
-        if context is not None:
-            readable(config, await adrive(self._state(config)), run_context(config, context))
+        await adrive(self._read_by(config, context))
         async for state in super().aget_state_history(config, **kwargs):
             yield state
 
