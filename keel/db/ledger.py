@@ -46,6 +46,7 @@ from keel._drive import Op, Steps, adrive, both, call, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining_pool, quiet
+from keel.db.sqlite_handle import SqliteHandle
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
@@ -143,7 +144,8 @@ class Ledger:
         self._setup_thread_lock = threading.Lock()
         self._ready = False
         self._local = threading.local()
-        self._sqlite_dbs: list[sqlite3.Connection] = []
+        self._sqlite_dbs: list[SqliteHandle] = []  # every thread's, for `close()`
+        self._writer: threading.RLock | None = None  # the file's (`writer_lock`)
 
     def __repr__(self) -> str:
         return f"Ledger({self._persistence.safe_url!r})"
@@ -315,10 +317,10 @@ class Ledger:
     def close(self) -> None:
         """Close the sync pool and SQLite connections (the async pool closes with `aclose`)."""
         with self._lock:
-            dbs, self._sqlite_dbs = self._sqlite_dbs, []
-        for db in dbs:
-            db.close()
+            handles, self._sqlite_dbs = self._sqlite_dbs, []
         self._local = threading.local()
+        for handle in handles:  # one in use closes when its transaction ends
+            handle.retire()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -328,7 +330,7 @@ class Ledger:
 
         A short-lived thread calls this when it is done; a later transaction reopens one.
         """
-        if getattr(self._local, "db", None) is not None:
+        if getattr(self._local, "handle", None) is not None:
             self._forget_sqlite()
 
     async def aclose(self) -> None:
@@ -405,11 +407,11 @@ class Ledger:
             await self._apool.drain()
 
     def _run_sqlite(self, flow: Flow[T], *, transaction: bool = True) -> T:
-        db = self._sqlite_connection()
+        handle = self._sqlite_connection()
         try:
             if not transaction:  # autocommit: each SELECT reads what is committed
-                return _statements(flow, db)
-            return self._transact_sqlite(flow, db)
+                return _statements(flow, handle.db)
+            return self._transact_sqlite(flow, handle.db)
         except sqlite3.DatabaseError as exc:
             self._forget_sqlite()
             undone = "; the transaction was rolled back" if transaction else ""
@@ -417,9 +419,12 @@ class Ledger:
                 f"the ledger at {self._persistence.safe_url} failed: {_one_line(exc)}{undone}. "
                 "Check the file and its disk, then resume the run."
             ) from exc
+        finally:
+            handle.release()
 
     def _transact_sqlite(self, flow: Flow[T], db: sqlite3.Connection) -> T:
-        lock = self._local.lock
+        lock = writer_lock(self._sqlite_path()) if self._writer is None else self._writer
+        self._writer = lock
         queued = lock.acquire(timeout=WAIT)  # else SQLite's own locking queues us
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -435,11 +440,14 @@ class Ledger:
             if queued:
                 lock.release()
 
-    def _sqlite_connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened once (WAL: readers never wait for the writer)."""
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is not None and self._local.pid == os.getpid():
-            return db
+    def _sqlite_connection(self) -> SqliteHandle:
+        """This thread's connection, opened once and acquired (WAL: readers never wait).
+
+        `_run_sqlite` releases it; one that `close()` retired meanwhile is then closed.
+        """
+        handle: SqliteHandle | None = getattr(self._local, "handle", None)
+        if handle is not None and self._local.pid == os.getpid() and handle.acquire():
+            return handle
         try:
             db = sqlite3.connect(
                 self._sqlite_path(), isolation_level=None, timeout=30, check_same_thread=False
@@ -452,21 +460,22 @@ class Ledger:
                 f"cannot open the ledger at {self._persistence.safe_url}: {_one_line(exc)}. "
                 "Check the path and its permissions."
             ) from exc
-        self._local.db, self._local.pid = db, os.getpid()
-        self._local.lock = writer_lock(self._sqlite_path())
+        handle = SqliteHandle(db)
+        handle.acquire()
+        self._local.handle, self._local.pid = handle, os.getpid()
         with self._lock:
-            self._sqlite_dbs.append(db)
-        return db
+            self._sqlite_dbs.append(handle)
+        return handle
 
     def _forget_sqlite(self) -> None:
         """Close this thread's connection after a failure; the next transaction reopens."""
-        db = getattr(self._local, "db", None)
-        self._local.db = None
-        if db is not None:
+        handle: SqliteHandle | None = getattr(self._local, "handle", None)
+        self._local.handle = None
+        if handle is not None:
             with self._lock:
-                if db in self._sqlite_dbs:  # else `close()` took it (and closed it) already
-                    self._sqlite_dbs.remove(db)
-            db.close()
+                if handle in self._sqlite_dbs:  # else `close()` took it (and retired it)
+                    self._sqlite_dbs.remove(handle)
+            handle.retire()  # closed now, or by `_run_sqlite` when it releases it
 
     def _sqlite_path(self) -> str:
         path = self.url.removeprefix("sqlite:///")

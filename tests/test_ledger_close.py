@@ -1,0 +1,118 @@
+"""Closing a ledger while another thread's transaction runs on SQLite.
+
+CPython's `sqlite3` lets a connection opened with `check_same_thread=False` be closed from any
+thread, and closing it while another thread runs a statement on it frees that statement under
+it: the process dies of a segmentation fault. A cancelled `ainvoke` leaves its transaction
+running in a worker thread (`asyncio.to_thread` cannot stop one), so an app that closes its
+ledger on shutdown, or a test teardown, hit exactly that (a CI run died this way). Each case
+runs in a subprocess so that a regression reads as a failed test, not a dead test run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_PRELUDE = """
+import asyncio, sqlite3, sys, threading, time
+from keel import Ledger
+
+SLOW = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
+    "SELECT count(*) FROM c"
+)
+
+def slow_insert(mark):
+    yield "CREATE TABLE IF NOT EXISTS scratch (mark TEXT)", ()
+    rows = yield SLOW, ()
+    yield "INSERT INTO scratch (mark) VALUES (?)", (mark,)
+    return rows[0][0]
+
+def marks(path):
+    with sqlite3.connect(path) as db:
+        return sorted(m for (m,) in db.execute("SELECT mark FROM scratch"))
+
+path = sys.argv[1]
+ledger = Ledger(f"sqlite:///{path}")
+ledger.setup()
+"""
+
+
+def _run(tmp_path: Path, body: str) -> str:
+    script = _PRELUDE + textwrap.dedent(body)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "ledger.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # not the checkout, whose folders shadow the installed package
+    )
+    assert done.returncode == 0, (
+        f"the process died (exit {done.returncode}; -11 is a segmentation fault):\n"
+        f"{done.stdout}\n{done.stderr}"
+    )
+    return done.stdout
+
+
+def test_close_from_another_thread_waits_for_the_running_transaction(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+        result = {}
+        def work():
+            result["count"] = ledger.run(slow_insert("first"))
+        worker = threading.Thread(target=work)
+        worker.start()
+        time.sleep(0.3)  # inside the slow statement
+        ledger.close()
+        worker.join()
+        assert result == {"count": 2000000}, result
+        assert ledger.run(slow_insert("after close")) == 2000000  # a closed ledger reopens
+        print(marks(path))
+        """,
+    )
+    assert out.strip() == "['after close', 'first']"
+
+
+def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+        async def main():
+            try:
+                await asyncio.wait_for(ledger.arun(slow_insert("cancelled")), timeout=0.3)
+            except TimeoutError:
+                print("timed out")
+            await ledger.aclose()  # the worker thread still runs the transaction
+            await asyncio.sleep(0)
+        asyncio.run(main())  # waits for the default executor's threads
+        print(marks(path))
+        """,
+    )
+    # the cancelled caller saw a timeout; its transaction, already running, still committed
+    assert out.split() == ["timed", "out", "['cancelled']"]
+
+
+def test_a_failed_thread_connection_and_repeated_closes_reopen_cleanly(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+        from keel.errors import StorageError
+        def broken():
+            yield "SELECT * FROM no_such_table", ()
+        try:
+            ledger.run(broken())
+        except StorageError as exc:
+            print("storage error:", "no such table" in str(exc))
+        ledger.close_thread()  # its connection was closed after the failure already
+        assert ledger.run(slow_insert("again")) == 2000000
+        ledger.close()
+        ledger.close()
+        ledger.close_thread()
+        assert ledger.run(slow_insert("after closes")) == 2000000
+        print(marks(path))
+        """,
+    )
+    assert out.split("\n")[:2] == ["storage error: True", "['after closes', 'again']"]
