@@ -81,12 +81,17 @@ class InFlightKiller:
     ) -> None:
         waiting = (
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() AND pid <> ALL(%s)"
         )
+        gate: list[tuple[psycopg.Connection[Any], threading.Thread]] = []
         with psycopg.connect(self.url, autocommit=True) as killer:
             deadline, killed = time.monotonic() + 20, set()
             while time.monotonic() < deadline and len(killed) < times:
-                pids = {row[0] for row in killer.execute(waiting).fetchall()} - killed
+                ours = [conn.info.backend_pid for conn, _ in gate]
+                pids = {row[0] for row in killer.execute(waiting, (ours,)).fetchall()} - killed
+                if pids and then is not None and not gate:
+                    gate.append(self._queue_behind(admin, killer, label))
+                    continue  # the waiter's replay now reads only after `then` commits
                 for pid in list(pids)[: times - len(killed)]:
                     killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
                     killed.add(pid)
@@ -97,6 +102,35 @@ class InFlightKiller:
             admin.commit()
         admin.rollback()
         admin.close()
+        for conn, locker in gate:
+            locker.join(timeout=10)
+            conn.close()
+
+    def _queue_behind(
+        self, admin: psycopg.Connection[Any], killer: psycopg.Connection[Any], table: str
+    ) -> tuple[psycopg.Connection[Any], threading.Thread]:
+        """Queue an ACCESS EXCLUSIVE lock on `table` behind `admin`'s, from a connection of
+        its own: PostgreSQL queues any later request behind it, so the killed transaction's
+        replay reads the table only after `admin` committed `then` (no race with the replay)."""
+        gate = psycopg.connect(self.url)
+        ready = threading.Event()
+
+        def lock() -> None:
+            ready.set()
+            gate.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            gate.rollback()
+
+        locker = threading.Thread(target=lock, daemon=True)
+        locker.start()
+        ready.wait()
+        pid, deadline = gate.info.backend_pid, time.monotonic() + 10
+        probe = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
+        while time.monotonic() < deadline:
+            row = killer.execute(probe, (pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                break
+            time.sleep(0.005)
+        return gate, locker
 
     def join(self) -> None:
         for thread in self._threads:
