@@ -315,7 +315,12 @@ class Ledger:
                 self._ready = True
 
     def close(self) -> None:
-        """Close the sync pool and SQLite connections (the async pool closes with `aclose`)."""
+        """Close the sync pool and SQLite connections (the async pool closes with `aclose`).
+
+        Safe while another thread's transaction runs (say, a cancelled `ainvoke`'s, which
+        `asyncio.to_thread` cannot stop): that transaction ends, then its connection closes. A
+        later call opens new connections.
+        """
         with self._lock:
             handles, self._sqlite_dbs = self._sqlite_dbs, []
         self._local = threading.local()
