@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from langgraph.types import Command
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from keel import Ledger, Persistence, RunContext, build_agent
+from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel
 from keel.evals.scripted import call
 from keel.guards import Policy
@@ -135,3 +137,58 @@ def test_a_run_whose_reader_leaves_after_its_end_is_reported_once(tmp_path: Path
         otel.use()
     (runs,) = _points(reader)["keel.db.runs"]
     assert runs.value == 1 and runs.attributes["terminated_reason"] == "completed"
+
+
+def test_a_run_resumed_after_a_storage_failure_adds_only_what_the_resume_used(
+    tmp_path: Path,
+) -> None:
+    """The run's steps go on while its checkpoints fail to save: it records its end, then keel
+    finds the failure and records `storage`; the database comes back and `None` resumes the
+    run, which redoes its unsaved steps and ends again. The run is counted once; its tokens,
+    cost and tool calls add up to its record's, where reporting each write would count its
+    spend three times."""
+    reader = InMemoryMetricReader()
+    otel.use(MeterProvider(metric_readers=[reader]), TracerProvider())
+    url = f"sqlite:///{tmp_path}/k.db"
+    model = ScriptedChatModel(script=[call("breaks", key="a"), call("lookup", key="b"), "done"])
+    config: Any = {"configurable": {"thread_id": "t"}}
+    try:
+        with Persistence(url).checkpointer() as saver:
+            broken: list[str] = []
+
+            @tool(name="breaks")
+            def breaks(key: str) -> str:
+                """Look a key up, as the database turns read-only (the first time)."""
+                if not broken:
+                    broken.append(key)
+                    saver.conn.execute("PRAGMA query_only = ON")
+                return f"value of {key}"
+
+            agent = build_agent(model, [breaks, lookup], ledger=Ledger(url), checkpointer=saver)
+            ended = agent.invoke({"messages": [("user", "go")]}, config)
+            assert ended["outcome"]["terminated_reason"] == "storage", ended["outcome"]
+            saver.conn.execute("PRAGMA query_only = OFF")
+            done = agent.invoke(None, config)
+            assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    finally:
+        otel.use()
+
+    (runs,) = _points(reader)["keel.db.runs"]  # one run, counted under the end it first recorded
+    assert runs.value == 1, runs
+    total = RunLog(Ledger(url)).query()[0]
+    assert _tokens(reader) == {"input": total.input_tokens, "output": total.output_tokens}
+    costs = sum(p.value for p in _points(reader)["keel.run.cost"])
+    assert costs == pytest.approx(total.usd) and total.usd > 0
+    tools = {
+        (p.attributes["tool"], p.attributes["outcome"]): p.value
+        for p in _points(reader)["keel.tool.calls"]
+    }
+    assert tools[("breaks", "success")] == 1 and tools[("lookup", "success")] == 1
+
+
+def _tokens(reader: InMemoryMetricReader) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in _points(reader)["keel.run.tokens"]:
+        key = p.attributes["direction"]
+        out[key] = out.get(key, 0) + p.value
+    return out

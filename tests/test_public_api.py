@@ -117,9 +117,11 @@ PUBLIC = {
     "keel.versions": ["AgentVersion", "prompt_hash"],
     "keel.app.canary": ["bucket", "serves_candidate"],
     "keel.db.runs": [
+        "Recorded",
         "RunLog",
         "RunRecord",
         "error_category",
+        "recorded_flow",
         "run_record",
         "scores_flow",
         "thread_users_flow",

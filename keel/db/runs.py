@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from langchain_core.messages import ToolMessage
 
@@ -29,9 +29,11 @@ from keel.redact import sanitize
 from keel.state import AgentState, task_start
 
 __all__ = [
+    "Recorded",
     "RunLog",
     "RunRecord",
     "error_category",
+    "recorded_flow",
     "run_record",
     "scores_flow",
     "thread_users_flow",
@@ -246,9 +248,29 @@ that drops the run's pending calls, is another server run, and the record keeps 
 run that started it (`COALESCE`, so a record first written without one takes a later one)."""
 
 
+class Recorded(NamedTuple):
+    """What a write of a run's record stored, and the row it found (`recorded_flow`)."""
+
+    stored: RunRecord
+    """The run's record as written, or the stored one that stands (the write was refused)."""
+    before: RunRecord | None
+    """The run's row before the write; `None` for its first."""
+
+
 def upsert_flow(
     record: RunRecord, base: Mapping[str, float] | None = None, *, first_end: bool = False
 ) -> Flow[RunRecord]:
+    """Store `record`, whose usage holds the thread's totals, as the run's own usage.
+
+    Returns what was stored; see `recorded_flow`.
+    """
+    recorded = yield from recorded_flow(record, base, first_end=first_end)
+    return recorded.stored
+
+
+def recorded_flow(
+    record: RunRecord, base: Mapping[str, float] | None = None, *, first_end: bool = False
+) -> Flow[Recorded]:
     """Store `record`, whose usage holds the thread's totals, as the run's own usage.
 
     The run's own is the totals less `base` (the thread's usage when the run started), or,
@@ -268,7 +290,7 @@ def upsert_flow(
             (record.thread_id, record.graph, record.run_id),
         )
         if rows:  # the run recorded itself, under the message that started it: that stands
-            return _stored(rows[0])
+            return Recorded(_stored(rows[0]), _stored(rows[0]))
     totals = {k: getattr(record, k) for k in _USAGE}
     previous: Mapping[str, Any] = base or {}
     if base is None and record.thread_id is not None:
@@ -279,15 +301,12 @@ def upsert_flow(
         )
         previous = json.loads(rows[0][0]) if rows else {}
     own = replace(record, **{k: type(v)(v - previous.get(k, 0)) for k, v in totals.items()})
-    if own.terminated_reason == "cancelled":
-        rows = yield (
-            f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE run_key = ?",
-            (own.run_key,),
-        )
-        ended = [_stored(row) for row in rows]
-        stands = ended and ended[0].status != "interrupted"
-        if stands and (first_end or ended[0].terminated_reason != "cancelled"):
-            return ended[0]  # the run ended before it was cancelled: its end stands
+    rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE run_key = ?", (own.run_key,)
+    before = _stored(rows[0]) if rows else None
+    if own.terminated_reason == "cancelled" and before is not None:
+        stands = before.status != "interrupted"
+        if stands and (first_end or before.terminated_reason != "cancelled"):
+            return Recorded(before, before)  # the run ended before it was cancelled
     values = {
         **own.to_dict(),
         "tools": json.dumps(own.tools),
@@ -303,7 +322,7 @@ def upsert_flow(
         "interrupts = keel_runs.interrupts + excluded.interrupts",
         tuple(storable(values[c]) for c in _COLUMNS),
     )
-    return own
+    return Recorded(own, before)
 
 
 def _unkeyed(record: RunRecord) -> bool:

@@ -38,7 +38,7 @@ from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
-from keel.db.runs import RunLog, RunRecord, run_record
+from keel.db.runs import Recorded, RunLog, RunRecord, recorded_flow, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
@@ -189,9 +189,9 @@ class Observer:
         try:
             record = _record(self, state, config, context)
             base = task_base(state)
-            write = partial(self.runs.write, record, base, first_end=first_end)
-            stored = yield Op(write, partial(self.runs.awrite, record, base, first_end=first_end))
-            _telemetry(stored, record)
+            flow = recorded_flow(record, base, first_end=first_end)
+            recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, flow)
+            _telemetry(recorded, record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
 
@@ -393,15 +393,15 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, conte
     return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
 
 
-def _telemetry(stored: RunRecord, written: RunRecord) -> None:
-    """Report the stored run to OpenTelemetry, when it is installed (see `keel.observe.otel`).
+def _telemetry(recorded: Recorded, written: RunRecord) -> None:
+    """Report the run to OpenTelemetry, when it is installed (see `keel.observe.otel`).
 
-    A cancellation that found the run's end already stored (and reported) reports nothing.
+    A write that found the run's end already stored (a cancellation, refused) reports nothing.
     """
     telemetry = otel.active()
-    if telemetry is not None and stored.terminated_reason == written.terminated_reason:
+    if telemetry is not None and recorded.stored.terminated_reason == written.terminated_reason:
         try:
-            telemetry.record_run(stored)
+            telemetry.record_run(recorded.stored, before=recorded.before)
         except Exception as exc:
             log.error("keel could not report the run to OpenTelemetry: %r", exc)
 

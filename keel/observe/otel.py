@@ -11,11 +11,15 @@ SDK) or the ones passed to `use(...)`:
 - `keel.tool.calls` (counter, attributes `tool`, `outcome`: `success` / `failure`);
 - one span `keel.run <graph>` per run, from its start to its end, with the same attributes.
 
+A run is counted once, under the end it first recorded; a later write of its record adds only
+what the run added since (the counters add up to the run records).
+
 Without `opentelemetry-api` installed nothing happens.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from keel._version import __version__
@@ -40,26 +44,36 @@ class Telemetry:
         self._cost = meter.create_counter("keel.run.cost", unit="USD")
         self._tools = meter.create_counter("keel.tool.calls", unit="{call}")
 
-    def record_run(self, record: RunRecord) -> None:
-        """Report a finished run (paused runs are reported when they finish)."""
+    def record_run(self, record: RunRecord, *, before: RunRecord | None = None) -> None:
+        """Report a finished run once (paused runs are reported when they finish).
+
+        `before`: the run's record as stored before this one. If it said how the run ended (a
+        later write: a storage failure found after the end, a resume that finished the run),
+        the run was reported then: only the tokens, cost and tool calls it added are.
+        """
         if record.status == "interrupted":
             return
+        first = before if before is not None and before.status != "interrupted" else None
+        end = first or record  # a run is counted once, under the end it first recorded
         attrs = {
             "graph": record.graph or "",
             "tenant": record.tenant_id or "",
-            "status": record.status,
-            "terminated_reason": record.terminated_reason,
+            "status": end.status,
+            "terminated_reason": end.terminated_reason,
         }
-        self._duration.record(record.latency_s, attrs)
-        self._runs.add(1, attrs)
-        self._tokens.add(record.input_tokens, {**attrs, "direction": "input"})
-        self._tokens.add(record.output_tokens, {**attrs, "direction": "output"})
-        self._cost.add(record.usd, attrs)
-        for tool, counts in record.tools.items():
+        added = _added(record, first)
+        self._tokens.add(added.input_tokens, {**attrs, "direction": "input"})
+        self._tokens.add(added.output_tokens, {**attrs, "direction": "output"})
+        self._cost.add(added.usd, attrs)
+        for tool, counts in added.tools.items():
             ok = counts.get("calls", 0) - counts.get("failures", 0)
             base = {"graph": attrs["graph"], "tool": tool}
             self._tools.add(ok, {**base, "outcome": "success"})
             self._tools.add(counts.get("failures", 0), {**base, "outcome": "failure"})
+        if first is not None:
+            return
+        self._duration.record(record.latency_s, attrs)
+        self._runs.add(1, attrs)
         span = self._tracer.start_span(
             f"keel.run {record.graph or ''}".strip(),
             start_time=int(record.started_at * 1e9),
@@ -72,6 +86,23 @@ class Telemetry:
             },
         )
         span.end(end_time=int(record.ended_at * 1e9))
+
+
+def _added(record: RunRecord, before: RunRecord | None) -> RunRecord:
+    """`record`'s usage less what `before` reported (never below 0: a run only adds)."""
+    if before is None:
+        return record
+    tools = {
+        tool: {k: max(0, n - before.tools.get(tool, {}).get(k, 0)) for k, n in counts.items()}
+        for tool, counts in record.tools.items()
+    }
+    return replace(
+        record,
+        input_tokens=max(0, record.input_tokens - before.input_tokens),
+        output_tokens=max(0, record.output_tokens - before.output_tokens),
+        usd=max(0.0, record.usd - before.usd),
+        tools=tools,
+    )
 
 
 def use(meter_provider: Any = None, tracer_provider: Any = None) -> Telemetry:
