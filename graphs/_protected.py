@@ -44,6 +44,7 @@ from keel._drive import Op, Steps, adrive, drive
 from keel.errors import StorageError, UserError
 from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
+from keel.graphs._paused import PausedChunks
 from keel.graphs._storage import (
     RunEnd,
     StreamEnding,
@@ -150,7 +151,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         end = self._run_end(config, kwargs)
         ending = StreamEnding(self.stream_mode, kwargs, end, continues=input is None)
         chunks = super().stream(self._marked(_as_callers(input)), config, **ending.kwargs)
-        chunks = ending.guard(chunks)
+        chunks = self._paused(config, kwargs).guard(ending.guard(chunks))
         answers = self._answers(kwargs)
         return chunks if answers is None else answers.guard(chunks)
 
@@ -174,11 +175,22 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             end = self._run_end(config, kwargs)
             ending = StreamEnding(self.stream_mode, kwargs, end, continues=input is None)
             chunks = super().astream(self._marked(_as_callers(input)), config, **ending.kwargs)
-            chunks = ending.aguard(chunks)
+            chunks = self._paused(config, kwargs).aguard(ending.aguard(chunks))
             answers = self._answers(kwargs)
             chunks = chunks if answers is None else answers.aguard(chunks)
         async for chunk in chunks:
             yield chunk
+
+    def _paused(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> PausedChunks:
+        """What a run that pauses inside a subgraph reports as its outcome (`graphs._paused`)."""
+
+        def read(at: RunnableConfig) -> Op:
+            return Op(
+                partial(self.get_state, at, subgraphs=True),
+                partial(self.aget_state, at, subgraphs=True),
+            )
+
+        return PausedChunks(ChunkShape(self.stream_mode, kwargs), config, read)
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
         """Where a run that ends on a storage failure is recorded: nowhere here.

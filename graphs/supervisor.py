@@ -16,7 +16,9 @@ approvals are added to the supervisor's.
 
 While a sub-agent waits for a human, the supervisor's thread shows the agent's review requests
 as its interrupts (`snapshot.interrupts`, `state["tasks"][i]["interrupts"]` on the server) and
-`next == (agent name,)`; the supervisor's own `outcome` is set when the run ends.
+`next == (agent name,)`, and its `outcome` is the waiting agent's (`interrupted /
+awaiting_approval`, what it waits for: `keel.graphs._paused`, as LangGraph writes nothing of a
+node that pauses).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
 from keel.graphs._owner import owned, owner_of, readable, stamped, unseen, users_seen
+from keel.graphs._paused import reported
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -614,17 +615,26 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `get_state`; with `context`, only for the thread's owner (or reviewer).
 
         `context` is the `RunContext` (or its dict) of the user the state is read for, as a
-        run's: a thread another user owns is a `UserError` (see `keel.graphs._owner`).
+        run's: a thread another user owns is a `UserError` (see `keel.graphs._owner`). A thread
+        that waits for a human in a subgraph (a supervisor's agent) has the waiting agent's
+        outcome (`keel.graphs._paused`).
         """
         drive(self._read_by(config, context))
-        return super().get_state(config, subgraphs=subgraphs)
+        return drive(reported(config, subgraphs, partial(self._saved, config)))
 
     async def aget_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
     ) -> StateSnapshot:
         """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
         await adrive(self._read_by(config, context))
-        return await super().aget_state(config, subgraphs=subgraphs)
+        return await adrive(reported(config, subgraphs, partial(self._saved, config)))
+
+    def _saved(self, config: RunnableConfig, subgraphs: bool) -> Op:
+        """LangGraph's read of the thread's state (the checkpoint as saved)."""
+        return Op(
+            partial(super().get_state, config, subgraphs=subgraphs),
+            partial(super().aget_state, config, subgraphs=subgraphs),
+        )
 
     def get_state_history(
         self, config: RunnableConfig, *, context: Any = None, **kwargs: Any

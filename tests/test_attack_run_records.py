@@ -72,7 +72,6 @@ ENTRIES = [
 ]
 STOPPED = ("stopped", "cancelled")
 PAUSED = ("interrupted", "awaiting_approval")
-NO_OUTCOME = ("", "")
 COMPLETED = ("success", "completed")
 
 
@@ -222,8 +221,6 @@ class Caller:
     run_ids: list[str] = field(default_factory=list)
     pending: str | None = None
     """`keel_pending` for the next run (`not_run`: answer a waiting call so)."""
-    keeps_outcome_paused: bool = True
-    """Whether the state of a run paused for a human says so (a supervisor's does not)."""
 
     @property
     def is_async(self) -> bool:
@@ -356,8 +353,8 @@ def _play(ending: str, caller: Caller, faults: Faults) -> list[tuple[str, str]]:
     faults.armed = armed.get(ending)
     seen = caller.send(ask)
     faults.mend()
-    if ending in ("resumed", "dropped"):  # a supervisor's state says nothing: see below
-        assert seen == (PAUSED if caller.keeps_outcome_paused else NO_OUTCOME), seen
+    if ending in ("resumed", "dropped"):  # a supervisor's state says so too: see below
+        assert seen == PAUSED, seen
     if ending == "resumed":
         seen = caller.send(Command(resume=[{"type": "approve"}]))
     if ending == "resumed_after_storage":  # the database is back: the run goes on
@@ -412,7 +409,6 @@ def test_each_run_has_one_record_that_says_how_it_ended(
         pytest.skip("the ledger's statements are killed in flight on PostgreSQL only")
     with _world(kind, url, entry) as (faults, ledger):
         caller = Caller(entry, _graph(graph, ending, faults, ledger), faults.loop)
-        caller.keeps_outcome_paused = graph == "agent"
         seen = _play(ending, caller, faults)
         runs = len(caller.run_ids)  # a resume is part of the run it resumes
         seen.append(caller.send({"messages": [("user", "and order B2?")]}))
@@ -461,16 +457,31 @@ def test_a_new_message_under_the_last_runs_id_is_refused_not_dropped(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a supervisor paused by its agent's approval has no outcome in its state (None) "
-    "while its record says interrupted/awaiting_approval: the agent's node pauses by raising "
-    "GraphInterrupt, and a node that raises writes nothing to the supervisor's state",
-)
-def test_a_supervisor_paused_for_approval_says_so_in_its_state(tmp_path: Path) -> None:
-    with _world("sqlite", f"sqlite:///{tmp_path}/keel.db", "invoke") as (faults, ledger):
-        caller = Caller("invoke", _graph("supervisor", "resumed", faults, ledger), faults.loop)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_supervisor_paused_for_approval_says_so_in_its_state(tmp_path: Path, entry: str) -> None:
+    """The supervisor's agent pauses by raising `GraphInterrupt` inside the supervisor's node,
+    and a node that raises writes nothing: the supervisor's state said `outcome: None` while its
+    record said `interrupted`. Now it says what a paused agent's says (the waiting agent's own
+    outcome), in the state each entry point ends with and in `get_state`; the run resumes."""
+    with _world("sqlite", f"sqlite:///{tmp_path}/keel.db", entry) as (faults, ledger):
+        caller = Caller(entry, _graph("supervisor", "resumed", faults, ledger), faults.loop)
         assert caller.send({"messages": [("user", "refund order A1")]}) == PAUSED
+        config = {"configurable": {"thread_id": caller.thread}}
+        if caller.is_async:
+            inside = faults.loop.run_until_complete(caller.agent.aget_state(config, subgraphs=True))
+        else:
+            inside = caller.agent.get_state(config, subgraphs=True)
+        (task,) = inside.tasks
+        waiting = {
+            "status": "interrupted",
+            "terminated_reason": "awaiting_approval",
+            "detail": "awaiting approval for refund",
+        }
+        assert task.state.values["outcome"] == waiting  # the agent's own
+        assert inside.values["outcome"] == caller.saved()["outcome"] == waiting
+        assert caller.send(Command(resume=[{"type": "approve"}])) == COMPLETED
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "While a sub-agent waits for a human, the supervisor's state says what the" in readme
 
 
 def _show(records: list[RunRecord]) -> list[tuple[Any, ...]]:

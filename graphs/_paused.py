@@ -1,0 +1,114 @@
+"""A thread that waits for a human inside a subgraph says so in its state, as an agent's does.
+
+A supervisor's agent pauses for a human by raising `GraphInterrupt` inside the supervisor's
+node, and LangGraph writes nothing of a node that raises: the supervisor's saved `outcome`
+stays what its router wrote (None) while it waits. An agent's says `interrupted /
+awaiting_approval` and what it waits for. keel reports the supervisor's as that: the waiting
+agent's own outcome, in the state `get_state` returns and in the `values` chunk that ends the
+run which paused (the state `invoke` returns). The checkpoint itself keeps what the router
+wrote (`get_state_history` shows it so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import StateSnapshot
+
+from keel import outcome
+from keel._drive import Op, Steps, adrive, drive
+from keel.graphs._chunks import ChunkShape
+from keel.graphs._storage import log
+from keel.state import Outcome
+
+__all__ = ["PausedChunks", "reported", "unreported", "waiting_outcome"]
+
+_INTERRUPT = "__interrupt__"
+
+Read = Callable[[RunnableConfig], Op]
+"""The step that reads a thread's state with its subgraphs (`get_state(subgraphs=True)`)."""
+
+
+def waiting_outcome(state: StateSnapshot) -> Outcome:
+    """The outcome of the conversation `state` (read with subgraphs) waits in, innermost first.
+
+    A waiting subgraph whose state says nothing (not a keel agent) is reported as waiting for a
+    human too.
+    """
+    return _inside(state) or outcome.interrupted(
+        f"awaiting a human's answer in {', '.join(t.name for t in state.tasks) or 'a subgraph'}"
+    )
+
+
+def _inside(state: StateSnapshot) -> Outcome | None:
+    for task in state.tasks:
+        inner = task.state
+        if not isinstance(inner, StateSnapshot):
+            continue
+        own = inner.values.get("outcome")
+        found = _inside(inner) or (own if isinstance(own, Mapping) else None)
+        if found is not None and found.get("status") == "interrupted":
+            return found  # type: ignore[return-value]
+    return None
+
+
+def unreported(state: StateSnapshot, config: RunnableConfig | None) -> bool:
+    """Whether `state`, a top-level state, waits for a human while its outcome says nothing."""
+    ns = ((config or {}).get("configurable") or {}).get("checkpoint_ns")
+    return not ns and bool(state.interrupts) and state.values.get("outcome") is None
+
+
+def reported(
+    config: RunnableConfig, subgraphs: bool, read: Callable[[bool], Op]
+) -> Steps[StateSnapshot]:
+    """The thread's state (`read(subgraphs)`), its outcome the waiting agent's when it has none."""
+    state: StateSnapshot = yield read(subgraphs)
+    if not unreported(state, config):
+        return state
+    inside = state if subgraphs else (yield read(True))
+    return state._replace(values={**state.values, "outcome": waiting_outcome(inside)})
+
+
+class PausedChunks:
+    """A run's chunks, the `values` chunk that ends a paused run with the waiting outcome."""
+
+    def __init__(self, shape: ChunkShape, config: RunnableConfig | None, read: Read) -> None:
+        self.shape = shape
+        conf = {k: v for k, v in ((config or {}).get("configurable") or {}).items()}
+        conf.pop("checkpoint_id", None)  # the thread as the run left it
+        self.config: RunnableConfig = {"configurable": {**conf, "checkpoint_ns": ""}}
+        self.read = read
+
+    def _waits(self, chunk: Any) -> dict[str, Any] | None:
+        """`chunk`'s state if it ends a run that waits with no outcome, else None."""
+        parts = self.shape.parts(chunk)
+        if parts is None or parts[1] != "values" or parts[0]:
+            return None
+        payload = parts[2]
+        if not isinstance(payload, dict) or payload.get("outcome") is not None:
+            return None
+        waits = _INTERRUPT in payload or (self.shape.v2 and bool(chunk.get("interrupts")))
+        return payload if waits else None
+
+    def _filled(self, chunk: Any, payload: dict[str, Any]) -> Steps[Any]:
+        try:
+            state: StateSnapshot = yield self.read(self.config)
+            found = waiting_outcome(state)
+        except Exception as exc:  # the chunk still says the run waits
+            log.warning("keel could not read what a paused run waits for: %r", exc)
+            found = outcome.interrupted("awaiting a human's answer")
+        return self.shape.make((), "values", {**payload, "outcome": found}, chunk)
+
+    def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        """`chunks`, a paused run's last `values` chunk with its outcome."""
+        for chunk in chunks:
+            payload = self._waits(chunk)
+            yield chunk if payload is None else drive(self._filled(chunk, payload))
+
+    async def aguard(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """`guard` for an async stream."""
+        async for chunk in chunks:
+            payload = self._waits(chunk)
+            yield chunk if payload is None else await adrive(self._filled(chunk, payload))
