@@ -1,4 +1,4 @@
-"""A thread that waits for a human inside a subgraph says so in its state, as an agent's does.
+"""A thread that waits for a human inside a subgraph: what its state says, what it refuses.
 
 A supervisor's agent pauses for a human by raising `GraphInterrupt` inside the supervisor's
 node, and LangGraph writes nothing of a node that raises: the supervisor's saved `outcome`
@@ -7,6 +7,12 @@ awaiting_approval` and what it waits for. keel reports the supervisor's as that:
 agent's own outcome, in the state `get_state` returns and in the `values` chunk that ends the
 run which paused (the state `invoke` returns). The checkpoint itself keeps what the router
 wrote (`get_state_history` shows it so).
+
+A state update of such a thread (`update_state` / `bulk_update_state`, as any node or none)
+is refused (`refuse_update`): it writes a new checkpoint whose tasks are new ones, and the
+waiting agent's conversation, kept under its task, is left behind with its pending calls
+never answered nor audited (and its run record `interrupted` for good). An agent's own pending
+calls are in its messages, where keel answers them whatever an update did.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from langgraph.types import StateSnapshot
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive
+from keel.errors import UserError
 from keel.graphs._chunks import ChunkShape
 from keel.graphs._storage import log
 from keel.state import Outcome
 
-__all__ = ["PausedChunks", "reported", "unreported", "waiting_outcome"]
+__all__ = ["PausedChunks", "refuse_update", "reported", "unreported", "waiting_outcome"]
 
 _INTERRUPT = "__interrupt__"
 
@@ -69,6 +76,29 @@ def reported(
         return state
     inside = state if subgraphs else (yield read(True))
     return state._replace(values={**state.values, "outcome": waiting_outcome(inside)})
+
+
+def refuse_update(config: RunnableConfig, state: StateSnapshot) -> None:
+    """Refuse a state update of the thread `state` (read with subgraphs) if a subgraph waits.
+
+    `config` addresses the update: one to a subgraph's own conversation (its `checkpoint_ns`)
+    updates that conversation, not the thread, and goes through.
+    """
+    if ((config or {}).get("configurable") or {}).get("checkpoint_ns"):
+        return
+    waiting = [t.name for t in state.tasks if isinstance(t.state, StateSnapshot) and t.interrupts]
+    if not waiting:
+        return
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    names = ", ".join(repr(n) for n in waiting)
+    raise UserError(
+        f"Thread {thread!r} waits for a human's answer in its agent {names}: a state update "
+        "would start that agent anew and drop the calls it waits on, with no answer and no "
+        "audit record. Answer them first with Command(resume=...), or send a new message with "
+        "config={'configurable': {'keel_pending': 'not_run'}} to drop them (audited not_run). "
+        "To edit the agent's own conversation, update it at its checkpoint_ns "
+        "(get_state(config, subgraphs=True).tasks[0].state.config)."
+    )
 
 
 class PausedChunks:

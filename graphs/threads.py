@@ -57,7 +57,7 @@ from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
 from keel.graphs._one_run import OneRunPerThread, ThreadLeases
 from keel.graphs._owner import owned, owner_of, readable, stamped, unseen, users_seen
-from keel.graphs._paused import reported
+from keel.graphs._paused import refuse_update, reported
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
@@ -596,18 +596,31 @@ class ThreadGuardedGraph(ProtectedGraph):
         if context is not None:
             readable(config, (yield from self._owner(config)), run_context(config, context))
 
+    def _updated(self, config: RunnableConfig) -> Steps[RunnableConfig]:
+        """A state update's config, with the thread's owner (`stamped`), once it may be written.
+
+        A thread whose subgraph (a supervisor's agent) waits for a human refuses it
+        (`graphs._paused.refuse_update`); a graph without subgraphs has none to wait in.
+        """
+        owner = yield from self._owner(config)
+        if next(self.get_subgraphs(), None) is not None:
+            refuse_update(config, (yield self._read(config, subgraphs=True)))
+        return stamped(config, owner)
+
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
-        """LangGraph's `bulk_update_state` (and `update_state`), keeping the thread's owner."""
-        return super().bulk_update_state(stamped(config, drive(self._owner(config))), supersteps)
+        """LangGraph's `bulk_update_state` (and `update_state`), keeping the thread's owner.
+
+        Refused while a subgraph of the thread waits for a human (`_updated`).
+        """
+        return super().bulk_update_state(drive(self._updated(config)), supersteps)
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
-        """LangGraph's `abulk_update_state` (and `aupdate_state`), keeping the thread's owner."""
-        owner = await adrive(self._owner(config))
-        return await super().abulk_update_state(stamped(config, owner), supersteps)
+        """LangGraph's `abulk_update_state` (and `aupdate_state`), as `bulk_update_state`."""
+        return await super().abulk_update_state(await adrive(self._updated(config)), supersteps)
 
     def get_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
