@@ -31,7 +31,7 @@ from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
@@ -455,16 +455,41 @@ def _check(decision: Route, agents: Mapping[str, Agent]) -> Route:
 def _validate(agents: Mapping[str, Agent], router: object, max_handoffs: object) -> None:
     if not isinstance(agents, Mapping) or not agents:
         raise UserError("build_supervisor(agents=...) must map agent names to keel agents.")
-    reserved = {FINISH, "route", START, END}
-    for agent_name in agents:
-        if agent_name in reserved:
-            raise UserError(f"Agent name {agent_name!r} is reserved; rename it.")
+    for agent_name, agent in agents.items():
+        if (problem := _name_problem(agent_name)) is not None:
+            raise UserError(f"Agent name {agent_name!r} {problem}; rename it.")
+        if not isinstance(agent, Runnable):
+            raise UserError(
+                f"build_supervisor(agents=...) maps {agent_name!r} to {type(agent).__name__}: "
+                "each agent must be a keel agent (build_agent(...))."
+            )
     if router is None:
         raise UserError("build_supervisor(router=...) needs a chat model or a function.")
     if not isinstance(max_handoffs, int) or max_handoffs < 1:
         raise UserError(
             f"build_supervisor(max_handoffs=...) must be 1 or more, got {max_handoffs!r}."
         )
+
+
+def _name_problem(agent_name: object) -> str | None:
+    """What is wrong with `agent_name` as an agent's name (its node's name), if anything.
+
+    The router's answer is read stripped and case-folded (`_check`): a name that reads as
+    `FINISH` so would take a sloppy `"finish"` meant as the end, and a name with whitespace
+    around it would never match a sloppy answer. LangGraph reserves its own names (`__end__`,
+    `__input__`, ...) and `:` and `|` (its namespaces).
+    """
+    if not isinstance(agent_name, str) or not agent_name.strip():
+        return "must be a non-empty string"
+    if agent_name in (FINISH, "route") or (agent_name[:2] == agent_name[-2:] == "__"):
+        return "is reserved"  # the router's answer, its node, or a name of LangGraph's
+    if agent_name.strip().casefold() == FINISH.casefold():
+        return f"reads as {FINISH} (the router's answer is read case-folded)"
+    if agent_name != agent_name.strip():
+        return "has whitespace around it (the router's answer is read stripped)"
+    if {":", "|"} & set(agent_name):
+        return "holds ':' or '|', which LangGraph reserves for its namespaces"
+    return None
 
 
 def _run_clock(state: SupervisorState) -> tuple[dict[str, Any], Usage]:

@@ -10,7 +10,9 @@ Fixed here:
 - `keel_pending='not_run'` on a supervisor left the calls its agent waited on unaudited and the
   agent's run `interrupted` for good;
 - a state update of a thread whose agent waits (as any node, the agent's included) left the
-  calls it waited on unanswered and unaudited, and its run `interrupted` for good.
+  calls it waited on unanswered and unaudited, and its run `interrupted` for good;
+- an agent named so that it reads as FINISH took the router's sloppy "finish"; a name LangGraph
+  refuses (`:`, `|`, its reserved names, not a string) raised its bare ValueError / TypeError.
 
 Pinned (refused already): an unknown, empty, ambiguous or malformed route, or a failing router,
 ends the run as `error` with its record and hands no agent the task; a route a user's message
@@ -557,3 +559,32 @@ async def test_a_state_update_cannot_drop_the_call_a_waiting_agent_holds(
     ]
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "of a supervisor's thread whose agent waits for a human is refused with a" in readme
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("finish", "reads as FINISH"),  # a router's sloppy "finish" handed it the task
+        (" Finish ", "reads as FINISH"),
+        (" billing", "has whitespace around it"),  # a sloppy " billing" never reached it
+        ("a:b", "holds ':' or '|'"),  # LangGraph's bare ValueError
+        ("a|b", "holds ':' or '|'"),
+        ("__input__", "is reserved"),  # LangGraph's bare ValueError
+        ("__copy__", "is reserved"),  # update_state(as_node="__copy__") means another thing
+        ("route", "is reserved"),
+        (5, "must be a non-empty string"),  # LangGraph's bare TypeError
+    ],
+)
+def test_an_agent_name_a_route_cannot_read_as_meant_is_refused(name: Any, why: str) -> None:
+    """A name that reads as FINISH once case-folded took the router's sloppy `"finish"` (meant
+    as the end): the task was handed to that agent again until `max_handoffs`. LangGraph's own
+    refusals (`:`, `|`, its reserved names, a non-string) were a bare ValueError / TypeError."""
+    with pytest.raises(UserError, match=f"Agent name {name!r} {why}"):
+        build_supervisor({name: _worker("x"), "other": _worker("y")}, _router("finish"))
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "refuses an agent name that reads as `FINISH` once case-folded" in readme
+
+
+def test_an_agent_that_is_no_graph_is_refused() -> None:
+    with pytest.raises(UserError, match="maps 'billing' to int: each agent must be a keel agent"):
+        build_supervisor({"billing": 5}, _router("billing"))  # type: ignore[dict-item]
