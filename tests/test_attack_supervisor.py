@@ -588,3 +588,51 @@ def test_an_agent_name_a_route_cannot_read_as_meant_is_refused(name: Any, why: s
 def test_an_agent_that_is_no_graph_is_refused() -> None:
     with pytest.raises(UserError, match="maps 'billing' to int: each agent must be a keel agent"):
         build_supervisor({"billing": 5}, _router("billing"))  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_forbidden_calls_beside_an_asked_one_never_run_and_are_audited(
+    tmp_path: Path, driver: str
+) -> None:
+    """Pinned: the sub-agent's model asks, in one turn, for two calls the caller's role may not
+    make (fresh ids each) beside one that needs a human. The forbidden ones are answered `denied`
+    and audited at once; only the refund is asked about, and only it runs once approved."""
+    ran.clear()
+    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
+    turn = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": "delete_user", "args": {"user": u}, "id": None} for u in ("bob", "eve")
+        ]
+        + [{"name": "refund", "args": {"order_id": "A1"}, "id": None}],
+    )
+    model = ScriptedChatModel(script=[turn, "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, ledger=ledger, name="admin")
+    router = ScriptedChatModel(structured={"Route": _obedient})
+    cfg: Any = {"configurable": {"thread_id": "par"}}
+    try:
+        async with Persistence(f"sqlite:///{tmp_path}/c.db").acheckpointer() as asaver:
+            sup = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=asaver)
+
+            async def run(payload: Any) -> Any:
+                if driver == "ainvoke":
+                    return await sup.ainvoke(payload, cfg, context=CTX)
+                return await asyncio.to_thread(sup.invoke, payload, cfg, context=CTX)
+
+            paused = await run({"messages": [("user", "admin: clean up and refund A1")]})
+            (request,) = paused["__interrupt__"][0].value
+            assert request["action_request"]["action"] == "refund" and ran == []
+            assert paused["outcome"]["terminated_reason"] == "awaiting_approval"
+            done = await run(Command(resume=[{"type": "approve"}]))
+        audit = [(r.tool, r.decision, r.args) for r in AuditLog(ledger).query() if r.tool]
+    finally:
+        ledger.close()
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert ran == ["refund A1"]
+    ids = {c["id"] for c in model.answers[0].tool_calls}
+    assert len(ids) == 3 and None not in ids  # fresh, distinct ids
+    assert ("delete_user", "deny", {"user": "bob"}) in audit
+    assert ("delete_user", "deny", {"user": "eve"}) in audit
+    assert [a for a in audit if a[0] == "refund" and a[1] == "approved"] == [
+        ("refund", "approved", {"order_id": "A1"})
+    ]
