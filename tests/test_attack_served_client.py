@@ -376,11 +376,22 @@ async def test_a_thread_created_with_supersteps_writes_nothing_only_keel_writes(
 async def test_a_supervisors_sub_agent_state_takes_no_forged_write(
     users: dict[str, LangGraphClient],
 ) -> None:
-    """A state update addressed to the waiting sub-agent (`checkpoint_ns`) is refused by it."""
+    """A state update addressed to the waiting sub-agent (`checkpoint_ns`) is refused by it; one
+    addressed to the supervisor's thread, as any node, is refused too (it would drop the call
+    the agent waits on). The paused supervisor's state says it waits, as an agent's does."""
     alice = users["alice"]
     thread = await alice.threads.create()
-    await alice.runs.wait(thread["thread_id"], "supervisor", input=TASK)
+    paused = await alice.runs.wait(thread["thread_id"], "supervisor", input=TASK)
+    assert isinstance(paused, dict) and paused["outcome"]["status"] == "interrupted", paused
     state = await alice.threads.get_state(thread["thread_id"], subgraphs=True)
+    assert state["values"]["outcome"] == paused["outcome"]
+    assert state["values"]["outcome"] == state["tasks"][0]["state"]["values"]["outcome"]
+    ai_turn = {"messages": [{"type": "ai", "content": "Refunded."}]}
+    for as_node in (state["tasks"][0]["name"], "route", None):
+        with pytest.raises(APIStatusError) as caught:
+            await alice.threads.update_state(thread["thread_id"], ai_turn, as_node=as_node)
+        assert caught.value.response.status_code == 400, as_node
+        assert "a state update would start that agent anew" in caught.value.response.text
     sub = {"checkpoint_ns": state["tasks"][0]["state"]["checkpoint"]["checkpoint_ns"]}
     for values, refusal in (
         ({"approvals": {"a/x1": {"decision": "approved"}}}, "update_state sets 'approvals'"),
