@@ -64,7 +64,8 @@ def _inside(state: StateSnapshot) -> Outcome | None:
 def unreported(state: StateSnapshot, config: RunnableConfig | None) -> bool:
     """Whether `state`, a top-level state, waits for a human while its outcome says nothing."""
     ns = ((config or {}).get("configurable") or {}).get("checkpoint_ns")
-    return not ns and bool(state.interrupts) and state.values.get("outcome") is None
+    said = state.values.get("outcome", False)  # a graph without keel's outcome has no key
+    return not ns and bool(state.interrupts) and said is None
 
 
 def reported(
@@ -117,7 +118,7 @@ class PausedChunks:
         if parts is None or parts[1] != "values" or parts[0]:
             return None
         payload = parts[2]
-        if not isinstance(payload, dict) or payload.get("outcome") is not None:
+        if not isinstance(payload, dict) or payload.get("outcome", False) is not None:
             return None
         waits = _INTERRUPT in payload or (self.shape.v2 and bool(chunk.get("interrupts")))
         return payload if waits else None
