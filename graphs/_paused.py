@@ -105,12 +105,13 @@ def refuse_update(config: RunnableConfig, state: StateSnapshot) -> None:
 class PausedChunks:
     """A run's chunks, the `values` chunk that ends a paused run with the waiting outcome."""
 
-    def __init__(self, shape: ChunkShape, config: RunnableConfig | None, read: Read) -> None:
+    def __init__(self, shape: ChunkShape, config: RunnableConfig | None, read: Read | None) -> None:
         self.shape = shape
         conf = {k: v for k, v in ((config or {}).get("configurable") or {}).items()}
         conf.pop("checkpoint_id", None)  # the thread as the run left it
         self.config: RunnableConfig = {"configurable": {**conf, "checkpoint_ns": ""}}
         self.read = read
+        """None: the run keeps no thread (no checkpointer) to read what it waits for from."""
 
     def _waits(self, chunk: Any) -> dict[str, Any] | None:
         """`chunk`'s state if it ends a run that waits with no outcome, else None."""
@@ -124,12 +125,12 @@ class PausedChunks:
         return payload if waits else None
 
     def _filled(self, chunk: Any, payload: dict[str, Any]) -> Steps[Any]:
+        found = outcome.interrupted("awaiting a human's answer")
         try:
-            state: StateSnapshot = yield self.read(self.config)
-            found = waiting_outcome(state)
+            if self.read is not None:
+                found = waiting_outcome((yield self.read(self.config)))
         except Exception as exc:  # the chunk still says the run waits
             log.warning("keel could not read what a paused run waits for: %r", exc)
-            found = outcome.interrupted("awaiting a human's answer")
         return self.shape.make((), "values", {**payload, "outcome": found}, chunk)
 
     def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:

@@ -37,10 +37,12 @@ from langchain_core.messages import (
     convert_to_messages,
 )
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
 
 from keel._drive import Op, Steps, adrive, drive
+from keel._node import saved_thread
 from keel.errors import StorageError, UserError
 from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
@@ -190,7 +192,9 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                 partial(self.aget_state, at, subgraphs=True),
             )
 
-        return PausedChunks(ChunkShape(self.stream_mode, kwargs), config, read)
+        kept = self.checkpointer not in (None, False) or saved_thread(ensure_config(config))
+        shape = ChunkShape(self.stream_mode, kwargs)
+        return PausedChunks(shape, config, read if kept else None)
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
         """Where a run that ends on a storage failure is recorded: nowhere here.

@@ -636,3 +636,28 @@ async def test_forbidden_calls_beside_an_asked_one_never_run_and_are_audited(
     assert [a for a in audit if a[0] == "refund" and a[1] == "approved"] == [
         ("refund", "approved", {"order_id": "A1"})
     ]
+
+
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_a_supervisor_without_a_checkpointer_paused_by_its_agent_says_it_waits(
+    driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no checkpointer there is no thread to read what the agent waits for: the paused
+    run's state still says it waits (as an agent's does), and nothing is logged as a failure."""
+    model = ScriptedChatModel(script=[call("refund", order_id="A1"), "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, name="admin")
+    sup = build_supervisor({"admin": admin}, ScriptedChatModel(structured={"Route": _obedient}))
+    ask = {"messages": [("user", "admin: refund A1")]}
+    with caplog.at_level("WARNING"):
+        paused = (
+            sup.invoke(ask, context=CTX)
+            if driver == "invoke"
+            else await sup.ainvoke(ask, context=CTX)
+        )
+    assert paused["__interrupt__"]
+    assert paused["outcome"] == {
+        "status": "interrupted",
+        "terminated_reason": "awaiting_approval",
+        "detail": "awaiting a human's answer",
+    }
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == []
