@@ -458,11 +458,8 @@ def _validate(agents: Mapping[str, Agent], router: object, max_handoffs: object)
     for agent_name, agent in agents.items():
         if (problem := _name_problem(agent_name)) is not None:
             raise UserError(f"Agent name {agent_name!r} {problem}; rename it.")
-        if not isinstance(agent, Runnable):
-            raise UserError(
-                f"build_supervisor(agents=...) maps {agent_name!r} to {type(agent).__name__}: "
-                "each agent must be a keel agent (build_agent(...))."
-            )
+        if (problem := _agent_problem(agent)) is not None:
+            raise UserError(f"build_supervisor(agents=...) maps {agent_name!r} to {problem}.")
     if router is None:
         raise UserError("build_supervisor(router=...) needs a chat model or a function.")
     if not isinstance(max_handoffs, int) or max_handoffs < 1:
@@ -489,6 +486,26 @@ def _name_problem(agent_name: object) -> str | None:
         return "has whitespace around it (the router's answer is read stripped)"
     if {":", "|"} & set(agent_name):
         return "holds ':' or '|', which LangGraph reserves for its namespaces"
+    return None
+
+
+def _agent_problem(agent: object) -> str | None:
+    """What is wrong with `agent` as a supervisor's agent, if anything.
+
+    Compiled with `checkpointer=True` it keeps one conversation across the tasks handed to it
+    (the next task is answered from the last one's), and with `False` it keeps none: a resumed
+    approval starts it anew, and the approved call never runs while the run says completed.
+    A saver of its own is fine (run as the supervisor's node, it is on the supervisor's thread).
+    """
+    if not isinstance(agent, Runnable):
+        return f"{type(agent).__name__}: each agent must be a keel agent (build_agent(...))"
+    own = getattr(agent, "checkpointer", None)
+    if isinstance(own, bool):
+        return (
+            f"an agent compiled with checkpointer={own!r}: build it without "
+            "one (it runs on the supervisor's thread, build_supervisor(checkpointer=...), each "
+            "task on a fresh conversation, and its approvals wait there)"
+        )
     return None
 
 

@@ -12,7 +12,9 @@ Fixed here:
 - a state update of a thread whose agent waits (as any node, the agent's included) left the
   calls it waited on unanswered and unaudited, and its run `interrupted` for good;
 - an agent named so that it reads as FINISH took the router's sloppy "finish"; a name LangGraph
-  refuses (`:`, `|`, its reserved names, not a string) raised its bare ValueError / TypeError.
+  refuses (`:`, `|`, its reserved names, not a string) raised its bare ValueError / TypeError;
+- an agent compiled with `checkpointer=True` answered a new task from the last one's
+  conversation; with `checkpointer=False` an approved call never ran and the run said completed.
 
 Pinned (refused already): an unknown, empty, ambiguous or malformed route, or a failing router,
 ends the run as `error` with its record and hands no agent the task; a route a user's message
@@ -33,6 +35,7 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command, RetryPolicy
 from test_storage_faults import InFlightKiller
 
@@ -588,6 +591,24 @@ def test_an_agent_name_a_route_cannot_read_as_meant_is_refused(name: Any, why: s
 def test_an_agent_that_is_no_graph_is_refused() -> None:
     with pytest.raises(UserError, match="maps 'billing' to int: each agent must be a keel agent"):
         build_supervisor({"billing": 5}, _router("billing"))  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_an_agent_compiled_to_keep_its_own_conversation_or_none_is_refused(own: bool) -> None:
+    """A sloppy build. `checkpointer=True`: the agent kept one conversation across the tasks it
+    was handed, and a new task (refund B2) reached its model behind the last task's turns, its
+    unanswered refund A1 call among them. `checkpointer=False`: it kept none, so the resumed
+    approval started it anew; the approved refund never ran and the run said completed. A saver
+    of its own is taken (it runs on the supervisor's thread), as `test_claims_security` builds
+    it."""
+    model = ScriptedChatModel(script=[call("refund", order_id="A1"), "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, name="admin", checkpointer=own)
+    with pytest.raises(
+        UserError, match=f"maps 'admin' to an agent compiled with checkpointer={own}"
+    ):
+        build_supervisor({"admin": admin}, _router("admin"), checkpointer=InMemorySaver())
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "an agent compiled with `checkpointer=True` or `False` is refused" in readme
 
 
 @pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
