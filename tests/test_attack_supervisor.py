@@ -499,6 +499,17 @@ def test_a_blank_task_hands_the_agent_the_users_message(task: str) -> None:
 
 # -- a state update of a thread whose agent waits for a human ------------------------------------
 
+
+def _refunding(tmp_path: Path) -> tuple[Ledger, ScriptedChatModel, dict[str, Any], Any]:
+    """A ledger; the model of an agent "admin" that asks to refund A1, then answers; the
+    agents by name; a router that hands it the task."""
+    ran.clear()
+    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
+    model = ScriptedChatModel(script=[call("refund", order_id="A1"), "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, ledger=ledger, name="admin")
+    return ledger, model, {"admin": admin}, ScriptedChatModel(structured={"Route": _obedient})
+
+
 WAITING_UPDATES = [
     ("admin", {"messages": [AIMessage("refunded, all done", name="admin")]}),  # forged result
     ("admin", None),
@@ -526,18 +537,14 @@ async def test_a_state_update_cannot_drop_the_call_a_waiting_agent_holds(
     calls stay in its messages, where keel answers them; a supervisor's do not, so the update
     is refused, and the approval still resumes the call. A thread whose agent does not wait
     takes the update."""
-    ran.clear()
-    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
-    model = ScriptedChatModel(script=[call("refund", order_id="A1"), "done"], fresh_ids=True)
-    admin = build_agent(model, [refund, delete_user], policy=ADMIN, ledger=ledger, name="admin")
-    router = ScriptedChatModel(structured={"Route": _obedient})
+    ledger, model, agents, router = _refunding(tmp_path)
     cfg: Any = {"configurable": {"thread_id": "wait"}}
     ask = {"messages": [("user", "admin: refund A1")]}
     approve = Command(resume=[{"type": "approve"}])
     try:
         if driver == "sync":
             with Persistence(f"sqlite:///{tmp_path}/c.db").checkpointer() as saver:
-                sup = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=saver)
+                sup = build_supervisor(agents, router, ledger=ledger, checkpointer=saver)
                 sup.invoke(ask, cfg, context=CTX)
                 with pytest.raises(UserError, match="in its agent 'admin': a state update"):
                     sup.update_state(cfg, values, as_node=as_node)
@@ -545,7 +552,7 @@ async def test_a_state_update_cannot_drop_the_call_a_waiting_agent_holds(
                 sup.update_state(cfg, {"messages": [AIMessage("noted")]})  # nothing waits
         else:
             async with Persistence(f"sqlite:///{tmp_path}/c.db").acheckpointer() as asaver:
-                sup = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=asaver)
+                sup = build_supervisor(agents, router, ledger=ledger, checkpointer=asaver)
                 await sup.ainvoke(ask, cfg, context=CTX)
                 with pytest.raises(UserError, match="in its agent 'admin': a state update"):
                     await sup.aupdate_state(cfg, values, as_node=as_node)
@@ -682,3 +689,33 @@ async def test_a_supervisor_without_a_checkpointer_paused_by_its_agent_says_it_w
         "detail": "awaiting a human's answer",
     }
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a state update of the waiting agent's own conversation (its checkpoint_ns) "
+    "as __end__ or respond ends it with its call unanswered; the resumed supervisor run ends "
+    "saying interrupted/awaiting_approval while nothing waits, and no record says what became "
+    "of the call (an agent's thread audits it not_run at its next message)",
+)
+@pytest.mark.parametrize("as_node", ["__end__", "respond"])
+def test_ending_the_waiting_agents_conversation_by_a_state_update_audits_its_call(
+    tmp_path: Path, as_node: str
+) -> None:
+    ledger, _, agents, router = _refunding(tmp_path)
+    cfg: Any = {"configurable": {"thread_id": "end"}}
+    try:
+        with Persistence(f"sqlite:///{tmp_path}/c.db").checkpointer() as saver:
+            sup = build_supervisor(agents, router, ledger=ledger, checkpointer=saver)
+            sup.invoke({"messages": [("user", "admin: refund A1")]}, cfg, context=CTX)
+            (task,) = sup.get_state(cfg, subgraphs=True).tasks
+            assert task.state is not None
+            sup.update_state(task.state.config, None, as_node=as_node)
+            done = sup.invoke(Command(resume=[{"type": "approve"}]), cfg, context=CTX)
+            sup.invoke({"messages": [("user", "anything else?")]}, cfg, context=CTX)
+        decided = [r.decision for r in AuditLog(ledger).query() if r.tool == "refund"]
+    finally:
+        ledger.close()
+    assert ran == []
+    assert done.get("__interrupt__") or done["outcome"]["status"] != "interrupted", done["outcome"]
+    assert "not_run" in decided or "approved" in decided, decided

@@ -20,7 +20,7 @@ from langgraph.graph import StateGraph
 from langgraph.runtime import Runtime
 from test_claims_security import POLICY, SUPPORT  # the support role: lookup allow, refund ask
 
-from keel import Ledger, RunLog, build_agent, tool
+from keel import AuditLog, Ledger, RunLog, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 
 CFG: Any = {"configurable": {"thread_id": "t"}}
@@ -139,3 +139,31 @@ def test_langgraph_runs_routes_without_a_runtime_under_update_state() -> None:
     app.invoke({"n": 0}, CFG)
     with pytest.raises(ValueError, match="Missing required config key 'N/A'"):
         app.update_state(CFG, {"n": 2}, as_node="node")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: update_state writing an AI turn after the calls a thread waits on leaves "
+    "them unanswered and unaudited for good (the next message finds no pending call: the last AI "
+    "message has none); Command(update=...) answers them not_run (graphs._pending.turned_past)",
+)
+def test_an_ai_turn_written_after_a_waiting_call_by_update_state_audits_the_call(
+    tmp_path: Path,
+) -> None:
+    shop = Shop()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'keel.db'}")
+    model = ScriptedChatModel(script=[call("issue_refund", order_id="A1"), "ok", "ok"])
+    agent = build_agent(
+        model, shop.tools(), policy=POLICY, ledger=ledger, checkpointer=InMemorySaver()
+    )
+    try:
+        paused = agent.invoke({"messages": [("user", "refund A1")]}, CFG, context=SUPPORT)
+        assert paused["__interrupt__"]
+        agent.update_state(CFG, {"messages": [AIMessage("All done.")]}, as_node="call_model")
+        agent.invoke(None, CFG, context=SUPPORT)
+        agent.invoke({"messages": [("user", "anything else?")]}, CFG, context=SUPPORT)
+        decided = [r.decision for r in AuditLog(ledger).query() if r.tool == "issue_refund"]
+    finally:
+        ledger.close()
+    assert shop.ran == []
+    assert "not_run" in decided, decided
