@@ -11,8 +11,10 @@ wrote (`get_state_history` shows it so).
 A state update of such a thread (`update_state` / `bulk_update_state`, as any node or none)
 is refused (`refuse_update`): it writes a new checkpoint whose tasks are new ones, and the
 waiting agent's conversation, kept under its task, is left behind with its pending calls
-never answered nor audited (and its run record `interrupted` for good). An agent's own pending
-calls are in its messages, where keel answers them whatever an update did.
+never answered nor audited (and its run record `interrupted` for good). So is one of the
+waiting conversation itself (at its `checkpoint_ns`): ended (`__end__`, `respond`) or moved
+past its calls (a later AI turn), it is never continued, and its calls were lost the same way.
+An agent's own pending calls are in its thread's messages, where its next message finds them.
 """
 
 from __future__ import annotations
@@ -80,25 +82,25 @@ def reported(
 
 
 def refuse_update(config: RunnableConfig, state: StateSnapshot) -> None:
-    """Refuse a state update of the thread `state` (read with subgraphs) if a subgraph waits.
+    """Refuse a state update while a subgraph of the thread `state` waits for a human.
 
-    `config` addresses the update: one to a subgraph's own conversation (its `checkpoint_ns`)
-    updates that conversation, not the thread, and goes through.
+    `state`: the thread's top level, read with subgraphs. Refused whether `config` addresses
+    the thread or that conversation (its `checkpoint_ns`), which no later run continues once an
+    update ended it or moved it on.
     """
-    if ((config or {}).get("configurable") or {}).get("checkpoint_ns"):
-        return
     waiting = [t.name for t in state.tasks if isinstance(t.state, StateSnapshot) and t.interrupts]
     if not waiting:
         return
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
     names = ", ".join(repr(n) for n in waiting)
+    inside = ((config or {}).get("configurable") or {}).get("checkpoint_ns")
+    what = "the agent's conversation" if inside else "the thread"
     raise UserError(
         f"Thread {thread!r} waits for a human's answer in its agent {names}: a state update "
-        "would start that agent anew and drop the calls it waits on, with no answer and no "
-        "audit record. Answer them first with Command(resume=...), or send a new message with "
-        "config={'configurable': {'keel_pending': 'not_run'}} to drop them (audited not_run). "
-        "To edit the agent's own conversation, update it at its checkpoint_ns "
-        "(get_state(config, subgraphs=True).tasks[0].state.config)."
+        f"of {what} would leave the calls it waits on with no answer and no audit record. "
+        "Answer them first with Command(resume=...) (a reviewer's 'edit' changes a call), or "
+        "send a new message with config={'configurable': {'keel_pending': 'not_run'}} to drop "
+        "them (audited not_run)."
     )
 
 

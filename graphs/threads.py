@@ -272,6 +272,19 @@ def _latest(config: RunnableConfig | None) -> RunnableConfig:
     return {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
 
 
+def _top(config: RunnableConfig) -> RunnableConfig:
+    """The address of the thread's top level that `config` updates.
+
+    That is `config` itself, or the latest top-level checkpoint when `config` addresses a
+    subgraph's conversation (its `checkpoint_ns`).
+    """
+    conf = config.get("configurable") or {}
+    if not conf.get("checkpoint_ns"):
+        return config
+    kept = {k: v for k, v in conf.items() if not k.startswith("checkpoint_")}
+    return {**config, "configurable": {**kept, "checkpoint_ns": ""}}
+
+
 def _run_of(state: StateSnapshot | None) -> str | None:
     """The run id the thread's latest checkpoint was written under (the run that wrote it)."""
     found = ((state.metadata if state is not None else None) or {}).get("run_id")
@@ -604,7 +617,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         """
         owner = yield from self._owner(config)
         if next(self.get_subgraphs(), None) is not None:
-            refuse_update(config, (yield self._read(config, subgraphs=True)))
+            refuse_update(config, (yield self._read(_top(config), subgraphs=True)))
         return stamped(config, owner)
 
     def bulk_update_state(
@@ -614,12 +627,14 @@ class ThreadGuardedGraph(ProtectedGraph):
 
         Refused while a subgraph of the thread waits for a human (`_updated`).
         """
+        self._check_updates(supersteps)  # keel's keys first: that refusal names them
         return super().bulk_update_state(drive(self._updated(config)), supersteps)
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), as `bulk_update_state`."""
+        self._check_updates(supersteps)  # keel's keys first: that refusal names them
         return await super().abulk_update_state(await adrive(self._updated(config)), supersteps)
 
     def get_state(
