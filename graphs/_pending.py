@@ -29,6 +29,7 @@ from langgraph.types import Command, StateSnapshot
 from keel import outcome
 from keel.db.audit import AuditRecord
 from keel.db.idempotency import CallRecord
+from keel.errors import UserError
 from keel.graphs._admitted import run_context
 from keel.graphs._protected import messages_of
 from keel.graphs._storage import Recorder
@@ -53,6 +54,7 @@ __all__ = [
     "inside_ended",
     "not_run_records",
     "step_results",
+    "refuse_turned_past",
     "turned_past",
 ]
 
@@ -277,6 +279,33 @@ def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
     last, _ = pending_tool_calls(after)
     stays = asked is not None and any(m.id == asked for m in after)
     return calls if stays and after[last].id != asked else []
+
+
+def refuse_turned_past(config: RunnableConfig, state: StateSnapshot, supersteps: Any) -> None:
+    """Refuse a state update (`update_state`) that writes a turn after the calls `state` waits on.
+
+    As a run's input, `Command(update=...)` answers those calls `not_run` (audited) before its
+    turn (`closed_update`); a state update is no run, and left them with no answer and no record
+    for good (the next message finds no pending call: the last AI message has none). `config`
+    addressing a subgraph's conversation is `refuse_update`'s (`graphs._paused`).
+    """
+    conf = (config or {}).get("configurable") or {}
+    if conf.get("checkpoint_ns"):
+        return
+    for step in supersteps:
+        for update in step:
+            values = update[0]
+            command = Command(update=values) if isinstance(values, Mapping) else values
+            left = turned_past(command, state) if isinstance(command, Command) else []
+            if left:
+                names = ", ".join(f"{c['name']}({c.get('id')})" for c in left)
+                raise UserError(
+                    f"This state update writes a turn after {names}, which thread "
+                    f"{conf.get('thread_id')!r} waits for a human's answer about: the call "
+                    "would be left with no answer and no audit record. Answer it first with "
+                    "Command(resume=...), or send the update as a run's input "
+                    "(invoke(Command(update=...))), which answers it not_run (audited)."
+                )
 
 
 def closed_update(command: Command[Any], calls: list[ToolCall]) -> tuple[Command[Any], list[Any]]:

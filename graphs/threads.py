@@ -74,6 +74,7 @@ from keel.graphs._pending import (
     left_ended,
     left_inside,
     not_run_records,
+    refuse_turned_past,
     step_results,
     stopped_ended,
     turned_past,
@@ -609,15 +610,21 @@ class ThreadGuardedGraph(ProtectedGraph):
         if context is not None:
             readable(config, (yield from self._owner(config)), run_context(config, context))
 
-    def _updated(self, config: RunnableConfig) -> Steps[RunnableConfig]:
+    def _updated(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> Steps[RunnableConfig]:
         """A state update's config, with the thread's owner (`stamped`), once it may be written.
 
         A thread whose subgraph (a supervisor's agent) waits for a human refuses it
-        (`graphs._paused.refuse_update`); a graph without subgraphs has none to wait in.
+        (`graphs._paused.refuse_update`; a graph without subgraphs has none to wait in), and a
+        waiting thread refuses a turn written after the calls it waits on (`refuse_turned_past`).
         """
         owner = yield from self._owner(config)
-        if next(self.get_subgraphs(), None) is not None:
-            refuse_update(config, (yield self._read(_top(config), subgraphs=True)))
+        nested = next(self.get_subgraphs(), None) is not None
+        state = yield self._read(_top(config), subgraphs=nested)
+        if nested:
+            refuse_update(config, state)
+        refuse_turned_past(config, state, supersteps)
         return stamped(config, owner)
 
     def bulk_update_state(
@@ -628,14 +635,15 @@ class ThreadGuardedGraph(ProtectedGraph):
         Refused while a subgraph of the thread waits for a human (`_updated`).
         """
         self._check_updates(supersteps)  # keel's keys first: that refusal names them
-        return super().bulk_update_state(drive(self._updated(config)), supersteps)
+        return super().bulk_update_state(drive(self._updated(config, supersteps)), supersteps)
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), as `bulk_update_state`."""
         self._check_updates(supersteps)  # keel's keys first: that refusal names them
-        return await super().abulk_update_state(await adrive(self._updated(config)), supersteps)
+        updated = await adrive(self._updated(config, supersteps))
+        return await super().abulk_update_state(updated, supersteps)
 
     def get_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None

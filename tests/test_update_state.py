@@ -9,6 +9,7 @@ answer without one, and an update is not a run: it writes no run record and no d
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from langchain_core.messages import AIMessage, RemoveMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import StateGraph
 from langgraph.runtime import Runtime
+from langgraph.types import Command
 from test_claims_security import POLICY, SUPPORT  # the support role: lookup allow, refund ask
 
-from keel import AuditLog, Ledger, RunLog, build_agent, tool
+from keel import Ledger, RunLog, UserError, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 
 CFG: Any = {"configurable": {"thread_id": "t"}}
@@ -141,29 +143,33 @@ def test_langgraph_runs_routes_without_a_runtime_under_update_state() -> None:
         app.update_state(CFG, {"n": 2}, as_node="node")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: update_state writing an AI turn after the calls a thread waits on leaves "
-    "them unanswered and unaudited for good (the next message finds no pending call: the last AI "
-    "message has none); Command(update=...) answers them not_run (graphs._pending.turned_past)",
-)
-def test_an_ai_turn_written_after_a_waiting_call_by_update_state_audits_the_call(
-    tmp_path: Path,
+@pytest.mark.parametrize("driver", ["sync", "async"])
+async def test_an_ai_turn_written_after_a_waiting_call_by_update_state_is_refused(
+    tmp_path: Path, driver: str
 ) -> None:
+    """The attack: the agent waits on a refund; a client writes an AI turn after it with
+    `update_state`. The call was left with no answer and no audit record for good (the next
+    message found no pending call: the last AI message had none), and the run said completed.
+    `Command(update=...)` as a run's input answers it `not_run`; `update_state` is refused."""
     shop = Shop()
     ledger = Ledger(f"sqlite:///{tmp_path / 'keel.db'}")
     model = ScriptedChatModel(script=[call("issue_refund", order_id="A1"), "ok", "ok"])
     agent = build_agent(
         model, shop.tools(), policy=POLICY, ledger=ledger, checkpointer=InMemorySaver()
     )
+    turn = {"messages": [AIMessage("All done.")]}
     try:
-        paused = agent.invoke({"messages": [("user", "refund A1")]}, CFG, context=SUPPORT)
+        paused = await agent.ainvoke({"messages": [("user", "refund A1")]}, CFG, context=SUPPORT)
         assert paused["__interrupt__"]
-        agent.update_state(CFG, {"messages": [AIMessage("All done.")]}, as_node="call_model")
-        agent.invoke(None, CFG, context=SUPPORT)
-        agent.invoke({"messages": [("user", "anything else?")]}, CFG, context=SUPPORT)
-        decided = [r.decision for r in AuditLog(ledger).query() if r.tool == "issue_refund"]
+        with pytest.raises(UserError, match=r"writes a turn after issue_refund\("):
+            if driver == "sync":
+                await asyncio.to_thread(agent.update_state, CFG, turn, as_node="call_model")
+            else:
+                await agent.aupdate_state(CFG, turn, as_node="call_model")
+        done = await agent.ainvoke(Command(resume={"type": "approve"}), CFG, context=SUPPORT)
     finally:
         ledger.close()
-    assert shop.ran == []
-    assert "not_run" in decided, decided
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert shop.ran == ["refund A1"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "while a call waits, a state update that writes a turn after it is refused" in readme
