@@ -275,7 +275,7 @@ class StreamEnding:
         except Exception as exc:
             if not storage_failure(exc):
                 raise
-            yield drive(self._failed(exc))
+            yield drive(self.failed(exc))
         except GeneratorExit:  # the caller stopped reading: LangGraph stops the run
             drive(self._stopped())
             raise
@@ -294,13 +294,17 @@ class StreamEnding:
         except Exception as exc:
             if not storage_failure(exc):
                 raise
-            yield await adrive(self._failed(exc))
+            yield await adrive(self.failed(exc))
         except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled, or went away
             await adrive(self._stopped())
             raise
 
-    def _failed(self, exc: Exception) -> Steps[Any]:
-        """The run ended on `exc`, a storage failure: record it; its last chunk (`last_chunk`)."""
+    def failed(self, exc: Exception) -> Steps[Any]:
+        """The run ended on `exc`, a storage failure: record it; its last chunk (`last_chunk`).
+
+        A run whose storage failed before its stream began (`latest` is empty) ends with the
+        outcome alone.
+        """
         state = self.ended(exc)
         if self.end is not None:
             yield self.end.recording(state)

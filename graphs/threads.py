@@ -81,7 +81,7 @@ from keel.graphs._pending import (
     waiting_inside,
 )
 from keel.graphs._protected import ProtectedGraph
-from keel.graphs._storage import Recorder, RunEnd, log
+from keel.graphs._storage import Recorder, RunEnd, StreamEnding, log, storage_failure
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.history import pending_tool_calls
@@ -712,12 +712,30 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield from self._answer(answered, self._run_end(config, kwargs))
         return input, config, answered
 
+    def _not_started(
+        self, exc: Exception, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Steps[Any]:
+        """The one chunk of a run whose storage failed before it began, or raise.
+
+        That is a failure as `_starting` reads the thread or writes what the run answers first
+        (the `not_run` audit records, the end of the run that waited): the run ends as `error /
+        storage` as one whose checkpointer failed mid-run does (`StreamEnding.failed`), and
+        nothing of it was written. Anything else raises as it is.
+        """
+        if not storage_failure(exc):
+            raise exc
+        ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+        return (yield from ending.failed(exc))
+
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            input, config, answered = drive(self._starting(input, config, kwargs))
+            try:
+                input, config, answered = drive(self._starting(input, config, kwargs))
+            except Exception as exc:
+                return iter([drive(self._not_started(exc, config, kwargs))])
             if self.keel_admission is not None:
                 return self._admitted(input, config, kwargs, answered)
             return self._stream_checked(input, config, kwargs)
@@ -728,7 +746,11 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            input, config, answered = await adrive(self._starting(input, config, kwargs))
+            try:
+                input, config, answered = await adrive(self._starting(input, config, kwargs))
+            except Exception as exc:
+                yield await adrive(self._not_started(exc, config, kwargs))
+                return
             if self.keel_admission is not None:
                 # closed with the caller's stream (a client gone): the lease comes back now
                 parts = self._aadmitted(input, config, kwargs, answered)

@@ -155,6 +155,7 @@ PUBLIC = {
         "Derive",
         "Observer",
         "Route",
+        "UNWRITTEN_MAX",
         "Who",
         "audited",
         "budget_records",

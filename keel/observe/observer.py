@@ -57,6 +57,7 @@ __all__ = [
     "Derive",
     "Observer",
     "Route",
+    "UNWRITTEN_MAX",
     "Who",
     "audited",
     "budget_records",
@@ -71,6 +72,8 @@ __all__ = [
 
 log = sanitized_logger("keel.observe")
 decision_log = sanitized_logger("keel.decisions")
+UNWRITTEN_MAX = 1000
+"""How many audit records the ledger refused an `Observer` keeps in memory to write later."""
 """One JSON line per decision: `{"node", "choice", "reason", ...}`."""
 
 
@@ -123,25 +126,42 @@ class Observer:
         self.policy_name = policy_name
         self.policy_version = policy_version
         self.version = version
-        self._unwritten: dict[tuple[str | None, str | None], list[AuditRecord]] = {}
-        """Audit records the ledger refused mid-run, by (thread, run): written with its record."""
+        self._unwritten: list[AuditRecord] = []
+        """Audit records the ledger refused, oldest first (at most `UNWRITTEN_MAX`)."""
+        self.dropped = 0
+        """How many refused audit records were dropped, over `UNWRITTEN_MAX`, since it was made."""
         self._lock = threading.Lock()
 
-    def keep_unwritten(self, who: Who, records: list[AuditRecord]) -> None:
-        """Keep audit records the ledger refused mid-run, to write with the run's record.
+    def keep_unwritten(self, records: list[AuditRecord]) -> None:
+        """Keep audit records the ledger refused, to write with the next run record.
 
-        The run goes on (or ends on the failure) without them; when its record is written
-        (its end, or a pause), the ledger may be back: they are written first.
+        The run goes on (or ends on the failure) without them; when a run record of this
+        observer is written next (this run's end or pause, or a later run's), the ledger may
+        be back: they are written first. At most `UNWRITTEN_MAX` are kept: beyond that the
+        oldest are dropped, counted (`dropped`) and logged as an error.
         """
-        if records:
-            with self._lock:
-                self._unwritten.setdefault((who.thread_id, who.run_id), []).extend(records)
-
-    def _late(self, config: RunnableConfig, context: RunContext) -> list[AuditRecord]:
-        """The run's audit records the ledger refused mid-run (taken: written once)."""
-        who = self.who(config, context)
+        if not records:
+            return
         with self._lock:
-            return self._unwritten.pop((who.thread_id, who.run_id), [])
+            self._unwritten.extend(records)
+            over = len(self._unwritten) - UNWRITTEN_MAX
+            if over > 0:
+                del self._unwritten[:over]
+                self.dropped += over
+        if over > 0:
+            log.error(
+                "keel dropped %d audit records the ledger refused (%d dropped so far): it keeps "
+                "at most %d in memory until the ledger takes writes again",
+                over,
+                self.dropped,
+                UNWRITTEN_MAX,
+            )
+
+    def _late(self) -> list[AuditRecord]:
+        """The audit records the ledger refused so far (taken: `keep_unwritten` them again)."""
+        with self._lock:
+            taken, self._unwritten = self._unwritten, []
+        return taken
 
     def record_run(
         self,
@@ -180,12 +200,13 @@ class Observer:
         """`record_run` as `keel._drive` steps (written once for `record_run` and `arecord_run`)."""
         if isolated():
             return
-        late = self._late(config, context)
+        late = self._late()
         try:
-            if late:  # refused mid-run: the ledger may be back
+            if late:  # refused before: the ledger may be back
                 yield both(self.audit.write, self.audit.awrite, late)
         except Exception as exc:
-            log.error("keel could not write the audit records of the run: %r", exc)
+            self.keep_unwritten(late)
+            log.error("keel could not write %d audit records (kept for later): %r", len(late), exc)
         try:
             record = _record(self, state, config, context)
             base = task_base(state)
@@ -243,7 +264,7 @@ def audited(node: RunnableCallable, observer: Observer, derive: Derive) -> Runna
         try:
             yield both(observer.audit.write, observer.audit.awrite, found)
         except Exception as exc:
-            observer.keep_unwritten(observer.who(config, context_of(runtime)), found)
+            observer.keep_unwritten(found)
             if carried:
                 raise
             log.error("keel could not write the audit log: %r (kept for the run's record)", exc)

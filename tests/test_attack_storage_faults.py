@@ -1,0 +1,250 @@
+"""The ledger down at the edges of a run: where keel writes before the run starts (the `not_run`
+answers to calls a new message drops), and the audit records it keeps while the ledger is down.
+
+README: "No run ends in a bare traceback: it ends with an outcome and a reason"; a storage
+failure ends a run as `error / storage` and loses nothing. Real parts: an SQLite ledger whose
+file is replaced by a directory while it is down (its connections closed, so the next
+transaction opens the path and fails) and put back, SQLite checkpointers in a file of their own,
+and a PostgreSQL ledger whose statements are killed mid-transaction (`pg_terminate_backend`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel.db.audit import AuditLog, AuditRecord
+from keel.db.runs import RunLog
+from keel.evals import ScriptedChatModel, call
+from keel.guards import Policy, Rule
+from keel.observe.observer import UNWRITTEN_MAX, Observer
+
+CTX = RunContext(user_id="u1", tenant_id="acme")
+ENTRIES = [
+    "invoke",
+    "ainvoke",
+    "stream-values",
+    "stream-updates",
+    "astream-values",
+    "astream-updates",
+]
+DROP = {"messages": [("user", "never mind the refund")]}
+
+
+@dataclass
+class SqliteLedgerDown:
+    """Takes an SQLite ledger's database away (a directory where its file was) and puts it back."""
+
+    ledger: Ledger
+    path: Path
+    aside: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.aside = self.path.parent / "aside"
+
+    def down(self) -> None:
+        self.ledger.close()  # its open connections would outlive the file's unlinking
+        self.aside.mkdir()
+        for f in self.path.parent.glob(f"{self.path.name}*"):
+            f.rename(self.aside / f.name)
+        self.path.mkdir()
+
+    def up(self) -> None:
+        self.path.rmdir()
+        for f in self.aside.iterdir():
+            f.rename(self.path.parent / f.name)
+        self.aside.rmdir()
+
+
+@dataclass
+class World:
+    """A refund agent that asks a human, on a thread, with the entry point a test drives."""
+
+    entry: str
+    agent: Any
+    ledger: Ledger
+    loop: asyncio.AbstractEventLoop
+    refunds: list[str]
+    saver: Any
+    thread: str = "t1"
+
+    def run(self, payload: Any, **configurable: Any) -> tuple[str, str]:
+        """The (status, terminated_reason) the caller sees of the run `payload` starts."""
+        config = {"configurable": {"thread_id": self.thread, **configurable}}
+        mode = self.entry.partition("-")[2]
+        try:
+            if self.entry == "invoke":
+                return _pair(self.agent.invoke(payload, config, context=CTX)["outcome"])
+            if self.entry == "ainvoke":
+                run = self.agent.ainvoke(payload, config, context=CTX)
+                return _pair(self.loop.run_until_complete(run)["outcome"])
+            if self.entry.startswith("stream"):
+                chunks = list(self.agent.stream(payload, config, context=CTX, stream_mode=mode))
+            else:
+                chunks = self.loop.run_until_complete(_collected(self.agent, payload, config, mode))
+        except StorageError as exc:  # a stream without "values": the outcome it carries
+            assert mode == "updates" and exc.outcome is not None, exc
+            return _pair(exc.outcome)
+        if mode == "values":
+            return _pair(chunks[-1]["outcome"])
+        return _pair(self.state().values["outcome"])
+
+    def state(self) -> Any:
+        config = {"configurable": {"thread_id": self.thread}}
+        if self.entry.startswith("a"):
+            return self.loop.run_until_complete(self.agent.aget_state(config))
+        return self.agent.get_state(config)
+
+
+async def _collected(agent: Any, payload: Any, config: Any, mode: str) -> list[Any]:
+    return [c async for c in agent.astream(payload, config, context=CTX, stream_mode=mode)]
+
+
+def _pair(outcome: Any) -> tuple[str, str]:
+    return str(outcome["status"]), str(outcome["terminated_reason"])
+
+
+@contextlib.contextmanager
+def _world(entry: str, ledger_url: str, folder: Path) -> Iterator[World]:
+    """The agent on `ledger_url`, its checkpointer in a file of its own under `folder`."""
+    loop = asyncio.new_event_loop()
+    ledger = Ledger(ledger_url)
+    refunds: list[str] = []
+
+    @tool(risk="write")
+    def refund(order_id: str) -> str:
+        """Refund an order."""
+        refunds.append(order_id)
+        return f"refunded {order_id}"
+
+    model = ScriptedChatModel(
+        script=[call("refund", order_id="A1"), "fine, no refund", "done"], fresh_ids=True
+    )
+    policy = Policy(name="p", rules=(Rule(tool="refund", action="ask"),))
+    url = f"sqlite:///{folder}/checkpoints.db"
+    with contextlib.ExitStack() as stack:
+        stack.callback(loop.close)
+        stack.callback(lambda: loop.run_until_complete(ledger.aclose()))
+        if entry.startswith("a"):
+            saving = Persistence(url).acheckpointer()
+            saver = loop.run_until_complete(saving.__aenter__())
+            stack.callback(lambda: loop.run_until_complete(saving.__aexit__(None, None, None)))
+        else:
+            saver = stack.enter_context(Persistence(url).checkpointer())
+        agent = build_agent(model, [refund], policy=policy, ledger=ledger, checkpointer=saver)
+        yield World(entry, agent, ledger, loop, refunds, saver)
+
+
+def _waiting(world: World) -> None:
+    """The first run asks a human about the refund, and waits."""
+    assert world.run({"messages": [("user", "refund order A1")]}) == (
+        "interrupted",
+        "awaiting_approval",
+    )
+
+
+def _records(world: World) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The thread's `not_run` audit records (tool, status) and its run records' endings."""
+    audit = AuditLog(world.ledger).query(thread=world.thread)
+    dropped = [(str(a.tool), a.status) for a in audit if a.decision == "not_run"]
+    runs = [(r.status, r.terminated_reason) for r in RunLog(world.ledger).query()]
+    return dropped, runs
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_ledger_down_as_a_new_message_drops_the_waiting_calls_ends_the_run(
+    tmp_path: Path, entry: str
+) -> None:
+    """`keel_pending="not_run"` audits the dropped calls before the run starts. With the ledger
+    down there, a stream raised the driver's `StorageError` with no outcome (a bare traceback;
+    `invoke` had already ended such a run): now every entry point ends it `error / storage`,
+    nothing of it is written (the call still waits), and once the ledger is back the same message
+    drops the call, audited once, the run that waited recorded `stopped / cancelled`."""
+    path = tmp_path / "keel.db"
+    with _world(entry, f"sqlite:///{path}", tmp_path) as world:
+        _waiting(world)
+        fault = SqliteLedgerDown(world.ledger, path)
+        fault.down()
+        assert world.run(DROP, keel_pending="not_run") == ("error", "storage")
+        fault.up()
+        assert world.state().next == ("human_review",)  # the call still waits: nothing lost
+        assert world.run(DROP, keel_pending="not_run") == ("success", "completed")
+        dropped, runs = _records(world)
+    assert dropped == [("refund", "not_run")]
+    assert runs == [("stopped", "cancelled"), ("success", "completed")]
+    assert world.refunds == []
+
+
+def _lookup_agent(ledger: Ledger, saver: Any, faults: list[Callable[[], None]]) -> Any:
+    """Looks an order up (a read: its audit record alone is what the ledger refuses)."""
+
+    @tool
+    def lookup(order_id: str) -> str:
+        """Look an order up."""
+        while faults:  # the first call only
+            faults.pop()()
+        return f"order {order_id}: delivered"
+
+    model = ScriptedChatModel(
+        script=[call("lookup", order_id="A1"), "delivered", "second answer"] * 2, fresh_ids=True
+    )
+    return build_agent(model, [lookup], ledger=ledger, checkpointer=saver)
+
+
+def test_audit_records_the_ledger_refused_are_written_by_the_next_run_once_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ledger goes down as a tool runs and is still down when the run ends: its audit
+    record was kept for the run's record, then dropped when that write failed too (logged, lost
+    for good). Now it is kept again, and the next run's record writes it once the ledger is
+    back (its own thread's next run would first wait out the lease whose release failed)."""
+    path = tmp_path / "keel.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    fault = SqliteLedgerDown(ledger, path)
+    config = {"configurable": {"thread_id": "t1"}}
+    with Persistence(f"sqlite:///{tmp_path}/checkpoints.db").checkpointer() as saver:
+        agent = _lookup_agent(ledger, saver, [fault.down])
+        first = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        assert _pair(first["outcome"]) == ("success", "completed")
+        fault.up()
+        other = {"configurable": {"thread_id": "t2"}}  # a later run, on any thread
+        second = agent.invoke({"messages": [("user", "where is A1?")]}, other, context=CTX)
+        assert _pair(second["outcome"]) == ("success", "completed")
+        answered = [m.tool_call_id for m in first["messages"] if m.type == "tool"]
+    audit = AuditLog(ledger).query(thread="t1")
+    ledger.close()
+    assert [(a.tool, a.tool_call_id) for a in audit if a.kind == "tool"] == [
+        ("lookup", answered[0])
+    ]
+    assert "kept for later" in caplog.text
+
+
+def test_the_audit_records_kept_in_memory_are_bounded_and_the_drop_is_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger that stays down while runs go on made the process keep every refused audit
+    record, without bound. At most `UNWRITTEN_MAX` are kept: the oldest go, counted and logged
+    as an error, and the rest are written once the ledger is back."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    observer = Observer(ledger, graph="keel_agent")
+    config: Any = {"configurable": {"thread_id": "t1", "run_id": "r1"}}
+    refused = [
+        AuditRecord(kind="tool", decision="allow", tool="lookup", result=str(i), thread_id="t1")
+        for i in range(UNWRITTEN_MAX + 5)
+    ]
+    for at in range(0, len(refused), 100):  # a node's records at a time
+        observer.keep_unwritten(refused[at : at + 100])
+    assert observer.dropped == 5
+    assert "dropped 5 audit records" in caplog.text
+    state = {"messages": [], "outcome": {"status": "success", "terminated_reason": "completed"}}
+    observer.record_run(state, config, CTX)  # the ledger takes writes: they are written
+    written = AuditLog(ledger).query(thread="t1", limit=UNWRITTEN_MAX * 2)
+    ledger.close()
+    assert [a.result for a in written] == [r.result for r in refused[5:]]
