@@ -142,14 +142,20 @@ class AuditLog:
 
 
 def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
-    """Insert `records` with arguments and results sanitized; usable inside another flow."""
+    """Insert `records` with arguments and results sanitized; usable inside another flow.
+
+    A record whose id is stored already is skipped: writing a record again (kept after a
+    failure that may have committed it, or a `not_run` answer written again when its run
+    failed to start) stores it once.
+    """
     for r in records:
         values = {f.name: getattr(r, f.name) for f in fields(r)}
         values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
         values["tool"] = sanitize(r.tool)  # a model may call a tool no one has, by any name
         values["result"] = _truncate(sanitize(str(r.result)))
         yield (
-            f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()})",
+            f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()}) "
+            "ON CONFLICT (id) DO NOTHING",
             tuple(storable(values[column]) for column in AUDIT.names),
         )
 
