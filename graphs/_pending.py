@@ -16,6 +16,7 @@ else `not_run`.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,7 +412,18 @@ def not_run_records(
             result=str(m.content),
             tool_call_id=m.tool_call_id,
             tool_version=tools.get(m.name),
+            id=_not_run_id(thread, m.tool_call_id),
             **{**fields, "thread_id": str(thread)},
         )
         for m in closing
     ]
+
+
+def _not_run_id(thread: Any, tool_call_id: str) -> str:
+    """The id of the `not_run` audit record of a call: one per call, however often written.
+
+    A run that answered its thread's calls `not_run` and then failed to start (its
+    checkpointer down as it saved its input) left them unanswered: the next message answers
+    them again, and their records are not stored twice (`insert_flow` skips a stored id).
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"keel:not_run:{thread}:{tool_call_id}").hex

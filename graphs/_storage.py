@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, cast
@@ -39,6 +39,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive
 from keel._node import inside_task
+from keel.db.ledger import Flow, Ledger
 from keel.errors import KeelError, SetupError, StorageError
 from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
@@ -119,6 +120,15 @@ def storage_error(exc: BaseException) -> StorageError:
 class Recorder(Protocol):
     """Where a run that ended on a storage failure records itself (`keel.observe.Observer`)."""
 
+    ledger: Ledger
+    """The ledger its records go to."""
+
+    def ending_flow(
+        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
+    ) -> Flow[Callable[[], None]] | None:
+        """The record's write as a flow; its result reports it once committed (None: no record)."""
+        ...
+
     def record_run(
         self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
     ) -> None: ...
@@ -153,6 +163,12 @@ class RunEnd:
         if run_id is not None:
             config["configurable"]["run_id"] = run_id
         return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
+
+    def flow(
+        self, state: dict[str, Any], *, first_end: bool = False
+    ) -> Flow[Callable[[], None]] | None:
+        """The write of the record of the run `state` ends, for a caller's transaction."""
+        return self.recorder.ending_flow(state, self.config, self.context, first_end=first_end)
 
     def recording(self, state: dict[str, Any], *, first_end: bool = False) -> Op:
         """The step that writes the record of the run `state` ends (`first_end`: unless it has one).

@@ -49,7 +49,7 @@ from langgraph.types import Command, StateSnapshot, StateUpdate
 
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import inside_task, interrupt_pending, saver_in
-from keel.db.audit import AuditLog, AuditRecord
+from keel.db.audit import AuditLog, AuditRecord, insert_flow
 from keel.db.idempotency import CallRecord, records_flow
 from keel.db.ledger import Flow
 from keel.db.runs import RunLog, RunRecord
@@ -315,6 +315,23 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     )
 
 
+def _ends(answered: Dropped, end: RunEnd | None) -> list[tuple[RunEnd, dict[str, Any], bool]]:
+    """The run ends `answered` records: (recorder, state, `first_end`), the waited run first."""
+    if answered.ended is None or end is None:
+        return []
+    end = end.earlier(answered.run_id)
+    inside = [(RunEnd(r, end.config, end.context), ended, True) for r, ended in answered.inside]
+    return [(end, answered.ended, answered.first_end), *inside]
+
+
+def _each(flows: list[Flow[Any]]) -> Flow[list[Any]]:
+    """`flows` one after the other, in one transaction: their results."""
+    results = []
+    for flow in flows:
+        results.append((yield from flow))
+    return results
+
+
 def _as_started(state: StateSnapshot, saved: CheckpointTuple | None) -> StateSnapshot:
     """`state` with the messages a new message's run starts from: its checkpoint's own.
 
@@ -474,16 +491,31 @@ class ThreadGuardedGraph(ProtectedGraph):
     def _answer(self, answered: Dropped, end: RunEnd | None) -> Steps[None]:
         """Audit the calls this run answers `not_run`; record the end of the run that waited.
 
-        See `_checked`.
+        See `_checked`. The audit records and the run records kept in the audit's ledger are
+        written in one transaction: a failure writes none of them (the run then ends on it
+        before it starts, `_not_started`, and the calls still wait), so no audit says `not_run`
+        of a call whose run's record still says it waits. A record kept elsewhere (an agent of
+        a supervisor on a ledger of its own) is written on its own afterwards.
         """
-        audit = self.keel_audit
-        if answered.records and audit is not None:
-            yield both(audit.write, audit.awrite, answered.records)
-        if answered.ended is not None and end is not None:
-            end = end.earlier(answered.run_id)
-            yield end.recording(answered.ended, first_end=answered.first_end)
-            for recorder, ended in answered.inside:
-                yield RunEnd(recorder, end.config, end.context).recording(ended, first_end=True)
+        audit, ends = self.keel_audit, _ends(answered, end)
+        if audit is None:
+            for run_end, ended, first_end in ends:
+                yield run_end.recording(ended, first_end=first_end)
+            return
+        flows: list[Flow[Any]] = [insert_flow(answered.records)] if answered.records else []
+        apart = []
+        for run_end, ended, first_end in ends:
+            if run_end.recorder.ledger is not audit.ledger:
+                apart.append((run_end, ended, first_end))
+            elif (flow := run_end.flow(ended, first_end=first_end)) is not None:
+                flows.append(flow)
+        if flows:
+            reports: list[Any] = yield both(audit.ledger.run, audit.ledger.arun, _each(flows))
+            for report in reports:
+                if callable(report):
+                    report()
+        for run_end, ended, first_end in apart:
+            yield run_end.recording(ended, first_end=first_end)
 
     def _refused(
         self, config: RunnableConfig | None, context: RunContext, lease: Lease, result: Outcome

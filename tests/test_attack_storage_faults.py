@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.audit import AuditLog, AuditRecord
@@ -248,3 +249,56 @@ def test_the_audit_records_kept_in_memory_are_bounded_and_the_drop_is_counted(
     written = AuditLog(ledger).query(thread="t1", limit=UNWRITTEN_MAX * 2)
     ledger.close()
     assert [a.result for a in written] == [r.result for r in refused[5:]]
+
+
+def test_a_message_that_dropped_the_calls_and_failed_to_start_audits_them_once(
+    tmp_path: Path,
+) -> None:
+    """The `not_run` records are written before the run saves its input; with the checkpointer
+    failing there, the run ends `error / storage` and the calls still wait, so the message is
+    sent again and answers them again: each call's `not_run` record was stored twice, as if
+    two calls had been dropped. It is stored once."""
+    with _world("invoke", f"sqlite:///{tmp_path}/keel.db", tmp_path) as world:
+        _waiting(world)
+        world.saver.conn.execute("PRAGMA query_only = ON")  # the checkpointer's disk fails
+        assert world.run(DROP, keel_pending="not_run") == ("error", "storage")
+        world.saver.conn.execute("PRAGMA query_only = OFF")
+        assert world.state().next == ("human_review",)
+        assert world.run(DROP, keel_pending="not_run") == ("success", "completed")
+        dropped, runs = _records(world)
+    assert dropped == [("refund", "not_run")]
+    assert ("stopped", "cancelled") in runs and ("interrupted", "awaiting_approval") not in runs
+    assert world.refunds == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("entry", ["invoke", "astream-updates"])
+def test_the_not_run_records_and_the_end_of_the_run_that_waited_commit_together(
+    module_postgres_url: str, tmp_path: Path, entry: str
+) -> None:
+    """The `not_run` audit records and the record of the run that waited were two
+    transactions: with the ledger failing between them (`keel_runs`' statements killed three
+    times), the audit said the call was dropped, the run went on, and the run that waited kept
+    `interrupted / awaiting_approval` as its record for good. Now neither is written: the run
+    ends `error / storage`, the call still waits, and the message sent again writes both."""
+    with _world(entry, module_postgres_url, tmp_path) as world:
+        world.thread = f"t-{tmp_path.name}-{entry}"
+        _waiting(world)
+        killer = InFlightKiller(module_postgres_url)
+        killer.arm("keel_runs", times=3)
+        seen = world.run(DROP, keel_pending="not_run")
+        killer.join()
+        assert world.state().next == ("human_review",)  # nothing written: the call still waits
+        assert [seen, world.run(DROP, keel_pending="not_run")] == [
+            ("error", "storage"),
+            ("success", "completed"),
+        ]
+        audit = AuditLog(world.ledger).query(thread=world.thread)
+        runs = [r for r in RunLog(world.ledger).query() if r.thread_id == world.thread]
+    assert [(a.tool, a.status) for a in audit if a.decision == "not_run"] == [("refund", "not_run")]
+    assert [(r.status, r.terminated_reason) for r in runs] == [
+        ("error", "storage"),  # the message that failed to start is a run, and says so
+        ("stopped", "cancelled"),
+        ("success", "completed"),
+    ]
+    assert world.refunds == []

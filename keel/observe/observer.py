@@ -37,7 +37,7 @@ from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
-from keel.db.ledger import Ledger
+from keel.db.ledger import Flow, Ledger
 from keel.db.runs import Recorded, RunLog, RunRecord, recorded_flow, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
@@ -215,6 +215,25 @@ class Observer:
             _telemetry(recorded, record)
         except Exception as exc:
             log.error("keel could not write the run record: %r", exc)
+
+    def ending_flow(
+        self,
+        state: AgentState,
+        config: RunnableConfig,
+        context: RunContext,
+        *,
+        first_end: bool = False,
+    ) -> Flow[Callable[[], None]] | None:
+        """The write of the record of the run `state` ends, as a flow for a caller's transaction.
+
+        Its result reports the stored run to OpenTelemetry: call it once the transaction
+        committed. `None` for a replay or shadow run (it writes no record). Unlike
+        `record_run`, a failure raises (the caller's transaction fails with it).
+        """
+        if isolated():
+            return None
+        record = _record(self, state, config, context)
+        return _ending(record, task_base(state), first_end)
 
     def who(self, config: RunnableConfig, context: RunContext) -> Who:
         """The identity of a node call from its config and context."""
@@ -412,6 +431,14 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, conte
     who = observer.who(config, context)
     tools = dict(observer.version.tool_versions) if observer.version is not None else {}
     return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
+
+
+def _ending(
+    record: RunRecord, base: Mapping[str, float] | None, first_end: bool
+) -> Flow[Callable[[], None]]:
+    """Store `record` (`recorded_flow`); report it once the caller committed."""
+    recorded = yield from recorded_flow(record, base, first_end=first_end)
+    return partial(_telemetry, recorded, record)
 
 
 def _telemetry(recorded: Recorded, written: RunRecord) -> None:
