@@ -24,9 +24,12 @@ over at once when that process was on this host and PID namespace (its PID is go
 after a crash does not wait); elsewhere it expires after `lease_s` (30 s), and then another
 process's run takes it. Two runs in one process wait
 for each other on the lock, without asking the ledger. A ledger that fails as a run takes the
-lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
-checkpointer: agents with checkpointers of their own that share a ledger and a thread id
-take turns on it too. LangGraph's server orders runs on a thread itself (`multitask_strategy`).
+lease leaves that run to the lock alone (a warning says so). One that fails as a run
+releases it leaves the lease in the ledger: the process's next run on the thread takes it
+over at once, as a dead process's (its holder is no run of this process's any more). The
+lease names the thread, not the checkpointer: agents with checkpointers of their own that
+share a ledger and a thread id take turns on it too. LangGraph's server orders runs on a
+thread itself (`multitask_strategy`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ _FIRST_ASK, _MOST_ASK = 0.05, 0.5
 """Seconds between asks for a thread's lease that another process holds (each is a write)."""
 _LEASED: dict[tuple[str, str], int] = {}
 """The threads (id, namespace) whose ledger lease a run of this process holds, and how many."""
+_LIVE: set[str] = set()
+"""The lease holders of this process's runs that are going on (`_live`)."""
 _LEASE_S = 30.0
 """How long a thread's lease holds without renewal: a dead process's run blocks no longer."""
 
@@ -283,42 +288,42 @@ class ThreadLeases:
     @contextlib.contextmanager
     def held(self, thread: str, ns: str) -> Iterator[None]:
         """Hold the thread's lease while the block runs (renewed), release it after."""
-        holder = _holder()
-        try:
-            taken = drive(self._took(thread, ns, holder))
-        except BaseException:  # interrupted while it waited: a lease just taken goes back
-            with contextlib.suppress(Exception):
-                self._release(holder).run()
-            raise
-        if not taken:
-            yield
-            return
-        self._renewer.add(holder)
-        try:
-            with _holding(thread, ns):
+        with _live() as holder:
+            try:
+                taken = drive(self._took(thread, ns, holder))
+            except BaseException:  # interrupted while it waited: a lease just taken goes back
+                with contextlib.suppress(Exception):
+                    self._release(holder).run()
+                raise
+            if not taken:
                 yield
-        finally:
-            drive(self._given_back(thread, holder))
+                return
+            self._renewer.add(holder)
+            try:
+                with _holding(thread, ns):
+                    yield
+            finally:
+                drive(self._given_back(thread, holder))
 
     @contextlib.asynccontextmanager
     async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
         """Hold the thread's lease while the block runs (async); see `held`."""
-        holder = _holder()
-        try:
-            taken = await adrive(self._took(thread, ns, holder))
-        except BaseException:  # cancelled (a client gone) while it waited: give it back
-            with contextlib.suppress(Exception):
-                await self._release(holder).arun()
-            raise
-        if not taken:
-            yield
-            return
-        self._arenewer.add(holder)
-        try:
-            with _holding(thread, ns):
+        with _live() as holder:
+            try:
+                taken = await adrive(self._took(thread, ns, holder))
+            except BaseException:  # cancelled (a client gone) while it waited: give it back
+                with contextlib.suppress(Exception):
+                    await self._release(holder).arun()
+                raise
+            if not taken:
                 yield
-        finally:
-            await adrive(self._given_back(thread, holder))
+                return
+            self._arenewer.add(holder)
+            try:
+                with _holding(thread, ns):
+                    yield
+            finally:
+                await adrive(self._given_back(thread, holder))
 
 
 def _unleased(thread: str, exc: Exception) -> None:
@@ -381,6 +386,23 @@ def _named(key: tuple[Any, ...]) -> tuple[str, str]:
     return storable(key[1]), storable(key[2])
 
 
+@contextlib.contextmanager
+def _live() -> Iterator[str]:
+    """A new holder (`_holder`), known to this process as a run's while the block runs.
+
+    Once it ends, a lease it left in the ledger (its release failed) is a dead run's
+    (`_dead`): this process's next run on the thread takes it over instead of waiting it out.
+    """
+    holder = _holder()
+    with _GUARD:
+        _LIVE.add(holder)
+    try:
+        yield holder
+    finally:
+        with _GUARD:
+            _LIVE.discard(holder)
+
+
 def _holder() -> str:
     """A run's name in the lease: this process (host, PID namespace, PID) and the run."""
     return f"{_THIS_PROCESS}/{uuid.uuid4().hex}"
@@ -400,7 +422,8 @@ _THIS_PROCESS = _process()
 def _dead(holder: str) -> bool:
     """Whether `holder` is a run of a process of this host (and PID namespace) that is gone.
 
-    Such a lease need not be waited out: its process will never renew or release it (a worker
+    Or a run of this process that ended without releasing it (the ledger failed then). Such a
+    lease need not be waited out: its process will never renew or release it (a worker
     killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
     holds until its lease expires.
     """
@@ -409,8 +432,11 @@ def _dead(holder: str) -> bool:
         return False
     where, pid = parts[:2], parts[2]
     here, here_pid = _THIS_PROCESS.rsplit("/", 2)[:2], _THIS_PROCESS.rsplit("/", 1)[1]
-    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
+    if "?" in where or where != here or not pid.isdigit():
         return False
+    if pid == here_pid:  # this process's: dead once its run ended (`_live`)
+        with _GUARD:
+            return holder not in _LIVE
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

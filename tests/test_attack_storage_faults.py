@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,24 @@ def _lookup_agent(ledger: Ledger, saver: Any, faults: list[Callable[[], None]]) 
     return build_agent(model, [lookup], ledger=ledger, checkpointer=saver)
 
 
+@contextlib.contextmanager
+def _down_over_a_run(tmp_path: Path) -> Iterator[tuple[Any, Ledger, Any]]:
+    """A run on thread t1 whose tool takes the SQLite ledger away until after the run ended
+    (it completes: a read's audit record is all the ledger refused), then the ledger is back:
+    (the agent, the ledger, the run's final state)."""
+    path = tmp_path / "keel.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    fault = SqliteLedgerDown(ledger, path)
+    with Persistence(f"sqlite:///{tmp_path}/checkpoints.db").checkpointer() as saver:
+        agent = _lookup_agent(ledger, saver, [fault.down])
+        ask = {"messages": [("user", "where is A1?")]}
+        first = agent.invoke(ask, {"configurable": {"thread_id": "t1"}}, context=CTX)
+        assert _pair(first["outcome"]) == ("success", "completed")
+        fault.up()
+        yield agent, ledger, first
+    ledger.close()
+
+
 def test_audit_records_the_ledger_refused_are_written_by_the_next_run_once_it_is_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -206,21 +225,12 @@ def test_audit_records_the_ledger_refused_are_written_by_the_next_run_once_it_is
     record was kept for the run's record, then dropped when that write failed too (logged, lost
     for good). Now it is kept again, and the next run's record writes it once the ledger is
     back (its own thread's next run would first wait out the lease whose release failed)."""
-    path = tmp_path / "keel.db"
-    ledger = Ledger(f"sqlite:///{path}")
-    fault = SqliteLedgerDown(ledger, path)
-    config = {"configurable": {"thread_id": "t1"}}
-    with Persistence(f"sqlite:///{tmp_path}/checkpoints.db").checkpointer() as saver:
-        agent = _lookup_agent(ledger, saver, [fault.down])
-        first = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
-        assert _pair(first["outcome"]) == ("success", "completed")
-        fault.up()
+    with _down_over_a_run(tmp_path) as (agent, ledger, first):
         other = {"configurable": {"thread_id": "t2"}}  # a later run, on any thread
         second = agent.invoke({"messages": [("user", "where is A1?")]}, other, context=CTX)
         assert _pair(second["outcome"]) == ("success", "completed")
         answered = [m.tool_call_id for m in first["messages"] if m.type == "tool"]
-    audit = AuditLog(ledger).query(thread="t1")
-    ledger.close()
+        audit = AuditLog(ledger).query(thread="t1")
     assert [(a.tool, a.tool_call_id) for a in audit if a.kind == "tool"] == [
         ("lookup", answered[0])
     ]
@@ -302,3 +312,25 @@ def test_the_not_run_records_and_the_end_of_the_run_that_waited_commit_together(
         ("success", "completed"),
     ]
     assert world.refunds == []
+
+
+def test_a_lease_the_ledger_kept_as_a_run_ended_does_not_hold_up_the_threads_next_run(
+    tmp_path: Path,
+) -> None:
+    """The ledger down as a run ends: the thread's lease stays in it (its release failed). The
+    lease of a process that died is taken over at once; this process's own run that ended was
+    waited out instead, so the thread's next message hung for the lease's 30 s. It is taken
+    over at once (the run asks the ledger about it, as ever)."""
+    config = {"configurable": {"thread_id": "t1"}}
+    with _down_over_a_run(tmp_path) as (agent, _, _):
+        seen: list[Any] = []
+        second = threading.Thread(
+            target=lambda: seen.append(
+                agent.invoke({"messages": [("user", "thanks")]}, config, context=CTX)
+            ),
+            daemon=True,
+        )
+        second.start()
+        second.join(timeout=20)  # the lease left behind holds for 30 s
+        assert not second.is_alive(), "the next run waited out the lease its own process left"
+    assert _pair(seen[0]["outcome"]) == ("success", "completed")
