@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langgraph.types import Command
 from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
@@ -180,7 +181,11 @@ def test_a_ledger_down_as_a_new_message_drops_the_waiting_calls_ends_the_run(
         assert world.run(DROP, keel_pending="not_run") == ("success", "completed")
         dropped, runs = _records(world)
     assert dropped == [("refund", "not_run")]
-    assert runs == [("stopped", "cancelled"), ("success", "completed")]
+    assert runs == [
+        ("error", "storage"),  # the message that failed is a run: recorded once the ledger is back
+        ("stopped", "cancelled"),
+        ("success", "completed"),
+    ]
     assert world.refunds == []
 
 
@@ -334,3 +339,30 @@ def test_a_lease_the_ledger_kept_as_a_run_ended_does_not_hold_up_the_threads_nex
         second.join(timeout=20)  # the lease left behind holds for 30 s
         assert not second.is_alive(), "the next run waited out the lease its own process left"
     assert _pair(seen[0]["outcome"]) == ("success", "completed")
+
+
+@pytest.mark.parametrize("entry", ["invoke", "astream-updates"])
+def test_a_run_record_the_ledger_refused_is_written_once_it_is_back(
+    tmp_path: Path, entry: str
+) -> None:
+    """A resume approved with the ledger down ends `error` (category `storage`: the refund
+    could not be claimed, so it did not run), and its record could not be written: the run's
+    record said `interrupted / awaiting_approval` for good, and the reviewer's approval was
+    not in the audit log. Both are kept and written by the next run record once the ledger is
+    back."""
+    path = tmp_path / "keel.db"
+    with _world(entry, f"sqlite:///{path}", tmp_path) as world:
+        _waiting(world)
+        fault = SqliteLedgerDown(world.ledger, path)
+        fault.down()
+        assert world.run(Command(resume=[{"type": "approve"}])) == ("error", "error")
+        fault.up()
+        assert world.run({"messages": [("user", "anything else?")]}) == ("success", "completed")
+        audit = AuditLog(world.ledger).query(thread=world.thread)
+        runs = RunLog(world.ledger).query()
+    assert [(r.status, r.terminated_reason, r.error_category) for r in runs] == [
+        ("error", "error", "storage"),
+        ("success", "completed", None),
+    ]
+    assert ("approval", "approved") in [(a.kind, a.decision) for a in audit]
+    assert world.refunds == []

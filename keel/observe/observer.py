@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -126,11 +126,15 @@ class Observer:
         self.policy_name = policy_name
         self.policy_version = policy_version
         self.version = version
-        self._unwritten: list[AuditRecord] = []
-        """Audit records the ledger refused, oldest first (at most `UNWRITTEN_MAX`)."""
-        self.dropped = 0
-        """How many refused audit records were dropped, over `UNWRITTEN_MAX`, since it was made."""
-        self._lock = threading.Lock()
+        self._audits: _Kept[AuditRecord] = _Kept("audit records")
+        """Audit records the ledger refused, oldest first."""
+        self._runs: _Kept[_RunWrite] = _Kept("run record writes")
+        """Run record writes the ledger refused, oldest first."""
+
+    @property
+    def dropped(self) -> int:
+        """How many refused audit records and run record writes were dropped (over the cap)."""
+        return self._audits.dropped + self._runs.dropped
 
     def keep_unwritten(self, records: list[AuditRecord]) -> None:
         """Keep audit records the ledger refused, to write with the next run record.
@@ -138,30 +142,10 @@ class Observer:
         The run goes on (or ends on the failure) without them; when a run record of this
         observer is written next (this run's end or pause, or a later run's), the ledger may
         be back: they are written first. At most `UNWRITTEN_MAX` are kept: beyond that the
-        oldest are dropped, counted (`dropped`) and logged as an error.
+        oldest are dropped, counted (`dropped`) and logged as an error. Run record writes the
+        ledger refuses are kept the same way, and written, in order, before the next one.
         """
-        if not records:
-            return
-        with self._lock:
-            self._unwritten.extend(records)
-            over = len(self._unwritten) - UNWRITTEN_MAX
-            if over > 0:
-                del self._unwritten[:over]
-                self.dropped += over
-        if over > 0:
-            log.error(
-                "keel dropped %d audit records the ledger refused (%d dropped so far): it keeps "
-                "at most %d in memory until the ledger takes writes again",
-                over,
-                self.dropped,
-                UNWRITTEN_MAX,
-            )
-
-    def _late(self) -> list[AuditRecord]:
-        """The audit records the ledger refused so far (taken: `keep_unwritten` them again)."""
-        with self._lock:
-            taken, self._unwritten = self._unwritten, []
-        return taken
+        self._audits.keep(records)
 
     def record_run(
         self,
@@ -200,21 +184,27 @@ class Observer:
         """`record_run` as `keel._drive` steps (written once for `record_run` and `arecord_run`)."""
         if isolated():
             return
-        late = self._late()
+        late = self._audits.take()
         try:
             if late:  # refused before: the ledger may be back
                 yield both(self.audit.write, self.audit.awrite, late)
         except Exception as exc:
-            self.keep_unwritten(late)
+            self._audits.keep(late)
             log.error("keel could not write %d audit records (kept for later): %r", len(late), exc)
         try:
             record = _record(self, state, config, context)
-            base = task_base(state)
-            flow = recorded_flow(record, base, first_end=first_end)
-            recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, flow)
-            _telemetry(recorded, record)
         except Exception as exc:
-            log.error("keel could not write the run record: %r", exc)
+            log.error("keel could not make the run record: %r", exc)
+            return
+        writes = [*self._runs.take(), _RunWrite(record, task_base(state), first_end)]
+        for at, write in enumerate(writes):
+            try:
+                recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
+            except Exception as exc:
+                self._runs.keep(writes[at:])
+                log.error("keel could not write the run record: %r (kept for later)", exc)
+                return
+            _telemetry(recorded, write.record)
 
     def ending_flow(
         self,
@@ -431,6 +421,57 @@ def _record(observer: Observer, state: AgentState, config: RunnableConfig, conte
     who = observer.who(config, context)
     tools = dict(observer.version.tool_versions) if observer.version is not None else {}
     return run_record(state, graph=observer.graph, tool_versions=tools, **who.fields())
+
+
+_T = TypeVar("_T")
+
+
+class _Kept(Generic[_T]):
+    """What the ledger refused, kept in memory to write later: at most `UNWRITTEN_MAX`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: list[_T] = []
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def keep(self, items: list[_T]) -> None:
+        """Keep `items` after those kept (or put back first ones taken); drop the oldest over."""
+        if not items:
+            return
+        with self._lock:
+            self.items.extend(items)
+            over = len(self.items) - UNWRITTEN_MAX
+            if over > 0:
+                del self.items[:over]
+                self.dropped += over
+        if over > 0:
+            log.error(
+                "keel dropped %d %s the ledger refused (%d dropped so far): it keeps at most %d "
+                "in memory until the ledger takes writes again",
+                over,
+                self.what,
+                self.dropped,
+                UNWRITTEN_MAX,
+            )
+
+    def take(self) -> list[_T]:
+        """All that is kept (taken: `keep` what fails to be written again)."""
+        with self._lock:
+            taken, self.items = self.items, []
+        return taken
+
+
+@dataclass(frozen=True, slots=True)
+class _RunWrite:
+    """One write of a run record (`recorded_flow`)."""
+
+    record: RunRecord
+    base: Mapping[str, float] | None
+    first_end: bool
+
+    def flow(self) -> Flow[Recorded]:
+        return recorded_flow(self.record, self.base, first_end=self.first_end)
 
 
 def _ending(
