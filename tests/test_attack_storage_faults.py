@@ -26,6 +26,7 @@ from keel import Ledger, Persistence, RunContext, StorageError, build_agent, too
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
+from keel.graphs import FINISH, Route, build_supervisor
 from keel.guards import Policy, Rule
 from keel.observe.observer import UNWRITTEN_MAX, Observer
 
@@ -120,17 +121,6 @@ def _world(entry: str, ledger_url: str, folder: Path) -> Iterator[World]:
     loop = asyncio.new_event_loop()
     ledger = Ledger(ledger_url)
     refunds: list[str] = []
-
-    @tool(risk="write")
-    def refund(order_id: str) -> str:
-        """Refund an order."""
-        refunds.append(order_id)
-        return f"refunded {order_id}"
-
-    model = ScriptedChatModel(
-        script=[call("refund", order_id="A1"), "fine, no refund", "done"], fresh_ids=True
-    )
-    policy = Policy(name="p", rules=(Rule(tool="refund", action="ask"),))
     url = f"sqlite:///{folder}/checkpoints.db"
     with contextlib.ExitStack() as stack:
         stack.callback(loop.close)
@@ -141,8 +131,26 @@ def _world(entry: str, ledger_url: str, folder: Path) -> Iterator[World]:
             stack.callback(lambda: loop.run_until_complete(saving.__aexit__(None, None, None)))
         else:
             saver = stack.enter_context(Persistence(url).checkpointer())
-        agent = build_agent(model, [refund], policy=policy, ledger=ledger, checkpointer=saver)
-        yield World(entry, agent, ledger, loop, refunds, saver)
+        world = World(entry, None, ledger, loop, refunds, saver)
+        script = [call("refund", order_id="A1"), "fine, no refund", "done"]
+        world.agent = _refund_agent(world, *script, checkpointer=saver)
+        yield world
+
+
+def _refund_agent(world: World, *script: Any, checkpointer: Any = None) -> Any:
+    """A refund agent on the world's ledger (a refund asks a human); `script`: its model's."""
+
+    @tool(risk="write")
+    def refund(order_id: str) -> str:
+        """Refund an order."""
+        world.refunds.append(order_id)
+        return f"refunded {order_id}"
+
+    model = ScriptedChatModel(script=list(script), fresh_ids=True)
+    policy = Policy(name="p", rules=(Rule(tool="refund", action="ask"),))
+    return build_agent(
+        model, [refund], policy=policy, ledger=world.ledger, checkpointer=checkpointer
+    )
 
 
 def _waiting(world: World) -> None:
@@ -365,4 +373,45 @@ def test_a_run_record_the_ledger_refused_is_written_once_it_is_back(
         ("success", "completed", None),
     ]
     assert ("approval", "approved") in [(a.kind, a.decision) for a in audit]
+    assert world.refunds == []
+
+
+def _router(messages: Any) -> Route:
+    """Hands the user's message to billing, and finishes once billing answered."""
+    last = messages[-1]
+    return Route(agent=FINISH if last.type == "ai" else "billing", task=last.text)
+
+
+@pytest.mark.parametrize("entry", ["invoke", "stream-updates", "astream-values"])
+def test_a_supervisor_whose_ledger_is_down_as_a_new_message_drops_its_agents_calls(
+    tmp_path: Path, entry: str
+) -> None:
+    """The same for a supervisor, whose agent waits for the human: the run ends `error /
+    storage` with nothing written, and once the ledger is back the message drops the agent's
+    call (audited once) and records both runs that waited `stopped / cancelled`."""
+    path = tmp_path / "keel.db"
+    with _world(entry, f"sqlite:///{path}", tmp_path) as world:
+        opening = call("refund", order_id="A1")
+        world.agent = build_supervisor(
+            {"billing": _refund_agent(world, lambda m: opening if "A1" in m[-1].text else "ok")},
+            _router,
+            ledger=world.ledger,
+            checkpointer=world.saver,
+        )
+        with contextlib.suppress(TypeError):  # a paused supervisor's state has no outcome
+            world.run({"messages": [("user", "refund order A1")]})
+        assert world.state().next == ("billing",)
+        fault = SqliteLedgerDown(world.ledger, path)
+        fault.down()
+        assert world.run(DROP, keel_pending="not_run") == ("error", "storage")
+        fault.up()
+        assert world.state().next == ("billing",)  # its agent's call still waits
+        assert world.run(DROP, keel_pending="not_run") == ("success", "completed")
+        dropped, _ = _records(world)
+        runs = [(r.graph, r.status, r.terminated_reason) for r in RunLog(world.ledger).query()]
+    assert dropped == [("refund", "not_run")]
+    assert runs.count(("keel_supervisor", "stopped", "cancelled")) == 1
+    assert runs.count(("keel_agent", "stopped", "cancelled")) == 1
+    assert ("keel_supervisor", "error", "storage") in runs  # the message that failed to start
+    assert not [r for r in runs if r[1] == "interrupted"], runs
     assert world.refunds == []
