@@ -94,12 +94,22 @@ def at_top(config: RunnableConfig | None) -> bool:
     return not inside_task(ensure_config(config))
 
 
-def storage_outcome(exc: BaseException) -> Outcome:
-    """The outcome of a run that ended on `exc`, a failure of its storage."""
+def storage_outcome(exc: BaseException, *, started: bool = True) -> Outcome:
+    """The outcome of a run that ended on `exc`, a failure of its storage.
+
+    `started=False`: it failed before the run began (as keel read the thread or wrote what
+    the run answers first), so nothing of it was written and its input is to be sent again.
+    """
     text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     database = isinstance(exc, STORAGE_FAILURES)
     raised = "" if database else "the checkpointer raised "
     back = "the database is back" if database else "the checkpointer is fixed"
+    if not started:
+        return outcome.storage_failed(
+            f"storage failed before the run started: {raised}{type(exc).__name__}: {text}. "
+            "Nothing of this run was written (calls that waited for a human still wait); send "
+            f"its input again once {back}"
+        )
     return outcome.storage_failed(
         f"storage failed: {raised}{type(exc).__name__}: {text}. The state of this run is not "
         f"saved past its last saved checkpoint; resume the thread (invoke(None, config)) once "
@@ -107,9 +117,9 @@ def storage_outcome(exc: BaseException) -> Outcome:
     )
 
 
-def storage_error(exc: BaseException) -> StorageError:
+def storage_error(exc: BaseException, *, started: bool = True) -> StorageError:
     """`exc` as a `keel.StorageError` carrying the run's outcome (chain it with `from exc`)."""
-    ended = storage_outcome(exc)
+    ended = storage_outcome(exc, started=started)
     return StorageError(
         f"the run ended: {ended['detail']}",
         in_doubt=getattr(exc, "in_doubt", False),
@@ -207,9 +217,12 @@ class StreamEnding:
         end: RunEnd | None = None,
         *,
         continues: bool = False,
+        started: bool = True,
     ) -> None:
         self.continues = continues
         """Whether the stream continues its thread's last run (`invoke(None, config)`)."""
+        self.started = started
+        """Whether the run began (else storage failed before it: see `storage_outcome`)."""
         self.shape = ChunkShape(graph_mode, kwargs)
         """The chunks the caller asked for."""
         self.added = "values" not in self.shape.modes
@@ -243,7 +256,7 @@ class StreamEnding:
         """The run's last state: the latest one seen, with the storage outcome."""
         # a saver's bug keeps its traceback in the log: the outcome has no room for it
         log.warning("a run ended on a storage failure: %s", exc, exc_info=saver_failed(exc))
-        return {**self.latest, "outcome": storage_outcome(exc)}
+        return {**self.latest, "outcome": storage_outcome(exc, started=self.started)}
 
     def finished(self) -> dict[str, Any] | None:
         """The end to record of a run that continued and finished (None: none to record).
@@ -277,7 +290,7 @@ class StreamEnding:
     def last_chunk(self, exc: BaseException, state: dict[str, Any]) -> Any:
         """The `values` chunk that ends the stream, or raise `StorageError` without one."""
         if "values" not in self.shape.modes:
-            raise storage_error(exc) from exc
+            raise storage_error(exc, started=self.started) from exc
         return self.shape.make((), "values", state, {"interrupts": ()})
 
     def guard(self, chunks: Iterator[Any]) -> Iterator[Any]:

@@ -756,7 +756,8 @@ class ThreadGuardedGraph(ProtectedGraph):
         """
         if not storage_failure(exc):
             raise exc
-        ending = StreamEnding(self.stream_mode, kwargs, self._run_end(config, kwargs))
+        end = self._run_end(config, kwargs)
+        ending = StreamEnding(self.stream_mode, kwargs, end, started=False)
         return (yield from ending.failed(exc))
 
     def stream(

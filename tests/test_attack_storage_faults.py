@@ -78,27 +78,33 @@ class World:
     refunds: list[str]
     saver: Any
     thread: str = "t1"
+    outcome: Any = None
+    """The outcome the caller saw of the last run."""
 
     def run(self, payload: Any, **configurable: Any) -> tuple[str, str]:
         """The (status, terminated_reason) the caller sees of the run `payload` starts."""
+        self.outcome = self._outcome(payload, configurable)
+        return _pair(self.outcome)
+
+    def _outcome(self, payload: Any, configurable: dict[str, Any]) -> Any:
         config = {"configurable": {"thread_id": self.thread, **configurable}}
         mode = self.entry.partition("-")[2]
         try:
             if self.entry == "invoke":
-                return _pair(self.agent.invoke(payload, config, context=CTX)["outcome"])
+                return self.agent.invoke(payload, config, context=CTX)["outcome"]
             if self.entry == "ainvoke":
                 run = self.agent.ainvoke(payload, config, context=CTX)
-                return _pair(self.loop.run_until_complete(run)["outcome"])
+                return self.loop.run_until_complete(run)["outcome"]
             if self.entry.startswith("stream"):
                 chunks = list(self.agent.stream(payload, config, context=CTX, stream_mode=mode))
             else:
                 chunks = self.loop.run_until_complete(_collected(self.agent, payload, config, mode))
         except StorageError as exc:  # a stream without "values": the outcome it carries
             assert mode == "updates" and exc.outcome is not None, exc
-            return _pair(exc.outcome)
+            return exc.outcome
         if mode == "values":
-            return _pair(chunks[-1]["outcome"])
-        return _pair(self.state().values["outcome"])
+            return chunks[-1]["outcome"]
+        return self.state().values["outcome"]
 
     def state(self) -> Any:
         config = {"configurable": {"thread_id": self.thread}}
@@ -185,6 +191,8 @@ def test_a_ledger_down_as_a_new_message_drops_the_waiting_calls_ends_the_run(
         fault.down()
         assert world.run(DROP, keel_pending="not_run") == ("error", "storage")
         fault.up()
+        # it says what to do: send the message again (`invoke(None)` would resume nothing)
+        assert "send its input again" in world.outcome["detail"], world.outcome
         assert world.state().next == ("human_review",)  # the call still waits: nothing lost
         assert world.run(DROP, keel_pending="not_run") == ("success", "completed")
         dropped, runs = _records(world)

@@ -222,7 +222,11 @@ def test_storage_gone_before_the_run_starts_still_ends_with_an_outcome(tmp_path:
         result = agent.invoke(
             {"messages": [("user", "go")]}, {"configurable": {"thread_id": "x"}}, context=CTX
         )
-        _assert_storage(result)
+        ended = result["outcome"]
+        assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
+        # nothing was saved, not even the message: `invoke(None)` would find no thread to resume
+        assert "Nothing of this run was written" in ended["detail"], ended
+        assert "send its input again" in ended["detail"], ended
         assert set(result) == {"outcome"}  # no state was read, none is made up
 
 
