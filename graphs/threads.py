@@ -91,6 +91,8 @@ from keel.versions import AgentVersion
 __all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
 
 
+T = TypeVar("T")
+
 REMOVAL = (
     "The run's input removes messages (a RemoveMessage): a run sends messages, and a removal "
     "would delete the thread's record as the run starts (a pending tool call, a call already "
@@ -555,13 +557,18 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `stream` under a lease (renewed while it runs, released at the end)."""
         gate = self.keel_admission
         assert gate is not None
-        lease, refused = drive(self._leased(config, kwargs))
+        leased, ending = drive(self._started(self._leased(config, kwargs), config, kwargs))
+        if leased is None:
+            yield from ending
+            return
+        lease, refused = leased
         if refused is not None:
             yield from refused_chunks(refused, kwargs, self.stream_mode)
             return
         with gate.holding(lease):
-            drive(self._answer(answered, self._run_end(config, kwargs)))
-            yield from self._stream_checked(input, config, kwargs)
+            answer = self._answer(answered, self._run_end(config, kwargs))
+            _, ending = drive(self._started(answer, config, kwargs))
+            yield from ending or self._stream_checked(input, config, kwargs)
 
     async def _aadmitted(
         self, input: Any, config: RunnableConfig | None, kwargs: Any, answered: Dropped
@@ -569,14 +576,22 @@ class ThreadGuardedGraph(ProtectedGraph):
         """LangGraph's `astream` under a lease (see `_admitted`)."""
         gate = self.keel_admission
         assert gate is not None
-        lease, refused = await adrive(self._leased(config, kwargs))
-        if refused is not None:
-            for part in refused_chunks(refused, kwargs, self.stream_mode):
+        leased, ending = await adrive(self._started(self._leased(config, kwargs), config, kwargs))
+        lease, refused = leased if leased is not None else (None, None)
+        if lease is None or refused is not None:
+            for part in (
+                ending if refused is None else refused_chunks(refused, kwargs, self.stream_mode)
+            ):
                 yield part
             return
         chunks = self._astream_checked(input, config, kwargs)
         async with gate.aholding(lease), contextlib.aclosing(chunks):
-            await adrive(self._answer(answered, self._run_end(config, kwargs)))
+            answer = self._answer(answered, self._run_end(config, kwargs))
+            _, ending = await adrive(self._started(answer, config, kwargs))
+            for part in ending:
+                yield part
+            if ending:
+                return
             async for chunk in chunks:
                 yield chunk
 
@@ -744,6 +759,19 @@ class ThreadGuardedGraph(ProtectedGraph):
             yield from self._answer(answered, self._run_end(config, kwargs))
         return input, config, answered
 
+    def _started(
+        self, steps: Steps[T], config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Steps[tuple[T | None, list[Any]]]:
+        """What `steps` (a run's start) return, and no chunk.
+
+        If storage failed in them: nothing, and the run's one chunk (`_not_started`, which
+        raises anything else).
+        """
+        try:
+            return (yield from steps), []
+        except Exception as exc:
+            return None, [(yield from self._not_started(exc, config, kwargs))]
+
     def _not_started(
         self, exc: Exception, config: RunnableConfig | None, kwargs: dict[str, Any]
     ) -> Steps[Any]:
@@ -765,10 +793,12 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            try:
-                input, config, answered = drive(self._starting(input, config, kwargs))
-            except Exception as exc:
-                return iter([drive(self._not_started(exc, config, kwargs))])
+            started, ending = drive(
+                self._started(self._starting(input, config, kwargs), config, kwargs)
+            )
+            if started is None:
+                return iter(ending)
+            input, config, answered = started
             if self.keel_admission is not None:
                 return self._admitted(input, config, kwargs, answered)
             return self._stream_checked(input, config, kwargs)
@@ -779,11 +809,13 @@ class ThreadGuardedGraph(ProtectedGraph):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
         if not inside_task(config):
-            try:
-                input, config, answered = await adrive(self._starting(input, config, kwargs))
-            except Exception as exc:
-                yield await adrive(self._not_started(exc, config, kwargs))
+            starting = self._started(self._starting(input, config, kwargs), config, kwargs)
+            started, ending = await adrive(starting)
+            if started is None:
+                for part in ending:
+                    yield part
                 return
+            input, config, answered = started
             if self.keel_admission is not None:
                 # closed with the caller's stream (a client gone): the lease comes back now
                 parts = self._aadmitted(input, config, kwargs, answered)

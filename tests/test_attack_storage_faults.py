@@ -27,7 +27,7 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import FINISH, Route, build_supervisor
-from keel.guards import Policy, Rule
+from keel.guards import AdmissionPolicy, Policy, Rule
 from keel.observe.observer import UNWRITTEN_MAX, Observer
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
@@ -423,3 +423,31 @@ def test_a_supervisor_whose_ledger_is_down_as_a_new_message_drops_its_agents_cal
     assert ("keel_supervisor", "error", "storage") in runs  # the message that failed to start
     assert not [r for r in runs if r[1] == "interrupted"], runs
     assert world.refunds == []
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_ledger_down_as_admission_control_takes_the_runs_slot_ends_the_run(
+    tmp_path: Path, entry: str
+) -> None:
+    """With admission control, a run takes its slot in the ledger before it starts. With the
+    ledger down there, a stream raised the driver's `StorageError` with no outcome (`invoke`
+    ended the run, but told the caller to resume a thread that had nothing saved): every entry
+    point now ends it `error / storage`, nothing of it written; once the ledger is back it runs,
+    and the slot it did not get is no one's."""
+    path = tmp_path / "keel.db"
+    with _world(entry, f"sqlite:///{path}", tmp_path) as world:
+        world.agent = build_agent(
+            ScriptedChatModel(script=["Hello.", "Hello again."]),
+            policy=Policy(admission=AdmissionPolicy(tenant_running=1)),
+            ledger=world.ledger,
+            checkpointer=world.saver,
+        )
+        world.ledger.setup()
+        fault = SqliteLedgerDown(world.ledger, path)
+        fault.down()
+        assert world.run({"messages": [("user", "hi")]}) == ("error", "storage")
+        fault.up()
+        assert "send its input again" in world.outcome["detail"], world.outcome
+        assert world.state().values == {}  # nothing of it was written
+        assert world.run({"messages": [("user", "hi")]}) == ("success", "completed")
+        assert world.run({"messages": [("user", "hi again")]}) == ("success", "completed")
