@@ -451,3 +451,38 @@ def test_a_ledger_down_as_admission_control_takes_the_runs_slot_ends_the_run(
         assert world.state().values == {}  # nothing of it was written
         assert world.run({"messages": [("user", "hi")]}) == ("success", "completed")
         assert world.run({"messages": [("user", "hi again")]}) == ("success", "completed")
+
+
+def test_a_ledger_file_removed_mid_run_is_said_and_what_it_refused_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLite ledger's file removed while keel has it open: its open connection went on
+    writing into the removed file, so runs completed and nothing said their audit and run
+    records were gone. Now each transaction finds the file gone and fails (a `StorageError`
+    saying so, logged), the records are kept, and once the file is made again (`keel db
+    setup`) the next run writes them there."""
+    path = tmp_path / "keel.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    config = {"configurable": {"thread_id": "t1"}}
+
+    def remove() -> None:
+        for f in tmp_path.glob("keel.db*"):
+            f.unlink()
+
+    with Persistence(f"sqlite:///{tmp_path}/checkpoints.db").checkpointer() as saver:
+        agent = _lookup_agent(ledger, saver, [remove])
+        first = agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        assert _pair(first["outcome"]) == ("success", "completed")
+        assert "was removed while keel had it open" in caplog.text
+        assert not path.exists()  # not made again, empty, behind the operator's back
+        remade = Ledger(f"sqlite:///{path}")  # the operator's `keel db setup`
+        remade.setup()
+        remade.close()
+        other = {"configurable": {"thread_id": "t2"}}
+        second = agent.invoke({"messages": [("user", "where is A1?")]}, other, context=CTX)
+        assert _pair(second["outcome"]) == ("success", "completed")
+        runs = [(r.thread_id, r.terminated_reason) for r in RunLog(ledger).query()]
+        audit = [(a.thread_id, a.tool) for a in AuditLog(ledger).query() if a.kind == "tool"]
+    ledger.close()
+    assert runs == [("t1", "completed"), ("t2", "completed")]
+    assert audit == [("t1", "lookup"), ("t2", "lookup")]

@@ -451,12 +451,21 @@ class Ledger:
         `_run_sqlite` releases it; one that `close()` retired meanwhile is then closed.
         """
         handle: SqliteHandle | None = getattr(self._local, "handle", None)
+        path = self._sqlite_path()
         if handle is not None and self._local.pid == os.getpid() and handle.acquire():
-            return handle
-        try:
-            db = sqlite3.connect(
-                self._sqlite_path(), isolation_level=None, timeout=30, check_same_thread=False
+            if _file_id(path) == self._local.file:
+                return handle
+            handle.release()  # its file was removed or replaced: its writes would be lost
+            self._forget_sqlite()
+        if self._ready and _file_id(path) is None:
+            raise StorageError(
+                f"the ledger's file at {self._persistence.safe_url} was removed while keel had it "
+                "open (what it wrote since would go to the removed file, and a new one would have "
+                "none of keel's tables): restore it, or create it again (keel db setup), then "
+                "resume the run."
             )
+        try:
+            db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
             _to_wal(db)  # stored in the file: every process uses it
             # commits survive a crash of any process (WAL); a power loss may lose the last ones
             db.execute("PRAGMA synchronous=NORMAL")
@@ -468,6 +477,7 @@ class Ledger:
         handle = SqliteHandle(db)
         handle.acquire()
         self._local.handle, self._local.pid = handle, os.getpid()
+        self._local.file = _file_id(path)
         with self._lock:
             self._sqlite_dbs.append(handle)
         return handle
@@ -681,6 +691,15 @@ class _Diverged(psycopg.Error):
 def _dead(exc: Exception) -> bool:
     """Whether `exc` says the connection died (not that the pool had none to give)."""
     return not isinstance(exc, PoolTimeout) and connection_lost(exc)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The identity (device, inode) of the file at `path`; None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _backoff(attempt: int) -> float:
