@@ -303,20 +303,22 @@ def test_a_message_that_dropped_the_calls_and_failed_to_start_audits_them_once(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("table", ["keel_audit", "keel_runs"])
 @pytest.mark.parametrize("entry", ["invoke", "astream-updates"])
 def test_the_not_run_records_and_the_end_of_the_run_that_waited_commit_together(
-    module_postgres_url: str, tmp_path: Path, entry: str
+    module_postgres_url: str, tmp_path: Path, entry: str, table: str
 ) -> None:
     """The `not_run` audit records and the record of the run that waited were two
     transactions: with the ledger failing between them (`keel_runs`' statements killed three
-    times), the audit said the call was dropped, the run went on, and the run that waited kept
+    times; or the first one, `keel_audit`'s: then a stream raised a bare `StorageError`), the
+    audit said the call was dropped, the run went on, and the run that waited kept
     `interrupted / awaiting_approval` as its record for good. Now neither is written: the run
     ends `error / storage`, the call still waits, and the message sent again writes both."""
     with _world(entry, module_postgres_url, tmp_path) as world:
-        world.thread = f"t-{tmp_path.name}-{entry}"
+        world.thread = f"t-{tmp_path.name}-{entry}-{table}"
         _waiting(world)
         killer = InFlightKiller(module_postgres_url)
-        killer.arm("keel_runs", times=3)
+        killer.arm(table, times=3)
         seen = world.run(DROP, keel_pending="not_run")
         killer.join()
         assert world.state().next == ("human_review",)  # nothing written: the call still waits
