@@ -451,12 +451,12 @@ class Ledger:
         `_run_sqlite` releases it; one that `close()` retired meanwhile is then closed.
         """
         handle: SqliteHandle | None = getattr(self._local, "handle", None)
-        path = self._sqlite_path()
         if handle is not None and self._local.pid == os.getpid() and handle.acquire():
-            if _file_id(path) == self._local.file:
+            if _file_id(self._local.path) == self._local.file:
                 return handle
             handle.release()  # its file was removed or replaced: its writes would be lost
             self._forget_sqlite()
+        path = self._sqlite_path()
         if self._ready and _file_id(path) is None:
             raise StorageError(
                 f"the ledger's file at {self._persistence.safe_url} was removed while keel had it "
@@ -477,7 +477,7 @@ class Ledger:
         handle = SqliteHandle(db)
         handle.acquire()
         self._local.handle, self._local.pid = handle, os.getpid()
-        self._local.file = _file_id(path)
+        self._local.file, self._local.path = _file_id(path), path
         with self._lock:
             self._sqlite_dbs.append(handle)
         return handle
