@@ -448,7 +448,10 @@ class Ledger:
     def _sqlite_connection(self) -> SqliteHandle:
         """This thread's connection, opened once and acquired (WAL: readers never wait).
 
-        `_run_sqlite` releases it; one that `close()` retired meanwhile is then closed.
+        `_run_sqlite` releases it; one that `close()` retired meanwhile is then closed. Opening
+        one closes those of threads that have ended: an app that runs each request on a thread
+        (or an `asyncio.run`, whose worker threads end with it) would otherwise keep a
+        connection per request open until `close()`.
         """
         handle: SqliteHandle | None = getattr(self._local, "handle", None)
         if handle is not None and self._local.pid == os.getpid() and handle.acquire():
@@ -478,8 +481,12 @@ class Ledger:
         handle.acquire()
         self._local.handle, self._local.pid = handle, os.getpid()
         self._local.file, self._local.path = _file_id(path), path
-        with self._lock:
+        with self._lock:  # the connections of threads that ended go as a new one comes
+            ended = [h for h in self._sqlite_dbs if not h.owner.is_alive()]
+            self._sqlite_dbs = [h for h in self._sqlite_dbs if h.owner.is_alive()]
             self._sqlite_dbs.append(handle)
+        for gone in ended:
+            gone.retire()
         return handle
 
     def _forget_sqlite(self) -> None:

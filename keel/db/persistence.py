@@ -71,6 +71,7 @@ from keel.db.checkpoint.strict import (
 )
 from keel.db.writer_lock import writer_lock
 from keel.errors import SetupError, UserError
+from keel.redact import sanitized_logger
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
 
@@ -114,6 +115,7 @@ _SCHEMA = {  # tables, SQL: does table {} exist?, SQL: schema version, the versi
         1,
     ),
 }
+log = sanitized_logger(__name__)
 _SET_UP: set[str] = set()  # PostgreSQL URLs this process has set up
 _SET_UP_LOCK = threading.Lock()
 
@@ -235,12 +237,15 @@ class Persistence:
             SetupError: The database is unreachable, or (with `setup=False`) not set up.
         """
         if self._path is not None:
-            with self._sqlite() as conn:
-                saver = self._strict(StrictSqliteSaver(conn, serde=self._serde()))
-                if self.sqlite_path is not None:  # queue with the ledger on this file
-                    saver.lock = writer_lock(self.sqlite_path)  # type: ignore[assignment]
+            conn = self._sqlite_connect()
+            saver = self._strict(StrictSqliteSaver(conn, serde=self._serde()))
+            if self.sqlite_path is not None:  # queue with the ledger on this file
+                saver.lock = writer_lock(self.sqlite_path)  # type: ignore[assignment]
+            try:
                 saver.setup()
                 yield saver
+            finally:  # not under a statement another thread still runs on it
+                _close_when_idle(conn, saver.lock, self.safe_url)
             return
         self._ready(self._plan())
         with self._pg_pool() as pool:
@@ -463,11 +468,13 @@ class Persistence:
 
     @contextmanager
     def _sqlite(self, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+        with closing(self._sqlite_connect(readonly=readonly)) as conn:
+            yield conn
+
+    def _sqlite_connect(self, *, readonly: bool = False) -> sqlite3.Connection:
         target, uri = _sqlite_target(self._path, readonly)
         with self._errors("open"):
-            conn = sqlite3.connect(target, uri=uri, check_same_thread=False)
-        with closing(conn):
-            yield conn
+            return sqlite3.connect(target, uri=uri, check_same_thread=False)
 
     @contextmanager
     def _pg_pool(self) -> Iterator[_Pool]:
@@ -631,6 +638,35 @@ class _APoolCheck(_Freshness):
 
 
 # -- pure helpers ------------------------------------------------------------------------------
+
+
+def _close_when_idle(conn: sqlite3.Connection, lock: Any, where: str) -> None:
+    """Close the sync checkpointer's `conn` once no statement runs on it.
+
+    `SqliteSaver` holds `lock` around each use of its connection, from whichever thread calls
+    it (a node's or a tool's thread, a web server's request thread). CPython's `sqlite3` does
+    not guard a `check_same_thread=False` connection: closing it while another thread runs a
+    statement on it frees that statement under it, and the process dies of a segmentation
+    fault (`tests/test_attack_cancellation.py`). Holding `lock`, the close waits for that
+    statement; a thread that keeps the lock past `_CLOSE_WAIT` seconds (a `list()` it never
+    finished iterating) leaves the connection open, to be closed when the saver is collected.
+    """
+    if not lock.acquire(timeout=_CLOSE_WAIT):
+        log.warning(
+            "keel left the checkpointer's connection to %s open: another thread held it for "
+            "%g s (closing it under a running statement would crash the process)",
+            where,
+            _CLOSE_WAIT,
+        )
+        return
+    try:
+        conn.close()
+    finally:
+        lock.release()
+
+
+_CLOSE_WAIT = 10.0
+"""Seconds closing the sync SQLite checkpointer waits for another thread's statement."""
 
 
 def _checked(flow: _Flow, conn: Any) -> Steps[None]:

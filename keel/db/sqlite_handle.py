@@ -7,6 +7,10 @@ runs while a cancelled `ainvoke`'s transaction still runs in its worker thread
 (`asyncio.to_thread` cannot stop a thread). A `SqliteHandle` is held for each transaction;
 `retire()` closes an idle connection at once and leaves a busy one for its user to close the
 moment its transaction ends.
+
+A handle also names the thread that opened it (`owner`): the ledger closes the connection of a
+thread that has ended (a web server's request thread, the worker threads of an `asyncio.run`
+that returned), instead of keeping it, and its file descriptors, for as long as the ledger.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import threading
 class SqliteHandle:
     """One thread's connection: `acquire` it for a transaction, `release` it after."""
 
-    __slots__ = ("_busy", "_guard", "_retired", "db")
+    __slots__ = ("_busy", "_guard", "_retired", "db", "owner")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.owner = threading.current_thread()
+        """The thread that opened the connection, and the only one that runs statements on it."""
         self._guard = threading.Lock()
         self._busy = False
         self._retired = False

@@ -1,0 +1,159 @@
+"""Cancellation and teardown, as a careless app or failing infrastructure does them.
+
+An app cancels runs (a timeout, a client gone), and under anyio's cancel scopes (FastAPI,
+Starlette) a cancelled task is cancelled again at every await until it leaves the scope; it
+closes its ledger and checkpointer while other threads may still use them; it runs each request
+on a thread or an `asyncio.run` of its own. Invariants: the process never crashes (cases that
+could die of a segmentation fault run in a subprocess, so a regression is a failed test); no
+side-effecting call runs twice; the thread can go on in a fresh agent; the cancelled run has
+one run record, `stopped/cancelled`; what it held (its thread's lease, its admission slot, its
+connections) is given back, not kept until a lease expires or the process ends.
+
+Real parts: SQLite files and PostgreSQL; the model is keel's `ScriptedChatModel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_ledger_close import _run
+
+from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
+from keel.evals import ScriptedChatModel, call
+
+CTX = RunContext(user_id="u1", tenant_id="acme")
+FIRST = {"messages": [("user", "refund order A1")]}
+
+
+# -- 1. the sync SQLite checkpointer closed while another thread runs a statement on it -------
+
+
+def test_closing_the_sync_checkpointer_waits_for_another_threads_statement(
+    tmp_path: Path,
+) -> None:
+    """A web server's request thread reads the thread (keel's `list_threads` uses the saver's
+    cursor the same way) while the app shuts down and leaves `Persistence.checkpointer()`:
+    the close freed the running statement under that thread and the process died (SIGSEGV).
+    Now the close waits for it; the saver refuses further use with an error."""
+    out = _run(  # (its prelude opens a ledger on the file, and defines `path` and `SLOW`)
+        tmp_path,
+        """
+        from keel import Persistence
+        got, started = {}, threading.Event()
+        with Persistence(f"sqlite:///{path}").checkpointer() as saver:
+            def read():
+                with saver.cursor(transaction=False) as cur:
+                    started.set()
+                    got["count"] = cur.execute(SLOW).fetchone()[0]
+            reader = threading.Thread(target=read)
+            reader.start()
+            started.wait()
+            time.sleep(0.2)  # inside the slow statement
+        reader.join()
+        try:
+            saver.get_tuple({"configurable": {"thread_id": "t1"}})
+        except sqlite3.ProgrammingError as exc:
+            got["after"] = str(exc)
+        print(got)
+        """,
+    )
+    assert out.strip() == "{'count': 2000000, 'after': 'Cannot operate on a closed database.'}"
+
+
+def _refund_tool(ran: list[str], started: asyncio.Event) -> Any:
+    @tool(risk="write", name="refund")
+    async def refund(order_id: str) -> str:
+        """Refund an order."""
+        ran.append(order_id)
+        started.set()
+        await asyncio.sleep(30)  # cut off by the caller
+        return f"refunded {order_id}"
+
+    return refund
+
+
+# -- 3. a run per thread or per event loop: connections of ended threads ---------------------
+
+
+def _open_connections(db: Path) -> int:
+    """How many connections of this process are open on the SQLite file `db`.
+
+    Each one in WAL mode holds a descriptor of the file's WAL (SQLite may keep the main file's
+    descriptor of a closed connection open a while, so those are not counted).
+    """
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += str(fd.readlink()) == f"{db}-wal"
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+    return count
+
+
+def _cancelled_in_its_own_loop(url: str, ledger: Ledger, thread: str) -> None:
+    """A run cancelled mid-tool, as a script that runs each request with `asyncio.run` does."""
+
+    async def main() -> None:
+        started = asyncio.Event()
+        model = ScriptedChatModel(script=[call("refund", order_id="A1")], fresh_ids=True)
+        async with Persistence(url).acheckpointer() as saver:
+            refund = _refund_tool([], started)
+            agent = build_agent(model, [refund], ledger=ledger, checkpointer=saver)
+            run = asyncio.create_task(agent.ainvoke(FIRST, {"configurable": {"thread_id": thread}}))
+            await started.wait()
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+    asyncio.run(main())
+
+
+def _on_its_own_thread(url: str, ledger: Ledger, thread: str) -> None:
+    """A run on a thread of its own, as a threaded web server runs each request."""
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "Shipped."])
+
+    @tool(risk="write")
+    def lookup(order_id: str) -> str:
+        """Look an order up."""
+        return f"{order_id} shipped"
+
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(model, [lookup], ledger=ledger, checkpointer=saver)
+        config = {"configurable": {"thread_id": thread}}
+        worker = threading.Thread(target=agent.invoke, args=(FIRST, config))
+        worker.start()
+        worker.join()
+
+
+@pytest.mark.parametrize("run", [_cancelled_in_its_own_loop, _on_its_own_thread])
+def test_runs_on_threads_that_end_leave_no_ledger_connection_open(tmp_path: Path, run: Any) -> None:
+    """The ledger kept a SQLite connection per thread that ever ran a transaction, until
+    `close()`: the worker threads of each `asyncio.run`, or each request's thread, left theirs
+    open (file descriptors each), so a long-lived process ran out of descriptors. Now a
+    thread's connection goes once the thread has ended."""
+    db = tmp_path / "keel.db"
+    url = f"sqlite:///{db}"
+    ledger = Ledger(url)
+
+    def open_after_the_next_request() -> int:
+        """The connections open once a request reads the run log on a thread of its own."""
+        reader = threading.Thread(target=RunLog(ledger).query)
+        reader.start()
+        reader.join()
+        return _open_connections(db)
+
+    try:
+        for i in range(2):
+            run(url, ledger, f"warm-{i}")
+        connections, threads = open_after_the_next_request(), threading.active_count()
+        for i in range(6):
+            run(url, ledger, f"t{i}")
+        assert open_after_the_next_request() <= connections
+        assert threading.active_count() <= threads
+    finally:
+        ledger.close()
+    assert _open_connections(db) == 0
