@@ -21,15 +21,13 @@ up to 0.5 s. The lease is renewed while the run streams (one thread or loop task
 renews all its runs' leases in one statement every `lease_s / 3`, as admission's leases) and
 released when the run ends, is closed or cancelled. The lease of a process that died is taken
 over at once when that process was on this host and PID namespace (its PID is gone: a resume
-after a crash does not wait); elsewhere it expires after `lease_s` (30 s), and then another
-process's run takes it. Two runs in one process wait
-for each other on the lock, without asking the ledger. A ledger that fails as a run takes the
-lease leaves that run to the lock alone (a warning says so). One that fails as a run
-releases it leaves the lease in the ledger: the process's next run on the thread takes it
-over at once, as a dead process's (its holder is no run of this process's any more). The
-lease names the thread, not the checkpointer: agents with checkpointers of their own that
-share a ledger and a thread id take turns on it too. LangGraph's server orders runs on a
-thread itself (`multitask_strategy`).
+after a crash does not wait), and so is one a run of this process left behind (Ctrl-C as it
+ended, or a release the ledger failed: `_left`); elsewhere it expires after `lease_s` (30 s),
+and then another process's run takes it. Two runs in one process wait for each other on the
+lock, without asking the ledger. A ledger that fails as a run takes the
+lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
+checkpointer: agents with checkpointers of their own that share a ledger and a thread id
+take turns on it too. LangGraph's server orders runs on a thread itself (`multitask_strategy`).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 
-from keel._drive import Op, Steps, adrive, both, drive, sleep
+from keel._drive import Op, Steps, adrive, both, drive, finishing, sleep
 from keel._node import NS_SEP, inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import THREAD_LEASES, storable
@@ -67,10 +65,10 @@ _FIRST_WAIT, _MOST_WAIT = 0.002, 0.05
 """Seconds between looks at a busy thread: doubling from the first to the most."""
 _FIRST_ASK, _MOST_ASK = 0.05, 0.5
 """Seconds between asks for a thread's lease that another process holds (each is a write)."""
+_LIVE: set[str] = set()
+"""The lease holders of this process's runs that have not ended (`_live`, `_left`)."""
 _LEASED: dict[tuple[str, str], int] = {}
 """The threads (id, namespace) whose ledger lease a run of this process holds, and how many."""
-_LIVE: set[str] = set()
-"""The lease holders of this process's runs that are going on (`_live`)."""
 _LEASE_S = 30.0
 """How long a thread's lease holds without renewal: a dead process's run blocks no longer."""
 
@@ -250,7 +248,7 @@ class ThreadLeases:
             held_by = yield both(self.ledger.run, self.ledger.arun, flow)
             if held_by == holder:
                 return
-            if held_by is not None and _dead(held_by):  # a process of this host that died
+            if held_by is not None and (_dead(held_by) or _left(held_by)):
                 flow = _take_over_flow(thread, ns, held_by, holder, time.time() + self.lease_s)
                 yield both(self.ledger.run, self.ledger.arun, flow)
                 continue
@@ -288,7 +286,8 @@ class ThreadLeases:
     @contextlib.contextmanager
     def held(self, thread: str, ns: str) -> Iterator[None]:
         """Hold the thread's lease while the block runs (renewed), release it after."""
-        with _live() as holder:
+        holder = _holder()
+        with _live(holder):
             try:
                 taken = drive(self._took(thread, ns, holder))
             except BaseException:  # interrupted while it waited: a lease just taken goes back
@@ -298,8 +297,8 @@ class ThreadLeases:
             if not taken:
                 yield
                 return
-            self._renewer.add(holder)
-            try:
+            try:  # (Ctrl-C may land while the renewal thread starts)
+                self._renewer.add(holder)
                 with _holding(thread, ns):
                     yield
             finally:
@@ -308,22 +307,23 @@ class ThreadLeases:
     @contextlib.asynccontextmanager
     async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
         """Hold the thread's lease while the block runs (async); see `held`."""
-        with _live() as holder:
+        holder = _holder()
+        with _live(holder):
             try:
                 taken = await adrive(self._took(thread, ns, holder))
             except BaseException:  # cancelled (a client gone) while it waited: give it back
                 with contextlib.suppress(Exception):
-                    await self._release(holder).arun()
+                    await finishing(self._release(holder).arun())
                 raise
             if not taken:
                 yield
                 return
-            self._arenewer.add(holder)
             try:
+                self._arenewer.add(holder)
                 with _holding(thread, ns):
                     yield
-            finally:
-                await adrive(self._given_back(thread, holder))
+            finally:  # given back before the run ends, however often it is cancelled meanwhile
+                await finishing(adrive(self._given_back(thread, holder)))
 
 
 def _unleased(thread: str, exc: Exception) -> None:
@@ -386,26 +386,32 @@ def _named(key: tuple[Any, ...]) -> tuple[str, str]:
     return storable(key[1]), storable(key[2])
 
 
-@contextlib.contextmanager
-def _live() -> Iterator[str]:
-    """A new holder (`_holder`), known to this process as a run's while the block runs.
+def _holder() -> str:
+    """A run's name in the lease: this process (host, PID namespace, PID) and the run."""
+    return f"{_this_process()}/{uuid.uuid4().hex}"
 
-    Once it ends, a lease it left in the ledger (its release failed) is a dead run's
-    (`_dead`): this process's next run on the thread takes it over instead of waiting it out.
-    """
-    holder = _holder()
+
+@contextlib.contextmanager
+def _live(holder: str) -> Iterator[None]:
+    """`holder` is a run of this process that has not ended, from before it asks for the lease."""
     with _GUARD:
         _LIVE.add(holder)
     try:
-        yield holder
+        yield
     finally:
         with _GUARD:
             _LIVE.discard(holder)
 
 
-def _holder() -> str:
-    """A run's name in the lease: this process (host, PID namespace, PID) and the run."""
-    return f"{_THIS_PROCESS}/{uuid.uuid4().hex}"
+def _left(holder: str) -> bool:
+    """Whether `holder` is a run of this process that ended without giving its lease back.
+
+    Ctrl-C as it ended, or a ledger that failed to release it: nothing will renew or release
+    that lease, and a run of this process that asks for the thread holds its in-process lock,
+    so no other run here holds it (one on another checkpointer is live while it holds it).
+    """
+    with _GUARD:
+        return holder.startswith(f"{_this_process()}/") and holder not in _LIVE
 
 
 def _process() -> str:
@@ -416,14 +422,19 @@ def _process() -> str:
     return f"{socket.gethostname()}/{space}/{os.getpid()}"
 
 
-_THIS_PROCESS = _process()
+def _this_process() -> str:
+    """`_process()`, once per PID (a forked worker is a process of its own)."""
+    pid = os.getpid()
+    return _PROCESSES.get(pid) or _PROCESSES.setdefault(pid, _process())
+
+
+_PROCESSES: dict[int, str] = {}
 
 
 def _dead(holder: str) -> bool:
     """Whether `holder` is a run of a process of this host (and PID namespace) that is gone.
 
-    Or a run of this process that ended without releasing it (the ledger failed then). Such a
-    lease need not be waited out: its process will never renew or release it (a worker
+    Such a lease need not be waited out: its process will never renew or release it (a worker
     killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
     holds until its lease expires.
     """
@@ -431,12 +442,10 @@ def _dead(holder: str) -> bool:
     if len(parts) != 4:
         return False
     where, pid = parts[:2], parts[2]
-    here, here_pid = _THIS_PROCESS.rsplit("/", 2)[:2], _THIS_PROCESS.rsplit("/", 1)[1]
-    if "?" in where or where != here or not pid.isdigit():
+    this = _this_process()
+    here, here_pid = this.rsplit("/", 2)[:2], this.rsplit("/", 1)[1]
+    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
         return False
-    if pid == here_pid:  # this process's: dead once its run ended (`_live`)
-        with _GUARD:
-            return holder not in _LIVE
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

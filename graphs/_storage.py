@@ -37,7 +37,7 @@ from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive
+from keel._drive import Op, Steps, adrive, drive, finishing
 from keel._node import inside_task
 from keel.db.ledger import Flow, Ledger
 from keel.errors import KeelError, SetupError, StorageError
@@ -325,7 +325,7 @@ class StreamEnding:
                 raise
             yield await adrive(self.failed(exc))
         except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled, or went away
-            await adrive(self._stopped())
+            await finishing(adrive(self._stopped()))  # recorded, even if cancelled again
             raise
 
     def failed(self, exc: Exception) -> Steps[Any]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, both, drive, sleep
+from keel._drive import Op, Steps, adrive, both, drive, finishing, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
@@ -234,7 +234,7 @@ class Admission:
             return await adrive(self._acquiring(context, lease_id))
         except BaseException:  # cancelled (a client gone) while queued: give the slot back
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.ledger.arun(_release_flow(lease_id)))
+                await finishing(self.ledger.arun(_release_flow(lease_id)))
             raise
 
     def _acquiring(self, context: RunContext, lease_id: str) -> Steps[Lease]:
@@ -343,8 +343,8 @@ class Admission:
             self._arenewer.add(lease.id)
         try:
             yield
-        finally:
-            await adrive(self._given_back(lease))
+        finally:  # given back before the run ends, however often it is cancelled meanwhile
+            await finishing(adrive(self._given_back(lease)))
 
     def _given_back(self, lease: Lease) -> Steps[None]:
         """After the run: stop renewing `lease`, then release it."""

@@ -26,6 +26,10 @@ A step ended by a `BaseException` that is not an `Exception` (a cancelled task, 
 the generator before it propagates, so its `finally` blocks and `with` exits run then, in the
 caller's context, not whenever the generator is collected.
 
+`finishing(work)` awaits what a run must do as it ends (give its thread's lease back, record
+how it ended) to its end, even while the run's task is cancelled again and again, then raises
+the cancellation.
+
 An `Op` may name `on_error`, which turns its own failure into the exception thrown back into
 the generator (a ledger write's database error becomes a storage failure, say).
 
@@ -52,7 +56,18 @@ from typing import Any, TypeVar
 
 from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying
 
-__all__ = ["Op", "Steps", "adrive", "both", "call", "calls", "drive", "retrying", "sleep"]
+__all__ = [
+    "Op",
+    "Steps",
+    "adrive",
+    "both",
+    "call",
+    "calls",
+    "drive",
+    "finishing",
+    "retrying",
+    "sleep",
+]
 
 T = TypeVar("T")
 
@@ -111,6 +126,30 @@ async def adrive(steps: Steps[T]) -> T:
                 sent, error = None, _failed(op, exc)
             op = _next(steps, sent, error)
         return op.value  # type: ignore[no-any-return]
+
+
+async def finishing(work: Awaitable[T]) -> T:
+    """Await `work` to its end even while the awaiting task is cancelled, once or many times.
+
+    For what a run must do as it ends (give its thread's lease back, record how it ended):
+    anyio's cancel scopes (FastAPI, Starlette) cancel a task again at each await until it
+    leaves the scope, and `asyncio.shield` alone only lets the shielded work go on unawaited,
+    after the run is over and the app may have closed the ledger under it. The first
+    cancellation that arrived meanwhile is raised once `work` has finished (its own result or
+    error is then dropped: the task was cancelled).
+    """
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning
+        raise cancelled
+    return task.result()
 
 
 def both(run: Callable[..., Any], arun: Callable[..., Awaitable[Any]], *args: Any) -> Op:

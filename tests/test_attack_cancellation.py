@@ -15,18 +15,24 @@ Real parts: SQLite files and PostgreSQL; the model is keel's `ScriptedChatModel`
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
+import psycopg
 import pytest
 from test_ledger_close import _run
+from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
 from keel.evals import ScriptedChatModel, call
+from keel.guards import AdmissionPolicy, Policy, Rule
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 FIRST = {"messages": [("user", "refund order A1")]}
+NEXT = {"messages": [("user", "and order B2?")]}
 
 
 # -- 1. the sync SQLite checkpointer closed while another thread runs a statement on it -------
@@ -64,6 +70,9 @@ def test_closing_the_sync_checkpointer_waits_for_another_threads_statement(
     assert out.strip() == "{'count': 2000000, 'after': 'Cannot operate on a closed database.'}"
 
 
+# -- 2. a run cancelled again and again (anyio's cancel scopes) -------------------------------
+
+
 def _refund_tool(ran: list[str], started: asyncio.Event) -> Any:
     @tool(risk="write", name="refund")
     async def refund(order_id: str) -> str:
@@ -74,6 +83,67 @@ def _refund_tool(ran: list[str], started: asyncio.Event) -> Any:
         return f"refunded {order_id}"
 
     return refund
+
+
+def _held_leases(url: str) -> list[tuple[Any, ...]]:
+    """The rows of the thread leases and the admission leases still in the ledger."""
+    sql = ["SELECT thread_id FROM keel_thread_leases", "SELECT state FROM keel_admission_leases"]
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            return [row for each in sql for row in db.execute(each).fetchall()]
+    with psycopg.connect(url) as pg:
+        return [row for each in sql for row in pg.execute(each).fetchall()]
+
+
+async def _cancel_when(scope: anyio.CancelScope, started: asyncio.Event) -> None:
+    await started.wait()
+    scope.cancel()
+
+
+async def test_a_run_cancelled_again_and_again_gives_back_what_it_held(db_url: str) -> None:
+    """Under an anyio cancel scope every await of the cancelled run's teardown was cancelled
+    again: the thread's lease and the admission slot were never released (the next run on the
+    thread waited 30 s for the lease to expire; the tenant, capped at one run, was refused for
+    the admission lease's 300 s), on PostgreSQL the cancelled run's record could be lost, and a
+    release left running in the background reopened the closed ledger's pool. Now the run gives
+    them back before it ends; a fresh agent goes on with the thread at once."""
+    ran: list[str] = []
+    started = asyncio.Event()
+    policy = Policy(
+        name="capped",
+        rules=(Rule(tool="refund", action="allow"),),
+        admission=AdmissionPolicy(tenant_running=1),
+    )
+    config = {"configurable": {"thread_id": "t1"}}
+    model = ScriptedChatModel(
+        script=[call("refund", order_id="A1"), "B2 ships tomorrow."], fresh_ids=True
+    )
+    ledger = Ledger(db_url)
+    async with Persistence(db_url).acheckpointer() as saver:
+        agent = build_agent(
+            model, [_refund_tool(ran, started)], policy=policy, ledger=ledger, checkpointer=saver
+        )
+        with anyio.CancelScope() as scope:
+            canceller = asyncio.create_task(_cancel_when(scope, started))
+            await agent.ainvoke(FIRST, config, context=CTX)
+        await canceller
+    assert scope.cancelled_caught
+    recorded = [(r.status, r.terminated_reason) for r in await RunLog(ledger).aquery()]
+    await ledger.aclose()
+    assert recorded == [("stopped", "cancelled")]
+    assert _held_leases(db_url) == []  # nothing waits for a lease to expire
+    fresh = Ledger(db_url)
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            refund = _refund_tool(ran, asyncio.Event())
+            agent = build_agent(model, [refund], policy=policy, ledger=fresh, checkpointer=saver)
+            done = await agent.ainvoke(NEXT, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed"
+        assert ran == ["A1"]
+        runs = [(r.status, r.terminated_reason) for r in RunLog(fresh).query()]
+        assert runs == [("stopped", "cancelled"), ("success", "completed")]
+    finally:
+        await fresh.aclose()
 
 
 # -- 3. a run per thread or per event loop: connections of ended threads ---------------------
@@ -157,3 +227,43 @@ def test_runs_on_threads_that_end_leave_no_ledger_connection_open(tmp_path: Path
     finally:
         ledger.close()
     assert _open_connections(db) == 0
+
+
+# -- 4. a lease this process left behind --------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_a_lease_a_run_of_this_process_left_behind_does_not_hold_its_thread(
+    fresh_postgres_url: str,
+) -> None:
+    """A run whose lease release failed (here the database kills the release in each of its
+    three attempts; Ctrl-C as a run ends does the same) left its lease in the ledger: the next
+    run on the thread in the same process waited for it to expire (30 s), as for a live run
+    of another process. Nothing of this process holds it any more, so it is taken over at
+    once, as a dead process's is."""
+    url = fresh_postgres_url
+    killer = InFlightKiller(url)
+
+    @tool(name="lookup")
+    async def lookup(order_id: str) -> str:
+        """Look an order up."""
+        killer.arm("keel_thread_leases", times=3)  # the run's release, in each attempt
+        return f"{order_id} shipped"
+
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "Shipped.", "B2 too."])
+    config = {"configurable": {"thread_id": "t1"}}
+    ledger = Ledger(url)
+    async with Persistence(url).acheckpointer() as saver:
+        agent = build_agent(model, [lookup], ledger=ledger, checkpointer=saver)
+        first = await agent.ainvoke(FIRST, config, context=CTX)
+        await asyncio.to_thread(killer.join)
+        assert first["outcome"]["terminated_reason"] == "completed"
+        assert _held_leases(url) == [("t1",)]  # left behind
+        fresh = Ledger(url)
+        agent = build_agent(model, [lookup], ledger=fresh, checkpointer=saver)
+        # (a lease left behind would hold the thread for its 30 s)
+        done = await asyncio.wait_for(agent.ainvoke(NEXT, config, context=CTX), timeout=20)
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert _held_leases(url) == []
+    await ledger.aclose()
+    await fresh.aclose()

@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from keel._drive import Op, Steps, adrive, drive
+from keel._drive import Op, Steps, adrive, drive, finishing
 
 _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("scope", default=None)
 
@@ -64,3 +64,27 @@ def test_a_failing_step_is_thrown_into_the_steps() -> None:
         return "not raised"
 
     assert drive(failing()) == "caught"
+
+
+async def test_finishing_runs_its_work_to_the_end_through_repeated_cancellations() -> None:
+    """The task is cancelled three times while its cleanup runs (as anyio's cancel scopes do):
+    the cleanup still finishes before the task ends, and the task ends cancelled."""
+    done: list[str] = []
+    started = asyncio.Event()
+
+    async def cleanup() -> str:
+        started.set()
+        for step in ("a", "b", "c"):
+            await asyncio.sleep(0.01)
+            done.append(step)
+        return "released"
+
+    task = asyncio.create_task(finishing(cleanup()))
+    await started.wait()
+    for _ in range(3):
+        task.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done == ["a", "b", "c"]
+    assert await finishing(cleanup()) == "released"  # not cancelled: its result
