@@ -325,9 +325,9 @@ class Admission:
         beat (see `_Renewer`). A process that dies stops renewing: its leases expire and their
         slots come free.
         """
-        if lease.refused is None:
-            self._renewer.add(lease.id)
-        try:
+        try:  # (Ctrl-C may land while the renewal thread starts: the lease still goes back)
+            if lease.refused is None:
+                self._renewer.add(lease.id)
             yield
         finally:
             drive(self._given_back(lease))
@@ -339,9 +339,9 @@ class Admission:
         One task per event loop renews every lease this `Admission`'s runs on that loop hold,
         in one statement a beat (see `_LoopRenewer`).
         """
-        if lease.refused is None:
-            self._arenewer.add(lease.id)
         try:
+            if lease.refused is None:
+                self._arenewer.add(lease.id)
             yield
         finally:  # given back before the run ends, however often it is cancelled meanwhile
             await finishing(adrive(self._given_back(lease)))
@@ -548,8 +548,8 @@ class _Renewer(_Renewal):
             thread, stop = self._thread, self._stop
             self._thread = None
         stop.set()
-        if thread is not threading.current_thread():
-            thread.join()
+        if thread is not threading.current_thread() and thread.ident is not None:
+            thread.join()  # (one whose start failed never ran: nothing to wait for)
 
     def _beat(self, stop: threading.Event) -> None:
         try:

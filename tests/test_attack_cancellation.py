@@ -267,3 +267,33 @@ async def test_a_lease_a_run_of_this_process_left_behind_does_not_hold_its_threa
     assert _held_leases(url) == []
     await ledger.aclose()
     await fresh.aclose()
+
+
+def test_a_run_whose_lease_renewal_cannot_start_gives_its_admission_slot_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Infrastructure fault, injected: the process cannot start the thread that renews the
+    run's admission lease (its thread limit, "can't start new thread"; Ctrl-C while that thread
+    starts does the same). The run took its slot first and never gave it back: the tenant,
+    capped at one run, was refused until the lease expired (300 s). Now the slot goes back as
+    the run fails."""
+    start = threading.Thread.start
+
+    def no_renewal(self: threading.Thread) -> None:
+        if self.name == "keel-admission-lease":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_renewal)
+    url = f"sqlite:///{tmp_path}/keel.db"
+    policy = Policy(name="capped", admission=AdmissionPolicy(tenant_running=1))
+    ledger = Ledger(url)
+    try:
+        with Persistence(url).checkpointer() as saver:
+            model = ScriptedChatModel(script=["Hello."])
+            agent = build_agent(model, [], policy=policy, ledger=ledger, checkpointer=saver)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                agent.invoke(FIRST, {"configurable": {"thread_id": "t1"}}, context=CTX)
+        assert _held_leases(url) == []
+    finally:
+        ledger.close()
