@@ -70,6 +70,62 @@ def test_closing_the_sync_checkpointer_waits_for_another_threads_statement(
     assert out.strip() == "{'count': 2000000, 'after': 'Cannot operate on a closed database.'}"
 
 
+def test_an_app_that_times_out_sync_runs_in_threads_and_closes_under_them_survives(
+    tmp_path: Path,
+) -> None:
+    """The careless app: `asyncio.wait_for(asyncio.to_thread(agent.invoke, ...), timeout)`,
+    then it closes its checkpointer and ledger while the timed-out run goes on in its thread.
+    Before the checkpointer's close waited for the running statement this died of a
+    segmentation fault within a few runs; now each run ends with an outcome (`storage` once
+    its storage is closed under it)."""
+    out = _run(  # (its prelude defines `path`)
+        tmp_path,
+        """
+        from keel import Ledger, Persistence, RunContext, build_agent, tool
+        from keel.evals import ScriptedChatModel, call
+        url, ended = f"sqlite:///{path}", []
+
+        @tool(risk="write", name="refund")
+        def refund(order_id: str) -> str:
+            \"\"\"Refund an order.\"\"\"
+            return f"refunded {order_id}"
+
+        def invoke(agent, thread):
+            config = {"configurable": {"thread_id": thread}}
+            context = RunContext(user_id="u1", tenant_id="acme")
+            try:
+                result = agent.invoke({"messages": [("user", "go")]}, config, context=context)
+            except Exception as exc:
+                ended.append(f"raised {exc!r}")
+            else:
+                ended.append(result["outcome"]["terminated_reason"])
+
+        async def one(i):
+            script = [call("refund", order_id="A1"), call("refund", order_id="B2"), "Done."]
+            model = ScriptedChatModel(script=script, fresh_ids=True, latency=0.002)
+            ledger = Ledger(url)
+            with Persistence(url).checkpointer() as saver:
+                agent = build_agent(model, [refund], ledger=ledger, checkpointer=saver)
+                running = asyncio.to_thread(invoke, agent, f"t{i}")
+                try:
+                    await asyncio.wait_for(running, 0.002 * (i + 1))
+                except TimeoutError:
+                    pass
+            ledger.close()  # the run may still go on in its thread
+
+        async def main():
+            for i in range(20):
+                await one(i)
+
+        asyncio.run(main())  # (waits for the threads' runs)
+        print(len(ended), sorted(set(ended)))
+        """,
+    )
+    count, reasons = out.strip().split(" ", 1)
+    assert count == "20"
+    assert set(eval(reasons)) <= {"completed", "storage"}, reasons
+
+
 # -- 2. a run cancelled again and again (anyio's cancel scopes) -------------------------------
 
 
