@@ -423,12 +423,19 @@ def _process() -> str:
 
 
 def _this_process() -> str:
-    """`_process()`, once per PID (a forked worker is a process of its own)."""
-    pid = os.getpid()
-    return _PROCESSES.get(pid) or _PROCESSES.setdefault(pid, _process())
+    """`_process()`, read at import and again in a forked child (a process of its own).
+
+    Not on the event loop: reading `/proc` there is a blocking call (`langgraph dev` refuses it).
+    """
+    return _PROCESS["name"]
 
 
-_PROCESSES: dict[int, str] = {}
+def _forked() -> None:
+    _PROCESS["name"] = _process()
+
+
+_PROCESS = {"name": _process()}
+os.register_at_fork(after_in_child=_forked)
 
 
 def _dead(holder: str) -> bool:
