@@ -2,8 +2,9 @@
 
 The interrupt payload is a list of Agent-Inbox-style requests, one per call awaiting approval.
 Resume with one response per request (a list, in the requests' order: an answer naming another
-`tool_call_id` than the request in its place is refused), a dict keyed by `tool_call_id`, or,
-when there is a single request, one response. A response is
+`tool_call_id` than the request in its place is refused), a dict keyed by `tool_call_id` (every
+request answered; a key that names no request, nor a repeat of one, is refused), or, when there
+is a single request, one response. A response is
 `{"type": "approve" | "edit" | "reject" | "respond", ...}`; Agent Inbox's `accept` / `ignore` /
 `response` are accepted too.
 
@@ -36,7 +37,7 @@ a node's keys that are not, so only keel's audit reads it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NotRequired, Unpack, cast
 
@@ -183,12 +184,13 @@ def human_review(
             return {"outcome": None}, [], {}
         waiting = peek_resume(config)
         reviewer = reviewer_of(server_user(runtime))
+        repeats = _repeats_of(state.get("messages") or [], tools, pending)
         if waiting is not NO_RESUME:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
-            _check_scope(_normalize(waiting, pending), standing, reviewer, context)
-            _check_edits(_normalize(waiting, pending), pending, tools)
-        answers = _normalize(interrupt(pending), pending)
+            _check_scope(_normalize(waiting, pending, repeats), standing, reviewer, context)
+            _check_edits(_normalize(waiting, pending, repeats), pending, tools)
+        answers = _normalize(interrupt(pending), pending, repeats)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
         if screening is not None:
@@ -360,9 +362,54 @@ def _check_edits(
             )
 
 
-def _normalize(resume: Any, pending: Sequence[ReviewRequest]) -> list[ReviewResponse]:
-    if isinstance(resume, Mapping) and all(r["tool_call_id"] in resume for r in pending):
-        resume = [resume[r["tool_call_id"]] for r in pending]
+def _repeats_of(
+    messages: Sequence[Any], tools: ToolRegistry, pending: Sequence[ReviewRequest]
+) -> frozenset[str]:
+    """The ids of the repeats of the waiting calls.
+
+    A dict answer may name them; they follow their first call's answer whatever it says.
+    """
+    waiting = {r["tool_call_id"] for r in pending}
+    return frozenset(
+        i for i, first in _duplicates_of(messages, tools).items() if first.get("id") in waiting
+    )
+
+
+def _by_id(
+    resume: Mapping[Any, Any], pending: Sequence[ReviewRequest], repeats: Collection[str]
+) -> list[Any]:
+    """A dict answer keyed by `tool_call_id`, as a list in the requests' order.
+
+    Every waiting call needs its answer, and every key must name a waiting call (or a repeat
+    of one): an answer for a call that does not wait here (another agent's, a stale one, a
+    typo) would otherwise be dropped without a word.
+    """
+    ids = [r["tool_call_id"] for r in pending]
+    unknown = [k for k in resume if k not in ids and k not in repeats]
+    missing = [i for i in ids if i not in resume]
+    if unknown or missing:
+        waits = ", ".join(
+            f"{r['action_request']['action']} (call {r['tool_call_id']!r})" for r in pending
+        )
+        problems = []
+        if unknown:
+            problems.append(f"is keyed by {', '.join(map(repr, unknown))}, not among them")
+        if missing:
+            problems.append(f"has no answer for {', '.join(map(repr, missing))}")
+        raise UserError(
+            f"human_review waits on {waits}, and the answer {dict(resume)!r} "
+            f"{' and '.join(problems)}. Answer with a dict keyed by the waiting calls' "
+            "tool_call_id, a list in the requests' order, or, for one call, one response "
+            "({'type': 'approve'}, ...)."
+        )
+    return [resume[i] for i in ids]
+
+
+def _normalize(
+    resume: Any, pending: Sequence[ReviewRequest], repeats: Collection[str] = ()
+) -> list[ReviewResponse]:
+    if isinstance(resume, Mapping) and "type" not in resume:
+        resume = _by_id(resume, pending, repeats)
     elif isinstance(resume, Mapping | str):
         resume = [resume]
     if not isinstance(resume, Sequence) or len(resume) != len(pending):

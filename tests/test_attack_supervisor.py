@@ -16,7 +16,9 @@ Fixed here:
   refuses (`:`, `|`, its reserved names, not a string) raised its bare ValueError / TypeError;
 - an agent compiled with `checkpointer=True` answered a new task from the last one's
   conversation; with `checkpointer=False` an approved call never ran and the run said completed;
-- a run paused by its agent said `outcome: None` (see test_attack_run_records.py).
+- a run paused by its agent said `outcome: None` (see test_attack_run_records.py);
+- a dict resume keyed only by calls that do not wait was an "Unknown review response", and one
+  keyed by the waiting call plus calls that do not wait dropped the extra answers silently.
 
 Pinned (refused already): an unknown, empty, ambiguous or malformed route, or a failing router,
 ends the run as `error` with its record and hands no agent the task; a route a user's message
@@ -31,7 +33,7 @@ calls made beside an asked one never run and are audited.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -634,6 +636,17 @@ def test_an_agent_compiled_to_keep_its_own_conversation_or_none_is_refused(own: 
     assert "an agent compiled with `checkpointer=True` or `False` is refused" in readme
 
 
+def _driven(graph: Any, cfg: Any, driver: str) -> Callable[[Any], Awaitable[Any]]:
+    """Run `graph` on `cfg` with `ainvoke`, or with `invoke` in a thread."""
+
+    async def run(payload: Any) -> Any:
+        if driver == "ainvoke":
+            return await graph.ainvoke(payload, cfg, context=CTX)
+        return await asyncio.to_thread(graph.invoke, payload, cfg, context=CTX)
+
+    return run
+
+
 @pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
 async def test_forbidden_calls_beside_an_asked_one_never_run_and_are_audited(
     tmp_path: Path, driver: str
@@ -657,11 +670,7 @@ async def test_forbidden_calls_beside_an_asked_one_never_run_and_are_audited(
     try:
         async with Persistence(f"sqlite:///{tmp_path}/c.db").acheckpointer() as asaver:
             sup = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=asaver)
-
-            async def run(payload: Any) -> Any:
-                if driver == "ainvoke":
-                    return await sup.ainvoke(payload, cfg, context=CTX)
-                return await asyncio.to_thread(sup.invoke, payload, cfg, context=CTX)
+            run = _driven(sup, cfg, driver)
 
             paused = await run({"messages": [("user", "admin: clean up and refund A1")]})
             (request,) = paused["__interrupt__"][0].value
@@ -705,3 +714,80 @@ async def test_a_supervisor_without_a_checkpointer_paused_by_its_agent_says_it_w
         "detail": "awaiting a human's answer",
     }
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+# -- a dict answer keyed by calls that do not wait -------------------------------------------
+
+
+def _keyed_wrong(waiting: str, denied: str) -> list[tuple[dict[str, Any], list[str]]]:
+    """Dict answers a hostile or careless client sends, and the ids each must be refused for."""
+    yes = {"type": "approve"}
+    return [
+        ({"call_from_another_agent": yes}, ["call_from_another_agent"]),
+        ({denied: yes}, [denied]),  # a call of the same turn that does not wait (denied)
+        ({waiting: yes, "call_from_another_agent": yes}, ["call_from_another_agent"]),
+        ({waiting: yes, denied: yes}, [denied]),
+    ]
+
+
+@pytest.mark.parametrize("graph", ["agent", "supervisor"])
+@pytest.mark.parametrize("driver", ["invoke", "ainvoke"])
+async def test_a_dict_answer_keyed_by_calls_that_do_not_wait_is_refused(
+    tmp_path: Path, driver: str, graph: str
+) -> None:
+    """The attack: the agent waits on a refund (a forbidden delete beside it was denied); a
+    client answers with a dict keyed by ids that do not wait: another agent's call, the denied
+    call, alone or beside the refund's. keel called an answer keyed only by strangers an
+    "Unknown review response", and with the refund's id among them dropped the rest without a
+    word (an approval of the denied delete looked taken). Now each is a UserError naming what
+    waits and the ids that do not; nothing runs or is audited, and the right answer still runs."""
+    ran.clear()
+    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
+    turn = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": "delete_user", "args": {"user": "bob"}, "id": None},
+            {"name": "refund", "args": {"order_id": "A1"}, "id": None},
+        ],
+    )
+    model = ScriptedChatModel(script=[turn, "done"], fresh_ids=True)
+    admin = build_agent(model, [refund, delete_user], policy=ADMIN, ledger=ledger, name="admin")
+    cfg: Any = {"configurable": {"thread_id": f"keyed-{graph}-{driver}"}}
+    try:
+        async with Persistence(f"sqlite:///{tmp_path}/c.db").acheckpointer() as asaver:
+            if graph == "agent":
+                app: Any = build_agent(
+                    model, [refund, delete_user], policy=ADMIN, ledger=ledger, checkpointer=asaver
+                )
+            else:
+                router = ScriptedChatModel(structured={"Route": _obedient})
+                app = build_supervisor({"admin": admin}, router, ledger=ledger, checkpointer=asaver)
+            run = _driven(app, cfg, driver)
+
+            paused = await run({"messages": [("user", "admin: delete bob, refund A1")]})
+            (request,) = paused["__interrupt__"][0].value
+            denied, waiting = (c["id"] for c in model.answers[0].tool_calls)
+            assert request["tool_call_id"] == waiting and len({denied, waiting}) == 2
+            before = [(r.kind, r.tool_call_id, r.decision) for r in AuditLog(ledger).query()]
+            for resume, strangers in _keyed_wrong(waiting, denied):
+                with pytest.raises(UserError) as refused:
+                    await run(Command(resume=resume))
+                said = str(refused.value)
+                assert f"human_review waits on refund (call {waiting!r})" in said
+                assert f"is keyed by {', '.join(map(repr, strangers))}, not among them" in said
+                assert "Unknown review response" not in said
+                state = await app.aget_state(cfg)
+                assert state.next == (("human_review",) if graph == "agent" else ("admin",))
+            assert ran == []
+            after = [(r.kind, r.tool_call_id, r.decision) for r in AuditLog(ledger).query()]
+            assert after == before  # nothing audited for a refused answer
+            done = await run(Command(resume={waiting: {"type": "approve"}}))
+        approvals = [(r.tool_call_id, r.decision) for r in AuditLog(ledger).query() if r.tool]
+    finally:
+        ledger.close()
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    assert ran == ["refund A1"]
+    assert (waiting, "approved") in approvals and (denied, "approved") not in approvals
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "so is a dict keyed by a call that does not wait" in readme
+    assert "the ids of a waiting call's repeats may be keyed too" in readme
