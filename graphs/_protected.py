@@ -141,7 +141,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
-            self._check_waiting(self.get_state(config).interrupts, config)
+            self._check_waiting(self._read(config).run().interrupts, config)
         return self._stream_checked(input, config, kwargs)
 
     def _stream_checked(
@@ -162,7 +162,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         if self._check_input(input) and config is not None:
-            self._check_waiting((await self.aget_state(config)).interrupts, config)
+            self._check_waiting((await self._read(config).arun()).interrupts, config)
         async with contextlib.aclosing(self._astream_checked(input, config, kwargs)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -187,14 +187,18 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         """What a run that pauses inside a subgraph reports as its outcome (`graphs._paused`)."""
 
         def read(at: RunnableConfig) -> Op:
-            return Op(
-                partial(self.get_state, at, subgraphs=True),
-                partial(self.aget_state, at, subgraphs=True),
-            )
+            return self._read(at, subgraphs=True)
 
         kept = self.checkpointer not in (None, False) or saved_thread(ensure_config(config))
         shape = ChunkShape(self.stream_mode, kwargs)
         return PausedChunks(shape, config, read if kept else None)
+
+    def _read(self, config: RunnableConfig, *, subgraphs: bool = False) -> Op:
+        """The step that reads the thread's state as a run does (its database errors raw)."""
+        return Op(
+            partial(self.get_state, config, subgraphs=subgraphs),
+            partial(self.aget_state, config, subgraphs=subgraphs),
+        )
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
         """Where a run that ends on a storage failure is recorded: nowhere here.

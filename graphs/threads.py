@@ -81,6 +81,16 @@ from keel.graphs._pending import (
     waiting_inside,
 )
 from keel.graphs._protected import ProtectedGraph
+from keel.graphs._state_storage import (
+    DATABASE_ERRORS,
+    IN_DOUBT,
+    READ,
+    UNWRITTEN,
+    ahistory_kept,
+    history_kept,
+    read_kept,
+    state_error,
+)
 from keel.graphs._storage import Recorder, RunEnd, StreamEnding, log, storage_failure
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
@@ -315,6 +325,15 @@ def _light(saved: CheckpointTuple | None) -> StateSnapshot | None:
     return StateSnapshot(
         values, (), saved.config, saved.metadata, None, saved.parent_config, (), ()
     )
+
+
+def _write_failed(config: RunnableConfig, exc: Exception) -> Exception:
+    """A state update's database error, as the write failed (`_update`): it may be written."""
+    if not isinstance(exc, DATABASE_ERRORS):
+        return exc
+    error = state_error(exc, config, "update the state", IN_DOUBT)
+    error.__cause__ = exc
+    return error
 
 
 def _ends(answered: Dropped, end: RunEnd | None) -> list[tuple[RunEnd, dict[str, Any], bool]]:
@@ -596,11 +615,12 @@ class ThreadGuardedGraph(ProtectedGraph):
                 yield chunk
 
     def _read(self, config: RunnableConfig, *, subgraphs: bool = False) -> Op:
-        """The step that reads the thread's state: `get_state` / `aget_state`."""
-        return Op(
-            partial(self.get_state, config, subgraphs=subgraphs),
-            partial(self.aget_state, config, subgraphs=subgraphs),
-        )
+        """The step that reads the thread's state as `get_state` (its database errors raw).
+
+        A run tells a storage failure by the driver's error (`graphs._storage`).
+        """
+        steps = partial(reported, config, subgraphs, partial(self._saved, config))
+        return Op(lambda: drive(steps()), lambda: adrive(steps()))
 
     def _state(self, config: RunnableConfig | None) -> Steps[StateSnapshot | None]:
         """The thread's state as a new run finds it (`_light`, `_as_started`); None: no thread."""
@@ -681,16 +701,31 @@ class ThreadGuardedGraph(ProtectedGraph):
 
         Refused while a subgraph of the thread waits for a human (`_updated`).
         """
-        self._check_updates(supersteps)  # keel's keys first: that refusal names them
-        return super().bulk_update_state(drive(self._updated(config, supersteps)), supersteps)
+        return drive(self._update(config, supersteps))
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), as `bulk_update_state`."""
+        return await adrive(self._update(config, supersteps))
+
+    def _update(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> Steps[RunnableConfig]:
+        """A state update; a database error raised as `keel.StorageError` (`_state_storage`).
+
+        One before the write (reading the thread) wrote nothing; one during it may have.
+        """
         self._check_updates(supersteps)  # keel's keys first: that refusal names them
-        updated = await adrive(self._updated(config, supersteps))
-        return await super().abulk_update_state(updated, supersteps)
+        updated = yield from read_kept(
+            self._updated(config, supersteps), config, "update the state", UNWRITTEN
+        )
+        written = yield Op(
+            partial(super().bulk_update_state, updated, supersteps),
+            partial(super().abulk_update_state, updated, supersteps),
+            on_error=partial(_write_failed, config),
+        )
+        return written  # type: ignore[no-any-return]
 
     def get_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
@@ -702,15 +737,23 @@ class ThreadGuardedGraph(ProtectedGraph):
         that waits for a human in a subgraph (a supervisor's agent) has the waiting agent's
         outcome (`keel.graphs._paused`).
         """
-        drive(self._read_by(config, context))
-        return drive(reported(config, subgraphs, partial(self._saved, config)))
+        return drive(self._got(config, subgraphs, context))
 
     async def aget_state(
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
     ) -> StateSnapshot:
         """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
-        await adrive(self._read_by(config, context))
-        return await adrive(reported(config, subgraphs, partial(self._saved, config)))
+        return await adrive(self._got(config, subgraphs, context))
+
+    def _got(self, config: RunnableConfig, subgraphs: bool, context: Any) -> Steps[StateSnapshot]:
+        """`get_state`'s steps; a database error raised as `keel.StorageError`."""
+        return read_kept(self._got_raw(config, subgraphs, context), config, "read the state", READ)
+
+    def _got_raw(
+        self, config: RunnableConfig, subgraphs: bool, context: Any
+    ) -> Steps[StateSnapshot]:
+        yield from self._read_by(config, context)
+        return (yield from reported(config, subgraphs, partial(self._saved, config)))
 
     def _saved(self, config: RunnableConfig, subgraphs: bool) -> Op:
         """LangGraph's read of the thread's state (the checkpoint as saved)."""
@@ -727,15 +770,17 @@ class ThreadGuardedGraph(ProtectedGraph):
         The owner is the one stamped on the thread's latest checkpoint (see `get_state`); the
         check runs when this is called, before any state is read.
         """
-        drive(self._read_by(config, context))
-        return super().get_state_history(config, **kwargs)
+        drive(read_kept(self._read_by(config, context), config, "read the state history", READ))
+        return history_kept(super().get_state_history(config, **kwargs), config)
 
     async def aget_state_history(
         self, config: RunnableConfig, *, context: Any = None, **kwargs: Any
     ) -> AsyncIterator[StateSnapshot]:
         """LangGraph's `aget_state_history`; with `context`, only for the thread's owner."""
-        await adrive(self._read_by(config, context))
-        async for state in super().aget_state_history(config, **kwargs):
+        await adrive(
+            read_kept(self._read_by(config, context), config, "read the state history", READ)
+        )
+        async for state in ahistory_kept(super().aget_state_history(config, **kwargs), config):
             yield state
 
     def _starting(
