@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from keel import Persistence, RunContext, StorageError, UserError, build_agent
@@ -111,9 +112,10 @@ class Thread:
 
 
 @contextlib.contextmanager
-def _thread(tmp_path: Path, kind: str, entry: str) -> Iterator[Thread]:
+def _thread(where: Path | str, kind: str, entry: str) -> Iterator[Thread]:
+    """`where`: a folder for an SQLite file, or a PostgreSQL URL."""
     loop = asyncio.new_event_loop()
-    persistence = Persistence(f"sqlite:///{tmp_path}/k.db")
+    persistence = Persistence(where if isinstance(where, str) else f"sqlite:///{where}/k.db")
     sync = not entry.startswith("a")
     with contextlib.ExitStack() as stack:
         stack.callback(loop.close)
@@ -132,13 +134,17 @@ def _thread(tmp_path: Path, kind: str, entry: str) -> Iterator[Thread]:
         yield thread
 
 
-def _assert_storage_error(raised: pytest.ExceptionInfo[StorageError], *phrases: str) -> None:
+def _assert_storage_error(
+    raised: pytest.ExceptionInfo[StorageError],
+    *phrases: str,
+    driver: type[Exception] = sqlite3.OperationalError,
+) -> None:
     text = str(raised.value)
     assert "'t1'" in text and "the checkpointer's database failed" in text, text
-    assert "OperationalError" in text and "\n" not in text, text
+    assert driver.__name__ in text and "\n" not in text, text
     for phrase in phrases:
         assert phrase in text, text
-    assert isinstance(raised.value.__cause__, sqlite3.OperationalError), raised.value.__cause__
+    assert isinstance(raised.value.__cause__, driver), raised.value.__cause__
 
 
 @pytest.mark.parametrize("kind", ["agent", "supervisor"])
@@ -183,6 +189,25 @@ def test_an_update_of_a_thread_that_cannot_be_read_wrote_nothing(
         with thread.unreadable(), pytest.raises(StorageError) as raised:
             thread.update(entry)
         _assert_storage_error(raised, "could not update the state", "Nothing was written")
+        assert thread.saved() == before
+
+
+@pytest.mark.parametrize("entry", ["get_state", "aget_state", "update_state", "aupdate_state"])
+def test_a_postgres_checkpointer_that_cannot_be_read_raises_storage_error(
+    fresh_postgres_url: str, entry: str
+) -> None:
+    """The same on PostgreSQL, its `checkpoints` table renamed away by an admin connection."""
+    with _thread(fresh_postgres_url, "agent", entry) as thread:
+        before = thread.saved()
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+            admin.execute("ALTER TABLE checkpoints RENAME TO checkpoints_away")
+            try:
+                with pytest.raises(StorageError) as raised:
+                    thread.update(entry) if "update" in entry else thread.read(entry)
+            finally:
+                admin.execute("ALTER TABLE checkpoints_away RENAME TO checkpoints")
+        then = "Nothing was written" if "update" in entry else "Nothing was changed"
+        _assert_storage_error(raised, then, driver=psycopg.errors.UndefinedTable)
         assert thread.saved() == before
 
 
