@@ -405,11 +405,25 @@ def _by_id(
     return [resume[i] for i in ids]
 
 
+def _keyed(
+    resume: Mapping[Any, Any], pending: Sequence[ReviewRequest], repeats: Collection[str]
+) -> list[Any]:
+    """The keys of a one-response answer that name a waiting call (or a repeat of one)."""
+    ids = {r["tool_call_id"] for r in pending}
+    return [k for k in resume if k in ids or k in repeats]
+
+
 def _normalize(
     resume: Any, pending: Sequence[ReviewRequest], repeats: Collection[str] = ()
 ) -> list[ReviewResponse]:
     if isinstance(resume, Mapping) and "type" not in resume:
         resume = _by_id(resume, pending, repeats)
+    elif isinstance(resume, Mapping) and (keyed := _keyed(resume, pending, repeats)):
+        raise UserError(
+            f"The answer {dict(resume)!r} is both one response (its 'type') and answers keyed "
+            f"by {', '.join(map(repr, keyed))}: keel would take the first and drop the rest. "
+            "Answer with one response, or with a dict keyed by the waiting calls' tool_call_id."
+        )
     elif isinstance(resume, Mapping | str):
         resume = [resume]
     if not isinstance(resume, Sequence) or len(resume) != len(pending):

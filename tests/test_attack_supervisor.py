@@ -33,6 +33,7 @@ calls made beside an asked one never run and are audited.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -778,6 +779,11 @@ async def test_a_dict_answer_keyed_by_calls_that_do_not_wait_is_refused(
                 assert "Unknown review response" not in said
                 state = await app.aget_state(cfg)
                 assert state.next == (("human_review",) if graph == "agent" else ("admin",))
+            mixed = {"type": "approve", waiting: {"type": "reject"}}  # one response, and keyed
+            with pytest.raises(
+                UserError, match=f"both one response .* keyed by {re.escape(repr(waiting))}"
+            ):
+                await run(Command(resume=mixed))
             assert ran == []
             after = [(r.kind, r.tool_call_id, r.decision) for r in AuditLog(ledger).query()]
             assert after == before  # nothing audited for a refused answer
@@ -791,3 +797,4 @@ async def test_a_dict_answer_keyed_by_calls_that_do_not_wait_is_refused(
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "so is a dict keyed by a call that does not wait" in readme
     assert "the ids of a waiting call's repeats may be keyed too" in readme
+    assert "also keyed by a waiting call's id is refused too" in readme
