@@ -482,9 +482,11 @@ class Ledger:
         self._local.handle, self._local.pid = handle, os.getpid()
         self._local.file, self._local.path = _file_id(path), path
         with self._lock:  # the connections of threads that ended go as a new one comes
-            ended = [h for h in self._sqlite_dbs if not h.owner.is_alive()]
-            self._sqlite_dbs = [h for h in self._sqlite_dbs if h.owner.is_alive()]
-            self._sqlite_dbs.append(handle)
+            ended: list[SqliteHandle] = []
+            kept = [handle]
+            for each in self._sqlite_dbs:  # one look each: a thread ending meanwhile is in one
+                (kept if each.owner.is_alive() else ended).append(each)
+            self._sqlite_dbs = kept
         for gone in ended:
             gone.retire()
         return handle
