@@ -72,9 +72,10 @@ __all__ = [
 
 log = sanitized_logger("keel.observe")
 decision_log = sanitized_logger("keel.decisions")
-UNWRITTEN_MAX = 1000
-"""How many audit records the ledger refused an `Observer` keeps in memory to write later."""
 """One JSON line per decision: `{"node", "choice", "reason", ...}`."""
+UNWRITTEN_MAX = 1000
+"""How many audit records, and how many run record writes, the ledger refused an `Observer`
+keeps in memory to write later (each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +223,9 @@ class Observer:
         """
         if isolated():
             return None
-        record = _record(self, state, config, context)
-        return _ending(record, task_base(state), first_end)
+        return _ending(
+            _RunWrite(_record(self, state, config, context), task_base(state), first_end)
+        )
 
     def who(self, config: RunnableConfig, context: RunContext) -> Who:
         """The identity of a node call from its config and context."""
@@ -474,12 +476,10 @@ class _RunWrite:
         return recorded_flow(self.record, self.base, first_end=self.first_end)
 
 
-def _ending(
-    record: RunRecord, base: Mapping[str, float] | None, first_end: bool
-) -> Flow[Callable[[], None]]:
-    """Store `record` (`recorded_flow`); report it once the caller committed."""
-    recorded = yield from recorded_flow(record, base, first_end=first_end)
-    return partial(_telemetry, recorded, record)
+def _ending(write: _RunWrite) -> Flow[Callable[[], None]]:
+    """`write`'s flow; its result reports the run once the caller committed."""
+    recorded = yield from write.flow()
+    return partial(_telemetry, recorded, write.record)
 
 
 def _telemetry(recorded: Recorded, written: RunRecord) -> None:
