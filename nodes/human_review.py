@@ -188,8 +188,9 @@ def human_review(
         if waiting is not NO_RESUME:
             # Check the answer before interrupt() consumes it: LangGraph stores a consumed
             # resume value even when the node then raises, so a bad answer would stick.
-            _check_scope(_normalize(waiting, pending, repeats), standing, reviewer, context)
-            _check_edits(_normalize(waiting, pending, repeats), pending, tools)
+            checked = _normalize(waiting, pending, repeats)
+            _check_scope(checked, standing, reviewer, context)
+            _check_edits(checked, pending, tools)
         answers = _normalize(interrupt(pending), pending, repeats)
         policy = held.policy_id(context)
         thread, _ = in_ledger(state, config)
