@@ -9,18 +9,16 @@ they are.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
 
-import psycopg
 from langchain_core.runnables import RunnableConfig
 
 from keel._drive import Steps
 from keel.errors import StorageError
+from keel.graphs._storage import DATABASE_ERRORS
 
 __all__ = [
-    "DATABASE_ERRORS",
     "IN_DOUBT",
     "READ",
     "UNWRITTEN",
@@ -31,9 +29,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
-"""What a checkpointer's database driver raises when the database fails."""
 
 READ = "Nothing was changed; read it again once the database is back."
 UNWRITTEN = "Nothing was written; send the update again once the database is back."

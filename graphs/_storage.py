@@ -46,6 +46,7 @@ from keel.redact import sanitized_logger
 from keel.state import Outcome
 
 __all__ = [
+    "DATABASE_ERRORS",
     "STORAGE_FAILURES",
     "Recorder",
     "RunEnd",
@@ -59,12 +60,9 @@ __all__ = [
 
 log = sanitized_logger("keel.graphs")
 
-STORAGE_FAILURES: tuple[type[BaseException], ...] = (
-    StorageError,
-    SetupError,
-    sqlite3.Error,
-    psycopg.Error,
-)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+"""What a checkpointer's database driver raises when the database fails."""
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (StorageError, SetupError, *DATABASE_ERRORS)
 """What a checkpointer raises when its database fails: keel's own errors and the drivers'."""
 
 

@@ -82,7 +82,6 @@ from keel.graphs._pending import (
 )
 from keel.graphs._protected import ProtectedGraph
 from keel.graphs._state_storage import (
-    DATABASE_ERRORS,
     IN_DOUBT,
     READ,
     UNWRITTEN,
@@ -91,7 +90,14 @@ from keel.graphs._state_storage import (
     read_kept,
     state_error,
 )
-from keel.graphs._storage import Recorder, RunEnd, StreamEnding, log, storage_failure
+from keel.graphs._storage import (
+    DATABASE_ERRORS,
+    Recorder,
+    RunEnd,
+    StreamEnding,
+    log,
+    storage_failure,
+)
 from keel.guards.admission import Admission, Lease, overloaded
 from keel.guards.content import OutputGuardPolicy
 from keel.history import pending_tool_calls
