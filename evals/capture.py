@@ -23,7 +23,7 @@ from keel.evals._sync import sync
 from keel.evals.cassette import Cassette
 from keel.evals.runner import trajectory_of
 from keel.evals.stored import StoredThread, aload_thread
-from keel.evals.suite import load_suite
+from keel.evals.suite import load_suite, outcome_part
 from keel.state import starts_task
 
 __all__ = ["acapture", "capture", "case_of"]
@@ -107,8 +107,10 @@ def _expected(expect: str | None) -> dict[str, str]:
         raise UserError(
             f"--expect must be 'status/terminated_reason' (e.g. success/completed), got {expect!r}."
         )
-    out = {"status": status} if status else {}
-    return out | ({"terminated_reason": reason} if reason else {})
+    out = {"status": status} if outcome_part(status or None, "status", "--expect") else {}
+    if outcome_part(reason or None, "terminated_reason", "--expect"):
+        out["terminated_reason"] = reason
+    return out
 
 
 def render_case(

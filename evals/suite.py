@@ -37,7 +37,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from langchain_core.language_models import BaseChatModel
@@ -47,7 +47,7 @@ from keel.errors import UserError
 from keel.evals.chaos import ChaosChatModel, ChaosPolicy
 from keel.evals.scripted import ScriptedChatModel
 from keel.models import resolve_model
-from keel.state import RunContext
+from keel.state import OutcomeStatus, RunContext, TerminatedReason
 
 __all__ = [
     "ArgsMatch",
@@ -117,7 +117,7 @@ class Expect:
     """What a case's run must end with."""
 
     status: str | None = None
-    """The outcome's `status` (`success`, `stopped`, `error`)."""
+    """The outcome's `status` (`success`, `stopped`, `error`, `interrupted`)."""
     terminated_reason: str | None = None
     """The outcome's `terminated_reason` (`completed`, `denied`, `budget_exceeded`, ...)."""
     trajectory: TrajectoryMatch | None = None
@@ -269,6 +269,24 @@ def _mapping(value: Any, where: str, allowed: Sequence[str]) -> Mapping[str, Any
     if unknown:
         raise UserError(f"{where}: unknown field(s) {unknown}; expected some of {list(allowed)}.")
     return value
+
+
+_OUTCOME_PARTS: dict[str, tuple[str, ...]] = {
+    "status": get_args(OutcomeStatus),
+    "terminated_reason": get_args(TerminatedReason),
+}
+
+
+def outcome_part(value: Any, part: str, where: str) -> str | None:
+    """An expected outcome's `status` or `terminated_reason`, one keel can end a run with.
+
+    A misspelt one (`sucess`) would fail its case on every run, looking like the agent's fault.
+    """
+    text = _opt_str(value, f"{where}: {part}")
+    known = _OUTCOME_PARTS[part]
+    if text is not None and text not in known:
+        raise UserError(f"{where}: {part} must be one of {list(known)}, got {text!r}.")
+    return text
 
 
 def _opt_str(value: Any, where: str) -> str | None:
@@ -426,8 +444,8 @@ def _expect(raw: Any, where: str) -> Expect:
     data = _mapping(raw, where, (*fields, "no_pii", "valid_history"))
     trajectory = data.get("trajectory")
     return Expect(
-        status=_opt_str(data.get("status"), f"{where}: status"),
-        terminated_reason=_opt_str(data.get("terminated_reason"), f"{where}: terminated_reason"),
+        status=outcome_part(data.get("status"), "status", where),
+        terminated_reason=outcome_part(data.get("terminated_reason"), "terminated_reason", where),
         trajectory=None if trajectory is None else _trajectory(trajectory, f"{where}: trajectory"),
         tools_succeed=_flag(data.get("tools_succeed"), f"{where}: tools_succeed"),
         forbidden_tools=_strings(data.get("forbidden_tools"), f"{where}: forbidden_tools"),

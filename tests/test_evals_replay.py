@@ -337,8 +337,10 @@ def test_capture_turns_a_failed_thread_into_a_case_keel_eval_runs(
         "lookup_order", "search_policy", "issue_refund",
     ]  # fmt: skip
     assert (fixed.expect.status, fixed.expect.terminated_reason) == ("success", "completed")
-    # the same id twice is refused, and the file is left as it was
+    # the same id twice is refused, and the file is left as it was; so is a misspelt outcome
     assert keel_main([*base, "--id", "observed"]) == 2
+    assert keel_main([*base, "--expect", "success/complete", "--id", "typo"]) == 2
+    assert "--expect: terminated_reason must be one of ['completed'," in capsys.readouterr().err
     assert suite.read_text() == text
     # keel eval runs the captured cases offline: the observed one passes, the fixed one fails
     assert keel_main(["eval", str(suite), "--out", str(tmp_path / "out")]) == 1

@@ -147,6 +147,16 @@ def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_pat
             "tools_succeed must be true or false, got 'false'",
         ),
         ("name: [a]\ncases: [{id: a, input: x}]", "name must be a string"),
+        # a misspelt outcome would fail its case on every run, as if the agent were wrong
+        (
+            "cases: [{id: a, input: x, expect: {status: sucess}}]",
+            "expect: status must be one of ['success', 'stopped', 'error', 'interrupted'], "
+            "got 'sucess'",
+        ),
+        (
+            "cases: [{id: a, input: x, expect: {terminated_reason: budget_exeeded}}]",
+            "expect: terminated_reason must be one of ['completed', 'budget_exceeded',",
+        ),
         ("- just a list", "must be a mapping, got list"),
     ],
 )
