@@ -53,6 +53,7 @@ from keel.db.tables import THREAD_LEASES, storable
 from keel.errors import UserError
 from keel.guards.admission import _LoopRenewer, _renew_rows, _Renewer
 from keel.redact import sanitized_logger
+from keel.state import storable_ids
 
 __all__ = ["OneRunPerThread", "ThreadLeases"]
 
@@ -85,6 +86,7 @@ class OneRunPerThread:
     """Where a run takes its thread's lease across processes (the agent's ledger), if any."""
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        storable_ids(config)  # before the lease writes the thread's id
         key = _key(self.checkpointer, config)
         if key is None:
             return super().stream(input, config, **kwargs)  # type: ignore[misc]
@@ -99,6 +101,7 @@ class OneRunPerThread:
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
+        storable_ids(config)
         key = _key(self.checkpointer, config)
         async with contextlib.AsyncExitStack() as stack:
             if key is not None:

@@ -57,7 +57,7 @@ from keel.graphs._storage import (
 )
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import mark_sent
-from keel.state import VERIFICATION_KEY
+from keel.state import VERIFICATION_KEY, storable_ids
 
 __all__ = ["ProtectedGraph", "messages_of", "protected"]
 
@@ -140,6 +140,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         """LangGraph's `stream`, after refusing protected keys and resumes nothing waits for."""
+        storable_ids(config)  # whatever the checkpointer, before anything is read or written
         if self._check_input(input) and config is not None:
             self._check_waiting(self._read(config).run().interrupts, config)
         return self._stream_checked(input, config, kwargs)
@@ -161,6 +162,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
+        storable_ids(config)
         if self._check_input(input) and config is not None:
             self._check_waiting((await self._read(config).arun()).interrupts, config)
         async with contextlib.aclosing(self._astream_checked(input, config, kwargs)) as chunks:

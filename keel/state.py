@@ -31,9 +31,11 @@ __all__ = [
     "VERIFICATION_KEY",
     "Verdict",
     "add_usage",
+    "check_storable",
     "merge_approvals",
     "run_usage",
     "starts_task",
+    "storable_ids",
     "task_base",
     "task_start",
     "task_clock",
@@ -299,7 +301,7 @@ class RunContext:
                     f"RunContext.{name} must be a non-empty string, got {value!r}. "
                     f"Pass it explicitly, e.g. RunContext({name}='acme')."
                 )
-            _storable(f"RunContext.{name}", value)
+            check_storable(f"RunContext.{name}", value)
         roles: object = self.roles
         if isinstance(roles, str) or not all(isinstance(r, str) for r in self.roles):
             raise UserError(
@@ -307,12 +309,39 @@ class RunContext:
                 "For example: RunContext(roles=('support',))."
             )
         for role in self.roles:
-            _storable("RunContext.roles", role)
+            check_storable("RunContext.roles", role)
         object.__setattr__(self, "roles", tuple(self.roles))
 
 
-def _storable(what: str, value: str) -> None:
-    """Refuse an id the ledger and the checkpointer cannot store (NUL, a lone surrogate)."""
+_IDS = ("thread_id", "checkpoint_ns", "checkpoint_id")
+"""The ids of a run's config that name what it reads and writes."""
+
+
+def storable_ids(config: Mapping[str, Any] | None) -> None:
+    r"""Refuse a config whose thread or checkpoint id no database stores (`check_storable`).
+
+    Else a run on thread `"t\ud800"` ended `error/storage` ("once the checkpointer is fixed"),
+    `get_state` raised a bare `UnicodeEncodeError`, and on PostgreSQL a run on `"t\x00"` left a
+    run record that failed every later run record write of its agent.
+
+    Raises:
+        UserError: an id holds a NUL character or a lone surrogate.
+    """
+    configurable = (config or {}).get("configurable") or {}
+    for name in _IDS:
+        value = configurable.get(name)
+        if isinstance(value, str):
+            check_storable(name, value)
+
+
+def check_storable(what: str, value: str) -> None:
+    """Refuse an id the ledger and the checkpointer cannot store (NUL, a lone surrogate).
+
+    Neither UTF-8 (a lone surrogate) nor PostgreSQL's text (NUL) holds them.
+
+    Raises:
+        UserError: `value` holds one, named as `what`.
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -1,18 +1,24 @@
-"""Attacks with careless ids: a NUL or a lone surrogate in who a run is for.
+"""Attacks with careless ids: a NUL or a lone surrogate in who a run is for, or in its thread.
 
 Neither PostgreSQL (NUL in text) nor UTF-8 (a lone surrogate) can store them, so a run for such
-a user crashed in admission control's ledger write with a bare `UnicodeEncodeError`. They are
-refused up front, with a `UserError` naming the field, before anything is written.
+a user crashed in admission control's ledger write with a bare `UnicodeEncodeError`, and a run
+on such a thread ended `error/storage` ("once the checkpointer is fixed"), its run record kept
+for a write that could never succeed. They are refused up front, with a `UserError` naming the
+field, before anything is written.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from keel import Ledger, RunContext, UserError, build_agent
-from keel.evals import ScriptedChatModel
+from langgraph.checkpoint.memory import InMemorySaver
+
+from keel import Ledger, Persistence, RunContext, UserError, build_agent
+from keel.db.runs import RunLog
+from keel.evals import ScriptedChatModel, replay
 from keel.guards import Admission, AdmissionPolicy, Policy
 
 
@@ -45,4 +51,69 @@ def test_a_run_for_an_unstorable_user_under_admission_is_refused_cleanly(
     assert Admission(ledger, caps).held("a") == {"running": 0, "queued": 0}
     ok = agent.invoke({"messages": [("user", "hi")]}, context=RunContext(user_id="é😀"))
     assert ok["outcome"]["terminated_reason"] == "completed"
+    ledger.close()
+
+
+@pytest.mark.parametrize("thread", ["t\ud800", "t\x00"])
+def test_a_thread_id_no_database_stores_is_a_user_error_at_every_entry_point(
+    db_url: str, thread: str
+) -> None:
+    ledger = Ledger(db_url)
+    message = "thread_id must be text that can be stored"
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(ScriptedChatModel(script=["hi"] * 3), ledger=ledger, checkpointer=saver)
+        config: Any = {"configurable": {"thread_id": thread}}
+        calls = {
+            "invoke": lambda: agent.invoke({"messages": [("user", "hi")]}, config),
+            "stream": lambda: list(agent.stream({"messages": [("user", "hi")]}, config)),
+            "get_state": lambda: agent.get_state(config),
+            "get_state_history": lambda: list(agent.get_state_history(config)),
+            "update_state": lambda: agent.update_state(config, {"messages": [("user", "x")]}),
+        }
+        for name, call in calls.items():
+            with pytest.raises(UserError, match=message):
+                call()
+            assert ledger.deferred == 0, name
+        # nothing was written, and nothing was kept to be written later
+        assert RunLog(ledger).query() == []
+        ok = agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "t"}})
+        assert ok["outcome"]["terminated_reason"] == "completed"
+        assert [r.thread_id for r in RunLog(ledger).query()] == ["t"]
+    ledger.close()
+
+
+def test_a_thread_id_no_database_stores_is_a_user_error_under_ainvoke_and_replay(
+    tmp_path: Any,
+) -> None:
+    url = f"sqlite:///{tmp_path}/keel.db"
+    config: Any = {"configurable": {"thread_id": "t\ud800"}}
+
+    async def main() -> None:
+        async with Persistence(url).acheckpointer() as saver:
+            agent = build_agent(ScriptedChatModel(script=["hi"]), checkpointer=saver)
+            with pytest.raises(UserError, match="thread_id must be text that can be stored"):
+                await agent.ainvoke({"messages": [("user", "hi")]}, config)
+            with pytest.raises(UserError, match="thread_id must be text that can be stored"):
+                await agent.aget_state(config)
+
+    asyncio.run(main())
+    with pytest.raises(UserError, match="thread_id must be text that can be stored"):
+        replay("t\ud800", "keel.evals.builtin:demo_agent", db=url)
+
+
+@pytest.mark.parametrize("thread", ["t\ud800", "t\x00"])
+def test_a_thread_id_no_database_stores_never_poisons_the_run_records_whatever_the_saver(
+    db_url: str, thread: str
+) -> None:
+    # LangGraph's in-memory saver stores any id; keel's ledger cannot (PostgreSQL: NUL). The
+    # run's record was kept to be written with the next one, and failed each later write.
+    ledger = Ledger(db_url)
+    agent = build_agent(
+        ScriptedChatModel(script=["hi"] * 2), ledger=ledger, checkpointer=InMemorySaver()
+    )
+    with pytest.raises(UserError, match="thread_id must be text that can be stored"):
+        agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": thread}})
+    for later in ("t2", "t3"):
+        agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": later}})
+    assert sorted(r.thread_id for r in RunLog(ledger).query()) == ["t2", "t3"]
     ledger.close()

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ from keel.errors import (
     UnserializableState,
     UserError,
 )
+from keel.state import storable_ids
 
 __all__ = [
     "CheckpointPolicy",
@@ -288,11 +289,37 @@ class _Strict:
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
+        storable_ids(config)
         return self._keel_loaded(super().get_tuple(config))  # type: ignore[misc]
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Load a checkpoint (noted as saved)."""
+        storable_ids(config)
         return self._keel_loaded(await super().aget_tuple(config))  # type: ignore[misc]
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """The thread's checkpoints, newest first, once its ids can be stored (`storable_ids`)."""
+        storable_ids(config)
+        return super().list(config, filter=filter, before=before, limit=limit)  # type: ignore[misc,no-any-return]
+
+    def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """`list` under `ainvoke`."""
+        storable_ids(config)
+        return super().alist(config, filter=filter, before=before, limit=limit)  # type: ignore[misc,no-any-return]
 
     def _keel_loaded(self, found: CheckpointTuple | None) -> CheckpointTuple | None:
         """`found` (a loaded checkpoint, or None), noted as saved."""
