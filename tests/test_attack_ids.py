@@ -13,7 +13,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from langgraph.checkpoint.memory import InMemorySaver
 
 from keel import Ledger, Persistence, RunContext, UserError, build_agent

@@ -486,3 +486,90 @@ def test_a_supervisor_paused_for_approval_says_so_in_its_state(tmp_path: Path, e
 
 def _show(records: list[RunRecord]) -> list[tuple[Any, ...]]:
     return [(r.run_id, r.run_key, r.status, r.terminated_reason, r.detail[:80]) for r in records]
+
+
+def _refuse_thread(url: str, table: str, thread: str) -> None:
+    """Make the ledger's database refuse rows of `table` for `thread` (a trigger), up as ever.
+
+    A value the database refuses for good (SQLite: a constraint, `IntegrityError`; PostgreSQL:
+    a data exception, `DataError`), unlike a database that is down.
+    """
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            db.execute(
+                f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+                f"WHEN NEW.thread_id = '{thread}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            db.commit()
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            f"CREATE FUNCTION refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.thread_id = '{thread}' THEN RAISE EXCEPTION 'refused' USING "
+            "ERRCODE = '22023'; END IF; RETURN NEW; END $$"
+        )
+        db.execute(
+            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION refuse_{table}()"
+        )
+
+
+def test_a_run_record_the_ledger_refuses_for_good_does_not_hold_back_later_ones(
+    db_url: str,
+) -> None:
+    # kept to be written with the next record, it failed that one too, and every one after
+    ledger = Ledger(db_url)
+    ledger.setup()
+    _refuse_thread(db_url, "keel_runs", "refused")
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(ScriptedChatModel(script=["hi"] * 3), ledger=ledger, checkpointer=saver)
+        for thread in ("refused", "t2", "t3"):
+            config: Any = {"configurable": {"thread_id": thread}}
+            done = agent.invoke({"messages": [("user", "hi")]}, config)
+            assert done["outcome"]["terminated_reason"] == "completed"
+    assert sorted(r.thread_id for r in RunLog(ledger).query()) == ["t2", "t3"]
+    ledger.close()
+
+
+def test_an_audit_record_the_ledger_refuses_for_good_does_not_hold_back_kept_ones(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    ledger.setup()
+    _refuse_thread(url, "keel_audit", "refused")
+
+    def echo(x: int) -> str:
+        """Echo x."""
+        return f"echo {x}"
+
+    def rename(old: str, new: str) -> None:  # the audit table gone and back: an outage
+        with contextlib.closing(sqlite3.connect(tmp_path / "keel.db")) as db:
+            db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+            db.commit()
+
+    script = [call("echo", x=1), "done"] * 3
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(
+            ScriptedChatModel(script=script), [echo], ledger=ledger, checkpointer=saver
+        )
+
+        def run(thread: str) -> None:
+            config: Any = {"configurable": {"thread_id": thread}}
+            done = agent.invoke({"messages": [("user", "hi")]}, config)
+            assert done["outcome"]["terminated_reason"] == "completed"
+
+        run("refused")  # its tool call's audit record is refused for good
+        rename("keel_audit", "keel_audit_away")
+        run("t2")  # its audit record is kept: the table is gone
+        rename("keel_audit_away", "keel_audit")
+        run("t3")  # the kept record is written now, the refused one is not kept
+    threads = {r.thread_id for r in AuditLog(ledger).query()}
+    assert {"t2", "t3"} <= threads and "refused" not in threads
+    ledger.close()

@@ -50,12 +50,36 @@ from keel.db.sqlite_handle import SqliteHandle
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
 
-__all__ = ["Flow", "Ledger", "read_ahead", "returning", "together"]
+__all__ = ["Flow", "Ledger", "read_ahead", "refused_for_good", "returning", "together"]
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 Flow = Generator[tuple[str, tuple[Any, ...]], list[Row], T]
 """A transaction written once: yields `(sql, params)`, receives the rows, returns a result."""
+
+
+_REFUSED_VALUES = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+    UnicodeError,
+)
+"""What a database driver raises for a value or constraint it refuses, not for being down."""
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether the ledger refused what a flow writes (its values), not the write itself.
+
+    The same write fails whenever it is sent again: kept to be sent with later writes, it would
+    fail them too. A ledger that is down, locked or cut off raises something else.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _REFUSED_VALUES):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def together(*statements: tuple[str, tuple[Any, ...]]) -> Flow[list[list[Row]]]:

@@ -37,7 +37,7 @@ from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
-from keel.db.ledger import Flow, Ledger
+from keel.db.ledger import Flow, Ledger, refused_for_good
 from keel.db.runs import Recorded, RunLog, RunRecord, recorded_flow, run_record
 from keel.errors import StorageError
 from keel.guards.gate import Gate
@@ -186,12 +186,8 @@ class Observer:
         if isolated():
             return
         late = self._audits.take()
-        try:
-            if late:  # refused before: the ledger may be back
-                yield both(self.audit.write, self.audit.awrite, late)
-        except Exception as exc:
-            self._audits.keep(late)
-            log.error("keel could not write %d audit records (kept for later): %r", len(late), exc)
+        if late:  # refused before: the ledger may be back
+            yield from self._late_audits(late)
         try:
             record = _record(self, state, config, context)
         except Exception as exc:
@@ -202,10 +198,41 @@ class Observer:
             try:
                 recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
             except Exception as exc:
+                if refused_for_good(exc):  # kept, it would fail every later write with it
+                    self._runs.drop(1, exc)
+                    continue
                 self._runs.keep(writes[at:])
                 log.error("keel could not write the run record: %r (kept for later)", exc)
                 return
             _telemetry(recorded, write.record)
+
+    def _late_audits(self, late: list[AuditRecord]) -> Steps[None]:
+        """Write audit records the ledger refused before; one it refuses for good is dropped.
+
+        They go in one transaction; when the ledger refuses a value of one of them
+        (`refused_for_good`), each goes alone, so that one does not hold back the others.
+        """
+        try:
+            yield both(self.audit.write, self.audit.awrite, late)
+            return
+        except Exception as exc:
+            if not refused_for_good(exc) or len(late) == 1:
+                self._refused_audits(late, exc)
+                return
+        for record in late:
+            try:
+                yield both(self.audit.write, self.audit.awrite, [record])
+            except Exception as exc:
+                self._refused_audits([record], exc)
+
+    def _refused_audits(self, records: list[AuditRecord], exc: Exception) -> None:
+        if refused_for_good(exc):
+            self._audits.drop(len(records), exc)
+        else:
+            self._audits.keep(records)
+            log.error(
+                "keel could not write %d audit records (kept for later): %r", len(records), exc
+            )
 
     def ending_flow(
         self,
@@ -456,6 +483,12 @@ class _Kept(Generic[_T]):
                 self.dropped,
                 UNWRITTEN_MAX,
             )
+
+    def drop(self, count: int, exc: Exception) -> None:
+        """Count and log `count` items the ledger refused for good (`refused_for_good`)."""
+        with self._lock:
+            self.dropped += count
+        log.error("keel dropped %d %s the ledger refuses for good: %r", count, self.what, exc)
 
     def take(self) -> list[_T]:
         """All that is kept (taken: `keep` what fails to be written again)."""
