@@ -270,7 +270,7 @@ def build_agent(
         store=store,
         name=name,
     )
-    _validate_models(fallback_models, downgrade_model, policy)
+    _validate_models(model, fallback_models, downgrade_model, policy)
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     # every model call (agent, planner, judge) is reserved, limited, counted and falls back;
     # building the guards also checks the types of `policy`, `ledger`, `gate`, `prices` ...
@@ -504,8 +504,13 @@ class _Wiring:
 
 
 def _validate_models(
-    fallback_models: object, downgrade_model: object, policy: Policy | None
+    model: object, fallback_models: object, downgrade_model: object, policy: Policy | None
 ) -> None:
+    if not isinstance(model, str | BaseChatModel):
+        raise UserError(
+            "build_agent(model=...) must be a chat model or a 'provider:name' string (e.g. "
+            f"'openai:gpt-4o-mini'), got {model!r}."
+        )
     if isinstance(fallback_models, str | BaseChatModel) or not all(
         isinstance(m, str | BaseChatModel)
         for m in (fallback_models if isinstance(fallback_models, Sequence) else [None])

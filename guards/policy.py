@@ -37,7 +37,7 @@ Example (TOML):
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -213,7 +213,7 @@ class Policy:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"Policy.{name} must be a non-empty string, got {value!r}.")
-        rules = tuple(self.rules)
+        rules = _items(self.rules, "rules", "Rule(action=..., tool=...)")
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 raise UserError(
@@ -221,7 +221,7 @@ class Policy:
                     f"resource=...), got {rule!r}."
                 )
         object.__setattr__(self, "rules", rules)
-        periods = tuple(self.period_budgets)
+        periods = _items(self.period_budgets, "period_budgets", "PeriodBudget(usd=...)")
         for i, budget in enumerate(periods):
             if not isinstance(budget, PeriodBudget):
                 raise UserError(
@@ -229,7 +229,7 @@ class Policy:
                     f"usd=...), got {budget!r}."
                 )
         object.__setattr__(self, "period_budgets", periods)
-        limits = tuple(self.rate_limits)
+        limits = _items(self.rate_limits, "rate_limits", "RateLimit(rpm=...)")
         for i, limit in enumerate(limits):
             if not isinstance(limit, RateLimit):
                 raise UserError(
@@ -341,6 +341,18 @@ class Policy:
             return cls.from_dict(data)
         except UserError as exc:
             raise UserError(f"Policy file {str(p)!r}: {exc}") from exc
+
+
+def _items(value: Any, name: str, example: str) -> tuple[Any, ...]:
+    """`Policy.<name>` as a tuple; one item given alone (or a string, a mapping) is refused.
+
+    `tuple(Rule(...))` raised a bare `TypeError`, and `tuple("...")` would split a string.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise UserError(
+            f"Policy.{name} must be a list or tuple, got {value!r}: write {name}=({example},)."
+        )
+    return tuple(value)
 
 
 def _build_list(kind: type[Any], raw: Any, where: str) -> tuple[Any, ...]:

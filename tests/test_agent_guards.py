@@ -105,6 +105,13 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.parametrize("model", [None, 3, ["openai:gpt-4o-mini"]])
+def test_a_model_that_is_none_or_not_a_model_is_a_user_error(model: Any) -> None:
+    # None reached `model._llm_type` (a bare AttributeError) while naming the agent's version
+    with pytest.raises(UserError, match=r"^build_agent\(model=\.\.\.\) must be a chat model"):
+        build_agent(model, [peek])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
 def test_a_careless_argument_is_a_user_error_that_names_it(
     kwargs: dict[str, Any], message: str

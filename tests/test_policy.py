@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,6 +192,17 @@ def test_policy_name_and_rules_are_checked() -> None:
         "Policy.rules[0] must be a Rule(action=..., role=..., tool=..., resource=...), "
         "got {'action': 'allow'}."
     )
+
+
+@pytest.mark.parametrize("field", ["rules", "rate_limits", "period_budgets"])
+@pytest.mark.parametrize("value", [Rule(action="allow", tool="x"), "allow *", {"tool": "x"}, 3])
+def test_policy_lists_given_one_item_or_text_say_how_to_write_them(field: str, value: Any) -> None:
+    # one Rule alone raised a bare TypeError ("'Rule' object is not iterable")
+    with pytest.raises(
+        UserError, match=rf"^Policy\.{field} must be a list or tuple, got .*: write"
+    ):
+        Policy(**{field: value})
+    assert Policy(**{field: []}) == Policy()  # a list is taken, as a tuple
 
 
 # -- from_dict ------------------------------------------------------------------------------
