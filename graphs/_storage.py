@@ -285,6 +285,39 @@ class StreamEnding:
             ),
         }
 
+    def at_breakpoint(self) -> dict[str, Any] | None:
+        """The state of a run that stopped at a breakpoint its caller set, with its outcome.
+
+        `interrupt_before` / `interrupt_after` stop a run between nodes with no interrupt and
+        nothing written but the checkpoint: its result had `outcome` None and no run record.
+        None: no breakpoint was set, or the run ended (keel's graphs end every run with an
+        outcome) or waits for a human (`__interrupt__`).
+        """
+        set_at = {
+            key: list(nodes) if isinstance(nodes, list | tuple) else nodes
+            for key in ("interrupt_before", "interrupt_after")
+            if (nodes := self.kwargs.get(key))
+        }
+        latest = self.latest
+        if not set_at or not latest or latest.get("outcome") is not None:
+            return None
+        if "__interrupt__" in latest:
+            return None
+        where = ", ".join(f"{key}={nodes!r}" for key, nodes in set_at.items())
+        return {
+            **latest,
+            "outcome": outcome.at_breakpoint(
+                f"paused at a breakpoint the caller set ({where}); continue the run with "
+                "invoke(None, config), or send a new message"
+            ),
+        }
+
+    def _paused_chunk(self, state: dict[str, Any]) -> Any:
+        """The `values` chunk that ends a run paused at a breakpoint (`_KEEL_ONLY` if unasked)."""
+        if "values" not in self.shape.modes:
+            return _KEEL_ONLY
+        return self.shape.make((), "values", state, {"interrupts": ()})
+
     def last_chunk(self, exc: BaseException, state: dict[str, Any]) -> Any:
         """The `values` chunk that ends the stream, or raise `StorageError` without one."""
         if "values" not in self.shape.modes:
@@ -299,6 +332,11 @@ class StreamEnding:
                     yield sent
             if self.end is not None and (ended := self.finished()) is not None:
                 self.end.recording(ended).run()
+            if (paused := self.at_breakpoint()) is not None:
+                if self.end is not None:
+                    self.end.recording(paused).run()
+                if (sent := self._paused_chunk(paused)) is not _KEEL_ONLY:
+                    yield sent
         except Exception as exc:
             if not storage_failure(exc):
                 raise
@@ -318,6 +356,11 @@ class StreamEnding:
                     yield sent
             if self.end is not None and (ended := self.finished()) is not None:
                 await self.end.recording(ended).arun()
+            if (paused := self.at_breakpoint()) is not None:
+                if self.end is not None:
+                    await self.end.recording(paused).arun()
+                if (sent := self._paused_chunk(paused)) is not _KEEL_ONLY:
+                    yield sent
         except Exception as exc:
             if not storage_failure(exc):
                 raise

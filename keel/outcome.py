@@ -10,6 +10,7 @@ from keel.state import Outcome, TerminatedReason
 
 __all__ = [
     "MAX_DETAIL",
+    "at_breakpoint",
     "cancelled",
     "completed",
     "failed",
@@ -50,6 +51,11 @@ def interrupted(detail: str) -> Outcome:
         "terminated_reason": "awaiting_approval",
         "detail": _clipped(detail),
     }
+
+
+def at_breakpoint(detail: str) -> Outcome:
+    """The run is paused at a breakpoint its caller set; `invoke(None, config)` continues it."""
+    return {"status": "interrupted", "terminated_reason": "breakpoint", "detail": _clipped(detail)}
 
 
 def step_limit() -> Outcome:

@@ -52,15 +52,17 @@ TerminatedReason = Literal[
     "error",
     "verification_failed",
     "awaiting_approval",
+    "breakpoint",
     "blocked",
     "overloaded",
     "storage",
     "cancelled",
 ]
-"""Why a run ended (or, for `awaiting_approval`, why it is paused); `denied`: never produced
-by keel's own graphs, since a call the permission gate denies does not end the run (it is
-answered with a `denied` tool message and the model goes on); it is there for a graph of yours
-that ends a run on a refusal (`keel.outcome.stopped("denied", ...)`); `blocked`: a content
+"""Why a run ended (or, for `awaiting_approval` and `breakpoint`, why it is paused: for a human, or
+at a breakpoint its caller set with `interrupt_before` / `interrupt_after`); `denied`: never
+produced by keel's own graphs, since a call the permission gate denies does not end the run (it
+is answered with a `denied` tool message and the model goes on); it is there for a graph of
+yours that ends a run on a refusal (`keel.outcome.stopped("denied", ...)`); `blocked`: a content
 guard refused the user's input or withheld the answer; `overloaded`: admission control
 (`keel.guards.admission`) refused to start it (the detail says when to retry); `storage`: the
 checkpointer's database failed, so the run's last steps may not be saved; `cancelled`: the
