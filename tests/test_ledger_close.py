@@ -13,7 +13,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
+
+from keel import Ledger, StorageError
 
 _PRELUDE = """
 import asyncio, sqlite3, sys, threading, time
@@ -116,3 +120,38 @@ def test_a_failed_thread_connection_and_repeated_closes_reopen_cleanly(tmp_path:
         """,
     )
     assert out.split("\n")[:2] == ["storage error: True", "['after closes', 'again']"]
+
+
+def test_runs_on_threads_while_the_ledger_is_closed_again_and_again_fail_only_as_storage(
+    tmp_path: Path,
+) -> None:
+    # `close()` puts a fresh thread-local in place while a thread reads its own: read twice, it
+    # raised a bare AttributeError ('_thread._local' object has no attribute 'file'), 15-21
+    # times in this loop before the fix
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    ledger.setup()
+
+    def one() -> Any:
+        rows = yield ("SELECT 1", ())
+        return rows
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(3000):
+            try:
+                ledger.run(one())
+            except StorageError:
+                pass  # a closed ledger may refuse to run: that is its contract to choose
+            except Exception as exc:
+                errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    while any(worker.is_alive() for worker in workers):
+        ledger.close()
+    for worker in workers:
+        worker.join()
+    ledger.close()
+    assert errors == []

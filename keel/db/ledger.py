@@ -477,9 +477,10 @@ class Ledger:
         (or an `asyncio.run`, whose worker threads end with it) would otherwise keep a
         connection per request open until `close()`.
         """
-        handle: SqliteHandle | None = getattr(self._local, "handle", None)
-        if handle is not None and self._local.pid == os.getpid() and handle.acquire():
-            if _file_id(self._local.path) == self._local.file:
+        mine = self._local  # once: `close()` may put a fresh one in its place meanwhile
+        handle: SqliteHandle | None = getattr(mine, "handle", None)
+        if handle is not None and mine.pid == os.getpid() and handle.acquire():
+            if _file_id(mine.path) == mine.file:
                 return handle
             handle.release()  # its file was removed or replaced: its writes would be lost
             self._forget_sqlite()
@@ -503,8 +504,9 @@ class Ledger:
             ) from exc
         handle = SqliteHandle(db)
         handle.acquire()
-        self._local.handle, self._local.pid = handle, os.getpid()
-        self._local.file, self._local.path = _file_id(path), path
+        mine = self._local
+        mine.pid, mine.file, mine.path = os.getpid(), _file_id(path), path
+        mine.handle = handle  # last: a handle found here has the rest beside it
         with self._lock:  # the connections of threads that ended go as a new one comes
             ended: list[SqliteHandle] = []
             kept = [handle]
@@ -517,8 +519,9 @@ class Ledger:
 
     def _forget_sqlite(self) -> None:
         """Close this thread's connection after a failure; the next transaction reopens."""
-        handle: SqliteHandle | None = getattr(self._local, "handle", None)
-        self._local.handle = None
+        mine = self._local
+        handle: SqliteHandle | None = getattr(mine, "handle", None)
+        mine.handle = None
         if handle is not None:
             with self._lock:
                 if handle in self._sqlite_dbs:  # else `close()` took it (and retired it)
