@@ -46,7 +46,6 @@ from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
 from keel.history import in_call_order, pending_tool_calls
-from keel.nodes._args import invalid_args
 from keel.nodes._once import (
     STORAGE_KEY,
     Unknown,
@@ -61,6 +60,7 @@ from keel.nodes._once import (
 from keel.nodes._threads import start_daemon
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, Usage, run_usage
+from keel.tools._args import invalid_args
 from keel.tools._duplicates import duplicate_answer, duplicates
 from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer

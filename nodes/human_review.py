@@ -67,10 +67,10 @@ from keel.guards.screening import GUARD_KEY, GuardNote, ascreen_human_text, scre
 from keel.guards.standing import Always, StandingStore, standing_approval
 from keel.history import in_call_order, pending_tool_calls
 from keel.identity import reviewer_of, server_user
-from keel.nodes._args import invalid_args
 from keel.nodes._once import ledger_key
 from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
+from keel.tools._args import invalid_args
 from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
