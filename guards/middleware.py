@@ -27,11 +27,12 @@ from typing import Any, Literal, cast
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
+from langgraph.config import get_config
 from langgraph.types import Command, interrupt
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, call, drive
-from keel._node import context_of
+from keel._node import NO_RESUME, context_of, peek_resume, refused_resume
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -48,6 +49,7 @@ from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Outcome, RunContext, Usage
+from keel.tools._args import invalid_args
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
@@ -253,7 +255,13 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     (`{"type": "tool_approval", "tool_call_id", "name", "args", "description"}`); resume with
     `Command(resume={"type": "approve"})`, `{"type": "edit", "edited_action": {"name": ...,
     "args": {...}}}`, `{"type": "reject", "message": ...}` or `{"type": "respond", "message":
-    ...}`. Edited arguments are checked against the rules again.
+    ...}`, alone or as `{"decisions": [decision]}`. Edited arguments are checked against the
+    tool's schema and the rules again. A decision answers the call it is asked about alone: an
+    answer keel cannot take (another type, several decisions, a dict keyed by call ids, one
+    naming another call, an edit to another tool or to arguments that do not fit) raises a
+    `UserError` before it is used: nothing runs, and the call waits for a right answer. With
+    several calls waiting, answer each interrupt by its id; each answer is checked on its own,
+    and the calls answered rightly in the same resume run and keep their results.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run.
@@ -282,6 +290,12 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         call = request.tool_call
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
+            waiting = peek_resume(get_config())
+            if waiting is not NO_RESUME:  # checked before interrupt() consumes it
+                try:
+                    _checked(request, waiting)
+                except UserError as exc:
+                    raise refused_resume(exc) from None
             answer = interrupt(
                 {
                     "type": "tool_approval",
@@ -363,34 +377,119 @@ def _repeat(request: ToolCallRequest) -> ToolMessage | None:
     )
 
 
+_DECISION_FORMS = (
+    "{'type': 'approve'}, {'type': 'edit', 'edited_action': {'name': ..., 'args': {...}}}, "
+    "{'type': 'reject', 'message': '...'} or {'type': 'respond', 'message': '...'}"
+)
+
+
+def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
+    """The reviewer's decision on `request`'s call, or a `UserError` saying what is wrong.
+
+    It runs on the answer before `interrupt()` consumes it (LangGraph keeps a consumed resume
+    value even when the task then raises, so a refused answer would stick and the call could
+    never be answered again), and on what `interrupt()` returns. A decision answers this call
+    alone: one that names another call (`tool_call_id`, a key that is a call id of the turn),
+    an edit that names another tool or arguments its schema refuses, a `respond` without text
+    are refused, and nothing runs.
+    """
+    call = request.tool_call
+    name, call_id = call["name"], call.get("id") or ""
+    where = f"{name} (call {call_id!r})"
+    if isinstance(answer, Mapping) and isinstance(answer.get("decisions"), list):
+        decisions = answer["decisions"]
+        if len(decisions) != 1:
+            raise UserError(
+                f"{where} waits for one decision: PermissionMiddleware asks about each call "
+                f"with an interrupt of its own, and the answer holds {len(decisions)}. Resume "
+                "with {'decisions': [decision]} or one decision; with several calls waiting, "
+                "answer each interrupt by its id: Command(resume={interrupt.id: decision, ...})."
+            )
+        answer = decisions[0]
+    kind = answer.get("type") if isinstance(answer, Mapping) else None
+    if kind not in ("approve", "edit", "reject", "respond"):
+        keyed = isinstance(answer, Mapping) and "type" not in answer
+        hint = " (one decision per interrupt: not a dict keyed by tool_call_id)" if keyed else ""
+        raise UserError(
+            f"Unknown review decision {answer!r} for {where}: resume with {_DECISION_FORMS}{hint}."
+        )
+    assert isinstance(answer, Mapping)
+    named = answer.get("tool_call_id")
+    if named is not None and named != call_id:
+        raise UserError(
+            f"The decision {dict(answer)!r} names call {named!r}, but the interrupt it answers "
+            f"asks about {where}: answer each interrupt with its own call's decision."
+        )
+    keys = sorted(map(repr, _turn_ids(request) & {k for k in answer if isinstance(k, str)}))
+    if keys:
+        raise UserError(
+            f"The answer {dict(answer)!r} for {where} is both one decision (its 'type') and "
+            f"answers keyed by {', '.join(keys)}: keel would take the decision and drop the "
+            "rest. Answer each interrupt with one decision."
+        )
+    if kind == "edit":
+        _check_edit(request, answer.get("edited_action"), where)
+    text = answer.get("message")
+    if (kind == "respond" and not isinstance(text, str)) or (
+        kind == "reject" and text is not None and not isinstance(text, str)
+    ):
+        form = "{'type': 'respond', 'message': '...'}"
+        if kind == "reject":
+            form = "{'type': 'reject', 'message': '...'} (or no message)"
+        raise UserError(f"A {kind!r} decision for {where} needs its message as text: {form}.")
+    return answer
+
+
+def _turn_ids(request: ToolCallRequest) -> set[str]:
+    """The ids of the calls of the turn `request`'s call belongs to (the last AI message's)."""
+    state = request.state
+    messages = state.get("messages") if isinstance(state, Mapping) else None
+    if not isinstance(messages, Sequence):
+        return set()
+    turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    return {c.get("id") or "" for c in (turn.tool_calls if turn is not None else [])} - {""}
+
+
+def _check_edit(request: ToolCallRequest, edited: Any, where: str) -> None:
+    """Refuse an edit that is not one: other tool, arguments that are no object or misfit."""
+    form = "{'type': 'edit', 'edited_action': {'name': ..., 'args': {...}}}"
+    name = request.tool_call["name"]
+    if not isinstance(edited, Mapping):
+        raise UserError(f"An 'edit' decision for {where} needs the edited call: {form}.")
+    if edited.get("name", name) != name:
+        raise UserError(
+            f"An edit changes the arguments of the call it answers, not its tool: {where} "
+            f"cannot become {edited.get('name')!r}. Edit {name}'s arguments, or reject the "
+            "call and let the model call the other tool (the rules decide that call)."
+        )
+    tool = request.tool
+    args = edited.get("args")
+    problem = invalid_args(registered(tool), args) if tool is not None else None
+    if problem is not None or not isinstance(args, dict):
+        problem = problem or f"arguments must be a JSON object, got {type(args).__name__}"
+        raise UserError(
+            f"The edited arguments for {where} do not fit its schema: {problem}. Resume "
+            f"again with arguments that do: {form}."
+        )
+
+
 def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:
     """The approved (or edited) request, or the ToolMessage that answers it instead."""
-    if isinstance(answer, Mapping) and isinstance(answer.get("decisions"), list):
-        answer = answer["decisions"][0] if len(answer["decisions"]) == 1 else None
-    kind = answer.get("type") if isinstance(answer, Mapping) else None
-    name = request.tool_call["name"]
+    decision = _checked(request, answer)
+    kind, name = decision["type"], request.tool_call["name"]
     if kind == "approve":
         return request
-    if kind == "edit" and isinstance(answer, Mapping):
-        edited = answer.get("edited_action") or {}
-        args = edited.get("args") if isinstance(edited, Mapping) else None
-        if isinstance(args, dict):
-            return request.override(tool_call={**request.tool_call, "args": args})
-    if kind == "reject" and isinstance(answer, Mapping):
-        note = f": {answer['message']}" if answer.get("message") else ""
+    if kind == "edit":
+        args = decision["edited_action"]["args"]
+        return request.override(tool_call={**request.tool_call, "args": dict(args)})
+    if kind == "reject":
+        note = f": {decision['message']}" if decision.get("message") else ""
         return _tool_message(request, f"Rejected by a human reviewer{note}.", "rejected")
-    if kind == "respond" and isinstance(answer, Mapping) and isinstance(answer.get("message"), str):
-        text = f"A human answered instead of running {name}: {answer['message']}"
-        return ToolMessage(
-            content=text,
-            tool_call_id=request.tool_call.get("id") or "",
-            name=name,
-            response_metadata={"keel_status": "respond"},
-        )
-    raise UserError(
-        f"Unknown review decision {answer!r} for {name}: resume with {{'type': 'approve'}}, "
-        "{'type': 'edit', 'edited_action': {'name': ..., 'args': {...}}}, "
-        "{'type': 'reject', 'message': '...'} or {'type': 'respond', 'message': '...'}."
+    return ToolMessage(
+        content=f"A human answered instead of running {name}: {decision['message']}",
+        tool_call_id=request.tool_call.get("id") or "",
+        name=name,
+        response_metadata={"keel_status": "respond"},
     )
 
 

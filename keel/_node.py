@@ -46,6 +46,7 @@ __all__ = [
     "interrupt_pending",
     "make_node",
     "peek_resume",
+    "refused_resume",
     "unsaved_checkpoint",
     "policy_id",
     "runtime_in",
@@ -163,6 +164,24 @@ def peek_resume(config: RunnableConfig) -> Any:
         return scratchpad.resume[0]
     value = scratchpad.get_null_resume(False)
     return NO_RESUME if value is None else value
+
+
+_INVALID_RESUME = "_langgraph_invalid_resume"
+"""The attribute `langgraph.errors.is_invalid_resume` reads (LangGraph's private name)."""
+
+E = TypeVar("E", bound=BaseException)
+
+
+def refused_resume(exc: E) -> E:
+    """`exc`, marked as a refused resume value (`langgraph.errors.is_invalid_resume`).
+
+    LangGraph marks so a resume value that fails an interrupt's `response_schema`; it then
+    lets the task's siblings (the other calls answered in the same resume) finish and save
+    their results before it raises, instead of cutting them off after their side effects, to
+    run again on the next resume; and `ToolNode` never hands it to the model.
+    """
+    setattr(exc, _INVALID_RESUME, True)
+    return exc
 
 
 G = TypeVar("G", bound=Runnable[Any, Any])

@@ -1,0 +1,266 @@
+"""Attacks by a hostile client on `PermissionMiddleware`'s approvals in `create_agent`.
+
+The resume payloads `human_review` refuses (tests/test_attack_duplicate_calls.py and the other
+tests/test_attack_*.py) sent to LangChain's `create_agent` guarded by keel's middleware: unknown
+decisions, `decisions` lists of the wrong length, answers keyed by call ids, a decision naming
+another call, edits to another tool or to arguments the schema refuses, a `respond` without
+text. Each is refused with a `UserError` before `interrupt()` consumes it (LangGraph keeps a
+consumed resume value even when the task raises: the call could never be answered again), runs
+nothing, and leaves the call waiting for a right answer. Real SQLite checkpointers (sync and
+async), a scripted model minting fresh tool-call ids; each tool records what really ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.errors import is_invalid_resume
+from langgraph.types import Command
+
+from keel import RunContext, UserError, tool
+from keel._node import refused_resume
+from keel.evals import ScriptedChatModel
+from keel.guards import PermissionMiddleware, Policy, Rule
+
+CTX = RunContext(user_id="u1", roles=("support",))
+CONFIG: Any = {"configurable": {"thread_id": "t"}}
+POLICY = Policy(
+    rules=(
+        Rule(role="support", tool="lookup_*", action="allow"),
+        Rule(role="support", tool="issue_refund", action="ask", reason="refunds need a manager"),
+    )  # delete_account: denied by default
+)
+MODES = ["invoke", "ainvoke"]
+
+
+def turn(*calls: tuple[str, dict[str, Any]]) -> AIMessage:
+    """One model turn asking for `calls` (ids minted by the model: `fresh_ids=True`)."""
+    return AIMessage(
+        content="", tool_calls=[ToolCall(name=n, args=dict(a), id=None) for n, a in calls]
+    )
+
+
+@dataclass
+class Agent:
+    """A `create_agent` with `PermissionMiddleware` on a SQLite thread, driven sync or async."""
+
+    send: Callable[[Any], dict[str, Any]]
+    waiting: Callable[[], list[Any]]
+    """The thread's pending interrupts."""
+    ran: list[str] = field(default_factory=list)
+
+    def resume(self, answer: Any) -> dict[str, Any]:
+        return self.send(Command(resume=answer))
+
+    def ask(self, text: str = "refund A1") -> dict[str, Any]:
+        return self.send({"messages": [("user", text)]})
+
+
+@contextmanager
+def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[Agent]:
+    ran: list[str] = []
+
+    @tool
+    def issue_refund(order_id: str, amount: float) -> str:
+        """Refund an order (taking `slow` seconds)."""
+        time.sleep(slow)
+        ran.append(f"issue_refund {order_id} {amount:g}")
+        return f"refunded {amount:g} on {order_id}"
+
+    @tool
+    def delete_account(user: str) -> str:
+        """Delete a user's account (denied by the policy: it never runs)."""
+        raise AssertionError(f"the denied delete_account({user!r}) ran")
+
+    def graph(saver: Any) -> Any:
+        return create_agent(
+            ScriptedChatModel(script=[*script, "Done."], fresh_ids=True),
+            [issue_refund, delete_account],
+            middleware=[PermissionMiddleware(POLICY)],
+            context_schema=RunContext,
+            checkpointer=saver,
+        )
+
+    path = str(tmp_path / "checkpoints.db")
+    if mode == "invoke":
+        with SqliteSaver.from_conn_string(path) as saver:
+            g = graph(saver)
+            yield Agent(
+                lambda p: g.invoke(p, CONFIG, context=CTX),
+                lambda: list(g.get_state(CONFIG).interrupts),
+                ran,
+            )
+        return
+    loop = asyncio.new_event_loop()
+    opened = AsyncSqliteSaver.from_conn_string(path)
+    try:
+        g = graph(loop.run_until_complete(opened.__aenter__()))
+        yield Agent(
+            lambda p: loop.run_until_complete(g.ainvoke(p, CONFIG, context=CTX)),
+            lambda: list(loop.run_until_complete(g.aget_state(CONFIG)).interrupts),
+            ran,
+        )
+    finally:
+        loop.run_until_complete(opened.__aexit__(None, None, None))
+        loop.close()
+
+
+def replies(result: dict[str, Any]) -> dict[str, ToolMessage]:
+    return {m.tool_call_id: m for m in result["messages"] if isinstance(m, ToolMessage)}
+
+
+EDIT = "{'type': 'edit', 'edited_action': {'name': ..., 'args': {...}}}"
+BAD_ANSWERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    # name: (the answer, given the waiting call's id; what the UserError says)
+    "unknown type": (lambda i: {"type": "maybe"}, r"^Unknown review decision \{'type': 'maybe'\}"),
+    "no type": (lambda i: "yes", r"^Unknown review decision 'yes' for issue_refund"),
+    "two decisions": (
+        lambda i: {"decisions": [{"type": "approve"}, {"type": "reject"}]},
+        r"waits for one decision: .* the answer holds 2",
+    ),
+    "no decisions": (lambda i: {"decisions": []}, r"the answer holds 0"),
+    "keyed by an id that does not wait": (
+        lambda i: {"call_not_waiting": {"type": "approve"}},
+        r"not a dict keyed by tool_call_id",
+    ),
+    "keyed by the waiting id": (
+        lambda i: {i: {"type": "approve"}},
+        r"not a dict keyed by tool_call_id",
+    ),
+    "one decision also keyed by the waiting id": (
+        lambda i: {"type": "approve", i: {"type": "reject"}},
+        r"is both one decision \(its 'type'\) and answers keyed by",
+    ),
+    "a decision naming another call": (
+        lambda i: {"type": "approve", "tool_call_id": "call_from_another_turn"},
+        r"names call 'call_from_another_turn', but the interrupt it answers asks about "
+        r"issue_refund",
+    ),
+    "an edit to another tool": (
+        lambda i: {
+            "type": "edit",
+            "edited_action": {"name": "delete_account", "args": {"user": "bob"}},
+        },
+        r"not its tool: issue_refund \(call .*\) cannot become 'delete_account'",
+    ),
+    "an edit without the edited call": (lambda i: {"type": "edit"}, r"needs the edited call"),
+    "an edit whose args are a list": (
+        lambda i: {"type": "edit", "edited_action": {"name": "issue_refund", "args": [1]}},
+        r"arguments must be a JSON object, got list",
+    ),
+    "an edit whose args are text": (
+        lambda i: {"type": "edit", "edited_action": {"name": "issue_refund", "args": "all"}},
+        r"arguments must be a JSON object, got str",
+    ),
+    "an edit whose args misfit the schema": (
+        lambda i: {"type": "edit", "edited_action": {"args": {"user": "bob"}}},
+        r"do not fit its schema: order_id: Field required; amount: Field required",
+    ),
+    "respond without a message": (lambda i: {"type": "respond"}, r"'respond' decision .* text"),
+    "respond with a non-text message": (
+        lambda i: {"type": "respond", "message": {"refund": "all"}},
+        r"'respond' decision .* text",
+    ),
+    "reject with a non-text message": (
+        lambda i: {"type": "reject", "message": ["no"]},
+        r"'reject' decision .* text",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", list(BAD_ANSWERS))
+def test_a_refused_answer_runs_nothing_and_the_call_still_takes_a_right_one(
+    bad: str, mode: str, tmp_path: Path
+) -> None:
+    """Before, `interrupt()` consumed the bad answer before keel refused it: LangGraph kept it,
+    so every later resume met the same error and the call could never be answered. An edit to
+    another tool ran the asked tool with the other tool's arguments; an edit the schema refuses
+    ran the tool with them; a decision naming another call approved this one."""
+    answer, says = BAD_ANSWERS[bad]
+    with agent(mode, tmp_path, turn(("issue_refund", {"order_id": "A1", "amount": 20}))) as a:
+        (asked,) = a.ask()["__interrupt__"]
+        call_id = asked.value["tool_call_id"]
+        for _ in range(2):  # refused each time, not only the first
+            with pytest.raises(UserError, match=says):
+                a.resume(answer(call_id))
+            assert a.ran == []
+            assert [i.value["tool_call_id"] for i in a.waiting()] == [call_id]
+        result = a.resume({"decisions": [{"type": "approve"}]})
+    assert a.ran == ["issue_refund A1 20"]
+    assert replies(result)[call_id].text == "refunded 20 on A1"
+    assert result["messages"][-1].text == "Done."
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_asked_in_parallel_are_answered_each_by_its_own_interrupt(
+    mode: str, tmp_path: Path
+) -> None:
+    """Two asked refunds (other arguments), a denied call and a misspelled tool in one turn:
+    one answer never approves both calls, a decision naming the other call is refused for the
+    call it reaches, and neither the denied call nor the misspelled one runs. The call answered
+    rightly in that resume runs, and LangGraph lets it finish and keep its result before the
+    refusal is raised: cut off (as it was under `ainvoke`), it stayed waiting after its refund
+    and would have run again on the next approval."""
+    script = turn(
+        ("issue_refund", {"order_id": "A1", "amount": 20}),
+        ("issue_refund", {"order_id": "A2", "amount": 9000}),
+        ("delete_account", {"user": "bob"}),
+        ("Delete_Account", {"user": "bob"}),
+    )
+    with agent(mode, tmp_path, script, slow=0.2) as a:
+        paused = a.ask()
+        ids = [c["id"] for c in next(m for m in paused["messages"] if m.type == "ai").tool_calls]
+        asked = {i.value["tool_call_id"]: i for i in paused["__interrupt__"]}
+        assert sorted(asked) == sorted(ids[:2])
+        small, large = asked[ids[0]], asked[ids[1]]
+        with pytest.raises(RuntimeError, match="multiple pending interrupts"):
+            a.resume({"type": "approve"})  # LangGraph's: no answer for two calls
+        cross = {"type": "approve", "tool_call_id": ids[0]}  # the small one's approval
+        with pytest.raises(UserError, match=f"names call '{ids[0]}'.*issue_refund .*{ids[1]}"):
+            a.resume({small.id: {"type": "approve"}, large.id: cross})
+        assert a.ran == ["issue_refund A1 20"]  # its own answer approved it
+        assert [i.value["tool_call_id"] for i in a.waiting()] == [ids[1]]
+        result = a.resume({large.id: {"type": "reject", "message": "too much"}})
+    assert a.ran == ["issue_refund A1 20"]
+    got = replies(result)
+    assert got[ids[0]].text == "refunded 20 on A1"
+    assert got[ids[1]].text == "Rejected by a human reviewer: too much."
+    assert got[ids[2]].response_metadata["keel_status"] == "denied"
+    assert "Delete_Account is not a valid tool" in got[ids[3]].text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_approval_does_not_carry_over_to_a_later_call(mode: str, tmp_path: Path) -> None:
+    """The same tool called again with other arguments is asked about again, and the earlier
+    approval replayed by its interrupt id answers nothing: the call waits, nothing runs."""
+    first = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
+    later = turn(("issue_refund", {"order_id": "A9", "amount": 999}))
+    with agent(mode, tmp_path, first, "Refunded.", later) as a:
+        (old,) = a.ask()["__interrupt__"]
+        a.resume({old.id: {"type": "approve"}})
+        (new,) = a.ask("and A9 too")["__interrupt__"]
+        assert new.value["args"] == {"order_id": "A9", "amount": 999} and new.id != old.id
+        replayed = a.resume({old.id: {"type": "approve"}})
+        assert [i.id for i in replayed["__interrupt__"]] == [new.id]
+        assert a.ran == ["issue_refund A1 20"]
+        a.resume({new.id: {"type": "approve"}})
+    assert a.ran == ["issue_refund A1 20", "issue_refund A9 999"]
+
+
+def test_a_refused_answer_is_one_langgraph_reads_as_a_refused_resume() -> None:
+    """keel marks the refusal with LangGraph's private attribute: this fails first if LangGraph
+    renames it (the parallel test above then fails under `ainvoke`)."""
+    assert is_invalid_resume(refused_resume(UserError("bad answer")))
+    assert not is_invalid_resume(UserError("bad answer"))
