@@ -396,6 +396,7 @@ def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
     call = request.tool_call
     name, call_id = call["name"], call.get("id") or ""
     where = f"{name} (call {call_id!r})"
+    outer = answer
     if isinstance(answer, Mapping) and isinstance(answer.get("decisions"), list):
         decisions = answer["decisions"]
         if len(decisions) != 1:
@@ -420,11 +421,11 @@ def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
             f"The decision {dict(answer)!r} names call {named!r}, but the interrupt it answers "
             f"asks about {where}: answer each interrupt with its own call's decision."
         )
-    keys = sorted(map(repr, _turn_ids(request) & {k for k in answer if isinstance(k, str)}))
-    if keys:
+    keys = {k for m in (outer, answer) for k in m if isinstance(k, str)}
+    if by_id := sorted(map(repr, _turn_ids(request) & keys)):
         raise UserError(
-            f"The answer {dict(answer)!r} for {where} is both one decision (its 'type') and "
-            f"answers keyed by {', '.join(keys)}: keel would take the decision and drop the "
+            f"The answer {dict(outer)!r} for {where} is both one decision (its 'type') and "
+            f"answers keyed by {', '.join(by_id)}: keel would take the decision and drop the "
             "rest. Answer each interrupt with one decision."
         )
     if kind == "edit":

@@ -142,6 +142,10 @@ BAD_ANSWERS: dict[str, tuple[Callable[[str], Any], str]] = {
         lambda i: {"type": "approve", i: {"type": "reject"}},
         r"is both one decision \(its 'type'\) and answers keyed by",
     ),
+    "decisions also keyed by the waiting id": (
+        lambda i: {"decisions": [{"type": "approve"}], i: {"type": "reject"}},
+        r"is both one decision \(its 'type'\) and answers keyed by",
+    ),
     "a decision naming another call": (
         lambda i: {"type": "approve", "tool_call_id": "call_from_another_turn"},
         r"names call 'call_from_another_turn', but the interrupt it answers asks about "
