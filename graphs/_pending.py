@@ -24,7 +24,7 @@ from typing import Any
 from langchain_core.messages import ToolCall, ToolMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
-from langgraph.graph.message import add_messages
+from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command, StateSnapshot
 
 from keel import outcome
@@ -36,6 +36,7 @@ from keel.graphs._protected import messages_of
 from keel.graphs._storage import Recorder
 from keel.history import pending_tool_calls
 from keel.nodes._once import recorded, tool_message
+from keel.state import task_start
 from keel.versions import AgentVersion
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "not_run_records",
     "step_results",
     "refuse_turned_past",
+    "removed_by",
+    "removed_of_waiting_run",
     "turned_past",
 ]
 
@@ -282,30 +285,71 @@ def turned_past(input: Any, state: StateSnapshot | None) -> list[ToolCall]:
     return calls if stays and after[last].id != asked else []
 
 
+def removed_by(command: Command[Any]) -> set[str]:
+    """The ids of the messages `command`'s update removes (`REMOVE_ALL_MESSAGES`: all)."""
+    removed: set[str] = set()
+    try:
+        for key, value in command._update_as_tuples():
+            sent = messages_of(value) if key == "messages" else None
+            removed |= {str(m.id) for m in sent or [] if m.type == "remove"}
+    except Exception:  # LangGraph says what is wrong with the update
+        return set()
+    return removed
+
+
+def removed_of_waiting_run(command: Command[Any], state: StateSnapshot | None) -> list[str]:
+    """The messages of the run `state` waits in (its task's, `task_start` on) `command` removes.
+
+    The run's record is keyed by its first message: without it the run's end is recorded
+    under another key, and the record that waited stays `interrupted` for good; without its AI
+    turn, the calls that wait are never answered nor audited.
+    """
+    if state is None or not state.interrupts:
+        return []
+    removed = removed_by(command)
+    messages = state.values.get("messages") or []
+    own = [str(m.id) for m in messages[max(task_start(messages), 0) :] if m.id]
+    return own if REMOVE_ALL_MESSAGES in removed else [i for i in own if i in removed]
+
+
 def refuse_turned_past(config: RunnableConfig, state: StateSnapshot, supersteps: Any) -> None:
     """Refuse a state update (`update_state`) that writes a turn after the calls `state` waits on.
 
     As a run's input, `Command(update=...)` answers those calls `not_run` (audited) before its
     turn (`closed_update`); a state update is no run, and left them with no answer and no record
-    for good (the next message finds no pending call: the last AI message has none). `config`
-    addressing a subgraph's conversation is `refuse_update`'s (`graphs._paused`).
+    for good (the next message finds no pending call: the last AI message has none). So is one
+    that removes a message of the run that waits (`removed_of_waiting_run`); a run's input may
+    remove none (`graphs.threads.refusal`). `config` addressing a subgraph's conversation is
+    `refuse_update`'s (`graphs._paused`).
     """
     conf = (config or {}).get("configurable") or {}
     if conf.get("checkpoint_ns"):
         return
+    thread = conf.get("thread_id")
     for step in supersteps:
         for update in step:
             values = update[0]
             command = Command(update=values) if isinstance(values, Mapping) else values
-            left = turned_past(command, state) if isinstance(command, Command) else []
-            if left:
+            if not isinstance(command, Command):
+                continue
+            if left := turned_past(command, state):
                 names = ", ".join(f"{c['name']}({c.get('id')})" for c in left)
                 raise UserError(
                     f"This state update writes a turn after {names}, which thread "
-                    f"{conf.get('thread_id')!r} waits for a human's answer about: the call "
+                    f"{thread!r} waits for a human's answer about: the call "
                     "would be left with no answer and no audit record. Answer it first with "
                     "Command(resume=...), or send the update as a run's input "
                     "(invoke(Command(update=...))), which answers it not_run (audited)."
+                )
+            if removed := removed_of_waiting_run(command, state):
+                raise UserError(
+                    f"This state update removes {', '.join(map(repr, removed))}, of the run "
+                    f"that thread {thread!r} waits in for a human's answer: the run would be "
+                    "recorded twice (its record is keyed by its first message, and the one "
+                    "that waits would stay 'interrupted'), or its waiting calls left with no "
+                    "answer and no audit record. Answer them first with Command(resume=...), "
+                    "or drop them with a new message (config={'configurable': "
+                    "{'keel_pending': 'not_run'}}), then edit the history."
                 )
 
 

@@ -22,8 +22,9 @@
   run with no user message: it is refused.
 - A run needs at least one message: empty input and an empty message list are refused.
 - A run's input sends messages and removes none: a `RemoveMessage` (LangGraph's way to delete
-  a message, or the whole history with `REMOVE_ALL_MESSAGES`) is refused. Editing a thread's
-  history is a state update's (`update_state`).
+  a message, or the whole history with `REMOVE_ALL_MESSAGES`), in its messages or in a
+  `Command(update=...)`, is refused. Editing a thread's history is a state update's
+  (`update_state`); while the thread waits for a human, not of the run that waits.
 
 Each refusal is a `keel.errors.UserError` raised by `invoke`/`stream` (and their async twins)
 before anything is written, so the thread stays as it was.
@@ -75,6 +76,7 @@ from keel.graphs._pending import (
     left_inside,
     not_run_records,
     refuse_turned_past,
+    removed_by,
     step_results,
     stopped_ended,
     turned_past,
@@ -110,7 +112,8 @@ __all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarde
 T = TypeVar("T")
 
 REMOVAL = (
-    "The run's input removes messages (a RemoveMessage): a run sends messages, and a removal "
+    "The run's input removes messages (a RemoveMessage, in its messages or in a "
+    "Command(update=...)): a run sends messages, and a removal "
     "would delete the thread's record as the run starts (a pending tool call, a call already "
     "answered, the turns the audit log points to). To edit a thread's history, use "
     "update_state (a state update may remove messages)."
@@ -127,6 +130,8 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
     saved = (state.config.get("configurable") or {}) if state is not None else {}
     exists = bool(saved.get("checkpoint_id"))
+    if isinstance(input, Command) and removed_by(input):
+        return REMOVAL
     if input is None or isinstance(input, Command):
         if exists:
             return None

@@ -18,11 +18,12 @@ import pytest
 from langchain_core.messages import AIMessage, RemoveMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import StateGraph
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 from test_claims_security import POLICY, SUPPORT  # the support role: lookup allow, refund ask
 
-from keel import Ledger, RunLog, UserError, build_agent, tool
+from keel import Ledger, Persistence, RunLog, UserError, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 
 CFG: Any = {"configurable": {"thread_id": "t"}}
@@ -173,3 +174,60 @@ async def test_an_ai_turn_written_after_a_waiting_call_by_update_state_is_refuse
     assert shop.ran == ["refund A1"]
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "while a call waits, a state update that writes a turn after it is refused" in readme
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+@pytest.mark.parametrize("removes", ["the run's message", "the waiting turn", "all"])
+async def test_a_waiting_runs_messages_are_not_removed_by_an_update(
+    tmp_path: Path, driver: str, removes: str
+) -> None:
+    """The attack: the agent waits on a refund; a client removes the user message that started
+    the run (or the AI turn that waits, or all messages), by `update_state` or by a run's
+    `Command(update=...)`, alone or with its resume. The run's record is keyed by that message:
+    the run ended under another key, and the record that waited stayed `interrupted` for good
+    (removing the AI turn left the call with no answer and no audit record). Both are refused
+    before anything is written; the call still waits, and its resume completes the one record.
+    Editing the history before the run (its earlier turns) is still a state update's (then
+    `invoke(None)` asks again)."""
+    shop = Shop()
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    ledger = Ledger(url)
+    model = ScriptedChatModel(
+        script=["Hello.", call("issue_refund", order_id="A1"), "Refunded."], fresh_ids=True
+    )
+    async with Persistence(url).acheckpointer() as saver:
+        agent = build_agent(model, shop.tools(), policy=POLICY, ledger=ledger, checkpointer=saver)
+
+        async def send(payload: Any) -> dict[str, Any]:
+            if driver == "sync":
+                return await asyncio.to_thread(agent.invoke, payload, CFG, context=SUPPORT)
+            return dict(await agent.ainvoke(payload, CFG, context=SUPPORT))
+
+        async def update(values: Any) -> None:
+            if driver == "sync":
+                await asyncio.to_thread(agent.update_state, CFG, values)
+            else:
+                await agent.aupdate_state(CFG, values)
+
+        await send({"messages": [("user", "hi")]})
+        paused = await send({"messages": [("user", "refund A1")]})
+        earlier, _, started, turn = paused["messages"]
+        target = {"the run's message": started.id, "the waiting turn": turn.id}
+        removal = {"messages": [RemoveMessage(id=target.get(removes, REMOVE_ALL_MESSAGES))]}
+        with pytest.raises(UserError, match=r"^This state update removes .* of the run that"):
+            await update(removal)
+        for command in (Command(update=removal), Command(resume="approve", update=removal)):
+            with pytest.raises(UserError, match=r"^The run's input removes messages"):
+                await send(command)
+        assert (await agent.aget_state(CFG)).values["messages"] == paused["messages"]
+        await update({"messages": [RemoveMessage(id=earlier.id)]})  # before the run: allowed
+        assert (await send(None))["__interrupt__"]  # a state update is no run: None asks again
+        done = await send(Command(resume={"type": "approve"}))
+    records = RunLog(ledger).query()
+    ledger.close()
+    assert done["outcome"]["terminated_reason"] == "completed"
+    assert shop.ran == ["refund A1"]
+    assert [(r.run_key, r.status) for r in records] == [
+        (f"t:{earlier.id}", "success"),
+        (f"t:{started.id}", "success"),
+    ]
