@@ -264,7 +264,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     and the calls answered rightly in the same resume run and keep their results.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
-    answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run.
+    answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
+    so is a call a reviewer's edit makes the twin of another call of its turn.
 
     Each model call gets a history every provider accepts (`keel.history.valid_history`): a
     new message sent while a call waits for approval (or after a run stopped mid-call) leaves
@@ -309,6 +310,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             resolved = _apply_decision(request, answer)
             if isinstance(resolved, ToolMessage) or resolved is request:
                 return resolved
+            if (twin := _repeat(resolved, edited=True)) is not None:
+                return twin  # the edit made it another call of the turn, which runs on its own
             request, decision = resolved, self._decide(resolved, resolved.tool_call["args"])
         if decision.action == "deny":
             rule = f" (rule: {decision.rule})" if decision.rule else ""
@@ -348,12 +351,14 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         return stub_message(answer, call.get("id") or "", call["name"])
 
 
-def _repeat(request: ToolCallRequest) -> ToolMessage | None:
+def _repeat(request: ToolCallRequest, *, edited: bool = False) -> ToolMessage | None:
     """The answer to a call that repeats an earlier side-effecting call of its turn, or None.
 
     Same tool, same canonical arguments (`keel.tools._duplicates`): it is neither asked about
     nor run. `create_agent` runs each call of a turn as a task of its own, so a repeat cannot
-    wait for the earlier call's result: its answer points the model to it.
+    wait for the earlier call's result: its answer points the model to it. An `edited` call
+    (its arguments a reviewer's) that became a later call's twin repeats that one: the later
+    call was no repeat when its own task decided it, and runs (or ran) on its own.
     """
     tool, call_id = request.tool, request.tool_call.get("id") or ""
     state = request.state
@@ -362,8 +367,15 @@ def _repeat(request: ToolCallRequest) -> ToolMessage | None:
         return None
     entry = registered(tool)
     turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-    calls = turn.tool_calls if turn is not None else []
-    primary = duplicates(calls, lambda name: entry if name == entry.name else None).get(call_id)
+    calls = [
+        request.tool_call if c.get("id") == call_id else c
+        for c in (turn.tool_calls if turn is not None else [])
+    ]
+    found = duplicates(calls, lambda name: entry if name == entry.name else None)
+    primary = found.get(call_id)
+    if primary is None and edited:
+        later = next((d for d, first in found.items() if first.get("id") == call_id), None)
+        primary = next((c for c in calls if later is not None and c.get("id") == later), None)
     if primary is None:
         return None
     first = primary.get("id") or ""

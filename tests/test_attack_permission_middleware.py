@@ -71,7 +71,7 @@ class Agent:
 def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[Agent]:
     ran: list[str] = []
 
-    @tool
+    @tool(risk="write")
     def issue_refund(order_id: str, amount: float) -> str:
         """Refund an order (taking `slow` seconds)."""
         time.sleep(slow)
@@ -243,6 +243,38 @@ def test_calls_asked_in_parallel_are_answered_each_by_its_own_interrupt(
     assert got[ids[1]].text == "Rejected by a human reviewer: too much."
     assert got[ids[2]].response_metadata["keel_status"] == "denied"
     assert "Delete_Account is not a valid tool" in got[ids[3]].text
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("edited", ["the later call", "the earlier call"])
+def test_an_edit_that_makes_a_call_repeat_another_of_its_turn_runs_it_once(
+    edited: str, mode: str, tmp_path: Path
+) -> None:
+    """Two refunds asked about in one turn; the reviewer approves one and edits the other into
+    the same refund. `build_agent` runs it once (the repeat follows the first call's answer);
+    the middleware ran both tasks: two refunds. The edited call is answered `not_run`, pointing
+    to its twin, whichever of the two comes first in the turn."""
+    script = turn(
+        ("issue_refund", {"order_id": "A1", "amount": 10}),
+        ("issue_refund", {"order_id": "A2", "amount": 10}),
+    )
+    with agent(mode, tmp_path, script) as a:
+        paused = a.ask()
+        ai = next(m for m in paused["messages"] if m.type == "ai")
+        asked = {i.value["tool_call_id"]: i for i in paused["__interrupt__"]}
+        kept, changed = ai.tool_calls if edited == "the later call" else ai.tool_calls[::-1]
+        twin = {"type": "edit", "edited_action": {"name": "issue_refund", "args": kept["args"]}}
+        result = a.resume(
+            {asked[kept["id"]].id: {"type": "approve"}, asked[changed["id"]].id: twin}
+        )
+    order = kept["args"]["order_id"]
+    assert a.ran == [f"issue_refund {order} 10"]
+    got = replies(result)
+    assert got[kept["id"]].text == f"refunded 10 on {order}"
+    assert got[changed["id"]].response_metadata == {
+        "keel_status": "not_run",
+        "keel_duplicate_of": kept["id"],
+    }
 
 
 @pytest.mark.parametrize("mode", MODES)
