@@ -32,7 +32,13 @@ from langgraph.types import Command, interrupt
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, call, drive
-from keel._node import NO_RESUME, context_of, peek_resume, refused_resume
+from keel._node import (
+    NO_RESUME,
+    asked_before,
+    context_of,
+    peek_resume,
+    refused_resume,
+)
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -261,7 +267,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     naming another call, an edit to another tool or to arguments that do not fit) raises a
     `UserError` before it is used: nothing runs, and the call waits for a right answer. With
     several calls waiting, answer each interrupt by its id; each answer is checked on its own,
-    and the calls answered rightly in the same resume run and keep their results.
+    and the calls answered rightly in the same resume run and keep their results. An answer is
+    taken only by a call that asked (its interrupt saved in its checkpoint): a resume value
+    that reaches a call its step runs for the first time is refused, and nothing runs.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
@@ -287,27 +295,28 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             return GateDecision.allow()
         return self.matrix(registered(tool), args, _context(request.runtime))
 
-    def _gate(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
+    def _gate(self, request: ToolCallRequest) -> Steps[ToolCallRequest | ToolMessage]:
         call = request.tool_call
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
-            waiting = peek_resume(get_config())
+            question = {
+                "type": "tool_approval",
+                "tool_call_id": call.get("id") or "",
+                "name": call["name"],
+                "args": call["args"],
+                "description": decision.reason
+                + (f" (rule: {decision.rule})" if decision.rule else ""),
+            }
+            config = get_config()
+            waiting = peek_resume(config)
             if waiting is not NO_RESUME:  # checked before interrupt() consumes it
                 try:
+                    if not (yield from asked_before(config)):
+                        raise _unasked(request)
                     _checked(request, waiting)
                 except UserError as exc:
                     raise refused_resume(exc) from None
-            answer = interrupt(
-                {
-                    "type": "tool_approval",
-                    "tool_call_id": call.get("id") or "",
-                    "name": call["name"],
-                    "args": call["args"],
-                    "description": decision.reason
-                    + (f" (rule: {decision.rule})" if decision.rule else ""),
-                }
-            )
-            resolved = _apply_decision(request, answer)
+            resolved = _apply_decision(request, interrupt(question))
             if isinstance(resolved, ToolMessage) or resolved is request:
                 return resolved
             if (twin := _repeat(resolved, edited=True)) is not None:
@@ -328,20 +337,20 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""
-        resolved = self._resolve(request)
+        resolved = drive(self._resolve(request))
         return resolved if isinstance(resolved, ToolMessage) else handler(resolved)
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it), async."""
-        resolved = self._resolve(request)
+        resolved = await adrive(self._resolve(request))
         return resolved if isinstance(resolved, ToolMessage) else await handler(resolved)
 
-    def _resolve(self, request: ToolCallRequest) -> ToolCallRequest | ToolMessage:
+    def _resolve(self, request: ToolCallRequest) -> Steps[ToolCallRequest | ToolMessage]:
         """The allowed request, or what answers it: a repeat's pointer, a refusal, a stub."""
         repeat = _repeat(request)
         if repeat is not None:
             return repeat
-        resolved = self._gate(request)
+        resolved = yield from self._gate(request)
         if isinstance(resolved, ToolMessage) or resolved.tool is None:
             return resolved
         answer = stub_answer(registered(resolved.tool), resolved.tool_call)
@@ -451,6 +460,18 @@ def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
             form = "{'type': 'reject', 'message': '...'} (or no message)"
         raise UserError(f"A {kind!r} decision for {where} needs its message as text: {form}.")
     return answer
+
+
+def _unasked(request: ToolCallRequest) -> UserError:
+    """The refusal of a resume value that reached a call no human was asked about."""
+    call = request.tool_call
+    return UserError(
+        f"Command(resume=...) reached {call['name']} (call {call.get('id')!r}), which no human "
+        "was asked about: its step runs it for the first time (sent by a Command(goto=...), or "
+        "left unrun when the run stopped), so the answer was given to no question about it. "
+        "Nothing ran. Resume only a thread that waits (its state's interrupts), answering "
+        "each by its id; to go on from here, send a new message."
+    )
 
 
 def _turn_ids(request: ToolCallRequest) -> set[str]:

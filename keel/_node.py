@@ -23,6 +23,7 @@ from langgraph._internal._constants import (
     CONFIG_KEY_TASK_ID,
     INTERRUPT,
     NS_SEP,
+    RESUME,
 )
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
@@ -30,7 +31,7 @@ from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
-from keel._drive import Steps, adrive, drive
+from keel._drive import Steps, adrive, both, drive
 from keel.errors import UserError
 from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
@@ -38,6 +39,7 @@ from keel.state import AgentState, RunContext
 __all__ = [
     "NO_RESUME",
     "NS_SEP",
+    "asked_before",
     "RunnableCallable",
     "context_of",
     "default_retry_on",
@@ -164,6 +166,33 @@ def peek_resume(config: RunnableConfig) -> Any:
         return scratchpad.resume[0]
     value = scratchpad.get_null_resume(False)
     return NO_RESUME if value is None else value
+
+
+def asked_before(config: RunnableConfig) -> Steps[bool]:
+    """Whether the task `config` belongs to asked a human before (`interrupt()`), as steps.
+
+    A plain `Command(resume=...)` answers whichever task of the step it resumes calls
+    `interrupt()` first, not only one that asked: a task the step runs for the first time (sent
+    by a `Command(goto=Send(...))`, or left unrun by a crash) would take it for a question it
+    never showed anyone. A task that asked has its interrupt (or the answer it took) saved in
+    the checkpoint it runs from; one that did not, has neither, or no saved checkpoint yet.
+    True without a checkpointer: nothing is ever resumed.
+    """
+    conf = config.get("configurable") or {}
+    saver, task = conf.get(CONFIG_KEY_CHECKPOINTER), conf.get(CONFIG_KEY_TASK_ID)
+    if saver is None:
+        return True
+    parent = str(conf.get(CONFIG_KEY_CHECKPOINT_NS) or "").rpartition(NS_SEP)[0]
+    checkpoint = (conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {}).get(parent)
+    thread = conf.get("thread_id")
+    if not task or not checkpoint or not thread:
+        return False
+    at = {
+        "configurable": {"thread_id": thread, "checkpoint_ns": parent, "checkpoint_id": checkpoint}
+    }
+    saved: CheckpointTuple | None = yield both(saver.get_tuple, saver.aget_tuple, at)
+    writes = (saved.pending_writes or []) if saved is not None else []
+    return any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes)
 
 
 _INVALID_RESUME = "_langgraph_invalid_resume"

@@ -27,7 +27,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterato
         json.dumps(
             {
                 "dependencies": [str(ROOT)],
-                "graphs": {"mw": str(ROOT / "tests" / "serve" / "middleware_agent.py") + ":graph"},
+                "graphs": {
+                    "mw": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:graph",
+                    "mw_ask": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:ask_graph",
+                },
                 "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
             }
         )
@@ -50,3 +53,22 @@ async def test_served_middleware_ignores_roles_the_client_sends(server: str) -> 
     (answer,) = [m for m in final["messages"] if m["type"] == "tool"]
     assert answer["response_metadata"]["keel_status"] == "denied"
     assert "for roles support" in answer["content"]
+
+
+async def test_a_served_approval_is_taken_by_the_call_it_asked_about(server: str) -> None:
+    """keel takes an answer only in a task whose question is saved in its checkpoint: served,
+    the server's own checkpointer holds it, and a reviewer's approval runs the call."""
+    alice = get_client(url=server, headers={"Authorization": "Bearer token-alice"})
+    async with alice:
+        thread = await alice.threads.create()
+        task = {"messages": [{"role": "user", "content": "refund A1"}]}
+        paused = await alice.runs.wait(thread["thread_id"], "mw_ask", input=task)
+        assert isinstance(paused, dict)
+        (asked,) = (await alice.threads.get_state(thread["thread_id"]))["interrupts"]
+        assert asked["value"]["name"] == "issue_refund"
+        final = await alice.runs.wait(
+            thread["thread_id"], "mw_ask", command={"resume": {"type": "approve"}}
+        )
+    assert isinstance(final, dict)
+    (answer,) = [m for m in final["messages"] if m["type"] == "tool"]
+    assert answer["content"] == "refunded A1"

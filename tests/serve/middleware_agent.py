@@ -1,9 +1,12 @@
 """A LangChain `create_agent` with keel's `PermissionMiddleware`, served by the e2e test.
 
-Only `admin` may delete accounts; the scripted model tries to, for whoever asks.
+Only `admin` may delete accounts; the scripted model tries to, for whoever asks. `ask_graph`
+asks a human about each refund (`support`), which the scripted model makes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from langchain.agents import create_agent
 from langchain_core.tools import tool
@@ -26,8 +29,21 @@ def delete_account(user: str) -> str:
     return f"deleted {user}"
 
 
-graph = create_agent(
-    ScriptedChatModel(script=[call("delete_account", user="bob"), "done"]),
-    tools=[delete_account],
-    middleware=[PermissionMiddleware(POLICY)],
+def served(fn: Any, first: Any, policy: Policy) -> Any:
+    """A `create_agent` whose scripted model makes the call `first`, then answers."""
+    model = ScriptedChatModel(script=[first, "done"])
+    return create_agent(model, tools=[fn], middleware=[PermissionMiddleware(policy)])
+
+
+@tool
+def issue_refund(order_id: str) -> str:
+    """Refund an order."""
+    return f"refunded {order_id}"
+
+
+graph = served(delete_account, call("delete_account", user="bob"), POLICY)
+ask_graph = served(
+    issue_refund,
+    call("issue_refund", order_id="A1"),
+    Policy(rules=(Rule(role="support", tool="*", action="ask"),)),
 )
