@@ -8,7 +8,9 @@ from urllib.parse import urlsplit
 
 import chromadb
 from chromadb.api import ClientAPI
+from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
+from chromadb.errors import ChromaError
 from langchain_core.embeddings import Embeddings
 from langgraph.store.base import IndexConfig, TTLConfig, ensure_embeddings
 
@@ -59,8 +61,7 @@ def client_of(
     if client is not None:
         return client, None
     if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=str(path), settings=settings), str(path)
+        return _persistent_client(str(path), settings), str(path)
     parts = urlsplit(str(url))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")
@@ -77,6 +78,29 @@ def client_of(
             "ChromaStore(path=...) for an embedded store."
         ) from exc
     return http, None
+
+
+def _persistent_client(path: str, settings: Settings) -> ClientAPI:
+    """An embedded client on `path`; a folder Chroma cannot open is a `SetupError` that says so.
+
+    chromadb caches a client's system by path before starting it, so one that failed to start
+    would stay cached and break every later open of that path in the process (`'RustBindingsAPI'
+    object has no attribute 'bindings'`, even once the folder is fixed): it is dropped.
+    """
+    cached = SharedSystemClient._identifier_to_system
+    known = path in cached
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=path, settings=settings)
+    except (OSError, ChromaError) as exc:
+        if not known:
+            cached.pop(path, None)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise SetupError(
+            f"Cannot open the Chroma store at {path} ({reason}): it must be a folder keel can "
+            "write, empty or holding a Chroma database. Check the folder and its permissions, "
+            "or give another one."
+        ) from exc
 
 
 def check_ttl(ttl: TTLConfig | None) -> TTLConfig | None:

@@ -271,6 +271,23 @@ def test_a_database_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
     assert "Traceback" not in done.stderr
 
 
+def test_a_chroma_folder_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """The demo's memory beside its database: a file where its folder should be, exit 2."""
+    (tmp_path / ".keel").mkdir()
+    (tmp_path / ".keel" / "chroma").write_text("not a folder")
+    done = _keel("demo", "--thread", "c1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"keel: Cannot open the Chroma store at {tmp_path / '.keel' / 'chroma'} (FileExistsError: "
+        f"[Errno 17] File exists: '{tmp_path / '.keel' / 'chroma'}'): it must be a folder keel "
+        "can write, empty or holding a Chroma database. Check the folder and its permissions, "
+        "or give another one.\n"
+    )
+    assert "[outcome]" not in done.stdout  # nothing ran
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,42 @@ def test_a_lone_surrogate_is_refused_naming_what_held_it(
     assert store.search(("m", "a")) == []  # nothing half-written
     store.put(("m", "a"), "k", {"text": "NUL \x00 is text"})  # valid UTF-8 is kept as it is
     assert store.get(("m", "a"), "k").value == {"text": "NUL \x00 is text"}  # type: ignore[union-attr]
+
+
+def _file_in_its_place(root: Path) -> None:
+    root.write_text("not a folder")
+
+
+def _a_folder_for_its_database(root: Path) -> None:
+    (root / "chroma.sqlite3").mkdir(parents=True)
+
+
+def _not_a_database(root: Path) -> None:
+    root.mkdir()
+    (root / "chroma.sqlite3").write_bytes(b"garbage, not SQLite" * 10)
+
+
+@pytest.mark.parametrize("spoil", [_file_in_its_place, _a_folder_for_its_database, _not_a_database])
+def test_a_folder_chroma_cannot_open_says_so_and_opens_once_mended(
+    tmp_path: Path, spoil: Any
+) -> None:
+    from keel.errors import SetupError
+
+    root = tmp_path / "chroma"
+    spoil(root)
+    with pytest.raises(
+        SetupError, match=rf"^Cannot open the Chroma store at {re.escape(str(root))} \("
+    ):
+        ChromaStore(path=root, index=_index())
+    if root.is_file():
+        root.unlink()
+    else:
+        shutil.rmtree(root)
+    # chromadb kept the client that failed to start cached by path; it is dropped, or this
+    # open, in the same process, failed with "'RustBindingsAPI' object has no attribute ..."
+    store = ChromaStore(path=root, index=_index())
+    store.put(("m", "a"), "k", {"text": "tea"})
+    assert store.get(("m", "a"), "k") is not None
 
 
 def test_a_client_you_built_works_too(tmp_path: Path) -> None:
