@@ -22,10 +22,12 @@ from keel.app.cli import main
 USER_AGENTS = textwrap.dedent(
     '''
     import asyncio
+    import os
     import time
     from typing import Any
 
     from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage
     from langchain_core.tools import tool
     from langgraph.graph import END, START, MessagesState, StateGraph
 
@@ -85,8 +87,18 @@ USER_AGENTS = textwrap.dedent(
         return {}
 
 
+    def _in_stock(state: MessagesState) -> dict[str, Any]:
+        if os.path.exists("inventory-down"):  # the test's switch for an outage
+            raise RuntimeError("the inventory service is down")
+        return {"messages": [AIMessage("A1 is in stock.")]}
+
+
     def crashing() -> Any:
         return _one_node(_boom)
+
+
+    def flaky() -> Any:
+        return _one_node(_in_stock)
 
 
     def slow() -> Any:
@@ -160,6 +172,25 @@ def test_a_graph_that_raises_ends_as_an_error_not_a_traceback(project: Path) -> 
     assert done.returncode == 1
     assert "[outcome] error / error: RuntimeError: the inventory service is down" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_a_thread_whose_graph_raised_is_saved_and_runs_on_from_the_cli(project: Path) -> None:
+    """`[outcome] error …` says `resume with keel run --thread ID`: that reruns the failed step
+    (it was refused: `Thread … is not waiting for anything`, exit 2)."""
+    (project / "inventory-down").touch()
+    failed = _keel("run", "--agent", "user_agents:flaky", "stock?", "--thread", "f1", cwd=project)
+    assert failed.returncode == 1, failed.stderr
+    assert "[outcome] error / error: RuntimeError: the inventory service is down" in failed.stdout
+    assert "keel: the thread is saved; resume with `keel run --thread f1`" in failed.stdout
+    (project / "inventory-down").unlink()
+    resumed = _keel("run", "--thread", "f1", cwd=project)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "keel: thread f1 stopped before its end; running on from there" in resumed.stdout
+    assert "[only] A1 is in stock." in resumed.stdout
+    assert "[outcome] success / completed" in resumed.stdout
+    again = _keel("run", "--thread", "f1", cwd=project)  # ended: nothing to run on
+    assert again.returncode == 2
+    assert "Thread f1 is not waiting for anything; give a task to continue it." in again.stderr
 
 
 def test_a_demo_thread_left_waiting_is_resumed_from_the_cli(project: Path) -> None:

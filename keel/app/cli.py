@@ -305,15 +305,18 @@ async def drive(
     if metadata:
         config["metadata"] = dict(metadata)
     payload: Any = {"messages": [("user", task)]} if task else None
+    go = task is not None
     if task is None:
         snapshot = await agent.aget_state(config)
-        if not snapshot.interrupts:
+        if not snapshot.interrupts and not snapshot.next:
             raise KeelError(
                 f"Thread {thread} is not waiting for anything; give a task to continue it."
             )
-        payload = None
+        go = not snapshot.interrupts  # a step that raised (or was cut short) runs again
+        if go:
+            print(f"keel: thread {thread} stopped before its end; running on from there", file=out)
     while True:
-        if payload is not None:
+        if go:
             try:
                 async for update in agent.astream(
                     payload, config, context=context, stream_mode="updates"
@@ -334,7 +337,7 @@ async def drive(
         if answer is None:
             print(f"keel: left waiting; resume with `keel run --thread {thread}`", file=out)
             break
-        payload = Command(resume=answer)
+        payload, go = Command(resume=answer), True
     values = _with_outcome(dict(snapshot.values), bool(snapshot.interrupts))
     _print_outcome(values, out)
     return values
