@@ -193,6 +193,17 @@ def test_a_thread_whose_graph_raised_is_saved_and_runs_on_from_the_cli(project: 
     assert "Thread f1 is not waiting for anything; give a task to continue it." in again.stderr
 
 
+def test_a_new_task_on_a_thread_runs_on_the_agent_that_made_it(project: Path) -> None:
+    """What Ctrl-C's line promises (`keel run --thread ID "…"` gives it a new task): it was
+    `keel run needs a model` for a thread of `--agent`, with no model set."""
+    first = _keel("run", "--agent", "user_agents:flaky", "A1?", "--thread", "g1", cwd=project)
+    assert first.returncode == 0, first.stderr  # (a new thread: --thread names no thread yet)
+    again = _keel("run", "--thread", "g1", "and A2?", cwd=project)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "keel: thread g1 on sqlite:///.keel/keel.db; agent user_agents:flaky" in again.stdout
+    assert "[only] A1 is in stock." in again.stdout
+
+
 def test_a_demo_thread_left_waiting_is_resumed_from_the_cli(project: Path) -> None:
     waiting = _keel("demo", "--wait", "--thread", "d1", cwd=project)
     assert waiting.returncode == 0, waiting.stderr

@@ -201,8 +201,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with persistence.acheckpointer() as saver:
             origin = {}
-            if args.command == "run" and not task:  # a resume: rebuild what made the thread
-                origin = await thread_origin(saver, thread)
+            if args.command == "run" and args.thread:  # rebuild what made the thread, for a
+                origin = await thread_origin(saver, thread, must_exist=not task)  # new task too
             ref = ref or origin.get("keel_agent")
             if ref:
                 agent: Any = load_agent(ref, saver)

@@ -97,13 +97,19 @@ def _call_factory(factory: Any, ref: str, checkpointer: BaseCheckpointSaver[Any]
         ) from exc
 
 
-async def thread_origin(saver: BaseCheckpointSaver[Any], thread: str) -> dict[str, str]:
+async def thread_origin(
+    saver: BaseCheckpointSaver[Any], thread: str, *, must_exist: bool = True
+) -> dict[str, str]:
     """What made `thread` (`keel_agent`, `keel_model`), from its latest checkpoint's metadata.
 
+    A thread that is not there has none (a new task starts it) unless it `must_exist`.
+
     Raises:
-        UserError: the database has no such thread.
+        UserError: the database has no such thread, and it `must_exist` (a resume).
     """
     found = await saver.aget_tuple({"configurable": {"thread_id": thread}})
+    if found is None and not must_exist:
+        return {}
     if found is None:
         raise UserError(
             f"There is no thread {thread!r} in this database; `keel threads` lists the "
