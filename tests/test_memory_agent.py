@@ -201,6 +201,30 @@ def test_user_namespaces_escape_periods_and_match_whole_labels() -> None:
     assert user_namespace(RunContext(user_id="u", tenant_id="acme-corp"))[1] != "acme"
 
 
+@pytest.mark.parametrize(
+    "attacker",
+    [
+        RunContext(user_id="al%2Eice", tenant_id="acme.corp"),  # the victim's escaped label
+        RunContext(user_id="al.ice", tenant_id="acme%2Ecorp"),
+        RunContext(user_id="al%2Eice", tenant_id="acme%2Ecorp"),
+    ],
+    ids=["user", "tenant", "both"],
+)
+def test_an_id_spelled_as_anothers_escaped_label_never_reaches_their_memories(
+    store: ChromaStore, attacker: RunContext
+) -> None:
+    """Escaping '.' as '%2E' must escape '%' too, or 'al%2Eice' would read 'al.ice'."""
+    victim = RunContext(user_id="al.ice", tenant_id="acme.corp")
+    store.put(user_namespace(victim), "s", {"text": "Alice's secret: timezone CET"})
+    model = ScriptedChatModel(script=["I know nothing about you."])
+    _ask(_graph(model, store), "what is my secret timezone?", attacker)
+    assert "CET" not in model.calls[0][0].text
+    assert user_namespace(attacker) != user_namespace(victim)
+    # and what the run wrote (its lesson) went to the attacker's namespace only
+    assert len(store.search(user_namespace(attacker, "lessons"))) == 1
+    assert store.search(user_namespace(victim, "lessons")) == []
+
+
 # Working memory --------------------------------------------------------------------------------
 
 
