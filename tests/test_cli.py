@@ -244,8 +244,24 @@ def test_a_count_or_days_out_of_range_is_a_usage_error_with_the_range(
         (["report", "--tenant", "t\x00"], "--tenant 't\\x00'"),
         (["run", "--thread", "\udcff"], "--thread '\\udcff'"),
         (["run", "refund \udce9", "--model", "keel:demo"], "the task 'refund \\udce9'"),
+        (["run", "hi", "--model", "keel:demo\udcff"], "--model 'keel:demo\\udcff'"),
+        (["run", "hi", "--agent", "m\x00:g"], "--agent 'm\\x00:g'"),
+        (["run", "hi", "--model", "m", "--price", "m\udcff=1,2"], "--price 'm\\udcff=1,2'"),
+        (["demo", "--user", "\udcffbob"], "--user '\\udcffbob'"),
+        (["demo", "--tenant", "acme\x00"], "--tenant 'acme\\x00'"),
     ],
-    ids=["audit-thread", "audit-user", "report-nul", "run-thread", "run-task"],
+    ids=[
+        "audit-thread",
+        "audit-user",
+        "report-nul",
+        "run-thread",
+        "run-task",
+        "run-model",
+        "run-agent-nul",
+        "run-price",
+        "demo-user",
+        "demo-tenant-nul",
+    ],
 )
 def test_text_keel_cannot_store_is_refused_naming_the_argument(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], named: str
