@@ -235,6 +235,50 @@ def test_demo_on_a_waiting_thread_answers_the_approval_instead_of_a_new_task(
     assert "[plan]" not in out  # no second task was started
 
 
+def test_a_model_given_on_resume_wins_over_the_threads_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's thread was made on keel:demo; --model names another, unpriced: refused."""
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["demo", "--wait", "--db", db, "--thread", "m1"]) == 0
+    capsys.readouterr()
+    resume = ["run", "--thread", "m1", "--approve", "--db", db]
+    assert main([*resume, "--model", "serve.house_model:model"]) == 2
+    assert "keel has no price for model 'house-model'" in capsys.readouterr().err
+    assert main(resume) == 0  # still waiting: nothing ran; on the thread's own model it ends
+    assert "resuming on keel:demo, the model this thread was made with" in capsys.readouterr().out
+
+
+def test_a_graph_of_yours_that_interrupts_ends_interrupted_awaiting_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No keel outcome in its state, an interrupt() that is not keel's approval: exit 0."""
+    module = f"asking_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(ASKING, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path}/k.db"
+    assert main(["run", "--agent", f"{module}:asking", "buy a shirt", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert '[interrupt] {"question": "which size?"}' in out
+    assert "[outcome] interrupted / awaiting_input: the graph waits (interrupt)" in out
+
+
+ASKING = textwrap.dedent(
+    """
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+
+    def ask(state):
+        return {"messages": [("ai", f"size {interrupt({'question': 'which size?'})}")]}
+
+    asking = StateGraph(MessagesState)
+    asking.add_node("ask", ask)
+    asking.add_edge(START, "ask")
+    asking.add_edge("ask", END)
+    """
+)
+
+
 def test_resuming_a_thread_that_does_not_exist_says_so(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
