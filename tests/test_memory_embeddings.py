@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,14 @@ def test_semantic_search_with_the_default_model(tmp_path: Path) -> None:
     )
 
 
+def _fresh_python(
+    code: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_the_model_loads_with_no_network(tmp_path: Path) -> None:
     # A fresh interpreter with every proxy pointed at a dead port: a download attempt would fail.
     code = (
@@ -100,16 +109,34 @@ def test_the_model_loads_with_no_network(tmp_path: Path) -> None:
     dead = "http://127.0.0.1:9"
     env = dict(os.environ, HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead)
     env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _fresh_python(code, tmp_path, env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "384"
+
+
+def test_a_store_on_the_default_model_never_touches_the_network(tmp_path: Path) -> None:
+    """The README's memory example, end to end, in a fresh interpreter whose every socket is
+    refused, with HF_HUB_OFFLINE and ANONYMIZED_TELEMETRY unset: no model download (keel's,
+    or Chroma's default embedding function's), no telemetry."""
+    from test_cli_agent import GUARDED
+
+    code = GUARDED + textwrap.dedent(
+        """
+        from keel.memory import ChromaStore, default_index
+
+        store = ChromaStore(path="chroma", index=default_index())
+        ns = ("memories", "acme", "alice")
+        store.put(ns, "drink", {"text": "Alice drinks green tea every morning"})
+        store.put(ns, "office", {"text": "Alice works from the Berlin office"})
+        print(store.search(ns, query="What beverage does she like?", limit=1)[0].key)
+        """
+    )
+    unset = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ANONYMIZED_TELEMETRY")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    done = _fresh_python(code, tmp_path, env)
+    assert "NETWORK ATTEMPT" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["drink"]
 
 
 class Vowels(EmbeddingFunction[Documents]):
@@ -184,9 +211,7 @@ def test_the_default_path_never_imports_torch(tmp_path: Path) -> None:
         "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers')"
         " if m in sys.modules))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    out = _fresh_python(code, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
