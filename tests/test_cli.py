@@ -277,6 +277,24 @@ def test_text_keel_cannot_store_is_refused_naming_the_argument(
     assert out.out == ""
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--user", ""], ["run", "hi", "--model", "keel:demo", "--tenant", "  "]],
+    ids=["demo-user", "run-tenant"],
+)
+def test_an_empty_user_or_tenant_is_refused_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """It said `RunContext.user_id must be a non-empty string … RunContext(user_id='acme')`."""
+    assert main([*argv, "--db", f"sqlite:///{tmp_path}/k.db"]) == 2
+    option = argv[-2]
+    assert capsys.readouterr().err == (
+        f"keel: {option} is empty: give the {option[2:]} id the run is for, or leave {option} "
+        "out for the default.\n"
+    )
+    assert not (tmp_path / "k.db").exists()  # before anything ran
+
+
 def test_a_database_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
     tmp_path: Path,
 ) -> None:

@@ -192,6 +192,12 @@ async def _run(args: argparse.Namespace) -> int:
                 "--price prices the model of keel's own agent; the agent --agent names has its "
                 "own price table: build it with build_agent(..., prices=PriceTable({...}))."
             )
+    for option in ("user", "tenant"):
+        if not getattr(args, option).strip():  # RunContext's own message names no option
+            raise KeelError(
+                f"--{option} is empty: give the {option} id the run is for, or leave --{option} "
+                "out for the default."
+            )
     persistence = Persistence(args.db)
     thread = args.thread or f"{args.command}-{uuid.uuid4().hex[:8]}"
     args.running_thread = thread  # for the message on Ctrl-C
