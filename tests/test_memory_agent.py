@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool as langchain_tool
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.graph import END, START, StateGraph
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import InjectedStore, ToolNode
 from langgraph.store.base import BaseStore
 from langgraph.store.memory import InMemoryStore
 
@@ -223,6 +225,25 @@ def test_an_id_spelled_as_anothers_escaped_label_never_reaches_their_memories(
     # and what the run wrote (its lesson) went to the attacker's namespace only
     assert len(store.search(user_namespace(attacker, "lessons"))) == 1
     assert store.search(user_namespace(victim, "lessons")) == []
+
+
+def test_an_injected_store_tool_of_langgraph_reads_a_chroma_store(store: ChromaStore) -> None:
+    """LangGraph's ToolNode fills `InjectedStore` with the graph's store (keel's agent does not:
+    its tools call `get_store()`, as `WorkingMemory.current()` does)."""
+
+    @langchain_tool
+    def read_note(key: str, store: Annotated[BaseStore, InjectedStore()]) -> str:
+        """Read a note."""
+        item = store.get(("notes", "acme"), key)
+        return str(item.value["text"]) if item else "no such note"
+
+    store.put(("notes", "acme"), "n1", {"text": "the spare key is under the mat"})
+    g = StateGraph(MessagesState)
+    g.add_node("tools", ToolNode([read_note]))
+    g.add_edge(START, "tools")
+    asked = AIMessage("", tool_calls=[{"name": "read_note", "args": {"key": "n1"}, "id": "c1"}])
+    result = g.compile(store=store).invoke({"messages": [asked]})
+    assert result["messages"][-1].text == "the spare key is under the mat"
 
 
 # Working memory --------------------------------------------------------------------------------
