@@ -167,6 +167,20 @@ def test_a_postgres_database_that_is_not_there_is_an_error_at_once(
     assert 'database "keel_no_such_db" does not exist. Create the database' in err
 
 
+@pytest.mark.parametrize(
+    "command", [["audit"], ["report"], ["threads"]], ids=["audit", "report", "threads"]
+)
+def test_no_postgres_server_is_an_error_at_once_without_the_password(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    nothing = "postgresql://postgres:hunter2@127.0.0.1:1/test"  # no server on port 1
+    assert main([*command, "--db", nothing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keel: cannot reach PostgreSQL at postgresql://postgres:***@127.0.0.1:1/")
+    assert err.endswith("Is the server running? Check the URL / KEEL_DB_URL.\n")
+    assert "hunter2" not in err
+
+
 def test_an_slo_path_that_is_a_directory_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
