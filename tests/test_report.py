@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage
 from keel import Ledger, Persistence, RunContext, build_agent
 from keel.app.cli import main
 from keel.app.cli_observe import parse_since
-from keel.app.health import acheck_health, check_health, semantic_check
+from keel.app.health import acheck_health, check_health, readiness, semantic_check
 from keel.app.report import Objective, build_report, load_objectives, percentile
 from keel.db.runs import RunLog
 from keel.errors import KeelError, UserError
@@ -139,6 +139,24 @@ def test_since_accepts_iso_times_and_ages() -> None:
     assert parse_since("2026-12-01") == 1796083200.0
     with pytest.raises(KeelError, match=re.escape("--since 'yesterday' is neither an ISO time")):
         parse_since("yesterday")
+
+
+def test_a_chroma_folder_that_fails_its_check_passes_it_once_mended(tmp_path: Path) -> None:
+    """chromadb cached the client that failed to start: every later check in the process (the
+    health endpoint's) failed with `'RustBindingsAPI' object has no attribute 'bindings'`."""
+    chroma = tmp_path / "chroma"
+    chroma.mkdir()
+    (chroma / "chroma.sqlite3").write_bytes(b"not a database" * 10)
+    db = f"sqlite:///{tmp_path}/keel.db"
+
+    def check() -> Any:
+        return next(c for c in readiness(db=db, chroma=chroma).checks if c.name == "chroma")
+
+    broken = check()
+    assert not broken.ok and "file is not a database" in broken.detail
+    (chroma / "chroma.sqlite3").unlink()
+    mended = check()
+    assert mended.ok, mended.detail
 
 
 def _answers(text: str) -> ScriptedChatModel:
