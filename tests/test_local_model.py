@@ -109,6 +109,17 @@ def test_models_dir_comes_from_the_environment(
     assert models_dir() == Path.home() / ".cache/keel/models"
 
 
+def test_keel_models_path_says_where_and_whether_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keel.app.cli import main
+
+    monkeypatch.setenv("KEEL_MODELS_DIR", str(tmp_path))
+    assert main(["models", "path"]) == 1
+    where = tmp_path / DEFAULT_LOCAL_MODEL.filename
+    assert capsys.readouterr().out == f"{where} (not installed: run `keel models install`)\n"
+
+
 def test_a_missing_model_file_names_keel_models_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     model = DEFAULT_LOCAL_MODEL
     if args.models_command == "path":
         path = model.path(folder)
-        state = "installed" if path.is_file() else "not installed (run `keel models install`)"
+        state = "installed" if path.is_file() else "not installed: run `keel models install`"
         print(f"{path} ({state})")
         return 0 if path.is_file() else 1
     if not args.no_extra:
