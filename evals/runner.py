@@ -257,7 +257,9 @@ async def arun_case(
 
 
 async def _drive(graph: Any, case: Case) -> tuple[dict[str, Any], int]:
-    config: RunnableConfig = {"configurable": {"thread_id": f"eval-{case.id}-{uuid.uuid4().hex}"}}
+    # a case id may hold what no database stores as an id (a lone surrogate): escaped here
+    label = case.id.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+    config: RunnableConfig = {"configurable": {"thread_id": f"eval-{label}-{uuid.uuid4().hex}"}}
     payload: Any = {"messages": list(case.messages)}
     steps = 0
     for _ in range(MAX_RESUMES):

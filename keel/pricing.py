@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ _FREE = Price(input_per_mtok=0.0, output_per_mtok=0.0)
 DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
     "gpt-4o": Price(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4o-2024-05-13": Price(input_per_mtok=5.00, output_per_mtok=15.00),  # dearer than gpt-4o
     "gpt-4.1-nano": Price(input_per_mtok=0.10, output_per_mtok=0.40),
     "gpt-4.1-mini": Price(input_per_mtok=0.40, output_per_mtok=1.60),
     "gpt-4.1": Price(input_per_mtok=2.00, output_per_mtok=8.00),
@@ -69,7 +71,9 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "claude-3-5-haiku": Price(input_per_mtok=0.80, output_per_mtok=4.00),
     "claude-haiku-4-5": Price(input_per_mtok=1.00, output_per_mtok=5.00),
     "claude-sonnet-4": Price(input_per_mtok=3.00, output_per_mtok=15.00),
+    "claude-sonnet-4-5": Price(input_per_mtok=3.00, output_per_mtok=15.00),
     "claude-opus-4": Price(input_per_mtok=15.00, output_per_mtok=75.00),
+    "claude-opus-4-1": Price(input_per_mtok=15.00, output_per_mtok=75.00),
     "gemini-2.5-flash": Price(input_per_mtok=0.30, output_per_mtok=2.50),
     "gemini-2.5-pro": Price(input_per_mtok=1.25, output_per_mtok=10.00),
     # keel's local model (`local:`, keel.local_model): runs on this machine, costs nothing.
@@ -79,10 +83,22 @@ DEFAULT_PRICES: Mapping[str, Price] = {
 }
 
 
-class PriceTable:
-    """Model prices by name, matched exactly or by the longest known prefix.
+_SNAPSHOT = re.compile(
+    r"(?:[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{2,4}|latest|v\d+(?::\d+)?|preview|exp))+"
+)
+"""What a dated or versioned name adds to the model it is a snapshot of (`-2024-07-18`,
+`-20241022`, `-001`, `-latest`, `-v1:0`, `@20240620`, `-preview-05-06`)."""
 
-    `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`; a provider prefix (`openai:`) is ignored.
+
+class PriceTable:
+    """Model prices by name, matched exactly or as a known name's dated snapshot.
+
+    `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`, and so are names that add only a
+    snapshot to a known one (`-20241022`, `-latest`, `-001`, `-v1:0`, `@20240620`, `-preview`,
+    `_SNAPSHOT`); a provider prefix (`openai:`) is ignored. Any other longer name is not
+    (`gpt-4o-realtime-preview`, `o4-mini-deep-research`, `claude-opus-4-5` cost more or less than
+    the name they start with): it is a model the table does not know, so a dollar limit never
+    holds a dearer model at a cheaper one's price.
     Local models (`ollama:…`, `local:…`) cost nothing unless you price them. A model the table
     does not know counts as $0 (one warning), except under a dollar limit (`Budget.usd`,
     `PeriodBudget.usd`): there keel refuses it when the agent is built, naming the model and
@@ -120,7 +136,7 @@ class PriceTable:
         if name in self._prices:
             return self._prices[name]
         for known in self._by_length:
-            if name.startswith(known):
+            if name.startswith(known) and _SNAPSHOT.fullmatch(name, len(known)):
                 return self._prices[known]
         return _FREE if model_name.startswith(FREE_PREFIXES) else None
 

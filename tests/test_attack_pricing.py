@@ -436,3 +436,48 @@ def test_a_nan_price_would_have_let_the_run_through() -> None:
     assert not (math.nan >= 0.01)  # the comparison check_budget makes
     with pytest.raises(UserError):
         PriceTable({"gpt-5": Price(input_per_mtok=math.nan, output_per_mtok=math.nan)})
+
+
+# -- a longer name is not a cheaper model's snapshot ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "priced_as"),
+    [
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("openai:gpt-4o-2024-08-06", "gpt-4o"),
+        ("claude-3-5-haiku-20241022", "claude-3-5-haiku"),
+        ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
+        ("claude-sonnet-4@20250514", "claude-sonnet-4"),
+        ("gemini-2.5-pro-preview-05-06", "gemini-2.5-pro"),
+        ("gemini-2.5-flash-001", "gemini-2.5-flash"),
+    ],
+)
+def test_a_dated_snapshot_is_priced_as_its_model(name: str, priced_as: str) -> None:
+    table = PriceTable()
+    assert table.price_of(name) == table.price_of(priced_as) is not None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt-4o-realtime-preview",  # $5 / $20 a million tokens, twice gpt-4o's
+        "gpt-4o-audio-preview",
+        "o4-mini-deep-research",  # $2 / $8, not o4-mini's $1.10 / $4.40
+        "claude-opus-4-5",  # $5 / $25: not Opus 4's price either
+        "gemini-2.5-flash-lite",
+        "gpt-4o-minimal",  # a made-up house model that starts with a known name
+    ],
+)
+def test_a_longer_name_is_not_priced_as_the_model_it_starts_with(name: str) -> None:
+    # priced by the longest known prefix, a dearer model ran under a dollar limit at a cheaper
+    # one's price: the budget let through twice what it said
+    assert PriceTable().price_of(name) is None
+    policy = Policy(budget=Budget(usd=0.01), rules=ALLOW)
+    with pytest.raises(UserError, match=f"no price for model {name!r}"):
+        build_agent(_model(name), [lookup], policy=policy)
+
+
+def test_gpt_4o_s_first_snapshot_has_its_own_dearer_price() -> None:
+    table = PriceTable()
+    assert table.price_of("gpt-4o-2024-05-13") == Price(input_per_mtok=5.0, output_per_mtok=15.0)
