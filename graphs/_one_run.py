@@ -22,9 +22,9 @@ renews all its runs' leases in one statement every `lease_s / 3`, as admission's
 released when the run ends, is closed or cancelled. The lease of a process that died is taken
 over at once when that process was on this host and PID namespace (its PID is gone: a resume
 after a crash does not wait), and so is one a run of this process left behind (Ctrl-C as it
-ended, or a release the ledger failed: `_left`); elsewhere it expires after `lease_s` (30 s),
-and then another process's run takes it. Two runs in one process wait for each other on the
-lock, without asking the ledger. A ledger that fails as a run takes the
+ended, or a release the ledger failed: `keel.guards.holders`); elsewhere it expires after
+`lease_s` (30 s), and then another process's run takes it. Two runs in one process wait for
+each other on the lock, without asking the ledger. A ledger that fails as a run takes the
 lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
 checkpointer: agents with checkpointers of their own that share a ledger and a thread id
 take turns on it too. LangGraph's server orders runs on a thread itself (`multitask_strategy`).
@@ -35,11 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -51,6 +48,7 @@ from keel._node import NS_SEP, inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import THREAD_LEASES, storable
 from keel.errors import UserError
+from keel.guards import holders
 from keel.guards.admission import _LoopRenewer, _renew_rows, _Renewer
 from keel.redact import sanitized_logger
 from keel.state import storable_ids
@@ -66,8 +64,6 @@ _FIRST_WAIT, _MOST_WAIT = 0.002, 0.05
 """Seconds between looks at a busy thread: doubling from the first to the most."""
 _FIRST_ASK, _MOST_ASK = 0.05, 0.5
 """Seconds between asks for a thread's lease that another process holds (each is a write)."""
-_LIVE: set[str] = set()
-"""The lease holders of this process's runs that have not ended (`_live`, `_left`)."""
 _LEASED: dict[tuple[str, str], int] = {}
 """The threads (id, namespace) whose ledger lease a run of this process holds, and how many."""
 _LEASE_S = 30.0
@@ -251,7 +247,7 @@ class ThreadLeases:
             held_by = yield both(self.ledger.run, self.ledger.arun, flow)
             if held_by == holder:
                 return
-            if held_by is not None and (_dead(held_by) or _left(held_by)):
+            if held_by is not None and (holders.dead(held_by) or holders.left(held_by)):
                 flow = _take_over_flow(thread, ns, held_by, holder, time.time() + self.lease_s)
                 yield both(self.ledger.run, self.ledger.arun, flow)
                 continue
@@ -289,8 +285,8 @@ class ThreadLeases:
     @contextlib.contextmanager
     def held(self, thread: str, ns: str) -> Iterator[None]:
         """Hold the thread's lease while the block runs (renewed), release it after."""
-        holder = _holder()
-        with _live(holder):
+        holder = holders.holder()
+        with holders.live(holder):
             try:
                 taken = drive(self._took(thread, ns, holder))
             except BaseException:  # interrupted while it waited: a lease just taken goes back
@@ -310,8 +306,8 @@ class ThreadLeases:
     @contextlib.asynccontextmanager
     async def aheld(self, thread: str, ns: str) -> AsyncIterator[None]:
         """Hold the thread's lease while the block runs (async); see `held`."""
-        holder = _holder()
-        with _live(holder):
+        holder = holders.holder()
+        with holders.live(holder):
             try:
                 taken = await adrive(self._took(thread, ns, holder))
             except BaseException:  # cancelled (a client gone) while it waited: give it back
@@ -387,82 +383,6 @@ def _aleased(
 def _named(key: tuple[Any, ...]) -> tuple[str, str]:
     """The thread id and namespace of an in-process key, as the ledger stores text."""
     return storable(key[1]), storable(key[2])
-
-
-def _holder() -> str:
-    """A run's name in the lease: this process (host, PID namespace, PID) and the run."""
-    return f"{_this_process()}/{uuid.uuid4().hex}"
-
-
-@contextlib.contextmanager
-def _live(holder: str) -> Iterator[None]:
-    """`holder` is a run of this process that has not ended, from before it asks for the lease."""
-    with _GUARD:
-        _LIVE.add(holder)
-    try:
-        yield
-    finally:
-        with _GUARD:
-            _LIVE.discard(holder)
-
-
-def _left(holder: str) -> bool:
-    """Whether `holder` is a run of this process that ended without giving its lease back.
-
-    Ctrl-C as it ended, or a ledger that failed to release it: nothing will renew or release
-    that lease, and a run of this process that asks for the thread holds its in-process lock,
-    so no other run here holds it (one on another checkpointer is live while it holds it).
-    """
-    with _GUARD:
-        return holder.startswith(f"{_this_process()}/") and holder not in _LIVE
-
-
-def _process() -> str:
-    try:  # two containers can share a host name and a PID, never a PID namespace
-        space = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        space = "?"
-    return f"{socket.gethostname()}/{space}/{os.getpid()}"
-
-
-def _this_process() -> str:
-    """`_process()`, read at import and again in a forked child (a process of its own).
-
-    Not on the event loop: reading `/proc` there is a blocking call (`langgraph dev` refuses it).
-    """
-    return _PROCESS["name"]
-
-
-def _forked() -> None:
-    _PROCESS["name"] = _process()
-
-
-_PROCESS = {"name": _process()}
-os.register_at_fork(after_in_child=_forked)
-
-
-def _dead(holder: str) -> bool:
-    """Whether `holder` is a run of a process of this host (and PID namespace) that is gone.
-
-    Such a lease need not be waited out: its process will never renew or release it (a worker
-    killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
-    holds until its lease expires.
-    """
-    parts = holder.rsplit("/", 3)
-    if len(parts) != 4:
-        return False
-    where, pid = parts[:2], parts[2]
-    this = _this_process()
-    here, here_pid = this.rsplit("/", 2)[:2], this.rsplit("/", 1)[1]
-    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists (another user's)
-        return False
-    return False
 
 
 def _take_over_flow(thread: str, ns: str, dead: str, holder: str, expires_at: float) -> Flow[None]:

@@ -9,7 +9,11 @@ it is written to the thread. A lease expires after `lease_s` unless its run rene
 while it streams), so a run whose process died does not hold a slot forever. A queued run
 asks the ledger with a growing pause (each ask locks the tenant's rows), and at once when a
 lease of the same process leaves; a `WaitingRoom` shared by a process's admissions caps how
-many of its runs wait at once, over every tenant.
+many of its runs wait at once, over every tenant. A lease names the run that holds it and its
+process (`keel.guards.holders`): one a run of this process left behind (Ctrl-C as it gave the
+slot back, a release the ledger failed or refused) is taken over by the next admission of its
+tenant at once, instead of holding the slot until it expires; another process's lease holds
+until it expires.
 
 Example:
     ```python
@@ -40,6 +44,7 @@ from keel._drive import Op, Steps, adrive, both, drive, finishing, sleep
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
+from keel.guards import holders
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext
 
@@ -238,6 +243,23 @@ class Admission:
             raise
 
     def _acquiring(self, context: RunContext, lease_id: str) -> Steps[Lease]:
+        """`_taking`, its run live (`keel.guards.holders`) from before its lease is written.
+
+        It stays live until its lease is released (`_releasing`); a refused run, or one whose
+        acquiring failed, ends here.
+        """
+        holder = holders.named(lease_id)
+        holders.enter(holder)
+        try:
+            lease = yield from self._taking(context, lease_id, holder)
+        except BaseException:
+            holders.leave(holder)
+            raise
+        if lease.refused is not None:
+            holders.leave(holder)
+        return lease
+
+    def _taking(self, context: RunContext, lease_id: str, holder: str) -> Steps[Lease]:
         """Take `lease_id`: run now, wait in the queue, or be refused (written once for both).
 
         A queued run asks the ledger again after 50 ms, then twice as long each time up to
@@ -248,7 +270,7 @@ class Admission:
         def run(flow: Flow[Any]) -> Op:
             return both(self.ledger.run, self.ledger.arun, flow)
 
-        state = yield run(_admit_flow(self.policy, context, lease_id, time.time()))
+        state = yield run(_admit_flow(self.policy, context, lease_id, holder, time.time()))
         state, seated = self._seated(state)
         try:
             now = time.monotonic()
@@ -306,16 +328,24 @@ class Admission:
             await self.ledger.arun(_renew_flow([lease.id], time.time() + self.policy.lease_s))
 
     def release(self, lease: Lease) -> None:
-        """Give the slot back (a refused lease holds none); this process's queued runs ask now."""
-        if lease.refused is None:
-            self.ledger.run(_release_flow(lease.id))
-            _free(self.ledger)
+        """Give the slot back (a refused lease holds none); this process's queued runs ask now.
+
+        However it ends, the run is no longer live: a lease the release could not delete
+        (Ctrl-C, the ledger failed) is taken over by the next admission of this process.
+        """
+        drive(self._releasing(lease))
 
     async def arelease(self, lease: Lease) -> None:
-        """Give the slot back (async)."""
+        """Give the slot back (async); see `release`."""
+        await adrive(self._releasing(lease))
+
+    def _releasing(self, lease: Lease) -> Steps[None]:
         if lease.refused is None:
-            await self.ledger.arun(_release_flow(lease.id))
-            _free(self.ledger)
+            try:
+                yield both(self.ledger.run, self.ledger.arun, _release_flow(lease.id))
+                _free(self.ledger)
+            finally:
+                holders.leave(holders.named(lease.id))
 
     @contextlib.contextmanager
     def holding(self, lease: Lease) -> Iterator[None]:
@@ -347,16 +377,26 @@ class Admission:
             await finishing(adrive(self._given_back(lease)))
 
     def _given_back(self, lease: Lease) -> Steps[None]:
-        """After the run: stop renewing `lease`, then release it."""
-        discard = functools.partial(self._renewer.discard, lease.id)
-        yield Op(discard, functools.partial(self._arenewer.discard, lease.id))
+        """After the run: stop renewing `lease`, then release it.
+
+        Interrupted or failed, the run still ends (`holders.leave`): its lease, left in the
+        ledger, is taken over by this process's next admission of the tenant.
+        """
         try:
-            yield both(self.release, self.arelease, lease)
-        except Exception as exc:  # the run's own result or error wins; the lease expires
-            log.warning("keel could not release admission lease %s: %s", lease.id, exc)
+            discard = functools.partial(self._renewer.discard, lease.id)
+            yield Op(discard, functools.partial(self._arenewer.discard, lease.id))
+            try:
+                yield from self._releasing(lease)
+            except Exception as exc:  # the run's own result or error wins
+                log.warning("keel could not release admission lease %s: %s", lease.id, exc)
+        finally:
+            holders.leave(holders.named(lease.id))
 
     def held(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
-        """Unexpired leases of a tenant (or one of its users) by state: running, queued."""
+        """Unexpired leases of a tenant (or one of its users) by state: running, queued.
+
+        Not those a run of this process left behind: its next admission takes them over.
+        """
         return self.ledger.run(_held_flow(tenant_id, user_id, time.time()))
 
     async def aheld(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
@@ -415,10 +455,7 @@ def _counts(context: RunContext, lease_id: str | None = None) -> Flow[dict[str, 
     `*_ahead`: the queued ones that came before `lease_id` (by arrival); `mine`: 1 while
     `lease_id` is still in the table.
     """
-    rows = yield (
-        f"SELECT user_id, state, acquired_at, id FROM {ADMISSION_LEASES.name} WHERE tenant_id = ?",
-        (context.tenant_id,),
-    )
+    rows = yield from _leases_of(context.tenant_id)
     mine = next((r for r in rows if r[3] == lease_id), None)
     out = {"tenant_running": 0, "tenant_queued": 0, "user_running": 0, "user_queued": 0}
     ahead = {"tenant": 0, "user": 0}
@@ -447,8 +484,26 @@ def _room(policy: AdmissionPolicy, counts: dict[str, int], ahead: bool) -> bool:
     return True
 
 
+def _leases_of(tenant_id: str) -> Flow[list[tuple[Any, ...]]]:
+    """The leases of `tenant_id` (user, state, acquired_at, id), its scope rows locked.
+
+    Those a run of this process left behind (`holders.left`) are deleted and left out: nothing
+    will renew or release them.
+    """
+    rows = yield (
+        f"SELECT user_id, state, acquired_at, id, holder FROM {ADMISSION_LEASES.name} "
+        "WHERE tenant_id = ?",
+        (tenant_id,),
+    )
+    gone = [row[3] for row in rows if row[4] is not None and holders.left(row[4])]
+    if gone:
+        marks = ", ".join("?" * len(gone))
+        yield f"DELETE FROM {ADMISSION_LEASES.name} WHERE id IN ({marks})", tuple(gone)
+    return [row[:4] for row in rows if row[3] not in gone]
+
+
 def _admit_flow(
-    policy: AdmissionPolicy, context: RunContext, lease_id: str, now: float
+    policy: AdmissionPolicy, context: RunContext, lease_id: str, holder: str, now: float
 ) -> Flow[str]:
     """Take a lease: `running`, `queued`, or the scope (`tenant` / `user`) that is full."""
     yield from _lock_scopes(context, now)
@@ -466,7 +521,7 @@ def _admit_flow(
     yield (
         f"INSERT INTO {ADMISSION_LEASES.name} ({ADMISSION_LEASES.select}) VALUES "
         f"({ADMISSION_LEASES.placeholders()})",
-        (lease_id, context.tenant_id, context.user_id, state, now, expires),
+        (lease_id, context.tenant_id, context.user_id, state, now, expires, holder),
     )
     return state
 
@@ -646,9 +701,12 @@ def _held_flow(tenant_id: str, user_id: str | None, now: float) -> Flow[dict[str
         where += " AND user_id = ?"
         params = (*params, user_id)
     rows = yield (
-        f"SELECT state, COUNT(*) FROM {ADMISSION_LEASES.name} WHERE {where} GROUP BY state",
+        f"SELECT state, holder, COUNT(*) FROM {ADMISSION_LEASES.name} WHERE {where} "
+        "GROUP BY state, holder",
         params,
     )
     out = {"running": 0, "queued": 0}
-    out.update({str(state): int(n) for state, n in rows})
+    for state, holder, n in rows:  # not those this process left behind: the next run takes them
+        if holder is None or not holders.left(holder):
+            out[str(state)] = out.get(str(state), 0) + int(n)
     return out

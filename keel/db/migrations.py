@@ -58,6 +58,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration("admission control: run leases per tenant and user (keel_admission_*)"),
     Migration("one run at a time per thread across processes: thread leases (keel_thread_leases)"),
+    Migration(
+        "admission leases name the process and run that hold them (holder), so a lease a run "
+        "of the same process left behind is taken over at once"
+    ),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

@@ -314,6 +314,8 @@ ADMISSION_LEASES = Table(  # keel.guards.admission: a slot held by a running or 
         Column("state", "TEXT", "NOT NULL", since=7),
         Column("acquired_at", _DOUBLE, "NOT NULL", since=7),
         Column("expires_at", _DOUBLE, "NOT NULL", since=7),
+        # the run of which process holds it (`keel.guards.holders`); NULL: an older keel's
+        Column("holder", "TEXT", since=9),
     ),
     primary_key=(),
     indexes=(

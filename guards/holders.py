@@ -1,0 +1,114 @@
+"""Who holds a lease: a run of some process, named so that a run of this process can tell.
+
+A lease (a thread's, `keel.graphs._one_run`; a tenant's run slot, `keel.guards.admission`)
+names its holder as `host/pid-namespace/pid/run`. The runs of this process that have not ended
+are `live`; a lease whose holder is a run of this process that is not live was left behind
+(Ctrl-C as the run gave it back, or a release the ledger failed or refused): nothing will renew
+or release it, so it is taken over at once instead of waited out (`left`). A lease of a process
+of this host (and PID namespace) that is gone can be told too (`dead`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+__all__ = ["dead", "enter", "holder", "leave", "left", "live", "named", "this_process"]
+
+_LIVE: set[str] = set()
+"""The holders of this process's runs that have not ended (`live`, `left`)."""
+_GUARD = threading.Lock()
+
+
+def holder() -> str:
+    """A new run's name in a lease: this process (host, PID namespace, PID) and the run."""
+    return named(uuid.uuid4().hex)
+
+
+def named(run: str) -> str:
+    """The holder that names `run` (an id unique in this process) as a run of this process."""
+    return f"{this_process()}/{run}"
+
+
+def enter(name: str) -> None:
+    """`name` is a run of this process that has not ended (its lease must be respected)."""
+    with _GUARD:
+        _LIVE.add(name)
+
+
+def leave(name: str) -> None:
+    """The run `name` ended: a lease it still holds is left behind (`left`)."""
+    with _GUARD:
+        _LIVE.discard(name)
+
+
+@contextlib.contextmanager
+def live(name: str) -> Iterator[None]:
+    """`name` is live while the block runs (`enter`, then `leave` however it ends)."""
+    enter(name)
+    try:
+        yield
+    finally:
+        leave(name)
+
+
+def left(name: str) -> bool:
+    """Whether `name` is a run of this process that ended without giving its lease back.
+
+    Ctrl-C as it ended, or a ledger that failed (or was closed) as it released it: nothing will
+    renew or release that lease.
+    """
+    with _GUARD:
+        return name.startswith(f"{this_process()}/") and name not in _LIVE
+
+
+def _process() -> str:
+    try:  # two containers can share a host name and a PID, never a PID namespace
+        space = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        space = "?"
+    return f"{socket.gethostname()}/{space}/{os.getpid()}"
+
+
+def this_process() -> str:
+    """`_process()`, read at import and again in a forked child (a process of its own).
+
+    Not on the event loop: reading `/proc` there is a blocking call (`langgraph dev` refuses it).
+    """
+    return _PROCESS["name"]
+
+
+def _forked() -> None:
+    _PROCESS["name"] = _process()
+
+
+_PROCESS = {"name": _process()}
+os.register_at_fork(after_in_child=_forked)
+
+
+def dead(name: str) -> bool:
+    """Whether `name` is a run of a process of this host (and PID namespace) that is gone.
+
+    Such a lease need not be waited out: its process will never renew or release it (a worker
+    killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
+    holds until its lease expires.
+    """
+    parts = name.rsplit("/", 3)
+    if len(parts) != 4:
+        return False
+    where, pid = parts[:2], parts[2]
+    this = this_process()
+    here, here_pid = this.rsplit("/", 2)[:2], this.rsplit("/", 1)[1]
+    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's)
+        return False
+    return False
