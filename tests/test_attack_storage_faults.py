@@ -54,7 +54,7 @@ class SqliteLedgerDown:
         self.aside = self.path.parent / "aside"
 
     def down(self) -> None:
-        self.ledger.close()  # its open connections would outlive the file's unlinking
+        self.ledger._disconnect()  # its open connections would outlive the file's unlinking
         self.aside.mkdir()
         for f in self.path.parent.glob(f"{self.path.name}*"):
             f.rename(self.aside / f.name)

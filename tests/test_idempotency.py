@@ -195,9 +195,11 @@ def test_an_open_tool_breaker_leaves_a_side_effecting_call_unclaimed(
     (reply,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert reply.response_metadata["keel_status"] == "unavailable"
     assert world.effects == []
-    assert ledger.run(records_flow("t", [reply.tool_call_id])) == {}
+    ledger.close()  # (closed already under ainvoke: its async pool belonged to that loop)
+    after = Ledger(db_url)
+    assert after.run(records_flow("t", [reply.tool_call_id])) == {}
+    after.close()
     assert result["outcome"]["terminated_reason"] == "completed"
-    ledger.close()
 
 
 async def test_concurrent_claims_run_once(db_url: str) -> None:

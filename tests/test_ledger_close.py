@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from keel import Ledger, StorageError
+from keel import Ledger
 
 _PRELUDE = """
 import asyncio, sqlite3, sys, threading, time
@@ -73,11 +73,10 @@ def test_close_from_another_thread_waits_for_the_running_transaction(tmp_path: P
         ledger.close()
         worker.join()
         assert result == {"count": 2000000}, result
-        assert ledger.run(slow_insert("after close")) == 2000000  # a closed ledger reopens
         print(marks(path))
         """,
     )
-    assert out.strip() == "['after close', 'first']"
+    assert out.strip() == "['first']"
 
 
 def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(tmp_path: Path) -> None:
@@ -99,7 +98,9 @@ def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(tmp_path: Path) -
     assert out.split() == ["timed", "out", "['cancelled']"]
 
 
-def test_a_failed_thread_connection_and_repeated_closes_reopen_cleanly(tmp_path: Path) -> None:
+def test_a_failed_thread_connection_reopens_and_repeated_closes_are_harmless(
+    tmp_path: Path,
+) -> None:
     out = _run(
         tmp_path,
         """
@@ -115,19 +116,19 @@ def test_a_failed_thread_connection_and_repeated_closes_reopen_cleanly(tmp_path:
         ledger.close()
         ledger.close()
         ledger.close_thread()
-        assert ledger.run(slow_insert("after closes")) == 2000000
         print(marks(path))
         """,
     )
-    assert out.split("\n")[:2] == ["storage error: True", "['after closes', 'again']"]
+    assert out.split("\n")[:2] == ["storage error: True", "['again']"]
 
 
-def test_runs_on_threads_while_the_ledger_is_closed_again_and_again_fail_only_as_storage(
+def test_runs_on_threads_while_the_ledger_drops_its_connections_again_and_again_never_fail(
     tmp_path: Path,
 ) -> None:
-    # `close()` puts a fresh thread-local in place while a thread reads its own: read twice, it
-    # raised a bare AttributeError ('_thread._local' object has no attribute 'file'), 15-21
-    # times in this loop before the fix
+    # dropping the connections (`close()` before a closed ledger stayed closed; a database taken
+    # away and put back) puts a fresh thread-local in place while a thread reads its own: read
+    # twice, it raised a bare AttributeError ('_thread._local' object has no attribute 'file'),
+    # 15-21 times in this loop before the fix
     ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
     ledger.setup()
 
@@ -141,8 +142,6 @@ def test_runs_on_threads_while_the_ledger_is_closed_again_and_again_fail_only_as
         for _ in range(3000):
             try:
                 ledger.run(one())
-            except StorageError:
-                pass  # a closed ledger may refuse to run: that is its contract to choose
             except Exception as exc:
                 errors.append(exc)
 
@@ -150,7 +149,7 @@ def test_runs_on_threads_while_the_ledger_is_closed_again_and_again_fail_only_as
     for worker in workers:
         worker.start()
     while any(worker.is_alive() for worker in workers):
-        ledger.close()
+        ledger._disconnect()
     for worker in workers:
         worker.join()
     ledger.close()

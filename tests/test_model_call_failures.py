@@ -39,7 +39,7 @@ def _broken_sqlite_ledger(tmp_path: Path) -> Ledger:
     path = tmp_path / "keel.db"
     ledger = Ledger(f"sqlite:///{path}")
     ledger.setup()
-    ledger.close()
+    ledger._disconnect()
     path.unlink()
     path.mkdir()
     return ledger
@@ -97,7 +97,7 @@ def _breaking(tmp_path: Path) -> tuple[Ledger, Any]:
     def break_it() -> None:
         shutil.move(path, tmp_path / "moved.db")
         path.mkdir()
-        ledger.close()  # its open connections would still reach the moved file
+        ledger._disconnect()  # its open connections would still reach the moved file
 
     return ledger, break_it
 

@@ -144,7 +144,9 @@ def returning(value: T) -> Flow[T]:
 class Ledger:
     """keel's tables in the database at `url` (`sqlite:///…` or `postgresql://…`).
 
-    Open it once per process and share it; `close()` / `await aclose()` release its pools.
+    Open it once per process and share it; `close()` / `await aclose()` release its pools, once
+    the runs that use it have ended. A closed ledger stays closed: using it again raises
+    `StorageError` instead of opening new connections behind the app's back.
 
     Example:
         ```python
@@ -167,6 +169,7 @@ class Ledger:
         self._setup_lock: asyncio.Lock | None = None
         self._setup_thread_lock = threading.Lock()
         self._ready = False
+        self._closed = False
         self._local = threading.local()
         self._sqlite_dbs: list[SqliteHandle] = []  # every thread's, for `close()`
         self._writer: threading.RLock | None = None  # the file's (`writer_lock`)
@@ -342,17 +345,46 @@ class Ledger:
         """Close the sync pool and SQLite connections (the async pool closes with `aclose`).
 
         Safe while another thread's transaction runs (say, a cancelled `ainvoke`'s, which
-        `asyncio.to_thread` cannot stop): that transaction ends, then its connection closes. A
-        later call opens new connections.
+        `asyncio.to_thread` cannot stop): that transaction ends, then its connection closes.
+        The ledger stays closed (closing it again does nothing): a later transaction raises
+        `StorageError` and opens nothing, so what a run still does after the app closed its
+        ledger (a stream closed late giving its leases back) cannot leak a pool.
+        """
+        with self._lock:
+            self._closed = True
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        """Close the SQLite connections and the sync pool; the next transaction opens new ones.
+
+        (Unless the ledger is closed.) For a database taken away and put back under a running
+        process (`tests/test_attack_storage_faults.py`).
         """
         with self._lock:
             handles, self._sqlite_dbs = self._sqlite_dbs, []
+            pool, self._pool = self._pool, None
         self._local = threading.local()
         for handle in handles:  # one in use closes when its transaction ends
             handle.retire()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if pool is not None:
+            pool.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` or `aclose()` was called (the ledger then refuses transactions)."""
+        return self._closed
+
+    def _refuse_closed(self) -> None:
+        """Raise `StorageError` if the ledger was closed: nothing is opened again."""
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> StorageError:
+        return StorageError(
+            f"the ledger at {self._persistence.safe_url} was closed (Ledger.close() / aclose()) "
+            "and does not reopen: close a ledger only after the runs that use it have ended (a "
+            "stream read to its end or closed), or give later runs a new Ledger."
+        )
 
     def close_thread(self) -> None:
         """Close the calling thread's SQLite connection; nothing to do on PostgreSQL.
@@ -363,11 +395,11 @@ class Ledger:
             self._forget_sqlite()
 
     async def aclose(self) -> None:
-        """Close both pools."""
+        """Close both pools; the ledger stays closed (see `close`)."""
         self.close()
-        if self._apool is not None:
-            await self._apool.close()
-            self._apool = None
+        pool, self._apool = self._apool, None
+        if pool is not None:
+            await pool.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -395,6 +427,8 @@ class Ledger:
                 done: T = yield both(self._on_pg, self._aon_pg, steps, transaction)
                 return done
             except (psycopg.Error, PoolTimeout) as exc:
+                if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
+                    raise self._closed_error() from exc
                 if _dead(exc):  # its siblings likely died too: replace every idle one
                     yield Op(self._drain, self._adrain)
                 if not replay.failed(exc, attempt, self):
@@ -477,6 +511,7 @@ class Ledger:
         (or an `asyncio.run`, whose worker threads end with it) would otherwise keep a
         connection per request open until `close()`.
         """
+        self._refuse_closed()
         mine = self._local  # once: `close()` may put a fresh one in its place meanwhile
         handle: SqliteHandle | None = getattr(mine, "handle", None)
         if handle is not None and mine.pid == os.getpid() and handle.acquire():
@@ -504,10 +539,14 @@ class Ledger:
             ) from exc
         handle = SqliteHandle(db)
         handle.acquire()
-        mine = self._local
-        mine.pid, mine.file, mine.path = os.getpid(), _file_id(path), path
-        mine.handle = handle  # last: a handle found here has the rest beside it
         with self._lock:  # the connections of threads that ended go as a new one comes
+            if self._closed:  # closed while it opened: `close()` did not see it
+                handle.release()
+                handle.retire()
+                self._refuse_closed()
+            mine = self._local
+            mine.pid, mine.file, mine.path = os.getpid(), _file_id(path), path
+            mine.handle = handle  # last: a handle found here has the rest beside it
             ended: list[SqliteHandle] = []
             kept = [handle]
             for each in self._sqlite_dbs:  # one look each: a thread ending meanwhile is in one
@@ -557,6 +596,7 @@ class Ledger:
 
     def _sync_pool(self) -> ConnectionPool[Any]:
         with self._lock:
+            self._refuse_closed()
             if self._pool is None:
                 self._pool = draining_pool(self.url, **self._pool_kwargs())
                 try:
@@ -570,12 +610,16 @@ class Ledger:
         if self._alock is None:
             self._alock = asyncio.Lock()
         async with self._alock:
+            self._refuse_closed()
             if self._apool is None:
                 pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
                     await pool.open(wait=True, timeout=10)
                 except Exception as exc:
                     raise self._unreachable(exc) from exc
+                if self._closed:  # closed while it opened: `aclose()` did not see it
+                    await pool.close()
+                    self._refuse_closed()
                 self._apool = pool
             return self._apool
 
