@@ -152,3 +152,38 @@ async def test_a_stream_ended_after_its_ledger_was_closed_leaks_nothing_and_rais
         assert _held_leases(db_url) == []
     finally:
         await fresh.aclose()
+
+
+async def test_a_run_keeps_its_outcome_when_its_ledger_is_closed_under_it(db_url: str) -> None:
+    """The app closes the ledger while a run is inside a tool: the run still answers with its
+    own outcome (what it could not give back or record is logged), and opens nothing again. A
+    run started on the closed ledger ends as `error/storage`, its detail saying the ledger was
+    closed, instead of reopening it."""
+    ledger = Ledger(db_url)
+
+    @tool
+    async def shut() -> str:
+        """Close the ledger under the run."""
+        await ledger.aclose()
+        return "closed"
+
+    agent = build_agent(
+        ScriptedChatModel(script=[call("shut"), "Done."], fresh_ids=True),
+        [shut],
+        policy=Policy(
+            rules=(Rule(tool="shut", action="allow"),),
+            admission=AdmissionPolicy(tenant_running=1),
+        ),
+        ledger=ledger,
+        checkpointer=InMemorySaver(),
+    )
+    first = await agent.ainvoke(TASK, {"configurable": {"thread_id": "t1"}}, context=CTX)
+    assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+    assert _open(db_url) == 0
+    later = agent.invoke(TASK, {"configurable": {"thread_id": "t2"}}, context=CTX)
+    assert (later["outcome"]["status"], later["outcome"]["terminated_reason"]) == (
+        "error",
+        "storage",
+    )
+    assert "was closed" in later["outcome"]["detail"]
+    assert _open(db_url) == 0
