@@ -61,7 +61,7 @@ async def test_a_closed_ledger_refuses_every_transaction_and_opens_nothing(db_ur
     ledger = Ledger(db_url)
     RunLog(ledger).query()  # the sync pool (or this thread's connection)
     await RunLog(ledger).aquery()  # the async pool (or a worker thread's connection)
-    assert _open(db_url) > 0
+    assert _open(db_url) > 0 and not ledger.closed
     await ledger.aclose()
     assert ledger.closed and _open(db_url) == 0
     with pytest.raises(StorageError, match=CLOSED):
