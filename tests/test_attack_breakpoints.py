@@ -95,9 +95,9 @@ def test_a_stream_paused_at_a_breakpoint_ends_with_the_outcome_in_values(
 
 def test_ainvoke_paused_at_a_breakpoint_says_so(db_url: str) -> None:
     SENT.clear()
-    ledger = Ledger(db_url)
 
-    async def main() -> tuple[Any, Any]:
+    async def main() -> tuple[Any, Any, list[tuple[str, str]]]:
+        ledger = Ledger(db_url)
         async with Persistence(db_url).acheckpointer() as saver:
             script = [call("send", x=1), "done"]
             agent = build_agent(
@@ -106,14 +106,14 @@ def test_ainvoke_paused_at_a_breakpoint_says_so(db_url: str) -> None:
             paused = await agent.ainvoke(GO, CONFIG, interrupt_after=["call_model"])
             assert _records(ledger) == [("interrupted", "breakpoint")]
             done = await agent.ainvoke(None, CONFIG)
+            records = _records(ledger)
         await ledger.aclose()
-        return paused, done
+        return paused, done, records
 
-    paused, done = asyncio.run(main())
+    paused, done, records = asyncio.run(main())
     assert paused["outcome"]["terminated_reason"] == "breakpoint"
     assert done["outcome"]["terminated_reason"] == "completed" and SENT == [1]
-    assert _records(ledger) == [("success", "completed")]
-    ledger.close()  # the sync pool `_records` opened
+    assert records == [("success", "completed")]
 
 
 def test_a_breakpoint_the_run_never_reaches_changes_nothing(world: tuple[Any, Ledger]) -> None:
