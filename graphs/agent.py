@@ -13,14 +13,14 @@ checks run inside the nodes they guard, and routing is by conditional edges.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, InjectedToolCallId
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -272,6 +272,7 @@ def build_agent(
     )
     _validate_models(model, fallback_models, downgrade_model, policy)
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+    _refuse_injected(registry)
     # every model call (agent, planner, judge) is reserved, limited, counted and falls back;
     # building the guards also checks the types of `policy`, `ledger`, `gate`, `prices` ...
     guards = AgentGuards.from_policy(
@@ -501,6 +502,42 @@ class _Wiring:
 
     def _to(self, route: Route, source: str) -> Any:
         return _to(route, self.observer, source, self.finish, self.end)
+
+
+def _refuse_injected(registry: ToolRegistry) -> None:
+    """Refuse a tool that needs an argument only LangGraph's `ToolNode` injects.
+
+    `InjectedState`, `InjectedStore`, `ToolRuntime` (and any required `InjectedToolArg` but
+    the call id, which LangChain fills itself): keel's `execute_tools` runs each call itself
+    and does not inject them, so every call of such a tool failed as "invalid arguments".
+    """
+    for entry in registry:
+        tool = entry.tool
+        asked = _fields(tool.tool_call_schema)
+        missing = [
+            name
+            for name, field in _fields(tool.get_input_schema()).items()
+            if name not in asked
+            and field.is_required()
+            and not any(
+                m is InjectedToolCallId or isinstance(m, InjectedToolCallId) for m in field.metadata
+            )
+        ]
+        if missing:
+            raise UserError(
+                f"Tool {tool.name!r} takes {', '.join(repr(n) for n in missing)}, which "
+                "LangGraph's ToolNode injects (InjectedState, InjectedStore, ToolRuntime); "
+                "keel's agent runs each call itself and does not inject them. In the tool, "
+                "call langgraph.config.get_store() for the store and "
+                "langgraph.config.get_config() for the run's config; pass what it needs of the "
+                "state as arguments the model fills."
+            )
+
+
+def _fields(schema: Any) -> dict[str, Any]:
+    """A pydantic (v2) schema's fields by name; none for anything else."""
+    fields = getattr(schema, "model_fields", None)
+    return dict(fields) if isinstance(fields, Mapping) else {}
 
 
 def _validate_models(

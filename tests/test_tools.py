@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from typing import Annotated
 
 import pytest
-from langchain_core.tools import StructuredTool
+from langchain.tools import ToolRuntime
+from langchain_core.tools import InjectedToolCallId, StructuredTool
+from langchain_core.tools import tool as lc_tool
+from langgraph.prebuilt import InjectedState, InjectedStore
 
 from keel import RunContext, build_agent
 from keel.errors import UserError
@@ -471,3 +475,36 @@ def test_only_a_tool_someone_declared_read_only_is_read_only() -> None:
     declared.add(plain, ToolSpec(risk="read"))
     entry = declared.get("plain")
     assert entry is not None and entry.read_only and registered(entry.tool).read_only
+
+
+def test_a_tool_needing_what_only_toolnode_injects_is_refused_when_the_agent_is_built() -> None:
+    # every call of it failed as "invalid arguments" (keel's execute_tools injects nothing),
+    # and the model could never use it
+    @lc_tool
+    def with_state(x: int, state: Annotated[dict, InjectedState]) -> str:  # type: ignore[type-arg]
+        """Needs the graph's state."""
+        return str(x)
+
+    @lc_tool
+    def with_store(x: int, store: Annotated[object, InjectedStore()]) -> str:
+        """Needs the store."""
+        return str(x)
+
+    @lc_tool
+    def with_runtime(x: int, runtime: ToolRuntime) -> str:
+        """Needs the runtime."""
+        return str(x)
+
+    @lc_tool
+    def with_call_id(x: int, call_id: Annotated[str, InjectedToolCallId]) -> str:
+        """Needs its call's id, which LangChain fills."""
+        return f"{x} {call_id}"
+
+    for needy, name in ((with_state, "state"), (with_store, "store"), (with_runtime, "runtime")):
+        with pytest.raises(UserError, match=rf"^Tool '{needy.name}' takes '{name}', which"):
+            build_agent(ScriptedChatModel(script=["hi"]), [needy])
+    agent = build_agent(
+        ScriptedChatModel(script=[call("with_call_id", x=1), "done"]), [with_call_id]
+    )
+    done = agent.invoke({"messages": [("user", "go")]})
+    assert done["messages"][2].content.startswith("1 call_")
