@@ -570,3 +570,17 @@ def test_a_supervisor_policy_kept_in_the_ledger_needs_the_ledger(tmp_path: Path)
     tenant = ServerConfig.from_file(_write(tmp_path, _routed(capped))).tenant("acme")
     with pytest.raises(SetupError, match=r"The supervisor of tenant 'acme' has period_budgets"):
         build_tenant_supervisor(tenant)
+
+
+def test_a_served_supervisor_carries_its_configured_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # agents took `version = "..."` and the supervisor did not: its records had no label
+    path = _write(tmp_path, _routed(', policy = { name = "router" }, version = "r7"'))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    from keel.app import server
+
+    graph = server.supervisor(runtime_for("acme"))
+    assert graph.keel_version is not None and graph.keel_version.label == "r7"
+    with pytest.raises(SetupError, match=r'supervisor needs version = "\.\.\."'):
+        ServerConfig.from_file(_write(tmp_path, _routed(', policy = { name = "r" }, version = ""')))

@@ -176,6 +176,7 @@ def build_tenant_supervisor(
         ledger=ledger,
         prices=tenant.prices,
         name="supervisor",
+        version=spec.version,
     )
 
 

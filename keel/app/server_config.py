@@ -24,7 +24,8 @@ memory_namespace = "memories"                         # memories: (this, tenant,
 supervisor = { model = "keel:demo-router", agents = ["support", "billing"], policy = "r.toml" }
                                                       # the router's calls are held to its
                                                       # policy (a path or a table); needed when
-                                                      # an agent it routes to has limits
+                                                      # an agent it routes to has limits; add
+                                                      # version = "r1" to label its records
 
 [tenants.acme.agents.billing]
 description = "Refunds and charges."
@@ -142,6 +143,8 @@ class SupervisorSpec:
     run budget counts the whole task, the agents' calls included; its period budgets, rate
     limits and breaker hold the router's calls. Required when an agent it routes to has a
     budget, period budgets or rate limits (else the router's calls would count against none)."""
+    version: str | None = None
+    """The version label its run records, audit records and traces carry (`keel.versions`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -427,7 +430,9 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         sup = raw["supervisor"]
         if not isinstance(sup, Mapping):
             raise UserError(f"[{where}] supervisor must be a table.")
-        _only(sup, {"model", "agents", "system_prompt", "policy"}, f"{where}.supervisor")
+        _only(
+            sup, {"model", "agents", "system_prompt", "policy", "version"}, f"{where}.supervisor"
+        )
         names = sup.get("agents", list(agents))
         unknown = sorted(set(names) - set(agents)) if isinstance(names, list) else names
         if unknown:
@@ -447,6 +452,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
             agents=tuple(names),
             system_prompt=sup.get("system_prompt"),
             policy=policy,
+            version=_text(sup, "version", f"{where}.supervisor") if "version" in sup else None,
         )
     return TenantConfig(
         name=name,
