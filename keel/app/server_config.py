@@ -430,9 +430,7 @@ def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
         sup = raw["supervisor"]
         if not isinstance(sup, Mapping):
             raise UserError(f"[{where}] supervisor must be a table.")
-        _only(
-            sup, {"model", "agents", "system_prompt", "policy", "version"}, f"{where}.supervisor"
-        )
+        _only(sup, {"model", "agents", "system_prompt", "policy", "version"}, f"{where}.supervisor")
         names = sup.get("agents", list(agents))
         unknown = sorted(set(names) - set(agents)) if isinstance(names, list) else names
         if unknown:

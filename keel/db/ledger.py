@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import os
 import random
 import sqlite3
@@ -173,6 +172,7 @@ class Ledger:
         self._local = threading.local()
         self._sqlite_dbs: list[SqliteHandle] = []  # every thread's, for `close()`
         self._writer: threading.RLock | None = None  # the file's (`writer_lock`)
+        self._down = _Unreachable(self._persistence)
 
     def __repr__(self) -> str:
         return f"Ledger({self._persistence.safe_url!r})"
@@ -421,12 +421,24 @@ class Ledger:
         `transaction=False`: the statements run on an autocommit connection, each on its own.
         """
         replay = _Replay(flow)
-        for attempt in itertools.count():
-            steps = replay.steps()
+        attempt, waited = 0, 0.0
+        while True:
+            self._down.check()  # connecting failed a moment ago: fail now, as it did
+            # a pool with no connection to give within one connect timeout: a server down, or
+            # every connection busy. One connection of keel's own tells which
+            wait = min(self._down.connect_timeout, _POOL_TIMEOUT - waited)
             try:
-                done: T = yield both(self._on_pg, self._aon_pg, steps, transaction)
+                done: T = yield both(self._on_pg, self._aon_pg, replay.steps(), transaction, wait)
                 return done
-            except (psycopg.Error, PoolTimeout) as exc:
+            except PoolTimeout as exc:
+                if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
+                    raise self._closed_error() from exc
+                waited += wait
+                yield from self._reached()  # raises when the server cannot be reached
+                if waited < _POOL_TIMEOUT:
+                    continue  # it can: the pool is busy, wait on
+                replay.failed(exc, attempt, self)
+            except psycopg.Error as exc:
                 if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
                     raise self._closed_error() from exc
                 if _dead(exc):  # its siblings likely died too: replace every idle one
@@ -434,11 +446,29 @@ class Ledger:
                 if not replay.failed(exc, attempt, self):
                     return replay.result  # a read whose commit was cut off: its rows stand
             yield sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
+            attempt += 1
 
-    def _on_pg(self, steps: Flow[T], transaction: bool) -> T:
-        """`steps` on a pooled connection (`_on_cursor`), rolled back if they fail mid-way."""
-        with self._sync_pool().connection() as conn:
+    def _reached(self) -> Steps[None]:
+        """Connect once to the server, outside the pool: `StorageError` when that fails.
+
+        The failure is remembered (`_Unreachable`): the steps of the next connect timeout fail
+        at once with it, instead of each waiting for a connection of its own.
+        """
+        self._down.check()
+        if self._down.reached_lately():
+            return
+        try:
+            yield both(self._persistence.reach, self._persistence.areach)
+        except SetupError as exc:
+            raise self._down.found(self._unreachable(exc)) from exc
+        self._down.reached()
+
+    def _on_pg(self, steps: Flow[T], transaction: bool, wait: float) -> T:
+        """`steps` on a pooled connection (`_on_cursor`), rolled back if they fail mid-way.
+
+        `wait`: seconds to wait for the connection (`PoolTimeout`).
+        """
+        with self._sync_pool().connection(timeout=wait) as conn:
             cur = ClientCursor(conn) if transaction else conn.cursor()
             try:
                 return drive(_on_cursor(cur, steps, transaction))
@@ -448,10 +478,10 @@ class Ledger:
                         cur.execute("ROLLBACK")
                 raise
 
-    async def _aon_pg(self, steps: Flow[T], transaction: bool) -> T:
+    async def _aon_pg(self, steps: Flow[T], transaction: bool, wait: float) -> T:
         """`_on_pg` on the async pool (the connection and its rollback awaited)."""
         pool = await self._async_pool()
-        async with pool.connection() as conn:
+        async with pool.connection(timeout=wait) as conn:
             cur = AsyncClientCursor(conn) if transaction else conn.cursor()
             try:
                 return await adrive(_on_cursor(cur, steps, transaction))
@@ -581,29 +611,36 @@ class Ledger:
         # keel's draining health check: after connections die, every idle one is replaced at
         # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
         # asynchronous except for claims and standing approvals (`durable`)
+        # each connection attempt waits one connect timeout (the URL's, else 5 s), not
+        # psycopg's 130 s
+        connecting = {"connect_timeout": int(self._down.connect_timeout)}
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
-            kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+            kwargs={"autocommit": True, "options": "-c synchronous_commit=off", **connecting},
             name="keel-ledger", fresh_for=FRESH_FOR,
         )  # fmt: skip
 
-    def _unreachable(self, exc: Exception) -> SetupError:
-        """Opening the pool failed with `exc`: the error that says so, with the likely fix."""
-        return SetupError(
-            f"Cannot open the ledger at {self._persistence.safe_url}: {exc}. "
-            "Is PostgreSQL running and the URL right?"
+    def _unreachable(self, exc: Exception) -> StorageError:
+        """Connecting failed with `exc`: the error that says so, with the likely fix."""
+        if isinstance(exc, SetupError):  # `Persistence.reach`'s: the server's reason, the fix
+            reason = str(exc).rstrip(".")
+        else:
+            reason = f"cannot open a pool at {self._persistence.safe_url}: {_one_line(exc)}"
+        return StorageError(
+            f"keel's ledger: {reason}. Nothing was written; resume the run once PostgreSQL answers."
         )
 
     def _sync_pool(self) -> ConnectionPool[Any]:
         with self._lock:
             self._refuse_closed()
             if self._pool is None:
+                drive(self._reached())  # a server down fails in one connect timeout, and says why
                 self._pool = draining_pool(self.url, **self._pool_kwargs())
                 try:
-                    self._pool.open(wait=True, timeout=10)
+                    self._pool.open(wait=True, timeout=_POOL_TIMEOUT)
                 except Exception as exc:
                     self._pool = None
-                    raise self._unreachable(exc) from exc
+                    raise self._down.found(self._unreachable(exc)) from exc
             return self._pool
 
     async def _async_pool(self) -> AsyncConnectionPool[Any]:
@@ -612,11 +649,12 @@ class Ledger:
         async with self._alock:
             self._refuse_closed()
             if self._apool is None:
+                await adrive(self._reached())
                 pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
-                    await pool.open(wait=True, timeout=10)
+                    await pool.open(wait=True, timeout=_POOL_TIMEOUT)
                 except Exception as exc:
-                    raise self._unreachable(exc) from exc
+                    raise self._down.found(self._unreachable(exc)) from exc
                 if self._closed:  # closed while it opened: `aclose()` did not see it
                     await pool.close()
                     self._refuse_closed()
@@ -643,6 +681,44 @@ def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
     for record in pending:
         yield from record
     return (yield from flow)
+
+
+class _Unreachable:
+    """Whether the ledger's server was found unreachable lately, and then steps fail at once.
+
+    A run takes several ledger steps (its thread's lease, admission, budgets, audit, its run
+    record). With the server down, each waited for a connection of its own, and a run took
+    tens of seconds to end. Once connecting failed, the steps of the next connect timeout
+    raise that failure at once; the first step after it connects again.
+    """
+
+    def __init__(self, persistence: Persistence) -> None:
+        self.connect_timeout = persistence.connect_timeout
+        """Seconds one attempt to connect waits (`Persistence.connect_timeout`)."""
+        self.error: StorageError | None = None
+        self.at = 0.0
+        """When connecting last failed (`error`) or, with `error` None, last worked."""
+
+    def check(self) -> None:
+        """Raise `StorageError` when connecting failed within the last connect timeout."""
+        error, ago = self.error, time.monotonic() - self.at
+        if error is not None and ago < self.connect_timeout:
+            raise StorageError(
+                f"{error} (connecting failed {ago:.1f} s ago; keel tries again "
+                f"{self.connect_timeout - ago:.1f} s from now)"
+            ) from error
+
+    def found(self, error: StorageError) -> StorageError:
+        """Remember `error`, connecting's failure, and return it."""
+        self.error, self.at = error, time.monotonic()
+        return error
+
+    def reached(self) -> None:
+        self.error, self.at = None, time.monotonic()
+
+    def reached_lately(self) -> bool:
+        """Whether connecting worked within the last connect timeout (no need to try again)."""
+        return self.error is None and time.monotonic() - self.at < self.connect_timeout
 
 
 _ATTEMPTS = 3

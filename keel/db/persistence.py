@@ -42,7 +42,7 @@ from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from tenacity import (
@@ -312,6 +312,13 @@ class Persistence:
             with self._errors("reach"), psycopg.connect(self.url, **self._connect_kwargs()):
                 pass
 
+    async def areach(self) -> None:
+        """Async `reach()`."""
+        if self.backend == "postgres":
+            with self._errors("reach"):
+                conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
+            await conn.close()
+
     def list_threads(self, limit: int = 50) -> list[ThreadSummary]:
         """The threads with checkpoints, newest first, each with its latest state.
 
@@ -419,6 +426,19 @@ class Persistence:
         if "connect_timeout" not in conninfo_to_dict(self.url):
             kwargs["connect_timeout"] = _CONNECT_TIMEOUT
         return kwargs
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds one attempt to connect to PostgreSQL waits for the server (per address).
+
+        The URL's `connect_timeout` (psycopg's rules: at least 2 s; 0 or less is psycopg's
+        130 s), else 5 s; 0 on SQLite.
+        """
+        if self.backend == "sqlite":
+            return 0.0
+        params = conninfo_to_dict(self.url)
+        params.setdefault("connect_timeout", _CONNECT_TIMEOUT)
+        return float(timeout_from_conninfo(params))
 
     def _pool_kwargs(self) -> dict[str, Any]:
         # every connection is checked when taken: skipping the check for a fresh, quiet one
