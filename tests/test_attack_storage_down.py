@@ -7,7 +7,8 @@ rate limits, audit, its run record); each waited for a connection of its own (10
 pool, the connection's own timeout), so a run against a hung server took 45 s to end. Real
 parts: a TCP listener that accepts and never answers (a hung server), a port where nothing
 listens, and a TCP proxy to the real test server that starts hanging mid-life. The bounds
-are correctness bounds on a hang (a few connect timeouts), not speed goals.
+are correctness bounds on a hang (a few connect timeouts), not speed goals. The checkpointer's
+side: a sync PostgreSQL checkpointer whose server hangs mid-run waits its pool's timeout once.
 """
 
 from __future__ import annotations
@@ -260,3 +261,32 @@ def test_storage_error_is_what_a_caller_of_the_ledger_sees(tmp_path: Path) -> No
             ledger.run(_one())
     finally:
         ledger.close()
+
+
+@pytest.mark.postgres
+def test_a_sync_checkpointer_whose_server_hangs_mid_run_waits_its_pool_timeout_once(
+    fresh_postgres_url: str,
+) -> None:
+    """The checkpointer's pool gives no connection within `pool_timeout`: the run ends
+    `error/storage` with the reason after that one wait. The sync saver took the pool's timeout
+    for a lost connection and waited again (twice `pool_timeout`: 60 s with the default)."""
+    pool_timeout = 3.0
+    port = urlsplit(fresh_postgres_url).port or 5432
+    payload = {"messages": [("user", "where is order A1?")]}
+    with _listening(target=port) as proxy:
+        persistence = Persistence(proxy.url(fresh_postgres_url), pool_timeout=pool_timeout)
+        with persistence.checkpointer() as saver:
+            model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "Shipped."] * 2)
+            agent = build_agent(model, [lookup], checkpointer=saver)
+            first = agent.invoke(payload, {"configurable": {"thread_id": "t1"}}, context=CTX)
+            assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+            proxy.hang()
+            started = time.monotonic()
+            ended = agent.invoke(payload, {"configurable": {"thread_id": "t2"}}, context=CTX)
+            took = time.monotonic() - started
+    assert took < 1.5 * pool_timeout, f"the run took {took:.1f} s"
+    assert (ended["outcome"]["status"], ended["outcome"]["terminated_reason"]) == (
+        "error",
+        "storage",
+    )
+    assert "couldn't get a connection after 3.00 sec" in ended["outcome"]["detail"]

@@ -145,8 +145,12 @@ def lost_twice(what: str) -> Iterator[None]:
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """Whether `exc` means the connection is gone (not e.g. a statement timeout)."""
-    if not isinstance(exc, psycopg.OperationalError):
+    """Whether `exc` means the connection is gone (not e.g. a statement timeout).
+
+    A pool that gave no connection within its timeout (`PoolTimeout`) lost none: a retry would
+    wait as long again (a run on a server gone down took twice the pool's timeout to end).
+    """
+    if not isinstance(exc, psycopg.OperationalError) or isinstance(exc, PoolTimeout):
         return False
     return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
 
