@@ -32,6 +32,7 @@ from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 from langsmith.run_helpers import tracing_context
 
+from keel.db.tables import storable
 from keel.errors import UserError
 from keel.evals.evaluators import Evaluator, default_evaluators, evaluate
 from keel.evals.executions import recording
@@ -258,7 +259,7 @@ async def arun_case(
 
 async def _drive(graph: Any, case: Case) -> tuple[dict[str, Any], int]:
     # a case id may hold what no database stores as an id (a lone surrogate): escaped here
-    label = case.id.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+    label = storable(case.id)
     config: RunnableConfig = {"configurable": {"thread_id": f"eval-{label}-{uuid.uuid4().hex}"}}
     payload: Any = {"messages": list(case.messages)}
     steps = 0
