@@ -430,21 +430,20 @@ class Ledger:
             try:
                 done: T = yield both(self._on_pg, self._aon_pg, replay.steps(), transaction, wait)
                 return done
-            except PoolTimeout as exc:
+            except psycopg.Error as exc:  # `PoolTimeout` and `PoolClosed` among them
                 if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
                     raise self._closed_error() from exc
-                waited += wait
-                yield from self._reached()  # raises when the server cannot be reached
-                if waited < _POOL_TIMEOUT:
-                    continue  # it can: the pool is busy, wait on
-                replay.failed(exc, attempt, self)
-            except psycopg.Error as exc:
-                if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
-                    raise self._closed_error() from exc
-                if _dead(exc):  # its siblings likely died too: replace every idle one
-                    yield Op(self._drain, self._adrain)
-                if not replay.failed(exc, attempt, self):
-                    return replay.result  # a read whose commit was cut off: its rows stand
+                if isinstance(exc, PoolTimeout):
+                    waited += wait
+                    yield from self._reached()  # raises when the server cannot be reached
+                    if waited < _POOL_TIMEOUT:
+                        continue  # it can: the pool is busy, wait on
+                    replay.failed(exc, attempt, self)
+                else:
+                    if _dead(exc):  # its siblings likely died too: replace every idle one
+                        yield Op(self._drain, self._adrain)
+                    if not replay.failed(exc, attempt, self):
+                        return replay.result  # a read whose commit was cut off: its rows stand
             yield sleep(_backoff(attempt))
             attempt += 1
 
