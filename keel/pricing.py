@@ -94,7 +94,7 @@ class PriceTable:
     """Model prices by name, matched exactly or as a known name's dated snapshot.
 
     `gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`, and so are names that add only a
-    snapshot to a known one (`-20241022`, `-latest`, `-001`, `-v1:0`, `@20240620`, `-preview`,
+    snapshot to a known one (`-20241022`, `-latest`, `-001`, `-v1:0`, `@20240620`, `-preview`:
     `_SNAPSHOT`); a provider prefix (`openai:`) is ignored. Any other longer name is not
     (`gpt-4o-realtime-preview`, `o4-mini-deep-research`, `claude-opus-4-5` cost more or less than
     the name they start with): it is a model the table does not know, so a dollar limit never
