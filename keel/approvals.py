@@ -9,9 +9,10 @@ copied, built from a digest, or moved to another thread or user, is ignored. A r
 no seal: it can only stop a call.
 
 The secret is `build_agent(approval_secret=...)`, else the `KEEL_APPROVAL_SECRET` environment
-variable, else a random one made when keel is imported. That default is secure but lasts one
-process: a grant sealed before a restart is not trusted after it (the call is asked about again,
-the safe side). Set a secret to keep grants across restarts and processes.
+variable, else a random one made when keel is imported. A secret you set must be at least
+`MIN_SECRET_BYTES` (16) long. The default is secure but lasts one process: a grant sealed before
+a restart is not trusted after it (the call is asked about again, the safe side). Set a secret to
+keep grants across restarts and processes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from keel.errors import UserError
 from keel.state import Approval, RunContext
 
 __all__ = [
+    "MIN_SECRET_BYTES",
     "SECRET_ENV",
     "Grants",
     "RunGrants",
@@ -41,6 +43,9 @@ __all__ = [
 
 SECRET_ENV = "KEEL_APPROVAL_SECRET"
 """The environment variable keel reads the approval secret from."""
+
+MIN_SECRET_BYTES = 16
+"""The shortest approval secret keel takes (128 bits): a short one could be guessed."""
 
 _PROCESS_SECRET = secrets.token_bytes(32)
 
@@ -105,16 +110,23 @@ class Grants:
     @classmethod
     def from_secret(cls, secret: str | bytes | None = None) -> Grants:
         """From `secret`, else `KEEL_APPROVAL_SECRET`, else this process's random secret."""
+        where = "build_agent(approval_secret=...)"
         if secret is None:
             secret = os.environ.get(SECRET_ENV) or None
+            where = f"${SECRET_ENV}"
         if secret is None:
             return cls(_PROCESS_SECRET)
         if not isinstance(secret, str | bytes) or not secret:
+            raise UserError(f"{where} must be a non-empty string or bytes, got {secret!r}.")
+        key = secret.encode() if isinstance(secret, str) else secret
+        if len(key) < MIN_SECRET_BYTES:
             raise UserError(
-                f"build_agent(approval_secret=...) must be a non-empty string or bytes, "
-                f"got {secret!r}."
+                f"{where} is {len(key)} bytes long: an approval secret seals grants (HMAC-SHA256) "
+                f"and must be at least {MIN_SECRET_BYTES} bytes, or anyone who guesses it can "
+                f'forge an approval. Make one with: python -c "import secrets; '
+                f'print(secrets.token_hex(32))"'
             )
-        return cls(secret.encode() if isinstance(secret, str) else secret)
+        return cls(key)
 
     def for_run(self, thread: str, context: RunContext) -> RunGrants:
         """The grants of one run: bound to its thread (`""` without one) and its user."""

@@ -275,18 +275,20 @@ def test_a_real_grant_copied_into_another_thread_does_not_run_the_call() -> None
 def test_grants_hold_in_another_process_with_the_same_secret_only() -> None:
     """A thread-scoped standing approval, read back by agents built elsewhere."""
     shop, saver = Shop(), InMemorySaver()
-    first = agent(shop, [call("issue_refund", order_id="A1"), "ok"], saver, approval_secret="s")
+    first = agent(
+        shop, [call("issue_refund", order_id="A1"), "ok"], saver, approval_secret="s" * 16
+    )
     first.invoke(user("refund A1"), cfg(), context=SUPPORT)
     first.invoke(Command(resume={"type": "approve", "always": True}), cfg(), context=SUPPORT)
     played = ["(turn 1)", "(turn 2)"]  # the scripted model answers by turn of the conversation
     twin = agent(
-        shop, [*played, call("issue_refund", order_id="A2"), "ok"], saver, approval_secret="s"
+        shop, [*played, call("issue_refund", order_id="A2"), "ok"], saver, approval_secret="s" * 16
     )
     done = twin.invoke(user("refund A2"), cfg(), context=SUPPORT)
     assert done["outcome"]["terminated_reason"] == "completed"
     assert shop.refunded == ["A1", "A2"]
     script = [*played, *played, call("issue_refund", order_id="A3"), "ok"]
-    stranger = agent(shop, script, saver, approval_secret="x")
+    stranger = agent(shop, script, saver, approval_secret="x" * 16)
     result = stranger.invoke(user("refund A3"), cfg(), context=SUPPORT)
     assert result["outcome"]["status"] == "interrupted"
     assert shop.refunded == ["A1", "A2"]
@@ -298,7 +300,7 @@ def test_a_served_agent_seals_grants_with_keel_approval_secret(
     """README (Serving): the servers' agents get no `approval_secret`; `KEEL_APPROVAL_SECRET`
     in their environment is what keeps a grant across restarts and replicas."""
     shop, saver = Shop(), InMemorySaver()
-    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "replicas-share-this")
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "replicas-share-this-secret")
     first = agent(shop, [call("issue_refund", order_id="A1"), "ok"], saver)
     first.invoke(user("refund A1"), cfg(), context=SUPPORT)
     first.invoke(Command(resume={"type": "approve", "always": True}), cfg(), context=SUPPORT)
@@ -308,12 +310,12 @@ def test_a_served_agent_seals_grants_with_keel_approval_secret(
         shop,
         [*played, call("issue_refund", order_id="A2"), "ok"],
         saver,
-        approval_secret="replicas-share-this",
+        approval_secret="replicas-share-this-secret",
     )
     done = replica.invoke(user("refund A2"), cfg(), context=SUPPORT)
     assert done["outcome"]["terminated_reason"] == "completed"
     assert shop.refunded == ["A1", "A2"]
-    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "another-deployment")
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "another-deployment-secret")
     script = [*played, *played, call("issue_refund", order_id="A3"), "ok"]
     result = agent(shop, script, saver).invoke(user("refund A3"), cfg(), context=SUPPORT)
     assert result["outcome"]["status"] == "interrupted"
@@ -323,13 +325,13 @@ def test_a_served_agent_seals_grants_with_keel_approval_secret(
 def test_a_standing_approval_does_not_survive_a_tool_version_bump() -> None:
     shop, saver = Shop(), InMemorySaver()
     script = [call("issue_refund", order_id="A1"), "ok"]
-    v1 = agent(shop, script, saver, approval_secret="k")
+    v1 = agent(shop, script, saver, approval_secret="k" * 16)
     v1.invoke(user("refund A1"), cfg(), context=SUPPORT)
     v1.invoke(Command(resume={"type": "approve", "always": True}), cfg(), context=SUPPORT)
     assert shop.refunded == ["A1"]
     model = ScriptedChatModel(script=["(turn 1)", "(turn 2)", call("issue_refund", order_id="A2")])
     v2 = build_agent(
-        model, shop.tools(version="2"), policy=POLICY, checkpointer=saver, approval_secret="k"
+        model, shop.tools(version="2"), policy=POLICY, checkpointer=saver, approval_secret="k" * 16
     )
     result = v2.invoke(user("refund A2"), cfg(), context=SUPPORT)
     assert result["outcome"]["status"] == "interrupted"
@@ -340,6 +342,22 @@ def test_approval_secret_is_validated() -> None:
     message = "build_agent(approval_secret=...) must be a non-empty string or bytes, got 5."
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         build_agent(ScriptedChatModel(script=["hi"]), approval_secret=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("secret", ["s", "fifteen-chars!!", b"\x00" * 15, "é" * 7])
+def test_a_guessable_approval_secret_is_refused(secret: str | bytes) -> None:
+    """A grant is only as strong as its HMAC key: a 1-byte secret is guessed in 256 tries."""
+    with pytest.raises(UserError, match=r"at least 16 bytes.*secrets\.token_hex"):
+        build_agent(ScriptedChatModel(script=["hi"]), approval_secret=secret)
+    build_agent(ScriptedChatModel(script=["hi"]), approval_secret=secret * 16)  # long enough
+
+
+def test_a_guessable_keel_approval_secret_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "short")
+    with pytest.raises(UserError, match=r"^\$KEEL_APPROVAL_SECRET is 5 bytes long"):
+        build_agent(ScriptedChatModel(script=["hi"]))
 
 
 # -- mistakes caught when the agent is built ---------------------------------------------------

@@ -338,7 +338,7 @@ def test_call_model_sends_at_most_one_system_message() -> None:
 # ===========================================================================================
 
 
-GRANTS = Grants.from_secret("test")
+GRANTS = Grants.from_secret("test" * 4)
 
 
 def sealed(approvals: dict[str, Any]) -> dict[str, Any]:

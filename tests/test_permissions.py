@@ -589,7 +589,7 @@ def test_no_denied_call_ever_executes(
     )
     model = ScriptedChatModel(script=[turn, "done"])
     agent = build_agent(
-        model, PROP_TOOLS, policy=policy, checkpointer=InMemorySaver(), approval_secret="prop"
+        model, PROP_TOOLS, policy=policy, checkpointer=InMemorySaver(), approval_secret="prop" * 4
     )
 
     allowed: list[tuple[str, str]] = []
@@ -620,7 +620,7 @@ def test_no_denied_call_ever_executes(
     config = thread("prop")
     # keel's graphs refuse approvals from a caller: seal them with the agent's secret (valid
     # grants) and write them past its entry points, as code with the checkpointer could
-    grants = Grants.from_secret("prop").for_run("prop", context)
+    grants = Grants.from_secret("prop" * 4).for_run("prop", context)
     sealed = {key: grants.seal(key, approval) for key, approval in seeded.items()}
     seed = Command(update={"messages": [("user", "go")], "approvals": sealed})
     chunks = list(
