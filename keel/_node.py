@@ -21,6 +21,7 @@ from langgraph._internal._constants import (
     CONFIG_KEY_SCRATCHPAD,
     CONFIG_KEY_SEND,
     CONFIG_KEY_TASK_ID,
+    ERROR,
     INTERRUPT,
     NS_SEP,
     RESUME,
@@ -37,6 +38,8 @@ from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
 
 __all__ = [
+    "ERROR",
+    "INTERRUPT",
     "NO_RESUME",
     "NS_SEP",
     "asked_before",

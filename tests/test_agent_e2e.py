@@ -111,6 +111,36 @@ def test_paused_thread_is_listed_as_waiting(db_url: str) -> None:
     assert [r.thread_id for r in rows] == ["waiting"]
     assert rows[0].next == ("human_review",)
     assert rows[0].values["outcome"]["status"] == "interrupted"
+    assert (rows[0].interrupted, rows[0].error, rows[0].status) == (True, None, "waiting")
+
+
+def test_threads_say_whether_they_wait_stopped_failed_or_ended(db_url: str) -> None:
+    """`ThreadSummary.status` (what `keel threads` shows): only a thread waiting on
+    `interrupt()` is `waiting`; one at a breakpoint is `stopped`; one whose step raised is
+    `error` (all three have a `next`: `keel threads` called them all waiting)."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    def boom(state: MessagesState) -> dict[str, object]:
+        raise RuntimeError("the inventory service is down")
+
+    persistence = Persistence(db_url)
+    with persistence.checkpointer() as saver:
+        agent = _agent(DemoShop(), saver)
+        task = {"messages": [("user", DEMO_TASK)]}
+        agent.invoke(task, _config("paused"), context=CTX, interrupt_before=["execute_tools"])  # type: ignore[attr-defined]
+        builder = StateGraph(MessagesState)
+        builder.add_node("only", boom)
+        builder.add_edge(START, "only")
+        with pytest.raises(RuntimeError):
+            builder.compile(checkpointer=saver).invoke(task, _config("failed"))
+        ended = build_agent(demo_model(), [], checkpointer=saver)  # type: ignore[arg-type]
+        ended.invoke({"messages": [("user", "hi")]}, _config("ended"), context=CTX)
+    rows = {row.thread_id: row for row in persistence.list_threads()}
+    assert rows["paused"].next and not rows["paused"].interrupted
+    assert rows["paused"].status == "stopped"
+    assert rows["failed"].error == "RuntimeError('the inventory service is down')"
+    assert (rows["failed"].next, rows["failed"].status) == (("only",), "error")
+    assert (rows["ended"].next, rows["ended"].error, rows["ended"].status) == ((), None, "success")
 
 
 @pytest.mark.parametrize("limit", [4, 7, 12])

@@ -174,7 +174,17 @@ def test_a_graph_that_raises_ends_as_an_error_not_a_traceback(project: Path) -> 
     assert "Traceback" not in done.stderr
 
 
-def test_a_thread_whose_graph_raised_is_saved_and_runs_on_from_the_cli(project: Path) -> None:
+def _threads(project: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, list[str]]:
+    """`keel threads` of the project's database: each thread's status and reason words."""
+    capsys.readouterr()
+    assert main(["threads", "--db", f"sqlite:///{project}/.keel/keel.db"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[0]: line.split()[2:] for line in lines}
+
+
+def test_a_thread_whose_graph_raised_is_saved_and_runs_on_from_the_cli(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`[outcome] error …` says `resume with keel run --thread ID`: that reruns the failed step
     (it was refused: `Thread … is not waiting for anything`, exit 2)."""
     (project / "inventory-down").touch()
@@ -182,18 +192,23 @@ def test_a_thread_whose_graph_raised_is_saved_and_runs_on_from_the_cli(project: 
     assert failed.returncode == 1, failed.stderr
     assert "[outcome] error / error: RuntimeError: the inventory service is down" in failed.stdout
     assert "keel: the thread is saved; resume with `keel run --thread f1`" in failed.stdout
+    listed = _threads(project, capsys)
+    assert listed["f1"][:2] == ["error", "RuntimeError('the"]  # it said "waiting"
     (project / "inventory-down").unlink()
     resumed = _keel("run", "--thread", "f1", cwd=project)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "keel: thread f1 stopped before its end; running on from there" in resumed.stdout
     assert "[only] A1 is in stock." in resumed.stdout
     assert "[outcome] success / completed" in resumed.stdout
+    assert _threads(project, capsys)["f1"][0] == "-"  # ended; the graph writes no outcome
     again = _keel("run", "--thread", "f1", cwd=project)  # ended: nothing to run on
     assert again.returncode == 2
     assert "Thread f1 is not waiting for anything; give a task to continue it." in again.stderr
 
 
-def test_a_new_task_on_a_thread_runs_on_the_agent_that_made_it(project: Path) -> None:
+def test_a_new_task_on_a_thread_runs_on_the_agent_that_made_it(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """What Ctrl-C's line promises (`keel run --thread ID "…"` gives it a new task): it was
     `keel run needs a model` for a thread of `--agent`, with no model set."""
     first = _keel("run", "--agent", "user_agents:flaky", "A1?", "--thread", "g1", cwd=project)
@@ -202,6 +217,13 @@ def test_a_new_task_on_a_thread_runs_on_the_agent_that_made_it(project: Path) ->
     assert again.returncode == 0, again.stdout + again.stderr
     assert "keel: thread g1 on sqlite:///.keel/keel.db; agent user_agents:flaky" in again.stdout
     assert "[only] A1 is in stock." in again.stdout
+    db = f"sqlite:///{project}/.keel/keel.db"
+    for option in (["--model", "keel:demo"], ["--price", "house=1,2"]):  # they were ignored
+        capsys.readouterr()
+        assert main(["run", "--thread", "g1", *option, "and A3?", "--db", db]) == 2
+        err = capsys.readouterr().err
+        assert f"{option[0]} " in err
+        assert "but thread g1 runs the agent user_agents:flaky, which has its own" in err
 
 
 def test_a_demo_thread_left_waiting_is_resumed_from_the_cli(project: Path) -> None:

@@ -31,6 +31,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from textwrap import shorten
 from typing import Any, TextIO, cast
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -183,15 +184,8 @@ async def _run(args: argparse.Namespace) -> int:
                 "--agent is empty: name your graph as module:attribute (e.g. "
                 "myapp.agent:graph), or drop --agent to run keel's own agent."
             )
-        if ref and args.model:
-            raise KeelError(
-                "--model sets the model of keel's own agent; the agent --agent names has its own."
-            )
-        if ref and args.price:
-            raise KeelError(
-                "--price prices the model of keel's own agent; the agent --agent names has its "
-                "own price table: build it with build_agent(..., prices=PriceTable({...}))."
-            )
+        if ref:
+            _no_model_options(args, "--agent names an agent of your own")
     for option in ("user", "tenant"):
         if not getattr(args, option).strip():  # RunContext's own message names no option
             raise KeelError(
@@ -209,7 +203,9 @@ async def _run(args: argparse.Namespace) -> int:
             origin = {}
             if args.command == "run" and args.thread:  # rebuild what made the thread, for a
                 origin = await thread_origin(saver, thread, must_exist=not task)  # new task too
-            ref = ref or origin.get("keel_agent")
+            if not ref and origin.get("keel_agent"):
+                ref = origin["keel_agent"]
+                _no_model_options(args, f"thread {thread} runs the agent {ref}")
             if ref:
                 agent: Any = load_agent(ref, saver)
                 metadata = {"keel_agent": ref}
@@ -232,6 +228,21 @@ async def _run(args: argparse.Namespace) -> int:
             await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
     return 0 if status in ("success", "interrupted") else 1
+
+
+def _no_model_options(args: argparse.Namespace, why: str) -> None:
+    """Refuse --model and --price off keel's own agent: they would be ignored there."""
+    if args.model:
+        raise KeelError(
+            f"--model sets the model of keel's own agent, but {why}, which has its own: "
+            "drop --model."
+        )
+    if args.price:
+        raise KeelError(
+            f"--price prices the model of keel's own agent, but {why}, which has its own price "
+            "table: drop --price, and build that agent with build_agent(..., "
+            "prices=PriceTable({...}))."
+        )
 
 
 async def _waiting(agent: Any, thread: str) -> bool:
@@ -513,9 +524,12 @@ def _threads(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         result = row.values.get("outcome") or {}
-        status = "waiting" if row.next else result.get("status", "-")
-        reason = result.get("terminated_reason", "-")
-        print(f"{row.thread_id:<24} {row.updated_at or '-':<32} {status:<12} {reason}")
+        reason = (
+            shorten(row.error, 60, placeholder="…")
+            if row.error
+            else result.get("terminated_reason", "-")
+        )
+        print(f"{row.thread_id:<24} {row.updated_at or '-':<32} {row.status:<12} {reason}")
     return 0
 
 

@@ -53,6 +53,7 @@ from tenacity import (
 )
 
 from keel._drive import Op, Steps, adrive, call, drive, retrying
+from keel._node import ERROR, INTERRUPT
 from keel.db.checkpoint.retention import (
     Flow,
     PruneReport,
@@ -148,6 +149,27 @@ class ThreadSummary:
     """The state's channel values (e.g. `"messages"`, `"outcome"`), internal channels left out."""
     next: tuple[str, ...] = ()
     """Nodes that run on resume (e.g. one waiting on `interrupt()`); empty when the run ended."""
+    interrupted: bool = False
+    """A node waits on `interrupt()`: the thread waits for an answer (`Command(resume=...)`)."""
+    error: str | None = None
+    """What the last run's failed step raised (e.g. `"RuntimeError('down')"`; it runs again
+    on resume), or `None`."""
+
+    @property
+    def status(self) -> str:
+        """What `keel threads` shows: `error`, `waiting`, `stopped`, or the outcome's status.
+
+        `waiting` is for an answer; `stopped` is cut short or at a breakpoint (it runs on with
+        `invoke(None)`); a graph that writes no outcome shows `-`.
+        """
+        if self.error is not None:
+            return "error"
+        if self.interrupted:
+            return "waiting"
+        if self.next:
+            return "stopped"
+        outcome = self.values.get("outcome")
+        return str(outcome.get("status", "-")) if isinstance(outcome, dict) else "-"
 
 
 def default_db_url() -> str:
@@ -761,7 +783,7 @@ def _thread_ids(saver: BaseCheckpointSaver[str], sql: str) -> list[str]:
 def _summarize(thread_id: str, tup: CheckpointTuple) -> ThreadSummary:
     """A `ThreadSummary` from a thread's latest checkpoint (no graph needed)."""
     checkpoint = tup.checkpoint
-    channels = checkpoint["channel_values"]
+    channels, writes = checkpoint["channel_values"], tup.pending_writes or ()
     # A node is pending while its trigger channel holds a value: LangGraph clears
     # `branch:to:<node>` once the node ran; `Send` packets wait in `__pregel_tasks`.
     pending = [c.removeprefix("branch:to:") for c in channels if c.startswith("branch:to:")]
@@ -772,6 +794,8 @@ def _summarize(thread_id: str, tup: CheckpointTuple) -> ThreadSummary:
         updated_at=checkpoint.get("ts"),
         values={k: v for k, v in channels.items() if not k.startswith(("branch:", "join:", "__"))},
         next=tuple(dict.fromkeys(pending)),
+        interrupted=any(channel == INTERRUPT for _, channel, _ in writes),
+        error=next((str(value) for _, channel, value in writes if channel == ERROR), None),
     )
 
 
