@@ -26,6 +26,7 @@ from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.approvals import approval_digest, decided
+from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded
@@ -373,6 +374,8 @@ def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
 
 _MAX_CALL_ID = 40
 """The longest tool-call id keel mints when it renames one (OpenAI refuses longer ids)."""
+_MAX_KEPT_ID = 128
+"""The longest tool-call id keel keeps as a model named it (providers' ids are 9 to 40 long)."""
 
 
 def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
@@ -386,7 +389,8 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
     answers one id. So before anything else sees the answer, the first call under an id that
     is new to the thread keeps it and every other call gets `<id>_<n>` (`call_<n>` when it had
     none), the smallest `n` that is free. The renamed answer is what the checkpoint stores, so a
-    resume sees the same ids, and the same history and answer give the same names.
+    resume sees the same ids, and the same history and answer give the same names. An id no
+    database stores, or a huge one, counts as none (`_storable_id`).
     Unparsable calls (`invalid_tool_calls`) are named too; so are `tool_use` content blocks
     (Anthropic's), in order, so the message stays consistent for its provider.
     """
@@ -395,10 +399,11 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
         return answer  # a final answer: no history to read
     ids = [c.get("id") or "" for c in calls]
     used = _used_ids(history)
-    if all(ids) and len(set(ids)) == len(ids) and used.isdisjoint(ids):
+    good = [i if _storable_id(i) else "" for i in ids]  # a bad id is as good as none
+    if all(good) and len(set(ids)) == len(ids) and used.isdisjoint(ids):
         return answer  # the usual answer: no copy
-    taken, kept, fresh = used | set(ids), set(), []
-    for old in ids:
+    taken, kept, fresh = used | set(good), set(), []
+    for old in good:
         if old and old not in used and old not in kept:
             kept.add(old)
             fresh.append(old)
@@ -410,7 +415,7 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
         fresh.append(new)
     log.warning(
         "the model named its tool calls %s (an id twice, an id already used in this thread, "
-        "or none); keel renamed them %s",
+        "none, or one no database stores); keel renamed them %s",
         ids,
         fresh,
     )
@@ -426,6 +431,17 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
     if isinstance(answer.content, list):
         update["content"] = _renamed_blocks(answer.content, ids, fresh)
     return answer.model_copy(update=update)
+
+
+def _storable_id(call_id: str) -> bool:
+    r"""Whether keel keeps a model's call id as it is: one every database stores whole.
+
+    A lone surrogate (`"c\ud800"`) is no UTF-8 and PostgreSQL's text holds no NUL: the call's
+    claim in the idempotency ledger failed, a bare `UnicodeEncodeError` out of `invoke` or the
+    run ended `error/storage`, for an id the model made up. An id longer than
+    `_MAX_KEPT_ID` would make the ledger's keys a model's to size.
+    """
+    return 0 < len(call_id) <= _MAX_KEPT_ID and storable(call_id) == call_id
 
 
 def _used_ids(history: Sequence[BaseMessage]) -> set[str]:

@@ -116,3 +116,73 @@ def test_a_thread_id_no_database_stores_never_poisons_the_run_records_whatever_t
         agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": later}})
     assert sorted(r.thread_id for r in RunLog(ledger).query()) == ["t2", "t3"]
     ledger.close()
+
+
+# -- tool-call ids a model makes up -------------------------------------------------------------
+
+
+def _turn(*calls: tuple[str, dict[str, Any], str]) -> Any:
+    from langchain_core.messages import AIMessage
+
+    return AIMessage(
+        content="",
+        tool_calls=[{"name": n, "args": a, "id": i, "type": "tool_call"} for n, a, i in calls],
+    )
+
+
+@pytest.mark.parametrize(
+    "call_id", ["c\ud800", "c\x00", "c" * 100_000], ids=["surrogate", "nul", "huge"]
+)
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_a_tool_call_id_no_database_stores_is_renamed_and_the_call_runs_once(
+    db_url: str, call_id: str, mode: str
+) -> None:
+    """A model names its call `"c\\ud800"` or `"c\\x00"`: the side-effecting call's claim in the
+    idempotency ledger raised a bare `UnicodeEncodeError` out of `invoke` (a surrogate) or
+    ended the run `error/storage` on PostgreSQL (NUL), for an id the model made up. keel
+    renames such an id (and a huge one) as it renames a missing one; the call runs once, its
+    answer and audit record under the new id, and a resume does not run it again."""
+    from keel import tool
+    from keel.db.audit import AuditLog
+    from keel.guards import Rule
+
+    refunded: list[str] = []
+
+    @tool(risk="write")
+    def refund(order_id: str) -> str:
+        """Refund an order."""
+        refunded.append(order_id)
+        return f"refunded {order_id}"
+
+    ledger = Ledger(db_url)
+    model = ScriptedChatModel(script=[_turn(("refund", {"order_id": "A1"}, call_id)), "done"])
+    policy = Policy(rules=(Rule(tool="refund", action="allow"),))
+    config = {"configurable": {"thread_id": f"ids-{mode}"}}
+    user = RunContext(user_id="u")
+
+    task = {"messages": [("user", "refund A1")]}
+
+    def agent(saver: Any) -> Any:
+        return build_agent(model, [refund], policy=policy, checkpointer=saver, ledger=ledger)
+
+    async def arun() -> tuple[Any, Any]:
+        async with Persistence(db_url).acheckpointer() as saver:
+            first = await agent(saver).ainvoke(task, config, context=user)
+            return first, await agent(saver).ainvoke(None, config, context=user)
+
+    if mode == "invoke":
+        with Persistence(db_url).checkpointer() as saver:
+            result = agent(saver).invoke(task, config, context=user)
+            again = agent(saver).invoke(None, config, context=user)
+    else:
+        result, again = asyncio.run(arun())
+    assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
+    (ai,) = [m for m in result["messages"] if getattr(m, "tool_calls", None)]
+    (answer,) = [m for m in result["messages"] if m.type == "tool"]
+    assert ai.tool_calls[0]["id"] == answer.tool_call_id == "call_1"
+    assert answer.response_metadata["keel_status"] == "success"
+    assert again["outcome"]["terminated_reason"] == "completed"  # the resume ran nothing
+    assert refunded == ["A1"]
+    records = AuditLog(ledger).query(thread=f"ids-{mode}")
+    assert [r.tool_call_id for r in records if r.tool == "refund"] == ["call_1"]
+    ledger.close()
