@@ -386,6 +386,14 @@ def _identity(raw: Any, where: str) -> RunContext:
     roles = data.get("roles", ["user"])
     if isinstance(roles, str) or not isinstance(roles, list):
         raise UserError(f"{where}: identity.roles must be a list of role names, got {roles!r}.")
+    fields = {"user": "user_id", "tenant": "tenant_id", "policy": "policy"}
+    for key in fields:
+        value = data.get(key, "-")
+        if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+            raise UserError(
+                f"{where}: identity.{key} must be a non-empty name, got {value!r}; "
+                f"leave it out for the default."
+            )
     try:
         return RunContext(
             user_id=str(data.get("user", "eval-user")),
@@ -393,8 +401,10 @@ def _identity(raw: Any, where: str) -> RunContext:
             roles=tuple(str(r) for r in roles),
             policy=str(data.get("policy", "default")),
         )
-    except ValueError as exc:
-        raise UserError(f"{where}: {exc}") from exc
+    except ValueError as exc:  # NUL, a lone surrogate: RunContext names its own field
+        for key, name in fields.items():
+            exc = ValueError(str(exc).replace(f"RunContext.{name}", f"identity.{key}"))
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _model(raw: Any, where: str) -> ModelSpec:

@@ -96,7 +96,15 @@ def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_pat
         ("cases: [{id: a, input: x, approvals: maybe}]", "approvals must be 'approve' or 'reject'"),
         ("cases: [{id: a, input: x, expec: {}}]", "unknown field(s) ['expec']"),
         ("cases: [{id: a, input: x, identity: {roles: admin}}]", "identity.roles must be a list"),
-        ("cases: [{id: a, input: x, identity: {user: ''}}]", "RunContext.user_id must be"),
+        ("cases: [{id: a, input: x, identity: {user: ''}}]", "identity.user must be a non-empty"),
+        # an empty YAML value is null: it ran as the user named "None"
+        ("cases: [{id: a, input: x, identity: {user: }}]", "identity.user must be a non-empty"),
+        ("cases: [{id: a, input: x, identity: {tenant: [a]}}]", "identity.tenant must be"),
+        ("cases: [{id: a, input: x, identity: {policy: true}}]", "identity.policy must be"),
+        (
+            'cases: [{id: a, input: x, identity: {user: "\\ud800"}}]',
+            "identity.user must be text that can be stored",
+        ),
         ("cases: [{id: a, input: x, budgets: {usd: -1}}]", "usd must be a number >= 0"),
         ("cases: [{id: a, input: x, budgets: {dollars: 1}}]", "unknown field(s) ['dollars']"),
         (
