@@ -295,6 +295,13 @@ def _opt_str(value: Any, where: str) -> str | None:
     raise UserError(f"{where} must be a string, got {value!r}.")
 
 
+def _text(value: Any, where: str) -> str:
+    """A text field: a string, or a number YAML read as one (`input: 42`); not a list or null."""
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return str(value)
+    raise UserError(f'{where} must be text, got {value!r}; quote it ("...") or "" for none.')
+
+
 def _strings(value: Any, where: str) -> tuple[str, ...]:
     """A list of names (`[a, b]`); a lone string is refused, not read as its letters."""
     if value is None:
@@ -368,7 +375,7 @@ def _messages(data: Mapping[str, Any], where: str) -> tuple[tuple[str, str], ...
     if "input" in data:
         if data["input"] is None:
             raise UserError(f'{where}: `input` is empty; give the user\'s text ("" for none).')
-        return (("user", str(data["input"])),)
+        return (("user", _text(data["input"], f"{where}: input")),)
     raw = data["messages"]
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}.")
@@ -377,7 +384,7 @@ def _messages(data: Mapping[str, Any], where: str) -> tuple[tuple[str, str], ...
         m = _mapping(m, f"{where}: message", ("role", "content"))
         if m.get("role") not in ("user", "assistant", "system"):
             raise UserError(f"{where}: a message role must be user, assistant or system.")
-        out.append((str(m["role"]), str(m.get("content", ""))))
+        out.append((str(m["role"]), _text(m.get("content", ""), f"{where}: message content")))
     return tuple(out)
 
 
@@ -444,9 +451,9 @@ def _turn(raw: Any, where: str = "script turn") -> AIMessage | str:
     elif "call" in data:
         calls = [{"name": data["call"], "args": data.get("args")}]
     else:
-        return str(data.get("text", ""))
+        return _text(data.get("text", ""), f"{where}: text")
     tool_calls = [_tool_call(c, f"{where}: calls[{i}]") for i, c in enumerate(calls)]
-    return AIMessage(content=str(data.get("text", "")), tool_calls=tool_calls)
+    return AIMessage(content=_text(data.get("text", ""), f"{where}: text"), tool_calls=tool_calls)
 
 
 def _expect(raw: Any, where: str) -> Expect:

@@ -149,6 +149,13 @@ def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_pat
             "overrides must be a mapping",
         ),
         ("cases: [{id: a, input: }]", "`input` is empty"),
+        # a list or a null read as its Python text ("['a']", "None") was sent to the agent
+        ("cases: [{id: a, input: [a, b]}]", "input must be text, got ['a', 'b']"),
+        (
+            "cases: [{id: a, messages: [{role: user, content: }]}]",
+            "message content must be text, got None",
+        ),
+        ("cases: [{id: a, input: x, model: {script: [{text: }]}}]", "script[0]: text must be text"),
         ("cases: [{id: a, input: x, budgets: {usd: .nan}}]", "usd must be a number >= 0, got nan"),
         (
             "cases: [{id: a, input: x, expect: {tools_succeed: 'false'}}]",
