@@ -13,14 +13,14 @@ checks run inside the nodes they guard, and routing is by conditional edges.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
-from langchain_core.tools import BaseTool, InjectedToolCallId
+from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -505,39 +505,37 @@ class _Wiring:
 
 
 def _refuse_injected(registry: ToolRegistry) -> None:
-    """Refuse a tool that needs an argument only LangGraph's `ToolNode` injects.
+    """Refuse a tool that needs an injected argument keel's agent cannot fill.
 
-    `InjectedState`, `InjectedStore`, `ToolRuntime` (and any required `InjectedToolArg` but
-    the call id, which LangChain fills itself): keel's `execute_tools` runs each call itself
-    and does not inject them, so every call of such a tool failed as "invalid arguments".
+    keel fills what LangGraph's `ToolNode` fills: `InjectedState` (the whole state, or a field
+    of `AgentState`), `InjectedStore`, `ToolRuntime`, and LangChain fills `InjectedToolCallId`.
+    A required argument of another `InjectedToolArg`, or `InjectedState` of a field
+    `AgentState` does not have, would fail every call of the tool.
     """
+    fields = set(AgentState.__annotations__)
     for entry in registry:
-        tool = entry.tool
-        asked = _fields(tool.tool_call_schema)
-        missing = [
-            name
-            for name, field in _fields(tool.get_input_schema()).items()
-            if name not in asked
-            and field.is_required()
-            and not any(
-                m is InjectedToolCallId or isinstance(m, InjectedToolCallId) for m in field.metadata
-            )
-        ]
-        if missing:
+        found = entry.injected
+        if found.unfilled:
             raise UserError(
-                f"Tool {tool.name!r} takes {', '.join(repr(n) for n in missing)}, which "
-                "LangGraph's ToolNode injects (InjectedState, InjectedStore, ToolRuntime); "
-                "keel's agent runs each call itself and does not inject them. In the tool, "
-                "call langgraph.config.get_store() for the store and "
-                "langgraph.config.get_config() for the run's config; pass what it needs of the "
-                "state as arguments the model fills."
+                f"Tool {entry.name!r} takes {', '.join(repr(n) for n in found.unfilled)}, an "
+                "injected argument keel's agent does not fill: it fills InjectedState, "
+                "InjectedStore, ToolRuntime and InjectedToolCallId. Use one of those (e.g. "
+                "runtime: ToolRuntime, for the config and context), or give the argument a "
+                "default."
             )
-
-
-def _fields(schema: Any) -> dict[str, Any]:
-    """A pydantic (v2) schema's fields by name; none for anything else."""
-    fields = getattr(schema, "model_fields", None)
-    return dict(fields) if isinstance(fields, Mapping) else {}
+        unknown = {
+            f
+            for p, f in found.state.items()
+            if f is not None and f not in fields and p not in found.optional
+        }
+        if unknown:
+            raise UserError(
+                f"Tool {entry.name!r} takes InjectedState of "
+                f"{', '.join(sorted(map(repr, unknown)))}, which keel's AgentState does not "
+                f"have; it has {', '.join(sorted(fields))}. "
+                "Take one of those (e.g. InjectedState('messages')), or the whole state "
+                "(InjectedState())."
+            )
 
 
 def _validate_models(

@@ -31,6 +31,7 @@ from keel.db.idempotency import CallRecord, ClaimGate, claim_flow, finish_flow, 
 from keel.db.ledger import Flow, Ledger
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import StorageError, UserError
+from keel.nodes._command import command_answer, is_command
 from keel.state import Outcome
 from keel.tools.registry import RegisteredTool
 
@@ -290,7 +291,21 @@ def _record(ledger: Ledger, flow: Flow[Any], alone: bool) -> Op:
 
 
 def succeeded(entry: RegisteredTool, call: ToolCall, result: Any) -> ToolMessage:
-    """The `ToolMessage` for a call that returned `result`."""
+    """The `ToolMessage` for a call that returned `result`.
+
+    A LangGraph `Command` gives its `ToolMessage` for the call, or an error when keel does not
+    apply it (`keel.nodes._command`).
+    """
+    if is_command(result):
+        answer = command_answer(call, result)
+        if isinstance(answer, str):
+            return tool_message(
+                call,
+                f"Error: {entry.name} returned {answer}",
+                "error",
+                keel_command="refused",
+            )
+        result = answer
     if isinstance(result, ToolMessage):
         status = "success" if result.status == "success" else "error"
         result.response_metadata = {**result.response_metadata, "keel_status": status}

@@ -8,6 +8,11 @@ once per thread across resumes, retries, replays and crashes (see `keel.db.idemp
 side-effecting call that repeats an earlier call of its turn (same tool, same canonical
 arguments) is not run: it shares that call's answer (`keel.tools._duplicates`).
 
+A tool gets what LangGraph's `ToolNode` would inject (`InjectedState`, `InjectedStore`,
+`ToolRuntime`: `keel.nodes._inject`), added to the model's arguments only as it is invoked; a
+call whose arguments name an injected parameter is `invalid_args`. A tool's `Command` answers
+its call with its own `ToolMessage`; keel refuses any other part of it (`keel.nodes._command`).
+
 Under `ainvoke` the calls of one turn run concurrently and a timeout cancels the call. Under
 `invoke` they run one after another, and a timed-out call's thread is abandoned (Python cannot
 cancel a thread); use `ainvoke` for cancellation.
@@ -20,7 +25,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal, Unpack
 
@@ -46,6 +51,7 @@ from keel.guards.policy import Budget
 from keel.guards.resilience import ToolGuard
 from keel.guards.screening import ascreen_tool_result, screen_tool_result
 from keel.history import in_call_order, pending_tool_calls
+from keel.nodes._inject import injected_args, with_injected
 from keel.nodes._once import (
     STORAGE_KEY,
     Unknown,
@@ -105,6 +111,9 @@ class _Job:
     entry: RegisteredTool
     key: tuple[str, str, str, str] | None = None
     """Its idempotency key when it runs through the ledger (`ledger_key`), set once planned."""
+    injected: Mapping[str, Any] = field(default_factory=dict)
+    """What keel injects (`InjectedState`, `InjectedStore`, `ToolRuntime`), added to the
+    model's arguments only as the tool is invoked (`keel.nodes._inject`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,7 @@ def execute_tools(
         ]
         planned = _within_budget(held.budget, state, planned)
         planned = [_keyed(p, config, ledger) for p in planned]
+        planned = [_injecting(p, state, config, runtime, tools) for p in planned]
         durable = any(isinstance(p, _Job) and p.key for p in planned)  # waits for its request
         if durable and not (yield from saved_steps(config, request)):
             planned = _not_saved(planned)
@@ -346,6 +356,22 @@ def _keyed(planned: Any, config: RunnableConfig, ledger: Ledger | None) -> Any:
     return replace(planned, key=ledger_key(planned.entry, planned.call, config, ledger))
 
 
+def _injecting(
+    planned: Any,
+    state: AgentState,
+    config: RunnableConfig,
+    runtime: Runtime[RunContext] | None,
+    tools: ToolRegistry,
+) -> Any:
+    """A cleared call with what keel injects into it, or its error when it cannot be filled."""
+    if not isinstance(planned, _Job):
+        return planned
+    injected = injected_args(planned.entry, planned.call, state, config, runtime, tools)
+    if isinstance(injected, str):
+        return _message(planned.call, injected, "error")
+    return replace(planned, injected=injected) if injected else planned
+
+
 def _not_saved(planned: list[Any]) -> list[Any]:
     """Answer the ledger calls `error`: the checkpoint holding their request was never saved."""
     return [
@@ -491,7 +517,7 @@ def _invoke(job: _Job, config: RunnableConfig) -> Any:
     be reached (LangChain runs it in a task of its own).
     """
     try:
-        return job.entry.tool.invoke(job.call, config)
+        return job.entry.tool.invoke(with_injected(job.call, job.injected), config)
     except SystemExit as exc:
         raise ToolExited(job.entry.name, exc) from None
 
@@ -503,7 +529,7 @@ async def _attempt_async(job: _Job, config: RunnableConfig) -> Any:
         async with deadline:
             if _is_sync(job.entry):
                 return await _in_daemon_thread(job, config)
-            return await job.entry.tool.ainvoke(job.call, config)
+            return await job.entry.tool.ainvoke(with_injected(job.call, job.injected), config)
     except TimeoutError:
         if not deadline.expired():
             raise

@@ -228,8 +228,8 @@ def test_an_id_spelled_as_anothers_escaped_label_never_reaches_their_memories(
 
 
 def test_an_injected_store_tool_of_langgraph_reads_a_chroma_store(store: ChromaStore) -> None:
-    """LangGraph's ToolNode fills `InjectedStore` with the graph's store (keel's agent does not:
-    its tools call `get_store()`, as `WorkingMemory.current()` does)."""
+    """LangGraph's ToolNode fills `InjectedStore` with the graph's store (keel's agent does too:
+    `tests/test_tool_injection.py`)."""
 
     @langchain_tool
     def read_note(key: str, store: Annotated[BaseStore, InjectedStore()]) -> str:

@@ -8,10 +8,9 @@ import sys
 from typing import Annotated
 
 import pytest
-from langchain.tools import ToolRuntime
-from langchain_core.tools import InjectedToolCallId, StructuredTool
+from langchain_core.tools import InjectedToolArg, InjectedToolCallId, StructuredTool
 from langchain_core.tools import tool as lc_tool
-from langgraph.prebuilt import InjectedState, InjectedStore
+from langgraph.prebuilt import InjectedState
 
 from keel import RunContext, build_agent
 from keel.errors import UserError
@@ -477,22 +476,23 @@ def test_only_a_tool_someone_declared_read_only_is_read_only() -> None:
     assert entry is not None and entry.read_only and registered(entry.tool).read_only
 
 
-def test_a_tool_needing_what_only_toolnode_injects_is_refused_when_the_agent_is_built() -> None:
-    # every call of it failed as "invalid arguments" (keel's execute_tools injects nothing),
-    # and the model could never use it
+class Secret(InjectedToolArg):
+    """An injected argument some other runner fills (module level: a string annotation of a
+    local class does not resolve)."""
+
+
+def test_a_tool_needing_an_injection_keel_cannot_fill_is_refused_when_the_agent_is_built() -> None:
+    # keel fills InjectedState, InjectedStore, ToolRuntime (tests/test_tool_injection.py) and
+    # LangChain InjectedToolCallId; another required InjectedToolArg, or InjectedState of a
+    # field AgentState lacks, would fail every call: the model could never use the tool
     @lc_tool
-    def with_state(x: int, state: Annotated[dict, InjectedState]) -> str:  # type: ignore[type-arg]
-        """Needs the graph's state."""
+    def with_secret(x: int, secret: Annotated[str, Secret()]) -> str:
+        """Needs a secret only another runner fills."""
         return str(x)
 
     @lc_tool
-    def with_store(x: int, store: Annotated[object, InjectedStore()]) -> str:
-        """Needs the store."""
-        return str(x)
-
-    @lc_tool
-    def with_runtime(x: int, runtime: ToolRuntime) -> str:
-        """Needs the runtime."""
+    def with_field(x: int, user: Annotated[str, InjectedState("user_name")]) -> str:
+        """Needs a state field keel's agent does not have."""
         return str(x)
 
     @lc_tool
@@ -500,9 +500,12 @@ def test_a_tool_needing_what_only_toolnode_injects_is_refused_when_the_agent_is_
         """Needs its call's id, which LangChain fills."""
         return f"{x} {call_id}"
 
-    for needy, name in ((with_state, "state"), (with_store, "store"), (with_runtime, "runtime")):
-        with pytest.raises(UserError, match=rf"^Tool '{needy.name}' takes '{name}', which"):
-            build_agent(ScriptedChatModel(script=["hi"]), [needy])
+    with pytest.raises(UserError, match=r"^Tool 'with_secret' takes 'secret', an injected "):
+        build_agent(ScriptedChatModel(script=["hi"]), [with_secret])
+    with pytest.raises(
+        UserError, match=r"^Tool 'with_field' takes InjectedState of 'user_name', which keel's "
+    ):
+        build_agent(ScriptedChatModel(script=["hi"]), [with_field])
     agent = build_agent(
         ScriptedChatModel(script=[call("with_call_id", x=1), "done"]), [with_call_id]
     )

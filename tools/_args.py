@@ -6,15 +6,27 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
 __all__ = ["invalid_args"]
 
 
 def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
-    """Why `args` do not fit the tool's schema (`None`: they do); checked before a call runs."""
+    """Why `args` do not fit the tool's schema (`None`: they do); checked before a call runs.
+
+    Arguments that name a parameter the agent injects (`InjectedState`, `InjectedStore`,
+    `ToolRuntime`, `InjectedToolCallId`, ...) never fit: the model cannot set them.
+    """
     if not isinstance(args, dict):
         return f"arguments must be a JSON object, got {type(args).__name__}"
+    forged = spoofed(entry.injected, args)
+    if forged:
+        names = ", ".join(repr(k) for k in forged)
+        return (
+            f"{names}: not an argument of this tool (the agent fills it, never a tool call); "
+            "leave it out"
+        )
     schema = entry.tool.tool_call_schema
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         try:

@@ -83,9 +83,12 @@ class KeelTool(StructuredTool):
             raise ToolExited(self.name, exc) from None
 
     def _stubbed(self, tool_input: str | dict[str, Any], call_id: str | None) -> Any:
+        entry = registered(self)
         args = dict(tool_input) if isinstance(tool_input, dict) else {"input": tool_input}
+        # the stub sees the model's arguments: never what ToolNode or keel injected
+        args = {k: v for k, v in args.items() if k not in entry.injected.keys}
         call = ToolCall(name=self.name, args=args, id=call_id)
-        answer = stub_answer(registered(self), call)
+        answer = stub_answer(entry, call)
         if answer is None:
             return None
         return answer.content if call_id is None else stub_message(answer, call_id, self.name)

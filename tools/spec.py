@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from keel.errors import UserError
+from keel.tools._injected import Injections, injections
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
@@ -119,6 +120,14 @@ class RegisteredTool:
     def name(self) -> str:
         """The tool's name, as the model calls it."""
         return self.tool.name
+
+    @property
+    def injected(self) -> Injections:
+        """The arguments the agent injects (state, store, runtime), never the model's.
+
+        The same as LangGraph's `ToolNode` injects (`keel.tools._injected`).
+        """
+        return injections(self.tool)
 
     @property
     def read_only(self) -> bool:
