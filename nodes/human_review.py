@@ -243,8 +243,8 @@ def _requests(
     out: list[ReviewRequest] = []
     for call in calls:
         entry = tools.get(call["name"])
-        if entry is None or not isinstance(call.get("args"), dict):
-            continue
+        if entry is None or invalid_args(entry, call.get("args")) is not None:
+            continue  # execute_tools answers it: no human is asked about a call that cannot run
         if (call.get("id") or "") in dupes:
             continue  # a repeat of an earlier call of the turn follows that call's answer
         decision = decide(entry, call["args"], context)

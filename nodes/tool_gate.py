@@ -32,6 +32,7 @@ from keel.guards.loop import call_sequence, detect_loop
 from keel.history import pending_tool_calls
 from keel.nodes._once import tool_message
 from keel.state import AgentState, RunContext, run_usage
+from keel.tools._args import invalid_args
 from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
@@ -131,7 +132,7 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         asks: list[str] = []
         for call in own:
             entry = tools.get(call["name"])
-            if entry is None or not isinstance(call.get("args"), dict):
+            if entry is None or invalid_args(entry, call.get("args")) is not None:
                 continue  # execute_tools answers it (unknown tool, invalid arguments)
             decision = verdict_of(entry, call["args"], context)
             if decision.action == "deny":

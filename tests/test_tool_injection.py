@@ -31,6 +31,7 @@ from test_idempotency import Crash, astack, stack
 from keel import AuditLog, Ledger, Persistence, RunContext, build_agent, tool
 from keel.approvals import approval_digest, call_digest
 from keel.db.idempotency import records_flow
+from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel
 from keel.guards import Policy, Rule
 from keel.memory import ChromaStore
@@ -507,3 +508,36 @@ def test_pin_a_bare_tool_runtime_warns_about_the_context_under_toolnode_and_keel
     with pytest.warns(UserWarning, match="Expected `none`"):
         state = agent.invoke({"messages": [("user", "who?")]}, context=CTX)
     assert [m.content for m in answers(state)] == ["2 u1"]
+
+
+def test_no_human_is_asked_about_a_forged_call_and_no_edit_may_name_an_injected_argument(
+    tmp_path: Path,
+) -> None:
+    ran: list[tuple[str, int]] = []
+
+    @tool(risk="write")
+    def refund(order: str, state: Annotated[dict[str, Any], InjectedState]) -> str:
+        """Refund an order."""
+        ran.append((order, len(state["messages"])))
+        return f"refunded {order}"
+
+    honest = ToolCall(name="refund", args={"order": "A1"}, id=fresh_id())
+    forged = ToolCall(name="refund", args={"order": "B2", "state": {"messages": []}}, id=fresh_id())
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[forged, honest]), "Done."])
+    policy = Policy(rules=[Rule(tool="refund", action="ask")])
+    with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
+        agent = build_agent(model, [refund], checkpointer=saver, ledger=ledger, policy=policy)
+        config = thread()
+        paused = agent.invoke({"messages": [("user", "refund")]}, config, context=CTX)
+        [request] = paused["__interrupt__"][0].value  # the forged call is not put to a human
+        assert paused["outcome"]["detail"] == "awaiting approval for refund"
+        assert request["tool_call_id"] == honest["id"]
+        edit = {"type": "edit", "args": {"order": "A1", "state": {"messages": []}}}
+        with pytest.raises(UserError, match=r"'state': not an argument of this tool"):
+            agent.invoke(Command(resume=edit), config, context=CTX)
+        done = agent.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+    assert ran == [("A1", 2)]
+    refused, approved = answers(done)
+    assert refused.tool_call_id == forged["id"]
+    assert refused.response_metadata["keel_status"] == "invalid_args"
+    assert approved.content == "refunded A1"
