@@ -57,6 +57,7 @@ from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Outcome, RunContext, Usage
 from keel.tools._args import invalid_args
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
+from keel.tools._injected import spoofed
 from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
 
@@ -297,6 +298,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def _gate(self, request: ToolCallRequest) -> Steps[ToolCallRequest | ToolMessage]:
         call = request.tool_call
+        forged = _forged(request)
+        if forged is not None:  # the ToolNode would fill it: never decided on, asked or run
+            return forged
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
             question = {
@@ -482,6 +486,27 @@ def _turn_ids(request: ToolCallRequest) -> set[str]:
         return set()
     turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
     return {c.get("id") or "" for c in (turn.tool_calls if turn is not None else [])} - {""}
+
+
+def _forged(request: ToolCallRequest) -> ToolMessage | None:
+    """The `invalid_args` answer to a call naming an argument the ToolNode injects, or None.
+
+    The ToolNode would replace it, but the rules' resource extractor and a human reviewer
+    would read it as the model's.
+    """
+    tool, args = request.tool, request.tool_call.get("args")
+    if tool is None or not isinstance(args, dict):
+        return None
+    names = spoofed(registered(tool).injected, args)
+    if not names:
+        return None
+    problem = invalid_args(registered(tool), args)
+    return _tool_message(
+        request,
+        f"Error: invalid arguments for {tool.name}: {problem}. Fix the arguments and call the "
+        "tool again.",
+        "invalid_args",
+    )
 
 
 def _check_edit(request: ToolCallRequest, edited: Any, where: str) -> None:

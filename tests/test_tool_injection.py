@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from langchain.agents import create_agent
 from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, HumanMessage, ToolCall, ToolMessage
 from langchain_core.tools import InjectedToolCallId
@@ -33,7 +34,7 @@ from keel.approvals import approval_digest, call_digest
 from keel.db.idempotency import records_flow
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel
-from keel.guards import Policy, Rule
+from keel.guards import PermissionMiddleware, Policy, Rule
 from keel.memory import ChromaStore
 from keel.nodes._inject import with_injected
 
@@ -541,3 +542,43 @@ def test_no_human_is_asked_about_a_forged_call_and_no_edit_may_name_an_injected_
     assert refused.tool_call_id == forged["id"]
     assert refused.response_metadata["keel_status"] == "invalid_args"
     assert approved.content == "refunded A1"
+
+
+# -- create_agent with keel's PermissionMiddleware: ToolNode injects, keel gates ----------------
+
+
+def test_permission_middleware_refuses_a_forged_injected_argument_before_rules_or_humans(
+    tmp_path: Path,
+) -> None:
+    seen_resources: list[dict[str, Any]] = []
+    ran: list[int] = []
+
+    @tool(risk="write", resource=lambda a: seen_resources.append(dict(a)) or "orders/A1")
+    def refund(order: str, state: Annotated[dict[str, Any], InjectedState]) -> str:
+        """Refund an order."""
+        ran.append(len(state["messages"]))
+        return f"refunded {order}"
+
+    forged = asks("refund", order="A1", state={"messages": []})
+    honest = asks("refund", order="A1")
+    policy = Policy(rules=[Rule(tool="refund", action="ask")])
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        graph = create_agent(
+            ScriptedChatModel(script=[forged, honest, "Done."]),
+            [refund],
+            middleware=[PermissionMiddleware(policy)],
+            context_schema=RunContext,
+            checkpointer=saver,
+        )
+        config = thread()
+        paused = graph.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        [waiting] = paused["__interrupt__"]  # only the honest call is put to a human
+        assert waiting.value["tool_call_id"] == honest.tool_calls[0]["id"]
+        assert waiting.value["args"] == {"order": "A1"}
+        done = graph.invoke(Command(resume={"type": "approve"}), config, context=CTX)
+    refused, approved = answers(done)
+    assert refused.tool_call_id == forged.tool_calls[0]["id"]
+    assert refused.response_metadata["keel_status"] == "invalid_args"
+    assert "'state': not an argument of this tool" in refused.content
+    assert approved.content == "refunded A1" and ran == [4]
+    assert seen_resources and all(r == {"order": "A1"} for r in seen_resources)
