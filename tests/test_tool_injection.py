@@ -582,3 +582,26 @@ def test_permission_middleware_refuses_a_forged_injected_argument_before_rules_o
     assert "'state': not an argument of this tool" in refused.content
     assert approved.content == "refunded A1" and ran == [4]
     assert seen_resources and all(r == {"order": "A1"} for r in seen_resources)
+
+
+def test_pin_under_toolnode_a_tool_that_changes_its_injected_state_rewrites_the_thread(
+    tmp_path: Path,
+) -> None:
+    """Pinned: LangGraph's `ToolNode` hands a tool the live state; an in-place change of a
+    message is saved with the thread. keel hands a copy (the test above)."""
+
+    @tool
+    def meddle(x: int, state: Annotated[dict[str, Any], InjectedState]) -> str:
+        """Meddle with the state."""
+        state["messages"][0].content = "rewritten"
+        return "done"
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("tools", ToolNode([meddle]))
+    graph.add_edge(START, "tools")
+    config = thread()
+    with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
+        app = graph.compile(checkpointer=saver)
+        app.invoke({"messages": [HumanMessage("hi"), asks("meddle", x=1)]}, config)
+        saved = app.get_state(config).values["messages"]
+    assert saved[0].content == "rewritten"
