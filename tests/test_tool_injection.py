@@ -605,3 +605,21 @@ def test_pin_under_toolnode_a_tool_that_changes_its_injected_state_rewrites_the_
         app.invoke({"messages": [HumanMessage("hi"), asks("meddle", x=1)]}, config)
         saved = app.get_state(config).values["messages"]
     assert saved[0].content == "rewritten"
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_a_tool_writes_to_the_custom_stream_through_its_runtime(mode: str) -> None:
+    @tool
+    def progress(steps: int, runtime: ToolRuntime[RunContext]) -> str:
+        """Report progress."""
+        for i in range(steps):
+            runtime.stream_writer({"step": i, "user": runtime.context.user_id})
+        return "done"
+
+    agent = build_agent(ScriptedChatModel(script=[asks("progress", steps=2), "ok"]), [progress])
+    go = {"messages": [("user", "go")]}
+    if mode == "stream":
+        chunks = list(agent.stream(go, context=CTX, stream_mode="custom"))
+    else:
+        chunks = [c async for c in agent.astream(go, context=CTX, stream_mode="custom")]
+    assert chunks == [{"step": 0, "user": "u1"}, {"step": 1, "user": "u1"}]
