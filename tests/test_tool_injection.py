@@ -21,12 +21,15 @@ import pytest
 from langchain.agents import create_agent
 from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, HumanMessage, ToolCall, ToolMessage
-from langchain_core.tools import InjectedToolCallId
+from langchain_core.tools import InjectedToolCallId, StructuredTool
+from langchain_core.tools import tool as lc_tool
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import InjectedState, InjectedStore, ToolNode
 from langgraph.prebuilt import ToolRuntime as GraphToolRuntime
+from langgraph.prebuilt.tool_node import _get_all_injected_args
 from langgraph.store.base import BaseStore
 from langgraph.types import Command
+from pydantic import BaseModel
 from test_idempotency import Crash, astack, stack
 
 from keel import AuditLog, Ledger, Persistence, RunContext, build_agent, tool
@@ -37,6 +40,7 @@ from keel.evals.scripted import ScriptedChatModel
 from keel.guards import PermissionMiddleware, Policy, Rule
 from keel.memory import ChromaStore
 from keel.nodes._inject import with_injected
+from keel.tools._injected import injections
 
 CTX = RunContext(user_id="u1", tenant_id="acme")
 
@@ -623,3 +627,75 @@ async def test_a_tool_writes_to_the_custom_stream_through_its_runtime(mode: str)
     else:
         chunks = [c async for c in agent.astream(go, context=CTX, stream_mode="custom")]
     assert chunks == [{"step": 0, "user": "u1"}, {"step": 1, "user": "u1"}]
+
+
+# -- the same injections as LangGraph's ToolNode finds (differential) -------------------------
+
+
+class NoteArgs(BaseModel):
+    """An explicit args schema with injected fields."""
+
+    key: str
+    state: Annotated[dict[str, Any], InjectedState]
+    store: Annotated[Any, InjectedStore()]
+
+
+def _signatures() -> list[Any]:
+    @lc_tool
+    def whole(x: int, state: Annotated[dict[str, Any], InjectedState]) -> str:
+        """Whole state."""
+        return ""
+
+    @lc_tool
+    def field(
+        x: int,
+        msgs: Annotated[list[Any], InjectedState("messages")],
+        maybe: Annotated[list[Any] | None, InjectedState("plan")] = None,
+    ) -> str:
+        """Fields, one optional."""
+        return ""
+
+    @lc_tool
+    def store_class(x: int, store: Annotated[Any, InjectedStore]) -> str:
+        """The marker class, not an instance."""
+        return ""
+
+    @lc_tool
+    def runtime_generic(x: int, rt: ToolRuntime[RunContext]) -> str:
+        """A generic runtime under another name."""
+        return ""
+
+    @lc_tool
+    def optional_store(x: int, store: Annotated[BaseStore | None, InjectedStore()] = None) -> str:
+        """An optional store."""
+        return ""
+
+    @tool
+    async def everything(
+        x: int,
+        state: Annotated[dict[str, Any], InjectedState],
+        store: Annotated[BaseStore, InjectedStore()],
+        runtime: ToolRuntime,  # type: ignore[type-arg]
+        call_id: Annotated[str, InjectedToolCallId],
+    ) -> str:
+        """Everything (a keel tool, async)."""
+        return ""
+
+    def note(key: str, state: Any, store: Any) -> str:
+        return ""
+
+    schema = StructuredTool.from_function(
+        note, name="note", description="Read a note.", args_schema=NoteArgs
+    )
+    return [whole, field, store_class, runtime_generic, optional_store, everything, schema]
+
+
+@pytest.mark.parametrize("found", _signatures(), ids=lambda t: t.name)
+def test_keel_finds_the_injections_langgraph_toolnode_finds(found: Any) -> None:
+    ours, theirs = injections(found), _get_all_injected_args(found)
+    assert ours.state == theirs.state
+    assert ours.store == theirs.store
+    assert ours.runtime == theirs.runtime
+    assert ours.keys == frozenset(theirs.all_injected_keys)
+    assert ours.optional == frozenset(theirs._optional_state_args)
+    assert ours.unfilled == ()
