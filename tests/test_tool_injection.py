@@ -699,3 +699,20 @@ def test_keel_finds_the_injections_langgraph_toolnode_finds(found: Any) -> None:
     assert ours.keys == frozenset(theirs.all_injected_keys)
     assert ours.optional == frozenset(theirs._optional_state_args)
     assert ours.unfilled == ()
+
+
+def test_a_refused_command_is_audited_as_the_calls_error(tmp_path: Path) -> None:
+    act = commanding(lambda cid: {"messages": [own(cid, "moved")], "plan": []})
+    config = thread()
+    with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
+        agent = build_agent(
+            ScriptedChatModel(script=[asks("act", x=1), "ok"]),
+            [act],
+            checkpointer=saver,
+            ledger=ledger,
+        )
+        agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+        audit = AuditLog(ledger).query(thread=config["configurable"]["thread_id"])
+    [record] = [r for r in audit if r.kind == "tool"]
+    assert record.status == "error" and record.args == {"x": 1}
+    assert record.result.startswith("Error: act returned a Command that writes 'plan'")
