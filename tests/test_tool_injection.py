@@ -37,7 +37,7 @@ from keel.approvals import approval_digest, call_digest
 from keel.db.idempotency import records_flow
 from keel.errors import UserError
 from keel.evals.scripted import ScriptedChatModel
-from keel.guards import PermissionMiddleware, Policy, Rule
+from keel.guards import LoopPolicy, PermissionMiddleware, Policy, Rule
 from keel.memory import ChromaStore
 from keel.nodes._inject import with_injected
 from keel.tools._injected import injections
@@ -716,3 +716,22 @@ def test_a_refused_command_is_audited_as_the_calls_error(tmp_path: Path) -> None
     [record] = [r for r in audit if r.kind == "tool"]
     assert record.status == "error" and record.args == {"x": 1}
     assert record.result.startswith("Error: act returned a Command that writes 'plan'")
+
+
+def test_the_loop_guard_sees_the_model_arguments_of_a_tool_that_takes_the_state() -> None:
+    """Each call's injected state differs (the history grows): were it in the call's recorded
+    arguments, the same call repeated would never look like a loop."""
+    ran: list[int] = []
+
+    @tool
+    def poll(job: str, state: Annotated[dict[str, Any], InjectedState]) -> str:
+        """Poll a job."""
+        ran.append(len(state["messages"]))
+        return "pending"
+
+    script = [asks("poll", job="j1") for _ in range(5)] + ["gave up"]
+    policy = Policy(rules=[Rule(tool="poll", action="allow")], loop=LoopPolicy(max_repeats=3))
+    agent = build_agent(ScriptedChatModel(script=script), [poll], policy=policy)
+    state = agent.invoke({"messages": [("user", "poll j1")]}, context=CTX)
+    assert state["outcome"]["terminated_reason"] == "loop_detected"
+    assert len(ran) < 5
