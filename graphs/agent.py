@@ -193,7 +193,10 @@ def build_agent(
 
     Args:
         model: A chat model or a `provider:name` string (`"openai:gpt-4o-mini"`).
-        tools: keel tools, LangChain tools or plain functions, or a `ToolRegistry`.
+        tools: keel tools, LangChain tools or plain functions, or a `ToolRegistry`. A tool may
+            take what LangGraph's `ToolNode` injects (`InjectedState`, `InjectedStore`,
+            `ToolRuntime`, `InjectedToolCallId`): keel fills it, never the model (see
+            `keel.nodes.execute_tools`).
         system_prompt: The system prompt of every model call.
         plan: Plan first (structured output) and replan when a step fails.
         verify: Verify the final answer with `checks` and/or `judge`.
