@@ -66,7 +66,7 @@ from keel.nodes._once import (
 from keel.nodes._threads import start_daemon
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, Usage, run_usage
-from keel.tools._args import invalid_args
+from keel.tools._args import invalid_args, validation_problem
 from keel.tools._duplicates import duplicate_answer, duplicates
 from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer
@@ -488,12 +488,31 @@ def _failure(job: _Job, exc: BaseException, attempt: int) -> ToolMessage:
     if isinstance(exc, _Deadline):
         return _message(job.call, str(exc), "timeout")
     if isinstance(exc, ValidationError):
-        return _message(
-            job.call, f"Error: invalid arguments for {job.entry.name}: {exc}", "invalid_args"
-        )
+        return _invalid(job, exc)
     tries = f" after {attempt} attempts" if attempt > 1 else ""
     return _message(
         job.call, f"Error: {job.entry.name} failed{tries}: {type(exc).__name__}: {exc}", "error"
+    )
+
+
+def _invalid(job: _Job, exc: ValidationError) -> ToolMessage:
+    """The answer to a call whose arguments the tool refused, naming no value it was given.
+
+    A failure on an injected argument (its annotation does not fit what keel injects) is the
+    tool's error, not the model's.
+    """
+    problem = validation_problem(exc)
+    injected = {str(e["loc"][0]) for e in exc.errors() if e["loc"]} & set(job.injected)
+    if injected:
+        names = ", ".join(repr(n) for n in sorted(injected))
+        return _message(
+            job.call,
+            f"Error: {job.entry.name} was not run: what the agent injects for {names} does not "
+            f"fit the tool's annotation ({problem}). Fix the tool's annotation.",
+            "error",
+        )
+    return _message(
+        job.call, f"Error: invalid arguments for {job.entry.name}: {problem}", "invalid_args"
     )
 
 

@@ -735,3 +735,32 @@ def test_the_loop_guard_sees_the_model_arguments_of_a_tool_that_takes_the_state(
     state = agent.invoke({"messages": [("user", "poll j1")]}, context=CTX)
     assert state["outcome"]["terminated_reason"] == "loop_detected"
     assert len(ran) < 5
+
+
+def test_an_injected_value_that_misfits_its_annotation_is_never_quoted(tmp_path: Path) -> None:
+    """Pydantic quotes a refused input (`input_value=...`): here the run's messages, which
+    neither the model nor the audit log may read through a tool's error."""
+
+    @tool
+    def misfit(q: str, msgs: Annotated[str, InjectedState("messages")]) -> str:
+        """Its annotation does not fit the messages."""
+        return q
+
+    config = thread()
+    with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
+        agent = build_agent(
+            ScriptedChatModel(script=[asks("misfit", q="x"), "ok"]),
+            [misfit],
+            checkpointer=saver,
+            ledger=ledger,
+        )
+        state = agent.invoke({"messages": [("user", "SECRET-9f2")]}, config, context=CTX)
+        audit = AuditLog(ledger).query(thread=config["configurable"]["thread_id"])
+    [reply] = answers(state)
+    assert reply.content == (
+        "Error: misfit was not run: what the agent injects for 'msgs' does not fit the tool's "
+        "annotation (msgs: Input should be a valid string). Fix the tool's annotation."
+    )
+    assert reply.response_metadata["keel_status"] == "error"
+    [record] = [r for r in audit if r.kind == "tool"]
+    assert "SECRET" not in record.result and record.args == {"q": "x"}

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["invalid_args"]
+__all__ = ["invalid_args", "validation_problem"]
 
 
 def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
@@ -32,8 +32,18 @@ def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
         try:
             schema.model_validate(args)
         except ValidationError as exc:
-            return "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            return validation_problem(exc)
     return None
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """What a `ValidationError` found, per field, without the values it was given.
+
+    Pydantic's own message quotes the input (`input_value=...`): for a tool invoked with what
+    the agent injects, the run's state or store, which neither the model nor the audit log
+    may read.
+    """
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+        for err in exc.errors(include_input=False, include_url=False)
+    )
