@@ -146,12 +146,14 @@ def chroma(tmp_path: Path) -> ChromaStore:
 # -- injection, sync and async, SQLite and PostgreSQL -----------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize(
+    ("name", "mode"), [("look", "invoke"), ("look", "ainvoke"), ("alook", "ainvoke")]
+)
 async def test_state_store_and_runtime_are_injected_and_never_recorded(
-    db_url: str, chroma: ChromaStore, mode: str
+    db_url: str, chroma: ChromaStore, name: str, mode: str
 ) -> None:
     seen = Seen()
-    turn = asks("alook" if mode == "ainvoke" else "look", q="where")
+    turn = asks(name, q="where")
     call_id = turn.tool_calls[0]["id"]
     model = ScriptedChatModel(script=[turn, "Under the mat."])
     config = thread()
