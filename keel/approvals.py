@@ -118,7 +118,10 @@ class Grants:
             return cls(_PROCESS_SECRET)
         if not isinstance(secret, str | bytes) or not secret:
             raise UserError(f"{where} must be a non-empty string or bytes, got {secret!r}.")
-        key = secret.encode() if isinstance(secret, str) else secret
+        try:
+            key = secret.encode() if isinstance(secret, str) else secret
+        except UnicodeEncodeError:
+            raise UserError(f"{where} holds a lone surrogate: give UTF-8 text or bytes.") from None
         if len(key) < MIN_SECRET_BYTES:
             raise UserError(
                 f"{where} is {len(key)} bytes long: an approval secret seals grants (HMAC-SHA256) "

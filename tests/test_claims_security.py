@@ -352,6 +352,11 @@ def test_a_guessable_approval_secret_is_refused(secret: str | bytes) -> None:
     build_agent(ScriptedChatModel(script=["hi"]), approval_secret=secret * 16)  # long enough
 
 
+def test_an_approval_secret_that_is_no_utf8_is_refused() -> None:
+    with pytest.raises(UserError, match="holds a lone surrogate"):
+        build_agent(ScriptedChatModel(script=["hi"]), approval_secret="\ud800" * 32)
+
+
 def test_a_guessable_keel_approval_secret_is_refused_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
