@@ -7,8 +7,9 @@ rate limits, audit, its run record); each waited for a connection of its own (10
 pool, the connection's own timeout), so a run against a hung server took 45 s to end. Real
 parts: a TCP listener that accepts and never answers (a hung server), a port where nothing
 listens, and a TCP proxy to the real test server that starts hanging mid-life. The bounds
-are correctness bounds on a hang (a few connect timeouts), not speed goals. The checkpointer's
-side: a sync PostgreSQL checkpointer whose server hangs mid-run waits its pool's timeout once.
+are correctness bounds on a hang (a few connect timeouts), not speed goals. The checkpointers'
+pools wait the same way, a busy pool still waited for; a proxy that stalls mid-query (sockets
+open, nothing forwarded) ends a statement after its reply timeout.
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ import contextlib
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from conftest import free_port
 from test_storage_faults import POLICY as KILLS  # budgets, rate limits, breakers
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.ledger import Flow
+from keel.db.pools import network_defaults
 from keel.db.runs import error_category
 from keel.evals import ScriptedChatModel, call
 from keel.guards import AdmissionPolicy
@@ -44,16 +49,26 @@ ENTRIES = ["invoke", "ainvoke", "stream", "astream"]
 class Listener:
     """A TCP port on 127.0.0.1. Without `target`, it accepts connections and never answers (a
     hung server); with one, each connection is piped to that port (a proxy to the real server)
-    until `hang()` cuts them all and makes it a hung server from then on."""
+    until `hang()` cuts them all and makes it a hung server from then on, or `stall()` stops
+    forwarding on them, the sockets left open (a server or proxy that hangs mid-query: TCP
+    still acknowledges what is sent). `accepted` counts the connections it took."""
 
     def __init__(self, target: int | None = None) -> None:
         self.target = target
         self.hanging = target is None
+        self.accepted = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        with self._lock:
+            self.hanging = True
+            self._flowing.clear()
 
     def url(self, base: str) -> str:
         """`base` (a PostgreSQL URL) on this port (`_on_port`)."""
@@ -73,6 +88,7 @@ class Listener:
             self._server.shutdown(socket.SHUT_RDWR)  # its `accept()` returns
         self._server.close()
         self.hang()
+        self._flowing.set()  # stalled pipes end, on sockets cut
 
     def _accept(self) -> None:
         while True:
@@ -81,18 +97,21 @@ class Listener:
             except OSError:
                 return
             with self._lock:
+                self.accepted += 1
                 self._open.append(client)
                 if self.hanging:
                     continue  # held open, never answered
                 upstream = socket.create_connection(("127.0.0.1", self.target or 0))
                 self._open.append(upstream)
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+                args = (a, b, self._flowing)
+                threading.Thread(target=_pipe, args=args, daemon=True).start()
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
+def _pipe(source: socket.socket, sink: socket.socket, flowing: threading.Event) -> None:
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
+            flowing.wait()
             sink.sendall(data)
     with contextlib.suppress(OSError):
         sink.shutdown(socket.SHUT_WR)
@@ -263,30 +282,242 @@ def test_storage_error_is_what_a_caller_of_the_ledger_sees(tmp_path: Path) -> No
         ledger.close()
 
 
-@pytest.mark.postgres
-def test_a_sync_checkpointer_whose_server_hangs_mid_run_waits_its_pool_timeout_once(
-    fresh_postgres_url: str,
-) -> None:
-    """The checkpointer's pool gives no connection within `pool_timeout`: the run ends
-    `error/storage` with the reason after that one wait. The sync saver took the pool's timeout
-    for a lost connection and waited again (twice `pool_timeout`: 60 s with the default)."""
-    pool_timeout = 3.0
-    port = urlsplit(fresh_postgres_url).port or 5432
-    payload = {"messages": [("user", "where is order A1?")]}
+PAYLOAD = {"messages": [("user", "where is order A1?")]}
+
+
+def _saver_agent(saver: Any) -> Any:
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "Shipped."] * 2)
+    return build_agent(model, [lookup], checkpointer=saver)
+
+
+def _on_checkpointer(
+    url: str, flavour: str, stop: str, query: str = "", **options: Any
+) -> tuple[Any, float]:
+    """A run (thread t1) on a PostgreSQL checkpointer through a proxy to `url`'s server, then
+    the proxy's `stop` (`hang`, `stall`) and a second run (t2): its outcome and seconds. Once
+    the server answers again (directly), t1's checkpoints are all there."""
+    port = urlsplit(url).port or 5432
     with _listening(target=port) as proxy:
-        persistence = Persistence(proxy.url(fresh_postgres_url), pool_timeout=pool_timeout)
-        with persistence.checkpointer() as saver:
-            model = ScriptedChatModel(script=[call("lookup", order_id="A1"), "Shipped."] * 2)
-            agent = build_agent(model, [lookup], checkpointer=saver)
-            first = agent.invoke(payload, {"configurable": {"thread_id": "t1"}}, context=CTX)
+        persistence = Persistence(proxy.url(url) + query, **options)
+        ended, took = (_arun_twice if flavour == "async" else _run_twice)(persistence, proxy, stop)
+    with Persistence(url).checkpointer() as saver:
+        saved = saver.get_tuple({"configurable": {"thread_id": "t1"}})
+    assert saved is not None
+    assert saved.checkpoint["channel_values"]["outcome"]["terminated_reason"] == "completed"
+    return ended, took
+
+
+def _run_twice(persistence: Persistence, proxy: Listener, stop: str) -> tuple[Any, float]:
+    with persistence.checkpointer() as saver:
+        agent = _saver_agent(saver)
+        first = agent.invoke(PAYLOAD, {"configurable": {"thread_id": "t1"}}, context=CTX)
+        assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+        getattr(proxy, stop)()
+        started = time.monotonic()
+        ended = agent.invoke(PAYLOAD, {"configurable": {"thread_id": "t2"}}, context=CTX)
+        return ended["outcome"], time.monotonic() - started
+
+
+def _arun_twice(persistence: Persistence, proxy: Listener, stop: str) -> tuple[Any, float]:
+    async def run() -> tuple[Any, float]:
+        async with persistence.acheckpointer() as saver:
+            agent = _saver_agent(saver)
+            first = await agent.ainvoke(PAYLOAD, {"configurable": {"thread_id": "t1"}}, context=CTX)
             assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
-            proxy.hang()
+            getattr(proxy, stop)()
             started = time.monotonic()
-            ended = agent.invoke(payload, {"configurable": {"thread_id": "t2"}}, context=CTX)
-            took = time.monotonic() - started
-    assert took < 1.5 * pool_timeout, f"the run took {took:.1f} s"
-    assert (ended["outcome"]["status"], ended["outcome"]["terminated_reason"]) == (
-        "error",
-        "storage",
+            ended = await agent.ainvoke(PAYLOAD, {"configurable": {"thread_id": "t2"}}, context=CTX)
+            return ended["outcome"], time.monotonic() - started
+
+    return asyncio.run(run())
+
+
+def _assert_checkpointer_down(ended: Any, reason: str) -> None:
+    assert (ended["status"], ended["terminated_reason"]) == ("error", "storage"), ended
+    assert error_category(ended) == "storage", ended
+    assert reason in ended["detail"], ended
+    assert "resume the run once PostgreSQL answers" in ended["detail"], ended
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_checkpointer_whose_server_hangs_mid_life_ends_the_run_within_a_few_connect_timeouts(
+    fresh_postgres_url: str, flavour: str
+) -> None:
+    """The checkpointer's pool worked, then its server hangs (connections cut, new ones never
+    answered): the run waited the pool's whole timeout (30 s by default; the sync saver twice
+    that before). Now its pool's wait past one connect timeout connects once on its own, and
+    that failure ends the run: `error/storage`, the driver's reason, what to do."""
+    ended, took = _on_checkpointer(fresh_postgres_url, flavour, "hang")
+    assert took < BOUND, f"the {flavour} run took {took:.1f} s after the server hung"
+    _assert_checkpointer_down(ended, "connection timeout expired")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_checkpointer_whose_server_stalls_mid_query_ends_the_run_after_its_reply_timeout(
+    fresh_postgres_url: str, flavour: str
+) -> None:
+    """The proxy stops forwarding with its sockets open (a server process or a proxy that hangs
+    mid-query): TCP acknowledges what is sent, so keepalives and `tcp_user_timeout` see nothing,
+    and the run hung forever. Each statement now waits the reply timeout (the URL's
+    `statement_timeout` plus one connect timeout: 3 s here), then its connection is closed;
+    the retry on a fresh connection finds the server unreachable."""
+    query = "&options=-c%20statement_timeout%3D1s"
+    ended, took = _on_checkpointer(fresh_postgres_url, flavour, "stall", query)
+    assert took < 1 + TIMEOUT + BOUND, f"the {flavour} run took {took:.1f} s after the stall"
+    _assert_checkpointer_down(ended, "connection timeout expired")
+
+
+HOLD = f"SELECT pg_sleep({TIMEOUT + 1.5})"  # past one connect timeout
+
+
+def _waits_on_a_busy_pool(
+    persistence: Persistence, flavour: str, readers: int = 1, proxy: Listener | None = None
+) -> tuple[float, int]:
+    """With the checkpointer pool's one connection held (`HOLD`), `readers` reads at once:
+    the seconds the last one took (each found no checkpoint), and the connections `proxy`
+    (the way to the server) took meanwhile."""
+    opened = (lambda: proxy.accepted) if proxy is not None else (lambda: 0)
+    config = {"configurable": {"thread_id": "t1"}}
+    if flavour == "async":
+
+        async def run() -> float:
+            async with persistence.acheckpointer() as saver:
+                pool = saver.conn  # type: ignore[attr-defined]
+
+                async def hold() -> None:
+                    async with pool.connection() as conn:
+                        await conn.execute(HOLD)
+
+                holder = asyncio.create_task(hold())
+                await asyncio.sleep(0.3)
+                started, before = time.monotonic(), opened()
+                found = await asyncio.gather(*(saver.aget_tuple(config) for _ in range(readers)))
+                took, checks = time.monotonic() - started, opened() - before
+                await holder
+            assert found == [None] * readers
+            return took, checks
+
+        return asyncio.run(run())
+    with persistence.checkpointer() as saver:
+        pool = saver.conn  # type: ignore[attr-defined]
+
+        def hold() -> None:
+            with pool.connection() as conn:
+                conn.execute(HOLD)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        time.sleep(0.3)
+        started, before = time.monotonic(), opened()
+        with ThreadPoolExecutor(readers) as workers:
+            found = list(workers.map(lambda _: saver.get_tuple(config), range(readers)))
+        took, checks = time.monotonic() - started, opened() - before
+        holder.join()
+    assert found == [None] * readers
+    return took, checks
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_busy_checkpointer_pool_is_waited_for_past_the_connect_timeout(
+    fresh_postgres_url: str, flavour: str
+) -> None:
+    """A checkpointer pool whose one connection is in use is not a down server: a read waits
+    for it past one connect timeout (the check in between connects) and succeeds."""
+    url = _on_port(fresh_postgres_url, urlsplit(fresh_postgres_url).port or 5432)
+    took, _ = _waits_on_a_busy_pool(Persistence(url, pool_max_size=1), flavour)
+    assert took > TIMEOUT, f"the read took {took:.1f} s: it did not wait for the held connection"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_waits_on_a_busy_pool_open_one_check_connection_between_them(
+    fresh_postgres_url: str, flavour: str
+) -> None:
+    """Four reads wait on a busy pool past one connect timeout: one of them connects to check
+    the server, the others wait on (each opened a connection of its own: a busy server took
+    one more connection per waiting step)."""
+    with _listening(target=urlsplit(fresh_postgres_url).port or 5432) as proxy:
+        persistence = Persistence(proxy.url(fresh_postgres_url), pool_max_size=1)
+        took, checks = _waits_on_a_busy_pool(persistence, flavour, readers=4, proxy=proxy)
+    assert took > TIMEOUT, f"the reads took {took:.1f} s: they did not wait"
+    assert checks == 1, f"{checks} connections checked the server"
+
+
+@pytest.mark.postgres
+def test_a_server_with_no_free_connection_is_busy_not_down(fresh_postgres_url: str) -> None:
+    """The check that tells a busy pool from a server gone finds no free connection ("too many
+    connections for role", the server's max_connections alike): the server answered, so the
+    step waits on for the pool, as it does for any busy pool, instead of ending the run."""
+    parts = urlsplit(fresh_postgres_url)
+    role, database = f"keel_full_{uuid.uuid4().hex[:8]}", parts.path.lstrip("/")
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+        admin.execute(f'ALTER DATABASE "{database}" OWNER TO {role}')  # it may create tables
+    netloc = f"{role}@{parts.netloc.rpartition('@')[2]}"
+    ledger = Ledger(
+        _on_port(parts._replace(netloc=netloc).geturl(), parts.port or 5432), pool_max_size=1
     )
-    assert "couldn't get a connection after 3.00 sec" in ended["outcome"]["detail"]
+    try:
+        ledger.setup()
+        holder = threading.Thread(target=ledger.run, args=(_hold(TIMEOUT + 1.5),))
+        holder.start()
+        time.sleep(0.3)  # the role's one connection is taken
+        assert ledger.run(_one()) == 1
+        holder.join()
+    finally:
+        ledger.close()
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" OWNER TO CURRENT_USER')
+            admin.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+            admin.execute(f"DROP ROLE {role}")
+
+
+def _settings() -> Flow[tuple[str, str]]:
+    rows = yield (
+        "SELECT current_setting('statement_timeout'), current_setting('synchronous_commit')",
+        (),
+    )
+    return rows[0][0], rows[0][1]
+
+
+@pytest.mark.postgres
+def test_the_ledger_keeps_the_urls_options_beside_its_own(fresh_postgres_url: str) -> None:
+    """The ledger's pool set `options=-c synchronous_commit=off`, which replaced the URL's own
+    `options` (a search_path, a statement_timeout): now both apply."""
+    ledger = Ledger(f"{fresh_postgres_url}?options=-c%20statement_timeout%3D1234")
+    try:
+        assert ledger.read(_settings()) == ("1234ms", "off")
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", 60.0),  # keel's default
+        ("?options=-c%20statement_timeout%3D5min", 305.0),  # the server's, plus one connect timeout
+        ("?options=-cstatement_timeout%3D1500", 6.5),  # milliseconds
+        ("?options=--statement-timeout%3D2s", 7.0),
+        ("?options=-c%20statement_timeout%3D0", None),  # no limit on the server: none here
+        ("?options=-c%20statement_timeout%3Dsoon", None),  # unreadable: keel sets none either
+    ],
+)
+def test_the_reply_timeout_follows_the_urls_statement_timeout(
+    query: str, expected: float | None
+) -> None:
+    persistence = Persistence(f"postgresql://u@db.example/app{query}")
+    assert persistence.connect_timeout == 5.0
+    assert persistence.reply_timeout == expected
+
+
+def test_the_urls_tcp_options_win_over_keels_defaults() -> None:
+    """keel's keepalive and tcp_user_timeout defaults fill in what the URL leaves out."""
+    url = "postgresql://u@db.example/app?tcp_user_timeout=5000&keepalives=0"
+    assert network_defaults(url) == {
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }

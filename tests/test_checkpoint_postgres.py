@@ -341,7 +341,7 @@ def test_a_pooled_connection_is_taken_unchecked_only_while_its_server_is_quiet(
     """The pools skip their health check (a round trip) for a connection checked in the last
     2 s, but only while its server has said nothing since: a connection the server dropped
     while idle is checked, fails, and the pool is drained, before any saver call uses it."""
-    from keel.db.persistence import draining_pool, quiet
+    from keel.db.pools import draining_pool, quiet
 
     with psycopg.connect(fresh_postgres_url, autocommit=True) as live:
         assert quiet(live)

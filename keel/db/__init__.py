@@ -7,6 +7,8 @@
 - `keel.db.tables` / `keel.db.migrations`: the ledger's tables, defined once, and its versioned
   schema (`MIGRATIONS`, applied by `Ledger.setup()`).
 - `keel.db.checkpoint`: strict and pooled checkpointers, checkpoint retention.
+- `keel.db.pools`: PostgreSQL pools and connections: health checks that drain, waits that tell a
+  busy pool from a server gone, TCP keepalives and reply timeouts.
 - `keel.db.idempotency`: the at-most-once bookkeeping of side-effecting tool calls.
 
 Storage imports only keel's core (`keel.errors`, `keel.state`, ...), never a feature above it.

@@ -38,13 +38,23 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, ClientCursor
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from keel._drive import Op, Steps, adrive, both, call, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
-from keel.db.persistence import FRESH_FOR, Persistence, adraining_pool, draining_pool, quiet
+from keel.db.persistence import Persistence
+from keel.db.pools import (
+    FRESH_FOR,
+    Reachability,
+    adraining_pool,
+    draining_pool,
+    network_defaults,
+    quiet,
+    unbounded,
+)
 from keel.db.sqlite_handle import SqliteHandle
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
@@ -172,7 +182,11 @@ class Ledger:
         self._local = threading.local()
         self._sqlite_dbs: list[SqliteHandle] = []  # every thread's, for `close()`
         self._writer: threading.RLock | None = None  # the file's (`writer_lock`)
-        self._down = _Unreachable(self._persistence)
+        self._down = Reachability(
+            self._persistence.connect_timeout,
+            lambda: both(self._persistence.reach, self._persistence.areach),
+            self._unreachable,
+        )
 
     def __repr__(self) -> str:
         return f"Ledger({self._persistence.safe_url!r})"
@@ -325,7 +339,8 @@ class Ledger:
         """
         with self._setup_thread_lock:
             if not self._ready:
-                self._run(migrate_flow(self.backend))
+                with unbounded():  # may wait for another process's migration
+                    self._run(migrate_flow(self.backend))
                 self._ready = True
 
     async def asetup(self) -> None:
@@ -338,7 +353,8 @@ class Ledger:
             self._setup_lock = asyncio.Lock()
         async with self._setup_lock:
             if not self._ready:
-                await self._arun(migrate_flow(self.backend))
+                with unbounded():  # may wait for another process's migration
+                    await self._arun(migrate_flow(self.backend))
                 self._ready = True
 
     def close(self) -> None:
@@ -421,53 +437,29 @@ class Ledger:
         `transaction=False`: the statements run on an autocommit connection, each on its own.
         """
         replay = _Replay(flow)
-        attempt, waited = 0, 0.0
+        attempt = 0
         while True:
             self._down.check()  # connecting failed a moment ago: fail now, as it did
-            # a pool with no connection to give within one connect timeout: a server down, or
-            # every connection busy. One connection of keel's own tells which
-            wait = min(self._down.connect_timeout, _POOL_TIMEOUT - waited)
             try:
-                done: T = yield both(self._on_pg, self._aon_pg, replay.steps(), transaction, wait)
+                done: T = yield both(self._on_pg, self._aon_pg, replay.steps(), transaction)
                 return done
             except psycopg.Error as exc:  # `PoolTimeout` and `PoolClosed` among them
                 if self._closed:  # its pool closed under it (`PoolClosed`): no retry reopens it
                     raise self._closed_error() from exc
-                if isinstance(exc, PoolTimeout):
-                    waited += wait
-                    yield from self._reached()  # raises when the server cannot be reached
-                    if waited < _POOL_TIMEOUT:
-                        continue  # it can: the pool is busy, wait on
-                    replay.failed(exc, attempt, self)
-                else:
-                    if _dead(exc):  # its siblings likely died too: replace every idle one
-                        yield Op(self._drain, self._adrain)
-                    if not replay.failed(exc, attempt, self):
-                        return replay.result  # a read whose commit was cut off: its rows stand
+                if _dead(exc):  # its siblings likely died too: replace every idle one
+                    yield Op(self._drain, self._adrain)
+                if not replay.failed(exc, attempt, self):
+                    return replay.result  # a read whose commit was cut off: its rows stand
             yield sleep(_backoff(attempt))
             attempt += 1
 
-    def _reached(self) -> Steps[None]:
-        """Connect once to the server, outside the pool: `StorageError` when that fails.
-
-        The failure is remembered (`_Unreachable`): the steps of the next connect timeout fail
-        at once with it, instead of each waiting for a connection of its own.
-        """
-        self._down.check()
-        if self._down.reached_lately():
-            return
-        try:
-            yield both(self._persistence.reach, self._persistence.areach)
-        except SetupError as exc:
-            raise self._down.found(self._unreachable(exc)) from exc
-        self._down.reached()
-
-    def _on_pg(self, steps: Flow[T], transaction: bool, wait: float) -> T:
+    def _on_pg(self, steps: Flow[T], transaction: bool) -> T:
         """`steps` on a pooled connection (`_on_cursor`), rolled back if they fail mid-way.
 
-        `wait`: seconds to wait for the connection (`PoolTimeout`).
+        A pool with no connection to give within one connect timeout (a server down, or every
+        connection busy) connects once on its own to tell which (`Reachability`).
         """
-        with self._sync_pool().connection(timeout=wait) as conn:
+        with self._sync_pool().connection() as conn:
             cur = ClientCursor(conn) if transaction else conn.cursor()
             try:
                 return drive(_on_cursor(cur, steps, transaction))
@@ -477,10 +469,10 @@ class Ledger:
                         cur.execute("ROLLBACK")
                 raise
 
-    async def _aon_pg(self, steps: Flow[T], transaction: bool, wait: float) -> T:
+    async def _aon_pg(self, steps: Flow[T], transaction: bool) -> T:
         """`_on_pg` on the async pool (the connection and its rollback awaited)."""
         pool = await self._async_pool()
-        async with pool.connection(timeout=wait) as conn:
+        async with pool.connection() as conn:
             cur = AsyncClientCursor(conn) if transaction else conn.cursor()
             try:
                 return await adrive(_on_cursor(cur, steps, transaction))
@@ -611,12 +603,19 @@ class Ledger:
         # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
         # asynchronous except for claims and standing approvals (`durable`)
         # each connection attempt waits one connect timeout (the URL's, else 5 s), not
-        # psycopg's 130 s
-        connecting = {"connect_timeout": int(self._down.connect_timeout)}
+        # psycopg's 130 s; TCP keepalives and a reply timeout end a connection that hangs. The
+        # URL's own `options` (a search_path, a statement_timeout) are kept
+        given = str(conninfo_to_dict(self.url).get("options") or "")
+        connecting = {
+            "connect_timeout": int(self._down.connect_timeout),
+            "options": f"{given} -c synchronous_commit=off".strip(),
+            "reply_timeout": self._persistence.reply_timeout,
+            **network_defaults(self.url),
+        }
         return dict(
             min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
-            kwargs={"autocommit": True, "options": "-c synchronous_commit=off", **connecting},
-            name="keel-ledger", fresh_for=FRESH_FOR,
+            kwargs={"autocommit": True, **connecting}, name="keel-ledger", fresh_for=FRESH_FOR,
+            reachability=self._down,
         )  # fmt: skip
 
     def _unreachable(self, exc: Exception) -> StorageError:
@@ -633,7 +632,7 @@ class Ledger:
         with self._lock:
             self._refuse_closed()
             if self._pool is None:
-                drive(self._reached())  # a server down fails in one connect timeout, and says why
+                drive(self._down.reaching())  # a server down fails in one connect timeout, says why
                 self._pool = draining_pool(self.url, **self._pool_kwargs())
                 try:
                     self._pool.open(wait=True, timeout=_POOL_TIMEOUT)
@@ -648,7 +647,7 @@ class Ledger:
         async with self._alock:
             self._refuse_closed()
             if self._apool is None:
-                await adrive(self._reached())
+                await adrive(self._down.reaching())
                 pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
                     await pool.open(wait=True, timeout=_POOL_TIMEOUT)
@@ -680,44 +679,6 @@ def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
     for record in pending:
         yield from record
     return (yield from flow)
-
-
-class _Unreachable:
-    """Whether the ledger's server was found unreachable lately, and then steps fail at once.
-
-    A run takes several ledger steps (its thread's lease, admission, budgets, audit, its run
-    record). With the server down, each waited for a connection of its own, and a run took
-    tens of seconds to end. Once connecting failed, the steps of the next connect timeout
-    raise that failure at once; the first step after it connects again.
-    """
-
-    def __init__(self, persistence: Persistence) -> None:
-        self.connect_timeout = persistence.connect_timeout
-        """Seconds one attempt to connect waits (`Persistence.connect_timeout`)."""
-        self.error: StorageError | None = None
-        self.at = 0.0
-        """When connecting last failed (`error`) or, with `error` None, last worked."""
-
-    def check(self) -> None:
-        """Raise `StorageError` when connecting failed within the last connect timeout."""
-        error, ago = self.error, time.monotonic() - self.at
-        if error is not None and ago < self.connect_timeout:
-            raise StorageError(
-                f"{error} (connecting failed {ago:.1f} s ago; keel tries again "
-                f"{self.connect_timeout - ago:.1f} s from now)"
-            ) from error
-
-    def found(self, error: StorageError) -> StorageError:
-        """Remember `error`, connecting's failure, and return it."""
-        self.error, self.at = error, time.monotonic()
-        return error
-
-    def reached(self) -> None:
-        self.error, self.at = None, time.monotonic()
-
-    def reached_lately(self) -> bool:
-        """Whether connecting worked within the last connect timeout (no need to try again)."""
-        return self.error is None and time.monotonic() - self.at < self.connect_timeout
 
 
 _ATTEMPTS = 3

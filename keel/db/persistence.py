@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import select
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +50,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from keel._drive import Op, Steps, adrive, call, drive, retrying
+from keel._drive import Op, Steps, adrive, both, call, drive, retrying
 from keel._node import ERROR, INTERRUPT
 from keel.db.checkpoint.retention import (
     Flow,
@@ -70,8 +68,15 @@ from keel.db.checkpoint.strict import (
     StrictSerializer,
     StrictSqliteSaver,
 )
+from keel.db.pools import (
+    Reachability,
+    adraining_pool,
+    draining_pool,
+    network_defaults,
+    reply_timeout,
+)
 from keel.db.writer_lock import writer_lock
-from keel.errors import SetupError, UserError
+from keel.errors import SetupError, StorageError, UserError
 from keel.redact import sanitized_logger
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
@@ -447,7 +452,7 @@ class Persistence:
         )
         if "connect_timeout" not in conninfo_to_dict(self.url):
             kwargs["connect_timeout"] = _CONNECT_TIMEOUT
-        return kwargs
+        return {**kwargs, **network_defaults(self.url)}
 
     @property
     def connect_timeout(self) -> float:
@@ -466,7 +471,32 @@ class Persistence:
         # every connection is checked when taken: skipping the check for a fresh, quiet one
         # (as the ledger's pool does) lost a race in a fresh-clone CI run, a retry taking a
         # connection whose server had just killed it before it said so
-        return {**self._pool_args, "kwargs": self._connect_kwargs(), "open": False, "name": "keel"}
+        # a wait for a connection past one connect timeout connects once on its own: a server
+        # that is gone ends it then, not after `pool_timeout`; a reply waits `reply_timeout`
+        bounded = {**self._connect_kwargs(), "reply_timeout": self.reply_timeout}
+        reachability = Reachability(
+            self.connect_timeout, lambda: both(self.reach, self.areach), self._unreachable
+        )
+        return {**self._pool_args, "kwargs": bounded, "open": False, "name": "keel",
+                "reachability": reachability}  # fmt: skip
+
+    @property
+    def reply_timeout(self) -> float | None:
+        """Seconds a pooled statement waits for its reply; then its connection is closed.
+
+        `keel.db.pools.reply_timeout`: 60 s, or the URL's `statement_timeout` plus one connect
+        timeout; None: no limit (or SQLite).
+        """
+        if self.backend == "sqlite":
+            return None
+        return reply_timeout(self.url, self.connect_timeout)
+
+    def _unreachable(self, exc: SetupError) -> StorageError:
+        """The checkpointer's pool gave no connection and connecting failed with `exc`."""
+        return StorageError(
+            f"keel's checkpointer: {str(exc).rstrip('.')}. The checkpoint was not saved or read;"
+            " resume the run once PostgreSQL answers."
+        )
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -574,109 +604,6 @@ class Persistence:
             yield pool
         finally:
             await pool.close()
-
-
-# -- pool health checks ---------------------------------------------------------------------------
-# psycopg_pool checks a connection when it is taken and, when the check fails, sleeps with
-# exponential backoff (1 s, 2 s, 4 s…) before taking the next one: after a server restart or
-# `pg_terminate_backend`, a pool of 20 dead connections would stall a run far past any timeout.
-# One dead connection means its siblings are likely dead too, so keel's check drains the pool:
-# every idle connection is replaced at once and the next one taken is fresh.
-
-
-def draining_pool(url: str, *, fresh_for: float = 0.0, **kwargs: Any) -> ConnectionPool[Any]:
-    """A psycopg pool (unopened; `kwargs` as `ConnectionPool`'s) whose health check drains it.
-
-    `fresh_for`: seconds after a check during which a connection is taken unchecked (a round
-    trip saved per use), for callers that replay a transaction whose connection died (the
-    ledger) and drain the pool themselves.
-    """
-    check = _PoolCheck(fresh_for)
-    pool: ConnectionPool[Any] = ConnectionPool(url, check=check, **kwargs)
-    check.pool = pool
-    return pool
-
-
-def adraining_pool(url: str, *, fresh_for: float = 0.0, **kwargs: Any) -> AsyncConnectionPool[Any]:
-    """An async psycopg pool (unopened) whose health check drains it, as `draining_pool`."""
-    check = _APoolCheck(fresh_for)
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(url, check=check, **kwargs)
-    check.pool = pool
-    return pool
-
-
-class _Freshness:
-    """When each connection was last checked (an attribute on it), and whether that is recent."""
-
-    def __init__(self, fresh_for: float) -> None:
-        self.fresh_for = fresh_for
-
-    def fresh(self, conn: Any) -> bool:
-        """Whether `conn` may be taken unchecked.
-
-        It was checked within `fresh_for` seconds, and its server has said nothing since.
-        """
-        checked = getattr(conn, "_keel_checked", None)
-        if checked is None or time.monotonic() - checked >= self.fresh_for:
-            return False
-        return quiet(conn)
-
-    def checked(self, conn: Any) -> None:
-        if self.fresh_for > 0:
-            conn._keel_checked = time.monotonic()
-
-
-FRESH_FOR = 2.0
-"""Seconds a pooled connection is taken without the pool's health check (a round trip) after
-one passed, while its server has said nothing (`quiet`)."""
-
-
-def quiet(conn: Any) -> bool:
-    """Whether the server has said nothing on `conn` since its last reply (no round trip).
-
-    A server that drops an idle connection (a restart, a failover, an administrator's
-    `pg_terminate_backend`) says so or closes the socket: it becomes readable. Silence is what
-    a live idle connection shows.
-    """
-    try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    except (psycopg.Error, OSError, ValueError):
-        return False  # closed already
-    return not readable
-
-
-class _PoolCheck(_Freshness):
-    """The sync pool's `check`: `check_connection`, draining the pool when it fails."""
-
-    pool: ConnectionPool[Any] | None = None
-
-    def __call__(self, conn: psycopg.Connection[Any]) -> None:
-        if self.fresh(conn):
-            return
-        try:
-            ConnectionPool.check_connection(conn)
-        except psycopg.Error:
-            if self.pool is not None:
-                self.pool.drain()
-            raise
-        self.checked(conn)
-
-
-class _APoolCheck(_Freshness):
-    """The async pool's `check`: `check_connection`, draining the pool when it fails."""
-
-    pool: AsyncConnectionPool[Any] | None = None
-
-    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if self.fresh(conn):
-            return
-        try:
-            await AsyncConnectionPool.check_connection(conn)
-        except psycopg.Error:
-            if self.pool is not None:
-                await self.pool.drain()
-            raise
-        self.checked(conn)
 
 
 # -- pure helpers ------------------------------------------------------------------------------

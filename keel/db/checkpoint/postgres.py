@@ -10,8 +10,10 @@ database written by one saver is read by the other.
 
 It also survives dropped connections (server restarts, idle reaping, `pg_terminate_backend`):
 a call that fails on a dead connection runs once more on a fresh one (every write is an
-idempotent upsert), and an unreachable database raises `SetupError` after the pool's timeout
-instead of hanging the run.
+idempotent upsert). Made by `keel.Persistence`, its pool tells a busy pool from a server gone
+(`keel.db.pools`): an unreachable server raises `StorageError` within a few connect timeouts, a
+pool whose connections all stay busy `SetupError` after the pool's timeout, and a statement
+whose reply does not come within the reply timeout fails as a lost connection.
 """
 
 from __future__ import annotations
