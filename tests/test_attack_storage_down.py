@@ -34,7 +34,7 @@ from test_storage_faults import POLICY as KILLS  # budgets, rate limits, breaker
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.ledger import Flow
-from keel.db.pools import network_defaults
+from keel.db.pools import AsyncBoundedConnection, BoundedConnection, network_defaults, unbounded
 from keel.db.runs import error_category
 from keel.evals import ScriptedChatModel, call
 from keel.guards import AdmissionPolicy
@@ -521,3 +521,53 @@ def test_the_urls_tcp_options_win_over_keels_defaults() -> None:
         "keepalives_interval": 5,
         "keepalives_count": 3,
     }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
+def test_a_ledger_server_that_stalls_mid_query_ends_the_next_run_after_its_reply_timeout(
+    tmp_path: Path, fresh_postgres_url: str, entry: str
+) -> None:
+    """The ledger worked, then its proxy stops forwarding with the sockets open: a ledger
+    statement waited for its reply forever. Now it waits the reply timeout (1 s of the URL's
+    statement_timeout plus one connect timeout), then the replay finds the server unreachable."""
+    port = urlsplit(fresh_postgres_url).port or 5432
+    with _listening(target=port) as proxy:
+        url = proxy.url(fresh_postgres_url) + "&options=-c%20statement_timeout%3D1s"
+        with _ledger(url) as (ledger, loop):
+            first, _ = _timed_run(entry, ledger, loop, tmp_path, "t1")
+            assert first["terminated_reason"] == "completed", first
+            proxy.stall()
+            ended, took = _timed_run(entry, ledger, loop, tmp_path, "t2")
+    assert took < 1 + TIMEOUT + BOUND, f"{entry} took {took:.1f} s after the stall"
+    _assert_storage(ended, "connection timeout expired")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_statement_past_the_reply_timeout_ends_its_connection_unless_unbounded(
+    fresh_postgres_url: str, flavour: str
+) -> None:
+    """A pooled connection's statement gets `reply_timeout` seconds; inside `unbounded()`
+    (migrations, which may wait on another process's advisory lock) it takes what it takes."""
+    slow = "SELECT pg_sleep(1.5)"
+
+    async def arun() -> None:
+        async with await AsyncBoundedConnection.connect(fresh_postgres_url, reply_timeout=1) as c:
+            with unbounded():
+                await c.execute(slow)
+            with pytest.raises(
+                psycopg.OperationalError, match="no reply from PostgreSQL within 1 s"
+            ):
+                await c.execute(slow)
+            assert c.closed
+
+    if flavour == "async":
+        asyncio.run(arun())
+        return
+    with BoundedConnection.connect(fresh_postgres_url, reply_timeout=1) as conn:
+        with unbounded():
+            conn.execute(slow)
+        with pytest.raises(psycopg.OperationalError, match="no reply from PostgreSQL within 1 s"):
+            conn.execute(slow)
+        assert conn.closed
