@@ -38,6 +38,7 @@ from keel._node import (
     context_of,
     peek_resume,
     refused_resume,
+    written_by_update,
 )
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -316,7 +317,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             if waiting is not NO_RESUME:  # checked before interrupt() consumes it
                 try:
                     if not (yield from asked_before(config)):
-                        raise _unasked(request)
+                        raise _unasked(request, (yield from written_by_update(config)))
                     _checked(request, waiting)
                 except UserError as exc:
                     raise refused_resume(exc) from None
@@ -466,15 +467,29 @@ def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
     return answer
 
 
-def _unasked(request: ToolCallRequest) -> UserError:
-    """The refusal of a resume value that reached a call no human was asked about."""
+def _unasked(request: ToolCallRequest, updated: bool) -> UserError:
+    """The refusal of a resume value that reached a call no human was asked about.
+
+    `updated`: the call's step runs from a state update's checkpoint, which dropped the
+    question the call waited on (if it was asked before the update).
+    """
     call = request.tool_call
+    where = f"{call['name']} (call {call.get('id')!r})"
+    if updated:
+        return UserError(
+            f"Command(resume=...) reached {where}, whose question is no longer waiting: a state "
+            "update (update_state) made a new checkpoint, and LangGraph keeps no pending "
+            "interrupt across one, so the answer was given to no question. Nothing ran. To have "
+            "the call asked again, update the state once more (update_state(config, None, "
+            "as_node='model')) and then invoke(None, config); answer the new interrupt by its "
+            "id. The refused answer is never taken: it belongs to this checkpoint."
+        )
     return UserError(
-        f"Command(resume=...) reached {call['name']} (call {call.get('id')!r}), which no human "
-        "was asked about: its step runs it for the first time (sent by a Command(goto=...), or "
-        "left unrun when the run stopped), so the answer was given to no question about it. "
-        "Nothing ran. Resume only a thread that waits (its state's interrupts), answering "
-        "each by its id; to go on from here, send a new message."
+        f"Command(resume=...) reached {where}, which no human was asked about: its step runs it "
+        "for the first time (sent by a Command(goto=...), or left unrun when the run stopped), "
+        "so the answer was given to no question about it. Nothing ran. Resume only a thread "
+        "that waits (its state's interrupts), answering each by its id; to go on from here, "
+        "send a new message."
     )
 
 

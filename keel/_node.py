@@ -7,6 +7,7 @@ This is the one module of keel that touches LangGraph's private modules.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ __all__ = [
     "peek_resume",
     "refused_resume",
     "unsaved_checkpoint",
+    "written_by_update",
     "policy_id",
     "runtime_in",
     "saver_in",
@@ -161,14 +163,34 @@ NO_RESUME = object()
 
 
 def peek_resume(config: RunnableConfig) -> Any:
-    """The resume value `interrupt()` would return, without consuming it (or `NO_RESUME`)."""
+    """The resume value the task's next `interrupt()` would return, unconsumed (or `NO_RESUME`).
+
+    A task that asks more than once (a middleware around the asking one runs it again) has an
+    answer per question, in order: the next question's is the one after those already taken.
+    """
     scratchpad = config.get("configurable", {}).get(CONFIG_KEY_SCRATCHPAD)
     if scratchpad is None:
         return NO_RESUME
-    if scratchpad.resume:
-        return scratchpad.resume[0]
+    index = _interrupts_taken(scratchpad.interrupt_counter)
+    if index < len(scratchpad.resume):
+        return scratchpad.resume[index]
     value = scratchpad.get_null_resume(False)
     return NO_RESUME if value is None else value
+
+
+def _interrupts_taken(counter: Any) -> int:
+    """How many `interrupt()` calls the task made: its counter's next value, not consumed.
+
+    LangGraph's counter is a lazily made `itertools.count(0).__next__`, whose count reads
+    `count(n)`.
+    """
+    made = getattr(counter, "_counter", None)
+    if made is None:
+        return 0
+    taken = re.fullmatch(r"count\((\d+)\)", repr(getattr(made, "__self__", None)))
+    if taken is None:
+        raise RuntimeError(f"keel cannot read LangGraph's interrupt counter {made!r}.")
+    return int(taken.group(1))
 
 
 def asked_before(config: RunnableConfig) -> Steps[bool]:
@@ -182,20 +204,38 @@ def asked_before(config: RunnableConfig) -> Steps[bool]:
     True without a checkpointer: nothing is ever resumed.
     """
     conf = config.get("configurable") or {}
-    saver, task = conf.get(CONFIG_KEY_CHECKPOINTER), conf.get(CONFIG_KEY_TASK_ID)
-    if saver is None:
+    if conf.get(CONFIG_KEY_CHECKPOINTER) is None:
         return True
+    saved = yield from _task_checkpoint(config)
+    task = conf.get(CONFIG_KEY_TASK_ID)
+    writes = (saved.pending_writes or []) if saved is not None else []
+    return any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes)
+
+
+def written_by_update(config: RunnableConfig) -> Steps[bool]:
+    """Whether the checkpoint the task `config` belongs to runs from is a state update's.
+
+    `update_state` writes a new checkpoint that keeps none of the pending interrupts of the one
+    it follows: a question asked there is no longer waiting, and its tasks run anew.
+    """
+    saved = yield from _task_checkpoint(config)
+    return saved is not None and (saved.metadata or {}).get("source") == "update"
+
+
+def _task_checkpoint(config: RunnableConfig) -> Steps[CheckpointTuple | None]:
+    """The saved checkpoint the task `config` belongs to runs from (None if not saved)."""
+    conf = config.get("configurable") or {}
+    saver, task = conf.get(CONFIG_KEY_CHECKPOINTER), conf.get(CONFIG_KEY_TASK_ID)
     parent = str(conf.get(CONFIG_KEY_CHECKPOINT_NS) or "").rpartition(NS_SEP)[0]
     checkpoint = (conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {}).get(parent)
     thread = conf.get("thread_id")
-    if not task or not checkpoint or not thread:
-        return False
+    if saver is None or not task or not checkpoint or not thread:
+        return None
     at = {
         "configurable": {"thread_id": thread, "checkpoint_ns": parent, "checkpoint_id": checkpoint}
     }
     saved: CheckpointTuple | None = yield both(saver.get_tuple, saver.aget_tuple, at)
-    writes = (saved.pending_writes or []) if saved is not None else []
-    return any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes)
+    return saved
 
 
 _INVALID_RESUME = "_langgraph_invalid_resume"

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
+from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -44,6 +46,27 @@ POLICY = Policy(
 MODES = ["invoke", "ainvoke"]
 
 
+class Declined(Exception):
+    """The refund's failure (`agent(declined=...)`)."""
+
+
+class RetryDeclined(AgentMiddleware[Any, Any, Any]):
+    """Runs a declined call once more: its `PermissionMiddleware` asks again (a task that
+    asks twice, as under LangChain's `ToolRetryMiddleware`)."""
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
+        try:
+            return handler(request)
+        except Declined:
+            return handler(request)
+
+    async def awrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
+        try:
+            return await handler(request)
+        except Declined:
+            return await handler(request)
+
+
 def turn(*calls: tuple[str, dict[str, Any]]) -> AIMessage:
     """One model turn asking for `calls` (ids minted by the model: `fresh_ids=True`)."""
     return AIMessage(
@@ -58,6 +81,8 @@ class Agent:
     send: Callable[[Any], dict[str, Any]]
     snapshot: Callable[[], Any]
     """The thread's state (`get_state`)."""
+    update: Callable[[dict[str, Any]], Any]
+    """A state update of the thread (`update_state`, as the model node)."""
     ran: list[str] = field(default_factory=list)
 
     def waiting(self) -> list[Any]:
@@ -72,13 +97,24 @@ class Agent:
 
 
 @contextmanager
-def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[Agent]:
+def agent(
+    mode: str,
+    tmp_path: Path,
+    *script: Any,
+    slow: float = 0,
+    declined: float | None = None,
+    outer: tuple[AgentMiddleware[Any, Any, Any], ...] = (),
+) -> Iterator[Agent]:
+    """The agent; its refund takes `slow` seconds and fails for the amount `declined`;
+    `outer` middleware wraps `PermissionMiddleware`."""
     ran: list[str] = []
 
     @tool(risk="write")
     def issue_refund(order_id: str, amount: float) -> str:
         """Refund an order (taking `slow` seconds)."""
         time.sleep(slow)
+        if amount == declined:
+            raise Declined(f"the bank declined {amount:g}")
         ran.append(f"issue_refund {order_id} {amount:g}")
         return f"refunded {amount:g} on {order_id}"
 
@@ -91,7 +127,7 @@ def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[
         return create_agent(
             ScriptedChatModel(script=[*script, "Done."], fresh_ids=True),
             [issue_refund, delete_account],
-            middleware=[PermissionMiddleware(POLICY)],
+            middleware=[*outer, PermissionMiddleware(POLICY)],
             context_schema=RunContext,
             checkpointer=saver,
         )
@@ -103,6 +139,7 @@ def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[
             yield Agent(
                 lambda p: g.invoke(p, CONFIG, context=CTX),
                 lambda: g.get_state(CONFIG),
+                lambda v: g.update_state(CONFIG, v, as_node="model"),
                 ran,
             )
         return
@@ -113,6 +150,7 @@ def agent(mode: str, tmp_path: Path, *script: Any, slow: float = 0) -> Iterator[
         yield Agent(
             lambda p: loop.run_until_complete(g.ainvoke(p, CONFIG, context=CTX)),
             lambda: loop.run_until_complete(g.aget_state(CONFIG)),
+            lambda v: loop.run_until_complete(g.aupdate_state(CONFIG, v, as_node="model")),
             ran,
         )
     finally:
@@ -330,3 +368,76 @@ def test_a_refused_answer_is_one_langgraph_reads_as_a_refused_resume() -> None:
     renames it (the parallel test above then fails under `ainvoke`)."""
     assert is_invalid_resume(refused_resume(UserError("bad answer")))
     assert not is_invalid_resume(UserError("bad answer"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_state_update_drops_the_question_and_a_stale_answer_never_approves_the_call(
+    mode: str, tmp_path: Path
+) -> None:
+    """LangGraph keeps no pending interrupt across `update_state` (the question belongs to the
+    old checkpoint). A plain approval sent after the update reached the call's task, which never
+    asked in the new checkpoint: it was refused saying the call was "sent by a Command(goto=...)
+    or left unrun", and told the user to send a new message (the waiting call lost). The
+    refusal now names the update and how to have the call asked again; done so, the call is
+    asked anew, and the refused approval (LangGraph keeps it in the update's checkpoint) is
+    never taken as the answer to the new question: `invoke(None)` asks again, nothing runs."""
+    with agent(mode, tmp_path, turn(("issue_refund", {"order_id": "A1", "amount": 20}))) as a:
+        (old,) = a.ask()["__interrupt__"]
+        a.update({"messages": []})
+        assert a.waiting() == []  # the question went with the old checkpoint
+        update = r"no longer waiting: a state update \(update_state\) made a new checkpoint"
+        for _ in range(2):  # the refused answer sticks to the update's checkpoint
+            with pytest.raises(UserError, match=update) as refused:
+                a.resume({"type": "approve"})
+            assert "update_state(config, None, as_node='model')" in str(refused.value)
+            assert a.ran == []
+        with pytest.raises(UserError, match=update):
+            a.send(None)
+        a.update(None)  # what the error says to do
+        (new,) = a.send(None)["__interrupt__"]
+        assert new.id != old.id and new.value == old.value
+        for _ in range(2):  # the stale approval answers nothing: the call still waits
+            assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id]
+        assert a.ran == []
+        result = a.resume({new.id: {"type": "approve"}})
+    assert a.ran == ["issue_refund A1 20"]
+    assert result["messages"][-1].text == "Done."
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_answer_keyed_by_a_question_an_update_dropped_asks_the_call_again(
+    mode: str, tmp_path: Path
+) -> None:
+    """LangGraph's behaviour, pinned: after `update_state`, the old interrupt's id names no
+    question; a resume keyed by it runs nothing, and the call is asked again (a new id)."""
+    with agent(mode, tmp_path, turn(("issue_refund", {"order_id": "A1", "amount": 20}))) as a:
+        (old,) = a.ask()["__interrupt__"]
+        a.update({"messages": []})
+        (new,) = a.resume({old.id: {"type": "approve"}})["__interrupt__"]
+        assert new.id != old.id and a.ran == []
+        a.resume({new.id: {"type": "reject"}})
+    assert a.ran == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bad_answer_to_a_tasks_second_question_is_refused_before_it_is_taken(
+    mode: str, tmp_path: Path
+) -> None:
+    """A middleware around `PermissionMiddleware` runs a declined refund again, and the call is
+    asked again in the same task (its second interrupt). The early check read the task's first
+    answer (the approval) instead of the second's: the bad answer got past it, `interrupt()`
+    took it, and LangGraph kept it (the task's resume values, saved in order), so every later
+    answer to that question met the same refusal: the call could never be answered again."""
+    script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
+    with agent(mode, tmp_path, script, declined=20, outer=(RetryDeclined(),)) as a:
+        (first,) = a.ask()["__interrupt__"]
+        (second,) = a.resume({first.id: {"type": "approve"}})["__interrupt__"]
+        assert second.id != first.id and second.value == first.value
+        for _ in range(2):
+            with pytest.raises(UserError, match=r"^Unknown review decision \{'type': 'maybe'\}"):
+                a.resume({second.id: {"type": "maybe"}})
+            assert [i.id for i in a.waiting()] == [second.id]
+        smaller = {"type": "edit", "edited_action": {"args": {"order_id": "A1", "amount": 10}}}
+        result = a.resume({second.id: smaller})
+    assert a.ran == ["issue_refund A1 10"]
+    assert result["messages"][-1].text == "Done."
