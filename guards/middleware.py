@@ -271,7 +271,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     several calls waiting, answer each interrupt by its id; each answer is checked on its own,
     and the calls answered rightly in the same resume run and keep their results. An answer is
     taken only by a call that asked (its interrupt saved in its checkpoint): a resume value
-    that reaches a call its step runs for the first time is refused, and nothing runs.
+    that reaches a call its step runs for the first time is refused, and nothing runs. A task
+    that asks again (a middleware around this one runs the call again) has each answer checked
+    before it is taken. `update_state` drops a waiting call's question (LangGraph keeps no
+    pending interrupt across it): `invoke(None)` asks again, and a plain resume sent after the
+    update is refused with a `UserError` saying so and how to have the call asked again.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
