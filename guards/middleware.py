@@ -28,16 +28,18 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from langgraph.config import get_config
-from langgraph.types import Command, interrupt
+from langgraph.types import Command
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, call, drive
 from keel._node import (
     NO_RESUME,
+    ask,
     asked_before,
     context_of,
     peek_resume,
     refused_resume,
+    void_resume,
     written_by_update,
 )
 from keel.db.ledger import Ledger
@@ -274,8 +276,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     that reaches a call its step runs for the first time is refused, and nothing runs. A task
     that asks again (a middleware around this one runs the call again) has each answer checked
     before it is taken. `update_state` drops a waiting call's question (LangGraph keeps no
-    pending interrupt across it): `invoke(None)` asks again, and a plain resume sent after the
-    update is refused with a `UserError` saying so and how to have the call asked again.
+    pending interrupt across it): `invoke(None)` asks again; a plain resume sent after the
+    update is refused with a `UserError` saying so, and voided: it never answers the call.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
@@ -321,11 +323,14 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             if waiting is not NO_RESUME:  # checked before interrupt() consumes it
                 try:
                     if not (yield from asked_before(config)):
-                        raise _unasked(request, (yield from written_by_update(config)))
+                        updated = yield from written_by_update(config)
+                        if updated:  # the call is asked again on the next run
+                            yield from void_resume(config)
+                        raise _unasked(request, updated)
                     _checked(request, waiting)
                 except UserError as exc:
                     raise refused_resume(exc) from None
-            resolved = _apply_decision(request, interrupt(question))
+            resolved = _apply_decision(request, ask(question))
             if isinstance(resolved, ToolMessage) or resolved is request:
                 return resolved
             if (twin := _repeat(resolved, edited=True)) is not None:
@@ -483,10 +488,9 @@ def _unasked(request: ToolCallRequest, updated: bool) -> UserError:
         return UserError(
             f"Command(resume=...) reached {where}, whose question is no longer waiting: a state "
             "update (update_state) made a new checkpoint, and LangGraph keeps no pending "
-            "interrupt across one, so the answer was given to no question. Nothing ran. To have "
-            "the call asked again, update the state once more (update_state(config, None, "
-            "as_node='model')) and then invoke(None, config); answer the new interrupt by its "
-            "id. The refused answer is never taken: it belongs to this checkpoint."
+            "interrupt across one, so the answer was given to no question. Nothing ran, and the "
+            "answer is void: it will never answer the call. To have the call asked again, "
+            "invoke(None, config), and answer the new interrupt by its id."
         )
     return UserError(
         f"Command(resume=...) reached {where}, which no human was asked about: its step runs it "

@@ -25,13 +25,16 @@ from langgraph._internal._constants import (
     ERROR,
     INTERRUPT,
     NS_SEP,
+    NULL_TASK_ID,
     RESUME,
 )
 from langgraph._internal._retry import default_retry_on
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.config import get_config
+from langgraph.errors import GraphInterrupt
 from langgraph.runtime import Runtime
+from langgraph.types import Interrupt, _interrupt_id, interrupt
 
 from keel._drive import Steps, adrive, both, drive
 from keel.errors import UserError
@@ -43,6 +46,7 @@ __all__ = [
     "INTERRUPT",
     "NO_RESUME",
     "NS_SEP",
+    "ask",
     "asked_before",
     "RunnableCallable",
     "context_of",
@@ -54,6 +58,7 @@ __all__ = [
     "peek_resume",
     "refused_resume",
     "unsaved_checkpoint",
+    "void_resume",
     "written_by_update",
     "policy_id",
     "runtime_in",
@@ -162,12 +167,51 @@ NO_RESUME = object()
 """What `peek_resume` returns when the run is not being resumed."""
 
 
+VOIDED = "__keel_voided_resume__"
+"""What `void_resume` saves over a refused plain resume value: no answer to any question."""
+
+
+def void_resume(config: RunnableConfig) -> Steps[None]:
+    """Void the plain resume value saved in the checkpoint the task `config` belongs to runs from.
+
+    LangGraph saves a `Command(resume=value)` in the checkpoint before any task runs, and keeps
+    it there until a step ends, even when the task it reached refused it; a question asked from
+    that checkpoint later would take it as its answer. Saved over (the savers replace a
+    checkpoint's resume write), it is no answer: `peek_resume` and `ask` pass it by.
+    """
+    conf = config.get("configurable") or {}
+    saver = conf.get(CONFIG_KEY_CHECKPOINTER)
+    at = _checkpoint_address(config)
+    if saver is None or at is None:
+        return
+    yield both(saver.put_writes, saver.aput_writes, at, [(RESUME, VOIDED)], NULL_TASK_ID)
+
+
+def ask(value: Any) -> Any:
+    """`interrupt(value)`, to which a voided plain resume value (`void_resume`) is no answer."""
+    config = get_config()
+    if _peek(config) != VOIDED:
+        return interrupt(value)
+    conf = config["configurable"]
+    scratchpad = conf[CONFIG_KEY_SCRATCHPAD]
+    scratchpad.interrupt_counter()
+    ns = conf[CONFIG_KEY_CHECKPOINT_NS]
+    raise GraphInterrupt((Interrupt(value=value, id=_interrupt_id(ns, len(scratchpad.resume))),))
+
+
 def peek_resume(config: RunnableConfig) -> Any:
     """The resume value the task's next `interrupt()` would return, unconsumed (or `NO_RESUME`).
 
     A task that asks more than once (a middleware around the asking one runs it again) has an
     answer per question, in order: the next question's is the one after those already taken.
+    A voided value (`void_resume`) is none.
     """
+    value = _peek(config)
+    return NO_RESUME if value == VOIDED else value
+
+
+def _peek(config: RunnableConfig) -> Any:
+    """`peek_resume`, a voided value as it is."""
     scratchpad = config.get("configurable", {}).get(CONFIG_KEY_SCRATCHPAD)
     if scratchpad is None:
         return NO_RESUME
@@ -225,17 +269,24 @@ def written_by_update(config: RunnableConfig) -> Steps[bool]:
 def _task_checkpoint(config: RunnableConfig) -> Steps[CheckpointTuple | None]:
     """The saved checkpoint the task `config` belongs to runs from (None if not saved)."""
     conf = config.get("configurable") or {}
-    saver, task = conf.get(CONFIG_KEY_CHECKPOINTER), conf.get(CONFIG_KEY_TASK_ID)
+    saver, at = conf.get(CONFIG_KEY_CHECKPOINTER), _checkpoint_address(config)
+    if saver is None or at is None:
+        return None
+    saved: CheckpointTuple | None = yield both(saver.get_tuple, saver.aget_tuple, at)
+    return saved
+
+
+def _checkpoint_address(config: RunnableConfig) -> RunnableConfig | None:
+    """The config naming the checkpoint the task `config` belongs to runs from (None if none)."""
+    conf = config.get("configurable") or {}
     parent = str(conf.get(CONFIG_KEY_CHECKPOINT_NS) or "").rpartition(NS_SEP)[0]
     checkpoint = (conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {}).get(parent)
     thread = conf.get("thread_id")
-    if saver is None or not task or not checkpoint or not thread:
+    if not conf.get(CONFIG_KEY_TASK_ID) or not checkpoint or not thread:
         return None
-    at = {
+    return {
         "configurable": {"thread_id": thread, "checkpoint_ns": parent, "checkpoint_id": checkpoint}
     }
-    saved: CheckpointTuple | None = yield both(saver.get_tuple, saver.aget_tuple, at)
-    return saved
 
 
 _INVALID_RESUME = "_langgraph_invalid_resume"
