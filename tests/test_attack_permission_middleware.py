@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.errors import is_invalid_resume
@@ -105,6 +107,7 @@ def agent(
     declined: float | None = None,
     outer: tuple[AgentMiddleware[Any, Any, Any], ...] = (),
     inner: tuple[AgentMiddleware[Any, Any, Any], ...] = (),
+    url: str = "",
 ) -> Iterator[Agent]:
     """The agent; its refund takes `slow` seconds and fails for the amount `declined`;
     `outer` middleware wraps `PermissionMiddleware`, which wraps `inner`."""
@@ -134,6 +137,18 @@ def agent(
         )
 
     path = str(tmp_path / "checkpoints.db")
+    if mode == "postgres":  # the server at `url`, a thread of its own
+        config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+        with PostgresSaver.from_conn_string(url) as saver:
+            saver.setup()
+            g = graph(saver)
+            yield Agent(
+                lambda p: g.invoke(p, config, context=CTX),
+                lambda: g.get_state(config),
+                lambda v: g.update_state(config, v, as_node="model"),
+                ran,
+            )
+        return
     if mode == "invoke":
         with SqliteSaver.from_conn_string(path) as saver:
             g = graph(saver)
@@ -462,3 +477,21 @@ def test_a_respond_text_is_screened_by_an_input_guard_placed_outside(
     assert answer.response_metadata["keel_status"] == "respond" and a.ran == []
     flagged = answer.response_metadata.get("keel_guard", {}).get("action")
     assert flagged == ("flag" if guard == "outside" else None)
+
+
+def test_a_stale_answer_is_voided_in_a_postgres_checkpoint_too(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """`void_resume` saves over LangGraph's resume write: Postgres' saver replaces it as
+    SQLite's does (a saver that kept the first write would let the refusal stick)."""
+    script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
+    with agent("postgres", tmp_path, script, url=postgres_url) as a:
+        (asked,) = a.ask()["__interrupt__"]
+        a.update({"messages": []})
+        with pytest.raises(UserError, match=r"no longer waiting: a state update"):
+            a.resume({"type": "approve"})
+        (new,) = a.send(None)["__interrupt__"]
+        assert new.id != asked.id
+        assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id] and a.ran == []
+        a.resume({new.id: {"type": "approve"}})
+    assert a.ran == ["issue_refund A1 20"]
