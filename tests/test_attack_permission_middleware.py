@@ -108,6 +108,7 @@ def agent(
     outer: tuple[AgentMiddleware[Any, Any, Any], ...] = (),
     inner: tuple[AgentMiddleware[Any, Any, Any], ...] = (),
     url: str = "",
+    durability: Any = "async",
 ) -> Iterator[Agent]:
     """The agent; its refund takes `slow` seconds and fails for the amount `declined`;
     `outer` middleware wraps `PermissionMiddleware`, which wraps `inner`."""
@@ -153,7 +154,7 @@ def agent(
         with SqliteSaver.from_conn_string(path) as saver:
             g = graph(saver)
             yield Agent(
-                lambda p: g.invoke(p, CONFIG, context=CTX),
+                lambda p: g.invoke(p, CONFIG, context=CTX, durability=durability),
                 lambda: g.get_state(CONFIG),
                 lambda v: g.update_state(CONFIG, v, as_node="model"),
                 ran,
@@ -164,7 +165,9 @@ def agent(
     try:
         g = graph(loop.run_until_complete(opened.__aenter__()))
         yield Agent(
-            lambda p: loop.run_until_complete(g.ainvoke(p, CONFIG, context=CTX)),
+            lambda p: loop.run_until_complete(
+                g.ainvoke(p, CONFIG, context=CTX, durability=durability)
+            ),
             lambda: loop.run_until_complete(g.aget_state(CONFIG)),
             lambda v: loop.run_until_complete(g.aupdate_state(CONFIG, v, as_node="model")),
             ran,
@@ -494,4 +497,46 @@ def test_a_stale_answer_is_voided_in_a_postgres_checkpoint_too(
         assert new.id != asked.id
         assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id] and a.ran == []
         a.resume({new.id: {"type": "approve"}})
+    assert a.ran == ["issue_refund A1 20"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_under_exit_durability_the_stale_answer_takes_one_more_run_to_void(
+    mode: str, tmp_path: Path
+) -> None:
+    """LangGraph's behaviour, pinned: under `durability="exit"` a run saves its resume value
+    as it exits, after keel voided it in the task, so the first `invoke(None)` meets the same
+    refusal (and voids it again); the next asks the call. The stale value answers nothing."""
+    script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
+    with agent(mode, tmp_path, script, durability="exit") as a:
+        a.ask()
+        a.update({"messages": []})
+        for sent in (Command(resume={"type": "approve"}), None):
+            with pytest.raises(UserError, match=r"no longer waiting: a state update"):
+                a.send(sent)
+        (new,) = a.send(None)["__interrupt__"]
+        assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id] and a.ran == []
+        a.resume({new.id: {"type": "reject"}})
+    assert a.ran == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_after_a_state_update_two_waiting_calls_are_both_asked_again(
+    mode: str, tmp_path: Path
+) -> None:
+    """Two asked refunds, an update: no interrupt waits, so LangGraph takes a plain approval,
+    and hands it to both calls' tasks; each refuses it (neither asked in the new checkpoint),
+    nothing runs, and `invoke(None)` asks both again, each answered by its own id."""
+    script = turn(
+        ("issue_refund", {"order_id": "A1", "amount": 20}),
+        ("issue_refund", {"order_id": "A2", "amount": 30}),
+    )
+    with agent(mode, tmp_path, script) as a:
+        assert len(a.ask()["__interrupt__"]) == 2
+        a.update({"messages": []})
+        with pytest.raises(UserError, match=r"no longer waiting: a state update"):
+            a.resume({"type": "approve"})
+        asked = {i.value["args"]["order_id"]: i for i in a.send(None)["__interrupt__"]}
+        assert sorted(asked) == ["A1", "A2"] and a.ran == []
+        a.resume({asked["A1"].id: {"type": "approve"}, asked["A2"].id: {"type": "reject"}})
     assert a.ran == ["issue_refund A1 20"]
