@@ -389,6 +389,24 @@ def test_a_refused_answer_is_one_langgraph_reads_as_a_refused_resume() -> None:
     assert not is_invalid_resume(UserError("bad answer"))
 
 
+UPDATED = r"no longer waiting: a state update \(update_state\) made a new checkpoint"
+
+
+def asked_after_a_stale_approval(a: Agent, runs: int = 1) -> list[Any]:
+    """Update the waiting thread's state, send a plain approval (refused), then `invoke(None)`
+    until the calls are asked again (`runs` sends refused in all); the new interrupts, checked
+    to keep waiting through one more `invoke(None)` with nothing run."""
+    a.update({"messages": []})
+    assert a.waiting() == []  # the question went with the old checkpoint
+    for sent in (Command(resume={"type": "approve"}), *[None] * (runs - 1)):
+        with pytest.raises(UserError, match=UPDATED):
+            a.send(sent)
+    asked = list(a.send(None)["__interrupt__"])  # what the refusal says to do
+    again = a.send(None)["__interrupt__"]  # the stale approval answers nothing
+    assert sorted(i.id for i in again) == sorted(i.id for i in asked) and a.ran == []
+    return asked
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("answer", ["plainly", "by the new id"])
 def test_a_state_update_drops_the_question_and_a_stale_answer_never_approves_the_call(
@@ -403,17 +421,9 @@ def test_a_state_update_drops_the_question_and_a_stale_answer_never_approves_the
     never taken as the answer to the new question (`invoke(None)` asks again, nothing runs)."""
     with agent(mode, tmp_path, turn(("issue_refund", {"order_id": "A1", "amount": 20}))) as a:
         (old,) = a.ask()["__interrupt__"]
-        a.update({"messages": []})
-        assert a.waiting() == []  # the question went with the old checkpoint
-        with pytest.raises(UserError, match=r"no longer waiting: a state update \(update_stat"):
-            a.resume({"type": "approve"})
-        assert a.ran == []
-        (new,) = a.send(None)["__interrupt__"]  # what the refusal says to do
+        (new,) = asked_after_a_stale_approval(a)
         assert new.id != old.id and new.value == old.value
-        for _ in range(2):  # the stale approval answers nothing: the call still waits
-            assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id]
-            assert [i.id for i in a.waiting()] == [new.id]
-        assert a.ran == []
+        assert [i.id for i in a.waiting()] == [new.id]
         decision = {"type": "edit", "edited_action": {"args": {"order_id": "A1", "amount": 5}}}
         result = a.resume(decision if answer == "plainly" else {new.id: decision})
     assert a.ran == ["issue_refund A1 5"]
@@ -489,13 +499,8 @@ def test_a_stale_answer_is_voided_in_a_postgres_checkpoint_too(
     SQLite's does (a saver that kept the first write would let the refusal stick)."""
     script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
     with agent("postgres", tmp_path, script, url=postgres_url) as a:
-        (asked,) = a.ask()["__interrupt__"]
-        a.update({"messages": []})
-        with pytest.raises(UserError, match=r"no longer waiting: a state update"):
-            a.resume({"type": "approve"})
-        (new,) = a.send(None)["__interrupt__"]
-        assert new.id != asked.id
-        assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id] and a.ran == []
+        a.ask()
+        (new,) = asked_after_a_stale_approval(a)
         a.resume({new.id: {"type": "approve"}})
     assert a.ran == ["issue_refund A1 20"]
 
@@ -510,12 +515,7 @@ def test_under_exit_durability_the_stale_answer_takes_one_more_run_to_void(
     script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
     with agent(mode, tmp_path, script, durability="exit") as a:
         a.ask()
-        a.update({"messages": []})
-        for sent in (Command(resume={"type": "approve"}), None):
-            with pytest.raises(UserError, match=r"no longer waiting: a state update"):
-                a.send(sent)
-        (new,) = a.send(None)["__interrupt__"]
-        assert [i.id for i in a.send(None)["__interrupt__"]] == [new.id] and a.ran == []
+        (new,) = asked_after_a_stale_approval(a, runs=2)
         a.resume({new.id: {"type": "reject"}})
     assert a.ran == []
 
@@ -533,10 +533,7 @@ def test_after_a_state_update_two_waiting_calls_are_both_asked_again(
     )
     with agent(mode, tmp_path, script) as a:
         assert len(a.ask()["__interrupt__"]) == 2
-        a.update({"messages": []})
-        with pytest.raises(UserError, match=r"no longer waiting: a state update"):
-            a.resume({"type": "approve"})
-        asked = {i.value["args"]["order_id"]: i for i in a.send(None)["__interrupt__"]}
-        assert sorted(asked) == ["A1", "A2"] and a.ran == []
+        asked = {i.value["args"]["order_id"]: i for i in asked_after_a_stale_approval(a)}
+        assert sorted(asked) == ["A1", "A2"]
         a.resume({asked["A1"].id: {"type": "approve"}, asked["A2"].id: {"type": "reject"}})
     assert a.ran == ["issue_refund A1 20"]
