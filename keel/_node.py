@@ -228,7 +228,9 @@ def _interrupts_taken(counter: Any) -> int:
     LangGraph's counter is a lazily made `itertools.count(0).__next__`, whose count reads
     `count(n)`.
     """
-    made = getattr(counter, "_counter", None)
+    if not hasattr(counter, "_counter"):
+        raise RuntimeError(f"keel cannot read LangGraph's interrupt counter {counter!r}.")
+    made = counter._counter
     if made is None:
         return 0
     taken = re.fullmatch(r"count\((\d+)\)", repr(getattr(made, "__self__", None)))

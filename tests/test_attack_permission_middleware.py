@@ -30,10 +30,11 @@ from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.errors import is_invalid_resume
+from langgraph.pregel._algo import LazyAtomicCounter
 from langgraph.types import Command, Send
 
 from keel import RunContext, UserError, tool
-from keel._node import refused_resume
+from keel._node import _interrupts_taken, refused_resume
 from keel.evals import ScriptedChatModel
 from keel.guards import InputGuardMiddleware, PermissionMiddleware, Policy, Rule
 
@@ -380,6 +381,17 @@ def test_an_approval_does_not_carry_over_to_a_later_call(mode: str, tmp_path: Pa
         assert a.ran == ["issue_refund A1 20"]
         a.resume({new.id: {"type": "approve"}})
     assert a.ran == ["issue_refund A1 20", "issue_refund A9 999"]
+
+
+def test_keel_reads_langgraphs_interrupt_counter_without_moving_it() -> None:
+    """`peek_resume` reads how many questions a task asked from LangGraph's private counter:
+    this fails first if LangGraph changes it (the second-question test then fails too)."""
+    counter = LazyAtomicCounter()
+    assert _interrupts_taken(counter) == 0
+    assert [counter(), counter()] == [0, 1]
+    assert [_interrupts_taken(counter), _interrupts_taken(counter), counter()] == [2, 2, 2]
+    with pytest.raises(RuntimeError, match="cannot read LangGraph's interrupt counter"):
+        _interrupts_taken(lambda: 0)
 
 
 def test_a_refused_answer_is_one_langgraph_reads_as_a_refused_resume() -> None:
