@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware
+from langchain.agents.middleware import AgentMiddleware, ToolRetryMiddleware
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.postgres import PostgresSaver
@@ -55,7 +55,7 @@ class Declined(Exception):
 
 class RetryDeclined(AgentMiddleware[Any, Any, Any]):
     """Runs a declined call once more: its `PermissionMiddleware` asks again (a task that
-    asks twice, as under LangChain's `ToolRetryMiddleware`)."""
+    asks twice)."""
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
         try:
@@ -548,4 +548,32 @@ def test_after_a_state_update_two_waiting_calls_are_both_asked_again(
         asked = {i.value["args"]["order_id"]: i for i in asked_after_a_stale_approval(a)}
         assert sorted(asked) == ["A1", "A2"]
         a.resume({asked["A1"].id: {"type": "approve"}, asked["A2"].id: {"type": "reject"}})
+    assert a.ran == ["issue_refund A1 20"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("retry", ["outside", "inside"])
+def test_a_tool_retry_middleware_belongs_inside_permission_middleware(
+    retry: str, mode: str, tmp_path: Path
+) -> None:
+    """README's advice, pinned: LangChain's `ToolRetryMiddleware` retries every exception but
+    LangGraph's interrupts. Placed around `PermissionMiddleware`, it retries keel's refusal of
+    a bad answer and then answers the call with the error: the question is gone, and the model
+    reads the refusal (nothing ran). Placed after it, the refusal reaches the caller and the
+    call waits for a right answer."""
+    retrying = (ToolRetryMiddleware(max_retries=1, initial_delay=0, jitter=False),)
+    where = {"outer" if retry == "outside" else "inner": retrying}
+    script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
+    with agent(mode, tmp_path, script, **where) as a:  # type: ignore[arg-type]
+        (asked,) = a.ask()["__interrupt__"]
+        if retry == "outside":
+            result = a.resume({asked.id: {"type": "maybe"}})
+            answer = replies(result)[asked.value["tool_call_id"]].text
+            assert "failed after 2 attempts with UserError: Unknown review decision" in answer
+            assert a.waiting() == [] and a.ran == []
+            return
+        with pytest.raises(UserError, match=r"^Unknown review decision"):
+            a.resume({asked.id: {"type": "maybe"}})
+        assert [i.id for i in a.waiting()] == [asked.id]
+        a.resume({asked.id: {"type": "approve"}})
     assert a.ran == ["issue_refund A1 20"]
