@@ -26,14 +26,13 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, ToolRetryMiddleware
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
-from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.errors import is_invalid_resume
 from langgraph.pregel._algo import LazyAtomicCounter
 from langgraph.types import Command, Send
 
-from keel import RunContext, UserError, tool
+from keel import Persistence, RunContext, UserError, tool
 from keel._node import _interrupts_taken, refused_resume
 from keel.evals import ScriptedChatModel
 from keel.guards import InputGuardMiddleware, PermissionMiddleware, Policy, Rule
@@ -112,7 +111,9 @@ def agent(
     durability: Any = "async",
 ) -> Iterator[Agent]:
     """The agent; its refund takes `slow` seconds and fails for the amount `declined`;
-    `outer` middleware wraps `PermissionMiddleware`, which wraps `inner`."""
+    `outer` middleware wraps `PermissionMiddleware`, which wraps `inner`. Its thread is kept
+    by LangGraph's SQLite savers, or (`url`) keel's `Persistence(url)`'s, on a thread of its
+    own."""
     ran: list[str] = []
 
     @tool(risk="write")
@@ -139,42 +140,32 @@ def agent(
         )
 
     path = str(tmp_path / "checkpoints.db")
-    if mode == "postgres":  # the server at `url`, a thread of its own
-        config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
-        with PostgresSaver.from_conn_string(url) as saver:
-            saver.setup()
+    config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}} if url else CONFIG
+    if mode == "invoke":
+        opened = Persistence(url).checkpointer() if url else SqliteSaver.from_conn_string(path)
+        with opened as saver:
             g = graph(saver)
             yield Agent(
-                lambda p: g.invoke(p, config, context=CTX),
+                lambda p: g.invoke(p, config, context=CTX, durability=durability),
                 lambda: g.get_state(config),
                 lambda v: g.update_state(config, v, as_node="model"),
                 ran,
             )
         return
-    if mode == "invoke":
-        with SqliteSaver.from_conn_string(path) as saver:
-            g = graph(saver)
-            yield Agent(
-                lambda p: g.invoke(p, CONFIG, context=CTX, durability=durability),
-                lambda: g.get_state(CONFIG),
-                lambda v: g.update_state(CONFIG, v, as_node="model"),
-                ran,
-            )
-        return
+    aopened = Persistence(url).acheckpointer() if url else AsyncSqliteSaver.from_conn_string(path)
     loop = asyncio.new_event_loop()
-    opened = AsyncSqliteSaver.from_conn_string(path)
     try:
-        g = graph(loop.run_until_complete(opened.__aenter__()))
+        g = graph(loop.run_until_complete(aopened.__aenter__()))
         yield Agent(
             lambda p: loop.run_until_complete(
-                g.ainvoke(p, CONFIG, context=CTX, durability=durability)
+                g.ainvoke(p, config, context=CTX, durability=durability)
             ),
-            lambda: loop.run_until_complete(g.aget_state(CONFIG)),
-            lambda v: loop.run_until_complete(g.aupdate_state(CONFIG, v, as_node="model")),
+            lambda: loop.run_until_complete(g.aget_state(config)),
+            lambda v: loop.run_until_complete(g.aupdate_state(config, v, as_node="model")),
             ran,
         )
     finally:
-        loop.run_until_complete(opened.__aexit__(None, None, None))
+        loop.run_until_complete(aopened.__aexit__(None, None, None))
         loop.close()
 
 
@@ -504,15 +495,22 @@ def test_a_respond_text_is_screened_by_an_input_guard_placed_outside(
     assert flagged == ("flag" if guard == "outside" else None)
 
 
-def test_a_stale_answer_is_voided_in_a_postgres_checkpoint_too(
-    postgres_url: str, tmp_path: Path
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_stale_answer_is_voided_in_keels_own_checkpointers(
+    store: str, mode: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """`void_resume` saves over LangGraph's resume write: Postgres' saver replaces it as
-    SQLite's does (a saver that kept the first write would let the refusal stick)."""
+    """`void_resume` saves over LangGraph's resume write: keel's strict savers (`Persistence`:
+    SQLite; Postgres, sync and keel's pooled async one, whose writes are group-committed) replace
+    it as LangGraph's do (a saver that kept the first write would let the refusal stick)."""
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    if store == "postgres":
+        url = request.getfixturevalue("fresh_postgres_url")
     script = turn(("issue_refund", {"order_id": "A1", "amount": 20}))
-    with agent("postgres", tmp_path, script, url=postgres_url) as a:
-        a.ask()
+    with agent(mode, tmp_path, script, url=url) as a:
+        (asked,) = a.ask()["__interrupt__"]
         (new,) = asked_after_a_stale_approval(a)
+        assert new.id != asked.id
         a.resume({new.id: {"type": "approve"}})
     assert a.ran == ["issue_refund A1 20"]
 
