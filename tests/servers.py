@@ -268,9 +268,9 @@ def serving_aegra(
         cluster = AegraCluster(url=url, api=api)
         try:
             wait_ready(url, api, "/health")  # migrations done before the workers start
-            for i in range(workers):
-                worker_url, process = replica(f"worker{i}", 1, False)
-                cluster.workers.append(process)
+            started = [replica(f"worker{i}", 1, False) for i in range(workers)]  # start together
+            cluster.workers += [process for _, process in started]
+            for worker_url, process in started:
                 wait_ready(worker_url, process, "/health")
         except ServerFailed:
             raise ServerFailed(cluster.logs()) from None
