@@ -175,8 +175,9 @@ def test_two_processes_sending_to_one_thread_at_once_both_keep_their_messages(
     (or the second while the first runs); each run outlasts its lease's lifetime, renewed
     while it streams."""
     Ledger(db_url).setup()
-    # each run's model takes 3 s, three lifetimes of its lease: only renewals keep it
-    ask = {"latency": 3.0, "lease_s": 1.0}
+    # each run's model takes 2 s, two lifetimes of its lease: only renewals keep it (without
+    # them the waiting run takes the thread within 1.5 s and both start from one checkpoint)
+    ask = {"latency": 2.0, "lease_s": 1.0}
     workers.append(_Worker(script, db_url, "twice", "Where is A1?", "A1 shipped.", **ask))
     workers.append(_Worker(script, db_url, "twice", "And B2?", "B2 too.", mode="async", **ask))
     one, two = workers[::-1] if first == "async first" else workers
