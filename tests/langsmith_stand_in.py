@@ -8,6 +8,7 @@ answers `{}` to everything.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
@@ -66,7 +67,9 @@ class LangSmithStandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # polled every 10 ms, not 0.5 s: `shutdown()` waits for the next poll
+        serve = functools.partial(self.server.serve_forever, poll_interval=0.01)
+        self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
 
     def close(self) -> None:

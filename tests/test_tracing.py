@@ -6,6 +6,7 @@ metadata must; a stand-in answering 500 must not fail the run; with no key nothi
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -54,7 +55,9 @@ class StandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # polled every 10 ms, not 0.5 s: `shutdown()` waits for the next poll
+        serve = functools.partial(self.server.serve_forever, poll_interval=0.01)
+        self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
 
     def bodies(self) -> bytes:
