@@ -221,7 +221,7 @@ class ChromaServer:
                     raise RuntimeError(
                         f"chroma run did not start: {(self.path / 'server.log').read_text()}"
                     ) from None
-                time.sleep(0.2)
+                time.sleep(0.05)
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""

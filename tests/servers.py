@@ -156,7 +156,7 @@ def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 1
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.05)
     raise ServerFailed(f"server did not answer {url}{path} within {seconds} s:\n{process.text()}")
 
 
