@@ -83,7 +83,7 @@ USER_AGENTS = textwrap.dedent(
 
     def _block(state: MessagesState) -> dict[str, Any]:
         print("working", flush=True)
-        time.sleep(6)  # a sync step: its thread runs on after Ctrl-C
+        time.sleep(4)  # a sync step: its thread runs on after Ctrl-C
         return {}
 
 
@@ -489,7 +489,7 @@ def test_ctrl_c_during_a_run_ends_with_the_thread_to_resume_not_a_traceback(
         project, "run", "go", "--agent", ref, "--thread", "t-c", cue="working", stream="stdout"
     )
     assert code == 130
-    assert waited < 3  # the blocking step sleeps 6 s
+    assert waited < 3  # the blocking step sleeps 4 s
     assert "Traceback" not in err
     assert err.strip().endswith(
         "keel: interrupted; thread t-c is saved up to its last step (`keel threads` lists it): "
