@@ -244,6 +244,12 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         return self._run_end(config, kwargs) if at_top(config) else None
 
     def _check_updates(self, supersteps: Sequence[Sequence[StateUpdate]]) -> None:
+        if not supersteps or any(not step for step in supersteps):  # LangGraph: a ValueError
+            raise UserError(
+                f"bulk_update_state needs at least one superstep, each with at least one update, "
+                f"got {list(supersteps)!r}: pass [[StateUpdate(values, as_node)], ...], or call "
+                "update_state(config, values) for one update."
+            )
         for step in supersteps:
             for update in step:
                 values: Any = update[0]

@@ -231,3 +231,15 @@ async def test_a_waiting_runs_messages_are_not_removed_by_an_update(
         (f"t:{earlier.id}", "success"),
         (f"t:{started.id}", "success"),
     ]
+
+
+@pytest.mark.parametrize("supersteps", [[], [[]]], ids=["none", "an_empty_step"])
+def test_bulk_update_state_with_nothing_to_write_is_a_user_error(supersteps: Any) -> None:
+    """LangGraph raised a bare `ValueError` ("No supersteps provided" / "No updates provided")."""
+    agent = build_agent(ScriptedChatModel(script=["hi"]), checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "bulk"}}
+    agent.invoke({"messages": [("user", "hi")]}, config)
+    with pytest.raises(UserError, match="bulk_update_state needs at least one superstep"):
+        agent.bulk_update_state(config, supersteps)
+    with pytest.raises(UserError, match="bulk_update_state needs at least one superstep"):
+        asyncio.run(agent.abulk_update_state(config, supersteps))
