@@ -40,7 +40,6 @@ from keel._node import (
     peek_resume,
     refused_resume,
     void_resume,
-    written_by_update,
 )
 from keel.db.ledger import Ledger
 from keel.errors import UserError
@@ -322,11 +321,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             waiting = peek_resume(config)
             if waiting is not NO_RESUME:  # checked before interrupt() consumes it
                 try:
-                    if not (yield from asked_before(config)):
-                        updated = yield from written_by_update(config)
-                        if updated:  # the call is asked again on the next run
+                    asked = yield from asked_before(config)
+                    if not asked.before:
+                        if asked.updated:  # the call is asked again on the next run
                             yield from void_resume(config)
-                        raise _unasked(request, updated)
+                        raise _unasked(request, asked.updated)
                     _checked(request, waiting)
                 except UserError as exc:
                     raise refused_resume(exc) from None

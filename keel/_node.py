@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph._internal._constants import (
@@ -42,6 +42,7 @@ from keel.identity import context_from_user, server_user
 from keel.state import AgentState, RunContext
 
 __all__ = [
+    "Asked",
     "ERROR",
     "INTERRUPT",
     "NO_RESUME",
@@ -59,7 +60,6 @@ __all__ = [
     "refused_resume",
     "unsaved_checkpoint",
     "void_resume",
-    "written_by_update",
     "policy_id",
     "runtime_in",
     "saver_in",
@@ -239,7 +239,18 @@ def _interrupts_taken(counter: Any) -> int:
     return int(taken.group(1))
 
 
-def asked_before(config: RunnableConfig) -> Steps[bool]:
+class Asked(NamedTuple):
+    """What the checkpoint a task runs from says of its question (`asked_before`)."""
+
+    before: bool
+    """The task asked a human before: its interrupt (or the answer it took) is saved there."""
+    updated: bool
+    """The checkpoint is a state update's: `update_state` keeps none of the pending interrupts
+    of the checkpoint it follows, so a question asked there is no longer waiting, and its tasks
+    run anew."""
+
+
+def asked_before(config: RunnableConfig) -> Steps[Asked]:
     """Whether the task `config` belongs to asked a human before (`interrupt()`), as steps.
 
     A plain `Command(resume=...)` answers whichever task of the step it resumes calls
@@ -247,25 +258,21 @@ def asked_before(config: RunnableConfig) -> Steps[bool]:
     by a `Command(goto=Send(...))`, or left unrun by a crash) would take it for a question it
     never showed anyone. A task that asked has its interrupt (or the answer it took) saved in
     the checkpoint it runs from; one that did not, has neither, or no saved checkpoint yet.
-    True without a checkpointer: nothing is ever resumed.
+    `before` without a checkpointer: nothing is ever resumed. One read of the checkpoint tells
+    also whether a state update wrote it (`Asked.updated`).
     """
     conf = config.get("configurable") or {}
     if conf.get(CONFIG_KEY_CHECKPOINTER) is None:
-        return True
+        return Asked(before=True, updated=False)
     saved = yield from _task_checkpoint(config)
+    if saved is None:
+        return Asked(before=False, updated=False)
     task = conf.get(CONFIG_KEY_TASK_ID)
-    writes = (saved.pending_writes or []) if saved is not None else []
-    return any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes)
-
-
-def written_by_update(config: RunnableConfig) -> Steps[bool]:
-    """Whether the checkpoint the task `config` belongs to runs from is a state update's.
-
-    `update_state` writes a new checkpoint that keeps none of the pending interrupts of the one
-    it follows: a question asked there is no longer waiting, and its tasks run anew.
-    """
-    saved = yield from _task_checkpoint(config)
-    return saved is not None and (saved.metadata or {}).get("source") == "update"
+    writes = saved.pending_writes or []
+    return Asked(
+        before=any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes),
+        updated=(saved.metadata or {}).get("source") == "update",
+    )
 
 
 def _task_checkpoint(config: RunnableConfig) -> Steps[CheckpointTuple | None]:
