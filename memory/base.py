@@ -227,6 +227,40 @@ def check_utf8(op: object) -> None:
             ) from None
 
 
+def check_put(op: PutOp) -> None:
+    """Refuse a `put` whose value is not a JSON object, or whose `index` is not a field list.
+
+    LangGraph types the value `dict[str, Any]` and `index` `Literal[False] | list[str] | None`;
+    without this a string value failed deep in the store with `AttributeError: 'str' object has
+    no attribute 'items'`, an object with `TypeError: ... not JSON serializable` and
+    `index=True` with `'bool' object is not iterable`, after the texts were embedded.
+    """
+    where = f"put({list(op.namespace)!r}, {op.key!r}, ...)"
+    if op.value is not None:
+        if not isinstance(op.value, Mapping):
+            raise UserError(
+                f"{where}: the value must be a dict (a JSON object), got "
+                f"{type(op.value).__name__}; wrap it, e.g. {{'text': ...}}."
+            )
+        try:
+            json.dumps(op.value, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"{where}: the value must hold only JSON types (dict, list, str, int, float, "
+                f"bool, None): {exc}. Convert it first, e.g. str() or .isoformat()."
+            ) from None
+    index = op.index
+    if not (
+        index is None
+        or index is False
+        or (isinstance(index, list | tuple) and all(isinstance(f, str) for f in index))
+    ):
+        raise UserError(
+            f"{where}: index must be None (the store's fields), False (not searchable) or a "
+            f"list of field paths such as ['text'], got {index!r}."
+        )
+
+
 def check_filter(flt: object) -> dict[str, Any] | None:
     """Reject filters LangGraph's stores do not understand, naming the bad part."""
     if flt is None:

@@ -213,8 +213,12 @@ class ChromaStore(BaseStore):
                     raise UserError(
                         f"search(limit={op.limit}, offset={op.offset}): both must be 0 or more."
                     )
-            elif isinstance(op, PutOp) and op.ttl is not None and not op.ttl > 0:
-                raise UserError(f"put(ttl={op.ttl!r}): ttl is in minutes and must be > 0 or None.")
+            elif isinstance(op, PutOp):
+                b.check_put(op)
+                if op.ttl is not None and not op.ttl > 0:
+                    raise UserError(
+                        f"put(ttl={op.ttl!r}): ttl is in minutes and must be > 0 or None."
+                    )
         return todo
 
     def _texts(self, ops: list[Op]) -> tuple[list[str], list[str]]:

@@ -236,6 +236,35 @@ def test_bad_operations_are_refused_with_the_fix(store: ChromaStore) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "index", "message"),
+    [
+        ("green tea", None, "the value must be a dict (a JSON object), got str"),
+        (["green tea"], None, "the value must be a dict (a JSON object), got list"),
+        ({"text": "tea", "at": object()}, None, "the value must hold only JSON types"),
+        ({"text": "tea", "seen": {1, 2}}, None, "the value must hold only JSON types"),
+        ({"text": "tea"}, True, "index must be None (the store's fields), False"),
+        ({"text": "tea"}, "text", "index must be None (the store's fields), False"),
+        ({"text": "tea"}, ["text", 3], "index must be None (the store's fields), False"),
+    ],
+)
+async def test_a_put_that_is_not_a_json_object_is_refused_before_anything_is_written(
+    store: ChromaStore, value: Any, index: Any, message: str
+) -> None:
+    # (it failed inside the store, after embedding: AttributeError / TypeError naming nothing)
+    with pytest.raises(UserError, match=re.escape(message)):
+        store.put(("m", "a"), "k", value, index=index)
+    with pytest.raises(UserError, match=re.escape(message)):
+        await store.aput(("m", "a"), "k", value, index=index)
+    with pytest.raises(UserError, match=re.escape(message)):  # one bad op fails the whole batch
+        store.batch(
+            [PutOp(("m", "a"), "ok", {"text": "fine"}), PutOp(("m", "a"), "k", value, index)]
+        )
+    assert store.search(("m", "a")) == []  # nothing half-written
+    store.put(("m", "a"), "k", {"text": "tea", "n": 1.5, "tags": ["a"], "x": None}, index=["text"])
+    assert store.get(("m", "a"), "k").value["tags"] == ["a"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
     ("what", "op"),
     [
         ("value", lambda s: s.put(("m", "a"), "k", {"text": "tea \ud800"})),
