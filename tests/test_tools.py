@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import threading
 from typing import Annotated
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import InjectedToolArg, InjectedToolCallId, StructuredTool
 from langchain_core.tools import tool as lc_tool
 from langgraph.prebuilt import InjectedState
@@ -436,6 +438,52 @@ async def test_a_langchain_tool_that_calls_sys_exit_fails_its_call_too(
         "Error: bye failed: ToolExited: bye raised SystemExit(3): a tool may not end the process"
     )
     assert result["outcome"]["terminated_reason"] == "completed"
+
+
+def test_an_async_langchain_tool_that_calls_sys_exit_fails_its_call_and_the_loop_goes_on() -> None:
+    """LangChain runs an async body in a task of its own: its `SystemExit` stopped the event
+    loop (the caller saw `CancelledError`, `asyncio.run` the exit: a server's every run gone)."""
+    seen: list[object] = []
+
+    @lc_tool
+    async def bye(x: int, config: RunnableConfig) -> str:
+        """Leave."""
+        seen.append(config["configurable"]["thread_id"])  # LangChain still hands it the config
+        sys.exit(3)
+
+    agent = build_agent(
+        ScriptedChatModel(script=[call("bye", x=1), "It failed."], fresh_ids=True),
+        [bye],
+        policy=Policy(rules=(Rule(action="allow"),)),
+    )
+    outcome: list[object] = []
+
+    async def run() -> None:  # a loop of its own, in a thread: a regression must not end pytest's
+        result = await agent.ainvoke(
+            {"messages": [("user", "leave")]}, {"configurable": {"thread_id": "t1"}},
+            context=RunContext(user_id="u1"),
+        )  # fmt: skip
+        outcome.append(result)
+        outcome.append(await asyncio.sleep(0, "the loop goes on"))
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # what the test is about: a SystemExit
+            outcome.append(exc)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join(60)
+    result, after = outcome
+    assert isinstance(result, dict), result
+    [answer] = [m.content for m in result["messages"] if m.type == "tool"]
+    assert answer == (
+        "Error: bye failed: ToolExited: bye raised SystemExit(3): a tool may not end the process"
+    )
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert after == "the loop goes on" and seen == ["t1"]
+    assert not hasattr(bye.coroutine, "__wrapped__")  # the user's own tool is left as it was
 
 
 def test_only_a_tool_someone_declared_read_only_is_read_only() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, overload
 
 from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
@@ -92,6 +93,19 @@ class KeelTool(StructuredTool):
         if answer is None:
             return None
         return answer.content if call_id is None else stub_message(answer, call_id, self.name)
+
+
+def _exit_fails(name: str, body: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`body`, with a `SystemExit` it raises turned into the call's failure (`ToolExited`)."""
+
+    @functools.wraps(body)  # LangChain reads the signature: a `RunnableConfig` parameter
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await body(*args, **kwargs)
+        except SystemExit as exc:
+            raise ToolExited(name, exc) from None
+
+    return guarded
 
 
 def spec_of(tool: BaseTool) -> ToolSpec:
@@ -212,6 +226,10 @@ class ToolRegistry:
                 )
             item = tool(item)
             item._declared = spec is not None  # else its `read` is a default nobody chose
+        elif isinstance(item, StructuredTool) and not isinstance(item, KeelTool) and item.coroutine:
+            # LangChain runs an async body in a task of its own, where a `SystemExit` stops the
+            # event loop (every run on it); keel's copy fails the call instead, as KeelTool does
+            item = item.model_copy(update={"coroutine": _exit_fails(item.name, item.coroutine)})
         if item.name in self._tools:
             raise UserError(
                 f"Two tools are named {item.name!r}; tool names must be unique. Rename one "
