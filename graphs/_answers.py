@@ -8,11 +8,20 @@ with a `chunk_position="last"` chunk), check it as `output_guard` does (`screen_
 send it as one chunk: redacted, flagged or withheld.
 
 The `values` and `updates` modes carry the state between `call_model` and `output_guard` too
-(the state after `call_model`'s step, and `call_model`'s own update), with the raw answer in
-it: an AI answer there that no output guard has checked yet (no output note) is sent checked.
+(the state after `call_model`'s step, and `call_model`'s own update): an AI answer there that is
+not the output guard's own copy (`is_checked_answer`: its text and note as the guard wrote them
+in this process; a note on another text, which a model or a client can write, does not count)
+is sent checked.
+
+Each answer is scanned once in all: `screen_answer` keeps the verdicts of the answers it
+checked, keyed on a digest of their text, so the node that wrote an answer, `output_guard` and
+this check read one verdict (the first of them to read the text reaches it).
 The thread's history, as the stream's first `values` of a graph (or subgraph) holds it, is sent
 as it is saved: its answers were checked by their own runs, and reading them again on every run
-would cost each run a check of the whole history.
+would cost each run a check of the whole history. What a caller wrote that the input guard has
+not read yet (marked `SENT_KEY`: a state update's or a `Command(update=...)`'s assistant turn)
+is no history: it is checked as an answer (in a graph without an input guard nothing is
+marked, and a caller's turns are history as saved).
 
 A turn that calls tools is sent as it is, and so are tool results (the output guard checks
 answers, not tool calls). The other modes (`debug`, `tasks`, `checkpoints`, `custom`) are not
@@ -28,7 +37,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 
 from keel.graphs._chunks import ChunkShape
 from keel.guards.content import OutputGuardPolicy
-from keel.guards.screening import GUARD_KEY, screen_answer
+from keel.guards.screening import SENT_KEY, is_checked_answer, screen_answer
 
 __all__ = ["AnswerStream"]
 
@@ -51,8 +60,8 @@ class AnswerStream:
         parts = self.shape.parts(chunk)
         if parts is not None and parts[1] in ("values", "updates"):
             ns, mode, payload = parts
-            if mode == "values" and self._first(ns, payload):
-                return [chunk]
+            if mode == "values":
+                self._first(ns, payload)
             checked = self._state(payload) if mode == "values" else self._updates(payload)
             return [chunk if checked is payload else self.shape.make(ns, mode, checked, chunk)]
         if parts is None or parts[1] != "messages":
@@ -79,7 +88,9 @@ class AnswerStream:
         return [self._checked(m, meta, ns, like) for m, meta, ns, like in held.values()]
 
     def _checked(self, message: AIMessage, meta: Any, ns: Any, like: Any) -> Any:
-        if not message.tool_calls and not getattr(message, "tool_call_chunks", None):
+        if message.tool_calls or getattr(message, "tool_call_chunks", None):
+            pass
+        elif not is_checked_answer(message, self.policy):  # a node's checked copy goes as it is
             message = screen_answer(message, self.policy) or message
         return self.shape.make(ns, "messages", (message, meta), like)
 
@@ -90,7 +101,13 @@ class AnswerStream:
             return False
         self._namespaces.add(key)
         messages = values.get("messages") if isinstance(values, dict) else None
-        self._known |= {m.id for m in messages or [] if isinstance(m, BaseMessage) and m.id}
+        # what a caller wrote this run (`SENT_KEY`: a state update, Command(update=...), input)
+        # is no history: an assistant turn of the caller's making is checked as an answer
+        self._known |= {
+            m.id
+            for m in messages or []
+            if isinstance(m, BaseMessage) and m.id and SENT_KEY not in m.response_metadata
+        }
         return True
 
     def _updates(self, payload: Any) -> Any:
@@ -118,9 +135,8 @@ class AnswerStream:
         """`message` as the output guard lets a client read it, if it is an unchecked answer."""
         if not isinstance(message, AIMessage) or message.tool_calls or message.id in self._known:
             return message
-        note = message.response_metadata.get(GUARD_KEY)
-        if isinstance(note, dict) and note.get("guard") == "output":
-            return message  # the output guard's own copy
+        if is_checked_answer(message, self.policy):
+            return message  # the output guard's own copy (its note on another text is checked)
         seen = self._screened.get(id(message))
         if seen is not None and seen[0] is message:  # each message is read once a stream
             return seen[1]

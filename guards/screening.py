@@ -16,6 +16,11 @@ LangGraph's `add_messages` replaces it in state, and carries what was found in
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -53,6 +58,7 @@ __all__ = [
     "checked_answer",
     "guard_note",
     "guard_notes",
+    "is_checked_answer",
     "mark_sent",
     "screen_answer",
     "screen_human_text",
@@ -250,18 +256,124 @@ def screen_human_text(text: str, policy: InputGuardPolicy) -> tuple[str, GuardNo
 
 
 def screen_answer(message: AIMessage, policy: OutputGuardPolicy) -> AIMessage | None:
-    """An answer as the user may see it, or `None` when the guard leaves it as it is."""
-    verdict = _verdict(message.content, lambda text: check_output(text, policy), policy.max_chars)
+    """An answer as the user may see it, or `None` when the guard leaves it as it is.
+
+    An answer is checked once (`_ANSWERS`): the node that writes it, the `output_guard` node
+    and a stream's answer check (`keel.graphs._answers`) all read the same text, and each
+    reads the verdict the first one reached.
+    """
+    verdict = _ANSWERS.verdict(message.content, policy)
     if verdict is None:
         return None
     action, content, findings, why = verdict
-    meta = {
-        **message.response_metadata,
-        GUARD_KEY: guard_note("output", "answer", action, findings),
-    }
+    note = guard_note("output", "answer", action, findings)
     if action == "block":
         content = why
+    _ANSWERS.produced(content, note, policy)
+    meta = {**message.response_metadata, GUARD_KEY: note}
     return message.model_copy(update={"content": content, "response_metadata": meta})
+
+
+def is_checked_answer(message: AIMessage, policy: OutputGuardPolicy) -> bool:
+    """Whether `message` is a copy `screen_answer` made in this process under `policy`.
+
+    That is its text and its `keel_guard` note together, as the guard wrote them. The note
+    alone proves nothing: a model or a client can write one on any text.
+    """
+    note = message.response_metadata.get(GUARD_KEY)
+    if not isinstance(note, dict) or note.get("guard") != "output":
+        return False
+    return _ANSWERS.was_produced(message.content, note, policy)
+
+
+class _CheckedAnswers:
+    """The verdicts of the last answers checked in this process, keyed on their text's digest.
+
+    `check_output` reads nothing but the text and the policy, so an answer read again (by
+    `output_guard` after the node that wrote it, by a stream's answer check) gets the verdict
+    without being scanned again: about 0.25 µs a character each time. Keyed on a BLAKE2 digest
+    of the text itself, nothing a model or a client writes on a message (an id, a note in its
+    metadata) makes a text pass as checked: only the text that was checked does. The guard's
+    own copies (redacted or withheld) are kept with their note (`was_produced`), so that a
+    stream sends them as they are; a note on any other text is checked again. Two threads that
+    ask about one text at once (a sync stream's answer check beside the run's node) share one
+    read of it.
+    """
+
+    _SIZE = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._verdicts: OrderedDict[tuple[OutputGuardPolicy, bytes], _Verdict | None] = (
+            OrderedDict()
+        )
+        self._produced: OrderedDict[tuple[OutputGuardPolicy, bytes], GuardNote] = OrderedDict()
+        self._reading: dict[tuple[OutputGuardPolicy, bytes], threading.Event] = {}
+        """The texts a thread is checking now: another thread that asks waits for its verdict."""
+
+    def verdict(self, content: Any, policy: OutputGuardPolicy) -> _Verdict | None:
+        key = _digest(content)
+        if key is None:  # not JSON-like: checked every time
+            return _verdict(content, lambda text: check_output(text, policy), policy.max_chars)
+        while True:
+            with self._lock:
+                if (policy, key) in self._verdicts:
+                    self._verdicts.move_to_end((policy, key))
+                    return _copied(self._verdicts[policy, key])
+                reading = self._reading.get((policy, key))
+                if reading is None:  # this thread reads it; another one asking waits for it
+                    reading = self._reading[policy, key] = threading.Event()
+                    break
+            reading.wait()  # then the verdict is kept (or the read failed: read it here)
+        try:
+            found = _verdict(content, lambda text: check_output(text, policy), policy.max_chars)
+            self._keep(self._verdicts, (policy, key), _copied(found))
+        finally:
+            with self._lock:
+                del self._reading[policy, key]
+            reading.set()
+        return found
+
+    def produced(self, content: Any, note: GuardNote, policy: OutputGuardPolicy) -> None:
+        key = _digest(content)
+        if key is not None:
+            self._keep(self._produced, (policy, key), copy.deepcopy(note))
+
+    def was_produced(self, content: Any, note: Any, policy: OutputGuardPolicy) -> bool:
+        key = _digest(content)
+        with self._lock:
+            return key is not None and self._produced.get((policy, key)) == note
+
+    def _keep(self, table: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        with self._lock:
+            table[key] = value
+            table.move_to_end(key)
+            while len(table) > self._SIZE:
+                table.popitem(last=False)
+
+
+def _digest(content: Any) -> bytes | None:
+    """A digest of a message's content (text or blocks), or `None` for content JSON can't hold."""
+    if isinstance(content, str):
+        kind, text = b"s", content
+    else:
+        try:
+            kind, text = b"j", json.dumps(content, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return None
+    data = text.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(kind + data, digest_size=32).digest()
+
+
+def _copied(verdict: _Verdict | None) -> _Verdict | None:
+    """`verdict` with its own content and findings (a caller may change what it got)."""
+    if verdict is None:
+        return None
+    action, content, findings, why = verdict
+    return action, copy.deepcopy(content), list(findings), why
+
+
+_ANSWERS = _CheckedAnswers()
 
 
 def checked_answer(

@@ -33,6 +33,7 @@ from keel.guards.screening import (
     GUARD_KEY,
     Screened,
     ascreen_inputs,
+    is_checked_answer,
     screen_answer,
     screen_inputs,
 )
@@ -132,7 +133,8 @@ def output_guard(
         last = messages[-1] if messages else None
         if not isinstance(last, AIMessage) or last.tool_calls:
             return {}
-        screened = screen_answer(last, policy)
+        # an answer keel's call_model or respond checked is this guard's copy: not scanned again
+        screened = None if is_checked_answer(last, policy) else screen_answer(last, policy)
         if screened is None:
             if _output_note(last) is None:
                 return {}
