@@ -276,7 +276,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     that asks again (a middleware around this one runs the call again) has each answer checked
     before it is taken. `update_state` drops a waiting call's question (LangGraph keeps no
     pending interrupt across it): `invoke(None)` asks again; a plain resume sent after the
-    update is refused with a `UserError` saying so, and voided: it never answers the call.
+    update is refused with a `UserError` saying so, and voided (where it was saved, the parent
+    graph's checkpoint under a parent): it never answers the call. An answer is taken only by
+    the call its task asked about (the saved question's call id, tool and arguments): a call a
+    client's `Command(goto=Send(...))` put in a waiting task's place (LangGraph names sent
+    tasks by their place) is refused, the answer voided, and `invoke(None)` asks about it.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
@@ -322,6 +326,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             if waiting is not NO_RESUME:  # checked before interrupt() consumes it
                 try:
                     asked = yield from asked_before(config)
+                    if asked.questions and not _asked_about(request, asked.questions):
+                        # a client's Send in the place of the task that asked: its answer is
+                        # void (that question's task is gone), and this call is asked anew
+                        yield from void_resume(config)
+                        raise _asked_another(request, asked.questions)
                     if not asked.before:
                         if asked.updated:  # the call is asked again on the next run
                             yield from void_resume(config)
@@ -497,6 +506,41 @@ def _unasked(request: ToolCallRequest, updated: bool) -> UserError:
         "so the answer was given to no question about it. Nothing ran. Resume only a thread "
         "that waits (its state's interrupts), answering each by its id; to go on from here, "
         "send a new message."
+    )
+
+
+def _asked_about(request: ToolCallRequest, questions: Sequence[Any]) -> bool:
+    """Whether one of a task's saved `questions` asked about `request`'s call.
+
+    The same call id, tool and arguments (a policy changed since, with another reason in the
+    question's description, still asked about the call).
+    """
+    call = request.tool_call
+    this = (call.get("id") or "", call["name"], call["args"])
+    return any(
+        isinstance(q, Mapping) and (q.get("tool_call_id"), q.get("name"), q.get("args")) == this
+        for q in questions
+    )
+
+
+def _asked_another(request: ToolCallRequest, questions: Sequence[Any]) -> UserError:
+    """The refusal of a resume value that answers another call's question than `request`'s.
+
+    LangGraph names a sent task by its place among its step's sends: a client's
+    `Command(goto=Send("tools", ...))` on a waiting thread takes the place (and the id) of the
+    task that asked, and would take the answer a human gave about that task's call.
+    """
+    call = request.tool_call
+    where = f"{call['name']} (call {call.get('id')!r})"
+    asked = ", ".join(
+        f"{q.get('name')} (call {q.get('tool_call_id')!r})" if isinstance(q, Mapping) else repr(q)
+        for q in questions
+    )
+    return UserError(
+        f"Command(resume=...) reached {where}, but the question it answers was about {asked}: "
+        "the call was sent in that call's place (a Command(goto=Send(...)) on a waiting "
+        "thread). Nothing ran, and the answer is void: it will never answer either call. "
+        f"invoke(None, config) asks about {where}; a new message goes on without it."
     )
 
 

@@ -184,7 +184,31 @@ def void_resume(config: RunnableConfig) -> Steps[None]:
     at = _checkpoint_address(config)
     if saver is None or at is None:
         return
+    at = yield from _resume_address(saver, at, conf.get(CONFIG_KEY_CHECKPOINT_MAP) or {})
     yield both(saver.put_writes, saver.aput_writes, at, [(RESUME, VOIDED)], NULL_TASK_ID)
+
+
+def _resume_address(saver: Any, at: RunnableConfig, saved: Mapping[str, Any]) -> Steps[Any]:
+    """Where the plain resume value a task reads is saved: `at`, or the nearest parent's.
+
+    A graph run as a subgraph reads the value its parent graph saved when it has none of its
+    own. Voided in the subgraph's checkpoint instead, the void would stay there, in front of
+    every plain resume the parent saves later: the question could never be answered plainly.
+    `at` when no checkpoint holds one.
+    """
+    ns = str(at["configurable"]["checkpoint_ns"])
+    while True:
+        here = saved.get(ns)
+        if here is not None:
+            found = {**at["configurable"], "checkpoint_ns": ns, "checkpoint_id": here}
+            place: RunnableConfig = {"configurable": found}
+            kept: CheckpointTuple | None = yield both(saver.get_tuple, saver.aget_tuple, place)
+            writes = kept.pending_writes or [] if kept is not None else []
+            if any(w[0] == NULL_TASK_ID and w[1] == RESUME for w in writes):
+                return place
+        if not ns:
+            return at
+        ns = ns.rpartition(NS_SEP)[0]
 
 
 def ask(value: Any) -> Any:
@@ -248,6 +272,12 @@ class Asked(NamedTuple):
     """The checkpoint is a state update's: `update_state` keeps none of the pending interrupts
     of the checkpoint it follows, so a question asked there is no longer waiting, and its tasks
     run anew."""
+    questions: tuple[Any, ...] = ()
+    """What the task asked (its saved interrupts' values), in order. LangGraph names a task
+    sent by a `Send` by its place among the step's sends, not by what it carries: a client's
+    `Command(goto=Send(...))` on a waiting thread puts a call of its own making in the place
+    (and under the id) of the task that asked, which must not take the answer to that task's
+    question."""
 
 
 def asked_before(config: RunnableConfig) -> Steps[Asked]:
@@ -269,9 +299,15 @@ def asked_before(config: RunnableConfig) -> Steps[Asked]:
         return Asked(before=False, updated=False)
     task = conf.get(CONFIG_KEY_TASK_ID)
     writes = saved.pending_writes or []
+    asked = [w[2] for w in writes if w[0] == task and w[1] == INTERRUPT]
     return Asked(
-        before=any(w[0] == task and w[1] in (INTERRUPT, RESUME) for w in writes),
+        before=bool(asked) or any(w[0] == task and w[1] == RESUME for w in writes),
         updated=(saved.metadata or {}).get("source") == "update",
+        questions=tuple(
+            i.value if isinstance(i, Interrupt) else i
+            for found in asked
+            for i in (found if isinstance(found, list | tuple) else [found])
+        ),
     )
 
 
