@@ -212,3 +212,23 @@ def test_only_the_guards_own_copy_passes_as_checked() -> None:
     # a verdict read again is the same verdict, each caller with its own copy
     again = screen_answer(raw, policy)
     assert again is not None and again.content == copy.content and again is not copy
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+async def test_a_stream_by_namespace_sends_the_answer_checked_and_scans_it_once(mode: str) -> None:
+    """`subgraphs=True` (chunks by namespace), with the v2 stream parts too."""
+    answer = _fresh(f"Write to {EMAIL}.")
+    agent = build_agent(
+        ScriptedChatModel(script=[answer, answer]), [], policy=Policy(rules=RULES),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    for version in ("v1", "v2"):
+        config: Any = {"configurable": {"thread_id": f"ns-{mode}-{version}"}}
+        with scans() as seen:
+            chunks = await _chunks(
+                agent, {"messages": [("user", "hi")]}, config, mode, subgraphs=True,
+                stream_mode=["messages", "values", "updates"], version=version,
+            )  # fmt: skip
+        assert chunks and EMAIL not in str(chunks)
+        assert "[EMAIL]" in str(chunks)
+        assert len(seen) == (1 if version == "v1" else 0)  # v2 reads the verdict v1 reached
