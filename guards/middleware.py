@@ -272,7 +272,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     several calls waiting, answer each interrupt by its id; each answer is checked on its own,
     and the calls answered rightly in the same resume run and keep their results. An answer is
     taken only by a call that asked (its interrupt saved in its checkpoint): a resume value
-    that reaches a call its step runs for the first time is refused, and nothing runs. A task
+    that reaches a call its step runs for the first time is refused and voided, and nothing
+    runs (`invoke(None)` asks a human about the call; LangGraph kept the refused value, and
+    every later `invoke(None)` met the same refusal). A task
     that asks again (a middleware around this one runs the call again) has each answer checked
     before it is taken. `update_state` drops a waiting call's question (LangGraph keeps no
     pending interrupt across it): `invoke(None)` asks again; a plain resume sent after the
@@ -331,9 +333,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
                         # void (that question's task is gone), and this call is asked anew
                         yield from void_resume(config)
                         raise _asked_another(request, asked.questions)
-                    if not asked.before:
-                        if asked.updated:  # the call is asked again on the next run
-                            yield from void_resume(config)
+                    if not asked.before:  # void: the call is asked on the next run
+                        yield from void_resume(config)
                         raise _unasked(request, asked.updated)
                     _checked(request, waiting)
                 except UserError as exc:
@@ -503,9 +504,10 @@ def _unasked(request: ToolCallRequest, updated: bool) -> UserError:
     return UserError(
         f"Command(resume=...) reached {where}, which no human was asked about: its step runs it "
         "for the first time (sent by a Command(goto=...), or left unrun when the run stopped), "
-        "so the answer was given to no question about it. Nothing ran. Resume only a thread "
-        "that waits (its state's interrupts), answering each by its id; to go on from here, "
-        "send a new message."
+        "so the answer was given to no question about it. Nothing ran, and the answer is void: "
+        "it will never answer the call. invoke(None, config) asks a human about the call; a "
+        "new message goes on without it. Resume only a thread that waits (its state's "
+        "interrupts), answering each by its id."
     )
 
 
