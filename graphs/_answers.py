@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import add_ai_message_chunks
 
 from keel.graphs._chunks import ChunkShape
 from keel.guards.content import OutputGuardPolicy
@@ -42,13 +43,20 @@ from keel.guards.screening import SENT_KEY, is_checked_answer, screen_answer
 __all__ = ["AnswerStream"]
 
 
+def _merged(parts: list[AIMessageChunk]) -> AIMessageChunk:
+    """One message of its streamed chunks, merged at once (the text copied once)."""
+    return parts[0] if len(parts) == 1 else add_ai_message_chunks(parts[0], *parts[1:])
+
+
 class AnswerStream:
     """Holds a `messages` stream's AI messages until checked; checks `values` / `updates`."""
 
     def __init__(self, policy: OutputGuardPolicy, shape: ChunkShape) -> None:
         self.policy = policy
         self.shape = shape
-        self._held: dict[str, tuple[AIMessageChunk, Any, Any, Any]] = {}
+        self._held: dict[str, tuple[list[AIMessageChunk], Any, Any, Any]] = {}
+        """The chunks of each message being held, merged once it is complete: added one by one,
+        each sum copied the text so far (a 1 MB answer in 170,000 tokens: about 10 s)."""
         self._screened: dict[int, tuple[AIMessage, AIMessage]] = {}
         self._namespaces: set[str] = set()
         """The namespaces whose first `values` (their history) went by."""
@@ -75,17 +83,18 @@ class AnswerStream:
         key = f"{ns}/{message.id}"
         held = self._held.pop(key, None)
         if isinstance(message, AIMessageChunk):
-            if held is not None:
-                message = held[0] + message
+            pieces = held[0] if held is not None else []
+            pieces.append(message)
             if message.chunk_position != "last":
-                self._held[key] = (message, meta, ns, chunk)
+                self._held[key] = (pieces, meta, ns, chunk)
                 return []
+            message = _merged(pieces)
         return [self._checked(message, meta, ns, chunk)]
 
     def flush(self) -> list[Any]:
         """What is still held (a stream that ended mid-message), checked."""
         held, self._held = self._held, {}
-        return [self._checked(m, meta, ns, like) for m, meta, ns, like in held.values()]
+        return [self._checked(_merged(p), meta, ns, like) for p, meta, ns, like in held.values()]
 
     def _checked(self, message: AIMessage, meta: Any, ns: Any, like: Any) -> Any:
         if message.tool_calls or getattr(message, "tool_call_chunks", None):
