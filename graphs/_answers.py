@@ -144,12 +144,12 @@ class AnswerStream:
         """`message` as the output guard lets a client read it, if it is an unchecked answer."""
         if not isinstance(message, AIMessage) or message.tool_calls or message.id in self._known:
             return message
-        if is_checked_answer(message, self.policy):
-            return message  # the output guard's own copy (its note on another text is checked)
         seen = self._screened.get(id(message))
         if seen is not None and seen[0] is message:  # each message is read once a stream
             return seen[1]
-        screened = screen_answer(message, self.policy) or message
+        screened = message  # the output guard's own copy (its note on another text is checked)
+        if not is_checked_answer(message, self.policy):
+            screened = screen_answer(message, self.policy) or message
         self._screened[id(message)] = (message, screened)
         return screened
 
