@@ -297,10 +297,12 @@ class _CheckedAnswers:
     own copies (redacted or withheld) are kept with their note (`was_produced`), so that a
     stream sends them as they are; a note on any other text is checked again. Two threads that
     ask about one text at once (a sync stream's answer check beside the run's node) share one
-    read of it.
+    read of it. What is kept is bounded twice: the last `_SIZE` texts, and `_CHARS` characters
+    of the guard's copies in all (a server that redacts many long answers keeps the last few).
     """
 
     _SIZE = 256
+    _CHARS = 16_000_000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -310,6 +312,9 @@ class _CheckedAnswers:
         self._produced: OrderedDict[tuple[OutputGuardPolicy, bytes], GuardNote] = OrderedDict()
         self._reading: dict[tuple[OutputGuardPolicy, bytes], threading.Event] = {}
         """The texts a thread is checking now: another thread that asks waits for its verdict."""
+        self._sizes: dict[tuple[OutputGuardPolicy, bytes], int] = {}
+        """The characters each kept verdict holds (its copy of the answer)."""
+        self._chars = 0
 
     def verdict(self, content: Any, policy: OutputGuardPolicy) -> _Verdict | None:
         key = _digest(content)
@@ -345,11 +350,26 @@ class _CheckedAnswers:
             return key is not None and self._produced.get((policy, key)) == note
 
     def _keep(self, table: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        size = _size(value[1]) if table is self._verdicts and value is not None else 0
+        if size > self._CHARS:
+            return  # read again when asked again: keeping it would push out every other
         with self._lock:
             table[key] = value
             table.move_to_end(key)
-            while len(table) > self._SIZE:
-                table.popitem(last=False)
+            if table is self._verdicts:
+                self._chars += size - self._sizes.pop(key, 0)
+                self._sizes[key] = size
+            while len(table) > self._SIZE or (
+                table is self._verdicts and self._chars > self._CHARS
+            ):
+                gone, _ = table.popitem(last=False)
+                if table is self._verdicts:
+                    self._chars -= self._sizes.pop(gone, 0)
+
+    @property
+    def kept_chars(self) -> int:
+        """The characters of answers the kept verdicts hold (bounded by `_CHARS`)."""
+        return self._chars
 
 
 def _digest(content: Any) -> bytes | None:
@@ -363,6 +383,13 @@ def _digest(content: Any) -> bytes | None:
             return None
     data = text.encode("utf-8", "surrogatepass")
     return hashlib.blake2b(kind + data, digest_size=32).digest()
+
+
+def _size(content: Any) -> int:
+    """About how many characters `content` (a text, or content blocks) holds."""
+    if isinstance(content, str):
+        return len(content)
+    return len(json.dumps(content, ensure_ascii=False, default=str))
 
 
 def _copied(verdict: _Verdict | None) -> _Verdict | None:

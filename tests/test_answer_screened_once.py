@@ -29,7 +29,7 @@ from keel import RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Budget, OutputGuardPolicy, Policy, Rule, screen_answer
 from keel.guards.content import check_output
-from keel.guards.screening import is_checked_answer
+from keel.guards.screening import _CheckedAnswers, is_checked_answer
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
 CARD, EMAIL = "4111 1111 1111 1111", "jane.doe@example.com"
@@ -269,3 +269,26 @@ def test_a_held_answer_is_merged_once_not_token_by_token() -> None:
     (streamed,) = [m for m, _ in chunks if m.text]
     assert streamed.text == answer
     assert merges == ["add_ai_message_chunks"]
+
+
+def test_the_kept_verdicts_hold_a_bounded_number_of_characters() -> None:
+    """A server that redacts many long answers keeps the last few, not 256 of any size."""
+    answers = _CheckedAnswers()
+    answers._CHARS = 10_000  # the process-wide one keeps 16 million
+    policy = OutputGuardPolicy()
+    texts = [_fresh(f"Write to {EMAIL}. " + "x" * 3_000) for _ in range(8)]
+    for text in texts:
+        found = answers.verdict(text, policy)
+        assert found is not None and EMAIL not in found[1]  # redacted: a copy is kept
+        assert answers.kept_chars <= 10_000
+    assert answers.kept_chars > 6_000  # the last three are kept
+    with scans() as seen:
+        answers.verdict(texts[-1], policy)  # kept: not read again
+        answers.verdict(texts[0], policy)  # pushed out: read again
+    assert seen == [len(texts[0])]
+    huge = _fresh(f"Write to {EMAIL}. " + "y" * 20_000)
+    with scans() as seen:
+        answers.verdict(huge, policy)
+        answers.verdict(huge, policy)  # larger than all it may keep: never kept, read each time
+    assert seen == [len(huge), len(huge)]
+    assert answers.verdict(texts[-1], policy) is not None and answers.kept_chars <= 10_000
