@@ -4,7 +4,8 @@ LangGraph drops input keys outside a graph's `input_schema` without a word, and 
 `update_state` and `Command(update=...)` values to any channel. A keel graph instead refuses
 them with a `UserError` that names the keys: `invoke`/`stream` input, `Command(update=...)`,
 `update_state` and `bulk_update_state` (sync and async) may set only the input schema's keys
-(`keel.state.AgentInput`: messages). A `Command(resume=...)` on a thread where nothing waits
+(`keel.state.AgentInput`: messages), as the graph's own nodes (`as_node`; a `__copy__`'s
+listed updates are checked as any). A `Command(resume=...)` on a thread where nothing waits
 for a human is refused too: LangGraph would keep it and hand it to the next `interrupt()`, so
 a grant sent ahead would approve a call no human saw.
 
@@ -27,7 +28,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.messages import (
     BaseMessage,
@@ -38,6 +39,7 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langgraph.constants import END
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, GraphOutput, StateUpdate
 
@@ -243,14 +245,23 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             return None
         return self._run_end(config, kwargs) if at_top(config) else None
 
-    def _check_updates(self, supersteps: Sequence[Sequence[StateUpdate]]) -> None:
+    def _check_updates(
+        self, config: RunnableConfig | None, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> None:
         if not supersteps or any(not step for step in supersteps):  # LangGraph: a ValueError
             raise UserError(
                 f"bulk_update_state needs at least one superstep, each with at least one update, "
                 f"got {list(supersteps)!r}: pass [[StateUpdate(values, as_node)], ...], or call "
                 "update_state(config, values) for one update."
             )
-        for step in supersteps:
+        if not ((config or {}).get("configurable") or {}).get("checkpoint_ns"):
+            for step in supersteps:  # (a subgraph's update is checked by its own graph)
+                for update in step:
+                    self._check_node(update, len(step))
+                    items = copied(update)
+                    for item in items:
+                        self._check_node(item, len(items), copy=True)
+        for step in written(supersteps):
             for update in step:
                 values: Any = update[0]
                 if isinstance(values, dict):
@@ -259,6 +270,50 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                 elif isinstance(values, Command):
                     self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
                     self._refuse_unread(values._update_as_tuples(), "update_state")
+
+    def _check_node(self, update: StateUpdate, updates: int, *, copy: bool = False) -> None:
+        """Refuse an `as_node` LangGraph would refuse, before anything is read or written.
+
+        LangGraph raised `InvalidUpdateError("Node nope does not exist")`, and in a
+        `bulk_update_state` only once the supersteps before it were written. `copy`: an update
+        a `__copy__` lists (`copied`), which names a node (or None, alone).
+        """
+        values, as_node = update[0], cast("Any", update[1])  # a client's: any type
+        if isinstance(as_node, str) and as_node in self.nodes:
+            return
+        alone = updates == 1
+        if as_node is None and alone:
+            return
+        if copy:
+            if as_node is not None:
+                nodes = ", ".join(repr(n) for n in self.nodes)
+                raise UserError(
+                    f"update_state(as_node={COPY!r}) lists an update as {as_node!r}, which is "
+                    f"no node of this graph: each (values, as_node) it lists names one of "
+                    f"{nodes} (or None, alone)."
+                )
+        elif alone and (as_node in (INPUT, COPY) or (as_node == END and values is None)):
+            return
+        if as_node is None:
+            why = (
+                f"is None in a superstep of {updates} updates: each must name the node it "
+                "writes as (LangGraph infers it only for an update alone in its superstep)"
+            )
+        elif as_node in (END, INPUT, COPY) and not alone:
+            why = f"may only be alone in its superstep, which has {updates} updates"
+        elif not isinstance(as_node, str):
+            why = f"is a {type(as_node).__name__}, not the name of a node"
+        elif as_node == END:
+            why = f"ends the thread's pending tasks and takes values None, got {values!r}"
+        else:
+            why = "names no node of this graph"
+        nodes = ", ".join(repr(n) for n in self.nodes)
+        raise UserError(
+            f"update_state's as_node={as_node!r} {why}. Name one of the graph's nodes ({nodes}); "
+            f"alone in its superstep, {END!r} with values None (to end the pending tasks), "
+            f"{INPUT!r} (to write the values as a run's input) or {COPY!r} (to fork the "
+            "checkpoint), or None (the node that wrote last)."
+        )
 
     def _marked(self, values: Any) -> Any:
         """`values` a caller writes with its messages marked unread (`SENT_KEY`).
@@ -281,29 +336,65 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         return values
 
     def _checked_updates(
-        self, supersteps: Sequence[Sequence[StateUpdate]]
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> list[list[StateUpdate]]:
-        self._check_updates(supersteps)
-        return [
-            [StateUpdate(self._marked(update[0]), *update[1:]) for update in step]
-            for step in supersteps
-        ]
+        self._check_updates(config, supersteps)
+        return [[self._marked_update(update) for update in step] for step in supersteps]
+
+    def _marked_update(self, update: StateUpdate) -> StateUpdate:
+        """`update` with its messages marked unread (`_marked`), a `__copy__`'s listed ones too."""
+        items = copied(update)
+        if items:
+            listed: Any = [(self._marked(values), as_node) for values, as_node, *_ in items]
+            return StateUpdate(listed, *update[1:])
+        return StateUpdate(self._marked(update[0]), *update[1:])
 
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `bulk_update_state` (and `update_state`), refusing protected keys."""
-        return super().bulk_update_state(config, self._checked_updates(supersteps))
+        return super().bulk_update_state(config, self._checked_updates(config, supersteps))
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
-        return await super().abulk_update_state(config, self._checked_updates(supersteps))
+        return await super().abulk_update_state(config, self._checked_updates(config, supersteps))
 
+
+INPUT = "__input__"
+"""`update_state(as_node=INPUT)`: LangGraph writes the values as a run's input."""
+COPY = "__copy__"
+"""`update_state(as_node=COPY)`: LangGraph forks the checkpoint (and applies listed updates)."""
 
 _READ_KINDS = (HumanMessage, ToolMessage)
 """The messages the input guard reads: user messages and tool results."""
+
+
+def copied(update: StateUpdate) -> list[StateUpdate]:
+    """The updates an `update_state(values, as_node="__copy__")` lists ([] for another).
+
+    LangGraph forks the checkpoint and applies each `(values, as_node)` of a list `values` as
+    one superstep: those are what it writes, and what keel checks. An item that is no such
+    pair is refused (LangGraph: `InvalidUpdateError`).
+    """
+    values: Any = update[0]  # LangGraph types it a dict; a `__copy__` takes a list
+    if update[1] != COPY or not isinstance(values, list):
+        return []
+    items = []
+    for item in values:
+        if isinstance(item, str | bytes) or not isinstance(item, Sequence) or len(item) < 2:
+            raise UserError(
+                f"update_state(as_node={COPY!r}) lists {item!r}: each update it lists is a "
+                "(values, as_node) pair, as in [({'messages': [...]}, 'call_model')]."
+            )
+        items.append(StateUpdate(item[0], item[1]))
+    return items
+
+
+def written(supersteps: Sequence[Sequence[StateUpdate]]) -> list[list[StateUpdate]]:
+    """`supersteps` as LangGraph writes them: a `__copy__`'s listed updates in its place."""
+    return [[u for update in step for u in (copied(update) or [update])] for step in supersteps]
 
 
 def messages_of(value: Any) -> list[BaseMessage] | None:

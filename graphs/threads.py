@@ -82,7 +82,7 @@ from keel.graphs._pending import (
     turned_past,
     waiting_inside,
 )
-from keel.graphs._protected import ProtectedGraph
+from keel.graphs._protected import ProtectedGraph, written
 from keel.graphs._state_storage import (
     IN_DOUBT,
     READ,
@@ -702,7 +702,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         state = yield self._read(_top(config), subgraphs=nested)
         if nested:
             refuse_update(config, state)
-        refuse_turned_past(config, state, supersteps)
+        refuse_turned_past(config, state, written(supersteps))
         return stamped(config, owner)
 
     def bulk_update_state(
@@ -727,7 +727,7 @@ class ThreadGuardedGraph(ProtectedGraph):
 
         One before the write (reading the thread) wrote nothing; one during it may have.
         """
-        self._check_updates(supersteps)  # keel's keys first: that refusal names them
+        self._check_updates(config, supersteps)  # keel's keys first: that refusal names them
         updated = yield from read_kept(
             self._updated(config, supersteps), config, "update the state", UNWRITTEN
         )
