@@ -53,7 +53,7 @@ from keel.guards.admission import _LoopRenewer, _renew_rows, _Renewer
 from keel.redact import sanitized_logger
 from keel.state import storable_ids
 
-__all__ = ["OneRunPerThread", "ThreadLeases"]
+__all__ = ["OneRunPerThread", "ThreadLeases", "holder_flow", "running_here"]
 
 log = sanitized_logger(__name__)
 
@@ -408,6 +408,34 @@ def _take_flow(thread: str, ns: str, holder: str, now: float, lease_s: float) ->
         (thread, ns),
     )
     return str(rows[0][0]) if rows else None
+
+
+def running_here(checkpointer: Any, config: RunnableConfig) -> bool:
+    """Whether a run of this process holds (or waits for) the thread `config` names."""
+    conf = config.get("configurable") or {}
+    key = _thread_of(checkpointer, conf, str(conf.get("checkpoint_ns") or ""))
+    with _GUARD:
+        return key is not None and key in _HELD
+
+
+def holder_flow(config: RunnableConfig) -> Flow[str | None]:
+    """The run that holds the lease of the thread `config` names (None: no live run holds it).
+
+    A lease expired, or held by a dead process of this host or a run of this process that
+    left it behind, is held by no run.
+    """
+    conf = config.get("configurable") or {}
+    thread, ns = (
+        storable(str(conf.get("thread_id"))),
+        storable(str(conf.get("checkpoint_ns") or "")),
+    )
+    rows = yield (
+        f"SELECT holder FROM {THREAD_LEASES.name} "
+        "WHERE thread_id = ? AND checkpoint_ns = ? AND expires_at > ?",
+        (thread, ns, time.time()),
+    )
+    held = str(rows[0][0]) if rows else None
+    return None if held is None or holders.dead(held) or holders.left(held) else held
 
 
 def _release_flow(holder: str) -> Flow[None]:

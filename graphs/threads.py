@@ -56,7 +56,8 @@ from keel.db.ledger import Flow
 from keel.db.runs import RunLog, RunRecord
 from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
-from keel.graphs._one_run import OneRunPerThread, ThreadLeases
+from keel.graphs._breakpoint import at_breakpoint
+from keel.graphs._one_run import OneRunPerThread, ThreadLeases, running_here
 from keel.graphs._owner import owned, owner_of, readable, stamped, unseen, users_seen
 from keel.graphs._paused import refuse_update, reported
 from keel.graphs._pending import (
@@ -764,7 +765,14 @@ class ThreadGuardedGraph(ProtectedGraph):
         self, config: RunnableConfig, subgraphs: bool, context: Any
     ) -> Steps[StateSnapshot]:
         yield from self._read_by(config, context)
-        return (yield from reported(config, subgraphs, partial(self._saved, config)))
+        state = yield from reported(config, subgraphs, partial(self._saved, config))
+        leases = self.keel_thread_leases
+        ledger = None if leases is None else leases.ledger
+        return (yield from at_breakpoint(ledger, self._running_here, config, state))
+
+    def _running_here(self, config: RunnableConfig) -> bool:
+        """Whether a run of this process holds the thread (`graphs._one_run`)."""
+        return isinstance(self, OneRunPerThread) and running_here(self.checkpointer, config)
 
     def _saved(self, config: RunnableConfig, subgraphs: bool) -> Op:
         """LangGraph's read of the thread's state (the checkpoint as saved)."""

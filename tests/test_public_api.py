@@ -121,6 +121,7 @@ PUBLIC = {
         "RunLog",
         "RunRecord",
         "error_category",
+        "record_flow",
         "recorded_flow",
         "run_record",
         "scores_flow",

@@ -33,6 +33,7 @@ __all__ = [
     "RunLog",
     "RunRecord",
     "error_category",
+    "record_flow",
     "recorded_flow",
     "run_record",
     "scores_flow",
@@ -372,6 +373,12 @@ def thread_users_flow(thread_id: str) -> Flow[list[tuple[str, str]]]:
         (thread_id, thread_id),
     )
     return sorted({(str(t), str(u)) for t, u in rows if t is not None and u is not None})
+
+
+def record_flow(run_key: str) -> Flow[RunRecord | None]:
+    """The record stored under `run_key`, if any."""
+    rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE run_key = ?", (run_key,)
+    return _stored(rows[0]) if rows else None
 
 
 def _query_flow(since: float | None, tenant: str | None, user: str | None) -> Flow[list[RunRecord]]:
