@@ -38,7 +38,6 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, ClientCursor
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -51,7 +50,6 @@ from keel.db.pools import (
     Reachability,
     adraining_pool,
     draining_pool,
-    network_defaults,
     quiet,
     unbounded,
 )
@@ -601,21 +599,11 @@ class Ledger:
     def _pool_kwargs(self) -> dict[str, Any]:
         # keel's draining health check: after connections die, every idle one is replaced at
         # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
-        # asynchronous except for claims and standing approvals (`durable`)
-        # each connection attempt waits one connect timeout (the URL's, else 5 s), not
-        # psycopg's 130 s; TCP keepalives and a reply timeout end a connection that hangs. The
-        # URL's own `options` (a search_path, a statement_timeout) are kept
-        given = str(conninfo_to_dict(self.url).get("options") or "")
-        connecting = {
-            "connect_timeout": int(self._down.connect_timeout),
-            "options": f"{given} -c synchronous_commit=off".strip(),
-            "reply_timeout": self._persistence.reply_timeout,
-            **network_defaults(self.url),
-        }
-        return dict(
-            min_size=1, max_size=self._pool_max_size, open=False, timeout=_POOL_TIMEOUT,
-            kwargs={"autocommit": True, **connecting}, name="keel-ledger", fresh_for=FRESH_FOR,
-            reachability=self._down,
+        # asynchronous except for claims and standing approvals (`durable`); connecting is
+        # bounded as the checkpointer's is (`Persistence.pool_kwargs`)
+        return self._persistence.pool_kwargs(
+            self._down, {}, options="-c synchronous_commit=off", name="keel-ledger",
+            min_size=1, max_size=self._pool_max_size, timeout=_POOL_TIMEOUT, fresh_for=FRESH_FOR,
         )  # fmt: skip
 
     def _unreachable(self, exc: Exception) -> StorageError:

@@ -447,12 +447,23 @@ class Persistence:
             )
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            autocommit=True, row_factory=dict_row, prepare_threshold=self._prepare_threshold
-        )
-        if "connect_timeout" not in conninfo_to_dict(self.url):
-            kwargs["connect_timeout"] = _CONNECT_TIMEOUT
-        return {**kwargs, **network_defaults(self.url)}
+        kwargs = dict(row_factory=dict_row, prepare_threshold=self._prepare_threshold)
+        return self._connecting(kwargs)
+
+    def _connecting(self, kwargs: Mapping[str, Any], options: str = "") -> dict[str, Any]:
+        """`kwargs` for one of keel's connections to this URL, bounded and in autocommit.
+
+        Each connection attempt waits one connect timeout (the URL's, else 5 s), not psycopg's
+        130 s, and TCP keepalives end a connection whose server is gone (`network_defaults`).
+        `options` are added to the URL's own (its search_path, its statement_timeout).
+        """
+        params = conninfo_to_dict(self.url)
+        out: dict[str, Any] = {"autocommit": True, **kwargs}
+        if "connect_timeout" not in params:
+            out["connect_timeout"] = _CONNECT_TIMEOUT
+        if options:
+            out["options"] = f"{params.get('options') or ''} {options}".strip()
+        return {**out, **network_defaults(self.url)}
 
     @property
     def connect_timeout(self) -> float:
@@ -471,14 +482,30 @@ class Persistence:
         # every connection is checked when taken: skipping the check for a fresh, quiet one
         # (as the ledger's pool does) lost a race in a fresh-clone CI run, a retry taking a
         # connection whose server had just killed it before it said so
-        # a wait for a connection past one connect timeout connects once on its own: a server
-        # that is gone ends it then, not after `pool_timeout`; a reply waits `reply_timeout`
-        bounded = {**self._connect_kwargs(), "reply_timeout": self.reply_timeout}
         reachability = Reachability(
             self.connect_timeout, lambda: both(self.reach, self.areach), self._unreachable
         )
-        return {**self._pool_args, "kwargs": bounded, "open": False, "name": "keel",
-                "reachability": reachability}  # fmt: skip
+        connection = dict(row_factory=dict_row, prepare_threshold=self._prepare_threshold)
+        return self.pool_kwargs(reachability, connection, name="keel", **self._pool_args)
+
+    def pool_kwargs(
+        self,
+        reachability: Reachability,
+        connection: Mapping[str, Any],
+        *,
+        options: str = "",
+        **pool: Any,
+    ) -> dict[str, Any]:
+        """The arguments of `keel.db.pools.draining_pool` for a pool of this URL's connections.
+
+        The checkpointer's pool and the ledger's. Each connection is `_connecting`'s (with
+        `connection`'s arguments and `options`), and each statement's reply waits
+        `reply_timeout`; a wait for a connection past one connect timeout connects once on its
+        own (`reachability`): a server that is gone ends it then, not after the pool's timeout.
+        `pool`: the pool's own arguments (name, sizes, timeout).
+        """
+        bounded = {**self._connecting(connection, options), "reply_timeout": self.reply_timeout}
+        return {**pool, "kwargs": bounded, "open": False, "reachability": reachability}
 
     @property
     def reply_timeout(self) -> float | None:
