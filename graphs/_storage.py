@@ -52,6 +52,7 @@ __all__ = [
     "RunEnd",
     "StreamEnding",
     "at_top",
+    "reason_of",
     "saver_failed",
     "storage_error",
     "storage_failure",
@@ -98,7 +99,7 @@ def storage_outcome(exc: BaseException, *, started: bool = True) -> Outcome:
     `started=False`: it failed before the run began (as keel read the thread or wrote what
     the run answers first), so nothing of it was written and its input is to be sent again.
     """
-    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    text = reason_of(exc)
     database = isinstance(exc, STORAGE_FAILURES)
     raised = "" if database else "the checkpointer raised "
     back = "the database is back" if database else "the checkpointer is fixed"
@@ -113,6 +114,15 @@ def storage_outcome(exc: BaseException, *, started: bool = True) -> Outcome:
         f"saved past its last saved checkpoint; resume the thread (invoke(None, config)) once "
         f"{back}"
     )
+
+
+def reason_of(exc: BaseException) -> str:
+    """What failed, on one line: a `StorageError`'s reason without the fix it says apart.
+
+    The outcome or error that carries it says its own fix (resume, or send again), once.
+    """
+    said = exc.reason if isinstance(exc, StorageError) else str(exc)
+    return " ".join(said.split()).rstrip(".") or type(exc).__name__
 
 
 def storage_error(exc: BaseException, *, started: bool = True) -> StorageError:

@@ -52,7 +52,7 @@ from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
 from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
-from keel.errors import ModelBehaviorError, UserError
+from keel.errors import ModelBehaviorError, StorageError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
 from keel.guards.budget import check_budget, outer_exceeded, usage_of
 from keel.guards.fallback import Retry, Step, after_failure, backoff
@@ -243,7 +243,8 @@ class _StorageFailed(Exception):
     """The ledger failed during a model call (wraps the database's error)."""
 
     def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
+        said = cause.reason if isinstance(cause, StorageError) else cause  # its fix is the run's
+        super().__init__(f"{type(cause).__name__}: {said}")
         self.cause = cause
 
 

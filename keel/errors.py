@@ -228,9 +228,20 @@ class StorageError(KeelError, RuntimeError):
     """The error category a run that ends on this error is reported under."""
 
     def __init__(
-        self, message: str, *, in_doubt: bool = False, outcome: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        in_doubt: bool = False,
+        outcome: dict[str, str] | None = None,
+        fix: str = "",
     ) -> None:
-        super().__init__(message)
+        super().__init__(f"{message}. {fix}" if fix else message)
+        self.reason = message
+        """What failed: the message without `fix`."""
+        self.fix = fix
+        """What to do about it, when the message says it apart ("" if not). A run that ends
+        on this error says its own (whether to resume it or send its input again), so its
+        outcome's detail gives `reason` alone."""
         self.in_doubt = in_doubt
         """Whether the failed transaction may have committed."""
         self.outcome = outcome
@@ -238,10 +249,10 @@ class StorageError(KeelError, RuntimeError):
         and the caller's stream mode had no place for it (see `keel.graphs`)."""
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_storage_error, (str(self), self.in_doubt, self.outcome))
+        return (_storage_error, (self.reason, self.in_doubt, self.outcome, self.fix))
 
 
 def _storage_error(
-    message: str, in_doubt: bool, outcome: dict[str, str] | None = None
+    message: str, in_doubt: bool, outcome: dict[str, str] | None = None, fix: str = ""
 ) -> StorageError:
-    return StorageError(message, in_doubt=in_doubt, outcome=outcome)
+    return StorageError(message, in_doubt=in_doubt, outcome=outcome, fix=fix)

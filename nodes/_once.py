@@ -61,17 +61,17 @@ def _storage_failed(call: ToolCall, exc: StorageError, ran: ToolMessage | None) 
     if ran is None:
         return tool_message(
             call,
-            f"Error: not run: keel's ledger failed ({exc}), so this call was not made (it could "
-            "not be recorded to happen at most once).",
+            f"Error: not run: keel's ledger failed ({exc.reason}), so this call was not made (it "
+            "could not be recorded to happen at most once).",
             "error",
-            **{STORAGE_KEY: f"before the call: {exc}"},
+            **{STORAGE_KEY: f"before the call: {exc.reason}"},
         )
     return not_recorded(ran, exc)
 
 
 def not_recorded(message: ToolMessage, exc: StorageError) -> ToolMessage:
     """`message`, the result of a call that ran, marked as one the ledger could not record."""
-    metadata = {**message.response_metadata, STORAGE_KEY: f"after the call: {exc}"}
+    metadata = {**message.response_metadata, STORAGE_KEY: f"after the call: {exc.reason}"}
     return message.model_copy(update={"response_metadata": metadata})
 
 

@@ -457,6 +457,7 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
         ModelBehaviorError,
         RateLimited,
         SchemaVersionError,
+        StorageError,
         UnserializableState,
         UserError,
     )
@@ -471,10 +472,14 @@ def test_user_mistakes_are_user_errors_and_errors_pickle() -> None:
         CircuitOpen("model:m", 100.0, retry_after=2.0),
         SchemaVersionError(found=3, known=2),
         ModelBehaviorError("scripted", "returned str, not an AIMessage"),
+        StorageError("the ledger failed", fix="Resume the run.", in_doubt=True),
     ]
     for error in samples:
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)
+    stored = pickle.loads(pickle.dumps(samples[-1]))
+    assert isinstance(stored, StorageError) and stored.in_doubt
+    assert (stored.reason, stored.fix) == ("the ledger failed", "Resume the run.")
 
 
 def test_folders_are_subpackages_of_keel_only() -> None:

@@ -613,7 +613,8 @@ class Ledger:
         else:
             reason = f"cannot open a pool at {self._persistence.safe_url}: {_one_line(exc)}"
         return StorageError(
-            f"keel's ledger: {reason}. Nothing was written; resume the run once PostgreSQL answers."
+            f"keel's ledger: {reason}",
+            fix="Nothing was written; resume the run once PostgreSQL answers.",
         )
 
     def _sync_pool(self) -> ConnectionPool[Any]:
@@ -730,13 +731,14 @@ class _Replay(Generic[T]):
         where = f"the ledger at {ledger._persistence.safe_url}"
         if isinstance(exc, PoolTimeout):
             raise StorageError(
-                f"no connection to {where} within {_POOL_TIMEOUT:g} s ({exc}); nothing was "
-                "written. Is PostgreSQL up? Resume the run once it is."
+                f"no connection to {where} within {_POOL_TIMEOUT:g} s ({exc})",
+                fix="Nothing was written. Is PostgreSQL up? Resume the run once it is.",
             ) from exc
         if isinstance(exc, _Diverged):
             raise StorageError(
                 f"a transaction on {where} lost its connection and, replayed, read other rows "
-                f"({exc}); nothing was written. Resume the run."
+                f"({exc})",
+                fix="Nothing was written. Resume the run.",
             ) from exc
         if not connection_lost(exc):
             raise exc
@@ -751,8 +753,8 @@ class _Replay(Generic[T]):
             ) from exc
         if attempt + 1 >= _ATTEMPTS:
             raise StorageError(
-                f"{where} lost the connection {_ATTEMPTS} times in a row ({_one_line(exc)}); "
-                "nothing was written. Resume the run once the database is reachable."
+                f"{where} lost the connection {_ATTEMPTS} times in a row ({_one_line(exc)})",
+                fix="Nothing was written. Resume the run once the database is reachable.",
             ) from exc
         return True
 

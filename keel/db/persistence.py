@@ -521,8 +521,8 @@ class Persistence:
     def _unreachable(self, exc: SetupError) -> StorageError:
         """The checkpointer's pool gave no connection and connecting failed with `exc`."""
         return StorageError(
-            f"keel's checkpointer: {str(exc).rstrip('.')}. The checkpoint was not saved or read;"
-            " resume the run once PostgreSQL answers."
+            f"keel's checkpointer: {str(exc).rstrip('.')}",
+            fix="The checkpoint was not saved or read; resume the run once PostgreSQL answers.",
         )
 
     @contextmanager

@@ -227,8 +227,9 @@ class Reachability:
         error, ago = self.error, time.monotonic() - self.at
         if error is not None and ago < self.connect_timeout:
             raise StorageError(
-                f"{error} (connecting failed {ago:.1f} s ago; keel tries again "
-                f"{self.connect_timeout - ago:.1f} s from now)"
+                f"{error.reason} (connecting failed {ago:.1f} s ago; keel tries again "
+                f"{self.connect_timeout - ago:.1f} s from now)",
+                fix=error.fix,
             ) from error
 
     def found(self, error: StorageError) -> StorageError:

@@ -141,8 +141,9 @@ def lost_twice(what: str) -> Iterator[None]:
             raise
         raise StorageError(
             f"the checkpointer lost its PostgreSQL connection twice in {what}: "
-            f"{' '.join(str(exc).split())}. Nothing is half-written (its writes are "
-            "idempotent upserts); resume the run once the database is reachable."
+            f"{' '.join(str(exc).split()).rstrip('.')}",
+            fix="Nothing is half-written (its writes are idempotent upserts); resume the run "
+            "once the database is reachable.",
         ) from exc
 
 
