@@ -34,8 +34,15 @@ from conftest import free_port
 from test_storage_faults import POLICY as KILLS  # budgets, rate limits, breakers
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
+from keel._drive import adrive, both, drive
 from keel.db.ledger import Flow
-from keel.db.pools import AsyncBoundedConnection, BoundedConnection, network_defaults, unbounded
+from keel.db.pools import (
+    AsyncBoundedConnection,
+    BoundedConnection,
+    Reachability,
+    network_defaults,
+    unbounded,
+)
 from keel.db.runs import error_category
 from keel.evals import ScriptedChatModel, call
 from keel.guards import AdmissionPolicy
@@ -587,3 +594,38 @@ def test_a_statement_past_the_reply_timeout_ends_its_connection_unless_unbounded
         with pytest.raises(psycopg.OperationalError, match="no reply from PostgreSQL within 1 s"):
             conn.execute(slow)
         assert conn.closed
+
+
+@pytest.mark.postgres
+def test_a_server_out_of_connections_is_busy_not_gone(fresh_postgres_url: str) -> None:
+    """Pinned psycopg behaviour: a connect the server refuses for want of connections ("too
+    many connections for role", SQLSTATE 53300) raises an `OperationalError` with no SQLSTATE
+    (`sqlstate`, `diag.sqlstate` and `pgresult` are None; libpq keeps the server's error
+    fields only on a query's result), so keel tells it by the server's message
+    (`keel.db.pools._FULL`). Such a server answered: connecting is not remembered as failed,
+    and the next wait does not fail at once as it does for a server that is gone."""
+    role = f"keel_full_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+        try:
+            parts = urlsplit(fresh_postgres_url)
+            full_url = parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}").geturl()
+            with pytest.raises(psycopg.OperationalError, match="too many connections") as caught:
+                psycopg.connect(full_url, connect_timeout=TIMEOUT)
+            exc = caught.value
+            assert (exc.sqlstate, exc.diag.sqlstate, exc.pgresult) == (None, None, None)
+            persistence = Persistence(full_url)
+
+            def reachability() -> Reachability:
+                return Reachability(
+                    persistence.connect_timeout,
+                    lambda: both(persistence.reach, persistence.areach),
+                    lambda failed: StorageError(str(failed)),
+                )
+
+            busy, abusy = reachability(), reachability()
+            drive(busy.reaching())  # it answered: no error, none remembered
+            asyncio.run(adrive(abusy.reaching()))
+            assert (busy.error, abusy.error) == (None, None)
+        finally:
+            admin.execute(f"DROP ROLE {role}")

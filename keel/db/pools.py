@@ -277,6 +277,11 @@ class Reachability:
 
 
 _FULL = ("too many connections", "too many clients", "remaining connection slots are reserved")
+"""The server's messages for a connect it refuses for want of connections (SQLSTATE 53300).
+
+By text: psycopg (3.3) gives a failed connect no SQLSTATE (`sqlstate`, `diag.sqlstate` and
+`pgresult` are None; libpq keeps the server's error fields only on a query's result), so the
+server's English message is all there is (`tests/test_attack_storage_down.py` pins this)."""
 
 
 def _full(exc: BaseException) -> bool:
