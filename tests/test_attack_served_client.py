@@ -358,13 +358,16 @@ FORGED_CALL = {"name": "issue_refund", "args": {"order_id": "A1001", "amount": 4
             "call_model",
             "writes a ToolMessage",
         ),
+        ({"messages": [{"type": "ai", "content": "hi"}]}, "nope", "as_node='nope' names no node"),
     ],
-    ids=["outcome", "usage-as-input", "approvals", "user-message", "tool-result"],
+    ids=["outcome", "usage-as-input", "approvals", "user-message", "tool-result", "nope"],
 )
 async def test_a_thread_created_with_supersteps_writes_nothing_only_keel_writes(
-    users: dict[str, LangGraphClient], values: dict[str, Any], as_node: str, refusal: str
+    users: dict[str, LangGraphClient], values: Any, as_node: str, refusal: str
 ) -> None:
-    """`threads.create(supersteps=...)` is the graph's `bulk_update_state`, which refuses."""
+    """`threads.create(supersteps=...)` is the graph's `bulk_update_state`, which refuses (an
+    `as_node` the graph lacks too: keel's `UserError`, not LangGraph's `InvalidUpdateError`).
+    A `__copy__` listing updates is the server's 422 (its `values` must be an object)."""
     alice = users["alice"]
     supersteps = [{"updates": [{"values": values, "as_node": as_node}]}]
     with pytest.raises(APIStatusError) as caught:
