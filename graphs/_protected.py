@@ -246,8 +246,11 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         return self._run_end(config, kwargs) if at_top(config) else None
 
     def _check_updates(
-        self, config: RunnableConfig | None, supersteps: Sequence[Sequence[StateUpdate]]
-    ) -> None:
+        self, config: RunnableConfig | None, given: Sequence[Sequence[StateUpdate]]
+    ) -> list[list[StateUpdate]]:
+        """`given` as `StateUpdate`s, once each passed keel's checks (else a `UserError`)."""
+        _check_shape(given)
+        supersteps = [[StateUpdate(*update) for update in step] for step in given]
         if not supersteps or any(not step for step in supersteps):  # LangGraph: a ValueError
             raise UserError(
                 f"bulk_update_state needs at least one superstep, each with at least one update, "
@@ -270,6 +273,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                 elif isinstance(values, Command):
                     self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
                     self._refuse_unread(values._update_as_tuples(), "update_state")
+        return supersteps
 
     def _check_node(self, update: StateUpdate, updates: int, *, copy: bool = False) -> None:
         """Refuse an `as_node` LangGraph would refuse, before anything is read or written.
@@ -338,8 +342,8 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     def _checked_updates(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> list[list[StateUpdate]]:
-        self._check_updates(config, supersteps)
-        return [[self._marked_update(update) for update in step] for step in supersteps]
+        checked = self._check_updates(config, supersteps)
+        return [[self._marked_update(update) for update in step] for step in checked]
 
     def _marked_update(self, update: StateUpdate) -> StateUpdate:
         """`update` with its messages marked unread (`_marked`), a `__copy__`'s listed ones too."""
@@ -369,6 +373,28 @@ COPY = "__copy__"
 
 _READ_KINDS = (HumanMessage, ToolMessage)
 """The messages the input guard reads: user messages and tool results."""
+
+
+def _check_shape(supersteps: Any) -> None:
+    """Refuse `supersteps` that are no list of lists of updates (LangGraph's bare errors).
+
+    An update is a `StateUpdate` or a tuple of its fields: (values, as_node, task_id), the
+    last two optional. A dict in its place raised `KeyError: 0`, a 1-tuple an `IndexError`.
+    """
+
+    def sequence(value: Any) -> bool:
+        return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+    for step in supersteps if sequence(supersteps) else [supersteps]:
+        updates = step if sequence(step) else [step]
+        for update in updates:
+            if not sequence(update) or not 1 <= len(update) <= 3 or not sequence(supersteps):
+                raise UserError(
+                    f"bulk_update_state takes a list of supersteps, each a list of "
+                    f"StateUpdate(values, as_node), got {update!r} where an update goes: pass "
+                    "[[StateUpdate({'messages': [...]}, 'call_model')]], or call "
+                    "update_state(config, values, as_node=...) for one update."
+                )
 
 
 def copied(update: StateUpdate) -> list[StateUpdate]:

@@ -728,7 +728,7 @@ class ThreadGuardedGraph(ProtectedGraph):
 
         One before the write (reading the thread) wrote nothing; one during it may have.
         """
-        self._check_updates(config, supersteps)  # keel's keys first: that refusal names them
+        supersteps = self._check_updates(config, supersteps)  # keel's keys first: it names them
         updated = yield from read_kept(
             self._updated(config, supersteps), config, "update the state", UNWRITTEN
         )

@@ -335,3 +335,30 @@ async def test_the_updates_a_copy_lists_are_checked_as_any_update(
         assert (last.content, last.response_metadata.get(SENT_KEY)) == ("noted", True)
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+@pytest.mark.parametrize(
+    "supersteps",
+    [[[NOTED]], [["call_model"]], [[None]], [(NOTED, "call_model")], "call_model", None],
+    ids=["a-dict", "a-name", "none", "one-level", "a-string", "no-list"],
+)
+async def test_bulk_update_state_of_no_updates_shape_is_refused(
+    tmp_path: Path, driver: str, supersteps: Any
+) -> None:
+    """A sloppy `bulk_update_state`: a dict where a `StateUpdate` goes raised `KeyError: 0`,
+    a string an `IndexError`, None a `TypeError`. Each is a `UserError` saying the shape, and
+    nothing is written; an update given as a 1-tuple (its values alone) is taken."""
+    agent, ledger = finished_agent(Shop(), tmp_path)
+    try:
+        before = (await agent.aget_state(CFG)).config
+        with pytest.raises(UserError, match="bulk_update_state takes a list of supersteps"):
+            if driver == "sync":
+                await asyncio.to_thread(agent.bulk_update_state, CFG, supersteps)
+            else:
+                await agent.abulk_update_state(CFG, supersteps)
+        assert (await agent.aget_state(CFG)).config == before
+        await agent.abulk_update_state(CFG, [[(NOTED,)]])
+        assert (await agent.aget_state(CFG)).values["messages"][-1].content == "noted"
+    finally:
+        ledger.close()
