@@ -5,7 +5,10 @@ already streamed, so the output guard's redacted copy of an answer would never r
 of the `messages` stream: it would read the raw tokens. With an output guard, keel's graphs hold
 each AI message's tokens until the message is complete (LangChain ends every streamed message
 with a `chunk_position="last"` chunk), check it as `output_guard` does (`screen_answer`), and
-send it as one chunk: redacted, flagged or withheld.
+send it as one chunk: redacted, flagged or withheld. (Under an output guard `call_model` asks its
+model with LangGraph's `nostream` tag, so its answers reach a `messages` stream whole, as the
+node returns them, in a user's graph that embeds the agent too; the holding here is for any
+other AI message a keel graph's stream relays token by token.)
 
 The `values` and `updates` modes carry the state between `call_model` and `output_guard` too
 (the state after `call_model`'s step, and `call_model`'s own update): an AI answer there that is

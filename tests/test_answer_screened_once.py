@@ -27,6 +27,8 @@ from langgraph.types import Command
 
 from keel import RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
+from keel.graphs._answers import AnswerStream
+from keel.graphs._chunks import ChunkShape
 from keel.guards import Budget, OutputGuardPolicy, Policy, Rule, screen_answer
 from keel.guards.content import check_output
 from keel.guards.screening import _CheckedAnswers, is_checked_answer
@@ -244,15 +246,17 @@ async def test_a_stream_by_namespace_sends_the_answer_checked_and_scans_it_once(
 
 
 def test_a_held_answer_is_merged_once_not_token_by_token() -> None:
-    """The messages stream holds an answer's tokens until it is complete. Each token was
+    """The messages stream holds an AI message's tokens until it is complete. Each token was
     added to the sum so far (`AIMessageChunk.__add__`), which copies the text so far: a 1 MB
-    answer in 170,000 tokens took about 14 s to stream, 7 s of them in those copies."""
+    answer in 170,000 tokens took about 14 s to stream, 7 s of them in those copies.
+
+    `call_model`'s tokens no longer reach a stream under an output guard (it asks with
+    LangGraph's `nostream` tag, `test_attack_embedded_agent.py`), so the stream's check is
+    fed a model's own token stream here, as LangGraph relays one."""
     answer = _fresh(" ".join(["word"] * 500))
-    agent = build_agent(
-        ScriptedChatModel(script=[answer]), [], policy=Policy(rules=RULES),
-        checkpointer=InMemorySaver(),
-    )  # fmt: skip
-    config: Any = {"configurable": {"thread_id": "merged-once"}}
+    tokens = list(ScriptedChatModel(script=[answer]).stream([("user", "hi")]))
+    assert len(tokens) > 500
+    stream = AnswerStream(OutputGuardPolicy(), ChunkShape("values", {"stream_mode": "messages"}))
 
     def merge(frame: FrameType) -> str | None:
         caller = frame.f_back
@@ -261,14 +265,27 @@ def test_a_held_answer_is_merged_once_not_token_by_token() -> None:
         return frame.f_code.co_name if by_keel and named else None
 
     with profiled(merge) as merges:
-        chunks = list(
-            agent.stream(
-                {"messages": [("user", "hi")]}, config, context=CTX, stream_mode="messages"
-            )
-        )
-    (streamed,) = [m for m, _ in chunks if m.text]
+        chunks = list(stream.guard(iter([(t, {"langgraph_node": "call_model"}) for t in tokens])))
+    (streamed,) = [m for m, _ in chunks]
     assert streamed.text == answer
     assert merges == ["add_ai_message_chunks"]
+
+
+def test_an_agents_messages_stream_sends_each_answer_whole_and_checked() -> None:
+    """keel's own `messages` stream under an output guard: the answer goes out once, whole and
+    checked, as `call_model` wrote it (no token of it reaches the stream)."""
+    answer = _fresh(f"Write to {EMAIL}. " + " ".join(["word"] * 50))
+    agent = build_agent(
+        ScriptedChatModel(script=[answer]), [], policy=Policy(rules=RULES),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config: Any = {"configurable": {"thread_id": "whole"}}
+    chunks = list(
+        agent.stream({"messages": [("user", "hi")]}, config, context=CTX, stream_mode="messages")
+    )
+    (streamed,) = [m for m, _ in chunks if isinstance(m, AIMessage)]
+    assert EMAIL not in streamed.text and streamed.response_metadata["keel_guard"]
+    assert streamed.text == agent.get_state(config).values["messages"][-1].text
 
 
 def test_the_kept_verdicts_hold_a_bounded_number_of_characters() -> None:

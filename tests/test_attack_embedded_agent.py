@@ -1,0 +1,157 @@
+"""A keel agent embedded in a user's own LangGraph graph: the parent's streams carry no answer
+the output guard did not check.
+
+keel's answer check (`keel.graphs._answers`) wraps the agent's own `stream`. A user who adds
+the agent as a node of a plain `StateGraph` (or calls it inside a node of theirs) and streams
+the parent never goes through it: with `stream_mode="messages"` and `subgraphs=True` LangGraph
+relays the agent's model tokens to the parent's client as they arrive. Before, a card number
+the model wrote reached that client raw (both embeddings, sync and async, `messages` alone or
+with other modes); with an output guard `call_model` now asks its model with LangGraph's
+`nostream` tag, so no `messages` stream relays its tokens, and the checked answer goes out
+whole as `call_model` returns it. `updates` and `values` were never raw there: `call_model`
+writes the checked answer.
+
+`astream_events` is a stream of callbacks, not of the run: its `on_chat_model_stream` and
+`on_chat_model_end` events carry the model's raw output whatever the graph does (README,
+"output guard"); pinned here.
+
+The only test double is the chat model (`keel.evals`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.runnables import RunnableConfig, RunnableLambda
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+
+from keel import RunContext, build_agent
+from keel.evals import ScriptedChatModel
+from keel.guards import Policy
+
+CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
+CARD, EMAIL = "4111 1111 1111 1111", "jane.doe@example.com"
+RAW = ("4111", EMAIL)
+"""What no chunk may hold: the model streams word by word, so the card's first group."""
+INPUT = {"messages": [("user", "who am I?")]}
+
+
+def _agent() -> Any:
+    answer = f"Your card is {CARD}, mail {EMAIL} (ref {uuid.uuid4().hex})."
+    model = ScriptedChatModel(script=[answer], fresh_ids=True)
+    return build_agent(model, [], policy=Policy())
+
+
+def _parent(embedding: str) -> Any:
+    """A user's graph with keel's agent as its `agent` node: added as it is, or called."""
+    agent = _agent()
+    graph = StateGraph(MessagesState)
+    if embedding == "node":
+        graph.add_node("agent", agent)
+    else:
+
+        def ask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+            out = agent.invoke({"messages": state["messages"]}, config, context=CTX)
+            return {"messages": out["messages"][-1:]}
+
+        async def aask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+            out = await agent.ainvoke({"messages": state["messages"]}, config, context=CTX)
+            return {"messages": out["messages"][-1:]}
+
+        graph.add_node("agent", RunnableLambda(ask, afunc=aask))
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", END)
+    return graph.compile(checkpointer=InMemorySaver())
+
+
+async def _chunks(parent: Any, drive: str, **kwargs: Any) -> list[Any]:
+    config = {"configurable": {"thread_id": str(uuid.uuid4())}}
+    if drive == "sync":
+        return list(parent.stream(INPUT, config, context=CTX, **kwargs))
+    return [c async for c in parent.astream(INPUT, config, context=CTX, **kwargs)]
+
+
+def _raw(chunks: Any) -> list[str]:
+    return [r for r in RAW if r in str(chunks)]
+
+
+def _streamed(chunks: list[Any], subgraphs: bool, modes: Any) -> list[Any]:
+    """The `(message, metadata)` payloads of the `messages` chunks."""
+    out = []
+    for chunk in chunks:
+        parts = chunk[1:] if subgraphs else chunk
+        mode, payload = parts if isinstance(modes, list) else ("messages", parts[-1])
+        if mode == "messages":
+            out.append(payload)
+    return out
+
+
+MODES = [
+    "messages",
+    "updates",
+    "values",
+    ["messages", "updates", "values"],
+    ["debug", "tasks", "checkpoints", "custom"],
+]
+
+
+@pytest.mark.parametrize("subgraphs", [False, True], ids=["top", "subgraphs"])
+@pytest.mark.parametrize("modes", MODES, ids=lambda m: "+".join(m) if isinstance(m, list) else m)
+@pytest.mark.parametrize("drive", ["sync", "async"])
+@pytest.mark.parametrize("embedding", ["node", "called"])
+async def test_a_parent_graph_streams_no_unchecked_answer(
+    embedding: str, drive: str, modes: Any, subgraphs: bool
+) -> None:
+    """Before: `messages` with `subgraphs=True` (alone or with other modes) sent the model's
+    tokens raw, card and email, in all four embeddings and drives."""
+    parent = _parent(embedding)
+    chunks = await _chunks(parent, drive, stream_mode=modes, subgraphs=subgraphs)
+    assert _raw(chunks) == []
+    assert "[CARD]" in str(chunks), "the checked answer reaches the parent's client"
+    if "messages" in modes and subgraphs:
+        answers = [m for m, _ in _streamed(chunks, subgraphs, modes) if isinstance(m, AIMessage)]
+        # the agent's answer streams whole, as its call_model checked it
+        assert any("[CARD]" in m.text for m in answers)
+        assert not any(isinstance(m, AIMessageChunk) for m in answers)
+
+
+@pytest.mark.parametrize("drive", ["sync", "async"])
+async def test_a_node_streaming_the_agent_itself_sends_no_unchecked_answer(drive: str) -> None:
+    """A node of the parent streams the agent (`messages`) and the parent streams `messages`:
+    LangGraph relays the inner stream's model tokens to the parent's client too."""
+    agent = _agent()
+
+    def ask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+        out = list(agent.stream(state, config, context=CTX, stream_mode="messages"))
+        return {"messages": [m for m, _ in out if isinstance(m, AIMessage)][-1:]}
+
+    async def aask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+        out = [c async for c in agent.astream(state, config, context=CTX, stream_mode="messages")]
+        return {"messages": [m for m, _ in out if isinstance(m, AIMessage)][-1:]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", RunnableLambda(ask, afunc=aask))
+    graph.add_edge(START, "agent")
+    parent = graph.compile(checkpointer=InMemorySaver())
+    for subgraphs in (True, False):
+        chunks = await _chunks(parent, drive, stream_mode="messages", subgraphs=subgraphs)
+        assert _raw(chunks) == []
+        assert "[CARD]" in str(chunks)
+
+
+@pytest.mark.parametrize("embedding", ["node", "called"])
+async def test_astream_events_carries_the_models_raw_output(embedding: str) -> None:
+    """Pinned, as README states: `astream_events` streams callbacks, and a chat model's
+    callbacks carry its output before any guard reads it (`on_chat_model_stream` and
+    `on_chat_model_end`, `nostream` tag or not). The run's own events (`on_chain_*`) carry
+    the checked answer only."""
+    parent = _parent(embedding)
+    config = {"configurable": {"thread_id": str(uuid.uuid4())}}
+    events = [e async for e in parent.astream_events(INPUT, config, context=CTX, version="v2")]
+    raw = {e["event"] for e in events if _raw(e)}
+    assert raw == {"on_chat_model_stream", "on_chat_model_end"}
+    assert any("[CARD]" in str(e) for e in events if e["event"] == "on_chain_end")
