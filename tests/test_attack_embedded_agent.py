@@ -20,7 +20,9 @@ The only test double is the chat model (`keel.evals`).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 
-from keel import RunContext, build_agent
+from keel import Persistence, RunContext, build_agent
 from keel.evals import ScriptedChatModel
 from keel.guards import Policy
 
@@ -155,3 +157,44 @@ async def test_astream_events_carries_the_models_raw_output(embedding: str) -> N
     raw = {e["event"] for e in events if _raw(e)}
     assert raw == {"on_chat_model_stream", "on_chat_model_end"}
     assert any("[CARD]" in str(e) for e in events if e["event"] == "on_chain_end")
+
+
+@pytest.mark.parametrize("subgraphs", [False, True], ids=["top", "subgraphs"])
+@pytest.mark.parametrize("drive", ["sync", "async"])
+@pytest.mark.parametrize("embedding", ["node", "own-thread"])
+async def test_an_agent_on_its_own_checkpointer_in_a_parent_graph_streams_no_raw_answer(
+    tmp_path: Path, embedding: str, drive: str, subgraphs: bool
+) -> None:
+    """The agent keeps its threads in keel's SQLite, not the parent's saver: added as a node,
+    or called on a thread of its own (LangGraph then runs it as no task of the parent's).
+    Before: with `subgraphs=True` the parent's `messages` stream sent the raw tokens."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    async with contextlib.AsyncExitStack() as stack:
+        store = Persistence(url)
+        if drive == "sync":
+            saver = stack.enter_context(store.checkpointer())
+        else:
+            saver = await stack.enter_async_context(store.acheckpointer())
+        answer = f"Your card is {CARD}, mail {EMAIL} (ref {uuid.uuid4().hex})."
+        agent = build_agent(
+            ScriptedChatModel(script=[answer], fresh_ids=True), [], policy=Policy(),
+            checkpointer=saver,
+        )  # fmt: skip
+        own: Any = {"configurable": {"thread_id": f"child-{uuid.uuid4().hex}"}}
+
+        def ask(state: MessagesState) -> dict[str, Any]:
+            out = agent.invoke({"messages": state["messages"]}, own, context=CTX)
+            return {"messages": out["messages"][-1:]}
+
+        async def aask(state: MessagesState) -> dict[str, Any]:
+            out = await agent.ainvoke({"messages": state["messages"]}, own, context=CTX)
+            return {"messages": out["messages"][-1:]}
+
+        graph = StateGraph(MessagesState)
+        graph.add_node("agent", agent if embedding == "node" else RunnableLambda(ask, afunc=aask))
+        graph.add_edge(START, "agent")
+        parent = graph.compile(checkpointer=InMemorySaver())
+        modes = ["messages", "updates", "values"]
+        chunks = await _chunks(parent, drive, stream_mode=modes, subgraphs=subgraphs)
+        assert _raw(chunks) == []
+        assert "[CARD]" in str(chunks)
