@@ -33,6 +33,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 
 from keel import Persistence, RunContext, build_agent
 from keel.evals import ScriptedChatModel
+from keel.graphs import FINISH, Route, build_supervisor
 from keel.guards import Policy
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
@@ -198,3 +199,23 @@ async def test_an_agent_on_its_own_checkpointer_in_a_parent_graph_streams_no_raw
         chunks = await _chunks(parent, drive, stream_mode=modes, subgraphs=subgraphs)
         assert _raw(chunks) == []
         assert "[CARD]" in str(chunks)
+
+
+@pytest.mark.parametrize("drive", ["sync", "async"])
+async def test_a_supervisors_stream_of_its_agents_sends_no_raw_answer(drive: str) -> None:
+    """keel's supervisor holds its agents as subgraphs, and holds no output guard of its own:
+    before, its `messages` stream with `subgraphs=True` sent the agent's raw tokens."""
+
+    def router(messages: Any) -> Route:
+        done = any(isinstance(m, AIMessage) for m in messages)
+        return Route(agent=FINISH) if done else Route(agent="billing", task="bill me")
+
+    agent = build_agent(
+        ScriptedChatModel(script=[f"Card {CARD}, mail {EMAIL}."], fresh_ids=True), [],
+        policy=Policy(), name="billing",
+    )  # fmt: skip
+    supervisor = build_supervisor({"billing": agent}, router, checkpointer=InMemorySaver())
+    modes = ["messages", "updates", "values"]
+    chunks = await _chunks(supervisor, drive, stream_mode=modes, subgraphs=True)
+    assert _raw(chunks) == []
+    assert "[CARD]" in str(chunks)
