@@ -219,3 +219,14 @@ async def test_a_supervisors_stream_of_its_agents_sends_no_raw_answer(drive: str
     chunks = await _chunks(supervisor, drive, stream_mode=modes, subgraphs=True)
     assert _raw(chunks) == []
     assert "[CARD]" in str(chunks)
+
+
+@pytest.mark.parametrize("embedding", ["node", "called"])
+async def test_a_parent_graphs_v2_stream_parts_carry_no_raw_answer(embedding: str) -> None:
+    """`version="v2"` stream parts, `messages` with `subgraphs=True`."""
+    modes = ["messages", "updates", "values"]
+    chunks = await _chunks(
+        _parent(embedding), "async", stream_mode=modes, subgraphs=True, version="v2"
+    )
+    assert _raw(chunks) == []
+    assert any(p["type"] == "messages" and "[CARD]" in str(p["data"]) for p in chunks)
