@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
@@ -273,7 +273,9 @@ def test_a_held_answer_is_merged_once_not_token_by_token() -> None:
 
 def test_an_agents_messages_stream_sends_each_answer_whole_and_checked() -> None:
     """keel's own `messages` stream under an output guard: the answer goes out once, whole and
-    checked, as `call_model` wrote it (no token of it reaches the stream)."""
+    checked, as `call_model` wrote it (no token of it reaches the stream). Before, the same
+    checked text, as the merge of the model's tokens that the stream held (`AIMessageChunk`,
+    the model call's metadata)."""
     answer = _fresh(f"Write to {EMAIL}. " + " ".join(["word"] * 50))
     agent = build_agent(
         ScriptedChatModel(script=[answer]), [], policy=Policy(rules=RULES),
@@ -283,8 +285,11 @@ def test_an_agents_messages_stream_sends_each_answer_whole_and_checked() -> None
     chunks = list(
         agent.stream({"messages": [("user", "hi")]}, config, context=CTX, stream_mode="messages")
     )
-    (streamed,) = [m for m, _ in chunks if isinstance(m, AIMessage)]
+    ((streamed, meta),) = [(m, meta) for m, meta in chunks if isinstance(m, AIMessage)]
     assert EMAIL not in streamed.text and streamed.response_metadata["keel_guard"]
+    # as README says: one AIMessage with the node's metadata (the model's own is not sent)
+    assert not isinstance(streamed, AIMessageChunk) and meta["langgraph_node"] == "call_model"
+    assert "ls_model_name" not in meta
     assert streamed.text == agent.get_state(config).values["messages"][-1].text
 
 
