@@ -86,9 +86,10 @@ types: setup
 	$(VENV)/bin/mypy
 
 # The local-model tests (`-m local_model`) run on the real model, so it is installed first;
-# the Aegra tests run in their own Python 3.12 venv.
+# the Aegra tests run in their own Python 3.12 venv. Two pytest-xdist workers: a test spends
+# much of its time waiting (servers starting, PostgreSQL, leases), so a second one runs then.
 pytest: setup aegra-venv local-model
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 2 $(PYTEST_ARGS)
 
 test: lint types pytest
 

@@ -76,8 +76,8 @@ def _release_waiting(url: str) -> bool:
     """Whether a `DELETE` of an admission lease waits for a row lock (the run's release)."""
     with psycopg.connect(url, autocommit=True) as pg:
         rows = pg.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%DELETE FROM keel_admission_leases%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%DELETE FROM keel_admission_leases%'"
         ).fetchone()
     return bool(rows and rows[0])
 

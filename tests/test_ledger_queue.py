@@ -155,7 +155,8 @@ def test_a_connection_lost_while_the_last_writes_travel_is_replayed(
         for _ in range(500):  # the UPDATE waits on the lock
             waiting = killer.execute(
                 "SELECT pid FROM pg_locks WHERE relation = 'keel_breakers'::regclass "
-                "AND NOT granted"
+                "AND NOT granted AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchall()
             if waiting:
                 break
