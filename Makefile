@@ -88,8 +88,12 @@ types: setup
 # The local-model tests (`-m local_model`) run on the real model, so it is installed first;
 # the Aegra tests run in their own Python 3.12 venv. Two pytest-xdist workers: a test spends
 # much of its time waiting (servers starting, PostgreSQL, leases), so a second one runs then.
+# A file's tests run on one worker (--dist loadfile): a module's server and the local model
+# are started once, and two llama.cpp calls never share the 2 cores. (pytest-xdist 3.8's
+# xdist_group is a no-op on pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)
+# `make test PYTEST_ARGS='-n 0'` runs them in one process.
 pytest: setup aegra-venv local-model
-	$(VENV)/bin/pytest -q -n 2 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test: lint types pytest
 
