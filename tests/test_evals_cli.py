@@ -95,8 +95,9 @@ def test_a_suites_name_cannot_put_its_reports_outside_keel_evals(
 
 
 def test_keel_eval_bad_input_exits_2_with_the_fix(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a refused `keel eval demo` makes .keel/evals/demo here
     assert keel_main(["eval", str(tmp_path / "nope.yaml")]) == 2
     assert "No suite file at" in capsys.readouterr().err
     assert keel_main(["eval", "demo", "--graph", "nope"]) == 2
