@@ -35,8 +35,14 @@ class Signal:
 
     def spans(self, text: str) -> Iterator[Span]:
         """The matches in `text` (a view's text)."""
-        if not self.needles or any(n in text for n in self.needles):
-            yield from self.find(text)
+        needles = self.needles
+        if needles:
+            for needle in needles:  # a loop, not `any(...)`: no generator per signal and text
+                if needle in text:
+                    break
+            else:
+                return
+        yield from self.find(text)
 
 
 def _re(pattern: str) -> Callable[[str], Iterator[Span]]:
