@@ -261,6 +261,17 @@ def _simple(pattern: re.Pattern[str]) -> Callable[[str], Iterator[tuple[int, int
     return spans
 
 
+# Every finder yields only spans of matches of its patterns, so a text none of them matches
+# holds no PII: one search of their union (named groups made plain, PHONE's kept once) answers
+# most texts without running each finder.
+_ANY_PATTERN = re.compile(
+    "|".join(
+        f"(?:{p.pattern})" for p in (*_SECRETS, _EMAIL, _IBAN_START, _CARD, _SSN, _IPV4, _IPV6)
+    ).replace("(?P<secret>", "(?:")
+    + f"|(?:{_PHONE.pattern})"
+)
+
+
 _FINDERS: dict[PiiKind, Callable[[str], Iterator[tuple[int, int]]]] = {
     "secret": _secret_spans,
     "email": _simple(_EMAIL),
@@ -300,6 +311,8 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
         kinds: Only these kinds (all when None).
     """
     wanted = _check_kinds(kinds)
+    if _ANY_PATTERN.search(text) is None:
+        return []
     candidates: list[tuple[int, int, int, PiiKind]] = []
     for rank, kind in enumerate(PII_KINDS):
         if kind in wanted:
