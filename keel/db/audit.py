@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, Unpack
 
 from keel.db.ledger import Flow, Ledger
@@ -149,15 +149,17 @@ def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
     failed to start) stores it once.
     """
     for r in records:
-        values = {f.name: getattr(r, f.name) for f in fields(r)}
+        values = {name: getattr(r, name) for name in AUDIT.names}
         values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
         values["tool"] = sanitize(r.tool)  # a model may call a tool no one has, by any name
         values["result"] = _truncate(sanitize(str(r.result)))
-        yield (
-            f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()}) "
-            "ON CONFLICT (id) DO NOTHING",
-            tuple(storable(values[column]) for column in AUDIT.names),
-        )
+        yield _INSERT, tuple([storable(values[column]) for column in AUDIT.names])
+
+
+_INSERT = (
+    f"INSERT INTO {AUDIT.name} ({AUDIT.select}) VALUES ({AUDIT.placeholders()}) "
+    "ON CONFLICT (id) DO NOTHING"
+)
 
 
 def _truncate(text: str) -> str:

@@ -12,7 +12,7 @@ rate limits, breakers, standing approvals) sit above storage and may not be impo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -82,20 +82,21 @@ class Table:
     """Secondary indexes."""
     since: int = 1
     """The schema version that created it."""
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """The column names, in order (computed once: the flows read it on every write)."""
+    select: str = field(init=False, repr=False, compare=False)
+    """The column names as an SQL list: `a, b, c`."""
+    _placeholders: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The column names, in order."""
-        return tuple(c.name for c in self.columns)
-
-    @property
-    def select(self) -> str:
-        """The column names as an SQL list: `a, b, c`."""
-        return ", ".join(self.names)
+    def __post_init__(self) -> None:
+        names = tuple(c.name for c in self.columns)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "select", ", ".join(names))
+        object.__setattr__(self, "_placeholders", ", ".join("?" * len(names)))
 
     def placeholders(self) -> str:
         """One `?` per column: `?, ?, ?`."""
-        return ", ".join("?" * len(self.columns))
+        return self._placeholders
 
     def create_sql(self, version: int) -> str:
         """`CREATE TABLE IF NOT EXISTS` with the columns that exist at schema `version`."""
@@ -120,6 +121,8 @@ def storable(value: Any) -> Any:
     """
     if not isinstance(value, str):
         return value
+    if value.isascii() and "\x00" not in value:
+        return value  # nothing to escape: no lone surrogate in ASCII, no NUL
     return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
