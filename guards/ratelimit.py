@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from functools import lru_cache
+from itertools import chain
 from typing import Literal, TypeVar
 
 from keel._drive import Steps, adrive, both, drive, sleep
@@ -191,7 +192,7 @@ def _per_bucket(
     sql: str, rows: Sequence[tuple[str, float, float]]
 ) -> tuple[str, tuple[str | float, ...]]:
     """`sql` for `rows` (one `(?, ?, ?)` each), with their values as its parameters."""
-    return _for(sql, len(rows)), tuple(v for row in rows for v in row)
+    return _for(sql, len(rows)), tuple(chain.from_iterable(rows))
 
 
 @lru_cache(maxsize=32)

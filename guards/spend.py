@@ -101,9 +101,8 @@ def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
     chars = 0
     for m in messages:
         chars += len(str(m.content)) + 16
-        chars += sum(
-            len(str(tc.get("args"))) + len(tc["name"]) for tc in getattr(m, "tool_calls", [])
-        )
+        for tc in getattr(m, "tool_calls", ()):  # a loop, not sum(genexpr): runs per message
+            chars += len(str(tc.get("args"))) + len(tc["name"])
     return chars // 4 + 4 * len(messages) + 16
 
 
