@@ -138,15 +138,25 @@ class AnswerStream:
         messages = values.get("messages") if isinstance(values, dict) else None
         if not isinstance(messages, list):
             return values
-        checked = [self._answer(m) for m in messages]
-        if all(new is old for new, old in zip(checked, messages, strict=True)):
-            return values
-        return {**values, "messages": checked}
+        checked: list[Any] | None = None  # a copy from the first message the guard changes
+        known = self._known
+        for i, message in enumerate(messages):
+            if (
+                isinstance(message, AIMessage)
+                and not message.tool_calls
+                and message.id not in known
+            ):
+                new = self._answer(message)
+            else:
+                new = message  # no answer, or one read before: as it is
+            if checked is not None:
+                checked.append(new)
+            elif new is not message:
+                checked = [*messages[:i], new]
+        return values if checked is None else {**values, "messages": checked}
 
-    def _answer(self, message: Any) -> Any:
-        """`message` as the output guard lets a client read it, if it is an unchecked answer."""
-        if not isinstance(message, AIMessage) or message.tool_calls or message.id in self._known:
-            return message
+    def _answer(self, message: AIMessage) -> Any:
+        """`message` (an answer no one has read) as the output guard lets a client read it."""
         seen = self._screened.get(id(message))
         if seen is not None and seen[0] is message:  # each message is read once a stream
             return seen[1]
