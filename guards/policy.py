@@ -39,6 +39,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -97,10 +98,16 @@ class Budget:
     def limits(self) -> dict[str, float]:
         """The limits that are set, by name."""
         return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "soft_ratio" and getattr(self, f.name) is not None
+            name: value
+            for name in _limit_names(type(self))
+            if (value := getattr(self, name)) is not None
         }
+
+
+@cache
+def _limit_names(cls: type[Budget]) -> tuple[str, ...]:
+    """The names of `cls`'s limits (every field but `soft_ratio`), listed once per class."""
+    return tuple(f.name for f in fields(cls) if f.name != "soft_ratio")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
