@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from itertools import chain
@@ -135,7 +135,7 @@ class Bucket:
         """The bucket refilled up to `now` (a clock behind `updated_at` refills nothing)."""
         elapsed = max(0.0, now - self.updated_at)
         tokens = min(float(self.limit), self.tokens + elapsed * self.limit / 60.0)
-        return replace(self, tokens=tokens, updated_at=max(now, self.updated_at))
+        return Bucket(self.key, self.limit, tokens, max(now, self.updated_at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +169,9 @@ def take_tokens(wants: Sequence[tuple[Bucket, float]], now: float) -> Admit | Wa
     if short:
         seconds, bucket = max(short, key=lambda s: s[0])
         return Wait(seconds, bucket.key, bucket.limit)
-    return Admit(tuple(replace(b, tokens=b.tokens - amount) for b, amount in filled))
+    return Admit(
+        tuple([Bucket(b.key, b.limit, b.tokens - amount, b.updated_at) for b, amount in filled])
+    )
 
 
 # -- the ledger flows --------------------------------------------------------------------------
