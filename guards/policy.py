@@ -39,7 +39,6 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -97,17 +96,15 @@ class Budget:
 
     def limits(self) -> dict[str, float]:
         """The limits that are set, by name."""
-        return {
-            name: value
-            for name in _limit_names(type(self))
-            if (value := getattr(self, name)) is not None
-        }
+        names = _LIMIT_NAMES.get(type(self))
+        if names is None:  # listed once per class, not with `fields()` on every call
+            names = tuple(f.name for f in fields(self) if f.name != "soft_ratio")
+            _LIMIT_NAMES[type(self)] = names
+        return {name: value for name in names if (value := getattr(self, name)) is not None}
 
 
-@cache
-def _limit_names(cls: type[Budget]) -> tuple[str, ...]:
-    """The names of `cls`'s limits (every field but `soft_ratio`), listed once per class."""
-    return tuple(f.name for f in fields(cls) if f.name != "soft_ratio")
+_LIMIT_NAMES: dict[type[Budget], tuple[str, ...]] = {}
+"""The names of a `Budget` class's limits: every field but `soft_ratio`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
