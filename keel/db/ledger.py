@@ -898,8 +898,8 @@ def _statements(flow: Flow[T], db: sqlite3.Connection) -> T:
             sql, params = statement
             if sql is _TOGETHER:
                 rows: list[Any] = [_sqlite_rows(db, *each) for each in params]
-            else:
-                rows = _sqlite_rows(db, sql, params)
+            else:  # `_sqlite_rows` inlined: one statement after another, the common step
+                rows = db.execute(_sqlite_sql(sql), params).fetchall()
             statement = flow.send(rows)
     except StopIteration as done:
         result: T = done.value
