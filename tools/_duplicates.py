@@ -41,6 +41,8 @@ def duplicates(
     `tools`: a tool by name (`ToolRegistry.get`). Only side-effecting tools with arguments that
     are an object count; a call without an id, or with its primary's id, is left as it is.
     """
+    if len(calls) < 2:  # a lone call repeats none: no digest to take
+        return {}
     first: dict[tuple[str, str], ToolCall] = {}
     out: dict[str, ToolCall] = {}
     for call in calls:
