@@ -30,7 +30,8 @@ def call_sequence(messages: Sequence[AnyMessage], proposed: AIMessage | None = N
     calls: list[Call] = []
     for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
         if isinstance(m, AIMessage):
-            calls.extend((tc["name"], canonical_args(tc["args"])) for tc in m.tool_calls)
+            for tc in m.tool_calls:  # a loop, not extend(genexpr): runs per message and step
+                calls.append((tc["name"], canonical_args(tc["args"])))
     return calls
 
 
