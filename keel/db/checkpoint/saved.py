@@ -86,13 +86,13 @@ class SaveWatch:
     def wait(self, keys: Collection[Key], timeout: float) -> bool:
         """Whether one of `keys` is (or within `timeout` seconds becomes) known as saved."""
         with self._changed:
-            return self._changed.wait_for(lambda: any(k in self._seen for k in keys), timeout)
+            return self._changed.wait_for(lambda: not self._seen.keys().isdisjoint(keys), timeout)
 
     async def await_(self, keys: Collection[Key], within: float) -> bool:
         """`wait` under `ainvoke` (`within`: the timeout in seconds)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._changed:
-            if any(k in self._seen for k in keys):
+            if not self._seen.keys().isdisjoint(keys):  # one of `keys` is saved
                 return True
             for key in keys:
                 self._waiters.setdefault(key, []).append(future)
