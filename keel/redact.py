@@ -272,6 +272,7 @@ _ANY_PATTERN = re.compile(
 )
 
 
+# A new finder's patterns go into `_ANY_PATTERN` too: a text the union misses is never read.
 _FINDERS: dict[PiiKind, Callable[[str], Iterator[tuple[int, int]]]] = {
     "secret": _secret_spans,
     "email": _simple(_EMAIL),
