@@ -38,8 +38,9 @@ from keel.guards import Policy
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
 CARD, EMAIL = "4111 1111 1111 1111", "jane.doe@example.com"
-RAW = ("4111", EMAIL)
-"""What no chunk may hold: the model streams word by word, so the card's first group."""
+RAW = (" 4111", EMAIL)
+"""What no chunk may hold: the model streams word by word, so the card's first group (with the
+space before it: a run's hex ids hold "4111" now and then, and failed a test one run in ~10)."""
 INPUT = {"messages": [("user", "who am I?")]}
 
 
