@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -333,6 +334,31 @@ def _terminate_all(url: str, *, wait_for_one: float = 5.0) -> int:
                 break
             time.sleep(0.01)
         return len(pids)
+
+
+def test_a_connection_on_a_descriptor_above_1023_is_quiet_until_its_server_speaks(
+    fresh_postgres_url: str,
+) -> None:
+    """A process with many files and sockets open (a busy server; a long test run) gives new
+    connections descriptors above 1023, which `select.select` refuses: every connection looked
+    loud, so every pooled connection took a health check and every ledger transaction sent its
+    `COMMIT` apart (CI saw both). Found by two tests failing on one xdist worker."""
+    from keel.db.pools import quiet
+
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as live:
+            assert live.pgconn.socket > 1023
+            assert quiet(live)
+            with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (live.info.backend_pid,))
+            deadline = time.monotonic() + 10
+            while quiet(live) and time.monotonic() < deadline:  # the goodbye reaches the socket
+                time.sleep(0.02)
+            assert not quiet(live)
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def test_a_pooled_connection_is_taken_unchecked_only_while_its_server_is_quiet(

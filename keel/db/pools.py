@@ -388,13 +388,16 @@ def quiet(conn: Any) -> bool:
 
     A server that drops an idle connection (a restart, a failover, an administrator's
     `pg_terminate_backend`) says so or closes the socket: it becomes readable. Silence is what
-    a live idle connection shows.
+    a live idle connection shows. (`poll`, not `select`: `select` refuses a descriptor above
+    1023, which a process with many files and sockets open gives its new connections, and every
+    connection looked loud.)
     """
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        watch = select.poll()
+        watch.register(conn.pgconn.socket, select.POLLIN)
+        return not watch.poll(0)
     except (psycopg.Error, OSError, ValueError):
         return False  # closed already
-    return not readable
 
 
 class _PoolCheck(_Freshness):
