@@ -155,6 +155,10 @@ class Recorder(Protocol):
         """Who and where the run's records belong to (`keel.observe.Who`)."""
         ...
 
+    def resuming(self, state: Any, config: RunnableConfig, context: Any) -> Steps[RunnableConfig]:
+        """`config` for a run that continues the run `state` is at (None: a new run)."""
+        ...
+
     async def arecord_run(
         self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
     ) -> None: ...

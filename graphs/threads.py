@@ -310,6 +310,11 @@ def _top(config: RunnableConfig) -> RunnableConfig:
     return {**config, "configurable": {**kept, "checkpoint_ns": ""}}
 
 
+def _continues(input: Any) -> bool:
+    """Whether `input` continues the thread's run (`None`, a `Command`), not a new message."""
+    return input is None or isinstance(input, Command)
+
+
 def _run_of(state: StateSnapshot | None) -> str | None:
     """The run id the thread's latest checkpoint was written under (the run that wrote it)."""
     found = ((state.metadata if state is not None else None) or {}).get("run_id")
@@ -814,6 +819,10 @@ class ThreadGuardedGraph(ProtectedGraph):
         state = yield from self._state(config)
         seen = yield from self._seen(config, state)
         config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
+        if self.keel_recorder is not None:  # what the run it continues lost with a checkpoint
+            context = run_context(config, kwargs.get("context"))
+            resumed = state.values if state is not None and _continues(input) else None
+            config = yield from self.keel_recorder.resuming(resumed, config, context)
         inside = yield from self._inside(input, config, state)
         found = yield from self._found(input, config, state, inside)
         input, answered, resumes = self._checked(input, config, state, kwargs, found, inside)

@@ -126,6 +126,7 @@ PUBLIC = {
         "run_record",
         "scores_flow",
         "thread_users_flow",
+        "unsaved_flow",
         "upsert_flow",
     ],
     "keel.app.report": [

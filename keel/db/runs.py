@@ -7,7 +7,8 @@ the same row is updated when the resumed run ends. A run the caller cancels is r
 was recorded, while its last steps were saved, keeps that end). Tokens, dollars, steps and
 model calls are the run's own: the state's totals for the thread minus the totals when the run
 started (its run clock, `keel.state.task_base`), or else minus those of the thread's previous
-run record.
+run record; a run continued after its checkpointer failed adds what its saved state lost
+(`unsaved_flow`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "run_record",
     "scores_flow",
     "thread_users_flow",
+    "unsaved_flow",
     "upsert_flow",
 ]
 
@@ -45,6 +47,10 @@ _USAGE = ("steps", "model_calls", "input_tokens", "output_tokens", "usd")
 _FAILED = frozenset({"error", "timeout", "invalid_args", "unknown_tool"})
 STORAGE_FAILED = "storage failed"
 """How the detail of a run that ended because keel's storage failed starts (category `storage`)."""
+UNSAVED_KEY = "keel_unsaved_usage"
+"""The `configurable` key of a run that continues a run whose record counts more than its saved
+state holds (`unsaved_flow`): `{"graph", "run_key", "usage"}`, set by keel (a caller's is
+dropped)."""
 _MODEL_ERROR = re.compile(r"model call failed after \d+ attempt\(s\): (\w+)")
 
 
@@ -324,6 +330,24 @@ def recorded_flow(
         tuple(storable(values[c]) for c in _COLUMNS),
     )
     return Recorded(own, before)
+
+
+def unsaved_flow(record: RunRecord, base: Mapping[str, float]) -> Flow[dict[str, float]]:
+    """What the run's stored record counts beyond the state `record` was made from.
+
+    `record` holds the thread's totals in the state a continuation (`invoke(None)`) starts
+    from, the saved one, and `base` the totals when the run started (`keel.state.task_base`).
+    A run whose checkpointer failed recorded the model calls it made and paid for in steps whose
+    checkpoint was not saved: the saved state has lost them, and the continuation makes them
+    again. Returns, per usage field, what the record counts beyond `record` less `base` (only
+    fields with more), for the continuation's record to add (`UNSAVED_KEY`).
+    """
+    rows = yield f"SELECT {', '.join(_USAGE)} FROM keel_runs WHERE run_key = ?", (record.run_key,)
+    if not rows:
+        return {}
+    saved = {k: getattr(record, k) - base.get(k, 0) for k in _USAGE}
+    lost = {k: float(v) - saved[k] for k, v in zip(_USAGE, rows[0], strict=True)}
+    return {k: v for k, v in lost.items() if v > 1e-12}
 
 
 def _unkeyed(record: RunRecord) -> bool:

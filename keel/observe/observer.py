@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -38,7 +38,15 @@ from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in
 from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Flow, Ledger, refused_for_good
-from keel.db.runs import Recorded, RunLog, RunRecord, recorded_flow, run_record
+from keel.db.runs import (
+    UNSAVED_KEY,
+    Recorded,
+    RunLog,
+    RunRecord,
+    recorded_flow,
+    run_record,
+    unsaved_flow,
+)
 from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
@@ -193,7 +201,10 @@ class Observer:
         except Exception as exc:
             log.error("keel could not make the run record: %r", exc)
             return
-        writes = [*self._runs.take(), _RunWrite(record, task_base(state), first_end)]
+        writes = [
+            *self._runs.take(),
+            _RunWrite(record, self._base(state, config, record), first_end),
+        ]
         for at, write in enumerate(writes):
             try:
                 recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
@@ -250,9 +261,55 @@ class Observer:
         """
         if isolated():
             return None
-        return _ending(
-            _RunWrite(_record(self, state, config, context), task_base(state), first_end)
-        )
+        record = _record(self, state, config, context)
+        return _ending(_RunWrite(record, self._base(state, config, record), first_end))
+
+    def resuming(
+        self, state: AgentState | None, config: RunnableConfig, context: RunContext
+    ) -> Steps[RunnableConfig]:
+        """`config` for a run that continues the run `state` is at (None: a new run).
+
+        A continuation (`invoke(None)` after a storage failure) starts from the saved state,
+        which lacks what its run spent in steps whose checkpoint failed to save; its record
+        counted them. The config carries that (`keel.db.runs.unsaved_flow`) for its record to
+        add, so the record counts what the run spent, not what its saved state kept. A caller's
+        own `UNSAVED_KEY` is dropped. A ledger that cannot be read adds nothing (logged).
+        """
+        given = config.get("configurable") or {}
+        configurable = {k: v for k, v in given.items() if k != UNSAVED_KEY}
+        out = cast(RunnableConfig, {**config, "configurable": configurable})
+        base = None if state is None or isolated() else task_base(state)
+        if state is None or base is None:
+            return out
+        record = _record(self, state, out, context)
+        try:
+            lost = yield both(self.ledger.run, self.ledger.arun, unsaved_flow(record, base))
+        except StorageError as exc:
+            log.warning("keel could not read the record of the run it continues: %s", exc)
+            return out
+        if lost:
+            configurable[UNSAVED_KEY] = {
+                "graph": self.graph,
+                "run_key": record.run_key,
+                "usage": lost,
+            }
+        return out
+
+    def _base(
+        self, state: AgentState, config: RunnableConfig, record: RunRecord
+    ) -> dict[str, float] | None:
+        """The thread's usage when the run started, less what its saved state lost (`resuming`).
+
+        The record's usage is the totals less this: what the run spent, the lost steps too.
+        """
+        base = task_base(state)
+        unsaved = (config.get("configurable") or {}).get(UNSAVED_KEY)
+        if base is None or not isinstance(unsaved, Mapping):
+            return base
+        if unsaved.get("graph") != self.graph or unsaved.get("run_key") != record.run_key:
+            return base  # another graph's run (a supervisor's agent), or another run
+        lost: Mapping[str, float] = unsaved.get("usage") or {}
+        return {k: v - float(lost.get(k, 0)) for k, v in base.items()}
 
     def who(self, config: RunnableConfig, context: RunContext) -> Who:
         """The identity of a node call from its config and context."""
