@@ -30,7 +30,6 @@ import random
 import sqlite3
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
@@ -57,11 +56,9 @@ from keel.db.pools import (
 from keel.db.sqlite_handle import SqliteHandle
 from keel.db.writer_lock import WAIT, writer_lock
 from keel.errors import SetupError, StorageError, UserError
-from keel.redact import sanitized_logger
 
 __all__ = ["Flow", "Ledger", "read_ahead", "refused_for_good", "returning", "together"]
 
-log = sanitized_logger(__name__)
 T = TypeVar("T")
 Row = tuple[Any, ...]
 Flow = Generator[tuple[str, tuple[Any, ...]], list[Row], T]
@@ -174,10 +171,6 @@ class Ledger:
         self._pool_max_size = pool_max_size
         self._pool: ConnectionPool[Any] | None = None
         self._apool: AsyncConnectionPool[Any] | None = None
-        self._aloop: asyncio.AbstractEventLoop | None = None
-        """The event loop the async pool was opened in (its tasks run there)."""
-        self._closing: set[asyncio.Task[None]] = set()
-        """Async pool closes `close()` left to the loop it was called in (kept from the GC)."""
         self._lock = threading.Lock()
         self._alock: asyncio.Lock | None = None
         self._setup_lock: asyncio.Lock | None = None
@@ -363,62 +356,17 @@ class Ledger:
                 self._ready = True
 
     def close(self) -> None:
-        """Close both pools and the SQLite connections.
+        """Close the sync pool and SQLite connections (the async pool closes with `aclose`).
 
         Safe while another thread's transaction runs (say, a cancelled `ainvoke`'s, which
         `asyncio.to_thread` cannot stop): that transaction ends, then its connection closes.
         The ledger stays closed (closing it again does nothing): a later transaction raises
         `StorageError` and opens nothing, so what a run still does after the app closed its
         ledger (a stream closed late giving its leases back) cannot leak a pool.
-
-        The async pool (opened by `ainvoke`) belongs to the event loop it was opened in: a loop
-        running in another thread closes it (waited for, at most `_CLOSE_WAIT` seconds); one
-        that ended leaves its idle connections to be closed here, without it. Called from
-        async code running in that loop, `close()` closes the idle connections at once and
-        leaves the rest of the pool's close to the loop, logging a warning to `await aclose()`.
         """
-        self._close_sync()
-        self._close_async_pool()
-
-    def _close_sync(self) -> None:
         with self._lock:
             self._closed = True
         self._disconnect()
-
-    def _close_async_pool(self) -> None:
-        """Close the async pool from sync code (see `close`)."""
-        pool, loop, self._apool = self._apool, self._aloop, None
-        if pool is None or loop is None:
-            return
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is running:  # this thread's loop: it cannot be waited for here
-            log.warning(
-                "Ledger.close() was called inside the event loop its async pool runs in: use "
-                "`await ledger.aclose()` there. keel closed the pool's idle connections and "
-                "left the rest of its close to the loop."
-            )
-            _finish_idle(pool, mark_closed=False)
-            task = loop.create_task(pool.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            return
-        if loop.is_running() and not loop.is_closed():  # in another thread
-            closing = asyncio.run_coroutine_threadsafe(pool.close(), loop)
-            try:
-                closing.result(timeout=_CLOSE_WAIT)
-            except Exception as exc:
-                warnings.warn(
-                    f"Ledger.close() could not close the async pool in its event loop within "
-                    f"{_CLOSE_WAIT:g} s ({type(exc).__name__}: {exc}); close the ledger with "
-                    "`await ledger.aclose()` in that loop.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return
-        _finish_idle(pool, mark_closed=True)  # its loop ended (or is idle): its tasks are not run
 
     def _disconnect(self) -> None:
         """Close the SQLite connections and the sync pool; the next transaction opens new ones.
@@ -462,11 +410,7 @@ class Ledger:
 
     async def aclose(self) -> None:
         """Close both pools; the ledger stays closed (see `close`)."""
-        self._close_sync()
-        if self._aloop is not None and self._aloop is not asyncio.get_running_loop():
-            # the pool is another loop's: close it there, or without its loop if that ended
-            await asyncio.to_thread(self._close_async_pool)
-            return
+        self.close()
         pool, self._apool = self._apool, None
         if pool is not None:
             await pool.close()
@@ -701,7 +645,7 @@ class Ledger:
                 if self._closed:  # closed while it opened: `aclose()` did not see it
                     await pool.close()
                     self._refuse_closed()
-                self._apool, self._aloop = pool, asyncio.get_running_loop()
+                self._apool = pool
             return self._apool
 
 
@@ -730,23 +674,6 @@ _ATTEMPTS = 3
 """Attempts of one transaction whose connection died before it committed."""
 _POOL_TIMEOUT = 10.0
 """Seconds a transaction waits for a pool connection before `StorageError`."""
-_CLOSE_WAIT = 10.0
-"""Seconds `Ledger.close()` waits for the async pool's loop (in another thread) to close it."""
-
-
-def _finish_idle(pool: AsyncConnectionPool[Any], *, mark_closed: bool) -> None:
-    """Close `pool`'s idle connections without its event loop (libpq's `PQfinish`).
-
-    psycopg's `AsyncConnection.close()` is a coroutine, but all it does on an idle connection is
-    finish its `pgconn`, which needs no loop. `mark_closed`: the pool's loop will not run its
-    `close()`: the pool is marked closed too, so that nothing hands out or adds a connection
-    (a connection in use when it is returned is closed by the pool).
-    """
-    if mark_closed:
-        pool._closed = True
-    idle, pool._pool = list(pool._pool), type(pool._pool)()
-    for conn in idle:
-        conn.pgconn.finish()
 
 
 class _Replay(Generic[T]):
