@@ -124,11 +124,38 @@ async def mcp(
     return answer
 
 
+RUN_ENDS = ("completed", "failed", "interrupted")
+"""The lifecycle events that end a run in the v2 event stream."""
+
+
+def _run_ended(line: str) -> bool:
+    """Whether an SSE line is the root graph's last lifecycle event of a run."""
+    if not line.startswith("data:"):
+        return False
+    event = json.loads(line.removeprefix("data:"))
+    params = event.get("params") or {}
+    return (
+        event.get("method") == "lifecycle"
+        and params.get("namespace") == []
+        and (params.get("data") or {}).get("event") in RUN_ENDS
+    )
+
+
 async def subscribed(
-    http: httpx.AsyncClient, user: str, thread_id: str, during: Awaitable[Any]
+    http: httpx.AsyncClient,
+    user: str,
+    thread_id: str,
+    during: Awaitable[Any],
+    seconds: float = 60,
 ) -> list[str]:
-    """What `user` receives from the thread's v2 event stream while `during` runs."""
+    """What `user` receives from the thread's v2 event stream while `during` runs.
+
+    `during` starts once the stream answers: the server installs the subscription and starts
+    reading the thread before it sends the response head (and its read check does no I/O).
+    Collected until the run's last lifecycle event, or until the server ends the stream (it
+    does for a user who may not read the thread), or `seconds`, whichever comes first."""
     lines: list[str] = []
+    live = asyncio.Event()
     body = {"channels": ["values", "messages", "updates", "tasks", "lifecycle"], "since": 0}
 
     async def read() -> None:
@@ -136,14 +163,22 @@ async def subscribed(
             "POST", f"/threads/{thread_id}/stream/events", json=body, headers=_auth(user)
         ) as response:
             lines.append(str(response.status_code))
+            live.set()
             async for line in response.aiter_lines():
                 lines.append(line)
+                if _run_ended(line):
+                    return
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.5)  # subscribed before the run starts
+    answered = asyncio.create_task(live.wait())
+    await asyncio.wait({reader, answered}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    answered.cancel()
+    if reader.done():
+        reader.result()  # the reader's error, if it failed
+    assert live.is_set(), f"the event stream did not answer within {seconds} s"
     await during
-    await asyncio.sleep(1)
-    reader.cancel()  # the server may have closed it already (nothing to stream to this user)
+    await asyncio.wait({reader}, timeout=seconds)
+    reader.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reader
     assert lines[:1] == ["200"], lines
