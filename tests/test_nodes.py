@@ -440,22 +440,27 @@ async def test_invalid_arguments_never_execute_the_tool(mode: str) -> None:
     assert final["usage"] == {"tool_calls": 1, "steps": 1}
 
 
+SLOW_CALL = 1.0
+"""How long the timed-out tools below would run: the run must answer before they could end
+(their timeout is 0.05 s; the wide gap is slack for a loaded CI machine)."""
+
+
 async def test_timed_out_call_is_cancelled_under_ainvoke() -> None:
     finished = threading.Event()
 
     @tool(timeout=0.05)
     async def slow(q: str) -> str:
         """Slow."""
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(SLOW_CALL)
         finished.set()
         return "late"
 
     start = time.perf_counter()
     (result,), _ = await run_tools(tools_graph(slow), "ainvoke", ("slow", {"q": "x"}))
-    assert time.perf_counter() - start < 0.25
+    assert time.perf_counter() - start < SLOW_CALL, "the run waited for the timed-out call"
     assert result.content == "Error: slow did not finish within 0.05 s and was cancelled."
     assert status(result) == "timeout"
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(start + SLOW_CALL + 0.3 - time.perf_counter())  # past its end
     assert not finished.is_set(), "the cancelled call must not go on running"
 
 
@@ -467,32 +472,41 @@ def test_timed_out_sync_call_is_answered_but_its_thread_is_abandoned() -> None:
     @tool(timeout=0.05)
     def slow(q: str) -> str:
         """Slow."""
-        time.sleep(0.3)
+        time.sleep(SLOW_CALL)
         finished.set()
         return "late"
 
     graph = tools_graph(slow)
     start = time.perf_counter()
     final = graph.invoke({"messages": [HumanMessage(content="go"), calling(("slow", {"q": "x"}))]})
-    assert time.perf_counter() - start < 0.25, "the run does not wait for the thread"
+    finished_then = finished.is_set()  # before the clock is read: unfinished if the run beat it
+    assert time.perf_counter() - start < SLOW_CALL, "the run does not wait for the thread"
     (result,) = tool_messages(final)
     assert result.content == (
         "Error: slow did not finish within 0.05 s; its result will be ignored "
         "(under a sync invoke it may still finish in the background)."
     )
     assert status(result) == "timeout"
-    assert not finished.is_set()
-    assert finished.wait(2), "the abandoned thread still runs to its end"
+    assert not finished_then
+    assert finished.wait(30), "the abandoned thread still runs to its end"
 
 
 async def test_calls_of_one_turn_run_concurrently_under_ainvoke() -> None:
+    """Each call waits until all three have started: run one after another, the first would
+    wait alone (and time out, answering with an error instead of its argument). Before, three
+    0.15 s sleeps had to end within 0.4 s, which a loaded CI machine could miss."""
+    started: set[str] = set()  # a set: a retried call does not count twice
+    all_started = asyncio.Event()
+
     @tool
     async def wait(q: str) -> str:
-        """Wait a bit."""
-        await asyncio.sleep(0.15)
+        """Wait for the others."""
+        started.add(q)
+        if len(started) == 3:
+            all_started.set()
+        await asyncio.wait_for(all_started.wait(), 30)
         return q
 
-    start = time.perf_counter()
     results, _ = await run_tools(
         tools_graph(wait),
         "ainvoke",
@@ -500,7 +514,6 @@ async def test_calls_of_one_turn_run_concurrently_under_ainvoke() -> None:
         ("wait", {"q": "b"}),
         ("wait", {"q": "c"}),
     )
-    assert time.perf_counter() - start < 0.4
     assert [m.content for m in results] == ["a", "b", "c"]
 
 
