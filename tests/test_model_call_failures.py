@@ -153,8 +153,13 @@ async def test_a_failing_ledger_stops_the_judge_as_a_storage_error(
 # -- a deadline per attempt ---------------------------------------------------------------------
 
 
+SLOW_LATENCY = 3.0
+"""The slow model's answer time: without a fallback model, the run must end before it (keel
+stopped waiting; 0.3 s deadlines, two attempts)."""
+
+
 def _slow_agent(fallback: bool) -> Any:
-    slow = ScriptedChatModel(model_name="slow", script=["too late"], latency=3.0)
+    slow = ScriptedChatModel(model_name="slow", script=["too late"], latency=SLOW_LATENCY)
     fast = ScriptedChatModel(model_name="fast", script=["on time"])
     if fallback:
         deadline = ModelTimeoutPolicy(attempt_timeout=0.3, fallback=True)
@@ -181,7 +186,8 @@ def test_a_slow_model_is_given_up_under_invoke(fallback: bool) -> None:
     started = time.monotonic()
     final = _slow_agent(fallback).invoke({"messages": [("user", "hi")]}, context=ALICE)
     # with fallback=True the slow model is not retried: one deadline, then the next model
-    assert time.monotonic() - started < (1.0 if fallback else 2.0), "keel stopped waiting"
+    # fallback: a retry of the slow model would take >= 1.1 s (2 deadlines, a 0.5 s backoff)
+    assert time.monotonic() - started < (1.0 if fallback else SLOW_LATENCY), "keel stopped waiting"
     (_assert_on_time if fallback else _assert_timed_out)(final)
 
 
@@ -189,7 +195,8 @@ def test_a_slow_model_is_given_up_under_invoke(fallback: bool) -> None:
 async def test_a_slow_model_is_cancelled_under_ainvoke(fallback: bool) -> None:
     started = time.monotonic()
     final = await _slow_agent(fallback).ainvoke({"messages": [("user", "hi")]}, context=ALICE)
-    assert time.monotonic() - started < (1.0 if fallback else 2.0), "keel stopped waiting"
+    # fallback: a retry of the slow model would take >= 1.1 s (2 deadlines, a 0.5 s backoff)
+    assert time.monotonic() - started < (1.0 if fallback else SLOW_LATENCY), "keel stopped waiting"
     (_assert_on_time if fallback else _assert_timed_out)(final)
 
 

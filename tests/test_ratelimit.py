@@ -270,7 +270,7 @@ async def test_a_short_bucket_waits_then_admits(ledger: Ledger, mode: str) -> No
     started = time.perf_counter()
     with pytest.raises(RateLimited) as err:
         await acquire(limiter, mode, "m", tokens=5000)
-    assert err.value.retry_after > 2 and time.perf_counter() - started < 0.5
+    assert err.value.retry_after > 2 and time.perf_counter() - started < 2  # < max_wait
 
 
 async def test_concurrent_acquisitions_never_exceed_the_bucket(ledger: Ledger, clock: Any) -> None:
