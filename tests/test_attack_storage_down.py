@@ -270,6 +270,20 @@ def _hold(seconds: float) -> Flow[None]:
     yield f"SELECT pg_sleep({seconds})", ()
 
 
+def _until_held(admin_url: str, seconds: float) -> None:
+    """Until a backend of `admin_url`'s database runs `_hold(seconds)`: the pool's one
+    connection is taken (a fixed wait could end before it, and the test would prove nothing)."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND pid <> pg_backend_pid() AND position(%s in query) > 0"
+    )
+    deadline = time.monotonic() + 30
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        while admin.execute(query, (f"SELECT pg_sleep({seconds})",)).fetchone() == (0,):
+            assert time.monotonic() < deadline, "the holder did not take the connection in 30 s"
+            time.sleep(0.02)
+
+
 def _one() -> Flow[int]:
     rows = yield "SELECT 1", ()
     return int(rows[0][0])
@@ -285,7 +299,7 @@ def test_a_busy_pool_is_waited_for_past_the_connect_timeout(fresh_postgres_url: 
         ledger.setup()
         holder = threading.Thread(target=ledger.run, args=(_hold(TIMEOUT + 1.5),))
         holder.start()
-        time.sleep(0.3)  # the one connection is taken
+        _until_held(fresh_postgres_url, TIMEOUT + 1.5)  # the one connection is taken
         assert ledger.run(_one()) == 1
         holder.join()
     finally:
@@ -487,7 +501,7 @@ def test_a_server_with_no_free_connection_is_busy_not_down(fresh_postgres_url: s
         ledger.setup()
         holder = threading.Thread(target=ledger.run, args=(_hold(TIMEOUT + 1.5),))
         holder.start()
-        time.sleep(0.3)  # the role's one connection is taken
+        _until_held(fresh_postgres_url, TIMEOUT + 1.5)  # the role's one connection is taken
         assert ledger.run(_one()) == 1
         holder.join()
     finally:
