@@ -286,6 +286,38 @@ def is_checked_answer(message: AIMessage, policy: OutputGuardPolicy) -> bool:
     return _ANSWERS.was_produced(message.content, note, policy)
 
 
+class _Kept:
+    """The last `entries` values by key, holding `chars` characters of them at most in all.
+
+    Not locked: its owner holds its lock around each call.
+    """
+
+    def __init__(self, entries: int, chars: int) -> None:
+        self.entries, self.most = entries, chars
+        self.chars = 0
+        """The characters the values kept hold (as `put` was told)."""
+        self._values: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def find(self, key: Any) -> tuple[bool, Any]:
+        """Whether `key` is kept, and its value (made the most recent)."""
+        found = self._values.get(key)
+        if found is None:
+            return False, None
+        self._values.move_to_end(key)
+        return True, found[0]
+
+    def put(self, key: Any, value: Any, chars: int = 0) -> None:
+        """Keep `value` (of `chars` characters), dropping the oldest past either bound."""
+        if chars > self.most:
+            return  # kept, it would push out every other
+        _, was = self._values.pop(key, (None, 0))
+        self._values[key] = (value, chars)
+        self.chars += chars - was
+        while len(self._values) > self.entries or self.chars > self.most:
+            _, (_, size) = self._values.popitem(last=False)
+            self.chars -= size
+
+
 class _CheckedAnswers:
     """The verdicts of the last answers checked in this process, keyed on their text's digest.
 
@@ -304,17 +336,14 @@ class _CheckedAnswers:
     _SIZE = 256
     _CHARS = 16_000_000
 
-    def __init__(self) -> None:
+    def __init__(self, *, chars: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._verdicts: OrderedDict[tuple[OutputGuardPolicy, bytes], _Verdict | None] = (
-            OrderedDict()
-        )
-        self._produced: OrderedDict[tuple[OutputGuardPolicy, bytes], GuardNote] = OrderedDict()
+        self._verdicts = _Kept(self._SIZE, self._CHARS if chars is None else chars)
+        """`_Verdict | None` by (policy, digest of the text read)."""
+        self._produced = _Kept(self._SIZE, self._CHARS)
+        """The guard's note by (policy, digest of the copy it made)."""
         self._reading: dict[tuple[OutputGuardPolicy, bytes], threading.Event] = {}
         """The texts a thread is checking now: another thread that asks waits for its verdict."""
-        self._sizes: dict[tuple[OutputGuardPolicy, bytes], int] = {}
-        """The characters each kept verdict holds (its copy of the answer)."""
-        self._chars = 0
 
     def verdict(self, content: Any, policy: OutputGuardPolicy) -> _Verdict | None:
         key = _digest(content)
@@ -322,9 +351,9 @@ class _CheckedAnswers:
             return _verdict(content, lambda text: check_output(text, policy), policy.max_chars)
         while True:
             with self._lock:
-                if (policy, key) in self._verdicts:
-                    self._verdicts.move_to_end((policy, key))
-                    return _copied(self._verdicts[policy, key])
+                kept, found = self._verdicts.find((policy, key))
+                if kept:
+                    return _copied(found)
                 reading = self._reading.get((policy, key))
                 if reading is None:  # this thread reads it; another one asking waits for it
                     reading = self._reading[policy, key] = threading.Event()
@@ -332,7 +361,9 @@ class _CheckedAnswers:
             reading.wait()  # then the verdict is kept (or the read failed: read it here)
         try:
             found = _verdict(content, lambda text: check_output(text, policy), policy.max_chars)
-            self._keep(self._verdicts, (policy, key), _copied(found))
+            size = 0 if found is None else _size(found[1])
+            with self._lock:
+                self._verdicts.put((policy, key), _copied(found), size)
         finally:
             with self._lock:
                 del self._reading[policy, key]
@@ -342,34 +373,21 @@ class _CheckedAnswers:
     def produced(self, content: Any, note: GuardNote, policy: OutputGuardPolicy) -> None:
         key = _digest(content)
         if key is not None:
-            self._keep(self._produced, (policy, key), copy.deepcopy(note))
+            with self._lock:
+                self._produced.put((policy, key), copy.deepcopy(note))
 
     def was_produced(self, content: Any, note: Any, policy: OutputGuardPolicy) -> bool:
         key = _digest(content)
+        if key is None:
+            return False
         with self._lock:
-            return key is not None and self._produced.get((policy, key)) == note
-
-    def _keep(self, table: OrderedDict[Any, Any], key: Any, value: Any) -> None:
-        size = _size(value[1]) if table is self._verdicts and value is not None else 0
-        if size > self._CHARS:
-            return  # read again when asked again: keeping it would push out every other
-        with self._lock:
-            table[key] = value
-            table.move_to_end(key)
-            if table is self._verdicts:
-                self._chars += size - self._sizes.pop(key, 0)
-                self._sizes[key] = size
-            while len(table) > self._SIZE or (
-                table is self._verdicts and self._chars > self._CHARS
-            ):
-                gone, _ = table.popitem(last=False)
-                if table is self._verdicts:
-                    self._chars -= self._sizes.pop(gone, 0)
+            kept, found = self._produced.find((policy, key))
+        return kept and found == note
 
     @property
     def kept_chars(self) -> int:
         """The characters of answers the kept verdicts hold (bounded by `_CHARS`)."""
-        return self._chars
+        return self._verdicts.chars
 
 
 def _digest(content: Any) -> bytes | None:

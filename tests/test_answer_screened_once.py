@@ -295,8 +295,7 @@ def test_an_agents_messages_stream_sends_each_answer_whole_and_checked() -> None
 
 def test_the_kept_verdicts_hold_a_bounded_number_of_characters() -> None:
     """A server that redacts many long answers keeps the last few, not 256 of any size."""
-    answers = _CheckedAnswers()
-    answers._CHARS = 10_000  # the process-wide one keeps 16 million
+    answers = _CheckedAnswers(chars=10_000)  # the process-wide one keeps 16 million
     policy = OutputGuardPolicy()
     texts = [_fresh(f"Write to {EMAIL}. " + "x" * 3_000) for _ in range(8)]
     for text in texts:
