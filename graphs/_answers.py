@@ -100,11 +100,15 @@ class AnswerStream:
         return [self._checked(_merged(p), meta, ns, like) for p, meta, ns, like in held.values()]
 
     def _checked(self, message: AIMessage, meta: Any, ns: Any, like: Any) -> Any:
-        if message.tool_calls or getattr(message, "tool_call_chunks", None):
-            pass
-        elif not is_checked_answer(message, self.policy):  # a node's checked copy goes as it is
-            message = screen_answer(message, self.policy) or message
+        if not message.tool_calls and not getattr(message, "tool_call_chunks", None):
+            message = self._guarded(message)
         return self.shape.make(ns, "messages", (message, meta), like)
+
+    def _guarded(self, message: AIMessage) -> AIMessage:
+        """An answer as the output guard lets a client read it (its own copy goes as it is)."""
+        if is_checked_answer(message, self.policy):  # its note on another text is checked
+            return message
+        return screen_answer(message, self.policy) or message
 
     def _first(self, ns: Any, values: Any) -> bool:
         """Whether `values` is the first of its namespace: the history, kept as saved."""
@@ -160,9 +164,7 @@ class AnswerStream:
         seen = self._screened.get(id(message))
         if seen is not None and seen[0] is message:  # each message is read once a stream
             return seen[1]
-        screened = message  # the output guard's own copy (its note on another text is checked)
-        if not is_checked_answer(message, self.policy):
-            screened = screen_answer(message, self.policy) or message
+        screened = self._guarded(message)
         self._screened[id(message)] = (message, screened)
         return screened
 
