@@ -247,7 +247,7 @@ class ThreadLeases:
             held_by = yield both(self.ledger.run, self.ledger.arun, flow)
             if held_by == holder:
                 return
-            if held_by is not None and (holders.dead(held_by) or holders.left(held_by)):
+            if held_by is not None and holders.gone(held_by):
                 flow = _take_over_flow(thread, ns, held_by, holder, time.time() + self.lease_s)
                 yield both(self.ledger.run, self.ledger.arun, flow)
                 continue
@@ -435,7 +435,7 @@ def holder_flow(config: RunnableConfig) -> Flow[str | None]:
         (thread, ns, time.time()),
     )
     held = str(rows[0][0]) if rows else None
-    return None if held is None or holders.dead(held) or holders.left(held) else held
+    return None if held is None or holders.gone(held) else held
 
 
 def _release_flow(holder: str) -> Flow[None]:

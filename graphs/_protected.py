@@ -288,9 +288,9 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         alone = updates == 1
         if as_node is None and alone:
             return
+        nodes = ", ".join(repr(n) for n in self.nodes)
         if copy:
             if as_node is not None:
-                nodes = ", ".join(repr(n) for n in self.nodes)
                 raise UserError(
                     f"update_state(as_node={COPY!r}) lists an update as {as_node!r}, which is "
                     f"no node of this graph: each (values, as_node) it lists names one of "
@@ -311,7 +311,6 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
             why = f"ends the thread's pending tasks and takes values None, got {values!r}"
         else:
             why = "names no node of this graph"
-        nodes = ", ".join(repr(n) for n in self.nodes)
         raise UserError(
             f"update_state's as_node={as_node!r} {why}. Name one of the graph's nodes ({nodes}); "
             f"alone in its superstep, {END!r} with values None (to end the pending tasks), "

@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-__all__ = ["dead", "enter", "holder", "leave", "left", "live", "named", "this_process"]
+__all__ = ["dead", "enter", "gone", "holder", "leave", "left", "live", "named", "this_process"]
 
 _LIVE: set[str] = set()
 """The holders of this process's runs that have not ended (`live`, `left`)."""
@@ -112,3 +112,8 @@ def dead(name: str) -> bool:
     except OSError:  # it exists (another user's)
         return False
     return False
+
+
+def gone(name: str) -> bool:
+    """Whether no run holds what `name` holds: its process is gone (`dead`) or it `left` it."""
+    return dead(name) or left(name)
