@@ -49,7 +49,7 @@ from keel.evals.feedback import (
 )
 from keel.evals.report import default_out, printable_output, results_folder, write_report
 from keel.evals.results import CaseRun, SuiteResult
-from keel.evals.runner import arun_suite
+from keel.evals.runner import arun_suite, suite_factories
 from keel.evals.suite import Suite, load_suite
 
 __all__ = ["main", "parser"]
@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
         out = Path(args.out or default_out(suite.name))
+        suite_factories(suite, args.graph, args.prices)  # a bad --graph writes no folder
         results_folder(out)  # before the suite runs: its results must not be lost at the end
         result, experiment = asyncio.run(_run(suite, args))
         if experiment is not None:

@@ -23,14 +23,7 @@ from keel.errors import UserError
 from keel.evals.evaluators import Evaluator, default_evaluators
 from keel.evals.feedback import langsmith_key
 from keel.evals.results import CaseRun, SuiteResult
-from keel.evals.runner import (
-    DEFAULT_GRAPH,
-    GraphFactory,
-    _model_for,
-    arun_case,
-    check_prices,
-    load_graph,
-)
+from keel.evals.runner import GraphFactory, _model_for, arun_case, graph_name, suite_factories
 from keel.evals.suite import Case, Suite
 from keel.pricing import PriceTable
 from keel.redact import sanitize
@@ -138,10 +131,7 @@ async def arun_experiment(
         from keel.observe.tracing import sanitizing_client
 
         client = sanitizing_client()
-    graph_name = graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
-    factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
-    own = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
-    check_prices([(str(graph_name), factory), *own.items()], prices)  # before sending
+    factory, own = suite_factories(suite, graph, prices)  # before sending
     cases = {c.id: c for c in suite.cases}
     models = {c.id: _model_for(c, suite, model) for c in suite.cases}  # checked before sending
     name = dataset or dataset_name(suite)
@@ -169,7 +159,7 @@ async def arun_experiment(
         data=name,
         evaluators=wrapped,
         experiment_prefix=experiment_prefix or suite.name,
-        metadata={"suite": suite.name, "graph": str(graph_name)},
+        metadata={"suite": suite.name, "graph": graph_name(suite, graph)},
         max_concurrency=concurrency,
         num_repetitions=repeat,
         client=client,
@@ -179,5 +169,5 @@ async def arun_experiment(
     await asyncio.to_thread(client.flush)  # langsmith sends scores from a background queue
     ordered = sorted(runs.values(), key=lambda r: (list(cases).index(r.case.id), r.repeat))
     return SuiteResult(
-        suite=suite.name, runs=ordered, graph=str(graph_name)
+        suite=suite.name, runs=ordered, graph=graph_name(suite, graph)
     ), results.experiment_name

@@ -143,10 +143,7 @@ async def arun_suite(
     """
     if repeat < 1 or concurrency < 1:
         raise UserError(f"repeat and concurrency must be 1 or more, got {repeat}, {concurrency}.")
-    graph_name = graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
-    factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
-    factories = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
-    check_prices(_used(suite, _label(graph, graph_name), factory, factories), prices)
+    factory, factories = suite_factories(suite, graph, prices)
     if evaluators is None:
         evaluators = default_evaluators(judge or suite.judge)
     gate = asyncio.Semaphore(concurrency)
@@ -165,7 +162,26 @@ async def arun_suite(
     with _offline_unless_keyed():
         jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
         runs = list(await asyncio.gather(*jobs))
-    return SuiteResult(suite=suite.name, runs=runs, graph=str(graph_name))
+    return SuiteResult(suite=suite.name, runs=runs, graph=graph_name(suite, graph))
+
+
+def suite_factories(
+    suite: Suite, graph: str | GraphFactory | None, prices: PriceTable | None
+) -> tuple[GraphFactory, dict[str, GraphFactory]]:
+    """The suite's graph factory and its cases' own (by name), checked before anything runs.
+
+    Raises:
+        UserError: a factory cannot be loaded, or cannot take the prices given.
+    """
+    factory = load_graph(graph or suite.graph or DEFAULT_GRAPH)
+    factories = {c.graph: load_graph(c.graph) for c in suite.cases if c.graph is not None}
+    check_prices(_used(suite, _label(graph, graph_name(suite, graph)), factory, factories), prices)
+    return factory, factories
+
+
+def graph_name(suite: Suite, graph: str | GraphFactory | None) -> str:
+    """The graph's name in the results: `graph` as given, else the suite's, else keel's demo."""
+    return graph if isinstance(graph, str) else suite.graph or DEFAULT_GRAPH
 
 
 def _label(graph: str | GraphFactory | None, name: str) -> str:

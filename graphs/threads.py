@@ -818,9 +818,9 @@ class ThreadGuardedGraph(ProtectedGraph):
         """
         state = yield from self._state(config)
         seen = yield from self._seen(config, state)
-        config = owned(input, config, state, run_context(config, kwargs.get("context")), seen)
+        context = run_context(config, kwargs.get("context"))
+        config = owned(input, config, state, context, seen)
         if self.keel_recorder is not None:  # what the run it continues lost with a checkpoint
-            context = run_context(config, kwargs.get("context"))
             resumed = state.values if state is not None and _continues(input) else None
             config = yield from self.keel_recorder.resuming(resumed, config, context)
         inside = yield from self._inside(input, config, state)

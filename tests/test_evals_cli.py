@@ -97,11 +97,14 @@ def test_a_suites_name_cannot_put_its_reports_outside_keel_evals(
 def test_keel_eval_bad_input_exits_2_with_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # a refused `keel eval demo` makes .keel/evals/demo here
+    monkeypatch.chdir(tmp_path)
     assert keel_main(["eval", str(tmp_path / "nope.yaml")]) == 2
     assert "No suite file at" in capsys.readouterr().err
     assert keel_main(["eval", "demo", "--graph", "nope"]) == 2
     assert "--graph must be 'module:function'" in capsys.readouterr().err
+    assert keel_main(["eval", "demo", "--graph", "no_such_module:f"]) == 2
+    assert "Cannot load graph factory 'no_such_module:f'" in capsys.readouterr().err
+    assert not (tmp_path / ".keel").exists()  # refused before the results folder is made
     assert keel_main(["eval", "demo", "--min-pass-rate", "2"]) == 2
     taken = tmp_path / "taken"
     taken.write_text("")
