@@ -8,7 +8,9 @@ with a `chunk_position="last"` chunk), check it as `output_guard` does (`screen_
 send it as one chunk: redacted, flagged or withheld. (Under an output guard `call_model` asks its
 model with LangGraph's `nostream` tag, so its answers reach a `messages` stream whole, as the
 node returns them, in a user's graph that embeds the agent too; the holding here is for any
-other AI message a keel graph's stream relays token by token.)
+other AI message a keel graph's stream relays token by token. keel's structured calls, a plan,
+a route, a verdict, are asked `nostream` always (`keel.guards.model_call.unstreamed`): they
+reach no `messages` stream, this one included.)
 
 The `values` and `updates` modes carry the state between `call_model` and `output_guard` too
 (the state after `call_model`'s step, and `call_model`'s own update): an AI answer there that is

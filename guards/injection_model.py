@@ -28,7 +28,7 @@ from keel._drive import adrive, drive
 from keel._node import RunnableCallable, StepsNode, context_of, make_node
 from keel.errors import UserError
 from keel.guards.finding import ContentFinding, InputSource
-from keel.guards.model_call import GuardedModel, ModelCallGuards
+from keel.guards.model_call import GuardedModel, ModelCallGuards, unstreamed
 from keel.state import Outcome, RunContext, Usage, add_usage, run_usage, task_clock
 
 __all__ = ["DETECTOR_PROMPT", "DetectorCalls", "InjectionVerdict", "ModelDetector"]
@@ -99,8 +99,9 @@ class ModelDetector:
         ]
         spend = _SPEND.get()
         try:
-            if spend is None:  # outside a keel run: the model directly
-                answer = await self.model.with_structured_output(InjectionVerdict).ainvoke(messages)
+            if spend is None:  # outside a keel run: the model directly (a verdict, unstreamed)
+                judge = self.model.with_structured_output(InjectionVerdict)
+                answer = await judge.ainvoke(messages, unstreamed(None))
             else:
                 answer = await spend.ask(self.model, messages)
             verdict = _verdict(answer)

@@ -15,6 +15,10 @@ call their model through a `GuardedModel`, so each call, whatever asks for it:
 6. on failure is retried (tenacity's `Retrying`, waiting a provider's `Retry-After` or an
    exponential backoff), moved to the next model, or stopped (`keel.guards.fallback`).
 
+A structured call (a plan, a route, a verdict) is a decision keel reads, never an answer: it is
+asked with LangGraph's `nostream` tag (`unstreamed`), so no `messages` stream relays its
+tool-call arguments, in keel's graphs or in a graph of yours that embeds them.
+
 Under a dollar limit (the run budget's `usd`, a `PeriodBudget`'s `usd`) every model of the chain
 must have a price: a model the price table does not know is refused when the `GuardedModel` is
 built (`UserError`, naming the model, the limit and the `prices=` fix), since its calls would
@@ -44,6 +48,8 @@ from typing import Any, TypeVar
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import merge_configs
+from langgraph.constants import TAG_NOSTREAM
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import RetryPolicy
 from tenacity import RetryCallState, Retrying, stop_after_attempt
@@ -74,6 +80,7 @@ __all__ = [
     "ModelCallGuards",
     "ModelTimeoutPolicy",
     "capped",
+    "unstreamed",
 ]
 
 log = sanitized_logger("keel.guards.model_call")
@@ -225,6 +232,21 @@ def capped(model: BaseChatModel, tokens: int) -> BaseChatModel | None:
     return None
 
 
+def unstreamed(config: RunnableConfig | None) -> RunnableConfig:
+    """`config` for a model call whose tokens no `messages` stream relays (LangGraph's `nostream`).
+
+    A user's graph that has a keel graph as a node (or calls one in a node) and streams itself
+    with `stream_mode="messages"` and `subgraphs=True` relays every model call's tokens as they
+    come, around keel's own stream (`keel.graphs._answers`); so do keel's streams for a message
+    they do not check (a tool call). Tagged `nostream`, a call's tokens reach no `messages`
+    stream at all: `call_model` asks so under an output guard (its checked answer goes out whole
+    when the node returns it), and `GuardedModel` always for a structured call (a decision, not
+    an answer). Callbacks still see the call (tracing, and `astream_events`, which carries the
+    raw output: see README).
+    """
+    return merge_configs(config, {"tags": [TAG_NOSTREAM]})
+
+
 @dataclass(frozen=True, slots=True)
 class _Model:
     """One model of the chain: its name, the runnable that asks it, the name it is priced by.
@@ -288,7 +310,8 @@ class GuardedModel:
         models: The model, then its fallbacks in order: chat models or `provider:name` strings.
         tools: Tools to bind (`bind_tools`); their schemas count in the estimate.
         schema: Ask for structured output of this schema (`include_raw=True`: the output is
-            `{"raw", "parsed", "parsing_error"}`).
+            `{"raw", "parsed", "parsing_error"}`). Such a call is a decision, not an answer:
+            it is tagged `nostream` (`unstreamed`), so no `messages` stream relays it.
         guards: The run budget, period budgets (the answer is capped at its reserve where the
             model supports it, see `capped`), rate limits and breaker, retries and deadline.
         steps: Count each answered call as a step of the run (agent turns do; a plan, a judge
@@ -327,6 +350,8 @@ class GuardedModel:
         self.retry = guards.retry
         self.timeout = guards.timeout
         self.steps = steps
+        self.decides = schema is not None
+        """A structured call: asked `unstreamed`, its arguments reach no `messages` stream."""
         run_usd = self.budget.usd if self.budget is not None else None
         limits = [f"the run budget's usd limit of {run_usd:g}"] if run_usd else []
         if self.meter is not None and self.meter.usd_limit is not None:
@@ -418,6 +443,8 @@ class GuardedModel:
         stop = self._over_budget(usage)
         if stop is not None:
             return ModelAnswer(stop=stop)
+        if self.decides:  # a plan, a route, a verdict: read by keel, streamed to no client
+            config = unstreamed(config)
         index = 0
         while True:
             m, more = self.chain[index], index + 1 < len(self.chain)

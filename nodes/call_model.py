@@ -20,8 +20,6 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import merge_configs
-from langgraph.constants import TAG_NOSTREAM
 from langgraph.runtime import Runtime
 
 from keel import outcome
@@ -34,7 +32,7 @@ from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
-from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer
+from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer, unstreamed
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.screening import checked_answer
 from keel.history import valid_history
@@ -239,7 +237,7 @@ class _Answerer:
         assert turn.messages is not None and turn.models is not None
         ctx = context_of(runtime)
         if self.guards.output_guard is not None:
-            config = _unstreamed(config)
+            config = unstreamed(config)  # the checked answer goes out whole
         got = yield from turn.models.bound.call(turn.messages, config, ctx, None)
         if got.stop is not None:
             return _stopped(got, turn)
@@ -314,20 +312,6 @@ class _Answerer:
             if not decided(approvals, digest, tc.get("id") or ""):
                 reasons.append(tc["name"])
         return f"awaiting approval for {', '.join(reasons)}" if reasons else None
-
-
-def _unstreamed(config: RunnableConfig) -> RunnableConfig:
-    """`config` for a model call whose tokens no `messages` stream relays (LangGraph's `nostream`).
-
-    With an output guard, a client reads an answer only once the guard checked it. keel's own
-    streams hold a streamed answer's tokens until it is complete (`keel.graphs._answers`), but
-    a user's graph that has the agent as a node (or calls it in a node) and streams itself with
-    `stream_mode="messages"` and `subgraphs=True` relays the model's tokens as they come,
-    around keel's stream. Tagged `nostream`, the call's tokens reach no `messages` stream at
-    all: the checked answer goes out whole when `call_model` returns it. Callbacks still see
-    the call (tracing, and `astream_events`, which carries the raw output: see README).
-    """
-    return merge_configs(config, {"tags": [TAG_NOSTREAM]})
 
 
 def _wrapped_up(

@@ -50,26 +50,30 @@ def _agent() -> Any:
     return build_agent(model, [], policy=Policy())
 
 
-def _parent(embedding: str) -> Any:
-    """A user's graph with keel's agent as its `agent` node: added as it is, or called."""
-    agent = _agent()
-    graph = StateGraph(MessagesState)
+def embedded(graph: Any, embedding: str, checkpointer: Any) -> Any:
+    """A user's graph with keel's `graph` as its `agent` node: added as it is (`node`), or
+    called in a node of the user's (`called`)."""
+    parent = StateGraph(MessagesState)
     if embedding == "node":
-        graph.add_node("agent", agent)
+        parent.add_node("agent", graph)
     else:
 
         def ask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
-            out = agent.invoke({"messages": state["messages"]}, config, context=CTX)
+            out = graph.invoke({"messages": state["messages"]}, config, context=CTX)
             return {"messages": out["messages"][-1:]}
 
         async def aask(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
-            out = await agent.ainvoke({"messages": state["messages"]}, config, context=CTX)
+            out = await graph.ainvoke({"messages": state["messages"]}, config, context=CTX)
             return {"messages": out["messages"][-1:]}
 
-        graph.add_node("agent", RunnableLambda(ask, afunc=aask))
-    graph.add_edge(START, "agent")
-    graph.add_edge("agent", END)
-    return graph.compile(checkpointer=InMemorySaver())
+        parent.add_node("agent", RunnableLambda(ask, afunc=aask))
+    parent.add_edge(START, "agent")
+    parent.add_edge("agent", END)
+    return parent.compile(checkpointer=checkpointer)
+
+
+def _parent(embedding: str) -> Any:
+    return embedded(_agent(), embedding, InMemorySaver())
 
 
 async def _chunks(parent: Any, drive: str, **kwargs: Any) -> list[Any]:
