@@ -65,7 +65,13 @@ from keel.guards.fallback import Retry, Step, after_failure, backoff
 from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
-from keel.guards.spend import Reservation, SpendMeter, estimate_schema_tokens, estimate_tokens
+from keel.guards.spend import (
+    Reservation,
+    SpendMeter,
+    estimate_schema_tokens,
+    estimate_tokens,
+    input_token_bound,
+)
 from keel.history import tool_turns_as_text
 from keel.models import model_name_of, price_name_of, resolve_model
 from keel.pricing import PriceTable, token_count, unpriced
@@ -572,10 +578,13 @@ class GuardedModel:
         """
         meter, guard = self._meter(), self.guard
         assert guard is not None
-        tokens = estimate_tokens(messages) + self.schema_tokens
-        # without a period budget: no reservation, and nothing written
+        tokens = estimate_tokens(messages) + self.schema_tokens  # the rate limits' estimate
+        # without a period budget: no reservation, and nothing written; with one, the input is
+        # reserved at its bound (a token per byte), so the call cannot cost more than it holds
         first: Flow[Reservation | str | None] = (
-            meter.reserve_input(tokens, ctx, m.priced_as) if meter is not None else returning(None)
+            meter.reserve_input(input_token_bound(messages) + self.schema_tokens, ctx, m.priced_as)
+            if meter is not None
+            else returning(None)
         )
         try:
             held, permit = yield from guard.admitting(

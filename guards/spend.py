@@ -1,13 +1,13 @@
 """Per-user and per-tenant budgets per period (day / calendar month), kept in the ledger.
 
-Before each model call keel *reserves* an estimate (the messages' tokens and the bound tools'
-schemas, plus a reserve for the answer, priced by the price table) against every period budget
-of the run's user and tenant, in one transaction that locks the budget rows; after the call it
-*settles*: the reservation is replaced by what the call really cost (`usage_metadata`). The
-answer is capped at the reserve (`keel.guards.model_call.capped`), so a call cannot cost more
-than it reserved, and concurrent runs of one user never spend more than the budget, whatever
-the interleaving. A process that dies between the two leaves a reservation that expires after
-`reservation_ttl`.
+Before each model call keel *reserves* an estimate (the messages' tokens at their bound, a token
+per UTF-8 byte, and the bound tools' schemas, plus a reserve for the answer, priced by the price
+table) against every period budget of the run's user and tenant, in one transaction that locks
+the budget rows; after the call it *settles*: the reservation is replaced by what the call
+really cost (`usage_metadata`). The answer is capped at the reserve
+(`keel.guards.model_call.capped`), so a call cannot cost more than it reserved, and concurrent
+runs of one user never spend more than the budget, whatever the interleaving. A process that
+dies between the two leaves a reservation that expires after `reservation_ttl`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ from keel.errors import UserError
 from keel.pricing import PriceTable, finite_number, unpriced
 from keel.state import RunContext
 
-__all__ = ["PeriodBudget", "Reservation", "SpendMeter", "estimate_schema_tokens", "estimate_tokens"]
+__all__ = [
+    "PeriodBudget",
+    "Reservation",
+    "SpendMeter",
+    "estimate_schema_tokens",
+    "estimate_tokens",
+    "input_token_bound",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -104,6 +111,27 @@ def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
         for tc in getattr(m, "tool_calls", ()):  # a loop, not sum(genexpr): runs per message
             chars += len(str(tc.get("args"))) + len(tc["name"])
     return chars // 4 + 4 * len(messages) + 16
+
+
+def input_token_bound(messages: Sequence[BaseMessage]) -> int:
+    """The most input tokens a request's messages can be billed: one per UTF-8 byte of text.
+
+    A byte-level tokenizer (OpenAI's, Llama's, Qwen's) never makes more tokens than its text
+    has bytes, while 4 characters a token (`estimate_tokens`) is an average that a user's text
+    beats by about 4x (one token per digit or emoji). A reservation holds this bound, so a call
+    cannot cost more input than it reserved. Content blocks that are not text (an image) count
+    as `estimate_tokens` counts them; tool-call arguments as the JSON a provider is sent.
+    """
+    size = 0
+    for m in messages:
+        text = m.text
+        size += len(text.encode("utf-8", "surrogatepass")) + 16
+        if not isinstance(m.content, str):
+            size += max(len(str(m.content)) - len(text), 0) // 4
+        for tc in getattr(m, "tool_calls", ()):
+            name = tc["name"].encode("utf-8", "surrogatepass")
+            size += len(json.dumps(tc.get("args"), default=str)) + len(name)
+    return size + 4 * len(messages) + 16
 
 
 def estimate_schema_tokens(schemas: Sequence[Any]) -> int:
@@ -220,7 +248,7 @@ class SpendMeter:
     def _estimate(
         self, messages: Sequence[BaseMessage], model_name: str, schema_tokens: int = 0
     ) -> tuple[float, int]:
-        return self._cost(estimate_tokens(messages) + schema_tokens, model_name)
+        return self._cost(input_token_bound(messages) + schema_tokens, model_name)
 
     def _cost(self, input_tokens: int, model_name: str) -> tuple[float, int]:
         usage = {"input_tokens": input_tokens, "output_tokens": self.output_reserve}
@@ -257,7 +285,7 @@ class SpendMeter:
 
         For a caller that commits it with more (a `ModelGuard`'s first try at the rate limits).
         """
-        return self.reserve_input(estimate_tokens(messages) + schema_tokens, context, model_name)
+        return self.reserve_input(input_token_bound(messages) + schema_tokens, context, model_name)
 
     def reserve_input(
         self, input_tokens: int, context: RunContext, model_name: str

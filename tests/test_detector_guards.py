@@ -265,7 +265,8 @@ def _embed(texts: list[str]) -> list[list[float]]:
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 def test_a_period_budget_and_the_run_record_count_the_detector(db_url: str, mode: str) -> None:
-    budget = PeriodBudget(tokens=40_000)
+    # a call reserves its messages at a token per byte: ~50,000 for the page, ~12,000 billed
+    budget = PeriodBudget(tokens=78_000)
     ledger = Ledger(db_url)
     try:
         judge, model = _judge(), _agent_model("Sure.")
@@ -280,8 +281,8 @@ def test_a_period_budget_and_the_run_record_count_the_detector(db_url: str, mode
         assert record.model_calls == 2
         assert record.input_tokens + record.output_tokens == spent
 
-        # ~24,000 of 40,000 spent: the detector's look at the next huge message fits (its
-        # ~12,000 tokens and the answer's reserve), the model's call after it does not
+        # ~24,000 of 78,000 spent: the detector's look at the next huge message fits (its
+        # ~50,000 reserved), the model's call after it (~36,000 spent) does not
         again = _run(agent, PAGE + " More.", mode)
         assert again["outcome"]["terminated_reason"] == "budget_exceeded"
         assert len(judge.calls) == 2 and len(model.calls) == 1
