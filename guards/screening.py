@@ -471,6 +471,13 @@ def _verdict(
         return v.action, v.text, list(v.findings), v.message or ""
     if not isinstance(content, list):
         return None
+    return _with_other_texts(_text_blocks_verdict(content, check, max_chars), content, check)
+
+
+def _text_blocks_verdict(
+    content: list[Any], check: Callable[[str], ContentVerdict], max_chars: int | None
+) -> _Verdict | None:
+    """`_verdict` of the text blocks of `content` (see there)."""
     texts = [t for t in map(_block_text, content) if t is not None]
     blockwise = _blockwise(content, check)
     if len(texts) < 2:
@@ -484,6 +491,66 @@ def _verdict(
         rest = [b for b in content if _block_text(b) is None]
         content = [{"type": "text", "text": text}, *rest]
     return verdict, content, found, message
+
+
+def _with_other_texts(
+    verdict: _Verdict | None, content: list[Any], check: Callable[[str], ContentVerdict]
+) -> _Verdict | None:
+    """`verdict` with the other texts of the blocks checked too, each on its own.
+
+    A model's `thinking` or `reasoning` block, a citation's title, an `output_text` block are
+    in the saved answer as a client reads it, and a hostile or injected model writes there what
+    the guard would redact from a `text` block. Only keys that are no one's text (`_OPAQUE`:
+    ids, signatures, encoded data, URLs) are left as they are.
+    """
+    blocks = content if verdict is None else verdict[1]
+    others: list[ContentVerdict] = []
+    checked = [
+        b
+        if isinstance(b, str)
+        else _texts_checked(b, check, others, skip="text" if _block_text(b) is not None else "")
+        for b in blocks
+    ]
+    if not others:
+        return verdict
+    action, found, why = (
+        ("allow", [], "") if verdict is None else (verdict[0], verdict[2], verdict[3])
+    )
+    for v in others:
+        if _SEVERITY[v.action] > _SEVERITY[action]:
+            action, why = v.action, v.message or why
+    return action, checked, [*found, *(f for v in others for f in v.findings)], why
+
+
+_OPAQUE = frozenset(
+    {"type", "id", "signature", "index", "data", "base64", "mime_type", "encrypted_content"}
+    | {"url", "image_url", "file_id", "source_type"}
+)
+"""The keys of a content block that hold no one's text (an id, a signature, encoded data)."""
+
+
+def _texts_checked(
+    value: Any, check: Callable[[str], ContentVerdict], found: list[ContentVerdict], skip: str = ""
+) -> Any:
+    """`value` (a block or a part of one) with each text in it checked.
+
+    A dict's `skip` key is left out (checked already); the verdicts that found something are
+    added to `found`.
+    """
+    if isinstance(value, str):
+        v = check(value)
+        if v.action == "allow":
+            return value
+        found.append(v)
+        return v.text
+    if isinstance(value, dict):
+        return {
+            k: v if k in _OPAQUE or k == skip else _texts_checked(v, check, found)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_texts_checked(v, check, found) for v in value]
+    return value
 
 
 def _blockwise(content: list[Any], check: Callable[[str], ContentVerdict]) -> _Verdict | None:
