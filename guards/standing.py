@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,8 +68,13 @@ class Always:
         scope, ttl = raw.get("scope", "thread"), raw.get("ttl_seconds", 3600.0)
         if scope not in ("thread", "user"):
             raise UserError(f"'always.scope' must be 'thread' or 'user', got {scope!r}.")
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
-            raise UserError(f"'always.ttl_seconds' must be a number > 0, got {ttl!r}.")
+        if (
+            isinstance(ttl, bool)
+            or not isinstance(ttl, int | float)
+            or not math.isfinite(ttl)
+            or ttl <= 0
+        ):  # NaN passed `ttl <= 0`, and no database keeps its expiry as it keeps a number
+            raise UserError(f"'always.ttl_seconds' must be a finite number > 0, got {ttl!r}.")
         same = raw.get("same_args", False)
         if not isinstance(same, bool):
             raise UserError(f"'always.same_args' must be true or false, got {same!r}.")

@@ -80,7 +80,7 @@ def test_a_rejection_of_the_exact_call_wins_over_a_standing_approval() -> None:
     ("raw", "message"),
     [
         ({"scope": "tenant"}, "'always.scope' must be 'thread' or 'user', got 'tenant'."),
-        ({"ttl_seconds": 0}, "'always.ttl_seconds' must be a number > 0, got 0."),
+        ({"ttl_seconds": 0}, "'always.ttl_seconds' must be a finite number > 0, got 0."),
         ({"same_args": "yes"}, "'always.same_args' must be true or false, got 'yes'."),
         (
             {"ttl": 5},
