@@ -380,7 +380,7 @@ def sanitize(
 
 
 _SECRET_KEY = re.compile(
-    r"(?:^|_)(?:password|passwd|passphrase|pwd|secret|api_?key|apikey|token|access_?key|"
+    r"(?:^|_)(?:password|passwd|passphrase|pwd|secret|secret_?key|api_?key|apikey|token|access_?key|"
     r"private_?key|authorization|auth|cookie|set_cookie|credentials?|"
     r"x_api_key|client_secret)$"
 )
@@ -390,12 +390,18 @@ def secret_key(key: object) -> bool:
     """Whether a mapping key names a secret (`password`, `api_key`, `Authorization`, ...).
 
     The key's value is hidden whatever it looks like. Counts such as `input_tokens` or
-    `max_tokens` are not secrets; `access_token`, `X-Api-Key` and `db_password` are.
+    `max_tokens` are not secrets; `access_token`, `X-Api-Key` and `db_password` are, and so are
+    their camelCase spellings (`accessToken`, `XApiKey`, `dbPassword`).
     """
     if not isinstance(key, str) or len(key) > 64:
         return False
-    name = re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+    words = _CAMEL.sub("_", key)  # accessToken, XApiKey: the words JSON APIs run together
+    name = re.sub(r"[^a-z0-9]+", "_", words.lower()).strip("_")
     return bool(_SECRET_KEY.search(name))
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+"""Where a camelCase (or PascalCase, `XApiKey`) name starts a word."""
 
 
 _BINARY_KEYS = frozenset({"data", "base64"})
