@@ -170,7 +170,12 @@ _EMAIL = _compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-]|\.[A-Za-z0-9])"
 )
 _IBAN_START = _compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?=[ ]?[A-Z0-9])")
-_CARD = _compile(r"(?<![\w.,-])\d(?:[ -]?\d){11,18}(?![\w-]|[.,]\d)")
+_INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff"
+"""Characters that show as nothing (a soft hyphen, zero-width ones): a card number written with
+them between its digits reads as the card."""
+_SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+"""Spaces other than ` ` (no-break, thin, figure, ideographic, ...): they show as a space."""
+_CARD = _compile(rf"(?<![\w.,-])\d(?:[ \-{_SPACES}{_INVISIBLE}]{{0,3}}\d){{11,18}}(?![\w-]|[.,]\d)")
 _SSN = _compile(r"(?<![\w.-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|[.,]\d)")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = _compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
@@ -211,12 +216,15 @@ def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
 
 def _card_spans(text: str) -> Iterator[tuple[int, int]]:
     for m in _CARD.finditer(text):
-        value = m.group()
+        # as it reads: invisible characters dropped, any space a space, any digit 0-9
+        value = re.sub(rf"[{_SPACES}]", " ", re.sub(f"[{_INVISIBLE}]", "", m.group()))
+        if re.search(r"[ -]{2}", value):
+            continue
         separators = {ch for ch in value if not ch.isdigit()}
         groups = re.split(r"[ -]", value)
         if len(separators) > 1 or (separators and min(len(g) for g in groups) < 3):
             continue
-        digits = "".join(groups)
+        digits = "".join(str(int(d)) for d in "".join(groups))
         if len(set(digits)) > 1 and _card_network(digits) and luhn_valid(digits):
             yield m.span()
 
