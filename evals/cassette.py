@@ -144,7 +144,7 @@ class Cassette:
             data = json.loads(text)
             answers = messages_from_dict(data["answers"])
             calls = tuple(RecordedCall(**c) for c in data.get("calls", ()))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # too deep: recursion
             raise UserError(f"Not a saved cassette (Cassette.to_json): {exc}") from exc
         if not all(isinstance(a, AIMessage) for a in answers):
             raise UserError("Not a saved cassette: its answers must all be AI messages.")

@@ -256,6 +256,11 @@ def load_suite(path: str | Path) -> Suite:
         raise UserError(f"{path} is not valid JSON: {exc}") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:  # both parsers recurse per level of nesting
+        raise UserError(
+            f"{path} nests lists or mappings too deeply to read ({exc}); a suite needs a few "
+            "levels: check its brackets."
+        ) from exc
     return Suite.from_dict(data, path=path)
 
 

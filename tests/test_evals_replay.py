@@ -601,6 +601,12 @@ async def test_a_saved_cassette_replays_like_the_thread_and_bad_text_is_refused(
             Cassette.from_json(bad)
 
 
+def test_a_cassette_nested_past_the_parsers_depth_is_refused_not_a_recursion_error() -> None:
+    """`--cassette F` on a file of runaway brackets: a `UserError`, not a RecursionError."""
+    with pytest.raises(UserError, match="Not a saved cassette"):
+        Cassette.from_json('{"answers": ' + "[" * 5000 + "]" * 5000 + "}")
+
+
 def _judged_agent(model: BaseChatModel, checkpointer: Any = None) -> Any:
     """An agent whose judge fails the first, short answer: each run has one revision."""
 

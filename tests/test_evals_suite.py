@@ -198,6 +198,20 @@ def test_missing_and_broken_files_say_so(tmp_path: Path) -> None:
     assert str(latin) in str(info.value)
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_suite_nested_past_the_parsers_depth_is_refused_not_a_recursion_error(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Unbalanced brackets pasted into a suite: PyYAML and `json` recurse per level and raised
+    a bare RecursionError; the loader says which file and what to check."""
+    deep = "[" * 5000 + "]" * 5000
+    path = tmp_path / f"deep{suffix}"
+    path.write_text('{"cases": [{"id": "a", "input": ' + deep + "}]}")
+    with pytest.raises(UserError, match="nests lists or mappings too deeply") as info:
+        load_suite(path)
+    assert str(path) in str(info.value)
+
+
 def test_a_suite_named_by_a_number_or_a_yaml_boolean_loads(tmp_path: Path) -> None:
     for name in ("2024", "yes"):  # `capture` names a new suite after its file: 2024.yaml
         path = tmp_path / f"{name}.yaml"

@@ -220,3 +220,24 @@ def test_pin_langsmith_reads_the_environment_once(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LANGSMITH_ENDPOINT", "http://127.0.0.1:2")
     assert langsmith.utils.get_env_var("ENDPOINT") == "http://127.0.0.1:1"  # cached
     langsmith.utils.get_env_var.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["messages", "updates"])
+def test_a_streamed_run_reaches_langsmith_redacted(stand_in: StandIn, mode: str) -> None:
+    """Streamed, the model's tokens pass through the tracer (a `new_token` event per run): an
+    answer that starts with PII (the event's token) reaches LangSmith redacted all the same."""
+    answer = "jane.doe@example.com is hers, card 4111 1111 1111 1111."
+    model = ScriptedChatModel(
+        script=[call("lookup_customer", email="jane.doe@example.com"), answer]
+    )
+    agent = build_agent(model, [lookup_customer], name="traced_agent")
+    task = "Find jane.doe@example.com, card 4111 1111 1111 1111."
+    for _ in agent.stream(
+        {"messages": [("user", task)]}, trace_config(CTX), context=CTX, stream_mode=mode
+    ):
+        pass
+    _flush(agent)
+    sent = stand_in.bodies()
+    assert b"[EMAIL]" in sent, "the run itself is traced"
+    for secret in PII:
+        assert secret.encode() not in sent, f"PII {secret!r} reached LangSmith"
