@@ -496,6 +496,32 @@ def test_a_tool_name_the_model_made_up_is_redacted_in_audit_and_run_record(
     assert run.tools == {"[EMAIL]": {"calls": 1, "failures": 1}}
 
 
+def test_a_card_pasted_with_no_break_spaces_is_redacted_in_audit_and_run_record(
+    db_url: str,
+) -> None:
+    """A card number copied from a PDF or a web page has U+00A0 / U+202F between its groups:
+    the audit log's arguments and result and the run record's detail hold it redacted."""
+    pasted = "4111\u00a01111\u00a01111\u00a01111"
+
+    @tool(name="lookup_card")
+    def lookup_card(card: str) -> str:
+        """Find the orders paid with a card."""
+        raise ValueError(f"no orders for 4111\u202f1111\u202f1111\u202f1111 ({card})")
+
+    ledger = Ledger(db_url)
+    try:
+        model = ScriptedChatModel(script=[call("lookup_card", card=pasted), "None."])
+        agent = build_agent(model, [lookup_card], ledger=ledger)
+        agent.invoke({"messages": [("user", f"orders on {pasted}?")]}, context=CTX)
+        (record,) = AuditLog(ledger).query(user=CTX.user_id)
+        assert record.args == {"card": "[CARD]"}
+        assert "[CARD]" in record.result and "1111" not in record.result, record.result
+        (run,) = RunLog(ledger).query()
+        assert "1111" not in json.dumps(run.to_dict()), run
+    finally:
+        ledger.close()
+
+
 @pytest.mark.parametrize("reviewer", [{"name": "bob"}, 42, ["bob"]], ids=["dict", "int", "list"])
 def test_a_reviewer_that_is_not_text_is_refused_not_left_out_of_the_audit(
     tmp_path: Any, reviewer: Any

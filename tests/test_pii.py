@@ -43,6 +43,14 @@ def kinds_of(text: str) -> list[tuple[str, str]]:
         ("card 4111-1111-1111-1111", "card", "4111-1111-1111-1111"),
         ("card 5555555555554444.", "card", "5555555555554444"),
         ("amex 3782 822463 10005", "card", "3782 822463 10005"),
+        # pasted from a PDF or a web page: no-break, narrow no-break and thin spaces
+        (
+            "card 4111\u00a01111\u00a01111\u00a01111 exp",
+            "card",
+            "4111\u00a01111\u00a01111\u00a01111",
+        ),
+        ("carte 4111\u202f1111\u202f1111\u202f1111.", "card", "4111\u202f1111\u202f1111\u202f1111"),
+        ("card 4111\u20091111 1111\u00a01111", "card", "4111\u20091111 1111\u00a01111"),
         ("iban DE89 3704 0044 0532 0130 00 ok", "iban", "DE89 3704 0044 0532 0130 00"),
         ("iban GB82WEST12345698765432", "iban", "GB82WEST12345698765432"),
         ("iban FR14 2004 1010 0505 0001 3M02 606", "iban", "FR14 2004 1010 0505 0001 3M02 606"),
@@ -102,6 +110,8 @@ def test_spans_index_the_text() -> None:
     [
         "order #1234567890123456 shipped",  # 16 digits, no card network prefix / Luhn
         "order 4111111111111112",  # Visa prefix, Luhn fails
+        "card 4111-1111 1111-1111",  # dashes and spaces mixed
+        "1\u00a0234\u00a0567,89 kr and 12\u202f345\u202f678 €",  # amounts with no-break spaces
         "0000 0000 0000 0000",  # passes Luhn, not a card
         "tracking 1Z999AA10123456784",
         "on 2024-01-15, 2024/01/15, 15.01.2024 at 12:30:45",
