@@ -240,7 +240,8 @@ def load_suite(path: str | Path) -> Suite:
     """Load a suite from a YAML file (or a `.json` one), with errors naming the file and field.
 
     Raises:
-        UserError: the file is missing, is not YAML, or a case is malformed.
+        UserError: the file is missing, is not YAML (a key given twice in one mapping
+            included), or a case is malformed.
     """
     path = Path(path)
     if path.is_dir():
@@ -249,10 +250,13 @@ def load_suite(path: str | Path) -> Suite:
         raise UserError(f"No suite file at {str(path)!r}. Give the path of a YAML suite.")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        if path.suffix.lower() == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text ({exc}); save the suite as UTF-8.") from exc
-    except json.JSONDecodeError as exc:  # JSON, not YAML: a tab-indented JSON file is valid
+    except (json.JSONDecodeError, _GivenTwice) as exc:  # JSON, not YAML: tabs are valid there
         raise UserError(f"{path} is not valid JSON: {exc}") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
@@ -262,6 +266,42 @@ def load_suite(path: str | Path) -> Suite:
             "levels: check its brackets."
         ) from exc
     return Suite.from_dict(data, path=path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader`, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last silently: a case's second `expect:` would drop its first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *case`: the keys after it override the merged ones, as YAML says
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice in one mapping: keep one",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (`json` keeps the last silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _GivenTwice(f"{key!r} is given twice in one object: keep one")
+        data[key] = value
+    return data
+
+
+class _GivenTwice(ValueError):
+    """A JSON suite's object names a key twice."""
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -212,6 +212,40 @@ def test_a_suite_nested_past_the_parsers_depth_is_refused_not_a_recursion_error(
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "twice.yaml",  # PyYAML kept the second `expect`: the case passed on the wrong outcome
+            "cases:\n  - id: a\n    input: x\n    expect: {status: stopped}\n"
+            "    budgets: {steps: 4}\n    expect: {forbidden_tools: [issue_refund]}\n",
+            "is not valid YAML: 'expect' is given twice in one mapping: keep one",
+        ),
+        (
+            "twice.json",
+            '{"cases": [{"id": "a", "input": "x", "expect": {"status": "stopped"}, "expect": {}}]}',
+            "is not valid JSON: 'expect' is given twice in one object: keep one",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_silently_replaced(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        load_suite(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_yaml_merge_key_still_lets_later_keys_override_the_merged_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, "cases:\n  - &base {id: a, input: hi}\n  - <<: *base\n    id: b\n")
+    assert [(c.id, c.messages) for c in load_suite(path).cases] == [
+        ("a", (("user", "hi"),)),
+        ("b", (("user", "hi"),)),
+    ]
+
+
 def test_a_suite_named_by_a_number_or_a_yaml_boolean_loads(tmp_path: Path) -> None:
     for name in ("2024", "yes"):  # `capture` names a new suite after its file: 2024.yaml
         path = tmp_path / f"{name}.yaml"
