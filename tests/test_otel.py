@@ -192,3 +192,43 @@ def _tokens(reader: InMemoryMetricReader) -> dict[str, int]:
         key = p.attributes["direction"]
         out[key] = out.get(key, 0) + p.value
     return out
+
+
+def test_a_collector_that_is_down_never_fails_the_run_or_its_record(tmp_path: Path) -> None:
+    """The OTLP exporters point at a port nobody listens on: spans are exported as each run
+    ends (`SimpleSpanProcessor`, in the run's thread), metrics by the SDK's reader thread. The
+    run still ends with its outcome and its record is written."""
+    import socket
+
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    tracing = TracerProvider()
+    tracing.add_span_processor(
+        SimpleSpanProcessor(OTLPSpanExporter(f"{down}/v1/traces", timeout=1))
+    )
+    exporter = OTLPMetricExporter(f"{down}/v1/metrics", timeout=1)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=50)
+    meters = MeterProvider(metric_readers=[reader])
+    otel.use(meters, tracing)
+    ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
+    try:
+        model = ScriptedChatModel(script=[call("lookup", key="a"), "done"])
+        agent = build_agent(model, [lookup], ledger=ledger)
+        result = agent.invoke({"messages": [("user", "go")]}, context=RunContext(tenant_id="acme"))
+        assert result["outcome"]["terminated_reason"] == "completed"
+        (record,) = RunLog(ledger).query()
+        assert (record.status, record.terminated_reason, record.tool_calls) == (
+            "success",
+            "completed",
+            1,
+        )
+    finally:
+        otel.use()
+        meters.shutdown(timeout_millis=2000)
+        tracing.shutdown()
+        ledger.close()
