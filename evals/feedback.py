@@ -32,6 +32,7 @@ from typing import Any
 
 from keel._drive import Op, Steps, adrive, both, drive
 from keel.db.ledger import Flow, Ledger
+from keel.db.tables import storable
 from keel.errors import UserError
 from keel.redact import sanitize, sanitized_logger
 
@@ -68,7 +69,7 @@ class Feedback:
 def _record_flow(feedback: Feedback) -> Flow[Feedback]:
     known = yield (
         f"SELECT run_key FROM keel_runs WHERE {_MATCH} ORDER BY ended_at DESC LIMIT 1",
-        (feedback.run,) * 3,
+        (storable(feedback.run),) * 3,
     )
     if not known:
         raise UserError(
@@ -79,14 +80,17 @@ def _record_flow(feedback: Feedback) -> Flow[Feedback]:
     yield (
         "INSERT INTO keel_feedback (id, run_ref, user_id, score, comment, correction, at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            feedback.id,
-            feedback.run,
-            feedback.user,
-            feedback.score,
-            feedback.comment,
-            feedback.correction,
-            feedback.at,
+        tuple(  # a person's text may hold NUL or a lone surrogate (a browser sends both)
+            storable(v)
+            for v in (
+                feedback.id,
+                feedback.run,
+                feedback.user,
+                feedback.score,
+                feedback.comment,
+                feedback.correction,
+                feedback.at,
+            )
         ),
     )
     return feedback
@@ -96,7 +100,7 @@ def _query_flow(run: str) -> Flow[list[Feedback]]:
     rows = yield (
         "SELECT id, run_ref, user_id, score, comment, correction, at FROM keel_feedback "
         f"WHERE run_ref IN (SELECT run_key FROM keel_runs WHERE {_MATCH}) ORDER BY at",
-        (run, run, run),
+        (storable(run),) * 3,
     )
     return [
         Feedback(id=r[0], run=r[1], user=r[2], score=r[3], comment=r[4], correction=r[5], at=r[6])

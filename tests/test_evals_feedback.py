@@ -66,6 +66,24 @@ async def test_feedback_on_an_unknown_run_or_with_nothing_in_it_is_refused(ledge
     assert await afeedback_for(ledger, "t-1") == []
 
 
+async def test_feedback_text_with_nul_or_a_lone_surrogate_is_kept_and_odd_ids_find_nothing(
+    ledger: Ledger,
+) -> None:
+    """A person's comment comes from a form: a browser sends NUL and lone surrogates in JSON.
+    PostgreSQL refused the NUL and no database took the surrogate (bare DataError /
+    UnicodeEncodeError); the text is kept as its escape, like audit and run records. A run
+    named with them is simply not found."""
+    run_key = await a_run(ledger)
+    said = "great\x00 answer \ud83d"  # a NUL, and half an emoji cut off by the form
+    await arecord_feedback(ledger, new_feedback(run_key, score=1, comment=said, user="a\ud800"))
+    (kept,) = await afeedback_for(ledger, run_key)
+    assert (kept.comment, kept.user) == ("great\\x00 answer \\ud83d", "a\\ud800")
+    assert await afeedback_for(ledger, "t-1\x00") == []
+    assert await afeedback_for(ledger, "t-1\udc00") == []
+    with pytest.raises(UserError, match="No run 't-1\\\\x00' in the ledger"):
+        await arecord_feedback(ledger, new_feedback("t-1\x00", score=1))
+
+
 async def test_concurrent_first_writes_create_the_table_once(ledger: Ledger) -> None:
     await a_run(ledger)
     await asyncio.gather(

@@ -522,6 +522,27 @@ def test_a_card_pasted_with_no_break_spaces_is_redacted_in_audit_and_run_record(
         ledger.close()
 
 
+def test_audit_and_run_queries_on_odd_ids_find_nothing_and_a_since_must_be_a_number(
+    db_url: str,
+) -> None:
+    """Filters are matched as records are written (NUL and lone surrogates escaped): PostgreSQL
+    refused a NUL in a filter and both backends a lone surrogate, as bare driver errors."""
+    ledger = Ledger(db_url)
+    try:
+        agent = build_agent(ScriptedChatModel(script=["Hi."]), [], ledger=ledger)
+        agent.invoke({"messages": [("user", "hi")]}, context=CTX)
+        assert len(RunLog(ledger).query(user=CTX.user_id)) == 1
+        for odd in ("u1\x00", "u1\ud800"):
+            assert AuditLog(ledger).query(user=odd, thread=odd) == []
+            assert RunLog(ledger).query(user=odd, tenant=odd) == []
+        with pytest.raises(UserError, match="since must be a Unix time"):
+            AuditLog(ledger).query(since="1d")  # type: ignore[arg-type]
+        with pytest.raises(UserError, match="since must be a Unix time"):
+            RunLog(ledger).query(since="7d")  # type: ignore[arg-type]
+    finally:
+        ledger.close()
+
+
 @pytest.mark.parametrize("reviewer", [{"name": "bob"}, 42, ["bob"]], ids=["dict", "int", "list"])
 def test_a_reviewer_that_is_not_text_is_refused_not_left_out_of_the_audit(
     tmp_path: Any, reviewer: Any

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel.errors import UserError
+
 __all__ = [
     "ADMISSION_LEASES",
     "ADMISSION_SCOPES",
@@ -129,10 +131,21 @@ def storable(value: Any) -> Any:
 def where_clause(
     time_column: str, since: float | None, **equal: str | None
 ) -> tuple[str, tuple[Any, ...]]:
-    """A `WHERE` clause for the given column values and `time_column >= since`."""
+    """A `WHERE` clause for the given column values and `time_column >= since`.
+
+    Values are matched as they were written (`storable`): an id with NUL or a lone surrogate
+    matches its escape rather than failing the query.
+
+    Raises:
+        UserError: `since` is not a number (a Unix time).
+    """
     clauses = [f"{column} = ?" for column, value in equal.items() if value is not None]
-    params: list[Any] = [value for value in equal.values() if value is not None]
+    params: list[Any] = [storable(value) for value in equal.values() if value is not None]
     if since is not None:
+        if isinstance(since, bool) or not isinstance(since, int | float):
+            raise UserError(
+                f"since must be a Unix time (a number, e.g. time.time() - 86400), got {since!r}."
+            )
         clauses.append(f"{time_column} >= ?")
         params.append(float(since))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
