@@ -16,6 +16,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 
+from keel.app.cli_observe import existing_db
 from keel.db.audit import AuditLog
 from keel.db.idempotency import CallRecord, records_flow
 from keel.db.ledger import Ledger
@@ -118,10 +119,12 @@ async def aload_thread(thread_id: str, *, db: str | None = None) -> StoredThread
     """Read thread `thread_id` from the database `db` (default: `KEEL_DB_URL` or `.keel/`).
 
     Raises:
-        UserError: no such thread, or the thread is not a keel agent's (no `messages`).
+        UserError: no database at `db` (a SQLite file that is not there: opening it would
+            leave an empty one at a mistyped path), no such thread, or the thread is not a keel
+            agent's (no `messages`).
         SetupError: the database is unreachable.
     """
-    persistence = Persistence(db)
+    persistence = Persistence(existing_db(db))
     config: RunnableConfig = {"configurable": {"thread_id": thread_id}}
     tuples = []
     async with persistence.acheckpointer() as saver:

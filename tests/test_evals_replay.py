@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from keel.evals import (
     ashadow,
     builtin_suite,
     call,
+    capture,
     load_suite,
+    replay,
 )
 from keel.evals.builtin import demo_agent, recorded
 from keel.evals.capture import case_of
@@ -605,6 +608,22 @@ def test_a_cassette_nested_past_the_parsers_depth_is_refused_not_a_recursion_err
     """`--cassette F` on a file of runaway brackets: a `UserError`, not a RecursionError."""
     with pytest.raises(UserError, match="Not a saved cassette"):
         Cassette.from_json('{"answers": ' + "[" * 5000 + "]" * 5000 + "}")
+
+
+def test_replay_and_capture_on_a_mistyped_sqlite_path_say_so_and_leave_no_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They only read: opening the path left an empty database there and answered "No thread",
+    as if the thread were missing from the right database."""
+    typo = tmp_path / "keel.bd"
+    url = f"sqlite:///{typo}"
+    with pytest.raises(UserError, match=f"No keel database at {re.escape(str(typo))}"):
+        replay("t-1", DEMO, db=url, identity=ALICE)
+    with pytest.raises(UserError, match="No keel database at"):
+        capture("t-1", tmp_path / "s.yaml", db=url)
+    assert keel_main(["eval", "replay", "t-1", "--db", url, "--graph", DEMO]) == 2
+    assert "No keel database at" in capsys.readouterr().err
+    assert not typo.exists() and not (tmp_path / "s.yaml").exists()
 
 
 def _judged_agent(model: BaseChatModel, checkpointer: Any = None) -> Any:

@@ -38,7 +38,7 @@ from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.db.persistence import Persistence
 from keel.db.runs import RunLog
-from keel.errors import KeelError
+from keel.errors import KeelError, UserError
 
 __all__ = ["COMMANDS", "add_parsers", "existing_db", "parse_since", "run"]
 
@@ -102,15 +102,22 @@ def parse_since(text: str | None, *, now: float | None = None) -> float | None:
 def existing_db(url: str | None) -> str | None:
     """`url` for a command that only reads it; a SQLite file that does not exist is refused.
 
+    Used by `keel audit`, `report`, `threads`, `eval feedback` and by `keel.evals` to load a
+    stored thread (replay, capture, shadow of threads).
+
     Opening it would create an empty database at a mistyped path and report "nothing there";
     `sqlite:///:memory:` is refused for the same reason.
     A PostgreSQL database is connected to once first: one that cannot be reached (no such
     database, a wrong password, no server) is an error at once, not after the ledger's pool
     has retried for 10 seconds.
+
+    Raises:
+        UserError: `:memory:`, or a SQLite file that is not there.
+        SetupError: a PostgreSQL database that cannot be reached.
     """
     persistence = Persistence(url)
     if persistence.url.endswith(":memory:"):
-        raise KeelError(
+        raise UserError(
             f"{persistence.url} is a new, empty database each time it is opened: there is "
             "nothing in it to read. Pass the --db (or KEEL_DB_URL) your runs were made with."
         )
@@ -121,7 +128,7 @@ def existing_db(url: str | None) -> str | None:
     except OSError:  # a name too long for the file system, say
         missing = True
     if missing:
-        raise KeelError(
+        raise UserError(
             f"No keel database at {path}: check --db (or KEEL_DB_URL). `keel demo`, `keel run` "
             "or `keel db setup` creates one."
         )
