@@ -236,7 +236,7 @@ async def test_model_breaker_cycles_and_falls_back(
         "circuit breaker model:primary: open → half_open (cool-down of 0.3 s over)",
         "circuit breaker model:primary: half_open → closed (2 successes while half-open)",
     ]
-    ledger.close()
+    await ledger.aclose()
 
 
 def test_open_breaker_without_fallback_ends_the_run_with_an_outcome(tmp_path: Path) -> None:
@@ -380,7 +380,7 @@ async def test_open_tool_breaker_tells_the_model_and_the_run_goes_on(
         r"result, and tell the user what you could not look up or do\.",
         str(refused.content),
     )
-    ledger.close()
+    await ledger.aclose()
 
 
 # -- model tiering: a cheaper model near the budget limit --------------------------------------

@@ -369,4 +369,4 @@ async def test_an_unreadable_standing_store_fails_closed_and_says_so(
         assert control["outcome"]["terminated_reason"] == "completed"  # the store is back
         assert shop.done == [("A1", 10), ("A1", 10)]
         assert "warnings" not in control or control["warnings"] == []
-    ledger.close()
+    await ledger.aclose()

@@ -39,14 +39,16 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import psycopg
 from psycopg import AsyncClientCursor, ClientCursor
 from psycopg.pq import ExecStatus, TransactionStatus
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from keel._drive import Op, Steps, adrive, both, call, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence
+from keel.db.pool_closing import CLOSE_WITHIN, close_elsewhere, runs_here
 from keel.db.pools import (
     FRESH_FOR,
+    DrainingAsyncPool,
     Reachability,
     adraining_pool,
     draining_pool,
@@ -152,8 +154,9 @@ class Ledger:
     """keel's tables in the database at `url` (`sqlite:///…` or `postgresql://…`).
 
     Open it once per process and share it; `close()` / `await aclose()` release its pools, once
-    the runs that use it have ended. A closed ledger stays closed: using it again raises
-    `StorageError` instead of opening new connections behind the app's back.
+    the runs that use it have ended (`await aclose()` inside the event loop that ran them). A
+    closed ledger stays closed: using it again raises `StorageError` instead of opening new
+    connections behind the app's back.
 
     Example:
         ```python
@@ -170,7 +173,7 @@ class Ledger:
         self.backend = self._persistence.backend
         self._pool_max_size = pool_max_size
         self._pool: ConnectionPool[Any] | None = None
-        self._apool: AsyncConnectionPool[Any] | None = None
+        self._apool: DrainingAsyncPool | None = None
         self._lock = threading.Lock()
         self._alock: asyncio.Lock | None = None
         self._setup_lock: asyncio.Lock | None = None
@@ -356,17 +359,50 @@ class Ledger:
                 self._ready = True
 
     def close(self) -> None:
-        """Close the sync pool and SQLite connections (the async pool closes with `aclose`).
+        """Close the ledger's pools and SQLite connections, once the runs that use it have ended.
 
         Safe while another thread's transaction runs (say, a cancelled `ainvoke`'s, which
         `asyncio.to_thread` cannot stop): that transaction ends, then its connection closes.
         The ledger stays closed (closing it again does nothing): a later transaction raises
         `StorageError` and opens nothing, so what a run still does after the app closed its
         ledger (a stream closed late giving its leases back) cannot leak a pool.
+
+        The async pool (PostgreSQL under `ainvoke`) is closed on the event loop it was opened
+        on: when that loop runs in another thread, the close runs there and is waited for (10 s
+        at most); when it is stopped, it is run until the close is done; when it has ended
+        (`asyncio.run` returned), its idle connections are closed here.
+
+        Raises:
+            UserError: Called from inside the event loop the async pool runs on (a coroutine,
+                or sync code it calls), which cannot wait for its own loop. Nothing is closed:
+                use `await ledger.aclose()` there.
+            StorageError: The async pool's loop, in another thread, did not close it within
+                10 s (blocked). The ledger is closed; the pool closes when that loop gets to it.
         """
+        if (pool := self._apool) is not None and runs_here(pool):
+            raise UserError(
+                f"{self!r}.close() was called inside the event loop its async pool runs on, "
+                "which cannot wait for its own loop: nothing was closed. Use `await "
+                "ledger.aclose()` there (an async shutdown, an async test's teardown)."
+            )
+        if (pool := self._shut()) is not None and not close_elsewhere(pool):
+            raise self._not_closed_in_time()
+
+    def _shut(self) -> DrainingAsyncPool | None:
+        """Mark the ledger closed and close its sync side; the async pool, left to close."""
         with self._lock:
             self._closed = True
+            pool, self._apool = self._apool, None
         self._disconnect()
+        return pool
+
+    def _not_closed_in_time(self) -> StorageError:
+        return StorageError(
+            f"{self!r} is closed, but its async pool's event loop, in another thread, did not "
+            f"close the pool within {CLOSE_WITHIN:g} s (it is blocked)",
+            fix="The pool closes when that loop gets to it; `await ledger.aclose()` on that loop "
+            "waits for it.",
+        )
 
     def _disconnect(self) -> None:
         """Close the SQLite connections and the sync pool; the next transaction opens new ones.
@@ -409,11 +445,17 @@ class Ledger:
             self._forget_sqlite()
 
     async def aclose(self) -> None:
-        """Close both pools; the ledger stays closed (see `close`)."""
-        self.close()
-        pool, self._apool = self._apool, None
-        if pool is not None:
+        """`close` under `ainvoke`: the async pool's close is awaited (on any event loop).
+
+        Raises:
+            StorageError: As `close`.
+        """
+        if (pool := self._shut()) is None:
+            return
+        if runs_here(pool):
             await pool.close()
+        elif not await asyncio.to_thread(close_elsewhere, pool):  # a loop ended, or elsewhere
+            raise self._not_closed_in_time()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -630,23 +672,25 @@ class Ledger:
                     raise self._down.found(self._unreachable(exc)) from exc
             return self._pool
 
-    async def _async_pool(self) -> AsyncConnectionPool[Any]:
+    async def _async_pool(self) -> DrainingAsyncPool:
         if self._alock is None:
             self._alock = asyncio.Lock()
         async with self._alock:
             self._refuse_closed()
-            if self._apool is None:
+            if (pool := self._apool) is None:
                 await adrive(self._down.reaching())
                 pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
                     await pool.open(wait=True, timeout=_POOL_TIMEOUT)
                 except Exception as exc:
                     raise self._down.found(self._unreachable(exc)) from exc
-                if self._closed:  # closed while it opened: `aclose()` did not see it
+                with self._lock:  # `close()` may run in another thread
+                    if kept := not self._closed:
+                        self._apool = pool
+                if not kept:  # closed while it opened: `close()` did not see it
                     await pool.close()
                     self._refuse_closed()
-                self._apool = pool
-            return self._apool
+            return pool
 
 
 class _Batch:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import select
 import threading
@@ -40,6 +41,7 @@ __all__ = [
     "REPLY_TIMEOUT",
     "AsyncBoundedConnection",
     "BoundedConnection",
+    "DrainingAsyncPool",
     "Reachability",
     "adraining_pool",
     "draining_pool",
@@ -309,10 +311,10 @@ def draining_pool(
 
 def adraining_pool(
     url: str, *, fresh_for: float = 0.0, reachability: Reachability | None = None, **kwargs: Any
-) -> AsyncConnectionPool[Any]:
+) -> DrainingAsyncPool:
     """An async psycopg pool (unopened) whose health check drains it, as `draining_pool`."""
-    pool: AsyncConnectionPool[Any] = _made(
-        _APool, _APoolCheck(fresh_for), url, reachability, kwargs
+    pool: DrainingAsyncPool = _made(
+        DrainingAsyncPool, _APoolCheck(fresh_for), url, reachability, kwargs
     )
     return pool
 
@@ -320,7 +322,7 @@ def adraining_pool(
 def _made(
     kind: Any, check: Any, url: str, reachability: Reachability | None, kwargs: dict[str, Any]
 ) -> Any:
-    """A pool of `kind` (`_Pool`, `_APool`) with `check`, and bounded replies when it is watched."""
+    """A pool of `kind` (`_Pool`, `DrainingAsyncPool`) with `check`; bounded replies if watched."""
     if reachability is not None:
         kwargs["connection_class"] = kind.bounded
     pool = kind(url, check=check, **kwargs)
@@ -343,13 +345,37 @@ class _Pool(ConnectionPool[Any]):
         return drive(self.reachability.waiting(partial(call, take), total))
 
 
-class _APool(AsyncConnectionPool[Any]):
-    """The async `_Pool`."""
+class DrainingAsyncPool(AsyncConnectionPool[Any]):
+    """The async `_Pool` (`adraining_pool`); it knows the event loop it was opened on."""
 
     reachability: Reachability | None = None
     bounded = AsyncBoundedConnection
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop `open()` ran on: its scheduler and workers are tasks there
+    (`keel.db.pool_closing` closes the pool from outside it)."""
+
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Open as psycopg_pool does, on the running loop, which `loop` keeps."""
+        self.loop = asyncio.get_running_loop()
+        await super().open(wait, timeout)
+
+    def close_abandoned(self) -> None:
+        """Close a pool whose event loop has closed: its idle connections, here, without a loop.
+
+        `asyncio.run` cancels the pool's workers and waits for them before it closes its loop;
+        what it leaves open is the idle connections. `await close()` cannot run on another loop
+        (it gathers those workers, on their closed loop: `RuntimeError`, after taking the idle
+        connections out of the pool), so they are closed as `AsyncConnection.close()` would
+        (libpq's `PQfinish`). A connection still handed out is its holder's to close.
+        """
+        self._closed = True
+        idle = list(self._pool)
+        self._pool.clear()
+        for conn in idle:
+            conn.pgconn.finish()
 
     async def getconn(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """A connection, as psycopg_pool gives one, waited for in `Reachability` steps."""
         total = self.timeout if timeout is None else timeout
         if self.reachability is None:
             return await super().getconn(total)

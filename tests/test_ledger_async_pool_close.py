@@ -1,0 +1,146 @@
+"""`Ledger.close()` closes the async pool too, wherever its event loop is.
+
+The async pool (PostgreSQL under `ainvoke`) lives on the loop that opened it. The sync `close()`
+used to leave it open: after `asyncio.run(agent.ainvoke(...))`, a `ledger.close()` in shutdown
+code or a test fixture left its connections on the server. Closing it without its loop (a first
+fix, reverted) marked it closed but left its workers pending on a loop that later closed:
+collected, each raised "Event loop is closed" as an unraisable exception in whatever test ran
+next. Each case here checks the connections on the server (`pg_stat_activity` of a fresh
+database), the pool's tasks, and what garbage collection then raises.
+
+Real parts: PostgreSQL (`KEEL_TEST_POSTGRES_URL`; skipped without it), real event loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from test_attack_closed_ledger import _left_open, _open
+
+from keel import Ledger, StorageError
+from keel.errors import UserError
+
+pytestmark = pytest.mark.postgres
+
+
+def _ping() -> Iterator[tuple[str, tuple[Any, ...]]]:
+    rows = yield "SELECT 1", ()
+    return rows
+
+
+@contextmanager
+def _unraisable() -> Iterator[list[str]]:
+    """What garbage collection raises meanwhile, and then (a pool task left pending)."""
+    gc.collect()  # earlier tests' garbage is not this test's
+    seen: list[str] = []
+    before = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(f"{u.object!r}: {u.exc_value!r}")
+    try:
+        yield seen
+        gc.collect()
+    finally:
+        sys.unraisablehook = before
+
+
+def _pool_tasks(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """The ledger pool's tasks still pending on `loop` (its scheduler, its workers)."""
+    return [t.get_name() for t in asyncio.all_tasks(loop) if "keel-ledger" in t.get_name()]
+
+
+def _refuses(ledger: Ledger) -> None:
+    with pytest.raises(StorageError, match="was closed"):
+        ledger.run(_ping())
+    with pytest.raises(StorageError, match="was closed"):
+        asyncio.run(ledger.arun(_ping()))
+
+
+def test_close_after_asyncio_run_closes_the_async_pools_connections(
+    fresh_postgres_url: str,
+) -> None:
+    url = fresh_postgres_url
+    with _unraisable() as raised:
+        ledger = Ledger(url)
+        asyncio.run(ledger.arun(_ping()))  # the async pool, on a loop that has ended since
+        assert _open(url) > 0
+        ledger.close()
+        assert _left_open(url) == 0
+        _refuses(ledger)
+        del ledger
+    assert raised == []
+
+
+def test_close_while_the_pools_loop_runs_in_another_thread(fresh_postgres_url: str) -> None:
+    url = fresh_postgres_url
+    with _unraisable() as raised:
+        loop = asyncio.new_event_loop()
+        runner = threading.Thread(target=loop.run_forever)
+        runner.start()
+        try:
+            ledger = Ledger(url)
+            asyncio.run_coroutine_threadsafe(ledger.arun(_ping()), loop).result(30)
+            assert _open(url) > 0 and _pool_tasks(loop)
+            ledger.close()  # waits for the close on that loop
+            assert _pool_tasks(loop) == []
+            assert _left_open(url) == 0
+            _refuses(ledger)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(30)
+            loop.close()
+        del ledger
+    assert raised == []
+
+
+def test_close_while_the_pools_loop_is_stopped(fresh_postgres_url: str) -> None:
+    # a loop of the caller's (`new_event_loop` + `run_until_complete`), closed after the ledger:
+    # the first fix left the pool's workers pending on it
+    url = fresh_postgres_url
+    loop = asyncio.new_event_loop()
+    with _unraisable() as raised:
+        ledger = Ledger(url)
+        loop.run_until_complete(ledger.arun(_ping()))
+        assert _open(url) > 0 and _pool_tasks(loop)
+        ledger.close()  # runs the stopped loop until the pool is closed
+        assert _pool_tasks(loop) == []
+        assert _left_open(url) == 0
+        loop.run_until_complete(ledger.aclose())  # closing again is harmless
+        loop.close()
+        _refuses(ledger)
+        del ledger
+    assert raised == []
+
+
+async def test_close_inside_the_pools_loop_is_refused_and_names_aclose(
+    fresh_postgres_url: str,
+) -> None:
+    url = fresh_postgres_url
+    ledger = Ledger(url)
+    await ledger.arun(_ping())
+    with pytest.raises(UserError, match=r"await ledger\.aclose\(\)"):
+        ledger.close()
+    assert not ledger.closed and _open(url) > 0  # nothing was closed: the ledger still works
+    assert await ledger.aread(_ping()) == [(1,)]
+    await ledger.aclose()
+    assert ledger.closed and _pool_tasks(asyncio.get_running_loop()) == []
+    assert _left_open(url) == 0
+
+
+def test_aclose_on_a_new_loop_after_the_pools_loop_ended(fresh_postgres_url: str) -> None:
+    # `await pool.close()` there raised RuntimeError (it gathers the done workers on their
+    # closed loop) after taking the idle connections out of the pool, which stayed open
+    url = fresh_postgres_url
+    with _unraisable() as raised:
+        ledger = Ledger(url)
+        asyncio.run(ledger.arun(_ping()))
+        asyncio.run(ledger.aclose())
+        assert _left_open(url) == 0
+        _refuses(ledger)
+        del ledger
+    assert raised == []
