@@ -108,6 +108,7 @@ def test_close_while_the_pools_loop_is_stopped(fresh_postgres_url: str) -> None:
         loop.run_until_complete(ledger.arun(_ping()))
         assert _open(url) > 0 and _pool_tasks(loop)
         ledger.close()  # runs the stopped loop until the pool is closed
+        assert not loop.is_running()  # stopped again: its owner may close it at once
         assert _pool_tasks(loop) == []
         assert _left_open(url) == 0
         loop.run_until_complete(ledger.aclose())  # closing again is harmless
