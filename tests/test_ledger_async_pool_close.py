@@ -145,3 +145,28 @@ def test_aclose_on_a_new_loop_after_the_pools_loop_ended(fresh_postgres_url: str
         _refuses(ledger)
         del ledger
     assert raised == []
+
+
+def test_close_with_the_pools_loop_blocked_says_so_and_the_close_goes_on(
+    fresh_postgres_url: str,
+) -> None:
+    url = fresh_postgres_url
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    gate = threading.Event()
+    try:
+        ledger = Ledger(url)
+        asyncio.run_coroutine_threadsafe(ledger.arun(_ping()), loop).result(30)
+        loop.call_soon_threadsafe(gate.wait, 60)  # its thread busy in sync code
+        with pytest.raises(StorageError, match=r"did not close the pool within 10 s"):
+            ledger.close()
+        assert ledger.closed
+        _refuses(ledger)
+        gate.set()  # the loop gets to the close it was given
+        assert _left_open(url, within=30) == 0
+    finally:
+        gate.set()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
