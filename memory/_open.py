@@ -1,23 +1,116 @@
-"""Opening a `ChromaStore`: the Chroma client, the index and TTL configs, recorded models."""
+"""Opening and closing a `ChromaStore`: its Chroma client, index and TTL configs, models."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import chromadb
 from chromadb.api import ClientAPI
+from chromadb.api.client import Client
 from chromadb.api.shared_system_client import SharedSystemClient
 from chromadb.config import Settings
 from chromadb.errors import ChromaError
 from langchain_core.embeddings import Embeddings
 from langgraph.store.base import IndexConfig, TTLConfig, ensure_embeddings
 
-from keel.errors import SetupError, UserError
+from keel.errors import SetupError, StorageError, UserError
 from keel.memory.embeddings import ChromaEmbeddings, is_chroma_function, model_name_of
 
-__all__ = ["check_recorded", "check_ttl", "client_of", "index_of"]
+__all__ = ["Lifetime", "check_recorded", "check_ttl", "client_of", "index_of"]
+
+
+class Lifetime:
+    """A store's hold on its Chroma client: the operations in flight, and closing it once.
+
+    `close()` marks the store closed at once (later operations raise `StorageError`); the
+    client keel opened is closed then, or when the last operation in flight (a cancelled
+    `abatch`'s worker thread, say) ends, so none fails half-way. A client the caller built
+    (`client=`) is the caller's to close. chromadb (>= 1.5.2) counts the clients of each
+    embedded path: closing one stops the path's Chroma system (its SQLite connections, index
+    files and threads) only when no other client on that path is open.
+    """
+
+    def __init__(self, client: ClientAPI, *, owned: bool, where: str) -> None:
+        self.client = client
+        self._owned = owned
+        self._where = where
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._closed = False
+        self._released = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def refuse_closed(self) -> None:
+        """Raise `StorageError` if the store was closed."""
+        if self._closed:
+            raise StorageError(
+                f"The Chroma store {self._where} was closed (ChromaStore.close() / aclose()) and "
+                "does not reopen",
+                fix="Close a store only after the runs that use it have ended, or open a new "
+                "ChromaStore for later work.",
+            )
+
+    @contextmanager
+    def using(self) -> Iterator[ClientAPI]:
+        """The client, for one operation; refused once the store is closed."""
+        with self._lock:
+            self.refuse_closed()
+            self._busy += 1
+        try:
+            yield self.client
+        finally:
+            with self._lock:
+                self._busy -= 1
+            self._release_if_done()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._release_if_done()
+
+    def _release_if_done(self) -> None:
+        with self._lock:
+            if not self._closed or self._busy or self._released:
+                return
+            self._released = True
+        if self._owned:
+            close_client(self.client)
+
+
+def close_client(client: ClientAPI) -> None:
+    """Give back a client keel opened: chromadb's `Client.close` (reference-counted by path).
+
+    An HTTP client needs more (chromadb 1.5): its `close()` neither closes its two HTTP
+    sessions (their sockets stay open) nor forgets the alias its admin client registers its
+    System under (a fresh id per client, kept in chromadb's class-level cache for good, with
+    that session): both are done here. Pinned by `tests/test_memory_close.py`.
+    """
+    if not isinstance(client, Client):
+        return
+    admin = getattr(client, "_admin_client", None)
+    sessions = [getattr(getattr(c, "_server", None), "_session", None) for c in (client, admin)]
+    system = SharedSystemClient._identifier_to_system.get(client._identifier)
+    client.close()
+    for session in sessions:  # an HTTP client's (`httpx.Client`); an embedded one has none
+        if session is not None:
+            session.close()
+    if system is None or sessions[0] is None:
+        return
+    cached, counted = (
+        SharedSystemClient._identifier_to_system,
+        SharedSystemClient._identifier_to_refcount,
+    )
+    for key, held in list(cached.items()):  # the admin client's alias of this client's System
+        if held is system and key not in counted:
+            cached.pop(key, None)
 
 
 def check_recorded(
@@ -66,12 +159,15 @@ def client_of(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")
     port = parts.port or (443 if parts.scheme == "https" else 8000)
+    http: ClientAPI | None = None
     try:
         http = chromadb.HttpClient(
             host=parts.hostname, port=port, ssl=parts.scheme == "https", settings=settings
         )
         http.heartbeat()
     except Exception as exc:
+        if http is not None:  # else chromadb keeps its System (and socket pool) cached for good
+            close_client(http)
         raise SetupError(
             f"Cannot reach a Chroma server at {url} ({type(exc).__name__}: {exc}). Start one "
             f"with `chroma run --path <dir> --host {parts.hostname} --port {port}`, or use "

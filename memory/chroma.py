@@ -35,7 +35,7 @@ from keel._drive import Steps, adrive, both, drive
 from keel.errors import UserError
 from keel.memory import base as b
 from keel.memory import maintenance
-from keel.memory._open import check_recorded, check_ttl, client_of, index_of
+from keel.memory._open import Lifetime, check_recorded, check_ttl, client_of, index_of
 
 __all__ = ["ChromaStore"]
 
@@ -110,7 +110,6 @@ class ChromaStore(BaseStore):
         partition_depth: int = 3,
         embedding_model: str | None = None,
     ) -> None:
-        self.client, self.path = client_of(path=path, url=url, client=client)
         self.name = b.check_store_name(name)
         if not isinstance(partition_depth, int) or partition_depth < 1:
             raise UserError(
@@ -123,11 +122,50 @@ class ChromaStore(BaseStore):
         self._cols: dict[str, Collection] = {}
         self._known: set[str] = set()
         self._lock = threading.Lock()
-        self._catalog = self._open_catalog()
+        self.client, self.path = client_of(path=path, url=url, client=client)
+        where = f"at {path}" if path is not None else f"on {url}" if url else "(client=)"
+        self._life = Lifetime(self.client, owned=client is None, where=f"{name!r} {where}")
+        with self._life.using():
+            try:
+                self._catalog = self._open_catalog()
+            except BaseException:  # a store that does not open holds nothing open
+                self._life.close()
+                raise
 
     def __repr__(self) -> str:
         where = f"path={self.path!r}" if self.path is not None else "client"
-        return f"ChromaStore({where}, name={self.name!r}, model={self.model!r})"
+        closed = ", closed" if self.closed else ""
+        return f"ChromaStore({where}, name={self.name!r}, model={self.model!r}{closed})"
+
+    # Closing ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release what the store holds open; it stays closed (a second call does nothing).
+
+        An embedded store holds its folder's SQLite connections, index files and threads
+        (about 20 file descriptors per path) until it is closed. Other stores and clients on
+        the same path stay usable: the path's Chroma system stops when the last one closes. A
+        store on a Chroma server (`url=`) gives back its HTTP client; a store on a `client=`
+        you built leaves that client open (yours to close). Later calls raise
+        `keel.StorageError`; an operation already running ends first, then the client closes.
+        """
+        self._life.close()
+        self._forget_cols()
+
+    async def aclose(self) -> None:
+        """Async `close` (stopping an embedded Chroma joins its threads: done in a worker)."""
+        await asyncio.to_thread(self.close)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` or `aclose()` was called (the store then refuses operations)."""
+        return self._life.closed
+
+    def __enter__(self) -> ChromaStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # Opening ----------------------------------------------------------------------------------
 
@@ -192,6 +230,7 @@ class ChromaStore(BaseStore):
 
     def _batch(self, ops: Iterable[Op]) -> Steps[list[Result]]:
         """`batch` as `keel._drive` steps: embed the texts, then run the operations on Chroma."""
+        self._life.refuse_closed()  # before embedding anything
         todo = self._check_ops(ops)
         docs, queries = self._texts(todo)
         emb = self.embeddings
@@ -240,11 +279,12 @@ class ChromaStore(BaseStore):
 
     def _fresh(self, run: Callable[[], list[Result]]) -> list[Result]:
         """`run()`, once more with fresh collection handles when another process dropped one."""
-        try:
-            return run()
-        except NotFoundError:  # e.g. a purge elsewhere; writes are upserts, so a rerun is safe
-            self._forget_cols()
-            return run()
+        with self._life.using():
+            try:
+                return run()
+            except NotFoundError:  # e.g. a purge elsewhere; writes are upserts: rerun is safe
+                self._forget_cols()
+                return run()
 
     def _run(
         self,
@@ -520,7 +560,8 @@ class ChromaStore(BaseStore):
 
     def sweep_ttl(self) -> int:
         """Delete every expired item now; returns how many. Reads also sweep what they meet."""
-        return maintenance.sweep(self)
+        with self._life.using():
+            return maintenance.sweep(self)
 
     async def asweep_ttl(self) -> int:
         """Async `sweep_ttl`."""
@@ -540,7 +581,8 @@ class ChromaStore(BaseStore):
         Returns:
             The number of namespaces removed from the catalog.
         """
-        return maintenance.purge(self, namespace_prefix)
+        with self._life.using():
+            return maintenance.purge(self, namespace_prefix)
 
     async def apurge(self, namespace_prefix: tuple[str, ...]) -> int:
         """Async `purge`."""
@@ -548,7 +590,8 @@ class ChromaStore(BaseStore):
 
     def vacuum(self) -> None:
         """Compact an embedded store's SQLite file so deleted text leaves the disk."""
-        maintenance.vacuum(self.path)
+        with self._life.using():
+            maintenance.vacuum(self.path)
 
 
 # Helpers -------------------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""Closing a `ChromaStore`: what it gives back, what stays usable, what a closed store says."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import pytest
+from chromadb.api.shared_system_client import SharedSystemClient
+from chromadb.config import Settings
+
+from keel.errors import SetupError, StorageError, UserError
+from keel.memory import ChromaStore
+from keel.memory._open import Lifetime
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def two_dims(texts: list[str]) -> list[list[float]]:
+    return [[float(len(t)) + 1.0, 1.0] for t in texts]
+
+
+def _index(embed: Any = two_dims) -> Any:
+    return {"dims": 2, "embed": embed, "fields": ["text"]}
+
+
+def _systems() -> set[str]:
+    """The paths (and HTTP clients) chromadb keeps a started Chroma system for."""
+    return set(SharedSystemClient._identifier_to_system)
+
+
+def _used(store: ChromaStore) -> None:
+    ns = ("memories", "acme", "u1")
+    store.put(ns, "k", {"text": "tea at four"})
+    assert [i.key for i in store.search(ns, query="tea")] == ["k"]
+
+
+SLACK = 4
+"""File descriptors another thread of the test process may open or close meanwhile."""
+
+
+def test_closing_stores_gives_their_file_descriptors_back(tmp_path: Path) -> None:
+    ChromaStore(path=tmp_path / "warm").close()  # what the first store loads, once a process
+    before = _fds()
+    stores = [ChromaStore(path=tmp_path / f"s{i}", index=_index()) for i in range(4)]
+    for store in stores:
+        _used(store)
+    opened = _fds()
+    for store in stores:
+        store.close()
+    after = _fds()
+    assert opened - before >= 4 * 10, (before, opened)  # each path holds ~20 open
+    assert after <= before + SLACK, (before, opened, after)
+    assert not _systems() & {str(tmp_path / f"s{i}") for i in range(4)}
+
+
+def test_pin_chromadb_clients_on_one_path_share_one_system_counted_by_reference(
+    tmp_path: Path,
+) -> None:
+    """chromadb >= 1.5.2: `PersistentClient`s on one path share a `System`; `close()` stops it
+    only with the last of them. `ChromaStore.close` relies on this to leave other stores on
+    the path working."""
+    settings = Settings(anonymized_telemetry=False)
+    a = chromadb.PersistentClient(path=str(tmp_path), settings=settings)
+    b = chromadb.PersistentClient(path=str(tmp_path), settings=settings)
+    assert a._system is b._system  # type: ignore[attr-defined]
+    a.get_or_create_collection("col").upsert(ids=["1"], embeddings=[[1.0]])
+    a.close()  # type: ignore[attr-defined]
+    a.close()  # type: ignore[attr-defined]  # twice: still one reference given back
+    assert str(tmp_path) in _systems()
+    assert b.get_collection("col").count() == 1
+    b.close()  # type: ignore[attr-defined]
+    assert str(tmp_path) not in _systems()
+
+
+def test_closing_a_store_leaves_another_on_the_same_path_working(tmp_path: Path) -> None:
+    ChromaStore(path=tmp_path / "warm").close()
+    before = _fds()
+    a = ChromaStore(path=tmp_path / "one", index=_index())
+    b = ChromaStore(path=tmp_path / "one", index=_index())
+    _used(a)
+    a.close()
+    assert b.get(("memories", "acme", "u1"), "k") is not None
+    b.put(("memories", "acme", "u2"), "k", {"text": "coffee"})
+    assert b.search(("memories", "acme", "u2"), query="coffee")[0].key == "k"
+    b.close()
+    assert _fds() <= before + SLACK
+    assert str(tmp_path / "one") not in _systems()
+
+
+CLOSED = re.escape(
+    "The Chroma store 'keel' at {} was closed (ChromaStore.close() / aclose()) and does not "
+    "reopen. Close a store only after the runs that use it have ended, or open a new "
+    "ChromaStore for later work."
+)
+
+
+def test_a_closed_store_refuses_every_call_and_says_what_to_do(tmp_path: Path) -> None:
+    store = ChromaStore(path=tmp_path, index=_index())
+    _used(store)
+    assert not store.closed
+    store.close()
+    store.close()  # a no-op
+    assert store.closed and repr(store).endswith(", closed)")
+    ns = ("memories", "acme", "u1")
+    calls = [
+        lambda: store.get(ns, "k"),
+        lambda: store.put(ns, "k2", {"text": "x"}),
+        lambda: store.search(ns, query="tea"),
+        lambda: store.list_namespaces(),
+        lambda: asyncio.run(store.aget(ns, "k")),
+        store.sweep_ttl,
+        lambda: store.purge(ns),
+        store.vacuum,
+    ]
+    message = CLOSED.replace(re.escape("{}"), re.escape(str(tmp_path)))
+    for call in calls:
+        with pytest.raises(StorageError, match=f"^{message}$"):
+            call()
+    assert str(tmp_path) not in _systems()  # nothing reopened it
+
+
+def test_with_and_aclose_close_the_store(tmp_path: Path) -> None:
+    with ChromaStore(path=tmp_path / "a") as store:
+        _used(store)
+    assert store.closed and str(tmp_path / "a") not in _systems()
+    other = ChromaStore(path=tmp_path / "b")
+    asyncio.run(other.aclose())
+    assert other.closed and str(tmp_path / "b") not in _systems()
+
+
+def test_a_store_on_your_client_leaves_the_client_open(tmp_path: Path) -> None:
+    client = chromadb.PersistentClient(
+        path=str(tmp_path), settings=Settings(anonymized_telemetry=False)
+    )
+    store = ChromaStore(client=client)
+    _used(store)
+    store.close()
+    with pytest.raises(StorageError, match=r"^The Chroma store 'keel' \(client=\) was closed"):
+        store.get(("memories", "acme", "u1"), "k")
+    assert ChromaStore(client=client).get(("memories", "acme", "u1"), "k") is not None
+    client.close()  # type: ignore[attr-defined]
+
+
+def test_a_store_that_does_not_open_holds_nothing_open(tmp_path: Path) -> None:
+    ChromaStore(path=tmp_path, index=_index()).close()  # records the model
+    before = _fds()
+    for _ in range(3):
+        with pytest.raises(UserError, match="was built with embedding model"):
+            ChromaStore(path=tmp_path, index=_index(lambda ts: [[1.0, 0.0] for _ in ts]))
+    assert str(tmp_path) not in _systems()
+    assert _fds() <= before + SLACK
+
+
+def test_an_operation_in_flight_ends_before_its_client_closes(tmp_path: Path) -> None:
+    client = chromadb.PersistentClient(
+        path=str(tmp_path), settings=Settings(anonymized_telemetry=False)
+    )
+    life = Lifetime(client, owned=True, where=f"'keel' at {tmp_path}")
+    with life.using() as using:
+        life.close()  # say, from the event loop, while a worker thread runs a batch
+        assert life.closed
+        assert using.get_or_create_collection("col").count() == 0  # the client still works
+        with pytest.raises(StorageError, match="was closed"):
+            life.refuse_closed()
+    assert str(tmp_path) not in _systems()  # closed as that operation ended
+
+
+@pytest.fixture(scope="module")
+def chroma_url(tmp_path_factory: pytest.TempPathFactory, chroma_server: Any) -> Iterator[str]:
+    with chroma_server(tmp_path_factory.mktemp("chroma-server")) as server:
+        yield server.url
+
+
+def test_a_store_on_a_server_gives_its_client_back(chroma_url: str) -> None:
+    ChromaStore(url=chroma_url, name="warm").close()
+    systems, before = len(_systems()), _fds()
+    stores = [ChromaStore(url=chroma_url, name=f"s{i}", index=_index()) for i in range(3)]
+    for store in stores:
+        _used(store)
+    assert len(_systems()) >= systems + 3  # each HTTP client's Systems, cached by chromadb
+    assert _fds() >= before + 3  # and its sockets
+    for store in stores:
+        store.close()
+    assert len(_systems()) == systems
+    assert _fds() <= before + SLACK
+    with pytest.raises(StorageError, match=f"^The Chroma store 's0' on {chroma_url} was closed"):
+        stores[0].get(("memories", "acme", "u1"), "k")
+
+
+def test_a_server_that_does_not_answer_leaves_no_client_behind() -> None:
+    systems = len(_systems())
+    for _ in range(3):
+        with pytest.raises(SetupError, match="Cannot reach a Chroma server"):
+            ChromaStore(url="http://127.0.0.1:9")
+    assert len(_systems()) == systems
+
+
+def test_pin_chromadb_an_http_clients_close_keeps_a_system_and_its_sockets(
+    chroma_url: str,
+) -> None:
+    """chromadb 1.5: `HttpClient.close()` leaves the System its admin client registered under
+    a fresh id in the class-level cache, and closes neither HTTP session (their sockets stay
+    open): why `keel.memory._open.close_client` does both. If this fails, chromadb fixed it."""
+    before = _systems()
+    host, _, port = chroma_url.removeprefix("http://").partition(":")
+    client = chromadb.HttpClient(
+        host=host, port=int(port), settings=Settings(anonymized_telemetry=False)
+    )
+    client.heartbeat()
+    sessions = [client._server._session, client._admin_client._server._session]  # type: ignore[attr-defined]
+    client.close()  # type: ignore[attr-defined]
+    left = _systems() - before
+    assert len(left) == 1
+    assert not any(s.is_closed for s in sessions)
+    for s in sessions:
+        s.close()
+    SharedSystemClient._identifier_to_system.pop(left.pop())
