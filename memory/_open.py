@@ -159,15 +159,12 @@ def client_of(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")
     port = parts.port or (443 if parts.scheme == "https" else 8000)
-    http: ClientAPI | None = None
     try:
         http = chromadb.HttpClient(
             host=parts.hostname, port=port, ssl=parts.scheme == "https", settings=settings
         )
         http.heartbeat()
     except Exception as exc:
-        if http is not None:  # else chromadb keeps its System (and socket pool) cached for good
-            close_client(http)
         raise SetupError(
             f"Cannot reach a Chroma server at {url} ({type(exc).__name__}: {exc}). Start one "
             f"with `chroma run --path <dir> --host {parts.hostname} --port {port}`, or use "

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -170,6 +171,39 @@ class Clock:
 def clock() -> Clock:
     """A `Clock` at t = 1000 s."""
     return Clock()
+
+
+def _chroma_systems() -> dict[str, Any]:
+    """chromadb's started Chroma systems by path (or HTTP client id); {} before it is imported."""
+    shared = sys.modules.get("chromadb.api.shared_system_client")
+    return dict(shared.SharedSystemClient._identifier_to_system) if shared is not None else {}
+
+
+@pytest.fixture(autouse=True)
+def _chroma_left_open() -> Iterator[None]:
+    """Stop the Chroma systems a test started and left open (a store it did not close).
+
+    Each embedded path holds ~20 file descriptors and 7 threads until its last client closes;
+    without this a worker ran past 1,800 descriptors. Tests close what their fixtures open
+    (`ChromaStore.close()`); this catches the stores a test body opens and drops.
+    """
+    before = _chroma_systems()
+    yield
+    left = {k: s for k, s in _chroma_systems().items() if k not in before}
+    if not left:
+        return
+    from chromadb.api import ServerAPI
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    for key in left:
+        SharedSystemClient._identifier_to_system.pop(key, None)
+        SharedSystemClient._identifier_to_refcount.pop(key, None)
+    for system in {id(s): s for s in left.values()}.values():
+        session = getattr(system.instance(ServerAPI), "_session", None)  # an HTTP client's
+        if session is not None:
+            session.close()
+        with contextlib.suppress(AttributeError):  # stopped already
+            system.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ injection there would outrank the user on every later run; the input guard scree
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,10 @@ def _vocab(texts: list[str]) -> list[list[float]]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ChromaStore:
-    return ChromaStore(
-        path=tmp_path, index={"dims": len(VOCAB), "embed": _vocab, "fields": ["text"]}
-    )
+def store(tmp_path: Path) -> Iterator[ChromaStore]:
+    index: Any = {"dims": len(VOCAB), "embed": _vocab, "fields": ["text"]}
+    with ChromaStore(path=tmp_path, index=index) as store:
+        yield store
 
 
 def _system_text(model: ScriptedChatModel, call_index: int = -1) -> str:

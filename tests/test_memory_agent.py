@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,10 +41,10 @@ def vocab(texts: list[str]) -> list[list[float]]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ChromaStore:
-    return ChromaStore(
-        path=tmp_path, index={"dims": len(VOCAB), "embed": vocab, "fields": ["text"]}
-    )
+def store(tmp_path: Path) -> Iterator[ChromaStore]:
+    index: Any = {"dims": len(VOCAB), "embed": vocab, "fields": ["text"]}
+    with ChromaStore(path=tmp_path, index=index) as store:
+        yield store
 
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ def _index(embed: Any = letters, dims: int = 4) -> Any:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ChromaStore:
-    return ChromaStore(path=tmp_path / "chroma", index=_index())
+def store(tmp_path: Path) -> Iterator[ChromaStore]:
+    with ChromaStore(path=tmp_path / "chroma", index=_index()) as store:
+        yield store
 
 
 # Isolation ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -137,10 +137,10 @@ async def run(agent: Any, mode: str, go: Any, config: Any = None) -> dict[str, A
 
 
 @pytest.fixture
-def chroma(tmp_path: Path) -> ChromaStore:
-    store = ChromaStore(path=tmp_path / "chroma")
-    store.put(("notes",), "n1", {"text": "the key is under the mat"})
-    return store
+def chroma(tmp_path: Path) -> Iterator[ChromaStore]:
+    with ChromaStore(path=tmp_path / "chroma") as store:
+        store.put(("notes",), "n1", {"text": "the key is under the mat"})
+        yield store
 
 
 # -- injection, sync and async, SQLite and PostgreSQL -----------------------------------------
