@@ -225,3 +225,22 @@ def test_pin_chromadb_an_http_clients_close_keeps_a_system_and_its_sockets(
     for s in sessions:
         s.close()
     SharedSystemClient._identifier_to_system.pop(left.pop())
+
+
+def test_readiness_checks_of_chroma_hold_nothing_open(chroma_url: str, tmp_path: Path) -> None:
+    from keel.app.health import readiness, served_readiness
+
+    ChromaStore(path=tmp_path / "warm").close()
+    folder = tmp_path / "chroma"
+    store = ChromaStore(path=folder)  # a store open on the folder the probe checks
+    _used(store)
+    systems, before = _systems(), _fds()
+    for _ in range(5):  # a probe every few seconds
+        assert served_readiness(chroma=[chroma_url]).ok
+        checks = readiness(db="sqlite:///:memory:", chroma=folder).checks
+        assert next(c for c in checks if c.name == "chroma").ok
+    assert _systems() == systems
+    assert _fds() <= before + SLACK
+    _used(store)  # the probe's close left the store's own reference
+    store.close()
+    assert str(folder) not in _systems()

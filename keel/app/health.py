@@ -195,7 +195,8 @@ def _ping() -> Any:
 
 
 def _chroma(where: str | Path) -> str:
-    from keel.memory._open import client_of
+    """Open a Chroma client, ask it, close it (a probe every few seconds must hold nothing)."""
+    from keel.memory._open import client_of, close_client
 
     text = str(where)
     if text.startswith(("http://", "https://")):
@@ -204,8 +205,11 @@ def _chroma(where: str | Path) -> str:
         if not Path(text).is_dir():
             raise UserError(f"no Chroma directory at {text!r}")
         client, _ = client_of(path=text, url=None, client=None)  # a folder it cannot open
-    client.heartbeat()  # fails each check, not every check after the first in the process
-    return f"Chroma at {text} answers ({len(client.list_collections())} collections)"
+    try:
+        client.heartbeat()  # fails each check, not every check after the first in the process
+        return f"Chroma at {text} answers ({len(client.list_collections())} collections)"
+    finally:
+        close_client(client)  # a store open on the path keeps its own reference
 
 
 def _model(model: str | BaseChatModel | None) -> str:
