@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.language_models import BaseChatModel
 from langgraph.checkpoint.memory import InMemorySaver
@@ -42,6 +42,9 @@ from keel.graphs.agent import Agent, build_agent
 from keel.guards.policy import Policy, Rule
 from keel.pricing import PriceTable
 from keel.tools.registry import KeelTool, tool
+
+if TYPE_CHECKING:  # chromadb loads only when the failing store is built
+    from keel.memory.chroma import ChromaStore
 
 __all__ = [
     "BUILTIN_SUITES",
@@ -207,7 +210,7 @@ def failing_store_agent(model: BaseChatModel, *, prices: PriceTable | None = Non
     with open(f"{folder}/chroma.sqlite3", "r+b") as file:
         file.truncate(0)
     agent = chaos_agent(model, store=store, memory=True, prices=prices)
-    weakref.finalize(agent, shutil.rmtree, folder, True)
+    weakref.finalize(agent, _discard_store, store, folder)
     return agent
 
 
@@ -217,6 +220,11 @@ def _embed(texts: Sequence[str]) -> list[list[float]]:
 
 def _discard(ledger: Ledger, folder: str) -> None:
     ledger.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _discard_store(store: ChromaStore, folder: str) -> None:
+    store.close()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ be recorded keeps its result and stops the run, so a resume asks a human instead
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,17 @@ async def test_a_failing_store_degrades_and_completes() -> None:
     assert run.outcome["terminated_reason"] == "completed", run.raised
     score = ended_validly(run)
     assert score is not None and score.passed
+
+
+def test_the_failing_store_closes_with_its_agent() -> None:
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    agent = failing_store_agent(resolve_model("keel:demo"))
+    (folder,) = [k for k in SharedSystemClient._identifier_to_system if "keel-chaos-store-" in k]
+    del agent
+    gc.collect()
+    assert folder not in SharedSystemClient._identifier_to_system
+    assert not Path(folder).exists()
 
 
 async def test_a_case_graph_wins_over_the_suites_and_the_callers() -> None:

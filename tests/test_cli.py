@@ -62,6 +62,10 @@ def test_demo_reject_flag_stops_with_rejected(
     assert "rejected (--reject)" in out
     assert "[outcome] stopped / rejected" in out
     assert "Refunded" not in out
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    assert (tmp_path / "chroma").is_dir()  # the demo's memory, closed as the command ended
+    assert str(tmp_path / "chroma") not in SharedSystemClient._identifier_to_system
 
 
 def test_a_blank_keel_model_is_no_model(

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from textwrap import shorten
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -55,6 +55,9 @@ from keel.graphs.agent import Agent, build_agent
 from keel.models import price_name_of, resolve_model
 from keel.observe.tracing import NO_KEY_WARNING, tracing_without_key
 from keel.state import RunContext
+
+if TYPE_CHECKING:  # chromadb loads only when the demo's memory opens
+    from keel.memory.chroma import ChromaStore
 
 __all__ = ["main"]
 
@@ -198,6 +201,7 @@ async def _run(args: argparse.Namespace) -> int:
     context = RunContext(user_id=args.user, tenant_id=args.tenant)
     # the audit log and run records, for `keel audit` / `keel report` (not for :memory:)
     ledger = None if persistence.url.endswith(":memory:") else Ledger(persistence.url)
+    store: ChromaStore | None = None  # the demo agent's memory, closed with the ledger
     try:
         async with persistence.acheckpointer() as saver:
             origin = {}
@@ -211,7 +215,7 @@ async def _run(args: argparse.Namespace) -> int:
                 metadata = {"keel_agent": ref}
                 print(f"keel: thread {thread} on {persistence.safe_url}; agent {ref}")
             else:
-                agent, metadata = _keel_agent(args, origin, saver, ledger, persistence)
+                agent, metadata, store = _keel_agent(args, origin, saver, ledger, persistence)
                 print(f"keel: thread {thread} on {persistence.safe_url}")
             if task and args.thread and await _waiting(agent, thread):
                 # a new task would pile onto the pending approval: answer it instead
@@ -224,6 +228,8 @@ async def _run(args: argparse.Namespace) -> int:
         args.interrupt_said = True
         raise
     finally:
+        if store is not None:
+            await store.aclose()
         if ledger is not None:
             await ledger.aclose()
     status = (result.get("outcome") or {}).get("status")
@@ -256,7 +262,7 @@ def _keel_agent(
     saver: Any,
     ledger: Ledger | None,
     persistence: Persistence,
-) -> tuple[Agent, dict[str, str]]:
+) -> tuple[Agent, dict[str, str], ChromaStore]:
     """The support agent of `keel demo` (its tools, policy and memory) on the chosen model."""
     # a blank KEEL_MODEL (`KEEL_MODEL= keel demo`) is no model, as a blank --model is
     model_name = getattr(args, "model", None) or os.environ.get("KEEL_MODEL", "").strip()
@@ -300,7 +306,7 @@ def _keel_agent(
         store=store,
         memory=True,
     )
-    return agent, {"keel_model": model_name}
+    return agent, {"keel_model": model_name}, store
 
 
 async def drive(

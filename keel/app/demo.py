@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from langgraph.store.base import BaseStore
+from typing import TYPE_CHECKING
 
 from keel.guards.policy import Budget, LoopPolicy, Policy, Rule
 from keel.tools.registry import KeelTool, tool
+
+if TYPE_CHECKING:  # chromadb and torch load only when the demo runs
+    from keel.memory.chroma import ChromaStore
 
 __all__ = [
     "DEMO_TASK",
@@ -94,7 +96,7 @@ def demo_policy() -> Policy:
     )
 
 
-def demo_memory(db_path: Path | None) -> BaseStore:
+def demo_memory(db_path: Path | None) -> ChromaStore:
     """Long-term memory for the demo: an embedded Chroma beside the SQLite file (`chroma/`).
 
     Uses keel's offline embedding model (loaded from an installed package, never downloaded).
