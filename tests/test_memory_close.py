@@ -244,3 +244,46 @@ def test_readiness_checks_of_chroma_hold_nothing_open(chroma_url: str, tmp_path:
     _used(store)  # the probe's close left the store's own reference
     store.close()
     assert str(folder) not in _systems()
+
+
+SERVER_CONFIG = """
+[[users]]
+token = "t"
+user = "alice"
+tenant = "acme"
+
+[tenants.acme]
+memory = {{ chroma_url = "{chroma}", collection = "served", index = "test_memory_close:_index" }}
+
+[tenants.acme.agents.main]
+model = "keel:demo"
+"""
+
+
+def test_the_servers_shutdown_closes_the_tenants_chroma_stores(
+    chroma_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keel.app.http:app`'s lifespan (LangGraph server runs it) closes the tenants' stores."""
+    from keel.app import server
+    from keel.app.http import app
+    from keel.app.server_config import server_config
+
+    path = tmp_path / "server.toml"
+    path.write_text(SERVER_CONFIG.format(chroma=chroma_url), encoding="utf-8")
+    monkeypatch.setenv("KEEL_SERVER_CONFIG", str(path))
+    config = server_config()
+    served = server._store(config, config.tenant("acme"))
+    systems = len(_systems())
+
+    async def serve() -> None:
+        async with app.router.lifespan_context(app):  # the server starts, runs, stops
+            assert served is not None
+            await served.aput(("memories", "acme", "alice"), "k", {"text": "tea"})
+            assert len(_systems()) > systems  # its Chroma client is open
+
+    asyncio.run(serve())
+    assert len(_systems()) == systems
+    assert served is not None
+    closed = r"^The Chroma store 'served' on \S+ was closed \(the server is shutting down\)"
+    with pytest.raises(StorageError, match=closed):
+        served.get(("memories", "acme", "alice"), "k")

@@ -109,6 +109,7 @@ def aegra_http_app(app: Any | None = None) -> Any:
             routes=list(routes),
             middleware=list(getattr(app, "user_middleware", [])),
             exception_handlers=dict(getattr(app, "exception_handlers", {})),
+            lifespan=getattr(app.router, "lifespan_context", None),  # keel's: closes stores
         )
     app.exception_handlers.setdefault(fastapi.HTTPException, _http_error)
     return app

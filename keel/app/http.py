@@ -27,6 +27,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
@@ -38,7 +41,7 @@ from keel.app.health import Check, Health, liveness, semantic_check, served_read
 from keel.app.server_config import CONFIG_ENV, server_config
 from keel.errors import KeelError
 
-__all__ = ["DATABASE_ENVS", "app", "readiness_targets"]
+__all__ = ["DATABASE_ENVS", "app", "lifespan", "readiness_targets"]
 
 DATABASE_ENVS = ("KEEL_DB_URL", "DATABASE_URI", "DATABASE_URL")
 """Where `ready` finds the server's database URL, first set wins."""
@@ -118,7 +121,16 @@ async def semantic(request: Request) -> JSONResponse:
     return _answer(Health((check,)))
 
 
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """At shutdown, close the tenants' Chroma stores the graph factories opened."""
+    yield
+    if (server := sys.modules.get("keel.app.server")) is not None:  # else none were opened
+        await server.aclose_served()
+
+
 app = Starlette(
+    lifespan=lifespan,
     routes=[
         Route("/keel/health/live", live, methods=["GET"]),
         Route("/keel/health/ready", ready, methods=["GET"]),

@@ -32,7 +32,13 @@ from langgraph.store.base import BaseStore
 from langgraph_sdk.runtime import ServerRuntime
 
 from keel.app.canary import serves_candidate
-from keel.app.server_config import AgentSpec, ServerConfig, TenantConfig, server_config
+from keel.app.server_config import (
+    AgentSpec,
+    ServerConfig,
+    TenantConfig,
+    loaded_configs,
+    server_config,
+)
 from keel.app.server_memory import ChromaServerStore
 from keel.db.ledger import Ledger
 from keel.errors import SetupError, UserError
@@ -47,7 +53,14 @@ from keel.models import resolve_model
 from keel.state import RunContext
 from keel.tools.registry import KeelTool
 
-__all__ = ["admission_of", "agent", "build_tenant_agent", "build_tenant_supervisor", "supervisor"]
+__all__ = [
+    "aclose_served",
+    "admission_of",
+    "agent",
+    "build_tenant_agent",
+    "build_tenant_supervisor",
+    "supervisor",
+]
 
 G = TypeVar("G")
 
@@ -255,6 +268,18 @@ def _ledger(config: ServerConfig) -> Ledger | None:
     if config.ledger_url is None:
         return None
     return cast(Ledger, _cached(config, ("ledger",), lambda: Ledger(config.ledger_url)))
+
+
+async def aclose_served() -> None:
+    """Close the tenants' Chroma stores the factories opened (the server's shutdown hook).
+
+    `keel.app.http:app`'s lifespan calls it as the server stops; LangGraph server runs that
+    lifespan (`http.app` in `langgraph.json`).
+    """
+    for config in loaded_configs():
+        for value in list(config.cache.values()):
+            if isinstance(value, ChromaServerStore):
+                await value.aclose()
 
 
 def _store(config: ServerConfig, tenant: TenantConfig) -> BaseStore | None:

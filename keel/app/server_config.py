@@ -86,6 +86,7 @@ __all__ = [
     "SupervisorSpec",
     "TenantConfig",
     "UserEntry",
+    "loaded_configs",
     "server_config",
 ]
 
@@ -258,6 +259,11 @@ def server_config() -> ServerConfig:
 
 
 _LOADED: dict[str, ServerConfig] = {}
+
+
+def loaded_configs() -> list[ServerConfig]:
+    """The configs `server_config()` read in this process (with what the factories built)."""
+    return list(_LOADED.values())
 
 
 def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:

@@ -5,7 +5,8 @@ calls; opening a `ChromaStore` (an HTTP heartbeat, its catalog collection, the e
 blocks. `ChromaServerStore` therefore opens it on the first store operation: in a worker thread
 for `abatch`, directly for `batch` (which keel's sync tools call from a worker thread already).
 A Chroma server that is down fails that operation (recall and reflect go on without memory,
-warned); the next operation tries again.
+warned); the next operation tries again. `close()` / `aclose()` (the server's shutdown, see
+`keel.app.server.aclose_served`) give the client back; the store then refuses operations.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import asyncio
 import importlib
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.store.base import BaseStore, IndexConfig, Op, Result
 
 from keel.app.agent_options import MemorySpec
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
+
+if TYPE_CHECKING:  # chromadb and torch load only when used
+    from keel.memory.chroma import ChromaStore
 
 __all__ = ["ChromaServerStore"]
 
@@ -33,7 +37,8 @@ class ChromaServerStore(BaseStore):
         if spec.chroma_url is None:
             raise UserError("ChromaServerStore needs a MemorySpec with chroma_url.")
         self.spec = spec
-        self._store: BaseStore | None = None
+        self._store: ChromaStore | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -42,6 +47,11 @@ class ChromaServerStore(BaseStore):
     def opened(self) -> BaseStore:
         """The `ChromaStore`, opened now if it is not yet (blocking: call off the event loop)."""
         with self._lock:
+            if self._closed:
+                raise StorageError(
+                    f"The Chroma store {self.spec.collection!r} on {self.spec.chroma_url} was "
+                    "closed (the server is shutting down) and does not reopen"
+                )
             if self._store is None:
                 from keel.memory import ChromaStore  # chromadb and torch load only when used
 
@@ -67,6 +77,18 @@ class ChromaServerStore(BaseStore):
                 "({'dims': N, 'embed': ..., 'fields': [...]}) or a function returning one."
             )
         return index  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Close the `ChromaStore` if it was opened; later operations raise `StorageError`."""
+        with self._lock:
+            self._closed = True
+            store = self._store
+        if store is not None:
+            store.close()
+
+    async def aclose(self) -> None:
+        """Async `close`."""
+        await asyncio.to_thread(self.close)
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run `ops` on the Chroma server (opening the store first if needed)."""
