@@ -135,6 +135,6 @@ app = Starlette(
         Route("/keel/health/live", live, methods=["GET"]),
         Route("/keel/health/ready", ready, methods=["GET"]),
         Route("/keel/health/semantic", semantic, methods=["GET"]),
-    ]
+    ],
 )
 """The ASGI app (`keel.app.http:app`)."""
