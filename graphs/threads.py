@@ -20,7 +20,8 @@
   node was still to run (a supervisor killed while its agent ran: `stopped_ended`).
 - `None` or `Command(...)` continues a thread; on a thread that does not exist it would start a
   run with no user message: it is refused.
-- A run needs at least one message: empty input and an empty message list are refused.
+- A run needs at least one message: empty input, an empty message list and a `Command` with
+  neither resume nor update are refused.
 - A run's input sends messages and removes none: a `RemoveMessage` (LangGraph's way to delete
   a message, or the whole history with `REMOVE_ALL_MESSAGES`), in its messages or in a
   `Command(update=...)`, is refused. Editing a thread's history is a state update's
@@ -133,6 +134,14 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     exists = bool(saved.get("checkpoint_id"))
     if isinstance(input, Command) and removed_by(input):
         return REMOVAL
+    if isinstance(input, Command) and input.resume is None and not input._update_as_tuples():
+        # LangGraph 1.2 fails on it with a bare UnboundLocalError (`resume_is_map`)
+        return (
+            f"{input!r} says nothing: it has no resume and no update. Continue a paused "
+            "thread with invoke(None, config), answer a waiting review with "
+            "Command(resume={'type': 'approve'}) (or 'reject', ...), or send "
+            "{'messages': [('user', '...')]}."
+        )
     if input is None or isinstance(input, Command):
         if exists:
             return None
