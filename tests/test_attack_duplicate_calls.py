@@ -218,6 +218,48 @@ def test_calls_that_differ_in_any_argument_all_run(db_url: str, ledger: Ledger) 
     assert first.text != second.text
 
 
+SAME_REFUND = [
+    {"order_id": "A1", "amount": 10.0},  # a float the schema reads as the int 10
+    {"order_id": "A1", "amount": "10"},  # a number sent as text, as sloppy models do
+    {"amount": 10, "order_id": "A1", "note": None},  # an optional argument sent as its default
+]
+
+
+@pytest.mark.parametrize("action", ["allow", "ask"])
+@pytest.mark.parametrize("spelled", SAME_REFUND, ids=["float", "text", "default-sent"])
+def test_a_repeat_spelled_differently_but_read_the_same_runs_once(
+    spelled: dict[str, Any], action: str, db_url: str, ledger: Ledger
+) -> None:
+    """The attack: a stuttering model repeats the refund, the copy's arguments spelled
+    differently (`10.0`, `"10"`, a default sent) but read by the tool's schema as the same
+    call. The duplicate rule compared the raw JSON: both refunds ran (and `ask` asked twice)."""
+    shop = Shop()
+    tools = shop.tools()
+
+    @tool(risk="write", name="issue_refund")
+    def issue_refund(order_id: str, amount: int, note: str | None = None) -> str:
+        """Refund `amount` on an order."""
+        return str(tools[0].invoke({"order_id": order_id, "amount": amount}))
+
+    script = turn(("issue_refund", REFUND), ("issue_refund", spelled))
+    with Persistence(db_url).checkpointer() as saver:
+        agent = build_agent(
+            model(script),
+            [issue_refund, tools[1]],
+            policy=policy(action),
+            ledger=ledger,
+            checkpointer=saver,
+        )
+        ai, requests = asked_turn(agent)
+        assert len(requests) == (action == "ask")  # one approval, not two
+        if action == "ask":
+            agent.invoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+        result = agent.get_state(THREAD).values
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert shop.refunded == [REFUND]  # before the fix: two refunds of 10 on A1
+    assert_shared(result["messages"], ai, "success")
+
+
 def test_read_only_repeats_still_run() -> None:
     """The rule is for side effects: a read asked twice runs twice (a fresh look each time)."""
     looked: list[str] = []

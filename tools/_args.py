@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["invalid_args", "validation_problem"]
+__all__ = ["as_called", "invalid_args", "validation_problem"]
 
 
 def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
@@ -34,6 +34,24 @@ def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
         except ValidationError as exc:
             return validation_problem(exc)
     return None
+
+
+def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
+    """`args` as the tool's schema reads them: coerced, defaults filled, unknown keys dropped.
+
+    Two calls whose arguments read the same (`5` and `5.0`, a default sent or left out) run the
+    tool the same way. Arguments that do not fit the schema are returned as they are.
+    """
+    schema = entry.tool.tool_call_schema
+    if invalid_args(entry, args) is not None or not (
+        isinstance(schema, type) and issubclass(schema, BaseModel)
+    ):
+        return args
+    try:
+        dumped: dict[str, Any] = schema.model_validate(args).model_dump(mode="json")
+    except (ValueError, TypeError):  # a field pydantic validates but cannot dump as JSON
+        return args
+    return dumped
 
 
 def validation_problem(exc: ValidationError) -> str:

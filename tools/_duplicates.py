@@ -6,7 +6,8 @@ effect (two refunds), and an `ask` rule would ask a human twice for the same thi
 
 The rule: among the calls of ONE AI message, a call to a side-effecting tool
 (`ToolSpec.side_effects`) with the same tool name and the same canonical arguments
-(`keel.approvals.call_digest`: sorted-key JSON and the tool's version) as an earlier call of
+(`keel.approvals.call_digest`: sorted-key JSON and the tool's version, of the arguments as the
+tool's schema reads them, `keel.tools._args.as_called`) as an earlier call of
 that message is a *duplicate* of the first such call, its *primary*. A duplicate is never
 gated, asked about, claimed in the ledger or run: once its primary has an answer (a result, a
 denial, a rejection, a human's reply, a recorded result after a resume), it is answered with
@@ -25,6 +26,7 @@ from typing import Any
 from langchain_core.messages import AnyMessage, ToolCall, ToolMessage
 
 from keel.approvals import call_digest
+from keel.tools._args import as_called
 from keel.tools.spec import RegisteredTool
 
 __all__ = ["DUPLICATE_KEY", "answer_duplicates", "duplicate_answer", "duplicates"]
@@ -51,7 +53,7 @@ def duplicates(
         if entry is None or not entry.spec.side_effects or not isinstance(args, dict):
             continue
         primary = first.setdefault(
-            (entry.name, call_digest(entry.name, args, entry.spec.version)), call
+            (entry.name, call_digest(entry.name, as_called(entry, args), entry.spec.version)), call
         )
         if call_id and primary is not call and primary.get("id") != call_id:
             out[call_id] = primary
