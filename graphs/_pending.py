@@ -28,6 +28,7 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command, StateSnapshot
 
 from keel import outcome
+from keel.approvals import canonical_args
 from keel.db.audit import AuditRecord
 from keel.db.idempotency import CallRecord
 from keel.errors import UserError
@@ -37,6 +38,7 @@ from keel.graphs._storage import Recorder
 from keel.history import pending_tool_calls
 from keel.nodes._once import recorded, tool_message
 from keel.state import task_start
+from keel.tools._duplicates import duplicate_answer
 from keel.versions import AgentVersion
 
 __all__ = [
@@ -203,18 +205,29 @@ def left_answers(
     found: Mapping[str, CallRecord] | None,
     saved: Mapping[str, ToolMessage],
 ) -> list[ToolMessage]:
-    """An answer for each left-behind call, as the ledger knows it (see `closed_left`)."""
+    """An answer for each left-behind call, as the ledger knows it (see `closed_left`).
+
+    A call the ledger never claimed that repeats a claimed call of its turn (same tool, same
+    arguments) was its duplicate (`keel.tools._duplicates`): it gets that call's answer.
+    """
     closing: list[ToolMessage] = []
+    claimed: dict[tuple[str, str], ToolMessage] = {}
     for c in calls:
         record = None if found is None else found.get(c.get("id") or "")
+        key = (c["name"], canonical_args(c.get("args") or {}))
         if (result := saved.get(c.get("id") or "")) is not None:
-            closing.append(result)
+            answer = result
         elif record is not None and record.state in ("completed", "failed") and record.result:
-            closing.append(recorded(c, record.result))
+            answer = recorded(c, record.result)
         elif found is None or (record is not None and record.state == "started"):
-            closing.append(tool_message(c, LEFT_UNKNOWN, "not_run"))
+            answer = tool_message(c, LEFT_UNKNOWN, "not_run")
+        elif key in claimed:
+            answer = duplicate_answer(c, claimed[key])
         else:
-            closing.append(tool_message(c, LEFT_NOT_RUN, "not_run"))
+            answer = tool_message(c, LEFT_NOT_RUN, "not_run")
+        if record is not None:
+            claimed.setdefault(key, answer)
+        closing.append(answer)
     return closing
 
 

@@ -479,13 +479,8 @@ async def aresumed(
     return ai, requests, rows, result
 
 
-@pytest.mark.parametrize("answer", ["approve", "reject"])
-@pytest.mark.parametrize("driver", ["sync", "async"])
-def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
-    driver: str, answer: str, db_url: str, tmp_path: Path
-) -> None:
-    """Killed right after the first refund, before its record: on resume the human is asked
-    "did this happen?" about that call only, and the repeat follows the answer, unrun."""
+def killed_after_the_primary(driver: str, db_url: str, tmp_path: Path) -> Path:
+    """Run `CHILD` (killed right after the first refund); the file its refund wrote."""
     effects = tmp_path / "effects.txt"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -495,6 +490,17 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return effects
+
+
+@pytest.mark.parametrize("answer", ["approve", "reject"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
+    driver: str, answer: str, db_url: str, tmp_path: Path
+) -> None:
+    """Killed right after the first refund, before its record: on resume the human is asked
+    "did this happen?" about that call only, and the repeat follows the answer, unrun."""
+    effects = killed_after_the_primary(driver, db_url, tmp_path)
     assert effects.read_text().splitlines() == ["refund"]
     shop = Shop()
     ledger = Ledger(db_url)
@@ -536,6 +542,41 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
     assert json.dumps(answers(result["messages"], ai)[1].response_metadata) == json.dumps(
         {"keel_status": status, "keel_duplicate_of": primary}
     )
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_sigkill_after_the_primary_ran_then_a_new_message_answers_the_repeat_as_its_primary(
+    driver: str, db_url: str, tmp_path: Path
+) -> None:
+    """Killed right after the first refund; the next task is a new message, not a resume. The
+    primary is answered "outcome unknown"; its repeat was never claimed, so it was answered
+    "Not run: ... keel does not run it now" beside it, and the model read that one of two
+    refunds did not happen (and asked for it again). It follows its primary's answer."""
+    effects = killed_after_the_primary(driver, db_url, tmp_path)
+    shop = Shop()
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            agent = build_agent(
+                ScriptedChatModel(script=["(the killed turn)", "Noted."], fresh_ids=True),
+                shop.tools(),
+                checkpointer=saver,
+                ledger=ledger,
+            )
+            result = agent.invoke({"messages": [("user", "anything else?")]}, THREAD, context=CTX)
+    finally:
+        ledger.close()
+    assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
+    assert shop.refunded == []
+    assert effects.read_text().splitlines() == ["refund"]
+    ai = last_turn(result["messages"])
+    first, repeat = answers(result["messages"], ai)
+    assert first.text.startswith("Outcome unknown: this call started")
+    assert repeat.text == REPEATS.format(first.tool_call_id) + first.text
+    assert repeat.response_metadata == {
+        "keel_status": "not_run",
+        "keel_duplicate_of": first.tool_call_id,
+    }
 
 
 # -- LangChain's create_agent with keel's PermissionMiddleware ------------------------------

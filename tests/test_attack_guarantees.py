@@ -4,6 +4,11 @@
   command that says nothing. LangGraph 1.2 fails on it inside its loop with a bare
   `UnboundLocalError` (`resume_is_map`) instead of its own `EmptyInputError`; keel refuses it
   as empty input, a `UserError`, before anything is written, and a waiting call still waits.
+- A process running a turn of parallel side-effecting calls, one of them repeated, is
+  SIGKILLed at a random moment, and the next task is a new message. The repeat (never claimed:
+  a duplicate) was answered "Not run ... keel does not run it now" beside its primary's
+  "outcome unknown" or recorded result (2 of 32 seeds; the deterministic case is in
+  `test_attack_duplicate_calls.py`). It follows its primary's answer.
 
 Real parts: SQLite files and a PostgreSQL database (checkpointer and ledger); the model is
 keel's `ScriptedChatModel` with fresh tool-call ids, as real models mint them.
@@ -12,9 +17,17 @@ keel's `ScriptedChatModel` with fresh tool-call ids, as real models mint them.
 from __future__ import annotations
 
 import asyncio
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
 from langgraph.types import Command
@@ -112,3 +125,98 @@ def test_a_command_that_says_nothing_is_refused_without_a_checkpointer() -> None
     for payload in SILENT:
         with pytest.raises(UserError, match="says nothing"):
             agent.invoke(payload, context=CTX)
+
+
+# -- a process SIGKILLed at a random moment of a turn of parallel calls, then a new message ----
+
+PARALLEL_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, random, sys
+    from langchain_core.messages import AIMessage, ToolCall
+    from keel import Ledger, Persistence, RunContext, build_agent, tool
+    from keel.evals import ScriptedChatModel
+
+    url, world, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rng = random.Random(seed)
+
+    @tool(risk="write")
+    async def ship(parcel: str) -> str:
+        \"\"\"Ship a parcel.\"\"\"
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        fd = os.open(world, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, (parcel + "\\n").encode())
+        os.fsync(fd)
+        os.close(fd)
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        return f"shipped {parcel}"
+
+    # a, b and a again: a stuttering model's parallel turn, fresh ids
+    turn = AIMessage("", tool_calls=[ToolCall(name="ship", args={"parcel": p}, id=None)
+                                     for p in ("a", "b", "a")])
+    model = ScriptedChatModel(script=[turn, "Shipped."], fresh_ids=True, latency=0.01)
+
+    async def main():
+        async with Persistence(url).acheckpointer() as saver:
+            agent = build_agent(model, [ship], ledger=Ledger(url), checkpointer=saver)
+            print("ready", flush=True)
+            await agent.ainvoke({"messages": [("user", "ship a and b")]},
+                                {"configurable": {"thread_id": "t1"}},
+                                context=RunContext(user_id="u1", tenant_id="acme"))
+        print("finished", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigkill_at_a_random_moment_of_a_parallel_turn_then_a_new_message(
+    db_url: str, tmp_path: Path, seed: int
+) -> None:
+    """A process runs a turn of parallel side-effecting calls (one repeated, fresh ids) under
+    `ainvoke` and is SIGKILLed at a random moment; a fresh process sends the next message.
+    Each effect happened at most once; every call of the turn is answered once, and a call
+    whose effect happened is never told it did not run ("Not run: ...")."""
+    world = tmp_path / "world"
+    with subprocess.Popen(
+        [sys.executable, "-c", PARALLEL_CHILD, db_url, str(world), str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,  # the repository's `keel/` folder would shadow the package
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
+        time.sleep(random.Random(seed).uniform(0.0, 0.4))  # a random moment of the run
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    happened = world.read_text().split() if world.exists() else []
+    ledger = Ledger(db_url)
+    model = ScriptedChatModel(script=["Noted."] * 4, fresh_ids=True)
+
+    async def next_message() -> Any:
+        async with Persistence(db_url).acheckpointer() as saver:
+            agent = build_agent(model, [], ledger=ledger, checkpointer=saver)
+            return await agent.ainvoke(
+                {"messages": [("user", "anything else?")]},
+                {"configurable": {"thread_id": "t1"}},
+                context=CTX,
+            )
+
+    try:
+        done = asyncio.run(next_message())
+    finally:
+        ledger.close()
+    after = world.read_text().split() if world.exists() else []
+    assert after == happened  # nothing ran again
+    assert sorted(after) == sorted(set(after)), after  # and nothing ran twice
+    assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+    messages = done["messages"]
+    answers: dict[str, list[ToolMessage]] = {}
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            answers.setdefault(m.tool_call_id, []).append(m)
+    for ai in (m for m in messages if isinstance(m, AIMessage) and m.tool_calls):
+        for c in ai.tool_calls:
+            (answer,) = answers[c["id"]]  # exactly one answer each
+            if c["args"]["parcel"] in after and "keel_duplicate_of" not in answer.response_metadata:
+                assert not answer.text.startswith("Not run"), (after, c, answer)
