@@ -9,6 +9,8 @@
   a duplicate) was answered "Not run ... keel does not run it now" beside its primary's
   "outcome unknown" or recorded result (2 of 32 seeds; the deterministic case is in
   `test_attack_duplicate_calls.py`). It follows its primary's answer.
+- README's time-travel example with a model that names each call anew: forked from before the
+  model's turn, the invoice was sent again (deterministic ids hid it). It gets its record.
 
 Real parts: SQLite files and a PostgreSQL database (checkpointer and ledger); the model is
 keel's `ScriptedChatModel` with fresh tool-call ids, as real models mint them.
@@ -220,3 +222,53 @@ def test_sigkill_at_a_random_moment_of_a_parallel_turn_then_a_new_message(
             (answer,) = answers[c["id"]]  # exactly one answer each
             if c["args"]["parcel"] in after and "keel_duplicate_of" not in answer.response_metadata:
                 assert not answer.text.startswith("Not run"), (after, c, answer)
+
+
+# -- time travel with a model that names each call anew ---------------------------------------
+
+
+@pytest.mark.parametrize("fork", ["execute_tools", "call_model"])
+def test_time_travel_before_the_models_turn_gets_the_recorded_result(
+    db_url: str, fork: str
+) -> None:
+    """The attack: README's time-travel example with a real model, which names every call
+    anew. Forked from a checkpoint before the model's turn, the model asks again for the
+    invoice it already sent, under an id the ledger has never seen: the invoice was sent again
+    (with `call_<turn>_<i>` ids the ids matched and hid it). The call that ended under an id
+    the fork left behind, same tool and arguments, gives its recorded result."""
+    sent: list[str] = []
+
+    @tool(risk="write")
+    def send_invoice(order_id: str) -> str:
+        """Email the invoice for an order."""
+        sent.append(order_id)
+        return f"invoice for {order_id} sent"
+
+    script = [
+        call("send_invoice", order_id="A1"),
+        call("send_invoice", order_id="B2"),
+        "Sent.",
+        call("send_invoice", order_id="A1"),  # the next task: "send A1 again"
+        "Sent again.",
+    ]
+    ledger = Ledger(db_url)
+    config: Any = {"configurable": {"thread_id": "t"}}
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            model = ScriptedChatModel(script=script, fresh_ids=True)
+            agent = build_agent(model, [send_invoice], checkpointer=saver, ledger=ledger)
+            agent.invoke({"messages": [("user", "invoice A1 and B2")]}, config, context=CTX)
+            oldest = [s for s in agent.get_state_history(config) if s.next == (fork,)][-1]
+            replayed = agent.invoke(None, oldest.config, context=CTX)
+            # a repeat the model means (the first call is in the history) still runs
+            again = agent.invoke({"messages": [("user", "send A1 again")]}, config, context=CTX)
+    finally:
+        ledger.close()
+    assert replayed["outcome"]["terminated_reason"] == "completed"
+    results = [m for m in replayed["messages"] if isinstance(m, ToolMessage)]
+    assert [(m.text, m.response_metadata.get("keel_ledger")) for m in results] == [
+        ("invoice for A1 sent", "recorded"),
+        ("invoice for B2 sent", "recorded"),
+    ]
+    assert again["outcome"]["terminated_reason"] == "completed"
+    assert sent == ["A1", "B2", "A1"]

@@ -142,7 +142,9 @@ def claim_flow(
             whose id is not among them is an orphan: its request was lost (the process died
             before the checkpoint holding it was saved) and the model asked again under a new
             id. The new call adopts the orphan's row, so it is `unknown` ("did this happen?")
-            instead of running a second time.
+            instead of running a second time. A call of the same tool and digest that ended
+            under an id not among them was left behind by time travel: the new call gets its
+            record (`_forked_away`), unless the history holds a call of that digest.
         since: When the conversation `known` is of began (`keel._node.handed_at`): a row
             started before it is another conversation's (an earlier task a supervisor handed
             an agent, stopped mid-call), never this one's lost request.
@@ -152,10 +154,13 @@ def claim_flow(
     now = time.time()
     gated: list[Row] = []
     if known is not None:
-        rows, gated = yield from _orphans(thread_id, call_id, tool, since, gate)
+        rows, gated = yield from _orphans(thread_id, call_id, tool, digest, since, gate)
         orphan = yield from _adopt_orphan(thread_id, call_id, digest, known, rows)
         if orphan is not None:
             return Claim("unknown", orphan)
+        forked = yield from _forked_away(thread_id, call_id, digest, known, rows)
+        if forked is not None:
+            return Claim("recorded", forked)
     elif gate is not None:
         gated = yield gate.read
     inserted = yield (
@@ -193,17 +198,19 @@ def claim_flow(
 
 
 def _orphans(
-    thread_id: str, call_id: str, tool: str, since: float, gate: ClaimGate | None
+    thread_id: str, call_id: str, tool: str, digest: str, since: float, gate: ClaimGate | None
 ) -> Flow[tuple[list[Row], list[Row]]]:
     """The call's own row, the thread's `started` rows of `tool` since `since`, the gate's.
 
-    The first two are locked. The gate's rows are read in the same round trip; without a gate
-    there are none.
+    Rows of `tool` with the call's digest since `since` come too (`_forked_away`); each row is
+    `(tool_call_id, state, args_digest)`. The first two are locked. The gate's rows are read
+    in the same round trip; without a gate there are none.
     """
     select = (
-        "SELECT tool_call_id FROM keel_tool_calls WHERE thread_id = ? AND (tool_call_id = ? "
-        "OR (tool = ? AND state = 'started' AND started_at >= ?)) {for_update}",
-        (thread_id, call_id, tool, since),
+        "SELECT tool_call_id, state, args_digest FROM keel_tool_calls WHERE thread_id = ? "
+        "AND (tool_call_id = ? OR (tool = ? AND started_at >= ? "
+        "AND (state = 'started' OR args_digest = ?))) {for_update}",
+        (thread_id, call_id, tool, since, digest),
     )
     if gate is None:
         return (yield select), []
@@ -216,13 +223,42 @@ def _adopt_orphan(
 ) -> Flow[CallRecord | None]:
     """Move an orphaned `started` row (in `rows`) to `call_id`; return it."""
     ids = {r[0] for r in rows}
-    orphans = sorted(ids - set(known))
+    orphans = sorted({r[0] for r in rows if r[1] == "started"} - set(known))
     if call_id in ids or not orphans:
         return None  # the call has its own row (claimed as usual), or nothing was lost
     yield (
         "UPDATE keel_tool_calls SET tool_call_id = ?, args_digest = ? "
         "WHERE thread_id = ? AND tool_call_id = ?",
         (call_id, digest, thread_id, orphans[0]),
+    )
+    found = yield _select(thread_id, call_id)
+    return _record(found[0])
+
+
+def _forked_away(
+    thread_id: str, call_id: str, digest: str, known: Collection[str], rows: list[Row]
+) -> Flow[CallRecord | None]:
+    """The recorded call (in `rows`) this one asks for again on a fork of the thread.
+
+    Time travel to a checkpoint before the model's turn asks the model again, and a real
+    model names the same call with a new id: a call of the same tool and digest that ended
+    (`completed` / `failed`) under an id the history does not hold (the fork left it behind)
+    is that call, and its record is copied to `call_id`. When the history holds a call of that
+    digest, the model asked for it in an earlier turn of this line: a repeat it means, which
+    runs.
+    """
+    same = {r[0] for r in rows if r[2] == digest and r[1] in ("completed", "failed")}
+    if any(r[0] == call_id for r in rows) or same & set(known):
+        return None
+    left = sorted(same)
+    if not left:
+        return None
+    yield (
+        "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, result, "
+        "attempts, started_at, finished_at) SELECT thread_id, ?, tool, args_digest, state, "
+        "result, attempts, started_at, finished_at FROM keel_tool_calls "
+        "WHERE thread_id = ? AND tool_call_id = ?",
+        (call_id, thread_id, left[0]),
     )
     found = yield _select(thread_id, call_id)
     return _record(found[0])
