@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -216,6 +217,25 @@ def _no_real_model_calls() -> Iterator[None]:
 
 
 CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
+
+
+def eventually(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """Poll `check` until it holds; fail after `seconds` (generous: the machine may be loaded).
+
+    What a test waits for instead of sleeping: a fixed sleep passes before the thing happened
+    on a slow machine and proves nothing (or fails)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.02)
+
+
+async def until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """`eventually` on an event loop: the loop runs on between polls."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:

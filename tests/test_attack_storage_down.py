@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import free_port
+from conftest import eventually, free_port, until
 from test_storage_faults import POLICY as KILLS  # budgets, rate limits, breakers
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
@@ -406,47 +406,90 @@ def test_a_checkpointer_whose_server_stalls_mid_query_ends_the_run_after_its_rep
     _assert_checkpointer_down(ended, "connection timeout expired")
 
 
-HOLD = f"SELECT pg_sleep({TIMEOUT + 1.5})"  # past one connect timeout
+HOLD = TIMEOUT + 1.5  # seconds the pool's one connection stays taken: past one connect timeout
+LOCK = 7321  # the advisory lock the holder's statement waits on (each test has its own database)
+
+
+@contextlib.contextmanager
+def _holding_the_pool(admin_url: str) -> Iterator[tuple[Callable[[], bool], threading.Timer]]:
+    """An advisory lock taken on `admin_url` (a connection outside the pool and the proxy): a
+    statement of the pool's that waits on it holds the pool's connection until the lock goes.
+    Yields whether such a statement waits now, and a timer that lets it go `HOLD` s after its
+    start (so the readers started just before wait that long, however loaded the machine)."""
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (LOCK,))
+        lock = threading.Lock()  # the connection is read by the test, and let go by the timer
+
+        def waiting() -> bool:
+            with lock:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                    " AND datname = current_database()"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        def let_go() -> None:
+            with lock:
+                admin.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
+
+        timer = threading.Timer(HOLD, let_go)
+        try:
+            yield waiting, timer
+        finally:
+            timer.cancel()
+            if timer.ident is not None:
+                timer.join()
+            with lock:
+                admin.execute("SELECT pg_advisory_unlock_all()")  # (the test failed before)
 
 
 def _waits_on_a_busy_pool(
-    persistence: Persistence, flavour: str, readers: int = 1, proxy: Listener | None = None
+    persistence: Persistence,
+    flavour: str,
+    admin_url: str,
+    readers: int = 1,
+    proxy: Listener | None = None,
 ) -> tuple[float, int]:
-    """With the checkpointer pool's one connection held (`HOLD`), `readers` reads at once:
-    the seconds the last one took (each found no checkpoint), and the connections `proxy`
-    (the way to the server) took meanwhile."""
+    """With the checkpointer pool's one connection held (`HOLD` s, see `_holding_the_pool`),
+    `readers` reads at once: the seconds the last one took (each found no checkpoint), and the
+    connections `proxy` (the way to the server) took meanwhile."""
     opened = (lambda: proxy.accepted) if proxy is not None else (lambda: 0)
     config = {"configurable": {"thread_id": "t1"}}
+    hold = f"SELECT pg_advisory_xact_lock({LOCK})"  # (the transaction ends with the block)
     if flavour == "async":
 
-        async def run() -> float:
+        async def run() -> tuple[float, int]:
             async with persistence.acheckpointer() as saver:
                 pool = saver.conn  # type: ignore[attr-defined]
 
-                async def hold() -> None:
+                async def hold_it() -> None:
                     async with pool.connection() as conn:
-                        await conn.execute(HOLD)
+                        await conn.execute(hold)
 
-                holder = asyncio.create_task(hold())
-                await asyncio.sleep(0.3)
-                started, before = time.monotonic(), opened()
-                found = await asyncio.gather(*(saver.aget_tuple(config) for _ in range(readers)))
-                took, checks = time.monotonic() - started, opened() - before
-                await holder
+                with _holding_the_pool(admin_url) as (waiting, timer):
+                    holder = asyncio.create_task(hold_it())
+                    await until(waiting, "the pool's connection to wait on the lock")
+                    timer.start()
+                    started, before = time.monotonic(), opened()
+                    reads = (saver.aget_tuple(config) for _ in range(readers))
+                    found = await asyncio.gather(*reads)
+                    took, checks = time.monotonic() - started, opened() - before
+                    await holder
             assert found == [None] * readers
             return took, checks
 
         return asyncio.run(run())
-    with persistence.checkpointer() as saver:
+    with persistence.checkpointer() as saver, _holding_the_pool(admin_url) as (waiting, timer):
         pool = saver.conn  # type: ignore[attr-defined]
 
-        def hold() -> None:
+        def hold_it() -> None:
             with pool.connection() as conn:
-                conn.execute(HOLD)
+                conn.execute(hold)
 
-        holder = threading.Thread(target=hold)
+        holder = threading.Thread(target=hold_it)
         holder.start()
-        time.sleep(0.3)
+        eventually(waiting, "the pool's connection to wait on the lock")
+        timer.start()
         started, before = time.monotonic(), opened()
         with ThreadPoolExecutor(readers) as workers:
             found = list(workers.map(lambda _: saver.get_tuple(config), range(readers)))
@@ -464,7 +507,7 @@ def test_a_busy_checkpointer_pool_is_waited_for_past_the_connect_timeout(
     """A checkpointer pool whose one connection is in use is not a down server: a read waits
     for it past one connect timeout (the check in between connects) and succeeds."""
     url = _on_port(fresh_postgres_url, urlsplit(fresh_postgres_url).port or 5432)
-    took, _ = _waits_on_a_busy_pool(Persistence(url, pool_max_size=1), flavour)
+    took, _ = _waits_on_a_busy_pool(Persistence(url, pool_max_size=1), flavour, fresh_postgres_url)
     assert took > TIMEOUT, f"the read took {took:.1f} s: it did not wait for the held connection"
 
 
@@ -478,7 +521,9 @@ def test_waits_on_a_busy_pool_open_one_check_connection_between_them(
     one more connection per waiting step)."""
     with _listening(target=urlsplit(fresh_postgres_url).port or 5432) as proxy:
         persistence = Persistence(proxy.url(fresh_postgres_url), pool_max_size=1)
-        took, checks = _waits_on_a_busy_pool(persistence, flavour, readers=4, proxy=proxy)
+        took, checks = _waits_on_a_busy_pool(
+            persistence, flavour, fresh_postgres_url, readers=4, proxy=proxy
+        )
     assert took > TIMEOUT, f"the reads took {took:.1f} s: they did not wait"
     assert checks == 1, f"{checks} connections checked the server"
 
