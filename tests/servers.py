@@ -7,18 +7,24 @@
   own, and the given leases. `aegra.json` comes from `keel.app.aegra.write_aegra_config`.
 
 Each process runs in its own process group and is stopped (SIGTERM, then SIGKILL) on exit.
+A port found free can be taken by another process before the server listens on it: a server
+whose log says so (`PortTaken`) is started again on another free port (`serving_on_a_free_port`),
+and a server counts as ready only when the answer came from a socket of its own process group
+(not from whoever took the port).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +54,17 @@ TEST_LEASES = {
 
 class ServerFailed(RuntimeError):
     """A server exited or did not answer in time (the message carries its log)."""
+
+
+class PortTaken(ServerFailed):
+    """The server could not listen on its port: another process took it after `free_port`."""
+
+
+_PORT_TAKEN = re.compile(
+    r"address already in use"  # uvicorn (Aegra): "[Errno 98] error while attempting to bind"
+    r"|Port \d+ is already in use",  # `langgraph dev`: "..., using port N instead" (elsewhere)
+    re.IGNORECASE,
+)
 
 
 def free_port() -> int:
@@ -147,17 +164,81 @@ def start(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log: Path) -> Pr
 
 
 def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 120) -> None:
+    """Until `process` answers `url` + `path` with 200 from a socket of its own.
+
+    Raises `PortTaken` once its log says its port was taken, `ServerFailed` when it exits or
+    does not answer within `seconds`."""
+    port = urlsplit(url).port
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if _PORT_TAKEN.search(process.text()):
+            raise PortTaken(f"the port of {url} was taken:\n{process.text()}")
         if process.proc.poll() is not None:
             raise ServerFailed(f"server exited with {process.proc.returncode}:\n{process.text()}")
         try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
+            answered = httpx.get(f"{url}{path}", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
+            answered = False
+        if answered and port is not None and listens(process, port) is not False:
+            return
         time.sleep(0.05)
     raise ServerFailed(f"server did not answer {url}{path} within {seconds} s:\n{process.text()}")
+
+
+def listens(process: Process, port: int) -> bool | None:
+    """Whether a process of `process`'s group listens on 127.0.0.1:`port` (None: no /proc)."""
+    try:
+        table = Path("/proc/net/tcp").read_text()
+    except OSError:
+        return None
+    hexport = f"{port:04X}"
+    inodes = {
+        f"socket:[{fields[9]}]"
+        for fields in (line.split() for line in table.splitlines()[1:])
+        if fields[1].endswith(f":{hexport}") and fields[3] == "0A"  # 0A: LISTEN
+    }
+    for pid in _group(process.pid):
+        with contextlib.suppress(OSError):  # (a process that ended meanwhile)
+            if any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return True
+    return False
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of process group `pgid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.append(int(entry.name))
+    return found
+
+
+def serving_on_a_free_port(
+    launch: Callable[[int], Process], path: str, *, attempts: int = 3
+) -> tuple[str, Process]:
+    """`launch(port)` on a free port; its URL once it answers `path` (`wait_ready`).
+
+    A launch whose port was taken meanwhile (`PortTaken`) is stopped and made again on another
+    free port, up to `attempts` in all; any other failure is raised at once."""
+    port = free_port()
+    return ready_or_again(launch, port, launch(port), path, attempts=attempts)
+
+
+def ready_or_again(
+    launch: Callable[[int], Process], port: int, process: Process, path: str, *, attempts: int = 3
+) -> tuple[str, Process]:
+    """`process` (launched on `port`) once ready; relaunched elsewhere if its port was taken."""
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, path)
+    except PortTaken:
+        process.stop()
+        if attempts <= 1:
+            raise
+        return serving_on_a_free_port(launch, path, attempts=attempts - 1)
+    return url, process
 
 
 def _base_env(ledger_url: str, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -182,20 +263,28 @@ def serving_dev(
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, Process]]:
     """`keel serve` on a free port from `workdir`; the URL once `/ok` answers."""
-    port = free_port()
     keel = str(Path(sys.executable).with_name("keel"))
-    cmd = [keel, "serve", "--server-config", str(server_config or SERVER_CONFIG)]
-    cmd += ["--port", str(port), "--config", str(config or ROOT / "langgraph.json")]
     env = _base_env(ledger_url, extra_env)
-    process = start(cmd, cwd=workdir, env=env, log=workdir / "server.log")
-    url = f"http://127.0.0.1:{port}"
+
+    def launch(port: int) -> Process:
+        cmd = [keel, "serve", "--server-config", str(server_config or SERVER_CONFIG)]
+        cmd += ["--port", str(port), "--config", str(config or ROOT / "langgraph.json")]
+        return start(cmd, cwd=workdir, env=env, log=workdir / "server.log")
+
+    launched: list[Process] = []
+
+    def launch_kept(port: int) -> Process:
+        launched.append(launch(port))
+        return launched[-1]
+
     try:
-        wait_ready(url, process)
+        url, process = serving_on_a_free_port(launch_kept, "/ok")
         yield url, process
     finally:
-        process.stop()
-        if os.environ.get("KEEL_SHOW_SERVER_LOG"):
-            print(process.text())
+        for process in launched:
+            process.stop()
+        if os.environ.get("KEEL_SHOW_SERVER_LOG") and launched:
+            print(launched[-1].text())
 
 
 @dataclass
@@ -241,7 +330,7 @@ def serving_aegra(
     with ExitStack() as stack:
         database_url = stack.enter_context(fresh_database(postgres_url, "keel_aegra"))
 
-        def replica(name: str, n_workers: int, migrate: bool) -> tuple[str, Process]:
+        def replica(name: str, n_workers: int, migrate: bool) -> Callable[[int], Process]:
             env = {
                 **base,
                 **replica_env(
@@ -257,21 +346,27 @@ def serving_aegra(
                 "REDIS_CHANNEL_PREFIX": f"{prefix}:run:",
                 "LOG_LEVEL": "WARNING",
             }
-            port = free_port()
-            cmd = [str(AEGRA_PYTHON), "-m", "uvicorn", "aegra_api.main:app"]
-            cmd += ["--host", "127.0.0.1", "--port", str(port)]
-            process = start(cmd, cwd=workdir, env=env, log=workdir / f"{name}.log")
-            stack.callback(process.stop)
-            return f"http://127.0.0.1:{port}", process
 
-        url, api = replica("api", 0, True)
+            def launch(port: int) -> Process:
+                cmd = [str(AEGRA_PYTHON), "-m", "uvicorn", "aegra_api.main:app"]
+                cmd += ["--host", "127.0.0.1", "--port", str(port)]
+                process = start(cmd, cwd=workdir, env=env, log=workdir / f"{name}.log")
+                stack.callback(process.stop)
+                return process
+
+            return launch
+
+        # migrations done before the workers start
+        url, api = serving_on_a_free_port(replica("api", 0, True), "/health")
         cluster = AegraCluster(url=url, api=api)
         try:
-            wait_ready(url, api, "/health")  # migrations done before the workers start
-            started = [replica(f"worker{i}", 1, False) for i in range(workers)]  # start together
-            cluster.workers += [process for _, process in started]
-            for worker_url, process in started:
-                wait_ready(worker_url, process, "/health")
+            started = []
+            for i in range(workers):  # started together, then waited for
+                launch, port = replica(f"worker{i}", 1, False), free_port()
+                started.append((launch, port, launch(port)))
+            cluster.workers += [process for _, _, process in started]
+            for i, (launch, port, process) in enumerate(started):
+                _, cluster.workers[i] = ready_or_again(launch, port, process, "/health")
         except ServerFailed:
             raise ServerFailed(cluster.logs()) from None
         try:
