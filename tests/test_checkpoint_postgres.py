@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import eventually
 from langchain_core.messages import BaseMessage, ToolMessage
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
@@ -374,20 +375,14 @@ def test_a_pooled_connection_is_taken_unchecked_only_while_its_server_is_quiet(
         pid = live.info.backend_pid
         with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        time.sleep(0.2)  # the server's goodbye reaches the idle socket
-        assert not quiet(live)
+        eventually(lambda: not quiet(live), "the server's goodbye to reach the idle socket")
 
     pool = draining_pool(fresh_postgres_url, min_size=1, max_size=1, open=False, fresh_for=60)
     pool.open(wait=True)
     try:
         with pool.connection() as conn:  # checked once, then fresh for 60 s
             first = conn.info.backend_pid
-        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        time.sleep(0.2)
+        assert _terminate_all(fresh_postgres_url) == 1  # (until its backend is gone)
         with pool.connection() as conn:  # not the dead one: checked, drained, replaced
             assert conn.execute("SELECT 1").fetchone() == (1,)
             assert conn.info.backend_pid != first
