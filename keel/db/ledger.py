@@ -45,7 +45,7 @@ from keel._drive import Op, Steps, adrive, both, call, drive, sleep
 from keel.db.checkpoint.postgres import connection_lost
 from keel.db.migrations import migrate_flow
 from keel.db.persistence import Persistence
-from keel.db.pool_closing import CLOSE_WITHIN, close_elsewhere, runs_here
+from keel.db.pool_closing import CLOSE_WITHIN, close_elsewhere, close_later, runs_here
 from keel.db.pools import (
     FRESH_FOR,
     DrainingAsyncPool,
@@ -174,6 +174,7 @@ class Ledger:
         self._pool_max_size = pool_max_size
         self._pool: ConnectionPool[Any] | None = None
         self._apool: DrainingAsyncPool | None = None
+        self._closing: asyncio.Task[None] | None = None  # `close()` inside the pool's loop
         self._lock = threading.Lock()
         self._alock: asyncio.Lock | None = None
         self._setup_lock: asyncio.Lock | None = None
@@ -370,22 +371,21 @@ class Ledger:
         The async pool (PostgreSQL under `ainvoke`) is closed on the event loop it was opened
         on: when that loop runs in another thread, the close runs there and is waited for (10 s
         at most); when it is stopped, it is run until the close is done; when it has ended
-        (`asyncio.run` returned), its idle connections are closed here.
+        (`asyncio.run` returned), its idle connections are closed here. Called inside that
+        loop (a coroutine, or sync code it calls), which cannot wait for itself, the pool closes
+        in a task on it, done once the caller next awaits: `await ledger.aclose()` there waits
+        for the close (and, as the last line of an `asyncio.run`, is the one that is sure to
+        finish before the loop ends).
 
         Raises:
-            UserError: Called from inside the event loop the async pool runs on (a coroutine,
-                or sync code it calls), which cannot wait for its own loop. Nothing is closed:
-                use `await ledger.aclose()` there.
             StorageError: The async pool's loop, in another thread, did not close it within
                 10 s (blocked). The ledger is closed; the pool closes when that loop gets to it.
         """
-        if (pool := self._apool) is not None and runs_here(pool):
-            raise UserError(
-                f"{self!r}.close() was called inside the event loop its async pool runs on, "
-                "which cannot wait for its own loop: nothing was closed. Use `await "
-                "ledger.aclose()` there (an async shutdown, an async test's teardown)."
-            )
-        if (pool := self._shut()) is not None and not close_elsewhere(pool):
+        if (pool := self._shut()) is None:
+            return
+        if runs_here(pool):
+            self._closing = close_later(pool)
+        elif not close_elsewhere(pool):
             raise self._not_closed_in_time()
 
     def _shut(self) -> DrainingAsyncPool | None:
@@ -451,6 +451,8 @@ class Ledger:
             StorageError: As `close`.
         """
         if (pool := self._shut()) is None:
+            if (closing := self._closing) is not None:  # `close()` started it on this loop
+                await asyncio.shield(closing)
             return
         if runs_here(pool):
             await pool.close()

@@ -5,7 +5,8 @@ tasks there, and `await pool.close()` stops them (and waits for each) before it 
 connections. Sync code that closes one (`Ledger.close()`) finds that loop in one of four states:
 
 - **running in this thread** (the caller runs inside it): a sync wait for that loop would
-  never end. `runs_here` says so; the caller refuses and names the `await` to use.
+  never end. `runs_here` says so; `close_later` closes the pool in a task on that loop, which
+  ends once the caller's coroutine next awaits (`await ledger.aclose()` waits for it).
 - **running in another thread**: the close runs there, and is waited for (`close_elsewhere`).
 - **stopped, not closed** (`loop.run_until_complete` returned): the close is queued on it and
   the loop is run until it is done, in a thread of its own (this one may run another loop).
@@ -28,7 +29,7 @@ from contextlib import suppress
 
 from keel.db.pools import DrainingAsyncPool
 
-__all__ = ["CLOSE_WITHIN", "close_elsewhere", "runs_here"]
+__all__ = ["CLOSE_WITHIN", "close_elsewhere", "close_later", "runs_here"]
 
 CLOSE_WITHIN = 10.0
 """Seconds `close_elsewhere` waits for the close on the pool's loop (psycopg_pool gives its
@@ -41,6 +42,18 @@ def runs_here(pool: DrainingAsyncPool) -> bool:
         return asyncio.get_running_loop() is pool.loop
     except RuntimeError:  # no loop runs here
         return False
+
+
+_closing: set[asyncio.Task[None]] = set()
+"""The closes `close_later` started (the loop keeps only weak references to its tasks)."""
+
+
+def close_later(pool: DrainingAsyncPool) -> asyncio.Task[None]:
+    """Close `pool` in a task on its loop, which this thread runs (`runs_here` is true)."""
+    task = asyncio.get_running_loop().create_task(pool.close(), name="keel-pool-close")
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+    return task
 
 
 def close_elsewhere(pool: DrainingAsyncPool, within: float = CLOSE_WITHIN) -> bool:
