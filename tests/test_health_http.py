@@ -143,3 +143,21 @@ def test_the_semantic_check_spends_model_calls_only_for_the_health_token(
     assert "KEEL_HEALTH_TOKEN" not in ran.json()["checks"][0]["detail"]
     # live and ready stay open to probes
     assert client.get("/keel/health/live").status_code == 200
+
+
+def test_a_token_with_non_ascii_bytes_is_refused_not_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by attack: `hmac.compare_digest` raises TypeError on a str with a non-ASCII
+    character, so a header `Bearer \xe9` (or any token while KEEL_HEALTH_TOKEN was not ASCII)
+    was a 500 with a traceback in the server log, not a 401."""
+    monkeypatch.setenv("KEEL_HEALTH_MODEL", "keel:demo")
+    client = TestClient(app, raise_server_exceptions=False)
+    for token, sent in (("s3cret", "\xe9t\xe9"), ("s\xe9cret", "wrong")):
+        monkeypatch.setenv("KEEL_HEALTH_TOKEN", token)
+        header = [(b"authorization", f"Bearer {sent}".encode())]
+        assert client.get("/keel/health/semantic", headers=header).status_code == 401, sent
+    # a UTF-8 token opens it when the client sends its UTF-8 bytes
+    header = [(b"authorization", "Bearer s\xe9cret".encode())]
+    ran = client.get("/keel/health/semantic", headers=header)
+    assert ran.status_code == 503 and "semantic" in ran.json()["failing"]

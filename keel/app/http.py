@@ -102,7 +102,10 @@ def _refused(request: Request) -> JSONResponse | None:
         return _refusal(403, why)
     sent = request.headers.get("authorization", "")
     scheme, _, value = sent.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+    # as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500);
+    # Starlette reads a header's bytes as Latin-1, so this is the bytes the client sent
+    sent_token, wanted = value.strip().encode("latin-1"), token.encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent_token, wanted):
         why = f"send `Authorization: Bearer <{TOKEN_ENV}>` to run the semantic check"
         return _refusal(401, why)
     return None
