@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from keel.app.cli import main
+from keel.errors import UserError
 
 
 def _keel(
@@ -362,3 +364,63 @@ def test_serve_checks_the_server_config_before_starting_the_server(
         config.write_bytes(content)
     assert main(["serve", "--server-config", str(config), "--port", "0"]) == 2
     assert says in capsys.readouterr().err
+
+
+SMALL_SERVER = """
+[[users]]
+token = "t"
+user = "alice"
+tenant = "acme"
+
+[tenants.acme.agents.main]
+model = "keel:demo"
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "is a directory: pass the JSON file"),
+        (b"\xff\xfe{}", "is not UTF-8 text (invalid start byte at byte 0): save it as UTF-8 JSON"),
+        (b"{graphs", "is not valid JSON: Expecting property name"),
+        (b"[]", "is not a JSON object"),
+    ],
+    ids=["a-directory", "not-utf8", "syntax", "a-list"],
+)
+def test_serve_checks_its_langgraph_json_before_the_server_or_aegra_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, says: str
+) -> None:
+    """Found by attack: `--config` naming a directory said it did not exist, and a langgraph.json
+    that is not UTF-8 was a traceback from `--aegra-config`; for serving, keel started
+    `langgraph dev` on any file, which died on it in a traceback. (`serve_command` is called
+    directly: `main` would exec a server were the file not checked.)"""
+    from keel.app.serve import serve_command
+
+    spec = tmp_path / "langgraph.json"
+    if content is None:
+        spec.mkdir()
+    else:
+        spec.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"langgraph config {str(spec)!r} {says}")):
+        serve_command(port=8123, config=spec)
+    server = tmp_path / "server.toml"
+    server.write_text(SMALL_SERVER, encoding="utf-8")
+    argv = ["serve", "--server-config", str(server), "--config", str(spec)]
+    assert main([*argv, "--aegra-config", str(tmp_path / "deploy")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/deploy"])
+def test_an_aegra_config_folder_keel_cannot_make_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """Found by attack: `--aegra-config` naming a file (or a folder under one) was a traceback."""
+    server = tmp_path / "server.toml"
+    server.write_text(SMALL_SERVER, encoding="utf-8")
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / where
+    assert main(["serve", "--server-config", str(server), "--aegra-config", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"keel: cannot make the Aegra config folder {str(out)!r}: ")
+    assert err.count("\n") == 1

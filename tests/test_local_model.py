@@ -409,4 +409,4 @@ def test_a_models_folder_keel_cannot_make_is_one_line_before_anything_installs(
     assert main(["models", "install", "--no-extra", "--dir", where]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"keel: cannot make the models folder {where!r}: ")
-    assert err.count("\n") == 1 and "--dir a folder keel can write" in err
+    assert err.count("\n") == 1 and "--dir (or KEEL_MODELS_DIR) a folder keel can write" in err

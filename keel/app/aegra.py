@@ -38,7 +38,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from keel.app import server
-from keel.app.serve import LANGGRAPH_JSON
+from keel.app.cli_args import folder
+from keel.app.serve import LANGGRAPH_JSON, read_langgraph_json
 from keel.app.server_config import ServerConfig, TenantConfig, server_config
 from keel.errors import SetupError, UserError
 from keel.graphs.agent import Agent
@@ -196,18 +197,9 @@ def write_aegra_config(
 
     `langgraph_json` is a langgraph.json file (default: keel's own graphs and auth).
     """
-    spec: Mapping[str, Any] | None = None
-    if langgraph_json is not None:
-        path = Path(langgraph_json)
-        if not path.is_file():
-            raise UserError(f"langgraph config {str(path)!r} does not exist.")
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"langgraph config {str(path)!r} is not valid JSON: {exc}.") from exc
+    spec = None if langgraph_json is None else read_langgraph_json(langgraph_json)
     config, shim = aegra_config(server_config_path, spec)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder(Path(directory), "Aegra config folder", "--aegra-config")
     (out / SHIM_NAME).write_text(shim, encoding="utf-8")
     target = out / "aegra.json"
     target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

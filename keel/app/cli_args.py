@@ -1,4 +1,4 @@
-"""Argument checks shared by the `keel` commands: counts, days, and text keel can store.
+"""Argument checks shared by the `keel` commands: counts, days, text keel can store, folders.
 
 A count or a number of days out of range is a usage error (argparse's: the usage line and exit
 2), named with the range it must be in, not a traceback from the database it reaches. Text that
@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 from keel.errors import UserError
 
-__all__ = ["MAX_COUNT", "MAX_DAYS", "check_text", "count", "days"]
+__all__ = ["MAX_COUNT", "MAX_DAYS", "check_text", "count", "days", "folder"]
 
 MAX_COUNT = 1_000_000_000
 """The largest `--limit` / `--keep`: far past any database, well inside SQLite's integers."""
@@ -75,3 +76,19 @@ def check_text(
 
 def _unstorable(text: str) -> bool:
     return "\x00" in text or any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def folder(path: Path, what: str, option: str) -> Path:
+    """Make the folder `path` (`what` it is for, the `option` naming it), or say why it cannot be.
+
+    Made before the command does its work, so that a file in its place or no permission is one
+    line (a `UserError`), not a traceback once the work is done.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in its place" if path.is_file() else exc.strerror or str(exc)
+        raise UserError(
+            f"cannot make the {what} {str(path)!r}: {why}. Pass {option} a folder keel can write."
+        ) from None
+    return path

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keel.errors import SetupError, UserError
+from keel.app import cli_args
+from keel.errors import SetupError
 from keel.model_files import DEFAULT_LOCAL_MODEL, assemble, is_assembled, models_dir
 
 __all__ = ["LLAMA_CPP_REQUIREMENT", "add_parser", "build_flags", "run"]
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         state = "installed" if path.is_file() else "not installed: run `keel models install`"
         print(f"{path} ({state})")
         return 0 if path.is_file() else 1
-    _make(folder)  # before pip: a bad --dir would fail only after minutes of building
+    cli_args.folder(folder, "models folder", "--dir (or KEEL_MODELS_DIR)")  # before pip runs
     if not args.no_extra:
         _install_extra()
     start = time.perf_counter()
@@ -107,18 +108,6 @@ def run(args: argparse.Namespace) -> int:
     if folder != models_dir():
         print(f"keel: set KEEL_MODELS_DIR={folder} so that `local:` finds it")
     return 0
-
-
-def _make(folder: Path) -> None:
-    """Make the models folder, or say why it cannot be made (a file there, no permission)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "a file is in its place" if folder.is_file() else exc.strerror or str(exc)
-        raise UserError(
-            f"cannot make the models folder {str(folder)!r}: {why}. Pass --dir a folder keel "
-            "can write (or set KEEL_MODELS_DIR)."
-        ) from None
 
 
 def _install_extra() -> None:

@@ -12,11 +12,12 @@ import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from keel.app.server_config import CONFIG_ENV
 from keel.errors import SetupError, UserError
 
-__all__ = ["LANGGRAPH_JSON", "serve_command", "serve_env"]
+__all__ = ["LANGGRAPH_JSON", "read_langgraph_json", "serve_command", "serve_env"]
 
 LANGGRAPH_JSON = {
     "dependencies": ["."],
@@ -79,12 +80,37 @@ def serve_command(
     return cmd
 
 
+def read_langgraph_json(config: str | Path) -> dict[str, Any]:
+    """A langgraph.json file's object, or a `UserError` saying why it cannot be one.
+
+    Read before the server starts: `langgraph dev` would die on it in a traceback.
+    """
+    path = Path(config)
+    if path.is_dir():
+        raise UserError(f"langgraph config {str(path)!r} is a directory: pass the JSON file.")
+    if not path.is_file():
+        raise UserError(f"langgraph config {str(path)!r} does not exist.")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"langgraph config {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
+            f"{exc.start}): save it as UTF-8 JSON."
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"langgraph config {str(path)!r} is not valid JSON: {exc}.") from None
+    if not isinstance(spec, dict):
+        raise UserError(
+            f'langgraph config {str(path)!r} is not a JSON object (with "graphs", "auth", '
+            f"...): it holds a {type(spec).__name__}."
+        )
+    return spec
+
+
 def _langgraph_json(config: str | Path | None) -> Path:
     if config is not None:
-        path = Path(config)
-        if not path.is_file():
-            raise UserError(f"langgraph config {str(path)!r} does not exist.")
-        return path
+        read_langgraph_json(config)
+        return Path(config)
     if Path("langgraph.json").is_file():
         return Path("langgraph.json")
     path = Path(".keel/langgraph.json")
