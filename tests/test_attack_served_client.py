@@ -280,6 +280,29 @@ async def test_a_deleted_threads_id_taken_by_another_user_reads_nothing_of_it(
     assert (await dave.threads.get_state(thread_id))["values"] == {}
 
 
+async def test_an_assistant_marked_as_the_graphs_own_is_refused_and_reaches_no_tenant(
+    users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """Found by attack: every tenant reads the assistants whose metadata says `created_by:
+    system` (the graphs' own), and the server let a client set it: alice's assistant so
+    marked showed its name, config and owner to bob (another tenant), was listed as his MCP
+    tool, and ran his threads with its config. Refused on create and on update."""
+    alice, bob = users["alice"], users["bob"]
+    marked = {"created_by": "system", "note": "acme only"}
+    for mark in (marked, {"created_by": "alice"}):
+        made = alice.assistants.create("agent", config=LEAKY, metadata=mark, name="acme-only")
+        assert await status(made) == 422
+    mine = await alice.assistants.create("agent", config=LEAKY, name="acme-only")
+    with pytest.raises(APIStatusError) as caught:
+        await alice.assistants.update(mine["assistant_id"], metadata=marked)
+    assert caught.value.response.status_code == 422
+    assert "the server marks the graphs' own assistants" in caught.value.response.text
+    assert await status(bob.assistants.get(mine["assistant_id"])) == 404
+    assert "acme-only" not in [a["name"] for a in await bob.assistants.search(limit=100)]
+    listed = await mcp(http, "bob", "tools/list", {})
+    assert "acme-only" not in [t["name"] for t in listed["result"]["tools"]]
+
+
 # -- pinned: what the server already refuses ----------------------------------------------------
 
 

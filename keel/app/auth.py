@@ -6,8 +6,9 @@
 - **Whose:** threads, runs and assistants are stamped with `keel_tenant` / `keel_owner`
   metadata on create and filtered by them on every read, search, update, delete and run, so
   another tenant (or user) gets 404s and empty searches (the graphs' own assistants stay
-  readable by all). Store namespaces must be the caller's own memory namespace
-  `(kind, tenant, user, ...)`; anything else is refused with 403.
+  readable by all; a client's assistant may not carry their mark, `created_by`: 422). Store
+  namespaces must be the caller's own memory namespace `(kind, tenant, user, ...)`; anything
+  else is refused with 403.
 - **Reviewers:** a user whose token carries the role `reviewer` also reads and searches the
   threads of their tenant (`threads.search(status="interrupted")` lists the waiting ones) and may
   resume any of them with a run that only answers the interrupt (`command={"resume": ...}`,
@@ -310,6 +311,8 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
         _refuse_raw_streams(value)
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
+    if ctx.resource == "assistants" and ctx.action in ("create", "update"):
+        _refuse_system_mark(value)
     if ctx.action in ("create", "create_run", "update") and isinstance(value, dict):
         _refuse_keel_config_metadata(value)
         _refuse_internal_config(value)
@@ -510,6 +513,28 @@ def _refuse_keel_metadata(metadata: Any) -> None:
         )
 
 
+SYSTEM_MARK = "created_by"
+"""The metadata key marking the graphs' own assistants (`"system"`), which every user reads."""
+
+
+def _refuse_system_mark(value: Any) -> None:
+    """422 for an assistant whose metadata sets `created_by`: only the server marks its own.
+
+    Every tenant reads the assistants marked `created_by: system` (`read_assistants`): a
+    client's assistant so marked would show its name, config and owner to every tenant, be
+    listed as their MCP tool and run their threads with its config.
+    """
+    metadata = value.get("metadata") if isinstance(value, dict) else None
+    if isinstance(metadata, dict) and SYSTEM_MARK in metadata:
+        raise Auth.exceptions.HTTPException(
+            status_code=422,
+            detail=(
+                f"The metadata sets {SYSTEM_MARK!r}: the server marks the graphs' own "
+                "assistants with it, which every tenant reads. Leave it out."
+            ),
+        )
+
+
 def _stamp(value: dict[str, Any], stamp: dict[str, Any]) -> None:
     """Replace the keel keys a client put in the metadata (the run's and its config's) by `stamp`.
 
@@ -533,13 +558,13 @@ async def read_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, 
     A reviewer reads the tenant's: a waiting thread is resumed through the assistant its last
     run used, which may be its owner's own.
     """
-    return {"$or": [{"created_by": "system"}, _assistants_of(ctx.user)]}
+    return {"$or": [{SYSTEM_MARK: "system"}, _assistants_of(ctx.user)]}
 
 
 @auth.on.assistants.search
 async def search_assistants(ctx: Auth.types.AuthContext, value: Any) -> dict[str, Any]:
     """Listing assistants shows your own and the graphs' own ones (a reviewer: the tenant's)."""
-    return {"$or": [{"created_by": "system"}, _assistants_of(ctx.user)]}
+    return {"$or": [{SYSTEM_MARK: "system"}, _assistants_of(ctx.user)]}
 
 
 def _assistants_of(user: Any) -> dict[str, str]:
