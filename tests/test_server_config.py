@@ -40,6 +40,10 @@ tools = ["lookup_order"]
 """
 
 
+ANY = "0" * 64
+"""A well-formed token digest, for configs whose tokens no test sends."""
+
+
 class User(dict[str, Any]):
     """A server user as LangGraph hands it over: dict access plus `.identity`."""
 
@@ -66,51 +70,80 @@ def test_tokens_map_to_user_tenant_and_roles(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('token_sha256 = "x"', "token_sha256 must be the 64 hex digits of the token's SHA-256"),
+        ('token_sha256 = ""', "token_sha256 must be the 64 hex digits"),
+        (f'token_sha256 = "{ANY}0"', "token_sha256 must be the 64 hex digits"),
+        ("token_sha256 = 7", "token_sha256 must be the 64 hex digits"),
+        ('token = ""', "token must be a non-empty string without spaces around it"),
+        ('token = " t "', "token must be a non-empty string without spaces around it"),
+        ("token = 7", "token must be a non-empty string without spaces around it"),
+    ],
+    ids=["not-hex", "empty-digest", "65-digits", "a-number", "empty", "spaces", "token-number"],
+)
+def test_a_token_no_client_could_send_is_refused_at_load(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    """Found by attack: these loaded, each a user no bearer token logs in as (an empty
+    `token_sha256` was a KeyError: a traceback from `keel serve`)."""
+    text = MINIMAL.format(digest=ANY).replace(f'token_sha256 = "{ANY}"', entry)
+    with pytest.raises(SetupError, match=re.escape(message)):
+        ServerConfig.from_file(_write(tmp_path, text))
+
+
+def test_an_upper_case_token_digest_logs_its_user_in(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest().upper()
+    config = ServerConfig.from_file(_write(tmp_path, MINIMAL.format(digest=digest)))
+    assert config.authenticate("s3cret") is not None
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[tenants", "is not valid TOML"),
         ("[[users]]\nuser='a'\n", "it needs at least one [tenants.<id>] table."),
         (
-            MINIMAL.format(digest="x").replace('tenant = "acme"', 'tenant = "nope"'),
+            MINIMAL.format(digest=ANY).replace('tenant = "acme"', 'tenant = "nope"'),
             "users[0]: tenant 'nope' has no [tenants.nope] table.",
         ),
         (
-            MINIMAL.format(digest="x").replace('user = "alice"', 'user = "alice"\ntoken = "t"'),
+            MINIMAL.format(digest=ANY).replace('user = "alice"', 'user = "alice"\ntoken = "t"'),
             "users[0] needs exactly one of token_sha256 (preferred) or token.",
         ),
         (
-            MINIMAL.format(digest="x") + 'plan = "yes"\nmodle = "x"\n',
+            MINIMAL.format(digest=ANY) + 'plan = "yes"\nmodle = "x"\n',
             "unknown key(s) ['modle'] in [tenants.acme.agents.main]",
         ),
         (
-            MINIMAL.format(digest="x").replace(
+            MINIMAL.format(digest=ANY).replace(
                 "[tenants.acme.agents.main]",
                 '[tenants.acme]\nagent = "other"\n[tenants.acme.agents.main]',
             ),
             "[tenants.acme] agent = 'other' is not one of its agents ['main'].",
         ),
         (
-            MINIMAL.format(digest="x") + MINIMAL.format(digest="x").split("[tenants")[0],
+            MINIMAL.format(digest=ANY) + MINIMAL.format(digest=ANY).split("[tenants")[0],
             "users[1] ('alice') has the same token as users[0] ('alice'): a token must name one "
             "user. Give each user its own token.",
         ),
         (
-            MINIMAL.format(digest="x").replace('"lookup_order"', '"lookup_ordr"'),
+            MINIMAL.format(digest=ANY).replace('"lookup_order"', '"lookup_ordr"'),
             "[tenants.acme.agents.main] unknown tool 'lookup_ordr'. Use a bundled tool (forget, "
             "issue_refund, lookup_order, recall_memories, remember, search_policy) or "
             "'package.module:attribute'.",
         ),
         (
-            MINIMAL.format(digest="x").replace('"keel:demo"', '"keel:dmo"'),
+            MINIMAL.format(digest=ANY).replace('"keel:demo"', '"keel:dmo"'),
             "[tenants.acme.agents.main] model 'keel:dmo' is not a bundled model; keel bundles "
             "['keel:demo', 'keel:demo-memory', 'keel:demo-router', 'keel:demo-support'].",
         ),
         (
-            MINIMAL.format(digest="x").replace('"keel:demo"', '"gpt-4o"'),
+            MINIMAL.format(digest=ANY).replace('"keel:demo"', '"gpt-4o"'),
             "[tenants.acme.agents.main] model 'gpt-4o' must read 'provider:name'",
         ),
         (
-            'ledger = "${KEEL_TEST_UNSET_VAR}"\n' + MINIMAL.format(digest="x"),
+            'ledger = "${KEEL_TEST_UNSET_VAR}"\n' + MINIMAL.format(digest=ANY),
             "ledger = '${KEEL_TEST_UNSET_VAR}' uses the environment variable "
             "KEEL_TEST_UNSET_VAR, which is not set. Set it (export KEEL_TEST_UNSET_VAR=...) "
             "before starting the server.",
@@ -175,7 +208,7 @@ def runtime_for(tenant: str) -> Any:
 
 
 def test_a_served_ledger_must_be_postgres(tmp_path: Path) -> None:
-    text = 'ledger = "sqlite:///x.db"\n' + MINIMAL.format(digest="x")
+    text = 'ledger = "sqlite:///x.db"\n' + MINIMAL.format(digest=ANY)
     with pytest.raises(SetupError, match="a served ledger must be PostgreSQL"):
         ServerConfig.from_file(_write(tmp_path, text))
 
@@ -205,7 +238,7 @@ def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> No
 def test_a_tenants_memory_namespace_is_where_its_agents_remember(tmp_path: Path) -> None:
     from keel.app.server import build_tenant_agent
 
-    text = MINIMAL.format(digest="x").replace('tools = ["lookup_order"]', 'tools = ["remember"]')
+    text = MINIMAL.format(digest=ANY).replace('tools = ["lookup_order"]', 'tools = ["remember"]')
     text = text.replace(
         "[tenants.acme.agents.main]",
         '[tenants.acme]\nmemory_namespace = "crm"\n'
@@ -227,7 +260,7 @@ def test_a_dollar_policy_on_a_model_keel_cannot_price_needs_the_files_prices(
     """Served with a usd limit, an unpriced model counted $0: the file's [prices] prices it."""
     from keel.app.server import build_tenant_agent, build_tenant_supervisor
 
-    text = MINIMAL.format(digest="x").replace(
+    text = MINIMAL.format(digest=ANY).replace(
         'model = "keel:demo"',
         'model = "serve.house_model:model"\n'
         'policy = { budget = { usd = 0.5 }, rules = [{ tool = "*", action = "allow" }] }',
@@ -264,7 +297,7 @@ def test_a_dollar_policy_on_a_model_keel_cannot_price_needs_the_files_prices(
 def test_bad_prices_in_the_config_file_say_what_is_wrong(
     tmp_path: Path, prices: str, message: str
 ) -> None:
-    text = "[prices]\n" + prices + "\n" + MINIMAL.format(digest="x")
+    text = "[prices]\n" + prices + "\n" + MINIMAL.format(digest=ANY)
     with pytest.raises(SetupError) as caught:
         ServerConfig.from_file(_write(tmp_path, text))
     assert message in str(caught.value)
@@ -494,7 +527,7 @@ async def test_the_served_auth_reads_a_messages_role_as_langgraph_does(
 def test_queued_per_process_defaults_to_half_the_job_slots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    text = MINIMAL.format(digest="x")
+    text = MINIMAL.format(digest=ANY)
     monkeypatch.delenv("N_JOBS_PER_WORKER", raising=False)
     assert ServerConfig.from_file(_write(tmp_path, text)).queued_per_process == 5
     monkeypatch.setenv("N_JOBS_PER_WORKER", "3")
@@ -516,7 +549,7 @@ def _routed(policy: str) -> str:
     """MINIMAL with a supervisor (router `policy`, e.g. `, policy = {...}`) over its agent,
     `support` (the demo router's first pick), held to a budget of 10 model calls."""
     router = f'{{ model = "keel:demo-router", agents = ["support"]{policy} }}'
-    text = MINIMAL.format(digest="x").replace('"keel:demo"', '"keel:demo-support"')
+    text = MINIMAL.format(digest=ANY).replace('"keel:demo"', '"keel:demo-support"')
     tables = f"[tenants.acme]\nsupervisor = {router}\n\n[tenants.acme.agents.support]"
     text = text.replace("[tenants.acme.agents.main]", tables)
     return text + (

@@ -390,7 +390,7 @@ def _user(i: int, raw: Any, tenants: Mapping[str, TenantConfig]) -> UserEntry:
     _only(raw, {"token", "token_sha256", "user", "tenant", "roles"}, where)
     if ("token" in raw) == ("token_sha256" in raw):
         raise UserError(f"{where} needs exactly one of token_sha256 (preferred) or token.")
-    digest = raw.get("token_sha256") or hashlib.sha256(str(raw["token"]).encode()).hexdigest()
+    digest = _token_digest(raw, where)
     tenant = _text(raw, "tenant", where)
     if tenant not in tenants:
         raise UserError(f"{where}: tenant {tenant!r} has no [tenants.{tenant}] table.")
@@ -398,11 +398,37 @@ def _user(i: int, raw: Any, tenants: Mapping[str, TenantConfig]) -> UserEntry:
     if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
         raise UserError(f"{where}: roles must be a list of role names, got {roles!r}.")
     return UserEntry(
-        token_sha256=str(digest).lower(),
+        token_sha256=digest,
         user_id=_text(raw, "user", where),
         tenant=tenant,
         roles=tuple(roles),
     )
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _token_digest(raw: Mapping[str, Any], where: str) -> str:
+    """The user's token's SHA-256 (hex), from `token_sha256` or `token`.
+
+    A digest that is not 64 hex digits, or a token that is empty or has spaces around it
+    (keel's auth strips the token a client sends), would make a user no token can log in as.
+    """
+    if "token_sha256" in raw:
+        digest = raw["token_sha256"]
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            raise UserError(
+                f"{where}: token_sha256 must be the 64 hex digits of the token's SHA-256 "
+                f"(`printf %s TOKEN | sha256sum`), got {digest!r}."
+            )
+        return digest.lower()
+    token = raw["token"]
+    if not isinstance(token, str) or not token.strip() or token != token.strip():
+        raise UserError(
+            f"{where}: token must be a non-empty string without spaces around it (keel's auth "
+            "strips the token a client sends, so no client could send this one)."
+        )
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _tenant(path: Path, name: str, raw: Any) -> TenantConfig:
