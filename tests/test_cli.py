@@ -424,3 +424,22 @@ def test_an_aegra_config_folder_keel_cannot_make_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"keel: cannot make the Aegra config folder {str(out)!r}: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["threads"], ["threads", "prune", "--keep", "1"], ["run", "--thread", "t1", "--approve"]],
+    ids=["threads", "prune", "resume"],
+)
+def test_a_file_that_is_not_a_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Found by attack: `file is not a database` is SQLite's DatabaseError, not the
+    OperationalError keel turned into a line: these died in a traceback (`audit` and
+    `report` did not)."""
+    garbage = tmp_path / "keel.db"
+    garbage.write_text("not a database\n")
+    assert main([*command, "--db", f"sqlite:///{garbage}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keel: cannot ") and "file is not a database" in err
+    assert err.count("\n") == 1

@@ -269,7 +269,8 @@ class Persistence:
             if self.sqlite_path is not None:  # queue with the ledger on this file
                 saver.lock = writer_lock(self.sqlite_path)  # type: ignore[assignment]
             try:
-                saver.setup()
+                with self._errors("open"):  # a file that is not a database fails here
+                    saver.setup()
                 yield saver
             finally:  # not under a statement another thread still runs on it
                 _close_when_idle(conn, saver.lock, self.safe_url)
@@ -288,7 +289,8 @@ class Persistence:
         if self._path is not None:
             async with self._asqlite() as conn:
                 asaver = self._strict(StrictAsyncSqliteSaver(conn, serde=self._serde()))
-                await asaver.setup()
+                with self._errors("open"):  # a file that is not a database fails here
+                    await asaver.setup()
                 yield asaver
             return
         await self._aready(self._plan())
@@ -530,7 +532,7 @@ class Persistence:
         """Turn a database error raised while doing `action` into a `SetupError` with a fix."""
         try:
             yield
-        except (psycopg.Error, PoolTimeout, sqlite3.OperationalError) as exc:
+        except (psycopg.Error, PoolTimeout, sqlite3.DatabaseError) as exc:
             raise SetupError(_failure(self, action, exc)) from exc
 
     def _prepared(self, plan: Plan, conn: Any, saver: Callable[[Any], Any]) -> Steps[None]:
