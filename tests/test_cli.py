@@ -443,3 +443,23 @@ def test_a_file_that_is_not_a_database_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("keel: cannot ") and "file is not a database" in err
     assert err.count("\n") == 1
+
+
+def test_serve_refuses_a_port_in_use_or_a_host_it_cannot_listen_on() -> None:
+    """Found by attack: `langgraph dev` serves on another port when `--port` is in use (a
+    client sent to `--port` reached whatever held it), and an unknown `--host` was a
+    traceback. (`serve_command` is called directly: `main` would exec a server.)"""
+    import socket
+
+    from keel.app.serve import serve_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}: "):
+            serve_command(port=port)
+    with pytest.raises(
+        UserError, match=re.escape("--host 'no-such-host.invalid' names no address")
+    ):
+        serve_command(port=port, host="no-such-host.invalid")

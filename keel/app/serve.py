@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,6 +69,7 @@ def serve_command(
     """The `langgraph dev` command line for keel's graphs (never `--allow-blocking`)."""
     if not isinstance(port, int) or not 0 < port < 65536:
         raise UserError(f"--port must be a TCP port (1-65535), got {port!r}.")
+    _check_listen(host, port)
     cli = shutil.which("langgraph") or str(Path(sys.executable).with_name("langgraph"))
     if not Path(cli).exists():
         raise SetupError(
@@ -78,6 +80,27 @@ def serve_command(
     if not reload:
         cmd.append("--no-reload")
     return cmd
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a `--host` / `--port` the server could not listen on, before it starts.
+
+    `langgraph dev` dies on an unknown host in a traceback, and on a port in use it serves on
+    another one, so a client sent to `--port` would reach whatever server holds it.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--host {host!r} names no address of this machine ({exc}).") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(
+                f"cannot serve on {host}:{port}: {exc.strerror or exc} (another server on that "
+                "port? pass --port a free one; --host an address of this machine)."
+            ) from None
 
 
 def read_langgraph_json(config: str | Path) -> dict[str, Any]:
