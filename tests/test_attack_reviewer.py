@@ -71,6 +71,11 @@ def test_a_plain_resume_is_a_review_run() -> None:
         # another of the tenant's agents would answer the owner's waiting call
         {"config": {"configurable": {"agent": "support"}}},
         {"config": {"configurable": {"keel_pending": "not_run"}}},
+        # found by attack: `recursion_limit: 1` ended the owner's waiting thread as
+        # stopped / budget_exceeded; any other setting is the reviewer's, for the owner's run
+        {"config": {"recursion_limit": 1}},
+        {"config": {"configurable": {}, "tags": ["x"], "run_name": "mine"}},
+        {"config": {"max_concurrency": 1}},
         # a breakpoint would stop the owner's approved call before it runs, at no one's request
         {"interrupt_before": ["execute_tools"]},
         {"interrupt_after": "*"},

@@ -140,7 +140,8 @@ def is_review_run(run: Any) -> bool:
     its latest checkpoint (a `checkpoint_id` would re-answer an approval the owner already
     settled), in the agent the thread waits in (no `configurable` but `thread_id`: an `agent`
     would answer with another of the tenant's agents), without breakpoints of its own
-    (`interrupt_before` / `interrupt_after`) and without cancelling a run in flight
+    (`interrupt_before` / `interrupt_after`), with no other config (a `recursion_limit` of 1
+    ended the owner's thread as `budget_exceeded`) and without cancelling a run in flight
     (`multitask_strategy` interrupt, rollback). That it goes through the thread's own
     assistant is checked against the thread (`owned` returns the filter).
     """
@@ -148,7 +149,9 @@ def is_review_run(run: Any) -> bool:
     if not isinstance(kwargs, dict) or kwargs.get("input") is not None:
         return False
     config = kwargs.get("config") or {}
-    configurable = config.get("configurable") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or set(config) - {"configurable", "metadata"}:
+        return False  # `recursion_limit`, `tags`, ...: a reviewer's settings for the owner's run
+    configurable = config.get("configurable")
     if not isinstance(configurable, dict | None) or any(map(_steers, configurable or {})):
         return False
     if run.get("multitask_strategy") in ("interrupt", "rollback"):
