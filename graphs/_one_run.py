@@ -48,6 +48,7 @@ from keel._node import NS_SEP, inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import THREAD_LEASES, storable
 from keel.errors import UserError
+from keel.graphs._storage import refuse_sync_saver
 from keel.guards import holders
 from keel.guards.admission import _LoopRenewer, _renew_rows, _Renewer
 from keel.redact import sanitized_logger
@@ -98,6 +99,7 @@ class OneRunPerThread:
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         storable_ids(config)
+        refuse_sync_saver(self.checkpointer, config)  # before the lease is taken
         key = _key(self.checkpointer, config)
         async with contextlib.AsyncExitStack() as stack:
             if key is not None:

@@ -53,6 +53,7 @@ from keel.graphs._storage import (
     RunEnd,
     StreamEnding,
     at_top,
+    refuse_sync_saver,
     storage_error,
     storage_failure,
     storage_outcome,
@@ -165,6 +166,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after refusing protected keys and resumes nothing waits for."""
         storable_ids(config)
+        refuse_sync_saver(self.checkpointer, config)
         if self._check_input(input) and config is not None:
             self._check_waiting((await self._read(config).arun()).interrupts, config)
         async with contextlib.aclosing(self._astream_checked(input, config, kwargs)) as chunks:

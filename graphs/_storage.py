@@ -35,12 +35,15 @@ import psycopg
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.postgres import PostgresSaver
+from langgraph.checkpoint.postgres.shallow import ShallowPostgresSaver
+from langgraph.checkpoint.sqlite import SqliteSaver
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, finishing
-from keel._node import inside_task
+from keel._node import inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
-from keel.errors import KeelError, SetupError, StorageError
+from keel.errors import KeelError, SetupError, StorageError, UserError
 from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
 from keel.state import Outcome
@@ -53,6 +56,7 @@ __all__ = [
     "StreamEnding",
     "at_top",
     "reason_of",
+    "refuse_sync_saver",
     "saver_failed",
     "storage_error",
     "storage_failure",
@@ -86,6 +90,35 @@ def saver_failed(exc: BaseException) -> bool:
 def storage_failure(exc: BaseException) -> bool:
     """Whether a run that raised `exc` ended on a failure of its checkpointer."""
     return isinstance(exc, STORAGE_FAILURES) or saver_failed(exc)
+
+
+SYNC_SAVERS: tuple[type[BaseCheckpointSaver[Any]], ...] = (
+    SqliteSaver,
+    PostgresSaver,
+    ShallowPostgresSaver,
+)
+"""LangGraph's savers with no async methods (each raises `NotImplementedError` under `ainvoke`)."""
+
+
+def refuse_sync_saver(checkpointer: Any, config: RunnableConfig | None) -> None:
+    """Refuse an async run of a graph whose checkpointer is sync only: a `UserError`.
+
+    LangGraph's `SqliteSaver` and `PostgresSaver` raise `NotImplementedError` from `aget_tuple`
+    and `aput`: that run would end as a failure of its database (`error / storage`), which it
+    is not. The saver is the one the run would use: the config's (as LangGraph's server sets
+    it), else the graph's. A run inside another one uses its parent's, checked there.
+    """
+    if inside_task(config):
+        return
+    saver = saver_in((config or {}).get("configurable") or {})
+    saver = saver if saver is not None else checkpointer
+    if isinstance(saver, SYNC_SAVERS):
+        raise UserError(
+            "An async run (ainvoke / astream) reads and writes checkpoints with async calls, and "
+            f"this graph's checkpointer ({type(saver).__name__}) is sync only "
+            "(Persistence(url).checkpointer()). For async runs compile the graph with "
+            "`async with Persistence(url).acheckpointer() as saver`, or call invoke / stream."
+        )
 
 
 def at_top(config: RunnableConfig | None) -> bool:

@@ -100,6 +100,7 @@ from keel.graphs._storage import (
     RunEnd,
     StreamEnding,
     log,
+    refuse_sync_saver,
     storage_failure,
 )
 from keel.guards.admission import Admission, Lease, overloaded
@@ -890,6 +891,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         """LangGraph's `astream`, after checking what is sent (see `refusal`)."""
+        refuse_sync_saver(self.checkpointer, config)
         if not inside_task(config):
             starting = self._started(self._starting(input, config, kwargs), config, kwargs)
             started, ending = await adrive(starting)

@@ -23,6 +23,7 @@ from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.runs import RunLog
+from keel.errors import UserError
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
 
@@ -295,4 +296,34 @@ async def test_async_postgres_connections_killed_end_with_a_storage_outcome(
         _assert_storage(result)
         assert killer.killed >= 2  # the group commit and its retry on a fresh connection
         done = await agent.ainvoke(None, config, context=CTX)
+        assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+
+
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_an_async_run_on_a_sync_checkpointer_is_refused_before_it_starts(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """LangGraph's sync savers raise `NotImplementedError` under `ainvoke`: not a storage failure.
+
+    The run was ending as `error / storage` ("...once the checkpointer is fixed"), as if the
+    database had failed; it is a `UserError` naming `acheckpointer()`, and nothing is written.
+    """
+    url = (
+        f"sqlite:///{tmp_path / 'sync.db'}"
+        if database == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(saver, lambda: None)
+        config: Any = {"configurable": {"thread_id": "sync"}}
+        sent = {"messages": [("user", "where is A1?")]}
+        with pytest.raises(UserError, match=r"acheckpointer\(\) as saver"):
+            await agent.ainvoke(sent, config, context=CTX)
+        with pytest.raises(UserError, match="sync only"):
+            async for _ in agent.astream(sent, config, context=CTX):
+                pass
+        assert agent.get_state(config).values == {}  # refused before anything was written
+        done = agent.invoke(sent, config, context=CTX)  # the sync entry points still run
         assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
