@@ -43,6 +43,7 @@ import yaml
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, ToolCall
 
+from keel._data_files import JSON_ERRORS, UniqueKeyLoader, too_deep, unique_pairs
 from keel.errors import UserError
 from keel.evals.chaos import ChaosChatModel, ChaosPolicy
 from keel.evals.scripted import ScriptedChatModel
@@ -251,57 +252,18 @@ def load_suite(path: str | Path) -> Suite:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_pairs)
+            data = json.loads(text, object_pairs_hook=unique_pairs)
         else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text ({exc}); save the suite as UTF-8.") from exc
-    except (json.JSONDecodeError, _GivenTwice) as exc:  # JSON, not YAML: tabs are valid there
+    except JSON_ERRORS as exc:  # JSON, not YAML: tabs are valid there
         raise UserError(f"{path} is not valid JSON: {exc}") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
     except RecursionError as exc:  # both parsers recurse per level of nesting
-        raise UserError(
-            f"{path} nests lists or mappings too deeply to read ({exc}); a suite needs a few "
-            "levels: check its brackets."
-        ) from exc
+        raise too_deep(str(path), exc, "a suite needs a few levels: ") from exc
     return Suite.from_dict(data, path=path)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader`, refusing a key given twice in one mapping.
-
-    PyYAML keeps the last silently: a case's second `expect:` would drop its first.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *case`: the keys after it override the merged ones, as YAML says
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice in one mapping: keep one",
-                        key_node.start_mark,
-                    )  # fmt: skip
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice (`json` keeps the last silently)."""
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise _GivenTwice(f"{key!r} is given twice in one object: keep one")
-        data[key] = value
-    return data
-
-
-class _GivenTwice(ValueError):
-    """A JSON suite's object names a key twice."""
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ Example (TOML):
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from keel._data_files import load_data_file
 from keel.errors import UserError
 from keel.guards.admission import AdmissionPolicy
 from keel.guards.breaker import BreakerPolicy
@@ -365,30 +365,6 @@ def _build_list(kind: type[Any], raw: Any, where: str) -> tuple[Any, ...]:
     return tuple(_build(kind, item, f"{where}[{i}]") for i, item in enumerate(raw))
 
 
-def load_data_file(path: Path, what: str) -> Any:
-    """Parse a `.toml`, `.yaml` or `.yml` file; errors name it as `what` (`"Policy file"`)."""
-    if path.is_dir():
-        raise UserError(f"{what} {str(path)!r} is a directory: pass the file itself.")
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{what} {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}."
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {exc.strerror}.") from None
-    if path.suffix == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{what} {str(path)!r} is not valid TOML: {exc}.") from exc
-    if path.suffix in (".yaml", ".yml"):
-        return _load_yaml(path, text, what)
-    raise UserError(f"{what} {str(path)!r}: use a .toml, .yaml or .yml file, not {path.suffix!r}.")
-
-
 def _build(kind: type[Any], raw: Any, where: str) -> Any:
     if not isinstance(raw, Mapping):
         raise UserError(f"Policy '{where}' must be a table/mapping, got {raw!r}.")
@@ -404,17 +380,3 @@ def _build(kind: type[Any], raw: Any, where: str) -> Any:
         raise UserError(f"In policy '{where}': {exc}") from exc
     except TypeError as exc:
         raise UserError(f"In policy '{where}': {exc}") from exc
-
-
-def _load_yaml(path: Path, text: str, what: str) -> Any:
-    try:
-        import yaml
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise UserError(
-            f"{what} {str(path)!r} is YAML, which needs PyYAML: `pip install pyyaml`, "
-            "or use a .toml file."
-        ) from exc
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{what} {str(path)!r} is not valid YAML: {exc}.") from exc

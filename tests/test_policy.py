@@ -310,6 +310,57 @@ def test_from_file_invalid_toml(tmp_path: Path) -> None:
     assert "line 1" in message
 
 
+@pytest.mark.parametrize("name", ["deep.yaml", "deep.toml"])
+def test_from_file_nested_past_the_parsers_depth_is_refused_not_a_recursion_error(
+    tmp_path: Path, name: str
+) -> None:
+    """PyYAML and `tomllib` recurse per level of nesting: a bare RecursionError before."""
+    deep = "[" * 5000 + "]" * 5000
+    text = f"name: p\nrules: {deep}\n" if name.endswith(".yaml") else f'name = "p"\nx = {deep}\n'
+    path = write(tmp_path, name, text)
+    with pytest.raises(UserError, match="nests lists or mappings too deeply") as info:
+        Policy.from_file(path)
+    assert str(info.value).startswith(f"Policy file {str(path)!r} ")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (  # PyYAML kept the second `budget`: the first one's usd limit was silently dropped
+            "twice.yaml",
+            "name: p\nbudget: {usd: 1}\nrules: []\nbudget: {steps: 5}\n",
+            "is not valid YAML: 'budget' is given twice in one mapping: keep one\n"
+            '  in "<unicode string>", line 4',
+        ),
+        (  # tomllib refuses it itself; the message now says what that means
+            "twice.toml",
+            "name = 'p'\n[budget]\nusd = 1\n[budget]\nsteps = 5\n",
+            "is not valid TOML: Cannot declare ('budget',) twice (at line 4, column 8); "
+            "a key or table is given twice: keep one.",
+        ),
+        (
+            "key.toml",
+            "name = 'p'\nname = 'q'\n",
+            "is not valid TOML: Cannot overwrite a value (at line 2, column 11); "
+            "a key or table is given twice: keep one.",
+        ),
+    ],
+)
+def test_from_file_a_key_given_twice_is_refused_not_silently_replaced(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    path = write(tmp_path, name, text)
+    with pytest.raises(UserError) as info:
+        Policy.from_file(path)
+    assert str(info.value).startswith(f"Policy file {str(path)!r} {message}"), str(info.value)
+
+
+def test_from_file_a_yaml_merge_key_still_lets_later_keys_override(tmp_path: Path) -> None:
+    text = "name: p\nrules:\n  - &b {tool: '*', action: deny}\n  - <<: *b\n    action: allow\n"
+    path = write(tmp_path, "merge.yaml", text)
+    assert [r.action for r in Policy.from_file(path).rules] == ["deny", "allow"]
+
+
 def test_from_file_invalid_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "policy.yaml", "rules: [unclosed\n")
     with pytest.raises(UserError, match=r"is not valid YAML: "):

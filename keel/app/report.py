@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from keel._data_files import load_data_file
 from keel.db.runs import RunRecord
 from keel.errors import UserError
-from keel.guards.policy import load_data_file
 
 __all__ = [
     "Objective",
