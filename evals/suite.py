@@ -70,6 +70,8 @@ _MODES = ("strict", "unordered", "subset", "superset")
 _ARGS = ("exact", "ignore", "subset", "superset")
 _BUDGETS: tuple[str, ...] = ("usd", "input_tokens", "output_tokens", "total_tokens", "steps")
 _BUDGETS += ("model_calls", "tool_calls", "latency_seconds")
+_COUNTS = frozenset(_BUDGETS) - {"usd", "latency_seconds"}
+"""The budgets that count (tokens, steps, calls): whole numbers, as `Budgets` declares them."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -507,4 +509,6 @@ def _budgets(raw: Any, where: str) -> Budgets:
     for name, value in data.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise UserError(f"{where}: {name} must be a number >= 0, got {value!r}.")
+        if name in _COUNTS and not isinstance(value, int):  # 1.5 model calls, or 2.0
+            raise UserError(f"{where}: {name} is a count: a whole number >= 0, got {value!r}.")
     return Budgets(**data)

@@ -157,6 +157,14 @@ def test_an_inline_script_builds_a_fresh_scripted_model_wrapped_in_chaos(tmp_pat
         ),
         ("cases: [{id: a, input: x, model: {script: [{text: }]}}]", "script[0]: text must be text"),
         ("cases: [{id: a, input: x, budgets: {usd: .nan}}]", "usd must be a number >= 0, got nan"),
+        # a count that is not whole was kept and compared as a float: 1.5 model calls
+        (
+            "cases: [{id: a, input: x, budgets: {model_calls: 1.5}}]",
+            "cases[0] (a): budgets: model_calls is a count: a whole number >= 0, got 1.5.",
+        ),
+        ("cases: [{id: a, input: x, budgets: {steps: 2.0}}]", "steps is a count: a whole number"),
+        ("cases: [{id: a, input: x, budgets: {tool_calls: .inf}}]", "tool_calls is a count"),
+        ("cases: [{id: a, input: x, budgets: {total_tokens: 1.0e+3}}]", "total_tokens is a count"),
         (
             "cases: [{id: a, input: x, expect: {tools_succeed: 'false'}}]",
             "tools_succeed must be true or false, got 'false'",
