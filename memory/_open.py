@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,7 +155,10 @@ def client_of(
     if client is not None:
         return client, None
     if path is not None:
-        return _persistent_client(str(path), settings), str(path)
+        # chromadb keys its shared System by the path string: every spelling of one folder
+        # (relative, `m/`, `./m`, a symlink) must give the same key, or two engines write it
+        folder = os.path.realpath(path)
+        return _persistent_client(folder, settings), folder
     parts = urlsplit(str(url))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")

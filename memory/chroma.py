@@ -75,7 +75,8 @@ class ChromaStore(BaseStore):
         drops the user's partition and (embedded client) vacuums the SQLite file.
 
     Args:
-        path: Directory of an embedded `PersistentClient` (one process).
+        path: Directory of an embedded `PersistentClient` (one process). Resolved
+            (`os.path.realpath`): every spelling of one folder shares one Chroma system.
         url: `http://host:port` of a Chroma server (`chroma run`), for several processes.
         client: A Chroma client you built (instead of `path`/`url`).
         index: Semantic search: `dims`, `embed` (LangChain `Embeddings`, a function, or a
@@ -123,7 +124,7 @@ class ChromaStore(BaseStore):
         self._known: set[str] = set()
         self._lock = threading.Lock()
         self.client, self.path = client_of(path=path, url=url, client=client)
-        where = f"at {path}" if path is not None else f"on {url}" if url else "(client=)"
+        where = f"at {self.path}" if self.path is not None else f"on {url}" if url else "(client=)"
         self._life = Lifetime(self.client, owned=client is None, where=f"{name!r} {where}")
         with self._life.using():
             try:

@@ -287,3 +287,32 @@ def test_the_servers_shutdown_closes_the_tenants_chroma_stores(
     closed = r"^The Chroma store 'served' on \S+ was closed \(the server is shutting down\)"
     with pytest.raises(StorageError, match=closed):
         served.get(("memories", "acme", "alice"), "k")
+
+
+def test_every_spelling_of_a_folder_shares_one_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chromadb keys its shared System by the path string as given: keel resolves the path, so
+    a relative path, a trailing slash, `./` and a symlink open one engine on one folder (two
+    would be two writers, which Chroma does not support)."""
+    ChromaStore(path=tmp_path / "warm").close()
+    before = _fds()
+    folder = tmp_path / "m"
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    spellings: list[str | Path] = [folder, "m", "m/", "./m", tmp_path / "link", "link/../m"]
+    stores = [ChromaStore(path=p, index=_index()) for p in spellings]
+    assert str(folder) in _systems()
+    assert not _systems() & {"m", "m/", "./m", str(tmp_path / "link"), "link/../m"}
+    assert len({id(s.client._system) for s in stores}) == 1  # type: ignore[attr-defined]
+    assert {s.path for s in stores} == {str(folder)}
+    _used(stores[1])  # written through "m", read through each other spelling
+    for store in stores:
+        assert store.get(("memories", "acme", "u1"), "k") is not None
+    for store in stores[:-1]:
+        store.close()
+    assert str(folder) in _systems()  # the last store still holds the folder's system
+    assert stores[-1].search(("memories", "acme", "u1"), query="tea")[0].key == "k"
+    stores[-1].close()
+    assert str(folder) not in _systems()
+    assert _fds() <= before + SLACK
