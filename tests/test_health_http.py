@@ -7,7 +7,9 @@ test_server_parity.py.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import free_port
@@ -161,3 +163,34 @@ def test_a_token_with_non_ascii_bytes_is_refused_not_an_error(
     header = [(b"authorization", "Bearer s\xe9cret".encode())]
     ran = client.get("/keel/health/semantic", headers=header)
     assert ran.status_code == 503 and "semantic" in ran.json()["failing"]
+
+
+def test_the_servers_shutdown_closes_the_ledger_its_graphs_use(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """`keel.app.http:app`'s lifespan (LangGraph server runs it) closes the served ledger's
+    pools: before, its PostgreSQL connections stayed open until the process died."""
+    from keel.app import server
+    from keel.app.server_config import server_config
+    from keel.errors import StorageError
+
+    _config(tmp_path, monkeypatch, fresh_postgres_url, f"http://127.0.0.1:{free_port()}")
+    ledger = server._ledger(server_config())  # the one the served graphs share
+    assert ledger is not None
+    pools: list[Any] = []
+
+    async def serve() -> None:
+        async with app.router.lifespan_context(app):  # the server starts, runs, stops
+            await ledger.asetup()  # a served run opens the ledger's async pool
+            pools.append(ledger._apool)
+            assert pools[0] is not None and not pools[0].closed
+
+    asyncio.run(serve())
+    assert ledger.closed and pools[0].closed
+    with pytest.raises(StorageError, match="was closed"):
+        ledger.run(_one())
+
+
+def _one() -> Any:
+    rows = yield "SELECT 1", ()
+    return rows

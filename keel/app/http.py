@@ -126,7 +126,7 @@ async def semantic(request: Request) -> JSONResponse:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """At shutdown, close the tenants' Chroma stores the graph factories opened."""
+    """At shutdown, close what the graph factories opened: Chroma stores, then the ledger."""
     yield
     if (server := sys.modules.get("keel.app.server")) is not None:  # else none were opened
         await server.aclose_served()

@@ -271,15 +271,26 @@ def _ledger(config: ServerConfig) -> Ledger | None:
 
 
 async def aclose_served() -> None:
-    """Close the tenants' Chroma stores the factories opened (the server's shutdown hook).
+    """Close what the factories opened: the tenants' Chroma stores, then the ledger's pools.
 
-    `keel.app.http:app`'s lifespan calls it as the server stops; LangGraph server runs that
-    lifespan (`http.app` in `langgraph.json`).
+    The server's shutdown hook: `keel.app.http:app`'s lifespan calls it as the server stops;
+    LangGraph server runs that lifespan (`http.app` in `langgraph.json`). Each is closed even
+    when closing another fails; the first failure is raised after.
     """
+    failed: list[Exception] = []
     for config in loaded_configs():
-        for value in list(config.cache.values()):
-            if isinstance(value, ChromaServerStore):
+        held = list(config.cache.values())
+        closing: list[ChromaServerStore | Ledger] = [
+            v for v in held if isinstance(v, ChromaServerStore)
+        ]
+        closing += [v for v in held if isinstance(v, Ledger)]
+        for value in closing:
+            try:
                 await value.aclose()
+            except Exception as exc:  # close the rest, then raise the first
+                failed.append(exc)
+    if failed:
+        raise failed[0]
 
 
 def _store(config: ServerConfig, tenant: TenantConfig) -> BaseStore | None:
