@@ -32,6 +32,14 @@ def is_review_run(run: Any) -> bool:
     return decide(run)
 
 
+KWARGS = (
+    *("config", "command", "input", "interrupt_before", "interrupt_after", "context"),
+    *("webhook", "durability", "checkpoint_during", "feedback_keys", "temporary"),
+    *("stream_mode", "subgraphs", "resumable", "a_later_servers_field"),
+)
+"""The run's own fields, which LangGraph's server nests under `kwargs`."""
+
+
 def _run(**extra: Any) -> dict[str, Any]:
     kwargs = {"input": None, "command": {"resume": {"type": "approve"}}, "config": {}}
     run: dict[str, Any] = {
@@ -42,7 +50,7 @@ def _run(**extra: Any) -> dict[str, Any]:
         "kwargs": kwargs,
     }
     for key, value in extra.items():
-        if key in ("config", "command", "input", "interrupt_before", "interrupt_after"):
+        if key in KWARGS:
             kwargs[key] = value
         else:
             run[key] = value
@@ -60,6 +68,32 @@ def test_a_plain_resume_is_a_review_run() -> None:
     }
     assert is_review_run(_run(config={"configurable": server}))
     assert is_review_run(_run(multitask_strategy="reject"))
+
+
+def test_a_resume_as_langgraph_server_hands_it_to_auth_is_a_review_run() -> None:
+    """Every field LangGraph's server (langgraph-api 0.16) puts in a `create_run` value, as it
+    fills them for `runs.create(thread_id, assistant, command={"resume": ...})`, with the
+    reviewer's stream options: what a reviewer needs to answer and watch."""
+    server = {"langgraph_auth_user_id": "carol", "__after_seconds__": 0}
+    defaults = {
+        "run_id": "1f0-run",
+        "status": "pending",
+        "metadata": {},
+        "prevent_insert_if_inflight": False,
+        "after_seconds": 0,
+        "config": {"configurable": {"thread_id": "t-owner", **server}},
+        "context": {"thread_id": "t-owner"},
+        "interrupt_before": None,
+        "interrupt_after": None,
+        "webhook": None,
+        "feedback_keys": None,
+        "temporary": False,
+        "checkpoint_during": True,
+        "durability": "async",
+    }
+    assert is_review_run(_run(**defaults))
+    watching = {"stream_mode": ["updates", "messages-tuple"], "subgraphs": True, "resumable": True}
+    assert is_review_run(_run(**defaults, **watching))
 
 
 @pytest.mark.parametrize(
@@ -87,6 +121,22 @@ def test_a_plain_resume_is_a_review_run() -> None:
         {"if_not_exists": "create"},
         {"thread_id": None},
         {"command": {"resume": None}},
+        # found by review: run fields beside the answer, each the reviewer's setting for the
+        # owner's run on the owner's thread
+        {"webhook": "https://reviewer.example/hook"},  # the owner's output sent to them
+        {"durability": "exit"},  # the owner's run checkpointed only at its end
+        {"durability": "sync"},
+        {"checkpoint_during": False},
+        {"after_seconds": 3600},  # a resume scheduled for later, on the owner's thread
+        {"feedback_keys": ["score"]},
+        {"temporary": True},
+        {"action": "interrupt"},
+        {"action": "rollback"},
+        {"status": "running"},
+        {"if_not_exists": "other"},
+        {"context": {"agent": "support"}},
+        {"context": {"checkpoint_id": "1f0-old"}},
+        {"a_later_servers_field": "set"},  # a field keel does not know: refused, not allowed
     ],
 )
 def test_anything_more_than_answering_what_waits_is_not(extra: dict[str, Any]) -> None:

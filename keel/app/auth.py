@@ -43,7 +43,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from langchain_core.messages import convert_to_messages
@@ -133,6 +133,54 @@ def _steers(key: str) -> bool:
     return not (ours or (key.startswith("__") and key.endswith("__")))
 
 
+_REVIEW_RUN_FIELDS: dict[str, Callable[[Any], bool]] = {
+    # the run's address and what LangGraph's server fills in
+    "thread_id": lambda v: v is not None,
+    "assistant_id": lambda v: True,  # checked against the thread (`owned` returns the filter)
+    "run_id": lambda v: True,
+    "status": lambda v: v in (None, "pending"),
+    "metadata": lambda v: True,  # the run's own; keel's keys in it are stamped over
+    "prevent_insert_if_inflight": lambda v: True,  # keeps the answer out, never the owner's
+    "if_not_exists": lambda v: v in (None, "reject"),  # "create" would make a thread
+    # cancelling or deleting the owner's run in flight is no answer
+    "multitask_strategy": lambda v: v not in ("interrupt", "rollback"),
+    "action": lambda v: v is None,
+    "after_seconds": lambda v: not v,  # a delayed answer: a run scheduled on the owner's thread
+    "kwargs": lambda v: isinstance(v, dict),
+}
+"""What a reviewer's run on another user's thread may carry (each field: the values it may take).
+
+The top-level fields of LangGraph's `create_run` value; the run's own are in `_REVIEW_RUN_KWARGS`.
+A field named in neither (a later server's) may only be empty.
+"""
+
+_REVIEW_RUN_KWARGS: dict[str, Callable[[Any], bool]] = {
+    "input": lambda v: v is None,
+    "command": lambda v: True,  # `resume` only: checked by `is_review_run`
+    "config": lambda v: True,  # `configurable` and `metadata` only: checked by `is_review_run`
+    "context": lambda v: isinstance(v, dict | None) and not any(map(_steers, v or {})),
+    # how the reviewer watches the run (their stream, not the owner's)
+    "stream_mode": lambda v: True,
+    "subgraphs": lambda v: True,
+    "resumable": lambda v: True,
+    # a breakpoint would stop the owner's run past the answer, at no one's request
+    "interrupt_before": lambda v: not v,
+    "interrupt_after": lambda v: not v,
+    # the owner's run's output sent to the reviewer's URL, feedback on it, checkpoints kept
+    # less often than the server's default: each the reviewer's setting for the owner's run
+    "webhook": lambda v: not v,
+    "feedback_keys": lambda v: not v,
+    "temporary": lambda v: not v,
+    "checkpoint_during": lambda v: v in (None, True),
+    "durability": lambda v: v in (None, "async"),  # LangGraph server's default
+}
+"""The run's own fields a review run may carry (LangGraph's server nests them under `kwargs`)."""
+
+
+def _review_fields(fields: dict[str, Any], allowed: dict[str, Callable[[Any], bool]]) -> bool:
+    return all(allowed[k](v) if k in allowed else not v for k, v in fields.items())
+
+
 def is_review_run(run: Any) -> bool:
     """Whether a run only answers an interrupt (what a reviewer may start on another's thread).
 
@@ -141,12 +189,16 @@ def is_review_run(run: Any) -> bool:
     settled), in the agent the thread waits in (no `configurable` but `thread_id`: an `agent`
     would answer with another of the tenant's agents), without breakpoints of its own
     (`interrupt_before` / `interrupt_after`), with no other config (a `recursion_limit` of 1
-    ended the owner's thread as `budget_exceeded`) and without cancelling a run in flight
-    (`multitask_strategy` interrupt, rollback). That it goes through the thread's own
-    assistant is checked against the thread (`owned` returns the filter).
+    ended the owner's thread as `budget_exceeded`), without cancelling a run in flight
+    (`multitask_strategy` interrupt, rollback), and with no run field but stream options and
+    the server's defaults (`_REVIEW_RUN_FIELDS`, `_REVIEW_RUN_KWARGS`: no `webhook`,
+    `durability`, `after_seconds`, ...). That it goes through the thread's own assistant is
+    checked against the thread (`owned` returns the filter).
     """
     kwargs = run.get("kwargs") if isinstance(run, dict) else None
-    if not isinstance(kwargs, dict) or kwargs.get("input") is not None:
+    if not isinstance(kwargs, dict) or not _review_fields(run, _REVIEW_RUN_FIELDS):
+        return False
+    if not _review_fields(kwargs, _REVIEW_RUN_KWARGS):
         return False
     config = kwargs.get("config") or {}
     if not isinstance(config, dict) or set(config) - {"configurable", "metadata"}:
@@ -154,17 +206,11 @@ def is_review_run(run: Any) -> bool:
     configurable = config.get("configurable")
     if not isinstance(configurable, dict | None) or any(map(_steers, configurable or {})):
         return False
-    if run.get("multitask_strategy") in ("interrupt", "rollback"):
-        return False
-    if kwargs.get("interrupt_before") or kwargs.get("interrupt_after"):
-        return False  # a breakpoint would stop the owner's run past the answer, at no request
     command = kwargs.get("command")
     if not isinstance(command, dict) or command.get("resume") is None:
         return False
-    return (
-        not ({k for k, v in command.items() if v is not None} - {"resume"})
-        and run.get("thread_id") is not None
-        and run.get("if_not_exists", "reject") != "create"
+    return not ({k for k, v in command.items() if v is not None} - {"resume"}) and (
+        run.get("thread_id") is not None
     )
 
 
