@@ -165,18 +165,31 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 _SECRETS = [_compile(p) for p in _SECRET_PATTERNS]
 
-_EMAIL = _compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-]|\.[A-Za-z0-9])"
-)
-_IBAN_START = _compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?=[ ]?[A-Z0-9])")
 _INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff"
-"""Characters that show as nothing (a soft hyphen, zero-width ones): a card number written with
-them between its digits reads as the card."""
+"""Characters that show as nothing (a soft hyphen, zero-width ones): a card number, an email,
+an SSN, a phone number or an IBAN written with them inside reads as if they were not there."""
 _SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 """Spaces other than ` ` (no-break, thin, figure, ideographic, ...): they show as a space."""
+_I = f"[{_INVISIBLE}]*"
+_LABEL = rf"[A-Za-z0-9](?:[A-Za-z0-9{_INVISIBLE}-]*[A-Za-z0-9])?"
+_DOT = rf"{_I}[.\uff0e]{_I}"  # a full-width dot reads as a dot
+_EMAIL = _compile(  # as it reads: invisible characters inside, a full-width @ or dot
+    rf"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+\uff0e{_INVISIBLE}-]*[@\uff20]{_I}"
+    rf"{_LABEL}(?:{_DOT}{_LABEL})*{_DOT}[A-Za-z](?:{_I}[A-Za-z])+"
+    rf"(?![\w-]|[.\uff0e][A-Za-z0-9]|[{_INVISIBLE}]+(?:[\w-]|[.\uff0e][A-Za-z0-9]))"
+)
+_IBAN_START = _compile(rf"(?<![A-Za-z0-9])[A-Z]{{2}}\d{{2}}(?=[ {_SPACES}{_INVISIBLE}]?[A-Z0-9])")
 _CARD = _compile(rf"(?<![\w.,-])\d(?:[ \-{_SPACES}{_INVISIBLE}]{{0,3}}\d){{11,18}}(?![\w-]|[.,]\d)")
-_SSN = _compile(r"(?<![\w.-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|[.,]\d)")
+_SSN = _compile(  # digits 3-2-4 split by dashes or spaces (any kind), invisibles anywhere
+    rf"(?<![\w.-])\d(?:{_I}\d){{2}}{_I}[ {_SPACES}-]{_I}\d{_I}\d{_I}[ {_SPACES}-]"
+    rf"{_I}\d(?:{_I}\d){{3}}(?![\w-]|[.,]\d|[{_INVISIBLE}]+(?:[\w-]|[.,]\d))"
+)
+_SSN_READ = re.compile(r"(?!000|666|9)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}")
+_READ_SPACES = re.compile(rf"[ {_SPACES}]")
+_READ_INVISIBLE = re.compile(f"[{_INVISIBLE}]")
+_SPACE_SET = frozenset(ch for ch in map(chr, range(0x3001)) if _READ_SPACES.match(ch))
+_SPACED_DIGIT_BEFORE = re.compile(rf"\d{_I}[ {_SPACES}]{_I}\Z")
+_SPACED_DIGIT_AFTER = re.compile(rf"{_I}[ {_SPACES}]{_I}\d")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = _compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 _IPV6 = _compile(
@@ -184,10 +197,13 @@ _IPV6 = _compile(
 )
 _PHONE = _compile(
     # international: +CC then 2-6 groups (E.164 digit count checked in code)
-    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?![\w-]|[.,]\d)"
+    # (any space may be a no-break / thin one: it reads as a space)
+    rf"(?<![\w+])\+\d{{1,3}}(?:[ .{_SPACES}-]?\(?\d{{1,4}}\)?){{2,6}}(?![\w-]|[.,]\d)"
     # North American: (NXX) NXX-XXXX, NXX-NXX-XXXX, NXX.NXX.XXXX, 1-NXX-NXX-XXXX
-    r"|(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\)[ ]?[2-9]\d{2}[ .-]\d{4}"
-    r"|[2-9]\d{2}(?P<sep>[ .-])[2-9]\d{2}(?P=sep)\d{4})(?![\w-]|[.,]\d)"
+    rf"|(?<![\w+.-])(?:1[ .{_SPACES}-])?"
+    rf"(?:\([2-9]\d{{2}}\)[ {_SPACES}]?[2-9]\d{{2}}[ .{_SPACES}-]\d{{4}}"
+    rf"|[2-9]\d{{2}}(?:(?P<sep>[.-])[2-9]\d{{2}}(?P=sep)|[ {_SPACES}][2-9]\d{{2}}[ {_SPACES}])"
+    r"\d{4})(?![\w-]|[.,]\d)"
 )
 
 
@@ -204,27 +220,55 @@ def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
             continue
         i, count = m.end(), 4
         while count < length and i < len(text):
-            if text[i] == " " and i + 1 < len(text) and text[i + 1] != " ":
+            if text[i] in _INVISIBLE:  # as it reads: invisible characters are not there
                 i += 1
+                continue
+            if text[i] in _SPACE_SET and i + 1 < len(text) and text[i + 1] not in _SPACE_SET:
+                i += 1
+                continue
             if not (text[i].isascii() and (text[i].isdigit() or text[i].isupper())):
                 break
             i, count = i + 1, count + 1
-        at_end = not (i < len(text) and (text[i].isalnum() or text[i] == "["))
-        if count == length and at_end and iban_valid(text[m.start() : i]):
+        after = i
+        while after < len(text) and text[after] in _INVISIBLE:
+            after += 1
+        at_end = not (after < len(text) and (text[after].isalnum() or text[after] == "["))
+        if count == length and at_end and iban_valid(_read(text[m.start() : i])):
             yield m.start(), i
+
+
+def _read(value: str) -> str:
+    """`value` as it reads: invisible characters dropped, any space a space, any digit 0-9."""
+    value = _READ_SPACES.sub(" ", _READ_INVISIBLE.sub("", value))
+    if value.isascii():
+        return value
+    return "".join(str(int(ch)) if ch.isdecimal() else ch for ch in value)
+
+
+def _ssn_spans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _SSN.finditer(text):
+        value = _read(m.group())
+        if not _SSN_READ.fullmatch(value):
+            continue
+        # split by spaces, it must stand alone: not a group of a longer spaced number
+        if " " in value and (
+            _SPACED_DIGIT_BEFORE.search(text, max(0, m.start() - 8), m.start())
+            or _SPACED_DIGIT_AFTER.match(text, m.end())
+        ):
+            continue
+        yield m.span()
 
 
 def _card_spans(text: str) -> Iterator[tuple[int, int]]:
     for m in _CARD.finditer(text):
-        # as it reads: invisible characters dropped, any space a space, any digit 0-9
-        value = re.sub(rf"[{_SPACES}]", " ", re.sub(f"[{_INVISIBLE}]", "", m.group()))
+        value = _read(m.group())
         if re.search(r"[ -]{2}", value):
             continue
         separators = {ch for ch in value if not ch.isdigit()}
         groups = re.split(r"[ -]", value)
         if len(separators) > 1 or (separators and min(len(g) for g in groups) < 3):
             continue
-        digits = "".join(str(int(d)) for d in "".join(groups))
+        digits = "".join(groups)
         if len(set(digits)) > 1 and _card_network(digits) and luhn_valid(digits):
             yield m.span()
 
@@ -286,7 +330,7 @@ _FINDERS: dict[PiiKind, Callable[[str], Iterator[tuple[int, int]]]] = {
     "email": _simple(_EMAIL),
     "iban": _iban_spans,
     "card": _card_spans,
-    "ssn": _simple(_SSN),
+    "ssn": _ssn_spans,
     "ip": _ip_spans,
     "phone": _phone_spans,
 }
@@ -301,6 +345,11 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
     When two candidates overlap, the kind earlier in `PII_KINDS` wins (a secret over an email,
     an IBAN over a phone), then the longer one.
 
+    Each is found as it reads: invisible characters (zero-width ones, a soft hyphen) inside an
+    email, card number, SSN, phone number or IBAN are part of it, a no-break or thin space
+    counts as a space, an email may have a full-width at sign or dot, and a card number or SSN
+    may be written in full-width or other non-ASCII digits.
+
     Deliberately not caught (precision over recall):
 
     - phone numbers without a leading `+` unless written as a North American number with
@@ -310,7 +359,8 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
     - card numbers that fail Luhn, have no card-network prefix, mix separators, or are split
       into groups shorter than 3 digits;
     - IBANs in lower case, with a wrong checksum, or from countries not in the registry;
-    - SSNs written without dashes, or with area 000, 666 or 9xx;
+    - SSNs written without separators, with dashes and spaces mixed, or with area 000, 666
+      or 9xx;
     - secrets without a known prefix or a `key=value` / `Bearer` context (e.g. a bare 40-char
       AWS secret key), and values shorter than 6 characters;
     - names, postal addresses and dates of birth.

@@ -1,9 +1,11 @@
-"""Attacks on the output guard's card check with spellings that read as the card.
+"""Attacks on the output guard's PII check with spellings that read as the PII.
 
 A model talked into leaking a card number (or a hostile one) writes it with no-break or thin
 spaces, zero-width characters or full-width digits between and for its digits: the reader sees
-the card, and the guard, which knew ASCII digits split by ` ` or `-`, passed it. keel's agent
-graph with keel's scripted model in the provider's place.
+the card, and the guard, which knew ASCII digits split by ` ` or `-`, passed it. The same goes
+for an email (a zero-width character inside, a full-width at sign or dot), an SSN (spaces, no-break
+spaces, non-ASCII digits), a phone number and an IBAN (no-break spaces). keel's agent graph with
+keel's scripted model in the provider's place.
 """
 
 from __future__ import annotations
@@ -32,6 +34,57 @@ SPELLINGS = {
         chr(0x0660 + int(d)) if d != " " else d for d in "4111 1111 1111 1111"
     ),
 }
+ZW, NBSP = "\u200b", "\u00a0"
+
+
+def _full_width(text: str) -> str:
+    return "".join(chr(0xFF10 + int(ch)) if ch.isdigit() else ch for ch in text)
+
+
+OTHER_SPELLINGS = {
+    "email, zero-width in the name": ("email", f"ja{ZW}ne@example.com"),
+    "email, zero-width before the @": ("email", f"jane{ZW}@example.com"),
+    "email, soft hyphens in the domain": ("email", "jane@exam\u00adple\u00ad.com"),
+    "email, zero-width in the top-level domain": ("email", f"jane@example.c{ZW}om"),
+    "email, full-width @": ("email", "jane\uff20example.com"),
+    "email, full-width dot": ("email", "jane.doe@example\uff0eco\uff0euk"),
+    "email, full-width @ and dot": ("email", "jane\uff20example\uff0ecom"),
+    "ssn with spaces": ("ssn", "123 45 6789"),
+    "ssn with no-break spaces": ("ssn", f"123{NBSP}45{NBSP}6789"),
+    "ssn with thin spaces": ("ssn", "123\u200945\u20096789"),
+    "ssn in full-width digits": ("ssn", _full_width("123-45-6789")),
+    "ssn in arabic-indic digits": (
+        "ssn",
+        "".join(chr(0x0660 + int(d)) if d.isdigit() else d for d in "123-45-6789"),
+    ),
+    "ssn with zero-width characters": ("ssn", f"12{ZW}3-{ZW}45-67{ZW}89"),
+    "phone with no-break spaces": ("phone", f"+44{NBSP}20{NBSP}7946{NBSP}0958"),
+    "north american phone with no-break spaces": ("phone", f"415{NBSP}555{NBSP}0199"),
+    "north american phone, a no-break space after the area code": (
+        "phone",
+        f"(415){NBSP}555-0199",
+    ),
+    "iban with no-break spaces": ("iban", f"DE89{NBSP}3704{NBSP}0044{NBSP}0532{NBSP}0130{NBSP}00"),
+    "iban with narrow no-break spaces": (
+        "iban",
+        "GB82\u202fWEST\u202f1234\u202f5698\u202f7654\u202f32",
+    ),
+    "iban with a zero-width character": ("iban", f"DE89{ZW}3704 0044 0532 0130 00"),
+}
+NOT_PII = [
+    f"1{NBSP}234{NBSP}567,89 kr and 12{NBSP}345{NBSP}678 €",  # amounts
+    f"1{NBSP}234,56 € on 15{NBSP}01{NBSP}2024",  # an amount, a date
+    "version 1.2.3 and v1\uff0e2\uff0e3",  # versions
+    "ids 12 123 45 6789",  # groups of a longer spaced number, not an SSN
+    "123 45 6789 12",
+    "123-45 6789",  # mixed separators
+    _full_width("912-45-6789"),  # area 9xx
+    f"123-45-6789{ZW}0",  # reads as 123-45-67890
+    f"DE89 3704 0044 0532 0130 00{ZW}1",  # reads as a longer number
+    f"DE89{NBSP}3704{NBSP}0044{NBSP}0532{NBSP}0130{NBSP}01",  # checksum fails
+    "user\uff20localhost and @handle and pkg\uff201.2.3",
+    f"call 555{NBSP}1234567",  # bare digits: not a phone
+]
 NOT_CARDS = [
     "order 1234 5678 9012 3456 shipped",  # fails Luhn
     "4111 1111-1111 1111",  # mixed separators: not one number as written
@@ -51,11 +104,37 @@ def test_numbers_that_are_not_cards_stay(text: str) -> None:
     assert redact(text) == text
 
 
-def test_a_hostile_models_spaced_card_never_reaches_the_answer() -> None:
-    answer = f"Done. Card: {SPELLINGS['no-break space']} / {SPELLINGS['zero-width space']}"
+@pytest.mark.parametrize("spelling", list(OTHER_SPELLINGS))
+def test_other_pii_spelled_to_slip_past_is_redacted_whole(spelling: str) -> None:
+    kind, value = OTHER_SPELLINGS[spelling]
+    text = f"Send it to {value}, thanks."
+    # the whole of it goes, the invisible characters inside too
+    assert redact(text) == f"Send it to [{kind.upper()}], thanks."
+
+
+@pytest.mark.parametrize("text", NOT_PII)
+def test_text_that_is_no_pii_stays(text: str) -> None:
+    assert redact(text) == text
+
+
+def _guarded_answer(answer: str) -> AIMessage:
+    """The final answer of keel's agent (with a policy) whose model said `answer`."""
     model = ScriptedChatModel(script=[AIMessage(content=answer)])
     final = build_agent(model, [], policy=Policy()).invoke(
         {"messages": [("user", "hi")]}, context=RunContext(user_id="u1")
     )
-    assert final["messages"][-1].content == "Done. Card: [CARD] / [CARD]"
-    assert final["messages"][-1].response_metadata["keel_guard"]["rules"] == ["pii:card"]
+    message: AIMessage = final["messages"][-1]
+    return message
+
+
+def test_a_hostile_models_spaced_card_never_reaches_the_answer() -> None:
+    answer = f"Done. Card: {SPELLINGS['no-break space']} / {SPELLINGS['zero-width space']}"
+    final = _guarded_answer(answer)
+    assert final.content == "Done. Card: [CARD] / [CARD]"
+    assert final.response_metadata["keel_guard"]["rules"] == ["pii:card"]
+
+
+def test_a_hostile_models_disguised_email_and_ssn_never_reach_the_answer() -> None:
+    final = _guarded_answer(f"Mail jane\uff20example\uff0ecom, SSN 123{NBSP}45{NBSP}6789.")
+    assert final.content == "Mail [EMAIL], SSN [SSN]."
+    assert sorted(final.response_metadata["keel_guard"]["rules"]) == ["pii:email", "pii:ssn"]
