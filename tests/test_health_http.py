@@ -182,7 +182,7 @@ def test_the_servers_shutdown_closes_the_ledger_its_graphs_use(
     async def serve() -> None:
         async with app.router.lifespan_context(app):  # the server starts, runs, stops
             await ledger.asetup()  # a served run opens the ledger's async pool
-            pools.append(ledger._apool)
+            pools.extend(ledger._apools.values())
             assert pools[0] is not None and not pools[0].closed
 
     asyncio.run(serve())

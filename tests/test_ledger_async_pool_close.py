@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 from test_attack_closed_ledger import _left_open, _open
 
@@ -184,3 +185,46 @@ def test_close_with_the_pools_loop_blocked_says_so_and_the_close_goes_on(
         loop.call_soon_threadsafe(loop.stop)
         runner.join(30)
         loop.close()
+
+
+def _meet(name: str, together: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """A transaction that waits (10 s at most) until `together` connections of the pool have
+    run it: each holds its connection meanwhile, and names it `name` for good (the others may
+    see it after it returned). True if they met."""
+    yield "SELECT set_config('application_name', ?, false)", (name,)
+    for _ in range(1000):
+        yield "SELECT pg_stat_clear_snapshot()", ()  # a transaction's reads share one snapshot
+        rows = yield "SELECT count(*) FROM pg_stat_activity WHERE application_name = ?", (name,)
+        if int(rows[0][0]) >= together:
+            return True
+        yield "SELECT pg_sleep(0.01)", ()
+    return False
+
+
+def _backend() -> Iterator[tuple[str, tuple[Any, ...]]]:
+    rows = yield "SELECT pg_backend_pid()", ()
+    return int(rows[0][0])
+
+
+async def _three_at_once(ledger: Ledger) -> list[bool]:
+    return list(await asyncio.gather(*(ledger.arun(_meet("keel-meet", 3)) for _ in "abc")))
+
+
+def test_a_second_asyncio_run_gets_a_pool_that_grows(fresh_postgres_url: str) -> None:
+    # an app that shares one ledger across `asyncio.run` calls (a script, a sync web handler):
+    # the first loop's pool, its workers gone with that loop, never opened a second connection,
+    # so the second loop's concurrent runs took turns on one (and its idle connection stayed
+    # open until the process ended)
+    url = fresh_postgres_url
+    with _unraisable() as raised:
+        ledger = Ledger(url)
+        first = asyncio.run(ledger.arun(_backend()))
+
+        assert asyncio.run(_three_at_once(ledger)) == [True, True, True]
+        with psycopg.connect(url, autocommit=True) as admin:  # the ended loop's pool: closed
+            pids = {r[0] for r in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+        assert first not in pids
+        ledger.close()
+        assert _left_open(url) == 0
+        del ledger
+    assert raised == []

@@ -30,6 +30,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
@@ -173,10 +174,14 @@ class Ledger:
         self.backend = self._persistence.backend
         self._pool_max_size = pool_max_size
         self._pool: ConnectionPool[Any] | None = None
-        self._apool: DrainingAsyncPool | None = None
-        self._closing: asyncio.Task[None] | None = None  # `close()` inside the pool's loop
+        # one async pool per event loop: a pool's workers are tasks on the loop that opened it
+        # (a second `asyncio.run` of an app that shares the ledger gets a pool of its own)
+        self._apools: dict[asyncio.AbstractEventLoop, DrainingAsyncPool] = {}
+        self._closing: list[asyncio.Task[None]] = []  # `close()` inside a pool's loop
         self._lock = threading.Lock()
-        self._alock: asyncio.Lock | None = None
+        self._alocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._setup_lock: asyncio.Lock | None = None
         self._setup_thread_lock = threading.Lock()
         self._ready = False
@@ -368,33 +373,35 @@ class Ledger:
         `StorageError` and opens nothing, so what a run still does after the app closed its
         ledger (a stream closed late giving its leases back) cannot leak a pool.
 
-        The async pool (PostgreSQL under `ainvoke`) is closed on the event loop it was opened
-        on: when that loop runs in another thread, the close runs there and is waited for (10 s
-        at most); when it is stopped, it is run until the close is done; when it has ended
-        (`asyncio.run` returned), its idle connections are closed here. Called inside that
-        loop (a coroutine, or sync code it calls), which cannot wait for itself, the pool closes
-        in a task on it, done once the caller next awaits: `await ledger.aclose()` there waits
-        for the close (and, as the last line of an `asyncio.run`, is the one that is sure to
-        finish before the loop ends).
+        The async pools (PostgreSQL under `ainvoke`, one per event loop that used the ledger)
+        are each closed on the loop that opened it: when that loop runs in another thread, the
+        close runs there and is waited for (10 s at most); when it is stopped, it is run until
+        the close is done; when it has ended (`asyncio.run` returned), its idle connections are
+        closed here. Called inside that loop (a coroutine, or sync code it calls), which cannot
+        wait for itself, the pool closes in a task on it, done once the caller next awaits:
+        `await ledger.aclose()` there waits for the close (and, as the last line of an
+        `asyncio.run`, is the one that is sure to finish before the loop ends).
 
         Raises:
             StorageError: The async pool's loop, in another thread, did not close it within
                 10 s (blocked). The ledger is closed; the pool closes when that loop gets to it.
         """
-        if (pool := self._shut()) is None:
-            return
-        if runs_here(pool):
-            self._closing = close_later(pool)
-        elif not close_elsewhere(pool):
+        late = False
+        for pool in self._shut():
+            if runs_here(pool):
+                self._closing.append(close_later(pool))
+            elif not close_elsewhere(pool):
+                late = True
+        if late:
             raise self._not_closed_in_time()
 
-    def _shut(self) -> DrainingAsyncPool | None:
-        """Mark the ledger closed and close its sync side; the async pool, left to close."""
+    def _shut(self) -> list[DrainingAsyncPool]:
+        """Mark the ledger closed and close its sync side; the async pools, left to close."""
         with self._lock:
             self._closed = True
-            pool, self._apool = self._apool, None
+            pools, self._apools = list(self._apools.values()), {}
         self._disconnect()
-        return pool
+        return pools
 
     def _not_closed_in_time(self) -> StorageError:
         return StorageError(
@@ -450,13 +457,16 @@ class Ledger:
         Raises:
             StorageError: As `close`.
         """
-        if (pool := self._shut()) is None:
-            if (closing := self._closing) is not None:  # `close()` started it on this loop
+        late = False
+        for pool in self._shut():
+            if runs_here(pool):
+                await pool.close()
+            elif not await asyncio.to_thread(close_elsewhere, pool):  # a loop ended, or elsewhere
+                late = True
+        for closing in self._closing:  # the closes `close()` started on this loop
+            if not closing.done() and closing.get_loop() is asyncio.get_running_loop():
                 await asyncio.shield(closing)
-            return
-        if runs_here(pool):
-            await pool.close()
-        elif not await asyncio.to_thread(close_elsewhere, pool):  # a loop ended, or elsewhere
+        if late:
             raise self._not_closed_in_time()
 
     # -- internals ---------------------------------------------------------------------------
@@ -529,8 +539,8 @@ class Ledger:
             self._pool.drain()
 
     async def _adrain(self) -> None:
-        if self._apool is not None:
-            await self._apool.drain()
+        if (pool := self._apools.get(asyncio.get_running_loop())) is not None:
+            await pool.drain()
 
     def _run_sqlite(self, flow: Flow[T], *, transaction: bool = True) -> T:
         handle = self._sqlite_connection()
@@ -675,11 +685,13 @@ class Ledger:
             return self._pool
 
     async def _async_pool(self) -> DrainingAsyncPool:
-        if self._alock is None:
-            self._alock = asyncio.Lock()
-        async with self._alock:
+        loop = asyncio.get_running_loop()
+        if (lock := self._alocks.get(loop)) is None:
+            lock = self._alocks.setdefault(loop, asyncio.Lock())
+        async with lock:
             self._refuse_closed()
-            if (pool := self._apool) is None:
+            if (pool := self._apools.get(loop)) is None:
+                self._forget_ended_loops()
                 await adrive(self._down.reaching())
                 pool = adraining_pool(self.url, **self._pool_kwargs())
                 try:
@@ -688,11 +700,23 @@ class Ledger:
                     raise self._down.found(self._unreachable(exc)) from exc
                 with self._lock:  # `close()` may run in another thread
                     if kept := not self._closed:
-                        self._apool = pool
+                        self._apools[loop] = pool
                 if not kept:  # closed while it opened: `close()` did not see it
                     await pool.close()
                     self._refuse_closed()
             return pool
+
+    def _forget_ended_loops(self) -> None:
+        """Close the pools of event loops that have ended (an earlier `asyncio.run`'s).
+
+        Their workers are gone with their loop, so such a pool never grows again; its idle
+        connections would stay open on the server until the process exits.
+        """
+        with self._lock:
+            ended = [loop for loop in self._apools if loop.is_closed()]
+            pools = [self._apools.pop(loop) for loop in ended]
+        for pool in pools:
+            pool.close_abandoned()
 
 
 class _Batch:
