@@ -437,7 +437,7 @@ def _why(state: str, context: RunContext, policy: AdmissionPolicy) -> str:
 
 def _lock_scopes(context: RunContext, now: float) -> Flow[None]:
     """Lock the tenant's and the user's scope rows (in that order), drop expired leases."""
-    for key in (f"tenant:{context.tenant_id}", f"user:{context.tenant_id}:{context.user_id}"):
+    for key in (f"tenant:{context.tenant_id}", f"user:{context.key(':')}"):
         yield (
             "INSERT INTO keel_admission_scopes (scope_key) VALUES (?) ON CONFLICT DO NOTHING",
             (key,),

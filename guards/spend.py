@@ -81,11 +81,7 @@ class PeriodBudget:
         """The ledger row of this budget for `context` at `now`: `(scope key, period)`."""
         when = datetime.fromtimestamp(now, UTC)
         period = when.strftime("%Y-%m-%d" if self.period == "day" else "%Y-%m")
-        who = (
-            f"user:{context.tenant_id}/{context.user_id}"
-            if self.scope == "user"
-            else f"tenant:{context.tenant_id}"
-        )
+        who = f"user:{context.key()}" if self.scope == "user" else f"tenant:{context.tenant_id}"
         return who, period
 
     def label(self) -> str:

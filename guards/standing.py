@@ -242,7 +242,7 @@ def _unreadable(exc: Exception, state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _who(context: RunContext) -> str:
-    return f"user:{context.tenant_id}/{context.user_id}"
+    return f"user:{context.key()}"
 
 
 def _load_flow(who: str, now: float) -> Flow[dict[str, Approval]]:

@@ -133,7 +133,7 @@ class Grants:
 
     def for_run(self, thread: str, context: RunContext) -> RunGrants:
         """The grants of one run: bound to its thread (`""` without one) and its user."""
-        return RunGrants(self, thread, f"{context.tenant_id}/{context.user_id}")
+        return RunGrants(self, thread, context.key())
 
     def sign(self, key: str, approval: Mapping[str, Any], thread: str, user: str) -> str:
         """The seal of `approval` stored under `key`, given in `thread` to `user`."""

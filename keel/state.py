@@ -314,6 +314,18 @@ class RunContext:
             check_storable("RunContext.roles", role)
         object.__setattr__(self, "roles", tuple(self.roles))
 
+    def key(self, sep: str = "/") -> str:
+        """`tenant<sep>user`, one string per (tenant, user): the ledger's key of this user.
+
+        Each id has `%` and `sep` percent-escaped, so user `b/c` of tenant `a` and user `c` of
+        tenant `a/b` never share a budget, a standing approval or an approval's seal (joined
+        as they are, both read `a/b/c`). Ids with neither character keep the key they had.
+        """
+        code = f"%{ord(sep):02X}"
+        return sep.join(
+            part.replace("%", "%25").replace(sep, code) for part in (self.tenant_id, self.user_id)
+        )
+
 
 _IDS = ("thread_id", "checkpoint_ns", "checkpoint_id")
 """The ids of a run's config that name what it reads and writes."""
