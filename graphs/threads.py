@@ -109,7 +109,15 @@ from keel.history import pending_tool_calls
 from keel.state import Outcome, RunContext, task_start
 from keel.versions import AgentVersion
 
-__all__ = ["PENDING_KEY", "KeelGraph", "ThreadGuardedGraph", "admitted", "guarded", "refusal"]
+__all__ = [
+    "PENDING_KEY",
+    "KeelGraph",
+    "ThreadGuardedGraph",
+    "admitted",
+    "guarded",
+    "input_refusal",
+    "refusal",
+]
 
 
 T = TypeVar("T")
@@ -133,16 +141,8 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
     saved = (state.config.get("configurable") or {}) if state is not None else {}
     exists = bool(saved.get("checkpoint_id"))
-    if isinstance(input, Command) and removed_by(input):
-        return REMOVAL
-    if isinstance(input, Command) and input.resume is None and not input._update_as_tuples():
-        # LangGraph 1.2 fails on it with a bare UnboundLocalError (`resume_is_map`)
-        return (
-            f"{input!r} says nothing: it has no resume and no update. Continue a paused "
-            "thread with invoke(None, config), answer a waiting review with "
-            "Command(resume={'type': 'approve'}) (or 'reject', ...), or send "
-            "{'messages': [('user', '...')]}."
-        )
+    if (problem := input_refusal(input)) is not None:
+        return problem
     if input is None or isinstance(input, Command):
         if exists:
             return None
@@ -156,21 +156,8 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
             f"Thread {thread!r} does not exist (it has no checkpoint), so there is nothing to "
             "resume. Start it with {'messages': [('user', '...')]}, or check the thread_id."
         )
-    if not isinstance(input, Mapping) or not input.get("messages"):
-        return (
-            f"A run needs at least one message, got {input!r}: invoke the agent with "
-            "{'messages': [('user', '...')]}."
-        )
     messages = _readable(input["messages"])
-    if isinstance(messages, str):
-        return messages
-    if any(m.type == "remove" for m in messages):
-        return REMOVAL
-    if _blank(messages):
-        return (
-            "The run's messages say nothing (empty or only whitespace): the model would be "
-            "asked about nothing. Send {'messages': [('user', '...')]} with the task's text."
-        )
+    assert not isinstance(messages, str)  # `input_refusal` read them
     if exists and state is not None and state.interrupts:
         return _waiting(thread, state)
     if exists and state is not None and (replaced := _replaced(messages, state)):
@@ -186,6 +173,44 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
             f"{thread!r}: LangGraph takes the call for that run's re-entry (a retried or "
             "reconnected run) and drops the messages it sends, so this message would be lost "
             "and that run's answer returned. Give each run its own run_id (or none)."
+        )
+    return None
+
+
+def input_refusal(input: Any) -> str | None:
+    """Why `input` may be sent to no thread at all (whatever the thread's state), or None.
+
+    The part of `refusal` that needs no thread: a `Command` that removes messages or says
+    nothing; input that is not `None` and not a `Command` but sends no message, messages
+    LangChain cannot read, a removal, or only blank text. keel's served auth asks it before
+    the server creates a run (a 422, nothing written), as the graph asks it as the run starts.
+    """
+    if isinstance(input, Command) and removed_by(input):
+        return REMOVAL
+    if isinstance(input, Command) and input.resume is None and not input._update_as_tuples():
+        # LangGraph 1.2 fails on it with a bare UnboundLocalError (`resume_is_map`)
+        return (
+            f"{input!r} says nothing: it has no resume and no update. Continue a paused "
+            "thread with invoke(None, config), answer a waiting review with "
+            "Command(resume={'type': 'approve'}) (or 'reject', ...), or send "
+            "{'messages': [('user', '...')]}."
+        )
+    if input is None or isinstance(input, Command):
+        return None
+    if not isinstance(input, Mapping) or not input.get("messages"):
+        return (
+            f"A run needs at least one message, got {input!r}: invoke the agent with "
+            "{'messages': [('user', '...')]}."
+        )
+    messages = _readable(input["messages"])
+    if isinstance(messages, str):
+        return messages
+    if any(m.type == "remove" for m in messages):
+        return REMOVAL
+    if _blank(messages):
+        return (
+            "The run's messages say nothing (empty or only whitespace): the model would be "
+            "asked about nothing. Send {'messages': [('user', '...')]} with the task's text."
         )
     return None
 

@@ -9,7 +9,17 @@ output guard; a deleted thread's id, taken by another user, read the old thread'
 records as its own. Pinned, already refused: the graphs' own assistants and another's, a
 thread's supersteps, a supervisor's sub-agent state, checkpoint addresses, a run's forged
 owner / user / roles, the v2 routes and A2A on another user's thread, a reviewer's writes, a
-colleague's memories. One server for the module (~25 s).
+colleague's memories.
+
+Found open, fixed: an A2A `message/send` (or any `runs.create`) whose message keel's graph
+cannot read (text that is a number or an object), says nothing (empty, blank or null text) or
+carries no message (a data part alone) was created: the server made the thread and started the
+run, the graph refused it as it started and the client got a failed task saying "Error
+executing assistant: UserError". keel's auth now asks the graph's own check
+(`keel.graphs.threads.input_refusal`) first: a 422 with keel's message (A2A: a JSON-RPC -32602
+error carrying it), no thread made. Pinned beside it: what LangGraph's A2A endpoint refuses
+itself (no parts, a part of no known kind, a lone surrogate, which is not JSON). One server for
+the module (~25 s).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
@@ -301,6 +312,108 @@ async def test_an_assistant_marked_as_the_graphs_own_is_refused_and_reaches_no_t
     assert "acme-only" not in [a["name"] for a in await bob.assistants.search(limit=100)]
     listed = await mcp(http, "bob", "tools/list", {})
     assert "acme-only" not in [t["name"] for t in listed["result"]["tools"]]
+
+
+# -- found open: a message no run can take, created and failed as it started --------------------
+
+
+async def a2a_send(http: httpx.AsyncClient, user: str, body: str) -> dict[str, Any]:
+    """A raw JSON-RPC body POSTed to the `agent` graph's A2A endpoint; its JSON answer."""
+    found = await http.post(
+        "/assistants/search",
+        json={"graph_id": "agent", "metadata": {"created_by": "system"}},
+        headers=_auth(user),
+    )
+    (assistant,) = found.json()
+    headers = {**_auth(user), "Accept": "application/json", "Content-Type": "application/json"}
+    response = await http.post(
+        f"/a2a/{assistant['assistant_id']}", content=body.encode(), headers=headers
+    )
+    assert response.status_code == 200, response.text  # JSON-RPC answers errors with 200
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def message_send(context_id: str, parts: Any) -> str:
+    message = {"role": "user", "messageId": "m1", "contextId": context_id, "parts": parts}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": message}}
+    return json.dumps(body)
+
+
+UNREADABLE = "The run's messages could not be read"
+BLANK = "The run's messages say nothing"
+NO_MESSAGE = "A run needs at least one message"
+
+REFUSED_BY_KEEL = {
+    "text-number": ([{"kind": "text", "text": 5}], UNREADABLE),
+    "text-null": ([{"kind": "text", "text": None}], BLANK),
+    "text-object": ([{"kind": "text", "text": {"order": "A1"}}], UNREADABLE),
+    "text-empty": ([{"kind": "text", "text": ""}], BLANK),
+    "text-blank": ([{"kind": "text", "text": " \n\t"}], BLANK),
+    "data-only": ([{"kind": "data", "data": {"order": "A1"}}], NO_MESSAGE),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_BY_KEEL))
+async def test_an_a2a_message_no_run_can_take_is_a_client_error_and_starts_nothing(
+    case: str, users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """Before: the run was created and failed as it started, the thread made, status `error`."""
+    parts, why = REFUSED_BY_KEEL[case]
+    context_id = str(uuid.uuid4())
+    answer = await a2a_send(http, "alice", message_send(context_id, parts))
+    assert "result" not in answer, answer
+    assert answer["error"]["code"] == -32602, answer
+    assert why in answer["error"]["message"], answer
+    assert await status(users["alice"].threads.get(context_id)) == 404  # nothing written
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": "   "}],
+        [{"role": "user"}],
+        [],
+    ],
+)
+async def test_a_run_no_graph_can_take_is_refused_with_422_before_it_is_created(
+    messages: Any, users: dict[str, LangGraphClient]
+) -> None:
+    alice = users["alice"]
+    thread_id = str(uuid.uuid4())
+    created = alice.runs.create(
+        thread_id, "agent", input={"messages": messages}, if_not_exists="create"
+    )
+    assert await status(created) == 422
+    assert await status(alice.threads.get(thread_id)) == 404
+
+
+REFUSED_BY_LANGGRAPH = {
+    "no-parts": (message_send("{ctx}", []), -32602, "at least one part"),
+    "parts-not-a-list": (message_send("{ctx}", "hi"), -32602, "'parts' must be an array"),
+    "unknown-kind": (message_send("{ctx}", [{"kind": "audio", "audio": "x"}]), -32005, "part"),
+    "text-missing": (message_send("{ctx}", [{"kind": "text"}]), -32005, "part"),
+    # json.dumps escapes it (`"\\ud800"`), which JSON parsers refuse as not UTF-8
+    "lone-surrogate": (
+        message_send("{ctx}", [{"kind": "text", "text": "a\ud800b"}]),
+        -32700,
+        "JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_BY_LANGGRAPH))
+async def test_langgraphs_a2a_refuses_a_malformed_message_itself(
+    case: str, users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """Pinned: LangGraph's A2A endpoint answers these with a JSON-RPC error, no run made."""
+    template, code, why = REFUSED_BY_LANGGRAPH[case]
+    context_id = str(uuid.uuid4())
+    answer = await a2a_send(http, "alice", template.replace("{ctx}", context_id))
+    assert answer.get("error", {}).get("code") == code, answer
+    assert why in answer["error"]["message"], answer
+    assert await status(users["alice"].threads.get(context_id)) == 404
 
 
 # -- pinned: what the server already refuses ----------------------------------------------------

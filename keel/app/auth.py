@@ -31,7 +31,9 @@
   (`keel.state.AgentInput`: messages, none of them a `system` or `developer` message: the
   system prompt is the agent's; none a removal: a run does not delete the thread's record);
   a key only keel writes (approvals, usage, outcome, plan, ...) is refused with 422 before the
-  run is created, and so is a config or context (a run's,
+  run is created, and so is input the graph would refuse as it starts whatever the thread holds
+  (`keel.graphs.threads.input_refusal`: no message, unreadable or blank ones; an A2A message
+  with such parts gets it as a JSON-RPC error), and so is a config or context (a run's,
   an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...).
   A run streamed as LangGraph's events (`stream_mode="events"`, or its event streaming
   protocol v2, `/threads/{id}/commands`) is refused with 422 too: that stream carries each
@@ -53,6 +55,7 @@ from keel.app.server import admission_of
 from keel.app.server_config import server_config
 from keel.errors import KeelError
 from keel.graphs.supervisor import SupervisorState
+from keel.graphs.threads import input_refusal
 from keel.identity import (
     OWNER_KEY,
     REVIEWER_KEY,
@@ -299,6 +302,17 @@ def _sent_values(run: Any) -> list[dict[Any, Any]]:
     return [v for v in (kwargs.get("input"), update) if isinstance(v, dict)]
 
 
+def _input_of(run: Any) -> Any:
+    """What a run's graph is sent as input (None when a `command` is sent instead).
+
+    LangGraph's server nests both under `kwargs`; Aegra passes the body as is.
+    """
+    kwargs = run.get("kwargs", run) if isinstance(run, dict) else None
+    if not isinstance(kwargs, dict) or kwargs.get("command"):
+        return None
+    return kwargs.get("input")
+
+
 def _role_of(message: Any) -> str | None:
     """The role of a sent message as LangGraph will read it (`convert_to_messages`).
 
@@ -408,6 +422,8 @@ def _refuse_unsendable(run: Any) -> None:
             f"The run's input sets {', '.join(repr(k) for k in bad)}: only keel writes "
             "these (keel's record of the run). Send 'messages'."
         )
+    elif (problem := input_refusal(_input_of(run))) is not None:
+        detail = problem  # the graph would refuse it as the run starts: the run failed
     else:
         return
     raise Auth.exceptions.HTTPException(status_code=422, detail=detail)
