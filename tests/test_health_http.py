@@ -15,7 +15,9 @@ import pytest
 from conftest import free_port
 from starlette.testclient import TestClient
 
+from keel import Ledger, RunContext
 from keel.app.http import app
+from keel.db.runs import RunLog
 
 pytestmark = pytest.mark.postgres
 
@@ -194,3 +196,36 @@ def test_the_servers_shutdown_closes_the_ledger_its_graphs_use(
 def _one() -> Any:
     rows = yield "SELECT 1", ()
     return rows
+
+
+def test_the_server_started_again_in_the_process_runs_on_a_fresh_ledger(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """The app's lifespan run twice in one process (tests; an ASGI server that reloads): the
+    second start's graphs run on a ledger of their own. Before, the factories' cache kept the
+    ledger the first shutdown closed, and every run of the second ended on a closed ledger."""
+    from test_canary import _runtime
+
+    from keel.app import server
+    from keel.app.server_config import server_config
+
+    _config(tmp_path, monkeypatch, fresh_postgres_url, f"http://127.0.0.1:{free_port()}")
+    ledgers: list[Any] = []
+
+    async def serve() -> Any:
+        async with app.router.lifespan_context(app):  # the server starts, runs a graph, stops
+            agent = server.agent({}, _runtime("alice"))
+            ledgers.append(server._ledger(server_config()))
+            return await agent.ainvoke(
+                {"messages": [("user", "Where is order A1001?")]},
+                context=RunContext(user_id="alice", tenant_id="acme", roles=("support",)),
+            )
+
+    first, second = asyncio.run(serve()), asyncio.run(serve())
+    assert first["outcome"]["terminated_reason"] == "completed", first["outcome"]
+    assert second["outcome"] == {**first["outcome"], "detail": second["outcome"]["detail"]}
+    ledger = Ledger(fresh_postgres_url)
+    assert len(RunLog(ledger).query()) == 2  # the second run's record too
+    ledger.close()
+    assert ledgers[0] is not ledgers[1] and ledgers[0].closed and ledgers[1].closed
+    assert not server_config().cache  # nothing of the stopped server is kept for the next

@@ -275,11 +275,14 @@ async def aclose_served() -> None:
 
     The server's shutdown hook: `keel.app.http:app`'s lifespan calls it as the server stops;
     LangGraph server runs that lifespan (`http.app` in `langgraph.json`). Each is closed even
-    when closing another fails; the first failure is raised after.
+    when closing another fails; the first failure is raised after. The factories then forget
+    everything they built (graphs hold the closed ledger and stores), so a server started
+    again in this process (tests; an ASGI server that reloads) opens fresh ones.
     """
     failed: list[Exception] = []
     for config in loaded_configs():
         held = list(config.cache.values())
+        config.cache.clear()
         closing: list[ChromaServerStore | Ledger] = [
             v for v in held if isinstance(v, ChromaServerStore)
         ]
