@@ -50,6 +50,7 @@ from keel.graphs._answers import AnswerStream
 from keel.graphs._chunks import ChunkShape
 from keel.graphs._paused import PausedChunks
 from keel.graphs._storage import (
+    AUPDATE,
     RunEnd,
     StreamEnding,
     at_top,
@@ -364,6 +365,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), refusing protected keys."""
+        refuse_sync_saver(self.checkpointer, config, AUPDATE, "update_state")
         return await super().abulk_update_state(config, self._checked_updates(config, supersteps))
 
 

@@ -49,6 +49,7 @@ from keel.redact import sanitized_logger
 from keel.state import Outcome
 
 __all__ = [
+    "AUPDATE",
     "DATABASE_ERRORS",
     "STORAGE_FAILURES",
     "Recorder",
@@ -100,13 +101,25 @@ SYNC_SAVERS: tuple[type[BaseCheckpointSaver[Any]], ...] = (
 """LangGraph's savers with no async methods (each raises `NotImplementedError` under `ainvoke`)."""
 
 
-def refuse_sync_saver(checkpointer: Any, config: RunnableConfig | None) -> None:
-    """Refuse an async run of a graph whose checkpointer is sync only: a `UserError`.
+AUPDATE = "aupdate_state / abulk_update_state"
+"""What `refuse_sync_saver` names a refused async state update."""
 
-    LangGraph's `SqliteSaver` and `PostgresSaver` raise `NotImplementedError` from `aget_tuple`
-    and `aput`: that run would end as a failure of its database (`error / storage`), which it
-    is not. The saver is the one the run would use: the config's (as LangGraph's server sets
-    it), else the graph's. A run inside another one uses its parent's, checked there.
+
+def refuse_sync_saver(
+    checkpointer: Any,
+    config: RunnableConfig | None,
+    call: str = "An async run (ainvoke / astream)",
+    instead: str = "invoke / stream",
+) -> None:
+    """Refuse an async call on a graph whose checkpointer is sync only: a `UserError`.
+
+    LangGraph's `SqliteSaver` and `PostgresSaver` raise `NotImplementedError` from `aget_tuple`,
+    `alist` and `aput`: a run would end as a failure of its database (`error / storage`), which
+    it is not, and `aget_state`, `aget_state_history`, `aupdate_state` raised LangGraph's bare
+    `NotImplementedError` (naming `AsyncSqliteSaver`, not keel's `acheckpointer()`). The saver
+    is the one the call would use: the config's (as LangGraph's server sets it), else the
+    graph's. A run inside another one uses its parent's, checked there. `call` names what was
+    called, `instead` its sync twin.
     """
     if inside_task(config):
         return
@@ -114,10 +127,10 @@ def refuse_sync_saver(checkpointer: Any, config: RunnableConfig | None) -> None:
     saver = saver if saver is not None else checkpointer
     if isinstance(saver, SYNC_SAVERS):
         raise UserError(
-            "An async run (ainvoke / astream) reads and writes checkpoints with async calls, and "
+            f"{call} calls the checkpointer's async methods, and "
             f"this graph's checkpointer ({type(saver).__name__}) is sync only "
-            "(Persistence(url).checkpointer()). For async runs compile the graph with "
-            "`async with Persistence(url).acheckpointer() as saver`, or call invoke / stream."
+            "(Persistence(url).checkpointer()). For async calls compile the graph with "
+            f"`async with Persistence(url).acheckpointer() as saver`, or call {instead}."
         )
 
 

@@ -95,6 +95,7 @@ from keel.graphs._state_storage import (
     state_error,
 )
 from keel.graphs._storage import (
+    AUPDATE,
     DATABASE_ERRORS,
     Recorder,
     RunEnd,
@@ -759,6 +760,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         """LangGraph's `abulk_update_state` (and `aupdate_state`), as `bulk_update_state`."""
+        refuse_sync_saver(self.checkpointer, config, AUPDATE, "update_state")
         return await adrive(self._update(config, supersteps))
 
     def _update(
@@ -795,6 +797,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         self, config: RunnableConfig, *, subgraphs: bool = False, context: Any = None
     ) -> StateSnapshot:
         """LangGraph's `aget_state`; with `context`, only for the owner (see `get_state`)."""
+        refuse_sync_saver(self.checkpointer, config, "aget_state", "get_state")
         return await adrive(self._got(config, subgraphs, context))
 
     def _got(self, config: RunnableConfig, subgraphs: bool, context: Any) -> Steps[StateSnapshot]:
@@ -836,6 +839,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         self, config: RunnableConfig, *, context: Any = None, **kwargs: Any
     ) -> AsyncIterator[StateSnapshot]:
         """LangGraph's `aget_state_history`; with `context`, only for the thread's owner."""
+        refuse_sync_saver(self.checkpointer, config, "aget_state_history", "get_state_history")
         await adrive(
             read_kept(self._read_by(config, context), config, "read the state history", READ)
         )

@@ -13,12 +13,14 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from langchain_core.messages import AIMessage
+from langgraph.types import StateUpdate
 from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
@@ -299,6 +301,13 @@ async def test_async_postgres_connections_killed_end_with_a_storage_outcome(
         assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
 
 
+def _database_url(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A SQLite file in `tmp_path`, or a fresh PostgreSQL database."""
+    if database == "sqlite":
+        return f"sqlite:///{tmp_path / 'sync.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))
+
+
 @pytest.mark.parametrize(
     "database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
@@ -310,11 +319,7 @@ async def test_an_async_run_on_a_sync_checkpointer_is_refused_before_it_starts(
     The run was ending as `error / storage` ("...once the checkpointer is fixed"), as if the
     database had failed; it is a `UserError` naming `acheckpointer()`, and nothing is written.
     """
-    url = (
-        f"sqlite:///{tmp_path / 'sync.db'}"
-        if database == "sqlite"
-        else request.getfixturevalue("fresh_postgres_url")
-    )
+    url = _database_url(database, tmp_path, request)
     with Persistence(url).checkpointer() as saver:
         agent = _agent(saver, lambda: None)
         config: Any = {"configurable": {"thread_id": "sync"}}
@@ -327,3 +332,40 @@ async def test_an_async_run_on_a_sync_checkpointer_is_refused_before_it_starts(
         assert agent.get_state(config).values == {}  # refused before anything was written
         done = agent.invoke(sent, config, context=CTX)  # the sync entry points still run
         assert done["outcome"]["terminated_reason"] == "completed", done["outcome"]
+
+
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_each_async_state_call_on_a_sync_checkpointer_is_refused_naming_acheckpointer(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`aget_state`, `aget_state_history`, `aupdate_state` (and `abulk_update_state`) raised
+    LangGraph's bare `NotImplementedError` ("Consider using AsyncSqliteSaver"): a `UserError`
+    naming the call and keel's `acheckpointer()`, as `ainvoke`'s; the update writes nothing."""
+    url = _database_url(database, tmp_path, request)
+    with Persistence(url).checkpointer() as saver:
+        agent = _agent(saver, lambda: None)
+        config: Any = {"configurable": {"thread_id": "sync"}}
+        agent.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+        before = agent.get_state(config)
+        note = {"messages": [AIMessage("A note.")]}
+
+        async def history() -> list[Any]:
+            return [s async for s in agent.aget_state_history(config)]
+
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "aget_state": lambda: agent.aget_state(config, subgraphs=True),
+            "aget_state_history": history,
+            "aupdate_state": lambda: agent.aupdate_state(config, note),
+            "abulk_update_state": lambda: agent.abulk_update_state(
+                config, [[StateUpdate(note, None)]]
+            ),
+        }
+        for name, call in calls.items():
+            with pytest.raises(UserError, match=r"acheckpointer\(\) as saver") as refused:
+                await call()
+            assert name.removeprefix("abulk_") in str(refused.value), refused.value
+            assert "sync only" in str(refused.value)
+        after = agent.get_state(config)
+        assert after.config == before.config and after.values == before.values  # nothing written
