@@ -450,6 +450,40 @@ async def test_another_user_reaches_no_thread_by_the_v2_routes_or_a_checkpoint_a
     ] == "rejected"
 
 
+async def test_anothers_checkpoint_named_on_ones_own_thread_reaches_nothing_of_theirs(
+    users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """bob names alice's thread and checkpoint in the checkpoint address of calls on his own
+    thread (a run's `checkpoint` / `checkpoint_id`, a state read, a state update, the history):
+    LangGraph's server puts the path's thread id over the one sent, so each reads and writes
+    bob's thread only. Pinned: none of alice's messages reaches bob, her thread is unchanged."""
+    alice, bob = users["alice"], users["bob"]
+    thread_id = await waiting(alice)
+    before = await alice.threads.get_state(thread_id)
+    hers = {m["id"] for m in before["values"]["messages"]}
+    theirs = {"thread_id": thread_id, "checkpoint_ns": ""}
+    address = {**theirs, "checkpoint_id": before["checkpoint"]["checkpoint_id"]}
+    own = (await bob.threads.create())["thread_id"]
+    seen = [
+        await bob.runs.wait(own, "agent", input=BILL, checkpoint=address),
+        await bob.runs.wait(own, "agent", input=BILL, checkpoint_id=address["checkpoint_id"]),
+    ]
+    for call in (
+        bob.threads.get_state(own, checkpoint=address),
+        bob.threads.get_history(own, checkpoint=theirs, limit=50),
+        bob.threads.update_state(
+            own, {"messages": [{"type": "ai", "content": "x"}]}, checkpoint=address
+        ),
+    ):
+        with contextlib.suppress(APIStatusError):
+            seen.append(await call)
+    seen.append(await bob.threads.get_history(own, limit=50))
+    assert not {i for i in hers if i in json.dumps(seen)}, "alice's messages reached bob"
+    after = await alice.threads.get_state(thread_id)
+    assert after["checkpoint"] == before["checkpoint"] and after["values"] == before["values"]
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+
 async def test_a_reviewer_writes_no_state_and_touches_no_run_of_anothers_thread(
     users: dict[str, LangGraphClient],
 ) -> None:
