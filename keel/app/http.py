@@ -12,6 +12,10 @@ Aegra takes only a FastAPI app: the shim `keel.app.aegra` generates hands it the
   `Authorization: Bearer <KEEL_HEALTH_TOKEN>` (403 while the server has no such token set, 401
   for a wrong one).
 
+It also answers an MCP `tools/call` whose run the server refused (keel's auth: 422, 429, ...)
+with a JSON-RPC error carrying the refusal (`RefusedToolCalls`): LangGraph server applies
+`http.app`'s middleware to its own routes, and its MCP route let that error escape as a 500.
+
 Every answer is JSON: `{"ok": bool, "checks": [{"name", "ok", "detail", "seconds"}],
 "failing": [names]}`. What `ready` checks comes from the environment and the server config
 (`KEEL_SERVER_CONFIG`): the database named by `KEEL_DB_URL`, `DATABASE_URI` (LangGraph server;
@@ -26,22 +30,26 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.app.health import Check, Health, liveness, semantic_check, served_readiness
 from keel.app.server_config import CONFIG_ENV, server_config
 from keel.errors import KeelError
 
-__all__ = ["DATABASE_ENVS", "app", "lifespan", "readiness_targets"]
+__all__ = ["DATABASE_ENVS", "RefusedToolCalls", "app", "lifespan", "readiness_targets"]
 
 DATABASE_ENVS = ("KEEL_DB_URL", "DATABASE_URI", "DATABASE_URL")
 """Where `ready` finds the server's database URL, first set wins."""
@@ -132,8 +140,77 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await server.aclose_served()
 
 
+MCP_PATH = "/mcp"
+"""LangGraph server's MCP endpoint (each assistant a tool)."""
+INVALID_PARAMS = -32602
+"""The JSON-RPC error code of a call whose parameters were refused."""
+
+
+class RefusedToolCalls:
+    """LangGraph's MCP route answers a tool call the server refused as a JSON-RPC error.
+
+    Its `tools/call` starts the run with `runs.wait` and lets the HTTP error of a refused run
+    escape (keel's auth refuses a run with 422, 429, 403, ...): the client got a 500 and a
+    reset connection, the server log a traceback. LangGraph server applies `http.app`'s
+    middleware to its own routes, so this answers instead with a JSON-RPC error (`-32602`)
+    carrying the refusal's `detail`. Any other error, and one after the answer began, is left
+    as it was.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; a POST to `/mcp` whose run was refused gets the error."""
+        if scope["type"] != "http" or scope["path"] != MCP_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        started = False
+
+        async def reading() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.extend(message.get("body", b""))
+            return message
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, reading, sending)
+        except httpx.HTTPStatusError as exc:
+            if started or not 400 <= exc.response.status_code < 500:
+                raise
+            answer = {"jsonrpc": "2.0", "id": _request_id(bytes(body)), "error": _run_refused(exc)}
+            await JSONResponse(answer)(scope, receive, send)
+
+
+def _request_id(body: bytes) -> Any:
+    """The JSON-RPC request's `id` (None when the body is not one request)."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    return request.get("id") if isinstance(request, dict) else None
+
+
+def _run_refused(exc: httpx.HTTPStatusError) -> dict[str, Any]:
+    """A JSON-RPC error for a refused run: the server's `detail`, and the HTTP status."""
+    try:
+        detail = exc.response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    status = exc.response.status_code
+    message = f"The run was refused ({status}): {detail or exc.response.text}"
+    return {"code": INVALID_PARAMS, "message": message, "data": {"status": status}}
+
+
 app = Starlette(
     lifespan=lifespan,
+    middleware=[Middleware(RefusedToolCalls)],
     routes=[
         Route("/keel/health/live", live, methods=["GET"]),
         Route("/keel/health/ready", ready, methods=["GET"]),
