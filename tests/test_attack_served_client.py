@@ -317,26 +317,31 @@ async def test_an_assistant_marked_as_the_graphs_own_is_refused_and_reaches_no_t
 # -- found open: a message no run can take, created and failed as it started --------------------
 
 
-async def a2a_send(http: httpx.AsyncClient, user: str, body: str) -> dict[str, Any]:
-    """A raw JSON-RPC body POSTed to the `agent` graph's A2A endpoint; its JSON answer."""
+async def agent_assistant(http: httpx.AsyncClient, user: str) -> str:
+    """The id of the `agent` graph's own assistant."""
     found = await http.post(
         "/assistants/search",
         json={"graph_id": "agent", "metadata": {"created_by": "system"}},
         headers=_auth(user),
     )
     (assistant,) = found.json()
+    return str(assistant["assistant_id"])
+
+
+async def a2a_send(http: httpx.AsyncClient, user: str, body: str) -> dict[str, Any]:
+    """A raw JSON-RPC body POSTed to the `agent` graph's A2A endpoint; its JSON answer."""
     headers = {**_auth(user), "Accept": "application/json", "Content-Type": "application/json"}
     response = await http.post(
-        f"/a2a/{assistant['assistant_id']}", content=body.encode(), headers=headers
+        f"/a2a/{await agent_assistant(http, user)}", content=body.encode(), headers=headers
     )
     assert response.status_code == 200, response.text  # JSON-RPC answers errors with 200
     answer: dict[str, Any] = response.json()
     return answer
 
 
-def message_send(context_id: str, parts: Any) -> str:
+def message_send(context_id: str, parts: Any, method: str = "message/send") -> str:
     message = {"role": "user", "messageId": "m1", "contextId": context_id, "parts": parts}
-    body = {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": message}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {"message": message}}
     return json.dumps(body)
 
 
@@ -366,6 +371,27 @@ async def test_an_a2a_message_no_run_can_take_is_a_client_error_and_starts_nothi
     assert answer["error"]["code"] == -32602, answer
     assert why in answer["error"]["message"], answer
     assert await status(users["alice"].threads.get(context_id)) == 404  # nothing written
+
+
+async def test_an_a2a_stream_of_a_message_no_run_can_take_starts_nothing(
+    users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """`message/stream`: refused before the run as `message/send` is (no thread made). Pinned:
+    LangGraph's streaming A2A route answers any refused run, keel's refusals included, with
+    its own `-32603` "Internal server error", not the refusal's message."""
+    context_id = str(uuid.uuid4())
+    body = message_send(context_id, [{"kind": "text", "text": 5}], "message/stream")
+    headers = {**_auth("alice"), "Accept": "text/event-stream", "Content-Type": "application/json"}
+    response = await http.post(
+        f"/a2a/{await agent_assistant(http, 'alice')}", content=body.encode(), headers=headers
+    )
+    events = [
+        json.loads(line.removeprefix("data:"))
+        for line in response.text.splitlines()
+        if line.startswith("data:")
+    ]
+    assert [e.get("error", {}).get("code") for e in events] == [-32603], events
+    assert await status(users["alice"].threads.get(context_id)) == 404
 
 
 @pytest.mark.parametrize(
