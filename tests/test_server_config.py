@@ -39,6 +39,9 @@ model = "keel:demo"
 tools = ["lookup_order"]
 """
 
+HI = {"messages": [("user", "hi")]}
+"""A run's input keel's auth lets through (a user message)."""
+
 
 ANY = "0" * 64
 """A well-formed token digest, for configs whose tokens no test sends."""
@@ -439,7 +442,7 @@ async def test_served_auth_refuses_a_run_over_its_users_cap_with_429(
         ctx = Auth.types.AuthContext(
             user=user, permissions=[], resource="threads", action="create_run"
         )
-        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": {"messages": []}}}
+        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": HI}}
         return await auth.owned(ctx, run)
 
     with pytest.raises(Auth.exceptions.HTTPException) as caught:
@@ -470,7 +473,7 @@ async def test_served_auth_refuses_a_run_that_could_only_wait_in_a_full_waiting_
     ctx = Auth.types.AuthContext(user=user, permissions=[], resource="threads", action="create_run")
 
     async def create_run() -> Any:
-        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": {"messages": []}}}
+        run = {"thread_id": None, "metadata": {}, "kwargs": {"input": HI}}
         return await auth.owned(ctx, run)
 
     assert room.enter()  # another tenant's run waits in this process's only place
