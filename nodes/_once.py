@@ -33,6 +33,7 @@ from keel.db.runs import STORAGE_FAILED
 from keel.errors import StorageError, UserError
 from keel.nodes._command import command_answer, is_command
 from keel.state import Outcome
+from keel.tools._args import as_called
 from keel.tools.registry import RegisteredTool
 
 __all__ = [
@@ -154,14 +155,21 @@ def ledger_key(
     """`(thread_id, tool_call_id, tool, digest)` when the call runs through the ledger.
 
     Only side-effecting tools do, and only in a thread (a checkpointer and a `thread_id`):
-    without a thread there is nothing to resume, and tool-call ids need not be unique.
+    without a thread there is nothing to resume, and tool-call ids need not be unique. The
+    digest is of the arguments as the tool reads them (`as_called`): `10` and `10.0` for an
+    `int`, or a default sent or left out, are one call, as duplicates in a turn are.
     """
     thread = saved_thread(config)
     call_id = call.get("id")
     if ledger is None or not entry.spec.side_effects or thread is None or not call_id:
         return None
-    digest = call_digest(entry.name, call["args"], entry.spec.version)
+    digest = call_digest(entry.name, as_called(entry, call["args"]), entry.spec.version)
     return thread, call_id, entry.name, digest
+
+
+def _spelled(entry: RegisteredTool, call: ToolCall) -> str:
+    """The digest of `call`'s arguments as the model spelled them (`claim_flow`'s `spelled`)."""
+    return call_digest(entry.name, call["args"], entry.spec.version)
 
 
 def known_call_ids(messages: Sequence[BaseMessage]) -> frozenset[str]:
@@ -207,13 +215,13 @@ def once_steps(
     """Claim, run (`run`) and record one call; or return its recorded result, or `Unknown`.
 
     `known`: the tool-call ids in the thread's history; an orphaned `started` call of the
-    same tool (its request lost in a crash) makes this call `Unknown` (see `claim_flow`; one
-    started before `since`, when the conversation began, is another conversation's). A
-    ledger failure (`StorageError`) answers the call as `_storage_failed` says. `alone`: the
-    only call of its step; under `ainvoke` a call run beside others records its result at
-    once (it must not wait in the node's ledger batch for a slower sibling). `gate`: checked
-    in the claim's transaction before a call may run (the tool's breaker); refused, the
-    call is answered `unavailable` and nothing is recorded.
+    same tool and arguments (its request lost in a crash) makes this call `Unknown` (see
+    `claim_flow`; one started before `since`, when the conversation began, is another
+    conversation's). A ledger failure (`StorageError`) answers the call as `_storage_failed`
+    says. `alone`: the only call of its step; under `ainvoke` a call run beside others
+    records its result at once (it must not wait in the node's ledger batch for a slower
+    sibling). `gate`: checked in the claim's transaction before a call may run (the tool's
+    breaker); refused, the call is answered `unavailable` and nothing is recorded.
     """
     ran: list[ToolMessage] = []
 
@@ -246,7 +254,8 @@ def _claimed(
 
     thread, call_id, _, _ = key
     known, since = orphans
-    claim = yield flow(claim_flow(*key, known=known, since=since, gate=gate))
+    spelled = _spelled(entry, call)
+    claim = yield flow(claim_flow(*key, spelled=spelled, known=known, since=since, gate=gate))
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:
@@ -257,7 +266,7 @@ def _claimed(
                 return message
             rerun = found is None
         if rerun:
-            claim = yield flow(claim_flow(*key, rerun_unknown=True, gate=gate))
+            claim = yield flow(claim_flow(*key, rerun_unknown=True, spelled=spelled, gate=gate))
     if claim.action == "refused":
         assert claim.refusal is not None
         return tool_message(call, claim.refusal, "unavailable")

@@ -22,6 +22,7 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, RunLog, UserError, build_agent, tool
+from keel.approvals import call_digest
 from keel.db.audit import AuditLog
 from keel.db.idempotency import claim_flow
 from keel.evals import ScriptedChatModel, call
@@ -131,8 +132,10 @@ def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_u
     runs, charge = _recorded_charge()
     ledger = Ledger(db_url)
     ledger.setup()
-    # what the killed process left: a claim under an id the thread never saved
-    assert ledger.run(claim_flow("t1", "call_lost", "charge", "d")).action == "run"
+    # what the killed process left: a claim under an id the thread never saved, of the same
+    # call (an orphan of other arguments is another action: tests/test_attack_orphan_args.py)
+    lost = call_digest("charge", {"order_id": "A1"}, "1")
+    assert ledger.run(claim_flow("t1", "call_lost", "charge", lost)).action == "run"
     model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)
     with Persistence(db_url).checkpointer() as saver:
         agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)

@@ -124,6 +124,7 @@ def claim_flow(
     digest: str,
     *,
     rerun_unknown: bool = False,
+    spelled: str | None = None,
     known: Collection[str] | None = None,
     since: float = 0.0,
     gate: ClaimGate | None = None,
@@ -135,14 +136,20 @@ def claim_flow(
         call_id: The call's `tool_call_id`.
         tool: The tool's name.
         digest: The call's digest (`keel.approvals.call_digest`: tool, canonical arguments
-            and tool version); a different digest under the same id conflicts.
+            as the tool reads them and tool version); a different digest under the same id
+            conflicts.
         rerun_unknown: Claim a `started` call again (the tool is safe to repeat, or a
             reconciliation found the effect did not happen).
+        spelled: The digest of the arguments as the model spelled them, when it differs from
+            `digest`: a row recorded under it is this call too (keel stored that digest
+            before it read arguments as the tool does; a thread in flight keeps its rows).
         known: The tool-call ids in the thread's history. A `started` call of the same tool
-            whose id is not among them is an orphan: its request was lost (the process died
-            before the checkpoint holding it was saved) and the model asked again under a new
-            id. The new call adopts the orphan's row, so it is `unknown` ("did this happen?")
-            instead of running a second time. A call of the same tool and digest that ended
+            and digest whose id is not among them is an orphan: its request was lost (the
+            process died before the checkpoint holding it was saved) and the model asked
+            again under a new id. The new call adopts the orphan's row, so it is `unknown`
+            ("did this happen?") instead of running a second time. A call with other
+            arguments is another action: it leaves the orphan alone (for a later call that
+            matches it) and is claimed as usual. A call of the same tool and digest that ended
             under an id not among them was left behind by time travel: the new call gets its
             record (`_forked_away`), unless the history holds a call of that digest.
         since: When the conversation `known` is of began (`keel._node.handed_at`): a row
@@ -153,12 +160,13 @@ def claim_flow(
     """
     now = time.time()
     gated: list[Row] = []
+    digests = (digest, spelled or digest)
     if known is not None:
-        rows, gated = yield from _orphans(thread_id, call_id, tool, digest, since, gate)
-        orphan = yield from _adopt_orphan(thread_id, call_id, digest, known, rows)
+        rows, gated = yield from _orphans(thread_id, call_id, tool, digests, since, gate)
+        orphan = yield from _adopt_orphan(thread_id, call_id, digests, known, rows)
         if orphan is not None:
             return Claim("unknown", orphan)
-        forked = yield from _forked_away(thread_id, call_id, digest, known, rows)
+        forked = yield from _forked_away(thread_id, call_id, digests, known, rows)
         if forked is not None:
             return Claim("recorded", forked)
     elif gate is not None:
@@ -180,7 +188,7 @@ def claim_flow(
         return Claim("run")
     rows = yield _select(thread_id, call_id)
     record = _record(rows[0])
-    if record.args_digest != digest:
+    if record.args_digest not in digests:
         return Claim("conflict", record)
     if record.state in ("completed", "failed"):
         return Claim("recorded", record)
@@ -198,19 +206,24 @@ def claim_flow(
 
 
 def _orphans(
-    thread_id: str, call_id: str, tool: str, digest: str, since: float, gate: ClaimGate | None
+    thread_id: str,
+    call_id: str,
+    tool: str,
+    digests: tuple[str, str],
+    since: float,
+    gate: ClaimGate | None,
 ) -> Flow[tuple[list[Row], list[Row]]]:
-    """The call's own row, the thread's `started` rows of `tool` since `since`, the gate's.
+    """The call's own row, the thread's rows of `tool` with the call's digests since `since`.
 
-    Rows of `tool` with the call's digest since `since` come too (`_forked_away`); each row is
-    `(tool_call_id, state, args_digest)`. The first two are locked. The gate's rows are read
+    Those are the `started` ones (`_adopt_orphan`) and the ended ones (`_forked_away`); each
+    row is `(tool_call_id, state, args_digest)`, and all are locked. The gate's rows are read
     in the same round trip; without a gate there are none.
     """
     select = (
         "SELECT tool_call_id, state, args_digest FROM keel_tool_calls WHERE thread_id = ? "
         "AND (tool_call_id = ? OR (tool = ? AND started_at >= ? "
-        "AND (state = 'started' OR args_digest = ?))) {for_update}",
-        (thread_id, call_id, tool, since, digest),
+        "AND args_digest IN (?, ?))) {for_update}",
+        (thread_id, call_id, tool, since, *digests),
     )
     if gate is None:
         return (yield select), []
@@ -219,24 +232,37 @@ def _orphans(
 
 
 def _adopt_orphan(
-    thread_id: str, call_id: str, digest: str, known: Collection[str], rows: list[Row]
+    thread_id: str,
+    call_id: str,
+    digests: tuple[str, str],
+    known: Collection[str],
+    rows: list[Row],
 ) -> Flow[CallRecord | None]:
-    """Move an orphaned `started` row (in `rows`) to `call_id`; return it."""
+    """Move an orphaned `started` row of the call's digests (in `rows`) to `call_id`; return it.
+
+    Only a row of the same arguments (as the tool reads them) is this call's lost request: a
+    call with other arguments adopting it would be asked "did this happen?" about the orphan's
+    action, under its own arguments, and never run.
+    """
     ids = {r[0] for r in rows}
-    orphans = sorted({r[0] for r in rows if r[1] == "started"} - set(known))
+    orphans = sorted({r[0] for r in rows if r[1] == "started" and r[2] in digests} - set(known))
     if call_id in ids or not orphans:
         return None  # the call has its own row (claimed as usual), or nothing was lost
     yield (
         "UPDATE keel_tool_calls SET tool_call_id = ?, args_digest = ? "
         "WHERE thread_id = ? AND tool_call_id = ?",
-        (call_id, digest, thread_id, orphans[0]),
+        (call_id, digests[0], thread_id, orphans[0]),
     )
     found = yield _select(thread_id, call_id)
     return _record(found[0])
 
 
 def _forked_away(
-    thread_id: str, call_id: str, digest: str, known: Collection[str], rows: list[Row]
+    thread_id: str,
+    call_id: str,
+    digests: tuple[str, str],
+    known: Collection[str],
+    rows: list[Row],
 ) -> Flow[CallRecord | None]:
     """The recorded call (in `rows`) this one asks for again on a fork of the thread.
 
@@ -247,7 +273,7 @@ def _forked_away(
     digest, the model asked for it in an earlier turn of this line: a repeat it means, which
     runs.
     """
-    same = {r[0] for r in rows if r[2] == digest and r[1] in ("completed", "failed")}
+    same = {r[0] for r in rows if r[2] in digests and r[1] in ("completed", "failed")}
     if any(r[0] == call_id for r in rows) or same & set(known):
         return None
     left = sorted(same)

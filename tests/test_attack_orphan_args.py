@@ -1,0 +1,263 @@
+"""Attacks on "an orphaned call is asked about" (README, "Durable side effects"), found open.
+
+A process is SIGKILLed right after a refund's effect, before anything of its run was saved
+(`durability="exit"`: the claim is the refund's only trace). The thread is sent again and the
+model, which names every call anew, asks under a fresh id. The orphaned `started` row was
+adopted by the next call of the same tool whatever its arguments: a refund of 20 took over
+the lost refund of 10, its row then named 20, the human was asked "did this happen?" about a
+refund of 20 that never ran, and the refund of 10's arguments were gone. Only a call of the
+same arguments, as the tool reads them (`10.0` for an `int` 10, a default sent), is the lost
+request; another call runs, and the orphan waits for its own.
+
+Real parts: SQLite files and a PostgreSQL database (checkpointer and ledger), a real process
+killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call ids.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import ToolMessage
+from langgraph.types import Command
+
+from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel.approvals import call_digest
+from keel.db.idempotency import claim_flow
+from keel.evals import ScriptedChatModel, call
+
+CTX = RunContext(user_id="u1")
+THREAD: Any = {"configurable": {"thread_id": "t1"}}
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+
+    from keel import Ledger, Persistence, RunContext, build_agent, tool
+    from keel.evals import ScriptedChatModel, call
+
+    url, effects, driver = sys.argv[1:]
+    turn = call("issue_refund", order_id="A1", amount=10)
+    model = ScriptedChatModel(script=[turn], fresh_ids=True)
+    sent = ({"messages": [("user", "refund A1")]}, {"configurable": {"thread_id": "t1"}})
+    # durability="exit": nothing of the run is saved before it ends, so the request dies with
+    # the process and the ledger's `started` row is all that is left of the refund
+    how = {"context": RunContext(user_id="u1"), "durability": "exit"}
+
+
+    def refund(order_id: str, amount: int, note: str | None = None) -> str:
+        "Refund an order."
+        with open(effects, "a") as f:
+            print("refund", amount, file=f, flush=True)
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)  # after the effect, before its record
+
+
+    async def arefund(order_id: str, amount: int, note: str | None = None) -> str:
+        "Refund an order."
+        return refund(order_id, amount, note)
+
+
+    chosen = tool(risk="write", name="issue_refund")(refund if driver == "sync" else arefund)
+
+
+    async def main():
+        async with Persistence(url).acheckpointer() as saver:
+            agent = build_agent(model, [chosen], checkpointer=saver, ledger=Ledger(url))
+            await agent.ainvoke(*sent, **how)
+
+
+    if driver == "sync":
+        with Persistence(url).checkpointer() as saver:
+            agent = build_agent(model, [chosen], checkpointer=saver, ledger=Ledger(url))
+            agent.invoke(*sent, **how)
+    else:
+        asyncio.run(main())
+    """
+)
+
+
+def refunds_into(done: list[tuple[str, int, str | None]]) -> list[Any]:
+    """The refund tool of this process (the next one): each refund that really ran, in `done`."""
+
+    @tool(risk="write")
+    def issue_refund(order_id: str, amount: int, note: str | None = None) -> str:
+        """Refund an order."""
+        done.append((order_id, amount, note))
+        return f"refunded {amount} on {order_id}"
+
+    return [issue_refund]
+
+
+def killed_after_the_refund(driver: str, db_url: str, tmp_path: Path) -> Path:
+    """Run `CHILD`, killed right after its refund of 10: the file that refund wrote."""
+    (tmp_path / "child.py").write_text(CHILD)
+    effects = tmp_path / "effects.txt"
+    argv = [sys.executable, "child.py", db_url, str(effects), driver]
+    env = {**os.environ, "LANGSMITH_TRACING": "false"}
+    # cwd: the repository's `keel/` folder would shadow the package
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert effects.read_text().splitlines() == ["refund 10"]
+    return effects
+
+
+def rows(thread: str) -> Any:
+    """The thread's ledger rows: `(tool_call_id, state, args_digest)`, oldest first."""
+    found = yield (
+        "SELECT tool_call_id, state, args_digest FROM keel_tool_calls WHERE thread_id = ? "
+        "ORDER BY started_at",
+        (thread,),
+    )
+    return [tuple(r) for r in found]
+
+
+def digest(amount: int) -> str:
+    """The ledger's digest of a refund on A1, its arguments as the tool reads them."""
+    return call_digest("issue_refund", {"order_id": "A1", "amount": amount, "note": None}, "1")
+
+
+def asked(result: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """The run's "did this happen?" requests: `(kind, args)` each."""
+    return [
+        (r.get("kind"), r["action_request"]["args"])
+        for i in result.get("__interrupt__") or []
+        for r in i.value
+    ]
+
+
+def run(db_url: str, done: list[Any], script: list[Any], message: str) -> Any:
+    """Send `message` to the thread on a new agent (the next process) scripted by `script`."""
+    ledger = Ledger(db_url)
+    model = ScriptedChatModel(script=script, fresh_ids=True)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
+            return agent.invoke({"messages": [("user", message)]}, THREAD, context=CTX)
+    finally:
+        ledger.close()
+
+
+def ledger_rows(db_url: str) -> list[tuple[Any, ...]]:
+    ledger = Ledger(db_url)
+    try:
+        found: list[tuple[Any, ...]] = ledger.run(rows("t1"))
+        return found
+    finally:
+        ledger.close()
+
+
+# spellings of the lost call's arguments as the tool reads them: 10, note=None
+SAME = [
+    {"order_id": "A1", "amount": 10},
+    {"order_id": "A1", "amount": 10.0},
+    {"order_id": "A1", "amount": "10", "note": None},
+]
+
+
+@pytest.mark.parametrize("args", SAME, ids=["as-lost", "float", "str-and-default"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_the_lost_refund_asked_again_under_a_fresh_id_is_asked_about_not_run_twice(
+    driver: str, args: dict[str, Any], db_url: str, tmp_path: Path
+) -> None:
+    """The model asks for the lost refund again, however it spells its arguments: the call
+    adopts the orphan's row and asks "did this happen?"; it never runs a second time."""
+    effects = killed_after_the_refund(driver, db_url, tmp_path)
+    (lost,) = ledger_rows(db_url)
+    assert lost[1:] == ("started", digest(10))
+    done: list[Any] = []
+    paused = run(db_url, done, [call("issue_refund", **args), "Done."], "refund A1")
+    assert done == []
+    assert effects.read_text().splitlines() == ["refund 10"]
+    assert asked(paused) == [("outcome_unknown", args)]
+    (request,) = paused["__interrupt__"][0].value
+    assert ledger_rows(db_url) == [(request["tool_call_id"], "started", digest(10))]
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_refund_of_other_arguments_runs_and_leaves_the_lost_one_its_own(
+    driver: str, db_url: str, tmp_path: Path
+) -> None:
+    """The attack: after the crash the model asks for a refund of 20. It adopted the lost
+    refund of 10's row: "did this happen?" about a refund of 20 that never ran, the row's
+    digest overwritten with 20's, the refund of 10 forgotten. It runs; the orphan keeps its
+    arguments and is what a later refund of 10 is asked about."""
+    effects = killed_after_the_refund(driver, db_url, tmp_path)
+    (lost,) = ledger_rows(db_url)
+    done: list[Any] = []
+    script = [
+        call("issue_refund", order_id="A1", amount=20),
+        "Refunded 20.",
+        call("issue_refund", order_id="A1", amount=10.0),  # the lost one, asked for again
+        "Done.",
+    ]  # the model's turns in the thread: a turn is picked by the AI messages before it
+    other = run(db_url, done, script, "refund 20 on A1")
+    assert other["outcome"]["terminated_reason"] == "completed", other["outcome"]
+    assert done == [("A1", 20, None)]
+    (answer,) = [m for m in other["messages"] if isinstance(m, ToolMessage)]
+    assert answer.text == "refunded 20 on A1"
+    after = ledger_rows(db_url)
+    assert after[0] == lost  # still started, under its own id, with its own arguments
+    assert after[1][1:] == ("completed", digest(20))
+    # the lost refund of 10, asked for again: "did this happen?" about it, not run
+    again = run(db_url, done, script, "and the 10?")
+    assert asked(again) == [("outcome_unknown", {"order_id": "A1", "amount": 10.0})]
+    assert done == [("A1", 20, None)]
+    assert effects.read_text().splitlines() == ["refund 10"]
+    (request,) = again["__interrupt__"][0].value
+    assert ledger_rows(db_url)[0] == (request["tool_call_id"], "started", digest(10))
+
+
+async def test_an_approved_lost_refund_is_recorded_done_and_the_other_still_ran(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The whole story, answered: the refund of 20 ran, the lost refund of 10 asked again
+    is approved ("it happened") and recorded done; each refund happened once."""
+    effects = killed_after_the_refund("async", db_url, tmp_path)
+    done: list[Any] = []
+    script = [
+        call("issue_refund", order_id="A1", amount=20),
+        call("issue_refund", order_id="A1", amount=10),
+        "Done.",
+    ]
+    ledger = Ledger(db_url)
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            model = ScriptedChatModel(script=script, fresh_ids=True)
+            agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
+            paused = await agent.ainvoke({"messages": [("user", "refund A1")]}, THREAD, context=CTX)
+            assert asked(paused) == [("outcome_unknown", {"order_id": "A1", "amount": 10})]
+            finished = await agent.ainvoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+        found = await ledger.arun(rows("t1"))
+    finally:
+        await ledger.aclose()
+    assert finished["outcome"]["terminated_reason"] == "completed", finished["outcome"]
+    assert done == [("A1", 20, None)]
+    assert effects.read_text().splitlines() == ["refund 10"]
+    assert sorted(r[1:] for r in found) == sorted(
+        [("completed", digest(20)), ("completed", digest(10))]
+    )
+
+
+async def test_a_row_recorded_under_the_arguments_as_spelled_is_still_that_call(
+    ledger: Ledger,
+) -> None:
+    """Before this fix the ledger's digest was of the arguments as the model spelled them
+    (no `note: None` filled in). A thread in flight across the upgrade keeps its rows: its
+    call resumed under the same id is "did this happen?" (not a `conflict`, which would
+    answer it "other arguments; not run" and leave its row `started` for good), and an
+    orphan recorded so is still adopted by the same call."""
+    spelled = call_digest("issue_refund", {"order_id": "A1", "amount": 10}, "1")
+    assert (await ledger.arun(claim_flow("t1", "c1", "issue_refund", spelled))).action == "run"
+    resumed = await ledger.arun(claim_flow("t1", "c1", "issue_refund", digest(10), spelled=spelled))
+    assert resumed.action == "unknown"
+    asked_again = claim_flow("t1", "c2", "issue_refund", digest(10), spelled=spelled, known=("c0",))
+    adopted = await ledger.arun(asked_again)
+    assert adopted.action == "unknown"
+    assert adopted.record is not None and adopted.record.tool_call_id == "c2"
