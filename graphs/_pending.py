@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +38,15 @@ from keel.graphs._storage import Recorder
 from keel.history import pending_tool_calls
 from keel.nodes._once import recorded, tool_message
 from keel.state import task_start
+from keel.tools._args import as_called
 from keel.tools._duplicates import duplicate_answer
+from keel.tools.registry import RegisteredTool
 from keel.versions import AgentVersion
 
 __all__ = [
     "stopped_ended",
     "PENDING_KEY",
+    "ToolLookup",
     "Dropped",
     "abandoned",
     "closed",
@@ -63,6 +66,9 @@ __all__ = [
     "removed_of_waiting_run",
     "turned_past",
 ]
+
+ToolLookup = Callable[[str], RegisteredTool | None]
+"""A graph's tool by name (`ToolRegistry.get`): how its calls' arguments are read."""
 
 PENDING_KEY = "keel_pending"
 """`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
@@ -187,6 +193,7 @@ def closed_left(
     calls: list[ToolCall],
     found: Mapping[str, CallRecord] | None,
     saved: Mapping[str, ToolMessage],
+    tools: ToolLookup | None = None,
 ) -> tuple[dict[str, Any], list[ToolMessage]]:
     """`input` with an answer for each left-behind call before its messages.
 
@@ -194,9 +201,10 @@ def closed_left(
     not (LangGraph drops them from a new message's run); a call that has one gets it. `found`:
     the ledger's records of the calls, by id (`None`: the ledger could not be read, so any of
     them may have started). A call recorded `completed` or `failed` gets its recorded result;
-    one found `started` an "outcome unknown" answer; the rest `not_run`.
+    one found `started` an "outcome unknown" answer; the rest `not_run` (a repeat of a claimed
+    call of its turn: that call's answer, see `left_answers`, whose `tools` this is).
     """
-    closing = left_answers(calls, found, saved)
+    closing = left_answers(calls, found, saved, tools)
     return _before(input, closing), closing
 
 
@@ -204,17 +212,20 @@ def left_answers(
     calls: list[ToolCall],
     found: Mapping[str, CallRecord] | None,
     saved: Mapping[str, ToolMessage],
+    tools: ToolLookup | None = None,
 ) -> list[ToolMessage]:
     """An answer for each left-behind call, as the ledger knows it (see `closed_left`).
 
     A call the ledger never claimed that repeats a claimed call of its turn (same tool, same
-    arguments) was its duplicate (`keel.tools._duplicates`): it gets that call's answer.
+    arguments as the tool reads them: `tools`, as `keel.tools._duplicates` reads them) was
+    its duplicate: it gets that call's answer. Without `tools` (or for a tool it does not
+    know) arguments are compared as spelled.
     """
     closing: list[ToolMessage] = []
     claimed: dict[tuple[str, str], ToolMessage] = {}
     for c in calls:
         record = None if found is None else found.get(c.get("id") or "")
-        key = (c["name"], canonical_args(c.get("args") or {}))
+        key = _as_read(c, tools)
         if (result := saved.get(c.get("id") or "")) is not None:
             answer = result
         elif record is not None and record.state in ("completed", "failed") and record.result:
@@ -229,6 +240,15 @@ def left_answers(
             claimed.setdefault(key, answer)
         closing.append(answer)
     return closing
+
+
+def _as_read(call: ToolCall, tools: ToolLookup | None) -> tuple[str, str]:
+    """`call`'s tool and canonical arguments, as the tool reads them when `tools` knows it."""
+    args = call.get("args") or {}
+    entry = tools(call["name"]) if tools is not None else None
+    if entry is not None and isinstance(args, dict):
+        args = as_called(entry, args)
+    return call["name"], canonical_args(args)
 
 
 def left_inside(state: StateSnapshot | None) -> list[tuple[str, StateSnapshot]]:

@@ -325,7 +325,7 @@ def build_agent(
     audit = AuditLog(ledger) if ledger else None
     agent: Agent = guarded(
         compiled, audit, admission, output_guard=guards.output_guard, version=served,
-        recorder=observer, thread_leases=ThreadLeases.of(ledger),
+        recorder=observer, thread_leases=ThreadLeases.of(ledger), tools=registry.get,
     )  # fmt: skip
     traced = graph_config(graph=name, policy=served.policy, version=served)
     return agent if traced is None else agent.with_config(traced)

@@ -48,6 +48,7 @@ from keel.db.audit import AuditLog
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.graphs._one_run import ThreadLeases
+from keel.graphs._pending import ToolLookup
 from keel.graphs._storage import Recorder
 from keel.graphs.agent import Agent
 from keel.graphs.threads import guarded
@@ -76,6 +77,7 @@ from keel.state import (
     task_clock,
     task_start,
 )
+from keel.tools.registry import RegisteredTool
 from keel.versions import AgentVersion, prompt_hash
 
 __all__ = ["FINISH", "Route", "build_supervisor"]
@@ -218,7 +220,22 @@ def build_supervisor(
         recorder=observer,
         thread_leases=leases,
         agents=recorders,
+        tools=_tools(agents),
     )
+
+
+def _tools(agents: Mapping[str, Agent]) -> ToolLookup:
+    """The agents' tools by name (the first agent's of a name), as `keel_tools` looks them up.
+
+    A new message on the supervisor's thread reads with it the arguments of the calls an
+    agent stopped mid-step left (`graphs._pending.left_answers`).
+    """
+    lookups = [t for a in agents.values() if (t := getattr(a, "keel_tools", None)) is not None]
+
+    def tool(name: str) -> RegisteredTool | None:
+        return next((e for look in lookups if (e := look(name)) is not None), None)
+
+    return tool
 
 
 def _version(

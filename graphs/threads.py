@@ -64,6 +64,7 @@ from keel.graphs._paused import refuse_update, reported
 from keel.graphs._pending import (
     PENDING_KEY,
     Dropped,
+    ToolLookup,
     abandoned,
     calls_inside,
     closed,
@@ -439,6 +440,9 @@ class ThreadGuardedGraph(ProtectedGraph):
     """One run per thread across the processes sharing the agent's ledger (`graphs._one_run`)."""
     keel_agents: Mapping[str, Recorder] | None = None
     """A supervisor's agents' recorders, by node: their runs found stopped are recorded so."""
+    keel_tools: ToolLookup | None = None
+    """The graph's tools by name (a supervisor's: its agents'), to read a left-behind call's
+    arguments as its tool does (`left_answers`)."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -451,6 +455,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_recorder = self.keel_recorder
         out.keel_thread_leases = self.keel_thread_leases
         out.keel_agents = self.keel_agents
+        out.keel_tools = self.keel_tools
         return out
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
@@ -495,13 +500,14 @@ class ThreadGuardedGraph(ProtectedGraph):
             raise UserError(problem)
         if left := left_behind(input, state):
             assert state is not None
-            input, closing = closed_left(input, left, found, step_results(state))
+            saved = step_results(state)
+            input, closing = closed_left(input, left, found, saved, self.keel_tools)
             records = self._not_run(closing, config, kwargs, left)
             stopped = left_ended(state, closing)
             answered = Dropped(records, stopped, first_end=True, run_id=_run_of(state))
         elif (ended := stopped_ended(input, state)) is not None:
             calls = calls_inside(inside or [])
-            closing = left_answers(calls, found, {})
+            closing = left_answers(calls, found, {}, self.keel_tools)
             records = self._not_run(closing, config, kwargs, calls)
             agents = self.keel_agents or {}
             ends = [(agents[n], inside_ended(s, closing)) for n, s in inside or [] if n in agents]
@@ -962,6 +968,7 @@ _NOT_INIT = (
     "keel_recorder",
     "keel_thread_leases",
     "keel_agents",
+    "keel_tools",
 )
 
 
@@ -974,6 +981,7 @@ def guarded(
     recorder: Recorder | None = None,
     thread_leases: ThreadLeases | None = None,
     agents: Mapping[str, Recorder] | None = None,
+    tools: ToolLookup | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
@@ -981,7 +989,8 @@ def guarded(
     `version` is the agent version its refused (overloaded) runs are recorded under;
     `recorder` writes the run record of a run that ends on a storage failure;
     `thread_leases` (the agent's ledger) keeps one run per thread across processes;
-    `agents` (a supervisor's) records its agents' runs a new message finds stopped, by node.
+    `agents` (a supervisor's) records its agents' runs a new message finds stopped, by node;
+    `tools` reads the arguments of the calls a stopped run left as their tools do.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = KeelGraph(**attrs)
@@ -992,6 +1001,7 @@ def guarded(
     out.keel_recorder = recorder
     out.keel_thread_leases = thread_leases
     out.keel_agents = agents
+    out.keel_tools = tools
     return out  # type: ignore[return-value]
 
 

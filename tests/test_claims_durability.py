@@ -133,7 +133,7 @@ def test_an_orphaned_started_call_is_asked_about_before_the_tool_runs_again(db_u
     ledger = Ledger(db_url)
     ledger.setup()
     # what the killed process left: a claim under an id the thread never saved, of the same
-    # call (an orphan of other arguments is another action: tests/test_attack_orphan_args.py)
+    # call (an orphan of other arguments is another action: tests/test_attack_crash_args.py)
     lost = call_digest("charge", {"order_id": "A1"}, "1")
     assert ledger.run(claim_flow("t1", "call_lost", "charge", lost)).action == "run"
     model = ScriptedChatModel(script=[call("charge", order_id="A1"), "Done."], fresh_ids=True)

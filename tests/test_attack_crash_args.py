@@ -1,13 +1,19 @@
-"""Attacks on "an orphaned call is asked about" (README, "Durable side effects"), found open.
+"""Attacks on "Durable side effects" (README) with arguments spelled anew after a crash.
 
-A process is SIGKILLed right after a refund's effect, before anything of its run was saved
-(`durability="exit"`: the claim is the refund's only trace). The thread is sent again and the
-model, which names every call anew, asks under a fresh id. The orphaned `started` row was
-adopted by the next call of the same tool whatever its arguments: a refund of 20 took over
-the lost refund of 10, its row then named 20, the human was asked "did this happen?" about a
-refund of 20 that never ran, and the refund of 10's arguments were gone. Only a call of the
-same arguments, as the tool reads them (`10.0` for an `int` 10, a default sent), is the lost
-request; another call runs, and the orphan waits for its own.
+A process is SIGKILLed right after a refund's effect, before its record. The model names
+every call anew, and may spell the same arguments differently (`10.0` for an `int` 10, `"10"`,
+a default sent); keel reads them as the tool does (`keel.tools._args.as_called`).
+
+- The orphan (`durability="exit"`: nothing of the run was saved, the ledger's `started` row
+  is the refund's only trace; the thread is sent again). The orphaned row was adopted by the
+  next call of the same tool whatever its arguments: a refund of 20 took over the lost refund
+  of 10, its row then named 20, the human was asked "did this happen?" about a refund of 20
+  that never ran, and the refund of 10's arguments were gone. Only a call of the same
+  arguments is the lost request; another call runs, and the orphan waits for its own.
+- The left-behind repeat (a turn asking for the refund twice, spelled two ways; the next task
+  is a new message). The repeat, never claimed, was answered "Not run ... keel does not run
+  it now" beside its primary's "outcome unknown": the pending-answer code compared arguments
+  as spelled. It follows its primary's answer, as it does when spelled alike.
 
 Real parts: SQLite files and a PostgreSQL database (checkpointer and ledger), a real process
 killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call ids.
@@ -15,16 +21,18 @@ killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
@@ -37,18 +45,18 @@ THREAD: Any = {"configurable": {"thread_id": "t1"}}
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, os, signal, sys
+    import asyncio, json, os, signal, sys
+
+    from langchain_core.messages import AIMessage, ToolCall
 
     from keel import Ledger, Persistence, RunContext, build_agent, tool
-    from keel.evals import ScriptedChatModel, call
+    from keel.evals import ScriptedChatModel
 
-    url, effects, driver = sys.argv[1:]
-    turn = call("issue_refund", order_id="A1", amount=10)
-    model = ScriptedChatModel(script=[turn], fresh_ids=True)
+    url, effects, driver, durability, spelled = sys.argv[1:]
+    calls = [ToolCall(name="issue_refund", args=a, id=None) for a in json.loads(spelled)]
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=calls)], fresh_ids=True)
     sent = ({"messages": [("user", "refund A1")]}, {"configurable": {"thread_id": "t1"}})
-    # durability="exit": nothing of the run is saved before it ends, so the request dies with
-    # the process and the ledger's `started` row is all that is left of the refund
-    how = {"context": RunContext(user_id="u1"), "durability": "exit"}
+    how = {"context": RunContext(user_id="u1"), "durability": durability}
 
 
     def refund(order_id: str, amount: int, note: str | None = None) -> str:
@@ -95,16 +103,27 @@ def refunds_into(done: list[tuple[str, int, str | None]]) -> list[Any]:
     return [issue_refund]
 
 
-def killed_after_the_refund(driver: str, db_url: str, tmp_path: Path) -> Path:
-    """Run `CHILD`, killed right after its refund of 10: the file that refund wrote."""
+def killed_after_the_refund(
+    driver: str,
+    db_url: str,
+    tmp_path: Path,
+    durability: str = "exit",
+    turn: Sequence[dict[str, Any]] = ({"order_id": "A1", "amount": 10},),
+) -> Path:
+    """Run `CHILD`, one turn asking for `turn`'s refunds, killed right after the first one's
+    effect: the file that refund wrote.
+
+    `durability="exit"` (the default): nothing of the run is saved before it ends, so the
+    request dies with the process and the ledger's `started` row is all that is left of it.
+    """
     (tmp_path / "child.py").write_text(CHILD)
     effects = tmp_path / "effects.txt"
-    argv = [sys.executable, "child.py", db_url, str(effects), driver]
+    argv = [sys.executable, "child.py", db_url, str(effects), driver, durability, json.dumps(turn)]
     env = {**os.environ, "LANGSMITH_TRACING": "false"}
     # cwd: the repository's `keel/` folder would shadow the package
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert effects.read_text().splitlines() == ["refund 10"]
+    assert effects.read_text().splitlines() == [f"refund {turn[0]['amount']}"]
     return effects
 
 
@@ -261,3 +280,48 @@ async def test_a_row_recorded_under_the_arguments_as_spelled_is_still_that_call(
     adopted = await ledger.arun(asked_again)
     assert adopted.action == "unknown"
     assert adopted.record is not None and adopted.record.tool_call_id == "c2"
+
+
+# -- a repeat in the killed turn, spelled anew, then a new message ----------------------------
+
+SPELLED_ANEW = [
+    {"order_id": "A1", "amount": 10.0},
+    {"order_id": "A1", "amount": "10", "note": None},
+]
+
+
+@pytest.mark.parametrize("repeat", SPELLED_ANEW, ids=["float", "str-and-default"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_repeat_spelled_anew_follows_its_primary_when_a_new_message_finds_it_left(
+    driver: str, repeat: dict[str, Any], db_url: str, tmp_path: Path
+) -> None:
+    """The attack: a turn asks for the refund of 10 twice, the second time as `10.0` (or
+    `"10"` with the default sent); killed right after the first refund, before its record;
+    the next task is a new message. The first call is "outcome unknown"; the repeat, never
+    claimed, was answered "Not run: ... keel does not run it now", so the model read that
+    one refund did not happen. It is its primary's duplicate, and gets that answer."""
+    turn = [{"order_id": "A1", "amount": 10}, repeat]
+    durability = "sync" if driver == "sync" else "async"
+    effects = killed_after_the_refund(driver, db_url, tmp_path, durability, turn)
+    done: list[Any] = []
+    model = ScriptedChatModel(script=["(the killed turn)", "Noted."], fresh_ids=True)
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
+            result = agent.invoke({"messages": [("user", "anything else?")]}, THREAD, context=CTX)
+    finally:
+        ledger.close()
+    assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
+    assert done == []
+    assert effects.read_text().splitlines() == ["refund 10"]
+    (ai,) = [m for m in result["messages"] if isinstance(m, AIMessage) and m.tool_calls]
+    assert [c["args"] for c in ai.tool_calls] == turn
+    by_id = {m.tool_call_id: m for m in result["messages"] if isinstance(m, ToolMessage)}
+    first, again = (by_id[c["id"]] for c in ai.tool_calls)
+    assert first.text.startswith("Outcome unknown: this call started")
+    assert again.text.endswith(first.text) and not again.text.startswith("Not run")
+    assert again.response_metadata == {
+        "keel_status": "not_run",
+        "keel_duplicate_of": first.tool_call_id,
+    }
