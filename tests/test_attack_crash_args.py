@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.approvals import call_digest
+from keel.db.audit import AuditLog
 from keel.db.idempotency import claim_flow
 from keel.evals import ScriptedChatModel, call
+from keel.graphs import FINISH, Route, build_supervisor
 
 CTX = RunContext(user_id="u1")
 THREAD: Any = {"configurable": {"thread_id": "t1"}}
@@ -325,3 +327,50 @@ def test_a_repeat_spelled_anew_follows_its_primary_when_a_new_message_finds_it_l
         "keel_status": "not_run",
         "keel_duplicate_of": first.tool_call_id,
     }
+
+
+def test_a_supervisors_agent_stopped_mid_turn_audits_its_repeat_as_its_primary(
+    db_url: str,
+) -> None:
+    """The same in a supervisor's agent, stopped by Ctrl-C right after the first refund: the
+    supervisor thread's next message audits the agent's calls (its conversation is no later
+    run's). The repeat spelled `10.0` was audited "Not run: ... keel does not run it now"; it
+    follows its primary's "outcome unknown", read with the agent's tools."""
+    done: list[Any] = []
+
+    @tool(risk="write")
+    def issue_refund(order_id: str, amount: int, note: str | None = None) -> str:
+        """Refund an order (Ctrl-C lands right after it)."""
+        done.append((order_id, amount, note))
+        raise KeyboardInterrupt
+
+    turn = [{"order_id": "A1", "amount": 10}, {"order_id": "A1", "amount": 10.0}]
+    calls = [ToolCall(name="issue_refund", args=a, id=None) for a in turn]
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=calls), "Done."], fresh_ids=True)
+
+    def router(messages: Sequence[BaseMessage]) -> Route:
+        last = messages[-1]
+        first = last.type == "human" and last.text == "refund A1"
+        return Route(agent="billing" if first else FINISH, task=last.text)
+
+    ledger = Ledger(db_url)
+    config: Any = {"configurable": {"thread_id": "s1"}}
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            billing = build_agent(model, [issue_refund], ledger=ledger)
+            sup = build_supervisor({"billing": billing}, router, ledger=ledger, checkpointer=saver)
+            with pytest.raises(KeyboardInterrupt):
+                sup.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+            sup.invoke({"messages": [("user", "anything else?")]}, config, context=CTX)
+        audited = [
+            (r.args, r.status, r.result)
+            for r in AuditLog(ledger).query(thread="s1")
+            if r.decision == "not_run"
+        ]
+    finally:
+        ledger.close()
+    assert done == [("A1", 10, None)]
+    (first, again) = audited
+    assert first[:2] == (turn[0], "not_run") and first[2].startswith("Outcome unknown")
+    assert again[:2] == (turn[1], "not_run")
+    assert again[2].startswith("(This call repeats call") and again[2].endswith(first[2])
