@@ -14,6 +14,9 @@ a default sent); keel reads them as the tool does (`keel.tools._args.as_called`)
   is a new message). The repeat, never claimed, was answered "Not run ... keel does not run
   it now" beside its primary's "outcome unknown": the pending-answer code compared arguments
   as spelled. It follows its primary's answer, as it does when spelled alike.
+- Time travel to before the model's turn (no crash): the model asks again for the refund it
+  made, spelled `10.0`; the ledger's digest, of the arguments as spelled, did not find the
+  call the fork left behind, and the refund ran a second time. It gets the recorded result.
 
 Real parts: SQLite files and a PostgreSQL database (checkpointer and ledger), a real process
 killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call ids.
@@ -374,3 +377,39 @@ def test_a_supervisors_agent_stopped_mid_turn_audits_its_repeat_as_its_primary(
     assert first[:2] == (turn[0], "not_run") and first[2].startswith("Outcome unknown")
     assert again[:2] == (turn[1], "not_run")
     assert again[2].startswith("(This call repeats call") and again[2].endswith(first[2])
+
+
+# -- time travel: the model asks again, spelling the arguments anew ---------------------------
+
+
+@pytest.mark.parametrize("fork", ["execute_tools", "call_model"])
+def test_time_travel_gets_the_recorded_result_of_a_call_spelled_anew(
+    db_url: str, fork: str
+) -> None:
+    """Forked from before the model's turn, the model asks again for the refund it made, as
+    `10.0` this time, under a new id. The ledger's digest was of the arguments as spelled, so
+    the call that ended under an id the fork left behind was not found and the refund ran a
+    second time. The digest is of the arguments as the tool reads them: recorded."""
+    done: list[Any] = []
+    amounts = iter([10, 10.0])
+
+    def turn(messages: Sequence[BaseMessage]) -> AIMessage:
+        return call("issue_refund", order_id="A1", amount=next(amounts))
+
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            model = ScriptedChatModel(script=[turn, "Refunded."], fresh_ids=True)
+            agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
+            agent.invoke({"messages": [("user", "refund A1")]}, THREAD, context=CTX)
+            oldest = [s for s in agent.get_state_history(THREAD) if s.next == (fork,)][-1]
+            replayed = agent.invoke(None, oldest.config, context=CTX)
+    finally:
+        ledger.close()
+    assert replayed["outcome"]["terminated_reason"] == "completed", replayed["outcome"]
+    assert done == [("A1", 10, None)]
+    (answer,) = [m for m in replayed["messages"] if isinstance(m, ToolMessage)]
+    assert (answer.text, answer.response_metadata.get("keel_ledger")) == (
+        "refunded 10 on A1",
+        "recorded",
+    )
