@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= args.min_pass_rate <= 1:
             raise KeelError(f"--min-pass-rate must be between 0 and 1, got {args.min_pass_rate}.")
         path = Path(args.suite)
-        if not path.is_file() and args.suite in BUILTIN_SUITES:
+        if args.suite in BUILTIN_SUITES and not path.is_file():  # a path too long raises
             path = builtin_suite_path(args.suite)
         if args.langsmith and not langsmith_key():
             raise KeelError(

@@ -154,7 +154,7 @@ def capture_main(argv: Sequence[str]) -> int:
 
 def _suite(name: str) -> Suite:
     path = Path(name)
-    if not path.is_file() and name in BUILTIN_SUITES:
+    if name in BUILTIN_SUITES and not path.is_file():  # a path too long raises
         path = builtin_suite_path(name)
     return load_suite(path)
 

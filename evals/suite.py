@@ -33,17 +33,15 @@ the suite's graph or `keel eval --graph` say.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, ToolCall
 
-from keel._data_files import JSON_ERRORS, UniqueKeyLoader, too_deep, unique_pairs
+from keel._data_files import Format, parse_text, read_text
 from keel.errors import UserError
 from keel.evals.chaos import ChaosChatModel, ChaosPolicy
 from keel.evals.scripted import ScriptedChatModel
@@ -247,24 +245,10 @@ def load_suite(path: str | Path) -> Suite:
             included), or a case is malformed.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a directory: give the path of a YAML suite file in it.")
-    if not path.is_file():
-        raise UserError(f"No suite file at {str(path)!r}. Give the path of a YAML suite.")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=unique_pairs)
-        else:
-            data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text ({exc}); save the suite as UTF-8.") from exc
-    except JSON_ERRORS as exc:  # JSON, not YAML: tabs are valid there
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
-    except RecursionError as exc:  # both parsers recurse per level of nesting
-        raise too_deep(str(path), exc, "a suite needs a few levels: ") from exc
+    text = read_text(path, "Suite file", missing="Give the path of a YAML suite.")
+    kind: Format = "json" if path.suffix.lower() == ".json" else "yaml"  # JSON: tabs are valid
+    where = f"Suite file {str(path)!r}"
+    data = parse_text(text, kind, where, needs="a suite needs a few levels: ")
     return Suite.from_dict(data, path=path)
 
 

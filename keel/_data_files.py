@@ -1,7 +1,10 @@
-"""Reading a user's YAML, JSON and TOML files strictly: one loader for every kind of file.
+"""Reading a user's YAML, JSON and TOML files strictly: one reader for every kind of file.
 
-keel's policy files (`Policy.from_file`), SLO files (`keel report --slo`) and eval suites
-(`keel.evals.load_suite`) are written by hand. Two mistakes the parsers let through here:
+keel's policy files (`Policy.from_file`), SLO files (`keel report --slo`), eval suites
+(`keel.evals.load_suite`), server configs (`ServerConfig.from_file`) and the langgraph.json of
+`keel serve --config` are written by hand. `read_text` reads one (a directory, a missing file,
+bytes that are not UTF-8, a file the OS will not read: each is an error naming it and the fix),
+`parse_text` parses it, refusing two mistakes the parsers let through:
 
 - a key given twice in one mapping: PyYAML and `json` keep the last silently (a case's second
   `expect:` dropped its first, a policy's second `budget:` its first); TOML refuses it itself
@@ -9,21 +12,31 @@ keel's policy files (`Policy.from_file`), SLO files (`keel report --slo`) and ev
 - brackets nested thousands deep (a paste gone wrong): PyYAML, `json` and `tomllib` recurse per
   level and raise a bare `RecursionError`.
 
-Both are a `keel.errors.UserError` naming the file (and, for a key given twice, the key and line).
+Each is a `keel.errors.UserError` naming the file (and, for a key given twice, the key and
+line), or the caller's error class (`SetupError` for the server's config).
 """
 
 from __future__ import annotations
 
 import json
+import stat
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from keel.errors import UserError
+from keel.errors import KeelError, UserError
 
-__all__ = ["JSON_ERRORS", "UniqueKeyLoader", "load_data_file", "too_deep", "unique_pairs"]
+__all__ = [
+    "JSON_ERRORS",
+    "Format",
+    "UniqueKeyLoader",
+    "load_data_file",
+    "parse_text",
+    "read_text",
+    "unique_pairs",
+]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -66,42 +79,81 @@ JSON_ERRORS: tuple[type[ValueError], ...] = (json.JSONDecodeError, _GivenTwice)
 """What `json.loads(text, object_pairs_hook=unique_pairs)` raises on a file that is not JSON."""
 
 
-def too_deep(where: str, exc: RecursionError, needs: str = "") -> UserError:
-    """The `UserError` for a file nested past the parser's recursion (`where` names the file)."""
-    return UserError(
-        f"{where} nests lists or mappings too deeply to read ({exc}); {needs}check its brackets."
-    )
+def read_text(
+    path: Path, what: str, *, error: type[KeelError] = UserError, missing: str = ""
+) -> str:
+    """A hand-written file's text, or `error` naming it as `what` and saying why not.
+
+    A directory, a file that is not there, a pipe or device, bytes that are not UTF-8, a file
+    the OS will not read (no permission; a name too long: text pasted for a path) each say so;
+    `missing` is the fix appended when the file is not there ("Set KEEL_SERVER_CONFIG ...").
+    """
+    where = f"{what} {str(path)!r}"
+    try:
+        mode = path.stat().st_mode  # not `is_file`: it hides why (and raises on 3.11 for some)
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{where} does not exist." + (f" {missing}" if missing else "")) from None
+    except OSError as exc:
+        raise error(f"{where} cannot be read ({exc.strerror or exc}): check the path.") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{where} is a directory: pass the file itself.")
+    if not stat.S_ISREG(mode):  # a FIFO would block the reader, a device has no end
+        raise error(f"{where} is not a regular file: save it to a file and pass that.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8."
+        ) from None
+    except OSError as exc:
+        raise error(
+            f"{where} cannot be read ({exc.strerror or exc}): check its permissions."
+        ) from None
+
+
+Format = Literal["toml", "yaml", "json"]
+
+
+def parse_text(
+    text: str,
+    kind: Format,
+    where: str,
+    *,
+    error: type[KeelError] = UserError,
+    needs: str = "",
+) -> Any:
+    """`text` parsed as `kind`, a key given twice refused; `error` names the file as `where`.
+
+    `needs` goes before "check its brackets" when the text nests too deeply to parse.
+    """
+    try:
+        if kind == "toml":
+            return tomllib.loads(text)
+        if kind == "json":
+            return json.loads(text, object_pairs_hook=unique_pairs)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
+    except tomllib.TOMLDecodeError as exc:
+        twice = "; a key or table is given twice: keep one" if _redeclared(exc) else ""
+        raise error(f"{where} is not valid TOML: {exc}{twice}.") from exc
+    except JSON_ERRORS as exc:
+        raise error(f"{where} is not valid JSON: {exc}.") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{where} is not valid YAML: {exc}.") from exc
+    except RecursionError as exc:  # the parsers recurse per level of nesting
+        raise error(
+            f"{where} nests lists or mappings too deeply to read ({exc}); {needs}check its "
+            "brackets."
+        ) from exc
 
 
 def load_data_file(path: Path, what: str) -> Any:
     """Parse a `.toml`, `.yaml` or `.yml` file; errors name it as `what` (`"Policy file"`)."""
-    if path.is_dir():
-        raise UserError(f"{what} {str(path)!r} is a directory: pass the file itself.")
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{what} {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}."
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {exc.strerror}.") from None
+    text = read_text(path, what)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(
             f"{what} {str(path)!r}: use a .toml, .yaml or .yml file, not {path.suffix!r}."
         )
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
-    except tomllib.TOMLDecodeError as exc:
-        twice = "; a key or table is given twice: keep one" if _redeclared(exc) else ""
-        raise UserError(f"{what} {str(path)!r} is not valid TOML: {exc}{twice}.") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{what} {str(path)!r} is not valid YAML: {exc}.") from exc
-    except RecursionError as exc:  # the parsers recurse per level of nesting
-        raise too_deep(f"{what} {str(path)!r}", exc) from exc
+    return parse_text(text, "toml" if path.suffix == ".toml" else "yaml", f"{what} {str(path)!r}")
 
 
 def _redeclared(exc: tomllib.TOMLDecodeError) -> bool:

@@ -348,7 +348,7 @@ def test_a_chroma_folder_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
         (b"[[[ nope", "is not valid TOML: "),
         (b"\xff\xfe garbage", "is not UTF-8 text (invalid start byte at byte 0): save it as UTF-8"),
         (b"", "it needs at least one [tenants.<id>] table"),
-        (None, "is a directory: pass --server-config the TOML file"),
+        (None, "is a directory: pass the file itself."),
     ],
     ids=["syntax", "not-utf8", "empty", "a-directory"],
 )
@@ -380,8 +380,8 @@ model = "keel:demo"
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        (None, "is a directory: pass the JSON file"),
-        (b"\xff\xfe{}", "is not UTF-8 text (invalid start byte at byte 0): save it as UTF-8 JSON"),
+        (None, "is a directory: pass the file itself."),
+        (b"\xff\xfe{}", "is not UTF-8 text (invalid start byte at byte 0): save it as UTF-8."),
         (b"{graphs", "is not valid JSON: Expecting property name"),
         (b"[]", "is not a JSON object"),
     ],

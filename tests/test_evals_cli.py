@@ -99,7 +99,7 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert keel_main(["eval", str(tmp_path / "nope.yaml")]) == 2
-    assert "No suite file at" in capsys.readouterr().err
+    assert "does not exist. Give the path of a YAML suite." in capsys.readouterr().err
     assert keel_main(["eval", "demo", "--graph", "nope"]) == 2
     assert "--graph must be 'module:function'" in capsys.readouterr().err
     assert keel_main(["eval", "demo", "--graph", "no_such_module:f"]) == 2
@@ -122,7 +122,10 @@ def test_keel_eval_bad_input_exits_2_with_the_fix(
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["eval", "   "], "keel eval: No suite file at '   '. Give the path of a YAML suite."),
+        (
+            ["eval", "   "],
+            "keel eval: Suite file '   ' does not exist. Give the path of a YAML suite.",
+        ),
         (["eval", "demo", "--repeat", "0"], "argument --repeat: '0' is not a whole number"),
         (["eval", "demo", "--concurrency", "-3"], "argument --concurrency: '-3' is not a whole"),
         (["eval", "demo", "--model", "x\udcff"], "--model 'x\\udcff' holds a lone surrogate"),

@@ -108,7 +108,10 @@ def test_objectives_reject_bad_files(tmp_path: Path) -> None:
     yaml.write_text("slo:\n  latency_p99: {max: 2.5}\n")
     assert load_objectives(yaml) == [Objective(metric="latency_p99", bound="max", target=2.5)]
     bad.write_bytes(b"[slo]\nsuccess_rate = { min = 0.9 } # \xff\n")
-    with pytest.raises(UserError, match=re.escape("is not UTF-8 text: invalid start byte")):
+    with pytest.raises(
+        UserError,
+        match=re.escape("is not UTF-8 text (invalid start byte at byte 37): save it as UTF-8."),
+    ):
         load_objectives(bad)
 
 

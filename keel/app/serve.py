@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from keel._data_files import parse_text, read_text
 from keel.app.server_config import CONFIG_ENV
 from keel.errors import SetupError, UserError
 
@@ -50,15 +51,11 @@ def serve_env(server_config: str | Path, base: Mapping[str, str] | None = None) 
     if tracing:
         env["LANGSMITH_TRACING"] = "true"
     path = Path(server_config)
-    if path.is_dir():
-        raise UserError(
-            f"Server config {str(path)!r} is a directory: pass --server-config the TOML file."
-        )
-    if not path.is_file():
-        raise UserError(
-            f"Server config {str(path)!r} does not exist: pass --server-config FILE (tokens, "
-            "tenants and their agents; see the README's Serving section)."
-        )
+    fix = (
+        "Pass --server-config FILE (tokens, tenants and their agents; see the README's Serving "
+        "section)."
+    )
+    read_text(path, "Server config", missing=fix)  # only checked: the server reads it again
     env[CONFIG_ENV] = str(path.resolve())
     return env
 
@@ -109,19 +106,8 @@ def read_langgraph_json(config: str | Path) -> dict[str, Any]:
     Read before the server starts: `langgraph dev` would die on it in a traceback.
     """
     path = Path(config)
-    if path.is_dir():
-        raise UserError(f"langgraph config {str(path)!r} is a directory: pass the JSON file.")
-    if not path.is_file():
-        raise UserError(f"langgraph config {str(path)!r} does not exist.")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"langgraph config {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
-            f"{exc.start}): save it as UTF-8 JSON."
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"langgraph config {str(path)!r} is not valid JSON: {exc}.") from None
+    text = read_text(path, "langgraph config")
+    spec = parse_text(text, "json", f"langgraph config {str(path)!r}")  # a key twice refused
     if not isinstance(spec, dict):
         raise UserError(
             f'langgraph config {str(path)!r} is not a JSON object (with "graphs", "auth", '

@@ -59,12 +59,12 @@ import hashlib
 import hmac
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from keel._data_files import parse_text, read_text
 from keel.app.agent_options import (
     AGENT_KEYS,
     AgentOptions,
@@ -221,20 +221,12 @@ class ServerConfig:
     def from_file(cls, path: str | Path) -> ServerConfig:
         """Read and check a server config file (TOML)."""
         p = Path(path)
-        if not p.is_file():
-            raise SetupError(
-                f"keel server config {str(p)!r} does not exist. Set {CONFIG_ENV} to the path "
-                "of a TOML file with [[users]] and [tenants.<id>] (see keel.app.server_config)."
-            )
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise SetupError(
-                f"keel server config {str(p)!r} is not UTF-8 text ({exc.reason} at byte "
-                f"{exc.start}): save it as UTF-8 TOML."
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SetupError(f"keel server config {str(p)!r} is not valid TOML: {exc}.") from exc
+        fix = (
+            f"Set {CONFIG_ENV} to the path of a TOML file with [[users]] and [tenants.<id>] "
+            "(see keel.app.server_config)."
+        )
+        text = read_text(p, "keel server config", error=SetupError, missing=fix)
+        data = parse_text(text, "toml", f"keel server config {str(p)!r}", error=SetupError)
         try:
             return _parse(p, data)
         except (UserError, TypeError) as exc:
