@@ -234,7 +234,7 @@ def test_serve_command_runs_langgraph_dev_offline_without_allow_blocking() -> No
     assert "--no-reload" not in serve_command(port=8765, reload=True)
     with pytest.raises(UserError, match="--port must be a TCP port"):
         serve_command(port=0)
-    with pytest.raises(UserError, match="does not exist. Pass --server-config FILE"):
+    with pytest.raises(UserError, match=r"does not exist\. Pass --server-config FILE"):
         serve_env("missing.toml")
 
 
