@@ -15,8 +15,8 @@ from typing import TypeVar
 from langchain_core.runnables import RunnableConfig
 
 from keel._drive import Steps
-from keel.errors import StorageError
-from keel.graphs._storage import DATABASE_ERRORS, reason_of
+from keel.errors import StorageError, _one_line
+from keel.graphs._storage import DATABASE_ERRORS
 
 __all__ = [
     "IN_DOUBT",
@@ -43,7 +43,7 @@ def state_error(
 ) -> StorageError:
     """`exc` as a `keel.StorageError` saying `what` failed and `then` (chain it `from exc`)."""
     thread = ((config or {}).get("configurable") or {}).get("thread_id")
-    text = reason_of(exc)
+    text = _one_line(exc)
     return StorageError(
         f"keel could not {what} of thread {thread!r}: the checkpointer's database failed "
         f"({type(exc).__name__}: {text}). {then}"

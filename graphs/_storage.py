@@ -43,7 +43,7 @@ from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, finishing
 from keel._node import inside_task, saver_in
 from keel.db.ledger import Flow, Ledger
-from keel.errors import KeelError, SetupError, StorageError, UserError
+from keel.errors import KeelError, SetupError, StorageError, UserError, _one_line
 from keel.graphs._chunks import ChunkShape
 from keel.redact import sanitized_logger
 from keel.state import Outcome
@@ -56,7 +56,6 @@ __all__ = [
     "RunEnd",
     "StreamEnding",
     "at_top",
-    "reason_of",
     "refuse_sync_saver",
     "saver_failed",
     "storage_error",
@@ -145,7 +144,7 @@ def storage_outcome(exc: BaseException, *, started: bool = True) -> Outcome:
     `started=False`: it failed before the run began (as keel read the thread or wrote what
     the run answers first), so nothing of it was written and its input is to be sent again.
     """
-    text = reason_of(exc)
+    text = _one_line(exc)
     database = isinstance(exc, STORAGE_FAILURES)
     raised = "" if database else "the checkpointer raised "
     back = "the database is back" if database else "the checkpointer is fixed"
@@ -160,15 +159,6 @@ def storage_outcome(exc: BaseException, *, started: bool = True) -> Outcome:
         f"saved past its last saved checkpoint; resume the thread (invoke(None, config)) once "
         f"{back}"
     )
-
-
-def reason_of(exc: BaseException) -> str:
-    """What failed, on one line: a `StorageError`'s reason without the fix it says apart.
-
-    The outcome or error that carries it says its own fix (resume, or send again), once.
-    """
-    said = exc.reason if isinstance(exc, StorageError) else str(exc)
-    return " ".join(said.split()).rstrip(".") or type(exc).__name__
 
 
 def storage_error(exc: BaseException, *, started: bool = True) -> StorageError:

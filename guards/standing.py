@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from keel.approvals import Grants, approval_digest
 from keel.db.ledger import Flow, Ledger
-from keel.errors import UserError
+from keel.errors import UserError, _one_line
 from keel.guards.gate import Gate, GateDecision
 from keel.redact import sanitized_logger
 from keel.state import Approval, RunContext
@@ -236,7 +236,7 @@ def _loaded(approvals: dict[str, Approval], state: Mapping[str, Any]) -> dict[st
 def _unreadable(exc: Exception, state: Mapping[str, Any]) -> dict[str, Any]:
     log.error("keel could not read standing approvals, so none apply (calls ask): %r", exc)
     kept = [w for w in state.get("warnings") or [] if not str(w).startswith(WARNING)]
-    problem = " ".join(str(exc).split())[:200] or type(exc).__name__
+    problem = _one_line(exc)[:200]
     note = f"{WARNING}could not be read ({type(exc).__name__}: {problem}); none applied"
     return {"approvals": {}, "warnings": [*kept, note]}
 

@@ -256,3 +256,16 @@ def _storage_error(
     message: str, in_doubt: bool, outcome: dict[str, str] | None = None, fix: str = ""
 ) -> StorageError:
     return StorageError(message, in_doubt=in_doubt, outcome=outcome, fix=fix)
+
+
+def _one_line(exc: BaseException) -> str:
+    """What failed, on one line, to set inside a message that says its own fix.
+
+    Whitespace (libpq's tabs and newlines) is collapsed, libpq's "Is the server running…"
+    hint and a trailing period are dropped (the message goes on with its own), a
+    `StorageError` gives its `reason` without the fix it says apart, and an error without
+    text gives its class name.
+    """
+    said = exc.reason if isinstance(exc, StorageError) else str(exc)
+    lines = [ln for ln in said.splitlines() if not ln.strip().startswith("Is the server")]
+    return " ".join(" ".join(lines).split()).rstrip(".") or type(exc).__name__

@@ -265,6 +265,11 @@ def test_a_commit_whose_reply_is_lost_is_in_doubt_never_replayed(fresh_postgres_
         with pytest.raises(StorageError, match="died while committing") as caught:
             ledger.run(flow())
         assert caught.value.in_doubt and proxy.cut.is_set()
+        # libpq's reason on one line, its period dropped as every keel message clips it
+        # (the ledger's own clipper kept it: "...processing the request.): the transaction")
+        said = str(caught.value)
+        assert "server closed the connection unexpectedly This probably means" in said
+        assert "the request): the transaction may or may not have been applied" in said
         assert ledger.read(_failures_of("b7")) == 8  # committed once, not replayed
     finally:
         ledger.close()

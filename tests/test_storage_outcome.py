@@ -25,7 +25,7 @@ from test_storage_faults import InFlightKiller
 
 from keel import Ledger, Persistence, RunContext, StorageError, build_agent, tool
 from keel.db.runs import RunLog
-from keel.errors import UserError
+from keel.errors import UserError, _one_line
 from keel.evals import ScriptedChatModel, call
 from keel.guards import Policy, Rule
 
@@ -369,3 +369,32 @@ async def test_each_async_state_call_on_a_sync_checkpointer_is_refused_naming_ac
             assert "sync only" in str(refused.value)
         after = agent.get_state(config)
         assert after.config == before.config and after.values == before.values  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (  # libpq's connect failure: its own hint goes, the caller says keel's
+            psycopg.OperationalError(
+                'connection failed: connection to server at "127.0.0.1", port 1 failed: '
+                "Connection refused\n\tIs the server running on that host and accepting TCP/IP "
+                "connections?"
+            ),
+            'connection failed: connection to server at "127.0.0.1", port 1 failed: '
+            "Connection refused",
+        ),
+        (
+            psycopg.OperationalError("server closed the connection\n\tunexpectedly."),
+            "server closed the connection unexpectedly",
+        ),
+        (StorageError("the ledger failed.", fix="Resume the run."), "the ledger failed"),
+        (TimeoutError(), "TimeoutError"),
+    ],
+)
+def test_every_error_set_in_a_message_is_clipped_the_same_one_line_way(
+    exc: BaseException, line: str
+) -> None:
+    """One clipper for the checkpointer, the ledger, `Persistence` and run outcomes: the
+    ledger's kept libpq's hint and the period ("...accepting TCP/IP connections?. Nothing was
+    written"), the checkpointer's gave "" for an error without text."""
+    assert _one_line(exc) == line

@@ -58,7 +58,7 @@ from keel.db.pools import (
 )
 from keel.db.sqlite_handle import SqliteHandle
 from keel.db.writer_lock import WAIT, writer_lock
-from keel.errors import SetupError, StorageError, UserError
+from keel.errors import SetupError, StorageError, UserError, _one_line
 
 __all__ = ["Flow", "Ledger", "read_ahead", "refused_for_good", "returning", "together"]
 
@@ -881,10 +881,6 @@ def _file_id(path: str) -> tuple[int, int] | None:
 def _backoff(attempt: int) -> float:
     """Seconds before attempt `attempt + 1` (the pool reconnects meanwhile)."""
     return float(random.uniform(0.01, 0.05) * 2**attempt)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _on_cursor(cur: Any, flow: Flow[T], transaction: bool) -> Steps[T]:

@@ -76,7 +76,7 @@ from keel.db.pools import (
     reply_timeout,
 )
 from keel.db.writer_lock import writer_lock
-from keel.errors import SetupError, StorageError, UserError
+from keel.errors import SetupError, StorageError, UserError, _one_line
 from keel.redact import sanitized_logger
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
@@ -782,12 +782,6 @@ def _failure(persistence: Persistence, action: str, exc: BaseException) -> str:
     else:
         hint = "Is the server running? Check the URL / KEEL_DB_URL."
     return f"cannot reach PostgreSQL at {url}: {reason}. {hint}"
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's text on one line, without libpq's own "Is the server running…" hint."""
-    lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith("Is the server")]
-    return " ".join(" ".join(lines).split()).rstrip(".") or type(exc).__name__
 
 
 def _parse_url(url: object) -> tuple[str, Literal["sqlite", "postgres"], str | None]:

@@ -42,7 +42,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from keel.db.checkpoint._batch import Rows, WriteBehind
-from keel.errors import SetupError, StorageError, UserError
+from keel.errors import SetupError, StorageError, UserError, _one_line
 
 __all__ = ["AsyncPooledPostgresSaver", "connection_lost", "retry_once"]
 
@@ -140,8 +140,7 @@ def lost_twice(what: str) -> Iterator[None]:
         if not connection_lost(exc):
             raise
         raise StorageError(
-            f"the checkpointer lost its PostgreSQL connection twice in {what}: "
-            f"{' '.join(str(exc).split()).rstrip('.')}",
+            f"the checkpointer lost its PostgreSQL connection twice in {what}: {_one_line(exc)}",
             fix="Nothing is half-written (its writes are idempotent upserts); resume the run "
             "once the database is reachable.",
         ) from exc
