@@ -70,7 +70,7 @@ from keel.guards.spend import (
     SpendMeter,
     estimate_schema_tokens,
     estimate_tokens,
-    input_token_bound,
+    token_sizes,
 )
 from keel.history import tool_turns_as_text
 from keel.models import model_name_of, price_name_of, resolve_model
@@ -578,14 +578,16 @@ class GuardedModel:
         """
         meter, guard = self._meter(), self.guard
         assert guard is not None
-        tokens = estimate_tokens(messages) + self.schema_tokens  # the rate limits' estimate
-        # without a period budget: no reservation, and nothing written; with one, the input is
-        # reserved at its bound (a token per byte), so the call cannot cost more than it holds
-        first: Flow[Reservation | str | None] = (
-            meter.reserve_input(input_token_bound(messages) + self.schema_tokens, ctx, m.priced_as)
-            if meter is not None
-            else returning(None)
-        )
+        # the rate limits' estimate; without a period budget: no reservation, and nothing
+        # written; with one, the input is reserved at its bound (a token per byte), so the call
+        # cannot cost more than it holds (both from one walk of the messages)
+        first: Flow[Reservation | str | None]
+        if meter is None:
+            tokens, first = estimate_tokens(messages) + self.schema_tokens, returning(None)
+        else:
+            estimate, bound = token_sizes(messages)
+            tokens = estimate + self.schema_tokens
+            first = meter.reserve_input(bound + self.schema_tokens, ctx, m.priced_as)
         try:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)

@@ -36,6 +36,7 @@ __all__ = [
     "estimate_schema_tokens",
     "estimate_tokens",
     "input_token_bound",
+    "token_sizes",
 ]
 
 
@@ -101,12 +102,7 @@ class Reservation:
 
 def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
     """A generous estimate of a request's input tokens: about 4 characters a token."""
-    chars = 0
-    for m in messages:
-        chars += len(str(m.content)) + 16
-        for tc in getattr(m, "tool_calls", ()):  # a loop, not sum(genexpr): runs per message
-            chars += len(str(tc.get("args"))) + len(tc["name"])
-    return chars // 4 + 4 * len(messages) + 16
+    return _sizes(messages, estimate=True, bound=False)[0]
 
 
 def input_token_bound(messages: Sequence[BaseMessage]) -> int:
@@ -118,16 +114,41 @@ def input_token_bound(messages: Sequence[BaseMessage]) -> int:
     cannot cost more input than it reserved. Content blocks that are not text (an image) count
     as `estimate_tokens` counts them; tool-call arguments as the JSON a provider is sent.
     """
-    size = 0
+    return _sizes(messages, estimate=False, bound=True)[1]
+
+
+def token_sizes(messages: Sequence[BaseMessage]) -> tuple[int, int]:
+    """`(estimate_tokens(messages), input_token_bound(messages))`, the messages walked once.
+
+    For a call that both passes rate limits (the estimate) and reserves (the bound).
+    """
+    return _sizes(messages, estimate=True, bound=True)
+
+
+def _sizes(messages: Sequence[BaseMessage], *, estimate: bool, bound: bool) -> tuple[int, int]:
+    """The one walk of `estimate_tokens` and `input_token_bound`, each skipping the other's work.
+
+    On every model call's path: a plain loop, no generator per message.
+    """
+    chars = size = 0
     for m in messages:
-        text = m.text
-        size += len(text.encode("utf-8", "surrogatepass")) + 16
-        if not isinstance(m.content, str):
-            size += max(len(str(m.content)) - len(text), 0) // 4
+        content = m.content
+        shown = len(str(content))
+        chars += shown
+        if bound:
+            text = m.text
+            size += len(text.encode("utf-8", "surrogatepass"))
+            if not isinstance(content, str):  # an image block: as the estimate counts it
+                size += max(shown - len(text), 0) // 4
         for tc in getattr(m, "tool_calls", ()):
-            name = tc["name"].encode("utf-8", "surrogatepass")
-            size += len(json.dumps(tc.get("args"), default=str)) + len(name)
-    return size + 4 * len(messages) + 16
+            args, name = tc.get("args"), tc["name"]
+            if estimate:
+                chars += len(str(args)) + len(name)
+            if bound:  # the JSON a provider is sent
+                size += len(json.dumps(args, default=str))
+                size += len(name.encode("utf-8", "surrogatepass"))
+    n = len(messages)  # each message's framing: 16 characters (4 tokens) + 4 tokens; 20 bytes
+    return (chars + 16 * n) // 4 + 4 * n + 16, size + 20 * n + 16
 
 
 def estimate_schema_tokens(schemas: Sequence[Any]) -> int:

@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent
 from keel.evals import ScriptedChatModel, call
 from keel.guards import PeriodBudget, Policy, Rule, SpendMeter
-from keel.guards.spend import Reservation, reserve_flow, settle_flow, spent_flow
+from keel.guards.spend import (
+    Reservation,
+    estimate_tokens,
+    input_token_bound,
+    reserve_flow,
+    settle_flow,
+    spent_flow,
+    token_sizes,
+)
 from keel.tools import tool
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
@@ -212,3 +220,21 @@ async def test_fifty_concurrent_runs_never_overspend_the_users_budget(
     # refused wholesale: the unreserved rest is less than what the runs asked for in flight.
     assert spent_usd > 1.00 - 50 * one_estimate
     await ledger.aclose()
+
+
+def test_the_estimate_and_the_bound_are_one_walk_and_keep_their_numbers() -> None:
+    """`token_sizes` (a guarded call's rate limits and reservation) walks the messages once;
+    each of its two numbers is what `estimate_tokens` / `input_token_bound` said before they
+    shared the walk (204 and 344 here: text blocks, an image, tool calls, non-ASCII)."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400}}
+    call_ = {"name": "lookup_ordér", "args": {"id": "A1", "n": [1, 2.5, None]}, "id": "c1"}
+    messages = [
+        SystemMessage("be brief"),
+        HumanMessage([{"type": "text", "text": "what is in 🖼️?"}, image]),
+        AIMessage("", tool_calls=[call_]),
+        ToolMessage("délivré ✓", tool_call_id="c1"),
+        AIMessage("A1 was delivered."),
+    ]
+    assert token_sizes(messages) == (estimate_tokens(messages), input_token_bound(messages))
+    assert token_sizes(messages) == (204, 344)
+    assert token_sizes([]) == (16, 16)
