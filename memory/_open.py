@@ -156,8 +156,9 @@ def client_of(
         return client, None
     if path is not None:
         # chromadb keys its shared System by the path string: every spelling of one folder
-        # (relative, `m/`, `./m`, a symlink) must give the same key, or two engines write it
-        folder = os.path.realpath(path)
+        # (relative, `m/`, `./m`, a symlink) must give the same key, or two engines write it;
+        # `~/mem` is the home folder's, as a shell reads it (realpath would make a folder `~`)
+        folder = os.path.realpath(os.path.expanduser(path))
         return _persistent_client(folder, settings), folder
     parts = urlsplit(str(url))
     if parts.scheme not in ("http", "https") or not parts.hostname:

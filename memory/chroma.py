@@ -75,8 +75,9 @@ class ChromaStore(BaseStore):
         drops the user's partition and (embedded client) vacuums the SQLite file.
 
     Args:
-        path: Directory of an embedded `PersistentClient` (one process). Resolved
-            (`os.path.realpath`): every spelling of one folder shares one Chroma system.
+        path: Directory of an embedded `PersistentClient` (one process). `~` is expanded and
+            the path resolved (`os.path.realpath`): every spelling of one folder shares one
+            Chroma system.
         url: `http://host:port` of a Chroma server (`chroma run`), for several processes.
         client: A Chroma client you built (instead of `path`/`url`).
         index: Semantic search: `dims`, `embed` (LangChain `Embeddings`, a function, or a

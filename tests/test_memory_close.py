@@ -316,3 +316,21 @@ def test_every_spelling_of_a_folder_shares_one_system(
     stores[-1].close()
     assert str(folder) not in _systems()
     assert _fds() <= before + SLACK
+
+
+def test_a_path_under_the_home_folder_is_there_not_in_a_folder_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ChromaStore(path="~/mem")` opened a folder literally named `~` in the working folder
+    (`os.path.realpath` does not expand `~`), where the user never looks for their memories."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    with ChromaStore(path="~/mem", index=_index()) as store:
+        _used(store)
+        assert store.path == str(home / "mem")
+    with ChromaStore(path=Path("~") / "mem", index=_index()) as again:  # a Path too
+        assert again.get(("memories", "acme", "u1"), "k") is not None
+    assert not (work / "~").exists()
