@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel._data_files import read_text
 from keel.app.cli_args import check_text
 from keel.app.cli_prices import add_price_option, price_table
 from keel.errors import KeelError
@@ -82,9 +83,8 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _read_cassette(path: str) -> Cassette:
-    if not Path(path).is_file():
-        raise KeelError(f"No cassette file at {path}; save one with --save-cassette FILE.")
-    return Cassette.from_json(Path(path).read_text())
+    fix = "Save one with --save-cassette FILE."
+    return Cassette.from_json(read_text(Path(path), "Cassette file", missing=fix))
 
 
 def replay_main(argv: Sequence[str]) -> int:

@@ -277,8 +277,18 @@ def test_keel_eval_replay_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert keel_main([*argv, "--save-cassette", str(tape)]) == 0
     assert keel_main([*argv, "--cassette", str(tape)]) == 0
     assert "trajectory: same (3 tool calls)" in capsys.readouterr().out
-    assert keel_main([*argv, "--cassette", str(tmp_path / "missing.json")]) == 2
-    assert "No cassette file at" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.json")
+    assert keel_main([*argv, "--cassette", missing]) == 2
+    said = f"Cassette file {missing!r} does not exist. Save one with --save-cassette FILE."
+    assert said in capsys.readouterr().err
+    # read as every file a user gives keel is (keel._data_files.read_text): bytes that are not
+    # UTF-8 were a UnicodeDecodeError traceback, a directory "No cassette file"
+    tape.write_bytes(b"\xff\xfe{}")
+    assert keel_main([*argv, "--cassette", str(tape)]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text (invalid start byte at byte 0)" in err and "Traceback" not in err
+    assert keel_main([*argv, "--cassette", str(tmp_path)]) == 2
+    assert "is a directory: pass the file itself." in capsys.readouterr().err
     assert keel_main([*argv, "--json", str(tmp_path)]) == 2  # a folder where a file is due
     assert "Is a directory" in capsys.readouterr().err
 
