@@ -28,18 +28,10 @@ import yaml
 
 from keel.errors import KeelError, UserError
 
-__all__ = [
-    "JSON_ERRORS",
-    "Format",
-    "UniqueKeyLoader",
-    "load_data_file",
-    "parse_text",
-    "read_text",
-    "unique_pairs",
-]
+__all__ = ["Format", "load_data_file", "parse_text", "read_text"]
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.SafeLoader`, refusing a key given twice in one mapping (naming it and its line).
 
     PyYAML keeps the last silently: a case's second `expect:` would drop its first.
@@ -65,7 +57,7 @@ class _GivenTwice(ValueError):
     """A JSON object names a key twice."""
 
 
-def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing a key given twice (`json` keeps the last silently)."""
     data: dict[str, Any] = {}
     for key, value in pairs:
@@ -75,8 +67,8 @@ def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
-JSON_ERRORS: tuple[type[ValueError], ...] = (json.JSONDecodeError, _GivenTwice)
-"""What `json.loads(text, object_pairs_hook=unique_pairs)` raises on a file that is not JSON."""
+_JSON_ERRORS: tuple[type[ValueError], ...] = (json.JSONDecodeError, _GivenTwice)
+"""What `json.loads(text, object_pairs_hook=_unique_pairs)` raises on a file that is not JSON."""
 
 
 def read_text(
@@ -130,12 +122,12 @@ def parse_text(
         if kind == "toml":
             return tomllib.loads(text)
         if kind == "json":
-            return json.loads(text, object_pairs_hook=unique_pairs)
-        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except tomllib.TOMLDecodeError as exc:
         twice = "; a key or table is given twice: keep one" if _redeclared(exc) else ""
         raise error(f"{where} is not valid TOML: {exc}{twice}.") from exc
-    except JSON_ERRORS as exc:
+    except _JSON_ERRORS as exc:
         raise error(f"{where} is not valid JSON: {exc}.") from exc
     except yaml.YAMLError as exc:
         raise error(f"{where} is not valid YAML: {exc}.") from exc
