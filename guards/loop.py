@@ -1,4 +1,4 @@
-"""The loop guard: the same call repeated, or an A-B-A-B cycle, is a loop.
+"""The loop guard: the same call repeated, or a cycle (A-B-A-B, A-B-C-D-A-B-C-D, ...), is a loop.
 
 `detect_loop(calls, policy)` is a pure decision over the sequence of tool calls of the current
 task (name + canonical arguments), the proposed ones last.
@@ -14,9 +14,15 @@ from keel.approvals import canonical_args
 from keel.guards.policy import LoopPolicy
 from keel.state import task_start
 
-__all__ = ["call_sequence", "detect_loop", "wrap_up_note"]
+__all__ = ["MAX_CYCLE_LENGTH", "call_sequence", "detect_loop", "wrap_up_note"]
 
 Call = tuple[str, str]
+
+MAX_CYCLE_LENGTH = 64
+"""The longest block of calls a cycle may have (a model's parallel calls of a turn included).
+
+The guard runs at every step, so it reads only the last `MAX_CYCLE_LENGTH * max_cycles` calls
+(one pass over them, whatever the task's length); a longer cycle is left to the run budget."""
 
 
 def call_sequence(messages: Sequence[AnyMessage], proposed: AIMessage | None = None) -> list[Call]:
@@ -39,23 +45,50 @@ def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:
     """Why the sequence ends in a loop, or None.
 
     - repeats: the last `max_repeats` calls are the same tool with the same arguments;
-    - cycles: the last calls are a block of 2 or 3 different calls repeated `max_cycles` times.
+    - cycles: the last calls are a block of 2 to `MAX_CYCLE_LENGTH` calls, not all the same,
+      repeated `max_cycles` times (A-B-A-B, A-B-C-D-A-B-C-D, or the same 4 parallel calls in
+      two turns); the shortest such block is named.
     """
     n = policy.max_repeats
     if len(calls) >= n and len(set(calls[-n:])) == 1:
         name, args = calls[-1]
         return f"{name} was called {n} times in a row with the same arguments {args}"
-    if policy.max_cycles >= 2:
-        for period in (2, 3):
-            span = period * policy.max_cycles
-            if len(calls) < span:
-                continue
-            block = list(calls[-period:])
-            if len(set(block)) < period:
-                continue
-            if list(calls[-span:]) == block * policy.max_cycles:
-                names = " → ".join(name for name, _ in block)
-                return f"the calls {names} repeated {policy.max_cycles} times in a cycle"
+    cycles = policy.max_cycles
+    if cycles >= 2 and len(calls) >= 2 * cycles:
+        period = _cycle(calls[-MAX_CYCLE_LENGTH * cycles :], cycles)
+        if period is not None:
+            block = calls[-period:]
+            names = [name for name, _ in block]
+            shown = " → ".join(names if period <= 8 else [*names[:8], f"… ({period} calls)"])
+            return f"the calls {shown} repeated {cycles} times in a cycle"
+    return None
+
+
+def _cycle(calls: Sequence[Call], cycles: int) -> int | None:
+    """The shortest cycle `calls` ends in, or None.
+
+    That is the least p ≥ 2 such that the calls end in a block of p calls, not all the same,
+    repeated `cycles` times.
+
+    With the calls read backwards as `r`, the tail is a block of p repeated k times exactly when
+    `r[:p*(k-1)] == r[p:p*k]`, i.e. when the Z-function of `r` at p is at least `p*(k-1)`:
+    one linear pass answers every p.
+    """
+    ids: dict[Call, int] = {}
+    r = [ids.setdefault(c, len(ids)) for c in reversed(calls)]
+    m = len(r)
+    z = [0] * m
+    left = right = 0
+    for i in range(1, m):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < m and r[z[i]] == r[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+    for p in range(2, m // cycles + 1):
+        if z[p] >= p * (cycles - 1) and len(set(r[:p])) > 1:
+            return p
     return None
 
 

@@ -1,7 +1,8 @@
 """The loop guard: `detect_loop` / `call_sequence` as pure decisions, then `build_agent` runs.
 
-The same call `max_repeats` times in a row, or a block of 2 or 3 different calls repeated
-`max_cycles` times, is a loop; only the current task (since the last human message) counts.
+The same call `max_repeats` times in a row, or a block of 2 to `MAX_CYCLE_LENGTH` calls (not
+all the same) repeated `max_cycles` times, is a loop; only the current task (since the last
+human message) counts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from keel import Persistence, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.evals.scripted import malformed
 from keel.guards import Budget, LoopPolicy, Policy, Rule, detect_loop
-from keel.guards.loop import call_sequence
+from keel.guards.loop import MAX_CYCLE_LENGTH, call_sequence
 from keel.nodes import valid_history
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
@@ -68,6 +69,53 @@ def test_an_a_b_c_cycle_is_a_loop() -> None:
     )
 
 
+D = ("notify", '{"to":"x"}')
+
+
+def test_an_a_b_c_d_cycle_is_a_loop() -> None:
+    """Only blocks of 2 and 3 calls were looked for: A-B-C-D-A-B-C-D... ran until a budget."""
+    assert detect_loop([A, B, C, D, A, B, C], LoopPolicy()) is None
+    assert detect_loop([A, B, C, D, A, B, C, D], LoopPolicy()) == (
+        "the calls lookup → search → fetch → notify repeated 2 times in a cycle"
+    )
+    assert detect_loop([A, B, C, D] * 2, LoopPolicy(max_cycles=3)) is None
+    assert detect_loop([C, *[A, B, C, D] * 3], LoopPolicy(max_cycles=3)) is not None
+
+
+def test_a_cycle_of_any_length_up_to_the_bound_is_a_loop() -> None:
+    for period in (4, 5, 9, 17, MAX_CYCLE_LENGTH):
+        block = [("lookup", f'{{"q":"{i}"}}') for i in range(period)]
+        head = [A, B]  # calls before the loop began do not matter
+        assert detect_loop([*head, *block, *block[:-1]], LoopPolicy()) is None, period
+        found = detect_loop([*head, *block, *block], LoopPolicy())
+        assert found is not None and found.endswith("repeated 2 times in a cycle"), period
+        if period > 8:
+            assert f"… ({period} calls)" in found
+    longer = [("lookup", f'{{"q":"{i}"}}') for i in range(MAX_CYCLE_LENGTH + 1)]
+    assert detect_loop(longer * 2, LoopPolicy()) is None  # beyond the bound: the budget's
+
+
+def test_a_block_with_a_repeated_call_inside_is_a_cycle() -> None:
+    assert detect_loop([A, A, B, A, A, B], LoopPolicy()) == (
+        "the calls lookup → lookup → search repeated 2 times in a cycle"
+    )
+    # the same call again and again is the repeat rule's, with its own threshold
+    assert detect_loop([A] * 4, LoopPolicy(max_repeats=5)) is None
+
+
+def test_the_shortest_cycle_is_named() -> None:
+    assert detect_loop([A, B] * 4, LoopPolicy()) == (
+        "the calls lookup → search repeated 2 times in a cycle"
+    )
+
+
+def test_cycle_detection_reads_a_bounded_tail() -> None:
+    """A long task: the guard reads the last `MAX_CYCLE_LENGTH * max_cycles` calls only."""
+    distinct = [("lookup", f'{{"q":"{i}"}}') for i in range(100_000)]
+    assert detect_loop(distinct, LoopPolicy()) is None
+    assert detect_loop([*distinct, A, B, C, D, A, B, C, D], LoopPolicy()) is not None
+
+
 def test_alternating_arguments_of_one_tool_are_a_cycle() -> None:
     one, two = ("lookup", '{"q":"1"}'), ("lookup", '{"q":"2"}')
     assert detect_loop([one, two, one, two], LoopPolicy()) == (
@@ -84,9 +132,23 @@ def test_alternating_arguments_of_one_tool_are_a_cycle() -> None:
         [A, A, A, B],  # the loop is over: the latest call is new
         [("lookup", '{"q":"1"}'), ("lookup", '{"q":"2"}'), ("lookup", '{"q":"3"}')],
         [A, B, C, B, A],
+        [A, B, C, D, B, A, C, D],  # the same calls in another order
+        [A, B, C, D, A, B, D, C],
+        [A, A, B, B, A, A, B],
         [],
     ],
-    ids=["AAB", "ABB", "AABB", "AAAB", "distinct-args", "ABCBA", "empty"],
+    ids=[
+        "AAB",
+        "ABB",
+        "AABB",
+        "AAAB",
+        "distinct-args",
+        "ABCBA",
+        "ABCDBACD",
+        "ABCDABDC",
+        "AABBAAB",
+        "empty",
+    ],
 )
 def test_no_false_positives(calls: list[tuple[str, str]]) -> None:
     assert detect_loop(calls, LoopPolicy()) is None
@@ -245,6 +307,63 @@ def test_an_a_b_a_b_cycle_stops_the_run() -> None:
     )
     assert final["outcome"]["detail"] == "the calls lookup → search repeated 2 times in a cycle"
     assert counter.ran == ["lookup x", "search x", "lookup x"]
+    assert valid_history(final["messages"]) == final["messages"]
+
+
+def test_an_a_b_c_d_cycle_gets_the_wrap_up_turn() -> None:
+    """A-B-C-D-A-B-C-D... escaped the guard (blocks of 2 and 3 only) and ran until a budget."""
+    counter = Counter()
+    cycle = [call("lookup", q="1"), call("search", q="1"), call("lookup", q="2")]
+    cycle.append(call("search", q="2"))
+
+    def turn(messages: Sequence[BaseMessage]) -> AIMessage:
+        last = messages[-1]
+        if isinstance(last, HumanMessage) and last.text.startswith("(keel loop guard)"):
+            return AIMessage(content="Here is what I found.")
+        done = sum(isinstance(m, ToolMessage) for m in messages)
+        return cycle[done % 4]
+
+    model = RecordingModel(script=[turn] * 20)
+    final = agent_for(model, counter, LoopPolicy(on_loop="wrap_up")).invoke(
+        {"messages": [("user", "go")]}, context=CTX
+    )
+    reason = "the calls lookup → search → lookup → search repeated 2 times in a cycle"
+    assert final["outcome"] == {
+        "status": "stopped",
+        "terminated_reason": "loop_detected",
+        "detail": f"{reason}; answered without tools",
+    }
+    once = ["lookup 1", "search 1", "lookup 2", "search 2"]
+    assert counter.ran == [*once, *once[:3]]  # the 8th call closes the cycle: it never runs
+    note = model.calls[-1][-1]
+    assert isinstance(note, HumanMessage)
+    assert note.text.startswith(f"(keel loop guard) You are repeating tool calls: {reason}.")
+    assert [("tools" in kw) for kw in model.kwargs][-1] is False
+    assert final["messages"][-1].text == "Here is what I found."
+    assert valid_history(final["messages"]) == final["messages"]
+
+
+def test_the_same_four_parallel_calls_every_turn_stop_the_run() -> None:
+    counter = Counter()
+    four = AIMessage(
+        content="",
+        tool_calls=[
+            ToolCall(name=n, args={"q": q}, id=f"{n}{q}")
+            for n, q in (("lookup", "1"), ("search", "1"), ("lookup", "2"), ("search", "2"))
+        ],
+    )
+    model = ScriptedChatModel(script=[four.model_copy(deep=True) for _ in range(10)])
+    final = agent_for(model, counter, LoopPolicy()).invoke(
+        {"messages": [("user", "go")]}, context=CTX
+    )
+    assert final["outcome"] == {
+        "status": "stopped",
+        "terminated_reason": "loop_detected",
+        "detail": "the calls lookup → search → lookup → search repeated 2 times in a cycle",
+    }
+    assert counter.ran == ["lookup 1", "search 1", "lookup 2", "search 2"]  # the 2nd turn: none
+    assert len(model.calls) == 2
+    assert statuses(final["messages"])[4:] == ["not_run"] * 4
     assert valid_history(final["messages"]) == final["messages"]
 
 
