@@ -46,6 +46,7 @@ from keel.errors import UserError
 from keel.evals.chaos import ChaosChatModel, ChaosPolicy
 from keel.evals.scripted import ScriptedChatModel
 from keel.models import resolve_model
+from keel.pricing import finite_number, is_count
 from keel.state import OutcomeStatus, RunContext, TerminatedReason
 
 __all__ = [
@@ -107,6 +108,12 @@ class Budgets:
     """Tool calls."""
     latency_seconds: float | None = None
     """Wall-clock seconds, approvals included."""
+
+    def __post_init__(self) -> None:
+        for name in _BUDGETS:
+            problem = _budget_problem(name, getattr(self, name))
+            if problem is not None:
+                raise UserError(f"Budgets.{problem}")
 
     def limits(self) -> dict[str, float]:
         """The limits that are set, by name."""
@@ -491,8 +498,19 @@ def _trajectory(raw: Any, where: str) -> TrajectoryMatch:
 def _budgets(raw: Any, where: str) -> Budgets:
     data = _mapping(raw, where, _BUDGETS)
     for name, value in data.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise UserError(f"{where}: {name} must be a number >= 0, got {value!r}.")
-        if name in _COUNTS and not isinstance(value, int):  # 1.5 model calls, or 2.0
-            raise UserError(f"{where}: {name} is a count: a whole number >= 0, got {value!r}.")
+        problem = _budget_problem(name, value)
+        if problem is not None:
+            raise UserError(f"{where}: {problem}")
     return Budgets(**data)
+
+
+def _budget_problem(name: str, value: object) -> str | None:
+    """What is wrong with `value` as the budget `name` (None when it is a limit, or None)."""
+    if value is None:
+        return None
+    if name in _COUNTS:  # 1.5 model calls, 2.0, True or infinity are no count
+        if not is_count(value) or value < 0:
+            return f"{name} is a count: a whole number >= 0, got {value!r}."
+    elif (number := finite_number(value)) is None or number < 0:  # NaN, infinity: no limit
+        return f"{name} must be a number >= 0, got {value!r}."
+    return None

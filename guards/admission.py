@@ -45,6 +45,7 @@ from keel.db.ledger import Flow, Ledger
 from keel.db.tables import ADMISSION_LEASES
 from keel.errors import UserError
 from keel.guards import holders
+from keel.pricing import finite_number, is_count
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext
 
@@ -89,27 +90,29 @@ class AdmissionPolicy:
     def __post_init__(self) -> None:
         for name in ("tenant_running", "user_running"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_count(value) or value < 1):
                 raise UserError(
-                    f"AdmissionPolicy.{name} must be 1 or more (or None: no cap), got {value!r}."
+                    f"AdmissionPolicy.{name} must be a whole number, 1 or more (or None: no cap); "
+                    f"got {value!r}."
                 )
         for name in ("tenant_queued", "user_queued"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise UserError(f"AdmissionPolicy.{name} must be 0 or more, got {value!r}.")
+            if not is_count(value) or value < 0:
+                raise UserError(
+                    f"AdmissionPolicy.{name} must be a whole number, 0 or more; got {value!r}."
+                )
         for name in ("queue_timeout_s", "lease_s", "retry_after_s"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise UserError(f"AdmissionPolicy.{name} must be a positive number, got {value!r}.")
+            if (number := finite_number(value)) is None or number <= 0:
+                raise UserError(
+                    f"AdmissionPolicy.{name} must be a finite number of seconds greater than 0 "
+                    f"(e.g. {name}=30); got {value!r}."
+                )
 
     @property
     def retry_after(self) -> int:
         """`retry_after_s` in whole seconds (at least 1), as HTTP's `Retry-After` says it."""
         return max(1, math.ceil(self.retry_after_s))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def overloaded(policy: AdmissionPolicy, why: str) -> Outcome:
@@ -136,7 +139,7 @@ class WaitingRoom:
     """
 
     def __init__(self, limit: int) -> None:
-        if not _is_int(limit) or limit < 0:
+        if not is_count(limit) or limit < 0:
             raise UserError(f"WaitingRoom(limit=...) must be 0 or more, got {limit!r}.")
         self.limit = limit
         self._waiting = 0

@@ -29,6 +29,7 @@ from keel._drive import Steps, adrive, both, drive
 from keel.db.audit import AuditRecord, insert_flow
 from keel.db.ledger import Flow, Ledger, read_ahead
 from keel.errors import CircuitOpen, KeelError, UserError
+from keel.pricing import finite_number, is_count
 from keel.redact import sanitized_logger
 
 log = sanitized_logger("keel.guards")
@@ -78,13 +79,17 @@ class BreakerPolicy:
     def __post_init__(self) -> None:
         for name in ("failure_threshold", "success_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"BreakerPolicy.{name} must be 1 or more, got {value!r}.")
+            if not is_count(value) or value < 1:
+                raise UserError(
+                    f"BreakerPolicy.{name} must be a whole number, 1 or more (e.g. {name}=5); "
+                    f"got {value!r}."
+                )
         for name in ("window_seconds", "cooldown_seconds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if (number := finite_number(value)) is None or number <= 0:
                 raise UserError(
-                    f"BreakerPolicy.{name} must be greater than 0 (seconds), got {value!r}."
+                    f"BreakerPolicy.{name} must be a finite number of seconds greater than 0 "
+                    f"(e.g. {name}=30); got {value!r}."
                 )
 
 

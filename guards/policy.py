@@ -48,7 +48,7 @@ from keel.guards.breaker import BreakerPolicy
 from keel.guards.content import InputGuardPolicy, OutputGuardPolicy
 from keel.guards.ratelimit import RateLimit
 from keel.guards.spend import PeriodBudget
-from keel.pricing import finite_number
+from keel.pricing import finite_number, is_count
 
 __all__ = ["Action", "Budget", "LoopPolicy", "Policy", "Rule"]
 
@@ -87,11 +87,22 @@ class Budget:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "soft_ratio":
-                if not isinstance(value, int | float) or not 0 < value <= 1:
-                    raise UserError(f"Budget.soft_ratio must be in (0, 1], got {value!r}.")
-            elif value is not None and ((number := finite_number(value)) is None or number <= 0):
+                if (number := finite_number(value)) is None or not 0 < number <= 1:
+                    raise UserError(
+                        f"Budget.soft_ratio must be a number in (0, 1], e.g. 0.8; got {value!r}."
+                    )
+            elif value is None:
+                continue
+            elif f.name in _AMOUNTS:
+                if (number := finite_number(value)) is None or number <= 0:
+                    raise UserError(
+                        f"Budget.{f.name} must be a finite number greater than 0 "
+                        f"(e.g. {f.name}=0.5), or None to disable it; got {value!r}."
+                    )
+            elif not is_count(value) or value <= 0:
                 raise UserError(
-                    f"Budget.{f.name} must be greater than 0, or None to disable it; got {value!r}."
+                    f"Budget.{f.name} is a count: a whole number greater than 0 "
+                    f"(e.g. {f.name}=20), or None to disable it; got {value!r}."
                 )
 
     def limits(self) -> dict[str, float]:
@@ -102,6 +113,9 @@ class Budget:
             _LIMIT_NAMES[type(self)] = names
         return {name: value for name in names if (value := getattr(self, name)) is not None}
 
+
+_AMOUNTS = frozenset({"usd", "wall_seconds"})
+"""The limits that are amounts (dollars, seconds); the others count (calls, tokens, steps)."""
 
 _LIMIT_NAMES: dict[type[Budget], tuple[str, ...]] = {}
 """The names of a `Budget` class's limits: every field but `soft_ratio`."""
@@ -155,9 +169,13 @@ class LoopPolicy:
     """`stop` ends the run as `loop_detected`; `wrap_up` forces one final turn without tools."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_repeats, int) or self.max_repeats < 2:
-            raise UserError(f"LoopPolicy.max_repeats must be 2 or more, got {self.max_repeats!r}.")
-        if not isinstance(self.max_cycles, int) or self.max_cycles < 0 or self.max_cycles == 1:
+        repeats, cycles = self.max_repeats, self.max_cycles
+        if not is_count(repeats) or repeats < 2:
+            raise UserError(
+                f"LoopPolicy.max_repeats must be a whole number, 2 or more (e.g. 3); "
+                f"got {repeats!r}."
+            )
+        if not is_count(cycles) or cycles < 0 or cycles == 1:
             raise UserError(
                 f"LoopPolicy.max_cycles must be 2 or more, or 0 to disable cycle detection; "
                 f"got {self.max_cycles!r}."

@@ -26,7 +26,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from keel._drive import Op
 from keel.db.ledger import Flow, Ledger, returning, together
 from keel.errors import UserError
-from keel.pricing import PriceTable, finite_number, unpriced
+from keel.pricing import PriceTable, finite_number, is_count, unpriced
 from keel.state import RunContext
 
 __all__ = [
@@ -65,17 +65,26 @@ class PeriodBudget:
             raise UserError(f"PeriodBudget.period must be 'day' or 'month', got {self.period!r}.")
         if self.usd is None and self.tokens is None:
             raise UserError("PeriodBudget needs a limit: set usd=… and/or tokens=….")
-        for name in ("usd", "tokens"):
-            value = getattr(self, name)
-            number = finite_number(value)
-            if value is not None and (number is None or number <= 0):
-                raise UserError(
-                    f"PeriodBudget.{name} must be a finite number greater than 0, got {value!r}."
-                )
-        ttl = finite_number(self.reservation_ttl)
-        if self.reserve_output_tokens < 0 or ttl is None or ttl <= 0:
+        usd, tokens, reserve = self.usd, self.tokens, self.reserve_output_tokens
+        if usd is not None and ((number := finite_number(usd)) is None or number <= 0):
             raise UserError(
-                "PeriodBudget.reserve_output_tokens must be ≥ 0 and reservation_ttl > 0."
+                f"PeriodBudget.usd must be a finite number greater than 0 (e.g. usd=50), "
+                f"or None; got {usd!r}."
+            )
+        if tokens is not None and (not is_count(tokens) or tokens <= 0):
+            raise UserError(
+                f"PeriodBudget.tokens is a count: a whole number greater than 0 "
+                f"(e.g. tokens=1_000_000), or None; got {tokens!r}."
+            )
+        if not is_count(reserve) or reserve < 0:
+            raise UserError(
+                f"PeriodBudget.reserve_output_tokens is a count: a whole number, 0 or more "
+                f"(e.g. 1024); got {reserve!r}."
+            )
+        if (ttl := finite_number(self.reservation_ttl)) is None or ttl <= 0:
+            raise UserError(
+                f"PeriodBudget.reservation_ttl must be a finite number of seconds greater than 0 "
+                f"(e.g. 900); got {self.reservation_ttl!r}."
             )
 
     def key(self, context: RunContext, now: float) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from keel.errors import UserError
 from keel.redact import sanitized_logger
@@ -17,6 +17,7 @@ __all__ = [
     "Price",
     "PriceTable",
     "finite_number",
+    "is_count",
     "token_count",
     "unpriced",
 ]
@@ -32,6 +33,14 @@ def finite_number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    """Whether `value` is a whole number as a count takes it: an int, not a bool or a float.
+
+    `model_calls=1.5` is no count, and `True` is not 1 call: a limit gets an int.
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -350,11 +350,13 @@ async def test_a_refused_run_is_audited_and_recorded_under_invoke_and_ainvoke(
 
 
 def test_bad_admission_settings_are_named() -> None:
-    with pytest.raises(UserError, match="tenant_running must be 1 or more"):
+    with pytest.raises(UserError, match="tenant_running must be a whole number, 1 or more"):
         AdmissionPolicy(tenant_running=0)
-    with pytest.raises(UserError, match="user_queued must be 0 or more"):
+    with pytest.raises(UserError, match="user_queued must be a whole number, 0 or more"):
         AdmissionPolicy(user_queued=-1)
-    with pytest.raises(UserError, match="lease_s must be a positive number"):
+    with pytest.raises(
+        UserError, match="lease_s must be a finite number of seconds greater than 0"
+    ):
         AdmissionPolicy(lease_s=0)
     policy = Policy.from_dict({"admission": {"tenant_running": 5, "user_running": 2}})
     assert policy.admission == AdmissionPolicy(tenant_running=5, user_running=2)

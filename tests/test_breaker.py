@@ -33,18 +33,25 @@ P = BreakerPolicy(failure_threshold=3, window_seconds=10, cooldown_seconds=5, su
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"failure_threshold": 0}, "BreakerPolicy.failure_threshold must be 1 or more, got 0."),
+        (
+            {"failure_threshold": 0},
+            "BreakerPolicy.failure_threshold must be a whole number, 1 or more "
+            "(e.g. failure_threshold=5); got 0.",
+        ),
         (
             {"success_threshold": True},
-            "BreakerPolicy.success_threshold must be 1 or more, got True.",
+            "BreakerPolicy.success_threshold must be a whole number, 1 or more "
+            "(e.g. success_threshold=5); got True.",
         ),
         (
             {"window_seconds": 0},
-            "BreakerPolicy.window_seconds must be greater than 0 (seconds), got 0.",
+            "BreakerPolicy.window_seconds must be a finite number of seconds greater than 0 "
+            "(e.g. window_seconds=30); got 0.",
         ),
         (
             {"cooldown_seconds": "5"},
-            "BreakerPolicy.cooldown_seconds must be greater than 0 (seconds), got '5'.",
+            "BreakerPolicy.cooldown_seconds must be a finite number of seconds greater than 0 "
+            "(e.g. cooldown_seconds=30); got '5'.",
         ),
     ],
 )

@@ -152,12 +152,15 @@ def test_budget_usd_must_be_positive(usd: float) -> None:
     with pytest.raises(UserError) as info:
         Budget(usd=usd)
     assert str(info.value) == (
-        f"Budget.usd must be greater than 0, or None to disable it; got {usd!r}."
+        "Budget.usd must be a finite number greater than 0 (e.g. usd=0.5), or None to disable it; "
+        f"got {usd!r}."
     )
 
 
 def test_budget_rejects_non_numbers() -> None:
-    with pytest.raises(UserError, match=re.escape("Budget.model_calls must be greater than 0")):
+    with pytest.raises(
+        UserError, match=re.escape("Budget.model_calls is a count: a whole number greater than 0")
+    ):
         Budget(model_calls="20")  # type: ignore[arg-type]
 
 
@@ -165,13 +168,17 @@ def test_budget_rejects_non_numbers() -> None:
 def test_budget_soft_ratio_is_a_share(ratio: float) -> None:
     with pytest.raises(UserError) as info:
         Budget(soft_ratio=ratio)
-    assert str(info.value) == f"Budget.soft_ratio must be in (0, 1], got {ratio!r}."
+    assert str(info.value) == (
+        f"Budget.soft_ratio must be a number in (0, 1], e.g. 0.8; got {ratio!r}."
+    )
 
 
 def test_loop_policy_messages() -> None:
     with pytest.raises(UserError) as info:
         LoopPolicy(max_repeats=1)
-    assert str(info.value) == "LoopPolicy.max_repeats must be 2 or more, got 1."
+    assert str(info.value) == (
+        "LoopPolicy.max_repeats must be a whole number, 2 or more (e.g. 3); got 1."
+    )
     with pytest.raises(UserError) as info:
         LoopPolicy(on_loop="retry")  # type: ignore[arg-type]
     assert str(info.value) == "LoopPolicy.on_loop must be 'stop' or 'wrap_up', got 'retry'."
@@ -231,7 +238,8 @@ def test_a_bad_value_in_a_section_says_where() -> None:
     with pytest.raises(UserError) as info:
         Policy.from_dict({"budget": {"usd": 0}})
     assert str(info.value) == (
-        "In policy 'budget': Budget.usd must be greater than 0, or None to disable it; got 0."
+        "In policy 'budget': Budget.usd must be a finite number greater than 0 (e.g. usd=0.5), "
+        "or None to disable it; got 0."
     )
     with pytest.raises(UserError) as info:
         Policy.from_dict({"rules": [{"action": "allow"}, {"tool": "x", "action": "maybe"}]})
@@ -372,8 +380,8 @@ def test_from_file_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         Policy.from_file(path)
     assert str(info.value) == (
-        f"Policy file {str(path)!r}: In policy 'budget': Budget.usd must be greater than 0, "
-        "or None to disable it; got -1."
+        f"Policy file {str(path)!r}: In policy 'budget': Budget.usd must be a finite number "
+        "greater than 0 (e.g. usd=0.5), or None to disable it; got -1."
     )
 
 

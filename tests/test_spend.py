@@ -129,7 +129,11 @@ def test_token_budgets(db_url: str) -> None:
     ("kwargs", "message"),
     [
         ({}, "PeriodBudget needs a limit: set usd=… and/or tokens=…."),
-        ({"usd": 0}, "PeriodBudget.usd must be a finite number greater than 0, got 0."),
+        (
+            {"usd": 0},
+            "PeriodBudget.usd must be a finite number greater than 0 (e.g. usd=50), "
+            "or None; got 0.",
+        ),
         ({"usd": 1, "scope": "team"}, "PeriodBudget.scope must be 'user' or 'tenant', got 'team'."),
         ({"usd": 1, "period": "week"}, "PeriodBudget.period must be 'day' or 'month', got 'week'."),
     ],
