@@ -419,13 +419,16 @@ def sanitize(
 ) -> T:
     """A copy of `value` with PII redacted in every string inside it.
 
-    Walks dicts (values, not keys; the whole value of a key naming a secret, such as
-    `password`, `token`, `api_key`, `secret` or `authorization`, see `secret_key`), lists,
-    tuples (named tuples too), sets and LangChain messages (content, tool-call and
-    invalid-tool-call arguments). Binary payloads of content
+    Walks dicts (keys and values: a key holding PII is redacted as a value is, and keeps its
+    value, a `#2` after it if another key reads the same once redacted; the whole value of a
+    key naming a secret, such as `password`, `token`, `api_key`, `secret` or `authorization`,
+    see `secret_key`), lists, tuples (named tuples too), sets and LangChain messages (content,
+    tool-call and invalid-tool-call arguments). Binary payloads of content
     blocks (`data`/`base64` of image, audio and file blocks, `data:` URLs) are left intact. An
-    int whose digits are a card number becomes the replacement string. Other values are
-    returned as they are.
+    int, or a float that is a whole number, whose digits are a card number becomes the
+    replacement string. Bytes (and a bytearray) are read as UTF-8, bytes that are not UTF-8
+    kept as they are (`surrogateescape`), and redacted like a string: the result is bytes,
+    equal to the input wherever no PII was found. Other values are returned as they are.
 
     Example:
         ```python
@@ -463,6 +466,12 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 _BINARY_KEYS = frozenset({"data", "base64"})
+_SCANNED_KEYS = (int, float, bytes, tuple, frozenset)
+"""Keys other than strings that `sanitize` redacts as values: each gives a hashable value back."""
+_CLEAN_KEYS: set[str] = set()
+"""Keys read once and found clean of every kind (`type`, `content`, `args`, ...): the same key
+in the next record is not read again. Only short keys, and at most `_CLEAN_KEYS_MAX`."""
+_CLEAN_KEYS_MAX = 4096
 _BINARY_BLOCKS = frozenset(
     {"image", "image_url", "audio", "input_audio", "video", "file", "document", "input_file"}
 )
@@ -478,7 +487,12 @@ class _Sanitizer:
             if value.startswith("data:") and ";base64," in value[:100]:
                 return value
             return redact(value, kinds=self.kinds, replacement=self.replacement)
-        if isinstance(value, bool | float) or value is None:
+        if isinstance(value, bool) or value is None:
+            return value
+        if isinstance(value, float):  # 4111111111111111.0: a card number as a JSON number
+            if value.is_integer() and abs(value) < 1e20:
+                whole = self.walk(int(value))
+                return value if isinstance(whole, int) else whole
             return value
         if isinstance(value, int):
             text = str(value)
@@ -486,16 +500,12 @@ class _Sanitizer:
             if found and found[0].start == 0 and found[0].end == len(text):
                 return self.replacement(found[0].kind)
             return value
+        if isinstance(value, bytes | bytearray):
+            text = bytes(value).decode("utf-8", "surrogateescape")
+            clean = self.walk(text)
+            return value if clean == text else type(value)(clean.encode("utf-8", "surrogateescape"))
         if isinstance(value, dict):
-            binary = value.get("type") in _BINARY_BLOCKS
-            return {
-                k: v
-                if binary and k in _BINARY_KEYS
-                else self._secret(v)
-                if secret_key(k)
-                else self.walk(v)
-                for k, v in value.items()
-            }
+            return self._dict(value)
         if isinstance(value, list):
             return [self.walk(v) for v in value]
         if isinstance(value, tuple):
@@ -506,6 +516,33 @@ class _Sanitizer:
         if isinstance(value, BaseMessage):
             return self._message(value)
         return value
+
+    def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        binary = value.get("type") in _BINARY_BLOCKS
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            if binary and k in _BINARY_KEYS:
+                clean = v
+            else:
+                clean = self._secret(v) if secret_key(k) else self.walk(v)
+            key = self._key(k)
+            if key is not k and key != k:  # redacted: it must not take another key's place
+                base, n = key, 2
+                while key in out or key in value:
+                    key, n = f"{base!s} #{n}", n + 1
+            out[key] = clean
+        return out
+
+    def _key(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key in _CLEAN_KEYS:
+                return key
+            clean = self.walk(key)
+            room = len(_CLEAN_KEYS) < _CLEAN_KEYS_MAX  # once full, a new key is read each time
+            if clean == key and self.kinds is None and len(key) <= 64 and room:
+                _CLEAN_KEYS.add(key)
+            return clean
+        return self.walk(key) if isinstance(key, _SCANNED_KEYS) else key
 
     def _secret(self, value: Any) -> Any:
         """The value of a secret's key (`password`, `api_key`, ...): every scalar is hidden."""
