@@ -12,6 +12,7 @@ the separators of a North American number. What it deliberately leaves alone is 
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import re
@@ -377,11 +378,18 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
         if kind in wanted:
             candidates.extend((rank, start, end, kind) for start, end in _FINDERS[kind](text))
     candidates.sort(key=lambda c: (c[0], c[1] - c[2], c[1]))
+    # the spans taken so far, sorted (they do not overlap, so by start and by end alike): a
+    # candidate is free when the span before it ends by its start and the next starts after
+    # its end; bisecting keeps a text with thousands of matches linear, not quadratic
+    starts: list[int] = []
     taken: list[PiiMatch] = []
     for _, start, end, kind in candidates:
-        if start < end and all(end <= t.start or start >= t.end for t in taken):
-            taken.append(PiiMatch(kind, start, end, text[start:end]))
-    return sorted(taken, key=lambda m: m.start)
+        at = bisect.bisect_right(starts, start)
+        free_before = at == 0 or taken[at - 1].end <= start
+        if start < end and free_before and (at == len(starts) or starts[at] >= end):
+            starts.insert(at, start)
+            taken.insert(at, PiiMatch(kind, start, end, text[start:end]))
+    return taken
 
 
 def redact(
