@@ -173,13 +173,18 @@ _SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 """Spaces other than ` ` (no-break, thin, figure, ideographic, ...): they show as a space."""
 _I = f"[{_INVISIBLE}]*"
 _LABEL = rf"[A-Za-z0-9](?:[A-Za-z0-9{_INVISIBLE}-]*[A-Za-z0-9])?"
-_DOT = rf"{_I}[.\uff0e]{_I}"  # a full-width dot reads as a dot
-_EMAIL = _compile(  # as it reads: invisible characters inside, a full-width @ or dot
-    rf"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+\uff0e{_INVISIBLE}-]*[@\uff20]{_I}"
+_DOTS = ".\uff0e\u3002\uff61"
+"""A dot, and what reads as one in an address: full-width, ideographic (CJK input methods type
+`。` for `.`) and half-width ideographic full stops."""
+_DOT = rf"{_I}[{_DOTS}]{_I}"
+_EMAIL = _compile(  # as it reads: invisible characters inside, a full-width @, any dot above
+    rf"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9_%+{_DOTS}{_INVISIBLE}-]*[@\uff20]{_I}"
     rf"{_LABEL}(?:{_DOT}{_LABEL})*{_DOT}[A-Za-z](?:{_I}[A-Za-z])+"
-    rf"(?![\w-]|[.\uff0e][A-Za-z0-9]|[{_INVISIBLE}]+(?:[\w-]|[.\uff0e][A-Za-z0-9]))"
+    rf"(?![\w-]|[{_DOTS}][A-Za-z0-9]|[{_INVISIBLE}]+(?:[\w-]|[{_DOTS}][A-Za-z0-9]))"
 )
-_IBAN_START = _compile(rf"(?<![A-Za-z0-9])[A-Z]{{2}}\d{{2}}(?=[ {_SPACES}{_INVISIBLE}]?[A-Z0-9])")
+_IBAN_START = _compile(  # the check digits and the rest may be digits of any script (full-width)
+    rf"(?<![A-Za-z0-9])[A-Z]{{2}}\d{{2}}(?=[ {_SPACES}{_INVISIBLE}]?(?:[A-Z]|\d))"
+)
 _CARD = _compile(rf"(?<![\w.,-])\d(?:[ \-{_SPACES}{_INVISIBLE}]{{0,3}}\d){{11,18}}(?![\w-]|[.,]\d)")
 _SSN = _compile(  # digits 3-2-4 split by dashes or spaces (any kind), invisibles anywhere
     rf"(?<![\w.-])\d(?:{_I}\d){{2}}{_I}[ {_SPACES}-]{_I}\d{_I}\d{_I}[ {_SPACES}-]"
@@ -188,6 +193,7 @@ _SSN = _compile(  # digits 3-2-4 split by dashes or spaces (any kind), invisible
 _SSN_READ = re.compile(r"(?!000|666|9)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}")
 _READ_SPACES = re.compile(rf"[ {_SPACES}]")
 _READ_INVISIBLE = re.compile(f"[{_INVISIBLE}]")
+_INVISIBLE_RUNS = re.compile(f"[{_INVISIBLE}]+")
 _SPACE_SET = frozenset(ch for ch in map(chr, range(0x3001)) if _READ_SPACES.match(ch))
 _SPACED_DIGIT_BEFORE = re.compile(rf"\d{_I}[ {_SPACES}]{_I}\Z")
 _SPACED_DIGIT_AFTER = re.compile(rf"{_I}[ {_SPACES}]{_I}\d")
@@ -227,7 +233,8 @@ def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
             if text[i] in _SPACE_SET and i + 1 < len(text) and text[i + 1] not in _SPACE_SET:
                 i += 1
                 continue
-            if not (text[i].isascii() and (text[i].isdigit() or text[i].isupper())):
+            ch = text[i]  # an ASCII capital, or a digit in any script (it reads as 0-9)
+            if not ((ch.isascii() and ch.isupper()) or ch.isdecimal()):
                 break
             i, count = i + 1, count + 1
         after = i
@@ -289,6 +296,24 @@ def _ip_spans(text: str) -> Iterator[tuple[int, int]]:
 
 
 def _phone_spans(text: str) -> Iterator[tuple[int, int]]:
+    """Phone numbers as they read: in the text without its invisible characters, mapped back."""
+    if _READ_INVISIBLE.search(text) is None:
+        yield from _visible_phone_spans(text)
+        return
+    cuts: list[int] = []  # where, in the text without them, each run of invisibles was
+    shifts: list[int] = [0]  # how many were dropped before the text's k-th kept part
+    for run in _INVISIBLE_RUNS.finditer(text):
+        cuts.append(run.start() - shifts[-1])
+        shifts.append(shifts[-1] + run.end() - run.start())
+    for start, end in _visible_phone_spans(_INVISIBLE_RUNS.sub("", text)):
+        last = end - 1
+        yield (
+            start + shifts[bisect.bisect_right(cuts, start)],
+            last + shifts[bisect.bisect_right(cuts, last)] + 1,
+        )
+
+
+def _visible_phone_spans(text: str) -> Iterator[tuple[int, int]]:
     for m in _PHONE.finditer(text):
         if not m.group().startswith("+"):
             yield m.span()
@@ -348,8 +373,9 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
 
     Each is found as it reads: invisible characters (zero-width ones, a soft hyphen) inside an
     email, card number, SSN, phone number or IBAN are part of it, a no-break or thin space
-    counts as a space, an email may have a full-width at sign or dot, and a card number or SSN
-    may be written in full-width or other non-ASCII digits.
+    counts as a space, an email may have a full-width at sign and a full-width, ideographic
+    (`。`) or half-width ideographic dot, and a card number, SSN or IBAN may be written in
+    full-width or other non-ASCII digits.
 
     Deliberately not caught (precision over recall):
 
@@ -371,7 +397,10 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
         kinds: Only these kinds (all when None).
     """
     wanted = _check_kinds(kinds)
-    if _ANY_PATTERN.search(text) is None:
+    if _ANY_PATTERN.search(text) is None and (
+        # a phone number with invisible characters inside reads as one once they are dropped
+        _READ_INVISIBLE.search(text) is None or _PHONE.search(_READ_INVISIBLE.sub("", text)) is None
+    ):
         return []
     candidates: list[tuple[int, int, int, PiiKind]] = []
     for rank, kind in enumerate(PII_KINDS):

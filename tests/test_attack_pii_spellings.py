@@ -4,8 +4,9 @@ A model talked into leaking a card number (or a hostile one) writes it with no-b
 spaces, zero-width characters or full-width digits between and for its digits: the reader sees
 the card, and the guard, which knew ASCII digits split by ` ` or `-`, passed it. The same goes
 for an email (a zero-width character inside, a full-width at sign or dot), an SSN (spaces, no-break
-spaces, non-ASCII digits), a phone number and an IBAN (no-break spaces). keel's agent graph with
-keel's scripted model in the provider's place.
+spaces, non-ASCII digits), a phone number (no-break spaces, zero-width characters), an IBAN
+(no-break spaces, full-width digits) and an email whose dot is an ideographic full stop (`。`, as
+CJK input methods type it). keel's agent graph with keel's scripted model in the provider's place.
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ OTHER_SPELLINGS = {
         "GB82\u202fWEST\u202f1234\u202f5698\u202f7654\u202f32",
     ),
     "iban with a zero-width character": ("iban", f"DE89{ZW}3704 0044 0532 0130 00"),
+    # phone numbers with invisible characters inside, IBANs in full-width digits, emails with
+    # an ideographic full stop for the dot passed before
+    "phone with zero-width characters": ("phone", f"+44{ZW} 20 79{ZW}46 0958"),
+    "phone, a zero-width character between every digit": ("phone", ZW.join("+14155550199")),
+    "phone with soft hyphens": ("phone", "+44\u00ad20\u00ad7946\u00ad0958"),
+    "north american phone with a word joiner": ("phone", "(415)\u2060 555-01\u206099"),
+    "north american phone, dashes and zero-width": ("phone", f"415-5{ZW}55-0199"),
+    "iban in full-width digits": ("iban", "GB" + _full_width("82 WEST 1234 5698 7654 32")),
+    "iban in full-width digits, no spaces": ("iban", "DE" + _full_width("89370400440532013000")),
+    "iban in arabic-indic digits": (
+        "iban",
+        "DE"
+        + "".join(chr(0x0660 + int(d)) if d.isdigit() else d for d in "89 3704 0044 0532 0130 00"),
+    ),
+    "email, ideographic full stop": ("email", "jane@example\u3002com"),
+    "email, half-width ideographic full stop": ("email", "jane@example\uff61co\uff61uk"),
+    "email, ideographic full stop in the name": ("email", "jane\u3002doe@example\u3002com"),
 }
 NOT_PII = [
     f"1{NBSP}234{NBSP}567,89 kr and 12{NBSP}345{NBSP}678 €",  # amounts
@@ -84,6 +102,10 @@ NOT_PII = [
     f"DE89{NBSP}3704{NBSP}0044{NBSP}0532{NBSP}0130{NBSP}01",  # checksum fails
     "user\uff20localhost and @handle and pkg\uff201.2.3",
     f"call 555{NBSP}1234567",  # bare digits: not a phone
+    f"call 555{ZW}1234567",  # nor with a zero-width character inside
+    f"+1{ZW}23",  # too few digits for a phone
+    "GB" + _full_width("82 WEST 1234 5698 7654 33"),  # checksum fails
+    "see @handle\u3002Thanks, and v1\u30022\u30023",  # no address: a handle, a version
 ]
 NOT_CARDS = [
     "order 1234 5678 9012 3456 shipped",  # fails Luhn
@@ -132,6 +154,16 @@ def test_a_hostile_models_spaced_card_never_reaches_the_answer() -> None:
     final = _guarded_answer(answer)
     assert final.content == "Done. Card: [CARD] / [CARD]"
     assert final.response_metadata["keel_guard"]["rules"] == ["pii:card"]
+
+
+def test_a_hostile_models_disguised_phone_iban_and_email_never_reach_the_answer() -> None:
+    iban = "GB" + _full_width("82 WEST 1234 5698 7654 32")
+    final = _guarded_answer(
+        f"Call +44{ZW} 20 79{ZW}46 0958, pay {iban}, mail jane@example\u3002com."
+    )
+    assert final.content == "Call [PHONE], pay [IBAN], mail [EMAIL]."
+    rules = sorted(final.response_metadata["keel_guard"]["rules"])
+    assert rules == ["pii:email", "pii:iban", "pii:phone"]
 
 
 def test_a_hostile_models_disguised_email_and_ssn_never_reach_the_answer() -> None:
