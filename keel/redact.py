@@ -166,6 +166,15 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 _SECRETS = [_compile(p) for p in _SECRET_PATTERNS]
 
+_UNSPACED = re.compile(
+    "[\u0e00-\u0e7f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]+"
+)
+"""Letters of scripts written without spaces between words (Thai, kana, CJK ideographs, Hangul
+syllables, whose particles attach to the word before them). The finders read each as a NUL, a
+character no pattern takes for part of PII or of a word: `カード4111 1111 1111 1111です` is a card
+as it reads, where `カ` and `で`, word characters, made it part of a longer word."""
+
 _INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff"
 """Characters that show as nothing (a soft hyphen, zero-width ones): a card number, an email,
 an SSN, a phone number or an IBAN written with them inside reads as if they were not there."""
@@ -397,6 +406,20 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
         kinds: Only these kinds (all when None).
     """
     wanted = _check_kinds(kinds)
+    scan = text if _UNSPACED.search(text) is None else _UNSPACED.sub(_nul, text)
+    found = _find(scan, wanted)
+    return (
+        [PiiMatch(m.kind, m.start, m.end, text[m.start : m.end]) for m in found]
+        if scan is not text
+        else found
+    )
+
+
+def _nul(m: re.Match[str]) -> str:
+    return "\0" * (m.end() - m.start())
+
+
+def _find(text: str, wanted: Collection[PiiKind]) -> list[PiiMatch]:
     if _ANY_PATTERN.search(text) is None and (
         # a phone number with invisible characters inside reads as one once they are dropped
         _READ_INVISIBLE.search(text) is None or _PHONE.search(_READ_INVISIBLE.sub("", text)) is None

@@ -139,6 +139,42 @@ def test_text_that_is_no_pii_stays(text: str) -> None:
     assert redact(text) == text
 
 
+# Japanese, Chinese, Korean and Thai put no space between a word and what follows it: PII
+# written right against their letters stood inside a "word" (they are word characters) and passed.
+UNSPACED = [
+    ("メールはjane@example.comです。", "メールは[EMAIL]です。"),
+    ("邮箱jane@example.com谢谢", "邮箱[EMAIL]谢谢"),
+    ("이메일jane@example.com으로", "이메일[EMAIL]으로"),
+    ("อีเมลjane@example.comครับ", "อีเมล[EMAIL]ครับ"),
+    ("カード4111 1111 1111 1111です", "カード[CARD]です"),
+    ("电话+86 10 6552 9988转", "电话[PHONE]转"),
+    ("電話は415-555-0199まで", "電話は[PHONE]まで"),
+    ("SSNは123-45-6789です", "SSNは[SSN]です"),
+    ("口座GB82 WEST 1234 5698 7654 32へ", "口座[IBAN]へ"),
+    ("サーバ10.0.0.1です", "サーバ[IP]です"),
+    ("키는sk-proj-abcdefghijklmnopqrstuvwxyz입니다", "키는[SECRET]입니다"),
+]
+
+
+@pytest.mark.parametrize(("text", "redacted"), UNSPACED, ids=[t for t, _ in UNSPACED])
+def test_pii_against_letters_of_an_unspaced_script_is_redacted(text: str, redacted: str) -> None:
+    assert redact(text) == redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x4111111111111111",
+        "abc123-45-6789",
+        "v10.0.0.1a",
+        "café4111111111111111",
+        "été415-555-0199",
+    ],
+)
+def test_pii_inside_a_latin_word_still_stays(text: str) -> None:
+    assert redact(text) == text
+
+
 def _guarded_answer(answer: str) -> AIMessage:
     """The final answer of keel's agent (with a policy) whose model said `answer`."""
     model = ScriptedChatModel(script=[AIMessage(content=answer)])
