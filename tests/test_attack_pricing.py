@@ -410,13 +410,14 @@ def test_a_price_that_is_not_finite_is_refused(value: float) -> None:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_a_budget_limit_that_is_not_finite_is_refused(value: float) -> None:
-    with pytest.raises(UserError, match=r"Budget\.usd must be greater than 0"):
+    with pytest.raises(UserError, match=r"Budget\.usd must be a finite number greater than 0"):
         Budget(usd=value)
     with pytest.raises(UserError, match=r"Budget\.wall_seconds"):
         Budget(wall_seconds=value)
     with pytest.raises(UserError, match=r"PeriodBudget\.usd must be a finite number"):
         PeriodBudget(usd=value)
-    with pytest.raises(UserError, match="reservation_ttl > 0"):  # NaN: a hold that never expires
+    # NaN: a hold that never expires
+    with pytest.raises(UserError, match="reservation_ttl must be a finite number of seconds"):
         PeriodBudget(usd=1.0, reservation_ttl=value)
 
 
@@ -424,7 +425,7 @@ def test_a_budget_limit_that_is_not_finite_is_refused(value: float) -> None:
 def test_a_policy_file_with_a_nan_limit_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(f"[budget]\nusd = {text}\n")
-    with pytest.raises(UserError, match=r"Budget\.usd must be greater than 0"):
+    with pytest.raises(UserError, match=r"Budget\.usd must be a finite number greater than 0"):
         Policy.from_file(path)
     path.write_text(f'[[period_budgets]]\nscope = "user"\nusd = {text}\n')
     with pytest.raises(UserError, match=r"PeriodBudget\.usd must be a finite number"):

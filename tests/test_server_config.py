@@ -319,7 +319,7 @@ def test_tenant_admission_is_read_and_needs_the_ledger(tmp_path: Path) -> None:
         ServerConfig.from_file(
             _write(tmp_path, ledger + capped.replace("tenant_running", "running"))
         )
-    with pytest.raises(SetupError, match="tenant_running must be 1 or more"):
+    with pytest.raises(SetupError, match="tenant_running must be a whole number, 1 or more"):
         ServerConfig.from_file(_write(tmp_path, ledger + capped.replace("= 2", "= 0")))
 
 
