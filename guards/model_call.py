@@ -74,7 +74,7 @@ from keel.guards.spend import (
 )
 from keel.history import tool_turns_as_text
 from keel.models import model_name_of, price_name_of, resolve_model
-from keel.pricing import PriceTable, token_count, unpriced
+from keel.pricing import PriceTable, finite_number, token_count, unpriced
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext, Usage
 from keel.tools.stubs import isolated
@@ -102,6 +102,10 @@ OUTPUT_CAP_FIELDS = ("max_tokens", "max_output_tokens", "num_predict", "max_new_
 `max_output_tokens` (Google), `num_predict` (Ollama), `max_new_tokens` (Hugging Face)."""
 
 
+MAX_ATTEMPT_TIMEOUT = 86_400
+"""The longest deadline a model call's attempt may have, in seconds."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelTimeoutPolicy:
     """A deadline for each attempt of a model call (keel stops waiting, and retries or falls back).
@@ -120,9 +124,12 @@ class ModelTimeoutPolicy:
 
     def __post_init__(self) -> None:
         seconds = self.attempt_timeout
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-            raise UserError(
-                f"ModelTimeoutPolicy.attempt_timeout must be greater than 0, got {seconds!r}."
+        number = finite_number(seconds)
+        if number is None or not 0 < number <= MAX_ATTEMPT_TIMEOUT:
+            raise UserError(  # infinity failed every call (OverflowError, a time_t out of range)
+                f"ModelTimeoutPolicy.attempt_timeout must be a number of seconds greater than 0 "
+                f"and at most {MAX_ATTEMPT_TIMEOUT:,} (a day), e.g. 20; got {seconds!r}. "
+                "For no deadline pass model_timeout=None."
             )
 
     @classmethod
