@@ -13,12 +13,12 @@ import asyncio
 import math
 import shutil
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.types import RetryPolicy
 
 from keel import Ledger, Price, PriceTable, RunContext, build_agent
@@ -155,13 +155,35 @@ async def test_a_failing_ledger_stops_the_judge_as_a_storage_error(
 # -- a deadline per attempt ---------------------------------------------------------------------
 
 
-SLOW_LATENCY = 3.0
-"""The slow model's answer time: without a fallback model, the run must end before it (keel
-stopped waiting; 0.3 s deadlines, two attempts)."""
+class _Held:
+    """The slow model's answer under `invoke`: each call stays inside until the test lets it go
+    (60 s at most), so a run that ends while a call is still inside stopped waiting for it."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.inside = 0
+        self.released = threading.Event()
+
+    def __call__(self, messages: Any) -> str:
+        self.entered += 1
+        self.inside += 1
+        self.released.wait(60)
+        self.inside -= 1
+        return "too late"
 
 
-def _slow_agent(fallback: bool) -> Any:
-    slow = ScriptedChatModel(model_name="slow", script=["too late"], latency=SLOW_LATENCY)
+class _Started(BaseCallbackHandler):
+    """The model calls started, by model name (an attempt cancelled in its wait counts)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        self.names.append(kwargs["metadata"]["ls_model_name"])
+
+
+def _slow_agent(fallback: bool, slow: ScriptedChatModel) -> Any:
+    """`slow` under 0.3 s deadlines: given up for the next model, or retried once."""
     fast = ScriptedChatModel(model_name="fast", script=["on time"])
     if fallback:
         deadline = ModelTimeoutPolicy(attempt_timeout=0.3, fallback=True)
@@ -185,20 +207,28 @@ def _assert_timed_out(final: Any) -> None:
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["next_model", "timeout"])
 def test_a_slow_model_is_given_up_under_invoke(fallback: bool) -> None:
-    started = time.monotonic()
-    final = _slow_agent(fallback).invoke({"messages": [("user", "hi")]}, context=ALICE)
-    # with fallback=True the slow model is not retried: one deadline, then the next model
-    # fallback: a retry of the slow model would take >= 1.1 s (2 deadlines, a 0.5 s backoff)
-    assert time.monotonic() - started < (1.0 if fallback else SLOW_LATENCY), "keel stopped waiting"
+    held = _Held()
+    slow = ScriptedChatModel(model_name="slow", script=[held, held])
+    try:
+        final = _slow_agent(fallback, slow).invoke({"messages": [("user", "hi")]}, context=ALICE)
+        # keel stopped waiting: the run ended with its slow calls still inside; with
+        # fallback=True the slow model is not retried (one call), else it is (two)
+        assert (held.entered, held.inside) == ((1, 1) if fallback else (2, 2))
+    finally:
+        held.released.set()
     (_assert_on_time if fallback else _assert_timed_out)(final)
 
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["next_model", "timeout"])
 async def test_a_slow_model_is_cancelled_under_ainvoke(fallback: bool) -> None:
-    started = time.monotonic()
-    final = await _slow_agent(fallback).ainvoke({"messages": [("user", "hi")]}, context=ALICE)
-    # fallback: a retry of the slow model would take >= 1.1 s (2 deadlines, a 0.5 s backoff)
-    assert time.monotonic() - started < (1.0 if fallback else SLOW_LATENCY), "keel stopped waiting"
+    slow = ScriptedChatModel(model_name="slow", script=["too late"] * 2, latency=3600)
+    started = _Started()
+    agent = _slow_agent(fallback, slow)
+    run = agent.ainvoke({"messages": [("user", "hi")]}, {"callbacks": [started]}, context=ALICE)
+    final = await asyncio.wait_for(run, 60)  # a guard: the slow model answers in an hour
+    assert slow.calls == []  # cancelled in its wait: it never answered
+    # with fallback=True the slow model is not retried, but the next model is asked
+    assert started.names == (["slow", "fast"] if fallback else ["slow", "slow"])
     (_assert_on_time if fallback else _assert_timed_out)(final)
 
 
