@@ -693,18 +693,24 @@ def test_a_waiting_room_is_checked(tmp_path: Any) -> None:
 # -- how a queued run asks for its slot ----------------------------------------------------------
 
 
-async def test_a_queued_run_asks_the_ledger_less_and_less_often(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each ask locks the tenant's rows: a run that waits 2 s asks a handful of times, not 40."""
-    asks: list[float] = []
+@pytest.fixture
+def asks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each queued run asked the ledger again for its slot (`time.monotonic()`)."""
+    asked: list[float] = []
     promote = admission_module._promote_flow
 
     def counted(*args: Any) -> Any:
-        asks.append(time.monotonic())
+        asked.append(time.monotonic())
         return promote(*args)
 
     monkeypatch.setattr(admission_module, "_promote_flow", counted)
+    return asked
+
+
+async def test_a_queued_run_asks_the_ledger_less_and_less_often(
+    ledger: Ledger, asks: list[float]
+) -> None:
+    """Each ask locks the tenant's rows: a run that waits 2 s asks a handful of times, not 40."""
     policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=2.0)
     admission = Admission(ledger, policy)
     running = await admission.aacquire(ctx("acme", "a1"))
@@ -717,20 +723,26 @@ async def test_a_queued_run_asks_the_ledger_less_and_less_often(
 
 
 async def test_a_slot_freed_in_this_process_is_taken_at_once(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, asks: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Long after the asks have slowed down, a release here wakes the queued run at once."""
-    monkeypatch.setattr(admission_module, "_POLL_MAX_S", 30.0)
-    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=60)
+    # the queued run's next ask of its own is an hour away: only the release can wake it
+    monkeypatch.setattr(admission_module, "_POLL_S", 3600.0)
+    monkeypatch.setattr(admission_module, "_POLL_MAX_S", 3600.0)
+    policy = AdmissionPolicy(tenant_running=1, tenant_queued=1, queue_timeout_s=7200)
     running = await Admission(ledger, policy).aacquire(ctx("acme", "a1"))
-    waiting = asyncio.create_task(Admission(ledger, policy).aacquire(ctx("acme", "a2")))
-    await asyncio.sleep(3.3)  # asks at 0.05, 0.15, 0.35, 0.75, 1.55, 3.15 s; next at 6.35 s
-    assert not waiting.done()
-    released = time.monotonic()
+    room = WaitingRoom(1)
+    waiting = asyncio.create_task(
+        Admission(ledger, policy, waiting_room=room).aacquire(ctx("acme", "a2"))
+    )
+    # seated: on this loop, the queued run is then in its wait (it reads the frees before it
+    # yields), so a release from now on is one it sees
+    await until(lambda: room.waiting == 1, "the second run to wait in the queue")
+    assert not waiting.done() and asks == []
     await Admission(ledger, policy).arelease(running)  # another Admission, the same ledger
-    admitted = await waiting
+    admitted = await asyncio.wait_for(waiting, 60)  # (a guard: its own ask is an hour away)
     assert admitted.refused is None
-    assert time.monotonic() - released < 1.5  # not at the next scheduled ask, 3 s later
+    assert len(asks) == 1  # woken by the release: one ask, not its schedule
     await Admission(ledger, policy).arelease(admitted)
 
 
