@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
+from conftest import eventually
 
 from keel import Ledger
 from keel.db.checkpoint.saved import SaveWatch
 from keel.db.ledger import Flow
+from keel.nodes import _threads as threads
 from keel.nodes._threads import start_daemon
 
 
@@ -128,11 +129,13 @@ async def test_a_claim_commits_the_records_before_it_synchronously(
 def test_a_save_reported_by_another_thread_ends_the_wait() -> None:
     watch = SaveWatch()
     key = ("thread", "", "checkpoint-1")
-    timer = threading.Timer(0.05, watch.saved, args=(key,))
-    start = time.monotonic()
-    timer.start()
-    assert watch.wait([key], 5.0)
-    assert time.monotonic() - start < 2.0  # woken, not timed out
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(watch.wait([key], 3600)), daemon=True)
+    waiter.start()
+    eventually(lambda: len(watch._changed._waiters) == 1, "the waiter to wait")  # type: ignore[attr-defined]
+    watch.saved(key)
+    waiter.join(60)  # (a guard: not woken, it would wait an hour)
+    assert got == [True]  # woken, not timed out
     assert not watch.wait([("thread", "", "never-saved")], 0.05)
     assert watch.wait([("thread", "", "other"), key], 0)  # remembered; any key will do
 
@@ -195,16 +198,15 @@ def test_a_hung_tool_thread_never_delays_the_next_call() -> None:
     release = threading.Event()
     ran = threading.Event()
     names: list[str] = []
-    start_daemon(lambda: release.wait(10), "keel-tool-hung")
-    start = time.monotonic()
+    start_daemon(lambda: release.wait(3600), "keel-tool-hung")
     start_daemon(lambda: (names.append(threading.current_thread().name), ran.set()), "keel-tool-b")
-    assert ran.wait(5) and time.monotonic() - start < 2.0
+    assert ran.wait(60)  # while the hung call still holds its thread (a guard: an hour)
     assert names == ["keel-tool-b"]
     release.set()
     # the idle threads are reused: a third call runs on one of them, named for its tool
     done = threading.Event()
+    eventually(lambda: len(threads._idle) >= 2, "both threads to be idle")
     before = threading.active_count()
-    time.sleep(0.05)
     start_daemon(lambda: (names.append(threading.current_thread().name), done.set()), "keel-tool-c")
     assert done.wait(5)
     assert names[-1] == "keel-tool-c"
