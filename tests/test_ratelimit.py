@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Clock, until
 
 from keel import Ledger, UserError
 from keel.guards import RateLimit, RateLimited, RateLimiter
@@ -259,18 +260,42 @@ def _bucket_row(key: str) -> Any:
     return tuple(float(v) for v in rows[0])
 
 
+class _CountedClock(Clock):
+    """A `Clock` that counts how often it was read."""
+
+    reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
 async def test_a_short_bucket_waits_then_admits(ledger: Ledger, mode: str) -> None:
-    limiter = RateLimiter(ledger, [RateLimit(tpm=6000, max_wait=2)])  # 100 tokens a second
+    """The limiter sleeps and asks again while the bucket refills, then admits; the refill is
+    the test's clock moving, so the wait is exactly what the clock says."""
+    clock = _CountedClock()
+    limiter = RateLimiter(ledger, [RateLimit(tpm=6000, max_wait=2)], clock=clock)  # 100 a second
     await acquire(limiter, mode, "m", tokens=6000)
-    started = time.perf_counter()
-    permit = await acquire(limiter, mode, "m", tokens=20)  # 0.2 s of refill
-    elapsed = time.perf_counter() - started
-    assert 0.15 <= permit.waited <= elapsed < 1.5
-    # beyond max_wait: fails at once, without sleeping the wait away
-    started = time.perf_counter()
-    with pytest.raises(RateLimited) as err:
-        await acquire(limiter, mode, "m", tokens=5000)
-    assert err.value.retry_after > 2 and time.perf_counter() - started < 2  # < max_wait
+    reads = clock.reads
+    waiting = asyncio.create_task(acquire(limiter, mode, "m", tokens=20))  # 0.2 s of refill
+    await until(lambda: clock.reads > reads + 2, "the limiter to start and ask")
+    assert not waiting.done()  # the clock stands: no refill, it sleeps and asks again
+    clock.now += 0.25
+    permit = await asyncio.wait_for(waiting, 60)
+    assert permit.waited == pytest.approx(0.25)
+
+
+async def test_a_wait_beyond_max_wait_fails_at_once_without_sleeping(
+    ledger: Ledger, mode: str, clock: Any
+) -> None:
+    limiter = RateLimiter(ledger, [RateLimit(tpm=6000, max_wait=2)], clock=clock)
+    await acquire(limiter, mode, "m", tokens=6000)
+    steps = limiter.acquiring("m", "default", 5000)  # 50 s of refill
+    ask = next(steps)  # the one step: the ledger's answer, a wait
+    answer = await (asyncio.to_thread(ask.run) if mode == "sync" else ask.arun())
+    with pytest.raises(RateLimited) as err:  # raised on it, not a sleep step
+        steps.send(answer)
+    assert err.value.retry_after == pytest.approx(50.0)
 
 
 async def test_concurrent_acquisitions_never_exceed_the_bucket(ledger: Ledger, clock: Any) -> None:
