@@ -87,6 +87,7 @@ class ChromaStore(BaseStore):
         name: Store name (a slug); several stores can share one Chroma database.
         partition_depth: How many namespace labels select a partition.
         embedding_model: The model name recorded on the store; derived from `embed` if omitted.
+        clock: Seconds since the epoch, now (default `time.time`): what TTLs are measured by.
 
     Example:
         ```python
@@ -111,8 +112,10 @@ class ChromaStore(BaseStore):
         name: str = "keel",
         partition_depth: int = 3,
         embedding_model: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = b.check_store_name(name)
+        self.clock = clock
         if not isinstance(partition_depth, int) or partition_depth < 1:
             raise UserError(
                 f"ChromaStore(partition_depth=...) must be 1 or more, got {partition_depth!r}."
@@ -296,7 +299,7 @@ class ChromaStore(BaseStore):
         qvec: dict[str, list[float]],
     ) -> list[Result]:
         self._check_dims([*dvec, *qvec.values()])
-        now = time.time()
+        now = self.clock()
         pending = b.Pending()
         results: list[Result] = []
         for op in ops:

@@ -6,8 +6,7 @@ import contextlib
 import json
 import shutil
 import sqlite3
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
@@ -31,6 +30,7 @@ class ChromaStore(Protocol):
     path: str | None
     name: str
     depth: int
+    clock: Callable[[], float]
     _catalog: Collection
 
     def _partitions(self, prefix: tuple[str, ...]) -> list[tuple[str, ...]]: ...
@@ -41,7 +41,7 @@ class ChromaStore(Protocol):
 
 def sweep(store: ChromaStore) -> int:
     """Delete every expired item of `store`; returns how many."""
-    now = time.time()
+    now = store.clock()
     swept = 0
     for part in store._partitions(()):
         items = store._col(part, "i", create=False)

@@ -17,6 +17,7 @@ from typing import Any
 import chromadb
 import pytest
 from chromadb.config import Settings
+from conftest import Clock
 from langgraph.store.base import GetOp, PutOp
 from langgraph.store.memory import InMemoryStore
 
@@ -83,50 +84,62 @@ def test_keys_and_labels_that_look_alike_stay_apart(store: ChromaStore) -> None:
 # TTL ----------------------------------------------------------------------------------------------
 
 
-def test_expired_items_are_invisible_at_once_and_swept(store: ChromaStore) -> None:
+@pytest.fixture
+def timed(tmp_path: Path, clock: Clock) -> Iterator[ChromaStore]:
+    """A store whose TTLs run on the test's `clock` (TTLs are in minutes)."""
+    with ChromaStore(path=tmp_path / "chroma", index=_index(), clock=clock) as store:
+        yield store
+
+
+def test_expired_items_are_invisible_at_once_and_swept(timed: ChromaStore, clock: Clock) -> None:
     ns = ("memories", "acme", "u1")
-    store.put(ns, "long", {"text": "stays"})
-    store.put(ns, "short", {"text": "gone soon"}, ttl=0.01)  # 600 ms
-    assert store.get(ns, "short", refresh_ttl=False) is not None  # (the put of "long" first:
-    time.sleep(0.7)  # embedding it on a loaded machine could outlast the TTL)
-    assert store.get(ns, "short", refresh_ttl=False) is None
-    assert [i.key for i in store.search(ns, query="gone soon")] == ["long"]
-    assert [i.key for i in store.search(ns)] == ["long"]
-    raw = store.client.get_collection(collection_name("keel", ns, "i"))
+    timed.put(ns, "long", {"text": "stays"})
+    timed.put(ns, "short", {"text": "gone soon"}, ttl=10)  # 600 s
+    clock.now += 599
+    assert timed.get(ns, "short", refresh_ttl=False) is not None
+    clock.now += 2
+    assert timed.get(ns, "short", refresh_ttl=False) is None
+    assert [i.key for i in timed.search(ns, query="gone soon")] == ["long"]
+    assert [i.key for i in timed.search(ns)] == ["long"]
+    raw = timed.client.get_collection(collection_name("keel", ns, "i"))
     assert raw.count() == 1  # the reads above already swept the expired row
-    store.put(ns, "short2", {"text": "x"}, ttl=0.001)
-    time.sleep(0.1)
+    timed.put(ns, "short2", {"text": "x"}, ttl=1)
+    clock.now += 61
     assert raw.count() == 2
-    assert store.sweep_ttl() == 1
+    assert timed.sweep_ttl() == 1
     assert raw.count() == 1
 
 
-def test_an_expired_namespace_is_not_listed(store: ChromaStore) -> None:
-    store.put(("tmp", "a"), "k", {"text": "x"}, ttl=0.001)
-    store.put(("keep", "a"), "k", {"text": "x"})
-    time.sleep(0.1)
-    assert store.list_namespaces() == [("keep", "a")]
+def test_an_expired_namespace_is_not_listed(timed: ChromaStore, clock: Clock) -> None:
+    timed.put(("tmp", "a"), "k", {"text": "x"}, ttl=1)
+    timed.put(("keep", "a"), "k", {"text": "x"})
+    assert timed.list_namespaces() == [("keep", "a"), ("tmp", "a")]
+    clock.now += 61
+    assert timed.list_namespaces() == [("keep", "a")]
 
 
-def test_reads_refresh_the_ttl_unless_told_not_to(store: ChromaStore) -> None:
+def test_reads_refresh_the_ttl_unless_told_not_to(timed: ChromaStore, clock: Clock) -> None:
     ns = ("memories", "acme", "u1")
-    store.put(ns, "a", {"text": "a"}, ttl=0.01)  # 600 ms
-    store.put(ns, "b", {"text": "b"}, ttl=0.01)
+    timed.put(ns, "a", {"text": "a"}, ttl=10)  # 600 s
+    timed.put(ns, "b", {"text": "b"}, ttl=10)
     for _ in range(3):
-        time.sleep(0.3)
-        assert store.get(ns, "a") is not None  # refreshes a
-        assert store.search(ns, query="a", refresh_ttl=False, limit=1) is not None
-    assert store.get(ns, "a") is not None
-    assert store.get(ns, "b") is None  # never refreshed: 900 ms > 600 ms
+        clock.now += 300
+        assert timed.get(ns, "a") is not None  # refreshes a
+        assert timed.search(ns, query="a", refresh_ttl=False, limit=1) is not None
+    assert timed.get(ns, "a") is not None
+    assert timed.get(ns, "b") is None  # never refreshed: 900 s > 600 s
 
 
-def test_default_ttl_and_refresh_on_read_come_from_the_ttl_config(tmp_path: Path) -> None:
-    store = ChromaStore(path=tmp_path, ttl={"default_ttl": 0.006, "refresh_on_read": False})
-    store.put(("t", "u"), "k", {"v": 1})
-    time.sleep(0.1)
-    assert store.get(("t", "u"), "k") is not None  # no refresh
-    time.sleep(0.35)
-    assert store.get(("t", "u"), "k") is None
+def test_default_ttl_and_refresh_on_read_come_from_the_ttl_config(
+    tmp_path: Path, clock: Clock
+) -> None:
+    ttl: Any = {"default_ttl": 10, "refresh_on_read": False}
+    with ChromaStore(path=tmp_path, ttl=ttl, clock=clock) as store:
+        store.put(("t", "u"), "k", {"v": 1})
+        clock.now += 300
+        assert store.get(("t", "u"), "k") is not None  # no refresh
+        clock.now += 301
+        assert store.get(("t", "u"), "k") is None
 
 
 # Recorded model ----------------------------------------------------------------------------------
