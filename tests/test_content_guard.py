@@ -214,6 +214,32 @@ def test_size_limit_flag_keeps_the_text() -> None:
     assert (verdict.action, verdict.text, verdict.rules) == ("flag", "abcdef", ("max_chars",))
 
 
+PROSE = ("The parcel left the depot on Monday and should arrive by Thursday. " * 800)[:50_000]
+"""Ordinary text at the default size limit: what a hostile input's check is measured against."""
+
+
+def _seconds(text: str, source: InputSource) -> tuple[float, ContentVerdict]:
+    start = time.perf_counter()
+    verdict = check_input(text, FLAG, source=source)
+    return time.perf_counter() - start, verdict
+
+
+def _checked_about_as_fast_as_prose(text: str, source: InputSource) -> ContentVerdict:
+    """`check_input(text)`, which must take less than 20 times as long as ordinary text of the
+    same size checked just before it (a linear scan: about 1-3 times; the backtracking regexes
+    these tests caught: hundreds of times). A ratio, not a bound in seconds, so a loaded
+    machine slows both sides; the best of three tries, so one stall of the process does not
+    decide it."""
+    ratios = []
+    for _ in range(3):
+        baseline, _verdict = _seconds(PROSE, source)
+        took, verdict = _seconds(text, source)
+        ratios.append(took / baseline)
+        if ratios[-1] < 20:
+            return verdict
+    raise AssertionError(f"checked {min(ratios):.0f} times slower than prose of its size")
+
+
 @pytest.mark.parametrize("source", ["user", "tool"])
 def test_an_input_at_the_default_size_limit_is_checked_in_well_under_a_second(
     source: InputSource,
@@ -223,9 +249,7 @@ def test_an_input_at_the_default_size_limit_is_checked_in_well_under_a_second(
     backtracked over the whole word from each of its letters."""
     limit = InputGuardPolicy().max_chars
     assert limit == 50_000  # README: inputs over 50,000 characters are blocked by default
-    start = time.perf_counter()
-    verdict = check_input("a" * limit, FLAG, source=source)
-    assert time.perf_counter() - start < 1.0
+    verdict = _checked_about_as_fast_as_prose("a" * limit, source)
     assert verdict.action == "allow"
 
 
@@ -245,9 +269,7 @@ def test_markup_at_the_default_size_limit_is_checked_in_well_under_a_second(mark
     regex that rescanned the rest of the text from every `<` (about 10 s for `<div ` repeated,
     minutes for `<div hidden ` repeated with one `>` at the end)."""
     assert len(markup) <= InputGuardPolicy().max_chars
-    start = time.perf_counter()
-    verdict = check_input(markup, FLAG, source="tool")
-    assert time.perf_counter() - start < 1.0
+    verdict = _checked_about_as_fast_as_prose(markup, "tool")
     assert verdict.action == "allow"
 
 
