@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from test_attack_closed_ledger import _left_open, _open
 
-from keel import Ledger, StorageError
+from keel import Ledger, StorageError, UserError
 
 pytestmark = pytest.mark.postgres
 
@@ -174,8 +176,8 @@ def test_close_with_the_pools_loop_blocked_says_so_and_the_close_goes_on(
         ledger = Ledger(url)
         asyncio.run_coroutine_threadsafe(ledger.arun(_ping()), loop).result(30)
         loop.call_soon_threadsafe(gate.wait, 60)  # its thread busy in sync code
-        with pytest.raises(StorageError, match=r"did not close the pool within 10 s"):
-            ledger.close()
+        with pytest.raises(StorageError, match=r"did not close the pool within 0.5 s"):
+            ledger.close(timeout=0.5)  # (the default, 10 s, is pinned below)
         assert ledger.closed
         _refuses(ledger)
         gate.set()  # the loop gets to the close it was given
@@ -228,3 +230,16 @@ def test_a_second_asyncio_run_gets_a_pool_that_grows(fresh_postgres_url: str) ->
         assert _left_open(url) == 0
         del ledger
     assert raised == []
+
+
+def test_close_waits_10_s_by_default_and_refuses_a_timeout_that_is_no_wait(
+    tmp_path: Path,
+) -> None:
+    # README: "waited for, 10 s at most"
+    assert inspect.signature(Ledger.close).parameters["timeout"].default == 10.0
+    ledger = Ledger(f"sqlite:///{tmp_path / 'keel.db'}")
+    for bad in (0, -1.0, float("nan"), "5", True):
+        with pytest.raises(UserError, match=r"Ledger.close\(timeout=...\) .* a number > 0; got"):
+            ledger.close(timeout=bad)  # type: ignore[arg-type]
+    assert not ledger.closed  # refused before closing anything
+    ledger.close()

@@ -364,7 +364,7 @@ class Ledger:
                     await self._arun(migrate_flow(self.backend))
                 self._ready = True
 
-    def close(self) -> None:
+    def close(self, *, timeout: float = CLOSE_WITHIN) -> None:
         """Close the ledger's pools and SQLite connections, once the runs that use it have ended.
 
         Safe while another thread's transaction runs (say, a cancelled `ainvoke`'s, which
@@ -375,25 +375,29 @@ class Ledger:
 
         The async pools (PostgreSQL under `ainvoke`, one per event loop that used the ledger)
         are each closed on the loop that opened it: when that loop runs in another thread, the
-        close runs there and is waited for (10 s at most); when it is stopped, it is run until
-        the close is done; when it has ended (`asyncio.run` returned), its idle connections are
-        closed here. Called inside that loop (a coroutine, or sync code it calls), which cannot
-        wait for itself, the pool closes in a task on it, done once the caller next awaits:
-        `await ledger.aclose()` there waits for the close (and, as the last line of an
-        `asyncio.run`, is the one that is sure to finish before the loop ends).
+        close runs there and is waited for (`timeout` seconds at most, default 10, for each
+        such pool); when it is stopped, it is run until the close is done; when it has ended
+        (`asyncio.run` returned), its idle connections are closed here. Called inside that loop
+        (a coroutine, or sync code it calls), which cannot wait for itself, the pool closes in a
+        task on it, done once the caller next awaits: `await ledger.aclose()` there waits for
+        the close (and, as the last line of an `asyncio.run`, is the one that is sure to finish
+        before the loop ends).
 
         Raises:
             StorageError: The async pool's loop, in another thread, did not close it within
-                10 s (blocked). The ledger is closed; the pool closes when that loop gets to it.
+                `timeout` s (blocked). The ledger is closed; the pool closes when that loop gets
+                to it.
+            UserError: `timeout` is not a number of seconds > 0.
         """
+        timeout = _close_timeout(timeout)
         late = False
         for pool in self._shut():
             if runs_here(pool):
                 self._closing.append(close_later(pool))
-            elif not close_elsewhere(pool):
+            elif not close_elsewhere(pool, timeout):
                 late = True
         if late:
-            raise self._not_closed_in_time()
+            raise self._not_closed_in_time(timeout)
 
     def _shut(self) -> list[DrainingAsyncPool]:
         """Mark the ledger closed and close its sync side; the async pools, left to close."""
@@ -403,10 +407,10 @@ class Ledger:
         self._disconnect()
         return pools
 
-    def _not_closed_in_time(self) -> StorageError:
+    def _not_closed_in_time(self, timeout: float) -> StorageError:
         return StorageError(
             f"{self!r} is closed, but its async pool's event loop, in another thread, did not "
-            f"close the pool within {CLOSE_WITHIN:g} s (it is blocked)",
+            f"close the pool within {timeout:g} s (it is blocked)",
             fix="The pool closes when that loop gets to it; `await ledger.aclose()` on that loop "
             "waits for it.",
         )
@@ -455,7 +459,7 @@ class Ledger:
         """`close` under `ainvoke`: the async pool's close is awaited (on any event loop).
 
         Raises:
-            StorageError: As `close`.
+            StorageError: As `close` (its default `timeout`).
         """
         late = False
         for pool in self._shut():
@@ -467,7 +471,7 @@ class Ledger:
             if not closing.done() and closing.get_loop() is asyncio.get_running_loop():
                 await asyncio.shield(closing)
         if late:
-            raise self._not_closed_in_time()
+            raise self._not_closed_in_time(CLOSE_WITHIN)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -742,6 +746,18 @@ def _chain(pending: list[Flow[Any]], flow: Flow[T]) -> Flow[T]:
 
 _ATTEMPTS = 3
 """Attempts of one transaction whose connection died before it committed."""
+
+
+def _close_timeout(timeout: object) -> float:
+    """`close(timeout=...)` checked: seconds > 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise UserError(
+            f"Ledger.close(timeout=...) is the seconds to wait for the async pool's event loop to "
+            f"close it, a number > 0; got {timeout!r}."
+        )
+    return float(timeout)
+
+
 _POOL_TIMEOUT = 10.0
 """Seconds a transaction waits for a pool connection before `StorageError`."""
 
