@@ -11,6 +11,7 @@ wm.set("draft", {"subject": "…"}, ttl=30)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from langgraph.config import get_config, get_store
@@ -32,10 +33,16 @@ class WorkingMemory:
         store: The graph's store.
         thread_id: The thread the scratch space belongs to.
         default_ttl: Minutes a key lives when `set` gets no `ttl`; `None` keeps it.
+        clock: Seconds since the epoch, now (default `time.time`): what TTLs are measured by.
     """
 
     def __init__(
-        self, store: BaseStore, thread_id: str, *, default_ttl: float | None = 60.0
+        self,
+        store: BaseStore,
+        thread_id: str,
+        *,
+        default_ttl: float | None = 60.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(thread_id, str) or not thread_id:
             raise UserError(f"WorkingMemory needs a thread_id, got {thread_id!r}.")
@@ -46,6 +53,7 @@ class WorkingMemory:
         self.store = store
         self.namespace = ("working", label(thread_id))
         self.default_ttl = default_ttl
+        self.clock = clock
 
     @classmethod
     def current(cls, *, default_ttl: float | None = 60.0) -> WorkingMemory:
@@ -62,18 +70,17 @@ class WorkingMemory:
         ttl = self.default_ttl if ttl is None else ttl
         if ttl is not None and not ttl > 0:
             raise UserError(f"WorkingMemory.set(ttl=...) must be minutes > 0, got {ttl!r}.")
-        expires = None if ttl is None else time.time() + ttl * 60.0
+        expires = None if ttl is None else self.clock() + ttl * 60.0
         return {"value": value, "expires_at": expires}, ttl
 
     def _ttl_arg(self, ttl: float | None) -> dict[str, Any]:
         return {"ttl": ttl} if self.store.supports_ttl else {}
 
-    @staticmethod
-    def _read(raw: Any, default: Any) -> Any:
+    def _read(self, raw: Any, default: Any) -> Any:
         if raw is None:
             return default
         expires = raw.value.get("expires_at")
-        return default if expires is not None and expires <= time.time() else raw.value["value"]
+        return default if expires is not None and expires <= self.clock() else raw.value["value"]
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of `key`, or `default` when missing or expired."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from conftest import Clock
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool as langchain_tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -251,16 +251,19 @@ def test_an_injected_store_tool_of_langgraph_reads_a_chroma_store(store: ChromaS
 
 
 @pytest.mark.parametrize("kind", ["chroma", "in_memory"])
-def test_working_memory_keys_expire_on_their_own_ttl(kind: str, tmp_path: Path) -> None:
-    st: BaseStore = ChromaStore(path=tmp_path) if kind == "chroma" else InMemoryStore()
-    wm = WorkingMemory(st, "thread-1")
-    wm.set("short", {"draft": 1}, ttl=0.005)  # 300 ms
-    wm.set("long", [1, 2])
+def test_working_memory_keys_expire_on_their_own_ttl(
+    kind: str, tmp_path: Path, clock: Clock
+) -> None:
+    st: BaseStore = ChromaStore(path=tmp_path, clock=clock) if kind == "chroma" else InMemoryStore()
+    wm = WorkingMemory(st, "thread-1", clock=clock)
+    wm.set("short", {"draft": 1}, ttl=10)  # 600 s
+    wm.set("long", [1, 2])  # the default, 60 minutes
+    clock.now += 599
     assert wm.get("short") == {"draft": 1}
-    time.sleep(0.4)
+    clock.now += 2
     assert wm.get("short") is None and wm.get("short", "gone") == "gone"
     assert wm.items() == {"long": [1, 2]}
-    assert WorkingMemory(st, "thread-2").items() == {}  # per thread
+    assert WorkingMemory(st, "thread-2", clock=clock).items() == {}  # per thread
     wm.delete("long")
     assert wm.items() == {}
 
