@@ -19,12 +19,8 @@ keel's `ScriptedChatModel` with fresh tool-call ids, as real models mint them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -32,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import eventually
+from forking import CHECKPOINTERS, ForkServer
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
@@ -175,95 +171,31 @@ PARALLEL_CHILD = textwrap.dedent(
 )
 
 
-FORK_SERVER = textwrap.dedent(
-    """
-    import contextlib, os, signal, sys
-    import asyncio, random
-    from langchain_core.messages import AIMessage, ToolCall
-    from keel import Ledger, Persistence, RunContext, build_agent, tool
-    from keel.evals import ScriptedChatModel
-    with contextlib.suppress(ImportError):  # what Persistence opens lazily
-        import langgraph.checkpoint.postgres.aio, langgraph.checkpoint.sqlite.aio, psycopg_pool
-    child = compile(sys.argv[1], "<parallel child>", "exec")
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a killed child is reaped at once
-    print("ready", flush=True)
-    for line in sys.stdin:
-        url, world, seed, out = line.split()
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            sys.stdin.close()
-            sys.argv = ["-c", url, world, seed]
-            sys.stdout = sys.stderr = open(out, "w")
-            try:
-                exec(child, {"__name__": "__main__"})
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                os._exit(0)
-        print(pid, flush=True)
-    """
-)
-"""Imports what `PARALLEL_CHILD` imports once, then forks a process per request (`url world
-seed out`), which runs it (its output to the file `out`) and prints its pid: the ~2 s import
-a fresh interpreter takes is not paid per seed. Forked before any thread, loop or connection."""
-
-
 @pytest.fixture(scope="module")
-def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[str]]:
-    here = tmp_path_factory.mktemp("fork-server")  # the repository's `keel/` would shadow keel
-    with (
-        (here / "stderr").open("w") as err,
-        subprocess.Popen(
-            [sys.executable, "-c", FORK_SERVER, PARALLEL_CHILD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            cwd=here,
-        ) as server,
-    ):
-        assert server.stdin is not None and server.stdout is not None
-        assert server.stdout.readline() == "ready\n", (here / "stderr").read_text()
-        yield server
-        server.stdin.close()
-        server.wait(60)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """Processes forked with `PARALLEL_CHILD`'s imports done (`tests/forking.py`)."""
+    preload = ("langchain_core.messages", "keel", "keel.evals", *CHECKPOINTERS)
+    server = ForkServer(preload, tmp_path_factory.mktemp("forks"), {})
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_at_a_random_moment_of_a_parallel_turn_then_a_new_message(
-    db_url: str, tmp_path: Path, seed: int, fork_server: subprocess.Popen[str]
+    db_url: str, tmp_path: Path, seed: int, forks: ForkServer
 ) -> None:
     """A process runs a turn of parallel side-effecting calls (one repeated, fresh ids) under
     `ainvoke` and is SIGKILLed at a random moment; a fresh process sends the next message.
     Each effect happened at most once; every call of the turn is answered once, and a call
     whose effect happened is never told it did not run ("Not run: ...")."""
-    world, out = tmp_path / "world", tmp_path / "out"
-    assert fork_server.stdin is not None and fork_server.stdout is not None
-    fork_server.stdin.write(f"{db_url} {world} {seed} {out}\n")
-    fork_server.stdin.flush()
-    pid = int(fork_server.stdout.readline())
+    world = tmp_path / "world"
+    proc = forks.start_code(PARALLEL_CHILD, db_url, str(world), str(seed))
     try:
-        eventually(
-            lambda: (out.exists() and out.read_text().startswith("ready\n")) or not _alive(pid),
-            "the forked process to be ready",
-        )
-        assert out.read_text().startswith("ready\n"), out.read_text()
+        proc.wait_for_line("ready")
         time.sleep(random.Random(seed).uniform(0.0, 0.4))  # a random moment of the run
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    eventually(lambda: not _alive(pid), "the killed process to be gone")
+        proc.kill()
+    assert proc.wait() in (0, -signal.SIGKILL), proc.err.read_text()
     happened = world.read_text().split() if world.exists() else []
     ledger = Ledger(db_url)
     model = ScriptedChatModel(script=["Noted."] * 4, fresh_ids=True)

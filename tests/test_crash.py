@@ -8,7 +8,8 @@ again after the crash requests the same action under a new id. A new process res
 thread. Each thread must end completed with its counter at exactly 1, or wait on the "did this
 happen?" review; a last process answers those reviews from the counter, and then every counter
 is 1 and no ledger row is left `started`. Cases: sync (`invoke`) and async (`ainvoke`) drivers,
-SQLite and PostgreSQL for checkpoints and ledger.
+SQLite and PostgreSQL for checkpoints and ledger. The processes are forked from a fork server
+that imported keel once (`tests/forking.py`), not started as fresh interpreters.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from forking import CHECKPOINTERS, Forked, ForkServer
 from langchain_core.messages import AIMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -34,24 +35,33 @@ CHILD = Path(__file__).with_name("crash_agent.py")
 ROUNDS, PER_ROUND = int(os.environ.get("KEEL_CRASH_ROUNDS", "2")), 8
 
 
-def child(url: str, counters: str, case: tuple[str, str], *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "LANGSMITH_TRACING": "false"}
-    return subprocess.Popen(
-        [sys.executable, str(CHILD), url, counters, *case, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+PRELOAD = ("langgraph.types", "keel", "keel.evals.scripted", "keel.history", *CHECKPOINTERS)
+"""What `crash_agent.py` imports (and keel's checkpointers load), imported once by the fork
+server its processes are forked from."""
+
+
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    server = ForkServer(PRELOAD, tmp_path_factory.mktemp("forks"), {"LANGSMITH_TRACING": "false"})
+    yield server
+    server.close()
+
+
+def child(forks: ForkServer, url: str, counters: str, case: tuple[str, str], *args: str) -> Forked:
+    return forks.start_script(CHILD, url, counters, *case, *args)
 
 
 def resumed(
-    url: str, counters: str, case: tuple[str, str], mode: str, threads: list[str]
+    forks: ForkServer,
+    url: str,
+    counters: str,
+    case: tuple[str, str],
+    mode: str,
+    threads: list[str],
 ) -> list[dict[str, Any]]:
-    proc = child(url, counters, case, mode, *threads)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    proc = child(forks, url, counters, case, mode, *threads)
+    assert proc.wait() == 0, proc.err.read_text()
+    return [json.loads(line) for line in proc.lines()]
 
 
 def started_rows(url: str, threads: list[str]) -> list[str]:
@@ -66,21 +76,22 @@ def started_rows(url: str, threads: list[str]) -> list[str]:
     return sorted(r[0] for r in rows if r[0] in threads)
 
 
-def crash(url: str, counters: str, case: tuple[str, str], batches: list[list[str]]) -> None:
+def crash(
+    forks: ForkServer, url: str, counters: str, case: tuple[str, str], batches: list[list[str]]
+) -> None:
     """Run the batches in concurrent processes (a busy server) and kill each one."""
     rng = random.Random(len(batches))
-    procs = [child(url, counters, case, "run", str(7 * i + 1), *b) for i, b in enumerate(batches)]
+    procs = [
+        child(forks, url, counters, case, "run", str(7 * i + 1), *b) for i, b in enumerate(batches)
+    ]
     for proc in procs:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline()
-        assert ready == "ready\n", proc.communicate()[1]
+        proc.wait_for_line("ready")
     for proc in procs:
         if case[1] == "random":
             time.sleep(rng.uniform(0.02, 0.3))
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()
     for proc in procs:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode in (0, -signal.SIGKILL), err
+        assert proc.wait() in (0, -signal.SIGKILL), proc.err.read_text()
 
 
 @pytest.mark.slow
@@ -89,7 +100,7 @@ def crash(url: str, counters: str, case: tuple[str, str], batches: list[list[str
 @pytest.mark.parametrize("driver", ["sync", "async"])
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_sigkill_never_repeats_a_side_effect_when_the_model_mints_fresh_ids(
-    backend: str, driver: str, kill: str, fresh_postgres_url: str, tmp_path: Path
+    backend: str, driver: str, kill: str, fresh_postgres_url: str, tmp_path: Path, forks: ForkServer
 ) -> None:
     counters = fresh_postgres_url
     url = f"sqlite:///{tmp_path}/keel.db" if backend == "sqlite" else fresh_postgres_url
@@ -99,8 +110,8 @@ def test_sigkill_never_repeats_a_side_effect_when_the_model_mints_fresh_ids(
         conn.execute("CREATE TABLE crash_counters (key TEXT PRIMARY KEY, n INT NOT NULL)")
         for t in threads:
             conn.execute("INSERT INTO crash_counters VALUES (%s, 0)", (t,))
-    crash(url, counters, case, [threads[r::ROUNDS] for r in range(ROUNDS)])
-    results = resumed(url, counters, case, "resume", threads)
+    crash(forks, url, counters, case, [threads[r::ROUNDS] for r in range(ROUNDS)])
+    results = resumed(forks, url, counters, case, "resume", threads)
     assert len(results) == len(threads)
     doubles = [r["thread"] for r in results if r["counter"] > 1]
     assert not doubles, f"double charges in {len(doubles)} of {len(threads)} trials"
@@ -116,7 +127,7 @@ def test_sigkill_never_repeats_a_side_effect_when_the_model_mints_fresh_ids(
             assert result["messages"] == 4, result  # user, call, tool result, answer
     # a row cut off mid-call is asked about; none stays `started` unseen
     assert started_rows(url, threads) == sorted(waiting)
-    for result in resumed(url, counters, case, "settle", waiting) if waiting else []:
+    for result in resumed(forks, url, counters, case, "settle", waiting) if waiting else []:
         assert result["outcome"] == "completed" and result["counter"] == 1, result
     assert started_rows(url, threads) == []
 

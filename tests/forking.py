@@ -1,0 +1,162 @@
+"""A fork server: processes that start with keel already imported, for tests that kill them.
+
+A test that SIGKILLs agent processes starts many of them, and a fresh interpreter spends ~2 s
+(more on a loaded machine) importing keel and LangGraph before it does anything. `ForkServer`
+is one interpreter that imports what the children import, then forks a process per `start`:
+the child runs a script file (`runpy`, as `python script.py args` would) or code (`-c`), its
+stdout and stderr in files, and is a real process a test can SIGKILL. The server forks before
+it has any thread, event loop or connection, so the child opens its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+
+from conftest import eventually
+
+CHECKPOINTERS = (
+    "psycopg",
+    "psycopg_pool",
+    "langgraph.checkpoint.sqlite",
+    "langgraph.checkpoint.sqlite.aio",
+    "langgraph.checkpoint.postgres",
+    "langgraph.checkpoint.postgres.aio",
+)
+"""What keel's `Persistence` and `Ledger` load when first used: worth importing before forking."""
+
+SERVER = textwrap.dedent(
+    """
+    import contextlib, json, os, runpy, sys, traceback
+    for name in json.loads(sys.argv[1]):  # what the children import, imported once
+        with contextlib.suppress(ImportError):
+            __import__(name)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "wait" in request:
+            _, status = os.waitpid(request["wait"], 0)
+            print(os.waitstatus_to_exitcode(status), flush=True)
+            continue
+        pid = os.fork()
+        if pid:
+            print(pid, flush=True)
+            continue
+        code = 0
+        try:
+            sys.stdin.close()
+            for fd, path in ((1, request["out"]), (2, request["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            os.environ.update(request["env"])
+            if "script" in request:
+                sys.argv = [request["script"], *request["args"]]
+                sys.path[0] = os.path.dirname(request["script"])
+                runpy.run_path(request["script"], run_name="__main__")
+            else:
+                sys.argv = ["-c", *request["args"]]
+                exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    """
+)
+
+
+class Forked:
+    """A process the fork server started: its pid, its output files."""
+
+    def __init__(self, server: ForkServer, pid: int, out: Path, err: Path) -> None:
+        self.server, self.pid, self.out, self.err = server, pid, out, err
+        self.returncode: int | None = None
+
+    def lines(self) -> list[str]:
+        """What it printed so far, line by line."""
+        return self.out.read_text().splitlines()
+
+    def wait_for_line(self, line: str) -> None:
+        """Wait until it printed `line` (or ended); fail if it ended without."""
+        eventually(lambda: line in self.lines() or not self._running(), f"{line!r} from {self}")
+        assert line in self.lines(), self.err.read_text()
+
+    def kill(self) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        """Its exit code (-9: SIGKILLed), once it ended."""
+        if self.returncode is None:
+            self.returncode = int(self.server.ask({"wait": self.pid}))
+        return self.returncode
+
+    def _running(self) -> bool:
+        """Whether it has not ended yet (a zombie, not yet waited for, has ended)."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    def __repr__(self) -> str:
+        return f"Forked(pid={self.pid})"
+
+
+class ForkServer:
+    """`start` a script or code in a process forked from an interpreter that imported `preload`."""
+
+    def __init__(self, preload: Sequence[str], folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self._count = folder, env, 0
+        with (folder / "server-stderr").open("w") as stderr:  # the server keeps its own copy
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", SERVER, json.dumps(list(preload))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=folder,  # (the repository's `keel/` folder would shadow the package)
+                env={**os.environ, **env},
+            )
+        assert self._read() == "ready", (folder / "server-stderr").read_text()
+
+    def start_script(self, script: Path, *args: str) -> Forked:
+        return self._start({"script": str(script), "args": list(args)})
+
+    def start_code(self, code: str, *args: str) -> Forked:
+        return self._start({"code": code, "args": list(args)})
+
+    def ask(self, request: dict[str, object]) -> str:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        """End the server (once its children were waited for, or are left to init)."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.close()
+        self._proc.wait(60)
+        self._proc.stdout.close()
+
+    def _start(self, request: dict[str, object]) -> Forked:
+        self._count += 1
+        out, err = (self.folder / f"{self._count}.{name}" for name in ("out", "err"))
+        out.touch()
+        err.touch()
+        pid = int(self.ask({**request, "out": str(out), "err": str(err), "env": self.env}))
+        return Forked(self, pid, out, err)
+
+    def _read(self) -> str:
+        assert self._proc.stdout is not None
+        return self._proc.stdout.readline().rstrip("\n")
