@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -51,10 +51,11 @@ SERVER = textwrap.dedent(
             continue
         code = 0
         try:
-            sys.stdin.close()
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
+            sys.stdin = open(0, closefd=False)
             for fd, path in ((1, request["out"]), (2, request["err"])):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            os.environ.update(request["env"])
+            os.chdir(request["cwd"])
             if "script" in request:
                 sys.argv = [request["script"], *request["args"]]
                 sys.path[0] = os.path.dirname(request["script"])
@@ -81,6 +82,10 @@ class Forked:
     def __init__(self, server: ForkServer, pid: int, out: Path, err: Path) -> None:
         self.server, self.pid, self.out, self.err = server, pid, out, err
         self.returncode: int | None = None
+
+    def output(self) -> tuple[str, str]:
+        """What it wrote to stdout and to stderr."""
+        return self.out.read_text(), self.err.read_text()
 
     def lines(self) -> list[str]:
         """What it printed so far, line by line."""
@@ -114,10 +119,15 @@ class Forked:
 
 
 class ForkServer:
-    """`start` a script or code in a process forked from an interpreter that imported `preload`."""
+    """`start` a script or code in a process forked from an interpreter that imported `preload`.
 
-    def __init__(self, preload: Sequence[str], folder: Path, env: dict[str, str]) -> None:
-        self.folder, self.env, self._count = folder, env, 0
+    `env` is the whole environment of the server and so of every child (default: this one's).
+    """
+
+    def __init__(
+        self, preload: Sequence[str], folder: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.folder, self._count = folder, 0
         with (folder / "server-stderr").open("w") as stderr:  # the server keeps its own copy
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", SERVER, json.dumps(list(preload))],
@@ -126,15 +136,17 @@ class ForkServer:
                 stderr=stderr,
                 text=True,
                 cwd=folder,  # (the repository's `keel/` folder would shadow the package)
-                env={**os.environ, **env},
+                env=dict(os.environ if env is None else env),
             )
         assert self._read() == "ready", (folder / "server-stderr").read_text()
 
-    def start_script(self, script: Path, *args: str) -> Forked:
-        return self._start({"script": str(script), "args": list(args)})
+    def start_script(self, script: Path, *args: str, cwd: Path | None = None) -> Forked:
+        """`python script args` (in `cwd`, default the server's folder)."""
+        return self._start({"script": str(script), "args": list(args)}, cwd)
 
-    def start_code(self, code: str, *args: str) -> Forked:
-        return self._start({"code": code, "args": list(args)})
+    def start_code(self, code: str, *args: str, cwd: Path | None = None) -> Forked:
+        """`python -c code args` (in `cwd`, default the server's folder)."""
+        return self._start({"code": code, "args": list(args)}, cwd)
 
     def ask(self, request: dict[str, object]) -> str:
         assert self._proc.stdin is not None
@@ -149,12 +161,13 @@ class ForkServer:
         self._proc.wait(60)
         self._proc.stdout.close()
 
-    def _start(self, request: dict[str, object]) -> Forked:
+    def _start(self, request: dict[str, object], cwd: Path | None) -> Forked:
         self._count += 1
         out, err = (self.folder / f"{self._count}.{name}" for name in ("out", "err"))
         out.touch()
         err.touch()
-        pid = int(self.ask({**request, "out": str(out), "err": str(err), "env": self.env}))
+        where = str(cwd or self.folder)
+        pid = int(self.ask({**request, "out": str(out), "err": str(err), "cwd": where}))
         return Forked(self, pid, out, err)
 
     def _read(self) -> str:

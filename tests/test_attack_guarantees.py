@@ -175,7 +175,7 @@ PARALLEL_CHILD = textwrap.dedent(
 def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
     """Processes forked with `PARALLEL_CHILD`'s imports done (`tests/forking.py`)."""
     preload = ("langchain_core.messages", "keel", "keel.evals", *CHECKPOINTERS)
-    server = ForkServer(preload, tmp_path_factory.mktemp("forks"), {})
+    server = ForkServer(preload, tmp_path_factory.mktemp("forks"))
     yield server
     server.close()
 

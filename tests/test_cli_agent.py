@@ -13,9 +13,11 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from forking import ForkServer
 
 from keel.app.cli import main
 
@@ -118,20 +120,38 @@ USER_AGENTS = textwrap.dedent(
 )
 
 
-def _keel(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
-    full["LANGSMITH_TRACING"] = "false"
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("keel")), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**full, **(env or {})},
-        timeout=180,
-    )
+KEEL = Path(sys.executable).with_name("keel")
+"""The `keel` console script."""
+CLI_PRELOAD = (
+    "keel_cli",
+    "keel.app.cli",
+    "keel.memory",
+    "chromadb",
+    "onnxruntime",
+    "langchain.agents",
+)
+_forks: list[ForkServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keel_forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The fork server `_keel` runs the `keel` script from, keel already imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
+    env["LANGSMITH_TRACING"] = "false"
+    server = ForkServer(CLI_PRELOAD, tmp_path_factory.mktemp("keel-forks"), env)
+    _forks.append(server)
+    yield
+    _forks.remove(server)
+    server.close()
+
+
+def _keel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`keel args` in `cwd` (no stdin, no KEEL_MODEL, no LangSmith): the console script, run
+    in a process forked with keel imported (`tests/forking.py`)."""
+    (forks,) = _forks
+    proc = forks.start_script(KEEL, *args, cwd=cwd)
+    code = proc.wait()
+    return subprocess.CompletedProcess([str(KEEL), *args], code, *proc.output())
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ server its processes are forked from."""
 
 @pytest.fixture(scope="module")
 def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
-    server = ForkServer(PRELOAD, tmp_path_factory.mktemp("forks"), {"LANGSMITH_TRACING": "false"})
+    env = {**os.environ, "LANGSMITH_TRACING": "false"}
+    server = ForkServer(PRELOAD, tmp_path_factory.mktemp("forks"), env)
     yield server
     server.close()
 
