@@ -34,7 +34,7 @@ CHECKPOINTERS = (
 
 SERVER = textwrap.dedent(
     """
-    import contextlib, json, os, runpy, sys, traceback
+    import contextlib, json, os, runpy, sys
     for name in json.loads(sys.argv[1]):  # what the children import, imported once
         with contextlib.suppress(ImportError):
             __import__(name)
@@ -49,29 +49,21 @@ SERVER = textwrap.dedent(
         if pid:
             print(pid, flush=True)
             continue
-        code = 0
-        try:
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
-            sys.stdin = open(0, closefd=False)
-            for fd, path in ((1, request["out"]), (2, request["err"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            os.chdir(request["cwd"])
-            if "script" in request:
-                sys.argv = [request["script"], *request["args"]]
-                sys.path[0] = os.path.dirname(request["script"])
-                runpy.run_path(request["script"], run_name="__main__")
-            else:
-                sys.argv = ["-c", *request["args"]]
-                exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        # the child: set up as `python script args` would be, run, and end as it would (an
+        # uncaught exception printed, exit 1; `sys.exit` and the interpreter's shutdown as usual)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
+        sys.stdin = open(0, closefd=False)
+        for fd, path in ((1, request["out"]), (2, request["err"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        os.chdir(request["cwd"])
+        if "script" in request:
+            sys.argv = [request["script"], *request["args"]]
+            sys.path[0] = os.path.dirname(request["script"])
+            runpy.run_path(request["script"], run_name="__main__")
+        else:
+            sys.argv = ["-c", *request["args"]]
+            exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+        sys.exit(0)
     """
 )
 

@@ -122,14 +122,8 @@ USER_AGENTS = textwrap.dedent(
 
 KEEL = Path(sys.executable).with_name("keel")
 """The `keel` console script."""
-CLI_PRELOAD = (
-    "keel_cli",
-    "keel.app.cli",
-    "keel.memory",
-    "chromadb",
-    "onnxruntime",
-    "langchain.agents",
-)
+CLI_PRELOAD = ("keel_cli", "keel.app.cli", "langchain.agents")
+"""(Not chromadb or onnxruntime: a process forked after their import aborts as it exits.)"""
 _forks: list[ForkServer] = []
 
 
