@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypedDict
 
 import psycopg
 import pytest
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
@@ -192,6 +193,23 @@ async def test_interrupt_resumes_from_a_new_persistence(db_url: str, mode: Mode)
     assert final == {"n": [0], "answer": "yes"}
     [row] = Persistence(db_url).list_threads()
     assert (row.next, row.values) == ((), {"n": [0], "answer": "yes"})
+
+
+async def test_no_saver_copies_a_thread_so_a_copy_cannot_run_a_call_twice(db_url: str) -> None:
+    """Pinned: LangGraph's `copy_thread` / `acopy_thread` is not implemented by keel's savers
+    (nor LangGraph's `InMemorySaver`). The ledger keeps a call at most once per thread; a copy,
+    the same calls under another thread id, could run each again (served, `threads.copy` is
+    refused for that reason). A LangGraph that implements it fails this test: keel's
+    at-most-once must then learn to tell a copy (README, "Durable side effects")."""
+    await _run(db_url, "sync", {"n": []}, "t1", ask=True)
+    with Persistence(db_url).checkpointer() as saver, pytest.raises(NotImplementedError):
+        saver.copy_thread("t1", "t2")
+    async with Persistence(db_url).acheckpointer() as asaver:
+        with pytest.raises(NotImplementedError):
+            await asaver.acopy_thread("t1", "t2")
+    with pytest.raises(NotImplementedError):
+        InMemorySaver().copy_thread("t1", "t2")
+    assert [row.thread_id for row in Persistence(db_url).list_threads()] == ["t1"]
 
 
 async def test_list_threads_newest_first_with_values(db_url: str) -> None:

@@ -589,8 +589,8 @@ async def test_another_tenant_reaches_no_thread_run_or_item_by_another_route(
         await assert_not_found(call)
     with pytest.raises(httpx.HTTPStatusError) as caught:
         await bob.threads.copy(thread_id)
-    # pinned: langgraph dev answers a copy of a thread the caller cannot read with 409
-    assert caught.value.response.status_code == (404 if on_aegra(request) else 409)
+    # keel's served graphs copy no thread (Aegra has no copy route)
+    assert caught.value.response.status_code == (404 if on_aegra(request) else 403)
     with pytest.raises(httpx.HTTPStatusError) as caught:
         await bob.threads.create(thread_id=thread_id, if_exists="do_nothing")
     assert caught.value.response.status_code == 409
@@ -645,13 +645,19 @@ def no_reviewers_on_aegra(request: pytest.FixtureRequest) -> None:
         pytest.skip(NO_REVIEWERS_ON_AEGRA)
 
 
-def _approvals_in_audit(ledger_url: str, thread_id: str) -> list[tuple[str, str, str]]:
+def _ledger_rows(ledger_url: str, query: str, thread_id: str) -> list[tuple[Any, ...]]:
+    """The rows `query` reads from the ledger for `thread_id` (its one `%s`)."""
     with psycopg.connect(ledger_url) as conn:
-        rows = conn.execute(
-            "SELECT decision, user_id, approver FROM keel_audit "
-            "WHERE kind = 'approval' AND thread_id = %s ORDER BY at",
-            (thread_id,),
-        ).fetchall()
+        return conn.execute(query, (thread_id,)).fetchall()
+
+
+def _approvals_in_audit(ledger_url: str, thread_id: str) -> list[tuple[str, str, str]]:
+    rows = _ledger_rows(
+        ledger_url,
+        "SELECT decision, user_id, approver FROM keel_audit "
+        "WHERE kind = 'approval' AND thread_id = %s ORDER BY at",
+        thread_id,
+    )
     return [(str(d), str(u), str(a)) for d, u, a in rows]
 
 
@@ -891,13 +897,42 @@ async def test_a_reviewer_cannot_copy_a_waiting_thread_to_approve_its_call_twice
     carol = reviewers["carol"]
     thread_id, _ = await run_to_interrupt(alice, "agent")
     before = {t["thread_id"] for t in await alice.threads.search(limit=1000)}
-    with pytest.raises(PermissionDeniedError, match="A reviewer's token cannot copy threads"):
+    with pytest.raises(PermissionDeniedError, match="keel's served graphs copy no threads"):
         await carol.threads.copy(thread_id)
     assert {t["thread_id"] for t in await alice.threads.search(limit=1000)} == before
-    # the owner still copies her own thread
-    copied = await alice.threads.copy(thread_id)
-    assert copied["metadata"]["keel_owner"] == "alice"
-    assert await pending_actions(alice, copied["thread_id"]) == ["issue_refund"]
+
+
+async def test_the_owner_cannot_copy_a_waiting_thread_to_have_its_call_approved_twice(
+    clients: tuple[LangGraphClient, LangGraphClient],
+    ledger_url: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Reported: alice copied her own thread waiting for the approval of `issue_refund`; the
+    copy held the same pending call (same id, another thread id), the ledger claims calls by
+    thread, and approving both refunded her twice. A copy of the thread once the refund ran
+    did the same: a run from the copy's checkpoint before `tool_gate` asked again and,
+    approved, refunded again. LangGraph's copy leaves no mark of its source keel could match,
+    so the served app copies no thread (Aegra has no copy route)."""
+    alice, _ = clients
+    thread_id, _ = await run_to_interrupt(alice, "agent")
+    before = {t["thread_id"] for t in await alice.threads.search(limit=1000)}
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.threads.copy(thread_id)
+    if on_aegra(request):  # pinned: Aegra has no `/threads/{id}/copy` route
+        assert caught.value.response.status_code == 404, caught.value.response.text
+    else:
+        assert caught.value.response.status_code == 403, caught.value.response.text
+        assert "keel's served graphs copy no threads" in caught.value.response.text
+    assert {t["thread_id"] for t in await alice.threads.search(limit=1000)} == before
+    final = await alice.runs.wait(thread_id, "agent", command={"resume": [{"type": "approve"}]})
+    assert isinstance(final, dict)
+    assert final["outcome"]["terminated_reason"] == "completed", final["outcome"]
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.threads.copy(thread_id)  # the refund ran: a copy could ask for it again
+    assert caught.value.response.status_code == (404 if on_aegra(request) else 403)
+    assert {t["thread_id"] for t in await alice.threads.search(limit=1000)} == before
+    refunds = "SELECT state, attempts FROM keel_tool_calls WHERE tool = 'issue_refund' AND "
+    assert _ledger_rows(ledger_url, refunds + "thread_id = %s", thread_id) == [("completed", 1)]
 
 
 async def test_a_reviewer_cannot_forge_acting_for_another_user_on_their_own_thread(

@@ -16,9 +16,12 @@
   answers, not another of the tenant's: a reviewer reads, and changes none of, the tenant's
   assistants); the run acts for the thread's owner and the audit
   names the reviewer (`keel.identity`). Anything else a reviewer does on another user's thread
-  (new input, update, delete, another assistant or agent) gets 404 as before,
-  and a reviewer's token copies no thread (403: a copy would be the owner's, its pending calls
-  answerable a second time). Another tenant's threads stay invisible to them.
+  (new input, update, delete, another assistant or agent) gets 404 as before.
+  Another tenant's threads stay invisible to them.
+- **No copies:** `threads.copy` is refused with 403 for every user. The ledger keeps a
+  side-effecting call at most once per thread, and a copy is another thread with the same
+  calls: approved on both, a waiting refund ran twice (and a copy of a thread whose refund ran
+  could ask for it again). Time travel in the thread itself is covered by the ledger.
   keel's metadata keys (`keel_owner`, ...) in a config the server hands to the run as sent (an
   assistant's; a run's under Aegra) are refused with 422: they would say whom the run acts for.
 - **Not crons:** creating one is refused with 422. The server's cron scheduler starts a cron's
@@ -220,9 +223,9 @@ def is_review_run(run: Any) -> bool:
 def _is_thread_copy(value: Any) -> bool:
     """Whether a thread `create` is `threads.copy` (its new thread reported by its id alone).
 
-    LangGraph's server checks a copy as a `read` of the source thread (a reviewer reads every
-    thread of their tenant) and a `create` of the new one, whose metadata is the source's: a
-    plain `threads.create` always reports `metadata` (and `if_exists`).
+    LangGraph's server checks a copy as a `read` of the source thread and a `create` of the new
+    one, whose metadata is the source's: a plain `threads.create` always reports `metadata`
+    (and `if_exists`).
     """
     return isinstance(value, dict) and "metadata" not in value
 
@@ -345,7 +348,7 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
 
     A run whose input or `command.update` sets a key only keel writes is refused with 422, and
     so is metadata that sets one of keel's own keys (`keel_owner`, ...) on an update, and a new
-    cron. A reviewer reads the tenant's threads and resumes them, and copies none (see the
+    cron, and a thread copy. A reviewer reads the tenant's threads and resumes them (see the
     module docstring).
     """
     owner = owner_filter(ctx.user)
@@ -360,15 +363,8 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
                 "Start the runs from your own scheduler with the user's token."
             ),
         )
-    if reviewer and ctx.action == "create" and _is_thread_copy(value):
-        raise Auth.exceptions.HTTPException(
-            status_code=403,
-            detail=(
-                "A reviewer's token cannot copy threads: the copy of another user's waiting "
-                "thread would be theirs, with its pending calls, and approving both would run "
-                "each call twice. Copy your own threads with a token without the reviewer role."
-            ),
-        )
+    if ctx.resource == "threads" and ctx.action == "create" and _is_thread_copy(value):
+        _refuse_copy()
     if ctx.action == "create_run":
         _refuse_unsendable(value)
         _refuse_raw_streams(value)
@@ -394,6 +390,31 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     if reviewer and ctx.action in ("read", "search"):
         return {TENANT_KEY: owner[TENANT_KEY]}
     return owner
+
+
+def _refuse_copy() -> NoReturn:
+    """403 for `threads.copy`, whoever asks: a copy would run its side effects a second time.
+
+    keel's ledger runs each side-effecting call at most once per thread, keyed by the thread and
+    the call's id; LangGraph's copy writes the source's checkpoints under the new thread's id
+    (every mention of the old id replaced), so nothing marks the copy's calls as the source's.
+    A waiting call, approved on both threads, ran twice; so did a call that had run, once a run
+    from the copy's checkpoint before its approval asked again and was approved (refusing only
+    waiting threads would not do). The hook cannot tell what the source holds either: the
+    server checks a copy as a `read` of the source and a `create` of a thread named by its new
+    id alone.
+    """
+    raise Auth.exceptions.HTTPException(
+        status_code=403,
+        detail=(
+            "keel's served graphs copy no threads: keel runs each side-effecting tool call "
+            "at most once per thread, and a copy is another thread holding the same calls, so "
+            "a call waiting for approval (or one that ran, asked again from the copy's "
+            "checkpoint before its approval) would run once on each. Go back in the same "
+            "thread instead (a run with checkpoint_id from threads.get_history, where keel "
+            "answers a call that ran with its recorded result), or start a new thread."
+        ),
+    )
 
 
 def _refuse_unsendable(run: Any) -> None:
