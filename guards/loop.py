@@ -6,13 +6,16 @@ task (name + canonical arguments), the proposed ones last.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 
 from keel.approvals import canonical_args
 from keel.guards.policy import LoopPolicy
 from keel.state import task_start
+from keel.tools._args import as_called
+from keel.tools.registry import RegisteredTool
 
 __all__ = ["MAX_CYCLE_LENGTH", "call_sequence", "detect_loop", "wrap_up_note"]
 
@@ -25,20 +28,35 @@ The guard runs at every step, so it reads only the last `MAX_CYCLE_LENGTH * max_
 (one pass over them, whatever the task's length); a longer cycle is left to the run budget."""
 
 
-def call_sequence(messages: Sequence[AnyMessage], proposed: AIMessage | None = None) -> list[Call]:
+def call_sequence(
+    messages: Sequence[AnyMessage],
+    proposed: AIMessage | None = None,
+    tools: Callable[[str], RegisteredTool | None] | None = None,
+) -> list[Call]:
     """The current task's tool calls, as `(name, canonical args)`, in order.
 
     From the user's message that started the task (`keel.state.task_start`): a thread's earlier
     tasks are not counted, and `verify`'s feedback inside the task does not start the count
     again (a model sent back to revise that repeats its calls is still repeating them).
+    With `tools` (a tool by name), the arguments of a call to one of them are as the tool
+    reads them (`keel.tools._args.as_called`): `amount=10` and `amount=10.0` for an `int`
+    are the same call, so alternating spellings does not slip past `max_repeats`.
     """
     start = max(task_start(messages), 0)
     calls: list[Call] = []
     for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
         if isinstance(m, AIMessage):
             for tc in m.tool_calls:  # a loop, not extend(genexpr): runs per message and step
-                calls.append((tc["name"], canonical_args(tc["args"])))
+                calls.append((tc["name"], canonical_args(_read(tc["name"], tc["args"], tools))))
     return calls
+
+
+def _read(
+    name: str, args: dict[str, Any], tools: Callable[[str], RegisteredTool | None] | None
+) -> dict[str, Any]:
+    """`args` as the tool `name` reads them, when `tools` knows it (else as spelled)."""
+    entry = tools(name) if tools is not None else None
+    return as_called(entry, args) if entry is not None else args
 
 
 def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:

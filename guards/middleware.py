@@ -27,6 +27,7 @@ from typing import Any, Literal, cast
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
+from langchain_core.tools import BaseTool
 from langgraph.config import get_config
 from langgraph.types import Command
 
@@ -801,7 +802,9 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         answer = next((m for m in response.result if isinstance(m, AIMessage)), None)
         if answer is None or not answer.tool_calls:
             return None
-        return detect_loop(call_sequence(request.state["messages"], answer), self.loop)
+        tools = {t.name: registered(t) for t in request.tools if isinstance(t, BaseTool)}
+        calls = call_sequence(request.state["messages"], answer, tools.get)
+        return detect_loop(calls, self.loop)
 
     def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:
         asked: list[Any] = [*tool_turns_as_text(request.messages), wrap_up_note(reason)]  # as text

@@ -2,7 +2,8 @@
 
 A reviewer answers an `ask` with `{"type": "approve", "always": {"ttl_seconds": 3600}}` (add
 `"same_args": True` to cover only these exact arguments). The decision is stored in the
-thread's `approvals` under `always/<digest>` with an expiry; until then, calls it covers are
+thread's `approvals` under `always/<digest>` (of the arguments as the tool reads them, so
+`10` and `10.0` for an `int` are the same arguments) with an expiry; until then, calls it covers are
 allowed without asking. With `"scope": "user"` it is also kept in the ledger
 (`StandingStore`), and `call_model` loads the user's standing approvals into the thread at the
 start of each task (each new user message), so it holds in the user's other threads too.
@@ -34,6 +35,7 @@ from keel.errors import UserError, _one_line
 from keel.guards.gate import Gate, GateDecision
 from keel.redact import sanitized_logger
 from keel.state import Approval, RunContext
+from keel.tools._args import as_called
 from keel.tools.registry import RegisteredTool
 
 log = sanitized_logger("keel.guards")
@@ -81,9 +83,11 @@ class Always:
         return cls(scope=scope, ttl_seconds=float(ttl), same_args=same)
 
 
-def _key(tool: str, args: Mapping[str, Any] | None, policy: str, version: str) -> str:
+def _key(
+    tool: str, args: Mapping[str, Any] | None, policy: str, version: str, *, read: bool = True
+) -> str:
     if args is not None:
-        return PREFIX + approval_digest(tool, args, policy, version=version)
+        return PREFIX + approval_digest(tool, args, policy, version=version, read=read)
     return PREFIX + hashlib.sha256(f"{tool}\n{version}\n*\n{policy}".encode()).hexdigest()
 
 
@@ -97,7 +101,10 @@ def standing_approval(
     version: str,
     now: float | None = None,
 ) -> tuple[str, Approval]:
-    """The key and record (unsealed) of a standing approval given on the call `tool_call_id`."""
+    """The key and record (unsealed) of a standing approval given on the call `tool_call_id`.
+
+    `args` are the call's arguments as the tool reads them (`keel.tools._args.as_called`).
+    """
     key = _key(tool, args if always.same_args else None, policy, version)
     expires = (time.time() if now is None else now) + always.ttl_seconds
     record: Approval = {
@@ -119,16 +126,30 @@ def covering(
     now: float,
     *,
     version: str,
+    spelled: Mapping[str, Any] | None = None,
 ) -> Approval | None:
     """The unexpired standing approval among `approvals` covering this call, or `None`.
 
-    Pass only trusted approvals (`keel.approvals.RunGrants.trusted`). A call whose exact
-    arguments a human rejected is never covered.
+    `args` are the call's arguments as the tool reads them (`keel.tools._args.as_called`),
+    `spelled` as the model spelled them (default: `args`): keel stored decisions under those
+    before, and a rejection or a `same_args` approval stored so still counts for the very
+    same spelling. Pass only trusted approvals (`keel.approvals.RunGrants.trusted`). A call
+    whose exact arguments a human rejected is never covered.
     """
-    rejected = approvals.get(approval_digest(tool, args, policy, version=version))
-    if rejected is not None and rejected["decision"] == "rejected":
-        return None
-    for key in (_key(tool, args, policy, version), _key(tool, None, policy, version)):
+    spelled = args if spelled is None else spelled
+    for digest in (
+        approval_digest(tool, args, policy, version=version, read=True),
+        approval_digest(tool, spelled, policy, version=version),
+    ):
+        rejected = approvals.get(digest)
+        if rejected is not None and rejected["decision"] == "rejected":
+            return None
+    keys = (
+        _key(tool, args, policy, version),
+        _key(tool, spelled, policy, version, read=False),
+        _key(tool, None, policy, version),
+    )
+    for key in keys:
         found = approvals.get(key)
         if found is not None and found.get("expires_at", 0.0) > now:
             return found
@@ -150,7 +171,10 @@ def allowing(
         decision = gate(tool, args, context)
         if decision.action != "ask":
             return decision
-        found = covering(approvals, tool.name, args, policy, at, version=tool.spec.version)
+        read = as_called(tool, dict(args))
+        found = covering(
+            approvals, tool.name, read, policy, at, version=tool.spec.version, spelled=args
+        )
         if found is None:
             return decision
         return GateDecision.allow(

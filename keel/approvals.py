@@ -22,7 +22,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +37,9 @@ __all__ = [
     "approval_digest",
     "approval_key",
     "call_digest",
-    "decided",
     "canonical_args",
+    "decided",
+    "decision_of",
 ]
 
 SECRET_ENV = "KEEL_APPROVAL_SECRET"
@@ -55,10 +56,23 @@ def canonical_args(args: Mapping[str, Any]) -> str:
     return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def approval_digest(tool: str, args: Mapping[str, Any], policy: str, *, version: str) -> str:
-    """The digest an approval is stored under: sha256 of tool, version, canonical args, policy."""
-    payload = _digest_bytes(f"{tool}\n{version}\n{canonical_args(args)}\n{policy}")
+def approval_digest(
+    tool: str, args: Mapping[str, Any], policy: str, *, version: str, read: bool = False
+) -> str:
+    """The digest an approval is stored under: sha256 of tool, version, canonical args, policy.
+
+    `read=True`: `args` are the arguments as the tool reads them (`keel.tools._args.as_called`;
+    `approval_digests` computes both), and the digest says so, so it never equals the digest
+    of arguments as a model spelled them (what keel stored decisions under before): a record
+    of either kind matches only a call of its own kind.
+    """
+    text = f"{tool}\n{version}\n{canonical_args(args)}\n{policy}"
+    payload = _digest_bytes(f"{_READ}{text}" if read else text)
     return hashlib.sha256(payload).hexdigest()
+
+
+_READ = "keel-read-args\0"
+"""What a digest of arguments as the tool reads them hashes first (a tool name holds no NUL)."""
 
 
 def call_digest(tool: str, args: Mapping[str, Any], version: str) -> str:
@@ -91,14 +105,29 @@ def approval_key(digest: str, tool_call_id: str, decision: str) -> str:
     return digest if decision == "rejected" else f"{digest}/{tool_call_id}"
 
 
-def decided(approvals: Mapping[str, Any], digest: str, tool_call_id: str) -> bool:
+def decided(approvals: Mapping[str, Any], digests: Sequence[str], tool_call_id: str) -> bool:
     """Whether a human's decision in `approvals` (trusted ones) already answers this call.
 
     A rejection of the same exact call anywhere on the thread, or an approval of this call: no
     human is asked (`human_review` asks only about the others; `execute_tools` answers a
-    rejected call `rejected`), so the run does not pause for it.
+    rejected call `rejected`), so the run does not pause for it. `digests` are the call's
+    (`keel.tools._args.approval_digests`: as the tool reads its arguments, then as spelled).
     """
-    return digest in approvals or approval_key(digest, tool_call_id, "approved") in approvals
+    return decision_of(approvals, digests, tool_call_id) is not None
+
+
+def decision_of(
+    approvals: Mapping[str, Approval], digests: Sequence[str], tool_call_id: str
+) -> Approval | None:
+    """The decision in `approvals` that answers the call of `digests`: a rejection first."""
+    for digest in digests:
+        if digest in approvals:
+            return approvals[digest]
+    for digest in digests:
+        found = approvals.get(approval_key(digest, tool_call_id, "approved"))
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
-from keel.approvals import approval_digest, decided
+from keel.approvals import decided
 from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
@@ -48,6 +48,7 @@ from keel.state import (
     task_clock,
     task_reset,
 )
+from keel.tools._args import approval_digests
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["DEFAULT_MODEL_RETRY", "BeforeModel", "call_model"]
@@ -276,7 +277,8 @@ class _Answerer:
         loop = self.loop
         looping = None
         if loop is not None:
-            looping = detect_loop(call_sequence(state.get("messages") or [], response), loop)
+            calls = call_sequence(state.get("messages") or [], response, self.registry.get)
+            looping = detect_loop(calls, loop)
         if looping is not None and loop is not None:
             if loop.on_loop == "wrap_up" and not _over(self.guards.budget, state, usage):
                 return looping
@@ -308,8 +310,8 @@ class _Answerer:
             if entry is None or decide(entry, tc["args"], ctx).action != "ask":
                 continue
             # a call a human rejected earlier on the thread is not asked about again
-            digest = approval_digest(entry.name, tc["args"], policy, version=entry.spec.version)
-            if not decided(approvals, digest, tc.get("id") or ""):
+            digests = approval_digests(entry, tc["args"], policy)
+            if not decided(approvals, digests, tc.get("id") or ""):
                 reasons.append(tc["name"])
         return f"awaiting approval for {', '.join(reasons)}" if reasons else None
 

@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, drive, retrying
 from keel._node import RunnableCallable, context_of, handed_at, make_node, thread_of
-from keel.approvals import approval_digest, approval_key
+from keel.approvals import decision_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
@@ -66,7 +66,7 @@ from keel.nodes._once import (
 from keel.nodes._threads import start_daemon
 from keel.nodes.plan import advance_plan
 from keel.state import AgentState, Approval, RunContext, Usage, run_usage
-from keel.tools._args import invalid_args, validation_problem
+from keel.tools._args import approval_digests, invalid_args, validation_problem
 from keel.tools._duplicates import duplicate_answer, duplicates
 from keel.tools.registry import RegisteredTool, ToolExited, ToolRegistry
 from keel.tools.stubs import stub_answer
@@ -419,10 +419,8 @@ def _classify(
         rule = f" (rule: {decision.rule})" if decision.rule else ""
         return _message(call, f"Not permitted: {decision.reason}{rule}.", "denied")
     if decision.action == "ask":
-        digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
-        approval = approvals.get(digest) or approvals.get(
-            approval_key(digest, call.get("id") or "", "approved")
-        )
+        digests = approval_digests(entry, call["args"], policy)
+        approval = decision_of(approvals, digests, call.get("id") or "")
         if approval is None:
             return _message(
                 call,

@@ -8,7 +8,9 @@ is a single request, one response. A response is
 `{"type": "approve" | "edit" | "reject" | "respond", ...}`; Agent Inbox's `accept` / `ignore` /
 `response` are accepted too.
 
-- `approve` binds the approval to the call's exact arguments (tool + canonical args + policy).
+- `approve` binds the approval to the call's exact arguments (tool + canonical args + policy),
+  as the tool reads them (`keel.tools._args.approval_digests`: `10` and `10.0` for an `int`
+  are one call, so a rejected call asked again spelled anew is answered `rejected` at once).
   With `"always": {"ttl_seconds": 3600}` (and optionally `"same_args": True`) it also stands
   for later calls of the tool in this thread until it expires (`keel.guards.standing`); a
   served reviewer answering another user's thread may not make it user-wide (`"scope": "user"`).
@@ -56,7 +58,7 @@ from keel._node import (
     peek_resume,
     thread_of,
 )
-from keel.approvals import RunGrants, approval_digest, approval_key, decided
+from keel.approvals import RunGrants, approval_key, decided
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
@@ -70,7 +72,7 @@ from keel.identity import reviewer_of, server_user
 from keel.nodes._once import ledger_key
 from keel.redact import sanitized_logger
 from keel.state import AgentState, Approval, RunContext
-from keel.tools._args import invalid_args
+from keel.tools._args import approval_digests, as_called, invalid_args
 from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
@@ -248,12 +250,13 @@ def _requests(
         if (call.get("id") or "") in dupes:
             continue  # a repeat of an earlier call of the turn follows that call's answer
         decision = decide(entry, call["args"], context)
-        digest = approval_digest(entry.name, call["args"], policy, version=entry.spec.version)
+        digests = approval_digests(entry, call["args"], policy)
+        digest = digests[0]  # a decision is stored under the arguments as the tool reads them
         record = records.get(call.get("id") or "")
         if record is not None and record.state == "started":
             out.append(_unknown_request(call, record, digest))
             continue
-        if decision.action != "ask" or decided(approvals, digest, call.get("id") or ""):
+        if decision.action != "ask" or decided(approvals, digests, call.get("id") or ""):
             continue
         out.append(
             {
@@ -547,15 +550,16 @@ def _apply(
             if answer["type"] == "edit":
                 edits[call_id] = dict(args)
             entry = tools.get(tool)
-            version = entry.spec.version if entry is not None else ""
-            digest = approval_digest(tool, args, policy, version=version)
+            assert entry is not None  # a request names a tool of the agent's (`_requests`)
+            digest, _ = approval_digests(entry, args, policy)
             approvals[approval_key(digest, call_id, "approved")] = _approval(
                 digest, tool, call_id, "approved", answer, reviewer
             )
             if "always" in answer:
                 always = Always.parse(answer["always"])
+                read, version = as_called(entry, dict(args)), entry.spec.version
                 key, standing = standing_approval(
-                    always, tool, args, policy, call_id, version=version
+                    always, tool, read, policy, call_id, version=version
                 )
                 if (who := _who(answer, reviewer)) is not None:
                     standing["reviewer"] = who  # who gave it, as on the call's approval

@@ -25,14 +25,14 @@ from langgraph.runtime import Runtime
 
 from keel import outcome
 from keel._node import RunnableCallable, context_of, make_node, thread_of
-from keel.approvals import approval_digest, decided
+from keel.approvals import decided
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded
 from keel.guards.loop import call_sequence, detect_loop
 from keel.history import pending_tool_calls
 from keel.nodes._once import tool_message
 from keel.state import AgentState, RunContext, run_usage
-from keel.tools._args import invalid_args
+from keel.tools._args import approval_digests, invalid_args
 from keel.tools._duplicates import answer_duplicates, duplicates
 from keel.tools.registry import ToolRegistry
 
@@ -106,7 +106,7 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         last = messages[index]
         assert isinstance(last, AIMessage)
         if loop is not None and loop.on_loop == "stop":
-            looping = detect_loop(call_sequence(messages[:index], last), loop)
+            looping = detect_loop(call_sequence(messages[:index], last, tools.get), loop)
             if looping is not None:
                 return {"outcome": outcome.stopped("loop_detected", looping)}
         usage = run_usage(state.get("usage"), state.get("clock"))
@@ -143,10 +143,8 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
             elif decision.action == "ask":
                 # a call a human rejected earlier on the thread is not asked about again (as
                 # `human_review` does): the run does not pause, so its record has no interrupt
-                digest = approval_digest(
-                    entry.name, call["args"], policy, version=entry.spec.version
-                )
-                if not decided(approvals, digest, call.get("id") or ""):
+                digests = approval_digests(entry, call["args"], policy)
+                if not decided(approvals, digests, call.get("id") or ""):
                     asks.append(entry.name)
         # Answer here only when no call goes on: else execute_tools answers the denied calls
         # too (the same gate), so every result stays in call order.

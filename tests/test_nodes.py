@@ -706,7 +706,7 @@ class Shop:
         return [delete_order, lookup]
 
 
-DIGEST_A1 = approval_digest("delete_order", {"order_id": "A1"}, "default@1", version="1")
+DIGEST_A1 = approval_digest("delete_order", {"order_id": "A1"}, "default@1", version="1", read=True)
 
 
 def review_agent(shop: Shop, *script: Any) -> Any:
@@ -786,7 +786,9 @@ async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> 
     assert len([m for m in final["messages"] if isinstance(m, AIMessage)]) == 2, (
         "replaced, not added"
     )
-    digest_b2 = approval_digest("delete_order", {"order_id": "B2"}, "default@1", version="1")
+    digest_b2 = approval_digest(
+        "delete_order", {"order_id": "B2"}, "default@1", version="1", read=True
+    )
     assert list(final["approvals"]) == [f"{digest_b2}/call_0_0"]
     assert_valid(final["messages"])
 

@@ -374,8 +374,9 @@ def test_ask_interrupts_and_approve_runs_exactly_those_arguments(db_url: str) ->
             "args": {"order_id": "A1", "amount": 10},
         }
         assert request["description"] == REFUND_ASK
+        # the digest is of the arguments as the tool reads them: `amount` is a float
         assert request["digest"] == approval_digest(
-            "issue_refund", {"amount": 10, "order_id": "A1"}, "support@1", version="1"
+            "issue_refund", {"amount": 10.0, "order_id": "A1"}, "support@1", version="1", read=True
         )
         final = agent.invoke(Command(resume={"type": "approve"}), thread("ask"), context=SUPPORT)
 
@@ -436,12 +437,12 @@ def test_a_policy_version_bump_invalidates_old_approvals(db_url: str) -> None:
     refund = call("issue_refund", order_id="A1", amount=10)
     model = ScriptedChatModel(script=[refund, "Refunded.", refund, "Refunded again."])
     config = thread("bump")
-    args = {"order_id": "A1", "amount": 10}
+    args = {"order_id": "A1", "amount": 10.0}  # as the tool reads them (a float)
     with saver_for(db_url) as saver:
         v1 = build_agent(model, shop.tools(), policy=POLICY, checkpointer=saver)
         v1.invoke(user("refund A1"), config, context=SUPPORT)
         done = v1.invoke(Command(resume={"type": "approve"}), config, context=SUPPORT)
-        digest_v1 = approval_digest("issue_refund", args, "support@1", version="1")
+        digest_v1 = approval_digest("issue_refund", args, "support@1", version="1", read=True)
         (key,) = done["approvals"]
         assert key.startswith(f"{digest_v1}/")  # an approval is kept per call
 
@@ -450,7 +451,9 @@ def test_a_policy_version_bump_invalidates_old_approvals(db_url: str) -> None:
         paused = v2.invoke(user("once more please"), config, context=SUPPORT)
         assert shop.refunds == [("A1", 10)]
         (request,) = requests(paused)
-        assert request["digest"] == approval_digest("issue_refund", args, "support@2", version="1")
+        assert request["digest"] == approval_digest(
+            "issue_refund", args, "support@2", version="1", read=True
+        )
         assert not any(k.startswith(request["digest"]) for k in paused["approvals"])
 
         final = v2.invoke(Command(resume={"type": "approve"}), config, context=SUPPORT)
@@ -600,7 +603,7 @@ def test_no_denied_call_ever_executes(
             assert matrix.match(roles, name, f"{PREFIX[name]}/{record}") is want
         if want is None or want == "extractor failed" or want.action == "deny":
             # try to open the gate: an approval on record for the denied call
-            digest = approval_digest(name, {"id": record}, policy.identity, version="1")
+            digest = approval_digest(name, {"id": record}, policy.identity, version="1", read=True)
             seeded[digest] = {
                 "digest": digest,
                 "tool": name,

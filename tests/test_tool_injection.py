@@ -270,7 +270,7 @@ async def test_an_approval_binds_to_the_model_arguments_and_the_tool_gets_the_st
         [request] = paused["__interrupt__"][0].value
         assert request["action_request"] == {"action": "refund", "args": {"order": "A1"}}
         assert request["digest"] == approval_digest(
-            "refund", {"order": "A1"}, f"{policy.name}@{policy.version}", version="1"
+            "refund", {"order": "A1"}, f"{policy.name}@{policy.version}", version="1", read=True
         )
         resume = Command(resume={"type": "approve"})
         done = await run(agent, mode, resume, config)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from keel.approvals import approval_digest
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["as_called", "invalid_args", "validation_problem"]
+__all__ = ["approval_digests", "as_called", "invalid_args", "validation_problem"]
 
 
 def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
@@ -52,6 +54,26 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
     except (ValueError, TypeError):  # a field pydantic validates but cannot dump as JSON
         return args
     return dumped
+
+
+def approval_digests(
+    entry: RegisteredTool, args: Mapping[str, Any], policy: str
+) -> tuple[str, str]:
+    """The digests a human's decision on this call is stored under: `(read, spelled)`.
+
+    `read` is of the arguments as the tool reads them (`as_called`): `10`, `10.0` and `"10"`
+    for an `int`, or a default sent or left out, are one call, so a rejection answers them all
+    and an approval (a `same_args` standing one too) covers them all. keel stores decisions
+    under it. `spelled` is of the arguments as the model spelled them: keel stored decisions
+    under it before, and a decision found under it (a thread paused across the upgrade, a
+    standing approval in the ledger) still answers this exact call.
+    """
+    version = entry.spec.version
+    read = as_called(entry, dict(args))
+    return (
+        approval_digest(entry.name, read, policy, version=version, read=True),
+        approval_digest(entry.name, args, policy, version=version),
+    )
 
 
 def validation_problem(exc: ValidationError) -> str:
