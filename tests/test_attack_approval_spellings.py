@@ -36,7 +36,7 @@ from langgraph.checkpoint.base.id import uuid6
 from langgraph.types import Command
 from pydantic import AfterValidator
 
-from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
 from keel.approvals import approval_digest
 from keel.evals import ScriptedChatModel
 from keel.guards import LoopGuardMiddleware, LoopPolicy, Policy, Rule
@@ -75,7 +75,7 @@ class Shop:
         self.done: list[tuple[str, str, int]] = []
 
     def tools(self) -> list[Any]:
-        @tool(risk="write")
+        @tool(risk="destructive")  # asks a human under keel's default gate too
         def issue_refund(order_id: str, amount: int, note: str | None = None) -> str:
             """Refund an order."""
             self.done.append(("refund", order_id, amount))
@@ -91,14 +91,23 @@ class Shop:
 
 
 @contextmanager
-def agents(db_url: str, shop: Shop, ledger: Ledger | None, *scripts: list[Any]) -> Iterator[Any]:
-    """One agent per script, on one checkpointer (a new thread's turns count from its first)."""
+def agents(
+    db_url: str,
+    shop: Shop,
+    ledger: Ledger | None,
+    *scripts: list[Any],
+    policy: Policy | None = POLICY,
+) -> Iterator[Any]:
+    """One agent per script, on one checkpointer (a new thread's turns count from its first).
+
+    `policy=None`: keel's default gate (a destructive tool asks), decided in `call_model`
+    (no `tool_gate` node)."""
     with Persistence(db_url).checkpointer() as saver:
         yield [
             build_agent(
                 ScriptedChatModel(script=script, fresh_ids=True),
                 shop.tools(),
-                policy=POLICY,
+                policy=policy,
                 checkpointer=saver,
                 ledger=ledger,
             )
@@ -108,9 +117,13 @@ def agents(db_url: str, shop: Shop, ledger: Ledger | None, *scripts: list[Any]) 
 
 @contextmanager
 def agent_for(
-    db_url: str, script: list[Any], shop: Shop, ledger: Ledger | None = None
+    db_url: str,
+    script: list[Any],
+    shop: Shop,
+    ledger: Ledger | None = None,
+    policy: Policy | None = POLICY,
 ) -> Iterator[Any]:
-    with agents(db_url, shop, ledger, script) as (agent,):
+    with agents(db_url, shop, ledger, script, policy=policy) as (agent,):
         yield agent
 
 
@@ -133,16 +146,20 @@ def last_reply(result: dict[str, Any]) -> ToolMessage:
 # -- a rejected call asked again under another spelling -----------------------------------------
 
 
+@pytest.mark.parametrize("gate", ["policy", "default"])
 @pytest.mark.parametrize("spelled", SAME_REFUND, ids=SPELLINGS)
 def test_a_rejected_refund_asked_again_spelled_anew_is_answered_rejected_at_once(
-    spelled: dict[str, Any], db_url: str
+    spelled: dict[str, Any], gate: str, db_url: str, ledger: Ledger
 ) -> None:
-    """README: a call a human rejected stays rejected without asking again. The model asked
-    again for the refund of 10 spelled `10.0` (or `"10"`, or with its default sent): the
-    reviewer was asked again, and could approve what they had rejected."""
+    """README: a call a human rejected stays rejected without asking again, and the run does
+    not pause for it. The model asked again for the refund of 10 spelled `10.0` (or `"10"`,
+    or with its default sent): the reviewer was asked again, and could approve what they had
+    rejected. With a policy's rules (`tool_gate` decides) and keel's default gate (no policy:
+    `call_model` decides)."""
     shop = Shop()
     script = [turn(("issue_refund", REFUND)), "ok", turn(("issue_refund", spelled)), "done"]
-    with agent_for(db_url, script, shop) as agent:
+    policy = POLICY if gate == "policy" else None
+    with agent_for(db_url, script, shop, ledger, policy=policy) as agent:
         assert ask(agent, "refund A1")["outcome"]["status"] == "interrupted"
         rejected = answer(agent, {"type": "reject", "message": "no refunds for A1"})
         assert rejected["outcome"]["terminated_reason"] == "rejected"
@@ -153,6 +170,32 @@ def test_a_rejected_refund_asked_again_spelled_anew_is_answered_rejected_at_once
         assert reply.response_metadata["keel_status"] == "rejected"
         assert reply.content == "Rejected by a human reviewer; issue_refund was not run."
     assert shop.done == []
+    # no human was asked, so the run never paused (the gate did not route the call to a
+    # human_review that then answered it from the rejection): its record has no interrupt
+    runs = [r for r in RunLog(ledger).query() if r.thread_id == "t"]
+    assert [r.interrupts for r in runs] == [1, 0]
+
+
+@pytest.mark.parametrize("spelled", SAME_REFUND, ids=SPELLINGS)
+def test_a_review_asks_only_about_the_new_call_beside_a_rejected_one_spelled_anew(
+    spelled: dict[str, Any], db_url: str
+) -> None:
+    """A turn that asks again for the rejected refund (spelled anew) beside a new refund: the
+    reviewer is asked about the new one only; the rejected one is answered `rejected`."""
+    shop = Shop()
+    new = {"order_id": "B2", "amount": 5}
+    both = turn(("issue_refund", spelled), ("issue_refund", new))
+    script = [turn(("issue_refund", REFUND)), "ok", both, "done"]
+    with agent_for(db_url, script, shop) as agent:
+        ask(agent, "refund A1")
+        answer(agent, {"type": "reject"})
+        paused = ask(agent, "refund A1 and B2")
+        asked = [r["action_request"]["args"] for r in paused["__interrupt__"][0].value]
+        assert asked == [new], "the reviewer was asked again about the rejected refund"
+        done = answer(agent, [{"type": "approve"}])
+    replies = [m for m in done["messages"] if isinstance(m, ToolMessage)][-2:]
+    assert [m.response_metadata["keel_status"] for m in replies] == ["rejected", "success"]
+    assert shop.done == [("refund", "B2", 5)]
 
 
 # -- standing approvals: the same arguments spelled anew, and other arguments -------------------
@@ -297,20 +340,24 @@ def lookup_tools(ran: list[int]) -> list[Any]:
     return [look_up]
 
 
-def test_the_loop_guard_reads_arguments_as_the_tool_does(db_url: str) -> None:
+@pytest.mark.parametrize("on_loop", ["stop", "wrap_up"])
+def test_the_loop_guard_reads_arguments_as_the_tool_does(on_loop: str, db_url: str) -> None:
     """The model asks for the same lookup three times, spelled `1`, `1.0` and `"1"`: three
-    identical calls, a loop (`max_repeats=3`), not three different ones."""
+    identical calls, a loop (`max_repeats=3`), not three different ones. `stop` is decided
+    by `tool_gate`, `wrap_up` by `call_model` (a tool-free answer instead of the third)."""
     ran: list[int] = []
-    script: list[Any] = [turn(("look_up", a)) for a in LOOKUPS] + ["done"]
-    policy = Policy(rules=(Rule(action="allow"),), loop=LoopPolicy(on_loop="stop"))
+    script: list[Any] = [turn(("look_up", a)) for a in LOOKUPS] + ["done"] * 3
+    loop = LoopPolicy(on_loop=on_loop)  # type: ignore[arg-type]
+    policy = Policy(rules=(Rule(action="allow"),), loop=loop)
     with Persistence(db_url).checkpointer() as saver:
         model = ScriptedChatModel(script=script, fresh_ids=True)
         agent = build_agent(model, lookup_tools(ran), policy=policy, checkpointer=saver)
         final = ask(agent, "where is A1?")
+    detail = LOOPING if on_loop == "stop" else f"{LOOPING}; answered without tools"
     assert final["outcome"] == {
         "status": "stopped",
         "terminated_reason": "loop_detected",
-        "detail": LOOPING,
+        "detail": detail,
     }
     assert ran == [1, 1]
 
