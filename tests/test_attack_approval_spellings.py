@@ -37,7 +37,7 @@ from langgraph.types import Command
 from pydantic import AfterValidator
 
 from keel import Ledger, Persistence, RunContext, RunLog, build_agent, tool
-from keel.approvals import approval_digest
+from keel.approvals import Grants, RunGrants, approval_digest
 from keel.evals import ScriptedChatModel
 from keel.guards import LoopGuardMiddleware, LoopPolicy, Policy, Rule
 from keel.guards.standing import PREFIX, StandingStore
@@ -283,9 +283,12 @@ def test_a_users_standing_approval_stored_before_still_covers_its_spelling(
     assert shop.done == [("refund", "A1", 10)]
 
 
-def spelled_as_before(saver: Any, thread: str, args: dict[str, Any]) -> None:
+def spelled_as_before(
+    saver: Any, thread: str, args: dict[str, Any], sealer: RunGrants | None = None
+) -> None:
     """Store the thread's decisions as keel did before this fix: under the digest of `args`
-    as spelled. A new checkpoint through the checkpointer, as an older keel would have saved."""
+    as spelled (an approval sealed anew by `sealer`, as keel sealed it then). A new checkpoint
+    through the checkpointer, as an older keel would have saved."""
     config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
     saved = saver.get_tuple(config)
     checkpoint = copy_checkpoint(saved.checkpoint)
@@ -293,7 +296,9 @@ def spelled_as_before(saver: Any, thread: str, args: dict[str, Any]) -> None:
     approvals = {}
     for key, decision in checkpoint["channel_values"]["approvals"].items():
         digest = decision["digest"]
-        approvals[key.replace(digest, old)] = {**decision, "digest": old}
+        record = {k: v for k, v in decision.items() if k != "seal"} | {"digest": old}
+        moved = key.replace(digest, old)
+        approvals[moved] = sealer.seal(moved, record) if sealer is not None else record
     assert approvals
     checkpoint["channel_values"]["approvals"] = approvals
     version = saver.get_next_version(checkpoint["channel_versions"].get("approvals"), None)
@@ -317,6 +322,28 @@ def test_a_rejection_stored_before_still_answers_the_same_call(db_url: str) -> N
     assert "__interrupt__" not in again, "the rejection stored before was not read"
     assert last_reply(again).response_metadata["keel_status"] == "rejected"
     assert shop.done == []
+
+
+def test_an_approval_stored_before_still_runs_its_call(db_url: str) -> None:
+    """A thread paused across the upgrade right after a human approved the refund (a
+    breakpoint before `execute_tools`; the approval keel stored under the arguments as
+    spelled): the call runs with the arguments approved, and is not refused for want of one."""
+    shop = Shop()
+    secret = "s" * 32
+    config = {"configurable": {"thread_id": "t"}}
+    with Persistence(db_url).checkpointer() as saver:
+        model = ScriptedChatModel(script=[turn(("issue_refund", REFUND)), "done"], fresh_ids=True)
+        agent = build_agent(
+            model, shop.tools(), policy=POLICY, checkpointer=saver, approval_secret=secret
+        )
+        ask(agent, "refund A1")
+        approve = Command(resume={"type": "approve"})
+        agent.invoke(approve, config, context=CTX, interrupt_before=["execute_tools"])
+        assert shop.done == []
+        spelled_as_before(saver, "t", REFUND, Grants.from_secret(secret).for_run("t", CTX))
+        done = agent.invoke(None, config, context=CTX)
+    assert last_reply(done).response_metadata["keel_status"] == "success"
+    assert shop.done == [("refund", "A1", 10)]
 
 
 # -- the loop guard -------------------------------------------------------------------------------
