@@ -1,6 +1,9 @@
 """Approval digests and grants: a human's decision is bound to one exact call, and sealed.
 
-The digest names a call: tool, tool version, canonical arguments and policy (`name@version`).
+The digest names a call: tool, tool version, canonical arguments and policy (`name@version`);
+keel's nodes take it over the arguments as the tool reads them (`read=True`, computed by
+`keel.tools._args.approval_digests`, which also gives the digest keel used before, of the
+arguments as spelled, that decisions stored then are still found under).
 It is shown to the reviewer in the interrupt, so it is no secret. What makes a decision a
 *grant* is its seal: an HMAC-SHA256 under a server-side secret the client never sees, over the
 record, the thread it was given in (for a user-scoped standing approval: none) and the user.
