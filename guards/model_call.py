@@ -68,8 +68,8 @@ from keel.guards.resilience import ModelGuard
 from keel.guards.spend import (
     Reservation,
     SpendMeter,
-    estimate_schema_tokens,
     estimate_tokens,
+    schema_sizes,
     token_sizes,
 )
 from keel.history import tool_turns_as_text
@@ -372,8 +372,9 @@ class GuardedModel:
         self.usd_limit = " and ".join(limits) or None
         """The dollar limits every call is held to, in words; `None` without one."""
         schemas = [*tools, *([schema] if schema is not None else [])]
-        self.schema_tokens = estimate_schema_tokens(schemas)
-        """Input tokens the bound tools' or the schema's JSON adds to every request."""
+        self.schema_tokens, self.schema_bound = schema_sizes(schemas)
+        """Input tokens the bound tools' or the schema's JSON adds to every request: about
+        (rate limits), and at most (reservations); serialised once, here."""
         self.chain = tuple(self._model(m, tools, schema) for m in models)
 
     def _model(
@@ -594,7 +595,7 @@ class GuardedModel:
         else:
             estimate, bound = token_sizes(messages)
             tokens = estimate + self.schema_tokens
-            first = meter.reserve_input(bound + self.schema_tokens, ctx, m.priced_as)
+            first = meter.reserve_input(bound + self.schema_bound, ctx, m.priced_as)
         try:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)
@@ -620,7 +621,7 @@ class GuardedModel:
         meter = self._meter()
         if meter is None:
             return None
-        extra = self.schema_tokens
+        extra = self.schema_bound
         try:
             reserve = meter.reserving(messages, ctx, m.priced_as, schema_tokens=extra)
             held = yield Op(reserve.run, reserve.arun, on_error=_storage)

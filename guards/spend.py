@@ -35,6 +35,7 @@ __all__ = [
     "SpendMeter",
     "estimate_schema_tokens",
     "estimate_tokens",
+    "schema_sizes",
     "input_token_bound",
     "token_sizes",
 ]
@@ -160,15 +161,32 @@ def _sizes(messages: Sequence[BaseMessage], *, estimate: bool, bound: bool) -> t
     return (chars + 16 * n) // 4 + 4 * n + 16, size + 20 * n + 16
 
 
+TOOLS_PROMPT_TOKENS = 600
+"""Input tokens a provider adds to a request with tools, beyond their JSON: the tool-use system
+prompt (Anthropic documents up to 530 tokens for it)."""
+
+
 def estimate_schema_tokens(schemas: Sequence[Any]) -> int:
     """A generous estimate of the tokens bound tools or a structured-output schema add.
 
     Providers send each tool's JSON schema with every request and bill it as input.
     """
+    return schema_sizes(schemas)[0]
+
+
+def schema_sizes(schemas: Sequence[Any]) -> tuple[int, int]:
+    """`(estimate, bound)` of the input tokens bound tools or a structured-output schema add.
+
+    The estimate (about 4 characters a token) is what rate limits count; the bound, what a
+    reservation holds: a token per byte of the JSON a provider is sent (ASCII-escaped, so at
+    least its UTF-8 bytes), 20 a schema for its framing, and `TOOLS_PROMPT_TOKENS`. Serialised
+    once per tool set (a `GuardedModel` keeps both), not on every call.
+    """
     if not schemas:
-        return 0
+        return 0, 0
     text = json.dumps([convert_to_openai_tool(s) for s in schemas], default=str)
-    return len(text) // 4 + 8 * len(schemas)
+    n = len(schemas)
+    return len(text) // 4 + 8 * n, len(text) + 20 * n + TOOLS_PROMPT_TOKENS
 
 
 def reserve_flow(
@@ -291,7 +309,7 @@ class SpendMeter:
         """Reserve the call's estimate, or say why it may not run, as a `keel._drive` step.
 
         The step's result is a `Reservation`, or the reason (a `str`) the call may not run.
-        `schema_tokens`: what the bound tools' schemas add (`estimate_schema_tokens`).
+        `schema_tokens`: what the bound tools' schemas add at most (`schema_sizes`' bound).
         """
 
         def flow() -> Flow[Reservation | str]:

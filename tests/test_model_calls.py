@@ -262,7 +262,7 @@ def test_the_estimate_covers_the_bound_tools_schemas_and_the_capped_answer(
     got = guarded.invoke(asked, None, ALICE)
     billed = got.usage["input_tokens"] + got.usage["output_tokens"]
     assert got.usage["input_tokens"] > estimate_tokens(asked), "the schemas are billed as input"
-    usd, tokens = meter._estimate(asked, "scripted", guarded.schema_tokens)
+    usd, tokens = meter._estimate(asked, "scripted", guarded.schema_bound)
     assert billed <= tokens and got.usage["usd"] <= usd  # reserved covers what was billed
     ledger.close()
 
