@@ -176,20 +176,20 @@ def _agent(ledger: Ledger, budget: PeriodBudget, steps: int) -> Any:
 
 def test_a_run_past_the_monthly_budget_stops_and_the_next_run_is_refused(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path}/k.db")
-    budget = PeriodBudget(usd=0.5, reserve_output_tokens=32)
-    agent = _agent(ledger, budget, steps=20)
+    budget = PeriodBudget(usd=1.5, reserve_output_tokens=32)
+    agent = _agent(ledger, budget, steps=60)
     first = agent.invoke({"messages": [("user", "go")]}, context=ALICE)
     assert first["outcome"]["terminated_reason"] == "budget_exceeded"
-    assert first["outcome"]["detail"].startswith("Exceeded the user monthly usd budget of 0.5")
+    assert first["outcome"]["detail"].startswith("Exceeded the user monthly usd budget of 1.5")
     spent_usd, _ = SpendMeter(ledger, [budget], PRICES).spent(budget, ALICE)
     assert spent_usd == pytest.approx(first["usage"]["usd"])
-    assert spent_usd <= 0.5
+    assert spent_usd <= 1.5
     second = agent.invoke({"messages": [("user", "again")]}, context=ALICE)
     assert second["outcome"]["terminated_reason"] == "budget_exceeded"
     # the month's spend across both runs stays within the budget
     spent_usd, _ = SpendMeter(ledger, [budget], PRICES).spent(budget, ALICE)
     assert spent_usd == pytest.approx(first["usage"]["usd"] + second["usage"].get("usd", 0.0))
-    assert spent_usd <= 0.5
+    assert spent_usd <= 1.5
     # another user of the same tenant has their own budget
     other = agent.invoke({"messages": [("user", "go")]}, context=BOB)
     assert other["usage"]["model_calls"] > 0
