@@ -209,7 +209,8 @@ def _estimated(
         else:
             log.warning(
                 "model %r reported no usage_metadata: keel counts an estimate (about 4 "
-                "characters a token) against budgets. Turn usage reporting on in the model's "
+                "characters a token) against budgets, and a period budget's reservation, the "
+                "most a call can cost, in its place. Turn usage reporting on in the model's "
                 "client (e.g. stream_usage=True) for exact counts.",
                 name,
             )

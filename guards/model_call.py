@@ -11,7 +11,8 @@ call their model through a `GuardedModel`, so each call, whatever asks for it:
 4. runs within a per-attempt deadline (`ModelTimeoutPolicy`), if one is set;
 5. is *counted*: tokens and dollars from `usage_metadata` (structured output is asked for with
    `include_raw=True`, so its usage is read too), recorded by the breaker and the rate limiter
-   and settled in the period budgets;
+   and settled in the period budgets (an answer without usable counts at its reservation, the
+   most it can have cost, not at an estimate that may be below the provider's bill);
 6. on failure is retried (tenacity's `Retrying`, waiting a provider's `Retry-After` or an
    exponential backoff), moved to the next model, or stopped (`keel.guards.fallback`).
 
@@ -566,6 +567,8 @@ class GuardedModel:
             stop = outcome.stopped(
                 "budget_exceeded", f"{exc} The run stopped after this call; nothing further ran."
             )
+        if stop is None and held is not None and not _counted(message):
+            usage = _at_reservation(usage, held, self._reserve_out())
         if not self.steps:
             usage.pop("steps", None)
         yield from self._record(m, permit, None, _tokens(usage), usage)
@@ -631,6 +634,9 @@ class GuardedModel:
             raise _Stopped(outcome.stopped("budget_exceeded", held))
         assert isinstance(held, Reservation)
         return held
+
+    def _reserve_out(self) -> int:
+        return self.meter.output_reserve if self.meter is not None else 0
 
     def _meter(self) -> SpendMeter | None:
         """The period budgets' meter; none in a replay or shadow run (`isolated`).
@@ -774,6 +780,18 @@ def _counted(message: AIMessage) -> bool:
     return isinstance(meta, Mapping) and all(
         token_count(meta.get(k)) is not None for k in ("input_tokens", "output_tokens")
     )
+
+
+def _at_reservation(usage: Usage, held: Reservation, output_reserve: int) -> Usage:
+    """`usage` raised to the call's reservation: for an answer without usable counts.
+
+    Its estimate (about 4 characters a token) can be below what the provider bills (a token per
+    digit); the reservation is what the call can cost at most (its input bound, the answer's cap).
+    """
+    tokens_in = max(int(usage.get("input_tokens", 0)), held.tokens - output_reserve)
+    tokens_out = max(int(usage.get("output_tokens", 0)), output_reserve)
+    usd = max(float(usage.get("usd", 0.0)), held.usd)
+    return {**usage, "input_tokens": tokens_in, "output_tokens": tokens_out, "usd": usd}
 
 
 def _opened(transition: BreakerTransition | None) -> bool:
