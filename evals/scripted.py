@@ -88,6 +88,9 @@ class ScriptedChatModel(BaseChatModel):
     """The most output tokens an answer may have, honoured as a provider does: a longer answer
     is cut to fit, reports at most this many output tokens and `finish_reason="length"`. A
     `max_tokens=` call argument (`model.bind(max_tokens=...)`) does the same."""
+    ignores_max_tokens: bool = False
+    """Play a provider that ignores the output cap: an answer is as long as the script says,
+    `max_tokens` or not (for tests of what a period budget does with such a provider)."""
     report_usage: bool = True
     """Report each answer's `usage_metadata` (an estimate from its length when the script gave
     none). `False` plays a provider that reports no usage, as some OpenAI-compatible servers do
@@ -136,7 +139,8 @@ class ScriptedChatModel(BaseChatModel):
         self._calls.append(list(messages))  # a refused call too: the test can read what was sent
         if self.strict_history:
             check_history(messages, tools=bool(kwargs.get("tools")))
-        limits = [n for n in (self.max_tokens, kwargs.get("max_tokens")) if n is not None]
+        asked = () if self.ignores_max_tokens else (self.max_tokens, kwargs.get("max_tokens"))
+        limits = [n for n in asked if n is not None]
         answer = _capped(self._answer(messages, **kwargs), min(limits) if limits else None)
         self._answers.append(answer)
         return answer

