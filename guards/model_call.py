@@ -377,6 +377,8 @@ class GuardedModel:
         """Input tokens the bound tools' or the schema's JSON adds to every request: about
         (rate limits), and at most (reservations); serialised once, here."""
         self.chain = tuple(self._model(m, tools, schema) for m in models)
+        self._overran: set[str] = set()
+        """Models warned about for answering past the output reserve."""
 
     def _model(
         self, model: str | BaseChatModel, tools: Sequence[Any], schema: type[Any] | None
@@ -569,6 +571,8 @@ class GuardedModel:
             )
         if stop is None and held is not None and not _counted(message):
             usage = _at_reservation(usage, held, self._reserve_out())
+        if held is not None and int(usage.get("output_tokens", 0)) > self._reserve_out():
+            self._past_the_cap(m.name, int(usage.get("output_tokens", 0)))
         if not self.steps:
             usage.pop("steps", None)
         yield from self._record(m, permit, None, _tokens(usage), usage)
@@ -634,6 +638,20 @@ class GuardedModel:
             raise _Stopped(outcome.stopped("budget_exceeded", held))
         assert isinstance(held, Reservation)
         return held
+
+    def _past_the_cap(self, name: str, tokens: int) -> None:
+        """Warn (once per model) that an answer billed more output than its reservation held."""
+        if name in self._overran:
+            return
+        self._overran.add(name)
+        log.warning(
+            "%s answered %d output tokens, past the %d its period budget reserved (its output "
+            "cap is ignored or missing): a period can be exceeded by what calls under way bill "
+            "past their reservations",
+            name,
+            tokens,
+            self._reserve_out(),
+        )
 
     def _reserve_out(self) -> int:
         return self.meter.output_reserve if self.meter is not None else 0

@@ -155,7 +155,7 @@ def _uncapped(ledger: Ledger, budget: PeriodBudget) -> Any:
 
 
 def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
-    db_url: str,
+    db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each call reserves about $0.01 and bills $0.40: the third call ($0.80 spent) still fit
     its reservation and took the period to $1.20; the next call, and every run after, is
@@ -171,6 +171,12 @@ def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
     ]
     assert [r["usage"].get("model_calls", 0) for r in ended] == [2, 1, 0]
     assert _spent(ledger, budget) == pytest.approx(1.2, abs=0.001)
+    warned = [r.getMessage() for r in caplog.records if "past the 64" in r.getMessage()]
+    assert warned == [
+        "scripted answered 40000 output tokens, past the 64 its period budget reserved (its "
+        "output cap is ignored or missing): a period can be exceeded by what calls under way "
+        "bill past their reservations"
+    ]
     ledger.close()
 
 
