@@ -110,6 +110,26 @@ class Reservation:
     tokens: int
 
 
+MEDIA_TOKENS = 4096
+"""The least input tokens a reservation holds for an image, audio or file block: a block that
+names its media by URL or id is a few characters, but a provider bills the image (OpenAI's
+gpt-4o up to 1,445 tokens an image, its gpt-4.1-nano 3,779, Anthropic's about 1,600)."""
+MEDIA = frozenset(
+    (
+        "image",
+        "image_url",
+        "input_image",
+        "audio",
+        "input_audio",
+        "file",
+        "input_file",
+        "document",
+        "video",
+    )
+)
+"""Content block types that carry media, as LangChain, OpenAI and Anthropic name them."""
+
+
 def estimate_tokens(messages: Sequence[BaseMessage]) -> int:
     """A generous estimate of a request's input tokens: about 4 characters a token."""
     return _sizes(messages, estimate=True, bound=False)[0]
@@ -122,7 +142,8 @@ def input_token_bound(messages: Sequence[BaseMessage]) -> int:
     has bytes, while 4 characters a token (`estimate_tokens`) is an average that a user's text
     beats by about 4x (one token per digit or emoji). A reservation holds this bound, so a call
     cannot cost more input than it reserved. Content blocks that are not text (an image) count
-    as `estimate_tokens` counts them; tool-call arguments as the JSON a provider is sent.
+    as `estimate_tokens` counts them, and each media block (`MEDIA`) at least `MEDIA_TOKENS`;
+    tool-call arguments as the JSON a provider is sent.
     """
     return _sizes(messages, estimate=False, bound=True)[1]
 
@@ -148,8 +169,9 @@ def _sizes(messages: Sequence[BaseMessage], *, estimate: bool, bound: bool) -> t
         if bound:
             text = m.text
             size += len(text.encode("utf-8", "surrogatepass"))
-            if not isinstance(content, str):  # an image block: as the estimate counts it
-                size += max(shown - len(text), 0) // 4
+            if not isinstance(content, str):  # an image block: as the estimate counts it,
+                media = sum(isinstance(b, dict) and b.get("type") in MEDIA for b in content)
+                size += max(max(shown - len(text), 0) // 4, MEDIA_TOKENS * media)  # or more
         for tc in getattr(m, "tool_calls", ()):
             args, name = tc.get("args"), tc["name"]
             if estimate:

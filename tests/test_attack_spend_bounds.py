@@ -8,18 +8,20 @@ Real SQLite and PostgreSQL ledgers; 12 concurrent runs on PostgreSQL against a $
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from spend_runs import concurrent_runs, runs
 
 from keel import Ledger, Price, PriceTable, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import PeriodBudget, Policy, Rule, SpendMeter
+from keel.guards.spend import input_token_bound
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
 PRICES = PriceTable({"scripted": Price(input_per_mtok=10.0, output_per_mtok=10.0)})
@@ -195,3 +197,71 @@ async def test_concurrent_runs_past_the_cap_overspend_by_the_calls_in_flight(
     assert late["outcome"]["terminated_reason"] == "budget_exceeded"
     assert late["usage"].get("model_calls", 0) == 0
     await ledger.aclose()
+
+
+# -- 4. images ------------------------------------------------------------------------------
+
+IMAGE_TOKENS = 1_445
+"""What OpenAI bills an image at most on gpt-4o (high detail: 85 + 170 a tile, 8 tiles)."""
+PHOTOS = [
+    {"type": "text", "text": "Which of these is damaged?"},
+    *({"type": "image_url", "image_url": {"url": f"https://shop.test/{i}.jpg"}} for i in range(10)),
+]
+"""Ten images by URL: a few characters each, billed $0.0145 each ($0.1445 a call)."""
+
+
+def _sees_images(messages: Sequence[BaseMessage]) -> AIMessage:
+    images = sum(
+        isinstance(b, dict) and b.get("type") == "image_url"
+        for m in messages
+        if isinstance(m.content, list)
+        for b in m.content
+    )
+    size = sum(len(m.text.encode("utf-8")) for m in messages) + IMAGE_TOKENS * images
+    return AIMessage(
+        content="ok",
+        usage_metadata={"input_tokens": size, "output_tokens": 1, "total_tokens": size + 1},
+    )
+
+
+def _photos(ledger: Ledger, budget: PeriodBudget) -> Any:
+    return _agent(ledger, budget, ScriptedChatModel(script=[_sees_images]), [])
+
+
+def test_sequential_runs_with_images_by_url_stop_at_the_monthly_budget(db_url: str) -> None:
+    """Ten images by URL were reserved at 4 characters a token (about 100 tokens): the
+    seventh run took the period to $1.01."""
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    agent = _photos(ledger, budget)
+    ended = [agent.invoke({"messages": [("user", PHOTOS)]}, context=ALICE) for _ in range(8)]
+    reasons = [r["outcome"]["terminated_reason"] for r in ended]
+    assert _spent(ledger, budget) <= 1.00, reasons
+    assert reasons[:5] == ["completed"] * 5 and reasons[-1] == "budget_exceeded", reasons
+    ledger.close()
+
+
+@pytest.mark.postgres
+async def test_concurrent_runs_with_images_by_url_never_overspend(
+    fresh_postgres_url: str,
+) -> None:
+    ledger = Ledger(fresh_postgres_url, pool_max_size=10)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    results = await asyncio.gather(
+        *(
+            _photos(ledger, budget).ainvoke({"messages": [("user", PHOTOS)]}, context=ALICE)
+            for _ in range(12)
+        )
+    )
+    assert _spent(ledger, budget) <= 1.00
+    assert {r["outcome"]["terminated_reason"] for r in results} == {"completed", "budget_exceeded"}
+    await ledger.aclose()
+
+
+def test_an_image_by_url_reserves_4096_tokens_and_base64_its_data_at_4_characters() -> None:
+    """README: over-reserved, on the safe side (a small budget may refuse a base64 image)."""
+    by_url = HumanMessage(content=PHOTOS[:2])
+    data = "A" * 400_000  # 300 KB, base64
+    inline = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    assert 4096 < input_token_bound([by_url]) < 4096 + 100
+    assert 100_000 < input_token_bound([HumanMessage(content=[inline])]) < 100_100

@@ -229,7 +229,8 @@ async def test_fifty_concurrent_runs_never_overspend_the_users_budget(
 def test_the_estimate_and_the_bound_are_one_walk_and_keep_their_numbers() -> None:
     """`token_sizes` (a guarded call's rate limits and reservation) walks the messages once;
     each of its two numbers is what `estimate_tokens` / `input_token_bound` said before they
-    shared the walk (204 and 344 here: text blocks, an image, tool calls, non-ASCII)."""
+    shared the walk (204 and 344 here: text blocks, an image, tool calls, non-ASCII); the bound
+    is 4315 since the image counts at least `MEDIA_TOKENS` (4,096 for the 125 of its text)."""
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400}}
     call_ = {"name": "lookup_ordér", "args": {"id": "A1", "n": [1, 2.5, None]}, "id": "c1"}
     messages = [
@@ -240,5 +241,5 @@ def test_the_estimate_and_the_bound_are_one_walk_and_keep_their_numbers() -> Non
         AIMessage("A1 was delivered."),
     ]
     assert token_sizes(messages) == (estimate_tokens(messages), input_token_bound(messages))
-    assert token_sizes(messages) == (204, 344)
+    assert token_sizes(messages) == (204, 4315)
     assert token_sizes([]) == (16, 16)
