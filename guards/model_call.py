@@ -223,6 +223,9 @@ class ModelAnswer:
     """How the run ends when there is no output: a budget, the ledger, or the model's failure."""
     error: BaseException | None = None
     """The model's last error, when the model itself failed for good."""
+    warnings: tuple[str, ...] = ()
+    """What the period budgets could not hold exactly (for `AgentState.warnings`): an answer
+    without usage, counted at its reservation, or one past its output reserve."""
 
     @property
     def message(self) -> AIMessage | None:
@@ -310,6 +313,7 @@ class _Tried:
     usage: Usage = field(default_factory=lambda: Usage())
     error: Exception | None = None
     tripped: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 Messages = Sequence[BaseMessage | tuple[str, str]]
@@ -478,7 +482,7 @@ class GuardedModel:
                     continue
                 tried_names = [m.name for m in self.chain[: index + 1]] if index else []
                 return ModelAnswer(stop=_failed(exc, attempt, tried_names), error=exc)
-            return ModelAnswer(tried.output, tried.usage)
+            return ModelAnswer(tried.output, tried.usage, warnings=tried.warnings)
 
     def _retrying(self, more: bool) -> Retrying:
         """Tenacity's retry object for one model of the chain (`after_failure`'s table).
@@ -569,10 +573,19 @@ class GuardedModel:
             stop = outcome.stopped(
                 "budget_exceeded", f"{exc} The run stopped after this call; nothing further ran."
             )
+        warnings: list[str] = []
         if stop is None and held is not None and not _counted(message):
             usage = _at_reservation(usage, held, self._reserve_out())
+            warnings.append(
+                f"{m.name} reported no token usage: its calls count at their period budget "
+                "reservations, the most they can cost"
+            )
         if held is not None and int(usage.get("output_tokens", 0)) > self._reserve_out():
             self._past_the_cap(m.name, int(usage.get("output_tokens", 0)))
+            warnings.append(
+                f"{m.name} answered past reserve_output_tokens={self._reserve_out()}: a period "
+                "budget can be exceeded by what its calls bill past their reservations"
+            )
         if not self.steps:
             usage.pop("steps", None)
         yield from self._record(m, permit, None, _tokens(usage), usage)
@@ -581,7 +594,7 @@ class GuardedModel:
         )
         if stop is not None:
             raise _Stopped(stop, usage)
-        return _Tried(output, usage)
+        return _Tried(output, usage, warnings=tuple(warnings))
 
     def _admit(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext

@@ -257,6 +257,9 @@ class _Answerer:
         assert got.message is not None
         response, usage = _unique_ids(got.message, state.get("messages") or []), got.usage
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
+        noted = state.get("warnings") or []
+        if any(w not in noted for w in got.warnings):  # what the period budgets held loosely
+            update["warnings"] = [*noted, *(w for w in got.warnings if w not in noted)]
         if response.invalid_tool_calls:
             # Providers count these as tool calls: answer each, and let the model try again.
             update["messages"].extend(_invalid_call_results(response))

@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from spend_runs import concurrent_runs, runs
 
-from keel import Ledger, Price, PriceTable, RunContext, build_agent, tool
+from keel import Ledger, Price, PriceTable, RunContext, RunLog, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.guards import PeriodBudget, Policy, Rule, SpendMeter
 from keel.guards.spend import input_token_bound
@@ -120,6 +120,21 @@ def test_sequential_runs_without_usage_stop_at_the_monthly_budget(db_url: str) -
     ledger.close()
 
 
+def test_a_run_without_usage_says_it_was_counted_at_its_reservation(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
+    model = ScriptedChatModel(script=[_unreported], report_usage=False)
+    result = _agent(ledger, budget, model, []).invoke({"messages": [("user", "hi")]}, context=ALICE)
+    said = (
+        "scripted reported no token usage: its calls count at their period budget "
+        "reservations, the most they can cost"
+    )
+    assert result["warnings"] == [said]
+    assert said in RunLog(ledger).query()[0].detail  # the run record: "(degraded: ...)"
+    assert result["usage"]["usd"] == pytest.approx(_spent(ledger, budget))
+    ledger.close()
+
+
 @pytest.mark.postgres
 async def test_concurrent_runs_without_usage_never_overspend(fresh_postgres_url: str) -> None:
     ledger = Ledger(fresh_postgres_url, pool_max_size=10)
@@ -172,6 +187,10 @@ def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
         "budget_exceeded",
     ]
     assert [r["usage"].get("model_calls", 0) for r in ended] == [2, 1, 0]
+    assert ended[0]["warnings"] == [
+        "scripted answered past reserve_output_tokens=64: a period budget can be exceeded by "
+        "what its calls bill past their reservations"
+    ]
     assert _spent(ledger, budget) == pytest.approx(1.2, abs=0.001)
     warned = [r.getMessage() for r in caplog.records if "past the 64" in r.getMessage()]
     assert warned == [
