@@ -381,8 +381,9 @@ class GuardedModel:
         """Input tokens the bound tools' or the schema's JSON adds to every request: about
         (rate limits), and at most (reservations); serialised once, here."""
         self.chain = tuple(self._model(m, tools, schema) for m in models)
-        self._overran: set[str] = set()
-        """Models warned about for answering past the output reserve."""
+        self._overran: dict[str, int] = {}
+        """The most output tokens each model that answered past the output reserve billed: its
+        later calls reserve that (a provider that ignores the cap, a model without one)."""
 
     def _model(
         self, model: str | BaseChatModel, tools: Sequence[Any], schema: type[Any] | None
@@ -575,13 +576,14 @@ class GuardedModel:
             )
         warnings: list[str] = []
         if stop is None and held is not None and not _counted(message):
-            usage = _at_reservation(usage, held, self._reserve_out())
+            usage = _at_reservation(usage, held, self._reserve_out(m.name))
             warnings.append(
                 f"{m.name} reported no token usage: its calls count at their period budget "
                 "reservations, the most they can cost"
             )
-        if held is not None and int(usage.get("output_tokens", 0)) > self._reserve_out():
-            self._past_the_cap(m.name, int(usage.get("output_tokens", 0)))
+        counted_out = int(usage.get("output_tokens", 0)) if _counted(message) else 0
+        if held is not None and counted_out > self._reserve_out():
+            self._past_the_cap(m.name, counted_out)
             warnings.append(
                 f"{m.name} answered past reserve_output_tokens={self._reserve_out()}: a period "
                 "budget can be exceeded by what its calls bill past their reservations"
@@ -615,7 +617,9 @@ class GuardedModel:
         else:
             estimate, bound = token_sizes(messages)
             tokens = estimate + self.schema_tokens
-            first = meter.reserve_input(bound + self.schema_bound, ctx, m.priced_as)
+            first = meter.reserve_input(
+                bound + self.schema_bound, ctx, m.priced_as, output_tokens=self._overran.get(m.name)
+            )
         try:
             held, permit = yield from guard.admitting(
                 m.name, ctx.tenant_id, tokens, first, lambda r: not isinstance(r, str)
@@ -643,7 +647,13 @@ class GuardedModel:
             return None
         extra = self.schema_bound
         try:
-            reserve = meter.reserving(messages, ctx, m.priced_as, schema_tokens=extra)
+            reserve = meter.reserving(
+                messages,
+                ctx,
+                m.priced_as,
+                schema_tokens=extra,
+                output_tokens=self._overran.get(m.name),
+            )
             held = yield Op(reserve.run, reserve.arun, on_error=_storage)
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
@@ -653,10 +663,14 @@ class GuardedModel:
         return held
 
     def _past_the_cap(self, name: str, tokens: int) -> None:
-        """Warn (once per model) that an answer billed more output than its reservation held."""
-        if name in self._overran:
+        """Reserve `tokens` of output for `name`'s later calls (in this process).
+
+        Warns once per model that an answer billed more output than its reservation held.
+        """
+        known = self._overran.get(name)
+        self._overran[name] = max(tokens, known or 0)
+        if known is not None:
             return
-        self._overran.add(name)
         log.warning(
             "%s answered %d output tokens, past the %d its period budget reserved (its output "
             "cap is ignored or missing): a period can be exceeded by what calls under way bill "
@@ -666,8 +680,10 @@ class GuardedModel:
             self._reserve_out(),
         )
 
-    def _reserve_out(self) -> int:
-        return self.meter.output_reserve if self.meter is not None else 0
+    def _reserve_out(self, name: str | None = None) -> int:
+        """Output tokens a call reserves: the budgets' reserve, or what `name` billed past it."""
+        reserve = self.meter.output_reserve if self.meter is not None else 0
+        return max(reserve, self._overran.get(name, 0)) if name is not None else reserve
 
     def _meter(self) -> SpendMeter | None:
         """The period budgets' meter; none in a replay or shadow run (`isolated`).

@@ -316,9 +316,12 @@ class SpendMeter:
     ) -> tuple[float, int]:
         return self._cost(input_token_bound(messages) + schema_tokens, model_name)
 
-    def _cost(self, input_tokens: int, model_name: str) -> tuple[float, int]:
-        usage = {"input_tokens": input_tokens, "output_tokens": self.output_reserve}
-        return self.prices.cost(model_name, usage), input_tokens + self.output_reserve
+    def _cost(
+        self, input_tokens: int, model_name: str, output_tokens: int | None = None
+    ) -> tuple[float, int]:
+        output = max(self.output_reserve, output_tokens or 0)
+        usage = {"input_tokens": input_tokens, "output_tokens": output}
+        return self.prices.cost(model_name, usage), input_tokens + output
 
     def reserving(
         self,
@@ -327,15 +330,24 @@ class SpendMeter:
         model_name: str,
         *,
         schema_tokens: int = 0,
+        output_tokens: int | None = None,
     ) -> Op:
         """Reserve the call's estimate, or say why it may not run, as a `keel._drive` step.
 
         The step's result is a `Reservation`, or the reason (a `str`) the call may not run.
-        `schema_tokens`: what the bound tools' schemas add at most (`schema_sizes`' bound).
+        `schema_tokens`: what the bound tools' schemas add at most (`schema_sizes`' bound);
+        `output_tokens`: the answer's reserve when above `output_reserve` (a model known to
+        answer past it).
         """
 
         def flow() -> Flow[Reservation | str]:
-            return self.reserve(messages, context, model_name, schema_tokens=schema_tokens)
+            return self.reserve(
+                messages,
+                context,
+                model_name,
+                schema_tokens=schema_tokens,
+                output_tokens=output_tokens,
+            )
 
         return Op(lambda: self.ledger.run(flow()), lambda: self.ledger.arun(flow()))
 
@@ -346,15 +358,22 @@ class SpendMeter:
         model_name: str,
         *,
         schema_tokens: int = 0,
+        output_tokens: int | None = None,
     ) -> Flow[Reservation | str]:
         """The ledger flow `reserving` runs: a `Reservation`, or why the call may not run.
 
         For a caller that commits it with more (a `ModelGuard`'s first try at the rate limits).
         """
-        return self.reserve_input(input_token_bound(messages) + schema_tokens, context, model_name)
+        tokens = input_token_bound(messages) + schema_tokens
+        return self.reserve_input(tokens, context, model_name, output_tokens=output_tokens)
 
     def reserve_input(
-        self, input_tokens: int, context: RunContext, model_name: str
+        self,
+        input_tokens: int,
+        context: RunContext,
+        model_name: str,
+        *,
+        output_tokens: int | None = None,
     ) -> Flow[Reservation | str]:
         """`reserve` for a caller that has estimated the input tokens (messages and schemas).
 
@@ -364,7 +383,7 @@ class SpendMeter:
         refused = self.unpriced(model_name)
         if refused is not None:
             return returning(refused)
-        usd, tokens = self._cost(input_tokens, model_name)
+        usd, tokens = self._cost(input_tokens, model_name, output_tokens)
         return reserve_flow(self.budgets, context, usd, tokens, time.time())
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:

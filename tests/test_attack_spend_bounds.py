@@ -171,12 +171,13 @@ def _uncapped(ledger: Ledger, budget: PeriodBudget) -> Any:
     return build_agent(model, [echo], policy=policy, ledger=ledger, prices=PRICES)
 
 
-def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
+def test_a_provider_past_the_cap_is_reserved_what_it_billed_then_runs_stop(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Each call reserves about $0.01 and bills $0.40: the third call ($0.80 spent) still fit
-    its reservation and took the period to $1.20; the next call, and every run after, is
-    refused with an outcome (no exception)."""
+    """The first call reserves about $0.01 and bills $0.40; later calls of the model reserve
+    the 40,000 output tokens it billed, so the third ($0.80 spent) is refused, not run: the
+    period stays within its budget (reserving 64 tokens, the third call took it to $1.20). A
+    refused run ends with an outcome, no exception."""
     ledger = Ledger(db_url)
     budget = PeriodBudget(usd=1.00, reserve_output_tokens=64)
     agent = _uncapped(ledger, budget)
@@ -186,12 +187,12 @@ def test_a_provider_past_the_cap_overspends_by_one_calls_excess_then_runs_stop(
         "budget_exceeded",
         "budget_exceeded",
     ]
-    assert [r["usage"].get("model_calls", 0) for r in ended] == [2, 1, 0]
+    assert [r["usage"].get("model_calls", 0) for r in ended] == [2, 0, 0]
     assert ended[0]["warnings"] == [
         "scripted answered past reserve_output_tokens=64: a period budget can be exceeded by "
         "what its calls bill past their reservations"
     ]
-    assert _spent(ledger, budget) == pytest.approx(1.2, abs=0.001)
+    assert _spent(ledger, budget) == pytest.approx(0.8, abs=0.001)
     warned = [r.getMessage() for r in caplog.records if "past the 64" in r.getMessage()]
     assert warned == [
         "scripted answered 40000 output tokens, past the 64 its period budget reserved (its "
