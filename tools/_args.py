@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from keel.approvals import approval_digest
+from keel.errors import _one_line
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
@@ -35,6 +36,12 @@ def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
             schema.model_validate(args)
         except ValidationError as exc:
             return validation_problem(exc)
+        except Exception as exc:  # the tool's own validator failed on them
+            # pydantic wraps only ValueError / AssertionError; a validator's bug (a division by
+            # an argument that is 0, a KeyError) would end the run in a traceback, on arguments
+            # the model chose: the tool never runs on them, and the model is told why
+            failed = f"{type(exc).__name__}: {_one_line(exc)}"
+            return f"the tool's own check of these arguments failed ({failed})"
     return None
 
 
