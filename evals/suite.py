@@ -251,7 +251,7 @@ def load_suite(path: str | Path) -> Suite:
         UserError: the file is missing, is not YAML (a key given twice in one mapping
             included), or a case is malformed.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     text = read_text(path, "Suite file", missing="Give the path of a YAML suite.")
     kind: Format = "json" if path.suffix.lower() == ".json" else "yaml"  # JSON: tabs are valid
     where = f"Suite file {str(path)!r}"

@@ -356,8 +356,8 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Load a policy from a `.toml`, `.yaml` or `.yml` file."""
-        p = Path(path)
+        """Load a policy from a `.toml`, `.yaml` or `.yml` file (`~` is the home folder)."""
+        p = Path(path).expanduser()
         data = load_data_file(p, "Policy file")
         try:
             return cls.from_dict(data)

@@ -175,3 +175,29 @@ def test_each_bad_file_is_one_keel_error_naming_it_from_each_reader(
     message = reader.read(path, tmp_path, capsys)
     assert says in message, message
     assert repr(str(path)) in message, message
+
+
+def test_a_path_under_home_written_with_a_tilde_is_read_from_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python callers get no shell to expand `~` (nor does a quoted `KEEL_SERVER_CONFIG`):
+    `Policy.from_file("~/p.toml")` looked for a folder named `~` in the working folder."""
+    from keel.app.server_config import ServerConfig
+    from keel.evals import load_suite
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (home / "p.toml").write_text('name = "mine"\n', encoding="utf-8")
+    (home / "suite.yaml").write_text(
+        "name: s\ncases:\n  - id: c1\n    input: hi\n    expect: {status: success}\n",
+        encoding="utf-8",
+    )
+    (home / "server.toml").write_text(SMALL_SERVER, encoding="utf-8")
+    assert Policy.from_file("~/p.toml").name == "mine"
+    assert load_suite("~/suite.yaml").name == "s"
+    assert ServerConfig.from_file("~/server.toml").users[0].user_id == "alice"
+    monkeypatch.setenv(CONFIG_ENV, "~/server.toml")
+    assert server_config().users[0].user_id == "alice"
+    assert not (tmp_path / "~").exists()

@@ -50,7 +50,7 @@ def serve_env(server_config: str | Path, base: Mapping[str, str] | None = None) 
     env.update(_OFFLINE)
     if tracing:
         env["LANGSMITH_TRACING"] = "true"
-    path = Path(server_config)
+    path = Path(server_config).expanduser()
     fix = (
         "Pass --server-config FILE (tokens, tenants and their agents; see the README's Serving "
         "section)."

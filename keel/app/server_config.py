@@ -219,8 +219,8 @@ class ServerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServerConfig:
-        """Read and check a server config file (TOML)."""
-        p = Path(path)
+        """Read and check a server config file (TOML; `~` is the home folder)."""
+        p = Path(path).expanduser()
         fix = (
             f"Set {CONFIG_ENV} to the path of a TOML file with [[users]] and [tenants.<id>] "
             "(see keel.app.server_config)."
