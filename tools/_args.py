@@ -52,13 +52,16 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
     tool the same way. Arguments that do not fit the schema are returned as they are.
     """
     schema = entry.tool.tool_call_schema
-    if invalid_args(entry, args) is not None or not (
-        isinstance(schema, type) and issubclass(schema, BaseModel)
+    if (
+        not isinstance(args, dict)
+        or spoofed(entry.injected, args)
+        or not (isinstance(schema, type) and issubclass(schema, BaseModel))
     ):
         return args
-    try:
+    try:  # validated once (`invalid_args`'s check, the same call): the loop guard reads each
+        # call of the task at every step
         dumped: dict[str, Any] = schema.model_validate(args).model_dump(mode="json")
-    except (ValueError, TypeError):  # a field pydantic validates but cannot dump as JSON
+    except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
     return dumped
 
