@@ -58,9 +58,10 @@ SUPPORT = RunContext(user_id="u1", tenant_id="acme")
 
 
 def _fresh_calls(n: int) -> AIMessage:
-    """Every tool at once, fresh ids each time (as a real model names its calls)."""
+    """Every tool at once, fresh ids each time (as a real model names its calls), to other
+    recipients each turn (the same calls twice in a row are a loop the guard stops)."""
     calls = [
-        {"name": t.name, "args": {"to": f"x{i}"}, "id": f"call_{n}_{i}"}
+        {"name": t.name, "args": {"to": f"x{n}_{i}"}, "id": f"call_{n}_{i}"}
         for i, t in enumerate(TOOLS)
     ]
     return AIMessage("", tool_calls=calls)

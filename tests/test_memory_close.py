@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import re
 from collections.abc import Iterator
@@ -46,18 +48,29 @@ SLACK = 4
 """File descriptors another thread of the test process may open or close meanwhile."""
 
 
+def _files_under(folder: Path) -> int:
+    """This process's file descriptors open on files under `folder` (the stores' own: a count
+    of all of them also moves with what other threads of the test worker open meanwhile)."""
+    inside = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since it was listed
+            inside += os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+    return inside
+
+
 def test_closing_stores_gives_their_file_descriptors_back(tmp_path: Path) -> None:
     ChromaStore(path=tmp_path / "warm").close()  # what the first store loads, once a process
     before = _fds()
     stores = [ChromaStore(path=tmp_path / f"s{i}", index=_index()) for i in range(4)]
     for store in stores:
         _used(store)
-    opened = _fds()
+    opened, opened_inside = _fds(), _files_under(tmp_path)
     for store in stores:
         store.close()
-    after = _fds()
     assert opened - before >= 4 * 10, (before, opened)  # each path holds ~20 open
-    assert after <= before + SLACK, (before, opened, after)
+    assert opened_inside >= 4, opened_inside  # its database file at least
+    gc.collect()  # chromadb's SQLite connection of a store sometimes waits in a reference cycle
+    assert _files_under(tmp_path) == 0  # and the threads and pipes went with the systems:
     assert not _systems() & {str(tmp_path / f"s{i}") for i in range(4)}
 
 
