@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,6 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES, add_messages
 from langgraph.types import Command, StateSnapshot
 
 from keel import outcome
-from keel.approvals import canonical_args
 from keel.db.audit import AuditRecord
 from keel.db.idempotency import CallRecord
 from keel.errors import UserError
@@ -38,9 +37,8 @@ from keel.graphs._storage import Recorder
 from keel.history import pending_tool_calls
 from keel.nodes._once import recorded, tool_message
 from keel.state import task_start
-from keel.tools._args import as_called
+from keel.tools._args import ToolLookup, read_call
 from keel.tools._duplicates import duplicate_answer
-from keel.tools.registry import RegisteredTool
 from keel.versions import AgentVersion
 
 __all__ = [
@@ -66,9 +64,6 @@ __all__ = [
     "removed_of_waiting_run",
     "turned_past",
 ]
-
-ToolLookup = Callable[[str], RegisteredTool | None]
-"""A graph's tool by name (`ToolRegistry.get`): how its calls' arguments are read."""
 
 PENDING_KEY = "keel_pending"
 """`configurable` key: `"not_run"` answers a waiting thread's pending calls instead of refusing."""
@@ -225,7 +220,7 @@ def left_answers(
     claimed: dict[tuple[str, str], ToolMessage] = {}
     for c in calls:
         record = None if found is None else found.get(c.get("id") or "")
-        key = _as_read(c, tools)
+        key = read_call(c["name"], c.get("args") or {}, tools)
         if (result := saved.get(c.get("id") or "")) is not None:
             answer = result
         elif record is not None and record.state in ("completed", "failed") and record.result:
@@ -240,15 +235,6 @@ def left_answers(
             claimed.setdefault(key, answer)
         closing.append(answer)
     return closing
-
-
-def _as_read(call: ToolCall, tools: ToolLookup | None) -> tuple[str, str]:
-    """`call`'s tool and canonical arguments, as the tool reads them when `tools` knows it."""
-    args = call.get("args") or {}
-    entry = tools(call["name"]) if tools is not None else None
-    if entry is not None and isinstance(args, dict):
-        args = as_called(entry, args)
-    return call["name"], canonical_args(args)
 
 
 def left_inside(state: StateSnapshot | None) -> list[tuple[str, StateSnapshot]]:

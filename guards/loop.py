@@ -6,16 +6,13 @@ task (name + canonical arguments), the proposed ones last.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 
-from keel.approvals import canonical_args
 from keel.guards.policy import LoopPolicy
 from keel.state import task_start
-from keel.tools._args import as_called
-from keel.tools.registry import RegisteredTool
+from keel.tools._args import ToolLookup, read_call
 
 __all__ = ["MAX_CYCLE_LENGTH", "call_sequence", "detect_loop", "wrap_up_note"]
 
@@ -31,7 +28,7 @@ The guard runs at every step, so it reads only the last `MAX_CYCLE_LENGTH * max_
 def call_sequence(
     messages: Sequence[AnyMessage],
     proposed: AIMessage | None = None,
-    tools: Callable[[str], RegisteredTool | None] | None = None,
+    tools: ToolLookup | None = None,
 ) -> list[Call]:
     """The current task's tool calls, as `(name, canonical args)`, in order.
 
@@ -47,16 +44,8 @@ def call_sequence(
     for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
         if isinstance(m, AIMessage):
             for tc in m.tool_calls:  # a loop, not extend(genexpr): runs per message and step
-                calls.append((tc["name"], canonical_args(_read(tc["name"], tc["args"], tools))))
+                calls.append(read_call(tc["name"], tc["args"], tools))
     return calls
-
-
-def _read(
-    name: str, args: dict[str, Any], tools: Callable[[str], RegisteredTool | None] | None
-) -> dict[str, Any]:
-    """`args` as the tool `name` reads them, when `tools` knows it (else as spelled)."""
-    entry = tools(name) if tools is not None else None
-    return as_called(entry, args) if entry is not None else args
 
 
 def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:

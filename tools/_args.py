@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from keel.approvals import approval_digest
+from keel.approvals import approval_digest, canonical_args
 from keel.errors import _one_line
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
-__all__ = ["approval_digests", "as_called", "invalid_args", "validation_problem"]
+__all__ = [
+    "ToolLookup",
+    "approval_digests",
+    "as_called",
+    "invalid_args",
+    "read_call",
+    "validation_problem",
+]
+
+ToolLookup = Callable[[str], RegisteredTool | None]
+"""A graph's tool by name (`ToolRegistry.get`): how its calls' arguments are read."""
 
 
 def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
@@ -64,6 +74,15 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
     except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
     return dumped
+
+
+def read_call(name: str, args: Any, tools: ToolLookup | None) -> tuple[str, str]:
+    """`(name, canonical arguments)` of a call: how the loop guard and left-behind repeats compare.
+
+    The arguments as the tool reads them when `tools` knows it (`as_called`), else as spelled.
+    """
+    entry = tools(name) if tools is not None else None
+    return name, canonical_args(as_called(entry, args) if entry is not None else args)
 
 
 def approval_digests(
