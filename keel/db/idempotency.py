@@ -248,13 +248,12 @@ def _adopt_orphan(
     orphans = sorted({r[0] for r in rows if r[1] == "started" and r[2] in digests} - set(known))
     if call_id in ids or not orphans:
         return None  # the call has its own row (claimed as usual), or nothing was lost
-    yield (
+    move = (
         "UPDATE keel_tool_calls SET tool_call_id = ?, args_digest = ? "
         "WHERE thread_id = ? AND tool_call_id = ?",
         (call_id, digests[0], thread_id, orphans[0]),
     )
-    found = yield _select(thread_id, call_id)
-    return _record(found[0])
+    return (yield from _taken_as(move, thread_id, call_id))
 
 
 def _forked_away(
@@ -279,13 +278,19 @@ def _forked_away(
     left = sorted(same)
     if not left:
         return None
-    yield (
+    copy = (
         "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, result, "
         "attempts, started_at, finished_at) SELECT thread_id, ?, tool, args_digest, state, "
         "result, attempts, started_at, finished_at FROM keel_tool_calls "
         "WHERE thread_id = ? AND tool_call_id = ?",
         (call_id, thread_id, left[0]),
     )
+    return (yield from _taken_as(copy, thread_id, call_id))
+
+
+def _taken_as(write: tuple[str, tuple[Any, ...]], thread_id: str, call_id: str) -> Flow[CallRecord]:
+    """Run `write`, which gives another call's row to `call_id`; return that row's record."""
+    yield write
     found = yield _select(thread_id, call_id)
     return _record(found[0])
 
