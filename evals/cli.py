@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_text(args, skip=("suite", "out"))
         args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
-        out = Path(args.out or default_out(suite.name))
+        out = Path(args.out or default_out(suite.name)).expanduser()
         suite_factories(suite, args.graph, args.prices)  # a bad --graph writes no folder
         results_folder(out)  # before the suite runs: its results must not be lost at the end
         result, experiment = asyncio.run(_run(suite, args))

@@ -79,12 +79,12 @@ def _write_json(path: str, data: object) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    write_text(Path(path), text + "\n")
+    write_text(Path(path).expanduser(), text + "\n")
 
 
 def _read_cassette(path: str) -> Cassette:
     fix = "Save one with --save-cassette FILE."
-    return Cassette.from_json(read_text(Path(path), "Cassette file", missing=fix))
+    return Cassette.from_json(read_text(Path(path).expanduser(), "Cassette file", missing=fix))
 
 
 def replay_main(argv: Sequence[str]) -> int:
@@ -105,6 +105,7 @@ def replay_main(argv: Sequence[str]) -> int:
     p.add_argument("--save-cassette", default=None, help="save the thread's cassette (JSON)")
     add_price_option(p, "passed to the graph factory as prices=")
     args = p.parse_args(argv)
+    out = Path(args.out).expanduser() if args.out else None  # `--out=~/x`: no shell expands it
 
     async def job() -> None:
         check_text(args, skip=_FILES, positional=("thread",))
@@ -120,8 +121,8 @@ def replay_main(argv: Sequence[str]) -> int:
         print("\n".join(diff.lines()))
         if args.json:
             _write_json(args.json, diff.to_dict())
-        if args.out:
-            paths = write_replay_report([diff], args.out)
+        if out is not None:
+            paths = write_replay_report([diff], out)
             print(f"keel eval replay: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
 
     return _run("replay", job())
@@ -173,12 +174,13 @@ def shadow_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", default=None, help="report folder (default .keel/evals/shadow-*)")
     add_price_option(p, "passed to both sides' graph factories as prices=")
     args = p.parse_args(argv)
+    out = Path(args.out).expanduser() if args.out else None  # `--out=~/x`: no shell expands it
 
     async def job() -> None:
         check_text(args, skip=_FILES)
         prices = _prices(args)
-        if args.out:  # before anything runs: the runs' results must not be lost at the end
-            results_folder(Path(args.out))
+        if out is not None:  # before anything runs: the runs' results must not be lost at the end
+            results_folder(out)
         if args.threads:
             if args.candidate is None:
                 raise KeelError("--threads needs --candidate module:factory.")
@@ -188,7 +190,7 @@ def shadow_main(argv: Sequence[str]) -> int:
             )
             for diff in diffs:
                 print("\n".join(diff.lines()))
-            paths = write_replay_report(diffs, args.out or Path(".keel/evals/shadow-threads"))
+            paths = write_replay_report(diffs, out or Path(".keel/evals/shadow-threads"))
         else:
             if args.suite is None:
                 raise KeelError("Give a SUITE (file or built-in name), or --threads T1,T2.")
@@ -207,7 +209,7 @@ def shadow_main(argv: Sequence[str]) -> int:
                 f"{s['baseline_pass_rate']:.1%} → {s['candidate_pass_rate']:.1%}; stubbed "
                 f"{s['stubbed_calls']}; side effects run: {s['side_effects_run']}"
             )
-            paths = write_shadow_report(result, args.out or default_out(suite.name, "shadow-"))
+            paths = write_shadow_report(result, out or default_out(suite.name, "shadow-"))
         print(f"keel eval shadow: wrote {paths['json']}, {paths['markdown']}, {paths['html']}")
 
     return _run("shadow", job())

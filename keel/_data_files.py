@@ -130,7 +130,7 @@ def parse_text(
     except _JSON_ERRORS as exc:
         raise error(f"{where} is not valid JSON: {exc}.") from exc
     except yaml.YAMLError as exc:
-        raise error(f"{where} is not valid YAML: {exc}.") from exc
+        raise error(f"{where} is not valid YAML: {_yaml_reason(exc)}.") from exc
     except RecursionError as exc:  # the parsers recurse per level of nesting
         raise error(
             f"{where} nests lists or mappings too deeply to read ({exc}); {needs}check its "
@@ -146,6 +146,25 @@ def load_data_file(path: Path, what: str) -> Any:
             f"{what} {str(path)!r}: use a .toml, .yaml or .yml file, not {path.suffix!r}."
         )
     return parse_text(text, "toml" if path.suffix == ".toml" else "yaml", f"{what} {str(path)!r}")
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's reason on one line, with its line and column (counted from 1).
+
+    PyYAML's own text spans lines (`in "<unicode string>", line 2, column 3:` and the line
+    quoted under a caret), which a one-line error would cut after "here".
+    """
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+
+    def at(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = " ".join((exc.problem or "").split()) + at(exc.problem_mark)
+    context = " ".join((exc.context or "").split())
+    if context and exc.context_mark is not None and exc.context_mark != exc.problem_mark:
+        context += at(exc.context_mark)
+    return f"{problem} ({context})" if context and problem.strip() else (problem or context)
 
 
 def _redeclared(exc: tomllib.TOMLDecodeError) -> bool:

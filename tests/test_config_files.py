@@ -182,6 +182,7 @@ def test_a_path_under_home_written_with_a_tilde_is_read_from_home(
 ) -> None:
     """Python callers get no shell to expand `~` (nor does a quoted `KEEL_SERVER_CONFIG`):
     `Policy.from_file("~/p.toml")` looked for a folder named `~` in the working folder."""
+    from keel.app.report import load_objectives
     from keel.app.server_config import ServerConfig
     from keel.evals import load_suite
 
@@ -195,7 +196,13 @@ def test_a_path_under_home_written_with_a_tilde_is_read_from_home(
         encoding="utf-8",
     )
     (home / "server.toml").write_text(SMALL_SERVER, encoding="utf-8")
+    (home / "slo.toml").write_text("[slo]\nlatency_p95 = { max = 2.0 }\n", encoding="utf-8")
     assert Policy.from_file("~/p.toml").name == "mine"
+    assert [o.metric for o in load_objectives("~/slo.toml")] == ["latency_p95"]
+    # `--slo=~/...` is one word the shell leaves alone; the report's HTML goes under home too
+    assert main(["db", "setup"]) == 0
+    assert main(["report", "--slo=~/slo.toml", "--html=~/report.html"]) == 0  # no runs, no breach
+    assert "latency" in (home / "report.html").read_text(encoding="utf-8")
     assert load_suite("~/suite.yaml").name == "s"
     assert ServerConfig.from_file("~/server.toml").users[0].user_id == "alice"
     monkeypatch.setenv(CONFIG_ENV, "~/server.toml")

@@ -191,11 +191,12 @@ def _report(args: argparse.Namespace) -> int:
         if args.by:
             print("\nby version:\n" + render_versions(versions))
     if args.html:
+        html_path = Path(args.html).expanduser()
         try:
-            Path(args.html).write_text(render_html(report, breached, versions))
+            html_path.write_text(render_html(report, breached, versions))
         except OSError as exc:
-            raise KeelError(f"Cannot write --html {args.html}: {exc.strerror}.") from None
-        print(f"keel: wrote {args.html}", file=sys.stderr)
+            raise KeelError(f"Cannot write --html {html_path}: {exc.strerror}.") from None
+        print(f"keel: wrote {html_path}", file=sys.stderr)
     for b in breached:
         print(f"keel: SLO breached: {b}", file=sys.stderr)
     return 1 if breached else 0

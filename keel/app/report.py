@@ -270,7 +270,7 @@ def load_objectives(path: str | Path) -> list[Objective]:
         latency_p95 = { max = 2.0 }
         ```
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     data = load_data_file(p, "SLO file")
     slo = data.get("slo") if isinstance(data, Mapping) else None
     if not isinstance(slo, Mapping) or not slo:
