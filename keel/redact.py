@@ -191,8 +191,11 @@ _EMAIL = _compile(  # as it reads: invisible characters inside, a full-width @, 
     rf"{_LABEL}(?:{_DOT}{_LABEL})*{_DOT}[A-Za-z](?:{_I}[A-Za-z])+"
     rf"(?![\w-]|[{_DOTS}][A-Za-z0-9]|[{_INVISIBLE}]+(?:[\w-]|[{_DOTS}][A-Za-z0-9]))"
 )
-_IBAN_START = _compile(  # the check digits and the rest may be digits of any script (full-width)
-    rf"(?<![A-Za-z0-9])[A-Z]{{2}}\d{{2}}(?=[ {_SPACES}{_INVISIBLE}]?(?:[A-Z]|\d))"
+_WIDE_CAPS = "\uff21-\uff3a"
+"""Full-width capitals (U+FF21-FF3A): a CJK input method types an IBAN's letters as these."""
+_IBAN_START = _compile(  # letters ASCII or full-width, digits of any script (full-width too)
+    rf"(?<![A-Za-z0-9\uff10-\uff19\uff21-\uff3a\uff41-\uff5a])[A-Z{_WIDE_CAPS}]{{2}}\d{{2}}"
+    rf"(?=[ {_SPACES}{_INVISIBLE}]?(?:[A-Z{_WIDE_CAPS}]|\d))"
 )
 _CARD = _compile(rf"(?<![\w.,-])\d(?:[ \-{_SPACES}{_INVISIBLE}]{{0,3}}\d){{11,18}}(?![\w-]|[.,]\d)")
 _SSN = _compile(  # digits 3-2-4 split by dashes or spaces (any kind), invisibles anywhere
@@ -231,7 +234,7 @@ def _secret_spans(text: str) -> Iterator[tuple[int, int]]:
 
 def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
     for m in _IBAN_START.finditer(text):
-        length = _IBAN_LENGTHS.get(m.group()[:2])
+        length = _IBAN_LENGTHS.get(_read(m.group()[:2]))
         if length is None:
             continue
         i, count = m.end(), 4
@@ -242,8 +245,8 @@ def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
             if text[i] in _SPACE_SET and i + 1 < len(text) and text[i + 1] not in _SPACE_SET:
                 i += 1
                 continue
-            ch = text[i]  # an ASCII capital, or a digit in any script (it reads as 0-9)
-            if not ((ch.isascii() and ch.isupper()) or ch.isdecimal()):
+            ch = text[i]  # a capital (ASCII or full-width), or a digit in any script (0-9)
+            if not ((ch.isascii() and ch.isupper()) or _wide_cap(ch) or ch.isdecimal()):
                 break
             i, count = i + 1, count + 1
         after = i
@@ -254,12 +257,22 @@ def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
             yield m.start(), i
 
 
+def _wide_cap(ch: str) -> bool:
+    return "\uff21" <= ch <= "\uff3a"
+
+
 def _read(value: str) -> str:
-    """`value` as it reads: invisible characters dropped, any space a space, any digit 0-9."""
+    """`value` as it reads: invisible characters dropped, spaces ` `, digits 0-9, capitals ASCII.
+
+    Any space is a space, a digit of any script its 0-9, a full-width capital its ASCII letter.
+    """
     value = _READ_SPACES.sub(" ", _READ_INVISIBLE.sub("", value))
     if value.isascii():
         return value
-    return "".join(str(int(ch)) if ch.isdecimal() else ch for ch in value)
+    return "".join(
+        str(int(ch)) if ch.isdecimal() else chr(ord(ch) - 0xFEE0) if _wide_cap(ch) else ch
+        for ch in value
+    )
 
 
 def _ssn_spans(text: str) -> Iterator[tuple[int, int]]:

@@ -42,6 +42,11 @@ def _full_width(text: str) -> str:
     return "".join(chr(0xFF10 + int(ch)) if ch.isdigit() else ch for ch in text)
 
 
+def _full_width_all(text: str) -> str:
+    """Digits and capitals full-width, as a CJK input method types them."""
+    return "".join(chr(ord(ch) + 0xFEE0) if ch.isalnum() else ch for ch in text)
+
+
 OTHER_SPELLINGS = {
     "email, zero-width in the name": ("email", f"ja{ZW}ne@example.com"),
     "email, zero-width before the @": ("email", f"jane{ZW}@example.com"),
@@ -85,6 +90,10 @@ OTHER_SPELLINGS = {
         "DE"
         + "".join(chr(0x0660 + int(d)) if d.isdigit() else d for d in "89 3704 0044 0532 0130 00"),
     ),
+    "iban, full-width letters and digits": ("iban", _full_width_all("DE89 3704 0044 0532 0130 00")),
+    "iban, full-width letters inside": ("iban", _full_width_all("GB82 WEST 1234 5698 7654 32")),
+    "iban, full-width letters, no spaces": ("iban", _full_width_all("GB82WEST12345698765432")),
+    "iban, full-width country": ("iban", _full_width_all("GB") + "82WEST12345698765432"),
     "email, ideographic full stop": ("email", "jane@example\u3002com"),
     "email, half-width ideographic full stop": ("email", "jane@example\uff61co\uff61uk"),
     "email, ideographic full stop in the name": ("email", "jane\u3002doe@example\u3002com"),
@@ -105,6 +114,8 @@ NOT_PII = [
     f"call 555{ZW}1234567",  # nor with a zero-width character inside
     f"+1{ZW}23",  # too few digits for a phone
     "GB" + _full_width("82 WEST 1234 5698 7654 33"),  # checksum fails
+    _full_width_all("GB82 WEST 1234 5698 7654 33"),  # checksum fails, full-width letters too
+    _full_width_all("XGB82WEST12345698765432"),  # part of a longer full-width word
     "see @handle\u3002Thanks, and v1\u30022\u30023",  # no address: a handle, a version
 ]
 NOT_CARDS = [
