@@ -93,6 +93,23 @@ def test_slo_breach_exits_non_zero_and_says_which(tmp_path: Path, capsys: Any) -
     assert "<script" not in page and not re.search(r"(src|href)=", page)
 
 
+def test_a_period_with_no_runs_breaches_only_a_runs_objective(tmp_path: Path, capsys: Any) -> None:
+    """No finished run: the report's rates read 0, which is no measurement. A success-rate
+    objective is not breached by a quiet period (it was: `success_rate is 0`, exit 1); an
+    operator who wants to hear of one says `runs = { min = 1 }`."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    assert main(["db", "setup", "--db", url]) == 0
+    slo = tmp_path / "slo.toml"
+    slo.write_text("[slo]\nsuccess_rate = { min = 0.9 }\ntool_success_rate = { min = 2 }\n")
+    assert main(["report", "--db", url, "--slo", str(slo)]) == 0
+    assert "breached" not in capsys.readouterr().err
+    slo.write_text("[slo]\nsuccess_rate = { min = 0.9 }\nruns = { min = 1 }\n")
+    assert main(["report", "--db", url, "--slo", str(slo)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "keel: SLO breached: runs is 0, objective >= 1"
+    )
+
+
 def test_objectives_reject_bad_files(tmp_path: Path) -> None:
     bad = tmp_path / "slo.toml"
     bad.write_text("[slo]\nsucess_rate = { min = 0.9 }\n")

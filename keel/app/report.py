@@ -251,7 +251,14 @@ class Objective:
             raise UserError(f"SLO {self.metric}: the bound is 'min' or 'max', not {self.bound!r}.")
 
     def breach(self, report: Report) -> str | None:
-        """Why `report` breaches this objective, or None when it is met."""
+        """Why `report` breaches this objective, or None when it is met.
+
+        A period with no finished run has no rate, latency or cost to hold to a bound (the
+        report shows 0 for them): only `runs` is checked then (`runs = { min = 1 }` alerts on
+        a quiet period); `success_rate >= 0.95` over no runs is not breached.
+        """
+        if report.runs == 0 and self.metric != "runs":
+            return None
         value = float(getattr(report, self.metric))
         ok = value >= self.target if self.bound == "min" else value <= self.target
         if ok:
