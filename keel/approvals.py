@@ -55,8 +55,25 @@ _PROCESS_SECRET = secrets.token_bytes(32)
 
 
 def canonical_args(args: Mapping[str, Any]) -> str:
-    """The arguments as canonical JSON: sorted keys, no spaces, so equal calls hash equally."""
-    return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """The arguments as canonical JSON: sorted keys, no spaces, so equal calls hash equally.
+
+    In every process alike: a set (or frozenset) is written as a list in canonical order (a
+    set's own order changes with each process's string hash seed, so a digest of it would
+    differ in the process that resumes the call), anything else JSON cannot write as `str`.
+    """
+    return _canonical(args)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=_canonical)
+    return str(value)
 
 
 def approval_digest(

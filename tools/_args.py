@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+import json
+from collections.abc import Callable, Mapping, Sized
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -70,9 +72,42 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
         return args
     try:  # validated once (`invalid_args`'s check, the same call): the loop guard reads each
         # call of the task at every step
-        dumped: dict[str, Any] = schema.model_validate(args).model_dump(mode="json")
+        model = schema.model_validate(args)
+        dumped: dict[str, Any] = model.model_dump(mode="json")
+        if _has_sets(schema):
+            dumped = _sets_in_order(model.model_dump(), dumped)
     except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
+    return dumped
+
+
+@functools.lru_cache(maxsize=1024)
+def _has_sets(schema: type[BaseModel]) -> bool:
+    """Whether the schema has a set anywhere (JSON Schema's `uniqueItems`), or cannot tell."""
+    try:
+        return '"uniqueItems": true' in json.dumps(schema.model_json_schema())
+    except Exception:  # a type JSON Schema cannot describe: look at the values
+        return True
+
+
+def _sets_in_order(python: Any, dumped: Any) -> Any:
+    """`dumped` (`model_dump(mode="json")`) with each list that was a set in canonical order.
+
+    pydantic writes a set as a list in the set's own order, which changes with each process's
+    string hash seed: the same call read in another process (a resume, another worker) would
+    have other digests, so a crashed call's orphan would not be found and a decision not
+    matched. `python` is the same model dumped in Python mode, where sets are still sets.
+    """
+    if isinstance(python, set | frozenset) and isinstance(dumped, list):
+        return sorted(dumped, key=lambda item: json.dumps(item, sort_keys=True))
+    alike = isinstance(python, Sized) and isinstance(dumped, Sized)
+    if not alike or len(python) != len(dumped):
+        return dumped  # a scalar, or another shape (a custom serializer's): no set inside
+    if isinstance(python, dict) and isinstance(dumped, dict):
+        pairs = zip(python.values(), dumped.items(), strict=True)
+        return {k: _sets_in_order(p, v) for p, (k, v) in pairs}
+    if isinstance(python, list | tuple) and isinstance(dumped, list):
+        return [_sets_in_order(p, v) for p, v in zip(python, dumped, strict=True)]
     return dumped
 
 
