@@ -733,3 +733,118 @@ async def test_a_user_of_the_same_tenant_reaches_no_memory_of_anothers(
             assert await status(call) == 403
         assert (await alice.store.get_item(hers, "k"))["value"] == {"text": "prefers email"}
         assert await status(alice.store.put_item((kind, "acme"), "all", {"text": "x"})) == 403
+
+
+# -- the routes LangGraph server answers without a token -----------------------------------------
+
+
+async def test_metrics_answer_only_the_scrapers_token(http: httpx.AsyncClient) -> None:
+    """Found by attack: LangGraph's `/metrics` answered anyone, no token (its auth skips it),
+    with every tenant's run counts (`?format=json`: the queue's pending and running runs, the
+    workers' load, each route's requests). keel's http app gates it: only the server config's
+    `[metrics]` token; a user's token is not enough (the counts are every tenant's)."""
+    sent: dict[str, dict[str, str]] = {
+        "no token": {},
+        "a wrong token": {"Authorization": "Bearer token-mallory"},
+        "a user's token": _auth("alice"),
+        "not bearer": {"Authorization": "Basic token-metrics"},
+    }
+    for what, headers in sent.items():
+        for path in ("/metrics", "/metrics?format=json", "/metrics/"):
+            answer = await http.get(path, headers=headers, follow_redirects=True)
+            assert answer.status_code == 401, (what, path, answer.text)
+            assert "[metrics] token" in answer.text
+    scraper = {"Authorization": "Bearer token-metrics"}
+    prometheus = await http.get("/metrics", headers=scraper)
+    assert prometheus.status_code == 200, prometheus.text
+    assert prometheus.headers["content-type"].startswith("text/plain")
+    counts = await http.get("/metrics", params={"format": "json"}, headers=scraper)
+    assert counts.status_code == 200, counts.text
+    assert "queue" in counts.json()  # what the token protects: the server's runs, all tenants'
+
+
+async def test_the_api_reference_answers_a_known_token_and_the_rest_stays_open(
+    http: httpx.AsyncClient,
+) -> None:
+    """`/docs` and `/openapi.json` (every route, keel's own too) answer a known token; `/ok`,
+    `/`, `/info` (what LangGraph Studio asks for first) and keel's live and ready checks stay
+    open, as the SDK, Studio and probes need."""
+    for path in ("/docs", "/openapi.json"):
+        for headers in ({}, {"Authorization": "Bearer token-mallory"}):
+            refused = await http.get(path, headers=headers)
+            assert refused.status_code == 401, (path, headers, refused.text)
+        for token in ("token-alice", "token-metrics"):
+            answer = await http.get(path, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, (path, token, answer.text)
+    spec = await http.get("/openapi.json", headers=_auth("alice"))
+    assert "/threads" in spec.json()["paths"]
+    for path in ("/ok", "/", "/info", "/keel/health/live", "/keel/health/ready"):
+        answer = await http.get(path)
+        assert answer.status_code == 200, (path, answer.text)
+    assert "version" in (await http.get("/info")).json()
+
+
+async def test_langgraph_devs_internal_routes_are_closed(
+    users: dict[str, LangGraphClient], http: httpx.AsyncClient
+) -> None:
+    """Found by attack: `langgraph dev` (which `keel serve` runs) answers its own test routes
+    with no token: `POST /internal/truncate` deleted every tenant's threads and runs, and
+    `GET /internal/debug/thread/{id}` read any thread (its metadata: tenant and owner).
+    `/deploy` (Studio's `langgraph deploy` button) is closed too. 404, token or none."""
+    alice = users["alice"]
+    thread = await alice.threads.create()
+    thread_id = thread["thread_id"]
+    for headers in ({}, _auth("alice"), {"Authorization": "Bearer token-metrics"}):
+        read = await http.get(f"/internal/debug/thread/{thread_id}", headers=headers)
+        assert read.status_code == 404, read.text
+        assert "keel_owner" not in read.text
+        assert (await http.get("/deploy", headers=headers)).status_code == 404
+        truncated = await http.post("/internal/truncate", headers=headers)
+        assert truncated.status_code == 404, truncated.text
+    assert (await alice.threads.get(thread_id))["thread_id"] == thread_id  # still there
+
+
+INTERNAL_WEBHOOKS = {
+    "private": ("http://10.0.0.1/x", "Webhook must use https"),
+    "cloud-metadata": ("http://169.254.169.254/", "Webhook must use https"),
+    "loopback": ("http://127.0.0.1:1/", "Webhook must use https"),
+    "a-file": ("file:///etc/passwd", "Webhook must use https"),
+    "private-https": ("https://10.0.0.1/x", "Webhook host blocked: private IP range"),
+    "cloud-metadata-https": ("https://169.254.169.254/", "Webhook host blocked: blocked IP range"),
+    "loopback-https": ("https://127.0.0.1:1/", "Webhook host blocked: loopback IP range"),
+    "private-v6-https": ("https://[fd12::1]/", "Webhook host blocked: private IP range"),
+}
+"""Webhooks the server refuses: by langgraph.json's `webhooks.url` (https only, no private
+address: LangGraph checks each address a name resolves to, at creation and at each call)."""
+
+
+@pytest.mark.parametrize("case", list(INTERNAL_WEBHOOKS))
+async def test_a_run_whose_webhook_is_internal_is_refused(
+    case: str, users: dict[str, LangGraphClient]
+) -> None:
+    """Found by audit: the server POSTs a run's output to its `webhook` from inside the
+    deployment, and LangGraph's default policy let a client name the private network
+    (`http://10.0.0.1/x`: the database, another service) and send the output over plain http.
+    keel's langgraph.json sets `require_https` and `disable_private_ips`; LangGraph checks the
+    URL before keel's auth sees the run (whose own check covers a langgraph.json without them:
+    `test_attack_webhooks.py`)."""
+    url, why = INTERNAL_WEBHOOKS[case]
+    alice = users["alice"]
+    thread_id = str(uuid.uuid4())
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.runs.create(thread_id, "agent", input=TASK, webhook=url, if_not_exists="create")
+    assert caught.value.response.status_code == 422
+    assert why in caught.value.response.text
+    assert await status(alice.threads.get(thread_id)) == 404  # nothing was created
+
+
+async def test_a_run_whose_webhook_is_public_is_created(users: dict[str, LangGraphClient]) -> None:
+    """A public https webhook is taken (an address: the test machine resolves no names). The
+    run is scheduled an hour out and cancelled: nothing is sent."""
+    alice = users["alice"]
+    thread = await alice.threads.create()
+    run = await alice.runs.create(
+        thread["thread_id"], "agent", input=TASK, webhook="https://1.1.1.1/keel", after_seconds=3600
+    )
+    assert run["status"] == "pending"
+    await alice.runs.cancel(thread["thread_id"], run["run_id"])

@@ -26,6 +26,13 @@
   assistant's; a run's under Aegra) are refused with 422: they would say whom the run acts for.
 - **Not crons:** creating one is refused with 422. The server's cron scheduler starts a cron's
   runs as a bare user id, without the tenant and roles keel's auth returned, so each would fail.
+- **Where to:** a run's `webhook` (the server POSTs the run's output there) must be an
+  `http(s)` URL whose host is not a loopback, link-local (cloud metadata), reserved or, unless
+  the server config says `[webhooks] private = true`, private address or name (`*.internal`,
+  ...), nor `localhost` or a cloud's metadata service: 422. A name is not
+  resolved here (it could resolve elsewhere when the server calls it): LangGraph's own policy,
+  `"webhooks": {"url": {"disable_private_ips": true}}` in langgraph.json, resolves it at
+  creation and again at each call.
 - **How many:** with `[tenants.<id>.admission]` in the server config, a new run of a tenant (or
   user) whose running and queued runs are at their caps is refused with 429 and `Retry-After`
   before it is created (`keel.guards.admission`; a run that gets past this check and finds no
@@ -48,8 +55,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from langchain_core.messages import convert_to_messages
 from langgraph_sdk import Auth
@@ -368,6 +378,7 @@ async def owned(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str]:
     if ctx.action == "create_run":
         _refuse_unsendable(value)
         _refuse_raw_streams(value)
+        _refuse_webhook(value)
     if ctx.action == "update" and isinstance(value, dict):
         _refuse_keel_metadata(value.get("metadata"))
     if ctx.resource == "assistants" and ctx.action in ("create", "update"):
@@ -572,6 +583,110 @@ def _refuse_raw_streams(run: Any) -> None:
         modes = [modes] if isinstance(modes, str) else modes
         if isinstance(modes, list | tuple) and "events" in modes:
             _refuse_raw_stream("The run asks for stream_mode 'events', which streams it under")
+
+
+_NEVER_NAMES = frozenset(
+    {
+        "localhost",
+        "host.docker.internal",
+        "metadata",
+        "metadata.google.internal",
+        "metadata.amazonaws.com",
+        "instance-data",
+    }
+)
+"""Host names of this machine, its container host and a cloud's metadata service: refused."""
+_NEVER_SUFFIXES = (".localhost", ".svc.cluster.local")
+"""Name suffixes refused always: this machine, Kubernetes' internal services."""
+_PRIVATE_SUFFIXES = (".internal", ".local", ".localdomain", ".lan", ".intranet")
+"""Name suffixes of the private network, refused unless `[webhooks] private = true`."""
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200")
+) | {ipaddress.ip_address("fd00:ec2::254")}
+"""Cloud metadata services (AWS, ECS, Alibaba, AWS over IPv6): refused always."""
+
+
+def webhook_refusal(url: Any, *, private: bool = False) -> str | None:
+    """Why a run may not send its output to `url`, or None.
+
+    Not an `http(s)` URL with a host; a host that is a loopback, link-local (the cloud metadata
+    service at 169.254.169.254), unspecified, multicast or reserved address; or, unless
+    `private`, a private address (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) or a
+    private network's name (`*.internal`, `*.local`, ...); `localhost`, a cloud's metadata
+    service and `*.svc.cluster.local` always. Addresses spelled as numbers
+    (`http://2130706433/`, `http://0x7f.1/`) count as the address they are. A name is not
+    resolved (LangGraph's `disable_private_ips` resolves it at creation and at each call).
+    """
+    if not isinstance(url, str):
+        return f"the webhook must be a URL (a string), got {type(url).__name__}"
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError as exc:
+        return f"the webhook {url!r} is not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        return f"the webhook {url!r} is not an http(s) URL with a host"
+    address = _address(host)
+    if address is None:
+        if host in _NEVER_NAMES or host.endswith(_NEVER_SUFFIXES):
+            return f"the webhook's host {host!r} names this machine or an internal service"
+        if host.endswith(_PRIVATE_SUFFIXES) and not private:
+            return f"the webhook's host {host!r} is a private network's name"
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if (
+        address in _METADATA_ADDRESSES
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or address.is_reserved
+    ):
+        return (
+            f"the webhook's host {host!r} is a loopback, link-local, metadata or reserved address"
+        )
+    if not address.is_global and not private:
+        return f"the webhook's host {host!r} is a private address"
+    return None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `host` spells (`10.0.0.1`, `[::1]`'s `::1`, `0x7f.1`, `2130706433`)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not all(c in "0123456789abcdefx." for c in host):
+        return None
+    try:  # the numeric forms the resolver reads as an IPv4 address (no lookup)
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def _refuse_webhook(run: Any) -> None:
+    """422 for a run whose `webhook` would have the server POST its output somewhere internal.
+
+    LangGraph's server sends the run's output (the thread's values) to the URL from inside the
+    deployment: to the cloud's metadata service, the database, another service on the private
+    network, it is a request the client could not make (SSRF).
+    """
+    kwargs = run.get("kwargs") if isinstance(run, dict) else None
+    for holder in (run, kwargs):
+        url = holder.get("webhook") if isinstance(holder, dict) else None
+        if not url:
+            continue
+        if (why := webhook_refusal(url, private=server_config().private_webhooks)) is not None:
+            raise Auth.exceptions.HTTPException(
+                status_code=422,
+                detail=(
+                    f"Refused: {why}. The server POSTs the run's output to its webhook from "
+                    "inside the deployment, so keel refuses webhooks to this machine, the "
+                    "cloud's metadata service and (unless the server config says [webhooks] "
+                    "private = true) the private network. Send a public http(s) URL."
+                ),
+            )
 
 
 def _refuse_raw_stream(what: str) -> NoReturn:

@@ -12,6 +12,10 @@ Aegra takes only a FastAPI app: the shim `keel.app.aegra` generates hands it the
   `Authorization: Bearer <KEEL_HEALTH_TOKEN>` (403 while the server has no such token set, 401
   for a wrong one).
 
+It also closes what LangGraph server answers without a token (`GatedRoutes`): `/metrics`
+answers only the server config's `[metrics]` token, `/docs` and `/openapi.json` only a known
+token, and `langgraph dev`'s own `/internal/...` and `/deploy` routes no one.
+
 It also answers an MCP `tools/call` whose run the server refused (keel's auth: 422, 429, ...)
 with a JSON-RPC error carrying the refusal (`RefusedToolCalls`): LangGraph server applies
 `http.app`'s middleware to its own routes, and its MCP route let that error escape as a 500.
@@ -49,7 +53,14 @@ from keel.app.health import Check, Health, liveness, semantic_check, served_read
 from keel.app.server_config import CONFIG_ENV, server_config
 from keel.errors import KeelError
 
-__all__ = ["DATABASE_ENVS", "RefusedToolCalls", "app", "lifespan", "readiness_targets"]
+__all__ = [
+    "DATABASE_ENVS",
+    "GatedRoutes",
+    "RefusedToolCalls",
+    "app",
+    "lifespan",
+    "readiness_targets",
+]
 
 DATABASE_ENVS = ("KEEL_DB_URL", "DATABASE_URI", "DATABASE_URL")
 """Where `ready` finds the server's database URL, first set wins."""
@@ -208,9 +219,85 @@ def _run_refused(exc: httpx.HTTPStatusError) -> dict[str, Any]:
     return {"code": INVALID_PARAMS, "message": message, "data": {"status": status}}
 
 
+METRICS_PATH = "/metrics"
+"""LangGraph server's Prometheus (and `?format=json`) metrics: every tenant's run counts."""
+SPEC_PATHS = frozenset({"/docs", "/openapi.json"})
+"""LangGraph server's API reference (every route, keel's too): for a known token."""
+CLOSED_ROUTES = ("/internal", "/deploy")
+"""`langgraph dev`'s own routes: `POST /internal/truncate` deletes every thread and run,
+`/internal/debug/thread/{id}` reads any thread, `POST /deploy` runs `langgraph deploy`."""
+
+
+class GatedRoutes:
+    """Close the routes LangGraph server answers without a token (it skips auth for them).
+
+    - `/metrics`: only `Authorization: Bearer <the [metrics] token>` (a Prometheus scraper's);
+      it counts every tenant's runs and requests, so a user's token is not enough. 403 while
+      the server config has no `[metrics]`, 401 for a missing or wrong token.
+    - `/docs`, `/openapi.json`: any known token (a user's or the metrics token), else 401.
+    - `/internal/...`, `/deploy...` (`langgraph dev`'s test and deploy routes): 404 for all.
+
+    `/ok`, `/` and `/info` (versions and feature flags, which LangGraph Studio asks for before
+    it sends a token) stay open, as do keel's `/keel/health/live` and `ready`.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a closed route; pass anything else on."""
+        if scope["type"] == "http":
+            refused = _gate(_route_path(scope), Request(scope).headers.get("authorization", ""))
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches (without the server's `root_path`), no trailing `/`."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return "/" + path.strip("/")
+
+
+def _gate(path: str, authorization: str) -> JSONResponse | None:
+    """The refusal for a request to `path` with this `Authorization`, or None to let it in."""
+    if any(path == closed or path.startswith(f"{closed}/") for closed in CLOSED_ROUTES):
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+    if path != METRICS_PATH and path not in SPEC_PATHS:
+        return None
+    try:
+        config = server_config()
+    except KeelError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if path == METRICS_PATH:
+        if config.metrics_token_sha256 is None:
+            why = (
+                "/metrics counts every tenant's runs: it answers only the server config's "
+                '[metrics] token. Add [metrics] token_sha256 = "<sha256 hex of the token>" and '
+                "have the scraper send `Authorization: Bearer <token>`."
+            )
+            return JSONResponse({"detail": why}, status_code=403)
+        if token and config.is_metrics_token(token):
+            return None
+        why = "Send `Authorization: Bearer <token>` with the server config's [metrics] token."
+        return JSONResponse({"detail": why}, status_code=401)
+    if token and (config.authenticate(token) is not None or config.is_metrics_token(token)):
+        return None
+    return JSONResponse(
+        {"detail": f"{path} answers a known token: send 'Authorization: Bearer <token>'."},
+        status_code=401,
+    )
+
+
 app = Starlette(
     lifespan=lifespan,
-    middleware=[Middleware(RefusedToolCalls)],
+    middleware=[Middleware(GatedRoutes), Middleware(RefusedToolCalls)],
     routes=[
         Route("/keel/health/live", live, methods=["GET"]),
         Route("/keel/health/ready", ready, methods=["GET"]),

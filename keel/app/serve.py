@@ -29,6 +29,10 @@ LANGGRAPH_JSON = {
     "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
     # liveness, readiness and the semantic check under /keel/health/ (keel.app.http)
     "http": {"app": "keel.app.http:app"},
+    # a run's webhook (where the server POSTs its output): https only, and no private address
+    # (LangGraph refuses loopback and link-local ones already), checked on every address its
+    # name resolves to, at creation and at each call (keel.app.auth refuses addresses as sent)
+    "webhooks": {"url": {"require_https": True, "disable_private_ips": True}},
 }
 """What `keel serve` writes to `.keel/langgraph.json` when the directory has no langgraph.json."""
 

@@ -47,6 +47,12 @@ system_prompt = "You handle refunds. Confirm the order first."
 tenant_running = 20                                   # runs of the tenant running at once
 tenant_queued = 50                                    # ... waiting for a slot (up to 30 s)
 user_running = 3                                      # runs of one user running at once
+
+[metrics]                                             # GET /metrics answers this bearer token
+token_sha256 = "..."                                  # (a scraper's); without it: 403 to all
+
+[webhooks]                                            # a run's `webhook` may name a private
+private = true                                        # address (10/8, ...); default: refused
 ```
 
 A user whose `roles` include `reviewer` may list and resume the tenant's waiting threads
@@ -201,6 +207,10 @@ class ServerConfig:
     """Runs one server process may have waiting in admission queues at once, over every
     tenant (`keel.guards.WaitingRoom`): a queued run waits in one of a worker's
     `N_JOBS_PER_WORKER` job slots. Default: half of `N_JOBS_PER_WORKER` (10 when unset)."""
+    metrics_token_sha256: str | None = None
+    """SHA-256 (hex) of the bearer token `GET /metrics` answers (`[metrics]`); None: no one."""
+    private_webhooks: bool = False
+    """Whether a run's `webhook` may name a private address (`[webhooks] private = true`)."""
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     """Graphs built from this config (by the factories in `keel.app.server`)."""
 
@@ -212,6 +222,13 @@ class ServerConfig:
             if hmac.compare_digest(entry.token_sha256, digest):
                 found = entry
         return found
+
+    def is_metrics_token(self, token: str) -> bool:
+        """Whether `token` is the `[metrics]` token (constant-time comparison)."""
+        if self.metrics_token_sha256 is None:
+            return False
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return hmac.compare_digest(self.metrics_token_sha256, digest)
 
     def tenant(self, name: str) -> TenantConfig:
         """The tenant's config; an authenticated user's tenant always exists (checked at load)."""
@@ -259,7 +276,8 @@ def loaded_configs() -> list[ServerConfig]:
 
 
 def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
-    _only(data, {"users", "tenants", "ledger", "queued_per_process", "prices"}, "the file")
+    known = {"users", "tenants", "ledger", "queued_per_process", "prices", "metrics", "webhooks"}
+    _only(data, known, "the file")
     tenants_raw = data.get("tenants")
     if not isinstance(tenants_raw, Mapping) or not tenants_raw:
         raise UserError("it needs at least one [tenants.<id>] table.")
@@ -294,7 +312,40 @@ def _parse(path: Path, data: Mapping[str, Any]) -> ServerConfig:
         users=users,
         ledger_url=ledger_url,
         queued_per_process=_queued_per_process(data),
+        metrics_token_sha256=_metrics_token(data.get("metrics"), seen),
+        private_webhooks=_private_webhooks(data.get("webhooks")),
     )
+
+
+def _metrics_token(raw: Any, users: Mapping[str, int]) -> str | None:
+    """`[metrics]`: the SHA-256 of the token `GET /metrics` answers (`token_sha256` or `token`)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise UserError('[metrics] must be a table: token_sha256 = "<sha256 hex of the token>".')
+    _only(raw, {"token", "token_sha256"}, "[metrics]")
+    if ("token" in raw) == ("token_sha256" in raw):
+        raise UserError("[metrics] needs exactly one of token_sha256 (preferred) or token.")
+    digest = _token_digest(raw, "[metrics]")
+    if digest in users:
+        raise UserError(
+            "[metrics] has the same token as a user: /metrics counts every tenant's runs, so "
+            "give the scraper a token of its own."
+        )
+    return digest
+
+
+def _private_webhooks(raw: Any) -> bool:
+    """`[webhooks] private = true`: a run's webhook may name a private address."""
+    if raw is None:
+        return False
+    if not isinstance(raw, Mapping):
+        raise UserError("[webhooks] must be a table: private = true.")
+    _only(raw, {"private"}, "[webhooks]")
+    private = raw.get("private", False)
+    if not isinstance(private, bool):
+        raise UserError(f"[webhooks] private must be true or false, got {private!r}.")
+    return private
 
 
 def _prices(raw: Any) -> PriceTable | None:
