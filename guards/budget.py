@@ -34,6 +34,7 @@ __all__ = [
     "run_messages",
     "usage_from_messages",
     "usage_of",
+    "wall_deadline",
 ]
 
 RAN = frozenset({"success", "timeout", "error"})
@@ -121,6 +122,21 @@ def holding_outer(outer: OuterBudget) -> Iterator[None]:
 def outer_budgets() -> tuple[OuterBudget, ...]:
     """The outer runs' budgets this run is held to (innermost last); none for a run of its own."""
     return _OUTER.get()
+
+
+def wall_deadline(budget: Budget | None, started_at: float | None) -> float | None:
+    """When (`time.time()`) the run's `wall_seconds` limit, or an outer run's, is reached.
+
+    `None` without one. A wait inside a step (a model call's wait for period-budget room) stops
+    there, so the run ends no later than its limit says.
+    """
+    held = [(budget, started_at), *((o.budget, o.started_at) for o in outer_budgets())]
+    ends = [
+        start + b.wall_seconds
+        for b, start in held
+        if b is not None and b.wall_seconds is not None and start is not None
+    ]
+    return min(ends, default=None)
 
 
 def outer_exceeded(usage: Mapping[str, Any], *, planned_tool_calls: int = 0) -> str | None:

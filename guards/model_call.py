@@ -67,7 +67,9 @@ from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
 from keel.guards.resilience import ModelGuard
 from keel.guards.spend import (
+    Crowded,
     Reservation,
+    RoomWait,
     SpendMeter,
     estimate_tokens,
     schema_sizes,
@@ -457,10 +459,14 @@ class GuardedModel:
         config: RunnableConfig | None,
         ctx: RunContext,
         usage: Mapping[str, Any] | None,
+        *,
+        until: float | None = None,
     ) -> Steps[ModelAnswer]:
         """The call as steps for `keel._drive`; `invoke` and `ainvoke` drive it.
 
-        Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`).
+        Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`). `until`:
+        the run's wall-clock limit (`time.time()`), past which no wait for a period budget's
+        room (`PeriodBudget.wait_for_reservations`) goes on.
         """
         stop = self._over_budget(usage)
         if stop is not None:
@@ -472,7 +478,9 @@ class GuardedModel:
             m, more = self.chain[index], index + 1 < len(self.chain)
             policy = self._retrying(more)
             try:
-                tried = yield from retrying(policy, partial(self._tried, m, messages, config, ctx))
+                tried = yield from retrying(
+                    policy, partial(self._tried, m, messages, config, ctx, until)
+                )
             except _Stopped as stopped:
                 return ModelAnswer(usage=stopped.usage, stop=stopped.outcome)
             except _Failed as failed:
@@ -522,25 +530,50 @@ class GuardedModel:
         )
 
     def _tried(
-        self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
+        self,
+        m: _Model,
+        messages: list[BaseMessage],
+        config: RunnableConfig | None,
+        ctx: RunContext,
+        until: float | None,
     ) -> Steps[_Tried]:
         """One attempt; a model failure raised as `_Failed` for the retry engine to judge."""
-        tried = yield from self._attempt(m, messages, config, ctx)
+        tried = yield from self._attempt(m, messages, config, ctx, until)
         if tried.error is not None:
             raise _Failed(tried.error, tried.tripped)
         return tried
 
     def _attempt(
-        self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None, ctx: RunContext
+        self,
+        m: _Model,
+        messages: list[BaseMessage],
+        config: RunnableConfig | None,
+        ctx: RunContext,
+        until: float | None = None,
     ) -> Steps[_Tried]:
-        """Reserve → breaker and rate limits → call → record → settle, on one model."""
-        if self.guard is None:
-            held, permit = (yield from self._reserve(m, messages, ctx)), None
-        else:
-            admitted = yield from self._admit(m, messages, ctx)
+        """Reserve → breaker and rate limits → call → record → settle, on one model.
+
+        A call the period budgets hold back for what other calls hold in flight (`Crowded`)
+        waits for their reservations to settle and tries again (`RoomWait`), at most until
+        `until` (the run's wall-clock limit).
+        """
+        wait: RoomWait | None = None
+        admitted: tuple[Reservation | None, Any] | Crowded | _Tried
+        while True:
+            if self.guard is None:
+                admitted = yield from self._reserve(m, messages, ctx)
+            else:
+                admitted = yield from self._admit(m, messages, ctx)
             if isinstance(admitted, _Tried):
                 return admitted
-            held, permit = admitted
+            if not isinstance(admitted, Crowded):
+                break
+            assert self.meter is not None
+            wait = wait or RoomWait(self.meter.ledger, until)
+            refused = yield from wait.waiting(admitted)
+            if refused is not None:
+                raise _Stopped(outcome.stopped("budget_exceeded", refused))
+        held, permit = admitted
         return (yield from self._call(m, messages, config, held, permit))
 
     def _call(
@@ -600,11 +633,12 @@ class GuardedModel:
 
     def _admit(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext
-    ) -> Steps[tuple[Reservation | None, Any] | _Tried]:
+    ) -> Steps[tuple[Reservation | None, Any] | Crowded | _Tried]:
         """Breaker, then the reservation and the rate limits' first try in one transaction.
 
         `_Tried` with the refusal when the breaker is open or a rate limit has no room (the
-        reservation released); a spent period budget or a failed ledger stops the run.
+        reservation released); `Crowded` when the call is to wait for room (nothing taken); a
+        spent period budget or a failed ledger stops the run.
         """
         meter, guard = self._meter(), self.guard
         assert guard is not None
@@ -632,6 +666,8 @@ class GuardedModel:
                 raise
             # the ledger failed: nothing was reserved, or the reservation expires
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        if isinstance(held, Crowded):  # no rate limit was tried (`go_on` said no)
+            return held
         if isinstance(held, str):
             raise _Stopped(outcome.stopped("budget_exceeded", held))
         if isinstance(permit, RateLimited):
@@ -641,10 +677,11 @@ class GuardedModel:
 
     def _reserve(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext
-    ) -> Steps[Reservation | None]:
+    ) -> Steps[tuple[Reservation | None, None] | Crowded]:
+        """The call's reservation (none without period budgets), or `Crowded`: wait for room."""
         meter = self._meter()
         if meter is None:
-            return None
+            return None, None
         extra = self.schema_bound
         try:
             reserve = meter.reserving(
@@ -657,10 +694,12 @@ class GuardedModel:
             held = yield Op(reserve.run, reserve.arun, on_error=_storage)
         except _StorageFailed as failed:
             raise _Stopped(_storage_failed(failed, "before the model was called")) from None
+        if isinstance(held, Crowded):
+            return held
         if isinstance(held, str):
             raise _Stopped(outcome.stopped("budget_exceeded", held))
         assert isinstance(held, Reservation)
-        return held
+        return held, None
 
     def _past_the_cap(self, name: str, tokens: int) -> None:
         """Reserve `tokens` of output for `name`'s later calls (in this process).

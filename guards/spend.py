@@ -8,13 +8,21 @@ really cost (`usage_metadata`). The answer is capped at the reserve
 (`keel.guards.model_call.capped`), so a call cannot cost more than it reserved, and concurrent
 runs of one user never spend more than the budget, whatever the interleaving. A process that
 dies between the two leaves a reservation that expires after `reservation_ttl`.
+
+A call that would fit what the period has spent, but not with what other calls hold in flight
+(a reservation bounds a call's cost and settles far lower), waits instead of being refused:
+it asks the ledger again, in a new locked transaction each time, until it fits, the budget is
+spent (refused then), or `wait_for_reservations` seconds have passed (`waiting_for_room`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,15 +31,17 @@ from typing import Any, Literal
 from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from keel._drive import Op
+from keel._drive import Op, Steps, sleep
 from keel.db.ledger import Flow, Ledger, returning, together
 from keel.errors import UserError
 from keel.pricing import PriceTable, finite_number, is_count, unpriced
 from keel.state import RunContext
 
 __all__ = [
+    "Crowded",
     "PeriodBudget",
     "Reservation",
+    "RoomWait",
     "SpendMeter",
     "estimate_schema_tokens",
     "estimate_tokens",
@@ -58,6 +68,12 @@ class PeriodBudget:
     the most each answer may be long: keel caps the model's output at it (`max_tokens`)."""
     reservation_ttl: float = 900.0
     """Seconds a reservation holds if its run never settles it (the process died)."""
+    wait_for_reservations: float = 30.0
+    """Seconds a call waits, at most, while it fits what the period has spent but not with what
+    other calls hold in flight: their reservations settle at what the calls really cost, far
+    less. It asks the ledger again (50 ms, then twice as long each time up to 0.5 s, and at once
+    when a call of this process settles) until it fits, the budget is spent (refused then), or
+    this much time has passed. 0 refuses it at once."""
 
     def __post_init__(self) -> None:
         if self.scope not in ("user", "tenant"):
@@ -87,6 +103,12 @@ class PeriodBudget:
                 f"PeriodBudget.reservation_ttl must be a finite number of seconds greater than 0 "
                 f"(e.g. 900); got {self.reservation_ttl!r}."
             )
+        wait = self.wait_for_reservations
+        if (seconds := finite_number(wait)) is None or seconds < 0:
+            raise UserError(
+                f"PeriodBudget.wait_for_reservations must be a finite number of seconds, 0 or "
+                f"more (e.g. 30; 0 refuses at once); got {wait!r}."
+            )
 
     def key(self, context: RunContext, now: float) -> tuple[str, str]:
         """The ledger row of this budget for `context` at `now`: `(scope key, period)`."""
@@ -108,6 +130,23 @@ class Reservation:
     """`(reservation id, scope key, period)` per budget."""
     usd: float
     tokens: int
+
+
+class Crowded(str):
+    """Why a call may not run *yet*: it fits what its period has spent, not with what it holds.
+
+    Other calls' reservations in flight hold the room; they settle at what the calls cost, far
+    less, so the call may wait (`wait` seconds at most: the least `wait_for_reservations` of
+    the budgets that held it back) and ask again. A `str`, so a caller that does not wait
+    refuses it.
+    """
+
+    wait: float
+
+    def __new__(cls, why: str, wait: float) -> Crowded:  # noqa: D102
+        crowded = super().__new__(cls, why)
+        crowded.wait = wait
+        return crowded
 
 
 MEDIA_TOKENS = 4096
@@ -220,10 +259,13 @@ def reserve_flow(
 ) -> Flow[Reservation | str]:
     """Check every budget and, if all allow it, reserve `usd` / `tokens` against each.
 
-    Returns the `Reservation`, or why the call may not run. Rows are locked in key order, so
-    concurrent reservations cannot deadlock.
+    Returns the `Reservation`, or why the call may not run: a `Crowded` reason when it would fit
+    once other calls' reservations settle (and its budgets wait for that), a plain `str` when
+    the budget is spent. Rows are locked in key order, so concurrent reservations cannot
+    deadlock; nothing is reserved unless every budget has room.
     """
     keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
+    crowded: list[tuple[str, float]] = []
     for (scope_key, period), budget in keyed:
         spend, held = yield from together(
             (  # the row, created if new, locked; then what is held against it
@@ -239,16 +281,25 @@ def reserve_flow(
             ),
         )
         ((spent_usd, spent_tokens),), ((held_usd, held_tokens),) = spend, held
-        if budget.usd is not None and spent_usd + held_usd + usd > budget.usd:
-            return (
-                f"Exceeded the {budget.label()} usd budget of {budget.usd:g} "
-                f"(spent={spent_usd:.6g}, reserved={held_usd:.6g}, this call≈{usd:.6g})"
+        for unit, limit, spent, others, this in (
+            ("usd", budget.usd, spent_usd, held_usd, usd),
+            ("tokens", budget.tokens, spent_tokens, held_tokens, tokens),
+        ):
+            if limit is None or spent + others + this <= limit:
+                continue
+            shown = f"{limit:g}" if unit == "usd" else str(limit)
+            numbers = (
+                f"(spent={spent:.6g}, reserved={others:.6g}, this call≈{this:.6g})"
+                if unit == "usd"
+                else f"(spent={spent}, reserved={others}, this call≈{this})"
             )
-        if budget.tokens is not None and spent_tokens + held_tokens + tokens > budget.tokens:
-            return (
-                f"Exceeded the {budget.label()} tokens budget of {budget.tokens} "
-                f"(spent={spent_tokens}, reserved={held_tokens}, this call≈{tokens})"
-            )
+            why = f"Exceeded the {budget.label()} {unit} budget of {shown} {numbers}"
+            if spent + this > limit:  # spent: no reservation settling makes room
+                return why
+            crowded.append((why, budget.wait_for_reservations))
+    if crowded:  # it fits what is spent: room comes as the calls in flight settle
+        why, wait = min(crowded, key=lambda c: c[1])
+        return Crowded(why, wait) if wait > 0 else why
     rows = []
     for (scope_key, period), budget in keyed:
         rid = uuid.uuid4().hex
@@ -392,14 +443,86 @@ class SpendMeter:
         It commits now (a failure ends the run as a storage error, the call counted), with the
         records deferred before it (the call's rate refund and breaker success).
         """
-        self.ledger.run(settle_flow(reservation, usd, tokens))
+        try:
+            self.ledger.run(settle_flow(reservation, usd, tokens))
+        finally:
+            _settled(self.ledger)
 
     async def asettle(
         self, reservation: Reservation, usd: float | None, tokens: int | None
     ) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`), async."""
-        await self.ledger.arun(settle_flow(reservation, usd, tokens))
+        try:
+            await self.ledger.arun(settle_flow(reservation, usd, tokens))
+        finally:
+            _settled(self.ledger)
 
     def spent(self, budget: PeriodBudget, context: RunContext) -> tuple[float, int]:
         """`(usd, tokens)` spent in the current period of `budget` for `context`."""
         return self.ledger.run(spent_flow(budget, context, time.time()))
+
+
+_POLL_S = 0.05
+"""Seconds a crowded call waits before it first asks the ledger again (as admission's queue)."""
+_POLL_MAX_S = 0.5
+"""The longest wait between two asks (the wait doubles from `_POLL_S`): room a call of another
+process makes is seen within this much; room one of this process makes, at once."""
+_TICK_S = 0.01
+"""How often a crowded call looks, in memory, whether a call of this process settled."""
+
+_SETTLES: weakref.WeakKeyDictionary[Ledger, int] = weakref.WeakKeyDictionary()
+_SETTLES_LOCK = threading.Lock()
+
+
+def _settled(ledger: Ledger) -> None:
+    """Count a settle (or release) in `ledger`: this process's crowded calls ask at once."""
+    with _SETTLES_LOCK:
+        _SETTLES[ledger] = _SETTLES.get(ledger, 0) + 1
+
+
+class RoomWait:
+    """One model call's wait for room in its period budgets (`wait_for_reservations`).
+
+    The caller tries to reserve; while the answer is `Crowded` it yields from `waiting`, which
+    sleeps until it is time to ask again (`None`), or says why the call is refused: the wait
+    is over. Nothing is held while it waits, and each ask is a new locked transaction, so the
+    budget holds whatever the interleaving. `until`: a wall-clock time (`time.time()`) the
+    wait must not pass, the run's own `wall_seconds` limit.
+    """
+
+    def __init__(self, ledger: Ledger, until: float | None = None) -> None:
+        self.ledger = ledger
+        self.started = time.monotonic()
+        self.cutoff = (
+            self.started + max(until - time.time(), 0.0) if until is not None else math.inf
+        )
+        """The run's deadline on the monotonic clock (`inf`: none)."""
+        self.interval = _POLL_S
+        self.seen = _SETTLES.get(ledger, 0)
+
+    def waiting(self, crowded: Crowded) -> Steps[str | None]:
+        """Sleep until the next ask (`None`), or the refusal once the wait is over."""
+        now = time.monotonic()
+        deadline = min(self.started + crowded.wait, self.cutoff)
+        if now >= deadline:
+            return self._refusal(crowded, now)
+        ask_at = now + self.interval
+        while now < deadline and now < ask_at and _SETTLES.get(self.ledger, 0) == self.seen:
+            yield sleep(min(_TICK_S, deadline - now, ask_at - now))
+            now = time.monotonic()
+        self.seen = _SETTLES.get(self.ledger, 0)
+        self.interval = min(self.interval * 2, _POLL_MAX_S)
+        return None
+
+    def _refusal(self, crowded: Crowded, now: float) -> str:
+        waited = now - self.started
+        if self.cutoff < self.started + crowded.wait:
+            until = "until the run's wall_seconds limit"
+        else:
+            until = f"wait_for_reservations={crowded.wait:g} s"
+        return (
+            f"{crowded}: the call fits what was spent, not with what other calls hold in flight; "
+            f"it waited {waited:.3g} s ({until}) for their reservations to settle. Raise the "
+            "budget, lower reserve_output_tokens (every call in flight holds its answer's "
+            "reserve), or raise wait_for_reservations"
+        )

@@ -29,7 +29,7 @@ from keel.approvals import decided
 from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
-from keel.guards.budget import check_budget, outer_exceeded
+from keel.guards.budget import check_budget, outer_exceeded, wall_deadline
 from keel.guards.content import OutputGuardPolicy
 from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer, unstreamed
@@ -76,6 +76,8 @@ class _Turn:
     extra: dict[str, Any] = field(default_factory=dict)
     models: _Models | None = None
     """The models to ask (the cheaper chain near the budget limit)."""
+    until: float | None = None
+    """When the run's (or an outer run's) `wall_seconds` limit is reached (`wall_deadline`)."""
 
 
 def call_model(
@@ -210,7 +212,8 @@ class _TurnMaker:
         system = _system_text(self.system_prompt, state)
         if system:  # valid_history merges it with any system message already in the history
             history = [SystemMessage(content=system), *history]
-        return _Turn(valid_history(history), None, extra, models)
+        until = wall_deadline(budget, clock.get("started_at"))
+        return _Turn(valid_history(history), None, extra, models, until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +242,7 @@ class _Answerer:
         ctx = context_of(runtime)
         if self.guards.output_guard is not None:
             config = unstreamed(config)  # the checked answer goes out whole
-        got = yield from turn.models.bound.call(turn.messages, config, ctx, None)
+        got = yield from turn.models.bound.call(turn.messages, config, ctx, None, until=turn.until)
         if got.stop is not None:
             return _stopped(got, turn)
         update = self.finish(got, state, runtime, turn)
@@ -247,7 +250,9 @@ class _Answerer:
             return update
         note = wrap_up_note(update)
         # `plain` binds no tools: it sends the tool turns as text (Anthropic's rule)
-        final = yield from turn.models.plain.call([*turn.messages, note], config, ctx, None)
+        final = yield from turn.models.plain.call(
+            [*turn.messages, note], config, ctx, None, until=turn.until
+        )
         return _wrapped_up(got, final, update, turn, self.guards.output_guard)
 
     def finish(
