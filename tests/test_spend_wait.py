@@ -23,7 +23,7 @@ from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent
 from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule, SpendMeter
-from keel.guards.spend import Crowded, Reservation, reserve_flow, settle_flow
+from keel.guards.spend import Crowded, Reservation, RoomWait, reserve_flow, settle_flow
 from keel.tools import tool
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
@@ -300,3 +300,24 @@ async def test_a_cancelled_waiter_holds_no_reservation(db_url: str, guarded: boo
         await task
     assert await ledger.arun(_reservations()) == [(stuck.rows[0][0], 0.5)]
     await ledger.aclose()
+
+
+def test_a_settle_in_this_process_ends_the_pause_at_once(db_url: str) -> None:
+    """A waiting call asks again as soon as a call of its process settles, not at its next
+    poll (driven step by step: no sleep runs, so no clock decides it)."""
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.0)
+    meter = SpendMeter(ledger, [budget], PRICES)
+    held = _stuck(ledger, budget, 0.5)
+    crowded = ledger.run(reserve_flow([budget], ALICE, 0.75, 750, time.time()))
+    assert isinstance(crowded, Crowded)
+    wait = RoomWait(ledger)
+    wait.interval = 60.0  # the next poll is a minute away
+    pause = wait.waiting(crowded)
+    next(pause)  # a first tick of the pause (not slept)
+    pause.send(None)  # another: nothing settled yet
+    meter.settle(held, 0.01, 10)
+    with pytest.raises(StopIteration) as asked:
+        pause.send(None)
+    assert asked.value.value is None  # ask the ledger now
+    ledger.close()
