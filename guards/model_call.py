@@ -56,7 +56,7 @@ from langgraph.types import RetryPolicy
 from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from keel import outcome
-from keel._drive import Op, Steps, adrive, drive, retrying
+from keel._drive import Op, Steps, adrive, drive, finishing, retrying
 from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, StorageError, UserError
@@ -586,7 +586,7 @@ class GuardedModel:
     ) -> Steps[_Tried]:
         """Call → record → settle, once the call holds its reservation and permit."""
         try:
-            output = yield self._ask(m, messages, config)
+            output = yield self._charged_if_cancelled(self._ask(m, messages, config), held)
             message = _raw(output)
         except GraphBubbleUp:
             raise
@@ -780,6 +780,32 @@ class GuardedModel:
             if not when:  # already stopping for a storage failure: the reservation expires
                 return
             raise _Stopped(_storage_failed(failed, when), usage) from None
+
+    def _charged_if_cancelled(self, ask: Op, held: Reservation | None) -> Op:
+        """`ask`, whose reservation is charged as reserved if its task is cancelled meanwhile.
+
+        A cancelled run (a client gone, a served run interrupted or cancelled) ends the call
+        in its `await`, where no later step runs (`adrive` closes the steps): its reservation
+        held the period's room for `reservation_ttl` (15 min by default) and made every other
+        call wait for it. The provider may have billed the request, so it is charged as a
+        timed-out call is, at its reservation (the most it can cost): the budget holds, and the
+        room the reserve held beyond that comes back now. A sync call cannot be cancelled.
+        """
+        meter = self.meter
+        if meter is None or held is None:
+            return ask
+
+        async def arun() -> Any:
+            try:
+                return await ask.arun()
+            except asyncio.CancelledError:
+                try:
+                    await finishing(meter.asettle(held, held.usd, held.tokens))
+                except Exception:  # the ledger failed too: the reservation expires instead
+                    log.exception("could not settle a cancelled model call's reservation")
+                raise
+
+        return Op(ask.run, arun, ask.on_error)
 
     def _ask(self, m: _Model, messages: list[BaseMessage], config: RunnableConfig | None) -> Op:
         seconds = self.timeout.attempt_timeout if self.timeout is not None else None

@@ -23,7 +23,14 @@ from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent
 from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel, call
 from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule, SpendMeter
-from keel.guards.spend import Crowded, Reservation, RoomWait, reserve_flow, settle_flow
+from keel.guards.spend import (
+    Crowded,
+    Reservation,
+    RoomWait,
+    reserve_flow,
+    settle_flow,
+    spent_flow,
+)
 from keel.tools import tool
 
 ALICE = RunContext(user_id="alice", tenant_id="acme")
@@ -321,3 +328,37 @@ def test_a_settle_in_this_process_ends_the_pause_at_once(db_url: str) -> None:
         pause.send(None)
     assert asked.value.value is None  # ask the ledger now
     ledger.close()
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
+async def test_a_run_cancelled_during_its_model_call_gives_the_room_back(
+    db_url: str, guarded: bool
+) -> None:
+    """A run cancelled while its model answers (a served client gone, a run interrupted)
+    left its reservation for `reservation_ttl`, 15 minutes: every other call of the period
+    waited for it, then was refused. It is charged as reserved (the provider may have billed
+    the request, as with a timeout) and the reservation is gone at once."""
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.0, reserve_output_tokens=32)
+    model = ScriptedChatModel(script=[AIMessage("done")], latency=30.0, fresh_ids=True)
+    policy = Policy(
+        rules=(Rule(action="allow"),),
+        period_budgets=(budget,),
+        loop=None,
+        rate_limits=(RateLimit(rpm=10_000),) if guarded else (),
+        model_breaker=BreakerPolicy() if guarded else None,
+    )
+    agent = build_agent(model, [echo], policy=policy, ledger=ledger, prices=PRICES)
+    task = asyncio.ensure_future(agent.ainvoke(_task(0), _config(0), context=ALICE))
+    for _ in range(500):  # until the call holds its reservation and waits for the model
+        if held := await ledger.arun(_reservations()):
+            break
+        await asyncio.sleep(0.01)
+    ((_, usd),) = held
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await ledger.arun(_reservations()) == []
+    spent, _ = await ledger.arun(spent_flow(budget, ALICE, time.time()))
+    assert spent == pytest.approx(usd)
+    await ledger.aclose()
