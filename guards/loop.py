@@ -14,7 +14,7 @@ from keel.guards.policy import LoopPolicy
 from keel.state import task_start
 from keel.tools._args import ToolLookup, read_call
 
-__all__ = ["MAX_CYCLE_LENGTH", "call_sequence", "detect_loop", "wrap_up_note"]
+__all__ = ["MAX_CYCLE_LENGTH", "call_sequence", "detect_loop", "loop_window", "wrap_up_note"]
 
 Call = tuple[str, str]
 
@@ -25,10 +25,17 @@ The guard runs at every step, so it reads only the last `MAX_CYCLE_LENGTH * max_
 (one pass over them, whatever the task's length); a longer cycle is left to the run budget."""
 
 
+def loop_window(policy: LoopPolicy) -> int:
+    """How many of the task's last calls `detect_loop` reads under `policy`."""
+    return max(policy.max_repeats, MAX_CYCLE_LENGTH * policy.max_cycles)
+
+
 def call_sequence(
     messages: Sequence[AnyMessage],
     proposed: AIMessage | None = None,
     tools: ToolLookup | None = None,
+    *,
+    last: int | None = None,
 ) -> list[Call]:
     """The current task's tool calls, as `(name, canonical args)`, in order.
 
@@ -38,14 +45,25 @@ def call_sequence(
     With `tools` (a tool by name), the arguments of a call to one of them are as the tool
     reads them (`keel.tools._args.as_called`): `amount=10` and `amount=10.0` for an `int`
     are the same call, so alternating spellings does not slip past `max_repeats`.
+
+    `last`: only the task's last calls, this many (`loop_window`): the guard runs at every
+    step, and reading each call as the tool does (a schema validation) at every step made a
+    long task's steps cost more and more.
     """
     start = max(task_start(messages), 0)
-    calls: list[Call] = []
-    for m in [*messages[start:], *([proposed] if proposed is not None else [])]:
-        if isinstance(m, AIMessage):
-            for tc in m.tool_calls:  # a loop, not extend(genexpr): runs per message and step
-                calls.append(read_call(tc["name"], tc["args"], tools))
-    return calls
+    turns = [*messages[start:], *([proposed] if proposed is not None else [])]
+    turns_with_calls: list[AIMessage] = []
+    count = 0
+    for m in reversed(turns):  # from the end: a long task's early calls are not read
+        if isinstance(m, AIMessage) and m.tool_calls:
+            turns_with_calls.append(m)
+            count += len(m.tool_calls)
+            if last is not None and count >= last:
+                break
+    picked = [tc for m in reversed(turns_with_calls) for tc in m.tool_calls]
+    if last is not None:
+        picked = picked[-last:] if last > 0 else []
+    return [read_call(tc["name"], tc["args"], tools) for tc in picked]
 
 
 def detect_loop(calls: Sequence[Call], policy: LoopPolicy) -> str | None:

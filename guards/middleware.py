@@ -47,7 +47,7 @@ from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
 from keel.guards.budget import check_budget, run_messages, usage_from_messages
 from keel.guards.gate import GateDecision
-from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
+from keel.guards.loop import call_sequence, detect_loop, loop_window, wrap_up_note
 from keel.guards.permissions import PermissionMatrix
 from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
@@ -803,7 +803,9 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         if answer is None or not answer.tool_calls:
             return None
         tools = {t.name: registered(t) for t in request.tools if isinstance(t, BaseTool)}
-        calls = call_sequence(request.state["messages"], answer, tools.get)
+        calls = call_sequence(
+            request.state["messages"], answer, tools.get, last=loop_window(self.loop)
+        )
         return detect_loop(calls, self.loop)
 
     def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:

@@ -31,7 +31,7 @@ from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded, wall_deadline
 from keel.guards.content import OutputGuardPolicy
-from keel.guards.loop import call_sequence, detect_loop, wrap_up_note
+from keel.guards.loop import call_sequence, detect_loop, loop_window, wrap_up_note
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer, unstreamed
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.screening import checked_answer
@@ -285,7 +285,9 @@ class _Answerer:
         loop = self.loop
         looping = None
         if loop is not None:
-            calls = call_sequence(state.get("messages") or [], response, self.registry.get)
+            calls = call_sequence(
+                state.get("messages") or [], response, self.registry.get, last=loop_window(loop)
+            )
             looping = detect_loop(calls, loop)
         if looping is not None and loop is not None:
             if loop.on_loop == "wrap_up" and not _over(self.guards.budget, state, usage):

@@ -28,7 +28,7 @@ from keel._node import RunnableCallable, context_of, make_node, thread_of
 from keel.approvals import decided
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded
-from keel.guards.loop import call_sequence, detect_loop
+from keel.guards.loop import call_sequence, detect_loop, loop_window
 from keel.history import pending_tool_calls
 from keel.nodes._once import tool_message
 from keel.state import AgentState, RunContext, run_usage
@@ -106,7 +106,10 @@ def gate_decision(tools: ToolRegistry, held: AgentGuards) -> Decide:
         last = messages[index]
         assert isinstance(last, AIMessage)
         if loop is not None and loop.on_loop == "stop":
-            looping = detect_loop(call_sequence(messages[:index], last, tools.get), loop)
+            window = loop_window(loop)
+            looping = detect_loop(
+                call_sequence(messages[:index], last, tools.get, last=window), loop
+            )
             if looping is not None:
                 return {"outcome": outcome.stopped("loop_detected", looping)}
         usage = run_usage(state.get("usage"), state.get("clock"))

@@ -8,7 +8,7 @@ human message) counts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain_core.messages import (
@@ -20,14 +20,15 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langgraph.checkpoint.memory import InMemorySaver
-from pydantic import PrivateAttr
+from pydantic import AfterValidator, PrivateAttr
 
 from keel import Persistence, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
 from keel.evals.scripted import malformed
 from keel.guards import Budget, LoopPolicy, Policy, Rule, detect_loop
-from keel.guards.loop import MAX_CYCLE_LENGTH, call_sequence
+from keel.guards.loop import MAX_CYCLE_LENGTH, call_sequence, loop_window
 from keel.nodes import valid_history
+from keel.tools.registry import registered
 
 CTX = RunContext(user_id="u1", tenant_id="acme", roles=("support",))
 A = ("lookup", '{"q":"x"}')
@@ -209,6 +210,49 @@ def test_parallel_identical_calls_in_one_turn_count_as_repeats() -> None:
     x = ("lookup", {"q": "x"})
     sequence = call_sequence([HumanMessage(content="go")], ai(x, x, x))
     assert detect_loop(sequence, LoopPolicy()) is not None
+
+
+readings: list[int] = []
+
+
+def _counted(n: int) -> int:
+    readings.append(n)
+    return n
+
+
+@tool(name="lookup")
+def counted_lookup(n: Annotated[int, AfterValidator(_counted)]) -> str:
+    """Look up n (each reading of its arguments counted in `readings`)."""
+    return str(n)
+
+
+def test_a_long_task_reads_only_the_calls_the_guard_looks_at() -> None:
+    """The guard runs at every step and read every call of the task as the tool reads it (a
+    schema validation each): a task of 600 calls cost 600 readings a step, more every step.
+    It reads the last `loop_window` calls, and decides as it did over the whole task."""
+    readings.clear()
+    entry = registered(counted_lookup)
+    turns = [
+        answered(ai(*[("lookup", {"n": t * 3 + i}) for i in range(3)], turn=t)) for t in range(200)
+    ]
+    history = [HumanMessage(content="go"), *(m for turn in turns for m in turn)]
+    policy = LoopPolicy()
+    window = loop_window(policy)
+    assert window == MAX_CYCLE_LENGTH * policy.max_cycles < 600
+    for proposed in (ai(("lookup", {"n": 7})), ai(("lookup", {"n": 597}), ("lookup", {"n": 598}))):
+        readings.clear()
+        tail = call_sequence(history, proposed, lambda name: entry, last=window)
+        assert len(readings) == window  # not 601
+        whole = call_sequence(history, proposed, lambda name: entry)
+        assert tail == whole[-window:]
+        assert detect_loop(tail, policy) == detect_loop(whole, policy)
+    # a loop at the end of a long task is still found in the window
+    looping = history + answered(ai(("lookup", {"n": 1}), ("lookup", {"n": 2}), turn=900))
+    tail = call_sequence(
+        looping, ai(("lookup", {"n": 1}), ("lookup", {"n": 2})), lambda name: entry, last=window
+    )
+    assert detect_loop(tail, policy) is not None
+    assert call_sequence(history, None, lambda name: entry, last=0) == []
 
 
 def test_without_a_human_message_the_whole_history_counts() -> None:
