@@ -17,11 +17,13 @@ A result or answer a guard acted on carries `response_metadata["keel_guard"]`; w
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.agents.middleware.types import ToolCallRequest
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langgraph.types import Command
 
 from keel import outcome
 from keel._drive import Steps, adrive, both, call, drive
@@ -149,6 +151,25 @@ class InputGuardMiddleware(_Audited):
         return (yield call(handler, screened))  # type: ignore[no-any-return]
 
     def _result(self, result: Any) -> Steps[tuple[Any, list[Any]]]:
+        """The result as the model may read it, and the messages the guard acted on.
+
+        A `Command` (`PermissionMiddleware` answers a rejected call with one, its record in
+        the thread's state) has the tool messages of its update checked.
+        """
+        if isinstance(result, Command) and isinstance(result.update, dict):
+            messages = result.update.get("messages")
+            if not isinstance(messages, list):
+                return result, []
+            found: list[Any] = []
+            checked: list[Any] = []
+            for m in messages:
+                if isinstance(m, ToolMessage):
+                    m, acted = yield from self._result(m)
+                    found.extend(acted)
+                checked.append(m)
+            if not found:
+                return result, []
+            return replace(result, update={**result.update, "messages": checked}), found
         if not isinstance(result, ToolMessage):
             return result, []
         screened = yield both(screen_tool_result, ascreen_tool_result, result, self.policy)

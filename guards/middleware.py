@@ -9,7 +9,9 @@ hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph
 - `PermissionMiddleware`: the policy's rules, default deny; `ask` pauses the call with
   LangChain's per-call human-in-the-loop interrupt (`{"type": "tool_approval", ...}`),
   answered with a LangChain `Decision` (`approve`, `edit`, `reject`, `respond`); a repeat of
-  an earlier side-effecting call of the turn is neither asked about nor run (`not_run`);
+  an earlier side-effecting call of the turn is neither asked about nor run (`not_run`), nor
+  is a call a reviewer rejected earlier on the thread (`rejected`, kept in the agent's state
+  under `REJECTIONS_KEY`, its `state_schema`);
 - `RateLimitMiddleware`: RPM / TPM buckets shared through the ledger;
 - `CircuitBreakerMiddleware`: per-model and per-tool breakers shared through the ledger;
 - `LoopGuardMiddleware`: repeated calls and A-B-A-B cycles stop the run or force a wrap-up.
@@ -22,13 +24,14 @@ A guard that stops the run answers in the model's place with an AI message witho
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, NotRequired, cast
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
-from langchain.agents.middleware.types import ToolCallRequest
+from langchain.agents.middleware.types import AgentState, PrivateStateAttr, ToolCallRequest
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
+from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
 
 from keel import outcome
@@ -42,6 +45,7 @@ from keel._node import (
     refused_resume,
     void_resume,
 )
+from keel.approvals import decision_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -57,14 +61,15 @@ from keel.history import tool_turns_as_text, valid_history
 from keel.identity import server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
-from keel.state import Outcome, RunContext, Usage
-from keel.tools._args import invalid_args
+from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
+from keel.tools._args import approval_digests, invalid_args
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools._injected import spoofed
 from keel.tools.registry import registered
 from keel.tools.stubs import stub_answer, stub_message
 
 __all__ = [
+    "REJECTIONS_KEY",
     "BudgetMiddleware",
     "CircuitBreakerMiddleware",
     "LoopGuardMiddleware",
@@ -251,6 +256,60 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 # -- permissions --------------------------------------------------------------------------
 
 
+REJECTIONS_KEY = "keel_rejections"
+"""`PermissionMiddleware`'s state key: the thread's rejections by human reviewers, by digest."""
+
+
+def merge_rejections(
+    left: Mapping[str, Approval] | None, right: Mapping[str, Any] | None
+) -> dict[str, Approval]:
+    """Reducer of `REJECTIONS_KEY`: rejections accumulate by digest (`merge_approvals`).
+
+    The calls of a turn run as tasks of their own, so rejections given in one resume merge.
+    The key holds what `PermissionMiddleware` writes, rejections only: a write of anything else
+    (an approval, a record that is not one) is refused with a `UserError`.
+    """
+    return merge_approvals(_rejections(left), _rejections(right, refuse=True))
+
+
+def _rejections(found: object, *, refuse: bool = False) -> dict[str, Approval]:
+    """The rejection records of `found`; with `refuse`, anything else raises a `UserError`."""
+    out: dict[str, Approval] = {}
+    items = found.items() if isinstance(found, Mapping) else None
+    if items is None and found is not None and refuse:
+        raise _not_rejections(f"a {type(found).__name__}")
+    for key, record in items or ():
+        if (
+            isinstance(record, Mapping)
+            and record.get("decision") == "rejected"
+            and record.get("digest") == key
+            and isinstance(key, str)
+            and isinstance(record.get("tool"), str)
+        ):
+            out[key] = cast("Approval", dict(record))
+        elif refuse:
+            raise _not_rejections(f"{record!r} under {key!r}")
+    return out
+
+
+def _not_rejections(what: str) -> UserError:
+    return UserError(
+        f"{REJECTIONS_KEY!r} holds only the rejections PermissionMiddleware records when a "
+        f"human rejects a call, each under its digest; it cannot take {what}. An approval is "
+        "never read from state: answer the call's interrupt with Command(resume=...)."
+    )
+
+
+class PermissionState(AgentState[Any]):
+    """The state `PermissionMiddleware` adds to `create_agent`'s: the thread's rejections.
+
+    Private (`PrivateStateAttr`): not in the agent's input or output schema, so a run's input
+    cannot set it (LangGraph drops the key).
+    """
+
+    keel_rejections: NotRequired[Annotated[dict[str, Approval], PrivateStateAttr, merge_rejections]]
+
+
 def _valid(request: ModelRequest[Any]) -> ModelRequest[Any]:
     """`request` with a history every provider accepts (`keel.history.valid_history`)."""
     return request.override(messages=cast("list[AnyMessage]", valid_history(request.messages)))
@@ -289,6 +348,25 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
     so is a call a reviewer's edit makes the twin of another call of its turn.
 
+    A reviewer's rejection is kept for the thread, as `build_agent` keeps it (one rule, one
+    digest: `keel.approvals`): in the agent's state under `keel_rejections` (`REJECTIONS_KEY`,
+    private to the agent: not in its input or output schema; merged by `merge_rejections`, so
+    the calls of a turn rejected in one resume are all kept), under the digest of the call as
+    the tool reads it (`keel.tools._args.approval_digests`: tool, tool version, arguments read
+    by its schema, the policy's `name@version`). A later `ask` call of that tool with those
+    arguments, under any id and however spelled (`10`, `10.0`, `"10"` for an `int`, a default
+    sent or left out), is answered as `build_agent`'s `execute_tools` answers it ("Rejected by a
+    human reviewer; <tool> was not run.", `keel_status="rejected"`) and no human is asked; other
+    arguments are asked. The rejection comes back as a `Command` writing its record beside its
+    tool message (`InputGuardMiddleware` around this one screens that message as any result).
+    Approvals are not kept: as in `build_agent`, an approval covers the call a human saw, and
+    the same call made again is asked about again. The key holds rejections only: a write of
+    anything else (an approval, a record under another key) is refused with a `UserError`; a
+    value written past the reducer (LangGraph's `Overwrite`) is read for its rejections only;
+    no record in state is ever taken as an approval, so a forged one can only stop a call. A
+    client that may update the thread's state can clear the rejections (`Overwrite({})`): the
+    call is then asked about again, and a human still decides.
+
     Each model call gets a history every provider accepts (`keel.history.valid_history`): a
     new message sent while a call waits for approval (or after a run stopped mid-call) leaves
     that call unanswered in the thread, which OpenAI and Anthropic refuse with a 400; the model
@@ -296,12 +374,58 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     is not rewritten.
     """
 
+    state_schema = PermissionState
+
     def __init__(self, policy: Policy) -> None:
         """Decide every tool call by `policy.rules` (first match wins, default deny)."""
         super().__init__()
         if not isinstance(policy, Policy):
             raise UserError(f"PermissionMiddleware needs a keel Policy(...), got {policy!r}.")
         self.matrix = PermissionMatrix.from_policy(policy)
+        self.policy_id = policy.identity
+        """The policy bound into the digests of reviewers' decisions (`name@version`)."""
+
+    def _digests(self, request: ToolCallRequest) -> tuple[str, str] | None:
+        """The digests of `request`'s call as the tool reads it (`approval_digests`), or None."""
+        tool, args = request.tool, request.tool_call.get("args")
+        if tool is None or not isinstance(args, dict):
+            return None
+        return approval_digests(registered(tool), args, self.policy_id)
+
+    def _rejected_before(self, request: ToolCallRequest) -> ToolMessage | None:
+        """The answer to a call a human rejected earlier on the thread, or None.
+
+        As `execute_tools` answers it: same tool, same arguments as the tool reads them, same
+        policy; only the rejections this middleware recorded (`REJECTIONS_KEY`) are read.
+        """
+        state = request.state
+        digests = self._digests(request)
+        if digests is None or not isinstance(state, Mapping):
+            return None
+        found = decision_of(
+            _rejections(state.get(REJECTIONS_KEY)), digests, request.tool_call.get("id") or ""
+        )
+        if found is None:
+            return None
+        name = request.tool_call["name"]
+        return _tool_message(
+            request, f"Rejected by a human reviewer; {name} was not run.", "rejected"
+        )
+
+    def _recorded(self, request: ToolCallRequest, rejection: ToolMessage) -> Command[Any]:
+        """`rejection` of `request`'s call, and its record in the thread's `REJECTIONS_KEY`."""
+        digests = self._digests(request)
+        update: dict[str, Any] = {"messages": [rejection]}
+        if digests is not None:
+            call = request.tool_call
+            record: Approval = {
+                "digest": digests[0],
+                "tool": call["name"],
+                "tool_call_id": call.get("id") or "",
+                "decision": "rejected",
+            }
+            update[REJECTIONS_KEY] = {digests[0]: record}
+        return Command(update=update)
 
     def _decide(self, request: ToolCallRequest, args: Mapping[str, Any]) -> GateDecision:
         tool = request.tool
@@ -309,13 +433,17 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             return GateDecision.allow()
         return self.matrix(registered(tool), args, _context(request.runtime))
 
-    def _gate(self, request: ToolCallRequest) -> Steps[ToolCallRequest | ToolMessage]:
+    def _gate(
+        self, request: ToolCallRequest
+    ) -> Steps[ToolCallRequest | ToolMessage | Command[Any]]:
         call = request.tool_call
         forged = _forged(request)
         if forged is not None:  # the ToolNode would fill it: never decided on, asked or run
             return forged
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
+            if (rejected := self._rejected_before(request)) is not None:
+                return rejected  # a human rejected this call on the thread: not asked again
             question = {
                 "type": "tool_approval",
                 "tool_call_id": call.get("id") or "",
@@ -341,6 +469,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
                 except UserError as exc:
                     raise refused_resume(exc) from None
             resolved = _apply_decision(request, ask(question))
+            if isinstance(resolved, ToolMessage) and _status_of(resolved) == "rejected":
+                return self._recorded(request, resolved)
             if isinstance(resolved, ToolMessage) or resolved is request:
                 return resolved
             if (twin := _repeat(resolved, edited=True)) is not None:
@@ -362,20 +492,24 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""
         resolved = drive(self._resolve(request))
-        return resolved if isinstance(resolved, ToolMessage) else handler(resolved)
+        return resolved if isinstance(resolved, ToolMessage | Command) else handler(resolved)
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it), async."""
         resolved = await adrive(self._resolve(request))
-        return resolved if isinstance(resolved, ToolMessage) else await handler(resolved)
+        if isinstance(resolved, ToolMessage | Command):
+            return resolved
+        return await handler(resolved)
 
-    def _resolve(self, request: ToolCallRequest) -> Steps[ToolCallRequest | ToolMessage]:
+    def _resolve(
+        self, request: ToolCallRequest
+    ) -> Steps[ToolCallRequest | ToolMessage | Command[Any]]:
         """The allowed request, or what answers it: a repeat's pointer, a refusal, a stub."""
         repeat = _repeat(request)
         if repeat is not None:
             return repeat
         resolved = yield from self._gate(request)
-        if isinstance(resolved, ToolMessage) or resolved.tool is None:
+        if isinstance(resolved, ToolMessage | Command) or resolved.tool is None:
             return resolved
         answer = stub_answer(registered(resolved.tool), resolved.tool_call)
         if answer is None:
@@ -716,7 +850,8 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     An open model breaker fails fast: the run ends with an `error` outcome, or (`exit_behavior=
     "error"`) `CircuitOpen` is raised for LangChain's `ModelFallbackMiddleware` (placed before
     this one) to move to the next model. An open tool breaker answers the call `unavailable`
-    and tells the model what is missing; the run goes on.
+    and tells the model what is missing; the run goes on. A pause for a human (an interrupt
+    raised by a `PermissionMiddleware` inside this one) is not a failure of the tool.
     """
 
     def __init__(
@@ -770,6 +905,8 @@ class CircuitBreakerMiddleware(_ModelGuarded):
             return _tool_message(request, refused, "unavailable")
         try:
             result = yield tool_call
+        except GraphBubbleUp:  # a pause (a human asked about the call), not the tool's failure
+            raise
         except Exception:
             yield both(guard.record, guard.arecord, name, "error")
             raise
@@ -777,8 +914,17 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         return result
 
 
+def _status_of(message: ToolMessage) -> object:
+    """The keel status a guard put on `message` (`keel_status`)."""
+    return message.response_metadata.get("keel_status")
+
+
 def _status(result: ToolMessage | Command[Any]) -> str:
-    return "error" if isinstance(result, ToolMessage) and result.status == "error" else "success"
+    """How a tool's breaker counts `result`: a `Command`'s by the tool messages it writes."""
+    update = result.update if isinstance(result, Command) else None
+    found = update.get("messages") if isinstance(update, dict) else [result]
+    failed = any(isinstance(m, ToolMessage) and m.status == "error" for m in found or ())
+    return "error" if failed else "success"
 
 
 # -- the loop guard -----------------------------------------------------------------------
