@@ -1,7 +1,8 @@
 """A LangChain `create_agent` with keel's `PermissionMiddleware`, served by the e2e test.
 
 Only `admin` may delete accounts; the scripted model tries to, for whoever asks. `ask_graph`
-asks a human about each refund (`support`), which the scripted model makes.
+asks a human about each refund (`support`), which the scripted model makes; `reject_graph`
+asks for a refund again, spelled anew under a new id, after a human rejected it.
 """
 
 from __future__ import annotations
@@ -47,3 +48,26 @@ ask_graph = served(
     call("issue_refund", order_id="A1"),
     Policy(rules=(Rule(role="support", tool="*", action="ask"),)),
 )
+
+
+@tool
+def refund(order_id: str, amount: int) -> str:
+    """Refund an amount on an order."""
+    return f"refunded {amount} on {order_id}"
+
+
+reject_graph = create_agent(
+    ScriptedChatModel(
+        script=[
+            call("refund", order_id="A1", amount=10),
+            call("refund", order_id="A1", amount="10"),
+            "done",
+        ],
+        fresh_ids=True,
+    ),
+    tools=[refund],
+    middleware=[
+        PermissionMiddleware(Policy(rules=(Rule(role="support", tool="*", action="ask"),)))
+    ],
+)
+"""Asks about a refund of 10, then (rejected) for it again spelled `"10"` under a new id."""
