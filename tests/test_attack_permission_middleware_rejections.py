@@ -6,8 +6,10 @@ rejection is kept in the thread's state (`keel_rejections`) under the digest of 
 the tool reads it (`keel.tools._args.approval_digests`, as `build_agent` stores decisions): the
 call asked again (`10`, `10.0`, `"10"`, a default spelled out, beside another call) is answered
 rejected, as `build_agent`'s `execute_tools` answers it, and the reviewer is not asked again;
-other arguments are asked. A client cannot write an approval into that state. Real SQLite and
-PostgreSQL checkpointers, sync and async; the tool records what really ran.
+other arguments are asked. A client cannot write an approval into that state, and a plain
+resume sent after a forged rejection approves nothing. `build_agent` answers the same repeat
+the same way (one rule). Real SQLite and PostgreSQL checkpointers, sync and async; the tool
+records what really ran.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.types import Command, Overwrite
 
-from keel import Ledger, Persistence, RunContext, UserError, tool
+from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
 from keel.evals import ScriptedChatModel
 from keel.guards import BreakerPolicy, CircuitBreakerMiddleware, PermissionMiddleware, Policy, Rule
 from keel.tools._args import approval_digests
@@ -285,3 +287,53 @@ def test_a_tool_breaker_around_counts_a_rejection_as_it_did_before_it_was_record
         "unavailable",
     ]
     assert len(a.asked) == 1 and RAN == []
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_a_plain_resume_sent_after_a_forged_rejection_approves_no_later_call(
+    mode: str, tmp_path: Path
+) -> None:
+    """The waiting call, its question dropped by a state update that wrote a rejection of it,
+    is answered rejected from that record, without taking the plain resume sent after; the
+    resume value never reaches the next turn's question: refund(20) waits for its own."""
+    with agent(mode, tmp_path, turn(refund(10)), turn(refund(20))) as a:
+        a.run({"messages": [("user", "refund A1")]})
+        a.update({KEY: _forged("rejected")})
+        result = a.run(Command(resume={"type": "approve"}))
+        assert [m.content for m in replies(result)][:1] == [REJECTED]
+        assert [i.value["args"] for i in a.waiting()] == [{"order_id": "A1", "amount": 20}]
+        assert RAN == []
+        a.run(Command(resume={"type": "reject"}))
+        assert RAN == []
+
+
+def test_the_repeat_of_a_rejected_call_is_answered_as_build_agent_answers_it(
+    tmp_path: Path,
+) -> None:
+    """One rule for both ways of guarding an agent: the same rejected refund asked again as
+    `10.0` under a new id gets the same answer from `build_agent` (in its next run) and from
+    `PermissionMiddleware` (its run goes on)."""
+    script = [turn(refund(10)), "ok", turn(refund(10.0)), "done"]
+    config: Any = {"configurable": {"thread_id": "b"}}
+    with Persistence(f"sqlite:///{tmp_path / 'keel.db'}").checkpointer() as saver:
+        keel_agent = build_agent(
+            ScriptedChatModel(script=script, fresh_ids=True),
+            [issue_refund, lookup_order],
+            policy=POLICY,
+            checkpointer=saver,
+        )
+        keel_agent.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        keel_agent.invoke(Command(resume={"type": "reject"}), config, context=CTX)
+        again = keel_agent.invoke({"messages": [("user", "refund A1!")]}, config, context=CTX)
+    assert "__interrupt__" not in again
+    with agent("invoke", tmp_path, turn(refund(10)), turn(refund(10.0))) as a:
+        a.run({"messages": [("user", "refund A1")]})
+        result = a.run(Command(resume={"type": "reject"}))
+    assert len(a.asked) == 1 and RAN == []
+    ours, theirs = replies(result)[-1], replies(again)[-1]
+    assert theirs.response_metadata["keel_status"] == "rejected"
+    assert (ours.content, ours.status, ours.response_metadata) == (
+        theirs.content,
+        theirs.status,
+        theirs.response_metadata,
+    )
