@@ -365,7 +365,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     value written past the reducer (LangGraph's `Overwrite`) is read for its rejections only;
     no record in state is ever taken as an approval, so a forged one can only stop a call. A
     client that may update the thread's state can clear the rejections (`Overwrite({})`): the
-    call is then asked about again, and a human still decides.
+    call is then asked about again, and a human still decides. As a node of a parent graph the
+    agent keeps them for the thread when compiled with `checkpointer=True`; by default LangGraph
+    starts its state afresh at each of the parent's runs.
 
     Each model call gets a history every provider accepts (`keel.history.valid_history`): a
     new message sent while a call waits for approval (or after a run stopped mid-call) leaves

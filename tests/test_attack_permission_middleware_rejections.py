@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.middleware.types import AgentState
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import START, StateGraph
 from langgraph.types import Command, Overwrite
 
 from keel import Ledger, Persistence, RunContext, UserError, build_agent, tool
@@ -337,3 +339,34 @@ def test_the_repeat_of_a_rejected_call_is_answered_as_build_agent_answers_it(
         theirs.status,
         theirs.response_metadata,
     )
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["checkpointer=True", "checkpointer=None"])
+def test_under_a_parent_graph_rejections_last_as_long_as_the_agents_own_state(
+    kept: bool, tmp_path: Path
+) -> None:
+    """LangGraph's behaviour, pinned (README): the rejections are the agent's own state, not
+    its output. As a node of a parent graph, an agent compiled with `checkpointer=True` keeps
+    its state for the thread, and the rejection answers the next run's repeat; by default it
+    starts each of the parent's runs afresh, and the repeat is asked about again."""
+    script = [turn(refund(10)), "ok", turn(refund(10.0)), "done"]
+    made = create_agent(
+        ScriptedChatModel(script=script, fresh_ids=True),
+        [issue_refund],
+        middleware=[PermissionMiddleware(POLICY)],
+        context_schema=RunContext,
+        checkpointer=True if kept else None,
+    )
+    parent = StateGraph(AgentState, context_schema=RunContext)
+    parent.add_node("agent", made)
+    parent.add_edge(START, "agent")
+    config: Any = {"configurable": {"thread_id": "p"}}
+    RAN.clear()
+    with SqliteSaver.from_conn_string(str(tmp_path / "parent.db")) as saver:
+        g = parent.compile(checkpointer=saver)
+        g.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+        g.invoke(Command(resume={"type": "reject"}), config, context=CTX)
+        g.invoke({"messages": [("user", "refund A1!")]}, config, context=CTX)
+        waiting = [i.value["args"] for i in g.get_state(config).interrupts]
+    assert waiting == ([] if kept else [{"order_id": "A1", "amount": 10.0}])
+    assert RAN == []
