@@ -912,7 +912,9 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         except Exception:
             yield both(guard.record, guard.arecord, name, "error")
             raise
-        yield both(guard.record, guard.arecord, name, _status(result))
+        status = _status(result)
+        if status is not None:  # a call refused before it ran says nothing of the tool
+            yield both(guard.record, guard.arecord, name, status)
         return result
 
 
@@ -921,11 +923,36 @@ def _status_of(message: ToolMessage) -> object:
     return message.response_metadata.get("keel_status")
 
 
-def _status(result: ToolMessage | Command[Any]) -> str:
-    """How a tool's breaker counts `result`: a `Command`'s by the tool messages it writes."""
+NEVER_RAN = frozenset(
+    (
+        "invalid_args",
+        "unknown_tool",
+        "denied",
+        "needs_approval",
+        "rejected",
+        "respond",
+        "budget_stopped",
+        "unavailable",
+        "not_run",
+    )
+)
+"""`keel_status`es of a call answered without running its tool (refused, rejected, a twin)."""
+
+
+def _status(result: ToolMessage | Command[Any]) -> str | None:
+    """How a tool's breaker counts `result` (a `Command`'s by the tool messages it writes).
+
+    `None` when no message says the tool ran (`NEVER_RAN`): a denial, a reviewer's rejection,
+    arguments that did not fit. Counted as failures, they opened a breaker the ledger shares
+    with every thread: a model told by an injection to call a forbidden tool again and again
+    made the tool unavailable to every other user.
+    """
     update = result.update if isinstance(result, Command) else None
     found = update.get("messages") if isinstance(update, dict) else [result]
-    failed = any(isinstance(m, ToolMessage) and m.status == "error" for m in found or ())
+    ran = [m for m in found or () if isinstance(m, ToolMessage) and _status_of(m) not in NEVER_RAN]
+    if not ran and any(isinstance(m, ToolMessage) for m in found or ()):
+        return None
+    failed = any(m.status == "error" for m in ran)
     return "error" if failed else "success"
 
 

@@ -26,6 +26,7 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware.types import AgentState
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import START, StateGraph
@@ -271,24 +272,59 @@ def test_a_forged_decision_is_never_taken_as_an_approval(mode: str, tmp_path: Pa
 
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
-def test_a_tool_breaker_around_counts_a_rejection_as_it_did_before_it_was_recorded(
+def test_a_tool_breaker_around_counts_no_rejection_as_the_tools_failure(
     mode: str, tmp_path: Path
 ) -> None:
     """A rejection comes back as a `Command` (its record in the state); a tool breaker placed
-    around `PermissionMiddleware` still counts it as the failed call it counted before (the
-    rejection's tool message is an error): one rejection opens a breaker of threshold 1."""
+    around `PermissionMiddleware` counted it as a failed call, and the breaker is shared by
+    every thread through the ledger: a model that kept asking for what a reviewer rejects (or
+    the gate denies) made the tool unavailable to everyone. The tool never ran: no count, and
+    the next call is asked about as usual."""
     ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
     ledger.setup()
     breaker = CircuitBreakerMiddleware(ledger, tool=BreakerPolicy(failure_threshold=1))
     with agent(mode, tmp_path, turn(refund(10)), turn(refund(20)), outer=(breaker,)) as a:
         a.run({"messages": [("user", "refund A1")]})
         result = a.run(Command(resume={"type": "reject"}))
+        assert [m.response_metadata["keel_status"] for m in replies(result)] == ["rejected"]
+        assert [i.value["args"] for i in a.waiting()] == [{"order_id": "A1", "amount": 20}]
     ledger.close()
-    assert [m.response_metadata["keel_status"] for m in replies(result)] == [
-        "rejected",
-        "unavailable",
-    ]
-    assert len(a.asked) == 1 and RAN == []
+    assert len(a.asked) == 2 and RAN == []
+
+
+def test_a_model_calling_a_denied_tool_again_and_again_opens_no_breaker_for_others(
+    tmp_path: Path,
+) -> None:
+    """The attack: a model obeying an injection calls `issue_refund` for a user whose role may
+    not, ten times in parallel. Each call is denied; a breaker counted each as the tool's
+    failure and, shared through the ledger, opened for every thread: a support agent's refund
+    was then answered `unavailable`. It is asked about, as usual."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    ledger.setup()
+    guest = RunContext(user_id="mallory", roles=("guest",))
+
+    def graph(*script: Any) -> Any:
+        return create_agent(
+            ScriptedChatModel(script=[*script, "Done."], fresh_ids=True),
+            [issue_refund, lookup_order],
+            middleware=[
+                CircuitBreakerMiddleware(ledger, tool=BreakerPolicy(failure_threshold=2)),
+                PermissionMiddleware(POLICY),
+            ],
+            context_schema=RunContext,
+            checkpointer=InMemorySaver(),
+        )
+
+    flood = graph(turn(*[refund(n) for n in range(10)]))
+    config: Any = {"configurable": {"thread_id": "mallory"}}
+    done = flood.invoke({"messages": [("user", "refund everything")]}, config, context=guest)
+    assert {m.response_metadata["keel_status"] for m in replies(done)} == {"denied"}
+    honest = graph(turn(refund(10)))
+    config = {"configurable": {"thread_id": "support"}}
+    paused = honest.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+    assert [i.value["args"] for i in paused["__interrupt__"]] == [{"order_id": "A1", "amount": 10}]
+    ledger.close()
+    assert RAN == []
 
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
