@@ -303,6 +303,7 @@ def build_agent(
             policy_name=guards.policy_name,
             policy_version=guards.policy_version,
             version=served,
+            orphans=any(t.spec.side_effects for t in registry),
         )
         if guards.ledger is not None
         else None

@@ -255,7 +255,10 @@ def _claimed(
     thread, call_id, _, _ = key
     known, since = orphans
     spelled = _spelled(entry, call)
-    claim = yield flow(claim_flow(*key, spelled=spelled, known=known, since=since, gate=gate))
+    args = call.get("args")
+    claim = yield flow(
+        claim_flow(*key, spelled=spelled, known=known, since=since, gate=gate, args=args)
+    )
     if claim.action == "unknown":
         rerun = entry.spec.idempotent
         if not rerun and entry.spec.reconcile is not None:
@@ -266,7 +269,8 @@ def _claimed(
                 return message
             rerun = found is None
         if rerun:
-            claim = yield flow(claim_flow(*key, rerun_unknown=True, spelled=spelled, gate=gate))
+            again = claim_flow(*key, rerun_unknown=True, spelled=spelled, gate=gate, args=args)
+            claim = yield flow(again)
     if claim.action == "refused":
         assert claim.refusal is not None
         return tool_message(call, claim.refusal, "unavailable")

@@ -9,7 +9,9 @@ a default sent); keel reads them as the tool does (`keel.tools._args.as_called`)
   next call of the same tool whatever its arguments: a refund of 20 took over the lost refund
   of 10, its row then named 20, the human was asked "did this happen?" about a refund of 20
   that never ran, and the refund of 10's arguments were gone. Only a call of the same
-  arguments is the lost request; another call runs, and the orphan waits for its own.
+  arguments is the lost request; another call runs, and the orphan waits for its own. An
+  orphan no call asks for again stayed `started` for good, and nothing said the refund may
+  have happened: the next run end audits it once (`orphaned`), and a later match still adopts it.
 - The left-behind repeat (a turn asking for the refund twice, spelled two ways; the next task
   is a new message). The repeat, never claimed, was answered "Not run ... keel does not run
   it now" beside its primary's "outcome unknown": the pending-answer code compared arguments
@@ -39,9 +41,11 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessag
 from langgraph.types import Command
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel.app.cli import main
 from keel.approvals import call_digest
 from keel.db.audit import AuditLog
 from keel.db.idempotency import claim_flow
+from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import FINISH, Route, build_supervisor
 
@@ -267,6 +271,63 @@ async def test_an_approved_lost_refund_is_recorded_done_and_the_other_still_ran(
     assert sorted(r[1:] for r in found) == sorted(
         [("completed", digest(20)), ("completed", digest(10))]
     )
+
+
+def told(db_url: str) -> tuple[list[Any], list[Any]]:
+    """The thread's `orphaned` audit records, and its run records, oldest first."""
+    ledger = Ledger(db_url)
+    try:
+        return AuditLog(ledger).query(thread="t1", decision="orphaned"), RunLog(ledger).query()
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_an_orphan_no_call_asks_for_again_is_audited_once_and_a_match_still_adopts_it(
+    driver: str, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model moves on after the crash (a refund of 20, then a plain answer): the lost
+    refund of 10 stayed `started` for good and nothing said it may have happened. The first
+    run end after the crash audits it (`orphaned`, its arguments redacted as the audit log
+    redacts them) and says so in its run record; later run ends do not again. The row stays:
+    the refund of 10 asked for later is still asked about, and never runs twice."""
+    lost_args = {"order_id": "A1", "amount": 10, "note": "mail bob@example.com"}
+    effects = killed_after_the_refund(driver, db_url, tmp_path, turn=[lost_args])
+    ((lost_id, state, _),) = ledger_rows(db_url)
+    assert state == "started"
+    done: list[Any] = []
+    script = [
+        call("issue_refund", order_id="A1", amount=20),
+        "Refunded 20.",
+        "Nothing else.",
+        call("issue_refund", **lost_args),  # the lost one, asked for again at last
+        "Done.",
+    ]  # the model's turns in the thread: a turn is picked by the AI messages before it
+    moved_on = run(db_url, done, script, "refund 20 on A1")
+    assert moved_on["outcome"]["terminated_reason"] == "completed", moved_on["outcome"]
+    (orphaned,), runs = told(db_url)
+    assert (orphaned.kind, orphaned.status, orphaned.tool) == ("tool", "unknown", "issue_refund")
+    assert orphaned.args == {"order_id": "A1", "amount": 10, "note": "mail [EMAIL]"}
+    assert (orphaned.tool_call_id, orphaned.thread_id, orphaned.user_id) == (lost_id, "t1", "u1")
+    assert "may or may not have happened" in orphaned.result
+    (noted,) = [r for r in runs if lost_id in r.detail]
+    assert f"(orphaned: issue_refund {lost_id} started and never finished" in noted.detail
+    assert noted.run_key == runs[-1].run_key  # the run that ended first after the crash
+
+    assert run(db_url, done, script, "anything else?")["messages"][-1].text == "Nothing else."
+    again = run(db_url, done, script, "and the 10?")
+    assert asked(again) == [("outcome_unknown", lost_args)]  # adopted: asked, not run
+    assert done == [("A1", 20, None)]
+    assert effects.read_text().splitlines() == ["refund 10"]
+    (request,) = again["__interrupt__"][0].value
+    assert ledger_rows(db_url)[0][:2] == (request["tool_call_id"], "started")
+    still, runs = told(db_url)
+    assert still == [orphaned]  # told once, not at each later run end
+    assert [r.run_key for r in runs if lost_id in r.detail] == [noted.run_key]
+    capsys.readouterr()
+    assert main(["audit", "--decision", "orphaned", "--db", db_url]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "orphaned:unknown" in line and "issue_refund" in line and "[EMAIL]" in line
 
 
 async def test_a_row_recorded_under_the_arguments_as_spelled_is_still_that_call(

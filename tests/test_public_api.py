@@ -56,6 +56,7 @@ PUBLIC = {
         "finish_flow",
         "records_flow",
         "resolve_flow",
+        "untold_flow",
     ],
     "keel.db": [
         "AuditLog",

@@ -1,13 +1,16 @@
 """The observability subcommands of `keel`: `audit`, `report` and `health`.
 
-    keel audit [--thread ID] [--user U] [--since WHEN] [--limit N] [--json] [--db URL]
+    keel audit [--thread ID] [--user U] [--decision D] [--since WHEN] [--limit N] [--json]
+               [--db URL]
     keel report [--since WHEN] [--tenant T] [--by version] [--json] [--slo FILE] [--html FILE]
                 [--db URL]
     keel health [--semantic] [--chroma PATH] [--json] [--db URL]
 
 `WHEN` is an ISO date or time (`2026-12-01`, `2026-12-01T09:00:00+00:00`) or an age: `30m`,
-`12h`, `7d`. `keel report --by version` adds one row per agent version (runs, success rate,
-outcomes, cost, tokens, steps, satisfaction from feedback). `keel report` exits 1 when an SLO
+`12h`, `7d`. `keel audit --decision orphaned` lists the side-effecting calls a crash left
+`started`, their requests lost, which may or may not have run. `keel report --by version` adds
+one row per agent version (runs, success rate, outcomes, cost, tokens, steps, satisfaction from
+feedback). `keel report` exits 1 when an SLO
 objective is breached (it says which), so cron or CI can alert on it; `keel health` exits 1
 when a check fails.
 """
@@ -52,6 +55,11 @@ def add_parsers(sub: Any, db_help: str) -> None:
     audit = sub.add_parser("audit", help="show the audit log")
     audit.add_argument("--thread", default=None, help="only this thread")
     audit.add_argument("--user", default=None, help="only this user")
+    audit.add_argument(
+        "--decision",
+        default=None,
+        help="only this decision (orphaned: calls a crash left, which may or may not have run)",
+    )
     audit.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
     audit.add_argument("--limit", type=count, default=1000, help="the most records shown")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -139,7 +147,11 @@ def _audit(args: argparse.Namespace) -> int:
     ledger = Ledger(existing_db(args.db))
     try:
         records = AuditLog(ledger).query(
-            thread=args.thread, user=args.user, since=parse_since(args.since), limit=args.limit
+            thread=args.thread,
+            user=args.user,
+            decision=args.decision,
+            since=parse_since(args.since),
+            limit=args.limit,
         )
     finally:
         ledger.close()

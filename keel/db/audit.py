@@ -51,7 +51,9 @@ class AuditRecord:
     """`allow` / `ask` / `deny` for tools (`duplicate` for a repeat of an earlier side-effecting
     call of the same model turn: not run, answered with that call's answer; `not_run` for a call
     keel answered without running it: dropped while it waited for a human, or left without an
-    answer by a run that stopped, with `status` what it was answered), `approved` /
+    answer by a run that stopped, with `status` what it was answered; `orphaned`, status
+    `unknown`, for a call that started and never finished whose request a crash lost, which
+    no later call asked for again: it may or may not have happened), `approved` /
     `edited` / `rejected` / `responded` for approvals, `exceeded` / `warning` for budgets, the
     new state for breakers, `flag` / `redact` / `block` for content (with `status` the source:
     `user`, `tool` or `answer`, and `rule` the rules that matched)."""
@@ -130,9 +132,10 @@ class AuditLog:
             await self.ledger.arun(insert_flow(records))
 
     def query(self, **where: Unpack[_Where]) -> list[AuditRecord]:
-        """Records, oldest first, filtered by thread, user and time (`since`: Unix time).
+        """Records, oldest first, filtered by thread, user, decision and time (`since`: Unix time).
 
-        Keywords: `thread`, `user`, `since` (all optional) and `limit` (default 1000).
+        Keywords: `thread`, `user`, `decision` (`orphaned`, say), `since` (all optional) and
+        `limit` (default 1000).
         """
         return self.ledger.run(_query_flow(**where))
 
@@ -172,6 +175,7 @@ class _Where(TypedDict, total=False):
 
     thread: str | None
     user: str | None
+    decision: str | None
     since: float | None
     limit: int
 
@@ -180,12 +184,13 @@ def _query_flow(
     *,
     thread: str | None = None,
     user: str | None = None,
+    decision: str | None = None,
     since: float | None = None,
     limit: int = 1000,
 ) -> Flow[list[AuditRecord]]:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise UserError(f"AuditLog.query(limit=...) must be 1 or more, got {limit!r}.")
-    where, params = where_clause("at", since, thread_id=thread, user_id=user)
+    where, params = where_clause("at", since, thread_id=thread, user_id=user, decision=decision)
     rows = yield (
         f"SELECT {AUDIT.select} FROM {AUDIT.name}{where} ORDER BY at, id LIMIT ?",
         (*params, limit),

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from keel.db.ledger import Flow, Row, together
-from keel.db.tables import TOOL_CALLS
+from keel.db.tables import TOOL_CALLS, storable
+from keel.redact import sanitize
 
 __all__ = [
     "CallRecord",
@@ -31,6 +32,7 @@ __all__ = [
     "finish_flow",
     "records_flow",
     "resolve_flow",
+    "untold_flow",
 ]
 
 CallState = Literal["started", "completed", "failed", "cleared"]
@@ -59,6 +61,9 @@ class CallRecord:
     """Unix time it was (last) started."""
     finished_at: float | None
     """Unix time it finished, when it did."""
+    args: Any = None
+    """The call's arguments as the model sent them, PII redacted (`None` for a row written
+    before schema version 10)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +100,7 @@ class ClaimGate(Protocol):
 
 def _record(row: Sequence[Any]) -> CallRecord:
     values = dict(zip(TOOL_CALLS.names, row, strict=True))
-    result, finished = values["result"], values["finished_at"]
+    result, finished, args = values["result"], values["finished_at"], values["args"]
     return CallRecord(
         thread_id=values["thread_id"],
         tool_call_id=values["tool_call_id"],
@@ -106,6 +111,7 @@ def _record(row: Sequence[Any]) -> CallRecord:
         attempts=int(values["attempts"]),
         started_at=float(values["started_at"]),
         finished_at=None if finished is None else float(finished),
+        args=None if args is None else json.loads(args),
     )
 
 
@@ -128,6 +134,7 @@ def claim_flow(
     known: Collection[str] | None = None,
     since: float = 0.0,
     gate: ClaimGate | None = None,
+    args: Any = None,
 ) -> Flow[Claim]:
     """Claim a call before running it; commits `started` when the caller may run it.
 
@@ -157,6 +164,8 @@ def claim_flow(
             an agent, stopped mid-call), never this one's lost request.
         gate: A check a call that would run must pass first (`ClaimGate`); refused, the
             claim writes nothing and is `refused`.
+        args: The call's arguments, stored (PII redacted) with a new row: what an orphan
+            nobody asks for again was (`untold_flow`).
     """
     now = time.time()
     gated: list[Row] = []
@@ -173,9 +182,9 @@ def claim_flow(
         gated = yield gate.read
     inserted = yield (
         "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, "
-        "started_at) VALUES (?, ?, ?, ?, 'started', ?) "
+        "started_at, args) VALUES (?, ?, ?, ?, 'started', ?, ?) "
         "ON CONFLICT (thread_id, tool_call_id) DO NOTHING RETURNING 1",
-        (thread_id, call_id, tool, digest, now),
+        (thread_id, call_id, tool, digest, now, _stored_args(args)),
     )
     if inserted:
         refusal = (yield from gate.decide(gated)) if gate is not None else None
@@ -280,12 +289,46 @@ def _forked_away(
         return None
     copy = (
         "INSERT INTO keel_tool_calls (thread_id, tool_call_id, tool, args_digest, state, result, "
-        "attempts, started_at, finished_at) SELECT thread_id, ?, tool, args_digest, state, "
-        "result, attempts, started_at, finished_at FROM keel_tool_calls "
+        "attempts, started_at, finished_at, args) SELECT thread_id, ?, tool, args_digest, state, "
+        "result, attempts, started_at, finished_at, args FROM keel_tool_calls "
         "WHERE thread_id = ? AND tool_call_id = ?",
         (call_id, thread_id, left[0]),
     )
     return (yield from _taken_as(copy, thread_id, call_id))
+
+
+def _stored_args(args: Any) -> str | None:
+    """`args` as the ledger stores them: JSON, PII redacted as the audit log redacts it."""
+    return None if args is None else storable(json.dumps(sanitize(args), default=str))
+
+
+def untold_flow(thread_id: str, known: Collection[str]) -> Flow[list[CallRecord]]:
+    """The thread's orphaned calls nobody was told about, oldest first.
+
+    An orphan is a `started` row whose `tool_call_id` the thread's history (`known`) does not
+    hold: its request was lost with a process that died mid-call, and a later call of the same
+    tool and arguments would adopt it (`claim_flow`). Until one does, it may or may not have
+    happened, and nothing in the thread says so. Told: a `tool` audit record names its
+    thread and id (an `orphaned` one, or the `not_run` answer a new message gave a call
+    left behind), so each is returned until its audit record is written, then never again.
+    The row stays `started`: a later call that matches still adopts it.
+    """
+    rows = yield (
+        f"SELECT {TOOL_CALLS.select} FROM keel_tool_calls WHERE thread_id = ? "
+        "AND state = 'started' ORDER BY started_at, tool_call_id",
+        (thread_id,),
+    )
+    lost = [r for r in map(_record, rows) if r.tool_call_id not in known]
+    if not lost:
+        return []
+    marks = ", ".join("?" * len(lost))
+    told = yield (
+        f"SELECT tool_call_id FROM keel_audit WHERE thread_id = ? AND kind = 'tool' "
+        f"AND tool_call_id IN ({marks})",
+        (thread_id, *(r.tool_call_id for r in lost)),
+    )
+    seen = {t[0] for t in told}
+    return [r for r in lost if r.tool_call_id not in seen]
 
 
 def _taken_as(write: tuple[str, tuple[Any, ...]], thread_id: str, call_id: str) -> Flow[CallRecord]:

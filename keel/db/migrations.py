@@ -62,6 +62,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         "admission leases name the process and run that hold them (holder), so a lease a run "
         "of the same process left behind is taken over at once"
     ),
+    Migration(
+        "side-effecting calls keep their arguments, PII redacted (args), so a call orphaned by "
+        "a crash can be audited with what it was"
+    ),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

@@ -219,6 +219,8 @@ TOOL_CALLS = Table(  # keel.db.idempotency: side-effecting tool calls, at most o
         Column("attempts", "INTEGER", "NOT NULL DEFAULT 1"),
         Column("started_at", _DOUBLE, "NOT NULL"),
         Column("finished_at", _DOUBLE),
+        # the call's arguments, PII redacted: what an orphaned call was (`untold_flow`)
+        Column("args", "TEXT", since=10),
     ),
     primary_key=("thread_id", "tool_call_id"),
 )

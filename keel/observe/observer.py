@@ -11,6 +11,11 @@
 - `paused(node, observer)`: a node that pauses the run itself (`verify` asking a human) writes
   the run record as `interrupted` as it pauses.
 
+An agent with side-effecting tools (`Observer(orphans=True)`) also audits, as its run ends or
+pauses, each orphaned call of the thread nobody was told of (`keel.db.idempotency.untold_flow`:
+a call whose request a crash lost, which no later call asked for again): one `tool` record with
+decision `orphaned` per call, ever, and a note in the run record's `detail`.
+
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
 shadow run (`keel.tools.stubs.isolated`) writes neither audit records nor a run record.
@@ -22,8 +27,10 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
@@ -35,8 +42,9 @@ from langgraph.runtime import Runtime
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
-from keel._node import RunnableCallable, context_of, policy_id, runtime_in
-from keel.db.audit import AuditLog, AuditRecord
+from keel._node import RunnableCallable, context_of, policy_id, runtime_in, saved_thread
+from keel.db.audit import AuditLog, AuditRecord, insert_flow
+from keel.db.idempotency import CallRecord, untold_flow
 from keel.db.ledger import Flow, Ledger, refused_for_good
 from keel.db.runs import (
     UNSAVED_KEY,
@@ -51,7 +59,7 @@ from keel.errors import StorageError
 from keel.guards.gate import Gate
 from keel.guards.screening import GUARD_KEY
 from keel.history import pending_tool_calls
-from keel.nodes._once import not_recorded, storage_outcome
+from keel.nodes._once import known_call_ids, not_recorded, storage_outcome
 from keel.nodes.human_review import REVIEWER_META, SETTLED_KEY
 from keel.observe import otel
 from keel.redact import sanitize, sanitized_logger
@@ -127,8 +135,11 @@ class Observer:
         policy_name: str | None = None,
         policy_version: str = "1",
         version: AgentVersion | None = None,
+        orphans: bool = False,
     ) -> None:
         self.ledger = ledger
+        self.orphans = orphans
+        """Audit the thread's untold orphaned calls as a run ends (`_told_orphans`)."""
         self.audit = AuditLog(ledger)
         self.runs = RunLog(ledger)
         self.graph = graph
@@ -196,11 +207,16 @@ class Observer:
         late = self._audits.take()
         if late:  # refused before: the ledger may be back
             yield from self._late_audits(late)
+        told = (yield from self._told_orphans(state, config, context)) if self.orphans else []
         try:
             record = _record(self, state, config, context)
         except Exception as exc:
             log.error("keel could not make the run record: %r", exc)
             return
+        if told:
+            record = replace(
+                record, detail=f"{record.detail} ({sanitize(_orphans_note(told))})".lstrip()
+            )
         writes = [
             *self._runs.take(),
             _RunWrite(record, self._base(state, config, record), first_end),
@@ -216,6 +232,30 @@ class Observer:
                 log.error("keel could not write the run record: %r (kept for later)", exc)
                 return
             _telemetry(recorded, write.record)
+
+    def _told_orphans(
+        self, state: AgentState, config: RunnableConfig, context: RunContext
+    ) -> Steps[list[CallRecord]]:
+        """Audit the thread's orphaned calls nobody was told of; return them (logged too).
+
+        `untold_flow` finds them (the history is the run's state); each gets one `orphaned`
+        record, in the same transaction. A ledger that fails is logged, and the run's record
+        is written without them (a later run end finds them again).
+        """
+        thread = saved_thread(config)
+        if thread is None:
+            return []
+        who = self.who(config, context)
+        known = known_call_ids(state.get("messages") or [])
+        flow = _telling(thread, known, who)
+        try:
+            told: list[CallRecord] = yield both(self.ledger.run, self.ledger.arun, flow)
+        except Exception as exc:
+            log.error("keel could not look for orphaned calls: %r", exc)
+            return []
+        for r in told:
+            log.warning("orphaned call: %s", _orphan_result(r))
+        return told
 
     def _late_audits(self, late: list[AuditRecord]) -> Steps[None]:
         """Write audit records the ledger refused before; one it refuses for good is dropped.
@@ -564,6 +604,53 @@ class _RunWrite:
 
     def flow(self) -> Flow[Recorded]:
         return recorded_flow(self.record, self.base, first_end=self.first_end)
+
+
+def _telling(thread: str, known: Collection[str], who: Who) -> Flow[list[CallRecord]]:
+    """Write an `orphaned` audit record for each untold orphan of `thread`; return those."""
+    lost = yield from untold_flow(thread, known)
+    yield from insert_flow([_orphan_record(r, who) for r in lost])
+    return lost
+
+
+def _orphan_record(call: CallRecord, who: Who) -> AuditRecord:
+    """The audit record of an orphaned call: one per call (its id is the thread's and call's)."""
+    tools = who.version.tool_versions if who.version is not None else {}
+    return AuditRecord(
+        kind="tool",
+        decision="orphaned",
+        status="unknown",
+        tool=call.tool,
+        args=call.args,
+        result=_orphan_result(call),
+        tool_call_id=call.tool_call_id,
+        tool_version=tools.get(call.tool),
+        id=uuid.uuid5(
+            uuid.NAMESPACE_URL, f"keel:orphaned:{call.thread_id}:{call.tool_call_id}"
+        ).hex,
+        **who.fields(),
+    )
+
+
+def _orphan_result(call: CallRecord) -> str:
+    when = datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"outcome unknown: {call.tool} {json.dumps(call.args, default=str)} (tool_call_id "
+        f"{call.tool_call_id}, thread {call.thread_id}) started at {when} and never finished, and "
+        "the model turn that asked for it was lost with its process, so it may or may not have "
+        "happened. keel has not run it again; a later call of the same tool and arguments in "
+        "this thread is asked about it (resolve it with that call's answer, or check the "
+        "outside world)"
+    )
+
+
+def _orphans_note(told: list[CallRecord]) -> str:
+    """What a run record says of the orphans its run end audited."""
+    calls = ", ".join(f"{c.tool} {c.tool_call_id}" for c in told)
+    return (
+        f"orphaned: {calls} started and never finished, their requests lost in a crash; they "
+        "may or may not have happened; keel audit --decision orphaned lists them"
+    )
 
 
 def _ending(write: _RunWrite) -> Flow[Callable[[], None]]:
