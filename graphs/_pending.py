@@ -47,6 +47,7 @@ __all__ = [
     "ToolLookup",
     "Dropped",
     "abandoned",
+    "answers_inside",
     "closed",
     "closed_left",
     "closed_update",
@@ -251,6 +252,26 @@ def left_inside(state: StateSnapshot | None) -> list[tuple[str, StateSnapshot]]:
         if isinstance(inner, StateSnapshot) and not inner.interrupts and inner.next:
             out.append((task.name, inner))
             out += left_inside(inner)
+    return out
+
+
+def answers_inside(
+    inside: Sequence[tuple[str, StateSnapshot]],
+    found: Mapping[str, CallRecord] | None,
+    tools: Mapping[str, ToolLookup],
+    default: ToolLookup | None = None,
+) -> list[ToolMessage]:
+    """An answer for each call the conversations `inside` (`left_inside`) left (`left_answers`).
+
+    Each conversation's calls are read with the tools of the agent that made them (`tools`, by
+    node; `default` for a node it does not name): a supervisor's agents may each have a tool of
+    one name that reads arguments its own way, and a call repeats another of its turn as its
+    own agent reads them.
+    """
+    out: list[ToolMessage] = []
+    for name, state in inside:
+        _, calls = pending_tool_calls(state.values.get("messages") or [])
+        out += left_answers(calls, found, {}, tools.get(name, default))
     return out
 
 

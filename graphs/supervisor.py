@@ -221,14 +221,15 @@ def build_supervisor(
         thread_leases=leases,
         agents=recorders,
         tools=_tools(agents),
+        agent_tools=_agent_tools(agents),
     )
 
 
 def _tools(agents: Mapping[str, Agent]) -> ToolLookup:
     """The agents' tools by name (the first agent's of a name), as `keel_tools` looks them up.
 
-    A new message on the supervisor's thread reads with it the arguments of the calls an
-    agent stopped mid-step left (`graphs._pending.left_answers`).
+    Only for a conversation no agent's tools name (`_agent_tools`): one nested deeper than
+    this supervisor's agents knows.
     """
     lookups = [t for a in agents.values() if (t := getattr(a, "keel_tools", None)) is not None]
 
@@ -236,6 +237,23 @@ def _tools(agents: Mapping[str, Agent]) -> ToolLookup:
         return next((e for look in lookups if (e := look(name)) is not None), None)
 
     return tool
+
+
+def _agent_tools(agents: Mapping[str, Agent]) -> dict[str, ToolLookup]:
+    """Each agent's tools, by its node (and a nested supervisor's agents', by theirs).
+
+    A new message on the supervisor's thread reads with them the arguments of the calls an
+    agent stopped mid-step left (`graphs._pending.answers_inside`): with the agent's own tool,
+    when two agents have a tool of the same name that reads arguments differently.
+    """
+    out: dict[str, ToolLookup] = {}
+    for name, agent in agents.items():
+        if (own := getattr(agent, "keel_tools", None)) is not None:
+            out[name] = own
+    for agent in agents.values():
+        for name, inner in (getattr(agent, "keel_agent_tools", None) or {}).items():
+            out.setdefault(name, inner)
+    return out
 
 
 def _version(

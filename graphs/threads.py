@@ -66,6 +66,7 @@ from keel.graphs._pending import (
     Dropped,
     ToolLookup,
     abandoned,
+    answers_inside,
     calls_inside,
     closed,
     closed_left,
@@ -73,7 +74,6 @@ from keel.graphs._pending import (
     dropped_inside,
     drops_pending,
     inside_ended,
-    left_answers,
     left_behind,
     left_ended,
     left_inside,
@@ -443,6 +443,9 @@ class ThreadGuardedGraph(ProtectedGraph):
     keel_tools: ToolLookup | None = None
     """The graph's tools by name (a supervisor's: its agents'), to read a left-behind call's
     arguments as its tool does (`left_answers`)."""
+    keel_agent_tools: Mapping[str, ToolLookup] | None = None
+    """A supervisor's agents' tools, by node: a call an agent left is read with its own agent's
+    tool of that name (`answers_inside`), not another agent's namesake."""
 
     def copy(self, update: dict[str, Any] | None = None) -> ThreadGuardedGraph:
         """A copy (as `with_config` makes), keeping the audit log and admission control."""
@@ -456,6 +459,7 @@ class ThreadGuardedGraph(ProtectedGraph):
         out.keel_thread_leases = self.keel_thread_leases
         out.keel_agents = self.keel_agents
         out.keel_tools = self.keel_tools
+        out.keel_agent_tools = self.keel_agent_tools
         return out
 
     def _run_end(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> RunEnd | None:
@@ -507,7 +511,8 @@ class ThreadGuardedGraph(ProtectedGraph):
             answered = Dropped(records, stopped, first_end=True, run_id=_run_of(state))
         elif (ended := stopped_ended(input, state)) is not None:
             calls = calls_inside(inside or [])
-            closing = left_answers(calls, found, {}, self.keel_tools)
+            by_agent = self.keel_agent_tools or {}
+            closing = answers_inside(inside or [], found, by_agent, self.keel_tools)
             records = self._not_run(closing, config, kwargs, calls)
             agents = self.keel_agents or {}
             ends = [(agents[n], inside_ended(s, closing)) for n, s in inside or [] if n in agents]
@@ -969,6 +974,7 @@ _NOT_INIT = (
     "keel_thread_leases",
     "keel_agents",
     "keel_tools",
+    "keel_agent_tools",
 )
 
 
@@ -982,6 +988,7 @@ def guarded(
     thread_leases: ThreadLeases | None = None,
     agents: Mapping[str, Recorder] | None = None,
     tools: ToolLookup | None = None,
+    agent_tools: Mapping[str, ToolLookup] | None = None,
 ) -> G:
     """`graph` as a `ThreadGuardedGraph` (same nodes, channels and config).
 
@@ -990,7 +997,8 @@ def guarded(
     `recorder` writes the run record of a run that ends on a storage failure;
     `thread_leases` (the agent's ledger) keeps one run per thread across processes;
     `agents` (a supervisor's) records its agents' runs a new message finds stopped, by node;
-    `tools` reads the arguments of the calls a stopped run left as their tools do.
+    `tools` reads the arguments of the calls a stopped run left as their tools do, and
+    `agent_tools` (a supervisor's) those its agents left, by node, as each agent's tools do.
     """
     attrs = {k: v for k, v in graph.__dict__.items() if k not in _NOT_INIT}
     out = KeelGraph(**attrs)
@@ -1002,6 +1010,7 @@ def guarded(
     out.keel_thread_leases = thread_leases
     out.keel_agents = agents
     out.keel_tools = tools
+    out.keel_agent_tools = agent_tools
     return out  # type: ignore[return-value]
 
 

@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from langgraph.types import Command
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.app.cli import main
 from keel.approvals import call_digest
-from keel.db.audit import AuditLog
+from keel.db.audit import AuditLog, AuditRecord
 from keel.db.idempotency import claim_flow
 from keel.db.runs import RunLog
 from keel.evals import ScriptedChatModel, call
@@ -393,6 +393,38 @@ def test_a_repeat_spelled_anew_follows_its_primary_when_a_new_message_finds_it_l
     }
 
 
+def left_by_a_stopped_agent(
+    db_url: str,
+    turn: list[dict[str, Any]],
+    name: str,
+    agents: Callable[[Any, Ledger], dict[str, Any]],
+    stopped: str,
+) -> list[AuditRecord]:
+    """A supervisor's agents (`agents(model, ledger)`); `stopped`, on `model`, asks in one turn
+    for the calls of tool `name` in `turn` and is stopped by Ctrl-C in the first; then a new
+    message on the thread. The `not_run` audit records of the turn's calls, oldest first."""
+    calls = [ToolCall(name=name, args=a, id=None) for a in turn]
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=calls), "Done."], fresh_ids=True)
+
+    def router(messages: Sequence[BaseMessage]) -> Route:
+        last = messages[-1]
+        first = last.type == "human" and last.text == "refund A1"
+        return Route(agent=stopped if first else FINISH, task=last.text)
+
+    ledger = Ledger(db_url)
+    config: Any = {"configurable": {"thread_id": "s1"}}
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            built = agents(model, ledger)
+            sup = build_supervisor(built, router, ledger=ledger, checkpointer=saver)
+            with pytest.raises(KeyboardInterrupt):
+                sup.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
+            sup.invoke({"messages": [("user", "anything else?")]}, config, context=CTX)
+        return [r for r in AuditLog(ledger).query(thread="s1") if r.decision == "not_run"]
+    finally:
+        ledger.close()
+
+
 def test_a_supervisors_agent_stopped_mid_turn_audits_its_repeat_as_its_primary(
     db_url: str,
 ) -> None:
@@ -409,35 +441,72 @@ def test_a_supervisors_agent_stopped_mid_turn_audits_its_repeat_as_its_primary(
         raise KeyboardInterrupt
 
     turn = [{"order_id": "A1", "amount": 10}, {"order_id": "A1", "amount": 10.0}]
-    calls = [ToolCall(name="issue_refund", args=a, id=None) for a in turn]
-    model = ScriptedChatModel(script=[AIMessage("", tool_calls=calls), "Done."], fresh_ids=True)
 
-    def router(messages: Sequence[BaseMessage]) -> Route:
-        last = messages[-1]
-        first = last.type == "human" and last.text == "refund A1"
-        return Route(agent="billing" if first else FINISH, task=last.text)
+    def agents(model: Any, ledger: Ledger) -> dict[str, Any]:
+        return {"billing": build_agent(model, [issue_refund], ledger=ledger)}
 
-    ledger = Ledger(db_url)
-    config: Any = {"configurable": {"thread_id": "s1"}}
-    try:
-        with Persistence(db_url).checkpointer() as saver:
-            billing = build_agent(model, [issue_refund], ledger=ledger)
-            sup = build_supervisor({"billing": billing}, router, ledger=ledger, checkpointer=saver)
-            with pytest.raises(KeyboardInterrupt):
-                sup.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
-            sup.invoke({"messages": [("user", "anything else?")]}, config, context=CTX)
-        audited = [
-            (r.args, r.status, r.result)
-            for r in AuditLog(ledger).query(thread="s1")
-            if r.decision == "not_run"
-        ]
-    finally:
-        ledger.close()
+    left = left_by_a_stopped_agent(db_url, turn, "issue_refund", agents, "billing")
+    audited = [(r.args, r.status, r.result) for r in left]
     assert done == [("A1", 10, None)]
     (first, again) = audited
     assert first[:2] == (turn[0], "not_run") and first[2].startswith("Outcome unknown")
     assert again[:2] == (turn[1], "not_run")
     assert again[2].startswith("(This call repeats call") and again[2].endswith(first[2])
+
+
+# the stopped agent's turn, and how its answers read: a call named by the agent's own `refund`
+# (the `shop`'s: currency EUR unless given) is the same as, or another than, the call before it
+TWO_REFUNDS = {
+    "same-for-shop": (
+        [{"order_id": "A1", "amount": 10}, {"order_id": "A1", "amount": 10, "currency": "EUR"}],
+        "duplicate",
+    ),
+    "other-for-shop": (
+        [{"order_id": "A1", "amount": 10, "currency": "USD"}, {"order_id": "A1", "amount": 10}],
+        "not_run",
+    ),
+}
+
+
+@pytest.mark.parametrize("turn, second", TWO_REFUNDS.values(), ids=TWO_REFUNDS.keys())
+def test_a_stopped_agents_calls_are_read_with_its_own_tool_not_a_namesake_of_another_agent(
+    db_url: str, turn: list[dict[str, Any]], second: str
+) -> None:
+    """Two agents of a supervisor each have a `refund`; `billing`'s reads a missing currency
+    as USD, `shop`'s as EUR. `shop` is stopped by Ctrl-C right after its turn's first refund;
+    the next message audits the turn's calls. They were read with the first agent's `refund`:
+    a second call `shop` read as the first one's duplicate (never claimed, its answer the
+    first's) was audited "Not run ... keel does not run it now", and a second call `shop` read
+    as another refund (which never ran) was audited as a repeat of the first."""
+    done: list[Any] = []
+
+    @tool(risk="write", name="refund")
+    def billing_refund(order_id: str, amount: int, currency: str = "USD") -> str:
+        """Refund a billing charge."""
+        done.append(("billing", order_id, amount, currency))
+        return "refunded"
+
+    @tool(risk="write", name="refund")
+    def shop_refund(order_id: str, amount: int, currency: str = "EUR") -> str:
+        """Refund a shop order (Ctrl-C lands right after it)."""
+        done.append(("shop", order_id, amount, currency))
+        raise KeyboardInterrupt
+
+    def agents(model: Any, ledger: Ledger) -> dict[str, Any]:
+        billing = build_agent(ScriptedChatModel(script=["-"]), [billing_refund], ledger=ledger)
+        return {"billing": billing, "shop": build_agent(model, [shop_refund], ledger=ledger)}
+
+    audited = left_by_a_stopped_agent(db_url, turn, "refund", agents, "shop")
+    assert done == [("shop", "A1", 10, turn[0].get("currency", "EUR"))]  # once, never again
+    first, again = audited
+    assert (first.args, first.status) == (turn[0], "not_run")
+    assert first.result.startswith("Outcome unknown")
+    assert (again.args, again.status) == (turn[1], "not_run")
+    if second == "duplicate":  # the first refund's answer: one refund, which may have happened
+        assert again.result.startswith("(This call repeats call")
+        assert again.result.endswith(first.result)
+    else:  # another refund, which never ran
+        assert again.result.startswith("Not run") and "repeats" not in again.result
 
 
 # -- time travel: the model asks again, spelling the arguments anew ---------------------------
