@@ -26,6 +26,7 @@ killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -160,16 +161,30 @@ def asked(result: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
     ]
 
 
-def run(db_url: str, done: list[Any], script: list[Any], message: str) -> Any:
-    """Send `message` to the thread on a new agent (the next process) scripted by `script`."""
+def run(db_url: str, done: list[Any], script: list[Any], message: str, driver: str = "sync") -> Any:
+    """Send `message` to the thread on a new agent (the next process) scripted by `script`.
+
+    `driver="async"`: with `ainvoke`, on the async checkpointer and ledger.
+    """
     ledger = Ledger(db_url)
     model = ScriptedChatModel(script=script, fresh_ids=True)
+    if driver == "async":
+        return asyncio.run(_arun(db_url, ledger, done, model, message))
     try:
         with Persistence(db_url).checkpointer() as saver:
             agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
             return agent.invoke({"messages": [("user", message)]}, THREAD, context=CTX)
     finally:
         ledger.close()
+
+
+async def _arun(db_url: str, ledger: Ledger, done: list[Any], model: Any, message: str) -> Any:
+    try:
+        async with Persistence(db_url).acheckpointer() as saver:
+            agent = build_agent(model, refunds_into(done), checkpointer=saver, ledger=ledger)
+            return await agent.ainvoke({"messages": [("user", message)]}, THREAD, context=CTX)
+    finally:
+        await ledger.aclose()
 
 
 def ledger_rows(db_url: str) -> list[tuple[Any, ...]]:
@@ -303,7 +318,7 @@ def test_an_orphan_no_call_asks_for_again_is_audited_once_and_a_match_still_adop
         call("issue_refund", **lost_args),  # the lost one, asked for again at last
         "Done.",
     ]  # the model's turns in the thread: a turn is picked by the AI messages before it
-    moved_on = run(db_url, done, script, "refund 20 on A1")
+    moved_on = run(db_url, done, script, "refund 20 on A1", driver)
     assert moved_on["outcome"]["terminated_reason"] == "completed", moved_on["outcome"]
     (orphaned,), runs = told(db_url)
     assert (orphaned.kind, orphaned.status, orphaned.tool) == ("tool", "unknown", "issue_refund")
@@ -314,8 +329,10 @@ def test_an_orphan_no_call_asks_for_again_is_audited_once_and_a_match_still_adop
     assert f"(orphaned: issue_refund {lost_id} started and never finished" in noted.detail
     assert noted.run_key == runs[-1].run_key  # the run that ended first after the crash
 
-    assert run(db_url, done, script, "anything else?")["messages"][-1].text == "Nothing else."
-    again = run(db_url, done, script, "and the 10?")
+    assert (
+        run(db_url, done, script, "anything else?", driver)["messages"][-1].text == "Nothing else."
+    )
+    again = run(db_url, done, script, "and the 10?", driver)
     assert asked(again) == [("outcome_unknown", lost_args)]  # adopted: asked, not run
     assert done == [("A1", 20, None)]
     assert effects.read_text().splitlines() == ["refund 10"]
