@@ -416,17 +416,25 @@ def left_by_a_stopped_agent(
     name: str,
     agents: Callable[[Any, Ledger], dict[str, Any]],
     stopped: str,
+    decision: str = "not_run",
+    again: bool = False,
 ) -> list[AuditRecord]:
     """A supervisor's agents (`agents(model, ledger)`); `stopped`, on `model`, asks in one turn
     for the calls of tool `name` in `turn` and is stopped by Ctrl-C in the first; then a new
-    message on the thread. The `not_run` audit records of the turn's calls, oldest first."""
+    message on the thread (`again`: handed to `stopped` too, which answers it). The thread's
+    audit records of `decision`, oldest first."""
     calls = [ToolCall(name=name, args=a, id=None) for a in turn]
-    model = ScriptedChatModel(script=[AIMessage("", tool_calls=calls), "Done."], fresh_ids=True)
+
+    def first_turn(messages: Sequence[BaseMessage]) -> AIMessage | str:
+        asked = any(m.type == "human" and m.text == "refund A1" for m in messages)
+        return AIMessage("", tool_calls=calls) if asked else "Nothing else."
+
+    model = ScriptedChatModel(script=[first_turn, "Done."], fresh_ids=True)
 
     def router(messages: Sequence[BaseMessage]) -> Route:
         last = messages[-1]
-        first = last.type == "human" and last.text == "refund A1"
-        return Route(agent=stopped if first else FINISH, task=last.text)
+        handed = last.text == "refund A1" or (again and last.text == "anything else?")
+        return Route(agent=stopped if last.type == "human" and handed else FINISH, task=last.text)
 
     ledger = Ledger(db_url)
     config: Any = {"configurable": {"thread_id": "s1"}}
@@ -437,7 +445,7 @@ def left_by_a_stopped_agent(
             with pytest.raises(KeyboardInterrupt):
                 sup.invoke({"messages": [("user", "refund A1")]}, config, context=CTX)
             sup.invoke({"messages": [("user", "anything else?")]}, config, context=CTX)
-        return [r for r in AuditLog(ledger).query(thread="s1") if r.decision == "not_run"]
+        return AuditLog(ledger).query(thread="s1", decision=decision)
     finally:
         ledger.close()
 
@@ -469,6 +477,33 @@ def test_a_supervisors_agent_stopped_mid_turn_audits_its_repeat_as_its_primary(
     assert first[:2] == (turn[0], "not_run") and first[2].startswith("Outcome unknown")
     assert again[:2] == (turn[1], "not_run")
     assert again[2].startswith("(This call repeats call") and again[2].endswith(first[2])
+
+
+def test_a_call_a_stopped_agent_left_is_told_once_not_again_as_an_orphan(db_url: str) -> None:
+    """The agent's next task ends after the new message audited its stopped call "outcome
+    unknown" (`not_run`): the call's row is still `started` and its id in no history the agent
+    holds, but it was told of, and is not audited again as `orphaned`."""
+
+    @tool(risk="write")
+    def issue_refund(order_id: str, amount: int) -> str:
+        """Refund an order (Ctrl-C lands right after it)."""
+        raise KeyboardInterrupt
+
+    def agents(model: Any, ledger: Ledger) -> dict[str, Any]:
+        return {"billing": build_agent(model, [issue_refund], ledger=ledger)}
+
+    turn = [{"order_id": "A1", "amount": 10}]
+    args = (db_url, turn, "issue_refund", agents, "billing")
+    assert left_by_a_stopped_agent(*args, decision="orphaned", again=True) == []
+    ledger = Ledger(db_url)
+    try:
+        told = AuditLog(ledger).query(thread="s1", decision="not_run")
+        runs = RunLog(ledger).query()
+    finally:
+        ledger.close()
+    assert [(r.args, r.result[:15]) for r in told] == [(turn[0], "Outcome unknown")]
+    assert [r.graph for r in runs if r.status == "success"].count("keel_agent") == 1  # it ended
+    assert not any("orphaned" in r.detail for r in runs)
 
 
 # the stopped agent's turn, and how its answers read: a call named by the agent's own `refund`
