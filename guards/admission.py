@@ -182,6 +182,9 @@ class Lease:
 class Admission:
     """Takes, renews and releases run leases in `ledger` under `policy`.
 
+    Leases are dated by `clock` (epoch seconds, `time.time`; a test's fabricated clock): they
+    are taken, renewed and expire by it. The renewal beats and the queue's waits are real time.
+
     Example:
         ```python
         admission = Admission(Ledger("sqlite:///.keel/keel.db"), AdmissionPolicy(tenant_running=5))
@@ -194,7 +197,12 @@ class Admission:
     """
 
     def __init__(
-        self, ledger: Ledger, policy: AdmissionPolicy, *, waiting_room: WaitingRoom | None = None
+        self,
+        ledger: Ledger,
+        policy: AdmissionPolicy,
+        *,
+        waiting_room: WaitingRoom | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(ledger, Ledger):
             raise UserError(f"Admission needs a keel.Ledger, got {type(ledger).__name__}.")
@@ -209,8 +217,14 @@ class Admission:
         self.policy = policy
         self.waiting_room = waiting_room
         """Where this process's queued runs wait, shared with other admissions (None: no cap)."""
-        self._renewer = _Renewer(ledger, policy.lease_s, _renew_flow, "admission")
-        self._arenewer = _LoopRenewer(ledger, policy.lease_s, _renew_flow, "admission")
+        if not callable(clock):
+            raise UserError(
+                f"Admission(clock=...) must be a function returning seconds since the epoch "
+                f"(e.g. time.time), got {clock!r}."
+            )
+        self._clock = clock
+        renew = (ledger, policy.lease_s, _renew_flow, "admission", clock)
+        self._renewer, self._arenewer = _Renewer(*renew), _LoopRenewer(*renew)
 
     @classmethod
     def of(
@@ -273,7 +287,7 @@ class Admission:
         def run(flow: Flow[Any]) -> Op:
             return both(self.ledger.run, self.ledger.arun, flow)
 
-        state = yield run(_admit_flow(self.policy, context, lease_id, holder, time.time()))
+        state = yield run(_admit_flow(self.policy, context, lease_id, holder, self._clock()))
         state, seated = self._seated(state)
         try:
             now = time.monotonic()
@@ -285,7 +299,7 @@ class Admission:
                 if now < ask_at and _freed(self.ledger) == seen:
                     continue
                 seen = _freed(self.ledger)
-                state = yield run(_promote_flow(self.policy, context, lease_id, time.time()))
+                state = yield run(_promote_flow(self.policy, context, lease_id, self._clock()))
                 interval = min(interval * 2, _POLL_MAX_S)
                 now = time.monotonic()
                 ask_at = now + interval
@@ -323,12 +337,12 @@ class Admission:
     def renew(self, lease: Lease) -> None:
         """Push the lease's expiry `lease_s` ahead (a running run calls this as it goes)."""
         if lease.refused is None:
-            self.ledger.run(_renew_flow([lease.id], time.time() + self.policy.lease_s))
+            self.ledger.run(_renew_flow([lease.id], self._clock() + self.policy.lease_s))
 
     async def arenew(self, lease: Lease) -> None:
         """Push the lease's expiry ahead (async)."""
         if lease.refused is None:
-            await self.ledger.arun(_renew_flow([lease.id], time.time() + self.policy.lease_s))
+            await self.ledger.arun(_renew_flow([lease.id], self._clock() + self.policy.lease_s))
 
     def release(self, lease: Lease) -> None:
         """Give the slot back (a refused lease holds none); this process's queued runs ask now.
@@ -400,11 +414,11 @@ class Admission:
 
         Not those a run of this process left behind: its next admission takes them over.
         """
-        return self.ledger.run(_held_flow(tenant_id, user_id, time.time()))
+        return self.ledger.run(_held_flow(tenant_id, user_id, self._clock()))
 
     async def aheld(self, tenant_id: str, user_id: str | None = None) -> dict[str, int]:
         """Unexpired leases by state (async)."""
-        return await self.ledger.arun(_held_flow(tenant_id, user_id, time.time()))
+        return await self.ledger.arun(_held_flow(tenant_id, user_id, self._clock()))
 
 
 _FREED: weakref.WeakKeyDictionary[Ledger, int] = weakref.WeakKeyDictionary()
@@ -549,14 +563,26 @@ _Renew = Callable[[list[str], float], Flow[None]]
 
 
 class _Renewal:
-    """What a renewer renews: leases of one kind (`what`) in `ledger`, `lease_s` at a time."""
+    """What a renewer renews: leases of one kind (`what`) in `ledger`, `lease_s` past `clock`."""
 
-    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        lease_s: float,
+        renew: _Renew,
+        what: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._ledger, self._lease_s, self._renew, self._what = ledger, lease_s, renew, what
+        self._clock = clock
         self._lock = threading.Lock()  # held for a few instructions: fine on an event loop too
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Set up what the renewer keeps of its own (none held yet)."""
 
     def _flow(self, held: list[str]) -> Flow[None]:
-        return self._renew(held, time.time() + self._lease_s)
+        return self._renew(held, self._clock() + self._lease_s)
 
     def _missed(self, held: list[str], exc: Exception) -> None:
         log.warning("keel could not renew %d %s leases: %s", len(held), self._what, exc)
@@ -574,8 +600,7 @@ class _Renewer(_Renewal):
     Admission's run leases and the thread leases (`keel.graphs._one_run`) each have their own.
     """
 
-    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
-        super().__init__(ledger, lease_s, renew, what)
+    def _fresh(self) -> None:
         self._held: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -634,8 +659,7 @@ class _LoopRenewer(_Renewal):
     tries again.
     """
 
-    def __init__(self, ledger: Ledger, lease_s: float, renew: _Renew, what: str) -> None:
-        super().__init__(ledger, lease_s, renew, what)  # its lock: loops may run in threads
+    def _fresh(self) -> None:  # (guarded by the lock: loops may run in threads)
         self._held: dict[asyncio.AbstractEventLoop, set[str]] = {}
         self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 

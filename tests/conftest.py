@@ -6,6 +6,8 @@
 - `db_url`: each test runs on SQLite (in `tmp_path`) and on PostgreSQL (ids "sqlite", "postgres").
 - `ledger`: keel's ledger, set up, on `db_url`; `clock`: a fabricated clock moved by hand.
 - `chroma_server`: starts a real Chroma server (`chroma run`) on a free port, offline.
+- `forks`: a fork server with keel imported (`tests/forking.py`), one per worker: a process a
+  test runs apart (or kills) is forked in milliseconds, not started as a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -318,3 +320,28 @@ def ls_keyless(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from langsmith_stand_in import serve
 
     yield from serve(monkeypatch, None)
+
+
+FORK_PRELOAD = (
+    "langchain_core.messages",
+    "langgraph.types",
+    "keel",
+    "keel.evals",
+    "keel.guards",
+    "keel.history",
+)
+"""What the `forks` server imports before it forks (and `forking.CHECKPOINTERS`, which keel
+loads when first used). Not chromadb or onnxruntime: a process forked after their import
+aborts as it exits."""
+
+
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A `forking.ForkServer` (`FORK_PRELOAD` imported, LangSmith tracing off), shared by the
+    worker's tests: its children start with keel imported (~2 s each saved)."""
+    from forking import CHECKPOINTERS, ForkServer
+
+    env = {**os.environ, "LANGSMITH_TRACING": "false"}
+    server = ForkServer((*FORK_PRELOAD, *CHECKPOINTERS), tmp_path_factory.mktemp("forks"), env)
+    yield server
+    server.close()

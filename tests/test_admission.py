@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,6 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import Clock
+from forking import ForkServer
 from langgraph.checkpoint.memory import InMemorySaver
 
 from keel import Ledger, RunContext, UserError, build_agent, tool
@@ -79,6 +80,22 @@ async def until(check: Callable[[], bool], what: str, seconds: float = 60) -> No
 
 def reasons(results: list[dict[str, Any]]) -> Counter[str]:
     return Counter(r["outcome"]["terminated_reason"] for r in results)
+
+
+class Renewals:
+    """The leases' expiries as a test polls them: renewals seen (each moves them), and whether
+    real time has passed the last of the first expiries seen (a slot held after that is held by
+    renewals only). What a "longer than its lease" test waits for, instead of a fixed sleep."""
+
+    def __init__(self, first: list[float]) -> None:
+        self.seen = [first]
+
+    def enough(self, now: list[float], renewals: int = 3) -> bool:
+        """Whether `renewals` renewals were seen (`now`: the expiries read now) and the first
+        expiries have passed."""
+        if now != self.seen[-1]:
+            self.seen.append(now)
+        return len(self.seen) > renewals and time.time() > max(self.seen[0])
 
 
 async def test_fifty_simultaneous_runs_against_a_cap_of_five(ledger: Ledger) -> None:
@@ -185,7 +202,7 @@ async def test_a_run_longer_than_its_lease_keeps_its_slot(ledger: Ledger) -> Non
     agent = agent_for(ledger, policy, gate)
     first = asyncio.create_task(run(agent, 0))
     await until(lambda: gate.inside == 1, "the first run")
-    await asyncio.sleep(1.0)  # three lease lifetimes
+    await _arenewed(ledger)  # past its first expiry, renewed three times
     assert (await run(agent, 1))["outcome"]["terminated_reason"] == "overloaded"
     gate.open.set()
     assert (await first)["outcome"]["terminated_reason"] == "completed"
@@ -203,31 +220,26 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-async def test_a_crashed_runs_lease_expires(ledger: Ledger, tmp_path: Any) -> None:
-    """A process killed while it holds a slot: refused until its lease expires, then admitted."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-P",
-        "-c",
-        CRASH,
-        ledger.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=tmp_path,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode == -9 and b"leased" in out, err.decode()
+async def test_a_crashed_runs_lease_expires(
+    ledger: Ledger, forks: ForkServer, clock: Clock
+) -> None:
+    """A process killed while it holds a slot: refused until its lease expires, then admitted.
+
+    The killed process is forked with keel imported (`tests/forking.py`); the next runs' leases
+    are dated by a fabricated clock, set just before and just after the dead run's expiry (its
+    3 s are not waited out)."""
+    child = forks.start_code(CRASH, ledger.url)
+    assert child.wait() == -9 and child.lines() == ["leased"], child.output()
     (expires,) = await _aexpiries(ledger)  # the dead run's lease: 3 s from when it took it
-    policy = AdmissionPolicy(tenant_running=1, lease_s=60)
-    admission = Admission(ledger, policy)
-    asked_at = time.time()
-    refused = await admission.aacquire(RunContext(user_id="next", tenant_id="acme"))
-    assert asked_at < expires, "the machine took the whole lease to kill the process"
-    assert refused.refused is not None
-    while (lease := await admission.aacquire(RunContext(user_id="next", tenant_id="acme"))).refused:
-        assert time.time() < expires + 30, "the dead run's lease never expired"
-        await asyncio.sleep(0.1)
-    assert time.time() >= expires  # not before the dead run's lease ran out
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=1, lease_s=60), clock=clock)
+    nxt = RunContext(user_id="next", tenant_id="acme")
+    clock.now = expires - 0.001
+    assert (await admission.aacquire(nxt)).refused is not None  # another process's: it holds
+    assert await admission.aheld("acme") == {"running": 1, "queued": 0}
+    clock.now = expires + 0.001
+    assert await admission.aheld("acme") == {"running": 0, "queued": 0}
+    lease = await admission.aacquire(nxt)
+    assert lease.refused is None, lease.refused
     await admission.arelease(lease)
     assert await admission.aheld("acme") == {"running": 0, "queued": 0}
 
@@ -366,6 +378,32 @@ def test_bad_admission_settings_are_named() -> None:
         Policy.from_dict({"admission": {"running": 5}})
     with pytest.raises(UserError, match="admission, which are kept in the ledger"):
         build_agent(ScriptedChatModel(script=["hi"]), policy=policy)
+    with pytest.raises(UserError, match=r"Admission\(clock=...\) must be a function"):
+        Admission(Ledger("sqlite:///unused.db"), AdmissionPolicy(), clock=1000.0)  # type: ignore[arg-type]
+
+
+def test_leases_are_taken_renewed_and_expire_by_the_admissions_clock(
+    db_url: str, clock: Clock
+) -> None:
+    """`Admission(clock=...)`: a lease is dated by it (taken, renewed by the beat) and expires
+    by it, whatever the real time."""
+    ledger = Ledger(db_url)
+    admission = Admission(ledger, AdmissionPolicy(tenant_running=1, lease_s=0.3), clock=clock)
+    acme = RunContext(user_id="u", tenant_id="acme")
+    try:
+        lease = admission.acquire(acme)
+        assert lease.refused is None and _expiries(ledger) == [1000.3]
+        clock.now = 1000.29
+        assert admission.held("acme") == {"running": 1, "queued": 0}
+        clock.now = 1000.3
+        assert admission.held("acme") == {"running": 0, "queued": 0}  # expired, by the clock
+        clock.now = 2000.0
+        with admission.holding(lease):
+            _eventually(lambda: _expiries(ledger) == [2000.3], "a renewal dated by the clock")
+            assert admission.held("acme") == {"running": 1, "queued": 0}
+        assert admission.held("acme") == {"running": 0, "queued": 0}
+    finally:
+        ledger.close()
 
 
 def _held(admission: Admission) -> dict[str, int]:
@@ -425,7 +463,8 @@ def test_a_sync_run_longer_than_its_lease_keeps_its_slot(db_url: str) -> None:
             assert time.monotonic() < deadline, "the run never took its slot"
             time.sleep(0.02)
         connections = len(ledger._sqlite_dbs)
-        time.sleep(1.0)  # three lease lifetimes
+        renewals = Renewals(_expiries(ledger))  # past its first expiry, renewed three times
+        _eventually(lambda: renewals.enough(_expiries(ledger)), "three renewals")
         assert admission.acquire(acme).refused is not None
         go.set()
         runner.join(30)
@@ -476,7 +515,8 @@ def test_sync_runs_share_one_renewing_thread(db_url: str) -> None:
             r.start()
         for _ in runs:
             assert inside.acquire(timeout=30), "a run never took its slot"
-        time.sleep(1.0)  # three lease lifetimes: only renewals keep the slots
+        renewals = Renewals(_expiries(ledger))  # only renewals keep the slots after this
+        _eventually(lambda: renewals.enough(_expiries(ledger)), "three renewals")
         assert admission.held("acme") == {"running": 8, "queued": 0}
         assert len(_renewers()) == 1
         # renewed in one statement a beat: every lease carries the same expiry
@@ -766,13 +806,21 @@ async def _aexpiries(ledger: Ledger) -> list[float]:
     return list(await ledger.arun(flow()))
 
 
+async def _arenewed(ledger: Ledger) -> None:
+    """Until the leases were renewed three times, past their first expiry (`Renewals`)."""
+    renewals, deadline = Renewals(await _aexpiries(ledger)), time.monotonic() + 30
+    while not renewals.enough(await _aexpiries(ledger)):
+        assert time.monotonic() < deadline, f"the leases were not renewed: {renewals.seen}"
+        await asyncio.sleep(0.02)
+
+
 async def test_async_runs_share_one_renewing_task(ledger: Ledger) -> None:
     """Eight async runs at once: one task renews all their leases together; it ends with them."""
     gate = Gate()
     agent = agent_for(ledger, AdmissionPolicy(tenant_running=8, lease_s=0.3), gate)
     runs = [asyncio.create_task(run(agent, i)) for i in range(8)]
     await until(lambda: gate.inside == 8, "eight runs to hold their slots")
-    await asyncio.sleep(1.0)  # three lease lifetimes: only renewals keep the slots
+    await _arenewed(ledger)  # only renewals keep the slots after this
     admission = Admission(ledger, AdmissionPolicy(tenant_running=8))
     assert await admission.aheld("acme") == {"running": 8, "queued": 0}
     assert len(_renewing_tasks()) == 1

@@ -7,22 +7,22 @@ that had left it. A lease now names the run and process that hold it (`keel.guar
 as the thread leases do): one of this process whose run has ended is taken over at once; a
 live run's lease, and another process's, are still respected.
 
-Real parts: PostgreSQL and SQLite, real subprocesses and a real SIGINT; the model is keel's
-`ScriptedChatModel`.
+Real parts: PostgreSQL and SQLite, real processes (forked with keel imported,
+`tests/forking.py`) and a real SIGINT; the model is keel's `ScriptedChatModel`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import eventually
+from forking import ForkServer
 from test_migrations import column_names, raw
 from test_migrations import drive as drive_flow
 
@@ -34,7 +34,7 @@ from keel.guards import Admission, AdmissionPolicy, Policy
 ACME = RunContext(user_id="u1", tenant_id="acme")
 
 INTERRUPTED = r"""
-import sys
+import os, sys, time
 from langgraph.checkpoint.memory import InMemorySaver
 from keel import Ledger, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel, call
@@ -42,13 +42,17 @@ from keel.guards import AdmissionPolicy, Policy, Rule
 
 HELD = []
 
+def wait_for(name):
+    while not os.path.exists(name):
+        time.sleep(0.01)
+
 @tool
 def hold() -> str:
     '''Hold the first run until the test says go.'''
     if not HELD:
         HELD.append(1)
         print("holding", flush=True)
-        sys.stdin.readline()
+        wait_for("go")
     return "held"
 
 agent = build_agent(
@@ -65,7 +69,7 @@ try:
     print("not interrupted", flush=True)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
-sys.stdin.readline()  # the test lets go of the lease's row
+wait_for("again")  # the test let go of the lease's row
 done = agent.invoke({"messages": [("user", "two")]}, {"configurable": {"thread_id": "b"}},
                     context=ctx)
 print(done["outcome"]["terminated_reason"], flush=True)
@@ -82,60 +86,39 @@ def _release_waiting(url: str) -> bool:
     return bool(rows and rows[0])
 
 
-def _line(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    return proc.stdout.readline().strip()
-
-
 @pytest.mark.postgres
 def test_ctrl_c_while_a_run_gives_its_slot_back_does_not_hold_the_slot(
-    fresh_postgres_url: str, tmp_path: Path
+    fresh_postgres_url: str, tmp_path: Path, forks: ForkServer
 ) -> None:
     """A process runs an agent capped at one run per tenant; as the run gives its slot back,
     Ctrl-C (a real SIGINT) lands in the release (held up on the lease's row, so that it lands
     there). The lease stays in the ledger, and the same process's next run of the tenant was
-    refused (`overloaded`) for the lease's 300 s. Now it is admitted at once."""
+    refused (`overloaded`) for the lease's 300 s. Now it is admitted at once. (The process is
+    forked with keel imported, `tests/forking.py`; it goes on when the test makes a file.)"""
     url = fresh_postgres_url
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED, url],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.stdin is not None
+    proc = forks.start_code(INTERRUPTED, url, cwd=tmp_path)
     try:
-        assert _line(proc) == "holding"
+        proc.wait_for_line("holding")
         with psycopg.connect(url) as lock:  # holds the lease's row until the interrupt
             (lease,) = lock.execute(
                 "SELECT holder FROM keel_admission_leases FOR UPDATE"
             ).fetchall()
             assert str(lease[0]).split("/")[2] == str(proc.pid)  # the run names its process
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            deadline = time.monotonic() + 60
-            while not _release_waiting(url):
-                assert time.monotonic() < deadline, "the release never started"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            assert _line(proc) == "interrupted"
+            (tmp_path / "go").touch()
+            eventually(lambda: _release_waiting(url), "the release")
+            os.kill(proc.pid, signal.SIGINT)
+            proc.wait_for_line("interrupted")
             lock.rollback()
         with psycopg.connect(url) as pg:  # the interrupted release left the lease behind
             left = pg.execute("SELECT state FROM keel_admission_leases").fetchall()
         assert left == [("running",)]
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        assert _line(proc) == "completed"
-        assert proc.wait(timeout=60) == 0
+        (tmp_path / "again").touch()
+        assert proc.wait() == 0, proc.output()
+        assert proc.lines() == ["holding", "interrupted", "completed"]
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stdin.close()
+            proc.wait()
 
 
 async def test_a_live_runs_lease_of_this_process_is_respected(db_url: str) -> None:
@@ -162,35 +145,32 @@ async def test_a_live_runs_lease_of_this_process_is_respected(db_url: str) -> No
 
 
 HOLDER = """
-import sys
+import sys, time
 from keel import Ledger, RunContext
 from keel.guards import Admission, AdmissionPolicy
 admission = Admission(Ledger(sys.argv[1]), AdmissionPolicy(tenant_running=1))
 lease = admission.acquire(RunContext(user_id="other", tenant_id="acme"))
 print("leased" if lease.refused is None else lease.refused, flush=True)
-sys.stdin.readline()
+time.sleep(600)  # a run still going, until the test kills its process
 """
 
 
-def test_another_processs_lease_is_respected_until_it_expires(db_url: str, tmp_path: Path) -> None:
+def test_another_processs_lease_is_respected_until_it_expires(
+    db_url: str, tmp_path: Path, forks: ForkServer
+) -> None:
     """Only this process's own ended runs are told apart: another process's lease, whose run
     may well be going, still holds the tenant's slot (until it expires, or its process gives
     it back)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, db_url],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc = forks.start_code(HOLDER, db_url, cwd=tmp_path)
     ledger = Ledger(db_url)
     try:
-        assert _line(proc) == "leased"
+        proc.wait_for_line("leased")
         admission = Admission(ledger, AdmissionPolicy(tenant_running=1))
         assert admission.acquire(ACME).refused is not None
         assert admission.held("acme") == {"running": 1, "queued": 0}
     finally:
-        proc.communicate("\n", timeout=60)
+        proc.kill()
+        proc.wait()
         ledger.close()
 
 
