@@ -88,6 +88,10 @@ class Forked:
         eventually(lambda: line in self.lines() or not self._running(), f"{line!r} from {self}")
         assert line in self.lines(), self.err.read_text()
 
+    def ended(self) -> bool:
+        """Whether it has ended (waited for or not)."""
+        return not self._running()
+
     def kill(self) -> None:
         with suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)

@@ -7,13 +7,13 @@ do; `tests/test_crash.py` adds real SIGKILLs.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
+from forking import ForkServer
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -43,16 +43,16 @@ def test_a_scripted_model_with_fresh_ids_names_each_call_anew() -> None:
 
 
 class SlowSaver(SqliteSaver):
-    """Saves each checkpoint 0.3 s late, as a busy database does."""
+    """Saves each checkpoint 0.1 s late, as a busy database does."""
 
     def put(self, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.3)
+        time.sleep(0.1)
         return super().put(*args, **kwargs)
 
 
 class SlowAsyncSaver(AsyncSqliteSaver):
     async def aput(self, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.1)
         return await super().aput(*args, **kwargs)
 
 
@@ -577,16 +577,18 @@ print(result["messages"][2].response_metadata["keel_status"], flush=True)
 
 
 def test_a_hung_sync_tool_does_not_keep_the_process_alive_after_its_timeout(
-    tmp_path: Path,
+    tmp_path: Path, forks: ForkServer
 ) -> None:
-    """Before: the tool ran on the loop's executor, whose thread the interpreter joins at exit."""
-    script = tmp_path / "hung.py"
-    script.write_text(HUNG)
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "timeout"
-    assert time.monotonic() - started < 30
+    """Before: the tool ran on the loop's executor, whose thread the interpreter joins at exit.
+    (The process is forked with keel imported, `tests/forking.py`, and ends as `python -c`
+    would: its interpreter's shutdown joins the threads it started.)"""
+    done = forks.start_code(HUNG, cwd=tmp_path)
+    try:
+        eventually(done.ended, "the process to end after its tool's timeout", seconds=30)
+    finally:
+        done.kill()  # (one that did not end, or a zombie: nothing)
+    assert done.wait() == 0, done.output()
+    assert done.lines() == ["timeout"]
 
 
 def test_langgraph_fails_a_sync_run_without_a_checkpointer() -> None:
