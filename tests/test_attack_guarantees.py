@@ -23,12 +23,11 @@ import random
 import signal
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from forking import CHECKPOINTERS, ForkServer
+from forking import ForkServer
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
@@ -170,15 +169,6 @@ PARALLEL_CHILD = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-@pytest.fixture(scope="module")
-def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
-    """Processes forked with `PARALLEL_CHILD`'s imports done (`tests/forking.py`)."""
-    preload = ("langchain_core.messages", "keel", "keel.evals", *CHECKPOINTERS)
-    server = ForkServer(preload, tmp_path_factory.mktemp("forks"))
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -9,7 +9,8 @@ thread. Each thread must end completed with its counter at exactly 1, or wait on
 happen?" review; a last process answers those reviews from the counter, and then every counter
 is 1 and no ledger row is left `started`. Cases: sync (`invoke`) and async (`ainvoke`) drivers,
 SQLite and PostgreSQL for checkpoints and ledger. The processes are forked from a fork server
-that imported keel once (`tests/forking.py`), not started as fresh interpreters.
+that imported keel once (`tests/forking.py`; conftest's `forks`, shared by the worker's
+tests), not started as fresh interpreters.
 """
 
 from __future__ import annotations
@@ -20,32 +21,18 @@ import random
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from forking import CHECKPOINTERS, Forked, ForkServer
+from forking import Forked, ForkServer
 from langchain_core.messages import AIMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 
 CHILD = Path(__file__).with_name("crash_agent.py")
 ROUNDS, PER_ROUND = int(os.environ.get("KEEL_CRASH_ROUNDS", "2")), 8
-
-
-PRELOAD = ("langgraph.types", "keel", "keel.evals.scripted", "keel.history", *CHECKPOINTERS)
-"""What `crash_agent.py` imports (and keel's checkpointers load), imported once by the fork
-server its processes are forked from."""
-
-
-@pytest.fixture(scope="module")
-def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
-    env = {**os.environ, "LANGSMITH_TRACING": "false"}
-    server = ForkServer(PRELOAD, tmp_path_factory.mktemp("forks"), env)
-    yield server
-    server.close()
 
 
 def child(forks: ForkServer, url: str, counters: str, case: tuple[str, str], *args: str) -> Forked:
