@@ -67,14 +67,17 @@ class _Databases:
     """Fresh databases `keel_test_<hex>` on the test server, made one ahead and dropped behind.
 
     Each test still gets a new, empty database (from `template1`) and it is still dropped after
-    the test; one background thread does both, so the server creates the next test's database
-    and drops the last one while a test runs (about 0.3 s a PostgreSQL test otherwise). A drop
-    that fails fails the next test that takes a database, or the session's end.
+    the test; background threads do both, so the server creates the next test's database and
+    drops the last one while a test runs (about 0.3 s a PostgreSQL test otherwise). Creating
+    and dropping have a thread each: a drop waits for a checkpoint (a second or more while
+    other work writes), a create does not, and the next test must not wait behind a drop. A
+    drop that fails fails the next test that takes a database, or the session's end.
     """
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-test-databases")
+        self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-test-drops")
         self._next = self._worker.submit(self._create)
         self._drops: list[Future[None]] = []
 
@@ -89,12 +92,13 @@ class _Databases:
 
     def give_back(self, url: str) -> None:
         """Drop the database of `url` (in the background)."""
-        self._drops.append(self._worker.submit(self._drop, urlsplit(url).path.lstrip("/")))
+        self._drops.append(self._dropper.submit(self._drop, urlsplit(url).path.lstrip("/")))
 
     def close(self) -> None:
         """Drop the database made ahead, and wait for every drop."""
-        self._drops.append(self._worker.submit(self._drop, self._next.result()))
+        self._drops.append(self._dropper.submit(self._drop, self._next.result()))
         self._worker.shutdown(wait=True)
+        self._dropper.shutdown(wait=True)
         for drop in self._drops:
             drop.result()
 
