@@ -4,23 +4,25 @@ A user who sends twice, with the two requests landing in two worker processes: w
 both runs start from the same checkpoint and the one that saves last erases the other's
 messages. With a ledger, a run takes the thread's lease in it first (`keel_thread_leases`);
 the other process's run waits for it. Each process here is a real OS process running
-`_SCRIPT` (a keel agent on the shared SQLite file or PostgreSQL database).
+`_SCRIPT` (a keel agent on the shared SQLite file or PostgreSQL database), forked with keel
+imported (`tests/forking.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
+from forking import ForkServer
 
 import keel.graphs._one_run as one_run
 from keel import Ledger, Persistence, RunContext
@@ -32,13 +34,13 @@ CTX = RunContext(user_id="u1", tenant_id="acme")
 
 _SCRIPT = textwrap.dedent(
     """
-    import asyncio, json, sys
+    import asyncio, json, os, sys, time
     from keel import Ledger, Persistence, RunContext
     from keel.evals import ScriptedChatModel
     from keel.graphs import build_agent
     from keel.graphs._one_run import ThreadLeases
 
-    url, thread, text, reply, latency, lease_s, mode = sys.argv[1:]
+    url, thread, text, reply, latency, lease_s, mode, go = sys.argv[1:]
     ledger = Ledger(url)
     ledger.setup()
     model = ScriptedChatModel(script=[reply, reply], latency=float(latency))  # turn 1 or 2
@@ -50,7 +52,8 @@ _SCRIPT = textwrap.dedent(
         agent = build_agent(model, [], ledger=ledger, checkpointer=saver)
         agent.keel_thread_leases = ThreadLeases(ledger, lease_s=float(lease_s))
         print("READY", flush=True)
-        sys.stdin.readline()  # "go": the test starts both processes' runs at once
+        while not os.path.exists(go):  # the test starts both processes' runs at once
+            time.sleep(0.005)
         return agent
 
     if mode == "sync":
@@ -68,49 +71,48 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-class _Worker:
-    """One OS process running one agent run (`_SCRIPT`), started on `go()`."""
+@dataclass(frozen=True)
+class _Script:
+    """Where a test's worker processes come from (a fork server, keel imported) and run."""
 
-    def __init__(self, script: Path, url: str, thread: str, text: str, reply: str, **kw: Any):
+    forks: ForkServer
+    folder: Path
+
+
+class _Worker:
+    """One OS process running one agent run (`_SCRIPT`), started on `go()`.
+
+    Forked with keel imported (`tests/forking.py`); it goes when the test makes its `go` file.
+    """
+
+    def __init__(self, script: _Script, url: str, thread: str, text: str, reply: str, **kw: Any):
+        self.go_file = script.folder / f"go-{uuid.uuid4().hex}"
         args = [url, thread, text, reply, str(kw.get("latency", 0.5))]
-        args += [str(kw.get("lease_s", 30.0)), kw.get("mode", "sync")]
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=script.parent,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip() == "READY", line + self._errors()
+        args += [str(kw.get("lease_s", 30.0)), kw.get("mode", "sync"), str(self.go_file)]
+        self.proc = script.forks.start_code(_SCRIPT, *args, cwd=script.folder)
+        self.proc.wait_for_line("READY")
+        self.errors = ""
 
     def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        self.go_file.touch()
 
     def result(self, timeout: float = 60) -> str:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err
-        self.errors = err
-        return out.strip()
+        """What it printed after READY, once it ended (0, or the test fails)."""
+        eventually(self.proc.ended, f"{self.proc} to end", seconds=timeout)
+        code = self.proc.wait()
+        out, self.errors = self.proc.output()
+        assert code == 0, self.errors
+        return out.removeprefix("READY\n").strip()
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)  # no finally, no atexit: the lease stays behind
-        self.proc.communicate(timeout=30)  # (and its pipes are closed)
-
-    def _errors(self) -> str:
+        """SIGKILL: no finally, no atexit: the lease stays behind (its process waited for)."""
         self.proc.kill()
-        return self.proc.communicate(timeout=30)[1]
+        self.proc.wait()
 
 
 @pytest.fixture
-def script(tmp_path: Path) -> Path:
-    path = tmp_path / "worker.py"
-    path.write_text(_SCRIPT)
-    return path
+def script(tmp_path: Path, forks: ForkServer) -> _Script:
+    return _Script(forks, tmp_path)
 
 
 @pytest.fixture
@@ -118,7 +120,7 @@ def workers() -> Iterator[list[_Worker]]:
     started: list[_Worker] = []
     yield started
     for worker in started:
-        if worker.proc.poll() is None:
+        if worker.proc.returncode is None:
             worker.kill()
 
 
@@ -169,7 +171,7 @@ def _within(seconds: float, stuck: str, agent: Any, message: Any, thread: str) -
 
 @pytest.mark.parametrize("first", ["both at once", "sync first", "async first"])
 def test_two_processes_sending_to_one_thread_at_once_both_keep_their_messages(
-    db_url: str, script: Path, workers: list[_Worker], first: str
+    db_url: str, script: _Script, workers: list[_Worker], first: str
 ) -> None:
     """Two worker processes (one sync, one async) get a message each for one thread at once
     (or the second while the first runs); each run outlasts its lease's lifetime, renewed
@@ -196,7 +198,7 @@ def test_two_processes_sending_to_one_thread_at_once_both_keep_their_messages(
     assert _leases(db_url) == []  # both gave the thread back
 
 
-def _holding(script: Path, url: str, thread: str, lease_s: float) -> _Worker:
+def _holding(script: _Script, url: str, thread: str, lease_s: float) -> _Worker:
     """A worker process whose run holds `thread`'s lease (its model takes a minute)."""
     worker = _Worker(script, url, thread, "Slow?", "never", latency=60, lease_s=lease_s)
     worker.go()
@@ -205,7 +207,7 @@ def _holding(script: Path, url: str, thread: str, lease_s: float) -> _Worker:
 
 
 def test_a_killed_process_lease_expires_and_another_process_run_proceeds(
-    db_url: str, script: Path, workers: list[_Worker]
+    db_url: str, script: _Script, workers: list[_Worker]
 ) -> None:
     """A worker SIGKILLed mid-run never releases its lease: the next run waits for it to expire
     (on another host: one of this host is taken over at once, see the next test)."""
@@ -236,7 +238,7 @@ def test_a_killed_process_lease_expires_and_another_process_run_proceeds(
 
 
 def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_without_waiting_it_out(
-    db_url: str, script: Path, workers: list[_Worker]
+    db_url: str, script: _Script, workers: list[_Worker]
 ) -> None:
     """A worker of this host SIGKILLed mid-run (the crash a resume follows) holds a lease that
     would block its thread for the whole lease: its process is gone, so the next run takes
@@ -258,7 +260,7 @@ def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_without_waiting_it
 
 
 async def test_runs_on_other_threads_do_not_wait_for_another_process(
-    db_url: str, script: Path, workers: list[_Worker]
+    db_url: str, script: _Script, workers: list[_Worker]
 ) -> None:
     Ledger(db_url).setup()
     workers.append(_holding(script, db_url, "busy", lease_s=30))
