@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
+from forking import ForkServer
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from keel import AuditLog, Ledger, Persistence, RunContext, RunLog, build_agent, tool
@@ -246,17 +246,17 @@ CHILD = textwrap.dedent(
 
 
 def _killed_mid_tool(
-    url: str, effects: Path, when: str = "in the tool", risk: str = "write"
+    forks: ForkServer, url: str, effects: Path, when: str = "in the tool", risk: str = "write"
 ) -> None:
     """A child process runs the first task and is SIGKILLed right after the refund (`when`:
-    in the tool, or once the tool step's writes are saved, before its checkpoint)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, url, str(effects), when, risk],
-        capture_output=True,
-        timeout=120,
-        cwd=effects.parent,  # the repository's `keel/` folder would shadow the package
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    in the tool, or once the tool step's writes are saved, before its checkpoint). It is
+    forked with keel imported (`tests/forking.py`)."""
+    proc = forks.start_code(CHILD, url, str(effects), when, risk, cwd=effects.parent)
+    try:
+        eventually(proc.ended, "the child's SIGKILL", seconds=120)
+    finally:
+        proc.kill()  # (one that did not end, or a zombie: nothing)
+    assert proc.wait() == -signal.SIGKILL, proc.output()[1][-2000:]
     assert effects.read_text() == "A1\n"
 
 
@@ -274,14 +274,14 @@ async def _next_message(url: str, ledger: Ledger, model: Any, driver: str) -> An
 
 @pytest.mark.parametrize("driver", ["sync", "async"])
 async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
-    db_url: str, tmp_path: Path, driver: str
+    db_url: str, tmp_path: Path, forks: ForkServer, driver: str
 ) -> None:
     """The killed run wrote no run record (its process could not), and the next message's
     model read "the run stopped before it ran" about a refund that happened. Now: "outcome
     unknown", audited, the refund not repeated, and the killed run recorded `stopped/cancelled`
     by the next message, under its own run id (not the next run's)."""
     effects = tmp_path / "effects"
-    _killed_mid_tool(db_url, effects)
+    _killed_mid_tool(forks, db_url, effects)
     ledger, model = Ledger(db_url), _model()
     try:
         done = await _next_message(db_url, ledger, model, driver)
@@ -307,7 +307,7 @@ async def test_sigkill_mid_tool_then_a_new_message_from_a_fresh_process(
     ("risk", "driver"), [("read", "sync"), ("write", "sync"), ("read", "async")]
 )
 async def test_killed_before_the_checkpoint_after_its_tool_step(
-    db_url: str, tmp_path: Path, risk: str, driver: str
+    db_url: str, tmp_path: Path, forks: ForkServer, risk: str, driver: str
 ) -> None:
     """The tool step finished and its writes were saved, but the process died before the
     checkpoint after it. `get_state` shows the result (it applies the pending writes), so keel
@@ -315,7 +315,7 @@ async def test_killed_before_the_checkpoint_after_its_tool_step(
     model read a filler and the saved thread kept an unanswered call. Now the call is answered
     with the result its step saved (a read has no ledger record to fall back on)."""
     effects = tmp_path / "effects"
-    _killed_mid_tool(db_url, effects, "before the checkpoint", risk)
+    _killed_mid_tool(forks, db_url, effects, "before the checkpoint", risk)
     ledger, model = Ledger(db_url), _model()
     try:
         done = await _next_message(db_url, ledger, model, driver)
@@ -326,11 +326,13 @@ async def test_killed_before_the_checkpoint_after_its_tool_step(
         await ledger.aclose()
 
 
-def test_sigkill_mid_tool_then_a_resume_asks_did_this_happen(db_url: str, tmp_path: Path) -> None:
+def test_sigkill_mid_tool_then_a_resume_asks_did_this_happen(
+    db_url: str, tmp_path: Path, forks: ForkServer
+) -> None:
     """A resume without new input keeps at most once: the call started, so a human is asked,
     and nothing runs again (no `not_run` answer either: nothing moved on)."""
     effects = tmp_path / "effects"
-    _killed_mid_tool(db_url, effects)
+    _killed_mid_tool(forks, db_url, effects)
     ran: list[str] = []
 
     @tool(risk="write", name="refund")
