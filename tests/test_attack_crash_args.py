@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
+from forking import ForkServer
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langgraph.types import Command
 
@@ -126,15 +125,27 @@ def killed_after_the_refund(
     `durability="exit"` (the default): nothing of the run is saved before it ends, so the
     request dies with the process and the ledger's `started` row is all that is left of it.
     """
-    (tmp_path / "child.py").write_text(CHILD)
     effects = tmp_path / "effects.txt"
-    argv = [sys.executable, "child.py", db_url, str(effects), driver, durability, json.dumps(turn)]
-    env = {**os.environ, "LANGSMITH_TRACING": "false"}
-    # cwd: the repository's `keel/` folder would shadow the package
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (forks,) = _forks  # forked with keel imported (`tests/forking.py`), LangSmith off
+    proc = forks.start_code(CHILD, db_url, str(effects), driver, durability, json.dumps(turn))
+    try:
+        eventually(proc.ended, "the child's SIGKILL", seconds=120)
+    finally:
+        proc.kill()  # (one that did not end, or a zombie: nothing)
+    assert proc.wait() == -signal.SIGKILL, proc.output()[1]
     assert effects.read_text().splitlines() == [f"refund {turn[0]['amount']}"]
     return effects
+
+
+_forks: list[ForkServer] = []
+
+
+@pytest.fixture(autouse=True)
+def _forked(forks: ForkServer) -> Iterator[None]:
+    """The session's fork server, for `killed_after_the_refund` (its callers need not name it)."""
+    _forks.append(forks)
+    yield
+    _forks.remove(forks)
 
 
 def rows(thread: str) -> Any:
