@@ -77,9 +77,11 @@ class ScriptedChatModel(BaseChatModel):
     """Answers for structured output, by schema name: a dict of fields or `f(messages) -> dict`."""
     latency: float = 0.0
     """Seconds each call takes (`asyncio.sleep` in async calls)."""
-    fresh_ids: bool = False
+    fresh_ids: bool = True
     """Name every tool call with a new random id on every call, as real models do (a turn
-    asked again after a crash gets different ids); by default ids are `call_<turn>_<i>`."""
+    asked again after a crash or a retry gets different ids), replacing any id the script
+    gave. On by default, so a test cannot lean on ids a real model would not repeat; `False`
+    names calls `call_<turn>_<i>` (or keeps the script's id) for a test that needs stable ids."""
     model_name: str = "scripted"
     """The name the price table prices this model by."""
     bill_tool_schemas: bool = False

@@ -64,8 +64,11 @@ def support_turn(messages: Sequence[BaseMessage]) -> AIMessage | str:
     return "Order A1 shipped and is in transit."
 
 
-def chaos(policy: ChaosPolicy, script: Sequence[Any] = (support_turn,) * 60) -> ChaosChatModel:
-    return ChaosChatModel(model=ScriptedChatModel(script=list(script)), policy=policy)
+def chaos(
+    policy: ChaosPolicy, script: Sequence[Any] = (support_turn,) * 60, *, fresh_ids: bool = True
+) -> ChaosChatModel:
+    inner = ScriptedChatModel(script=list(script), fresh_ids=fresh_ids)
+    return ChaosChatModel(model=inner, policy=policy)
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def test_timeout_raises_and_can_hang_first() -> None:
 
 
 def test_malformed_tool_call_is_an_invalid_tool_call() -> None:
-    model = chaos(ChaosPolicy(malformed_tool_call=1.0))
+    model = chaos(ChaosPolicy(malformed_tool_call=1.0), fresh_ids=False)  # asserts the id kept
     answer = model.bind_tools([lookup_order, track_parcel]).invoke(QUESTION)
     assert isinstance(answer, AIMessage)
     assert answer.tool_calls == []
@@ -180,7 +183,7 @@ def test_unknown_tool_is_never_a_bound_tool() -> None:
 
 
 def test_repeated_call_repeats_the_previous_turn() -> None:
-    model = chaos(ChaosPolicy(repeated_call=1.0))
+    model = chaos(ChaosPolicy(repeated_call=1.0), fresh_ids=False)  # asserts the inner id
     history = [
         *QUESTION,
         AIMessage(

@@ -212,9 +212,10 @@ def test_permission_middleware_asks_in_langchains_per_call_format() -> None:
     graph = agent(script, [PermissionMiddleware(POLICY)], checkpointer=InMemorySaver())
     paused = run(graph)
     (pending,) = paused["__interrupt__"]
+    (asked,) = [m for m in paused["messages"] if isinstance(m, AIMessage)]
     assert pending.value == {
         "type": "tool_approval",
-        "tool_call_id": "call_0_0",
+        "tool_call_id": asked.tool_calls[0]["id"],
         "name": "issue_refund",
         "args": {"order_id": "A1", "amount": 20},
         "description": "refunds need a manager; a human must approve "
@@ -289,8 +290,9 @@ def test_a_new_message_after_an_unanswered_call_gets_a_valid_history(left: str, 
     assert result["messages"][-1].text == "Sure: the weather is fine."
     refunded = [r for r in RUNS if "refund" in r]
     assert refunded == ([] if left == "waiting_for_approval" else ["slow_refund A1"])
+    refund_id = model.answers[0].tool_calls[1]["id"]  # the id the model gave the refund call
     (read,) = [
-        m for m in model.calls[-1] if isinstance(m, ToolMessage) and m.tool_call_id == "refund-1"
+        m for m in model.calls[-1] if isinstance(m, ToolMessage) and m.tool_call_id == refund_id
     ]
     assert "may or may not have run" in read.text and read.status == "error"
 

@@ -55,8 +55,10 @@ def charge_tool(world: World, **spec: Any) -> Any:
     return charge
 
 
-def agent_for(world: World, saver: Any, ledger: Ledger | None, **spec: Any) -> Any:
-    model = ScriptedChatModel(script=[call("charge", amount=5), "Done."])
+def agent_for(
+    world: World, saver: Any, ledger: Ledger | None, *, fresh_ids: bool = True, **spec: Any
+) -> Any:
+    model = ScriptedChatModel(script=[call("charge", amount=5), "Done."], fresh_ids=fresh_ids)
     return build_agent(model, [charge_tool(world, **spec)], checkpointer=saver, ledger=ledger)
 
 
@@ -440,7 +442,7 @@ def test_without_a_thread_every_run_makes_its_own_side_effect(db_url: str, confi
     world = World()
     ledger = Ledger(db_url)
     try:
-        agent = agent_for(world, None, ledger)
+        agent = agent_for(world, None, ledger, fresh_ids=False)  # call_0_0 in every run
         first = agent.invoke({"messages": [("user", "pay")]}, config, context=CTX)
         second = agent.invoke(
             {"messages": [("user", "pay")]}, config, context=RunContext(user_id="u2")
@@ -476,7 +478,10 @@ async def test_two_calls_of_a_turn_under_one_id_each_run_once(
     shared: `keel.tools._duplicates`). A replay runs neither again."""
     world = World()
     first, second = amounts
-    model = ScriptedChatModel(script=[charges((first, "c1"), (second, "c1")), "Done."])
+    # the script's ids on purpose (a provider reusing one id): fresh ids would replace them
+    model = ScriptedChatModel(
+        script=[charges((first, "c1"), (second, "c1")), "Done."], fresh_ids=False
+    )
     payload = {"messages": [("user", "pay twice")]}
     if mode == "invoke":
         with stack(db_url) as (saver, ledger):
@@ -530,7 +535,7 @@ def test_an_id_reused_in_a_later_task_of_the_thread_makes_its_own_call(
     script = [charges((5, "c1")), "Done.", charges((amount, "c1")), "Done again."]
     with stack(db_url) as (saver, ledger):
         agent = build_agent(
-            ScriptedChatModel(script=script),
+            ScriptedChatModel(script=script, fresh_ids=False),  # reuses "c1" on purpose
             [charge_tool(world)],
             checkpointer=saver,
             ledger=ledger,

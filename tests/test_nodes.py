@@ -730,6 +730,7 @@ async def test_review_interrupt_payload(mode: str) -> None:
         "detail": "awaiting approval for delete_order",
     }
     (interrupt,) = first["__interrupt__"]
+    call_id = first["messages"][1].tool_calls[0]["id"]
     assert interrupt.value == [
         {
             "action_request": {"action": "delete_order", "args": {"order_id": "A1"}},
@@ -741,7 +742,7 @@ async def test_review_interrupt_payload(mode: str) -> None:
             },
             "description": "delete_order is a destructive tool and requires approval "
             "(rule: ToolSpec(requires_approval=True) on delete_order)",
-            "tool_call_id": "call_0_0",
+            "tool_call_id": call_id,
             "digest": DIGEST_A1,
         }
     ]
@@ -749,17 +750,18 @@ async def test_review_interrupt_payload(mode: str) -> None:
 
 
 async def test_approve_runs_the_tool_exactly_once(mode: str) -> None:
-    shop, agent, _ = await start_review(mode)
+    shop, agent, first = await start_review(mode)
+    call_id = first["messages"][1].tool_calls[0]["id"]
     final = await run(
         agent, Command(resume={"type": "approve", "reviewer": "alice"}), mode, thread="t1"
     )
     assert shop.deleted == ["A1"]
     assert final["outcome"]["terminated_reason"] == "completed"
     assert final["approvals"] == {
-        f"{DIGEST_A1}/call_0_0": {  # an approval is kept per call
+        f"{DIGEST_A1}/{call_id}": {  # an approval is kept per call
             "digest": DIGEST_A1,
             "tool": "delete_order",
-            "tool_call_id": "call_0_0",
+            "tool_call_id": call_id,
             "decision": "approved",
             "reviewer": "alice",
             "seal": ANY,  # keel's HMAC (keel.approvals.Grants)
@@ -772,7 +774,8 @@ async def test_approve_runs_the_tool_exactly_once(mode: str) -> None:
 
 
 async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> None:
-    shop, agent, _ = await start_review(mode)
+    shop, agent, first = await start_review(mode)
+    call_id = first["messages"][1].tool_calls[0]["id"]
     final = await run(
         agent, Command(resume={"type": "edit", "args": {"order_id": "B2"}}), mode, thread="t1"
     )
@@ -781,7 +784,7 @@ async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> 
     request = final["messages"][1]
     assert isinstance(request, AIMessage)
     assert request.tool_calls == [
-        {"name": "delete_order", "args": {"order_id": "B2"}, "id": "call_0_0", "type": "tool_call"}
+        {"name": "delete_order", "args": {"order_id": "B2"}, "id": call_id, "type": "tool_call"}
     ]
     assert len([m for m in final["messages"] if isinstance(m, AIMessage)]) == 2, (
         "replaced, not added"
@@ -789,7 +792,7 @@ async def test_edit_runs_the_edited_call_and_rewrites_the_request(mode: str) -> 
     digest_b2 = approval_digest(
         "delete_order", {"order_id": "B2"}, "default@1", version="1", read=True
     )
-    assert list(final["approvals"]) == [f"{digest_b2}/call_0_0"]
+    assert list(final["approvals"]) == [f"{digest_b2}/{call_id}"]
     assert_valid(final["messages"])
 
 
@@ -853,13 +856,15 @@ async def test_a_review_answer_cannot_carry_keels_own_keys(mode: str) -> None:
         ([{"type": "accept"}], ["A1"], "completed"),
         ({"type": "ignore"}, [], "rejected"),
         ({"type": "response", "args": "not today"}, [], "completed"),
-        ({"call_0_0": {"type": "approve"}}, ["A1"], "completed"),
+        ({"<call id>": {"type": "approve"}}, ["A1"], "completed"),
     ],
 )
 async def test_agent_inbox_aliases_and_resume_shapes(
     mode: str, resume: Any, deleted: list[str], reason: str
 ) -> None:
-    shop, agent, _ = await start_review(mode)
+    shop, agent, first = await start_review(mode)
+    if isinstance(resume, dict) and "<call id>" in resume:  # keyed by the id the model gave
+        resume = {first["messages"][1].tool_calls[0]["id"]: resume["<call id>"]}
     final = await run(agent, Command(resume=resume), mode, thread="t1")
     assert shop.deleted == deleted
     assert final["outcome"]["terminated_reason"] == reason
@@ -1032,7 +1037,7 @@ async def test_two_calls_under_one_id_are_reviewed_and_approved_apart(mode: str)
     twice = _named(
         [("delete_order", {"order_id": "A1"}, "c1"), ("delete_order", {"order_id": "B2"}, "c1")]
     )
-    model = ScriptedChatModel(script=[twice, "Done."])
+    model = ScriptedChatModel(script=[twice, "Done."], fresh_ids=False)  # one id, on purpose
     agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
     first = await run(agent, user("delete A1 and B2"), mode, thread="t1")
     requests = first["__interrupt__"][0].value
@@ -1063,7 +1068,7 @@ async def test_an_id_reused_in_a_later_turn_is_reviewed_again(mode: str) -> None
     """
     shop = Shop()
     again = _named([("delete_order", {"order_id": "A1"}, "c1")])
-    model = ScriptedChatModel(script=[again, again, "Done."])
+    model = ScriptedChatModel(script=[again, again, "Done."], fresh_ids=False)  # reused id
     agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
     await run(agent, user("delete A1"), mode, thread="t1")
     second = await run(agent, Command(resume={"type": "approve"}), mode, thread="t1")
@@ -1093,7 +1098,8 @@ async def test_respond_answers_pending_calls_so_history_stays_valid(mode: str) -
             ToolCall(name="delete_order", args={"order_id": "A2"}, id="d2"),
         ],
     )
-    agent = build_agent(ScriptedChatModel(script=[two]), shop.tools(), checkpointer=InMemorySaver())
+    model = ScriptedChatModel(script=[two], fresh_ids=False)  # answers keyed by the script's ids
+    agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
     first = await run(agent, user("delete both"), mode, thread="t1")
     assert len(first["__interrupt__"][0].value) == 2
     final = await run(
@@ -1133,7 +1139,9 @@ async def test_a_reviewed_call_before_an_allowed_one_keeps_the_results_in_call_o
     batch = _batch(
         ("lookup", {"q": "A1"}), ("delete_order", {"order_id": "A1"}), ("lookup", {"q": "B"})
     )
-    model = ScriptedChatModel(script=[batch, "done"])
+    model = ScriptedChatModel(
+        script=[batch, "done"], fresh_ids=False
+    )  # answers keyed by the script's ids
     agent = build_agent(model, shop.tools(), checkpointer=InMemorySaver())
     await run(agent, user("look and delete"), mode, thread="t1")
     resume = {"type": answer, "message": "no"}

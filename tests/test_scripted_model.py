@@ -62,7 +62,9 @@ def test_one_model_serves_interleaved_conversations() -> None:
     model = ScriptedChatModel(script=[call("lookup", q="x"), "the answer"])
     a0 = model.invoke([HumanMessage(content="a")])
     b0 = model.invoke([HumanMessage(content="b")])
-    assert a0.tool_calls == b0.tool_calls
+    assert [(tc["name"], tc["args"]) for tc in a0.tool_calls] == [("lookup", {"q": "x"})]
+    assert [(tc["name"], tc["args"]) for tc in b0.tool_calls] == [("lookup", {"q": "x"})]
+    assert a0.tool_calls[0]["id"] != b0.tool_calls[0]["id"], "fresh ids by default"
     bound = model.bind_tools([lookup])  # a history with tool turns needs tools bound
     a1 = bound.invoke([HumanMessage(content="a"), a0, answer_of(a0, "found x")])
     b1 = bound.invoke([HumanMessage(content="b"), b0, answer_of(b0, "found x")])
@@ -128,6 +130,15 @@ def test_script_entries_can_be_messages_text_or_functions() -> None:
     assert seen == [3]
 
 
+def test_tool_call_ids_are_fresh_by_default_as_real_models_give() -> None:
+    model = ScriptedChatModel(script=[call("lookup", q="x")])
+    first = model.invoke([HumanMessage(content="hi")])
+    again = model.invoke([HumanMessage(content="hi")])  # the same turn asked again (a retry)
+    ids = [first.tool_calls[0]["id"], again.tool_calls[0]["id"]]
+    assert all(i and i.startswith("call_") for i in ids)
+    assert ids[0] != ids[1]
+
+
 def test_tool_call_ids_are_assigned_per_turn_and_kept_when_given() -> None:
     given = AIMessage(content="", tool_calls=[ToolCall(name="lookup", args={"q": "z"}, id="mine")])
     two_calls = AIMessage(
@@ -137,7 +148,8 @@ def test_tool_call_ids_are_assigned_per_turn_and_kept_when_given() -> None:
             ToolCall(name="lookup", args={"q": "b"}, id=None),
         ],
     )
-    model = ScriptedChatModel(script=[call("lookup", q="x"), two_calls, given])
+    # stable ids on request: fresh_ids=False names calls call_<turn>_<i>
+    model = ScriptedChatModel(script=[call("lookup", q="x"), two_calls, given], fresh_ids=False)
     first = model.invoke([HumanMessage(content="hi")])
     assert first.tool_calls == [
         {"name": "lookup", "args": {"q": "x"}, "id": "call_0_0", "type": "tool_call"}
@@ -261,7 +273,7 @@ def test_stream_tool_call_chunks_aggregate_to_the_same_tool_calls() -> None:
             ToolCall(name="lookup", args={"q": "A2", "deep": True}, id=None),
         ],
     )
-    model = ScriptedChatModel(script=[turn])
+    model = ScriptedChatModel(script=[turn], fresh_ids=False)  # compares two answers' ids
     history = [HumanMessage(content="hi")]
     chunks = list(model.bind_tools([lookup]).stream(history))
     assert [c.content for c in chunks[:-1]] == ["Let", " me", " check."]
@@ -275,7 +287,7 @@ def test_stream_tool_call_chunks_aggregate_to_the_same_tool_calls() -> None:
 
 
 async def test_astream_matches_stream() -> None:
-    model = ScriptedChatModel(script=[call("lookup", q="x")])
+    model = ScriptedChatModel(script=[call("lookup", q="x")], fresh_ids=False)  # compares ids
     history = [HumanMessage(content="hi")]
     chunks = [c async for c in model.astream(history)]
     whole = reduce(operator.add, chunks)
