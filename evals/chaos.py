@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -366,7 +367,7 @@ class ChaosChatModel(BaseChatModel):
             base = tools[int(draw.pick * len(tools))] if tools else "lookup"
             name = next(n for n in (f"{base}_v{i}" for i in range(2, 100)) if n not in tools)
             self._record(draw, "unknown_tool", name)
-            call = ToolCall(name=name, args={}, id=f"chaos_{draw.call}_0")
+            call = ToolCall(name=name, args={}, id=self._call_id(draw, 0))
             return self._stamp(AIMessage(content="", tool_calls=[call]))
         if draw.kind == "repeated_call":
             previous = next(
@@ -375,7 +376,7 @@ class ChaosChatModel(BaseChatModel):
             if previous is None:
                 return None
             calls = [
-                ToolCall(name=tc["name"], args=dict(tc["args"]), id=f"chaos_{draw.call}_{i}")
+                ToolCall(name=tc["name"], args=dict(tc["args"]), id=self._call_id(draw, i))
                 for i, tc in enumerate(previous.tool_calls)
             ]
             self._record(draw, "repeated_call", ", ".join(tc["name"] for tc in calls))
@@ -392,13 +393,19 @@ class ChaosChatModel(BaseChatModel):
                 type="invalid_tool_call",
                 name=tc["name"],
                 args=_broken_json(tc["args"]),
-                id=tc.get("id") or f"chaos_{draw.call}_{i}",
+                id=tc.get("id") or self._call_id(draw, i),
                 error="Function arguments are not valid JSON (injected by ChaosChatModel).",
             )
             for i, tc in enumerate(calls)
         ]
         self._record(draw, "malformed_tool_call", ", ".join(tc["name"] or "" for tc in broken))
         return answer.model_copy(update={"tool_calls": [], "invalid_tool_calls": broken})
+
+    def _call_id(self, draw: _Draw, index: int) -> str:
+        """The id of a call the fault makes up: fresh when the wrapped model gives fresh ids."""
+        if getattr(self.model, "fresh_ids", False):
+            return f"chaos_{uuid.uuid4().hex[:24]}"
+        return f"chaos_{draw.call}_{index}"
 
     def _stamp(self, message: AIMessage) -> AIMessage:
         message.usage_metadata = UsageMetadata(input_tokens=1, output_tokens=1, total_tokens=2)

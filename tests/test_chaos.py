@@ -202,6 +202,25 @@ def test_repeated_call_repeats_the_previous_turn() -> None:
     assert [f.kind for f in model.faults] == ["repeated_call"]
 
 
+def test_a_made_up_call_gets_a_fresh_id_when_the_model_gives_fresh_ids() -> None:
+    """A restarted process (a new model) repeating a turn must not reuse the last one's ids."""
+    history = [
+        *QUESTION,
+        AIMessage(
+            content="",
+            tool_calls=[{"name": "lookup_order", "args": {"order_id": "A1"}, "id": "c1"}],
+        ),
+        ToolMessage(content="order A1: shipped", tool_call_id="c1"),
+    ]
+    ids = set()
+    for _ in range(2):  # a model per process, each on its first call
+        for policy in (ChaosPolicy(repeated_call=1.0), ChaosPolicy(unknown_tool=1.0)):
+            answer = chaos(policy).bind_tools([lookup_order]).invoke(history)
+            assert isinstance(answer, AIMessage)
+            ids.add(answer.tool_calls[0]["id"])
+    assert len(ids) == 4 and all(i.startswith("chaos_") for i in ids), ids
+
+
 LEFT_UNANSWERED = [
     *QUESTION,
     AIMessage(content="", tool_calls=[{"name": "lookup_order", "args": {}, "id": "c1"}]),
