@@ -155,7 +155,8 @@ def test_a_tool_call_id_no_database_stores_is_renamed_and_the_call_runs_once(
         return f"refunded {order_id}"
 
     ledger = Ledger(db_url)
-    model = ScriptedChatModel(script=[_turn(("refund", {"order_id": "A1"}, call_id)), "done"])
+    turn = _turn(("refund", {"order_id": "A1"}, call_id))
+    model = ScriptedChatModel(script=[turn, "done"], fresh_ids=False)  # the bad id, as given
     policy = Policy(rules=(Rule(tool="refund", action="allow"),))
     config = {"configurable": {"thread_id": f"ids-{mode}"}}
     user = RunContext(user_id="u")
