@@ -36,7 +36,9 @@ from keel import AuditLog, Ledger, Persistence, RunContext, build_agent, tool
 from keel.approvals import approval_digest, call_digest
 from keel.db.idempotency import records_flow
 from keel.errors import UserError
-from keel.evals.scripted import ScriptedChatModel
+from keel.evals.scripted import (
+    ScriptedChatModel,
+)  # fresh_ids=False: these tests name the calls the model forges
 from keel.guards import LoopPolicy, PermissionMiddleware, Policy, Rule
 from keel.memory import ChromaStore
 from keel.nodes._inject import with_injected
@@ -155,7 +157,7 @@ async def test_state_store_and_runtime_are_injected_and_never_recorded(
     seen = Seen()
     turn = asks(name, q="where")
     call_id = turn.tool_calls[0]["id"]
-    model = ScriptedChatModel(script=[turn, "Under the mat."])
+    model = ScriptedChatModel(fresh_ids=False, script=[turn, "Under the mat."])
     config = thread()
     async with stack_for(db_url, mode) as (saver, ledger):
         agent = build_agent(
@@ -205,7 +207,7 @@ async def test_a_model_cannot_set_an_injected_argument(
     tool_name = "alook" if mode == "ainvoke" else "look"
     forged = asks(tool_name, q="where", **{name: FORGED[name]})
     honest = asks(tool_name, q="where")
-    model = ScriptedChatModel(script=[forged, honest, "Done."])
+    model = ScriptedChatModel(fresh_ids=False, script=[forged, honest, "Done."])
     config = thread()
     async with stack_for(db_url, mode) as (saver, ledger):
         agent = build_agent(
@@ -259,7 +261,7 @@ async def test_an_approval_binds_to_the_model_arguments_and_the_tool_gets_the_st
         return f"refunded {order}"
 
     turn = asks("refund", order="A1")
-    model = ScriptedChatModel(script=[turn, "Refunded."])
+    model = ScriptedChatModel(fresh_ids=False, script=[turn, "Refunded."])
     policy = Policy(rules=[Rule(tool="refund", resource="orders/*", action="ask")])
     config = thread()
     async with stack_for(db_url, mode) as (saver, ledger):
@@ -309,7 +311,7 @@ def test_a_side_effecting_tool_with_injection_runs_at_most_once_across_a_resume(
         return f"charged {amount}"
 
     turn = asks("charge", amount=5)
-    model = ScriptedChatModel(script=[turn, "Done."])
+    model = ScriptedChatModel(fresh_ids=False, script=[turn, "Done."])
     config = thread()
     with stack(db_url) as (saver, ledger):
         agent = build_agent(model, [charge], checkpointer=saver, ledger=ledger)
@@ -350,7 +352,9 @@ def test_a_tool_that_changes_its_injected_state_changes_nothing_of_the_run(tmp_p
     turn = asks("meddle", x=1)
     config = thread()
     with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
-        agent = build_agent(ScriptedChatModel(script=[turn, "ok"]), [meddle], checkpointer=saver)
+        agent = build_agent(
+            ScriptedChatModel(fresh_ids=False, script=[turn, "ok"]), [meddle], checkpointer=saver
+        )
         agent.invoke({"messages": [("user", "hi")]}, config, context=CTX)
         state = agent.get_state(config).values
     assert state["messages"][0].content == "hi"
@@ -372,7 +376,7 @@ def test_a_store_tool_without_a_store_is_answered_with_an_error_not_run() -> Non
         return "x"
 
     turn = asks("note", key="n1")
-    agent = build_agent(ScriptedChatModel(script=[turn, "No store."]), [note])
+    agent = build_agent(ScriptedChatModel(fresh_ids=False, script=[turn, "No store."]), [note])
     state = agent.invoke({"messages": [("user", "note?")]}, context=CTX)
     [reply] = answers(state)
     assert ran == [] and reply.response_metadata["keel_status"] == "error"
@@ -395,7 +399,7 @@ def test_a_state_field_the_run_does_not_hold_yet_is_an_error_unless_optional() -
         return f"plan: {plan}"
 
     script = [asks("steps", q="a"), asks("maybe_steps", q="b"), "ok"]
-    agent = build_agent(ScriptedChatModel(script=script), [steps, maybe_steps])
+    agent = build_agent(ScriptedChatModel(fresh_ids=False, script=script), [steps, maybe_steps])
     state = agent.invoke({"messages": [("user", "go")]}, context=CTX)
     missing, optional = answers(state)
     assert missing.content == (
@@ -426,7 +430,7 @@ def own(call_id: str, text: str = "acted") -> ToolMessage:
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 async def test_a_command_with_the_calls_own_tool_message_is_its_answer(mode: str) -> None:
     act = commanding(lambda cid: {"messages": [own(cid, "acted on 1")]})
-    agent = build_agent(ScriptedChatModel(script=[asks("act", x=1), "ok"]), [act])
+    agent = build_agent(ScriptedChatModel(fresh_ids=False, script=[asks("act", x=1), "ok"]), [act])
     state = await run(agent, mode, {"messages": [("user", "go")]})
     [reply] = answers(state)
     assert reply.content == "acted on 1" and reply.name == "act"
@@ -468,7 +472,7 @@ REFUSED = {
 def test_a_command_keel_does_not_apply_is_refused_with_an_error(case: str) -> None:
     update, command, reason = REFUSED[case]
     act = commanding(update, **command)
-    agent = build_agent(ScriptedChatModel(script=[asks("act", x=1), "ok"]), [act])
+    agent = build_agent(ScriptedChatModel(fresh_ids=False, script=[asks("act", x=1), "ok"]), [act])
     state = agent.invoke({"messages": [("user", "go")]}, context=CTX)
     [reply] = answers(state)
     assert reply.content.startswith(f"Error: act returned {reason}"), reply.content
@@ -511,7 +515,9 @@ def test_pin_a_bare_tool_runtime_warns_about_the_context_under_toolnode_and_keel
     with pytest.warns(UserWarning, match="Expected `none`"):
         raw = graph.compile().invoke({"messages": [asked]}, context=CTX)
     assert raw["messages"][-1].content == "1 u1"
-    agent = build_agent(ScriptedChatModel(script=[asks("whoami", x=2), "ok"]), [whoami])
+    agent = build_agent(
+        ScriptedChatModel(fresh_ids=False, script=[asks("whoami", x=2), "ok"]), [whoami]
+    )
     with pytest.warns(UserWarning, match="Expected `none`"):
         state = agent.invoke({"messages": [("user", "who?")]}, context=CTX)
     assert [m.content for m in answers(state)] == ["2 u1"]
@@ -530,7 +536,9 @@ def test_no_human_is_asked_about_a_forged_call_and_no_edit_may_name_an_injected_
 
     honest = ToolCall(name="refund", args={"order": "A1"}, id=fresh_id())
     forged = ToolCall(name="refund", args={"order": "B2", "state": {"messages": []}}, id=fresh_id())
-    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[forged, honest]), "Done."])
+    model = ScriptedChatModel(
+        fresh_ids=False, script=[AIMessage("", tool_calls=[forged, honest]), "Done."]
+    )
     policy = Policy(rules=[Rule(tool="refund", action="ask")])
     with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
         agent = build_agent(model, [refund], checkpointer=saver, ledger=ledger, policy=policy)
@@ -570,7 +578,7 @@ def test_permission_middleware_refuses_a_forged_injected_argument_before_rules_o
     policy = Policy(rules=[Rule(tool="refund", action="ask")])
     with Persistence(f"sqlite:///{tmp_path}/keel.db").checkpointer() as saver:
         graph = create_agent(
-            ScriptedChatModel(script=[forged, honest, "Done."]),
+            ScriptedChatModel(fresh_ids=False, script=[forged, honest, "Done."]),
             [refund],
             middleware=[PermissionMiddleware(policy)],
             context_schema=RunContext,
@@ -622,7 +630,9 @@ async def test_a_tool_writes_to_the_custom_stream_through_its_runtime(mode: str)
             runtime.stream_writer({"step": i, "user": runtime.context.user_id})
         return "done"
 
-    agent = build_agent(ScriptedChatModel(script=[asks("progress", steps=2), "ok"]), [progress])
+    agent = build_agent(
+        ScriptedChatModel(fresh_ids=False, script=[asks("progress", steps=2), "ok"]), [progress]
+    )
     go = {"messages": [("user", "go")]}
     if mode == "stream":
         chunks = list(agent.stream(go, context=CTX, stream_mode="custom"))
@@ -708,7 +718,7 @@ def test_a_refused_command_is_audited_as_the_calls_error(tmp_path: Path) -> None
     config = thread()
     with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
         agent = build_agent(
-            ScriptedChatModel(script=[asks("act", x=1), "ok"]),
+            ScriptedChatModel(fresh_ids=False, script=[asks("act", x=1), "ok"]),
             [act],
             checkpointer=saver,
             ledger=ledger,
@@ -733,7 +743,7 @@ def test_the_loop_guard_sees_the_model_arguments_of_a_tool_that_takes_the_state(
 
     script = [asks("poll", job="j1") for _ in range(5)] + ["gave up"]
     policy = Policy(rules=[Rule(tool="poll", action="allow")], loop=LoopPolicy(max_repeats=3))
-    agent = build_agent(ScriptedChatModel(script=script), [poll], policy=policy)
+    agent = build_agent(ScriptedChatModel(fresh_ids=False, script=script), [poll], policy=policy)
     state = agent.invoke({"messages": [("user", "poll j1")]}, context=CTX)
     assert state["outcome"]["terminated_reason"] == "loop_detected"
     assert len(ran) < 5
@@ -751,7 +761,7 @@ def test_an_injected_value_that_misfits_its_annotation_is_never_quoted(tmp_path:
     config = thread()
     with stack(f"sqlite:///{tmp_path}/keel.db") as (saver, ledger):
         agent = build_agent(
-            ScriptedChatModel(script=[asks("misfit", q="x"), "ok"]),
+            ScriptedChatModel(fresh_ids=False, script=[asks("misfit", q="x"), "ok"]),
             [misfit],
             checkpointer=saver,
             ledger=ledger,
