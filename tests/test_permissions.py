@@ -590,7 +590,8 @@ def test_no_denied_call_ever_executes(
             for i, (name, record) in enumerate(batch)
         ],
     )
-    model = ScriptedChatModel(script=[turn, "done"])
+    # the script's ids c<i>: the approvals seeded below name the denied calls by them
+    model = ScriptedChatModel(script=[turn, "done"], fresh_ids=False)
     agent = build_agent(
         model, PROP_TOOLS, policy=policy, checkpointer=InMemorySaver(), approval_secret="prop" * 4
     )
