@@ -58,7 +58,9 @@ def _review_agent(ledger: Ledger, saver: Any, world: list[str]) -> Any:
     )
     turn = call("refund", order_id="A1")
     turn.tool_calls.append({**turn.tool_calls[0], "args": {"order_id": "B2"}, "id": "second"})
-    model = ScriptedChatModel(script=[turn, "unused", "done again"], model_name="agent-model")
+    model = ScriptedChatModel(  # the second refund keeps its id: the test reads it by "second"
+        script=[turn, "unused", "done again"], model_name="agent-model", fresh_ids=False
+    )
     guard = InputGuardPolicy(detector=ModelDetector(model=judge), injection_action="block")
     policy = Policy(
         name="review",

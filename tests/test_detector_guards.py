@@ -70,8 +70,8 @@ def _judge(name: str = "judge-model") -> ScriptedChatModel:
     )
 
 
-def _agent_model(*script: Any) -> ScriptedChatModel:
-    return ScriptedChatModel(script=list(script), model_name="agent-model")
+def _agent_model(*script: Any, fresh_ids: bool = True) -> ScriptedChatModel:
+    return ScriptedChatModel(script=list(script), model_name="agent-model", fresh_ids=fresh_ids)
 
 
 def _three_fetches() -> AIMessage:
@@ -118,7 +118,8 @@ def test_hostile_pages_cannot_spend_past_the_run_budget_through_the_detector(
 ) -> None:
     """Three huge pages in one turn: the first look at one spends the budget; the detector is
     not asked about the others, they are withheld (fail closed), and the run ends."""
-    judge, model = _judge(), _agent_model(_three_fetches(), "done")
+    # the calls keep the script's ids c0..c2: the test reads each page's answer by them
+    judge, model = _judge(), _agent_model(_three_fetches(), "done", fresh_ids=False)
     agent = build_agent(model, [fetch], policy=_policy(judge, budget=budget), prices=PRICES)
     result = _run(agent, "Compare these three shops.", mode)
 

@@ -255,7 +255,8 @@ async def test_a_parallel_calls_result_is_recorded_before_its_slow_sibling_ends(
     try:
         async with Persistence(url).acheckpointer() as saver:
             agent = build_agent(
-                ScriptedChatModel(script=[both, "done"]),
+                # the calls keep the script's ids: the watcher reads q1's ledger row by its id
+                ScriptedChatModel(script=[both, "done"], fresh_ids=False),
                 [quick, slow],
                 ledger=ledger,
                 checkpointer=saver,

@@ -111,7 +111,9 @@ async def test_calls_sharing_an_id_with_a_malformed_one_still_run_and_are_answer
             for i in ("c1", None)
         ],
     )
-    agent = build_agent(ScriptedChatModel(script=[turn, "Both shipped."]), [lookup_order])
+    # the provider's ids as given (one shared, one missing): what the test is about
+    model = ScriptedChatModel(script=[turn, "Both shipped."], fresh_ids=False)
+    agent = build_agent(model, [lookup_order])
     final = await agent.ainvoke({"messages": [("user", "where are A1, B2?")]}, context=CTX)
     assert final["outcome"]["terminated_reason"] == "completed"
     request = final["messages"][1]
