@@ -184,7 +184,11 @@ def build_supervisor(
         ask = GuardedModel([router], schema=Route, guards=guards)
     prompt = _prompt(agents, descriptions or {}, system_prompt)
     served = _version(agents, router, prompt, policy, version)
-    # with a ledger the supervisor's own run is recorded as an agent's is (`keel.observe`)
+    # an agent's run a new message finds stopped mid-step is recorded by the agent's recorder
+    recorders = {n: r for n, a in agents.items() if (r := _recorder(a)) is not None}
+    # with a ledger the supervisor's own run is recorded as an agent's is (`keel.observe`); its
+    # run end reports the orphans its agents' side-effecting calls left in its thread (a task
+    # handed to no agent that looks, or to none), not its pauses (`Observer.orphans_paused`)
     observer = (
         None
         if ledger is None
@@ -194,6 +198,8 @@ def build_supervisor(
             policy_name=policy.name if policy is not None else None,
             policy_version=policy.version if policy is not None else "1",
             version=served,
+            orphans=any(getattr(r, "orphans", False) for r in recorders.values()),
+            orphans_paused=False,
         )
     )
     graph = StateGraph(SupervisorState, context_schema=RunContext, input_schema=AgentInput)
@@ -210,8 +216,6 @@ def build_supervisor(
     admission = Admission.of(ledger, policy.admission if policy is not None else None)
     audit = AuditLog(ledger) if ledger is not None else None
     leases = ThreadLeases.of(ledger)
-    # an agent's run a new message finds stopped mid-step is recorded by the agent's recorder
-    recorders = {n: r for n, a in agents.items() if (r := _recorder(a)) is not None}
     return guarded(
         compiled,
         audit,

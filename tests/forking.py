@@ -144,6 +144,15 @@ class ForkServer:
         """`python -c code args` (in `cwd`, default the server's folder)."""
         return self._start({"code": code, "args": list(args)}, cwd)
 
+    def killed_code(self, code: str, *args: str) -> None:
+        """Run `python -c code args`, which must end SIGKILLed (it kills itself: a crash)."""
+        proc = self.start_code(code, *args)
+        try:
+            eventually(proc.ended, "the child's SIGKILL", seconds=120)
+        finally:
+            proc.kill()  # (one that did not end, or a zombie: nothing)
+        assert proc.wait() == -signal.SIGKILL, proc.output()[1]
+
     def ask(self, request: dict[str, object]) -> str:
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps(request) + "\n")

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import eventually
 from forking import ForkServer
 from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage
 from langgraph.types import Command
@@ -127,12 +125,7 @@ def killed_after_the_refund(
     """
     effects = tmp_path / "effects.txt"
     (forks,) = _forks  # forked with keel imported (`tests/forking.py`), LangSmith off
-    proc = forks.start_code(CHILD, db_url, str(effects), driver, durability, json.dumps(turn))
-    try:
-        eventually(proc.ended, "the child's SIGKILL", seconds=120)
-    finally:
-        proc.kill()  # (one that did not end, or a zombie: nothing)
-    assert proc.wait() == -signal.SIGKILL, proc.output()[1]
+    forks.killed_code(CHILD, db_url, str(effects), driver, durability, json.dumps(turn))
     assert effects.read_text().splitlines() == [f"refund {turn[0]['amount']}"]
     return effects
 

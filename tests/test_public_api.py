@@ -122,6 +122,7 @@ PUBLIC = {
         "RunLog",
         "RunRecord",
         "error_category",
+        "orphans_note",
         "record_flow",
         "recorded_flow",
         "run_record",

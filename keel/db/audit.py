@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, Unpack
 
@@ -144,19 +144,27 @@ class AuditLog:
         return await self.ledger.arun(_query_flow(**where))
 
 
-def insert_flow(records: Sequence[AuditRecord]) -> Flow[None]:
+def insert_flow(records: Sequence[AuditRecord], *, redacted: bool = False) -> Flow[None]:
     """Insert `records` with arguments and results sanitized; usable inside another flow.
 
     A record whose id is stored already is skipped: writing a record again (kept after a
     failure that may have committed it, or a `not_run` answer written again when its run
-    failed to start) stores it once.
+    failed to start) stores it once. `redacted`: the records' arguments and results were
+    made of text keel stored sanitized already (an orphaned call's, `keel_tool_calls.args`),
+    and are not walked again.
     """
+    clean: Callable[[Any], Any] = _as_stored if redacted else sanitize
     for r in records:
         values = {name: getattr(r, name) for name in AUDIT.names}
-        values["args"] = None if r.args is None else json.dumps(sanitize(r.args), default=str)
+        values["args"] = None if r.args is None else json.dumps(clean(r.args), default=str)
         values["tool"] = sanitize(r.tool)  # a model may call a tool no one has, by any name
-        values["result"] = _truncate(sanitize(str(r.result)))
+        values["result"] = _truncate(clean(str(r.result)))
         yield _INSERT, tuple([storable(values[column]) for column in AUDIT.names])
+
+
+def _as_stored(value: Any) -> Any:
+    """`value` as it is: made of text keel stored sanitized already."""
+    return value
 
 
 _INSERT = (

@@ -306,8 +306,9 @@ def untold_flow(thread_id: str, known: Collection[str]) -> Flow[list[CallRecord]
     """The thread's orphaned calls nobody was told about, oldest first.
 
     An orphan is a `started` row whose `tool_call_id` the thread's history (`known`) does not
-    hold: its request was lost with a process that died mid-call, and a later call of the same
-    tool and arguments would adopt it (`claim_flow`). Until one does, it may or may not have
+    hold: its request was lost with a process that died mid-call, or left on the branch a fork
+    from an earlier checkpoint abandoned, and a later call of the same tool and arguments would
+    adopt it (`claim_flow`). Until one does, it may or may not have
     happened, and nothing in the thread says so. Told: a `tool` audit record names its
     thread and id (an `orphaned` one, or the `not_run` answer a new message gave a call
     left behind), so each is returned until its audit record is written, then never again.

@@ -8,7 +8,8 @@ was recorded, while its last steps were saved, keeps that end). Tokens, dollars,
 model calls are the run's own: the state's totals for the thread minus the totals when the run
 started (its run clock, `keel.state.task_base`), or else minus those of the thread's previous
 run record; a run continued after its checkpointer failed adds what its saved state lost
-(`unsaved_flow`).
+(`unsaved_flow`). A note of the orphaned calls a run reported (`orphans_note`) stays in its
+record when the record is written again (a paused run's end).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "RunLog",
     "RunRecord",
     "error_category",
+    "orphans_note",
     "record_flow",
     "recorded_flow",
     "run_record",
@@ -52,6 +54,9 @@ UNSAVED_KEY = "keel_unsaved_usage"
 state holds (`unsaved_flow`): `{"graph", "run_key", "usage"}`, set by keel (a caller's is
 dropped)."""
 _MODEL_ERROR = re.compile(r"model call failed after \d+ attempt\(s\): (\w+)")
+_ORPHANS_END = "keel audit --decision orphaned lists them)"
+_KEPT_NOTES = re.compile(r"\(orphaned: .*?" + re.escape(_ORPHANS_END), re.DOTALL)
+"""The notes of a run's record a later write of it keeps (`recorded_flow`): `orphans_note`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,6 +148,27 @@ def _detail(outcome: Mapping[str, Any], warnings: list[str]) -> str:
     """The outcome's detail, with what degraded on the way (`AgentState.warnings`)."""
     detail = str(outcome.get("detail", ""))
     return f"{detail} (degraded: {'; '.join(warnings)})" if warnings else detail
+
+
+def orphans_note(calls: Sequence[tuple[str, str]]) -> str:
+    """What a run record's `detail` says of the orphaned calls its run reported (sanitized).
+
+    `calls` are `(tool, tool_call_id)`. A later write of the run's record (the end of a run
+    that paused) keeps it (`recorded_flow`).
+    """
+    named = ", ".join(f"{tool} {call_id}" for tool, call_id in calls)
+    return sanitize(
+        f"(orphaned: {named} started and never finished, their requests lost in a crash or left "
+        f"on a branch a fork abandoned; they may or may not have happened; {_ORPHANS_END}"
+    )
+
+
+def _kept_notes(record: RunRecord, stored: RunRecord) -> RunRecord:
+    """`record`, with the notes of its run's stored record it lacks (`_KEPT_NOTES`) added."""
+    notes = [n for n in _KEPT_NOTES.findall(stored.detail) if n not in record.detail]
+    if not notes:
+        return record
+    return replace(record, detail=" ".join([record.detail, *notes]).strip())
 
 
 def run_record(state: AgentState, **identity: Any) -> RunRecord:
@@ -310,6 +336,8 @@ def recorded_flow(
     own = replace(record, **{k: type(v)(v - previous.get(k, 0)) for k, v in totals.items()})
     rows = yield f"SELECT {', '.join(_COLUMNS)} FROM keel_runs WHERE run_key = ?", (own.run_key,)
     before = _stored(rows[0]) if rows else None
+    if before is not None:  # a note of its pause (an orphan it reported) stays
+        own = _kept_notes(own, before)
     if own.terminated_reason == "cancelled" and before is not None:
         stands = before.status != "interrupted"
         if stands and (first_end or before.terminated_reason != "cancelled"):

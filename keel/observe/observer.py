@@ -13,8 +13,13 @@
 
 An agent with side-effecting tools (`Observer(orphans=True)`) also audits, as its run ends or
 pauses, each orphaned call of the thread nobody was told of (`keel.db.idempotency.untold_flow`:
-a call whose request a crash lost, which no later call asked for again): one `tool` record with
-decision `orphaned` per call, ever, and a note in the run record's `detail`.
+a call whose request a crash lost, or a fork left on the branch it abandoned, which no later
+call asked for again): one `tool` record with decision `orphaned` per call, ever, and a note in
+the run record's `detail` (`keel.db.runs.orphans_note`, kept when a paused run's record is
+written again), in the run record's transaction. A supervisor whose agents have such tools does
+too, as its run ends (not as it pauses: an agent that waits holds its calls in a conversation
+of its own). So does the record of a run found stopped that a new message writes
+(`ending_flow`).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
@@ -51,6 +56,7 @@ from keel.db.runs import (
     Recorded,
     RunLog,
     RunRecord,
+    orphans_note,
     recorded_flow,
     run_record,
     unsaved_flow,
@@ -136,10 +142,14 @@ class Observer:
         policy_version: str = "1",
         version: AgentVersion | None = None,
         orphans: bool = False,
+        orphans_paused: bool = True,
     ) -> None:
         self.ledger = ledger
         self.orphans = orphans
-        """Audit the thread's untold orphaned calls as a run ends (`_told_orphans`)."""
+        """Audit the thread's untold orphaned calls as a run ends (`_orphans`)."""
+        self.orphans_paused = orphans_paused
+        """And as a run pauses (a supervisor's does not: its waiting agent's calls are in the
+        agent's conversation, not its own history)."""
         self.audit = AuditLog(ledger)
         self.runs = RunLog(ledger)
         self.graph = graph
@@ -207,23 +217,15 @@ class Observer:
         late = self._audits.take()
         if late:  # refused before: the ledger may be back
             yield from self._late_audits(late)
-        told = (yield from self._told_orphans(state, config, context)) if self.orphans else []
         try:
-            record = _record(self, state, config, context)
+            write = self._write(state, config, context, first_end, saved_thread(config))
         except Exception as exc:
             log.error("keel could not make the run record: %r", exc)
             return
-        if told:
-            record = replace(
-                record, detail=f"{record.detail} ({sanitize(_orphans_note(told))})".lstrip()
-            )
-        writes = [
-            *self._runs.take(),
-            _RunWrite(record, self._base(state, config, record), first_end),
-        ]
+        writes = [*self._runs.take(), write]
         for at, write in enumerate(writes):
             try:
-                recorded = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
+                ended = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
             except Exception as exc:
                 if refused_for_good(exc):  # kept, it would fail every later write with it
                     self._runs.drop(1, exc)
@@ -231,31 +233,41 @@ class Observer:
                 self._runs.keep(writes[at:])
                 log.error("keel could not write the run record: %r (kept for later)", exc)
                 return
-            _telemetry(recorded, write.record)
+            ended()
 
-    def _told_orphans(
-        self, state: AgentState, config: RunnableConfig, context: RunContext
-    ) -> Steps[list[CallRecord]]:
-        """Audit the thread's orphaned calls nobody was told of; return them (logged too).
+    def _write(
+        self,
+        state: AgentState,
+        config: RunnableConfig,
+        context: RunContext,
+        first_end: bool,
+        thread: str | None,
+    ) -> _RunWrite:
+        """The write of the record of the run `state` ends, with its look for orphans.
 
-        `untold_flow` finds them (the history is the run's state); each gets one `orphaned`
-        record, in the same transaction. A ledger that fails is logged, and the run's record
-        is written without them (a later run end finds them again).
+        `thread`: the thread the graph saves its state under (None: it keeps none).
         """
-        thread = saved_thread(config)
-        if thread is None:
-            return []
-        who = self.who(config, context)
-        known = known_call_ids(state.get("messages") or [])
-        flow = _telling(thread, known, who)
-        try:
-            told: list[CallRecord] = yield both(self.ledger.run, self.ledger.arun, flow)
-        except Exception as exc:
-            log.error("keel could not look for orphaned calls: %r", exc)
-            return []
-        for r in told:
-            log.warning("orphaned call: %s", _orphan_result(r))
-        return told
+        record = _record(self, state, config, context)
+        return _RunWrite(
+            record,
+            self._base(state, config, record),
+            first_end,
+            self._orphans(state, thread, self.who(config, context), record),
+        )
+
+    def _orphans(
+        self, state: AgentState, thread: str | None, who: Who, record: RunRecord
+    ) -> _Orphans | None:
+        """Where the run's record looks for `thread`'s untold orphaned calls (None: nowhere).
+
+        `untold_flow` finds them (the history is the run's state), in the record's transaction:
+        each gets one `orphaned` audit record, and the run record a note (`orphans_note`). A
+        ledger that fails fails the record's write with them (kept for later, as a record is).
+        """
+        paused = record.status == "interrupted"
+        if not self.orphans or thread is None or (paused and not self.orphans_paused):
+            return None
+        return _Orphans(thread, known_call_ids(state.get("messages") or []), who)
 
     def _late_audits(self, late: list[AuditRecord]) -> Steps[None]:
         """Write audit records the ledger refused before; one it refuses for good is dropped.
@@ -295,14 +307,18 @@ class Observer:
     ) -> Flow[Callable[[], None]] | None:
         """The write of the record of the run `state` ends, as a flow for a caller's transaction.
 
-        Its result reports the stored run to OpenTelemetry: call it once the transaction
+        With the thread's untold orphans (`_orphans`), as `record_run` looks for them. Its result
+        logs those and reports the stored run to OpenTelemetry: call it once the transaction
         committed. `None` for a replay or shadow run (it writes no record). Unlike
         `record_run`, a failure raises (the caller's transaction fails with it).
         """
         if isolated():
             return None
-        record = _record(self, state, config, context)
-        return _ending(_RunWrite(record, self._base(state, config, record), first_end))
+        # a run found stopped in its thread's saved state (the caller's config names the thread,
+        # the checkpointer is the graph's)
+        thread = (config.get("configurable") or {}).get("thread_id")
+        write = self._write(state, config, context, first_end, str(thread) if thread else None)
+        return write.flow()
 
     def resuming(
         self, state: AgentState | None, config: RunnableConfig, context: RunContext
@@ -595,22 +611,53 @@ class _Kept(Generic[_T]):
 
 
 @dataclass(frozen=True, slots=True)
+class _Orphans:
+    """Where a run record's write looks for orphaned calls: the thread, its history, who."""
+
+    thread: str
+    known: Collection[str]
+    who: Who
+
+    def telling(self) -> Flow[list[CallRecord]]:
+        """Write an `orphaned` audit record for each untold orphan; return those.
+
+        Their arguments and results are the ledger's stored text, redacted when stored
+        (`insert_flow(redacted=True)`).
+        """
+        lost = yield from untold_flow(self.thread, self.known)
+        yield from insert_flow([_orphan_record(r, self.who) for r in lost], redacted=True)
+        return lost
+
+
+@dataclass(frozen=True, slots=True)
 class _RunWrite:
-    """One write of a run record (`recorded_flow`)."""
+    """One write of a run record (`recorded_flow`), with its look for orphans (`_Orphans`)."""
 
     record: RunRecord
     base: Mapping[str, float] | None
     first_end: bool
+    orphans: _Orphans | None = None
 
-    def flow(self) -> Flow[Recorded]:
-        return recorded_flow(self.record, self.base, first_end=self.first_end)
+    def flow(self) -> Flow[Callable[[], None]]:
+        """The orphans' audit records, then the run record noting them, in one transaction.
+
+        Its result logs the orphans and reports the run: call it once the transaction
+        committed.
+        """
+        told = (yield from self.orphans.telling()) if self.orphans is not None else []
+        record = self.record
+        if told:
+            note = orphans_note([(c.tool, c.tool_call_id) for c in told])
+            record = replace(record, detail=f"{record.detail} {note}".lstrip())
+        recorded = yield from recorded_flow(record, self.base, first_end=self.first_end)
+        return partial(_ended, recorded, record, told)
 
 
-def _telling(thread: str, known: Collection[str], who: Who) -> Flow[list[CallRecord]]:
-    """Write an `orphaned` audit record for each untold orphan of `thread`; return those."""
-    lost = yield from untold_flow(thread, known)
-    yield from insert_flow([_orphan_record(r, who) for r in lost])
-    return lost
+def _ended(recorded: Recorded, written: RunRecord, told: list[CallRecord]) -> None:
+    """A run record's write committed: log the orphans it told of, report the run."""
+    for r in told:
+        log.warning("orphaned call: %s", _orphan_result(r))
+    _telemetry(recorded, written)
 
 
 def _orphan_record(call: CallRecord, who: Who) -> AuditRecord:
@@ -633,30 +680,21 @@ def _orphan_record(call: CallRecord, who: Who) -> AuditRecord:
 
 
 def _orphan_result(call: CallRecord) -> str:
+    """What an orphan's audit record says, of the ledger's text only.
+
+    Its arguments as stored (redacted), the registered tool's name and the ids the row is
+    stored under (`insert_flow(redacted=True)` does not redact it again).
+    """
     when = datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
         f"outcome unknown: {call.tool} {json.dumps(call.args, default=str)} (tool_call_id "
         f"{call.tool_call_id}, thread {call.thread_id}) started at {when} and never finished, and "
-        "the model turn that asked for it was lost with its process, so it may or may not have "
-        "happened. keel has not run it again; a later call of the same tool and arguments in "
-        "this thread is asked about it (resolve it with that call's answer, or check the "
-        "outside world)"
+        "the model turn that asked for it is in no history the thread goes on with (lost with "
+        "its process in a crash, or left on a branch a fork from an earlier checkpoint "
+        "abandoned), so it may or may not have happened. keel has not run it again; a later "
+        "call of the same tool and arguments in this thread is asked about it (resolve it with "
+        "that call's answer, or check the outside world)"
     )
-
-
-def _orphans_note(told: list[CallRecord]) -> str:
-    """What a run record says of the orphans its run end audited."""
-    calls = ", ".join(f"{c.tool} {c.tool_call_id}" for c in told)
-    return (
-        f"orphaned: {calls} started and never finished, their requests lost in a crash; they "
-        "may or may not have happened; keel audit --decision orphaned lists them"
-    )
-
-
-def _ending(write: _RunWrite) -> Flow[Callable[[], None]]:
-    """`write`'s flow; its result reports the run once the caller committed."""
-    recorded = yield from write.flow()
-    return partial(_telemetry, recorded, write.record)
 
 
 def _telemetry(recorded: Recorded, written: RunRecord) -> None:
