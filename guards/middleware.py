@@ -853,7 +853,10 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     "error"`) `CircuitOpen` is raised for LangChain's `ModelFallbackMiddleware` (placed before
     this one) to move to the next model. An open tool breaker answers the call `unavailable`
     and tells the model what is missing; the run goes on. A pause for a human (an interrupt
-    raised by a `PermissionMiddleware` inside this one) is not a failure of the tool.
+    raised by a `PermissionMiddleware` inside this one) is not a failure of the tool. What a
+    call counts is `ToolGuard.counts`'s rule, as in `build_agent`: the call's keel status
+    decides, and a call the tool never ran (denied, rejected, no such tool, arguments that did
+    not fit, a twin) counts for nothing; no breaker is kept for a tool name that is no tool's.
     """
 
     def __init__(
@@ -899,12 +902,16 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         return await adrive(self._tool(request, call(handler, request)))
 
     def _tool(self, request: ToolCallRequest, tool_call: Op) -> Steps[Any]:
-        guard, name = self.tool_guard, request.tool_call["name"]
+        guard, tool = self.tool_guard, request.tool
         if guard is None:
             return (yield tool_call)
+        if tool is None:  # no such tool: nothing runs, and no breaker is kept for the name
+            return _marked((yield tool_call), "unknown_tool")
+        name = tool.name
         refused = yield both(guard.check, guard.acheck, name)
         if refused is not None:
             return _tool_message(request, refused, "unavailable")
+        unfit = invalid_args(registered(tool), request.tool_call.get("args"))
         try:
             result = yield tool_call
         except GraphBubbleUp:  # a pause (a human asked about the call), not the tool's failure
@@ -912,9 +919,9 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         except Exception:
             yield both(guard.record, guard.arecord, name, "error")
             raise
-        status = _status(result)
-        if status is not None:  # a call refused before it ran says nothing of the tool
-            yield both(guard.record, guard.arecord, name, status)
+        if unfit is not None:  # the tool node refused the arguments: the tool never ran
+            result = _marked(result, "invalid_args")
+        yield both(guard.record, guard.arecord, name, _status(result))
         return result
 
 
@@ -923,37 +930,28 @@ def _status_of(message: ToolMessage) -> object:
     return message.response_metadata.get("keel_status")
 
 
-NEVER_RAN = frozenset(
-    (
-        "invalid_args",
-        "unknown_tool",
-        "denied",
-        "needs_approval",
-        "rejected",
-        "respond",
-        "budget_stopped",
-        "unavailable",
-        "not_run",
-    )
-)
-"""`keel_status`es of a call answered without running its tool (refused, rejected, a twin)."""
+def _marked(result: Any, status: str) -> Any:
+    """`result` marked with keel's `status` when it is the tool node's own error answer.
+
+    The tool node answers a call it did not run (no such tool, arguments that did not fit)
+    without a keel status; `build_agent` marks those `unknown_tool` / `invalid_args`.
+    """
+    if isinstance(result, ToolMessage) and result.status == "error" and _status_of(result) is None:
+        meta = {**result.response_metadata, "keel_status": status}
+        return result.model_copy(update={"response_metadata": meta})
+    return result
 
 
-def _status(result: ToolMessage | Command[Any]) -> str | None:
-    """How a tool's breaker counts `result` (a `Command`'s by the tool messages it writes).
+def _status(result: ToolMessage | Command[Any]) -> object:
+    """The keel status `ToolGuard` is handed for `result` (`ToolGuard.counts` decides).
 
-    `None` when no message says the tool ran (`NEVER_RAN`): a denial, a reviewer's rejection,
-    arguments that did not fit. Counted as failures, they opened a breaker the ledger shares
-    with every thread: a model told by an injection to call a forbidden tool again and again
-    made the tool unavailable to every other user.
+    A message's `keel_status`, else its own `status`; a `Command`'s by its tool messages.
     """
     update = result.update if isinstance(result, Command) else None
     found = update.get("messages") if isinstance(update, dict) else [result]
-    ran = [m for m in found or () if isinstance(m, ToolMessage) and _status_of(m) not in NEVER_RAN]
-    if not ran and any(isinstance(m, ToolMessage) for m in found or ()):
-        return None
-    failed = any(m.status == "error" for m in ran)
-    return "error" if failed else "success"
+    return ToolGuard.deciding(
+        _status_of(m) or m.status for m in found or () if isinstance(m, ToolMessage)
+    )
 
 
 # -- the loop guard -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from a policy with `from_policy(policy, ledger)`, which returns `None` when noth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from keel._drive import Op, Steps, adrive, both, drive
@@ -130,10 +130,22 @@ class ModelGuard:
 
 
 class ToolGuard:
-    """A tool's circuit breaker: `check` before running it, `record` its result."""
+    """A tool's circuit breaker: `check` before running it, `record` its result.
 
+    The one rule for what a tool call counts (`counts`), for `build_agent`'s tool node and
+    `CircuitBreakerMiddleware` alike: each hands `record` the call's keel status
+    (`keel_status`), and the guard decides. The breaker is shared by every thread through the
+    ledger, so only a call the tool ran counts: one refused, rejected, answered by a human, or
+    never run (arguments that did not fit, no such tool, a twin of another call) counts for
+    nothing, or a model told by an injection to make such calls again and again would make the
+    tool unavailable to every other user.
+    """
+
+    SUCCEEDED = frozenset({"success", "blocked"})
+    """Statuses of a call the tool ran and answered (`blocked`: the input guard withheld what it
+    answered; the tool did not fail)."""
     FAILED = frozenset({"error", "timeout"})
-    """Tool statuses that count as a failure (invalid arguments do not count either way)."""
+    """Statuses of a call the tool ran that failed. Every other status counts for nothing."""
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -145,6 +157,31 @@ class ToolGuard:
         if policy.tool_breaker is None:
             return None
         return cls(CircuitBreaker(ledger, policy.tool_breaker))
+
+    @classmethod
+    def counts(cls, status: object) -> bool | None:
+        """How a call that ended with keel status `status` counts.
+
+        A success (`True`), a failure (`False`) or not at all (`None`: the tool never ran, or
+        a status keel does not know, which must not open a breaker shared by every user).
+        """
+        if status in cls.SUCCEEDED:
+            return True
+        return False if status in cls.FAILED else None
+
+    @classmethod
+    def deciding(cls, statuses: Iterable[object]) -> object:
+        """Of the statuses of one call's answers (a `Command` can write several), the one to count.
+
+        The first failure, else the first success, else the first status; `success` when there
+        is none (the tool ran and answered with no message).
+        """
+        found = list(statuses)
+        for wanted in (False, True):
+            counted = next((s for s in found if cls.counts(s) is wanted), None)
+            if counted is not None:
+                return counted
+        return found[0] if found else "success"
 
     def check(self, tool: str) -> str | None:
         """`None` when `tool` may run, else what the model is told instead of its result."""
@@ -169,15 +206,17 @@ class ToolGuard:
         """
         return self.breaker.gate(f"tool:{tool}", lambda exc: refusal(tool, exc))
 
-    def record(self, tool: str, status: str) -> None:
-        """Record a run of `tool` that ended with keel tool status `status`."""
-        if status == "success" or status in self.FAILED:
-            _logged(self.breaker.record(f"tool:{tool}", status == "success"))
+    def record(self, tool: str, status: object) -> None:
+        """Record a call of `tool` that ended with keel status `status`, as `counts` says."""
+        ok = self.counts(status)
+        if ok is not None:
+            _logged(self.breaker.record(f"tool:{tool}", ok))
 
-    async def arecord(self, tool: str, status: str) -> None:
-        """Record a run of `tool` that ended with `status` (async); see `record`."""
-        if status == "success" or status in self.FAILED:
-            _logged(await self.breaker.arecord(f"tool:{tool}", status == "success"))
+    async def arecord(self, tool: str, status: object) -> None:
+        """Record a call of `tool` that ended with `status` (async); see `record`."""
+        ok = self.counts(status)
+        if ok is not None:
+            _logged(await self.breaker.arecord(f"tool:{tool}", ok))
 
 
 def refusal(tool: str, exc: CircuitOpen) -> str:
