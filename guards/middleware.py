@@ -23,6 +23,7 @@ A guard that stops the run answers in the model's place with an AI message witho
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, NotRequired, cast
 
@@ -30,9 +31,11 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain.agents.middleware.types import AgentState, PrivateStateAttr, ToolCallRequest
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool
+from langgraph._internal._constants import OVERWRITE
+from langgraph.channels.binop import BinaryOperatorAggregate
 from langgraph.config import get_config
 from langgraph.errors import GraphBubbleUp
-from langgraph.types import Command
+from langgraph.types import Command, Overwrite
 
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, call, drive
@@ -45,7 +48,7 @@ from keel._node import (
     refused_resume,
     void_resume,
 )
-from keel.approvals import decision_of
+from keel.approvals import REVIEWER_META, Grants, decision_of
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -58,7 +61,7 @@ from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
 from keel.history import tool_turns_as_text, valid_history
-from keel.identity import server_user
+from keel.identity import reviewer_of, server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
@@ -75,6 +78,7 @@ __all__ = [
     "LoopGuardMiddleware",
     "PermissionMiddleware",
     "RateLimitMiddleware",
+    "RejectionsChannel",
     "outcome_of",
 ]
 
@@ -272,6 +276,63 @@ def merge_rejections(
     return merge_approvals(_rejections(left), _rejections(right, refuse=True))
 
 
+class RejectionsChannel(BinaryOperatorAggregate[dict[str, Approval]]):
+    """The channel of `REJECTIONS_KEY`: only the rejections `PermissionMiddleware` seals get in.
+
+    Every write goes through `merge_rejections` (LangGraph's own channel stores the first
+    write of an empty key as written, and takes a value written past the reducer, `Overwrite`,
+    as the key's whole value). A client that may update the thread's state (`update_state`,
+    `Command(update=...)`, served or embedded) therefore cannot clear the rejections: an
+    `Overwrite` (or its JSON forms, `{"__overwrite__": ...}`) is refused with a `UserError`; nor
+    forge one: a rejection whose seal (`keel.approvals.Grants.sign_rejection`, under the
+    approval secret) does not verify is dropped, so it neither stops a call nor names a
+    reviewer. A rejection sealed under another secret (this process's random one, after a
+    restart: set `KEEL_APPROVAL_SECRET`) is dropped too: its call is then asked about again.
+    """
+
+    def __init__(
+        self,
+        typ: Any = dict,
+        operator: Callable[[Any, Any], dict[str, Approval]] = merge_rejections,
+    ) -> None:
+        super().__init__(typ, operator)
+
+    def update(self, values: Sequence[Any]) -> bool:
+        """Merge `values`' sealed rejections; refuse an overwrite or a record of anything else."""
+        if not values:
+            return False
+        kept = _rejections(self.value) if self.is_available() else {}
+        grants = Grants.from_secret()
+        for value in values:
+            if _overwrites(value):
+                raise UserError(
+                    f"{REJECTIONS_KEY!r} cannot be overwritten or cleared: it keeps the thread's "
+                    "rejections by human reviewers, and only PermissionMiddleware writes it. A "
+                    "rejected call stays rejected on this thread; to have it asked again, start "
+                    "a new thread."
+                )
+            written = merge_rejections({}, value)
+            sealed = {k: r for k, r in written.items() if _sealed(grants, k, r)}
+            kept = merge_approvals(kept, sealed)
+        self.value = kept
+        return True
+
+
+def _overwrites(value: object) -> bool:
+    """Whether `value` is LangGraph's `Overwrite`, typed or in one of its JSON forms."""
+    if isinstance(value, Overwrite):
+        return True
+    return isinstance(value, Mapping) and (OVERWRITE in value or value.get("type") == OVERWRITE)
+
+
+def _sealed(grants: Grants, key: str, record: Mapping[str, Any]) -> bool:
+    """Whether `record`'s seal is keel's (`Grants.sign_rejection`)."""
+    seal = record.get("seal")
+    if not isinstance(seal, str):
+        return False
+    return hmac.compare_digest(seal, grants.sign_rejection(key, record))
+
+
 def _rejections(found: object, *, refuse: bool = False) -> dict[str, Approval]:
     """The rejection records of `found`; with `refuse`, anything else raises a `UserError`."""
     out: dict[str, Approval] = {}
@@ -307,7 +368,9 @@ class PermissionState(AgentState[Any]):
     cannot set it (LangGraph drops the key).
     """
 
-    keel_rejections: NotRequired[Annotated[dict[str, Approval], PrivateStateAttr, merge_rejections]]
+    keel_rejections: NotRequired[
+        Annotated[dict[str, Approval], PrivateStateAttr, RejectionsChannel()]
+    ]
 
 
 def _valid(request: ModelRequest[Any]) -> ModelRequest[Any]:
@@ -361,11 +424,13 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     tool message (`InputGuardMiddleware` around this one screens that message as any result).
     Approvals are not kept: as in `build_agent`, an approval covers the call a human saw, and
     the same call made again is asked about again. The key holds rejections only: a write of
-    anything else (an approval, a record under another key) is refused with a `UserError`; a
-    value written past the reducer (LangGraph's `Overwrite`) is read for its rejections only;
-    no record in state is ever taken as an approval, so a forged one can only stop a call. A
-    client that may update the thread's state can clear the rejections (`Overwrite({})`): the
-    call is then asked about again, and a human still decides. As a node of a parent graph the
+    anything else (an approval, a record under another key) or an overwrite (LangGraph's
+    `Overwrite`) is refused with a `UserError`, and a rejection this middleware did not seal is
+    dropped (`RejectionsChannel`): a client that may update the thread's state can neither clear
+    the rejections nor forge one, and no record in state is ever taken as an approval. Each
+    rejection names who rejected (`reviewer`: the server's authenticated user, else the
+    decision's `reviewer`), in its record and on its tool message (`keel_reviewer`), for the
+    audit. As a node of a parent graph the
     agent keeps them for the thread when compiled with `checkpointer=True`; by default LangGraph
     starts its state afresh at each of the parent's runs.
 
@@ -414,8 +479,13 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             request, f"Rejected by a human reviewer; {name} was not run.", "rejected"
         )
 
-    def _recorded(self, request: ToolCallRequest, rejection: ToolMessage) -> Command[Any]:
-        """`rejection` of `request`'s call, and its record in the thread's `REJECTIONS_KEY`."""
+    def _recorded(
+        self, request: ToolCallRequest, rejection: ToolMessage, reviewer: str | None
+    ) -> Command[Any]:
+        """`rejection` of `request`'s call, and its sealed record in `REJECTIONS_KEY`.
+
+        The record names who rejected (`reviewer`), for the audit, as `build_agent`'s does.
+        """
         digests = self._digests(request)
         update: dict[str, Any] = {"messages": [rejection]}
         if digests is not None:
@@ -426,6 +496,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
                 "tool_call_id": call.get("id") or "",
                 "decision": "rejected",
             }
+            if reviewer is not None:
+                record["reviewer"] = reviewer
+            record["seal"] = Grants.from_secret().sign_rejection(digests[0], record)
             update[REJECTIONS_KEY] = {digests[0]: record}
         return Command(update=update)
 
@@ -470,9 +543,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
                     _checked(request, waiting)
                 except UserError as exc:
                     raise refused_resume(exc) from None
-            resolved = _apply_decision(request, ask(question))
+            answer = ask(question)
+            reviewer = _reviewer(request, answer)
+            resolved = _apply_decision(request, answer, reviewer)
             if isinstance(resolved, ToolMessage) and _status_of(resolved) == "rejected":
-                return self._recorded(request, resolved)
+                return self._recorded(request, resolved, reviewer)
             if isinstance(resolved, ToolMessage) or resolved is request:
                 return resolved
             if (twin := _repeat(resolved, edited=True)) is not None:
@@ -609,6 +684,12 @@ def _checked(request: ToolCallRequest, answer: Any) -> Mapping[str, Any]:
             f"answers keyed by {', '.join(by_id)}: keel would take the decision and drop the "
             "rest. Answer each interrupt with one decision."
         )
+    for given in (outer, answer):
+        if isinstance(given, Mapping) and not isinstance(given.get("reviewer", ""), str):
+            raise UserError(
+                f"'reviewer' names who answered {where}, as text ({{'reviewer': 'alice'}}), "
+                f"got {given['reviewer']!r}."
+            )
     if kind == "edit":
         _check_edit(request, answer.get("edited_action"), where)
     text = answer.get("message")
@@ -737,8 +818,31 @@ def _check_edit(request: ToolCallRequest, edited: Any, where: str) -> None:
         )
 
 
-def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | ToolMessage:
-    """The approved (or edited) request, or the ToolMessage that answers it instead."""
+def _reviewer(request: ToolCallRequest, answer: Any) -> str | None:
+    """Who answered: the server's authenticated user, else (embedded) the decision's `reviewer`.
+
+    As `build_agent`'s `human_review` takes it; `_checked` refused a `reviewer` that is no text.
+    """
+    served = reviewer_of(server_user(request.runtime))
+    if served is not None:
+        return served
+    decision = _checked(request, answer)
+    named = decision.get("reviewer", _outer_reviewer(answer))
+    return named if isinstance(named, str) else None
+
+
+def _outer_reviewer(answer: Any) -> object:
+    """The `reviewer` an answer of the form `{"decisions": [...], "reviewer": ...}` names."""
+    return answer.get("reviewer") if isinstance(answer, Mapping) else None
+
+
+def _apply_decision(
+    request: ToolCallRequest, answer: Any, reviewer: str | None = None
+) -> ToolCallRequest | ToolMessage:
+    """The approved (or edited) request, or the ToolMessage that answers it instead.
+
+    A rejection or a reply names who gave it (`REVIEWER_META`), as `build_agent`'s do.
+    """
     decision = _checked(request, answer)
     kind, name = decision["type"], request.tool_call["name"]
     if kind == "approve":
@@ -746,14 +850,17 @@ def _apply_decision(request: ToolCallRequest, answer: Any) -> ToolCallRequest | 
     if kind == "edit":
         args = decision["edited_action"]["args"]
         return request.override(tool_call={**request.tool_call, "args": dict(args)})
+    by = {REVIEWER_META: reviewer} if reviewer is not None else {}
     if kind == "reject":
         note = f": {decision['message']}" if decision.get("message") else ""
-        return _tool_message(request, f"Rejected by a human reviewer{note}.", "rejected")
+        message = _tool_message(request, f"Rejected by a human reviewer{note}.", "rejected")
+        message.response_metadata.update(by)
+        return message
     return ToolMessage(
         content=f"A human answered instead of running {name}: {decision['message']}",
         tool_call_id=request.tool_call.get("id") or "",
         name=name,
-        response_metadata={"keel_status": "respond"},
+        response_metadata={"keel_status": "respond", **by},
     )
 
 

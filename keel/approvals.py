@@ -34,6 +34,7 @@ from keel.state import Approval, RunContext
 
 __all__ = [
     "MIN_SECRET_BYTES",
+    "REVIEWER_META",
     "SECRET_ENV",
     "Grants",
     "RunGrants",
@@ -50,6 +51,10 @@ SECRET_ENV = "KEEL_APPROVAL_SECRET"
 
 MIN_SECRET_BYTES = 16
 """The shortest approval secret keel takes (128 bits): a short one could be guessed."""
+
+REVIEWER_META = "keel_reviewer"
+"""The `response_metadata` key naming who answered in a tool's place (a `respond`, or a
+rejection: of a call whose outcome was unknown, or of a call `PermissionMiddleware` asked)."""
 
 _PROCESS_SECRET = secrets.token_bytes(32)
 
@@ -198,8 +203,24 @@ class Grants:
             where,
             user,
         )
-        message = json.dumps(fields, separators=(",", ":")).encode()
+        return self._mac(fields)
+
+    def sign_rejection(self, key: str, rejection: Mapping[str, Any]) -> str:
+        """The seal of a `rejection` `PermissionMiddleware` keeps in an agent's state under `key`.
+
+        Over the record and who rejected (`reviewer`): a client that may update the thread's
+        state cannot write one (`keel.guards.middleware.RejectionsChannel` drops a record whose
+        seal does not verify), nor change who a kept one names.
+        """
+        fields = ("keel-rejection", key, *(rejection.get(f) for f in _REJECTION_FIELDS))
+        return self._mac(fields)
+
+    def _mac(self, fields: Sequence[Any]) -> str:
+        message = json.dumps(list(fields), separators=(",", ":")).encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+
+
+_REJECTION_FIELDS = ("digest", "tool", "tool_call_id", "decision", "reviewer")
 
 
 @dataclass(frozen=True, slots=True)

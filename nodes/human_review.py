@@ -58,7 +58,7 @@ from keel._node import (
     peek_resume,
     thread_of,
 )
-from keel.approvals import RunGrants, approval_key, decided
+from keel.approvals import REVIEWER_META, RunGrants, approval_key, decided
 from keel.db.idempotency import CallRecord, records_flow, resolve_flow
 from keel.db.ledger import Flow, Ledger
 from keel.errors import StorageError, UserError
@@ -84,10 +84,6 @@ __all__ = [
     "Settled",
     "human_review",
 ]
-
-REVIEWER_META = "keel_reviewer"
-"""The `response_metadata` key naming who answered in a tool's place (a `respond`, or a
-rejection of a call whose outcome was unknown)."""
 
 SETTLED_KEY = "keel_settled"
 """The update key listing the "did this happen?" answers whose reply `execute_tools` writes
