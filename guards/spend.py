@@ -32,6 +32,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from keel._drive import Op, Steps, sleep
+from keel.approvals import json_text
 from keel.db.ledger import Flow, Ledger, returning, together
 from keel.errors import UserError
 from keel.pricing import PriceTable, finite_number, is_count, unpriced
@@ -216,7 +217,7 @@ def _sizes(messages: Sequence[BaseMessage], *, estimate: bool, bound: bool) -> t
             if estimate:
                 chars += len(str(args)) + len(name)
             if bound:  # the JSON a provider is sent
-                size += len(json.dumps(args, default=str))
+                size += len(json_text(args))
                 size += len(name.encode("utf-8", "surrogatepass"))
     n = len(messages)  # each message's framing: 16 characters (4 tokens) + 4 tokens; 20 bytes
     return (chars + 16 * n) // 4 + 4 * n + 16, size + 20 * n + 16

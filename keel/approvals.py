@@ -44,6 +44,8 @@ __all__ = [
     "canonical_args",
     "decided",
     "decision_of",
+    "json_text",
+    "plain_keys",
 ]
 
 SECRET_ENV = "KEEL_APPROVAL_SECRET"
@@ -70,9 +72,50 @@ def canonical_args(args: Mapping[str, Any]) -> str:
 
 
 def _canonical(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-    )
+    return json_text(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """`value` as JSON (`json.dumps(value, **options)`), whatever keys its mappings have.
+
+    A set is written as a list in canonical order, anything else JSON cannot write as `str`. A
+    mapping key JSON cannot write (a tuple, a frozenset; or keys of mixed types under
+    `sort_keys`, which cannot be ordered) is written as its own canonical JSON (`(1, 2)` as
+    `"[1,2]"`), at any depth (`plain_keys`): tool arguments a tool's schema reads as
+    `dict[tuple[int, int], str]` are written, digested and audited instead of ending the run in
+    a `TypeError`. Values JSON writes already are written as before.
+    """
+    try:
+        return json.dumps(value, default=_json_default, **options)
+    except TypeError:  # a key JSON cannot write, or keys that cannot be sorted
+        return json.dumps(plain_keys(value), default=_json_default, **options)
+
+
+def plain_keys(value: Any) -> Any:
+    """`value` with its mappings' keys as strings, at any depth (see `json_text`).
+
+    A string key is kept; an int, float, bool or `None` is written as JSON writes it (`1` as
+    `"1"`, `True` as `"true"`); any other key as its canonical JSON. `value` itself when every
+    key is a string already (a model's arguments, parsed from JSON, always are).
+    """
+    if isinstance(value, Mapping):
+        items = [(k, v, plain_keys(v)) for k, v in value.items()]
+        if isinstance(value, dict) and all(isinstance(k, str) and p is v for k, v, p in items):
+            return value
+        return {_key_text(k): p for k, _, p in items}
+    if isinstance(value, list | tuple):
+        found = [plain_keys(v) for v in value]
+        if any(p is not v for p, v in zip(found, value, strict=True)):
+            return found
+    return value
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps({key: 0})[2:-5]  # as JSON writes the key itself
+    return _canonical(key)
 
 
 def _json_default(value: Any) -> Any:

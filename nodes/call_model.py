@@ -25,7 +25,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
-from keel.approvals import decided
+from keel.approvals import decided, plain_keys
 from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
@@ -261,6 +261,7 @@ class _Answerer:
         """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
         assert got.message is not None
         response, usage = _unique_ids(got.message, state.get("messages") or []), got.usage
+        response = _json_args(response)
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         noted = state.get("warnings") or []
         if any(w not in noted for w in got.warnings):  # what the period budgets held loosely
@@ -445,6 +446,25 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
     if isinstance(answer.content, list):
         update["content"] = _renamed_blocks(answer.content, ids, fresh)
     return answer.model_copy(update=update)
+
+
+def _json_args(answer: AIMessage) -> AIMessage:
+    """`answer` with each tool call's arguments as JSON carries them: keys are strings.
+
+    A provider sends arguments as JSON text, so their keys are strings; a model made in Python
+    can give any key (a tuple, a frozenset, an int). The checkpoint cannot store such a key (the
+    run ended on a storage failure, its thread left unsaved), nor JSON write it for the audit,
+    the ledger or an approval's digest. Each is written as JSON would write it, or as its
+    canonical JSON (`(1, 2)` as `"[1,2]"`, `keel.approvals.plain_keys`); the tool's schema
+    then reads the arguments as it reads a provider's, and says what does not fit.
+    """
+    calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
+    if all(c["args"] is o["args"] for c, o in zip(calls, answer.tool_calls, strict=True)):
+        return answer  # the usual answer: no copy
+    log.warning(
+        "the model gave tool arguments with keys JSON cannot carry; keel wrote them as text"
+    )
+    return answer.model_copy(update={"tool_calls": calls})
 
 
 def _storable_id(call_id: str) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, Unpack
 
+from keel.approvals import json_text
 from keel.db.ledger import Flow, Ledger
 from keel.db.tables import AUDIT, storable, where_clause
 from keel.errors import UserError
@@ -156,7 +157,7 @@ def insert_flow(records: Sequence[AuditRecord], *, redacted: bool = False) -> Fl
     clean: Callable[[Any], Any] = _as_stored if redacted else sanitize
     for r in records:
         values = {name: getattr(r, name) for name in AUDIT.names}
-        values["args"] = None if r.args is None else json.dumps(clean(r.args), default=str)
+        values["args"] = None if r.args is None else json_text(clean(r.args))
         values["tool"] = sanitize(r.tool)  # a model may call a tool no one has, by any name
         values["result"] = _truncate(clean(str(r.result)))
         yield _INSERT, tuple([storable(values[column]) for column in AUDIT.names])

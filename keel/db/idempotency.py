@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from keel.approvals import json_text
 from keel.db.ledger import Flow, Row, together
 from keel.db.tables import TOOL_CALLS, storable
 from keel.redact import sanitize
@@ -299,7 +300,7 @@ def _forked_away(
 
 def _stored_args(args: Any) -> str | None:
     """`args` as the ledger stores them: JSON, PII redacted as the audit log redacts it."""
-    return None if args is None else storable(json.dumps(sanitize(args), default=str))
+    return None if args is None else storable(json_text(sanitize(args)))
 
 
 def untold_flow(thread_id: str, known: Collection[str]) -> Flow[list[CallRecord]]:

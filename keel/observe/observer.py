@@ -29,7 +29,6 @@ shadow run (`keel.tools.stubs.isolated`) writes neither audit records nor a run 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import threading
 import uuid
@@ -48,6 +47,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import RunnableCallable, context_of, policy_id, runtime_in, saved_thread
+from keel.approvals import json_text
 from keel.db.audit import AuditLog, AuditRecord, insert_flow
 from keel.db.idempotency import CallRecord, untold_flow
 from keel.db.ledger import Flow, Ledger, refused_for_good
@@ -687,7 +687,7 @@ def _orphan_result(call: CallRecord) -> str:
     """
     when = datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
-        f"outcome unknown: {call.tool} {json.dumps(call.args, default=str)} (tool_call_id "
+        f"outcome unknown: {call.tool} {json_text(call.args)} (tool_call_id "
         f"{call.tool_call_id}, thread {call.thread_id}) started at {when} and never finished, and "
         "the model turn that asked for it is in no history the thread goes on with (lost with "
         "its process in a crash, or left on a branch a fork from an earlier checkpoint "
@@ -730,7 +730,7 @@ def _decision(node: str, choice: str, reason: str, **extra: Any) -> None:
     if not decision_log.isEnabledFor(logging.INFO):
         return
     line = sanitize({"node": node, "choice": choice, "reason": reason, **extra})
-    decision_log.info(json.dumps(line, default=str, sort_keys=False))
+    decision_log.info(json_text(line))
 
 
 # -- what a node's update means for the audit log (pure) --------------------------------------
