@@ -449,6 +449,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         if not isinstance(policy, Policy):
             raise UserError(f"PermissionMiddleware needs a keel Policy(...), got {policy!r}.")
         self.matrix = PermissionMatrix.from_policy(policy)
+        Grants.from_secret()  # a bad KEEL_APPROVAL_SECRET is refused here, not at a rejection
         self.policy_id = policy.identity
         """The policy bound into the digests of reviewers' decisions (`name@version`)."""
 

@@ -473,3 +473,12 @@ def test_a_client_cannot_forge_a_rejection_nor_who_gave_it(mode: str, tmp_path: 
         result = a.run(Command(resume={"decisions": [{"type": "reject"}], "reviewer": "bob"}))
         assert {r["reviewer"] for r in a.snapshot().values[KEY].values()} == {"alice", "bob"}
         assert RAN == []
+
+
+def test_a_short_approval_secret_is_refused_when_the_middleware_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The secret seals each rejection: a bad one is refused up front, not at a rejection."""
+    monkeypatch.setenv("KEEL_APPROVAL_SECRET", "short")
+    with pytest.raises(UserError, match="KEEL_APPROVAL_SECRET is 5 bytes long"):
+        PermissionMiddleware(POLICY)

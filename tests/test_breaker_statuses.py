@@ -37,6 +37,7 @@ from keel.guards import (
     Policy,
     Rule,
 )
+from keel.guards.breaker import BreakerState
 from keel.tools._duplicates import DUPLICATE_KEY
 
 BREAKER = BreakerPolicy(failure_threshold=1, cooldown_seconds=0.05, success_threshold=5)
@@ -196,3 +197,45 @@ def test_both_ways_of_guarding_an_agent_count_each_status_alike(db_url: str, cas
     finally:
         ledger.close()
     assert counted == {"build_agent": case.counted, "middleware": case.counted}
+
+
+SPELLINGS = [
+    "Lookup_Order",
+    "lookup_order ",
+    " lookup_order",
+    "LOOKUP_ORDER",
+    "\u0142ookup_order",  # ł
+    "lookup_\u043erder",  # a Cyrillic o
+    "lookup_order\u200b",  # a zero-width space
+    "\uff4cookup_order",  # a fullwidth l
+]
+
+
+def test_parallel_calls_under_odd_spellings_of_a_tool_open_no_breaker(db_url: str) -> None:
+    """The attack: a model (fresh ids each turn) calls a tool under spellings no tool has, in
+    parallel, turn after turn. Nothing runs; each spelling's call counted as a failure under
+    a breaker of its own (a ledger row per spelling a model makes up, each opened at the
+    threshold); the real tool's breaker was untouched. None is kept now."""
+    ledger = Ledger(db_url)
+    ledger.setup()
+    calls = [ToolCall(name=n, args={"order_id": "A1"}, id=None) for n in SPELLINGS]
+    turn = AIMessage(content="", tool_calls=calls)
+    agent = create_agent(
+        ScriptedChatModel(script=[turn, turn, "Done."], fresh_ids=True),
+        TOOLS,
+        middleware=[
+            CircuitBreakerMiddleware(ledger, tool=BreakerPolicy(failure_threshold=1)),
+            PermissionMiddleware(Policy(rules=RULES)),
+        ],
+        context_schema=RunContext,
+        checkpointer=InMemorySaver(),
+    )
+    try:
+        config: Any = {"configurable": {"thread_id": "t"}}
+        result = agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+        assert _statuses(result) == ["unknown_tool"] * 2 * len(SPELLINGS)
+        breaker = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=1))
+        for name in [*SPELLINGS, "lookup_order"]:
+            assert breaker.state(f"tool:{name}") == BreakerState(), name
+    finally:
+        ledger.close()
