@@ -452,9 +452,9 @@ def _json_args(answer: AIMessage) -> AIMessage:
     """`answer` with each tool call's arguments as JSON carries them: keys are strings.
 
     A provider sends arguments as JSON text, so their keys are strings; a model made in Python
-    can give any key (a tuple, a frozenset, an int). The checkpoint cannot store such a key (the
-    run ended on a storage failure, its thread left unsaved), nor JSON write it for the audit,
-    the ledger or an approval's digest. Each is written as JSON would write it, or as its
+    can give any key (a tuple, a frozenset, an int). The checkpoint cannot store some (a
+    frozenset key: the run ended on a storage failure, its thread left unsaved), and JSON writes
+    none of them for the audit, the ledger or an approval's digest. Each is written as JSON would write it, or as its
     canonical JSON (`(1, 2)` as `"[1,2]"`, `keel.approvals.plain_keys`); the tool's schema
     then reads the arguments as it reads a provider's, and says what does not fit.
     """
