@@ -155,8 +155,10 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 
     Before each model call the run's usage (from the messages) is checked with `check_budget`;
     a spent budget ends the run as `budget_exceeded`. A tool call past the `tool_calls` limit
-    is answered `budget_stopped`, and the next model turn ends the run. `wall_seconds` is not
-    enforced here (`create_agent` has no run clock); use LangGraph's `TimeoutPolicy`.
+    is answered `budget_stopped`, and the next model turn ends the run; of the calls of one
+    turn (run in parallel), those that fit run, in the turn's order, as in `build_agent`.
+    `wall_seconds` is not enforced here (`create_agent` has no run clock); use LangGraph's
+    `TimeoutPolicy`.
 
     Under a `usd` limit every call must have a price: a call to a model the price table does
     not know is not made (the run ends as `budget_exceeded`, the detail says which model to
@@ -241,7 +243,8 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
             message = _tool_message(request, f"Not run: {reason}", "budget_stopped")
             message.response_metadata["keel_reason"] = reason
             return message
-        exceeded = check_budget(self.budget, usage, planned_tool_calls=1).exceeded
+        planned = 1 + _ahead(request)
+        exceeded = check_budget(self.budget, usage, planned_tool_calls=planned).exceeded
         if exceeded is None:
             return None
         message = _tool_message(request, f"Not run: {exceeded}.", "budget_stopped")
@@ -255,6 +258,27 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent (async)."""
         return self._refuse_tool(request) or await handler(request)
+
+
+def _ahead(request: ToolCallRequest) -> int:
+    """The calls of `request`'s turn before it, not answered in the state: counted as run.
+
+    `create_agent` runs the calls of a turn as parallel tasks that read the same state, so each
+    saw the turn's other calls as unspent budget: a model that asked for ten calls at once ran
+    all ten under `tool_calls=2`. As in `build_agent`, the calls that fit run, in the turn's
+    order; the rest are answered `budget_stopped`. An earlier call later refused (denied,
+    rejected) still counts here: the budget is held, never overrun.
+    """
+    messages = request.state.get("messages") if isinstance(request.state, Mapping) else None
+    call_id = request.tool_call.get("id")
+    if not isinstance(messages, Sequence) or not call_id:
+        return 0
+    turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    ids = [c.get("id") for c in (turn.tool_calls if turn is not None else [])]
+    if call_id not in ids:
+        return 0
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    return sum(1 for i in ids[: ids.index(call_id)] if i not in answered)
 
 
 # -- permissions --------------------------------------------------------------------------

@@ -453,10 +453,11 @@ def _json_args(answer: AIMessage) -> AIMessage:
 
     A provider sends arguments as JSON text, so their keys are strings; a model made in Python
     can give any key (a tuple, a frozenset, an int). The checkpoint cannot store some (a
-    frozenset key: the run ended on a storage failure, its thread left unsaved), and JSON writes
-    none of them for the audit, the ledger or an approval's digest. Each is written as JSON would write it, or as its
-    canonical JSON (`(1, 2)` as `"[1,2]"`, `keel.approvals.plain_keys`); the tool's schema
-    then reads the arguments as it reads a provider's, and says what does not fit.
+    frozenset key: the run ended on a storage failure, its thread left unsaved), and JSON
+    writes none of them for the audit, the ledger or an approval's digest. Each is written as
+    JSON would write it, or as its canonical JSON (`(1, 2)` as `"[1,2]"`,
+    `keel.approvals.plain_keys`); the tool's schema then reads the arguments as it reads a
+    provider's, and says what does not fit.
     """
     calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
     if all(c["args"] is o["args"] for c, o in zip(calls, answer.tool_calls, strict=True)):

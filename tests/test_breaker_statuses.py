@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from langchain.agents import create_agent
@@ -30,14 +30,18 @@ from keel import Ledger, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel
 from keel.guards import (
     BreakerPolicy,
+    Budget,
+    BudgetMiddleware,
     CircuitBreaker,
     CircuitBreakerMiddleware,
     InputGuardMiddleware,
     PermissionMiddleware,
     Policy,
     Rule,
+    ToolGuard,
 )
 from keel.guards.breaker import BreakerState
+from keel.nodes.execute_tools import ToolStatus
 from keel.tools._duplicates import DUPLICATE_KEY
 
 BREAKER = BreakerPolicy(failure_threshold=1, cooldown_seconds=0.05, success_threshold=5)
@@ -91,6 +95,10 @@ class Case:
 
 
 REFUND = ("issue_refund", {"order_id": "A1", "amount": 10})
+LOOKUP = ("lookup_order", {"order_id": "A1"})
+LOOKUP_B = ("lookup_order", {"order_id": "B2"})
+LOOKUP_C = ("lookup_order", {"order_id": "C3"})
+BUDGET = Budget(tool_calls=2)
 CASES = [
     Case("success", (("lookup_order", {"order_id": "A1"}),), "lookup_order", "success"),
     Case("error", (("flaky", {"order_id": "A1"}),), "flaky", "failure"),
@@ -108,6 +116,8 @@ CASES = [
     Case("not_run", (REFUND, REFUND), "issue_refund", "success", {"type": "approve"}),
     # the tool ran and answered; the input guard withheld what it said: the tool did not fail
     Case("blocked", (("lookup_order", {"order_id": "huge"}),), "lookup_order", "success"),
+    # the budget holds two tool calls: the third of the turn is not run
+    Case("budget_stopped", (LOOKUP, LOOKUP_B, LOOKUP_C), "lookup_order", "2 successes"),
 ]
 
 
@@ -161,7 +171,7 @@ def _run(graph: Any, case: Case) -> list[str]:
 
 
 def _keel_agent(ledger: Ledger, case: Case) -> list[str]:
-    policy = Policy(rules=RULES, tool_breaker=BREAKER)
+    policy = Policy(rules=RULES, tool_breaker=BREAKER, budget=BUDGET)
     agent = build_agent(
         _script(case), TOOLS, policy=policy, ledger=ledger, checkpointer=InMemorySaver()
     )
@@ -174,6 +184,7 @@ def _middleware_agent(ledger: Ledger, case: Case) -> list[str]:
         TOOLS,
         middleware=[
             CircuitBreakerMiddleware(ledger, tool=BREAKER),
+            BudgetMiddleware(BUDGET),
             PermissionMiddleware(Policy(rules=RULES)),
             InputGuardMiddleware(),
         ],
@@ -239,3 +250,18 @@ def test_parallel_calls_under_odd_spellings_of_a_tool_open_no_breaker(db_url: st
             assert breaker.state(f"tool:{name}") == BreakerState(), name
     finally:
         ledger.close()
+
+
+def test_the_rule_decides_every_status_keel_gives() -> None:
+    """`ToolGuard.counts` over every keel status (`ToolStatus`): only a call the tool ran counts;
+    a status keel does not know counts for nothing (it cannot open a shared breaker)."""
+    expected = {"success": True, "blocked": True, "error": False, "timeout": False}
+    assert {s: ToolGuard.counts(s) for s in get_args(ToolStatus)} == {
+        s: expected.get(s) for s in get_args(ToolStatus)
+    }
+    assert ToolGuard.counts("made-up") is None and ToolGuard.counts(None) is None
+    # a Command's several answers: a failure decides, then a success, then what there is
+    assert ToolGuard.deciding(["denied", "success", "timeout"]) == "timeout"
+    assert ToolGuard.deciding(["rejected", "success"]) == "success"
+    assert ToolGuard.deciding(["rejected"]) == "rejected"
+    assert ToolGuard.deciding([]) == "success"
