@@ -1043,7 +1043,11 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         refused = yield both(guard.check, guard.acheck, name)
         if refused is not None:
             return _tool_message(request, refused, "unavailable")
-        unfit = invalid_args(registered(tool), request.tool_call.get("args"))
+        args, entry = request.tool_call.get("args"), registered(tool)
+        # arguments the schema refuses: the tool node answers without running the tool (one
+        # naming an injected argument runs: the tool node replaces it)
+        forged = isinstance(args, dict) and spoofed(entry.injected, args)
+        unfit = None if forged else invalid_args(entry, args)
         try:
             result = yield tool_call
         except GraphBubbleUp:  # a pause (a human asked about the call), not the tool's failure

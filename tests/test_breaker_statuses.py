@@ -18,11 +18,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 from langchain.agents import create_agent
+from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langchain_core.tools import ToolException
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
@@ -265,3 +268,36 @@ def test_the_rule_decides_every_status_keel_gives() -> None:
     assert ToolGuard.deciding(["rejected", "success"]) == "success"
     assert ToolGuard.deciding(["rejected"]) == "rejected"
     assert ToolGuard.deciding([]) == "success"
+
+
+@tool
+def failing_lookup(order_id: str, runtime: ToolRuntime) -> str:
+    """Look an order up (the backend answers with an error)."""
+    raise ToolException("the backend is down")
+
+
+failing_lookup.handle_tool_error = True  # the tool node answers the error as a message
+
+
+def test_a_call_naming_an_injected_argument_that_ran_and_failed_counts_as_a_failure(
+    tmp_path: Path,
+) -> None:
+    """The tool node replaces an injected argument a model names (`runtime`) and runs the tool:
+    its failure is the tool's, counted as one (not taken for arguments that did not fit)."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/keel.db")
+    ledger.setup()
+    forged = ToolCall(name="failing_lookup", args={"order_id": "A1", "runtime": "x"}, id=None)
+    agent = create_agent(
+        ScriptedChatModel(script=[AIMessage(content="", tool_calls=[forged]), "Done."]),
+        [failing_lookup],
+        middleware=[CircuitBreakerMiddleware(ledger, tool=BreakerPolicy(failure_threshold=1))],
+        checkpointer=InMemorySaver(),
+    )
+    try:
+        result = agent.invoke({"messages": [("user", "go")]}, {"configurable": {"thread_id": "t"}})
+        (answer,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+        assert answer.status == "error" and "the backend is down" in answer.text
+        breaker = CircuitBreaker(ledger, BreakerPolicy(failure_threshold=1))
+        assert breaker.state("tool:failing_lookup").state == "open"
+    finally:
+        ledger.close()
