@@ -7,6 +7,7 @@ outcome instead of an exception.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -452,20 +453,29 @@ def _json_args(answer: AIMessage) -> AIMessage:
     """`answer` with each tool call's arguments as JSON carries them: keys are strings.
 
     A provider sends arguments as JSON text, so their keys are strings; a model made in Python
-    can give any key (a tuple, a frozenset, an int). The checkpoint cannot store some (a
-    frozenset key: the run ended on a storage failure, its thread left unsaved), and JSON
-    writes none of them for the audit, the ledger or an approval's digest. Each is written as
-    JSON would write it, or as its canonical JSON (`(1, 2)` as `"[1,2]"`,
-    `keel.approvals.plain_keys`); the tool's schema then reads the arguments as it reads a
-    provider's, and says what does not fit.
+    can give any key. The checkpoint cannot store some (a frozenset key: the run ended on a
+    storage failure, its thread left unsaved), and JSON cannot write a tuple or a frozenset for
+    the audit, the ledger or an approval's digest. Arguments holding such a key are written as
+    JSON would write them, each such key as its canonical JSON (`(1, 2)` as `"[1,2]"`,
+    `keel.approvals.plain_keys`); the tool's schema then reads them as it reads a provider's,
+    and says what does not fit. Arguments JSON writes as they are are kept as they are.
     """
-    calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
-    if all(c["args"] is o["args"] for c, o in zip(calls, answer.tool_calls, strict=True)):
+    if all(_writable(c["args"]) for c in answer.tool_calls):
         return answer  # the usual answer: no copy
+    calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
     log.warning(
         "the model gave tool arguments with keys JSON cannot carry; keel wrote them as text"
     )
     return answer.model_copy(update={"tool_calls": calls})
+
+
+def _writable(args: Any) -> bool:
+    """Whether JSON writes `args` as they are (at C speed: a model's usual arguments)."""
+    try:
+        json.dumps(args, default=str)
+    except TypeError:
+        return False
+    return True
 
 
 def _storable_id(call_id: str) -> bool:
