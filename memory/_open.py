@@ -20,6 +20,7 @@ from langchain_core.embeddings import Embeddings
 from langgraph.store.base import IndexConfig, TTLConfig, ensure_embeddings
 
 from keel.errors import SetupError, StorageError, UserError
+from keel.memory.base import MAX_TTL, is_minutes
 from keel.memory.embeddings import ChromaEmbeddings, is_chroma_function, model_name_of
 
 __all__ = ["Lifetime", "check_recorded", "check_ttl", "client_of", "index_of"]
@@ -48,6 +49,11 @@ class Lifetime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def where(self) -> str:
+        """The store's name and where it is, for messages."""
+        return self._where
 
     def refuse_closed(self) -> None:
         """Raise `StorageError` if the store was closed."""
@@ -205,8 +211,11 @@ def check_ttl(ttl: TTLConfig | None) -> TTLConfig | None:
     if ttl is None:
         return None
     default = ttl.get("default_ttl")
-    if default is not None and not default > 0:
-        raise UserError(f"ChromaStore(ttl={{'default_ttl': {default!r}}}) must be minutes > 0.")
+    if default is not None and not is_minutes(default):
+        raise UserError(
+            f"ChromaStore(ttl={{'default_ttl': {default!r}}}) must be minutes > 0 (at most "
+            f"{MAX_TTL:g}), or None for no expiry."
+        )
     return dict(ttl)  # type: ignore[return-value]
 
 

@@ -23,6 +23,7 @@ from langgraph.store.base import (
     Op,
     PutOp,
     SearchItem,
+    SearchOp,
     get_text_at_path,
     tokenize_path,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "alive",
     "by_partition",
     "and_where",
+    "check_types",
     "collection_name",
     "does_match",
     "index_texts",
@@ -202,6 +204,62 @@ def index_texts(value: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
 
 
 # Filters ---------------------------------------------------------------------------------------
+
+
+def check_types(op: Op) -> Op:
+    """The operation with its namespace as a tuple, or a `UserError` naming the wrong type.
+
+    LangGraph types these arguments but does not check them: a namespace written
+    `("memories")` (a string: the comma is missing) was split into one label per letter and
+    stored, a list namespace failed with `unhashable type: 'list'`, and a key, limit, query
+    or ttl of another type failed deep in the store with an error that named nothing.
+    """
+    name = type(op).__name__
+    field = "namespace_prefix" if isinstance(op, SearchOp) else "namespace"
+    ns = getattr(op, field, None)
+    if ns is not None:
+        if isinstance(ns, str):
+            raise UserError(
+                f"{name}: the {field} {ns!r} is a string; a namespace is a tuple of labels: "
+                f"({ns!r},) (mind the comma) or ('memories', tenant, user)."
+            )
+        if isinstance(ns, list):
+            listed: Any = op  # every op is a NamedTuple; mypy checks `**` against each field
+            op = listed._replace(**{field: tuple(ns)})
+        elif not isinstance(ns, tuple):
+            raise UserError(
+                f"{name}: the {field} must be a tuple of string labels, got {type(ns).__name__}."
+            )
+    key = getattr(op, "key", "")
+    if not isinstance(key, str):
+        raise UserError(f"{name}: the key must be a string, got {type(key).__name__} {key!r}.")
+    for what in ("limit", "offset"):
+        n = getattr(op, what, 0)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise UserError(f"{name}: {what} must be a whole number, got {n!r}.")
+    query = getattr(op, "query", None)
+    if query is not None and not isinstance(query, str):
+        raise UserError(f"{name}: the query must be text or None, got {type(query).__name__}.")
+    ttl = getattr(op, "ttl", None)
+    if ttl is not None and not is_minutes(ttl):
+        raise UserError(f"put(ttl={ttl!r}): {TTL_RULE}")
+    return op
+
+
+MAX_TTL = 1e15
+"""The longest TTL in minutes (1.9 billion years): its expiry stays a finite float below `NEVER`."""
+TTL_RULE = (
+    f"ttl is in minutes and must be a number > 0 and at most {MAX_TTL:g}, or None for no expiry."
+)
+
+
+def is_minutes(ttl: object) -> bool:
+    """Whether `ttl` is a TTL keel can store: a finite number of minutes in (0, `MAX_TTL`].
+
+    An infinite TTL made an expiry Chroma drops from the metadata (it keeps no `inf`): the item
+    was written without one, and every later search of its partition failed on it.
+    """
+    return isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 < ttl <= MAX_TTL
 
 
 def check_utf8(op: object) -> None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 from chromadb.api import ClientAPI
@@ -32,12 +32,14 @@ from langgraph.store.base import (
 
 from keel._drive import Op as Step
 from keel._drive import Steps, adrive, both, drive
-from keel.errors import UserError
+from keel.errors import StorageError, UserError
 from keel.memory import base as b
 from keel.memory import maintenance
 from keel.memory._open import Lifetime, check_recorded, check_ttl, client_of, index_of
 
 __all__ = ["ChromaStore"]
+
+_T = TypeVar("_T")
 
 Collection: TypeAlias = Any
 """A chromadb `Collection`; its annotations reject JSON-built `where` clauses, so untyped."""
@@ -247,7 +249,7 @@ class ChromaStore(BaseStore):
         return (yield Step(run, partial(asyncio.to_thread, run)))  # type: ignore[no-any-return]
 
     def _check_ops(self, ops: Iterable[Op]) -> list[Op]:
-        todo = list(ops)
+        todo = [b.check_types(op) for op in ops]
         for op in todo:
             validate_op_namespace(op)
             b.check_utf8(op)
@@ -259,10 +261,6 @@ class ChromaStore(BaseStore):
                     )
             elif isinstance(op, PutOp):
                 b.check_put(op)
-                if op.ttl is not None and not op.ttl > 0:
-                    raise UserError(
-                        f"put(ttl={op.ttl!r}): ttl is in minutes and must be > 0 or None."
-                    )
         return todo
 
     def _texts(self, ops: list[Op]) -> tuple[list[str], list[str]]:
@@ -282,14 +280,39 @@ class ChromaStore(BaseStore):
             return []
         return b.index_texts(op.value, self.fields if op.index is None else op.index)
 
-    def _fresh(self, run: Callable[[], list[Result]]) -> list[Result]:
-        """`run()`, once more with fresh collection handles when another process dropped one."""
+    def _fresh(self, run: Callable[[], _T]) -> _T:
+        """`run()`, once more with fresh collection handles when another client dropped one.
+
+        A partition dropped elsewhere (another process's `purge`) is looked up anew; a catalog
+        deleted under the store is made again and refilled from the partitions (without it
+        every write, prefix search and `list_namespaces` failed with chromadb's `NotFoundError`
+        until the process restarted). Writes are upserts, so running them again is safe.
+        """
         with self._life.using():
             try:
                 return run()
-            except NotFoundError:  # e.g. a purge elsewhere; writes are upserts: rerun is safe
-                self._forget_cols()
+            except NotFoundError:
+                self._reopen()
+            try:
                 return run()
+            except NotFoundError as exc:  # deleted again at once: say so, not chromadb's words
+                raise StorageError(
+                    f"The Chroma store {self._life.where} lost a collection twice in one "
+                    f"operation ({exc}): another client is deleting its collections",
+                    fix="Stop whatever deletes the store's collections (a purge or reset "
+                    "elsewhere), then try again.",
+                ) from exc
+
+    def _reopen(self) -> None:
+        """Forget the cached collections; make the catalog again if it was deleted."""
+        self._forget_cols()
+        try:
+            self._catalog = self.client.get_collection(
+                f"keel-{self.name}-catalog", embedding_function=None
+            )
+        except NotFoundError:
+            self._catalog = self._open_catalog()
+            self._register(maintenance.stored_namespaces(self.client, self.name))
 
     def _run(
         self,
@@ -565,8 +588,7 @@ class ChromaStore(BaseStore):
 
     def sweep_ttl(self) -> int:
         """Delete every expired item now; returns how many. Reads also sweep what they meet."""
-        with self._life.using():
-            return maintenance.sweep(self)
+        return self._fresh(partial(maintenance.sweep, self))
 
     async def asweep_ttl(self) -> int:
         """Async `sweep_ttl`."""
@@ -586,8 +608,7 @@ class ChromaStore(BaseStore):
         Returns:
             The number of namespaces removed from the catalog.
         """
-        with self._life.using():
-            return maintenance.purge(self, namespace_prefix)
+        return self._fresh(partial(maintenance.purge, self, namespace_prefix))
 
     async def apurge(self, namespace_prefix: tuple[str, ...]) -> int:
         """Async `purge`."""

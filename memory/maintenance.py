@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from langgraph.store.base import GetOp, validate_op_namespace
 from keel.errors import UserError
 from keel.memory import base as b
 
-__all__ = ["purge", "sweep", "vacuum"]
+__all__ = ["purge", "stored_namespaces", "sweep", "vacuum"]
 
 Collection: TypeAlias = Any
 """A chromadb `Collection`, untyped as in `keel.memory.chroma` (JSON-built `where` clauses)."""
@@ -53,6 +54,23 @@ def sweep(store: ChromaStore) -> int:
             store._delete_rows(part, rows)
             swept += len(rows)
     return swept
+
+
+def stored_namespaces(client: ClientAPI, name: str) -> set[tuple[str, ...]]:
+    """Every namespace with an item record in store `name`'s partitions (to refill a catalog).
+
+    A scan of each partition's item collection: used only when the catalog was deleted.
+    """
+    found: set[tuple[str, ...]] = set()
+    ours = re.compile(rf"^keel-{re.escape(name)}-[0-9a-f]{{32}}-i$")  # not store `{name}-x`'s
+    for col in client.list_collections():
+        cname = col.name if hasattr(col, "name") else str(col)
+        if not ours.match(cname):
+            continue
+        with contextlib.suppress(NotFoundError):  # dropped meanwhile: nothing to refill
+            got = client.get_collection(cname, embedding_function=None).get(include=["metadatas"])
+            found.update(tuple(json.loads(str(md["ns"]))) for md in got["metadatas"] or [])
+    return found
 
 
 def purge(store: ChromaStore, namespace_prefix: tuple[str, ...]) -> int:
