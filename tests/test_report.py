@@ -267,3 +267,46 @@ def test_keel_audit_says_when_its_limit_left_later_records_out(tmp_path: Path, c
     assert "keel: showing the first 2 records that match; narrow them" in captured.err
     assert main(["audit", "--db", url, "--limit", "50"]) == 0
     assert "showing the first" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--user", ""],
+        ["audit", "--thread", " "],
+        ["audit", "--decision", ""],
+        ["report", "--tenant", ""],
+    ],
+    ids=["audit-user", "audit-thread", "audit-decision", "report-tenant"],
+)
+def test_an_empty_filter_is_refused_naming_it(tmp_path: Path, capsys: Any, argv: list[str]) -> None:
+    """It matched nothing: `keel: no audit records match.` or a report of no runs, exit 0."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    capsys.readouterr()
+    assert main([*argv, "--db", url]) == 2
+    option = argv[1]
+    assert capsys.readouterr().err == (
+        f"keel: {option} is empty: give the {option[2:]} to show, or leave {option} out for all "
+        "of them.\n"
+    )
+
+
+def test_a_mistyped_decision_says_which_decisions_the_log_holds(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """`--decision orphan` (for `orphaned`) said only "no audit records match"."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    _runs(url)
+    capsys.readouterr()
+    assert main(["audit", "--db", url, "--decision", "alow"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "keel: no audit records match.\n"
+    assert out.err == (
+        "keel: no record in this log has the decision 'alow'; it holds allow, exceeded "
+        "(`--decision orphaned` lists the calls a crash left).\n"
+    )
+    assert main(["audit", "--db", url, "--decision", "allow", "--user", "nobody"]) == 0
+    assert capsys.readouterr().err == ""  # a decision the log holds: none of them matched
+    assert main(["audit", "--db", url, "--decision", "exceeded", "--json"]) == 0
+    assert [json.loads(x)["kind"] for x in capsys.readouterr().out.splitlines()] == ["budget"]

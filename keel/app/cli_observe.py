@@ -143,18 +143,40 @@ def existing_db(url: str | None) -> str | None:
     return url
 
 
+def _no_empty_filter(args: argparse.Namespace, *options: str) -> None:
+    """Refuse a filter given as empty text: it matched nothing and said only "no records"."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and not value.strip():
+            raise UserError(
+                f"--{option} is empty: give the {option} to show, or leave --{option} out for "
+                "all of them."
+            )
+
+
 def _audit(args: argparse.Namespace) -> int:
+    _no_empty_filter(args, "thread", "user", "decision")
+    since = parse_since(args.since)
     ledger = Ledger(existing_db(args.db))
     try:
-        records = AuditLog(ledger).query(
+        log = AuditLog(ledger)
+        records = log.query(
             thread=args.thread,
             user=args.user,
             decision=args.decision,
-            since=parse_since(args.since),
+            since=since,
             limit=args.limit,
         )
+        held = log.decisions() if args.decision is not None and not records else None
     finally:
         ledger.close()
+    if held is not None and args.decision not in held:  # a typo (`orphan`) or none yet
+        print(
+            f"keel: no record in this log has the decision {args.decision!r}; it holds "
+            f"{', '.join(held) or 'no records'} (`--decision orphaned` lists the calls a crash "
+            "left).",
+            file=sys.stderr,
+        )
     for r in records:
         if args.json:
             print(json.dumps(r.to_dict(), default=str))
@@ -183,6 +205,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    _no_empty_filter(args, "tenant")
     objectives = load_objectives(args.slo) if args.slo else []
     ledger = Ledger(existing_db(args.db))
     since = parse_since(args.since)

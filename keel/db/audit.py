@@ -144,6 +144,15 @@ class AuditLog:
         """Records, oldest first, filtered by thread, user and time (async); see `query`."""
         return await self.ledger.arun(_query_flow(**where))
 
+    def decisions(self) -> list[str]:
+        """The distinct decisions the log holds, sorted (to tell a mistyped filter from none)."""
+        return self.ledger.run(_decisions_flow())
+
+
+def _decisions_flow() -> Flow[list[str]]:
+    rows = yield f"SELECT DISTINCT decision FROM {AUDIT.name}", ()
+    return sorted(str(decision) for (decision,) in rows)
+
 
 def insert_flow(records: Sequence[AuditRecord], *, redacted: bool = False) -> Flow[None]:
     """Insert `records` with arguments and results sanitized; usable inside another flow.
