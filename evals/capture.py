@@ -151,6 +151,10 @@ async def acapture(
     """
     if Path(suite).suffix.lower() == ".json":
         raise UserError(f"capture writes YAML; give a .yaml suite file, not {suite}.")
+    if case_id is not None and not case_id.strip():
+        raise UserError(
+            "The case id is empty: give one (--id NAME), or leave it out for thread-<THREAD>."
+        )
     stored = thread if isinstance(thread, StoredThread) else await aload_thread(thread, db=db)
     case = case_of(stored, case_id=case_id, expect=expect, roles=roles)
     _append(Path(suite), case, stored, todo=expect is None, graph=graph)
@@ -160,6 +164,7 @@ async def acapture(
 def _append(
     path: Path, case: dict[str, Any], stored: StoredThread, *, todo: bool, graph: str | None
 ) -> None:
+    path = path.expanduser()  # as load_suite reads it: `--suite=~/x.yaml` made a folder `~`
     if path.exists():
         existing = load_suite(path)
         found = re.search(
@@ -188,9 +193,15 @@ def _append(
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = render_case(case, stored, todo=todo)
-        head = f"name: {path.stem}\n" + (f"graph: {graph}\n" if graph else "") + "cases:\n"
-        path.write_text(head + text, encoding="utf-8")
-        load_suite(path)
+        # as YAML scalars: a file named `*x.yaml` or `a: b.yaml` made `name: *x`, not YAML
+        top = {"name": path.stem} | ({"graph": graph} if graph else {})
+        head = yaml.safe_dump(top, sort_keys=False, allow_unicode=True, width=10_000)
+        path.write_text(head + "cases:\n" + text, encoding="utf-8")
+        try:
+            load_suite(path)
+        except UserError:
+            path.unlink()  # a file made here that does not load is not left behind
+            raise
 
 
 def capture(thread: str | StoredThread, suite: str | Path, **options: Any) -> dict[str, Any]:

@@ -384,6 +384,37 @@ def test_capture_appends_to_a_suite_with_its_own_indentation(
     assert "capture writes YAML; give a .yaml suite file" in capsys.readouterr().err
 
 
+def test_capture_into_a_new_suite_takes_a_home_folder_and_any_file_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--suite=~/…` (no shell expands it) wrote into a folder named `~` here, then said the
+    suite did not exist; a file named `*x.yaml` got `name: *x`, not YAML, and was left broken."""
+    import asyncio
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    asyncio.run(store_thread(url, "t-names"))
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    capture = ["eval", "capture", "t-names", "--db", url]
+    assert keel_main([*capture, "--suite=~/regs/r.yaml"]) == 0
+    assert [c.id for c in load_suite(home / "regs" / "r.yaml").cases] == ["thread-t-names"]
+    assert not (work / "~").exists()
+    for name in ("*x.yaml", "@x.yaml", "a: b.yaml", "#1.yaml", "[r].yaml"):
+        assert keel_main([*capture, "--suite", name]) == 0, capsys.readouterr().err
+        suite = load_suite(work / name)
+        assert suite.name == Path(name).stem and [c.id for c in suite.cases] == ["thread-t-names"]
+    capsys.readouterr()
+    assert keel_main([*capture, "--suite", "e.yaml", "--id", " "]) == 2  # not thread-<id>
+    assert capsys.readouterr().err == (
+        "keel eval capture: The case id is empty: give one (--id NAME), or leave it out for "
+        "thread-<THREAD>.\n"
+    )
+    assert not (work / "e.yaml").exists()
+
+
 # -- shadow ----------------------------------------------------------------------------------
 
 
