@@ -179,6 +179,25 @@ def test_a_chroma_folder_that_fails_its_check_passes_it_once_mended(tmp_path: Pa
     assert mended.ok, mended.detail
 
 
+def test_keel_health_finds_a_chroma_folder_under_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`--chroma=~/mem` (no shell expands it) failed: `no Chroma directory at '~/mem'`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KEEL_MODEL", raising=False)
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "mem"), settings=Settings(anonymized_telemetry=False)
+    )
+    client.close()
+    db = f"sqlite:///{tmp_path}/keel.db"
+    (chroma,) = [c for c in readiness(db=db, chroma="~/mem").checks if c.name == "chroma"]
+    assert chroma.ok, chroma.detail
+    assert main(["health", "--chroma=~/mem", "--db", db, "--json"]) == 1  # no model configured
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["chroma"]["ok"], checks["chroma"]
+    assert not (tmp_path / "~").exists()
+
+
 def _answers(text: str) -> ScriptedChatModel:
     return ScriptedChatModel(script=[call("add", a=17, b=25), text])
 

@@ -202,7 +202,7 @@ def _chroma(where: str | Path) -> str:
     if text.startswith(("http://", "https://")):
         client, _ = client_of(path=None, url=text, client=None)
     else:
-        if not Path(text).is_dir():
+        if not Path(text).expanduser().is_dir():  # `~/mem` is the home folder's, as in ChromaStore
             raise UserError(f"no Chroma directory at {text!r}")
         client, _ = client_of(path=text, url=None, client=None)  # a folder it cannot open
     try:
