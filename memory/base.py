@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,9 +121,16 @@ def item_metadata(
     for name, v in value.items():  # copies that Chroma's `where` can pre-filter on
         if isinstance(v, str):
             md[f"s:{name}"] = v
-        elif isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v):
-            md[f"n:{name}"] = max(-_BIG, min(_BIG, float(v)))  # ±inf as the largest floats
+        elif _numeric(v) and v == v:  # not NaN (math.isnan of an int past 1e308 raises)
+            md[f"n:{name}"] = _clamped(v)
     return md
+
+
+def _clamped(v: float) -> float:
+    """`v` as a float Chroma keeps: ±inf, and ints past a float's range, as the largest floats."""
+    if isinstance(v, int) and abs(v) > _BIG:  # float(10**400) raised OverflowError
+        return _BIG if v > 0 else -_BIG
+    return max(-_BIG, min(_BIG, float(v)))
 
 
 def vector_metadata(md: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,6 +283,11 @@ def check_utf8(op: object) -> None:
     for what, part in parts.items():
         try:
             json.dumps(part, ensure_ascii=False, default=str).encode("utf-8")
+        except RecursionError:  # it escaped as a bare RecursionError
+            raise UserError(
+                f"ChromaStore: the {what} of a {type(op).__name__} is nested too deeply to store "
+                "as JSON; flatten it."
+            ) from None
         except UnicodeEncodeError:
             raise UserError(
                 f"ChromaStore: the {what} of a {type(op).__name__} holds a lone surrogate (text "
@@ -368,7 +379,7 @@ def _apply(value: Any, op: str, target: Any) -> bool:
         return bool(value != target)
     if not _numeric(value) or not _numeric(target):
         return False
-    a, b = float(value), float(target)
+    a, b = value, target  # compared as they are: float() of an int past 1e308 raises
     return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[op]
 
 
@@ -390,8 +401,11 @@ def pushdown(flt: Mapping[str, Any] | None) -> list[dict[str, Any]]:
             for op, target in cond.items():
                 if op == "$eq" and isinstance(target, str):
                     clauses.append({f"s:{name}": target})
-                elif op in _RANGE and _numeric(target):
-                    clauses.append({f"n:{name}": {op: float(target)}})
+                elif op in _RANGE and _numeric(target) and target == target:  # not NaN
+                    # non-strict: values are rounded to floats (and clamped) on both sides, so
+                    # 2**53 + 1 > 2**53 holds exactly but not as floats; `matches` is exact
+                    loose = {"$gt": "$gte", "$lt": "$lte"}.get(op, op)
+                    clauses.append({f"n:{name}": {loose: _clamped(target)}})
     return clauses
 
 

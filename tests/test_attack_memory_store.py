@@ -169,3 +169,37 @@ def test_writers_at_once_from_threads_and_two_handles_lose_nothing(tmp_path: Pat
         assert len(handle.search(("memories", "acme", "u0"), query="note", limit=100)) == 18
         assert handle.list_namespaces() == [("memories", "acme", f"u{i}") for i in range(3)]
         handle.close()
+
+
+# Numbers past a float, values nested past the recursion limit -----------------------------------
+
+
+def test_integers_past_a_float_are_stored_and_filtered_exactly(store: ChromaStore) -> None:
+    # 10**400 is JSON, but its filter copy raised OverflowError: int too large to convert to
+    # float; and 2**53 + 1 > 2**53, compared as floats in Chroma's pre-filter, was dropped
+    store.put(ALICE, "huge", {"text": "a", "n": 10**400})
+    store.put(ALICE, "odd", {"text": "b", "n": 2**53 + 1})
+    store.put(ALICE, "even", {"text": "c", "n": 2**53})
+    assert store.get(ALICE, "huge").value["n"] == 10**400  # type: ignore[union-attr]
+
+    def keys(**flt: Any) -> set[str]:
+        return {i.key for i in store.search(ALICE, filter=flt)}
+
+    assert keys(n={"$gt": 2**53}) == {"huge", "odd"}
+    assert keys(n={"$lt": 2**53 + 1}) == {"even"}
+    assert keys(n={"$gt": 10**399}) == {"huge"}
+    assert keys(n={"$gte": 10**400}) == {"huge"} and keys(n={"$gt": 10**400}) == set()
+    assert keys(n={"$lt": -(10**400)}) == set()
+    assert {i.key for i in store.search(ALICE, query="a", filter={"n": {"$gt": 2**53}})} == {
+        "huge",
+        "odd",
+    }
+
+
+def test_a_value_nested_past_the_recursion_limit_is_refused(store: ChromaStore) -> None:
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(UserError, match="the value of a PutOp is nested too deeply"):
+        store.put(ALICE, "deep", {"text": "x", "d": deep})  # a bare RecursionError
+    assert store.search(ALICE) == []
