@@ -380,7 +380,7 @@ def _apply(value: Any, op: str, target: Any) -> bool:
     if not _numeric(value) or not _numeric(target):
         return False
     a, b = value, target  # compared as they are: float() of an int past 1e308 raises
-    return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[op]
+    return bool({"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[op])
 
 
 def _numeric(v: Any) -> bool:
