@@ -46,6 +46,7 @@ from keel.evals.feedback import (
     langsmith_key,
     new_feedback,
     record_feedback,
+    run_key,
 )
 from keel.evals.report import default_out, printable_output, results_folder, write_report
 from keel.evals.results import CaseRun, SuiteResult
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset is not None and not args.langsmith:
             raise KeelError("--dataset names the LangSmith dataset: use it with --langsmith.")
         check_text(args, skip=("suite", "out"))
+        _no_empty(args)
         args.prices = price_table(args.price) if args.price else None
         suite = load_suite(path)
         out = Path(args.out or default_out(suite.name)).expanduser()
@@ -178,6 +180,21 @@ def _print_summary(result: SuiteResult, min_pass_rate: float) -> None:
         print(f"keel eval: {name}: {value:g}")
 
 
+_EMPTY = {
+    "graph": "name a graph factory as module:factory, or leave --graph out for keel's demo agent",
+    "judge": "name the judge's model (e.g. openai:gpt-4o-mini), or leave --judge out",
+    "out": "name a folder for the results, or leave --out out for .keel/evals/SUITE",
+}
+
+
+def _no_empty(args: argparse.Namespace) -> None:
+    """Refuse an empty `--graph`, `--judge` or `--out`: each was taken for no option at all."""
+    for option, fix in _EMPTY.items():
+        value = getattr(args, option)
+        if value is not None and not value.strip():
+            raise KeelError(f"--{option} is empty: {fix}.")
+
+
 def _feedback(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="keel eval feedback",
@@ -198,9 +215,13 @@ def _feedback(argv: Sequence[str]) -> int:
         return 2
     try:
         if args.score is None and not args.comment and not args.correction:
-            for f in feedback_for(ledger, args.run):
+            found = feedback_for(ledger, args.run)
+            for f in found:
                 score = "-" if f.score is None else f"{f.score:g}"
                 print(f"{f.run}  score {score}  by {f.user or '-'}: {f.comment} {f.correction}")
+            if not found:  # it printed nothing at all, for a mistyped run too
+                run_key(ledger, args.run)  # no such run: a UserError, exit 2
+                print(f"keel eval feedback: no feedback on {args.run!r} yet.")
             return 0
         feedback = new_feedback(
             args.run,

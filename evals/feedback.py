@@ -66,17 +66,31 @@ class Feedback:
     """When (epoch seconds)."""
 
 
-def _record_flow(feedback: Feedback) -> Flow[Feedback]:
+def _run_key_flow(run: str) -> Flow[str]:
+    """The key of `run` (a run key, run id or thread id: its latest run), or a `UserError`."""
     known = yield (
         f"SELECT run_key FROM keel_runs WHERE {_MATCH} ORDER BY ended_at DESC LIMIT 1",
-        (storable(feedback.run),) * 3,
+        (storable(run),) * 3,
     )
     if not known:
         raise UserError(
-            f"No run {feedback.run!r} in the ledger. Name a run by its run key, run id or thread "
+            f"No run {run!r} in the ledger. Name a run by its run key, run id or thread "
             "id, as `keel report` and the run records show them."
         )
-    feedback = replace(feedback, run=str(known[0][0]))
+    return str(known[0][0])
+
+
+def run_key(ledger: Ledger, run: str) -> str:
+    """The key of `run` (a run key, run id or thread id: its latest run).
+
+    Raises:
+        UserError: the ledger has no such run.
+    """
+    return ledger.run(_run_key_flow(run))
+
+
+def _record_flow(feedback: Feedback) -> Flow[Feedback]:
+    feedback = replace(feedback, run=(yield from _run_key_flow(feedback.run)))
     yield (
         "INSERT INTO keel_feedback (id, run_ref, user_id, score, comment, correction, at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -314,3 +314,22 @@ def test_a_suite_file_holds_no_prices(tmp_path: Path) -> None:
     path.write_text(MIXED + "prices: {house-model: {input_per_mtok: 1, output_per_mtok: 2}}\n")
     with pytest.raises(UserError, match=r"unknown field\(s\) \['prices'\]"):
         load_suite(path)
+
+
+_EMPTY_OPTIONS = {
+    "--graph": "name a graph factory as module:factory, or leave --graph out for keel's demo agent",
+    "--judge": "name the judge's model (e.g. openai:gpt-4o-mini), or leave --judge out",
+    "--out": "name a folder for the results, or leave --out out for .keel/evals/SUITE",
+}
+
+
+@pytest.mark.parametrize("option", list(_EMPTY_OPTIONS))
+def test_an_empty_graph_judge_or_out_is_refused_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """`--graph ""` ran the demo agent, `--judge ""` judged nothing and `--out ""` wrote to
+    .keel/evals: each as if the option was not given (a variable that was not set, say)."""
+    monkeypatch.chdir(tmp_path)
+    assert keel_main(["eval", "demo", option, ""]) == 2
+    assert capsys.readouterr().err == f"keel eval: {option} is empty: {_EMPTY_OPTIONS[option]}.\n"
+    assert not (tmp_path / ".keel").exists()  # before any case ran

@@ -112,6 +112,21 @@ def test_the_sync_api_and_keel_eval_feedback(
     assert "No run 'nope'" in capsys.readouterr().err
 
 
+def test_listing_feedback_says_when_there_is_none_and_refuses_an_unknown_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both printed nothing at all, exit 0: a mistyped run looked like one without feedback."""
+    url = f"sqlite:///{tmp_path}/keel.db"
+    ledger = Ledger(url)
+    asyncio.run(a_run(ledger, "t-quiet"))
+    ledger.close()
+    assert eval_main(["feedback", "t-quiet", "--db", url]) == 0
+    assert capsys.readouterr().out == "keel eval feedback: no feedback on 't-quiet' yet.\n"
+    assert eval_main(["feedback", "t-qiuet", "--db", url]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "keel eval feedback: No run 't-qiuet' in the ledger." in out.err
+
+
 def test_keel_eval_feedback_on_a_database_that_is_not_there_says_so_at_once(
     tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
