@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keel._data_files import read_text
-from keel.app.cli_args import check_text
+from keel.app.cli_args import check_text, refuse_empty
 from keel.app.cli_prices import add_price_option, price_table
 from keel.errors import KeelError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
@@ -109,6 +109,7 @@ def replay_main(argv: Sequence[str]) -> int:
 
     async def job() -> None:
         check_text(args, skip=_FILES, positional=("thread",))
+        refuse_empty(args, "model", "json", "out", "cassette", "save_cassette", required=["graph"])
         prices = _prices(args)  # a bad --price is reported before the database is read
         stored = await aload_thread(args.thread, db=args.db)
         cassette = _read_cassette(args.cassette) if args.cassette else None
@@ -143,6 +144,7 @@ def capture_main(argv: Sequence[str]) -> int:
 
     async def job() -> None:
         check_text(args, skip=_FILES, positional=("thread",))
+        refuse_empty(args, "graph", required=["suite"])
         case = await acapture(
             args.thread, args.suite, db=args.db, case_id=args.id, expect=args.expect,
             roles=roles, graph=args.graph,
@@ -178,6 +180,8 @@ def shadow_main(argv: Sequence[str]) -> int:
 
     async def job() -> None:
         check_text(args, skip=_FILES)
+        refuse_empty(args, "candidate", "candidate_model", "graph", "model", "judge", "out")
+        refuse_empty(args, "threads")
         prices = _prices(args)
         if out is not None:  # before anything runs: the runs' results must not be lost at the end
             results_folder(out)

@@ -199,8 +199,11 @@ async def ashadow(
         prices: Prices for both sides' graph factories, as in `arun_suite`.
 
     Raises:
-        UserError: the candidate is the same as the current version.
+        UserError: no candidate (neither a graph factory nor a model), or an empty one.
     """
+    for what, given in (("graph factory", candidate), ("model", candidate_model)):
+        if isinstance(given, str) and not given.strip():  # it ran the current version twice
+            raise UserError(f"The candidate's {what} is empty: name one, or leave it out (None).")
     if candidate is None and candidate_model is None:
         raise UserError("A shadow run needs a candidate: a graph factory and/or a candidate model.")
     options: dict[str, Any] = {"judge": judge, "repeat": repeat, "concurrency": concurrency}

@@ -466,6 +466,40 @@ def test_keel_eval_shadow_cli_writes_the_reports(
     assert "| refund-approved | 0 | CHANGED |" in (tmp_path / "shadow.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["shadow", "demo", "--candidate", ""], "--candidate is empty: give it a value, or leave"),
+        (["shadow", "demo", "--candidate-model", " "], "--candidate-model is empty: give it"),
+        (["shadow", "demo", "--candidate", "test_evals_replay:strict_agent", "--out", ""], "--out"),
+        (["replay", "t", "--graph", ""], "--graph is empty: give it a value.\n"),
+        (["replay", "t", "--graph", "x:y", "--json", ""], "--json is empty: give it a value, or"),
+        (["replay", "t", "--graph", "x:y", "--cassette", ""], "--cassette is empty"),
+        (["capture", "t", "--suite", ""], "--suite is empty: give it a value.\n"),
+    ],
+)
+def test_an_empty_option_of_shadow_replay_or_capture_is_refused_before_anything_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    """`--candidate ""` (a variable that was not set) shadowed the current version against
+    itself and reported `0/2 changed`; an empty `--json`, `--out` or `--cassette` was ignored."""
+    monkeypatch.chdir(tmp_path)
+    assert keel_main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"keel eval {argv[0]}: ") and message in err
+    assert not (tmp_path / ".keel").exists()  # nothing ran, no report folder
+
+
+async def test_shadow_refuses_an_empty_candidate() -> None:
+    for options in ({"candidate": ""}, {"candidate_model": " "}):
+        with pytest.raises(UserError, match=r"The candidate's .* is empty: name one"):
+            await ashadow(builtin_suite("demo"), DEMO, **options)
+
+
 def test_a_case_on_its_own_graph_is_not_reported_as_shadowed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from keel.errors import UserError
 
-__all__ = ["MAX_COUNT", "MAX_DAYS", "check_text", "count", "days", "folder"]
+__all__ = ["MAX_COUNT", "MAX_DAYS", "check_text", "count", "days", "folder", "refuse_empty"]
 
 MAX_COUNT = 1_000_000_000
 """The largest `--limit` / `--keep`: far past any database, well inside SQLite's integers."""
@@ -72,6 +72,24 @@ def check_text(
                     "from a terminal set to another encoding) or a NUL character, which keel "
                     "cannot store: pass it as UTF-8 text."
                 )
+
+
+def refuse_empty(args: argparse.Namespace, *names: str, required: Iterable[str] = ()) -> None:
+    """Refuse an option given as empty text (`--out ""`, an unset variable), naming it.
+
+    It was taken for the option left out, and the command did something else than asked,
+    without a word.
+
+    Raises:
+        UserError: naming the option, and to give it a value (or leave it out, if it may be).
+    """
+    must = set(required)
+    for name in (*names, *must):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            option = f"--{name.replace('_', '-')}"
+            fix = "give it a value" + ("" if name in must else f", or leave {option} out")
+            raise UserError(f"{option} is empty: {fix}.")
 
 
 def _unstorable(text: str) -> bool:
