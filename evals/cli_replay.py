@@ -29,7 +29,7 @@ from pathlib import Path
 from keel._data_files import read_text
 from keel.app.cli_args import check_text, refuse_empty
 from keel.app.cli_prices import add_price_option, price_table
-from keel.errors import KeelError
+from keel.errors import KeelError, UserError
 from keel.evals.builtin import BUILTIN_SUITES, builtin_suite_path
 from keel.evals.capture import acapture
 from keel.evals.cassette import Cassette
@@ -37,7 +37,7 @@ from keel.evals.compare_report import write_replay_report, write_shadow_report
 from keel.evals.replay import areplay
 from keel.evals.report import default_out, results_folder, write_text
 from keel.evals.shadow import ashadow, ashadow_threads
-from keel.evals.stored import aload_thread
+from keel.evals.stored import StoredThread, aload_thread
 from keel.evals.suite import Suite, load_suite
 from keel.pricing import PriceTable
 from keel.state import RunContext
@@ -49,13 +49,33 @@ _FILES = ("db", "json", "out", "cassette", "save_cassette", "suite")
 """Arguments that name files or folders: a file name may be any bytes (`check_text`)."""
 
 
-def _identity(args: argparse.Namespace) -> RunContext | None:
+def _identity(args: argparse.Namespace, stored: StoredThread) -> RunContext | None:
+    """Who the replay runs for: the thread's user and tenant unless `--user` / `--tenant` say.
+
+    `--roles` alone replayed as user `replay-user` of tenant `default` (not the thread's, as
+    the options' help says), under another user's budgets, memories and tenant.
+    """
     if args.user is None and args.tenant is None and args.roles is None:
         return None
-    roles = tuple(r for r in (args.roles or "user").split(",") if r)
+    roles = _roles(args.roles)
     return RunContext(
-        user_id=args.user or "replay-user", tenant_id=args.tenant or "default", roles=roles
+        user_id=args.user or stored.identity.user_id,
+        tenant_id=args.tenant or stored.identity.tenant_id,
+        roles=roles or ("user",),
     )
+
+
+def _roles(text: str | None) -> tuple[str, ...] | None:
+    """`--roles R,S` as a tuple; None when not given; a `UserError` when it names no role."""
+    if text is None:
+        return None
+    roles = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not roles:
+        raise UserError(
+            f"--roles {text!r} names no role: give them comma-separated (e.g. support,admin), "
+            "or leave --roles out."
+        )
+    return roles
 
 
 def _prices(args: argparse.Namespace) -> PriceTable | None:
@@ -110,6 +130,7 @@ def replay_main(argv: Sequence[str]) -> int:
     async def job() -> None:
         check_text(args, skip=_FILES, positional=("thread",))
         refuse_empty(args, "model", "json", "out", "cassette", "save_cassette", required=["graph"])
+        refuse_empty(args, "user", "tenant")
         prices = _prices(args)  # a bad --price is reported before the database is read
         stored = await aload_thread(args.thread, db=args.db)
         cassette = _read_cassette(args.cassette) if args.cassette else None
@@ -117,7 +138,7 @@ def replay_main(argv: Sequence[str]) -> int:
             _write_text(args.save_cassette, Cassette.from_thread(stored).to_json())
         diff = await areplay(
             stored, args.graph, start=args.start, live=args.live, model=args.model,
-            identity=_identity(args), cassette=cassette, prices=prices,
+            identity=_identity(args, stored), cassette=cassette, prices=prices,
         )  # fmt: skip
         print("\n".join(diff.lines()))
         if args.json:
@@ -140,11 +161,11 @@ def capture_main(argv: Sequence[str]) -> int:
     p.add_argument("--roles", default=None, help="comma-separated roles of the user")
     p.add_argument("--graph", default=None, help="graph factory of a new suite file")
     args = p.parse_args(argv)
-    roles = tuple(r for r in args.roles.split(",") if r) if args.roles else None
 
     async def job() -> None:
         check_text(args, skip=_FILES, positional=("thread",))
         refuse_empty(args, "graph", required=["suite"])
+        roles = _roles(args.roles)
         case = await acapture(
             args.thread, args.suite, db=args.db, case_id=args.id, expect=args.expect,
             roles=roles, graph=args.graph,

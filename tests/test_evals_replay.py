@@ -494,6 +494,59 @@ def test_an_empty_option_of_shadow_replay_or_capture_is_refused_before_anything_
     assert not (tmp_path / ".keel").exists()  # nothing ran, no report folder
 
 
+SEEN: list[Any] = []
+
+
+def who_graph(model: BaseChatModel) -> Any:
+    """A graph that notes who it runs for (the run's `RunContext`) and answers."""
+    from langchain_core.messages import AIMessage
+    from langgraph.graph import MessagesState
+    from langgraph.runtime import Runtime
+
+    def answer(state: MessagesState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        SEEN.append(runtime.context)
+        return {"messages": [AIMessage("ok")]}
+
+    g = StateGraph(MessagesState, context_schema=RunContext)
+    g.add_node("answer", answer)
+    g.add_edge(START, "answer")
+    g.add_edge("answer", END)
+    return g.compile(checkpointer=InMemorySaver())
+
+
+def test_replay_roles_alone_run_for_the_threads_user_and_tenant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--roles` alone replayed as user `replay-user` of tenant `default`, not the thread's
+    (as the help says): another user's budgets, memories and tenant policy."""
+    import asyncio
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    asyncio.run(store_thread(url, "t-who"))
+    replay = ["eval", "replay", "t-who", "--db", url, "--graph", "test_evals_replay:who_graph"]
+    SEEN.clear()
+    assert keel_main([*replay, "--roles", "customer, vip"]) == 0, capsys.readouterr().err
+    assert [(c.user_id, c.tenant_id, c.roles) for c in SEEN] == [
+        (ALICE.user_id, ALICE.tenant_id, ("customer", "vip"))
+    ]
+    SEEN.clear()
+    assert keel_main([*replay, "--tenant", "beta"]) == 0
+    assert [(c.user_id, c.tenant_id) for c in SEEN] == [(ALICE.user_id, "beta")]
+    capsys.readouterr()
+    for bad, message in (
+        (["--roles", ",,"], "--roles ',,' names no role: give them comma-separated"),
+        (["--user", ""], "--user is empty: give it a value, or leave --user out."),
+        (["--tenant", " "], "--tenant is empty: give it a value, or leave --tenant out."),
+    ):
+        SEEN.clear()
+        assert keel_main([*replay, *bad]) == 2
+        assert message in capsys.readouterr().err and SEEN == []
+    capture = ["eval", "capture", "t-who", "--db", url, "--suite", str(tmp_path / "s.yaml")]
+    assert keel_main([*capture, "--roles", " , "]) == 2  # it captured the case with [user]
+    assert "--roles ' , ' names no role" in capsys.readouterr().err
+    assert not (tmp_path / "s.yaml").exists()
+
+
 async def test_shadow_refuses_an_empty_candidate() -> None:
     for options in ({"candidate": ""}, {"candidate_model": " "}):
         with pytest.raises(UserError, match=r"The candidate's .* is empty: name one"):
