@@ -341,8 +341,10 @@ def _route_node(
                 return {**decided(state, ask(messages)), **_run_clock(state)[0]}
             asked = valid_history([SystemMessage(prompt), *messages])
             clock, usage = _run_clock(state)
-            got = yield from ask.call(asked, config, context_of(runtime), usage)
-            return {**decided(state, got, usage, _started(state, clock)), **clock}
+            started = _started(state, clock)
+            until = ask.deadline(started)
+            got = yield from ask.call(asked, config, context_of(runtime), usage, until=until)
+            return {**decided(state, got, usage, started), **clock}
         except GraphBubbleUp:
             raise
         except Exception as exc:

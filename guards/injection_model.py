@@ -234,10 +234,9 @@ class DetectorSpend:
             self.clock = task_clock(self.state, time.time())  # a new task: its run starts here
             self.spent = run_usage(self.state.get("usage"), self.clock or self.state.get("clock"))
         spent, context = add_usage(self.spent, self.usage), context_of(self.runtime)
-        if self.sync:
-            answer = model.invoke(messages, None, context, usage=spent)
-        else:
-            answer = await model.ainvoke(messages, None, context, usage=spent)
+        until = model.deadline(self.clock or self.state.get("clock"))  # the run's wall_seconds
+        steps = model.call(messages, None, context, spent, until=until)
+        answer = drive(steps) if self.sync else await adrive(steps)
         self.usage = add_usage(self.usage, answer.usage)
         if answer.error is not None:
             raise answer.error

@@ -61,7 +61,7 @@ from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, StorageError, UserError
 from keel.guards.breaker import BreakerTransition, CircuitOpen
-from keel.guards.budget import check_budget, outer_exceeded, usage_of
+from keel.guards.budget import check_budget, outer_exceeded, usage_of, wall_deadline
 from keel.guards.fallback import Retry, Step, after_failure, backoff
 from keel.guards.policy import Budget, Policy
 from keel.guards.ratelimit import RateLimited
@@ -441,6 +441,15 @@ class GuardedModel:
     ) -> ModelAnswer:
         """Call the model (async); see `invoke`."""
         return await adrive(self.call(convert_to_messages(messages), config, context, usage))
+
+    def deadline(self, clock: Mapping[str, Any] | None) -> float | None:
+        """When (`time.time()`) the run whose clock is `clock` reaches its `wall_seconds` limit.
+
+        Its own run budget's, or an outer run's (a supervisor's over its agent); `None` without
+        one. Every model call of a run passes it as `until`: a call's wait for a period budget's
+        room (`PeriodBudget.wait_for_reservations`) ends there, and the run with it.
+        """
+        return wall_deadline(self.budget, (clock or {}).get("started_at"))
 
     def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
         over = outer_exceeded(usage) if usage is not None else None

@@ -12,7 +12,8 @@ dies between the two leaves a reservation that expires after `reservation_ttl`.
 A call that would fit what the period has spent, but not with what other calls hold in flight
 (a reservation bounds a call's cost and settles far lower), waits instead of being refused:
 it asks the ledger again, in a new locked transaction each time, until it fits, the budget is
-spent (refused then), or `wait_for_reservations` seconds have passed (`waiting_for_room`).
+spent (refused then), `wait_for_reservations` seconds have passed, or the run's `wall_seconds` limit
+is reached (`RoomWait`): every model call of a run passes that deadline (`GuardedModel.deadline`).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def plan(
         messages = prompt(state, new_task)
         if messages is None:
             return {}
-        got = yield from planner.call(messages, config, context_of(runtime), usage)
+        until = planner.deadline(clock.get("clock") or state.get("clock"))
+        got = yield from planner.call(messages, config, context_of(runtime), usage, until=until)
         return {**finish(got, state, new_task), **clock}
 
     return steps_node(name, steps)
