@@ -22,7 +22,16 @@ from langchain_core.messages.ai import UsageMetadata
 from keel import Ledger, Price, PriceTable, RunContext, UserError, build_agent
 from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel, call
-from keel.guards import BreakerPolicy, Budget, PeriodBudget, Policy, RateLimit, Rule, SpendMeter
+from keel.guards import (
+    BreakerPolicy,
+    Budget,
+    PeriodBudget,
+    Policy,
+    RateLimit,
+    Rule,
+    SpendMeter,
+    spend,
+)
 from keel.guards.spend import (
     Crowded,
     Reservation,
@@ -328,6 +337,33 @@ def test_a_settle_in_this_process_ends_the_pause_at_once(db_url: str) -> None:
         pause.send(None)
     assert asked.value.value is None  # ask the ledger now
     ledger.close()
+
+
+async def test_an_async_settle_in_this_process_wakes_a_waiting_async_call(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async settle path (`SpendMeter.asettle`, what a run under `ainvoke` settles with)
+    signals this process's crowded calls too: the waiting run asks again at once, not at its
+    next poll. The poll is set to 6 s, so a run woken by its poll ends about 6 s after it
+    started waiting; one woken by the settle ends within a fraction of that."""
+    poll = 6.0
+    monkeypatch.setattr(spend, "_POLL_S", poll)
+    monkeypatch.setattr(spend, "_POLL_MAX_S", poll)
+    ledger = Ledger(db_url)
+    budget = PeriodBudget(usd=1.0, reserve_output_tokens=32)
+    stuck = _stuck(ledger, budget, 0.5)
+    task = asyncio.ensure_future(
+        _agent(ledger, budget).ainvoke(_task(0), _config(0), context=ALICE)
+    )
+    await asyncio.sleep(0.3)
+    assert not task.done()  # waiting: its next poll is about 5.7 s away
+    settled = time.monotonic()
+    await SpendMeter(ledger, [budget], PRICES).asettle(stuck, 0.01, 10)
+    result = await asyncio.wait_for(task, poll * 2)
+    woke = time.monotonic() - settled
+    assert result["outcome"]["terminated_reason"] == "completed"
+    assert woke < poll / 3, f"the waiting run went on {woke:.2f} s after the settle"
+    await ledger.aclose()
 
 
 @pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
