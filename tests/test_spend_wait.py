@@ -286,7 +286,18 @@ def test_the_wait_ends_at_the_runs_wall_seconds_limit(db_url: str) -> None:
     ledger.close()
 
 
-async def test_a_settle_elsewhere_lets_the_waiting_call_run(db_url: str) -> None:
+@pytest.mark.parametrize("where", ["elsewhere", "here"])
+async def test_a_settle_lets_the_waiting_call_run(
+    db_url: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settle of another process is seen at the waiting call's next poll; one of this
+    process on the async path (`SpendMeter.asettle`, what a run under `ainvoke` settles with)
+    wakes it at once. `here` sets the poll to 6 s: a run woken by its poll would go on about
+    6 s after it started waiting, one woken by the settle goes on within a fraction of that."""
+    poll = 6.0
+    if where == "here":
+        monkeypatch.setattr(spend, "_POLL_S", poll)
+        monkeypatch.setattr(spend, "_POLL_MAX_S", poll)
     ledger = Ledger(db_url)
     budget = PeriodBudget(usd=1.0, reserve_output_tokens=32)
     stuck = _stuck(ledger, budget, 0.5)
@@ -295,9 +306,16 @@ async def test_a_settle_elsewhere_lets_the_waiting_call_run(db_url: str) -> None
     )
     await asyncio.sleep(0.3)
     assert not task.done()  # waiting for the room $0.5 holds
-    await ledger.arun(settle_flow(stuck, 0.01, 10))  # another process's call settles
-    result = await asyncio.wait_for(task, 5)
+    settled = time.monotonic()
+    if where == "here":
+        await SpendMeter(ledger, [budget], PRICES).asettle(stuck, 0.01, 10)
+    else:
+        await ledger.arun(settle_flow(stuck, 0.01, 10))  # another process's call settles
+    result = await asyncio.wait_for(task, poll * 2)
+    woke = time.monotonic() - settled
     assert result["outcome"]["terminated_reason"] == "completed"
+    if where == "here":
+        assert woke < poll / 3, f"the waiting run went on {woke:.2f} s after the settle"
     await ledger.aclose()
 
 
@@ -337,33 +355,6 @@ def test_a_settle_in_this_process_ends_the_pause_at_once(db_url: str) -> None:
         pause.send(None)
     assert asked.value.value is None  # ask the ledger now
     ledger.close()
-
-
-async def test_an_async_settle_in_this_process_wakes_a_waiting_async_call(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The async settle path (`SpendMeter.asettle`, what a run under `ainvoke` settles with)
-    signals this process's crowded calls too: the waiting run asks again at once, not at its
-    next poll. The poll is set to 6 s, so a run woken by its poll ends about 6 s after it
-    started waiting; one woken by the settle ends within a fraction of that."""
-    poll = 6.0
-    monkeypatch.setattr(spend, "_POLL_S", poll)
-    monkeypatch.setattr(spend, "_POLL_MAX_S", poll)
-    ledger = Ledger(db_url)
-    budget = PeriodBudget(usd=1.0, reserve_output_tokens=32)
-    stuck = _stuck(ledger, budget, 0.5)
-    task = asyncio.ensure_future(
-        _agent(ledger, budget).ainvoke(_task(0), _config(0), context=ALICE)
-    )
-    await asyncio.sleep(0.3)
-    assert not task.done()  # waiting: its next poll is about 5.7 s away
-    settled = time.monotonic()
-    await SpendMeter(ledger, [budget], PRICES).asettle(stuck, 0.01, 10)
-    result = await asyncio.wait_for(task, poll * 2)
-    woke = time.monotonic() - settled
-    assert result["outcome"]["terminated_reason"] == "completed"
-    assert woke < poll / 3, f"the waiting run went on {woke:.2f} s after the settle"
-    await ledger.aclose()
 
 
 @pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
