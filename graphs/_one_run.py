@@ -300,7 +300,7 @@ class ThreadLeases:
                 return
             try:  # (Ctrl-C may land while the renewal thread starts)
                 self._renewer.add(holder)
-                with _holding(thread, ns):
+                with _holding(thread, ns), holders.leasing(thread, ns, holder, self.ledger):
                     yield
             finally:
                 drive(self._given_back(thread, holder))
@@ -321,7 +321,7 @@ class ThreadLeases:
                 return
             try:
                 self._arenewer.add(holder)
-                with _holding(thread, ns):
+                with _holding(thread, ns), holders.leasing(thread, ns, holder, self.ledger):
                     yield
             finally:  # given back before the run ends, however often it is cancelled meanwhile
                 await finishing(adrive(self._given_back(thread, holder)))

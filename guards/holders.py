@@ -6,6 +6,11 @@ are `live`; a lease whose holder is a run of this process that is not live was l
 (Ctrl-C as the run gave it back, or a release the ledger failed or refused): nothing will renew
 or release it, so it is taken over at once instead of waited out (`left`). A lease of a process
 of this host (and PID namespace) that is gone can be told too (`dead`).
+
+A run that holds its thread's lease is known by that thread here (`leasing`, `of_thread`): a
+period budget's reservation names it (`keel.guards.spend`), and is charged and released once
+that lease is seen expired or its holder gone, instead of holding the budget's room until the
+reservation's own expiry.
 """
 
 from __future__ import annotations
@@ -15,13 +20,32 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-__all__ = ["dead", "enter", "gone", "holder", "leave", "left", "live", "named", "this_process"]
+from keel._node import NS_SEP
+from keel.db.tables import storable
+
+__all__ = [
+    "dead",
+    "enter",
+    "gone",
+    "holder",
+    "leasing",
+    "leave",
+    "left",
+    "live",
+    "named",
+    "of_thread",
+    "this_process",
+]
 
 _LIVE: set[str] = set()
 """The holders of this process's runs that have not ended (`live`, `left`)."""
 _GUARD = threading.Lock()
+_THREADS: dict[tuple[str, str], tuple[str, object]] = {}
+"""The runs of this process that hold a thread's lease: `(thread id, namespace)` → the run's
+holder and the ledger that keeps the lease (`leasing`)."""
 
 
 def holder() -> str:
@@ -117,3 +141,37 @@ def dead(name: str) -> bool:
 def gone(name: str) -> bool:
     """Whether no run holds what `name` holds: its process is gone (`dead`) or it `left` it."""
     return dead(name) or left(name)
+
+
+@contextlib.contextmanager
+def leasing(thread: str, ns: str, name: str, ledger: object) -> Iterator[None]:
+    """The run `name` holds the lease of `thread` (namespace `ns`), kept in `ledger`, meanwhile."""
+    with _GUARD:
+        _THREADS[thread, ns] = (name, ledger)
+    try:
+        yield
+    finally:
+        with _GUARD:
+            if _THREADS.get((thread, ns), (None,))[0] == name:
+                del _THREADS[thread, ns]
+
+
+def of_thread(configurable: Mapping[str, Any], ledger: object) -> str | None:
+    """The run of this process whose thread lease in `ledger` covers a node's `configurable`.
+
+    The run holds the lease of the graph it streams (its thread id and namespace); a node of it,
+    or of a subgraph or an agent inside it, runs in a namespace under that one. `None`: no run
+    of this process holds that thread's lease in `ledger` (a run without a thread, a lease kept
+    in another ledger, one the ledger failed to give).
+    """
+    thread = configurable.get("thread_id")
+    if thread is None:
+        return None
+    parts = str(configurable.get("checkpoint_ns") or "").split(NS_SEP)
+    key = storable(str(thread))
+    with _GUARD:
+        for end in range(len(parts), -1, -1):
+            held = _THREADS.get((key, storable(NS_SEP.join(parts[:end]))))
+            if held is not None and held[1] is ledger:
+                return held[0]
+    return None

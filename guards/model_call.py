@@ -60,6 +60,7 @@ from keel._drive import Op, Steps, adrive, drive, finishing, retrying
 from keel.db.ledger import Flow, Ledger, returning
 from keel.db.runs import STORAGE_FAILED
 from keel.errors import ModelBehaviorError, StorageError, UserError
+from keel.guards import holders
 from keel.guards.breaker import BreakerTransition, CircuitOpen
 from keel.guards.budget import check_budget, outer_exceeded, usage_of, wall_deadline
 from keel.guards.fallback import Retry, Step, after_failure, backoff
@@ -568,11 +569,12 @@ class GuardedModel:
         """
         wait: RoomWait | None = None
         admitted: tuple[Reservation | None, Any] | Crowded | _Tried
+        holder = self._holder(config)
         while True:
             if self.guard is None:
-                admitted = yield from self._reserve(m, messages, ctx)
+                admitted = yield from self._reserve(m, messages, ctx, holder)
             else:
-                admitted = yield from self._admit(m, messages, ctx)
+                admitted = yield from self._admit(m, messages, ctx, holder)
             if isinstance(admitted, _Tried):
                 return admitted
             if not isinstance(admitted, Crowded):
@@ -640,8 +642,19 @@ class GuardedModel:
             raise _Stopped(stop, usage)
         return _Tried(output, usage, warnings=tuple(warnings))
 
+    def _holder(self, config: RunnableConfig | None) -> str | None:
+        """The run a reservation names: the one holding the thread's lease in the meter's ledger.
+
+        Its reservation is charged and released once that lease is seen expired (the run's
+        process died) rather than held until `reservation_ttl` (`keel.guards.spend.RoomWait`).
+        """
+        meter = self._meter()
+        if meter is None:
+            return None
+        return holders.of_thread((config or {}).get("configurable") or {}, meter.ledger)
+
     def _admit(
-        self, m: _Model, messages: list[BaseMessage], ctx: RunContext
+        self, m: _Model, messages: list[BaseMessage], ctx: RunContext, holder: str | None
     ) -> Steps[tuple[Reservation | None, Any] | Crowded | _Tried]:
         """Breaker, then the reservation and the rate limits' first try in one transaction.
 
@@ -661,7 +674,11 @@ class GuardedModel:
             estimate, bound = token_sizes(messages)
             tokens = estimate + self.schema_tokens
             first = meter.reserve_input(
-                bound + self.schema_bound, ctx, m.priced_as, output_tokens=self._overran.get(m.name)
+                bound + self.schema_bound,
+                ctx,
+                m.priced_as,
+                output_tokens=self._overran.get(m.name),
+                holder=holder,
             )
         try:
             held, permit = yield from guard.admitting(
@@ -685,7 +702,7 @@ class GuardedModel:
         return held, permit
 
     def _reserve(
-        self, m: _Model, messages: list[BaseMessage], ctx: RunContext
+        self, m: _Model, messages: list[BaseMessage], ctx: RunContext, holder: str | None
     ) -> Steps[tuple[Reservation | None, None] | Crowded]:
         """The call's reservation (none without period budgets), or `Crowded`: wait for room."""
         meter = self._meter()
@@ -699,6 +716,7 @@ class GuardedModel:
                 m.priced_as,
                 schema_tokens=extra,
                 output_tokens=self._overran.get(m.name),
+                holder=holder,
             )
             held = yield Op(reserve.run, reserve.arun, on_error=_storage)
         except _StorageFailed as failed:

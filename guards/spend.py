@@ -7,7 +7,11 @@ the budget rows; after the call it *settles*: the reservation is replaced by wha
 really cost (`usage_metadata`). The answer is capped at the reserve
 (`keel.guards.model_call.capped`), so a call cannot cost more than it reserved, and concurrent
 runs of one user never spend more than the budget, whatever the interleaving. A process that
-dies between the two leaves a reservation that expires after `reservation_ttl`.
+dies between the two leaves a reservation behind. One that names its run (the run holds its
+thread's lease in the same ledger: `keel.guards.holders`) is charged at its amount, as a timed-out
+call is (the provider may have billed it), and stops holding room as soon as a crowded call sees
+that lease expired or its holder gone (`RoomWait`, `charge_flow`); if the run was alive after all,
+its settle counts the difference. Any other expires after `reservation_ttl`.
 
 A call that would fit what the period has spent, but not with what other calls hold in flight
 (a reservation bounds a call's cost and settles far lower), waits instead of being refused:
@@ -32,11 +36,13 @@ from typing import Any, Literal
 from langchain_core.messages import BaseMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from keel._drive import Op, Steps, sleep
+from keel._drive import Op, Steps, both, sleep
 from keel.approvals import json_text
 from keel.db.ledger import Flow, Ledger, returning, together
 from keel.errors import UserError
+from keel.guards import holders
 from keel.pricing import PriceTable, finite_number, is_count, unpriced
+from keel.redact import sanitized_logger
 from keel.state import RunContext
 
 __all__ = [
@@ -69,7 +75,9 @@ class PeriodBudget:
     """Output tokens reserved for each call's answer until its real usage is known. It is also
     the most each answer may be long: keel caps the model's output at it (`max_tokens`)."""
     reservation_ttl: float = 900.0
-    """Seconds a reservation holds if its run never settles it (the process died)."""
+    """Seconds a reservation holds if its run never settles it (the process died). One that
+    names its run (by the run's thread lease) is charged at its amount and stops holding room
+    sooner: once a call it crowds sees that lease expired or its process gone (`RoomWait`)."""
     wait_for_reservations: float = 30.0
     """Seconds a call waits, at most, while it fits what the period has spent but not with what
     other calls hold in flight: their reservations settle at what the calls really cost, far
@@ -144,10 +152,14 @@ class Crowded(str):
     """
 
     wait: float
+    keys: tuple[tuple[str, str], ...]
+    """The budget rows `(scope key, period)` whose reservations in flight held it back."""
 
-    def __new__(cls, why: str, wait: float) -> Crowded:  # noqa: D102
+    def __new__(  # noqa: D102
+        cls, why: str, wait: float, keys: tuple[tuple[str, str], ...] = ()
+    ) -> Crowded:
         crowded = super().__new__(cls, why)
-        crowded.wait = wait
+        crowded.wait, crowded.keys = wait, keys
         return crowded
 
 
@@ -258,16 +270,18 @@ def reserve_flow(
     usd: float,
     tokens: int,
     now: float,
+    holder: str | None = None,
 ) -> Flow[Reservation | str]:
     """Check every budget and, if all allow it, reserve `usd` / `tokens` against each.
 
     Returns the `Reservation`, or why the call may not run: a `Crowded` reason when it would fit
     once other calls' reservations settle (and its budgets wait for that), a plain `str` when
     the budget is spent. Rows are locked in key order, so concurrent reservations cannot
-    deadlock; nothing is reserved unless every budget has room.
+    deadlock; nothing is reserved unless every budget has room. `holder`: the run that holds
+    the reservation, by its thread lease (`keel.guards.holders.of_thread`), if known.
     """
     keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
-    crowded: list[tuple[str, float]] = []
+    crowded: list[tuple[str, float, tuple[str, str]]] = []
     for (scope_key, period), budget in keyed:
         spend, held = yield from together(
             (  # the row, created if new, locked; then what is held against it
@@ -278,7 +292,7 @@ def reserve_flow(
             ),
             (
                 "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
-                "WHERE scope_key = ? AND period = ? AND expires_at > ?",
+                "WHERE scope_key = ? AND period = ? AND expires_at > ? AND charged = 0",
                 (scope_key, period, now),
             ),
         )
@@ -298,34 +312,92 @@ def reserve_flow(
             why = f"Exceeded the {budget.label()} {unit} budget of {shown} {numbers}"
             if spent + this > limit:  # spent: no reservation settling makes room
                 return why
-            crowded.append((why, budget.wait_for_reservations))
+            crowded.append((why, budget.wait_for_reservations, (scope_key, period)))
     if crowded:  # it fits what is spent: room comes as the calls in flight settle
-        why, wait = min(crowded, key=lambda c: c[1])
-        return Crowded(why, wait) if wait > 0 else why
+        why, wait, _ = min(crowded, key=lambda c: c[1])
+        return Crowded(why, wait, tuple(c[2] for c in crowded)) if wait > 0 else why
     rows = []
     for (scope_key, period), budget in keyed:
         rid = uuid.uuid4().hex
         yield (
-            "INSERT INTO keel_reservations (id, scope_key, period, usd, tokens, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (rid, scope_key, period, usd, tokens, now + budget.reservation_ttl),
+            "INSERT INTO keel_reservations "
+            "(id, scope_key, period, usd, tokens, expires_at, holder) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rid, scope_key, period, usd, tokens, now + budget.reservation_ttl, holder),
         )
         rows.append((rid, scope_key, period))
     return Reservation(tuple(rows), usd, tokens)
 
 
 def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None) -> Flow[None]:
-    """Replace a reservation by what the call cost; `None` releases it (the call failed)."""
+    """Replace a reservation by what the call cost; `None` releases it (the call failed).
+
+    A reservation already charged at its amount (`charge_flow`: its run looked dead) is settled
+    as the difference: what the call cost, less what was charged. Each row is locked, then its
+    budget row, as `charge_flow` does, so the two cannot deadlock.
+    """
     for rid, scope_key, period in sorted(reservation.rows, key=lambda r: (r[1], r[2])):
-        yield "DELETE FROM keel_reservations WHERE id = ?", (rid,)
-        if usd is None:
+        rows = yield (
+            "DELETE FROM keel_reservations WHERE id = ? RETURNING usd, tokens, charged",
+            (rid,),
+        )
+        if rows and rows[0][2]:  # charged at its amount meanwhile: count the difference
+            add: tuple[float, int] | None = (
+                (usd or 0.0) - float(rows[0][0]),
+                (tokens or 0) - int(rows[0][1]),
+            )
+        else:  # settle even when the reservation expired meanwhile: the call happened
+            add = None if usd is None else (usd, tokens or 0)
+        if add is None:
             continue
-        # Settle even when the reservation expired meanwhile (no row deleted): the call happened.
         yield (
             "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
             "WHERE scope_key = ? AND period = ?",
-            (usd, tokens or 0, scope_key, period),
+            (*add, scope_key, period),
         )
+
+
+def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[tuple[str, str, str]]]:
+    """The reservations against `keys` whose runs look dead: `(id, scope key, period)` each.
+
+    A reservation that names its run (`holder`) while no lease of that run in
+    `keel_thread_leases` is unexpired (the run's process died, or it ended without settling: a
+    ledger that failed) or its holder is gone (`keel.guards.holders.gone`: a process of this
+    host that is no more). One that names no run holds until it expires.
+    """
+    dead = []
+    for scope_key, period in keys:
+        rows = yield (
+            "SELECT r.id, r.holder, EXISTS (SELECT 1 FROM keel_thread_leases l "
+            "WHERE l.holder = r.holder AND l.expires_at > ?) FROM keel_reservations r "
+            "WHERE r.scope_key = ? AND r.period = ? AND r.expires_at > ? AND r.charged = 0 "
+            "AND r.holder IS NOT NULL",
+            (now, scope_key, period, now),
+        )
+        dead += [(str(r[0]), scope_key, period) for r in rows if not r[2] or holders.gone(r[1])]
+    return dead
+
+
+def charge_flow(rid: str, scope_key: str, period: str) -> Flow[bool]:
+    """Charge a dead run's reservation at its amount: it no longer holds room, it is spent.
+
+    As a timed-out call is charged (the provider may have billed it). Whether it was charged
+    now (not settled or charged meanwhile). Its run's settle, if the run was alive after all,
+    counts the difference (`settle_flow`).
+    """
+    rows = yield (
+        "UPDATE keel_reservations SET charged = 1 WHERE id = ? AND charged = 0 "
+        "RETURNING usd, tokens",
+        (rid,),
+    )
+    if not rows:
+        return False
+    yield (
+        "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
+        "WHERE scope_key = ? AND period = ?",
+        (float(rows[0][0]), int(rows[0][1]), scope_key, period),
+    )
+    return True
 
 
 def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tuple[float, int]]:
@@ -384,13 +456,14 @@ class SpendMeter:
         *,
         schema_tokens: int = 0,
         output_tokens: int | None = None,
+        holder: str | None = None,
     ) -> Op:
         """Reserve the call's estimate, or say why it may not run, as a `keel._drive` step.
 
         The step's result is a `Reservation`, or the reason (a `str`) the call may not run.
         `schema_tokens`: what the bound tools' schemas add at most (`schema_sizes`' bound);
         `output_tokens`: the answer's reserve when above `output_reserve` (a model known to
-        answer past it).
+        answer past it); `holder`: the run that holds it (`reserve_flow`).
         """
 
         def flow() -> Flow[Reservation | str]:
@@ -400,6 +473,7 @@ class SpendMeter:
                 model_name,
                 schema_tokens=schema_tokens,
                 output_tokens=output_tokens,
+                holder=holder,
             )
 
         return Op(lambda: self.ledger.run(flow()), lambda: self.ledger.arun(flow()))
@@ -412,13 +486,16 @@ class SpendMeter:
         *,
         schema_tokens: int = 0,
         output_tokens: int | None = None,
+        holder: str | None = None,
     ) -> Flow[Reservation | str]:
         """The ledger flow `reserving` runs: a `Reservation`, or why the call may not run.
 
         For a caller that commits it with more (a `ModelGuard`'s first try at the rate limits).
         """
         tokens = input_token_bound(messages) + schema_tokens
-        return self.reserve_input(tokens, context, model_name, output_tokens=output_tokens)
+        return self.reserve_input(
+            tokens, context, model_name, output_tokens=output_tokens, holder=holder
+        )
 
     def reserve_input(
         self,
@@ -427,6 +504,7 @@ class SpendMeter:
         model_name: str,
         *,
         output_tokens: int | None = None,
+        holder: str | None = None,
     ) -> Flow[Reservation | str]:
         """`reserve` for a caller that has estimated the input tokens (messages and schemas).
 
@@ -437,7 +515,7 @@ class SpendMeter:
         if refused is not None:
             return returning(refused)
         usd, tokens = self._cost(input_tokens, model_name, output_tokens)
-        return reserve_flow(self.budgets, context, usd, tokens, time.time())
+        return reserve_flow(self.budgets, context, usd, tokens, time.time(), holder)
 
     def settle(self, reservation: Reservation, usd: float | None, tokens: int | None) -> None:
         """Record the call's real cost (or release the reservation with `usd=None`).
@@ -464,6 +542,8 @@ class SpendMeter:
         return self.ledger.run(spent_flow(budget, context, time.time()))
 
 
+log = sanitized_logger(__name__)
+
 _POLL_S = 0.05
 """Seconds a crowded call waits before it first asks the ledger again (as admission's queue)."""
 _POLL_MAX_S = 0.5
@@ -471,6 +551,8 @@ _POLL_MAX_S = 0.5
 process makes is seen within this much; room one of this process makes, at once."""
 _TICK_S = 0.01
 """How often a crowded call looks, in memory, whether a call of this process settled."""
+_REAP_S = 1.0
+"""How often, at most, a crowded call looks for reservations of dead runs (`dead_flow`)."""
 
 _SETTLES: weakref.WeakKeyDictionary[Ledger, int] = weakref.WeakKeyDictionary()
 _SETTLES_LOCK = threading.Lock()
@@ -490,6 +572,11 @@ class RoomWait:
     is over. Nothing is held while it waits, and each ask is a new locked transaction, so the
     budget holds whatever the interleaving. `until`: a wall-clock time (`time.time()`) the
     wait must not pass, the run's own `wall_seconds` limit.
+
+    Before it sleeps (at most every `_REAP_S`) it charges the reservations that held it back
+    whose runs look dead (`dead_flow`, `charge_flow`), and asks again at once if it did: a
+    crashed run's reservation then counts as spent, so the call fits or is refused now instead
+    of waiting out the wait and the reservation's `reservation_ttl`.
     """
 
     def __init__(self, ledger: Ledger, until: float | None = None) -> None:
@@ -501,6 +588,7 @@ class RoomWait:
         """The run's deadline on the monotonic clock (`inf`: none)."""
         self.interval = _POLL_S
         self.seen = _SETTLES.get(ledger, 0)
+        self.reaped_at = -math.inf
 
     def waiting(self, crowded: Crowded) -> Steps[str | None]:
         """Sleep until the next ask (`None`), or the refusal once the wait is over."""
@@ -508,6 +596,10 @@ class RoomWait:
         deadline = min(self.started + crowded.wait, self.cutoff)
         if now >= deadline:
             return self._refusal(crowded, now)
+        if now - self.reaped_at >= _REAP_S:
+            self.reaped_at = now
+            if (yield from self._reaped(crowded.keys)):
+                return None  # a dead run's reservation is spent now: ask again at once
         ask_at = now + self.interval
         while now < deadline and now < ask_at and _SETTLES.get(self.ledger, 0) == self.seen:
             yield sleep(min(_TICK_S, deadline - now, ask_at - now))
@@ -515,6 +607,26 @@ class RoomWait:
         self.seen = _SETTLES.get(self.ledger, 0)
         self.interval = min(self.interval * 2, _POLL_MAX_S)
         return None
+
+    def _reaped(self, keys: Sequence[tuple[str, str]]) -> Steps[int]:
+        """Charge the dead runs' reservations against `keys`; how many.
+
+        A ledger that fails here is logged: the call waits on, as it did before.
+        """
+        ledger, charged = self.ledger, 0
+        try:
+            dead = yield both(ledger.run, ledger.arun, dead_flow(keys, time.time()))
+            for row in dead:  # each in a transaction of its own, locked as its settle locks
+                charged += yield both(ledger.run, ledger.arun, charge_flow(*row))
+        except Exception as exc:
+            log.warning("keel could not look for reservations of dead runs: %r", exc)
+        if charged:
+            log.warning(
+                "charged %d period budget reservation(s) of runs that look dead (their thread "
+                "lease expired, or their process is gone) at their amounts",
+                charged,
+            )
+        return charged
 
     def _refusal(self, crowded: Crowded, now: float) -> str:
         waited = now - self.started

@@ -66,6 +66,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "side-effecting calls keep their arguments, PII redacted (args), so a call orphaned by "
         "a crash can be audited with what it was"
     ),
+    Migration(
+        "period budget reservations name the run that holds them (holder) and whether they were "
+        "charged (charged), so a crashed run's reservation is charged and released once its "
+        "thread lease expires"
+    ),
 )
 """Append only. Version v is `MIGRATIONS[v - 1]`."""
 

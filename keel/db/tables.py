@@ -172,6 +172,10 @@ RESERVATIONS = Table(  # keel.guards.spend: estimates held while a model call ru
         Column("usd", _DOUBLE, "NOT NULL"),
         Column("tokens", "BIGINT", "NOT NULL"),
         Column("expires_at", _DOUBLE, "NOT NULL"),
+        # the run that holds it (`keel.guards.holders`, its thread lease's); NULL: none known
+        Column("holder", "TEXT", since=11),
+        # 1: charged at its amount, its run seen dead (its lease expired); settled as a delta
+        Column("charged", "INTEGER", "NOT NULL DEFAULT 0", since=11),
     ),
     primary_key=(),
     indexes=(Index("keel_reservations_scope", ("scope_key", "period")),),

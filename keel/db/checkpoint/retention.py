@@ -22,7 +22,9 @@ When keel's ledger lives in the same database, a prune also releases the period-
 reservations (`keel_reservations`) that expired: a model call holds one only while it runs, a
 process that died mid-call leaves its row behind, and budgets already ignore expired rows, so
 deleting them frees nothing anyone counts. No spend is recorded for them (that is what
-"released" means); a call that outlived its reservation still settles its cost when it ends.
+"released" means; one a crowded call charged as its run's lease expired stays charged); a call
+that outlived its reservation still settles its cost when it ends (in full: one that was charged
+and then pruned counts twice, on the safe side).
 """
 
 from __future__ import annotations

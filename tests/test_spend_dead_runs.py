@@ -1,0 +1,200 @@
+"""A period budget's reservation that a crashed process left behind stops holding room at once.
+
+A model call reserves its most cost before it runs and settles after. A process SIGKILLed
+between the two left its reservation for `reservation_ttl` (15 minutes): every call of the
+period that it crowded waited `wait_for_reservations` (30 s) and was then refused. Now a
+reservation names its run by the run's thread lease (`keel_thread_leases`, renewed while the run
+lives); a crowded call that sees that lease expired, or its holder's process gone (this host),
+charges the reservation at its amount, as a timed-out call is (the provider may have billed
+it), and asks again at once: it fits, or is refused now for what was spent. If the run was alive
+after all (a lease its process could not renew in time), its settle counts the difference.
+
+Real SQLite and PostgreSQL, real OS processes (forked with keel imported, `tests/forking.py`)
+SIGKILLed mid-call; keel's scripted model is the only double.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import eventually
+from forking import Forked, ForkServer
+
+from keel import Ledger, Price, PriceTable, RunContext, build_agent
+from keel.db.ledger import Flow
+from keel.evals import ScriptedChatModel
+from keel.guards import PeriodBudget, Policy, Rule
+from keel.guards.spend import (
+    Reservation,
+    charge_flow,
+    dead_flow,
+    reserve_flow,
+    settle_flow,
+    spent_flow,
+)
+
+ALICE = RunContext(user_id="alice", tenant_id="acme")
+WAIT = 10.0
+"""The budget's wait for reservations: a run that waits it out took far longer than the fix."""
+BUDGET = PeriodBudget(usd=1.0, reserve_output_tokens=600, wait_for_reservations=WAIT)
+"""A call reserves about $0.65 (its 600-token answer's reserve at $1000 per 1M tokens): two do
+not fit at once, one fits the budget."""
+PRICES = PriceTable({"scripted": Price(input_per_mtok=1000.0, output_per_mtok=1000.0)})
+ELSEWHERE = "other-host/pid:[4026531836]/4242/run"
+"""A holder on another host: whether its process lives cannot be told from here."""
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from keel import Ledger, Persistence, Price, PriceTable, RunContext
+    from keel.evals import ScriptedChatModel
+    from keel.graphs import build_agent
+    from keel.graphs._one_run import ThreadLeases
+    from keel.guards import PeriodBudget, Policy, Rule
+
+    url, lease_s = sys.argv[1:]
+    ledger = Ledger(url)
+    ledger.setup()
+    budget = PeriodBudget(usd=1.0, reserve_output_tokens=600, wait_for_reservations=10.0)
+    policy = Policy(rules=(Rule(action="allow"),), period_budgets=(budget,), loop=None)
+    prices = PriceTable({"scripted": Price(input_per_mtok=1000.0, output_per_mtok=1000.0)})
+    model = ScriptedChatModel(script=["never"], latency=600)  # the call it is killed in
+    with Persistence(url).checkpointer() as saver:
+        agent = build_agent(model, policy=policy, ledger=ledger, prices=prices, checkpointer=saver)
+        agent.keel_thread_leases = ThreadLeases(ledger, lease_s=float(lease_s))
+        print("READY", flush=True)
+        agent.invoke(
+            {"messages": [("user", "Slow?")]},
+            {"configurable": {"thread_id": "crashed"}},
+            context=RunContext(user_id="alice", tenant_id="acme"),
+        )
+    """
+)
+
+
+def _rows(sql: str, *params: Any) -> Flow[list[tuple[Any, ...]]]:
+    rows = yield sql, params
+    return [tuple(r) for r in rows]
+
+
+def _reservations(ledger: Ledger) -> list[tuple[Any, ...]]:
+    return ledger.run(_rows("SELECT usd, holder, charged FROM keel_reservations"))
+
+
+def _spent(ledger: Ledger) -> float:
+    return ledger.run(spent_flow(BUDGET, ALICE, time.time()))[0]
+
+
+@pytest.fixture
+def killed() -> Iterator[list[Forked]]:
+    started: list[Forked] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def _crashed_mid_call(forks: ForkServer, folder: Path, url: str, lease_s: float) -> Forked:
+    """A process whose run holds its thread's lease and a reservation, SIGKILLed in its call."""
+    proc = forks.start_code(_SCRIPT, url, str(lease_s), cwd=folder)
+    proc.wait_for_line("READY")
+    ledger = Ledger(url)
+    eventually(lambda: _reservations(ledger) != [], "the process's reservation")
+    ledger.close()
+    proc.kill()
+    assert proc.wait() == -9
+    return proc
+
+
+@pytest.mark.parametrize("where", ["this host", "another host"])
+def test_a_killed_processs_reservation_is_charged_not_waited_out(
+    db_url: str, forks: ForkServer, tmp_path: Path, killed: list[Forked], where: str
+) -> None:
+    """The run the crash left crowds the next one: it is refused at once for what the dead call
+    may have cost (charged at its reservation), not after 10 s of waiting. On this host the
+    dead process is seen at once (its PID is gone); on another, once its lease expires."""
+    lease_s = 600.0 if where == "this host" else 1.5
+    killed.append(_crashed_mid_call(forks, tmp_path, db_url, lease_s))
+    ledger = Ledger(db_url)
+    ((usd, holder, charged),) = _reservations(ledger)
+    assert holder is not None and holder.count("/") == 3 and charged == 0  # names its run
+    if where == "another host":
+        for table in ("keel_thread_leases", "keel_reservations"):
+            ledger.run(_rows(f"UPDATE {table} SET holder = ? WHERE holder = ?", ELSEWHERE, holder))
+    policy = Policy(rules=(Rule(action="allow"),), period_budgets=(BUDGET,), loop=None)
+    model = ScriptedChatModel(script=["hi"])
+    agent = build_agent(model, policy=policy, ledger=ledger, prices=PRICES)
+    started = time.monotonic()
+    result = agent.invoke({"messages": [("user", "Hello?")]}, context=ALICE)
+    took = time.monotonic() - started
+    detail = result["outcome"]["detail"]
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded", result["outcome"]
+    assert detail.startswith(f"Exceeded the user monthly usd budget of 1 (spent={usd:.6g}, ")
+    assert "waited" not in detail  # refused for what was spent, not after the wait
+    assert took < (0 if where == "this host" else lease_s) + 4.0, took
+    assert _spent(ledger) == pytest.approx(usd)  # the dead call, at its reservation
+    assert [r[2] for r in _reservations(ledger)] == [1]  # charged: it holds no room
+    ledger.close()
+
+
+def _reserved(ledger: Ledger, holder: str | None, usd: float = 0.6) -> Reservation:
+    held = ledger.run(reserve_flow([BUDGET], ALICE, usd, 600, time.time(), holder))
+    assert isinstance(held, Reservation)
+    return held
+
+
+def _dead(ledger: Ledger) -> list[tuple[str, str, str]]:
+    return ledger.run(dead_flow([BUDGET.key(ALICE, time.time())], time.time()))
+
+
+def _lease(ledger: Ledger, holder: str, expires_in: float) -> None:
+    ledger.run(
+        _rows(
+            "INSERT INTO keel_thread_leases (thread_id, checkpoint_ns, holder, expires_at) "
+            "VALUES (?, '', ?, ?)",
+            holder,
+            holder,
+            time.time() + expires_in,
+        )
+    )
+
+
+def test_which_reservations_look_dead(db_url: str) -> None:
+    """Dead: its run's lease expired, or is gone (released without a settle: the run ended,
+    its ledger failing as it settled). Alive: its lease unexpired on another host. Unknown (no
+    holder: a run without a thread): it holds until `reservation_ttl`."""
+    ledger = Ledger(db_url)
+    ledger.setup()
+    expired, released, live = (f"{ELSEWHERE}-{n}" for n in ("expired", "released", "live"))
+    _lease(ledger, expired, -1.0)
+    _lease(ledger, live, 60.0)
+    rows = {h: _reserved(ledger, h, 0.01).rows[0][0] for h in (expired, released, live, None)}
+    assert sorted(rid for rid, _, _ in _dead(ledger)) == sorted([rows[expired], rows[released]])
+    ledger.close()
+
+
+@pytest.mark.parametrize("cost", [0.05, None], ids=["settled", "released"])
+def test_a_run_alive_after_all_settles_the_difference(db_url: str, cost: float | None) -> None:
+    """A run whose lease expired while it lived (its process stalled past the lease) is charged
+    its reservation by a crowded call; its settle then counts what the call cost less that, so
+    the period counts the call once, at its cost (a failed call released: nothing)."""
+    ledger = Ledger(db_url)
+    ledger.setup()
+    _lease(ledger, ELSEWHERE, -1.0)
+    held = _reserved(ledger, ELSEWHERE)
+    ((rid, scope_key, period),) = _dead(ledger)
+    assert ledger.run(charge_flow(rid, scope_key, period)) is True
+    assert ledger.run(charge_flow(rid, scope_key, period)) is False  # charged once
+    assert _spent(ledger) == pytest.approx(0.6)
+    assert _dead(ledger) == []  # charged: no longer held, nor looked at
+    crowded = ledger.run(reserve_flow([BUDGET], ALICE, 0.5, 10, time.time()))
+    assert "spent=0.6, reserved=0," in crowded  # refused for what is spent, at once
+    ledger.run(settle_flow(held, cost, 60 if cost else None))
+    assert _spent(ledger) == pytest.approx(cost or 0.0)
+    assert _reservations(ledger) == []
+    ledger.close()
