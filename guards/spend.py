@@ -333,28 +333,25 @@ def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None)
     """Replace a reservation by what the call cost; `None` releases it (the call failed).
 
     A reservation already charged at its amount (`charge_flow`: its run looked dead) is settled
-    as the difference: what the call cost, less what was charged. Each row is locked, then its
-    budget row, as `charge_flow` does, so the two cannot deadlock.
+    as the difference: what the call cost, less what was charged (released: all of it back).
+    Each row is locked first, then its budget row, as `charge_flow` does, so the two cannot
+    deadlock, and the budget row's update reads the reservation under that lock. Writes only:
+    on PostgreSQL they travel with the transaction's `COMMIT` (one round trip).
     """
+    charged = "FROM keel_reservations WHERE id = ? AND charged = 1"
+    spend = (
+        f"UPDATE keel_spend SET spent_usd = spent_usd + ? - COALESCE((SELECT usd {charged}), 0), "
+        f"spent_tokens = spent_tokens + ? - COALESCE((SELECT tokens {charged}), 0) "
+        "WHERE scope_key = ? AND period = ?"
+    )
+    if usd is None:  # a release changes the spend only of a reservation that was charged
+        spend += f" AND EXISTS (SELECT 1 {charged})"
     for rid, scope_key, period in sorted(reservation.rows, key=lambda r: (r[1], r[2])):
-        rows = yield (
-            "DELETE FROM keel_reservations WHERE id = ? RETURNING usd, tokens, charged",
-            (rid,),
-        )
-        if rows and rows[0][2]:  # charged at its amount meanwhile: count the difference
-            add: tuple[float, int] | None = (
-                (usd or 0.0) - float(rows[0][0]),
-                (tokens or 0) - int(rows[0][1]),
-            )
-        else:  # settle even when the reservation expired meanwhile: the call happened
-            add = None if usd is None else (usd, tokens or 0)
-        if add is None:
-            continue
-        yield (
-            "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
-            "WHERE scope_key = ? AND period = ?",
-            (*add, scope_key, period),
-        )
+        yield "UPDATE keel_reservations SET charged = charged WHERE id = ?", (rid,)  # locked
+        # settled even when the reservation expired meanwhile (no row): the call happened
+        cost = (rid, scope_key, period) if usd is not None else (rid, scope_key, period, rid)
+        yield spend, (usd or 0.0, rid, tokens or 0, *cost)
+        yield "DELETE FROM keel_reservations WHERE id = ?", (rid,)
 
 
 def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[tuple[str, str, str]]]:

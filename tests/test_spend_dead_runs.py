@@ -16,8 +16,10 @@ SIGKILLed mid-call; keel's scripted model is the only double.
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,5 +198,36 @@ def test_a_run_alive_after_all_settles_the_difference(db_url: str, cost: float |
     assert "spent=0.6, reserved=0," in crowded  # refused for what is spent, at once
     ledger.run(settle_flow(held, cost, 60 if cost else None))
     assert _spent(ledger) == pytest.approx(cost or 0.0)
+    assert _reservations(ledger) == []
+    ledger.close()
+
+
+def test_settles_racing_the_charges_of_their_reservations_count_each_call_once(
+    db_url: str,
+) -> None:
+    """Calls of runs that look dead but live settle while crowded calls charge them, in every
+    interleaving: each call counts once, at its cost, and no two transactions deadlock (each
+    locks the reservation, then its budget row)."""
+    ledger = Ledger(db_url)
+    ledger.setup()
+    _lease(ledger, ELSEWHERE, -1.0)
+    held = [_reserved(ledger, ELSEWHERE, 0.02) for _ in range(24)]
+    costs = [0.001 * (i + 1) for i in range(len(held))]
+    gate = threading.Barrier(2 * len(held))
+
+    def settle(i: int) -> None:
+        gate.wait()
+        ledger.run(settle_flow(held[i], costs[i], 10))
+
+    def charge(i: int) -> None:
+        ((rid, scope_key, period),) = held[i].rows
+        gate.wait()
+        ledger.run(charge_flow(rid, scope_key, period))
+
+    with ThreadPoolExecutor(2 * len(held)) as pool:
+        done = [pool.submit(f, i) for i in range(len(held)) for f in (settle, charge)]
+        for future in done:
+            future.result(timeout=60)  # a deadlock raises here
+    assert _spent(ledger) == pytest.approx(sum(costs))
     assert _reservations(ledger) == []
     ledger.close()
