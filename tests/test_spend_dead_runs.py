@@ -15,6 +15,7 @@ SIGKILLed mid-call; keel's scripted model is the only double.
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import threading
 import time
@@ -52,29 +53,39 @@ ELSEWHERE = "other-host/pid:[4026531836]/4242/run"
 
 _SCRIPT = textwrap.dedent(
     """
-    import sys
+    import asyncio, sys
     from keel import Ledger, Persistence, Price, PriceTable, RunContext
     from keel.evals import ScriptedChatModel
     from keel.graphs import build_agent
     from keel.graphs._one_run import ThreadLeases
     from keel.guards import PeriodBudget, Policy, Rule
 
-    url, lease_s = sys.argv[1:]
+    url, lease_s, mode = sys.argv[1:]
     ledger = Ledger(url)
     ledger.setup()
     budget = PeriodBudget(usd=1.0, reserve_output_tokens=600, wait_for_reservations=10.0)
     policy = Policy(rules=(Rule(action="allow"),), period_budgets=(budget,), loop=None)
     prices = PriceTable({"scripted": Price(input_per_mtok=1000.0, output_per_mtok=1000.0)})
     model = ScriptedChatModel(script=["never"], latency=600)  # the call it is killed in
-    with Persistence(url).checkpointer() as saver:
+    task = {"messages": [("user", "Slow?")]}
+    config = {"configurable": {"thread_id": "crashed"}}
+    alice = RunContext(user_id="alice", tenant_id="acme")
+
+    def agent_on(saver):
         agent = build_agent(model, policy=policy, ledger=ledger, prices=prices, checkpointer=saver)
         agent.keel_thread_leases = ThreadLeases(ledger, lease_s=float(lease_s))
         print("READY", flush=True)
-        agent.invoke(
-            {"messages": [("user", "Slow?")]},
-            {"configurable": {"thread_id": "crashed"}},
-            context=RunContext(user_id="alice", tenant_id="acme"),
-        )
+        return agent
+
+    async def main():
+        async with Persistence(url).acheckpointer() as saver:
+            await agent_on(saver).ainvoke(task, config, context=alice)
+
+    if mode == "invoke":
+        with Persistence(url).checkpointer() as saver:
+            agent_on(saver).invoke(task, config, context=alice)
+    else:
+        asyncio.run(main())
     """
 )
 
@@ -101,9 +112,11 @@ def killed() -> Iterator[list[Forked]]:
         proc.wait()
 
 
-def _crashed_mid_call(forks: ForkServer, folder: Path, url: str, lease_s: float) -> Forked:
+def _crashed_mid_call(
+    forks: ForkServer, folder: Path, url: str, lease_s: float, mode: str
+) -> Forked:
     """A process whose run holds its thread's lease and a reservation, SIGKILLed in its call."""
-    proc = forks.start_code(_SCRIPT, url, str(lease_s), cwd=folder)
+    proc = forks.start_code(_SCRIPT, url, str(lease_s), mode, cwd=folder)
     proc.wait_for_line("READY")
     ledger = Ledger(url)
     eventually(lambda: _reservations(ledger) != [], "the process's reservation")
@@ -113,15 +126,18 @@ def _crashed_mid_call(forks: ForkServer, folder: Path, url: str, lease_s: float)
     return proc
 
 
-@pytest.mark.parametrize("where", ["this host", "another host"])
-def test_a_killed_processs_reservation_is_charged_not_waited_out(
-    db_url: str, forks: ForkServer, tmp_path: Path, killed: list[Forked], where: str
+@pytest.mark.parametrize(
+    ("where", "mode"),
+    [("this host", "invoke"), ("this host", "ainvoke"), ("another host", "invoke")],
+)
+async def test_a_killed_processs_reservation_is_charged_not_waited_out(
+    db_url: str, forks: ForkServer, tmp_path: Path, killed: list[Forked], where: str, mode: str
 ) -> None:
     """The run the crash left crowds the next one: it is refused at once for what the dead call
     may have cost (charged at its reservation), not after 10 s of waiting. On this host the
     dead process is seen at once (its PID is gone); on another, once its lease expires."""
     lease_s = 600.0 if where == "this host" else 1.5
-    killed.append(_crashed_mid_call(forks, tmp_path, db_url, lease_s))
+    killed.append(_crashed_mid_call(forks, tmp_path, db_url, lease_s, mode))
     ledger = Ledger(db_url)
     ((usd, holder, charged),) = _reservations(ledger)
     assert holder is not None and holder.count("/") == 3 and charged == 0  # names its run
@@ -131,8 +147,12 @@ def test_a_killed_processs_reservation_is_charged_not_waited_out(
     policy = Policy(rules=(Rule(action="allow"),), period_budgets=(BUDGET,), loop=None)
     model = ScriptedChatModel(script=["hi"])
     agent = build_agent(model, policy=policy, ledger=ledger, prices=PRICES)
+    task = {"messages": [("user", "Hello?")]}
     started = time.monotonic()
-    result = agent.invoke({"messages": [("user", "Hello?")]}, context=ALICE)
+    if mode == "invoke":
+        result = await asyncio.to_thread(agent.invoke, task, context=ALICE)
+    else:
+        result = await agent.ainvoke(task, context=ALICE)
     took = time.monotonic() - started
     detail = result["outcome"]["detail"]
     assert result["outcome"]["terminated_reason"] == "budget_exceeded", result["outcome"]
@@ -141,7 +161,7 @@ def test_a_killed_processs_reservation_is_charged_not_waited_out(
     assert took < (0 if where == "this host" else lease_s) + 4.0, took
     assert _spent(ledger) == pytest.approx(usd)  # the dead call, at its reservation
     assert [r[2] for r in _reservations(ledger)] == [1]  # charged: it holds no room
-    ledger.close()
+    await ledger.aclose()
 
 
 def _reserved(ledger: Ledger, holder: str | None, usd: float = 0.6) -> Reservation:
