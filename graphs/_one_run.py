@@ -23,11 +23,14 @@ released when the run ends, is closed or cancelled. The lease of a process that 
 over at once when that process was on this host and PID namespace (its PID is gone: a resume
 after a crash does not wait), and so is one a run of this process left behind (Ctrl-C as it
 ended, or a release the ledger failed: `keel.guards.holders`); elsewhere it expires after
-`lease_s` (30 s), and then another process's run takes it. Two runs in one process wait for
-each other on the lock, without asking the ledger. A ledger that fails as a run takes the
-lease leaves that run to the lock alone (a warning says so). The lease names the thread, not the
-checkpointer: agents with checkpointers of their own that share a ledger and a thread id
-take turns on it too. LangGraph's server orders runs on a thread itself (`multitask_strategy`).
+`lease_s` (30 s), and then another process's run takes it. A run's model calls name the lease's
+holder in their period budget reservations (`keel.guards.holders.leasing`): a crashed run's
+reservation is charged and stops holding the budget's room once its lease is seen expired, or its
+process gone. Two runs in one process wait for each other on the lock, without asking the ledger.
+A ledger that fails as a run takes the lease leaves that run to the lock alone (a warning says
+so). The lease names the thread, not the checkpointer: agents with checkpointers of their own
+that share a ledger and a thread id take turns on it too. LangGraph's server orders runs on a
+thread itself (`multitask_strategy`).
 """
 
 from __future__ import annotations
