@@ -10,8 +10,9 @@ runs of one user never spend more than the budget, whatever the interleaving. A 
 dies between the two leaves a reservation behind. One that names its run (the run holds its
 thread's lease in the same ledger: `keel.guards.holders`) is charged at its amount, as a timed-out
 call is (the provider may have billed it), and stops holding room as soon as a crowded call sees
-that lease expired or its holder gone (`RoomWait`, `charge_flow`); if the run was alive after all,
-its settle counts the difference. Any other expires after `reservation_ttl`.
+that lease expired or its holder gone (`RoomWait`, `charge_flow`): its row then counts as spent,
+whatever its expiry; if the run was alive after all, its settle deletes it and records what the
+call cost. Any other expires after `reservation_ttl`.
 
 A call that would fit what the period has spent, but not with what other calls hold in flight
 (a reservation bounds a call's cost and settles far lower), waits instead of being refused:
@@ -264,6 +265,18 @@ def schema_sizes(schemas: Sequence[Any]) -> tuple[int, int]:
     return len(text) // 4 + 8 * n, len(text) + 20 * n + TOOLS_PROMPT_TOKENS
 
 
+_HELD = (
+    "COALESCE(SUM(CASE WHEN charged = 0 AND expires_at > ? THEN usd END), 0), "
+    "COALESCE(SUM(CASE WHEN charged = 0 AND expires_at > ? THEN tokens END), 0)"
+)
+"""What the reservations in flight hold (those of a row's `keel_reservations`)."""
+_CHARGED = (
+    "COALESCE(SUM(CASE WHEN charged = 1 THEN usd END), 0), "
+    "COALESCE(SUM(CASE WHEN charged = 1 THEN tokens END), 0)"
+)
+"""What the reservations charged as their runs looked dead count as spent (`charge_flow`)."""
+
+
 def reserve_flow(
     budgets: Sequence[PeriodBudget],
     context: RunContext,
@@ -290,13 +303,14 @@ def reserve_flow(
                 "RETURNING spent_usd, spent_tokens",
                 (scope_key, period),
             ),
-            (
-                "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
-                "WHERE scope_key = ? AND period = ? AND expires_at > ? AND charged = 0",
-                (scope_key, period, now),
+            (  # a charged reservation counts as spent, however old, until it is settled
+                f"SELECT {_HELD}, {_CHARGED} FROM keel_reservations "
+                "WHERE scope_key = ? AND period = ? AND (expires_at > ? OR charged = 1)",
+                (now, now, scope_key, period, now),
             ),
         )
-        ((spent_usd, spent_tokens),), ((held_usd, held_tokens),) = spend, held
+        ((spent_usd, spent_tokens),), ((held_usd, held_tokens, *charged),) = spend, held
+        spent_usd, spent_tokens = spent_usd + charged[0], spent_tokens + charged[1]
         for unit, limit, spent, others, this in (
             ("usd", budget.usd, spent_usd, held_usd, usd),
             ("tokens", budget.tokens, spent_tokens, held_tokens, tokens),
@@ -332,37 +346,31 @@ def reserve_flow(
 def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None) -> Flow[None]:
     """Replace a reservation by what the call cost; `None` releases it (the call failed).
 
-    A reservation already charged at its amount (`charge_flow`: its run looked dead) is settled
-    as the difference: what the call cost, less what was charged (released: all of it back).
-    Each row is locked first, then its budget row, as `charge_flow` does, so the two cannot
-    deadlock, and the budget row's update reads the reservation under that lock. Writes only:
-    on PostgreSQL they travel with the transaction's `COMMIT` (one round trip).
+    A reservation charged meanwhile (`charge_flow`: its run looked dead) counted as spent at its
+    amount while its row lasted: deleting it takes that back, so the period counts the call
+    once, at what it cost.
     """
-    charged = "FROM keel_reservations WHERE id = ? AND charged = 1"
-    spend = (
-        f"UPDATE keel_spend SET spent_usd = spent_usd + ? - COALESCE((SELECT usd {charged}), 0), "
-        f"spent_tokens = spent_tokens + ? - COALESCE((SELECT tokens {charged}), 0) "
-        "WHERE scope_key = ? AND period = ?"
-    )
-    if usd is None:  # a release changes the spend only of a reservation that was charged
-        spend += f" AND EXISTS (SELECT 1 {charged})"
     for rid, scope_key, period in sorted(reservation.rows, key=lambda r: (r[1], r[2])):
-        yield "UPDATE keel_reservations SET charged = charged WHERE id = ?", (rid,)  # locked
-        # settled even when the reservation expired meanwhile (no row): the call happened
-        cost = (rid, scope_key, period) if usd is not None else (rid, scope_key, period, rid)
-        yield spend, (usd or 0.0, rid, tokens or 0, *cost)
         yield "DELETE FROM keel_reservations WHERE id = ?", (rid,)
+        if usd is None:
+            continue
+        # Settle even when the reservation expired meanwhile (no row deleted): the call happened.
+        yield (
+            "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
+            "WHERE scope_key = ? AND period = ?",
+            (usd, tokens or 0, scope_key, period),
+        )
 
 
-def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[tuple[str, str, str]]]:
-    """The reservations against `keys` whose runs look dead: `(id, scope key, period)` each.
+def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[str]]:
+    """The ids of the reservations against `keys` whose runs look dead.
 
     A reservation that names its run (`holder`) while no lease of that run in
     `keel_thread_leases` is unexpired (the run's process died, or it ended without settling: a
     ledger that failed) or its holder is gone (`keel.guards.holders.gone`: a process of this
     host that is no more). One that names no run holds until it expires.
     """
-    dead = []
+    dead: list[str] = []
     for scope_key, period in keys:
         rows = yield (
             "SELECT r.id, r.holder, EXISTS (SELECT 1 FROM keel_thread_leases l "
@@ -371,30 +379,23 @@ def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[tuple[st
             "AND r.holder IS NOT NULL",
             (now, scope_key, period, now),
         )
-        dead += [(str(r[0]), scope_key, period) for r in rows if not r[2] or holders.gone(r[1])]
+        dead += [str(r[0]) for r in rows if not r[2] or holders.gone(r[1])]
     return dead
 
 
-def charge_flow(rid: str, scope_key: str, period: str) -> Flow[bool]:
+def charge_flow(rid: str) -> Flow[bool]:
     """Charge a dead run's reservation at its amount: it no longer holds room, it is spent.
 
-    As a timed-out call is charged (the provider may have billed it). Whether it was charged
-    now (not settled or charged meanwhile). Its run's settle, if the run was alive after all,
-    counts the difference (`settle_flow`).
+    As a timed-out call is charged (the provider may have billed it): the row stays, counted as
+    spent (`reserve_flow`, `spent_flow`) whatever its expiry, until its run settles it (if the
+    run was alive after all: `settle_flow`). Whether it was charged now (not settled or charged
+    meanwhile).
     """
     rows = yield (
-        "UPDATE keel_reservations SET charged = 1 WHERE id = ? AND charged = 0 "
-        "RETURNING usd, tokens",
+        "UPDATE keel_reservations SET charged = 1 WHERE id = ? AND charged = 0 RETURNING id",
         (rid,),
     )
-    if not rows:
-        return False
-    yield (
-        "UPDATE keel_spend SET spent_usd = spent_usd + ?, spent_tokens = spent_tokens + ? "
-        "WHERE scope_key = ? AND period = ?",
-        (float(rows[0][0]), int(rows[0][1]), scope_key, period),
-    )
-    return True
+    return bool(rows)
 
 
 def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tuple[float, int]]:
@@ -404,7 +405,13 @@ def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tu
         "SELECT spent_usd, spent_tokens FROM keel_spend WHERE scope_key = ? AND period = ?",
         (scope_key, period),
     )
-    return (float(rows[0][0]), int(rows[0][1])) if rows else (0.0, 0)
+    charged = yield (  # charged reservations of dead runs: spent (`charge_flow`)
+        "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
+        "WHERE scope_key = ? AND period = ? AND charged = 1",
+        (scope_key, period),
+    )
+    usd, tokens = (float(rows[0][0]), int(rows[0][1])) if rows else (0.0, 0)
+    return usd + float(charged[0][0]), tokens + int(charged[0][1])
 
 
 class SpendMeter:
@@ -613,8 +620,8 @@ class RoomWait:
         ledger, charged = self.ledger, 0
         try:
             dead = yield both(ledger.run, ledger.arun, dead_flow(keys, time.time()))
-            for row in dead:  # each in a transaction of its own, locked as its settle locks
-                charged += yield both(ledger.run, ledger.arun, charge_flow(*row))
+            for row in dead:  # each in a transaction of its own
+                charged += yield both(ledger.run, ledger.arun, charge_flow(row))
         except Exception as exc:
             log.warning("keel could not look for reservations of dead runs: %r", exc)
         if charged:

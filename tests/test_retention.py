@@ -18,7 +18,7 @@ from keel.db.checkpoint.retention import PruneReport, _id_time
 from keel.db.persistence import Persistence
 from keel.errors import UserError
 from keel.guards import PeriodBudget
-from keel.guards.spend import Reservation, reserve_flow, settle_flow, spent_flow
+from keel.guards.spend import Reservation, charge_flow, reserve_flow, settle_flow, spent_flow
 
 Mode = Literal["sync", "async"]
 STEPS = 6
@@ -229,26 +229,29 @@ async def test_prune_releases_expired_budget_reservations(db_url: str, mode: Mod
     now = time.time()
     # A process that died mid-call left its reservation behind (reserved 2 minutes ago)...
     stale = ledger.run(reserve_flow([budget], ctx, 4.0, 400, now - 120))
-    # ...and a call in flight holds a live one.
+    # ...and a call in flight holds a live one...
     live = ledger.run(reserve_flow([budget], ctx, 3.0, 300, now))
+    # ...and one of a run that looked dead was charged by a call it crowded: spent.
+    charged = ledger.run(reserve_flow([budget], ctx, 1.0, 100, now - 120))
     assert isinstance(stale, Reservation) and isinstance(live, Reservation)
+    assert isinstance(charged, Reservation) and ledger.run(charge_flow(charged.rows[0][0]))
 
-    def held() -> list[Any]:
-        return ledger.run(_rows_flow("SELECT id FROM keel_reservations ORDER BY id"))
+    def held() -> set[Any]:
+        return {r[0] for r in ledger.run(_rows_flow("SELECT id FROM keel_reservations"))}
 
-    assert len(held()) == 2
+    assert len(held()) == 3
     dry = await _prune(db_url, mode, keep_last=5, dry_run=True)
-    assert dry.reservations_released == 1 and len(held()) == 2  # a dry run deletes nothing
+    assert dry.reservations_released == 1 and len(held()) == 3  # a dry run deletes nothing
     report = await _prune(db_url, mode, keep_last=5)
     assert report.reservations_released == 1
     assert "released 1 expired budget reservations" in report.summary()
-    assert [r[0] for r in held()] == [live.rows[0][0]]  # the live one is kept
-    assert ledger.run(spent_flow(budget, ctx, now)) == (0.0, 0)  # released: nothing spent
+    assert held() == {live.rows[0][0], charged.rows[0][0]}  # the live and the charged kept
+    assert ledger.run(spent_flow(budget, ctx, now)) == (1.0, 100)  # released: nothing spent
     # The stale call finishes after all: its cost still settles, once.
     ledger.run(settle_flow(stale, 1.5, 150))
     ledger.run(settle_flow(live, 2.0, 200))
-    assert ledger.run(spent_flow(budget, ctx, now)) == (3.5, 350)
-    assert held() == []
+    assert ledger.run(spent_flow(budget, ctx, now)) == (4.5, 450)
+    assert held() == {charged.rows[0][0]}
     again = await _prune(db_url, mode, keep_last=5)
     assert again.reservations_released == 0
     ledger.close()

@@ -170,7 +170,7 @@ def _reserved(ledger: Ledger, holder: str | None, usd: float = 0.6) -> Reservati
     return held
 
 
-def _dead(ledger: Ledger) -> list[tuple[str, str, str]]:
+def _dead(ledger: Ledger) -> list[str]:
     return ledger.run(dead_flow([BUDGET.key(ALICE, time.time())], time.time()))
 
 
@@ -196,7 +196,7 @@ def test_which_reservations_look_dead(db_url: str) -> None:
     _lease(ledger, expired, -1.0)
     _lease(ledger, live, 60.0)
     rows = {h: _reserved(ledger, h, 0.01).rows[0][0] for h in (expired, released, live, None)}
-    assert sorted(rid for rid, _, _ in _dead(ledger)) == sorted([rows[expired], rows[released]])
+    assert sorted(_dead(ledger)) == sorted([rows[expired], rows[released]])
     ledger.close()
 
 
@@ -209,9 +209,9 @@ def test_a_run_alive_after_all_settles_the_difference(db_url: str, cost: float |
     ledger.setup()
     _lease(ledger, ELSEWHERE, -1.0)
     held = _reserved(ledger, ELSEWHERE)
-    ((rid, scope_key, period),) = _dead(ledger)
-    assert ledger.run(charge_flow(rid, scope_key, period)) is True
-    assert ledger.run(charge_flow(rid, scope_key, period)) is False  # charged once
+    (rid,) = _dead(ledger)
+    assert ledger.run(charge_flow(rid)) is True
+    assert ledger.run(charge_flow(rid)) is False  # charged once
     assert _spent(ledger) == pytest.approx(0.6)
     assert _dead(ledger) == []  # charged: no longer held, nor looked at
     crowded = ledger.run(reserve_flow([BUDGET], ALICE, 0.5, 10, time.time()))
@@ -226,8 +226,7 @@ def test_settles_racing_the_charges_of_their_reservations_count_each_call_once(
     db_url: str,
 ) -> None:
     """Calls of runs that look dead but live settle while crowded calls charge them, in every
-    interleaving: each call counts once, at its cost, and no two transactions deadlock (each
-    locks the reservation, then its budget row)."""
+    interleaving: each call counts once, at its cost, and no transaction fails."""
     ledger = Ledger(db_url)
     ledger.setup()
     _lease(ledger, ELSEWHERE, -1.0)
@@ -240,9 +239,9 @@ def test_settles_racing_the_charges_of_their_reservations_count_each_call_once(
         ledger.run(settle_flow(held[i], costs[i], 10))
 
     def charge(i: int) -> None:
-        ((rid, scope_key, period),) = held[i].rows
+        ((rid, _, _),) = held[i].rows
         gate.wait()
-        ledger.run(charge_flow(rid, scope_key, period))
+        ledger.run(charge_flow(rid))
 
     with ThreadPoolExecutor(2 * len(held)) as pool:
         done = [pool.submit(f, i) for i in range(len(held)) for f in (settle, charge)]

@@ -174,7 +174,7 @@ RESERVATIONS = Table(  # keel.guards.spend: estimates held while a model call ru
         Column("expires_at", _DOUBLE, "NOT NULL"),
         # the run that holds it (`keel.guards.holders`, its thread lease's); NULL: none known
         Column("holder", "TEXT", since=11),
-        # 1: charged at its amount, its run seen dead (its lease expired); settled as a delta
+        # 1: its run looked dead (lease expired): counts as spent, not held, while the row lasts
         Column("charged", "INTEGER", "NOT NULL DEFAULT 0", since=11),
     ),
     primary_key=(),

@@ -22,9 +22,9 @@ When keel's ledger lives in the same database, a prune also releases the period-
 reservations (`keel_reservations`) that expired: a model call holds one only while it runs, a
 process that died mid-call leaves its row behind, and budgets already ignore expired rows, so
 deleting them frees nothing anyone counts. No spend is recorded for them (that is what
-"released" means; one a crowded call charged as its run's lease expired stays charged); a call
-that outlived its reservation still settles its cost when it ends (in full: one that was charged
-and then pruned counts twice, on the safe side).
+"released" means); a call that outlived its reservation still settles its cost when it ends.
+A reservation charged as its run looked dead (`keel.guards.spend.charge_flow`) counts as spent
+while its row lasts: it is kept.
 """
 
 from __future__ import annotations
@@ -149,7 +149,16 @@ _HAS_RESERVATIONS = {
     "postgres": "SELECT count(*) FROM pg_catalog.pg_tables WHERE tablename = 'keel_reservations' "
     "AND schemaname = ANY(current_schemas(false))",
 }
+_HAS_CHARGED = {
+    "sqlite": "SELECT count(*) FROM pragma_table_info('keel_reservations') WHERE name = 'charged'",
+    "postgres": "SELECT count(*) FROM information_schema.columns WHERE table_name = "
+    "'keel_reservations' AND column_name = 'charged' "
+    "AND table_schema = ANY(current_schemas(false))",
+}
+"""Whether the ledger's reservations can be charged (schema version 11 on)."""
 _EXPIRED_RESERVATIONS_SQL = "DELETE FROM keel_reservations WHERE expires_at <= {p}"
+_UNCHARGED = " AND charged = 0"
+"""A reservation charged as its run looked dead counts as spent: it is kept (`charge_flow`)."""
 _VERSIONS_SQL = """
 SELECT checkpoint_id, v.key, v.value FROM checkpoints
 CROSS JOIN LATERAL jsonb_each_text(checkpoint -> 'channel_versions') AS v
@@ -208,8 +217,10 @@ def _release_expired_reservations(
     (((present,),), _) = yield _HAS_RESERVATIONS[dialect], ()
     if not present:
         return
+    (((chargeable,),), _) = yield _HAS_CHARGED[dialect], ()
+    expired = _EXPIRED_RESERVATIONS_SQL + (_UNCHARGED if chargeable else "")
     yield "BEGIN", ()  # read committed on PostgreSQL: a row a settle deleted is just skipped
-    _, count = yield _sql(dialect, _EXPIRED_RESERVATIONS_SQL), (now,)
+    _, count = yield _sql(dialect, expired), (now,)
     tally.counts["reservations"] += count
     yield ("ROLLBACK" if dry_run else "COMMIT"), ()
 
