@@ -250,3 +250,27 @@ def test_settles_racing_the_charges_of_their_reservations_count_each_call_once(
     assert _spent(ledger) == pytest.approx(sum(costs))
     assert _reservations(ledger) == []
     ledger.close()
+
+
+def test_a_ledger_that_fails_to_tell_dead_runs_leaves_the_wait_as_it_was(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Looking for dead runs' reservations is a shortcut: a ledger that fails at it (here its
+    lease table is gone) is logged, and the crowded call waits and is refused as before, the
+    run ending with its outcome, not an exception."""
+    ledger = Ledger(db_url)
+    ledger.setup()
+    _lease(ledger, ELSEWHERE, -1.0)
+    _reserved(ledger, ELSEWHERE, 0.6)
+    ledger.run(_rows("DROP TABLE keel_thread_leases"))
+    short = PeriodBudget(usd=1.0, reserve_output_tokens=600, wait_for_reservations=0.3)
+    policy = Policy(rules=(Rule(action="allow"),), period_budgets=(short,), loop=None)
+    agent = build_agent(
+        ScriptedChatModel(script=["hi"]), policy=policy, ledger=ledger, prices=PRICES
+    )
+    result = agent.invoke({"messages": [("user", "Hello?")]}, context=ALICE)
+    assert result["outcome"]["terminated_reason"] == "budget_exceeded", result["outcome"]
+    assert "waited 0.3" in result["outcome"]["detail"]
+    assert "could not look for reservations of dead runs" in caplog.text
+    assert [r[2] for r in _reservations(ledger)] == [0]  # not charged
+    ledger.close()
