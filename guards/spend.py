@@ -265,18 +265,6 @@ def schema_sizes(schemas: Sequence[Any]) -> tuple[int, int]:
     return len(text) // 4 + 8 * n, len(text) + 20 * n + TOOLS_PROMPT_TOKENS
 
 
-_HELD = (
-    "COALESCE(SUM(CASE WHEN charged = 0 AND expires_at > ? THEN usd END), 0), "
-    "COALESCE(SUM(CASE WHEN charged = 0 AND expires_at > ? THEN tokens END), 0)"
-)
-"""What the reservations in flight hold (those of a row's `keel_reservations`)."""
-_CHARGED = (
-    "COALESCE(SUM(CASE WHEN charged = 1 THEN usd END), 0), "
-    "COALESCE(SUM(CASE WHEN charged = 1 THEN tokens END), 0)"
-)
-"""What the reservations charged as their runs looked dead count as spent (`charge_flow`)."""
-
-
 def reserve_flow(
     budgets: Sequence[PeriodBudget],
     context: RunContext,
@@ -303,14 +291,18 @@ def reserve_flow(
                 "RETURNING spent_usd, spent_tokens",
                 (scope_key, period),
             ),
-            (  # a charged reservation counts as spent, however old, until it is settled
-                f"SELECT {_HELD}, {_CHARGED} FROM keel_reservations "
-                "WHERE scope_key = ? AND period = ? AND (expires_at > ? OR charged = 1)",
-                (now, now, scope_key, period, now),
+            (  # in flight, and charged (its run looked dead: spent, however old, until settled)
+                "SELECT charged, SUM(usd), SUM(tokens) FROM keel_reservations "
+                "WHERE scope_key = ? AND period = ? AND (expires_at > ? OR charged = 1) "
+                "GROUP BY charged",
+                (scope_key, period, now),
             ),
         )
-        ((spent_usd, spent_tokens),), ((held_usd, held_tokens, *charged),) = spend, held
-        spent_usd, spent_tokens = spent_usd + charged[0], spent_tokens + charged[1]
+        ((spent_usd, spent_tokens),) = spend
+        sums = {bool(c): (u, t) for c, u, t in held}
+        held_usd, held_tokens = sums.get(False, (0.0, 0))
+        if True in sums:  # `charge_flow`
+            spent_usd, spent_tokens = spent_usd + sums[True][0], spent_tokens + sums[True][1]
         for unit, limit, spent, others, this in (
             ("usd", budget.usd, spent_usd, held_usd, usd),
             ("tokens", budget.tokens, spent_tokens, held_tokens, tokens),
