@@ -391,16 +391,18 @@ def charge_flow(rid: str) -> Flow[bool]:
 
 
 def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tuple[float, int]]:
-    """What the budget's row has spent so far: `(usd, tokens)`."""
+    """What the budget's row has spent so far: `(usd, tokens)`, its charged reservations too."""
     scope_key, period = budget.key(context, now)
-    rows = yield (
-        "SELECT spent_usd, spent_tokens FROM keel_spend WHERE scope_key = ? AND period = ?",
-        (scope_key, period),
-    )
-    charged = yield (  # charged reservations of dead runs: spent (`charge_flow`)
-        "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
-        "WHERE scope_key = ? AND period = ? AND charged = 1",
-        (scope_key, period),
+    rows, charged = yield from together(
+        (
+            "SELECT spent_usd, spent_tokens FROM keel_spend WHERE scope_key = ? AND period = ?",
+            (scope_key, period),
+        ),
+        (  # the reservations of runs that looked dead: spent (`charge_flow`)
+            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
+            "WHERE scope_key = ? AND period = ? AND charged = 1",
+            (scope_key, period),
+        ),
     )
     usd, tokens = (float(rows[0][0]), int(rows[0][1])) if rows else (0.0, 0)
     return usd + float(charged[0][0]), tokens + int(charged[0][1])
