@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, BaseMessage
 
 from keel import Ledger, Price, PriceTable, RunContext, build_agent
 from keel.evals import ScriptedChatModel
@@ -94,7 +94,34 @@ def _detector(ledger: Ledger) -> Any:
     return build_agent(model, policy=_policy(input_guard=guard), ledger=ledger, prices=PRICES)
 
 
-BUILDERS = {"planner": _planner, "judge": _judge, "router": _router, "detector": _detector}
+def _supervised(ledger: Ledger) -> Any:
+    """An agent's planner under a supervisor: the supervisor's wall_seconds holds it."""
+    _crowd(ledger, 0.9)  # the cheap route fits; the agent's dear plan waits
+    plan = {"Plan": {"steps": ["answer"]}}
+    model = _model("judge-model", script=[AIMessage("done")], structured=plan)
+    own = Policy(rules=(Rule(action="allow"),), period_budgets=(BUDGET,), loop=None)
+    worker = build_agent(model, plan=True, policy=own, ledger=ledger, prices=PRICES, name="w")
+
+    def route(messages: list[BaseMessage]) -> dict[str, str]:  # to the agent, then finish
+        answered = any(isinstance(m, AIMessage) and m.name == "w" for m in messages)
+        return {"agent": FINISH if answered else "w", "task": "t"}
+
+    return build_supervisor(
+        {"w": worker},
+        _model("agent-model", structured={"Route": route}),
+        policy=_policy(name="sup"),
+        ledger=ledger,
+        prices=PRICES,
+    )
+
+
+BUILDERS = {
+    "planner": _planner,
+    "judge": _judge,
+    "router": _router,
+    "detector": _detector,
+    "supervised planner": _supervised,
+}
 
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
