@@ -387,7 +387,10 @@ def test_ledger_steps_take_under_2_s_after_every_connection_died(fresh_postgres_
     ledger.setup()
     timings: dict[str, float] = {}
     for round_ in range(3):
-        _burst(ledger, 8)  # a burst of runs grew the pool to 8 connections
+        for _ in range(20):  # a burst of runs grows the pool to 8 connections (in the background)
+            _burst(ledger, 8)
+            if _connections(fresh_postgres_url) >= 8:
+                break
         assert _terminate_all(fresh_postgres_url) >= 8
         for name, step in _steps(ledger).items():
             started = time.monotonic()
@@ -407,7 +410,10 @@ async def test_async_ledger_steps_take_under_2_s_after_every_connection_died(
     standing = StandingStore(ledger)
     timings: list[float] = []
     for _ in range(3):
-        await asyncio.gather(*(ledger.arun(_sleepy()) for _ in range(8)))
+        for _ in range(20):  # a pool grows in the background: on a loaded machine, burst again
+            await asyncio.gather(*(ledger.arun(_sleepy()) for _ in range(8)))
+            if _connections(fresh_postgres_url) >= 8:
+                break
         assert _terminate_all(fresh_postgres_url) >= 8
         for step in (standing.aload(CTX), ledger.arun(bump()), RunLog(ledger).aquery()):
             started = time.monotonic()
@@ -416,6 +422,16 @@ async def test_async_ledger_steps_take_under_2_s_after_every_connection_died(
     await ledger.aclose()
     print("async ledger steps after kills (s):", [round(t, 3) for t in timings])
     assert max(timings) < 2.0, timings
+
+
+def _connections(url: str) -> int:
+    """How many other connections the database `url` names has."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _sleepy() -> Flow[None]:
