@@ -394,3 +394,30 @@ def test_prepare_threshold_none_reaches_the_pool_for_pgbouncer(
                 conn.execute("SELECT %s::int + 1", (1,))
             (row,) = conn.execute("SELECT count(*) AS n FROM pg_prepared_statements").fetchall()
     assert (row["n"] > 0) is prepared
+
+
+def test_a_sqlite_url_under_the_home_folder_is_one_file_for_saver_and_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `keel threads --db=sqlite:///~/agent.db`: the shell leaves `~` in one word alone; keel made
+    # a folder named `~` in the current folder (and the ledger read the path relative to it).
+    from keel.db.ledger import Ledger
+    from keel.db.runs import RunLog
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    url = "sqlite:///~/agent.db"
+    persistence = Persistence(url)
+    assert persistence.sqlite_path == home / "agent.db"
+    asyncio.run(_run(url, "sync", {"n": []}, "t", ask=False))
+    ledger = Ledger(url)
+    ledger.setup()
+    assert RunLog(ledger).query() == []
+    ledger.close()
+    assert not (work / "~").exists()
+    tables = sqlite3.connect(home / "agent.db").execute("SELECT name FROM sqlite_master")
+    names = {row[0] for row in tables}
+    assert {"checkpoints", "keel_runs"} <= names

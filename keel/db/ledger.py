@@ -34,7 +34,6 @@ import weakref
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
@@ -645,14 +644,14 @@ class Ledger:
             handle.retire()  # closed now, or by `_run_sqlite` when it releases it
 
     def _sqlite_path(self) -> str:
-        path = self.url.removeprefix("sqlite:///")
-        if path == ":memory:":
+        path = self._persistence.sqlite_path
+        if path is None:
             raise UserError(
                 "The ledger needs a database file shared by every run; sqlite:///:memory: gives "
                 "each connection its own. Use sqlite:///.keel/keel.db or PostgreSQL."
             )
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
 
     def _pool_kwargs(self) -> dict[str, Any]:
         # keel's draining health check: after connections die, every idle one is replaced at

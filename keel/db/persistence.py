@@ -85,7 +85,8 @@ DEFAULT_DB_URL = "sqlite:///.keel/keel.db"
 """The URL used when neither an argument nor `KEEL_DB_URL` names one."""
 
 _ACCEPTED = (
-    "Accepted forms: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:, "
+    "Accepted forms: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///~/path.db, "
+    "sqlite:///:memory:, "
     "postgresql://user:password@host:5432/dbname (or postgres://…)."
 )
 _CONNECT_TIMEOUT = 5  # seconds, unless the URL sets connect_timeout
@@ -796,8 +797,12 @@ def _parse_url(url: object) -> tuple[str, Literal["sqlite", "postgres"], str | N
                 f"Invalid SQLite URL {url!r}: use three slashes and a path, with no host or "
                 f"?options. {_ACCEPTED}"
             )
-        path = rest[1:]
-        return url, "sqlite", path if path == ":memory:" else str(Path(path).absolute())
+        path = rest[1:]  # `~` is the home folder (a shell leaves `--db=sqlite:///~/x.db` alone)
+        return (
+            url,
+            "sqlite",
+            path if path == ":memory:" else str(Path(path).expanduser().absolute()),
+        )
     if sep and scheme in ("postgresql", "postgres"):
         url = f"postgresql://{rest}"
         try:
