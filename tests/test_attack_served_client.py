@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
+import gated_routes
 import httpx
 import pytest
 import servers
@@ -44,6 +45,8 @@ LEAKY: Any = {"configurable": {"agent": "leaky"}}  # answers with a card number 
 RAW = ("4111 1111 1111 1111", "jane.doe@example.com")
 REDACTED = "Your card [CARD] is billed; write to [EMAIL]."
 USERS = ("alice", "bob", "carol", "dave")
+OPEN = ("/ok", "/", "/info", "/keel/health/live", "/keel/health/ready")
+"""What answers no token: probes, the SDK and LangGraph Studio need it."""
 
 
 @pytest.fixture(scope="module")
@@ -742,25 +745,9 @@ async def test_metrics_answer_only_the_scrapers_token(http: httpx.AsyncClient) -
     """Found by attack: LangGraph's `/metrics` answered anyone, no token (its auth skips it),
     with every tenant's run counts (`?format=json`: the queue's pending and running runs, the
     workers' load, each route's requests). keel's http app gates it: only the server config's
-    `[metrics]` token; a user's token is not enough (the counts are every tenant's)."""
-    sent: dict[str, dict[str, str]] = {
-        "no token": {},
-        "a wrong token": {"Authorization": "Bearer token-mallory"},
-        "a user's token": _auth("alice"),
-        "not bearer": {"Authorization": "Basic token-metrics"},
-    }
-    for what, headers in sent.items():
-        for path in ("/metrics", "/metrics?format=json", "/metrics/"):
-            answer = await http.get(path, headers=headers, follow_redirects=True)
-            assert answer.status_code == 401, (what, path, answer.text)
-            assert "[metrics] token" in answer.text
-    scraper = {"Authorization": "Bearer token-metrics"}
-    prometheus = await http.get("/metrics", headers=scraper)
-    assert prometheus.status_code == 200, prometheus.text
-    assert prometheus.headers["content-type"].startswith("text/plain")
-    counts = await http.get("/metrics", params={"format": "json"}, headers=scraper)
-    assert counts.status_code == 200, counts.text
-    assert "queue" in counts.json()  # what the token protects: the server's runs, all tenants'
+    `[metrics]` token; a user's token is not enough (the counts are every tenant's). Under an
+    `http.mount_prefix`: `test_served_mount_prefix.py`."""
+    await gated_routes.metrics_answer_only_the_scrapers_token(http, "")
 
 
 async def test_the_api_reference_answers_a_known_token_and_the_rest_stays_open(
@@ -769,18 +756,8 @@ async def test_the_api_reference_answers_a_known_token_and_the_rest_stays_open(
     """`/docs` and `/openapi.json` (every route, keel's own too) answer a known token; `/ok`,
     `/`, `/info` (what LangGraph Studio asks for first) and keel's live and ready checks stay
     open, as the SDK, Studio and probes need."""
-    for path in ("/docs", "/openapi.json"):
-        for headers in ({}, {"Authorization": "Bearer token-mallory"}):
-            refused = await http.get(path, headers=headers)
-            assert refused.status_code == 401, (path, headers, refused.text)
-        for token in ("token-alice", "token-metrics"):
-            answer = await http.get(path, headers={"Authorization": f"Bearer {token}"})
-            assert answer.status_code == 200, (path, token, answer.text)
-    spec = await http.get("/openapi.json", headers=_auth("alice"))
-    assert "/threads" in spec.json()["paths"]
-    for path in ("/ok", "/", "/info", "/keel/health/live", "/keel/health/ready"):
-        answer = await http.get(path)
-        assert answer.status_code == 200, (path, answer.text)
+    await gated_routes.the_api_reference_answers_a_known_token(http, "")
+    await gated_routes.these_stay_open(http, "", OPEN)
     assert "version" in (await http.get("/info")).json()
 
 
@@ -791,17 +768,7 @@ async def test_langgraph_devs_internal_routes_are_closed(
     with no token: `POST /internal/truncate` deleted every tenant's threads and runs, and
     `GET /internal/debug/thread/{id}` read any thread (its metadata: tenant and owner).
     `/deploy` (Studio's `langgraph deploy` button) is closed too. 404, token or none."""
-    alice = users["alice"]
-    thread = await alice.threads.create()
-    thread_id = thread["thread_id"]
-    for headers in ({}, _auth("alice"), {"Authorization": "Bearer token-metrics"}):
-        read = await http.get(f"/internal/debug/thread/{thread_id}", headers=headers)
-        assert read.status_code == 404, read.text
-        assert "keel_owner" not in read.text
-        assert (await http.get("/deploy", headers=headers)).status_code == 404
-        truncated = await http.post("/internal/truncate", headers=headers)
-        assert truncated.status_code == 404, truncated.text
-    assert (await alice.threads.get(thread_id))["thread_id"] == thread_id  # still there
+    await gated_routes.internal_routes_are_closed(http, users["alice"], "")
 
 
 INTERNAL_WEBHOOKS = {

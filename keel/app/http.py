@@ -14,7 +14,8 @@ Aegra takes only a FastAPI app: the shim `keel.app.aegra` generates hands it the
 
 It also closes what LangGraph server answers without a token (`GatedRoutes`): `/metrics`
 answers only the server config's `[metrics]` token, `/docs` and `/openapi.json` only a known
-token, and `langgraph dev`'s own `/internal/...` and `/deploy` routes no one.
+token, and `langgraph dev`'s own `/internal/...` and `/deploy` routes no one; with LangGraph's
+`http.mount_prefix`, the root routes of the app it wraps keel's in too (`gate_outer_routes`).
 
 It also answers an MCP `tools/call` whose run the server refused (keel's auth: 422, 429, ...)
 with a JSON-RPC error carrying the refusal (`RefusedToolCalls`): LangGraph server applies
@@ -56,6 +57,7 @@ from keel.errors import KeelError
 __all__ = [
     "DATABASE_ENVS",
     "GatedRoutes",
+    "gate_outer_routes",
     "RefusedToolCalls",
     "app",
     "lifespan",
@@ -145,7 +147,12 @@ async def semantic(request: Request) -> JSONResponse:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """At shutdown, close what the graph factories opened: Chroma stores, then the ledger."""
+    """Gate the serving app's own routes, then serve; at shutdown, close stores and the ledger.
+
+    `gate_outer_routes` runs before the server takes requests. What the graph factories opened
+    is closed at shutdown: Chroma stores, then the ledger.
+    """
+    gate_outer_routes(app)
     yield
     if (server := sys.modules.get("keel.app.server")) is not None:  # else none were opened
         await server.aclose_served()
@@ -252,6 +259,34 @@ class GatedRoutes:
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def gate_outer_routes(app: Any) -> int:
+    """Put `GatedRoutes` in front of the routes of `app` that keel's middleware does not see.
+
+    The lifespan runs on the app the server serves. That is keel's app itself (its middleware
+    gates every request), unless the server wraps it: with `http.mount_prefix` (or
+    `MOUNT_PREFIX`) LangGraph server mounts it under the prefix in an app of its own whose root
+    `/`, `/ok` and `/metrics` pass no custom middleware, so the root `/metrics` answered
+    anyone. Each of the wrapper's routes not already gated (or mounting an app whose middleware
+    gates) is wrapped here, before the server takes requests. The number of routes wrapped.
+    """
+    if _gates(app):
+        return 0
+    wrapped = 0
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        inner = getattr(route, "app", None)
+        if inner is None or isinstance(inner, GatedRoutes) or _gates(inner):
+            continue
+        route.app = GatedRoutes(inner)
+        wrapped += 1
+    return wrapped
+
+
+def _gates(app: Any) -> bool:
+    """Whether `app` is a Starlette app with `GatedRoutes` in its middleware."""
+    middleware = getattr(app, "user_middleware", None) or ()
+    return any(getattr(m, "cls", None) is GatedRoutes for m in middleware)
 
 
 def _route_path(scope: Scope) -> str:
