@@ -261,6 +261,11 @@ class ChromaServer:
 
     def start(self) -> None:
         """Start the server (again) on its port and wait for its heartbeat."""
+        self.launch()
+        self.wait()
+
+    def launch(self) -> None:
+        """Start the server (again) on its port; `wait()` for it (meanwhile start another)."""
         port = self.url.rpartition(":")[2]
         log = (self.path / "server.log").open("ab")
         self.proc = subprocess.Popen(
@@ -271,6 +276,10 @@ class ChromaServer:
             cwd=self.path,
         )
         log.close()
+
+    def wait(self) -> None:
+        """Until the launched server answers its heartbeat (30 s at most)."""
+        assert self.proc is not None, "launch() the server first"
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -295,18 +304,21 @@ class ChromaServer:
 
 
 @contextmanager
-def _chroma_server(path: Path) -> Iterator[ChromaServer]:
+def _chroma_server(path: Path, *, wait: bool = True) -> Iterator[ChromaServer]:
     server = ChromaServer(path)
     try:
-        server.start()
+        server.launch()
+        if wait:  # else the caller waits, once it has started what it would start meanwhile
+            server.wait()
         yield server
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
-def chroma_server() -> Callable[[Path], AbstractContextManager[ChromaServer]]:
-    """`with chroma_server(tmp_dir) as server:` a real Chroma server, telemetry off."""
+def chroma_server() -> Callable[..., AbstractContextManager[ChromaServer]]:
+    """`with chroma_server(tmp_dir) as server:` a real Chroma server, telemetry off
+    (`wait=False`: launched, not yet answering; call `server.wait()`)."""
     return _chroma_server
 
 

@@ -8,9 +8,13 @@
 
 Each process runs in its own process group and is stopped (SIGTERM, then SIGKILL) on exit.
 A port found free can be taken by another process before the server listens on it: a server
-whose log says so (`PortTaken`) is started again on another free port (`serving_on_a_free_port`),
-and a server counts as ready only when the answer came from a socket of its own process group
-(not from whoever took the port).
+whose log says so, or whose port another process listens on (`PortTaken`), is started again on
+another free port (`serving_on_a_free_port`), and a server counts as ready only when the answer
+came from a socket of its own process group (not from whoever took the port).
+
+`client` and `sdk_client` are the tests' HTTP and LangGraph SDK clients, sharing one TLS context:
+httpx reads the certificate store anew for each client it makes (~25-80 ms each, a test's
+setup time when it makes five).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import pytest
+from langgraph_sdk._shared.utilities import NOT_PROVIDED, _get_headers
+from langgraph_sdk.client import LangGraphClient
 from psycopg import sql
 
 from keel.app.aegra import replica_env, write_aegra_config
@@ -50,6 +57,34 @@ TEST_LEASES = {
     "HEARTBEAT_INTERVAL_SECONDS": "4",
     "REAPER_INTERVAL_SECONDS": "3",
 }
+
+
+_TLS = httpx.create_ssl_context()
+"""The clients' TLS context (the servers are plain http; httpx wants one per transport)."""
+
+
+def client(url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 60) -> Any:
+    """`httpx.AsyncClient(base_url=url, headers=..., timeout=...)` with the shared TLS context."""
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, verify=_TLS)
+
+
+def sdk_client(
+    url: str, headers: Mapping[str, str], timeout: float | None = None
+) -> LangGraphClient:
+    """`langgraph_sdk.get_client(url=url, headers=headers, timeout=timeout)` made as it makes
+    it (its headers, a transport that retries 5 times), with the shared TLS context."""
+    return LangGraphClient(
+        httpx.AsyncClient(
+            base_url=url,
+            transport=httpx.AsyncHTTPTransport(retries=5, verify=_TLS),
+            timeout=(  # get_client's default without one
+                httpx.Timeout(connect=5, read=300, write=300, pool=5)
+                if timeout is None
+                else httpx.Timeout(timeout)
+            ),
+            headers=_get_headers(NOT_PROVIDED, headers),
+        )
+    )
 
 
 class ServerFailed(RuntimeError):
@@ -135,9 +170,19 @@ class Process:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
+    terminated: bool = False
+    """SIGTERM sent (once: a second one makes uvicorn skip its graceful shutdown)."""
+
+    def terminate(self) -> None:
+        """SIGTERM, once, without waiting (`stop()` waits)."""
+        if self.proc.poll() is None and not self.terminated:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self) -> None:
+        """SIGTERM (unless sent), then wait up to 15 s for it to exit; else SIGKILL."""
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -148,6 +193,14 @@ class Process:
         """SIGKILL: no drain, no lease release (what a crashed machine does)."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+
+def stop_all(processes: list[Process]) -> None:
+    """Stop `processes` together: SIGTERM to each, then wait for each (their shutdowns overlap)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
 
 
 def start(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log: Path) -> Process:
@@ -166,8 +219,10 @@ def start(cmd: list[str], *, cwd: Path, env: Mapping[str, str], log: Path) -> Pr
 def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 120) -> None:
     """Until `process` answers `url` + `path` with 200 from a socket of its own.
 
-    Raises `PortTaken` once its log says its port was taken, `ServerFailed` when it exits or
-    does not answer within `seconds`."""
+    Raises `PortTaken` once its log says its port was taken or another process listens on it
+    (the server cannot bind it then: `langgraph dev` moves elsewhere, uvicorn exits, after
+    their start-up), `ServerFailed` when it exits or does not answer within `seconds`. Asks
+    nothing before a socket listens on the port (with /proc), so never waits on another's."""
     port = urlsplit(url).port
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -175,28 +230,48 @@ def wait_ready(url: str, process: Process, path: str = "/ok", seconds: float = 1
             raise PortTaken(f"the port of {url} was taken:\n{process.text()}")
         if process.proc.poll() is not None:
             raise ServerFailed(f"server exited with {process.proc.returncode}:\n{process.text()}")
-        try:
-            answered = httpx.get(f"{url}{path}", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            answered = False
-        if answered and port is not None and listens(process, port) is not False:
+        inodes = None if port is None else _listeners(port)
+        mine = None if inodes is None else _holds(process, inodes)
+        if inodes and not mine:
+            raise PortTaken(f"another process listens on the port of {url}:\n{process.text()}")
+        if mine is not False and _answers(f"{url}{path}"):
             return
         time.sleep(0.05)
     raise ServerFailed(f"server did not answer {url}{path} within {seconds} s:\n{process.text()}")
 
 
-def listens(process: Process, port: int) -> bool | None:
-    """Whether a process of `process`'s group listens on 127.0.0.1:`port` (None: no /proc)."""
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _listeners(port: int) -> set[str] | None:
+    """The sockets listening on TCP `port` (IPv4, any address), as `socket:[inode]`; None: no
+    /proc."""
     try:
         table = Path("/proc/net/tcp").read_text()
     except OSError:
         return None
     hexport = f"{port:04X}"
-    inodes = {
+    return {
         f"socket:[{fields[9]}]"
         for fields in (line.split() for line in table.splitlines()[1:])
         if fields[1].endswith(f":{hexport}") and fields[3] == "0A"  # 0A: LISTEN
     }
+
+
+def listens(process: Process, port: int) -> bool | None:
+    """Whether a process of `process`'s group listens on 127.0.0.1:`port` (None: no /proc)."""
+    inodes = _listeners(port)
+    return None if inodes is None else _holds(process, inodes)
+
+
+def _holds(process: Process, inodes: set[str]) -> bool:
+    """Whether a process of `process`'s group holds one of the sockets `inodes`."""
+    if not inodes:
+        return False
     for pid in _group(process.pid):
         with contextlib.suppress(OSError):  # (a process that ended meanwhile)
             if any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir()):
@@ -281,8 +356,7 @@ def serving_dev(
         url, process = serving_on_a_free_port(launch_kept, "/ok")
         yield url, process
     finally:
-        for process in launched:
-            process.stop()
+        stop_all(launched)
         if os.environ.get("KEEL_SHOW_SERVER_LOG") and launched:
             print(launched[-1].text())
 
@@ -329,6 +403,8 @@ def serving_aegra(
     prefix = f"keel-test-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         database_url = stack.enter_context(fresh_database(postgres_url, "keel_aegra"))
+        launched: list[Process] = []
+        stack.callback(stop_all, launched)  # before the database is dropped
 
         def replica(name: str, n_workers: int, migrate: bool) -> Callable[[int], Process]:
             env = {
@@ -351,7 +427,7 @@ def serving_aegra(
                 cmd = [str(AEGRA_PYTHON), "-m", "uvicorn", "aegra_api.main:app"]
                 cmd += ["--host", "127.0.0.1", "--port", str(port)]
                 process = start(cmd, cwd=workdir, env=env, log=workdir / f"{name}.log")
-                stack.callback(process.stop)
+                launched.append(process)
                 return process
 
             return launch

@@ -35,7 +35,6 @@ import gated_routes
 import httpx
 import pytest
 import servers
-from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 from langgraph_sdk.errors import APIStatusError
 from test_server_e2e import TASK, pending_actions
@@ -62,14 +61,14 @@ def server(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture
 async def users(server: str) -> AsyncIterator[dict[str, LangGraphClient]]:
-    made = {u: get_client(url=server, headers=_auth(u), timeout=60) for u in USERS}
+    made = {u: servers.sdk_client(server, _auth(u), 60) for u in USERS}
     async with made["alice"], made["bob"], made["carol"], made["dave"]:
         yield made
 
 
 @pytest.fixture
 async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+    async with servers.client(server) as client:
         yield client
 
 
@@ -678,28 +677,19 @@ async def test_a_run_cannot_name_another_owner_or_user_for_its_checkpoints(
     daves = json.dumps(["acme", "dave"])
     forged_user = {"identity": "dave", "tenant_id": "acme", "roles": ["reviewer"]}
     forged_ids = {"user_id": "dave", "tenant_id": "globex", "roles": ["nobody"], "policy": "x"}
-    for options in (
-        {
-            "metadata": {"keel_thread_owner": daves},
-            "config": {"metadata": {"keel_thread_owner": daves}},
-        },
-        {"checkpoint": {"keel_thread_owner": daves}},
-        {"context": {"langgraph_auth_user": forged_user, "langgraph_auth_user_id": "dave"}},
-        {"config": {"configurable": {**forged_ids, "langgraph_auth_user": forged_user}}},
-    ):
+
+    async def forged_run(options: dict[str, Any]) -> None:
         thread = await alice.threads.create(metadata={"keel_thread_owner": daves})
-        await alice.runs.wait(thread["thread_id"], "agent", input=TASK, **options)  # type: ignore[arg-type]
+        await alice.runs.wait(thread["thread_id"], "agent", input=TASK, **options)
         state = await alice.threads.get_state(thread["thread_id"])
         assert state["metadata"]["keel_thread_owner"] == json.dumps(["acme", "alice"]), options
         assert state["metadata"]["langgraph_auth_user_id"] == "alice"
         # alice's role `support` looked the order up: role "nobody" would be denied by default
         looked_up = next(m for m in state["values"]["messages"] if m["type"] == "tool")
         assert looked_up["content"].startswith("Order A1001:"), options
+
     # nor from an assistant's config or context, merged into each of its runs after auth
-    for assistant in (
-        {"config": {"configurable": {**forged_ids, "langgraph_auth_user": forged_user}}},
-        {"context": {**forged_ids, "tools": ["issue_refund"], "prices": {}}},
-    ):
+    async def forged_assistant(assistant: dict[str, Any]) -> None:
         forged = await alice.assistants.create("agent", **assistant)
         thread = await alice.threads.create()
         await alice.runs.wait(thread["thread_id"], forged["assistant_id"], input=TASK)
@@ -708,6 +698,29 @@ async def test_a_run_cannot_name_another_owner_or_user_for_its_checkpoints(
         looked_up = next(m for m in state["values"]["messages"] if m["type"] == "tool")
         assert looked_up["content"].startswith("Order A1001:"), assistant
         assert await pending_actions(alice, thread["thread_id"]) == ["issue_refund"]  # asks
+
+    # each on a thread of its own: run together (the server queues and runs them at once)
+    await asyncio.gather(
+        *(
+            forged_run(options)
+            for options in (
+                {
+                    "metadata": {"keel_thread_owner": daves},
+                    "config": {"metadata": {"keel_thread_owner": daves}},
+                },
+                {"checkpoint": {"keel_thread_owner": daves}},
+                {"context": {"langgraph_auth_user": forged_user, "langgraph_auth_user_id": "dave"}},
+                {"config": {"configurable": {**forged_ids, "langgraph_auth_user": forged_user}}},
+            )
+        ),
+        *(
+            forged_assistant(assistant)
+            for assistant in (
+                {"config": {"configurable": {**forged_ids, "langgraph_auth_user": forged_user}}},
+                {"context": {**forged_ids, "tools": ["issue_refund"], "prices": {}}},
+            )
+        ),
+    )
 
     thread = await alice.threads.create()
     unsaved = alice.runs.wait(

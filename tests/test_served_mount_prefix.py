@@ -18,7 +18,6 @@ import gated_routes
 import httpx
 import pytest
 import servers
-from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 
 PREFIX = "/agents/v1"
@@ -43,13 +42,13 @@ def server(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture
 async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+    async with servers.client(server) as client:
         yield client
 
 
 @pytest.fixture
 async def alice(server: str) -> AsyncIterator[LangGraphClient]:
-    async with get_client(url=server + PREFIX, headers=gated_routes.ALICE, timeout=60) as client:
+    async with servers.sdk_client(server + PREFIX, gated_routes.ALICE, 60) as client:
         yield client
 
 

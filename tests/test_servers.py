@@ -1,10 +1,11 @@
 """The test servers' start (`tests/servers.py`): a port found free and then taken by another
 process before the server listens on it.
 
-`langgraph dev` then moves to another port of its own choosing (it logs "Port N is already in
-use, using port M instead"), and uvicorn (Aegra) exits ("address already in use"). Either way
-the server is started again on another free port; and whoever took the port (here an HTTP
-server that answers 200 to everything) is never taken for the server. A server that fails
+`langgraph dev` would then move to another port of its own choosing (it logs "Port N is already
+in use, using port M instead"), and uvicorn (Aegra) exit ("address already in use") once
+started up. Seen as soon as another process listens on the port (or the log says so), the
+server is started again on another free port; and whoever took the port (here an HTTP server
+that answers 200 to everything) is never taken for the server. A server that fails
 for any other reason is not started again. The port is taken for real: `free_port` hands out
 a port something already listens on, once.
 """
