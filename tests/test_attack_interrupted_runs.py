@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import eventually
 from forking import ForkServer
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
@@ -252,11 +251,7 @@ def _killed_mid_tool(
     in the tool, or once the tool step's writes are saved, before its checkpoint). It is
     forked with keel imported (`tests/forking.py`)."""
     proc = forks.start_code(CHILD, url, str(effects), when, risk, cwd=effects.parent)
-    try:
-        eventually(proc.ended, "the child's SIGKILL", seconds=120)
-    finally:
-        proc.kill()  # (one that did not end, or a zombie: nothing)
-    assert proc.wait() == -signal.SIGKILL, proc.output()[1][-2000:]
+    assert proc.finish() == -signal.SIGKILL, proc.output()[1][-2000:]
     assert effects.read_text() == "A1\n"
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,8 +97,7 @@ class _Worker:
 
     def result(self, timeout: float = 60) -> str:
         """What it printed after READY, once it ended (0, or the test fails)."""
-        eventually(self.proc.ended, f"{self.proc} to end", seconds=timeout)
-        code = self.proc.wait()
+        code = self.proc.finish(timeout)
         out, self.errors = self.proc.output()
         assert code == 0, self.errors
         return out.removeprefix("READY\n").strip()
@@ -134,13 +132,6 @@ def _leases(url: str) -> list[tuple[Any, ...]]:
         return list(ledger.run(flow()))
     finally:
         ledger.close()
-
-
-def _eventually(check: Any, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _history(url: str, thread: str) -> list[str]:
@@ -185,7 +176,7 @@ def test_two_processes_sending_to_one_thread_at_once_both_keep_their_messages(
     one, two = workers[::-1] if first == "async first" else workers
     one.go()
     if first != "both at once":
-        _eventually(lambda: _leases(db_url) != [], "the first run's lease")
+        eventually(lambda: _leases(db_url) != [], "the first run's lease")
     two.go()
     done = [w.result() for w in workers]
     assert done == ["DONE success", "DONE success"], [w.errors for w in workers]
@@ -202,7 +193,7 @@ def _holding(script: _Script, url: str, thread: str, lease_s: float) -> _Worker:
     """A worker process whose run holds `thread`'s lease (its model takes a minute)."""
     worker = _Worker(script, url, thread, "Slow?", "never", latency=60, lease_s=lease_s)
     worker.go()
-    _eventually(lambda: _leases(url) != [], "the worker's lease")
+    eventually(lambda: _leases(url) != [], "the worker's lease")
     return worker
 
 
@@ -285,7 +276,7 @@ async def test_a_cancelled_or_closed_run_releases_its_thread_lease(db_url: str) 
         config = _thread("left")
         message = {"messages": [("user", "hi")]}
         task = asyncio.create_task(agent.ainvoke(message, config, context=CTX))
-        await asyncio.to_thread(_eventually, lambda: _leases(db_url) != [], "the lease")
+        await asyncio.to_thread(eventually, lambda: _leases(db_url) != [], "the lease")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import eventually
 from forking import ForkServer
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -583,11 +582,7 @@ def test_a_hung_sync_tool_does_not_keep_the_process_alive_after_its_timeout(
     (The process is forked with keel imported, `tests/forking.py`, and ends as `python -c`
     would: its interpreter's shutdown joins the threads it started.)"""
     done = forks.start_code(HUNG, cwd=tmp_path)
-    try:
-        eventually(done.ended, "the process to end after its tool's timeout", seconds=30)
-    finally:
-        done.kill()  # (one that did not end, or a zombie: nothing)
-    assert done.wait() == 0, done.output()
+    assert done.finish(seconds=30) == 0, done.output()  # ended after its tool's timeout
     assert done.lines() == ["timeout"]
 
 
