@@ -8,6 +8,7 @@
 - `chroma_server`: starts a real Chroma server (`chroma run`) on a free port, offline.
 - `forks`: a fork server with keel imported (`tests/forking.py`), one per worker: a process a
   test runs apart (or kills) is forked in milliseconds, not started as a fresh interpreter.
+- `keel_command`: runs the `keel` console script as a user does, in a process forked likewise.
 """
 
 from __future__ import annotations
@@ -360,4 +361,33 @@ def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     env = {**os.environ, "LANGSMITH_TRACING": "false"}
     server = ForkServer((*FORK_PRELOAD, *CHECKPOINTERS), tmp_path_factory.mktemp("forks"), env)
     yield server
+    server.close()
+
+
+CLI_PRELOAD = ("keel_cli", "keel.app.cli", "langchain.agents")
+"""What the `keel_command` server imports. (Not chromadb or onnxruntime: a process forked after
+their import aborts as it exits.)"""
+
+
+@pytest.fixture(scope="session")
+def keel_command(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """`keel_command(*args, cwd=folder)`: `keel args` run as a user runs it (stdin /dev/null,
+    no KEEL_MODEL, LangSmith off), its exit code, stdout and stderr. The console script itself,
+    run in a process forked with keel's CLI imported (`tests/forking.py`), which ends as the
+    command does (its interpreter's shutdown, atexit handlers and thread joins included)."""
+    from forking import ForkServer
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
+    env["LANGSMITH_TRACING"] = "false"
+    server = ForkServer(CLI_PRELOAD, tmp_path_factory.mktemp("keel-forks"), env)
+    keel = Path(sys.executable).with_name("keel")
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        proc = server.start_script(keel, *args, cwd=cwd)
+        code = proc.finish()
+        return subprocess.CompletedProcess([str(keel), *args], code, *proc.output())
+
+    yield run
     server.close()

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forking import ForkServer
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
@@ -479,28 +477,23 @@ async def aresumed(
     return ai, requests, rows, result
 
 
-def killed_after_the_primary(driver: str, db_url: str, tmp_path: Path) -> Path:
-    """Run `CHILD` (killed right after the first refund); the file its refund wrote."""
+def killed_after_the_primary(forks: ForkServer, driver: str, db_url: str, tmp_path: Path) -> Path:
+    """Run `CHILD` (killed right after the first refund), a process forked with keel imported
+    (`tests/forking.py`, LangSmith off); the file its refund wrote."""
     effects = tmp_path / "effects.txt"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {**os.environ, "LANGSMITH_TRACING": "false"}
-    proc = subprocess.run(
-        [sys.executable, str(script), db_url, str(effects), driver],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
-    )  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    proc = forks.start_code(CHILD, db_url, str(effects), driver, cwd=tmp_path)
+    assert proc.finish() == -signal.SIGKILL, proc.output()[1][-2000:]
     return effects
 
 
 @pytest.mark.parametrize("answer", ["approve", "reject"])
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
-    driver: str, answer: str, db_url: str, tmp_path: Path
+    driver: str, answer: str, db_url: str, tmp_path: Path, forks: ForkServer
 ) -> None:
     """Killed right after the first refund, before its record: on resume the human is asked
     "did this happen?" about that call only, and the repeat follows the answer, unrun."""
-    effects = killed_after_the_primary(driver, db_url, tmp_path)
+    effects = killed_after_the_primary(forks, driver, db_url, tmp_path)
     assert effects.read_text().splitlines() == ["refund"]
     shop = Shop()
     ledger = Ledger(db_url)
@@ -546,13 +539,13 @@ def test_sigkill_after_the_primary_ran_never_runs_its_repeat(
 
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_sigkill_after_the_primary_ran_then_a_new_message_answers_the_repeat_as_its_primary(
-    driver: str, db_url: str, tmp_path: Path
+    driver: str, db_url: str, tmp_path: Path, forks: ForkServer
 ) -> None:
     """Killed right after the first refund; the next task is a new message, not a resume. The
     primary is answered "outcome unknown"; its repeat was never claimed, so it was answered
     "Not run: ... keel does not run it now" beside it, and the model read that one of two
     refunds did not happen (and asked for it again). It follows its primary's answer."""
-    effects = killed_after_the_primary(driver, db_url, tmp_path)
+    effects = killed_after_the_primary(forks, driver, db_url, tmp_path)
     shop = Shop()
     ledger = Ledger(db_url)
     try:

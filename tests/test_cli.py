@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,26 +14,14 @@ import pytest
 from keel.app.cli import main
 from keel.errors import UserError
 
-
-def _keel(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).with_name("keel")
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("KEEL_MODEL", None)
-    return subprocess.run(
-        [str(exe), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env=full_env,
-        timeout=120,
-    )
+Keel = Callable[..., subprocess.CompletedProcess[str]]
+"""conftest's `keel_command`: `keel args` as a user runs it, in a process of its own."""
 
 
-def test_demo_without_a_terminal_approves_from_the_scenario(tmp_path: Path) -> None:
-    done = _keel("demo", "--thread", "d1", cwd=tmp_path)
+def test_demo_without_a_terminal_approves_from_the_scenario(
+    tmp_path: Path, keel_command: Keel
+) -> None:
+    done = keel_command("demo", "--thread", "d1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "scripted model" in out  # says, in one line, that it runs offline
@@ -46,11 +34,11 @@ def test_demo_without_a_terminal_approves_from_the_scenario(tmp_path: Path) -> N
     assert "[reflect] stored a lesson of this run in long-term memory" in out
     assert (tmp_path / ".keel" / "chroma").is_dir()  # embedded Chroma beside it
 
-    listed = _keel("threads", cwd=tmp_path)
+    listed = keel_command("threads", cwd=tmp_path)
     assert listed.returncode == 0
     assert "d1" in listed.stdout and "completed" in listed.stdout
 
-    again = _keel("demo", "--thread", "d1-again", cwd=tmp_path)
+    again = keel_command("demo", "--thread", "d1-again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "[recall] 1 memory of this user put into the context" in again.stdout  # the lesson
 
@@ -316,22 +304,23 @@ def test_an_empty_user_or_tenant_is_refused_naming_the_option(
 
 
 def test_a_database_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
-    tmp_path: Path,
+    tmp_path: Path, keel_command: Keel
 ) -> None:
-    """A subprocess: aiosqlite's thread used to report to the closed event loop at exit."""
-    done = _keel("demo", "--db", f"sqlite:///{tmp_path}", cwd=tmp_path)
+    """A process of its own: aiosqlite's thread used to report to the closed event loop at
+    exit."""
+    done = keel_command("demo", "--db", f"sqlite:///{tmp_path}", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith(f"keel: cannot open the SQLite database at sqlite:///{tmp_path}")
     assert "Traceback" not in done.stderr
 
 
 def test_a_chroma_folder_that_cannot_be_opened_ends_in_one_line_not_a_traceback(
-    tmp_path: Path,
+    tmp_path: Path, keel_command: Keel
 ) -> None:
     """The demo's memory beside its database: a file where its folder should be, exit 2."""
     (tmp_path / ".keel").mkdir()
     (tmp_path / ".keel" / "chroma").write_text("not a folder")
-    done = _keel("demo", "--thread", "c1", cwd=tmp_path)
+    done = keel_command("demo", "--thread", "c1", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
         f"keel: Cannot open the Chroma store at {tmp_path / '.keel' / 'chroma'} (FileExistsError: "

@@ -13,11 +13,10 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from forking import ForkServer
 
 from keel.app.cli import main
 
@@ -120,32 +119,21 @@ USER_AGENTS = textwrap.dedent(
 )
 
 
-KEEL = Path(sys.executable).with_name("keel")
-"""The `keel` console script."""
-CLI_PRELOAD = ("keel_cli", "keel.app.cli", "langchain.agents")
-"""(Not chromadb or onnxruntime: a process forked after their import aborts as it exits.)"""
-_forks: list[ForkServer] = []
+_commands: list[Callable[..., subprocess.CompletedProcess[str]]] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _keel_forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The fork server `_keel` runs the `keel` script from, keel already imported."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEL_MODEL", "LANGSMITH_"))}
-    env["LANGSMITH_TRACING"] = "false"
-    server = ForkServer(CLI_PRELOAD, tmp_path_factory.mktemp("keel-forks"), env)
-    _forks.append(server)
+@pytest.fixture(autouse=True)
+def _keel_command(keel_command: Callable[..., subprocess.CompletedProcess[str]]) -> Iterator[None]:
+    _commands.append(keel_command)
     yield
-    _forks.remove(server)
-    server.close()
+    _commands.remove(keel_command)
 
 
 def _keel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`keel args` in `cwd` (no stdin, no KEEL_MODEL, no LangSmith): the console script, run
-    in a process forked with keel imported (`tests/forking.py`)."""
-    (forks,) = _forks
-    proc = forks.start_script(KEEL, *args, cwd=cwd)
-    code = proc.wait()
-    return subprocess.CompletedProcess([str(KEEL), *args], code, *proc.output())
+    """`keel args` in `cwd` (no stdin, no KEEL_MODEL, no LangSmith): conftest's `keel_command`,
+    the console script run in a process forked with keel imported (`tests/forking.py`)."""
+    (run,) = _commands
+    return run(*args, cwd=cwd)
 
 
 @pytest.fixture

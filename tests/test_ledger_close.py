@@ -5,18 +5,19 @@ thread, and closing it while another thread runs a statement on it frees that st
 it: the process dies of a segmentation fault. A cancelled `ainvoke` leaves its transaction
 running in a worker thread (`asyncio.to_thread` cannot stop one), so an app that closes its
 ledger on shutdown, or a test teardown, hit exactly that (a CI run died this way). Each case
-runs in a subprocess so that a regression reads as a failed test, not a dead test run.
+runs in a process of its own (forked with keel imported, `tests/forking.py`) so that a
+regression reads as a failed test, not a dead test run.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from forking import ForkServer
 
 from keel import Ledger
 
@@ -29,8 +30,10 @@ SLOW = (
     "SELECT count(*) FROM c"
 )
 
-def slow_insert(mark):
+def slow_insert(mark, started=None):
     yield "CREATE TABLE IF NOT EXISTS scratch (mark TEXT)", ()
+    if started is not None:
+        started.set()  # the ledger runs SLOW next
     rows = yield SLOW, ()
     yield "INSERT INTO scratch (mark) VALUES (?)", (mark,)
     return rows[0][0]
@@ -45,32 +48,30 @@ ledger.setup()
 """
 
 
-def _run(tmp_path: Path, body: str) -> str:
+def _run(forks: ForkServer, tmp_path: Path, body: str) -> str:
     script = _PRELUDE + textwrap.dedent(body)
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "ledger.db")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,  # not the checkout, whose folders shadow the installed package
-    )
-    assert done.returncode == 0, (
-        f"the process died (exit {done.returncode}; -11 is a segmentation fault):\n"
-        f"{done.stdout}\n{done.stderr}"
-    )
-    return done.stdout
+    done = forks.start_code(script, str(tmp_path / "ledger.db"), cwd=tmp_path)
+    code = done.finish()
+    out, err = done.output()
+    assert code == 0, f"the process died (exit {code}; -11 is a segmentation fault):\n{out}\n{err}"
+    return out
 
 
-def test_close_from_another_thread_waits_for_the_running_transaction(tmp_path: Path) -> None:
+def test_close_from_another_thread_waits_for_the_running_transaction(
+    tmp_path: Path, forks: ForkServer
+) -> None:
     out = _run(
+        forks,
         tmp_path,
         """
         result = {}
+        started = threading.Event()
         def work():
-            result["count"] = ledger.run(slow_insert("first"))
+            result["count"] = ledger.run(slow_insert("first", started))
         worker = threading.Thread(target=work)
         worker.start()
-        time.sleep(0.3)  # inside the slow statement
+        started.wait()
+        time.sleep(0.1)  # inside the slow statement (~1 s)
         ledger.close()
         worker.join()
         assert result == {"count": 2000000}, result
@@ -80,8 +81,11 @@ def test_close_from_another_thread_waits_for_the_running_transaction(tmp_path: P
     assert out.strip() == "['first']"
 
 
-def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(tmp_path: Path) -> None:
+def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(
+    tmp_path: Path, forks: ForkServer
+) -> None:
     out = _run(
+        forks,
         tmp_path,
         """
         async def main():
@@ -100,9 +104,10 @@ def test_aclose_after_a_cancelled_arun_keeps_the_process_alive(tmp_path: Path) -
 
 
 def test_a_failed_thread_connection_reopens_and_repeated_closes_are_harmless(
-    tmp_path: Path,
+    tmp_path: Path, forks: ForkServer
 ) -> None:
     out = _run(
+        forks,
         tmp_path,
         """
         from keel.errors import StorageError

@@ -1,7 +1,7 @@
 """RPM / TPM token buckets: the pure math over fabricated times, then the ledger on both backends.
 
 The issue's guarantee: two processes against one PostgreSQL share one bucket (tested with two
-real subprocesses, one sync and one async).
+real processes, one sync and one async).
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Clock, until
+from conftest import Clock, eventually, until
+from forking import ForkServer
 
 from keel import Ledger, UserError
 from keel.guards import RateLimit, RateLimited, RateLimiter
@@ -376,39 +374,33 @@ print(json.dumps(admitted))
 
 
 @pytest.mark.postgres
-def test_two_processes_share_one_bucket(fresh_postgres_url: str, tmp_path: Path) -> None:
+def test_two_processes_share_one_bucket(
+    fresh_postgres_url: str, tmp_path: Path, forks: ForkServer
+) -> None:
+    """(The two processes are forked with keel imported, `tests/forking.py`.)"""
     ledger = Ledger(fresh_postgres_url)
     ledger.setup()  # once, so the workers never race to create the tables
     ledger.close()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(script), fresh_postgres_url, mode, "15"],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for mode in ("sync", "async")
-    ]
+    modes = ("sync", "async")
+    workers = [forks.start_script(script, fresh_postgres_url, m, "15", cwd=tmp_path) for m in modes]
     try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"ready-{m}").exists() for m in ("sync", "async")):
-            for w in workers:
-                if w.poll() is not None:
-                    pytest.fail(f"a worker exited early: {w.communicate()[1]}")
-            assert time.monotonic() < deadline, "the workers did not start within 60 s"
-            time.sleep(0.01)
+
+        def ready() -> bool:
+            if any(w.ended() for w in workers):
+                pytest.fail(f"a worker exited early: {[w.output()[1] for w in workers]}")
+            return all((tmp_path / f"ready-{m}").exists() for m in modes)
+
+        eventually(ready, "the workers to start")
         (tmp_path / "go").touch()
-        outputs = [w.communicate(timeout=60) for w in workers]
+        codes = [w.finish(60) for w in workers]
     finally:
         for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.communicate()
-    for worker, (_out, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, err
+            w.kill()  # (one that ended: nothing)
+    outputs = [w.output() for w in workers]
+    for code, (_out, err) in zip(codes, outputs, strict=True):
+        assert code == 0, err
     admitted: list[list[float]] = [json.loads(out) for out, _ in outputs]
     times = sorted(t for process in admitted for t in process)
     # Each process alone would get 10 of its 15 attempts. 10 a minute refills one request every

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from forking import ForkServer
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.types import Command
 
@@ -448,15 +447,14 @@ KILLED = textwrap.dedent(
 
 
 def test_a_killed_supervisor_run_is_recorded_by_the_threads_next_message(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, forks: ForkServer
 ) -> None:
     """SIGKILL while the supervisor's agent refunds: the process could write no record. The
     thread's next message records the killed run `stopped/cancelled` (none was written: a
-    supervisor's messages hold no unanswered call for keel's left-behind rule to find)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED, db_url], capture_output=True, timeout=120, cwd=tmp_path
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    supervisor's messages hold no unanswered call for keel's left-behind rule to find). The
+    process is forked with keel imported (`tests/forking.py`)."""
+    proc = forks.start_code(KILLED, db_url, cwd=tmp_path)
+    assert proc.finish() == -signal.SIGKILL, proc.output()[1][-2000:]
     ran: list[str] = []
     ledger = Ledger(db_url)
     try:
