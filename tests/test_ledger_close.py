@@ -70,7 +70,7 @@ def test_close_from_another_thread_waits_for_the_running_transaction(
             result["count"] = ledger.run(slow_insert("first", started))
         worker = threading.Thread(target=work)
         worker.start()
-        started.wait()
+        assert started.wait(60), "the slow statement never started"
         time.sleep(0.1)  # inside the slow statement (~1 s)
         ledger.close()
         worker.join()

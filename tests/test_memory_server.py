@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from forking import ForkServer
 
 from keel.memory import ChromaStore
 
@@ -48,22 +47,19 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_two_processes_write_through_the_server_at_once(chroma_url: str, tmp_path: Path) -> None:
+def test_two_processes_write_through_the_server_at_once(
+    chroma_url: str, tmp_path: Path, forks: ForkServer
+) -> None:
+    """(The two are forked with keel imported, `tests/forking.py`; each imports chromadb.)"""
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), chroma_url, who, "25"],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for who in ("alice", "bob")
+        forks.start_script(script, chroma_url, who, "25", cwd=tmp_path) for who in ("alice", "bob")
     ]
     for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+        code = p.finish()
+        out, err = p.output()
+        assert code == 0, err
         assert out.startswith("done")
     store = ChromaStore(
         url=chroma_url, name="shared", index=_words_index(), embedding_model="words-v1"
