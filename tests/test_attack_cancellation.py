@@ -4,10 +4,11 @@ An app cancels runs (a timeout, a client gone), and under anyio's cancel scopes 
 Starlette) a cancelled task is cancelled again at every await until it leaves the scope; it
 closes its ledger and checkpointer while other threads may still use them; it runs each request
 on a thread or an `asyncio.run` of its own. Invariants: the process never crashes (cases that
-could die of a segmentation fault run in a subprocess, so a regression is a failed test); no
-side-effecting call runs twice; the thread can go on in a fresh agent; the cancelled run has
-one run record, `stopped/cancelled`; what it held (its thread's lease, its admission slot, its
-connections) is given back, not kept until a lease expires or the process ends.
+could die of a segmentation fault run in a process of their own, forked with keel imported, so
+a regression is a failed test); no side-effecting call runs twice; the thread can go on in a
+fresh agent; the cancelled run has one run record, `stopped/cancelled`; what it held (its
+thread's lease, its admission slot, its connections) is given back, not kept until a lease
+expires or the process ends.
 
 Real parts: SQLite files and PostgreSQL; the model is keel's `ScriptedChatModel`.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from forking import ForkServer
 from test_ledger_close import _run
 from test_storage_faults import InFlightKiller
 
@@ -39,13 +41,14 @@ NEXT = {"messages": [("user", "and order B2?")]}
 
 
 def test_closing_the_sync_checkpointer_waits_for_another_threads_statement(
-    tmp_path: Path,
+    tmp_path: Path, forks: ForkServer
 ) -> None:
     """A web server's request thread reads the thread (keel's `list_threads` uses the saver's
     cursor the same way) while the app shuts down and leaves `Persistence.checkpointer()`:
     the close freed the running statement under that thread and the process died (SIGSEGV).
     Now the close waits for it; the saver refuses further use with an error."""
     out = _run(  # (its prelude opens a ledger on the file, and defines `path` and `SLOW`)
+        forks,
         tmp_path,
         """
         from keel import Persistence
@@ -71,7 +74,7 @@ def test_closing_the_sync_checkpointer_waits_for_another_threads_statement(
 
 
 def test_an_app_that_times_out_sync_runs_in_threads_and_closes_under_them_survives(
-    tmp_path: Path,
+    tmp_path: Path, forks: ForkServer
 ) -> None:
     """The careless app: `asyncio.wait_for(asyncio.to_thread(agent.invoke, ...), timeout)`,
     then it closes its checkpointer and ledger while the timed-out run goes on in its thread.
@@ -79,6 +82,7 @@ def test_an_app_that_times_out_sync_runs_in_threads_and_closes_under_them_surviv
     segmentation fault within a few runs; now each run ends with an outcome (`storage` once
     its storage is closed under it)."""
     out = _run(  # (its prelude defines `path`)
+        forks,
         tmp_path,
         """
         from keel import Ledger, Persistence, RunContext, build_agent, tool
