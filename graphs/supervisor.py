@@ -342,8 +342,7 @@ def _route_node(
             asked = valid_history([SystemMessage(prompt), *messages])
             clock, usage = _run_clock(state)
             started = _started(state, clock)
-            until = ask.deadline(started)
-            got = yield from ask.call(asked, config, context_of(runtime), usage, until=until)
+            got = yield from ask.call(asked, config, context_of(runtime), usage, clock=started)
             return {**decided(state, got, usage, started), **clock}
         except GraphBubbleUp:
             raise

@@ -234,8 +234,8 @@ class DetectorSpend:
             self.clock = task_clock(self.state, time.time())  # a new task: its run starts here
             self.spent = run_usage(self.state.get("usage"), self.clock or self.state.get("clock"))
         spent, context = add_usage(self.spent, self.usage), context_of(self.runtime)
-        until = model.deadline(self.clock or self.state.get("clock"))  # the run's wall_seconds
-        steps = model.call(messages, None, context, spent, until=until)
+        clock = self.clock or self.state.get("clock")  # the run's, for its wall_seconds
+        steps = model.call(messages, None, context, spent, clock=clock)
         answer = drive(steps) if self.sync else await adrive(steps)
         self.usage = add_usage(self.usage, answer.usage)
         if answer.error is not None:

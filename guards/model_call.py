@@ -447,18 +447,25 @@ class GuardedModel:
         """When (`time.time()`) the run whose clock is `clock` reaches its `wall_seconds` limit.
 
         Its own run budget's, or an outer run's (a supervisor's over its agent); `None` without
-        one. Every model call of a run passes it as `until`: a call's wait for a period budget's
-        room (`PeriodBudget.wait_for_reservations`) ends there, and the run with it.
+        one. Every model call of a run passes it as `until` (or its clock as `clock`): a call's
+        wait for a period budget's room (`PeriodBudget.wait_for_reservations`) ends there, and
+        the run with it.
         """
         return wall_deadline(self.budget, (clock or {}).get("started_at"))
 
-    def _over_budget(self, usage: Mapping[str, Any] | None) -> Outcome | None:
+    def _over_budget(
+        self, usage: Mapping[str, Any] | None, started_at: float | None
+    ) -> Outcome | None:
+        """Why the run budget (or an outer run's) refuses the call; `started_at`: the run clock.
+
+        With the clock, a run past its `wall_seconds` makes no further model call.
+        """
         over = outer_exceeded(usage) if usage is not None else None
         if over is not None:  # a supervisor's run budget over its agent's planner or judge
             return outcome.stopped("budget_exceeded", over)
         if self.budget is None:
             return None
-        verdict = check_budget(self.budget, usage or {})
+        verdict = check_budget(self.budget, usage or {}, started_at=started_at)
         return outcome.stopped("budget_exceeded", verdict.exceeded) if verdict.exceeded else None
 
     # -- the steps, written once ------------------------------------------------------------
@@ -471,14 +478,19 @@ class GuardedModel:
         usage: Mapping[str, Any] | None,
         *,
         until: float | None = None,
+        clock: Mapping[str, Any] | None = None,
     ) -> Steps[ModelAnswer]:
         """The call as steps for `keel._drive`; `invoke` and `ainvoke` drive it.
 
         Attempts along the chain: retry, fall back, or stop (`keel.guards.fallback`). `until`:
         the run's wall-clock limit (`time.time()`), past which no wait for a period budget's
-        room (`PeriodBudget.wait_for_reservations`) goes on.
+        room (`PeriodBudget.wait_for_reservations`) goes on. `clock`: the run clock
+        (`AgentState.clock`): a run past its `wall_seconds` (or an outer run's) makes no call,
+        and `until` defaults to its deadline (`deadline`).
         """
-        stop = self._over_budget(usage)
+        if until is None:
+            until = self.deadline(clock)
+        stop = self._over_budget(usage, (clock or {}).get("started_at"))
         if stop is not None:
             return ModelAnswer(stop=stop)
         if self.decides:  # a plan, a route, a verdict: read by keel, streamed to no client

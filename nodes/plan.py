@@ -124,8 +124,8 @@ def plan(
         messages = prompt(state, new_task)
         if messages is None:
             return {}
-        until = planner.deadline(clock.get("clock") or state.get("clock"))
-        got = yield from planner.call(messages, config, context_of(runtime), usage, until=until)
+        run_clock = clock.get("clock") or state.get("clock")
+        got = yield from planner.call(messages, config, context_of(runtime), usage, clock=run_clock)
         return {**finish(got, state, new_task), **clock}
 
     return steps_node(name, steps)

@@ -146,8 +146,7 @@ def verify(
             return decide(state, answer, verdict)
         ctx, usage = context_of(runtime), run_usage(state.get("usage"), state.get("clock"))
         prompt = convert_to_messages(_judge_prompt(state, answer))
-        until = judge_model.deadline(state.get("clock"))
-        got = yield from judge_model.call(prompt, config, ctx, usage, until=until)
+        got = yield from judge_model.call(prompt, config, ctx, usage, clock=state.get("clock"))
         return judged(state, answer, got)
 
     return steps_node(name, steps)
