@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from langgraph.store.base import (
+    InvalidNamespaceError,
     Item,
     MatchCondition,
     Op,
@@ -306,6 +307,7 @@ def check_put(op: PutOp) -> None:
     """
     where = f"put({list(op.namespace)!r}, {op.key!r}, ...)"
     if op.value is not None:
+        check_put_namespace(op.namespace)
         if not isinstance(op.value, Mapping):
             raise UserError(
                 f"{where}: the value must be a dict (a JSON object), got "
@@ -327,6 +329,24 @@ def check_put(op: PutOp) -> None:
         raise UserError(
             f"{where}: index must be None (the store's fields), False (not searchable) or a "
             f"list of field paths such as ['text'], got {index!r}."
+        )
+
+
+def check_put_namespace(namespace: tuple[str, ...]) -> None:
+    """Refuse writing to the empty namespace or under the reserved root label "langgraph".
+
+    LangGraph's `BaseStore.put` refuses both, but ops handed straight to `batch`/`abatch` (as
+    the LangGraph server does) skip that check; the labels themselves are checked for every op
+    by `validate_op_namespace`. Deletes (value None) are not refused, as in LangGraph.
+    """
+    if not namespace:
+        raise InvalidNamespaceError(
+            "Namespace cannot be empty: put(...) needs at least one label, e.g. ('memories',)."
+        )
+    if namespace[0] == "langgraph":
+        raise InvalidNamespaceError(
+            f'Root label for namespace cannot be "langgraph" (reserved by LangGraph). '
+            f"Got: {namespace}; pick another first label."
         )
 
 

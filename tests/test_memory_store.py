@@ -18,7 +18,7 @@ import chromadb
 import pytest
 from chromadb.config import Settings
 from conftest import Clock
-from langgraph.store.base import GetOp, PutOp
+from langgraph.store.base import GetOp, InvalidNamespaceError, PutOp
 from langgraph.store.memory import InMemoryStore
 
 from keel.errors import UserError
@@ -248,6 +248,28 @@ def test_bad_operations_are_refused_with_the_fix(store: ChromaStore) -> None:
         store.batch([GetOp(("a.b",), "k")])
     with pytest.raises(UserError, match="non-empty prefix"):
         store.purge(())
+
+
+@pytest.mark.parametrize(
+    ("namespace", "message"),
+    [((), "Namespace cannot be empty"), (("langgraph", "a"), 'cannot be "langgraph"')],
+)
+async def test_a_put_op_to_a_namespace_langgraph_refuses_is_refused_in_batch_too(
+    store: ChromaStore, namespace: tuple[str, ...], message: str
+) -> None:
+    # (BaseStore.put refuses these, but a PutOp handed to batch/abatch, as the LangGraph
+    # server does, was written: the empty namespace even got listed)
+    with pytest.raises(InvalidNamespaceError, match=re.escape(message)):
+        store.put(namespace, "k", {"text": "tea"})
+    with pytest.raises(InvalidNamespaceError, match=re.escape(message)):
+        store.batch(
+            [PutOp(("m", "a"), "ok", {"text": "fine"}), PutOp(namespace, "k", {"text": "x"})]
+        )
+    with pytest.raises(InvalidNamespaceError, match=re.escape(message)):
+        await store.abatch([PutOp(namespace, "k", {"text": "tea"})])
+    assert store.list_namespaces() == []  # nothing written, not even the good op
+    assert store.batch([GetOp(namespace, "k")]) == [None]
+    store.batch([PutOp(namespace, "k", None)])  # a delete is allowed, as in LangGraph
 
 
 @pytest.mark.parametrize(
