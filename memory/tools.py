@@ -35,9 +35,15 @@ def memory_tools(store: BaseStore | None = None, *, kind: str = "memories") -> l
     @tool(name="remember", risk="write", side_effects=False)
     def remember(text: str) -> str:
         """Save a fact about the user for later conversations (one short sentence)."""
+        fact = text.strip()
+        if not fact:  # an empty memory would be recalled as a blank line, forever
+            return (
+                "Nothing remembered: text is empty. Call remember again with the fact itself "
+                "as one short sentence, e.g. text='The user prefers tea.'."
+            )
         st, ns = scope()
-        key = hashlib.sha256(text.strip().encode()).hexdigest()[:16]  # same fact, same key
-        st.put(ns, key, {"text": text.strip()})
+        key = hashlib.sha256(fact.encode()).hexdigest()[:16]  # same fact, same key
+        st.put(ns, key, {"text": fact})
         return f"Remembered (id {key})."
 
     @tool(name="recall_memories", risk="read")

@@ -126,6 +126,17 @@ def test_the_model_remembers_through_tools_scoped_to_the_caller(store: ChromaSto
     assert len(store.search(user_namespace(ALICE))) == 1
 
 
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_an_empty_memory_is_refused_with_a_message_the_model_can_act_on(
+    store: ChromaStore, text: str
+) -> None:
+    model = ScriptedChatModel(script=[call("remember", text=text), "ok"])
+    _ask(_graph(model, store), "remember nothing", ALICE)
+    answer = [m for m in model.calls[-1] if isinstance(m, ToolMessage)][-1]
+    assert answer.text.startswith("Nothing remembered: text is empty.")
+    assert store.search(user_namespace(ALICE)) == []  # (a blank memory was stored)
+
+
 def test_tools_ignore_identity_smuggled_into_arguments(store: ChromaStore) -> None:
     model = ScriptedChatModel(
         script=[
