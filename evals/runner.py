@@ -19,7 +19,7 @@ import importlib
 import inspect
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -141,28 +141,60 @@ async def arun_suite(
         prices: Prices over keel's table, passed to every factory as `prices=` (see the
             module); a factory that takes no `prices` is then refused before anything runs.
     """
-    if repeat < 1 or concurrency < 1:
-        raise UserError(f"repeat and concurrency must be 1 or more, got {repeat}, {concurrency}.")
+    _check_counts(repeat=repeat, concurrency=concurrency)
     factory, factories = suite_factories(suite, graph, prices)
     if evaluators is None:
         evaluators = default_evaluators(judge or suite.judge)
-    gate = asyncio.Semaphore(concurrency)
 
     async def one(case: Case, index: int) -> CaseRun:
         built = factories[case.graph] if case.graph is not None else factory
-        async with gate:
-            run = await arun_case(
-                case, built, model=_model_for(case, suite, model), repeat=index, prices=prices
-            )
+        run = await arun_case(
+            case, built, model=_model_for(case, suite, model), repeat=index, prices=prices
+        )
         run.scores = await evaluate(run, evaluators)
         if on_run is not None:
             on_run(run)
         return run
 
+    jobs = ((case, i) for case in suite.cases for i in range(repeat))
     with _offline_unless_keyed():
-        jobs = [one(case, i) for case in suite.cases for i in range(repeat)]
-        runs = list(await asyncio.gather(*jobs))
+        runs = await _in_order(one, jobs, min(concurrency, len(suite.cases) * repeat))
     return SuiteResult(suite=suite.name, runs=runs, graph=graph_name(suite, graph))
+
+
+def _check_counts(**counts: object) -> None:
+    """Refuse a count (`repeat=`, `concurrency=`) that is not a whole number of 1 or more."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a whole number of 1 or more, got {value!r}.")
+
+
+async def _in_order(
+    one: Callable[[Case, int], Awaitable[CaseRun]],
+    jobs: Iterator[tuple[Case, int]],
+    workers: int,
+) -> list[CaseRun]:
+    """`one(case, index)` for every job, `workers` at once, the runs in the jobs' order.
+
+    Each worker takes its next job when it is free, so a run exists only once it starts: with
+    `repeat=N` all N runs' coroutines and tasks were built up front (memory in proportion to N
+    before the first run ended). If one raises, the others are cancelled and it is re-raised.
+    """
+    done: dict[int, CaseRun] = {}
+    numbered = enumerate(jobs)
+
+    async def worker() -> None:
+        for n, (case, index) in numbered:  # a plain generator: no other worker runs mid-`next`
+            done[n] = await one(case, index)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # a run that raised (or a cancel) stops the other workers too
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [done[n] for n in range(len(done))]
 
 
 def suite_factories(

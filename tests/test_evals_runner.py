@@ -4,6 +4,7 @@ graph that raises, and model overrides."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -72,6 +73,78 @@ async def test_repeat_and_concurrency() -> None:
     IN_FLIGHT["max"] = 0
     await arun_suite(suite(*cases, model="keel:demo"), slow_graph, concurrency=1)
     assert IN_FLIGHT["max"] == 1
+
+
+BUILDS: list[int] = []  # asyncio tasks alive at each graph build
+
+
+def counting_graph(model: BaseChatModel) -> Any:
+    """`slow_graph`, noting how many asyncio tasks exist as each run builds its graph."""
+    BUILDS.append(len(asyncio.all_tasks()))
+    return slow_graph(model)
+
+
+class Enough(Exception):
+    pass
+
+
+STOPPED: list[object] = []
+
+
+def _stop(run: object) -> None:
+    """Fail the first run only: the other worker would take the next job if not stopped."""
+    if not STOPPED:
+        STOPPED.append(run)
+        raise Enough
+
+
+async def test_a_big_repeat_builds_each_run_only_when_it_starts() -> None:
+    # (every run's coroutine and task was built up front: 2,001 tasks before the first run,
+    # memory in proportion to --repeat; and a failing run left the others running on)
+    BUILDS.clear()
+    STOPPED.clear()
+    with pytest.raises(Enough):
+        await arun_suite(
+            suite({"id": "a", "input": "hi"}, model="keel:demo"),
+            counting_graph,
+            repeat=2_000,
+            concurrency=2,
+            on_run=_stop,
+        )
+    assert BUILDS[0] <= 2 + 1  # the two workers and the test's own task
+    started = len(BUILDS)
+    assert started <= 4  # one run each, and at most one more that began as the first failed
+    await asyncio.sleep(0.3)  # a worker left going would have started more runs by now
+    assert len(BUILDS) == started  # the failure stopped the other worker
+
+
+async def test_runs_keep_case_then_repeat_order_when_they_finish_out_of_order() -> None:
+    cases = [{"id": f"c{i}", "input": "hi"} for i in range(3)]
+    result = await arun_suite(suite(*cases, model="keel:demo"), slow_graph, repeat=3, concurrency=4)
+    assert [(r.case.id, r.repeat) for r in result.runs] == [
+        (f"c{i}", k) for i in range(3) for k in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"repeat": 0}, "repeat must be a whole number of 1 or more, got 0."),
+        ({"repeat": -1}, "repeat must be a whole number of 1 or more, got -1."),
+        ({"repeat": "3"}, "repeat must be a whole number of 1 or more, got '3'."),
+        ({"repeat": True}, "repeat must be a whole number of 1 or more, got True."),
+        ({"concurrency": 1.5}, "concurrency must be a whole number of 1 or more, got 1.5."),
+    ],
+)
+async def test_bad_counts_are_refused_before_anything_runs(
+    options: dict[str, Any], says: str
+) -> None:
+    BUILDS.clear()
+    with pytest.raises(UserError, match=re.escape(says)):
+        await arun_suite(
+            suite({"id": "a", "input": "hi"}, model="keel:demo"), counting_graph, **options
+        )
+    assert BUILDS == []
 
 
 async def test_a_graph_that_raises_is_a_failed_run_not_a_crash() -> None:
