@@ -25,10 +25,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal, NotRequired, cast
+from dataclasses import replace
+from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
-from langchain.agents.middleware.types import AgentState, PrivateStateAttr, ToolCallRequest
+from langchain.agents.middleware.types import (
+    AgentState,
+    ExtendedModelResponse,
+    PrivateStateAttr,
+    ToolCallRequest,
+)
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langgraph._internal._constants import OVERWRITE
@@ -65,7 +71,7 @@ from keel.identity import reviewer_of, server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
-from keel.tools._args import approval_digests, invalid_args
+from keel.tools._args import approval_digests, invalid_args, json_args
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools._injected import spoofed
 from keel.tools.registry import registered
@@ -88,6 +94,7 @@ ToolHandler = Callable[[ToolCallRequest], ToolMessage | Command[Any]]
 AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]]
 ExitBehavior = Literal["end", "error"]
 _DEFAULT_CONTEXT = RunContext()
+_R = TypeVar("_R")
 
 
 # -- helpers every middleware shares ------------------------------------------------------
@@ -139,6 +146,30 @@ def _tool_message(request: ToolCallRequest, content: str, status: str) -> ToolMe
         status="error",
         response_metadata={"keel_status": status},
     )
+
+
+def _json_answer(response: _R) -> _R:
+    """`response` with its answers' tool arguments as JSON carries them (`json_args`).
+
+    As `build_agent`'s `call_model` stores a model's answer: a key JSON cannot write (a tuple, a
+    frozenset, at any depth) is written as its canonical JSON, so the checkpoint can store the
+    answer (it could not: the run ended in a `TypeError` and the thread was left unsaved) and
+    the tool's schema reads the arguments as it reads a provider's (`invalid_args` when they
+    do not fit). Every keel middleware's model hook applies it, so one of them is enough.
+    """
+    if isinstance(response, AIMessage):
+        return cast("_R", json_args(response))
+    if isinstance(response, ExtendedModelResponse):
+        inner = _json_answer(response.model_response)
+        if inner is response.model_response:
+            return response
+        return cast("_R", replace(response, model_response=inner))
+    if not isinstance(response, ModelResponse):
+        return response
+    result = [json_args(m) if isinstance(m, AIMessage) else m for m in response.result]
+    if all(a is b for a, b in zip(result, response.result, strict=True)):
+        return response
+    return cast("_R", replace(response, result=result))
 
 
 def _exit(behavior: object) -> ExitBehavior:
@@ -227,14 +258,14 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless the budget is spent (or the model has no price under `usd`)."""
         stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(handler(request), request.model)
+        return stop or self._priced(_json_answer(handler(request)), request.model)
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless the budget is spent (async)."""
         stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(await handler(request), request.model)
+        return stop or self._priced(_json_answer(await handler(request)), request.model)
 
     def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
         usage, unpriced_stop = self._usage(request.state["messages"])
@@ -253,11 +284,11 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent."""
-        return self._refuse_tool(request) or handler(request)
+        return self._refuse_tool(request) or _marked(handler(request), _unrun(request))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent (async)."""
-        return self._refuse_tool(request) or await handler(request)
+        return self._refuse_tool(request) or _marked(await handler(request), _unrun(request))
 
 
 def _ahead(request: ToolCallRequest) -> int:
@@ -585,23 +616,25 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_model_call(self, request: ModelRequest[Any], handler: ModelHandler) -> Any:
         """Call the model with a valid history (see the class's doc)."""
-        return handler(_valid(request))
+        return _json_answer(handler(_valid(request)))
 
     async def awrap_model_call(self, request: ModelRequest[Any], handler: AsyncModelHandler) -> Any:
         """Call the model with a valid history (async)."""
-        return await handler(_valid(request))
+        return _json_answer(await handler(_valid(request)))
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""
         resolved = drive(self._resolve(request))
-        return resolved if isinstance(resolved, ToolMessage | Command) else handler(resolved)
+        if isinstance(resolved, ToolMessage | Command):
+            return resolved
+        return _marked(handler(resolved), _unrun(resolved))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it), async."""
         resolved = await adrive(self._resolve(request))
         if isinstance(resolved, ToolMessage | Command):
             return resolved
-        return await handler(resolved)
+        return _marked(await handler(resolved), _unrun(resolved))
 
     def _resolve(
         self, request: ToolCallRequest
@@ -909,13 +942,13 @@ class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker."""
-        return drive(self._guarded(request, call(handler, request)))
+        return _json_answer(drive(self._guarded(request, call(handler, request))))
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker (async)."""
-        return await adrive(self._guarded(request, call(handler, request)))
+        return _json_answer(await adrive(self._guarded(request, call(handler, request))))
 
     def _guarded(
         self, request: ModelRequest[Any], model_call: Op
@@ -1014,7 +1047,7 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless its breaker is open."""
         if self.guard.breaker is None:
-            return handler(request)
+            return _json_answer(handler(request))
         return super().wrap_model_call(request, handler)
 
     async def awrap_model_call(
@@ -1022,7 +1055,7 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless its breaker is open (async)."""
         if self.guard.breaker is None:
-            return await handler(request)
+            return _json_answer(await handler(request))
         return await super().awrap_model_call(request, handler)
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
@@ -1035,19 +1068,13 @@ class CircuitBreakerMiddleware(_ModelGuarded):
 
     def _tool(self, request: ToolCallRequest, tool_call: Op) -> Steps[Any]:
         guard, tool = self.tool_guard, request.tool
-        if guard is None:
-            return (yield tool_call)
-        if tool is None:  # no such tool: nothing runs, and no breaker is kept for the name
-            return _marked((yield tool_call), "unknown_tool")
+        if guard is None or tool is None:  # no such tool: no breaker is kept for the name
+            return _marked((yield tool_call), _unrun(request))
         name = tool.name
         refused = yield both(guard.check, guard.acheck, name)
         if refused is not None:
             return _tool_message(request, refused, "unavailable")
-        args, entry = request.tool_call.get("args"), registered(tool)
-        # arguments the schema refuses: the tool node answers without running the tool (one
-        # naming an injected argument runs: the tool node replaces it)
-        forged = isinstance(args, dict) and spoofed(entry.injected, args)
-        unfit = None if forged else invalid_args(entry, args)
+        unrun = _unrun(request)
         try:
             result = yield tool_call
         except GraphBubbleUp:  # a pause (a human asked about the call), not the tool's failure
@@ -1055,8 +1082,7 @@ class CircuitBreakerMiddleware(_ModelGuarded):
         except Exception:
             yield both(guard.record, guard.arecord, name, "error")
             raise
-        if unfit is not None:  # the tool node refused the arguments: the tool never ran
-            result = _marked(result, "invalid_args")
+        result = _marked(result, unrun)  # the tool node refused the arguments: it never ran
         yield both(guard.record, guard.arecord, name, _status(result))
         return result
 
@@ -1066,13 +1092,35 @@ def _status_of(message: ToolMessage) -> object:
     return message.response_metadata.get("keel_status")
 
 
-def _marked(result: Any, status: str) -> Any:
+def _unrun(request: ToolCallRequest) -> str | None:
+    """The keel status of a call the tool node answers without running the tool, else None.
+
+    `unknown_tool` (no such tool) or `invalid_args` (arguments its schema refuses; one naming an
+    injected argument runs: the tool node replaces it).
+    """
+    tool = request.tool
+    if tool is None:
+        return "unknown_tool"
+    args, entry = request.tool_call.get("args"), registered(tool)
+    if isinstance(args, dict) and spoofed(entry.injected, args):
+        return None
+    return None if invalid_args(entry, args) is None else "invalid_args"
+
+
+def _marked(result: Any, status: str | None) -> Any:
     """`result` marked with keel's `status` when it is the tool node's own error answer.
 
     The tool node answers a call it did not run (no such tool, arguments that did not fit)
-    without a keel status; `build_agent` marks those `unknown_tool` / `invalid_args`.
+    without a keel status; `build_agent` marks those `unknown_tool` / `invalid_args` (`_unrun`),
+    and so does each keel middleware around the tool node, whichever the agent has: the budget
+    counts only calls that ran (`RAN`), and the breaker counts none of these.
     """
-    if isinstance(result, ToolMessage) and result.status == "error" and _status_of(result) is None:
+    if (
+        status is not None
+        and isinstance(result, ToolMessage)
+        and result.status == "error"
+        and _status_of(result) is None
+    ):
         meta = {**result.response_metadata, "keel_status": status}
         return result.model_copy(update={"response_metadata": meta})
     return result
@@ -1148,7 +1196,7 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: Callable[..., Any]
     ) -> Steps[ModelResponse[Any] | AIMessage]:
         """The model call and, on a looping answer, the stop or the wrap-up turn, as steps."""
-        response = yield call(handler, request)
+        response = _json_answer((yield call(handler, request)))
         reason = self._looping(request, response)
         if reason is None:
             return response  # type: ignore[no-any-return]

@@ -7,7 +7,6 @@ outcome instead of an exception.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from langgraph.runtime import Runtime
 from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
-from keel.approvals import decided, plain_keys
+from keel.approvals import decided
 from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
@@ -49,7 +48,7 @@ from keel.state import (
     task_clock,
     task_reset,
 )
-from keel.tools._args import approval_digests
+from keel.tools._args import approval_digests, json_args
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["DEFAULT_MODEL_RETRY", "BeforeModel", "call_model"]
@@ -262,7 +261,7 @@ class _Answerer:
         """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
         assert got.message is not None
         response, usage = _unique_ids(got.message, state.get("messages") or []), got.usage
-        response = _json_args(response)
+        response = json_args(response)
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         noted = state.get("warnings") or []
         if any(w not in noted for w in got.warnings):  # what the period budgets held loosely
@@ -447,35 +446,6 @@ def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
     if isinstance(answer.content, list):
         update["content"] = _renamed_blocks(answer.content, ids, fresh)
     return answer.model_copy(update=update)
-
-
-def _json_args(answer: AIMessage) -> AIMessage:
-    """`answer` with each tool call's arguments as JSON carries them: keys are strings.
-
-    A provider sends arguments as JSON text, so their keys are strings; a model made in Python
-    can give any key. The checkpoint cannot store some (a frozenset key: the run ended on a
-    storage failure, its thread left unsaved), and JSON cannot write a tuple or a frozenset for
-    the audit, the ledger or an approval's digest. Arguments holding such a key are written as
-    JSON would write them, each such key as its canonical JSON (`(1, 2)` as `"[1,2]"`,
-    `keel.approvals.plain_keys`); the tool's schema then reads them as it reads a provider's,
-    and says what does not fit. Arguments JSON writes as they are are kept as they are.
-    """
-    if all(_writable(c["args"]) for c in answer.tool_calls):
-        return answer  # the usual answer: no copy
-    calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
-    log.warning(
-        "the model gave tool arguments with keys JSON cannot carry; keel wrote them as text"
-    )
-    return answer.model_copy(update={"tool_calls": calls})
-
-
-def _writable(args: Any) -> bool:
-    """Whether JSON writes `args` as they are (at C speed: a model's usual arguments)."""
-    try:
-        json.dumps(args, default=str)
-    except TypeError:
-        return False
-    return True
 
 
 def _storable_id(call_id: str) -> bool:

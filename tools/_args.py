@@ -7,10 +7,12 @@ import json
 from collections.abc import Callable, Mapping, Sized
 from typing import Any
 
+from langchain_core.messages import AIMessage
 from pydantic import BaseModel, ValidationError
 
-from keel.approvals import approval_digest, canonical_args
+from keel.approvals import approval_digest, canonical_args, plain_keys
 from keel.errors import _one_line
+from keel.redact import sanitized_logger
 from keel.tools._injected import spoofed
 from keel.tools.registry import RegisteredTool
 
@@ -19,9 +21,12 @@ __all__ = [
     "approval_digests",
     "as_called",
     "invalid_args",
+    "json_args",
     "read_call",
     "validation_problem",
 ]
+
+log = sanitized_logger("keel.tools.args")
 
 ToolLookup = Callable[[str], RegisteredTool | None]
 """A graph's tool by name (`ToolRegistry.get`): how its calls' arguments are read."""
@@ -151,3 +156,32 @@ def validation_problem(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
         for err in exc.errors(include_input=False, include_url=False)
     )
+
+
+def json_args(answer: AIMessage) -> AIMessage:
+    """`answer` with each tool call's arguments as JSON carries them: keys are strings.
+
+    A provider sends arguments as JSON text, so their keys are strings; a model made in Python
+    can give any key. The checkpoint cannot store some (a frozenset key: the run ended on a
+    storage failure, its thread left unsaved), and JSON cannot write a tuple or a frozenset for
+    the audit, the ledger or an approval's digest. Arguments holding such a key are written as
+    JSON would write them, each such key as its canonical JSON (`(1, 2)` as `"[1,2]"`,
+    `keel.approvals.plain_keys`); the tool's schema then reads them as it reads a provider's,
+    and says what does not fit. Arguments JSON writes as they are are kept as they are.
+    """
+    if all(_writable(c["args"]) for c in answer.tool_calls):
+        return answer  # the usual answer: no copy
+    calls = [{**c, "args": plain_keys(c["args"])} for c in answer.tool_calls]
+    log.warning(
+        "the model gave tool arguments with keys JSON cannot carry; keel wrote them as text"
+    )
+    return answer.model_copy(update={"tool_calls": calls})
+
+
+def _writable(args: Any) -> bool:
+    """Whether JSON writes `args` as they are (at C speed: a model's usual arguments)."""
+    try:
+        json.dumps(args, default=str)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,163 @@
+"""`build_agent` and `create_agent` with keel's middleware, same script, same tools, same policy.
+
+Two gaps between the paths, closed here:
+
+- a model's tool arguments with keys JSON cannot write (a tuple, a frozenset, at any depth):
+  `build_agent` stores them as JSON carries them (`keel.tools._args.json_args`), so the tool's
+  schema answers `invalid_args` as for a provider's call and the checkpoint saves. Under
+  `create_agent` they reached the checkpoint unchanged and the run ended in a `TypeError`
+  (`AIMessage` not msgpack serializable), its thread unsaved. Every keel middleware's model
+  hook now writes them as `build_agent` does, so any one of them is enough;
+- a call the tool node answers without running the tool (no such tool, arguments its schema
+  refuses) was marked `unknown_tool` / `invalid_args` only under a tool breaker; without the
+  mark `BudgetMiddleware` counted it as a tool call that ran (`build_agent` does not), and a
+  model's bad call spent the budget of the good one after it.
+
+Real PostgreSQL and SQLite checkpointers and ledgers; the model is keel's ScriptedChatModel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
+from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+
+from keel import Ledger, Persistence, RunContext, build_agent, tool
+from keel.evals import ScriptedChatModel
+from keel.guards import (
+    BreakerPolicy,
+    Budget,
+    BudgetMiddleware,
+    CircuitBreakerMiddleware,
+    LoopGuardMiddleware,
+    PermissionMiddleware,
+    Policy,
+    Rule,
+)
+from keel.guards.middleware import outcome_of
+
+CTX = RunContext(user_id="u1", roles=("support",))
+ARGS = {"grid": {(1, 2): "x", (0, 0): "o"}, "notes": [{frozenset({"b", "a"}): 1}]}
+READABLE = {"grid": {"[1,2]": "x", "[0,0]": "o"}, "notes": [{'["a","b"]': 1}]}
+RULES = (Rule(role="*", tool="*", action="allow"),)
+
+
+@tool
+def place(grid: dict[tuple[int, int], str], notes: list[dict[frozenset[str], int]] = []) -> str:  # noqa: B006
+    """Place marks on a grid."""
+    return f"placed {sorted(grid)}"
+
+
+@tool
+def lookup(order_id: str, n: int = 1) -> str:
+    """Look an order up."""
+    return f"order {order_id}: shipped"
+
+
+TOOLS = [place, lookup]
+
+
+def _script(*turns: list[tuple[str, dict[str, Any]]]) -> ScriptedChatModel:
+    script: list[Any] = [
+        AIMessage(content="", tool_calls=[ToolCall(name=n, args=a, id=None) for n, a in t])
+        for t in turns
+    ]
+    return ScriptedChatModel(script=[*script, "Done."], fresh_ids=True)
+
+
+def _statuses(messages: list[Any]) -> list[str]:
+    """Each tool answer's keel status, else its own (the middleware leaves a success unmarked)."""
+    return [
+        m.response_metadata.get("keel_status", m.status)
+        for m in messages
+        if isinstance(m, ToolMessage)
+    ]
+
+
+def _run(agent: Any) -> tuple[dict[str, Any], Any]:
+    config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+    result = agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+    return result, agent.get_state(config).values["messages"]
+
+
+def _keel(db_url: str, saver: Any, model: ScriptedChatModel, budget: Budget | None) -> Any:
+    ledger = Ledger(db_url)
+    ledger.setup()
+    policy = Policy(rules=RULES, budget=budget)
+    return build_agent(model, TOOLS, policy=policy, ledger=ledger, checkpointer=saver), ledger
+
+
+def _middleware(
+    saver: Any, model: ScriptedChatModel, middleware: list[AgentMiddleware[Any, Any, Any]]
+) -> Any:
+    return create_agent(
+        model, TOOLS, middleware=middleware, context_schema=RunContext, checkpointer=saver
+    )
+
+
+def _stacks(ledger: Ledger) -> dict[str, Callable[[], list[AgentMiddleware[Any, Any, Any]]]]:
+    return {
+        "budget": lambda: [BudgetMiddleware(Budget(tool_calls=5))],
+        "permission": lambda: [PermissionMiddleware(Policy(rules=RULES))],
+        "model_breaker": lambda: [CircuitBreakerMiddleware(ledger, model=BreakerPolicy())],
+        "loop_guard": lambda: [LoopGuardMiddleware()],
+    }
+
+
+@pytest.mark.parametrize("stack", ["budget", "permission", "model_breaker", "loop_guard"])
+def test_tuple_keys_reach_the_tool_as_in_build_agent_whichever_keel_middleware(
+    db_url: str, stack: str
+) -> None:
+    with Persistence(db_url).checkpointer() as saver:
+        agent, ledger = _keel(db_url, saver, _script([("place", ARGS)]), None)
+        try:
+            keel_result, keel_saved = _run(agent)
+            middleware = _stacks(ledger)[stack]()
+            result, saved = _run(_middleware(saver, _script([("place", ARGS)]), middleware))
+        finally:
+            ledger.close()
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    # the checkpoint holds the arguments as JSON carries them, on both paths
+    assert saved[1].tool_calls[0]["args"] == keel_saved[1].tool_calls[0]["args"] == READABLE
+    (answer,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert "grid.[1,2].[key]: Input should be a valid tuple" in answer.text
+    if stack != "loop_guard":  # a middleware with a tool hook marks it as build_agent does
+        assert _statuses(result["messages"]) == _statuses(keel_result["messages"])
+        assert _statuses(result["messages"]) == ["invalid_args"]
+
+
+BAD_CALLS = {
+    "invalid_args": ("lookup", {"order_id": "A1", "n": "abc"}),
+    "unknown_tool": ("Lookup", {"order_id": "A1"}),
+}
+
+
+@pytest.mark.parametrize("status", sorted(BAD_CALLS))
+def test_a_call_the_tool_never_ran_spends_no_tool_call_budget_on_either_path(
+    db_url: str, status: str
+) -> None:
+    """Budget of one tool call: a bad call, then a good one. The good one runs on both paths."""
+    budget = Budget(tool_calls=1)
+    turns = ([BAD_CALLS[status]], [("lookup", {"order_id": "A1"})])
+    with Persistence(db_url).checkpointer() as saver:
+        agent, ledger = _keel(db_url, saver, _script(*turns), budget)
+        try:
+            keel_result, _ = _run(agent)
+        finally:
+            ledger.close()
+        middleware: list[AgentMiddleware[Any, Any, Any]] = [
+            BudgetMiddleware(budget),
+            PermissionMiddleware(Policy(rules=RULES)),
+        ]
+        result, _ = _run(_middleware(saver, _script(*turns), middleware))
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert keel_result["usage"]["tool_calls"] == 1
+    assert _statuses(keel_result["messages"]) == [status, "success"]
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    assert _statuses(result["messages"]) == [status, "success"]
