@@ -462,6 +462,10 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     client's `Command(goto=Send(...))` put in a waiting task's place (LangGraph names sent
     tasks by their place) is refused, the answer voided, and `invoke(None)` asks about it.
 
+    A call to no tool, or with arguments its tool's schema refuses, is left to the tool node
+    before any rule, as `build_agent` answers it (`unknown_tool` / `invalid_args`): no human is
+    asked about it, and a deny rule does not hide what the model must fix.
+
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
     so is a call a reviewer's edit makes the twin of another call of its turn.
@@ -643,6 +647,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         repeat = _repeat(request)
         if repeat is not None:
             return repeat
+        if _unrun(request) is not None:
+            # no such tool, or arguments its schema refuses: the tool node answers it, before
+            # any rule (as `build_agent`'s `execute_tools`): no human is asked about a call
+            # that cannot run, and a deny rule does not hide what the model must fix
+            return request
         resolved = yield from self._gate(request)
         if isinstance(resolved, ToolMessage | Command) or resolved.tool is None:
             return resolved

@@ -161,3 +161,40 @@ def test_a_call_the_tool_never_ran_spends_no_tool_call_budget_on_either_path(
     assert _statuses(keel_result["messages"]) == [status, "success"]
     assert outcome_of(result)["terminated_reason"] == "completed"
     assert _statuses(result["messages"]) == [status, "success"]
+
+
+ASK_DENY_RULES = (
+    Rule(role="support", tool="lookup", action="ask", reason="lookups need a manager"),
+    Rule(role="support", tool="place", action="deny", reason="no placing"),
+)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [("lookup", {"order_id": "A1", "n": "abc"}), ("place", {"grid": {"a": "x"}})],
+    ids=["ask", "deny"],
+)
+def test_arguments_that_do_not_fit_are_answered_before_the_rules_on_both_paths(
+    db_url: str, call: tuple[str, dict[str, Any]]
+) -> None:
+    """`build_agent` answers `invalid_args` before any rule: no human is asked about a call
+    that cannot run, and a deny does not hide what the model must fix. The middleware asked a
+    human (an `ask` rule) or answered `denied` (a `deny` rule)."""
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            policy = Policy(rules=ASK_DENY_RULES)
+            agent = build_agent(
+                _script([call]), TOOLS, policy=policy, ledger=ledger, checkpointer=saver
+            )
+            keel_result, _ = _run(agent)
+        finally:
+            ledger.close()
+        middleware: list[AgentMiddleware[Any, Any, Any]] = [PermissionMiddleware(policy)]
+        result, _ = _run(_middleware(saver, _script([call]), middleware))
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert _statuses(keel_result["messages"]) == ["invalid_args"]
+    assert "__interrupt__" not in result
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    assert _statuses(result["messages"]) == ["invalid_args"]
