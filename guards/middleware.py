@@ -71,7 +71,7 @@ from keel.identity import reviewer_of, server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
-from keel.tools._args import approval_digests, invalid_args, json_args
+from keel.tools._args import approval_digests, invalid_args, json_args, unique_ids
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools._injected import spoofed
 from keel.tools.registry import registered
@@ -148,25 +148,28 @@ def _tool_message(request: ToolCallRequest, content: str, status: str) -> ToolMe
     )
 
 
-def _json_answer(response: _R) -> _R:
-    """`response` with its answers' tool arguments as JSON carries them (`json_args`).
+def _stored(request: ModelRequest[Any], response: _R) -> _R:
+    """`response` with its answers as `build_agent`'s `call_model` stores a model's answer.
 
-    As `build_agent`'s `call_model` stores a model's answer: a key JSON cannot write (a tuple, a
-    frozenset, at any depth) is written as its canonical JSON, so the checkpoint can store the
-    answer (it could not: the run ended in a `TypeError` and the thread was left unsaved) and
-    the tool's schema reads the arguments as it reads a provider's (`invalid_args` when they
-    do not fit). Every keel middleware's model hook applies it, so one of them is enough.
+    Each tool call under an id no other call of the thread has (`unique_ids`: a model that
+    named two calls alike had both answered under one id, and a resume or a rejection keyed by
+    it could not tell them apart), and its arguments as JSON carries them (`json_args`: a key
+    JSON cannot write, a tuple or a frozenset at any depth, is written as its canonical JSON,
+    so the checkpoint can store the answer, where it raised `TypeError` and left the thread
+    unsaved, and the tool's schema reads the arguments as a provider's: `invalid_args` when
+    they do not fit). Every keel middleware's model hook applies it, so one of them is enough.
     """
     if isinstance(response, AIMessage):
-        return cast("_R", json_args(response))
+        history = request.state.get("messages") if isinstance(request.state, Mapping) else None
+        return cast("_R", unique_ids(json_args(response), history or []))
     if isinstance(response, ExtendedModelResponse):
-        inner = _json_answer(response.model_response)
+        inner = _stored(request, response.model_response)
         if inner is response.model_response:
             return response
         return cast("_R", replace(response, model_response=inner))
     if not isinstance(response, ModelResponse):
         return response
-    result = [json_args(m) if isinstance(m, AIMessage) else m for m in response.result]
+    result = [_stored(request, m) if isinstance(m, AIMessage) else m for m in response.result]
     if all(a is b for a, b in zip(result, response.result, strict=True)):
         return response
     return cast("_R", replace(response, result=result))
@@ -258,14 +261,14 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless the budget is spent (or the model has no price under `usd`)."""
         stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(_json_answer(handler(request)), request.model)
+        return stop or self._priced(_stored(request, handler(request)), request.model)
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless the budget is spent (async)."""
         stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(_json_answer(await handler(request)), request.model)
+        return stop or self._priced(_stored(request, await handler(request)), request.model)
 
     def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
         usage, unpriced_stop = self._usage(request.state["messages"])
@@ -620,11 +623,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_model_call(self, request: ModelRequest[Any], handler: ModelHandler) -> Any:
         """Call the model with a valid history (see the class's doc)."""
-        return _json_answer(handler(_valid(request)))
+        return _stored(request, handler(_valid(request)))
 
     async def awrap_model_call(self, request: ModelRequest[Any], handler: AsyncModelHandler) -> Any:
         """Call the model with a valid history (async)."""
-        return _json_answer(await handler(_valid(request)))
+        return _stored(request, await handler(_valid(request)))
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""
@@ -951,13 +954,13 @@ class _ModelGuarded(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker."""
-        return _json_answer(drive(self._guarded(request, call(handler, request))))
+        return _stored(request, drive(self._guarded(request, call(handler, request))))
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model within its rate limits and breaker (async)."""
-        return _json_answer(await adrive(self._guarded(request, call(handler, request))))
+        return _stored(request, await adrive(self._guarded(request, call(handler, request))))
 
     def _guarded(
         self, request: ModelRequest[Any], model_call: Op
@@ -1056,7 +1059,7 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless its breaker is open."""
         if self.guard.breaker is None:
-            return _json_answer(handler(request))
+            return _stored(request, handler(request))
         return super().wrap_model_call(request, handler)
 
     async def awrap_model_call(
@@ -1064,7 +1067,7 @@ class CircuitBreakerMiddleware(_ModelGuarded):
     ) -> ModelResponse[Any] | AIMessage:
         """Call the model unless its breaker is open (async)."""
         if self.guard.breaker is None:
-            return _json_answer(await handler(request))
+            return _stored(request, await handler(request))
         return await super().awrap_model_call(request, handler)
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
@@ -1205,7 +1208,7 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         self, request: ModelRequest[Any], handler: Callable[..., Any]
     ) -> Steps[ModelResponse[Any] | AIMessage]:
         """The model call and, on a looping answer, the stop or the wrap-up turn, as steps."""
-        response = _json_answer((yield call(handler, request)))
+        response = _stored(request, (yield call(handler, request)))
         reason = self._looping(request, response)
         if reason is None:
             return response  # type: ignore[no-any-return]

@@ -26,7 +26,6 @@ from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.approvals import decided
-from keel.db.tables import storable
 from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded, wall_deadline
@@ -48,7 +47,7 @@ from keel.state import (
     task_clock,
     task_reset,
 )
-from keel.tools._args import approval_digests, json_args
+from keel.tools._args import approval_digests, json_args, unique_ids
 from keel.tools.registry import ToolRegistry
 
 __all__ = ["DEFAULT_MODEL_RETRY", "BeforeModel", "call_model"]
@@ -260,7 +259,7 @@ class _Answerer:
     ) -> dict[str, Any] | str:
         """The state update for the answer, or the loop's reason when a wrap-up turn is due."""
         assert got.message is not None
-        response, usage = _unique_ids(got.message, state.get("messages") or []), got.usage
+        response, usage = unique_ids(got.message, state.get("messages") or []), got.usage
         response = json_args(response)
         update: dict[str, Any] = {"messages": [response], "usage": usage, **turn.extra}
         noted = state.get("warnings") or []
@@ -385,110 +384,6 @@ def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
     return outcome.failed(
         f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
     )
-
-
-_MAX_CALL_ID = 40
-"""The longest tool-call id keel mints when it renames one (OpenAI refuses longer ids)."""
-_MAX_KEPT_ID = 128
-"""The longest tool-call id keel keeps as a model named it (providers' ids are 9 to 40 long)."""
-
-
-def _unique_ids(answer: AIMessage, history: Sequence[BaseMessage]) -> AIMessage:
-    """`answer` with each tool call under an id no other call of the thread has.
-
-    A sloppy or hostile model can name two calls of a turn alike, reuse an id of an earlier
-    turn, or name a call not at all. Everything downstream tells calls apart by id: an approval
-    is bound to `digest/tool_call_id` and a resume is keyed by `tool_call_id` (one "approve"
-    would cover both calls), the ledger by `(thread, tool_call_id)` (the second call would be
-    answered "conflict", or get the first one's recorded result), and each `ToolMessage`
-    answers one id. So before anything else sees the answer, the first call under an id that
-    is new to the thread keeps it and every other call gets `<id>_<n>` (`call_<n>` when it had
-    none), the smallest `n` that is free. The renamed answer is what the checkpoint stores, so a
-    resume sees the same ids, and the same history and answer give the same names. An id no
-    database stores, or a huge one, counts as none (`_storable_id`).
-    Unparsable calls (`invalid_tool_calls`) are named too; so are `tool_use` content blocks
-    (Anthropic's), in order, so the message stays consistent for its provider.
-    """
-    calls = [*answer.tool_calls, *answer.invalid_tool_calls]
-    if not calls:
-        return answer  # a final answer: no history to read
-    ids = [c.get("id") or "" for c in calls]
-    used = _used_ids(history)
-    good = [i if _storable_id(i) else "" for i in ids]  # a bad id is as good as none
-    if all(good) and len(set(ids)) == len(ids) and used.isdisjoint(ids):
-        return answer  # the usual answer: no copy
-    taken, kept, fresh = used | set(good), set(), []
-    for old in good:
-        if old and old not in used and old not in kept:
-            kept.add(old)
-            fresh.append(old)
-            continue
-        n, base = (2, old) if old else (1, "call")
-        while (new := _numbered(base, n)) in taken:
-            n += 1
-        taken.add(new)
-        fresh.append(new)
-    log.warning(
-        "the model named its tool calls %s (an id twice, an id already used in this thread, "
-        "none, or one no database stores); keel renamed them %s",
-        ids,
-        fresh,
-    )
-    valid = len(answer.tool_calls)
-    update: dict[str, Any] = {
-        "tool_calls": [
-            {**c, "id": i} for c, i in zip(answer.tool_calls, fresh[:valid], strict=True)
-        ],
-        "invalid_tool_calls": [
-            {**c, "id": i} for c, i in zip(answer.invalid_tool_calls, fresh[valid:], strict=True)
-        ],
-    }
-    if isinstance(answer.content, list):
-        update["content"] = _renamed_blocks(answer.content, ids, fresh)
-    return answer.model_copy(update=update)
-
-
-def _storable_id(call_id: str) -> bool:
-    r"""Whether keel keeps a model's call id as it is: one every database stores whole.
-
-    A lone surrogate (`"c\ud800"`) is no UTF-8 and PostgreSQL's text holds no NUL: the call's
-    claim in the idempotency ledger failed, a bare `UnicodeEncodeError` out of `invoke` or the
-    run ended `error/storage`, for an id the model made up. An id longer than
-    `_MAX_KEPT_ID` would make the ledger's keys a model's to size.
-    """
-    return 0 < len(call_id) <= _MAX_KEPT_ID and storable(call_id) == call_id
-
-
-def _used_ids(history: Sequence[BaseMessage]) -> set[str]:
-    """Every tool-call id the thread's history holds: its calls' and its results'."""
-    used: set[str] = set()
-    for m in history:
-        if isinstance(m, AIMessage):
-            used.update(c.get("id") or "" for c in [*m.tool_calls, *m.invalid_tool_calls])
-        elif isinstance(m, ToolMessage):
-            used.add(m.tool_call_id)
-    used.discard("")
-    return used
-
-
-def _numbered(base: str, n: int) -> str:
-    suffix = f"_{n}"
-    return base[: _MAX_CALL_ID - len(suffix)] + suffix
-
-
-def _renamed_blocks(content: list[Any], ids: list[str], fresh: list[str]) -> list[Any]:
-    """`content` with its `tool_use` blocks renamed as the calls they carry, in order."""
-    queues: dict[str, list[str]] = {}
-    for old, new in zip(ids, fresh, strict=True):
-        queues.setdefault(old, []).append(new)
-    out: list[Any] = []
-    for block in content:
-        if isinstance(block, dict) and block.get("type") == "tool_use":
-            queue = queues.get(block.get("id") or "")
-            if queue:
-                block = {**block, "id": queue.pop(0)}
-        out.append(block)
-    return out
 
 
 def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:

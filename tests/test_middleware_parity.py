@@ -198,3 +198,40 @@ def test_arguments_that_do_not_fit_are_answered_before_the_rules_on_both_paths(
     assert "__interrupt__" not in result
     assert outcome_of(result)["terminated_reason"] == "completed"
     assert _statuses(result["messages"]) == ["invalid_args"]
+
+
+def test_calls_a_model_named_alike_get_the_ids_build_agent_gives_them(db_url: str) -> None:
+    """Two calls of a turn under one id, the second turn reusing it: `build_agent` renames them
+    (`unique_ids`) before anything reads the answer; the middleware answered both under one id
+    (a resume or a rejection keyed by it could not tell them apart)."""
+    twice = [ToolCall(name="lookup", args={"order_id": o}, id="c1") for o in ("A", "B")]
+    again = [ToolCall(name="lookup", args={"order_id": "C"}, id="c1")]
+    turns = [AIMessage(content="", tool_calls=twice), AIMessage(content="", tool_calls=again)]
+
+    def model() -> ScriptedChatModel:
+        return ScriptedChatModel(script=[*turns, "Done."], fresh_ids=False)
+
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            policy = Policy(rules=RULES)
+            agent = build_agent(model(), TOOLS, policy=policy, ledger=ledger, checkpointer=saver)
+            keel_result, _ = _run(agent)
+        finally:
+            ledger.close()
+        middleware: list[AgentMiddleware[Any, Any, Any]] = [BudgetMiddleware(Budget())]
+        result, saved = _run(_middleware(saver, model(), middleware))
+
+    def answered(messages: list[Any]) -> list[tuple[str, str]]:
+        return [(m.tool_call_id, m.text) for m in messages if isinstance(m, ToolMessage)]
+
+    expected = [
+        ("c1", "order A: shipped"),
+        ("c1_2", "order B: shipped"),
+        ("c1_3", "order C: shipped"),
+    ]
+    assert answered(keel_result["messages"]) == expected
+    assert answered(result["messages"]) == expected
+    calls = [c["id"] for m in saved if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert calls == ["c1", "c1_2", "c1_3"]  # the checkpoint holds the renamed calls
