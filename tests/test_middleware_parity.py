@@ -235,3 +235,28 @@ def test_calls_a_model_named_alike_get_the_ids_build_agent_gives_them(db_url: st
     assert answered(result["messages"]) == expected
     calls = [c["id"] for m in saved if isinstance(m, AIMessage) for c in m.tool_calls]
     assert calls == ["c1", "c1_2", "c1_3"]  # the checkpoint holds the renamed calls
+
+
+async def test_the_async_hooks_store_and_mark_as_the_sync_ones(db_url: str) -> None:
+    """`ainvoke`: tuple keys stored as JSON carries them, ids renamed, bad calls not counted."""
+    calls = [
+        ToolCall(name="place", args=ARGS, id="c1"),
+        ToolCall(name="Lookup", args={"order_id": "A"}, id="c1"),  # reuses the thread's id
+        ToolCall(name="lookup", args={"order_id": "B"}, id="c2"),
+    ]
+    turns = [AIMessage(content="", tool_calls=[c]) for c in calls]
+    model = ScriptedChatModel(script=[*turns, "Done."], fresh_ids=False)
+    middleware: list[AgentMiddleware[Any, Any, Any]] = [
+        BudgetMiddleware(Budget(tool_calls=1)),
+        PermissionMiddleware(Policy(rules=RULES)),
+    ]
+    config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+    async with Persistence(db_url).acheckpointer() as saver:
+        agent = _middleware(saver, model, middleware)
+        result = await agent.ainvoke({"messages": [("user", "go")]}, config, context=CTX)
+        saved = (await agent.aget_state(config)).values["messages"]
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    answers = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert [m.tool_call_id for m in answers[:2]] == ["c1", "c1_2"]
+    assert _statuses(result["messages"]) == ["invalid_args", "unknown_tool", "success"]
+    assert saved[1].tool_calls[0]["args"] == READABLE
