@@ -301,7 +301,9 @@ def _ahead(request: ToolCallRequest) -> int:
     saw the turn's other calls as unspent budget: a model that asked for ten calls at once ran
     all ten under `tool_calls=2`. As in `build_agent`, the calls that fit run, in the turn's
     order; the rest are answered `budget_stopped`. An earlier call later refused (denied,
-    rejected) still counts here: the budget is held, never overrun.
+    rejected) still counts here: the budget is held, never overrun; one the tool node answers
+    without running its tool (no such tool, arguments its schema refuses) does not, as in
+    `build_agent`: it never runs, whatever a human or a rule says.
     """
     messages = request.state.get("messages") if isinstance(request.state, Mapping) else None
     call_id = request.tool_call.get("id")
@@ -312,7 +314,15 @@ def _ahead(request: ToolCallRequest) -> int:
     if call_id not in ids:
         return 0
     answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
-    return sum(1 for i in ids[: ids.index(call_id)] if i not in answered)
+    # the tool node's tools (none known: every earlier call counts, the budget is held)
+    tools = {t.name: t for t in getattr(request.runtime, "tools", None) or ()}
+    calls = turn.tool_calls if turn is not None else []
+    return sum(
+        1
+        for c in calls[: ids.index(call_id)]
+        if c.get("id") not in answered
+        and not (tools and _unrun_call(tools.get(c["name"]), c.get("args")))
+    )
 
 
 # -- permissions --------------------------------------------------------------------------
@@ -1110,10 +1120,14 @@ def _unrun(request: ToolCallRequest) -> str | None:
     `unknown_tool` (no such tool) or `invalid_args` (arguments its schema refuses; one naming an
     injected argument runs: the tool node replaces it).
     """
-    tool = request.tool
+    return _unrun_call(request.tool, request.tool_call.get("args"))
+
+
+def _unrun_call(tool: BaseTool | None, args: object) -> str | None:
+    """`_unrun` for a call to `tool` (None: no such tool) with `args`."""
     if tool is None:
         return "unknown_tool"
-    args, entry = request.tool_call.get("args"), registered(tool)
+    entry = registered(tool)
     if isinstance(args, dict) and spoofed(entry.injected, args):
         return None
     return None if invalid_args(entry, args) is None else "invalid_args"

@@ -138,13 +138,19 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("one_turn", [False, True], ids=["two_turns", "one_turn"])
 @pytest.mark.parametrize("status", sorted(BAD_CALLS))
 def test_a_call_the_tool_never_ran_spends_no_tool_call_budget_on_either_path(
-    db_url: str, status: str
+    db_url: str, status: str, one_turn: bool
 ) -> None:
-    """Budget of one tool call: a bad call, then a good one. The good one runs on both paths."""
+    """Budget of one tool call: a bad call, then a good one (in its own turn, or the same:
+    the calls of a turn run in parallel, each counting the unanswered ones before it). The
+    good one runs on both paths."""
     budget = Budget(tool_calls=1)
-    turns = ([BAD_CALLS[status]], [("lookup", {"order_id": "A1"})])
+    good = ("lookup", {"order_id": "A1"})
+    turns: tuple[list[tuple[str, dict[str, Any]]], ...] = (
+        ([BAD_CALLS[status], good],) if one_turn else ([BAD_CALLS[status]], [good])
+    )
     with Persistence(db_url).checkpointer() as saver:
         agent, ledger = _keel(db_url, saver, _script(*turns), budget)
         try:
