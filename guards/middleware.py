@@ -660,11 +660,21 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         repeat = _repeat(request)
         if repeat is not None:
             return repeat
-        if _unrun(request) is not None:
-            # no such tool, or arguments its schema refuses: the tool node answers it, before
-            # any rule (as `build_agent`'s `execute_tools`): no human is asked about a call
-            # that cannot run, and a deny rule does not hide what the model must fix
+        unrun = _unrun(request)
+        if unrun == "unknown_tool":  # the tool node has no such tool: it answers, runs nothing
             return request
+        if unrun is not None and request.tool is not None:
+            # arguments its schema refuses: answered here, before any rule (as `build_agent`'s
+            # `execute_tools`): no human is asked about a call that cannot run, a deny rule does
+            # not hide what the model must fix, and the call never reaches the tool node ungated
+            # (a validator that reads the world might let it through there)
+            problem = invalid_args(registered(request.tool), request.tool_call.get("args"))
+            return _tool_message(
+                request,
+                f"Error: invalid arguments for {request.tool.name}: {problem}. Fix the "
+                "arguments and call the tool again.",
+                "invalid_args",
+            )
         resolved = yield from self._gate(request)
         if isinstance(resolved, ToolMessage | Command) or resolved.tool is None:
             return resolved

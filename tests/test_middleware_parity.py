@@ -18,14 +18,16 @@ Real PostgreSQL and SQLite checkpointers and ledgers; the model is keel's Script
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from pydantic import AfterValidator
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel
@@ -266,3 +268,71 @@ async def test_the_async_hooks_store_and_mark_as_the_sync_ones(db_url: str) -> N
     assert [m.tool_call_id for m in answers[:2]] == ["c1", "c1_2"]
     assert _statuses(result["messages"]) == ["invalid_args", "unknown_tool", "success"]
     assert saved[1].tool_calls[0]["args"] == READABLE
+
+
+def _fits_now(amount: int) -> int:
+    """A check of the arguments that reads the world, and reads it otherwise each time: it
+    refuses every reading but the tool's own (`BaseTool._parse_input`, as the tool node runs
+    it), as "amount <= balance" would while a deposit lands between keel's reading and the
+    tool's."""
+    if not any(frame.function == "_parse_input" for frame in inspect.stack()):
+        raise ValueError("amount exceeds the balance")
+    return amount
+
+
+RAN: list[int] = []
+
+
+@tool
+def transfer(amount: Annotated[int, AfterValidator(_fits_now)]) -> str:
+    """Move money."""
+    RAN.append(amount)
+    return f"moved {amount}"
+
+
+def test_a_call_whose_arguments_do_not_fit_never_reaches_the_tool_node_ungated(
+    db_url: str,
+) -> None:
+    """`PermissionMiddleware` answers a call whose arguments its tool's schema refuses itself,
+    before the rules: handed on to the tool node, ungated, a check that reads the world (it
+    reads again there) let the call through, and a tool a deny rule forbids ran."""
+    RAN.clear()
+    policy = Policy(rules=(Rule(role="*", tool="transfer", action="deny"),))
+    with Persistence(db_url).checkpointer() as saver:
+        agent = create_agent(
+            _script([("transfer", {"amount": 5})]),
+            [transfer],
+            middleware=[PermissionMiddleware(policy)],
+            context_schema=RunContext,
+            checkpointer=saver,
+        )
+        result, _ = _run(agent)
+    assert RAN == []
+    assert _statuses(result["messages"]) == ["invalid_args"]
+    assert "amount exceeds the balance" in result["messages"][2].text
+
+
+def test_langchain_tool_call_schema_drops_an_args_schema_s_validators() -> None:
+    """Pinned LangChain behaviour: a tool made with `args_schema=` gets a `tool_call_schema`
+    that copies the fields, not the model's validators. keel reads a call's arguments through
+    `tool_call_schema` (what the model is shown); a validator written on the model runs only
+    when the tool does. Put checks on the field's type (`Annotated[..., AfterValidator(...)]`)
+    for keel to see them before the rules and the ledger."""
+    from langchain_core.tools import tool as langchain_tool
+    from pydantic import BaseModel, field_validator
+
+    class Refund(BaseModel):
+        amount: int
+
+        @field_validator("amount")
+        @classmethod
+        def _never(cls, amount: int) -> int:
+            raise ValueError("refused")
+
+    @langchain_tool(args_schema=Refund)
+    def refund(amount: int) -> str:
+        """Refund."""
+        return "done"
+
+    assert refund.tool_call_schema is not Refund
+    assert refund.tool_call_schema.model_validate({"amount": 5}).amount == 5  # type: ignore[union-attr]
