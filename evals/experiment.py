@@ -23,7 +23,14 @@ from keel.errors import UserError
 from keel.evals.evaluators import Evaluator, default_evaluators
 from keel.evals.feedback import langsmith_key
 from keel.evals.results import CaseRun, SuiteResult
-from keel.evals.runner import GraphFactory, _model_for, arun_case, graph_name, suite_factories
+from keel.evals.runner import (
+    GraphFactory,
+    _check_counts,
+    _model_for,
+    arun_case,
+    graph_name,
+    suite_factories,
+)
 from keel.evals.suite import Case, Suite
 from keel.pricing import PriceTable
 from keel.redact import sanitize
@@ -123,8 +130,7 @@ async def arun_experiment(
             "LANGSMITH_API_KEY (and LANGSMITH_ENDPOINT for a self-hosted LangSmith). Without "
             "--langsmith the suite runs locally and nothing is sent."
         )
-    if repeat < 1 or concurrency < 1:
-        raise UserError(f"repeat and concurrency must be 1 or more, got {repeat}, {concurrency}.")
+    _check_counts(repeat=repeat, concurrency=concurrency)
     from langsmith import aevaluate
 
     if client is None:

@@ -103,3 +103,14 @@ def test_price_reaches_the_experiments_graphs(
     assert runs[0]["raised"] is None and runs[0]["usage"]["usd"] > 0
     assert eval_main([*argv, "--price", "house-model=1,2,3"]) == 2
     assert "--price 'house-model=1,2,3': give MODEL=INPUT,OUTPUT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("counts", [{"repeat": "3"}, {"repeat": 0}, {"concurrency": True}])
+async def test_an_experiment_refuses_a_count_that_is_not_a_whole_number(
+    ls_keyed: LangSmithStandIn, counts: dict[str, Any]
+) -> None:
+    # `repeat="3"` (a value read from a config file) raised a bare TypeError comparing it
+    (name,) = counts
+    with pytest.raises(UserError, match=f"{name} must be a whole number of 1 or more"):
+        await arun_experiment(builtin_suite("demo"), **counts)
+    assert ls_keyed.requests == []
