@@ -475,9 +475,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     client's `Command(goto=Send(...))` put in a waiting task's place (LangGraph names sent
     tasks by their place) is refused, the answer voided, and `invoke(None)` asks about it.
 
-    A call to no tool, or with arguments its tool's schema refuses, is left to the tool node
-    before any rule, as `build_agent` answers it (`unknown_tool` / `invalid_args`): no human is
-    asked about it, and a deny rule does not hide what the model must fix.
+    A call to no tool is left to the tool node, and one with arguments its tool's schema refuses
+    is answered `invalid_args`, both before any rule, as `build_agent` answers them: no human is
+    asked about a call that cannot run, and a deny rule does not hide what the model must fix.
 
     A call to a side-effecting tool with the same arguments as an earlier call of its turn is
     answered `not_run` (`keel_duplicate_of` names the earlier call), never asked about or run;
@@ -585,9 +585,6 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         self, request: ToolCallRequest
     ) -> Steps[ToolCallRequest | ToolMessage | Command[Any]]:
         call = request.tool_call
-        forged = _forged(request)
-        if forged is not None:  # the ToolNode would fill it: never decided on, asked or run
-            return forged
         decision = self._decide(request, call["args"])
         if decision.action == "ask":
             if (rejected := self._rejected_before(request)) is not None:
@@ -644,14 +641,14 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         resolved = drive(self._resolve(request))
         if isinstance(resolved, ToolMessage | Command):
             return resolved
-        return _marked(handler(resolved), _unrun(resolved))
+        return _marked(handler(resolved), _unknown(resolved))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it), async."""
         resolved = await adrive(self._resolve(request))
         if isinstance(resolved, ToolMessage | Command):
             return resolved
-        return _marked(await handler(resolved), _unrun(resolved))
+        return _marked(await handler(resolved), _unknown(resolved))
 
     def _resolve(
         self, request: ToolCallRequest
@@ -660,21 +657,11 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         repeat = _repeat(request)
         if repeat is not None:
             return repeat
-        unrun = _unrun(request)
-        if unrun == "unknown_tool":  # the tool node has no such tool: it answers, runs nothing
+        if request.tool is None:  # no such tool: the tool node answers with the names, runs nothing
             return request
-        if unrun is not None and request.tool is not None:
-            # arguments its schema refuses: answered here, before any rule (as `build_agent`'s
-            # `execute_tools`): no human is asked about a call that cannot run, a deny rule does
-            # not hide what the model must fix, and the call never reaches the tool node ungated
-            # (a validator that reads the world might let it through there)
-            problem = invalid_args(registered(request.tool), request.tool_call.get("args"))
-            return _tool_message(
-                request,
-                f"Error: invalid arguments for {request.tool.name}: {problem}. Fix the "
-                "arguments and call the tool again.",
-                "invalid_args",
-            )
+        unfit = _unfit(request)
+        if unfit is not None:  # never decided on, asked or run
+            return unfit
         resolved = yield from self._gate(request)
         if isinstance(resolved, ToolMessage | Command) or resolved.tool is None:
             return resolved
@@ -864,19 +851,22 @@ def _turn_ids(request: ToolCallRequest) -> set[str]:
     return {c.get("id") or "" for c in (turn.tool_calls if turn is not None else [])} - {""}
 
 
-def _forged(request: ToolCallRequest) -> ToolMessage | None:
-    """The `invalid_args` answer to a call naming an argument the ToolNode injects, or None.
+def _unfit(request: ToolCallRequest) -> ToolMessage | None:
+    """The `invalid_args` answer to a call whose arguments its tool's schema refuses, or None.
 
-    The ToolNode would replace it, but the rules' resource extractor and a human reviewer
-    would read it as the model's.
+    Answered before any rule, as `build_agent`'s `execute_tools` answers it: no human is asked
+    about a call that cannot run, a deny rule does not hide what the model must fix, and the
+    call never reaches the tool node ungated (a check of the arguments that reads the world
+    might let it through there). Arguments naming a parameter the ToolNode injects are refused
+    too: the ToolNode would replace them, but the rules' resource extractor and a human
+    reviewer would read them as the model's.
     """
-    tool, args = request.tool, request.tool_call.get("args")
-    if tool is None or not isinstance(args, dict):
+    tool = request.tool
+    if tool is None:
         return None
-    names = spoofed(registered(tool).injected, args)
-    if not names:
+    problem = invalid_args(registered(tool), request.tool_call.get("args"))
+    if problem is None:
         return None
-    problem = invalid_args(registered(tool), args)
     return _tool_message(
         request,
         f"Error: invalid arguments for {tool.name}: {problem}. Fix the arguments and call the "
@@ -1131,6 +1121,15 @@ def _unrun(request: ToolCallRequest) -> str | None:
     injected argument runs: the tool node replaces it).
     """
     return _unrun_call(request.tool, request.tool_call.get("args"))
+
+
+def _unknown(request: ToolCallRequest) -> str | None:
+    """`unknown_tool` for a call to no tool, else None.
+
+    What is left unrun of a call `PermissionMiddleware` let through: it answered arguments that
+    did not fit itself (`_unfit`), and a reviewer's edit that does not fit is refused.
+    """
+    return "unknown_tool" if request.tool is None else None
 
 
 def _unrun_call(tool: BaseTool | None, args: object) -> str | None:
