@@ -310,20 +310,29 @@ async def test_psycopg_pool_check_alone_stalls_on_dead_connections(fresh_postgre
         assert time.monotonic() - started < 1
 
 
+_OTHERS = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+"""Every other connection to the database a query's connection is on."""
+
+
+def _connections(url: str) -> int:
+    """How many other connections the database `url` names has."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        return int(admin.execute(f"SELECT count(*) {_OTHERS}").fetchone()[0])  # type: ignore[index]
+
+
 def _terminate_all(url: str, *, wait_for_one: float = 5.0) -> int:
     """Terminate every other connection to the database `url` names (a test database).
 
     Waits up to `wait_for_one` seconds for there to be one: right after a kill the pool may not
     have reconnected yet, and a kill that finds nothing would test nothing.
     """
-    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     with psycopg.connect(url, autocommit=True) as admin:
         deadline = time.monotonic() + wait_for_one
-        while not admin.execute(f"SELECT count(*) {others}").fetchone()[0]:  # type: ignore[index]
+        while not admin.execute(f"SELECT count(*) {_OTHERS}").fetchone()[0]:  # type: ignore[index]
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        pids = [r[0] for r in admin.execute(f"SELECT pid {others}").fetchall()]
+        pids = [r[0] for r in admin.execute(f"SELECT pid {_OTHERS}").fetchall()]
         for pid in pids:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         # pg_terminate_backend only signals: wait until the backends are gone, so no killed

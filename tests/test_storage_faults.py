@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from langchain_core.messages import ToolMessage
-from test_checkpoint_postgres import _terminate_all
+from test_checkpoint_postgres import _connections, _terminate_all
 
 from keel import (
     AuditLog,
@@ -422,16 +422,6 @@ async def test_async_ledger_steps_take_under_2_s_after_every_connection_died(
     await ledger.aclose()
     print("async ledger steps after kills (s):", [round(t, 3) for t in timings])
     assert max(timings) < 2.0, timings
-
-
-def _connections(url: str) -> int:
-    """How many other connections the database `url` names has."""
-    with psycopg.connect(url, autocommit=True) as admin:
-        row = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _sleepy() -> Flow[None]:
