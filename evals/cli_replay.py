@@ -3,7 +3,7 @@
     keel eval replay THREAD --db URL --graph module:factory [--from CHECKPOINT] [--live --model M]
                      [--user U --tenant T --roles R,S] [--json FILE] [--out DIR]
                      [--save-cassette FILE | --cassette FILE] [--price MODEL=IN,OUT]
-    keel eval capture THREAD --db URL --suite FILE [--id ID] [--expect STATUS/REASON]
+    keel eval capture THREAD --db URL --suite FILE [--id ID] [--expect STATUS/REASON] [--run N]
                       [--roles R,S] [--graph module:factory]
     keel eval shadow SUITE --candidate module:factory [--graph module:factory]
                      [--model M] [--candidate-model M] [--judge M] [--out DIR]
@@ -160,6 +160,9 @@ def capture_main(argv: Sequence[str]) -> int:
     p.add_argument("--expect", default=None, help="what should have happened: status/reason")
     p.add_argument("--roles", default=None, help="comma-separated roles of the user")
     p.add_argument("--graph", default=None, help="graph factory of a new suite file")
+    p.add_argument(
+        "--run", type=int, default=None, help="which run of the thread: 1 the first, -1 the last"
+    )
     args = p.parse_args(argv)
 
     async def job() -> None:
@@ -168,7 +171,7 @@ def capture_main(argv: Sequence[str]) -> int:
         roles = _roles(args.roles)
         case = await acapture(
             args.thread, args.suite, db=args.db, case_id=args.id, expect=args.expect,
-            roles=roles, graph=args.graph,
+            roles=roles, graph=args.graph, run=args.run,
         )  # fmt: skip
         todo = "" if args.expect else " (set its expected outcome where the TODO says)"
         print(f"keel eval capture: appended case {case['id']!r} to {args.suite}{todo}")

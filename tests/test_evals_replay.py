@@ -60,8 +60,10 @@ async def store_thread(
     policy: Policy | None = None,
     shop: DemoShop | None = None,
     plan: bool = False,
+    tasks: tuple[str, ...] = (DEMO_TASK,),
 ) -> dict[str, Any]:
-    """Run the demo scenario on a real checkpointer and ledger at `url`; the final state."""
+    """Run the demo scenario (`tasks`: a run each) on a real checkpointer and ledger at `url`;
+    the final state."""
     ledger = Ledger(url)
     try:
         async with Persistence(url).acheckpointer() as saver:
@@ -75,10 +77,11 @@ async def store_thread(
                 checkpointer=saver,
             )
             config: Any = {"configurable": {"thread_id": thread}}
-            state = await agent.ainvoke({"messages": [("user", DEMO_TASK)]}, config, context=ALICE)
-            while state["outcome"]["status"] == "interrupted":
-                answer = Command(resume={"type": approval, "reviewer": "ops"})
-                state = await agent.ainvoke(answer, config, context=ALICE)
+            for task in tasks:
+                state = await agent.ainvoke({"messages": [("user", task)]}, config, context=ALICE)
+                while state["outcome"]["status"] == "interrupted":
+                    answer = Command(resume={"type": approval, "reviewer": "ops"})
+                    state = await agent.ainvoke(answer, config, context=ALICE)
             return dict(state)
     finally:
         await ledger.aclose()
@@ -360,6 +363,56 @@ def test_capture_turns_a_failed_thread_into_a_case_keel_eval_runs(
     out = capsys.readouterr().out
     assert "PASS observed #0 stopped/rejected" in out
     assert "FAIL should-refund #0 stopped/rejected" in out and "failed: outcome" in out
+
+
+def test_capture_takes_the_run_that_failed_not_the_thread_s_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A chat thread fails in a later run: capture took its first run (which passed) and wrote
+    the thread's outcome beside it, a case that could never catch the regression."""
+    import asyncio
+
+    url = f"sqlite:///{tmp_path}/keel.db"
+    greeting = "Hi! What can I do for you?"
+    model = ScriptedChatModel(script=[greeting, *demo_model().script])  # type: ignore[attr-defined]
+    final = asyncio.run(
+        store_thread(url, "t-two", model, approval="reject", tasks=("Hello", DEMO_TASK))
+    )
+    assert final["outcome"]["terminated_reason"] == "rejected"
+    stored = asyncio.run(aload_thread("t-two", db=url))
+    last = case_of(stored)  # the default: the last run, the one that failed
+    assert last["id"] == "thread-t-two" and last["approvals"] == "reject"
+    assert last["messages"] == [  # the run before it, as text, then the run's own input
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": greeting},
+        {"role": "user", "content": DEMO_TASK},
+    ]
+    calls = last["expect"]["trajectory"]["calls"]
+    assert [c["name"] for c in calls] == ["lookup_order", "search_policy", "issue_refund"]
+    assert last["model"]["script"][0] == greeting  # the history's answer, never played
+    assert len(last["model"]["script"]) == 4  # then the run's three (a rejection ended it)
+    first = case_of(stored, run=1)
+    assert first["id"] == "thread-t-two-run-1" and first["messages"] == last["messages"][:1]
+    assert first["model"]["script"] == [greeting] and first["expect"]["trajectory"]["calls"] == []
+    assert case_of(stored, run=-2) == first
+    for wrong in (0, 3, -3, True, "1"):
+        with pytest.raises(UserError, match="has 2 runs: give 1 to 2, or -1 for the last"):
+            case_of(stored, run=wrong)  # type: ignore[arg-type]
+    # the CLI: the case says which run it is and whose outcome it observed; both cases run
+    suite = tmp_path / "s.yaml"
+    capture = ["eval", "capture", "t-two", "--db", url, "--suite", str(suite)]
+    capture += ["--roles", "customer"]
+    assert keel_main([*capture, "--graph", DEMO]) == 0
+    assert keel_main([*capture, "--run", "1"]) == 0
+    assert keel_main([*capture, "--run", "5"]) == 2
+    assert "Thread 't-two' has no run 5; it has 2 runs" in capsys.readouterr().err
+    text = suite.read_text()
+    assert "# captured from thread t-two, run 2 of 2 (observed outcome: stopped/rejected)" in text
+    assert "# captured from thread t-two, run 1 of 2 (its outcome is not kept" in text
+    assert keel_main(["eval", str(suite), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS thread-t-two #0 stopped/rejected" in out
+    assert "PASS thread-t-two-run-1 #0 success/completed" in out
 
 
 def test_capture_appends_to_a_suite_with_its_own_indentation(
