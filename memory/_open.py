@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import chromadb
+import httpx
 from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 from chromadb.api.shared_system_client import SharedSystemClient
@@ -23,7 +25,18 @@ from keel.errors import SetupError, StorageError, UserError
 from keel.memory.base import MAX_TTL, is_minutes
 from keel.memory.embeddings import ChromaEmbeddings, is_chroma_function, model_name_of
 
-__all__ = ["Lifetime", "check_recorded", "check_ttl", "client_of", "index_of"]
+__all__ = [
+    "SERVER_TIMEOUT",
+    "Lifetime",
+    "check_recorded",
+    "check_ttl",
+    "check_timeout",
+    "client_of",
+    "index_of",
+]
+
+SERVER_TIMEOUT = 30.0
+"""Seconds a Chroma server has to answer one request of a `ChromaStore(url=...)` (default)."""
 
 
 class Lifetime:
@@ -37,8 +50,11 @@ class Lifetime:
     files and threads) only when no other client on that path is open.
     """
 
-    def __init__(self, client: ClientAPI, *, owned: bool, where: str) -> None:
+    def __init__(
+        self, client: ClientAPI, *, owned: bool, where: str, timeout: float = SERVER_TIMEOUT
+    ) -> None:
         self.client = client
+        self._timeout = timeout
         self._owned = owned
         self._where = where
         self._lock = threading.Lock()
@@ -67,12 +83,29 @@ class Lifetime:
 
     @contextmanager
     def using(self) -> Iterator[ClientAPI]:
-        """The client, for one operation; refused once the store is closed."""
+        """The client, for one operation; refused once the store is closed.
+
+        A Chroma server that does not answer in time, or cannot be reached, is a
+        `StorageError` that says so (chromadb lets httpx's own exceptions through).
+        """
         with self._lock:
             self.refuse_closed()
             self._busy += 1
         try:
             yield self.client
+        except httpx.TimeoutException as exc:
+            raise StorageError(
+                f"The Chroma server of store {self._where} did not answer within "
+                f"{self._timeout:g} s ({type(exc).__name__})",
+                fix="Check that the server is up and not overloaded; ChromaStore(timeout=...) "
+                "waits longer for each request.",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise StorageError(
+                f"Cannot reach the Chroma server of store {self._where} "
+                f"({type(exc).__name__}: {exc})",
+                fix="Start the server again (chroma run ...); the store reconnects by itself.",
+            ) from exc
         finally:
             with self._lock:
                 self._busy -= 1
@@ -148,9 +181,34 @@ def check_recorded(
         )
 
 
+def check_timeout(timeout: object) -> float:
+    """`ChromaStore(timeout=...)`: seconds, a finite number above 0."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise UserError(
+            f"ChromaStore(timeout=...) must be a number of seconds above 0, got {timeout!r}."
+        )
+    return float(timeout)
+
+
 def client_of(
-    *, path: str | Path | None, url: str | None, client: ClientAPI | None
+    *,
+    path: str | Path | None,
+    url: str | None,
+    client: ClientAPI | None,
+    timeout: float = SERVER_TIMEOUT,
 ) -> tuple[ClientAPI, str | None]:
+    """The Chroma client of a store, and its folder (embedded) or None.
+
+    A server's client waits at most `timeout` seconds for each request: chromadb's own waits
+    without end (its httpx sessions have no timeout, pinned by `tests/test_memory_server.py`),
+    so a server that hangs (overloaded, stopped, a network that drops packets) would hold
+    every run that recalls a memory for good.
+    """
     given = [n for n, v in (("path", path), ("url", url), ("client", client)) if v is not None]
     if len(given) != 1:
         raise UserError(
@@ -170,11 +228,21 @@ def client_of(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"ChromaStore(url={url!r}) must look like 'http://127.0.0.1:8000'.")
     port = parts.port or (443 if parts.scheme == "https" else 8000)
+    base = f"{parts.scheme}://{parts.hostname}:{port}"
     try:
+        # bounded first: building chromadb's client asks the server already, without end
+        httpx.get(f"{base}/api/v2/heartbeat", timeout=timeout).raise_for_status()
         http = chromadb.HttpClient(
             host=parts.hostname, port=port, ssl=parts.scheme == "https", settings=settings
         )
+        bound(http, timeout)
         http.heartbeat()
+    except httpx.TimeoutException as exc:
+        raise SetupError(
+            f"The Chroma server at {url} did not answer within {timeout:g} s "
+            f"({type(exc).__name__}). Check that it is up and not overloaded, or give it "
+            "longer: ChromaStore(timeout=...)."
+        ) from exc
     except Exception as exc:
         raise SetupError(
             f"Cannot reach a Chroma server at {url} ({type(exc).__name__}: {exc}). Start one "
@@ -182,6 +250,15 @@ def client_of(
             "ChromaStore(path=...) for an embedded store."
         ) from exc
     return http, None
+
+
+def bound(client: ClientAPI, timeout: float) -> None:
+    """Make each request of an HTTP client (and of its admin client) wait `timeout` s at most."""
+    admin = getattr(client, "_admin_client", None)
+    for each in (client, admin):
+        session = getattr(getattr(each, "_server", None), "_session", None)
+        if isinstance(session, httpx.Client):
+            session.timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
 
 
 def _persistent_client(path: str, settings: Settings) -> ClientAPI:

@@ -35,7 +35,15 @@ from keel._drive import Steps, adrive, both, drive
 from keel.errors import StorageError, UserError
 from keel.memory import base as b
 from keel.memory import maintenance
-from keel.memory._open import Lifetime, check_recorded, check_ttl, client_of, index_of
+from keel.memory._open import (
+    SERVER_TIMEOUT,
+    Lifetime,
+    check_recorded,
+    check_timeout,
+    check_ttl,
+    client_of,
+    index_of,
+)
 
 __all__ = ["ChromaStore"]
 
@@ -90,6 +98,9 @@ class ChromaStore(BaseStore):
         partition_depth: How many namespace labels select a partition.
         embedding_model: The model name recorded on the store; derived from `embed` if omitted.
         clock: Seconds since the epoch, now (default `time.time`): what TTLs are measured by.
+        timeout: Seconds a Chroma server (`url=`) has to answer each request (default 30);
+            past it the operation raises `keel.StorageError` (chromadb's own client would wait
+            for ever). A `client=` you built keeps its own settings.
 
     Example:
         ```python
@@ -115,6 +126,7 @@ class ChromaStore(BaseStore):
         partition_depth: int = 3,
         embedding_model: str | None = None,
         clock: Callable[[], float] = time.time,
+        timeout: float = SERVER_TIMEOUT,
     ) -> None:
         self.name = b.check_store_name(name)
         self.clock = clock
@@ -129,9 +141,12 @@ class ChromaStore(BaseStore):
         self._cols: dict[str, Collection] = {}
         self._known: set[str] = set()
         self._lock = threading.Lock()
-        self.client, self.path = client_of(path=path, url=url, client=client)
+        wait = check_timeout(timeout)
+        self.client, self.path = client_of(path=path, url=url, client=client, timeout=wait)
         where = f"at {self.path}" if self.path is not None else f"on {url}" if url else "(client=)"
-        self._life = Lifetime(self.client, owned=client is None, where=f"{name!r} {where}")
+        self._life = Lifetime(
+            self.client, owned=client is None, where=f"{name!r} {where}", timeout=wait
+        )
         with self._life.using():
             try:
                 self._catalog = self._open_catalog()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,8 @@ from typing import Any
 import pytest
 from forking import ForkServer
 
+from keel import RunContext, SetupError, StorageError, UserError, build_agent
+from keel.evals import ScriptedChatModel
 from keel.memory import ChromaStore
 
 
@@ -95,3 +100,54 @@ def test_the_server_store_behaves_like_the_embedded_one(chroma_url: str, tmp_pat
     assert remote.list_namespaces() == local.list_namespaces() == [("docs", "u1"), ("docs", "u2")]
     remote.purge(("docs", "u1"))
     assert remote.list_namespaces() == [("docs", "u2")]
+
+
+def test_chromadb_s_own_http_client_waits_for_ever(chroma_url: str) -> None:
+    """Pinned: chromadb's HTTP sessions have no timeout (why keel bounds them, below)."""
+    import chromadb
+    from chromadb.config import Settings
+
+    from keel.memory._open import close_client
+
+    host, port = chroma_url.removeprefix("http://").split(":")
+    client = chromadb.HttpClient(host=host, port=int(port), settings=Settings())
+    try:
+        assert client._server._session.timeout.read is None  # type: ignore[attr-defined]
+    finally:
+        close_client(client)  # chromadb's close() leaves its sessions' sockets open
+
+
+def test_a_hung_server_fails_each_call_in_time_and_the_run_goes_on(
+    chroma_server: Any, tmp_path: Path
+) -> None:
+    """A Chroma server that stops answering (overloaded, SIGSTOPped, a network dropping
+    packets) held every call for good: chromadb's client has no timeout, so a run that
+    recalled a memory never ended, and neither did opening a store on it."""
+    alice = RunContext(user_id="alice", tenant_id="acme")
+    ns = ("memories", "acme", "alice")
+    with chroma_server(tmp_path) as server:
+        store = ChromaStore(url=server.url, index=_words_index(), timeout=1)
+        store.put(ns, "tz", {"text": "prefers CET"})
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(StorageError, match=r"did not answer within 1 s \(ReadTimeout\)"):
+                store.search(ns, query="a")
+            agent = build_agent(ScriptedChatModel(script=["Hello."]), store=store, memory=True)
+            done = agent.invoke({"messages": [("user", "hi")]}, context=alice)
+            assert done["outcome"]["terminated_reason"] == "completed"
+            assert any("memory: recall failed" in w for w in done["warnings"])
+            with pytest.raises(SetupError, match="did not answer within 1 s"):
+                ChromaStore(url=server.url, index=_words_index(), timeout=1)
+            assert time.monotonic() - began < 30  # each wait is one timeout, not for ever
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert [i.key for i in store.search(ns, query="a")] == ["tz"]  # answering again
+        store.close()
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "30"])
+def test_a_timeout_that_is_not_seconds_above_zero_is_refused(timeout: Any) -> None:
+    with pytest.raises(UserError, match=r"timeout=\.\.\.\) must be a number of seconds above 0"):
+        ChromaStore(url="http://127.0.0.1:1", timeout=timeout)
