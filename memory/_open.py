@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from langgraph.store.base import IndexConfig, TTLConfig, ensure_embeddings
 from keel.errors import SetupError, StorageError, UserError
 from keel.memory.base import MAX_TTL, is_minutes
 from keel.memory.embeddings import ChromaEmbeddings, is_chroma_function, model_name_of
+from keel.redact import sanitized_logger
 
 __all__ = [
     "SERVER_TIMEOUT",
@@ -37,6 +39,8 @@ __all__ = [
 
 SERVER_TIMEOUT = 30.0
 """Seconds a Chroma server has to answer one request of a `ChromaStore(url=...)` (default)."""
+
+log = sanitized_logger("keel.memory")
 
 
 class Lifetime:
@@ -128,10 +132,14 @@ class Lifetime:
 def close_client(client: ClientAPI) -> None:
     """Give back a client keel opened: chromadb's `Client.close` (reference-counted by path).
 
+    Closing the last client on an embedded path returns once the process holds its SQLite file
+    no more: chromadb (1.5) closes those connections on their own threads (sqlx's workers), a
+    few milliseconds after its `close()` returned (`_sqlite_closed` waits for them).
+
     An HTTP client needs more (chromadb 1.5): its `close()` neither closes its two HTTP
     sessions (their sockets stay open) nor forgets the alias its admin client registers its
     System under (a fresh id per client, kept in chromadb's class-level cache for good, with
-    that session): both are done here. Pinned by `tests/test_memory_close.py`.
+    that session): both are done here. Both pinned by `tests/test_memory_close.py`.
     """
     if not isinstance(client, Client):
         return
@@ -142,7 +150,11 @@ def close_client(client: ClientAPI) -> None:
     for session in sessions:  # an HTTP client's (`httpx.Client`); an embedded one has none
         if session is not None:
             session.close()
-    if system is None or sessions[0] is None:
+    if system is None:
+        return
+    if sessions[0] is None:  # embedded: its folder is its identifier
+        if client._identifier not in SharedSystemClient._identifier_to_system:
+            _sqlite_closed(client._identifier)  # this close stopped the path's system
         return
     cached, counted = (
         SharedSystemClient._identifier_to_system,
@@ -151,6 +163,41 @@ def close_client(client: ClientAPI) -> None:
     for key, held in list(cached.items()):  # the admin client's alias of this client's System
         if held is system and key not in counted:
             cached.pop(key, None)
+
+
+_FDS = Path("/proc/self/fd")
+"""This process's open file descriptors (Linux)."""
+
+
+def _sqlite_closed(folder: str, *, within: float = 2.0) -> None:
+    """Wait (up to `within` seconds) until no descriptor is open on the Chroma's SQLite files.
+
+    Those of the Chroma at `folder` (`chroma.sqlite3`, its journal, WAL): its connections'
+    worker threads close them after chromadb's `close()` returned. Where the descriptors cannot
+    be listed (not Linux) it returns at once; it stops waiting if the path is opened again.
+    """
+    if not _FDS.is_dir():
+        return
+    database = os.path.join(folder, "chroma.sqlite3")
+    deadline, pause = time.monotonic() + within, 0.001
+    while any(target.startswith(database) for target in _fd_targets()):
+        if folder in SharedSystemClient._identifier_to_system:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "Chroma at %s closed, but its SQLite file is still open after %gs", folder, within
+            )
+            return
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
+def _fd_targets() -> Iterator[str]:
+    for fd in os.listdir(_FDS):
+        try:
+            yield os.readlink(_FDS / fd)
+        except OSError:  # closed since it was listed
+            continue
 
 
 def check_recorded(

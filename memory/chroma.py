@@ -166,7 +166,8 @@ class ChromaStore(BaseStore):
 
         An embedded store holds its folder's SQLite connections, index files and threads
         (about 20 file descriptors per path) until it is closed. Other stores and clients on
-        the same path stay usable: the path's Chroma system stops when the last one closes. A
+        the same path stay usable: the path's Chroma system stops when the last one closes,
+        and (on Linux) `close()` then returns once no file under the folder is open. A
         store on a Chroma server (`url=`) gives back its HTTP client; a store on a `client=`
         you built leaves that client open (yours to close). Later calls raise
         `keel.StorageError`; an operation already running ends first, then the client closes.
