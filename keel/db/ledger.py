@@ -52,6 +52,7 @@ from keel.db.pools import (
     Reachability,
     adraining_pool,
     draining_pool,
+    idle_sessions_end,
     quiet,
     unbounded,
 )
@@ -658,8 +659,10 @@ class Ledger:
         # once instead of psycopg_pool's 1 s, 2 s, 4 s… wait per dead connection. Commits are
         # asynchronous except for claims and standing approvals (`durable`); connecting is
         # bounded as the checkpointer's is (`Persistence.pool_kwargs`)
+        # a process stopped mid-transaction gives its row locks back (`IDLE_IN_TRANSACTION`)
+        options = f"-c synchronous_commit=off {idle_sessions_end(self._persistence.url)}"
         return self._persistence.pool_kwargs(
-            self._down, {}, options="-c synchronous_commit=off", name="keel-ledger",
+            self._down, {}, options=options.strip(), name="keel-ledger",
             min_size=1, max_size=self._pool_max_size, timeout=_POOL_TIMEOUT, fresh_for=FRESH_FOR,
         )  # fmt: skip
 

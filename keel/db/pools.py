@@ -43,8 +43,10 @@ __all__ = [
     "BoundedConnection",
     "DrainingAsyncPool",
     "Reachability",
+    "IDLE_IN_TRANSACTION",
     "adraining_pool",
     "draining_pool",
+    "idle_sessions_end",
     "network_defaults",
     "quiet",
     "reply_timeout",
@@ -64,6 +66,24 @@ connection. libpq ignores them on a Unix socket."""
 REPLY_TIMEOUT = 60.0
 """Seconds a statement on a pooled connection waits for its reply, unless the URL sets the
 server's `statement_timeout` (then that plus one connect timeout; 0: no limit)."""
+
+
+IDLE_IN_TRANSACTION = "30s"
+"""How long PostgreSQL lets one of keel's ledger sessions sit idle inside an open transaction
+before it ends the session, unless the URL's `options` set
+`idle_in_transaction_session_timeout`. keel's transactions last milliseconds; a process
+stopped in one (SIGSTOP, a debugger, a paused VM, a network gone while the server still sees
+the connection: TCP keepalives keep a stopped process's socket alive) would hold its row locks
+until it resumed: the rows every run of a model shares (rate limits, breakers) and a tenant's
+period budget, so every other process's run waited its reply timeout out and failed."""
+
+
+def idle_sessions_end(url: str) -> str:
+    """The libpq `-c` option of `IDLE_IN_TRANSACTION`, or "" when the URL sets its own."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    if re.search(r"idle[_-]in[_-]transaction[_-]session[_-]timeout", given):
+        return ""
+    return f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}"
 
 
 def network_defaults(url: str) -> dict[str, Any]:
