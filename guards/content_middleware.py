@@ -37,6 +37,10 @@ from keel.guards.middleware import (
     ModelHandler,
     ToolHandler,
     _context,
+    _marked,
+    _ran,
+    _stored,
+    _unrun,
     stop_message,
 )
 from keel.guards.screening import (
@@ -88,14 +92,14 @@ class _Audited(AgentMiddleware[Any, Any, Any]):
     def wrap_model_call(
         self, request: ModelRequest[Any], handler: ModelHandler
     ) -> ModelResponse[Any] | AIMessage:
-        """The model call through this guard (see the class)."""
-        return drive(self._model(request, handler))
+        """The model call through this guard (see the class), its answer stored as keel's are."""
+        return _stored(request, drive(self._model(request, handler)))
 
     async def awrap_model_call(
         self, request: ModelRequest[Any], handler: AsyncModelHandler
     ) -> ModelResponse[Any] | AIMessage:
         """The model call through this guard (see the class), async."""
-        return await adrive(self._model(request, handler))
+        return _stored(request, await adrive(self._model(request, handler)))
 
     def _model(
         self, request: ModelRequest[Any], handler: Callable[..., Any]
@@ -184,7 +188,8 @@ class InputGuardMiddleware(_Audited):
         return await adrive(self._tool(request, handler))
 
     def _tool(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
-        result, found = yield from self._result((yield call(handler, request)))
+        ran = _marked((yield from _ran(request, handler)), _unrun(request))
+        result, found = yield from self._result(ran)
         yield from self._written(found, request.runtime)
         return result
 

@@ -19,6 +19,10 @@ hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph
 A guard that stops the run answers in the model's place with an AI message without tool calls
 (so the agent ends) whose `response_metadata["keel_outcome"]` is keel's `Outcome`;
 `outcome_of(result)` reads it back (or `completed`).
+
+As `build_agent` does, every keel model hook stores a model's answer with unique call ids and
+JSON arguments, and answers an answer of only malformed tool calls and asks again (`_stored`);
+every keel tool hook answers a tool's error `error` instead of raising it (`_ran`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from langchain_core.tools import BaseTool
 from langgraph._internal._constants import OVERWRITE
 from langgraph.channels.binop import BinaryOperatorAggregate
 from langgraph.config import get_config
-from langgraph.errors import GraphBubbleUp
+from langgraph.errors import GraphBubbleUp, is_invalid_resume
 from langgraph.types import Command, Overwrite
 
 from keel import outcome
@@ -55,6 +59,7 @@ from keel._node import (
     void_resume,
 )
 from keel.approvals import REVIEWER_META, Grants, decision_of
+from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
@@ -66,16 +71,22 @@ from keel.guards.policy import Budget, LoopPolicy, Policy
 from keel.guards.ratelimit import RateLimit, RateLimited, RateLimiter
 from keel.guards.resilience import ModelGuard, ToolGuard
 from keel.guards.spend import estimate_tokens
-from keel.history import tool_turns_as_text, valid_history
+from keel.history import (
+    invalid_call_answers,
+    malformed_stop,
+    tool_turns_as_text,
+    valid_history,
+)
 from keel.identity import reviewer_of, server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
+from keel.redact import sanitized_logger
 from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
 from keel.tools._args import approval_digests, invalid_args, json_args, unique_ids
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools._injected import spoofed
 from keel.tools.registry import registered
-from keel.tools.stubs import stub_answer, stub_message
+from keel.tools.stubs import isolated, stub_answer, stub_message
 
 __all__ = [
     "REJECTIONS_KEY",
@@ -94,6 +105,7 @@ ToolHandler = Callable[[ToolCallRequest], ToolMessage | Command[Any]]
 AsyncToolHandler = Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]]
 ExitBehavior = Literal["end", "error"]
 _DEFAULT_CONTEXT = RunContext()
+log = sanitized_logger("keel.guards.middleware")
 _R = TypeVar("_R")
 
 
@@ -112,13 +124,24 @@ def outcome_of(result: Mapping[str, Any]) -> Outcome:
     """The keel `Outcome` of a `create_agent` run guarded by keel's middleware.
 
     A guard's stop is read from the last AI message; an agent that answered is `completed`.
+    One whose last answer holds only malformed tool calls (`invalid_tool_calls`: keel's model
+    hooks ask the model again, but an `after_model` hook in the agent drops LangChain's
+    `jump_to` before the agent routes, and the agent ends there) failed: it gave no answer.
     """
     messages: Sequence[BaseMessage] = result.get("messages") or []
     last = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
     if last is None:
         return outcome.failed("the agent produced no answer")
     stopped = last.response_metadata.get("keel_outcome")
-    return stopped if isinstance(stopped, dict) else outcome.completed()  # type: ignore[return-value]
+    if isinstance(stopped, dict):
+        return stopped  # type: ignore[return-value]
+    if last.invalid_tool_calls and not last.tool_calls:
+        names = ", ".join(sorted({c.get("name") or "?" for c in last.invalid_tool_calls}))
+        return outcome.failed(
+            f"the agent ended on a model answer of only malformed tool calls ({names}: arguments "
+            "not valid JSON) and gave no answer"
+        )
+    return outcome.completed()
 
 
 def _context(runtime: object) -> RunContext:
@@ -148,6 +171,27 @@ def _tool_message(request: ToolCallRequest, content: str, status: str) -> ToolMe
     )
 
 
+def _ran(request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
+    """The tool node's answer to `request`, or the `error` answer to a tool that raised.
+
+    `create_agent`'s `ToolNode` (its default `handle_tool_errors`) answers only arguments that
+    do not fit, and raised any other error of a tool out of `invoke`. As `build_agent`'s
+    `execute_tools`, a tool's error is its call's answer (`Error: <tool> failed: <type>:
+    <error>`, `keel_status="error"`) and the run goes on. A pause (a LangGraph interrupt), a
+    resume value its interrupt refused, and a `UserError` (a mistake in how keel is used) are
+    raised, as there.
+    """
+    try:
+        return (yield call(handler, request))
+    except (GraphBubbleUp, UserError):
+        raise
+    except Exception as exc:
+        if is_invalid_resume(exc):
+            raise
+        name = request.tool_call["name"]
+        return _tool_message(request, f"Error: {name} failed: {type(exc).__name__}: {exc}", "error")
+
+
 def _stored(request: ModelRequest[Any], response: _R) -> _R:
     """`response` with its answers as `build_agent`'s `call_model` stores a model's answer.
 
@@ -157,22 +201,64 @@ def _stored(request: ModelRequest[Any], response: _R) -> _R:
     JSON cannot write, a tuple or a frozenset at any depth, is written as its canonical JSON,
     so the checkpoint can store the answer, where it raised `TypeError` and left the thread
     unsaved, and the tool's schema reads the arguments as a provider's: `invalid_args` when
-    they do not fit). Every keel middleware's model hook applies it, so one of them is enough.
+    they do not fit). An answer of only malformed tool calls is answered and asked again
+    (`_malformed`). Every keel middleware's model hook applies it, so one of them is enough.
     """
-    if isinstance(response, AIMessage):
-        history = request.state.get("messages") if isinstance(request.state, Mapping) else None
-        return cast("_R", unique_ids(json_args(response), history or []))
     if isinstance(response, ExtendedModelResponse):
-        inner = _stored(request, response.model_response)
+        inner = _stored_answers(request, response.model_response)
         if inner is response.model_response:
             return response
         return cast("_R", replace(response, model_response=inner))
+    return _malformed(request, _stored_answers(request, response))
+
+
+def _stored_answers(request: ModelRequest[Any], response: _R) -> _R:
+    """`response` with each AI message stored as `_stored` says (ids, arguments)."""
+    if isinstance(response, AIMessage):
+        history = request.state.get("messages") if isinstance(request.state, Mapping) else None
+        return cast("_R", unique_ids(json_args(response), history or []))
     if not isinstance(response, ModelResponse):
         return response
-    result = [_stored(request, m) if isinstance(m, AIMessage) else m for m in response.result]
+    result = [
+        _stored_answers(request, m) if isinstance(m, AIMessage) else m for m in response.result
+    ]
     if all(a is b for a, b in zip(result, response.result, strict=True)):
         return response
     return cast("_R", replace(response, result=result))
+
+
+def _malformed(request: ModelRequest[Any], response: _R) -> _R:
+    """`response`, its answer of only malformed tool calls answered as `build_agent` answers it.
+
+    A provider's call whose arguments did not parse (`invalid_tool_calls`) is no tool call to
+    `create_agent`, which ended the run `completed` with an empty answer. As `build_agent`'s
+    `call_model`, each such call is answered `invalid_args` and the model is asked again (the
+    agent jumps back to the model); at `MALFORMED_TURNS` such answers in a row the run ends
+    as `error`, a `ModelBehaviorError` (`keel.history.malformed_stop`).
+    """
+    messages: list[BaseMessage] = [response] if isinstance(response, AIMessage) else []
+    if isinstance(response, ModelResponse):
+        messages = response.result
+    last = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    if last is None or last.tool_calls or not last.invalid_tool_calls:
+        return response
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    if all((c.get("id") or "") in answered for c in last.invalid_tool_calls):
+        return response  # a keel hook inside this one answered them
+    structured = response.structured_response if isinstance(response, ModelResponse) else None
+    history = request.state.get("messages") if isinstance(request.state, Mapping) else None
+    result: list[BaseMessage] = [*messages, *invalid_call_answers(last)]
+    stop = malformed_stop(history or [], model_name_of(request.model))
+    if stop is not None:
+        result.append(stop_message(stop))
+        return cast("_R", ModelResponse(result=result, structured_response=structured))
+    return cast(
+        "_R",
+        ExtendedModelResponse(
+            model_response=ModelResponse(result=result, structured_response=structured),
+            command=Command(update={"jump_to": "model"}),
+        ),
+    )
 
 
 def _exit(behavior: object) -> ExitBehavior:
@@ -287,11 +373,13 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent."""
-        return self._refuse_tool(request) or _marked(handler(request), _unrun(request))
+        return self._refuse_tool(request) or _marked(drive(_ran(request, handler)), _unrun(request))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent (async)."""
-        return self._refuse_tool(request) or _marked(await handler(request), _unrun(request))
+        return self._refuse_tool(request) or _marked(
+            await adrive(_ran(request, handler)), _unrun(request)
+        )
 
 
 def _ahead(request: ToolCallRequest) -> int:
@@ -475,6 +563,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     client's `Command(goto=Send(...))` put in a waiting task's place (LangGraph names sent
     tasks by their place) is refused, the answer voided, and `invoke(None)` asks about it.
 
+    With `ledger=`, each call it answers is written to the audit log as `build_agent` writes it
+    (one `tool` record: the rules' decision, the status, the rule, who, the thread and run).
+
     A call to no tool is left to the tool node, and one with arguments its tool's schema refuses
     is answered `invalid_args`, both before any rule, as `build_agent` answers them: no human is
     asked about a call that cannot run, and a deny rule does not hide what the model must fix.
@@ -515,11 +606,18 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     state_schema = PermissionState
 
-    def __init__(self, policy: Policy) -> None:
-        """Decide every tool call by `policy.rules` (first match wins, default deny)."""
+    def __init__(self, policy: Policy, *, ledger: Ledger | None = None) -> None:
+        """Decide every tool call by `policy.rules` (first match wins, default deny).
+
+        With `ledger`, each call this middleware answers is written to the audit log.
+        """
         super().__init__()
         if not isinstance(policy, Policy):
             raise UserError(f"PermissionMiddleware needs a keel Policy(...), got {policy!r}.")
+        if ledger is not None and not isinstance(ledger, Ledger):
+            raise UserError(f"ledger=... must be a keel.Ledger(url), got {ledger!r}.")
+        self.audit = AuditLog(ledger) if ledger is not None else None
+        """Where each answered call is audited (`kind="tool"`), or None."""
         self.matrix = PermissionMatrix.from_policy(policy)
         Grants.from_secret()  # a bad KEEL_APPROVAL_SECRET is refused here, not at a rejection
         self.policy_id = policy.identity
@@ -638,17 +736,69 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it); else answer why not."""
-        resolved = drive(self._resolve(request))
-        if isinstance(resolved, ToolMessage | Command):
-            return resolved
-        return _marked(handler(resolved), _unknown(resolved))
+        return drive(self._answer(request, handler))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the call if the rules allow it (or a human approves it), async."""
-        resolved = await adrive(self._resolve(request))
-        if isinstance(resolved, ToolMessage | Command):
-            return resolved
-        return _marked(await handler(resolved), _unknown(resolved))
+        return await adrive(self._answer(request, handler))
+
+    def _answer(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
+        """The call's answer: the tool's result, or what answers it instead; then its audit."""
+        resolved = yield from self._resolve(request)
+        result = resolved
+        if not isinstance(resolved, ToolMessage | Command):
+            result = _marked((yield from _ran(resolved, handler)), _unknown(resolved))
+        yield from self._audited(request, result)
+        return result
+
+    def _audited(self, request: ToolCallRequest, result: object) -> Steps[None]:
+        """Write the audit record of `request`'s call answered by `result`, with a ledger.
+
+        As `build_agent`'s `tool_records` writes it: one `tool` record per answered call, with
+        the rules' decision on the call the model made (`deny` for a tool that does not exist,
+        `duplicate` for a repeat of its turn), its keel status and result. A replay or shadow
+        run writes none; a write the ledger refuses is logged, and the run goes on.
+        """
+        if self.audit is None or isolated():
+            return
+        call_id = request.tool_call.get("id") or ""
+        records = [self._record(request, m) for m in _answers_of(result)]
+        try:
+            yield both(self.audit.write, self.audit.awrite, records)
+        except Exception as exc:
+            log.error("keel could not write the audit record of call %s: %r", call_id, exc)
+
+    def _record(self, request: ToolCallRequest, answer: ToolMessage) -> AuditRecord:
+        call, tool = request.tool_call, request.tool
+        args = call.get("args")
+        decision, rule = "deny", None
+        if answer.response_metadata.get(DUPLICATE_KEY):
+            decision = "duplicate"
+        elif tool is not None and isinstance(args, dict):
+            verdict = self._decide(request, args)
+            decision, rule = verdict.action, verdict.rule
+        ctx, config = _context(request.runtime), get_config()
+        configurable, metadata = config.get("configurable") or {}, config.get("metadata") or {}
+        thread, run = (
+            configurable.get("thread_id"),
+            configurable.get("run_id") or metadata.get("run_id"),
+        )
+        return AuditRecord(
+            kind="tool",
+            decision=decision,
+            status=str(_status_of(answer) or answer.status),
+            tool=call["name"],
+            args=args,
+            rule=rule,
+            result=answer.text,
+            tool_call_id=answer.tool_call_id,
+            tool_version=registered(tool).spec.version if tool is not None else None,
+            user_id=ctx.user_id,
+            tenant_id=ctx.tenant_id,
+            thread_id=None if thread is None else str(thread),
+            run_id=None if run is None else str(run),
+            policy=self.policy_id,
+        )
 
     def _resolve(
         self, request: ToolCallRequest
@@ -670,6 +820,13 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             return resolved
         call = resolved.tool_call
         return stub_message(answer, call.get("id") or "", call["name"])
+
+
+def _answers_of(result: object) -> list[ToolMessage]:
+    """The tool messages of a call's answer: the message, or those a `Command` writes."""
+    update = result.update if isinstance(result, Command) else None
+    found = update.get("messages") if isinstance(update, dict) else [result]
+    return [m for m in found or () if isinstance(m, ToolMessage)]
 
 
 def _repeat(request: ToolCallRequest, *, edited: bool = False) -> ToolMessage | None:
@@ -1082,23 +1239,23 @@ class CircuitBreakerMiddleware(_ModelGuarded):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool unless its breaker is open; record the result."""
-        return drive(self._tool(request, call(handler, request)))
+        return drive(self._tool(request, handler))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless its breaker is open; record the result (async)."""
-        return await adrive(self._tool(request, call(handler, request)))
+        return await adrive(self._tool(request, handler))
 
-    def _tool(self, request: ToolCallRequest, tool_call: Op) -> Steps[Any]:
+    def _tool(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Steps[Any]:
         guard, tool = self.tool_guard, request.tool
         if guard is None or tool is None:  # no such tool: no breaker is kept for the name
-            return _marked((yield tool_call), _unrun(request))
+            return _marked((yield from _ran(request, handler)), _unrun(request))
         name = tool.name
         refused = yield both(guard.check, guard.acheck, name)
         if refused is not None:
             return _tool_message(request, refused, "unavailable")
         unrun = _unrun(request)
         try:
-            result = yield tool_call
+            result = yield from _ran(request, handler)  # a tool's error: answered `error`
         except GraphBubbleUp:  # a pause (a human asked about the call), not the tool's failure
             raise
         except Exception:
@@ -1191,7 +1348,7 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
         self.loop = loop or LoopPolicy()
 
     def _looping(self, request: ModelRequest[Any], response: ModelResponse[Any]) -> str | None:
-        answer = next((m for m in response.result if isinstance(m, AIMessage)), None)
+        answer = next(iter(_answers(response)[-1:]), None)
         if answer is None or not answer.tool_calls:
             return None
         tools = {t.name: registered(t) for t in request.tools if isinstance(t, BaseTool)}

@@ -20,12 +20,17 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from keel.state import starts_task
+from keel import outcome
+from keel.errors import ModelBehaviorError
+from keel.state import Outcome, starts_task
 
 __all__ = [
+    "MALFORMED_TURNS",
     "MISSING_RESULT",
     "earlier_turns",
     "in_call_order",
+    "invalid_call_answers",
+    "malformed_stop",
     "pending_tool_calls",
     "tool_turns_as_text",
     "valid_history",
@@ -192,3 +197,53 @@ def in_call_order(messages: Sequence[AnyMessage], results: Sequence[BaseMessage]
         *removed,
         *(m.model_copy(update={"id": None}) if id(m) in fresh else m for m in ranked),
     ]
+
+
+MALFORMED_TURNS = 3
+"""Turns in a row of only malformed tool calls after which the model is misbehaving."""
+
+
+def invalid_call_answers(answer: AIMessage) -> list[ToolMessage]:
+    """An `invalid_args` answer to each of `answer`'s malformed tool calls (`invalid_tool_calls`).
+
+    Providers count these as tool calls: each is answered, and the model may try again.
+    """
+    return [
+        ToolMessage(
+            content=f"Error: the arguments for {call.get('name') or 'this tool'} were not valid "
+            f"JSON ({call.get('error') or 'could not parse'}). Call the tool again with a JSON "
+            "object of arguments.",
+            tool_call_id=call.get("id") or "",
+            name=call.get("name") or "",
+            status="error",
+            response_metadata={"keel_status": "invalid_args"},
+        )
+        for call in answer.invalid_tool_calls
+    ]
+
+
+def malformed_stop(history: Sequence[BaseMessage], model: str) -> Outcome | None:
+    """The run's end when an answer of only malformed tool calls makes `MALFORMED_TURNS` in a row.
+
+    `history` is the thread before that answer. A model that keeps sending arguments that are
+    not JSON would otherwise go round until the step limit; the run ends as `error` with a
+    `ModelBehaviorError` (error category `model:ModelBehaviorError`). The same rule for
+    `build_agent` and for keel's middleware under `create_agent`.
+    """
+    turns = 1
+    for message in reversed(history):
+        if isinstance(message, ToolMessage):
+            continue
+        if not isinstance(message, AIMessage) or message.tool_calls:
+            break
+        if not message.invalid_tool_calls:
+            break
+        turns += 1
+    if turns < MALFORMED_TURNS:
+        return None
+    error = ModelBehaviorError(
+        model, f"sent only malformed tool calls (arguments not valid JSON) {turns} turns in a row"
+    )
+    return outcome.failed(
+        f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
+    )

@@ -17,7 +17,6 @@ from langchain_core.messages import (
     AIMessage,
     BaseMessage,
     SystemMessage,
-    ToolMessage,
 )
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
@@ -26,7 +25,6 @@ from keel import outcome
 from keel._drive import Op, Steps
 from keel._node import RunnableCallable, context_of, steps_node, thread_of
 from keel.approvals import decided
-from keel.errors import ModelBehaviorError
 from keel.guards.agent_guards import AgentGuards, GuardOptions
 from keel.guards.budget import check_budget, outer_exceeded, wall_deadline
 from keel.guards.content import OutputGuardPolicy
@@ -34,7 +32,7 @@ from keel.guards.loop import call_sequence, detect_loop, loop_window, wrap_up_no
 from keel.guards.model_call import DEFAULT_MODEL_RETRY, GuardedModel, ModelAnswer, unstreamed
 from keel.guards.policy import Budget, LoopPolicy
 from keel.guards.screening import checked_answer
-from keel.history import valid_history
+from keel.history import invalid_call_answers, malformed_stop, valid_history
 from keel.nodes.plan import advance_plan, render_plan
 from keel.redact import sanitized_logger
 from keel.state import (
@@ -266,8 +264,7 @@ class _Answerer:
         if any(w not in noted for w in got.warnings):  # what the period budgets held loosely
             update["warnings"] = [*noted, *(w for w in got.warnings if w not in noted)]
         if response.invalid_tool_calls:
-            # Providers count these as tool calls: answer each, and let the model try again.
-            update["messages"].extend(_invalid_call_results(response))
+            update["messages"].extend(invalid_call_answers(response))
             if not response.tool_calls:
                 misbehaving = _misbehaving(state, turn)
                 if misbehaving is not None or state.get("outcome") is not None:
@@ -354,51 +351,13 @@ def _over(budget: Budget | None, state: AgentState, usage: Usage) -> bool:
     return check_budget(budget, total).exceeded is not None
 
 
-MALFORMED_TURNS = 3
-"""Turns in a row of only malformed tool calls after which the model is misbehaving."""
-
-
 def _misbehaving(state: AgentState, turn: _Turn) -> Outcome | None:
-    """The run's end when this turn makes `MALFORMED_TURNS` of only malformed tool calls.
-
-    A model that keeps sending arguments that are not JSON would otherwise go round until the
-    step limit; the run ends as `error` with a `ModelBehaviorError` (error category
-    `model:ModelBehaviorError`).
-    """
-    turns = 1
-    for message in reversed(state.get("messages") or []):
-        if isinstance(message, ToolMessage):
-            continue
-        if not isinstance(message, AIMessage) or message.tool_calls:
-            break
-        if not message.invalid_tool_calls:
-            break
-        turns += 1
-    if turns < MALFORMED_TURNS:
-        return None
+    """The run's end when this turn makes `MALFORMED_TURNS` of only malformed tool calls."""
     name = turn.models.bound.name if turn.models is not None else "the model"
-    error = ModelBehaviorError(
-        name, f"sent only malformed tool calls (arguments not valid JSON) {turns} turns in a row"
-    )
-    log.warning("%s", error)
-    return outcome.failed(
-        f"model call failed after {turns} attempt(s): ModelBehaviorError: {error}"
-    )
-
-
-def _invalid_call_results(response: AIMessage) -> list[ToolMessage]:
-    return [
-        ToolMessage(
-            content=f"Error: the arguments for {call.get('name') or 'this tool'} were not valid "
-            f"JSON ({call.get('error') or 'could not parse'}). Call the tool again with a JSON "
-            "object of arguments.",
-            tool_call_id=call.get("id") or "",
-            name=call.get("name") or "",
-            status="error",
-            response_metadata={"keel_status": "invalid_args"},
-        )
-        for call in response.invalid_tool_calls
-    ]
+    stop = malformed_stop(state.get("messages") or [], name)
+    if stop is not None:
+        log.warning("%s", stop["detail"])
+    return stop
 
 
 def _stopped(got: ModelAnswer, turn: _Turn) -> dict[str, Any]:

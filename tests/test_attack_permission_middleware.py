@@ -55,19 +55,25 @@ class Declined(Exception):
 
 class RetryDeclined(AgentMiddleware[Any, Any, Any]):
     """Runs a declined call once more: its `PermissionMiddleware` asks again (a task that
-    asks twice)."""
+    asks twice). keel's middleware answers a tool's error (`Error: issue_refund failed:
+    Declined: ...`), as `build_agent` does, so the retry reads that answer."""
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
-        try:
-            return handler(request)
-        except Declined:
-            return handler(request)
+        result = handler(request)
+        return handler(request) if _declined(result) else result
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> Any:
-        try:
-            return await handler(request)
-        except Declined:
-            return await handler(request)
+        result = await handler(request)
+        return await handler(request) if _declined(result) else result
+
+
+def _declined(result: Any) -> bool:
+    """Whether `result` answers a call the bank declined (`Declined`, answered `error`)."""
+    return (
+        isinstance(result, ToolMessage)
+        and result.response_metadata.get("keel_status") == "error"
+        and "Declined:" in result.text
+    )
 
 
 def turn(*calls: tuple[str, dict[str, Any]]) -> AIMessage:

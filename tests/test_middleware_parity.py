@@ -1,19 +1,28 @@
 """`build_agent` and `create_agent` with keel's middleware, same script, same tools, same policy.
 
-Two gaps between the paths, closed here:
+Gaps between the paths, closed here:
 
 - a model's tool arguments with keys JSON cannot write (a tuple, a frozenset, at any depth):
   `build_agent` stores them as JSON carries them (`keel.tools._args.json_args`), so the tool's
   schema answers `invalid_args` as for a provider's call and the checkpoint saves. Under
   `create_agent` they reached the checkpoint unchanged and the run ended in a `TypeError`
   (`AIMessage` not msgpack serializable), its thread unsaved. Every keel middleware's model
-  hook now writes them as `build_agent` does, so any one of them is enough;
+  hook (the content guards' too) now writes them as `build_agent` does, so any one of them
+  is enough;
 - a call the tool node answers without running the tool (no such tool, arguments its schema
   refuses) was marked `unknown_tool` / `invalid_args` only under a tool breaker; without the
   mark `BudgetMiddleware` counted it as a tool call that ran (`build_agent` does not), and a
-  model's bad call spent the budget of the good one after it.
+  model's bad call spent the budget of the good one after it;
+- an answer of only malformed tool calls (`invalid_tool_calls`) ended the middleware run
+  `completed` with an empty answer; `build_agent` answers each `invalid_args`, asks again, and
+  ends the third in a row as `error` (`ModelBehaviorError`);
+- a tool that raised: `build_agent` answers the call `error`; `create_agent`'s `ToolNode`
+  raised the error out of `invoke`;
+- the audit log: `build_agent` writes a `tool` record per call; `PermissionMiddleware` wrote
+  none (it now does with `ledger=`).
 
-Real PostgreSQL and SQLite checkpointers and ledgers; the model is keel's ScriptedChatModel.
+Real PostgreSQL and SQLite checkpointers and ledgers; the model is keel's ScriptedChatModel
+(under a ChaosChatModel that breaks every tool call, for the malformed answers).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from pydantic import AfterValidator
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
-from keel.evals import ScriptedChatModel
+from keel.db.audit import AuditLog
+from keel.evals import ChaosChatModel, ChaosPolicy, ScriptedChatModel, call
 from keel.guards import (
     BreakerPolicy,
     Budget,
@@ -41,7 +51,9 @@ from keel.guards import (
     Policy,
     Rule,
 )
+from keel.guards.content_middleware import InputGuardMiddleware, OutputGuardMiddleware
 from keel.guards.middleware import outcome_of
+from keel.history import MALFORMED_TURNS
 
 CTX = RunContext(user_id="u1", roles=("support",))
 ARGS = {"grid": {(1, 2): "x", (0, 0): "o"}, "notes": [{frozenset({"b", "a"}): 1}]}
@@ -108,10 +120,24 @@ def _stacks(ledger: Ledger) -> dict[str, Callable[[], list[AgentMiddleware[Any, 
         "permission": lambda: [PermissionMiddleware(Policy(rules=RULES))],
         "model_breaker": lambda: [CircuitBreakerMiddleware(ledger, model=BreakerPolicy())],
         "loop_guard": lambda: [LoopGuardMiddleware()],
+        "tool_breaker": lambda: [CircuitBreakerMiddleware(ledger, tool=BreakerPolicy())],
+        "input_guard": lambda: [InputGuardMiddleware()],
+        "output_guard": lambda: [OutputGuardMiddleware()],
     }
 
 
-@pytest.mark.parametrize("stack", ["budget", "permission", "model_breaker", "loop_guard"])
+MODEL_HOOKED = [
+    "budget",
+    "permission",
+    "model_breaker",
+    "loop_guard",
+    "input_guard",
+    "output_guard",
+]
+TOOL_HOOKED = ["budget", "permission", "tool_breaker", "input_guard"]
+
+
+@pytest.mark.parametrize("stack", MODEL_HOOKED)
 def test_tuple_keys_reach_the_tool_as_in_build_agent_whichever_keel_middleware(
     db_url: str, stack: str
 ) -> None:
@@ -129,7 +155,7 @@ def test_tuple_keys_reach_the_tool_as_in_build_agent_whichever_keel_middleware(
     assert saved[1].tool_calls[0]["args"] == keel_saved[1].tool_calls[0]["args"] == READABLE
     (answer,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert "grid.[1,2].[key]: Input should be a valid tuple" in answer.text
-    if stack != "loop_guard":  # a middleware with a tool hook marks it as build_agent does
+    if stack in TOOL_HOOKED:  # a middleware with a tool hook marks it as build_agent does
         assert _statuses(result["messages"]) == _statuses(keel_result["messages"])
         assert _statuses(result["messages"]) == ["invalid_args"]
 
@@ -336,3 +362,205 @@ def test_langchain_tool_call_schema_drops_an_args_schema_s_validators() -> None:
 
     assert refund.tool_call_schema is not Refund
     assert refund.tool_call_schema.model_validate({"amount": 5}).amount == 5  # type: ignore[union-attr]
+
+
+def _chaos(script: list[Any]) -> ChaosChatModel:
+    """Every answer's tool calls broken: arguments that are not JSON (`invalid_tool_calls`)."""
+    scripted = ScriptedChatModel(script=script, fresh_ids=True)
+    return ChaosChatModel(model=scripted, policy=ChaosPolicy(malformed_tool_call=1.0, seed=3))
+
+
+def _both(
+    db_url: str,
+    model: Callable[[], Any],
+    middleware: Callable[[Ledger], list[AgentMiddleware[Any, Any, Any]]],
+    tools: list[Any] = TOOLS,
+    policy: Policy | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same script under `build_agent` and under `create_agent` with `middleware`."""
+    policy = policy or Policy(rules=RULES)
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            agent = build_agent(model(), tools, policy=policy, ledger=ledger, checkpointer=saver)
+            keel_result, _ = _run(agent)
+            mw_agent = create_agent(
+                model(),
+                tools,
+                middleware=middleware(ledger),
+                context_schema=RunContext,
+                checkpointer=saver,
+            )
+            result, saved = _run(mw_agent)
+        finally:
+            ledger.close()
+    assert [m.type for m in saved] == [m.type for m in result["messages"]]  # it saved
+    return keel_result, result
+
+
+@pytest.mark.parametrize("stack", MODEL_HOOKED)
+def test_a_model_that_only_breaks_its_tool_calls_ends_as_a_model_behavior_error(
+    db_url: str, stack: str
+) -> None:
+    """An answer of only malformed tool calls (`invalid_tool_calls`, no `tool_calls`) is no
+    tool call to `create_agent`: the run ended `completed` with an empty answer. `build_agent`
+    answers each `invalid_args` and asks again; at `MALFORMED_TURNS` in a row the run ends as
+    `error` (a `ModelBehaviorError`). Now so does the middleware, under any keel middleware."""
+    script = [call("lookup", order_id="A1")] * 5
+
+    keel_result, result = _both(
+        db_url, lambda: _chaos(script), lambda ledger: _stacks(ledger)[stack]()
+    )
+    expected = ["invalid_args"] * MALFORMED_TURNS
+    assert _statuses(keel_result["messages"]) == expected
+    assert _statuses(result["messages"]) == expected
+    assert keel_result["outcome"]["terminated_reason"] == "error"
+    stopped = outcome_of(result)
+    assert stopped == keel_result["outcome"]  # the same outcome, the same detail
+    assert "ModelBehaviorError" in stopped["detail"]
+    assert "malformed tool calls" in stopped["detail"]
+
+
+def test_after_an_after_model_hook_a_malformed_answer_ends_the_run_failed(db_url: str) -> None:
+    """Pinned LangChain behaviour: an `after_model` hook (here LangChain's own human-in-the-loop
+    middleware) runs between the model node and the agent's routing, and LangChain's `jump_to`
+    a model hook sets is gone when the agent routes: the agent ends after the first malformed
+    answer, its calls answered. `outcome_of` then says the run failed, not `completed`."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+
+    model = _chaos([call("lookup", order_id="A1")] * 5)
+    middleware: list[AgentMiddleware[Any, Any, Any]] = [
+        PermissionMiddleware(Policy(rules=RULES)),
+        HumanInTheLoopMiddleware(interrupt_on={"lookup": False}),
+    ]
+    with Persistence(db_url).checkpointer() as saver:
+        result, _ = _run(_middleware(saver, model, middleware))
+    assert _statuses(result["messages"]) == ["invalid_args"]  # one turn: the jump was lost
+    stopped = outcome_of(result)
+    assert stopped["terminated_reason"] == "error"
+    assert "only malformed tool calls (lookup" in stopped["detail"]
+
+
+def test_a_model_that_recovers_from_malformed_calls_goes_on_on_both_paths(db_url: str) -> None:
+    """Two malformed answers, then a good call: the model is told and asked again each time."""
+    broken = [
+        AIMessage(
+            content="",
+            invalid_tool_calls=[
+                {
+                    "type": "invalid_tool_call",
+                    "name": "lookup",
+                    "args": '{"order_id": "A1"',
+                    "id": f"bad-{uuid.uuid4().hex[:8]}",
+                    "error": "not valid JSON",
+                }
+            ],
+        )
+        for _ in range(MALFORMED_TURNS - 1)
+    ]
+
+    def model() -> ScriptedChatModel:
+        script = [*broken, call("lookup", order_id="A1"), "Done."]
+        return ScriptedChatModel(script=script, fresh_ids=True)
+
+    keel_result, result = _both(
+        db_url, model, lambda ledger: [PermissionMiddleware(Policy(rules=RULES))]
+    )
+    expected = ["invalid_args"] * (MALFORMED_TURNS - 1) + ["success"]
+    assert _statuses(keel_result["messages"]) == expected
+    assert _statuses(result["messages"]) == expected
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    assert result["messages"][-1].text == keel_result["messages"][-1].text == "Done."
+    told = next(m.text for m in result["messages"] if isinstance(m, ToolMessage))
+    assert "were not valid JSON" in told
+
+
+@tool
+def explode(order_id: str) -> str:
+    """Look an order up in a store that is on fire."""
+    raise RuntimeError(f"store for {order_id} is on fire")
+
+
+@pytest.mark.parametrize("stack", TOOL_HOOKED)
+def test_a_tool_that_raises_is_answered_error_on_both_paths(db_url: str, stack: str) -> None:
+    """`create_agent`'s `ToolNode` (default `handle_tool_errors`) raised a tool's error out of
+    `invoke`, a bare traceback; `build_agent` answers the call `error` and the run goes on.
+    Every keel middleware with a tool hook now answers it as `build_agent` does."""
+
+    def model() -> ScriptedChatModel:
+        return ScriptedChatModel(script=[call("explode", order_id="A1"), "Done."])
+
+    keel_result, result = _both(
+        db_url, model, lambda ledger: _stacks(ledger)[stack](), tools=[explode]
+    )
+    assert _statuses(keel_result["messages"]) == _statuses(result["messages"]) == ["error"]
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    answer = next(m for m in result["messages"] if isinstance(m, ToolMessage))
+    assert answer.text == "Error: explode failed: RuntimeError: store for A1 is on fire"
+    assert "RuntimeError: store for A1 is on fire" in keel_result["messages"][2].text
+
+
+AUDIT_RULES = (
+    Rule(role="support", tool="lookup", action="allow"),
+    Rule(role="support", tool="explode", action="allow"),
+    Rule(role="*", tool="place", action="deny", reason="no placing"),
+)
+
+
+def test_permission_middleware_audits_each_call_as_build_agent_does(db_url: str) -> None:
+    """With a ledger, `PermissionMiddleware` writes one `tool` audit record per call it answers,
+    as `build_agent` does: the rules' decision, the status, the rule, who, which thread."""
+    policy = Policy(rules=AUDIT_RULES)
+    turn = [
+        ("lookup", {"order_id": "A1"}),
+        ("place", {"grid": {}}),
+        ("Lookup", {"order_id": "A1"}),
+        ("explode", {"order_id": "B2"}),
+        ("lookup", {"order_id": "A1", "n": "abc"}),
+    ]
+    tools = [*TOOLS, explode]
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            threads = []
+            for agent in (
+                build_agent(_script(turn), tools, policy=policy, ledger=ledger, checkpointer=saver),
+                create_agent(
+                    _script(turn),
+                    tools,
+                    middleware=[PermissionMiddleware(policy, ledger=ledger)],
+                    context_schema=RunContext,
+                    checkpointer=saver,
+                ),
+            ):
+                config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+                agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+                threads.append(config["configurable"]["thread_id"])
+            audit = AuditLog(ledger)
+            rows = [
+                [r for r in audit.query(thread=thread) if r.kind == "tool"] for thread in threads
+            ]
+        finally:
+            ledger.close()
+
+    def seen(records: list[Any]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (r.tool, r.decision, r.status, r.rule, r.user_id, r.policy, r.tool_version, r.args)
+            for r in records
+        )
+
+    keel_rows, mw_rows = rows
+    assert len(mw_rows) == len(turn)
+    assert seen(mw_rows) == seen(keel_rows)
+    assert {r.thread_id for r in mw_rows} == {threads[1]}
+    assert sorted((r.tool, r.decision, r.status) for r in mw_rows) == [
+        ("Lookup", "deny", "unknown_tool"),
+        ("explode", "allow", "error"),
+        ("lookup", "allow", "invalid_args"),
+        ("lookup", "allow", "success"),
+        ("place", "deny", "denied"),
+    ]

@@ -20,7 +20,7 @@ from keel.db.runs import error_category
 from keel.errors import KeelError, ModelBehaviorError
 from keel.evals import ChaosChatModel, ChaosPolicy, ScriptedChatModel, call
 from keel.guards import after_failure
-from keel.nodes.call_model import MALFORMED_TURNS
+from keel.history import MALFORMED_TURNS
 
 CTX = RunContext(user_id="u1")
 FAST = RetryPolicy(max_attempts=2, initial_interval=0.001, jitter=False)
