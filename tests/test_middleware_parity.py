@@ -564,3 +564,122 @@ def test_permission_middleware_audits_each_call_as_build_agent_does(db_url: str)
         ("lookup", "allow", "success"),
         ("place", "deny", "denied"),
     ]
+
+
+async def test_the_async_hooks_ask_again_answer_errors_and_audit_as_the_sync_ones(
+    ledger: Ledger,
+) -> None:
+    """`ainvoke`: a malformed answer is answered and asked again, a tool's error is answered
+    `error`, and each call `PermissionMiddleware` answers is audited."""
+    broken = AIMessage(
+        content="",
+        invalid_tool_calls=[
+            {
+                "type": "invalid_tool_call",
+                "name": "explode",
+                "args": "{",
+                "id": None,
+                "error": "not valid JSON",
+            }
+        ],
+    )
+    script: list[Any] = [broken, call("explode", order_id="A1"), "Done."]
+    model = ScriptedChatModel(script=script, fresh_ids=True)
+    policy = Policy(rules=AUDIT_RULES)
+    config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+    async with Persistence(ledger.url).acheckpointer() as saver:
+        agent = create_agent(
+            model,
+            [explode],
+            middleware=[PermissionMiddleware(policy, ledger=ledger)],
+            context_schema=RunContext,
+            checkpointer=saver,
+        )
+        result = await agent.ainvoke({"messages": [("user", "go")]}, config, context=CTX)
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    assert _statuses(result["messages"]) == ["invalid_args", "error"]
+    rows = await AuditLog(ledger).aquery(thread=config["configurable"]["thread_id"])
+    assert [(r.tool, r.decision, r.status) for r in rows] == [("explode", "allow", "error")]
+
+
+def test_an_audit_write_the_ledger_refuses_is_logged_and_the_run_goes_on(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A closed ledger refuses every write (`StorageError`): the call is answered and the run
+    ends as it would have, the refusal logged."""
+    closed = Ledger(db_url)
+    closed.setup()
+    closed.close()
+    middleware: list[AgentMiddleware[Any, Any, Any]] = [
+        PermissionMiddleware(Policy(rules=RULES), ledger=closed)
+    ]
+    with Persistence(db_url).checkpointer() as saver:
+        result, _ = _run(_middleware(saver, _script([("lookup", {"order_id": "A1"})]), middleware))
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    assert _statuses(result["messages"]) == ["success"]
+    assert "could not write the audit record" in caplog.text
+
+
+FLAKY: list[str] = []
+
+
+@tool
+def flaky(order_id: str) -> str:
+    """Look an order up in a store that fails its first call."""
+    FLAKY.append(order_id)
+    if len(FLAKY) == 1:
+        raise ConnectionError("store unreachable")
+    return f"order {order_id}: shipped"
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["retry_inside", "retry_around"])
+def test_a_retry_middleware_sees_a_tool_s_error_only_inside_keel_s(inside: bool) -> None:
+    """LangChain's `ToolRetryMiddleware` acts on a tool's exception: placed after keel's
+    middleware (inside it) it retries the call; placed before (around it) it reads keel's
+    `error` answer, and the call is not retried."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    FLAKY.clear()
+    retry = ToolRetryMiddleware(max_retries=1, initial_delay=0, jitter=False)
+    permission = PermissionMiddleware(Policy(rules=RULES))
+    middleware: list[AgentMiddleware[Any, Any, Any]] = (
+        [permission, retry] if inside else [retry, permission]
+    )
+    agent = create_agent(
+        ScriptedChatModel(script=[call("flaky", order_id="A1"), "Done."]),
+        [flaky],
+        middleware=middleware,
+        context_schema=RunContext,
+    )
+    result = agent.invoke({"messages": [("user", "go")]}, context=CTX)
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    if inside:
+        assert FLAKY == ["A1", "A1"]
+        assert _statuses(result["messages"]) == ["success"]
+    else:
+        assert FLAKY == ["A1"]
+        assert _statuses(result["messages"]) == ["error"]
+
+
+def test_a_stubbed_run_writes_no_audit_record(db_url: str) -> None:
+    """A replay or shadow run (`keel.tools.stubs.stubbing`) is `isolated()`: production's audit
+    log gets no record of its calls, as under `build_agent`."""
+    from keel.tools.stubs import StubAnswer, stubbing
+
+    config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            agent = _middleware(
+                saver,
+                _script([("lookup", {"order_id": "A1"})]),
+                [PermissionMiddleware(Policy(rules=RULES), ledger=ledger)],
+            )
+            with stubbing(lambda tool, call: StubAnswer("stubbed")):
+                result = agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+            rows = AuditLog(ledger).query(thread=config["configurable"]["thread_id"])
+        finally:
+            ledger.close()
+    assert [m.text for m in result["messages"] if isinstance(m, ToolMessage)] == ["stubbed"]
+    assert rows == []
