@@ -762,8 +762,8 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         if self.audit is None or isolated():
             return
         call_id = request.tool_call.get("id") or ""
-        records = [self._record(request, m) for m in _answers_of(result)]
         try:
+            records = [self._record(request, m) for m in _answers_of(result)]
             yield both(self.audit.write, self.audit.awrite, records)
         except Exception as exc:
             log.error("keel could not write the audit record of call %s: %r", call_id, exc)
