@@ -228,19 +228,21 @@ def _stored_answers(request: ModelRequest[Any], response: _R) -> _R:
 
 
 def _malformed(request: ModelRequest[Any], response: _R) -> _R:
-    """`response`, its answer of only malformed tool calls answered as `build_agent` answers it.
+    """`response`, its malformed tool calls answered as `build_agent`'s `call_model` answers them.
 
     A provider's call whose arguments did not parse (`invalid_tool_calls`) is no tool call to
-    `create_agent`, which ended the run `completed` with an empty answer. As `build_agent`'s
-    `call_model`, each such call is answered `invalid_args` and the model is asked again (the
-    agent jumps back to the model); at `MALFORMED_TURNS` such answers in a row the run ends
-    as `error`, a `ModelBehaviorError` (`keel.history.malformed_stop`).
+    `create_agent`: beside valid calls it went unanswered until LangChain's next model call
+    answered it its own way (no keel status), and alone it ended the run `completed` with an
+    empty answer. As in `build_agent`, each is answered `invalid_args` with the answer; an answer
+    of only such calls has the model asked again (the agent jumps back to the model), and at
+    `MALFORMED_TURNS` such answers in a row the run ends as `error`, a `ModelBehaviorError`
+    (`keel.history.malformed_stop`).
     """
     messages: list[BaseMessage] = [response] if isinstance(response, AIMessage) else []
     if isinstance(response, ModelResponse):
         messages = response.result
     last = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-    if last is None or last.tool_calls or not last.invalid_tool_calls:
+    if last is None or not last.invalid_tool_calls:
         return response
     answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
     if all((c.get("id") or "") in answered for c in last.invalid_tool_calls):
@@ -248,16 +250,15 @@ def _malformed(request: ModelRequest[Any], response: _R) -> _R:
     structured = response.structured_response if isinstance(response, ModelResponse) else None
     history = request.state.get("messages") if isinstance(request.state, Mapping) else None
     result: list[BaseMessage] = [*messages, *invalid_call_answers(last)]
-    stop = malformed_stop(history or [], model_name_of(request.model))
+    stop = None if last.tool_calls else malformed_stop(history or [], model_name_of(request.model))
     if stop is not None:
         result.append(stop_message(stop))
-        return cast("_R", ModelResponse(result=result, structured_response=structured))
+    answer = ModelResponse(result=result, structured_response=structured)
+    if stop is not None or last.tool_calls:  # the valid calls run, then the model reads all
+        return cast("_R", answer)
     return cast(
         "_R",
-        ExtendedModelResponse(
-            model_response=ModelResponse(result=result, structured_response=structured),
-            command=Command(update={"jump_to": "model"}),
-        ),
+        ExtendedModelResponse(model_response=answer, command=Command(update={"jump_to": "model"})),
     )
 
 

@@ -477,6 +477,40 @@ def test_a_model_that_recovers_from_malformed_calls_goes_on_on_both_paths(db_url
     assert "were not valid JSON" in told
 
 
+def test_a_malformed_call_beside_a_valid_one_is_answered_with_its_turn_on_both_paths(
+    db_url: str,
+) -> None:
+    """A turn with a valid call and a malformed one: `build_agent` answers the malformed one
+    `invalid_args` with the turn and runs the other. `create_agent` left it unanswered until its
+    next model call answered it its own way (no keel status, another text)."""
+
+    def model() -> ScriptedChatModel:
+        turn = AIMessage(
+            content="",
+            tool_calls=[ToolCall(name="lookup", args={"order_id": "A1"}, id=None)],
+            invalid_tool_calls=[
+                {
+                    "type": "invalid_tool_call",
+                    "name": "lookup",
+                    "args": '{"order_id": ',
+                    "id": f"bad-{uuid.uuid4().hex[:8]}",
+                    "error": "not valid JSON",
+                }
+            ],
+        )
+        return ScriptedChatModel(script=[turn, "Done."], fresh_ids=True)
+
+    keel_result, result = _both(
+        db_url, model, lambda ledger: [PermissionMiddleware(Policy(rules=RULES))]
+    )
+    assert _statuses(keel_result["messages"]) == ["invalid_args", "success"]
+    assert _statuses(result["messages"]) == ["invalid_args", "success"]
+    assert keel_result["outcome"]["terminated_reason"] == "completed"
+    assert outcome_of(result)["terminated_reason"] == "completed"
+    bad = next(m.text for m in result["messages"] if isinstance(m, ToolMessage))
+    assert bad == next(m.text for m in keel_result["messages"] if isinstance(m, ToolMessage))
+
+
 @tool
 def explode(order_id: str) -> str:
     """Look an order up in a store that is on fire."""
