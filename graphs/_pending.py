@@ -63,6 +63,7 @@ __all__ = [
     "refuse_turned_past",
     "removed_by",
     "removed_of_waiting_run",
+    "shape",
     "turned_past",
 ]
 
@@ -337,18 +338,47 @@ def removed_by(command: Command[Any]) -> set[str]:
     return removed
 
 
+def shape(message: Any) -> tuple[Any, ...]:
+    """What a message says: its kind, its content and the calls it makes or answers."""
+    calls = [(c["name"], c["args"], c["id"]) for c in getattr(message, "tool_calls", None) or []]
+    return (message.type, message.content, calls, getattr(message, "tool_call_id", None))
+
+
+def overwritten_by(command: Command[Any], saved: Sequence[Any]) -> set[str]:
+    """The ids of the `saved` messages `command`'s update writes a different message over.
+
+    `add_messages` replaces a message by id, whatever the new one's kind: an AI turn written
+    under the id of the turn whose calls wait swapped those calls for others, and the human
+    asked again approved what they had not seen (a plain resume).
+    """
+    by_id = {str(m.id): m for m in saved if m.id}
+    written: set[str] = set()
+    try:
+        for key, value in command._update_as_tuples():
+            sent = messages_of(value) if key == "messages" else None
+            for m in sent or []:
+                old = by_id.get(str(m.id)) if m.id and m.type != "remove" else None
+                if old is not None and shape(m) != shape(old):
+                    written.add(str(m.id))
+    except Exception:  # LangGraph says what is wrong with the update
+        return set()
+    return written
+
+
 def removed_of_waiting_run(command: Command[Any], state: StateSnapshot | None) -> list[str]:
     """The messages of the run `state` waits in (its task's, `task_start` on) `command` removes.
 
-    The run's record is keyed by its first message: without it the run's end is recorded
-    under another key, and the record that waited stays `interrupted` for good; without its AI
-    turn, the calls that wait are never answered nor audited.
+    Or overwrites with a different message (`overwritten_by`). The run's record is keyed by
+    its first message: without it the run's end is recorded under another key, and the record
+    that waited stays `interrupted` for good; without its AI turn, the calls that wait are never
+    answered nor audited.
     """
     if state is None or not state.interrupts:
         return []
-    removed = removed_by(command)
     messages = state.values.get("messages") or []
-    own = [str(m.id) for m in messages[max(task_start(messages), 0) :] if m.id]
+    run = messages[max(task_start(messages), 0) :]
+    removed = removed_by(command) | overwritten_by(command, run)
+    own = [str(m.id) for m in run if m.id]
     return own if REMOVE_ALL_MESSAGES in removed else [i for i in own if i in removed]
 
 
@@ -383,7 +413,8 @@ def refuse_turned_past(config: RunnableConfig, state: StateSnapshot, supersteps:
                 )
             if removed := removed_of_waiting_run(command, state):
                 raise UserError(
-                    f"This state update removes {', '.join(map(repr, removed))}, of the run "
+                    f"This state update removes (or overwrites) {', '.join(map(repr, removed))}, "
+                    "of the run "
                     f"that thread {thread!r} waits in for a human's answer: the run would be "
                     "recorded twice (its record is keyed by its first message, and the one "
                     "that waits would stay 'interrupted'), or its waiting calls left with no "

@@ -5,7 +5,10 @@ LangGraph drops input keys outside a graph's `input_schema` without a word, and 
 them with a `UserError` that names the keys: `invoke`/`stream` input, `Command(update=...)`,
 `update_state` and `bulk_update_state` (sync and async) may set only the input schema's keys
 (`keel.state.AgentInput`: messages), as the graph's own nodes (`as_node`; a `__copy__`'s
-listed updates are checked as any). A `Command(resume=...)` on a thread where nothing waits
+listed updates are checked as any). None may write LangGraph's own channels
+(`__pregel_tasks`, `branch:to:<node>`, ...) or name the node to run next
+(`Command(goto=...)`): either started a node past the guards before it, a `Send` with
+state of the caller's making. A `Command(resume=...)` on a thread where nothing waits
 for a human is refused too: LangGraph would keep it and hand it to the next `interrupt()`, so
 a grant sent ahead would approve a call no human saw.
 
@@ -63,7 +66,7 @@ from keel.guards.content import OutputGuardPolicy
 from keel.guards.screening import mark_sent
 from keel.state import VERIFICATION_KEY, storable_ids
 
-__all__ = ["ProtectedGraph", "messages_of", "protected"]
+__all__ = ["ProtectedGraph", "langgraphs_channel", "messages_of", "protected"]
 
 
 class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
@@ -82,7 +85,27 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         allowed = self.builder.schemas[self.builder.input_schema]
         return sorted({k for k in keys if k in self.builder.channels and k not in allowed})
 
+    def _scheduling(self, keys: Sequence[str]) -> list[str]:
+        """The keys of `keys` that name LangGraph's own channels (`_refuse`)."""
+        own = {*self.builder.channels, *self.builder.managed}
+        return sorted({k for k in keys if langgraphs_channel(k) or k in self.channels} - own)
+
     def _refuse(self, keys: Sequence[str], where: str) -> None:
+        """Refuse keys only keel writes, and LangGraph's own channels.
+
+        LangGraph's channels (`__pregel_tasks`, `branch:to:<node>`, `__pregel_resume`, ...)
+        schedule the graph: a `Send` written to `__pregel_tasks` ran the node it names with
+        whatever state it carried (`call_model` with no usage, past the run budget and the
+        input guard), `branch:to:<node>` started a node past the guards before it.
+        """
+        if internal := self._scheduling(keys):
+            raise UserError(
+                f"{where} sets {', '.join(repr(k) for k in internal)}: LangGraph writes "
+                f"{'it' if len(internal) == 1 else 'them'} itself to start the graph's nodes, "
+                "and a caller's write would start one past the guards that run before it, with "
+                "state the caller made up. Send messages as input, and answer a waiting review "
+                "with Command(resume=...)."
+            )
         bad = self._protected(keys)
         if bad:
             allowed = ", ".join(repr(k) for k in self.builder.schemas[self.builder.input_schema])
@@ -97,13 +120,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
         if isinstance(input, dict):
             self._refuse(list(input), "The graph's input")
         if isinstance(input, Command):
-            if input.goto:
-                raise UserError(
-                    f"Command(goto={input.goto!r}) as input is refused: it would start the run at "
-                    "the node it names, past the guards that run first (the input guard "
-                    "would never read the messages it sends). Send the message as input "
-                    '({"messages": [...]}), or answer a waiting review with Command(resume=...).'
-                )
+            _refuse_goto(input, "as input")
             self._refuse([k for k, _ in input._update_as_tuples()], "Command(update=...)")
             self._refuse_unread(input._update_as_tuples(), "Command(update=...)")
             return input.resume is not None and self.checkpointer not in (None, False)
@@ -274,6 +291,7 @@ class ProtectedGraph(CompiledStateGraph[Any, Any, Any, Any]):
                     self._refuse(list(values), "update_state")
                     self._refuse_unread(list(values.items()), "update_state")
                 elif isinstance(values, Command):
+                    _refuse_goto(values, "in update_state")
                     self._refuse([k for k, _ in values._update_as_tuples()], "update_state")
                     self._refuse_unread(values._update_as_tuples(), "update_state")
         return supersteps
@@ -376,6 +394,30 @@ COPY = "__copy__"
 
 _READ_KINDS = (HumanMessage, ToolMessage)
 """The messages the input guard reads: user messages and tool results."""
+
+_INTERNAL = ("__", "branch:")
+"""How LangGraph's own channel names begin (`TASKS`, `RESUME`, `branch:to:<node>`, ...)."""
+
+
+def langgraphs_channel(key: object) -> bool:
+    """Whether `key` is named as LangGraph names its own channels (`__pregel_tasks`, ...)."""
+    return isinstance(key, str) and key.startswith(_INTERNAL)
+
+
+
+def _refuse_goto(command: Command[Any], where: str) -> None:
+    """Refuse a caller's `Command` that names the node to run next (`goto`).
+
+    It would start the run at that node, past the guards that run first; a `Send` would
+    also hand the node state of the caller's making.
+    """
+    if command.goto:
+        raise UserError(
+            f"Command(goto={command.goto!r}) {where} is refused: it would start the run at "
+            "the node it names, past the guards that run first (the input guard "
+            "would never read the messages it sends). Send the message as input "
+            '({"messages": [...]}), or answer a waiting review with Command(resume=...).'
+        )
 
 
 def _check_shape(supersteps: Any) -> None:

@@ -80,6 +80,8 @@ from keel.graphs._pending import (
     not_run_records,
     refuse_turned_past,
     removed_by,
+    removed_of_waiting_run,
+    shape,
     step_results,
     stopped_ended,
     turned_past,
@@ -146,6 +148,14 @@ def refusal(input: Any, config: RunnableConfig | None, state: StateSnapshot | No
     if (problem := input_refusal(input)) is not None:
         return problem
     if input is None or isinstance(input, Command):
+        if isinstance(input, Command) and (changed := removed_of_waiting_run(input, state)):
+            return (
+                f"The run's Command(update=...) overwrites {', '.join(map(repr, changed))}, of "
+                f"the run that thread {thread!r} waits in for a human's answer, with a "
+                "different message: the calls the human was asked about would be swapped for "
+                "others and left with no answer nor audit record. Answer them first with "
+                "Command(resume=...); send new messages without ids (or with new ones)."
+            )
         if exists:
             return None
         if thread is None or state is None:
@@ -231,8 +241,8 @@ def _reentered(
     if run_id is None or str(run_id) != _run_of(state):
         return None
     saved = state.values.get("messages") or []
-    held = [_shape(m) for m in saved[max(task_start(saved), 0) :]]
-    return None if all(_shape(m) in held for m in messages) else str(run_id)
+    held = [shape(m) for m in saved[max(task_start(saved), 0) :]]
+    return None if all(shape(m) in held for m in messages) else str(run_id)
 
 
 def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:
@@ -246,7 +256,7 @@ def _replaced(messages: list[BaseMessage], state: StateSnapshot) -> str | None:
         return None
     for m in messages:
         old = saved.get(m.id) if m.id else None
-        if old is not None and _shape(m) != _shape(old):
+        if old is not None and shape(m) != shape(old):
             return str(m.id)
     return None
 
@@ -265,14 +275,8 @@ def _without_resent(input: Any, state: StateSnapshot | None) -> Any:
     messages = _readable(input.get("messages"))
     if not saved or isinstance(messages, str):
         return input
-    new = [m for m in messages if not (m.id in saved and _shape(m) == _shape(saved[m.id]))]
+    new = [m for m in messages if not (m.id in saved and shape(m) == shape(saved[m.id]))]
     return {**input, "messages": new} if new and len(new) < len(messages) else input
-
-
-def _shape(message: Any) -> tuple[Any, ...]:
-    """What a message says: its kind, its content and the calls it makes or answers."""
-    calls = [(c["name"], c["args"], c["id"]) for c in getattr(message, "tool_calls", None) or []]
-    return (message.type, message.content, calls, getattr(message, "tool_call_id", None))
 
 
 def _readable(messages: Any) -> list[BaseMessage] | str:

@@ -40,11 +40,12 @@
 - **What:** a run's `input` and `command.update` may set only what a caller may send
   (`keel.state.AgentInput`: messages, none of them a `system` or `developer` message: the
   system prompt is the agent's; none a removal: a run does not delete the thread's record);
-  a key only keel writes (approvals, usage, outcome, plan, ...) is refused with 422 before the
-  run is created, and so is input the graph would refuse as it starts whatever the thread holds
-  (`keel.graphs.threads.input_refusal`: no message, unreadable or blank ones; an A2A message
-  with such parts gets it as a JSON-RPC error), and so is a config or context (a run's,
-  an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...).
+  a key only keel writes (approvals, usage, outcome, plan, `keel_rejections`, ...) or one of
+  LangGraph's own channels (`branch:to:<node>`, `__pregel_tasks`, ...) is refused with 422
+  before the run is created, and so is input the graph would refuse as it starts whatever the
+  thread holds (`keel.graphs.threads.input_refusal`: no message, unreadable or blank ones; an
+  A2A message with such parts gets it as a JSON-RPC error), and so is a config or context (a
+  run's, an assistant's) that sets one of LangGraph's own keys (`__pregel_checkpointer`, ...).
   A run streamed as LangGraph's events (`stream_mode="events"`, or its event streaming
   protocol v2, `/threads/{id}/commands`) is refused with 422 too: that stream carries each
   model call's raw output, before the output guard checks the answer. A
@@ -67,8 +68,10 @@ from langgraph_sdk import Auth
 from keel.app.server import admission_of
 from keel.app.server_config import server_config
 from keel.errors import KeelError
+from keel.graphs._protected import langgraphs_channel
 from keel.graphs.supervisor import SupervisorState
 from keel.graphs.threads import input_refusal
+from keel.guards.middleware import REJECTIONS_KEY
 from keel.identity import (
     OWNER_KEY,
     REVIEWER_KEY,
@@ -93,10 +96,11 @@ __all__ = [
 auth = Auth()
 server_config()  # read the file at startup (a missing or bad one stops the server with why)
 
-PROTECTED_KEYS = frozenset(
-    SupervisorState.__required_keys__ | SupervisorState.__optional_keys__
-) - {"messages", "remaining_steps"}
-"""State keys only keel writes (in an agent's or a supervisor's state)."""
+PROTECTED_KEYS = (
+    frozenset(SupervisorState.__required_keys__ | SupervisorState.__optional_keys__)
+    - {"messages", "remaining_steps"}
+) | {REJECTIONS_KEY}
+"""State keys only keel writes (in an agent's or a supervisor's state, `PermissionMiddleware`'s)."""
 
 KEEL_KEYS = frozenset({TENANT_KEY, OWNER_KEY, ROLES_KEY, REVIEWER_KEY})
 """Metadata keys only keel's auth writes (a client sending one is refused, or overwritten)."""
@@ -270,9 +274,13 @@ async def authenticate(authorization: str | Mapping[str, str] | None) -> dict[st
 
 
 def protected_keys_in(run: Any) -> list[str]:
-    """The protected keys a run's `input` or `command.update` would set (sorted)."""
+    """The protected keys a run's `input` or `command.update` would set (sorted).
+
+    That is keel's (`PROTECTED_KEYS`) and LangGraph's own channels (`branch:to:<node>`,
+    `__pregel_tasks`, ...), which would start a node past the guards before it.
+    """
     keys = {str(k) for sent in _sent_values(run) for k in sent}
-    return sorted(keys & PROTECTED_KEYS)
+    return sorted(k for k in keys if k in PROTECTED_KEYS or langgraphs_channel(k))
 
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -452,7 +460,8 @@ def _refuse_unsendable(run: Any) -> None:
     elif bad := protected_keys_in(run):
         detail = (
             f"The run's input sets {', '.join(repr(k) for k in bad)}: only keel writes "
-            "these (keel's record of the run). Send 'messages'."
+            "these (keel's record of the run; LangGraph's own channels start the graph's "
+            "nodes). Send 'messages'."
         )
     elif (problem := input_refusal(_input_of(run))) is not None:
         detail = problem  # the graph would refuse it as the run starts: the run failed
