@@ -404,7 +404,6 @@ def langgraphs_channel(key: object) -> bool:
     return isinstance(key, str) and key.startswith(_INTERNAL)
 
 
-
 def _refuse_goto(command: Command[Any], where: str) -> None:
     """Refuse a caller's `Command` that names the node to run next (`goto`).
 

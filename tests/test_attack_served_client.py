@@ -39,6 +39,10 @@ from langgraph_sdk.client import LangGraphClient
 from langgraph_sdk.errors import APIStatusError
 from test_server_e2e import TASK, pending_actions
 
+from keel.graphs.supervisor import SupervisorState
+from keel.guards.middleware import REJECTIONS_KEY
+from keel.state import AgentState
+
 BILL = {"messages": [{"role": "user", "content": "Bill me."}]}
 LEAKY: Any = {"configurable": {"agent": "leaky"}}  # answers with a card number and an email
 RAW = ("4111 1111 1111 1111", "jane.doe@example.com")
@@ -828,3 +832,51 @@ async def test_a_run_whose_webhook_is_public_is_created(users: dict[str, LangGra
     )
     assert run["status"] == "pending"
     await alice.runs.cancel(thread["thread_id"], run["run_id"])
+
+
+# -- every key only keel writes, on every served write path ------------------------------------
+
+LANGGRAPHS_CHANNELS = ("branch:to:call_model", "branch:to:execute_tools", "__pregel_tasks")
+"""LangGraph's own channels: each starts a node (`keel.graphs._protected`)."""
+
+
+async def test_every_key_only_keel_writes_is_refused_on_every_served_path(
+    users: dict[str, LangGraphClient],
+) -> None:
+    """Each key only keel writes (the agent's, the supervisor's, `PermissionMiddleware`'s
+    `keel_rejections`: `keel.app.auth.PROTECTED_KEYS`) and LangGraph's own channels, plain and as
+    `{"__overwrite__": ...}`, in a run's input, its `command.update` (a dict, pairs, beside a
+    resume): 422 before the run exists. A state update of the agent's keys: 400 naming the key
+    (the supervisor's and `keel_rejections` are no keys of `build_agent`'s state). Found open,
+    fixed: a run whose `command.update` set `branch:to:call_model` or `keel_rejections` was
+    created (the first started the model past the input guard; the second, on a
+    `create_agent` graph, left the thread refusing each later run)."""
+    alice = users["alice"]
+    thread_id = await waiting(alice)
+    before = await alice.threads.get_state(thread_id)
+    state = SupervisorState.__annotations__.keys() - {"messages", "remaining_steps"}
+    keys = [*sorted(state), REJECTIONS_KEY, *LANGGRAPHS_CHANNELS]
+    agents = {*AgentState.__annotations__, *LANGGRAPHS_CHANNELS}
+    assert {"approvals", "usage", "route", "handoffs", "keel_rejections"} <= set(keys)
+    for key in keys:
+        for value in ({}, {"__overwrite__": {}}):
+            writes = {
+                "input": {"input": {**TASK, key: value}},
+                "update": {"command": {"update": {key: value}}},
+                "pairs": {"command": {"update": [[key, value]]}},
+                "resume": {"command": {"resume": {"type": "approve"}, "update": {key: value}}},
+            }
+            for path, kwargs in writes.items():
+                with pytest.raises(httpx.HTTPStatusError) as caught:
+                    await alice.runs.create(thread_id, "agent", **kwargs)
+                assert caught.value.response.status_code == 422, (key, path)
+                assert f"'{key}'" in caught.value.response.text, (key, path)
+            if key not in agents:  # no key of this graph's state: LangGraph ignores it
+                continue
+            with pytest.raises(httpx.HTTPStatusError) as caught:
+                await alice.threads.update_state(thread_id, {key: value})
+            assert caught.value.response.status_code == 400, key
+            assert f"update_state sets '{key}'" in caught.value.response.text, key
+    after = await alice.threads.get_state(thread_id)
+    assert after["checkpoint"] == before["checkpoint"]  # nothing was written
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
