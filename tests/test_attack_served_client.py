@@ -880,3 +880,33 @@ async def test_every_key_only_keel_writes_is_refused_on_every_served_path(
     after = await alice.threads.get_state(thread_id)
     assert after["checkpoint"] == before["checkpoint"]  # nothing was written
     assert await pending_actions(alice, thread_id) == ["issue_refund"]
+
+
+async def test_a_waiting_turn_swapped_by_id_is_refused_and_the_asked_call_still_waits(
+    users: dict[str, LangGraphClient],
+) -> None:
+    """Found open, fixed (`graphs._pending.overwritten_by`): while a refund waits for a
+    human, a client's AI turn under the id of the turn that waits, with the call's arguments
+    changed (the same call id), replaced it in place, and the reviewer's plain resume approved
+    the new arguments. A run whose `command.update` writes it fails as it starts, and a state
+    update is refused (400); the call asked about still waits, its arguments as they were."""
+    alice = users["alice"]
+    thread_id = await waiting(alice)
+    before = await alice.threads.get_state(thread_id)
+    turn = before["values"]["messages"][-1]
+    (asked,) = turn["tool_calls"]
+    swapped = {**turn, "tool_calls": [{**asked, "args": {**asked["args"], "amount": 9999}}]}
+    result = await alice.runs.wait(
+        thread_id,
+        "agent",
+        command={"resume": {"type": "approve"}, "update": {"messages": [swapped]}},
+        raise_error=False,
+    )
+    assert "overwrites" in str(result) and turn["id"] in str(result)
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        await alice.threads.update_state(thread_id, {"messages": [swapped]})
+    assert caught.value.response.status_code == 400
+    assert "This state update removes (or overwrites)" in caught.value.response.text
+    after = await alice.threads.get_state(thread_id)
+    assert after["values"]["messages"][-1]["tool_calls"] == [asked]
+    assert await pending_actions(alice, thread_id) == ["issue_refund"]
