@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +44,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command, Overwrite, Send, StateUpdate
 from test_claims_security import BUDGETED, POLICY, SUPPORT, Shop, cfg, user
 
-from keel import UserError, build_agent
+from keel import Ledger, UserError, build_agent
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import build_supervisor
 from keel.graphs.supervisor import SupervisorState
@@ -426,3 +427,38 @@ def test_a_made_up_tool_call_on_create_agent_passes_the_permission_gate(
     assert shop.refunded == []
     answers = [m for m in graph.get_state(cfg()).values["messages"] if isinstance(m, ToolMessage)]
     assert all(m.status == "error" for m in answers), answers  # refused, never a result
+
+
+HISTORY_EDITS: dict[str, Callable[[AIMessage, ToolMessage], list[Any]]] = {
+    "an AI message over the tool result": lambda ai, result: [AIMessage("no", id=result.id)],
+    "the tool result removed": lambda ai, result: [RemoveMessage(id=str(result.id))],
+    "the call's arguments swapped": lambda ai, result: [_swapped(ai)],
+}
+
+
+@pytest.mark.parametrize("edit", HISTORY_EDITS)
+def test_a_state_update_editing_a_finished_runs_calls_runs_nothing_again(
+    edit: str, tmp_path: Path
+) -> None:
+    """Editing a finished run's history is a state update's to do (by id, `add_messages`):
+    the refund that ran, its answer replaced or removed, or its arguments changed, never runs
+    again (nor the changed call): the ledger answers its id with what it recorded."""
+    shop = Shop()
+    model = ScriptedChatModel(script=[call("issue_refund", order_id="A1"), "done", *["again"] * 3])
+    allowed = Policy(rules=(Rule(role="support", tool="*", action="allow"),))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'keel.db'}")
+    graph = build_agent(
+        model, shop.tools(), policy=allowed, checkpointer=InMemorySaver(), ledger=ledger
+    )
+    try:
+        first = graph.invoke(user("refund A1"), cfg(), context=SUPPORT)
+        ai = next(m for m in first["messages"] if getattr(m, "tool_calls", None))
+        result = next(m for m in first["messages"] if isinstance(m, ToolMessage))
+        graph.update_state(cfg(), {"messages": HISTORY_EDITS[edit](ai, result)})
+        if graph.get_state(cfg()).next:
+            graph.invoke(None, cfg(), context=SUPPORT)
+        later = graph.invoke(user("thanks"), cfg(), context=SUPPORT)
+    finally:
+        ledger.close()
+    assert shop.refunded == ["A1"]
+    assert later["outcome"]["terminated_reason"] == "completed"
