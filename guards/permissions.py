@@ -2,8 +2,8 @@
 
 First match wins; a call no rule matches is denied (default deny). Roles come from the run's
 `RunContext` (never from the model or tool arguments); the resource from the tool's resource
-extractor. A tool whose `ToolSpec` requires approval is asked about even when a rule allows it:
-the stricter of the two wins.
+extractor, which gets the call's arguments as the tool reads them. A tool whose `ToolSpec`
+requires approval is asked about even when a rule allows it: the stricter of the two wins.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from keel.guards.gate import GateDecision
 from keel.guards.policy import Policy, Rule
 from keel.redact import sanitized_logger
 from keel.state import RunContext
+from keel.tools._args import as_called
 from keel.tools.registry import RegisteredTool
 
 __all__ = ["PermissionMatrix"]
@@ -88,9 +89,15 @@ class PermissionMatrix:
     def __call__(
         self, tool: RegisteredTool, args: Mapping[str, Any], context: RunContext
     ) -> GateDecision:
-        """Decide one call of `tool` with `args` for the run's roles."""
+        """Decide one call of `tool` with `args` for the run's roles.
+
+        The resource is read from the arguments as the tool reads them (`as_called`): `" ADMIN"`
+        is `admin` to a tool whose schema strips and lowercases it, and `"05"` is `5` to an
+        `int`, so no spelling the tool runs alike escapes a rule.
+        """
         try:
-            resource = tool.spec.resource_of(args)
+            read = args if tool.spec.resource is None else as_called(tool, dict(args))
+            resource = tool.spec.resource_of(read)
         except Exception as exc:  # a broken extractor must not open the gate
             return GateDecision.deny(
                 f"cannot tell what {tool.name} would touch ({type(exc).__name__}: {exc})",

@@ -340,15 +340,16 @@ def test_a_call_whose_arguments_do_not_fit_never_reaches_the_tool_node_ungated(
 
 def test_langchain_tool_call_schema_drops_an_args_schema_s_validators() -> None:
     """Pinned LangChain behaviour: a tool made with `args_schema=` gets a `tool_call_schema`
-    that copies the fields, not the model's validators. keel reads a call's arguments through
-    `tool_call_schema` (what the model is shown); a validator written on the model runs only
-    when the tool does. Put checks on the field's type (`Annotated[..., AfterValidator(...)]`)
-    for keel to see them before the rules and the ledger."""
+    (what the model is shown) that copies the fields, not the model's validators, its config
+    or its aliases. keel therefore reads such a tool's arguments with its `args_schema`
+    (`keel.tools._args._own_reading`; `tests/test_attack_args_schema_validators.py`)."""
     from langchain_core.tools import tool as langchain_tool
-    from pydantic import BaseModel, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
 
     class Refund(BaseModel):
+        model_config = ConfigDict(str_strip_whitespace=True)
         amount: int
+        note: str = Field("", alias="memo")
 
         @field_validator("amount")
         @classmethod
@@ -356,12 +357,14 @@ def test_langchain_tool_call_schema_drops_an_args_schema_s_validators() -> None:
             raise ValueError("refused")
 
     @langchain_tool(args_schema=Refund)
-    def refund(amount: int) -> str:
+    def refund(amount: int, note: str = "") -> str:
         """Refund."""
         return "done"
 
     assert refund.tool_call_schema is not Refund
-    assert refund.tool_call_schema.model_validate({"amount": 5}).amount == 5  # type: ignore[union-attr]
+    read = refund.tool_call_schema.model_validate({"amount": 5, "note": " x "})  # type: ignore[union-attr]
+    assert (read.amount, read.note) == (5, " x ")
+    assert "memo" not in refund.tool_call_schema.model_json_schema()["properties"]  # type: ignore[union-attr]
 
 
 def _chaos(script: list[Any]) -> ChaosChatModel:

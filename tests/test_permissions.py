@@ -190,10 +190,16 @@ def test_a_raising_resource_extractor_denies_even_under_allow_all() -> None:
         rule="resource extractor failed",
     )
     # a missing key is the same: the gate never opens on an unknown resource
-    decision = decide((Rule(action="allow"),), entry("x", resource=orders), {})
+    decision = decide((Rule(action="allow"),), entry("x", resource=lambda a: a["account"]), {})
     assert decision == GateDecision.deny(
-        "cannot tell what x would touch (KeyError: 'order_id')", rule="resource extractor failed"
+        "cannot tell what x would touch (KeyError: 'account')", rule="resource extractor failed"
     )
+
+
+def test_the_resource_extractor_reads_the_arguments_as_the_tool_does() -> None:
+    """An argument left out is its default (`order_id="A1"`): the tool acts on order A1."""
+    rules = (Rule(resource="orders/A1", action="deny"), Rule(action="allow"))
+    assert decide(rules, entry("x", resource=orders), {}).action == "deny"
 
 
 def test_match_and_from_policy() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
 
 from keel.approvals import approval_digest, canonical_args, plain_keys
 from keel.db.tables import storable
@@ -52,7 +52,7 @@ def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
     schema = entry.tool.tool_call_schema
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         try:
-            schema.model_validate(args)
+            (_own_reading(entry.tool.args_schema, schema) or schema).model_validate(args)
         except ValidationError as exc:
             return validation_problem(exc)
         except Exception as exc:  # the tool's own validator failed on them
@@ -69,6 +69,8 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
 
     Two calls whose arguments read the same (`5` and `5.0`, a default sent or left out) run the
     tool the same way. Arguments that do not fit the schema are returned as they are.
+    A tool whose `args_schema` has validators or config of its own (`_own_reading`) has them
+    read by it: `" ADMIN"` is `admin` when its validator says so.
     """
     schema = entry.tool.tool_call_schema
     if (
@@ -77,15 +79,83 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
         or not (isinstance(schema, type) and issubclass(schema, BaseModel))
     ):
         return args
+    own = _own_reading(entry.tool.args_schema, schema)
     try:  # validated once (`invalid_args`'s check, the same call): the loop guard reads each
         # call of the task at every step
-        model = schema.model_validate(args)
-        dumped: dict[str, Any] = model.model_dump(mode="json")
+        if own is None:  # the usual tool: `tool_call_schema` reads the arguments as it does
+            model = schema.model_validate(args)
+            dumped: dict[str, Any] = model.model_dump(mode="json")
+        else:  # the values the tool's own schema made, written as `tool_call_schema` writes
+            # them (never by the schema's serializers: one that masks a value would make two
+            # calls one)
+            read = own.model_validate(args)
+            model = schema.model_construct(**{k: getattr(read, k) for k in schema.model_fields})
+            dumped = model.model_dump(mode="json", warnings=False)
         if _has_sets(schema):
             dumped = _sets_in_order(model.model_dump(), dumped)
     except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
     return dumped
+
+
+_READING_CONFIG = (
+    "str_strip_whitespace",
+    "str_to_lower",
+    "str_to_upper",
+    "str_min_length",
+    "str_max_length",
+    "strict",
+    "coerce_numbers_to_str",
+    "use_enum_values",
+    "validate_default",
+    "alias_generator",
+    "regex_engine",
+)
+"""The `model_config` keys that change how a model reads its input (not only how it writes)."""
+
+
+def _own_reading(args_schema: Any, call_schema: type[BaseModel]) -> type[BaseModel] | None:
+    """The model that reads a call's arguments as the tool does, when `call_schema` does not.
+
+    LangChain's `tool_call_schema` (what the model is shown, and what keel reads arguments
+    with) copies the fields of the tool's `args_schema` but not its validators
+    (`field_validator`, `model_validator`), its config (`str_strip_whitespace`, `strict`,
+    `extra="forbid"`, ...) nor its aliases: a tool whose schema strips and lowercases an
+    account id runs `" ADMIN"` as `admin`. For such a schema, the `args_schema` itself, with
+    each injected parameter (what `tool_call_schema` leaves out) optional and `None`: its
+    validators run without the values the agent injects. `None` (the usual tool, a function's
+    schema among them): `call_schema` reads them as the tool does, at no extra cost.
+    """
+    if not (isinstance(args_schema, type) and issubclass(args_schema, BaseModel)):
+        return None  # none, a JSON schema (no reading of its own), or a pydantic v1 model
+    return _own_model(args_schema, call_schema)
+
+
+@functools.lru_cache(maxsize=1024)
+def _own_model(
+    args_schema: type[BaseModel], call_schema: type[BaseModel]
+) -> type[BaseModel] | None:
+    """`_own_reading`, once per pair of schemas (a tool keeps its `tool_call_schema`)."""
+    found = args_schema.__pydantic_decorators__
+    config = args_schema.model_config
+    own = (
+        bool(found.validators or found.field_validators)
+        or bool(found.root_validators or found.model_validators)
+        or any(config.get(key) for key in _READING_CONFIG)
+        or config.get("extra") == "forbid"
+        or any(f.alias or f.validation_alias for f in args_schema.model_fields.values())
+    )
+    if args_schema is call_schema or not own:
+        return None
+    injected: dict[str, Any] = {
+        name: (Any, None)
+        for name in args_schema.model_fields
+        if name not in call_schema.model_fields
+    }
+    if not injected:
+        return args_schema
+    made: type[BaseModel] = create_model(args_schema.__name__, __base__=args_schema, **injected)
+    return made
 
 
 @functools.lru_cache(maxsize=1024)
