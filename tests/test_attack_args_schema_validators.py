@@ -421,19 +421,31 @@ class Buggy(BaseModel):
         return self
 
 
+class Exact(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    account: str
+    note: str = ""
+    count: int = 1
+
+
 @pytest.mark.parametrize(
-    ("schema", "account", "why"),
-    [(NoRoot, " Root", "root is never closed"), (Buggy, "  ", "ZeroDivisionError")],
-    ids=["refuses", "crashes"],
+    ("schema", "args", "why"),
+    [
+        (NoRoot, {"account": " Root"}, "root is never closed"),
+        (Buggy, {"account": "  "}, "ZeroDivisionError"),
+        (Exact, {"account": "bob", "force": True}, "force: Extra inputs are not permitted"),
+        (Exact, {"account": "bob", "count": "5"}, "count: Input should be a valid integer"),
+    ],
+    ids=["refuses", "crashes", "extra-forbid", "strict"],
 )
 def test_a_call_the_args_schema_refuses_is_invalid_args_before_any_human_is_asked(
-    schema: type[BaseModel], account: str, why: str, agent_of: Callable[..., Any]
+    schema: type[BaseModel], args: dict[str, Any], why: str, agent_of: Callable[..., Any]
 ) -> None:
     """The tool's `args_schema` refuses the arguments (or its validator crashes on them): keel
     asked a human about a call that could never run. It is answered `invalid_args` saying
     why; the run goes on."""
     closed: list[str] = []
-    script = [turn({"account": account}), "done"]
+    script = [turn(args), "done"]
     done = ask(agent_of([closer(schema, closed)], script, policy=ASK), "close it")
     assert "__interrupt__" not in done
     assert done["outcome"]["terminated_reason"] == "completed"
