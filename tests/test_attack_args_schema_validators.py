@@ -21,6 +21,11 @@ tool whose `args_schema` canonicalizes an account id (strip, lowercase) runs `" 
 keel now reads the arguments with the `args_schema` itself when its validators or config read
 them otherwise, injected parameters left out.
 
+Nearby, with no validator at all: a default made by a factory at each reading
+(`Field(default_factory=now)`) made every reading of one call another, so an approved call
+never ran (`needs_approval`), and no repeat was a duplicate or a loop. Such a default the model
+left out is no longer part of the call; a constant one (`default_factory=list`) still is.
+
 Real parts: SQLite files and PostgreSQL (checkpointer and ledger), a real process killed by
 SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call ids.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,12 +45,20 @@ from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
 from langgraph.prebuilt import InjectedState
 from langgraph.types import Command
-from pydantic import BaseModel, ConfigDict, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
 from keel.evals import ScriptedChatModel
 from keel.guards import LoopPolicy, PermissionMiddleware, Policy, Rule
-from keel.tools import KeelTool, ToolSpec
+from keel.tools import KeelTool, ToolRegistry, ToolSpec
+from keel.tools._args import as_called
 
 CTX = RunContext(user_id="u1", roles=("support",))
 THREAD: Any = {"configurable": {"thread_id": "t"}}
@@ -116,9 +130,12 @@ def call(name: str, args: dict[str, Any]) -> ToolCall:
     return ToolCall(name=name, args=args, id=None)
 
 
+def call_turn(name: str, *args: dict[str, Any]) -> AIMessage:
+    return AIMessage("", tool_calls=[call(name, a) for a in args])
+
+
 def turn(*args: dict[str, Any]) -> AIMessage:
-    calls = [call("close_account", a) for a in args]
-    return AIMessage("", tool_calls=calls)
+    return call_turn("close_account", *args)
 
 
 def replies(result: dict[str, Any]) -> list[ToolMessage]:
@@ -327,7 +344,8 @@ CHILD = textwrap.dedent(
 
     from keel import Ledger, Persistence, RunContext, build_agent
     from keel.evals import ScriptedChatModel
-    from keel.tools import KeelTool, ToolSpec
+    from keel.tools import KeelTool, ToolRegistry, ToolSpec
+from keel.tools._args import as_called
 
     url, effects, spelled = sys.argv[1:]
 
@@ -453,3 +471,69 @@ def test_a_call_the_args_schema_refuses_is_invalid_args_before_any_human_is_aske
     assert reply.response_metadata["keel_status"] == "invalid_args"
     assert why in reply.text
     assert closed == []
+
+
+# -- a default made anew at each read -----------------------------------------------------------
+
+
+def booker(booked: list[str]) -> Any:
+    """`book`, whose `at` is left to a default factory: the time of each reading."""
+
+    @tool(risk="write")
+    def book(room: str, at: Annotated[datetime, Field(default_factory=_now)]) -> str:
+        """Book a room."""
+        booked.append(room)
+        return f"booked {room}"
+
+    return book
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_an_approved_call_with_a_default_factory_runs(agent_of: Callable[..., Any]) -> None:
+    """A human approves `book(room="r1")`: the approval is bound to the arguments as the tool
+    reads them, which held a new time at each reading."""
+    booked: list[str] = []
+    policy = Policy(rules=(Rule(role="*", tool="book", action="ask", reason="a human"),))
+    agent = agent_of([booker(booked)], [call_turn("book", {"room": "r1"}), "done"], policy=policy)
+    assert ask(agent, "book r1")["outcome"]["status"] == "interrupted"
+    done = agent.invoke(Command(resume={"type": "approve"}), THREAD, context=CTX)
+    assert statuses(done) == ["success"]
+    assert booked == ["r1"]
+
+
+def test_calls_with_a_default_factory_repeat_for_the_loop_guard_and_the_duplicate_check(
+    agent_of: Callable[..., Any], ledger: Ledger
+) -> None:
+    """`book(room="r1")` twice in a turn: one booking and its duplicate, not two bookings;
+    asked a third time, a loop (`max_repeats=3`), not a third booking."""
+    booked: list[str] = []
+    twice = call_turn("book", {"room": "r1"}, {"room": "r1"})
+    script: list[Any] = [twice, call_turn("book", {"room": "r1"}), "done", "done"]
+    policy = Policy(rules=(Rule(action="allow"),), loop=LoopPolicy(on_loop="stop"))
+    done = ask(agent_of([booker(booked)], script, policy=policy, ledger=ledger), "book r1")
+    first, second, *_ = replies(done)
+    assert statuses(done) == ["success", "success", "not_run"]
+    assert second.response_metadata["keel_duplicate_of"] == first.tool_call_id
+    assert done["outcome"]["terminated_reason"] == "loop_detected", done["outcome"]
+    assert booked == ["r1"]
+
+
+def test_a_default_made_anew_is_left_out_and_a_constant_one_kept() -> None:
+    """keel's reading of `book(room="r1")` is one: its `at` left out; a constant factory's
+    default (`tags=[]`) is read as before (the digests keel stored stay the same)."""
+
+    @tool
+    def tag(room: str, tags: Annotated[list[str], Field(default_factory=list)]) -> str:
+        """Tag a room."""
+        return room
+
+    tools = ToolRegistry([booker([]), tag])
+    book, tagged = tools.get("book"), tools.get("tag")
+    assert book is not None and tagged is not None
+    assert as_called(book, {"room": "r1"}) == {"room": "r1"}
+    when = "2026-01-01T00:00:00Z"
+    assert as_called(book, {"room": "r1", "at": when}) == {"room": "r1", "at": when}
+    assert as_called(tagged, {"room": "r1"}) == {"room": "r1", "tags": []}

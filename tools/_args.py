@@ -70,7 +70,8 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
     Two calls whose arguments read the same (`5` and `5.0`, a default sent or left out) run the
     tool the same way. Arguments that do not fit the schema are returned as they are.
     A tool whose `args_schema` has validators or config of its own (`_own_reading`) has them
-    read by it: `" ADMIN"` is `admin` when its validator says so.
+    read by it: `" ADMIN"` is `admin` when its validator says so. A default its factory makes
+    anew at each reading (a time, a uuid) is left out (`_made_anew`).
     """
     schema = entry.tool.tool_call_schema
     if (
@@ -89,13 +90,42 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
             # them (never by the schema's serializers: one that masks a value would make two
             # calls one)
             read = own.model_validate(args)
-            model = schema.model_construct(**{k: getattr(read, k) for k in schema.model_fields})
+            values = {k: getattr(read, k) for k in schema.model_fields}
+            model = schema.model_construct(read.model_fields_set, **values)
             dumped = model.model_dump(mode="json", warnings=False)
         if _has_sets(schema):
             dumped = _sets_in_order(model.model_dump(), dumped)
+        for name in _made_anew(model, _factories(schema)):
+            del dumped[name]
     except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
     return dumped
+
+
+@functools.lru_cache(maxsize=1024)
+def _factories(schema: type[BaseModel]) -> tuple[str, ...]:
+    """The fields whose default a factory makes (`Field(default_factory=...)`)."""
+    return tuple(k for k, f in schema.model_fields.items() if f.default_factory is not None)
+
+
+def _made_anew(model: BaseModel, factories: tuple[str, ...]) -> list[str]:
+    """The fields of `factories` the call left out whose factory makes another value each time.
+
+    `at: datetime = Field(default_factory=now)` read a new time at each reading: no two
+    readings of one call were alike, so a human's approval never matched the call it approved
+    (`needs_approval` for good), a repeat was never a duplicate, a loop never one. Such a
+    default is not part of the call; a constant one (`default_factory=list`) stays.
+    """
+    if not factories:
+        return []
+    fields, sent = type(model).model_fields, model.model_fields_set
+    data = dict(model)
+    return [
+        k
+        for k in factories
+        if k not in sent
+        and fields[k].get_default(call_default_factory=True, validated_data=data) != data[k]
+    ]
 
 
 _READING_CONFIG = (
