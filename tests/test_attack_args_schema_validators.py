@@ -344,8 +344,7 @@ CHILD = textwrap.dedent(
 
     from keel import Ledger, Persistence, RunContext, build_agent
     from keel.evals import ScriptedChatModel
-    from keel.tools import KeelTool, ToolRegistry, ToolSpec
-from keel.tools._args import as_called
+    from keel.tools import KeelTool, ToolSpec
 
     url, effects, spelled = sys.argv[1:]
 

@@ -342,7 +342,7 @@ def test_langchain_tool_call_schema_drops_an_args_schema_s_validators() -> None:
     """Pinned LangChain behaviour: a tool made with `args_schema=` gets a `tool_call_schema`
     (what the model is shown) that copies the fields, not the model's validators, its config
     or its aliases. keel therefore reads such a tool's arguments with its `args_schema`
-    (`keel.tools._args._own_reading`; `tests/test_attack_args_schema_validators.py`)."""
+    (`keel.tools._args._reading`; `tests/test_attack_args_schema_validators.py`)."""
     from langchain_core.tools import tool as langchain_tool
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 

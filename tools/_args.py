@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Mapping, Sequence, Sized
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ValidationError, create_model
 
 from keel.approvals import approval_digest, canonical_args, plain_keys
@@ -52,7 +54,7 @@ def invalid_args(entry: RegisteredTool, args: Any) -> str | None:
     schema = entry.tool.tool_call_schema
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         try:
-            (_own_reading(entry.tool.args_schema, schema) or schema).model_validate(args)
+            (_read_by(entry.tool, schema).own or schema).model_validate(args)
         except ValidationError as exc:
             return validation_problem(exc)
         except Exception as exc:  # the tool's own validator failed on them
@@ -69,7 +71,7 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
 
     Two calls whose arguments read the same (`5` and `5.0`, a default sent or left out) run the
     tool the same way. Arguments that do not fit the schema are returned as they are.
-    A tool whose `args_schema` has validators or config of its own (`_own_reading`) has them
+    A tool whose `args_schema` has validators or config of its own (`_reading`) has them
     read by it: `" ADMIN"` is `admin` when its validator says so. A default its factory makes
     anew at each reading (a time, a uuid) is left out (`_made_anew`).
     """
@@ -80,7 +82,8 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
         or not (isinstance(schema, type) and issubclass(schema, BaseModel))
     ):
         return args
-    own = _own_reading(entry.tool.args_schema, schema)
+    reading = _read_by(entry.tool, schema)
+    own = reading.own
     try:  # validated once (`invalid_args`'s check, the same call): the loop guard reads each
         # call of the task at every step
         if own is None:  # the usual tool: `tool_call_schema` reads the arguments as it does
@@ -93,39 +96,27 @@ def as_called(entry: RegisteredTool, args: dict[str, Any]) -> dict[str, Any]:
             values = {k: getattr(read, k) for k in schema.model_fields}
             model = schema.model_construct(read.model_fields_set, **values)
             dumped = model.model_dump(mode="json", warnings=False)
-        if _has_sets(schema):
+        if reading.sets:
             dumped = _sets_in_order(model.model_dump(), dumped)
-        for name in _made_anew(model, _factories(schema)):
-            del dumped[name]
+        if reading.factories:
+            for name in _made_anew(model, reading.factories):
+                del dumped[name]
     except Exception:  # do not fit (`invalid_args` says why), or validate but do not dump
         return args
     return dumped
 
 
-@functools.lru_cache(maxsize=1024)
-def _factories(schema: type[BaseModel]) -> tuple[str, ...]:
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """How keel reads one tool's calls (`_reading`)."""
+
+    own: type[BaseModel] | None
+    """The model that reads them as the tool does when `tool_call_schema` does not."""
+    sets: bool
+    """Whether `tool_call_schema` has a set anywhere (JSON Schema's `uniqueItems`), or cannot
+    tell: the sets' order is made canonical (`_sets_in_order`)."""
+    factories: tuple[str, ...]
     """The fields whose default a factory makes (`Field(default_factory=...)`)."""
-    return tuple(k for k, f in schema.model_fields.items() if f.default_factory is not None)
-
-
-def _made_anew(model: BaseModel, factories: tuple[str, ...]) -> list[str]:
-    """The fields of `factories` the call left out whose factory makes another value each time.
-
-    `at: datetime = Field(default_factory=now)` read a new time at each reading: no two
-    readings of one call were alike, so a human's approval never matched the call it approved
-    (`needs_approval` for good), a repeat was never a duplicate, a loop never one. Such a
-    default is not part of the call; a constant one (`default_factory=list`) stays.
-    """
-    if not factories:
-        return []
-    fields, sent = type(model).model_fields, model.model_fields_set
-    data = dict(model)
-    return [
-        k
-        for k in factories
-        if k not in sent
-        and fields[k].get_default(call_default_factory=True, validated_data=data) != data[k]
-    ]
 
 
 _READING_CONFIG = (
@@ -144,28 +135,34 @@ _READING_CONFIG = (
 """The `model_config` keys that change how a model reads its input (not only how it writes)."""
 
 
-def _own_reading(args_schema: Any, call_schema: type[BaseModel]) -> type[BaseModel] | None:
-    """The model that reads a call's arguments as the tool does, when `call_schema` does not.
+def _read_by(tool: BaseTool, schema: type[BaseModel]) -> _Reading:
+    """`_reading` of `tool` whose `tool_call_schema` is `schema`."""
+    own = tool.args_schema  # a JSON schema has a JSON `tool_call_schema`: never read here
+    return _reading(None if isinstance(own, dict) else own, schema)
 
-    LangChain's `tool_call_schema` (what the model is shown, and what keel reads arguments
-    with) copies the fields of the tool's `args_schema` but not its validators
+
+@functools.lru_cache(maxsize=1024)
+def _reading(args_schema: Any, call_schema: type[BaseModel]) -> _Reading:
+    """How to read a tool's calls: one lookup per reading, whatever the tool.
+
+    Once per pair of schemas (a tool keeps its `tool_call_schema`).
+
+    `own`: LangChain's `tool_call_schema` (what the model is shown, and what keel reads
+    arguments with) copies the fields of the tool's `args_schema` but not its validators
     (`field_validator`, `model_validator`), its config (`str_strip_whitespace`, `strict`,
     `extra="forbid"`, ...) nor its aliases: a tool whose schema strips and lowercases an
     account id runs `" ADMIN"` as `admin`. For such a schema, the `args_schema` itself, with
     each injected parameter (what `tool_call_schema` leaves out) optional and `None`: its
     validators run without the values the agent injects. `None` (the usual tool, a function's
-    schema among them): `call_schema` reads them as the tool does, at no extra cost.
+    schema among them): `call_schema` reads them as the tool does.
     """
+    factories = tuple(k for k, f in call_schema.model_fields.items() if f.default_factory)
+    return _Reading(_own_model(args_schema, call_schema), _has_sets(call_schema), factories)
+
+
+def _own_model(args_schema: Any, call_schema: type[BaseModel]) -> type[BaseModel] | None:
     if not (isinstance(args_schema, type) and issubclass(args_schema, BaseModel)):
-        return None  # none, a JSON schema (no reading of its own), or a pydantic v1 model
-    return _own_model(args_schema, call_schema)
-
-
-@functools.lru_cache(maxsize=1024)
-def _own_model(
-    args_schema: type[BaseModel], call_schema: type[BaseModel]
-) -> type[BaseModel] | None:
-    """`_own_reading`, once per pair of schemas (a tool keeps its `tool_call_schema`)."""
+        return None  # none, or a pydantic v1 model (a JSON schema never gets here)
     found = args_schema.__pydantic_decorators__
     config = args_schema.model_config
     own = (
@@ -188,13 +185,29 @@ def _own_model(
     return made
 
 
-@functools.lru_cache(maxsize=1024)
 def _has_sets(schema: type[BaseModel]) -> bool:
-    """Whether the schema has a set anywhere (JSON Schema's `uniqueItems`), or cannot tell."""
     try:
         return '"uniqueItems": true' in json.dumps(schema.model_json_schema())
     except Exception:  # a type JSON Schema cannot describe: look at the values
         return True
+
+
+def _made_anew(model: BaseModel, factories: tuple[str, ...]) -> list[str]:
+    """The fields of `factories` the call left out whose factory makes another value each time.
+
+    `at: datetime = Field(default_factory=now)` read a new time at each reading: no two
+    readings of one call were alike, so a human's approval never matched the call it approved
+    (`needs_approval` for good), a repeat was never a duplicate, a loop never one. Such a
+    default is not part of the call; a constant one (`default_factory=list`) stays.
+    """
+    fields, sent = type(model).model_fields, model.model_fields_set
+    data = dict(model)
+    return [
+        k
+        for k in factories
+        if k not in sent
+        and fields[k].get_default(call_default_factory=True, validated_data=data) != data[k]
+    ]
 
 
 def _sets_in_order(python: Any, dumped: Any) -> Any:
