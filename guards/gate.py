@@ -50,7 +50,13 @@ class Gate(Protocol):
     def __call__(
         self, tool: RegisteredTool, args: Mapping[str, Any], context: RunContext
     ) -> GateDecision:
-        """Return the decision for calling `tool` with `args` on behalf of `context`."""
+        """Return the decision for calling `tool` with `args` on behalf of `context`.
+
+        `args` are the model's, as it spelled them (`" ADMIN"`, `"05"`); the tool may read
+        them otherwise (`PermissionMatrix` hands its resource extractor the arguments as the
+        tool reads them). A gate of your own that decides on an argument's value sees it as
+        spelled: normalize it as the tool does, or decide in a resource extractor.
+        """
         ...
 
 

@@ -58,7 +58,11 @@ class ToolSpec:
     """Whether a human must approve each call. `None` means: only `destructive` tools."""
 
     resource: ResourceExtractor | None = None
-    """What the call touches, from its arguments (e.g. `orders/42`); `*` when not given."""
+    """What the call touches, from its arguments (e.g. `orders/42`); `*` when not given.
+
+    The permission rules call it with the arguments as the tool reads them (JSON-shaped:
+    coerced, defaults filled, the tool's `args_schema` validators applied), not as the model
+    spelled them: `"05"` for an `int` order id is `5`."""
 
     idempotent: bool = False
     """Whether repeating a call is harmless (e.g. "set status to shipped"). A side-effecting
