@@ -183,9 +183,17 @@ class Recorder(Protocol):
         """The record's write as a flow; its result reports it once committed (None: no record)."""
         ...
 
-    def record_run(
-        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
-    ) -> None: ...
+    def recording(
+        self,
+        state: Any,
+        config: RunnableConfig,
+        context: Any,
+        *,
+        first_end: bool = False,
+        thread: str | None = None,
+    ) -> Steps[None]:
+        """Write the record (`keel.observe.Observer.record_run`) as `keel._drive` steps."""
+        ...
 
     def who(self, config: RunnableConfig, context: Any) -> Any:
         """Who and where the run's records belong to (`keel.observe.Who`)."""
@@ -195,10 +203,6 @@ class Recorder(Protocol):
         """`config` for a run that continues the run `state` is at (None: a new run)."""
         ...
 
-    async def arecord_run(
-        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
-    ) -> None: ...
-
 
 @dataclass(frozen=True, slots=True)
 class RunEnd:
@@ -207,6 +211,10 @@ class RunEnd:
     recorder: Recorder
     config: RunnableConfig
     context: Any
+    thread: str | None = None
+    """The thread the graph saves the run's state under (None: it keeps none). The caller's
+    config does not say (the checkpointer is the graph's): the record's look for the thread's
+    orphaned calls needs it (`keel.observe.Observer.record_run`)."""
 
     def earlier(self, run_id: str | None) -> RunEnd:
         """The recorder for the thread's run before this one: under its `run_id`, not this one's.
@@ -220,7 +228,7 @@ class RunEnd:
             config[key] = {k: v for k, v in given.items() if k != "run_id"}
         if run_id is not None:
             config["configurable"]["run_id"] = run_id
-        return RunEnd(self.recorder, cast(RunnableConfig, config), self.context)
+        return RunEnd(self.recorder, cast(RunnableConfig, config), self.context, self.thread)
 
     def flow(
         self, state: dict[str, Any], *, first_end: bool = False
@@ -231,13 +239,17 @@ class RunEnd:
     def recording(self, state: dict[str, Any], *, first_end: bool = False) -> Op:
         """The step that writes the record of the run `state` ends (`first_end`: unless it has one).
 
-        Its sync half is the recorder's `record_run`, its async half `arecord_run`.
+        Its halves drive the recorder's `recording` (`record_run`, `arecord_run`).
         """
-        args = (state, self.config, self.context)
-        return Op(
-            partial(self.recorder.record_run, *args, first_end=first_end),
-            partial(self.recorder.arecord_run, *args, first_end=first_end),
+        steps = partial(
+            self.recorder.recording,
+            state,
+            self.config,
+            self.context,
+            first_end=first_end,
+            thread=self.thread,
         )
+        return Op(lambda: drive(steps()), lambda: adrive(steps()))
 
 
 _KEEL_ONLY = object()

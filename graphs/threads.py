@@ -470,7 +470,11 @@ class ThreadGuardedGraph(ProtectedGraph):
         if self.keel_recorder is None:
             return None
         context = run_context(config, kwargs.get("context"))
-        return RunEnd(self.keel_recorder, ensure_config(config), context)
+        config = ensure_config(config)
+        conf = config.get("configurable") or {}
+        kept = self.checkpointer not in (None, False) or saver_in(conf) is not None
+        thread = conf.get("thread_id")
+        return RunEnd(self.keel_recorder, config, context, str(thread) if kept and thread else None)
 
     def _checked(
         self,

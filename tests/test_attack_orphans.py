@@ -26,6 +26,7 @@ killed by SIGKILL; the model is keel's `ScriptedChatModel` with fresh tool-call 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Sequence
@@ -448,3 +449,101 @@ def test_an_orphans_arguments_are_redacted_once_when_stored_not_again_when_repor
     assert orphaned.args == {**LOST, "note": "mail [EMAIL]"}
     assert '"note": "mail [EMAIL]"' in orphaned.result
     assert walked == []
+
+
+# -- 6. a run that ends outside its graph (cancelled, Ctrl-C, its checkpointer failing) ---------
+
+
+def _stopping(how: str, saver: Any, running: asyncio.Event) -> Any:
+    """A side-effecting tool that ends its run `how` as it runs (`running` set as it starts)."""
+
+    @tool(risk="write", name="step")
+    async def step(order_id: str) -> str:
+        """Do the next step for an order."""
+        running.set()
+        await asyncio.sleep(60)  # cancelled meanwhile
+        return f"stepped {order_id}"
+
+    @tool(risk="write", name="step")
+    def sync_step(order_id: str) -> str:
+        """Do the next step for an order."""
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        saver.conn.execute("PRAGMA query_only = ON")  # the checkpointer's disk fails
+        return f"stepped {order_id}"
+
+    return step if how == "cancelled" else sync_step
+
+
+@pytest.mark.parametrize("how", ["cancelled", "ctrl-c", "storage"])
+async def test_a_run_that_ends_outside_its_graph_reports_the_threads_orphan(
+    forks: ForkServer, db_url: str, tmp_path: Path, how: str
+) -> None:
+    """The refund is orphaned (killed, its request lost); the thread's next run ends where no
+    route of its graph records it: its `ainvoke` task cancelled, Ctrl-C in its tool, or its
+    checkpointer failing. Its record (written by keel around the graph) looked for no orphan:
+    a thread whose runs keep ending so never told. It reports it, once, as a run end does."""
+    killed(forks, db_url, tmp_path)
+    (lost_id,) = started(db_url)
+    model = ScriptedChatModel(script=[call("step", order_id="A1"), "Done."], fresh_ids=True)
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    sent = {"messages": [("user", "next step on A1")]}
+    ledger = Ledger(db_url)
+    running = asyncio.Event()
+    try:
+        if how == "cancelled":
+            async with Persistence(db_url).acheckpointer() as asaver:
+                tools = [_stopping(how, asaver, running)]
+                agent = build_agent(model, tools, checkpointer=asaver, ledger=ledger)
+                run = asyncio.create_task(agent.ainvoke(sent, config, context=CTX))
+                await asyncio.wait_for(running.wait(), 60)
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+        else:
+            ckpt = db_url if how == "ctrl-c" else f"sqlite:///{tmp_path}/checkpoints.db"
+            with Persistence(ckpt).checkpointer() as saver:
+                tools = [_stopping(how, saver, running)]
+                agent = build_agent(model, tools, checkpointer=saver, ledger=ledger)
+                if how == "ctrl-c":
+                    with pytest.raises(KeyboardInterrupt):
+                        agent.invoke(sent, config, context=CTX)
+                else:
+                    # saved as each step ends: the run ends on the failure, no route after it
+                    out = agent.invoke(sent, config, context=CTX, durability="sync")
+                    assert out["outcome"]["terminated_reason"] == "storage", out["outcome"]
+    finally:
+        await ledger.aclose()
+    (orphaned,), runs = told(db_url)
+    assert orphaned.tool_call_id == lost_id
+    (noted,) = [r for r in runs if lost_id in r.detail]
+    assert noted.terminated_reason == ("storage" if how == "storage" else "cancelled")
+    assert NOTE.format(lost_id) in noted.detail
+
+
+def test_a_run_whose_storage_fails_before_it_starts_reports_no_orphan_it_cannot_tell(
+    forks: ForkServer, db_url: str, tmp_path: Path
+) -> None:
+    """Killed mid-refund with its request saved: the call is in the thread's history (a
+    resume asks about it), not an orphan. The next message's checkpointer fails as it reads
+    the thread (its connection closed): the run ends `storage` before it began, its state
+    holds no message, so its record cannot tell the saved call from an orphan. It reports
+    none (the thread's next run end looks, with its history)."""
+    killed(forks, db_url, tmp_path, durability="sync")
+    (call_id,) = started(db_url)
+    model = ScriptedChatModel(script=["-"])
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            agent = build_agent(model, refunds([]), checkpointer=saver, ledger=ledger)
+            saver.conn.close()
+            sent = {"messages": [("user", "and now?")]}
+            out = agent.invoke(sent, {"configurable": {"thread_id": "t1"}}, context=CTX)
+    finally:
+        ledger.close()
+    assert out["outcome"]["terminated_reason"] == "storage", out["outcome"]
+    assert "before the run started" in out["outcome"]["detail"]
+    orphaned, runs = told(db_url)
+    assert orphaned == [] and not any("orphaned" in r.detail for r in runs)
+    assert [r.terminated_reason for r in runs] == ["storage"]
+    assert started(db_url) == [call_id]  # still to be asked about on the thread's resume

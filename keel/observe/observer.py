@@ -19,7 +19,8 @@ the run record's `detail` (`keel.db.runs.orphans_note`, kept when a paused run's
 written again), in the run record's transaction. A supervisor whose agents have such tools does
 too, as its run ends (not as it pauses: an agent that waits holds its calls in a conversation
 of its own). So does the record of a run found stopped that a new message writes
-(`ending_flow`).
+(`ending_flow`), and the one keel writes around the graph of a run that ended there (cancelled,
+Ctrl-C, its checkpointer failing: `record_run(thread=...)`).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
@@ -184,13 +185,17 @@ class Observer:
         context: RunContext,
         *,
         first_end: bool = False,
+        thread: str | None = None,
     ) -> None:
         """Write the record of the run `state` ends (or pauses); a failure is logged.
 
         A replay or shadow run (`keel.tools.stubs.isolated`) writes none. `first_end`: only
-        where the run recorded no end of its own (`keel.db.runs.upsert_flow`).
+        where the run recorded no end of its own (`keel.db.runs.upsert_flow`). `thread`: the
+        thread the graph saves its state under, where `config` does not say (a run's end
+        recorded around its graph, under its caller's config: cancelled, Ctrl-C, a checkpointer
+        that failed); the record looks for that thread's orphaned calls (`_orphans`).
         """
-        drive(self.recording(state, config, context, first_end=first_end))
+        drive(self.recording(state, config, context, first_end=first_end, thread=thread))
 
     async def arecord_run(
         self,
@@ -199,9 +204,10 @@ class Observer:
         context: RunContext,
         *,
         first_end: bool = False,
+        thread: str | None = None,
     ) -> None:
         """`record_run` under `ainvoke`."""
-        await adrive(self.recording(state, config, context, first_end=first_end))
+        await adrive(self.recording(state, config, context, first_end=first_end, thread=thread))
 
     def recording(
         self,
@@ -210,6 +216,7 @@ class Observer:
         context: RunContext,
         *,
         first_end: bool = False,
+        thread: str | None = None,
     ) -> Steps[None]:
         """`record_run` as `keel._drive` steps (written once for `record_run` and `arecord_run`)."""
         if isolated():
@@ -218,7 +225,8 @@ class Observer:
         if late:  # refused before: the ledger may be back
             yield from self._late_audits(late)
         try:
-            write = self._write(state, config, context, first_end, saved_thread(config))
+            saved = thread if thread is not None else saved_thread(config)
+            write = self._write(state, config, context, first_end, saved)
         except Exception as exc:
             log.error("keel could not make the run record: %r", exc)
             return
@@ -263,9 +271,13 @@ class Observer:
         `untold_flow` finds them (the history is the run's state), in the record's transaction:
         each gets one `orphaned` audit record, and the run record a note (`orphans_note`). A
         ledger that fails fails the record's write with them (kept for later, as a record is).
+        A state without messages (a run whose storage failed before its first step) holds no
+        history to tell an orphan by: it looks for none, and the thread's next run end tells.
         """
         paused = record.status == "interrupted"
         if not self.orphans or thread is None or (paused and not self.orphans_paused):
+            return None
+        if not state.get("messages"):
             return None
         return _Orphans(thread, known_call_ids(state.get("messages") or []), who)
 
