@@ -547,3 +547,46 @@ def test_a_run_whose_storage_fails_before_it_starts_reports_no_orphan_it_cannot_
     assert orphaned == [] and not any("orphaned" in r.detail for r in runs)
     assert [r.terminated_reason for r in runs] == ["storage"]
     assert started(db_url) == [call_id]  # still to be asked about on the thread's resume
+
+
+# -- 7. a run's end recorded twice ----------------------------------------------------------------
+
+
+def test_an_orphan_told_by_a_refused_second_record_of_a_run_end_is_noted_in_the_record_that_stands(
+    forks: ForkServer, db_url: str, tmp_path: Path
+) -> None:
+    """The refund is orphaned (killed, its request lost). The thread's next run, on an agent
+    whose tool only reads (it looks for no orphan), is stopped by Ctrl-C in its tool: its record
+    says `cancelled`. The agent is redeployed with side-effecting tools, and the next message
+    records the stopped run's end again (`ending_flow`, for the call it left): that record tells
+    the orphan (its `orphaned` audit record is written) and is refused, the run's own record
+    standing. Its note went with it: `keel audit` listed the orphan, and no run record said so.
+    The record that stands keeps it."""
+    killed(forks, db_url, tmp_path)
+    (lost_id,) = started(db_url)
+
+    @tool(risk="read", name="lookup")
+    def ctrl_c(order_id: str) -> str:
+        """Look an order up (Ctrl-C lands while it runs)."""
+        raise KeyboardInterrupt
+
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    ledger = Ledger(db_url)
+    try:
+        with Persistence(db_url).checkpointer() as saver:
+            model = ScriptedChatModel(script=[call("lookup", order_id="A1")], fresh_ids=True)
+            reads = build_agent(model, [ctrl_c], checkpointer=saver, ledger=ledger)
+            with pytest.raises(KeyboardInterrupt):
+                reads.invoke({"messages": [("user", "where is A1?")]}, config, context=CTX)
+            (stopped,) = RunLog(ledger).query()
+            assert "orphaned" not in stopped.detail
+            model = ScriptedChatModel(script=["Hello."] * 3)
+            writes = build_agent(model, refunds([]), checkpointer=saver, ledger=ledger)
+            writes.invoke({"messages": [("user", "hello")]}, config, context=CTX)
+    finally:
+        ledger.close()
+    (orphaned,), runs = told(db_url)
+    assert orphaned.tool_call_id == lost_id
+    (noted,) = [r for r in runs if lost_id in r.detail]
+    assert (noted.run_key, noted.terminated_reason) == (stopped.run_key, "cancelled")
+    assert noted.detail.count("(orphaned:") == 1

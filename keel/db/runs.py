@@ -9,7 +9,8 @@ model calls are the run's own: the state's totals for the thread minus the total
 started (its run clock, `keel.state.task_base`), or else minus those of the thread's previous
 run record; a run continued after its checkpointer failed adds what its saved state lost
 (`unsaved_flow`). A note of the orphaned calls a run reported (`orphans_note`) stays in its
-record when the record is written again (a paused run's end).
+record when the record is written again (a paused run's end), and a second record of its end
+that is refused (the end the run recorded stands) adds its own note to the record that stands.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def orphans_note(calls: Sequence[tuple[str, str]]) -> str:
 
 
 def _kept_notes(record: RunRecord, stored: RunRecord) -> RunRecord:
-    """`record`, with the notes of its run's stored record it lacks (`_KEPT_NOTES`) added."""
+    """`record`, with the notes of `stored` (its run's other record) it lacks (`_KEPT_NOTES`)."""
     notes = [n for n in _KEPT_NOTES.findall(stored.detail) if n not in record.detail]
     if not notes:
         return record
@@ -323,7 +324,7 @@ def recorded_flow(
             (record.thread_id, record.graph, record.run_id),
         )
         if rows:  # the run recorded itself, under the message that started it: that stands
-            return Recorded(_stored(rows[0]), _stored(rows[0]))
+            return (yield from _standing_flow(_stored(rows[0]), record))
     totals = {k: getattr(record, k) for k in _USAGE}
     previous: Mapping[str, Any] = base or {}
     if base is None and record.thread_id is not None:
@@ -341,7 +342,7 @@ def recorded_flow(
     if own.terminated_reason == "cancelled" and before is not None:
         stands = before.status != "interrupted"
         if stands and (first_end or before.terminated_reason != "cancelled"):
-            return Recorded(before, before)  # the run ended before it was cancelled
+            return (yield from _standing_flow(before, own))  # it ended before it was cancelled
     values = {
         **own.to_dict(),
         "tools": json.dumps(own.tools),
@@ -358,6 +359,22 @@ def recorded_flow(
         tuple(storable(values[c]) for c in _COLUMNS),
     )
     return Recorded(own, before)
+
+
+def _standing_flow(stands: RunRecord, refused: RunRecord) -> Flow[Recorded]:
+    """The stored record that stands against a refused write of its run, with that write's notes.
+
+    A refused write (a second record of the run's end, `recorded_flow`) may note orphans it told
+    in its transaction (their `orphaned` audit records are written): the standing row takes the
+    notes it lacks (`_kept_notes`), or no run record would say so.
+    """
+    kept = _kept_notes(stands, refused)
+    if kept is not stands:
+        yield (
+            "UPDATE keel_runs SET detail = ? WHERE run_key = ?",
+            (storable(kept.detail), kept.run_key),
+        )
+    return Recorded(kept, kept)
 
 
 def unsaved_flow(record: RunRecord, base: Mapping[str, float]) -> Flow[dict[str, float]]:
