@@ -291,18 +291,11 @@ def reserve_flow(
                 "RETURNING spent_usd, spent_tokens",
                 (scope_key, period),
             ),
-            (  # in flight, and charged (its run looked dead: spent, however old, until settled)
-                "SELECT charged, SUM(usd), SUM(tokens) FROM keel_reservations "
-                "WHERE scope_key = ? AND period = ? AND (expires_at > ? OR charged = 1) "
-                "GROUP BY charged",
-                (scope_key, period, now),
-            ),
+            _reserved(scope_key, period, now),
         )
         ((spent_usd, spent_tokens),) = spend
-        sums = {bool(c): (u, t) for c, u, t in held}
-        held_usd, held_tokens = sums.get(False, (0.0, 0))
-        if True in sums:  # `charge_flow`
-            spent_usd, spent_tokens = spent_usd + sums[True][0], spent_tokens + sums[True][1]
+        (held_usd, held_tokens), (charged_usd, charged_tokens) = _sums(held)
+        spent_usd, spent_tokens = spent_usd + charged_usd, spent_tokens + charged_tokens
         for unit, limit, spent, others, this in (
             ("usd", budget.usd, spent_usd, held_usd, usd),
             ("tokens", budget.tokens, spent_tokens, held_tokens, tokens),
@@ -393,19 +386,36 @@ def charge_flow(rid: str) -> Flow[bool]:
 def spent_flow(budget: PeriodBudget, context: RunContext, now: float) -> Flow[tuple[float, int]]:
     """What the budget's row has spent so far: `(usd, tokens)`, its charged reservations too."""
     scope_key, period = budget.key(context, now)
-    rows, charged = yield from together(
+    rows, held = yield from together(
         (
             "SELECT spent_usd, spent_tokens FROM keel_spend WHERE scope_key = ? AND period = ?",
             (scope_key, period),
         ),
-        (  # the reservations of runs that looked dead: spent (`charge_flow`)
-            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
-            "WHERE scope_key = ? AND period = ? AND charged = 1",
-            (scope_key, period),
-        ),
+        _reserved(scope_key, period, now),
     )
     usd, tokens = (float(rows[0][0]), int(rows[0][1])) if rows else (0.0, 0)
-    return usd + float(charged[0][0]), tokens + int(charged[0][1])
+    _, (charged_usd, charged_tokens) = _sums(held)
+    return usd + charged_usd, tokens + charged_tokens
+
+
+def _reserved(scope_key: str, period: str, now: float) -> tuple[str, tuple[Any, ...]]:
+    """The statement summing a budget row's reservations, per `charged` (read with `_sums`).
+
+    Those in flight (unexpired, not charged) hold room; charged ones (`charge_flow`: their run
+    looked dead) count as spent, however old, until their run settles them.
+    """
+    return (
+        "SELECT charged, COALESCE(SUM(usd), 0), COALESCE(SUM(tokens), 0) FROM keel_reservations "
+        "WHERE scope_key = ? AND period = ? AND (expires_at > ? OR charged = 1) "
+        "GROUP BY charged",
+        (scope_key, period, now),
+    )
+
+
+def _sums(rows: Sequence[Sequence[Any]]) -> tuple[tuple[float, int], tuple[float, int]]:
+    """`(usd, tokens)` held in flight, and charged, from the rows of `_reserved`."""
+    sums = {bool(c): (float(u), int(t)) for c, u, t in rows}
+    return sums.get(False, (0.0, 0)), sums.get(True, (0.0, 0))
 
 
 class SpendMeter:
