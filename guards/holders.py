@@ -10,7 +10,11 @@ of this host (and PID namespace) that is gone can be told too (`dead`).
 A run that holds its thread's lease is known by that thread here (`leasing`, `of_thread`): a
 period budget's reservation names it (`keel.guards.spend`), and is charged and released once
 that lease is seen expired or its holder gone, instead of holding the budget's room until the
-reservation's own expiry.
+reservation's own expiry. A run that holds no lease (a graph without a checkpointer, a one-shot
+`invoke`) names its process instead (`unleased`: host, PID namespace, PID and the process's start
+time): its reservation is charged once that process is seen gone from this host, or its PID
+taken by a process started later (`dead`); a process elsewhere cannot be told, and its
+reservation holds until it expires.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from keel.db.tables import storable
 
 __all__ = [
     "dead",
+    "is_unleased",
     "enter",
     "gone",
     "holder",
@@ -38,6 +43,7 @@ __all__ = [
     "named",
     "of_thread",
     "this_process",
+    "unleased",
 ]
 
 _LIVE: set[str] = set()
@@ -90,6 +96,34 @@ def left(name: str) -> bool:
         return name.startswith(f"{this_process()}/") and name not in _LIVE
 
 
+_UNLEASED = "process@"
+"""How the run part of an `unleased` holder starts (then the process's start time)."""
+
+
+def unleased() -> str:
+    """The holder a run without a thread lease names: this process, since its start time."""
+    return named(f"{_UNLEASED}{_PROCESS['start']}")
+
+
+def is_unleased(name: str) -> bool:
+    """Whether `name` is an `unleased` holder: a process, not a run holding a lease."""
+    return name.rsplit("/", 1)[-1].startswith(_UNLEASED)
+
+
+def _started(pid: int | str) -> str:
+    """When process `pid` started (clock ticks since boot, `/proc/<pid>/stat`); `?` unknown.
+
+    With the PID, it names one process: a PID is reused, never with the same start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "?"
+    fields = stat.rpartition(b")")[2].split()  # the name in parentheses may hold spaces
+    return fields[19].decode() if len(fields) > 19 else "?"
+
+
 def _process() -> str:
     try:  # two containers can share a host name and a PID, never a PID namespace
         space = os.readlink("/proc/self/ns/pid")
@@ -107,10 +141,10 @@ def this_process() -> str:
 
 
 def _forked() -> None:
-    _PROCESS["name"] = _process()
+    _PROCESS.update(name=_process(), start=_started("self"))
 
 
-_PROCESS = {"name": _process()}
+_PROCESS = {"name": _process(), "start": _started("self")}
 os.register_at_fork(after_in_child=_forked)
 
 
@@ -119,23 +153,28 @@ def dead(name: str) -> bool:
 
     Such a lease need not be waited out: its process will never renew or release it (a worker
     killed mid-run, resumed by the next). A holder elsewhere, or where that cannot be told,
-    holds until its lease expires.
+    holds until its lease expires. An `unleased` holder names its process's start time too: a
+    process with its PID that started at another time (this one, or another) took the PID of
+    the one that is gone. Reads `/proc`: not on an event loop.
     """
     parts = name.rsplit("/", 3)
     if len(parts) != 4:
         return False
-    where, pid = parts[:2], parts[2]
+    where, pid, run = parts[:2], parts[2], parts[3]
     this = this_process()
     here, here_pid = this.rsplit("/", 2)[:2], this.rsplit("/", 1)[1]
-    if "?" in where or where != here or not pid.isdigit() or pid == here_pid:
+    if "?" in where or where != here or not pid.isdigit():
         return False
+    start = run[len(_UNLEASED) :] if is_unleased(name) else "?"
+    if pid == here_pid:
+        return start not in ("?", _PROCESS["start"])
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except OSError:  # it exists (another user's)
-        return False
-    return False
+        pass
+    return start != "?" and _started(pid) not in ("?", start)
 
 
 def gone(name: str) -> bool:

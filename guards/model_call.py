@@ -659,11 +659,14 @@ class GuardedModel:
 
         Its reservation is charged and released once that lease is seen expired (the run's
         process died) rather than held until `reservation_ttl` (`keel.guards.spend.RoomWait`).
+        A run that holds no lease there (no checkpointer, a one-shot `invoke`) names its
+        process (`keel.guards.holders.unleased`): charged once that process is seen gone.
         """
         meter = self._meter()
         if meter is None:
             return None
-        return holders.of_thread((config or {}).get("configurable") or {}, meter.ledger)
+        leased = holders.of_thread((config or {}).get("configurable") or {}, meter.ledger)
+        return leased if leased is not None else holders.unleased()
 
     def _admit(
         self, m: _Model, messages: list[BaseMessage], ctx: RunContext, holder: str | None

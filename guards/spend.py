@@ -12,7 +12,8 @@ thread's lease in the same ledger: `keel.guards.holders`) is charged at its amou
 call is (the provider may have billed it), and stops holding room as soon as a crowded call sees
 that lease expired or its holder gone (`RoomWait`, `charge_flow`): its row then counts as spent,
 whatever its expiry; if the run was alive after all, its settle deletes it and records what the
-call cost. Any other expires after `reservation_ttl`.
+call cost. A run without a lease names its process (`keel.guards.holders.unleased`), charged so
+once that process is seen gone from this host. Any other expires after `reservation_ttl`.
 
 A call that would fit what the period has spent, but not with what other calls hold in flight
 (a reservation bounds a call's cost and settles far lower), waits instead of being refused:
@@ -23,6 +24,7 @@ is reached (`RoomWait`): every model call of a run passes that deadline (`Guarde
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -32,6 +34,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage
@@ -78,7 +81,8 @@ class PeriodBudget:
     reservation_ttl: float = 900.0
     """Seconds a reservation holds if its run never settles it (the process died). One that
     names its run (by the run's thread lease) is charged at its amount and stops holding room
-    sooner: once a call it crowds sees that lease expired or its process gone (`RoomWait`)."""
+    sooner: once a call it crowds sees that lease expired or its process gone (`RoomWait`); so
+    is one of a run without a lease once its process is seen gone from this host."""
     wait_for_reservations: float = 30.0
     """Seconds a call waits, at most, while it fits what the period has spent but not with what
     other calls hold in flight: their reservations settle at what the calls really cost, far
@@ -279,7 +283,7 @@ def reserve_flow(
     once other calls' reservations settle (and its budgets wait for that), a plain `str` when
     the budget is spent. Rows are locked in key order, so concurrent reservations cannot
     deadlock; nothing is reserved unless every budget has room. `holder`: the run that holds
-    the reservation, by its thread lease (`keel.guards.holders.of_thread`), if known.
+    the reservation, by its thread lease (`keel.guards.holders.of_thread`) or its process.
     """
     keyed = sorted(((b.key(context, now), b) for b in budgets), key=lambda kb: kb[0])
     crowded: list[tuple[str, float, tuple[str, str]]] = []
@@ -348,14 +352,20 @@ def settle_flow(reservation: Reservation, usd: float | None, tokens: int | None)
 
 
 def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[str]]:
-    """The ids of the reservations against `keys` whose runs look dead.
+    """The ids of the reservations against `keys` whose runs look dead (`held_flow`, `dead_of`).
 
-    A reservation that names its run (`holder`) while no lease of that run in
-    `keel_thread_leases` is unexpired (the run's process died, or it ended without settling: a
-    ledger that failed) or its holder is gone (`keel.guards.holders.gone`: a process of this
-    host that is no more). One that names no run holds until it expires.
+    Reads `/proc` as it tells: on an event loop, run `held_flow` and `dead_of` apart (`RoomWait`).
     """
-    dead: list[str] = []
+    return dead_of((yield from held_flow(keys, now)))
+
+
+def held_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[tuple[str, str, bool]]]:
+    """The uncharged reservations against `keys` in flight that name their run (`holder`).
+
+    Each as `(id, holder, leased)`: `leased` says whether a lease of that holder in
+    `keel_thread_leases` is unexpired (for `dead_of`).
+    """
+    held: list[tuple[str, str, bool]] = []
     for scope_key, period in keys:
         rows = yield (
             "SELECT r.id, r.holder, EXISTS (SELECT 1 FROM keel_thread_leases l "
@@ -364,8 +374,29 @@ def dead_flow(keys: Sequence[tuple[str, str]], now: float) -> Flow[list[str]]:
             "AND r.holder IS NOT NULL",
             (now, scope_key, period, now),
         )
-        dead += [str(r[0]) for r in rows if not r[2] or holders.gone(r[1])]
-    return dead
+        held += [(str(r[0]), str(r[1]), bool(r[2])) for r in rows]
+    return held
+
+
+def dead_of(held: Sequence[tuple[str, str, bool]]) -> list[str]:
+    """The ids of the reservations of `held_flow` whose runs look dead.
+
+    A run that held its thread's lease: no lease of it is unexpired (its process died, or it
+    ended without settling: a ledger that failed), or its holder is gone
+    (`keel.guards.holders.gone`: a process of this host that is no more). A run without a lease
+    (`keel.guards.holders.unleased`): its process is gone from this host, or its PID taken by a
+    later process (`keel.guards.holders.dead`); elsewhere that cannot be told. One that names
+    no run holds until it expires. Reads `/proc`: not on an event loop.
+    """
+    return [
+        rid
+        for rid, holder, leased in held
+        if (
+            holders.dead(holder)
+            if holders.is_unleased(holder)
+            else not leased or holders.gone(holder)
+        )
+    ]
 
 
 def charge_flow(rid: str) -> Flow[bool]:
@@ -623,7 +654,8 @@ class RoomWait:
         """
         ledger, charged = self.ledger, 0
         try:
-            dead = yield both(ledger.run, ledger.arun, dead_flow(keys, time.time()))
+            held = yield both(ledger.run, ledger.arun, held_flow(keys, time.time()))
+            dead = yield Op(partial(dead_of, held), partial(asyncio.to_thread, dead_of, held))
             for row in dead:  # each in a transaction of its own
                 charged += yield both(ledger.run, ledger.arun, charge_flow(row))
         except Exception as exc:

@@ -31,7 +31,7 @@ from forking import Forked, ForkServer
 from keel import Ledger, Price, PriceTable, RunContext, build_agent
 from keel.db.ledger import Flow
 from keel.evals import ScriptedChatModel
-from keel.guards import PeriodBudget, Policy, Rule
+from keel.guards import PeriodBudget, Policy, Rule, holders
 from keel.guards.spend import (
     Reservation,
     charge_flow,
@@ -58,7 +58,7 @@ _SCRIPT = textwrap.dedent(
     from keel.evals import ScriptedChatModel
     from keel.graphs import build_agent
     from keel.graphs._one_run import ThreadLeases
-    from keel.guards import PeriodBudget, Policy, Rule
+    from keel.guards import PeriodBudget, Policy, Rule, holders
 
     url, lease_s, mode = sys.argv[1:]
     ledger = Ledger(url)
@@ -84,6 +84,8 @@ _SCRIPT = textwrap.dedent(
     if mode == "invoke":
         with Persistence(url).checkpointer() as saver:
             agent_on(saver).invoke(task, config, context=alice)
+    elif mode == "no lease":  # no checkpointer: the run takes no thread lease
+        agent_on(None).invoke(task, context=alice)
     else:
         asyncio.run(main())
     """
@@ -128,19 +130,27 @@ def _crashed_mid_call(
 
 @pytest.mark.parametrize(
     ("where", "mode"),
-    [("this host", "invoke"), ("this host", "ainvoke"), ("another host", "invoke")],
+    [
+        ("this host", "invoke"),
+        ("this host", "ainvoke"),
+        ("another host", "invoke"),
+        ("this host", "no lease"),
+    ],
 )
 async def test_a_killed_processs_reservation_is_charged_not_waited_out(
     db_url: str, forks: ForkServer, tmp_path: Path, killed: list[Forked], where: str, mode: str
 ) -> None:
     """The run the crash left crowds the next one: it is refused at once for what the dead call
     may have cost (charged at its reservation), not after 10 s of waiting. On this host the
-    dead process is seen at once (its PID is gone); on another, once its lease expires."""
+    dead process is seen at once (its PID is gone); on another, once its lease expires. A run
+    without a thread lease (`no lease`: no checkpointer) named nothing and held its room for
+    `reservation_ttl` (15 min): it names its process, seen gone at once too."""
     lease_s = 600.0 if where == "this host" else 1.5
     killed.append(_crashed_mid_call(forks, tmp_path, db_url, lease_s, mode))
     ledger = Ledger(db_url)
     ((usd, holder, charged),) = _reservations(ledger)
     assert holder is not None and holder.count("/") == 3 and charged == 0  # names its run
+    assert holders.is_unleased(holder) == (mode == "no lease")
     if where == "another host":
         for table in ("keel_thread_leases", "keel_reservations"):
             ledger.run(_rows(f"UPDATE {table} SET holder = ? WHERE holder = ?", ELSEWHERE, holder))
@@ -186,17 +196,31 @@ def _lease(ledger: Ledger, holder: str, expires_in: float) -> None:
     )
 
 
-def test_which_reservations_look_dead(db_url: str) -> None:
+def test_which_reservations_look_dead(db_url: str, forks: ForkServer) -> None:
     """Dead: its run's lease expired, or is gone (released without a settle: the run ended,
     its ledger failing as it settled). Alive: its lease unexpired on another host. Unknown (no
-    holder: a run without a thread): it holds until `reservation_ttl`."""
+    holder: written before runs without a lease named their process): it holds until
+    `reservation_ttl`. A run without a lease names its process: dead once that process is gone
+    (a real one, ended), or its PID is another process's (this one's, started later); alive
+    while it runs; unknown on another host."""
     ledger = Ledger(db_url)
     ledger.setup()
     expired, released, live = (f"{ELSEWHERE}-{n}" for n in ("expired", "released", "live"))
     _lease(ledger, expired, -1.0)
     _lease(ledger, live, 60.0)
-    rows = {h: _reserved(ledger, h, 0.01).rows[0][0] for h in (expired, released, live, None)}
-    assert sorted(_dead(ledger)) == sorted([rows[expired], rows[released]])
+    ended = forks.start_code(
+        "from keel.guards import holders; print(holders.unleased(), flush=True)"
+    )
+    assert ended.finish() == 0
+    gone = ended.output()[0].strip()
+    this = holders.unleased()
+    reused = this.rpartition("@")[0] + "@1"  # this PID, but a process that started at tick 1
+    elsewhere = f"{ELSEWHERE.rpartition('/')[0]}/process@1"
+    unleased = [gone, this, reused, elsewhere]
+    assert all(map(holders.is_unleased, unleased))
+    held = (expired, released, live, None, *unleased)
+    rows = {h: _reserved(ledger, h, 0.01).rows[0][0] for h in held}
+    assert sorted(_dead(ledger)) == sorted(rows[h] for h in (expired, released, gone, reused))
     ledger.close()
 
 

@@ -172,7 +172,7 @@ RESERVATIONS = Table(  # keel.guards.spend: estimates held while a model call ru
         Column("usd", _DOUBLE, "NOT NULL"),
         Column("tokens", "BIGINT", "NOT NULL"),
         Column("expires_at", _DOUBLE, "NOT NULL"),
-        # the run that holds it (`keel.guards.holders`, its thread lease's); NULL: none known
+        # the run that holds it (`keel.guards.holders`: its thread lease's, or its process's)
         Column("holder", "TEXT", since=11),
         # 1: its run looked dead (lease expired): counts as spent, not held, while the row lasts
         Column("charged", "INTEGER", "NOT NULL DEFAULT 0", since=11),
