@@ -590,3 +590,70 @@ def test_an_orphan_told_by_a_refused_second_record_of_a_run_end_is_noted_in_the_
     (noted,) = [r for r in runs if lost_id in r.detail]
     assert (noted.run_key, noted.terminated_reason) == (stopped.run_key, "cancelled")
     assert noted.detail.count("(orphaned:") == 1
+
+
+# -- 8. a ledger that refuses the report ----------------------------------------------------------
+
+
+def _refusing_orphans(db_url: str, on: bool) -> None:
+    """Make the ledger refuse (`on`), or take again, every `orphaned` audit record: a constraint
+    it enforces (a trigger), which raises the driver's IntegrityError as a real refusal does."""
+    if db_url.startswith("sqlite"):
+        statements = (
+            [
+                "CREATE TRIGGER no_orphans BEFORE INSERT ON keel_audit "
+                "WHEN NEW.decision = 'orphaned' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            ]
+            if on
+            else ["DROP TRIGGER no_orphans"]
+        )
+    else:
+        statements = (
+            [
+                "CREATE FUNCTION no_orphans() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'; END $$ "
+                "LANGUAGE plpgsql",
+                "CREATE TRIGGER no_orphans BEFORE INSERT ON keel_audit FOR EACH ROW "
+                "WHEN (NEW.decision = 'orphaned') EXECUTE FUNCTION no_orphans()",
+            ]
+            if on
+            else ["DROP TRIGGER no_orphans ON keel_audit"]
+        )
+
+    def flow() -> Any:
+        for sql in statements:
+            yield sql, ()
+
+    ledger = Ledger(db_url)
+    try:
+        ledger.run(flow())
+    finally:
+        ledger.close()
+
+
+def test_a_supervisor_whose_ledger_refuses_the_orphan_report_still_records_its_run(
+    forks: ForkServer, db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor's agent is killed mid-refund (its request lost); the thread's next run is
+    answered by the router alone, and its end reports the orphan with its run record, in one
+    transaction. The ledger refuses the report for good (a constraint on the audit log): the
+    write was dropped whole, and the run had no record at all. The run ends with its outcome,
+    its record is written without the report (logged), and the orphan, still untold, is
+    reported by the thread's next run end once the ledger takes it."""
+    killed(forks, db_url, tmp_path, graph="supervisor")
+    (lost_id,) = started(db_url, "s1")
+    _refusing_orphans(db_url, True)
+    result = supervise(db_url, "thanks, that is all")
+    assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
+    orphaned, runs = told(db_url, "s1")
+    assert orphaned == []
+    (first,) = [r for r in runs if r.graph == "keel_supervisor"]
+    assert (first.status, first.terminated_reason) == ("success", "completed")
+    assert "orphaned" not in first.detail
+    assert "could not report orphaned calls" in caplog.text
+    _refusing_orphans(db_url, False)
+    supervise(db_url, "anything else?")
+    (orphaned,), runs = told(db_url, "s1")
+    assert orphaned.tool_call_id == lost_id
+    (noted,) = [r for r in runs if lost_id in r.detail]
+    assert noted.graph == "keel_supervisor" and noted.run_key != first.run_key

@@ -16,11 +16,12 @@ pauses, each orphaned call of the thread nobody was told of (`keel.db.idempotenc
 a call whose request a crash lost, or a fork left on the branch it abandoned, which no later
 call asked for again): one `tool` record with decision `orphaned` per call, ever, and a note in
 the run record's `detail` (`keel.db.runs.orphans_note`, kept when a paused run's record is
-written again), in the run record's transaction. A supervisor whose agents have such tools does
-too, as its run ends (not as it pauses: an agent that waits holds its calls in a conversation
-of its own). So does the record of a run found stopped that a new message writes
-(`ending_flow`), and the one keel writes around the graph of a run that ended there (cancelled,
-Ctrl-C, its checkpointer failing: `record_run(thread=...)`).
+written again), in the run record's transaction (a report the ledger refuses for good is left
+out, logged, and the record written alone: a later run end reports them). A supervisor whose
+agents have such tools does too, as its run ends (not as it pauses: an agent that waits holds
+its calls in a conversation of its own). So does the record of a run found stopped that a new
+message writes (`ending_flow`), and the one keel writes around the graph of a run that ended
+there (cancelled, Ctrl-C, its checkpointer failing: `record_run(thread=...)`).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
@@ -231,17 +232,23 @@ class Observer:
             log.error("keel could not make the run record: %r", exc)
             return
         writes = [*self._runs.take(), write]
-        for at, write in enumerate(writes):
+        at = 0
+        while at < len(writes):
             try:
-                ended = yield both(self.runs.ledger.run, self.runs.ledger.arun, write.flow())
+                ended = yield both(self.runs.ledger.run, self.runs.ledger.arun, writes[at].flow())
             except Exception as exc:
+                if refused_for_good(exc) and writes[at].orphans is not None:
+                    writes[at] = _unreported(writes[at], exc)  # the record, written alone
+                    continue
                 if refused_for_good(exc):  # kept, it would fail every later write with it
                     self._runs.drop(1, exc)
+                    at += 1
                     continue
                 self._runs.keep(writes[at:])
                 log.error("keel could not write the run record: %r (kept for later)", exc)
                 return
             ended()
+            at += 1
 
     def _write(
         self,
@@ -663,6 +670,21 @@ class _RunWrite:
             record = replace(record, detail=f"{record.detail} {note}".lstrip())
         recorded = yield from recorded_flow(record, self.base, first_end=self.first_end)
         return partial(_ended, recorded, record, told)
+
+
+def _unreported(write: _RunWrite, exc: Exception) -> _RunWrite:
+    """`write` without its look for orphans, which the ledger refused for good (logged).
+
+    Dropped with it, the run's record would be lost; the orphans stay untold, and a later run
+    end of the thread reports them once the ledger takes the report.
+    """
+    log.error(
+        "keel could not report orphaned calls with the run record: the ledger refuses the "
+        "report for good (%r); the record is written without it, and a later run end of the "
+        "thread reports them",
+        exc,
+    )
+    return replace(write, orphans=None)
 
 
 def _ended(recorded: Recorded, written: RunRecord, told: list[CallRecord]) -> None:
