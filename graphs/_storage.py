@@ -178,9 +178,18 @@ class Recorder(Protocol):
     """The ledger its records go to."""
 
     def ending_flow(
-        self, state: Any, config: RunnableConfig, context: Any, *, first_end: bool = False
+        self,
+        state: Any,
+        config: RunnableConfig,
+        context: Any,
+        *,
+        first_end: bool = False,
+        report: bool = True,
     ) -> Flow[Callable[[], None]] | None:
-        """The record's write as a flow; its result reports it once committed (None: no record)."""
+        """The record's write as a flow; its result reports it once committed (None: no record).
+
+        `report`: with the thread's orphaned calls (`keel.observe.Observer.ending_flow`).
+        """
         ...
 
     def recording(
@@ -231,10 +240,15 @@ class RunEnd:
         return RunEnd(self.recorder, cast(RunnableConfig, config), self.context, self.thread)
 
     def flow(
-        self, state: dict[str, Any], *, first_end: bool = False
+        self, state: dict[str, Any], *, first_end: bool = False, report: bool = True
     ) -> Flow[Callable[[], None]] | None:
-        """The write of the record of the run `state` ends, for a caller's transaction."""
-        return self.recorder.ending_flow(state, self.config, self.context, first_end=first_end)
+        """The write of the record of the run `state` ends, for a caller's transaction.
+
+        `report`: with the thread's orphaned calls (`Recorder.ending_flow`).
+        """
+        return self.recorder.ending_flow(
+            state, self.config, self.context, first_end=first_end, report=report
+        )
 
     def recording(self, state: dict[str, Any], *, first_end: bool = False) -> Op:
         """The step that writes the record of the run `state` ends (`first_end`: unless it has one).

@@ -53,7 +53,7 @@ from keel._drive import Op, Steps, adrive, both, drive
 from keel._node import inside_task, interrupt_pending, saver_in
 from keel.db.audit import AuditLog, AuditRecord, insert_flow
 from keel.db.idempotency import CallRecord, records_flow
-from keel.db.ledger import Flow
+from keel.db.ledger import Flow, refused_for_good
 from keel.db.runs import RunLog, RunRecord
 from keel.errors import StorageError, UserError
 from keel.graphs._admitted import refused_chunks, refused_records, run_context
@@ -403,6 +403,20 @@ def _ends(answered: Dropped, end: RunEnd | None) -> list[tuple[RunEnd, dict[str,
     return [(end, answered.ended, answered.first_end), *inside]
 
 
+def _written(
+    answered: Dropped, ends: list[tuple[RunEnd, dict[str, Any], bool]], *, report: bool = True
+) -> Flow[list[Any]]:
+    """The `not_run` audit records of `answered`, then the run ends `ends` records, in one flow.
+
+    `report`: each run end's record looks for the thread's orphans (`RunEnd.flow`).
+    """
+    flows: list[Flow[Any]] = [insert_flow(answered.records)] if answered.records else []
+    for run_end, ended, first_end in ends:
+        if (flow := run_end.flow(ended, first_end=first_end, report=report)) is not None:
+            flows.append(flow)
+    return _each(flows)
+
+
 def _each(flows: list[Flow[Any]]) -> Flow[list[Any]]:
     """`flows` one after the other, in one transaction: their results."""
     results = []
@@ -588,22 +602,34 @@ class ThreadGuardedGraph(ProtectedGraph):
         written in one transaction: a failure writes none of them (the run then ends on it
         before it starts, `_not_started`, and the calls still wait), so no audit says `not_run`
         of a call whose run's record still says it waits. A record kept elsewhere (an agent of
-        a supervisor on a ledger of its own) is written on its own afterwards.
+        a supervisor on a ledger of its own) is written on its own afterwards. A transaction
+        the ledger refuses for good is tried once more with the records looking for no orphaned
+        calls (`RunEnd.flow(report=False)`): a report refused for good failed every message on
+        the thread; a later run end reports them.
         """
         audit, ends = self.keel_audit, _ends(answered, end)
         if audit is None:
             for run_end, ended, first_end in ends:
                 yield run_end.recording(ended, first_end=first_end)
             return
-        flows: list[Flow[Any]] = [insert_flow(answered.records)] if answered.records else []
-        apart = []
-        for run_end, ended, first_end in ends:
-            if run_end.recorder.ledger is not audit.ledger:
-                apart.append((run_end, ended, first_end))
-            elif (flow := run_end.flow(ended, first_end=first_end)) is not None:
-                flows.append(flow)
-        if flows:
-            reports: list[Any] = yield both(audit.ledger.run, audit.ledger.arun, _each(flows))
+        ledger = audit.ledger
+        here = [e for e in ends if e[0].recorder.ledger is ledger]
+        apart = [e for e in ends if e[0].recorder.ledger is not ledger]
+        if answered.records or here:
+            try:
+                reports: list[Any] = yield both(ledger.run, ledger.arun, _written(answered, here))
+            except Exception as exc:
+                if not refused_for_good(exc) or not here:
+                    raise
+                log.error(  # else every message on the thread would fail on it
+                    "keel could not report orphaned calls with the record of a run found "
+                    "stopped (or write what went with it): the ledger refuses it for good (%r); "
+                    "it is written again without the report, and a later run end of the thread "
+                    "reports them",
+                    exc,
+                )
+                written = _written(answered, here, report=False)
+                reports = yield both(ledger.run, ledger.arun, written)
             for report in reports:
                 if callable(report):
                     report()

@@ -657,3 +657,31 @@ def test_a_supervisor_whose_ledger_refuses_the_orphan_report_still_records_its_r
     assert orphaned.tool_call_id == lost_id
     (noted,) = [r for r in runs if lost_id in r.detail]
     assert noted.graph == "keel_supervisor" and noted.run_key != first.run_key
+
+
+def test_a_ledger_refusing_the_orphan_report_of_a_run_found_stopped_does_not_block_the_thread(
+    forks: ForkServer, db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor's agent is killed mid-refund twice: first its request lost (an orphan),
+    then saved (its supervisor run found stopped by the next message, which records that run's
+    end with the thread's orphans, in the transaction that answers the call it left). The
+    ledger refuses the report for good: that transaction failed, and every message on the
+    thread ended `storage failed before the run started`, for as long as the ledger refused.
+    The message runs: the stopped run's end is recorded without the report (logged), the call
+    it left answered, and a later run end reports the orphan once the ledger takes it."""
+    killed(forks, db_url, tmp_path, graph="supervisor")
+    (lost_id,) = started(db_url, "s1")
+    killed(forks, db_url, tmp_path, graph="supervisor", durability="sync", args=TWENTY)
+    _refusing_orphans(db_url, True)
+    result = supervise(db_url, "thanks, that is all")
+    assert result["outcome"]["terminated_reason"] == "completed", result["outcome"]
+    orphaned, runs = told(db_url, "s1")
+    assert orphaned == []
+    stopped = [r for r in runs if r.graph == "keel_supervisor" and r.status == "stopped"]
+    assert [r.terminated_reason for r in stopped] == ["cancelled"]
+    assert "could not report orphaned calls" in caplog.text
+    _refusing_orphans(db_url, False)
+    supervise(db_url, "anything else?")
+    (orphaned,), runs = told(db_url, "s1")
+    assert orphaned.tool_call_id == lost_id
+    assert [r.graph for r in runs if lost_id in r.detail] == ["keel_supervisor"]

@@ -323,10 +323,12 @@ class Observer:
         context: RunContext,
         *,
         first_end: bool = False,
+        report: bool = True,
     ) -> Flow[Callable[[], None]] | None:
         """The write of the record of the run `state` ends, as a flow for a caller's transaction.
 
-        With the thread's untold orphans (`_orphans`), as `record_run` looks for them. Its result
+        With the thread's untold orphans (`_orphans`), as `record_run` looks for them (unless
+        `report` is False: the ledger refused that report for good). Its result
         logs those and reports the stored run to OpenTelemetry: call it once the transaction
         committed. `None` for a replay or shadow run (it writes no record). Unlike
         `record_run`, a failure raises (the caller's transaction fails with it).
@@ -336,8 +338,8 @@ class Observer:
         # a run found stopped in its thread's saved state (the caller's config names the thread,
         # the checkpointer is the graph's)
         thread = (config.get("configurable") or {}).get("thread_id")
-        write = self._write(state, config, context, first_end, str(thread) if thread else None)
-        return write.flow()
+        looks = str(thread) if thread and report else None
+        return self._write(state, config, context, first_end, looks).flow()
 
     def resuming(
         self, state: AgentState | None, config: RunnableConfig, context: RunContext
