@@ -32,10 +32,10 @@ from keel.db.tables import storable
 
 __all__ = [
     "dead",
-    "is_unleased",
     "enter",
     "gone",
     "holder",
+    "is_unleased",
     "leasing",
     "leave",
     "left",
