@@ -49,7 +49,9 @@ _LOOKALIKES = {
 _HOMOGLYPHS = str.maketrans({c: latin for latin, cs in _LOOKALIKES.items() for c in cs})
 _HOMOGLYPH_CHARS = frozenset("".join(_LOOKALIKES.values()))
 _LEET = str.maketrans("013457", "oieast")
-_NON_ASCII_WORD = re.compile(r"\w*[^\x00-\x7f]\w*")
+# from a word's start only: `\w*` tried from every letter of a long ASCII word (a base64 blob
+# in a tool's result) read the rest of it each time, in time the square of its length
+_NON_ASCII_WORD = re.compile(r"(?<!\w)\w*[^\x00-\x7f]\w*")
 _ASCII_RUN_OR_CHAR = re.compile(r"[\x00-\x7f]+|[^\x00-\x7f]")
 _LEET_WORD = re.compile(r"(?<![\w@.])(?=[a-z0-9]*[a-z])(?=[a-z0-9]*[013457])[a-z0-9]+")
 # three or more single letters, each followed by one separator: "i g n o r e", "r.u.l.e.s"
