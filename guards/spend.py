@@ -77,7 +77,8 @@ class PeriodBudget:
     """Tokens (input + output) per period; `None` disables it."""
     reserve_output_tokens: int = 1024
     """Output tokens reserved for each call's answer until its real usage is known. It is also
-    the most each answer may be long: keel caps the model's output at it (`max_tokens`)."""
+    the most each answer may be long: keel caps the model's output at it (`max_tokens`), so it
+    is 1 or more."""
     reservation_ttl: float = 900.0
     """Seconds a reservation holds if its run never settles it (the process died). One that
     names its run (by the run's thread lease) is charged at its amount and stops holding room
@@ -108,10 +109,11 @@ class PeriodBudget:
                 f"PeriodBudget.tokens is a count: a whole number greater than 0 "
                 f"(e.g. tokens=1_000_000), or None; got {tokens!r}."
             )
-        if not is_count(reserve) or reserve < 0:
+        if not is_count(reserve) or reserve <= 0:
+            # 0 would cap every answer at nothing: max_tokens=0, refused by OpenAI and Anthropic
             raise UserError(
-                f"PeriodBudget.reserve_output_tokens is a count: a whole number, 0 or more "
-                f"(e.g. 1024); got {reserve!r}."
+                f"PeriodBudget.reserve_output_tokens is a count: a whole number greater than 0 "
+                f"(e.g. 1024), the longest answer a call may give; got {reserve!r}."
             )
         if (ttl := finite_number(self.reservation_ttl)) is None or ttl <= 0:
             raise UserError(

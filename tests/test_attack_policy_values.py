@@ -133,6 +133,7 @@ def test_breaker_thresholds_are_whole(name: str, value: Any) -> None:
         ({"usd": 1, "reserve_output_tokens": math.nan}, "reserve_output_tokens is a count"),
         ({"usd": 1, "reserve_output_tokens": None}, "reserve_output_tokens is a count"),
         ({"usd": 1, "reserve_output_tokens": -1}, "reserve_output_tokens is a count"),
+        ({"usd": 1, "reserve_output_tokens": 0}, "reserve_output_tokens is a count"),
         ({"usd": 1, "reservation_ttl": math.inf}, "reservation_ttl must be a finite number"),
         ({"usd": 1, "reservation_ttl": True}, "reservation_ttl must be a finite number"),
     ],
