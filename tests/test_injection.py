@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -58,6 +60,25 @@ def test_corpus_is_well_formed_balanced_and_split() -> None:
     assert {"obfuscated", "foreign", "exfiltration", "tool_coercion", "template_tokens"} <= set(
         kinds
     )
+
+
+def test_the_readme_states_the_corpus_and_the_rates_the_detector_has() -> None:
+    """README's table and last line are what `bench/injection.py` prints today: a change to the
+    heuristics or the corpus that moves a rate fails here until the README says it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    size = re.search(r"`keel\.evals\.injection_corpus\(\)`, (\d+) hand-written cases", readme)
+    assert size is not None and int(size.group(1)) == len(injection_corpus())
+    row = r"\| `{}` [^|]*\| +(\d+) \| +([\d.]+) \| +([\d.]+) \| +([\d.]+) \|"
+    for split in ("dev", "holdout", "fresh"):
+        stated = re.search(row.format(split), readme)
+        assert stated is not None, split
+        cases = injection_corpus(split)  # type: ignore[arg-type]
+        rates = detection_rates(DETECT, cases)
+        shares = (rates.detect_user, rates.detect_tool, rates.false_positive)
+        measured = [f"{share:.2f}" for share in shares]
+        assert [int(stated.group(1)), *stated.groups()[1:]] == [len(cases), *measured], split
+    untuned = [c for c in injection_corpus() if c.split != "dev"]
+    assert f"`{detection_rates(DETECT, untuned).line()}`" in readme
 
 
 def test_a_malformed_corpus_line_is_named() -> None:
