@@ -134,20 +134,31 @@ def test_tool_options_are_validated_when_decorating() -> None:
             {"risk": "dangerous"},
             "ToolSpec.risk must be one of ['read', 'write', 'destructive'], got 'dangerous'.",
         ),
-        (
-            {"timeout": 0},
-            "ToolSpec.timeout must be greater than 0 (seconds) or None, got 0.",
-        ),
-        (
-            {"timeout": -1.5},
-            "ToolSpec.timeout must be greater than 0 (seconds) or None, got -1.5.",
-        ),
-        (
-            {"timeout": float("nan")},
-            "ToolSpec.timeout must be greater than 0 (seconds) or None, got nan.",
-        ),
-        ({"retries": -1}, "ToolSpec.retries must be 0 or more, got -1."),
-        ({"retry_wait": -0.1}, "ToolSpec.retry_wait must be 0 or more, got -0.1."),
+        *[
+            (
+                {"timeout": value},
+                "ToolSpec.timeout must be a number of seconds greater than 0 and at most 86,400 "
+                f"(a day), or None to wait as long as the tool takes; got {value!r}.",
+            )
+            # infinity, or 1e12 s, failed every sync call: "timestamp out of range for time_t"
+            for value in (0, -1.5, float("nan"), float("inf"), 1e12, True, "5")
+        ],
+        *[
+            (
+                {"retries": value},
+                f"ToolSpec.retries is a count: a whole number, 0 or more; got {value!r}.",
+            )
+            # a NaN or infinite count retried a failing tool forever (736 attempts in 3 s)
+            for value in (-1, 1.5, float("nan"), float("inf"), True, "2")
+        ],
+        *[
+            (
+                {"retry_wait": value},
+                "ToolSpec.retry_wait must be a finite number of seconds, 0 or more; "
+                f"got {value!r}.",
+            )
+            for value in (-0.1, float("nan"), float("inf"), "0.2")
+        ],
         ({"version": ""}, "ToolSpec.version must be a non-empty string, got ''."),
     ],
 )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from keel.errors import UserError
+from keel.pricing import finite_number, is_count
 from keel.tools._injected import Injections, injections
 
 if TYPE_CHECKING:
@@ -19,6 +20,10 @@ ResourceExtractor = Callable[[Mapping[str, Any]], str]
 Reconciler = Callable[[Mapping[str, Any]], Any]
 """`reconcile(args) -> result | None` (or a coroutine): did an interrupted call take effect?"""
 _RISKS: tuple[Risk, ...] = ("read", "write", "destructive")
+
+
+MAX_TOOL_TIMEOUT = 86_400
+"""The longest `ToolSpec.timeout`, a day (as a model call's `attempt_timeout`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,7 +50,8 @@ class ToolSpec:
     Tools with side effects are never retried."""
 
     timeout: float | None = 30.0
-    """Seconds one call may take before it is answered with a timeout. `None` disables it."""
+    """Seconds one call may take before it is answered with a timeout, at most a day. `None`
+    disables it."""
 
     retries: int = 2
     """Extra attempts, with exponential backoff, for a call that raised. Only for tools without
@@ -77,14 +83,25 @@ class ToolSpec:
     def __post_init__(self) -> None:
         if self.risk not in _RISKS:
             raise UserError(f"ToolSpec.risk must be one of {list(_RISKS)}, got {self.risk!r}.")
-        if self.timeout is not None and not self.timeout > 0:
+        # NaN passes every comparison's `not`, infinity every bound: a NaN or infinite count of
+        # retries retried a failing tool forever; a timeout past a day (infinity, 1e12) failed
+        # every sync call (a thread's wait refuses it: "timestamp out of range")
+        timeout = self.timeout
+        if timeout is not None and not 0 < (finite_number(timeout) or 0) <= MAX_TOOL_TIMEOUT:
             raise UserError(
-                f"ToolSpec.timeout must be greater than 0 (seconds) or None, got {self.timeout!r}."
+                f"ToolSpec.timeout must be a number of seconds greater than 0 and at most "
+                f"{MAX_TOOL_TIMEOUT:,} (a day), or None to wait as long as the tool takes; "
+                f"got {timeout!r}."
             )
-        if self.retries < 0:
-            raise UserError(f"ToolSpec.retries must be 0 or more, got {self.retries!r}.")
-        if self.retry_wait < 0:
-            raise UserError(f"ToolSpec.retry_wait must be 0 or more, got {self.retry_wait!r}.")
+        if not is_count(self.retries) or self.retries < 0:
+            raise UserError(
+                f"ToolSpec.retries is a count: a whole number, 0 or more; got {self.retries!r}."
+            )
+        if (wait := finite_number(self.retry_wait)) is None or wait < 0:
+            raise UserError(
+                f"ToolSpec.retry_wait must be a finite number of seconds, 0 or more; "
+                f"got {self.retry_wait!r}."
+            )
         if not isinstance(self.version, str) or not self.version:
             raise UserError(f"ToolSpec.version must be a non-empty string, got {self.version!r}.")
         if self.reconcile is not None and not callable(self.reconcile):
