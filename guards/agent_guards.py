@@ -149,7 +149,7 @@ class AgentGuards:
             UserError: An argument of the wrong type, a policy whose state lives in the ledger
                 and no ledger, or a rule naming a tool the agent does not have.
         """
-        _check(caller, prices=prices, retry=retry, policy_version=policy_version, gate=gate)
+        _check(caller, prices=prices, policy_version=policy_version, gate=gate)
         model = ModelCallGuards.from_policy(
             policy, ledger, prices=prices, retry=retry, timeout=timeout, caller=caller
         )
@@ -217,19 +217,15 @@ def model_guards(guards: AgentGuards | ModelCallGuards | None) -> ModelCallGuard
     return guards.model if isinstance(guards, AgentGuards) else guards
 
 
-def _check(
-    caller: str, *, prices: object, retry: object, policy_version: object, gate: object
-) -> None:
-    """Reject arguments of the wrong type while the developer is there."""
+def _check(caller: str, *, prices: object, policy_version: object, gate: object) -> None:
+    """Reject arguments of the wrong type while the developer is there.
+
+    (`model_retry` is checked by `ModelCallGuards.from_policy`.)
+    """
     if prices is not None and not isinstance(prices, PriceTable):
         raise UserError(
             f"{caller}(prices=...) must be a keel.PriceTable (e.g. PriceTable({{'my-model': "
             f"Price(input_per_mtok=..., output_per_mtok=...)}})), got {type(prices).__name__}."
-        )
-    if not isinstance(retry, RetryPolicy):
-        raise UserError(
-            f"{caller}(model_retry=...) must be a langgraph.types.RetryPolicy (e.g. "
-            f"RetryPolicy(max_attempts=3)), got {type(retry).__name__}."
         )
     if not isinstance(policy_version, str) or not policy_version:
         raise UserError(

@@ -111,7 +111,9 @@ def backoff(policy: RetryPolicy, attempt: int, exc: BaseException | None = None)
     asked = retry_after(exc) if exc is not None else None
     if asked is not None:
         return min(policy.max_interval, asked)
-    wait = min(
-        policy.max_interval, policy.initial_interval * policy.backoff_factor ** (attempt - 1)
-    )
+    try:
+        grown = policy.initial_interval * policy.backoff_factor ** (attempt - 1)
+    except OverflowError:  # 2.0 ** 1024: past the float range, far past any max_interval
+        grown = policy.max_interval
+    wait = min(policy.max_interval, grown)
     return wait + (random.uniform(0, 1) if policy.jitter else 0.0)

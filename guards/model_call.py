@@ -78,7 +78,7 @@ from keel.guards.spend import (
 )
 from keel.history import tool_turns_as_text
 from keel.models import model_name_of, price_name_of, resolve_model
-from keel.pricing import PriceTable, finite_number, token_count, unpriced
+from keel.pricing import PriceTable, finite_number, is_count, token_count, unpriced
 from keel.redact import sanitized_logger
 from keel.state import Outcome, RunContext, Usage
 from keel.tools.stubs import isolated
@@ -192,6 +192,7 @@ class ModelCallGuards:
                 f"{caller}(ledger=...) must be a keel.Ledger (e.g. Ledger(url)), got "
                 f"{type(ledger).__name__}."
             )
+        _check_retry(caller, retry)
         meter = guard = None
         if policy is not None and policy.ledger_features:
             if not isinstance(ledger, Ledger):
@@ -234,6 +235,33 @@ class ModelAnswer:
     def message(self) -> AIMessage | None:
         """The model's `AIMessage` (the raw message of a structured answer)."""
         return None if self.output is None else _raw(self.output)
+
+
+def _check_retry(caller: str, retry: RetryPolicy) -> None:
+    """Refuse a `model_retry` that is no `RetryPolicy`, or whose numbers are no limit.
+
+    LangGraph's namedtuple checks none: `max_attempts=inf` retried an outage until the backoff
+    overflowed (a bare `OverflowError`, never the fallback), a NaN or negative interval raised
+    from `sleep`, a NaN `initial_interval` waited `max_interval` before every retry.
+    """
+    if not isinstance(retry, RetryPolicy):
+        raise UserError(
+            f"{caller}(model_retry=...) must be a langgraph.types.RetryPolicy (e.g. "
+            f"RetryPolicy(max_attempts=3)), got {type(retry).__name__}."
+        )
+    if not is_count(retry.max_attempts) or retry.max_attempts < 1:
+        raise UserError(
+            f"{caller}(model_retry=...): RetryPolicy.max_attempts is a count of attempts, the "
+            f"first included: a whole number, 1 or more (e.g. 3); got {retry.max_attempts!r}."
+        )
+    for name in ("initial_interval", "max_interval", "backoff_factor"):
+        value = getattr(retry, name)
+        if (number := finite_number(value)) is None or number < 0:
+            raise UserError(
+                f"{caller}(model_retry=...): RetryPolicy.{name} must be a finite number, 0 or "
+                f"more (e.g. RetryPolicy(initial_interval=0.5, backoff_factor=2.0, "
+                f"max_interval=8.0)); got {value!r}."
+            )
 
 
 def capped(model: BaseChatModel, tokens: int) -> BaseChatModel | None:

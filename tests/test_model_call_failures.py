@@ -5,6 +5,8 @@
   as a model failure. No mocks: real ledgers, really broken.
 - A model slower than `ModelTimeoutPolicy.attempt_timeout`: keel stops waiting, and moves to
   the next model (`fallback=True`) or ends the run as `timeout`.
+- A `model_retry` whose numbers are no limit (NaN, infinity, a fraction, a negative wait) is
+  refused when the agent is built; many retries of an outage end on the fallback model.
 """
 
 from __future__ import annotations
@@ -249,3 +251,58 @@ def test_a_bad_deadline_says_what_to_fix(value: Any) -> None:
         "ModelTimeoutPolicy.attempt_timeout must be a number of seconds greater than 0 and at "
         f"most 86,400 (a day), e.g. 20; got {got!r}. For no deadline pass model_timeout=None."
     )
+
+
+# -- a RetryPolicy whose numbers are no limit --------------------------------------------------
+
+NO_RETRY_LIMIT = [
+    # LangGraph's namedtuple checks none of these; taken, max_attempts=inf retried an outage
+    # until the backoff overflowed (a bare OverflowError, never the fallback model), a NaN or
+    # negative interval raised from sleep, a NaN initial_interval waited max_interval each time
+    ({"max_attempts": math.inf}, "max_attempts is a count of attempts"),
+    ({"max_attempts": 0}, "max_attempts is a count of attempts"),
+    ({"max_attempts": 2.5}, "max_attempts is a count of attempts"),
+    ({"max_attempts": True}, "max_attempts is a count of attempts"),
+    ({"initial_interval": math.nan}, "initial_interval must be a finite number"),
+    ({"initial_interval": -1}, "initial_interval must be a finite number"),
+    ({"max_interval": math.nan}, "max_interval must be a finite number"),
+    ({"max_interval": "8"}, "max_interval must be a finite number"),
+    ({"backoff_factor": math.inf}, "backoff_factor must be a finite number"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), NO_RETRY_LIMIT, ids=repr)
+def test_a_retry_policy_that_is_no_limit_is_refused_when_the_agent_is_built(
+    fields: dict[str, Any], message: str
+) -> None:
+    from keel import UserError
+    from keel.graphs import build_supervisor
+
+    retry = RetryPolicy(**fields)
+    model = ScriptedChatModel(script=["hi"])
+    with pytest.raises(
+        UserError, match=rf"^build_agent\(model_retry=\.\.\.\): RetryPolicy\.{message}"
+    ):
+        build_agent(model, model_retry=retry)
+    agents = {"helper": build_agent(model)}
+    with pytest.raises(
+        UserError, match=rf"^build_supervisor\(model_retry=\.\.\.\): RetryPolicy\.{message}"
+    ):
+        build_supervisor(agents, model, model_retry=retry)
+
+
+def test_many_retries_of_an_outage_end_on_the_fallback_model() -> None:
+    """`max_attempts=1100` with no wait: the 1,025th backoff (2.0 ** 1024) is past the float
+    range; it was a bare OverflowError that ended the run, not the fallback's answer."""
+    from keel.evals import ChaosChatModel, ChaosPolicy
+
+    down = ChaosChatModel(
+        model=ScriptedChatModel(model_name="primary", script=["never"]),
+        policy=ChaosPolicy(server_error=1.0),
+    )
+    backup = ScriptedChatModel(model_name="backup", script=["from the backup"])
+    retry = RetryPolicy(max_attempts=1100, initial_interval=0, max_interval=0, jitter=False)
+    agent = build_agent(down, fallback_models=[backup], model_retry=retry)
+    final = agent.invoke({"messages": [("user", "hi")]}, context=ALICE)
+    assert final["outcome"]["terminated_reason"] == "completed"
+    assert final["messages"][-1].content == "from the backup"
