@@ -148,7 +148,10 @@ _SECRET_PATTERNS = [
     # an Authorization header's credentials: `Authorization: Basic Zm9v...`
     r"(?i:\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|digest|token)\s+)"
     r"(?P<secret>[A-Za-z0-9._~+/-]{4,}=*)",
-    r"(?i:\b(?:[a-z0-9]+[_-])*(?:api[_-]?key|apikey|secret(?:[_-]?(?:access[_-]?)?key)?|"
+    # (the key's name may have words before it, `my_api_key`: read as the keyword after a
+    # `_`; matching the words, `(?:[a-z0-9]+[_-])*`, ran to the end of a text of `12-12-…`
+    # from each word in it, quadratic: 100,000 characters took minutes)
+    r"(?i:(?:\b|(?<=_))(?:api[_-]?key|apikey|secret(?:[_-]?(?:access[_-]?)?key)?|"
     r"access[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|"
     r"private[_-]?key|password|passwd|pwd|token)\b)"
     r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"'`,;()\[\]{}<>]{6,}(?<![.]))",
@@ -187,7 +190,7 @@ _DOTS = ".\uff0e\u3002\uff61"
 `。` for `.`) and half-width ideographic full stops."""
 _DOT = rf"{_I}[{_DOTS}]{_I}"
 _EMAIL = _compile(  # as it reads: invisible characters inside, a full-width @, any dot above
-    rf"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9_%+{_DOTS}{_INVISIBLE}-]*[@\uff20]{_I}"
+    rf"(?<![\w.%+-])[A-Za-z0-9](?:{_I}[A-Za-z0-9_%+{_DOTS}-]){{0,63}}{_I}[@\uff20]{_I}"
     rf"{_LABEL}(?:{_DOT}{_LABEL})*{_DOT}[A-Za-z](?:{_I}[A-Za-z])+"
     rf"(?![\w-]|[{_DOTS}][A-Za-z0-9]|[{_INVISIBLE}]+(?:[\w-]|[{_DOTS}][A-Za-z0-9]))"
 )
@@ -407,6 +410,8 @@ def find_pii(text: str, *, kinds: Collection[PiiKind] | None = None) -> list[Pii
       0 or 1 (`123-456-7890`);
     - card numbers that fail Luhn, have no card-network prefix, mix separators, or are split
       into groups shorter than 3 digits;
+    - emails whose local part (before the `@`) is longer than 64 characters, RFC 5321's limit
+      (invisible characters not counted): reading further made the scan quadratic;
     - IBANs in lower case, with a wrong checksum, or from countries not in the registry;
     - SSNs written without separators, with dashes and spaces mixed, or with area 000, 666
       or 9xx;

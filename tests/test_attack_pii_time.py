@@ -1,0 +1,60 @@
+"""Attacks on the time the output guard's PII scan takes, with answers built to make it slow.
+
+README ("Guards"): each answer is scanned once, in time linear in its length. A hostile model
+(or one that was talked into it) answers 30,000 characters of a pattern that starts a candidate
+at every few characters: `12-12-…` and `sk-sk-…` made the `key=value` secret pattern read its
+words to the end of the text from each word (about 20 s for these 30,000 characters, minutes
+for 100,000), and digits between zero-width spaces did the same to the email pattern. Each is
+scanned here in well under the bound (a loaded CI machine's slack included).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from keel.guards import OutputGuardPolicy, check_output
+from keel.redact import find_pii
+
+N = 30_000
+HOSTILE = {
+    "digits and dashes": "12-",
+    "key prefixes": "sk-",
+    "words and underscores": "ab_",
+    "digits between zero-width spaces": "1\u200b",
+    "digits between soft hyphens": "1\u00ad",
+    "letters between full-width dots": "a\uff0e",
+    "digits between zero-width runs": "1\u200b\u200b\u200b",
+}
+BOUND_S = 2.0
+"""Seconds for one scan of `N` characters: each took 0.05-0.1 s fixed, 6-25 s before."""
+
+
+@pytest.mark.parametrize("unit", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_answer_is_scanned_in_linear_time(unit: str) -> None:
+    text = (unit * N)[:N]
+    started = time.perf_counter()
+    verdict = check_output(text, OutputGuardPolicy())
+    took = time.perf_counter() - started
+    assert took < BOUND_S, f"{took:.1f} s for {N} characters of {unit!r}"
+    assert verdict.action in ("allow", "redact")
+
+
+@pytest.mark.parametrize("unit", ["12-", "1\u200b"], ids=["dashes", "zero-width"])
+def test_pii_after_a_hostile_run_is_still_found(unit: str) -> None:
+    """The same runs, then a real email and an API key's value: both found, in bound."""
+    text = (unit * N)[:N] + " jane@example.com my_api_key=abcdef123456"
+    started = time.perf_counter()
+    found = [(m.kind, m.value) for m in find_pii(text)]
+    assert time.perf_counter() - started < BOUND_S
+    assert found == [("email", "jane@example.com"), ("secret", "abcdef123456")]
+
+
+def test_an_email_keeps_being_found_with_a_local_part_of_64_characters() -> None:
+    """The email pattern reads at most 64 characters before the `@` (RFC 5321's limit for a
+    local part), invisible characters not counted: at the limit, zero-width spaces between
+    every character, it is found whole."""
+    local = "\u200b".join("j" * 64)
+    text = f"Write to {local}@example.com today."
+    assert [(m.kind, m.value) for m in find_pii(text)] == [("email", f"{local}@example.com")]
