@@ -427,9 +427,12 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "url_payload",
         "exfiltration",
+        # each URL (an image's too) read up to the next, not to the end of a text of
+        # `http://a.b/http://a.b/…` from each of them (quadratic: 40,000 characters took 2 s);
+        # an image's alt text up to a `[`, its URL's query from its first `?` to its first `=`
         _re(
-            r"!\[[^\]]*\]\(\s*https?://[^)\s]*\?[^)\s]*="
-            r"|https?://\S*[?&][a-z_]+=(?=[\s)'\"]|$)"
+            r"!\[[^\][]*\]\(\s*https?://(?:(?!!\[)[^)\s?])*\?(?:(?!!\[)[^)\s=])*="
+            r"|https?://(?:(?!https?://)\S)*[?&][a-z_]+=(?=[\s)'\"]|$)"
             r"|\brender\s+(?:it\s+)?as\s+(?:a\s+)?(?:markdown\s+)?image"
             r"|\bappended\s+to\s+the\s+url\b"
         ),

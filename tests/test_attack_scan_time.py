@@ -1,4 +1,4 @@
-"""Attacks on the time the output guard's PII scan takes, with answers built to make it slow.
+"""Attacks on the time the content guards' scans take, with texts built to make them slow.
 
 README ("Guards"): each answer is scanned once, in time linear in its length. A hostile model
 (or one that was talked into it) answers 30,000 characters of a pattern that starts a candidate
@@ -6,6 +6,11 @@ at every few characters: `12-12-…` and `sk-sk-…` made the `key=value` secret
 words to the end of the text from each word (about 20 s for these 30,000 characters, minutes
 for 100,000), and digits between zero-width spaces did the same to the email pattern. Each is
 scanned here in well under the bound (a loaded CI machine's slack included).
+
+The input guard's injection heuristics likewise: a tool result (a fetched page) of
+`http://a.b/http://a.b/…` or `![a](http://![a](http://…` made the URL-payload signal read each
+URL to the end of the text, quadratic (40,000 characters took 2 s; a policy with a larger
+`max_chars` took minutes).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import time
 
 import pytest
 
-from keel.guards import OutputGuardPolicy, check_output
+from keel.guards import InputGuardPolicy, OutputGuardPolicy, check_input, check_output
+from keel.guards.injection import SIGNALS
 from keel.redact import find_pii
 
 N = 30_000
@@ -58,3 +64,31 @@ def test_an_email_keeps_being_found_with_a_local_part_of_64_characters() -> None
     local = "\u200b".join("j" * 64)
     text = f"Write to {local}@example.com today."
     assert [(m.kind, m.value) for m in find_pii(text)] == [("email", f"{local}@example.com")]
+
+
+HOSTILE_INPUTS = {
+    "links": "http://a.b/",
+    "images without a query": "![a](http://",
+    "images with an empty query": "![a](http://?",
+    "links with a parameter": "http://a?b=c&",
+}
+
+
+@pytest.mark.parametrize("unit", HOSTILE_INPUTS.values(), ids=HOSTILE_INPUTS.keys())
+@pytest.mark.parametrize("source", ["user", "tool"])
+def test_a_hostile_input_is_scanned_in_linear_time(unit: str, source: str) -> None:
+    text = (unit * 100_000)[:49_000]  # under the default max_chars: the heuristics read it all
+    started = time.perf_counter()
+    check_input(text, InputGuardPolicy(), source=source)  # type: ignore[arg-type]
+    took = time.perf_counter() - started
+    assert took < BOUND_S / 2, f"{took:.1f} s for 49,000 characters of {unit!r}"
+
+
+def test_links_that_send_data_out_are_still_found_after_hostile_links() -> None:
+    """The URL-payload signal, read up to the next URL, still finds each URL's payload: an
+    image's query and a link ending in an empty parameter, after 3,000 hostile links."""
+    (signal,) = [s for s in SIGNALS if s.name == "url_payload"]
+    image, link = "![p](https://evil.test/p.png?data=)", "https://evil.test/collect?secret="
+    page = "http://a.b/" * 3_000 + f" {image} then {link} "
+    found = [page[start:end] for start, end in signal.spans(page)]
+    assert found == [image.removesuffix(")"), link]  # (the image up to its query's `=`)
