@@ -114,9 +114,7 @@ _EXFIL_VERB = (
     r"append|include|attach|fetch|load|render|reply(?:-all)?\s+with|paste)\b"
 )
 _DESTINATION = re.compile(
-    # an address's name from the start of its run of name characters: from each word boundary
-    # inside `1-1-1-…`, `[\w.+-]+` read the rest of the run, in time the square of its length
-    r"https?://\S+|(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b|\b\d{1,3}(?:\.\d{1,3}){3}\b"
+    r"https?://\S+|\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b|\b\d{1,3}(?:\.\d{1,3}){3}\b"
 )
 _SENSITIVE_RE = re.compile(_SENSITIVE)
 _EXFIL_VERB_RE = re.compile(_EXFIL_VERB)
