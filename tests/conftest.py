@@ -342,7 +342,12 @@ def ls_keyless(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 FORK_PRELOAD = (
     "langchain_core.messages",
     "langgraph.types",
-    "keel",
+    "keel.db.audit",  # what `import keel` loaded before its names loaded on first use
+    "keel.db.ledger",
+    "keel.db.persistence",
+    "keel.db.runs",
+    "keel.graphs",
+    "keel.tools",
     "keel.evals",
     "keel.guards",
     "keel.history",
@@ -364,9 +369,17 @@ def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.close()
 
 
-CLI_PRELOAD = ("keel_cli", "keel.app.cli", "langchain.agents")
-"""What the `keel_command` server imports. (Not chromadb or onnxruntime: a process forked after
-their import aborts as it exits.)"""
+CLI_PRELOAD = (
+    "keel_cli",
+    "keel.app.cli",
+    "keel.app.cli_db",
+    "keel.app.cli_observe",
+    "keel.app.cli_run",
+    "keel.app.cli_serve",
+    "langchain.agents",
+)
+"""What the `keel_command` server imports: the command and what its subcommands load when they
+run. (Not onnxruntime: a process forked after its import aborts as it exits.)"""
 
 
 @pytest.fixture(scope="session")

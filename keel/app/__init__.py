@@ -1,7 +1,10 @@
 """keel.app: what a person or a server runs. Nothing below imports it.
 
 - `keel.app.cli`: the `keel` command (`demo`, `run`, `threads`, `serve`, `audit`, `report`,
-  `health`, `db`); `keel.app.cli_agent` loads `keel run --agent module:attr`.
+  `health`, `db`, `models`): its arguments, parsed with keel's light modules only; each
+  subcommand's module loads when it runs (`cli_run`: demo and run, `cli_db`: threads and db,
+  `cli_observe`, `cli_serve`, `cli_models`). `keel.app.cli_agent` loads `keel run --agent
+  module:attr`.
 - `keel.app.server`: graph factories for LangGraph server (`langgraph.json`), one per tenant.
 - `keel.app.auth`: bearer-token auth for LangGraph server; `keel.app.server_config` its config file,
   `keel.app.agent_options` a served agent's memory / verify / fallback settings,

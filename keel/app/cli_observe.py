@@ -13,6 +13,9 @@ one row per agent version (runs, success rate, outcomes, cost, tokens, steps, sa
 feedback). `keel report` exits 1 when an SLO
 objective is breached (it says which), so cron or CI can alert on it; `keel health` exits 1
 when a check fails.
+
+Their arguments are parsed in `keel.app.cli`, which loads this module (and with it the ledger
+and the database drivers) only when one of them runs.
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from keel.app.cli_args import count
 from keel.app.report import (
     breaches,
     build_report,
@@ -43,46 +44,14 @@ from keel.db.persistence import Persistence
 from keel.db.runs import RunLog
 from keel.errors import KeelError, UserError
 
-__all__ = ["COMMANDS", "add_parsers", "existing_db", "parse_since", "run"]
+__all__ = ["existing_db", "parse_since", "run"]
 
-COMMANDS = ("audit", "report", "health")
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def add_parsers(sub: Any, db_help: str) -> None:
-    """Add `audit`, `report` and `health` to the `keel` parser's subcommands."""
-    audit = sub.add_parser("audit", help="show the audit log")
-    audit.add_argument("--thread", default=None, help="only this thread")
-    audit.add_argument("--user", default=None, help="only this user")
-    audit.add_argument(
-        "--decision",
-        default=None,
-        help="only this decision (orphaned: calls a crash left, which may or may not have run)",
-    )
-    audit.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
-    audit.add_argument("--limit", type=count, default=1000, help="the most records shown")
-    audit.add_argument("--json", action="store_true", help="one JSON object per line")
-    audit.add_argument("--db", default=None, help=db_help)
-    report = sub.add_parser("report", help="success, latency, cost and SLOs from run records")
-    report.add_argument("--since", default=None, help="ISO time or age (30m, 12h, 7d)")
-    report.add_argument("--tenant", default=None, help="only this tenant")
-    report.add_argument(
-        "--by", choices=["version"], default=None, help="compare the agent versions that served"
-    )
-    report.add_argument("--json", action="store_true", help="print the report as JSON")
-    report.add_argument("--slo", default=None, help="TOML/YAML file of SLO objectives")
-    report.add_argument("--html", default=None, help="also write an HTML report to this file")
-    report.add_argument("--db", default=None, help=db_help)
-    health = sub.add_parser("health", help="liveness, readiness and a semantic check")
-    health.add_argument("--semantic", action="store_true", help="run the known task too")
-    health.add_argument("--chroma", default=None, help="Chroma path or http:// URL to check")
-    health.add_argument("--json", action="store_true", help="print the checks as JSON")
-    health.add_argument("--db", default=None, help=db_help)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run one of `COMMANDS`; returns the exit code."""
+    """Run `keel audit`, `keel report` or `keel health`; returns the exit code."""
     if args.command == "audit":
         return _audit(args)
     if args.command == "report":

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from keel.errors import KeelError
-from keel.pricing import Price, PriceTable
+
+if TYPE_CHECKING:  # keel.pricing (LangChain's messages) loads when a price table is made
+    from keel.pricing import PriceTable
 
 __all__ = ["add_price_option", "price_table"]
 
@@ -34,6 +37,8 @@ def price_table(given: Sequence[str]) -> PriceTable:
     Raises:
         KeelError: an item is not `MODEL=IN,OUT` with two finite amounts, 0 or more.
     """
+    from keel.pricing import Price, PriceTable
+
     table = {}
     for item in given:
         name, _, amounts = item.rpartition("=")

@@ -10,14 +10,33 @@
 - `keel.db.pools`: PostgreSQL pools and connections: health checks that drain, waits that tell a
   busy pool from a server gone, TCP keepalives and reply timeouts.
 - `keel.db.idempotency`: the at-most-once bookkeeping of side-effecting tool calls.
+- `keel.db.url`: the default database URL.
 
-Storage imports only keel's core (`keel.errors`, `keel.state`, ...), never a feature above it.
+Each name loads when first used (`keel._lazy`). Storage imports only keel's core (`keel.errors`,
+`keel.state`, ...), never a feature above it.
 """
 
-from keel.db.audit import AuditLog, AuditRecord
-from keel.db.ledger import Flow, Ledger
-from keel.db.persistence import Persistence, PruneReport, ThreadSummary, default_db_url
-from keel.db.runs import RunLog, RunRecord
+import typing
+
+from keel._lazy import lazy_facade as _lazy_facade
+
+if typing.TYPE_CHECKING:
+    from keel.db.audit import AuditLog, AuditRecord
+    from keel.db.ledger import Flow, Ledger
+    from keel.db.persistence import Persistence, PruneReport, ThreadSummary
+    from keel.db.runs import RunLog, RunRecord
+    from keel.db.url import default_db_url
+else:
+    __getattr__, __dir__ = _lazy_facade(
+        __name__,
+        {
+            "keel.db.audit": ("AuditLog", "AuditRecord"),
+            "keel.db.ledger": ("Flow", "Ledger"),
+            "keel.db.persistence": ("Persistence", "PruneReport", "ThreadSummary"),
+            "keel.db.runs": ("RunLog", "RunRecord"),
+            "keel.db.url": ("default_db_url",),
+        },
+    )
 
 __all__ = [
     "AuditLog",

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sqlite3
 import threading
@@ -75,14 +74,12 @@ from keel.db.pools import (
     network_defaults,
     reply_timeout,
 )
+from keel.db.url import default_db_url
 from keel.db.writer_lock import writer_lock
 from keel.errors import SetupError, StorageError, UserError, _one_line
 from keel.redact import sanitized_logger
 
 __all__ = ["Persistence", "PruneReport", "ThreadSummary", "default_db_url"]
-
-DEFAULT_DB_URL = "sqlite:///.keel/keel.db"
-"""The URL used when neither an argument nor `KEEL_DB_URL` names one."""
 
 _ACCEPTED = (
     "Accepted forms: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///~/path.db, "
@@ -176,11 +173,6 @@ class ThreadSummary:
             return "stopped"
         outcome = self.values.get("outcome")
         return str(outcome.get("status", "-")) if isinstance(outcome, dict) else "-"
-
-
-def default_db_url() -> str:
-    """The database URL to use when none is given: env `KEEL_DB_URL`, else the SQLite default."""
-    return os.environ.get("KEEL_DB_URL") or DEFAULT_DB_URL
 
 
 class Persistence:

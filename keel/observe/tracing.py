@@ -20,13 +20,13 @@ logged by `langsmith` and never fails a run.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tracers.langchain import LangChainTracer
 
 from keel._version import __version__
+from keel.observe.switch import NO_KEY_WARNING, switched_on, tracing_enabled, tracing_without_key
 from keel.redact import sanitize, sanitized_logger
 from keel.state import RunContext
 from keel.versions import AgentVersion
@@ -42,33 +42,7 @@ __all__ = [
     "tracing_without_key",
 ]
 
-_TRUE = ("true", "1", "yes")
 log = sanitized_logger("keel.observe.tracing")
-
-
-def _switched_on(env: Mapping[str, str]) -> bool:
-    switch = env.get("LANGSMITH_TRACING") or env.get("LANGCHAIN_TRACING_V2") or ""
-    return switch.strip().lower() in _TRUE
-
-
-def tracing_enabled(env: Mapping[str, str] | None = None) -> bool:
-    """Whether LangSmith tracing is configured: an API key and tracing switched on."""
-    env = os.environ if env is None else env
-    key = env.get("LANGSMITH_API_KEY") or env.get("LANGCHAIN_API_KEY")
-    return bool(key) and _switched_on(env)
-
-
-NO_KEY_WARNING = (
-    "LANGSMITH_TRACING is on but LANGSMITH_API_KEY is not set: keel sends no traces. "
-    "Set the key to trace, or LANGSMITH_TRACING=false to silence this."
-)
-"""What keel says, once, when tracing is switched on without a key."""
-
-
-def tracing_without_key(env: Mapping[str, str] | None = None) -> bool:
-    """Whether tracing is switched on (`LANGSMITH_TRACING=true`) but no API key is set."""
-    env = os.environ if env is None else env
-    return _switched_on(env) and not tracing_enabled(env)
 
 
 def sanitized(values: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +146,7 @@ def graph_config(
     silent tracer. Off: None (nothing bound, nothing sent).
     """
     if not tracing_enabled():
-        if not _switched_on(os.environ):
+        if not switched_on(os.environ):
             return None
         log.warning(NO_KEY_WARNING)
         return {"callbacks": [_SilentTracer(client=_offline_client())]}
