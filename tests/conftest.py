@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -235,6 +236,27 @@ def eventually(check: Callable[[], bool], what: str, seconds: float = 60) -> Non
     while not check():
         assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
         time.sleep(0.02)
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """For `subprocess.Popen(preexec_fn=...)`: SIGINT at its default in the child, so that its
+    Python raises KeyboardInterrupt on Ctrl-C, as in a program started from a terminal.
+
+    A test run that ignores SIGINT (`nohup`, `trap '' INT`, a background job, some CI runners)
+    passes the ignore on to its children, and a Python started so installs no handler: the
+    test's Ctrl-C was lost. (The `keel` command honours the shell's ignore, as Python does.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process for the test (`_thread.interrupt_main`
+    too), as in a terminal, even when the test run ignores SIGINT."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 async def until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:

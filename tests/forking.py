@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from conftest import eventually
+from conftest import ctrl_c_as_in_a_terminal, eventually
 
 CHECKPOINTERS = (
     "psycopg",
@@ -149,6 +149,7 @@ class ForkServer:
                 text=True,
                 cwd=folder,  # (the repository's `keel/` folder would shadow the package)
                 env=dict(os.environ if env is None else env),
+                preexec_fn=ctrl_c_as_in_a_terminal,  # a test's SIGINT reaches a child's Python
             )
         assert self._read() == "ready", (folder / "server-stderr").read_text()
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ctrl_c_as_in_a_terminal
 
 from keel.app.cli import main
 
@@ -467,6 +468,7 @@ def _interrupt(project: Path, *args: str, cue: str, stream: str) -> tuple[int, s
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # SIGINT reaches keel only, not pytest
+        preexec_fn=ctrl_c_as_in_a_terminal,  # not ignored, even if this test run ignores it
     ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         watched = proc.stdout if stream == "stdout" else proc.stderr

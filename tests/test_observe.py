@@ -656,7 +656,7 @@ def test_a_reader_that_stops_reading_cancels_the_run_unless_it_ended(
         assert (run.status, run.terminated_reason, run.model_calls) == ("success", "completed", 2)
 
 
-def test_a_sync_run_stopped_with_ctrl_c_is_recorded_cancelled(tmp_path: Any) -> None:
+def test_a_sync_run_stopped_with_ctrl_c_is_recorded_cancelled(tmp_path: Any, ctrl_c: None) -> None:
     """Ctrl-C, or Jupyter's stop button, raises KeyboardInterrupt in a sync run: the run left no
     record at all (as if it never ran). It is recorded `stopped/cancelled`, saying why, the
     interrupt still reaches the caller, and the thread takes its next run at once."""
