@@ -1,8 +1,9 @@
 """The `keel` command's entry point: Ctrl-C while keel is still loading ends in one line.
 
-Importing keel (LangChain, LangGraph, the database drivers) takes a second or more; a
-KeyboardInterrupt raised in it would print a traceback of whichever module was loading. This
-module imports nothing of keel's until `main` runs, so it can catch it.
+A KeyboardInterrupt raised while a module loads would print a traceback of whichever module
+was loading. This module imports nothing of keel's until `main` runs, so it can catch one while
+`keel.app.cli` loads; `keel.app.cli` catches one while a subcommand's machinery (LangChain,
+LangGraph, the database drivers: a second or more) loads, after the arguments are parsed.
 """
 
 from __future__ import annotations

@@ -27,44 +27,99 @@ Test doubles:
 - `forbid_model_requests`: make any real chat-model call an error (tests, offline evals).
 - `injection_corpus`, `detection_rates` (`InjectionCase`, `DetectionRates`): the labelled
   prompt-injection corpus shipped with keel, and how any `InjectionDetector` does on it.
+
+Each name loads when first used (`keel._lazy`), so that `keel eval --help` loads no runner.
 """
 
-from keel.evals.builtin import builtin_suite
-from keel.evals.capture import acapture, capture
-from keel.evals.cassette import Cassette
-from keel.evals.chaos import (
-    ChaosChatModel,
-    ChaosPolicy,
-    ChaosRateLimitError,
-    ChaosServerError,
-)
-from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
-from keel.evals.executions import record_execution
-from keel.evals.experiment import arun_experiment
-from keel.evals.feedback import (
-    Feedback,
-    afeedback_for,
-    arecord_feedback,
-    feedback_for,
-    forward_feedback,
-    new_feedback,
-    record_feedback,
-)
-from keel.evals.injection import (
-    DetectionRates,
-    InjectionCase,
-    adetection_rates,
-    detection_rates,
-    injection_corpus,
-)
-from keel.evals.replay import ReplayDiff, areplay, replay
-from keel.evals.requests import forbid_model_requests, model_requests_forbidden
-from keel.evals.results import CaseRun, Score, SuiteResult
-from keel.evals.runner import arun_suite, run_suite
-from keel.evals.scripted import ScriptedChatModel, ScriptEntry, ScriptExhausted, call, say
-from keel.evals.shadow import ShadowResult, ashadow, ashadow_threads, shadow
-from keel.evals.stored import StoredThread, aload_thread
-from keel.evals.suite import Case, Suite, load_suite
+import typing
+
+from keel._lazy import lazy_facade as _lazy_facade
+
+if typing.TYPE_CHECKING:
+    from keel.evals.builtin import builtin_suite
+    from keel.evals.capture import acapture, capture
+    from keel.evals.cassette import Cassette
+    from keel.evals.chaos import (
+        ChaosChatModel,
+        ChaosPolicy,
+        ChaosRateLimitError,
+        ChaosServerError,
+    )
+    from keel.evals.evaluators import RubricJudge, default_evaluators, match_trajectory
+    from keel.evals.executions import record_execution
+    from keel.evals.experiment import arun_experiment
+    from keel.evals.feedback import (
+        Feedback,
+        afeedback_for,
+        arecord_feedback,
+        feedback_for,
+        forward_feedback,
+        new_feedback,
+        record_feedback,
+    )
+    from keel.evals.injection import (
+        DetectionRates,
+        InjectionCase,
+        adetection_rates,
+        detection_rates,
+        injection_corpus,
+    )
+    from keel.evals.replay import ReplayDiff, areplay, replay
+    from keel.evals.requests import forbid_model_requests, model_requests_forbidden
+    from keel.evals.results import CaseRun, Score, SuiteResult
+    from keel.evals.runner import arun_suite, run_suite
+    from keel.evals.scripted import ScriptedChatModel, ScriptEntry, ScriptExhausted, call, say
+    from keel.evals.shadow import ShadowResult, ashadow, ashadow_threads, shadow
+    from keel.evals.stored import StoredThread, aload_thread
+    from keel.evals.suite import Case, Suite, load_suite
+else:
+    _lazy_facade(
+        __name__,
+        {
+            "keel.evals.builtin": ("builtin_suite",),
+            "keel.evals.capture": ("acapture", "capture"),
+            "keel.evals.cassette": ("Cassette",),
+            "keel.evals.chaos": (
+                "ChaosChatModel",
+                "ChaosPolicy",
+                "ChaosRateLimitError",
+                "ChaosServerError",
+            ),
+            "keel.evals.evaluators": ("RubricJudge", "default_evaluators", "match_trajectory"),
+            "keel.evals.executions": ("record_execution",),
+            "keel.evals.experiment": ("arun_experiment",),
+            "keel.evals.feedback": (
+                "Feedback",
+                "afeedback_for",
+                "arecord_feedback",
+                "feedback_for",
+                "forward_feedback",
+                "new_feedback",
+                "record_feedback",
+            ),
+            "keel.evals.injection": (
+                "DetectionRates",
+                "InjectionCase",
+                "adetection_rates",
+                "detection_rates",
+                "injection_corpus",
+            ),
+            "keel.evals.replay": ("ReplayDiff", "areplay", "replay"),
+            "keel.evals.requests": ("forbid_model_requests", "model_requests_forbidden"),
+            "keel.evals.results": ("CaseRun", "Score", "SuiteResult"),
+            "keel.evals.runner": ("arun_suite", "run_suite"),
+            "keel.evals.scripted": (
+                "ScriptedChatModel",
+                "ScriptEntry",
+                "ScriptExhausted",
+                "call",
+                "say",
+            ),
+            "keel.evals.shadow": ("ShadowResult", "ashadow", "ashadow_threads", "shadow"),
+            "keel.evals.stored": ("StoredThread", "aload_thread"),
+            "keel.evals.suite": ("Case", "Suite", "load_suite"),
+        },
+    )
 
 __all__ = [
     "Cassette",

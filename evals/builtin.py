@@ -38,6 +38,7 @@ from keel.db.tables import TABLES
 from keel.errors import UserError
 from keel.evals.executions import record_execution
 from keel.evals.suite import Suite, load_suite
+from keel.evals.suites import BUILTIN_SUITES
 from keel.graphs.agent import Agent, build_agent
 from keel.guards.policy import Policy, Rule
 from keel.pricing import PriceTable
@@ -59,8 +60,6 @@ __all__ = [
     "recorded",
 ]
 
-BUILTIN_SUITES = ("adversarial", "chaos", "demo")
-"""The suites shipped in `keel/evals/suites/`."""
 INJECTED_ORDER = "A1003"
 """The adversarial shop's order whose item text carries a prompt injection."""
 _INJECTION = (

@@ -6,10 +6,8 @@ cost, steps and latency distributions drawn as inline SVG.
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from html import escape
@@ -20,7 +18,6 @@ from keel.evals.results import CaseRun, SuiteResult
 
 __all__ = [
     "default_out",
-    "printable_output",
     "render_html",
     "render_markdown",
     "results_folder",
@@ -73,13 +70,6 @@ def write_report(result: SuiteResult, out_dir: str | Path) -> dict[str, Path]:
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 whatever the locale; a lone surrogate (a model's, a case's) is escaped."""
     path.write_text(text, encoding="utf-8", errors="backslashreplace")
-
-
-def printable_output() -> None:
-    """Let stdout and stderr print any text: a lone surrogate is escaped, not raised."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
 
 
 def _failures(run: CaseRun) -> str:

@@ -29,7 +29,7 @@ if typing.TYPE_CHECKING:
     from keel.state import AgentState, Outcome, RunContext, Usage
     from keel.tools import ToolSpec, tool
 else:
-    __getattr__, __dir__ = _lazy_facade(
+    _lazy_facade(
         __name__,
         {
             "keel.db.audit": ("AuditLog", "AuditRecord"),

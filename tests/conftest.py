@@ -370,7 +370,9 @@ FORK_PRELOAD = (
     "keel.db.runs",
     "keel.graphs",
     "keel.tools",
-    "keel.evals",
+    "keel.evals.runner",  # (keel.evals' names, too, load on first use)
+    "keel.evals.scripted",
+    "keel.evals.chaos",
     "keel.guards",
     "keel.history",
 )

@@ -54,6 +54,7 @@ def _keel(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], set[
         ["health", "--help"],
         ["models", "install", "--help"],
         ["serve", "--help"],
+        ["eval", "--help"],
     ],
     ids=" ".join,
 )
@@ -70,8 +71,9 @@ def test_help_loads_no_heavy_package(args: list[str], tmp_path: Path) -> None:
         (["audti"], "invalid choice: 'audti'"),
         (["threads", "--limit", "0"], "'0' is not a whole number from 1"),
         (["run", "--approve", "--reject"], "not allowed with argument"),
+        (["eval", "--repeat", "0", "demo"], "'0' is not a whole number from 1"),
     ],
-    ids=["typo", "bad-count", "exclusive-options"],
+    ids=["typo", "bad-count", "exclusive-options", "eval-bad-count"],
 )
 def test_a_usage_error_loads_no_heavy_package(args: list[str], said: str, tmp_path: Path) -> None:
     done, imported = _keel(*args, cwd=tmp_path)

@@ -27,7 +27,7 @@ if typing.TYPE_CHECKING:
     from keel.db.runs import RunLog, RunRecord
     from keel.db.url import default_db_url
 else:
-    __getattr__, __dir__ = _lazy_facade(
+    _lazy_facade(
         __name__,
         {
             "keel.db.audit": ("AuditLog", "AuditRecord"),

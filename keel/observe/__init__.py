@@ -17,7 +17,7 @@ if typing.TYPE_CHECKING:
     from keel.observe.switch import tracing_enabled
     from keel.observe.tracing import trace_config
 else:
-    __getattr__, __dir__ = _lazy_facade(
+    _lazy_facade(
         __name__,
         {
             "keel.observe.observer": ("Observer", "decision_log"),
