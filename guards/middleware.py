@@ -5,7 +5,8 @@ Each middleware calls the same decisions as keel's nodes (`check_budget`, `Permi
 hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph node.
 
 - `BudgetMiddleware`: run budgets in tokens, dollars, model and tool calls (usage read back
-  from the messages' `usage_metadata` and priced by the price table);
+  from the messages' `usage_metadata` and priced by the price table, and kept in its own
+  records, `SPENT_KEY`, which a client's state update cannot lower);
 - `PermissionMiddleware`: the policy's rules, default deny; `ask` pauses the call with
   LangChain's per-call human-in-the-loop interrupt (`{"type": "tool_approval", ...}`),
   answered with a LangChain `Decision` (`approve`, `edit`, `reject`, `respond`); a repeat of
@@ -14,7 +15,8 @@ hooks in through `wrap_model_call` / `wrap_tool_call` only, so none adds a graph
   under `REJECTIONS_KEY`, its `state_schema`);
 - `RateLimitMiddleware`: RPM / TPM buckets shared through the ledger;
 - `CircuitBreakerMiddleware`: per-model and per-tool breakers shared through the ledger;
-- `LoopGuardMiddleware`: repeated calls and A-B-A-B cycles stop the run or force a wrap-up.
+- `LoopGuardMiddleware`: repeated calls and A-B-A-B cycles stop the run or force a wrap-up
+  (the run's calls kept in its records, `CALLS_KEY`).
 
 A guard that stops the run answers in the model's place with an AI message without tool calls
 (so the agent ends) whose `response_metadata["keel_outcome"]` is keel's `Outcome`;
@@ -28,6 +30,7 @@ every keel tool hook answers a tool's error `error` instead of raising it (`_ran
 from __future__ import annotations
 
 import hmac
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
@@ -63,7 +66,7 @@ from keel.db.audit import AuditLog, AuditRecord
 from keel.db.ledger import Ledger
 from keel.errors import UserError
 from keel.guards.breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
-from keel.guards.budget import check_budget, run_messages, usage_from_messages
+from keel.guards.budget import RAN, check_budget, run_messages, usage_from_messages, usage_of
 from keel.guards.gate import GateDecision
 from keel.guards.loop import call_sequence, detect_loop, loop_window, wrap_up_note
 from keel.guards.permissions import PermissionMatrix
@@ -81,7 +84,7 @@ from keel.identity import reviewer_of, server_user
 from keel.models import model_name_of, price_name_of
 from keel.pricing import PriceTable, token_count, unpriced
 from keel.redact import sanitized_logger
-from keel.state import Approval, Outcome, RunContext, Usage, merge_approvals
+from keel.state import Approval, Outcome, RunContext, Usage, add_usage, merge_approvals, task_start
 from keel.tools._args import approval_digests, invalid_args, json_args, unique_ids
 from keel.tools._duplicates import DUPLICATE_KEY, duplicates
 from keel.tools._injected import spoofed
@@ -89,13 +92,16 @@ from keel.tools.registry import registered
 from keel.tools.stubs import isolated, stub_answer, stub_message
 
 __all__ = [
+    "CALLS_KEY",
     "REJECTIONS_KEY",
+    "SPENT_KEY",
     "BudgetMiddleware",
     "CircuitBreakerMiddleware",
     "LoopGuardMiddleware",
     "PermissionMiddleware",
     "RateLimitMiddleware",
     "RejectionsChannel",
+    "RunRecordsChannel",
     "outcome_of",
 ]
 
@@ -271,6 +277,145 @@ def _exit(behavior: object) -> ExitBehavior:
 # -- budget -------------------------------------------------------------------------------
 
 
+SPENT_KEY = "keel_spent"
+"""`BudgetMiddleware`'s state key: what each run spent, one record per model answer and per
+tool call that ran, written by the middleware beside the message it counts."""
+
+CALLS_KEY = "keel_calls"
+"""`LoopGuardMiddleware`'s state key: each run's tool calls, one record per model answer
+(`calls`: each call as the tool reads it), written beside the answer."""
+
+_COUNTS = ("input_tokens", "output_tokens", "usd", "model_calls", "steps", "tool_calls")
+
+
+def merge_records(
+    left: Mapping[str, Any] | None, right: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Reducer of `SPENT_KEY` and `CALLS_KEY`: records accumulate by key; none is removed.
+
+    A record written again under its key keeps its run, turn and calls, and the larger of each
+    count (a tool call's task run again after a pause writes the same record). Whatever is not
+    a record (no run, a count that is no finite non-negative number, calls that are not pairs
+    of text) is dropped.
+    """
+    out = _records(left)
+    for key, record in _records(right).items():
+        kept = out.get(key)
+        if kept is not None:
+            counts = [f for f in _COUNTS if f in kept or f in record]
+            record = {**kept, **{f: max(kept.get(f, 0), record.get(f, 0)) for f in counts}}
+        out[key] = record
+    return out
+
+
+def _records(found: object) -> dict[str, Any]:
+    """The well-formed records of `found` (a mapping of key to record)."""
+    out: dict[str, Any] = {}
+    for key, record in found.items() if isinstance(found, Mapping) else ():
+        if not (isinstance(key, str) and isinstance(record, Mapping)):
+            continue
+        run, turn, calls = record.get("run"), record.get("turn", ""), record.get("calls", [])
+        counts = {f: record[f] for f in _COUNTS if f in record}
+        if (
+            isinstance(run, str)
+            and isinstance(turn, str)
+            and isinstance(calls, list | tuple)
+            and all(
+                isinstance(c, list | tuple) and len(c) == 2 and all(isinstance(x, str) for x in c)
+                for c in calls
+            )
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < float("inf")
+                for v in counts.values()
+            )
+        ):
+            out[key] = {"run": run, "turn": turn, **counts}
+            if calls:
+                out[key]["calls"] = [list(c) for c in calls]
+    return out
+
+
+class RunRecordsChannel(BinaryOperatorAggregate[dict[str, Any]]):
+    """The channel of `SPENT_KEY` and `CALLS_KEY`: every write merges (`merge_records`).
+
+    LangGraph's own channel stores the first write of an empty key as written and takes an
+    `Overwrite` as the key's whole value. Here every write goes through `merge_records`, and
+    an `Overwrite` (or its JSON form) is dropped with a warning, not raised: LangGraph saves a
+    run's `Command(update=...)` before applying it, and a channel that raised would refuse
+    every later read of the thread. A client that may update the thread's state can add
+    records (they only count against its own runs), never remove, lower or rewrite one.
+    """
+
+    def __init__(
+        self,
+        typ: Any = dict,
+        operator: Callable[[Any, Any], dict[str, Any]] = merge_records,
+    ) -> None:
+        super().__init__(typ, operator)
+
+    def update(self, values: Sequence[Any]) -> bool:
+        """Merge `values`' records; drop an overwrite."""
+        if not values:
+            return False
+        kept = _records(self.value) if self.is_available() else {}
+        for value in values:
+            if _overwrites(value):
+                log.warning("keel's run records cannot be overwritten or cleared: write dropped")
+                continue
+            kept = merge_records(kept, value)
+        self.value = kept
+        return True
+
+
+class BudgetState(AgentState[Any]):
+    """The state `BudgetMiddleware` adds to `create_agent`'s: what each run spent.
+
+    Private (`PrivateStateAttr`): not in the agent's input or output schema.
+    """
+
+    keel_spent: NotRequired[Annotated[dict[str, Any], PrivateStateAttr, RunRecordsChannel()]]
+
+
+class LoopState(AgentState[Any]):
+    """The state `LoopGuardMiddleware` adds to `create_agent`'s: each run's tool calls.
+
+    Private (`PrivateStateAttr`): not in the agent's input or output schema.
+    """
+
+    keel_calls: NotRequired[Annotated[dict[str, Any], PrivateStateAttr, RunRecordsChannel()]]
+
+
+def _run_records(messages: Sequence[BaseMessage], found: object) -> list[dict[str, Any]]:
+    """The current run's records in `found`, in the order written, whatever its messages say.
+
+    The run is the one its messages start (`task_start`'s user message); its records are all
+    those written since its first one: a run whose start a client removed (or rewrote) reads
+    from an earlier run's start on (more, never less). A run with no record yet has none.
+    """
+    records = list(_records(found).values())
+    run = _run_id(messages) if task_start(messages) >= 0 else None
+    first = next((i for i, r in enumerate(records) if r["run"] == run), None)
+    if run is not None and first is None:
+        return []
+    return records[first or 0 :]
+
+
+def _run_spent(messages: Sequence[BaseMessage], found: object) -> Usage:
+    """What the current run spent by `SPENT_KEY`'s records (`_run_records`)."""
+    records = _run_records(messages, found)
+    total: Usage = {}
+    for r in records:
+        total = add_usage(total, cast("Usage", {f: r[f] for f in _COUNTS if f in r}))
+    turns = {r["turn"] for r in records if r.get("tool_calls")}  # each round of tool results
+    return add_usage(total, {"steps": len(turns)}) if turns else total
+
+
+def _larger(one: Usage, other: Usage) -> Usage:
+    """The larger of each count of `one` and `other`."""
+    a, b = cast("Mapping[str, float]", one), cast("Mapping[str, float]", other)
+    return cast("Usage", {k: max(a.get(k, 0), b.get(k, 0)) for k in {*a, *b}})
+
+
 class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     """Stops a `create_agent` run at a keel `Budget`: tokens, dollars, model and tool calls.
 
@@ -280,6 +425,11 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
     turn (run in parallel), those that fit run, in the turn's order, as in `build_agent`.
     `wall_seconds` is not enforced here (`create_agent` has no run clock); use LangGraph's
     `TimeoutPolicy`.
+
+    The run's usage is the larger, count by count, of what its messages say and of the
+    middleware's own records (`SPENT_KEY`, its private state: one per answer and per call that
+    ran, written beside it): a client that removes or rewrites the run's turns while it waits
+    for a human lowers neither. A user message starts a new run, as in `build_agent`.
 
     Under a `usd` limit every call must have a price: a call to a model the price table does
     not know is not made (the run ends as `budget_exceeded`, the detail says which model to
@@ -302,19 +452,27 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
         self.usd_limit = f"the run budget's usd limit of {budget.usd:g}" if budget.usd else None
         """The dollar limit in words; `None` without one."""
 
+    state_schema = BudgetState
+
     def _usage(
-        self, messages: Sequence[BaseMessage], default_name: str = "unknown"
+        self, state: Mapping[str, Any], default_name: str = "unknown"
     ) -> tuple[Usage, Outcome | None]:
-        """The run's usage, and the stop when a dollar limit meets an answer with no price."""
+        """The run's usage, and the stop when a dollar limit meets an answer with no price.
+
+        The larger of what its messages and its records (`SPENT_KEY`) say, count by count: a
+        client that removes or rewrites the run's messages lowers neither.
+        """
+        messages = state["messages"]
         try:
             usage = usage_from_messages(
                 run_messages(messages), self.prices, default_name, usd_limit=self.usd_limit
             )
         except UserError as exc:
             return {}, outcome.stopped("budget_exceeded", str(exc))
-        return usage, None
+        return _larger(usage, _run_spent(messages, state.get(SPENT_KEY))), None
 
-    def _stop(self, messages: Sequence[BaseMessage], model: Any = None) -> AIMessage | None:
+    def _stop(self, state: Mapping[str, Any], model: Any = None) -> AIMessage | None:
+        messages = state["messages"]
         for m in reversed(messages):  # the last turn's tools: one stopped by the budget?
             if isinstance(m, AIMessage):
                 break
@@ -326,7 +484,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
         name = price_name_of(model) if model is not None else "unknown"
         if self.usd_limit is not None and self.prices.price_of(name) is None:
             return stop_message(outcome.stopped("budget_exceeded", unpriced(name, self.usd_limit)))
-        usage, unpriced_stop = self._usage(messages, name)
+        usage, unpriced_stop = self._usage(state, name)
         if unpriced_stop is not None:
             return stop_message(unpriced_stop)
         exceeded = check_budget(self.budget, usage).exceeded
@@ -343,22 +501,35 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
                 m.response_metadata["keel_priced_as"] = name
         return response
 
-    def wrap_model_call(
-        self, request: ModelRequest[Any], handler: ModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
-        """Call the model unless the budget is spent (or the model has no price under `usd`)."""
-        stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(_stored(request, handler(request)), request.model)
+    def _counted(self, request: ModelRequest[Any], response: Any) -> Any:
+        """`response`, with the record of each of its answers' usage in `SPENT_KEY`."""
+        name = price_name_of(request.model)
+        run = _run_id(request.state["messages"])
+        records: dict[str, Any] = {}
+        for m in _answers(response):
+            m.id = m.id or f"lc_{uuid.uuid4()}"
+            usage = usage_of(m, self.prices, name)  # as `usage_from_messages` counts it
+            records[m.id] = {"run": run, "turn": m.id, **usage}
+        return _with_records(response, SPENT_KEY, records)
 
-    async def awrap_model_call(
-        self, request: ModelRequest[Any], handler: AsyncModelHandler
-    ) -> ModelResponse[Any] | AIMessage:
+    def wrap_model_call(self, request: ModelRequest[Any], handler: ModelHandler) -> Any:
+        """Call the model unless the budget is spent (or the model has no price under `usd`)."""
+        stop = self._stop(request.state, request.model)
+        if stop is not None:
+            return stop
+        response = self._priced(_stored(request, handler(request)), request.model)
+        return self._counted(request, response)
+
+    async def awrap_model_call(self, request: ModelRequest[Any], handler: AsyncModelHandler) -> Any:
         """Call the model unless the budget is spent (async)."""
-        stop = self._stop(request.state["messages"], request.model)
-        return stop or self._priced(_stored(request, await handler(request)), request.model)
+        stop = self._stop(request.state, request.model)
+        if stop is not None:
+            return stop
+        response = self._priced(_stored(request, await handler(request)), request.model)
+        return self._counted(request, response)
 
     def _refuse_tool(self, request: ToolCallRequest) -> ToolMessage | None:
-        usage, unpriced_stop = self._usage(request.state["messages"])
+        usage, unpriced_stop = self._usage(request.state)
         if unpriced_stop is not None:
             reason = unpriced_stop["detail"]
             message = _tool_message(request, f"Not run: {reason}", "budget_stopped")
@@ -374,13 +545,52 @@ class BudgetMiddleware(AgentMiddleware[Any, Any, Any]):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: ToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent."""
-        return self._refuse_tool(request) or _marked(drive(_ran(request, handler)), _unrun(request))
+        if (refused := self._refuse_tool(request)) is not None:
+            return refused
+        return _tool_counted(request, _marked(drive(_ran(request, handler)), _unrun(request)))
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: AsyncToolHandler) -> Any:
         """Run the tool unless the tool-call budget is spent (async)."""
-        return self._refuse_tool(request) or _marked(
-            await adrive(_ran(request, handler)), _unrun(request)
-        )
+        if (refused := self._refuse_tool(request)) is not None:
+            return refused
+        result = _marked(await adrive(_ran(request, handler)), _unrun(request))
+        return _tool_counted(request, result)
+
+
+def _with_records(response: Any, key: str, records: dict[str, Any]) -> Any:
+    """A model call's `response`, writing `records` under `key` beside its answers."""
+    if not records:
+        return response
+    if isinstance(response, ExtendedModelResponse):
+        command = response.command or Command()
+        written = command.update if isinstance(command.update, dict) else {}
+        return replace(response, command=replace(command, update={**written, key: records}))
+    inner = ModelResponse(result=[response]) if isinstance(response, AIMessage) else response
+    return ExtendedModelResponse(model_response=inner, command=Command(update={key: records}))
+
+
+def _run_id(messages: Sequence[BaseMessage]) -> str:
+    """The id of the user message that started the current run ("" without one)."""
+    start = task_start(messages)
+    return str(messages[start].id or "") if start >= 0 else ""
+
+
+def _tool_counted(request: ToolCallRequest, result: Any) -> Any:
+    """`result`, with a record in `SPENT_KEY` of each of its calls that ran (`RAN`)."""
+    messages = request.state["messages"]
+    turn = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    run, turn_id = _run_id(messages), str(turn.id or "") if turn is not None else ""
+    records = {
+        f"tool:{m.tool_call_id}": {"run": run, "turn": turn_id, "tool_calls": 1}
+        for m in _answers_of(result)
+        if (_status_of(m) or "success") in RAN
+    }
+    if not records:
+        return result
+    if isinstance(result, Command):
+        update = result.update if isinstance(result.update, dict) else {}
+        return replace(result, update={**update, SPENT_KEY: records})
+    return Command(update={"messages": [result], SPENT_KEY: records})
 
 
 def _ahead(request: ToolCallRequest) -> int:
@@ -1338,8 +1548,12 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
     """keel's loop guard for `create_agent`: repeated calls or A-B-A-B cycles.
 
     With `on_loop="stop"` the looping turn is replaced by a stop (`loop_detected`); with
-    `"wrap_up"` the model is asked once more, without tools, for its final answer.
+    `"wrap_up"` the model is asked once more, without tools, for its final answer. The run's
+    earlier calls are read from the middleware's records (`CALLS_KEY`, its private state), so
+    a client that removes the run's turns while it waits does not hide a repeat.
     """
+
+    state_schema = LoopState
 
     def __init__(self, loop: LoopPolicy | None = None) -> None:
         """Detect loops by `loop` (the default `LoopPolicy()` when omitted)."""
@@ -1348,15 +1562,28 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
             raise UserError(f"LoopGuardMiddleware needs a keel LoopPolicy(...), got {loop!r}.")
         self.loop = loop or LoopPolicy()
 
-    def _looping(self, request: ModelRequest[Any], response: ModelResponse[Any]) -> str | None:
+    def _looping(
+        self, request: ModelRequest[Any], response: ModelResponse[Any]
+    ) -> tuple[str | None, dict[str, Any]]:
+        """Why the answer loops (or None), and the record of its calls (`CALLS_KEY`).
+
+        The run's earlier calls are read from its records, not its messages: a client that
+        removes or rewrites the run's turns while it waits does not hide a repeat.
+        """
         answer = next(iter(_answers(response)[-1:]), None)
         if answer is None or not answer.tool_calls:
-            return None
+            return None, {}
         tools = {t.name: registered(t) for t in request.tools if isinstance(t, BaseTool)}
-        calls = call_sequence(
-            request.state["messages"], answer, tools.get, last=loop_window(self.loop)
-        )
-        return detect_loop(calls, self.loop)
+        messages, window = request.state["messages"], loop_window(self.loop)
+        records = _run_records(messages, request.state.get(CALLS_KEY))
+        earlier = [(c[0], c[1]) for r in records for c in r.get("calls", [])]
+        if not records:  # a run begun before the records were kept
+            earlier = call_sequence(messages, None, tools.get, last=window)
+        made = call_sequence([], answer, tools.get)
+        calls = [*earlier, *made][-window:] if window > 0 else []
+        answer.id = answer.id or f"lc_{uuid.uuid4()}"
+        record = {"run": _run_id(messages), "turn": answer.id, "calls": [list(c) for c in made]}
+        return detect_loop(calls, self.loop), {answer.id: record}
 
     def _wrap_up(self, request: ModelRequest[Any], reason: str) -> ModelRequest[Any]:
         asked: list[Any] = [*tool_turns_as_text(request.messages), wrap_up_note(reason)]  # as text
@@ -1390,9 +1617,9 @@ class LoopGuardMiddleware(AgentMiddleware[Any, Any, Any]):
     ) -> Steps[ModelResponse[Any] | AIMessage]:
         """The model call and, on a looping answer, the stop or the wrap-up turn, as steps."""
         response = _stored(request, (yield call(handler, request)))
-        reason = self._looping(request, response)
+        reason, records = self._looping(request, response)
         if reason is None:
-            return response  # type: ignore[no-any-return]
+            return _with_records(response, CALLS_KEY, records)  # type: ignore[no-any-return]
         if self.loop.on_loop == "stop":
             return self._final(reason, None)
         return self._final(reason, (yield call(handler, self._wrap_up(request, reason))))
