@@ -3,7 +3,9 @@
 A `langgraph dev` server (started by `keel serve`) serves `tests/serve/middleware_agent.py`
 under keel's auth; alice (role `support`) sends `context={"roles": ["admin"]}` and the call only
 an admin may make is still denied; a reviewer's rejection is kept in the server's checkpoint and
-answers the call asked again, and a client cannot write an approval in its place.
+answers the call asked again, and a client cannot write an approval in its place. A client that
+removes a waiting run's turns (`threads.update_state`) resets neither the budget nor the loop
+guard.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langgraph_sdk import get_client
@@ -32,6 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterato
                     "mw": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:graph",
                     "mw_ask": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:ask_graph",
                     "mw_reject": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:reject_graph",
+                    "mw_budget": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:budget_graph",
+                    "mw_loop": f"{ROOT / 'tests' / 'serve' / 'middleware_agent.py'}:loop_graph",
                 },
                 "auth": {"path": "keel.app.auth:auth", "disable_studio_auth": True},
             }
@@ -110,3 +115,37 @@ async def test_a_served_rejection_answers_the_call_asked_again_and_takes_no_forg
     assert kept[digest]["decision"] == "rejected"
     # who rejected: the server's authenticated user, in the record and on its answer
     assert kept[digest]["reviewer"] == answers[0]["response_metadata"]["keel_reviewer"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("graph", "reason"), [("mw_budget", "budget_exceeded"), ("mw_loop", "loop_detected")]
+)
+async def test_served_run_counts_hold_when_the_client_removes_the_runs_turns(
+    server: str, graph: str, reason: str
+) -> None:
+    """At each wait alice removes the run's earlier turns (`threads.update_state`), has the call
+    asked again and approves it: `Budget(tool_calls=2)` / `max_repeats=3` still stop the run
+    (`keel_spent` / `keel_calls` in the server's checkpoint), after two refunds ran."""
+    alice = get_client(url=server, headers={"Authorization": "Bearer token-alice"})
+    async with alice:
+        thread = (await alice.threads.create())["thread_id"]
+        task = {"messages": [{"role": "user", "content": "refund my orders"}]}
+        final: Any = await alice.runs.wait(thread, graph, input=task)
+        for _ in range(6):
+            state = await alice.threads.get_state(thread)
+            if not state["interrupts"]:
+                break
+            messages = state["values"]["messages"]
+            waiting = [m for m in messages if m["type"] == "ai"][-1]
+            earlier = [m for m in messages if m["type"] in ("ai", "tool") and m is not waiting]
+            if earlier:
+                removed = [{"type": "remove", "id": m["id"], "content": ""} for m in earlier]
+                await alice.threads.update_state(thread, {"messages": removed})
+                await alice.runs.wait(thread, graph, input=None)  # the question, asked again
+            final = await alice.runs.wait(thread, graph, command={"resume": {"type": "approve"}})
+        spent = (await alice.threads.get_state(thread))["values"]
+    assert isinstance(final, dict)
+    last = final["messages"][-1]
+    assert last["response_metadata"]["keel_outcome"]["terminated_reason"] == reason
+    if graph == "mw_budget":  # the refunds that ran, by the budget's records
+        assert sum(r.get("tool_calls", 0) for r in spent["keel_spent"].values()) == 2

@@ -3,17 +3,27 @@
 Only `admin` may delete accounts; the scripted model tries to, for whoever asks. `ask_graph`
 asks a human about each refund (`support`), which the scripted model makes; `reject_graph`
 asks for a refund again, spelled anew under a new id, after a human rejected it.
+`budget_graph` and `loop_graph` ask for a refund at every turn, under a budget and a loop guard.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from langchain.agents import create_agent
 from langchain_core.tools import tool
 
 from keel.evals import ScriptedChatModel, call
-from keel.guards import PermissionMiddleware, Policy, Rule
+from keel.guards import (
+    Budget,
+    BudgetMiddleware,
+    LoopGuardMiddleware,
+    LoopPolicy,
+    PermissionMiddleware,
+    Policy,
+    Rule,
+)
 
 DELETED: list[str] = []
 
@@ -71,3 +81,30 @@ reject_graph = create_agent(
     ],
 )
 """Asks about a refund of 10, then (rejected) for it again spelled `"10"` under a new id."""
+
+
+_ORDERS = itertools.count()
+
+
+def _new_refund(messages: Any) -> Any:
+    return call("issue_refund", order_id=f"O{next(_ORDERS)}")
+
+
+def _same_refund(messages: Any) -> Any:
+    return call("issue_refund", order_id="A1")
+
+
+def _refunds(turn: Any, guard: Any) -> Any:
+    """An agent whose model asks for a refund at every turn, a human asked about each."""
+    ask = Policy(rules=(Rule(role="support", tool="*", action="ask"),))
+    return create_agent(
+        ScriptedChatModel(script=[turn] * 40),
+        tools=[issue_refund],
+        middleware=[guard, PermissionMiddleware(ask)],
+    )
+
+
+budget_graph = _refunds(_new_refund, BudgetMiddleware(Budget(tool_calls=2)))
+"""A new refund at every turn, under `Budget(tool_calls=2)`."""
+loop_graph = _refunds(_same_refund, LoopGuardMiddleware(LoopPolicy(max_repeats=3, on_loop="stop")))
+"""The same refund at every turn, under `LoopPolicy(max_repeats=3)`."""
