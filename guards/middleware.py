@@ -775,7 +775,9 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
     tasks by their place) is refused, the answer voided, and `invoke(None)` asks about it.
 
     With `ledger=`, each call it answers is written to the audit log as `build_agent` writes it
-    (one `tool` record: the rules' decision, the status, the rule, who, the thread and run).
+    (one `tool` record: the rules' decision, the status, the rule, who, the thread and run), and
+    each human decision as `human_review` writes it (one `approval` record: `approved`, `edited`
+    with the edited arguments, `rejected` or `responded` with the reply, and the `approver`).
 
     A call to no tool is left to the tool node, and one with arguments its tool's schema refuses
     is answered `invalid_args`, both before any rule, as `build_agent` answers them: no human is
@@ -925,6 +927,7 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
             answer = ask(question)
             reviewer = _reviewer(request, answer)
             resolved = _apply_decision(request, answer, reviewer)
+            yield from self._reviewed(request, resolved, reviewer)
             if isinstance(resolved, ToolMessage) and _status_of(resolved) == "rejected":
                 return self._recorded(request, resolved, reviewer)
             if isinstance(resolved, ToolMessage) or resolved is request:
@@ -988,28 +991,69 @@ class PermissionMiddleware(AgentMiddleware[Any, Any, Any]):
         elif tool is not None and isinstance(args, dict):
             verdict = self._decide(request, args)
             decision, rule = verdict.action, verdict.rule
-        ctx, config = _context(request.runtime), get_config()
+        return AuditRecord(
+            kind="tool",
+            decision=decision,
+            status=str(_status_of(answer) or answer.status),
+            args=args,
+            rule=rule,
+            result=answer.text,
+            tool_call_id=answer.tool_call_id,
+            **self._about(request),
+        )
+
+    def _about(self, request: ToolCallRequest) -> dict[str, Any]:
+        """The fields of an audit record of `request`'s call: its tool, who, where, the policy."""
+        tool, ctx, config = request.tool, _context(request.runtime), get_config()
         configurable, metadata = config.get("configurable") or {}, config.get("metadata") or {}
         thread, run = (
             configurable.get("thread_id"),
             configurable.get("run_id") or metadata.get("run_id"),
         )
-        return AuditRecord(
-            kind="tool",
+        return {
+            "tool": request.tool_call["name"],
+            "tool_version": registered(tool).spec.version if tool is not None else None,
+            "user_id": ctx.user_id,
+            "tenant_id": ctx.tenant_id,
+            "thread_id": None if thread is None else str(thread),
+            "run_id": None if run is None else str(run),
+            "policy": self.policy_id,
+        }
+
+    def _reviewed(
+        self, request: ToolCallRequest, resolved: ToolCallRequest | ToolMessage, by: str | None
+    ) -> Steps[None]:
+        """Write the `approval` audit record of a human's decision on `request`'s call.
+
+        As `build_agent`'s `human_review` writes it: `approved`, `edited` (with the edited
+        arguments), `rejected` or `responded` (with the reply), and who decided (`approver`).
+        A replay or shadow run writes none; a write the ledger refuses is logged.
+        """
+        if self.audit is None or isolated():
+            return
+        decision, args, result = "approved", request.tool_call.get("args"), ""
+        if isinstance(resolved, ToolMessage):
+            decision = "rejected" if _status_of(resolved) == "rejected" else "responded"
+            result = resolved.text if decision == "responded" else ""
+        elif resolved is not request:
+            decision, args = "edited", resolved.tool_call.get("args")
+        record = AuditRecord(
+            kind="approval",
             decision=decision,
-            status=str(_status_of(answer) or answer.status),
-            tool=call["name"],
             args=args,
-            rule=rule,
-            result=answer.text,
-            tool_call_id=answer.tool_call_id,
-            tool_version=registered(tool).spec.version if tool is not None else None,
-            user_id=ctx.user_id,
-            tenant_id=ctx.tenant_id,
-            thread_id=None if thread is None else str(thread),
-            run_id=None if run is None else str(run),
-            policy=self.policy_id,
+            approver=by,
+            result=result,
+            tool_call_id=request.tool_call.get("id") or "",
+            **self._about(request),
         )
+        try:
+            yield both(self.audit.write, self.audit.awrite, [record])
+        except Exception as exc:
+            log.error(
+                "keel could not write the audit record of a decision on %s: %r",
+                record.tool_call_id,
+                exc,
+            )
 
     def _resolve(
         self, request: ToolCallRequest

@@ -18,8 +18,8 @@ Gaps between the paths, closed here:
   ends the third in a row as `error` (`ModelBehaviorError`);
 - a tool that raised: `build_agent` answers the call `error`; `create_agent`'s `ToolNode`
   raised the error out of `invoke`;
-- the audit log: `build_agent` writes a `tool` record per call; `PermissionMiddleware` wrote
-  none (it now does with `ledger=`).
+- the audit log: `build_agent` writes a `tool` record per call and an `approval` record per
+  human decision; `PermissionMiddleware` wrote none (it now writes both with `ledger=`).
 
 Real PostgreSQL and SQLite checkpointers and ledgers; the model is keel's ScriptedChatModel
 (under a ChaosChatModel that breaks every tool call, for the malformed answers).
@@ -36,6 +36,7 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage, ToolCall, ToolMessage
+from langgraph.types import Command
 from pydantic import AfterValidator
 
 from keel import Ledger, Persistence, RunContext, build_agent, tool
@@ -547,6 +548,45 @@ AUDIT_RULES = (
 )
 
 
+def _audited_both(
+    db_url: str,
+    policy: Policy,
+    turn: list[tuple[str, dict[str, Any]]],
+    tools: list[Any],
+    kind: str,
+    answers: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """`build_agent` and `create_agent` with `PermissionMiddleware`, each on a thread of its
+    own, make `turn` (the human's `answers`, by alice, resume each); their threads and `kind`
+    audit records."""
+    with Persistence(db_url).checkpointer() as saver:
+        ledger = Ledger(db_url)
+        ledger.setup()
+        try:
+            agents = (
+                build_agent(_script(turn), tools, policy=policy, ledger=ledger, checkpointer=saver),
+                create_agent(
+                    _script(turn),
+                    tools,
+                    middleware=[PermissionMiddleware(policy, ledger=ledger)],
+                    context_schema=RunContext,
+                    checkpointer=saver,
+                ),
+            )
+            threads = []
+            for agent, answer in zip(agents, answers or (None, None), strict=True):
+                config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
+                agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
+                if answer is not None:
+                    resume = Command(resume={**answer, "reviewer": "alice"})
+                    agent.invoke(resume, config, context=CTX)
+                threads.append(config["configurable"]["thread_id"])
+            audit = AuditLog(ledger)
+            return threads, [[r for r in audit.query(thread=t) if r.kind == kind] for t in threads]
+        finally:
+            ledger.close()
+
+
 def test_permission_middleware_audits_each_call_as_build_agent_does(db_url: str) -> None:
     """With a ledger, `PermissionMiddleware` writes one `tool` audit record per call it answers,
     as `build_agent` does: the rules' decision, the status, the rule, who, which thread."""
@@ -559,30 +599,7 @@ def test_permission_middleware_audits_each_call_as_build_agent_does(db_url: str)
         ("lookup", {"order_id": "A1", "n": "abc"}),
     ]
     tools = [*TOOLS, explode]
-    with Persistence(db_url).checkpointer() as saver:
-        ledger = Ledger(db_url)
-        ledger.setup()
-        try:
-            threads = []
-            for agent in (
-                build_agent(_script(turn), tools, policy=policy, ledger=ledger, checkpointer=saver),
-                create_agent(
-                    _script(turn),
-                    tools,
-                    middleware=[PermissionMiddleware(policy, ledger=ledger)],
-                    context_schema=RunContext,
-                    checkpointer=saver,
-                ),
-            ):
-                config: Any = {"configurable": {"thread_id": uuid.uuid4().hex}}
-                agent.invoke({"messages": [("user", "go")]}, config, context=CTX)
-                threads.append(config["configurable"]["thread_id"])
-            audit = AuditLog(ledger)
-            rows = [
-                [r for r in audit.query(thread=thread) if r.kind == "tool"] for thread in threads
-            ]
-        finally:
-            ledger.close()
+    threads, rows = _audited_both(db_url, policy, turn, tools, "tool")
 
     def seen(records: list[Any]) -> list[tuple[Any, ...]]:
         return sorted(
@@ -601,6 +618,45 @@ def test_permission_middleware_audits_each_call_as_build_agent_does(db_url: str)
         ("lookup", "allow", "success"),
         ("place", "deny", "denied"),
     ]
+
+
+REVIEWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "approved": ({"type": "approve"}, {"type": "approve"}),
+    "edited": (
+        {"type": "edit", "args": {"order_id": "B2"}},
+        {"type": "edit", "edited_action": {"name": "lookup", "args": {"order_id": "B2"}}},
+    ),
+    "rejected": ({"type": "reject", "message": "no"}, {"type": "reject", "message": "no"}),
+    "responded": (
+        {"type": "respond", "message": "A1 shipped"},
+        {"type": "respond", "message": "A1 shipped"},
+    ),
+}
+"""Each human decision, as `build_agent`'s resume and as `PermissionMiddleware`'s takes it."""
+
+
+@pytest.mark.parametrize("decision", REVIEWS)
+def test_permission_middleware_audits_a_humans_decision_as_build_agent_does(
+    db_url: str, decision: str
+) -> None:
+    """With a ledger, `PermissionMiddleware` wrote a `tool` record per call and none of the
+    human's decision; `build_agent` writes an `approval` record: the decision, the arguments
+    (the edited ones for an edit), who decided, the reply. The middleware now writes it too."""
+    policy = Policy(rules=(Rule(role="support", tool="lookup", action="ask"),))
+    turn = [("lookup", {"order_id": "A1"})]
+    threads, rows = _audited_both(db_url, policy, turn, TOOLS, "approval", REVIEWS[decision])
+
+    def seen(records: list[Any]) -> list[tuple[Any, ...]]:
+        return [
+            (r.decision, r.tool, r.args, r.approver, r.result, r.user_id, r.policy, r.tool_version)
+            for r in records
+        ]
+
+    keel_rows, mw_rows = rows
+    assert seen(mw_rows) == seen(keel_rows)
+    (row,) = mw_rows
+    assert (row.decision, row.approver, row.thread_id) == (decision, "alice", threads[1])
+    assert row.args == {"order_id": "B2" if decision == "edited" else "A1"}
 
 
 async def test_the_async_hooks_ask_again_answer_errors_and_audit_as_the_sync_ones(
