@@ -24,6 +24,7 @@ from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage, ToolM
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command, Overwrite
 
+from keel import Persistence
 from keel.evals import ScriptedChatModel, call
 from keel.guards import (
     Budget,
@@ -47,7 +48,7 @@ WAITS = 6
 """Approvals a client gives at most: an unguarded run asks for a refund at every turn."""
 
 
-def agent(guard: str, ran: list[str]) -> Any:
+def agent(guard: str, ran: list[str], saver: Any = None) -> Any:
     """An agent whose model asks for a refund at every turn, whatever the history says.
 
     `budget`: a new order each time, under `Budget(tool_calls=2)`; `loop`: the same order,
@@ -76,7 +77,7 @@ def agent(guard: str, ran: list[str]) -> Any:
         [issue_refund],
         middleware=[middleware, PermissionMiddleware(ASK)],
         context_schema=RunContext,
-        checkpointer=InMemorySaver(),
+        checkpointer=saver or InMemorySaver(),
     )
 
 
@@ -209,3 +210,15 @@ def test_a_client_cannot_lower_a_record_and_an_overwrite_bricks_nothing() -> Non
     graph.invoke(Command(update={SPENT_KEY: Overwrite({})}), CFG, context=SUPPORT)
     assert graph.get_state(CFG).values[SPENT_KEY] == spent
     assert graph.invoke({"messages": [("user", "again")]}, CFG, context=SUPPORT)["messages"]
+
+
+@pytest.mark.parametrize("guard", ["budget", "loop"])
+def test_the_records_hold_in_a_database_checkpoint(db_url: str, guard: str) -> None:
+    """On LangGraph's SQLite and PostgreSQL savers (the records are read back in the order
+    written, from the saved checkpoint), the run's turns removed at each wait."""
+    ran: list[str] = []
+    with Persistence(db_url).checkpointer() as saver:
+        result, _ = attacked(agent(guard, ran, saver), "removed by update_state")
+    assert ran == (["O0", "O1"] if guard == "budget" else ["A1", "A1"])
+    reason = "budget_exceeded" if guard == "budget" else "loop_detected"
+    assert outcome_of(result)["terminated_reason"] == reason
