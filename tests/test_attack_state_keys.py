@@ -27,6 +27,8 @@ one, are all refused; a resume's extra keys are written nowhere.
 
 `create_agent` with keel's `PermissionMiddleware`: its only keel-owned key, `keel_rejections`,
 refuses an `Overwrite` in either form and drops a record keel did not seal, on every path.
+`BudgetMiddleware`'s and `LoopGuardMiddleware`'s records (`keel_spent`, `keel_calls`) only add
+up: no write on any path clears, lowers or moves one (an `Overwrite` is dropped, not raised).
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ from keel import Ledger, UserError, build_agent
 from keel.evals import ScriptedChatModel, call
 from keel.graphs import build_supervisor
 from keel.graphs.supervisor import SupervisorState
-from keel.guards import PermissionMiddleware, Policy, Rule
+from keel.guards import (
+    Budget,
+    BudgetMiddleware,
+    LoopGuardMiddleware,
+    PermissionMiddleware,
+    Policy,
+    Rule,
+)
 from keel.state import AgentState
 
 FORGED: dict[str, Any] = {
@@ -462,3 +471,34 @@ def test_a_state_update_editing_a_finished_runs_calls_runs_nothing_again(
         ledger.close()
     assert shop.refunded == ["A1"]
     assert later["outcome"]["terminated_reason"] == "completed"
+
+
+@pytest.mark.parametrize("path", MIDDLEWARE_PATHS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("key", ["keel_spent", "keel_calls"])
+def test_the_budgets_and_loop_guards_records_cannot_be_cleared_on_any_path(
+    key: str, form: str, path: str
+) -> None:
+    """`BudgetMiddleware`'s and `LoopGuardMiddleware`'s records of the run (`keel_spent`,
+    `keel_calls`): a client's write, plain or as an `Overwrite` (either form), by any path,
+    neither clears nor lowers one; an `Overwrite` is dropped, not raised, so a run's
+    `Command(update=...)` carrying one leaves the thread readable and runnable."""
+    model = ScriptedChatModel(script=[call("lookup", order_id="A1"), *["hello"] * 6])
+    graph = create_agent(
+        model,
+        tools=Shop().tools(),
+        middleware=[BudgetMiddleware(Budget(tool_calls=5)), LoopGuardMiddleware()],
+        checkpointer=InMemorySaver(),
+    )
+    graph.invoke(user("hi"), cfg(), context=SUPPORT)
+    kept = graph.get_state(cfg()).values[key]
+    assert kept  # the model's call (and, for the budget, the lookup that ran)
+    counts = ("model_calls", "tool_calls", "input_tokens", "output_tokens")
+    cleared = {
+        k: {**r, "run": "other", "calls": [["lookup", "{}"]], **{f: 0 for f in counts if f in r}}
+        for k, r in kept.items()
+    }
+    MIDDLEWARE_PATHS[path](graph, cfg(), {key: FORMS[form](cleared)})
+    after = graph.get_state(cfg()).values[key]  # a run's input adds the run's own records
+    assert {k: after[k] for k in kept} == kept
+    assert graph.invoke(user("again"), cfg(), context=SUPPORT)["messages"][-1].content == "hello"
