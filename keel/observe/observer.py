@@ -20,8 +20,9 @@ written again), in the run record's transaction (a report the ledger refuses for
 out, logged, and the record written alone: a later run end reports them). A supervisor whose
 agents have such tools does too, as its run ends (not as it pauses: an agent that waits holds
 its calls in a conversation of its own). So does the record of a run found stopped that a new
-message writes (`ending_flow`), and the one keel writes around the graph of a run that ended
-there (cancelled, Ctrl-C, its checkpointer failing: `record_run(thread=...)`).
+message writes (`ending_flow`), and the one keel writes around the graph of an agent's run
+that ended there (cancelled, Ctrl-C, its checkpointer failing: `record_run(thread=...)`; a
+supervisor's leaves them to the thread's next message, as when it pauses).
 
 The `derive` functions are pure: `(state, update, context, who) -> [AuditRecord]`. Writing
 never fails a run: a database error is logged (`keel.observe`) and the run goes on. A replay or
@@ -227,6 +228,12 @@ class Observer:
             yield from self._late_audits(late)
         try:
             saved = thread if thread is not None else saved_thread(config)
+            if thread is not None and not self.orphans_paused:
+                # a supervisor's run ended around its graph (Ctrl-C in an agent's tool, say):
+                # the agent it stopped holds its calls in a conversation of its own, so they
+                # are in no history of the supervisor's; the thread's next message tells them
+                # (`ending_flow`: "outcome unknown"), as for a supervisor that pauses
+                saved = None
             write = self._write(state, config, context, first_end, saved)
         except Exception as exc:
             log.error("keel could not make the run record: %r", exc)
